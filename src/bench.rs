@@ -1,0 +1,277 @@
+//! `throughcare bench`: starts a fresh gateway (this binary, `serve`) on a
+//! temporary directory and drives it over mutual TLS: many concurrent
+//! submitters, then pull + ack of everything. Prints durable submits/s,
+//! submit latency p50/p99, messages per fsync, pull+ack/s and peak RSS.
+
+use std::fmt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::io::AsyncBufReadExt;
+
+use crate::grpc::pb;
+
+/// What to measure.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Concurrent submitting clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Handovers to submit (all stay queued until the pull phase).
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: usize,
+    /// Size of each document, bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub doc_bytes: usize,
+    /// TLS connections the clients share.
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+}
+
+/// Measured figures.
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    /// Options used.
+    pub clients: usize,
+    /// Handovers submitted.
+    pub messages: usize,
+    /// Document size.
+    pub doc_bytes: usize,
+    /// Durable submits per second.
+    pub submits_per_s: f64,
+    /// Submit latency, median.
+    pub p50: Duration,
+    /// Submit latency, 99th percentile.
+    pub p99: Duration,
+    /// Server RSS with every message queued, MiB.
+    pub rss_queued_mib: f64,
+    /// Pull + ack per second.
+    pub pull_ack_per_s: f64,
+    /// Server peak RSS, MiB.
+    pub peak_rss_mib: f64,
+    /// The server's barrier statistics line.
+    pub server_stats: String,
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "throughcare bench: {} handovers of {} bytes, {} concurrent clients, mutual TLS on 127.0.0.1",
+            self.messages, self.doc_bytes, self.clients
+        )?;
+        writeln!(f, "  durable submits/s      {:>10.0}", self.submits_per_s)?;
+        writeln!(f, "  submit latency p50     {:>10.2} ms", ms(self.p50))?;
+        writeln!(f, "  submit latency p99     {:>10.2} ms", ms(self.p99))?;
+        writeln!(
+            f,
+            "  RSS with all queued    {:>10.1} MiB",
+            self.rss_queued_mib
+        )?;
+        writeln!(f, "  pull+ack/s             {:>10.0}", self.pull_ack_per_s)?;
+        writeln!(
+            f,
+            "  peak RSS               {:>10.1} MiB",
+            self.peak_rss_mib
+        )?;
+        writeln!(f, "  server: {}", self.server_stats)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1_000.0
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_until_serving(endpoint: &str, certs: &Path) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if crate::client::handover(endpoint, certs, "YP001")
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the gateway did not start serving within 10 s")
+}
+
+/// Runs the benchmark.
+///
+/// # Errors
+/// The server would not start, or a call failed.
+pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    crate::certs::init_dev_pki(&certs)?;
+    let port = free_port()?;
+    let endpoint = format!("https://localhost:{port}");
+    let mut server = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--certs-dir")
+        .arg(&certs)
+        .env("RUST_LOG", "warn,throughcare::app=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the gateway")?;
+    let pid = server.id().context("gateway pid")?;
+    let stderr = server.stderr.take().context("gateway stderr")?;
+    let stats_line = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut last = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("barrier statistics") {
+                last = line;
+            }
+        }
+        last
+    });
+    wait_until_serving(&endpoint, &certs).await?;
+
+    let mut channels = Vec::new();
+    for _ in 0..opts.connections.max(1) {
+        channels.push(crate::client::handover(&endpoint, &certs, "YP001").await?);
+    }
+    let text = "x".repeat(opts.doc_bytes);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..opts.clients {
+        let mut client = channels[c % channels.len()].clone();
+        let next = next.clone();
+        let text = text.clone();
+        let total = opts.messages;
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let request = pb::SubmitRequest {
+                    message_id: format!("bench-{i}"),
+                    event: pb::JourneyEvent::Release.into(),
+                    patient: Some(pb::PatientRef {
+                        nhs_number: String::new(),
+                        prison_number: format!("A{:04}BC", i % 10_000),
+                        date_of_birth: String::new(),
+                    }),
+                    destinations: vec!["YG001".into()],
+                    document: Some(pb::submit_request::Document::Native(pb::ClinicalSummary {
+                        text: text.clone(),
+                        ..Default::default()
+                    })),
+                };
+                let t = Instant::now();
+                client.submit(request).await?;
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, tonic::Status>(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(opts.messages);
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let submit_elapsed = started.elapsed();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let rss_queued = rss_kib(pid, "VmRSS:").unwrap_or(0);
+
+    let started = Instant::now();
+    let mut consumer = crate::client::handover(&endpoint, &certs, "YG001").await?;
+    let mut acked = 0usize;
+    while acked < opts.messages {
+        let pulled = consumer
+            .pull(pb::PullRequest {
+                max_deliveries: 100,
+                lease_seconds: 0,
+                wait_millis: 1_000,
+            })
+            .await?
+            .into_inner();
+        if pulled.deliveries.is_empty() {
+            anyhow::bail!(
+                "mailbox ran dry after {acked} of {} deliveries",
+                opts.messages
+            );
+        }
+        let mut acks = tokio::task::JoinSet::new();
+        for d in pulled.deliveries {
+            let mut c = consumer.clone();
+            acks.spawn(async move {
+                c.ack(pb::AckRequest {
+                    delivery_id: d.delivery_id,
+                    attempt: d.attempt,
+                })
+                .await
+            });
+        }
+        while let Some(r) = acks.join_next().await {
+            r??;
+            acked += 1;
+        }
+    }
+    let pull_elapsed = started.elapsed();
+    let peak = rss_kib(pid, "VmHWM:").unwrap_or(0);
+
+    nix_terminate(pid);
+    let _ = tokio::time::timeout(Duration::from_secs(30), server.wait()).await;
+    let server_stats = stats_line.await.unwrap_or_default();
+    let server_stats = server_stats
+        .split("barrier statistics")
+        .nth(1)
+        .unwrap_or("(no statistics line)")
+        .trim()
+        .to_owned();
+    Ok(BenchReport {
+        clients: opts.clients,
+        messages: opts.messages,
+        doc_bytes: opts.doc_bytes,
+        submits_per_s: opts.messages as f64 / submit_elapsed.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        rss_queued_mib: rss_queued as f64 / 1024.0,
+        pull_ack_per_s: opts.messages as f64 / pull_elapsed.as_secs_f64(),
+        peak_rss_mib: peak as f64 / 1024.0,
+        server_stats,
+    })
+}
+
+fn nix_terminate(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+}

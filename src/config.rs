@@ -1,0 +1,336 @@
+//! Configuration: a TOML file, then `THROUGHCARE_*` environment variables and
+//! command-line flags on top, validated before any port is bound. A bad value
+//! names its field; `main` exits with [`EXIT_CONFIG`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Exit code for an invalid configuration (`EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+/// Exit code for a store that has lost acknowledged data (`EX_DATAERR`).
+pub const EXIT_STORE_BEHIND: i32 = 65;
+
+/// A configuration field that is missing or wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config field `{field}`: {reason}")]
+pub struct ConfigError {
+    /// Dotted path of the field (`queue.max_attempts`), or the file.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The gateway's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the mutual-TLS gRPC listener.
+    pub listen: SocketAddr,
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// Where the development PKI lives (created by `serve` when absent if
+    /// `dev_certs` is on).
+    pub certs_dir: PathBuf,
+    /// Create the development PKI in `certs_dir` when it is missing.
+    pub dev_certs: bool,
+    /// The registry of organisations (TOML); default `<certs_dir>/registry.toml`.
+    pub registry: Option<PathBuf>,
+    /// The keyed-hash secret for patient identifiers; default
+    /// `<data_dir>/patient-key`, created when absent.
+    pub patient_key_file: Option<PathBuf>,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// Queue behaviour.
+    pub queue: QueueConfig,
+    /// Input limits.
+    pub limits: LimitsConfig,
+    /// How long in-flight calls may take to finish on shutdown, ms.
+    pub shutdown_grace_ms: u64,
+}
+
+/// TLS material; paths default to the development PKI in `certs_dir`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// CA that issues client certificates.
+    pub ca: Option<PathBuf>,
+    /// Server certificate chain.
+    pub cert: Option<PathBuf>,
+    /// Server key.
+    pub key: Option<PathBuf>,
+    /// Certificate revocation list, PEM.
+    pub crl: Option<PathBuf>,
+    /// Handshake deadline, ms.
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+/// Queue behaviour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Leases before an unacknowledged delivery is quarantined.
+    pub max_attempts: u32,
+    /// Lease when the puller asks for none, seconds.
+    pub default_lease_seconds: u32,
+    /// Longest lease a puller may ask for, seconds.
+    pub max_lease_seconds: u32,
+    /// First retry back-off after a retryable nack, ms (doubles each attempt).
+    pub retry_backoff_ms: u64,
+    /// Most deliveries one pull returns.
+    pub max_pull: u32,
+    /// Longest long-poll wait, ms.
+    pub max_wait_ms: u32,
+    /// How often leases are checked for exhaustion, ms.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            default_lease_seconds: 60,
+            max_lease_seconds: 3_600,
+            retry_backoff_ms: 1_000,
+            max_pull: 100,
+            max_wait_ms: 30_000,
+            sweep_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Input limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest document accepted, bytes.
+    pub max_document_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_document_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            data_dir: PathBuf::from("data"),
+            certs_dir: PathBuf::from("certs"),
+            dev_certs: true,
+            registry: None,
+            patient_key_file: None,
+            tls: TlsConfig::default(),
+            queue: QueueConfig::default(),
+            limits: LimitsConfig::default(),
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// Values from flags or the environment that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen` / `THROUGHCARE_LISTEN`.
+    pub listen: Option<String>,
+    /// `--data-dir` / `THROUGHCARE_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--certs-dir` / `THROUGHCARE_CERTS_DIR`.
+    pub certs_dir: Option<PathBuf>,
+    /// `--registry` / `THROUGHCARE_REGISTRY`.
+    pub registry: Option<PathBuf>,
+    /// `--crl` / `THROUGHCARE_CRL`.
+    pub crl: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `path` (when given), applies `overrides`, and validates.
+    ///
+    /// # Errors
+    /// The first field that is wrong.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(&path.display().to_string(), format!("cannot read: {e}"))
+                })?;
+                Config::from_toml(&text)?
+            }
+            None => Config::default(),
+        };
+        if let Some(listen) = &overrides.listen {
+            config.listen = listen.parse().map_err(|_| {
+                ConfigError::new(
+                    "listen",
+                    format!("`{listen}` is not an address like 127.0.0.1:7443"),
+                )
+            })?;
+        }
+        if let Some(dir) = &overrides.data_dir {
+            config.data_dir.clone_from(dir);
+        }
+        if let Some(dir) = &overrides.certs_dir {
+            config.certs_dir.clone_from(dir);
+        }
+        if overrides.registry.is_some() {
+            config.registry.clone_from(&overrides.registry);
+        }
+        if overrides.crl.is_some() {
+            config.tls.crl.clone_from(&overrides.crl);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// Syntax errors and unknown or mistyped fields, named.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|span| field_at(text, span.start))
+                .unwrap_or_else(|| "config file".into());
+            ConfigError::new(&field, e.message().to_owned())
+        })
+    }
+
+    /// Checks every value's range.
+    ///
+    /// # Errors
+    /// The first field out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let q = &self.queue;
+        let positive = |field: &str, v: u64| {
+            if v == 0 {
+                Err(ConfigError::new(field, "must be greater than 0"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("queue.max_attempts", q.max_attempts.into())?;
+        positive(
+            "queue.default_lease_seconds",
+            q.default_lease_seconds.into(),
+        )?;
+        positive("queue.max_pull", q.max_pull.into())?;
+        positive("queue.sweep_interval_ms", q.sweep_interval_ms)?;
+        if q.max_attempts > 100 {
+            return Err(ConfigError::new(
+                "queue.max_attempts",
+                "must be at most 100",
+            ));
+        }
+        if q.max_lease_seconds < q.default_lease_seconds {
+            return Err(ConfigError::new(
+                "queue.max_lease_seconds",
+                "must be at least queue.default_lease_seconds",
+            ));
+        }
+        if q.max_pull > 1_000 {
+            return Err(ConfigError::new("queue.max_pull", "must be at most 1000"));
+        }
+        let max_doc = self.limits.max_document_bytes;
+        if !(1_024..=64 * 1024 * 1024).contains(&max_doc) {
+            return Err(ConfigError::new(
+                "limits.max_document_bytes",
+                "must be between 1024 and 67108864",
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("data_dir", "must not be empty"));
+        }
+        if self.tls.handshake_timeout_ms == Some(0) {
+            return Err(ConfigError::new(
+                "tls.handshake_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The TLS files in force (explicit, or the dev PKI's).
+    pub fn tls_files(&self) -> crate::tls::TlsFiles {
+        let dev = crate::certs::DevPaths {
+            dir: self.certs_dir.clone(),
+        };
+        crate::tls::TlsFiles {
+            ca: self.tls.ca.clone().unwrap_or_else(|| dev.ca_cert()),
+            cert: self.tls.cert.clone().unwrap_or_else(|| dev.server_cert()),
+            key: self.tls.key.clone().unwrap_or_else(|| dev.server_key()),
+            crl: self.tls.crl.clone(),
+        }
+    }
+
+    /// The registry file in force.
+    pub fn registry_path(&self) -> PathBuf {
+        self.registry.clone().unwrap_or_else(|| {
+            crate::certs::DevPaths {
+                dir: self.certs_dir.clone(),
+            }
+            .registry()
+        })
+    }
+}
+
+/// The dotted name of the key on the line holding byte `at` of a TOML text.
+fn field_at(text: &str, at: usize) -> String {
+    let before = text.get(..at).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split('=').next().unwrap_or("").trim();
+    let table = before[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .map(str::to_owned)
+    });
+    match (table, key.is_empty() || key.starts_with('[')) {
+        (_, true) => "config file".into(),
+        (Some(t), false) => format!("{t}.{key}"),
+        (None, false) => key.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_fields_are_named() {
+        Config::default().validate().unwrap();
+        let err = Config::from_toml("[queue]\nmax_attempts = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "queue.max_attempts");
+        let err = Config::from_toml("[queue]\nmax_atempts = 3\n").unwrap_err();
+        assert_eq!(err.field, "queue.max_atempts", "{err}");
+        let err = Config::from_toml("data_dir = \"d\"\nlisten = \"nowhere\"\n").unwrap_err();
+        assert_eq!(err.field, "listen", "{err}");
+        let err = Config::load(
+            None,
+            &Overrides {
+                listen: Some("bad".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "listen");
+    }
+}

@@ -1,0 +1,87 @@
+//! Errors of the gRPC layer and their one mapping to `tonic::Status`.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::store::StoreError;
+
+/// Why a call was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed; each violation names a field and a reason.
+    #[error("{}", describe(.0))]
+    Invalid(Vec<FieldViolation>),
+    /// The caller's certificate names no registered organisation.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Not available in this version.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// The gateway is shutting down.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    let parts: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect();
+    format!("invalid request: {}", parts.join("; "))
+}
+
+impl ApiError {
+    /// One violation.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        ApiError::Invalid(vec![FieldViolation::new(field, description)])
+    }
+
+    /// The gRPC code for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::Invalid(_) => Code::InvalidArgument,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::Unimplemented(_) => Code::Unimplemented,
+            ApiError::ShuttingDown => Code::Unavailable,
+            ApiError::Store(e) => match e {
+                StoreError::Conflict => Code::AlreadyExists,
+                StoreError::UnknownDelivery | StoreError::UnknownHandover => Code::NotFound,
+                StoreError::StaleAttempt { .. }
+                | StoreError::LeaseExpired
+                | StoreError::NotLeased(_) => Code::FailedPrecondition,
+                StoreError::Unavailable(_) => Code::Unavailable,
+                StoreError::Corrupt(_) | StoreError::Behind { .. } => Code::DataLoss,
+                StoreError::Sled(_) | StoreError::Io(_) => Code::Internal,
+            },
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let code = e.code();
+        match e {
+            ApiError::Invalid(violations) => {
+                let message = describe(&violations);
+                Status::with_error_details(
+                    code,
+                    message,
+                    ErrorDetails::with_bad_request(violations),
+                )
+            }
+            ApiError::Store(ref inner @ (StoreError::Sled(_) | StoreError::Io(_))) => {
+                // Internal detail stays in the log.
+                tracing::error!(error = %inner, "store failure");
+                Status::new(code, "internal store failure")
+            }
+            other => Status::new(code, other.to_string()),
+        }
+    }
+}

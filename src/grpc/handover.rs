@@ -1,0 +1,430 @@
+//! The handover service: Submit, Pull, Ack, Nack, Track.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::envelope::Envelope;
+use super::error::ApiError;
+use super::pb;
+use super::wire::{self, SubmitCommand, Violations};
+use crate::audit::PatientKeyer;
+use crate::config::QueueConfig;
+use crate::journey::{OrgKind, Organisation, Registry};
+use crate::store::records::DocumentFormat;
+use crate::store::{LeasedDelivery, NewDelivery, NewHandover, Store, TrackKey};
+use crate::tls::{ConnInfo, PeerIdentity};
+
+/// What every service shares.
+pub struct Gateway {
+    /// The store.
+    pub store: Store,
+    /// Registered organisations.
+    pub registry: Registry,
+    /// Keyed hash for patient identifiers.
+    pub keyer: PatientKeyer,
+    /// Queue settings.
+    pub queue: QueueConfig,
+    /// Largest document accepted.
+    pub max_document_bytes: usize,
+    /// Flips to true when the gateway starts shutting down.
+    pub shutting_down: watch::Receiver<bool>,
+}
+
+/// A caller resolved from its certificate.
+enum Caller<'a> {
+    Org(&'a Organisation),
+    Operator,
+}
+
+impl Gateway {
+    fn caller<'a, T>(&'a self, req: &Request<T>) -> Result<(Caller<'a>, String), ApiError> {
+        let info = req
+            .extensions()
+            .get::<ConnInfo>()
+            .ok_or_else(|| ApiError::Unauthenticated("no client certificate".into()))?;
+        let actor = info.identity.to_string();
+        match &info.identity {
+            PeerIdentity::Operator(_) => Ok((Caller::Operator, actor)),
+            PeerIdentity::Organisation(code) => match self.registry.get(code) {
+                Some(org) => Ok((Caller::Org(org), actor)),
+                None => {
+                    tracing::warn!(caller = %actor, "certificate for an unregistered organisation");
+                    Err(ApiError::Unauthenticated(format!(
+                        "organisation {code} named by the client certificate is not registered"
+                    )))
+                }
+            },
+        }
+    }
+
+    fn organisation<'a, T>(
+        &'a self,
+        req: &Request<T>,
+        what: &str,
+    ) -> Result<(&'a Organisation, String), ApiError> {
+        match self.caller(req)? {
+            (Caller::Org(org), actor) => Ok((org, actor)),
+            (Caller::Operator, _) => Err(ApiError::PermissionDenied(format!(
+                "operators cannot {what}; use an organisation's certificate"
+            ))),
+        }
+    }
+
+    /// Checks each destination against the registry and the event's rules.
+    fn check_destinations(&self, cmd: &SubmitCommand) -> Result<Vec<NewDelivery>, ApiError> {
+        let mut v = Violations::default();
+        let mut out = Vec::with_capacity(cmd.destinations.len());
+        for (i, code) in cmd.destinations.iter().enumerate() {
+            let field = format!("destinations[{i}]");
+            match self.registry.get(code) {
+                None => v.add(
+                    field,
+                    format!("no registered organisation has ODS code {code}"),
+                ),
+                Some(org) if !cmd.event.accepts_destination(org.kind) => v.add(
+                    field,
+                    format!(
+                        "{} goes to {}; {code} is a {}",
+                        cmd.event,
+                        cmd.event.destination_kinds(),
+                        org.kind.as_str()
+                    ),
+                ),
+                Some(org) => out.push(NewDelivery {
+                    mailbox: org.ods.as_str().to_owned(),
+                    urgent: false,
+                }),
+            }
+        }
+        if v.0.is_empty() {
+            Ok(out)
+        } else {
+            Err(ApiError::Invalid(v.0))
+        }
+    }
+
+    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<pb::SubmitReceipt, ApiError> {
+        let (org, actor) = self.organisation(&req, "submit handovers")?;
+        let cmd = SubmitCommand::from_wire(req.into_inner(), self.max_document_bytes)
+            .map_err(ApiError::Invalid)?;
+        if org.kind != cmd.event.sender_kind() {
+            return Err(ApiError::PermissionDenied(format!(
+                "a {} cannot send {}",
+                org.kind.as_str(),
+                cmd.event
+            )));
+        }
+        if cmd.document.format != DocumentFormat::Native {
+            return Err(ApiError::Unimplemented(
+                "FHIR and HL7 v2 documents arrive with the clinical-content work; send the native summary".into(),
+            ));
+        }
+        let destinations = self.check_destinations(&cmd)?;
+        let patient_key = self.keyer.key(
+            cmd.patient.nhs_number.as_ref(),
+            cmd.patient.prison_number.as_ref(),
+        );
+        let payload = Envelope {
+            patient: cmd.patient,
+            format: cmd.document.format,
+            document: cmd.document.bytes,
+        }
+        .encode();
+        let outcome = self
+            .store
+            .submit(NewHandover {
+                actor,
+                sender: org.ods.as_str().to_owned(),
+                message_id: cmd.message_id,
+                event: cmd.event,
+                patient_key,
+                destinations,
+                payload,
+            })
+            .await?;
+        tracing::info!(
+            handover_id = outcome.handover_id,
+            deliveries = outcome.deliveries.len(),
+            duplicate = outcome.duplicate,
+            "submit accepted"
+        );
+        Ok(pb::SubmitReceipt {
+            handover_id: outcome.handover_id,
+            deliveries: outcome
+                .deliveries
+                .into_iter()
+                .map(|(destination, delivery_id)| pb::DeliveryReceipt {
+                    destination,
+                    delivery_id,
+                })
+                .collect(),
+            duplicate: outcome.duplicate,
+        })
+    }
+
+    async fn pull(&self, req: Request<pb::PullRequest>) -> Result<pb::PullResponse, ApiError> {
+        let (org, actor) = self.organisation(&req, "pull deliveries")?;
+        let pb::PullRequest {
+            max_deliveries,
+            lease_seconds,
+            wait_millis,
+        } = req.into_inner();
+        let q = &self.queue;
+        if lease_seconds > q.max_lease_seconds {
+            return Err(ApiError::invalid(
+                "lease_seconds",
+                format!("at most {} seconds", q.max_lease_seconds),
+            ));
+        }
+        let lease_ms = i64::from(if lease_seconds == 0 {
+            q.default_lease_seconds
+        } else {
+            lease_seconds
+        }) * 1_000;
+        let max = max_deliveries.clamp(1, q.max_pull) as usize;
+        let wait = Duration::from_millis(u64::from(wait_millis.min(q.max_wait_ms)));
+        let mailbox = org.ods.as_str();
+        let deadline = tokio::time::Instant::now() + wait;
+        let signal = self.store.mailbox_signal(mailbox);
+        let mut shutting_down = self.shutting_down.clone();
+        let leased = loop {
+            let notified = signal.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let leased = self.store.pull(&actor, mailbox, max, lease_ms).await?;
+            let now = tokio::time::Instant::now();
+            if !leased.is_empty() || now >= deadline || *shutting_down.borrow() {
+                break leased;
+            }
+            // Wake on new work, on shutdown, or every second for expiring leases.
+            let nap = (deadline - now).min(Duration::from_secs(1));
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(nap) => {}
+                _ = shutting_down.changed() => {}
+            }
+        };
+        let mut deliveries = Vec::with_capacity(leased.len());
+        for l in leased {
+            match self.render(&l).await {
+                Ok(d) => deliveries.push(d),
+                Err(e) => {
+                    tracing::error!(delivery_id = l.delivery.id, error = %e, "stored payload unreadable; quarantining");
+                    self.store
+                        .nack(
+                            &actor,
+                            mailbox,
+                            l.delivery.id,
+                            l.delivery.attempt,
+                            true,
+                            "stored payload failed its integrity check",
+                        )
+                        .await?;
+                }
+            }
+        }
+        tracing::info!(deliveries = deliveries.len(), "pull answered");
+        Ok(pb::PullResponse { deliveries })
+    }
+
+    async fn render(&self, l: &LeasedDelivery) -> Result<pb::Delivery, ApiError> {
+        let bytes = self.store.payload(&l.handover).await?;
+        let envelope = Envelope::decode(&bytes)
+            .map_err(|e| ApiError::Store(crate::store::StoreError::Corrupt(e)))?;
+        let document = match envelope.format {
+            DocumentFormat::Native => {
+                let summary =
+                    <pb::ClinicalSummary as prost::Message>::decode(&envelope.document[..])
+                        .map_err(|e| {
+                            ApiError::Store(crate::store::StoreError::Corrupt(e.to_string()))
+                        })?;
+                pb::delivery::Document::Native(summary)
+            }
+            DocumentFormat::FhirJson => pb::delivery::Document::FhirJson(
+                String::from_utf8_lossy(&envelope.document).into_owned(),
+            ),
+            DocumentFormat::Hl7v2 => pb::delivery::Document::Hl7v2(
+                String::from_utf8_lossy(&envelope.document).into_owned(),
+            ),
+        };
+        let d = &l.delivery;
+        Ok(pb::Delivery {
+            delivery_id: d.id,
+            attempt: d.attempt,
+            handover_id: l.handover.id,
+            sender: l.handover.sender.clone(),
+            event: wire::event_to_wire(l.handover.event).into(),
+            patient: Some(wire::patient_to_wire(&envelope.patient)),
+            submitted_at: Some(wire::timestamp(l.handover.submitted_at_ms)),
+            lease_expires_at: d.lease_until_ms.map(wire::timestamp),
+            urgent: d.urgent,
+            not_carried: Vec::new(),
+            document: Some(document),
+        })
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<pb::AckResponse, ApiError> {
+        let (org, actor) = self.organisation(&req, "acknowledge deliveries")?;
+        let pb::AckRequest {
+            delivery_id,
+            attempt,
+        } = req.into_inner();
+        check_delivery_ref(delivery_id, attempt)?;
+        self.store
+            .ack(&actor, org.ods.as_str(), delivery_id, attempt)
+            .await?;
+        Ok(pb::AckResponse {})
+    }
+
+    async fn nack(&self, req: Request<pb::NackRequest>) -> Result<pb::NackResponse, ApiError> {
+        let (org, actor) = self.organisation(&req, "nack deliveries")?;
+        let pb::NackRequest {
+            delivery_id,
+            attempt,
+            permanent,
+            reason,
+        } = req.into_inner();
+        check_delivery_ref(delivery_id, attempt)?;
+        if reason.trim().is_empty() || reason.len() > 500 {
+            return Err(ApiError::invalid(
+                "reason",
+                "required: 1 to 500 characters saying why (no patient data)",
+            ));
+        }
+        let state = self
+            .store
+            .nack(
+                &actor,
+                org.ods.as_str(),
+                delivery_id,
+                attempt,
+                permanent,
+                &reason,
+            )
+            .await?;
+        Ok(pb::NackResponse {
+            state: wire::state_to_wire(state).into(),
+        })
+    }
+
+    async fn track(&self, req: Request<pb::TrackRequest>) -> Result<pb::TrackResponse, ApiError> {
+        let (org, actor) = self.organisation(&req, "track handovers")?;
+        let pb::TrackRequest { handover } = req.into_inner();
+        let key = match handover {
+            Some(pb::track_request::Handover::HandoverId(id)) if id > 0 => TrackKey::HandoverId(id),
+            Some(pb::track_request::Handover::MessageId(m)) if !m.is_empty() => {
+                TrackKey::MessageId(m)
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "handover",
+                    "required: a handover_id or the message_id it was submitted with",
+                ));
+            }
+        };
+        let status = self.store.track(&actor, org.ods.as_str(), key).await?;
+        Ok(wire::track_to_wire(&status.handover, &status.deliveries))
+    }
+}
+
+fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), ApiError> {
+    let mut v = Violations::default();
+    if delivery_id == 0 {
+        v.add("delivery_id", "required");
+    }
+    if attempt == 0 {
+        v.add(
+            "attempt",
+            "required: the attempt number from the pulled delivery",
+        );
+    }
+    if v.0.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(v.0))
+    }
+}
+
+/// The tonic service over a shared [`Gateway`].
+#[derive(Clone)]
+pub struct HandoverService {
+    gateway: Arc<Gateway>,
+}
+
+impl HandoverService {
+    /// A service over `gateway`.
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+fn caller_org_kind(gateway: &Gateway, info: Option<&ConnInfo>) -> &'static str {
+    match info.map(|i| &i.identity) {
+        Some(PeerIdentity::Organisation(code)) => gateway
+            .registry
+            .get(code)
+            .map(|o| o.kind)
+            .unwrap_or(OrgKind::Operator)
+            .as_str(),
+        Some(PeerIdentity::Operator(_)) => "operator",
+        None => "unknown",
+    }
+}
+
+macro_rules! traced {
+    ($self:ident, $req:ident, $method:ident) => {{
+        let kind = caller_org_kind(&$self.gateway, $req.extensions().get::<ConnInfo>());
+        let result = $self.gateway.$method($req).await;
+        if let Err(e) = &result {
+            tracing::info!(caller_kind = kind, code = ?e.code(), error = %e, "refused");
+        }
+        result.map(Response::new).map_err(Status::from)
+    }};
+}
+
+#[tonic::async_trait]
+impl pb::handover_server::Handover for HandoverService {
+    #[instrument(name = "submit", skip_all)]
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitReceipt>, Status> {
+        traced!(self, request, submit)
+    }
+
+    #[instrument(name = "pull", skip_all)]
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        traced!(self, request, pull)
+    }
+
+    #[instrument(name = "ack", skip_all)]
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        traced!(self, request, ack)
+    }
+
+    #[instrument(name = "nack", skip_all)]
+    async fn nack(
+        &self,
+        request: Request<pb::NackRequest>,
+    ) -> Result<Response<pb::NackResponse>, Status> {
+        traced!(self, request, nack)
+    }
+
+    #[instrument(name = "track", skip_all)]
+    async fn track(
+        &self,
+        request: Request<pb::TrackRequest>,
+    ) -> Result<Response<pb::TrackResponse>, Status> {
+        traced!(self, request, track)
+    }
+}

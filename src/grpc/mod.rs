@@ -1,0 +1,22 @@
+//! The gRPC edge: the only module that knows `pb::*` and `tonic::Status`.
+//! Wire types are converted to domain types on the way in (field by field,
+//! with field-level violations) and back on the way out.
+
+mod envelope;
+mod error;
+mod handover;
+mod wire;
+
+pub use envelope::{Envelope, PatientRef};
+pub use error::ApiError;
+pub use handover::{Gateway, HandoverService};
+
+/// Generated protobuf and gRPC types.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("throughcare.v1");
+
+    /// The encoded file descriptor set, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("throughcare_descriptor");
+}

@@ -1,0 +1,393 @@
+//! Wire ⇄ domain conversions. Incoming messages are destructured field by
+//! field (no `..`), so a new proto field fails the build until someone
+//! decides what it means; every problem becomes a field violation.
+
+use prost::Message;
+use tonic_types::FieldViolation;
+
+use super::envelope::PatientRef;
+use super::pb;
+use crate::clinical::{NhsNumber, OdsCode, PrisonNumber};
+use crate::journey::JourneyEvent;
+use crate::store::records::DocumentFormat;
+use crate::store::{DeliveryRecord, DeliveryState, HandoverRecord};
+
+/// Most destinations one submit may name.
+pub const MAX_DESTINATIONS: usize = 16;
+
+/// A document as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    /// Its format.
+    pub format: DocumentFormat,
+    /// Its bytes (native: the encoded `ClinicalSummary`).
+    pub bytes: Vec<u8>,
+}
+
+/// A validated submit, before routing checks against the registry.
+#[derive(Debug, Clone)]
+pub struct SubmitCommand {
+    /// Sender's idempotency key.
+    pub message_id: String,
+    /// The journey event.
+    pub event: JourneyEvent,
+    /// The patient.
+    pub patient: PatientRef,
+    /// Requested destinations, in order, with their request index.
+    pub destinations: Vec<OdsCode>,
+    /// The document.
+    pub document: Document,
+}
+
+/// Collects violations while a message is read.
+#[derive(Default)]
+pub struct Violations(pub Vec<FieldViolation>);
+
+impl Violations {
+    /// Records a violation.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(FieldViolation::new(field, description));
+    }
+}
+
+/// A journey event from the wire.
+pub fn event_from_wire(value: i32) -> Option<JourneyEvent> {
+    match pb::JourneyEvent::try_from(value).ok()? {
+        pb::JourneyEvent::Unspecified => None,
+        pb::JourneyEvent::Admission => Some(JourneyEvent::Admission),
+        pb::JourneyEvent::Transfer => Some(JourneyEvent::Transfer),
+        pb::JourneyEvent::Release => Some(JourneyEvent::Release),
+        pb::JourneyEvent::CommunitySummary => Some(JourneyEvent::CommunitySummary),
+    }
+}
+
+/// A journey event for the wire.
+pub fn event_to_wire(event: JourneyEvent) -> pb::JourneyEvent {
+    match event {
+        JourneyEvent::Admission => pb::JourneyEvent::Admission,
+        JourneyEvent::Transfer => pb::JourneyEvent::Transfer,
+        JourneyEvent::Release => pb::JourneyEvent::Release,
+        JourneyEvent::CommunitySummary => pb::JourneyEvent::CommunitySummary,
+    }
+}
+
+/// Whether `s` is a calendar date written `YYYY-MM-DD`.
+pub fn is_iso_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return false;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<u16>().ok());
+    match (num(0..4), num(5..7), num(8..10)) {
+        (Some(y), Some(m), Some(d)) => u8::try_from(m)
+            .ok()
+            .and_then(|m| time::Month::try_from(m).ok())
+            .and_then(|m| {
+                time::Date::from_calendar_date(i32::from(y), m, u8::try_from(d).ok()?).ok()
+            })
+            .is_some_and(|date| date.year() >= 1900),
+        _ => false,
+    }
+}
+
+/// Reads a patient reference; identifiers must be valid when present and at
+/// least one must be present. Violations never quote the values.
+pub fn patient_from_wire(p: Option<pb::PatientRef>, field: &str, v: &mut Violations) -> PatientRef {
+    let Some(pb::PatientRef {
+        nhs_number,
+        prison_number,
+        date_of_birth,
+    }) = p
+    else {
+        v.add(field, "required: the patient's NHS number or prison number");
+        return PatientRef {
+            nhs_number: None,
+            prison_number: None,
+            date_of_birth: None,
+        };
+    };
+    let nhs = if nhs_number.is_empty() {
+        None
+    } else {
+        nhs_number
+            .parse::<NhsNumber>()
+            .map_err(|e| v.add(format!("{field}.nhs_number"), e.to_string()))
+            .ok()
+    };
+    let prison = if prison_number.is_empty() {
+        None
+    } else {
+        prison_number
+            .parse::<PrisonNumber>()
+            .map_err(|e| v.add(format!("{field}.prison_number"), e.to_string()))
+            .ok()
+    };
+    if nhs_number.is_empty() && prison_number.is_empty() {
+        v.add(
+            field,
+            "at least one of nhs_number or prison_number is required",
+        );
+    }
+    let dob = if date_of_birth.is_empty() {
+        None
+    } else if is_iso_date(&date_of_birth) {
+        Some(date_of_birth)
+    } else {
+        v.add(
+            format!("{field}.date_of_birth"),
+            "must be a calendar date written YYYY-MM-DD",
+        );
+        None
+    };
+    PatientRef {
+        nhs_number: nhs,
+        prison_number: prison,
+        date_of_birth: dob,
+    }
+}
+
+impl SubmitCommand {
+    /// Reads and checks a submit request.
+    ///
+    /// # Errors
+    /// Every field violation found.
+    pub fn from_wire(
+        req: pb::SubmitRequest,
+        max_document_bytes: usize,
+    ) -> Result<Self, Vec<FieldViolation>> {
+        let pb::SubmitRequest {
+            message_id,
+            event,
+            patient,
+            destinations,
+            document,
+        } = req;
+        let mut v = Violations::default();
+        if message_id.is_empty() {
+            v.add("message_id", "required: a sender-chosen idempotency key");
+        } else if message_id.len() > 128 || !message_id.bytes().all(|b| b.is_ascii_graphic()) {
+            v.add(
+                "message_id",
+                "must be 1 to 128 printable ASCII characters without spaces",
+            );
+        }
+        let event = event_from_wire(event);
+        if event.is_none() {
+            v.add(
+                "event",
+                "required: one of ADMISSION, TRANSFER, RELEASE, COMMUNITY_SUMMARY",
+            );
+        }
+        let patient = patient_from_wire(patient, "patient", &mut v);
+        if destinations.is_empty() {
+            v.add(
+                "destinations",
+                "at least one destination ODS code is required",
+            );
+        } else if destinations.len() > MAX_DESTINATIONS {
+            v.add(
+                "destinations",
+                format!("at most {MAX_DESTINATIONS} destinations"),
+            );
+        }
+        let mut codes = Vec::with_capacity(destinations.len());
+        for (i, d) in destinations.iter().enumerate() {
+            match d.parse::<OdsCode>() {
+                Ok(code) if codes.contains(&code) => {
+                    v.add(format!("destinations[{i}]"), "named more than once");
+                }
+                Ok(code) => codes.push(code),
+                Err(e) => v.add(format!("destinations[{i}]"), e.to_string()),
+            }
+        }
+        let document = match document {
+            None => {
+                v.add("document", "required: native, fhir_json or hl7v2");
+                None
+            }
+            Some(pb::submit_request::Document::Native(summary)) => Some(Document {
+                format: DocumentFormat::Native,
+                bytes: summary.encode_to_vec(),
+            }),
+            Some(pb::submit_request::Document::FhirJson(text)) => Some(Document {
+                format: DocumentFormat::FhirJson,
+                bytes: text.into_bytes(),
+            }),
+            Some(pb::submit_request::Document::Hl7v2(text)) => Some(Document {
+                format: DocumentFormat::Hl7v2,
+                bytes: text.into_bytes(),
+            }),
+        };
+        if let Some(doc) = &document {
+            let field = match doc.format {
+                DocumentFormat::Native => "document.native",
+                DocumentFormat::FhirJson => "document.fhir_json",
+                DocumentFormat::Hl7v2 => "document.hl7v2",
+            };
+            if doc.bytes.is_empty() {
+                v.add(field, "the document is empty");
+            } else if doc.bytes.len() > max_document_bytes {
+                v.add(
+                    field,
+                    format!(
+                        "the document is {} bytes; the limit is {max_document_bytes}",
+                        doc.bytes.len()
+                    ),
+                );
+            }
+        }
+        match (v.0.is_empty(), event, document) {
+            (true, Some(event), Some(document)) => Ok(SubmitCommand {
+                message_id,
+                event,
+                patient,
+                destinations: codes,
+                document,
+            }),
+            _ => Err(v.0),
+        }
+    }
+}
+
+/// A time for the wire.
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1_000),
+        nanos: i32::try_from(ms.rem_euclid(1_000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// A delivery state for the wire.
+pub fn state_to_wire(state: DeliveryState) -> pb::DeliveryState {
+    match state {
+        DeliveryState::Queued => pb::DeliveryState::Queued,
+        DeliveryState::Leased => pb::DeliveryState::Leased,
+        DeliveryState::Delivered => pb::DeliveryState::Delivered,
+        DeliveryState::Quarantined => pb::DeliveryState::Quarantined,
+    }
+}
+
+/// A patient reference for the wire.
+pub fn patient_to_wire(p: &PatientRef) -> pb::PatientRef {
+    pb::PatientRef {
+        nhs_number: p
+            .nhs_number
+            .as_ref()
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default(),
+        prison_number: p
+            .prison_number
+            .as_ref()
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default(),
+        date_of_birth: p.date_of_birth.clone().unwrap_or_default(),
+    }
+}
+
+/// A handover's status for the wire.
+pub fn track_to_wire(h: &HandoverRecord, deliveries: &[DeliveryRecord]) -> pb::TrackResponse {
+    pb::TrackResponse {
+        handover_id: h.id,
+        message_id: h.message_id.clone(),
+        event: event_to_wire(h.event).into(),
+        submitted_at: Some(timestamp(h.submitted_at_ms)),
+        deliveries: deliveries
+            .iter()
+            .map(|d| pb::DeliveryStatus {
+                delivery_id: d.id,
+                destination: d.mailbox.clone(),
+                state: state_to_wire(d.state).into(),
+                attempts: d.attempt,
+                queued_at: Some(timestamp(d.queued_at_ms)),
+                last_leased_at: d.last_leased_at_ms.map(timestamp),
+                delivered_at: d.delivered_at_ms.map(timestamp),
+                quarantined_at: d.quarantined_at_ms.map(timestamp),
+                quarantine_reason: if d.state == DeliveryState::Quarantined {
+                    d.reason.clone().unwrap_or_default()
+                } else {
+                    String::new()
+                },
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> pb::SubmitRequest {
+        pb::SubmitRequest {
+            message_id: "m-1".into(),
+            event: pb::JourneyEvent::Release.into(),
+            patient: Some(pb::PatientRef {
+                nhs_number: "9990000018".into(),
+                prison_number: String::new(),
+                date_of_birth: "1980-02-29".into(),
+            }),
+            destinations: vec!["YG001".into()],
+            document: Some(pb::submit_request::Document::Native(pb::ClinicalSummary {
+                text: "summary".into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn fields(req: pb::SubmitRequest) -> Vec<String> {
+        SubmitCommand::from_wire(req, 1024)
+            .unwrap_err()
+            .into_iter()
+            .map(|v| v.field)
+            .collect()
+    }
+
+    #[test]
+    fn a_good_request_converts() {
+        let cmd = SubmitCommand::from_wire(request(), 1024).unwrap();
+        assert_eq!(cmd.event, JourneyEvent::Release);
+        assert_eq!(cmd.destinations[0].as_str(), "YG001");
+    }
+
+    #[test]
+    fn every_problem_is_named_by_field() {
+        let mut r = request();
+        r.message_id.clear();
+        r.event = 0;
+        r.destinations = vec!["YG001".into(), "bad".into(), "YG001".into()];
+        r.patient.as_mut().unwrap().nhs_number = "9990000017".into();
+        r.patient.as_mut().unwrap().date_of_birth = "1980-02-30".into();
+        assert_eq!(
+            fields(r),
+            [
+                "message_id",
+                "event",
+                "patient.nhs_number",
+                "patient.date_of_birth",
+                "destinations[1]",
+                "destinations[2]"
+            ]
+        );
+        let mut r = request();
+        r.document = Some(pb::submit_request::Document::FhirJson("x".repeat(1025)));
+        assert_eq!(fields(r), ["document.fhir_json"]);
+        let mut r = request();
+        r.document = Some(pb::submit_request::Document::Native(Default::default()));
+        assert_eq!(fields(r), ["document.native"]);
+    }
+
+    #[test]
+    fn violations_do_not_echo_patient_data() {
+        let mut r = request();
+        r.patient.as_mut().unwrap().nhs_number = "9990000017".into();
+        let all = SubmitCommand::from_wire(r, 1024).unwrap_err();
+        assert!(all.iter().all(|v| !v.description.contains("9990000017")));
+    }
+
+    #[test]
+    fn dates() {
+        assert!(is_iso_date("2024-02-29"));
+        assert!(!is_iso_date("2023-02-29"));
+        assert!(!is_iso_date("2023-2-28"));
+        assert!(!is_iso_date("1800-01-01"));
+    }
+}

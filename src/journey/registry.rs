@@ -1,0 +1,192 @@
+//! The registry of organisations: who an ODS code is, what kind of
+//! organisation it is, and which document format its mailbox wants.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clinical::OdsCode;
+
+/// The kind of organisation behind an ODS code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrgKind {
+    /// A prison healthcare provider.
+    Prison,
+    /// A community GP practice.
+    GpPractice,
+    /// A probation region.
+    Probation,
+    /// A gateway operator (identified as `urn:operator:<name>`, never registered).
+    Operator,
+}
+
+impl OrgKind {
+    /// The registry's spelling of this kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrgKind::Prison => "prison",
+            OrgKind::GpPractice => "gp_practice",
+            OrgKind::Probation => "probation",
+            OrgKind::Operator => "operator",
+        }
+    }
+}
+
+/// The document format an organisation's mailbox receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// The native protobuf `ClinicalSummary`.
+    #[default]
+    Native,
+    /// FHIR R4 UK Core document Bundle (JSON).
+    Fhir,
+    /// HL7 v2.5.1 ADT.
+    Hl7v2,
+}
+
+/// One registered organisation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Organisation {
+    /// ODS code, the organisation's identity in its certificate.
+    pub ods: OdsCode,
+    /// What kind of organisation it is.
+    pub kind: OrgKind,
+    /// Display name.
+    pub name: String,
+    /// The format its mailbox wants.
+    #[serde(default)]
+    pub format: Format,
+    /// The region a probation service covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+/// Why a registry could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The file could not be read.
+    #[error("cannot read registry {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a valid registry.
+    #[error("registry {path} is invalid: {reason}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    #[serde(default)]
+    organisation: Vec<Organisation>,
+}
+
+/// The organisations the gateway knows, by ODS code.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    by_code: BTreeMap<OdsCode, Organisation>,
+}
+
+impl Registry {
+    /// A registry of these organisations.
+    ///
+    /// # Errors
+    /// A code registered twice, or an organisation registered as an operator.
+    pub fn new(orgs: impl IntoIterator<Item = Organisation>) -> Result<Self, String> {
+        let mut by_code = BTreeMap::new();
+        for org in orgs {
+            if org.kind == OrgKind::Operator {
+                return Err(format!(
+                    "organisation {} has kind operator; operators are identified by certificate, not registered",
+                    org.ods
+                ));
+            }
+            if let Some(previous) = by_code.insert(org.ods.clone(), org) {
+                return Err(format!("ODS code {} is registered twice", previous.ods));
+            }
+        }
+        Ok(Self { by_code })
+    }
+
+    /// Loads a registry from a TOML file of `[[organisation]]` tables.
+    ///
+    /// # Errors
+    /// Unreadable file, bad TOML, or an inconsistent registry.
+    pub fn load(path: &Path) -> Result<Self, RegistryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let invalid = |reason: String| RegistryError::Invalid {
+            path: path.display().to_string(),
+            reason,
+        };
+        let file: RegistryFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        Self::new(file.organisation).map_err(invalid)
+    }
+
+    /// The registry as TOML, in the form [`Registry::load`] reads.
+    pub fn to_toml(&self) -> String {
+        let file = RegistryFile {
+            organisation: self.by_code.values().cloned().collect(),
+        };
+        toml::to_string(&file).unwrap_or_default()
+    }
+
+    /// The organisation with this code.
+    pub fn get(&self, code: &OdsCode) -> Option<&Organisation> {
+        self.by_code.get(code)
+    }
+
+    /// Every organisation, by code.
+    pub fn iter(&self) -> impl Iterator<Item = &Organisation> {
+        self.by_code.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_and_rejects_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.toml");
+        std::fs::write(
+            &path,
+            "[[organisation]]\nods = \"YP001\"\nkind = \"prison\"\nname = \"HMP A\"\n\
+             [[organisation]]\nods = \"YP001\"\nkind = \"prison\"\nname = \"HMP B\"\n",
+        )
+        .unwrap();
+        let err = Registry::load(&path).unwrap_err().to_string();
+        assert!(err.contains("registered twice"), "{err}");
+
+        std::fs::write(
+            &path,
+            "[[organisation]]\nods = \"YP001\"\nkind = \"prison\"\nname = \"HMP A\"\nformat = \"hl7v2\"\n",
+        )
+        .unwrap();
+        let reg = Registry::load(&path).unwrap();
+        let org = reg.get(&"YP001".parse().unwrap()).unwrap();
+        assert_eq!(org.format, Format::Hl7v2);
+        let again = Registry::new(
+            toml::from_str::<RegistryFile>(&reg.to_toml())
+                .unwrap()
+                .organisation,
+        )
+        .unwrap();
+        assert_eq!(again.iter().count(), 1);
+    }
+}

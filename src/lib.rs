@@ -1,0 +1,29 @@
+//! Throughcare: a gRPC gateway that makes a patient's health record follow
+//! them through the criminal justice system.
+//!
+//! # Layout
+//! ```text
+//!  caller ──mTLS──▶ tls (identity from the client certificate)
+//!                    ▼
+//!                  grpc (wire ⇄ domain, Status mapping; the only module that knows pb::*)
+//!                    │ Submit                          ▲ Pull / Ack / Nack / Track
+//!                    ▼                                 │
+//!                  clinical (identifiers, summary)  journey (events, registry, routing)
+//!                    ▼
+//!                  store (one sled transaction per change + audit; group commit
+//!                         behind a durability barrier before any answer)
+//! ```
+//! `app` wires these together and serves until shutdown; `config` is parsed
+//! and validated before any port is bound; `certs` makes the dev PKI.
+
+pub mod app;
+pub mod audit;
+pub mod bench;
+pub mod certs;
+pub mod client;
+pub mod clinical;
+pub mod config;
+pub mod grpc;
+pub mod journey;
+pub mod store;
+pub mod tls;

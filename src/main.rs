@@ -1,0 +1,431 @@
+//! The `throughcare` command: serve the gateway, make dev certificates, try
+//! it by hand (submit, pull, track), measure it (bench), and administer it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use throughcare::config::{Config, Overrides};
+use throughcare::grpc::pb;
+
+#[derive(Parser)]
+#[command(
+    name = "throughcare",
+    version,
+    about = "Health records that follow patients through custody"
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "THROUGHCARE_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (mutual TLS only).
+    Serve(ServeArgs),
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Submit a handover (test client).
+    Submit(SubmitArgs),
+    /// Pull (and optionally ack) deliveries from your mailbox (test client).
+    Pull(PullArgs),
+    /// Ask what became of a handover you submitted (test client).
+    Track(TrackArgs),
+    /// Measure durable submits/s, latency, messages per fsync, pull+ack/s and RSS.
+    Bench(throughcare::bench::BenchOptions),
+    /// Administration that works on a stopped gateway's data directory.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "THROUGHCARE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address, e.g. 127.0.0.1:7443.
+    #[arg(long, env = "THROUGHCARE_LISTEN")]
+    listen: Option<String>,
+    /// Data directory of the store.
+    #[arg(long, env = "THROUGHCARE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Directory of the (development) PKI.
+    #[arg(long, env = "THROUGHCARE_CERTS_DIR")]
+    certs_dir: Option<PathBuf>,
+    /// Registry file of organisations.
+    #[arg(long, env = "THROUGHCARE_REGISTRY")]
+    registry: Option<PathBuf>,
+    /// Certificate revocation list (PEM).
+    #[arg(long, env = "THROUGHCARE_CRL")]
+    crl: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a CA, server and client certificates and a matching registry.
+    Init {
+        /// Where to write them.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Replace an existing PKI.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Act as this dev organisation (its ODS code) or `operator-oncall`.
+    #[arg(long = "as")]
+    as_: String,
+    /// Gateway address.
+    #[arg(
+        long,
+        default_value = "https://localhost:7443",
+        env = "THROUGHCARE_SERVER"
+    )]
+    server: String,
+    /// Directory of the dev PKI.
+    #[arg(long, default_value = "certs", env = "THROUGHCARE_CERTS_DIR")]
+    certs_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Idempotency key.
+    #[arg(long)]
+    message_id: String,
+    /// admission, transfer, release or community-summary.
+    #[arg(long)]
+    event: String,
+    /// Destination ODS code (repeatable).
+    #[arg(long = "to", required = true)]
+    to: Vec<String>,
+    /// NHS number (999 test range for dev).
+    #[arg(long, default_value = "")]
+    nhs: String,
+    /// Prison number.
+    #[arg(long, default_value = "")]
+    prison_number: String,
+    /// Date of birth, YYYY-MM-DD.
+    #[arg(long, default_value = "")]
+    dob: String,
+    /// Free-text summary for the native document.
+    #[arg(long, default_value = "")]
+    text: String,
+}
+
+#[derive(Args)]
+struct PullArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Most deliveries to lease.
+    #[arg(long, default_value_t = 10)]
+    max: u32,
+    /// Wait up to this long for something to arrive.
+    #[arg(long, default_value_t = 0)]
+    wait_ms: u32,
+    /// Acknowledge what was pulled.
+    #[arg(long)]
+    ack: bool,
+}
+
+#[derive(Args)]
+struct TrackArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The message id it was submitted with.
+    #[arg(long)]
+    message_id: String,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the hash chain and report the first broken link.
+    Verify {
+        /// Data directory of a stopped gateway.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            other => match run_tool(other).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        certs_dir: args.certs_dir,
+        registry: args.registry,
+        crl: args.crl,
+    };
+    let fail = |e: throughcare::app::AppError| {
+        tracing::error!(error = %e, "gateway stopped");
+        eprintln!("error: {e}");
+        ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => return fail(e.into()),
+    };
+    let listen = config.listen;
+    let prepared = match throughcare::app::Prepared::with_system_clock(config) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(e.into()),
+    };
+    match prepared.serve(listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn parse_event(s: &str) -> anyhow::Result<pb::JourneyEvent> {
+    Ok(match s.to_ascii_lowercase().replace('_', "-").as_str() {
+        "admission" => pb::JourneyEvent::Admission,
+        "transfer" => pb::JourneyEvent::Transfer,
+        "release" => pb::JourneyEvent::Release,
+        "community-summary" => pb::JourneyEvent::CommunitySummary,
+        other => anyhow::bail!(
+            "unknown event {other}: admission, transfer, release or community-summary"
+        ),
+    })
+}
+
+async fn run_tool(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => unreachable!("handled by serve"),
+        Command::Certs {
+            command: CertsCommand::Init { dir, force },
+        } => {
+            if throughcare::certs::dev_pki_present(&dir) && !force {
+                println!(
+                    "{} already holds a dev PKI (use --force to replace it)",
+                    dir.display()
+                );
+                return Ok(());
+            }
+            throughcare::certs::init_dev_pki(&dir)?;
+            println!(
+                "created a DEVELOPMENT PKI in {} (never for production):",
+                dir.display()
+            );
+            for org in throughcare::certs::dev_organisations() {
+                println!(
+                    "  {:<6} {:<12} {}",
+                    org.ods.as_str(),
+                    org.kind.as_str(),
+                    org.name
+                );
+            }
+            println!("  operator-{}", throughcare::certs::DEV_OPERATOR);
+            Ok(())
+        }
+        Command::Submit(args) => {
+            let mut client = throughcare::client::handover(
+                &args.client.server,
+                &args.client.certs_dir,
+                &args.client.as_,
+            )
+            .await?;
+            let receipt = client
+                .submit(pb::SubmitRequest {
+                    message_id: args.message_id,
+                    event: parse_event(&args.event)?.into(),
+                    patient: Some(pb::PatientRef {
+                        nhs_number: args.nhs,
+                        prison_number: args.prison_number,
+                        date_of_birth: args.dob,
+                    }),
+                    destinations: args.to,
+                    document: Some(pb::submit_request::Document::Native(pb::ClinicalSummary {
+                        text: args.text,
+                        ..Default::default()
+                    })),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "handover {}{}",
+                receipt.handover_id,
+                if receipt.duplicate {
+                    " (duplicate of an accepted submit)"
+                } else {
+                    ""
+                }
+            );
+            for d in receipt.deliveries {
+                println!("  delivery {} -> {}", d.delivery_id, d.destination);
+            }
+            Ok(())
+        }
+        Command::Pull(args) => {
+            let mut client = throughcare::client::handover(
+                &args.client.server,
+                &args.client.certs_dir,
+                &args.client.as_,
+            )
+            .await?;
+            let pulled = client
+                .pull(pb::PullRequest {
+                    max_deliveries: args.max,
+                    lease_seconds: 0,
+                    wait_millis: args.wait_ms,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if pulled.deliveries.is_empty() {
+                println!("nothing to deliver");
+            }
+            for d in pulled.deliveries {
+                println!(
+                    "delivery {} attempt {} handover {} from {} ({:?})",
+                    d.delivery_id,
+                    d.attempt,
+                    d.handover_id,
+                    d.sender,
+                    d.event()
+                );
+                if args.ack {
+                    client
+                        .ack(pb::AckRequest {
+                            delivery_id: d.delivery_id,
+                            attempt: d.attempt,
+                        })
+                        .await
+                        .map_err(status_error)?;
+                    println!("  acknowledged");
+                }
+            }
+            Ok(())
+        }
+        Command::Track(args) => {
+            let mut client = throughcare::client::handover(
+                &args.client.server,
+                &args.client.certs_dir,
+                &args.client.as_,
+            )
+            .await?;
+            let t = client
+                .track(pb::TrackRequest {
+                    handover: Some(pb::track_request::Handover::MessageId(args.message_id)),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("handover {} ({:?})", t.handover_id, t.event());
+            for d in t.deliveries {
+                println!(
+                    "  {:<8} delivery {:<6} {:<12} attempts {}{}",
+                    d.destination,
+                    d.delivery_id,
+                    format!("{:?}", d.state()),
+                    d.attempts,
+                    if d.quarantine_reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({})", d.quarantine_reason)
+                    }
+                );
+            }
+            Ok(())
+        }
+        Command::Bench(opts) => {
+            let report = throughcare::bench::run(opts).await?;
+            print!("{report}");
+            Ok(())
+        }
+        Command::Admin {
+            command:
+                AdminCommand::Audit {
+                    command: AuditCommand::Verify { data_dir },
+                },
+        } => {
+            let store = throughcare::store::Store::open(
+                &data_dir,
+                throughcare::store::StoreOptions::default(),
+                std::sync::Arc::new(throughcare::store::SystemClock),
+            )
+            .with_context(|| format!("opening {} (is the gateway stopped?)", data_dir.display()))?;
+            let result = store.verify_audit();
+            store.close().await?;
+            let n = result.context("audit chain does NOT verify")?;
+            println!("audit chain verifies: {n} entries");
+            Ok(())
+        }
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    // The message already lists any field violations.
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}

@@ -1,0 +1,508 @@
+//! The durable store: per-recipient queues in one embedded sled database.
+//!
+//! # Invariants
+//! - Every state change (submit, lease, ack, nack, quarantine, and the audit
+//!   entry that records it) is part of one multi-tree sled transaction.
+//! - No caller is answered before the transaction holding its change has
+//!   passed the [`DurabilityBarrier`] (`flush` + `fdatasync`). One writer
+//!   thread takes every pending change from a channel, applies them in one
+//!   transaction, runs one barrier and answers them all (group commit): one
+//!   change when idle, many under load.
+//! - Payload chunks carry a CRC-32 and the whole payload a SHA-256, both
+//!   checked on every read.
+//! - The high-water file promises how many batches were durable; a store that
+//!   opens with fewer refuses with [`StoreError::Behind`].
+//! - After a failed commit or barrier the store refuses all further changes
+//!   ([`StoreError::Unavailable`]): after a failed `fsync` nothing since the
+//!   last good one can be trusted, so the process must restart and reload.
+//!
+//! The on-disk layout is in [`records`].
+
+mod barrier;
+pub mod clock;
+mod high_water;
+pub mod records;
+mod schedule;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+pub use barrier::{BarrierObserver, BarrierStats, DurabilityBarrier};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use records::{DeliveryRecord, DeliveryState, HandoverRecord};
+
+use crate::journey::JourneyEvent;
+use records::TreeId;
+
+/// Why a store operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The message id was used before for different content.
+    #[error("message id was already used for a different submission")]
+    Conflict,
+    /// No delivery with this id in the caller's mailbox.
+    #[error("no such delivery in this mailbox")]
+    UnknownDelivery,
+    /// No handover with this id or message id sent by the caller.
+    #[error("no such handover from this sender")]
+    UnknownHandover,
+    /// The ack or nack names an attempt that is not the delivery's latest.
+    #[error("attempt {given} is not the current attempt ({current}) of this delivery")]
+    StaleAttempt {
+        /// The attempt named.
+        given: u32,
+        /// The delivery's latest attempt.
+        current: u32,
+    },
+    /// The lease on this attempt has expired; the delivery will be offered again.
+    #[error("the lease on this attempt has expired")]
+    LeaseExpired,
+    /// The delivery is not out on lease.
+    #[error("the delivery is not leased (it is {0:?})")]
+    NotLeased(DeliveryState),
+    /// The store cannot take changes (a commit or sync failed, or it is closed).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data failed a checksum or could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The store holds fewer committed batches than it promised.
+    #[error(
+        "store has lost acknowledged data: the high-water file promises {promised} committed batches but the store holds {found}"
+    )]
+    Behind {
+        /// Batches promised by the high-water file.
+        promised: u64,
+        /// Batches found in the store.
+        found: u64,
+    },
+    /// sled failed.
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    /// The file system failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl StoreError {
+    /// Errors after which the writer's memory may not match the disk.
+    fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sled(_) | StoreError::Io(_) | StoreError::Corrupt(_)
+        )
+    }
+}
+
+/// Tunables of the queues.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// Leases handed out before an unacknowledged delivery is quarantined.
+    pub max_attempts: u32,
+    /// Back-off after a retryable nack: this many ms, doubled each attempt.
+    pub retry_backoff_ms: i64,
+    /// Most changes in one group commit.
+    pub max_batch: usize,
+    /// sled page-cache size.
+    pub cache_bytes: u64,
+    /// Told of every barrier (tests).
+    pub observer: Option<Arc<dyn BarrierObserver>>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            retry_backoff_ms: 1_000,
+            max_batch: 1_024,
+            cache_bytes: 64 * 1024 * 1024,
+            observer: None,
+        }
+    }
+}
+
+/// A new handover to store, already validated and routed.
+#[derive(Debug, Clone)]
+pub struct NewHandover {
+    /// Certificate identity of the caller, for the audit trail.
+    pub actor: String,
+    /// Sending organisation's ODS code.
+    pub sender: String,
+    /// Sender's idempotency key.
+    pub message_id: String,
+    /// The journey event.
+    pub event: JourneyEvent,
+    /// Keyed hash of the patient.
+    pub patient_key: String,
+    /// Where it goes.
+    pub destinations: Vec<NewDelivery>,
+    /// The stored document (opaque to the store; identical bytes for identical content).
+    pub payload: Vec<u8>,
+}
+
+/// One destination of a new handover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDelivery {
+    /// Receiving organisation's ODS code.
+    pub mailbox: String,
+    /// Served before routine deliveries.
+    pub urgent: bool,
+}
+
+/// What a submit produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitOutcome {
+    /// The handover id.
+    pub handover_id: u64,
+    /// (mailbox, delivery id) for each destination.
+    pub deliveries: Vec<(String, u64)>,
+    /// This answers a repeat of an accepted submit.
+    pub duplicate: bool,
+}
+
+/// A delivery handed out on lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedDelivery {
+    /// The delivery record, now leased.
+    pub delivery: DeliveryRecord,
+    /// Its handover.
+    pub handover: HandoverRecord,
+}
+
+/// Which handover to track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrackKey {
+    /// By handover id.
+    HandoverId(u64),
+    /// By the sender's message id.
+    MessageId(String),
+}
+
+/// A handover and every one of its deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverStatus {
+    /// The handover.
+    pub handover: HandoverRecord,
+    /// Its deliveries, in destination order.
+    pub deliveries: Vec<DeliveryRecord>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Job {
+    Submit(NewHandover, Reply<SubmitOutcome>),
+    Pull {
+        actor: String,
+        mailbox: String,
+        max: usize,
+        lease_ms: i64,
+        reply: Reply<Vec<LeasedDelivery>>,
+    },
+    Ack {
+        actor: String,
+        mailbox: String,
+        delivery_id: u64,
+        attempt: u32,
+        reply: Reply<()>,
+    },
+    Nack {
+        actor: String,
+        mailbox: String,
+        delivery_id: u64,
+        attempt: u32,
+        permanent: bool,
+        reason: String,
+        reply: Reply<DeliveryState>,
+    },
+    Track {
+        actor: String,
+        sender: String,
+        key: TrackKey,
+        reply: Reply<HandoverStatus>,
+    },
+    Sweep(Reply<usize>),
+    Shutdown(Reply<()>),
+}
+
+/// Wakes long-polling pullers when their mailbox may have something new.
+#[derive(Default)]
+pub(crate) struct Signals {
+    by_mailbox: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Signals {
+    fn get(&self, mailbox: &str) -> Arc<Notify> {
+        let mut map = self.by_mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(mailbox.to_owned()).or_default().clone()
+    }
+
+    fn wake(&self, mailbox: &str) {
+        let map = self.by_mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get(mailbox) {
+            n.notify_waiters();
+        }
+    }
+}
+
+struct Inner {
+    jobs: mpsc::Sender<Job>,
+    trees: Vec<sled::Tree>,
+    signals: Arc<Signals>,
+    stats: Arc<BarrierStats>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The durable store; cheap to clone, all clones share one writer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, checks its high-water mark and
+    /// rebuilds the queue index.
+    ///
+    /// # Errors
+    /// [`StoreError::Behind`] when acknowledged data is missing; I/O or sled
+    /// errors; [`StoreError::Corrupt`] for undecodable records.
+    pub fn open(
+        dir: &Path,
+        options: StoreOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let sled_dir = dir.join("sled");
+        let db = sled::Config::new()
+            .path(&sled_dir)
+            .cache_capacity(options.cache_bytes)
+            .open()?;
+        let trees = TreeId::ALL
+            .iter()
+            .map(|t| db.open_tree(t.name()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stats = Arc::new(BarrierStats::default());
+        let barrier = DurabilityBarrier::new(
+            db.clone(),
+            &sled_dir,
+            stats.clone(),
+            options.observer.clone(),
+        )?;
+        let (high_water, promised) = high_water::HighWater::open(&dir.join("high-water"))?;
+        let signals = Arc::new(Signals::default());
+        let writer = writer::Writer::load(
+            trees.clone(),
+            barrier,
+            high_water,
+            promised,
+            options.clone(),
+            clock,
+            signals.clone(),
+            stats.clone(),
+        )?;
+        let (tx, rx) = mpsc::channel(options.max_batch * 4);
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                jobs: tx,
+                trees,
+                signals,
+                stats,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    async fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(job(tx))
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+    }
+
+    /// Stores a handover and queues its deliveries; returns once durable.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the message id was used for other content.
+    pub async fn submit(&self, handover: NewHandover) -> Result<SubmitOutcome, StoreError> {
+        self.ask(|reply| Job::Submit(handover, reply)).await
+    }
+
+    /// Leases up to `max` deliveries from `mailbox` for `lease_ms`; returns
+    /// once the leases are durable. Empty when nothing is ready.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn pull(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        max: usize,
+        lease_ms: i64,
+    ) -> Result<Vec<LeasedDelivery>, StoreError> {
+        self.ask(|reply| Job::Pull {
+            actor: actor.to_owned(),
+            mailbox: mailbox.to_owned(),
+            max,
+            lease_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Acknowledges attempt `attempt` of a leased delivery in `mailbox`.
+    /// Repeating the ack of a delivered attempt succeeds again.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownDelivery`], [`StoreError::StaleAttempt`],
+    /// [`StoreError::LeaseExpired`], [`StoreError::NotLeased`].
+    pub async fn ack(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        delivery_id: u64,
+        attempt: u32,
+    ) -> Result<(), StoreError> {
+        self.ask(|reply| Job::Ack {
+            actor: actor.to_owned(),
+            mailbox: mailbox.to_owned(),
+            delivery_id,
+            attempt,
+            reply,
+        })
+        .await
+    }
+
+    /// Gives a leased attempt back: queued again after a back-off, or
+    /// quarantined when `permanent` or on the last attempt. Returns the new state.
+    ///
+    /// # Errors
+    /// As for [`Store::ack`].
+    pub async fn nack(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        delivery_id: u64,
+        attempt: u32,
+        permanent: bool,
+        reason: &str,
+    ) -> Result<DeliveryState, StoreError> {
+        self.ask(|reply| Job::Nack {
+            actor: actor.to_owned(),
+            mailbox: mailbox.to_owned(),
+            delivery_id,
+            attempt,
+            permanent,
+            reason: reason.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// The state of a handover `sender` submitted (audited).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownHandover`] when there is none from `sender`.
+    pub async fn track(
+        &self,
+        actor: &str,
+        sender: &str,
+        key: TrackKey,
+    ) -> Result<HandoverStatus, StoreError> {
+        self.ask(|reply| Job::Track {
+            actor: actor.to_owned(),
+            sender: sender.to_owned(),
+            key,
+            reply,
+        })
+        .await
+    }
+
+    /// Quarantines deliveries whose last allowed lease expired; returns how many.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        self.ask(Job::Sweep).await
+    }
+
+    /// Reads a handover's payload, checking every chunk's CRC and the whole
+    /// payload's SHA-256 against its handover record.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] on any mismatch; [`StoreError::UnknownHandover`].
+    pub async fn payload(&self, handover: &HandoverRecord) -> Result<Vec<u8>, StoreError> {
+        let trees = self.inner.trees.clone();
+        let handover = handover.clone();
+        tokio::task::spawn_blocking(move || writer::read_payload(&trees, &handover))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("payload reader failed: {e}")))?
+    }
+
+    /// A notifier woken when `mailbox` may have new deliveries.
+    pub fn mailbox_signal(&self, mailbox: &str) -> Arc<Notify> {
+        self.inner.signals.get(mailbox)
+    }
+
+    /// Barrier counters.
+    pub fn stats(&self) -> &Arc<BarrierStats> {
+        &self.inner.stats
+    }
+
+    /// Verifies the audit chain; returns how many entries it holds.
+    ///
+    /// # Errors
+    /// The first broken link, or a store failure.
+    pub fn verify_audit(&self) -> Result<u64, StoreError> {
+        let tree = &self.inner.trees[TreeId::Audit as usize];
+        let values = tree.iter().values().collect::<Result<Vec<_>, _>>()?;
+        crate::audit::verify(values.iter().map(|v| v.as_ref()))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Every audit entry, in order (for tests and operator queries).
+    ///
+    /// # Errors
+    /// Store failures or undecodable entries.
+    pub fn audit_entries(&self) -> Result<Vec<crate::audit::AuditEntry>, StoreError> {
+        self.inner.trees[TreeId::Audit as usize]
+            .iter()
+            .values()
+            .map(|v| {
+                let v = v?;
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Stops the writer after a final barrier. Later calls fail with
+    /// [`StoreError::Unavailable`]. Idempotent.
+    ///
+    /// # Errors
+    /// The final barrier failed.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let result = match self.ask(Job::Shutdown).await {
+            Err(StoreError::Unavailable(_)) => Ok(()),
+            other => other,
+        };
+        let handle = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        result
+    }
+}

@@ -1,0 +1,256 @@
+//! What the store keeps, one record type per tree, and the key layout.
+//!
+//! Keys are big-endian so range scans come back in sequence order.
+//!
+//! | tree         | key                                   | value                         |
+//! |--------------|---------------------------------------|-------------------------------|
+//! | `handovers`  | handover id (u64 BE)                  | [`HandoverRecord`] JSON       |
+//! | `payloads`   | handover id (u64 BE) ++ chunk (u32 BE)| crc32 (u32 BE) ++ chunk bytes |
+//! | `deliveries` | delivery id (u64 BE)                  | [`DeliveryRecord`] JSON       |
+//! | `pending`    | mailbox key ++ delivery id (u64 BE)   | empty: live (queued/leased)   |
+//! | `quarantine` | mailbox key ++ delivery id (u64 BE)   | empty                         |
+//! | `dedupe`     | sender ++ 0x00 ++ message id          | handover id (u64 BE)          |
+//! | `audit`      | sequence (u64 BE)                     | [`crate::audit`] entry JSON   |
+//! | `meta`       | name                                  | u64 BE                        |
+//!
+//! A mailbox key is the ODS code's length (one byte) then its bytes, so one
+//! mailbox's keys form a contiguous range that no other mailbox's can prefix.
+
+use serde::{Deserialize, Serialize};
+
+use crate::journey::JourneyEvent;
+
+/// Largest payload chunk, well below sled's blob threshold.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+/// The trees, in the order the store opens them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TreeId {
+    /// Handover records.
+    Handovers = 0,
+    /// Payload chunks.
+    Payloads,
+    /// Delivery records.
+    Deliveries,
+    /// Index of live deliveries per mailbox.
+    Pending,
+    /// Index of quarantined deliveries per mailbox.
+    Quarantine,
+    /// Idempotency keys.
+    Dedupe,
+    /// Hash-chained audit trail.
+    Audit,
+    /// Counters.
+    Meta,
+}
+
+impl TreeId {
+    /// Every tree, indexed by discriminant.
+    pub const ALL: [TreeId; 8] = [
+        TreeId::Handovers,
+        TreeId::Payloads,
+        TreeId::Deliveries,
+        TreeId::Pending,
+        TreeId::Quarantine,
+        TreeId::Dedupe,
+        TreeId::Audit,
+        TreeId::Meta,
+    ];
+
+    /// The sled tree name.
+    pub fn name(self) -> &'static str {
+        match self {
+            TreeId::Handovers => "handovers",
+            TreeId::Payloads => "payloads",
+            TreeId::Deliveries => "deliveries",
+            TreeId::Pending => "pending",
+            TreeId::Quarantine => "quarantine",
+            TreeId::Dedupe => "dedupe",
+            TreeId::Audit => "audit",
+            TreeId::Meta => "meta",
+        }
+    }
+}
+
+/// Meta key of the count of committed batches (the high-water mark).
+pub const META_COMMIT_SEQ: &[u8] = b"commit_seq";
+/// Meta key of the last handover id handed out.
+pub const META_LAST_HANDOVER: &[u8] = b"last_handover_id";
+/// Meta key of the last delivery id handed out.
+pub const META_LAST_DELIVERY: &[u8] = b"last_delivery_id";
+
+/// The document format as stored with a handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DocumentFormat {
+    /// Native protobuf `ClinicalSummary` bytes.
+    Native,
+    /// FHIR R4 JSON.
+    FhirJson,
+    /// HL7 v2 text.
+    Hl7v2,
+}
+
+/// A submitted handover, without its payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverRecord {
+    /// Handover id.
+    pub id: u64,
+    /// Sending organisation's ODS code.
+    pub sender: String,
+    /// Sender's idempotency key.
+    pub message_id: String,
+    /// The journey event.
+    pub event: JourneyEvent,
+    /// SHA-256 of the canonical content, hex; decides duplicate vs conflict.
+    pub content_hash: String,
+    /// SHA-256 of the stored payload, hex; checked on every read.
+    pub payload_hash: String,
+    /// Payload length in bytes.
+    pub payload_len: u64,
+    /// Keyed hash of the patient (never the identifier in clear).
+    pub patient_key: String,
+    /// When it was accepted, ms since the epoch.
+    pub submitted_at_ms: i64,
+    /// Its deliveries, in destination order.
+    pub deliveries: Vec<u64>,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Waiting to be pulled (possibly not before a retry time).
+    Queued,
+    /// Pulled and leased to the recipient until the lease expires.
+    Leased,
+    /// Acknowledged by the recipient.
+    Delivered,
+    /// Taken out of the queue after a permanent failure or too many attempts.
+    Quarantined,
+}
+
+/// One handover's journey to one mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    /// Delivery id; also its place in the mailbox (FIFO).
+    pub id: u64,
+    /// The handover it carries.
+    pub handover_id: u64,
+    /// Receiving organisation's ODS code.
+    pub mailbox: String,
+    /// Keyed hash of the patient, for per-patient order.
+    pub patient_key: String,
+    /// Served before routine deliveries.
+    pub urgent: bool,
+    /// Current state.
+    pub state: DeliveryState,
+    /// Attempts so far (leases handed out).
+    pub attempt: u32,
+    /// Lease expiry while leased.
+    pub lease_until_ms: Option<i64>,
+    /// Not to be leased before this time (retry back-off).
+    pub not_before_ms: Option<i64>,
+    /// When queued.
+    pub queued_at_ms: i64,
+    /// When last leased.
+    pub last_leased_at_ms: Option<i64>,
+    /// When acknowledged.
+    pub delivered_at_ms: Option<i64>,
+    /// When quarantined.
+    pub quarantined_at_ms: Option<i64>,
+    /// Why quarantined, or the last retryable nack's reason.
+    pub reason: Option<String>,
+}
+
+/// A mailbox's key prefix: length byte then the code.
+pub fn mailbox_prefix(mailbox: &str) -> Vec<u8> {
+    let bytes = mailbox.as_bytes();
+    let mut key = Vec::with_capacity(1 + bytes.len() + 8);
+    key.push(u8::try_from(bytes.len()).unwrap_or(u8::MAX));
+    key.extend_from_slice(bytes);
+    key
+}
+
+/// Key of a delivery in a per-mailbox index.
+pub fn mailbox_key(mailbox: &str, delivery_id: u64) -> Vec<u8> {
+    let mut key = mailbox_prefix(mailbox);
+    key.extend_from_slice(&delivery_id.to_be_bytes());
+    key
+}
+
+/// Splits a per-mailbox index key back into mailbox and delivery id.
+pub fn split_mailbox_key(key: &[u8]) -> Option<(String, u64)> {
+    let (&len, rest) = key.split_first()?;
+    let len = usize::from(len);
+    if rest.len() != len + 8 {
+        return None;
+    }
+    let mailbox = std::str::from_utf8(&rest[..len]).ok()?.to_owned();
+    let id = u64::from_be_bytes(rest[len..].try_into().ok()?);
+    Some((mailbox, id))
+}
+
+/// Key of an idempotency record.
+pub fn dedupe_key(sender: &str, message_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(sender.len() + 1 + message_id.len());
+    key.extend_from_slice(sender.as_bytes());
+    key.push(0);
+    key.extend_from_slice(message_id.as_bytes());
+    key
+}
+
+/// Key of one payload chunk.
+pub fn payload_key(handover_id: u64, chunk: u32) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&handover_id.to_be_bytes());
+    key[8..].copy_from_slice(&chunk.to_be_bytes());
+    key
+}
+
+/// A chunk as stored: CRC-32 then the bytes.
+pub fn encode_chunk(bytes: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(4 + bytes.len());
+    value.extend_from_slice(&crc32fast::hash(bytes).to_be_bytes());
+    value.extend_from_slice(bytes);
+    value
+}
+
+/// A stored chunk's bytes, if its checksum holds.
+pub fn decode_chunk(value: &[u8]) -> Option<&[u8]> {
+    let (crc, bytes) = value.split_at_checked(4)?;
+    (u32::from_be_bytes(crc.try_into().ok()?) == crc32fast::hash(bytes)).then_some(bytes)
+}
+
+/// A u64 as a big-endian key or value.
+pub fn be(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+/// A big-endian u64 value, if it is eight bytes.
+pub fn from_be(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mailbox_keys_sort_by_delivery_and_do_not_prefix_each_other() {
+        let a = mailbox_key("AB1", 2);
+        let b = mailbox_key("AB1", 256);
+        assert!(a < b);
+        assert_eq!(split_mailbox_key(&b), Some(("AB1".to_owned(), 256)));
+        assert!(!mailbox_key("AB12", 1).starts_with(&mailbox_prefix("AB1")));
+    }
+
+    #[test]
+    fn chunks_detect_corruption() {
+        let mut value = encode_chunk(b"hello");
+        assert_eq!(decode_chunk(&value), Some(&b"hello"[..]));
+        value[5] ^= 1;
+        assert_eq!(decode_chunk(&value), None);
+        assert_eq!(decode_chunk(&[1, 2]), None);
+    }
+}

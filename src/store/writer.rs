@@ -1,0 +1,955 @@
+//! The single store writer: applies batches of changes in one transaction,
+//! runs one durability barrier per batch, then answers every caller.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use sha2::{Digest, Sha256};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use tokio::sync::mpsc;
+
+use super::barrier::{BarrierStats, DurabilityBarrier};
+use super::high_water::HighWater;
+use super::records::{self, TreeId};
+use super::schedule::{Live, Schedule, Slot};
+use super::{
+    Clock, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, Job, LeasedDelivery,
+    NewHandover, Signals, StoreError, StoreOptions, SubmitOutcome, TrackKey,
+};
+use crate::audit::{AuditChain, AuditEntry, AuditEvent, hex};
+
+/// Writes staged on top of the committed trees; read-your-writes inside a batch.
+struct Staged<'a> {
+    trees: &'a [sled::Tree],
+    writes: Vec<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl<'a> Staged<'a> {
+    fn new(trees: &'a [sled::Tree]) -> Self {
+        Self {
+            trees,
+            writes: vec![BTreeMap::new(); trees.len()],
+        }
+    }
+
+    fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes[tree as usize].get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.trees[tree as usize].get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        tree: TreeId,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        self.get(tree, key)?
+            .map(|v| {
+                serde_json::from_slice(&v)
+                    .map_err(|e| StoreError::Corrupt(format!("{} record: {e}", tree.name())))
+            })
+            .transpose()
+    }
+
+    fn put(&mut self, tree: TreeId, key: impl Into<Vec<u8>>, value: Vec<u8>) {
+        self.writes[tree as usize].insert(key.into(), Some(value));
+    }
+
+    fn put_json<T: serde::Serialize>(&mut self, tree: TreeId, key: impl Into<Vec<u8>>, value: &T) {
+        let bytes = serde_json::to_vec(value).expect("records always serialise");
+        self.put(tree, key, bytes);
+    }
+
+    fn del(&mut self, tree: TreeId, key: impl Into<Vec<u8>>) {
+        self.writes[tree as usize].insert(key.into(), None);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.writes.iter().all(BTreeMap::is_empty)
+    }
+
+    fn commit(self) -> Result<(), StoreError> {
+        let writes = &self.writes;
+        self.trees
+            .transaction(|txs| {
+                for (tx, w) in txs.iter().zip(writes) {
+                    for (k, v) in w {
+                        match v {
+                            Some(v) => tx.insert(k.as_slice(), v.as_slice())?,
+                            None => tx.remove(k.as_slice())?,
+                        };
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => {
+                    StoreError::Unavailable("transaction aborted".into())
+                }
+            })
+    }
+}
+
+/// An answer waiting for its batch to become durable.
+enum Answer {
+    Submit(
+        super::Reply<SubmitOutcome>,
+        Result<SubmitOutcome, StoreError>,
+    ),
+    Pull(
+        super::Reply<Vec<LeasedDelivery>>,
+        Result<Vec<LeasedDelivery>, StoreError>,
+    ),
+    Unit(super::Reply<()>, Result<(), StoreError>),
+    State(
+        super::Reply<DeliveryState>,
+        Result<DeliveryState, StoreError>,
+    ),
+    Track(
+        super::Reply<HandoverStatus>,
+        Result<HandoverStatus, StoreError>,
+    ),
+    Count(super::Reply<usize>, Result<usize, StoreError>),
+}
+
+impl Answer {
+    fn fatal(&self) -> Option<String> {
+        fn f<T>(r: &Result<T, StoreError>) -> Option<String> {
+            r.as_ref()
+                .err()
+                .filter(|e| e.is_fatal())
+                .map(ToString::to_string)
+        }
+        match self {
+            Answer::Submit(_, r) => f(r),
+            Answer::Pull(_, r) => f(r),
+            Answer::Unit(_, r) => f(r),
+            Answer::State(_, r) => f(r),
+            Answer::Track(_, r) => f(r),
+            Answer::Count(_, r) => f(r),
+        }
+    }
+
+    fn is_submit_ok(&self) -> bool {
+        matches!(self, Answer::Submit(_, Ok(o)) if !o.duplicate)
+    }
+
+    fn send(self, failure: Option<&str>) {
+        fn s<T>(tx: super::Reply<T>, r: Result<T, StoreError>, failure: Option<&str>) {
+            let r = match failure {
+                Some(why) => Err(StoreError::Unavailable(why.to_owned())),
+                None => r,
+            };
+            let _ = tx.send(r);
+        }
+        match self {
+            Answer::Submit(tx, r) => s(tx, r, failure),
+            Answer::Pull(tx, r) => s(tx, r, failure),
+            Answer::Unit(tx, r) => s(tx, r, failure),
+            Answer::State(tx, r) => s(tx, r, failure),
+            Answer::Track(tx, r) => s(tx, r, failure),
+            Answer::Count(tx, r) => s(tx, r, failure),
+        }
+    }
+}
+
+pub(super) struct Writer {
+    trees: Vec<sled::Tree>,
+    barrier: DurabilityBarrier,
+    high_water: HighWater,
+    commit_seq: u64,
+    last_handover: u64,
+    last_delivery: u64,
+    schedule: Schedule,
+    chain: AuditChain,
+    options: StoreOptions,
+    clock: Arc<dyn Clock>,
+    signals: Arc<Signals>,
+    stats: Arc<BarrierStats>,
+    /// Why the store stopped taking changes, once it has.
+    failed: Option<String>,
+}
+
+fn meta(trees: &[sled::Tree], key: &[u8]) -> Result<u64, StoreError> {
+    match trees[TreeId::Meta as usize].get(key)? {
+        None => Ok(0),
+        Some(v) => records::from_be(&v)
+            .ok_or_else(|| StoreError::Corrupt("meta counter is not 8 bytes".into())),
+    }
+}
+
+impl Writer {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn load(
+        trees: Vec<sled::Tree>,
+        barrier: DurabilityBarrier,
+        high_water: HighWater,
+        promised: u64,
+        options: StoreOptions,
+        clock: Arc<dyn Clock>,
+        signals: Arc<Signals>,
+        stats: Arc<BarrierStats>,
+    ) -> Result<Self, StoreError> {
+        let commit_seq = meta(&trees, records::META_COMMIT_SEQ)?;
+        if commit_seq < promised {
+            return Err(StoreError::Behind {
+                promised,
+                found: commit_seq,
+            });
+        }
+        let mut schedule = Schedule::default();
+        for entry in trees[TreeId::Pending as usize].iter() {
+            let (key, _) = entry?;
+            let (_, id) = records::split_mailbox_key(&key)
+                .ok_or_else(|| StoreError::Corrupt("pending key layout".into()))?;
+            let raw = trees[TreeId::Deliveries as usize]
+                .get(records::be(id))?
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("pending delivery {id} has no record"))
+                })?;
+            let d: DeliveryRecord = serde_json::from_slice(&raw)
+                .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?;
+            schedule.insert(id, live_of(&d));
+        }
+        let last_audit = match trees[TreeId::Audit as usize].last()? {
+            Some((_, v)) => Some(
+                serde_json::from_slice::<AuditEntry>(&v)
+                    .map_err(|e| StoreError::Corrupt(format!("last audit entry: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            last_handover: meta(&trees, records::META_LAST_HANDOVER)?,
+            last_delivery: meta(&trees, records::META_LAST_DELIVERY)?,
+            trees,
+            barrier,
+            high_water,
+            commit_seq,
+            schedule,
+            chain: AuditChain::resume(last_audit.as_ref()),
+            options,
+            clock,
+            signals,
+            stats,
+            failed: None,
+        })
+    }
+
+    pub(super) fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some(first) = jobs.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.options.max_batch {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            if self.process(batch) {
+                break;
+            }
+        }
+        jobs.close();
+        // Refuse anything still queued rather than leave callers hanging.
+        while let Ok(job) = jobs.try_recv() {
+            drop(job);
+        }
+    }
+
+    /// Applies one batch; returns true when the writer should stop.
+    fn process(&mut self, batch: Vec<Job>) -> bool {
+        let trees = self.trees.clone();
+        let mut staged = Staged::new(&trees);
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut shutdown = Vec::new();
+        let mut woken = BTreeSet::new();
+        let now = self.clock.now_ms();
+        for job in batch {
+            if self.failed.is_some() {
+                match job {
+                    Job::Shutdown(reply) => shutdown.push(reply),
+                    other => answers.push(refuse(other)),
+                }
+                continue;
+            }
+            let answer = match job {
+                Job::Submit(h, reply) => {
+                    let r = self.submit(&mut staged, h, now, &mut woken);
+                    Answer::Submit(reply, r)
+                }
+                Job::Pull {
+                    actor,
+                    mailbox,
+                    max,
+                    lease_ms,
+                    reply,
+                } => Answer::Pull(
+                    reply,
+                    self.pull(&mut staged, &actor, &mailbox, max, lease_ms, now),
+                ),
+                Job::Ack {
+                    actor,
+                    mailbox,
+                    delivery_id,
+                    attempt,
+                    reply,
+                } => Answer::Unit(
+                    reply,
+                    self.ack(&mut staged, &actor, &mailbox, delivery_id, attempt, now),
+                ),
+                Job::Nack {
+                    actor,
+                    mailbox,
+                    delivery_id,
+                    attempt,
+                    permanent,
+                    reason,
+                    reply,
+                } => {
+                    let r = self.nack(
+                        &mut staged,
+                        (&actor, &mailbox),
+                        delivery_id,
+                        attempt,
+                        permanent,
+                        &reason,
+                        now,
+                    );
+                    if matches!(r, Ok(DeliveryState::Queued)) {
+                        woken.insert(mailbox);
+                    }
+                    Answer::State(reply, r)
+                }
+                Job::Track {
+                    actor,
+                    sender,
+                    key,
+                    reply,
+                } => Answer::Track(reply, self.track(&mut staged, &actor, &sender, key, now)),
+                Job::Sweep(reply) => Answer::Count(reply, self.sweep(&mut staged, now)),
+                Job::Shutdown(reply) => {
+                    shutdown.push(reply);
+                    continue;
+                }
+            };
+            if let Some(why) = answer.fatal() {
+                self.fail(format!("store failed while applying a change: {why}"));
+            }
+            answers.push(answer);
+        }
+
+        let failure = match (&self.failed, staged.is_empty()) {
+            (Some(why), _) => Some(why.clone()),
+            (None, true) => None,
+            (None, false) => self.commit(staged).err(),
+        };
+        if failure.is_none() {
+            let submits = answers.iter().filter(|a| a.is_submit_ok()).count() as u64;
+            self.stats.submits.fetch_add(submits, Ordering::Relaxed);
+            self.stats
+                .commands
+                .fetch_add(answers.len() as u64, Ordering::Relaxed);
+        }
+        for answer in answers {
+            answer.send(failure.as_deref());
+        }
+        if failure.is_none() {
+            for mailbox in woken {
+                self.signals.wake(&mailbox);
+            }
+        }
+        if shutdown.is_empty() {
+            return false;
+        }
+        // Final barrier so the high-water file is durable too.
+        let result = if self.failed.is_some() {
+            Ok(())
+        } else {
+            self.barrier
+                .sync(&[self.high_water.file()])
+                .map_err(StoreError::Io)
+        };
+        let mut replies = shutdown.into_iter();
+        if let Some(first) = replies.next() {
+            let _ = first.send(result);
+        }
+        for reply in replies {
+            let _ = reply.send(Ok(()));
+        }
+        true
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            tracing::error!(reason = %why, "store refuses further changes until restarted");
+            self.failed = Some(why);
+        }
+    }
+
+    /// Commits the batch and runs the barrier; on failure the store stops.
+    fn commit(&mut self, mut staged: Staged<'_>) -> Result<(), String> {
+        let seq = self.commit_seq + 1;
+        staged.put(
+            TreeId::Meta,
+            records::META_COMMIT_SEQ,
+            records::be(seq).to_vec(),
+        );
+        staged.put(
+            TreeId::Meta,
+            records::META_LAST_HANDOVER,
+            records::be(self.last_handover).to_vec(),
+        );
+        staged.put(
+            TreeId::Meta,
+            records::META_LAST_DELIVERY,
+            records::be(self.last_delivery).to_vec(),
+        );
+        let result = staged
+            .commit()
+            .and_then(|()| {
+                self.barrier
+                    .sync(&[self.high_water.file()])
+                    .map_err(StoreError::Io)
+            })
+            .and_then(|()| self.high_water.record(seq).map_err(StoreError::Io));
+        match result {
+            Ok(()) => {
+                self.commit_seq = seq;
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("commit or durability barrier failed: {e}");
+                self.fail(why.clone());
+                Err(why)
+            }
+        }
+    }
+
+    fn audit(&mut self, staged: &mut Staged<'_>, event: AuditEvent, now: i64) {
+        let entry = self.chain.link(event, now);
+        staged.put_json(TreeId::Audit, records::be(entry.seq).to_vec(), &entry);
+    }
+
+    fn submit(
+        &mut self,
+        staged: &mut Staged<'_>,
+        h: NewHandover,
+        now: i64,
+        woken: &mut BTreeSet<String>,
+    ) -> Result<SubmitOutcome, StoreError> {
+        let content_hash = content_hash(&h);
+        let dedupe = records::dedupe_key(&h.sender, &h.message_id);
+        let mut event = AuditEvent {
+            actor: h.actor.clone(),
+            action: "submit",
+            patient_key: Some(h.patient_key.clone()),
+            outcome: "ok".into(),
+            ..AuditEvent::default()
+        };
+        if let Some(raw) = staged.get(TreeId::Dedupe, &dedupe)? {
+            let id = records::from_be(&raw)
+                .ok_or_else(|| StoreError::Corrupt("dedupe value is not 8 bytes".into()))?;
+            let original: HandoverRecord = staged
+                .get_json(TreeId::Handovers, &records::be(id))?
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("dedupe names missing handover {id}"))
+                })?;
+            event.handover_id = Some(id);
+            if original.content_hash != content_hash {
+                event.outcome = "refused: message id reused for different content".into();
+                self.audit(staged, event, now);
+                return Err(StoreError::Conflict);
+            }
+            let mut deliveries = Vec::with_capacity(original.deliveries.len());
+            for d in &original.deliveries {
+                let rec: DeliveryRecord = staged
+                    .get_json(TreeId::Deliveries, &records::be(*d))?
+                    .ok_or_else(|| StoreError::Corrupt(format!("delivery {d} missing")))?;
+                deliveries.push((rec.mailbox, rec.id));
+            }
+            event.outcome = "ok: duplicate of an accepted submit".into();
+            self.audit(staged, event, now);
+            return Ok(SubmitOutcome {
+                handover_id: id,
+                deliveries,
+                duplicate: true,
+            });
+        }
+
+        self.last_handover += 1;
+        let id = self.last_handover;
+        let mut deliveries = Vec::with_capacity(h.destinations.len());
+        for dest in &h.destinations {
+            self.last_delivery += 1;
+            let did = self.last_delivery;
+            let record = DeliveryRecord {
+                id: did,
+                handover_id: id,
+                mailbox: dest.mailbox.clone(),
+                patient_key: h.patient_key.clone(),
+                urgent: dest.urgent,
+                state: DeliveryState::Queued,
+                attempt: 0,
+                lease_until_ms: None,
+                not_before_ms: None,
+                queued_at_ms: now,
+                last_leased_at_ms: None,
+                delivered_at_ms: None,
+                quarantined_at_ms: None,
+                reason: None,
+            };
+            staged.put_json(TreeId::Deliveries, records::be(did).to_vec(), &record);
+            staged.put(
+                TreeId::Pending,
+                records::mailbox_key(&dest.mailbox, did),
+                Vec::new(),
+            );
+            self.schedule.insert(did, live_of(&record));
+            woken.insert(dest.mailbox.clone());
+            deliveries.push((dest.mailbox.clone(), did));
+        }
+        for (i, chunk) in h.payload.chunks(records::CHUNK_BYTES).enumerate() {
+            let i =
+                u32::try_from(i).map_err(|_| StoreError::Corrupt("payload too large".into()))?;
+            staged.put(
+                TreeId::Payloads,
+                records::payload_key(id, i).to_vec(),
+                records::encode_chunk(chunk),
+            );
+        }
+        let record = HandoverRecord {
+            id,
+            sender: h.sender,
+            message_id: h.message_id,
+            event: h.event,
+            content_hash,
+            payload_hash: hex(&Sha256::digest(&h.payload)),
+            payload_len: h.payload.len() as u64,
+            patient_key: h.patient_key,
+            submitted_at_ms: now,
+            deliveries: deliveries.iter().map(|(_, d)| *d).collect(),
+        };
+        staged.put_json(TreeId::Handovers, records::be(id).to_vec(), &record);
+        staged.put(TreeId::Dedupe, dedupe, records::be(id).to_vec());
+        event.handover_id = Some(id);
+        self.audit(staged, event, now);
+        Ok(SubmitOutcome {
+            handover_id: id,
+            deliveries,
+            duplicate: false,
+        })
+    }
+
+    fn pull(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        mailbox: &str,
+        max: usize,
+        lease_ms: i64,
+        now: i64,
+    ) -> Result<Vec<LeasedDelivery>, StoreError> {
+        let max_attempts = self.options.max_attempts;
+        let mut scan = self.schedule.scan(mailbox, now, max, max_attempts);
+        if !scan.exhausted.is_empty() {
+            for id in scan.exhausted {
+                self.quarantine_expired(staged, actor, id, now)?;
+            }
+            scan = self.schedule.scan(mailbox, now, max, max_attempts);
+        }
+        let mut leased = Vec::with_capacity(scan.ready.len());
+        for id in scan.ready {
+            let mut d: DeliveryRecord = staged
+                .get_json(TreeId::Deliveries, &records::be(id))?
+                .ok_or_else(|| StoreError::Corrupt(format!("live delivery {id} has no record")))?;
+            let handover: HandoverRecord = staged
+                .get_json(TreeId::Handovers, &records::be(d.handover_id))?
+                .ok_or_else(|| StoreError::Corrupt(format!("delivery {id} has no handover")))?;
+            d.attempt += 1;
+            d.state = DeliveryState::Leased;
+            d.lease_until_ms = Some(now.saturating_add(lease_ms));
+            d.not_before_ms = None;
+            d.last_leased_at_ms = Some(now);
+            staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+            if let Some(live) = self.schedule.get_mut(id) {
+                live.attempt = d.attempt;
+                live.lease = Slot::Leased {
+                    until_ms: now.saturating_add(lease_ms),
+                };
+            }
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: actor.to_owned(),
+                    action: "pull",
+                    handover_id: Some(d.handover_id),
+                    delivery_id: Some(id),
+                    patient_key: Some(d.patient_key.clone()),
+                    outcome: format!("ok: leased, attempt {}", d.attempt),
+                },
+                now,
+            );
+            leased.push(LeasedDelivery {
+                delivery: d,
+                handover,
+            });
+        }
+        Ok(leased)
+    }
+
+    /// Loads a delivery for an ack or nack from `mailbox`, checking the attempt
+    /// and lease; refusals are audited.
+    #[allow(clippy::too_many_arguments)]
+    fn leased_for(
+        &mut self,
+        staged: &mut Staged<'_>,
+        action: &'static str,
+        (actor, mailbox): (&str, &str),
+        delivery_id: u64,
+        attempt: u32,
+        now: i64,
+    ) -> Result<Result<DeliveryRecord, (StoreError, Option<DeliveryRecord>)>, StoreError> {
+        let found: Option<DeliveryRecord> =
+            staged.get_json(TreeId::Deliveries, &records::be(delivery_id))?;
+        let verdict = match found {
+            Some(d) if d.mailbox == mailbox => {
+                let err = if d.attempt != attempt {
+                    Some(StoreError::StaleAttempt {
+                        given: attempt,
+                        current: d.attempt,
+                    })
+                } else if d.state != DeliveryState::Leased {
+                    Some(StoreError::NotLeased(d.state))
+                } else if d.lease_until_ms.is_none_or(|t| t <= now) {
+                    Some(StoreError::LeaseExpired)
+                } else {
+                    None
+                };
+                match err {
+                    None => Ok(d),
+                    Some(e) => Err((e, Some(d))),
+                }
+            }
+            _ => Err((StoreError::UnknownDelivery, None)),
+        };
+        if let Err((e, d)) = &verdict {
+            let repeat_ack = action == "ack"
+                && matches!(d, Some(d) if d.state == DeliveryState::Delivered && d.attempt == attempt);
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: actor.to_owned(),
+                    action,
+                    handover_id: d.as_ref().map(|d| d.handover_id),
+                    delivery_id: Some(delivery_id),
+                    patient_key: d.as_ref().map(|d| d.patient_key.clone()),
+                    outcome: if repeat_ack {
+                        "ok: repeated ack of a delivered attempt".into()
+                    } else {
+                        format!("refused: {e}")
+                    },
+                },
+                now,
+            );
+        }
+        Ok(verdict)
+    }
+
+    fn ack(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        mailbox: &str,
+        delivery_id: u64,
+        attempt: u32,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut d =
+            match self.leased_for(staged, "ack", (actor, mailbox), delivery_id, attempt, now)? {
+                Ok(d) => d,
+                Err((_, Some(d)))
+                    if d.state == DeliveryState::Delivered && d.attempt == attempt =>
+                {
+                    return Ok(());
+                }
+                Err((e, _)) => return Err(e),
+            };
+        d.state = DeliveryState::Delivered;
+        d.delivered_at_ms = Some(now);
+        d.lease_until_ms = None;
+        staged.put_json(TreeId::Deliveries, records::be(delivery_id).to_vec(), &d);
+        staged.del(TreeId::Pending, records::mailbox_key(mailbox, delivery_id));
+        self.schedule.remove(delivery_id);
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: actor.to_owned(),
+                action: "ack",
+                handover_id: Some(d.handover_id),
+                delivery_id: Some(delivery_id),
+                patient_key: Some(d.patient_key.clone()),
+                outcome: "ok: delivered".into(),
+            },
+            now,
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn nack(
+        &mut self,
+        staged: &mut Staged<'_>,
+        who: (&str, &str),
+        delivery_id: u64,
+        attempt: u32,
+        permanent: bool,
+        reason: &str,
+        now: i64,
+    ) -> Result<DeliveryState, StoreError> {
+        let mut d = match self.leased_for(staged, "nack", who, delivery_id, attempt, now)? {
+            Ok(d) => d,
+            Err((e, _)) => return Err(e),
+        };
+        let (actor, _) = who;
+        let state = if permanent || d.attempt >= self.options.max_attempts {
+            let why = if permanent {
+                format!("permanent nack: {reason}")
+            } else {
+                format!("nack on the last allowed attempt ({}): {reason}", d.attempt)
+            };
+            self.quarantine(staged, &mut d, why, now);
+            DeliveryState::Quarantined
+        } else {
+            let backoff = self
+                .options
+                .retry_backoff_ms
+                .saturating_mul(1 << (d.attempt.saturating_sub(1)).min(16));
+            let not_before = now.saturating_add(backoff);
+            d.state = DeliveryState::Queued;
+            d.lease_until_ms = None;
+            d.not_before_ms = Some(not_before);
+            d.reason = Some(format!("retryable nack: {reason}"));
+            if let Some(live) = self.schedule.get_mut(delivery_id) {
+                live.lease = Slot::Queued {
+                    not_before_ms: not_before,
+                };
+            }
+            staged.put_json(TreeId::Deliveries, records::be(delivery_id).to_vec(), &d);
+            DeliveryState::Queued
+        };
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: actor.to_owned(),
+                action: "nack",
+                handover_id: Some(d.handover_id),
+                delivery_id: Some(delivery_id),
+                patient_key: Some(d.patient_key.clone()),
+                outcome: format!("ok: {}", state_name(state)),
+            },
+            now,
+        );
+        Ok(state)
+    }
+
+    fn quarantine(
+        &mut self,
+        staged: &mut Staged<'_>,
+        d: &mut DeliveryRecord,
+        why: String,
+        now: i64,
+    ) {
+        d.state = DeliveryState::Quarantined;
+        d.quarantined_at_ms = Some(now);
+        d.lease_until_ms = None;
+        d.reason = Some(why);
+        staged.put_json(TreeId::Deliveries, records::be(d.id).to_vec(), &*d);
+        staged.del(TreeId::Pending, records::mailbox_key(&d.mailbox, d.id));
+        staged.put(
+            TreeId::Quarantine,
+            records::mailbox_key(&d.mailbox, d.id),
+            Vec::new(),
+        );
+        self.schedule.remove(d.id);
+    }
+
+    fn quarantine_expired(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        id: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut d: DeliveryRecord = staged
+            .get_json(TreeId::Deliveries, &records::be(id))?
+            .ok_or_else(|| StoreError::Corrupt(format!("live delivery {id} has no record")))?;
+        let why = format!(
+            "lease expired without an ack on attempt {} of {}",
+            d.attempt, self.options.max_attempts
+        );
+        self.quarantine(staged, &mut d, why, now);
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: actor.to_owned(),
+                action: "quarantine",
+                handover_id: Some(d.handover_id),
+                delivery_id: Some(id),
+                patient_key: Some(d.patient_key.clone()),
+                outcome: "ok: maximum attempts reached".into(),
+            },
+            now,
+        );
+        Ok(())
+    }
+
+    fn sweep(&mut self, staged: &mut Staged<'_>, now: i64) -> Result<usize, StoreError> {
+        let ids = self.schedule.exhausted(now, self.options.max_attempts);
+        for &id in &ids {
+            self.quarantine_expired(staged, "urn:gateway:sweeper", id, now)?;
+        }
+        Ok(ids.len())
+    }
+
+    fn track(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        sender: &str,
+        key: TrackKey,
+        now: i64,
+    ) -> Result<HandoverStatus, StoreError> {
+        let id = match key {
+            TrackKey::HandoverId(id) => Some(id),
+            TrackKey::MessageId(m) => staged
+                .get(TreeId::Dedupe, &records::dedupe_key(sender, &m))?
+                .and_then(|v| records::from_be(&v)),
+        };
+        let handover: Option<HandoverRecord> = match id {
+            Some(id) => staged.get_json(TreeId::Handovers, &records::be(id))?,
+            None => None,
+        };
+        let Some(handover) = handover.filter(|h| h.sender == sender) else {
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: actor.to_owned(),
+                    action: "track",
+                    handover_id: id,
+                    outcome: format!("refused: {}", StoreError::UnknownHandover),
+                    ..AuditEvent::default()
+                },
+                now,
+            );
+            return Err(StoreError::UnknownHandover);
+        };
+        let mut deliveries = Vec::with_capacity(handover.deliveries.len());
+        for d in &handover.deliveries {
+            deliveries.push(
+                staged
+                    .get_json(TreeId::Deliveries, &records::be(*d))?
+                    .ok_or_else(|| StoreError::Corrupt(format!("delivery {d} missing")))?,
+            );
+        }
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: actor.to_owned(),
+                action: "track",
+                handover_id: Some(handover.id),
+                patient_key: Some(handover.patient_key.clone()),
+                outcome: "ok".into(),
+                ..AuditEvent::default()
+            },
+            now,
+        );
+        Ok(HandoverStatus {
+            handover,
+            deliveries,
+        })
+    }
+}
+
+fn refuse(job: Job) -> Answer {
+    let e = || StoreError::Unavailable("store refuses changes after a failure".into());
+    match job {
+        Job::Submit(_, r) => Answer::Submit(r, Err(e())),
+        Job::Pull { reply, .. } => Answer::Pull(reply, Err(e())),
+        Job::Ack { reply, .. } => Answer::Unit(reply, Err(e())),
+        Job::Nack { reply, .. } => Answer::State(reply, Err(e())),
+        Job::Track { reply, .. } => Answer::Track(reply, Err(e())),
+        Job::Sweep(reply) => Answer::Count(reply, Err(e())),
+        Job::Shutdown(reply) => Answer::Unit(reply, Ok(())),
+    }
+}
+
+fn state_name(state: DeliveryState) -> &'static str {
+    match state {
+        DeliveryState::Queued => "queued for retry",
+        DeliveryState::Leased => "leased",
+        DeliveryState::Delivered => "delivered",
+        DeliveryState::Quarantined => "quarantined",
+    }
+}
+
+fn live_of(d: &DeliveryRecord) -> Live {
+    Live {
+        mailbox: d.mailbox.clone(),
+        patient_key: d.patient_key.clone(),
+        urgent: d.urgent,
+        attempt: d.attempt,
+        lease: match (d.state, d.lease_until_ms) {
+            (DeliveryState::Leased, Some(until_ms)) => Slot::Leased { until_ms },
+            _ => Slot::Queued {
+                not_before_ms: d.not_before_ms.unwrap_or(i64::MIN),
+            },
+        },
+    }
+}
+
+/// SHA-256 over what makes two submits the same: event, patient,
+/// destinations and payload (length-prefixed so fields cannot run together).
+fn content_hash(h: &NewHandover) -> String {
+    let mut hasher = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    };
+    field(h.event.to_string().as_bytes());
+    field(h.patient_key.as_bytes());
+    for d in &h.destinations {
+        field(d.mailbox.as_bytes());
+        field(&[u8::from(d.urgent)]);
+    }
+    field(&h.payload);
+    hex(&hasher.finalize())
+}
+
+/// Reads and checks a payload (see [`super::Store::payload`]).
+pub(super) fn read_payload(
+    trees: &[sled::Tree],
+    handover: &HandoverRecord,
+) -> Result<Vec<u8>, StoreError> {
+    let tree = &trees[TreeId::Payloads as usize];
+    let mut payload = Vec::with_capacity(usize::try_from(handover.payload_len).unwrap_or(0));
+    for entry in tree.scan_prefix(records::be(handover.id)) {
+        let (_, value) = entry?;
+        let chunk = records::decode_chunk(&value).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "payload chunk of handover {} fails its CRC",
+                handover.id
+            ))
+        })?;
+        payload.extend_from_slice(chunk);
+    }
+    if hex(&Sha256::digest(&payload)) != handover.payload_hash {
+        return Err(StoreError::Corrupt(format!(
+            "payload of handover {} does not match its SHA-256",
+            handover.id
+        )));
+    }
+    Ok(payload)
+}
