@@ -469,6 +469,31 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
+    /// SHA-256 over every key and value of every tree but the audit trail and
+    /// the counters: equal digests mean no handover, delivery or queue state
+    /// changed (a refusal may still have been audited).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn content_digest(&self) -> Result<String, StoreError> {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for (tree, id) in self.inner.trees.iter().zip(TreeId::ALL) {
+            if matches!(id, TreeId::Audit | TreeId::Meta) {
+                continue;
+            }
+            hasher.update(id.name());
+            for entry in tree.iter() {
+                let (k, v) = entry?;
+                hasher.update((k.len() as u64).to_be_bytes());
+                hasher.update(&k);
+                hasher.update((v.len() as u64).to_be_bytes());
+                hasher.update(&v);
+            }
+        }
+        Ok(crate::audit::hex(&hasher.finalize()))
+    }
+
     /// Every audit entry, in order (for tests and operator queries).
     ///
     /// # Errors

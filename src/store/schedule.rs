@@ -46,20 +46,13 @@ struct MailboxIndex {
     by_patient: HashMap<String, BTreeSet<u64>>,
 }
 
-/// What a scan found for one mailbox.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Scan {
-    /// Deliveries that may be leased now, in serving order.
-    pub ready: Vec<u64>,
-    /// Deliveries whose lease expired after the last allowed attempt.
-    pub exhausted: Vec<u64>,
-}
-
 /// The index of every live delivery.
 #[derive(Debug, Default)]
 pub struct Schedule {
     live: HashMap<u64, Live>,
     mailboxes: HashMap<String, MailboxIndex>,
+    /// (lease expiry, delivery id) of every leased delivery.
+    leases: BTreeSet<(i64, u64)>,
 }
 
 impl Schedule {
@@ -72,12 +65,18 @@ impl Schedule {
             .entry(live.patient_key.clone())
             .or_default()
             .insert(id);
+        if let Slot::Leased { until_ms } = live.lease {
+            self.leases.insert((until_ms, id));
+        }
         self.live.insert(id, live);
     }
 
     /// Removes a delivery that was acknowledged or quarantined.
     pub fn remove(&mut self, id: u64) -> Option<Live> {
         let live = self.live.remove(&id)?;
+        if let Slot::Leased { until_ms } = live.lease {
+            self.leases.remove(&(until_ms, id));
+        }
         if let Some(index) = self.mailboxes.get_mut(&live.mailbox) {
             index.order.remove(&(rank(live.urgent), id));
             if let Some(ids) = index.by_patient.get_mut(&live.patient_key) {
@@ -93,20 +92,42 @@ impl Schedule {
         Some(live)
     }
 
-    /// The live delivery with this id, to change its slot or attempt.
-    pub fn get_mut(&mut self, id: u64) -> Option<&mut Live> {
-        self.live.get_mut(&id)
+    /// Records that a delivery was leased (attempt `attempt`) until `until_ms`.
+    pub fn lease(&mut self, id: u64, attempt: u32, until_ms: i64) {
+        self.set_slot(id, Slot::Leased { until_ms });
+        if let Some(live) = self.live.get_mut(&id) {
+            live.attempt = attempt;
+        }
     }
 
-    /// Up to `max` deliveries of `mailbox` that may be leased at `now_ms`, and
-    /// those whose expired lease used the last of `max_attempts`.
-    pub fn scan(&self, mailbox: &str, now_ms: i64, max: usize, max_attempts: u32) -> Scan {
-        let mut scan = Scan::default();
+    /// Records that a delivery is queued again, leasable from `not_before_ms`.
+    pub fn requeue(&mut self, id: u64, not_before_ms: i64) {
+        self.set_slot(id, Slot::Queued { not_before_ms });
+    }
+
+    fn set_slot(&mut self, id: u64, slot: Slot) {
+        let Some(live) = self.live.get_mut(&id) else {
+            return;
+        };
+        if let Slot::Leased { until_ms } = live.lease {
+            self.leases.remove(&(until_ms, id));
+        }
+        if let Slot::Leased { until_ms } = slot {
+            self.leases.insert((until_ms, id));
+        }
+        live.lease = slot;
+    }
+
+    /// Up to `max` deliveries of `mailbox` that may be leased at `now_ms`, in
+    /// serving order. An expired lease on its last allowed attempt is not
+    /// offered again (see [`Schedule::exhausted`]).
+    pub fn ready(&self, mailbox: &str, now_ms: i64, max: usize, max_attempts: u32) -> Vec<u64> {
+        let mut ready = Vec::new();
         let Some(index) = self.mailboxes.get(mailbox) else {
-            return scan;
+            return ready;
         };
         for &(_, id) in &index.order {
-            if scan.ready.len() >= max {
+            if ready.len() >= max {
                 break;
             }
             let Some(live) = self.live.get(&id) else {
@@ -119,31 +140,26 @@ impl Schedule {
             if head != Some(&id) {
                 continue;
             }
-            match live.lease {
-                Slot::Queued { not_before_ms } if not_before_ms <= now_ms => scan.ready.push(id),
-                Slot::Leased { until_ms } if until_ms <= now_ms => {
-                    if live.attempt >= max_attempts {
-                        scan.exhausted.push(id);
-                    } else {
-                        scan.ready.push(id);
-                    }
-                }
-                _ => {}
+            let leasable = match live.lease {
+                Slot::Queued { not_before_ms } => not_before_ms <= now_ms,
+                Slot::Leased { until_ms } => until_ms <= now_ms && live.attempt < max_attempts,
+            };
+            if leasable {
+                ready.push(id);
             }
         }
-        scan
+        ready
     }
 
-    /// Every leased delivery whose lease expired after the last allowed attempt.
-    pub fn exhausted(&self, now_ms: i64, max_attempts: u32) -> Vec<u64> {
+    /// Leased deliveries (of `mailbox`, or of all) whose lease expired on the
+    /// last allowed attempt, by delivery id.
+    pub fn exhausted(&self, now_ms: i64, max_attempts: u32, mailbox: Option<&str>) -> Vec<u64> {
         let mut ids: Vec<u64> = self
-            .live
-            .iter()
-            .filter(|(_, l)| {
-                matches!(l.lease, Slot::Leased { until_ms } if until_ms <= now_ms)
-                    && l.attempt >= max_attempts
-            })
-            .map(|(id, _)| *id)
+            .leases
+            .range(..=(now_ms, u64::MAX))
+            .filter_map(|(_, id)| self.live.get(id).map(|l| (*id, l)))
+            .filter(|(_, l)| l.attempt >= max_attempts && mailbox.is_none_or(|m| m == l.mailbox))
+            .map(|(id, _)| id)
             .collect();
         ids.sort_unstable();
         ids
@@ -181,28 +197,35 @@ mod tests {
         s.insert(2, queued("GP1", "p1", false));
         s.insert(3, queued("GP1", "p2", true));
         s.insert(4, queued("GP1", "p3", false));
-        assert_eq!(s.scan("GP1", 0, 10, 5).ready, vec![3, 1, 4]);
-        assert_eq!(s.scan("GP1", 0, 2, 5).ready, vec![3, 1]);
-        s.get_mut(1).unwrap().lease = Slot::Leased { until_ms: 100 };
+        assert_eq!(s.ready("GP1", 0, 10, 5), vec![3, 1, 4]);
+        assert_eq!(s.ready("GP1", 0, 2, 5), vec![3, 1]);
+        s.lease(1, 1, 100);
         // Patient p1's second delivery waits behind its leased first one.
-        assert_eq!(s.scan("GP1", 50, 10, 5).ready, vec![3, 4]);
-        assert_eq!(s.scan("GP1", 100, 10, 5).ready, vec![3, 1, 4]);
+        assert_eq!(s.ready("GP1", 50, 10, 5), vec![3, 4]);
+        assert_eq!(s.ready("GP1", 100, 10, 5), vec![3, 1, 4]);
         s.remove(1);
-        assert_eq!(s.scan("GP1", 100, 10, 5).ready, vec![3, 2, 4]);
+        assert_eq!(s.ready("GP1", 100, 10, 5), vec![3, 2, 4]);
+        assert!(s.ready("GP2", 100, 10, 5).is_empty());
     }
 
     #[test]
     fn exhausted_lease_is_reported_not_served() {
         let mut s = Schedule::default();
         s.insert(1, queued("GP1", "p1", false));
-        let l = s.get_mut(1).unwrap();
-        l.attempt = 3;
-        l.lease = Slot::Leased { until_ms: 10 };
-        let scan = s.scan("GP1", 10, 10, 3);
-        assert_eq!(scan.ready, Vec::<u64>::new());
-        assert_eq!(scan.exhausted, vec![1]);
-        assert_eq!(s.exhausted(10, 3), vec![1]);
+        s.insert(2, queued("GP2", "p1", false));
+        s.lease(1, 3, 10);
+        s.lease(2, 3, 20);
+        assert!(s.ready("GP1", 10, 10, 3).is_empty());
+        assert_eq!(s.exhausted(9, 3, None), Vec::<u64>::new());
+        assert_eq!(s.exhausted(10, 3, None), vec![1]);
+        assert_eq!(s.exhausted(20, 3, None), vec![1, 2]);
+        assert_eq!(s.exhausted(20, 3, Some("GP2")), vec![2]);
+        assert_eq!(s.exhausted(20, 4, None), Vec::<u64>::new());
+        s.requeue(1, 0);
+        assert_eq!(s.exhausted(20, 3, None), vec![2]);
         s.remove(1);
+        s.remove(2);
         assert!(s.is_empty());
+        assert!(s.leases.is_empty());
     }
 }

@@ -553,15 +553,12 @@ impl Writer {
         now: i64,
     ) -> Result<Vec<LeasedDelivery>, StoreError> {
         let max_attempts = self.options.max_attempts;
-        let mut scan = self.schedule.scan(mailbox, now, max, max_attempts);
-        if !scan.exhausted.is_empty() {
-            for id in scan.exhausted {
-                self.quarantine_expired(staged, actor, id, now)?;
-            }
-            scan = self.schedule.scan(mailbox, now, max, max_attempts);
+        for id in self.schedule.exhausted(now, max_attempts, Some(mailbox)) {
+            self.quarantine_expired(staged, actor, id, now)?;
         }
-        let mut leased = Vec::with_capacity(scan.ready.len());
-        for id in scan.ready {
+        let ready = self.schedule.ready(mailbox, now, max, max_attempts);
+        let mut leased = Vec::with_capacity(ready.len());
+        for id in ready {
             let mut d: DeliveryRecord = staged
                 .get_json(TreeId::Deliveries, &records::be(id))?
                 .ok_or_else(|| StoreError::Corrupt(format!("live delivery {id} has no record")))?;
@@ -574,12 +571,8 @@ impl Writer {
             d.not_before_ms = None;
             d.last_leased_at_ms = Some(now);
             staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
-            if let Some(live) = self.schedule.get_mut(id) {
-                live.attempt = d.attempt;
-                live.lease = Slot::Leased {
-                    until_ms: now.saturating_add(lease_ms),
-                };
-            }
+            self.schedule
+                .lease(id, d.attempt, now.saturating_add(lease_ms));
             self.audit(
                 staged,
                 AuditEvent {
@@ -732,11 +725,7 @@ impl Writer {
             d.lease_until_ms = None;
             d.not_before_ms = Some(not_before);
             d.reason = Some(format!("retryable nack: {reason}"));
-            if let Some(live) = self.schedule.get_mut(delivery_id) {
-                live.lease = Slot::Queued {
-                    not_before_ms: not_before,
-                };
-            }
+            self.schedule.requeue(delivery_id, not_before);
             staged.put_json(TreeId::Deliveries, records::be(delivery_id).to_vec(), &d);
             DeliveryState::Queued
         };
@@ -807,7 +796,9 @@ impl Writer {
     }
 
     fn sweep(&mut self, staged: &mut Staged<'_>, now: i64) -> Result<usize, StoreError> {
-        let ids = self.schedule.exhausted(now, self.options.max_attempts);
+        let ids = self
+            .schedule
+            .exhausted(now, self.options.max_attempts, None);
         for &id in &ids {
             self.quarantine_expired(staged, "urn:gateway:sweeper", id, now)?;
         }

@@ -1,0 +1,715 @@
+//! End to end through the real server on 127.0.0.1 with real mutual TLS.
+
+mod support;
+
+use std::sync::Arc;
+
+use support::*;
+use throughcare::grpc::pb;
+use throughcare::store::SystemClock;
+use tonic::Code;
+
+#[tokio::test]
+async fn submit_pull_ack_then_track_shows_delivered() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let receipt = prison
+        .submit(release("rel-1", 1, &["YG001", "YPR01"], "summary one"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!receipt.duplicate);
+    assert_eq!(receipt.deliveries.len(), 2);
+    assert_eq!(receipt.deliveries[0].destination, "YG001");
+
+    let mut gp = gw.client("YG001").await;
+    let pulled = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(pulled.len(), 1);
+    let d = &pulled[0];
+    assert_eq!(d.handover_id, receipt.handover_id);
+    assert_eq!(d.delivery_id, receipt.deliveries[0].delivery_id);
+    assert_eq!((d.attempt, d.sender.as_str()), (1, "YP001"));
+    assert_eq!(d.event(), pb::JourneyEvent::Release);
+    assert_eq!(d.patient.as_ref().unwrap().nhs_number, nhs(1));
+    assert_eq!(text_of(d), "summary one");
+    assert!(d.lease_expires_at.is_some());
+    gp.ack(pb::AckRequest {
+        delivery_id: d.delivery_id,
+        attempt: 1,
+    })
+    .await
+    .unwrap();
+    // A repeated ack of the same attempt (lost reply) succeeds again.
+    gp.ack(pb::AckRequest {
+        delivery_id: d.delivery_id,
+        attempt: 1,
+    })
+    .await
+    .unwrap();
+    assert!(
+        gp.pull(pull(10))
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries
+            .is_empty()
+    );
+
+    let track = prison
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId("rel-1".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(track.handover_id, receipt.handover_id);
+    let gp_status = &track.deliveries[0];
+    assert_eq!(gp_status.state(), pb::DeliveryState::Delivered);
+    assert_eq!(gp_status.attempts, 1);
+    assert!(gp_status.queued_at.is_some());
+    assert!(gp_status.last_leased_at.is_some());
+    assert!(gp_status.delivered_at.is_some());
+    assert_eq!(track.deliveries[1].state(), pb::DeliveryState::Queued);
+
+    // Another prison cannot track it.
+    let mut other = gw.client("YP002").await;
+    let err = other
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::HandoverId(receipt.handover_id)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    gw.store.verify_audit().unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn callers_without_a_registered_certificate_are_refused() {
+    let gw = TestGateway::start().await;
+    let paths = gw.paths();
+    let (cert, key) = paths.client("YG001");
+    // A certificate from another CA.
+    let other_ca = throughcare::certs::CertAuthority::generate("someone else").unwrap();
+    let stranger = other_ca.issue_client_now("urn:ods:YG001").unwrap();
+    let refused = match gw
+        .client_with(
+            &gw.ca_pem(),
+            stranger.cert_pem.as_bytes(),
+            stranger.key_pem.as_bytes(),
+        )
+        .await
+    {
+        Err(_) => true,
+        Ok(mut c) => c.pull(pull(1)).await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA must be refused");
+
+    // No client certificate at all.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .domain_name("localhost")
+        .ca_certificate(tonic::transport::Certificate::from_pem(gw.ca_pem()));
+    let anonymous = tonic::transport::Endpoint::from_shared(gw.endpoint.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match anonymous {
+        Err(_) => true,
+        Ok(ch) => pb::handover_client::HandoverClient::new(ch)
+            .pull(pull(1))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate must be refused");
+
+    // A valid certificate for an organisation that is not registered.
+    let unregistered = gw.ca().issue_client_now("urn:ods:YX999").unwrap();
+    let mut c = gw
+        .client_with(
+            &gw.ca_pem(),
+            unregistered.cert_pem.as_bytes(),
+            unregistered.key_pem.as_bytes(),
+        )
+        .await
+        .unwrap();
+    let err = c.pull(pull(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("YX999"), "{}", err.message());
+
+    // The genuine certificate still works.
+    let mut ok = gw
+        .client_with(&gw.ca_pem(), &read(&cert), &read(&key))
+        .await
+        .unwrap();
+    ok.pull(pull(1)).await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn operators_and_wrong_senders_cannot_submit() {
+    let gw = TestGateway::start().await;
+    let mut op = gw.client("operator-oncall").await;
+    let err = op
+        .submit(release("op-1", 1, &["YG001"], "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        op.pull(pull(1)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+
+    // A GP practice cannot send a release; probation cannot send anything.
+    let mut gp = gw.client("YG001").await;
+    let err = gp
+        .submit(release("gp-1", 1, &["YG002"], "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let mut probation = gw.client("YPR01").await;
+    let err = probation
+        .submit(release("p-1", 1, &["YG001"], "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_practice_sees_only_its_own_mailbox() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("r-1", 1, &["YG001"], "for riverside"))
+        .await
+        .unwrap();
+    let mut hillview = gw.client("YG002").await;
+    assert!(
+        hillview
+            .pull(pull(10))
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries
+            .is_empty()
+    );
+    let mut riverside = gw.client("YG001").await;
+    let d = riverside
+        .pull(pull(10))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries[0]
+        .clone();
+    let err = hillview
+        .ack(pb::AckRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = hillview
+        .nack(pb::NackRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+            permanent: true,
+            reason: "not mine".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    riverside
+        .ack(pb::AckRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+        })
+        .await
+        .unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_submit_returns_the_original_receipt_and_conflicts_are_refused() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let first = prison
+        .submit(release("dup-1", 1, &["YG001"], "same"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = prison
+        .submit(release("dup-1", 1, &["YG001"], "same"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.handover_id, first.handover_id);
+    assert_eq!(again.deliveries, first.deliveries);
+    let before = gw.store.content_digest().unwrap();
+    let err = prison
+        .submit(release("dup-1", 1, &["YG001"], "different"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(gw.store.content_digest().unwrap(), before);
+    // The same message id from another sender is a different handover.
+    let mut other = gw.client("YP002").await;
+    let theirs = other
+        .submit(release("dup-1", 1, &["YG001"], "different"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(theirs.handover_id, first.handover_id);
+    // Only one delivery per accepted handover reaches the practice.
+    let mut gp = gw.client("YG001").await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        for d in gp.pull(pull(10)).await.unwrap().into_inner().deliveries {
+            seen.push(d.handover_id);
+            gp.ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, vec![first.handover_id, theirs.handover_id]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_redelivered_and_the_stale_ack_refused() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("l-1", 1, &["YG001"], "lease me"))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG001").await;
+    let first = gp.pull(pull(1)).await.unwrap().into_inner().deliveries[0].clone();
+    assert_eq!(first.attempt, 1);
+    // While leased, nobody else gets it.
+    assert!(
+        gp.pull(pull(1))
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries
+            .is_empty()
+    );
+    clock.advance(61_000);
+    let second = gp.pull(pull(1)).await.unwrap().into_inner().deliveries[0].clone();
+    assert_eq!(second.delivery_id, first.delivery_id);
+    assert_eq!(second.attempt, 2);
+    let stale = gp
+        .ack(pb::AckRequest {
+            delivery_id: first.delivery_id,
+            attempt: first.attempt,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    // The stale ack did not acknowledge the redelivery: it can still be acked.
+    gp.ack(pb::AckRequest {
+        delivery_id: second.delivery_id,
+        attempt: second.attempt,
+    })
+    .await
+    .unwrap();
+    // An ack after the lease ran out is refused too.
+    prison
+        .submit(release("l-2", 2, &["YG001"], "late"))
+        .await
+        .unwrap();
+    let late = gp.pull(pull(1)).await.unwrap().into_inner().deliveries[0].clone();
+    clock.advance(60_000);
+    let err = gp
+        .ack(pb::AckRequest {
+            delivery_id: late.delivery_id,
+            attempt: late.attempt,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_delivery_is_quarantined_while_other_patients_flow() {
+    let (gw, clock) = TestGateway::start_manual(|c| {
+        c.queue.max_attempts = 3;
+        c.queue.retry_backoff_ms = 1;
+    })
+    .await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("poison", 1, &["YG001"], "poison"))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        prison
+            .submit(release(&format!("ok-{i}"), 10 + i, &["YG001"], "fine"))
+            .await
+            .unwrap();
+    }
+    // Patient 1 has a second handover that must wait behind the first.
+    prison
+        .submit(release("poison-later", 1, &["YG001"], "after poison"))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG001").await;
+    let mut delivered = Vec::new();
+    for round in 0..3 {
+        let batch = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+        for d in batch {
+            if text_of(&d) == "poison" {
+                let state = gp
+                    .nack(pb::NackRequest {
+                        delivery_id: d.delivery_id,
+                        attempt: d.attempt,
+                        permanent: false,
+                        reason: "cannot file this".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .state();
+                let expected = if round == 2 {
+                    pb::DeliveryState::Quarantined
+                } else {
+                    pb::DeliveryState::Queued
+                };
+                assert_eq!(state, expected, "round {round}");
+            } else {
+                assert_ne!(text_of(&d), "after poison", "patient order broken");
+                delivered.push(text_of(&d));
+                gp.ack(pb::AckRequest {
+                    delivery_id: d.delivery_id,
+                    attempt: d.attempt,
+                })
+                .await
+                .unwrap();
+            }
+        }
+        clock.advance(10);
+    }
+    assert_eq!(delivered, vec!["fine", "fine", "fine"]);
+    // With the poison quarantined, the patient's later handover flows.
+    let next = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(
+        next.iter().map(text_of).collect::<Vec<_>>(),
+        ["after poison"]
+    );
+    let track = prison
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId("poison".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = &track.deliveries[0];
+    assert_eq!(status.state(), pb::DeliveryState::Quarantined);
+    assert_eq!(status.attempts, 3);
+    assert!(status.quarantine_reason.contains("cannot file this"));
+    assert!(status.quarantined_at.is_some());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn leases_that_run_out_of_attempts_are_quarantined_by_the_sweeper() {
+    let (gw, clock) = TestGateway::start_manual(|c| {
+        c.queue.max_attempts = 2;
+        c.queue.sweep_interval_ms = 20;
+    })
+    .await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("never-acked", 1, &["YG001"], "x"))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG001").await;
+    for attempt in 1..=2 {
+        let d = gp.pull(pull(1)).await.unwrap().into_inner().deliveries;
+        assert_eq!(d[0].attempt, attempt);
+        clock.advance(61_000);
+    }
+    // No pull needed: the sweeper finds it within a few intervals.
+    let mut state = pb::DeliveryState::Leased;
+    for _ in 0..100 {
+        let t = prison
+            .track(pb::TrackRequest {
+                handover: Some(pb::track_request::Handover::MessageId("never-acked".into())),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        state = t.deliveries[0].state();
+        if state == pb::DeliveryState::Quarantined {
+            assert!(t.deliveries[0].quarantine_reason.contains("lease expired"));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, pb::DeliveryState::Quarantined);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn per_patient_order_holds_and_long_poll_wakes_on_arrival() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let mut gp = gw.client("YG001").await;
+    let waiter = tokio::spawn(async move {
+        let r = gp
+            .pull(pb::PullRequest {
+                max_deliveries: 10,
+                lease_seconds: 30,
+                wait_millis: 20_000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (gp, r.deliveries)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    prison
+        .submit(release("a-1", 1, &["YG001"], "first"))
+        .await
+        .unwrap();
+    prison
+        .submit(release("a-2", 1, &["YG001"], "second"))
+        .await
+        .unwrap();
+    let (mut gp, got) = waiter.await.unwrap();
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["first"]);
+    let more = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert!(more.is_empty(), "second waits behind the unacked first");
+    gp.ack(pb::AckRequest {
+        delivery_id: got[0].delivery_id,
+        attempt: got[0].attempt,
+    })
+    .await
+    .unwrap();
+    let more = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(more.iter().map(text_of).collect::<Vec<_>>(), ["second"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
+    let gw = TestGateway::start_with(
+        |c| c.limits.max_document_bytes = 4096,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut prison = gw.client("YP001").await;
+    let before = gw.store.content_digest().unwrap();
+    let mut cases: Vec<(&str, pb::SubmitRequest, Code, &str)> = Vec::new();
+    let mut r = release("b-1", 1, &["YG001"], "x");
+    r.document = Some(native(""));
+    cases.push((
+        "empty document",
+        r,
+        Code::InvalidArgument,
+        "document.native",
+    ));
+    let r = release("b-2", 1, &["YG001"], &"x".repeat(4097));
+    cases.push((
+        "oversized document",
+        r,
+        Code::InvalidArgument,
+        "document.native",
+    ));
+    let mut r = release("b-3", 1, &["YG001"], "x");
+    r.document = None;
+    cases.push(("no document", r, Code::InvalidArgument, "document"));
+    let r = release("", 1, &["YG001"], "x");
+    cases.push(("missing message id", r, Code::InvalidArgument, "message_id"));
+    let r = release("b-4", 1, &["YZ404"], "x");
+    cases.push((
+        "unknown destination",
+        r,
+        Code::InvalidArgument,
+        "destinations[0]",
+    ));
+    let mut r = release("b-5", 1, &["YP002"], "x");
+    r.event = pb::JourneyEvent::Admission.into();
+    cases.push((
+        "destination of the wrong kind",
+        r,
+        Code::InvalidArgument,
+        "destinations[0]",
+    ));
+    let mut r = release("b-6", 1, &["YG001"], "x");
+    r.patient.as_mut().unwrap().nhs_number = "9990000017".into();
+    cases.push((
+        "bad NHS check digit",
+        r,
+        Code::InvalidArgument,
+        "patient.nhs_number",
+    ));
+    let mut r = release("b-7", 1, &["YG001"], "x");
+    r.patient.as_mut().unwrap().nhs_number = "0000000000".into();
+    cases.push((
+        "all-zero NHS number",
+        r,
+        Code::InvalidArgument,
+        "patient.nhs_number",
+    ));
+    let mut r = release("b-8", 1, &["YG001"], "x");
+    r.patient = None;
+    cases.push(("no patient", r, Code::InvalidArgument, "patient"));
+    let mut r = release("b-9", 1, &["YG001"], "x");
+    r.event = 0;
+    cases.push(("no event", r, Code::InvalidArgument, "event"));
+    let mut r = release("b-10", 1, &["YP002"], "x");
+    r.event = pb::JourneyEvent::CommunitySummary.into();
+    cases.push((
+        "a prison sending a GP's event",
+        r,
+        Code::PermissionDenied,
+        "",
+    ));
+
+    for (what, request, code, field) in cases {
+        let err = prison.submit(request).await.unwrap_err();
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+        if !field.is_empty() {
+            assert_eq!(violations(&err), vec![field.to_owned()], "{what}");
+            assert!(err.message().contains(field), "{what}: {}", err.message());
+        }
+        assert!(
+            !err.message().contains(&nhs(1)),
+            "{what} echoes patient data"
+        );
+        assert_eq!(
+            gw.store.content_digest().unwrap(),
+            before,
+            "{what} changed the store"
+        );
+    }
+
+    let mut gp = gw.client("YG001").await;
+    let err = gp
+        .ack(pb::AckRequest {
+            delivery_id: 0,
+            attempt: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), ["delivery_id", "attempt"]);
+    let err = gp
+        .pull(pb::PullRequest {
+            max_deliveries: 1,
+            lease_seconds: 999_999,
+            wait_millis: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), ["lease_seconds"]);
+    assert_eq!(gw.store.content_digest().unwrap(), before);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn everything_acknowledged_survives_a_restart() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let r = prison
+            .submit(release(
+                &format!("s-{i}"),
+                100 + i,
+                &["YG001"],
+                &format!("doc {i}"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.handover_id);
+    }
+    let mut gp = gw.client("YG001").await;
+    let leased = gp.pull(pull(5)).await.unwrap().into_inner().deliveries;
+    for d in &leased[..2] {
+        gp.ack(pb::AckRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+        })
+        .await
+        .unwrap();
+    }
+    drop((prison, gp));
+    let (dir, config) = gw.stop().await;
+
+    let (gw, clock) = {
+        let clock = throughcare::store::ManualClock::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64,
+        );
+        (
+            TestGateway::start_in(dir, config, Arc::new(clock.clone())).await,
+            clock,
+        )
+    };
+    let mut gp = gw.client("YG001").await;
+    // The three leased but unacked deliveries come back after their lease.
+    clock.advance(61_000);
+    let mut got = Vec::new();
+    loop {
+        let batch = gp.pull(pull(50)).await.unwrap().into_inner().deliveries;
+        if batch.is_empty() {
+            break;
+        }
+        for d in batch {
+            got.push(d.handover_id);
+            gp.ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+        }
+    }
+    got.sort_unstable();
+    assert_eq!(got, ids[2..].to_vec());
+    // Idempotency survives the restart too.
+    let mut prison = gw.client("YP001").await;
+    let again = prison
+        .submit(release("s-0", 100, &["YG001"], "doc 0"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.handover_id, ids[0]);
+    gw.store.verify_audit().unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_long_polls_and_drains() {
+    let gw = TestGateway::start().await;
+    let mut gp = gw.client("YG001").await;
+    let waiter = tokio::spawn(async move {
+        gp.pull(pb::PullRequest {
+            max_deliveries: 1,
+            lease_seconds: 0,
+            wait_millis: 30_000,
+        })
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    gw.stop().await;
+    // The long poll was answered (empty) instead of being cut off.
+    let answered = waiter.await.unwrap();
+    assert!(answered.unwrap().into_inner().deliveries.is_empty());
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

@@ -1,0 +1,205 @@
+//! One way to start the real server for tests: in-process, on 127.0.0.1:0,
+//! with real mutual TLS and a fresh dev PKI, stopped by the test (or on drop).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use throughcare::app::{AppError, Prepared};
+use throughcare::certs::{CertAuthority, DevPaths};
+use throughcare::config::Config;
+use throughcare::grpc::pb;
+use throughcare::grpc::pb::handover_client::HandoverClient;
+use throughcare::store::{Clock, ManualClock, Store, SystemClock};
+use tonic::transport::Channel;
+
+/// A running gateway.
+pub struct TestGateway {
+    pub endpoint: String,
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    pub store: Store,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), AppError>>>,
+}
+
+/// The starting time of manual clocks.
+pub const T0: i64 = 1_800_000_000_000;
+
+impl TestGateway {
+    /// A gateway with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}, Arc::new(SystemClock)).await
+    }
+
+    /// A gateway whose clock the test moves.
+    pub async fn start_manual(tweak: impl FnOnce(&mut Config)) -> (Self, ManualClock) {
+        let clock = ManualClock::new(T0);
+        (
+            Self::start_with(tweak, Arc::new(clock.clone())).await,
+            clock,
+        )
+    }
+
+    /// A gateway with settings changed by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config), clock: Arc<dyn Clock>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            certs_dir: dir.path().join("certs"),
+            shutdown_grace_ms: 2_000,
+            ..Config::default()
+        };
+        tweak(&mut config);
+        Self::start_in(dir, config, clock).await
+    }
+
+    /// A gateway on an existing directory and configuration (restarts).
+    pub async fn start_in(dir: tempfile::TempDir, config: Config, clock: Arc<dyn Clock>) -> Self {
+        let prepared = Prepared::new(config.clone(), clock).expect("gateway prepares");
+        let store = prepared.store().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!(
+            "https://127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(prepared.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            endpoint,
+            dir,
+            config,
+            store,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.config.certs_dir.clone()
+    }
+
+    pub fn paths(&self) -> DevPaths {
+        DevPaths { dir: self.certs() }
+    }
+
+    /// A client as dev PKI identity `name`.
+    pub async fn client(&self, name: &str) -> HandoverClient<Channel> {
+        throughcare::client::handover(&self.endpoint, &self.certs(), name)
+            .await
+            .expect("client connects")
+    }
+
+    /// A client presenting `cert`/`key` PEM files, trusting `ca` PEM.
+    pub async fn client_with(
+        &self,
+        ca: &[u8],
+        cert: &[u8],
+        key: &[u8],
+    ) -> Result<HandoverClient<Channel>, tonic::transport::Error> {
+        throughcare::tls::client_channel(&self.endpoint, ca, cert, key)
+            .await
+            .map(HandoverClient::new)
+    }
+
+    /// The dev CA, to issue more certificates.
+    pub fn ca(&self) -> CertAuthority {
+        let p = self.paths();
+        CertAuthority::load(&p.ca_cert(), &p.ca_key()).unwrap()
+    }
+
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.paths().ca_cert()).unwrap()
+    }
+
+    /// Stops the gateway and waits for it; returns the directory and config
+    /// for a restart.
+    pub async fn stop(mut self) -> (tempfile::TempDir, Config) {
+        self.shutdown().await;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, self.config.clone())
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().expect("gateway stops cleanly");
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Invented patients: NHS numbers in the 999 test range with valid check digits.
+pub fn nhs(i: u32) -> String {
+    let mut n = 999_000_000u64 + u64::from(i) * 7;
+    loop {
+        let digits: Vec<u64> = n.to_string().bytes().map(|b| u64::from(b - b'0')).collect();
+        let sum: u64 = digits.iter().zip((2..=10).rev()).map(|(d, w)| d * w).sum();
+        let check = (11 - sum % 11) % 11;
+        if check != 10 && !digits.iter().all(|d| *d == digits[0]) {
+            return format!("{n}{check}");
+        }
+        n += 1;
+    }
+}
+
+pub fn native(text: &str) -> pb::submit_request::Document {
+    pb::submit_request::Document::Native(pb::ClinicalSummary {
+        text: text.into(),
+        ..Default::default()
+    })
+}
+
+/// A release of patient `patient` to `to`.
+pub fn release(message_id: &str, patient: u32, to: &[&str], text: &str) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        message_id: message_id.into(),
+        event: pb::JourneyEvent::Release.into(),
+        patient: Some(pb::PatientRef {
+            nhs_number: nhs(patient),
+            prison_number: String::new(),
+            date_of_birth: "1985-06-15".into(),
+        }),
+        destinations: to.iter().map(|s| (*s).to_owned()).collect(),
+        document: Some(native(text)),
+    }
+}
+
+pub fn pull(max: u32) -> pb::PullRequest {
+    pb::PullRequest {
+        max_deliveries: max,
+        lease_seconds: 0,
+        wait_millis: 0,
+    }
+}
+
+pub fn text_of(d: &pb::Delivery) -> String {
+    match &d.document {
+        Some(pb::delivery::Document::Native(s)) => s.text.clone(),
+        other => panic!("expected a native document, got {other:?}"),
+    }
+}
+
+/// Field names of the BadRequest violations in a status.
+pub fn violations(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
