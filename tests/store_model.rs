@@ -1,0 +1,395 @@
+//! The store checked against a simple in-memory model over random sequences
+//! of submit (including duplicates and conflicts), pull, ack (including stale
+//! acks), nack, lease expiry (a manual clock), sweep and restart.
+//!
+//! Invariants: every accepted submit is in exactly one state, the one the
+//! model predicts; dedupe holds; each pull returns exactly what the model
+//! serves (FIFO, one in flight per patient, quarantine blocks nobody).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use throughcare::journey::JourneyEvent;
+use throughcare::store::{
+    DeliveryState, ManualClock, NewDelivery, NewHandover, Store, StoreError, StoreOptions, TrackKey,
+};
+
+const MAILBOXES: [&str; 2] = ["MB0", "MB1"];
+const MAX_ATTEMPTS: u32 = 3;
+const LEASE_MS: i64 = 50;
+const BACKOFF_MS: i64 = 10;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Message `msg` (its content fixed by `msg`), or tampered content.
+    Submit {
+        msg: u8,
+        tamper: bool,
+    },
+    Pull {
+        mailbox: usize,
+        max: usize,
+    },
+    Ack {
+        mailbox: usize,
+        pick: usize,
+        stale: bool,
+    },
+    Nack {
+        mailbox: usize,
+        pick: usize,
+        permanent: bool,
+    },
+    Advance {
+        ms: i64,
+    },
+    Sweep,
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..8, prop::bool::weighted(0.2)).prop_map(|(msg, tamper)| Op::Submit { msg, tamper }),
+        4 => (0usize..2, 1usize..4).prop_map(|(mailbox, max)| Op::Pull { mailbox, max }),
+        3 => (0usize..2, any::<usize>(), prop::bool::weighted(0.2))
+            .prop_map(|(mailbox, pick, stale)| Op::Ack { mailbox, pick, stale }),
+        1 => (0usize..2, any::<usize>(), any::<bool>())
+            .prop_map(|(mailbox, pick, permanent)| Op::Nack { mailbox, pick, permanent }),
+        2 => (0i64..80).prop_map(|ms| Op::Advance { ms }),
+        1 => Just(Op::Sweep),
+        1 => Just(Op::Restart),
+    ]
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct MDelivery {
+    mailbox: usize,
+    patient: u8,
+    state: DeliveryState,
+    attempt: u32,
+    lease_until: i64,
+    not_before: i64,
+}
+
+#[derive(Default)]
+struct Model {
+    now: i64,
+    /// msg → (tampered, handover id, delivery id)
+    accepted: HashMap<u8, (bool, u64, u64)>,
+    deliveries: BTreeMap<u64, MDelivery>,
+    next_handover: u64,
+    next_delivery: u64,
+    /// (delivery id, attempt) handed out per mailbox, for acks to pick from.
+    handed_out: [Vec<(u64, u32)>; 2],
+}
+
+fn content(msg: u8, tamper: bool) -> (u8, usize, Vec<u8>) {
+    let patient = msg % 3;
+    let mailbox = usize::from(msg % 2);
+    (patient, mailbox, format!("doc {msg} {tamper}").into_bytes())
+}
+
+fn is_live(d: &MDelivery) -> bool {
+    matches!(d.state, DeliveryState::Queued | DeliveryState::Leased)
+}
+
+impl Model {
+    fn quarantine_exhausted(&mut self, mailbox: Option<usize>) -> usize {
+        let now = self.now;
+        let mut n = 0;
+        for d in self.deliveries.values_mut() {
+            if d.state == DeliveryState::Leased
+                && d.lease_until <= now
+                && d.attempt >= MAX_ATTEMPTS
+                && mailbox.is_none_or(|m| m == d.mailbox)
+            {
+                d.state = DeliveryState::Quarantined;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn pull(&mut self, mailbox: usize, max: usize) -> Vec<(u64, u32)> {
+        self.quarantine_exhausted(Some(mailbox));
+        let now = self.now;
+        let mut ready = Vec::new();
+        for (&id, d) in &self.deliveries {
+            if ready.len() >= max {
+                break;
+            }
+            if d.mailbox != mailbox || !is_live(d) {
+                continue;
+            }
+            let head = self
+                .deliveries
+                .iter()
+                .find(|(_, o)| o.mailbox == mailbox && o.patient == d.patient && is_live(o))
+                .map(|(id, _)| *id);
+            if head != Some(id) {
+                continue;
+            }
+            let leasable = match d.state {
+                DeliveryState::Queued => d.not_before <= now,
+                _ => d.lease_until <= now && d.attempt < MAX_ATTEMPTS,
+            };
+            if leasable {
+                ready.push(id);
+            }
+        }
+        ready
+            .into_iter()
+            .map(|id| {
+                let d = self.deliveries.get_mut(&id).unwrap();
+                d.attempt += 1;
+                d.state = DeliveryState::Leased;
+                d.lease_until = now + LEASE_MS;
+                (id, d.attempt)
+            })
+            .collect()
+    }
+
+    /// The outcome an ack or nack of (id, attempt) must have, by error name.
+    fn check(&self, id: u64, attempt: u32, is_ack: bool) -> Result<(), &'static str> {
+        let d = &self.deliveries[&id];
+        if is_ack && d.state == DeliveryState::Delivered && d.attempt == attempt {
+            return Err("repeat");
+        }
+        if d.attempt != attempt {
+            Err("stale")
+        } else if d.state != DeliveryState::Leased {
+            Err("not leased")
+        } else if d.lease_until <= self.now {
+            Err("expired")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn error_name(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::StaleAttempt { .. } => "stale",
+        StoreError::NotLeased(_) => "not leased",
+        StoreError::LeaseExpired => "expired",
+        StoreError::UnknownDelivery => "unknown",
+        StoreError::Conflict => "conflict",
+        other => panic!("unexpected store error {other}"),
+    }
+}
+
+fn open(dir: &Path, clock: &ManualClock) -> Store {
+    Store::open(
+        dir,
+        StoreOptions {
+            max_attempts: MAX_ATTEMPTS,
+            retry_backoff_ms: BACKOFF_MS,
+            ..StoreOptions::default()
+        },
+        Arc::new(clock.clone()),
+    )
+    .unwrap()
+}
+
+async fn check_all(store: &Store, model: &Model) {
+    for (msg, (_, hid, did)) in &model.accepted {
+        let status = store
+            .track("urn:ods:YP001", "YP001", TrackKey::HandoverId(*hid))
+            .await
+            .unwrap();
+        assert_eq!(status.handover.message_id, format!("m{msg}"));
+        assert_eq!(status.deliveries.len(), 1);
+        let got = &status.deliveries[0];
+        let want = &model.deliveries[did];
+        assert_eq!(
+            (got.id, got.state, got.attempt),
+            (*did, want.state, want.attempt)
+        );
+    }
+}
+
+async fn run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000_000);
+    let mut store = open(dir.path(), &clock);
+    let mut model = Model {
+        now: 1_000_000,
+        ..Model::default()
+    };
+    for op in ops {
+        match op {
+            Op::Submit { msg, tamper } => {
+                let (patient, mailbox, payload) = content(msg, tamper);
+                let result = store
+                    .submit(NewHandover {
+                        actor: "urn:ods:YP001".into(),
+                        sender: "YP001".into(),
+                        message_id: format!("m{msg}"),
+                        event: JourneyEvent::Release,
+                        patient_key: format!("p{patient}"),
+                        destinations: vec![NewDelivery {
+                            mailbox: MAILBOXES[mailbox].into(),
+                            urgent: false,
+                        }],
+                        payload,
+                    })
+                    .await;
+                match model.accepted.get(&msg) {
+                    Some(&(was_tampered, hid, did)) if was_tampered == tamper => {
+                        let o = result.unwrap();
+                        assert!(o.duplicate);
+                        assert_eq!((o.handover_id, o.deliveries[0].1), (hid, did));
+                    }
+                    Some(_) => assert_eq!(error_name(&result.unwrap_err()), "conflict"),
+                    None => {
+                        let o = result.unwrap();
+                        model.next_handover += 1;
+                        model.next_delivery += 1;
+                        assert!(!o.duplicate);
+                        assert_eq!(o.handover_id, model.next_handover);
+                        assert_eq!(
+                            o.deliveries,
+                            vec![(MAILBOXES[mailbox].to_owned(), model.next_delivery)]
+                        );
+                        model
+                            .accepted
+                            .insert(msg, (tamper, o.handover_id, model.next_delivery));
+                        model.deliveries.insert(
+                            model.next_delivery,
+                            MDelivery {
+                                mailbox,
+                                patient,
+                                state: DeliveryState::Queued,
+                                attempt: 0,
+                                lease_until: 0,
+                                not_before: i64::MIN,
+                            },
+                        );
+                    }
+                }
+            }
+            Op::Pull { mailbox, max } => {
+                let got = store
+                    .pull("urn:ods:X", MAILBOXES[mailbox], max, LEASE_MS)
+                    .await
+                    .unwrap();
+                let want = model.pull(mailbox, max);
+                let got_ids: Vec<(u64, u32)> = got
+                    .iter()
+                    .map(|l| (l.delivery.id, l.delivery.attempt))
+                    .collect();
+                assert_eq!(got_ids, want, "pull from {}", MAILBOXES[mailbox]);
+                for l in &got {
+                    let payload = store.payload(&l.handover).await.unwrap();
+                    let (msg, (tampered, _, _)) = model
+                        .accepted
+                        .iter()
+                        .find(|(_, (_, h, _))| *h == l.handover.id)
+                        .unwrap();
+                    assert_eq!(payload, content(*msg, *tampered).2);
+                }
+                model.handed_out[mailbox].extend(want);
+            }
+            Op::Ack {
+                mailbox,
+                pick,
+                stale,
+            }
+            | Op::Nack {
+                mailbox,
+                pick,
+                permanent: stale,
+            } if model.handed_out[mailbox].is_empty() => {
+                let _ = (pick, stale);
+            }
+            Op::Ack {
+                mailbox,
+                pick,
+                stale,
+            } => {
+                let list = &model.handed_out[mailbox];
+                let (id, mut attempt) = list[pick % list.len()];
+                if stale {
+                    attempt -= 1;
+                }
+                let result = store
+                    .ack("urn:ods:X", MAILBOXES[mailbox], id, attempt)
+                    .await;
+                match model.check(id, attempt, true) {
+                    Ok(()) => {
+                        result.unwrap();
+                        model.deliveries.get_mut(&id).unwrap().state = DeliveryState::Delivered;
+                    }
+                    Err("repeat") => result.unwrap(),
+                    Err(name) => assert_eq!(error_name(&result.unwrap_err()), name),
+                }
+            }
+            Op::Nack {
+                mailbox,
+                pick,
+                permanent,
+            } => {
+                let list = &model.handed_out[mailbox];
+                let (id, attempt) = list[pick % list.len()];
+                let result = store
+                    .nack(
+                        "urn:ods:X",
+                        MAILBOXES[mailbox],
+                        id,
+                        attempt,
+                        permanent,
+                        "model",
+                    )
+                    .await;
+                match model.check(id, attempt, false) {
+                    Ok(()) => {
+                        let now = model.now;
+                        let d = model.deliveries.get_mut(&id).unwrap();
+                        if permanent || d.attempt >= MAX_ATTEMPTS {
+                            d.state = DeliveryState::Quarantined;
+                        } else {
+                            d.state = DeliveryState::Queued;
+                            d.not_before = now + BACKOFF_MS * (1 << (d.attempt - 1));
+                        }
+                        assert_eq!(result.unwrap(), d.state);
+                    }
+                    Err(name) => assert_eq!(error_name(&result.unwrap_err()), name),
+                }
+            }
+            Op::Advance { ms } => {
+                clock.advance(ms);
+                model.now += ms;
+            }
+            Op::Sweep => {
+                assert_eq!(
+                    store.sweep().await.unwrap(),
+                    model.quarantine_exhausted(None)
+                );
+            }
+            Op::Restart => {
+                store.close().await.unwrap();
+                drop(store);
+                store = open(dir.path(), &clock);
+                check_all(&store, &model).await;
+            }
+        }
+    }
+    check_all(&store, &model).await;
+    store.verify_audit().unwrap();
+    store.close().await.unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_the_model(ops in prop::collection::vec(op(), 1..60)) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run(ops));
+    }
+}
