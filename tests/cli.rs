@@ -1,0 +1,146 @@
+//! The real binary's start-up contract: a bad configuration names the field
+//! and exits 64 before any port is bound; a store that lost acknowledged data
+//! refuses to start with exit code 65.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(dir: &Path, port: u16) -> Server {
+    Server(
+        Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--certs-dir")
+            .arg(dir.join("certs"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn submit(dir: &Path, port: u16, message_id: &str) -> Output {
+    let mut last = None;
+    for _ in 0..100 {
+        let out = Command::new(BIN)
+            .args(["submit", "--as", "YP001", "--server"])
+            .arg(format!("https://localhost:{port}"))
+            .arg("--certs-dir")
+            .arg(dir.join("certs"))
+            .args([
+                "--message-id",
+                message_id,
+                "--event",
+                "release",
+                "--to",
+                "YG001",
+            ])
+            .args(["--nhs", "9990000018", "--text", "synthetic"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return out;
+        }
+        last = Some(out);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("submit never succeeded: {last:?}");
+}
+
+fn stop(mut server: Server) {
+    let pid = server.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "graceful stop: {status:?}");
+}
+
+#[test]
+fn a_bad_configuration_names_the_field_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("throughcare.toml");
+    std::fs::write(&config, "[queue]\nmax_attempts = 0\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("queue.max_attempts"), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "nothing was created");
+
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`listen`"));
+}
+
+#[test]
+fn a_store_that_lost_acknowledged_data_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = serve(dir.path(), port);
+    submit(dir.path(), port, "first");
+    stop(server);
+    let sled = dir.path().join("data/sled");
+    let old = dir.path().join("old-sled");
+    copy_dir(&sled, &old);
+
+    let server = serve(dir.path(), port);
+    submit(dir.path(), port, "second");
+    stop(server);
+
+    // Put back the older copy: "second" was acknowledged but is gone.
+    std::fs::remove_dir_all(&sled).unwrap();
+    copy_dir(&old, &sled);
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--certs-dir")
+        .arg(dir.path().join("certs"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("lost acknowledged data"), "{stderr}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
