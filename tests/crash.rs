@@ -1,0 +1,275 @@
+//! Crash test: the real binary is killed with SIGKILL at random moments while
+//! clients submit and a practice pulls and acks; it is restarted each time on
+//! the same data directory. Afterwards every submit that got OK has been
+//! delivered, nothing was delivered that was never submitted, and a delivery
+//! was repeated only if its ack had not returned OK.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use throughcare::grpc::pb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
+
+struct Server {
+    child: Option<Child>,
+}
+
+impl Server {
+    fn start(dir: &Path, port: u16) -> Self {
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--certs-dir")
+            .arg(dir.join("certs"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gateway starts");
+        Self { child: Some(child) }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(c.wait().unwrap().success(), "graceful stop");
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A small deterministic generator (xorshift), so a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[derive(Default)]
+struct Ledger {
+    attempted: BTreeSet<String>,
+    ok: BTreeSet<String>,
+    /// The consumer's history, in order: (message, acked OK?).
+    pulls: Vec<(String, bool)>,
+}
+
+async fn connect(endpoint: &str, certs: &Path, name: &str) -> pb::handover_client::HandoverClient<tonic::transport::Channel> {
+    loop {
+        if let Ok(c) = throughcare::client::handover(endpoint, certs, name).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn submitter(
+    id: usize,
+    endpoint: String,
+    certs: PathBuf,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
+    let mut client = connect(&endpoint, &certs, "YP001").await;
+    let mut n = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let message = format!("c{id}-m{n}");
+        n += 1;
+        ledger.lock().unwrap().attempted.insert(message.clone());
+        // Retry with the same message id until it is acknowledged.
+        loop {
+            let request = support::release(&message, (id * 7 + n) as u32 % 40, &["YG001"], &message);
+            match client.submit(request).await {
+                Ok(_) => {
+                    ledger.lock().unwrap().ok.insert(message.clone());
+                    break;
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    client = connect(&endpoint, &certs, "YP001").await;
+                }
+            }
+        }
+    }
+}
+
+async fn consume_once(
+    client: &mut pb::handover_client::HandoverClient<tonic::transport::Channel>,
+    ledger: &Mutex<Ledger>,
+) -> Result<usize, tonic::Status> {
+    let pulled = client
+        .pull(pb::PullRequest {
+            max_deliveries: 20,
+            lease_seconds: 1,
+            wait_millis: 200,
+        })
+        .await?
+        .into_inner()
+        .deliveries;
+    let n = pulled.len();
+    for d in pulled {
+        let message = support::text_of(&d);
+        let acked = client
+            .ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .is_ok();
+        ledger.lock().unwrap().pulls.push((message, acked));
+    }
+    Ok(n)
+}
+
+async fn consumer(endpoint: String, certs: PathBuf, stop: Arc<AtomicBool>, ledger: Arc<Mutex<Ledger>>) {
+    let mut client = connect(&endpoint, &certs, "YG001").await;
+    while !stop.load(Ordering::SeqCst) {
+        if consume_once(&mut client, &ledger).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            client = connect(&endpoint, &certs, "YG001").await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_submits_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    throughcare::certs::init_dev_pki(&dir.path().join("certs")).unwrap();
+    let certs = dir.path().join("certs");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("https://localhost:{port}");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("crash test seed {seed}");
+    let mut rng = Rng(seed);
+
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop_submitting = Arc::new(AtomicBool::new(false));
+    let stop_consuming = Arc::new(AtomicBool::new(false));
+    let mut server = Server::start(dir.path(), port);
+    let mut tasks = Vec::new();
+    for id in 0..12 {
+        tasks.push(tokio::spawn(submitter(
+            id,
+            endpoint.clone(),
+            certs.clone(),
+            stop_submitting.clone(),
+            ledger.clone(),
+        )));
+    }
+    let consumer = tokio::spawn(consumer(
+        endpoint.clone(),
+        certs.clone(),
+        stop_consuming.clone(),
+        ledger.clone(),
+    ));
+
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400 + rng.next(1_200))).await;
+        server.kill9();
+        let ok = ledger.lock().unwrap().ok.len();
+        println!("round {round}: killed with {ok} submits acknowledged so far");
+        server = Server::start(dir.path(), port);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_submitting.store(true, Ordering::SeqCst);
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("submitters finish")
+            .unwrap();
+    }
+    // Let the consumer drain everything, including leases cut off by kills.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered: BTreeSet<String> = {
+            let l = ledger.lock().unwrap();
+            l.pulls.iter().filter(|(_, acked)| *acked).map(|(m, _)| m.clone()).collect()
+        };
+        let ok = ledger.lock().unwrap().ok.clone();
+        if ok.is_subset(&delivered) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_consuming.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), consumer)
+        .await
+        .expect("consumer stops")
+        .unwrap();
+    // Nothing left behind.
+    let mut client = connect(&endpoint, &certs, "YG001").await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    while consume_once(&mut client, &ledger).await.unwrap() > 0 {}
+    server.stop();
+
+    let l = ledger.lock().unwrap();
+    let mut times_pulled: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut acked: BTreeSet<&str> = BTreeSet::new();
+    for (m, ok) in &l.pulls {
+        assert!(
+            !acked.contains(m.as_str()),
+            "{m} was delivered again after its ack returned OK"
+        );
+        *times_pulled.entry(m).or_default() += 1;
+        if *ok {
+            acked.insert(m);
+        }
+    }
+    for m in &l.ok {
+        assert!(acked.contains(m.as_str()), "acknowledged submit {m} was never delivered");
+    }
+    for m in times_pulled.keys() {
+        assert!(l.attempted.contains(*m), "{m} was delivered but never submitted");
+    }
+    let repeats = times_pulled.values().filter(|n| **n > 1).count();
+    println!(
+        "{} submits acknowledged, {} attempted, {} deliveries, {} redelivered after a crash or lost ack",
+        l.ok.len(),
+        l.attempted.len(),
+        l.pulls.len(),
+        repeats
+    );
+    assert!(l.ok.len() > 50, "the test did too little work to mean anything");
+
+    let out = Command::new(BIN)
+        .args(["admin", "audit", "verify", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
