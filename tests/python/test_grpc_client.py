@@ -1,0 +1,87 @@
+"""Python's grpcio as a second, independent client of the handover service."""
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+
+def release(pb, message_id, nhs="9990000018", text="synthetic summary", to=("YG001",)):
+    return pb.h.SubmitRequest(
+        message_id=message_id,
+        event=pb.h.RELEASE,
+        patient=pb.h.PatientRef(nhs_number=nhs, date_of_birth="1985-06-15"),
+        destinations=list(to),
+        native=pb.s.ClinicalSummary(text=text),
+    )
+
+
+def bad_request_fields(err):
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):
+                    return [v.field for v in bad.field_violations]
+    return []
+
+
+def test_submit_pull_ack_track(gateway, pb):
+    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
+    receipt = prison.Submit(release(pb, "py-1"), timeout=10)
+    assert not receipt.duplicate
+    assert [d.destination for d in receipt.deliveries] == ["YG001"]
+
+    gp = pb.grpc.HandoverStub(gateway.channel("YG001"))
+    pulled = gp.Pull(pb.h.PullRequest(max_deliveries=5), timeout=10).deliveries
+    assert len(pulled) == 1
+    d = pulled[0]
+    assert d.handover_id == receipt.handover_id
+    assert d.sender == "YP001"
+    assert d.patient.nhs_number == "9990000018"
+    assert d.WhichOneof("document") == "native"
+    assert d.native.text == "synthetic summary"
+    gp.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
+
+    track = prison.Track(pb.h.TrackRequest(message_id="py-1"), timeout=10)
+    assert track.deliveries[0].state == pb.h.DELIVERED
+    assert track.deliveries[0].delivered_at.seconds > 0
+
+
+def test_duplicate_and_conflicting_submits(gateway, pb):
+    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
+    first = prison.Submit(release(pb, "py-dup"), timeout=10)
+    again = prison.Submit(release(pb, "py-dup"), timeout=10)
+    assert again.duplicate and again.handover_id == first.handover_id
+    with pytest.raises(grpc.RpcError) as err:
+        prison.Submit(release(pb, "py-dup", text="other content"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_field_violations_come_as_google_rpc_bad_request(gateway, pb):
+    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
+    with pytest.raises(grpc.RpcError) as err:
+        prison.Submit(release(pb, "py-bad", nhs="9990000017"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(err.value) == ["patient.nhs_number"]
+    assert "9990000017" not in err.value.details()
+
+
+def test_no_client_certificate_is_refused(gateway, pb):
+    anonymous = pb.grpc.HandoverStub(gateway.channel(None))
+    with pytest.raises(grpc.RpcError) as err:
+        anonymous.Pull(pb.h.PullRequest(max_deliveries=1), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_one_practice_cannot_ack_anothers_delivery(gateway, pb):
+    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
+    prison.Submit(release(pb, "py-iso"), timeout=10)
+    riverside = pb.grpc.HandoverStub(gateway.channel("YG001"))
+    d = riverside.Pull(pb.h.PullRequest(max_deliveries=1), timeout=10).deliveries[0]
+    hillview = pb.grpc.HandoverStub(gateway.channel("YG002"))
+    assert not hillview.Pull(pb.h.PullRequest(max_deliveries=5), timeout=10).deliveries
+    with pytest.raises(grpc.RpcError) as err:
+        hillview.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    riverside.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
