@@ -53,12 +53,19 @@ pub struct BenchReport {
     pub pull_ack_per_s: f64,
     /// Server peak RSS, MiB.
     pub peak_rss_mib: f64,
-    /// The server's barrier statistics line.
-    pub server_stats: String,
+    /// Durability barriers during the submit phase.
+    pub barriers: u64,
+    /// fdatasync calls during the submit phase.
+    pub fdatasyncs: u64,
+    /// Submits the server answered OK after a barrier.
+    pub durable_submits: u64,
+    /// Time to restart with everything queued, until serving.
+    pub restart: Duration,
 }
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let per_barrier = self.durable_submits as f64 / self.barriers.max(1) as f64;
         writeln!(
             f,
             "throughcare bench: {} handovers of {} bytes, {} concurrent clients, mutual TLS on 127.0.0.1",
@@ -67,18 +74,28 @@ impl fmt::Display for BenchReport {
         writeln!(f, "  durable submits/s      {:>10.0}", self.submits_per_s)?;
         writeln!(f, "  submit latency p50     {:>10.2} ms", ms(self.p50))?;
         writeln!(f, "  submit latency p99     {:>10.2} ms", ms(self.p99))?;
+        writeln!(f, "  messages per barrier   {per_barrier:>10.1}")?;
+        writeln!(
+            f,
+            "    ({} barriers, {} fdatasyncs; the server answered {} submits OK, each after its barrier)",
+            self.barriers, self.fdatasyncs, self.durable_submits
+        )?;
         writeln!(
             f,
             "  RSS with all queued    {:>10.1} MiB",
             self.rss_queued_mib
+        )?;
+        writeln!(
+            f,
+            "  restart, all queued    {:>10.2} s",
+            self.restart.as_secs_f64()
         )?;
         writeln!(f, "  pull+ack/s             {:>10.0}", self.pull_ack_per_s)?;
         writeln!(
             f,
             "  peak RSS               {:>10.1} MiB",
             self.peak_rss_mib
-        )?;
-        writeln!(f, "  server: {}", self.server_stats)
+        )
     }
 }
 
@@ -116,6 +133,71 @@ async fn wait_until_serving(endpoint: &str, certs: &Path) -> anyhow::Result<()> 
     anyhow::bail!("the gateway did not start serving within 10 s")
 }
 
+/// A gateway child process and the barrier-statistics line it logs on stop.
+struct Gateway {
+    child: tokio::process::Child,
+    pid: u32,
+    stats: tokio::task::JoinHandle<String>,
+}
+
+impl Gateway {
+    async fn start(dir: &Path, port: u16) -> anyhow::Result<Self> {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--certs-dir")
+            .arg(dir.join("certs"))
+            .env("RUST_LOG", "warn,throughcare::app=info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the gateway")?;
+        let pid = child.id().context("gateway pid")?;
+        let stderr = child.stderr.take().context("gateway stderr")?;
+        let stats = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut last = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("barrier statistics") {
+                    last = line;
+                }
+            }
+            last
+        });
+        wait_until_serving(&format!("https://localhost:{port}"), &dir.join("certs")).await?;
+        Ok(Self { child, pid, stats })
+    }
+
+    /// Stops it with SIGTERM; returns (barriers, fdatasyncs, commands, submits).
+    async fn stop(mut self) -> anyhow::Result<[u64; 4]> {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status();
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .context("gateway did not stop")??;
+        let line = self.stats.await?;
+        let field = |name: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok([
+            field("barriers"),
+            field("fdatasyncs"),
+            field("commands"),
+            field("submits"),
+        ])
+    }
+}
+
 /// Runs the benchmark.
 ///
 /// # Errors
@@ -126,34 +208,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     crate::certs::init_dev_pki(&certs)?;
     let port = free_port()?;
     let endpoint = format!("https://localhost:{port}");
-    let mut server = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("serve")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--certs-dir")
-        .arg(&certs)
-        .env("RUST_LOG", "warn,throughcare::app=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the gateway")?;
-    let pid = server.id().context("gateway pid")?;
-    let stderr = server.stderr.take().context("gateway stderr")?;
-    let stats_line = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        let mut last = String::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("barrier statistics") {
-                last = line;
-            }
-        }
-        last
-    });
-    wait_until_serving(&endpoint, &certs).await?;
-
+    let server = Gateway::start(dir.path(), port).await?;
+    let pid = server.pid;
     let mut channels = Vec::new();
     for _ in 0..opts.connections.max(1) {
         channels.push(crate::client::handover(&endpoint, &certs, "YP001").await?);
@@ -208,7 +264,15 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             .unwrap_or_default()
     };
     let rss_queued = rss_kib(pid, "VmRSS:").unwrap_or(0);
+    let peak_submit = rss_kib(pid, "VmHWM:").unwrap_or(0);
+    drop(channels);
+    let [barriers, fdatasyncs, _, submits] = server.stop().await?;
 
+    // Restart on the same data: the queue index is rebuilt from disk.
+    let restart = Instant::now();
+    let server = Gateway::start(dir.path(), port).await?;
+    let restart_elapsed = restart.elapsed();
+    let pid = server.pid;
     let started = Instant::now();
     let mut consumer = crate::client::handover(&endpoint, &certs, "YG001").await?;
     let mut acked = 0usize;
@@ -244,17 +308,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         }
     }
     let pull_elapsed = started.elapsed();
-    let peak = rss_kib(pid, "VmHWM:").unwrap_or(0);
-
-    nix_terminate(pid);
-    let _ = tokio::time::timeout(Duration::from_secs(30), server.wait()).await;
-    let server_stats = stats_line.await.unwrap_or_default();
-    let server_stats = server_stats
-        .split("barrier statistics")
-        .nth(1)
-        .unwrap_or("(no statistics line)")
-        .trim()
-        .to_owned();
+    let peak = rss_kib(pid, "VmHWM:").unwrap_or(0).max(peak_submit);
+    drop(consumer);
+    server.stop().await?;
     Ok(BenchReport {
         clients: opts.clients,
         messages: opts.messages,
@@ -265,13 +321,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         rss_queued_mib: rss_queued as f64 / 1024.0,
         pull_ack_per_s: opts.messages as f64 / pull_elapsed.as_secs_f64(),
         peak_rss_mib: peak as f64 / 1024.0,
-        server_stats,
+        barriers,
+        fdatasyncs,
+        durable_submits: submits,
+        restart: restart_elapsed,
     })
-}
-
-fn nix_terminate(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
 }

@@ -81,7 +81,11 @@ struct Ledger {
     pulls: Vec<(String, bool)>,
 }
 
-async fn connect(endpoint: &str, certs: &Path, name: &str) -> pb::handover_client::HandoverClient<tonic::transport::Channel> {
+async fn connect(
+    endpoint: &str,
+    certs: &Path,
+    name: &str,
+) -> pb::handover_client::HandoverClient<tonic::transport::Channel> {
     loop {
         if let Ok(c) = throughcare::client::handover(endpoint, certs, name).await {
             return c;
@@ -105,7 +109,8 @@ async fn submitter(
         ledger.lock().unwrap().attempted.insert(message.clone());
         // Retry with the same message id until it is acknowledged.
         loop {
-            let request = support::release(&message, (id * 7 + n) as u32 % 40, &["YG001"], &message);
+            let request =
+                support::release(&message, (id * 7 + n) as u32 % 40, &["YG001"], &message);
             match client.submit(request).await {
                 Ok(_) => {
                     ledger.lock().unwrap().ok.insert(message.clone());
@@ -148,7 +153,12 @@ async fn consume_once(
     Ok(n)
 }
 
-async fn consumer(endpoint: String, certs: PathBuf, stop: Arc<AtomicBool>, ledger: Arc<Mutex<Ledger>>) {
+async fn consumer(
+    endpoint: String,
+    certs: PathBuf,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
     let mut client = connect(&endpoint, &certs, "YG001").await;
     while !stop.load(Ordering::SeqCst) {
         if consume_once(&mut client, &ledger).await.is_err() {
@@ -218,7 +228,11 @@ async fn acknowledged_submits_survive_kill_9() {
     loop {
         let delivered: BTreeSet<String> = {
             let l = ledger.lock().unwrap();
-            l.pulls.iter().filter(|(_, acked)| *acked).map(|(m, _)| m.clone()).collect()
+            l.pulls
+                .iter()
+                .filter(|(_, acked)| *acked)
+                .map(|(m, _)| m.clone())
+                .collect()
         };
         let ok = ledger.lock().unwrap().ok.clone();
         if ok.is_subset(&delivered) || Instant::now() > deadline {
@@ -251,10 +265,16 @@ async fn acknowledged_submits_survive_kill_9() {
         }
     }
     for m in &l.ok {
-        assert!(acked.contains(m.as_str()), "acknowledged submit {m} was never delivered");
+        assert!(
+            acked.contains(m.as_str()),
+            "acknowledged submit {m} was never delivered"
+        );
     }
     for m in times_pulled.keys() {
-        assert!(l.attempted.contains(*m), "{m} was delivered but never submitted");
+        assert!(
+            l.attempted.contains(*m),
+            "{m} was delivered but never submitted"
+        );
     }
     let repeats = times_pulled.values().filter(|n| **n > 1).count();
     println!(
@@ -264,12 +284,19 @@ async fn acknowledged_submits_survive_kill_9() {
         l.pulls.len(),
         repeats
     );
-    assert!(l.ok.len() > 50, "the test did too little work to mean anything");
+    assert!(
+        l.ok.len() > 50,
+        "the test did too little work to mean anything"
+    );
 
     let out = Command::new(BIN)
         .args(["admin", "audit", "verify", "--data-dir"])
         .arg(dir.path().join("data"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
