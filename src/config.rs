@@ -312,6 +312,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_documented_example_is_the_default() {
+        let text = include_str!("../docs/throughcare.example.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
     fn defaults_are_valid_and_fields_are_named() {
         Config::default().validate().unwrap();
         let err = Config::from_toml("[queue]\nmax_attempts = 0\n")
