@@ -143,6 +143,37 @@ impl FromStr for PrisonNumber {
     }
 }
 
+/// A probation case reference number: a letter and six digits (`X123456`).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Crn(String);
+
+impl Crn {
+    /// The reference.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Crn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Crn(..)")
+    }
+}
+
+impl FromStr for Crn {
+    type Err = IdentifierError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let b = s.as_bytes();
+        if b.len() != 7 || !b[0].is_ascii_uppercase() || !b[1..].iter().all(u8::is_ascii_digit) {
+            return Err(IdentifierError::Format(
+                "CRN must be a letter and six digits (X123456)",
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
 macro_rules! serde_via_str {
     ($($t:ty),*) => {$(
         impl Serialize for $t {
@@ -158,7 +189,7 @@ macro_rules! serde_via_str {
         }
     )*};
 }
-serde_via_str!(NhsNumber, OdsCode, PrisonNumber);
+serde_via_str!(NhsNumber, OdsCode, PrisonNumber, Crn);
 
 #[cfg(test)]
 mod tests {
@@ -190,5 +221,7 @@ mod tests {
         assert!("yp001".parse::<OdsCode>().is_err());
         assert!("A1234BC".parse::<PrisonNumber>().is_ok());
         assert!("A1234B".parse::<PrisonNumber>().is_err());
+        assert!("X123456".parse::<Crn>().is_ok());
+        assert!("X12345".parse::<Crn>().is_err());
     }
 }

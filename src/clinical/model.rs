@@ -1,0 +1,454 @@
+//! The canonical clinical summary, after the PRSB headings. Every format we
+//! read or write converts to and from this model; nothing else is shared
+//! between formats.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::identifiers::{Crn, NhsNumber, OdsCode, PrisonNumber};
+
+/// A calendar date (`YYYY-MM-DD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Date(pub time::Date);
+
+/// A moment with its UTC offset (RFC 3339), to the second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DateTime(pub time::OffsetDateTime);
+
+const DATE: &[time::format_description::BorrowedFormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]");
+
+impl FromStr for Date {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        time::Date::parse(s, DATE)
+            .map(Date)
+            .map_err(|_| "must be a calendar date written YYYY-MM-DD")
+    }
+}
+
+impl fmt::Display for Date {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.format(DATE).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl FromStr for DateTime {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .map(|t| DateTime(t.replace_nanosecond(0).unwrap_or(t)))
+            .map_err(|_| "must be a date and time with offset (RFC 3339)")
+    }
+}
+
+impl fmt::Display for DateTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self
+            .0
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|_| fmt::Error)?;
+        f.write_str(&s)
+    }
+}
+
+macro_rules! serde_via_display {
+    ($($t:ty),*) => {$(
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+serde_via_display!(Date, DateTime);
+
+/// A code from a terminology (SNOMED CT, dm+d) with its display text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Code {
+    /// The code system (see [`SNOMED`], [`DMD`]).
+    pub system: String,
+    /// The code.
+    pub code: String,
+    /// Human-readable text.
+    pub display: String,
+}
+
+/// SNOMED CT.
+pub const SNOMED: &str = "http://snomed.info/sct";
+/// NHS Dictionary of medicines and devices.
+pub const DMD: &str = "https://dmd.nhs.uk";
+
+/// Administrative sex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sex {
+    /// Male.
+    Male,
+    /// Female.
+    Female,
+    /// Other.
+    Other,
+    /// Not known.
+    Unknown,
+}
+
+/// A postal address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Address {
+    /// Street lines.
+    pub lines: Vec<String>,
+    /// Town or city.
+    pub city: String,
+    /// Postcode.
+    pub postcode: String,
+}
+
+/// Who the summary is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Patient {
+    /// NHS number; absent is allowed (and flagged), invalid never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nhs_number: Option<NhsNumber>,
+    /// Prison number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prison_number: Option<PrisonNumber>,
+    /// Probation case reference number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crn: Option<Crn>,
+    /// Family name.
+    pub family_name: String,
+    /// Given names.
+    pub given_names: Vec<String>,
+    /// Date of birth.
+    pub date_of_birth: Date,
+    /// Administrative sex.
+    pub sex: Sex,
+}
+
+/// The custody episode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Custody {
+    /// The establishment (prison) holding or releasing the patient.
+    pub establishment: OdsCode,
+    /// Reception into custody.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reception_date: Option<Date>,
+    /// Transfer time, when transferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_at: Option<DateTime>,
+    /// The receiving establishment of a transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_to: Option<OdsCode>,
+    /// Release date, when released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_date: Option<Date>,
+    /// Where the patient goes on release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_address: Option<Address>,
+    /// Released with no fixed abode.
+    #[serde(default)]
+    pub no_fixed_abode: bool,
+}
+
+/// A diagnosis or problem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Diagnosis {
+    /// SNOMED CT code.
+    pub code: Code,
+    /// Still active.
+    pub active: bool,
+    /// When it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onset: Option<Date>,
+}
+
+/// A medicine the patient takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Medication {
+    /// dm+d (or SNOMED) code.
+    pub code: Code,
+    /// Dose, e.g. `60 mg`.
+    pub dose: String,
+    /// Route, e.g. `oral`.
+    pub route: String,
+    /// Frequency, e.g. `once daily`.
+    pub frequency: String,
+    /// Taken under supervision (as opioid substitution often is).
+    #[serde(default)]
+    pub supervised: bool,
+    /// Opioid substitution therapy (methadone, buprenorphine).
+    #[serde(default)]
+    pub opioid_substitution: bool,
+    /// When the last dose was given: what the next prescriber must know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dose_given: Option<DateTime>,
+    /// Days supplied on release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days_supplied: Option<u32>,
+}
+
+/// An allergy or adverse reaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Allergy {
+    /// The substance.
+    pub substance: Code,
+    /// The reaction, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reaction: Option<String>,
+    /// Severity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<Severity>,
+}
+
+/// Severity of a reaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Mild.
+    Mild,
+    /// Moderate.
+    Moderate,
+    /// Severe.
+    Severe,
+}
+
+/// Kinds of risk flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RiskKind {
+    /// Risk of suicide.
+    Suicide,
+    /// Risk of self-harm.
+    SelfHarm,
+    /// Risk of violence to others.
+    Violence,
+    /// Vulnerable to harm from others.
+    Vulnerability,
+}
+
+impl RiskKind {
+    /// Every kind.
+    pub const ALL: [RiskKind; 4] = [
+        RiskKind::Suicide,
+        RiskKind::SelfHarm,
+        RiskKind::Violence,
+        RiskKind::Vulnerability,
+    ];
+
+    /// The stable code used in every format.
+    pub fn code(self) -> &'static str {
+        match self {
+            RiskKind::Suicide => "suicide",
+            RiskKind::SelfHarm => "self-harm",
+            RiskKind::Violence => "violence",
+            RiskKind::Vulnerability => "vulnerability",
+        }
+    }
+
+    /// The kind with this code.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.code() == code)
+    }
+}
+
+/// A risk flag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RiskFlag {
+    /// Which risk.
+    pub kind: RiskKind,
+    /// Currently active.
+    pub active: bool,
+    /// Clinician's note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Mental health care.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MentalHealth {
+    /// Under the care programme approach.
+    #[serde(default)]
+    pub care_programme_approach: bool,
+    /// Name of the care coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub care_coordinator: Option<String>,
+}
+
+/// Substance-misuse treatment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubstanceMisuse {
+    /// In structured treatment.
+    #[serde(default)]
+    pub in_treatment: bool,
+    /// The community service that continues it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub community_service: Option<String>,
+}
+
+/// An infectious disease and its status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Infection {
+    /// SNOMED CT code of the disease.
+    pub code: Code,
+    /// Status in words (e.g. `RNA positive`).
+    pub status: String,
+    /// Treatment start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub treatment_started: Option<Date>,
+}
+
+/// A vaccination given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vaccination {
+    /// The vaccine.
+    pub code: Code,
+    /// When given.
+    pub date: Date,
+}
+
+/// Whether a follow-up is an appointment or a referral.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FollowUpKind {
+    /// A booked appointment.
+    Appointment,
+    /// A referral to a service.
+    Referral,
+}
+
+/// A follow-up appointment or referral.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowUp {
+    /// Appointment or referral.
+    pub kind: FollowUpKind,
+    /// The service.
+    pub service: String,
+    /// When (appointments) or by when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date: Option<Date>,
+}
+
+/// The patient's decision on sharing with probation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentDecision {
+    /// Consented.
+    Given,
+    /// Refused.
+    Refused,
+    /// Not asked or not recorded.
+    NotRecorded,
+}
+
+/// Consent and legal basis for sharing with probation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consent {
+    /// The patient's decision.
+    pub probation_sharing: ConsentDecision,
+    /// A recorded legal basis for sharing risk without consent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legal_basis: Option<String>,
+}
+
+/// Who wrote the summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Author {
+    /// The clinician's name.
+    pub name: String,
+    /// Role.
+    pub role: String,
+    /// Their organisation.
+    pub organisation: OdsCode,
+}
+
+/// The canonical clinical summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClinicalSummary {
+    /// Demographics and identifiers.
+    pub patient: Patient,
+    /// The custody episode.
+    pub custody: Custody,
+    /// Registered (or nominated) GP practice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_gp: Option<OdsCode>,
+    /// Diagnoses and problems.
+    #[serde(default)]
+    pub diagnoses: Vec<Diagnosis>,
+    /// Medicines.
+    #[serde(default)]
+    pub medications: Vec<Medication>,
+    /// Allergies and adverse reactions.
+    #[serde(default)]
+    pub allergies: Vec<Allergy>,
+    /// Risk flags.
+    #[serde(default)]
+    pub risks: Vec<RiskFlag>,
+    /// Mental health care.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mental_health: Option<MentalHealth>,
+    /// Substance-misuse treatment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substance_misuse: Option<SubstanceMisuse>,
+    /// Infectious diseases.
+    #[serde(default)]
+    pub infections: Vec<Infection>,
+    /// Vaccinations.
+    #[serde(default)]
+    pub vaccinations: Vec<Vaccination>,
+    /// Follow-up appointments and referrals.
+    #[serde(default)]
+    pub follow_ups: Vec<FollowUp>,
+    /// Consent to share with probation.
+    pub consent: Consent,
+    /// Author.
+    pub author: Author,
+    /// When written.
+    pub authored_at: DateTime,
+}
+
+impl ClinicalSummary {
+    /// Opioid substitution therapy, or an active suicide or self-harm risk.
+    pub fn is_urgent(&self) -> bool {
+        self.medications.iter().any(|m| m.opioid_substitution)
+            || self
+                .risks
+                .iter()
+                .any(|r| r.active && matches!(r.kind, RiskKind::Suicide | RiskKind::SelfHarm))
+    }
+
+    /// Whether risk information may go to probation: consent given, or a
+    /// recorded legal basis.
+    pub fn may_share_risk_with_probation(&self) -> bool {
+        self.consent.probation_sharing == ConsentDecision::Given
+            || self
+                .consent
+                .legal_basis
+                .as_deref()
+                .is_some_and(|b| !b.trim().is_empty())
+    }
+}
