@@ -38,6 +38,9 @@ enum Command {
     Pull(PullArgs),
     /// Ask what became of a handover you submitted (test client).
     Track(TrackArgs),
+    /// Translate a clinical document between formats (reads FILE, writes stdout;
+    /// what the target format cannot carry goes to stderr).
+    Convert(ConvertArgs),
     /// Measure durable submits/s, latency, messages per fsync, pull+ack/s and RSS.
     Bench(throughcare::bench::BenchOptions),
     /// Administration that works on a stopped gateway's data directory.
@@ -148,6 +151,41 @@ struct TrackArgs {
     /// The message id it was submitted with.
     #[arg(long)]
     message_id: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    /// The canonical model as JSON.
+    ModelJson,
+    /// FHIR R4 document Bundle.
+    Fhir,
+    /// HL7 v2.5.1 ADT.
+    Hl7v2,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ViewArg {
+    Full,
+    Probation,
+    Admission,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Format of FILE.
+    #[arg(long)]
+    from: FormatArg,
+    /// Format to write.
+    #[arg(long)]
+    to: FormatArg,
+    /// What the recipient may see.
+    #[arg(long, value_enum, default_value = "full")]
+    view: ViewArg,
+    /// The journey event (needed when FILE does not state one).
+    #[arg(long)]
+    event: Option<String>,
+    /// The document.
+    file: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -399,6 +437,7 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Convert(args) => convert(args),
         Command::Bench(opts) => {
             let report = throughcare::bench::run(opts).await?;
             print!("{report}");
@@ -423,6 +462,43 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    use throughcare::clinical::translate::{self, TextFormat};
+    use throughcare::clinical::{Limits, View};
+    use throughcare::journey::JourneyEvent;
+    let format = |f: FormatArg| match f {
+        FormatArg::ModelJson => TextFormat::ModelJson,
+        FormatArg::Fhir => TextFormat::Fhir,
+        FormatArg::Hl7v2 => TextFormat::Hl7v2,
+    };
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let read = translate::read(format(args.from), &bytes, &Limits::default())
+        .map_err(|e| anyhow::anyhow!("invalid document: {e}"))?;
+    let event = match (&args.event, read.event) {
+        (Some(e), _) => match parse_event(e)? {
+            pb::JourneyEvent::Admission => JourneyEvent::Admission,
+            pb::JourneyEvent::Transfer => JourneyEvent::Transfer,
+            pb::JourneyEvent::CommunitySummary => JourneyEvent::CommunitySummary,
+            _ => JourneyEvent::Release,
+        },
+        (None, Some(e)) => e,
+        (None, None) => anyhow::bail!("--event is required: the document does not state one"),
+    };
+    let view = match args.view {
+        ViewArg::Full => View::Full,
+        ViewArg::Probation => View::Probation,
+        ViewArg::Admission => View::AdmissionNotice,
+    };
+    let rendered = translate::write(format(args.to), &read.summary, view, event);
+    for what in &rendered.not_carried {
+        eprintln!("not carried: {what}");
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(&rendered.bytes)?;
+    Ok(())
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {

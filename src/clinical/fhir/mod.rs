@@ -1230,6 +1230,7 @@ fn parse_document(bundle: &Bundle, prefix: &str, errors: &mut ValidationErrors) 
         .author
         .first()
         .and_then(|r| index.resolve(r))
+        .filter(|(_, av)| av.get("resourceType").and_then(Value::as_str) == Some("Practitioner"))
         .and_then(|(ai, av)| {
             let pr: Practitioner = typed(av, &index.path(ai), errors)?;
             Some((
