@@ -125,7 +125,10 @@ impl Prepared {
             registry,
             keyer,
             queue: config.queue.clone(),
-            max_document_bytes: config.limits.max_document_bytes,
+            limits: crate::clinical::Limits {
+                max_document_bytes: config.limits.max_document_bytes,
+                ..crate::clinical::Limits::default()
+            },
             shutting_down: shutdown_rx,
         });
         Ok(Self {

@@ -99,6 +99,18 @@ impl fmt::Display for BenchReport {
     }
 }
 
+/// An invented patient's release summary, distinct per `i`.
+fn document(i: usize, padding: &str) -> pb::ClinicalSummary {
+    let summary = crate::clinical::synthetic::release_summary(
+        None,
+        format!("A{:04}BC", i % 10_000).parse().ok(),
+        "YP001".parse().expect("valid ODS code"),
+        Some("YG001".parse().expect("valid ODS code")),
+        &format!("bench {i} {padding}"),
+    );
+    crate::grpc::summary::to_wire(&summary)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1_000.0
 }
@@ -214,14 +226,16 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     for _ in 0..opts.connections.max(1) {
         channels.push(crate::client::handover(&endpoint, &certs, "YP001").await?);
     }
-    let text = "x".repeat(opts.doc_bytes);
+    // Pad the summary's free text so each document is about `doc_bytes`.
+    let base = prost::Message::encoded_len(&document(0, ""));
+    let padding = "x".repeat(opts.doc_bytes.saturating_sub(base));
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..opts.clients {
         let mut client = channels[c % channels.len()].clone();
         let next = next.clone();
-        let text = text.clone();
+        let padding = padding.clone();
         let total = opts.messages;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -233,16 +247,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 let request = pb::SubmitRequest {
                     message_id: format!("bench-{i}"),
                     event: pb::JourneyEvent::Release.into(),
-                    patient: Some(pb::PatientRef {
-                        nhs_number: String::new(),
-                        prison_number: format!("A{:04}BC", i % 10_000),
-                        date_of_birth: String::new(),
-                    }),
+                    patient: None,
                     destinations: vec!["YG001".into()],
-                    document: Some(pb::submit_request::Document::Native(pb::ClinicalSummary {
-                        text: text.clone(),
-                        ..Default::default()
-                    })),
+                    document: Some(pb::submit_request::Document::Native(document(i, &padding))),
                 };
                 let t = Instant::now();
                 client.submit(request).await?;
@@ -282,6 +289,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 max_deliveries: 100,
                 lease_seconds: 0,
                 wait_millis: 1_000,
+                format: pb::DocumentFormat::Native.into(),
             })
             .await?
             .into_inner();

@@ -124,9 +124,16 @@ struct SubmitArgs {
     /// Date of birth, YYYY-MM-DD.
     #[arg(long, default_value = "")]
     dob: String,
-    /// Free-text summary for the native document.
+    /// A note on the invented patient's summary (when no document is given).
     #[arg(long, default_value = "")]
     text: String,
+    /// Send this document instead: `.json` FHIR Bundle, `.hl7` ADT message, or
+    /// a canonical-model JSON (see tests/fixtures/patients) with --model.
+    #[arg(long)]
+    document: Option<PathBuf>,
+    /// The --document file is a canonical-model JSON (sent as the native summary).
+    #[arg(long)]
+    model: bool,
 }
 
 #[derive(Args)]
@@ -142,6 +149,9 @@ struct PullArgs {
     /// Acknowledge what was pulled.
     #[arg(long)]
     ack: bool,
+    /// Print each document.
+    #[arg(long)]
+    show: bool,
 }
 
 #[derive(Args)]
@@ -333,20 +343,21 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
                 &args.client.as_,
             )
             .await?;
+            let document = submit_document(&args)?;
+            let patient =
+                (!args.nhs.is_empty() || !args.prison_number.is_empty() || !args.dob.is_empty())
+                    .then_some(pb::PatientRef {
+                        nhs_number: args.nhs,
+                        prison_number: args.prison_number,
+                        date_of_birth: args.dob,
+                    });
             let receipt = client
                 .submit(pb::SubmitRequest {
                     message_id: args.message_id,
                     event: parse_event(&args.event)?.into(),
-                    patient: Some(pb::PatientRef {
-                        nhs_number: args.nhs,
-                        prison_number: args.prison_number,
-                        date_of_birth: args.dob,
-                    }),
+                    patient,
                     destinations: args.to,
-                    document: Some(pb::submit_request::Document::Native(pb::ClinicalSummary {
-                        text: args.text,
-                        ..Default::default()
-                    })),
+                    document: Some(document),
                 })
                 .await
                 .map_err(status_error)?
@@ -377,6 +388,7 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
                     max_deliveries: args.max,
                     lease_seconds: 0,
                     wait_millis: args.wait_ms,
+                    format: 0,
                 })
                 .await
                 .map_err(status_error)?
@@ -393,6 +405,19 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
                     d.sender,
                     d.event()
                 );
+                for what in &d.not_carried {
+                    println!("  not carried: {what}");
+                }
+                if args.show {
+                    match &d.document {
+                        Some(pb::delivery::Document::FhirJson(t)) => println!("{t}"),
+                        Some(pb::delivery::Document::Hl7v2(t)) => {
+                            println!("{}", t.replace('\r', "\n"))
+                        }
+                        Some(pb::delivery::Document::Native(n)) => println!("{n:#?}"),
+                        None => {}
+                    }
+                }
                 if args.ack {
                     client
                         .ack(pb::AckRequest {
@@ -462,6 +487,38 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn submit_document(args: &SubmitArgs) -> anyhow::Result<pb::submit_request::Document> {
+    use pb::submit_request::Document;
+    let Some(path) = &args.document else {
+        let summary = throughcare::clinical::synthetic::release_summary(
+            args.nhs.parse().ok(),
+            args.prison_number.parse().ok(),
+            args.client
+                .as_
+                .parse()
+                .unwrap_or_else(|_| "YP001".parse().expect("valid")),
+            None,
+            &args.text,
+        );
+        return Ok(Document::Native(throughcare::grpc::summary::to_wire(
+            &summary,
+        )));
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if args.model {
+        let summary: throughcare::clinical::ClinicalSummary = serde_json::from_str(&text)?;
+        return Ok(Document::Native(throughcare::grpc::summary::to_wire(
+            &summary,
+        )));
+    }
+    Ok(if text.starts_with("MSH") {
+        Document::Hl7v2(text)
+    } else {
+        Document::FhirJson(text)
+    })
 }
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {

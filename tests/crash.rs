@@ -134,6 +134,7 @@ async fn consume_once(
             max_deliveries: 20,
             lease_seconds: 1,
             wait_millis: 200,
+            format: pb::DocumentFormat::Native.into(),
         })
         .await?
         .into_inner()
@@ -228,11 +229,7 @@ async fn acknowledged_submits_survive_kill_9() {
     loop {
         let delivered: BTreeSet<String> = {
             let l = ledger.lock().unwrap();
-            l.pulls
-                .iter()
-                .filter(|(_, acked)| *acked)
-                .map(|(m, _)| m.clone())
-                .collect()
+            l.pulls.iter().map(|(m, _)| m.clone()).collect()
         };
         let ok = ledger.lock().unwrap().ok.clone();
         if ok.is_subset(&delivered) || Instant::now() > deadline {
@@ -249,6 +246,26 @@ async fn acknowledged_submits_survive_kill_9() {
     let mut client = connect(&endpoint, &certs, "YG001").await;
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     while consume_once(&mut client, &ledger).await.unwrap() > 0 {}
+    // Before stopping: explain any acknowledged submit that was not delivered.
+    let missing: Vec<String> = {
+        let l = ledger.lock().unwrap();
+        let received: BTreeSet<&String> = l.pulls.iter().map(|(m, _)| m).collect();
+        l.ok.iter()
+            .filter(|m| !received.contains(m))
+            .cloned()
+            .collect()
+    };
+    if !missing.is_empty() {
+        let mut prison = connect(&endpoint, &certs, "YP001").await;
+        for m in missing.iter().take(5) {
+            let t = prison
+                .track(pb::TrackRequest {
+                    handover: Some(pb::track_request::Handover::MessageId(m.clone())),
+                })
+                .await;
+            println!("undelivered {m}: {t:?}");
+        }
+    }
     server.stop();
 
     let l = ledger.lock().unwrap();

@@ -470,6 +470,7 @@ async fn per_patient_order_holds_and_long_poll_wakes_on_arrival() {
                 max_deliveries: 10,
                 lease_seconds: 30,
                 wait_millis: 20_000,
+                format: pb::DocumentFormat::Native.into(),
             })
             .await
             .unwrap()
@@ -503,7 +504,7 @@ async fn per_patient_order_holds_and_long_poll_wakes_on_arrival() {
 #[tokio::test]
 async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
     let gw = TestGateway::start_with(
-        |c| c.limits.max_document_bytes = 4096,
+        |c| c.limits.max_document_bytes = 8192,
         Arc::new(SystemClock),
     )
     .await;
@@ -511,14 +512,14 @@ async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
     let before = gw.store.content_digest().unwrap();
     let mut cases: Vec<(&str, pb::SubmitRequest, Code, &str)> = Vec::new();
     let mut r = release("b-1", 1, &["YG001"], "x");
-    r.document = Some(native(""));
+    r.document = Some(pb::submit_request::Document::Native(Default::default()));
     cases.push((
         "empty document",
         r,
         Code::InvalidArgument,
         "document.native",
     ));
-    let r = release("b-2", 1, &["YG001"], &"x".repeat(4097));
+    let r = release("b-2", 1, &["YG001"], &"x".repeat(8193));
     cases.push((
         "oversized document",
         r,
@@ -562,8 +563,50 @@ async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
         "patient.nhs_number",
     ));
     let mut r = release("b-8", 1, &["YG001"], "x");
+    r.patient.as_mut().unwrap().nhs_number = nhs(2);
+    cases.push((
+        "a patient other than the document's",
+        r,
+        Code::InvalidArgument,
+        "patient",
+    ));
+    let mut r = release("b-11", 1, &["YG001"], "x");
+    let mut fhir = String::from_utf8(
+        throughcare::clinical::fhir::render(
+            &throughcare::clinical::synthetic::release_summary(
+                nhs(1).parse().ok(),
+                None,
+                "YP001".parse().unwrap(),
+                None,
+                "x",
+            ),
+            throughcare::journey::JourneyEvent::Release,
+        )
+        .bytes,
+    )
+    .unwrap();
+    fhir = fhir.replace(&nhs(1), "9990000017");
     r.patient = None;
-    cases.push(("no patient", r, Code::InvalidArgument, "patient"));
+    r.document = Some(pb::submit_request::Document::FhirJson(fhir));
+    cases.push((
+        "FHIR with a bad NHS number",
+        r,
+        Code::InvalidArgument,
+        "entry[1].resource.identifier[0].value",
+    ));
+    let mut r = release("b-12", 1, &["YG001"], "x");
+    r.patient = None;
+    r.document = Some(pb::submit_request::Document::Hl7v2(
+        "MSH|^~\\&|X|YP001|||20261124080000||ADT^A03^ADT_A03|1|P|2.5.1\rEVN|A03|20261124080000\r\
+         PID|1||9990000018^^^NHS^NH||Ex\rample^Alex||19850615|U\rPV1|1|N|^^^YP001\r"
+            .into(),
+    ));
+    cases.push((
+        "HL7 with a carriage return inside a field",
+        r,
+        Code::InvalidArgument,
+        "segment 4",
+    ));
     let mut r = release("b-9", 1, &["YG001"], "x");
     r.event = 0;
     cases.push(("no event", r, Code::InvalidArgument, "event"));
@@ -608,6 +651,7 @@ async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
             max_deliveries: 1,
             lease_seconds: 999_999,
             wait_millis: 0,
+            format: pb::DocumentFormat::Native.into(),
         })
         .await
         .unwrap_err();
@@ -702,6 +746,7 @@ async fn shutdown_ends_long_polls_and_drains() {
             max_deliveries: 1,
             lease_seconds: 0,
             wait_millis: 30_000,
+            format: pb::DocumentFormat::Native.into(),
         })
         .await
     });

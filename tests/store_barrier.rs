@@ -24,6 +24,7 @@ fn handover(i: usize) -> NewHandover {
         destinations: vec![NewDelivery {
             mailbox: "YG001".into(),
             urgent: false,
+            ..NewDelivery::default()
         }],
         payload: vec![b'x'; 4096],
     }

@@ -232,6 +232,7 @@ async fn run(ops: Vec<Op>) {
                         destinations: vec![NewDelivery {
                             mailbox: MAILBOXES[mailbox].into(),
                             urgent: false,
+                            ..NewDelivery::default()
                         }],
                         payload,
                     })

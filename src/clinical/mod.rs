@@ -8,6 +8,7 @@ pub mod fhir;
 pub mod hl7v2;
 mod identifiers;
 pub mod model;
+pub mod synthetic;
 pub mod translate;
 mod validate;
 pub mod views;

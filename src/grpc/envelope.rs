@@ -28,9 +28,9 @@ pub struct PatientRef {
 pub struct Envelope {
     /// The patient.
     pub patient: PatientRef,
-    /// The document's format.
-    pub format: DocumentFormat,
-    /// The document.
+    /// The format the document arrived in.
+    pub source_format: DocumentFormat,
+    /// The canonical summary, JSON.
     #[serde(skip)]
     pub document: Vec<u8>,
 }
@@ -81,7 +81,7 @@ mod tests {
                 prison_number: None,
                 date_of_birth: Some("1980-02-29".into()),
             },
-            format: DocumentFormat::Native,
+            source_format: DocumentFormat::Native,
             document: vec![1, 2, 3],
         };
         assert_eq!(e.encode(), e.clone().encode());

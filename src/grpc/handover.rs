@@ -7,15 +7,17 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::envelope::Envelope;
+use super::envelope::{Envelope, PatientRef};
 use super::error::ApiError;
 use super::pb;
-use super::wire::{self, SubmitCommand, Violations};
+use super::wire::{self, IncomingDocument, SubmitCommand, Violations};
 use crate::audit::PatientKeyer;
+use crate::clinical::translate::{self, TextFormat};
+use crate::clinical::{ClinicalSummary, Limits, ValidationErrors, View, validate};
 use crate::config::QueueConfig;
-use crate::journey::{OrgKind, Organisation, Registry};
+use crate::journey::{Format, JourneyEvent, OrgKind, Organisation, Registry};
 use crate::store::records::DocumentFormat;
-use crate::store::{LeasedDelivery, NewDelivery, NewHandover, Store, TrackKey};
+use crate::store::{LeasedDelivery, NewDelivery, NewHandover, Store, StoreError, TrackKey};
 use crate::tls::{ConnInfo, PeerIdentity};
 
 /// What every service shares.
@@ -28,8 +30,8 @@ pub struct Gateway {
     pub keyer: PatientKeyer,
     /// Queue settings.
     pub queue: QueueConfig,
-    /// Largest document accepted.
-    pub max_document_bytes: usize,
+    /// Limits on documents.
+    pub limits: Limits,
     /// Flips to true when the gateway starts shutting down.
     pub shutting_down: watch::Receiver<bool>,
 }
@@ -75,7 +77,7 @@ impl Gateway {
     }
 
     /// Checks each destination against the registry and the event's rules.
-    fn check_destinations(&self, cmd: &SubmitCommand) -> Result<Vec<NewDelivery>, ApiError> {
+    fn check_destinations(&self, cmd: &SubmitCommand) -> Result<Vec<&Organisation>, ApiError> {
         let mut v = Violations::default();
         let mut out = Vec::with_capacity(cmd.destinations.len());
         for (i, code) in cmd.destinations.iter().enumerate() {
@@ -94,10 +96,7 @@ impl Gateway {
                         org.kind.as_str()
                     ),
                 ),
-                Some(org) => out.push(NewDelivery {
-                    mailbox: org.ods.as_str().to_owned(),
-                    urgent: false,
-                }),
+                Some(org) => out.push(org),
             }
         }
         if v.0.is_empty() {
@@ -107,9 +106,42 @@ impl Gateway {
         }
     }
 
+    /// Reads the document into the canonical summary, with the event it states.
+    fn read_document(
+        &self,
+        document: IncomingDocument,
+    ) -> Result<(ClinicalSummary, Option<JourneyEvent>, DocumentFormat), ApiError> {
+        let from_clinical = |e: ValidationErrors| {
+            let mut v = Violations::default();
+            for x in e.0 {
+                v.add(x.field, x.description);
+            }
+            ApiError::Invalid(v.0)
+        };
+        match document {
+            IncomingDocument::Native(summary) => {
+                let mut v = Violations::default();
+                match super::summary::from_wire(*summary, "document.native", &mut v) {
+                    Some(s) if v.0.is_empty() => Ok((s, None, DocumentFormat::Native)),
+                    _ => Err(ApiError::Invalid(v.0)),
+                }
+            }
+            IncomingDocument::FhirJson(text) => {
+                translate::read(TextFormat::Fhir, text.as_bytes(), &self.limits)
+                    .map(|r| (r.summary, r.event, DocumentFormat::FhirJson))
+                    .map_err(from_clinical)
+            }
+            IncomingDocument::Hl7v2(text) => {
+                translate::read(TextFormat::Hl7v2, text.as_bytes(), &self.limits)
+                    .map(|r| (r.summary, r.event, DocumentFormat::Hl7v2))
+                    .map_err(from_clinical)
+            }
+        }
+    }
+
     async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<pb::SubmitReceipt, ApiError> {
         let (org, actor) = self.organisation(&req, "submit handovers")?;
-        let cmd = SubmitCommand::from_wire(req.into_inner(), self.max_document_bytes)
+        let cmd = SubmitCommand::from_wire(req.into_inner(), self.limits.max_document_bytes)
             .map_err(ApiError::Invalid)?;
         if org.kind != cmd.event.sender_kind() {
             return Err(ApiError::PermissionDenied(format!(
@@ -118,20 +150,57 @@ impl Gateway {
                 cmd.event
             )));
         }
-        if cmd.document.format != DocumentFormat::Native {
-            return Err(ApiError::Unimplemented(
-                "FHIR and HL7 v2 documents arrive with the clinical-content work; send the native summary".into(),
-            ));
+        let (summary, stated, source_format) = self.read_document(cmd.document.clone())?;
+        let mut v = Violations::default();
+        if let Some(stated) = stated.filter(|e| *e != cmd.event) {
+            v.add("event", format!("the document states {stated}"));
         }
-        let destinations = self.check_destinations(&cmd)?;
+        let from_document = PatientRef {
+            nhs_number: summary.patient.nhs_number.clone(),
+            prison_number: summary.patient.prison_number.clone(),
+            date_of_birth: Some(summary.patient.date_of_birth.to_string()),
+        };
+        if let Some(given) = &cmd.patient {
+            fn differs<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+                a.is_some() && a != b
+            }
+            if differs(&given.nhs_number, &from_document.nhs_number)
+                || differs(&given.prison_number, &from_document.prison_number)
+                || differs(&given.date_of_birth, &from_document.date_of_birth)
+            {
+                v.add("patient", "does not match the patient in the document");
+            }
+        }
+        if let Err(e) = validate(&summary, cmd.event) {
+            for x in e.0 {
+                v.add(x.field, x.description);
+            }
+        }
+        if !v.0.is_empty() {
+            return Err(ApiError::Invalid(v.0));
+        }
+        let recipients = self.check_destinations(&cmd)?;
+        let urgent = summary.is_urgent();
+        let destinations = recipients
+            .iter()
+            .map(|org| {
+                let view = view_for(cmd.event, org.kind);
+                NewDelivery {
+                    mailbox: org.ods.as_str().to_owned(),
+                    urgent,
+                    view: view_name(view).to_owned(),
+                    not_carried: render(&summary, org.format, view, cmd.event).1,
+                }
+            })
+            .collect();
         let patient_key = self.keyer.key(
-            cmd.patient.nhs_number.as_ref(),
-            cmd.patient.prison_number.as_ref(),
+            from_document.nhs_number.as_ref(),
+            from_document.prison_number.as_ref(),
         );
         let payload = Envelope {
-            patient: cmd.patient,
-            format: cmd.document.format,
-            document: cmd.document.bytes,
+            patient: from_document,
+            source_format,
+            document: serde_json::to_vec(&summary).expect("the model serialises"),
         }
         .encode();
         let outcome = self
@@ -172,7 +241,15 @@ impl Gateway {
             max_deliveries,
             lease_seconds,
             wait_millis,
+            format,
         } = req.into_inner();
+        let format = match pb::DocumentFormat::try_from(format) {
+            Ok(pb::DocumentFormat::Unspecified) => org.format,
+            Ok(pb::DocumentFormat::Native) => Format::Native,
+            Ok(pb::DocumentFormat::FhirJson) => Format::Fhir,
+            Ok(pb::DocumentFormat::Hl7v2) => Format::Hl7v2,
+            Err(_) => return Err(ApiError::invalid("format", "unknown document format")),
+        };
         let q = &self.queue;
         if lease_seconds > q.max_lease_seconds {
             return Err(ApiError::invalid(
@@ -210,7 +287,7 @@ impl Gateway {
         };
         let mut deliveries = Vec::with_capacity(leased.len());
         for l in leased {
-            match self.render(&l).await {
+            match self.deliver(&l, format).await {
                 Ok(d) => deliveries.push(d),
                 Err(e) => {
                     tracing::error!(delivery_id = l.delivery.id, error = %e, "stored payload unreadable; quarantining");
@@ -231,27 +308,15 @@ impl Gateway {
         Ok(pb::PullResponse { deliveries })
     }
 
-    async fn render(&self, l: &LeasedDelivery) -> Result<pb::Delivery, ApiError> {
+    async fn deliver(&self, l: &LeasedDelivery, format: Format) -> Result<pb::Delivery, ApiError> {
+        let corrupt = |e: String| ApiError::Store(StoreError::Corrupt(e));
         let bytes = self.store.payload(&l.handover).await?;
-        let envelope = Envelope::decode(&bytes)
-            .map_err(|e| ApiError::Store(crate::store::StoreError::Corrupt(e)))?;
-        let document = match envelope.format {
-            DocumentFormat::Native => {
-                let summary =
-                    <pb::ClinicalSummary as prost::Message>::decode(&envelope.document[..])
-                        .map_err(|e| {
-                            ApiError::Store(crate::store::StoreError::Corrupt(e.to_string()))
-                        })?;
-                pb::delivery::Document::Native(summary)
-            }
-            DocumentFormat::FhirJson => pb::delivery::Document::FhirJson(
-                String::from_utf8_lossy(&envelope.document).into_owned(),
-            ),
-            DocumentFormat::Hl7v2 => pb::delivery::Document::Hl7v2(
-                String::from_utf8_lossy(&envelope.document).into_owned(),
-            ),
-        };
+        let envelope = Envelope::decode(&bytes).map_err(corrupt)?;
+        let summary: ClinicalSummary =
+            serde_json::from_slice(&envelope.document).map_err(|e| corrupt(e.to_string()))?;
         let d = &l.delivery;
+        let view = view_from_name(&d.view);
+        let (document, not_carried) = render(&summary, format, view, l.handover.event);
         Ok(pb::Delivery {
             delivery_id: d.id,
             attempt: d.attempt,
@@ -262,7 +327,7 @@ impl Gateway {
             submitted_at: Some(wire::timestamp(l.handover.submitted_at_ms)),
             lease_expires_at: d.lease_until_ms.map(wire::timestamp),
             urgent: d.urgent,
-            not_carried: Vec::new(),
+            not_carried,
             document: Some(document),
         })
     }
@@ -328,6 +393,65 @@ impl Gateway {
         };
         let status = self.store.track(&actor, org.ods.as_str(), key).await?;
         Ok(wire::track_to_wire(&status.handover, &status.deliveries))
+    }
+}
+
+/// What a recipient of `kind` may see of an `event`.
+fn view_for(event: JourneyEvent, kind: OrgKind) -> View {
+    match (event, kind) {
+        (_, OrgKind::Probation) => View::Probation,
+        (JourneyEvent::Admission, _) => View::AdmissionNotice,
+        _ => View::Full,
+    }
+}
+
+fn view_name(view: View) -> &'static str {
+    match view {
+        View::Full => "full",
+        View::AdmissionNotice => "admission_notice",
+        View::Probation => "probation",
+    }
+}
+
+/// The stored view; anything unknown is the narrowest.
+fn view_from_name(name: &str) -> View {
+    match name {
+        "full" | "" => View::Full,
+        "admission_notice" => View::AdmissionNotice,
+        _ => View::Probation,
+    }
+}
+
+/// The `view` of `summary` rendered in `format`, with what it does not carry.
+fn render(
+    summary: &ClinicalSummary,
+    format: Format,
+    view: View,
+    event: JourneyEvent,
+) -> (pb::delivery::Document, Vec<String>) {
+    let text = |f| {
+        let r = translate::write(f, summary, view, event);
+        (
+            String::from_utf8_lossy(&r.bytes).into_owned(),
+            r.not_carried,
+        )
+    };
+    match format {
+        Format::Native => {
+            let shown = crate::clinical::views::apply(summary, view);
+            (
+                pb::delivery::Document::Native(super::summary::to_wire(&shown)),
+                Vec::new(),
+            )
+        }
+        Format::Fhir => {
+            let (t, n) = text(TextFormat::Fhir);
+            (pb::delivery::Document::FhirJson(t), n)
+        }
+        Format::Hl7v2 => {
+            let (t, n) = text(TextFormat::Hl7v2);
+            (pb::delivery::Document::Hl7v2(t), n)
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 mod envelope;
 mod error;
 mod handover;
+pub mod summary;
 mod wire;
 
 pub use envelope::{Envelope, PatientRef};

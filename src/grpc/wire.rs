@@ -9,19 +9,20 @@ use super::envelope::PatientRef;
 use super::pb;
 use crate::clinical::{NhsNumber, OdsCode, PrisonNumber};
 use crate::journey::JourneyEvent;
-use crate::store::records::DocumentFormat;
 use crate::store::{DeliveryRecord, DeliveryState, HandoverRecord};
 
 /// Most destinations one submit may name.
 pub const MAX_DESTINATIONS: usize = 16;
 
-/// A document as received.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Document {
-    /// Its format.
-    pub format: DocumentFormat,
-    /// Its bytes (native: the encoded `ClinicalSummary`).
-    pub bytes: Vec<u8>,
+/// A document as received, before it is read.
+#[derive(Debug, Clone)]
+pub enum IncomingDocument {
+    /// The native summary.
+    Native(Box<pb::ClinicalSummary>),
+    /// FHIR R4 JSON.
+    FhirJson(String),
+    /// HL7 v2 text.
+    Hl7v2(String),
 }
 
 /// A validated submit, before routing checks against the registry.
@@ -31,12 +32,12 @@ pub struct SubmitCommand {
     pub message_id: String,
     /// The journey event.
     pub event: JourneyEvent,
-    /// The patient.
-    pub patient: PatientRef,
-    /// Requested destinations, in order, with their request index.
+    /// The patient, when the caller named one (it must match the document).
+    pub patient: Option<PatientRef>,
+    /// Requested destinations, in order.
     pub destinations: Vec<OdsCode>,
     /// The document.
-    pub document: Document,
+    pub document: IncomingDocument,
 }
 
 /// Collects violations while a message is read.
@@ -92,20 +93,16 @@ pub fn is_iso_date(s: &str) -> bool {
 
 /// Reads a patient reference; identifiers must be valid when present and at
 /// least one must be present. Violations never quote the values.
-pub fn patient_from_wire(p: Option<pb::PatientRef>, field: &str, v: &mut Violations) -> PatientRef {
-    let Some(pb::PatientRef {
+pub fn patient_from_wire(
+    p: Option<pb::PatientRef>,
+    field: &str,
+    v: &mut Violations,
+) -> Option<PatientRef> {
+    let pb::PatientRef {
         nhs_number,
         prison_number,
         date_of_birth,
-    }) = p
-    else {
-        v.add(field, "required: the patient's NHS number or prison number");
-        return PatientRef {
-            nhs_number: None,
-            prison_number: None,
-            date_of_birth: None,
-        };
-    };
+    } = p?;
     let nhs = if nhs_number.is_empty() {
         None
     } else {
@@ -139,11 +136,11 @@ pub fn patient_from_wire(p: Option<pb::PatientRef>, field: &str, v: &mut Violati
         );
         None
     };
-    PatientRef {
+    Some(PatientRef {
         nhs_number: nhs,
         prison_number: prison,
         date_of_birth: dob,
-    }
+    })
 }
 
 impl SubmitCommand {
@@ -205,37 +202,27 @@ impl SubmitCommand {
                 v.add("document", "required: native, fhir_json or hl7v2");
                 None
             }
-            Some(pb::submit_request::Document::Native(summary)) => Some(Document {
-                format: DocumentFormat::Native,
-                bytes: summary.encode_to_vec(),
-            }),
-            Some(pb::submit_request::Document::FhirJson(text)) => Some(Document {
-                format: DocumentFormat::FhirJson,
-                bytes: text.into_bytes(),
-            }),
-            Some(pb::submit_request::Document::Hl7v2(text)) => Some(Document {
-                format: DocumentFormat::Hl7v2,
-                bytes: text.into_bytes(),
-            }),
-        };
-        if let Some(doc) = &document {
-            let field = match doc.format {
-                DocumentFormat::Native => "document.native",
-                DocumentFormat::FhirJson => "document.fhir_json",
-                DocumentFormat::Hl7v2 => "document.hl7v2",
-            };
-            if doc.bytes.is_empty() {
-                v.add(field, "the document is empty");
-            } else if doc.bytes.len() > max_document_bytes {
-                v.add(
-                    field,
-                    format!(
-                        "the document is {} bytes; the limit is {max_document_bytes}",
-                        doc.bytes.len()
-                    ),
-                );
+            Some(pb::submit_request::Document::Native(summary)) => {
+                let len = summary.encoded_len();
+                if len == 0 {
+                    v.add("document.native", "the document is empty");
+                } else if len > max_document_bytes {
+                    v.add(
+                        "document.native",
+                        format!("the document is {len} bytes; the limit is {max_document_bytes}"),
+                    );
+                }
+                Some(IncomingDocument::Native(Box::new(summary)))
             }
-        }
+            Some(pb::submit_request::Document::FhirJson(text)) => {
+                check_size("document.fhir_json", text.len(), max_document_bytes, &mut v);
+                Some(IncomingDocument::FhirJson(text))
+            }
+            Some(pb::submit_request::Document::Hl7v2(text)) => {
+                check_size("document.hl7v2", text.len(), max_document_bytes, &mut v);
+                Some(IncomingDocument::Hl7v2(text))
+            }
+        };
         match (v.0.is_empty(), event, document) {
             (true, Some(event), Some(document)) => Ok(SubmitCommand {
                 message_id,
@@ -246,6 +233,17 @@ impl SubmitCommand {
             }),
             _ => Err(v.0),
         }
+    }
+}
+
+fn check_size(field: &str, len: usize, max: usize, v: &mut Violations) {
+    if len == 0 {
+        v.add(field, "the document is empty");
+    } else if len > max {
+        v.add(
+            field,
+            format!("the document is {len} bytes; the limit is {max}"),
+        );
     }
 }
 
@@ -307,6 +305,8 @@ pub fn track_to_wire(h: &HandoverRecord, deliveries: &[DeliveryRecord]) -> pb::T
                 } else {
                     String::new()
                 },
+                not_carried: d.not_carried.clone(),
+                urgent: d.urgent,
             })
             .collect(),
     }
@@ -326,10 +326,15 @@ mod tests {
                 date_of_birth: "1980-02-29".into(),
             }),
             destinations: vec!["YG001".into()],
-            document: Some(pb::submit_request::Document::Native(pb::ClinicalSummary {
-                text: "summary".into(),
-                ..Default::default()
-            })),
+            document: Some(pb::submit_request::Document::Native(
+                crate::grpc::summary::to_wire(&crate::clinical::synthetic::release_summary(
+                    "9990000018".parse().ok(),
+                    None,
+                    "YP001".parse().unwrap(),
+                    None,
+                    "summary",
+                )),
+            )),
         }
     }
 

@@ -145,12 +145,16 @@ pub struct NewHandover {
 }
 
 /// One destination of a new handover.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NewDelivery {
     /// Receiving organisation's ODS code.
     pub mailbox: String,
     /// Served before routine deliveries.
     pub urgent: bool,
+    /// What the recipient sees (opaque to the store).
+    pub view: String,
+    /// What the recipient's format or view does not carry.
+    pub not_carried: Vec<String>,
 }
 
 /// What a submit produced.

@@ -161,6 +161,12 @@ pub struct DeliveryRecord {
     pub quarantined_at_ms: Option<i64>,
     /// Why quarantined, or the last retryable nack's reason.
     pub reason: Option<String>,
+    /// What the recipient sees (`full`, `admission_notice`, `probation`).
+    #[serde(default)]
+    pub view: String,
+    /// What the recipient's format or view does not carry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_carried: Vec<String>,
 }
 
 /// A mailbox's key prefix: length byte then the code.

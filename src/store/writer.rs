@@ -500,6 +500,8 @@ impl Writer {
                 delivered_at_ms: None,
                 quarantined_at_ms: None,
                 reason: None,
+                view: dest.view.clone(),
+                not_carried: dest.not_carried.clone(),
             };
             staged.put_json(TreeId::Deliveries, records::be(did).to_vec(), &record);
             staged.put(
@@ -914,6 +916,7 @@ fn content_hash(h: &NewHandover) -> String {
     for d in &h.destinations {
         field(d.mailbox.as_bytes());
         field(&[u8::from(d.urgent)]);
+        field(d.view.as_bytes());
     }
     field(&h.payload);
     hex(&hasher.finalize())

@@ -1,18 +1,39 @@
 """Python's grpcio as a second, independent client of the handover service."""
 
+import json
+import subprocess
+
 import grpc
 import pytest
+from fhir.resources.R4B.bundle import Bundle
 from google.rpc import error_details_pb2, status_pb2
 
+from conftest import BIN, ROOT
 
-def release(pb, message_id, nhs="9990000018", text="synthetic summary", to=("YG001",)):
-    return pb.h.SubmitRequest(
+
+FIXTURES = ROOT / "tests" / "fixtures" / "patients"
+
+
+def fhir_of(fixture: str) -> str:
+    """A FHIR Bundle of a synthetic patient, rendered by our converter."""
+    out = subprocess.run(
+        [BIN, "convert", "--from", "model-json", "--to", "fhir", "--event", "release", str(FIXTURES / fixture)],
+        check=True,
+        capture_output=True,
+    )
+    return out.stdout.decode()
+
+
+def release(pb, message_id, fixture="01-ost-released-today.json", nhs=None, to=("YG001",)):
+    request = pb.h.SubmitRequest(
         message_id=message_id,
         event=pb.h.RELEASE,
-        patient=pb.h.PatientRef(nhs_number=nhs, date_of_birth="1985-06-15"),
         destinations=list(to),
-        native=pb.s.ClinicalSummary(text=text),
+        fhir_json=fhir_of(fixture),
     )
+    if nhs is not None:
+        request.patient.nhs_number = nhs
+    return request
 
 
 def bad_request_fields(err):
@@ -38,9 +59,13 @@ def test_submit_pull_ack_track(gateway, pb):
     d = pulled[0]
     assert d.handover_id == receipt.handover_id
     assert d.sender == "YP001"
-    assert d.patient.nhs_number == "9990000018"
-    assert d.WhichOneof("document") == "native"
-    assert d.native.text == "synthetic summary"
+    assert d.patient.nhs_number == "9990001014"
+    assert d.urgent, "opioid substitution therapy makes a release urgent"
+    # Riverside (YG001) is registered for FHIR: the Bundle is valid R4.
+    assert d.WhichOneof("document") == "fhir_json"
+    bundle = Bundle.model_validate_json(d.fhir_json)
+    types = [e.resource.__resource_type__ for e in bundle.entry]
+    assert "MedicationStatement" in types
     gp.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
 
     track = prison.Track(pb.h.TrackRequest(message_id="py-1"), timeout=10)
@@ -54,7 +79,7 @@ def test_duplicate_and_conflicting_submits(gateway, pb):
     again = prison.Submit(release(pb, "py-dup"), timeout=10)
     assert again.duplicate and again.handover_id == first.handover_id
     with pytest.raises(grpc.RpcError) as err:
-        prison.Submit(release(pb, "py-dup", text="other content"), timeout=10)
+        prison.Submit(release(pb, "py-dup", fixture="06-many-medicines-and-allergies.json"), timeout=10)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 

@@ -154,15 +154,21 @@ pub fn nhs(i: u32) -> String {
     }
 }
 
-pub fn native(text: &str) -> pb::submit_request::Document {
-    pb::submit_request::Document::Native(pb::ClinicalSummary {
-        text: text.into(),
-        ..Default::default()
-    })
+/// A native summary of invented patient `patient`, with `marker` as the
+/// follow-up's service so a test can recognise the delivery.
+pub fn native_for(patient: u32, marker: &str) -> pb::submit_request::Document {
+    let summary = throughcare::clinical::synthetic::release_summary(
+        nhs(patient).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        None,
+        marker,
+    );
+    pb::submit_request::Document::Native(throughcare::grpc::summary::to_wire(&summary))
 }
 
 /// A release of patient `patient` to `to`.
-pub fn release(message_id: &str, patient: u32, to: &[&str], text: &str) -> pb::SubmitRequest {
+pub fn release(message_id: &str, patient: u32, to: &[&str], marker: &str) -> pb::SubmitRequest {
     pb::SubmitRequest {
         message_id: message_id.into(),
         event: pb::JourneyEvent::Release.into(),
@@ -172,21 +178,28 @@ pub fn release(message_id: &str, patient: u32, to: &[&str], text: &str) -> pb::S
             date_of_birth: "1985-06-15".into(),
         }),
         destinations: to.iter().map(|s| (*s).to_owned()).collect(),
-        document: Some(native(text)),
+        document: Some(native_for(patient, marker)),
     }
 }
 
+/// Pull up to `max`, rendered natively.
 pub fn pull(max: u32) -> pb::PullRequest {
     pb::PullRequest {
         max_deliveries: max,
         lease_seconds: 0,
         wait_millis: 0,
+        format: pb::DocumentFormat::Native.into(),
     }
 }
 
+/// The marker of a natively rendered delivery (see [`native_for`]).
 pub fn text_of(d: &pb::Delivery) -> String {
     match &d.document {
-        Some(pb::delivery::Document::Native(s)) => s.text.clone(),
+        Some(pb::delivery::Document::Native(s)) => s
+            .follow_ups
+            .first()
+            .map(|f| f.service.clone())
+            .unwrap_or_default(),
         other => panic!("expected a native document, got {other:?}"),
     }
 }
