@@ -30,6 +30,9 @@ pub struct BenchOptions {
     /// TLS connections the clients share.
     #[arg(long, default_value_t = 8)]
     pub connections: usize,
+    /// Measure translation throughput (FHIR ⇄ model ⇄ HL7 v2) instead, on one core.
+    #[arg(long)]
+    pub translation: bool,
 }
 
 /// Measured figures.
@@ -143,6 +146,121 @@ async fn wait_until_serving(endpoint: &str, certs: &Path) -> anyhow::Result<()> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     anyhow::bail!("the gateway did not start serving within 10 s")
+}
+
+/// Translation throughput on one core.
+#[derive(Debug, Clone)]
+pub struct TranslationReport {
+    /// Size of the FHIR document, bytes.
+    pub fhir_bytes: usize,
+    /// Size of the HL7 message, bytes.
+    pub hl7_bytes: usize,
+    /// Documents translated each way.
+    pub documents: usize,
+    /// FHIR → model → HL7 v2, documents per second.
+    pub fhir_to_hl7_per_s: f64,
+    /// HL7 v2 → model → FHIR, documents per second.
+    pub hl7_to_fhir_per_s: f64,
+}
+
+impl fmt::Display for TranslationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "throughcare bench --translation: {} documents each way on one core",
+            self.documents
+        )?;
+        writeln!(
+            f,
+            "  FHIR bundle {} bytes, HL7 message {} bytes",
+            self.fhir_bytes, self.hl7_bytes
+        )?;
+        writeln!(
+            f,
+            "  FHIR -> model -> HL7 v2 {:>10.0} documents/s",
+            self.fhir_to_hl7_per_s
+        )?;
+        writeln!(
+            f,
+            "  HL7 v2 -> model -> FHIR {:>10.0} documents/s",
+            self.hl7_to_fhir_per_s
+        )
+    }
+}
+
+/// A typical release summary of about 8 KiB as FHIR: an invented patient with
+/// several medicines, allergies and risks.
+pub fn typical_summary() -> crate::clinical::ClinicalSummary {
+    use crate::clinical::model::{Allergy, Code, RiskFlag, RiskKind, SNOMED, Severity};
+    let mut s = crate::clinical::synthetic::release_summary(
+        "9990001014".parse().ok(),
+        "A1234BC".parse().ok(),
+        "YP001".parse().expect("valid"),
+        Some("YG001".parse().expect("valid")),
+        "Community pharmacy supervised consumption",
+    );
+    let template = s.medications[0].clone();
+    for i in 0..7 {
+        let mut m = template.clone();
+        m.code.code = format!("3969541100000{i}103");
+        m.code.display = format!("Invented medicine {i} 10mg tablets");
+        s.medications.push(m);
+    }
+    for (i, name) in ["Penicillin", "Peanut", "Latex"].iter().enumerate() {
+        s.allergies.push(Allergy {
+            substance: Code {
+                system: SNOMED.into(),
+                code: format!("76414600{i}"),
+                display: (*name).into(),
+            },
+            reaction: Some("Urticaria".into()),
+            severity: Some(Severity::Moderate),
+        });
+    }
+    s.risks.push(RiskFlag {
+        kind: RiskKind::SelfHarm,
+        active: true,
+        note: Some("ACCT closed two weeks before release".into()),
+    });
+    s
+}
+
+/// Measures translation both ways over `documents` documents.
+///
+/// # Errors
+/// A translation failed (it never should).
+pub fn translation(documents: usize) -> anyhow::Result<TranslationReport> {
+    use crate::clinical::{Limits, fhir, hl7v2};
+    use crate::journey::JourneyEvent;
+    let s = typical_summary();
+    let limits = Limits::default();
+    let fhir_doc = fhir::render(&s, JourneyEvent::Release).bytes;
+    let hl7_doc = hl7v2::render(&s, JourneyEvent::Release).bytes;
+    let started = Instant::now();
+    let mut sink = 0usize;
+    for _ in 0..documents {
+        let parsed = fhir::parse(&fhir_doc, &limits).map_err(|e| anyhow::anyhow!("{e}"))?;
+        sink += hl7v2::render(&parsed.summary, JourneyEvent::Release)
+            .bytes
+            .len();
+    }
+    let one = started.elapsed();
+    let started = Instant::now();
+    for _ in 0..documents {
+        let parsed = hl7v2::parse(&hl7_doc, &limits).map_err(|e| anyhow::anyhow!("{e}"))?;
+        sink += fhir::render(&parsed.summary, JourneyEvent::Release)
+            .bytes
+            .len();
+    }
+    let other = started.elapsed();
+    anyhow::ensure!(sink > 0, "nothing rendered");
+    Ok(TranslationReport {
+        fhir_bytes: fhir_doc.len(),
+        hl7_bytes: hl7_doc.len(),
+        documents,
+        fhir_to_hl7_per_s: documents as f64 / one.as_secs_f64(),
+        hl7_to_fhir_per_s: documents as f64 / other.as_secs_f64(),
+    })
 }
 
 /// A gateway child process and the barrier-statistics line it logs on stop.

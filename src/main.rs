@@ -463,6 +463,12 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Convert(args) => convert(args),
+        Command::Bench(opts) if opts.translation => {
+            let report =
+                tokio::task::spawn_blocking(|| throughcare::bench::translation(20_000)).await??;
+            print!("{report}");
+            Ok(())
+        }
         Command::Bench(opts) => {
             let report = throughcare::bench::run(opts).await?;
             print!("{report}");

@@ -229,6 +229,7 @@ enum Job {
         reply: Reply<HandoverStatus>,
     },
     Sweep(Reply<usize>),
+    Record(crate::audit::AuditEvent, Reply<()>),
     Shutdown(Reply<()>),
 }
 
@@ -437,6 +438,15 @@ impl Store {
     /// Only store failures.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         self.ask(Job::Sweep).await
+    }
+
+    /// Appends an audit entry that records no change of state (a refused
+    /// handshake, a refused call); returns once it is durable.
+    ///
+    /// # Errors
+    /// Only store failures: the caller must then refuse the action (fail closed).
+    pub async fn record(&self, event: crate::audit::AuditEvent) -> Result<(), StoreError> {
+        self.ask(|reply| Job::Record(event, reply)).await
     }
 
     /// Reads a handover's payload, checking every chunk's CRC and the whole

@@ -330,6 +330,10 @@ impl Writer {
                     reply,
                 } => Answer::Track(reply, self.track(&mut staged, &actor, &sender, key, now)),
                 Job::Sweep(reply) => Answer::Count(reply, self.sweep(&mut staged, now)),
+                Job::Record(event, reply) => {
+                    self.audit(&mut staged, event, now);
+                    Answer::Unit(reply, Ok(()))
+                }
                 Job::Shutdown(reply) => {
                     shutdown.push(reply);
                     continue;
@@ -875,6 +879,7 @@ fn refuse(job: Job) -> Answer {
         Job::Nack { reply, .. } => Answer::State(reply, Err(e())),
         Job::Track { reply, .. } => Answer::Track(reply, Err(e())),
         Job::Sweep(reply) => Answer::Count(reply, Err(e())),
+        Job::Record(_, reply) => Answer::Unit(reply, Err(e())),
         Job::Shutdown(reply) => Answer::Unit(reply, Ok(())),
     }
 }

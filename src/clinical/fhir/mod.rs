@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::model::{
     Allergy, Author, ClinicalSummary, Code, ConsentDecision, Custody, Date, DateTime, Diagnosis,
@@ -565,8 +565,13 @@ fn json_depth(bytes: &[u8]) -> usize {
 }
 
 /// Parses into `T`, reporting the failing path under `prefix`.
-fn typed<T: DeserializeOwned>(v: &Value, prefix: &str, errors: &mut ValidationErrors) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(v) {
+fn typed<T: DeserializeOwned>(
+    json: &str,
+    prefix: &str,
+    errors: &mut ValidationErrors,
+) -> Option<T> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(t) => Some(t),
         Err(e) => {
             let path = e.path().to_string();
@@ -630,16 +635,15 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             format!("JSON nested deeper than {} levels", limits.max_json_depth),
         ));
     }
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        ValidationErrors::one(
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        return Err(ValidationErrors::one(
             "document",
             format!("not valid JSON (line {}, column {})", e.line(), e.column()),
-        )
-    })?;
+        ));
+    }
     let mut errors = ValidationErrors::default();
-    let bundle: Bundle = match typed(&value, "", &mut errors) {
-        Some(b) => b,
-        None => return Err(errors),
+    let Some(bundle) = typed::<RawBundle>(text, "", &mut errors) else {
+        return Err(errors);
     };
     if bundle.resource_type != "Bundle" {
         return Err(ValidationErrors::one("resourceType", "must be Bundle"));
@@ -647,13 +651,15 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     match bundle.type_.as_str() {
         "document" => parse_document(&bundle, "", &mut errors),
         "message" => {
-            let inner = bundle.entry.iter().enumerate().find(|(_, e)| {
-                e.resource.get("resourceType").and_then(Value::as_str) == Some("Bundle")
-            });
+            let inner = bundle
+                .entry
+                .iter()
+                .enumerate()
+                .find(|(_, e)| kind_of(&e.resource).as_deref() == Some("Bundle"));
             match inner {
                 Some((i, e)) => {
                     let prefix = format!("entry[{i}].resource.");
-                    match typed::<Bundle>(&e.resource, &prefix, &mut errors) {
+                    match typed::<RawBundle>(e.resource.get(), &prefix, &mut errors) {
                         Some(doc) if doc.type_ == "document" => {
                             parse_document(&doc, &prefix, &mut errors)
                         }
@@ -682,31 +688,37 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     .ok_or(errors)
 }
 
+fn kind_of(raw: &RawValue) -> Option<String> {
+    serde_json::from_str::<Kind>(raw.get()).ok()?.resource_type
+}
+
 struct Index<'a> {
     by_url: HashMap<&'a str, usize>,
-    entries: &'a [Entry],
+    entries: &'a [RawEntry],
+    kinds: Vec<Option<String>>,
     prefix: &'a str,
 }
 
 impl<'a> Index<'a> {
-    fn of_type(&self, t: &str) -> impl Iterator<Item = (usize, &'a Value)> + '_ {
-        let t = t.to_owned();
-        self.entries
+    fn of_type(&self, t: &'static str) -> impl Iterator<Item = (usize, &'a str)> + '_ {
+        self.kinds
             .iter()
             .enumerate()
-            .filter(move |(_, e)| {
-                e.resource.get("resourceType").and_then(Value::as_str) == Some(t.as_str())
-            })
-            .map(|(i, e)| (i, &e.resource))
+            .filter(move |(_, k)| k.as_deref() == Some(t))
+            .map(|(i, _)| (i, self.entries[i].resource.get()))
+    }
+
+    fn kind(&self, i: usize) -> Option<&str> {
+        self.kinds.get(i).and_then(|k| k.as_deref())
     }
 
     fn path(&self, i: usize) -> String {
         format!("{}entry[{i}].resource.", self.prefix)
     }
 
-    fn resolve(&self, r: &Reference) -> Option<(usize, &'a Value)> {
+    fn resolve(&self, r: &Reference) -> Option<(usize, &'a str)> {
         let i = *self.by_url.get(r.reference.as_deref()?)?;
-        Some((i, &self.entries[i].resource))
+        Some((i, self.entries[i].resource.get()))
     }
 }
 
@@ -770,7 +782,11 @@ fn required<T>(
 }
 
 #[allow(clippy::too_many_lines)]
-fn parse_document(bundle: &Bundle, prefix: &str, errors: &mut ValidationErrors) -> Option<Parsed> {
+fn parse_document(
+    bundle: &RawBundle,
+    prefix: &str,
+    errors: &mut ValidationErrors,
+) -> Option<Parsed> {
     let index = Index {
         by_url: bundle
             .entry
@@ -779,13 +795,10 @@ fn parse_document(bundle: &Bundle, prefix: &str, errors: &mut ValidationErrors) 
             .filter_map(|(i, e)| e.full_url.as_deref().map(|u| (u, i)))
             .collect(),
         entries: &bundle.entry,
+        kinds: bundle.entry.iter().map(|e| kind_of(&e.resource)).collect(),
         prefix,
     };
-    let first_type = bundle
-        .entry
-        .first()
-        .and_then(|e| e.resource.get("resourceType"))
-        .and_then(Value::as_str);
+    let first_type = index.kind(0);
     if first_type != Some("Composition") {
         errors.add(
             format!("{prefix}entry[0].resource"),
@@ -793,7 +806,7 @@ fn parse_document(bundle: &Bundle, prefix: &str, errors: &mut ValidationErrors) 
         );
         return None;
     }
-    let comp: Composition = typed(&bundle.entry[0].resource, &index.path(0), errors)?;
+    let comp: Composition = typed(bundle.entry[0].resource.get(), &index.path(0), errors)?;
     let event = comp
         .event
         .iter()
@@ -1230,7 +1243,7 @@ fn parse_document(bundle: &Bundle, prefix: &str, errors: &mut ValidationErrors) 
         .author
         .first()
         .and_then(|r| index.resolve(r))
-        .filter(|(_, av)| av.get("resourceType").and_then(Value::as_str) == Some("Practitioner"))
+        .filter(|(ai, _)| index.kind(*ai) == Some("Practitioner"))
         .and_then(|(ai, av)| {
             let pr: Practitioner = typed(av, &index.path(ai), errors)?;
             Some((

@@ -400,3 +400,30 @@ pub struct Provision {
     #[serde(rename = "type")]
     pub type_: String,
 }
+
+/// A Bundle as read: entries keep their raw JSON until their type is known.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawBundle {
+    pub resource_type: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default)]
+    pub entry: Vec<RawEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawEntry {
+    #[serde(default)]
+    pub full_url: Option<String>,
+    pub resource: Box<serde_json::value::RawValue>,
+}
+
+/// Only a resource's type.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Kind {
+    #[serde(default)]
+    pub resource_type: Option<String>,
+}
