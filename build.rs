@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/throughcare/v1/summary.proto",
         "proto/throughcare/v1/handover.proto",
+        "proto/throughcare/v1/operator.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -13,7 +13,8 @@ use tokio::sync::watch;
 use crate::audit::PatientKeyer;
 use crate::config::{Config, ConfigError};
 use crate::grpc::pb::handover_server::HandoverServer;
-use crate::grpc::{Gateway, HandoverService};
+use crate::grpc::pb::operator_server::OperatorServer;
+use crate::grpc::{Gateway, HandoverService, OperatorService};
 use crate::journey::Registry;
 use crate::store::{Clock, Store, StoreError, StoreOptions, SystemClock};
 use crate::tls::ReloadableConfig;
@@ -102,7 +103,7 @@ impl Prepared {
                 "created DEVELOPMENT certificates and registry; never use them in production"
             );
         }
-        let registry = Registry::load(&config.registry_path())?;
+        let mut registry = Registry::load(&config.registry_path())?;
         let tls = ReloadableConfig::load(config.tls_files())?;
         let secret_path = config
             .patient_key_file
@@ -117,12 +118,20 @@ impl Prepared {
                 retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
                 ..StoreOptions::default()
             },
-            clock,
+            clock.clone(),
         )?;
+        // Operators' registry changes, kept in the store, win over the file.
+        for raw in store.registry_records()? {
+            let org: crate::journey::Organisation = serde_json::from_slice(&raw)
+                .map_err(|e| StoreError::Corrupt(format!("registry record: {e}")))?;
+            registry.put(org);
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let gateway = Arc::new(Gateway {
             store,
-            registry,
+            registry: crate::journey::SharedRegistry::new(registry),
+            deadlines: config.deadlines.to_deadlines(),
+            clock,
             keyer,
             queue: config.queue.clone(),
             limits: crate::clinical::Limits {
@@ -172,6 +181,7 @@ impl Prepared {
         let handover = HandoverServer::new(HandoverService::new(self.gateway.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message.saturating_mul(4));
+        let operator = OperatorServer::new(OperatorService::new(self.gateway.clone()));
 
         let sweeper = {
             let store = self.gateway.store.clone();
@@ -184,11 +194,7 @@ impl Prepared {
                         _ = stop.changed() => break,
                     }
                     match store.sweep().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::warn!(
-                            quarantined = n,
-                            "deliveries quarantined after their last lease expired"
-                        ),
+                        Ok(outcome) => report_sweep(&outcome),
                         Err(e) => tracing::error!(error = %e, "sweep failed"),
                     }
                 }
@@ -199,6 +205,7 @@ impl Prepared {
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(handover)
+            .add_service(operator)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = server_stopped.await;
             });
@@ -244,5 +251,27 @@ impl Prepared {
         );
         tracing::info!("store closed after a final durability barrier");
         result
+    }
+}
+
+/// Logs what a sweep found: missed deadlines are alerts, never a silent state.
+/// Only ids and organisation codes: never patient data.
+fn report_sweep(outcome: &crate::store::SweepOutcome) {
+    if outcome.quarantined > 0 {
+        tracing::warn!(
+            quarantined = outcome.quarantined,
+            "deliveries quarantined after their last lease expired"
+        );
+    }
+    for d in &outcome.newly_overdue {
+        tracing::warn!(
+            alert = "deadline_missed",
+            delivery_id = d.id,
+            handover_id = d.handover_id,
+            mailbox = %d.mailbox,
+            urgent = d.urgent,
+            due_ms = d.due_ms,
+            "delivery overdue: its deadline passed before it was acknowledged"
+        );
     }
 }

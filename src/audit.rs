@@ -195,6 +195,32 @@ impl PatientKeyer {
     }
 }
 
+impl PatientKeyer {
+    /// Keys that may claim a parked release: each identifier with the date
+    /// of birth, so a claimant must know both.
+    pub fn claim_keys(
+        &self,
+        nhs: Option<&NhsNumber>,
+        prison: Option<&PrisonNumber>,
+        date_of_birth: &str,
+    ) -> Vec<String> {
+        let subjects = [
+            nhs.map(|n| format!("claim:nhs:{}:{date_of_birth}", n.as_str())),
+            prison.map(|p| format!("claim:prison:{}:{date_of_birth}", p.as_str())),
+        ];
+        subjects
+            .into_iter()
+            .flatten()
+            .map(|subject| {
+                let mut mac =
+                    Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+                mac.update(subject.as_bytes());
+                hex(&mac.finalize().into_bytes()[..16])
+            })
+            .collect()
+    }
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;

@@ -102,11 +102,20 @@ impl fmt::Display for BenchReport {
     }
 }
 
-/// An invented patient's release summary, distinct per `i`.
+/// Release summary `i`, of invented patient `i` (one patient per message, so
+/// no summary supersedes another).
 fn document(i: usize, padding: &str) -> pb::ClinicalSummary {
+    let letter = |n: usize| char::from(b'A' + u8::try_from(n % 26).unwrap_or(0));
     let summary = crate::clinical::synthetic::release_summary(
         None,
-        format!("A{:04}BC", i % 10_000).parse().ok(),
+        format!(
+            "A{:04}{}{}",
+            i % 10_000,
+            letter(i / 10_000),
+            letter(i / 260_000)
+        )
+        .parse()
+        .ok(),
         "YP001".parse().expect("valid ODS code"),
         Some("YG001".parse().expect("valid ODS code")),
         &format!("bench {i} {padding}"),

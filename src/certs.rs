@@ -50,6 +50,7 @@ pub fn dev_organisations() -> Vec<Organisation> {
         name: name.to_owned(),
         format,
         region: region.map(str::to_owned),
+        active: true,
     };
     vec![
         org(
@@ -57,7 +58,7 @@ pub fn dev_organisations() -> Vec<Organisation> {
             OrgKind::Prison,
             "HMP Ashdown (invented)",
             Format::Native,
-            None,
+            Some("north"),
         ),
         org(
             "YP002",

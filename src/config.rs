@@ -55,6 +55,8 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Input limits.
     pub limits: LimitsConfig,
+    /// How long each event may take to reach its recipient.
+    pub deadlines: DeadlinesConfig,
     /// How long in-flight calls may take to finish on shutdown, ms.
     pub shutdown_grace_ms: u64,
 }
@@ -109,6 +111,42 @@ impl Default for QueueConfig {
     }
 }
 
+/// Deadlines. A transfer is due by its transfer time and a release by the end
+/// of its release day (UTC); the others by submission plus their window. An
+/// urgent delivery is due within `urgent_hours`, or its event's deadline if sooner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadlinesConfig {
+    /// An admission notice to the registered GP, hours.
+    pub admission_hours: u32,
+    /// A community summary back to the admitting prison, hours.
+    pub community_summary_hours: u32,
+    /// Any urgent delivery, hours.
+    pub urgent_hours: u32,
+}
+
+impl Default for DeadlinesConfig {
+    fn default() -> Self {
+        Self {
+            admission_hours: 24,
+            community_summary_hours: 72,
+            urgent_hours: 4,
+        }
+    }
+}
+
+impl DeadlinesConfig {
+    /// The routing deadlines.
+    pub fn to_deadlines(&self) -> crate::journey::Deadlines {
+        let ms = |h: u32| i64::from(h) * 3_600_000;
+        crate::journey::Deadlines {
+            admission_ms: ms(self.admission_hours),
+            community_summary_ms: ms(self.community_summary_hours),
+            urgent_ms: ms(self.urgent_hours),
+        }
+    }
+}
+
 /// Input limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -137,6 +175,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             queue: QueueConfig::default(),
             limits: LimitsConfig::default(),
+            deadlines: DeadlinesConfig::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -230,6 +269,19 @@ impl Config {
         )?;
         positive("queue.max_pull", q.max_pull.into())?;
         positive("queue.sweep_interval_ms", q.sweep_interval_ms)?;
+        let d = &self.deadlines;
+        for (field, hours) in [
+            ("deadlines.admission_hours", d.admission_hours),
+            (
+                "deadlines.community_summary_hours",
+                d.community_summary_hours,
+            ),
+            ("deadlines.urgent_hours", d.urgent_hours),
+        ] {
+            if !(1..=24 * 365).contains(&hours) {
+                return Err(ConfigError::new(field, "must be 1 to 8760 hours"));
+            }
+        }
         if q.max_attempts > 100 {
             return Err(ConfigError::new(
                 "queue.max_attempts",

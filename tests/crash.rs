@@ -109,8 +109,10 @@ async fn submitter(
         ledger.lock().unwrap().attempted.insert(message.clone());
         // Retry with the same message id until it is acknowledged.
         loop {
-            let request =
-                support::release(&message, (id * 7 + n) as u32 % 40, &["YG001"], &message);
+            // One patient per message: this test is about durability, and a
+            // newer release for the same patient would supersede an older one.
+            let patient = (id * 10_000 + n) as u32;
+            let request = support::release(&message, patient, &["YG001"], &message);
             match client.submit(request).await {
                 Ok(_) => {
                     ledger.lock().unwrap().ok.insert(message.clone());
@@ -281,9 +283,12 @@ async fn acknowledged_submits_survive_kill_9() {
             acked.insert(m);
         }
     }
+    // Delivered means the consumer received it. Its ack may have been made
+    // durable and then lost with the reply to a kill: the gateway then rightly
+    // never offers it again, so "acked" is not required here.
     for m in &l.ok {
         assert!(
-            acked.contains(m.as_str()),
+            times_pulled.contains_key(m.as_str()),
             "acknowledged submit {m} was never delivered"
         );
     }

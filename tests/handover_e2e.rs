@@ -258,7 +258,7 @@ async fn duplicate_submit_returns_the_original_receipt_and_conflicts_are_refused
     // The same message id from another sender is a different handover.
     let mut other = gw.client("YP002").await;
     let theirs = other
-        .submit(release("dup-1", 1, &["YG001"], "different"))
+        .submit(release("dup-1", 2, &["YG001"], "different"))
         .await
         .unwrap()
         .into_inner();
@@ -347,10 +347,8 @@ async fn a_poison_delivery_is_quarantined_while_other_patients_flow() {
     })
     .await;
     let mut prison = gw.client("YP001").await;
-    prison
-        .submit(release("poison", 1, &["YG001"], "poison"))
-        .await
-        .unwrap();
+    // The poison is patient 1's admission notice.
+    prison.submit(admission("poison", 1)).await.unwrap();
     for i in 0..3 {
         prison
             .submit(release(&format!("ok-{i}"), 10 + i, &["YG001"], "fine"))
@@ -367,7 +365,7 @@ async fn a_poison_delivery_is_quarantined_while_other_patients_flow() {
     for round in 0..3 {
         let batch = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
         for d in batch {
-            if text_of(&d) == "poison" {
+            if text_of(&d) == "admission" {
                 let state = gp
                     .nack(pb::NackRequest {
                         delivery_id: d.delivery_id,
@@ -478,16 +476,13 @@ async fn per_patient_order_holds_and_long_poll_wakes_on_arrival() {
         (gp, r.deliveries)
     });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    prison
-        .submit(release("a-1", 1, &["YG001"], "first"))
-        .await
-        .unwrap();
+    prison.submit(admission("a-1", 1)).await.unwrap();
     prison
         .submit(release("a-2", 1, &["YG001"], "second"))
         .await
         .unwrap();
     let (mut gp, got) = waiter.await.unwrap();
-    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["first"]);
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["admission"]);
     let more = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
     assert!(more.is_empty(), "second waits behind the unacked first");
     gp.ack(pb::AckRequest {

@@ -27,6 +27,8 @@ fn handover(i: usize) -> NewHandover {
             ..NewDelivery::default()
         }],
         payload: vec![b'x'; 4096],
+        requested_destinations: Vec::new(),
+        supersede: false,
     }
 }
 

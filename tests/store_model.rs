@@ -235,6 +235,8 @@ async fn run(ops: Vec<Op>) {
                             ..NewDelivery::default()
                         }],
                         payload,
+                        requested_destinations: vec![MAILBOXES[mailbox].into()],
+                        supersede: false,
                     })
                     .await;
                 match model.accepted.get(&msg) {
@@ -365,7 +367,7 @@ async fn run(ops: Vec<Op>) {
             }
             Op::Sweep => {
                 assert_eq!(
-                    store.sweep().await.unwrap(),
+                    store.sweep().await.unwrap().quarantined,
                     model.quarantine_exhausted(None)
                 );
             }

@@ -54,6 +54,24 @@ impl fmt::Display for DateTime {
     }
 }
 
+impl Date {
+    /// The last millisecond of this day in UTC, ms since the epoch.
+    pub fn end_of_day_ms(self) -> i64 {
+        let end = self
+            .0
+            .with_hms_milli(23, 59, 59, 999)
+            .unwrap_or(self.0.midnight());
+        i64::try_from(end.assume_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+    }
+}
+
+impl DateTime {
+    /// This moment, ms since the epoch.
+    pub fn unix_ms(self) -> i64 {
+        i64::try_from(self.0.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+    }
+}
+
 macro_rules! serde_via_display {
     ($($t:ty),*) => {$(
         impl Serialize for $t {

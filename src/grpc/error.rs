@@ -52,7 +52,9 @@ impl ApiError {
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Store(e) => match e {
                 StoreError::Conflict => Code::AlreadyExists,
-                StoreError::UnknownDelivery | StoreError::UnknownHandover => Code::NotFound,
+                StoreError::UnknownDelivery
+                | StoreError::UnknownHandover
+                | StoreError::NothingToClaim => Code::NotFound,
                 StoreError::StaleAttempt { .. }
                 | StoreError::LeaseExpired
                 | StoreError::NotLeased(_) => Code::FailedPrecondition,

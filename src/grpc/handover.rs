@@ -15,17 +15,25 @@ use crate::audit::PatientKeyer;
 use crate::clinical::translate::{self, TextFormat};
 use crate::clinical::{ClinicalSummary, Limits, ValidationErrors, View, validate};
 use crate::config::QueueConfig;
-use crate::journey::{Format, JourneyEvent, OrgKind, Organisation, Registry};
+use crate::journey::{
+    Deadlines, Format, JourneyEvent, OrgKind, Organisation, Recipient, SharedRegistry,
+};
 use crate::store::records::DocumentFormat;
-use crate::store::{LeasedDelivery, NewDelivery, NewHandover, Store, StoreError, TrackKey};
+use crate::store::{
+    Clock, LeasedDelivery, NewDelivery, NewHandover, PARKED_MAILBOX, Store, StoreError, TrackKey,
+};
 use crate::tls::{ConnInfo, PeerIdentity};
 
 /// What every service shares.
 pub struct Gateway {
     /// The store.
     pub store: Store,
-    /// Registered organisations.
-    pub registry: Registry,
+    /// Registered organisations (operators change them while running).
+    pub registry: SharedRegistry,
+    /// How long each event may take to arrive.
+    pub deadlines: Deadlines,
+    /// The clock routing and deadlines use (the store's).
+    pub clock: Arc<dyn Clock>,
     /// Keyed hash for patient identifiers.
     pub keyer: PatientKeyer,
     /// Queue settings.
@@ -37,13 +45,13 @@ pub struct Gateway {
 }
 
 /// A caller resolved from its certificate.
-enum Caller<'a> {
-    Org(&'a Organisation),
+pub(super) enum Caller {
+    Org(Organisation),
     Operator,
 }
 
 impl Gateway {
-    fn caller<'a, T>(&'a self, req: &Request<T>) -> Result<(Caller<'a>, String), ApiError> {
+    pub(super) fn caller<T>(&self, req: &Request<T>) -> Result<(Caller, String), ApiError> {
         let info = req
             .extensions()
             .get::<ConnInfo>()
@@ -52,6 +60,9 @@ impl Gateway {
         match &info.identity {
             PeerIdentity::Operator(_) => Ok((Caller::Operator, actor)),
             PeerIdentity::Organisation(code) => match self.registry.get(code) {
+                Some(org) if !org.active => Err(ApiError::PermissionDenied(format!(
+                    "organisation {code} is disabled in the registry"
+                ))),
                 Some(org) => Ok((Caller::Org(org), actor)),
                 None => {
                     tracing::warn!(caller = %actor, "certificate for an unregistered organisation");
@@ -63,46 +74,16 @@ impl Gateway {
         }
     }
 
-    fn organisation<'a, T>(
-        &'a self,
+    fn organisation<T>(
+        &self,
         req: &Request<T>,
         what: &str,
-    ) -> Result<(&'a Organisation, String), ApiError> {
+    ) -> Result<(Organisation, String), ApiError> {
         match self.caller(req)? {
             (Caller::Org(org), actor) => Ok((org, actor)),
             (Caller::Operator, _) => Err(ApiError::PermissionDenied(format!(
                 "operators cannot {what}; use an organisation's certificate"
             ))),
-        }
-    }
-
-    /// Checks each destination against the registry and the event's rules.
-    fn check_destinations(&self, cmd: &SubmitCommand) -> Result<Vec<&Organisation>, ApiError> {
-        let mut v = Violations::default();
-        let mut out = Vec::with_capacity(cmd.destinations.len());
-        for (i, code) in cmd.destinations.iter().enumerate() {
-            let field = format!("destinations[{i}]");
-            match self.registry.get(code) {
-                None => v.add(
-                    field,
-                    format!("no registered organisation has ODS code {code}"),
-                ),
-                Some(org) if !cmd.event.accepts_destination(org.kind) => v.add(
-                    field,
-                    format!(
-                        "{} goes to {}; {code} is a {}",
-                        cmd.event,
-                        cmd.event.destination_kinds(),
-                        org.kind.as_str()
-                    ),
-                ),
-                Some(org) => out.push(org),
-            }
-        }
-        if v.0.is_empty() {
-            Ok(out)
-        } else {
-            Err(ApiError::Invalid(v.0))
         }
     }
 
@@ -179,17 +160,53 @@ impl Gateway {
         if !v.0.is_empty() {
             return Err(ApiError::Invalid(v.0));
         }
-        let recipients = self.check_destinations(&cmd)?;
-        let urgent = summary.is_urgent();
-        let destinations = recipients
+        let now = self.clock.now_ms();
+        let routes = {
+            let registry = self.registry.read();
+            crate::journey::route(
+                cmd.event,
+                &summary,
+                &org,
+                &cmd.destinations,
+                &registry,
+                &self.deadlines,
+                now,
+            )
+        }
+        .map_err(|violations| {
+            let mut v = Violations::default();
+            for (field, reason) in violations {
+                v.add(field, reason);
+            }
+            ApiError::Invalid(v.0)
+        })?;
+        let claim_keys = self.keyer.claim_keys(
+            from_document.nhs_number.as_ref(),
+            from_document.prison_number.as_ref(),
+            &summary.patient.date_of_birth.to_string(),
+        );
+        let destinations = routes
             .iter()
-            .map(|org| {
-                let view = view_for(cmd.event, org.kind);
+            .map(|r| {
+                let (mailbox, format, claim_keys) = match &r.recipient {
+                    Recipient::Org(code) => (
+                        code.as_str().to_owned(),
+                        self.registry.get(code).map_or(Format::Native, |o| o.format),
+                        Vec::new(),
+                    ),
+                    Recipient::Parked => (
+                        PARKED_MAILBOX.to_owned(),
+                        Format::Native,
+                        claim_keys.clone(),
+                    ),
+                };
                 NewDelivery {
-                    mailbox: org.ods.as_str().to_owned(),
-                    urgent,
-                    view: view_name(view).to_owned(),
-                    not_carried: render(&summary, org.format, view, cmd.event).1,
+                    mailbox,
+                    urgent: r.urgent,
+                    view: view_name(r.view).to_owned(),
+                    not_carried: render(&summary, format, r.view, cmd.event).1,
+                    due_ms: Some(r.due_ms).filter(|d| *d != i64::MAX),
+                    claim_keys,
                 }
             })
             .collect();
@@ -211,8 +228,14 @@ impl Gateway {
                 message_id: cmd.message_id,
                 event: cmd.event,
                 patient_key,
+                requested_destinations: cmd
+                    .destinations
+                    .iter()
+                    .map(|c| c.as_str().to_owned())
+                    .collect(),
                 destinations,
                 payload,
+                supersede: true,
             })
             .await?;
         tracing::info!(
@@ -221,16 +244,26 @@ impl Gateway {
             duplicate = outcome.duplicate,
             "submit accepted"
         );
+        let mut deliveries = Vec::with_capacity(outcome.deliveries.len());
+        for (i, (destination, delivery_id)) in outcome.deliveries.into_iter().enumerate() {
+            // A repeat answers with the original deliveries, routed then.
+            let (due_ms, urgent) = match routes.get(i) {
+                Some(r) if !outcome.duplicate => (Some(r.due_ms), r.urgent),
+                _ => self
+                    .store
+                    .delivery(delivery_id)?
+                    .map_or((None, false), |d| (d.due_ms, d.urgent)),
+            };
+            deliveries.push(pb::DeliveryReceipt {
+                destination,
+                delivery_id,
+                due_at: due_ms.filter(|d| *d != i64::MAX).map(wire::timestamp),
+                urgent,
+            });
+        }
         Ok(pb::SubmitReceipt {
             handover_id: outcome.handover_id,
-            deliveries: outcome
-                .deliveries
-                .into_iter()
-                .map(|(destination, delivery_id)| pb::DeliveryReceipt {
-                    destination,
-                    delivery_id,
-                })
-                .collect(),
+            deliveries,
             duplicate: outcome.duplicate,
         })
     }
@@ -328,6 +361,7 @@ impl Gateway {
             lease_expires_at: d.lease_until_ms.map(wire::timestamp),
             urgent: d.urgent,
             not_carried,
+            due_at: d.due_ms.map(wire::timestamp),
             document: Some(document),
         })
     }
@@ -392,16 +426,77 @@ impl Gateway {
             }
         };
         let status = self.store.track(&actor, org.ods.as_str(), key).await?;
-        Ok(wire::track_to_wire(&status.handover, &status.deliveries))
+        Ok(wire::track_to_wire(
+            &status.handover,
+            &status.deliveries,
+            self.clock.now_ms(),
+        ))
     }
-}
 
-/// What a recipient of `kind` may see of an `event`.
-fn view_for(event: JourneyEvent, kind: OrgKind) -> View {
-    match (event, kind) {
-        (_, OrgKind::Probation) => View::Probation,
-        (JourneyEvent::Admission, _) => View::AdmissionNotice,
-        _ => View::Full,
+    async fn claim(&self, req: Request<pb::ClaimRequest>) -> Result<pb::ClaimResponse, ApiError> {
+        let (org, actor) = self.organisation(&req, "claim parked releases")?;
+        if org.kind != OrgKind::GpPractice {
+            return Err(ApiError::PermissionDenied(format!(
+                "only a GP practice claims parked releases; {} is a {}",
+                org.ods,
+                org.kind.as_str()
+            )));
+        }
+        let pb::ClaimRequest { patient } = req.into_inner();
+        self.claim_for(&actor, patient, "patient", org.ods.as_str())
+            .await
+    }
+
+    /// Claims the parked releases of `patient` for `practice`.
+    pub(super) async fn claim_for(
+        &self,
+        actor: &str,
+        patient: Option<pb::PatientRef>,
+        field: &str,
+        practice: &str,
+    ) -> Result<pb::ClaimResponse, ApiError> {
+        let mut v = Violations::default();
+        let patient = wire::patient_from_wire(patient, field, &mut v);
+        let patient = match patient {
+            None if v.0.is_empty() => {
+                return Err(ApiError::invalid(
+                    field,
+                    "required: NHS number or prison number, and date of birth",
+                ));
+            }
+            Some(p) if v.0.is_empty() => p,
+            _ => return Err(ApiError::Invalid(v.0)),
+        };
+        let Some(dob) = patient.date_of_birth.as_deref() else {
+            return Err(ApiError::invalid(
+                format!("{field}.date_of_birth"),
+                "required to claim: it must match the release",
+            ));
+        };
+        let keys = self.keyer.claim_keys(
+            patient.nhs_number.as_ref(),
+            patient.prison_number.as_ref(),
+            dob,
+        );
+        let claimed = self.store.claim(actor, keys, practice).await?;
+        if claimed.is_empty() {
+            return Err(ApiError::Store(StoreError::NothingToClaim));
+        }
+        tracing::info!(
+            claimed = claimed.len(),
+            to = practice,
+            "parked releases claimed"
+        );
+        Ok(pb::ClaimResponse {
+            claimed: claimed
+                .iter()
+                .map(|d| pb::ClaimedDelivery {
+                    delivery_id: d.id,
+                    handover_id: d.handover_id,
+                    event: d.event.map_or(0, |e| wire::event_to_wire(e).into()),
+                })
+                .collect(),
+        })
     }
 }
 
@@ -491,8 +586,7 @@ fn caller_org_kind(gateway: &Gateway, info: Option<&ConnInfo>) -> &'static str {
         Some(PeerIdentity::Organisation(code)) => gateway
             .registry
             .get(code)
-            .map(|o| o.kind)
-            .unwrap_or(OrgKind::Operator)
+            .map_or(OrgKind::Operator, |o| o.kind)
             .as_str(),
         Some(PeerIdentity::Operator(_)) => "operator",
         None => "unknown",
@@ -550,5 +644,13 @@ impl pb::handover_server::Handover for HandoverService {
         request: Request<pb::TrackRequest>,
     ) -> Result<Response<pb::TrackResponse>, Status> {
         traced!(self, request, track)
+    }
+
+    #[instrument(name = "claim", skip_all)]
+    async fn claim(
+        &self,
+        request: Request<pb::ClaimRequest>,
+    ) -> Result<Response<pb::ClaimResponse>, Status> {
+        traced!(self, request, claim)
     }
 }

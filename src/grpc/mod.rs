@@ -5,12 +5,14 @@
 mod envelope;
 mod error;
 mod handover;
+mod operator;
 pub mod summary;
 mod wire;
 
 pub use envelope::{Envelope, PatientRef};
 pub use error::ApiError;
 pub use handover::{Gateway, HandoverService};
+pub use operator::OperatorService;
 
 /// Generated protobuf and gRPC types.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

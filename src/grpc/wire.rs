@@ -176,12 +176,7 @@ impl SubmitCommand {
             );
         }
         let patient = patient_from_wire(patient, "patient", &mut v);
-        if destinations.is_empty() {
-            v.add(
-                "destinations",
-                "at least one destination ODS code is required",
-            );
-        } else if destinations.len() > MAX_DESTINATIONS {
+        if destinations.len() > MAX_DESTINATIONS {
             v.add(
                 "destinations",
                 format!("at most {MAX_DESTINATIONS} destinations"),
@@ -262,6 +257,8 @@ pub fn state_to_wire(state: DeliveryState) -> pb::DeliveryState {
         DeliveryState::Leased => pb::DeliveryState::Leased,
         DeliveryState::Delivered => pb::DeliveryState::Delivered,
         DeliveryState::Quarantined => pb::DeliveryState::Quarantined,
+        DeliveryState::Superseded => pb::DeliveryState::Superseded,
+        DeliveryState::Parked => pb::DeliveryState::Parked,
     }
 }
 
@@ -282,8 +279,12 @@ pub fn patient_to_wire(p: &PatientRef) -> pb::PatientRef {
     }
 }
 
-/// A handover's status for the wire.
-pub fn track_to_wire(h: &HandoverRecord, deliveries: &[DeliveryRecord]) -> pb::TrackResponse {
+/// A handover's status for the wire, as of `now_ms`.
+pub fn track_to_wire(
+    h: &HandoverRecord,
+    deliveries: &[DeliveryRecord],
+    now_ms: i64,
+) -> pb::TrackResponse {
     pb::TrackResponse {
         handover_id: h.id,
         message_id: h.message_id.clone(),
@@ -307,6 +308,13 @@ pub fn track_to_wire(h: &HandoverRecord, deliveries: &[DeliveryRecord]) -> pb::T
                 },
                 not_carried: d.not_carried.clone(),
                 urgent: d.urgent,
+                due_at: d.due_ms.map(timestamp),
+                overdue: d.is_overdue(now_ms),
+                overdue_since: d.overdue_at_ms.map(timestamp),
+                superseded_by: d.superseded_by.unwrap_or(0),
+                superseded_at: d.superseded_at_ms.map(timestamp),
+                claimed_by: d.claimed_by.clone().unwrap_or_default(),
+                claimed_at: d.claimed_at_ms.map(timestamp),
             })
             .collect(),
     }

@@ -4,8 +4,10 @@
 //! This module is pure domain: it knows nothing of gRPC or the store.
 
 mod registry;
+pub mod routing;
 
-pub use registry::{Format, OrgKind, Organisation, Registry, RegistryError};
+pub use registry::{Format, OrgKind, Organisation, Registry, RegistryError, SharedRegistry};
+pub use routing::{Deadlines, Recipient, Route, route};
 
 use std::fmt;
 

@@ -60,9 +60,22 @@ pub struct Organisation {
     /// The format its mailbox wants.
     #[serde(default)]
     pub format: Format,
-    /// The region a probation service covers.
+    /// The region a probation service covers, or a prison's region (its
+    /// releases go to the probation service of the same region).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// Disabled organisations cannot call and receive nothing.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// Why a registry could not be loaded.
@@ -150,9 +163,49 @@ impl Registry {
         self.by_code.get(code)
     }
 
+    /// Adds or replaces an organisation (operator registry management).
+    pub fn put(&mut self, org: Organisation) {
+        self.by_code.insert(org.ods.clone(), org);
+    }
+
     /// Every organisation, by code.
     pub fn iter(&self) -> impl Iterator<Item = &Organisation> {
         self.by_code.values()
+    }
+}
+
+/// The registry shared by every call: read on each call, changed by operators.
+#[derive(Debug, Default)]
+pub struct SharedRegistry {
+    inner: std::sync::RwLock<Registry>,
+}
+
+impl SharedRegistry {
+    /// Shares `registry`.
+    pub fn new(registry: Registry) -> Self {
+        Self {
+            inner: std::sync::RwLock::new(registry),
+        }
+    }
+
+    /// The organisation with this code, as it is now.
+    pub fn get(&self, code: &OdsCode) -> Option<Organisation> {
+        self.read().get(code).cloned()
+    }
+
+    /// A read guard, for routing over the whole registry (never held across an await).
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds or replaces an organisation.
+    pub fn put(&self, org: Organisation) {
+        self.inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .put(org);
     }
 }
 

@@ -33,7 +33,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use barrier::{BarrierObserver, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use records::{DeliveryRecord, DeliveryState, HandoverRecord};
+pub use records::{DeliveryRecord, DeliveryState, HandoverRecord, PARKED_MAILBOX};
 
 use crate::journey::JourneyEvent;
 use records::TreeId;
@@ -50,6 +50,9 @@ pub enum StoreError {
     /// No handover with this id or message id sent by the caller.
     #[error("no such handover from this sender")]
     UnknownHandover,
+    /// No parked release matches the patient and date of birth given.
+    #[error("no parked release matches this patient and date of birth")]
+    NothingToClaim,
     /// The ack or nack names an attempt that is not the delivery's latest.
     #[error("attempt {given} is not the current attempt ({current}) of this delivery")]
     StaleAttempt {
@@ -138,10 +141,15 @@ pub struct NewHandover {
     pub event: JourneyEvent,
     /// Keyed hash of the patient.
     pub patient_key: String,
+    /// The destinations the sender named (part of what makes a repeat the same).
+    pub requested_destinations: Vec<String>,
     /// Where it goes.
     pub destinations: Vec<NewDelivery>,
     /// The stored document (opaque to the store; identical bytes for identical content).
     pub payload: Vec<u8>,
+    /// Supersede older undelivered deliveries of the same patient and event
+    /// in each destination mailbox (queued or parked, not leased).
+    pub supersede: bool,
 }
 
 /// One destination of a new handover.
@@ -155,6 +163,49 @@ pub struct NewDelivery {
     pub view: String,
     /// What the recipient's format or view does not carry.
     pub not_carried: Vec<String>,
+    /// When it must have been delivered, ms since the epoch.
+    pub due_ms: Option<i64>,
+    /// For the parked mailbox: keyed hashes that may claim it.
+    pub claim_keys: Vec<String>,
+}
+
+/// What a sweep found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    /// Deliveries quarantined because their last allowed lease expired.
+    pub quarantined: usize,
+    /// Deliveries whose deadline passed since the last sweep (reported once each).
+    pub newly_overdue: Vec<DeliveryRecord>,
+}
+
+/// One mailbox at a glance (payload-free).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailboxStats {
+    /// The mailbox: an ODS code, or [`PARKED_MAILBOX`].
+    pub mailbox: String,
+    /// Live deliveries (queued, leased or parked).
+    pub depth: u64,
+    /// Out on lease now.
+    pub leased: u64,
+    /// Urgent live deliveries.
+    pub urgent: u64,
+    /// Live deliveries past their deadline.
+    pub overdue: u64,
+    /// Quarantined deliveries.
+    pub quarantined: u64,
+    /// Age of the oldest live delivery, ms.
+    pub oldest_age_ms: Option<i64>,
+}
+
+/// What a redrive did to one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedriveOutcome {
+    /// Back in its mailbox, queued, with a fresh allowance of attempts.
+    Requeued,
+    /// It was not quarantined (already redriven, delivered, or live): nothing done.
+    NotQuarantined(DeliveryState),
+    /// No such delivery.
+    Unknown,
 }
 
 /// What a submit produced.
@@ -228,8 +279,26 @@ enum Job {
         key: TrackKey,
         reply: Reply<HandoverStatus>,
     },
-    Sweep(Reply<usize>),
+    Sweep(Reply<SweepOutcome>),
     Record(crate::audit::AuditEvent, Reply<()>),
+    Claim {
+        actor: String,
+        claim_keys: Vec<String>,
+        to: String,
+        reply: Reply<Vec<DeliveryRecord>>,
+    },
+    Redrive {
+        actor: String,
+        ids: Vec<u64>,
+        reply: Reply<Vec<(u64, RedriveOutcome)>>,
+    },
+    Stats(Reply<Vec<MailboxStats>>),
+    RegistryPut {
+        actor: String,
+        code: String,
+        record: Vec<u8>,
+        reply: Reply<()>,
+    },
     Shutdown(Reply<()>),
 }
 
@@ -432,12 +501,174 @@ impl Store {
         .await
     }
 
-    /// Quarantines deliveries whose last allowed lease expired; returns how many.
+    /// Quarantines deliveries whose last allowed lease expired, and reports
+    /// (once each) live deliveries whose deadline has passed.
     ///
     /// # Errors
     /// Only store failures.
-    pub async fn sweep(&self) -> Result<usize, StoreError> {
+    pub async fn sweep(&self) -> Result<SweepOutcome, StoreError> {
         self.ask(Job::Sweep).await
+    }
+
+    /// Moves every parked release matching one of `claim_keys` to mailbox
+    /// `to`, queued; returns what moved (empty when nothing matched, which is
+    /// audited as a refusal). Two racing claims cannot both win: the writer
+    /// applies them one after the other.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn claim(
+        &self,
+        actor: &str,
+        claim_keys: Vec<String>,
+        to: &str,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.ask(|reply| Job::Claim {
+            actor: actor.to_owned(),
+            claim_keys,
+            to: to.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Puts quarantined deliveries back in their mailbox, in their original
+    /// place, with a fresh allowance of attempts. Idempotent: a delivery that
+    /// is not quarantined is left alone and reported as such.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn redrive(
+        &self,
+        actor: &str,
+        ids: Vec<u64>,
+    ) -> Result<Vec<(u64, RedriveOutcome)>, StoreError> {
+        self.ask(|reply| Job::Redrive {
+            actor: actor.to_owned(),
+            ids,
+            reply,
+        })
+        .await
+    }
+
+    /// Every mailbox with live or quarantined deliveries, at a glance.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn mailbox_stats(&self) -> Result<Vec<MailboxStats>, StoreError> {
+        self.ask(Job::Stats).await
+    }
+
+    /// Records an operator's registry change (`record` is the organisation as
+    /// JSON), audited in the same transaction.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn put_registry_record(
+        &self,
+        actor: &str,
+        code: &str,
+        record: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.ask(|reply| Job::RegistryPut {
+            actor: actor.to_owned(),
+            code: code.to_owned(),
+            record,
+            reply,
+        })
+        .await
+    }
+
+    /// Operators' registry changes, as stored (organisation JSON each).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn registry_records(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.inner.trees[TreeId::Registry as usize]
+            .iter()
+            .values()
+            .map(|v| Ok(v?.to_vec()))
+            .collect()
+    }
+
+    /// Delivery records of one per-mailbox index (`quarantine` or `pending`),
+    /// of `mailbox` or of all, oldest first, at most `limit`.
+    fn indexed(
+        &self,
+        index: TreeId,
+        mailbox: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let tree = &self.inner.trees[index as usize];
+        let deliveries = &self.inner.trees[TreeId::Deliveries as usize];
+        let keys = match mailbox {
+            Some(m) => tree.scan_prefix(records::mailbox_prefix(m)),
+            None => tree.iter(),
+        };
+        let mut out = Vec::new();
+        for entry in keys {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = entry?;
+            let (_, id) = records::split_mailbox_key(&key)
+                .ok_or_else(|| StoreError::Corrupt("index key layout".into()))?;
+            if let Some(raw) = deliveries.get(records::be(id))? {
+                out.push(
+                    serde_json::from_slice(&raw)
+                        .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Quarantined deliveries (of `mailbox`, or all), with their reasons.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn quarantined(
+        &self,
+        mailbox: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.indexed(TreeId::Quarantine, mailbox, limit)
+    }
+
+    /// Parked releases waiting to be claimed, oldest first.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn parked(&self, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.indexed(TreeId::Pending, Some(PARKED_MAILBOX), limit)
+    }
+
+    /// One delivery's record.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn delivery(&self, id: u64) -> Result<Option<DeliveryRecord>, StoreError> {
+        self.inner.trees[TreeId::Deliveries as usize]
+            .get(records::be(id))?
+            .map(|raw| {
+                serde_json::from_slice(&raw)
+                    .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// One handover's record.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn handover(&self, id: u64) -> Result<Option<HandoverRecord>, StoreError> {
+        self.inner.trees[TreeId::Handovers as usize]
+            .get(records::be(id))?
+            .map(|raw| {
+                serde_json::from_slice(&raw)
+                    .map_err(|e| StoreError::Corrupt(format!("handover {id}: {e}")))
+            })
+            .transpose()
     }
 
     /// Appends an audit entry that records no change of state (a refused

@@ -12,9 +12,12 @@
 //! | `dedupe`     | sender ++ 0x00 ++ message id          | handover id (u64 BE)          |
 //! | `audit`      | sequence (u64 BE)                     | [`crate::audit`] entry JSON   |
 //! | `meta`       | name                                  | u64 BE                        |
+//! | `registry`   | ODS code                              | organisation JSON (operator changes over the file) |
 //!
 //! A mailbox key is the ODS code's length (one byte) then its bytes, so one
 //! mailbox's keys form a contiguous range that no other mailbox's can prefix.
+//! Releases with no known GP wait in the mailbox [`PARKED_MAILBOX`], which no
+//! ODS code can name, until claimed.
 
 use serde::{Deserialize, Serialize};
 
@@ -42,11 +45,13 @@ pub enum TreeId {
     Audit,
     /// Counters.
     Meta,
+    /// Registry changes made by operators.
+    Registry,
 }
 
 impl TreeId {
     /// Every tree, indexed by discriminant.
-    pub const ALL: [TreeId; 8] = [
+    pub const ALL: [TreeId; 9] = [
         TreeId::Handovers,
         TreeId::Payloads,
         TreeId::Deliveries,
@@ -55,6 +60,7 @@ impl TreeId {
         TreeId::Dedupe,
         TreeId::Audit,
         TreeId::Meta,
+        TreeId::Registry,
     ];
 
     /// The sled tree name.
@@ -68,9 +74,13 @@ impl TreeId {
             TreeId::Dedupe => "dedupe",
             TreeId::Audit => "audit",
             TreeId::Meta => "meta",
+            TreeId::Registry => "registry",
         }
     }
 }
+
+/// The holding mailbox of parked releases (no ODS code can name it).
+pub const PARKED_MAILBOX: &str = "@parked";
 
 /// Meta key of the count of committed batches (the high-water mark).
 pub const META_COMMIT_SEQ: &[u8] = b"commit_seq";
@@ -128,6 +138,21 @@ pub enum DeliveryState {
     Delivered,
     /// Taken out of the queue after a permanent failure or too many attempts.
     Quarantined,
+    /// Replaced, before delivery, by a newer summary for the same patient and
+    /// event into the same mailbox.
+    Superseded,
+    /// A release with no known GP, waiting in the holding mailbox to be claimed.
+    Parked,
+}
+
+impl DeliveryState {
+    /// Whether the delivery is still on its way (not delivered, quarantined or superseded).
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            DeliveryState::Queued | DeliveryState::Leased | DeliveryState::Parked
+        )
+    }
 }
 
 /// One handover's journey to one mailbox.
@@ -167,6 +192,40 @@ pub struct DeliveryRecord {
     /// What the recipient's format or view does not carry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_carried: Vec<String>,
+    /// The handover's event (for supersession).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<JourneyEvent>,
+    /// When it must have been delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_ms: Option<i64>,
+    /// When the missed deadline was first reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overdue_at_ms: Option<i64>,
+    /// The newer delivery that replaced this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<u64>,
+    /// When it was superseded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_at_ms: Option<i64>,
+    /// Keyed hashes of (identifier, date of birth) that may claim a parked release.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claim_keys: Vec<String>,
+    /// Who claimed it out of the holding mailbox (certificate identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
+    /// When it was claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_at_ms: Option<i64>,
+    /// Attempts allowed before quarantine, when an operator redrive raised it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+impl DeliveryRecord {
+    /// Whether its deadline has passed while it is still on its way.
+    pub fn is_overdue(&self, now_ms: i64) -> bool {
+        self.state.is_live() && self.due_ms.is_some_and(|due| due <= now_ms)
+    }
 }
 
 /// A mailbox's key prefix: length byte then the code.

@@ -21,6 +21,27 @@ pub struct Live {
     pub attempt: u32,
     /// Queued (with a not-before time) or leased (until a time).
     pub lease: Slot,
+    /// When queued, ms.
+    pub queued_at_ms: i64,
+    /// Deadline whose miss has not been reported yet, ms.
+    pub unreported_due_ms: Option<i64>,
+    /// Attempts allowed, when an operator redrive raised the default.
+    pub max_attempts: Option<u32>,
+}
+
+/// Counts of one mailbox's live deliveries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailboxCounts {
+    /// Live deliveries (queued, leased or parked).
+    pub depth: u64,
+    /// Out on lease.
+    pub leased: u64,
+    /// Urgent ones.
+    pub urgent: u64,
+    /// Past their deadline (reported or not).
+    pub overdue: u64,
+    /// When the oldest live one was queued, ms.
+    pub oldest_queued_at_ms: Option<i64>,
 }
 
 /// Whether a live delivery is waiting or out on lease.
@@ -53,6 +74,10 @@ pub struct Schedule {
     mailboxes: HashMap<String, MailboxIndex>,
     /// (lease expiry, delivery id) of every leased delivery.
     leases: BTreeSet<(i64, u64)>,
+    /// (deadline, delivery id) of live deliveries whose miss is not yet reported.
+    deadlines: BTreeSet<(i64, u64)>,
+    /// Deadline of every live delivery that has one, reported or not.
+    due: HashMap<u64, i64>,
 }
 
 impl Schedule {
@@ -68,7 +93,18 @@ impl Schedule {
         if let Slot::Leased { until_ms } = live.lease {
             self.leases.insert((until_ms, id));
         }
+        if let Some(due) = live.unreported_due_ms {
+            self.deadlines.insert((due, id));
+        }
         self.live.insert(id, live);
+    }
+
+    /// Adds a live delivery whose deadline is `due_ms` (reported or not).
+    pub fn insert_with_due(&mut self, id: u64, live: Live, due_ms: Option<i64>) {
+        if let Some(due) = due_ms {
+            self.due.insert(id, due);
+        }
+        self.insert(id, live);
     }
 
     /// Removes a delivery that was acknowledged or quarantined.
@@ -77,6 +113,10 @@ impl Schedule {
         if let Slot::Leased { until_ms } = live.lease {
             self.leases.remove(&(until_ms, id));
         }
+        if let Some(due) = live.unreported_due_ms {
+            self.deadlines.remove(&(due, id));
+        }
+        self.due.remove(&id);
         if let Some(index) = self.mailboxes.get_mut(&live.mailbox) {
             index.order.remove(&(rank(live.urgent), id));
             if let Some(ids) = index.by_patient.get_mut(&live.patient_key) {
@@ -140,6 +180,7 @@ impl Schedule {
             if head != Some(&id) {
                 continue;
             }
+            let max_attempts = live.max_attempts.unwrap_or(max_attempts);
             let leasable = match live.lease {
                 Slot::Queued { not_before_ms } => not_before_ms <= now_ms,
                 Slot::Leased { until_ms } => until_ms <= now_ms && live.attempt < max_attempts,
@@ -158,11 +199,68 @@ impl Schedule {
             .leases
             .range(..=(now_ms, u64::MAX))
             .filter_map(|(_, id)| self.live.get(id).map(|l| (*id, l)))
-            .filter(|(_, l)| l.attempt >= max_attempts && mailbox.is_none_or(|m| m == l.mailbox))
+            .filter(|(_, l)| {
+                l.attempt >= l.max_attempts.unwrap_or(max_attempts)
+                    && mailbox.is_none_or(|m| m == l.mailbox)
+            })
             .map(|(id, _)| id)
             .collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// Up to `max` live deliveries whose deadline passed by `now_ms` and was
+    /// not yet reported, earliest deadline first; they are then taken as reported.
+    pub fn take_overdue(&mut self, now_ms: i64, max: usize) -> Vec<u64> {
+        let ids: Vec<u64> = self
+            .deadlines
+            .range(..=(now_ms, u64::MAX))
+            .take(max)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in &ids {
+            if let Some(live) = self.live.get_mut(id)
+                && let Some(due) = live.unreported_due_ms.take()
+            {
+                self.deadlines.remove(&(due, *id));
+            }
+        }
+        ids
+    }
+
+    /// The live deliveries of `patient_key` in `mailbox`, oldest first.
+    pub fn of_patient(&self, mailbox: &str, patient_key: &str) -> Vec<u64> {
+        self.mailboxes
+            .get(mailbox)
+            .and_then(|m| m.by_patient.get(patient_key))
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every live delivery of `mailbox`, in serving order.
+    pub fn of_mailbox(&self, mailbox: &str) -> Vec<u64> {
+        self.mailboxes
+            .get(mailbox)
+            .map(|m| m.order.iter().map(|(_, id)| *id).collect())
+            .unwrap_or_default()
+    }
+
+    /// Counts per mailbox at `now_ms`.
+    pub fn counts(&self, now_ms: i64) -> HashMap<String, MailboxCounts> {
+        let mut out: HashMap<String, MailboxCounts> = HashMap::new();
+        for (id, live) in &self.live {
+            let c = out.entry(live.mailbox.clone()).or_default();
+            c.depth += 1;
+            c.leased +=
+                u64::from(matches!(live.lease, Slot::Leased { until_ms } if until_ms > now_ms));
+            c.urgent += u64::from(live.urgent);
+            c.overdue += u64::from(self.due.get(id).is_some_and(|due| *due <= now_ms));
+            c.oldest_queued_at_ms = Some(
+                c.oldest_queued_at_ms
+                    .map_or(live.queued_at_ms, |t| t.min(live.queued_at_ms)),
+            );
+        }
+        out
     }
 
     /// Whether no delivery is live.
@@ -187,7 +285,30 @@ mod tests {
             urgent,
             attempt: 0,
             lease: Slot::Queued { not_before_ms: 0 },
+            queued_at_ms: 0,
+            unreported_due_ms: None,
+            max_attempts: None,
         }
+    }
+
+    #[test]
+    fn overdue_deliveries_are_reported_once() {
+        let mut s = Schedule::default();
+        let mut a = queued("GP1", "p1", false);
+        a.unreported_due_ms = Some(100);
+        s.insert_with_due(1, a, Some(100));
+        let mut b = queued("GP1", "p2", false);
+        b.unreported_due_ms = Some(200);
+        s.insert_with_due(2, b, Some(200));
+        assert!(s.take_overdue(99, 10).is_empty());
+        assert_eq!(s.counts(150)["GP1"].overdue, 1);
+        assert_eq!(s.take_overdue(150, 10), vec![1]);
+        assert!(s.take_overdue(150, 10).is_empty(), "reported once");
+        assert_eq!(s.counts(150)["GP1"].overdue, 1, "still overdue");
+        s.remove(2);
+        assert!(s.take_overdue(1_000, 10).is_empty());
+        s.remove(1);
+        assert!(s.counts(1_000).is_empty());
     }
 
     #[test]

@@ -16,7 +16,8 @@ use super::records::{self, TreeId};
 use super::schedule::{Live, Schedule, Slot};
 use super::{
     Clock, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, Job, LeasedDelivery,
-    NewHandover, Signals, StoreError, StoreOptions, SubmitOutcome, TrackKey,
+    MailboxStats, NewHandover, RedriveOutcome, Signals, StoreError, StoreOptions, SubmitOutcome,
+    SweepOutcome, TrackKey,
 };
 use crate::audit::{AuditChain, AuditEntry, AuditEvent, hex};
 
@@ -94,65 +95,43 @@ impl<'a> Staged<'a> {
     }
 }
 
+/// Sends a result, or `Unavailable(why)` when the batch failed.
+type Sender = Box<dyn FnOnce(Option<&str>) + Send>;
+
 /// An answer waiting for its batch to become durable.
-enum Answer {
-    Submit(
-        super::Reply<SubmitOutcome>,
-        Result<SubmitOutcome, StoreError>,
-    ),
-    Pull(
-        super::Reply<Vec<LeasedDelivery>>,
-        Result<Vec<LeasedDelivery>, StoreError>,
-    ),
-    Unit(super::Reply<()>, Result<(), StoreError>),
-    State(
-        super::Reply<DeliveryState>,
-        Result<DeliveryState, StoreError>,
-    ),
-    Track(
-        super::Reply<HandoverStatus>,
-        Result<HandoverStatus, StoreError>,
-    ),
-    Count(super::Reply<usize>, Result<usize, StoreError>),
+struct Answer {
+    /// A failure after which memory may not match the disk.
+    fatal: Option<String>,
+    /// A new (not duplicate) submit that succeeded.
+    submit_ok: bool,
+    /// Sends the result, or `Unavailable(why)` if the batch failed.
+    send: Sender,
 }
 
 impl Answer {
-    fn fatal(&self) -> Option<String> {
-        fn f<T>(r: &Result<T, StoreError>) -> Option<String> {
-            r.as_ref()
+    fn new<T: Send + 'static>(tx: super::Reply<T>, r: Result<T, StoreError>) -> Self {
+        Self {
+            fatal: r
+                .as_ref()
                 .err()
                 .filter(|e| e.is_fatal())
-                .map(ToString::to_string)
-        }
-        match self {
-            Answer::Submit(_, r) => f(r),
-            Answer::Pull(_, r) => f(r),
-            Answer::Unit(_, r) => f(r),
-            Answer::State(_, r) => f(r),
-            Answer::Track(_, r) => f(r),
-            Answer::Count(_, r) => f(r),
+                .map(ToString::to_string),
+            submit_ok: false,
+            send: Box::new(move |failure| {
+                let r = match failure {
+                    Some(why) => Err(StoreError::Unavailable(why.to_owned())),
+                    None => r,
+                };
+                let _ = tx.send(r);
+            }),
         }
     }
 
-    fn is_submit_ok(&self) -> bool {
-        matches!(self, Answer::Submit(_, Ok(o)) if !o.duplicate)
-    }
-
-    fn send(self, failure: Option<&str>) {
-        fn s<T>(tx: super::Reply<T>, r: Result<T, StoreError>, failure: Option<&str>) {
-            let r = match failure {
-                Some(why) => Err(StoreError::Unavailable(why.to_owned())),
-                None => r,
-            };
-            let _ = tx.send(r);
-        }
-        match self {
-            Answer::Submit(tx, r) => s(tx, r, failure),
-            Answer::Pull(tx, r) => s(tx, r, failure),
-            Answer::Unit(tx, r) => s(tx, r, failure),
-            Answer::State(tx, r) => s(tx, r, failure),
-            Answer::Track(tx, r) => s(tx, r, failure),
-            Answer::Count(tx, r) => s(tx, r, failure),
+    fn submit(tx: super::Reply<SubmitOutcome>, r: Result<SubmitOutcome, StoreError>) -> Self {
+        let submit_ok = matches!(&r, Ok(o) if !o.duplicate);
+        Self {
+            submit_ok,
+            ..Self::new(tx, r)
         }
     }
 }
@@ -165,6 +144,8 @@ pub(super) struct Writer {
     last_handover: u64,
     last_delivery: u64,
     schedule: Schedule,
+    /// Quarantined deliveries per mailbox.
+    quarantined: std::collections::HashMap<String, u64>,
     chain: AuditChain,
     options: StoreOptions,
     clock: Arc<dyn Clock>,
@@ -213,7 +194,14 @@ impl Writer {
                 })?;
             let d: DeliveryRecord = serde_json::from_slice(&raw)
                 .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?;
-            schedule.insert(id, live_of(&d));
+            schedule.insert_with_due(id, live_of(&d), d.due_ms);
+        }
+        let mut quarantined = std::collections::HashMap::<String, u64>::new();
+        for entry in trees[TreeId::Quarantine as usize].iter() {
+            let (key, _) = entry?;
+            let (mailbox, _) = records::split_mailbox_key(&key)
+                .ok_or_else(|| StoreError::Corrupt("quarantine key layout".into()))?;
+            *quarantined.entry(mailbox).or_default() += 1;
         }
         let last_audit = match trees[TreeId::Audit as usize].last()? {
             Some((_, v)) => Some(
@@ -230,6 +218,7 @@ impl Writer {
             high_water,
             commit_seq,
             schedule,
+            quarantined,
             chain: AuditChain::resume(last_audit.as_ref()),
             options,
             clock,
@@ -278,7 +267,7 @@ impl Writer {
             let answer = match job {
                 Job::Submit(h, reply) => {
                     let r = self.submit(&mut staged, h, now, &mut woken);
-                    Answer::Submit(reply, r)
+                    Answer::submit(reply, r)
                 }
                 Job::Pull {
                     actor,
@@ -286,7 +275,7 @@ impl Writer {
                     max,
                     lease_ms,
                     reply,
-                } => Answer::Pull(
+                } => Answer::new(
                     reply,
                     self.pull(&mut staged, &actor, &mailbox, max, lease_ms, now),
                 ),
@@ -296,7 +285,7 @@ impl Writer {
                     delivery_id,
                     attempt,
                     reply,
-                } => Answer::Unit(
+                } => Answer::new(
                     reply,
                     self.ack(&mut staged, &actor, &mailbox, delivery_id, attempt, now),
                 ),
@@ -321,25 +310,61 @@ impl Writer {
                     if matches!(r, Ok(DeliveryState::Queued)) {
                         woken.insert(mailbox);
                     }
-                    Answer::State(reply, r)
+                    Answer::new(reply, r)
                 }
                 Job::Track {
                     actor,
                     sender,
                     key,
                     reply,
-                } => Answer::Track(reply, self.track(&mut staged, &actor, &sender, key, now)),
-                Job::Sweep(reply) => Answer::Count(reply, self.sweep(&mut staged, now)),
+                } => Answer::new(reply, self.track(&mut staged, &actor, &sender, key, now)),
+                Job::Sweep(reply) => Answer::new(reply, self.sweep(&mut staged, now)),
                 Job::Record(event, reply) => {
                     self.audit(&mut staged, event, now);
-                    Answer::Unit(reply, Ok(()))
+                    Answer::new(reply, Ok(()))
+                }
+                Job::Claim {
+                    actor,
+                    claim_keys,
+                    to,
+                    reply,
+                } => {
+                    let r = self.claim(&mut staged, &actor, &claim_keys, &to, now);
+                    if matches!(&r, Ok(v) if !v.is_empty()) {
+                        woken.insert(to);
+                    }
+                    Answer::new(reply, r)
+                }
+                Job::Redrive { actor, ids, reply } => {
+                    let r = self.redrive(&mut staged, &actor, &ids, now, &mut woken);
+                    Answer::new(reply, r)
+                }
+                Job::Stats(reply) => Answer::new(reply, Ok(self.stats(now))),
+                Job::RegistryPut {
+                    actor,
+                    code,
+                    record,
+                    reply,
+                } => {
+                    staged.put(TreeId::Registry, code.as_bytes().to_vec(), record);
+                    self.audit(
+                        &mut staged,
+                        AuditEvent {
+                            actor,
+                            action: "registry_change",
+                            outcome: format!("ok: {code}"),
+                            ..AuditEvent::default()
+                        },
+                        now,
+                    );
+                    Answer::new(reply, Ok(()))
                 }
                 Job::Shutdown(reply) => {
                     shutdown.push(reply);
                     continue;
                 }
             };
-            if let Some(why) = answer.fatal() {
+            if let Some(why) = &answer.fatal {
                 self.fail(format!("store failed while applying a change: {why}"));
             }
             answers.push(answer);
@@ -351,14 +376,14 @@ impl Writer {
             (None, false) => self.commit(staged).err(),
         };
         if failure.is_none() {
-            let submits = answers.iter().filter(|a| a.is_submit_ok()).count() as u64;
+            let submits = answers.iter().filter(|a| a.submit_ok).count() as u64;
             self.stats.submits.fetch_add(submits, Ordering::Relaxed);
             self.stats
                 .commands
                 .fetch_add(answers.len() as u64, Ordering::Relaxed);
         }
         for answer in answers {
-            answer.send(failure.as_deref());
+            (answer.send)(failure.as_deref());
         }
         if failure.is_none() {
             for mailbox in woken {
@@ -489,13 +514,29 @@ impl Writer {
         for dest in &h.destinations {
             self.last_delivery += 1;
             let did = self.last_delivery;
+            if h.supersede {
+                self.supersede(
+                    staged,
+                    &h.actor,
+                    dest.mailbox.as_str(),
+                    &h.patient_key,
+                    h.event,
+                    did,
+                    now,
+                )?;
+            }
+            let parked = dest.mailbox == records::PARKED_MAILBOX;
             let record = DeliveryRecord {
                 id: did,
                 handover_id: id,
                 mailbox: dest.mailbox.clone(),
                 patient_key: h.patient_key.clone(),
                 urgent: dest.urgent,
-                state: DeliveryState::Queued,
+                state: if parked {
+                    DeliveryState::Parked
+                } else {
+                    DeliveryState::Queued
+                },
                 attempt: 0,
                 lease_until_ms: None,
                 not_before_ms: None,
@@ -506,6 +547,15 @@ impl Writer {
                 reason: None,
                 view: dest.view.clone(),
                 not_carried: dest.not_carried.clone(),
+                event: Some(h.event),
+                due_ms: dest.due_ms,
+                overdue_at_ms: None,
+                superseded_by: None,
+                superseded_at_ms: None,
+                claim_keys: dest.claim_keys.clone(),
+                claimed_by: None,
+                claimed_at_ms: None,
+                max_attempts: None,
             };
             staged.put_json(TreeId::Deliveries, records::be(did).to_vec(), &record);
             staged.put(
@@ -513,7 +563,8 @@ impl Writer {
                 records::mailbox_key(&dest.mailbox, did),
                 Vec::new(),
             );
-            self.schedule.insert(did, live_of(&record));
+            self.schedule
+                .insert_with_due(did, live_of(&record), record.due_ms);
             woken.insert(dest.mailbox.clone());
             deliveries.push((dest.mailbox.clone(), did));
         }
@@ -713,7 +764,8 @@ impl Writer {
             Err((e, _)) => return Err(e),
         };
         let (actor, _) = who;
-        let state = if permanent || d.attempt >= self.options.max_attempts {
+        let max_attempts = d.max_attempts.unwrap_or(self.options.max_attempts);
+        let state = if permanent || d.attempt >= max_attempts {
             let why = if permanent {
                 format!("permanent nack: {reason}")
             } else {
@@ -768,7 +820,205 @@ impl Writer {
             records::mailbox_key(&d.mailbox, d.id),
             Vec::new(),
         );
+        *self.quarantined.entry(d.mailbox.clone()).or_default() += 1;
         self.schedule.remove(d.id);
+    }
+
+    /// Marks older undelivered deliveries of `patient_key` and `event` in
+    /// `mailbox` as superseded by delivery `by`. A leased one is left alone:
+    /// it is already in the recipient's hands, and per-patient order keeps
+    /// the newer one behind it.
+    #[allow(clippy::too_many_arguments)]
+    fn supersede(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        mailbox: &str,
+        patient_key: &str,
+        event: crate::journey::JourneyEvent,
+        by: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for id in self.schedule.of_patient(mailbox, patient_key) {
+            let mut d: DeliveryRecord = staged
+                .get_json(TreeId::Deliveries, &records::be(id))?
+                .ok_or_else(|| StoreError::Corrupt(format!("live delivery {id} has no record")))?;
+            if d.event != Some(event)
+                || !matches!(d.state, DeliveryState::Queued | DeliveryState::Parked)
+            {
+                continue;
+            }
+            d.state = DeliveryState::Superseded;
+            d.superseded_by = Some(by);
+            d.superseded_at_ms = Some(now);
+            d.not_before_ms = None;
+            staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+            staged.del(TreeId::Pending, records::mailbox_key(mailbox, id));
+            self.schedule.remove(id);
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: actor.to_owned(),
+                    action: "supersede",
+                    handover_id: Some(d.handover_id),
+                    delivery_id: Some(id),
+                    patient_key: Some(d.patient_key.clone()),
+                    outcome: format!("ok: superseded by delivery {by}"),
+                },
+                now,
+            );
+        }
+        Ok(())
+    }
+
+    fn claim(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        claim_keys: &[String],
+        to: &str,
+        now: i64,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let mut claimed = Vec::new();
+        for id in self.schedule.of_mailbox(records::PARKED_MAILBOX) {
+            let mut d: DeliveryRecord = staged
+                .get_json(TreeId::Deliveries, &records::be(id))?
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("parked delivery {id} has no record"))
+                })?;
+            if !d.claim_keys.iter().any(|k| claim_keys.contains(k)) {
+                continue;
+            }
+            staged.del(TreeId::Pending, records::mailbox_key(&d.mailbox, id));
+            self.schedule.remove(id);
+            d.mailbox = to.to_owned();
+            d.state = DeliveryState::Queued;
+            d.claimed_by = Some(actor.to_owned());
+            d.claimed_at_ms = Some(now);
+            staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+            staged.put(TreeId::Pending, records::mailbox_key(to, id), Vec::new());
+            let mut live = live_of(&d);
+            if d.overdue_at_ms.is_some() {
+                live.unreported_due_ms = None;
+            }
+            self.schedule.insert_with_due(id, live, d.due_ms);
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: actor.to_owned(),
+                    action: "claim",
+                    handover_id: Some(d.handover_id),
+                    delivery_id: Some(id),
+                    patient_key: Some(d.patient_key.clone()),
+                    outcome: format!("ok: parked release claimed for {to}"),
+                },
+                now,
+            );
+            claimed.push(d);
+        }
+        if claimed.is_empty() {
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: actor.to_owned(),
+                    action: "claim",
+                    outcome: "refused: no parked release matches".into(),
+                    ..AuditEvent::default()
+                },
+                now,
+            );
+        }
+        Ok(claimed)
+    }
+
+    fn redrive(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        ids: &[u64],
+        now: i64,
+        woken: &mut BTreeSet<String>,
+    ) -> Result<Vec<(u64, RedriveOutcome)>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let found: Option<DeliveryRecord> =
+                staged.get_json(TreeId::Deliveries, &records::be(id))?;
+            let outcome = match found {
+                None => RedriveOutcome::Unknown,
+                Some(d) if d.state != DeliveryState::Quarantined => {
+                    RedriveOutcome::NotQuarantined(d.state)
+                }
+                Some(mut d) => {
+                    staged.del(TreeId::Quarantine, records::mailbox_key(&d.mailbox, id));
+                    staged.put(
+                        TreeId::Pending,
+                        records::mailbox_key(&d.mailbox, id),
+                        Vec::new(),
+                    );
+                    if let Some(n) = self.quarantined.get_mut(&d.mailbox) {
+                        *n = n.saturating_sub(1);
+                    }
+                    d.state = DeliveryState::Queued;
+                    d.not_before_ms = None;
+                    d.lease_until_ms = None;
+                    d.max_attempts = Some(d.attempt.saturating_add(self.options.max_attempts));
+                    d.reason = d.reason.map(|r| format!("redriven after: {r}"));
+                    staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+                    let mut live = live_of(&d);
+                    if d.overdue_at_ms.is_some() {
+                        live.unreported_due_ms = None;
+                    }
+                    self.schedule.insert_with_due(id, live, d.due_ms);
+                    woken.insert(d.mailbox.clone());
+                    RedriveOutcome::Requeued
+                }
+            };
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: actor.to_owned(),
+                    action: "redrive",
+                    delivery_id: Some(id),
+                    outcome: match &outcome {
+                        RedriveOutcome::Requeued => "ok: requeued".into(),
+                        RedriveOutcome::NotQuarantined(state) => {
+                            format!("ok: nothing to do, it is {}", state_name(*state))
+                        }
+                        RedriveOutcome::Unknown => "refused: no such delivery".into(),
+                    },
+                    ..AuditEvent::default()
+                },
+                now,
+            );
+            out.push((id, outcome));
+        }
+        Ok(out)
+    }
+
+    fn stats(&self, now: i64) -> Vec<MailboxStats> {
+        let counts = self.schedule.counts(now);
+        let mut names: BTreeSet<&String> = counts.keys().collect();
+        names.extend(
+            self.quarantined
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(m, _)| m),
+        );
+        names
+            .into_iter()
+            .map(|m| {
+                let c = counts.get(m).cloned().unwrap_or_default();
+                MailboxStats {
+                    mailbox: m.clone(),
+                    depth: c.depth,
+                    leased: c.leased,
+                    urgent: c.urgent,
+                    overdue: c.overdue,
+                    quarantined: self.quarantined.get(m).copied().unwrap_or(0),
+                    oldest_age_ms: c.oldest_queued_at_ms.map(|t| now.saturating_sub(t)),
+                }
+            })
+            .collect()
     }
 
     fn quarantine_expired(
@@ -783,7 +1033,8 @@ impl Writer {
             .ok_or_else(|| StoreError::Corrupt(format!("live delivery {id} has no record")))?;
         let why = format!(
             "lease expired without an ack on attempt {} of {}",
-            d.attempt, self.options.max_attempts
+            d.attempt,
+            d.max_attempts.unwrap_or(self.options.max_attempts)
         );
         self.quarantine(staged, &mut d, why, now);
         self.audit(
@@ -801,14 +1052,29 @@ impl Writer {
         Ok(())
     }
 
-    fn sweep(&mut self, staged: &mut Staged<'_>, now: i64) -> Result<usize, StoreError> {
+    fn sweep(&mut self, staged: &mut Staged<'_>, now: i64) -> Result<SweepOutcome, StoreError> {
         let ids = self
             .schedule
             .exhausted(now, self.options.max_attempts, None);
         for &id in &ids {
             self.quarantine_expired(staged, "urn:gateway:sweeper", id, now)?;
         }
-        Ok(ids.len())
+        let mut newly_overdue = Vec::new();
+        // Bounded, so a backlog of missed deadlines cannot make one huge batch.
+        for id in self.schedule.take_overdue(now, 1_000) {
+            let Some(mut d) =
+                staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(id))?
+            else {
+                continue;
+            };
+            d.overdue_at_ms = Some(now);
+            staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+            newly_overdue.push(d);
+        }
+        Ok(SweepOutcome {
+            quarantined: ids.len(),
+            newly_overdue,
+        })
     }
 
     fn track(
@@ -873,14 +1139,18 @@ impl Writer {
 fn refuse(job: Job) -> Answer {
     let e = || StoreError::Unavailable("store refuses changes after a failure".into());
     match job {
-        Job::Submit(_, r) => Answer::Submit(r, Err(e())),
-        Job::Pull { reply, .. } => Answer::Pull(reply, Err(e())),
-        Job::Ack { reply, .. } => Answer::Unit(reply, Err(e())),
-        Job::Nack { reply, .. } => Answer::State(reply, Err(e())),
-        Job::Track { reply, .. } => Answer::Track(reply, Err(e())),
-        Job::Sweep(reply) => Answer::Count(reply, Err(e())),
-        Job::Record(_, reply) => Answer::Unit(reply, Err(e())),
-        Job::Shutdown(reply) => Answer::Unit(reply, Ok(())),
+        Job::Submit(_, r) => Answer::submit(r, Err(e())),
+        Job::Pull { reply, .. } => Answer::new(reply, Err(e())),
+        Job::Ack { reply, .. } | Job::RegistryPut { reply, .. } | Job::Record(_, reply) => {
+            Answer::new(reply, Err(e()))
+        }
+        Job::Nack { reply, .. } => Answer::new(reply, Err(e())),
+        Job::Track { reply, .. } => Answer::new(reply, Err(e())),
+        Job::Sweep(reply) => Answer::new(reply, Err(e())),
+        Job::Claim { reply, .. } => Answer::new(reply, Err(e())),
+        Job::Redrive { reply, .. } => Answer::new(reply, Err(e())),
+        Job::Stats(reply) => Answer::new(reply, Err(e())),
+        Job::Shutdown(reply) => Answer::new(reply, Ok(())),
     }
 }
 
@@ -890,6 +1160,8 @@ fn state_name(state: DeliveryState) -> &'static str {
         DeliveryState::Leased => "leased",
         DeliveryState::Delivered => "delivered",
         DeliveryState::Quarantined => "quarantined",
+        DeliveryState::Superseded => "superseded",
+        DeliveryState::Parked => "parked",
     }
 }
 
@@ -905,11 +1177,16 @@ fn live_of(d: &DeliveryRecord) -> Live {
                 not_before_ms: d.not_before_ms.unwrap_or(i64::MIN),
             },
         },
+        queued_at_ms: d.queued_at_ms,
+        unreported_due_ms: d.due_ms.filter(|_| d.overdue_at_ms.is_none()),
+        max_attempts: d.max_attempts,
     }
 }
 
-/// SHA-256 over what makes two submits the same: event, patient,
-/// destinations and payload (length-prefixed so fields cannot run together).
+/// SHA-256 over what makes two submits the same: what the sender sent (event,
+/// patient, the destinations it named, payload), not where routing sent it,
+/// which may change with the registry between a submit and its retry.
+/// Length-prefixed so fields cannot run together.
 fn content_hash(h: &NewHandover) -> String {
     let mut hasher = Sha256::new();
     let mut field = |bytes: &[u8]| {
@@ -918,10 +1195,8 @@ fn content_hash(h: &NewHandover) -> String {
     };
     field(h.event.to_string().as_bytes());
     field(h.patient_key.as_bytes());
-    for d in &h.destinations {
-        field(d.mailbox.as_bytes());
-        field(&[u8::from(d.urgent)]);
-        field(d.view.as_bytes());
+    for d in &h.requested_destinations {
+        field(d.as_bytes());
     }
     field(&h.payload);
     hex(&hasher.finalize())

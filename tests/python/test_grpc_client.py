@@ -51,7 +51,9 @@ def test_submit_pull_ack_track(gateway, pb):
     prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
     receipt = prison.Submit(release(pb, "py-1"), timeout=10)
     assert not receipt.duplicate
-    assert [d.destination for d in receipt.deliveries] == ["YG001"]
+    # The named practice, and the probation region of the releasing prison.
+    assert [d.destination for d in receipt.deliveries] == ["YG001", "YPR01"]
+    assert all(d.HasField("due_at") for d in receipt.deliveries)
 
     gp = pb.grpc.HandoverStub(gateway.channel("YG001"))
     pulled = gp.Pull(pb.h.PullRequest(max_deliveries=5), timeout=10).deliveries

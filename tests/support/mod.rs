@@ -192,8 +192,35 @@ pub fn pull(max: u32) -> pb::PullRequest {
     }
 }
 
-/// The marker of a natively rendered delivery (see [`native_for`]).
+/// An admission of patient `patient` at YP001, whose registered GP is YG001
+/// (routed there as an admission notice, which carries no marker).
+pub fn admission(message_id: &str, patient: u32) -> pb::SubmitRequest {
+    let mut summary = throughcare::clinical::synthetic::release_summary(
+        nhs(patient).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        Some("YG001".parse().unwrap()),
+        "admission",
+    );
+    summary.custody.release_date = None;
+    summary.custody.release_address = None;
+    pb::SubmitRequest {
+        message_id: message_id.into(),
+        event: pb::JourneyEvent::Admission.into(),
+        patient: None,
+        destinations: Vec::new(),
+        document: Some(pb::submit_request::Document::Native(
+            throughcare::grpc::summary::to_wire(&summary),
+        )),
+    }
+}
+
+/// The marker of a natively rendered delivery (see [`native_for`]);
+/// `"admission"` for an admission notice.
 pub fn text_of(d: &pb::Delivery) -> String {
+    if d.event() == pb::JourneyEvent::Admission {
+        return "admission".into();
+    }
     match &d.document {
         Some(pb::delivery::Document::Native(s)) => s
             .follow_ups

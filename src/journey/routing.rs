@@ -1,0 +1,510 @@
+//! Routing: from what happened (the event), the summary and the registry to
+//! who must receive what, by when. A pure function: no clock, no store.
+//!
+//! | event | goes to | view |
+//! |---|---|---|
+//! | `ADMISSION` | the registered GP (`registered_gp`), if on the network | admission notice |
+//! | `COMMUNITY_SUMMARY` | the admitting prison (`custody.establishment`) | full |
+//! | `TRANSFER` | the receiving prison (`custody.transfer_to`) | full |
+//! | `RELEASE` | each nominated GP (the GP practices the sender names), else the registered GP, else the **parked** mailbox; and the probation region (named by the sender, else the releasing prison's region) | full; probation view |
+//!
+//! A destination the sender names is checked against these rules, never
+//! trusted blindly. A disabled organisation receives nothing: a release
+//! whose GP is disabled is parked like one with no GP.
+
+use crate::clinical::{ClinicalSummary, OdsCode, View};
+
+use super::{JourneyEvent, OrgKind, Organisation, Registry};
+
+/// How long each event may take to reach its recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// An admission notice, ms after submission.
+    pub admission_ms: i64,
+    /// A community summary, ms after submission.
+    pub community_summary_ms: i64,
+    /// An urgent delivery, ms after submission (or its event's deadline if sooner).
+    pub urgent_ms: i64,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        const HOUR: i64 = 3_600_000;
+        Self {
+            admission_ms: 24 * HOUR,
+            community_summary_ms: 72 * HOUR,
+            urgent_ms: 4 * HOUR,
+        }
+    }
+}
+
+/// Where a delivery goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipient {
+    /// A registered organisation's mailbox.
+    Org(OdsCode),
+    /// The holding mailbox of releases with no known GP, until claimed.
+    Parked,
+}
+
+/// One delivery the rules call for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Who receives it.
+    pub recipient: Recipient,
+    /// What they see.
+    pub view: View,
+    /// Served before routine deliveries.
+    pub urgent: bool,
+    /// When it must have been delivered, ms since the epoch.
+    pub due_ms: i64,
+}
+
+/// A destination the sender named that the rules do not allow (field, reason).
+pub type RouteViolation = (String, String);
+
+/// The deliveries `event` calls for.
+///
+/// `requested` are the destinations the sender named (may be empty);
+/// `now_ms` is the submission time.
+///
+/// # Errors
+/// Every named destination that is unknown, disabled, of the wrong kind or
+/// not the one the rules choose, and a rule target that is not a registered,
+/// active organisation of the right kind.
+pub fn route(
+    event: JourneyEvent,
+    summary: &ClinicalSummary,
+    sender: &Organisation,
+    requested: &[OdsCode],
+    registry: &Registry,
+    deadlines: &Deadlines,
+    now_ms: i64,
+) -> Result<Vec<Route>, Vec<RouteViolation>> {
+    let mut violations = Vec::new();
+    let mut named: Vec<(usize, &Organisation)> = Vec::new();
+    for (i, code) in requested.iter().enumerate() {
+        let field = format!("destinations[{i}]");
+        match registry.get(code) {
+            None => violations.push((
+                field,
+                format!("no registered organisation has ODS code {code}"),
+            )),
+            Some(org) if !org.active => {
+                violations.push((field, format!("{code} is disabled and receives nothing")));
+            }
+            Some(org) if !event.accepts_destination(org.kind) => violations.push((
+                field,
+                format!(
+                    "{event} goes to {}; {code} is a {}",
+                    event.destination_kinds(),
+                    org.kind.as_str()
+                ),
+            )),
+            Some(org) => named.push((i, org)),
+        }
+    }
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+
+    let urgent = summary.is_urgent();
+    let due = |event_due: Option<i64>, urgent: bool| {
+        let due = event_due.unwrap_or(i64::MAX);
+        if urgent {
+            due.min(now_ms.saturating_add(deadlines.urgent_ms))
+        } else {
+            due
+        }
+    };
+    let active = |code: &OdsCode, kind: OrgKind| {
+        registry
+            .get(code)
+            .filter(|o| o.active && o.kind == kind)
+            .is_some()
+    };
+    // For events with one rule target, a named destination must be that target.
+    let single = |target: Option<&OdsCode>, what: &str, violations: &mut Vec<RouteViolation>| {
+        for (i, org) in &named {
+            if Some(&org.ods) != target {
+                violations.push((
+                    format!("destinations[{i}]"),
+                    format!("{event} goes to {what}; {} is not it", org.ods),
+                ));
+            }
+        }
+    };
+
+    let mut routes = Vec::new();
+    match event {
+        JourneyEvent::Admission => {
+            single(
+                summary.registered_gp.as_ref(),
+                "the registered GP named in the summary",
+                &mut violations,
+            );
+            if let Some(gp) = summary
+                .registered_gp
+                .as_ref()
+                .filter(|gp| active(gp, OrgKind::GpPractice))
+            {
+                routes.push(Route {
+                    recipient: Recipient::Org(gp.clone()),
+                    view: View::AdmissionNotice,
+                    urgent,
+                    due_ms: due(Some(now_ms.saturating_add(deadlines.admission_ms)), urgent),
+                });
+            }
+        }
+        JourneyEvent::CommunitySummary => {
+            let prison = &summary.custody.establishment;
+            single(
+                Some(prison),
+                "the admitting prison (summary.custody.establishment)",
+                &mut violations,
+            );
+            if active(prison, OrgKind::Prison) {
+                routes.push(Route {
+                    recipient: Recipient::Org(prison.clone()),
+                    view: View::Full,
+                    urgent,
+                    due_ms: due(
+                        Some(now_ms.saturating_add(deadlines.community_summary_ms)),
+                        urgent,
+                    ),
+                });
+            } else {
+                violations.push((
+                    "summary.custody.establishment".into(),
+                    format!("{prison} is not a registered, active prison"),
+                ));
+            }
+        }
+        JourneyEvent::Transfer => {
+            let to = summary.custody.transfer_to.as_ref();
+            single(
+                to,
+                "the receiving prison (summary.custody.transfer_to)",
+                &mut violations,
+            );
+            match to {
+                Some(to) if *to == sender.ods => violations.push((
+                    "summary.custody.transfer_to".into(),
+                    "a prison cannot transfer to itself".into(),
+                )),
+                Some(to) if active(to, OrgKind::Prison) => routes.push(Route {
+                    recipient: Recipient::Org(to.clone()),
+                    view: View::Full,
+                    urgent,
+                    due_ms: due(summary.custody.transfer_at.map(|t| t.unix_ms()), urgent),
+                }),
+                Some(to) => violations.push((
+                    "summary.custody.transfer_to".into(),
+                    format!("{to} is not a registered, active prison"),
+                )),
+                None => {} // clinical validation reports it
+            }
+        }
+        JourneyEvent::Release => {
+            let release_due = summary.custody.release_date.map(|d| d.end_of_day_ms());
+            let nominated: Vec<&Organisation> = named
+                .iter()
+                .filter(|(_, o)| o.kind == OrgKind::GpPractice)
+                .map(|(_, o)| *o)
+                .collect();
+            let probation: Vec<&Organisation> = named
+                .iter()
+                .filter(|(_, o)| o.kind == OrgKind::Probation)
+                .map(|(_, o)| *o)
+                .collect();
+            let gps: Vec<Recipient> = if nominated.is_empty() {
+                let registered = summary
+                    .registered_gp
+                    .clone()
+                    .filter(|gp| active(gp, OrgKind::GpPractice));
+                vec![registered.map_or(Recipient::Parked, Recipient::Org)]
+            } else {
+                nominated
+                    .iter()
+                    .map(|o| Recipient::Org(o.ods.clone()))
+                    .collect()
+            };
+            for recipient in gps {
+                routes.push(Route {
+                    recipient,
+                    view: View::Full,
+                    urgent,
+                    due_ms: due(release_due, urgent),
+                });
+            }
+            let regions: Vec<OdsCode> = if probation.is_empty() {
+                sender
+                    .region
+                    .as_deref()
+                    .and_then(|region| {
+                        registry.iter().find(|o| {
+                            o.active
+                                && o.kind == OrgKind::Probation
+                                && o.region.as_deref() == Some(region)
+                        })
+                    })
+                    .map(|o| o.ods.clone())
+                    .into_iter()
+                    .collect()
+            } else {
+                probation.iter().map(|o| o.ods.clone()).collect()
+            };
+            for region in regions {
+                // Urgency comes from clinical risk: probation may not learn it
+                // without consent or a legal basis.
+                let urgent = urgent && summary.may_share_risk_with_probation();
+                routes.push(Route {
+                    recipient: Recipient::Org(region),
+                    view: View::Probation,
+                    urgent,
+                    due_ms: due(release_due, urgent),
+                });
+            }
+        }
+    }
+    if violations.is_empty() {
+        Ok(routes)
+    } else {
+        Err(violations)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clinical::synthetic::release_summary;
+    use crate::journey::Format;
+
+    fn org(code: &str, kind: OrgKind, region: Option<&str>) -> Organisation {
+        Organisation {
+            ods: code.parse().unwrap(),
+            kind,
+            name: format!("{code} (invented)"),
+            format: Format::Native,
+            region: region.map(str::to_owned),
+            active: true,
+        }
+    }
+
+    fn registry() -> Registry {
+        Registry::new([
+            org("YP001", OrgKind::Prison, Some("north")),
+            org("YP002", OrgKind::Prison, None),
+            org("YG001", OrgKind::GpPractice, None),
+            org("YG002", OrgKind::GpPractice, None),
+            org("YPR01", OrgKind::Probation, Some("north")),
+        ])
+        .unwrap()
+    }
+
+    fn code(s: &str) -> OdsCode {
+        s.parse().unwrap()
+    }
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn summary(gp: Option<&str>) -> ClinicalSummary {
+        release_summary(
+            "9990000018".parse().ok(),
+            None,
+            code("YP001"),
+            gp.map(code),
+            "x",
+        )
+    }
+
+    #[test]
+    fn a_release_goes_to_the_registered_gp_and_the_prisons_probation_region() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        let s = summary(Some("YG002"));
+        let routes = route(
+            JourneyEvent::Release,
+            &s,
+            sender,
+            &[],
+            &reg,
+            &Deadlines::default(),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].recipient, Recipient::Org(code("YG002")));
+        assert_eq!(routes[0].view, View::Full);
+        assert_eq!(routes[1].recipient, Recipient::Org(code("YPR01")));
+        assert_eq!(routes[1].view, View::Probation);
+        let end_of_release_day = s.custody.release_date.unwrap().end_of_day_ms();
+        assert_eq!(routes[0].due_ms, end_of_release_day);
+    }
+
+    #[test]
+    fn a_nominated_gp_wins_and_no_gp_at_all_parks_the_release() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        let s = summary(Some("YG002"));
+        let d = Deadlines::default();
+        let routes = route(
+            JourneyEvent::Release,
+            &s,
+            sender,
+            &[code("YG001")],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(routes[0].recipient, Recipient::Org(code("YG001")));
+        let unknown_gp = summary(Some("YG999"));
+        let routes = route(
+            JourneyEvent::Release,
+            &unknown_gp,
+            sender,
+            &[],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(routes[0].recipient, Recipient::Parked);
+        let routes = route(
+            JourneyEvent::Release,
+            &summary(None),
+            sender,
+            &[],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(routes[0].recipient, Recipient::Parked);
+    }
+
+    #[test]
+    fn named_destinations_are_checked_against_the_rules() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        let d = Deadlines::default();
+        let mut s = summary(Some("YG001"));
+        s.custody.transfer_to = Some(code("YP002"));
+        s.custody.transfer_at = Some("2026-11-25T10:00:00Z".parse().unwrap());
+        let err = route(
+            JourneyEvent::Transfer,
+            &s,
+            sender,
+            &[code("YP001")],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap_err();
+        assert_eq!(err[0].0, "destinations[0]");
+        assert!(err[0].1.contains("receiving prison"), "{err:?}");
+        let ok = route(
+            JourneyEvent::Transfer,
+            &s,
+            sender,
+            &[code("YP002")],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(ok[0].due_ms, s.custody.transfer_at.unwrap().unix_ms());
+        let err = route(
+            JourneyEvent::Admission,
+            &s,
+            sender,
+            &[code("YG002")],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap_err();
+        assert!(err[0].1.contains("registered GP"), "{err:?}");
+        let err = route(
+            JourneyEvent::Release,
+            &s,
+            sender,
+            &[code("YG001"), code("YP002")],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap_err();
+        assert_eq!(err[0].0, "destinations[1]");
+        let two = route(
+            JourneyEvent::Release,
+            &s,
+            sender,
+            &[code("YG001"), code("YG002")],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(
+            two.len(),
+            3,
+            "two nominated practices and the region: {two:?}"
+        );
+    }
+
+    #[test]
+    fn urgency_shortens_the_deadline_and_is_hidden_from_probation_without_consent() {
+        use crate::clinical::model::{ConsentDecision, RiskFlag, RiskKind};
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        let d = Deadlines::default();
+        let mut s = summary(Some("YG001"));
+        s.risks.push(RiskFlag {
+            kind: RiskKind::SelfHarm,
+            active: true,
+            note: None,
+        });
+        s.consent.probation_sharing = ConsentDecision::Refused;
+        let routes = route(JourneyEvent::Release, &s, sender, &[], &reg, &d, NOW).unwrap();
+        assert!(routes[0].urgent);
+        assert_eq!(
+            routes[0].due_ms,
+            (NOW + d.urgent_ms).min(s.custody.release_date.unwrap().end_of_day_ms())
+        );
+        assert!(!routes[1].urgent, "probation must not learn of the risk");
+    }
+
+    #[test]
+    fn disabled_organisations_receive_nothing() {
+        let mut reg = registry();
+        let mut gp = reg.get(&code("YG001")).unwrap().clone();
+        gp.active = false;
+        reg.put(gp);
+        let sender = reg.get(&code("YP001")).unwrap().clone();
+        let d = Deadlines::default();
+        let routes = route(
+            JourneyEvent::Release,
+            &summary(Some("YG001")),
+            &sender,
+            &[],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(routes[0].recipient, Recipient::Parked);
+        let err = route(
+            JourneyEvent::Release,
+            &summary(None),
+            &sender,
+            &[code("YG001")],
+            &reg,
+            &d,
+            NOW,
+        )
+        .unwrap_err();
+        assert!(err[0].1.contains("disabled"));
+    }
+}
