@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::certs::DevPaths;
 use crate::grpc::pb::handover_client::HandoverClient;
+use crate::grpc::pb::operator_client::OperatorClient;
 
 /// Why a client could not connect.
 #[derive(Debug, thiserror::Error)]
@@ -65,4 +66,18 @@ pub async fn handover(
         HandoverClient::new(channel(endpoint, certs_dir, name).await?)
             .max_decoding_message_size(256 * 1024 * 1024),
     )
+}
+
+/// An operator client as the dev PKI client `name` (`operator-<name>`).
+///
+/// # Errors
+/// As for [`channel`].
+pub async fn operator(
+    endpoint: &str,
+    certs_dir: &Path,
+    name: &str,
+) -> Result<OperatorClient<tonic::transport::Channel>, ClientError> {
+    Ok(OperatorClient::new(
+        channel(endpoint, certs_dir, name).await?,
+    ))
 }

@@ -92,6 +92,20 @@ impl TestGateway {
             .expect("client connects")
     }
 
+    /// An operator client as the dev PKI's operator.
+    pub async fn operator(&self) -> pb::operator_client::OperatorClient<Channel> {
+        throughcare::client::operator(&self.endpoint, &self.certs(), "operator-oncall")
+            .await
+            .expect("operator connects")
+    }
+
+    /// An operator-service client presenting dev PKI identity `name`.
+    pub async fn operator_as(&self, name: &str) -> pb::operator_client::OperatorClient<Channel> {
+        throughcare::client::operator(&self.endpoint, &self.certs(), name)
+            .await
+            .expect("client connects")
+    }
+
     /// A client presenting `cert`/`key` PEM files, trusting `ca` PEM.
     pub async fn client_with(
         &self,

@@ -1,0 +1,752 @@
+//! The offender journey end to end over real mutual TLS: routing rules,
+//! supersession, urgency, parked releases and claims, deadlines, the
+//! registry, and the operator calls that manage them.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+use throughcare::clinical::ClinicalSummary;
+use throughcare::clinical::model::{RiskFlag, RiskKind};
+use throughcare::grpc::pb;
+use throughcare::store::SystemClock;
+use tonic::Code;
+
+/// Invented patient `patient`'s summary from YP001 with registered GP `gp`.
+fn summary(patient: u32, gp: Option<&str>, marker: &str) -> ClinicalSummary {
+    throughcare::clinical::synthetic::release_summary(
+        nhs(patient).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        gp.map(|g| g.parse().unwrap()),
+        marker,
+    )
+}
+
+fn submit(
+    id: &str,
+    event: pb::JourneyEvent,
+    to: &[&str],
+    s: &ClinicalSummary,
+) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        message_id: id.into(),
+        event: event.into(),
+        patient: None,
+        destinations: to.iter().map(|d| (*d).to_owned()).collect(),
+        document: Some(pb::submit_request::Document::Native(
+            throughcare::grpc::summary::to_wire(s),
+        )),
+    }
+}
+
+fn transfer(patient: u32, marker: &str) -> ClinicalSummary {
+    let mut s = summary(patient, Some("YG001"), marker);
+    s.custody.transfer_to = Some("YP002".parse().unwrap());
+    s.custody.transfer_at = Some("2030-01-01T09:00:00Z".parse().unwrap());
+    s.custody.release_date = None;
+    s
+}
+
+fn patient_ref(patient: u32) -> pb::PatientRef {
+    pb::PatientRef {
+        nhs_number: nhs(patient),
+        prison_number: String::new(),
+        date_of_birth: "1985-06-15".into(),
+    }
+}
+
+async fn track(
+    client: &mut pb::handover_client::HandoverClient<tonic::transport::Channel>,
+    id: &str,
+) -> pb::TrackResponse {
+    client
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId(id.into())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn pull_all(
+    client: &mut pb::handover_client::HandoverClient<tonic::transport::Channel>,
+) -> Vec<pb::Delivery> {
+    let got = client.pull(pull(50)).await.unwrap().into_inner().deliveries;
+    for d in &got {
+        client
+            .ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+    }
+    got
+}
+
+#[tokio::test]
+async fn the_rules_choose_the_recipients_and_check_named_ones() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    // A release with no destinations: the registered GP and the prison's region.
+    let r = prison
+        .submit(submit(
+            "rel",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(1, Some("YG002"), "m"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let to: Vec<_> = r
+        .deliveries
+        .iter()
+        .map(|d| d.destination.as_str())
+        .collect();
+    assert_eq!(to, ["YG002", "YPR01"]);
+    // An admission goes to the registered GP as a notice.
+    let r = prison
+        .submit(submit(
+            "adm",
+            pb::JourneyEvent::Admission,
+            &[],
+            &summary(2, Some("YG001"), "m"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deliveries[0].destination, "YG001");
+    // The GP's community summary goes back to the admitting prison.
+    let mut gp = gw.client("YG001").await;
+    let r = gp
+        .submit(submit(
+            "cs",
+            pb::JourneyEvent::CommunitySummary,
+            &[],
+            &summary(2, Some("YG001"), "community"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deliveries[0].destination, "YP001");
+    // A named destination the rules do not choose is refused, naming it, and
+    // nothing is stored.
+    let before = gw.store.content_digest().unwrap();
+    let err = prison
+        .submit(submit(
+            "bad-transfer",
+            pb::JourneyEvent::Transfer,
+            &["YP001"],
+            &transfer(3, "t"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violations(&err), ["destinations[0]"]);
+    assert!(
+        err.message().contains("receiving prison"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(gw.store.content_digest().unwrap(), before);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrected_transfer_supersedes_the_undelivered_one() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let t = pb::JourneyEvent::Transfer;
+    prison
+        .submit(submit("t-1", t, &[], &transfer(1, "first")))
+        .await
+        .unwrap();
+    prison
+        .submit(submit("t-2", t, &[], &transfer(1, "corrected")))
+        .await
+        .unwrap();
+    let mut receiving = gw.client("YP002").await;
+    let got = pull_all(&mut receiving).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["corrected"]);
+    assert!(
+        pull_all(&mut receiving).await.is_empty(),
+        "never the older one"
+    );
+    let old = track(&mut prison, "t-1").await;
+    let new = track(&mut prison, "t-2").await;
+    assert_eq!(old.deliveries[0].state(), pb::DeliveryState::Superseded);
+    assert_eq!(
+        old.deliveries[0].superseded_by,
+        new.deliveries[0].delivery_id
+    );
+    assert!(old.deliveries[0].superseded_at.is_some());
+    assert_eq!(new.deliveries[0].state(), pb::DeliveryState::Delivered);
+    // A leased summary is in the recipient's hands: a newer one waits behind it.
+    prison
+        .submit(submit("t-3", t, &[], &transfer(1, "third")))
+        .await
+        .unwrap();
+    let leased = receiving
+        .pull(pull(5))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(leased.iter().map(text_of).collect::<Vec<_>>(), ["third"]);
+    prison
+        .submit(submit("t-4", t, &[], &transfer(1, "fourth")))
+        .await
+        .unwrap();
+    assert_eq!(
+        track(&mut prison, "t-3").await.deliveries[0].state(),
+        pb::DeliveryState::Leased
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_urgent_release_is_pulled_before_earlier_routine_ones() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    for i in 0..3 {
+        prison
+            .submit(submit(
+                &format!("routine-{i}"),
+                pb::JourneyEvent::Release,
+                &["YG001"],
+                &summary(10 + i, None, &format!("routine {i}")),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut urgent = summary(20, None, "urgent");
+    urgent.risks.push(RiskFlag {
+        kind: RiskKind::Suicide,
+        active: true,
+        note: None,
+    });
+    let r = prison
+        .submit(submit(
+            "urgent",
+            pb::JourneyEvent::Release,
+            &["YG001"],
+            &urgent,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.deliveries[0].urgent);
+    let mut gp = gw.client("YG001").await;
+    let got = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        ["urgent", "routine 0", "routine 1", "routine 2"]
+    );
+    assert!(got[0].urgent && !got[1].urgent);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_race() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let r = prison
+        .submit(submit(
+            "no-gp",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(7, None, "parked summary"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deliveries[0].destination, "@parked");
+    assert_eq!(
+        track(&mut prison, "no-gp").await.deliveries[0].state(),
+        pb::DeliveryState::Parked
+    );
+    let mut op = gw.operator().await;
+    let parked = op
+        .list_parked(pb::ListParkedRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].sender, "YP001");
+    // The wrong date of birth claims nothing.
+    let mut a = gw.client("YG001").await;
+    let mut wrong = patient_ref(7);
+    wrong.date_of_birth = "1985-06-16".into();
+    let err = a
+        .claim(pb::ClaimRequest {
+            patient: Some(wrong),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Two practices race to claim it.
+    let mut b = gw.client("YG002").await;
+    let claim = pb::ClaimRequest {
+        patient: Some(patient_ref(7)),
+    };
+    let (ra, rb) = tokio::join!(a.claim(claim.clone()), b.claim(claim));
+    let (winner, mut winner_client, mut loser_client) = match (&ra, &rb) {
+        (Ok(_), Err(e)) => {
+            assert_eq!(e.code(), Code::NotFound);
+            ("YG001", a, b)
+        }
+        (Err(e), Ok(_)) => {
+            assert_eq!(e.code(), Code::NotFound);
+            ("YG002", b, a)
+        }
+        other => panic!("exactly one claim must win: {other:?}"),
+    };
+    let claimed = ra.or(rb).unwrap().into_inner().claimed;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].handover_id, r.handover_id);
+    assert!(pull_all(&mut loser_client).await.is_empty());
+    let got = winner_client
+        .pull(pull(10))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(got.len(), 1);
+    assert_ne!(got[0].document, None);
+    let t = track(&mut prison, "no-gp").await;
+    assert_eq!(t.deliveries[0].destination, winner);
+    assert_eq!(t.deliveries[0].claimed_by, format!("urn:ods:{winner}"));
+    assert!(
+        op.list_parked(pb::ListParkedRequest { limit: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries
+            .is_empty()
+    );
+    // Claims are audited, the losing one as a refusal.
+    let claims: Vec<_> = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "claim")
+        .map(|e| e.outcome)
+        .collect();
+    assert_eq!(claims.iter().filter(|o| o.starts_with("ok")).count(), 1);
+    assert_eq!(
+        claims.iter().filter(|o| o.starts_with("refused")).count(),
+        2
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_operator_claims_by_prison_number_for_a_practice() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let mut s = summary(8, None, "no nhs number");
+    s.patient.nhs_number = None;
+    s.patient.prison_number = Some("A1234BC".parse().unwrap());
+    prison
+        .submit(submit("pn", pb::JourneyEvent::Release, &[], &s))
+        .await
+        .unwrap();
+    let mut op = gw.operator().await;
+    let who = pb::PatientRef {
+        nhs_number: String::new(),
+        prison_number: "A1234BC".into(),
+        date_of_birth: "1985-06-15".into(),
+    };
+    let err = op
+        .claim_parked(pb::ClaimParkedRequest {
+            patient: Some(who.clone()),
+            practice: "YG002".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), ["reason"]);
+    let claimed = op
+        .claim_parked(pb::ClaimParkedRequest {
+            patient: Some(who),
+            practice: "YG002".into(),
+            reason: "patient registered at Hillview, confirmed by phone".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .claimed;
+    assert_eq!(claimed.len(), 1);
+    let mut gp = gw.client("YG002").await;
+    assert_eq!(pull_all(&mut gp).await.len(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
+    let (gw, clock) = TestGateway::start_manual(|c| {
+        c.queue.sweep_interval_ms = 50;
+        c.deadlines.admission_hours = 1;
+    })
+    .await;
+    let mut prison = gw.client("YP001").await;
+    prison.submit(admission("late", 5)).await.unwrap();
+    let t = track(&mut prison, "late").await;
+    assert!(!t.deliveries[0].overdue);
+    assert_eq!(
+        t.deliveries[0].due_at.as_ref().unwrap().seconds,
+        (T0 + 3_600_000) / 1_000
+    );
+    clock.advance(3_600_001);
+    // Within one scan interval (50 ms), with slack for a loaded machine.
+    let mut reported = None;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = track(&mut prison, "late").await;
+        if t.deliveries[0].overdue_since.is_some() {
+            reported = Some(t);
+            break;
+        }
+    }
+    let t = reported.expect("overdue reported");
+    assert!(t.deliveries[0].overdue);
+    let mut op = gw.operator().await;
+    let boxes = op
+        .list_mailboxes(pb::ListMailboxesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mailboxes;
+    let gp = boxes.iter().find(|m| m.mailbox == "YG001").unwrap();
+    assert_eq!((gp.depth, gp.overdue), (1, 1));
+    // Once delivered it is no longer overdue.
+    let mut gp = gw.client("YG001").await;
+    pull_all(&mut gp).await;
+    assert!(!track(&mut prison, "late").await.deliveries[0].overdue);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn registry_changes_are_audited_take_effect_at_once_and_survive_a_restart() {
+    let gw = TestGateway::start().await;
+    let mut op = gw.operator().await;
+    let disabled = op
+        .set_organisation_active(pb::SetOrganisationActiveRequest {
+            ods_code: "YG002".into(),
+            active: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!disabled.active);
+    // A disabled practice cannot call, and its patients' releases are parked.
+    let mut hillview = gw.client("YG002").await;
+    let err = hillview.pull(pull(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let mut prison = gw.client("YP001").await;
+    let r = prison
+        .submit(submit(
+            "to-disabled",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(9, Some("YG002"), "m"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deliveries[0].destination, "@parked");
+    // A new practice, added while running.
+    op.put_organisation(pb::PutOrganisationRequest {
+        organisation: Some(pb::Organisation {
+            ods_code: "YG003".into(),
+            kind: pb::OrganisationKind::GpPractice.into(),
+            name: "Meadow Lane Practice (invented)".into(),
+            format: pb::DocumentFormat::Hl7v2.into(),
+            region: String::new(),
+            active: true,
+        }),
+    })
+    .await
+    .unwrap();
+    let err = op
+        .put_organisation(pb::PutOrganisationRequest {
+            organisation: Some(pb::Organisation {
+                ods_code: "not an ods code".into(),
+                kind: 0,
+                name: String::new(),
+                format: 0,
+                region: String::new(),
+                active: true,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violations(&err),
+        [
+            "organisation.ods_code",
+            "organisation.kind",
+            "organisation.name"
+        ]
+    );
+    let changes = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "registry_change")
+        .count();
+    assert_eq!(changes, 2);
+    drop((op, hillview, prison));
+    let (dir, config) = gw.stop().await;
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let orgs = gw
+        .operator()
+        .await
+        .list_organisations(pb::ListOrganisationsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .organisations;
+    let find = |code: &str| orgs.iter().find(|o| o.ods_code == code).unwrap();
+    assert!(!find("YG002").active);
+    assert_eq!(find("YG003").format(), pb::DocumentFormat::Hl7v2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn every_operator_call_refuses_a_non_operator_certificate() {
+    let gw = TestGateway::start().await;
+    for who in ["YP001", "YG001", "YPR01"] {
+        let mut c = gw.operator_as(who).await;
+        let codes = [
+            c.list_mailboxes(pb::ListMailboxesRequest {}).await.err(),
+            c.list_quarantine(pb::ListQuarantineRequest::default())
+                .await
+                .err(),
+            c.redrive(pb::RedriveRequest {
+                delivery_ids: vec![1],
+                mailbox: String::new(),
+            })
+            .await
+            .err(),
+            c.list_parked(pb::ListParkedRequest::default()).await.err(),
+            c.claim_parked(pb::ClaimParkedRequest::default())
+                .await
+                .err(),
+            c.list_organisations(pb::ListOrganisationsRequest {})
+                .await
+                .err(),
+            c.put_organisation(pb::PutOrganisationRequest::default())
+                .await
+                .err(),
+            c.set_organisation_active(pb::SetOrganisationActiveRequest::default())
+                .await
+                .err(),
+            c.audit_trail(pb::AuditTrailRequest::default()).await.err(),
+        ];
+        for (i, status) in codes.into_iter().enumerate() {
+            let status = status.unwrap_or_else(|| panic!("{who}: call {i} was allowed"));
+            assert_eq!(status.code(), Code::PermissionDenied, "{who}: call {i}");
+        }
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
+    let (gw, clock) = TestGateway::start_manual(|c| {
+        c.queue.max_attempts = 1;
+    })
+    .await;
+    let mut prison = gw.client("YP001").await;
+    for i in 0..20 {
+        prison
+            .submit(submit(
+                &format!("q-{i}"),
+                pb::JourneyEvent::Release,
+                &["YG001"],
+                &summary(100 + i, None, &format!("q {i}")),
+            ))
+            .await
+            .unwrap();
+    }
+    // Every delivery is nacked permanently into quarantine.
+    let mut gp = gw.client("YG001").await;
+    for d in gp.pull(pull(50)).await.unwrap().into_inner().deliveries {
+        gp.nack(pb::NackRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+            permanent: true,
+            reason: "practice system rejected it".into(),
+        })
+        .await
+        .unwrap();
+    }
+    let mut op = gw.operator().await;
+    let q = op
+        .list_quarantine(pb::ListQuarantineRequest {
+            mailbox: "YG001".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(q.len(), 20);
+    assert!(
+        q.iter()
+            .all(|d| d.reason.contains("practice system rejected it"))
+    );
+    let stats = op
+        .list_mailboxes(pb::ListMailboxesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mailboxes;
+    assert_eq!(
+        stats
+            .iter()
+            .find(|m| m.mailbox == "YG001")
+            .unwrap()
+            .quarantined,
+        20
+    );
+    // Pullers run while two operators redrive the same deliveries.
+    let endpoint = gw.endpoint.clone();
+    let certs = gw.certs();
+    let puller = tokio::spawn(async move {
+        let mut c = throughcare::client::handover(&endpoint, &certs, "YG001")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            for d in c.pull(pull(5)).await.unwrap().into_inner().deliveries {
+                c.ack(pb::AckRequest {
+                    delivery_id: d.delivery_id,
+                    attempt: d.attempt,
+                })
+                .await
+                .unwrap();
+                seen.push(d.delivery_id);
+            }
+            if seen.len() >= 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        seen
+    });
+    let ids: Vec<u64> = q.iter().map(|d| d.delivery_id).collect();
+    let mut op2 = gw.operator().await;
+    let (a, b) = tokio::join!(
+        op.redrive(pb::RedriveRequest {
+            delivery_ids: ids.clone(),
+            mailbox: String::new(),
+        }),
+        op2.redrive(pb::RedriveRequest {
+            delivery_ids: Vec::new(),
+            mailbox: "YG001".into(),
+        })
+    );
+    let requeued = a
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .chain(b.unwrap().into_inner().results)
+        .filter(|r| r.outcome == "REQUEUED")
+        .count();
+    assert_eq!(requeued, 20, "each delivery redriven exactly once");
+    clock.advance(1);
+    let mut seen = puller.await.unwrap();
+    seen.sort_unstable();
+    let mut expected = ids.clone();
+    expected.sort_unstable();
+    assert_eq!(seen, expected, "every redriven delivery delivered once");
+    // Redriving again is harmless.
+    let again = op
+        .redrive(pb::RedriveRequest {
+            delivery_ids: ids,
+            mailbox: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(
+        again
+            .iter()
+            .all(|r| r.outcome == "NOT_QUARANTINED" && r.state() == pb::DeliveryState::Delivered)
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_audit_trail_answers_who_saw_a_patients_record() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(submit(
+            "seen",
+            pb::JourneyEvent::Release,
+            &["YG001"],
+            &summary(30, None, "m"),
+        ))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG001").await;
+    pull_all(&mut gp).await;
+    let mut op = gw.operator().await;
+    let trail = op
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(30))),
+            reason: "subject access request 2026-117".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(trail.chain_verified);
+    let actions: Vec<(&str, &str)> = trail
+        .entries
+        .iter()
+        .map(|e| (e.actor.as_str(), e.action.as_str()))
+        .collect();
+    for expected in [
+        ("urn:ods:YP001", "submit"),
+        ("urn:ods:YG001", "pull"),
+        ("urn:ods:YG001", "ack"),
+        ("urn:operator:oncall", "audit_query"),
+    ] {
+        assert!(actions.contains(&expected), "{expected:?} in {actions:?}");
+    }
+    // Nobody else's entries.
+    assert!(trail.entries.iter().all(|e| !e.outcome.contains(&nhs(30))));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_operator_request_is_a_field_error() {
+    let gw = TestGateway::start_with(|_| {}, Arc::new(SystemClock)).await;
+    let mut op = gw.operator().await;
+    let err = op
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(
+                "9990000017".into(),
+            )),
+            reason: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), ["nhs_number"]);
+    assert!(!err.message().contains("9990000017"));
+    let err = op.redrive(pb::RedriveRequest::default()).await.unwrap_err();
+    assert_eq!(violations(&err), ["delivery_ids"]);
+    gw.stop().await;
+}
