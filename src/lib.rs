@@ -23,6 +23,7 @@ pub mod certs;
 pub mod client;
 pub mod clinical;
 pub mod config;
+pub mod demo;
 pub mod grpc;
 pub mod journey;
 pub mod store;

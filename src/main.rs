@@ -41,6 +41,9 @@ enum Command {
     /// Translate a clinical document between formats (reads FILE, writes stdout;
     /// what the target format cannot carry goes to stderr).
     Convert(ConvertArgs),
+    /// Play one invented patient's whole journey through a fresh gateway
+    /// (temporary directory, dev certificates, mutual TLS) and print what each party sees.
+    Demo,
     /// Measure durable submits/s, latency, messages per fsync, pull+ack/s and RSS.
     Bench(throughcare::bench::BenchOptions),
     /// Administration that works on a stopped gateway's data directory.
@@ -463,6 +466,7 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Convert(args) => convert(args),
+        Command::Demo => throughcare::demo::run(&mut std::io::stdout()).await,
         Command::Bench(opts) if opts.translation => {
             let report =
                 tokio::task::spawn_blocking(|| throughcare::bench::translation(20_000)).await??;

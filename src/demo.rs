@@ -1,0 +1,396 @@
+//! `throughcare demo`: one invented patient's journey through a real gateway.
+//!
+//! Starts a gateway on a temporary directory with a fresh dev PKI, on
+//! 127.0.0.1 with mutual TLS, then plays each party in turn over real
+//! connections and prints what each one sees. Everything is removed at the end.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use tonic::transport::Channel;
+
+use crate::app::Prepared;
+use crate::clinical::ClinicalSummary;
+use crate::clinical::model::{
+    Code, ConsentDecision, DMD, DateTime, Medication, RiskFlag, RiskKind, SubstanceMisuse,
+};
+use crate::config::Config;
+use crate::grpc::pb;
+use crate::grpc::pb::handover_client::HandoverClient;
+
+/// The invented patient's NHS number (999 test range, valid check digit).
+const NHS: &str = "9990000018";
+const DOB: &str = "1985-06-15";
+
+type Client = HandoverClient<Channel>;
+
+/// Plays the journey, writing each step to `out`.
+///
+/// # Errors
+/// Any step the gateway refused: the demo must run clean.
+pub async fn run(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        certs_dir: dir.path().join("certs"),
+        shutdown_grace_ms: 2_000,
+        ..Config::default()
+    };
+    let prepared = Prepared::with_system_clock(config.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(prepared.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    writeln!(
+        out,
+        "Throughcare demo: a gateway on {endpoint} (mutual TLS, store in a temporary directory).\n\
+         One invented patient, NHS number {NHS} (test range), born {DOB}.\n"
+    )?;
+    let played = play(out, &endpoint, &config.certs_dir).await;
+    let _ = stop.send(());
+    server.await?.context("the gateway stopped badly")?;
+    played?;
+    writeln!(
+        out,
+        "\nThe gateway drained and stopped; the temporary directory is removed."
+    )?;
+    Ok(())
+}
+
+fn today() -> time::Date {
+    time::OffsetDateTime::now_utc().date()
+}
+
+fn patient_summary(establishment: &str, gp: Option<&str>) -> ClinicalSummary {
+    let mut s = crate::clinical::synthetic::release_summary(
+        NHS.parse().ok(),
+        "A1234BC".parse().ok(),
+        establishment.parse().expect("dev ODS code"),
+        gp.map(|g| g.parse().expect("dev ODS code")),
+        "Community drug and alcohol team: first appointment within 2 days",
+    );
+    s.custody.release_date = None;
+    s.custody.release_address = None;
+    s.custody.reception_date = Some(crate::clinical::model::Date(today()));
+    s
+}
+
+fn with_methadone(s: &mut ClinicalSummary) {
+    let last_dose = time::OffsetDateTime::now_utc()
+        .replace_time(time::macros::time!(08:10))
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    s.medications.insert(
+        0,
+        Medication {
+            code: Code {
+                system: DMD.into(),
+                code: "322816007".into(),
+                display: "Methadone 1mg/ml oral solution".into(),
+            },
+            dose: "60 mg".into(),
+            route: "oral".into(),
+            frequency: "once daily, supervised".into(),
+            supervised: true,
+            opioid_substitution: true,
+            last_dose_given: Some(DateTime(last_dose)),
+            days_supplied: None,
+        },
+    );
+    s.substance_misuse = Some(SubstanceMisuse {
+        in_treatment: true,
+        community_service: Some("Northam Recovery Service (invented)".into()),
+    });
+    s.risks.push(RiskFlag {
+        kind: RiskKind::Vulnerability,
+        active: true,
+        note: Some("Reduced opioid tolerance after custody: overdose risk".into()),
+    });
+}
+
+fn request(
+    id: &str,
+    event: pb::JourneyEvent,
+    to: &[&str],
+    s: &ClinicalSummary,
+) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        message_id: id.into(),
+        event: event.into(),
+        patient: None,
+        destinations: to.iter().map(|d| (*d).to_owned()).collect(),
+        document: Some(pb::submit_request::Document::Native(
+            crate::grpc::summary::to_wire(s),
+        )),
+    }
+}
+
+fn receipt_line(r: &pb::SubmitReceipt) -> String {
+    let mut line = format!("accepted as handover {}:", r.handover_id);
+    for d in &r.deliveries {
+        let due = d
+            .due_at
+            .as_ref()
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+            .map(|t| format!("{} {:02}:{:02} UTC", t.date(), t.hour(), t.minute()))
+            .unwrap_or_else(|| "no deadline".into());
+        let _ = write!(
+            line,
+            " -> {}{} (due {due})",
+            d.destination,
+            if d.urgent { " URGENT" } else { "" }
+        );
+    }
+    line
+}
+
+async fn pull_one(client: &mut Client, format: pb::DocumentFormat) -> anyhow::Result<pb::Delivery> {
+    let mut got = client
+        .pull(pb::PullRequest {
+            max_deliveries: 1,
+            lease_seconds: 60,
+            wait_millis: 2_000,
+            format: format.into(),
+        })
+        .await?
+        .into_inner()
+        .deliveries;
+    let d = got.pop().context("nothing arrived")?;
+    client
+        .ack(pb::AckRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+        })
+        .await?;
+    Ok(d)
+}
+
+fn native(d: &pb::Delivery) -> anyhow::Result<&pb::ClinicalSummary> {
+    match &d.document {
+        Some(pb::delivery::Document::Native(s)) => Ok(s),
+        _ => anyhow::bail!("expected a native document"),
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> anyhow::Result<()> {
+    let connect = |name: &'static str| async move {
+        crate::client::handover(endpoint, certs, name)
+            .await
+            .with_context(|| format!("connect as {name}"))
+    };
+    let mut ashdown = connect("YP001").await?;
+    let mut riverside = connect("YG001").await?;
+    let mut brackenfield = connect("YP002").await?;
+    let mut hillview = connect("YG002").await?;
+    let mut probation = connect("YPR01").await?;
+    let event = pb::JourneyEvent::Admission;
+
+    writeln!(
+        out,
+        "1. ADMISSION at HMP Ashdown (YP001); the patient's GP is Riverside Surgery (YG001)"
+    )?;
+    let s = patient_summary("YP001", Some("YG001"));
+    let r = ashdown
+        .submit(request("demo-adm", event, &[], &s))
+        .await?
+        .into_inner();
+    writeln!(out, "   prison: {}", receipt_line(&r))?;
+    let d = pull_one(&mut riverside, pb::DocumentFormat::Native).await?;
+    let notice = native(&d)?;
+    writeln!(
+        out,
+        "   Riverside receives an admission notice: {} {}, in custody at {} since {}; medicines {} (a notice carries no clinical detail)",
+        notice
+            .patient
+            .as_ref()
+            .map_or("", |p| p.given_names.first().map_or("", String::as_str)),
+        notice
+            .patient
+            .as_ref()
+            .map_or("", |p| p.family_name.as_str()),
+        notice
+            .custody
+            .as_ref()
+            .map_or("", |c| c.establishment.as_str()),
+        notice
+            .custody
+            .as_ref()
+            .map_or("", |c| c.reception_date.as_str()),
+        notice.medications.len()
+    )?;
+
+    writeln!(
+        out,
+        "\n2. COMMUNITY_SUMMARY: Riverside sends the community record back"
+    )?;
+    let mut community = patient_summary("YP001", Some("YG001"));
+    with_methadone(&mut community);
+    community.author.organisation = "YG001".parse().expect("dev ODS code");
+    let r = riverside
+        .submit(request(
+            "demo-cs",
+            pb::JourneyEvent::CommunitySummary,
+            &[],
+            &community,
+        ))
+        .await?
+        .into_inner();
+    writeln!(out, "   practice: {}", receipt_line(&r))?;
+    let d = pull_one(&mut ashdown, pb::DocumentFormat::Native).await?;
+    let got = native(&d)?;
+    writeln!(
+        out,
+        "   Ashdown receives it{}: {} medicines, first {}",
+        if d.urgent {
+            " (URGENT: opioid substitution therapy)"
+        } else {
+            ""
+        },
+        got.medications.len(),
+        got.medications
+            .first()
+            .and_then(|m| m.code.as_ref())
+            .map_or("", |c| c.display.as_str())
+    )?;
+
+    writeln!(
+        out,
+        "\n3. TRANSFER from Ashdown to HMP Brackenfield (YP002), with opioid substitution therapy"
+    )?;
+    let mut transfer = patient_summary("YP001", Some("YG001"));
+    with_methadone(&mut transfer);
+    transfer.custody.transfer_to = Some("YP002".parse().expect("dev ODS code"));
+    transfer.custody.transfer_at = Some(DateTime(
+        time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+            + time::Duration::hours(6),
+    ));
+    let r = ashdown
+        .submit(request(
+            "demo-tr",
+            pb::JourneyEvent::Transfer,
+            &[],
+            &transfer,
+        ))
+        .await?
+        .into_inner();
+    writeln!(out, "   prison: {}", receipt_line(&r))?;
+    let d = pull_one(&mut brackenfield, pb::DocumentFormat::Native).await?;
+    let got = native(&d)?;
+    let ost = got.medications.first().context("medicines first")?;
+    writeln!(
+        out,
+        "   Brackenfield receives the full summary{}, medicines first: {} {} {}, last dose given {}",
+        if d.urgent { " (URGENT)" } else { "" },
+        ost.code.as_ref().map_or("", |c| c.display.as_str()),
+        ost.dose,
+        ost.frequency,
+        ost.last_dose_given
+    )?;
+
+    writeln!(
+        out,
+        "\n4. RELEASE from Brackenfield today: the patient has no GP, so the summary is PARKED"
+    )?;
+    let mut release = patient_summary("YP002", None);
+    with_methadone(&mut release);
+    release.consent.probation_sharing = ConsentDecision::Refused;
+    release.custody.reception_date = None;
+    release.custody.release_date = Some(crate::clinical::model::Date(today()));
+    release.custody.no_fixed_abode = true;
+    release.patient.crn = "X123456".parse().ok();
+    let r = brackenfield
+        .submit(request(
+            "demo-rel",
+            pb::JourneyEvent::Release,
+            &["YPR01"],
+            &release,
+        ))
+        .await?
+        .into_inner();
+    writeln!(out, "   prison: {}", receipt_line(&r))?;
+
+    writeln!(
+        out,
+        "\n5. Hillview Medical Centre (YG002) registers the patient and claims the parked release"
+    )?;
+    let claimed = hillview
+        .claim(pb::ClaimRequest {
+            patient: Some(pb::PatientRef {
+                nhs_number: NHS.into(),
+                prison_number: String::new(),
+                date_of_birth: DOB.into(),
+            }),
+        })
+        .await?
+        .into_inner()
+        .claimed;
+    writeln!(
+        out,
+        "   claimed {} release(s) into Hillview's mailbox",
+        claimed.len()
+    )?;
+    let d = pull_one(&mut hillview, pb::DocumentFormat::Unspecified).await?;
+    let Some(pb::delivery::Document::Hl7v2(hl7)) = &d.document else {
+        anyhow::bail!("Hillview is registered for HL7 v2");
+    };
+    writeln!(
+        out,
+        "   Hillview receives the release summary as HL7 v2 (its registered format):"
+    )?;
+    for segment in hl7.split('\r').filter(|s| !s.is_empty()).take(6) {
+        let shown: String = segment.chars().take(100).collect();
+        writeln!(out, "     {shown}")?;
+    }
+    writeln!(
+        out,
+        "     ... {} segments in all",
+        hl7.split('\r').filter(|s| !s.is_empty()).count()
+    )?;
+
+    writeln!(
+        out,
+        "\n6. Probation (YPR01) receives only its view; the patient refused consent, so no risk flags"
+    )?;
+    let d = pull_one(&mut probation, pb::DocumentFormat::Native).await?;
+    let view = native(&d)?;
+    writeln!(
+        out,
+        "   probation sees: release date {}, no fixed abode {}, GP registration in place {}, medicines {}, risk flags {}",
+        view.custody
+            .as_ref()
+            .map_or("", |c| c.release_date.as_str()),
+        view.custody.as_ref().is_some_and(|c| c.no_fixed_abode),
+        !view.registered_gp.is_empty(),
+        view.medications.len(),
+        view.risks.len()
+    )?;
+
+    writeln!(out, "\n7. TRACK: what Brackenfield sees of its release")?;
+    let t = brackenfield
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId("demo-rel".into())),
+        })
+        .await?
+        .into_inner();
+    for d in &t.deliveries {
+        writeln!(
+            out,
+            "   delivery {} to {:<6} {:?}{}",
+            d.delivery_id,
+            d.destination,
+            d.state(),
+            if d.claimed_by.is_empty() {
+                String::new()
+            } else {
+                format!(" (claimed by {})", d.claimed_by)
+            }
+        )?;
+    }
+    Ok(())
+}
