@@ -115,8 +115,9 @@ struct SubmitArgs {
     /// admission, transfer, release or community-summary.
     #[arg(long)]
     event: String,
-    /// Destination ODS code (repeatable).
-    #[arg(long = "to", required = true)]
+    /// Destination ODS code (repeatable; optional: the journey rules route it,
+    /// and check any you name; for a release, a named GP practice is the nominated GP).
+    #[arg(long = "to")]
     to: Vec<String>,
     /// NHS number (999 test range for dev).
     #[arg(long, default_value = "")]
