@@ -16,6 +16,7 @@
 //! `app` wires these together and serves until shutdown; `config` is parsed
 //! and validated before any port is bound; `certs` makes the dev PKI.
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod bench;

@@ -46,8 +46,11 @@ enum Command {
     Demo,
     /// Measure durable submits/s, latency, messages per fsync, pull+ack/s and RSS.
     Bench(throughcare::bench::BenchOptions),
-    /// Administration that works on a stopped gateway's data directory.
+    /// Operator calls to a running gateway (tables, or --json), and checks
+    /// of a stopped gateway's data directory (`admin audit verify`).
     Admin {
+        #[command(flatten)]
+        operator: throughcare::admin::OperatorArgs,
         #[command(subcommand)]
         command: AdminCommand,
     },
@@ -204,11 +207,13 @@ struct ConvertArgs {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// The audit trail.
+    /// The audit trail of a stopped gateway's data directory.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    #[command(flatten)]
+    Operator(throughcare::admin::OperatorCommand),
 }
 
 #[derive(Subcommand)]
@@ -468,6 +473,10 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
         }
         Command::Convert(args) => convert(args),
         Command::Demo => throughcare::demo::run(&mut std::io::stdout()).await,
+        Command::Admin {
+            operator,
+            command: AdminCommand::Operator(command),
+        } => throughcare::admin::run(operator, command).await,
         Command::Bench(opts) if opts.translation => {
             let report =
                 tokio::task::spawn_blocking(|| throughcare::bench::translation(20_000)).await??;
@@ -484,6 +493,7 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
                 AdminCommand::Audit {
                     command: AuditCommand::Verify { data_dir },
                 },
+            ..
         } => {
             let store = throughcare::store::Store::open(
                 &data_dir,

@@ -1,0 +1,440 @@
+//! `throughcare admin …`: the operator calls from the command line, as aligned
+//! tables for people or JSON (`--json`) for scripts. Payload-free, like the
+//! operator service it calls.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::grpc::pb;
+
+/// How to reach the gateway as an operator.
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    /// Gateway address.
+    #[arg(
+        long,
+        global = true,
+        default_value = "https://localhost:7443",
+        env = "THROUGHCARE_SERVER"
+    )]
+    pub server: String,
+    /// Directory of the (dev) PKI holding the operator's certificate.
+    #[arg(
+        long,
+        global = true,
+        default_value = "certs",
+        env = "THROUGHCARE_CERTS_DIR"
+    )]
+    pub certs_dir: PathBuf,
+    /// The operator certificate to present (`operator-<name>`).
+    #[arg(long = "as", global = true, default_value = "operator-oncall")]
+    pub as_: String,
+    /// Print JSON (one array of objects) instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// An operator call.
+#[derive(Debug, Clone, Subcommand)]
+pub enum OperatorCommand {
+    /// Every mailbox with live or quarantined deliveries.
+    Mailboxes,
+    /// Quarantined deliveries with their reasons.
+    Quarantine {
+        /// Only this mailbox.
+        #[arg(long)]
+        mailbox: Option<String>,
+    },
+    /// Put quarantined deliveries back in their mailbox.
+    Redrive {
+        /// Every quarantined delivery of this mailbox.
+        #[arg(long, conflicts_with = "ids")]
+        mailbox: Option<String>,
+        /// Delivery ids.
+        ids: Vec<u64>,
+    },
+    /// Releases parked for want of a GP, with their deadlines.
+    Parked,
+    /// Claim a patient's parked releases for a GP practice.
+    Claim {
+        /// NHS number.
+        #[arg(long, default_value = "")]
+        nhs: String,
+        /// Prison number (when there is no NHS number).
+        #[arg(long, default_value = "")]
+        prison_number: String,
+        /// Date of birth, YYYY-MM-DD.
+        #[arg(long)]
+        dob: String,
+        /// The practice that registered the patient.
+        #[arg(long)]
+        practice: String,
+        /// Why (kept in the audit trail; no patient data).
+        #[arg(long)]
+        reason: String,
+    },
+    /// The registry of organisations.
+    Orgs,
+    /// Add or update an organisation.
+    OrgPut {
+        /// ODS code.
+        #[arg(long)]
+        ods: String,
+        /// prison, gp_practice or probation.
+        #[arg(long)]
+        kind: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// native, fhir or hl7v2.
+        #[arg(long, default_value = "native")]
+        format: String,
+        /// Region (probation services, and prisons whose releases go to one).
+        #[arg(long, default_value = "")]
+        region: String,
+    },
+    /// Disable an organisation: it cannot call and receives nothing.
+    OrgDisable {
+        /// ODS code.
+        ods: String,
+    },
+    /// Enable an organisation again.
+    OrgEnable {
+        /// ODS code.
+        ods: String,
+    },
+    /// Who touched a handover or a patient's record (the query is audited).
+    Trail {
+        /// A handover id.
+        #[arg(long, conflicts_with_all = ["nhs", "prison_number"])]
+        handover: Option<u64>,
+        /// An NHS number.
+        #[arg(long)]
+        nhs: Option<String>,
+        /// A prison number.
+        #[arg(long)]
+        prison_number: Option<String>,
+        /// Why you are reading it.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// Rows to print: column names and one JSON object per row.
+struct Rows {
+    columns: Vec<&'static str>,
+    rows: Vec<serde_json::Map<String, Value>>,
+}
+
+impl Rows {
+    fn new(columns: &[&'static str]) -> Self {
+        Self {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, row: Value) {
+        if let Value::Object(map) = row {
+            self.rows.push(map);
+        }
+    }
+
+    fn print(&self, json: bool) -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&self.rows)?);
+            return Ok(());
+        }
+        let mut table = comfy_table::Table::new();
+        table
+            .load_preset(comfy_table::presets::NOTHING)
+            .set_header(self.columns.iter().map(|c| c.to_uppercase()));
+        for row in &self.rows {
+            table.add_row(self.columns.iter().map(|c| match row.get(*c) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(v) => v.to_string(),
+            }));
+        }
+        println!("{table}");
+        Ok(())
+    }
+}
+
+fn when(t: Option<&prost_types::Timestamp>) -> Value {
+    t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or(Value::Null, Value::String)
+}
+
+fn age(ms: u64) -> String {
+    match ms / 1_000 {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7_200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3_600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn state(s: i32) -> String {
+    pb::DeliveryState::try_from(s)
+        .map(|s| s.as_str_name().to_owned())
+        .unwrap_or_default()
+}
+
+fn event(e: i32) -> String {
+    pb::JourneyEvent::try_from(e)
+        .map(|e| e.as_str_name().to_owned())
+        .unwrap_or_default()
+}
+
+fn deliveries(list: &[pb::DeliveryInfo]) -> Rows {
+    let mut rows = Rows::new(&[
+        "delivery", "handover", "mailbox", "sender", "event", "state", "attempts", "urgent", "due",
+        "overdue", "reason",
+    ]);
+    for d in list {
+        rows.push(json!({
+            "delivery": d.delivery_id,
+            "handover": d.handover_id,
+            "mailbox": d.mailbox,
+            "sender": d.sender,
+            "event": event(d.event),
+            "state": state(d.state),
+            "attempts": d.attempts,
+            "urgent": d.urgent,
+            "due": when(d.due_at.as_ref()),
+            "overdue": d.overdue,
+            "reason": d.reason,
+        }));
+    }
+    rows
+}
+
+fn org_rows(list: &[pb::Organisation]) -> Rows {
+    let mut rows = Rows::new(&["ods", "kind", "name", "format", "region", "active"]);
+    for o in list {
+        rows.push(json!({
+            "ods": o.ods_code,
+            "kind": pb::OrganisationKind::try_from(o.kind).map(|k| k.as_str_name().to_owned()).unwrap_or_default(),
+            "name": o.name,
+            "format": pb::DocumentFormat::try_from(o.format).map(|f| f.as_str_name().to_owned()).unwrap_or_default(),
+            "region": o.region,
+            "active": o.active,
+        }));
+    }
+    rows
+}
+
+/// Runs one operator call and prints its answer.
+///
+/// # Errors
+/// The connection failed or the gateway refused the call.
+#[allow(clippy::too_many_lines)]
+pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result<()> {
+    let mut op = crate::client::operator(&args.server, &args.certs_dir, &args.as_)
+        .await
+        .with_context(|| format!("connecting to {} as {}", args.server, args.as_))?;
+    let rows = match command {
+        OperatorCommand::Mailboxes => {
+            let r = op
+                .list_mailboxes(pb::ListMailboxesRequest {})
+                .await?
+                .into_inner();
+            let mut rows = Rows::new(&[
+                "mailbox",
+                "depth",
+                "leased",
+                "urgent",
+                "overdue",
+                "quarantined",
+                "oldest",
+            ]);
+            for m in r.mailboxes {
+                rows.push(json!({
+                    "mailbox": m.mailbox,
+                    "depth": m.depth,
+                    "leased": m.leased,
+                    "urgent": m.urgent,
+                    "overdue": m.overdue,
+                    "quarantined": m.quarantined,
+                    "oldest": if m.depth == 0 { String::new() } else { age(m.oldest_age_ms) },
+                }));
+            }
+            rows
+        }
+        OperatorCommand::Quarantine { mailbox } => deliveries(
+            &op.list_quarantine(pb::ListQuarantineRequest {
+                mailbox: mailbox.unwrap_or_default(),
+                limit: 0,
+            })
+            .await?
+            .into_inner()
+            .deliveries,
+        ),
+        OperatorCommand::Redrive { mailbox, ids } => {
+            let r = op
+                .redrive(pb::RedriveRequest {
+                    delivery_ids: ids,
+                    mailbox: mailbox.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let mut rows = Rows::new(&["delivery", "outcome", "state"]);
+            for x in r.results {
+                rows.push(json!({
+                    "delivery": x.delivery_id,
+                    "outcome": x.outcome,
+                    "state": state(x.state),
+                }));
+            }
+            rows
+        }
+        OperatorCommand::Parked => deliveries(
+            &op.list_parked(pb::ListParkedRequest { limit: 0 })
+                .await?
+                .into_inner()
+                .deliveries,
+        ),
+        OperatorCommand::Claim {
+            nhs,
+            prison_number,
+            dob,
+            practice,
+            reason,
+        } => {
+            let r = op
+                .claim_parked(pb::ClaimParkedRequest {
+                    patient: Some(pb::PatientRef {
+                        nhs_number: nhs,
+                        prison_number,
+                        date_of_birth: dob,
+                    }),
+                    practice,
+                    reason,
+                })
+                .await?
+                .into_inner();
+            let mut rows = Rows::new(&["delivery", "handover", "event"]);
+            for c in r.claimed {
+                rows.push(json!({
+                    "delivery": c.delivery_id,
+                    "handover": c.handover_id,
+                    "event": event(c.event),
+                }));
+            }
+            rows
+        }
+        OperatorCommand::Orgs => org_rows(
+            &op.list_organisations(pb::ListOrganisationsRequest {})
+                .await?
+                .into_inner()
+                .organisations,
+        ),
+        OperatorCommand::OrgPut {
+            ods,
+            kind,
+            name,
+            format,
+            region,
+        } => {
+            let kind = match kind.as_str() {
+                "prison" => pb::OrganisationKind::Prison,
+                "gp_practice" => pb::OrganisationKind::GpPractice,
+                "probation" => pb::OrganisationKind::Probation,
+                other => anyhow::bail!("unknown kind {other}: prison, gp_practice or probation"),
+            };
+            let format = match format.as_str() {
+                "native" => pb::DocumentFormat::Native,
+                "fhir" => pb::DocumentFormat::FhirJson,
+                "hl7v2" => pb::DocumentFormat::Hl7v2,
+                other => anyhow::bail!("unknown format {other}: native, fhir or hl7v2"),
+            };
+            let org = op
+                .put_organisation(pb::PutOrganisationRequest {
+                    organisation: Some(pb::Organisation {
+                        ods_code: ods,
+                        kind: kind.into(),
+                        name,
+                        format: format.into(),
+                        region,
+                        active: true,
+                    }),
+                })
+                .await?
+                .into_inner();
+            org_rows(&[org])
+        }
+        OperatorCommand::OrgDisable { ods } | OperatorCommand::OrgEnable { ods }
+            if ods.is_empty() =>
+        {
+            anyhow::bail!("name the organisation's ODS code")
+        }
+        OperatorCommand::OrgDisable { ods } => {
+            let org = op
+                .set_organisation_active(pb::SetOrganisationActiveRequest {
+                    ods_code: ods,
+                    active: false,
+                })
+                .await?
+                .into_inner();
+            org_rows(&[org])
+        }
+        OperatorCommand::OrgEnable { ods } => {
+            let org = op
+                .set_organisation_active(pb::SetOrganisationActiveRequest {
+                    ods_code: ods,
+                    active: true,
+                })
+                .await?
+                .into_inner();
+            org_rows(&[org])
+        }
+        OperatorCommand::Trail {
+            handover,
+            nhs,
+            prison_number,
+            reason,
+        } => {
+            use pb::audit_trail_request::Subject;
+            let subject = match (handover, nhs, prison_number) {
+                (Some(h), None, None) => Subject::HandoverId(h),
+                (None, Some(n), None) => Subject::NhsNumber(n),
+                (None, None, Some(p)) => Subject::PrisonNumber(p),
+                _ => anyhow::bail!("name one of --handover, --nhs or --prison-number"),
+            };
+            let r = op
+                .audit_trail(pb::AuditTrailRequest {
+                    subject: Some(subject),
+                    reason,
+                })
+                .await?
+                .into_inner();
+            if !r.chain_verified {
+                eprintln!("WARNING: the audit chain did not verify when read");
+            }
+            let mut rows = Rows::new(&[
+                "seq", "at", "actor", "action", "handover", "delivery", "outcome",
+            ]);
+            for e in r.entries {
+                rows.push(json!({
+                    "seq": e.seq,
+                    "at": when(e.at.as_ref()),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "handover": e.handover_id,
+                    "delivery": e.delivery_id,
+                    "outcome": e.outcome,
+                }));
+            }
+            rows
+        }
+    };
+    rows.print(args.json)
+}

@@ -1,0 +1,138 @@
+//! `throughcare admin …` against a real gateway: aligned tables for people,
+//! JSON for scripts, and the operator's changes taking effect.
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+use throughcare::grpc::pb;
+
+fn admin(gw: &TestGateway, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_throughcare"))
+        .arg("admin")
+        .args(args)
+        .arg("--server")
+        .arg(&gw.endpoint)
+        .arg("--certs-dir")
+        .arg(gw.certs())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(gw: &TestGateway, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, out, err) = admin(gw, &all);
+    assert!(ok, "admin {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_and_fix_queues_from_the_command_line() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    for i in 0..3 {
+        prison
+            .submit(release(&format!("r-{i}"), 40 + i, &["YG001"], "m"))
+            .await
+            .unwrap();
+    }
+    let mut gp = gw.client("YG001").await;
+    let first = gp.pull(pull(1)).await.unwrap().into_inner().deliveries;
+    gp.nack(pb::NackRequest {
+        delivery_id: first[0].delivery_id,
+        attempt: first[0].attempt,
+        permanent: true,
+        reason: "unreadable by the practice system".into(),
+    })
+    .await
+    .unwrap();
+
+    // Mailboxes as JSON: the practice has two live and one quarantined.
+    let boxes = json(&gw, &["mailboxes"]);
+    let yg = boxes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mailbox"] == "YG001")
+        .unwrap();
+    assert_eq!(
+        (yg["depth"].as_u64(), yg["quarantined"].as_u64()),
+        (Some(2), Some(1))
+    );
+    // ... and as an aligned table for people.
+    let (ok, table, _) = admin(&gw, &["mailboxes"]);
+    assert!(ok);
+    let lines: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines[0].contains("MAILBOX") && lines[0].contains("QUARANTINED"),
+        "{table}"
+    );
+    let col = lines[0].find("DEPTH").unwrap();
+    for line in &lines[1..] {
+        assert!(line.len() > col, "aligned columns: {table}");
+    }
+    assert!(lines.iter().any(|l| l.contains("YG001")));
+
+    let q = json(&gw, &["quarantine", "--mailbox", "YG001"]);
+    assert_eq!(
+        q[0]["reason"],
+        "permanent nack: unreadable by the practice system"
+    );
+    let id = q[0]["delivery"].as_u64().unwrap().to_string();
+    let r = json(&gw, &["redrive", &id]);
+    assert_eq!(r[0]["outcome"], "REQUEUED");
+    assert_eq!(json(&gw, &["quarantine"]).as_array().unwrap().len(), 0);
+
+    // Registry management.
+    let orgs = json(&gw, &["org-disable", "YG002"]);
+    assert_eq!(orgs[0]["active"], false);
+    let orgs = json(&gw, &["orgs"]);
+    assert_eq!(orgs.as_array().unwrap().len(), 5);
+    let put = json(
+        &gw,
+        &[
+            "org-put",
+            "--ods",
+            "YG003",
+            "--kind",
+            "gp_practice",
+            "--name",
+            "Meadow Lane Practice (invented)",
+            "--format",
+            "fhir",
+        ],
+    );
+    assert_eq!(put[0]["format"], "DOCUMENT_FORMAT_FHIR_JSON");
+
+    // The audit trail of one handover.
+    let trail = json(
+        &gw,
+        &["trail", "--handover", "1", "--reason", "incident review 42"],
+    );
+    let actions: Vec<&str> = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"submit") && actions.contains(&"audit_query"),
+        "{actions:?}"
+    );
+
+    // A refusal is an error exit with the gateway's reason.
+    let (ok, _, err) = admin(&gw, &["redrive"]);
+    assert!(!ok);
+    assert!(err.contains("delivery_ids"), "{err}");
+    let (ok, _, err) = admin(&gw, &["mailboxes", "--as", "YG001"]);
+    assert!(!ok);
+    assert!(err.contains("operator certificate"), "{err}");
+    gw.stop().await;
+}
