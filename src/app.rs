@@ -42,6 +42,9 @@ pub enum AppError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The descriptor set for gRPC reflection is unusable.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 impl AppError {
@@ -173,6 +176,19 @@ impl Prepared {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message.saturating_mul(4));
 
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<HandoverServer<HandoverService>>()
+            .await;
+        let reflection = |b: tonic_reflection::server::Builder<'static>| {
+            b.register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 =
+            reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
+        let reflection_v1alpha =
+            reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
+
         let sweeper = {
             let store = self.gateway.store.clone();
             let every = Duration::from_millis(self.config.queue.sweep_interval_ms);
@@ -199,6 +215,9 @@ impl Prepared {
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(handover)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = server_stopped.await;
             });
@@ -216,6 +235,7 @@ impl Prepared {
                     "shutting down: draining in-flight calls"
                 );
                 let _ = self.shutdown_tx.send(true);
+                stop_serving(health).await;
                 let _ = stop_server.send(());
                 match tokio::time::timeout(grace, &mut server).await {
                     Ok(result) => {
@@ -244,5 +264,23 @@ impl Prepared {
         );
         tracing::info!("store closed after a final durability barrier");
         result
+    }
+}
+
+/// Tells health watchers NOT_SERVING, then ends their streams so that they do
+/// not hold the drain open until the grace period runs out.
+async fn stop_serving(mut health: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let services = [
+        "",
+        <HandoverServer<HandoverService> as tonic::server::NamedService>::NAME,
+    ];
+    for name in services {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    for name in services {
+        health.clear_service_status(name).await;
     }
 }
