@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigError};
 use crate::grpc::pb::handover_server::HandoverServer;
 use crate::grpc::{Gateway, HandoverService};
 use crate::journey::Registry;
+use crate::operator::metrics::Metrics;
 use crate::store::{Clock, Store, StoreError, StoreOptions, SystemClock};
 use crate::tls::ReloadableConfig;
 
@@ -42,6 +43,14 @@ pub enum AppError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The metrics listener could not be bound.
+    #[error("config field `metrics.listen`: cannot listen on {addr}: {source}")]
+    MetricsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The descriptor set for gRPC reflection is unusable.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -64,6 +73,8 @@ pub struct Prepared {
     gateway: Arc<Gateway>,
     tls: ReloadableConfig,
     shutdown_tx: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+    metrics_listener: Option<std::net::TcpListener>,
 }
 
 fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -112,12 +123,15 @@ impl Prepared {
             .clone()
             .unwrap_or_else(|| config.data_dir.join("patient-key"));
         let keyer = PatientKeyer::new(&load_or_create_secret(&secret_path)?);
+        let tls_files = config.tls_files();
+        let metrics = Arc::new(Metrics::new(tls_files.cert, tls_files.ca));
         let q = &config.queue;
         let store = Store::open(
             &config.data_dir,
             StoreOptions {
                 max_attempts: q.max_attempts,
                 retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
+                observer: Some(metrics.barrier_observer()),
                 ..StoreOptions::default()
             },
             clock,
@@ -139,6 +153,8 @@ impl Prepared {
             gateway,
             tls,
             shutdown_tx,
+            metrics,
+            metrics_listener: None,
         })
     }
 
@@ -155,6 +171,28 @@ impl Prepared {
         &self.gateway.store
     }
 
+    /// The metrics every service feeds (per-mailbox gauges are set through it).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Binds the metrics listener now (it is otherwise bound by
+    /// [`Prepared::serve`]) and returns its address: tests use port 0.
+    ///
+    /// # Errors
+    /// [`AppError::MetricsListen`].
+    pub fn bind_metrics(&mut self) -> Result<SocketAddr, AppError> {
+        let addr = self.config.metrics.listen;
+        let failed = |source| AppError::MetricsListen { addr, source };
+        if self.metrics_listener.is_none() {
+            let listener = std::net::TcpListener::bind(addr).map_err(failed)?;
+            listener.set_nonblocking(true).map_err(failed)?;
+            self.metrics_listener = Some(listener);
+        }
+        let listener = self.metrics_listener.as_ref().expect("bound above");
+        listener.local_addr().map_err(failed)
+    }
+
     /// Serves on `listener` until `shutdown` completes, then stops accepting,
     /// lets in-flight calls finish within the grace period, and closes the
     /// store after a final durability barrier.
@@ -162,19 +200,44 @@ impl Prepared {
     /// # Errors
     /// Server or store failure.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AppError> {
         let addr: Option<SocketAddr> = listener.local_addr().ok();
+        let metrics_addr = self.bind_metrics()?;
+        let metrics_listener = self
+            .metrics_listener
+            .take()
+            .map(TcpListener::from_std)
+            .transpose()
+            .map_err(|source| AppError::MetricsListen {
+                addr: metrics_addr,
+                source,
+            })?
+            .expect("bound above");
+        if !metrics_addr.ip().is_loopback() {
+            tracing::warn!(addr = %metrics_addr, "metrics are plain HTTP on a non-loopback address");
+        }
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_server = tokio::spawn(crate::operator::metrics::serve(
+            metrics_listener,
+            self.metrics.clone(),
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ));
+        tracing::info!(addr = %metrics_addr, "serving Prometheus metrics: plain HTTP, GET /metrics");
         let handshake =
             Duration::from_millis(self.config.tls.handshake_timeout_ms.unwrap_or(10_000));
         let incoming = crate::tls::incoming(listener, self.tls.clone(), handshake);
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let max_message = self.config.limits.max_document_bytes + 64 * 1024;
-        let handover = HandoverServer::new(HandoverService::new(self.gateway.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message.saturating_mul(4));
+        let handover = HandoverServer::new(
+            HandoverService::new(self.gateway.clone()).with_metrics(self.metrics.clone()),
+        )
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message.saturating_mul(4));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -263,6 +326,12 @@ impl Prepared {
             "barrier statistics"
         );
         tracing::info!("store closed after a final durability barrier");
+        let _ = stop_metrics.send(());
+        match metrics_server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "metrics listener failed"),
+            Err(e) => tracing::error!(error = %e, "metrics listener panicked"),
+        }
         result
     }
 }

@@ -14,7 +14,8 @@
 //!                         behind a durability barrier before any answer)
 //! ```
 //! `app` wires these together and serves until shutdown; `config` is parsed
-//! and validated before any port is bound; `certs` makes the dev PKI.
+//! and validated before any port is bound; `certs` makes the dev PKI;
+//! `operator` is what the on-call operator sees (Prometheus metrics).
 
 pub mod app;
 pub mod audit;
@@ -25,5 +26,6 @@ pub mod clinical;
 pub mod config;
 pub mod grpc;
 pub mod journey;
+pub mod operator;
 pub mod store;
 pub mod tls;

@@ -25,6 +25,7 @@ impl Server {
     fn start(dir: &Path, port: u16) -> Self {
         let child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--certs-dir")

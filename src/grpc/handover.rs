@@ -16,6 +16,7 @@ use crate::clinical::translate::{self, TextFormat};
 use crate::clinical::{ClinicalSummary, Limits, ValidationErrors, View, validate};
 use crate::config::QueueConfig;
 use crate::journey::{Format, JourneyEvent, OrgKind, Organisation, Registry};
+use crate::operator::metrics::Metrics;
 use crate::store::records::DocumentFormat;
 use crate::store::{LeasedDelivery, NewDelivery, NewHandover, Store, StoreError, TrackKey};
 use crate::tls::{ConnInfo, PeerIdentity};
@@ -477,12 +478,24 @@ fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), ApiError> {
 #[derive(Clone)]
 pub struct HandoverService {
     gateway: Arc<Gateway>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl HandoverService {
     /// A service over `gateway`.
     pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+        Self {
+            gateway,
+            metrics: None,
+        }
+    }
+
+    /// Counts and times every call in `metrics`.
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
+        }
     }
 }
 
@@ -517,7 +530,13 @@ impl pb::handover_server::Handover for HandoverService {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitReceipt>, Status> {
-        traced!(self, request, submit)
+        let labels = super::metered::submit_labels(request.get_ref());
+        let started = std::time::Instant::now();
+        let result = traced!(self, request, submit);
+        if let Some(m) = &self.metrics {
+            super::metered::submit(m, labels, started, &result);
+        }
+        result
     }
 
     #[instrument(name = "pull", skip_all)]
@@ -525,7 +544,11 @@ impl pb::handover_server::Handover for HandoverService {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
-        traced!(self, request, pull)
+        let result = traced!(self, request, pull);
+        if let Some(m) = &self.metrics {
+            super::metered::pull(m, &result);
+        }
+        result
     }
 
     #[instrument(name = "ack", skip_all)]
@@ -533,7 +556,11 @@ impl pb::handover_server::Handover for HandoverService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        traced!(self, request, ack)
+        let result = traced!(self, request, ack);
+        if let Some(m) = &self.metrics {
+            super::metered::ack(m, &result);
+        }
+        result
     }
 
     #[instrument(name = "nack", skip_all)]
@@ -541,7 +568,12 @@ impl pb::handover_server::Handover for HandoverService {
         &self,
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
-        traced!(self, request, nack)
+        let permanent = request.get_ref().permanent;
+        let result = traced!(self, request, nack);
+        if let Some(m) = &self.metrics {
+            super::metered::nack(m, permanent, &result);
+        }
+        result
     }
 
     #[instrument(name = "track", skip_all)]
