@@ -16,6 +16,7 @@ use crate::grpc::pb::handover_server::HandoverServer;
 use crate::grpc::pb::operator_server::OperatorServer;
 use crate::grpc::{Gateway, HandoverService, OperatorService};
 use crate::journey::Registry;
+use crate::operator::metrics::Metrics;
 use crate::store::{Clock, Store, StoreError, StoreOptions, SystemClock};
 use crate::tls::ReloadableConfig;
 
@@ -43,6 +44,17 @@ pub enum AppError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The metrics listener could not be bound.
+    #[error("config field `metrics.listen`: cannot listen on {addr}: {source}")]
+    MetricsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The descriptor set for gRPC reflection is unusable.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 impl AppError {
@@ -62,6 +74,8 @@ pub struct Prepared {
     gateway: Arc<Gateway>,
     tls: ReloadableConfig,
     shutdown_tx: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+    metrics_listener: Option<std::net::TcpListener>,
 }
 
 fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -110,12 +124,15 @@ impl Prepared {
             .clone()
             .unwrap_or_else(|| config.data_dir.join("patient-key"));
         let keyer = PatientKeyer::new(&load_or_create_secret(&secret_path)?);
+        let tls_files = config.tls_files();
+        let metrics = Arc::new(Metrics::new(tls_files.cert, tls_files.ca));
         let q = &config.queue;
         let store = Store::open(
             &config.data_dir,
             StoreOptions {
                 max_attempts: q.max_attempts,
                 retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
+                observer: Some(metrics.barrier_observer()),
                 ..StoreOptions::default()
             },
             clock.clone(),
@@ -145,6 +162,8 @@ impl Prepared {
             gateway,
             tls,
             shutdown_tx,
+            metrics,
+            metrics_listener: None,
         })
     }
 
@@ -161,6 +180,28 @@ impl Prepared {
         &self.gateway.store
     }
 
+    /// The metrics every service feeds (per-mailbox gauges are set through it).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Binds the metrics listener now (it is otherwise bound by
+    /// [`Prepared::serve`]) and returns its address: tests use port 0.
+    ///
+    /// # Errors
+    /// [`AppError::MetricsListen`].
+    pub fn bind_metrics(&mut self) -> Result<SocketAddr, AppError> {
+        let addr = self.config.metrics.listen;
+        let failed = |source| AppError::MetricsListen { addr, source };
+        if self.metrics_listener.is_none() {
+            let listener = std::net::TcpListener::bind(addr).map_err(failed)?;
+            listener.set_nonblocking(true).map_err(failed)?;
+            self.metrics_listener = Some(listener);
+        }
+        let listener = self.metrics_listener.as_ref().expect("bound above");
+        listener.local_addr().map_err(failed)
+    }
+
     /// Serves on `listener` until `shutdown` completes, then stops accepting,
     /// lets in-flight calls finish within the grace period, and closes the
     /// store after a final durability barrier.
@@ -168,23 +209,65 @@ impl Prepared {
     /// # Errors
     /// Server or store failure.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AppError> {
         let addr: Option<SocketAddr> = listener.local_addr().ok();
+        let metrics_addr = self.bind_metrics()?;
+        let metrics_listener = self
+            .metrics_listener
+            .take()
+            .map(TcpListener::from_std)
+            .transpose()
+            .map_err(|source| AppError::MetricsListen {
+                addr: metrics_addr,
+                source,
+            })?
+            .expect("bound above");
+        if !metrics_addr.ip().is_loopback() {
+            tracing::warn!(addr = %metrics_addr, "metrics are plain HTTP on a non-loopback address");
+        }
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_server = tokio::spawn(crate::operator::metrics::serve(
+            metrics_listener,
+            self.metrics.clone(),
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ));
+        tracing::info!(addr = %metrics_addr, "serving Prometheus metrics: plain HTTP, GET /metrics");
         let handshake =
             Duration::from_millis(self.config.tls.handshake_timeout_ms.unwrap_or(10_000));
         let incoming = crate::tls::incoming(listener, self.tls.clone(), handshake);
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let max_message = self.config.limits.max_document_bytes + 64 * 1024;
-        let handover = HandoverServer::new(HandoverService::new(self.gateway.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message.saturating_mul(4));
+        let handover = HandoverServer::new(
+            HandoverService::new(self.gateway.clone()).with_metrics(self.metrics.clone()),
+        )
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message.saturating_mul(4));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<HandoverServer<HandoverService>>()
+            .await;
+        health
+            .set_serving::<OperatorServer<OperatorService>>()
+            .await;
+        let reflection = |b: tonic_reflection::server::Builder<'static>| {
+            b.register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 =
+            reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
+        let reflection_v1alpha =
+            reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
         let operator = OperatorServer::new(OperatorService::new(self.gateway.clone()));
 
         let sweeper = {
             let store = self.gateway.store.clone();
+            let metrics = self.metrics.clone();
             let every = Duration::from_millis(self.config.queue.sweep_interval_ms);
             let mut stop = self.shutdown_tx.subscribe();
             tokio::spawn(async move {
@@ -197,6 +280,10 @@ impl Prepared {
                         Ok(outcome) => report_sweep(&outcome),
                         Err(e) => tracing::error!(error = %e, "sweep failed"),
                     }
+                    match store.mailbox_stats().await {
+                        Ok(stats) => metrics.set_mailboxes(mailbox_rows(stats)),
+                        Err(e) => tracing::error!(error = %e, "mailbox statistics failed"),
+                    }
                 }
             })
         };
@@ -206,6 +293,9 @@ impl Prepared {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(handover)
             .add_service(operator)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = server_stopped.await;
             });
@@ -223,6 +313,7 @@ impl Prepared {
                     "shutting down: draining in-flight calls"
                 );
                 let _ = self.shutdown_tx.send(true);
+                stop_serving(health).await;
                 let _ = stop_server.send(());
                 match tokio::time::timeout(grace, &mut server).await {
                     Ok(result) => {
@@ -250,8 +341,37 @@ impl Prepared {
             "barrier statistics"
         );
         tracing::info!("store closed after a final durability barrier");
+        let _ = stop_metrics.send(());
+        match metrics_server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "metrics listener failed"),
+            Err(e) => tracing::error!(error = %e, "metrics listener panicked"),
+        }
         result
     }
+}
+
+/// The per-mailbox gauges from the store's statistics.
+fn mailbox_rows(
+    stats: Vec<crate::store::MailboxStats>,
+) -> Vec<crate::operator::metrics::MailboxRow> {
+    stats
+        .into_iter()
+        .map(|m| crate::operator::metrics::MailboxRow {
+            parked: if m.mailbox == crate::store::PARKED_MAILBOX {
+                m.depth
+            } else {
+                0
+            },
+            depth: m.depth,
+            leased: m.leased,
+            #[allow(clippy::cast_precision_loss)]
+            oldest_age_seconds: m.oldest_age_ms.map_or(0.0, |ms| ms as f64 / 1_000.0),
+            overdue: m.overdue,
+            quarantined: m.quarantined,
+            mailbox: m.mailbox,
+        })
+        .collect()
 }
 
 /// Logs what a sweep found: missed deadlines are alerts, never a silent state.
@@ -273,5 +393,24 @@ fn report_sweep(outcome: &crate::store::SweepOutcome) {
             due_ms = d.due_ms,
             "delivery overdue: its deadline passed before it was acknowledged"
         );
+    }
+}
+
+/// Tells health watchers NOT_SERVING, then ends their streams so that they do
+/// not hold the drain open until the grace period runs out.
+async fn stop_serving(mut health: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let services = [
+        "",
+        <HandoverServer<HandoverService> as tonic::server::NamedService>::NAME,
+        <OperatorServer<OperatorService> as tonic::server::NamedService>::NAME,
+    ];
+    for name in services {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    for name in services {
+        health.clear_service_status(name).await;
     }
 }

@@ -57,6 +57,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// How long each event may take to reach its recipient.
     pub deadlines: DeadlinesConfig,
+    /// The Prometheus metrics listener.
+    pub metrics: MetricsConfig,
     /// How long in-flight calls may take to finish on shutdown, ms.
     pub shutdown_grace_ms: u64,
 }
@@ -163,6 +165,23 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The Prometheus metrics listener: plain HTTP, so loopback unless a scraper
+/// elsewhere needs it (see docs/operations.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address serving `GET /metrics`; port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -176,6 +195,7 @@ impl Default for Config {
             queue: QueueConfig::default(),
             limits: LimitsConfig::default(),
             deadlines: DeadlinesConfig::default(),
+            metrics: MetricsConfig::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -194,6 +214,8 @@ pub struct Overrides {
     pub registry: Option<PathBuf>,
     /// `--crl` / `THROUGHCARE_CRL`.
     pub crl: Option<PathBuf>,
+    /// `--metrics-listen` / `THROUGHCARE_METRICS_LISTEN`.
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -216,6 +238,14 @@ impl Config {
                 ConfigError::new(
                     "listen",
                     format!("`{listen}` is not an address like 127.0.0.1:7443"),
+                )
+            })?;
+        }
+        if let Some(listen) = &overrides.metrics_listen {
+            config.metrics.listen = listen.parse().map_err(|_| {
+                ConfigError::new(
+                    "metrics.listen",
+                    format!("`{listen}` is not an address like 127.0.0.1:9464"),
                 )
             })?;
         }
@@ -307,6 +337,18 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));
         }
+        let metrics = self.metrics.listen;
+        if metrics.port() != 0
+            && metrics.port() == self.listen.port()
+            && (metrics.ip() == self.listen.ip()
+                || metrics.ip().is_unspecified()
+                || self.listen.ip().is_unspecified())
+        {
+            return Err(ConfigError::new(
+                "metrics.listen",
+                "must not be the gRPC listener's address",
+            ));
+        }
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",
@@ -390,5 +432,36 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.field, "listen");
+    }
+
+    #[test]
+    fn the_metrics_listener_is_checked() {
+        let err = Config::from_toml("[metrics]\nlisten = \"9464\"\n").unwrap_err();
+        assert_eq!(err.field, "metrics.listen", "{err}");
+        let clash = Config::from_toml(
+            "listen = \"127.0.0.1:7000\"\n[metrics]\nlisten = \"0.0.0.0:7000\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert_eq!(clash.field, "metrics.listen");
+        let err = Config::load(
+            None,
+            &Overrides {
+                metrics_listen: Some("loopback".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "metrics.listen");
+        let ok = Config::load(
+            None,
+            &Overrides {
+                metrics_listen: Some("127.0.0.1:0".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(ok.metrics.listen, "127.0.0.1:0".parse().unwrap());
     }
 }

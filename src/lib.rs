@@ -14,7 +14,8 @@
 //!                         behind a durability barrier before any answer)
 //! ```
 //! `app` wires these together and serves until shutdown; `config` is parsed
-//! and validated before any port is bound; `certs` makes the dev PKI.
+//! and validated before any port is bound; `certs` makes the dev PKI;
+//! `operator` is what the on-call operator sees (Prometheus metrics).
 
 pub mod admin;
 pub mod app;
@@ -27,5 +28,6 @@ pub mod config;
 pub mod demo;
 pub mod grpc;
 pub mod journey;
+pub mod operator;
 pub mod store;
 pub mod tls;

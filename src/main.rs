@@ -76,6 +76,9 @@ struct ServeArgs {
     /// Certificate revocation list (PEM).
     #[arg(long, env = "THROUGHCARE_CRL")]
     crl: Option<PathBuf>,
+    /// Prometheus metrics listen address (plain HTTP), e.g. 127.0.0.1:9464.
+    #[arg(long, env = "THROUGHCARE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -270,6 +273,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         certs_dir: args.certs_dir,
         registry: args.registry,
         crl: args.crl,
+        metrics_listen: args.metrics_listen,
     };
     let fail = |e: throughcare::app::AppError| {
         tracing::error!(error = %e, "gateway stopped");

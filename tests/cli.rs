@@ -29,6 +29,7 @@ fn serve(dir: &Path, port: u16) -> Server {
     Server(
         Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--certs-dir")
@@ -121,6 +122,7 @@ fn a_store_that_lost_acknowledged_data_refuses_to_start() {
     copy_dir(&old, &sled);
     let out = Command::new(BIN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .arg("--certs-dir")

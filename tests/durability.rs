@@ -71,6 +71,7 @@ fn traced_server(dir: &Path, port: u16, log: &Path) -> Traced {
             .arg(log)
             .arg(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--certs-dir")

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::field::Empty;
+use tracing::{Instrument, instrument};
 
 use super::envelope::{Envelope, PatientRef};
 use super::error::ApiError;
@@ -18,6 +19,7 @@ use crate::config::QueueConfig;
 use crate::journey::{
     Deadlines, Format, JourneyEvent, OrgKind, Organisation, Recipient, SharedRegistry,
 };
+use crate::operator::metrics::Metrics;
 use crate::store::records::DocumentFormat;
 use crate::store::{
     Clock, LeasedDelivery, NewDelivery, NewHandover, PARKED_MAILBOX, Store, StoreError, TrackKey,
@@ -238,8 +240,8 @@ impl Gateway {
                 supersede: true,
             })
             .await?;
+        tracing::Span::current().record("handover_id", outcome.handover_id);
         tracing::info!(
-            handover_id = outcome.handover_id,
             deliveries = outcome.deliveries.len(),
             duplicate = outcome.duplicate,
             "submit accepted"
@@ -320,10 +322,21 @@ impl Gateway {
         };
         let mut deliveries = Vec::with_capacity(leased.len());
         for l in leased {
-            match self.deliver(&l, format).await {
-                Ok(d) => deliveries.push(d),
+            let span = tracing::info_span!(
+                "deliver",
+                handover_id = l.handover.id,
+                delivery_id = l.delivery.id,
+                attempt = l.delivery.attempt
+            );
+            match self.deliver(&l, format).instrument(span.clone()).await {
+                Ok(d) => {
+                    span.in_scope(|| tracing::info!(urgent = d.urgent, "delivery leased"));
+                    deliveries.push(d);
+                }
                 Err(e) => {
-                    tracing::error!(delivery_id = l.delivery.id, error = %e, "stored payload unreadable; quarantining");
+                    span.in_scope(|| {
+                        tracing::error!(error = %e, "stored payload unreadable; quarantining");
+                    });
                     self.store
                         .nack(
                             &actor,
@@ -333,11 +346,17 @@ impl Gateway {
                             true,
                             "stored payload failed its integrity check",
                         )
+                        .instrument(span)
                         .await?;
                 }
             }
         }
-        tracing::info!(deliveries = deliveries.len(), "pull answered");
+        let handover_ids: Vec<u64> = deliveries.iter().map(|d| d.handover_id).collect();
+        tracing::info!(
+            deliveries = deliveries.len(),
+            ?handover_ids,
+            "pull answered"
+        );
         Ok(pb::PullResponse { deliveries })
     }
 
@@ -426,6 +445,7 @@ impl Gateway {
             }
         };
         let status = self.store.track(&actor, org.ods.as_str(), key).await?;
+        tracing::Span::current().record("handover_id", status.handover.id);
         Ok(wire::track_to_wire(
             &status.handover,
             &status.deliveries,
@@ -572,12 +592,24 @@ fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), ApiError> {
 #[derive(Clone)]
 pub struct HandoverService {
     gateway: Arc<Gateway>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl HandoverService {
     /// A service over `gateway`.
     pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+        Self {
+            gateway,
+            metrics: None,
+        }
+    }
+
+    /// Counts and times every call in `metrics`.
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
+        }
     }
 }
 
@@ -595,7 +627,11 @@ fn caller_org_kind(gateway: &Gateway, info: Option<&ConnInfo>) -> &'static str {
 
 macro_rules! traced {
     ($self:ident, $req:ident, $method:ident) => {{
-        let kind = caller_org_kind(&$self.gateway, $req.extensions().get::<ConnInfo>());
+        let info = $req.extensions().get::<ConnInfo>();
+        if let Some(info) = info {
+            tracing::Span::current().record("caller", tracing::field::display(&info.identity));
+        }
+        let kind = caller_org_kind(&$self.gateway, info);
         let result = $self.gateway.$method($req).await;
         if let Err(e) = &result {
             tracing::info!(caller_kind = kind, code = ?e.code(), error = %e, "refused");
@@ -606,39 +642,66 @@ macro_rules! traced {
 
 #[tonic::async_trait]
 impl pb::handover_server::Handover for HandoverService {
-    #[instrument(name = "submit", skip_all)]
+    #[instrument(name = "submit", skip_all, fields(caller = Empty, handover_id = Empty))]
     async fn submit(
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitReceipt>, Status> {
-        traced!(self, request, submit)
+        let labels = super::metered::submit_labels(request.get_ref());
+        let started = std::time::Instant::now();
+        let result = traced!(self, request, submit);
+        if let Some(m) = &self.metrics {
+            super::metered::submit(m, labels, started, &result);
+        }
+        result
     }
 
-    #[instrument(name = "pull", skip_all)]
+    #[instrument(name = "pull", skip_all, fields(caller = Empty))]
     async fn pull(
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
-        traced!(self, request, pull)
+        let result = traced!(self, request, pull);
+        if let Some(m) = &self.metrics {
+            super::metered::pull(m, &result);
+        }
+        result
     }
 
-    #[instrument(name = "ack", skip_all)]
+    #[instrument(name = "ack", skip_all, fields(
+        caller = Empty,
+        delivery_id = request.get_ref().delivery_id,
+        attempt = request.get_ref().attempt,
+    ))]
     async fn ack(
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        traced!(self, request, ack)
+        let result = traced!(self, request, ack);
+        if let Some(m) = &self.metrics {
+            super::metered::ack(m, &result);
+        }
+        result
     }
 
-    #[instrument(name = "nack", skip_all)]
+    #[instrument(name = "nack", skip_all, fields(
+        caller = Empty,
+        delivery_id = request.get_ref().delivery_id,
+        attempt = request.get_ref().attempt,
+    ))]
     async fn nack(
         &self,
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
-        traced!(self, request, nack)
+        let permanent = request.get_ref().permanent;
+        let result = traced!(self, request, nack);
+        if let Some(m) = &self.metrics {
+            super::metered::nack(m, permanent, &result);
+        }
+        result
     }
 
-    #[instrument(name = "track", skip_all)]
+    #[instrument(name = "track", skip_all, fields(caller = Empty, handover_id = Empty))]
     async fn track(
         &self,
         request: Request<pb::TrackRequest>,

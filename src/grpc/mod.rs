@@ -5,6 +5,7 @@
 mod envelope;
 mod error;
 mod handover;
+mod metered;
 mod operator;
 pub mod summary;
 mod wire;

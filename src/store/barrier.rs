@@ -39,14 +39,29 @@ impl BarrierStats {
     }
 }
 
+/// One group commit that passed its barrier, as told to a [`BarrierObserver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarrierReport {
+    /// Time in the barrier (`flush` and the `fdatasync`s).
+    pub elapsed: std::time::Duration,
+    /// Commands answered after this barrier (the batch size).
+    pub commands: u64,
+    /// Submits among them that were accepted.
+    pub submits: u64,
+}
+
 /// Something told about each barrier before any caller is answered; tests use
-/// it to count barriers and to make one fail.
+/// it to count barriers and to make one fail, metrics to time them.
 pub trait BarrierObserver: Send + Sync {
     /// Called after the `fdatasync` calls returned; an error fails the barrier.
     ///
     /// # Errors
     /// Whatever the observer decides; the store treats it as a failed sync.
     fn synced(&self, barrier: u64) -> io::Result<()>;
+
+    /// Called after a group commit's barrier succeeded, before its callers
+    /// are answered. Must be quick: the store writer waits for it.
+    fn committed(&self, _report: &BarrierReport) {}
 }
 
 /// Makes sled's writes durable.

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-pub use barrier::{BarrierObserver, BarrierStats, DurabilityBarrier};
+pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use records::{DeliveryRecord, DeliveryState, HandoverRecord, PARKED_MAILBOX};
 

@@ -370,13 +370,13 @@ impl Writer {
             answers.push(answer);
         }
 
+        let submits = answers.iter().filter(|a| a.submit_ok).count() as u64;
         let failure = match (&self.failed, staged.is_empty()) {
             (Some(why), _) => Some(why.clone()),
             (None, true) => None,
-            (None, false) => self.commit(staged).err(),
+            (None, false) => self.commit(staged, answers.len() as u64, submits).err(),
         };
         if failure.is_none() {
-            let submits = answers.iter().filter(|a| a.submit_ok).count() as u64;
             self.stats.submits.fetch_add(submits, Ordering::Relaxed);
             self.stats
                 .commands
@@ -419,7 +419,12 @@ impl Writer {
     }
 
     /// Commits the batch and runs the barrier; on failure the store stops.
-    fn commit(&mut self, mut staged: Staged<'_>) -> Result<(), String> {
+    fn commit(
+        &mut self,
+        mut staged: Staged<'_>,
+        commands: u64,
+        submits: u64,
+    ) -> Result<(), String> {
         let seq = self.commit_seq + 1;
         staged.put(
             TreeId::Meta,
@@ -436,17 +441,26 @@ impl Writer {
             records::META_LAST_DELIVERY,
             records::be(self.last_delivery).to_vec(),
         );
+        let mut elapsed = std::time::Duration::ZERO;
         let result = staged
             .commit()
             .and_then(|()| {
-                self.barrier
-                    .sync(&[self.high_water.file()])
-                    .map_err(StoreError::Io)
+                let started = std::time::Instant::now();
+                let synced = self.barrier.sync(&[self.high_water.file()]);
+                elapsed = started.elapsed();
+                synced.map_err(StoreError::Io)
             })
             .and_then(|()| self.high_water.record(seq).map_err(StoreError::Io));
         match result {
             Ok(()) => {
                 self.commit_seq = seq;
+                if let Some(observer) = &self.options.observer {
+                    observer.committed(&super::BarrierReport {
+                        elapsed,
+                        commands,
+                        submits,
+                    });
+                }
                 Ok(())
             }
             Err(e) => {

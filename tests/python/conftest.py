@@ -48,7 +48,7 @@ class Gateway:
         self.log = open(self.dir / "gateway.log", "wb")
         self.proc = subprocess.Popen(
             [BIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.dir / "data"),
-             "--certs-dir", str(self.certs)],
+             "--certs-dir", str(self.certs), "--metrics-listen", "127.0.0.1:0"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.time() + 15

@@ -19,6 +19,10 @@ pub struct TestGateway {
     pub dir: tempfile::TempDir,
     pub config: Config,
     pub store: Store,
+    /// Where `GET /metrics` is served (plain HTTP).
+    pub metrics_addr: std::net::SocketAddr,
+    /// The metrics the gateway feeds.
+    pub metrics: Arc<throughcare::operator::metrics::Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), AppError>>>,
 }
@@ -48,6 +52,9 @@ impl TestGateway {
             data_dir: dir.path().join("data"),
             certs_dir: dir.path().join("certs"),
             shutdown_grace_ms: 2_000,
+            metrics: throughcare::config::MetricsConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+            },
             ..Config::default()
         };
         tweak(&mut config);
@@ -56,7 +63,9 @@ impl TestGateway {
 
     /// A gateway on an existing directory and configuration (restarts).
     pub async fn start_in(dir: tempfile::TempDir, config: Config, clock: Arc<dyn Clock>) -> Self {
-        let prepared = Prepared::new(config.clone(), clock).expect("gateway prepares");
+        let mut prepared = Prepared::new(config.clone(), clock).expect("gateway prepares");
+        let metrics_addr = prepared.bind_metrics().expect("metrics listener binds");
+        let metrics = prepared.metrics().clone();
         let store = prepared.store().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!(
@@ -72,6 +81,8 @@ impl TestGateway {
             dir,
             config,
             store,
+            metrics_addr,
+            metrics,
             stop: Some(stop),
             task: Some(task),
         }

@@ -1,0 +1,553 @@
+//! Prometheus metrics, served as OpenMetrics text on `GET /metrics` from their
+//! own plain-HTTP listener (`metrics.listen`, loopback by default).
+//!
+//! # Series (all prefixed `throughcare_`)
+//! | series | type | labels |
+//! |---|---|---|
+//! | `submits_total` | counter | `event`, `format` (as sent), `outcome` |
+//! | `submit_duration_seconds` | histogram | (accepted submits: request in to durable receipt) |
+//! | `pulls_total` | counter | `outcome` (calls) |
+//! | `pulled_deliveries_total` | counter | `event`, `format` (as rendered) |
+//! | `acks_total` | counter | `outcome` |
+//! | `nacks_total` | counter | `permanent`, `outcome` |
+//! | `barrier_duration_seconds` | histogram | (`flush` + `fdatasync`s of one group commit) |
+//! | `barrier_commands`, `barrier_submits` | histogram | (messages per barrier) |
+//! | `certificate_expiry_days` | gauge | `certificate` = `server` or `ca` |
+//! | `mailbox_depth`, `_leased`, `_oldest_age_seconds`, `_overdue`, `_quarantined`, `_parked` | gauge | `mailbox` |
+//!
+//! Label values are fixed words (`&'static str`) or [`OdsCode`]s: nothing a
+//! caller sends can become a label, so neither can patient data.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::journey::{Format, JourneyEvent};
+use crate::store::{BarrierObserver, BarrierReport};
+
+/// The content type of an OpenMetrics text exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How a call ended, as a label value: `ok`, `duplicate` (a repeated submit
+/// answered with its original receipt), `requeued` or `quarantined` (nacks),
+/// or the gRPC code that refused it in snake case (`invalid_argument`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Outcome(&'static str);
+
+impl Outcome {
+    /// Done.
+    pub const OK: Outcome = Outcome("ok");
+    /// A repeated submit, answered with the original receipt.
+    pub const DUPLICATE: Outcome = Outcome("duplicate");
+    /// A nack that put the delivery back in the queue.
+    pub const REQUEUED: Outcome = Outcome("requeued");
+    /// A nack that quarantined the delivery.
+    pub const QUARANTINED: Outcome = Outcome("quarantined");
+
+    /// Refused with the gRPC code named `code` (snake case).
+    pub const fn refused(code: &'static str) -> Self {
+        Outcome(code)
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+
+    fn accepted(self) -> bool {
+        self == Outcome::OK || self == Outcome::DUPLICATE
+    }
+}
+
+/// One mailbox's queue, for the per-mailbox gauges (see [`Metrics::set_mailboxes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MailboxRow {
+    /// The mailbox: an organisation's ODS code, or `@parked` (the holding
+    /// mailbox of releases with no known GP).
+    pub mailbox: String,
+    /// Deliveries waiting or out on lease (not yet acknowledged or quarantined).
+    pub depth: u64,
+    /// Of those, out on lease now.
+    pub leased: u64,
+    /// Age of the oldest unacknowledged delivery, seconds (0 when empty).
+    pub oldest_age_seconds: f64,
+    /// Unacknowledged deliveries past their deadline.
+    pub overdue: u64,
+    /// Quarantined deliveries awaiting an operator.
+    pub quarantined: u64,
+    /// Parked releases (no known GP): the depth of `@parked`, 0 elsewhere.
+    pub parked: u64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubmitLabels {
+    event: &'static str,
+    format: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    event: &'static str,
+    format: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NackLabels {
+    permanent: bool,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    certificate: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MailboxLabels {
+    mailbox: String,
+}
+
+/// The label value of an event (`unknown` when the request named none we know).
+fn event_label(event: Option<JourneyEvent>) -> &'static str {
+    match event {
+        Some(JourneyEvent::Admission) => "admission",
+        Some(JourneyEvent::Transfer) => "transfer",
+        Some(JourneyEvent::Release) => "release",
+        Some(JourneyEvent::CommunitySummary) => "community_summary",
+        None => "unknown",
+    }
+}
+
+/// The label value of a document format (`unknown` when there was none).
+fn format_label(format: Option<Format>) -> &'static str {
+    match format {
+        Some(Format::Native) => "native",
+        Some(Format::Fhir) => "fhir_json",
+        Some(Format::Hl7v2) => "hl7v2",
+        None => "unknown",
+    }
+}
+
+/// Times each group commit's barrier; given to the store as its observer.
+#[derive(Debug)]
+struct BarrierMetrics {
+    seconds: Histogram,
+    commands: Histogram,
+    submits: Histogram,
+}
+
+impl BarrierObserver for BarrierMetrics {
+    fn synced(&self, _barrier: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn committed(&self, report: &BarrierReport) {
+        self.seconds.observe(report.elapsed.as_secs_f64());
+        // Batches are at most a few thousand: exact as f64.
+        self.commands.observe(report.commands as f64);
+        self.submits.observe(report.submits as f64);
+    }
+}
+
+#[derive(Debug, Default)]
+struct MailboxGauges {
+    depth: Family<MailboxLabels, Gauge>,
+    leased: Family<MailboxLabels, Gauge>,
+    oldest_age_seconds: Family<MailboxLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    overdue: Family<MailboxLabels, Gauge>,
+    quarantined: Family<MailboxLabels, Gauge>,
+    parked: Family<MailboxLabels, Gauge>,
+}
+
+/// Every series the gateway exports, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    submits: Family<SubmitLabels, Counter>,
+    submit_seconds: Histogram,
+    pulls: Family<OutcomeLabels, Counter>,
+    pulled: Family<DeliveryLabels, Counter>,
+    acks: Family<OutcomeLabels, Counter>,
+    nacks: Family<NackLabels, Counter>,
+    barrier: Arc<BarrierMetrics>,
+    certificate_days: Family<CertificateLabels, Gauge>,
+    certificates: Vec<(&'static str, PathBuf)>,
+    mailboxes: MailboxGauges,
+    /// Held while the mailbox gauges are replaced and while encoding, so a
+    /// scrape never sees them half replaced.
+    consistent: Mutex<()>,
+}
+
+fn gauge_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Metrics {
+    /// Every series, registered and at zero. `server_cert` and `ca_cert` are
+    /// PEM files read at each scrape for `certificate_expiry_days`.
+    pub fn new(server_cert: PathBuf, ca_cert: PathBuf) -> Self {
+        let mut root = Registry::default();
+        let r = root.sub_registry_with_prefix("throughcare");
+        let submits = Family::default();
+        r.register(
+            "submits",
+            "Submit calls by journey event, document format as sent, and outcome",
+            submits.clone(),
+        );
+        let submit_seconds = Histogram::new(exponential_buckets(0.000_5, 2.0, 14));
+        r.register_with_unit(
+            "submit_duration",
+            "Accepted submits: from request to durable receipt",
+            Unit::Seconds,
+            submit_seconds.clone(),
+        );
+        let pulls = Family::default();
+        r.register("pulls", "Pull calls by outcome", pulls.clone());
+        let pulled = Family::default();
+        r.register(
+            "pulled_deliveries",
+            "Deliveries handed out on lease, by journey event and format as rendered",
+            pulled.clone(),
+        );
+        let acks = Family::default();
+        r.register("acks", "Ack calls by outcome", acks.clone());
+        let nacks = Family::default();
+        r.register(
+            "nacks",
+            "Nack calls by permanence and outcome (requeued, quarantined or refused)",
+            nacks.clone(),
+        );
+        let barrier = Arc::new(BarrierMetrics {
+            seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            commands: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            submits: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+        });
+        r.register_with_unit(
+            "barrier_duration",
+            "Durability barriers (sled flush and fdatasyncs), one per group commit",
+            Unit::Seconds,
+            barrier.seconds.clone(),
+        );
+        r.register(
+            "barrier_commands",
+            "Messages per barrier: commands one group commit made durable",
+            barrier.commands.clone(),
+        );
+        r.register(
+            "barrier_submits",
+            "Accepted submits per barrier",
+            barrier.submits.clone(),
+        );
+        let certificate_days = Family::default();
+        r.register(
+            "certificate_expiry_days",
+            "Whole days until the certificate expires (negative once expired)",
+            certificate_days.clone(),
+        );
+        let mailboxes = MailboxGauges::default();
+        r.register(
+            "mailbox_depth",
+            "Deliveries waiting or on lease in the mailbox",
+            mailboxes.depth.clone(),
+        );
+        r.register(
+            "mailbox_leased",
+            "Deliveries out on lease",
+            mailboxes.leased.clone(),
+        );
+        r.register_with_unit(
+            "mailbox_oldest_age",
+            "Age of the oldest unacknowledged delivery",
+            Unit::Seconds,
+            mailboxes.oldest_age_seconds.clone(),
+        );
+        r.register(
+            "mailbox_overdue",
+            "Unacknowledged deliveries past their deadline",
+            mailboxes.overdue.clone(),
+        );
+        r.register(
+            "mailbox_quarantined",
+            "Quarantined deliveries awaiting an operator",
+            mailboxes.quarantined.clone(),
+        );
+        r.register(
+            "mailbox_parked",
+            "Parked releases (no known GP) awaiting a claim",
+            mailboxes.parked.clone(),
+        );
+        Self {
+            registry: root,
+            submits,
+            submit_seconds,
+            pulls,
+            pulled,
+            acks,
+            nacks,
+            barrier,
+            certificate_days,
+            certificates: vec![("server", server_cert), ("ca", ca_cert)],
+            mailboxes,
+            consistent: Mutex::new(()),
+        }
+    }
+
+    /// The store's barrier observer that feeds the barrier histograms.
+    pub fn barrier_observer(&self) -> Arc<dyn BarrierObserver> {
+        self.barrier.clone()
+    }
+
+    /// A submit ended: `event` and `format` as the request named them.
+    pub fn submitted(
+        &self,
+        event: Option<JourneyEvent>,
+        format: Option<Format>,
+        outcome: Outcome,
+        elapsed: Duration,
+    ) {
+        self.submits
+            .get_or_create(&SubmitLabels {
+                event: event_label(event),
+                format: format_label(format),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        if outcome.accepted() {
+            self.submit_seconds.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// A pull ended, handing out `deliveries` (event, format as rendered).
+    pub fn pulled(
+        &self,
+        outcome: Outcome,
+        deliveries: impl IntoIterator<Item = (Option<JourneyEvent>, Option<Format>)>,
+    ) {
+        self.pulls
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        for (event, format) in deliveries {
+            self.pulled
+                .get_or_create(&DeliveryLabels {
+                    event: event_label(event),
+                    format: format_label(format),
+                })
+                .inc();
+        }
+    }
+
+    /// An ack ended.
+    pub fn acked(&self, outcome: Outcome) {
+        self.acks
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// A nack ended.
+    pub fn nacked(&self, permanent: bool, outcome: Outcome) {
+        self.nacks
+            .get_or_create(&NackLabels {
+                permanent,
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// Replaces every per-mailbox gauge with `rows`: a mailbox absent from
+    /// `rows` disappears from the exposition.
+    pub fn set_mailboxes(&self, rows: Vec<MailboxRow>) {
+        let _consistent = self.consistent.lock().unwrap_or_else(|e| e.into_inner());
+        let m = &self.mailboxes;
+        m.depth.clear();
+        m.leased.clear();
+        m.oldest_age_seconds.clear();
+        m.overdue.clear();
+        m.quarantined.clear();
+        m.parked.clear();
+        for row in rows {
+            let labels = MailboxLabels {
+                mailbox: row.mailbox,
+            };
+            m.depth.get_or_create(&labels).set(gauge_i64(row.depth));
+            m.leased.get_or_create(&labels).set(gauge_i64(row.leased));
+            m.oldest_age_seconds
+                .get_or_create(&labels)
+                .set(row.oldest_age_seconds);
+            m.overdue.get_or_create(&labels).set(gauge_i64(row.overdue));
+            m.quarantined
+                .get_or_create(&labels)
+                .set(gauge_i64(row.quarantined));
+            m.parked.get_or_create(&labels).set(gauge_i64(row.parked));
+        }
+    }
+
+    /// Reads the certificates' expiry dates; an unreadable one loses its series.
+    fn refresh_certificates(&self) {
+        for (name, path) in &self.certificates {
+            let labels = CertificateLabels { certificate: name };
+            let days = std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| crate::tls::days_until_expiry(&pem).map_err(|e| e.to_string()));
+            match days {
+                Ok(days) => {
+                    self.certificate_days.get_or_create(&labels).set(days);
+                }
+                Err(error) => {
+                    tracing::warn!(certificate = name, path = %path.display(), %error, "cannot read certificate expiry");
+                    self.certificate_days.remove(&labels);
+                }
+            }
+        }
+    }
+
+    /// The OpenMetrics text exposition of every series. Reads the
+    /// certificate files: call it off the async runtime.
+    pub fn encode(&self) -> String {
+        self.refresh_certificates();
+        let _consistent = self.consistent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Serves `GET /metrics` on `listener` (plain HTTP) until `shutdown` completes.
+///
+/// # Errors
+/// The listener failed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    use axum::http::{StatusCode, header};
+    async fn scrape(
+        axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        match tokio::task::spawn_blocking(move || metrics.encode()).await {
+            Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        }
+    }
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .with_state(metrics);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        Metrics::new(
+            "/nonexistent/server.pem".into(),
+            "/nonexistent/ca.pem".into(),
+        )
+    }
+
+    #[test]
+    fn labels_are_fixed_words_and_ods_codes() {
+        let m = metrics();
+        m.submitted(
+            Some(JourneyEvent::Release),
+            Some(Format::Fhir),
+            Outcome::OK,
+            Duration::from_millis(3),
+        );
+        m.submitted(
+            None,
+            None,
+            Outcome::refused("invalid_argument"),
+            Duration::ZERO,
+        );
+        m.nacked(true, Outcome::QUARANTINED);
+        m.set_mailboxes(vec![MailboxRow {
+            mailbox: "YG001".parse().unwrap(),
+            depth: 3,
+            leased: 1,
+            oldest_age_seconds: 90.5,
+            overdue: 2,
+            quarantined: 1,
+            parked: 0,
+        }]);
+        let text = m.encode();
+        assert!(text.contains(
+            "throughcare_submits_total{event=\"release\",format=\"fhir_json\",outcome=\"ok\"} 1"
+        ));
+        assert!(text.contains(
+            "throughcare_submits_total{event=\"unknown\",format=\"unknown\",outcome=\"invalid_argument\"} 1"
+        ));
+        // Only the accepted submit is timed.
+        assert!(text.contains("throughcare_submit_duration_seconds_count 1"));
+        assert!(
+            text.contains("throughcare_nacks_total{permanent=\"true\",outcome=\"quarantined\"} 1")
+        );
+        assert!(text.contains("throughcare_mailbox_depth{mailbox=\"YG001\"} 3"));
+        assert!(text.contains("throughcare_mailbox_oldest_age_seconds{mailbox=\"YG001\"} 90.5"));
+        // Unreadable certificate files lose their series rather than report nonsense.
+        assert!(!text.contains("throughcare_certificate_expiry_days{"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn replacing_mailboxes_drops_the_ones_gone() {
+        let m = metrics();
+        let row = |code: &str, depth| MailboxRow {
+            mailbox: code.parse().unwrap(),
+            depth,
+            leased: 0,
+            oldest_age_seconds: 0.0,
+            overdue: 0,
+            quarantined: 0,
+            parked: 0,
+        };
+        m.set_mailboxes(vec![row("YG001", 1), row("YG002", 2)]);
+        m.set_mailboxes(vec![row("YG002", 5)]);
+        let text = m.encode();
+        assert!(!text.contains("mailbox=\"YG001\""));
+        assert!(text.contains("throughcare_mailbox_depth{mailbox=\"YG002\"} 5"));
+    }
+
+    #[test]
+    fn barrier_reports_feed_the_histograms() {
+        let m = metrics();
+        let observer = m.barrier_observer();
+        for (commands, submits) in [(1, 1), (7, 5)] {
+            observer.committed(&BarrierReport {
+                elapsed: Duration::from_micros(200),
+                commands,
+                submits,
+            });
+        }
+        let text = m.encode();
+        assert!(
+            text.contains("throughcare_barrier_commands_sum 8.0"),
+            "{text}"
+        );
+        assert!(text.contains("throughcare_barrier_submits_sum 6.0"));
+        assert!(text.contains("throughcare_barrier_duration_seconds_count 2"));
+    }
+}
