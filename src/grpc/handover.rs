@@ -360,12 +360,21 @@ impl Gateway {
         Ok(pb::PullResponse { deliveries })
     }
 
-    async fn deliver(&self, l: &LeasedDelivery, format: Format) -> Result<pb::Delivery, ApiError> {
+    /// A stored handover's patient and summary, checked on the way out of the store.
+    pub(super) async fn read_stored(
+        &self,
+        handover: &crate::store::HandoverRecord,
+    ) -> Result<(PatientRef, ClinicalSummary), ApiError> {
         let corrupt = |e: String| ApiError::Store(StoreError::Corrupt(e));
-        let bytes = self.store.payload(&l.handover).await?;
+        let bytes = self.store.payload(handover).await?;
         let envelope = Envelope::decode(&bytes).map_err(corrupt)?;
         let summary: ClinicalSummary =
             serde_json::from_slice(&envelope.document).map_err(|e| corrupt(e.to_string()))?;
+        Ok((envelope.patient, summary))
+    }
+
+    async fn deliver(&self, l: &LeasedDelivery, format: Format) -> Result<pb::Delivery, ApiError> {
+        let (patient, summary) = self.read_stored(&l.handover).await?;
         let d = &l.delivery;
         let view = view_from_name(&d.view);
         let (document, not_carried) = render(&summary, format, view, l.handover.event);
@@ -375,7 +384,7 @@ impl Gateway {
             handover_id: l.handover.id,
             sender: l.handover.sender.clone(),
             event: wire::event_to_wire(l.handover.event).into(),
-            patient: Some(wire::patient_to_wire(&envelope.patient)),
+            patient: Some(wire::patient_to_wire(&patient)),
             submitted_at: Some(wire::timestamp(l.handover.submitted_at_ms)),
             lease_expires_at: d.lease_until_ms.map(wire::timestamp),
             urgent: d.urgent,

@@ -363,6 +363,59 @@ impl OperatorService {
     }
 }
 
+impl OperatorService {
+    async fn break_glass_read(
+        &self,
+        req: Request<pb::BreakGlassReadRequest>,
+    ) -> Result<pb::BreakGlassReadResponse, ApiError> {
+        let actor = self.operator(&req)?;
+        let pb::BreakGlassReadRequest {
+            handover_id,
+            reason,
+        } = req.into_inner();
+        let mut v = Violations::default();
+        if handover_id == 0 {
+            v.add("handover_id", "required");
+        }
+        if reason.trim().chars().count() < 20 || reason.len() > 500 {
+            v.add(
+                "reason",
+                "required: 20 to 500 characters saying why an operator must see clinical content (no patient data)",
+            );
+        }
+        if !v.0.is_empty() {
+            return Err(ApiError::Invalid(v.0));
+        }
+        let Some(handover) = self.gateway.store.handover(handover_id)? else {
+            return Err(ApiError::Store(crate::store::StoreError::UnknownHandover));
+        };
+        // Audited before anything is read or returned (fail closed).
+        self.gateway
+            .store
+            .record(AuditEvent {
+                actor,
+                action: "break_glass_read",
+                handover_id: Some(handover.id),
+                patient_key: Some(handover.patient_key.clone()),
+                outcome: format!("ok: {}", reason.trim()),
+                ..AuditEvent::default()
+            })
+            .await?;
+        tracing::warn!(
+            handover_id = handover.id,
+            "break-glass read of clinical content by an operator"
+        );
+        let (patient, summary) = self.gateway.read_stored(&handover).await?;
+        Ok(pb::BreakGlassReadResponse {
+            handover_id: handover.id,
+            sender: handover.sender.clone(),
+            event: wire::event_to_wire(handover.event).into(),
+            patient: Some(wire::patient_to_wire(&patient)),
+            summary: Some(super::summary::to_wire(&summary)),
+        })
+    }
+}
+
 fn limit_of(limit: u32) -> usize {
     match limit {
         0 => MAX_LIST,
@@ -532,6 +585,14 @@ impl pb::operator_server::Operator for OperatorService {
         request: Request<pb::SetOrganisationActiveRequest>,
     ) -> Result<Response<pb::Organisation>, Status> {
         operator_call!(self, request, set_organisation_active)
+    }
+
+    #[instrument(name = "break_glass_read", skip_all)]
+    async fn break_glass_read(
+        &self,
+        request: Request<pb::BreakGlassReadRequest>,
+    ) -> Result<Response<pb::BreakGlassReadResponse>, Status> {
+        operator_call!(self, request, break_glass_read)
     }
 
     #[instrument(name = "audit_trail", skip_all)]

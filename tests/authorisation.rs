@@ -1,0 +1,326 @@
+//! The authorisation matrix (docs/authorisation.md), cell by cell, over real
+//! mutual TLS: each kind of caller against each operation on whose data.
+
+mod support;
+
+use support::*;
+use throughcare::grpc::pb;
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Handover = pb::handover_client::HandoverClient<Channel>;
+type Operator = pb::operator_client::OperatorClient<Channel>;
+
+/// The callers: the four kinds, an unregistered code and a disabled practice.
+const CALLERS: [&str; 6] = [
+    "YP001",
+    "YG001",
+    "YPR01",
+    "operator-oncall",
+    "YX999",
+    "YG002",
+];
+
+struct Callers {
+    handover: Vec<Handover>,
+    operator: Vec<Operator>,
+}
+
+async fn callers(gw: &TestGateway) -> Callers {
+    let unregistered = gw.ca().issue_client_now("urn:ods:YX999").unwrap();
+    let mut handover = Vec::new();
+    let mut operator = Vec::new();
+    for name in CALLERS {
+        let channel = if name == "YX999" {
+            throughcare::tls::client_channel(
+                &gw.endpoint,
+                &gw.ca_pem(),
+                unregistered.cert_pem.as_bytes(),
+                unregistered.key_pem.as_bytes(),
+            )
+            .await
+            .unwrap()
+        } else {
+            throughcare::client::channel(&gw.endpoint, &gw.certs(), name)
+                .await
+                .unwrap()
+        };
+        handover.push(pb::handover_client::HandoverClient::new(channel.clone()));
+        operator.push(pb::operator_client::OperatorClient::new(channel));
+    }
+    Callers { handover, operator }
+}
+
+/// What a cell expects: allowed, or refused with this code.
+fn code_of<T>(r: &Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
+    r.as_ref().err().map(tonic::Status::code)
+}
+
+fn admission_to(patient: u32) -> pb::SubmitRequest {
+    admission(&format!("adm-{patient}"), patient)
+}
+
+fn community(id: &str) -> pb::SubmitRequest {
+    let mut r = admission(id, 500);
+    r.event = pb::JourneyEvent::CommunitySummary.into();
+    r
+}
+
+#[tokio::test]
+async fn every_cell_of_the_matrix() {
+    let gw = TestGateway::start().await;
+    let mut op = gw.operator().await;
+    op.set_organisation_active(pb::SetOrganisationActiveRequest {
+        ods_code: "YG002".into(),
+        active: false,
+    })
+    .await
+    .unwrap();
+    let mut c = callers(&gw).await;
+    let (prison, gp, probation, operator, unregistered, disabled) = (0, 1, 2, 3, 4, 5);
+    let pd = Some(Code::PermissionDenied);
+    let unauth = Some(Code::Unauthenticated);
+    let expect = |who: usize, allowed: Option<Code>| match who {
+        4 => unauth,
+        5 | 3 => pd,
+        _ => allowed,
+    };
+
+    // Submit: prison events from prisons only, community summaries from practices only.
+    for who in 0..CALLERS.len() {
+        let r = c.handover[who].submit(admission_to(10 + who as u32)).await;
+        let allowed = if who == prison { None } else { pd };
+        assert_eq!(
+            code_of(&r),
+            expect(who, allowed),
+            "{} submit ADMISSION",
+            CALLERS[who]
+        );
+        let r = c.handover[who]
+            .submit(community(&format!("cs-{who}")))
+            .await;
+        let allowed = if who == gp { None } else { pd };
+        assert_eq!(
+            code_of(&r),
+            expect(who, allowed),
+            "{} submit COMMUNITY_SUMMARY",
+            CALLERS[who]
+        );
+    }
+
+    // Pull: each organisation its own mailbox.
+    let mut leased = Vec::new();
+    for who in 0..CALLERS.len() {
+        let r = c.handover[who].pull(pull(10)).await;
+        assert_eq!(code_of(&r), expect(who, None), "{} pull", CALLERS[who]);
+        leased.push(r.map(|r| r.into_inner().deliveries).unwrap_or_default());
+    }
+    // The practice got the prison's admission notice; the prison the community summary.
+    let gp_delivery = leased[gp].first().expect("the admission notice").clone();
+    let prison_delivery = leased[prison]
+        .first()
+        .expect("the community summary")
+        .clone();
+    // Ack and nack: another mailbox's delivery is NOT_FOUND; refusals as above.
+    let ack = |d: &pb::Delivery| pb::AckRequest {
+        delivery_id: d.delivery_id,
+        attempt: d.attempt,
+    };
+    let nack = |d: &pb::Delivery| pb::NackRequest {
+        delivery_id: d.delivery_id,
+        attempt: d.attempt,
+        permanent: false,
+        reason: "matrix".into(),
+    };
+    for who in [prison, probation, operator, unregistered, disabled] {
+        let r = c.handover[who].ack(ack(&gp_delivery)).await;
+        assert_eq!(
+            code_of(&r),
+            expect(who, Some(Code::NotFound)),
+            "{} ack another's",
+            CALLERS[who]
+        );
+        let r = c.handover[who].nack(nack(&gp_delivery)).await;
+        assert_eq!(
+            code_of(&r),
+            expect(who, Some(Code::NotFound)),
+            "{} nack another's",
+            CALLERS[who]
+        );
+    }
+    assert_eq!(code_of(&c.handover[gp].ack(ack(&gp_delivery)).await), None);
+    assert_eq!(
+        code_of(&c.handover[prison].nack(nack(&prison_delivery)).await),
+        None
+    );
+
+    // Track: a sender's own handovers only.
+    let track = |id: &str| pb::TrackRequest {
+        handover: Some(pb::track_request::Handover::MessageId(id.into())),
+    };
+    for who in 0..CALLERS.len() {
+        let r = c.handover[who].track(track("adm-10")).await;
+        let allowed = if who == prison {
+            None
+        } else {
+            Some(Code::NotFound)
+        };
+        assert_eq!(
+            code_of(&r),
+            expect(who, allowed),
+            "{} track the prison's",
+            CALLERS[who]
+        );
+    }
+
+    // Claim: GP practices only.
+    let claim = pb::ClaimRequest {
+        patient: Some(pb::PatientRef {
+            nhs_number: nhs(999),
+            prison_number: String::new(),
+            date_of_birth: "1985-06-15".into(),
+        }),
+    };
+    for who in 0..CALLERS.len() {
+        let r = c.handover[who].claim(claim.clone()).await;
+        // Nothing is parked for this patient: the practice is allowed, and told so.
+        let allowed = if who == gp { Some(Code::NotFound) } else { pd };
+        assert_eq!(code_of(&r), expect(who, allowed), "{} claim", CALLERS[who]);
+    }
+
+    // Operator calls: operators only.
+    for who in 0..CALLERS.len() {
+        let o = &mut c.operator[who];
+        let allowed = |who: usize, ok: Option<Code>| match who {
+            3 => ok,
+            4 => unauth,
+            _ => pd,
+        };
+        let name = CALLERS[who];
+        assert_eq!(
+            code_of(&o.list_mailboxes(pb::ListMailboxesRequest {}).await),
+            allowed(who, None),
+            "{name} list_mailboxes"
+        );
+        assert_eq!(
+            code_of(
+                &o.list_quarantine(pb::ListQuarantineRequest::default())
+                    .await
+            ),
+            allowed(who, None),
+            "{name} list_quarantine"
+        );
+        assert_eq!(
+            code_of(&o.list_parked(pb::ListParkedRequest::default()).await),
+            allowed(who, None),
+            "{name} list_parked"
+        );
+        assert_eq!(
+            code_of(&o.list_organisations(pb::ListOrganisationsRequest {}).await),
+            allowed(who, None),
+            "{name} list_organisations"
+        );
+        let redrive = o
+            .redrive(pb::RedriveRequest {
+                delivery_ids: vec![gp_delivery.delivery_id],
+                mailbox: String::new(),
+            })
+            .await;
+        assert_eq!(code_of(&redrive), allowed(who, None), "{name} redrive");
+        let claim_parked = o
+            .claim_parked(pb::ClaimParkedRequest {
+                patient: claim.patient.clone(),
+                practice: "YG001".into(),
+                reason: "matrix test".into(),
+            })
+            .await;
+        assert_eq!(
+            code_of(&claim_parked),
+            allowed(who, Some(Code::NotFound)),
+            "{name} claim_parked"
+        );
+        let put = o
+            .put_organisation(pb::PutOrganisationRequest {
+                organisation: Some(pb::Organisation {
+                    ods_code: "YG009".into(),
+                    kind: pb::OrganisationKind::GpPractice.into(),
+                    name: "Matrix Practice (invented)".into(),
+                    format: 0,
+                    region: String::new(),
+                    active: true,
+                }),
+            })
+            .await;
+        assert_eq!(code_of(&put), allowed(who, None), "{name} put_organisation");
+        let set = o
+            .set_organisation_active(pb::SetOrganisationActiveRequest {
+                ods_code: "YG009".into(),
+                active: true,
+            })
+            .await;
+        assert_eq!(
+            code_of(&set),
+            allowed(who, None),
+            "{name} set_organisation_active"
+        );
+        let trail = o
+            .audit_trail(pb::AuditTrailRequest {
+                subject: Some(pb::audit_trail_request::Subject::HandoverId(1)),
+                reason: "matrix test".into(),
+            })
+            .await;
+        assert_eq!(code_of(&trail), allowed(who, None), "{name} audit_trail");
+        let read = o
+            .break_glass_read(pb::BreakGlassReadRequest {
+                handover_id: 1,
+                reason: "clinical incident review requested by the caldicott guardian".into(),
+            })
+            .await;
+        assert_eq!(
+            code_of(&read),
+            allowed(who, None),
+            "{name} break_glass_read"
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn break_glass_needs_a_reason_and_is_audited_before_content_is_returned() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let r = prison
+        .submit(release("bg", 77, &["YG001"], "the follow-up marker"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut op = gw.operator().await;
+    let before = gw.store.audit_entries().unwrap().len();
+    let err = op
+        .break_glass_read(pb::BreakGlassReadRequest {
+            handover_id: r.handover_id,
+            reason: "because".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), ["reason"]);
+    let read = op
+        .break_glass_read(pb::BreakGlassReadRequest {
+            handover_id: r.handover_id,
+            reason: "GP practice reports an unreadable summary; checking content".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let summary = read.summary.unwrap();
+    assert_eq!(summary.follow_ups[0].service, "the follow-up marker");
+    assert_eq!(read.patient.unwrap().nhs_number, nhs(77));
+    let entries = gw.store.audit_entries().unwrap();
+    let last = entries.last().unwrap();
+    assert_eq!(entries.len(), before + 1);
+    assert_eq!(last.action, "break_glass_read");
+    assert_eq!(last.actor, "urn:operator:oncall");
+    assert_eq!(last.handover_id, Some(r.handover_id));
+    assert!(last.outcome.contains("unreadable summary"));
+    gw.stop().await;
+}
