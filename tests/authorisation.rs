@@ -1,6 +1,9 @@
 //! The authorisation matrix (docs/authorisation.md), cell by cell, over real
 //! mutual TLS: each kind of caller against each operation on whose data.
 
+// Callers are indexed across parallel tables (names, clients, expectations).
+#![allow(clippy::needless_range_loop)]
+
 mod support;
 
 use support::*;
