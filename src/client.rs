@@ -81,3 +81,23 @@ pub async fn operator(
         channel(endpoint, certs_dir, name).await?,
     ))
 }
+
+/// A submit of `summary` as the native document, naming `to` (may be empty:
+/// the journey rules route it).
+pub fn native_submit(
+    message_id: &str,
+    event: crate::grpc::pb::JourneyEvent,
+    to: &[&str],
+    summary: &crate::clinical::ClinicalSummary,
+) -> crate::grpc::pb::SubmitRequest {
+    use crate::grpc::pb;
+    pb::SubmitRequest {
+        message_id: message_id.into(),
+        event: event.into(),
+        patient: None,
+        destinations: to.iter().map(|d| (*d).to_owned()).collect(),
+        document: Some(pb::submit_request::Document::Native(
+            crate::grpc::summary::to_wire(summary),
+        )),
+    }
+}

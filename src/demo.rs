@@ -111,23 +111,6 @@ fn with_methadone(s: &mut ClinicalSummary) {
     });
 }
 
-fn request(
-    id: &str,
-    event: pb::JourneyEvent,
-    to: &[&str],
-    s: &ClinicalSummary,
-) -> pb::SubmitRequest {
-    pb::SubmitRequest {
-        message_id: id.into(),
-        event: event.into(),
-        patient: None,
-        destinations: to.iter().map(|d| (*d).to_owned()).collect(),
-        document: Some(pb::submit_request::Document::Native(
-            crate::grpc::summary::to_wire(s),
-        )),
-    }
-}
-
 fn receipt_line(r: &pb::SubmitReceipt) -> String {
     let mut line = format!("accepted as handover {}:", r.handover_id);
     for d in &r.deliveries {
@@ -195,7 +178,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
     )?;
     let s = patient_summary("YP001", Some("YG001"));
     let r = ashdown
-        .submit(request("demo-adm", event, &[], &s))
+        .submit(crate::client::native_submit("demo-adm", event, &[], &s))
         .await?
         .into_inner();
     writeln!(out, "   prison: {}", receipt_line(&r))?;
@@ -231,7 +214,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
     with_methadone(&mut community);
     community.author.organisation = "YG001".parse().expect("dev ODS code");
     let r = riverside
-        .submit(request(
+        .submit(crate::client::native_submit(
             "demo-cs",
             pb::JourneyEvent::CommunitySummary,
             &[],
@@ -271,7 +254,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
             + time::Duration::hours(6),
     ));
     let r = ashdown
-        .submit(request(
+        .submit(crate::client::native_submit(
             "demo-tr",
             pb::JourneyEvent::Transfer,
             &[],
@@ -305,7 +288,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
     release.custody.no_fixed_abode = true;
     release.patient.crn = "X123456".parse().ok();
     let r = brackenfield
-        .submit(request(
+        .submit(crate::client::native_submit(
             "demo-rel",
             pb::JourneyEvent::Release,
             &["YPR01"],

@@ -31,15 +31,7 @@ fn submit(
     to: &[&str],
     s: &ClinicalSummary,
 ) -> pb::SubmitRequest {
-    pb::SubmitRequest {
-        message_id: id.into(),
-        event: event.into(),
-        patient: None,
-        destinations: to.iter().map(|d| (*d).to_owned()).collect(),
-        document: Some(pb::submit_request::Document::Native(
-            throughcare::grpc::summary::to_wire(s),
-        )),
-    }
+    throughcare::client::native_submit(id, event, to, s)
 }
 
 fn transfer(patient: u32, marker: &str) -> ClinicalSummary {

@@ -308,6 +308,17 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000_000;
 
+    /// Routes with the default deadlines at `NOW`.
+    fn go(
+        event: JourneyEvent,
+        s: &ClinicalSummary,
+        sender: &Organisation,
+        named: &[OdsCode],
+        reg: &Registry,
+    ) -> Result<Vec<Route>, Vec<RouteViolation>> {
+        route(event, s, sender, named, reg, &Deadlines::default(), NOW)
+    }
+
     fn summary(gp: Option<&str>) -> ClinicalSummary {
         release_summary(
             "9990000018".parse().ok(),
@@ -323,16 +334,7 @@ mod tests {
         let reg = registry();
         let sender = reg.get(&code("YP001")).unwrap();
         let s = summary(Some("YG002"));
-        let routes = route(
-            JourneyEvent::Release,
-            &s,
-            sender,
-            &[],
-            &reg,
-            &Deadlines::default(),
-            NOW,
-        )
-        .unwrap();
+        let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
         assert_eq!(routes.len(), 2);
         assert_eq!(routes[0].recipient, Recipient::Org(code("YG002")));
         assert_eq!(routes[0].view, View::Full);
@@ -347,40 +349,12 @@ mod tests {
         let reg = registry();
         let sender = reg.get(&code("YP001")).unwrap();
         let s = summary(Some("YG002"));
-        let d = Deadlines::default();
-        let routes = route(
-            JourneyEvent::Release,
-            &s,
-            sender,
-            &[code("YG001")],
-            &reg,
-            &d,
-            NOW,
-        )
-        .unwrap();
+        let routes = go(JourneyEvent::Release, &s, sender, &[code("YG001")], &reg).unwrap();
         assert_eq!(routes[0].recipient, Recipient::Org(code("YG001")));
         let unknown_gp = summary(Some("YG999"));
-        let routes = route(
-            JourneyEvent::Release,
-            &unknown_gp,
-            sender,
-            &[],
-            &reg,
-            &d,
-            NOW,
-        )
-        .unwrap();
+        let routes = go(JourneyEvent::Release, &unknown_gp, sender, &[], &reg).unwrap();
         assert_eq!(routes[0].recipient, Recipient::Parked);
-        let routes = route(
-            JourneyEvent::Release,
-            &summary(None),
-            sender,
-            &[],
-            &reg,
-            &d,
-            NOW,
-        )
-        .unwrap();
+        let routes = go(JourneyEvent::Release, &summary(None), sender, &[], &reg).unwrap();
         assert_eq!(routes[0].recipient, Recipient::Parked);
     }
 
@@ -388,63 +362,31 @@ mod tests {
     fn named_destinations_are_checked_against_the_rules() {
         let reg = registry();
         let sender = reg.get(&code("YP001")).unwrap();
-        let d = Deadlines::default();
         let mut s = summary(Some("YG001"));
         s.custody.transfer_to = Some(code("YP002"));
         s.custody.transfer_at = Some("2026-11-25T10:00:00Z".parse().unwrap());
-        let err = route(
-            JourneyEvent::Transfer,
-            &s,
-            sender,
-            &[code("YP001")],
-            &reg,
-            &d,
-            NOW,
-        )
-        .unwrap_err();
+        let err = go(JourneyEvent::Transfer, &s, sender, &[code("YP001")], &reg).unwrap_err();
         assert_eq!(err[0].0, "destinations[0]");
         assert!(err[0].1.contains("receiving prison"), "{err:?}");
-        let ok = route(
-            JourneyEvent::Transfer,
-            &s,
-            sender,
-            &[code("YP002")],
-            &reg,
-            &d,
-            NOW,
-        )
-        .unwrap();
+        let ok = go(JourneyEvent::Transfer, &s, sender, &[code("YP002")], &reg).unwrap();
         assert_eq!(ok[0].due_ms, s.custody.transfer_at.unwrap().unix_ms());
-        let err = route(
-            JourneyEvent::Admission,
-            &s,
-            sender,
-            &[code("YG002")],
-            &reg,
-            &d,
-            NOW,
-        )
-        .unwrap_err();
+        let err = go(JourneyEvent::Admission, &s, sender, &[code("YG002")], &reg).unwrap_err();
         assert!(err[0].1.contains("registered GP"), "{err:?}");
-        let err = route(
+        let err = go(
             JourneyEvent::Release,
             &s,
             sender,
             &[code("YG001"), code("YP002")],
             &reg,
-            &d,
-            NOW,
         )
         .unwrap_err();
         assert_eq!(err[0].0, "destinations[1]");
-        let two = route(
+        let two = go(
             JourneyEvent::Release,
             &s,
             sender,
             &[code("YG001"), code("YG002")],
             &reg,
-            &d,
-            NOW,
         )
         .unwrap();
         assert_eq!(
@@ -467,7 +409,7 @@ mod tests {
             note: None,
         });
         s.consent.probation_sharing = ConsentDecision::Refused;
-        let routes = route(JourneyEvent::Release, &s, sender, &[], &reg, &d, NOW).unwrap();
+        let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
         assert!(routes[0].urgent);
         assert_eq!(
             routes[0].due_ms,
@@ -483,26 +425,21 @@ mod tests {
         gp.active = false;
         reg.put(gp);
         let sender = reg.get(&code("YP001")).unwrap().clone();
-        let d = Deadlines::default();
-        let routes = route(
+        let routes = go(
             JourneyEvent::Release,
             &summary(Some("YG001")),
             &sender,
             &[],
             &reg,
-            &d,
-            NOW,
         )
         .unwrap();
         assert_eq!(routes[0].recipient, Recipient::Parked);
-        let err = route(
+        let err = go(
             JourneyEvent::Release,
             &summary(None),
             &sender,
             &[code("YG001")],
             &reg,
-            &d,
-            NOW,
         )
         .unwrap_err();
         assert!(err[0].1.contains("disabled"));
