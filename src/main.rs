@@ -460,12 +460,20 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
                 .into_inner();
             println!("handover {} ({:?})", t.handover_id, t.event());
             for d in t.deliveries {
+                let due = d
+                    .due_at
+                    .as_ref()
+                    .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+                    .map(|t| format!("  due {} {:02}:{:02} UTC", t.date(), t.hour(), t.minute()))
+                    .unwrap_or_default();
                 println!(
-                    "  {:<8} delivery {:<6} {:<12} attempts {}{}",
+                    "  {:<8} delivery {:<6} {:<12} attempts {}{due}{}{}{}",
                     d.destination,
                     d.delivery_id,
                     format!("{:?}", d.state()),
                     d.attempts,
+                    if d.overdue { "  OVERDUE" } else { "" },
+                    if d.urgent { "  urgent" } else { "" },
                     if d.quarantine_reason.is_empty() {
                         String::new()
                     } else {
@@ -527,6 +535,11 @@ fn submit_document(args: &SubmitArgs) -> anyhow::Result<pb::submit_request::Docu
             None,
             &args.text,
         );
+        // Released today, so its deadline (the end of the release day) lies ahead.
+        let mut summary = summary;
+        summary.custody.release_date = Some(throughcare::clinical::model::Date(
+            time::OffsetDateTime::now_utc().date(),
+        ));
         return Ok(Document::Native(throughcare::grpc::summary::to_wire(
             &summary,
         )));
