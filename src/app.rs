@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::audit::PatientKeyer;
 use crate::config::{Config, ConfigError};
+use crate::grpc::limits::{RateLimitLayer, shed_to_unavailable};
 use crate::grpc::pb::handover_server::HandoverServer;
 use crate::grpc::{Gateway, HandoverService};
 use crate::journey::Registry;
@@ -84,6 +85,29 @@ fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
             Ok(secret)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Refused connections go to the audit trail.
+struct AuditRefusals(Store);
+
+impl crate::tls::RefusalSink for AuditRefusals {
+    fn record(
+        &self,
+        refusal: crate::tls::Refusal,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        let store = self.0.clone();
+        Box::pin(async move {
+            let event = crate::audit::AuditEvent {
+                actor: refusal.actor,
+                action: "connect",
+                outcome: format!("refused: {}", refusal.reason),
+                ..crate::audit::AuditEvent::default()
+            };
+            if let Err(e) = store.record(event).await {
+                tracing::error!(error = %e, "a refused connection could not be audited");
+            }
+        })
     }
 }
 
@@ -164,9 +188,21 @@ impl Prepared {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AppError> {
         let addr: Option<SocketAddr> = listener.local_addr().ok();
-        let handshake =
-            Duration::from_millis(self.config.tls.handshake_timeout_ms.unwrap_or(10_000));
-        let incoming = crate::tls::incoming(listener, self.tls.clone(), handshake);
+        let l = &self.config.limits;
+        let accept = crate::tls::AcceptLimits {
+            handshake_timeout: Duration::from_millis(
+                self.config.tls.handshake_timeout_ms.unwrap_or(10_000),
+            ),
+            max_handshakes: l.max_handshakes,
+            max_connections_per_identity: l.max_connections_per_identity,
+        };
+        let incoming = crate::tls::incoming(
+            listener,
+            self.tls.clone(),
+            accept,
+            Arc::new(AuditRefusals(self.gateway.store.clone())),
+        );
+        let rate_limit = RateLimitLayer::new(l.requests_per_second, l.request_burst);
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let max_message = self.config.limits.max_document_bytes + 64 * 1024;
         let handover = HandoverServer::new(HandoverService::new(self.gateway.clone()))
@@ -196,8 +232,26 @@ impl Prepared {
         };
 
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        let forget = {
+            let rate_limit = rate_limit.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    rate_limit.forget_idle();
+                }
+            })
+        };
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_max_header_list_size(l.max_header_list_bytes)
+            .max_concurrent_streams(l.max_concurrent_streams)
+            .http2_max_pending_accept_reset_streams(Some(64))
+            .layer(rate_limit)
+            .layer(tower::util::MapErrLayer::new(shed_to_unavailable))
+            .layer(tower::load_shed::LoadShedLayer::new())
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                l.max_in_flight,
+            ))
             .add_service(handover)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = server_stopped.await;
@@ -233,6 +287,7 @@ impl Prepared {
         };
         let _ = self.shutdown_tx.send(true);
         sweeper.abort();
+        forget.abort();
         self.gateway.store.close().await?;
         let (barriers, fdatasyncs, commands, submits) = self.gateway.store.stats().snapshot();
         tracing::info!(

@@ -5,6 +5,7 @@
 mod envelope;
 mod error;
 mod handover;
+pub mod limits;
 pub mod summary;
 mod wire;
 
