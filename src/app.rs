@@ -194,6 +194,7 @@ impl Prepared {
                 self.config.tls.handshake_timeout_ms.unwrap_or(10_000),
             ),
             max_handshakes: l.max_handshakes,
+            max_handshakes_per_address: l.max_handshakes_per_address,
             max_connections_per_identity: l.max_connections_per_identity,
         };
         let incoming = crate::tls::incoming(

@@ -126,6 +126,8 @@ pub struct LimitsConfig {
     pub max_connections_per_identity: usize,
     /// TLS handshakes in progress at once; connections beyond are closed.
     pub max_handshakes: usize,
+    /// TLS handshakes in progress from one IP address.
+    pub max_handshakes_per_address: usize,
     /// Sustained calls per second per certificate identity (token bucket).
     pub requests_per_second: u32,
     /// Calls one identity may make in a burst above the sustained rate.
@@ -143,6 +145,7 @@ impl Default for LimitsConfig {
             max_concurrent_streams: 64,
             max_connections_per_identity: 32,
             max_handshakes: 256,
+            max_handshakes_per_address: 16,
             requests_per_second: 200,
             request_burst: 400,
             max_in_flight: 1_024,
@@ -308,6 +311,12 @@ impl Config {
             10_000,
         )?;
         within("limits.max_handshakes", l.max_handshakes as u64, 1, 100_000)?;
+        within(
+            "limits.max_handshakes_per_address",
+            l.max_handshakes_per_address as u64,
+            1,
+            l.max_handshakes as u64,
+        )?;
         within(
             "limits.requests_per_second",
             l.requests_per_second.into(),

@@ -468,37 +468,45 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Open connections per identity; a slot gives its place back when dropped.
-#[derive(Default)]
-struct OpenConnections(std::sync::Mutex<HashMap<PeerIdentity, usize>>);
+/// How many connections each key (identity, address) holds; a slot gives
+/// its place back when dropped.
+struct Counted<K: std::hash::Hash + Eq + Clone>(std::sync::Mutex<HashMap<K, usize>>);
 
-struct ConnectionSlot {
-    open: Arc<OpenConnections>,
-    identity: PeerIdentity,
+impl<K: std::hash::Hash + Eq + Clone> Default for Counted<K> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(HashMap::new()))
+    }
 }
 
-impl OpenConnections {
-    fn take(self: &Arc<Self>, identity: &PeerIdentity, max: usize) -> Option<ConnectionSlot> {
+struct Slot<K: std::hash::Hash + Eq + Clone> {
+    counted: Arc<Counted<K>>,
+    key: K,
+}
+
+type ConnectionSlot = Slot<PeerIdentity>;
+
+impl<K: std::hash::Hash + Eq + Clone> Counted<K> {
+    fn take(self: &Arc<Self>, key: &K, max: usize) -> Option<Slot<K>> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(identity.clone()).or_default();
+        let n = map.entry(key.clone()).or_default();
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(ConnectionSlot {
-            open: self.clone(),
-            identity: identity.clone(),
+        Some(Slot {
+            counted: self.clone(),
+            key: key.clone(),
         })
     }
 }
 
-impl Drop for ConnectionSlot {
+impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
-        let mut map = self.open.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.identity) {
+        let mut map = self.counted.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.identity);
+                map.remove(&self.key);
             }
         }
     }
@@ -512,6 +520,8 @@ pub struct AcceptLimits {
     /// Handshakes in progress at once; connections beyond it are closed
     /// before the handshake.
     pub max_handshakes: usize,
+    /// Handshakes in progress from one IP address.
+    pub max_handshakes_per_address: usize,
     /// Open connections one identity may hold.
     pub max_connections_per_identity: usize,
 }
@@ -521,6 +531,7 @@ impl Default for AcceptLimits {
         Self {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
+            max_handshakes_per_address: 16,
             max_connections_per_identity: 32,
         }
     }
@@ -635,7 +646,8 @@ pub fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1)));
-    let open = Arc::new(OpenConnections::default());
+    let open = Arc::new(Counted::<PeerIdentity>::default());
+    let pending = Arc::new(Counted::<std::net::IpAddr>::default());
     let shed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Reload when the files change; summarise connections shed before the handshake.
     {
@@ -676,6 +688,12 @@ pub fn incoming(
                 },
                 () = tx.closed() => break,
             };
+            let Some(from_address) = pending.take(&remote.ip(), limits.max_handshakes_per_address)
+            else {
+                shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(tcp);
+                continue;
+            };
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 drop(tcp);
@@ -690,81 +708,76 @@ pub fn incoming(
                 limits.clone(),
             );
             tokio::spawn(async move {
-                let _permit = permit;
-                let refuse = |actor: String, reason: String| {
-                    tracing::info!(reason = %reason, "connection refused");
-                    sink.record(Refusal { actor, reason })
-                };
-                let (server_config, presented) = match config.for_connection() {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::error!(error = %e, "TLS configuration unusable");
-                        return;
+                let handshake_slot = (permit, from_address);
+                let outcome = authenticate(tcp, remote, &config, &limits, &open).await;
+                // The slot is free (and a refused connection closed) before
+                // the audit write, so slow audits cannot hold handshakes up.
+                drop(handshake_slot);
+                match outcome {
+                    Ok(conn) => {
+                        let _ = tx.send(Ok(conn)).await;
                     }
-                };
-                let acceptor = TlsAcceptor::from(server_config);
-                let presented_actor = || {
-                    presented
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .as_deref()
-                        .map_or_else(|| address_actor(&remote), |der| cert_actor(der, &remote))
-                };
-                let stream = match tokio::time::timeout(
-                    limits.handshake_timeout,
-                    acceptor.accept(tcp),
-                )
-                .await
-                {
-                    Err(_) => {
-                        refuse(presented_actor(), "TLS handshake timed out".into()).await;
-                        return;
+                    Err(Some(refusal)) => {
+                        tracing::info!(reason = %refusal.reason, "connection refused");
+                        sink.record(refusal).await;
                     }
-                    Ok(Err(e)) => {
-                        refuse(presented_actor(), handshake_reason(&e)).await;
-                        return;
-                    }
-                    Ok(Ok(stream)) => stream,
-                };
-                let der = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| c.to_vec());
-                let identity = der
-                    .as_deref()
-                    .ok_or(IdentityError::NoIdentity)
-                    .and_then(identity_from_cert);
-                let identity = match identity {
-                    Ok(identity) => identity,
-                    Err(e) => {
-                        refuse(presented_actor(), e.to_string()).await;
-                        return;
-                    }
-                };
-                let Some(slot) = open.take(&identity, limits.max_connections_per_identity) else {
-                    refuse(
-                        identity.to_string(),
-                        format!(
-                            "more than {} open connections for this identity",
-                            limits.max_connections_per_identity
-                        ),
-                    )
-                    .await;
-                    return;
-                };
-                drop(_permit);
-                let conn = TlsConn {
-                    stream,
-                    info: ConnInfo { identity, remote },
-                    _slot: slot,
-                };
-                let _ = tx.send(Ok(conn)).await;
+                    Err(None) => {}
+                }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The TLS handshake and the checks after it; `Err(None)` when the server's
+/// own configuration is unusable (logged, not a client's fault).
+async fn authenticate(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    config: &ReloadableConfig,
+    limits: &AcceptLimits,
+    open: &Arc<Counted<PeerIdentity>>,
+) -> Result<TlsConn, Option<Refusal>> {
+    let (server_config, presented) = config.for_connection().map_err(|e| {
+        tracing::error!(error = %e, "TLS configuration unusable");
+        None
+    })?;
+    let presented_actor = || {
+        presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .map_or_else(|| address_actor(&remote), |der| cert_actor(der, &remote))
+    };
+    let refusal = |actor, reason| Some(Refusal { actor, reason });
+    let acceptor = TlsAcceptor::from(server_config);
+    let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Err(_) => return Err(refusal(presented_actor(), "TLS handshake timed out".into())),
+        Ok(Err(e)) => return Err(refusal(presented_actor(), handshake_reason(&e))),
+        Ok(Ok(stream)) => stream,
+    };
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(IdentityError::NoIdentity)
+        .and_then(|c| identity_from_cert(c))
+        .map_err(|e| refusal(presented_actor(), e.to_string()))?;
+    let Some(slot) = open.take(&identity, limits.max_connections_per_identity) else {
+        return Err(refusal(
+            identity.to_string(),
+            format!(
+                "more than {} open connections for this identity",
+                limits.max_connections_per_identity
+            ),
+        ));
+    };
+    Ok(TlsConn {
+        stream,
+        info: ConnInfo { identity, remote },
+        _slot: slot,
+    })
 }
 
 /// A client channel over mutual TLS to `endpoint` (`https://127.0.0.1:port`),
