@@ -139,6 +139,7 @@ impl Prepared {
             StoreOptions {
                 max_attempts: q.max_attempts,
                 retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
+                master_key_file: config.master_key_file.clone(),
                 ..StoreOptions::default()
             },
             clock,

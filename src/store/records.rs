@@ -5,13 +5,14 @@
 //! | tree         | key                                   | value                         |
 //! |--------------|---------------------------------------|-------------------------------|
 //! | `handovers`  | handover id (u64 BE)                  | [`HandoverRecord`] JSON       |
-//! | `payloads`   | handover id (u64 BE) ++ chunk (u32 BE)| crc32 (u32 BE) ++ chunk bytes |
+//! | `payloads`   | handover id (u64 BE) ++ chunk (u32 BE)| crc32 (u32 BE) ++ chunk of the sealed payload ([`super::crypt`]) |
 //! | `deliveries` | delivery id (u64 BE)                  | [`DeliveryRecord`] JSON       |
 //! | `pending`    | mailbox key ++ delivery id (u64 BE)   | empty: live (queued/leased)   |
 //! | `quarantine` | mailbox key ++ delivery id (u64 BE)   | empty                         |
 //! | `dedupe`     | sender ++ 0x00 ++ message id          | handover id (u64 BE)          |
 //! | `audit`      | sequence (u64 BE)                     | [`crate::audit`] entry JSON   |
 //! | `meta`       | name                                  | u64 BE                        |
+//! | `data_keys`  | handover id (u64 BE)                  | wrapped data key ([`super::crypt`]) |
 //!
 //! A mailbox key is the ODS code's length (one byte) then its bytes, so one
 //! mailbox's keys form a contiguous range that no other mailbox's can prefix.
@@ -42,11 +43,13 @@ pub enum TreeId {
     Audit,
     /// Counters.
     Meta,
+    /// Each handover's payload key, wrapped by the master key.
+    DataKeys,
 }
 
 impl TreeId {
     /// Every tree, indexed by discriminant.
-    pub const ALL: [TreeId; 8] = [
+    pub const ALL: [TreeId; 9] = [
         TreeId::Handovers,
         TreeId::Payloads,
         TreeId::Deliveries,
@@ -55,6 +58,7 @@ impl TreeId {
         TreeId::Dedupe,
         TreeId::Audit,
         TreeId::Meta,
+        TreeId::DataKeys,
     ];
 
     /// The sled tree name.
@@ -68,6 +72,7 @@ impl TreeId {
             TreeId::Dedupe => "dedupe",
             TreeId::Audit => "audit",
             TreeId::Meta => "meta",
+            TreeId::DataKeys => "data_keys",
         }
     }
 }
