@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::audit::PatientKeyer;
 use crate::config::{Config, ConfigError};
-use crate::grpc::limits::{RateLimitLayer, shed_to_unavailable};
+use crate::grpc::limits::{DecodeRefusalLayer, RateLimitLayer, shed_to_unavailable};
 use crate::grpc::pb::handover_server::HandoverServer;
 use crate::grpc::{Gateway, HandoverService};
 use crate::journey::Registry;
@@ -249,6 +249,7 @@ impl Prepared {
             .max_concurrent_streams(l.max_concurrent_streams)
             .http2_max_pending_accept_reset_streams(Some(64))
             .layer(rate_limit)
+            .layer(DecodeRefusalLayer::new(self.gateway.store.clone()))
             .layer(tower::util::MapErrLayer::new(shed_to_unavailable))
             .layer(tower::load_shed::LoadShedLayer::new())
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(

@@ -110,3 +110,131 @@ pub fn shed_to_unavailable(e: BoxError) -> BoxError {
         e
     }
 }
+
+/// Turns tonic's answer to an undecodable request (`INTERNAL`, "failed to
+/// decode Protobuf message", e.g. invalid UTF-8 in a string field) into
+/// `INVALID_ARGUMENT` with a field violation, and audits it like every other
+/// refusal (fail closed: `UNAVAILABLE` when the audit write fails). Decoding
+/// happens before any handler, so `traced!` never sees these.
+#[derive(Clone)]
+pub struct DecodeRefusalLayer {
+    store: crate::store::Store,
+}
+
+impl DecodeRefusalLayer {
+    /// Audits into `store`.
+    pub fn new(store: crate::store::Store) -> Self {
+        Self { store }
+    }
+}
+
+impl<S> Layer<S> for DecodeRefusalLayer {
+    type Service = DecodeRefusal<S>;
+
+    fn layer(&self, inner: S) -> DecodeRefusal<S> {
+        DecodeRefusal {
+            inner,
+            store: self.store.clone(),
+        }
+    }
+}
+
+/// See [`DecodeRefusalLayer`].
+#[derive(Clone)]
+pub struct DecodeRefusal<S> {
+    inner: S,
+    store: crate::store::Store,
+}
+
+const DECODE_FAILURE: &str = "failed to decode Protobuf message";
+
+impl<S, B, R> Service<http::Request<B>> for DecodeRefusal<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<http::Response<R>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let actor = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map_or_else(|| "unknown".to_owned(), |i| i.identity.to_string());
+        let action = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(32)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let store = self.store.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await.map_err(Into::into)?;
+            let Some(status) = Status::from_header_map(response.headers()) else {
+                return Ok(response);
+            };
+            if status.code() != Code::Internal || !status.message().starts_with(DECODE_FAILURE) {
+                return Ok(response);
+            }
+            // prost names the field path and the fault, never the value.
+            let detail = status.message()[DECODE_FAILURE.len()..]
+                .trim_start_matches(':')
+                .trim()
+                .chars()
+                .take(200)
+                .collect::<String>();
+            let field = detail
+                .split(": ")
+                .next()
+                .filter(|f| f.contains('.'))
+                .unwrap_or("request")
+                .to_owned();
+            let event = crate::audit::AuditEvent {
+                actor,
+                action: static_action(&action),
+                outcome: format!("refused: InvalidArgument: undecodable request: {detail}"),
+                ..crate::audit::AuditEvent::default()
+            };
+            if let Err(e) = store.record(event).await {
+                tracing::error!(error = %e, "a refusal could not be audited; answering UNAVAILABLE");
+                return Err(BoxError::from(Status::unavailable(
+                    "the gateway cannot record this call; retry later",
+                )));
+            }
+            tracing::info!(code = "InvalidArgument", error = %detail, "refused: undecodable request");
+            Err(BoxError::from(Status::with_error_details(
+                Code::InvalidArgument,
+                format!("invalid request: not a valid protobuf message: {detail}"),
+                ErrorDetails::with_bad_request(vec![tonic_types::FieldViolation::new(
+                    field,
+                    format!("not a valid protobuf message: {detail}"),
+                )]),
+            )))
+        })
+    }
+}
+
+/// Audit actions are `&'static str`; the gRPC method names we serve.
+fn static_action(method: &str) -> &'static str {
+    match method {
+        "submit" => "submit",
+        "pull" => "pull",
+        "ack" => "ack",
+        "nack" => "nack",
+        "track" => "track",
+        _ => "call",
+    }
+}
