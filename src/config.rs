@@ -146,8 +146,8 @@ impl Default for LimitsConfig {
             max_connections_per_identity: 32,
             max_handshakes: 256,
             max_handshakes_per_address: 16,
-            requests_per_second: 200,
-            request_burst: 400,
+            requests_per_second: 1_000,
+            request_burst: 2_000,
             max_in_flight: 1_024,
         }
     }
