@@ -135,6 +135,9 @@ pub struct LimitsConfig {
     /// Calls in flight across the gateway; beyond it calls are shed with
     /// `UNAVAILABLE`.
     pub max_in_flight: usize,
+    /// A connection is closed gracefully after this long, so every client
+    /// re-handshakes (and meets the current CRL) at least this often, s.
+    pub max_connection_age_seconds: u64,
 }
 
 impl Default for LimitsConfig {
@@ -149,6 +152,7 @@ impl Default for LimitsConfig {
             requests_per_second: 1_000,
             request_burst: 2_000,
             max_in_flight: 1_024,
+            max_connection_age_seconds: 3_600,
         }
     }
 }
@@ -325,6 +329,12 @@ impl Config {
         )?;
         within("limits.request_burst", l.request_burst.into(), 1, 1_000_000)?;
         within("limits.max_in_flight", l.max_in_flight as u64, 1, 1_000_000)?;
+        within(
+            "limits.max_connection_age_seconds",
+            l.max_connection_age_seconds,
+            1,
+            7 * 24 * 3_600,
+        )?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));
         }
