@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::audit::PatientKeyer;
 use crate::config::{Config, ConfigError};
-use crate::grpc::limits::{DecodeRefusalLayer, RateLimitLayer, shed_to_unavailable};
+use crate::grpc::limits::{DecodeRefusalLayer, RateLimitLayer, RefusalTally, shed_to_unavailable};
 use crate::grpc::pb::handover_server::HandoverServer;
 use crate::grpc::{Gateway, HandoverService};
 use crate::journey::Registry;
@@ -204,7 +204,8 @@ impl Prepared {
             accept,
             Arc::new(AuditRefusals(self.gateway.store.clone())),
         );
-        let rate_limit = RateLimitLayer::new(l.requests_per_second, l.request_burst);
+        let tally = RefusalTally::default();
+        let rate_limit = RateLimitLayer::new(l.requests_per_second, l.request_burst, tally.clone());
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let max_message = self.config.limits.max_document_bytes + 64 * 1024;
         let handover = HandoverServer::new(HandoverService::new(self.gateway.clone()))
@@ -235,11 +236,18 @@ impl Prepared {
 
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let forget = {
-            let rate_limit = rate_limit.clone();
+            let (rate_limit, tally, store) = (
+                rate_limit.clone(),
+                tally.clone(),
+                self.gateway.store.clone(),
+            );
             tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    rate_limit.forget_idle();
+                for tick in 1u64.. {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tally.flush(&store).await;
+                    if tick % 60 == 0 {
+                        rate_limit.forget_idle();
+                    }
                 }
             })
         };
@@ -251,7 +259,9 @@ impl Prepared {
             .max_connection_age(Duration::from_secs(l.max_connection_age_seconds))
             .layer(rate_limit)
             .layer(DecodeRefusalLayer::new(self.gateway.store.clone()))
-            .layer(tower::util::MapErrLayer::new(shed_to_unavailable))
+            .layer(tower::util::MapErrLayer::new(shed_to_unavailable(
+                tally.clone(),
+            )))
             .layer(tower::load_shed::LoadShedLayer::new())
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
                 l.max_in_flight,
@@ -292,6 +302,7 @@ impl Prepared {
         let _ = self.shutdown_tx.send(true);
         sweeper.abort();
         forget.abort();
+        tally.flush(&self.gateway.store).await;
         self.gateway.store.close().await?;
         let (barriers, fdatasyncs, commands, submits) = self.gateway.store.stats().snapshot();
         tracing::info!(

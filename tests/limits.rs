@@ -16,6 +16,23 @@ use throughcare::store::SystemClock;
 use tonic::Code;
 use tonic_types::StatusExt;
 
+/// Waits (bounded) for an audit entry from `actor` whose outcome contains `text`.
+async fn audited(gw: &TestGateway, actor: &str, text: &str) {
+    for _ in 0..100 {
+        if gw
+            .store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .any(|e| e.actor == actor && e.outcome.contains(text))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no audit entry from {actor} with `{text}`");
+}
+
 #[tokio::test]
 async fn one_identity_over_its_rate_gets_resource_exhausted_with_a_retry_delay() {
     let gw = TestGateway::start_with(
@@ -44,6 +61,8 @@ async fn one_identity_over_its_rate_gets_resource_exhausted_with_a_retry_delay()
         retry > Duration::ZERO && retry <= Duration::from_secs(1),
         "{retry:?}"
     );
+    // Refused calls are summarised in the audit trail once a second.
+    audited(&gw, "urn:ods:YG001", "over the per-identity rate limit").await;
     // Another identity is not affected.
     let mut other = gw.client("YG002").await;
     other.pull(pull(1)).await.unwrap();
@@ -70,6 +89,12 @@ async fn beyond_the_in_flight_limit_calls_are_shed_with_unavailable() {
     let mut third = gw.client("YPR01").await;
     let err = third.pull(pull(1)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    audited(
+        &gw,
+        "peer:many",
+        "1 calls: shed at the gateway's in-flight limit",
+    )
+    .await;
     for w in waiting {
         w.await.unwrap().unwrap();
     }
@@ -97,17 +122,7 @@ async fn an_identity_cannot_hold_more_connections_than_its_limit() {
         Ok(mut c) => c.pull(pull(1)).await.is_err(),
     };
     assert!(refused, "a third connection is refused");
-    let mut found = false;
-    for _ in 0..100 {
-        found = gw.store.audit_entries().unwrap().iter().any(|e| {
-            e.actor == "urn:ods:YG001" && e.outcome.contains("more than 2 open connections")
-        });
-        if found {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(found, "the refusal is audited");
+    audited(&gw, "urn:ods:YG001", "more than 2 open connections").await;
     // Others are unaffected; and when one closes, the identity may reconnect.
     gw.client("YG002").await.pull(pull(1)).await.unwrap();
     drop(held.pop());

@@ -18,20 +18,58 @@ use tower::{BoxError, Layer, Service};
 
 use crate::tls::{ConnInfo, PeerIdentity};
 
+/// Calls refused before any handler (rate limit, load shed), counted per
+/// actor and reason and written to the audit trail as one summary entry per
+/// actor and reason a second: every refusal is recorded, and a flood cannot
+/// turn into a flood of audit writes.
+#[derive(Clone, Default)]
+pub struct RefusalTally {
+    counts: Arc<std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
+}
+
+impl RefusalTally {
+    fn add(&self, actor: String, reason: &'static str) {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((actor, reason))
+            .or_default() += 1;
+    }
+
+    /// Writes what was counted since the last call to the audit trail.
+    pub async fn flush(&self, store: &crate::store::Store) {
+        let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|e| e.into_inner()));
+        for ((actor, reason), n) in counts {
+            let event = crate::audit::AuditEvent {
+                actor,
+                action: "call",
+                outcome: format!("refused: {n} calls: {reason}"),
+                ..crate::audit::AuditEvent::default()
+            };
+            if let Err(e) = store.record(event).await {
+                tracing::error!(error = %e, "refused calls could not be audited");
+            }
+        }
+    }
+}
+
 /// A token bucket per identity.
 #[derive(Clone)]
 pub struct RateLimitLayer {
     limiter: Arc<DefaultKeyedRateLimiter<PeerIdentity>>,
+    tally: RefusalTally,
 }
 
 impl RateLimitLayer {
     /// `per_second` sustained calls per identity, `burst` at once.
-    pub fn new(per_second: u32, burst: u32) -> Self {
+    pub fn new(per_second: u32, burst: u32, tally: RefusalTally) -> Self {
         let one = NonZeroU32::MIN;
         let quota = Quota::per_second(NonZeroU32::new(per_second).unwrap_or(one))
             .allow_burst(NonZeroU32::new(burst).unwrap_or(one));
         Self {
             limiter: Arc::new(RateLimiter::keyed(quota)),
+            tally,
         }
     }
 
@@ -49,6 +87,7 @@ impl<S> Layer<S> for RateLimitLayer {
         RateLimit {
             inner,
             limiter: self.limiter.clone(),
+            tally: self.tally.clone(),
         }
     }
 }
@@ -58,6 +97,7 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     limiter: Arc<DefaultKeyedRateLimiter<PeerIdentity>>,
+    tally: RefusalTally,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -81,6 +121,10 @@ where
             && let Err(not_until) = self.limiter.check_key(&info.identity)
         {
             let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            self.tally.add(
+                info.identity.to_string(),
+                "over the per-identity rate limit",
+            );
             tracing::warn!(
                 caller = %info.identity,
                 retry_after_ms = wait.as_millis() as u64,
@@ -100,9 +144,14 @@ where
 
 /// Turns tower's load-shed error into `UNAVAILABLE` (tonic would say
 /// `RESOURCE_EXHAUSTED`, which tells a client its own usage is at fault).
-pub fn shed_to_unavailable(e: BoxError) -> BoxError {
+pub fn shed_to_unavailable(tally: RefusalTally) -> impl Fn(BoxError) -> BoxError + Clone {
+    move |e| shed(e, &tally)
+}
+
+fn shed(e: BoxError, tally: &RefusalTally) -> BoxError {
     if e.is::<tower::load_shed::error::Overloaded>() {
         tracing::warn!("call shed: the gateway is at its in-flight limit");
+        tally.add("peer:many".into(), "shed at the gateway's in-flight limit");
         BoxError::from(Status::unavailable(
             "the gateway is overloaded; retry with back-off",
         ))
