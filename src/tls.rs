@@ -418,6 +418,96 @@ pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
     _slot: ConnectionSlot,
+    /// Ready once a reload finds the certificate no longer valid.
+    revoked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    _live: LiveGuard,
+}
+
+impl TlsConn {
+    fn cut(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.revoked.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "client certificate no longer valid",
+            )
+        })
+    }
+}
+
+/// Open connections with their certificates, so that a reload of the CA or
+/// CRL can check them again and close those that no longer pass.
+#[derive(Default)]
+struct Live {
+    next: std::sync::atomic::AtomicU64,
+    conns: std::sync::Mutex<HashMap<u64, LiveConn>>,
+}
+
+struct LiveConn {
+    chain: Vec<CertificateDer<'static>>,
+    identity: PeerIdentity,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+struct LiveGuard {
+    live: Arc<Live>,
+    id: u64,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.live
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Live {
+    fn register(
+        self: &Arc<Self>,
+        chain: Vec<CertificateDer<'static>>,
+        identity: PeerIdentity,
+    ) -> (LiveGuard, tokio_util::sync::CancellationToken) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            LiveConn {
+                chain,
+                identity,
+                cancel: cancel.clone(),
+            },
+        );
+        (
+            LiveGuard {
+                live: self.clone(),
+                id,
+            },
+            cancel,
+        )
+    }
+
+    /// Closes every open connection whose certificate `verifier` now
+    /// refuses; returns the refusals.
+    fn recheck(&self, verifier: &dyn ClientCertVerifier) -> Vec<Refusal> {
+        let now = rustls::pki_types::UnixTime::now();
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cut = Vec::new();
+        for conn in conns.values() {
+            let Some((ee, intermediates)) = conn.chain.split_first() else {
+                continue;
+            };
+            if let Err(e) = verifier.verify_client_cert(ee, intermediates, now) {
+                conn.cancel.cancel();
+                cut.push(Refusal {
+                    actor: conn.identity.to_string(),
+                    reason: format!("open connection closed: {}", tls_reason(&e)),
+                });
+            }
+        }
+        cut
+    }
 }
 
 impl Connected for TlsConn {
@@ -434,6 +524,9 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -444,6 +537,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -460,6 +556,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -592,7 +691,7 @@ fn cert_actor(der: &[u8], remote: &SocketAddr) -> String {
 /// A short, fixed reason for a failed handshake (the client learns only the
 /// TLS alert; the audit trail keeps this).
 fn handshake_reason(e: &io::Error) -> String {
-    use rustls::{CertificateError as C, Error as E};
+    use rustls::Error as E;
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
         return match e.kind() {
             io::ErrorKind::UnexpectedEof => "connection closed during the handshake".into(),
@@ -600,6 +699,11 @@ fn handshake_reason(e: &io::Error) -> String {
             kind => format!("handshake failed: {kind}"),
         };
     };
+    tls_reason(tls)
+}
+
+fn tls_reason(tls: &rustls::Error) -> String {
+    use rustls::{CertificateError as C, Error as E};
     match tls {
         E::NoCertificatesPresented => "no client certificate".into(),
         E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
@@ -647,11 +751,18 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1)));
     let open = Arc::new(Counted::<PeerIdentity>::default());
+    let live = Arc::new(Live::default());
     let pending = Arc::new(Counted::<std::net::IpAddr>::default());
     let shed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Reload when the files change; summarise connections shed before the handshake.
     {
-        let (config, tx, shed, sink) = (config.clone(), tx.clone(), shed.clone(), sink.clone());
+        let (config, tx, shed, sink, live) = (
+            config.clone(),
+            tx.clone(),
+            shed.clone(),
+            sink.clone(),
+            live.clone(),
+        );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -661,13 +772,26 @@ pub fn incoming(
                     () = tx.closed() => break,
                 }
                 let cfg = config.clone();
-                let _ = tokio::task::spawn_blocking(move || cfg.reload_if_changed()).await;
+                let live = live.clone();
+                let cut = tokio::task::spawn_blocking(move || {
+                    if cfg.reload_if_changed() {
+                        live.recheck(&*cfg.material().verifier)
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .await
+                .unwrap_or_default();
+                for refusal in cut {
+                    tracing::info!(reason = %refusal.reason, "open connection closed");
+                    sink.record(refusal).await;
+                }
                 let n = shed.swap(0, std::sync::atomic::Ordering::Relaxed);
                 if n > 0 {
                     sink.record(Refusal {
                         actor: "peer:many".into(),
                         reason: format!(
-                            "{n} connections closed before the handshake: too many handshakes in progress"
+                            "{n} connections closed before the handshake: too many handshakes in progress (in all, or from one address)"
                         ),
                     })
                     .await;
@@ -700,16 +824,17 @@ pub fn incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (tx, sink, open, config, limits) = (
+            let (tx, sink, open, live, config, limits) = (
                 tx.clone(),
                 sink.clone(),
                 open.clone(),
+                live.clone(),
                 config.clone(),
                 limits.clone(),
             );
             tokio::spawn(async move {
                 let handshake_slot = (permit, from_address);
-                let outcome = authenticate(tcp, remote, &config, &limits, &open).await;
+                let outcome = authenticate(tcp, remote, &config, &limits, (&open, &live)).await;
                 // The slot is free (and a refused connection closed) before
                 // the audit write, so slow audits cannot hold handshakes up.
                 drop(handshake_slot);
@@ -736,7 +861,7 @@ async fn authenticate(
     remote: SocketAddr,
     config: &ReloadableConfig,
     limits: &AcceptLimits,
-    open: &Arc<Counted<PeerIdentity>>,
+    (open, live): (&Arc<Counted<PeerIdentity>>, &Arc<Live>),
 ) -> Result<TlsConn, Option<Refusal>> {
     let (server_config, presented) = config.for_connection().map_err(|e| {
         tracing::error!(error = %e, "TLS configuration unusable");
@@ -756,11 +881,14 @@ async fn authenticate(
         Ok(Err(e)) => return Err(refusal(presented_actor(), handshake_reason(&e))),
         Ok(Ok(stream)) => stream,
     };
-    let identity = stream
+    let chain: Vec<CertificateDer<'static>> = stream
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let identity = chain
+        .first()
         .ok_or(IdentityError::NoIdentity)
         .and_then(|c| identity_from_cert(c))
         .map_err(|e| refusal(presented_actor(), e.to_string()))?;
@@ -773,10 +901,13 @@ async fn authenticate(
             ),
         ));
     };
+    let (live, cancel) = live.register(chain, identity.clone());
     Ok(TlsConn {
         stream,
         info: ConnInfo { identity, remote },
         _slot: slot,
+        revoked: Box::pin(cancel.cancelled_owned()),
+        _live: live,
     })
 }
 
