@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::audit::PatientKeyer;
 use crate::config::{Config, ConfigError};
+use crate::grpc::limits::{DecodeRefusalLayer, RateLimitLayer, RefusalTally, shed_to_unavailable};
 use crate::grpc::pb::handover_server::HandoverServer;
 use crate::grpc::pb::operator_server::OperatorServer;
 use crate::grpc::{Gateway, HandoverService, OperatorService};
@@ -102,6 +103,29 @@ fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// Refused connections go to the audit trail.
+struct AuditRefusals(Store);
+
+impl crate::tls::RefusalSink for AuditRefusals {
+    fn record(
+        &self,
+        refusal: crate::tls::Refusal,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        let store = self.0.clone();
+        Box::pin(async move {
+            let event = crate::audit::AuditEvent {
+                actor: refusal.actor,
+                action: "connect",
+                outcome: format!("refused: {}", refusal.reason),
+                ..crate::audit::AuditEvent::default()
+            };
+            if let Err(e) = store.record(event).await {
+                tracing::error!(error = %e, "a refused connection could not be audited");
+            }
+        })
+    }
+}
+
 impl Prepared {
     /// Loads everything `config` names, creating the dev PKI when allowed and
     /// absent, and opens the store.
@@ -133,6 +157,7 @@ impl Prepared {
                 max_attempts: q.max_attempts,
                 retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
                 observer: Some(metrics.barrier_observer()),
+                master_key_file: config.master_key_file.clone(),
                 ..StoreOptions::default()
             },
             clock.clone(),
@@ -237,9 +262,23 @@ impl Prepared {
             },
         ));
         tracing::info!(addr = %metrics_addr, "serving Prometheus metrics: plain HTTP, GET /metrics");
-        let handshake =
-            Duration::from_millis(self.config.tls.handshake_timeout_ms.unwrap_or(10_000));
-        let incoming = crate::tls::incoming(listener, self.tls.clone(), handshake);
+        let l = &self.config.limits;
+        let accept = crate::tls::AcceptLimits {
+            handshake_timeout: Duration::from_millis(
+                self.config.tls.handshake_timeout_ms.unwrap_or(10_000),
+            ),
+            max_handshakes: l.max_handshakes,
+            max_handshakes_per_address: l.max_handshakes_per_address,
+            max_connections_per_identity: l.max_connections_per_identity,
+        };
+        let incoming = crate::tls::incoming(
+            listener,
+            self.tls.clone(),
+            accept,
+            Arc::new(AuditRefusals(self.gateway.store.clone())),
+        );
+        let tally = RefusalTally::default();
+        let rate_limit = RateLimitLayer::new(l.requests_per_second, l.request_burst, tally.clone());
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let max_message = self.config.limits.max_document_bytes + 64 * 1024;
         let handover = HandoverServer::new(
@@ -289,8 +328,37 @@ impl Prepared {
         };
 
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        let forget = {
+            let (rate_limit, tally, store) = (
+                rate_limit.clone(),
+                tally.clone(),
+                self.gateway.store.clone(),
+            );
+            tokio::spawn(async move {
+                for tick in 1u64.. {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tally.flush(&store).await;
+                    if tick % 60 == 0 {
+                        rate_limit.forget_idle();
+                    }
+                }
+            })
+        };
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_max_header_list_size(l.max_header_list_bytes)
+            .max_concurrent_streams(l.max_concurrent_streams)
+            .http2_max_pending_accept_reset_streams(Some(64))
+            .max_connection_age(Duration::from_secs(l.max_connection_age_seconds))
+            .layer(rate_limit)
+            .layer(DecodeRefusalLayer::new(self.gateway.store.clone()))
+            .layer(tower::util::MapErrLayer::new(shed_to_unavailable(
+                tally.clone(),
+            )))
+            .layer(tower::load_shed::LoadShedLayer::new())
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                l.max_in_flight,
+            ))
             .add_service(handover)
             .add_service(operator)
             .add_service(health_service)
@@ -331,6 +399,8 @@ impl Prepared {
         };
         let _ = self.shutdown_tx.send(true);
         sweeper.abort();
+        forget.abort();
+        tally.flush(&self.gateway.store).await;
         self.gateway.store.close().await?;
         let (barriers, fdatasyncs, commands, submits) = self.gateway.store.stats().snapshot();
         tracing::info!(

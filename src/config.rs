@@ -49,6 +49,9 @@ pub struct Config {
     /// The keyed-hash secret for patient identifiers; default
     /// `<data_dir>/patient-key`, created when absent.
     pub patient_key_file: Option<PathBuf>,
+    /// The master key that wraps every payload's data key; default
+    /// `<data_dir>/master-key`, created (0600) when absent.
+    pub master_key_file: Option<PathBuf>,
     /// TLS material.
     pub tls: TlsConfig,
     /// Queue behaviour.
@@ -149,18 +152,47 @@ impl DeadlinesConfig {
     }
 }
 
-/// Input limits.
+/// Limits against oversized input and abuse (see `docs/security.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest document accepted, bytes.
     pub max_document_bytes: usize,
+    /// Largest HTTP/2 header list a client may send, bytes.
+    pub max_header_list_bytes: u32,
+    /// Concurrent HTTP/2 streams (calls) per connection.
+    pub max_concurrent_streams: u32,
+    /// Open connections per certificate identity.
+    pub max_connections_per_identity: usize,
+    /// TLS handshakes in progress at once; connections beyond are closed.
+    pub max_handshakes: usize,
+    /// TLS handshakes in progress from one IP address.
+    pub max_handshakes_per_address: usize,
+    /// Sustained calls per second per certificate identity (token bucket).
+    pub requests_per_second: u32,
+    /// Calls one identity may make in a burst above the sustained rate.
+    pub request_burst: u32,
+    /// Calls in flight across the gateway; beyond it calls are shed with
+    /// `UNAVAILABLE`.
+    pub max_in_flight: usize,
+    /// A connection is closed gracefully after this long, so every client
+    /// re-handshakes (and meets the current CRL) at least this often, s.
+    pub max_connection_age_seconds: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_document_bytes: 4 * 1024 * 1024,
+            max_header_list_bytes: 16 * 1024,
+            max_concurrent_streams: 64,
+            max_connections_per_identity: 32,
+            max_handshakes: 256,
+            max_handshakes_per_address: 16,
+            requests_per_second: 1_000,
+            request_burst: 2_000,
+            max_in_flight: 1_024,
+            max_connection_age_seconds: 3_600,
         }
     }
 }
@@ -191,6 +223,7 @@ impl Default for Config {
             dev_certs: true,
             registry: None,
             patient_key_file: None,
+            master_key_file: None,
             tls: TlsConfig::default(),
             queue: QueueConfig::default(),
             limits: LimitsConfig::default(),
@@ -334,6 +367,56 @@ impl Config {
                 "must be between 1024 and 67108864",
             ));
         }
+        let l = &self.limits;
+        let within = |field: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
+                    field,
+                    format!("must be between {lo} and {hi}"),
+                ))
+            }
+        };
+        within(
+            "limits.max_header_list_bytes",
+            l.max_header_list_bytes.into(),
+            1_024,
+            1024 * 1024,
+        )?;
+        within(
+            "limits.max_concurrent_streams",
+            l.max_concurrent_streams.into(),
+            1,
+            10_000,
+        )?;
+        within(
+            "limits.max_connections_per_identity",
+            l.max_connections_per_identity as u64,
+            1,
+            10_000,
+        )?;
+        within("limits.max_handshakes", l.max_handshakes as u64, 1, 100_000)?;
+        within(
+            "limits.max_handshakes_per_address",
+            l.max_handshakes_per_address as u64,
+            1,
+            l.max_handshakes as u64,
+        )?;
+        within(
+            "limits.requests_per_second",
+            l.requests_per_second.into(),
+            1,
+            1_000_000,
+        )?;
+        within("limits.request_burst", l.request_burst.into(), 1, 1_000_000)?;
+        within("limits.max_in_flight", l.max_in_flight as u64, 1, 1_000_000)?;
+        within(
+            "limits.max_connection_age_seconds",
+            l.max_connection_age_seconds,
+            1,
+            7 * 24 * 3_600,
+        )?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));
         }

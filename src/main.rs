@@ -227,6 +227,12 @@ enum AuditCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Print every entry, one JSON object a line.
+    List {
+        /// Data directory of a stopped gateway.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
 }
 
 fn init_logging(json: bool) {
@@ -517,6 +523,26 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             store.close().await?;
             let n = result.context("audit chain does NOT verify")?;
             println!("audit chain verifies: {n} entries");
+            Ok(())
+        }
+        Command::Admin {
+            command:
+                AdminCommand::Audit {
+                    command: AuditCommand::List { data_dir },
+                },
+            ..
+        } => {
+            let store = throughcare::store::Store::open(
+                &data_dir,
+                throughcare::store::StoreOptions::default(),
+                std::sync::Arc::new(throughcare::store::SystemClock),
+            )
+            .with_context(|| format!("opening {} (is the gateway stopped?)", data_dir.display()))?;
+            let entries = store.audit_entries();
+            store.close().await?;
+            for entry in entries? {
+                println!("{}", serde_json::to_string(&entry)?);
+            }
             Ok(())
         }
     }

@@ -7,6 +7,7 @@
 //! certificate without a `urn:ods:` or `urn:operator:` SAN URI is dropped at
 //! the handshake. Whether an ODS code is *registered* is decided per call.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -19,6 +20,8 @@ use std::time::Duration;
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -160,12 +163,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds the server configuration: TLS 1.2 and 1.3, client certificates
-/// required and verified against the CA and CRL, ALPN `h2`.
-///
-/// # Errors
-/// Unreadable or invalid files.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The parts of the server configuration that do not change per connection.
+struct Material {
+    verifier: Arc<dyn ClientCertVerifier>,
+    certified: Arc<CertifiedKey>,
+    crl_next_update: Option<i64>,
+}
+
+fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in certs_from_pem(&read(&files.ca)?, &files.ca)? {
         roots.add(cert)?;
@@ -176,6 +181,20 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
             .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?,
         None => Vec::new(),
     };
+    if files.crl.is_some() && crls.is_empty() {
+        return Err(TlsError::Invalid(
+            "the CRL file holds no X509 CRL; refusing to run without the revocations it should carry"
+                .into(),
+        ));
+    }
+    let crl_next_update = crls
+        .iter()
+        .filter_map(|crl| {
+            <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(crl)
+                .ok()
+                .and_then(|(_, c)| c.next_update().map(|t| t.timestamp()))
+        })
+        .min();
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .with_crls(crls)
         .build()
@@ -184,20 +203,118 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &read(&files.key)?[..])
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", files.key.display())))?
         .ok_or_else(|| TlsError::Invalid(format!("{}: no private key", files.key.display())))?;
+    let certified = Arc::new(CertifiedKey::from_der(chain, key, &provider())?);
+    Ok(Material {
+        verifier,
+        certified,
+        crl_next_update,
+    })
+}
+
+/// A server configuration around `verifier`: TLS 1.3 and 1.2 only, client
+/// certificates mandatory, ALPN `h2`, no session resumption (a resumed
+/// session would skip the client-certificate and CRL checks).
+fn config_with(
+    verifier: Arc<dyn ClientCertVerifier>,
+    certified: Arc<CertifiedKey>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
-/// The server configuration in force, swappable without a restart (for
-/// example when the CRL file changes).
+/// Builds the server configuration: TLS 1.2 and 1.3, client certificates
+/// required and verified against the CA and CRL, ALPN `h2`.
+///
+/// # Errors
+/// Unreadable or invalid files.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let m = load_material(files)?;
+    config_with(m.verifier, m.certified)
+}
+
+/// Passes every check to the real verifier, remembering the certificate the
+/// client presented so a refused handshake can be audited with its subject.
+#[derive(Debug)]
+struct Remembering {
+    inner: Arc<dyn ClientCertVerifier>,
+    presented: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl ClientCertVerifier for Remembering {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(end_entity.to_vec());
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What identifies the files' contents: a change to any of them reloads.
+type Fingerprint = Vec<Option<(std::time::SystemTime, u64, u64)>>;
+
+fn fingerprint(files: &TlsFiles) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    [
+        Some(&files.ca),
+        Some(&files.cert),
+        Some(&files.key),
+        files.crl.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| {
+        std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+    })
+    .collect()
+}
+
+/// The TLS material in force, swappable without a restart: [`incoming`]
+/// checks the files once a second and reloads when one changed.
 #[derive(Clone)]
 pub struct ReloadableConfig {
     files: TlsFiles,
-    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+    current: Arc<RwLock<Arc<Material>>>,
+    seen: Arc<std::sync::Mutex<Fingerprint>>,
 }
 
 impl ReloadableConfig {
@@ -206,10 +323,13 @@ impl ReloadableConfig {
     /// # Errors
     /// As for [`server_config`].
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
-        let config = server_config(&files)?;
+        let seen = fingerprint(&files);
+        let material = load_material(&files)?;
+        warn_if_stale(&material);
         Ok(Self {
             files,
-            current: Arc::new(RwLock::new(config)),
+            current: Arc::new(RwLock::new(Arc::new(material))),
+            seen: Arc::new(std::sync::Mutex::new(seen)),
         })
     }
 
@@ -218,16 +338,52 @@ impl ReloadableConfig {
     /// # Errors
     /// As for [`server_config`].
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.files)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        let material = load_material(&self.files)?;
+        warn_if_stale(&material);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(material);
         Ok(())
     }
 
-    fn get(&self) -> Arc<rustls::ServerConfig> {
+    /// Reloads when any file changed since the last look (modification time,
+    /// length or inode). Returns whether a new configuration is in force.
+    pub fn reload_if_changed(&self) -> bool {
+        let now = fingerprint(&self.files);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == now {
+                return false;
+            }
+            *seen = now;
+        }
+        match self.reload() {
+            Ok(()) => {
+                tracing::info!("TLS files changed: new CA, certificate or CRL in force");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS files changed but cannot be loaded; the previous configuration stays in force");
+                false
+            }
+        }
+    }
+
+    fn material(&self) -> Arc<Material> {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// A configuration for one connection, and where it will put the
+    /// certificate the client presents.
+    fn for_connection(&self) -> Result<(Arc<rustls::ServerConfig>, Presented), TlsError> {
+        let m = self.material();
+        let presented = Presented::default();
+        let verifier = Arc::new(Remembering {
+            inner: m.verifier.clone(),
+            presented: presented.clone(),
+        });
+        Ok((config_with(verifier, m.certified.clone())?, presented))
     }
 
     /// The files behind this configuration.
@@ -235,6 +391,18 @@ impl ReloadableConfig {
         &self.files
     }
 }
+
+fn warn_if_stale(m: &Material) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(next) = m.crl_next_update.filter(|t| *t < now) {
+        tracing::warn!(
+            overdue_s = now - next,
+            "the CRL is past its nextUpdate; it is still enforced, but publish a fresh one"
+        );
+    }
+}
+
+type Presented = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
 
 /// What a handler knows about its connection.
 #[derive(Debug, Clone)]
@@ -249,6 +417,97 @@ pub struct ConnInfo {
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
+    _slot: ConnectionSlot,
+    /// Ready once a reload finds the certificate no longer valid.
+    revoked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    _live: LiveGuard,
+}
+
+impl TlsConn {
+    fn cut(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.revoked.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "client certificate no longer valid",
+            )
+        })
+    }
+}
+
+/// Open connections with their certificates, so that a reload of the CA or
+/// CRL can check them again and close those that no longer pass.
+#[derive(Default)]
+struct Live {
+    next: std::sync::atomic::AtomicU64,
+    conns: std::sync::Mutex<HashMap<u64, LiveConn>>,
+}
+
+struct LiveConn {
+    chain: Vec<CertificateDer<'static>>,
+    identity: PeerIdentity,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+struct LiveGuard {
+    live: Arc<Live>,
+    id: u64,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.live
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Live {
+    fn register(
+        self: &Arc<Self>,
+        chain: Vec<CertificateDer<'static>>,
+        identity: PeerIdentity,
+    ) -> (LiveGuard, tokio_util::sync::CancellationToken) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            LiveConn {
+                chain,
+                identity,
+                cancel: cancel.clone(),
+            },
+        );
+        (
+            LiveGuard {
+                live: self.clone(),
+                id,
+            },
+            cancel,
+        )
+    }
+
+    /// Closes every open connection whose certificate `verifier` now
+    /// refuses; returns the refusals.
+    fn recheck(&self, verifier: &dyn ClientCertVerifier) -> Vec<Refusal> {
+        let now = rustls::pki_types::UnixTime::now();
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cut = Vec::new();
+        for conn in conns.values() {
+            let Some((ee, intermediates)) = conn.chain.split_first() else {
+                continue;
+            };
+            if let Err(e) = verifier.verify_client_cert(ee, intermediates, now) {
+                conn.cancel.cancel();
+                cut.push(Refusal {
+                    actor: conn.identity.to_string(),
+                    reason: format!("open connection closed: {}", tls_reason(&e)),
+                });
+            }
+        }
+        cut
+    }
 }
 
 impl Connected for TlsConn {
@@ -265,6 +524,9 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -275,6 +537,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -291,6 +556,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -299,15 +567,238 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts TCP connections, completes the TLS handshake within `timeout`,
-/// and yields the authenticated connections until `listener` is dropped with
-/// the returned stream.
+/// How many connections each key (identity, address) holds; a slot gives
+/// its place back when dropped.
+struct Counted<K: std::hash::Hash + Eq + Clone>(std::sync::Mutex<HashMap<K, usize>>);
+
+impl<K: std::hash::Hash + Eq + Clone> Default for Counted<K> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(HashMap::new()))
+    }
+}
+
+struct Slot<K: std::hash::Hash + Eq + Clone> {
+    counted: Arc<Counted<K>>,
+    key: K,
+}
+
+type ConnectionSlot = Slot<PeerIdentity>;
+
+impl<K: std::hash::Hash + Eq + Clone> Counted<K> {
+    fn take(self: &Arc<Self>, key: &K, max: usize) -> Option<Slot<K>> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            counted: self.clone(),
+            key: key.clone(),
+        })
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
+    fn drop(&mut self) {
+        let mut map = self.counted.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Limits on the accept loop.
+#[derive(Debug, Clone)]
+pub struct AcceptLimits {
+    /// Deadline for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once; connections beyond it are closed
+    /// before the handshake.
+    pub max_handshakes: usize,
+    /// Handshakes in progress from one IP address.
+    pub max_handshakes_per_address: usize,
+    /// Open connections one identity may hold.
+    pub max_connections_per_identity: usize,
+}
+
+impl Default for AcceptLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 256,
+            max_handshakes_per_address: 16,
+            max_connections_per_identity: 32,
+        }
+    }
+}
+
+/// A connection the gateway refused before any call, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Who, as far as known: the certificate's identity or subject when one
+    /// was presented, else the remote address's class and address.
+    pub actor: String,
+    /// Why (never patient data).
+    pub reason: String,
+}
+
+/// Where refusals go (the store's audit trail, in the gateway).
+pub trait RefusalSink: Send + Sync + 'static {
+    /// Records `refusal`; returns once it is durable or has failed.
+    fn record(&self, refusal: Refusal) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
+/// The remote address's class and address, for refusals with no certificate.
+pub fn address_actor(remote: &SocketAddr) -> String {
+    let ip = remote.ip().to_canonical();
+    let class = match ip {
+        std::net::IpAddr::V4(v4) if v4.is_loopback() => "loopback",
+        std::net::IpAddr::V4(v4) if v4.is_private() => "private",
+        std::net::IpAddr::V4(v4) if v4.is_link_local() => "link-local",
+        std::net::IpAddr::V6(v6) if v6.is_loopback() => "loopback",
+        std::net::IpAddr::V6(v6) if v6.is_unique_local() => "private",
+        std::net::IpAddr::V6(v6) if v6.is_unicast_link_local() => "link-local",
+        _ => "public",
+    };
+    format!("peer:{class}:{ip}")
+}
+
+/// The identity of a presented certificate, else its subject (printable
+/// ASCII, at most 120 characters), else its address.
+fn cert_actor(der: &[u8], remote: &SocketAddr) -> String {
+    if let Ok(identity) = identity_from_cert(der) {
+        return identity.to_string();
+    }
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => {
+            let subject: String = cert
+                .subject()
+                .to_string()
+                .chars()
+                .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                .take(120)
+                .collect();
+            format!("subject:{subject} ({})", address_actor(remote))
+        }
+        Err(_) => address_actor(remote),
+    }
+}
+
+/// A short, fixed reason for a failed handshake (the client learns only the
+/// TLS alert; the audit trail keeps this).
+fn handshake_reason(e: &io::Error) -> String {
+    use rustls::Error as E;
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof => "connection closed during the handshake".into(),
+            io::ErrorKind::InvalidData => "malformed TLS record".into(),
+            kind => format!("handshake failed: {kind}"),
+        };
+    };
+    tls_reason(tls)
+}
+
+fn tls_reason(tls: &rustls::Error) -> String {
+    use rustls::{CertificateError as C, Error as E};
+    match tls {
+        E::NoCertificatesPresented => "no client certificate".into(),
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "client certificate expired".into()
+        }
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "client certificate not yet valid".into()
+        }
+        E::InvalidCertificate(C::Revoked) => "client certificate revoked (CRL)".into(),
+        E::InvalidCertificate(C::UnknownIssuer) => {
+            "client certificate not issued by the gateway's CA".into()
+        }
+        E::InvalidCertificate(C::BadSignature) => "client certificate signature invalid".into(),
+        E::InvalidCertificate(other) => format!("client certificate invalid: {other:?}")
+            .chars()
+            .take(120)
+            .collect(),
+        E::PeerIncompatible(p) => format!("incompatible TLS client: {p:?}")
+            .chars()
+            .take(120)
+            .collect(),
+        E::AlertReceived(a) => format!("client sent alert {a:?}"),
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } => "malformed handshake".into(),
+        E::InappropriateHandshakeMessage { .. } | E::PeerMisbehaved(_) => {
+            "client broke the handshake protocol".into()
+        }
+        other => format!("handshake failed: {other}")
+            .chars()
+            .take(120)
+            .collect(),
+    }
+}
+
+/// Accepts TCP connections, completes the TLS handshake within the limit,
+/// and yields the authenticated connections until the returned stream is
+/// dropped. Every refused connection goes to `sink`. Once a second the TLS
+/// files are checked and reloaded when changed (a new CRL applies to new
+/// connections from then on).
 pub fn incoming(
     listener: TcpListener,
     config: ReloadableConfig,
-    timeout: Duration,
+    limits: AcceptLimits,
+    sink: Arc<dyn RefusalSink>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1)));
+    let open = Arc::new(Counted::<PeerIdentity>::default());
+    let live = Arc::new(Live::default());
+    let pending = Arc::new(Counted::<std::net::IpAddr>::default());
+    let shed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Reload when the files change; summarise connections shed before the handshake.
+    {
+        let (config, tx, shed, sink, live) = (
+            config.clone(),
+            tx.clone(),
+            shed.clone(),
+            sink.clone(),
+            live.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = tx.closed() => break,
+                }
+                let cfg = config.clone();
+                let live = live.clone();
+                let cut = tokio::task::spawn_blocking(move || {
+                    if cfg.reload_if_changed() {
+                        live.recheck(&*cfg.material().verifier)
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .await
+                .unwrap_or_default();
+                for refusal in cut {
+                    tracing::info!(reason = %refusal.reason, "open connection closed");
+                    sink.record(refusal).await;
+                }
+                let n = shed.swap(0, std::sync::atomic::Ordering::Relaxed);
+                if n > 0 {
+                    sink.record(Refusal {
+                        actor: "peer:many".into(),
+                        reason: format!(
+                            "{n} connections closed before the handshake: too many handshakes in progress (in all, or from one address)"
+                        ),
+                    })
+                    .await;
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -321,39 +812,103 @@ pub fn incoming(
                 },
                 () = tx.closed() => break,
             };
+            let Some(from_address) = pending.take(&remote.ip(), limits.max_handshakes_per_address)
+            else {
+                shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(tcp);
+                continue;
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(config.get());
-            let tx = tx.clone();
+            let (tx, sink, open, live, config, limits) = (
+                tx.clone(),
+                sink.clone(),
+                open.clone(),
+                live.clone(),
+                config.clone(),
+                limits.clone(),
+            );
             tokio::spawn(async move {
-                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
-                    Ok(Err(e)) => tracing::info!(%remote, error = %e, "TLS handshake refused"),
-                    Ok(Ok(stream)) => {
-                        let identity = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .ok_or(IdentityError::NoIdentity)
-                            .and_then(|c| identity_from_cert(c));
-                        match identity {
-                            Ok(identity) => {
-                                let conn = TlsConn {
-                                    stream,
-                                    info: ConnInfo { identity, remote },
-                                };
-                                let _ = tx.send(Ok(conn)).await;
-                            }
-                            Err(e) => {
-                                tracing::info!(%remote, error = %e, "client certificate refused")
-                            }
-                        }
+                let handshake_slot = (permit, from_address);
+                let outcome = authenticate(tcp, remote, &config, &limits, (&open, &live)).await;
+                // The slot is free (and a refused connection closed) before
+                // the audit write, so slow audits cannot hold handshakes up.
+                drop(handshake_slot);
+                match outcome {
+                    Ok(conn) => {
+                        let _ = tx.send(Ok(conn)).await;
                     }
+                    Err(Some(refusal)) => {
+                        tracing::info!(reason = %refusal.reason, "connection refused");
+                        sink.record(refusal).await;
+                    }
+                    Err(None) => {}
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The TLS handshake and the checks after it; `Err(None)` when the server's
+/// own configuration is unusable (logged, not a client's fault).
+async fn authenticate(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    config: &ReloadableConfig,
+    limits: &AcceptLimits,
+    (open, live): (&Arc<Counted<PeerIdentity>>, &Arc<Live>),
+) -> Result<TlsConn, Option<Refusal>> {
+    let (server_config, presented) = config.for_connection().map_err(|e| {
+        tracing::error!(error = %e, "TLS configuration unusable");
+        None
+    })?;
+    let presented_actor = || {
+        presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .map_or_else(|| address_actor(&remote), |der| cert_actor(der, &remote))
+    };
+    let refusal = |actor, reason| Some(Refusal { actor, reason });
+    let acceptor = TlsAcceptor::from(server_config);
+    let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Err(_) => return Err(refusal(presented_actor(), "TLS handshake timed out".into())),
+        Ok(Err(e)) => return Err(refusal(presented_actor(), handshake_reason(&e))),
+        Ok(Ok(stream)) => stream,
+    };
+    let chain: Vec<CertificateDer<'static>> = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let identity = chain
+        .first()
+        .ok_or(IdentityError::NoIdentity)
+        .and_then(|c| identity_from_cert(c))
+        .map_err(|e| refusal(presented_actor(), e.to_string()))?;
+    let Some(slot) = open.take(&identity, limits.max_connections_per_identity) else {
+        return Err(refusal(
+            identity.to_string(),
+            format!(
+                "more than {} open connections for this identity",
+                limits.max_connections_per_identity
+            ),
+        ));
+    };
+    let (live, cancel) = live.register(chain, identity.clone());
+    Ok(TlsConn {
+        stream,
+        info: ConnInfo { identity, remote },
+        _slot: slot,
+        revoked: Box::pin(cancel.cancelled_owned()),
+        _live: live,
+    })
 }
 
 /// A client channel over mutual TLS to `endpoint` (`https://127.0.0.1:port`),

@@ -320,7 +320,9 @@ async fn break_glass_needs_a_reason_and_is_audited_before_content_is_returned() 
     assert_eq!(read.patient.unwrap().nhs_number, nhs(77));
     let entries = gw.store.audit_entries().unwrap();
     let last = entries.last().unwrap();
-    assert_eq!(entries.len(), before + 1);
+    // The refused attempt and the read itself.
+    assert_eq!(entries.len(), before + 2);
+    assert!(entries[before].outcome.starts_with("refused: InvalidArgument"));
     assert_eq!(last.action, "break_glass_read");
     assert_eq!(last.actor, "urn:operator:oncall");
     assert_eq!(last.handover_id, Some(r.handover_id));

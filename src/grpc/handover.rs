@@ -634,6 +634,34 @@ fn caller_org_kind(gateway: &Gateway, info: Option<&ConnInfo>) -> &'static str {
     }
 }
 
+/// Audits a refusal decided before the store (the store audits its own);
+/// fails closed: an unrecorded refusal is answered `UNAVAILABLE`.
+pub(super) async fn audit_refusal(
+    gateway: &Gateway,
+    actor: String,
+    action: &'static str,
+    e: &ApiError,
+) -> Option<Status> {
+    if matches!(e, ApiError::Store(_)) {
+        return None;
+    }
+    let event = crate::audit::AuditEvent {
+        actor,
+        action,
+        outcome: format!("refused: {:?}: {e}", e.code()),
+        ..crate::audit::AuditEvent::default()
+    };
+    match gateway.store.record(event).await {
+        Ok(()) => None,
+        Err(failure) => {
+            tracing::error!(error = %failure, "a refusal could not be audited; answering UNAVAILABLE");
+            Some(Status::unavailable(
+                "the gateway cannot record this call; retry later",
+            ))
+        }
+    }
+}
+
 macro_rules! traced {
     ($self:ident, $req:ident, $method:ident) => {{
         let info = $req.extensions().get::<ConnInfo>();
@@ -641,9 +669,13 @@ macro_rules! traced {
             tracing::Span::current().record("caller", tracing::field::display(&info.identity));
         }
         let kind = caller_org_kind(&$self.gateway, info);
+        let actor = info.map_or_else(|| "unknown".to_owned(), |i| i.identity.to_string());
         let result = $self.gateway.$method($req).await;
         if let Err(e) = &result {
             tracing::info!(caller_kind = kind, code = ?e.code(), error = %e, "refused");
+            if let Some(unrecorded) = audit_refusal(&$self.gateway, actor, stringify!($method), e).await {
+                return Err(unrecorded);
+            }
         }
         result.map(Response::new).map_err(Status::from)
     }};

@@ -5,6 +5,7 @@
 mod envelope;
 mod error;
 mod handover;
+pub mod limits;
 mod metered;
 mod operator;
 pub mod summary;

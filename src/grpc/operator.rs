@@ -511,11 +511,22 @@ fn org_from_wire(o: pb::Organisation) -> Result<Organisation, ApiError> {
     }
 }
 
+/// Runs an operator call; a refusal is logged and audited (fail closed: a
+/// refusal that cannot be audited is answered UNAVAILABLE).
 macro_rules! operator_call {
     ($self:ident, $req:ident, $method:ident) => {{
+        let actor = $req
+            .extensions()
+            .get::<crate::tls::ConnInfo>()
+            .map_or_else(|| "unknown".to_owned(), |i| i.identity.to_string());
         let result = $self.$method($req).await;
         if let Err(e) = &result {
             tracing::info!(code = ?e.code(), error = %e, "operator call refused");
+            if let Some(unrecorded) =
+                super::handover::audit_refusal(&$self.gateway, actor, stringify!($method), e).await
+            {
+                return Err(unrecorded);
+            }
         }
         result.map(Response::new).map_err(Status::from)
     }};

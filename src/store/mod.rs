@@ -20,6 +20,7 @@
 
 mod barrier;
 pub mod clock;
+pub mod crypt;
 mod high_water;
 pub mod records;
 mod schedule;
@@ -114,6 +115,9 @@ pub struct StoreOptions {
     pub cache_bytes: u64,
     /// Told of every barrier (tests).
     pub observer: Option<Arc<dyn BarrierObserver>>,
+    /// The master key wrapping payload data keys; default
+    /// `<dir>/master-key`, created when absent (see [`crypt`]).
+    pub master_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreOptions {
@@ -124,6 +128,7 @@ impl Default for StoreOptions {
             max_batch: 1_024,
             cache_bytes: 64 * 1024 * 1024,
             observer: None,
+            master_key_file: None,
         }
     }
 }
@@ -328,6 +333,7 @@ struct Inner {
     signals: Arc<Signals>,
     stats: Arc<BarrierStats>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    cipher: Arc<crypt::PayloadCipher>,
 }
 
 /// The durable store; cheap to clone, all clones share one writer.
@@ -349,6 +355,12 @@ impl Store {
         clock: Arc<dyn Clock>,
     ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)?;
+        let cipher = Arc::new(crypt::PayloadCipher::load_or_create(
+            &options
+                .master_key_file
+                .clone()
+                .unwrap_or_else(|| dir.join("master-key")),
+        )?);
         let sled_dir = dir.join("sled");
         let db = sled::Config::new()
             .path(&sled_dir)
@@ -376,6 +388,7 @@ impl Store {
             clock,
             signals.clone(),
             stats.clone(),
+            cipher.clone(),
         )?;
         let (tx, rx) = mpsc::channel(options.max_batch * 4);
         let handle = std::thread::Builder::new()
@@ -388,6 +401,7 @@ impl Store {
                 signals,
                 stats,
                 writer: Mutex::new(Some(handle)),
+                cipher,
             }),
         })
     }
@@ -680,15 +694,16 @@ impl Store {
         self.ask(|reply| Job::Record(event, reply)).await
     }
 
-    /// Reads a handover's payload, checking every chunk's CRC and the whole
-    /// payload's SHA-256 against its handover record.
+    /// Reads a handover's payload, checking every chunk's CRC, opening it
+    /// with its data key, and checking its SHA-256 against its handover record.
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] on any mismatch; [`StoreError::UnknownHandover`].
     pub async fn payload(&self, handover: &HandoverRecord) -> Result<Vec<u8>, StoreError> {
         let trees = self.inner.trees.clone();
+        let cipher = self.inner.cipher.clone();
         let handover = handover.clone();
-        tokio::task::spawn_blocking(move || writer::read_payload(&trees, &handover))
+        tokio::task::spawn_blocking(move || writer::read_payload(&trees, &cipher, &handover))
             .await
             .map_err(|e| StoreError::Unavailable(format!("payload reader failed: {e}")))?
     }

@@ -5,7 +5,7 @@
 //! | tree         | key                                   | value                         |
 //! |--------------|---------------------------------------|-------------------------------|
 //! | `handovers`  | handover id (u64 BE)                  | [`HandoverRecord`] JSON       |
-//! | `payloads`   | handover id (u64 BE) ++ chunk (u32 BE)| crc32 (u32 BE) ++ chunk bytes |
+//! | `payloads`   | handover id (u64 BE) ++ chunk (u32 BE)| crc32 (u32 BE) ++ chunk of the sealed payload ([`super::crypt`]) |
 //! | `deliveries` | delivery id (u64 BE)                  | [`DeliveryRecord`] JSON       |
 //! | `pending`    | mailbox key ++ delivery id (u64 BE)   | empty: live (queued/leased)   |
 //! | `quarantine` | mailbox key ++ delivery id (u64 BE)   | empty                         |
@@ -13,6 +13,7 @@
 //! | `audit`      | sequence (u64 BE)                     | [`crate::audit`] entry JSON   |
 //! | `meta`       | name                                  | u64 BE                        |
 //! | `registry`   | ODS code                              | organisation JSON (operator changes over the file) |
+//! | `data_keys`  | handover id (u64 BE)                  | wrapped data key ([`super::crypt`]) |
 //!
 //! A mailbox key is the ODS code's length (one byte) then its bytes, so one
 //! mailbox's keys form a contiguous range that no other mailbox's can prefix.
@@ -47,11 +48,13 @@ pub enum TreeId {
     Meta,
     /// Registry changes made by operators.
     Registry,
+    /// Each handover's payload key, wrapped by the master key.
+    DataKeys,
 }
 
 impl TreeId {
     /// Every tree, indexed by discriminant.
-    pub const ALL: [TreeId; 9] = [
+    pub const ALL: [TreeId; 10] = [
         TreeId::Handovers,
         TreeId::Payloads,
         TreeId::Deliveries,
@@ -61,6 +64,7 @@ impl TreeId {
         TreeId::Audit,
         TreeId::Meta,
         TreeId::Registry,
+        TreeId::DataKeys,
     ];
 
     /// The sled tree name.
@@ -75,6 +79,7 @@ impl TreeId {
             TreeId::Audit => "audit",
             TreeId::Meta => "meta",
             TreeId::Registry => "registry",
+            TreeId::DataKeys => "data_keys",
         }
     }
 }

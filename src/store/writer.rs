@@ -151,6 +151,7 @@ pub(super) struct Writer {
     clock: Arc<dyn Clock>,
     signals: Arc<Signals>,
     stats: Arc<BarrierStats>,
+    cipher: Arc<super::crypt::PayloadCipher>,
     /// Why the store stopped taking changes, once it has.
     failed: Option<String>,
 }
@@ -174,6 +175,7 @@ impl Writer {
         clock: Arc<dyn Clock>,
         signals: Arc<Signals>,
         stats: Arc<BarrierStats>,
+        cipher: Arc<super::crypt::PayloadCipher>,
     ) -> Result<Self, StoreError> {
         let commit_seq = meta(&trees, records::META_COMMIT_SEQ)?;
         if commit_seq < promised {
@@ -224,6 +226,7 @@ impl Writer {
             clock,
             signals,
             stats,
+            cipher,
             failed: None,
         })
     }
@@ -582,7 +585,10 @@ impl Writer {
             woken.insert(dest.mailbox.clone());
             deliveries.push((dest.mailbox.clone(), did));
         }
-        for (i, chunk) in h.payload.chunks(records::CHUNK_BYTES).enumerate() {
+        // Encryption at rest: chunks hold the sealed payload (see `crypt`).
+        let (data_key, sealed) = self.cipher.seal(id, &h.payload)?;
+        staged.put(TreeId::DataKeys, records::be(id).to_vec(), data_key);
+        for (i, chunk) in sealed.chunks(records::CHUNK_BYTES).enumerate() {
             let i =
                 u32::try_from(i).map_err(|_| StoreError::Corrupt("payload too large".into()))?;
             staged.put(
@@ -1219,6 +1225,7 @@ fn content_hash(h: &NewHandover) -> String {
 /// Reads and checks a payload (see [`super::Store::payload`]).
 pub(super) fn read_payload(
     trees: &[sled::Tree],
+    cipher: &super::crypt::PayloadCipher,
     handover: &HandoverRecord,
 ) -> Result<Vec<u8>, StoreError> {
     let tree = &trees[TreeId::Payloads as usize];
@@ -1233,6 +1240,8 @@ pub(super) fn read_payload(
         })?;
         payload.extend_from_slice(chunk);
     }
+    let data_key = trees[TreeId::DataKeys as usize].get(records::be(handover.id))?;
+    let payload = cipher.open(handover.id, data_key.as_deref(), &payload)?;
     if hex(&Sha256::digest(&payload)) != handover.payload_hash {
         return Err(StoreError::Corrupt(format!(
             "payload of handover {} does not match its SHA-256",

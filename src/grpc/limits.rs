@@ -1,0 +1,289 @@
+//! Limits on calls, applied to every service before any handler runs: a
+//! token bucket per certificate identity (`RESOURCE_EXHAUSTED` with a
+//! `RetryInfo` delay) and a gateway-wide in-flight limit that sheds load
+//! (`UNAVAILABLE`). The HTTP/2 limits (streams per connection, header list
+//! size, message size) are set on the server in `app`; connections per
+//! identity in `tls`.
+
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
+use tonic::codegen::http;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use tower::{BoxError, Layer, Service};
+
+use crate::tls::{ConnInfo, PeerIdentity};
+
+/// Calls refused before any handler (rate limit, load shed), counted per
+/// actor and reason and written to the audit trail as one summary entry per
+/// actor and reason a second: every refusal is recorded, and a flood cannot
+/// turn into a flood of audit writes.
+#[derive(Clone, Default)]
+pub struct RefusalTally {
+    counts: Arc<std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
+}
+
+impl RefusalTally {
+    fn add(&self, actor: String, reason: &'static str) {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((actor, reason))
+            .or_default() += 1;
+    }
+
+    /// Writes what was counted since the last call to the audit trail.
+    pub async fn flush(&self, store: &crate::store::Store) {
+        let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|e| e.into_inner()));
+        for ((actor, reason), n) in counts {
+            let event = crate::audit::AuditEvent {
+                actor,
+                action: "call",
+                outcome: format!("refused: {n} calls: {reason}"),
+                ..crate::audit::AuditEvent::default()
+            };
+            if let Err(e) = store.record(event).await {
+                tracing::error!(error = %e, "refused calls could not be audited");
+            }
+        }
+    }
+}
+
+/// A token bucket per identity.
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    limiter: Arc<DefaultKeyedRateLimiter<PeerIdentity>>,
+    tally: RefusalTally,
+}
+
+impl RateLimitLayer {
+    /// `per_second` sustained calls per identity, `burst` at once.
+    pub fn new(per_second: u32, burst: u32, tally: RefusalTally) -> Self {
+        let one = NonZeroU32::MIN;
+        let quota = Quota::per_second(NonZeroU32::new(per_second).unwrap_or(one))
+            .allow_burst(NonZeroU32::new(burst).unwrap_or(one));
+        Self {
+            limiter: Arc::new(RateLimiter::keyed(quota)),
+            tally,
+        }
+    }
+
+    /// Forgets identities whose buckets are full again (bounded memory).
+    pub fn forget_idle(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+            tally: self.tally.clone(),
+        }
+    }
+}
+
+/// See [`RateLimitLayer`].
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<DefaultKeyedRateLimiter<PeerIdentity>>,
+    tally: RefusalTally,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for RateLimit<S>
+where
+    S: Service<http::Request<B>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<S::Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if let Some(info) = req.extensions().get::<ConnInfo>()
+            && let Err(not_until) = self.limiter.check_key(&info.identity)
+        {
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            self.tally.add(
+                info.identity.to_string(),
+                "over the per-identity rate limit",
+            );
+            tracing::warn!(
+                caller = %info.identity,
+                retry_after_ms = wait.as_millis() as u64,
+                "call refused: rate limit"
+            );
+            let status = Status::with_error_details(
+                Code::ResourceExhausted,
+                "rate limit for this certificate exceeded; retry after the RetryInfo delay",
+                ErrorDetails::with_retry_info(Some(wait)),
+            );
+            return Box::pin(async move { Err(BoxError::from(status)) });
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+}
+
+/// Turns tower's load-shed error into `UNAVAILABLE` (tonic would say
+/// `RESOURCE_EXHAUSTED`, which tells a client its own usage is at fault).
+pub fn shed_to_unavailable(tally: RefusalTally) -> impl Fn(BoxError) -> BoxError + Clone {
+    move |e| shed(e, &tally)
+}
+
+fn shed(e: BoxError, tally: &RefusalTally) -> BoxError {
+    if e.is::<tower::load_shed::error::Overloaded>() {
+        tracing::warn!("call shed: the gateway is at its in-flight limit");
+        tally.add("peer:many".into(), "shed at the gateway's in-flight limit");
+        BoxError::from(Status::unavailable(
+            "the gateway is overloaded; retry with back-off",
+        ))
+    } else {
+        e
+    }
+}
+
+/// Turns tonic's answer to an undecodable request (`INTERNAL`, "failed to
+/// decode Protobuf message", e.g. invalid UTF-8 in a string field) into
+/// `INVALID_ARGUMENT` with a field violation, and audits it like every other
+/// refusal (fail closed: `UNAVAILABLE` when the audit write fails). Decoding
+/// happens before any handler, so `traced!` never sees these.
+#[derive(Clone)]
+pub struct DecodeRefusalLayer {
+    store: crate::store::Store,
+}
+
+impl DecodeRefusalLayer {
+    /// Audits into `store`.
+    pub fn new(store: crate::store::Store) -> Self {
+        Self { store }
+    }
+}
+
+impl<S> Layer<S> for DecodeRefusalLayer {
+    type Service = DecodeRefusal<S>;
+
+    fn layer(&self, inner: S) -> DecodeRefusal<S> {
+        DecodeRefusal {
+            inner,
+            store: self.store.clone(),
+        }
+    }
+}
+
+/// See [`DecodeRefusalLayer`].
+#[derive(Clone)]
+pub struct DecodeRefusal<S> {
+    inner: S,
+    store: crate::store::Store,
+}
+
+const DECODE_FAILURE: &str = "failed to decode Protobuf message";
+
+impl<S, B, R> Service<http::Request<B>> for DecodeRefusal<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<http::Response<R>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let actor = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map_or_else(|| "unknown".to_owned(), |i| i.identity.to_string());
+        let action = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(32)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let store = self.store.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await.map_err(Into::into)?;
+            let Some(status) = Status::from_header_map(response.headers()) else {
+                return Ok(response);
+            };
+            if status.code() != Code::Internal || !status.message().starts_with(DECODE_FAILURE) {
+                return Ok(response);
+            }
+            // prost names the field path and the fault, never the value.
+            let detail = status.message()[DECODE_FAILURE.len()..]
+                .trim_start_matches(':')
+                .trim()
+                .chars()
+                .take(200)
+                .collect::<String>();
+            let field = detail
+                .split(": ")
+                .next()
+                .filter(|f| f.contains('.'))
+                .unwrap_or("request")
+                .to_owned();
+            let event = crate::audit::AuditEvent {
+                actor,
+                action: static_action(&action),
+                outcome: format!("refused: InvalidArgument: undecodable request: {detail}"),
+                ..crate::audit::AuditEvent::default()
+            };
+            if let Err(e) = store.record(event).await {
+                tracing::error!(error = %e, "a refusal could not be audited; answering UNAVAILABLE");
+                return Err(BoxError::from(Status::unavailable(
+                    "the gateway cannot record this call; retry later",
+                )));
+            }
+            tracing::info!(code = "InvalidArgument", error = %detail, "refused: undecodable request");
+            Err(BoxError::from(Status::with_error_details(
+                Code::InvalidArgument,
+                format!("invalid request: not a valid protobuf message: {detail}"),
+                ErrorDetails::with_bad_request(vec![tonic_types::FieldViolation::new(
+                    field,
+                    format!("not a valid protobuf message: {detail}"),
+                )]),
+            )))
+        })
+    }
+}
+
+/// Audit actions are `&'static str`; the gRPC method names we serve.
+fn static_action(method: &str) -> &'static str {
+    match method {
+        "submit" => "submit",
+        "pull" => "pull",
+        "ack" => "ack",
+        "nack" => "nack",
+        "track" => "track",
+        _ => "call",
+    }
+}

@@ -1,0 +1,222 @@
+//! Encryption at rest with crypto-shredding.
+//!
+//! Every handover's payload is sealed with its own random 256-bit data key
+//! (XChaCha20-Poly1305, random 192-bit nonce, the handover id as associated
+//! data). The data key is stored *wrapped* (sealed the same way under the
+//! master key) in the `data_keys` tree, in the same transaction as the
+//! chunks. Removing a handover's wrapped key makes its payload unreadable
+//! for good, whatever copies of the chunks remain; the master key lives in a
+//! file outside sled (`<data_dir>/master-key` unless configured).
+//!
+//! | what            | bytes                                              |
+//! |-----------------|----------------------------------------------------|
+//! | sealed payload  | version `1` ++ nonce (24) ++ ciphertext ++ tag (16) |
+//! | wrapped data key| version `1` ++ nonce (24) ++ key ciphertext (32) ++ tag (16) |
+
+use std::path::Path;
+
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use zeroize::Zeroizing;
+
+use super::StoreError;
+
+const VERSION: u8 = 1;
+const NONCE: usize = 24;
+const PAYLOAD_AAD: &[u8] = b"throughcare payload v1:";
+const KEY_AAD: &[u8] = b"throughcare data key v1:";
+
+/// Seals payloads under per-handover data keys wrapped by the master key.
+pub struct PayloadCipher {
+    master: XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for PayloadCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PayloadCipher(..)")
+    }
+}
+
+fn aad(label: &[u8], handover_id: u64) -> Vec<u8> {
+    let mut aad = label.to_vec();
+    aad.extend_from_slice(&handover_id.to_be_bytes());
+    aad
+}
+
+fn seal(cipher: &XChaCha20Poly1305, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+    let ciphertext = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .map_err(|_| StoreError::Corrupt("payload encryption failed".into()))?;
+    let mut out = Vec::with_capacity(1 + NONCE + ciphertext.len());
+    out.push(VERSION);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ciphertext);
+    Ok(out)
+}
+
+fn open(cipher: &XChaCha20Poly1305, sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+    let (&version, rest) = sealed.split_first()?;
+    if version != VERSION || rest.len() < NONCE {
+        return None;
+    }
+    let (nonce, ciphertext) = rest.split_at(NONCE);
+    cipher
+        .decrypt(
+            XNonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad,
+            },
+        )
+        .ok()
+}
+
+impl PayloadCipher {
+    /// A cipher under this 32-byte master key.
+    pub fn new(master_key: &[u8; 32]) -> Self {
+        Self {
+            master: XChaCha20Poly1305::new(Key::from_slice(master_key)),
+        }
+    }
+
+    /// Reads the master key from `path`, creating it (32 random bytes, mode
+    /// 0600) when absent.
+    ///
+    /// # Errors
+    /// The file cannot be read or created, or does not hold exactly 32 bytes.
+    pub fn load_or_create(path: &Path) -> Result<Self, StoreError> {
+        let key = match std::fs::read(path) {
+            Ok(bytes) => Zeroizing::new(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = Zeroizing::new(XChaCha20Poly1305::generate_key(&mut OsRng).to_vec());
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let mut opts = std::fs::OpenOptions::new();
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                let mut f = opts.write(true).create_new(true).open(path)?;
+                std::io::Write::write_all(&mut f, &key)?;
+                f.sync_all()?;
+                key
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let key: &[u8; 32] = key.as_slice().try_into().map_err(|_| {
+            StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} must hold exactly 32 bytes", path.display()),
+            ))
+        })?;
+        Ok(Self::new(key))
+    }
+
+    /// Seals `payload` of handover `handover_id` under a fresh data key;
+    /// returns (wrapped data key, sealed payload).
+    ///
+    /// # Errors
+    /// Only if the cipher fails (it does not for in-memory input).
+    pub fn seal(&self, handover_id: u64, payload: &[u8]) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+        let data_key = Zeroizing::new(XChaCha20Poly1305::generate_key(&mut OsRng).to_vec());
+        let sealed = seal(
+            &XChaCha20Poly1305::new(Key::from_slice(&data_key)),
+            payload,
+            &aad(PAYLOAD_AAD, handover_id),
+        )?;
+        let wrapped = seal(&self.master, &data_key, &aad(KEY_AAD, handover_id))?;
+        Ok((wrapped, sealed))
+    }
+
+    /// Opens a sealed payload with its wrapped data key.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] when the key is missing (shredded), was not
+    /// wrapped by this master key, or either part fails authentication.
+    pub fn open(
+        &self,
+        handover_id: u64,
+        wrapped: Option<&[u8]>,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let wrapped = wrapped.ok_or_else(|| {
+            StoreError::Corrupt(format!("handover {handover_id} has no data key (shredded)"))
+        })?;
+        let data_key = Zeroizing::new(
+            open(&self.master, wrapped, &aad(KEY_AAD, handover_id)).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "data key of handover {handover_id} does not open under the master key"
+                ))
+            })?,
+        );
+        if data_key.len() != 32 {
+            return Err(StoreError::Corrupt(format!(
+                "data key of handover {handover_id} has the wrong length"
+            )));
+        }
+        open(
+            &XChaCha20Poly1305::new(Key::from_slice(&data_key)),
+            sealed,
+            &aad(PAYLOAD_AAD, handover_id),
+        )
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "payload of handover {handover_id} fails authentication"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_payloads_open_only_with_their_key_and_id() {
+        let c = PayloadCipher::new(&[7; 32]);
+        let (wrapped, sealed) = c.seal(1, b"Family name: Testpatient").unwrap();
+        assert!(!sealed.windows(11).any(|w| w == b"Testpatient"));
+        assert_eq!(
+            c.open(1, Some(&wrapped), &sealed).unwrap(),
+            b"Family name: Testpatient"
+        );
+        // Shredded: no key, no content.
+        assert!(c.open(1, None, &sealed).is_err());
+        // Bound to its handover: moving chunks or keys elsewhere fails.
+        assert!(c.open(2, Some(&wrapped), &sealed).is_err());
+        // Another master key cannot unwrap.
+        assert!(
+            PayloadCipher::new(&[8; 32])
+                .open(1, Some(&wrapped), &sealed)
+                .is_err()
+        );
+        // Any flipped bit is found.
+        let mut bad = sealed.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(c.open(1, Some(&wrapped), &bad).is_err());
+        // Each seal uses a fresh data key and nonce.
+        let (w2, s2) = c.seal(1, b"Family name: Testpatient").unwrap();
+        assert_ne!(w2, wrapped);
+        assert_ne!(s2, sealed);
+    }
+
+    #[test]
+    fn the_master_key_file_is_created_private_and_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master-key");
+        let a = PayloadCipher::load_or_create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (w, s) = a.seal(3, b"x").unwrap();
+        let b = PayloadCipher::load_or_create(&path).unwrap();
+        assert_eq!(b.open(3, Some(&w), &s).unwrap(), b"x");
+        std::fs::write(&path, b"short").unwrap();
+        assert!(PayloadCipher::load_or_create(&path).is_err());
+    }
+}

@@ -1,0 +1,328 @@
+//! Bad input, one row per case, over real mutual TLS: each gets its exact
+//! gRPC status (and BadRequest field violation where one applies), nothing
+//! is stored (`Store::content_digest` unchanged), the refusal is audited,
+//! and the gateway keeps serving.
+
+mod support;
+
+use std::sync::Arc;
+
+use support::*;
+use throughcare::clinical::translate::{self, TextFormat};
+use throughcare::clinical::{ClinicalSummary, View};
+use throughcare::grpc::pb;
+use throughcare::journey::JourneyEvent;
+use throughcare::store::SystemClock;
+use tonic::Code;
+
+const LIMIT: usize = 65_536;
+
+fn fixture() -> ClinicalSummary {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/patients/01-ost-released-today.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn request(id: &str, document: pb::submit_request::Document) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        message_id: id.into(),
+        event: pb::JourneyEvent::Release.into(),
+        patient: None,
+        destinations: vec!["YG001".into()],
+        document: Some(document),
+    }
+}
+
+fn hl7(s: &ClinicalSummary) -> String {
+    String::from_utf8(
+        translate::write(TextFormat::Hl7v2, s, View::Full, JourneyEvent::Release).bytes,
+    )
+    .unwrap()
+}
+
+fn with_nhs(id: &str, nhs: &str) -> pb::SubmitRequest {
+    let s = fixture();
+    pb::SubmitRequest {
+        patient: Some(pb::PatientRef {
+            nhs_number: nhs.into(),
+            prison_number: String::new(),
+            date_of_birth: s.patient.date_of_birth.to_string(),
+        }),
+        ..request(
+            id,
+            pb::submit_request::Document::Native(throughcare::grpc::summary::to_wire(&s)),
+        )
+    }
+}
+
+/// A codec that sends bytes as they are, to put invalid UTF-8 on the wire.
+#[derive(Default, Clone)]
+struct RawCodec;
+
+struct RawEncoder;
+struct RawDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+async fn submit_raw(gw: &TestGateway, bytes: Vec<u8>) -> Result<(), tonic::Status> {
+    let channel = throughcare::client::channel(&gw.endpoint, &gw.certs(), "YP001")
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/throughcare.v1.Handover/Submit");
+    grpc.unary(tonic::Request::new(bytes), path, RawCodec)
+        .await
+        .map(|_| ())
+}
+
+/// The expected answer: a code, and the field of the first violation when
+/// the case has one.
+struct Expect {
+    code: Code,
+    field: Option<&'static str>,
+}
+
+#[tokio::test]
+async fn every_bad_input_gets_its_status_changes_nothing_and_is_audited() {
+    let gw = TestGateway::start_with(
+        |c| c.limits.max_document_bytes = LIMIT,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut prison = gw.client("YP001").await;
+    // One good submit first, so "the same id with other content" has something to conflict with.
+    let s = fixture();
+    let native = pb::submit_request::Document::Native(throughcare::grpc::summary::to_wire(&s));
+    prison
+        .submit(request("good-1", native.clone()))
+        .await
+        .unwrap();
+
+    let over = {
+        let mut t = String::from("{\"resourceType\":\"Bundle\",\"pad\":\"");
+        t.push_str(&"x".repeat(LIMIT + 1 - t.len() - 2));
+        t.push_str("\"}");
+        assert_eq!(t.len(), LIMIT + 1);
+        t
+    };
+    let nested = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+    let family = s.patient.family_name.clone();
+    let hl7_cr = hl7(&s).replacen(&family, "Okonkwo\rPryce", 1);
+    assert_ne!(hl7_cr, hl7(&s), "the family name is in the PID segment");
+    let nhs = s.patient.nhs_number.as_ref().unwrap().as_str().to_owned();
+    let mut bad_digit = nhs.clone().into_bytes();
+    bad_digit[9] = if bad_digit[9] == b'9' {
+        b'0'
+    } else {
+        bad_digit[9] + 1
+    };
+    let bad_digit = String::from_utf8(bad_digit).unwrap();
+    let invalid_utf8 = {
+        use prost::Message;
+        let mut bytes = request("IDXX", native.clone()).encode_to_vec();
+        let at = bytes.windows(4).position(|w| w == b"IDXX").unwrap();
+        bytes[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xc3, 0x28]);
+        bytes
+    };
+    let other = throughcare::clinical::synthetic::release_summary(
+        nhs.parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        None,
+        "other content",
+    );
+
+    enum Input {
+        Typed(Box<pb::SubmitRequest>),
+        Raw(Vec<u8>),
+    }
+    let rows: Vec<(&str, Input, Expect)> = vec![
+        (
+            "document 1 byte over the limit",
+            Input::Typed(Box::new(request(
+                "big",
+                pb::submit_request::Document::FhirJson(over),
+            ))),
+            Expect {
+                code: Code::InvalidArgument,
+                field: Some("document.fhir_json"),
+            },
+        ),
+        (
+            "deeply nested JSON",
+            Input::Typed(Box::new(request(
+                "deep",
+                pb::submit_request::Document::FhirJson(nested),
+            ))),
+            Expect {
+                code: Code::InvalidArgument,
+                field: Some("document"),
+            },
+        ),
+        (
+            "invalid UTF-8 in a string field",
+            Input::Raw(invalid_utf8),
+            Expect {
+                code: Code::InvalidArgument,
+                field: Some("SubmitRequest.message_id"),
+            },
+        ),
+        (
+            "carriage return inside an HL7 field",
+            Input::Typed(Box::new(request(
+                "cr",
+                pb::submit_request::Document::Hl7v2(hl7_cr),
+            ))),
+            Expect {
+                code: Code::InvalidArgument,
+                field: Some("segment 4"),
+            },
+        ),
+        (
+            "NHS number with a bad check digit",
+            Input::Typed(Box::new(with_nhs("digit", &bad_digit))),
+            Expect {
+                code: Code::InvalidArgument,
+                field: Some("patient.nhs_number"),
+            },
+        ),
+        (
+            "NHS number 0000000000",
+            Input::Typed(Box::new(with_nhs("zeros", "0000000000"))),
+            Expect {
+                code: Code::InvalidArgument,
+                field: Some("patient.nhs_number"),
+            },
+        ),
+        (
+            "same message id, different content",
+            Input::Typed(Box::new(request(
+                "good-1",
+                pb::submit_request::Document::Native(throughcare::grpc::summary::to_wire(&other)),
+            ))),
+            Expect {
+                code: Code::AlreadyExists,
+                field: None,
+            },
+        ),
+        (
+            "a destination the caller may not send to",
+            Input::Typed(Box::new(pb::SubmitRequest {
+                destinations: vec!["YP002".into()],
+                ..request("wrong-dest", native.clone())
+            })),
+            Expect {
+                code: Code::InvalidArgument,
+                field: Some("destinations[0]"),
+            },
+        ),
+    ];
+
+    let mut report = Vec::new();
+    for (name, input, expect) in rows {
+        let digest = gw.store.content_digest().unwrap();
+        let audited = gw.store.audit_entries().unwrap().len();
+        let status = match input {
+            Input::Typed(req) => prison.submit(*req).await.map(|_| ()),
+            Input::Raw(bytes) => submit_raw(&gw, bytes).await,
+        }
+        .expect_err(name);
+        let fields = violations(&status);
+        report.push(format!(
+            "{name}: {:?} {fields:?} {}",
+            status.code(),
+            status.message()
+        ));
+        assert_eq!(status.code(), expect.code, "{name}: {status:?}");
+        match expect.field {
+            Some(field) => assert!(
+                fields.iter().any(|f| f.starts_with(field)),
+                "{name}: violations {fields:?} name {field}"
+            ),
+            None if expect.code == Code::InvalidArgument => {
+                assert!(!fields.is_empty(), "{name}: a field violation")
+            }
+            None => {}
+        }
+        assert!(
+            !status.message().contains(&family) && !status.message().contains("Pryce"),
+            "{name}: the error names the patient: {}",
+            status.message()
+        );
+        assert_eq!(
+            gw.store.content_digest().unwrap(),
+            digest,
+            "{name}: nothing stored"
+        );
+        let entries = gw.store.audit_entries().unwrap();
+        assert_eq!(entries.len(), audited + 1, "{name}: one audit entry");
+        let last = entries.last().unwrap();
+        assert_eq!(last.actor, "urn:ods:YP001", "{name}");
+        assert_eq!(last.action, "submit", "{name}");
+        assert!(
+            last.outcome.starts_with("refused"),
+            "{name}: {}",
+            last.outcome
+        );
+        // The gateway still serves.
+        gw.client("YG001").await.pull(pull(1)).await.unwrap();
+    }
+    eprintln!("{}", report.join("\n"));
+    assert_eq!(
+        gw.store.verify_audit().unwrap() as usize,
+        gw.store.audit_entries().unwrap().len()
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusal_that_cannot_be_audited_is_answered_unavailable() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    // Close the store under the running server: audit writes now fail.
+    gw.store.close().await.unwrap();
+    let status = prison
+        .submit(with_nhs("zeros", "0000000000"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let _ = gw.stop().await;
+}

@@ -1,0 +1,372 @@
+//! Limits against abuse, over real mutual TLS on 127.0.0.1: the rate limit
+//! per identity, load shedding, connections per identity, the header list
+//! size, and a bounded flood against the real binary that must keep serving
+//! a well-behaved client in bounded memory.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+use throughcare::grpc::pb;
+use throughcare::store::SystemClock;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// Waits (bounded) for an audit entry from `actor` whose outcome contains `text`.
+async fn audited(gw: &TestGateway, actor: &str, text: &str) {
+    for _ in 0..100 {
+        if gw
+            .store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .any(|e| e.actor == actor && e.outcome.contains(text))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no audit entry from {actor} with `{text}`");
+}
+
+#[tokio::test]
+async fn one_identity_over_its_rate_gets_resource_exhausted_with_a_retry_delay() {
+    let gw = TestGateway::start_with(
+        |c| {
+            c.limits.requests_per_second = 2;
+            c.limits.request_burst = 5;
+        },
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut greedy = gw.client("YG001").await;
+    let mut refused = None;
+    for _ in 0..20 {
+        if let Err(s) = greedy.pull(pull(1)).await {
+            refused = Some(s);
+            break;
+        }
+    }
+    let status = refused.expect("20 calls at once exceed a burst of 5");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let retry = status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("a RetryInfo delay");
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(1),
+        "{retry:?}"
+    );
+    // Refused calls are summarised in the audit trail once a second.
+    audited(&gw, "urn:ods:YG001", "over the per-identity rate limit").await;
+    // Another identity is not affected.
+    let mut other = gw.client("YG002").await;
+    other.pull(pull(1)).await.unwrap();
+    // After the delay the greedy one may call again.
+    tokio::time::sleep(retry + Duration::from_millis(50)).await;
+    greedy.pull(pull(1)).await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn beyond_the_in_flight_limit_calls_are_shed_with_unavailable() {
+    let gw = TestGateway::start_with(|c| c.limits.max_in_flight = 2, Arc::new(SystemClock)).await;
+    let long_poll = pb::PullRequest {
+        wait_millis: 1_500,
+        ..pull(1)
+    };
+    let mut waiting = Vec::new();
+    for who in ["YG001", "YG002"] {
+        let mut c = gw.client(who).await;
+        let req = long_poll;
+        waiting.push(tokio::spawn(async move { c.pull(req).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut third = gw.client("YPR01").await;
+    let err = third.pull(pull(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    audited(
+        &gw,
+        "peer:many",
+        "1 calls: shed at the gateway's in-flight limit",
+    )
+    .await;
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    // Capacity is back once the long polls finished.
+    third.pull(pull(1)).await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_identity_cannot_hold_more_connections_than_its_limit() {
+    let gw = TestGateway::start_with(
+        |c| c.limits.max_connections_per_identity = 2,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = gw.client("YG001").await;
+        c.pull(pull(1)).await.unwrap();
+        held.push(c);
+    }
+    let third = throughcare::client::handover(&gw.endpoint, &gw.certs(), "YG001").await;
+    let refused = match third {
+        Err(_) => true,
+        Ok(mut c) => c.pull(pull(1)).await.is_err(),
+    };
+    assert!(refused, "a third connection is refused");
+    audited(&gw, "urn:ods:YG001", "more than 2 open connections").await;
+    // Others are unaffected; and when one closes, the identity may reconnect.
+    gw.client("YG002").await.pull(pull(1)).await.unwrap();
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(mut c) = throughcare::client::handover(&gw.endpoint, &gw.certs(), "YG001").await
+            && c.pull(pull(1)).await.is_ok()
+        {
+            again = Some(c);
+            break;
+        }
+    }
+    assert!(again.is_some(), "a freed slot can be used again");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_header_list_is_refused_and_the_gateway_keeps_serving() {
+    let gw = TestGateway::start_with(
+        |c| c.limits.max_header_list_bytes = 4_096,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut c = gw.client("YG001").await;
+    let mut req = tonic::Request::new(pull(1));
+    let big = "x".repeat(16 * 1024);
+    req.metadata_mut().insert("x-padding", big.parse().unwrap());
+    assert!(c.pull(req).await.is_err(), "a 16 KiB header is refused");
+    gw.client("YG001").await.pull(pull(1)).await.unwrap();
+    gw.stop().await;
+}
+
+// ---- flood against the real binary ----------------------------------------
+
+const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
+
+struct Binary(Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn tls_client_config(certs: &Path, name: &str) -> Arc<rustls::ClientConfig> {
+    let pem = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &pem(certs.join("ca.pem"))[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let paths = throughcare::certs::DevPaths {
+        dir: certs.to_owned(),
+    };
+    let (cert, key) = paths.client(name);
+    let chain = rustls_pemfile::certs(&mut &pem(cert)[..])
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut &pem(key)[..])
+        .unwrap()
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    throughcare::certs::init_dev_pki(&certs).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("throughcare.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_concurrent_streams = 32\nmax_connections_per_identity = 8\nmax_handshakes = 64\nmax_handshakes_per_address = 16\nrequests_per_second = 100\nrequest_burst = 200\nmax_in_flight = 256\n",
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--certs-dir")
+        .arg(&certs)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let gateway = Binary(child);
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..150 {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "gateway listens");
+
+    // The well-behaved pair: a prison sends, a practice pulls and acks.
+    let mut prison = throughcare::client::handover(&endpoint, &certs, "YP002")
+        .await
+        .unwrap();
+    let round = |n: u32| release(&format!("good-{n}"), n, &["YG002"], "well behaved");
+    for n in 0..5 {
+        prison.submit(round(n)).await.unwrap();
+    }
+    let baseline = rss_kib(pid);
+
+    // 1. Many idle raw TCP connections that never start a handshake, from
+    //    another loopback address (127.0.0.2).
+    let mut idle_tcp = Vec::new();
+    for _ in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(s) = socket.connect(addr.parse().unwrap()).await {
+            idle_tcp.push(s);
+        }
+    }
+    // 2. Many idle TLS connections from one identity (beyond its limit).
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(&certs, "YG001"));
+    let mut idle_tls = Vec::new();
+    for _ in 0..40 {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if let Ok(s) = connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+        {
+            idle_tls.push(s);
+        }
+    }
+    // 3. Many streams on one connection: long polls from another identity
+    //    (YG001 has used up its connections above).
+    let flooder = throughcare::client::handover(&endpoint, &certs, "YPR01").await;
+    let mut floods = Vec::new();
+    let outcomes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u32,
+    >::new()));
+    if let Ok(flooder) = flooder {
+        for _ in 0..400 {
+            let mut f = flooder.clone();
+            let outcomes = outcomes.clone();
+            floods.push(tokio::spawn(async move {
+                let req = pb::PullRequest {
+                    wait_millis: 1_000,
+                    ..pull(1)
+                };
+                let r = tokio::time::timeout(Duration::from_secs(4), f.pull(req)).await;
+                let key = match r {
+                    Err(_) => "timeout".to_owned(),
+                    Ok(Ok(_)) => "ok".to_owned(),
+                    Ok(Err(s)) => format!("{:?}", s.code()),
+                };
+                *outcomes.lock().unwrap().entry(key).or_default() += 1;
+            }));
+        }
+    }
+
+    // Meanwhile the well-behaved pair keeps working, each call answered, and
+    // can even open a new connection.
+    let started = Instant::now();
+    let mut practice = tokio::time::timeout(
+        Duration::from_secs(10),
+        throughcare::client::handover(&endpoint, &certs, "YG002"),
+    )
+    .await
+    .expect("a new connection during the flood")
+    .unwrap();
+    let mut peak = baseline;
+    let mut served = 0;
+    for n in 5..25 {
+        let call = async {
+            prison.submit(round(n)).await?;
+            let got = practice.pull(pull(10)).await?.into_inner();
+            for d in got.deliveries {
+                practice
+                    .ack(pb::AckRequest {
+                        delivery_id: d.delivery_id,
+                        attempt: d.attempt,
+                    })
+                    .await?;
+            }
+            Ok::<_, tonic::Status>(())
+        };
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("a well-behaved call is answered during the flood")
+            .expect("and succeeds");
+        served += 1;
+        peak = peak.max(rss_kib(pid));
+    }
+    for f in floods {
+        let _ = f.await;
+    }
+    peak = peak.max(rss_kib(pid));
+    let elapsed = started.elapsed();
+    let outcomes = outcomes.lock().unwrap().clone();
+    eprintln!(
+        "flood: {served} well-behaved rounds in {elapsed:?}; RSS baseline {baseline} KiB, peak {peak} KiB; {} idle TCP, {} idle TLS opened; flood streams: {outcomes:?}",
+        idle_tcp.len(),
+        idle_tls.len()
+    );
+    // At most 32 streams run at once on the flooding connection (the server's
+    // SETTINGS_MAX_CONCURRENT_STREAMS); each long poll lasts a second, so
+    // within the 4 s the flood is given, at most about 4 x 32 are answered.
+    let answered = outcomes.get("ok").copied().unwrap_or(0);
+    assert!(
+        answered > 0 && answered <= 5 * 32,
+        "streams on one connection are limited: {outcomes:?}"
+    );
+    assert_eq!(served, 20);
+    assert!(
+        peak < baseline + 64 * 1024,
+        "RSS grew from {baseline} KiB to {peak} KiB"
+    );
+    drop(idle_tcp);
+    drop(idle_tls);
+    drop(gateway);
+}

@@ -1,0 +1,319 @@
+//! The TLS refusal matrix over real sockets on 127.0.0.1: every kind of bad
+//! client is refused, and every refusal is in the audit trail with the actor
+//! as far as it is known and the reason.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+use throughcare::certs::CertAuthority;
+use throughcare::store::SystemClock;
+use tonic::Code;
+
+/// Calls Pull presenting `identity` (PEM cert and key), trusting the dev CA.
+/// `Ok` only when the call succeeded; `Err` carries the status code when the
+/// refusal came as a gRPC status, `None` when the connection failed.
+async fn call_with(gw: &TestGateway, identity: Option<(&str, &str)>) -> Result<(), Option<Code>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .domain_name("localhost")
+        .ca_certificate(Certificate::from_pem(gw.ca_pem()));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Endpoint::from_shared(gw.endpoint.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|_| None)?;
+    let mut client = throughcare::grpc::pb::handover_client::HandoverClient::new(channel);
+    match client.pull(pull(1)).await {
+        Ok(_) => Ok(()),
+        // A handshake refused after the client thought it finished shows up
+        // as a transport error inside a status of code Unknown/Unavailable.
+        Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+            Err(Some(s.code()))
+        }
+        Err(_) => Err(None),
+    }
+}
+
+/// Waits (bounded) for an audit entry of `action` whose outcome contains
+/// `reason`; returns it.
+async fn audited(gw: &TestGateway, action: &str, reason: &str) -> throughcare::audit::AuditEntry {
+    audited_where(gw, |e| e.action == action && e.outcome.contains(reason)).await
+}
+
+async fn audited_where(
+    gw: &TestGateway,
+    wanted: impl Fn(&throughcare::audit::AuditEntry) -> bool,
+) -> throughcare::audit::AuditEntry {
+    for _ in 0..100 {
+        if let Some(e) = gw.store.audit_entries().unwrap().into_iter().find(&wanted) {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all: Vec<String> = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} {} {}", e.actor, e.action, e.outcome))
+        .collect();
+    panic!("no such audit entry; trail:\n{}", all.join("\n"));
+}
+
+fn self_signed(uri: &str) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "self-signed rogue");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn every_bad_client_is_refused_and_audited() {
+    let gw = TestGateway::start().await;
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+
+    // The genuine certificate works (the baseline).
+    let good = gw.ca().issue_client_now("urn:ods:YP001").unwrap();
+    assert_eq!(
+        call_with(&gw, Some((&good.cert_pem, &good.key_pem))).await,
+        Ok(())
+    );
+
+    // No client certificate.
+    assert!(call_with(&gw, None).await.is_err());
+    let e = audited(&gw, "connect", "no client certificate").await;
+    assert_eq!(e.actor, "peer:loopback:127.0.0.1");
+
+    // Self-signed.
+    let (cert, key) = self_signed("urn:ods:YP002");
+    assert!(call_with(&gw, Some((&cert, &key))).await.is_err());
+    let e = audited(&gw, "connect", "not issued by the gateway's CA").await;
+    assert_eq!(
+        e.actor, "urn:ods:YP002",
+        "the presented certificate names the actor"
+    );
+
+    // Issued by another CA.
+    let other = CertAuthority::generate("another CA").unwrap();
+    let foreign = other.issue_client_now("urn:ods:YG002").unwrap();
+    assert!(
+        call_with(&gw, Some((&foreign.cert_pem, &foreign.key_pem)))
+            .await
+            .is_err()
+    );
+    audited_where(&gw, |x| {
+        x.actor == "urn:ods:YG002" && x.outcome.contains("not issued by the gateway's CA")
+    })
+    .await;
+
+    // Expired, and not yet valid.
+    let expired = gw
+        .ca()
+        .issue_client("urn:ods:YG001", now - day * 30, now - day)
+        .unwrap();
+    assert!(
+        call_with(&gw, Some((&expired.cert_pem, &expired.key_pem)))
+            .await
+            .is_err()
+    );
+    let e = audited(&gw, "connect", "expired").await;
+    assert_eq!(e.actor, "urn:ods:YG001");
+    let early = gw
+        .ca()
+        .issue_client("urn:ods:YPR01", now + day, now + day * 30)
+        .unwrap();
+    assert!(
+        call_with(&gw, Some((&early.cert_pem, &early.key_pem)))
+            .await
+            .is_err()
+    );
+    let e = audited(&gw, "connect", "not yet valid").await;
+    assert_eq!(e.actor, "urn:ods:YPR01");
+
+    // A certificate naming no identity the gateway knows.
+    let nameless = gw
+        .ca()
+        .issue_client_now("https://example.invalid/x")
+        .unwrap();
+    assert!(
+        call_with(&gw, Some((&nameless.cert_pem, &nameless.key_pem)))
+            .await
+            .is_err()
+    );
+    let e = audited(&gw, "connect", "no urn:ods: or urn:operator: SAN URI").await;
+    assert!(e.actor.starts_with("subject:"), "{}", e.actor);
+
+    // A valid certificate for an unregistered ODS code: refused per call.
+    let stranger = gw.ca().issue_client_now("urn:ods:YX999").unwrap();
+    assert_eq!(
+        call_with(&gw, Some((&stranger.cert_pem, &stranger.key_pem))).await,
+        Err(Some(Code::Unauthenticated))
+    );
+    let e = audited(&gw, "pull", "Unauthenticated").await;
+    assert_eq!(e.actor, "urn:ods:YX999");
+
+    // Refusals leave the chain intact and change nothing else.
+    let connects = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .iter()
+        .filter(|e| e.action == "connect")
+        .count();
+    assert_eq!(connects, 6, "one entry per refused connection");
+    assert_eq!(gw.store.verify_audit().unwrap(), 7);
+    gw.stop().await;
+}
+
+fn write_atomically(path: &std::path::Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn a_crl_refuses_revoked_clients_and_a_new_one_applies_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let paths = throughcare::certs::init_dev_pki(&certs).unwrap();
+    let ca = CertAuthority::load(&paths.ca_cert(), &paths.ca_key()).unwrap();
+    let revoked_early = ca.issue_client_now("urn:ods:YG001").unwrap();
+    let revoked_later = ca.issue_client_now("urn:ods:YG002").unwrap();
+    let crl = dir.path().join("revoked.pem");
+    write_atomically(
+        &crl,
+        &ca.crl(std::slice::from_ref(&revoked_early.serial)).unwrap(),
+    );
+
+    let config = throughcare::config::Config {
+        data_dir: dir.path().join("data"),
+        certs_dir: certs.clone(),
+        shutdown_grace_ms: 2_000,
+        tls: throughcare::config::TlsConfig {
+            crl: Some(crl.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+
+    let early = (&*revoked_early.cert_pem, &*revoked_early.key_pem);
+    let later = (&*revoked_later.cert_pem, &*revoked_later.key_pem);
+    assert!(call_with(&gw, Some(early)).await.is_err());
+    let e = audited(&gw, "connect", "revoked").await;
+    assert_eq!(e.actor, "urn:ods:YG001");
+    assert_eq!(call_with(&gw, Some(later)).await, Ok(()));
+
+    // Publish a new CRL while the gateway runs: within a couple of seconds
+    // the newly revoked certificate is refused, with no restart.
+    write_atomically(
+        &crl,
+        &ca.crl(&[revoked_early.serial.clone(), revoked_later.serial.clone()])
+            .unwrap(),
+    );
+    let mut refused = false;
+    for _ in 0..50 {
+        if call_with(&gw, Some(later)).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the replaced CRL was not applied within 5 s");
+    // The second revocation is audited.
+    audited_where(&gw, |x| {
+        x.actor == "urn:ods:YG002" && x.outcome.contains("revoked")
+    })
+    .await;
+    // An unreadable replacement keeps the last good CRL in force.
+    write_atomically(&crl, "not a CRL");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(call_with(&gw, Some(later)).await.is_err());
+    let fine = gw.client("YP001").await.pull(pull(1)).await;
+    assert!(fine.is_ok(), "valid clients keep working: {fine:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_cut_off_at_the_handshake_timeout_and_audited() {
+    let gw = TestGateway::start_with(
+        |c| c.tls.handshake_timeout_ms = Some(300),
+        Arc::new(SystemClock),
+    )
+    .await;
+    let addr = gw.endpoint.trim_start_matches("https://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
+    )
+    .await
+    .expect("the gateway closes the connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed: {read:?}");
+    let e = audited(&gw, "connect", "timed out").await;
+    assert_eq!(e.actor, "peer:loopback:127.0.0.1");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_connection_of_a_revoked_client_is_closed_when_the_crl_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let paths = throughcare::certs::init_dev_pki(&certs).unwrap();
+    let ca = CertAuthority::load(&paths.ca_cert(), &paths.ca_key()).unwrap();
+    let client = ca.issue_client_now("urn:ods:YG001").unwrap();
+    let crl = dir.path().join("revoked.pem");
+    write_atomically(&crl, &ca.crl(&[]).unwrap());
+    let mut config = throughcare::config::Config {
+        data_dir: dir.path().join("data"),
+        certs_dir: certs.clone(),
+        shutdown_grace_ms: 2_000,
+        ..Default::default()
+    };
+    config.tls.crl = Some(crl.clone());
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let mut held = gw
+        .client_with(
+            &gw.ca_pem(),
+            client.cert_pem.as_bytes(),
+            client.key_pem.as_bytes(),
+        )
+        .await
+        .unwrap();
+    held.pull(pull(1)).await.unwrap();
+    let mut bystander = gw.client("YP001").await;
+    bystander.pull(pull(1)).await.unwrap();
+    write_atomically(&crl, &ca.crl(std::slice::from_ref(&client.serial)).unwrap());
+    // The same channel keeps calling; within the reload second its open
+    // connection is closed, and the reconnect is refused.
+    let mut cut = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if held.pull(pull(1)).await.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut,
+        "the revoked client still calls on its old connection after 6 s"
+    );
+    audited(&gw, "connect", "revoked").await;
+    gw.stop().await;
+}
