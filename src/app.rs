@@ -257,11 +257,15 @@ impl Prepared {
         let metrics_server = tokio::spawn(crate::operator::metrics::serve(
             metrics_listener,
             self.metrics.clone(),
+            crate::operator::dashboard::Dashboard::new(
+                self.gateway.store.clone(),
+                self.gateway.clock.clone(),
+            ),
             async {
                 let _ = metrics_stopped.await;
             },
         ));
-        tracing::info!(addr = %metrics_addr, "serving Prometheus metrics: plain HTTP, GET /metrics");
+        tracing::info!(addr = %metrics_addr, "serving Prometheus metrics and the dashboard: plain HTTP, GET /metrics and GET /");
         let l = &self.config.limits;
         let accept = crate::tls::AcceptLimits {
             handshake_timeout: Duration::from_millis(

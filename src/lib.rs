@@ -15,7 +15,8 @@
 //! ```
 //! `app` wires these together and serves until shutdown; `config` is parsed
 //! and validated before any port is bound; `certs` makes the dev PKI;
-//! `operator` is what the on-call operator sees (Prometheus metrics).
+//! `operator` is what the on-call operator sees (Prometheus metrics and the
+//! dashboard page).
 
 pub mod admin;
 pub mod app;

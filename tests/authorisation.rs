@@ -322,7 +322,11 @@ async fn break_glass_needs_a_reason_and_is_audited_before_content_is_returned() 
     let last = entries.last().unwrap();
     // The refused attempt and the read itself.
     assert_eq!(entries.len(), before + 2);
-    assert!(entries[before].outcome.starts_with("refused: InvalidArgument"));
+    assert!(
+        entries[before]
+            .outcome
+            .starts_with("refused: InvalidArgument")
+    );
     assert_eq!(last.action, "break_glass_read");
     assert_eq!(last.actor, "urn:operator:oncall");
     assert_eq!(last.handover_id, Some(r.handover_id));

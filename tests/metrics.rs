@@ -282,7 +282,7 @@ async fn metrics_count_what_the_gateway_did() {
         "{server_days} {ca_days}"
     );
 
-    let (status, _, _) = get(gw.metrics_addr, "/").await;
+    let (status, _, _) = get(gw.metrics_addr, "/other").await;
     assert_eq!(status, 404);
     gw.stop().await;
 }

@@ -1,5 +1,6 @@
 //! Prometheus metrics, served as OpenMetrics text on `GET /metrics` from their
-//! own plain-HTTP listener (`metrics.listen`, loopback by default).
+//! own plain-HTTP listener (`metrics.listen`, loopback by default), which also
+//! serves the operator's dashboard (`GET /`).
 //!
 //! # Series (all prefixed `throughcare_`)
 //! | series | type | labels |
@@ -430,13 +431,15 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` (plain HTTP) until `shutdown` completes.
+/// Serves `GET /metrics` and the dashboard (`GET /`, see
+/// [`super::dashboard`]) on `listener` (plain HTTP) until `shutdown` completes.
 ///
 /// # Errors
 /// The listener failed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    dashboard: super::dashboard::Dashboard,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     use axum::http::{StatusCode, header};
@@ -451,7 +454,8 @@ pub async fn serve(
     }
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
-        .with_state(metrics);
+        .with_state(metrics)
+        .merge(super::dashboard::routes(dashboard));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -1,4 +1,5 @@
-//! What an operator on call sees: Prometheus metrics (and, later, queue
-//! statistics and the dashboard).
+//! What an operator on call sees: Prometheus metrics and a read-only
+//! dashboard page, both on the loopback metrics listener.
 
+pub mod dashboard;
 pub mod metrics;

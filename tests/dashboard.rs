@@ -1,0 +1,370 @@
+//! The operator's dashboard in a real browser: a scripted workload through
+//! the real server over mutual TLS, then headless Chromium loads `GET /` from
+//! the loopback metrics listener; the rendered DOM is checked and a
+//! screenshot kept in `target/artefacts/dashboard.png`.
+//!
+//! Chromium is Debian's `chromium`, installed by `tests/run` when it runs as
+//! root with apt-get; without it this test prints SKIPPED and passes, unless
+//! the browser was required (`THROUGHCARE_REQUIRE_CHROMIUM`, which `tests/run`
+//! sets where it can install it, or `CI`): then a missing browser fails it.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::*;
+use throughcare::clinical::ClinicalSummary;
+use throughcare::grpc::pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The manual clock's start, `T0`, is 2027-01-15 08:00:00 UTC.
+const HOUR: i64 = 3_600_000;
+
+fn summary(patient: u32, gp: Option<&str>, release: &str, marker: &str) -> ClinicalSummary {
+    let mut s = throughcare::clinical::synthetic::release_summary(
+        nhs(patient).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        gp.map(|g| g.parse().unwrap()),
+        marker,
+    );
+    s.custody.release_date = Some(release.parse().unwrap());
+    s
+}
+
+fn submit(id: &str, event: pb::JourneyEvent, s: &ClinicalSummary) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        message_id: id.into(),
+        event: event.into(),
+        patient: None,
+        destinations: Vec::new(),
+        document: Some(pb::submit_request::Document::Native(
+            throughcare::grpc::summary::to_wire(s),
+        )),
+    }
+}
+
+/// The browser, or why there is none.
+async fn chromium() -> Result<PathBuf, String> {
+    let out = tokio::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| format!("chromium is not installed ({e}); tests/run installs it as root"))?;
+    if !out.status.success() {
+        return Err(format!("`chromium --version` failed: {}", out.status));
+    }
+    Ok(PathBuf::from("chromium"))
+}
+
+/// Runs headless Chromium with a fresh profile on `url` plus `args`, within a
+/// minute; returns its standard output.
+async fn run_chromium(browser: &Path, profile: &Path, args: &[String], url: &str) -> String {
+    let mut cmd = tokio::process::Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .args(args)
+    .arg(url)
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("chromium finishes within a minute")
+        .expect("chromium starts");
+    assert!(
+        out.status.success(),
+        "chromium failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("the DOM is UTF-8")
+}
+
+/// The text of the `<tr>` whose opening tag contains `attr`.
+fn row<'a>(dom: &'a str, attr: &str) -> &'a str {
+    let at = dom
+        .find(attr)
+        .unwrap_or_else(|| panic!("no row {attr} in {dom}"));
+    let start = dom[..at].rfind("<tr").expect("in a row");
+    let len = dom[start..].find("</tr>").expect("a closed row");
+    &dom[start..start + len]
+}
+
+/// The section with id `id`.
+fn section<'a>(dom: &'a str, id: &str) -> &'a str {
+    let start = dom
+        .find(&format!("<section id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no section {id}"));
+    let len = dom[start..].find("</section>").expect("a closed section");
+    &dom[start..start + len]
+}
+
+/// The text and classes of the `<td>` in `row` whose class list has `name`.
+fn cell(row: &str, name: &str) -> (String, Vec<String>) {
+    let mut rest = row;
+    while let Some(at) = rest.find("<td class=\"") {
+        rest = &rest[at + 11..];
+        let classes: Vec<String> = rest[..rest.find('"').unwrap()]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if classes.iter().any(|c| c == name) {
+            let body = &rest[rest.find('>').unwrap() + 1..rest.find("</td>").unwrap()];
+            // Strip inner tags (<time>, <span>).
+            let mut text = String::new();
+            let mut in_tag = false;
+            for c in body.chars() {
+                match c {
+                    '<' => in_tag = true,
+                    '>' => in_tag = false,
+                    c if !in_tag => text.push(c),
+                    _ => {}
+                }
+            }
+            return (text, classes);
+        }
+    }
+    panic!("no cell {name} in {row}")
+}
+
+fn text(row: &str, name: &str) -> String {
+    cell(row, name).0
+}
+
+fn has_class(row: &str, name: &str, class: &str) -> bool {
+    cell(row, name).1.iter().any(|c| c == class)
+}
+
+/// Status line and head of a plain-HTTP GET.
+async fn head_of(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .expect("an HTTP response")
+        .0
+        .to_owned()
+}
+
+#[tokio::test]
+async fn chromium_renders_the_dashboard_after_a_workload() {
+    let browser = match chromium().await {
+        Ok(b) => b,
+        Err(why)
+            if std::env::var_os("CI").is_none()
+                && std::env::var_os("THROUGHCARE_REQUIRE_CHROMIUM").is_none() =>
+        {
+            println!("SKIPPED: {why}");
+            return;
+        }
+        Err(why) => panic!("the browser test is required here: {why}"),
+    };
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    // Three releases to YG001 and two to YG002; each also goes to the
+    // prison's probation region, YPR01.
+    for (i, gp) in [
+        (1, "YG001"),
+        (2, "YG001"),
+        (3, "YG001"),
+        (4, "YG002"),
+        (5, "YG002"),
+    ] {
+        prison
+            .submit(submit(
+                &format!("rel-{i}"),
+                release,
+                &summary(i, Some(gp), "2027-02-01", &format!("follow-up marker {i}")),
+            ))
+            .await
+            .unwrap();
+    }
+    // A release with no known GP is parked until the end of its release day.
+    let parked = prison
+        .submit(submit(
+            "rel-no-gp",
+            release,
+            &summary(6, None, "2027-01-20", "follow-up marker 6"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(parked.deliveries[0].destination, "@parked");
+    // An admission notice to the registered GP, YG002, due in 24 hours.
+    let mut admitted = summary(7, Some("YG002"), "2027-02-01", "follow-up marker 7");
+    admitted.custody.release_date = None;
+    admitted.custody.release_address = None;
+    prison
+        .submit(submit("adm-7", pb::JourneyEvent::Admission, &admitted))
+        .await
+        .unwrap();
+    // YG001 rejects its oldest delivery for good; the reason has markup and
+    // (carelessly) an NHS number in it.
+    let mut yg001 = gw.client("YG001").await;
+    let pulled = yg001.pull(pull(1)).await.unwrap().into_inner().deliveries;
+    assert_eq!(pulled.len(), 1);
+    let reason = format!(
+        "practice system rejected it: template XJ-42 <unknown> for {}",
+        nhs(1)
+    );
+    yg001
+        .nack(pb::NackRequest {
+            delivery_id: pulled[0].delivery_id,
+            attempt: pulled[0].attempt,
+            permanent: true,
+            reason,
+        })
+        .await
+        .unwrap();
+    // A day and an hour later the admission notice is overdue; the releases
+    // are not (yet).
+    clock.advance(25 * HOUR);
+
+    let url = format!("http://{}/", gw.metrics_addr);
+    let head = head_of(gw.metrics_addr, "/").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+
+    let profile = tempfile::tempdir().unwrap();
+    let dom = run_chromium(
+        &browser,
+        &profile.path().join("dump"),
+        &["--dump-dom".to_owned()],
+        &url,
+    )
+    .await;
+
+    assert!(
+        dom.contains("<title>Throughcare · 2027-01-16 09:00:00 UTC</title>"),
+        "the gateway's own clock: {dom}"
+    );
+    // Mailboxes: depth, overdue and quarantined, with highlights.
+    let mailboxes = section(&dom, "mailboxes");
+    assert!(mailboxes.contains("<h2>Mailboxes<span class=\"count\">4</span></h2>"));
+    let yg001 = row(mailboxes, "data-mailbox=\"YG001\"");
+    assert_eq!(text(yg001, "depth"), "2");
+    assert_eq!(text(yg001, "quarantined"), "1");
+    assert!(has_class(yg001, "quarantined", "warn"));
+    assert_eq!(text(yg001, "overdue"), "0");
+    assert!(!has_class(yg001, "overdue", "alert"));
+    let yg002 = row(mailboxes, "data-mailbox=\"YG002\"");
+    assert_eq!(text(yg002, "depth"), "3");
+    assert_eq!(text(yg002, "overdue"), "1");
+    assert!(has_class(yg002, "overdue", "alert"));
+    assert_eq!(text(yg002, "quarantined"), "0");
+    assert_eq!(text(yg002, "oldest"), "25h");
+    assert!(yg001.starts_with("<tr class=\"warn\""), "{yg001}");
+    assert!(yg002.starts_with("<tr class=\"alert\""), "{yg002}");
+    let probation = row(mailboxes, "data-mailbox=\"YPR01\"");
+    assert!(probation.starts_with("<tr data-mailbox"), "{probation}");
+    assert_eq!(text(probation, "depth"), "6");
+    let holding = row(mailboxes, "data-mailbox=\"@parked\"");
+    assert_eq!(text(holding, "depth"), "1");
+    // The quarantine with its reason, markup inert and the NHS number withheld.
+    let quarantine = section(&dom, "quarantine");
+    assert!(quarantine.contains("<h2>Quarantine<span class=\"count\">1</span></h2>"));
+    let q = row(
+        quarantine,
+        &format!("data-delivery=\"{}\"", pulled[0].delivery_id),
+    );
+    assert_eq!(text(q, "mailbox"), "YG001");
+    assert_eq!(text(q, "sender"), "YP001");
+    assert_eq!(text(q, "event"), "RELEASE");
+    assert_eq!(text(q, "attempts"), "1");
+    assert_eq!(
+        text(q, "reason"),
+        "permanent nack: practice system rejected it: template XJ-42 &lt;unknown&gt; for [number withheld]"
+    );
+    assert_eq!(text(q, "when"), "2027-01-15 08:00:00 UTC (25h ago)");
+    // The parked release with its deadline.
+    let parked_section = section(&dom, "parked");
+    assert!(parked_section.contains("<h2>Parked releases<span class=\"count\">1</span></h2>"));
+    let p = row(
+        parked_section,
+        &format!("data-delivery=\"{}\"", parked.deliveries[0].delivery_id),
+    );
+    assert_eq!(text(p, "sender"), "YP001");
+    assert_eq!(text(p, "event"), "RELEASE");
+    assert_eq!(text(p, "queued"), "2027-01-15 08:00:00 UTC (25h ago)");
+    assert_eq!(text(p, "due"), "2027-01-20 23:59:59 UTC (in 4d)");
+    assert_eq!(text(p, "overdue"), "no");
+    // Totals.
+    let tile = |id: &str| {
+        let at = dom.find(&format!("id=\"{id}\"")).expect("a tile");
+        let start = dom[..at].rfind("<li").unwrap();
+        &dom[start..start + dom[start..].find("</li>").unwrap()]
+    };
+    assert!(tile("total-overdue").contains("class=\"alert\""));
+    assert!(tile("total-overdue").ends_with("<b>1</b>overdue"));
+    assert!(tile("total-quarantined").ends_with("<b>1</b>quarantined"));
+    assert!(tile("total-waiting").ends_with("<b>11</b>waiting or on lease"));
+    // No patient data: identifiers, names, dates of birth, document text or
+    // patient keys.
+    let mut forbidden: Vec<String> = (1..=7).map(nhs).collect();
+    forbidden.extend(
+        [
+            "Alex",
+            "Example (invented)",
+            "1985-06-15",
+            "Invented Street",
+            "ZZ1 1ZZ",
+            "Paracetamol",
+            "follow-up marker",
+        ]
+        .map(str::to_owned),
+    );
+    let handovers: Vec<_> = (0..=20)
+        .filter_map(|id| gw.store.handover(id).unwrap())
+        .collect();
+    assert_eq!(handovers.len(), 7, "every submit's handover");
+    for h in handovers {
+        forbidden.push(h.patient_key);
+        forbidden.push(h.message_id);
+    }
+    for f in &forbidden {
+        assert!(!dom.contains(f.as_str()), "{f:?} is on the page");
+    }
+
+    // The screenshot, kept as an artefact of the run.
+    let artefacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artefacts");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    let png = artefacts.join("dashboard.png");
+    let _ = std::fs::remove_file(&png);
+    run_chromium(
+        &browser,
+        &profile.path().join("shot"),
+        &[
+            format!("--screenshot={}", png.display()),
+            "--window-size=1280,900".to_owned(),
+        ],
+        &url,
+    )
+    .await;
+    let bytes = std::fs::read(&png).expect("chromium wrote the screenshot");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert_eq!((width, height), (1280, 900));
+    // A blank 1280x900 PNG compresses to a few kilobytes; tables and text do not.
+    assert!(bytes.len() > 20_000, "{} bytes", bytes.len());
+    println!("screenshot: {}", png.display());
+    gw.stop().await;
+}
