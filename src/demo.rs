@@ -35,6 +35,10 @@ pub async fn run(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         data_dir: dir.path().join("data"),
         certs_dir: dir.path().join("certs"),
         shutdown_grace_ms: 2_000,
+        // Any free port: the demo must not collide with a gateway already running.
+        metrics: crate::config::MetricsConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        },
         ..Config::default()
     };
     let prepared = Prepared::with_system_clock(config.clone())?;

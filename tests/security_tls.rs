@@ -208,6 +208,9 @@ async fn a_crl_refuses_revoked_clients_and_a_new_one_applies_without_restart() {
             crl: Some(crl.clone()),
             ..Default::default()
         },
+        metrics: throughcare::config::MetricsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
         ..Default::default()
     };
     let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
@@ -284,6 +287,9 @@ async fn an_open_connection_of_a_revoked_client_is_closed_when_the_crl_reloads()
         data_dir: dir.path().join("data"),
         certs_dir: certs.clone(),
         shutdown_grace_ms: 2_000,
+        metrics: throughcare::config::MetricsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
         ..Default::default()
     };
     config.tls.crl = Some(crl.clone());
