@@ -188,10 +188,13 @@ impl fmt::Display for TranslationReport {
     }
 }
 
-/// A typical release summary of about 8 KiB as FHIR: an invented patient with
-/// several medicines, allergies and risks.
+/// A typical release summary, about 8 KiB as FHIR JSON: an invented patient
+/// released on supervised methadone with two other medicines, one allergy,
+/// one risk flag and a follow-up appointment.
 pub fn typical_summary() -> crate::clinical::ClinicalSummary {
-    use crate::clinical::model::{Allergy, Code, RiskFlag, RiskKind, SNOMED, Severity};
+    use crate::clinical::model::{
+        Allergy, Code, DMD, Medication, RiskFlag, RiskKind, SNOMED, Severity,
+    };
     let mut s = crate::clinical::synthetic::release_summary(
         "9990001014".parse().ok(),
         "A1234BC".parse().ok(),
@@ -199,24 +202,43 @@ pub fn typical_summary() -> crate::clinical::ClinicalSummary {
         Some("YG001".parse().expect("valid")),
         "Community pharmacy supervised consumption",
     );
-    let template = s.medications[0].clone();
-    for i in 0..7 {
-        let mut m = template.clone();
-        m.code.code = format!("3969541100000{i}103");
-        m.code.display = format!("Invented medicine {i} 10mg tablets");
-        s.medications.push(m);
-    }
-    for (i, name) in ["Penicillin", "Peanut", "Latex"].iter().enumerate() {
-        s.allergies.push(Allergy {
-            substance: Code {
-                system: SNOMED.into(),
-                code: format!("76414600{i}"),
-                display: (*name).into(),
-            },
-            reaction: Some("Urticaria".into()),
-            severity: Some(Severity::Moderate),
-        });
-    }
+    let code = |system: &str, code: &str, display: &str| Code {
+        system: system.into(),
+        code: code.into(),
+        display: display.into(),
+    };
+    s.medications.insert(
+        0,
+        Medication {
+            code: code(
+                DMD,
+                "3321611000001103",
+                "Methadone 1mg/ml oral solution sugar free",
+            ),
+            dose: "60 mg".into(),
+            route: "oral".into(),
+            frequency: "once daily".into(),
+            supervised: true,
+            opioid_substitution: true,
+            last_dose_given: "2026-11-24T08:10:00Z".parse().ok(),
+            days_supplied: Some(1),
+        },
+    );
+    s.medications.push(Medication {
+        code: code(DMD, "3969711000001108", "Mirtazapine 15mg tablets"),
+        dose: "15 mg".into(),
+        route: "oral".into(),
+        frequency: "at night".into(),
+        supervised: false,
+        opioid_substitution: false,
+        last_dose_given: None,
+        days_supplied: Some(28),
+    });
+    s.allergies.push(Allergy {
+        substance: code(SNOMED, "764146007", "Penicillin"),
+        reaction: Some("Urticaria".into()),
+        severity: Some(Severity::Moderate),
+    });
     s.risks.push(RiskFlag {
         kind: RiskKind::SelfHarm,
         active: true,
@@ -452,4 +474,32 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         durable_submits: submits,
         restart: restart_elapsed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clinical::{Limits, fhir, hl7v2};
+    use crate::journey::JourneyEvent;
+
+    /// The benchmark's document is what the issue names: a valid release
+    /// summary of about 8 KiB as FHIR, which both formats carry whole.
+    #[test]
+    fn the_typical_summary_is_about_8_kib_and_round_trips() {
+        let s = typical_summary();
+        crate::clinical::validate(&s, JourneyEvent::Release).unwrap();
+        let fhir_doc = fhir::render(&s, JourneyEvent::Release);
+        assert!(
+            (7_680..=8_704).contains(&fhir_doc.bytes.len()),
+            "{} bytes",
+            fhir_doc.bytes.len()
+        );
+        assert!(fhir_doc.not_carried.is_empty());
+        let back = fhir::parse(&fhir_doc.bytes, &Limits::default()).unwrap();
+        assert_eq!(back.summary, s);
+        let hl7_doc = hl7v2::render(&s, JourneyEvent::Release);
+        assert!(hl7_doc.not_carried.is_empty());
+        let back = hl7v2::parse(&hl7_doc.bytes, &Limits::default()).unwrap();
+        assert_eq!(back.summary, s);
+    }
 }
