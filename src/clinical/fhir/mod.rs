@@ -571,20 +571,30 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
 }
 
 /// Deepest JSON nesting in `bytes`, counting only brackets outside strings.
+/// Strings are skipped with `memchr`: most of a document is inside them.
 fn json_depth(bytes: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
+    let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    while let Some(&b) = bytes.get(i) {
         match b {
-            b'"' => in_string = true,
+            b'"' => {
+                i += 1;
+                loop {
+                    match bytes
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    {
+                        // An escape: skip the escaped byte too.
+                        Some(k) if bytes[i + k] == b'\\' => i += k + 2,
+                        Some(k) => {
+                            i += k + 1;
+                            break;
+                        }
+                        // Unterminated: the rest is inside the string.
+                        None => return max,
+                    }
+                }
+                continue;
+            }
             b'{' | b'[' => {
                 depth += 1;
                 max = max.max(depth);
@@ -592,6 +602,7 @@ fn json_depth(bytes: &[u8]) -> usize {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     max
 }
@@ -1424,5 +1435,9 @@ mod tests {
     #[test]
     fn depth_ignores_brackets_in_strings() {
         assert_eq!(json_depth(br#"{"a":[{"b":"[[[["}]}"#), 3);
+        assert_eq!(json_depth(br#"{"a":"\"[[","b":[[]]}"#), 3);
+        assert_eq!(json_depth(br#"{"a":"x\\"}"#), 1);
+        assert_eq!(json_depth(br#"[["unterminated \"#), 2);
+        assert_eq!(json_depth(br#"[["unterminated [[["#), 2);
     }
 }
