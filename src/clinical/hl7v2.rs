@@ -762,7 +762,12 @@ fn split<'a>(text: &'a str, limits: &Limits) -> Result<Vec<Segment<'a>>, Validat
             continue;
         }
         let mut fields = Vec::with_capacity(field_count);
-        fields.extend(raw.split('|'));
+        let mut start = 0;
+        for bar in memchr::memchr_iter(b'|', raw.as_bytes()) {
+            fields.push(&raw[start..bar]);
+            start = bar + 1;
+        }
+        fields.push(&raw[start..]);
         // No field can reach the limit unless the whole segment does.
         if count(raw, b'~') >= limits.max_hl7_repetitions
             && fields
