@@ -14,7 +14,7 @@
 //! delimiters `|^~\&` are accepted, and segment, field and repetition counts
 //! are capped.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 
 use super::identifiers::OdsCode;
 use super::model::{
@@ -31,6 +31,20 @@ const LOCAL: &str = "THROUGHCARE";
 /// Escapes text for a field: delimiters, the escape character, and line breaks.
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
+    push_escaped(&mut out, text);
+    out
+}
+
+fn needs_escape(b: u8) -> bool {
+    matches!(b, b'|' | b'^' | b'&' | b'~' | b'\\' | b'\r' | b'\n')
+}
+
+/// Appends `text` to `out`, escaped as [`escape`] does.
+fn push_escaped(out: &mut String, text: &str) {
+    if !text.bytes().any(needs_escape) {
+        out.push_str(text);
+        return;
+    }
     for c in text.chars() {
         match c {
             '|' => out.push_str("\\F\\"),
@@ -43,13 +57,17 @@ pub fn escape(text: &str) -> String {
             c => out.push(c),
         }
     }
-    out
 }
 
 /// Reverses [`escape`]; an unknown escape is kept as written.
 pub fn unescape(text: &str) -> String {
-    if !text.contains('\\') {
-        return text.to_owned();
+    unescaped(text).into_owned()
+}
+
+/// [`unescape`], borrowing `text` when it holds no escape.
+fn unescaped(text: &str) -> Cow<'_, str> {
+    if !text.as_bytes().contains(&b'\\') {
+        return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -82,33 +100,45 @@ pub fn unescape(text: &str) -> String {
         }
     }
     out.push_str(rest);
-    out
+    Cow::Owned(out)
+}
+
+/// Appends `n` as exactly `width` decimal digits (callers pass values that fit).
+fn push_digits(out: &mut String, n: u32, width: u32) {
+    for k in (0..width).rev() {
+        out.push(char::from(b'0' + (n / 10u32.pow(k) % 10) as u8));
+    }
+}
+
+fn push_dt(out: &mut String, d: &Date) {
+    // Years outside 0..=9999 cannot be written as HL7 DT; `{:04}` would have
+    // widened them, which no HL7 parser (ours included) reads back.
+    let year = d.0.year();
+    if (0..=9999).contains(&year) {
+        push_digits(out, year.unsigned_abs(), 4);
+    } else {
+        out.push_str(&format!("{year:04}"));
+    }
+    push_digits(out, u32::from(u8::from(d.0.month())), 2);
+    push_digits(out, u32::from(d.0.day()), 2);
+}
+
+fn push_ts(out: &mut String, t: &DateTime) {
+    let o = t.0;
+    push_dt(out, &Date(o.date()));
+    push_digits(out, u32::from(o.hour()), 2);
+    push_digits(out, u32::from(o.minute()), 2);
+    push_digits(out, u32::from(o.second()), 2);
+    let (h, m, _) = o.offset().as_hms();
+    out.push(if h < 0 || m < 0 { '-' } else { '+' });
+    push_digits(out, u32::from(h.unsigned_abs()), 2);
+    push_digits(out, u32::from(m.unsigned_abs()), 2);
 }
 
 fn ts(t: &DateTime) -> String {
-    let o = t.0;
-    let (h, m, _) = o.offset().as_hms();
-    format!(
-        "{:04}{:02}{:02}{:02}{:02}{:02}{}{:02}{:02}",
-        o.year(),
-        u8::from(o.month()),
-        o.day(),
-        o.hour(),
-        o.minute(),
-        o.second(),
-        if h < 0 || m < 0 { '-' } else { '+' },
-        h.unsigned_abs(),
-        m.unsigned_abs()
-    )
-}
-
-fn dt(d: &Date) -> String {
-    format!(
-        "{:04}{:02}{:02}",
-        d.0.year(),
-        u8::from(d.0.month()),
-        d.0.day()
-    )
+    let mut out = String::with_capacity(19);
+    push_ts(&mut out, t);
+    out
 }
 
 fn parse_dt(s: &str) -> Option<Date> {
@@ -160,25 +190,38 @@ fn coding_system(system: &str) -> Option<&'static str> {
     }
 }
 
-fn ce(c: &Code) -> String {
-    format!(
-        "{}^{}^{}",
-        escape(&c.code),
-        escape(&c.display),
-        coding_system(&c.system).unwrap_or("L")
-    )
+/// Appends a coded element: `code^display^system`.
+fn push_ce(out: &mut String, c: &Code) {
+    push_escaped(out, &c.code);
+    out.push('^');
+    push_escaped(out, &c.display);
+    out.push('^');
+    out.push_str(coding_system(&c.system).unwrap_or("L"));
 }
 
 fn yn(b: bool) -> &'static str {
     if b { "Y" } else { "N" }
 }
 
-/// OBX segments under construction.
-struct Obx {
-    segments: Vec<String>,
+/// An OBX value, written straight into the message.
+enum Value<'a> {
+    /// Already valid HL7 text (codes, flags).
+    Raw(&'a str),
+    /// Free text, escaped on the way out.
+    Text(&'a str),
+    Code(&'a Code),
+    Date(&'a Date),
+    Time(&'a DateTime),
+    Number(u32),
 }
 
-impl Obx {
+/// OBX segments, appended to the message as they are added.
+struct Obx<'o> {
+    out: &'o mut String,
+    count: usize,
+}
+
+impl Obx<'_> {
     fn add(
         &mut self,
         value_type: &str,
@@ -186,12 +229,27 @@ impl Obx {
         field: &str,
         display: &str,
         sub: usize,
-        value: String,
+        value: Value<'_>,
     ) {
-        self.segments.push(format!(
-            "OBX|{}|{value_type}|{item}-{field}^{display}^{LOCAL}|{sub}|{value}||||||F",
-            self.segments.len() + 1
-        ));
+        use std::fmt::Write;
+        self.count += 1;
+        let out = &mut *self.out;
+        let _ = write!(
+            out,
+            "OBX|{}|{value_type}|{item}-{field}^{display}^{LOCAL}|{sub}|",
+            self.count
+        );
+        match value {
+            Value::Raw(v) => out.push_str(v),
+            Value::Text(v) => push_escaped(out, v),
+            Value::Code(c) => push_ce(out, c),
+            Value::Date(d) => push_dt(out, d),
+            Value::Time(t) => push_ts(out, t),
+            Value::Number(n) => {
+                let _ = write!(out, "{n}");
+            }
+        }
+        out.push_str("||||||F\r");
     }
 }
 
@@ -204,166 +262,260 @@ fn trigger(event: JourneyEvent) -> (&'static str, &'static str) {
     }
 }
 
+fn severity_code(s: Severity) -> &'static str {
+    match s {
+        Severity::Mild => "MI",
+        Severity::Moderate => "MO",
+        Severity::Severe => "SV",
+    }
+}
+
 /// Renders `s` as an HL7 v2.5.1 ADT message for `event`, segments separated
 /// by carriage returns (wrap in MLLP framing to send).
+///
+/// Every segment is written straight into one buffer; free text is escaped
+/// on the way in.
 #[allow(clippy::too_many_lines)]
 pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
+    use std::fmt::Write;
     let mut not_carried = Vec::new();
     let (code, structure) = trigger(event);
     let has_al1_dg1 = structure != "ADT_A02";
-    let control = uuid::Uuid::new_v4().simple().to_string()[..20].to_owned();
-    let mut segs = vec![
-        format!(
-            "MSH|^~\\&|THROUGHCARE|{}|||{}||ADT^{code}^{structure}|{control}|P|2.5.1",
-            escape(s.author.organisation.as_str()),
-            ts(&s.authored_at)
-        ),
-        format!(
-            "EVN|{code}|{}||||{}",
-            ts(&s.authored_at),
-            s.custody.transfer_at.as_ref().map(ts).unwrap_or_default()
-        ),
-    ];
+    let items = s.medications.len() * 8
+        + s.allergies.len()
+        + s.diagnoses.len()
+        + s.risks.len() * 3
+        + s.infections.len() * 3
+        + s.vaccinations.len() * 2
+        + s.follow_ups.len() * 3;
+    let mut out = String::with_capacity(1024 + 96 * items);
+
+    let mut control = uuid::Uuid::encode_buffer();
+    let control = &uuid::Uuid::new_v4().simple().encode_lower(&mut control)[..20];
+    out.push_str("MSH|^~\\&|THROUGHCARE|");
+    push_escaped(&mut out, s.author.organisation.as_str());
+    out.push_str("|||");
+    push_ts(&mut out, &s.authored_at);
+    let _ = write!(out, "||ADT^{code}^{structure}|{control}|P|2.5.1\r");
+    let _ = write!(out, "EVN|{code}|");
+    push_ts(&mut out, &s.authored_at);
+    out.push_str("||||");
+    if let Some(t) = &s.custody.transfer_at {
+        push_ts(&mut out, t);
+    }
+    out.push('\r');
+
     let p = &s.patient;
-    let mut ids = Vec::new();
-    if let Some(n) = &p.nhs_number {
-        ids.push(format!("{}^^^NHS^NH", n.as_str()));
+    out.push_str("PID|1||");
+    let ids = [
+        (p.nhs_number.as_ref().map(|n| n.as_str()), "^^^NHS^NH"),
+        (p.prison_number.as_ref().map(|n| n.as_str()), "^^^HMPPS^PI"),
+        (p.crn.as_ref().map(|n| n.as_str()), "^^^NDELIUS^PI"),
+    ];
+    for (k, (id, suffix)) in ids
+        .iter()
+        .filter_map(|(id, suffix)| id.map(|id| (id, suffix)))
+        .enumerate()
+    {
+        if k > 0 {
+            out.push('~');
+        }
+        out.push_str(id);
+        out.push_str(suffix);
     }
-    if let Some(n) = &p.prison_number {
-        ids.push(format!("{}^^^HMPPS^PI", n.as_str()));
+    out.push_str("||");
+    push_escaped(&mut out, &p.family_name);
+    if let Some(first) = p.given_names.first() {
+        out.push('^');
+        push_escaped(&mut out, first);
     }
-    if let Some(n) = &p.crn {
-        ids.push(format!("{}^^^NDELIUS^PI", n.as_str()));
+    if p.given_names.len() > 1 {
+        out.push('^');
+        push_escaped(&mut out, &p.given_names[1..].join(" "));
     }
-    let name = std::iter::once(escape(&p.family_name))
-        .chain(p.given_names.first().map(|g| escape(g)))
-        .chain((p.given_names.len() > 1).then(|| escape(&p.given_names[1..].join(" "))))
-        .collect::<Vec<_>>()
-        .join("^");
-    let sex = match p.sex {
+    out.push_str("||");
+    push_dt(&mut out, &p.date_of_birth);
+    out.push('|');
+    out.push_str(match p.sex {
         Sex::Male => "M",
         Sex::Female => "F",
         Sex::Other => "O",
         Sex::Unknown => "U",
-    };
+    });
+    out.push_str("|||");
     let c = &s.custody;
-    let address = c
-        .release_address
-        .as_ref()
-        .map(|a| {
-            if a.lines.len() > 2 {
-                not_carried
-                    .push("custody.release_address.lines: PID-11 carries two street lines".into());
-            }
-            format!(
-                "{}^{}^{}^^{}^^H",
-                escape(a.lines.first().map_or("", String::as_str)),
-                escape(a.lines.get(1).map_or("", String::as_str)),
-                escape(&a.city),
-                escape(&a.postcode)
-            )
-        })
-        .unwrap_or_default();
-    segs.push(format!(
-        "PID|1||{}||{name}||{}|{sex}|||{address}",
-        ids.join("~"),
-        dt(&p.date_of_birth)
-    ));
-    if let Some(gp) = &s.registered_gp {
-        segs.push(format!("PD1|||^^^^^^^^^{}", gp.as_str()));
+    if let Some(a) = &c.release_address {
+        if a.lines.len() > 2 {
+            not_carried
+                .push("custody.release_address.lines: PID-11 carries two street lines".into());
+        }
+        push_escaped(&mut out, a.lines.first().map_or("", String::as_str));
+        out.push('^');
+        push_escaped(&mut out, a.lines.get(1).map_or("", String::as_str));
+        out.push('^');
+        push_escaped(&mut out, &a.city);
+        out.push_str("^^");
+        push_escaped(&mut out, &a.postcode);
+        out.push_str("^^H");
     }
+    out.push('\r');
+    if let Some(gp) = &s.registered_gp {
+        let _ = write!(out, "PD1|||^^^^^^^^^{}\r", gp.as_str());
+    }
+
+    // PV1 up to its last non-empty field: 3 (location), 6 (prior location),
+    // 44 (admit date), 45 (discharge date).
     let (location, prior) = match (&c.transfer_to, event) {
         (Some(to), JourneyEvent::Transfer) => (to.as_str(), c.establishment.as_str()),
         _ => (c.establishment.as_str(), ""),
     };
-    let mut pv1 = vec![String::new(); 46];
-    pv1[0] = "PV1".into();
-    pv1[1] = "1".into();
-    pv1[2] = "N".into();
-    pv1[3] = format!("^^^{location}");
-    if !prior.is_empty() {
-        pv1[6] = format!("^^^{prior}");
-    }
-    pv1[44] = c.reception_date.as_ref().map(dt).unwrap_or_default();
-    pv1[45] = c.release_date.as_ref().map(dt).unwrap_or_default();
     if c.transfer_to.is_some() && event != JourneyEvent::Transfer {
         not_carried.push("custody.transfer_to: carried only by an A02 transfer".into());
     }
-    if c.transfer_at.is_some() && c.release_date.is_some() {
+    let release_date = if c.transfer_at.is_some() && c.release_date.is_some() {
         not_carried.push("custody.release_date: a transfer's episode ends at the transfer".into());
-        pv1[45].clear();
-    }
-    while pv1.last().is_some_and(String::is_empty) {
-        pv1.pop();
-    }
-    segs.push(pv1.join("|"));
-
-    let mut al1_dg1 = Vec::new();
-    let mut obx = Obx {
-        segments: Vec::new(),
-    };
-    if has_al1_dg1 {
-        for (i, a) in s.allergies.iter().enumerate() {
-            let sev = match a.severity {
-                Some(Severity::Mild) => "MI",
-                Some(Severity::Moderate) => "MO",
-                Some(Severity::Severe) => "SV",
-                None => "",
-            };
-            al1_dg1.push(format!(
-                "AL1|{}|DA|{}|{sev}|{}",
-                i + 1,
-                ce(&a.substance),
-                a.reaction.as_deref().map(escape).unwrap_or_default()
-            ));
-        }
-        for (i, d) in s.diagnoses.iter().enumerate() {
-            al1_dg1.push(format!(
-                "DG1|{}||{}||{}|{}",
-                i + 1,
-                ce(&d.code),
-                d.onset.as_ref().map(dt).unwrap_or_default(),
-                if d.active { "W" } else { "F" }
-            ));
-        }
+        None
     } else {
+        c.release_date.as_ref()
+    };
+    let _ = write!(out, "PV1|1|N|^^^{location}");
+    let last = if release_date.is_some() {
+        45
+    } else if c.reception_date.is_some() {
+        44
+    } else if !prior.is_empty() {
+        6
+    } else {
+        3
+    };
+    if last >= 6 {
+        out.push_str("|||");
+        if !prior.is_empty() {
+            let _ = write!(out, "^^^{prior}");
+        }
+    }
+    if last >= 44 {
+        out.extend(std::iter::repeat_n('|', 44 - 6));
+        if let Some(d) = &c.reception_date {
+            push_dt(&mut out, d);
+        }
+    }
+    if let Some(d) = release_date {
+        out.push('|');
+        push_dt(&mut out, d);
+    }
+    out.push('\r');
+
+    // Segment order follows each message structure: OBX before AL1/DG1 in
+    // ADT_A01, after them in ADT_A03.
+    if structure == "ADT_A03" {
+        push_al1_dg1(&mut out, s);
+        push_obx(&mut out, s, has_al1_dg1);
+    } else {
+        push_obx(&mut out, s, has_al1_dg1);
+        if has_al1_dg1 {
+            push_al1_dg1(&mut out, s);
+        }
+    }
+
+    let codes = s
+        .medications
+        .iter()
+        .map(|m| &m.code)
+        .chain(s.allergies.iter().map(|a| &a.substance))
+        .chain(s.diagnoses.iter().map(|d| &d.code));
+    for code in codes {
+        if coding_system(&code.system).is_none() {
+            not_carried
+                .push("a code system other than SNOMED CT or dm+d (sent as local, L)".into());
+            break;
+        }
+    }
+    Rendered {
+        bytes: out.into_bytes(),
+        not_carried,
+    }
+}
+
+/// Allergies as AL1 and diagnoses as DG1 segments.
+fn push_al1_dg1(out: &mut String, s: &ClinicalSummary) {
+    use std::fmt::Write;
+    for (i, a) in s.allergies.iter().enumerate() {
+        let _ = write!(out, "AL1|{}|DA|", i + 1);
+        push_ce(out, &a.substance);
+        out.push('|');
+        out.push_str(a.severity.map_or("", severity_code));
+        out.push('|');
+        if let Some(r) = &a.reaction {
+            push_escaped(out, r);
+        }
+        out.push('\r');
+    }
+    for (i, d) in s.diagnoses.iter().enumerate() {
+        let _ = write!(out, "DG1|{}||", i + 1);
+        push_ce(out, &d.code);
+        out.push_str("||");
+        if let Some(o) = &d.onset {
+            push_dt(out, o);
+        }
+        out.push('|');
+        out.push_str(if d.active { "W" } else { "F" });
+        out.push('\r');
+    }
+}
+
+/// Everything ADT has no segment for, as OBX groups (allergies and
+/// diagnoses too when the structure has no AL1/DG1).
+#[allow(clippy::too_many_lines)]
+fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
+    let mut obx = Obx { out, count: 0 };
+    if !has_al1_dg1 {
         for (i, a) in s.allergies.iter().enumerate() {
             let n = i + 1;
-            obx.add("CE", "ALG", "CODE", "Allergy", n, ce(&a.substance));
+            obx.add("CE", "ALG", "CODE", "Allergy", n, Value::Code(&a.substance));
             if let Some(r) = &a.reaction {
-                obx.add("ST", "ALG", "REACTION", "Reaction", n, escape(r));
+                obx.add("ST", "ALG", "REACTION", "Reaction", n, Value::Text(r));
             }
             if let Some(sv) = a.severity {
-                let v = match sv {
-                    Severity::Mild => "MI",
-                    Severity::Moderate => "MO",
-                    Severity::Severe => "SV",
-                };
-                obx.add("ST", "ALG", "SEV", "Severity", n, v.into());
+                obx.add(
+                    "ST",
+                    "ALG",
+                    "SEV",
+                    "Severity",
+                    n,
+                    Value::Raw(severity_code(sv)),
+                );
             }
         }
         for (i, d) in s.diagnoses.iter().enumerate() {
             let n = i + 1;
-            obx.add("CE", "DX", "CODE", "Diagnosis", n, ce(&d.code));
-            obx.add("ST", "DX", "ACTIVE", "Active", n, yn(d.active).into());
+            obx.add("CE", "DX", "CODE", "Diagnosis", n, Value::Code(&d.code));
+            obx.add("ST", "DX", "ACTIVE", "Active", n, Value::Raw(yn(d.active)));
             if let Some(o) = &d.onset {
-                obx.add("DT", "DX", "ONSET", "Onset", n, dt(o));
+                obx.add("DT", "DX", "ONSET", "Onset", n, Value::Date(o));
             }
         }
     }
     for (i, m) in s.medications.iter().enumerate() {
         let n = i + 1;
-        obx.add("CE", "MED", "CODE", "Medication", n, ce(&m.code));
-        obx.add("ST", "MED", "DOSE", "Dose", n, escape(&m.dose));
-        obx.add("ST", "MED", "ROUTE", "Route", n, escape(&m.route));
-        obx.add("ST", "MED", "FREQ", "Frequency", n, escape(&m.frequency));
+        obx.add("CE", "MED", "CODE", "Medication", n, Value::Code(&m.code));
+        obx.add("ST", "MED", "DOSE", "Dose", n, Value::Text(&m.dose));
+        obx.add("ST", "MED", "ROUTE", "Route", n, Value::Text(&m.route));
+        obx.add(
+            "ST",
+            "MED",
+            "FREQ",
+            "Frequency",
+            n,
+            Value::Text(&m.frequency),
+        );
         obx.add(
             "ST",
             "MED",
             "SUPERVISED",
             "Supervised",
             n,
-            yn(m.supervised).into(),
+            Value::Raw(yn(m.supervised)),
         );
         obx.add(
             "ST",
@@ -371,21 +523,35 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             "OST",
             "Opioid substitution",
             n,
-            yn(m.opioid_substitution).into(),
+            Value::Raw(yn(m.opioid_substitution)),
         );
         if let Some(t) = &m.last_dose_given {
-            obx.add("TS", "MED", "LASTDOSE", "Last dose given", n, ts(t));
+            obx.add(
+                "TS",
+                "MED",
+                "LASTDOSE",
+                "Last dose given",
+                n,
+                Value::Time(t),
+            );
         }
         if let Some(d) = m.days_supplied {
-            obx.add("NM", "MED", "DAYS", "Days supplied", n, d.to_string());
+            obx.add("NM", "MED", "DAYS", "Days supplied", n, Value::Number(d));
         }
     }
     for (i, r) in s.risks.iter().enumerate() {
         let n = i + 1;
-        obx.add("ST", "RISK", "KIND", "Risk", n, r.kind.code().into());
-        obx.add("ST", "RISK", "ACTIVE", "Active", n, yn(r.active).into());
+        obx.add("ST", "RISK", "KIND", "Risk", n, Value::Raw(r.kind.code()));
+        obx.add(
+            "ST",
+            "RISK",
+            "ACTIVE",
+            "Active",
+            n,
+            Value::Raw(yn(r.active)),
+        );
         if let Some(note) = &r.note {
-            obx.add("ST", "RISK", "NOTE", "Note", n, escape(note));
+            obx.add("ST", "RISK", "NOTE", "Note", n, Value::Text(note));
         }
     }
     if let Some(m) = &s.mental_health {
@@ -395,10 +561,10 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             "CPA",
             "Care programme approach",
             1,
-            yn(m.care_programme_approach).into(),
+            Value::Raw(yn(m.care_programme_approach)),
         );
         if let Some(c) = &m.care_coordinator {
-            obx.add("ST", "MH", "COORD", "Care coordinator", 1, escape(c));
+            obx.add("ST", "MH", "COORD", "Care coordinator", 1, Value::Text(c));
         }
     }
     if let Some(t) = &s.substance_misuse {
@@ -408,24 +574,38 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             "TREAT",
             "In treatment",
             1,
-            yn(t.in_treatment).into(),
+            Value::Raw(yn(t.in_treatment)),
         );
         if let Some(svc) = &t.community_service {
-            obx.add("ST", "SM", "SERVICE", "Community service", 1, escape(svc));
+            obx.add(
+                "ST",
+                "SM",
+                "SERVICE",
+                "Community service",
+                1,
+                Value::Text(svc),
+            );
         }
     }
     for (i, inf) in s.infections.iter().enumerate() {
         let n = i + 1;
-        obx.add("CE", "INF", "CODE", "Infection", n, ce(&inf.code));
-        obx.add("ST", "INF", "STATUS", "Status", n, escape(&inf.status));
+        obx.add("CE", "INF", "CODE", "Infection", n, Value::Code(&inf.code));
+        obx.add("ST", "INF", "STATUS", "Status", n, Value::Text(&inf.status));
         if let Some(d) = &inf.treatment_started {
-            obx.add("DT", "INF", "TREATED", "Treatment started", n, dt(d));
+            obx.add(
+                "DT",
+                "INF",
+                "TREATED",
+                "Treatment started",
+                n,
+                Value::Date(d),
+            );
         }
     }
     for (i, v) in s.vaccinations.iter().enumerate() {
         let n = i + 1;
-        obx.add("CE", "VAC", "CODE", "Vaccination", n, ce(&v.code));
-        obx.add("DT", "VAC", "DATE", "Date given", n, dt(&v.date));
+        obx.add("CE", "VAC", "CODE", "Vaccination", n, Value::Code(&v.code));
+        obx.add("DT", "VAC", "DATE", "Date given", n, Value::Date(&v.date));
     }
     for (i, f) in s.follow_ups.iter().enumerate() {
         let n = i + 1;
@@ -433,14 +613,14 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             FollowUpKind::Appointment => "appointment",
             FollowUpKind::Referral => "referral",
         };
-        obx.add("ST", "FU", "KIND", "Follow-up", n, kind.into());
-        obx.add("ST", "FU", "SERVICE", "Service", n, escape(&f.service));
+        obx.add("ST", "FU", "KIND", "Follow-up", n, Value::Raw(kind));
+        obx.add("ST", "FU", "SERVICE", "Service", n, Value::Text(&f.service));
         if let Some(d) = &f.date {
-            obx.add("DT", "FU", "DATE", "Date", n, dt(d));
+            obx.add("DT", "FU", "DATE", "Date", n, Value::Date(d));
         }
     }
-    if c.no_fixed_abode {
-        obx.add("ST", "CUSTODY", "NFA", "No fixed abode", 1, "Y".into());
+    if s.custody.no_fixed_abode {
+        obx.add("ST", "CUSTODY", "NFA", "No fixed abode", 1, Value::Raw("Y"));
     }
     let decision = match s.consent.probation_sharing {
         ConsentDecision::Given => "given",
@@ -453,40 +633,27 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         "PROBATION",
         "Sharing with probation",
         1,
-        decision.into(),
+        Value::Raw(decision),
     );
     if let Some(b) = &s.consent.legal_basis {
-        obx.add("ST", "CONSENT", "BASIS", "Legal basis", 1, escape(b));
+        obx.add("ST", "CONSENT", "BASIS", "Legal basis", 1, Value::Text(b));
     }
-    obx.add("ST", "AUTHOR", "NAME", "Author", 1, escape(&s.author.name));
-    obx.add("ST", "AUTHOR", "ROLE", "Role", 1, escape(&s.author.role));
-    for code in [&s.medications.iter().map(|m| &m.code).collect::<Vec<_>>()[..]]
-        .concat()
-        .into_iter()
-        .chain(s.allergies.iter().map(|a| &a.substance))
-        .chain(s.diagnoses.iter().map(|d| &d.code))
-    {
-        if coding_system(&code.system).is_none() {
-            not_carried
-                .push("a code system other than SNOMED CT or dm+d (sent as local, L)".into());
-            break;
-        }
-    }
-    // Segment order follows each message structure: OBX before AL1/DG1 in
-    // ADT_A01, after them in ADT_A03.
-    if structure == "ADT_A03" {
-        segs.extend(al1_dg1);
-        segs.extend(obx.segments);
-    } else {
-        segs.extend(obx.segments);
-        segs.extend(al1_dg1);
-    }
-    let mut text = segs.join("\r");
-    text.push('\r');
-    Rendered {
-        bytes: text.into_bytes(),
-        not_carried,
-    }
+    obx.add(
+        "ST",
+        "AUTHOR",
+        "NAME",
+        "Author",
+        1,
+        Value::Text(&s.author.name),
+    );
+    obx.add(
+        "ST",
+        "AUTHOR",
+        "ROLE",
+        "Role",
+        1,
+        Value::Text(&s.author.role),
+    );
 }
 
 /// One parsed segment: fields, each a list of repetitions, each a list of
@@ -517,13 +684,14 @@ impl<'a> Segment<'a> {
         self.field(n).split('~').filter(|r| !r.is_empty())
     }
 
-    fn comp(&self, n: usize, c: usize) -> String {
+    fn comp(&self, n: usize, c: usize) -> Cow<'a, str> {
         component(self.field(n), c)
     }
 }
 
-fn component(field: &str, c: usize) -> String {
-    unescape(field.split('^').nth(c - 1).unwrap_or(""))
+/// Component `c` (from 1) of `field`, unescaped (borrowed when it holds no escape).
+fn component(field: &str, c: usize) -> Cow<'_, str> {
+    unescaped(field.split('^').nth(c - 1).unwrap_or(""))
 }
 
 const KNOWN: [&str; 25] = [
@@ -542,6 +710,10 @@ pub struct Parsed {
     pub control_id: String,
 }
 
+fn count(text: &str, b: u8) -> usize {
+    memchr::memchr_iter(b, text.as_bytes()).count()
+}
+
 fn split<'a>(text: &'a str, limits: &Limits) -> Result<Vec<Segment<'a>>, ValidationErrors> {
     if !text.starts_with("MSH") {
         return Err(ValidationErrors::one(
@@ -556,8 +728,8 @@ fn split<'a>(text: &'a str, limits: &Limits) -> Result<Vec<Segment<'a>>, Validat
         ));
     }
     let mut errors = ValidationErrors::default();
-    let mut segments = Vec::new();
-    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut segments = Vec::with_capacity(count(text, b'\r') + 1);
+    let mut counts: Vec<(&str, usize)> = Vec::new();
     for (i, raw) in text
         .split(['\r', '\n'])
         .filter(|l| !l.is_empty())
@@ -581,17 +753,26 @@ fn split<'a>(text: &'a str, limits: &Limits) -> Result<Vec<Segment<'a>>, Validat
             );
             continue;
         }
-        let fields: Vec<&str> = raw.split('|').collect();
-        if fields.len() > limits.max_hl7_repetitions + 1 {
+        let field_count = count(raw, b'|') + 1;
+        if field_count > limits.max_hl7_repetitions + 1 {
             errors.add(
                 id.to_string(),
                 format!("more than {} fields", limits.max_hl7_repetitions),
             );
             continue;
         }
-        if fields
-            .iter()
-            .any(|f| f.matches('~').count() >= limits.max_hl7_repetitions)
+        let mut fields = Vec::with_capacity(field_count);
+        let mut start = 0;
+        for bar in memchr::memchr_iter(b'|', raw.as_bytes()) {
+            fields.push(&raw[start..bar]);
+            start = bar + 1;
+        }
+        fields.push(&raw[start..]);
+        // No field can reach the limit unless the whole segment does.
+        if count(raw, b'~') >= limits.max_hl7_repetitions
+            && fields
+                .iter()
+                .any(|f| count(f, b'~') >= limits.max_hl7_repetitions)
         {
             errors.add(
                 id.to_string(),
@@ -602,13 +783,17 @@ fn split<'a>(text: &'a str, limits: &Limits) -> Result<Vec<Segment<'a>>, Validat
             );
             continue;
         }
-        let nth = counts.entry(id).or_default();
-        *nth += 1;
-        segments.push(Segment {
-            id,
-            nth: *nth,
-            fields,
-        });
+        let nth = match counts.iter_mut().find(|(seen, _)| *seen == id) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                counts.push((id, 1));
+                1
+            }
+        };
+        segments.push(Segment { id, nth, fields });
     }
     errors.into_result().map(|()| segments)
 }
@@ -622,16 +807,75 @@ fn code_from_ce(field: &str) -> Option<Code> {
     if code.is_empty() {
         return None;
     }
-    let system = match component(field, 3).as_str() {
+    let system = match &*component(field, 3) {
         "SCT" | "SNM" | "SNOMEDCT" => SNOMED.to_owned(),
         "DMD" => DMD.to_owned(),
         other => other.to_owned(),
     };
     Some(Code {
         system,
-        code,
-        display: component(field, 2),
+        code: code.into_owned(),
+        display: component(field, 2).into_owned(),
     })
+}
+
+/// [`str::split_once`] on a string that may be borrowed.
+fn split_once(text: Cow<'_, str>, sep: char) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
+    match text {
+        Cow::Borrowed(t) => t
+            .split_once(sep)
+            .map(|(a, b)| (Cow::Borrowed(a), Cow::Borrowed(b))),
+        Cow::Owned(t) => t
+            .split_once(sep)
+            .map(|(a, b)| (Cow::Owned(a.to_owned()), Cow::Owned(b.to_owned()))),
+    }
+}
+
+/// One OBX segment of a group: which item (`MED`) and sub-ID, which field
+/// (`DOSE`), its raw OBX-5, and the segment (for error paths).
+struct ObxField<'a, 's> {
+    item: Cow<'a, str>,
+    sub: u32,
+    field: Cow<'a, str>,
+    value: &'a str,
+    segment: &'s Segment<'a>,
+}
+
+/// The OBX segments of one item, in message order.
+struct Group<'g, 'a, 's> {
+    item: &'g str,
+    fields: &'g [ObxField<'a, 's>],
+}
+
+impl<'a> Group<'_, 'a, '_> {
+    /// The raw value of `field` (the last, if repeated).
+    fn raw(&self, field: &str) -> Option<&'a str> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|f| f.field == field)
+            .map(|f| f.value)
+    }
+
+    fn text(&self, field: &str) -> Option<Cow<'a, str>> {
+        self.raw(field).map(unescaped)
+    }
+
+    fn string(&self, field: &str) -> Option<String> {
+        self.text(field).map(Cow::into_owned)
+    }
+
+    fn code(&self) -> Option<Code> {
+        self.raw("CODE").and_then(code_from_ce)
+    }
+
+    /// Where `field` is, for an error: its OBX-5, or the item if absent.
+    fn path(&self, field: &str) -> String {
+        match self.fields.iter().rev().find(|f| f.field == field) {
+            Some(f) => f.segment.name(5),
+            None => format!("OBX {}-{field}", self.item),
+        }
+    }
 }
 
 /// Parses an HL7 v2 ADT A01/A02/A03/A08 message.
@@ -660,7 +904,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     let mut e = ValidationErrors::default();
     let find = |id: &str| segments.iter().find(|s| s.id == id);
     let msh = find("MSH").expect("split checked MSH");
-    let event = match (msh.comp(9, 1).as_str(), msh.comp(9, 2).as_str()) {
+    let event = match (&*msh.comp(9, 1), &*msh.comp(9, 2)) {
         ("ADT", "A01") => Some(JourneyEvent::Admission),
         ("ADT", "A02") => Some(JourneyEvent::Transfer),
         ("ADT", "A03") => Some(JourneyEvent::Release),
@@ -674,8 +918,9 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     if !version.starts_with("2.") {
         e.add("MSH-12", "must be an HL7 v2 version (2.5.1 expected)");
     }
-    let control_id = msh.comp(10, 1);
-    let authored_at = parse_ts(&find("EVN").map(|s| s.comp(2, 1)).unwrap_or_default())
+    let control_id = msh.comp(10, 1).into_owned();
+    let evn = find("EVN");
+    let authored_at = parse_ts(&evn.map(|s| s.comp(2, 1)).unwrap_or_default())
         .or_else(|| parse_ts(&msh.comp(7, 1)));
     if authored_at.is_none() {
         e.add(
@@ -683,7 +928,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             "required: when the summary was recorded (YYYYMMDDHHMMSS+ZZZZ)",
         );
     }
-    let transfer_at = find("EVN").and_then(|s| {
+    let transfer_at = evn.and_then(|s| {
         let v = s.comp(6, 1);
         if v.is_empty() {
             return None;
@@ -702,36 +947,37 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     let (mut nhs, mut prison, mut crn) = (None, None, None);
     for (r, rep) in pid.reps(3).enumerate() {
         let value = component(rep, 1);
-        let field = format!("PID-3[{}].1", r + 1);
-        match (component(rep, 4).as_str(), component(rep, 5).as_str()) {
+        let field = || format!("PID-3[{}].1", r + 1);
+        match (&*component(rep, 4), &*component(rep, 5)) {
             (_, "NH") => match value.parse::<super::NhsNumber>() {
                 Ok(n) => nhs = Some(n),
-                Err(err) => e.add(field, err.to_string()),
+                Err(err) => e.add(field(), err.to_string()),
             },
             ("HMPPS", _) => match value.parse::<super::PrisonNumber>() {
                 Ok(n) => prison = Some(n),
-                Err(err) => e.add(field, err.to_string()),
+                Err(err) => e.add(field(), err.to_string()),
             },
             ("NDELIUS", _) => match value.parse::<super::Crn>() {
                 Ok(n) => crn = Some(n),
-                Err(err) => e.add(field, err.to_string()),
+                Err(err) => e.add(field(), err.to_string()),
             },
             _ => {}
         }
     }
-    let family_name = pid.comp(5, 1);
+    let family_name = pid.comp(5, 1).into_owned();
     if family_name.is_empty() {
         e.add("PID-5.1", "required: the patient's family name");
     }
     let given_names: Vec<String> = [pid.comp(5, 2), pid.comp(5, 3)]
         .into_iter()
         .filter(|g| !g.is_empty())
+        .map(Cow::into_owned)
         .collect();
     let dob = parse_dt(&pid.comp(7, 1));
     if dob.is_none() {
         e.add("PID-7", "required: date of birth YYYYMMDD");
     }
-    let sex = match pid.comp(8, 1).as_str() {
+    let sex = match &*pid.comp(8, 1) {
         "M" => Sex::Male,
         "F" => Sex::Female,
         "O" => Sex::Other,
@@ -741,11 +987,12 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         lines: [pid.comp(11, 1), pid.comp(11, 2)]
             .into_iter()
             .filter(|l| !l.is_empty())
+            .map(Cow::into_owned)
             .collect(),
-        city: pid.comp(11, 3),
-        postcode: pid.comp(11, 5),
+        city: pid.comp(11, 3).into_owned(),
+        postcode: pid.comp(11, 5).into_owned(),
     });
-    let ods = |v: String, field: &str, e: &mut ValidationErrors| -> Option<OdsCode> {
+    let ods = |v: Cow<'_, str>, field: &str, e: &mut ValidationErrors| -> Option<OdsCode> {
         if v.is_empty() {
             return None;
         }
@@ -784,7 +1031,9 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         match code_from_ce(s.field(3)) {
             Some(substance) => allergies.push(Allergy {
                 substance,
-                reaction: Some(s.comp(5, 1)).filter(|r| !r.is_empty()),
+                reaction: Some(s.comp(5, 1))
+                    .filter(|r| !r.is_empty())
+                    .map(Cow::into_owned),
                 severity: severity(&s.comp(4, 1)),
             }),
             None => e.add(format!("{}.1", s.name(3)), "required: the allergen code"),
@@ -801,14 +1050,15 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         }
     }
 
-    // OBX groups: (item, sub-id) → field → (value, segment path).
-    let mut groups: BTreeMap<(String, u32), BTreeMap<String, (String, String)>> = BTreeMap::new();
+    // OBX groups: the segments that share (item, sub-ID), in item order,
+    // then sub-ID, then message order (a repeated field: the last wins).
+    let mut obx: Vec<ObxField<'_, '_>> = Vec::new();
     for s in segments.iter().filter(|s| s.id == "OBX") {
         let id = s.comp(3, 1);
         if s.comp(3, 3) != LOCAL {
             continue;
         }
-        let Some((item, field)) = id.split_once('-') else {
+        let Some((item, field)) = split_once(id, '-') else {
             e.add(format!("{}.1", s.name(3)), "must be ITEM-FIELD");
             continue;
         };
@@ -819,14 +1069,16 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 continue;
             }
         };
-        let raw = s.field(5).to_owned();
-        groups
-            .entry((item.to_owned(), sub))
-            .or_default()
-            .insert(field.to_owned(), (raw, s.name(5)));
+        obx.push(ObxField {
+            item,
+            sub,
+            field,
+            value: s.field(5),
+            segment: s,
+        });
     }
-    let text_of =
-        |g: &BTreeMap<String, (String, String)>, f: &str| g.get(f).map(|(v, _)| unescape(v));
+    obx.sort_by(|a, b| (&a.item, a.sub).cmp(&(&b.item, b.sub)));
+
     let mut medications = Vec::new();
     let mut risks = Vec::new();
     let mut infections = Vec::new();
@@ -840,33 +1092,33 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         legal_basis: None,
     };
     let (mut author_name, mut author_role) = (String::new(), String::new());
-    for ((item, _), g) in &groups {
-        let path = |f: &str| {
-            g.get(f)
-                .map(|(_, p)| p.clone())
-                .unwrap_or_else(|| format!("OBX {item}-{f}"))
+    for fields in obx.chunk_by(|a, b| a.item == b.item && a.sub == b.sub) {
+        let g = Group {
+            item: &fields[0].item,
+            fields,
         };
-        match item.as_str() {
+        let flag = |f: &str| g.text(f).is_some_and(|v| yes(&v));
+        match g.item {
             "MED" => {
-                let Some(code) = g.get("CODE").and_then(|(v, _)| code_from_ce(v)) else {
-                    e.add(path("CODE"), "required: the medicine code");
+                let Some(code) = g.code() else {
+                    e.add(g.path("CODE"), "required: the medicine code");
                     continue;
                 };
-                let last_dose_given = match text_of(g, "LASTDOSE") {
+                let last_dose_given = match g.text("LASTDOSE") {
                     Some(v) => {
                         let t = parse_ts(&v);
                         if t.is_none() {
-                            e.add(path("LASTDOSE"), "must be a time YYYYMMDDHHMMSS+ZZZZ");
+                            e.add(g.path("LASTDOSE"), "must be a time YYYYMMDDHHMMSS+ZZZZ");
                         }
                         t
                     }
                     None => None,
                 };
-                let days_supplied = match text_of(g, "DAYS") {
+                let days_supplied = match g.text("DAYS") {
                     Some(v) => match v.parse() {
                         Ok(d) => Some(d),
                         Err(_) => {
-                            e.add(path("DAYS"), "must be a whole number of days");
+                            e.add(g.path("DAYS"), "must be a whole number of days");
                             None
                         }
                     },
@@ -874,90 +1126,87 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 };
                 medications.push(Medication {
                     code,
-                    dose: text_of(g, "DOSE").unwrap_or_default(),
-                    route: text_of(g, "ROUTE").unwrap_or_default(),
-                    frequency: text_of(g, "FREQ").unwrap_or_default(),
-                    supervised: text_of(g, "SUPERVISED").is_some_and(|v| yes(&v)),
-                    opioid_substitution: text_of(g, "OST").is_some_and(|v| yes(&v)),
+                    dose: g.string("DOSE").unwrap_or_default(),
+                    route: g.string("ROUTE").unwrap_or_default(),
+                    frequency: g.string("FREQ").unwrap_or_default(),
+                    supervised: flag("SUPERVISED"),
+                    opioid_substitution: flag("OST"),
                     last_dose_given,
                     days_supplied,
                 });
             }
-            "ALG" => match g.get("CODE").and_then(|(v, _)| code_from_ce(v)) {
+            "ALG" => match g.code() {
                 Some(substance) => allergies.push(Allergy {
                     substance,
-                    reaction: text_of(g, "REACTION"),
-                    severity: text_of(g, "SEV").and_then(|v| severity(&v)),
+                    reaction: g.string("REACTION"),
+                    severity: g.text("SEV").and_then(|v| severity(&v)),
                 }),
-                None => e.add(path("CODE"), "required: the allergen code"),
+                None => e.add(g.path("CODE"), "required: the allergen code"),
             },
-            "DX" => match g.get("CODE").and_then(|(v, _)| code_from_ce(v)) {
+            "DX" => match g.code() {
                 Some(code) => diagnoses.push(Diagnosis {
                     code,
-                    active: text_of(g, "ACTIVE").is_none_or(|v| yes(&v)),
-                    onset: text_of(g, "ONSET").and_then(|v| parse_dt(&v)),
+                    active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
+                    onset: g.text("ONSET").and_then(|v| parse_dt(&v)),
                 }),
-                None => e.add(path("CODE"), "required: the diagnosis code"),
+                None => e.add(g.path("CODE"), "required: the diagnosis code"),
             },
-            "RISK" => match text_of(g, "KIND").as_deref().and_then(RiskKind::from_code) {
+            "RISK" => match g.text("KIND").as_deref().and_then(RiskKind::from_code) {
                 Some(kind) => risks.push(RiskFlag {
                     kind,
-                    active: text_of(g, "ACTIVE").is_none_or(|v| yes(&v)),
-                    note: text_of(g, "NOTE"),
+                    active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
+                    note: g.string("NOTE"),
                 }),
                 None => e.add(
-                    path("KIND"),
+                    g.path("KIND"),
                     "must be suicide, self-harm, violence or vulnerability",
                 ),
             },
             "MH" => {
                 mental_health = Some(MentalHealth {
-                    care_programme_approach: text_of(g, "CPA").is_some_and(|v| yes(&v)),
-                    care_coordinator: text_of(g, "COORD"),
+                    care_programme_approach: flag("CPA"),
+                    care_coordinator: g.string("COORD"),
                 });
             }
             "SM" => {
                 substance_misuse = Some(SubstanceMisuse {
-                    in_treatment: text_of(g, "TREAT").is_some_and(|v| yes(&v)),
-                    community_service: text_of(g, "SERVICE"),
+                    in_treatment: flag("TREAT"),
+                    community_service: g.string("SERVICE"),
                 });
             }
-            "INF" => match g.get("CODE").and_then(|(v, _)| code_from_ce(v)) {
+            "INF" => match g.code() {
                 Some(code) => infections.push(Infection {
                     code,
-                    status: text_of(g, "STATUS").unwrap_or_default(),
-                    treatment_started: text_of(g, "TREATED").and_then(|v| parse_dt(&v)),
+                    status: g.string("STATUS").unwrap_or_default(),
+                    treatment_started: g.text("TREATED").and_then(|v| parse_dt(&v)),
                 }),
-                None => e.add(path("CODE"), "required: the infection code"),
+                None => e.add(g.path("CODE"), "required: the infection code"),
             },
-            "VAC" => match (
-                g.get("CODE").and_then(|(v, _)| code_from_ce(v)),
-                text_of(g, "DATE").and_then(|v| parse_dt(&v)),
-            ) {
+            "VAC" => match (g.code(), g.text("DATE").and_then(|v| parse_dt(&v))) {
                 (Some(code), Some(date)) => vaccinations.push(Vaccination { code, date }),
-                _ => e.add(path("CODE"), "a vaccination needs a code and a date"),
+                _ => e.add(g.path("CODE"), "a vaccination needs a code and a date"),
             },
             "FU" => follow_ups.push(FollowUp {
-                kind: if text_of(g, "KIND").as_deref() == Some("appointment") {
+                kind: if g.text("KIND").as_deref() == Some("appointment") {
                     FollowUpKind::Appointment
                 } else {
                     FollowUpKind::Referral
                 },
-                service: text_of(g, "SERVICE").unwrap_or_default(),
-                date: text_of(g, "DATE").and_then(|v| parse_dt(&v)),
+                service: g.string("SERVICE").unwrap_or_default(),
+                date: g.text("DATE").and_then(|v| parse_dt(&v)),
             }),
-            "CUSTODY" => no_fixed_abode = text_of(g, "NFA").is_some_and(|v| yes(&v)),
+            "CUSTODY" => no_fixed_abode = flag("NFA"),
             "CONSENT" => {
-                consent.probation_sharing = match text_of(g, "PROBATION").as_deref() {
+                consent.probation_sharing = match g.text("PROBATION").as_deref() {
                     Some("given") => ConsentDecision::Given,
                     Some("refused") => ConsentDecision::Refused,
                     _ => ConsentDecision::NotRecorded,
                 };
-                consent.legal_basis = text_of(g, "BASIS");
+                consent.legal_basis = g.string("BASIS");
             }
             "AUTHOR" => {
-                author_name = text_of(g, "NAME").unwrap_or_default();
-                author_role = text_of(g, "ROLE").unwrap_or_default();
+                author_name = g.string("NAME").unwrap_or_default();
+                author_role = g.string("ROLE").unwrap_or_default();
             }
             _ => {}
         }
@@ -976,7 +1225,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     else {
         return Err(e);
     };
-    e.clone().into_result()?;
+    e.into_result()?;
     Ok(Parsed {
         summary: ClinicalSummary {
             patient: Patient {

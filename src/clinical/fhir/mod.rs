@@ -13,10 +13,10 @@
 
 mod types;
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::fmt;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::model::{
@@ -64,86 +64,112 @@ fn event_code(e: JourneyEvent) -> &'static str {
     }
 }
 
-/// A rendered document Bundle under construction.
+/// A document Bundle under construction: each resource is serialised into
+/// one buffer as soon as it is added. The Composition, which refers to all
+/// of them, is written last and placed first.
 struct Doc {
-    entries: Vec<Entry>,
+    entries: Vec<u8>,
 }
 
 impl Doc {
-    fn add(&mut self, resource: impl Serialize) -> String {
-        let url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
-        self.entries.push(Entry {
-            full_url: Some(url.clone()),
-            resource: serde_json::to_value(resource).expect("FHIR structs serialise"),
-        });
+    fn add(&mut self, resource: &impl Serialize) -> String {
+        let url = new_urn();
+        self.entries.push(b',');
+        write_entry(&mut self.entries, &url, resource);
         url
     }
 }
 
-fn code_cc(c: &Code) -> CodeableConcept {
+/// A fresh `urn:uuid:` fullUrl.
+fn new_urn() -> String {
+    let mut buf = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    let mut url = String::with_capacity(9 + id.len());
+    url.push_str("urn:uuid:");
+    url.push_str(id);
+    url
+}
+
+fn write_entry(out: &mut Vec<u8>, full_url: &str, resource: &impl Serialize) {
+    serde_json::to_writer(out, &EntryOut { full_url, resource }).expect("FHIR structs serialise");
+}
+
+fn code_cc(c: &Code) -> CodeableConcept<'_> {
     CodeableConcept::coded(&c.system, &c.code, &c.display)
 }
 
-fn local(code: &str, display: &str) -> CodeableConcept {
+fn local<'a>(code: &'a str, display: &'a str) -> CodeableConcept<'a> {
     CodeableConcept::coded(SYS_LOCAL, code, display)
 }
 
-fn ext_string(url: &str, v: &str) -> Extension {
-    Extension {
-        url: url.into(),
-        value_string: Some(v.into()),
-        ..Extension::default()
-    }
-}
-
-fn org(ods: &str, name: Option<&str>) -> Organization {
+fn org(ods: &str) -> Organization<'_> {
     Organization {
         resource_type: "Organization".into(),
         identifier: vec![Identifier {
             system: Some(SYS_ODS.into()),
             value: Some(ods.into()),
         }],
-        name: name.map(str::to_owned),
+        name: None,
+    }
+}
+
+fn observation<'a>(
+    code: CodeableConcept<'a>,
+    category: &'a str,
+    subject: &Reference<'a>,
+) -> Observation<'a> {
+    Observation {
+        resource_type: "Observation".into(),
+        extension: Vec::new(),
+        status: "final".into(),
+        category: vec![local(category, category)],
+        code,
+        subject: subject.clone(),
+        value_string: None,
+        value_boolean: None,
     }
 }
 
 /// Renders `s` as a FHIR R4 document Bundle for `event`.
+///
+/// Resources borrow their text from `s` and are serialised straight into
+/// one buffer; nothing goes through `serde_json::Value`.
+#[allow(clippy::too_many_lines)]
 pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let mut not_carried = Vec::new();
     let mut doc = Doc {
-        entries: Vec::new(),
+        entries: Vec::with_capacity(8 * 1024),
     };
-    // Composition goes first; its content is filled in once references exist.
-    doc.entries.push(Entry::default());
 
     let p = &s.patient;
-    let mut identifier = Vec::new();
-    let mut ident = |system: &str, value: Option<&str>| {
-        if let Some(v) = value {
-            identifier.push(Identifier {
-                system: Some(system.into()),
-                value: Some(v.into()),
-            });
-        }
-    };
-    ident(SYS_NHS, p.nhs_number.as_ref().map(|n| n.as_str()));
-    ident(
-        SYS_PRISON_NUMBER,
-        p.prison_number.as_ref().map(|n| n.as_str()),
-    );
-    ident(SYS_CRN, p.crn.as_ref().map(|n| n.as_str()));
+    let identifier = [
+        (SYS_NHS, p.nhs_number.as_ref().map(|n| n.as_str())),
+        (
+            SYS_PRISON_NUMBER,
+            p.prison_number.as_ref().map(|n| n.as_str()),
+        ),
+        (SYS_CRN, p.crn.as_ref().map(|n| n.as_str())),
+    ]
+    .into_iter()
+    .filter_map(|(system, value)| {
+        value.map(|v| Identifier {
+            system: Some(system.into()),
+            value: Some(v.into()),
+        })
+    })
+    .collect();
     let gp_url = s
         .registered_gp
         .as_ref()
-        .map(|gp| doc.add(org(gp.as_str(), None)));
+        .map(|gp| doc.add(&org(gp.as_str())));
     let c = &s.custody;
-    let patient_url = doc.add(Patient {
+    let patient_url = doc.add(&Patient {
         resource_type: "Patient".into(),
         identifier,
         name: vec![HumanName {
             text: None,
-            family: Some(p.family_name.clone()),
-            given: p.given_names.clone(),
+            family: Some(p.family_name.as_str().into()),
+            given: p.given_names.iter().map(|g| g.as_str().into()).collect(),
         }],
         gender: Some(
             match p.sex {
@@ -154,26 +180,26 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             }
             .into(),
         ),
-        birth_date: Some(p.date_of_birth.to_string()),
+        birth_date: Some(p.date_of_birth.to_string().into()),
         address: c
             .release_address
             .iter()
             .map(|a| Address {
                 use_: Some("home".into()),
-                line: a.lines.clone(),
-                city: Some(a.city.clone()),
-                postal_code: Some(a.postcode.clone()),
+                line: a.lines.iter().map(|l| l.as_str().into()).collect(),
+                city: Some(a.city.as_str().into()),
+                postal_code: Some(a.postcode.as_str().into()),
             })
             .collect(),
-        general_practitioner: gp_url.iter().map(|u| Reference::to(u)).collect(),
+        general_practitioner: gp_url.iter().map(|u| Reference::to(u.as_str())).collect(),
     });
-    let subject = Reference::to(&patient_url);
+    let subject = Reference::to(patient_url.as_str());
 
-    let establishment_url = doc.add(org(c.establishment.as_str(), None));
+    let establishment_url = doc.add(&org(c.establishment.as_str()));
     let destination = c
         .transfer_to
         .as_ref()
-        .map(|t| Reference::to(&doc.add(org(t.as_str(), None))));
+        .map(|t| Reference::to(doc.add(&org(t.as_str()))));
     let end = match (c.transfer_at, c.release_date) {
         (Some(t), _) => Some(t.to_string()),
         (None, Some(d)) => Some(d.to_string()),
@@ -182,12 +208,10 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     if c.transfer_at.is_some() && c.release_date.is_some() {
         not_carried.push("custody.release_date: a transfer's episode ends at the transfer".into());
     }
-    let disposition = if c.no_fixed_abode {
-        Some(local("no-fixed-abode", "No fixed abode"))
-    } else {
-        None
-    };
-    let encounter_url = doc.add(Encounter {
+    let disposition = c
+        .no_fixed_abode
+        .then(|| local("no-fixed-abode", "No fixed abode"));
+    let encounter_url = doc.add(&Encounter {
         resource_type: "Encounter".into(),
         status: if end.is_some() {
             "finished"
@@ -202,10 +226,10 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         },
         subject: Some(subject.clone()),
         period: Some(Period {
-            start: c.reception_date.map(|d| d.to_string()),
-            end,
+            start: c.reception_date.map(|d| d.to_string().into()),
+            end: end.map(Into::into),
         }),
-        service_provider: Some(Reference::to(&establishment_url)),
+        service_provider: Some(Reference::to(establishment_url.as_str())),
         hospitalization: (destination.is_some() || disposition.is_some()).then_some(
             Hospitalization {
                 destination,
@@ -214,13 +238,13 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         ),
     });
 
-    let mut sections: Vec<Section> = Vec::new();
-    let mut section = |code: &str, title: &str, entries: Vec<String>| {
+    let mut sections: Vec<Section<'static>> = Vec::new();
+    let mut section = |code: &'static str, title: &'static str, entries: Vec<String>| {
         if !entries.is_empty() {
             sections.push(Section {
                 title: title.into(),
                 code: CodeableConcept::coded(SYS_HEADING, code, title),
-                entry: entries.iter().map(|u| Reference::to(u)).collect(),
+                entry: entries.into_iter().map(Reference::to).collect(),
             });
         }
     };
@@ -234,7 +258,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             if let Some(t) = m.last_dose_given {
                 extension.push(Extension {
                     url: EXT_LAST_DOSE.into(),
-                    value_date_time: Some(t.to_string()),
+                    value_date_time: Some(t.to_string().into()),
                     ..Extension::default()
                 });
             }
@@ -245,7 +269,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                     ..Extension::default()
                 });
             }
-            doc.add(MedicationStatement {
+            doc.add(&MedicationStatement {
                 resource_type: "MedicationStatement".into(),
                 extension,
                 status: "active".into(),
@@ -255,7 +279,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                 medication_codeable_concept: code_cc(&m.code),
                 subject: subject.clone(),
                 dosage: vec![Dosage {
-                    text: Some(m.dose.clone()),
+                    text: Some(m.dose.as_str().into()),
                     additional_instruction: if m.supervised {
                         vec![local("supervised", "Supervised consumption")]
                     } else {
@@ -281,7 +305,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                     "allergies[{i}].severity: FHIR carries severity only with a reaction"
                 ));
             }
-            doc.add(AllergyIntolerance {
+            doc.add(&AllergyIntolerance {
                 resource_type: "AllergyIntolerance".into(),
                 clinical_status: Some(CodeableConcept::coded(ALLERGY_STATUS, "active", "Active")),
                 code: code_cc(&a.substance),
@@ -310,9 +334,17 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .risks
         .iter()
         .map(|r| {
-            doc.add(Flag {
+            doc.add(&Flag {
                 resource_type: "Flag".into(),
-                extension: r.note.iter().map(|n| ext_string(EXT_NOTE, n)).collect(),
+                extension: r
+                    .note
+                    .iter()
+                    .map(|n| Extension {
+                        url: EXT_NOTE.into(),
+                        value_string: Some(n.as_str().into()),
+                        ..Extension::default()
+                    })
+                    .collect(),
                 status: if r.active { "active" } else { "inactive" }.into(),
                 code: CodeableConcept::coded(SYS_RISK, r.kind.code(), r.kind.code()),
                 subject: subject.clone(),
@@ -325,7 +357,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .diagnoses
         .iter()
         .map(|d| {
-            doc.add(Condition {
+            doc.add(&Condition {
                 resource_type: "Condition".into(),
                 clinical_status: Some(if d.active {
                     CodeableConcept::coded(CLINICAL_STATUS, "active", "Active")
@@ -334,38 +366,28 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                 }),
                 code: code_cc(&d.code),
                 subject: subject.clone(),
-                onset_date_time: d.onset.map(|o| o.to_string()),
+                onset_date_time: d.onset.map(|o| o.to_string().into()),
             })
         })
         .collect();
     section("problems", "Problems and issues", problems);
 
-    let observation = |code: CodeableConcept, category: &str| Observation {
-        resource_type: "Observation".into(),
-        extension: Vec::new(),
-        status: "final".into(),
-        category: vec![local(category, category)],
-        code,
-        subject: subject.clone(),
-        value_string: None,
-        value_boolean: None,
-    };
     let infections: Vec<String> = s
         .infections
         .iter()
         .map(|i| {
-            let mut o = observation(code_cc(&i.code), "infectious-disease");
-            o.value_string = Some(i.status.clone());
+            let mut o = observation(code_cc(&i.code), "infectious-disease", &subject);
+            o.value_string = Some(i.status.as_str().into());
             o.extension = i
                 .treatment_started
                 .iter()
                 .map(|d| Extension {
                     url: EXT_TREATMENT_STARTED.into(),
-                    value_date: Some(d.to_string()),
+                    value_date: Some(d.to_string().into()),
                     ..Extension::default()
                 })
                 .collect();
-            doc.add(o)
+            doc.add(&o)
         })
         .collect();
     section("infections", "Infectious diseases", infections);
@@ -374,12 +396,12 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .vaccinations
         .iter()
         .map(|v| {
-            doc.add(Immunization {
+            doc.add(&Immunization {
                 resource_type: "Immunization".into(),
                 status: "completed".into(),
                 vaccine_code: code_cc(&v.code),
                 patient: subject.clone(),
-                occurrence_date_time: v.date.to_string(),
+                occurrence_date_time: v.date.to_string().into(),
             })
         })
         .collect();
@@ -390,16 +412,18 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         let mut o = observation(
             local("care-programme-approach", "Care programme approach"),
             "mental-health",
+            &subject,
         );
         o.value_boolean = Some(m.care_programme_approach);
-        mh.push(doc.add(o));
+        mh.push(doc.add(&o));
         if let Some(cc) = &m.care_coordinator {
             let mut o = observation(
                 local("care-coordinator", "Care coordinator"),
                 "mental-health",
+                &subject,
             );
-            o.value_string = Some(cc.clone());
-            mh.push(doc.add(o));
+            o.value_string = Some(cc.as_str().into());
+            mh.push(doc.add(&o));
         }
     }
     section("mental-health", "Mental health", mh);
@@ -409,9 +433,10 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         let mut o = observation(
             local("substance-misuse-treatment", "Substance misuse treatment"),
             "substance-misuse",
+            &subject,
         );
         o.value_boolean = Some(t.in_treatment);
-        sm.push(doc.add(o));
+        sm.push(doc.add(&o));
         if let Some(svc) = &t.community_service {
             let mut o = observation(
                 local(
@@ -419,9 +444,10 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                     "Community substance misuse service",
                 ),
                 "substance-misuse",
+                &subject,
             );
-            o.value_string = Some(svc.clone());
-            sm.push(doc.add(o));
+            o.value_string = Some(svc.as_str().into());
+            sm.push(doc.add(&o));
         }
     }
     section("substance-misuse", "Substance misuse", sm);
@@ -434,21 +460,21 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                 FollowUpKind::Appointment => ("appointment", "Appointment"),
                 FollowUpKind::Referral => ("referral", "Referral"),
             };
-            doc.add(ServiceRequest {
+            doc.add(&ServiceRequest {
                 resource_type: "ServiceRequest".into(),
                 status: "active".into(),
                 intent: "order".into(),
                 category: vec![local(code, display)],
                 code: CodeableConcept::text(&f.service),
                 subject: subject.clone(),
-                occurrence_date_time: f.date.map(|d| d.to_string()),
+                occurrence_date_time: f.date.map(|d| d.to_string().into()),
             })
         })
         .collect();
     section("plan", "Plan and requested actions", plan);
 
     let consent = &s.consent;
-    let consent_url = doc.add(Consent {
+    let consent_url = doc.add(&Consent {
         resource_type: "Consent".into(),
         status: match consent.probation_sharing {
             ConsentDecision::NotRecorded => "proposed",
@@ -469,7 +495,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                     code: Some("legal-basis".into()),
                     display: Some("Recorded legal basis".into()),
                 }],
-                text: Some(basis.clone()),
+                text: Some(basis.as_str().into()),
             },
             None => local("patient-decision", "Patient decision"),
         }),
@@ -486,11 +512,11 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     section("consent", "Consent", vec![consent_url]);
     section("custody", "Custody episode", vec![encounter_url]);
 
-    let author_org = doc.add(org(s.author.organisation.as_str(), None));
-    let author_url = doc.add(Practitioner {
+    let author_org = doc.add(&org(s.author.organisation.as_str()));
+    let author_url = doc.add(&Practitioner {
         resource_type: "Practitioner".into(),
         name: vec![HumanName {
-            text: Some(s.author.name.clone()),
+            text: Some(s.author.name.as_str().into()),
             family: None,
             given: Vec::new(),
         }],
@@ -499,60 +525,76 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         }],
     });
 
+    let authored_at = s.authored_at.to_string();
+    let event_display = event.to_string();
     let composition = Composition {
         resource_type: "Composition".into(),
         status: "final".into(),
         type_: CodeableConcept::coded("http://snomed.info/sct", "373942005", "Discharge summary"),
         subject,
-        date: s.authored_at.to_string(),
-        author: vec![Reference::to(&author_url)],
-        title: format!("Throughcare {} summary", event_code(event)),
-        custodian: Some(Reference::to(&author_org)),
+        date: authored_at.as_str().into(),
+        author: vec![Reference::to(author_url.as_str())],
+        title: format!("Throughcare {} summary", event_code(event)).into(),
+        custodian: Some(Reference::to(author_org.as_str())),
         event: vec![CompositionEvent {
             code: vec![CodeableConcept::coded(
                 SYS_EVENT,
                 event_code(event),
-                &event.to_string(),
+                &event_display,
             )],
         }],
         section: sections,
     };
-    doc.entries[0] = Entry {
-        full_url: Some(format!("urn:uuid:{}", uuid::Uuid::new_v4())),
-        resource: serde_json::to_value(composition).expect("composition serialises"),
-    };
-    let bundle = Bundle {
-        resource_type: "Bundle".into(),
-        identifier: Some(Identifier {
-            system: Some("urn:ietf:rfc:3986".into()),
-            value: Some(format!("urn:uuid:{}", uuid::Uuid::new_v4())),
-        }),
-        type_: "document".into(),
-        timestamp: Some(s.authored_at.to_string()),
-        entry: doc.entries,
-    };
+    let bundle_id = new_urn();
+    let mut bytes = Vec::with_capacity(doc.entries.len() + 4 * 1024);
+    serde_json::to_writer(
+        &mut bytes,
+        &BundleHead {
+            resource_type: "Bundle",
+            identifier: Identifier {
+                system: Some("urn:ietf:rfc:3986".into()),
+                value: Some(bundle_id.as_str().into()),
+            },
+            type_: "document",
+            timestamp: &authored_at,
+        },
+    )
+    .expect("bundle serialises");
+    // Reopen the head's object to append the entries, Composition first.
+    bytes.pop();
+    bytes.extend_from_slice(b",\"entry\":[");
+    write_entry(&mut bytes, &new_urn(), &composition);
+    bytes.extend_from_slice(&doc.entries);
+    bytes.extend_from_slice(b"]}");
     let _ = LOCAL;
-    Rendered {
-        bytes: serde_json::to_vec(&bundle).expect("bundle serialises"),
-        not_carried,
-    }
+    Rendered { bytes, not_carried }
 }
 
 /// Deepest JSON nesting in `bytes`, counting only brackets outside strings.
+/// Strings are skipped with `memchr`: most of a document is inside them.
 fn json_depth(bytes: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
+    let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    while let Some(&b) = bytes.get(i) {
         match b {
-            b'"' => in_string = true,
+            b'"' => {
+                i += 1;
+                loop {
+                    match bytes
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    {
+                        // An escape: skip the escaped byte too.
+                        Some(k) if bytes[i + k] == b'\\' => i += k + 2,
+                        Some(k) => {
+                            i += k + 1;
+                            break;
+                        }
+                        // Unterminated: the rest is inside the string.
+                        None => return max,
+                    }
+                }
+                continue;
+            }
             b'{' | b'[' => {
                 depth += 1;
                 max = max.max(depth);
@@ -560,43 +602,66 @@ fn json_depth(bytes: &[u8]) -> usize {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     max
 }
 
 /// Parses into `T`, reporting the failing path under `prefix`.
-fn typed<T: DeserializeOwned>(
-    json: &str,
-    prefix: &str,
+///
+/// Plain serde_json first: a valid resource costs one pass and borrows its
+/// strings from the input. Only a resource that fails is read again with
+/// path tracking, which yields the same result and names the failing field.
+fn typed<'a, T: Deserialize<'a>>(
+    json: &'a str,
+    prefix: impl fmt::Display,
     errors: &mut ValidationErrors,
 ) -> Option<T> {
-    let mut de = serde_json::Deserializer::from_str(json);
-    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+    match serde_json::from_str(json) {
         Ok(t) => Some(t),
-        Err(e) => {
-            let path = e.path().to_string();
-            let field = if path == "." {
-                prefix.trim_end_matches('.').to_owned()
-            } else {
-                format!("{prefix}{path}")
-            };
-            // serde's messages can quote input values; keep only the kind of problem.
-            let inner = e.into_inner().to_string();
-            let description = if inner.starts_with("missing field") {
-                inner.split(" at line").next().unwrap_or(&inner).to_owned()
-            } else if inner.starts_with("invalid type") {
-                let expected = inner.split("expected ").nth(1).unwrap_or("another type");
-                format!(
-                    "wrong type: expected {}",
-                    expected.split(" at line").next().unwrap_or(expected)
-                )
-            } else {
-                "unreadable value".to_owned()
-            };
-            errors.add(field, description);
+        Err(_) => {
+            report_typed::<T>(json, &prefix.to_string(), errors);
             None
         }
     }
+}
+
+/// Reads `json` as `T` again, tracking the path, and records why it fails.
+#[cold]
+fn report_typed<'a, T: Deserialize<'a>>(
+    json: &'a str,
+    prefix: &str,
+    errors: &mut ValidationErrors,
+) {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let e = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(_) => {
+            // Only trailing characters after a valid value get here.
+            errors.add(prefix.trim_end_matches('.'), "unreadable value");
+            return;
+        }
+        Err(e) => e,
+    };
+    let path = e.path().to_string();
+    let field = if path == "." {
+        prefix.trim_end_matches('.').to_owned()
+    } else {
+        format!("{prefix}{path}")
+    };
+    // serde's messages can quote input values; keep only the kind of problem.
+    let inner = e.into_inner().to_string();
+    let description = if inner.starts_with("missing field") {
+        inner.split(" at line").next().unwrap_or(&inner).to_owned()
+    } else if inner.starts_with("invalid type") {
+        let expected = inner.split("expected ").nth(1).unwrap_or("another type");
+        format!(
+            "wrong type: expected {}",
+            expected.split(" at line").next().unwrap_or(expected)
+        )
+    } else {
+        "unreadable value".to_owned()
+    };
+    errors.add(field, description);
 }
 
 /// What a parsed Bundle said.
@@ -635,27 +700,34 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             format!("JSON nested deeper than {} levels", limits.max_json_depth),
         ));
     }
-    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
-        return Err(ValidationErrors::one(
-            "document",
-            format!("not valid JSON (line {}, column {})", e.line(), e.column()),
-        ));
-    }
-    let mut errors = ValidationErrors::default();
-    let Some(bundle) = typed::<RawBundle>(text, "", &mut errors) else {
-        return Err(errors);
+    // One pass reads the Bundle and checks the whole document is JSON; only
+    // when it fails do we ask which way (syntax first, then shape).
+    let bundle: RawBundle = match serde_json::from_str(text) {
+        Ok(bundle) => bundle,
+        Err(_) => {
+            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                return Err(ValidationErrors::one(
+                    "document",
+                    format!("not valid JSON (line {}, column {})", e.line(), e.column()),
+                ));
+            }
+            let mut errors = ValidationErrors::default();
+            report_typed::<RawBundle>(text, "", &mut errors);
+            return Err(errors);
+        }
     };
     if bundle.resource_type != "Bundle" {
         return Err(ValidationErrors::one("resourceType", "must be Bundle"));
     }
-    match bundle.type_.as_str() {
+    let mut errors = ValidationErrors::default();
+    match &*bundle.type_ {
         "document" => parse_document(&bundle, "", &mut errors),
         "message" => {
             let inner = bundle
                 .entry
                 .iter()
                 .enumerate()
-                .find(|(_, e)| kind_of(&e.resource).as_deref() == Some("Bundle"));
+                .find(|(_, e)| kind_of(e.resource).as_deref() == Some("Bundle"));
             match inner {
                 Some((i, e)) => {
                     let prefix = format!("entry[{i}].resource.");
@@ -688,14 +760,37 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     .ok_or(errors)
 }
 
-fn kind_of(raw: &RawValue) -> Option<String> {
-    serde_json::from_str::<Kind>(raw.get()).ok()?.resource_type
+/// A resource's type. Looks first where every Bundle we write (and most
+/// senders) put it, `{"resourceType":"…"`, and reads the resource only when
+/// it is elsewhere or escaped.
+fn kind_of(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let json = raw.get();
+    if let Some(rest) = json.strip_prefix("{\"resourceType\":\"")
+        && let Some(end) = rest.find(['"', '\\'])
+        && rest.as_bytes()[end] == b'"'
+    {
+        return Some(Cow::Borrowed(&rest[..end]));
+    }
+    serde_json::from_str::<Kind>(json).ok()?.resource_type
+}
+
+/// Where entry `entry` is, for error paths: `entry[3].resource.` under the
+/// Bundle's own prefix. Formatted only when an error needs it.
+#[derive(Clone, Copy)]
+struct At<'p> {
+    prefix: &'p str,
+    entry: usize,
+}
+
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}entry[{}].resource.", self.prefix, self.entry)
+    }
 }
 
 struct Index<'a> {
-    by_url: HashMap<&'a str, usize>,
-    entries: &'a [RawEntry],
-    kinds: Vec<Option<String>>,
+    entries: &'a [RawEntry<'a>],
+    kinds: Vec<Option<Cow<'a, str>>>,
     prefix: &'a str,
 }
 
@@ -712,37 +807,65 @@ impl<'a> Index<'a> {
         self.kinds.get(i).and_then(|k| k.as_deref())
     }
 
-    fn path(&self, i: usize) -> String {
-        format!("{}entry[{i}].resource.", self.prefix)
+    fn path(&self, i: usize) -> At<'a> {
+        At {
+            prefix: self.prefix,
+            entry: i,
+        }
     }
 
+    /// The entry a reference points at (the last with that fullUrl). A
+    /// document resolves a handful of references, so a scan beats a map.
     fn resolve(&self, r: &Reference) -> Option<(usize, &'a str)> {
-        let i = *self.by_url.get(r.reference.as_deref()?)?;
+        let url = r.reference.as_deref()?;
+        let i = self
+            .entries
+            .iter()
+            .rposition(|e| e.full_url.as_deref() == Some(url))?;
         Some((i, self.entries[i].resource.get()))
+    }
+
+    /// The ODS code of the Organization `r` points at, if it resolves.
+    fn ods(
+        &self,
+        r: &Reference,
+        errors: &mut ValidationErrors,
+    ) -> Option<super::identifiers::OdsCode> {
+        let (oi, ov) = self.resolve(r)?;
+        let o: Organization = typed(ov, self.path(oi), errors)?;
+        parse_with(
+            ods_of(&o),
+            format_args!("{}identifier[0].value", self.path(oi)),
+            errors,
+        )
     }
 }
 
-fn ods_of(o: &Organization) -> Option<&str> {
+fn ods_of<'o>(o: &'o Organization<'_>) -> Option<&'o str> {
     o.identifier
         .iter()
         .find(|i| i.system.as_deref() == Some(SYS_ODS))
         .and_then(|i| i.value.as_deref())
 }
 
-fn parse_code(cc: &CodeableConcept, field: &str, errors: &mut ValidationErrors) -> Option<Code> {
+fn owned(v: Option<&Cow<'_, str>>) -> String {
+    v.map(|s| s.to_string()).unwrap_or_default()
+}
+
+fn parse_code(
+    cc: &CodeableConcept,
+    field: impl fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<Code> {
     match cc
         .coding
         .iter()
         .find(|c| c.system.is_some() && c.code.is_some())
     {
         Some(c) => Some(Code {
-            system: c.system.clone().unwrap_or_default(),
-            code: c.code.clone().unwrap_or_default(),
-            display: c
-                .display
-                .clone()
-                .or_else(|| cc.text.clone())
-                .unwrap_or_default(),
+            system: owned(c.system.as_ref()),
+            code: owned(c.code.as_ref()),
+            display: owned(c.display.as_ref().or(cc.text.as_ref())),
         }),
         None => {
             errors.add(
@@ -754,16 +877,16 @@ fn parse_code(cc: &CodeableConcept, field: &str, errors: &mut ValidationErrors) 
     }
 }
 
-fn parse_with<T: std::str::FromStr<Err = E>, E: std::fmt::Display>(
+fn parse_with<T: std::str::FromStr<Err = E>, E: fmt::Display>(
     v: Option<&str>,
-    field: String,
+    field: impl fmt::Display,
     errors: &mut ValidationErrors,
 ) -> Option<T> {
     let v = v?;
     match v.parse() {
         Ok(t) => Some(t),
         Err(e) => {
-            errors.add(field, e.to_string());
+            errors.add(field.to_string(), e.to_string());
             None
         }
     }
@@ -771,31 +894,30 @@ fn parse_with<T: std::str::FromStr<Err = E>, E: std::fmt::Display>(
 
 fn required<T>(
     v: Option<T>,
-    field: String,
+    field: impl fmt::Display,
     errors: &mut ValidationErrors,
     what: &str,
 ) -> Option<T> {
     if v.is_none() {
-        errors.add(field, format!("required: {what}"));
+        errors.add(field.to_string(), format!("required: {what}"));
     }
     v
 }
 
+/// The date part of a FHIR dateTime.
+fn date_part(d: &str) -> &str {
+    d.get(..10).unwrap_or(d)
+}
+
 #[allow(clippy::too_many_lines)]
 fn parse_document(
-    bundle: &RawBundle,
+    bundle: &RawBundle<'_>,
     prefix: &str,
     errors: &mut ValidationErrors,
 ) -> Option<Parsed> {
     let index = Index {
-        by_url: bundle
-            .entry
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.full_url.as_deref().map(|u| (u, i)))
-            .collect(),
         entries: &bundle.entry,
-        kinds: bundle.entry.iter().map(|e| kind_of(&e.resource)).collect(),
+        kinds: bundle.entry.iter().map(|e| kind_of(e.resource)).collect(),
         prefix,
     };
     let first_type = index.kind(0);
@@ -806,7 +928,8 @@ fn parse_document(
         );
         return None;
     }
-    let comp: Composition = typed(bundle.entry[0].resource.get(), &index.path(0), errors)?;
+    let p0 = index.path(0);
+    let comp: Composition = typed(bundle.entry[0].resource.get(), p0, errors)?;
     let event = comp
         .event
         .iter()
@@ -822,35 +945,40 @@ fn parse_document(
     // Patient.
     let Some((pi, pv)) = index.resolve(&comp.subject) else {
         errors.add(
-            format!("{}subject.reference", index.path(0)),
+            format!("{p0}subject.reference"),
             "must refer to a Patient entry in the Bundle",
         );
         return None;
     };
     let pp = index.path(pi);
-    let fp: Patient = typed(pv, &pp, errors)?;
+    let fp: Patient = typed(pv, pp, errors)?;
     let mut nhs = None;
     let mut prison = None;
     let mut crn = None;
     for (k, id) in fp.identifier.iter().enumerate() {
-        let field = format!("{pp}identifier[{k}].value");
+        let field = format_args!("{pp}identifier[{k}].value");
+        let value = id.value.as_deref();
         match id.system.as_deref() {
-            Some(SYS_NHS) => nhs = parse_with(id.value.as_deref(), field, errors),
-            Some(SYS_PRISON_NUMBER) => prison = parse_with(id.value.as_deref(), field, errors),
-            Some(SYS_CRN) => crn = parse_with(id.value.as_deref(), field, errors),
+            Some(SYS_NHS) => nhs = parse_with(value, field, errors),
+            Some(SYS_PRISON_NUMBER) => prison = parse_with(value, field, errors),
+            Some(SYS_CRN) => crn = parse_with(value, field, errors),
             _ => {}
         }
     }
     let name = fp.name.first();
     let family_name = required(
-        name.and_then(|n| n.family.clone()),
-        format!("{pp}name[0].family"),
+        name.and_then(|n| n.family.as_ref()).map(|f| f.to_string()),
+        format_args!("{pp}name[0].family"),
         errors,
         "the patient's family name",
     );
     let dob: Option<Date> = required(
-        parse_with(fp.birth_date.as_deref(), format!("{pp}birthDate"), errors),
-        format!("{pp}birthDate"),
+        parse_with(
+            fp.birth_date.as_deref(),
+            format_args!("{pp}birthDate"),
+            errors,
+        ),
+        format_args!("{pp}birthDate"),
         errors,
         "the patient's date of birth",
     );
@@ -867,68 +995,52 @@ fn parse_document(
             Sex::Unknown
         }
     };
-    let registered_gp = fp.general_practitioner.first().and_then(|r| {
-        let (gi, gv) = index.resolve(r)?;
-        let o: Organization = typed(gv, &index.path(gi), errors)?;
-        parse_with(
-            ods_of(&o),
-            format!("{}identifier[0].value", index.path(gi)),
-            errors,
-        )
-    });
+    let registered_gp = fp
+        .general_practitioner
+        .first()
+        .and_then(|r| index.ods(r, errors));
     let release_address = fp.address.first().map(|a| super::model::Address {
-        lines: a.line.clone(),
-        city: a.city.clone().unwrap_or_default(),
-        postcode: a.postal_code.clone().unwrap_or_default(),
+        lines: a.line.iter().map(|l| l.to_string()).collect(),
+        city: owned(a.city.as_ref()),
+        postcode: owned(a.postal_code.as_ref()),
     });
 
     // Custody episode.
     let mut custody = None;
     if let Some((ei, ev)) = index.of_type("Encounter").next() {
         let ep = index.path(ei);
-        if let Some(enc) = typed::<Encounter>(ev, &ep, errors) {
-            let establishment = enc.service_provider.as_ref().and_then(|r| {
-                let (oi, ov) = index.resolve(r)?;
-                let o: Organization = typed(ov, &index.path(oi), errors)?;
-                parse_with(
-                    ods_of(&o),
-                    format!("{}identifier[0].value", index.path(oi)),
-                    errors,
-                )
-            });
+        if let Some(enc) = typed::<Encounter>(ev, ep, errors) {
+            let establishment = enc
+                .service_provider
+                .as_ref()
+                .and_then(|r| index.ods(r, errors));
             let establishment = required(
                 establishment,
-                format!("{ep}serviceProvider"),
+                format_args!("{ep}serviceProvider"),
                 errors,
                 "the establishment (an Organization with an ODS code)",
             );
-            let hosp = enc.hospitalization.clone().unwrap_or_default();
-            let transfer_to = hosp.destination.as_ref().and_then(|r| {
-                let (oi, ov) = index.resolve(r)?;
-                let o: Organization = typed(ov, &index.path(oi), errors)?;
-                parse_with(
-                    ods_of(&o),
-                    format!("{}identifier[0].value", index.path(oi)),
-                    errors,
-                )
-            });
-            let period = enc.period.clone().unwrap_or_default();
-            let reception_date =
-                parse_with(period.start.as_deref(), format!("{ep}period.start"), errors);
+            let hosp = enc.hospitalization.as_ref();
+            let transfer_to = hosp
+                .and_then(|h| h.destination.as_ref())
+                .and_then(|r| index.ods(r, errors));
+            let period = enc.period.as_ref();
+            let start = period.and_then(|p| p.start.as_deref());
+            let end = period.and_then(|p| p.end.as_deref());
+            let reception_date = parse_with(start, format_args!("{ep}period.start"), errors);
             let (transfer_at, release_date) = if transfer_to.is_some() {
                 (
-                    parse_with(period.end.as_deref(), format!("{ep}period.end"), errors),
+                    parse_with(end, format_args!("{ep}period.end"), errors),
                     None,
                 )
             } else {
                 (
                     None,
-                    parse_with(period.end.as_deref(), format!("{ep}period.end"), errors),
+                    parse_with(end, format_args!("{ep}period.end"), errors),
                 )
             };
             let no_fixed_abode = hosp
-                .discharge_disposition
-                .as_ref()
+                .and_then(|h| h.discharge_disposition.as_ref())
                 .and_then(|d| d.code_in(SYS_LOCAL))
                 .and_then(|c| c.code.as_deref())
                 == Some("no-fixed-abode");
@@ -952,23 +1064,23 @@ fn parse_document(
     let mut s_medications = Vec::new();
     for (i, v) in index.of_type("MedicationStatement") {
         let p = index.path(i);
-        let Some(m) = typed::<MedicationStatement>(v, &p, errors) else {
+        let Some(m) = typed::<MedicationStatement>(v, p, errors) else {
             continue;
         };
         let code = parse_code(
             &m.medication_codeable_concept,
-            &format!("{p}medicationCodeableConcept"),
+            format_args!("{p}medicationCodeableConcept"),
             errors,
         );
-        let dosage = m.dosage.first().cloned().unwrap_or_default();
+        let dosage = m.dosage.first();
         let mut last_dose_given = None;
         let mut days_supplied = None;
         for (k, e) in m.extension.iter().enumerate() {
-            match e.url.as_str() {
+            match &*e.url {
                 EXT_LAST_DOSE => {
                     last_dose_given = parse_with(
                         e.value_date_time.as_deref(),
-                        format!("{p}extension[{k}].valueDateTime"),
+                        format_args!("{p}extension[{k}].valueDateTime"),
                         errors,
                     )
                 }
@@ -985,15 +1097,22 @@ fn parse_document(
         if let Some(code) = code {
             s_medications.push(Medication {
                 code,
-                dose: dosage.text.clone().unwrap_or_default(),
-                route: dosage.route.and_then(|r| r.text).unwrap_or_default(),
-                frequency: dosage
-                    .timing
-                    .and_then(|t| t.code)
-                    .and_then(|c| c.text)
-                    .unwrap_or_default(),
-                supervised: dosage.additional_instruction.iter().any(|c| {
-                    c.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("supervised")
+                dose: owned(dosage.and_then(|d| d.text.as_ref())),
+                route: owned(
+                    dosage
+                        .and_then(|d| d.route.as_ref())
+                        .and_then(|r| r.text.as_ref()),
+                ),
+                frequency: owned(
+                    dosage
+                        .and_then(|d| d.timing.as_ref())
+                        .and_then(|t| t.code.as_ref())
+                        .and_then(|c| c.text.as_ref()),
+                ),
+                supervised: dosage.is_some_and(|d| {
+                    d.additional_instruction.iter().any(|c| {
+                        c.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("supervised")
+                    })
                 }),
                 opioid_substitution: m
                     .category
@@ -1010,7 +1129,7 @@ fn parse_document(
     let mut s_allergies = Vec::new();
     for (i, v) in index.of_type("AllergyIntolerance") {
         let p = index.path(i);
-        let Some(a) = typed::<AllergyIntolerance>(v, &p, errors) else {
+        let Some(a) = typed::<AllergyIntolerance>(v, p, errors) else {
             continue;
         };
         let reaction = a.reaction.first();
@@ -1027,16 +1146,17 @@ fn parse_document(
                 None
             }
         };
-        if let Some(substance) = parse_code(&a.code, &format!("{p}code"), errors) {
+        if let Some(substance) = parse_code(&a.code, format_args!("{p}code"), errors) {
             s_allergies.push(Allergy {
                 substance,
                 reaction: reaction
                     .and_then(|r| r.manifestation.first())
                     .and_then(|m| {
                         m.text
-                            .clone()
-                            .or_else(|| m.coding.first().and_then(|c| c.display.clone()))
-                    }),
+                            .as_ref()
+                            .or_else(|| m.coding.first().and_then(|c| c.display.as_ref()))
+                    })
+                    .map(|t| t.to_string()),
                 severity,
             });
         }
@@ -1045,7 +1165,7 @@ fn parse_document(
     let mut s_risks = Vec::new();
     for (i, v) in index.of_type("Flag") {
         let p = index.path(i);
-        let Some(f) = typed::<Flag>(v, &p, errors) else {
+        let Some(f) = typed::<Flag>(v, p, errors) else {
             continue;
         };
         let kind = f
@@ -1061,7 +1181,8 @@ fn parse_document(
                     .extension
                     .iter()
                     .find(|e| e.url == EXT_NOTE)
-                    .and_then(|e| e.value_string.clone()),
+                    .and_then(|e| e.value_string.as_ref())
+                    .map(|n| n.to_string()),
             }),
             None => errors.add(
                 format!("{p}code.coding"),
@@ -1073,7 +1194,7 @@ fn parse_document(
     let mut s_diagnoses = Vec::new();
     for (i, v) in index.of_type("Condition") {
         let p = index.path(i);
-        let Some(c) = typed::<Condition>(v, &p, errors) else {
+        let Some(c) = typed::<Condition>(v, p, errors) else {
             continue;
         };
         let active = c
@@ -1083,13 +1204,11 @@ fn parse_document(
             .and_then(|c| c.code.as_deref())
             .is_none_or(|c| matches!(c, "active" | "recurrence" | "relapse"));
         let onset = parse_with(
-            c.onset_date_time
-                .as_deref()
-                .map(|d| d.get(..10).unwrap_or(d)),
-            format!("{p}onsetDateTime"),
+            c.onset_date_time.as_deref().map(date_part),
+            format_args!("{p}onsetDateTime"),
             errors,
         );
-        if let Some(code) = parse_code(&c.code, &format!("{p}code"), errors) {
+        if let Some(code) = parse_code(&c.code, format_args!("{p}code"), errors) {
             s_diagnoses.push(Diagnosis {
                 code,
                 active,
@@ -1101,20 +1220,16 @@ fn parse_document(
     let mut s_vaccinations = Vec::new();
     for (i, v) in index.of_type("Immunization") {
         let p = index.path(i);
-        let Some(im) = typed::<Immunization>(v, &p, errors) else {
+        let Some(im) = typed::<Immunization>(v, p, errors) else {
             continue;
         };
         let date = parse_with(
-            Some(
-                im.occurrence_date_time
-                    .get(..10)
-                    .unwrap_or(&im.occurrence_date_time),
-            ),
-            format!("{p}occurrenceDateTime"),
+            Some(date_part(&im.occurrence_date_time)),
+            format_args!("{p}occurrenceDateTime"),
             errors,
         );
         if let (Some(code), Some(date)) = (
-            parse_code(&im.vaccine_code, &format!("{p}vaccineCode"), errors),
+            parse_code(&im.vaccine_code, format_args!("{p}vaccineCode"), errors),
             date,
         ) {
             s_vaccinations.push(Vaccination { code, date });
@@ -1126,16 +1241,17 @@ fn parse_document(
     let mut substance_misuse: Option<SubstanceMisuse> = None;
     for (i, v) in index.of_type("Observation") {
         let p = index.path(i);
-        let Some(o) = typed::<Observation>(v, &p, errors) else {
+        let Some(o) = typed::<Observation>(v, p, errors) else {
             continue;
         };
         let category = o
             .category
             .iter()
             .find_map(|c| c.code_in(SYS_LOCAL))
-            .and_then(|c| c.code.clone());
-        let local_code = o.code.code_in(SYS_LOCAL).and_then(|c| c.code.clone());
-        match (category.as_deref(), local_code.as_deref()) {
+            .and_then(|c| c.code.as_deref());
+        let local_code = o.code.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref());
+        let value_string = || o.value_string.as_ref().map(|v| v.to_string());
+        match (category, local_code) {
             (Some("infectious-disease"), _) => {
                 let treatment_started = o
                     .extension
@@ -1145,14 +1261,14 @@ fn parse_document(
                     .and_then(|(k, e)| {
                         parse_with(
                             e.value_date.as_deref(),
-                            format!("{p}extension[{k}].valueDate"),
+                            format_args!("{p}extension[{k}].valueDate"),
                             errors,
                         )
                     });
-                if let Some(code) = parse_code(&o.code, &format!("{p}code"), errors) {
+                if let Some(code) = parse_code(&o.code, format_args!("{p}code"), errors) {
                     s_infections.push(Infection {
                         code,
-                        status: o.value_string.clone().unwrap_or_default(),
+                        status: value_string().unwrap_or_default(),
                         treatment_started,
                     });
                 }
@@ -1165,7 +1281,7 @@ fn parse_document(
             (_, Some("care-coordinator")) => {
                 mental_health
                     .get_or_insert_with(MentalHealth::default)
-                    .care_coordinator = o.value_string.clone()
+                    .care_coordinator = value_string()
             }
             (_, Some("substance-misuse-treatment")) => {
                 substance_misuse
@@ -1175,7 +1291,7 @@ fn parse_document(
             (_, Some("substance-misuse-service")) => {
                 substance_misuse
                     .get_or_insert_with(SubstanceMisuse::default)
-                    .community_service = o.value_string.clone()
+                    .community_service = value_string()
             }
             _ => {}
         }
@@ -1184,7 +1300,7 @@ fn parse_document(
     let mut s_follow_ups = Vec::new();
     for (i, v) in index.of_type("ServiceRequest") {
         let p = index.path(i);
-        let Some(r) = typed::<ServiceRequest>(v, &p, errors) else {
+        let Some(r) = typed::<ServiceRequest>(v, p, errors) else {
             continue;
         };
         let kind = match r
@@ -1197,35 +1313,34 @@ fn parse_document(
             _ => FollowUpKind::Referral,
         };
         let date = parse_with(
-            r.occurrence_date_time
-                .as_deref()
-                .map(|d| d.get(..10).unwrap_or(d)),
-            format!("{p}occurrenceDateTime"),
+            r.occurrence_date_time.as_deref().map(date_part),
+            format_args!("{p}occurrenceDateTime"),
             errors,
         );
         s_follow_ups.push(FollowUp {
             kind,
-            service: r
-                .code
-                .text
-                .clone()
-                .or_else(|| r.code.coding.first().and_then(|c| c.display.clone()))
-                .unwrap_or_default(),
+            service: owned(
+                r.code
+                    .text
+                    .as_ref()
+                    .or_else(|| r.code.coding.first().and_then(|c| c.display.as_ref())),
+            ),
             date,
         });
     }
 
     let consent = match index.of_type("Consent").next() {
-        Some((i, v)) => typed::<Consent>(v, &index.path(i), errors).map(|c| {
+        Some((i, v)) => typed::<Consent>(v, index.path(i), errors).map(|c| {
             let legal_basis = c
                 .policy_rule
                 .as_ref()
                 .filter(|r| {
                     r.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("legal-basis")
                 })
-                .and_then(|r| r.text.clone());
+                .and_then(|r| r.text.as_ref())
+                .map(|t| t.to_string());
             super::model::Consent {
-                probation_sharing: match c.provision.as_ref().map(|p| p.type_.as_str()) {
+                probation_sharing: match c.provision.as_ref().map(|p| &*p.type_) {
                     Some("permit") if c.status == "active" => ConsentDecision::Given,
                     Some("deny") => ConsentDecision::Refused,
                     _ => ConsentDecision::NotRecorded,
@@ -1245,41 +1360,25 @@ fn parse_document(
         .and_then(|r| index.resolve(r))
         .filter(|(ai, _)| index.kind(*ai) == Some("Practitioner"))
         .and_then(|(ai, av)| {
-            let pr: Practitioner = typed(av, &index.path(ai), errors)?;
+            let pr: Practitioner = typed(av, index.path(ai), errors)?;
             Some((
-                pr.name
-                    .first()
-                    .and_then(|n| n.text.clone().or_else(|| n.family.clone()))
-                    .unwrap_or_default(),
-                pr.qualification
-                    .first()
-                    .and_then(|q| q.code.text.clone())
-                    .unwrap_or_default(),
+                owned(
+                    pr.name
+                        .first()
+                        .and_then(|n| n.text.as_ref().or(n.family.as_ref())),
+                ),
+                owned(pr.qualification.first().and_then(|q| q.code.text.as_ref())),
             ))
         });
-    let author_org = comp
-        .custodian
-        .as_ref()
-        .and_then(|r| index.resolve(r))
-        .and_then(|(oi, ov)| {
-            let o: Organization = typed(ov, &index.path(oi), errors)?;
-            parse_with(
-                ods_of(&o),
-                format!("{}identifier[0].value", index.path(oi)),
-                errors,
-            )
-        });
+    let author_org = comp.custodian.as_ref().and_then(|r| index.ods(r, errors));
     let author_org = required(
         author_org,
-        format!("{}custodian", index.path(0)),
+        format_args!("{p0}custodian"),
         errors,
         "the authoring organisation (an Organization with an ODS code)",
     );
-    let authored_at: Option<DateTime> = parse_with(
-        Some(comp.date.as_str()),
-        format!("{}date", index.path(0)),
-        errors,
-    );
+    let authored_at: Option<DateTime> =
+        parse_with(Some(&*comp.date), format_args!("{p0}date"), errors);
 
     let (
         Some(family_name),
@@ -1300,7 +1399,9 @@ fn parse_document(
                 prison_number: prison,
                 crn,
                 family_name,
-                given_names: name.map(|n| n.given.clone()).unwrap_or_default(),
+                given_names: name
+                    .map(|n| n.given.iter().map(|g| g.to_string()).collect())
+                    .unwrap_or_default(),
                 date_of_birth,
                 sex,
             },
@@ -1334,5 +1435,9 @@ mod tests {
     #[test]
     fn depth_ignores_brackets_in_strings() {
         assert_eq!(json_depth(br#"{"a":[{"b":"[[[["}]}"#), 3);
+        assert_eq!(json_depth(br#"{"a":"\"[[","b":[[]]}"#), 3);
+        assert_eq!(json_depth(br#"{"a":"x\\"}"#), 1);
+        assert_eq!(json_depth(br#"[["unterminated \"#), 2);
+        assert_eq!(json_depth(br#"[["unterminated [[["#), 2);
     }
 }

@@ -1,7 +1,21 @@
 //! Hand-written serde structs for the parts of the FHIR R4 resources we use.
 //! Unknown elements are ignored on input; we never emit what we do not set.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
+
+/// A string that borrows from the input unless it holds escapes.
+#[derive(Deserialize)]
+struct Str<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// Deserialises an optional string, borrowing from the input when it can
+/// (serde borrows a bare `Cow<str>` field, never one inside an `Option`).
+fn opt_str<'de: 'a, 'a, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Cow<'a, str>>, D::Error> {
+    Ok(Option::<Str<'a>>::deserialize(d)?.map(|s| s.0))
+}
 
 /// Skip empty vectors when serialising.
 fn empty<T>(v: &[T]) -> bool {
@@ -10,26 +24,31 @@ fn empty<T>(v: &[T]) -> bool {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Coding {
+pub struct Coding<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub system: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub system: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub code: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub display: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub display: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CodeableConcept {
+pub struct CodeableConcept<'a> {
     #[serde(default, skip_serializing_if = "empty")]
-    pub coding: Vec<Coding>,
+    #[serde(borrow)]
+    pub coding: Vec<Coding<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub text: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub text: Option<Cow<'a, str>>,
 }
 
-impl CodeableConcept {
-    pub fn coded(system: &str, code: &str, display: &str) -> Self {
+impl<'a> CodeableConcept<'a> {
+    pub fn coded(system: &'a str, code: &'a str, display: &'a str) -> Self {
         Self {
             coding: vec![Coding {
                 system: Some(system.into()),
@@ -40,7 +59,7 @@ impl CodeableConcept {
         }
     }
 
-    pub fn text(text: &str) -> Self {
+    pub fn text(text: &'a str) -> Self {
         Self {
             coding: Vec::new(),
             text: Some(text.into()),
@@ -48,7 +67,7 @@ impl CodeableConcept {
     }
 
     /// The first coding in `system`.
-    pub fn code_in(&self, system: &str) -> Option<&Coding> {
+    pub fn code_in(&self, system: &str) -> Option<&Coding<'a>> {
         self.coding
             .iter()
             .find(|c| c.system.as_deref() == Some(system))
@@ -57,26 +76,31 @@ impl CodeableConcept {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Identifier {
+pub struct Identifier<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub system: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub system: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub value: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Reference {
+pub struct Reference<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reference: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub reference: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identifier: Option<Identifier>,
+    #[serde(borrow)]
+    pub identifier: Option<Identifier<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub display: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub display: Option<Cow<'a, str>>,
 }
 
-impl Reference {
-    pub fn to(full_url: &str) -> Self {
+impl<'a> Reference<'a> {
+    pub fn to(full_url: impl Into<Cow<'a, str>>) -> Self {
         Self {
             reference: Some(full_url.into()),
             ..Self::default()
@@ -86,344 +110,450 @@ impl Reference {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Extension {
-    pub url: String,
+pub struct Extension<'a> {
+    #[serde(borrow)]
+    pub url: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value_date_time: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub value_date_time: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value_date: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub value_date: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_integer: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_boolean: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value_string: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub value_string: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Period {
+pub struct Period<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub start: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub end: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct HumanName {
+pub struct HumanName<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub text: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub text: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub family: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub family: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub given: Vec<String>,
+    #[serde(borrow)]
+    pub given: Vec<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Address {
+pub struct Address<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(rename = "use")]
-    pub use_: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub use_: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub line: Vec<String>,
+    #[serde(borrow)]
+    pub line: Vec<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub city: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub city: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postal_code: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub postal_code: Option<Cow<'a, str>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A document Bundle as written, up to its entries: `render` serialises
+/// this, then appends `"entry":[...]` from resources it has already written.
+#[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Bundle {
-    pub resource_type: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identifier: Option<Identifier>,
+pub struct BundleHead<'a> {
+    pub resource_type: &'a str,
+    pub identifier: Identifier<'a>,
     #[serde(rename = "type")]
-    pub type_: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timestamp: Option<String>,
-    #[serde(default)]
-    pub entry: Vec<Entry>,
+    pub type_: &'a str,
+    pub timestamp: &'a str,
+}
+
+/// One Bundle entry as written.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntryOut<'a, R> {
+    pub full_url: &'a str,
+    pub resource: &'a R,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Entry {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub full_url: Option<String>,
-    #[serde(default)]
-    pub resource: serde_json::Value,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Composition {
-    pub resource_type: String,
-    pub status: String,
+pub struct Composition<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
     #[serde(rename = "type")]
-    pub type_: CodeableConcept,
-    pub subject: Reference,
-    pub date: String,
-    pub author: Vec<Reference>,
-    pub title: String,
+    #[serde(borrow)]
+    pub type_: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub subject: Reference<'a>,
+    #[serde(borrow)]
+    pub date: Cow<'a, str>,
+    #[serde(borrow)]
+    pub author: Vec<Reference<'a>>,
+    #[serde(borrow)]
+    pub title: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub custodian: Option<Reference>,
+    #[serde(borrow)]
+    pub custodian: Option<Reference<'a>>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub event: Vec<CompositionEvent>,
+    #[serde(borrow)]
+    pub event: Vec<CompositionEvent<'a>>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub section: Vec<Section>,
+    #[serde(borrow)]
+    pub section: Vec<Section<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CompositionEvent {
+pub struct CompositionEvent<'a> {
     #[serde(default, skip_serializing_if = "empty")]
-    pub code: Vec<CodeableConcept>,
+    #[serde(borrow)]
+    pub code: Vec<CodeableConcept<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Section {
-    pub title: String,
-    pub code: CodeableConcept,
+pub struct Section<'a> {
+    #[serde(borrow)]
+    pub title: Cow<'a, str>,
+    #[serde(borrow)]
+    pub code: CodeableConcept<'a>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub entry: Vec<Reference>,
+    #[serde(borrow)]
+    pub entry: Vec<Reference<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Patient {
-    pub resource_type: String,
+pub struct Patient<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub identifier: Vec<Identifier>,
+    #[serde(borrow)]
+    pub identifier: Vec<Identifier<'a>>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub name: Vec<HumanName>,
+    #[serde(borrow)]
+    pub name: Vec<HumanName<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gender: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub gender: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub birth_date: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub birth_date: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub address: Vec<Address>,
+    #[serde(borrow)]
+    pub address: Vec<Address<'a>>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub general_practitioner: Vec<Reference>,
+    #[serde(borrow)]
+    pub general_practitioner: Vec<Reference<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Organization {
-    pub resource_type: String,
+pub struct Organization<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub identifier: Vec<Identifier>,
+    #[serde(borrow)]
+    pub identifier: Vec<Identifier<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub name: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Practitioner {
-    pub resource_type: String,
+pub struct Practitioner<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub name: Vec<HumanName>,
+    #[serde(borrow)]
+    pub name: Vec<HumanName<'a>>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub qualification: Vec<Qualification>,
+    #[serde(borrow)]
+    pub qualification: Vec<Qualification<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Qualification {
-    pub code: CodeableConcept,
+pub struct Qualification<'a> {
+    #[serde(borrow)]
+    pub code: CodeableConcept<'a>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Encounter {
-    pub resource_type: String,
-    pub status: String,
-    pub class: Coding,
+pub struct Encounter<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    #[serde(borrow)]
+    pub class: Coding<'a>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<Reference>,
+    #[serde(borrow)]
+    pub subject: Option<Reference<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub period: Option<Period>,
+    #[serde(borrow)]
+    pub period: Option<Period<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_provider: Option<Reference>,
+    #[serde(borrow)]
+    pub service_provider: Option<Reference<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hospitalization: Option<Hospitalization>,
+    #[serde(borrow)]
+    pub hospitalization: Option<Hospitalization<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Hospitalization {
+pub struct Hospitalization<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub destination: Option<Reference>,
+    #[serde(borrow)]
+    pub destination: Option<Reference<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub discharge_disposition: Option<CodeableConcept>,
+    #[serde(borrow)]
+    pub discharge_disposition: Option<CodeableConcept<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Condition {
-    pub resource_type: String,
+pub struct Condition<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clinical_status: Option<CodeableConcept>,
-    pub code: CodeableConcept,
-    pub subject: Reference,
+    #[serde(borrow)]
+    pub clinical_status: Option<CodeableConcept<'a>>,
+    #[serde(borrow)]
+    pub code: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub subject: Reference<'a>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub onset_date_time: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub onset_date_time: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct MedicationStatement {
-    pub resource_type: String,
+pub struct MedicationStatement<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub extension: Vec<Extension>,
-    pub status: String,
+    #[serde(borrow)]
+    pub extension: Vec<Extension<'a>>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub category: Option<CodeableConcept>,
-    pub medication_codeable_concept: CodeableConcept,
-    pub subject: Reference,
+    #[serde(borrow)]
+    pub category: Option<CodeableConcept<'a>>,
+    #[serde(borrow)]
+    pub medication_codeable_concept: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub subject: Reference<'a>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub dosage: Vec<Dosage>,
+    #[serde(borrow)]
+    pub dosage: Vec<Dosage<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Dosage {
+pub struct Dosage<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub text: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub text: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub additional_instruction: Vec<CodeableConcept>,
+    #[serde(borrow)]
+    pub additional_instruction: Vec<CodeableConcept<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timing: Option<Timing>,
+    #[serde(borrow)]
+    pub timing: Option<Timing<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub route: Option<CodeableConcept>,
+    #[serde(borrow)]
+    pub route: Option<CodeableConcept<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Timing {
+pub struct Timing<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<CodeableConcept>,
+    #[serde(borrow)]
+    pub code: Option<CodeableConcept<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AllergyIntolerance {
-    pub resource_type: String,
+pub struct AllergyIntolerance<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clinical_status: Option<CodeableConcept>,
-    pub code: CodeableConcept,
-    pub patient: Reference,
+    #[serde(borrow)]
+    pub clinical_status: Option<CodeableConcept<'a>>,
+    #[serde(borrow)]
+    pub code: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub patient: Reference<'a>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub reaction: Vec<Reaction>,
+    #[serde(borrow)]
+    pub reaction: Vec<Reaction<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Reaction {
-    pub manifestation: Vec<CodeableConcept>,
+pub struct Reaction<'a> {
+    #[serde(borrow)]
+    pub manifestation: Vec<CodeableConcept<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub severity: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub severity: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Flag {
-    pub resource_type: String,
+pub struct Flag<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub extension: Vec<Extension>,
-    pub status: String,
-    pub code: CodeableConcept,
-    pub subject: Reference,
+    #[serde(borrow)]
+    pub extension: Vec<Extension<'a>>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    #[serde(borrow)]
+    pub code: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub subject: Reference<'a>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Immunization {
-    pub resource_type: String,
-    pub status: String,
-    pub vaccine_code: CodeableConcept,
-    pub patient: Reference,
-    pub occurrence_date_time: String,
+pub struct Immunization<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    #[serde(borrow)]
+    pub vaccine_code: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub patient: Reference<'a>,
+    #[serde(borrow)]
+    pub occurrence_date_time: Cow<'a, str>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Observation {
-    pub resource_type: String,
+pub struct Observation<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub extension: Vec<Extension>,
-    pub status: String,
+    #[serde(borrow)]
+    pub extension: Vec<Extension<'a>>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub category: Vec<CodeableConcept>,
-    pub code: CodeableConcept,
-    pub subject: Reference,
+    #[serde(borrow)]
+    pub category: Vec<CodeableConcept<'a>>,
+    #[serde(borrow)]
+    pub code: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub subject: Reference<'a>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value_string: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub value_string: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_boolean: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ServiceRequest {
-    pub resource_type: String,
-    pub status: String,
-    pub intent: String,
+pub struct ServiceRequest<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    #[serde(borrow)]
+    pub intent: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "empty")]
-    pub category: Vec<CodeableConcept>,
-    pub code: CodeableConcept,
-    pub subject: Reference,
+    #[serde(borrow)]
+    pub category: Vec<CodeableConcept<'a>>,
+    #[serde(borrow)]
+    pub code: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub subject: Reference<'a>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub occurrence_date_time: Option<String>,
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub occurrence_date_time: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Consent {
-    pub resource_type: String,
-    pub status: String,
-    pub scope: CodeableConcept,
-    pub category: Vec<CodeableConcept>,
-    pub patient: Reference,
+pub struct Consent<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    #[serde(borrow)]
+    pub scope: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub category: Vec<CodeableConcept<'a>>,
+    #[serde(borrow)]
+    pub patient: Reference<'a>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy_rule: Option<CodeableConcept>,
+    #[serde(borrow)]
+    pub policy_rule: Option<CodeableConcept<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provision: Option<Provision>,
+    #[serde(borrow)]
+    pub provision: Option<Provision<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Provision {
+pub struct Provision<'a> {
     #[serde(rename = "type")]
-    pub type_: String,
+    #[serde(borrow)]
+    pub type_: Cow<'a, str>,
 }
 
-/// A Bundle as read: entries keep their raw JSON until their type is known.
+/// A Bundle as read: entries keep their raw JSON (borrowed from the input)
+/// until their type is known.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct RawBundle {
-    pub resource_type: String,
-    #[serde(rename = "type")]
-    pub type_: String,
-    #[serde(default)]
-    pub entry: Vec<RawEntry>,
+pub struct RawBundle<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    pub type_: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub entry: Vec<RawEntry<'a>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct RawEntry {
-    #[serde(default)]
-    pub full_url: Option<String>,
-    pub resource: Box<serde_json::value::RawValue>,
+pub struct RawEntry<'a> {
+    #[serde(default, borrow, deserialize_with = "opt_str")]
+    pub full_url: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub resource: &'a serde_json::value::RawValue,
 }
 
 /// Only a resource's type.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Kind {
-    #[serde(default)]
-    pub resource_type: Option<String>,
+pub struct Kind<'a> {
+    #[serde(default, borrow)]
+    pub resource_type: Option<Cow<'a, str>>,
 }
