@@ -33,6 +33,10 @@ pub struct BenchOptions {
     /// Measure translation throughput (FHIR ⇄ model ⇄ HL7 v2) instead, on one core.
     #[arg(long)]
     pub translation: bool,
+    /// The releasing prison. `YP001`'s region routes every release to the GP
+    /// and to probation (two deliveries); `YP002` has no region (one delivery).
+    #[arg(long, default_value = "YP001")]
+    pub sender: String,
 }
 
 /// Measured figures.
@@ -104,7 +108,7 @@ impl fmt::Display for BenchReport {
 
 /// Release summary `i`, of invented patient `i` (one patient per message, so
 /// no summary supersedes another).
-fn document(i: usize, padding: &str) -> pb::ClinicalSummary {
+fn document(i: usize, padding: &str, sender: &str) -> pb::ClinicalSummary {
     let letter = |n: usize| char::from(b'A' + u8::try_from(n % 26).unwrap_or(0));
     let summary = crate::clinical::synthetic::release_summary(
         None,
@@ -116,10 +120,18 @@ fn document(i: usize, padding: &str) -> pb::ClinicalSummary {
         )
         .parse()
         .ok(),
-        "YP001".parse().expect("valid ODS code"),
+        sender
+            .parse()
+            .unwrap_or_else(|_| "YP001".parse().expect("valid ODS code")),
         Some("YG001".parse().expect("valid ODS code")),
         &format!("bench {i} {padding}"),
     );
+    // Released a week from now: a deadline ahead, as for a summary sent before
+    // release (a past one would make every delivery an overdue alert).
+    let mut summary = summary;
+    summary.custody.release_date = Some(crate::clinical::model::Date(
+        (time::OffsetDateTime::now_utc() + time::Duration::days(7)).date(),
+    ));
     crate::grpc::summary::to_wire(&summary)
 }
 
@@ -418,10 +430,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let pid = server.pid;
     let mut channels = Vec::new();
     for _ in 0..opts.connections.max(1) {
-        channels.push(crate::client::handover(&endpoint, &certs, "YP001").await?);
+        channels.push(crate::client::handover(&endpoint, &certs, &opts.sender).await?);
     }
     // Pad the summary's free text so each document is about `doc_bytes`.
-    let base = prost::Message::encoded_len(&document(0, ""));
+    let base = prost::Message::encoded_len(&document(0, "", &opts.sender));
     let padding = "x".repeat(opts.doc_bytes.saturating_sub(base));
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -430,6 +442,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         let mut client = channels[c % channels.len()].clone();
         let next = next.clone();
         let padding = padding.clone();
+        let sender = opts.sender.clone();
         let total = opts.messages;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -443,7 +456,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                     event: pb::JourneyEvent::Release.into(),
                     patient: None,
                     destinations: vec!["YG001".into()],
-                    document: Some(pb::submit_request::Document::Native(document(i, &padding))),
+                    document: Some(pb::submit_request::Document::Native(document(
+                        i, &padding, &sender,
+                    ))),
                 };
                 let t = Instant::now();
                 client.submit(request).await?;

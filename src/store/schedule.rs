@@ -249,7 +249,13 @@ impl Schedule {
     pub fn counts(&self, now_ms: i64) -> HashMap<String, MailboxCounts> {
         let mut out: HashMap<String, MailboxCounts> = HashMap::new();
         for (id, live) in &self.live {
-            let c = out.entry(live.mailbox.clone()).or_default();
+            // Look up before inserting: no allocation per live delivery.
+            if !out.contains_key(&live.mailbox) {
+                out.insert(live.mailbox.clone(), MailboxCounts::default());
+            }
+            let Some(c) = out.get_mut(&live.mailbox) else {
+                continue;
+            };
             c.depth += 1;
             c.leased +=
                 u64::from(matches!(live.lease, Slot::Leased { until_ms } if until_ms > now_ms));
