@@ -513,12 +513,7 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
                 },
             ..
         } => {
-            let store = throughcare::store::Store::open(
-                &data_dir,
-                throughcare::store::StoreOptions::default(),
-                std::sync::Arc::new(throughcare::store::SystemClock),
-            )
-            .with_context(|| format!("opening {} (is the gateway stopped?)", data_dir.display()))?;
+            let store = open_stopped_store(&data_dir)?;
             let result = store.verify_audit();
             store.close().await?;
             let n = result.context("audit chain does NOT verify")?;
@@ -532,12 +527,7 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
                 },
             ..
         } => {
-            let store = throughcare::store::Store::open(
-                &data_dir,
-                throughcare::store::StoreOptions::default(),
-                std::sync::Arc::new(throughcare::store::SystemClock),
-            )
-            .with_context(|| format!("opening {} (is the gateway stopped?)", data_dir.display()))?;
+            let store = open_stopped_store(&data_dir)?;
             let entries = store.audit_entries();
             store.close().await?;
             for entry in entries? {
@@ -546,6 +536,16 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Opens a stopped gateway's store for an offline admin check.
+fn open_stopped_store(data_dir: &std::path::Path) -> anyhow::Result<throughcare::store::Store> {
+    throughcare::store::Store::open(
+        data_dir,
+        throughcare::store::StoreOptions::default(),
+        std::sync::Arc::new(throughcare::store::SystemClock),
+    )
+    .with_context(|| format!("opening {} (is the gateway stopped?)", data_dir.display()))
 }
 
 fn submit_document(args: &SubmitArgs) -> anyhow::Result<pb::submit_request::Document> {
