@@ -6,9 +6,10 @@
 //!  caller ──mTLS──▶ tls (identity from the client certificate)
 //!                    ▼
 //!                  grpc (wire ⇄ domain, Status mapping; the only module that knows pb::*)
-//!                    │ Submit                          ▲ Pull / Ack / Nack / Track
-//!                    ▼                                 │
-//!                  clinical (identifiers, summary)  journey (events, registry, routing)
+//!                    │ Submit                          ▲ Pull / Ack / Nack / Track / Claim
+//!                    ▼                                 │   (and the Operator service)
+//!                  clinical (identifiers, summary)  journey (events, registry, routing:
+//!                                                   recipients, views, urgency, deadlines)
 //!                    ▼
 //!                  store (one sled transaction per change + audit; group commit
 //!                         behind a durability barrier before any answer)
@@ -16,7 +17,9 @@
 //! `app` wires these together and serves until shutdown; `config` is parsed
 //! and validated before any port is bound; `certs` makes the dev PKI;
 //! `operator` is what the on-call operator sees (Prometheus metrics and the
-//! dashboard page).
+//! dashboard page). `client`, `admin`, `demo` and `bench` are the command
+//! line's: the built-in client, operator calls as tables, one patient's whole
+//! journey, and the benchmarks.
 
 pub mod admin;
 pub mod app;
