@@ -150,6 +150,21 @@ fn parse_dt(s: &str) -> Option<Date> {
         .ok()
 }
 
+/// An optional date field: absent is fine, present but unreadable is a
+/// violation at `path` (never a silent drop).
+fn optional_date(
+    text: Option<&str>,
+    path: impl FnOnce() -> String,
+    e: &mut ValidationErrors,
+) -> Option<Date> {
+    let text = text.filter(|t| !t.is_empty())?;
+    let date = parse_dt(text);
+    if date.is_none() {
+        e.add(path(), "must be a date written YYYYMMDD");
+    }
+    date
+}
+
 fn parse_ts(s: &str) -> Option<DateTime> {
     let b = s.as_bytes();
     if b.len() < 12 || !b[..12].iter().all(u8::is_ascii_digit) {
@@ -1044,7 +1059,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             Some(code) => diagnoses.push(Diagnosis {
                 code,
                 active: s.comp(6, 1) != "F",
-                onset: parse_dt(&s.comp(5, 1)),
+                onset: optional_date(Some(&s.comp(5, 1)), || format!("{}.1", s.name(5)), &mut e),
             }),
             None => e.add(format!("{}.1", s.name(3)), "required: the diagnosis code"),
         }
@@ -1147,7 +1162,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 Some(code) => diagnoses.push(Diagnosis {
                     code,
                     active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
-                    onset: g.text("ONSET").and_then(|v| parse_dt(&v)),
+                    onset: optional_date(g.text("ONSET").as_deref(), || g.path("ONSET"), &mut e),
                 }),
                 None => e.add(g.path("CODE"), "required: the diagnosis code"),
             },
@@ -1178,7 +1193,11 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 Some(code) => infections.push(Infection {
                     code,
                     status: g.string("STATUS").unwrap_or_default(),
-                    treatment_started: g.text("TREATED").and_then(|v| parse_dt(&v)),
+                    treatment_started: optional_date(
+                        g.text("TREATED").as_deref(),
+                        || g.path("TREATED"),
+                        &mut e,
+                    ),
                 }),
                 None => e.add(g.path("CODE"), "required: the infection code"),
             },
@@ -1193,7 +1212,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                     FollowUpKind::Referral
                 },
                 service: g.string("SERVICE").unwrap_or_default(),
-                date: g.text("DATE").and_then(|v| parse_dt(&v)),
+                date: optional_date(g.text("DATE").as_deref(), || g.path("DATE"), &mut e),
             }),
             "CUSTODY" => no_fixed_abode = flag("NFA"),
             "CONSENT" => {
@@ -1369,6 +1388,44 @@ mod tests {
         assert_eq!(parse_ts("2026112408"), None);
         assert_eq!(error_location("PID-3[1].1"), "PID^1^3^1^1");
         assert_eq!(error_location("OBX(4)-5"), "OBX^4^5^1^");
+    }
+
+    #[test]
+    fn an_unreadable_date_is_a_violation_not_a_silent_drop() {
+        use crate::clinical::model::{Code, Diagnosis, SNOMED};
+        let mut s = crate::clinical::synthetic::release_summary(
+            "9990000018".parse().ok(),
+            None,
+            "YP001".parse().unwrap(),
+            None,
+            "x",
+        );
+        s.diagnoses.push(Diagnosis {
+            code: Code {
+                system: SNOMED.into(),
+                code: "235856003".into(),
+                display: "Hepatitis C (invented case)".into(),
+            },
+            active: true,
+            onset: "2014-06-01".parse().ok(),
+        });
+        let text = String::from_utf8(render(&s, JourneyEvent::Release).bytes).unwrap();
+        assert!(parse(text.as_bytes(), &Limits::default()).is_ok());
+        let broken = text.replace("20140601", "2014XX01");
+        let err = parse(broken.as_bytes(), &Limits::default()).unwrap_err();
+        let dates: Vec<&str> = err
+            .0
+            .iter()
+            .filter(|v| v.description == "must be a date written YYYYMMDD")
+            .map(|v| v.field.as_str())
+            .collect();
+        assert!(!dates.is_empty(), "{err:?}");
+        assert!(
+            dates
+                .iter()
+                .all(|f| f.starts_with("DG1") || f.starts_with("OBX")),
+            "{dates:?}"
+        );
     }
 
     #[test]
