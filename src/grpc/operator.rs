@@ -337,7 +337,11 @@ impl OperatorService {
             store.audit_entries().map(|e| (e, verified))
         })
         .await
-        .map_err(|e| ApiError::Unimplemented(format!("audit reader failed: {e}")))??;
+        .map_err(|e| {
+            ApiError::Store(crate::store::StoreError::Unavailable(format!(
+                "audit reader failed: {e}"
+            )))
+        })??;
         Ok(pb::AuditTrailResponse {
             entries: entries
                 .into_iter()
