@@ -182,24 +182,27 @@ impl Gateway {
             }
             ApiError::Invalid(v.0)
         })?;
-        let claim_keys = self.keyer.claim_keys(
-            from_document.nhs_number.as_ref(),
-            from_document.prison_number.as_ref(),
-            &summary.patient.date_of_birth.to_string(),
-        );
         let destinations = routes
             .iter()
             .map(|r| {
                 let (mailbox, format, claim_keys) = match &r.recipient {
                     Recipient::Org(code) => (
                         code.as_str().to_owned(),
-                        self.registry.get(code).map_or(Format::Native, |o| o.format),
+                        self.registry
+                            .read()
+                            .get(code)
+                            .map_or(Format::Native, |o| o.format),
                         Vec::new(),
                     ),
+                    // Only a parked release can be claimed: its keys are made here alone.
                     Recipient::Parked => (
                         PARKED_MAILBOX.to_owned(),
                         Format::Native,
-                        claim_keys.clone(),
+                        self.keyer.claim_keys(
+                            from_document.nhs_number.as_ref(),
+                            from_document.prison_number.as_ref(),
+                            &summary.patient.date_of_birth.to_string(),
+                        ),
                     ),
                 };
                 NewDelivery {

@@ -23,8 +23,10 @@ pub struct Live {
     pub lease: Slot,
     /// When queued, ms.
     pub queued_at_ms: i64,
-    /// Deadline whose miss has not been reported yet, ms.
-    pub unreported_due_ms: Option<i64>,
+    /// Deadline, ms.
+    pub due_ms: Option<i64>,
+    /// Whether its missed deadline has been reported.
+    pub due_reported: bool,
     /// Attempts allowed, when an operator redrive raised the default.
     pub max_attempts: Option<u32>,
 }
@@ -76,8 +78,6 @@ pub struct Schedule {
     leases: BTreeSet<(i64, u64)>,
     /// (deadline, delivery id) of live deliveries whose miss is not yet reported.
     deadlines: BTreeSet<(i64, u64)>,
-    /// Deadline of every live delivery that has one, reported or not.
-    due: HashMap<u64, i64>,
 }
 
 impl Schedule {
@@ -93,18 +93,10 @@ impl Schedule {
         if let Slot::Leased { until_ms } = live.lease {
             self.leases.insert((until_ms, id));
         }
-        if let Some(due) = live.unreported_due_ms {
+        if let Some(due) = live.due_ms.filter(|_| !live.due_reported) {
             self.deadlines.insert((due, id));
         }
         self.live.insert(id, live);
-    }
-
-    /// Adds a live delivery whose deadline is `due_ms` (reported or not).
-    pub fn insert_with_due(&mut self, id: u64, live: Live, due_ms: Option<i64>) {
-        if let Some(due) = due_ms {
-            self.due.insert(id, due);
-        }
-        self.insert(id, live);
     }
 
     /// Removes a delivery that was acknowledged or quarantined.
@@ -113,10 +105,9 @@ impl Schedule {
         if let Slot::Leased { until_ms } = live.lease {
             self.leases.remove(&(until_ms, id));
         }
-        if let Some(due) = live.unreported_due_ms {
+        if let Some(due) = live.due_ms.filter(|_| !live.due_reported) {
             self.deadlines.remove(&(due, id));
         }
-        self.due.remove(&id);
         if let Some(index) = self.mailboxes.get_mut(&live.mailbox) {
             index.order.remove(&(rank(live.urgent), id));
             if let Some(ids) = index.by_patient.get_mut(&live.patient_key) {
@@ -220,8 +211,9 @@ impl Schedule {
             .collect();
         for id in &ids {
             if let Some(live) = self.live.get_mut(id)
-                && let Some(due) = live.unreported_due_ms.take()
+                && let Some(due) = live.due_ms.filter(|_| !live.due_reported)
             {
+                live.due_reported = true;
                 self.deadlines.remove(&(due, *id));
             }
         }
@@ -248,7 +240,7 @@ impl Schedule {
     /// Counts per mailbox at `now_ms`.
     pub fn counts(&self, now_ms: i64) -> HashMap<String, MailboxCounts> {
         let mut out: HashMap<String, MailboxCounts> = HashMap::new();
-        for (id, live) in &self.live {
+        for live in self.live.values() {
             // Look up before inserting: no allocation per live delivery.
             if !out.contains_key(&live.mailbox) {
                 out.insert(live.mailbox.clone(), MailboxCounts::default());
@@ -260,7 +252,7 @@ impl Schedule {
             c.leased +=
                 u64::from(matches!(live.lease, Slot::Leased { until_ms } if until_ms > now_ms));
             c.urgent += u64::from(live.urgent);
-            c.overdue += u64::from(self.due.get(id).is_some_and(|due| *due <= now_ms));
+            c.overdue += u64::from(live.due_ms.is_some_and(|due| due <= now_ms));
             c.oldest_queued_at_ms = Some(
                 c.oldest_queued_at_ms
                     .map_or(live.queued_at_ms, |t| t.min(live.queued_at_ms)),
@@ -292,7 +284,8 @@ mod tests {
             attempt: 0,
             lease: Slot::Queued { not_before_ms: 0 },
             queued_at_ms: 0,
-            unreported_due_ms: None,
+            due_ms: None,
+            due_reported: false,
             max_attempts: None,
         }
     }
@@ -301,11 +294,11 @@ mod tests {
     fn overdue_deliveries_are_reported_once() {
         let mut s = Schedule::default();
         let mut a = queued("GP1", "p1", false);
-        a.unreported_due_ms = Some(100);
-        s.insert_with_due(1, a, Some(100));
+        a.due_ms = Some(100);
+        s.insert(1, a);
         let mut b = queued("GP1", "p2", false);
-        b.unreported_due_ms = Some(200);
-        s.insert_with_due(2, b, Some(200));
+        b.due_ms = Some(200);
+        s.insert(2, b);
         assert!(s.take_overdue(99, 10).is_empty());
         assert_eq!(s.counts(150)["GP1"].overdue, 1);
         assert_eq!(s.take_overdue(150, 10), vec![1]);

@@ -196,7 +196,7 @@ impl Writer {
                 })?;
             let d: DeliveryRecord = serde_json::from_slice(&raw)
                 .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?;
-            schedule.insert_with_due(id, live_of(&d), d.due_ms);
+            schedule.insert(id, live_of(&d));
         }
         let mut quarantined = std::collections::HashMap::<String, u64>::new();
         for entry in trees[TreeId::Quarantine as usize].iter() {
@@ -580,8 +580,7 @@ impl Writer {
                 records::mailbox_key(&dest.mailbox, did),
                 Vec::new(),
             );
-            self.schedule
-                .insert_with_due(did, live_of(&record), record.due_ms);
+            self.schedule.insert(did, live_of(&record));
             woken.insert(dest.mailbox.clone());
             deliveries.push((dest.mailbox.clone(), did));
         }
@@ -917,11 +916,7 @@ impl Writer {
             d.claimed_at_ms = Some(now);
             staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
             staged.put(TreeId::Pending, records::mailbox_key(to, id), Vec::new());
-            let mut live = live_of(&d);
-            if d.overdue_at_ms.is_some() {
-                live.unreported_due_ms = None;
-            }
-            self.schedule.insert_with_due(id, live, d.due_ms);
+            self.schedule.insert(id, live_of(&d));
             self.audit(
                 staged,
                 AuditEvent {
@@ -984,11 +979,7 @@ impl Writer {
                     d.max_attempts = Some(d.attempt.saturating_add(self.options.max_attempts));
                     d.reason = d.reason.map(|r| format!("redriven after: {r}"));
                     staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
-                    let mut live = live_of(&d);
-                    if d.overdue_at_ms.is_some() {
-                        live.unreported_due_ms = None;
-                    }
-                    self.schedule.insert_with_due(id, live, d.due_ms);
+                    self.schedule.insert(id, live_of(&d));
                     woken.insert(d.mailbox.clone());
                     RedriveOutcome::Requeued
                 }
@@ -1198,7 +1189,8 @@ fn live_of(d: &DeliveryRecord) -> Live {
             },
         },
         queued_at_ms: d.queued_at_ms,
-        unreported_due_ms: d.due_ms.filter(|_| d.overdue_at_ms.is_none()),
+        due_ms: d.due_ms,
+        due_reported: d.overdue_at_ms.is_some(),
         max_attempts: d.max_attempts,
     }
 }
