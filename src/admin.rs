@@ -58,6 +58,8 @@ pub enum OperatorCommand {
     },
     /// Releases parked for want of a GP, with their deadlines.
     Parked,
+    /// Submits refused because an identifier is linked to another patient.
+    Conflicts,
     /// Claim a patient's parked releases for a GP practice.
     Claim {
         /// NHS number.
@@ -302,6 +304,22 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 .into_inner()
                 .deliveries,
         ),
+        OperatorCommand::Conflicts => {
+            let r = op
+                .list_identity_conflicts(pb::ListIdentityConflictsRequest { limit: 0 })
+                .await?
+                .into_inner();
+            let mut rows = Rows::new(&["at", "sender", "message_id", "field"]);
+            for c in r.conflicts {
+                rows.push(json!({
+                    "at": when(c.at.as_ref()),
+                    "sender": c.sender,
+                    "message_id": c.message_id,
+                    "field": c.field,
+                }));
+            }
+            rows
+        }
         OperatorCommand::Claim {
             nhs,
             prison_number,

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use throughcare::journey::JourneyEvent;
 use throughcare::store::{
-    DeliveryState, ManualClock, NewDelivery, NewHandover, Store, StoreError, StoreOptions, TrackKey,
+    DeliveryState, ManualClock, NewDelivery, NewHandover, PatientIds, Store, StoreError,
+    StoreOptions, TrackKey,
 };
 
 const MAILBOXES: [&str; 2] = ["MB0", "MB1"];
@@ -228,7 +229,11 @@ async fn run(ops: Vec<Op>) {
                         sender: "YP001".into(),
                         message_id: format!("m{msg}"),
                         event: JourneyEvent::Release,
-                        patient_key: format!("p{patient}"),
+                        patient: PatientIds {
+                            nhs: Some(format!("p{patient}")),
+                            prison: None,
+                        },
+                        claim_keys: Vec::new(),
                         destinations: vec![NewDelivery {
                             mailbox: MAILBOXES[mailbox].into(),
                             urgent: false,

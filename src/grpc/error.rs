@@ -52,6 +52,7 @@ impl ApiError {
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Store(e) => match e {
                 StoreError::Conflict => Code::AlreadyExists,
+                StoreError::IdentityConflict { .. } => Code::InvalidArgument,
                 StoreError::UnknownDelivery
                 | StoreError::UnknownHandover
                 | StoreError::NothingToClaim => Code::NotFound,
@@ -76,6 +77,17 @@ impl From<ApiError> for Status {
                     code,
                     message,
                     ErrorDetails::with_bad_request(violations),
+                )
+            }
+            ApiError::Store(StoreError::IdentityConflict { field }) => {
+                let violation = FieldViolation::new(
+                    field,
+                    "already linked to a different patient; not merged: an operator must resolve the identity (admin conflicts)",
+                );
+                Status::with_error_details(
+                    code,
+                    describe(std::slice::from_ref(&violation)),
+                    ErrorDetails::with_bad_request(vec![violation]),
                 )
             }
             ApiError::Store(ref inner @ (StoreError::Sled(_) | StoreError::Io(_))) => {

@@ -22,6 +22,7 @@ mod barrier;
 pub mod clock;
 pub mod crypt;
 mod high_water;
+mod identity;
 pub mod records;
 mod schedule;
 mod writer;
@@ -34,7 +35,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use records::{DeliveryRecord, DeliveryState, HandoverRecord, PARKED_MAILBOX};
+pub use records::{
+    DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX,
+};
 
 use crate::journey::JourneyEvent;
 use records::TreeId;
@@ -54,6 +57,16 @@ pub enum StoreError {
     /// No parked release matches the patient and date of birth given.
     #[error("no parked release matches this patient and date of birth")]
     NothingToClaim,
+    /// An identifier of the submit is already linked to a different patient
+    /// (e.g. the prison number to another NHS number). Never merged silently:
+    /// refused, and listed for operators.
+    #[error(
+        "this identifier is already linked to a different patient; an operator must resolve the identity before this summary can be accepted"
+    )]
+    IdentityConflict {
+        /// The request field whose identifier is linked elsewhere.
+        field: &'static str,
+    },
     /// The ack or nack names an attempt that is not the delivery's latest.
     #[error("attempt {given} is not the current attempt ({current}) of this delivery")]
     StaleAttempt {
@@ -144,17 +157,43 @@ pub struct NewHandover {
     pub message_id: String,
     /// The journey event.
     pub event: JourneyEvent,
-    /// Keyed hash of the patient.
-    pub patient_key: String,
+    /// Who the handover is about, as the sender identified them.
+    pub patient: PatientIds,
+    /// Keyed hashes of (identifier, date of birth) of this submit: a parked
+    /// delivery may be claimed with them, and a parked delivery of the same
+    /// patient that shares one gains the others (its date of birth checked).
+    pub claim_keys: Vec<String>,
     /// The destinations the sender named (part of what makes a repeat the same).
     pub requested_destinations: Vec<String>,
     /// Where it goes.
     pub destinations: Vec<NewDelivery>,
     /// The stored document (opaque to the store; identical bytes for identical content).
     pub payload: Vec<u8>,
-    /// Supersede older undelivered deliveries of the same patient and event
-    /// in each destination mailbox (queued or parked, not leased).
+    /// Retire every undelivered copy of the previous handovers from the same
+    /// sender for the same patient and event, in whatever mailbox it waits
+    /// (queued, parked or quarantined: superseded; leased: left with the
+    /// recipient but never offered again).
     pub supersede: bool,
+}
+
+/// A patient as a sender identified them: the keyed hash of each identifier
+/// given (see [`crate::audit::PatientKeyer::identifier_keys`]). The store
+/// resolves them to one patient key through the identity links it keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PatientIds {
+    /// Keyed hash of the NHS number.
+    pub nhs: Option<String>,
+    /// Keyed hash of the prison number.
+    pub prison: Option<String>,
+}
+
+impl PatientIds {
+    /// The key a patient first seen with these identifiers gets: the NHS
+    /// number's, else the prison number's (as before identity links existed,
+    /// so older records keep their keys).
+    pub fn first_key(&self) -> Option<&str> {
+        self.nhs.as_deref().or(self.prison.as_deref())
+    }
 }
 
 /// One destination of a new handover.
@@ -170,8 +209,6 @@ pub struct NewDelivery {
     pub not_carried: Vec<String>,
     /// When it must have been delivered, ms since the epoch.
     pub due_ms: Option<i64>,
-    /// For the parked mailbox: keyed hashes that may claim it.
-    pub claim_keys: Vec<String>,
 }
 
 /// What a sweep found.
@@ -671,6 +708,49 @@ impl Store {
             .transpose()
     }
 
+    /// Every patient key an identifier stands for: the patient it resolves to
+    /// and the keys merged into that patient (older audit entries and records
+    /// carry those). `identifier` is a keyed hash from
+    /// [`crate::audit::PatientKeyer::identifier_keys`].
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn patient_keys(&self, identifier: &str) -> Result<Vec<String>, StoreError> {
+        let resolved = self.inner.trees[TreeId::Identities as usize]
+            .get(identifier.as_bytes())?
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .unwrap_or_else(|| identifier.to_owned());
+        let record: records::PatientRecord = self.inner.trees[TreeId::Patients as usize]
+            .get(resolved.as_bytes())?
+            .map(|raw| {
+                serde_json::from_slice(&raw)
+                    .map_err(|e| StoreError::Corrupt(format!("patient record: {e}")))
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let mut keys = vec![resolved];
+        keys.extend(record.aliases);
+        Ok(keys)
+    }
+
+    /// Submits refused because an identifier was linked to another patient,
+    /// newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn identity_conflicts(&self, limit: usize) -> Result<Vec<IdentityConflict>, StoreError> {
+        self.inner.trees[TreeId::Conflicts as usize]
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (_, v) = entry?;
+                serde_json::from_slice(&v)
+                    .map_err(|e| StoreError::Corrupt(format!("identity conflict: {e}")))
+            })
+            .collect()
+    }
+
     /// One handover's record.
     ///
     /// # Errors
@@ -729,8 +809,8 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
-    /// SHA-256 over every key and value of every tree but the audit trail and
-    /// the counters: equal digests mean no handover, delivery or queue state
+    /// SHA-256 over every key and value of every tree but the audit trail,
+    /// the counters and the record of refused identity links: equal digests mean no handover, delivery or queue state
     /// changed (a refusal may still have been audited).
     ///
     /// # Errors
@@ -739,7 +819,7 @@ impl Store {
         use sha2::{Digest, Sha256};
         let mut hasher = Sha256::new();
         for (tree, id) in self.inner.trees.iter().zip(TreeId::ALL) {
-            if matches!(id, TreeId::Audit | TreeId::Meta) {
+            if matches!(id, TreeId::Audit | TreeId::Meta | TreeId::Conflicts) {
                 continue;
             }
             hasher.update(id.name());
