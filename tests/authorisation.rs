@@ -223,6 +223,14 @@ async fn every_cell_of_the_matrix() {
             allowed(who, None),
             "{name} list_organisations"
         );
+        assert_eq!(
+            code_of(
+                &o.list_identity_conflicts(pb::ListIdentityConflictsRequest::default())
+                    .await
+            ),
+            allowed(who, None),
+            "{name} list_identity_conflicts"
+        );
         let redrive = o
             .redrive(pb::RedriveRequest {
                 delivery_ids: vec![gp_delivery.delivery_id],

@@ -128,7 +128,7 @@ impl Writer {
             staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
             self.rekey_delivery(&d, b);
         }
-        self.move_lineage(staged, a, b)?;
+        self.move_lineage(staged, a, b, now)?;
         self.audit(
             staged,
             AuditEvent {
@@ -143,9 +143,16 @@ impl Writer {
         Ok(())
     }
 
-    /// Moves `b`'s lineage records to `a`, keeping the later handover where
-    /// both have one.
-    fn move_lineage(&self, staged: &mut Staged<'_>, a: &str, b: &str) -> Result<(), StoreError> {
+    /// Moves `b`'s lineage records to `a`. Where both have a handover from
+    /// the same sender for the same event, the later one now supersedes the
+    /// earlier one's undelivered copies, as if it had come after it.
+    fn move_lineage(
+        &mut self,
+        staged: &mut Staged<'_>,
+        a: &str,
+        b: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let mut prefix = b.as_bytes().to_vec();
         prefix.push(0);
         for (key, value) in staged.scan_prefix(TreeId::Lineage, &prefix)? {
@@ -154,16 +161,44 @@ impl Writer {
             let theirs = records::from_be(&value).unwrap_or(0);
             let ours = staged
                 .get(TreeId::Lineage, &target)?
-                .and_then(|v| records::from_be(&v))
-                .unwrap_or(0);
-            staged.put(
-                TreeId::Lineage,
-                target,
-                records::be(theirs.max(ours)).to_vec(),
-            );
+                .and_then(|v| records::from_be(&v));
+            let latest = ours.map_or(theirs, |o| o.max(theirs));
+            staged.put(TreeId::Lineage, target, records::be(latest).to_vec());
             staged.del(TreeId::Lineage, key);
+            if ours.is_some() {
+                self.supersede_before(staged, a, latest, now)?;
+            }
         }
         Ok(())
+    }
+
+    /// Retires the undelivered copies of everything handover `latest`
+    /// supersedes within patient `patient_key`.
+    fn supersede_before(
+        &mut self,
+        staged: &mut Staged<'_>,
+        patient_key: &str,
+        latest: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let handover: super::HandoverRecord = staged
+            .get_json(TreeId::Handovers, &records::be(latest))?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("lineage names missing handover {latest}"))
+            })?;
+        let mut deliveries = Vec::with_capacity(handover.deliveries.len());
+        for id in &handover.deliveries {
+            deliveries.push((load(staged, *id)?.mailbox, *id));
+        }
+        let newer = Newer {
+            actor: "urn:gateway:identity",
+            sender: &handover.sender,
+            event: handover.event,
+            patient_key,
+            handover_id: latest,
+            deliveries: &deliveries,
+        };
+        self.supersede_older(staged, &newer, now)
     }
 
     /// Records a refused link for operators and audits it.
@@ -220,7 +255,7 @@ impl Writer {
         for id in self.deliveries_of(newer.patient_key) {
             let mut d = load(staged, id)?;
             if d.event != Some(newer.event)
-                || d.handover_id == newer.handover_id
+                || d.handover_id >= newer.handover_id
                 || d.superseded_by.is_some()
                 || sender_of(staged, &d)? != newer.sender
             {
