@@ -156,7 +156,11 @@ impl Rows {
             .set_header(self.columns.iter().map(|c| c.to_uppercase()));
         for row in &self.rows {
             table.add_row(self.columns.iter().map(|c| match row.get(*c) {
-                Some(Value::String(s)) => s.clone(),
+                // Times are UTC in JSON, and read in England's time in a table.
+                Some(Value::String(s)) => s.parse::<jiff::Timestamp>().map_or_else(
+                    |_| s.clone(),
+                    |t| crate::uk_time::display_ms(t.as_millisecond()),
+                ),
                 Some(Value::Null) | None => String::new(),
                 Some(v) => v.to_string(),
             }));

@@ -117,7 +117,7 @@ impl Default for QueueConfig {
 }
 
 /// Deadlines. A transfer is due by its transfer time and a release by the end
-/// of its release day (UTC); the others by submission plus their window. An
+/// of its release day in England (Europe/London); the others by submission plus their window. An
 /// urgent delivery is due within `urgent_hours`, or its event's deadline if sooner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -469,8 +469,7 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
                 let due = d
                     .due_at
                     .as_ref()
-                    .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
-                    .map(|t| format!("  due {} {:02}:{:02} UTC", t.date(), t.hour(), t.minute()))
+                    .map(|t| format!("  due {}", throughcare::uk_time::display_timestamp(t)))
                     .unwrap_or_default();
                 println!(
                     "  {:<8} delivery {:<6} {:<12} attempts {}{due}{}{}{}",
