@@ -170,6 +170,21 @@ impl Rows {
     }
 }
 
+/// What an empty table means, in words.
+fn empty_message(command: &OperatorCommand) -> &'static str {
+    match command {
+        OperatorCommand::Mailboxes => "no mailbox has deliveries waiting or quarantined",
+        OperatorCommand::Quarantine { .. } => "no quarantined deliveries",
+        OperatorCommand::Redrive { .. } => "nothing to redrive",
+        OperatorCommand::Parked => "no parked releases",
+        OperatorCommand::Conflicts => "no identity conflicts",
+        OperatorCommand::Claim { .. } => "nothing was claimed",
+        OperatorCommand::Orgs => "no organisations registered",
+        OperatorCommand::Trail { .. } => "no audit entries for this subject",
+        _ => "nothing to show",
+    }
+}
+
 fn when(t: Option<&prost_types::Timestamp>) -> Value {
     t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
         .and_then(|t| {
@@ -247,6 +262,7 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
     let mut op = crate::client::operator(&args.server, &args.certs_dir, &args.as_)
         .await
         .with_context(|| format!("connecting to {} as {}", args.server, args.as_))?;
+    let empty = empty_message(&command);
     let rows = match command {
         OperatorCommand::Mailboxes => {
             let r = op
@@ -458,5 +474,9 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
             rows
         }
     };
+    if rows.rows.is_empty() && !args.json {
+        println!("{empty}");
+        return Ok(());
+    }
     rows.print(args.json)
 }

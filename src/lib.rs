@@ -28,6 +28,7 @@ pub mod app;
 pub mod audit;
 pub mod bench;
 pub mod certs;
+pub mod cli;
 pub mod client;
 pub mod clinical;
 pub mod config;
