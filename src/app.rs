@@ -158,6 +158,8 @@ impl Prepared {
                 retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
                 observer: Some(metrics.barrier_observer()),
                 master_key_file: config.master_key_file.clone(),
+                cache_bytes: config.store.cache_bytes,
+                retention: config.retention.to_policy(),
                 ..StoreOptions::default()
             },
             clock.clone(),
@@ -331,6 +333,33 @@ impl Prepared {
             })
         };
 
+        let retention = {
+            let store = self.gateway.store.clone();
+            let metrics = self.metrics.clone();
+            let every = Duration::from_millis(self.config.retention.interval_ms);
+            let mut stop = self.shutdown_tx.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    match store.retention().await {
+                        Ok(outcome) => {
+                            report_retention(&outcome);
+                            metrics.set_retention(&outcome.stats);
+                            // A full batch: carry on at once, off the hot path
+                            // still (one bounded writer job at a time).
+                            if outcome.backlog {
+                                tokio::task::yield_now().await;
+                                continue;
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "retention pass failed"),
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+            })
+        };
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let forget = {
             let (rate_limit, tally, store) = (
@@ -403,6 +432,7 @@ impl Prepared {
         };
         let _ = self.shutdown_tx.send(true);
         sweeper.abort();
+        retention.abort();
         forget.abort();
         tally.flush(&self.gateway.store).await;
         self.gateway.store.close().await?;
@@ -466,6 +496,28 @@ fn report_sweep(outcome: &crate::store::SweepOutcome) {
             urgent = d.urgent,
             due_ms = d.due_ms,
             "delivery overdue: its deadline passed before it was acknowledged"
+        );
+    }
+}
+
+/// Logs what a retention pass did (counts only). A parked release held past
+/// the metadata period is never removed: it is an alert until claimed.
+fn report_retention(outcome: &crate::store::RetentionOutcome) {
+    if outcome.shredded + outcome.metadata_removed + outcome.epochs_destroyed > 0 {
+        tracing::info!(
+            shredded = outcome.shredded,
+            metadata_removed = outcome.metadata_removed,
+            tombstones_removed = outcome.tombstones_removed,
+            keys_rewrapped = outcome.keys_rewrapped,
+            epochs_destroyed = outcome.epochs_destroyed,
+            "retention pass"
+        );
+    }
+    if outcome.parked_past_period > 0 {
+        tracing::warn!(
+            alert = "parked_past_retention",
+            parked = outcome.parked_past_period,
+            "parked releases held longer than the metadata period: they are never removed, claim them"
         );
     }
 }

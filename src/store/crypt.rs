@@ -126,10 +126,7 @@ impl PayloadCipher {
     /// The newest epoch and when it was opened, if epochs are in use.
     pub fn current_epoch(&self) -> Option<(u32, i64)> {
         let epochs = self.epochs.read().unwrap_or_else(|e| e.into_inner());
-        epochs
-            .as_ref()?
-            .current()
-            .map(|(n, e)| (n, e.created_ms))
+        epochs.as_ref()?.current().map(|(n, e)| (n, e.created_ms))
     }
 
     /// Every epoch still held, oldest first.
@@ -185,10 +182,13 @@ impl PayloadCipher {
         Ok(out)
     }
 
-    fn unwrap_key(&self, handover_id: u64, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        let unreadable = |why: &str| {
-            StoreError::Corrupt(format!("data key of handover {handover_id} {why}"))
-        };
+    fn unwrap_key(
+        &self,
+        handover_id: u64,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        let unreadable =
+            |why: &str| StoreError::Corrupt(format!("data key of handover {handover_id} {why}"));
         let key = match Self::epoch_of(wrapped) {
             Some(0) => open_with(&self.master, wrapped, &aad(KEY_AAD, handover_id))
                 .ok_or_else(|| unreadable("does not open under the master key"))?,

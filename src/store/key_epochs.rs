@@ -188,7 +188,10 @@ mod tests {
         epochs.destroy(1).unwrap();
         assert!(!dir.path().join(file_name(1)).exists());
         assert_eq!(epochs.numbers(), vec![2]);
-        assert_eq!(KeyEpochs::open(dir.path(), &master).unwrap().numbers(), vec![2]);
+        assert_eq!(
+            KeyEpochs::open(dir.path(), &master).unwrap().numbers(),
+            vec![2]
+        );
         assert!(!raw.is_empty());
         // Another master key cannot open them.
         let other = XChaCha20Poly1305::new_from_slice(&[8; 32]).unwrap();

@@ -234,7 +234,8 @@ impl Writer {
             return Ok(());
         }
         for d in &h.deliveries {
-            let d: Option<DeliveryRecord> = staged.get_json(TreeId::Deliveries, &records::be(*d))?;
+            let d: Option<DeliveryRecord> =
+                staged.get_json(TreeId::Deliveries, &records::be(*d))?;
             if d.as_ref().and_then(finished_at).is_none() {
                 return Ok(());
             }
@@ -301,7 +302,8 @@ impl Writer {
         );
         let held_since = now.saturating_sub(self.options.retention.metadata_ms);
         for id in self.schedule.of_mailbox(records::PARKED_MAILBOX) {
-            let d: Option<DeliveryRecord> = staged.get_json(TreeId::Deliveries, &records::be(id))?;
+            let d: Option<DeliveryRecord> =
+                staged.get_json(TreeId::Deliveries, &records::be(id))?;
             out.parked_past_period += usize::from(d.is_some_and(|d| d.queued_at_ms <= held_since));
         }
         out.stats = self.retention_stats()?;

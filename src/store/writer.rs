@@ -335,9 +335,7 @@ impl Writer {
                     reply,
                 } => Answer::new(reply, self.track(&mut staged, &actor, &sender, key, now)),
                 Job::Sweep(reply) => Answer::new(reply, self.sweep(&mut staged, now)),
-                Job::Retention(reply) => {
-                    Answer::new(reply, self.retention_pass(&mut staged, now))
-                }
+                Job::Retention(reply) => Answer::new(reply, self.retention_pass(&mut staged, now)),
                 Job::RetentionStats(reply) => Answer::new(reply, self.retention_stats()),
                 Job::Record(event, reply) => {
                     self.audit(&mut staged, event, now);
@@ -895,7 +893,11 @@ impl Writer {
             staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
             staged.del(TreeId::Pending, records::mailbox_key(mailbox, id));
             // Finished, for retention, once its replacement is.
-            staged.put(TreeId::Superseded, records::superseded_key(by, id), Vec::new());
+            staged.put(
+                TreeId::Superseded,
+                records::superseded_key(by, id),
+                Vec::new(),
+            );
             self.schedule.remove(id);
             self.audit(
                 staged,
