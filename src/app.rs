@@ -339,23 +339,24 @@ impl Prepared {
             let every = Duration::from_millis(self.config.retention.interval_ms);
             let mut stop = self.shutdown_tx.subscribe();
             tokio::spawn(async move {
+                let mut backlog = false;
                 loop {
+                    // A full batch last time: carry on at once (still one
+                    // bounded writer job at a time, between other batches).
+                    if !backlog {
+                        tokio::select! {
+                            () = tokio::time::sleep(every) => {}
+                            _ = stop.changed() => break,
+                        }
+                    }
+                    backlog = false;
                     match store.retention().await {
                         Ok(outcome) => {
                             report_retention(&outcome);
                             metrics.set_retention(&outcome.stats);
-                            // A full batch: carry on at once, off the hot path
-                            // still (one bounded writer job at a time).
-                            if outcome.backlog {
-                                tokio::task::yield_now().await;
-                                continue;
-                            }
+                            backlog = outcome.backlog;
                         }
                         Err(e) => tracing::error!(error = %e, "retention pass failed"),
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(every) => {}
-                        _ = stop.changed() => break,
                     }
                 }
             })
