@@ -350,9 +350,10 @@ impl Prepared {
                         }
                     }
                     backlog = false;
+                    let started = std::time::Instant::now();
                     match store.retention().await {
                         Ok(outcome) => {
-                            report_retention(&outcome);
+                            report_retention(&outcome, started.elapsed());
                             metrics.set_retention(&outcome.stats);
                             backlog = outcome.backlog;
                         }
@@ -503,9 +504,10 @@ fn report_sweep(outcome: &crate::store::SweepOutcome) {
 
 /// Logs what a retention pass did (counts only). A parked release held past
 /// the metadata period is never removed: it is an alert until claimed.
-fn report_retention(outcome: &crate::store::RetentionOutcome) {
+fn report_retention(outcome: &crate::store::RetentionOutcome, elapsed: Duration) {
     if outcome.shredded + outcome.metadata_removed + outcome.epochs_destroyed > 0 {
         tracing::info!(
+            elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             shredded = outcome.shredded,
             metadata_removed = outcome.metadata_removed,
             tombstones_removed = outcome.tombstones_removed,
