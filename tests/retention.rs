@@ -460,3 +460,83 @@ async fn retention_config_is_checked_before_serving() {
     assert_eq!(err.exit_code(), 64);
     assert!(!dir.path().join("data").exists(), "no store was opened");
 }
+
+/// A store written before retention existed: no index entries, no
+/// `finished_at_ms`, no superseded links. The first passes find its
+/// finished handovers and schedule them from when they finished.
+#[tokio::test]
+async fn handovers_stored_before_retention_are_found_and_scheduled() {
+    use throughcare::journey::JourneyEvent;
+    use throughcare::store::{NewDelivery, NewHandover, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let open =
+        || Store::open(dir.path(), StoreOptions::default(), Arc::new(clock.clone())).unwrap();
+    let store = open();
+    let new = |message_id: &str| NewHandover {
+        actor: "urn:ods:YP001".into(),
+        sender: "YP001".into(),
+        message_id: message_id.into(),
+        event: JourneyEvent::Release,
+        patient_key: "p1".into(),
+        requested_destinations: vec!["YG001".into()],
+        destinations: vec![NewDelivery {
+            mailbox: "YG001".into(),
+            ..NewDelivery::default()
+        }],
+        payload: message_id.as_bytes().to_vec(),
+        supersede: true,
+    };
+    store.submit(new("old-1")).await.unwrap();
+    let leased = store
+        .pull("urn:ods:YG001", "YG001", 1, 60_000)
+        .await
+        .unwrap();
+    store
+        .ack("urn:ods:YG001", "YG001", leased[0].delivery.id, 1)
+        .await
+        .unwrap();
+    store.submit(new("old-2")).await.unwrap();
+    store.submit(new("old-3")).await.unwrap(); // supersedes old-2
+    store.close().await.unwrap();
+    drop(store);
+    // Make it look like a store from before retention.
+    {
+        let db = sled::open(dir.path().join("sled")).unwrap();
+        db.open_tree("retention").unwrap().clear().unwrap();
+        db.open_tree("superseded").unwrap().clear().unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .remove("retention_backfill")
+            .unwrap();
+        let handovers = db.open_tree("handovers").unwrap();
+        for entry in handovers.iter() {
+            let (k, v) = entry.unwrap();
+            let mut h: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            h.as_object_mut().unwrap().remove("finished_at_ms");
+            handovers
+                .insert(k, serde_json::to_vec(&h).unwrap())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let store = open();
+    let pass = store.retention().await.unwrap();
+    assert_eq!(pass.stats.payloads_in_grace, 1, "old-1 was found finished");
+    clock.advance(3 * DAY_MS);
+    assert_eq!(store.retention().await.unwrap().shredded, 1);
+    // old-2 waits for old-3, which is linked now and then delivered.
+    let leased = store
+        .pull("urn:ods:YG001", "YG001", 1, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(leased[0].handover.message_id, "old-3");
+    store
+        .ack("urn:ods:YG001", "YG001", leased[0].delivery.id, 1)
+        .await
+        .unwrap();
+    clock.advance(3 * DAY_MS);
+    assert_eq!(store.retention().await.unwrap().shredded, 2);
+    store.verify_audit().unwrap();
+    store.close().await.unwrap();
+}

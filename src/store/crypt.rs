@@ -331,6 +331,33 @@ mod tests {
     }
 
     #[test]
+    fn keys_move_between_epochs_and_die_with_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = PayloadCipher::new(&[7; 32]);
+        // Before epochs: wrapped by the master key (version 1), still readable.
+        let (legacy, legacy_sealed) = c.seal(9, b"old").unwrap();
+        assert_eq!(PayloadCipher::epoch_of(&legacy), Some(0));
+        c.open_epochs(dir.path(), 1_000).unwrap();
+        assert_eq!(c.current_epoch(), Some((1, 1_000)));
+        let (wrapped, sealed) = c.seal(1, b"summary").unwrap();
+        assert_eq!(PayloadCipher::epoch_of(&wrapped), Some(1));
+        assert_eq!(c.open(9, Some(&legacy), &legacy_sealed).unwrap(), b"old");
+        assert_eq!(c.open_new_epoch(2_000).unwrap(), 2);
+        let moved = c.rewrap(1, &wrapped).unwrap();
+        assert_eq!(PayloadCipher::epoch_of(&moved), Some(2));
+        assert!(c.rewrap(2, &wrapped).is_err(), "bound to its handover");
+        c.destroy_epoch(1).unwrap();
+        assert_eq!(c.epochs(), vec![2]);
+        let err = c.open(1, Some(&wrapped), &sealed).unwrap_err();
+        assert!(err.to_string().contains("destroyed key epoch"), "{err}");
+        assert_eq!(c.open(1, Some(&moved), &sealed).unwrap(), b"summary");
+        // A restart finds the surviving epoch.
+        let again = PayloadCipher::new(&[7; 32]);
+        again.open_epochs(dir.path(), 3_000).unwrap();
+        assert_eq!(again.open(1, Some(&moved), &sealed).unwrap(), b"summary");
+    }
+
+    #[test]
     fn the_master_key_file_is_created_private_and_reused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();

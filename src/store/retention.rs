@@ -113,10 +113,15 @@ pub(super) struct Ledger {
     removed: u64,
     /// Keys wrapped directly by the master key may still exist.
     legacy_keys: bool,
+    /// Handovers from before retention still to look at: (next id, last id).
+    backfill: (u64, u64),
 }
 
 const META_SHREDDED: &[u8] = b"retention_shredded";
 const META_REMOVED: &[u8] = b"retention_removed";
+/// Next handover id ++ last handover id of the one-off look at handovers
+/// stored before retention existed.
+const META_BACKFILL: &[u8] = b"retention_backfill";
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(format!("retention: {what}"))
@@ -140,6 +145,15 @@ impl Ledger {
         };
         ledger.shredded = counter(META_SHREDDED)?;
         ledger.removed = counter(META_REMOVED)?;
+        ledger.backfill = match meta.get(META_BACKFILL)? {
+            Some(v) if v.len() == 16 => (
+                records::from_be(&v[..8]).unwrap_or(1),
+                records::from_be(&v[8..]).unwrap_or(0),
+            ),
+            Some(_) => return Err(corrupt("backfill cursor layout")),
+            // First start with retention: every handover stored so far.
+            None => (1, counter(records::META_LAST_HANDOVER)?),
+        };
         for value in trees[TreeId::DataKeys as usize].iter().values() {
             if PayloadCipher::epoch_of(&value?) == Some(0) {
                 ledger.legacy_keys = true;
@@ -290,6 +304,7 @@ impl Writer {
                 }
             }
         }
+        self.backfill(staged)?;
         staged.put(
             TreeId::Meta,
             META_SHREDDED,
@@ -308,6 +323,78 @@ impl Writer {
         }
         out.stats = self.retention_stats()?;
         Ok(out)
+    }
+
+    /// Looks at (a batch of) the handovers stored before retention existed:
+    /// finished ones are scheduled from when they finished, and superseded
+    /// deliveries are linked to their replacement.
+    fn backfill(&mut self, staged: &mut Staged<'_>) -> Result<(), StoreError> {
+        let (next, last) = self.retention.backfill;
+        let mut cursor = records::be(next).to_vec();
+        cursor.extend_from_slice(&records::be(last));
+        // Written even when done, so that a restart does not start over.
+        staged.put(TreeId::Meta, META_BACKFILL, cursor);
+        if next > last {
+            return Ok(());
+        }
+        let end = last.min(next.saturating_add(self.options.retention.batch as u64 - 1));
+        for id in next..=end {
+            let Some(mut h) =
+                staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(id))?
+            else {
+                continue;
+            };
+            if h.finished_at_ms.is_some() {
+                continue;
+            }
+            let mut finished = Some(i64::MIN);
+            for did in &h.deliveries {
+                let d: Option<DeliveryRecord> =
+                    staged.get_json(TreeId::Deliveries, &records::be(*did))?;
+                let at = match d {
+                    Some(d) if d.state == DeliveryState::Superseded => {
+                        let by = d.superseded_by.unwrap_or(0);
+                        let replacement: Option<DeliveryRecord> =
+                            staged.get_json(TreeId::Deliveries, &records::be(by))?;
+                        let at = replacement.as_ref().and_then(finished_at);
+                        if at.is_none() {
+                            staged.put(
+                                TreeId::Superseded,
+                                records::superseded_key(by, d.id),
+                                Vec::new(),
+                            );
+                        }
+                        at
+                    }
+                    Some(d) => finished_at(&d),
+                    None => None,
+                };
+                finished = finished.zip(at).map(|(a, b)| a.max(b));
+            }
+            let Some(at) = finished.filter(|_| !h.deliveries.is_empty()) else {
+                continue;
+            };
+            h.finished_at_ms = Some(at);
+            staged.put_json(TreeId::Handovers, records::be(id).to_vec(), &h);
+            let policy = self.options.retention.clone();
+            self.schedule_retention(
+                staged,
+                at.saturating_add(policy.payload_grace_ms),
+                RetentionKind::Payload,
+                id,
+            );
+            self.schedule_retention(
+                staged,
+                at.saturating_add(policy.metadata_ms),
+                RetentionKind::Metadata,
+                id,
+            );
+        }
+        self.retention.backfill = (end + 1, last);
+        let mut cursor = records::be(end + 1).to_vec();
+        cursor.extend_from_slice(&records::be(last));
+        staged.put(TreeId::Meta, META_BACKFILL, cursor);
+        Ok(())
     }
 
     /// Destroys the wrapped data key, then the payload chunks.
@@ -454,12 +541,16 @@ impl Writer {
         current: u32,
     ) -> Result<(usize, usize), StoreError> {
         let batch = self.options.retention.batch.max(1);
+        let held = self.cipher.epochs();
         let mut remaining = 0;
         let mut rewrapped = 0;
         for entry in self.trees[TreeId::DataKeys as usize].iter() {
             let (key, wrapped) = entry?;
-            if PayloadCipher::epoch_of(&wrapped) == Some(current) {
-                continue;
+            match PayloadCipher::epoch_of(&wrapped) {
+                Some(n) if n == current => continue,
+                // Its epoch is gone: nothing can read it, nothing to keep.
+                Some(n) if n != 0 && !held.contains(&n) => continue,
+                _ => {}
             }
             // Being shredded in this batch: gone whatever happens next.
             let Some(now_staged) = staged.get(TreeId::DataKeys, &key)? else {
@@ -470,9 +561,16 @@ impl Writer {
                 continue;
             }
             let id = records::from_be(&key).ok_or_else(|| corrupt("data key id"))?;
-            let fresh = self.cipher.rewrap(id, &now_staged)?;
-            staged.put(TreeId::DataKeys, key.to_vec(), fresh);
-            rewrapped += 1;
+            match self.cipher.rewrap(id, &now_staged) {
+                Ok(fresh) => {
+                    staged.put(TreeId::DataKeys, key.to_vec(), fresh);
+                    rewrapped += 1;
+                }
+                // Its epoch stays until someone looks: never fatal to the store.
+                Err(e) => {
+                    tracing::error!(handover_id = id, error = %e, "a data key cannot be rewrapped")
+                }
+            }
         }
         // Keys staged earlier in this batch under an older epoch.
         remaining += staged
