@@ -78,6 +78,8 @@ pub enum OperatorCommand {
         #[arg(long)]
         reason: String,
     },
+    /// What the gateway holds under its retention policy (counts only).
+    Retention,
     /// The registry of organisations.
     Orgs,
     /// Add or update an organisation.
@@ -366,6 +368,58 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                     "handover": c.handover_id,
                     "event": event(c.event),
                 }));
+            }
+            rows
+        }
+        OperatorCommand::Retention => {
+            let r = op
+                .retention_status(pb::RetentionStatusRequest {})
+                .await?
+                .into_inner();
+            let days = |s: u64| {
+                if s.is_multiple_of(86_400) {
+                    format!("{}d", s / 86_400)
+                } else {
+                    age(s.saturating_mul(1_000))
+                }
+            };
+            let mut rows = Rows::new(&["what", "count", "policy"]);
+            for (what, count, policy) in [
+                (
+                    "payloads held",
+                    r.payloads_held,
+                    "until finished + grace; parked and quarantined: until resolved".to_owned(),
+                ),
+                (
+                    "payloads in grace",
+                    r.payloads_in_grace,
+                    format!("grace {}", days(r.payload_grace_seconds)),
+                ),
+                (
+                    "payloads shredded",
+                    r.payloads_shredded,
+                    format!("key epochs of {}", days(r.key_epoch_seconds)),
+                ),
+                (
+                    "metadata expiring",
+                    r.metadata_expiring,
+                    format!("kept {}", days(r.metadata_seconds)),
+                ),
+                ("metadata removed", r.metadata_removed, String::new()),
+                (
+                    "tombstones",
+                    r.tombstones,
+                    format!("kept {}", days(r.tombstone_seconds)),
+                ),
+                ("key epochs", r.key_epochs, String::new()),
+            ] {
+                rows.push(json!({"what": what, "count": count, "policy": policy}));
+            }
+            if !args.json {
+                match when(r.next_due_at.as_ref()) {
+                    Value::String(at) => println!("next removal due: {at}"),
+                    _ => println!("nothing scheduled for removal"),
+                }
             }
             rows
         }

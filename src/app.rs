@@ -158,6 +158,8 @@ impl Prepared {
                 retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
                 observer: Some(metrics.barrier_observer()),
                 master_key_file: config.master_key_file.clone(),
+                cache_bytes: config.store.cache_bytes,
+                retention: config.retention.to_policy(),
                 ..StoreOptions::default()
             },
             clock.clone(),
@@ -331,6 +333,35 @@ impl Prepared {
             })
         };
 
+        let retention = {
+            let store = self.gateway.store.clone();
+            let metrics = self.metrics.clone();
+            let every = Duration::from_millis(self.config.retention.interval_ms);
+            let mut stop = self.shutdown_tx.subscribe();
+            tokio::spawn(async move {
+                let mut backlog = false;
+                loop {
+                    // A full batch last time: carry on at once (still one
+                    // bounded writer job at a time, between other batches).
+                    if !backlog {
+                        tokio::select! {
+                            () = tokio::time::sleep(every) => {}
+                            _ = stop.changed() => break,
+                        }
+                    }
+                    backlog = false;
+                    let started = std::time::Instant::now();
+                    match store.retention().await {
+                        Ok(outcome) => {
+                            report_retention(&outcome, started.elapsed());
+                            metrics.set_retention(&outcome.stats);
+                            backlog = outcome.backlog;
+                        }
+                        Err(e) => tracing::error!(error = %e, "retention pass failed"),
+                    }
+                }
+            })
+        };
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let forget = {
             let (rate_limit, tally, store) = (
@@ -403,6 +434,7 @@ impl Prepared {
         };
         let _ = self.shutdown_tx.send(true);
         sweeper.abort();
+        retention.abort();
         forget.abort();
         tally.flush(&self.gateway.store).await;
         self.gateway.store.close().await?;
@@ -466,6 +498,29 @@ fn report_sweep(outcome: &crate::store::SweepOutcome) {
             urgent = d.urgent,
             due_ms = d.due_ms,
             "delivery overdue: its deadline passed before it was acknowledged"
+        );
+    }
+}
+
+/// Logs what a retention pass did (counts only). A parked release held past
+/// the metadata period is never removed: it is an alert until claimed.
+fn report_retention(outcome: &crate::store::RetentionOutcome, elapsed: Duration) {
+    if outcome.shredded + outcome.metadata_removed + outcome.epochs_destroyed > 0 {
+        tracing::info!(
+            elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            shredded = outcome.shredded,
+            metadata_removed = outcome.metadata_removed,
+            tombstones_removed = outcome.tombstones_removed,
+            keys_rewrapped = outcome.keys_rewrapped,
+            epochs_destroyed = outcome.epochs_destroyed,
+            "retention pass"
+        );
+    }
+    if outcome.parked_past_period > 0 {
+        tracing::warn!(
+            alert = "parked_past_retention",
+            parked = outcome.parked_past_period,
+            "parked releases held longer than the metadata period: they are never removed, claim them"
         );
     }
 }

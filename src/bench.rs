@@ -2,6 +2,9 @@
 //! temporary directory and drives it over mutual TLS: many concurrent
 //! submitters, then pull + ack of everything. Prints durable submits/s,
 //! submit latency p50/p99, messages per fsync, pull+ack/s and peak RSS.
+//! `--soak` instead runs submit, pull and ack at a fixed rate for some
+//! minutes with a short retention policy and prints the data directory's
+//! size and the server's RSS over time: both must level off.
 
 use std::fmt;
 use std::path::Path;
@@ -37,6 +40,20 @@ pub struct BenchOptions {
     /// and to probation (two deliveries); `YP002` has no region (one delivery).
     #[arg(long, default_value = "YP001")]
     pub sender: String,
+    /// Steady state instead: submit, pull and ack at `--rate` for
+    /// `--minutes`, with a short retention policy.
+    #[arg(long)]
+    pub soak: bool,
+    /// Soak length, minutes.
+    #[arg(long, default_value_t = 5)]
+    pub minutes: u64,
+    /// Soak submits per second.
+    #[arg(long, default_value_t = 50)]
+    pub rate: u32,
+    /// Soak retention: payload grace, seconds (metadata and tombstones
+    /// are kept twice this, key epochs last half of it).
+    #[arg(long, default_value_t = 30)]
+    pub grace_seconds: u64,
 }
 
 /// Measured figures.
@@ -349,13 +366,15 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn start(dir: &Path, port: u16) -> anyhow::Result<Self> {
+    async fn start(dir: &Path, port: u16, extra_config: &str) -> anyhow::Result<Self> {
         // The bench measures the store and the transport, not the abuse
         // limits: one identity drives all the load, so lift its limits.
         let config = dir.join("bench.toml");
         std::fs::write(
             &config,
-            "[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_connections_per_identity = 10000\nmax_in_flight = 100000\n",
+            format!(
+                "[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_connections_per_identity = 10000\nmax_in_flight = 100000\n{extra_config}"
+            ),
         )?;
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .arg("serve")
@@ -383,6 +402,8 @@ impl Gateway {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("barrier statistics") {
                     last = line;
+                } else if line.contains("retention pass") {
+                    last_retention_line(Some(line));
                 }
             }
             last
@@ -426,7 +447,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     crate::certs::init_dev_pki(&certs)?;
     let port = free_port()?;
     let endpoint = format!("https://localhost:{port}");
-    let server = Gateway::start(dir.path(), port).await?;
+    let server = Gateway::start(dir.path(), port, "").await?;
     let pid = server.pid;
     let mut channels = Vec::new();
     for _ in 0..opts.connections.max(1) {
@@ -486,7 +507,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
 
     // Restart on the same data: the queue index is rebuilt from disk.
     let restart = Instant::now();
-    let server = Gateway::start(dir.path(), port).await?;
+    let server = Gateway::start(dir.path(), port, "").await?;
     let restart_elapsed = restart.elapsed();
     let pid = server.pid;
     let started = Instant::now();
@@ -542,6 +563,304 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         fdatasyncs,
         durable_submits: submits,
         restart: restart_elapsed,
+    })
+}
+
+/// Durations of the retention passes the gateway logged, µs (soak only).
+fn last_retention_line(line: Option<String>) -> Vec<u64> {
+    static PASSES: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+    let mut passes = PASSES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(line) = line {
+        if let Some(us) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("elapsed_us="))
+            .and_then(|v| v.parse().ok())
+        {
+            passes.push(us);
+        }
+        return Vec::new();
+    }
+    std::mem::take(&mut passes)
+}
+
+/// Bytes of every file under `dir` (apparent size) and of the blocks they
+/// take on disk.
+fn dir_size(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = (0, 0);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return total;
+    };
+    for e in entries.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        if meta.is_dir() {
+            let (a, b) = dir_size(&e.path());
+            total = (total.0 + a, total.1 + b);
+        } else {
+            total = (total.0 + meta.len(), total.1 + meta.blocks() * 512);
+        }
+    }
+    total
+}
+
+/// One soak sample.
+#[derive(Debug, Clone, Default)]
+pub struct SoakSample {
+    /// Since the start.
+    pub elapsed: Duration,
+    /// Submits acknowledged so far.
+    pub submitted: u64,
+    /// Deliveries acknowledged so far.
+    pub acked: u64,
+    /// Data directory, apparent bytes.
+    pub data_bytes: u64,
+    /// Data directory, bytes on disk.
+    pub data_disk_bytes: u64,
+    /// Server RSS, KiB.
+    pub rss_kib: u64,
+    /// Payloads held / shredded, tracking records removed (operator view).
+    pub held: u64,
+    /// Payloads shredded so far.
+    pub shredded: u64,
+    /// Handovers whose tracking data was removed so far.
+    pub removed: u64,
+    /// Submit latency p99 over the sample's window.
+    pub p99: Duration,
+}
+
+/// What a soak measured.
+#[derive(Debug, Clone, Default)]
+pub struct SoakReport {
+    /// Submits per second asked for.
+    pub rate: u32,
+    /// Payload grace, s.
+    pub grace_seconds: u64,
+    /// The samples.
+    pub samples: Vec<SoakSample>,
+    /// Retention passes that did work, and their durations (µs): median, max.
+    pub passes: usize,
+    /// Median pass, µs.
+    pub pass_p50_us: u64,
+    /// Longest pass, µs.
+    pub pass_max_us: u64,
+}
+
+impl fmt::Display for SoakReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "throughcare bench --soak: {} submits/s, each pulled and acked; payload grace {} s, metadata and tombstones {} s",
+            self.rate,
+            self.grace_seconds,
+            self.grace_seconds * 2
+        )?;
+        writeln!(
+            f,
+            "  {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8}",
+            "min",
+            "submitted",
+            "acked",
+            "held",
+            "shredded",
+            "data MiB",
+            "disk MiB",
+            "RSS MiB",
+            "p99 ms"
+        )?;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        for s in &self.samples {
+            writeln!(
+                f,
+                "  {:>6.1} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>10.1} {:>8.1} {:>8.1}",
+                s.elapsed.as_secs_f64() / 60.0,
+                s.submitted,
+                s.acked,
+                s.held,
+                s.shredded,
+                mib(s.data_bytes),
+                mib(s.data_disk_bytes),
+                s.rss_kib as f64 / 1024.0,
+                ms(s.p99)
+            )?;
+        }
+        writeln!(
+            f,
+            "  retention passes that did work: {}, median {:.1} ms, longest {:.1} ms",
+            self.passes,
+            self.pass_p50_us as f64 / 1_000.0,
+            self.pass_max_us as f64 / 1_000.0
+        )
+    }
+}
+
+/// Submits at a fixed rate from `sender` to YG001 until `until`; returns
+/// each submit's latency with the time it finished.
+async fn soak_submitter(
+    client: crate::grpc::pb::handover_client::HandoverClient<tonic::transport::Channel>,
+    sender: String,
+    rate: u32,
+    until: Instant,
+    latencies: Arc<std::sync::Mutex<Vec<Duration>>>,
+    submitted: Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inflight = tokio::task::JoinSet::new();
+    for i in 0usize.. {
+        tick.tick().await;
+        if Instant::now() >= until {
+            break;
+        }
+        let mut c = client.clone();
+        let request = pb::SubmitRequest {
+            message_id: format!("soak-{i}"),
+            event: pb::JourneyEvent::Release.into(),
+            patient: None,
+            destinations: vec!["YG001".into()],
+            document: Some(pb::submit_request::Document::Native(document(
+                i, "", &sender,
+            ))),
+        };
+        let (latencies, submitted) = (latencies.clone(), submitted.clone());
+        inflight.spawn(async move {
+            let t = Instant::now();
+            c.submit(request).await?;
+            latencies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(t.elapsed());
+            submitted.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, tonic::Status>(())
+        });
+        while let Some(done) = inflight.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = inflight.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Pulls and acks YG001's mailbox until `until` and the mailbox is empty.
+async fn soak_consumer(
+    mut consumer: crate::grpc::pb::handover_client::HandoverClient<tonic::transport::Channel>,
+    until: Instant,
+    acked: Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<()> {
+    loop {
+        let pulled = consumer
+            .pull(pb::PullRequest {
+                max_deliveries: 100,
+                lease_seconds: 0,
+                wait_millis: 500,
+                format: pb::DocumentFormat::Native.into(),
+            })
+            .await?
+            .into_inner();
+        if pulled.deliveries.is_empty() && Instant::now() >= until {
+            return Ok(());
+        }
+        let mut acks = tokio::task::JoinSet::new();
+        for d in pulled.deliveries {
+            let mut c = consumer.clone();
+            acks.spawn(async move {
+                c.ack(pb::AckRequest {
+                    delivery_id: d.delivery_id,
+                    attempt: d.attempt,
+                })
+                .await
+            });
+        }
+        while let Some(r) = acks.join_next().await {
+            r??;
+            acked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs the soak (see the module docs).
+///
+/// # Errors
+/// The server would not start, or a call failed.
+pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    crate::certs::init_dev_pki(&certs)?;
+    let port = free_port()?;
+    let endpoint = format!("https://localhost:{port}");
+    let grace = opts.grace_seconds.max(1);
+    let retention = format!(
+        "[retention]\npayload_grace_seconds = {grace}\nmetadata_seconds = {}\ntombstone_seconds = {}\nkey_epoch_seconds = {}\ninterval_ms = 1000\n",
+        grace * 2,
+        grace * 2,
+        (grace / 2).max(1),
+    );
+    let server = Gateway::start(dir.path(), port, &retention).await?;
+    let sender = if opts.sender == "YP001" {
+        "YP002".to_owned()
+    } else {
+        opts.sender.clone()
+    };
+    let started = Instant::now();
+    let until = started + Duration::from_secs(opts.minutes * 60);
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let submitted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let producer = tokio::spawn(soak_submitter(
+        crate::client::handover(&endpoint, &certs, &sender).await?,
+        sender.clone(),
+        opts.rate,
+        until,
+        latencies.clone(),
+        submitted.clone(),
+    ));
+    let consumer = tokio::spawn(soak_consumer(
+        crate::client::handover(&endpoint, &certs, "YG001").await?,
+        until,
+        acked.clone(),
+    ));
+    let mut op = crate::client::operator(&endpoint, &certs, "operator-oncall").await?;
+    let every = Duration::from_secs((opts.minutes * 60 / 20).clamp(5, 60));
+    let mut samples = Vec::new();
+    while Instant::now() < until + every {
+        tokio::time::sleep(every).await;
+        let status = op
+            .retention_status(pb::RetentionStatusRequest {})
+            .await?
+            .into_inner();
+        let (data_bytes, data_disk_bytes) = dir_size(&dir.path().join("data"));
+        let mut window = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
+        window.sort_unstable();
+        samples.push(SoakSample {
+            elapsed: started.elapsed(),
+            submitted: submitted.load(Ordering::Relaxed),
+            acked: acked.load(Ordering::Relaxed),
+            data_bytes,
+            data_disk_bytes,
+            rss_kib: rss_kib(server.pid, "VmRSS:").unwrap_or(0),
+            held: status.payloads_held,
+            shredded: status.payloads_shredded,
+            removed: status.metadata_removed,
+            p99: window
+                .get((window.len() * 99 / 100).min(window.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default(),
+        });
+    }
+    producer.await??;
+    consumer.await??;
+    drop(op);
+    server.stop().await?;
+    let mut passes = last_retention_line(None);
+    passes.sort_unstable();
+    Ok(SoakReport {
+        rate: opts.rate,
+        grace_seconds: grace,
+        samples,
+        passes: passes.len(),
+        pass_p50_us: passes.get(passes.len() / 2).copied().unwrap_or(0),
+        pass_max_us: passes.last().copied().unwrap_or(0),
     })
 }
 

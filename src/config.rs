@@ -62,6 +62,10 @@ pub struct Config {
     pub deadlines: DeadlinesConfig,
     /// The Prometheus metrics listener.
     pub metrics: MetricsConfig,
+    /// The store engine.
+    pub store: StoreConfig,
+    /// How long payloads, tracking metadata and the audit trail are kept.
+    pub retention: RetentionConfig,
     /// How long in-flight calls may take to finish on shutdown, ms.
     pub shutdown_grace_ms: u64,
 }
@@ -197,6 +201,140 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The store engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// sled's page cache, bytes: the bulk of the gateway's memory (sled's
+    /// own default is 1 GiB).
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The retention policy (see `docs/store.md`, Retention). Periods count from
+/// when a handover's last delivery finished (delivered, or superseded and
+/// its replacement finished); parked and quarantined handovers never expire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// The payload is shredded this long after the handover finished, s.
+    pub payload_grace_seconds: u64,
+    /// Tracking metadata is removed this long after it finished, s.
+    pub metadata_seconds: u64,
+    /// Track answers "removed under the retention policy" this long after, s.
+    pub tombstone_seconds: u64,
+    /// Each key epoch wraps new data keys this long; a shredded payload is
+    /// unreadable from any leftover copy within about this long, s.
+    pub key_epoch_seconds: u64,
+    /// The audit trail's period, days: a policy for a later export or
+    /// archive; no audit entry is removed yet.
+    pub audit_days: u64,
+    /// How often the retention pass runs, ms.
+    pub interval_ms: u64,
+    /// Most handovers one pass shreds or removes (each), and keys it rewraps.
+    pub batch: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            payload_grace_seconds: 3 * 86_400,
+            metadata_seconds: 84 * 86_400,
+            tombstone_seconds: 365 * 86_400,
+            key_epoch_seconds: 3_600,
+            audit_days: 8 * 366,
+            interval_ms: 60_000,
+            batch: 500,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The store's policy.
+    pub fn to_policy(&self) -> crate::store::RetentionPolicy {
+        let ms = |s: u64| i64::try_from(s.saturating_mul(1_000)).unwrap_or(i64::MAX);
+        crate::store::RetentionPolicy {
+            payload_grace_ms: ms(self.payload_grace_seconds),
+            metadata_ms: ms(self.metadata_seconds),
+            tombstone_ms: ms(self.tombstone_seconds),
+            key_epoch_ms: ms(self.key_epoch_seconds),
+            batch: self.batch as usize,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        const TEN_YEARS: u64 = 3_653 * 86_400;
+        let within = |field: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
+                    field,
+                    format!("must be between {lo} and {hi}"),
+                ))
+            }
+        };
+        within(
+            "retention.payload_grace_seconds",
+            self.payload_grace_seconds,
+            0,
+            TEN_YEARS,
+        )?;
+        within(
+            "retention.metadata_seconds",
+            self.metadata_seconds,
+            self.payload_grace_seconds.max(1),
+            TEN_YEARS,
+        )
+        .map_err(|e| {
+            ConfigError::new(
+                &e.field,
+                format!(
+                    "{} (and at least retention.payload_grace_seconds)",
+                    e.reason
+                ),
+            )
+        })?;
+        within(
+            "retention.tombstone_seconds",
+            self.tombstone_seconds,
+            0,
+            TEN_YEARS,
+        )?;
+        within(
+            "retention.key_epoch_seconds",
+            self.key_epoch_seconds,
+            1,
+            7 * 86_400,
+        )?;
+        within(
+            "retention.audit_days",
+            self.audit_days,
+            self.metadata_seconds.div_ceil(86_400).max(1),
+            100 * 366,
+        )
+        .map_err(|e| {
+            ConfigError::new(
+                &e.field,
+                format!(
+                    "{} (the audit trail outlives the metadata it vouches for)",
+                    e.reason
+                ),
+            )
+        })?;
+        within("retention.interval_ms", self.interval_ms, 100, 86_400_000)?;
+        within("retention.batch", self.batch.into(), 1, 100_000)?;
+        Ok(())
+    }
+}
+
 /// The Prometheus metrics listener: plain HTTP, so loopback unless a scraper
 /// elsewhere needs it (see docs/operations.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +367,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             deadlines: DeadlinesConfig::default(),
             metrics: MetricsConfig::default(),
+            store: StoreConfig::default(),
+            retention: RetentionConfig::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -432,6 +572,13 @@ impl Config {
                 "must not be the gRPC listener's address",
             ));
         }
+        within(
+            "store.cache_bytes",
+            self.store.cache_bytes,
+            1024 * 1024,
+            64 * 1024 * 1024 * 1024,
+        )?;
+        self.retention.validate()?;
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",
@@ -515,6 +662,24 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.field, "listen");
+    }
+
+    #[test]
+    fn retention_periods_are_checked() {
+        let check = |text: &str| Config::from_toml(text).unwrap().validate();
+        let err =
+            check("[retention]\npayload_grace_seconds = 100\nmetadata_seconds = 99\n").unwrap_err();
+        assert_eq!(err.field, "retention.metadata_seconds", "{err}");
+        let err = check("[retention]\naudit_days = 30\n").unwrap_err();
+        assert_eq!(err.field, "retention.audit_days", "{err}");
+        let err = check("[retention]\nkey_epoch_seconds = 0\n").unwrap_err();
+        assert_eq!(err.field, "retention.key_epoch_seconds", "{err}");
+        let err = check("[store]\ncache_bytes = 1000\n").unwrap_err();
+        assert_eq!(err.field, "store.cache_bytes", "{err}");
+        check("[retention]\npayload_grace_seconds = 0\nmetadata_seconds = 1\n").unwrap();
+        let policy = RetentionConfig::default().to_policy();
+        assert_eq!(policy.payload_grace_ms, 3 * 86_400_000);
+        assert_eq!(policy.metadata_ms, 84 * 86_400_000);
     }
 
     #[test]

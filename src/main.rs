@@ -307,6 +307,11 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             print!("{report}");
             Ok(())
         }
+        Command::Bench(opts) if opts.soak => {
+            let report = throughcare::bench::soak(&opts).await?;
+            print!("{report}");
+            Ok(())
+        }
         Command::Bench(opts) => {
             let report = throughcare::bench::run(opts).await?;
             print!("{report}");

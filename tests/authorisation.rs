@@ -231,6 +231,11 @@ async fn every_cell_of_the_matrix() {
             allowed(who, None),
             "{name} list_identity_conflicts"
         );
+        assert_eq!(
+            code_of(&o.retention_status(pb::RetentionStatusRequest {}).await),
+            allowed(who, None),
+            "{name} retention_status"
+        );
         let redrive = o
             .redrive(pb::RedriveRequest {
                 delivery_ids: vec![gp_delivery.delivery_id],

@@ -1,10 +1,15 @@
 //! The store checked against a simple in-memory model over random sequences
 //! of submit (including duplicates and conflicts), pull, ack (including stale
-//! acks), nack, lease expiry (a manual clock), sweep and restart.
+//! acks), nack, lease expiry (a manual clock), sweep, retention passes and
+//! restart.
 //!
 //! Invariants: every accepted submit is in exactly one state, the one the
-//! model predicts; dedupe holds; each pull returns exactly what the model
-//! serves (FIFO, one in flight per patient, quarantine blocks nobody).
+//! model predicts; dedupe holds (until the metadata period removes the key);
+//! each pull returns exactly what the model serves (FIFO, one in flight per
+//! patient, quarantine blocks nobody); a payload is shredded exactly when a
+//! pass runs a grace period after its delivery, tracking data is removed
+//! after the metadata period (Track: removed under the retention policy),
+//! and the tombstone after its own period.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -13,14 +18,17 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use throughcare::journey::JourneyEvent;
 use throughcare::store::{
-    DeliveryState, ManualClock, NewDelivery, NewHandover, PatientIds, Store, StoreError,
-    StoreOptions, TrackKey,
+    DeliveryState, ManualClock, NewDelivery, NewHandover, PatientIds, RetentionPolicy, Store,
+    StoreError, StoreOptions, TrackKey,
 };
 
 const MAILBOXES: [&str; 2] = ["MB0", "MB1"];
 const MAX_ATTEMPTS: u32 = 3;
 const LEASE_MS: i64 = 50;
 const BACKOFF_MS: i64 = 10;
+const GRACE_MS: i64 = 100;
+const METADATA_MS: i64 = 250;
+const TOMBSTONE_MS: i64 = 150;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -47,6 +55,7 @@ enum Op {
         ms: i64,
     },
     Sweep,
+    Retention,
     Restart,
 }
 
@@ -60,6 +69,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(mailbox, pick, permanent)| Op::Nack { mailbox, pick, permanent }),
         2 => (0i64..80).prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Sweep),
+        2 => Just(Op::Retention),
         1 => Just(Op::Restart),
     ]
 }
@@ -72,6 +82,10 @@ struct MDelivery {
     attempt: u32,
     lease_until: i64,
     not_before: i64,
+    /// When acknowledged.
+    finished: Option<i64>,
+    /// When a pass shredded its payload.
+    shredded: Option<i64>,
 }
 
 #[derive(Default)]
@@ -84,6 +98,10 @@ struct Model {
     next_delivery: u64,
     /// (delivery id, attempt) handed out per mailbox, for acks to pick from.
     handed_out: [Vec<(u64, u32)>; 2],
+    /// handover id → when its tracking data was removed (tombstone held).
+    removed: BTreeMap<u64, i64>,
+    /// Handovers whose tombstone is gone too.
+    forgotten: Vec<u64>,
 }
 
 fn content(msg: u8, tamper: bool) -> (u8, usize, Vec<u8>) {
@@ -97,6 +115,42 @@ fn is_live(d: &MDelivery) -> bool {
 }
 
 impl Model {
+    /// What a retention pass at `now` does.
+    fn retention(&mut self) -> (usize, usize) {
+        let now = self.now;
+        let mut shredded = 0;
+        let mut removed = Vec::new();
+        for (msg, (_, hid, did)) in &self.accepted {
+            let d = self.deliveries.get_mut(did).unwrap();
+            let Some(f) = d.finished else { continue };
+            if d.shredded.is_none() && f + GRACE_MS <= now {
+                d.shredded = Some(now);
+                shredded += 1;
+            }
+            if f + METADATA_MS <= now {
+                removed.push((*msg, *hid, *did));
+            }
+        }
+        let count = removed.len();
+        for (msg, hid, did) in removed {
+            self.accepted.remove(&msg);
+            self.removed.insert(hid, now);
+            let d = self.deliveries.remove(&did).unwrap();
+            self.handed_out[d.mailbox].retain(|(id, _)| *id != did);
+        }
+        let gone: Vec<u64> = self
+            .removed
+            .iter()
+            .filter(|(_, at)| **at + TOMBSTONE_MS <= now)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in gone {
+            self.removed.remove(&h);
+            self.forgotten.push(h);
+        }
+        (shredded, count)
+    }
+
     fn quarantine_exhausted(&mut self, mailbox: Option<usize>) -> usize {
         let now = self.now;
         let mut n = 0;
@@ -187,6 +241,13 @@ fn open(dir: &Path, clock: &ManualClock) -> Store {
         StoreOptions {
             max_attempts: MAX_ATTEMPTS,
             retry_backoff_ms: BACKOFF_MS,
+            retention: RetentionPolicy {
+                payload_grace_ms: GRACE_MS,
+                metadata_ms: METADATA_MS,
+                tombstone_ms: TOMBSTONE_MS,
+                key_epoch_ms: 60,
+                batch: 1_000,
+            },
             ..StoreOptions::default()
         },
         Arc::new(clock.clone()),
@@ -208,6 +269,28 @@ async fn check_all(store: &Store, model: &Model) {
             (got.id, got.state, got.attempt),
             (*did, want.state, want.attempt)
         );
+        assert_eq!(status.handover.finished_at_ms, want.finished);
+        assert_eq!(status.handover.shredded_at_ms, want.shredded);
+        if want.shredded.is_some() {
+            assert!(store.payload(&status.handover).await.is_err());
+        }
+    }
+    for (hid, at) in &model.removed {
+        let got = store
+            .track("urn:ods:YP001", "YP001", TrackKey::HandoverId(*hid))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(got, StoreError::Removed { removed_at_ms } if removed_at_ms == *at),
+            "{got}"
+        );
+    }
+    for hid in &model.forgotten {
+        let got = store
+            .track("urn:ods:YP001", "YP001", TrackKey::HandoverId(*hid))
+            .await
+            .unwrap_err();
+        assert!(matches!(got, StoreError::UnknownHandover), "{got}");
     }
 }
 
@@ -273,6 +356,8 @@ async fn run(ops: Vec<Op>) {
                                 attempt: 0,
                                 lease_until: 0,
                                 not_before: i64::MIN,
+                                finished: None,
+                                shredded: None,
                             },
                         );
                     }
@@ -328,7 +413,10 @@ async fn run(ops: Vec<Op>) {
                 match model.check(id, attempt, true) {
                     Ok(()) => {
                         result.unwrap();
-                        model.deliveries.get_mut(&id).unwrap().state = DeliveryState::Delivered;
+                        let now = model.now;
+                        let d = model.deliveries.get_mut(&id).unwrap();
+                        d.state = DeliveryState::Delivered;
+                        d.finished = Some(now);
                     }
                     Err("repeat") => result.unwrap(),
                     Err(name) => assert_eq!(error_name(&result.unwrap_err()), name),
@@ -375,6 +463,12 @@ async fn run(ops: Vec<Op>) {
                     store.sweep().await.unwrap().quarantined,
                     model.quarantine_exhausted(None)
                 );
+            }
+            Op::Retention => {
+                let got = store.retention().await.unwrap();
+                let (shredded, removed) = model.retention();
+                assert_eq!((got.shredded, got.metadata_removed), (shredded, removed));
+                check_all(&store, &model).await;
             }
             Op::Restart => {
                 store.close().await.unwrap();

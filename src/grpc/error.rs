@@ -55,6 +55,8 @@ impl ApiError {
                 StoreError::IdentityConflict { .. } => Code::InvalidArgument,
                 StoreError::UnknownDelivery
                 | StoreError::UnknownHandover
+                | StoreError::Removed { .. }
+                | StoreError::Shredded { .. }
                 | StoreError::NothingToClaim => Code::NotFound,
                 StoreError::StaleAttempt { .. }
                 | StoreError::LeaseExpired
@@ -94,6 +96,23 @@ impl From<ApiError> for Status {
                 // Internal detail stays in the log.
                 tracing::error!(error = %inner, "store failure");
                 Status::new(code, "internal store failure")
+            }
+            ApiError::Store(
+                ref inner @ (StoreError::Removed { .. } | StoreError::Shredded { .. }),
+            ) => {
+                let reason = match inner {
+                    StoreError::Removed { .. } => "REMOVED_UNDER_RETENTION",
+                    _ => "CONTENT_REMOVED_UNDER_RETENTION",
+                };
+                Status::with_error_details(
+                    code,
+                    inner.to_string(),
+                    ErrorDetails::with_error_info(
+                        reason,
+                        "throughcare",
+                        std::collections::HashMap::<String, String>::new(),
+                    ),
+                )
             }
             other => Status::new(code, other.to_string()),
         }

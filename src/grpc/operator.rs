@@ -393,6 +393,32 @@ impl OperatorService {
 }
 
 impl OperatorService {
+    async fn retention_status(
+        &self,
+        req: Request<pb::RetentionStatusRequest>,
+    ) -> Result<pb::RetentionStatusResponse, ApiError> {
+        self.operator(&req)?;
+        let pb::RetentionStatusRequest {} = req.into_inner();
+        let s = self.gateway.store.retention_stats().await?;
+        let p = self.gateway.store.retention_policy();
+        let seconds = |ms: i64| u64::try_from(ms / 1_000).unwrap_or(0);
+        Ok(pb::RetentionStatusResponse {
+            payloads_held: s.payloads_held,
+            payloads_in_grace: s.payloads_in_grace,
+            payloads_shredded: s.payloads_shredded,
+            metadata_expiring: s.metadata_expiring,
+            metadata_removed: s.metadata_removed,
+            tombstones: s.tombstones,
+            key_epochs: s.key_epochs,
+            next_due_at: s.next_due_ms.map(wire::timestamp),
+            payload_grace_seconds: seconds(p.payload_grace_ms),
+            metadata_seconds: seconds(p.metadata_ms),
+            tombstone_seconds: seconds(p.tombstone_ms),
+            key_epoch_seconds: seconds(p.key_epoch_ms),
+            at: Some(wire::timestamp(self.gateway.clock.now_ms())),
+        })
+    }
+
     async fn break_glass_read(
         &self,
         req: Request<pb::BreakGlassReadRequest>,
@@ -416,8 +442,31 @@ impl OperatorService {
             return Err(ApiError::Invalid(v.0));
         }
         let Some(handover) = self.gateway.store.handover(handover_id)? else {
-            return Err(ApiError::Store(crate::store::StoreError::UnknownHandover));
+            return Err(ApiError::Store(
+                match self.gateway.store.tombstone(handover_id)? {
+                    Some(t) => crate::store::StoreError::Removed {
+                        removed_at_ms: t.removed_at_ms,
+                    },
+                    None => crate::store::StoreError::UnknownHandover,
+                },
+            ));
         };
+        if let Some(shredded_at_ms) = handover.shredded_at_ms {
+            // Nothing clinical is read or returned; the attempt is still audited.
+            let error = crate::store::StoreError::Shredded { shredded_at_ms };
+            self.gateway
+                .store
+                .record(AuditEvent {
+                    actor,
+                    action: "break_glass_read",
+                    handover_id: Some(handover.id),
+                    patient_key: Some(handover.patient_key.clone()),
+                    outcome: format!("refused: {error}"),
+                    ..AuditEvent::default()
+                })
+                .await?;
+            return Err(ApiError::Store(error));
+        }
         // Audited before anything is read or returned (fail closed).
         self.gateway
             .store
@@ -563,6 +612,14 @@ macro_rules! operator_call {
 
 #[tonic::async_trait]
 impl pb::operator_server::Operator for OperatorService {
+    #[instrument(name = "retention_status", skip_all)]
+    async fn retention_status(
+        &self,
+        request: Request<pb::RetentionStatusRequest>,
+    ) -> Result<Response<pb::RetentionStatusResponse>, Status> {
+        operator_call!(self, request, retention_status)
+    }
+
     #[instrument(name = "list_mailboxes", skip_all)]
     async fn list_mailboxes(
         &self,

@@ -290,6 +290,8 @@ pub fn track_to_wire(
         message_id: h.message_id.clone(),
         event: event_to_wire(h.event).into(),
         submitted_at: Some(timestamp(h.submitted_at_ms)),
+        finished_at: h.finished_at_ms.map(timestamp),
+        content_removed_at: h.shredded_at_ms.map(timestamp),
         deliveries: deliveries
             .iter()
             .map(|d| pb::DeliveryStatus {

@@ -15,6 +15,7 @@
 //! | `barrier_commands`, `barrier_submits` | histogram | (messages per barrier) |
 //! | `certificate_expiry_days` | gauge | `certificate` = `server` or `ca` |
 //! | `mailbox_depth`, `_leased`, `_oldest_age_seconds`, `_overdue`, `_quarantined`, `_parked` | gauge | `mailbox` |
+//! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs` | gauge | (set after each retention pass) |
 //!
 //! Label values are fixed words (`&'static str`) or [`OdsCode`]s: nothing a
 //! caller sends can become a label, so neither can patient data.
@@ -32,7 +33,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::journey::{Format, JourneyEvent};
-use crate::store::{BarrierObserver, BarrierReport};
+use crate::store::{BarrierObserver, BarrierReport, RetentionStats};
 
 /// The content type of an OpenMetrics text exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -174,6 +175,17 @@ struct MailboxGauges {
     parked: Family<MailboxLabels, Gauge>,
 }
 
+#[derive(Debug, Default)]
+struct RetentionGauges {
+    payloads_held: Gauge,
+    payloads_in_grace: Gauge,
+    payloads_shredded: Gauge,
+    metadata_expiring: Gauge,
+    metadata_removed: Gauge,
+    tombstones: Gauge,
+    key_epochs: Gauge,
+}
+
 /// Every series the gateway exports, and the registry that encodes them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -188,6 +200,7 @@ pub struct Metrics {
     certificate_days: Family<CertificateLabels, Gauge>,
     certificates: Vec<(&'static str, PathBuf)>,
     mailboxes: MailboxGauges,
+    retention: RetentionGauges,
     /// Held while the mailbox gauges are replaced and while encoding, so a
     /// scrape never sees them half replaced.
     consistent: Mutex<()>,
@@ -291,6 +304,46 @@ impl Metrics {
             "Parked releases (no known GP) awaiting a claim",
             mailboxes.parked.clone(),
         );
+        let retention = RetentionGauges::default();
+        for (name, help, gauge) in [
+            (
+                "retention_payloads_held",
+                "Payloads not yet shredded (in transit, parked, quarantined or in their grace period)",
+                &retention.payloads_held,
+            ),
+            (
+                "retention_payloads_in_grace",
+                "Finished handovers whose payload is waiting out its grace period",
+                &retention.payloads_in_grace,
+            ),
+            (
+                "retention_payloads_shredded",
+                "Payloads shredded under the retention policy since the store was created",
+                &retention.payloads_shredded,
+            ),
+            (
+                "retention_metadata_expiring",
+                "Finished handovers whose tracking metadata is scheduled for removal",
+                &retention.metadata_expiring,
+            ),
+            (
+                "retention_metadata_removed",
+                "Handovers whose tracking metadata was removed since the store was created",
+                &retention.metadata_removed,
+            ),
+            (
+                "retention_tombstones",
+                "Removed handovers Track still answers for",
+                &retention.tombstones,
+            ),
+            (
+                "retention_key_epochs",
+                "Key epochs on disk (each wraps one period's data keys)",
+                &retention.key_epochs,
+            ),
+        ] {
+            r.register(name, help, gauge.clone());
+        }
         Self {
             registry: root,
             submits,
@@ -303,6 +356,7 @@ impl Metrics {
             certificate_days,
             certificates: vec![("server", server_cert), ("ca", ca_cert)],
             mailboxes,
+            retention,
             consistent: Mutex::new(()),
         }
     }
@@ -398,6 +452,18 @@ impl Metrics {
                 .set(gauge_i64(row.quarantined));
             m.parked.get_or_create(&labels).set(gauge_i64(row.parked));
         }
+    }
+
+    /// Sets the retention gauges from the last pass.
+    pub fn set_retention(&self, s: &RetentionStats) {
+        let r = &self.retention;
+        r.payloads_held.set(gauge_i64(s.payloads_held));
+        r.payloads_in_grace.set(gauge_i64(s.payloads_in_grace));
+        r.payloads_shredded.set(gauge_i64(s.payloads_shredded));
+        r.metadata_expiring.set(gauge_i64(s.metadata_expiring));
+        r.metadata_removed.set(gauge_i64(s.metadata_removed));
+        r.tombstones.set(gauge_i64(s.tombstones));
+        r.key_epochs.set(gauge_i64(s.key_epochs));
     }
 
     /// Reads the certificates' expiry dates; an unreadable one loses its series.
@@ -510,6 +576,17 @@ mod tests {
             text.contains("throughcare_nacks_total{permanent=\"true\",outcome=\"quarantined\"} 1")
         );
         assert!(text.contains("throughcare_mailbox_depth{mailbox=\"YG001\"} 3"));
+        m.set_retention(&RetentionStats {
+            payloads_held: 4,
+            payloads_shredded: 9,
+            ..RetentionStats::default()
+        });
+        let text = m.encode();
+        assert!(
+            text.contains("throughcare_retention_payloads_held 4"),
+            "{text}"
+        );
+        assert!(text.contains("throughcare_retention_payloads_shredded 9"));
         assert!(text.contains("throughcare_mailbox_oldest_age_seconds{mailbox=\"YG001\"} 90.5"));
         // Unreadable certificate files lose their series rather than report nonsense.
         assert!(!text.contains("throughcare_certificate_expiry_days{"));

@@ -23,6 +23,7 @@ pub mod clock;
 pub mod crypt;
 mod high_water;
 mod identity;
+mod key_epochs;
 pub mod records;
 mod schedule;
 mod writer;
@@ -36,8 +37,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use records::{
-    DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX,
+    DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX, Tombstone,
 };
+pub use writer::retention::{RetentionOutcome, RetentionPolicy, RetentionStats};
 
 use crate::journey::JourneyEvent;
 use records::TreeId;
@@ -54,6 +56,24 @@ pub enum StoreError {
     /// No handover with this id or message id sent by the caller.
     #[error("no such handover from this sender")]
     UnknownHandover,
+    /// The handover's tracking metadata was removed under the retention policy.
+    #[error(
+        "the handover's tracking data was removed under the retention policy at {}",
+        rfc3339(*removed_at_ms)
+    )]
+    Removed {
+        /// When, ms since the epoch.
+        removed_at_ms: i64,
+    },
+    /// The handover's clinical content was shredded under the retention policy.
+    #[error(
+        "the handover's clinical content was removed under the retention policy at {}",
+        rfc3339(*shredded_at_ms)
+    )]
+    Shredded {
+        /// When, ms since the epoch.
+        shredded_at_ms: i64,
+    },
     /// No parked release matches the patient and date of birth given.
     #[error("no parked release matches this patient and date of birth")]
     NothingToClaim,
@@ -105,6 +125,17 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+/// A time for people: RFC 3339, UTC.
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms after the Unix epoch"))
+}
+
 impl StoreError {
     /// Errors after which the writer's memory may not match the disk.
     fn is_fatal(&self) -> bool {
@@ -126,6 +157,8 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// sled page-cache size.
     pub cache_bytes: u64,
+    /// When payloads and tracking metadata are removed.
+    pub retention: RetentionPolicy,
     /// Told of every barrier (tests).
     pub observer: Option<Arc<dyn BarrierObserver>>,
     /// The master key wrapping payload data keys; default
@@ -140,6 +173,7 @@ impl Default for StoreOptions {
             retry_backoff_ms: 1_000,
             max_batch: 1_024,
             cache_bytes: 64 * 1024 * 1024,
+            retention: RetentionPolicy::default(),
             observer: None,
             master_key_file: None,
         }
@@ -322,6 +356,8 @@ enum Job {
         reply: Reply<HandoverStatus>,
     },
     Sweep(Reply<SweepOutcome>),
+    Retention(Reply<RetentionOutcome>),
+    RetentionStats(Reply<RetentionStats>),
     Record(crate::audit::AuditEvent, Reply<()>),
     Claim {
         actor: String,
@@ -371,6 +407,7 @@ struct Inner {
     stats: Arc<BarrierStats>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     cipher: Arc<crypt::PayloadCipher>,
+    retention: RetentionPolicy,
 }
 
 /// The durable store; cheap to clone, all clones share one writer.
@@ -398,6 +435,7 @@ impl Store {
                 .clone()
                 .unwrap_or_else(|| dir.join("master-key")),
         )?);
+        cipher.open_epochs(&dir.join("key-epochs"), clock.now_ms())?;
         let sled_dir = dir.join("sled");
         let db = sled::Config::new()
             .path(&sled_dir)
@@ -439,6 +477,7 @@ impl Store {
                 stats,
                 writer: Mutex::new(Some(handle)),
                 cipher,
+                retention: options.retention.clone(),
             }),
         })
     }
@@ -559,6 +598,43 @@ impl Store {
     /// Only store failures.
     pub async fn sweep(&self) -> Result<SweepOutcome, StoreError> {
         self.ask(Job::Sweep).await
+    }
+
+    /// One retention pass (bounded by the policy's batch): shreds payloads
+    /// and removes tracking metadata that are due, turns the key epochs
+    /// over, and reports what the store holds.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn retention(&self) -> Result<RetentionOutcome, StoreError> {
+        self.ask(Job::Retention).await
+    }
+
+    /// What the store holds under the retention policy, without doing any work.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn retention_stats(&self) -> Result<RetentionStats, StoreError> {
+        self.ask(Job::RetentionStats).await
+    }
+
+    /// The retention policy in force.
+    pub fn retention_policy(&self) -> &RetentionPolicy {
+        &self.inner.retention
+    }
+
+    /// What is left of a handover whose tracking metadata was removed.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn tombstone(&self, handover_id: u64) -> Result<Option<Tombstone>, StoreError> {
+        self.inner.trees[TreeId::Tombstones as usize]
+            .get(records::tombstone_by_id(handover_id))?
+            .map(|raw| {
+                serde_json::from_slice(&raw)
+                    .map_err(|e| StoreError::Corrupt(format!("tombstone {handover_id}: {e}")))
+            })
+            .transpose()
     }
 
     /// Moves every parked release matching one of `claim_keys` to mailbox

@@ -18,6 +18,9 @@
 //! | `patients`   | patient key                           | [`PatientRecord`] JSON        |
 //! | `lineage`    | patient key ++ 0x00 ++ sender ++ 0x00 ++ event | latest handover id (u64 BE) |
 //! | `conflicts`  | audit sequence of the refusal (u64 BE) | [`IdentityConflict`] JSON    |
+//! | `retention`  | due ms (u64 BE) ++ [`RetentionKind`] byte ++ handover id (u64 BE) | empty: work due then ([`super::retention`]) |
+//! | `superseded` | replacement delivery id (u64 BE) ++ superseded delivery id (u64 BE) | empty: waits for the replacement to finish |
+//! | `tombstones` | `h` ++ handover id (u64 BE), or `m` ++ dedupe key | [`Tombstone`] JSON: removed under the retention policy |
 //!
 //! A mailbox key is the ODS code's length (one byte) then its bytes, so one
 //! mailbox's keys form a contiguous range that no other mailbox's can prefix.
@@ -52,7 +55,7 @@ pub enum TreeId {
     Meta,
     /// Registry changes made by operators.
     Registry,
-    /// Each handover's payload key, wrapped by the master key.
+    /// Each handover's payload key, wrapped by a key epoch's key.
     DataKeys,
     /// Identifier hash → patient key.
     Identities,
@@ -62,11 +65,17 @@ pub enum TreeId {
     Lineage,
     /// Refused identity links, for operators.
     Conflicts,
+    /// Retention work by due time.
+    Retention,
+    /// Superseded deliveries waiting for their replacement to finish.
+    Superseded,
+    /// What the retention policy removed, for Track's answer.
+    Tombstones,
 }
 
 impl TreeId {
     /// Every tree, indexed by discriminant.
-    pub const ALL: [TreeId; 14] = [
+    pub const ALL: [TreeId; 17] = [
         TreeId::Handovers,
         TreeId::Payloads,
         TreeId::Deliveries,
@@ -81,6 +90,9 @@ impl TreeId {
         TreeId::Patients,
         TreeId::Lineage,
         TreeId::Conflicts,
+        TreeId::Retention,
+        TreeId::Superseded,
+        TreeId::Tombstones,
     ];
 
     /// The sled tree name.
@@ -100,6 +112,9 @@ impl TreeId {
             TreeId::Patients => "patients",
             TreeId::Lineage => "lineage",
             TreeId::Conflicts => "conflicts",
+            TreeId::Retention => "retention",
+            TreeId::Superseded => "superseded",
+            TreeId::Tombstones => "tombstones",
         }
     }
 }
@@ -153,6 +168,13 @@ pub struct HandoverRecord {
     /// event, which this one supersedes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supersedes: Option<u64>,
+    /// When its last delivery finished (delivered, or superseded and the
+    /// replacement finished): the retention clock starts here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<i64>,
+    /// When its payload and data key were removed under the retention policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shredded_at_ms: Option<i64>,
 }
 
 /// Where a delivery stands.
@@ -257,6 +279,10 @@ pub struct DeliveryRecord {
     /// Attempts allowed before quarantine, when an operator redrive raised it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// When it stopped needing its payload: delivered, or superseded and
+    /// its replacement finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<i64>,
 }
 
 impl DeliveryRecord {
@@ -307,6 +333,76 @@ pub fn lineage_key(patient_key: &str, sender: &str, event: JourneyEvent) -> Vec<
     key.extend_from_slice(sender.as_bytes());
     key.push(0);
     key.extend_from_slice(event.as_bytes());
+    key
+}
+
+/// What a `retention` index entry asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RetentionKind {
+    /// Shred the payload (data key, then chunks).
+    Payload = b'p' as isize,
+    /// Remove the tracking metadata, leaving a tombstone.
+    Metadata = b'q' as isize,
+    /// Remove the tombstone.
+    Tombstone = b't' as isize,
+}
+
+/// Key of a `retention` index entry.
+pub fn retention_key(due_ms: i64, kind: RetentionKind, handover_id: u64) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[..8].copy_from_slice(&u64::try_from(due_ms.max(0)).unwrap_or(0).to_be_bytes());
+    key[8] = kind as u8;
+    key[9..].copy_from_slice(&handover_id.to_be_bytes());
+    key
+}
+
+/// A `retention` index key back into (due ms, kind, handover id).
+pub fn split_retention_key(key: &[u8]) -> Option<(i64, RetentionKind, u64)> {
+    if key.len() != 17 {
+        return None;
+    }
+    let due = i64::try_from(from_be(&key[..8])?).ok()?;
+    let kind = match key[8] {
+        b'p' => RetentionKind::Payload,
+        b'q' => RetentionKind::Metadata,
+        b't' => RetentionKind::Tombstone,
+        _ => return None,
+    };
+    Some((due, kind, from_be(&key[9..])?))
+}
+
+/// What remains of a handover whose tracking metadata was removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// The handover id.
+    pub handover_id: u64,
+    /// Its sender's ODS code (Track answers only the sender).
+    pub sender: String,
+    /// The sender's message id.
+    pub message_id: String,
+    /// When the metadata was removed, ms.
+    pub removed_at_ms: i64,
+}
+
+/// Tombstone key of a handover id.
+pub fn tombstone_by_id(handover_id: u64) -> Vec<u8> {
+    let mut key = vec![b'h'];
+    key.extend_from_slice(&handover_id.to_be_bytes());
+    key
+}
+
+/// Tombstone key of a sender's message id.
+pub fn tombstone_by_message(sender: &str, message_id: &str) -> Vec<u8> {
+    let mut key = vec![b'm'];
+    key.extend_from_slice(&dedupe_key(sender, message_id));
+    key
+}
+
+/// Key of a superseded delivery waiting for its replacement.
+pub fn superseded_key(replacement: u64, superseded: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&replacement.to_be_bytes());
+    key[8..].copy_from_slice(&superseded.to_be_bytes());
     key
 }
 

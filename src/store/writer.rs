@@ -24,6 +24,8 @@ use crate::audit::{AuditChain, AuditEntry, AuditEvent, hex};
 
 /// A key and its value.
 pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
+#[path = "retention.rs"]
+pub(super) mod retention;
 
 /// Writes staged on top of the committed trees; read-your-writes inside a batch.
 pub(super) struct Staged<'a> {
@@ -98,6 +100,13 @@ impl<'a> Staged<'a> {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect())
+    }
+
+    /// This batch's writes to `tree` so far (`None`: removed).
+    fn pending(&self, tree: TreeId) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.writes[tree as usize]
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_deref()))
     }
 
     fn is_empty(&self) -> bool {
@@ -186,6 +195,8 @@ pub(super) struct Writer {
     signals: Arc<Signals>,
     stats: Arc<BarrierStats>,
     cipher: Arc<super::crypt::PayloadCipher>,
+    /// Retention counters.
+    retention: retention::Ledger,
     /// Why the store stopped taking changes, once it has.
     failed: Option<String>,
 }
@@ -244,6 +255,7 @@ impl Writer {
             None => None,
         };
         Ok(Self {
+            retention: retention::Ledger::load(&trees)?,
             last_handover: meta(&trees, records::META_LAST_HANDOVER)?,
             last_delivery: meta(&trees, records::META_LAST_DELIVERY)?,
             trees,
@@ -354,6 +366,8 @@ impl Writer {
                     reply,
                 } => Answer::new(reply, self.track(&mut staged, &actor, &sender, key, now)),
                 Job::Sweep(reply) => Answer::new(reply, self.sweep(&mut staged, now)),
+                Job::Retention(reply) => Answer::new(reply, self.retention_pass(&mut staged, now)),
+                Job::RetentionStats(reply) => Answer::new(reply, self.retention_stats()),
                 Job::Record(event, reply) => {
                     self.audit(&mut staged, event, now);
                     Answer::new(reply, Ok(()))
@@ -585,6 +599,8 @@ impl Writer {
             submitted_at_ms: now,
             deliveries: deliveries.iter().map(|(_, d)| *d).collect(),
             supersedes,
+            finished_at_ms: None,
+            shredded_at_ms: None,
         };
         staged.put_json(TreeId::Handovers, records::be(id).to_vec(), &record);
         staged.put(TreeId::Dedupe, dedupe, records::be(id).to_vec());
@@ -806,6 +822,7 @@ impl Writer {
         staged.put_json(TreeId::Deliveries, records::be(delivery_id).to_vec(), &d);
         staged.del(TreeId::Pending, records::mailbox_key(mailbox, delivery_id));
         self.schedule.remove(delivery_id);
+        self.delivery_finished(staged, delivery_id, now)?;
         self.audit(
             staged,
             AuditEvent {
@@ -840,7 +857,7 @@ impl Writer {
         let max_attempts = d.max_attempts.unwrap_or(self.options.max_attempts);
         let state = if d.superseded_by.is_some() {
             // A newer summary exists: never offered again, nor quarantined.
-            self.retire(staged, &mut d, now);
+            self.retire(staged, &mut d, now)?;
             DeliveryState::Superseded
         } else if permanent || d.attempt >= max_attempts {
             let why = if permanent {
@@ -1123,10 +1140,10 @@ impl Writer {
         key: TrackKey,
         now: i64,
     ) -> Result<HandoverStatus, StoreError> {
-        let id = match key {
-            TrackKey::HandoverId(id) => Some(id),
+        let id = match &key {
+            TrackKey::HandoverId(id) => Some(*id),
             TrackKey::MessageId(m) => staged
-                .get(TreeId::Dedupe, &records::dedupe_key(sender, &m))?
+                .get(TreeId::Dedupe, &records::dedupe_key(sender, m))?
                 .and_then(|v| records::from_be(&v)),
         };
         let handover: Option<HandoverRecord> = match id {
@@ -1134,18 +1151,24 @@ impl Writer {
             None => None,
         };
         let Some(handover) = handover.filter(|h| h.sender == sender) else {
+            let error = match self.tombstone_for(staged, sender, &key)? {
+                Some(t) => StoreError::Removed {
+                    removed_at_ms: t.removed_at_ms,
+                },
+                None => StoreError::UnknownHandover,
+            };
             self.audit(
                 staged,
                 AuditEvent {
                     actor: actor.to_owned(),
                     action: "track",
                     handover_id: id,
-                    outcome: format!("refused: {}", StoreError::UnknownHandover),
+                    outcome: format!("refused: {error}"),
                     ..AuditEvent::default()
                 },
                 now,
             );
-            return Err(StoreError::UnknownHandover);
+            return Err(error);
         };
         let mut deliveries = Vec::with_capacity(handover.deliveries.len());
         for d in &handover.deliveries {
@@ -1185,6 +1208,8 @@ fn refuse(job: Job) -> Answer {
         Job::Nack { reply, .. } => Answer::new(reply, Err(e())),
         Job::Track { reply, .. } => Answer::new(reply, Err(e())),
         Job::Sweep(reply) => Answer::new(reply, Err(e())),
+        Job::Retention(reply) => Answer::new(reply, Err(e())),
+        Job::RetentionStats(reply) => Answer::new(reply, Err(e())),
         Job::Claim { reply, .. } => Answer::new(reply, Err(e())),
         Job::Redrive { reply, .. } => Answer::new(reply, Err(e())),
         Job::Stats(reply) => Answer::new(reply, Err(e())),
@@ -1250,6 +1275,7 @@ fn new_delivery(
         claimed_by: None,
         claimed_at_ms: None,
         max_attempts: None,
+        finished_at_ms: None,
     }
 }
 

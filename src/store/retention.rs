@@ -1,0 +1,634 @@
+//! Retention: a transit gateway forgets what it has delivered.
+//!
+//! A handover is *finished* when every one of its deliveries is: delivered,
+//! or superseded and its replacement finished. Its retention clock starts
+//! then (`HandoverRecord::finished_at_ms`); a handover with a live, parked or
+//! quarantined delivery never expires. On finishing, two entries go into the
+//! `retention` index, keyed by due time so a pass reads only what is due:
+//! - at `finished + payload_grace`: **shred** the payload: the wrapped data
+//!   key first, then the chunks, in one transaction with the audit entry;
+//!   the record keeps `shredded_at_ms`;
+//! - at `finished + metadata`: **remove** the handover and delivery records
+//!   and the dedupe key, leaving a tombstone (sender, handover id, when) so
+//!   Track can say why it finds nothing; the tombstone goes at
+//!   `removed + tombstone`.
+//!
+//! Each pass also turns the key epochs over ([`super::super::key_epochs`]):
+//! every `key_epoch` a new epoch opens, the keys of unfinished handovers are
+//! rewrapped into it (at most a batch per pass), and an older epoch is
+//! destroyed once the committed store holds no key wrapped under it. A
+//! shredded payload is therefore unreadable from any copy sled still holds
+//! within one epoch plus one pass of its shredding.
+//!
+//! The audit trail is never touched: it holds no clinical content and keeps
+//! verifying after everything else is gone.
+
+use std::collections::BTreeMap;
+
+use super::super::crypt::PayloadCipher;
+use super::super::records::{self, RetentionKind, Tombstone, TreeId};
+use super::super::{DeliveryRecord, DeliveryState, HandoverRecord, StoreError, TrackKey};
+use super::{Staged, Writer};
+use crate::audit::AuditEvent;
+
+const ACTOR: &str = "urn:gateway:retention";
+
+/// How long things are kept (see `docs/store.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// A finished handover's payload is kept this long, ms.
+    pub payload_grace_ms: i64,
+    /// A finished handover's tracking metadata is kept this long, ms.
+    pub metadata_ms: i64,
+    /// A removed handover's tombstone is kept this long, ms.
+    pub tombstone_ms: i64,
+    /// A key epoch wraps new data keys for this long, ms.
+    pub key_epoch_ms: i64,
+    /// Most handovers one pass shreds, removes or rewraps (each).
+    pub batch: usize,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        Self {
+            payload_grace_ms: 3 * DAY_MS,
+            metadata_ms: 84 * DAY_MS,
+            tombstone_ms: 365 * DAY_MS,
+            key_epoch_ms: 3_600_000,
+            batch: 500,
+        }
+    }
+}
+
+/// What the store holds under the retention policy (payload-free counts).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionStats {
+    /// Payloads not yet shredded (in transit, parked, quarantined, or in their grace period).
+    pub payloads_held: u64,
+    /// Of those, finished and waiting out their grace period.
+    pub payloads_in_grace: u64,
+    /// Payloads shredded since the store was created.
+    pub payloads_shredded: u64,
+    /// Finished handovers whose tracking metadata will be removed.
+    pub metadata_expiring: u64,
+    /// Handovers whose tracking metadata was removed since the store was created.
+    pub metadata_removed: u64,
+    /// Tombstones held (Track answers "removed under the retention policy").
+    pub tombstones: u64,
+    /// Key epochs on disk.
+    pub key_epochs: u64,
+    /// Earliest retention work still scheduled, ms.
+    pub next_due_ms: Option<i64>,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    /// Payloads shredded.
+    pub shredded: usize,
+    /// Handovers whose tracking metadata was removed.
+    pub metadata_removed: usize,
+    /// Tombstones removed.
+    pub tombstones_removed: usize,
+    /// Data keys rewrapped into the newest epoch.
+    pub keys_rewrapped: usize,
+    /// Key epochs destroyed.
+    pub epochs_destroyed: usize,
+    /// Parked releases waiting longer than the metadata period: never
+    /// removed, reported so that someone claims them.
+    pub parked_past_period: usize,
+    /// Work due but left for the next pass (the batch was full).
+    pub backlog: bool,
+    /// What is held after the pass.
+    pub stats: RetentionStats,
+}
+
+/// The writer's retention counters, loaded at start-up.
+#[derive(Debug, Default)]
+pub(super) struct Ledger {
+    scheduled: BTreeMap<RetentionKind, u64>,
+    shredded: u64,
+    removed: u64,
+    /// Keys wrapped directly by the master key may still exist.
+    legacy_keys: bool,
+    /// Handovers from before retention still to look at: (next id, last id).
+    backfill: (u64, u64),
+}
+
+const META_SHREDDED: &[u8] = b"retention_shredded";
+const META_REMOVED: &[u8] = b"retention_removed";
+/// Next handover id ++ last handover id of the one-off look at handovers
+/// stored before retention existed.
+const META_BACKFILL: &[u8] = b"retention_backfill";
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("retention: {what}"))
+}
+
+impl Ledger {
+    /// Counts the scheduled work and reads the counters.
+    pub(super) fn load(trees: &[sled::Tree]) -> Result<Self, StoreError> {
+        let mut ledger = Ledger::default();
+        for entry in trees[TreeId::Retention as usize].iter().keys() {
+            let (_, kind, _) =
+                records::split_retention_key(&entry?).ok_or_else(|| corrupt("index key layout"))?;
+            *ledger.scheduled.entry(kind).or_default() += 1;
+        }
+        let meta = &trees[TreeId::Meta as usize];
+        let counter = |key: &[u8]| -> Result<u64, StoreError> {
+            Ok(meta
+                .get(key)?
+                .and_then(|v| records::from_be(&v))
+                .unwrap_or(0))
+        };
+        ledger.shredded = counter(META_SHREDDED)?;
+        ledger.removed = counter(META_REMOVED)?;
+        ledger.backfill = match meta.get(META_BACKFILL)? {
+            Some(v) if v.len() == 16 => (
+                records::from_be(&v[..8]).unwrap_or(1),
+                records::from_be(&v[8..]).unwrap_or(0),
+            ),
+            Some(_) => return Err(corrupt("backfill cursor layout")),
+            // First start with retention: every handover stored so far.
+            None => (1, counter(records::META_LAST_HANDOVER)?),
+        };
+        for value in trees[TreeId::DataKeys as usize].iter().values() {
+            if PayloadCipher::epoch_of(&value?) == Some(0) {
+                ledger.legacy_keys = true;
+                break;
+            }
+        }
+        Ok(ledger)
+    }
+
+    fn count(&self, kind: RetentionKind) -> u64 {
+        self.scheduled.get(&kind).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, kind: RetentionKind) {
+        *self.scheduled.entry(kind).or_default() += 1;
+    }
+
+    fn done(&mut self, kind: RetentionKind) {
+        if let Some(n) = self.scheduled.get_mut(&kind) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// When a delivery stopped needing its payload, if it has.
+fn finished_at(d: &DeliveryRecord) -> Option<i64> {
+    d.finished_at_ms.or(match d.state {
+        DeliveryState::Delivered => d.delivered_at_ms,
+        _ => None,
+    })
+}
+
+impl Writer {
+    fn schedule_retention(
+        &mut self,
+        staged: &mut Staged<'_>,
+        due_ms: i64,
+        kind: RetentionKind,
+        handover_id: u64,
+    ) {
+        staged.put(
+            TreeId::Retention,
+            records::retention_key(due_ms, kind, handover_id).to_vec(),
+            Vec::new(),
+        );
+        self.retention.add(kind);
+    }
+
+    /// Called once delivery `d` has been delivered (and stored so): finishes
+    /// it, the deliveries it superseded, and each handover all of whose
+    /// deliveries are now finished.
+    pub(in crate::store) fn delivery_finished(
+        &mut self,
+        staged: &mut Staged<'_>,
+        delivery_id: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut work = vec![delivery_id];
+        while let Some(id) = work.pop() {
+            let mut d: DeliveryRecord = staged
+                .get_json(TreeId::Deliveries, &records::be(id))?
+                .ok_or_else(|| corrupt(&format!("finished delivery {id} has no record")))?;
+            if d.finished_at_ms.is_none() {
+                d.finished_at_ms = Some(now);
+                staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+            }
+            self.handover_maybe_finished(staged, d.handover_id, now)?;
+            // Superseded by this one: finished with it (entries staged in this
+            // batch included: a stale copy may be retired just before).
+            for (key, _) in staged.scan_prefix(TreeId::Superseded, &records::be(id))? {
+                let old = records::from_be(&key[8..]).ok_or_else(|| corrupt("superseded key"))?;
+                staged.del(TreeId::Superseded, key);
+                work.push(old);
+            }
+        }
+        Ok(())
+    }
+
+    fn handover_maybe_finished(
+        &mut self,
+        staged: &mut Staged<'_>,
+        handover_id: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let Some(mut h) =
+            staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(handover_id))?
+        else {
+            return Ok(());
+        };
+        if h.finished_at_ms.is_some() {
+            return Ok(());
+        }
+        for d in &h.deliveries {
+            let d: Option<DeliveryRecord> =
+                staged.get_json(TreeId::Deliveries, &records::be(*d))?;
+            if d.as_ref().and_then(finished_at).is_none() {
+                return Ok(());
+            }
+        }
+        h.finished_at_ms = Some(now);
+        staged.put_json(TreeId::Handovers, records::be(h.id).to_vec(), &h);
+        let policy = self.options.retention.clone();
+        let payload_due = now.saturating_add(policy.payload_grace_ms);
+        let metadata_due = now.saturating_add(policy.metadata_ms);
+        self.schedule_retention(staged, payload_due, RetentionKind::Payload, h.id);
+        self.schedule_retention(staged, metadata_due, RetentionKind::Metadata, h.id);
+        Ok(())
+    }
+
+    /// One retention pass (see the module docs).
+    pub(super) fn retention_pass(
+        &mut self,
+        staged: &mut Staged<'_>,
+        now: i64,
+    ) -> Result<RetentionOutcome, StoreError> {
+        let mut out = RetentionOutcome::default();
+        self.turn_epochs_over(staged, now, &mut out)?;
+        let batch = self.options.retention.batch.max(1);
+        let mut due = Vec::new();
+        for entry in self.trees[TreeId::Retention as usize].iter().keys() {
+            let key = entry?;
+            let (at, kind, id) =
+                records::split_retention_key(&key).ok_or_else(|| corrupt("index key layout"))?;
+            if at > now {
+                break;
+            }
+            if due.len() == batch {
+                out.backlog = true;
+                break;
+            }
+            due.push((key, kind, id));
+        }
+        for (key, kind, id) in due {
+            // A repeat (an earlier pass in this batch) finds it gone.
+            if staged.get(TreeId::Retention, &key)?.is_none() {
+                continue;
+            }
+            staged.del(TreeId::Retention, key.to_vec());
+            self.retention.done(kind);
+            match kind {
+                RetentionKind::Payload => out.shredded += usize::from(self.shred(staged, id, now)?),
+                RetentionKind::Metadata => {
+                    out.metadata_removed += usize::from(self.remove_metadata(staged, id, now)?);
+                }
+                RetentionKind::Tombstone => {
+                    out.tombstones_removed += usize::from(remove_tombstone(staged, id)?);
+                }
+            }
+        }
+        self.backfill(staged)?;
+        staged.put(
+            TreeId::Meta,
+            META_SHREDDED,
+            records::be(self.retention.shredded).to_vec(),
+        );
+        staged.put(
+            TreeId::Meta,
+            META_REMOVED,
+            records::be(self.retention.removed).to_vec(),
+        );
+        let held_since = now.saturating_sub(self.options.retention.metadata_ms);
+        for id in self.schedule.of_mailbox(records::PARKED_MAILBOX) {
+            let d: Option<DeliveryRecord> =
+                staged.get_json(TreeId::Deliveries, &records::be(id))?;
+            out.parked_past_period += usize::from(d.is_some_and(|d| d.queued_at_ms <= held_since));
+        }
+        out.stats = self.retention_stats()?;
+        Ok(out)
+    }
+
+    /// Looks at (a batch of) the handovers stored before retention existed:
+    /// finished ones are scheduled from when they finished, and superseded
+    /// deliveries are linked to their replacement.
+    fn backfill(&mut self, staged: &mut Staged<'_>) -> Result<(), StoreError> {
+        let (next, last) = self.retention.backfill;
+        let mut cursor = records::be(next).to_vec();
+        cursor.extend_from_slice(&records::be(last));
+        // Written even when done, so that a restart does not start over.
+        staged.put(TreeId::Meta, META_BACKFILL, cursor);
+        if next > last {
+            return Ok(());
+        }
+        let end = last.min(next.saturating_add(self.options.retention.batch as u64 - 1));
+        for id in next..=end {
+            let Some(mut h) =
+                staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(id))?
+            else {
+                continue;
+            };
+            if h.finished_at_ms.is_some() {
+                continue;
+            }
+            let mut finished = Some(i64::MIN);
+            for did in &h.deliveries {
+                let d: Option<DeliveryRecord> =
+                    staged.get_json(TreeId::Deliveries, &records::be(*did))?;
+                let at = match d {
+                    Some(d) if d.state == DeliveryState::Superseded => {
+                        let by = d.superseded_by.unwrap_or(0);
+                        let replacement: Option<DeliveryRecord> =
+                            staged.get_json(TreeId::Deliveries, &records::be(by))?;
+                        let at = replacement.as_ref().and_then(finished_at);
+                        if at.is_none() {
+                            staged.put(
+                                TreeId::Superseded,
+                                records::superseded_key(by, d.id),
+                                Vec::new(),
+                            );
+                        }
+                        at
+                    }
+                    Some(d) => finished_at(&d),
+                    None => None,
+                };
+                finished = finished.zip(at).map(|(a, b)| a.max(b));
+            }
+            let Some(at) = finished.filter(|_| !h.deliveries.is_empty()) else {
+                continue;
+            };
+            h.finished_at_ms = Some(at);
+            staged.put_json(TreeId::Handovers, records::be(id).to_vec(), &h);
+            let policy = self.options.retention.clone();
+            self.schedule_retention(
+                staged,
+                at.saturating_add(policy.payload_grace_ms),
+                RetentionKind::Payload,
+                id,
+            );
+            self.schedule_retention(
+                staged,
+                at.saturating_add(policy.metadata_ms),
+                RetentionKind::Metadata,
+                id,
+            );
+        }
+        self.retention.backfill = (end + 1, last);
+        let mut cursor = records::be(end + 1).to_vec();
+        cursor.extend_from_slice(&records::be(last));
+        staged.put(TreeId::Meta, META_BACKFILL, cursor);
+        Ok(())
+    }
+
+    /// Destroys the wrapped data key, then the payload chunks.
+    fn shred(
+        &mut self,
+        staged: &mut Staged<'_>,
+        handover_id: u64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let Some(mut h) =
+            staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(handover_id))?
+        else {
+            return Ok(false);
+        };
+        if h.shredded_at_ms.is_some() {
+            return Ok(false);
+        }
+        staged.del(TreeId::DataKeys, records::be(h.id).to_vec());
+        for entry in self.trees[TreeId::Payloads as usize]
+            .scan_prefix(records::be(h.id))
+            .keys()
+        {
+            staged.del(TreeId::Payloads, entry?.to_vec());
+        }
+        h.shredded_at_ms = Some(now);
+        staged.put_json(TreeId::Handovers, records::be(h.id).to_vec(), &h);
+        self.retention.shredded += 1;
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: ACTOR.into(),
+                action: "shred",
+                handover_id: Some(h.id),
+                patient_key: Some(h.patient_key.clone()),
+                outcome: "ok: payload and data key removed under the retention policy".into(),
+                ..AuditEvent::default()
+            },
+            now,
+        );
+        Ok(true)
+    }
+
+    /// Removes a handover's tracking metadata, leaving a tombstone.
+    fn remove_metadata(
+        &mut self,
+        staged: &mut Staged<'_>,
+        handover_id: u64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.shred(staged, handover_id, now)?;
+        let Some(h) =
+            staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(handover_id))?
+        else {
+            return Ok(false);
+        };
+        for d in &h.deliveries {
+            staged.del(TreeId::Deliveries, records::be(*d).to_vec());
+        }
+        let dedupe = records::dedupe_key(&h.sender, &h.message_id);
+        if staged
+            .get(TreeId::Dedupe, &dedupe)?
+            .and_then(|v| records::from_be(&v))
+            == Some(h.id)
+        {
+            staged.del(TreeId::Dedupe, dedupe);
+        }
+        staged.del(TreeId::Handovers, records::be(h.id).to_vec());
+        let tombstone = Tombstone {
+            handover_id: h.id,
+            sender: h.sender.clone(),
+            message_id: h.message_id.clone(),
+            removed_at_ms: now,
+        };
+        staged.put_json(
+            TreeId::Tombstones,
+            records::tombstone_by_id(h.id),
+            &tombstone,
+        );
+        staged.put_json(
+            TreeId::Tombstones,
+            records::tombstone_by_message(&h.sender, &h.message_id),
+            &tombstone,
+        );
+        let due = now.saturating_add(self.options.retention.tombstone_ms);
+        self.schedule_retention(staged, due, RetentionKind::Tombstone, h.id);
+        self.retention.removed += 1;
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: ACTOR.into(),
+                action: "expire",
+                handover_id: Some(h.id),
+                patient_key: Some(h.patient_key.clone()),
+                outcome: "ok: tracking metadata removed under the retention policy".into(),
+                ..AuditEvent::default()
+            },
+            now,
+        );
+        Ok(true)
+    }
+
+    /// Opens a new key epoch when the newest is old enough, rewraps keys of
+    /// older epochs into the newest (a batch at most), and destroys older
+    /// epochs once the committed store holds no key of theirs.
+    fn turn_epochs_over(
+        &mut self,
+        staged: &mut Staged<'_>,
+        now: i64,
+        out: &mut RetentionOutcome,
+    ) -> Result<(), StoreError> {
+        let Some((current, opened_ms)) = self.cipher.current_epoch() else {
+            return Ok(());
+        };
+        let older: Vec<u32> = self
+            .cipher
+            .epochs()
+            .into_iter()
+            .filter(|n| *n < current)
+            .collect();
+        if !older.is_empty() || self.retention.legacy_keys {
+            let (remaining, rewrapped) = self.rewrap_older(staged, current)?;
+            out.keys_rewrapped = rewrapped;
+            // Committed keys still under an older epoch (rewrapped ones
+            // included until this batch commits): keep every older epoch.
+            if remaining == 0 {
+                for n in older {
+                    self.cipher.destroy_epoch(n)?;
+                    out.epochs_destroyed += 1;
+                }
+                self.retention.legacy_keys = false;
+            }
+        }
+        if now.saturating_sub(opened_ms) >= self.options.retention.key_epoch_ms {
+            self.cipher.open_new_epoch(now)?;
+        }
+        Ok(())
+    }
+
+    /// Rewraps up to a batch of committed keys not under epoch `current`;
+    /// returns (committed keys found under older epochs, keys rewrapped).
+    fn rewrap_older(
+        &mut self,
+        staged: &mut Staged<'_>,
+        current: u32,
+    ) -> Result<(usize, usize), StoreError> {
+        let batch = self.options.retention.batch.max(1);
+        let held = self.cipher.epochs();
+        let mut remaining = 0;
+        let mut rewrapped = 0;
+        for entry in self.trees[TreeId::DataKeys as usize].iter() {
+            let (key, wrapped) = entry?;
+            match PayloadCipher::epoch_of(&wrapped) {
+                Some(n) if n == current => continue,
+                // Its epoch is gone: nothing can read it, nothing to keep.
+                Some(n) if n != 0 && !held.contains(&n) => continue,
+                _ => {}
+            }
+            // Being shredded in this batch: gone whatever happens next.
+            let Some(now_staged) = staged.get(TreeId::DataKeys, &key)? else {
+                continue;
+            };
+            remaining += 1;
+            if rewrapped == batch || PayloadCipher::epoch_of(&now_staged) == Some(current) {
+                continue;
+            }
+            let id = records::from_be(&key).ok_or_else(|| corrupt("data key id"))?;
+            match self.cipher.rewrap(id, &now_staged) {
+                Ok(fresh) => {
+                    staged.put(TreeId::DataKeys, key.to_vec(), fresh);
+                    rewrapped += 1;
+                }
+                // Its epoch stays until someone looks: never fatal to the store.
+                Err(e) => {
+                    tracing::error!(handover_id = id, error = %e, "a data key cannot be rewrapped")
+                }
+            }
+        }
+        // Keys staged earlier in this batch under an older epoch.
+        remaining += staged
+            .pending(TreeId::DataKeys)
+            .filter_map(|(_, v)| v)
+            .filter(|v| PayloadCipher::epoch_of(v) != Some(current))
+            .count();
+        Ok((remaining, rewrapped))
+    }
+
+    /// The counts operators see.
+    pub(super) fn retention_stats(&self) -> Result<RetentionStats, StoreError> {
+        let next_due_ms = self.trees[TreeId::Retention as usize]
+            .first()?
+            .and_then(|(k, _)| records::split_retention_key(&k))
+            .map(|(at, _, _)| at);
+        let payloads_shredded = self.retention.shredded;
+        Ok(RetentionStats {
+            payloads_held: self.last_handover.saturating_sub(payloads_shredded),
+            payloads_in_grace: self.retention.count(RetentionKind::Payload),
+            payloads_shredded,
+            metadata_expiring: self.retention.count(RetentionKind::Metadata),
+            metadata_removed: self.retention.removed,
+            tombstones: self.retention.count(RetentionKind::Tombstone),
+            key_epochs: self.cipher.epochs().len() as u64,
+            next_due_ms,
+        })
+    }
+
+    /// The tombstone of a handover `sender` tracks, if its metadata was removed.
+    pub(super) fn tombstone_for(
+        &self,
+        staged: &Staged<'_>,
+        sender: &str,
+        key: &TrackKey,
+    ) -> Result<Option<Tombstone>, StoreError> {
+        let key = match key {
+            TrackKey::HandoverId(id) => records::tombstone_by_id(*id),
+            TrackKey::MessageId(m) => records::tombstone_by_message(sender, m),
+        };
+        Ok(staged
+            .get_json::<Tombstone>(TreeId::Tombstones, &key)?
+            .filter(|t| t.sender == sender))
+    }
+}
+
+fn remove_tombstone(staged: &mut Staged<'_>, handover_id: u64) -> Result<bool, StoreError> {
+    let by_id = records::tombstone_by_id(handover_id);
+    let Some(t) = staged.get_json::<Tombstone>(TreeId::Tombstones, &by_id)? else {
+        return Ok(false);
+    };
+    staged.del(TreeId::Tombstones, by_id);
+    // The message id may since have been used again and removed again.
+    let by_message = records::tombstone_by_message(&t.sender, &t.message_id);
+    if staged
+        .get_json::<Tombstone>(TreeId::Tombstones, &by_message)?
+        .is_some_and(|m| m.handover_id == handover_id)
+    {
+        staged.del(TreeId::Tombstones, by_message);
+    }
+    Ok(true)
+}

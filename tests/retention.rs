@@ -1,0 +1,546 @@
+//! Retention end to end, over real mutual TLS with a manual clock: a
+//! delivered payload is shredded a grace period after its ack (its key epoch
+//! destroyed, so nothing in the data directory opens it), Track and
+//! break-glass say so; tracking data goes after the metadata period and Track
+//! says why; the audit chain still verifies; parked releases, quarantined
+//! deliveries and superseded ones whose replacement is undelivered are kept.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use support::*;
+use throughcare::grpc::pb;
+use throughcare::store::crypt::PayloadCipher;
+use throughcare::store::{ManualClock, PatientIds};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+type Client = pb::handover_client::HandoverClient<tonic::transport::Channel>;
+
+async fn track(client: &mut Client, message_id: &str) -> Result<pb::TrackResponse, tonic::Status> {
+    client
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId(message_id.into())),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn deliver_all(client: &mut Client) -> Vec<pb::Delivery> {
+    let got = client.pull(pull(50)).await.unwrap().into_inner().deliveries;
+    for d in &got {
+        client
+            .ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+    }
+    got
+}
+
+/// Pulls and acks everything waiting for the GP `gp` and for probation (a
+/// release from YP001 also goes to its region's probation service).
+async fn deliver_release(gw: &TestGateway, gp: &str) -> usize {
+    let mut n = 0;
+    for who in [gp, "YPR01"] {
+        n += deliver_all(&mut gw.client(who).await).await.len();
+    }
+    n
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Files of `dir` that hold `needle` anywhere.
+fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|f| {
+            std::fs::read(f)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+        })
+        .collect()
+}
+
+/// What sled holds for handover `id`, read with sled directly (gateway stopped):
+/// (wrapped data key, sealed payload).
+fn stored_secrets(data: &Path, id: u64) -> (Vec<u8>, Vec<u8>) {
+    let db = sled::open(data.join("sled")).unwrap();
+    let key = db
+        .open_tree("data_keys")
+        .unwrap()
+        .get(id.to_be_bytes())
+        .unwrap()
+        .expect("a held payload has its data key")
+        .to_vec();
+    let mut sealed = Vec::new();
+    for chunk in db
+        .open_tree("payloads")
+        .unwrap()
+        .scan_prefix(id.to_be_bytes())
+    {
+        sealed.extend_from_slice(&chunk.unwrap().1[4..]);
+    }
+    (key, sealed)
+}
+
+fn epoch_files(data: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    files_under(&data.join("key-epochs"))
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_delivered_payload_is_shredded_after_the_grace_and_nothing_left_opens_it() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    let receipt = prison
+        .submit(release("keep-3-days", 1, &["YG001"], "retention marker"))
+        .await
+        .unwrap()
+        .into_inner();
+    let t = track(&mut prison, "keep-3-days").await.unwrap();
+    assert_eq!(t.finished_at, None, "not finished while queued");
+    assert_eq!(deliver_release(&gw, "YG001").await, 2);
+    let t = track(&mut prison, "keep-3-days").await.unwrap();
+    assert!(t.finished_at.is_some() && t.content_removed_at.is_none());
+
+    // What would let anyone read it: its wrapped key, sealed chunks, epoch key.
+    let (dir, config) = gw.stop().await;
+    let data = config.data_dir.clone();
+    let (wrapped, sealed) = stored_secrets(&data, receipt.handover_id);
+    let epochs_before = epoch_files(&data);
+    assert_eq!(epochs_before.len(), 1, "one key epoch so far");
+    let gw = TestGateway::start_in(dir, config, Arc::new(clock.clone())).await;
+    let mut prison = gw.client("YP001").await;
+
+    clock.advance(3 * DAY_MS - 1_000);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.shredded, 0, "still within the grace period");
+    assert_eq!(pass.stats.payloads_in_grace, 1);
+    clock.advance(2_000);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.shredded, 1);
+    assert_eq!(pass.stats.payloads_held, 0);
+    assert_eq!(pass.stats.payloads_shredded, 1);
+
+    // Track still answers, and says the content went and when.
+    let t = track(&mut prison, "keep-3-days").await.unwrap();
+    assert_eq!(t.deliveries[0].state(), pb::DeliveryState::Delivered);
+    let removed = t.content_removed_at.expect("content removal is reported");
+    assert_eq!(
+        removed.seconds * 1_000,
+        T0 + 3 * DAY_MS + 1_000,
+        "removed at the pass after the grace"
+    );
+    // A break-glass read finds no content, says why, and is audited.
+    let mut op = gw.operator().await;
+    let err = op
+        .break_glass_read(pb::BreakGlassReadRequest {
+            handover_id: receipt.handover_id,
+            reason: "checking what the practice received last week".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(reason(&err), "CONTENT_REMOVED_UNDER_RETENTION");
+    assert!(err.message().contains("retention policy"), "{err:?}");
+
+    // The next pass destroys the epoch that wrapped its key.
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.epochs_destroyed, 1);
+    let audit = gw.store.audit_entries().unwrap();
+    assert!(audit.iter().any(|e| e.action == "shred"
+        && e.handover_id == Some(receipt.handover_id)
+        && e.actor == "urn:gateway:retention"));
+    gw.store.verify_audit().unwrap();
+    let (_dir, config) = gw.stop().await;
+
+    // Raw scan: the epoch key is nowhere in the data directory, and
+    // everything left there (master key, remaining epochs) opens nothing.
+    for (path, bytes) in &epochs_before {
+        assert!(!path.exists(), "{} was destroyed", path.display());
+        assert!(holding(&data, bytes).is_empty(), "epoch key bytes remain");
+    }
+    let cipher = PayloadCipher::load_or_create(&data.join("master-key")).unwrap();
+    cipher
+        .open_epochs(&data.join("key-epochs"), T0 + 4 * DAY_MS)
+        .unwrap();
+    let err = cipher
+        .open(receipt.handover_id, Some(&wrapped), &sealed)
+        .unwrap_err();
+    assert!(err.to_string().contains("destroyed key epoch"), "{err}");
+    assert!(holding(&data, b"retention marker").is_empty());
+    drop(config);
+}
+
+#[tokio::test]
+async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    let receipt = prison
+        .submit(release("keep-84-days", 2, &["YG001"], "metadata marker"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deliver_release(&gw, "YG001").await, 2);
+    clock.advance(84 * DAY_MS - 1_000);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!((pass.shredded, pass.metadata_removed), (1, 0));
+    assert!(track(&mut prison, "keep-84-days").await.is_ok());
+    clock.advance(2_000);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.metadata_removed, 1);
+    assert_eq!(pass.stats.tombstones, 1);
+    assert!(gw.store.handover(receipt.handover_id).unwrap().is_none());
+
+    // By message id and by handover id: NOT_FOUND, removed under the policy.
+    let by_message = track(&mut prison, "keep-84-days").await.unwrap_err();
+    let by_id = prison
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::HandoverId(receipt.handover_id)),
+        })
+        .await
+        .unwrap_err();
+    for err in [&by_message, &by_id] {
+        assert_eq!(err.code(), Code::NotFound);
+        assert_eq!(reason(err), "REMOVED_UNDER_RETENTION");
+        assert!(err.message().contains("retention policy"), "{err:?}");
+    }
+    // Another sender learns nothing about it.
+    let mut other = gw.client("YP002").await;
+    let err = other
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::HandoverId(receipt.handover_id)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(reason(&err), "");
+    // Operators see the counts.
+    let status = gw
+        .operator()
+        .await
+        .retention_status(pb::RetentionStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            status.payloads_shredded,
+            status.metadata_removed,
+            status.tombstones
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(status.metadata_seconds, 84 * 86_400);
+    // The audit trail keeps every entry about it and still verifies.
+    let audit = gw.store.audit_entries().unwrap();
+    for action in ["submit", "pull", "ack", "shred", "expire"] {
+        assert!(
+            audit
+                .iter()
+                .any(|e| e.action == action && e.handover_id == Some(receipt.handover_id)),
+            "{action} is still audited"
+        );
+    }
+    gw.store.verify_audit().unwrap();
+    // After the tombstone period Track answers a bare NOT_FOUND.
+    clock.advance(365 * DAY_MS);
+    assert_eq!(gw.store.retention().await.unwrap().tombstones_removed, 1);
+    let err = track(&mut prison, "keep-84-days").await.unwrap_err();
+    assert_eq!((err.code(), reason(&err)), (Code::NotFound, String::new()));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn parked_and_quarantined_payloads_are_kept_until_resolved() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    let mut gp = gw.client("YG002").await;
+    // A release with no known GP is parked.
+    let parked = prison
+        .submit(throughcare::client::native_submit(
+            "no-gp",
+            pb::JourneyEvent::Release,
+            &[],
+            &throughcare::clinical::synthetic::release_summary(
+                nhs(3).parse().ok(),
+                None,
+                "YP001".parse().unwrap(),
+                None,
+                "parked marker",
+            ),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(parked.deliveries[0].destination, "@parked");
+    // A delivery the practice cannot take is quarantined.
+    let bad = prison
+        .submit(release("unreadable", 4, &["YG002"], "quarantine marker"))
+        .await
+        .unwrap()
+        .into_inner();
+    let d = gp.pull(pull(5)).await.unwrap().into_inner().deliveries;
+    gp.nack(pb::NackRequest {
+        delivery_id: d[0].delivery_id,
+        attempt: d[0].attempt,
+        permanent: true,
+        reason: "cannot file it".into(),
+    })
+    .await
+    .unwrap();
+
+    clock.advance(400 * DAY_MS);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!((pass.shredded, pass.metadata_removed), (0, 0));
+    assert_eq!(pass.parked_past_period, 1, "a parked release escalates");
+    assert_eq!(pass.stats.payloads_held, 2, "{pass:?} {parked:?} {bad:?}");
+    let mut op = gw.operator().await;
+    for id in [parked.handover_id, bad.handover_id] {
+        op.break_glass_read(pb::BreakGlassReadRequest {
+            handover_id: id,
+            reason: "checking content is still held for the claim".into(),
+        })
+        .await
+        .expect("content is still held");
+    }
+    assert_eq!(
+        op.list_parked(pb::ListParkedRequest { limit: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries
+            .len(),
+        1
+    );
+
+    // Redriven and delivered, the quarantined one then follows the policy.
+    op.redrive(pb::RedriveRequest {
+        delivery_ids: vec![d[0].delivery_id],
+        mailbox: String::new(),
+    })
+    .await
+    .unwrap();
+    // The practice's redriven delivery, and probation's copies of both
+    // releases: the parked one is still not finished (its GP copy waits).
+    assert_eq!(deliver_release(&gw, "YG002").await, 3);
+    clock.advance(3 * DAY_MS);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.shredded, 1);
+    let t = track(&mut prison, "unreadable").await.unwrap();
+    assert!(t.content_removed_at.is_some());
+    assert!(
+        gw.store
+            .handover(parked.handover_id)
+            .unwrap()
+            .unwrap()
+            .shredded_at_ms
+            .is_none(),
+        "the parked release is never removed"
+    );
+    // Rotated epochs rewrapped the held keys: the parked one still reads.
+    gw.store.retention().await.unwrap();
+    op.break_glass_read(pb::BreakGlassReadRequest {
+        handover_id: parked.handover_id,
+        reason: "checking content is still held after rotation".into(),
+    })
+    .await
+    .expect("rewrapped under the newest epoch");
+    gw.store.verify_audit().unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_superseded_payload_waits_for_its_replacement_to_be_delivered() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    let mut gp = gw.client("YG001").await;
+    let old = prison
+        .submit(release("first", 5, &["YG001"], "first version"))
+        .await
+        .unwrap()
+        .into_inner();
+    let new = prison
+        .submit(release("second", 5, &["YG001"], "second version"))
+        .await
+        .unwrap()
+        .into_inner();
+    let t = track(&mut prison, "first").await.unwrap();
+    assert_eq!(t.deliveries[0].state(), pb::DeliveryState::Superseded);
+    clock.advance(10 * DAY_MS);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.shredded, 0, "the replacement is not delivered yet");
+    let got = deliver_all(&mut gp).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].handover_id, new.handover_id);
+    assert!(
+        track(&mut prison, "first")
+            .await
+            .unwrap()
+            .finished_at
+            .is_none(),
+        "probation has not had the replacement yet"
+    );
+    assert_eq!(deliver_release(&gw, "YG001").await, 1);
+    assert!(
+        track(&mut prison, "first")
+            .await
+            .unwrap()
+            .finished_at
+            .is_some()
+    );
+    clock.advance(3 * DAY_MS);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.shredded, 2);
+    for id in [old.handover_id, new.handover_id] {
+        assert!(
+            gw.store
+                .handover(id)
+                .unwrap()
+                .unwrap()
+                .shredded_at_ms
+                .is_some()
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn retention_config_is_checked_before_serving() {
+    let err = throughcare::config::Config::from_toml(
+        "[retention]\npayload_grace_seconds = 864000\nmetadata_seconds = 86400\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err();
+    assert_eq!(err.field, "retention.metadata_seconds");
+    let clock = ManualClock::new(T0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = throughcare::config::Config {
+        data_dir: dir.path().join("data"),
+        certs_dir: dir.path().join("certs"),
+        ..throughcare::config::Config::default()
+    };
+    config.retention.batch = 0;
+    let err = throughcare::app::Prepared::new(config, Arc::new(clock))
+        .err()
+        .expect("refused");
+    assert_eq!(err.exit_code(), 64);
+    assert!(!dir.path().join("data").exists(), "no store was opened");
+}
+
+/// A store written before retention existed: no index entries, no
+/// `finished_at_ms`, no superseded links. The first passes find its
+/// finished handovers and schedule them from when they finished.
+#[tokio::test]
+async fn handovers_stored_before_retention_are_found_and_scheduled() {
+    use throughcare::journey::JourneyEvent;
+    use throughcare::store::{NewDelivery, NewHandover, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let open =
+        || Store::open(dir.path(), StoreOptions::default(), Arc::new(clock.clone())).unwrap();
+    let store = open();
+    let new = |message_id: &str| NewHandover {
+        actor: "urn:ods:YP001".into(),
+        sender: "YP001".into(),
+        message_id: message_id.into(),
+        event: JourneyEvent::Release,
+        patient: PatientIds {
+            nhs: Some("p1".into()),
+            prison: None,
+        },
+        claim_keys: Vec::new(),
+        requested_destinations: vec!["YG001".into()],
+        destinations: vec![NewDelivery {
+            mailbox: "YG001".into(),
+            ..NewDelivery::default()
+        }],
+        payload: message_id.as_bytes().to_vec(),
+        supersede: true,
+    };
+    store.submit(new("old-1")).await.unwrap();
+    let leased = store
+        .pull("urn:ods:YG001", "YG001", 1, 60_000)
+        .await
+        .unwrap();
+    store
+        .ack("urn:ods:YG001", "YG001", leased[0].delivery.id, 1)
+        .await
+        .unwrap();
+    store.submit(new("old-2")).await.unwrap();
+    store.submit(new("old-3")).await.unwrap(); // supersedes old-2
+    store.close().await.unwrap();
+    drop(store);
+    // Make it look like a store from before retention.
+    {
+        let db = sled::open(dir.path().join("sled")).unwrap();
+        db.open_tree("retention").unwrap().clear().unwrap();
+        db.open_tree("superseded").unwrap().clear().unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .remove("retention_backfill")
+            .unwrap();
+        let handovers = db.open_tree("handovers").unwrap();
+        for entry in handovers.iter() {
+            let (k, v) = entry.unwrap();
+            let mut h: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            h.as_object_mut().unwrap().remove("finished_at_ms");
+            handovers
+                .insert(k, serde_json::to_vec(&h).unwrap())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let store = open();
+    let pass = store.retention().await.unwrap();
+    assert_eq!(pass.stats.payloads_in_grace, 1, "old-1 was found finished");
+    clock.advance(3 * DAY_MS);
+    assert_eq!(store.retention().await.unwrap().shredded, 1);
+    // old-2 waits for old-3, which is linked now and then delivered.
+    let leased = store
+        .pull("urn:ods:YG001", "YG001", 1, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(leased[0].handover.message_id, "old-3");
+    store
+        .ack("urn:ods:YG001", "YG001", leased[0].delivery.id, 1)
+        .await
+        .unwrap();
+    clock.advance(3 * DAY_MS);
+    assert_eq!(store.retention().await.unwrap().shredded, 2);
+    store.verify_audit().unwrap();
+    store.close().await.unwrap();
+}
