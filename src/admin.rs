@@ -606,7 +606,12 @@ pub async fn store(command: StoreCommand, json: bool) -> anyhow::Result<()> {
         reason,
     )
     .await
-    .with_context(|| format!("opening {} (is the gateway stopped?)", config.data_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "opening {} (is the gateway stopped?)",
+            config.data_dir.display()
+        )
+    })?;
     let mut rows = Rows::new(&["handover", "sender", "message_id", "accepted"]);
     for a in &rollback.missing {
         rows.push(json!({
@@ -627,7 +632,11 @@ pub async fn store(command: StoreCommand, json: bool) -> anyhow::Result<()> {
             "the witness promised {} committed batches and {} audit entries{}; the store holds {} and {}",
             w.commit_seq,
             w.audit_seq,
-            if rollback.witness_signed { "" } else { " (its signature does NOT verify)" },
+            if rollback.witness_signed {
+                ""
+            } else {
+                " (its signature does NOT verify)"
+            },
             rollback.store_commit_seq,
             rollback.store_audit_seq
         ),
@@ -641,7 +650,11 @@ pub async fn store(command: StoreCommand, json: bool) -> anyhow::Result<()> {
         rollback.missing_batches(),
         rollback.missing_audit_entries(),
         rollback.missing.len(),
-        if rollback.missing.is_empty() { "" } else { " (ask each sender to resend its message id):" }
+        if rollback.missing.is_empty() {
+            ""
+        } else {
+            " (ask each sender to resend its message id):"
+        }
     );
     if !rollback.missing.is_empty() {
         rows.print(false)?;

@@ -161,7 +161,9 @@ impl AuditKey {
     /// The file cannot be read or holds fewer than 32 bytes.
     pub fn load(path: &Path) -> io::Result<Option<Self>> {
         match std::fs::read(path) {
-            Ok(secret) if secret.len() >= 32 => Ok(Some(Self::from_secret(&Zeroizing::new(secret)))),
+            Ok(secret) if secret.len() >= 32 => {
+                Ok(Some(Self::from_secret(&Zeroizing::new(secret))))
+            }
             Ok(_) => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("audit key {} holds fewer than 32 bytes", path.display()),
@@ -509,7 +511,7 @@ impl PatientKeyer {
 
 /// The bytes of a hex string, if it is one.
 pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -612,7 +614,8 @@ mod tests {
         // The forger recomputes from entry 3 on, as a plain chain allows.
         let mut forged = entries[..2].to_vec();
         let last: AuditEntry = serde_json::from_slice(&entries[1]).unwrap();
-        let mut forger = AuditChain::resume(Some(&last), Some(key(b"a guess at the key, 32 bytes!!!!")));
+        let mut forger =
+            AuditChain::resume(Some(&last), Some(key(b"a guess at the key, 32 bytes!!!!")));
         forged.extend(linked(&mut forger, 4));
         assert_eq!(
             verify(slices(&forged), Some(&k), None),
@@ -646,7 +649,9 @@ mod tests {
         let entries = linked(&mut chain, 8);
         let anchor = anchor_of(&entries[7], 1);
         assert_eq!(
-            verify(slices(&entries), Some(&k), Some(&anchor)).unwrap().anchored,
+            verify(slices(&entries), Some(&k), Some(&anchor))
+                .unwrap()
+                .anchored,
             Some(8)
         );
         // The newest three deleted: every remaining link holds.
@@ -672,7 +677,10 @@ mod tests {
             .collect();
         assert!(matches!(
             verify(slices(&others), Some(&k), Some(&anchor)),
-            Err(ChainError::Broken { seq: 1.., what: "differs from the anchored checkpoint" })
+            Err(ChainError::Broken {
+                seq: 1..,
+                what: "differs from the anchored checkpoint"
+            })
         ));
     }
 
@@ -698,7 +706,11 @@ mod tests {
         let mut plain = AuditChain::resume(None, None);
         let all_plain = linked(&mut plain, 6);
         assert_eq!(
-            verify(slices(&all_plain), Some(&k), Some(&anchor_of(&all_plain[5], 4))),
+            verify(
+                slices(&all_plain),
+                Some(&k),
+                Some(&anchor_of(&all_plain[5], 4))
+            ),
             Err(ChainError::Broken {
                 seq: 4,
                 what: "unkeyed entry at or after the key boundary the anchor records"
@@ -725,7 +737,10 @@ mod tests {
         moved.checkpoint.audit_seq = 6;
         assert!(!moved.verifies(&k));
         let json = serde_json::to_string(&signed).unwrap();
-        assert_eq!(serde_json::from_str::<SignedCheckpoint>(&json).unwrap(), signed);
+        assert_eq!(
+            serde_json::from_str::<SignedCheckpoint>(&json).unwrap(),
+            signed
+        );
     }
 
     #[test]

@@ -314,7 +314,10 @@ impl Config {
             config.tls.crl.clone_from(&overrides.crl);
         }
         if overrides.witness_dir.is_some() {
-            config.integrity.witness_dir.clone_from(&overrides.witness_dir);
+            config
+                .integrity
+                .witness_dir
+                .clone_from(&overrides.witness_dir);
         }
         config.validate()?;
         Ok(config)
@@ -598,15 +601,28 @@ mod tests {
         assert!(config.witness_dir().ends_with("data.witness"));
         config.validate().unwrap();
         for (toml, field) in [
-            ("data_dir = \"d\"\n[integrity]\nwitness_dir = \"d/w\"\n", "integrity.witness_dir"),
-            ("data_dir = \"d/w\"\n[integrity]\nwitness_dir = \"d\"\n", "integrity.witness_dir"),
-            ("data_dir = \"d\"\n[integrity]\nwitness_dir = \"./d/../d\"\n", "integrity.witness_dir"),
-            ("data_dir = \"d\"\n[integrity]\naudit_key_file = \"d/audit-key\"\n", "integrity.audit_key_file"),
+            (
+                "data_dir = \"d\"\n[integrity]\nwitness_dir = \"d/w\"\n",
+                "integrity.witness_dir",
+            ),
+            (
+                "data_dir = \"d/w\"\n[integrity]\nwitness_dir = \"d\"\n",
+                "integrity.witness_dir",
+            ),
+            (
+                "data_dir = \"d\"\n[integrity]\nwitness_dir = \"./d/../d\"\n",
+                "integrity.witness_dir",
+            ),
+            (
+                "data_dir = \"d\"\n[integrity]\naudit_key_file = \"d/audit-key\"\n",
+                "integrity.audit_key_file",
+            ),
         ] {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
             assert_eq!(err.field, field, "{toml}");
         }
-        let ok = Config::from_toml("data_dir = \"d\"\n[integrity]\nwitness_dir = \"dw\"\n").unwrap();
+        let ok =
+            Config::from_toml("data_dir = \"d\"\n[integrity]\nwitness_dir = \"dw\"\n").unwrap();
         ok.validate().unwrap();
         assert_eq!(ok.audit_key_file(), PathBuf::from("dw/audit-key"));
     }

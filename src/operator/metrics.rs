@@ -166,8 +166,7 @@ impl BarrierObserver for BarrierMetrics {
     }
 
     fn anchored(&self, checkpoint: &crate::audit::Checkpoint) {
-        self.anchored_audit_seq
-            .set(gauge_i64(checkpoint.audit_seq));
+        self.anchored_audit_seq.set(gauge_i64(checkpoint.audit_seq));
         self.anchored_commit_seq
             .set(gauge_i64(checkpoint.commit_seq));
     }

@@ -295,11 +295,9 @@ pub fn create(
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("new");
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?;
+    let mut opts = OpenOptions::new();
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let file = opts.write(true).create(true).truncate(true).open(&tmp)?;
     file.write_all_at(&sign(key, checkpoint).encode(), SLOTS[0])?;
     file.write_all_at(&journal_bytes(journal), JOURNAL_START)?;
     file.set_len(JOURNAL_START.max(file.metadata()?.len()))?;
@@ -504,6 +502,9 @@ mod tests {
             Path::new("/srv/data/../data/keys/k"),
             Path::new("/srv/data")
         ));
-        assert!(!is_within(Path::new("/srv/database"), Path::new("/srv/data")));
+        assert!(!is_within(
+            Path::new("/srv/database"),
+            Path::new("/srv/data")
+        ));
     }
 }

@@ -155,7 +155,10 @@ fn audit_key(
 }
 
 /// Acknowledged handovers in `journal` that the store does not hold.
-fn missing(trees: &[sled::Tree], journal: &[(u64, Acknowledged)]) -> Result<Vec<Acknowledged>, StoreError> {
+fn missing(
+    trees: &[sled::Tree],
+    journal: &[(u64, Acknowledged)],
+) -> Result<Vec<Acknowledged>, StoreError> {
     let dedupe = &trees[TreeId::Dedupe as usize];
     let mut out = Vec::new();
     for (_, a) in journal {
@@ -180,7 +183,8 @@ pub(super) fn open_checked(
     let record = match witness {
         None if found.is_empty() => {
             high_water::create(&paths.file, &key, found.checkpoint(now_ms()), &[])?;
-            high_water::read(&paths.file)?.ok_or_else(|| refuse("vanished after it was made".into()))?
+            high_water::read(&paths.file)?
+                .ok_or_else(|| refuse("vanished after it was made".into()))?
         }
         None => {
             return Err(refuse(format!(
@@ -308,7 +312,10 @@ pub(super) fn rebase(paths: &WitnessPaths, trees: &[sled::Tree]) -> Result<Rollb
         .collect();
     high_water::create(&paths.file, &key, found.checkpoint(now_ms()), &kept)?;
     Ok(Rollback {
-        witness_signed: record.head.as_ref().is_some_and(|h| h.signed().verifies(&key)),
+        witness_signed: record
+            .head
+            .as_ref()
+            .is_some_and(|h| h.signed().verifies(&key)),
         witness: record.head.map(|h| h.checkpoint),
         store_commit_seq: found.commit_seq,
         store_audit_seq: found.audit_seq,
@@ -329,7 +336,10 @@ pub fn latest_checkpoint(
         StoreError::Witness(format!("witness {} is missing", paths.file.display()))
     })?;
     let head = record.head.ok_or_else(|| {
-        StoreError::Witness(format!("witness {} has no readable head", paths.file.display()))
+        StoreError::Witness(format!(
+            "witness {} has no readable head",
+            paths.file.display()
+        ))
     })?;
     let signed = head.signed();
     let verifies = AuditKey::load(&paths.key)?.map(|k| signed.verifies(&k));

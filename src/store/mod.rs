@@ -406,11 +406,22 @@ impl Store {
             .collect();
         let outcome = format!(
             "ok: witness re-based from {} to {} committed batches; {} acknowledged handovers missing{}{}; reason: {reason}",
-            rollback.witness.as_ref().map_or_else(|| "none".into(), |w| w.commit_seq.to_string()),
+            rollback
+                .witness
+                .as_ref()
+                .map_or_else(|| "none".into(), |w| w.commit_seq.to_string()),
             rollback.store_commit_seq,
             rollback.missing.len(),
-            if ids.is_empty() { String::new() } else { format!(" (ids {})", ids.join(" ")) },
-            if rollback.missing.len() > ids.len() { " ..." } else { "" },
+            if ids.is_empty() {
+                String::new()
+            } else {
+                format!(" (ids {})", ids.join(" "))
+            },
+            if rollback.missing.len() > ids.len() {
+                " ..."
+            } else {
+                ""
+            },
         );
         let recorded = store
             .record(crate::audit::AuditEvent {
