@@ -283,3 +283,67 @@ fn a_deleted_or_rolled_back_witness_is_refused() {
     submit(dir.path(), port, "after");
     stop(server);
 }
+
+/// A store from before the witness and the audit key: plain-hash (v1) audit
+/// entries, data, no witness. Refused until an operator decides; then its
+/// chain continues keyed from the decision's own entry, and the boundary is
+/// anchored.
+#[tokio::test]
+async fn a_store_from_before_the_key_is_upgraded_by_an_explicit_decision() {
+    use std::sync::Arc;
+    use throughcare::audit::{AuditChain, AuditEvent};
+    use throughcare::store::{Store, StoreError, StoreOptions, SystemClock};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let db = sled::open(data.join("sled")).unwrap();
+        let audit = db.open_tree("audit").unwrap();
+        let mut chain = AuditChain::resume(None, None);
+        for i in 0..3 {
+            let e = chain.link(
+                AuditEvent {
+                    actor: "urn:ods:YP001".into(),
+                    action: "connect",
+                    outcome: "ok".into(),
+                    ..AuditEvent::default()
+                },
+                i,
+            );
+            assert_eq!(e.chain, None);
+            audit
+                .insert(e.seq.to_be_bytes(), serde_json::to_vec(&e).unwrap())
+                .unwrap();
+        }
+        db.open_tree("meta")
+            .unwrap()
+            .insert("commit_seq", &3u64.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let open = || Store::open(&data, StoreOptions::default(), Arc::new(SystemClock));
+    match open() {
+        Err(e @ StoreError::Witness(_)) => assert!(e.to_string().contains("missing"), "{e}"),
+        other => panic!("an old store must be refused: {:?}", other.err()),
+    }
+    let rollback = Store::accept_rollback(
+        &data,
+        StoreOptions::default(),
+        Arc::new(SystemClock),
+        "local:upgrade",
+        "upgrade to the keyed audit chain",
+    )
+    .await
+    .unwrap();
+    assert!(rollback.witness.is_none() && rollback.missing.is_empty());
+    let store = open().unwrap();
+    let entries = store.audit_entries().unwrap();
+    assert_eq!(entries.len(), 4);
+    assert_eq!(entries[3].action, "accept_rollback");
+    assert_eq!(entries[3].chain, Some(throughcare::audit::KEYED));
+    store.close().await.unwrap();
+    drop(store);
+    let verified =
+        throughcare::store::integrity::verify_audit(&data, &StoreOptions::default(), &[]).unwrap();
+    assert_eq!((verified.entries, verified.keyed_from), (4, Some(4)));
+}
