@@ -155,14 +155,20 @@ fn audit_key(
 }
 
 /// Acknowledged handovers in `journal` that the store does not hold.
+///
+/// Only records of batches after the store's last count: a handover of an
+/// earlier batch that is gone was removed by retention, not lost.
 fn missing(
     trees: &[sled::Tree],
     journal: &[(u64, Acknowledged)],
+    store_commit_seq: u64,
 ) -> Result<Vec<Acknowledged>, StoreError> {
     let dedupe = &trees[TreeId::Dedupe as usize];
     let mut out = Vec::new();
     for (_, a) in journal {
-        if !dedupe.contains_key(records::dedupe_key(&a.sender, &a.message_id))? {
+        if a.commit_seq > store_commit_seq
+            && !dedupe.contains_key(records::dedupe_key(&a.sender, &a.message_id))?
+        {
             out.push(a.clone());
         }
     }
@@ -204,7 +210,7 @@ pub(super) fn open_checked(
     }
     let promised = head.checkpoint.commit_seq;
     if found.commit_seq < promised {
-        let lost = missing(trees, &record.journal)?;
+        let lost = missing(trees, &record.journal, found.commit_seq)?;
         return Err(StoreError::Behind {
             promised,
             found: found.commit_seq,
@@ -298,13 +304,14 @@ pub(super) fn rebase(paths: &WitnessPaths, trees: &[sled::Tree]) -> Result<Rollb
     let witness = high_water::read(&paths.file)?;
     let key = audit_key(paths, &found, witness.as_ref())?;
     let record = witness.unwrap_or_default();
-    let lost = missing(trees, &record.journal)?;
+    let lost = missing(trees, &record.journal, found.commit_seq)?;
+    let lost_ids: std::collections::HashSet<u64> = lost.iter().map(|a| a.handover_id).collect();
     // What the store still holds stays in the journal, for a later, older restore.
     let kept: Vec<Acknowledged> = record
         .journal
         .iter()
         .map(|(_, a)| a)
-        .filter(|a| !lost.contains(a))
+        .filter(|a| a.commit_seq <= found.commit_seq || !lost_ids.contains(&a.handover_id))
         .map(|a| Acknowledged {
             commit_seq: a.commit_seq.min(found.commit_seq),
             ..a.clone()
