@@ -57,8 +57,9 @@ enum Command {
     Man,
     /// Measure durable submits/s, latency, messages per fsync, pull+ack/s and RSS.
     Bench(throughcare::bench::BenchOptions),
-    /// Operator calls to a running gateway (tables, or --json), and checks
-    /// of a stopped gateway's data directory (`admin audit verify`).
+    /// Operator calls to a running gateway (tables, or --json); checks and
+    /// decisions on a stopped gateway's store (`admin audit verify`,
+    /// `admin store accept-rollback`).
     Admin {
         #[command(flatten)]
         operator: throughcare::admin::OperatorArgs,
@@ -90,6 +91,9 @@ struct ServeArgs {
     /// Prometheus metrics listen address (plain HTTP), e.g. 127.0.0.1:9464.
     #[arg(long, env = "THROUGHCARE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Witness directory, outside the data directory (default `<data-dir>.witness`).
+    #[arg(long, env = "THROUGHCARE_WITNESS_DIR")]
+    witness_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -142,29 +146,18 @@ struct ConvertArgs {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// The audit trail of a stopped gateway's data directory.
+    /// The audit trail: verify, list, and the signed anchor to record elsewhere.
     Audit {
         #[command(subcommand)]
-        command: AuditCommand,
+        command: throughcare::admin::AuditCommand,
+    },
+    /// Decisions about a stopped gateway's store (after a restore).
+    Store {
+        #[command(subcommand)]
+        command: throughcare::admin::StoreCommand,
     },
     #[command(flatten)]
     Operator(throughcare::admin::OperatorCommand),
-}
-
-#[derive(Subcommand)]
-enum AuditCommand {
-    /// Walk the hash chain and report the first broken link.
-    Verify {
-        /// Data directory of a stopped gateway.
-        #[arg(long, default_value = "data")]
-        data_dir: PathBuf,
-    },
-    /// Print every entry, one JSON object a line.
-    List {
-        /// Data directory of a stopped gateway.
-        #[arg(long, default_value = "data")]
-        data_dir: PathBuf,
-    },
 }
 
 /// Logs go to standard error; `default` is the level unless `RUST_LOG` says otherwise.
@@ -219,6 +212,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         registry: args.registry,
         crl: args.crl,
         metrics_listen: args.metrics_listen,
+        witness_dir: args.witness_dir,
     };
     let fail = |e: throughcare::app::AppError| {
         tracing::error!(error = %e, "gateway stopped");
@@ -318,45 +312,14 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin {
-            command:
-                AdminCommand::Audit {
-                    command: AuditCommand::Verify { data_dir },
-                },
+            command: AdminCommand::Audit { command },
             ..
-        } => {
-            let store = open_stopped_store(&data_dir)?;
-            let result = store.verify_audit();
-            store.close().await?;
-            let n = result.context("audit chain does NOT verify")?;
-            println!("audit chain verifies: {n} entries");
-            Ok(())
-        }
+        } => throughcare::admin::audit(command).await,
         Command::Admin {
-            command:
-                AdminCommand::Audit {
-                    command: AuditCommand::List { data_dir },
-                },
-            ..
-        } => {
-            let store = open_stopped_store(&data_dir)?;
-            let entries = store.audit_entries();
-            store.close().await?;
-            for entry in entries? {
-                println!("{}", serde_json::to_string(&entry)?);
-            }
-            Ok(())
-        }
+            operator,
+            command: AdminCommand::Store { command },
+        } => throughcare::admin::store(command, operator.json).await,
     }
-}
-
-/// Opens a stopped gateway's store for an offline admin check.
-fn open_stopped_store(data_dir: &std::path::Path) -> anyhow::Result<throughcare::store::Store> {
-    throughcare::store::Store::open(
-        data_dir,
-        throughcare::store::StoreOptions::default(),
-        std::sync::Arc::new(throughcare::store::SystemClock),
-    )
-    .with_context(|| format!("opening {} (is the gateway stopped?)", data_dir.display()))
 }
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {

@@ -54,8 +54,9 @@ impl BarrierObserver for FailAt {
 }
 
 fn open(dir: &std::path::Path, observer: Option<Arc<dyn BarrierObserver>>) -> Store {
+    // A subdirectory, so the witness beside it stays in the temporary directory.
     Store::open(
-        dir,
+        &dir.join("data"),
         StoreOptions {
             observer,
             ..StoreOptions::default()

@@ -236,8 +236,9 @@ fn error_name(e: &StoreError) -> &'static str {
 }
 
 fn open(dir: &Path, clock: &ManualClock) -> Store {
+    // A subdirectory, so the witness beside it stays in the temporary directory.
     Store::open(
-        dir,
+        &dir.join("data"),
         StoreOptions {
             max_attempts: MAX_ATTEMPTS,
             retry_backoff_ms: BACKOFF_MS,

@@ -62,7 +62,10 @@ impl ApiError {
                 | StoreError::LeaseExpired
                 | StoreError::NotLeased(_) => Code::FailedPrecondition,
                 StoreError::Unavailable(_) => Code::Unavailable,
-                StoreError::Corrupt(_) | StoreError::Behind { .. } => Code::DataLoss,
+                StoreError::Corrupt(_)
+                | StoreError::Behind { .. }
+                | StoreError::Witness(_)
+                | StoreError::AuditKey(_) => Code::DataLoss,
                 StoreError::Sled(_) | StoreError::Io(_) => Code::Internal,
             },
         }

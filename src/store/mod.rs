@@ -10,8 +10,11 @@
 //!   change when idle, many under load.
 //! - Payload chunks carry a CRC-32 and the whole payload a SHA-256, both
 //!   checked on every read.
-//! - The high-water file promises how many batches were durable; a store that
-//!   opens with fewer refuses with [`StoreError::Behind`].
+//! - The witness (outside the data directory, [`high_water`]) promises how
+//!   many batches were durable and anchors the audit chain's head; a store
+//!   that opens with fewer batches refuses with [`StoreError::Behind`], one
+//!   without its witness or at odds with it with [`StoreError::Witness`]
+//!   (see [`integrity`]).
 //! - After a failed commit or barrier the store refuses all further changes
 //!   ([`StoreError::Unavailable`]): after a failed `fsync` nothing since the
 //!   last good one can be trusted, so the process must restart and reload.
@@ -21,8 +24,9 @@
 mod barrier;
 pub mod clock;
 pub mod crypt;
-mod high_water;
+pub mod high_water;
 mod identity;
+pub mod integrity;
 mod key_epochs;
 pub mod records;
 mod schedule;
@@ -36,6 +40,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use integrity::{AuditVerification, Rollback, WitnessPaths};
 pub use records::{
     DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX, Tombstone,
 };
@@ -107,16 +112,27 @@ pub enum StoreError {
     /// Stored data failed a checksum or could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    /// The store holds fewer committed batches than it promised.
+    /// The store holds fewer committed batches than its witness promised.
     #[error(
-        "store has lost acknowledged data: the high-water file promises {promised} committed batches but the store holds {found}"
+        "store has lost acknowledged data: the witness promises {promised} committed batches but the store holds {found} ({} batches missing, {missing_handovers} acknowledged handovers the witness knew of are gone; a restored backup?). Nothing is served until an operator lists them and decides: `throughcare admin store accept-rollback --reason ...`",
+        promised - found
     )]
     Behind {
-        /// Batches promised by the high-water file.
+        /// Batches promised by the witness.
         promised: u64,
         /// Batches found in the store.
         found: u64,
+        /// Acknowledged handovers in the witness's journal the store lacks.
+        missing_handovers: usize,
     },
+    /// The witness is missing for a store with data, or contradicts it.
+    #[error(
+        "{0}. Nothing is served until an operator decides: `throughcare admin store accept-rollback --reason ...` (docs/store.md)"
+    )]
+    Witness(String),
+    /// The audit key cannot be used.
+    #[error("{0}")]
+    AuditKey(String),
     /// sled failed.
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
@@ -164,6 +180,10 @@ pub struct StoreOptions {
     /// The master key wrapping payload data keys; default
     /// `<dir>/master-key`, created when absent (see [`crypt`]).
     pub master_key_file: Option<std::path::PathBuf>,
+    /// Where the witness lives; default `<dir>.witness` ([`high_water`]).
+    pub witness_dir: Option<std::path::PathBuf>,
+    /// The audit key; default `<witness_dir>/audit-key`, created for a new store.
+    pub audit_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreOptions {
@@ -176,6 +196,8 @@ impl Default for StoreOptions {
             retention: RetentionPolicy::default(),
             observer: None,
             master_key_file: None,
+            witness_dir: None,
+            audit_key_file: None,
         }
     }
 }
@@ -408,6 +430,7 @@ struct Inner {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     cipher: Arc<crypt::PayloadCipher>,
     retention: RetentionPolicy,
+    audit_key: Arc<crate::audit::AuditKey>,
 }
 
 /// The durable store; cheap to clone, all clones share one writer.
@@ -417,17 +440,82 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`, checks its high-water mark and
-    /// rebuilds the queue index.
+    /// Opens (or creates) the store in `dir`, checks it against its witness
+    /// and rebuilds the queue index.
     ///
     /// # Errors
-    /// [`StoreError::Behind`] when acknowledged data is missing; I/O or sled
-    /// errors; [`StoreError::Corrupt`] for undecodable records.
+    /// [`StoreError::Behind`] when acknowledged data is missing,
+    /// [`StoreError::Witness`] when the witness is missing or contradicts the
+    /// store, [`StoreError::AuditKey`]; I/O or sled errors;
+    /// [`StoreError::Corrupt`] for undecodable records.
     pub fn open(
         dir: &Path,
         options: StoreOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<Store, StoreError> {
+        Self::open_with(dir, options, clock, false).map(|(store, _)| store)
+    }
+
+    /// The operator's decision after a restore: lists the acknowledged
+    /// handovers the witness knew of and the store lacks, re-bases the
+    /// witness to what the store holds, and records that in the store's audit
+    /// trail as `actor` with `reason`. For a stopped store only.
+    ///
+    /// # Errors
+    /// As for [`Store::open`], bar the witness checks.
+    pub async fn accept_rollback(
+        dir: &Path,
+        options: StoreOptions,
+        clock: Arc<dyn Clock>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Rollback, StoreError> {
+        let (store, rollback) = Self::open_with(dir, options, clock, true)?;
+        let rollback = rollback.expect("re-based on request");
+        let ids: Vec<String> = rollback
+            .missing
+            .iter()
+            .take(100)
+            .map(|a| a.handover_id.to_string())
+            .collect();
+        let outcome = format!(
+            "ok: witness re-based from {} to {} committed batches; {} acknowledged handovers missing{}{}; reason: {reason}",
+            rollback
+                .witness
+                .as_ref()
+                .map_or_else(|| "none".into(), |w| w.commit_seq.to_string()),
+            rollback.store_commit_seq,
+            rollback.missing.len(),
+            if ids.is_empty() {
+                String::new()
+            } else {
+                format!(" (ids {})", ids.join(" "))
+            },
+            if rollback.missing.len() > ids.len() {
+                " ..."
+            } else {
+                ""
+            },
+        );
+        let recorded = store
+            .record(crate::audit::AuditEvent {
+                actor: actor.to_owned(),
+                action: "accept_rollback",
+                outcome,
+                ..crate::audit::AuditEvent::default()
+            })
+            .await;
+        let closed = store.close().await;
+        recorded.and(closed)?;
+        Ok(rollback)
+    }
+
+    fn open_with(
+        dir: &Path,
+        options: StoreOptions,
+        clock: Arc<dyn Clock>,
+        rebase: bool,
+    ) -> Result<(Store, Option<Rollback>), StoreError> {
         std::fs::create_dir_all(dir)?;
         let cipher = Arc::new(crypt::PayloadCipher::load_or_create(
             &options
@@ -452,8 +540,13 @@ impl Store {
             stats.clone(),
             options.observer.clone(),
         )?;
-        let (high_water, promised) = high_water::HighWater::open(&dir.join("high-water"))?;
+        let paths = WitnessPaths::of(dir, &options);
+        let rollback = rebase
+            .then(|| integrity::rebase(&paths, &trees))
+            .transpose()?;
+        let (high_water, promised) = integrity::open_checked(&paths, &trees)?;
         let signals = Arc::new(Signals::default());
+        let audit_key = high_water.key();
         let writer = writer::Writer::load(
             trees.clone(),
             barrier,
@@ -469,7 +562,7 @@ impl Store {
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx))?;
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 jobs: tx,
                 trees,
@@ -478,8 +571,10 @@ impl Store {
                 writer: Mutex::new(Some(handle)),
                 cipher,
                 retention: options.retention.clone(),
+                audit_key,
             }),
-        })
+        };
+        Ok((store, rollback))
     }
 
     async fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
@@ -881,8 +976,13 @@ impl Store {
     pub fn verify_audit(&self) -> Result<u64, StoreError> {
         let tree = &self.inner.trees[TreeId::Audit as usize];
         let values = tree.iter().values().collect::<Result<Vec<_>, _>>()?;
-        crate::audit::verify(values.iter().map(|v| v.as_ref()))
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
+        crate::audit::verify(
+            values.iter().map(|v| v.as_ref()),
+            Some(&self.inner.audit_key),
+            None,
+        )
+        .map(|v| v.entries)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     /// SHA-256 over every key and value of every tree but the audit trail,

@@ -11,7 +11,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::mpsc;
 
 use super::barrier::{BarrierStats, DurabilityBarrier};
-use super::high_water::HighWater;
+use super::high_water::{Acknowledged, HighWater};
 use super::identity::Newer;
 use super::records::{self, TreeId};
 use super::schedule::{Live, Schedule, Slot};
@@ -136,6 +136,32 @@ impl<'a> Staged<'a> {
     }
 }
 
+/// The handovers a batch adds (ids after `after`), for the witness's journal.
+fn acknowledged(
+    staged: &Staged<'_>,
+    after: u64,
+    commit_seq: u64,
+) -> Result<Vec<Acknowledged>, StoreError> {
+    let Some(first) = after.checked_add(1) else {
+        return Ok(Vec::new());
+    };
+    staged.writes[TreeId::Handovers as usize]
+        .range(records::be(first).to_vec()..)
+        .filter_map(|(_, v)| v.as_deref())
+        .map(|raw| {
+            let h: HandoverRecord = serde_json::from_slice(raw)
+                .map_err(|e| StoreError::Corrupt(format!("handover record: {e}")))?;
+            Ok(Acknowledged {
+                commit_seq,
+                handover_id: h.id,
+                sender: h.sender,
+                message_id: h.message_id,
+                at_ms: h.submitted_at_ms,
+            })
+        })
+        .collect()
+}
+
 /// Sends a result, or `Unavailable(why)` when the batch failed.
 type Sender = Box<dyn FnOnce(Option<&str>) + Send>;
 
@@ -227,6 +253,7 @@ impl Writer {
             return Err(StoreError::Behind {
                 promised,
                 found: commit_seq,
+                missing_handovers: 0,
             });
         }
         let mut schedule = Schedule::default();
@@ -254,6 +281,10 @@ impl Writer {
             ),
             None => None,
         };
+        let chain = AuditChain::resume(last_audit.as_ref(), Some(high_water.key()));
+        if let Some(observer) = &options.observer {
+            observer.anchored(high_water.written());
+        }
         Ok(Self {
             retention: retention::Ledger::load(&trees)?,
             last_handover: meta(&trees, records::META_LAST_HANDOVER)?,
@@ -265,7 +296,7 @@ impl Writer {
             schedule,
             quarantined,
             quarantined_of,
-            chain: AuditChain::resume(last_audit.as_ref()),
+            chain,
             options,
             clock,
             signals,
@@ -491,19 +522,34 @@ impl Writer {
             records::be(self.last_delivery).to_vec(),
         );
         let mut elapsed = std::time::Duration::ZERO;
-        let result = staged
-            .commit()
+        let result = acknowledged(&staged, self.high_water.last_handover(), seq)
+            .and_then(|acked| {
+                staged.commit()?;
+                // In the witness before the barrier: durable exactly when the batch is.
+                self.high_water.journal(&acked).map_err(StoreError::Io)
+            })
             .and_then(|()| {
                 let started = std::time::Instant::now();
                 let synced = self.barrier.sync(&[self.high_water.file()]);
                 elapsed = started.elapsed();
                 synced.map_err(StoreError::Io)
             })
-            .and_then(|()| self.high_water.record(seq).map_err(StoreError::Io));
+            .and_then(|()| {
+                let (audit_seq, audit_hash) = self.chain.head();
+                let checkpoint = crate::audit::Checkpoint {
+                    commit_seq: seq,
+                    audit_seq,
+                    audit_hash: audit_hash.to_owned(),
+                    keyed_from: 0,
+                    at_ms: self.clock.now_ms(),
+                };
+                self.high_water.record(checkpoint).map_err(StoreError::Io)
+            });
         match result {
-            Ok(()) => {
+            Ok(anchored) => {
                 self.commit_seq = seq;
                 if let Some(observer) = &self.options.observer {
+                    observer.anchored(&anchored);
                     observer.committed(&super::BarrierReport {
                         elapsed,
                         commands,
