@@ -169,6 +169,12 @@ impl Prepared {
             registry.put(org);
         }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let claims = crate::grpc::ClaimGuard::load(
+            &store,
+            config.limits.claim_limits(),
+            Some(metrics.clone()),
+            clock.now_ms(),
+        )?;
         let gateway = Arc::new(Gateway {
             store,
             registry: crate::journey::SharedRegistry::new(registry),
@@ -181,6 +187,7 @@ impl Prepared {
                 ..crate::clinical::Limits::default()
             },
             shutting_down: shutdown_rx,
+            claims,
         });
         Ok(Self {
             config,

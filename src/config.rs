@@ -178,6 +178,15 @@ pub struct LimitsConfig {
     /// A connection is closed gracefully after this long, so every client
     /// re-handshakes (and meets the current CRL) at least this often, s.
     pub max_connection_age_seconds: u64,
+    /// Failed claims one practice may make for one patient within
+    /// `claim_failure_window_hours`; then that pair is locked.
+    pub claim_failures_per_pair: u32,
+    /// Failed claims one practice may make within the window, all patients.
+    pub claim_failures_per_practice: u32,
+    /// Failed claims against one patient within the window, all practices.
+    pub claim_failures_per_patient: u32,
+    /// The window the failed-claim limits count over, hours.
+    pub claim_failure_window_hours: u32,
 }
 
 impl Default for LimitsConfig {
@@ -193,6 +202,22 @@ impl Default for LimitsConfig {
             request_burst: 2_000,
             max_in_flight: 1_024,
             max_connection_age_seconds: 3_600,
+            claim_failures_per_pair: 5,
+            claim_failures_per_practice: 20,
+            claim_failures_per_patient: 10,
+            claim_failure_window_hours: 24,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The failed-claim limits in force.
+    pub fn claim_limits(&self) -> crate::grpc::ClaimLimits {
+        crate::grpc::ClaimLimits {
+            per_pair: self.claim_failures_per_pair,
+            per_practice: self.claim_failures_per_practice,
+            per_patient: self.claim_failures_per_patient,
+            window_ms: i64::from(self.claim_failure_window_hours) * 3_600_000,
         }
     }
 }
@@ -416,6 +441,30 @@ impl Config {
             l.max_connection_age_seconds,
             1,
             7 * 24 * 3_600,
+        )?;
+        within(
+            "limits.claim_failures_per_pair",
+            l.claim_failures_per_pair.into(),
+            1,
+            100,
+        )?;
+        within(
+            "limits.claim_failures_per_practice",
+            l.claim_failures_per_practice.into(),
+            l.claim_failures_per_pair.into(),
+            10_000,
+        )?;
+        within(
+            "limits.claim_failures_per_patient",
+            l.claim_failures_per_patient.into(),
+            l.claim_failures_per_pair.into(),
+            10_000,
+        )?;
+        within(
+            "limits.claim_failure_window_hours",
+            l.claim_failure_window_hours.into(),
+            1,
+            24 * 31,
         )?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));

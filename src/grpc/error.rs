@@ -20,12 +20,35 @@ pub enum ApiError {
     /// Not available in this version.
     #[error("{0}")]
     Unimplemented(String),
+    /// Too many failed claims: claims of this practice, patient or pair are
+    /// refused until `retry_after` has passed (see `claim_guard`).
+    #[error(
+        "too many failed claims {} in the last {window_hours} h: claims are locked for about {} min; a practice that registered this patient asks the gateway's operators to claim it (Operator.ClaimParked, with a reason)",
+        scope_words(.scope),
+        .retry_after.as_secs().div_ceil(60)
+    )]
+    ClaimsLocked {
+        /// Which counter is full: `practice_and_patient`, `practice` or `patient`.
+        scope: &'static str,
+        /// The window the counters span, hours.
+        window_hours: i64,
+        /// When a claim may be tried again.
+        retry_after: std::time::Duration,
+    },
     /// The gateway is shutting down.
     #[error("the gateway is shutting down")]
     ShuttingDown,
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+fn scope_words(scope: &str) -> &'static str {
+    match scope {
+        "practice_and_patient" => "for this patient from this practice",
+        "practice" => "from this practice",
+        _ => "for this patient",
+    }
 }
 
 fn describe(violations: &[FieldViolation]) -> String {
@@ -49,6 +72,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unimplemented(_) => Code::Unimplemented,
+            ApiError::ClaimsLocked { .. } => Code::ResourceExhausted,
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Store(e) => match e {
                 StoreError::Conflict => Code::AlreadyExists,
@@ -78,6 +102,11 @@ impl From<ApiError> for Status {
                     ErrorDetails::with_bad_request(violations),
                 )
             }
+            ApiError::ClaimsLocked { retry_after, .. } => Status::with_error_details(
+                code,
+                e.to_string(),
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             ApiError::Store(ref inner @ (StoreError::Sled(_) | StoreError::Io(_))) => {
                 // Internal detail stays in the log.
                 tracing::error!(error = %inner, "store failure");

@@ -19,6 +19,7 @@
 //! The on-disk layout is in [`records`].
 
 mod barrier;
+mod claim_guard;
 pub mod clock;
 pub mod crypt;
 mod high_water;
