@@ -278,8 +278,13 @@ impl Prepared {
             handshake_timeout: Duration::from_millis(
                 self.config.tls.handshake_timeout_ms.unwrap_or(10_000),
             ),
-            max_handshakes: l.max_handshakes,
-            max_handshakes_per_address: l.max_handshakes_per_address,
+            admission: crate::tls::AdmissionLimits {
+                max_handshakes: l.max_handshakes,
+                max_handshakes_per_network: l.max_handshakes_per_network,
+                per_address_per_second: l.handshakes_per_address_per_second,
+                per_address_burst: l.handshake_burst_per_address,
+                stall: Duration::from_millis(l.handshake_stall_ms),
+            },
             max_connections_per_identity: l.max_connections_per_identity,
         };
         let incoming = crate::tls::incoming(

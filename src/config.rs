@@ -164,10 +164,19 @@ pub struct LimitsConfig {
     pub max_concurrent_streams: u32,
     /// Open connections per certificate identity.
     pub max_connections_per_identity: usize,
-    /// TLS handshakes in progress at once; connections beyond are closed.
+    /// TLS handshakes in progress at once; beyond it a newcomer evicts a
+    /// stalled handshake or one of the heaviest source, or is closed.
     pub max_handshakes: usize,
-    /// TLS handshakes in progress from one IP address.
-    pub max_handshakes_per_address: usize,
+    /// TLS handshakes in progress from one network (IPv4 /24, IPv6 /48).
+    pub max_handshakes_per_network: usize,
+    /// New TLS handshakes one address (IPv6: /64) may start per second,
+    /// sustained (token bucket) ...
+    pub handshakes_per_address_per_second: u32,
+    /// ... and at once: a whole start of day behind one NAT address.
+    pub handshake_burst_per_address: u32,
+    /// A handshake in progress this long has stalled: when the table is full
+    /// it makes room for a newcomer (the handshake timeout under pressure), ms.
+    pub handshake_stall_ms: u64,
     /// Sustained calls per second per certificate identity (token bucket).
     pub requests_per_second: u32,
     /// Calls one identity may make in a burst above the sustained rate.
@@ -197,7 +206,10 @@ impl Default for LimitsConfig {
             max_concurrent_streams: 64,
             max_connections_per_identity: 32,
             max_handshakes: 256,
-            max_handshakes_per_address: 16,
+            max_handshakes_per_network: 128,
+            handshakes_per_address_per_second: 8,
+            handshake_burst_per_address: 256,
+            handshake_stall_ms: 2_000,
             requests_per_second: 1_000,
             request_burst: 2_000,
             max_in_flight: 1_024,
@@ -423,10 +435,28 @@ impl Config {
         )?;
         within("limits.max_handshakes", l.max_handshakes as u64, 1, 100_000)?;
         within(
-            "limits.max_handshakes_per_address",
-            l.max_handshakes_per_address as u64,
+            "limits.max_handshakes_per_network",
+            l.max_handshakes_per_network as u64,
             1,
             l.max_handshakes as u64,
+        )?;
+        within(
+            "limits.handshakes_per_address_per_second",
+            l.handshakes_per_address_per_second.into(),
+            1,
+            100_000,
+        )?;
+        within(
+            "limits.handshake_burst_per_address",
+            l.handshake_burst_per_address.into(),
+            1,
+            1_000_000,
+        )?;
+        within(
+            "limits.handshake_stall_ms",
+            l.handshake_stall_ms,
+            100,
+            600_000,
         )?;
         within(
             "limits.requests_per_second",

@@ -38,7 +38,12 @@ static SHAPES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
         ("a date", day_month),
         ("a date", month_day),
         ("a date", month_year),
-        ("a long number", r"\d(?:[ .\-/]?\d){5,}".to_owned()),
+        // Six digits in a row, or an NHS number or phone number in groups;
+        // a case reference such as `SAR 2026-117` is fine.
+        (
+            "a long number",
+            r"\d{6}|\b\d{3}[ \-]\d{3}[ \-]\d{4}\b|\b\d{4,5}[ \-]\d{6}\b".to_owned(),
+        ),
         (
             "a prison number",
             r"\b[A-Za-z]\d{4}[A-Za-z]{2}\b".to_owned(),
@@ -108,6 +113,8 @@ mod tests {
             ("mail j.smith@example.org", "an e-mail address"),
             ("line\nbreak", "a control character"),
             ("phone 07700900123", "a long number"),
+            ("phone 07700 900123", "a long number"),
+            ("nhs 943-476-5919", "a long number"),
         ] {
             assert_eq!(looks_like_patient_data(text), Some(what), "{text}");
         }
@@ -122,6 +129,7 @@ mod tests {
             "mailbox format mismatch: expected FHIR R4",
             "may retry later",
             "attempt 3 of 5 may be retried",
+            "subject access request 2026-117",
             "payload failed schema validation (error 42)",
         ] {
             assert_eq!(looks_like_patient_data(text), None, "{text}");
