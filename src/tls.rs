@@ -891,12 +891,10 @@ pub fn incoming(
             };
             let slot = match admission.admit(remote.ip()) {
                 Ok((slot, evicted)) => {
-                    for _ in 0..evicted {
+                    for ip in evicted {
                         tally.add(Refusal {
-                            actor: "peer:many".into(),
-                            reason:
-                                "handshake evicted to admit a lighter source (handshake table full)"
-                                    .into(),
+                            actor: address_actor(&SocketAddr::new(ip, 0)),
+                            reason: "handshake evicted for a newcomer: stalled, or its address or network held more handshakes (handshake table full)".into(),
                         });
                     }
                     slot
@@ -921,9 +919,13 @@ pub fn incoming(
             );
             tokio::spawn(async move {
                 let outcome = tokio::select! {
-                    outcome = authenticate(tcp, remote, &config, &limits, (&open, &live)) => outcome,
+                    biased;
                     () = slot.evicted.cancelled() => Err(None),
+                    outcome = authenticate(tcp, remote, &config, &limits, (&open, &live)) => outcome,
                 };
+                if slot.evicted.is_cancelled() {
+                    return; // counted as evicted, once
+                }
                 // The slot is free (and a refused connection closed) before
                 // anything else, so slow audits cannot hold handshakes up.
                 drop(slot);

@@ -105,6 +105,7 @@ fn network(ip: IpAddr) -> IpAddr {
 }
 
 struct Entry {
+    ip: IpAddr,
     source: IpAddr,
     network: IpAddr,
     started: Instant,
@@ -161,25 +162,29 @@ impl Table {
         if stalled.is_some() {
             return stalled;
         }
-        let (id, e) = candidates().max_by(|(_, a), (_, b)| {
-            let key = |e: &Entry| {
+        // Fair: a handshake of a network at least two heavier than the
+        // newcomer's, or, within its network, of a source at least two heavier.
+        let (my_net, my_src) = (
+            Self::load(&self.by_network, net),
+            Self::load(&self.by_source, src),
+        );
+        let fair = |e: &Entry| {
+            if e.network == net {
+                Self::load(&self.by_source, e.source) >= my_src + 2
+            } else {
+                Self::load(&self.by_network, e.network) >= my_net + 2
+            }
+        };
+        candidates()
+            .filter(|(_, e)| fair(e))
+            .max_by_key(|(_, e)| {
                 (
                     Self::load(&self.by_network, e.network),
                     Self::load(&self.by_source, e.source),
                     std::cmp::Reverse(e.started),
                 )
-            };
-            key(a).cmp(&key(b))
-        })?;
-        let heavier = |map: &HashMap<IpAddr, usize>, theirs: IpAddr, mine: IpAddr| {
-            Self::load(map, theirs) >= Self::load(map, mine) + 2
-        };
-        let fair = if e.network == net {
-            heavier(&self.by_source, e.source, src)
-        } else {
-            heavier(&self.by_network, e.network, net)
-        };
-        fair.then_some(*id)
+            })
+            .map(|(id, _)| *id)
     }
 }
 
@@ -222,25 +227,25 @@ impl Admission {
         }
     }
 
-    /// Admits a handshake from `ip`, evicting another when the rules allow.
-    /// Returns how many were evicted (0 or 1) with the slot.
+    /// Admits a handshake from `ip`, evicting others when the rules allow.
+    /// Returns the slot and the addresses whose handshakes were evicted.
     ///
     /// # Errors
     /// Why the connection is not admitted.
-    pub fn admit(&self, ip: IpAddr) -> Result<(Admitted, usize), NotAdmitted> {
+    pub fn admit(&self, ip: IpAddr) -> Result<(Admitted, Vec<IpAddr>), NotAdmitted> {
         let (src, net) = (source(ip), network(ip));
         if self.rate.check_key(&src).is_err() {
             return Err(NotAdmitted::Rate);
         }
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let mut evicted = 0;
+        let mut evicted = Vec::new();
         if Table::load(&t.by_network, net) >= self.limits.max_handshakes_per_network.max(1) {
             let id = t
                 .victim(src, net, Some(net), self.limits.stall)
                 .ok_or(NotAdmitted::Network)?;
             if let Some(e) = t.remove(id) {
                 e.evict.cancel();
-                evicted += 1;
+                evicted.push(e.ip);
             }
         }
         if t.entries.len() >= self.limits.max_handshakes.max(1) {
@@ -249,7 +254,7 @@ impl Admission {
                 .ok_or(NotAdmitted::Full)?;
             if let Some(e) = t.remove(id) {
                 e.evict.cancel();
-                evicted += 1;
+                evicted.push(e.ip);
             }
         }
         t.next += 1;
@@ -258,6 +263,7 @@ impl Admission {
         t.entries.insert(
             id,
             Entry {
+                ip,
                 source: src,
                 network: net,
                 started: Instant::now(),
@@ -315,14 +321,14 @@ mod tests {
         held.push(a.admit(ip("10.0.2.1")).unwrap());
         // A newcomer from a fourth network evicts from the heaviest (10.0.0.0/24).
         let (_d3, evicted) = a.admit(ip("10.0.3.1")).unwrap();
-        assert_eq!(evicted, 1);
+        assert_eq!(evicted, [ip("10.0.0.1")]);
         assert!(
             held[0].0.evicted.is_cancelled(),
             "the oldest of the heaviest"
         );
         // Within the flooded network, a fresh address evicts the flooder's oldest.
         let (_d200, evicted) = a.admit(ip("10.0.0.200")).unwrap();
-        assert_eq!(evicted, 1);
+        assert_eq!(evicted, [ip("10.0.0.1")]);
         // The flooder cannot win slots back from lighter sources.
         assert_eq!(a.admit(ip("10.0.0.1")).err(), Some(NotAdmitted::Full));
     }
