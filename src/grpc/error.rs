@@ -8,7 +8,8 @@ use crate::store::StoreError;
 /// Why a call was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The request is malformed; each violation names a field and a reason.
+    /// The request is malformed; each violation names a field and a reason
+    /// (scrubbed on the way out, see `scrubbed`).
     #[error("{}", describe(.0))]
     Invalid(Vec<FieldViolation>),
     /// The caller's certificate names no registered organisation.
@@ -54,9 +55,43 @@ fn scope_words(scope: &str) -> &'static str {
 fn describe(violations: &[FieldViolation]) -> String {
     let parts: Vec<String> = violations
         .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
+        .map(|v| {
+            let v = scrubbed(v.clone());
+            format!("{}: {}", v.field, v.description)
+        })
         .collect();
     format!("invalid request: {}", parts.join("; "))
+}
+
+/// A safety net under every message that leaves the gateway (errors, and so
+/// the log lines and audit entries made from them): no message quotes a
+/// caller's value on purpose, but a path can carry a caller's JSON key or
+/// HL7 segment id, so a run of ten or more digits (an NHS number, grouped
+/// or not) is withheld wherever it appears. Ours never have one: the largest
+/// number we print is a byte limit.
+fn withhold_numbers(text: &str) -> String {
+    static NUMBER: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\d{10,}|\b\d{3}[ \-]\d{3}[ \-]\d{4}\b").expect("a valid pattern")
+    });
+    NUMBER.replace_all(text, "[number withheld]").into_owned()
+}
+
+/// A violation as it leaves: its path made only of path characters (at most
+/// 120) and both parts without NHS-number-shaped digits.
+fn scrubbed(v: FieldViolation) -> FieldViolation {
+    let field: String = v
+        .field
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-[]()".contains(c) {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(120)
+        .collect();
+    FieldViolation::new(withhold_numbers(&field), withhold_numbers(&v.description))
 }
 
 impl ApiError {
@@ -95,6 +130,8 @@ impl From<ApiError> for Status {
         let code = e.code();
         match e {
             ApiError::Invalid(violations) => {
+                let violations: Vec<FieldViolation> =
+                    violations.into_iter().map(scrubbed).collect();
                 let message = describe(&violations);
                 Status::with_error_details(
                     code,
@@ -112,7 +149,7 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %inner, "store failure");
                 Status::new(code, "internal store failure")
             }
-            other => Status::new(code, other.to_string()),
+            other => Status::new(code, withhold_numbers(&other.to_string())),
         }
     }
 }

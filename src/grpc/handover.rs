@@ -70,9 +70,9 @@ impl Gateway {
                 Some(org) => Ok((Caller::Org(org), actor)),
                 None => {
                     tracing::warn!(caller = %actor, "certificate for an unregistered organisation");
-                    Err(ApiError::Unauthenticated(format!(
-                        "organisation {code} named by the client certificate is not registered"
-                    )))
+                    Err(ApiError::Unauthenticated(
+                        "the organisation named by the client certificate is not registered".into(),
+                    ))
                 }
             },
         }
@@ -409,6 +409,7 @@ impl Gateway {
         self.store
             .ack(&actor, org.ods.as_str(), delivery_id, attempt)
             .await?;
+        record_delivery(delivery_id, attempt);
         Ok(pb::AckResponse {})
     }
 
@@ -437,6 +438,7 @@ impl Gateway {
                 &reason,
             )
             .await?;
+        record_delivery(delivery_id, attempt);
         Ok(pb::NackResponse {
             state: wire::state_to_wire(state).into(),
         })
@@ -693,6 +695,14 @@ fn render(
     }
 }
 
+/// Names the delivery in the call's span once the store found it in the
+/// caller's mailbox: an id the caller made up is never logged.
+fn record_delivery(delivery_id: u64, attempt: u32) {
+    let span = tracing::Span::current();
+    span.record("delivery_id", delivery_id);
+    span.record("attempt", attempt);
+}
+
 fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), ApiError> {
     let mut v = Violations::default();
     if delivery_id == 0 {
@@ -823,11 +833,7 @@ impl pb::handover_server::Handover for HandoverService {
         result
     }
 
-    #[instrument(name = "ack", skip_all, fields(
-        caller = Empty,
-        delivery_id = request.get_ref().delivery_id,
-        attempt = request.get_ref().attempt,
-    ))]
+    #[instrument(name = "ack", skip_all, fields(caller = Empty, delivery_id = Empty, attempt = Empty))]
     async fn ack(
         &self,
         request: Request<pb::AckRequest>,
@@ -839,11 +845,7 @@ impl pb::handover_server::Handover for HandoverService {
         result
     }
 
-    #[instrument(name = "nack", skip_all, fields(
-        caller = Empty,
-        delivery_id = request.get_ref().delivery_id,
-        attempt = request.get_ref().attempt,
-    ))]
+    #[instrument(name = "nack", skip_all, fields(caller = Empty, delivery_id = Empty, attempt = Empty))]
     async fn nack(
         &self,
         request: Request<pb::NackRequest>,
