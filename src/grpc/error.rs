@@ -83,7 +83,7 @@ fn scrubbed(v: FieldViolation) -> FieldViolation {
         .field
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-[]()".contains(c) {
+            if c.is_ascii_alphanumeric() || "._-[]() ^:/#".contains(c) {
                 c
             } else {
                 '?'

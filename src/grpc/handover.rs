@@ -70,9 +70,10 @@ impl Gateway {
                 Some(org) => Ok((Caller::Org(org), actor)),
                 None => {
                     tracing::warn!(caller = %actor, "certificate for an unregistered organisation");
-                    Err(ApiError::Unauthenticated(
-                        "the organisation named by the client certificate is not registered".into(),
-                    ))
+                    // The code is the CA's word (it issued the certificate), not the caller's.
+                    Err(ApiError::Unauthenticated(format!(
+                        "organisation {code} named by the client certificate is not registered"
+                    )))
                 }
             },
         }
