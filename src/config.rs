@@ -597,6 +597,50 @@ mod tests {
     }
 
     #[test]
+    fn edge_limits_are_checked_and_named() {
+        for (toml, field) in [
+            (
+                "claim_failures_per_pair = 0",
+                "limits.claim_failures_per_pair",
+            ),
+            (
+                "claim_failures_per_pair = 6\nclaim_failures_per_practice = 5",
+                "limits.claim_failures_per_practice",
+            ),
+            (
+                "claim_failures_per_patient = 2",
+                "limits.claim_failures_per_patient",
+            ),
+            (
+                "claim_failure_window_hours = 0",
+                "limits.claim_failure_window_hours",
+            ),
+            (
+                "max_handshakes_per_network = 300",
+                "limits.max_handshakes_per_network",
+            ),
+            (
+                "handshakes_per_address_per_second = 0",
+                "limits.handshakes_per_address_per_second",
+            ),
+            (
+                "handshake_burst_per_address = 0",
+                "limits.handshake_burst_per_address",
+            ),
+            ("handshake_stall_ms = 10", "limits.handshake_stall_ms"),
+        ] {
+            let err = Config::from_toml(&format!("[limits]\n{toml}\n"))
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert_eq!(err.field, field, "{toml}: {err}");
+        }
+        // The old per-address cap is gone, and says so by name.
+        let err = Config::from_toml("[limits]\nmax_handshakes_per_address = 16\n").unwrap_err();
+        assert_eq!(err.field, "limits.max_handshakes_per_address", "{err}");
+    }
+
+    #[test]
     fn the_metrics_listener_is_checked() {
         let err = Config::from_toml("[metrics]\nlisten = \"9464\"\n").unwrap_err();
         assert_eq!(err.field, "metrics.listen", "{err}");

@@ -207,3 +207,96 @@ where
     }
     out
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
+
+/// The real binary on `port` over `dir`; killed (SIGKILL) when dropped.
+struct Binary(std::process::Child);
+
+impl Binary {
+    async fn start(dir: &std::path::Path, port: u16) -> Self {
+        let child = std::process::Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--certs-dir")
+            .arg(dir.join("certs"))
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let endpoint = format!("https://127.0.0.1:{port}");
+        for _ in 0..150 {
+            if throughcare::client::handover(&endpoint, &dir.join("certs"), "YP001")
+                .await
+                .is_ok()
+            {
+                return Self(child);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the gateway did not start");
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn against_the_binary_the_lock_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let certs = dir.path().join("certs");
+    let gateway = Binary::start(dir.path(), port).await;
+    let mut prison = throughcare::client::handover(&endpoint, &certs, "YP001")
+        .await
+        .unwrap();
+    prison
+        .submit(release("park-44", 44, &[], "parked"))
+        .await
+        .unwrap();
+    let mut practice = throughcare::client::handover(&endpoint, &certs, "YG001")
+        .await
+        .unwrap();
+    // Guess as fast as the gateway answers: five tries, then locked.
+    let mut answers = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..200 {
+        let code = match practice.claim(claim(44, &guess(i), None)).await {
+            Ok(_) => "ok".to_owned(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        *answers.entry(code).or_default() += 1;
+    }
+    assert_eq!(
+        answers,
+        [
+            ("NotFound".to_owned(), 5),
+            ("ResourceExhausted".to_owned(), 195)
+        ]
+        .into()
+    );
+    drop(gateway); // SIGKILL: no graceful shutdown
+    let _gateway = Binary::start(dir.path(), port).await;
+    let mut practice = throughcare::client::handover(&endpoint, &certs, "YG001")
+        .await
+        .unwrap();
+    let err = practice.claim(claim(44, DOB, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // Another practice, which never failed, still can.
+    let mut other = throughcare::client::handover(&endpoint, &certs, "YG002")
+        .await
+        .unwrap();
+    let claimed = other.claim(claim(44, DOB, None)).await.unwrap();
+    assert_eq!(claimed.into_inner().claimed.len(), 1);
+}
