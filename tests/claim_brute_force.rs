@@ -227,13 +227,14 @@ impl Binary {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        let gateway = Self(child);
         let endpoint = format!("https://127.0.0.1:{port}");
         for _ in 0..150 {
             if throughcare::client::handover(&endpoint, &dir.join("certs"), "YP001")
                 .await
                 .is_ok()
             {
-                return Self(child);
+                return gateway;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
