@@ -287,7 +287,7 @@ impl Prepared {
             },
             max_connections_per_identity: l.max_connections_per_identity,
         };
-        let incoming = crate::tls::incoming(
+        let (incoming, connect_refusals) = crate::tls::incoming(
             listener,
             self.tls.clone(),
             accept,
@@ -417,6 +417,8 @@ impl Prepared {
         sweeper.abort();
         forget.abort();
         tally.flush(&self.gateway.store).await;
+        // The accept loop's last summary of refused connections.
+        let _ = tokio::time::timeout(Duration::from_secs(2), connect_refusals).await;
         self.gateway.store.close().await?;
         let (barriers, fdatasyncs, commands, submits) = self.gateway.store.stats().snapshot();
         tracing::info!(

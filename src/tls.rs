@@ -809,7 +809,8 @@ impl Tally {
 
 /// Once a second: reload the TLS files when they changed (closing open
 /// connections whose certificate no longer passes), and hand the refusals
-/// counted since the last tick to `sink`.
+/// counted since the last tick to `sink`; once more when the listener is
+/// dropped, so a shutdown loses none.
 fn spawn_housekeeping(
     config: ReloadableConfig,
     closed: mpsc::Sender<Result<TlsConn, io::Error>>,
@@ -817,7 +818,7 @@ fn spawn_housekeeping(
     admission: Arc<Admission>,
     sink: Arc<dyn RefusalSink>,
     live: Arc<Live>,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -848,27 +849,35 @@ fn spawn_housekeeping(
                 admission.forget_idle();
             }
         }
-    });
+        for refusal in tally.take() {
+            sink.record(refusal).await;
+        }
+    })
 }
 
 /// Accepts TCP connections, admits them fairly (see [`admission`]),
 /// completes the TLS handshake within the limit, and yields the
 /// authenticated connections until the returned stream is dropped. Every
 /// refused connection goes to `sink`, summarised once a second per actor and
-/// reason. Once a second the TLS files are checked and reloaded when changed
-/// (a new CRL applies to new connections from then on).
+/// reason; the returned handle finishes once the last summary is recorded
+/// after the stream is dropped (await it before closing the store). Once a
+/// second the TLS files are checked and reloaded when changed (a new CRL
+/// applies to new connections from then on).
 pub fn incoming(
     listener: TcpListener,
     config: ReloadableConfig,
     limits: AcceptLimits,
     sink: Arc<dyn RefusalSink>,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
+) -> (
+    tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, rx) = mpsc::channel(64);
     let admission = Arc::new(Admission::new(limits.admission.clone()));
     let open = Arc::new(Counted::<PeerIdentity>::default());
     let live = Arc::new(Live::default());
     let tally = Arc::new(Tally::default());
-    spawn_housekeeping(
+    let housekeeping = spawn_housekeeping(
         config.clone(),
         tx.clone(),
         tally.clone(),
@@ -942,7 +951,10 @@ pub fn incoming(
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    (
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        housekeeping,
+    )
 }
 
 /// The TLS handshake and the checks after it; `Err(None)` when the server's

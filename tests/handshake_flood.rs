@@ -344,3 +344,33 @@ async fn handshakes_without_a_certificate_are_summarised_per_address_and_reason(
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_refusal_just_before_shutdown_is_still_recorded() {
+    let gw = TestGateway::start().await;
+    let server: SocketAddr = gw.endpoint.trim_start_matches("https://").parse().unwrap();
+    assert!(!handshake_from(ip("127.31.0.1"), server, tls_config(&gw.certs(), None)).await);
+    let (dir, config) = gw.stop().await;
+    let store = throughcare::store::Store::open(
+        &config.data_dir,
+        throughcare::store::StoreOptions::default(),
+        Arc::new(throughcare::store::SystemClock),
+    )
+    .unwrap();
+    let refusals: Vec<_> = store
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "connect")
+        .map(|e| (e.actor, e.outcome))
+        .collect();
+    assert_eq!(
+        refusals,
+        [(
+            "peer:loopback:127.31.0.1".to_owned(),
+            "refused: no client certificate".to_owned()
+        )]
+    );
+    store.close().await.unwrap();
+    drop(dir);
+}
