@@ -690,8 +690,8 @@ pub async fn store(command: StoreCommand, json: bool) -> anyhow::Result<()> {
     if reason.is_empty() || reason.len() > 500 {
         anyhow::bail!("--reason: required, 1 to 500 characters saying why (no patient data)");
     }
-    if crate::operator::dashboard::withhold_identifiers(reason) != reason {
-        anyhow::bail!("--reason: must not contain an NHS-number-shaped run of digits");
+    if let Some(what) = crate::grpc::free_text::looks_like_patient_data(reason) {
+        anyhow::bail!("--reason: must not contain patient data (it looks like {what})");
     }
     let config = store.config()?;
     let rollback = crate::store::Store::accept_rollback(

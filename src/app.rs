@@ -178,6 +178,12 @@ impl Prepared {
             registry.put(org);
         }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let claims = crate::grpc::ClaimGuard::load(
+            &store,
+            config.limits.claim_limits(),
+            Some(metrics.clone()),
+            clock.now_ms(),
+        )?;
         let gateway = Arc::new(Gateway {
             store,
             registry: crate::journey::SharedRegistry::new(registry),
@@ -190,6 +196,7 @@ impl Prepared {
                 ..crate::clinical::Limits::default()
             },
             shutting_down: shutdown_rx,
+            claims,
         });
         Ok(Self {
             config,
@@ -280,11 +287,16 @@ impl Prepared {
             handshake_timeout: Duration::from_millis(
                 self.config.tls.handshake_timeout_ms.unwrap_or(10_000),
             ),
-            max_handshakes: l.max_handshakes,
-            max_handshakes_per_address: l.max_handshakes_per_address,
+            admission: crate::tls::AdmissionLimits {
+                max_handshakes: l.max_handshakes,
+                max_handshakes_per_network: l.max_handshakes_per_network,
+                per_address_per_second: l.handshakes_per_address_per_second,
+                per_address_burst: l.handshake_burst_per_address,
+                stall: Duration::from_millis(l.handshake_stall_ms),
+            },
             max_connections_per_identity: l.max_connections_per_identity,
         };
-        let incoming = crate::tls::incoming(
+        let (incoming, connect_refusals) = crate::tls::incoming(
             listener,
             self.tls.clone(),
             accept,
@@ -444,6 +456,8 @@ impl Prepared {
         retention.abort();
         forget.abort();
         tally.flush(&self.gateway.store).await;
+        // The accept loop's last summary of refused connections.
+        let _ = tokio::time::timeout(Duration::from_secs(2), connect_refusals).await;
         self.gateway.store.close().await?;
         let (barriers, fdatasyncs, commands, submits) = self.gateway.store.stats().snapshot();
         tracing::info!(

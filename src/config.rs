@@ -184,10 +184,19 @@ pub struct LimitsConfig {
     pub max_concurrent_streams: u32,
     /// Open connections per certificate identity.
     pub max_connections_per_identity: usize,
-    /// TLS handshakes in progress at once; connections beyond are closed.
+    /// TLS handshakes in progress at once; beyond it a newcomer evicts a
+    /// stalled handshake or one of the heaviest source, or is closed.
     pub max_handshakes: usize,
-    /// TLS handshakes in progress from one IP address.
-    pub max_handshakes_per_address: usize,
+    /// TLS handshakes in progress from one network (IPv4 /24, IPv6 /48).
+    pub max_handshakes_per_network: usize,
+    /// New TLS handshakes one address (IPv6: /64) may start per second,
+    /// sustained (token bucket) ...
+    pub handshakes_per_address_per_second: u32,
+    /// ... and at once: a whole start of day behind one NAT address.
+    pub handshake_burst_per_address: u32,
+    /// A handshake in progress this long has stalled: when the table is full
+    /// it makes room for a newcomer (the handshake timeout under pressure), ms.
+    pub handshake_stall_ms: u64,
     /// Sustained calls per second per certificate identity (token bucket).
     pub requests_per_second: u32,
     /// Calls one identity may make in a burst above the sustained rate.
@@ -198,6 +207,15 @@ pub struct LimitsConfig {
     /// A connection is closed gracefully after this long, so every client
     /// re-handshakes (and meets the current CRL) at least this often, s.
     pub max_connection_age_seconds: u64,
+    /// Failed claims one practice may make for one patient within
+    /// `claim_failure_window_hours`; then that pair is locked.
+    pub claim_failures_per_pair: u32,
+    /// Failed claims one practice may make within the window, all patients.
+    pub claim_failures_per_practice: u32,
+    /// Failed claims against one patient within the window, all practices.
+    pub claim_failures_per_patient: u32,
+    /// The window the failed-claim limits count over, hours.
+    pub claim_failure_window_hours: u32,
 }
 
 impl Default for LimitsConfig {
@@ -208,11 +226,30 @@ impl Default for LimitsConfig {
             max_concurrent_streams: 64,
             max_connections_per_identity: 32,
             max_handshakes: 256,
-            max_handshakes_per_address: 16,
+            max_handshakes_per_network: 128,
+            handshakes_per_address_per_second: 8,
+            handshake_burst_per_address: 256,
+            handshake_stall_ms: 2_000,
             requests_per_second: 1_000,
             request_burst: 2_000,
             max_in_flight: 1_024,
             max_connection_age_seconds: 3_600,
+            claim_failures_per_pair: 5,
+            claim_failures_per_practice: 20,
+            claim_failures_per_patient: 10,
+            claim_failure_window_hours: 24,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The failed-claim limits in force.
+    pub fn claim_limits(&self) -> crate::grpc::ClaimLimits {
+        crate::grpc::ClaimLimits {
+            per_pair: self.claim_failures_per_pair,
+            per_practice: self.claim_failures_per_practice,
+            per_patient: self.claim_failures_per_patient,
+            window_ms: i64::from(self.claim_failure_window_hours) * 3_600_000,
         }
     }
 }
@@ -563,10 +600,28 @@ impl Config {
         )?;
         within("limits.max_handshakes", l.max_handshakes as u64, 1, 100_000)?;
         within(
-            "limits.max_handshakes_per_address",
-            l.max_handshakes_per_address as u64,
+            "limits.max_handshakes_per_network",
+            l.max_handshakes_per_network as u64,
             1,
             l.max_handshakes as u64,
+        )?;
+        within(
+            "limits.handshakes_per_address_per_second",
+            l.handshakes_per_address_per_second.into(),
+            1,
+            100_000,
+        )?;
+        within(
+            "limits.handshake_burst_per_address",
+            l.handshake_burst_per_address.into(),
+            1,
+            1_000_000,
+        )?;
+        within(
+            "limits.handshake_stall_ms",
+            l.handshake_stall_ms,
+            100,
+            600_000,
         )?;
         within(
             "limits.requests_per_second",
@@ -581,6 +636,30 @@ impl Config {
             l.max_connection_age_seconds,
             1,
             7 * 24 * 3_600,
+        )?;
+        within(
+            "limits.claim_failures_per_pair",
+            l.claim_failures_per_pair.into(),
+            1,
+            100,
+        )?;
+        within(
+            "limits.claim_failures_per_practice",
+            l.claim_failures_per_practice.into(),
+            l.claim_failures_per_pair.into(),
+            10_000,
+        )?;
+        within(
+            "limits.claim_failures_per_patient",
+            l.claim_failures_per_patient.into(),
+            l.claim_failures_per_pair.into(),
+            10_000,
+        )?;
+        within(
+            "limits.claim_failure_window_hours",
+            l.claim_failure_window_hours.into(),
+            1,
+            24 * 31,
         )?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));
@@ -790,6 +869,50 @@ mod tests {
             Config::from_toml("data_dir = \"d\"\n[integrity]\nwitness_dir = \"dw\"\n").unwrap();
         ok.validate().unwrap();
         assert_eq!(ok.audit_key_file(), PathBuf::from("dw/audit-key"));
+    }
+
+    #[test]
+    fn edge_limits_are_checked_and_named() {
+        for (toml, field) in [
+            (
+                "claim_failures_per_pair = 0",
+                "limits.claim_failures_per_pair",
+            ),
+            (
+                "claim_failures_per_pair = 6\nclaim_failures_per_practice = 5",
+                "limits.claim_failures_per_practice",
+            ),
+            (
+                "claim_failures_per_patient = 2",
+                "limits.claim_failures_per_patient",
+            ),
+            (
+                "claim_failure_window_hours = 0",
+                "limits.claim_failure_window_hours",
+            ),
+            (
+                "max_handshakes_per_network = 300",
+                "limits.max_handshakes_per_network",
+            ),
+            (
+                "handshakes_per_address_per_second = 0",
+                "limits.handshakes_per_address_per_second",
+            ),
+            (
+                "handshake_burst_per_address = 0",
+                "limits.handshake_burst_per_address",
+            ),
+            ("handshake_stall_ms = 10", "limits.handshake_stall_ms"),
+        ] {
+            let err = Config::from_toml(&format!("[limits]\n{toml}\n"))
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert_eq!(err.field, field, "{toml}: {err}");
+        }
+        // The old per-address cap is gone, and says so by name.
+        let err = Config::from_toml("[limits]\nmax_handshakes_per_address = 16\n").unwrap_err();
+        assert_eq!(err.field, "limits.max_handshakes_per_address", "{err}");
     }
 
     #[test]

@@ -312,6 +312,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
                 prison_number: String::new(),
                 date_of_birth: DOB.into(),
             }),
+            evidence: None,
         })
         .await?
         .into_inner()

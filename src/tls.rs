@@ -31,6 +31,11 @@ use tonic::transport::server::Connected;
 
 use crate::clinical::OdsCode;
 
+pub mod admission;
+
+use admission::Admission;
+pub use admission::AdmissionLimits;
+
 /// Who is calling, from the client certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PeerIdentity {
@@ -616,11 +621,8 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
 pub struct AcceptLimits {
     /// Deadline for the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once; connections beyond it are closed
-    /// before the handshake.
-    pub max_handshakes: usize,
-    /// Handshakes in progress from one IP address.
-    pub max_handshakes_per_address: usize,
+    /// Who may start a handshake (see [`admission`]).
+    pub admission: AdmissionLimits,
     /// Open connections one identity may hold.
     pub max_connections_per_identity: usize,
 }
@@ -629,8 +631,13 @@ impl Default for AcceptLimits {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(10),
-            max_handshakes: 256,
-            max_handshakes_per_address: 16,
+            admission: AdmissionLimits {
+                max_handshakes: 256,
+                max_handshakes_per_network: 128,
+                per_address_per_second: 8,
+                per_address_burst: 256,
+                stall: Duration::from_secs(2),
+            },
             max_connections_per_identity: 32,
         }
     }
@@ -667,7 +674,31 @@ pub fn address_actor(remote: &SocketAddr) -> String {
     format!("peer:{class}:{ip}")
 }
 
-/// The identity of a presented certificate, else its subject (printable
+/// Whether the gateway's CA issued `der`, whatever its validity period or
+/// revocation: the chain is checked as of the middle of the certificate's own
+/// validity, and a revoked certificate was issued by us too.
+fn issued_by_us(verifier: &dyn ClientCertVerifier, der: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let (from, to) = (
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    );
+    let Ok(mid) = u64::try_from(from + (to - from) / 2) else {
+        return false;
+    };
+    let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(mid));
+    matches!(
+        verifier.verify_client_cert(&CertificateDer::from(der), &[], at),
+        Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked
+            ))
+    )
+}
+
+/// The identity of a presented certificate (issued by the gateway's CA), else its subject (printable
 /// ASCII, at most 120 characters), else its address.
 fn cert_actor(der: &[u8], remote: &SocketAddr) -> String {
     if let Ok(identity) = identity_from_cert(der) {
@@ -737,68 +768,123 @@ fn tls_reason(tls: &rustls::Error) -> String {
     }
 }
 
-/// Accepts TCP connections, completes the TLS handshake within the limit,
-/// and yields the authenticated connections until the returned stream is
-/// dropped. Every refused connection goes to `sink`. Once a second the TLS
-/// files are checked and reloaded when changed (a new CRL applies to new
-/// connections from then on).
+/// Refusals before any call, counted per actor and reason and handed to the
+/// sink as one summary per actor and reason a second: every refusal is on
+/// record, but a flood of handshakes without a certificate cannot become a
+/// flood of audit writes. At most [`Tally::MAX_ACTORS`] actors a second are
+/// named; the rest are summed as `peer:many`.
+#[derive(Default)]
+struct Tally(std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>);
+
+impl Tally {
+    const MAX_ACTORS: usize = 64;
+
+    fn add(&self, refusal: Refusal) {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let known = counts.contains_key(&(refusal.actor.clone(), refusal.reason.clone()));
+        let key = if known || counts.len() < Self::MAX_ACTORS {
+            (refusal.actor, refusal.reason)
+        } else {
+            ("peer:many".to_owned(), refusal.reason)
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+
+    /// What was counted since the last call, as one refusal per actor and reason.
+    fn take(&self) -> Vec<Refusal> {
+        let counts = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        counts
+            .into_iter()
+            .map(|((actor, reason), n)| Refusal {
+                actor,
+                reason: if n == 1 {
+                    reason
+                } else {
+                    format!("{n} connections: {reason}")
+                },
+            })
+            .collect()
+    }
+}
+
+/// Once a second: reload the TLS files when they changed (closing open
+/// connections whose certificate no longer passes), and hand the refusals
+/// counted since the last tick to `sink`; once more when the listener is
+/// dropped, so a shutdown loses none.
+fn spawn_housekeeping(
+    config: ReloadableConfig,
+    closed: mpsc::Sender<Result<TlsConn, io::Error>>,
+    tally: Arc<Tally>,
+    admission: Arc<Admission>,
+    sink: Arc<dyn RefusalSink>,
+    live: Arc<Live>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for n in 1u64.. {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = closed.closed() => break,
+            }
+            let cfg = config.clone();
+            let live = live.clone();
+            let cut = tokio::task::spawn_blocking(move || {
+                if cfg.reload_if_changed() {
+                    live.recheck(&*cfg.material().verifier)
+                } else {
+                    Vec::new()
+                }
+            })
+            .await
+            .unwrap_or_default();
+            for refusal in cut {
+                tracing::info!(reason = %refusal.reason, "open connection closed");
+                sink.record(refusal).await;
+            }
+            for refusal in tally.take() {
+                sink.record(refusal).await;
+            }
+            if n % 60 == 0 {
+                admission.forget_idle();
+            }
+        }
+        for refusal in tally.take() {
+            sink.record(refusal).await;
+        }
+    })
+}
+
+/// Accepts TCP connections, admits them fairly (see [`admission`]),
+/// completes the TLS handshake within the limit, and yields the
+/// authenticated connections until the returned stream is dropped. Every
+/// refused connection goes to `sink`, summarised once a second per actor and
+/// reason; the returned handle finishes once the last summary is recorded
+/// after the stream is dropped (await it before closing the store). Once a
+/// second the TLS files are checked and reloaded when changed (a new CRL
+/// applies to new connections from then on).
 pub fn incoming(
     listener: TcpListener,
     config: ReloadableConfig,
     limits: AcceptLimits,
     sink: Arc<dyn RefusalSink>,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
+) -> (
+    tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, rx) = mpsc::channel(64);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1)));
+    let admission = Arc::new(Admission::new(limits.admission.clone()));
     let open = Arc::new(Counted::<PeerIdentity>::default());
     let live = Arc::new(Live::default());
-    let pending = Arc::new(Counted::<std::net::IpAddr>::default());
-    let shed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    // Reload when the files change; summarise connections shed before the handshake.
-    {
-        let (config, tx, shed, sink, live) = (
-            config.clone(),
-            tx.clone(),
-            shed.clone(),
-            sink.clone(),
-            live.clone(),
-        );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = tx.closed() => break,
-                }
-                let cfg = config.clone();
-                let live = live.clone();
-                let cut = tokio::task::spawn_blocking(move || {
-                    if cfg.reload_if_changed() {
-                        live.recheck(&*cfg.material().verifier)
-                    } else {
-                        Vec::new()
-                    }
-                })
-                .await
-                .unwrap_or_default();
-                for refusal in cut {
-                    tracing::info!(reason = %refusal.reason, "open connection closed");
-                    sink.record(refusal).await;
-                }
-                let n = shed.swap(0, std::sync::atomic::Ordering::Relaxed);
-                if n > 0 {
-                    sink.record(Refusal {
-                        actor: "peer:many".into(),
-                        reason: format!(
-                            "{n} connections closed before the handshake: too many handshakes in progress (in all, or from one address)"
-                        ),
-                    })
-                    .await;
-                }
-            }
-        });
-    }
+    let tally = Arc::new(Tally::default());
+    let housekeeping = spawn_housekeeping(
+        config.clone(),
+        tx.clone(),
+        tally.clone(),
+        admission.clone(),
+        sink,
+        live.clone(),
+    );
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -812,46 +898,63 @@ pub fn incoming(
                 },
                 () = tx.closed() => break,
             };
-            let Some(from_address) = pending.take(&remote.ip(), limits.max_handshakes_per_address)
-            else {
-                shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                drop(tcp);
-                continue;
-            };
-            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                drop(tcp);
-                continue;
+            let slot = match admission.admit(remote.ip()) {
+                Ok((slot, evicted)) => {
+                    for ip in evicted {
+                        tally.add(Refusal {
+                            actor: address_actor(&SocketAddr::new(ip, 0)),
+                            reason: "handshake evicted for a newcomer: stalled, or its address or network held more handshakes (handshake table full)".into(),
+                        });
+                    }
+                    slot
+                }
+                Err(why) => {
+                    tally.add(Refusal {
+                        actor: address_actor(&remote),
+                        reason: why.reason().into(),
+                    });
+                    drop(tcp);
+                    continue;
+                }
             };
             let _ = tcp.set_nodelay(true);
-            let (tx, sink, open, live, config, limits) = (
+            let (tx, tally, open, live, config, limits) = (
                 tx.clone(),
-                sink.clone(),
+                tally.clone(),
                 open.clone(),
                 live.clone(),
                 config.clone(),
                 limits.clone(),
             );
             tokio::spawn(async move {
-                let handshake_slot = (permit, from_address);
-                let outcome = authenticate(tcp, remote, &config, &limits, (&open, &live)).await;
+                let outcome = tokio::select! {
+                    biased;
+                    () = slot.evicted.cancelled() => Err(None),
+                    outcome = authenticate(tcp, remote, &config, &limits, (&open, &live)) => outcome,
+                };
+                if slot.evicted.is_cancelled() {
+                    return; // counted as evicted, once
+                }
                 // The slot is free (and a refused connection closed) before
-                // the audit write, so slow audits cannot hold handshakes up.
-                drop(handshake_slot);
+                // anything else, so slow audits cannot hold handshakes up.
+                drop(slot);
                 match outcome {
                     Ok(conn) => {
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Err(Some(refusal)) => {
                         tracing::info!(reason = %refusal.reason, "connection refused");
-                        sink.record(refusal).await;
+                        tally.add(refusal);
                     }
                     Err(None) => {}
                 }
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    (
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        housekeeping,
+    )
 }
 
 /// The TLS handshake and the checks after it; `Err(None)` when the server's
@@ -867,12 +970,16 @@ async fn authenticate(
         tracing::error!(error = %e, "TLS configuration unusable");
         None
     })?;
-    let presented_actor = || {
-        presented
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
-            .map_or_else(|| address_actor(&remote), |der| cert_actor(der, &remote))
+    let verifier = config.material().verifier.clone();
+    // A certificate's names are the caller's own words until the CA vouches
+    // for them: only a certificate the gateway's CA issued is named.
+    let presented_actor = || match presented
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_deref()
+    {
+        Some(der) if issued_by_us(&*verifier, der) => cert_actor(der, &remote),
+        _ => address_actor(&remote),
     };
     let refusal = |actor, reason| Some(Refusal { actor, reason });
     let acceptor = TlsAcceptor::from(server_config);

@@ -183,6 +183,7 @@ async fn every_cell_of_the_matrix() {
             prison_number: String::new(),
             date_of_birth: "1985-06-15".into(),
         }),
+        evidence: None,
     };
     for who in 0..CALLERS.len() {
         let r = c.handover[who].claim(claim.clone()).await;

@@ -211,22 +211,44 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
         .submit(submit("adm-7", pb::JourneyEvent::Admission, &admitted))
         .await
         .unwrap();
-    // YG001 rejects its oldest delivery for good; the reason has markup and
-    // (carelessly) an NHS number in it.
+    // YG001 rejects its oldest delivery for good. A reason with (carelessly)
+    // an NHS number, or a date of birth, is refused and says why; one with
+    // markup, a name and a drug cannot be recognised and is taken, but the
+    // page never shows a recipient's words.
     let mut yg001 = gw.client("YG001").await;
     let pulled = yg001.pull(pull(1)).await.unwrap().into_inner().deliveries;
     assert_eq!(pulled.len(), 1);
-    let reason = format!(
-        "practice system rejected it: template XJ-42 <unknown> for {}",
-        nhs(1)
-    );
+    let nack = |reason: String| pb::NackRequest {
+        delivery_id: pulled[0].delivery_id,
+        attempt: pulled[0].attempt,
+        permanent: true,
+        reason,
+    };
+    for (careless, what) in [
+        (
+            format!("rejected: not our patient {}", nhs(1)),
+            "a long number",
+        ),
+        (
+            "rejected: Alex Example born 15/06/1985".to_owned(),
+            "a date of birth",
+        ),
+        (
+            "rejected: DOB 15 June 1985 does not match".to_owned(),
+            "a date of birth",
+        ),
+    ] {
+        let err = yg001.nack(nack(careless)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert_eq!(violations(&err), ["reason"]);
+        assert!(err.message().contains(what), "{err:?}");
+        assert!(!err.message().contains(&nhs(1)) && !err.message().contains("1985"));
+    }
     yg001
-        .nack(pb::NackRequest {
-            delivery_id: pulled[0].delivery_id,
-            attempt: pulled[0].attempt,
-            permanent: true,
-            reason,
-        })
+        .nack(nack(
+            "practice system rejected it: template XJ-42 <unknown> for Alex Example, Paracetamol"
+                .into(),
+        ))
         .await
         .unwrap();
     // A day and an hour later the admission notice is overdue; the releases
@@ -277,7 +299,8 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     assert_eq!(text(probation, "depth"), "6");
     let holding = row(mailboxes, "data-mailbox=\"@parked\"");
     assert_eq!(text(holding, "depth"), "1");
-    // The quarantine with its reason, markup inert and the NHS number withheld.
+    // The quarantine with the gateway's words only: the recipient's free text
+    // (a name, a drug, markup) is not on the page.
     let quarantine = section(&dom, "quarantine");
     assert!(quarantine.contains("<h2>Quarantine<span class=\"count\">1</span></h2>"));
     let q = row(
@@ -290,7 +313,7 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     assert_eq!(text(q, "attempts"), "1");
     assert_eq!(
         text(q, "reason"),
-        "permanent nack: practice system rejected it: template XJ-42 &lt;unknown&gt; for [number withheld]"
+        "permanent nack: (the recipient's words: not shown here)"
     );
     assert_eq!(text(q, "when"), "2027-01-15 08:00 GMT (25h ago)");
     // The parked release with its deadline.

@@ -72,6 +72,7 @@ fn claim(nhs_number: &str, prison_number: &str) -> pb::ClaimRequest {
             prison_number: prison_number.into(),
             date_of_birth: DOB.into(),
         }),
+        evidence: None,
     }
 }
 

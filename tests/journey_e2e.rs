@@ -277,6 +277,7 @@ async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_r
     let err = a
         .claim(pb::ClaimRequest {
             patient: Some(wrong),
+            evidence: None,
         })
         .await
         .unwrap_err();
@@ -285,6 +286,7 @@ async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_r
     let mut b = gw.client("YG002").await;
     let claim = pb::ClaimRequest {
         patient: Some(patient_ref(7)),
+        evidence: None,
     };
     let (ra, rb) = tokio::join!(a.claim(claim.clone()), b.claim(claim));
     let (winner, mut winner_client, mut loser_client) = match (&ra, &rb) {

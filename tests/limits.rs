@@ -219,7 +219,7 @@ async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
     let config = dir.path().join("throughcare.toml");
     std::fs::write(
         &config,
-        "[limits]\nmax_concurrent_streams = 32\nmax_connections_per_identity = 8\nmax_handshakes = 64\nmax_handshakes_per_address = 16\nrequests_per_second = 100\nrequest_burst = 200\nmax_in_flight = 256\n",
+        "[limits]\nmax_concurrent_streams = 32\nmax_connections_per_identity = 8\nmax_handshakes = 64\nmax_handshakes_per_network = 32\nrequests_per_second = 100\nrequest_burst = 200\nmax_in_flight = 256\n",
     )
     .unwrap();
     let child = Command::new(BIN)

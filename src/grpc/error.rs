@@ -8,7 +8,8 @@ use crate::store::StoreError;
 /// Why a call was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The request is malformed; each violation names a field and a reason.
+    /// The request is malformed; each violation names a field and a reason
+    /// (scrubbed on the way out, see `scrubbed`).
     #[error("{}", describe(.0))]
     Invalid(Vec<FieldViolation>),
     /// The caller's certificate names no registered organisation.
@@ -20,6 +21,21 @@ pub enum ApiError {
     /// Not available in this version.
     #[error("{0}")]
     Unimplemented(String),
+    /// Too many failed claims: claims of this practice, patient or pair are
+    /// refused until `retry_after` has passed (see `claim_guard`).
+    #[error(
+        "too many failed claims {} in the last {window_hours} h: claims are locked for about {} min; a practice that registered this patient asks the gateway's operators to claim it (Operator.ClaimParked, with a reason)",
+        scope_words(.scope),
+        .retry_after.as_secs().div_ceil(60)
+    )]
+    ClaimsLocked {
+        /// Which counter is full: `practice_and_patient`, `practice` or `patient`.
+        scope: &'static str,
+        /// The window the counters span, hours.
+        window_hours: i64,
+        /// When a claim may be tried again.
+        retry_after: std::time::Duration,
+    },
     /// The gateway is shutting down.
     #[error("the gateway is shutting down")]
     ShuttingDown,
@@ -28,12 +44,54 @@ pub enum ApiError {
     Store(#[from] StoreError),
 }
 
+fn scope_words(scope: &str) -> &'static str {
+    match scope {
+        "practice_and_patient" => "for this patient from this practice",
+        "practice" => "from this practice",
+        _ => "for this patient",
+    }
+}
+
 fn describe(violations: &[FieldViolation]) -> String {
     let parts: Vec<String> = violations
         .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
+        .map(|v| {
+            let v = scrubbed(v.clone());
+            format!("{}: {}", v.field, v.description)
+        })
         .collect();
     format!("invalid request: {}", parts.join("; "))
+}
+
+/// A safety net under every message that leaves the gateway (errors, and so
+/// the log lines and audit entries made from them): no message quotes a
+/// caller's value on purpose, but a path can carry a caller's JSON key or
+/// HL7 segment id, so a run of ten or more digits (an NHS number, grouped
+/// or not) is withheld wherever it appears. Ours never have one: the largest
+/// number we print is a byte limit.
+fn withhold_numbers(text: &str) -> String {
+    static NUMBER: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\d{10,}|\b\d{3}[ \-]\d{3}[ \-]\d{4}\b").expect("a valid pattern")
+    });
+    NUMBER.replace_all(text, "[number withheld]").into_owned()
+}
+
+/// A violation as it leaves: its path made only of path characters (at most
+/// 120) and both parts without NHS-number-shaped digits.
+fn scrubbed(v: FieldViolation) -> FieldViolation {
+    let field: String = v
+        .field
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-[]() ^:/#".contains(c) {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(120)
+        .collect();
+    FieldViolation::new(withhold_numbers(&field), withhold_numbers(&v.description))
 }
 
 impl ApiError {
@@ -49,6 +107,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Unimplemented(_) => Code::Unimplemented,
+            ApiError::ClaimsLocked { .. } => Code::ResourceExhausted,
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Store(e) => match e {
                 StoreError::Conflict => Code::AlreadyExists,
@@ -77,6 +136,8 @@ impl From<ApiError> for Status {
         let code = e.code();
         match e {
             ApiError::Invalid(violations) => {
+                let violations: Vec<FieldViolation> =
+                    violations.into_iter().map(scrubbed).collect();
                 let message = describe(&violations);
                 Status::with_error_details(
                     code,
@@ -95,6 +156,11 @@ impl From<ApiError> for Status {
                     ErrorDetails::with_bad_request(vec![violation]),
                 )
             }
+            ApiError::ClaimsLocked { retry_after, .. } => Status::with_error_details(
+                code,
+                e.to_string(),
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             ApiError::Store(ref inner @ (StoreError::Sled(_) | StoreError::Io(_))) => {
                 // Internal detail stays in the log.
                 tracing::error!(error = %inner, "store failure");
@@ -117,7 +183,7 @@ impl From<ApiError> for Status {
                     ),
                 )
             }
-            other => Status::new(code, other.to_string()),
+            other => Status::new(code, withhold_numbers(&other.to_string())),
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Gateway {
     pub limits: Limits,
     /// Flips to true when the gateway starts shutting down.
     pub shutting_down: watch::Receiver<bool>,
+    /// Failed claims per practice and patient (brute-force lockout).
+    pub claims: super::ClaimGuard,
 }
 
 /// A caller resolved from its certificate.
@@ -68,6 +70,7 @@ impl Gateway {
                 Some(org) => Ok((Caller::Org(org), actor)),
                 None => {
                     tracing::warn!(caller = %actor, "certificate for an unregistered organisation");
+                    // The code is the CA's word (it issued the certificate), not the caller's.
                     Err(ApiError::Unauthenticated(format!(
                         "organisation {code} named by the client certificate is not registered"
                     )))
@@ -411,6 +414,7 @@ impl Gateway {
         self.store
             .ack(&actor, org.ods.as_str(), delivery_id, attempt)
             .await?;
+        record_delivery(delivery_id, attempt);
         Ok(pb::AckResponse {})
     }
 
@@ -423,11 +427,10 @@ impl Gateway {
             reason,
         } = req.into_inner();
         check_delivery_ref(delivery_id, attempt)?;
-        if reason.trim().is_empty() || reason.len() > 500 {
-            return Err(ApiError::invalid(
-                "reason",
-                "required: 1 to 500 characters saying why (no patient data)",
-            ));
+        let mut v = Violations::default();
+        super::free_text::check_reason("reason", &reason, 1, &mut v);
+        if !v.0.is_empty() {
+            return Err(ApiError::Invalid(v.0));
         }
         let state = self
             .store
@@ -440,6 +443,7 @@ impl Gateway {
                 &reason,
             )
             .await?;
+        record_delivery(delivery_id, attempt);
         Ok(pb::NackResponse {
             state: wire::state_to_wire(state).into(),
         })
@@ -478,37 +482,120 @@ impl Gateway {
                 org.kind.as_str()
             )));
         }
-        let pb::ClaimRequest { patient } = req.into_inner();
-        self.claim_for(&actor, patient, "patient", org.ods.as_str())
-            .await
+        let pb::ClaimRequest { patient, evidence } = req.into_inner();
+        let now = self.clock.now_ms();
+        let mut v = Violations::default();
+        let registered = wire::claim_evidence_from_wire(evidence, "evidence", now, &mut v);
+        let (patient, dob) = claimant(patient, "patient", v)?;
+        if registered.as_deref().is_some_and(|r| r < dob.as_str()) {
+            return Err(ApiError::invalid(
+                "evidence.registration_date",
+                "must not be before the date of birth",
+            ));
+        }
+        let patient_key = self
+            .keyer
+            .key(patient.nhs_number.as_ref(), patient.prison_number.as_ref());
+        let ticket = self
+            .claims
+            .admit(&actor, &patient_key, now)
+            .map_err(|locked| {
+                tracing::warn!(
+                    alert = "claims_locked",
+                    scope = locked.scope,
+                    "claim refused: the failed-claim limit is reached"
+                );
+                ApiError::ClaimsLocked {
+                    scope: locked.scope,
+                    window_hours: self.claims.window_hours(),
+                    retry_after: Duration::from_millis(
+                        u64::try_from(locked.until_ms.saturating_sub(now)).unwrap_or(0),
+                    ),
+                }
+            })?;
+        let result = self
+            .claim_patient(&actor, &patient, &dob, org.ods.as_str())
+            .await;
+        if !matches!(result, Err(ApiError::Store(StoreError::NothingToClaim))) {
+            return result; // claimed, or not decided: neither counts as a failure
+        }
+        let failure = ticket.failed(now);
+        // Keyed like a claim key, but over the registration date instead of
+        // the date of birth: checkable by whoever holds the key, and never
+        // equal to a real claim key.
+        let evidence = registered.and_then(|date| {
+            self.keyer
+                .claim_keys(
+                    patient.nhs_number.as_ref(),
+                    patient.prison_number.as_ref(),
+                    &format!("registered:{date}"),
+                )
+                .into_iter()
+                .next()
+        });
+        self.record_failed_claim(actor, patient_key, &failure, evidence)
+            .await?;
+        result
     }
 
-    /// Claims the parked releases of `patient` for `practice`.
-    pub(super) async fn claim_for(
+    /// Audits one failed claim (fail closed) and raises the alert when it
+    /// locked a counter.
+    async fn record_failed_claim(
+        &self,
+        actor: String,
+        patient_key: String,
+        failure: &super::claim_guard::Failure,
+        evidence: Option<String>,
+    ) -> Result<(), ApiError> {
+        tracing::info!(
+            failures = failure.pair_failures,
+            limit = failure.pair_limit,
+            "claim matched no parked release"
+        );
+        if !failure.now_locked.is_empty() {
+            tracing::warn!(
+                alert = "repeated_failed_claims",
+                caller = %actor,
+                locked = ?failure.now_locked,
+                "ALERT: repeated failed claims (a date of birth may be being guessed); claims locked"
+            );
+        }
+        let evidence = evidence.map_or_else(
+            || "no evidence given".to_owned(),
+            |hash| format!("evidence: registration date (keyed {hash})"),
+        );
+        let locked = if failure.now_locked.is_empty() {
+            String::new()
+        } else {
+            format!("; claims now locked: {}", failure.now_locked.join(", "))
+        };
+        self.store
+            .record(crate::audit::AuditEvent {
+                actor,
+                action: super::claim_guard::FAILURE_ACTION,
+                patient_key: Some(patient_key),
+                outcome: format!(
+                    "refused: no parked release matches; failed claim {} of {} for this patient from this practice within {} h; {evidence}{locked}",
+                    failure.pair_failures,
+                    failure.pair_limit,
+                    self.claims.window_hours(),
+                ),
+                ..crate::audit::AuditEvent::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Claims the parked releases of `patient` (born `dob`) for `practice`.
+    /// The failed-claim limit is the caller's business: operators are not
+    /// limited (they claim with a reason), practices are (`claim`).
+    pub(super) async fn claim_patient(
         &self,
         actor: &str,
-        patient: Option<pb::PatientRef>,
-        field: &str,
+        patient: &PatientRef,
+        dob: &str,
         practice: &str,
     ) -> Result<pb::ClaimResponse, ApiError> {
-        let mut v = Violations::default();
-        let patient = wire::patient_from_wire(patient, field, &mut v);
-        let patient = match patient {
-            None if v.0.is_empty() => {
-                return Err(ApiError::invalid(
-                    field,
-                    "required: NHS number or prison number, and date of birth",
-                ));
-            }
-            Some(p) if v.0.is_empty() => p,
-            _ => return Err(ApiError::Invalid(v.0)),
-        };
-        let Some(dob) = patient.date_of_birth.as_deref() else {
-            return Err(ApiError::invalid(
-                format!("{field}.date_of_birth"),
-                "required to claim: it must match the release",
-            ));
-        };
         let keys = self.keyer.claim_keys(
             patient.nhs_number.as_ref(),
             patient.prison_number.as_ref(),
@@ -534,6 +621,33 @@ impl Gateway {
                 .collect(),
         })
     }
+}
+
+/// The patient a claim names, with the date of birth it must carry; `v`
+/// holds violations found earlier in the request.
+pub(super) fn claimant(
+    patient: Option<pb::PatientRef>,
+    field: &str,
+    mut v: Violations,
+) -> Result<(PatientRef, String), ApiError> {
+    let patient = wire::patient_from_wire(patient, field, &mut v);
+    let patient = match patient {
+        None if v.0.is_empty() => {
+            return Err(ApiError::invalid(
+                field,
+                "required: NHS number or prison number, and date of birth",
+            ));
+        }
+        Some(p) if v.0.is_empty() => p,
+        _ => return Err(ApiError::Invalid(v.0)),
+    };
+    let Some(dob) = patient.date_of_birth.clone() else {
+        return Err(ApiError::invalid(
+            format!("{field}.date_of_birth"),
+            "required to claim: it must match the release",
+        ));
+    };
+    Ok((patient, dob))
 }
 
 fn view_name(view: View) -> &'static str {
@@ -584,6 +698,14 @@ fn render(
             (pb::delivery::Document::Hl7v2(t), n)
         }
     }
+}
+
+/// Names the delivery in the call's span once the store found it in the
+/// caller's mailbox: an id the caller made up is never logged.
+fn record_delivery(delivery_id: u64, attempt: u32) {
+    let span = tracing::Span::current();
+    span.record("delivery_id", delivery_id);
+    span.record("attempt", attempt);
 }
 
 fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), ApiError> {
@@ -716,11 +838,7 @@ impl pb::handover_server::Handover for HandoverService {
         result
     }
 
-    #[instrument(name = "ack", skip_all, fields(
-        caller = Empty,
-        delivery_id = request.get_ref().delivery_id,
-        attempt = request.get_ref().attempt,
-    ))]
+    #[instrument(name = "ack", skip_all, fields(caller = Empty, delivery_id = Empty, attempt = Empty))]
     async fn ack(
         &self,
         request: Request<pb::AckRequest>,
@@ -732,11 +850,7 @@ impl pb::handover_server::Handover for HandoverService {
         result
     }
 
-    #[instrument(name = "nack", skip_all, fields(
-        caller = Empty,
-        delivery_id = request.get_ref().delivery_id,
-        attempt = request.get_ref().attempt,
-    ))]
+    #[instrument(name = "nack", skip_all, fields(caller = Empty, delivery_id = Empty, attempt = Empty))]
     async fn nack(
         &self,
         request: Request<pb::NackRequest>,

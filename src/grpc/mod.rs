@@ -2,8 +2,10 @@
 //! Wire types are converted to domain types on the way in (field by field,
 //! with field-level violations) and back on the way out.
 
+mod claim_guard;
 mod envelope;
 mod error;
+pub mod free_text;
 mod handover;
 pub mod limits;
 mod metered;
@@ -11,6 +13,7 @@ mod operator;
 pub mod summary;
 mod wire;
 
+pub use claim_guard::{ClaimGuard, ClaimLimits};
 pub use envelope::{Envelope, PatientRef};
 pub use error::ApiError;
 pub use handover::{Gateway, HandoverService};

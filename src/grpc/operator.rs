@@ -214,10 +214,7 @@ impl OperatorService {
                     None
                 }
                 None => {
-                    v.add(
-                        "practice",
-                        format!("no registered organisation has ODS code {code}"),
-                    );
+                    v.add("practice", "no registered organisation has this ODS code");
                     None
                 }
             },
@@ -226,11 +223,27 @@ impl OperatorService {
                 None
             }
         };
-        let Some(practice) = practice.filter(|_| v.0.is_empty()) else {
-            return Err(ApiError::Invalid(v.0));
+        let (patient, dob) = super::handover::claimant(patient, "patient", v)?;
+        let Some(practice) = practice else {
+            return Err(ApiError::invalid("practice", "required"));
         };
+        // The way out for a practice locked out by failed claims: the
+        // operator's reason is on record before anything moves (fail closed).
+        let keyer = &self.gateway.keyer;
         self.gateway
-            .claim_for(&actor, patient, "patient", practice.as_str())
+            .store
+            .record(AuditEvent {
+                actor: actor.clone(),
+                action: "claim_parked",
+                patient_key: Some(
+                    keyer.key(patient.nhs_number.as_ref(), patient.prison_number.as_ref()),
+                ),
+                outcome: format!("ok: operator claim for {practice}: {}", reason.trim()),
+                ..AuditEvent::default()
+            })
+            .await?;
+        self.gateway
+            .claim_patient(&actor, &patient, &dob, practice.as_str())
             .await
     }
 
@@ -272,7 +285,7 @@ impl OperatorService {
         let Some(mut org) = self.gateway.registry.get(&code) else {
             return Err(ApiError::invalid(
                 "ods_code",
-                format!("no registered organisation has ODS code {code}"),
+                "no registered organisation has this ODS code",
             ));
         };
         org.active = active;
@@ -432,12 +445,7 @@ impl OperatorService {
         if handover_id == 0 {
             v.add("handover_id", "required");
         }
-        if reason.trim().chars().count() < 20 || reason.len() > 500 {
-            v.add(
-                "reason",
-                "required: 20 to 500 characters saying why an operator must see clinical content (no patient data)",
-            );
-        }
+        super::free_text::check_reason("reason", &reason, 20, &mut v);
         if !v.0.is_empty() {
             return Err(ApiError::Invalid(v.0));
         }
@@ -502,12 +510,7 @@ fn limit_of(limit: u32) -> usize {
 }
 
 fn check_reason(reason: &str, v: &mut Violations) {
-    if reason.trim().is_empty() || reason.len() > 500 {
-        v.add(
-            "reason",
-            "required: 1 to 500 characters saying why (no patient data)",
-        );
-    }
+    super::free_text::check_reason("reason", reason, 1, v);
 }
 
 fn format_to_wire(f: Format) -> pb::DocumentFormat {

@@ -143,6 +143,34 @@ pub fn patient_from_wire(
     })
 }
 
+/// The registration date a claim states, when it states one: a calendar
+/// date `YYYY-MM-DD` not after the day of `now_ms` (UTC). Violations never
+/// quote the value.
+pub fn claim_evidence_from_wire(
+    evidence: Option<pb::ClaimEvidence>,
+    field: &str,
+    now_ms: i64,
+    v: &mut Violations,
+) -> Option<String> {
+    let pb::ClaimEvidence { registration_date } = evidence?;
+    if registration_date.is_empty() {
+        return None;
+    }
+    let field = format!("{field}.registration_date");
+    if !is_iso_date(&registration_date) {
+        v.add(field, "must be a calendar date written YYYY-MM-DD");
+        return None;
+    }
+    let today = time::OffsetDateTime::from_unix_timestamp(now_ms.div_euclid(1_000))
+        .map(|t| t.date().to_string())
+        .unwrap_or_default();
+    if registration_date > today {
+        v.add(field, "must not be in the future");
+        return None;
+    }
+    Some(registration_date)
+}
+
 impl SubmitCommand {
     /// Reads and checks a submit request.
     ///

@@ -63,6 +63,18 @@ pub struct Route {
 /// A destination the sender named that the rules do not allow (field, reason).
 pub type RouteViolation = (String, String);
 
+/// Why `code` cannot receive as a prison; it is named only when it is a
+/// registered organisation (a caller's value is never echoed unvalidated).
+fn not_an_active_prison(registry: &Registry, code: &OdsCode) -> String {
+    match registry.get(code) {
+        Some(org) if org.kind != OrgKind::Prison => {
+            format!("{code} is a {}, not a prison", org.kind.as_str())
+        }
+        Some(_) => format!("{code} is a prison disabled in the registry"),
+        None => "no registered prison has this ODS code".into(),
+    }
+}
+
 /// The deliveries `event` calls for.
 ///
 /// `requested` are the destinations the sender named (may be empty);
@@ -86,10 +98,7 @@ pub fn route(
     for (i, code) in requested.iter().enumerate() {
         let field = format!("destinations[{i}]");
         match registry.get(code) {
-            None => violations.push((
-                field,
-                format!("no registered organisation has ODS code {code}"),
-            )),
+            None => violations.push((field, "no registered organisation has this ODS code".into())),
             Some(org) if !org.active => {
                 violations.push((field, format!("{code} is disabled and receives nothing")));
             }
@@ -176,7 +185,7 @@ pub fn route(
             } else {
                 violations.push((
                     "summary.custody.establishment".into(),
-                    format!("{prison} is not a registered, active prison"),
+                    not_an_active_prison(registry, prison),
                 ));
             }
         }
@@ -200,7 +209,7 @@ pub fn route(
                 }),
                 Some(to) => violations.push((
                     "summary.custody.transfer_to".into(),
-                    format!("{to} is not a registered, active prison"),
+                    not_an_active_prison(registry, to),
                 )),
                 None => {} // clinical validation reports it
             }

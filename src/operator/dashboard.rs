@@ -3,9 +3,11 @@
 //! refreshed by the browser every [`REFRESH_SECONDS`].
 //!
 //! It shows queue metadata only: mailboxes (ODS codes), delivery ids, senders,
-//! events, attempts, times and quarantine reasons. Never a payload, a patient
-//! identifier or a patient key. A reason is free text from the recipient that
-//! nacked, so any NHS-number-shaped run of digits in it is withheld. Every
+//! events, attempts, times and the gateway's own words for why a delivery is
+//! quarantined. Never a payload, a patient identifier or a patient key, and
+//! never a recipient's free-text nack reason: those are refused when they
+//! look like patient data, but a name or a drug cannot be recognised, and
+//! this page may be on a wall screen ([`gateway_words`]). Every
 //! value is HTML-escaped by `maud`, and the page forbids scripts outright
 //! (`Content-Security-Policy`). Why plain HTTP on loopback: `docs/operations.md`.
 
@@ -340,7 +342,7 @@ fn quarantine(lines: &[Line], total: u64, now_ms: i64) -> Markup {
                                 td.sender { (l.sender) }
                                 td.event { (event(l.event)) }
                                 td.num.attempts { (l.attempts) }
-                                td.reason { (withhold_identifiers(l.reason.as_deref().unwrap_or(""))) }
+                                td.reason { (gateway_words(l.reason.as_deref().unwrap_or(""))) }
                                 td.when { (when(l.quarantined_at_ms, now_ms)) }
                             }
                         }
@@ -440,50 +442,49 @@ fn age(ms: i64) -> String {
     }
 }
 
-/// `reason` with every NHS-number-shaped run of digits (ten or more in a row,
-/// or `943 476 5919` / `943-476-5919`) replaced by `[number withheld]`: a
-/// recipient's free text must not put a patient identifier on the page.
-pub fn withhold_identifiers(reason: &str) -> Cow<'_, str> {
-    const WITHHELD: &str = "[number withheld]";
-    // Digits and separators are ASCII, so every index below is a char boundary.
-    let b = reason.as_bytes();
-    let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
-    let digits_from = |i: usize| (i..).take_while(|&j| digit(j)).count();
-    let mut out: Option<String> = None;
-    let mut copied = 0;
-    let mut i = 0;
-    while i < b.len() {
-        if !digit(i) {
-            i += 1;
-            continue;
-        }
-        let run = digits_from(i);
-        let grouped = run == 3
-            && matches!(b.get(i + 3), Some(b' ' | b'-'))
-            && digits_from(i + 4) == 3
-            && b.get(i + 7) == b.get(i + 3)
-            && digits_from(i + 8) == 4;
-        let end = if run >= 10 {
-            i + run
-        } else if grouped {
-            i + 12
-        } else {
-            i += run;
-            continue;
-        };
-        let s = out.get_or_insert_with(String::new);
-        s.push_str(&reason[copied..i]);
-        s.push_str(WITHHELD);
-        copied = end;
-        i = end;
+/// What the page shows of a quarantine reason: the gateway's own words,
+/// without the recipient's free text that follows them (operators read that
+/// through `Operator.ListQuarantine`).
+pub fn gateway_words(reason: &str) -> Cow<'_, str> {
+    const NOT_SHOWN: &str = "(the recipient's words: not shown here)";
+    /// Reasons the gateway writes whole.
+    const OWN: [&str; 2] = [
+        "stored payload failed its integrity check",
+        "lease expired without an ack on attempt ",
+    ];
+    let mut rest = reason;
+    let mut shown = String::new();
+    while let Some(after) = rest.strip_prefix("redriven after: ") {
+        shown.push_str("redriven after: ");
+        rest = after;
     }
-    match out {
-        Some(mut s) => {
-            s.push_str(&reason[copied..]);
-            Cow::Owned(s)
+    let nack = ["permanent nack", "retryable nack"]
+        .into_iter()
+        .find(|p| rest.starts_with(&format!("{p}: ")))
+        .map(str::to_owned)
+        .or_else(|| {
+            let tail = rest.strip_prefix("nack on the last allowed attempt (")?;
+            let (n, _) = tail.split_once("): ")?;
+            n.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| format!("nack on the last allowed attempt ({n})"))
+        });
+    match nack {
+        Some(kind) => {
+            let words = &rest[kind.len() + 2..];
+            let own = OWN.contains(&words);
+            shown.push_str(&kind);
+            shown.push_str(": ");
+            shown.push_str(if own { words } else { NOT_SHOWN });
         }
-        None => Cow::Borrowed(reason),
+        None if OWN.iter().any(|o| rest.starts_with(o)) && shown.is_empty() => {
+            return Cow::Borrowed(reason);
+        }
+        None if OWN.iter().any(|o| rest.starts_with(o)) => shown.push_str(rest),
+        None if reason.is_empty() => return Cow::Borrowed(""),
+        None => shown.push_str(NOT_SHOWN),
     }
+    Cow::Owned(shown)
 }
 
 #[cfg(test)]
@@ -540,16 +541,14 @@ mod tests {
     }
 
     #[test]
-    fn markup_in_a_reason_stays_inert_text() {
+    fn markup_in_a_reason_never_reaches_the_page() {
         let html = render(&snapshot(
-            r#"<script>alert("x")</script><img src=x onerror=alert(1)> & "quoted""#,
+            r#"permanent nack: <script>alert("x")</script><img src=x onerror=alert(1)> & "quoted""#,
         ))
         .into_string();
         assert!(!html.contains("<script"), "{html}");
         assert!(!html.contains("<img"), "{html}");
-        assert!(html.contains(
-            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt; &amp; &quot;quoted&quot;"
-        ));
+        assert!(!html.contains("onerror"), "{html}");
     }
 
     #[test]
@@ -575,7 +574,7 @@ mod tests {
         );
         assert!(html.contains(r#"<td class="num quarantined warn">1</td>"#));
         assert!(html.contains(r#"<td class="num oldest">90s</td>"#));
-        assert!(html.contains("practice system rejected it"));
+        assert!(!html.contains("practice system rejected it"));
         assert!(html.contains(r#"<span class="badge alert">OVERDUE</span>"#));
         assert!(html.contains(r#"<h2>Quarantine<span class="count">1</span></h2>"#));
         assert!(!html.contains("Showing"));
@@ -588,28 +587,41 @@ mod tests {
     }
 
     #[test]
-    fn nhs_number_shaped_digits_are_withheld_from_reasons() {
-        assert_eq!(
-            withhold_identifiers("patient 943 476 5919 unknown here"),
-            "patient [number withheld] unknown here"
-        );
-        assert_eq!(
-            withhold_identifiers("9434765919: no match; also 943-476-5919"),
-            "[number withheld]: no match; also [number withheld]"
-        );
-        // Short numbers (codes, counts, dates and times) are kept.
-        assert_eq!(
-            withhold_identifiers("HTTP 503 after 3 tries on 2027-01-15 08:00:00, ref 123 456"),
-            "HTTP 503 after 3 tries on 2027-01-15 08:00:00, ref 123 456"
-        );
-        assert!(matches!(withhold_identifiers("plain"), Cow::Borrowed(_)));
-        assert_eq!(
-            withhold_identifiers("é 12345678901 ü"),
-            "é [number withheld] ü"
-        );
-        let html = render(&snapshot("NHS 9434765919 not registered")).into_string();
-        assert!(!html.contains("9434765919"));
-        assert!(html.contains("NHS [number withheld] not registered"));
+    fn only_the_gateways_own_words_are_shown() {
+        for (stored, shown) in [
+            (
+                "permanent nack: Alex Example, methadone 60 mg",
+                "permanent nack: (the recipient's words: not shown here)",
+            ),
+            (
+                "retryable nack: busy",
+                "retryable nack: (the recipient's words: not shown here)",
+            ),
+            (
+                "redriven after: nack on the last allowed attempt (5): no",
+                "redriven after: nack on the last allowed attempt (5): (the recipient's words: not shown here)",
+            ),
+            (
+                "permanent nack: stored payload failed its integrity check",
+                "permanent nack: stored payload failed its integrity check",
+            ),
+            (
+                "lease expired without an ack on attempt 5 of 5",
+                "lease expired without an ack on attempt 5 of 5",
+            ),
+            (
+                "redriven after: lease expired without an ack on attempt 5 of 5",
+                "redriven after: lease expired without an ack on attempt 5 of 5",
+            ),
+            ("anything else", "(the recipient's words: not shown here)"),
+            ("", ""),
+        ] {
+            assert_eq!(gateway_words(stored), shown, "{stored}");
+        }
+        let html =
+            render(&snapshot("permanent nack: NHS 9434765919, born 1985-06-15")).into_string();
+        assert!(!html.contains("9434765919") && !html.contains("1985-06-15"));
+        assert!(html.contains("permanent nack: (the recipient"), "{html}");
     }
 
     #[test]

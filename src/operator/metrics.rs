@@ -14,6 +14,9 @@
 //! | `barrier_duration_seconds` | histogram | (`flush` + `fdatasync`s of one group commit) |
 //! | `barrier_commands`, `barrier_submits` | histogram | (messages per barrier) |
 //! | `certificate_expiry_days` | gauge | `certificate` = `server` or `ca` |
+//! | `claim_failures_total` | counter | (claims by a practice that matched nothing) |
+//! | `claim_lockouts_total` | counter | `scope` = `practice_and_patient`, `practice` or `patient` (a failed-claim counter reached its limit) |
+//! | `claims_refused_locked_total` | counter | `scope` (claims refused because a counter is at its limit) |
 //! | `mailbox_depth`, `_leased`, `_oldest_age_seconds`, `_overdue`, `_quarantined`, `_parked` | gauge | `mailbox` |
 //! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs` | gauge | (set after each retention pass) |
 //!
@@ -114,6 +117,11 @@ struct NackLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CertificateLabels {
     certificate: &'static str,
 }
@@ -206,6 +214,9 @@ pub struct Metrics {
     nacks: Family<NackLabels, Counter>,
     barrier: Arc<BarrierMetrics>,
     certificate_days: Family<CertificateLabels, Gauge>,
+    claim_failures: Counter,
+    claim_lockouts: Family<ScopeLabels, Counter>,
+    claims_locked: Family<ScopeLabels, Counter>,
     certificates: Vec<(&'static str, PathBuf)>,
     mailboxes: MailboxGauges,
     retention: RetentionGauges,
@@ -292,6 +303,24 @@ impl Metrics {
             "Whole days until the certificate expires (negative once expired)",
             certificate_days.clone(),
         );
+        let claim_failures = Counter::default();
+        r.register(
+            "claim_failures",
+            "Claims by a practice that matched no parked release",
+            claim_failures.clone(),
+        );
+        let claim_lockouts = Family::default();
+        r.register(
+            "claim_lockouts",
+            "Failed-claim counters that reached their limit (claims locked), by scope",
+            claim_lockouts.clone(),
+        );
+        let claims_locked = Family::default();
+        r.register(
+            "claims_refused_locked",
+            "Claims refused because a failed-claim counter is at its limit, by scope",
+            claims_locked.clone(),
+        );
         let mailboxes = MailboxGauges::default();
         r.register(
             "mailbox_depth",
@@ -374,6 +403,9 @@ impl Metrics {
             nacks,
             barrier,
             certificate_days,
+            claim_failures,
+            claim_lockouts,
+            claims_locked,
             certificates: vec![("server", server_cert), ("ca", ca_cert)],
             mailboxes,
             retention,
@@ -443,6 +475,24 @@ impl Metrics {
                 permanent,
                 outcome: outcome.as_str(),
             })
+            .inc();
+    }
+
+    /// A claim by a practice matched nothing; `now_locked` names the
+    /// counters it filled.
+    pub fn claim_failed(&self, now_locked: &[&'static str]) {
+        self.claim_failures.inc();
+        for scope in now_locked {
+            self.claim_lockouts
+                .get_or_create(&ScopeLabels { scope })
+                .inc();
+        }
+    }
+
+    /// A claim was refused because the `scope` counter is at its limit.
+    pub fn claim_refused_while_locked(&self, scope: &'static str) {
+        self.claims_locked
+            .get_or_create(&ScopeLabels { scope })
             .inc();
     }
 

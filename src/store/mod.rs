@@ -22,6 +22,7 @@
 //! The on-disk layout is in [`records`].
 
 mod barrier;
+mod claim_guard;
 pub mod clock;
 pub mod crypt;
 pub mod high_water;

@@ -829,7 +829,8 @@ impl Writer {
                     actor: actor.to_owned(),
                     action,
                     handover_id: d.as_ref().map(|d| d.handover_id),
-                    delivery_id: Some(delivery_id),
+                    // Only an id found in the caller's mailbox: never one it made up.
+                    delivery_id: d.as_ref().map(|d| d.id),
                     patient_key: d.as_ref().map(|d| d.patient_key.clone()),
                     outcome: if repeat_ack {
                         "ok: repeated ack of a delivered attempt".into()

@@ -1,0 +1,303 @@
+//! Claim brute force, through the real server over mutual TLS: a practice
+//! that knows an NHS number cannot try dates of birth until one opens the
+//! parked release. Failed claims are limited per practice and patient, the
+//! lock holds for the right date of birth too, survives a restart, is
+//! audited without patient data in clear, counted in the metrics; an
+//! operator's claim with a reason is the way out.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+use throughcare::grpc::pb;
+use throughcare::store::SystemClock;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const DOB: &str = "1985-06-15";
+
+fn claim(patient: u32, dob: &str, registered: Option<&str>) -> pb::ClaimRequest {
+    pb::ClaimRequest {
+        patient: Some(pb::PatientRef {
+            nhs_number: nhs(patient),
+            prison_number: String::new(),
+            date_of_birth: dob.into(),
+        }),
+        evidence: registered.map(|d| pb::ClaimEvidence {
+            registration_date: d.into(),
+        }),
+    }
+}
+
+/// A wrong date of birth, one per try.
+fn guess(i: u32) -> String {
+    format!("1970-{:02}-{:02}", i / 28 + 1, i % 28 + 1)
+}
+
+async fn park(gw: &TestGateway, patient: u32) {
+    let mut prison = gw.client("YP001").await;
+    let r = prison
+        .submit(release(&format!("park-{patient}"), patient, &[], "parked"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deliveries[0].destination, "@parked");
+}
+
+#[tokio::test]
+async fn guessing_dates_of_birth_locks_the_pair_even_for_the_right_one_across_a_restart() {
+    let gw = TestGateway::start().await;
+    park(&gw, 41).await;
+    let mut practice = gw.client("YG001").await;
+    for i in 0..5 {
+        let evidence = (i == 0).then_some("2026-01-05");
+        let err = practice
+            .claim(claim(41, &guess(i), evidence))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "try {i}: {err:?}");
+    }
+    // Locked: the right date of birth is refused too, with a delay and the way out.
+    let locked = practice.claim(claim(41, DOB, None)).await.unwrap_err();
+    assert_eq!(locked.code(), Code::ResourceExhausted, "{locked:?}");
+    assert!(
+        locked.message().contains("Operator.ClaimParked"),
+        "{locked:?}"
+    );
+    let delay = locked
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("a RetryInfo delay");
+    assert!(delay > Duration::from_secs(23 * 3_600), "{delay:?}");
+
+    // Every failure audited under its own action, with the patient keyed
+    // and the evidence keyed; nothing of the patient in clear.
+    let failures: Vec<_> = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "claim_failure")
+        .collect();
+    assert_eq!(failures.len(), 5);
+    assert!(failures.iter().all(|e| e.actor == "urn:ods:YG001"));
+    assert!(failures.iter().all(|e| e.patient_key.is_some()));
+    assert!(
+        failures[0]
+            .outcome
+            .contains("evidence: registration date (keyed ")
+    );
+    assert!(failures[1].outcome.contains("no evidence given"));
+    assert!(
+        failures[4]
+            .outcome
+            .contains("claims now locked: practice_and_patient")
+    );
+    let trail = serde_json::to_string(&gw.store.audit_entries().unwrap()).unwrap();
+    for secret in [nhs(41).as_str(), DOB, "2026-01-05", "1970-01-01"] {
+        assert!(!trail.contains(secret), "{secret} in the audit trail");
+    }
+    let metrics = gw.metrics.encode();
+    assert!(
+        metrics.contains("throughcare_claim_failures_total 5"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("throughcare_claim_lockouts_total{scope=\"practice_and_patient\"} 1"));
+    assert!(
+        metrics
+            .contains("throughcare_claims_refused_locked_total{scope=\"practice_and_patient\"} 1")
+    );
+
+    // A restart does not reset the counters.
+    let (dir, config) = gw.stop().await;
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let mut practice = gw.client("YG001").await;
+    let err = practice.claim(claim(41, DOB, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // The way out: an operator claims it for the practice, with a reason.
+    let mut op = gw.operator().await;
+    let claimed = op
+        .claim_parked(pb::ClaimParkedRequest {
+            patient: claim(41, DOB, None).patient,
+            practice: "YG001".into(),
+            reason: "registration confirmed with the practice manager by phone".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .claimed;
+    assert_eq!(claimed.len(), 1);
+    let got = practice
+        .pull(pull(10))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(got.len(), 1);
+    let audit = gw.store.audit_entries().unwrap();
+    assert!(
+        audit.iter().any(|e| e.action == "claim_parked"
+            && e.actor == "urn:operator:oncall"
+            && e.outcome.contains("registration confirmed")),
+        "the operator's reason is audited"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn parallel_guesses_get_no_more_tries_than_sequential_ones() {
+    let gw = TestGateway::start().await;
+    park(&gw, 42).await;
+    let practice = gw.client("YG002").await;
+    let tries = (0..40).map(|i| {
+        let mut c = practice.clone();
+        async move { c.claim(claim(42, &guess(i), None)).await }
+    });
+    let results = futures_join_all(tries).await;
+    let not_found = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::NotFound))
+        .count();
+    let locked = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted))
+        .count();
+    assert_eq!(not_found, 5, "{results:?}");
+    assert_eq!(locked, 35, "{results:?}");
+    // The patient is not locked for a practice that never failed.
+    let mut other = gw.client("YG001").await;
+    let claimed = other
+        .claim(claim(42, DOB, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.claimed.len(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn evidence_is_checked_and_never_echoed() {
+    let gw = TestGateway::start().await;
+    let mut practice = gw.client("YG001").await;
+    for bad in ["2026-13-01", "tomorrow", "2999-01-01", "1970-01-01"] {
+        let err = practice.claim(claim(43, DOB, Some(bad))).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
+        assert_eq!(
+            violations(&err),
+            ["evidence.registration_date"],
+            "{bad}: {err:?}"
+        );
+        assert!(!err.message().contains(bad), "{err:?}");
+    }
+    gw.stop().await;
+}
+
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
+
+/// The real binary on `port` over `dir`; killed (SIGKILL) when dropped.
+struct Binary(std::process::Child);
+
+impl Binary {
+    async fn start(dir: &std::path::Path, port: u16) -> Self {
+        let child = std::process::Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--certs-dir")
+            .arg(dir.join("certs"))
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let gateway = Self(child);
+        let endpoint = format!("https://127.0.0.1:{port}");
+        for _ in 0..150 {
+            if throughcare::client::handover(&endpoint, &dir.join("certs"), "YP001")
+                .await
+                .is_ok()
+            {
+                return gateway;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the gateway did not start");
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn against_the_binary_the_lock_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let certs = dir.path().join("certs");
+    let gateway = Binary::start(dir.path(), port).await;
+    let mut prison = throughcare::client::handover(&endpoint, &certs, "YP001")
+        .await
+        .unwrap();
+    prison
+        .submit(release("park-44", 44, &[], "parked"))
+        .await
+        .unwrap();
+    let mut practice = throughcare::client::handover(&endpoint, &certs, "YG001")
+        .await
+        .unwrap();
+    // Guess as fast as the gateway answers: five tries, then locked.
+    let mut answers = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..200 {
+        let code = match practice.claim(claim(44, &guess(i), None)).await {
+            Ok(_) => "ok".to_owned(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        *answers.entry(code).or_default() += 1;
+    }
+    assert_eq!(
+        answers,
+        [
+            ("NotFound".to_owned(), 5),
+            ("ResourceExhausted".to_owned(), 195)
+        ]
+        .into()
+    );
+    drop(gateway); // SIGKILL: no graceful shutdown
+    let _gateway = Binary::start(dir.path(), port).await;
+    let mut practice = throughcare::client::handover(&endpoint, &certs, "YG001")
+        .await
+        .unwrap();
+    let err = practice.claim(claim(44, DOB, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // Another practice, which never failed, still can.
+    let mut other = throughcare::client::handover(&endpoint, &certs, "YG002")
+        .await
+        .unwrap();
+    let claimed = other.claim(claim(44, DOB, None)).await.unwrap();
+    assert_eq!(claimed.into_inner().claimed.len(), 1);
+}
