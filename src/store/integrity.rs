@@ -24,8 +24,24 @@ use super::{StoreError, StoreOptions};
 use crate::audit::{AuditEntry, AuditKey, Checkpoint, GENESIS, KEYED, SignedCheckpoint};
 
 /// How far the durable witness may trail the store after a crash: its head
-/// is written after a barrier and made durable by the next one.
-pub const LAG: u64 = 3;
+/// is written after a barrier and made durable by the next one, so a crash
+/// in barrier S+1 can leave the store at S+1 and the witness at S-1. After a
+/// clean close (marked in the store) it must match exactly.
+pub const LAG: u64 = 2;
+
+/// Meta key (u64 BE): the committed batches at a clean close, whose final
+/// barrier made the witness exact; removed at open.
+const META_CLEAN_CLOSE: &[u8] = b"clean_close_seq";
+
+/// Marks a clean close at `commit_seq`, after the final barrier.
+pub(super) fn mark_clean_close(
+    trees: &[sled::Tree],
+    barrier: &super::DurabilityBarrier,
+    commit_seq: u64,
+) -> Result<(), StoreError> {
+    trees[TreeId::Meta as usize].insert(META_CLEAN_CLOSE, &records::be(commit_seq))?;
+    barrier.seal().map_err(StoreError::Io)
+}
 
 /// Where a store's witness and audit key are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,20 +233,36 @@ pub(super) fn open_checked(
             missing_handovers: lost.len(),
         });
     }
-    if found.commit_seq > promised + LAG {
+    let clean = meta(trees, META_CLEAN_CLOSE)?;
+    let allowed = if clean > 0 && clean == found.commit_seq {
+        0
+    } else {
+        LAG
+    };
+    if found.commit_seq > promised + allowed {
         return Err(refuse(format!(
-            "it promises {promised} committed batches but the store holds {}: the witness was rolled back or belongs to another store",
-            found.commit_seq
+            "it promises {promised} committed batches but the store holds {}{}: the witness was rolled back or belongs to another store",
+            found.commit_seq,
+            if allowed == 0 {
+                " and was closed cleanly"
+            } else {
+                ""
+            }
         )));
     }
     check_anchored_entry(trees, &head.checkpoint, &found).map_err(refuse)?;
-    let witness = HighWater::open(
+    let mut witness = HighWater::open(
         &paths.file,
         key,
         &record,
         found.commit_seq,
         found.last_handover,
     )?;
+    if promised < found.commit_seq {
+        // Caught up now, so the lag never adds up across restarts.
+        witness.record(found.checkpoint(now_ms()))?;
+    }
+    trees[TreeId::Meta as usize].remove(META_CLEAN_CLOSE)?;
     Ok((witness, promised))
 }
 
