@@ -364,3 +364,48 @@ async fn a_store_from_before_the_key_is_upgraded_by_an_explicit_decision() {
         throughcare::store::integrity::verify_audit(&data, &StoreOptions::default(), &[]).unwrap();
     assert_eq!((verified.entries, verified.keyed_from), (4, Some(4)));
 }
+
+#[test]
+fn a_witness_or_audit_key_inside_the_data_directory_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (flag, value, field) in [
+        (
+            "--witness-dir",
+            data.join("witness"),
+            "integrity.witness_dir",
+        ),
+        (
+            "--witness-dir",
+            dir.path().to_path_buf(),
+            "integrity.witness_dir",
+        ),
+    ] {
+        let out = serve_command(dir.path(), free_port())
+            .arg(flag)
+            .arg(&value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains(field), "{stderr}");
+    }
+    let config = dir.path().join("throughcare.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[integrity]\naudit_key_file = \"{}\"\n",
+            data.join("audit-key").display()
+        ),
+    )
+    .unwrap();
+    let out = serve_command(dir.path(), free_port())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("integrity.audit_key_file"), "{stderr}");
+    assert!(!data.exists(), "nothing was created");
+}

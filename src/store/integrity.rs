@@ -7,7 +7,7 @@
 //! | no witness, empty store | a witness (and an audit key, if absent) is made |
 //! | no witness, store with data | refused: [`StoreError::Witness`] (exit 65) |
 //! | store behind the witness | refused: [`StoreError::Behind`] (exit 65), naming the gap |
-//! | witness behind the store by more than [`LAG`] batches | refused: the witness was rolled back or replaced |
+//! | witness behind the store: by more than [`LAG`] batches after a crash, by any after a clean close | refused: the witness was rolled back or replaced |
 //! | head signature or anchored audit entry does not hold | refused: [`StoreError::Witness`] |
 //! | audit key missing for a keyed chain or an existing witness | refused: [`StoreError::AuditKey`] |
 //!
