@@ -466,3 +466,74 @@ pub fn audit_entries(dir: &Path) -> Result<Vec<AuditEntry>, StoreError> {
         .map(|v| serde_json::from_slice(&v?).map_err(|e| StoreError::Corrupt(e.to_string())))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditEvent;
+    use crate::store::{Store, SystemClock};
+
+    fn open(data: &Path) -> Result<Store, StoreError> {
+        Store::open(data, StoreOptions::default(), Arc::new(SystemClock))
+    }
+
+    async fn batches(store: &Store, n: usize) {
+        for _ in 0..n {
+            store
+                .record(AuditEvent {
+                    actor: "urn:ods:YP001".into(),
+                    action: "connect",
+                    outcome: "ok".into(),
+                    ..AuditEvent::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    fn refusal(data: &Path) -> String {
+        match open(data) {
+            Ok(_) => panic!("opened a store its witness contradicts"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn forget_clean_close(data: &Path) {
+        let db = sled::open(data.join("sled")).unwrap();
+        let meta = db.open_tree(TreeId::Meta.name()).unwrap();
+        assert!(meta.remove(META_CLEAN_CLOSE).unwrap().is_some());
+        db.flush().unwrap();
+    }
+
+    /// A crash may leave the witness two batches behind; a clean close none.
+    #[tokio::test]
+    async fn the_witness_may_trail_by_the_crash_lag_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let file = WitnessPaths::of(&data, &StoreOptions::default()).file;
+        let store = open(&data).unwrap();
+        batches(&store, 4).await;
+        let at4 = std::fs::read(&file).unwrap();
+        batches(&store, 1).await;
+        let at5 = std::fs::read(&file).unwrap();
+        batches(&store, 2).await;
+        store.close().await.unwrap();
+        drop(store);
+
+        std::fs::write(&file, &at5).unwrap();
+        let refused = refusal(&data);
+        assert!(refused.contains("closed cleanly"), "{refused}");
+
+        forget_clean_close(&data);
+        std::fs::write(&file, &at4).unwrap();
+        let refused = refusal(&data);
+        assert!(refused.contains("rolled back"), "{refused}");
+        std::fs::write(&file, &at5).unwrap();
+        let store = open(&data).unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        // Caught up at open: the lag does not add up.
+        let head = high_water::read(&file).unwrap().unwrap().head.unwrap();
+        assert_eq!(head.checkpoint.commit_seq, 7);
+    }
+}
