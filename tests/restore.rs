@@ -48,9 +48,27 @@ fn serve(dir: &Path, port: u16) -> Server {
     )
 }
 
-/// Starts the gateway expecting a refusal; returns its stderr.
+/// Starts the gateway expecting a refusal; returns its stderr. A gateway
+/// that starts serving instead is stopped and the test fails.
 fn refused(dir: &Path) -> String {
-    let out = serve_command(dir, free_port()).output().unwrap();
+    let mut child = serve_command(dir, free_port())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the gateway started instead of refusing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(65), "{stderr}");
     stderr
@@ -231,10 +249,9 @@ fn a_deleted_or_rolled_back_witness_is_refused() {
     stop(server);
     let old_witness = dir.path().join("old-witness");
     copy_dir(&witness(dir.path()), &old_witness);
+    // One more batch only: after a clean close the witness must match exactly.
     let server = serve(dir.path(), port);
-    for i in 0..5 {
-        submit(dir.path(), port, &format!("more-{i}"));
-    }
+    submit(dir.path(), port, "more");
     stop(server);
     let current = dir.path().join("current-witness");
     copy_dir(&witness(dir.path()), &current);
@@ -346,4 +363,49 @@ async fn a_store_from_before_the_key_is_upgraded_by_an_explicit_decision() {
     let verified =
         throughcare::store::integrity::verify_audit(&data, &StoreOptions::default(), &[]).unwrap();
     assert_eq!((verified.entries, verified.keyed_from), (4, Some(4)));
+}
+
+#[test]
+fn a_witness_or_audit_key_inside_the_data_directory_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (flag, value, field) in [
+        (
+            "--witness-dir",
+            data.join("witness"),
+            "integrity.witness_dir",
+        ),
+        (
+            "--witness-dir",
+            dir.path().to_path_buf(),
+            "integrity.witness_dir",
+        ),
+    ] {
+        let out = serve_command(dir.path(), free_port())
+            .arg(flag)
+            .arg(&value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains(field), "{stderr}");
+    }
+    let config = dir.path().join("throughcare.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[integrity]\naudit_key_file = \"{}\"\n",
+            data.join("audit-key").display()
+        ),
+    )
+    .unwrap();
+    let out = serve_command(dir.path(), free_port())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("integrity.audit_key_file"), "{stderr}");
+    assert!(!data.exists(), "nothing was created");
 }

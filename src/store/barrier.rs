@@ -98,6 +98,18 @@ impl DurabilityBarrier {
         })
     }
 
+    /// Flushes sled and `fdatasync`s its log, outside the group-commit
+    /// accounting (for the clean-close mark after the final barrier).
+    ///
+    /// # Errors
+    /// Any flush or sync failure.
+    pub fn seal(&self) -> io::Result<()> {
+        self.db
+            .flush()
+            .map_err(|e| io::Error::other(format!("sled flush: {e}")))?;
+        self.log.sync_data()
+    }
+
     /// Flushes sled and `fdatasync`s its log, plus `extra` files.
     ///
     /// # Errors

@@ -7,7 +7,7 @@
 //! | no witness, empty store | a witness (and an audit key, if absent) is made |
 //! | no witness, store with data | refused: [`StoreError::Witness`] (exit 65) |
 //! | store behind the witness | refused: [`StoreError::Behind`] (exit 65), naming the gap |
-//! | witness behind the store by more than [`LAG`] batches | refused: the witness was rolled back or replaced |
+//! | witness behind the store: by more than [`LAG`] batches after a crash, by any after a clean close | refused: the witness was rolled back or replaced |
 //! | head signature or anchored audit entry does not hold | refused: [`StoreError::Witness`] |
 //! | audit key missing for a keyed chain or an existing witness | refused: [`StoreError::AuditKey`] |
 //!
@@ -24,8 +24,24 @@ use super::{StoreError, StoreOptions};
 use crate::audit::{AuditEntry, AuditKey, Checkpoint, GENESIS, KEYED, SignedCheckpoint};
 
 /// How far the durable witness may trail the store after a crash: its head
-/// is written after a barrier and made durable by the next one.
-pub const LAG: u64 = 3;
+/// is written after a barrier and made durable by the next one, so a crash
+/// in barrier S+1 can leave the store at S+1 and the witness at S-1. After a
+/// clean close (marked in the store) it must match exactly.
+pub const LAG: u64 = 2;
+
+/// Meta key (u64 BE): the committed batches at a clean close, whose final
+/// barrier made the witness exact; removed at open.
+const META_CLEAN_CLOSE: &[u8] = b"clean_close_seq";
+
+/// Marks a clean close at `commit_seq`, after the final barrier.
+pub(super) fn mark_clean_close(
+    trees: &[sled::Tree],
+    barrier: &super::DurabilityBarrier,
+    commit_seq: u64,
+) -> Result<(), StoreError> {
+    trees[TreeId::Meta as usize].insert(META_CLEAN_CLOSE, &records::be(commit_seq))?;
+    barrier.seal().map_err(StoreError::Io)
+}
 
 /// Where a store's witness and audit key are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,20 +233,36 @@ pub(super) fn open_checked(
             missing_handovers: lost.len(),
         });
     }
-    if found.commit_seq > promised + LAG {
+    let clean = meta(trees, META_CLEAN_CLOSE)?;
+    let allowed = if clean > 0 && clean == found.commit_seq {
+        0
+    } else {
+        LAG
+    };
+    if found.commit_seq > promised + allowed {
         return Err(refuse(format!(
-            "it promises {promised} committed batches but the store holds {}: the witness was rolled back or belongs to another store",
-            found.commit_seq
+            "it promises {promised} committed batches but the store holds {}{}: the witness was rolled back or belongs to another store",
+            found.commit_seq,
+            if allowed == 0 {
+                " and was closed cleanly"
+            } else {
+                ""
+            }
         )));
     }
     check_anchored_entry(trees, &head.checkpoint, &found).map_err(refuse)?;
-    let witness = HighWater::open(
+    let mut witness = HighWater::open(
         &paths.file,
         key,
         &record,
         found.commit_seq,
         found.last_handover,
     )?;
+    if promised < found.commit_seq {
+        // Caught up now, so the lag never adds up across restarts.
+        witness.record(found.checkpoint(now_ms()))?;
+    }
+    trees[TreeId::Meta as usize].remove(META_CLEAN_CLOSE)?;
     Ok((witness, promised))
 }
 
@@ -433,4 +465,75 @@ pub fn audit_entries(dir: &Path) -> Result<Vec<AuditEntry>, StoreError> {
         .values()
         .map(|v| serde_json::from_slice(&v?).map_err(|e| StoreError::Corrupt(e.to_string())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditEvent;
+    use crate::store::{Store, SystemClock};
+
+    fn open(data: &Path) -> Result<Store, StoreError> {
+        Store::open(data, StoreOptions::default(), Arc::new(SystemClock))
+    }
+
+    async fn batches(store: &Store, n: usize) {
+        for _ in 0..n {
+            store
+                .record(AuditEvent {
+                    actor: "urn:ods:YP001".into(),
+                    action: "connect",
+                    outcome: "ok".into(),
+                    ..AuditEvent::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    fn refusal(data: &Path) -> String {
+        match open(data) {
+            Ok(_) => panic!("opened a store its witness contradicts"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn forget_clean_close(data: &Path) {
+        let db = sled::open(data.join("sled")).unwrap();
+        let meta = db.open_tree(TreeId::Meta.name()).unwrap();
+        assert!(meta.remove(META_CLEAN_CLOSE).unwrap().is_some());
+        db.flush().unwrap();
+    }
+
+    /// A crash may leave the witness two batches behind; a clean close none.
+    #[tokio::test]
+    async fn the_witness_may_trail_by_the_crash_lag_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let file = WitnessPaths::of(&data, &StoreOptions::default()).file;
+        let store = open(&data).unwrap();
+        batches(&store, 4).await;
+        let at4 = std::fs::read(&file).unwrap();
+        batches(&store, 1).await;
+        let at5 = std::fs::read(&file).unwrap();
+        batches(&store, 2).await;
+        store.close().await.unwrap();
+        drop(store);
+
+        std::fs::write(&file, &at5).unwrap();
+        let refused = refusal(&data);
+        assert!(refused.contains("closed cleanly"), "{refused}");
+
+        forget_clean_close(&data);
+        std::fs::write(&file, &at4).unwrap();
+        let refused = refusal(&data);
+        assert!(refused.contains("rolled back"), "{refused}");
+        std::fs::write(&file, &at5).unwrap();
+        let store = open(&data).unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        // Caught up at open: the lag does not add up.
+        let head = high_water::read(&file).unwrap().unwrap().head.unwrap();
+        assert_eq!(head.checkpoint.commit_seq, 7);
+    }
 }

@@ -473,13 +473,17 @@ impl Writer {
         if shutdown.is_empty() {
             return false;
         }
-        // Final barrier so the high-water file is durable too.
+        // Final barrier so the witness is durable too; then the close is
+        // marked clean, so the next open expects the witness exactly.
         let result = if self.failed.is_some() {
             Ok(())
         } else {
             self.barrier
                 .sync(&[self.high_water.file()])
                 .map_err(StoreError::Io)
+                .and_then(|()| {
+                    super::integrity::mark_clean_close(&self.trees, &self.barrier, self.commit_seq)
+                })
         };
         let mut replies = shutdown.into_iter();
         if let Some(first) = replies.next() {
