@@ -771,8 +771,8 @@ fn tls_reason(tls: &rustls::Error) -> String {
 /// Refusals before any call, counted per actor and reason and handed to the
 /// sink as one summary per actor and reason a second: every refusal is on
 /// record, but a flood of handshakes without a certificate cannot become a
-/// flood of audit writes. At most [`Tally::MAX_ACTORS`] actors a second are
-/// named; the rest are summed as `peer:many`.
+/// flood of audit writes. At most [`Tally::MAX_ACTORS`] actor-and-reason
+/// pairs a second are named; the rest are summed as `peer:many`.
 #[derive(Default)]
 struct Tally(std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>);
 
