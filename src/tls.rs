@@ -771,8 +771,8 @@ fn tls_reason(tls: &rustls::Error) -> String {
 /// Refusals before any call, counted per actor and reason and handed to the
 /// sink as one summary per actor and reason a second: every refusal is on
 /// record, but a flood of handshakes without a certificate cannot become a
-/// flood of audit writes. At most [`Tally::MAX_ACTORS`] actors a second are
-/// named; the rest are summed as `peer:many`.
+/// flood of audit writes. At most [`Tally::MAX_ACTORS`] actor-and-reason
+/// pairs a second are named; the rest are summed as `peer:many`.
 #[derive(Default)]
 struct Tally(std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>);
 
@@ -918,43 +918,57 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (tx, tally, open, live, config, limits) = (
-                tx.clone(),
-                tally.clone(),
-                open.clone(),
-                live.clone(),
-                config.clone(),
-                limits.clone(),
-            );
-            tokio::spawn(async move {
-                let outcome = tokio::select! {
-                    biased;
-                    () = slot.evicted.cancelled() => Err(None),
-                    outcome = authenticate(tcp, remote, &config, &limits, (&open, &live)) => outcome,
-                };
-                if slot.evicted.is_cancelled() {
-                    return; // counted as evicted, once
-                }
-                // The slot is free (and a refused connection closed) before
-                // anything else, so slow audits cannot hold handshakes up.
-                drop(slot);
-                match outcome {
-                    Ok(conn) => {
-                        let _ = tx.send(Ok(conn)).await;
-                    }
-                    Err(Some(refusal)) => {
-                        tracing::info!(reason = %refusal.reason, "connection refused");
-                        tally.add(refusal);
-                    }
-                    Err(None) => {}
-                }
-            });
+            let shared = Shared {
+                tx: tx.clone(),
+                tally: tally.clone(),
+                open: open.clone(),
+                live: live.clone(),
+                config: config.clone(),
+                limits: limits.clone(),
+            };
+            tokio::spawn(handshake(tcp, remote, slot, shared));
         }
     });
     (
         tokio_stream::wrappers::ReceiverStream::new(rx),
         housekeeping,
     )
+}
+
+/// What every handshake task of one listener shares.
+struct Shared {
+    tx: mpsc::Sender<Result<TlsConn, io::Error>>,
+    tally: Arc<Tally>,
+    open: Arc<Counted<PeerIdentity>>,
+    live: Arc<Live>,
+    config: ReloadableConfig,
+    limits: AcceptLimits,
+}
+
+/// One admitted connection: the handshake (unless evicted first), then the
+/// connection to the server or its refusal to the tally.
+async fn handshake(tcp: TcpStream, remote: SocketAddr, slot: admission::Admitted, s: Shared) {
+    let outcome = tokio::select! {
+        biased;
+        () = slot.evicted.cancelled() => Err(None),
+        outcome = authenticate(tcp, remote, &s.config, &s.limits, (&s.open, &s.live)) => outcome,
+    };
+    if slot.evicted.is_cancelled() {
+        return; // counted as evicted, once
+    }
+    // The slot is free (and a refused connection closed) before anything
+    // else, so slow audits cannot hold handshakes up.
+    drop(slot);
+    match outcome {
+        Ok(conn) => {
+            let _ = s.tx.send(Ok(conn)).await;
+        }
+        Err(Some(refusal)) => {
+            tracing::info!(reason = %refusal.reason, "connection refused");
+            s.tally.add(refusal);
+        }
+        Err(None) => {}
+    }
 }
 
 /// The TLS handshake and the checks after it; `Err(None)` when the server's

@@ -165,16 +165,18 @@ impl ClaimGuard {
     pub fn admit(&self, practice: &str, patient: &str, now_ms: i64) -> Result<Ticket<'_>, Locked> {
         let mut c = self.lock();
         let since = now_ms.saturating_sub(self.limits.window_ms);
+        // Forget what left the window, everywhere: claims are a few hundred
+        // a day, so this stays cheap and the counters stay bounded.
+        for f in c.failures.values_mut() {
+            while f.front().is_some_and(|t| *t < since) {
+                f.pop_front();
+            }
+        }
+        c.failures.retain(|_, f| !f.is_empty());
         let scopes = scopes(practice, patient);
         for scope in &scopes {
             let limit = self.limit(scope) as usize;
-            let failures = c.failures.get_mut(scope);
-            let failed = failures.map_or(0, |f| {
-                while f.front().is_some_and(|t| *t < since) {
-                    f.pop_front();
-                }
-                f.len()
-            });
+            let failed = c.failures.get(scope).map_or(0, VecDeque::len);
             let in_flight = c.in_flight.get(scope).copied().unwrap_or(0) as usize;
             if failed + in_flight >= limit {
                 // The failure that must age out first, or a moment for those in flight.
@@ -191,7 +193,6 @@ impl ClaimGuard {
                 });
             }
         }
-        c.failures.retain(|_, f| !f.is_empty());
         for scope in &scopes {
             *c.in_flight.entry(scope.clone()).or_default() += 1;
         }
