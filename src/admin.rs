@@ -58,6 +58,8 @@ pub enum OperatorCommand {
     },
     /// Releases parked for want of a GP, with their deadlines.
     Parked,
+    /// Submits refused because an identifier is linked to another patient.
+    Conflicts,
     /// Claim a patient's parked releases for a GP practice.
     Claim {
         /// NHS number.
@@ -156,13 +158,32 @@ impl Rows {
             .set_header(self.columns.iter().map(|c| c.to_uppercase()));
         for row in &self.rows {
             table.add_row(self.columns.iter().map(|c| match row.get(*c) {
-                Some(Value::String(s)) => s.clone(),
+                // Times are UTC in JSON, and read in England's time in a table.
+                Some(Value::String(s)) => s.parse::<jiff::Timestamp>().map_or_else(
+                    |_| s.clone(),
+                    |t| crate::uk_time::display_ms(t.as_millisecond()),
+                ),
                 Some(Value::Null) | None => String::new(),
                 Some(v) => v.to_string(),
             }));
         }
         println!("{table}");
         Ok(())
+    }
+}
+
+/// What an empty table means, in words.
+fn empty_message(command: &OperatorCommand) -> &'static str {
+    match command {
+        OperatorCommand::Mailboxes => "no mailbox has deliveries waiting or quarantined",
+        OperatorCommand::Quarantine { .. } => "no quarantined deliveries",
+        OperatorCommand::Redrive { .. } => "nothing to redrive",
+        OperatorCommand::Parked => "no parked releases",
+        OperatorCommand::Conflicts => "no identity conflicts",
+        OperatorCommand::Claim { .. } => "nothing was claimed",
+        OperatorCommand::Orgs => "no organisations registered",
+        OperatorCommand::Trail { .. } => "no audit entries for this subject",
+        _ => "nothing to show",
     }
 }
 
@@ -243,6 +264,7 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
     let mut op = crate::client::operator(&args.server, &args.certs_dir, &args.as_)
         .await
         .with_context(|| format!("connecting to {} as {}", args.server, args.as_))?;
+    let empty = empty_message(&command);
     let rows = match command {
         OperatorCommand::Mailboxes => {
             let r = op
@@ -304,6 +326,22 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 .into_inner()
                 .deliveries,
         ),
+        OperatorCommand::Conflicts => {
+            let r = op
+                .list_identity_conflicts(pb::ListIdentityConflictsRequest { limit: 0 })
+                .await?
+                .into_inner();
+            let mut rows = Rows::new(&["at", "sender", "message_id", "field"]);
+            for c in r.conflicts {
+                rows.push(json!({
+                    "at": when(c.at.as_ref()),
+                    "sender": c.sender,
+                    "message_id": c.message_id,
+                    "field": c.field,
+                }));
+            }
+            rows
+        }
         OperatorCommand::Claim {
             nhs,
             prison_number,
@@ -490,5 +528,244 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
             rows
         }
     };
+    if rows.rows.is_empty() && !args.json {
+        println!("{empty}");
+        return Ok(());
+    }
     rows.print(args.json)
+}
+
+/// Where a stopped gateway's store, witness and audit key are: its
+/// configuration file, with flags on top (as for `serve`).
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// The gateway's TOML configuration (names the data and witness directories and keys).
+    #[arg(long, env = "THROUGHCARE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory of a stopped gateway.
+    #[arg(long, env = "THROUGHCARE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Witness directory (default `<data_dir>.witness`).
+    #[arg(long, env = "THROUGHCARE_WITNESS_DIR")]
+    pub witness_dir: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn config(&self) -> anyhow::Result<crate::config::Config> {
+        Ok(crate::config::Config::load(
+            self.config.as_deref(),
+            &crate::config::Overrides {
+                data_dir: self.data_dir.clone(),
+                witness_dir: self.witness_dir.clone(),
+                ..crate::config::Overrides::default()
+            },
+        )?)
+    }
+}
+
+/// The audit trail of a gateway.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuditCommand {
+    /// Check the chain of a stopped gateway against its audit key, its
+    /// witness's signed checkpoint and any checkpoints recorded elsewhere;
+    /// report the first broken link or how many entries are missing.
+    Verify {
+        /// Where the store is.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A checkpoint recorded elsewhere (the JSON `admin audit anchor`
+        /// printed); repeatable.
+        #[arg(long)]
+        checkpoint: Vec<PathBuf>,
+    },
+    /// Print every entry of a stopped gateway, one JSON object a line.
+    List {
+        /// Where the store is.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Print the newest signed checkpoint in the witness as one JSON line, for
+    /// an outside system to record (works while the gateway runs).
+    Anchor {
+        /// Where the store is.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// Decisions about a stopped gateway's store.
+#[derive(Debug, Clone, Subcommand)]
+pub enum StoreCommand {
+    /// After a restore (or a lost witness): list the acknowledged handovers
+    /// the witness knew of and the store lacks, so their senders can resend,
+    /// then re-base the witness to what the store holds. Audited.
+    AcceptRollback {
+        /// Where the store is.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Why (kept in the audit trail; 1 to 500 characters, no patient data).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// Runs an audit verb.
+///
+/// # Errors
+/// The chain does not verify, or the store cannot be read.
+pub async fn audit(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Verify { store, checkpoint } => {
+            let config = store.config()?;
+            let mut extra = Vec::new();
+            for path in checkpoint {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let signed: crate::audit::SignedCheckpoint = serde_json::from_str(text.trim())
+                    .with_context(|| format!("{} is not a checkpoint", path.display()))?;
+                extra.push((path.display().to_string(), signed));
+            }
+            let v = crate::store::integrity::verify_audit(
+                &config.data_dir,
+                &config.store_witness(),
+                &extra,
+            )
+            .context("audit chain does NOT verify")?;
+            let anchors: Vec<String> = v
+                .anchors
+                .iter()
+                .map(|(from, seq)| format!("{seq} entries anchored by {from}"))
+                .collect();
+            println!(
+                "audit chain verifies: {} entries (keyed from entry {}; {})",
+                v.entries,
+                v.keyed_from.map_or_else(|| "-".into(), |k| k.to_string()),
+                anchors.join(", ")
+            );
+            Ok(())
+        }
+        AuditCommand::List { store } => {
+            let config = store.config()?;
+            for entry in crate::store::integrity::audit_entries(&config.data_dir)? {
+                println!("{}", serde_json::to_string(&entry)?);
+            }
+            Ok(())
+        }
+        AuditCommand::Anchor { store } => {
+            let config = store.config()?;
+            let paths = crate::store::WitnessPaths::of(&config.data_dir, &config.store_witness());
+            let (signed, verifies) = crate::store::integrity::latest_checkpoint(&paths)?;
+            if verifies == Some(false) {
+                anyhow::bail!(
+                    "the witness's checkpoint is NOT signed by the audit key {}",
+                    paths.key.display()
+                );
+            }
+            println!("{}", serde_json::to_string(&signed)?);
+            Ok(())
+        }
+    }
+}
+
+/// Who ran an offline verb, for the audit trail: the local account.
+fn local_actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let user: String = user
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    format!("local:{user}")
+}
+
+/// Runs a store verb.
+///
+/// # Errors
+/// The reason is refused, or the store cannot be opened or re-based.
+pub async fn store(command: StoreCommand, json: bool) -> anyhow::Result<()> {
+    let StoreCommand::AcceptRollback { store, reason } = command;
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > 500 {
+        anyhow::bail!("--reason: required, 1 to 500 characters saying why (no patient data)");
+    }
+    if crate::operator::dashboard::withhold_identifiers(reason) != reason {
+        anyhow::bail!("--reason: must not contain an NHS-number-shaped run of digits");
+    }
+    let config = store.config()?;
+    let rollback = crate::store::Store::accept_rollback(
+        &config.data_dir,
+        config.store_witness(),
+        std::sync::Arc::new(crate::store::SystemClock),
+        &local_actor(),
+        reason,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "opening {} (is the gateway stopped?)",
+            config.data_dir.display()
+        )
+    })?;
+    let mut rows = Rows::new(&["handover", "sender", "message_id", "accepted"]);
+    for a in &rollback.missing {
+        rows.push(json!({
+            "handover": a.handover_id,
+            "sender": a.sender,
+            "message_id": a.message_id,
+            "accepted": when(Some(&prost_types::Timestamp {
+                seconds: a.at_ms.div_euclid(1_000),
+                nanos: 0,
+            })),
+        }));
+    }
+    if json {
+        return rows.print(true);
+    }
+    match &rollback.witness {
+        Some(w) => println!(
+            "the witness promised {} committed batches and {} audit entries{}; the store holds {} and {}",
+            w.commit_seq,
+            w.audit_seq,
+            if rollback.witness_signed {
+                ""
+            } else {
+                " (its signature does NOT verify)"
+            },
+            rollback.store_commit_seq,
+            rollback.store_audit_seq
+        ),
+        None => println!(
+            "there was no readable witness: nothing records what the store should hold (it holds {} committed batches)",
+            rollback.store_commit_seq
+        ),
+    }
+    println!(
+        "missing: {} committed batches, {} audit entries, {} acknowledged handovers{}",
+        rollback.missing_batches(),
+        rollback.missing_audit_entries(),
+        rollback.missing.len(),
+        if rollback.missing.is_empty() {
+            ""
+        } else {
+            " (ask each sender to resend its message id):"
+        }
+    );
+    if !rollback.missing.is_empty() {
+        rows.print(false)?;
+    }
+    if let Some(from) = rollback.journal_from_ms {
+        println!(
+            "(the witness's journal reaches back to {}; anything older cannot be listed)",
+            when(Some(&prost_types::Timestamp {
+                seconds: from.div_euclid(1_000),
+                nanos: 0,
+            }))
+            .as_str()
+            .unwrap_or("?")
+        );
+    }
+    println!("the witness now matches the store; recorded in the audit trail (accept_rollback)");
+    Ok(())
 }

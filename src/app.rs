@@ -63,7 +63,9 @@ impl AppError {
     pub fn exit_code(&self) -> i32 {
         match self {
             AppError::Config(_) => crate::config::EXIT_CONFIG,
-            AppError::Store(StoreError::Behind { .. }) => crate::config::EXIT_STORE_BEHIND,
+            AppError::Store(
+                StoreError::Behind { .. } | StoreError::Witness(_) | StoreError::AuditKey(_),
+            ) => crate::config::EXIT_STORE_BEHIND,
             _ => 1,
         }
     }
@@ -157,13 +159,18 @@ impl Prepared {
                 max_attempts: q.max_attempts,
                 retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
                 observer: Some(metrics.barrier_observer()),
-                master_key_file: config.master_key_file.clone(),
                 cache_bytes: config.store.cache_bytes,
                 retention: config.retention.to_policy(),
-                ..StoreOptions::default()
+                ..config.store_witness()
             },
             clock.clone(),
         )?;
+        if crate::store::high_water::same_volume(&config.data_dir, &config.witness_dir()) {
+            tracing::warn!(
+                witness_dir = %config.witness_dir().display(),
+                "the witness shares a volume with the data directory: a restore of that whole volume brings back both (set integrity.witness_dir to another volume)"
+            );
+        }
         // Operators' registry changes, kept in the store, win over the file.
         for raw in store.registry_records()? {
             let org: crate::journey::Organisation = serde_json::from_slice(&raw)

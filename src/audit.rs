@@ -1,18 +1,50 @@
-//! The audit trail: append-only and hash-chained, written in the same
+//! The audit trail: append-only and chained, written in the same
 //! transaction as the change it records (see `store`).
 //!
 //! Each entry carries the hash of the one before it, so changing, removing
 //! or reordering any entry breaks every later link. Patients appear only as
 //! a keyed hash ([`PatientKeyer`]), never in clear.
+//!
+//! # Keyed chain and anchor
+//! A plain hash chain can be rewritten by anyone who can write the store:
+//! change an entry, recompute every later hash. So each entry's `hash` is an
+//! HMAC-SHA-256 under the *audit key* ([`AuditKey`]), a file that does not
+//! live in the data directory. And a chain can be cut short without breaking
+//! a link, so its head is *anchored*: after each group commit the store
+//! writes a [`Checkpoint`] (entries, last hash, batches), signed with an
+//! Ed25519 key derived from the audit key, to the witness outside the data
+//! directory (`store::high_water`), and operators can copy it elsewhere.
+//! [`verify`] checks the chain against the key and an anchor: fewer entries
+//! than anchored is [`ChainError::Truncated`], a different hash at the
+//! anchored position is a rewrite.
+//!
+//! # Chain versions
+//! | `chain` field | `hash` is | written by |
+//! |---------------|-----------|------------|
+//! | absent (v1)   | SHA-256 of the entry without `hash` | stores before the audit key |
+//! | `2`           | HMAC-SHA-256 under the audit key of the same bytes | every entry since |
+//!
+//! A store upgraded from v1 keeps its old entries; the first keyed entry
+//! links to the last v1 hash, so the key protects the old entries too. The
+//! boundary (`keyed_from`) is part of every checkpoint: an unkeyed entry at or
+//! after it, or after any keyed entry, is a forgery.
+
+use std::io;
+use std::path::Path;
 
 use hmac::{Hmac, Mac};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::clinical::{NhsNumber, PrisonNumber};
 
 /// The hash that precedes the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The `chain` value of entries keyed with the audit key.
+pub const KEYED: u8 = 2;
 
 /// One audited action.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +68,9 @@ pub struct AuditEntry {
     pub patient_key: Option<String>,
     /// `ok`, or the refusal's reason (never patient data).
     pub outcome: String,
+    /// Chain version: absent for v1 (plain SHA-256), [`KEYED`] for HMAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<u8>,
     /// Hash of the previous entry.
     pub prev_hash: String,
     /// Hash of this entry (over every other field).
@@ -43,12 +78,33 @@ pub struct AuditEntry {
 }
 
 impl AuditEntry {
-    /// The hash this entry should carry.
-    pub fn compute_hash(&self) -> String {
+    /// The bytes the hash covers: the entry as JSON with `hash` empty.
+    fn hashed_bytes(&self) -> Vec<u8> {
         let mut unhashed = self.clone();
         unhashed.hash = String::new();
-        let bytes = serde_json::to_vec(&unhashed).unwrap_or_default();
-        hex(&Sha256::digest(bytes))
+        serde_json::to_vec(&unhashed).unwrap_or_default()
+    }
+
+    /// The plain SHA-256 a v1 entry carries.
+    pub fn compute_hash(&self) -> String {
+        hex(&Sha256::digest(self.hashed_bytes()))
+    }
+
+    /// Whether `hash` is right for this entry's version; `None` when the
+    /// entry is keyed and no key is given.
+    fn hash_holds(&self, key: Option<&AuditKey>) -> Option<bool> {
+        match self.chain {
+            None => Some(self.compute_hash() == self.hash),
+            Some(_) => {
+                let key = key?;
+                let Some(tag) = unhex32(&self.hash) else {
+                    return Some(false);
+                };
+                let mut mac = key.chain_mac();
+                mac.update(&self.hashed_bytes());
+                Some(mac.verify_slice(&tag).is_ok())
+            }
+        }
     }
 }
 
@@ -69,26 +125,181 @@ pub struct AuditEvent {
     pub outcome: String,
 }
 
+/// The audit key: one 32-byte secret file, from which the chain's HMAC key
+/// and the checkpoints' Ed25519 signing key are derived (so there is one
+/// secret to keep, back up and rotate).
+pub struct AuditKey {
+    chain: Zeroizing<[u8; 32]>,
+    signing: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuditKey(public {})", self.public_key_hex())
+    }
+}
+
+fn derive(secret: &[u8], label: &[u8]) -> Zeroizing<[u8; 32]> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(label);
+    Zeroizing::new(mac.finalize().into_bytes().into())
+}
+
+impl AuditKey {
+    /// The key derived from `secret` (at least 32 random bytes).
+    pub fn from_secret(secret: &[u8]) -> Self {
+        let chain = derive(secret, b"throughcare audit chain v2");
+        let seed = derive(secret, b"throughcare checkpoint ed25519 v1");
+        let signing = Ed25519KeyPair::from_seed_unchecked(seed.as_slice())
+            .expect("any 32-byte seed is an Ed25519 key");
+        Self { chain, signing }
+    }
+
+    /// Reads the key file; `None` when it does not exist.
+    ///
+    /// # Errors
+    /// The file cannot be read or holds fewer than 32 bytes.
+    pub fn load(path: &Path) -> io::Result<Option<Self>> {
+        match std::fs::read(path) {
+            Ok(secret) if secret.len() >= 32 => {
+                Ok(Some(Self::from_secret(&Zeroizing::new(secret))))
+            }
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("audit key {} holds fewer than 32 bytes", path.display()),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a new key file (32 random bytes, mode 0600); fails if it exists.
+    ///
+    /// # Errors
+    /// The file exists or cannot be written.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let mut secret = Zeroizing::new([0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), secret.as_mut_slice())
+            .map_err(|_| io::Error::other("no system randomness"))?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.write(true).create_new(true).open(path)?;
+        io::Write::write_all(&mut f, secret.as_slice())?;
+        f.sync_all()?;
+        if let Some(parent) = path.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(Self::from_secret(secret.as_slice()))
+    }
+
+    fn chain_mac(&self) -> Hmac<Sha256> {
+        Hmac::<Sha256>::new_from_slice(self.chain.as_slice()).expect("HMAC takes any key length")
+    }
+
+    /// The checkpoint-signing public key, hex: give it to whoever records
+    /// checkpoints so they can check them without being able to forge one.
+    pub fn public_key_hex(&self) -> String {
+        hex(self.signing.public_key().as_ref())
+    }
+}
+
+/// The head of the chain, and how many batches the store had made durable,
+/// at one moment: what the witness and operators record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Committed batches of the store (the high-water mark).
+    pub commit_seq: u64,
+    /// Audit entries (the last entry's sequence number).
+    pub audit_seq: u64,
+    /// Hash of entry `audit_seq` ([`GENESIS`] when there is none).
+    pub audit_hash: String,
+    /// The first entry that is (or will be) keyed.
+    pub keyed_from: u64,
+    /// When it was written, ms since the epoch.
+    pub at_ms: i64,
+}
+
+/// A checkpoint with its Ed25519 signature, as exported to operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedCheckpoint {
+    /// What is promised.
+    #[serde(flatten)]
+    pub checkpoint: Checkpoint,
+    /// Ed25519 signature (hex) over [`Checkpoint::signed_bytes`].
+    pub signature: String,
+    /// The public key it verifies under (hex).
+    pub public_key: String,
+}
+
+impl Checkpoint {
+    /// What the signature covers: `throughcare checkpoint v1\0`, then
+    /// commit_seq, audit_seq (u64 BE), the 32 hash bytes, keyed_from (u64
+    /// BE) and at_ms (i64 BE).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut out = b"throughcare checkpoint v1\0".to_vec();
+        out.extend_from_slice(&self.commit_seq.to_be_bytes());
+        out.extend_from_slice(&self.audit_seq.to_be_bytes());
+        out.extend_from_slice(&unhex32(&self.audit_hash).unwrap_or([0xff; 32]));
+        out.extend_from_slice(&self.keyed_from.to_be_bytes());
+        out.extend_from_slice(&self.at_ms.to_be_bytes());
+        out
+    }
+
+    /// Signs it.
+    pub fn sign(&self, key: &AuditKey) -> SignedCheckpoint {
+        SignedCheckpoint {
+            checkpoint: self.clone(),
+            signature: hex(key.signing.sign(&self.signed_bytes()).as_ref()),
+            public_key: key.public_key_hex(),
+        }
+    }
+}
+
+impl SignedCheckpoint {
+    /// Whether the signature holds under `key` (its public key, not the one
+    /// the checkpoint names: a forger names their own).
+    pub fn verifies(&self, key: &AuditKey) -> bool {
+        let Some(signature) = unhex(&self.signature) else {
+            return false;
+        };
+        UnparsedPublicKey::new(&ED25519, key.signing.public_key().as_ref())
+            .verify(&self.checkpoint.signed_bytes(), &signature)
+            .is_ok()
+    }
+}
+
 /// The head of the chain: the next sequence number and the last hash.
 #[derive(Debug, Clone)]
 pub struct AuditChain {
     next_seq: u64,
     last_hash: String,
+    key: Option<std::sync::Arc<AuditKey>>,
 }
 
 impl AuditChain {
-    /// A chain whose last entry is `last` (or empty).
-    pub fn resume(last: Option<&AuditEntry>) -> Self {
+    /// A chain whose last entry is `last` (or empty), keyed with `key` from
+    /// here on (unkeyed without one: tests of v1 stores only).
+    pub fn resume(last: Option<&AuditEntry>, key: Option<std::sync::Arc<AuditKey>>) -> Self {
         match last {
             Some(e) => Self {
                 next_seq: e.seq + 1,
                 last_hash: e.hash.clone(),
+                key,
             },
             None => Self {
                 next_seq: 1,
                 last_hash: GENESIS.to_owned(),
+                key,
             },
         }
+    }
+
+    /// The last entry's sequence number (0 when empty) and hash.
+    pub fn head(&self) -> (u64, &str) {
+        (self.next_seq - 1, &self.last_hash)
     }
 
     /// Links `event` into the chain at `at_ms`.
@@ -102,10 +313,18 @@ impl AuditChain {
             delivery_id: event.delivery_id,
             patient_key: event.patient_key,
             outcome: event.outcome,
+            chain: self.key.as_ref().map(|_| KEYED),
             prev_hash: self.last_hash.clone(),
             hash: String::new(),
         };
-        entry.hash = entry.compute_hash();
+        entry.hash = match &self.key {
+            Some(key) => {
+                let mut mac = key.chain_mac();
+                mac.update(&entry.hashed_bytes());
+                hex(&mac.finalize().into_bytes())
+            }
+            None => entry.compute_hash(),
+        };
         self.next_seq += 1;
         self.last_hash.clone_from(&entry.hash);
         entry
@@ -129,15 +348,50 @@ pub enum ChainError {
         /// What does not hold.
         what: &'static str,
     },
+    /// The trail holds fewer entries than the anchor promised.
+    #[error(
+        "audit trail truncated: the anchored checkpoint promises {anchored} entries but the store holds {found} ({} entries missing)",
+        anchored - found
+    )]
+    Truncated {
+        /// Entries the anchor promised.
+        anchored: u64,
+        /// Entries found.
+        found: u64,
+    },
+    /// A keyed entry and no key to check it with.
+    #[error("audit entry {seq} is keyed but no audit key was given")]
+    NoKey {
+        /// The first keyed entry.
+        seq: u64,
+    },
 }
 
-/// Verifies entries given in trail order; returns how many were checked.
+/// What a successful [`verify`] established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// Entries checked.
+    pub entries: u64,
+    /// The first keyed entry, if any is.
+    pub keyed_from: Option<u64>,
+    /// Entries covered by the anchor (all of them up to its `audit_seq`).
+    pub anchored: Option<u64>,
+}
+
+/// Verifies entries given in trail order against `key` and (when given) an
+/// anchored checkpoint.
 ///
 /// # Errors
-/// The first entry that is unreadable or breaks the chain.
-pub fn verify<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Result<u64, ChainError> {
+/// The first entry that is unreadable or breaks the chain, or a trail
+/// shorter than the anchor.
+pub fn verify<'a>(
+    entries: impl IntoIterator<Item = &'a [u8]>,
+    key: Option<&AuditKey>,
+    anchor: Option<&Checkpoint>,
+) -> Result<Verified, ChainError> {
     let mut expected_prev = GENESIS.to_owned();
     let mut count = 0u64;
+    let mut keyed_from = None;
     for raw in entries {
         let position = count + 1;
         let entry: AuditEntry =
@@ -152,13 +406,47 @@ pub fn verify<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Result<u64, Ch
         if entry.prev_hash != expected_prev {
             return Err(broken("does not link to the previous entry"));
         }
-        if entry.compute_hash() != entry.hash {
-            return Err(broken("content does not match its hash"));
+        match (entry.chain, keyed_from) {
+            (Some(KEYED), None) => keyed_from = Some(entry.seq),
+            (Some(KEYED), Some(_)) => {}
+            (Some(_), _) => return Err(broken("unknown chain version")),
+            (None, Some(_)) => return Err(broken("unkeyed entry after the chain was keyed")),
+            (None, None) if anchor.is_some_and(|a| entry.seq >= a.keyed_from) => {
+                return Err(broken(
+                    "unkeyed entry at or after the key boundary the anchor records",
+                ));
+            }
+            (None, None) => {}
+        }
+        match entry.hash_holds(key) {
+            None => return Err(ChainError::NoKey { seq: entry.seq }),
+            Some(false) => return Err(broken("content does not match its hash")),
+            Some(true) => {}
+        }
+        if let Some(a) = anchor {
+            if entry.seq == a.audit_seq && entry.hash != a.audit_hash {
+                return Err(broken("differs from the anchored checkpoint"));
+            }
+            if entry.chain.is_some() && entry.seq < a.keyed_from {
+                return Err(broken("keyed before the key boundary the anchor records"));
+            }
         }
         expected_prev = entry.hash;
         count = position;
     }
-    Ok(count)
+    if let Some(a) = anchor
+        && count < a.audit_seq
+    {
+        return Err(ChainError::Truncated {
+            anchored: a.audit_seq,
+            found: count,
+        });
+    }
+    Ok(Verified {
+        entries: count,
+        keyed_from,
+        anchored: anchor.map(|a| a.audit_seq),
+    })
 }
 
 /// Turns patient identifiers into a keyed hash (HMAC-SHA-256), so audit,
@@ -196,6 +484,19 @@ impl PatientKeyer {
 }
 
 impl PatientKeyer {
+    /// The keyed hash of each identifier on its own, as the store's identity
+    /// links use them (each equals [`PatientKeyer::key`] of that identifier alone).
+    pub fn identifier_keys(
+        &self,
+        nhs: Option<&NhsNumber>,
+        prison: Option<&PrisonNumber>,
+    ) -> crate::store::PatientIds {
+        crate::store::PatientIds {
+            nhs: nhs.map(|n| self.key(Some(n), None)),
+            prison: prison.map(|p| self.key(None, Some(p))),
+        }
+    }
+
     /// Keys that may claim a parked release: each identifier with the date
     /// of birth, so a claimant must know both.
     pub fn claim_keys(
@@ -221,6 +522,21 @@ impl PatientKeyer {
     }
 }
 
+/// The bytes of a hex string, if it is one.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn unhex32(text: &str) -> Option<[u8; 32]> {
+    unhex(text)?.try_into().ok()
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
@@ -234,6 +550,8 @@ pub fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn event(action: &'static str) -> AuditEvent {
@@ -245,20 +563,43 @@ mod tests {
         }
     }
 
+    fn linked(chain: &mut AuditChain, n: i64) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| serde_json::to_vec(&chain.link(event("submit"), i)).unwrap())
+            .collect()
+    }
+
+    fn slices(v: &[Vec<u8>]) -> impl Iterator<Item = &[u8]> {
+        v.iter().map(Vec::as_slice)
+    }
+
+    fn key(secret: &[u8]) -> Arc<AuditKey> {
+        Arc::new(AuditKey::from_secret(secret))
+    }
+
+    fn anchor_of(raw: &[u8], keyed_from: u64) -> Checkpoint {
+        let e: AuditEntry = serde_json::from_slice(raw).unwrap();
+        Checkpoint {
+            commit_seq: 9,
+            audit_seq: e.seq,
+            audit_hash: e.hash,
+            keyed_from,
+            at_ms: 0,
+        }
+    }
+
     #[test]
     fn a_chain_verifies_and_any_change_is_found() {
-        let mut chain = AuditChain::resume(None);
-        let entries: Vec<Vec<u8>> = (0..5)
-            .map(|i| serde_json::to_vec(&chain.link(event("submit"), i)).unwrap())
-            .collect();
-        assert_eq!(verify(entries.iter().map(Vec::as_slice)), Ok(5));
+        let mut chain = AuditChain::resume(None, None);
+        let entries = linked(&mut chain, 5);
+        assert_eq!(verify(slices(&entries), None, None).unwrap().entries, 5);
 
         let mut tampered = entries.clone();
         let mut e: AuditEntry = serde_json::from_slice(&tampered[2]).unwrap();
         e.outcome = "refused".into();
         tampered[2] = serde_json::to_vec(&e).unwrap();
         assert_eq!(
-            verify(tampered.iter().map(Vec::as_slice)),
+            verify(slices(&tampered), None, None),
             Err(ChainError::Broken {
                 seq: 3,
                 what: "content does not match its hash"
@@ -267,10 +608,152 @@ mod tests {
 
         let mut dropped = entries.clone();
         dropped.remove(1);
-        assert!(verify(dropped.iter().map(Vec::as_slice)).is_err());
+        assert!(verify(slices(&dropped), None, None).is_err());
 
-        let resumed = AuditChain::resume(Some(&serde_json::from_slice(&entries[4]).unwrap()));
+        let resumed = AuditChain::resume(Some(&serde_json::from_slice(&entries[4]).unwrap()), None);
         assert_eq!(resumed.next_seq, 6);
+    }
+
+    /// The attack a plain chain cannot see: rewrite an entry and recompute
+    /// every later hash. Without the key the recomputed hashes are wrong.
+    #[test]
+    fn a_rewrite_with_recomputed_hashes_needs_the_key() {
+        let k = key(b"0123456789abcdef0123456789abcdef");
+        let mut chain = AuditChain::resume(None, Some(k.clone()));
+        let entries = linked(&mut chain, 6);
+        let v = verify(slices(&entries), Some(&k), None).unwrap();
+        assert_eq!((v.entries, v.keyed_from), (6, Some(1)));
+
+        // The forger recomputes from entry 3 on, as a plain chain allows.
+        let mut forged = entries[..2].to_vec();
+        let last: AuditEntry = serde_json::from_slice(&entries[1]).unwrap();
+        let mut forger =
+            AuditChain::resume(Some(&last), Some(key(b"a guess at the key, 32 bytes!!!!")));
+        forged.extend(linked(&mut forger, 4));
+        assert_eq!(
+            verify(slices(&forged), Some(&k), None),
+            Err(ChainError::Broken {
+                seq: 3,
+                what: "content does not match its hash"
+            })
+        );
+        // ... and relabelling them as v1 (plain SHA-256) is a downgrade.
+        let mut downgraded = entries[..2].to_vec();
+        let mut plain = AuditChain::resume(Some(&last), None);
+        downgraded.extend(linked(&mut plain, 4));
+        assert_eq!(
+            verify(slices(&downgraded), Some(&k), None),
+            Err(ChainError::Broken {
+                seq: 3,
+                what: "unkeyed entry after the chain was keyed"
+            })
+        );
+        // A keyed entry cannot be checked without the key.
+        assert_eq!(
+            verify(slices(&entries), None, None),
+            Err(ChainError::NoKey { seq: 1 })
+        );
+    }
+
+    #[test]
+    fn the_anchor_finds_truncation_and_a_rewritten_head() {
+        let k = key(b"0123456789abcdef0123456789abcdef");
+        let mut chain = AuditChain::resume(None, Some(k.clone()));
+        let entries = linked(&mut chain, 8);
+        let anchor = anchor_of(&entries[7], 1);
+        assert_eq!(
+            verify(slices(&entries), Some(&k), Some(&anchor))
+                .unwrap()
+                .anchored,
+            Some(8)
+        );
+        // The newest three deleted: every remaining link holds.
+        assert_eq!(
+            verify(slices(&entries[..5]), Some(&k), Some(&anchor)),
+            Err(ChainError::Truncated {
+                anchored: 8,
+                found: 5
+            })
+        );
+        assert!(
+            ChainError::Truncated {
+                anchored: 8,
+                found: 5
+            }
+            .to_string()
+            .contains("3 entries missing")
+        );
+        // A different chain of the same length (made with the key) is not the anchored one.
+        let mut other = AuditChain::resume(None, Some(k.clone()));
+        let others: Vec<Vec<u8>> = (0..8)
+            .map(|i| serde_json::to_vec(&other.link(event("pull"), i)).unwrap())
+            .collect();
+        assert!(matches!(
+            verify(slices(&others), Some(&k), Some(&anchor)),
+            Err(ChainError::Broken {
+                seq: 1..,
+                what: "differs from the anchored checkpoint"
+            })
+        ));
+    }
+
+    #[test]
+    fn a_v1_store_continues_keyed_and_its_boundary_is_anchored() {
+        let k = key(b"0123456789abcdef0123456789abcdef");
+        let mut old = AuditChain::resume(None, None);
+        let mut all = linked(&mut old, 3);
+        let last: AuditEntry = serde_json::from_slice(&all[2]).unwrap();
+        let mut keyed = AuditChain::resume(Some(&last), Some(k.clone()));
+        all.extend(linked(&mut keyed, 3));
+        let anchor = anchor_of(&all[5], 4);
+        let v = verify(slices(&all), Some(&k), Some(&anchor)).unwrap();
+        assert_eq!(v.keyed_from, Some(4));
+        // Rewriting a v1 entry breaks the keyed entry's link to it.
+        let mut rewritten = all.clone();
+        let mut e: AuditEntry = serde_json::from_slice(&rewritten[1]).unwrap();
+        e.outcome = "refused".into();
+        e.hash = e.compute_hash();
+        rewritten[1] = serde_json::to_vec(&e).unwrap();
+        assert!(verify(slices(&rewritten), Some(&k), Some(&anchor)).is_err());
+        // The anchor says entry 4 on are keyed: an all-v1 chain is refused.
+        let mut plain = AuditChain::resume(None, None);
+        let all_plain = linked(&mut plain, 6);
+        assert_eq!(
+            verify(
+                slices(&all_plain),
+                Some(&k),
+                Some(&anchor_of(&all_plain[5], 4))
+            ),
+            Err(ChainError::Broken {
+                seq: 4,
+                what: "unkeyed entry at or after the key boundary the anchor records"
+            })
+        );
+    }
+
+    #[test]
+    fn checkpoints_verify_only_under_their_key() {
+        let k = AuditKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let other = AuditKey::from_secret(b"another secret of thirty-two byt");
+        let c = Checkpoint {
+            commit_seq: 3,
+            audit_seq: 7,
+            audit_hash: GENESIS.into(),
+            keyed_from: 1,
+            at_ms: 5,
+        };
+        let signed = c.sign(&k);
+        assert!(signed.verifies(&k));
+        assert!(!signed.verifies(&other));
+        assert!(!c.sign(&other).verifies(&k));
+        let mut moved = signed.clone();
+        moved.checkpoint.audit_seq = 6;
+        assert!(!moved.verifies(&k));
+        let json = serde_json::to_string(&signed).unwrap();
+        assert_eq!(
+            serde_json::from_str::<SignedCheckpoint>(&json).unwrap(),
+            signed
+        );
     }
 
     #[test]

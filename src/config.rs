@@ -68,6 +68,22 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// How long in-flight calls may take to finish on shutdown, ms.
     pub shutdown_grace_ms: u64,
+    /// The witness and the audit key, outside the data directory.
+    pub integrity: IntegrityConfig,
+}
+
+/// What proves the store whole, kept where a restore of the data directory
+/// cannot reach (docs/store.md, docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntegrityConfig {
+    /// The witness directory (high-water mark, audit anchor, journal of
+    /// acknowledged handovers); default `<data_dir>.witness`. Put it on
+    /// another volume than `data_dir`.
+    pub witness_dir: Option<PathBuf>,
+    /// The audit key (chain HMAC and checkpoint signatures); default
+    /// `<witness_dir>/audit-key`, created (0600) for a new store.
+    pub audit_key_file: Option<PathBuf>,
 }
 
 /// TLS material; paths default to the development PKI in `certs_dir`.
@@ -121,7 +137,7 @@ impl Default for QueueConfig {
 }
 
 /// Deadlines. A transfer is due by its transfer time and a release by the end
-/// of its release day (UTC); the others by submission plus their window. An
+/// of its release day in England (Europe/London); the others by submission plus their window. An
 /// urgent delivery is due within `urgent_hours`, or its event's deadline if sooner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -370,6 +386,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             retention: RetentionConfig::default(),
             shutdown_grace_ms: 10_000,
+            integrity: IntegrityConfig::default(),
         }
     }
 }
@@ -389,6 +406,8 @@ pub struct Overrides {
     pub crl: Option<PathBuf>,
     /// `--metrics-listen` / `THROUGHCARE_METRICS_LISTEN`.
     pub metrics_listen: Option<String>,
+    /// `--witness-dir` / `THROUGHCARE_WITNESS_DIR`.
+    pub witness_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -433,6 +452,12 @@ impl Config {
         }
         if overrides.crl.is_some() {
             config.tls.crl.clone_from(&overrides.crl);
+        }
+        if overrides.witness_dir.is_some() {
+            config
+                .integrity
+                .witness_dir
+                .clone_from(&overrides.witness_dir);
         }
         config.validate()?;
         Ok(config)
@@ -579,6 +604,7 @@ impl Config {
             64 * 1024 * 1024 * 1024,
         )?;
         self.retention.validate()?;
+        self.validate_integrity()?;
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",
@@ -586,6 +612,58 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The witness and the audit key must be where a restore or copy of the
+    /// data directory cannot take them along.
+    fn validate_integrity(&self) -> Result<(), ConfigError> {
+        use crate::store::high_water::is_within;
+        let witness = self.witness_dir();
+        if is_within(&witness, &self.data_dir) {
+            return Err(ConfigError::new(
+                "integrity.witness_dir",
+                "must be outside data_dir: a restored data directory would bring its witness back with it",
+            ));
+        }
+        if is_within(&self.data_dir, &witness) {
+            return Err(ConfigError::new(
+                "integrity.witness_dir",
+                "must not contain data_dir",
+            ));
+        }
+        if is_within(&self.audit_key_file(), &self.data_dir) {
+            return Err(ConfigError::new(
+                "integrity.audit_key_file",
+                "must be outside data_dir: whoever can write the store must not hold the key that proves it",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The witness directory in force.
+    pub fn witness_dir(&self) -> PathBuf {
+        self.integrity
+            .witness_dir
+            .clone()
+            .unwrap_or_else(|| crate::store::high_water::default_dir(&self.data_dir))
+    }
+
+    /// The audit key file in force.
+    pub fn audit_key_file(&self) -> PathBuf {
+        self.integrity
+            .audit_key_file
+            .clone()
+            .unwrap_or_else(|| self.witness_dir().join("audit-key"))
+    }
+
+    /// The store's options for its witness and audit key.
+    pub fn store_witness(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            witness_dir: Some(self.witness_dir()),
+            audit_key_file: Some(self.audit_key_file()),
+            master_key_file: self.master_key_file.clone(),
+            ..crate::store::StoreOptions::default()
+        }
     }
 
     /// The TLS files in force (explicit, or the dev PKI's).
@@ -680,6 +758,38 @@ mod tests {
         let policy = RetentionConfig::default().to_policy();
         assert_eq!(policy.payload_grace_ms, 3 * 86_400_000);
         assert_eq!(policy.metadata_ms, 84 * 86_400_000);
+    }
+
+    #[test]
+    fn the_witness_and_audit_key_stay_out_of_the_data_directory() {
+        let config = Config::default();
+        assert!(config.witness_dir().ends_with("data.witness"));
+        config.validate().unwrap();
+        for (toml, field) in [
+            (
+                "data_dir = \"d\"\n[integrity]\nwitness_dir = \"d/w\"\n",
+                "integrity.witness_dir",
+            ),
+            (
+                "data_dir = \"d/w\"\n[integrity]\nwitness_dir = \"d\"\n",
+                "integrity.witness_dir",
+            ),
+            (
+                "data_dir = \"d\"\n[integrity]\nwitness_dir = \"./d/../d\"\n",
+                "integrity.witness_dir",
+            ),
+            (
+                "data_dir = \"d\"\n[integrity]\naudit_key_file = \"d/audit-key\"\n",
+                "integrity.audit_key_file",
+            ),
+        ] {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
+            assert_eq!(err.field, field, "{toml}");
+        }
+        let ok =
+            Config::from_toml("data_dir = \"d\"\n[integrity]\nwitness_dir = \"dw\"\n").unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.audit_key_file(), PathBuf::from("dw/audit-key"));
     }
 
     #[test]

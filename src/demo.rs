@@ -121,8 +121,7 @@ fn receipt_line(r: &pb::SubmitReceipt) -> String {
         let due = d
             .due_at
             .as_ref()
-            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
-            .map(|t| format!("{} {:02}:{:02} UTC", t.date(), t.hour(), t.minute()))
+            .map(crate::uk_time::display_timestamp)
             .unwrap_or_else(|| "no deadline".into());
         let _ = write!(
             line,

@@ -14,6 +14,8 @@
 //!                  store (one sled transaction per change + audit; group commit
 //!                         behind a durability barrier before any answer)
 //! ```
+//! `uk_time` is where a day ends in England and how a time is shown to a
+//! person (Europe/London; the wire and the store keep UTC).
 //! `app` wires these together and serves until shutdown; `config` is parsed
 //! and validated before any port is bound; `certs` makes the dev PKI;
 //! `operator` is what the on-call operator sees (Prometheus metrics and the
@@ -26,6 +28,7 @@ pub mod app;
 pub mod audit;
 pub mod bench;
 pub mod certs;
+pub mod cli;
 pub mod client;
 pub mod clinical;
 pub mod config;
@@ -35,3 +38,4 @@ pub mod journey;
 pub mod operator;
 pub mod store;
 pub mod tls;
+pub mod uk_time;

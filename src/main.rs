@@ -12,7 +12,7 @@ use throughcare::grpc::pb;
 #[derive(Parser)]
 #[command(
     name = "throughcare",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("THROUGHCARE_COMMIT"), ")"),
     about = "Health records that follow patients through custody"
 )]
 struct Cli {
@@ -32,22 +32,34 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Submit a handover (test client).
-    Submit(SubmitArgs),
+    /// Submit a handover of an invented patient, or a document (test client).
+    Submit(throughcare::cli::handover::SubmitArgs),
     /// Pull (and optionally ack) deliveries from your mailbox (test client).
-    Pull(PullArgs),
+    Pull(throughcare::cli::handover::PullArgs),
     /// Ask what became of a handover you submitted (test client).
-    Track(TrackArgs),
+    Track(throughcare::cli::handover::TrackArgs),
     /// Translate a clinical document between formats (reads FILE, writes stdout;
     /// what the target format cannot carry goes to stderr).
     Convert(ConvertArgs),
     /// Play one invented patient's whole journey through a fresh gateway
     /// (temporary directory, dev certificates, mutual TLS) and print what each party sees.
-    Demo,
+    Demo {
+        /// Show the gateway's own log lines (on standard error) as well.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) of `throughcare`.
+    Man,
     /// Measure durable submits/s, latency, messages per fsync, pull+ack/s and RSS.
     Bench(throughcare::bench::BenchOptions),
-    /// Operator calls to a running gateway (tables, or --json), and checks
-    /// of a stopped gateway's data directory (`admin audit verify`).
+    /// Operator calls to a running gateway (tables, or --json); checks and
+    /// decisions on a stopped gateway's store (`admin audit verify`,
+    /// `admin store accept-rollback`).
     Admin {
         #[command(flatten)]
         operator: throughcare::admin::OperatorArgs,
@@ -79,6 +91,9 @@ struct ServeArgs {
     /// Prometheus metrics listen address (plain HTTP), e.g. 127.0.0.1:9464.
     #[arg(long, env = "THROUGHCARE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Witness directory, outside the data directory (default `<data-dir>.witness`).
+    #[arg(long, env = "THROUGHCARE_WITNESS_DIR")]
+    witness_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -92,85 +107,6 @@ enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
-}
-
-#[derive(Args)]
-struct ClientArgs {
-    /// Act as this dev organisation (its ODS code) or `operator-oncall`.
-    #[arg(long = "as")]
-    as_: String,
-    /// Gateway address.
-    #[arg(
-        long,
-        default_value = "https://localhost:7443",
-        env = "THROUGHCARE_SERVER"
-    )]
-    server: String,
-    /// Directory of the dev PKI.
-    #[arg(long, default_value = "certs", env = "THROUGHCARE_CERTS_DIR")]
-    certs_dir: PathBuf,
-}
-
-#[derive(Args)]
-struct SubmitArgs {
-    #[command(flatten)]
-    client: ClientArgs,
-    /// Idempotency key.
-    #[arg(long)]
-    message_id: String,
-    /// admission, transfer, release or community-summary.
-    #[arg(long)]
-    event: String,
-    /// Destination ODS code (repeatable; optional: the journey rules route it,
-    /// and check any you name; for a release, a named GP practice is the nominated GP).
-    #[arg(long = "to")]
-    to: Vec<String>,
-    /// NHS number (999 test range for dev).
-    #[arg(long, default_value = "")]
-    nhs: String,
-    /// Prison number.
-    #[arg(long, default_value = "")]
-    prison_number: String,
-    /// Date of birth, YYYY-MM-DD.
-    #[arg(long, default_value = "")]
-    dob: String,
-    /// A note on the invented patient's summary (when no document is given).
-    #[arg(long, default_value = "")]
-    text: String,
-    /// Send this document instead: `.json` FHIR Bundle, `.hl7` ADT message, or
-    /// a canonical-model JSON (see tests/fixtures/patients) with --model.
-    #[arg(long)]
-    document: Option<PathBuf>,
-    /// The --document file is a canonical-model JSON (sent as the native summary).
-    #[arg(long)]
-    model: bool,
-}
-
-#[derive(Args)]
-struct PullArgs {
-    #[command(flatten)]
-    client: ClientArgs,
-    /// Most deliveries to lease.
-    #[arg(long, default_value_t = 10)]
-    max: u32,
-    /// Wait up to this long for something to arrive.
-    #[arg(long, default_value_t = 0)]
-    wait_ms: u32,
-    /// Acknowledge what was pulled.
-    #[arg(long)]
-    ack: bool,
-    /// Print each document.
-    #[arg(long)]
-    show: bool,
-}
-
-#[derive(Args)]
-struct TrackArgs {
-    #[command(flatten)]
-    client: ClientArgs,
-    /// The message id it was submitted with.
-    #[arg(long)]
-    message_id: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -210,34 +146,24 @@ struct ConvertArgs {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// The audit trail of a stopped gateway's data directory.
+    /// The audit trail: verify, list, and the signed anchor to record elsewhere.
     Audit {
         #[command(subcommand)]
-        command: AuditCommand,
+        command: throughcare::admin::AuditCommand,
+    },
+    /// Decisions about a stopped gateway's store (after a restore).
+    Store {
+        #[command(subcommand)]
+        command: throughcare::admin::StoreCommand,
     },
     #[command(flatten)]
     Operator(throughcare::admin::OperatorCommand),
 }
 
-#[derive(Subcommand)]
-enum AuditCommand {
-    /// Walk the hash chain and report the first broken link.
-    Verify {
-        /// Data directory of a stopped gateway.
-        #[arg(long, default_value = "data")]
-        data_dir: PathBuf,
-    },
-    /// Print every entry, one JSON object a line.
-    List {
-        /// Data directory of a stopped gateway.
-        #[arg(long, default_value = "data")]
-        data_dir: PathBuf,
-    },
-}
-
-fn init_logging(json: bool) {
+/// Logs go to standard error; `default` is the level unless `RUST_LOG` says otherwise.
+fn init_logging(json: bool, default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -250,7 +176,13 @@ fn init_logging(json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    // The demo tells a story on standard output: the gateway inside it keeps
+    // quiet unless asked.
+    let level = match cli.command {
+        Command::Demo { verbose: false } => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_json, level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -280,6 +212,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         registry: args.registry,
         crl: args.crl,
         metrics_listen: args.metrics_listen,
+        witness_dir: args.witness_dir,
     };
     let fail = |e: throughcare::app::AppError| {
         tracing::error!(error = %e, "gateway stopped");
@@ -314,18 +247,6 @@ async fn shutdown_signal() {
     }
 }
 
-fn parse_event(s: &str) -> anyhow::Result<pb::JourneyEvent> {
-    Ok(match s.to_ascii_lowercase().replace('_', "-").as_str() {
-        "admission" => pb::JourneyEvent::Admission,
-        "transfer" => pb::JourneyEvent::Transfer,
-        "release" => pb::JourneyEvent::Release,
-        "community-summary" => pb::JourneyEvent::CommunitySummary,
-        other => anyhow::bail!(
-            "unknown event {other}: admission, transfer, release or community-summary"
-        ),
-    })
-}
-
 async fn run_tool(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(_) => unreachable!("handled by serve"),
@@ -355,142 +276,21 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             println!("  operator-{}", throughcare::certs::DEV_OPERATOR);
             Ok(())
         }
-        Command::Submit(args) => {
-            let mut client = throughcare::client::handover(
-                &args.client.server,
-                &args.client.certs_dir,
-                &args.client.as_,
-            )
-            .await?;
-            let document = submit_document(&args)?;
-            let patient =
-                (!args.nhs.is_empty() || !args.prison_number.is_empty() || !args.dob.is_empty())
-                    .then_some(pb::PatientRef {
-                        nhs_number: args.nhs,
-                        prison_number: args.prison_number,
-                        date_of_birth: args.dob,
-                    });
-            let receipt = client
-                .submit(pb::SubmitRequest {
-                    message_id: args.message_id,
-                    event: parse_event(&args.event)?.into(),
-                    patient,
-                    destinations: args.to,
-                    document: Some(document),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            println!(
-                "handover {}{}",
-                receipt.handover_id,
-                if receipt.duplicate {
-                    " (duplicate of an accepted submit)"
-                } else {
-                    ""
-                }
-            );
-            for d in receipt.deliveries {
-                println!("  delivery {} -> {}", d.delivery_id, d.destination);
-            }
+        Command::Submit(args) => throughcare::cli::handover::submit(args).await,
+        Command::Pull(args) => throughcare::cli::handover::pull(args).await,
+        Command::Track(args) => throughcare::cli::handover::track(args).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "throughcare", &mut std::io::stdout());
             Ok(())
         }
-        Command::Pull(args) => {
-            let mut client = throughcare::client::handover(
-                &args.client.server,
-                &args.client.certs_dir,
-                &args.client.as_,
-            )
-            .await?;
-            let pulled = client
-                .pull(pb::PullRequest {
-                    max_deliveries: args.max,
-                    lease_seconds: 0,
-                    wait_millis: args.wait_ms,
-                    format: 0,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if pulled.deliveries.is_empty() {
-                println!("nothing to deliver");
-            }
-            for d in pulled.deliveries {
-                println!(
-                    "delivery {} attempt {} handover {} from {} ({:?})",
-                    d.delivery_id,
-                    d.attempt,
-                    d.handover_id,
-                    d.sender,
-                    d.event()
-                );
-                for what in &d.not_carried {
-                    println!("  not carried: {what}");
-                }
-                if args.show {
-                    match &d.document {
-                        Some(pb::delivery::Document::FhirJson(t)) => println!("{t}"),
-                        Some(pb::delivery::Document::Hl7v2(t)) => {
-                            println!("{}", t.replace('\r', "\n"))
-                        }
-                        Some(pb::delivery::Document::Native(n)) => println!("{n:#?}"),
-                        None => {}
-                    }
-                }
-                if args.ack {
-                    client
-                        .ack(pb::AckRequest {
-                            delivery_id: d.delivery_id,
-                            attempt: d.attempt,
-                        })
-                        .await
-                        .map_err(status_error)?;
-                    println!("  acknowledged");
-                }
-            }
-            Ok(())
-        }
-        Command::Track(args) => {
-            let mut client = throughcare::client::handover(
-                &args.client.server,
-                &args.client.certs_dir,
-                &args.client.as_,
-            )
-            .await?;
-            let t = client
-                .track(pb::TrackRequest {
-                    handover: Some(pb::track_request::Handover::MessageId(args.message_id)),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            println!("handover {} ({:?})", t.handover_id, t.event());
-            for d in t.deliveries {
-                let due = d
-                    .due_at
-                    .as_ref()
-                    .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
-                    .map(|t| format!("  due {} {:02}:{:02} UTC", t.date(), t.hour(), t.minute()))
-                    .unwrap_or_default();
-                println!(
-                    "  {:<8} delivery {:<6} {:<12} attempts {}{due}{}{}{}",
-                    d.destination,
-                    d.delivery_id,
-                    format!("{:?}", d.state()),
-                    d.attempts,
-                    if d.overdue { "  OVERDUE" } else { "" },
-                    if d.urgent { "  urgent" } else { "" },
-                    if d.quarantine_reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  ({})", d.quarantine_reason)
-                    }
-                );
-            }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
             Ok(())
         }
         Command::Convert(args) => convert(args),
-        Command::Demo => throughcare::demo::run(&mut std::io::stdout()).await,
+        Command::Demo { .. } => throughcare::demo::run(&mut std::io::stdout()).await,
         Command::Admin {
             operator,
             command: AdminCommand::Operator(command),
@@ -512,82 +312,14 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin {
-            command:
-                AdminCommand::Audit {
-                    command: AuditCommand::Verify { data_dir },
-                },
+            command: AdminCommand::Audit { command },
             ..
-        } => {
-            let store = open_stopped_store(&data_dir)?;
-            let result = store.verify_audit();
-            store.close().await?;
-            let n = result.context("audit chain does NOT verify")?;
-            println!("audit chain verifies: {n} entries");
-            Ok(())
-        }
+        } => throughcare::admin::audit(command).await,
         Command::Admin {
-            command:
-                AdminCommand::Audit {
-                    command: AuditCommand::List { data_dir },
-                },
-            ..
-        } => {
-            let store = open_stopped_store(&data_dir)?;
-            let entries = store.audit_entries();
-            store.close().await?;
-            for entry in entries? {
-                println!("{}", serde_json::to_string(&entry)?);
-            }
-            Ok(())
-        }
+            operator,
+            command: AdminCommand::Store { command },
+        } => throughcare::admin::store(command, operator.json).await,
     }
-}
-
-/// Opens a stopped gateway's store for an offline admin check.
-fn open_stopped_store(data_dir: &std::path::Path) -> anyhow::Result<throughcare::store::Store> {
-    throughcare::store::Store::open(
-        data_dir,
-        throughcare::store::StoreOptions::default(),
-        std::sync::Arc::new(throughcare::store::SystemClock),
-    )
-    .with_context(|| format!("opening {} (is the gateway stopped?)", data_dir.display()))
-}
-
-fn submit_document(args: &SubmitArgs) -> anyhow::Result<pb::submit_request::Document> {
-    use pb::submit_request::Document;
-    let Some(path) = &args.document else {
-        let summary = throughcare::clinical::synthetic::release_summary(
-            args.nhs.parse().ok(),
-            args.prison_number.parse().ok(),
-            args.client
-                .as_
-                .parse()
-                .unwrap_or_else(|_| "YP001".parse().expect("valid")),
-            None,
-            &args.text,
-        );
-        // Released today, so its deadline (the end of the release day) lies ahead.
-        let mut summary = summary;
-        summary.custody.release_date = Some(throughcare::clinical::model::Date(
-            time::OffsetDateTime::now_utc().date(),
-        ));
-        return Ok(Document::Native(throughcare::grpc::summary::to_wire(
-            &summary,
-        )));
-    };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    if args.model {
-        let summary: throughcare::clinical::ClinicalSummary = serde_json::from_str(&text)?;
-        return Ok(Document::Native(throughcare::grpc::summary::to_wire(
-            &summary,
-        )));
-    }
-    Ok(if text.starts_with("MSH") {
-        Document::Hl7v2(text)
-    } else {
-        Document::FhirJson(text)
-    })
 }
 
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
@@ -604,7 +336,7 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     let read = translate::read(format(args.from), &bytes, &Limits::default())
         .map_err(|e| anyhow::anyhow!("invalid document: {e}"))?;
     let event = match (&args.event, read.event) {
-        (Some(e), _) => match parse_event(e)? {
+        (Some(e), _) => match throughcare::cli::handover::parse_event(e)? {
             pb::JourneyEvent::Admission => JourneyEvent::Admission,
             pb::JourneyEvent::Transfer => JourneyEvent::Transfer,
             pb::JourneyEvent::CommunitySummary => JourneyEvent::CommunitySummary,
@@ -625,9 +357,4 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     use std::io::Write;
     std::io::stdout().write_all(&rendered.bytes)?;
     Ok(())
-}
-
-fn status_error(s: tonic::Status) -> anyhow::Error {
-    // The message already lists any field violations.
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }

@@ -1,12 +1,18 @@
-//! The audit chain verifies after a workload, and flipping one byte of one
-//! entry in a copy of the store is found by `throughcare admin audit verify`.
+//! The audit chain verifies after a workload, and `throughcare admin audit
+//! verify` finds every way of tampering with a copy of the store: one flipped
+//! byte, the newest entries deleted, an old entry rewritten with every later
+//! hash recomputed (keyed with a guessed key, or downgraded to the plain
+//! hashes of the chain before the key), and a consistent rollback of both the
+//! store and its witness once a checkpoint was recorded elsewhere.
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 use support::*;
+use throughcare::audit::{AuditChain, AuditEntry, AuditEvent, AuditKey};
 use throughcare::grpc::pb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
@@ -24,13 +30,18 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn verify(data: &Path) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(["admin", "audit", "verify", "--data-dir"])
+fn run(args: &[&str], data: &Path, witness: &Path, extra: &[&Path]) -> (bool, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .arg("--data-dir")
         .arg(data)
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
+        .arg("--witness-dir")
+        .arg(witness)
+        .env("RUST_LOG", "error");
+    for file in extra {
+        cmd.arg("--checkpoint").arg(file);
+    }
+    let out = cmd.output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -39,11 +50,18 @@ fn verify(data: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
-#[tokio::test]
-async fn a_flipped_byte_in_one_audit_entry_is_found() {
-    let gw = TestGateway::start().await;
+fn verify(data: &Path, witness: &Path) -> (bool, String) {
+    run(&["admin", "audit", "verify"], data, witness, &[])
+}
+
+fn witness_of(data: &Path) -> PathBuf {
+    data.with_file_name("data.witness")
+}
+
+/// Submits, pulls, acks and provokes refusals; returns the entries written.
+async fn workload(gw: &TestGateway, first: u32) -> usize {
     let mut prison = gw.client("YP001").await;
-    for i in 0..10 {
+    for i in first..first + 10 {
         prison
             .submit(release(&format!("t-{i}"), i, &["YG001", "YPR01"], "tamper"))
             .await
@@ -66,45 +84,286 @@ async fn a_flipped_byte_in_one_audit_entry_is_found() {
             .unwrap();
     }
     // Refusals are in the chain too.
-    let _ = prison.submit(release("t-0", 99, &["YG001"], "other")).await;
+    let _ = prison
+        .submit(release(&format!("t-{first}"), 99, &["YG001"], "other"))
+        .await;
     let _ = riverside
         .ack(pb::AckRequest {
             delivery_id: 999,
             attempt: 1,
         })
         .await;
-    let entries = gw.store.audit_entries().unwrap().len();
+    gw.store.audit_entries().unwrap().len()
+}
+
+/// Rewrites the audit tree of the store copy at `data` with `edit`.
+fn edit_audit(data: &Path, edit: impl FnOnce(&sled::Tree, Vec<AuditEntry>)) {
+    let db = sled::open(data.join("sled")).unwrap();
+    let audit = db.open_tree("audit").unwrap();
+    let entries = audit
+        .iter()
+        .values()
+        .map(|v| serde_json::from_slice(&v.unwrap()).unwrap())
+        .collect();
+    edit(&audit, entries);
+    db.flush().unwrap();
+}
+
+fn put(tree: &sled::Tree, e: &AuditEntry) {
+    tree.insert(e.seq.to_be_bytes(), serde_json::to_vec(e).unwrap())
+        .unwrap();
+}
+
+/// Entry `from` says "refused" now, and every later one is relinked by
+/// `relink` (as a forger without the audit key would).
+fn rewrite_from(
+    data: &Path,
+    from: u64,
+    relink: impl Fn(&AuditEntry, AuditEntry) -> AuditEntry,
+) -> String {
+    let mut what = String::new();
+    edit_audit(data, |tree, entries| {
+        let mut prev = entries[from as usize - 2].clone();
+        for mut e in entries.into_iter().skip(from as usize - 1) {
+            if e.seq == from {
+                what = format!("{} {}", e.action, e.outcome);
+                e.outcome = "refused: nothing happened here".into();
+            }
+            let e = relink(&prev, e);
+            put(tree, &e);
+            prev = e;
+        }
+    });
+    what
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_one_audit_entry_is_found() {
+    let gw = TestGateway::start().await;
+    let entries = workload(&gw, 0).await;
     assert!(entries >= 17, "{entries}");
     let data = gw.config.data_dir.clone();
     let (dir, _) = gw.stop().await;
+    let witness = witness_of(&data);
 
-    let (ok, text) = verify(&data);
+    let (ok, text) = verify(&data, &witness);
     assert!(ok, "{text}");
     assert!(
-        text.contains(&format!("audit chain verifies: {entries} entries")),
+        text.contains(&format!(
+            "audit chain verifies: {entries} entries (keyed from entry 1;"
+        )),
         "{text}"
     );
 
     // A copy with one byte of entry 7 flipped ("ok" becomes "oK").
     let copy = dir.path().join("copy");
     copy_dir(&data, &copy);
-    {
-        let db = sled::open(copy.join("sled")).unwrap();
-        let audit = db.open_tree("audit").unwrap();
-        let key = 7u64.to_be_bytes();
-        let mut value = audit.get(key).unwrap().unwrap().to_vec();
+    edit_audit(&copy, |tree, entries| {
+        let mut value = serde_json::to_vec(&entries[6]).unwrap();
         let at = value.windows(9).position(|w| w == b"\"outcome\"").unwrap() + 11;
         assert_eq!(value[at], b'o', "{}", String::from_utf8_lossy(&value));
         value[at] ^= 0x20;
-        audit.insert(key, value).unwrap();
-        db.flush().unwrap();
-    }
-    let (ok, text) = verify(&copy);
+        tree.insert(7u64.to_be_bytes(), value).unwrap();
+    });
+    let (ok, text) = verify(&copy, &witness);
     assert!(!ok, "tampering must fail verification: {text}");
     assert!(
         text.contains("does NOT verify") && text.contains("broken at entry 7"),
         "{text}"
     );
     // The original still verifies.
-    assert!(verify(&data).0);
+    assert!(verify(&data, &witness).0);
+}
+
+#[tokio::test]
+async fn deleting_the_newest_entries_is_found_and_counted() {
+    let gw = TestGateway::start().await;
+    let entries = workload(&gw, 0).await as u64;
+    let data = gw.config.data_dir.clone();
+    let (dir, _) = gw.stop().await;
+    let witness = witness_of(&data);
+    let copy = dir.path().join("copy");
+    copy_dir(&data, &copy);
+    edit_audit(&copy, |tree, _| {
+        for seq in entries - 2..=entries {
+            tree.remove(seq.to_be_bytes()).unwrap();
+        }
+    });
+    let (ok, text) = verify(&copy, &witness);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "promises {entries} entries but the store holds {}",
+            entries - 3
+        )) && text.contains("(3 entries missing)"),
+        "{text}"
+    );
+    // The gateway will not serve it either.
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&copy)
+        .arg("--witness-dir")
+        .arg(&witness)
+        .arg("--certs-dir")
+        .arg(dir.path().join("certs"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("3 missing"), "{stderr}");
+}
+
+#[tokio::test]
+async fn rewriting_an_old_entry_and_recomputing_every_later_hash_is_found() {
+    let gw = TestGateway::start().await;
+    workload(&gw, 0).await;
+    let data = gw.config.data_dir.clone();
+    let (dir, _) = gw.stop().await;
+    let witness = witness_of(&data);
+
+    // As before the key: recompute plain SHA-256 hashes from entry 5 on.
+    let downgraded = dir.path().join("downgraded");
+    copy_dir(&data, &downgraded);
+    let what = rewrite_from(&downgraded, 5, |prev, mut e| {
+        e.chain = None;
+        e.prev_hash.clone_from(&prev.hash);
+        e.hash = e.compute_hash();
+        e
+    });
+    assert!(what.contains("ok"), "{what}");
+    let (ok, text) = verify(&downgraded, &witness);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("broken at entry 5: unkeyed entry after the chain was keyed"),
+        "{text}"
+    );
+
+    // Keyed, with a key the forger guessed.
+    let guessed = dir.path().join("guessed");
+    copy_dir(&data, &guessed);
+    let key = Arc::new(AuditKey::from_secret(&[7u8; 32]));
+    rewrite_from(&guessed, 5, |prev, e| {
+        let mut chain = AuditChain::resume(Some(prev), Some(key.clone()));
+        chain.link(
+            AuditEvent {
+                actor: e.actor,
+                action: Box::leak(e.action.into_boxed_str()),
+                handover_id: e.handover_id,
+                delivery_id: e.delivery_id,
+                patient_key: e.patient_key,
+                outcome: e.outcome,
+            },
+            e.at_ms,
+        )
+    });
+    let (ok, text) = verify(&guessed, &witness);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("broken at entry 5: content does not match its hash"),
+        "{text}"
+    );
+
+    // The whole trail rewritten as a plain chain: the anchor's key boundary finds it.
+    let all = dir.path().join("all");
+    copy_dir(&data, &all);
+    edit_audit(&all, |tree, entries| {
+        let mut prev = throughcare::audit::GENESIS.to_owned();
+        for mut e in entries {
+            e.chain = None;
+            e.prev_hash = prev;
+            e.hash = e.compute_hash();
+            put(tree, &e);
+            prev = e.hash;
+        }
+    });
+    let (ok, text) = verify(&all, &witness);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("broken at entry 1: unkeyed entry at or after the key boundary"),
+        "{text}"
+    );
+}
+
+/// Restoring the store *and* its witness from the same old backup is
+/// consistent, so only a checkpoint recorded elsewhere can reveal it; the
+/// anchor metric tells the recorder how far the chain is anchored.
+#[tokio::test]
+async fn a_checkpoint_recorded_elsewhere_finds_a_rollback_of_store_and_witness() {
+    let gw = TestGateway::start().await;
+    workload(&gw, 0).await;
+    let data = gw.config.data_dir.clone();
+    let witness = witness_of(&data);
+    let (dir, config) = gw.stop().await;
+    let backup = dir.path().join("backup");
+    copy_dir(&data, &backup.join("data"));
+    copy_dir(&witness, &backup.join("data.witness"));
+
+    let gw = TestGateway::start_in(dir, config, Arc::new(throughcare::store::SystemClock)).await;
+    let entries = workload(&gw, 20).await as u64;
+    let scraped = reqwest_metrics(gw.metrics_addr).await;
+    let anchored: u64 = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("throughcare_audit_anchored_seq "))
+        .unwrap_or_else(|| panic!("{scraped}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        anchored > 17 && anchored <= entries,
+        "{anchored} of {entries}"
+    );
+    let (dir, _) = gw.stop().await;
+
+    let (ok, anchor) = run(&["admin", "audit", "anchor"], &data, &witness, &[]);
+    assert!(ok, "{anchor}");
+    let signed: serde_json::Value = serde_json::from_str(anchor.trim()).unwrap();
+    assert!(signed["audit_seq"].as_u64().unwrap() >= entries, "{anchor}");
+    assert!(
+        signed["signature"].as_str().unwrap().len() == 128,
+        "{anchor}"
+    );
+    let recorded = dir.path().join("recorded-checkpoint.json");
+    std::fs::write(&recorded, &anchor).unwrap();
+
+    // Both restored from the backup: the witness agrees with the store ...
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::remove_dir_all(&witness).unwrap();
+    copy_dir(&backup.join("data"), &data);
+    copy_dir(&backup.join("data.witness"), &witness);
+    assert!(verify(&data, &witness).0);
+    // ... but not with the checkpoint recorded elsewhere.
+    let (ok, text) = run(&["admin", "audit", "verify"], &data, &witness, &[&recorded]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("entries missing") && text.contains("recorded-checkpoint.json"),
+        "{text}"
+    );
+
+    // A forged checkpoint (another key) is refused, not trusted.
+    let mut forged = signed.clone();
+    forged["audit_seq"] = serde_json::json!(entries + 100);
+    std::fs::write(&recorded, forged.to_string()).unwrap();
+    let (ok, text) = run(&["admin", "audit", "verify"], &data, &witness, &[&recorded]);
+    assert!(
+        !ok && text.contains("not signed by the audit key"),
+        "{text}"
+    );
+}
+
+async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }

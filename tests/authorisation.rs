@@ -224,6 +224,14 @@ async fn every_cell_of_the_matrix() {
             "{name} list_organisations"
         );
         assert_eq!(
+            code_of(
+                &o.list_identity_conflicts(pb::ListIdentityConflictsRequest::default())
+                    .await
+            ),
+            allowed(who, None),
+            "{name} list_identity_conflicts"
+        );
+        assert_eq!(
             code_of(&o.retention_status(pb::RetentionStatusRequest {}).await),
             allowed(who, None),
             "{name} retention_status"

@@ -18,7 +18,7 @@ use throughcare::clinical::ClinicalSummary;
 use throughcare::grpc::pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The manual clock's start, `T0`, is 2027-01-15 08:00:00 UTC.
+/// The manual clock's start, `T0`, is 2027-01-15 08:00:00 UTC (GMT).
 const HOUR: i64 = 3_600_000;
 
 fn summary(patient: u32, gp: Option<&str>, release: &str, marker: &str) -> ClinicalSummary {
@@ -252,7 +252,7 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     .await;
 
     assert!(
-        dom.contains("<title>Throughcare · 2027-01-16 09:00:00 UTC</title>"),
+        dom.contains("<title>Throughcare · 2027-01-16 09:00 GMT</title>"),
         "the gateway's own clock: {dom}"
     );
     // Mailboxes: depth, overdue and quarantined, with highlights.
@@ -292,7 +292,7 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
         text(q, "reason"),
         "permanent nack: practice system rejected it: template XJ-42 &lt;unknown&gt; for [number withheld]"
     );
-    assert_eq!(text(q, "when"), "2027-01-15 08:00:00 UTC (25h ago)");
+    assert_eq!(text(q, "when"), "2027-01-15 08:00 GMT (25h ago)");
     // The parked release with its deadline.
     let parked_section = section(&dom, "parked");
     assert!(parked_section.contains("<h2>Parked releases<span class=\"count\">1</span></h2>"));
@@ -302,8 +302,8 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     );
     assert_eq!(text(p, "sender"), "YP001");
     assert_eq!(text(p, "event"), "RELEASE");
-    assert_eq!(text(p, "queued"), "2027-01-15 08:00:00 UTC (25h ago)");
-    assert_eq!(text(p, "due"), "2027-01-20 23:59:59 UTC (in 4d)");
+    assert_eq!(text(p, "queued"), "2027-01-15 08:00 GMT (25h ago)");
+    assert_eq!(text(p, "due"), "2027-01-20 23:59 GMT (in 4d)");
     assert_eq!(text(p, "overdue"), "no");
     // Totals.
     let tile = |id: &str| {

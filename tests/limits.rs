@@ -240,7 +240,7 @@ async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
     let endpoint = format!("https://127.0.0.1:{port}");
     let addr = format!("127.0.0.1:{port}");
     let mut ready = false;
-    for _ in 0..150 {
+    for _ in 0..300 {
         if tokio::net::TcpStream::connect(&addr).await.is_ok() {
             ready = true;
             break;

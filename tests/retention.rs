@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use support::*;
 use throughcare::grpc::pb;
-use throughcare::store::ManualClock;
 use throughcare::store::crypt::PayloadCipher;
+use throughcare::store::{ManualClock, PatientIds};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -483,7 +483,11 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
         sender: "YP001".into(),
         message_id: message_id.into(),
         event: JourneyEvent::Release,
-        patient_key: "p1".into(),
+        patient: PatientIds {
+            nhs: Some("p1".into()),
+            prison: None,
+        },
+        claim_keys: Vec::new(),
         requested_destinations: vec!["YG001".into()],
         destinations: vec![NewDelivery {
             mailbox: "YG001".into(),

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use throughcare::journey::JourneyEvent;
 use throughcare::store::{
-    BarrierObserver, NewDelivery, NewHandover, Store, StoreError, StoreOptions, SystemClock,
-    TrackKey,
+    BarrierObserver, NewDelivery, NewHandover, PatientIds, Store, StoreError, StoreOptions,
+    SystemClock, TrackKey,
 };
 
 fn handover(i: usize) -> NewHandover {
@@ -20,7 +20,11 @@ fn handover(i: usize) -> NewHandover {
         sender: "YP001".into(),
         message_id: format!("m-{i}"),
         event: JourneyEvent::Release,
-        patient_key: format!("p{}", i % 7),
+        patient: PatientIds {
+            nhs: Some(format!("p{}", i % 7)),
+            prison: None,
+        },
+        claim_keys: Vec::new(),
         destinations: vec![NewDelivery {
             mailbox: "YG001".into(),
             urgent: false,
@@ -50,8 +54,9 @@ impl BarrierObserver for FailAt {
 }
 
 fn open(dir: &std::path::Path, observer: Option<Arc<dyn BarrierObserver>>) -> Store {
+    // A subdirectory, so the witness beside it stays in the temporary directory.
     Store::open(
-        dir,
+        &dir.join("data"),
         StoreOptions {
             observer,
             ..StoreOptions::default()

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use throughcare::journey::JourneyEvent;
 use throughcare::store::{
-    DeliveryState, ManualClock, NewDelivery, NewHandover, RetentionPolicy, Store, StoreError,
-    StoreOptions, TrackKey,
+    DeliveryState, ManualClock, NewDelivery, NewHandover, PatientIds, RetentionPolicy, Store,
+    StoreError, StoreOptions, TrackKey,
 };
 
 const MAILBOXES: [&str; 2] = ["MB0", "MB1"];
@@ -236,8 +236,9 @@ fn error_name(e: &StoreError) -> &'static str {
 }
 
 fn open(dir: &Path, clock: &ManualClock) -> Store {
+    // A subdirectory, so the witness beside it stays in the temporary directory.
     Store::open(
-        dir,
+        &dir.join("data"),
         StoreOptions {
             max_attempts: MAX_ATTEMPTS,
             retry_backoff_ms: BACKOFF_MS,
@@ -312,7 +313,11 @@ async fn run(ops: Vec<Op>) {
                         sender: "YP001".into(),
                         message_id: format!("m{msg}"),
                         event: JourneyEvent::Release,
-                        patient_key: format!("p{patient}"),
+                        patient: PatientIds {
+                            nhs: Some(format!("p{patient}")),
+                            prison: None,
+                        },
+                        claim_keys: Vec::new(),
                         destinations: vec![NewDelivery {
                             mailbox: MAILBOXES[mailbox].into(),
                             urgent: false,

@@ -52,6 +52,7 @@ impl ApiError {
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::Store(e) => match e {
                 StoreError::Conflict => Code::AlreadyExists,
+                StoreError::IdentityConflict { .. } => Code::InvalidArgument,
                 StoreError::UnknownDelivery
                 | StoreError::UnknownHandover
                 | StoreError::Removed { .. }
@@ -61,7 +62,10 @@ impl ApiError {
                 | StoreError::LeaseExpired
                 | StoreError::NotLeased(_) => Code::FailedPrecondition,
                 StoreError::Unavailable(_) => Code::Unavailable,
-                StoreError::Corrupt(_) | StoreError::Behind { .. } => Code::DataLoss,
+                StoreError::Corrupt(_)
+                | StoreError::Behind { .. }
+                | StoreError::Witness(_)
+                | StoreError::AuditKey(_) => Code::DataLoss,
                 StoreError::Sled(_) | StoreError::Io(_) => Code::Internal,
             },
         }
@@ -78,6 +82,17 @@ impl From<ApiError> for Status {
                     code,
                     message,
                     ErrorDetails::with_bad_request(violations),
+                )
+            }
+            ApiError::Store(StoreError::IdentityConflict { field }) => {
+                let violation = FieldViolation::new(
+                    field,
+                    "already linked to a different patient; not merged: an operator must resolve the identity (admin conflicts)",
+                );
+                Status::with_error_details(
+                    code,
+                    describe(std::slice::from_ref(&violation)),
+                    ErrorDetails::with_bad_request(vec![violation]),
                 )
             }
             ApiError::Store(ref inner @ (StoreError::Sled(_) | StoreError::Io(_))) => {

@@ -182,28 +182,31 @@ impl Gateway {
             }
             ApiError::Invalid(v.0)
         })?;
+        let parked = routes.iter().any(|r| r.recipient == Recipient::Parked);
+        let linking = from_document.nhs_number.is_some() && from_document.prison_number.is_some();
+        // Claim keys serve a parked release, and a link of both identifiers
+        // (which lets earlier parked releases be claimed by either).
+        let claim_keys = if parked || linking {
+            self.keyer.claim_keys(
+                from_document.nhs_number.as_ref(),
+                from_document.prison_number.as_ref(),
+                &summary.patient.date_of_birth.to_string(),
+            )
+        } else {
+            Vec::new()
+        };
         let destinations = routes
             .iter()
             .map(|r| {
-                let (mailbox, format, claim_keys) = match &r.recipient {
+                let (mailbox, format) = match &r.recipient {
                     Recipient::Org(code) => (
                         code.as_str().to_owned(),
                         self.registry
                             .read()
                             .get(code)
                             .map_or(Format::Native, |o| o.format),
-                        Vec::new(),
                     ),
-                    // Only a parked release can be claimed: its keys are made here alone.
-                    Recipient::Parked => (
-                        PARKED_MAILBOX.to_owned(),
-                        Format::Native,
-                        self.keyer.claim_keys(
-                            from_document.nhs_number.as_ref(),
-                            from_document.prison_number.as_ref(),
-                            &summary.patient.date_of_birth.to_string(),
-                        ),
-                    ),
+                    Recipient::Parked => (PARKED_MAILBOX.to_owned(), Format::Native),
                 };
                 NewDelivery {
                     mailbox,
@@ -211,11 +214,10 @@ impl Gateway {
                     view: view_name(r.view).to_owned(),
                     not_carried: render(&summary, format, r.view, cmd.event).1,
                     due_ms: Some(r.due_ms).filter(|d| *d != i64::MAX),
-                    claim_keys,
                 }
             })
             .collect();
-        let patient_key = self.keyer.key(
+        let patient = self.keyer.identifier_keys(
             from_document.nhs_number.as_ref(),
             from_document.prison_number.as_ref(),
         );
@@ -232,7 +234,8 @@ impl Gateway {
                 sender: org.ods.as_str().to_owned(),
                 message_id: cmd.message_id,
                 event: cmd.event,
-                patient_key,
+                patient,
+                claim_keys,
                 requested_destinations: cmd
                     .destinations
                     .iter()
@@ -393,6 +396,7 @@ impl Gateway {
             urgent: d.urgent,
             not_carried,
             due_at: d.due_ms.map(wire::timestamp),
+            supersedes_handover_id: l.handover.supersedes.unwrap_or(0),
             document: Some(document),
         })
     }

@@ -174,6 +174,26 @@ impl OperatorService {
         })
     }
 
+    async fn list_identity_conflicts(
+        &self,
+        req: Request<pb::ListIdentityConflictsRequest>,
+    ) -> Result<pb::ListIdentityConflictsResponse, ApiError> {
+        self.operator(&req)?;
+        let pb::ListIdentityConflictsRequest { limit } = req.into_inner();
+        let conflicts = self.gateway.store.identity_conflicts(limit_of(limit))?;
+        Ok(pb::ListIdentityConflictsResponse {
+            conflicts: conflicts
+                .into_iter()
+                .map(|c| pb::IdentityConflict {
+                    at: Some(wire::timestamp(c.at_ms)),
+                    sender: c.sender,
+                    message_id: c.message_id,
+                    field: c.field,
+                })
+                .collect(),
+        })
+    }
+
     async fn claim_parked(
         &self,
         req: Request<pb::ClaimParkedRequest>,
@@ -318,6 +338,11 @@ impl OperatorService {
         let Some((handover, patient)) = filter.filter(|_| v.0.is_empty()) else {
             return Err(ApiError::Invalid(v.0));
         };
+        // One patient across identifiers: every key linked or merged into it.
+        let patient_keys = match &patient {
+            Some(identifier) => self.gateway.store.patient_keys(identifier)?,
+            None => Vec::new(),
+        };
         // The query is itself an access to the patient's record: audited
         // first, and refused if that fails (fail closed).
         self.gateway
@@ -326,7 +351,7 @@ impl OperatorService {
                 actor,
                 action: "audit_query",
                 handover_id: handover,
-                patient_key: patient.clone(),
+                patient_key: patient_keys.first().cloned(),
                 outcome: format!("ok: {}", reason.trim()),
                 ..AuditEvent::default()
             })
@@ -347,9 +372,9 @@ impl OperatorService {
                 .into_iter()
                 .filter(|e| {
                     handover.is_some_and(|h| e.handover_id == Some(h))
-                        || patient
+                        || e.patient_key
                             .as_ref()
-                            .is_some_and(|p| e.patient_key.as_ref() == Some(p))
+                            .is_some_and(|p| patient_keys.contains(p))
                 })
                 .map(|e| pb::AuditEntry {
                     seq: e.seq,
@@ -625,6 +650,14 @@ impl pb::operator_server::Operator for OperatorService {
         request: Request<pb::ListParkedRequest>,
     ) -> Result<Response<pb::ListParkedResponse>, Status> {
         operator_call!(self, request, list_parked)
+    }
+
+    #[instrument(name = "list_identity_conflicts", skip_all)]
+    async fn list_identity_conflicts(
+        &self,
+        request: Request<pb::ListIdentityConflictsRequest>,
+    ) -> Result<Response<pb::ListIdentityConflictsResponse>, Status> {
+        operator_call!(self, request, list_identity_conflicts)
     }
 
     #[instrument(name = "claim_parked", skip_all)]

@@ -314,11 +314,13 @@ pub fn track_to_wire(
                 overdue: d.is_overdue(now_ms),
                 overdue_since: d.overdue_at_ms.map(timestamp),
                 superseded_by: d.superseded_by.unwrap_or(0),
+                superseded_by_handover: d.superseded_by_handover.unwrap_or(0),
                 superseded_at: d.superseded_at_ms.map(timestamp),
                 claimed_by: d.claimed_by.clone().unwrap_or_default(),
                 claimed_at: d.claimed_at_ms.map(timestamp),
             })
             .collect(),
+        supersedes_handover_id: h.supersedes.unwrap_or(0),
     }
 }
 

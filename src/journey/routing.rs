@@ -206,7 +206,10 @@ pub fn route(
             }
         }
         JourneyEvent::Release => {
-            let release_due = summary.custody.release_date.map(|d| d.end_of_day_ms());
+            let release_due = summary
+                .custody
+                .release_date
+                .map(|d| crate::uk_time::end_of_day_ms(d.0));
             let nominated: Vec<&Organisation> = named
                 .iter()
                 .filter(|(_, o)| o.kind == OrgKind::GpPractice)
@@ -340,8 +343,26 @@ mod tests {
         assert_eq!(routes[0].view, View::Full);
         assert_eq!(routes[1].recipient, Recipient::Org(code("YPR01")));
         assert_eq!(routes[1].view, View::Probation);
-        let end_of_release_day = s.custody.release_date.unwrap().end_of_day_ms();
+        let end_of_release_day = crate::uk_time::end_of_day_ms(s.custody.release_date.unwrap().0);
         assert_eq!(routes[0].due_ms, end_of_release_day);
+    }
+
+    #[test]
+    fn a_release_is_due_by_midnight_in_england_in_summer_and_winter() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        for (day, due) in [
+            ("2026-07-01", "2026-07-01T22:59:59.999Z"),
+            ("2026-03-29", "2026-03-29T22:59:59.999Z"),
+            ("2026-10-25", "2026-10-25T23:59:59.999Z"),
+            ("2026-12-01", "2026-12-01T23:59:59.999Z"),
+        ] {
+            let mut s = summary(Some("YG002"));
+            s.custody.release_date = Some(day.parse().unwrap());
+            let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
+            let want = due.parse::<jiff::Timestamp>().unwrap().as_millisecond();
+            assert_eq!(routes[0].due_ms, want, "release on {day}");
+        }
     }
 
     #[test]
@@ -413,7 +434,9 @@ mod tests {
         assert!(routes[0].urgent);
         assert_eq!(
             routes[0].due_ms,
-            (NOW + d.urgent_ms).min(s.custody.release_date.unwrap().end_of_day_ms())
+            (NOW + d.urgent_ms).min(crate::uk_time::end_of_day_ms(
+                s.custody.release_date.unwrap().0
+            ))
         );
         assert!(!routes[1].urgent, "probation must not learn of the risk");
     }

@@ -400,14 +400,9 @@ fn event(e: Option<JourneyEvent>) -> String {
     e.map_or_else(|| "–".to_owned(), |e| e.to_string())
 }
 
-/// `2027-01-15 08:00:00 UTC`.
+/// `2027-01-15 08:00 GMT`: England's time, with its zone.
 fn timestamp(ms: i64) -> String {
-    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
-        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(FORMAT).ok())
-        .unwrap_or_else(|| ms.to_string())
+    crate::uk_time::display_ms(ms)
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -420,7 +415,7 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// A time with how far it is from now: `2027-01-15 08:00:00 UTC (3h ago)`.
+/// A time with how far it is from now: `2027-01-15 08:00 GMT (3h ago)`.
 fn when(ms: Option<i64>, now_ms: i64) -> Markup {
     html! {
         @if let Some(ms) = ms {
@@ -572,7 +567,7 @@ mod tests {
     #[test]
     fn the_page_shows_counts_highlights_and_the_gateway_time() {
         let html = render(&snapshot("practice system rejected it")).into_string();
-        assert!(html.contains("<title>Throughcare · 2027-01-15 08:00:00 UTC</title>"));
+        assert!(html.contains("<title>Throughcare · 2027-01-15 08:00 GMT</title>"));
         assert!(html.contains(r#"<meta http-equiv="refresh" content="5">"#));
         assert!(
             html.contains(r#"<td class="num overdue alert">1</td>"#),

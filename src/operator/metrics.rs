@@ -150,6 +150,8 @@ struct BarrierMetrics {
     seconds: Histogram,
     commands: Histogram,
     submits: Histogram,
+    anchored_audit_seq: Gauge,
+    anchored_commit_seq: Gauge,
 }
 
 impl BarrierObserver for BarrierMetrics {
@@ -162,6 +164,12 @@ impl BarrierObserver for BarrierMetrics {
         // Batches are at most a few thousand: exact as f64.
         self.commands.observe(report.commands as f64);
         self.submits.observe(report.submits as f64);
+    }
+
+    fn anchored(&self, checkpoint: &crate::audit::Checkpoint) {
+        self.anchored_audit_seq.set(gauge_i64(checkpoint.audit_seq));
+        self.anchored_commit_seq
+            .set(gauge_i64(checkpoint.commit_seq));
     }
 }
 
@@ -249,7 +257,19 @@ impl Metrics {
             seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             commands: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             submits: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            anchored_audit_seq: Gauge::default(),
+            anchored_commit_seq: Gauge::default(),
         });
+        r.register(
+            "audit_anchored_seq",
+            "Audit entries covered by the newest durable signed checkpoint in the witness (`throughcare admin audit anchor` prints it)",
+            barrier.anchored_audit_seq.clone(),
+        );
+        r.register(
+            "store_anchored_commit_seq",
+            "Committed batches the witness promises (the high-water mark outside the data directory)",
+            barrier.anchored_commit_seq.clone(),
+        );
         r.register_with_unit(
             "barrier_duration",
             "Durability barriers (sled flush and fdatasyncs), one per group commit",

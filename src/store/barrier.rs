@@ -4,7 +4,7 @@
 //! sled's `flush()` on Linux ends in `sync_file_range`, which flushes neither
 //! the device cache nor the file's metadata. An acknowledgement must rest on a
 //! real `fdatasync`, so the barrier is `flush()` then `fdatasync` of sled's
-//! log file. The high-water file rides on the same barrier (see `high_water`).
+//! log file. The witness file rides on the same barrier (see `high_water`).
 
 use std::fs::File;
 use std::io;
@@ -62,6 +62,10 @@ pub trait BarrierObserver: Send + Sync {
     /// Called after a group commit's barrier succeeded, before its callers
     /// are answered. Must be quick: the store writer waits for it.
     fn committed(&self, _report: &BarrierReport) {}
+
+    /// Called at open and after each barrier with the witness's newest
+    /// durable checkpoint (the anchored head of the audit chain).
+    fn anchored(&self, _checkpoint: &crate::audit::Checkpoint) {}
 }
 
 /// Makes sled's writes durable.

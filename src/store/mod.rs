@@ -10,8 +10,11 @@
 //!   change when idle, many under load.
 //! - Payload chunks carry a CRC-32 and the whole payload a SHA-256, both
 //!   checked on every read.
-//! - The high-water file promises how many batches were durable; a store that
-//!   opens with fewer refuses with [`StoreError::Behind`].
+//! - The witness (outside the data directory, [`high_water`]) promises how
+//!   many batches were durable and anchors the audit chain's head; a store
+//!   that opens with fewer batches refuses with [`StoreError::Behind`], one
+//!   without its witness or at odds with it with [`StoreError::Witness`]
+//!   (see [`integrity`]).
 //! - After a failed commit or barrier the store refuses all further changes
 //!   ([`StoreError::Unavailable`]): after a failed `fsync` nothing since the
 //!   last good one can be trusted, so the process must restart and reload.
@@ -21,7 +24,9 @@
 mod barrier;
 pub mod clock;
 pub mod crypt;
-mod high_water;
+pub mod high_water;
+mod identity;
+pub mod integrity;
 mod key_epochs;
 pub mod records;
 mod schedule;
@@ -35,7 +40,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use records::{DeliveryRecord, DeliveryState, HandoverRecord, PARKED_MAILBOX, Tombstone};
+pub use integrity::{AuditVerification, Rollback, WitnessPaths};
+pub use records::{
+    DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX, Tombstone,
+};
 pub use writer::retention::{RetentionOutcome, RetentionPolicy, RetentionStats};
 
 use crate::journey::JourneyEvent;
@@ -74,6 +82,16 @@ pub enum StoreError {
     /// No parked release matches the patient and date of birth given.
     #[error("no parked release matches this patient and date of birth")]
     NothingToClaim,
+    /// An identifier of the submit is already linked to a different patient
+    /// (e.g. the prison number to another NHS number). Never merged silently:
+    /// refused, and listed for operators.
+    #[error(
+        "this identifier is already linked to a different patient; an operator must resolve the identity before this summary can be accepted"
+    )]
+    IdentityConflict {
+        /// The request field whose identifier is linked elsewhere.
+        field: &'static str,
+    },
     /// The ack or nack names an attempt that is not the delivery's latest.
     #[error("attempt {given} is not the current attempt ({current}) of this delivery")]
     StaleAttempt {
@@ -94,16 +112,27 @@ pub enum StoreError {
     /// Stored data failed a checksum or could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    /// The store holds fewer committed batches than it promised.
+    /// The store holds fewer committed batches than its witness promised.
     #[error(
-        "store has lost acknowledged data: the high-water file promises {promised} committed batches but the store holds {found}"
+        "store has lost acknowledged data: the witness promises {promised} committed batches but the store holds {found} ({} batches missing, {missing_handovers} acknowledged handovers the witness knew of are gone; a restored backup?). Nothing is served until an operator lists them and decides: `throughcare admin store accept-rollback --reason ...`",
+        promised - found
     )]
     Behind {
-        /// Batches promised by the high-water file.
+        /// Batches promised by the witness.
         promised: u64,
         /// Batches found in the store.
         found: u64,
+        /// Acknowledged handovers in the witness's journal the store lacks.
+        missing_handovers: usize,
     },
+    /// The witness is missing for a store with data, or contradicts it.
+    #[error(
+        "{0}. Nothing is served until an operator decides: `throughcare admin store accept-rollback --reason ...` (docs/store.md)"
+    )]
+    Witness(String),
+    /// The audit key cannot be used.
+    #[error("{0}")]
+    AuditKey(String),
     /// sled failed.
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
@@ -151,6 +180,10 @@ pub struct StoreOptions {
     /// The master key wrapping payload data keys; default
     /// `<dir>/master-key`, created when absent (see [`crypt`]).
     pub master_key_file: Option<std::path::PathBuf>,
+    /// Where the witness lives; default `<dir>.witness` ([`high_water`]).
+    pub witness_dir: Option<std::path::PathBuf>,
+    /// The audit key; default `<witness_dir>/audit-key`, created for a new store.
+    pub audit_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreOptions {
@@ -163,6 +196,8 @@ impl Default for StoreOptions {
             retention: RetentionPolicy::default(),
             observer: None,
             master_key_file: None,
+            witness_dir: None,
+            audit_key_file: None,
         }
     }
 }
@@ -178,17 +213,43 @@ pub struct NewHandover {
     pub message_id: String,
     /// The journey event.
     pub event: JourneyEvent,
-    /// Keyed hash of the patient.
-    pub patient_key: String,
+    /// Who the handover is about, as the sender identified them.
+    pub patient: PatientIds,
+    /// Keyed hashes of (identifier, date of birth) of this submit: a parked
+    /// delivery may be claimed with them, and a parked delivery of the same
+    /// patient that shares one gains the others (its date of birth checked).
+    pub claim_keys: Vec<String>,
     /// The destinations the sender named (part of what makes a repeat the same).
     pub requested_destinations: Vec<String>,
     /// Where it goes.
     pub destinations: Vec<NewDelivery>,
     /// The stored document (opaque to the store; identical bytes for identical content).
     pub payload: Vec<u8>,
-    /// Supersede older undelivered deliveries of the same patient and event
-    /// in each destination mailbox (queued or parked, not leased).
+    /// Retire every undelivered copy of the previous handovers from the same
+    /// sender for the same patient and event, in whatever mailbox it waits
+    /// (queued, parked or quarantined: superseded; leased: left with the
+    /// recipient but never offered again).
     pub supersede: bool,
+}
+
+/// A patient as a sender identified them: the keyed hash of each identifier
+/// given (see [`crate::audit::PatientKeyer::identifier_keys`]). The store
+/// resolves them to one patient key through the identity links it keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PatientIds {
+    /// Keyed hash of the NHS number.
+    pub nhs: Option<String>,
+    /// Keyed hash of the prison number.
+    pub prison: Option<String>,
+}
+
+impl PatientIds {
+    /// The key a patient first seen with these identifiers gets: the NHS
+    /// number's, else the prison number's (as before identity links existed,
+    /// so older records keep their keys).
+    pub fn first_key(&self) -> Option<&str> {
+        self.nhs.as_deref().or(self.prison.as_deref())
+    }
 }
 
 /// One destination of a new handover.
@@ -204,8 +265,6 @@ pub struct NewDelivery {
     pub not_carried: Vec<String>,
     /// When it must have been delivered, ms since the epoch.
     pub due_ms: Option<i64>,
-    /// For the parked mailbox: keyed hashes that may claim it.
-    pub claim_keys: Vec<String>,
 }
 
 /// What a sweep found.
@@ -371,6 +430,7 @@ struct Inner {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     cipher: Arc<crypt::PayloadCipher>,
     retention: RetentionPolicy,
+    audit_key: Arc<crate::audit::AuditKey>,
 }
 
 /// The durable store; cheap to clone, all clones share one writer.
@@ -380,17 +440,82 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`, checks its high-water mark and
-    /// rebuilds the queue index.
+    /// Opens (or creates) the store in `dir`, checks it against its witness
+    /// and rebuilds the queue index.
     ///
     /// # Errors
-    /// [`StoreError::Behind`] when acknowledged data is missing; I/O or sled
-    /// errors; [`StoreError::Corrupt`] for undecodable records.
+    /// [`StoreError::Behind`] when acknowledged data is missing,
+    /// [`StoreError::Witness`] when the witness is missing or contradicts the
+    /// store, [`StoreError::AuditKey`]; I/O or sled errors;
+    /// [`StoreError::Corrupt`] for undecodable records.
     pub fn open(
         dir: &Path,
         options: StoreOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<Store, StoreError> {
+        Self::open_with(dir, options, clock, false).map(|(store, _)| store)
+    }
+
+    /// The operator's decision after a restore: lists the acknowledged
+    /// handovers the witness knew of and the store lacks, re-bases the
+    /// witness to what the store holds, and records that in the store's audit
+    /// trail as `actor` with `reason`. For a stopped store only.
+    ///
+    /// # Errors
+    /// As for [`Store::open`], bar the witness checks.
+    pub async fn accept_rollback(
+        dir: &Path,
+        options: StoreOptions,
+        clock: Arc<dyn Clock>,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Rollback, StoreError> {
+        let (store, rollback) = Self::open_with(dir, options, clock, true)?;
+        let rollback = rollback.expect("re-based on request");
+        let ids: Vec<String> = rollback
+            .missing
+            .iter()
+            .take(100)
+            .map(|a| a.handover_id.to_string())
+            .collect();
+        let outcome = format!(
+            "ok: witness re-based from {} to {} committed batches; {} acknowledged handovers missing{}{}; reason: {reason}",
+            rollback
+                .witness
+                .as_ref()
+                .map_or_else(|| "none".into(), |w| w.commit_seq.to_string()),
+            rollback.store_commit_seq,
+            rollback.missing.len(),
+            if ids.is_empty() {
+                String::new()
+            } else {
+                format!(" (ids {})", ids.join(" "))
+            },
+            if rollback.missing.len() > ids.len() {
+                " ..."
+            } else {
+                ""
+            },
+        );
+        let recorded = store
+            .record(crate::audit::AuditEvent {
+                actor: actor.to_owned(),
+                action: "accept_rollback",
+                outcome,
+                ..crate::audit::AuditEvent::default()
+            })
+            .await;
+        let closed = store.close().await;
+        recorded.and(closed)?;
+        Ok(rollback)
+    }
+
+    fn open_with(
+        dir: &Path,
+        options: StoreOptions,
+        clock: Arc<dyn Clock>,
+        rebase: bool,
+    ) -> Result<(Store, Option<Rollback>), StoreError> {
         std::fs::create_dir_all(dir)?;
         let cipher = Arc::new(crypt::PayloadCipher::load_or_create(
             &options
@@ -415,8 +540,13 @@ impl Store {
             stats.clone(),
             options.observer.clone(),
         )?;
-        let (high_water, promised) = high_water::HighWater::open(&dir.join("high-water"))?;
+        let paths = WitnessPaths::of(dir, &options);
+        let rollback = rebase
+            .then(|| integrity::rebase(&paths, &trees))
+            .transpose()?;
+        let (high_water, promised) = integrity::open_checked(&paths, &trees)?;
         let signals = Arc::new(Signals::default());
+        let audit_key = high_water.key();
         let writer = writer::Writer::load(
             trees.clone(),
             barrier,
@@ -432,7 +562,7 @@ impl Store {
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx))?;
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 jobs: tx,
                 trees,
@@ -441,8 +571,10 @@ impl Store {
                 writer: Mutex::new(Some(handle)),
                 cipher,
                 retention: options.retention.clone(),
+                audit_key,
             }),
-        })
+        };
+        Ok((store, rollback))
     }
 
     async fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
@@ -747,6 +879,49 @@ impl Store {
             .transpose()
     }
 
+    /// Every patient key an identifier stands for: the patient it resolves to
+    /// and the keys merged into that patient (older audit entries and records
+    /// carry those). `identifier` is a keyed hash from
+    /// [`crate::audit::PatientKeyer::identifier_keys`].
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn patient_keys(&self, identifier: &str) -> Result<Vec<String>, StoreError> {
+        let resolved = self.inner.trees[TreeId::Identities as usize]
+            .get(identifier.as_bytes())?
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .unwrap_or_else(|| identifier.to_owned());
+        let record: records::PatientRecord = self.inner.trees[TreeId::Patients as usize]
+            .get(resolved.as_bytes())?
+            .map(|raw| {
+                serde_json::from_slice(&raw)
+                    .map_err(|e| StoreError::Corrupt(format!("patient record: {e}")))
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let mut keys = vec![resolved];
+        keys.extend(record.aliases);
+        Ok(keys)
+    }
+
+    /// Submits refused because an identifier was linked to another patient,
+    /// newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn identity_conflicts(&self, limit: usize) -> Result<Vec<IdentityConflict>, StoreError> {
+        self.inner.trees[TreeId::Conflicts as usize]
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (_, v) = entry?;
+                serde_json::from_slice(&v)
+                    .map_err(|e| StoreError::Corrupt(format!("identity conflict: {e}")))
+            })
+            .collect()
+    }
+
     /// One handover's record.
     ///
     /// # Errors
@@ -801,12 +976,17 @@ impl Store {
     pub fn verify_audit(&self) -> Result<u64, StoreError> {
         let tree = &self.inner.trees[TreeId::Audit as usize];
         let values = tree.iter().values().collect::<Result<Vec<_>, _>>()?;
-        crate::audit::verify(values.iter().map(|v| v.as_ref()))
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
+        crate::audit::verify(
+            values.iter().map(|v| v.as_ref()),
+            Some(&self.inner.audit_key),
+            None,
+        )
+        .map(|v| v.entries)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
-    /// SHA-256 over every key and value of every tree but the audit trail and
-    /// the counters: equal digests mean no handover, delivery or queue state
+    /// SHA-256 over every key and value of every tree but the audit trail,
+    /// the counters and the record of refused identity links: equal digests mean no handover, delivery or queue state
     /// changed (a refusal may still have been audited).
     ///
     /// # Errors
@@ -815,7 +995,7 @@ impl Store {
         use sha2::{Digest, Sha256};
         let mut hasher = Sha256::new();
         for (tree, id) in self.inner.trees.iter().zip(TreeId::ALL) {
-            if matches!(id, TreeId::Audit | TreeId::Meta) {
+            if matches!(id, TreeId::Audit | TreeId::Meta | TreeId::Conflicts) {
                 continue;
             }
             hasher.update(id.name());

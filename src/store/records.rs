@@ -14,6 +14,10 @@
 //! | `meta`       | name                                  | u64 BE                        |
 //! | `registry`   | ODS code                              | organisation JSON (operator changes over the file) |
 //! | `data_keys`  | handover id (u64 BE)                  | wrapped data key ([`super::crypt`]) |
+//! | `identities` | identifier hash (`nhs:`/`prison:` keyed hash) | patient key it resolves to |
+//! | `patients`   | patient key                           | [`PatientRecord`] JSON        |
+//! | `lineage`    | patient key ++ 0x00 ++ sender ++ 0x00 ++ event | latest handover id (u64 BE) |
+//! | `conflicts`  | audit sequence of the refusal (u64 BE) | [`IdentityConflict`] JSON    |
 //! | `retention`  | due ms (u64 BE) ++ [`RetentionKind`] byte ++ handover id (u64 BE) | empty: work due then ([`super::retention`]) |
 //! | `superseded` | replacement delivery id (u64 BE) ++ superseded delivery id (u64 BE) | empty: waits for the replacement to finish |
 //! | `tombstones` | `h` ++ handover id (u64 BE), or `m` ++ dedupe key | [`Tombstone`] JSON: removed under the retention policy |
@@ -53,6 +57,14 @@ pub enum TreeId {
     Registry,
     /// Each handover's payload key, wrapped by a key epoch's key.
     DataKeys,
+    /// Identifier hash → patient key.
+    Identities,
+    /// Patient key → the identifiers linked to it and the keys merged into it.
+    Patients,
+    /// (patient, sender, event) → the latest handover, for supersession.
+    Lineage,
+    /// Refused identity links, for operators.
+    Conflicts,
     /// Retention work by due time.
     Retention,
     /// Superseded deliveries waiting for their replacement to finish.
@@ -63,7 +75,7 @@ pub enum TreeId {
 
 impl TreeId {
     /// Every tree, indexed by discriminant.
-    pub const ALL: [TreeId; 13] = [
+    pub const ALL: [TreeId; 17] = [
         TreeId::Handovers,
         TreeId::Payloads,
         TreeId::Deliveries,
@@ -74,6 +86,10 @@ impl TreeId {
         TreeId::Meta,
         TreeId::Registry,
         TreeId::DataKeys,
+        TreeId::Identities,
+        TreeId::Patients,
+        TreeId::Lineage,
+        TreeId::Conflicts,
         TreeId::Retention,
         TreeId::Superseded,
         TreeId::Tombstones,
@@ -92,6 +108,10 @@ impl TreeId {
             TreeId::Meta => "meta",
             TreeId::Registry => "registry",
             TreeId::DataKeys => "data_keys",
+            TreeId::Identities => "identities",
+            TreeId::Patients => "patients",
+            TreeId::Lineage => "lineage",
+            TreeId::Conflicts => "conflicts",
             TreeId::Retention => "retention",
             TreeId::Superseded => "superseded",
             TreeId::Tombstones => "tombstones",
@@ -144,6 +164,10 @@ pub struct HandoverRecord {
     pub submitted_at_ms: i64,
     /// Its deliveries, in destination order.
     pub deliveries: Vec<u64>,
+    /// The previous handover from the same sender for the same patient and
+    /// event, which this one supersedes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supersedes: Option<u64>,
     /// When its last delivery finished (delivered, or superseded and the
     /// replacement finished): the retention clock starts here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,7 +190,7 @@ pub enum DeliveryState {
     /// Taken out of the queue after a permanent failure or too many attempts.
     Quarantined,
     /// Replaced, before delivery, by a newer summary for the same patient and
-    /// event into the same mailbox.
+    /// event from the same sender (in whatever mailbox it waited).
     Superseded,
     /// A release with no known GP, waiting in the holding mailbox to be claimed.
     Parked,
@@ -228,9 +252,18 @@ pub struct DeliveryRecord {
     /// When the missed deadline was first reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overdue_at_ms: Option<i64>,
-    /// The newer delivery that replaced this one.
+    /// The newer delivery that replaced this one (the newer handover's
+    /// delivery to the same mailbox, else its first). Set on a leased delivery
+    /// too: it stays with the recipient, but is never offered again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<u64>,
+    /// The newer handover that replaced this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by_handover: Option<u64>,
+    /// The sending organisation (for supersession; absent in old records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+
     /// When it was superseded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_at_ms: Option<i64>,
@@ -257,6 +290,50 @@ impl DeliveryRecord {
     pub fn is_overdue(&self, now_ms: i64) -> bool {
         self.state.is_live() && self.due_ms.is_some_and(|due| due <= now_ms)
     }
+}
+
+/// Who a patient key stands for: the keyed hashes of its identifiers, and
+/// the keys of patients found later to be the same person.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatientRecord {
+    /// Keyed hash of the NHS number linked to this patient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nhs: Option<String>,
+    /// Keyed hash of the prison number linked to this patient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prison: Option<String>,
+    /// Patient keys merged into this one (their audit entries are this patient's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Set when this key was merged into another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+}
+
+/// A submit refused because its identifiers are linked to different people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityConflict {
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// The sending organisation.
+    pub sender: String,
+    /// The sender's message id.
+    pub message_id: String,
+    /// Which identifier is already linked elsewhere (`patient.nhs_number`,
+    /// `patient.prison_number`); never the value.
+    pub field: String,
+}
+
+/// Key of a lineage record.
+pub fn lineage_key(patient_key: &str, sender: &str, event: JourneyEvent) -> Vec<u8> {
+    let event = event.to_string();
+    let mut key = Vec::with_capacity(patient_key.len() + sender.len() + event.len() + 2);
+    key.extend_from_slice(patient_key.as_bytes());
+    key.push(0);
+    key.extend_from_slice(sender.as_bytes());
+    key.push(0);
+    key.extend_from_slice(event.as_bytes());
+    key
 }
 
 /// What a `retention` index entry asks for.

@@ -205,7 +205,7 @@ impl Writer {
     /// Called once delivery `d` has been delivered (and stored so): finishes
     /// it, the deliveries it superseded, and each handover all of whose
     /// deliveries are now finished.
-    pub(super) fn delivery_finished(
+    pub(in crate::store) fn delivery_finished(
         &mut self,
         staged: &mut Staged<'_>,
         delivery_id: u64,
@@ -221,12 +221,11 @@ impl Writer {
                 staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
             }
             self.handover_maybe_finished(staged, d.handover_id, now)?;
-            // Superseded by this one: finished with it. Their entries were
-            // committed by an earlier batch than this delivery's ack.
-            for entry in self.trees[TreeId::Superseded as usize].scan_prefix(records::be(id)) {
-                let (key, _) = entry?;
+            // Superseded by this one: finished with it (entries staged in this
+            // batch included: a stale copy may be retired just before).
+            for (key, _) in staged.scan_prefix(TreeId::Superseded, &records::be(id))? {
                 let old = records::from_be(&key[8..]).ok_or_else(|| corrupt("superseded key"))?;
-                staged.del(TreeId::Superseded, key.to_vec());
+                staged.del(TreeId::Superseded, key);
                 work.push(old);
             }
         }

@@ -29,6 +29,8 @@ pub struct Live {
     pub due_reported: bool,
     /// Attempts allowed, when an operator redrive raised the default.
     pub max_attempts: Option<u32>,
+    /// Leased when a newer summary superseded it: never offered again.
+    pub stale: bool,
 }
 
 /// Counts of one mailbox's live deliveries.
@@ -161,7 +163,7 @@ impl Schedule {
             if ready.len() >= max {
                 break;
             }
-            let Some(live) = self.live.get(&id) else {
+            let Some(live) = self.live.get(&id).filter(|l| !l.stale) else {
                 continue;
             };
             let head = index
@@ -191,10 +193,34 @@ impl Schedule {
             .range(..=(now_ms, u64::MAX))
             .filter_map(|(_, id)| self.live.get(id).map(|l| (*id, l)))
             .filter(|(_, l)| {
-                l.attempt >= l.max_attempts.unwrap_or(max_attempts)
+                !l.stale
+                    && l.attempt >= l.max_attempts.unwrap_or(max_attempts)
                     && mailbox.is_none_or(|m| m == l.mailbox)
             })
             .map(|(id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Marks a leased delivery as superseded while out on lease.
+    pub fn mark_stale(&mut self, id: u64) {
+        if let Some(live) = self.live.get_mut(&id) {
+            live.stale = true;
+        }
+    }
+
+    /// Stale deliveries (of `mailbox`, or of all) whose lease has expired, by id.
+    pub fn expired_stale(&self, now_ms: i64, mailbox: Option<&str>) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .leases
+            .range(..=(now_ms, u64::MAX))
+            .filter(|(_, id)| {
+                self.live
+                    .get(id)
+                    .is_some_and(|l| l.stale && mailbox.is_none_or(|m| m == l.mailbox))
+            })
+            .map(|(_, id)| *id)
             .collect();
         ids.sort_unstable();
         ids
@@ -227,6 +253,16 @@ impl Schedule {
             .and_then(|m| m.by_patient.get(patient_key))
             .map(|ids| ids.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// The live deliveries of `patient_key` in every mailbox.
+    pub fn of_patient_anywhere(&self, patient_key: &str) -> BTreeSet<u64> {
+        self.mailboxes
+            .values()
+            .filter_map(|m| m.by_patient.get(patient_key))
+            .flatten()
+            .copied()
+            .collect()
     }
 
     /// Every live delivery of `mailbox`, in serving order.
@@ -287,6 +323,7 @@ mod tests {
             due_ms: None,
             due_reported: false,
             max_attempts: None,
+            stale: false,
         }
     }
 
@@ -347,5 +384,27 @@ mod tests {
         s.remove(2);
         assert!(s.is_empty());
         assert!(s.leases.is_empty());
+    }
+
+    #[test]
+    fn a_stale_lease_blocks_its_patient_until_retired_and_is_never_offered() {
+        let mut s = Schedule::default();
+        s.insert(1, queued("GP1", "p1", false));
+        s.insert(2, queued("GP1", "p1", false));
+        s.insert(3, queued("GP2", "p1", false));
+        s.lease(1, 1, 10);
+        s.mark_stale(1);
+        assert_eq!(s.of_patient_anywhere("p1"), BTreeSet::from([1, 2, 3]));
+        assert!(s.ready("GP1", 5, 10, 5).is_empty(), "behind the leased one");
+        assert!(s.ready("GP1", 10, 10, 5).is_empty(), "expired but stale");
+        assert!(s.expired_stale(9, None).is_empty());
+        assert_eq!(s.expired_stale(10, Some("GP1")), vec![1]);
+        assert!(s.expired_stale(10, Some("GP2")).is_empty());
+        assert!(
+            s.exhausted(10, 1, None).is_empty(),
+            "retired, not quarantined"
+        );
+        s.remove(1);
+        assert_eq!(s.ready("GP1", 10, 10, 5), vec![2]);
     }
 }

@@ -11,21 +11,24 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::mpsc;
 
 use super::barrier::{BarrierStats, DurabilityBarrier};
-use super::high_water::HighWater;
+use super::high_water::{Acknowledged, HighWater};
+use super::identity::Newer;
 use super::records::{self, TreeId};
 use super::schedule::{Live, Schedule, Slot};
 use super::{
-    Clock, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, Job, LeasedDelivery,
-    MailboxStats, NewHandover, RedriveOutcome, Signals, StoreError, StoreOptions, SubmitOutcome,
-    SweepOutcome, TrackKey,
+    Clock, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, IdentityConflict, Job,
+    LeasedDelivery, MailboxStats, NewHandover, RedriveOutcome, Signals, StoreError, StoreOptions,
+    SubmitOutcome, SweepOutcome, TrackKey,
 };
 use crate::audit::{AuditChain, AuditEntry, AuditEvent, hex};
 
+/// A key and its value.
+pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
 #[path = "retention.rs"]
 pub(super) mod retention;
 
 /// Writes staged on top of the committed trees; read-your-writes inside a batch.
-struct Staged<'a> {
+pub(super) struct Staged<'a> {
     trees: &'a [sled::Tree],
     writes: Vec<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
 }
@@ -38,14 +41,14 @@ impl<'a> Staged<'a> {
         }
     }
 
-    fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(super) fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self.writes[tree as usize].get(key) {
             Some(v) => Ok(v.clone()),
             None => Ok(self.trees[tree as usize].get(key)?.map(|v| v.to_vec())),
         }
     }
 
-    fn get_json<T: serde::de::DeserializeOwned>(
+    pub(super) fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         tree: TreeId,
         key: &[u8],
@@ -58,17 +61,45 @@ impl<'a> Staged<'a> {
             .transpose()
     }
 
-    fn put(&mut self, tree: TreeId, key: impl Into<Vec<u8>>, value: Vec<u8>) {
+    pub(super) fn put(&mut self, tree: TreeId, key: impl Into<Vec<u8>>, value: Vec<u8>) {
         self.writes[tree as usize].insert(key.into(), Some(value));
     }
 
-    fn put_json<T: serde::Serialize>(&mut self, tree: TreeId, key: impl Into<Vec<u8>>, value: &T) {
+    pub(super) fn put_json<T: serde::Serialize>(
+        &mut self,
+        tree: TreeId,
+        key: impl Into<Vec<u8>>,
+        value: &T,
+    ) {
         let bytes = serde_json::to_vec(value).expect("records always serialise");
         self.put(tree, key, bytes);
     }
 
-    fn del(&mut self, tree: TreeId, key: impl Into<Vec<u8>>) {
+    pub(super) fn del(&mut self, tree: TreeId, key: impl Into<Vec<u8>>) {
         self.writes[tree as usize].insert(key.into(), None);
+    }
+
+    /// Every (key, value) of `tree` under `prefix`, staged writes included.
+    pub(super) fn scan_prefix(
+        &self,
+        tree: TreeId,
+        prefix: &[u8],
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let mut found = BTreeMap::new();
+        for entry in self.trees[tree as usize].scan_prefix(prefix) {
+            let (k, v) = entry?;
+            found.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        for (k, v) in self.writes[tree as usize].range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            found.insert(k.clone(), v.clone());
+        }
+        Ok(found
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect())
     }
 
     /// This batch's writes to `tree` so far (`None`: removed).
@@ -103,6 +134,32 @@ impl<'a> Staged<'a> {
                 }
             })
     }
+}
+
+/// The handovers a batch adds (ids after `after`), for the witness's journal.
+fn acknowledged(
+    staged: &Staged<'_>,
+    after: u64,
+    commit_seq: u64,
+) -> Result<Vec<Acknowledged>, StoreError> {
+    let Some(first) = after.checked_add(1) else {
+        return Ok(Vec::new());
+    };
+    staged.writes[TreeId::Handovers as usize]
+        .range(records::be(first).to_vec()..)
+        .filter_map(|(_, v)| v.as_deref())
+        .map(|raw| {
+            let h: HandoverRecord = serde_json::from_slice(raw)
+                .map_err(|e| StoreError::Corrupt(format!("handover record: {e}")))?;
+            Ok(Acknowledged {
+                commit_seq,
+                handover_id: h.id,
+                sender: h.sender,
+                message_id: h.message_id,
+                at_ms: h.submitted_at_ms,
+            })
+        })
+        .collect()
 }
 
 /// Sends a result, or `Unavailable(why)` when the batch failed.
@@ -153,9 +210,11 @@ pub(super) struct Writer {
     commit_seq: u64,
     last_handover: u64,
     last_delivery: u64,
-    schedule: Schedule,
+    pub(super) schedule: Schedule,
     /// Quarantined deliveries per mailbox.
     quarantined: std::collections::HashMap<String, u64>,
+    /// Quarantined deliveries per patient (a correction retires them too).
+    pub(super) quarantined_of: std::collections::HashMap<String, BTreeSet<u64>>,
     chain: AuditChain,
     options: StoreOptions,
     clock: Arc<dyn Clock>,
@@ -194,6 +253,7 @@ impl Writer {
             return Err(StoreError::Behind {
                 promised,
                 found: commit_seq,
+                missing_handovers: 0,
             });
         }
         let mut schedule = Schedule::default();
@@ -201,21 +261,18 @@ impl Writer {
             let (key, _) = entry?;
             let (_, id) = records::split_mailbox_key(&key)
                 .ok_or_else(|| StoreError::Corrupt("pending key layout".into()))?;
-            let raw = trees[TreeId::Deliveries as usize]
-                .get(records::be(id))?
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!("pending delivery {id} has no record"))
-                })?;
-            let d: DeliveryRecord = serde_json::from_slice(&raw)
-                .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?;
+            let d = delivery_at(&trees, id)?;
             schedule.insert(id, live_of(&d));
         }
         let mut quarantined = std::collections::HashMap::<String, u64>::new();
+        let mut quarantined_of = std::collections::HashMap::<String, BTreeSet<u64>>::new();
         for entry in trees[TreeId::Quarantine as usize].iter() {
             let (key, _) = entry?;
-            let (mailbox, _) = records::split_mailbox_key(&key)
+            let (mailbox, id) = records::split_mailbox_key(&key)
                 .ok_or_else(|| StoreError::Corrupt("quarantine key layout".into()))?;
             *quarantined.entry(mailbox).or_default() += 1;
+            let d = delivery_at(&trees, id)?;
+            quarantined_of.entry(d.patient_key).or_default().insert(id);
         }
         let last_audit = match trees[TreeId::Audit as usize].last()? {
             Some((_, v)) => Some(
@@ -224,6 +281,10 @@ impl Writer {
             ),
             None => None,
         };
+        let chain = AuditChain::resume(last_audit.as_ref(), Some(high_water.key()));
+        if let Some(observer) = &options.observer {
+            observer.anchored(high_water.written());
+        }
         Ok(Self {
             retention: retention::Ledger::load(&trees)?,
             last_handover: meta(&trees, records::META_LAST_HANDOVER)?,
@@ -234,7 +295,8 @@ impl Writer {
             commit_seq,
             schedule,
             quarantined,
-            chain: AuditChain::resume(last_audit.as_ref()),
+            quarantined_of,
+            chain,
             options,
             clock,
             signals,
@@ -460,19 +522,34 @@ impl Writer {
             records::be(self.last_delivery).to_vec(),
         );
         let mut elapsed = std::time::Duration::ZERO;
-        let result = staged
-            .commit()
+        let result = acknowledged(&staged, self.high_water.last_handover(), seq)
+            .and_then(|acked| {
+                staged.commit()?;
+                // In the witness before the barrier: durable exactly when the batch is.
+                self.high_water.journal(&acked).map_err(StoreError::Io)
+            })
             .and_then(|()| {
                 let started = std::time::Instant::now();
                 let synced = self.barrier.sync(&[self.high_water.file()]);
                 elapsed = started.elapsed();
                 synced.map_err(StoreError::Io)
             })
-            .and_then(|()| self.high_water.record(seq).map_err(StoreError::Io));
+            .and_then(|()| {
+                let (audit_seq, audit_hash) = self.chain.head();
+                let checkpoint = crate::audit::Checkpoint {
+                    commit_seq: seq,
+                    audit_seq,
+                    audit_hash: audit_hash.to_owned(),
+                    keyed_from: 0,
+                    at_ms: self.clock.now_ms(),
+                };
+                self.high_water.record(checkpoint).map_err(StoreError::Io)
+            });
         match result {
-            Ok(()) => {
+            Ok(anchored) => {
                 self.commit_seq = seq;
                 if let Some(observer) = &self.options.observer {
+                    observer.anchored(&anchored);
                     observer.committed(&super::BarrierReport {
                         elapsed,
                         commands,
@@ -489,9 +566,11 @@ impl Writer {
         }
     }
 
-    fn audit(&mut self, staged: &mut Staged<'_>, event: AuditEvent, now: i64) {
+    /// Appends an audit entry to the batch; returns its sequence number.
+    pub(super) fn audit(&mut self, staged: &mut Staged<'_>, event: AuditEvent, now: i64) -> u64 {
         let entry = self.chain.link(event, now);
         staged.put_json(TreeId::Audit, records::be(entry.seq).to_vec(), &entry);
+        entry.seq
     }
 
     fn submit(
@@ -503,105 +582,145 @@ impl Writer {
     ) -> Result<SubmitOutcome, StoreError> {
         let content_hash = content_hash(&h);
         let dedupe = records::dedupe_key(&h.sender, &h.message_id);
+        if let Some(raw) = staged.get(TreeId::Dedupe, &dedupe)? {
+            return self.repeat(staged, &h, &raw, &content_hash, now);
+        }
+        let patient_key = match self.resolve_patient(staged, &h.patient, now)? {
+            Ok(key) => key,
+            Err(field) => {
+                let conflict = IdentityConflict {
+                    at_ms: now,
+                    sender: h.sender.clone(),
+                    message_id: h.message_id.clone(),
+                    field: field.to_owned(),
+                };
+                self.record_conflict(staged, conflict, &h.actor, None);
+                return Err(StoreError::IdentityConflict { field });
+            }
+        };
+        self.last_handover += 1;
+        let id = self.last_handover;
+        let deliveries: Vec<(String, u64)> = h
+            .destinations
+            .iter()
+            .map(|dest| {
+                self.last_delivery += 1;
+                (dest.mailbox.clone(), self.last_delivery)
+            })
+            .collect();
+        let newer = Newer {
+            actor: &h.actor,
+            sender: &h.sender,
+            event: h.event,
+            patient_key: &patient_key,
+            handover_id: id,
+            deliveries: &deliveries,
+        };
+        if h.supersede {
+            self.supersede_older(staged, &newer, now)?;
+        }
+        let supersedes = Self::advance_lineage(staged, &newer)?;
+        self.extend_claim_keys(staged, &patient_key, &h.claim_keys)?;
+        for (dest, (_, did)) in h.destinations.iter().zip(&deliveries) {
+            let record = new_delivery(&h, dest, *did, id, &patient_key, now);
+            staged.put_json(TreeId::Deliveries, records::be(*did).to_vec(), &record);
+            staged.put(
+                TreeId::Pending,
+                records::mailbox_key(&dest.mailbox, *did),
+                Vec::new(),
+            );
+            self.schedule.insert(*did, live_of(&record));
+            woken.insert(dest.mailbox.clone());
+        }
+        self.store_payload(staged, id, &h.payload)?;
+        let record = HandoverRecord {
+            id,
+            sender: h.sender,
+            message_id: h.message_id,
+            event: h.event,
+            content_hash,
+            payload_hash: hex(&Sha256::digest(&h.payload)),
+            payload_len: h.payload.len() as u64,
+            patient_key: patient_key.clone(),
+            submitted_at_ms: now,
+            deliveries: deliveries.iter().map(|(_, d)| *d).collect(),
+            supersedes,
+            finished_at_ms: None,
+            shredded_at_ms: None,
+        };
+        staged.put_json(TreeId::Handovers, records::be(id).to_vec(), &record);
+        staged.put(TreeId::Dedupe, dedupe, records::be(id).to_vec());
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: h.actor,
+                action: "submit",
+                handover_id: Some(id),
+                patient_key: Some(patient_key),
+                outcome: "ok".into(),
+                ..AuditEvent::default()
+            },
+            now,
+        );
+        Ok(SubmitOutcome {
+            handover_id: id,
+            deliveries,
+            duplicate: false,
+        })
+    }
+
+    /// Answers a submit whose (sender, message id) was accepted before: the
+    /// original receipt for the same content, a conflict for other content.
+    fn repeat(
+        &mut self,
+        staged: &mut Staged<'_>,
+        h: &NewHandover,
+        dedupe_value: &[u8],
+        content_hash: &str,
+        now: i64,
+    ) -> Result<SubmitOutcome, StoreError> {
+        let id = records::from_be(dedupe_value)
+            .ok_or_else(|| StoreError::Corrupt("dedupe value is not 8 bytes".into()))?;
+        let original: HandoverRecord = staged
+            .get_json(TreeId::Handovers, &records::be(id))?
+            .ok_or_else(|| StoreError::Corrupt(format!("dedupe names missing handover {id}")))?;
         let mut event = AuditEvent {
             actor: h.actor.clone(),
             action: "submit",
-            patient_key: Some(h.patient_key.clone()),
-            outcome: "ok".into(),
+            handover_id: Some(id),
+            patient_key: Some(original.patient_key.clone()),
+            outcome: "ok: duplicate of an accepted submit".into(),
             ..AuditEvent::default()
         };
-        if let Some(raw) = staged.get(TreeId::Dedupe, &dedupe)? {
-            let id = records::from_be(&raw)
-                .ok_or_else(|| StoreError::Corrupt("dedupe value is not 8 bytes".into()))?;
-            let original: HandoverRecord = staged
-                .get_json(TreeId::Handovers, &records::be(id))?
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!("dedupe names missing handover {id}"))
-                })?;
-            event.handover_id = Some(id);
-            if original.content_hash != content_hash {
-                event.outcome = "refused: message id reused for different content".into();
-                self.audit(staged, event, now);
-                return Err(StoreError::Conflict);
-            }
-            let mut deliveries = Vec::with_capacity(original.deliveries.len());
-            for d in &original.deliveries {
-                let rec: DeliveryRecord = staged
-                    .get_json(TreeId::Deliveries, &records::be(*d))?
-                    .ok_or_else(|| StoreError::Corrupt(format!("delivery {d} missing")))?;
-                deliveries.push((rec.mailbox, rec.id));
-            }
-            event.outcome = "ok: duplicate of an accepted submit".into();
+        if original.content_hash != content_hash {
+            event.outcome = "refused: message id reused for different content".into();
             self.audit(staged, event, now);
-            return Ok(SubmitOutcome {
-                handover_id: id,
-                deliveries,
-                duplicate: true,
-            });
+            return Err(StoreError::Conflict);
         }
+        let mut deliveries = Vec::with_capacity(original.deliveries.len());
+        for d in &original.deliveries {
+            let rec: DeliveryRecord = staged
+                .get_json(TreeId::Deliveries, &records::be(*d))?
+                .ok_or_else(|| StoreError::Corrupt(format!("delivery {d} missing")))?;
+            deliveries.push((rec.mailbox, rec.id));
+        }
+        self.audit(staged, event, now);
+        Ok(SubmitOutcome {
+            handover_id: id,
+            deliveries,
+            duplicate: true,
+        })
+    }
 
-        self.last_handover += 1;
-        let id = self.last_handover;
-        let mut deliveries = Vec::with_capacity(h.destinations.len());
-        for dest in &h.destinations {
-            self.last_delivery += 1;
-            let did = self.last_delivery;
-            if h.supersede {
-                self.supersede(
-                    staged,
-                    &h.actor,
-                    dest.mailbox.as_str(),
-                    &h.patient_key,
-                    h.event,
-                    did,
-                    now,
-                )?;
-            }
-            let parked = dest.mailbox == records::PARKED_MAILBOX;
-            let record = DeliveryRecord {
-                id: did,
-                handover_id: id,
-                mailbox: dest.mailbox.clone(),
-                patient_key: h.patient_key.clone(),
-                urgent: dest.urgent,
-                state: if parked {
-                    DeliveryState::Parked
-                } else {
-                    DeliveryState::Queued
-                },
-                attempt: 0,
-                lease_until_ms: None,
-                not_before_ms: None,
-                queued_at_ms: now,
-                last_leased_at_ms: None,
-                delivered_at_ms: None,
-                quarantined_at_ms: None,
-                reason: None,
-                view: dest.view.clone(),
-                not_carried: dest.not_carried.clone(),
-                event: Some(h.event),
-                due_ms: dest.due_ms,
-                overdue_at_ms: None,
-                superseded_by: None,
-                superseded_at_ms: None,
-                claim_keys: dest.claim_keys.clone(),
-                claimed_by: None,
-                claimed_at_ms: None,
-                max_attempts: None,
-                finished_at_ms: None,
-            };
-            staged.put_json(TreeId::Deliveries, records::be(did).to_vec(), &record);
-            staged.put(
-                TreeId::Pending,
-                records::mailbox_key(&dest.mailbox, did),
-                Vec::new(),
-            );
-            self.schedule.insert(did, live_of(&record));
-            woken.insert(dest.mailbox.clone());
-            deliveries.push((dest.mailbox.clone(), did));
-        }
-        // Encryption at rest: chunks hold the sealed payload (see `crypt`).
-        let (data_key, sealed) = self.cipher.seal(id, &h.payload)?;
+    /// Seals the payload under a fresh data key and stores it in chunks
+    /// (encryption at rest, see `crypt`).
+    fn store_payload(
+        &self,
+        staged: &mut Staged<'_>,
+        id: u64,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let (data_key, sealed) = self.cipher.seal(id, payload)?;
         staged.put(TreeId::DataKeys, records::be(id).to_vec(), data_key);
         for (i, chunk) in sealed.chunks(records::CHUNK_BYTES).enumerate() {
             let i =
@@ -612,29 +731,7 @@ impl Writer {
                 records::encode_chunk(chunk),
             );
         }
-        let record = HandoverRecord {
-            id,
-            sender: h.sender,
-            message_id: h.message_id,
-            event: h.event,
-            content_hash,
-            payload_hash: hex(&Sha256::digest(&h.payload)),
-            payload_len: h.payload.len() as u64,
-            patient_key: h.patient_key,
-            submitted_at_ms: now,
-            deliveries: deliveries.iter().map(|(_, d)| *d).collect(),
-            finished_at_ms: None,
-            shredded_at_ms: None,
-        };
-        staged.put_json(TreeId::Handovers, records::be(id).to_vec(), &record);
-        staged.put(TreeId::Dedupe, dedupe, records::be(id).to_vec());
-        event.handover_id = Some(id);
-        self.audit(staged, event, now);
-        Ok(SubmitOutcome {
-            handover_id: id,
-            deliveries,
-            duplicate: false,
-        })
+        Ok(())
     }
 
     fn pull(
@@ -647,6 +744,7 @@ impl Writer {
         now: i64,
     ) -> Result<Vec<LeasedDelivery>, StoreError> {
         let max_attempts = self.options.max_attempts;
+        self.retire_expired_stale(staged, actor, Some(mailbox), now)?;
         for id in self.schedule.exhausted(now, max_attempts, Some(mailbox)) {
             self.quarantine_expired(staged, actor, id, now)?;
         }
@@ -803,7 +901,11 @@ impl Writer {
         };
         let (actor, _) = who;
         let max_attempts = d.max_attempts.unwrap_or(self.options.max_attempts);
-        let state = if permanent || d.attempt >= max_attempts {
+        let state = if d.superseded_by.is_some() {
+            // A newer summary exists: never offered again, nor quarantined.
+            self.retire(staged, &mut d, now)?;
+            DeliveryState::Superseded
+        } else if permanent || d.attempt >= max_attempts {
             let why = if permanent {
                 format!("permanent nack: {reason}")
             } else {
@@ -859,60 +961,24 @@ impl Writer {
             Vec::new(),
         );
         *self.quarantined.entry(d.mailbox.clone()).or_default() += 1;
+        self.quarantined_of
+            .entry(d.patient_key.clone())
+            .or_default()
+            .insert(d.id);
         self.schedule.remove(d.id);
     }
 
-    /// Marks older undelivered deliveries of `patient_key` and `event` in
-    /// `mailbox` as superseded by delivery `by`. A leased one is left alone:
-    /// it is already in the recipient's hands, and per-patient order keeps
-    /// the newer one behind it.
-    #[allow(clippy::too_many_arguments)]
-    fn supersede(
-        &mut self,
-        staged: &mut Staged<'_>,
-        actor: &str,
-        mailbox: &str,
-        patient_key: &str,
-        event: crate::journey::JourneyEvent,
-        by: u64,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        for id in self.schedule.of_patient(mailbox, patient_key) {
-            let mut d: DeliveryRecord = staged
-                .get_json(TreeId::Deliveries, &records::be(id))?
-                .ok_or_else(|| StoreError::Corrupt(format!("live delivery {id} has no record")))?;
-            if d.event != Some(event)
-                || !matches!(d.state, DeliveryState::Queued | DeliveryState::Parked)
-            {
-                continue;
-            }
-            d.state = DeliveryState::Superseded;
-            d.superseded_by = Some(by);
-            d.superseded_at_ms = Some(now);
-            d.not_before_ms = None;
-            staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
-            staged.del(TreeId::Pending, records::mailbox_key(mailbox, id));
-            // Finished, for retention, once its replacement is.
-            staged.put(
-                TreeId::Superseded,
-                records::superseded_key(by, id),
-                Vec::new(),
-            );
-            self.schedule.remove(id);
-            self.audit(
-                staged,
-                AuditEvent {
-                    actor: actor.to_owned(),
-                    action: "supersede",
-                    handover_id: Some(d.handover_id),
-                    delivery_id: Some(id),
-                    patient_key: Some(d.patient_key.clone()),
-                    outcome: format!("ok: superseded by delivery {by}"),
-                },
-                now,
-            );
+    /// Takes a delivery out of the quarantine counts (redriven or retired).
+    pub(super) fn forget_quarantined(&mut self, d: &DeliveryRecord) {
+        if let Some(n) = self.quarantined.get_mut(&d.mailbox) {
+            *n = n.saturating_sub(1);
         }
-        Ok(())
+        if let Some(ids) = self.quarantined_of.get_mut(&d.patient_key) {
+            ids.remove(&d.id);
+            if ids.is_empty() {
+                self.quarantined_of.remove(&d.patient_key);
+            }
+        }
     }
 
     fn claim(
@@ -995,9 +1061,7 @@ impl Writer {
                         records::mailbox_key(&d.mailbox, id),
                         Vec::new(),
                     );
-                    if let Some(n) = self.quarantined.get_mut(&d.mailbox) {
-                        *n = n.saturating_sub(1);
-                    }
+                    self.forget_quarantined(&d);
                     d.state = DeliveryState::Queued;
                     d.not_before_ms = None;
                     d.lease_until_ms = None;
@@ -1089,6 +1153,7 @@ impl Writer {
     }
 
     fn sweep(&mut self, staged: &mut Staged<'_>, now: i64) -> Result<SweepOutcome, StoreError> {
+        self.retire_expired_stale(staged, "urn:gateway:sweeper", None, now)?;
         let ids = self
             .schedule
             .exhausted(now, self.options.max_attempts, None);
@@ -1209,6 +1274,65 @@ fn state_name(state: DeliveryState) -> &'static str {
     }
 }
 
+/// A new handover's delivery record for destination `dest`.
+fn new_delivery(
+    h: &NewHandover,
+    dest: &super::NewDelivery,
+    id: u64,
+    handover_id: u64,
+    patient_key: &str,
+    now: i64,
+) -> DeliveryRecord {
+    let parked = dest.mailbox == records::PARKED_MAILBOX;
+    DeliveryRecord {
+        id,
+        handover_id,
+        mailbox: dest.mailbox.clone(),
+        patient_key: patient_key.to_owned(),
+        urgent: dest.urgent,
+        state: if parked {
+            DeliveryState::Parked
+        } else {
+            DeliveryState::Queued
+        },
+        attempt: 0,
+        lease_until_ms: None,
+        not_before_ms: None,
+        queued_at_ms: now,
+        last_leased_at_ms: None,
+        delivered_at_ms: None,
+        quarantined_at_ms: None,
+        reason: None,
+        view: dest.view.clone(),
+        not_carried: dest.not_carried.clone(),
+        event: Some(h.event),
+        due_ms: dest.due_ms,
+        overdue_at_ms: None,
+        superseded_by: None,
+        superseded_by_handover: None,
+        sender: Some(h.sender.clone()),
+        superseded_at_ms: None,
+        // Only a parked release can be claimed.
+        claim_keys: if parked {
+            h.claim_keys.clone()
+        } else {
+            Vec::new()
+        },
+        claimed_by: None,
+        claimed_at_ms: None,
+        max_attempts: None,
+        finished_at_ms: None,
+    }
+}
+
+/// A committed delivery record.
+fn delivery_at(trees: &[sled::Tree], id: u64) -> Result<DeliveryRecord, StoreError> {
+    let raw = trees[TreeId::Deliveries as usize]
+        .get(records::be(id))?
+        .ok_or_else(|| StoreError::Corrupt(format!("indexed delivery {id} has no record")))?;
+    serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))
+}
+
 fn live_of(d: &DeliveryRecord) -> Live {
     Live {
         mailbox: d.mailbox.clone(),
@@ -1225,6 +1349,7 @@ fn live_of(d: &DeliveryRecord) -> Live {
         due_ms: d.due_ms,
         due_reported: d.overdue_at_ms.is_some(),
         max_attempts: d.max_attempts,
+        stale: d.state == DeliveryState::Leased && d.superseded_by.is_some(),
     }
 }
 
@@ -1239,7 +1364,9 @@ fn content_hash(h: &NewHandover) -> String {
         hasher.update(bytes);
     };
     field(h.event.to_string().as_bytes());
-    field(h.patient_key.as_bytes());
+    // The key a patient had before identity links: a repeat of an older
+    // submit still hashes the same.
+    field(h.patient.first_key().unwrap_or("unidentified").as_bytes());
     for d in &h.requested_destinations {
         field(d.as_bytes());
     }

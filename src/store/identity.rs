@@ -1,0 +1,499 @@
+//! One patient across identifiers, and corrections that retire every stale copy.
+//!
+//! # Identity
+//! A submit names its patient by an NHS number, a prison number or both (as
+//! keyed hashes, [`PatientIds`]). The `identities` tree maps each identifier
+//! to a patient key; an identifier never seen resolves to its own hash (so
+//! records written before identity links existed keep their keys). When a
+//! submit carries both and they resolve to two patients, the two are merged
+//! into the NHS number's patient, in the submit's own transaction: the
+//! absorbed patient's live and quarantined deliveries are re-keyed (so
+//! per-patient order and supersession see one patient), its lineage moves,
+//! and its key is kept as an alias (the audit trail by patient finds both).
+//!
+//! A link is refused, never merged silently, when it would give a patient two
+//! NHS numbers or two prison numbers: the submit is refused with
+//! [`StoreError::IdentityConflict`], recorded in the `conflicts` tree for
+//! operators, and audited. Nothing else changes.
+//!
+//! # Supersession
+//! A newer handover from the same sender for the same patient and event
+//! retires every undelivered copy of the older ones, in every mailbox
+//! (`@parked` included) and whatever the newer one's own routing: queued,
+//! parked and quarantined copies become `Superseded`; a leased copy stays
+//! with its recipient (it may be acknowledged) but is marked, so a nack or an
+//! expired lease retires it instead of offering it again. The `lineage` tree
+//! keeps the latest handover per (patient, sender, event), and each handover
+//! records the one it supersedes so a recipient can tell.
+
+use std::collections::BTreeSet;
+
+use super::records::{self, IdentityConflict, PatientRecord, TreeId};
+use super::writer::{Staged, Writer};
+use super::{DeliveryRecord, DeliveryState, PatientIds, StoreError};
+use crate::audit::AuditEvent;
+use crate::journey::JourneyEvent;
+
+/// The handover a submit is creating, as supersession needs it.
+pub(super) struct Newer<'a> {
+    pub actor: &'a str,
+    pub sender: &'a str,
+    pub event: JourneyEvent,
+    pub patient_key: &'a str,
+    pub handover_id: u64,
+    /// (mailbox, delivery id) of the new handover's deliveries.
+    pub deliveries: &'a [(String, u64)],
+}
+
+impl Writer {
+    /// Resolves `ids` to one patient key, linking and merging identities in
+    /// `staged`. `Ok(Err(field))` when a link would join two different people.
+    pub(super) fn resolve_patient(
+        &mut self,
+        staged: &mut Staged<'_>,
+        ids: &PatientIds,
+        now: i64,
+    ) -> Result<Result<String, &'static str>, StoreError> {
+        let Some(first) = ids.first_key() else {
+            return Ok(Ok("unidentified".to_owned()));
+        };
+        let by_nhs = ids.nhs.as_deref().map(|h| resolve(staged, h)).transpose()?;
+        let by_prison = ids
+            .prison
+            .as_deref()
+            .map(|h| resolve(staged, h))
+            .transpose()?;
+        let key = by_nhs
+            .clone()
+            .or_else(|| by_prison.clone())
+            .unwrap_or_else(|| first.to_owned());
+        let mut record = patient(staged, &key)?;
+        if let Some(field) = conflict(&record, ids) {
+            return Ok(Err(field));
+        }
+        if let (Some(a), Some(b)) = (&by_nhs, &by_prison)
+            && a != b
+            && self.is_known(staged, b)?
+        {
+            let absorbed = patient(staged, b)?;
+            if absorbed.nhs.is_some() && absorbed.nhs != ids.nhs {
+                return Ok(Err("patient.prison_number"));
+            }
+            self.merge(staged, &mut record, a, b, absorbed, now)?;
+            staged.put_json(TreeId::Patients, key.as_bytes().to_vec(), &record);
+        }
+        if link(staged, &mut record, &key, ids)? {
+            staged.put_json(TreeId::Patients, key.as_bytes().to_vec(), &record);
+        }
+        Ok(Ok(key))
+    }
+
+    /// Whether anything is held under patient key `key` (a record, or
+    /// deliveries from before identity links were kept).
+    fn is_known(&self, staged: &Staged<'_>, key: &str) -> Result<bool, StoreError> {
+        Ok(staged.get(TreeId::Patients, key.as_bytes())?.is_some()
+            || !self.deliveries_of(key).is_empty())
+    }
+
+    /// Merges patient `b` into `a`: identifiers, live and quarantined
+    /// deliveries, lineage; `b` stays as an alias of `a`.
+    fn merge(
+        &mut self,
+        staged: &mut Staged<'_>,
+        into: &mut PatientRecord,
+        a: &str,
+        b: &str,
+        absorbed: PatientRecord,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for identifier in absorbed.nhs.iter().chain(&absorbed.prison) {
+            staged.put(
+                TreeId::Identities,
+                identifier.as_bytes().to_vec(),
+                a.as_bytes().to_vec(),
+            );
+        }
+        into.nhs = into.nhs.take().or(absorbed.nhs.clone());
+        into.prison = into.prison.take().or(absorbed.prison.clone());
+        into.aliases.push(b.to_owned());
+        into.aliases.extend(absorbed.aliases.iter().cloned());
+        let retired = PatientRecord {
+            merged_into: Some(a.to_owned()),
+            ..absorbed
+        };
+        staged.put_json(TreeId::Patients, b.as_bytes().to_vec(), &retired);
+        for id in self.deliveries_of(b) {
+            let mut d = load(staged, id)?;
+            d.patient_key = a.to_owned();
+            staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+            self.rekey_delivery(&d, b);
+        }
+        self.move_lineage(staged, a, b, now)?;
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: "urn:gateway:identity".into(),
+                action: "identity_link",
+                patient_key: Some(a.to_owned()),
+                outcome: format!("ok: patient {b} is the same person"),
+                ..AuditEvent::default()
+            },
+            now,
+        );
+        Ok(())
+    }
+
+    /// Moves `b`'s lineage records to `a`. Where both have a handover from
+    /// the same sender for the same event, the later one now supersedes the
+    /// earlier one's undelivered copies, as if it had come after it.
+    fn move_lineage(
+        &mut self,
+        staged: &mut Staged<'_>,
+        a: &str,
+        b: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut prefix = b.as_bytes().to_vec();
+        prefix.push(0);
+        for (key, value) in staged.scan_prefix(TreeId::Lineage, &prefix)? {
+            let mut target = a.as_bytes().to_vec();
+            target.extend_from_slice(&key[b.len()..]);
+            let theirs = records::from_be(&value).unwrap_or(0);
+            let ours = staged
+                .get(TreeId::Lineage, &target)?
+                .and_then(|v| records::from_be(&v));
+            let latest = ours.map_or(theirs, |o| o.max(theirs));
+            staged.put(TreeId::Lineage, target, records::be(latest).to_vec());
+            staged.del(TreeId::Lineage, key);
+            if ours.is_some() {
+                self.supersede_before(staged, a, latest, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Retires the undelivered copies of everything handover `latest`
+    /// supersedes within patient `patient_key`.
+    fn supersede_before(
+        &mut self,
+        staged: &mut Staged<'_>,
+        patient_key: &str,
+        latest: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        // Its tracking data may be gone under the retention policy: then it
+        // finished long ago, and there is nothing to compare with.
+        let Some(handover) =
+            staged.get_json::<super::HandoverRecord>(TreeId::Handovers, &records::be(latest))?
+        else {
+            return Ok(());
+        };
+        let mut deliveries = Vec::with_capacity(handover.deliveries.len());
+        for id in &handover.deliveries {
+            deliveries.push((load(staged, *id)?.mailbox, *id));
+        }
+        let newer = Newer {
+            actor: "urn:gateway:identity",
+            sender: &handover.sender,
+            event: handover.event,
+            patient_key,
+            handover_id: latest,
+            deliveries: &deliveries,
+        };
+        self.supersede_older(staged, &newer, now)
+    }
+
+    /// Records a refused link for operators and audits it.
+    pub(super) fn record_conflict(
+        &mut self,
+        staged: &mut Staged<'_>,
+        conflict: IdentityConflict,
+        actor: &str,
+        handover_id: Option<u64>,
+    ) {
+        let entry = self.audit(
+            staged,
+            AuditEvent {
+                actor: actor.to_owned(),
+                action: "submit",
+                handover_id,
+                outcome: format!(
+                    "refused: identity conflict on {}: linked to a different patient",
+                    conflict.field
+                ),
+                ..AuditEvent::default()
+            },
+            conflict.at_ms,
+        );
+        staged.put_json(TreeId::Conflicts, records::be(entry).to_vec(), &conflict);
+    }
+
+    /// The previous handover from this sender for this patient and event,
+    /// now replaced by `newer` in the lineage.
+    pub(super) fn advance_lineage(
+        staged: &mut Staged<'_>,
+        newer: &Newer<'_>,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = records::lineage_key(newer.patient_key, newer.sender, newer.event);
+        let previous = staged
+            .get(TreeId::Lineage, &key)?
+            .and_then(|v| records::from_be(&v));
+        staged.put(
+            TreeId::Lineage,
+            key,
+            records::be(newer.handover_id).to_vec(),
+        );
+        Ok(previous)
+    }
+
+    /// Retires every undelivered copy of older handovers from the same sender
+    /// for the same patient and event (see the module docs).
+    pub(super) fn supersede_older(
+        &mut self,
+        staged: &mut Staged<'_>,
+        newer: &Newer<'_>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for id in self.deliveries_of(newer.patient_key) {
+            let mut d = load(staged, id)?;
+            if d.event != Some(newer.event)
+                || d.handover_id >= newer.handover_id
+                || d.superseded_by.is_some()
+                || sender_of(staged, &d)? != newer.sender
+            {
+                continue;
+            }
+            let by = newer
+                .deliveries
+                .iter()
+                .find(|(m, _)| *m == d.mailbox)
+                .or(newer.deliveries.first())
+                .map(|(_, id)| *id);
+            d.superseded_by = by;
+            d.superseded_by_handover = Some(newer.handover_id);
+            let outcome = if d.state == DeliveryState::Leased {
+                self.schedule.mark_stale(id);
+                staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+                "ok: leased copy marked stale; it will not be offered again".to_owned()
+            } else {
+                self.retire(staged, &mut d, now)?;
+                format!("ok: superseded by handover {}", newer.handover_id)
+            };
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: newer.actor.to_owned(),
+                    action: "supersede",
+                    handover_id: Some(d.handover_id),
+                    delivery_id: Some(id),
+                    patient_key: Some(d.patient_key.clone()),
+                    outcome,
+                },
+                now,
+            );
+        }
+        Ok(())
+    }
+
+    /// Marks `d` superseded and takes it out of every index it is in.
+    pub(super) fn retire(
+        &mut self,
+        staged: &mut Staged<'_>,
+        d: &mut DeliveryRecord,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let key = records::mailbox_key(&d.mailbox, d.id);
+        if d.state == DeliveryState::Quarantined {
+            staged.del(TreeId::Quarantine, key);
+            self.forget_quarantined(d);
+        } else {
+            staged.del(TreeId::Pending, key);
+            self.schedule.remove(d.id);
+        }
+        d.state = DeliveryState::Superseded;
+        d.superseded_at_ms = Some(now);
+        d.not_before_ms = None;
+        d.lease_until_ms = None;
+        staged.put_json(TreeId::Deliveries, records::be(d.id).to_vec(), &*d);
+        // Finished, for retention, once its replacement is (now, if it is).
+        if let Some(by) = d.superseded_by {
+            let replacement: Option<DeliveryRecord> =
+                staged.get_json(TreeId::Deliveries, &records::be(by))?;
+            if replacement
+                .is_some_and(|r| r.state == DeliveryState::Delivered || r.finished_at_ms.is_some())
+            {
+                self.delivery_finished(staged, d.id, now)?;
+            } else {
+                staged.put(
+                    TreeId::Superseded,
+                    records::superseded_key(by, d.id),
+                    Vec::new(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Stale leased deliveries (of `mailbox`, or all) whose lease has expired:
+    /// retired instead of offered again.
+    pub(super) fn retire_expired_stale(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        mailbox: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for id in self.schedule.expired_stale(now, mailbox) {
+            let mut d = load(staged, id)?;
+            self.retire(staged, &mut d, now)?;
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: actor.to_owned(),
+                    action: "supersede",
+                    handover_id: Some(d.handover_id),
+                    delivery_id: Some(id),
+                    patient_key: Some(d.patient_key.clone()),
+                    outcome: "ok: lease of a superseded copy ended without an ack".into(),
+                },
+                now,
+            );
+        }
+        Ok(())
+    }
+
+    /// Lets the parked deliveries of `patient_key` that share one of
+    /// `claim_keys` (same identifier and date of birth) be claimed with the
+    /// others too, so a claim by either identifier finds them.
+    pub(super) fn extend_claim_keys(
+        &mut self,
+        staged: &mut Staged<'_>,
+        patient_key: &str,
+        claim_keys: &[String],
+    ) -> Result<(), StoreError> {
+        if claim_keys.len() < 2 {
+            return Ok(());
+        }
+        for id in self
+            .schedule
+            .of_patient(records::PARKED_MAILBOX, patient_key)
+        {
+            let mut d = load(staged, id)?;
+            if !d.claim_keys.iter().any(|k| claim_keys.contains(k)) {
+                continue;
+            }
+            let before = d.claim_keys.len();
+            for k in claim_keys {
+                if !d.claim_keys.contains(k) {
+                    d.claim_keys.push(k.clone());
+                }
+            }
+            if d.claim_keys.len() != before {
+                staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+            }
+        }
+        Ok(())
+    }
+
+    /// Live and quarantined deliveries of a patient, by id.
+    fn deliveries_of(&self, patient_key: &str) -> BTreeSet<u64> {
+        let mut ids: BTreeSet<u64> = self.schedule.of_patient_anywhere(patient_key);
+        if let Some(q) = self.quarantined_of.get(patient_key) {
+            ids.extend(q);
+        }
+        ids
+    }
+
+    /// Re-indexes a delivery whose patient key changed from `old`.
+    fn rekey_delivery(&mut self, d: &DeliveryRecord, old: &str) {
+        if d.state == DeliveryState::Quarantined {
+            if let Some(set) = self.quarantined_of.get_mut(old) {
+                set.remove(&d.id);
+                if set.is_empty() {
+                    self.quarantined_of.remove(old);
+                }
+            }
+            self.quarantined_of
+                .entry(d.patient_key.clone())
+                .or_default()
+                .insert(d.id);
+        } else if let Some(mut live) = self.schedule.remove(d.id) {
+            live.patient_key.clone_from(&d.patient_key);
+            self.schedule.insert(d.id, live);
+        }
+    }
+}
+
+/// The patient an identifier resolves to (itself when never linked).
+fn resolve(staged: &Staged<'_>, identifier: &str) -> Result<String, StoreError> {
+    Ok(staged
+        .get(TreeId::Identities, identifier.as_bytes())?
+        .map_or_else(
+            || identifier.to_owned(),
+            |k| String::from_utf8_lossy(&k).into_owned(),
+        ))
+}
+
+fn patient(staged: &Staged<'_>, key: &str) -> Result<PatientRecord, StoreError> {
+    Ok(staged
+        .get_json(TreeId::Patients, key.as_bytes())?
+        .unwrap_or_default())
+}
+
+/// The field whose identifier `record` already has with another value.
+fn conflict(record: &PatientRecord, ids: &PatientIds) -> Option<&'static str> {
+    let differs = |linked: &Option<String>, given: &Option<String>| matches!((linked, given), (Some(l), Some(g)) if l != g);
+    if differs(&record.nhs, &ids.nhs) {
+        Some("patient.nhs_number")
+    } else if differs(&record.prison, &ids.prison) {
+        Some("patient.prison_number")
+    } else {
+        None
+    }
+}
+
+/// Links every identifier in `ids` to `key`; whether `record` changed.
+fn link(
+    staged: &mut Staged<'_>,
+    record: &mut PatientRecord,
+    key: &str,
+    ids: &PatientIds,
+) -> Result<bool, StoreError> {
+    let mut changed = false;
+    for (slot, given) in [
+        (&mut record.nhs, &ids.nhs),
+        (&mut record.prison, &ids.prison),
+    ] {
+        let Some(identifier) = given else { continue };
+        if slot.is_none() {
+            *slot = Some(identifier.clone());
+            changed = true;
+        }
+        let linked = staged.get(TreeId::Identities, identifier.as_bytes())?;
+        if linked.as_deref() != Some(key.as_bytes()) {
+            staged.put(
+                TreeId::Identities,
+                identifier.as_bytes().to_vec(),
+                key.as_bytes().to_vec(),
+            );
+        }
+    }
+    Ok(changed)
+}
+
+fn load(staged: &Staged<'_>, id: u64) -> Result<DeliveryRecord, StoreError> {
+    staged
+        .get_json(TreeId::Deliveries, &records::be(id))?
+        .ok_or_else(|| StoreError::Corrupt(format!("delivery {id} has no record")))
+}
+
+/// The sending organisation of a delivery (older records name it only on
+/// their handover).
+fn sender_of(staged: &Staged<'_>, d: &DeliveryRecord) -> Result<String, StoreError> {
+    if let Some(sender) = &d.sender {
+        return Ok(sender.clone());
+    }
+    let handover: Option<super::HandoverRecord> =
+        staged.get_json(TreeId::Handovers, &records::be(d.handover_id))?;
+    Ok(handover.map(|h| h.sender).unwrap_or_default())
+}

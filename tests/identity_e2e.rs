@@ -1,0 +1,403 @@
+//! One patient across identifiers, and corrections that retire every stale
+//! copy, end to end over real mutual TLS (issue 9's three cases and the
+//! rules around them).
+
+mod support;
+
+use support::*;
+use throughcare::clinical::ClinicalSummary;
+use throughcare::grpc::pb;
+use tonic::Code;
+
+type Client = pb::handover_client::HandoverClient<tonic::transport::Channel>;
+
+const PRISON_NUMBER: &str = "A1234BC";
+const DOB: &str = "1985-06-15";
+
+/// Invented patient `patient` from YP001: NHS number and prison number as asked.
+fn summary(patient: u32, with_nhs: bool, prison: Option<&str>, marker: &str) -> ClinicalSummary {
+    throughcare::clinical::synthetic::release_summary(
+        with_nhs.then(|| nhs(patient).parse().unwrap()),
+        prison.map(|p| p.parse().unwrap()),
+        "YP001".parse().unwrap(),
+        None,
+        marker,
+    )
+}
+
+fn submit(
+    id: &str,
+    event: pb::JourneyEvent,
+    to: &[&str],
+    s: &ClinicalSummary,
+) -> pb::SubmitRequest {
+    throughcare::client::native_submit(id, event, to, s)
+}
+
+async fn track(client: &mut Client, id: &str) -> pb::TrackResponse {
+    client
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId(id.into())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn states(t: &pb::TrackResponse) -> Vec<(String, pb::DeliveryState)> {
+    t.deliveries
+        .iter()
+        .map(|d| (d.destination.clone(), d.state()))
+        .collect()
+}
+
+async fn pull_and_ack(client: &mut Client) -> Vec<pb::Delivery> {
+    let got = client.pull(pull(50)).await.unwrap().into_inner().deliveries;
+    for d in &got {
+        client
+            .ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+    }
+    got
+}
+
+fn claim(nhs_number: &str, prison_number: &str) -> pb::ClaimRequest {
+    pb::ClaimRequest {
+        patient: Some(pb::PatientRef {
+            nhs_number: nhs_number.into(),
+            prison_number: prison_number.into(),
+            date_of_birth: DOB.into(),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_correction_that_names_a_gp_retires_the_parked_original() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    let original = prison
+        .submit(submit(
+            "r-1",
+            release,
+            &[],
+            &summary(1, true, None, "methadone 60 mg"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(original.deliveries[0].destination, "@parked");
+    prison
+        .submit(submit(
+            "r-2",
+            release,
+            &["YG001"],
+            &summary(1, true, None, "methadone 30 mg"),
+        ))
+        .await
+        .unwrap();
+    let old = track(&mut prison, "r-1").await;
+    assert_eq!(
+        states(&old),
+        [
+            ("@parked".to_owned(), pb::DeliveryState::Superseded),
+            ("YPR01".to_owned(), pb::DeliveryState::Superseded),
+        ]
+    );
+    assert!(old.deliveries.iter().all(|d| d.superseded_by_handover > 0));
+    // Nothing stale is left to claim, by a practice or by an operator.
+    let mut other = gw.client("YG002").await;
+    let err = other.claim(claim(&nhs(1), "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let mut op = gw.operator().await;
+    let parked = op
+        .list_parked(pb::ListParkedRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(parked.deliveries.is_empty(), "{parked:?}");
+    // The named practice gets only the correction, which says what it replaces.
+    let mut gp = gw.client("YG001").await;
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        ["methadone 30 mg"]
+    );
+    assert_eq!(got[0].supersedes_handover_id, original.handover_id);
+    assert_eq!(
+        track(&mut prison, "r-2").await.supersedes_handover_id,
+        original.handover_id
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_prison_number_and_an_nhs_number_on_one_summary_are_one_patient() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    // Admission with only the prison number (GP known); release later with
+    // both numbers, urgent (opioid substitution), to the same practice.
+    let mut admitted = summary(2, false, Some(PRISON_NUMBER), "admission");
+    admitted.registered_gp = Some("YG001".parse().unwrap());
+    prison
+        .submit(submit("a-1", pb::JourneyEvent::Admission, &[], &admitted))
+        .await
+        .unwrap();
+    let mut released = summary(2, true, Some(PRISON_NUMBER), "release");
+    released.medications[0].opioid_substitution = true;
+    released.medications[0].last_dose_given = Some("2026-11-24T08:10:00Z".parse().unwrap());
+    let r = prison
+        .submit(submit(
+            "r-1",
+            pb::JourneyEvent::Release,
+            &["YG001"],
+            &released,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.deliveries[0].urgent, "the release is urgent");
+    // Per-patient order holds: the admission notice first, although the
+    // release is urgent, and nothing of this patient's overtakes it.
+    let mut gp = gw.client("YG001").await;
+    let first = gp.pull(pull(50)).await.unwrap().into_inner().deliveries;
+    assert_eq!(first.iter().map(text_of).collect::<Vec<_>>(), ["admission"]);
+    gp.ack(pb::AckRequest {
+        delivery_id: first[0].delivery_id,
+        attempt: first[0].attempt,
+    })
+    .await
+    .unwrap();
+    let second = pull_and_ack(&mut gp).await;
+    assert_eq!(second.iter().map(text_of).collect::<Vec<_>>(), ["release"]);
+    // The audit trail by either identifier finds both handovers.
+    for subject in [
+        pb::audit_trail_request::Subject::PrisonNumber(PRISON_NUMBER.into()),
+        pb::audit_trail_request::Subject::NhsNumber(nhs(2)),
+    ] {
+        let trail = gw
+            .operator()
+            .await
+            .audit_trail(pb::AuditTrailRequest {
+                subject: Some(subject),
+                reason: "identity test: both handovers found".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let submitted: std::collections::BTreeSet<u64> = trail
+            .entries
+            .iter()
+            .filter(|e| e.action == "submit")
+            .map(|e| e.handover_id)
+            .collect();
+        assert_eq!(submitted.len(), 2, "{trail:?}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_correction_that_adds_the_nhs_number_supersedes_the_parked_original() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    prison
+        .submit(submit(
+            "r-1",
+            release,
+            &[],
+            &summary(3, false, Some(PRISON_NUMBER), "stale"),
+        ))
+        .await
+        .unwrap();
+    prison
+        .submit(submit(
+            "r-2",
+            release,
+            &[],
+            &summary(3, true, Some(PRISON_NUMBER), "current"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        track(&mut prison, "r-1").await.deliveries[0].state(),
+        pb::DeliveryState::Superseded
+    );
+    let mut gp = gw.client("YG002").await;
+    let claimed = gp.claim(claim(&nhs(3), "")).await.unwrap().into_inner();
+    assert_eq!(claimed.claimed.len(), 1);
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["current"]);
+    // Nothing stale stays parked to go overdue.
+    let parked = gw
+        .operator()
+        .await
+        .list_parked(pb::ListParkedRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(parked.deliveries.is_empty(), "{parked:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn claims_find_a_patients_parked_releases_by_either_identifier() {
+    let gw = TestGateway::start().await;
+    // YP001 parks a release known only by NHS number; YP002 later admits the
+    // same person with both numbers, linking them.
+    let mut first = gw.client("YP001").await;
+    first
+        .submit(submit(
+            "r-1",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(4, true, None, "from YP001"),
+        ))
+        .await
+        .unwrap();
+    let mut second = gw.client("YP002").await;
+    let mut admitted = throughcare::clinical::synthetic::release_summary(
+        nhs(4).parse().ok(),
+        PRISON_NUMBER.parse().ok(),
+        "YP002".parse().unwrap(),
+        Some("YG001".parse().unwrap()),
+        "admission",
+    );
+    admitted.custody.release_date = None;
+    second
+        .submit(submit("a-1", pb::JourneyEvent::Admission, &[], &admitted))
+        .await
+        .unwrap();
+    // A wrong date of birth finds nothing, whichever identifier.
+    let mut gp = gw.client("YG002").await;
+    let mut wrong = claim("", PRISON_NUMBER);
+    wrong.patient.as_mut().unwrap().date_of_birth = "1985-06-16".into();
+    assert_eq!(gp.claim(wrong).await.unwrap_err().code(), Code::NotFound);
+    // The prison number and date of birth claim the release parked by NHS number.
+    let claimed = gp
+        .claim(claim("", PRISON_NUMBER))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.claimed.len(), 1);
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["from YP001"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    prison
+        .submit(submit(
+            "r-1",
+            release,
+            &["YG001"],
+            &summary(5, true, Some(PRISON_NUMBER), "a"),
+        ))
+        .await
+        .unwrap();
+    let before = gw.store.content_digest().unwrap();
+    let err = prison
+        .submit(submit(
+            "r-2",
+            release,
+            &["YG001"],
+            &summary(6, true, Some(PRISON_NUMBER), "b"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violations(&err), ["patient.prison_number"]);
+    assert!(!err.message().contains(PRISON_NUMBER) && !err.message().contains(&nhs(6)));
+    assert_eq!(
+        gw.store.content_digest().unwrap(),
+        before,
+        "nothing changed"
+    );
+    let conflicts = gw
+        .operator()
+        .await
+        .list_identity_conflicts(pb::ListIdentityConflictsRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .conflicts;
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(
+        (
+            conflicts[0].sender.as_str(),
+            conflicts[0].message_id.as_str()
+        ),
+        ("YP001", "r-2")
+    );
+    assert_eq!(conflicts[0].field, "patient.prison_number");
+    // An NHS number already linked to another prison number likewise.
+    let err = prison
+        .submit(submit(
+            "r-3",
+            release,
+            &["YG001"],
+            &summary(5, true, Some("B1234CD"), "c"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), ["patient.prison_number"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_leased_copy_stays_with_its_recipient_and_is_never_offered_again() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    let original = prison
+        .submit(submit(
+            "r-1",
+            release,
+            &["YG001"],
+            &summary(7, true, None, "first"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut gp = gw.client("YG001").await;
+    let leased = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(leased.iter().map(text_of).collect::<Vec<_>>(), ["first"]);
+    prison
+        .submit(submit(
+            "r-2",
+            release,
+            &["YG001"],
+            &summary(7, true, None, "second"),
+        ))
+        .await
+        .unwrap();
+    let old = track(&mut prison, "r-1").await;
+    assert_eq!(old.deliveries[0].state(), pb::DeliveryState::Leased);
+    assert!(old.deliveries[0].superseded_by > 0, "marked while leased");
+    // The recipient gives it back: retired, not queued again nor quarantined.
+    let state = gp
+        .nack(pb::NackRequest {
+            delivery_id: leased[0].delivery_id,
+            attempt: leased[0].attempt,
+            permanent: false,
+            reason: "system busy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state();
+    assert_eq!(state, pb::DeliveryState::Superseded);
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["second"]);
+    assert_eq!(got[0].supersedes_handover_id, original.handover_id);
+    assert!(pull_and_ack(&mut gp).await.is_empty());
+    gw.stop().await;
+}
