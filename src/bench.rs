@@ -643,6 +643,8 @@ pub struct SoakReport {
     pub pass_p50_us: u64,
     /// Longest pass, µs.
     pub pass_max_us: u64,
+    /// After the run: each sled tree's entries and live bytes (keys + values).
+    pub trees: Vec<(String, u64, u64)>,
 }
 
 impl fmt::Display for SoakReport {
@@ -656,12 +658,13 @@ impl fmt::Display for SoakReport {
         )?;
         writeln!(
             f,
-            "  {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8}",
+            "  {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8}",
             "min",
             "submitted",
             "acked",
             "held",
             "shredded",
+            "removed",
             "data MiB",
             "disk MiB",
             "RSS MiB",
@@ -671,12 +674,13 @@ impl fmt::Display for SoakReport {
         for s in &self.samples {
             writeln!(
                 f,
-                "  {:>6.1} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>10.1} {:>8.1} {:>8.1}",
+                "  {:>6.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>10.1} {:>8.1} {:>8.1}",
                 s.elapsed.as_secs_f64() / 60.0,
                 s.submitted,
                 s.acked,
                 s.held,
                 s.shredded,
+                s.removed,
                 mib(s.data_bytes),
                 mib(s.data_disk_bytes),
                 s.rss_kib as f64 / 1024.0,
@@ -689,7 +693,15 @@ impl fmt::Display for SoakReport {
             self.passes,
             self.pass_p50_us as f64 / 1_000.0,
             self.pass_max_us as f64 / 1_000.0
-        )
+        )?;
+        writeln!(
+            f,
+            "  live data at the end, by tree (entries, MiB of keys + values):"
+        )?;
+        for (name, entries, bytes) in &self.trees {
+            writeln!(f, "    {name:<12} {entries:>9} {:>9.2}", mib(*bytes))?;
+        }
+        Ok(())
     }
 }
 
@@ -852,6 +864,7 @@ pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
     consumer.await??;
     drop(op);
     server.stop().await?;
+    let trees = tree_sizes(&dir.path().join("data").join("sled"))?;
     let mut passes = last_retention_line(None);
     passes.sort_unstable();
     Ok(SoakReport {
@@ -861,7 +874,27 @@ pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
         passes: passes.len(),
         pass_p50_us: passes.get(passes.len() / 2).copied().unwrap_or(0),
         pass_max_us: passes.last().copied().unwrap_or(0),
+        trees,
     })
+}
+
+/// Entries and live bytes of each tree of the (stopped) store at `sled_dir`.
+fn tree_sizes(sled_dir: &Path) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let db = sled::open(sled_dir)?;
+    let mut out = Vec::new();
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name)?;
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            entries += 1;
+            bytes += (k.len() + v.len()) as u64;
+        }
+        if entries > 0 {
+            out.push((String::from_utf8_lossy(&name).into_owned(), entries, bytes));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

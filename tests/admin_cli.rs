@@ -136,3 +136,52 @@ async fn operators_see_and_fix_queues_from_the_command_line() {
     assert!(err.contains("operator certificate"), "{err}");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_what_is_held_under_the_retention_policy() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("held-1", 60, &["YG001"], "m"))
+        .await
+        .unwrap();
+    prison
+        .submit(release("held-2", 61, &["YG001"], "m"))
+        .await
+        .unwrap();
+    for who in ["YG001", "YPR01"] {
+        let mut c = gw.client(who).await;
+        let got = c.pull(pull(1)).await.unwrap().into_inner().deliveries;
+        for d in got {
+            c.ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+        }
+    }
+    clock.advance(3 * 86_400_000 + 1);
+    gw.store.retention().await.unwrap();
+    let rows = json(&gw, &["retention"]);
+    let count = |what: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["what"] == what)
+            .unwrap_or_else(|| panic!("{what} in {rows}"))["count"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(count("payloads held"), 1, "{rows}");
+    assert_eq!(count("payloads shredded"), 1, "{rows}");
+    assert_eq!(count("metadata expiring"), 1, "{rows}");
+    let (ok, table, err) = admin(&gw, &["retention"]);
+    assert!(ok, "{err}");
+    assert!(
+        table.contains("PAYLOADS HELD") || table.contains("payloads held"),
+        "{table}"
+    );
+    assert!(table.contains("84d"), "the policy is shown: {table}");
+    gw.stop().await;
+}

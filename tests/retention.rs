@@ -153,6 +153,11 @@ async fn a_delivered_payload_is_shredded_after_the_grace_and_nothing_left_opens_
     assert_eq!(pass.shredded, 1);
     assert_eq!(pass.stats.payloads_held, 0);
     assert_eq!(pass.stats.payloads_shredded, 1);
+    let record = gw.store.handover(receipt.handover_id).unwrap().unwrap();
+    assert!(
+        record.payload_hash.is_empty(),
+        "no digest of removed content"
+    );
 
     // Track still answers, and says the content went and when.
     let t = track(&mut prison, "keep-3-days").await.unwrap();

@@ -79,6 +79,11 @@ impl KeyEpochs {
                 continue;
             };
             let raw = Zeroizing::new(std::fs::read(&path)?);
+            if raw.iter().all(|b| *b == 0) {
+                // A destroy interrupted between overwriting and unlinking.
+                std::fs::remove_file(&path)?;
+                continue;
+            }
             let (&version, rest) = raw.split_first().ok_or_else(|| invalid(&path, "empty"))?;
             let (created, sealed) = rest
                 .split_at_checked(8)
@@ -193,6 +198,19 @@ mod tests {
             vec![2]
         );
         assert!(!raw.is_empty());
+        // A destroy cut short after the overwrite is finished at the next open.
+        let len = std::fs::metadata(dir.path().join(file_name(2)))
+            .unwrap()
+            .len();
+        std::fs::write(dir.path().join(file_name(2)), vec![0u8; len as usize]).unwrap();
+        assert!(
+            KeyEpochs::open(dir.path(), &master)
+                .unwrap()
+                .numbers()
+                .is_empty()
+        );
+        assert!(!dir.path().join(file_name(2)).exists());
+        epochs.create(&master, 9).unwrap();
         // Another master key cannot open them.
         let other = XChaCha20Poly1305::new_from_slice(&[8; 32]).unwrap();
         assert!(KeyEpochs::open(dir.path(), &other).is_err());
