@@ -220,6 +220,82 @@ pub struct Medication {
     pub days_supplied: Option<u32>,
 }
 
+/// A quantity to supply: a decimal value and its unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quantity {
+    /// The amount, a decimal written as FHIR and HL7 NM allow (`1`, `0.5`).
+    pub value: String,
+    /// The unit, in words (`kit`, `tablet`).
+    pub unit: String,
+}
+
+impl Quantity {
+    /// Whether `v` is a decimal both FHIR (`decimal`, no exponent) and HL7
+    /// (`NM`) read: `-?(0|[1-9][0-9]*)(\.[0-9]+)?`.
+    pub fn is_decimal(v: &str) -> bool {
+        let digits = v.strip_prefix('-').unwrap_or(v);
+        let (int, frac) = match digits.split_once('.') {
+            Some((i, f)) => (i, Some(f)),
+            None => (digits, None),
+        };
+        let all_digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        v.len() <= 32
+            && all_digits(int)
+            && (int == "0" || !int.starts_with('0'))
+            && frac.is_none_or(all_digits)
+    }
+}
+
+/// A prescription issued for the patient to take away, on release or
+/// transfer (FHIR `MedicationRequest`): naloxone, take-out supplies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prescription {
+    /// dm+d (or SNOMED) code.
+    pub code: Code,
+    /// FHIR `MedicationRequest.status` (`active`, `completed`, ...).
+    pub status: String,
+    /// FHIR `MedicationRequest.intent` (`order`, `plan`, ...).
+    pub intent: String,
+    /// When it was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authored_on: Option<DateTime>,
+    /// Dosage instructions, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dosage: Option<String>,
+    /// How much is supplied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<Quantity>,
+    /// For how many days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days_supplied: Option<u32>,
+}
+
+/// `MedicationRequest.status` values (R4).
+pub const PRESCRIPTION_STATUSES: [&str; 8] = [
+    "active",
+    "on-hold",
+    "cancelled",
+    "completed",
+    "entered-in-error",
+    "stopped",
+    "draft",
+    "unknown",
+];
+
+/// `MedicationRequest.intent` values (R4).
+pub const PRESCRIPTION_INTENTS: [&str; 8] = [
+    "proposal",
+    "plan",
+    "order",
+    "original-order",
+    "reflex-order",
+    "filler-order",
+    "instance-order",
+    "option",
+];
+
 /// An allergy or adverse reaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -420,6 +496,9 @@ pub struct ClinicalSummary {
     /// Medicines.
     #[serde(default)]
     pub medications: Vec<Medication>,
+    /// Prescriptions to take away (FHIR `MedicationRequest`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prescriptions: Vec<Prescription>,
     /// Allergies and adverse reactions.
     #[serde(default)]
     pub allergies: Vec<Allergy>,
@@ -447,6 +526,11 @@ pub struct ClinicalSummary {
     pub author: Author,
     /// When written.
     pub authored_at: DateTime,
+    /// What the document held that the gateway does not read, by path in
+    /// the document as received (never values). Every delivery lists it in
+    /// `not_carried`: nothing is dropped in silence.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_read: Vec<String>,
 }
 
 impl ClinicalSummary {

@@ -11,7 +11,10 @@
 //! found by type (not only through sections), references by fullUrl. Every
 //! problem is reported with its path (`entry[3].resource.identifier[0].value`).
 
+mod index;
+mod prescription;
 mod types;
+mod unread;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -27,6 +30,7 @@ use super::model::{
 use super::violation::ValidationErrors;
 use super::{Limits, Rendered};
 use crate::journey::JourneyEvent;
+use index::Index;
 use types::*;
 
 /// UK Core NHS number system.
@@ -293,6 +297,10 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             })
         })
         .collect();
+    let mut meds = meds;
+    for p in &s.prescriptions {
+        meds.push(doc.add(&prescription::to_fhir(p, &subject)));
+    }
     section("medications", "Medications and medical devices", meds);
 
     let allergies: Vec<String> = s
@@ -774,73 +782,6 @@ fn kind_of(raw: &RawValue) -> Option<Cow<'_, str>> {
     serde_json::from_str::<Kind>(json).ok()?.resource_type
 }
 
-/// Where entry `entry` is, for error paths: `entry[3].resource.` under the
-/// Bundle's own prefix. Formatted only when an error needs it.
-#[derive(Clone, Copy)]
-struct At<'p> {
-    prefix: &'p str,
-    entry: usize,
-}
-
-impl fmt::Display for At<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}entry[{}].resource.", self.prefix, self.entry)
-    }
-}
-
-struct Index<'a> {
-    entries: &'a [RawEntry<'a>],
-    kinds: Vec<Option<Cow<'a, str>>>,
-    prefix: &'a str,
-}
-
-impl<'a> Index<'a> {
-    fn of_type(&self, t: &'static str) -> impl Iterator<Item = (usize, &'a str)> + '_ {
-        self.kinds
-            .iter()
-            .enumerate()
-            .filter(move |(_, k)| k.as_deref() == Some(t))
-            .map(|(i, _)| (i, self.entries[i].resource.get()))
-    }
-
-    fn kind(&self, i: usize) -> Option<&str> {
-        self.kinds.get(i).and_then(|k| k.as_deref())
-    }
-
-    fn path(&self, i: usize) -> At<'a> {
-        At {
-            prefix: self.prefix,
-            entry: i,
-        }
-    }
-
-    /// The entry a reference points at (the last with that fullUrl). A
-    /// document resolves a handful of references, so a scan beats a map.
-    fn resolve(&self, r: &Reference) -> Option<(usize, &'a str)> {
-        let url = r.reference.as_deref()?;
-        let i = self
-            .entries
-            .iter()
-            .rposition(|e| e.full_url.as_deref() == Some(url))?;
-        Some((i, self.entries[i].resource.get()))
-    }
-
-    /// The ODS code of the Organization `r` points at, if it resolves.
-    fn ods(
-        &self,
-        r: &Reference,
-        errors: &mut ValidationErrors,
-    ) -> Option<super::identifiers::OdsCode> {
-        let (oi, ov) = self.resolve(r)?;
-        let o: Organization = typed(ov, self.path(oi), errors)?;
-        parse_with(
-            ods_of(&o),
-            format_args!("{}identifier[0].value", self.path(oi)),
-            errors,
-        )
-    }
-}
-
 fn ods_of<'o>(o: &'o Organization<'_>) -> Option<&'o str> {
     o.identifier
         .iter()
@@ -915,11 +856,11 @@ fn parse_document(
     prefix: &str,
     errors: &mut ValidationErrors,
 ) -> Option<Parsed> {
-    let index = Index {
-        entries: &bundle.entry,
-        kinds: bundle.entry.iter().map(|e| kind_of(e.resource)).collect(),
+    let index = Index::new(
+        &bundle.entry,
+        bundle.entry.iter().map(|e| kind_of(e.resource)).collect(),
         prefix,
-    };
+    );
     let first_type = index.kind(0);
     if first_type != Some("Composition") {
         errors.add(
@@ -929,6 +870,7 @@ fn parse_document(
         return None;
     }
     let p0 = index.path(0);
+    index.touch(0);
     let comp: Composition = typed(bundle.entry[0].resource.get(), p0, errors)?;
     let event = comp
         .event
@@ -962,7 +904,10 @@ fn parse_document(
             Some(SYS_NHS) => nhs = parse_with(value, field, errors),
             Some(SYS_PRISON_NUMBER) => prison = parse_with(value, field, errors),
             Some(SYS_CRN) => crn = parse_with(value, field, errors),
-            _ => {}
+            _ => index.note(
+                format_args!("{pp}identifier[{k}]"),
+                "an identifier system the gateway does not read",
+            ),
         }
     }
     let name = fp.name.first();
@@ -1293,7 +1238,10 @@ fn parse_document(
                     .get_or_insert_with(SubstanceMisuse::default)
                     .community_service = value_string()
             }
-            _ => {}
+            _ => index.note(
+                format_args!("{}entry[{i}].resource (Observation)", index.prefix()),
+                "not carried: an observation of a kind the gateway does not read",
+            ),
         }
     }
 
@@ -1371,6 +1319,7 @@ fn parse_document(
             ))
         });
     let author_org = comp.custodian.as_ref().and_then(|r| index.ods(r, errors));
+    let prescriptions = prescription::read(&index, errors);
     let author_org = required(
         author_org,
         format_args!("{p0}custodian"),
@@ -1392,6 +1341,7 @@ fn parse_document(
         return None;
     };
     let (author_name, author_role) = author.unwrap_or_default();
+    let not_read = index.finish(errors);
     Some(Parsed {
         summary: ClinicalSummary {
             patient: super::model::Patient {
@@ -1409,6 +1359,7 @@ fn parse_document(
             registered_gp,
             diagnoses: s_diagnoses,
             medications: s_medications,
+            prescriptions,
             allergies: s_allergies,
             risks: s_risks,
             mental_health,
@@ -1423,6 +1374,7 @@ fn parse_document(
                 organisation: author_org,
             },
             authored_at,
+            not_read,
         },
         event,
     })

@@ -398,6 +398,76 @@ pub struct Timing<'a> {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+pub struct MedicationRequest<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    #[serde(borrow)]
+    pub intent: Cow<'a, str>,
+    #[serde(borrow)]
+    pub medication_codeable_concept: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub subject: Reference<'a>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub authored_on: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "empty")]
+    #[serde(borrow)]
+    pub dosage_instruction: Vec<Dosage<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub dispense_request: Option<DispenseRequest<'a>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DispenseRequest<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub quantity: Option<Quantity<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub expected_supply_duration: Option<Quantity<'a>>,
+}
+
+/// `Quantity`, `SimpleQuantity` and `Duration`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quantity<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<serde_json::Number>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub unit: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub system: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub code: Option<Cow<'a, str>>,
+}
+
+/// `Resource.meta` as written: the profiles a resource conforms to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    #[serde(default, skip_serializing_if = "empty")]
+    pub profile: Vec<String>,
+}
+
+impl Meta {
+    pub fn profile(url: &str) -> Option<Self> {
+        Some(Self {
+            profile: vec![url.to_owned()],
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AllergyIntolerance<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
