@@ -55,6 +55,14 @@ impl fmt::Display for DateTime {
 }
 
 impl Date {
+    /// The one rule for a date of birth, wherever it is written (the
+    /// document, or a `PatientRef`): not before 1900 and not in the future
+    /// (UTC, with a day's grace for time zones east of it).
+    pub fn is_plausible_birth_date(self) -> bool {
+        let tomorrow = time::OffsetDateTime::now_utc().date().next_day();
+        self.0.year() >= 1900 && tomorrow.is_none_or(|t| self.0 <= t)
+    }
+
     /// The last millisecond of this day in UTC, ms since the epoch.
     pub fn end_of_day_ms(self) -> i64 {
         let end = self

@@ -14,6 +14,7 @@
 mod index;
 mod prescription;
 mod types;
+mod uk_core;
 mod unread;
 
 use std::borrow::Cow;
@@ -98,6 +99,29 @@ fn write_entry(out: &mut Vec<u8>, full_url: &str, resource: &impl Serialize) {
     serde_json::to_writer(out, &EntryOut { full_url, resource }).expect("FHIR structs serialise");
 }
 
+/// A medicine's dosage: only the parts that hold a value, and none at all
+/// when none does (FHIR forbids an empty element).
+fn dosage(m: &Medication) -> Option<Dosage<'_>> {
+    fn text(t: &str) -> Option<CodeableConcept<'_>> {
+        (!is_blank(t)).then(|| CodeableConcept::text(t))
+    }
+    let d = Dosage {
+        text: Some(m.dose.as_str().into()),
+        additional_instruction: if m.supervised {
+            vec![local("supervised", "Supervised consumption")]
+        } else {
+            Vec::new()
+        },
+        timing: text(&m.frequency).map(|code| Timing { code: Some(code) }),
+        route: text(&m.route),
+    };
+    let empty = is_blank(&m.dose)
+        && d.additional_instruction.is_empty()
+        && d.timing.is_none()
+        && d.route.is_none();
+    (!empty).then_some(d)
+}
+
 fn code_cc(c: &Code) -> CodeableConcept<'_> {
     CodeableConcept::coded(&c.system, &c.code, &c.display)
 }
@@ -109,6 +133,7 @@ fn local<'a>(code: &'a str, display: &'a str) -> CodeableConcept<'a> {
 fn org(ods: &str) -> Organization<'_> {
     Organization {
         resource_type: "Organization".into(),
+        meta: Meta::profile(uk_core::ORGANIZATION),
         identifier: vec![Identifier {
             system: Some(SYS_ODS.into()),
             value: Some(ods.into()),
@@ -124,6 +149,7 @@ fn observation<'a>(
 ) -> Observation<'a> {
     Observation {
         resource_type: "Observation".into(),
+        meta: Meta::profile(uk_core::OBSERVATION),
         extension: Vec::new(),
         status: "final".into(),
         category: vec![local(category, category)],
@@ -169,12 +195,18 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let c = &s.custody;
     let patient_url = doc.add(&Patient {
         resource_type: "Patient".into(),
+        meta: Meta::profile(uk_core::PATIENT),
         identifier,
-        name: vec![HumanName {
+        name: Some(HumanName {
             text: None,
             family: Some(p.family_name.as_str().into()),
             given: p.given_names.iter().map(|g| g.as_str().into()).collect(),
-        }],
+        })
+        .filter(|n| {
+            !n.family.as_deref().is_none_or(is_blank) || !n.given.iter().all(|g| is_blank(g))
+        })
+        .into_iter()
+        .collect(),
         gender: Some(
             match p.sex {
                 Sex::Male => "male",
@@ -217,6 +249,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .then(|| local("no-fixed-abode", "No fixed abode"));
     let encounter_url = doc.add(&Encounter {
         resource_type: "Encounter".into(),
+        meta: Meta::profile(uk_core::ENCOUNTER),
         status: if end.is_some() {
             "finished"
         } else {
@@ -232,7 +265,8 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         period: Some(Period {
             start: c.reception_date.map(|d| d.to_string().into()),
             end: end.map(Into::into),
-        }),
+        })
+        .filter(|p| p.start.is_some() || p.end.is_some()),
         service_provider: Some(Reference::to(establishment_url.as_str())),
         hospitalization: (destination.is_some() || disposition.is_some()).then_some(
             Hospitalization {
@@ -245,9 +279,10 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let mut sections: Vec<Section<'static>> = Vec::new();
     let mut section = |code: &'static str, title: &'static str, entries: Vec<String>| {
         if !entries.is_empty() {
+            let (system, code, display) = uk_core::heading(code, title);
             sections.push(Section {
-                title: title.into(),
-                code: CodeableConcept::coded(SYS_HEADING, code, title),
+                title: Some(title.into()),
+                code: Some(CodeableConcept::coded(system, code, display)),
                 entry: entries.into_iter().map(Reference::to).collect(),
             });
         }
@@ -275,6 +310,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             }
             doc.add(&MedicationStatement {
                 resource_type: "MedicationStatement".into(),
+                meta: Meta::profile(uk_core::MEDICATION_STATEMENT),
                 extension,
                 status: "active".into(),
                 category: m
@@ -282,18 +318,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                     .then(|| local("opioid-substitution", "Opioid substitution therapy")),
                 medication_codeable_concept: code_cc(&m.code),
                 subject: subject.clone(),
-                dosage: vec![Dosage {
-                    text: Some(m.dose.as_str().into()),
-                    additional_instruction: if m.supervised {
-                        vec![local("supervised", "Supervised consumption")]
-                    } else {
-                        Vec::new()
-                    },
-                    timing: Some(Timing {
-                        code: Some(CodeableConcept::text(&m.frequency)),
-                    }),
-                    route: Some(CodeableConcept::text(&m.route)),
-                }],
+                dosage: dosage(m).into_iter().collect(),
             })
         })
         .collect();
@@ -308,19 +333,21 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .iter()
         .enumerate()
         .map(|(i, a)| {
-            if a.reaction.is_none() && a.severity.is_some() {
+            if a.reaction.as_deref().is_none_or(is_blank) && a.severity.is_some() {
                 not_carried.push(format!(
                     "allergies[{i}].severity: FHIR carries severity only with a reaction"
                 ));
             }
             doc.add(&AllergyIntolerance {
                 resource_type: "AllergyIntolerance".into(),
+                meta: Meta::profile(uk_core::ALLERGY_INTOLERANCE),
                 clinical_status: Some(CodeableConcept::coded(ALLERGY_STATUS, "active", "Active")),
                 code: code_cc(&a.substance),
                 patient: subject.clone(),
                 reaction: a
                     .reaction
                     .iter()
+                    .filter(|r| !is_blank(r))
                     .map(|r| Reaction {
                         manifestation: vec![CodeableConcept::text(r)],
                         severity: a.severity.map(|s| {
@@ -344,9 +371,11 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .map(|r| {
             doc.add(&Flag {
                 resource_type: "Flag".into(),
+                meta: Meta::profile(uk_core::FLAG),
                 extension: r
                     .note
                     .iter()
+                    .filter(|n| !is_blank(n))
                     .map(|n| Extension {
                         url: EXT_NOTE.into(),
                         value_string: Some(n.as_str().into()),
@@ -367,6 +396,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .map(|d| {
             doc.add(&Condition {
                 resource_type: "Condition".into(),
+                meta: Meta::profile(uk_core::CONDITION),
                 clinical_status: Some(if d.active {
                     CodeableConcept::coded(CLINICAL_STATUS, "active", "Active")
                 } else {
@@ -406,6 +436,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .map(|v| {
             doc.add(&Immunization {
                 resource_type: "Immunization".into(),
+                meta: Meta::profile(uk_core::IMMUNIZATION),
                 status: "completed".into(),
                 vaccine_code: code_cc(&v.code),
                 patient: subject.clone(),
@@ -424,7 +455,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         );
         o.value_boolean = Some(m.care_programme_approach);
         mh.push(doc.add(&o));
-        if let Some(cc) = &m.care_coordinator {
+        if let Some(cc) = m.care_coordinator.as_ref().filter(|c| !is_blank(c)) {
             let mut o = observation(
                 local("care-coordinator", "Care coordinator"),
                 "mental-health",
@@ -445,7 +476,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         );
         o.value_boolean = Some(t.in_treatment);
         sm.push(doc.add(&o));
-        if let Some(svc) = &t.community_service {
+        if let Some(svc) = t.community_service.as_ref().filter(|c| !is_blank(c)) {
             let mut o = observation(
                 local(
                     "substance-misuse-service",
@@ -470,10 +501,11 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             };
             doc.add(&ServiceRequest {
                 resource_type: "ServiceRequest".into(),
+                meta: Meta::profile(uk_core::SERVICE_REQUEST),
                 status: "active".into(),
                 intent: "order".into(),
                 category: vec![local(code, display)],
-                code: CodeableConcept::text(&f.service),
+                code: (!is_blank(&f.service)).then(|| CodeableConcept::text(&f.service)),
                 subject: subject.clone(),
                 occurrence_date_time: f.date.map(|d| d.to_string().into()),
             })
@@ -484,6 +516,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let consent = &s.consent;
     let consent_url = doc.add(&Consent {
         resource_type: "Consent".into(),
+        meta: Meta::profile(uk_core::CONSENT),
         status: match consent.probation_sharing {
             ConsentDecision::NotRecorded => "proposed",
             _ => "active",
@@ -521,22 +554,36 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     section("custody", "Custody episode", vec![encounter_url]);
 
     let author_org = doc.add(&org(s.author.organisation.as_str()));
-    let author_url = doc.add(&Practitioner {
-        resource_type: "Practitioner".into(),
-        name: vec![HumanName {
-            text: Some(s.author.name.as_str().into()),
-            family: None,
-            given: Vec::new(),
-        }],
-        qualification: vec![Qualification {
-            code: CodeableConcept::text(&s.author.role),
-        }],
-    });
+    // With neither name nor role, the organisation is the author.
+    let (name, role) = (&s.author.name, &s.author.role);
+    let author_url = if is_blank(name) && is_blank(role) {
+        author_org.clone()
+    } else {
+        doc.add(&Practitioner {
+            resource_type: "Practitioner".into(),
+            meta: Meta::profile(uk_core::PRACTITIONER),
+            name: (!is_blank(name))
+                .then(|| HumanName {
+                    text: Some(name.as_str().into()),
+                    family: None,
+                    given: Vec::new(),
+                })
+                .into_iter()
+                .collect(),
+            qualification: (!is_blank(role))
+                .then(|| Qualification {
+                    code: CodeableConcept::text(role),
+                })
+                .into_iter()
+                .collect(),
+        })
+    };
 
     let authored_at = s.authored_at.to_string();
     let event_display = event.to_string();
     let composition = Composition {
         resource_type: "Composition".into(),
+        meta: Meta::profile(uk_core::COMPOSITION),
         status: "final".into(),
         type_: CodeableConcept::coded("http://snomed.info/sct", "373942005", "Discharge summary"),
         subject,
@@ -1267,12 +1314,11 @@ fn parse_document(
         );
         s_follow_ups.push(FollowUp {
             kind,
-            service: owned(
-                r.code
-                    .text
+            service: owned(r.code.as_ref().and_then(|c| {
+                c.text
                     .as_ref()
-                    .or_else(|| r.code.coding.first().and_then(|c| c.display.as_ref())),
-            ),
+                    .or_else(|| c.coding.first().and_then(|c| c.display.as_ref()))
+            })),
             date,
         });
     }
