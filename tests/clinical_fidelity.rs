@@ -270,3 +270,105 @@ fn pv1_6_is_the_sending_location_only_on_a02_and_null_reads_as_absent() {
     assert_eq!(read.custody.establishment.as_str(), "YP001");
     assert_eq!(read.not_read, ["PV1-6: not read by the gateway"]);
 }
+
+/// Rewrites every urn:uuid fullUrl as a RESTful one and every reference as
+/// `Type/id`, as a server would write the same document.
+fn restful(doc: &mut Value) {
+    let mut ids = std::collections::HashMap::new();
+    for (n, e) in doc["entry"].as_array_mut().unwrap().iter_mut().enumerate() {
+        let kind = e["resource"]["resourceType"].as_str().unwrap().to_owned();
+        let id = format!("r{n}");
+        ids.insert(
+            e["fullUrl"].as_str().unwrap().to_owned(),
+            format!("{kind}/{id}"),
+        );
+        e["resource"]["id"] = json!(id);
+        e["fullUrl"] = json!(format!("https://fhir.example.org/R4/{kind}/{id}"));
+    }
+    fn rewrite(v: &mut Value, ids: &std::collections::HashMap<String, String>) {
+        match v {
+            Value::Object(map) => {
+                for (k, x) in map.iter_mut() {
+                    match x {
+                        Value::String(s) if k == "reference" => {
+                            if let Some(r) = ids.get(s.as_str()) {
+                                *s = r.clone();
+                            }
+                        }
+                        _ => rewrite(x, ids),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|x| rewrite(x, ids)),
+            _ => {}
+        }
+    }
+    rewrite(doc, &ids);
+}
+
+#[test]
+fn references_resolve_by_the_bundle_rules_and_section_codes_are_optional() {
+    let mut s = fixture("06-many-medicines-and-allergies");
+    s.prescriptions.push(naloxone());
+    let reference = parse_fhir(&fhir_json(&s, JourneyEvent::Release)).unwrap();
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    restful(&mut doc);
+    for section in doc["entry"][0]["resource"]["section"]
+        .as_array_mut()
+        .unwrap()
+    {
+        section.as_object_mut().unwrap().remove("code");
+    }
+    assert!(doc.to_string().contains("\"reference\":\"Patient/r"));
+    assert_eq!(parse_fhir(&doc).unwrap(), reference);
+}
+
+#[test]
+fn an_encounter_period_written_as_a_date_time_is_read_and_its_time_listed() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, enc) = entry_of(&mut doc, "Encounter");
+    enc["period"]["start"] = json!("2026-09-02T10:30:00+01:00");
+    let read = parse_fhir(&doc).unwrap();
+    assert_eq!(read.custody.reception_date, "2026-09-02".parse().ok());
+    assert_eq!(
+        read.not_read,
+        [format!(
+            "entry[{i}].resource.period.start: the time of day is not carried"
+        )]
+    );
+    let (_, enc) = entry_of(&mut doc, "Encounter");
+    enc["period"]["start"] = json!("2026-09");
+    let err = parse_fhir(&doc).unwrap_err();
+    assert_eq!(err.0[0].field, format!("entry[{i}].resource.period.start"));
+}
+
+#[test]
+fn partial_dates_and_fractional_times_keep_their_precision_in_both_formats() {
+    let mut s = fixture("03-hepatitis-c-transfer");
+    s.vaccinations[0].date = "2019".parse().unwrap();
+    s.diagnoses[0].onset = Some("2014-06".parse().unwrap());
+    s.authored_at = "2026-11-24T08:10:00.25+01:00".parse().unwrap();
+    let event = JourneyEvent::Transfer;
+    let fhir_back = fhir::parse(&fhir::render(&s, event).bytes, &Limits::default()).unwrap();
+    let hl7_text = hl7v2::render(&s, event).bytes;
+    assert!(String::from_utf8_lossy(&hl7_text).contains("|2019|"));
+    let hl7_back = hl7v2::parse(&hl7_text, &Limits::default()).unwrap();
+    for back in [fhir_back.summary, hl7_back.summary] {
+        assert_eq!(back.vaccinations, s.vaccinations);
+        assert_eq!(back.diagnoses[0].onset, s.diagnoses[0].onset);
+        assert_eq!(back.authored_at, s.authored_at);
+    }
+}
+
+#[test]
+fn one_date_of_birth_rule_for_every_document() {
+    let mut s = fixture("01-ost-released-today");
+    for dob in ["1899-12-31", "2999-01-01"] {
+        s.patient.date_of_birth = dob.parse().unwrap();
+        let err = throughcare::clinical::validate(&s, JourneyEvent::Release).unwrap_err();
+        assert_eq!(err.0[0].field, "summary.patient.date_of_birth", "{dob}");
+    }
+    s.patient.date_of_birth = "1900-01-01".parse().unwrap();
+    throughcare::clinical::validate(&s, JourneyEvent::Release).unwrap();
+}

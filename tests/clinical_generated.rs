@@ -12,7 +12,7 @@ use throughcare::clinical::model::{
     Address, Allergy, Author, ClinicalSummary, Code, Consent, ConsentDecision, Custody, DMD, Date,
     DateTime, Diagnosis, FollowUp, FollowUpKind, Infection, Medication, MentalHealth, Patient,
     Prescription, Quantity, RiskFlag, RiskKind, SNOMED, Severity, Sex, SubstanceMisuse,
-    Vaccination,
+    Vaccination, When,
 };
 use throughcare::clinical::{Limits, NhsNumber, fhir, hl7v2, validate};
 use throughcare::journey::JourneyEvent;
@@ -55,9 +55,34 @@ fn date() -> impl Strategy<Value = Date> {
 }
 
 fn date_time() -> impl Strategy<Value = DateTime> {
-    (date(), 0u8..24, 0u8..60, 0u8..60, -12i8..=14).prop_map(|(d, h, mi, s, off)| {
-        let offset = time::UtcOffset::from_hms(off, 0, 0).unwrap();
-        DateTime(d.0.with_hms(h, mi, s).unwrap().assume_offset(offset))
+    let fraction = prop_oneof![Just(0u32), 1u32..10_000];
+    (date(), 0u8..24, 0u8..60, 0u8..60, fraction, -12i8..=14).prop_map(
+        |(d, h, mi, s, tenth_ms, off)| {
+            let offset = time::UtcOffset::from_hms(off, 0, 0).unwrap();
+            let t = d.0.with_hms_nano(h, mi, s, tenth_ms * 100_000).unwrap();
+            DateTime(t.assume_offset(offset))
+        },
+    )
+}
+
+/// A FHIR dateTime at every precision it allows.
+fn when() -> impl Strategy<Value = When> {
+    (date(), date_time(), 0u8..5, 0u32..10_000).prop_map(|(d, t, precision, fraction)| {
+        let text = match precision {
+            0 => d.to_string()[..4].to_owned(),
+            1 => d.to_string()[..7].to_owned(),
+            2 => d.to_string(),
+            _ => {
+                let s = t.to_string();
+                let zone = &s[s[19..].find(['Z', '+', '-']).unwrap() + 19..];
+                if precision == 3 {
+                    format!("{}{zone}", &s[..19])
+                } else {
+                    format!("{}.{fraction:04}{zone}", &s[..19])
+                }
+            }
+        };
+        text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
     })
 }
 
@@ -142,7 +167,7 @@ fn prescription() -> impl Strategy<Value = Prescription> {
         code(),
         proptest::sample::select(vec!["active", "completed", "on-hold"]),
         proptest::sample::select(vec!["order", "plan", "original-order"]),
-        proptest::option::of(date_time()),
+        proptest::option::of(when()),
         proptest::option::of(text()),
         proptest::option::of((
             proptest::sample::select(vec!["1", "2", "0.5", "28", "100.25"]),
@@ -169,7 +194,7 @@ fn prescription() -> impl Strategy<Value = Prescription> {
 fn clinical() -> impl Strategy<Value = (Vec<Diagnosis>, Vec<Allergy>, Vec<RiskFlag>)> {
     (
         proptest::collection::vec(
-            (code(), any::<bool>(), proptest::option::of(date())).prop_map(
+            (code(), any::<bool>(), proptest::option::of(when())).prop_map(
                 |(code, active, onset)| Diagnosis {
                     code,
                     active,
@@ -242,11 +267,11 @@ fn care() -> impl Strategy<
             0..2,
         ),
         proptest::collection::vec(
-            (code(), date()).prop_map(|(code, date)| Vaccination { code, date }),
+            (code(), when()).prop_map(|(code, date)| Vaccination { code, date }),
             0..2,
         ),
         proptest::collection::vec(
-            (any::<bool>(), required_text(), proptest::option::of(date())).prop_map(
+            (any::<bool>(), required_text(), proptest::option::of(when())).prop_map(
                 |(appointment, service, date)| FollowUp {
                     kind: if appointment {
                         FollowUpKind::Appointment
@@ -412,6 +437,8 @@ fn every_generated_summary_renders_valid_complete_fhir_and_hl7() {
             back.summary.not_read
         );
         assert_eq!(back.summary.prescriptions, s.prescriptions, "{n}");
+        assert_eq!(back.summary.diagnoses, s.diagnoses, "{n}");
+        assert_eq!(back.summary.vaccinations, s.vaccinations, "{n}");
         assert_eq!(back.summary.medications.len(), s.medications.len(), "{n}");
 
         let hl7 = hl7v2::render(&s, event);
@@ -427,7 +454,10 @@ fn every_generated_summary_renders_valid_complete_fhir_and_hl7() {
             back.summary.not_read
         );
         assert_eq!(back.summary.diagnoses, s.diagnoses, "{n}");
+        assert_eq!(back.summary.vaccinations, s.vaccinations, "{n}");
+        assert_eq!(back.summary.follow_ups, s.follow_ups, "{n}");
         assert_eq!(back.summary.prescriptions, s.prescriptions, "{n}");
+        assert_eq!(back.summary.authored_at, s.authored_at, "{n}");
 
         let stem = format!("{n:04}-{}", event_name(event));
         std::fs::write(dir.join(format!("{stem}.fhir.json")), &fhir_doc.bytes).unwrap();

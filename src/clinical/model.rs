@@ -39,7 +39,7 @@ impl FromStr for DateTime {
     type Err = &'static str;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .map(|t| DateTime(t.replace_nanosecond(0).unwrap_or(t)))
+            .map(DateTime)
             .map_err(|_| "must be a date and time with offset (RFC 3339)")
     }
 }
@@ -80,6 +80,123 @@ impl DateTime {
     }
 }
 
+/// A FHIR `dateTime` at whatever precision it was written: `2026`,
+/// `2026-09`, `2026-09-01`, or a time to the second (with optional
+/// fraction) and its offset. Kept as written, so no precision is invented
+/// or lost; HL7 v2 `DTM` carries every one of these precisions.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct When(String);
+
+impl When {
+    /// As HL7 v2 `DTM`: `YYYY[MM[DD[HHMMSS[.SSSS]+ZZZZ]]]`. A fraction
+    /// longer than HL7's four digits is cut; the caller says so.
+    pub fn to_hl7(&self) -> (String, bool) {
+        let s = &self.0;
+        let Some((date, time)) = s.split_once('T') else {
+            return (s.replace('-', ""), false);
+        };
+        let split = time.find(['Z', '+', '-']).unwrap_or(time.len());
+        let (clock, zone) = time.split_at(split);
+        let (hms, fraction) = clock.split_once('.').unwrap_or((clock, ""));
+        let mut out = date.replace('-', "");
+        out.push_str(&hms.replace(':', ""));
+        if !fraction.is_empty() {
+            out.push('.');
+            out.push_str(&fraction[..fraction.len().min(4)]);
+        }
+        out.push_str(if zone == "Z" { "+0000" } else { "" });
+        out.push_str(&zone.replace([':', 'Z'], ""));
+        (out, fraction.len() > 4)
+    }
+
+    /// From HL7 v2 `DTM`/`TS`/`DT` at any precision. A time without an
+    /// offset is read as UTC (FHIR needs an offset with a time); a time to
+    /// the hour or minute gains zero seconds.
+    pub fn from_hl7(v: &str) -> Option<Self> {
+        let split = v.find(['+', '-']).unwrap_or(v.len());
+        let (stamp, zone) = v.split_at(split);
+        let (digits, fraction) = stamp.split_once('.').unwrap_or((stamp, ""));
+        if !digits.bytes().all(|b| b.is_ascii_digit())
+            || !fraction.bytes().all(|b| b.is_ascii_digit())
+            || (!fraction.is_empty() && digits.len() != 14)
+            || fraction.len() > 4
+            || stamp.ends_with('.')
+        {
+            return None;
+        }
+        let d = |r: std::ops::Range<usize>| digits.get(r).unwrap_or("");
+        let text = match digits.len() {
+            4 | 6 | 8 if zone.is_empty() => [d(0..4), d(4..6), d(6..8)]
+                .iter()
+                .filter(|p| !p.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join("-"),
+            10 | 12 | 14 => {
+                let secs = if digits.len() == 14 { d(12..14) } else { "00" };
+                let mins = if digits.len() >= 12 { d(10..12) } else { "00" };
+                let zone = match zone.len() {
+                    0 => "Z".to_owned(),
+                    5 => format!("{}:{}", &zone[..3], &zone[3..]),
+                    _ => return None,
+                };
+                let fraction = if fraction.is_empty() {
+                    String::new()
+                } else {
+                    format!(".{fraction}")
+                };
+                format!(
+                    "{}-{}-{}T{}:{mins}:{secs}{fraction}{zone}",
+                    d(0..4),
+                    d(4..6),
+                    d(6..8),
+                    d(8..10)
+                )
+            }
+            _ => return None,
+        };
+        text.parse().ok()
+    }
+}
+
+impl From<Date> for When {
+    fn from(d: Date) -> Self {
+        When(d.to_string())
+    }
+}
+
+impl FromStr for When {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const WHY: &str = "must be a FHIR dateTime: YYYY, YYYY-MM, YYYY-MM-DD, or a time \
+                           with seconds and offset";
+        let ok = match s.len() {
+            4 => s.bytes().all(|b| b.is_ascii_digit()) && s != "0000",
+            7 => format!("{s}-01").parse::<Date>().is_ok(),
+            10 => s.parse::<Date>().is_ok(),
+            _ => {
+                s.as_bytes().get(10) == Some(&b'T')
+                    && !s.ends_with('z')
+                    && s.parse::<DateTime>().is_ok()
+            }
+        };
+        if !ok {
+            return Err(WHY);
+        }
+        // One spelling of UTC, so HL7's +0000 and FHIR's Z compare equal.
+        Ok(When(match s.strip_suffix("+00:00") {
+            Some(rest) => format!("{rest}Z"),
+            None => s.to_owned(),
+        }))
+    }
+}
+
+impl fmt::Display for When {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 macro_rules! serde_via_display {
     ($($t:ty),*) => {$(
         impl Serialize for $t {
@@ -95,7 +212,7 @@ macro_rules! serde_via_display {
         }
     )*};
 }
-serde_via_display!(Date, DateTime);
+serde_via_display!(Date, DateTime, When);
 
 /// A code from a terminology (SNOMED CT, dm+d) with its display text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,9 +314,9 @@ pub struct Diagnosis {
     pub code: Code,
     /// Still active.
     pub active: bool,
-    /// When it started.
+    /// When it started, at the precision recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub onset: Option<Date>,
+    pub onset: Option<When>,
 }
 
 /// A medicine the patient takes.
@@ -266,9 +383,9 @@ pub struct Prescription {
     pub status: String,
     /// FHIR `MedicationRequest.intent` (`order`, `plan`, ...).
     pub intent: String,
-    /// When it was written.
+    /// When it was written, at the precision recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authored_on: Option<DateTime>,
+    pub authored_on: Option<When>,
     /// Dosage instructions, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dosage: Option<String>,
@@ -425,8 +542,8 @@ pub struct Infection {
 pub struct Vaccination {
     /// The vaccine.
     pub code: Code,
-    /// When given.
-    pub date: Date,
+    /// When given, at the precision recorded.
+    pub date: When,
 }
 
 /// Whether a follow-up is an appointment or a referral.
@@ -447,9 +564,9 @@ pub struct FollowUp {
     pub kind: FollowUpKind,
     /// The service.
     pub service: String,
-    /// When (appointments) or by when.
+    /// When (appointments) or by when, at the precision recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub date: Option<Date>,
+    pub date: Option<When>,
 }
 
 /// The patient's decision on sharing with probation.

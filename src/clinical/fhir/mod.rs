@@ -404,7 +404,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                 }),
                 code: code_cc(&d.code),
                 subject: subject.clone(),
-                onset_date_time: d.onset.map(|o| o.to_string().into()),
+                onset_date_time: d.onset.as_ref().map(|o| o.to_string().into()),
             })
         })
         .collect();
@@ -507,7 +507,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                 category: vec![local(code, display)],
                 code: (!is_blank(&f.service)).then(|| CodeableConcept::text(&f.service)),
                 subject: subject.clone(),
-                occurrence_date_time: f.date.map(|d| d.to_string().into()),
+                occurrence_date_time: f.date.as_ref().map(|d| d.to_string().into()),
             })
         })
         .collect();
@@ -892,9 +892,24 @@ fn required<T>(
     v
 }
 
-/// The date part of a FHIR dateTime.
-fn date_part(d: &str) -> &str {
-    d.get(..10).unwrap_or(d)
+/// The calendar day of a FHIR `dateTime` (as the sender wrote it, in its
+/// own offset): a custody date is a day. A time of day is listed as not
+/// carried; a year or month alone is too vague to route on and refused.
+fn day_of(
+    v: Option<&str>,
+    field: impl fmt::Display,
+    index: &Index<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<Date> {
+    let when: super::model::When = parse_with(v, &field, errors)?;
+    let text = when.to_string();
+    let day = text.get(..10).and_then(|d| d.parse().ok());
+    match day {
+        None => errors.add(field.to_string(), "must give at least the day (YYYY-MM-DD)"),
+        Some(_) if text.len() > 10 => index.note(&field, "the time of day is not carried"),
+        Some(_) => {}
+    }
+    day
 }
 
 #[allow(clippy::too_many_lines)]
@@ -1019,7 +1034,7 @@ fn parse_document(
             let period = enc.period.as_ref();
             let start = period.and_then(|p| p.start.as_deref());
             let end = period.and_then(|p| p.end.as_deref());
-            let reception_date = parse_with(start, format_args!("{ep}period.start"), errors);
+            let reception_date = day_of(start, format_args!("{ep}period.start"), &index, errors);
             let (transfer_at, release_date) = if transfer_to.is_some() {
                 (
                     parse_with(end, format_args!("{ep}period.end"), errors),
@@ -1028,7 +1043,7 @@ fn parse_document(
             } else {
                 (
                     None,
-                    parse_with(end, format_args!("{ep}period.end"), errors),
+                    day_of(end, format_args!("{ep}period.end"), &index, errors),
                 )
             };
             let no_fixed_abode = hosp
@@ -1196,7 +1211,7 @@ fn parse_document(
             .and_then(|c| c.code.as_deref())
             .is_none_or(|c| matches!(c, "active" | "recurrence" | "relapse"));
         let onset = parse_with(
-            c.onset_date_time.as_deref().map(date_part),
+            c.onset_date_time.as_deref(),
             format_args!("{p}onsetDateTime"),
             errors,
         );
@@ -1216,7 +1231,7 @@ fn parse_document(
             continue;
         };
         let date = parse_with(
-            Some(date_part(&im.occurrence_date_time)),
+            Some(&im.occurrence_date_time),
             format_args!("{p}occurrenceDateTime"),
             errors,
         );
@@ -1308,7 +1323,7 @@ fn parse_document(
             _ => FollowUpKind::Referral,
         };
         let date = parse_with(
-            r.occurrence_date_time.as_deref().map(date_part),
+            r.occurrence_date_time.as_deref(),
             format_args!("{p}occurrenceDateTime"),
             errors,
         );

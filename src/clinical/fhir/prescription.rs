@@ -23,7 +23,7 @@ pub(super) fn to_fhir<'a>(p: &'a Prescription, subject: &Reference<'a>) -> Medic
         intent: p.intent.as_str().into(),
         medication_codeable_concept: code_cc(&p.code),
         subject: subject.clone(),
-        authored_on: p.authored_on.map(|t| t.to_string().into()),
+        authored_on: p.authored_on.as_ref().map(|t| t.to_string().into()),
         dosage_instruction: p
             .dosage
             .iter()

@@ -23,7 +23,7 @@ use super::model::{
     Address, Allergy, Author, ClinicalSummary, Code, Consent, ConsentDecision, Custody, DMD, Date,
     DateTime, Diagnosis, FollowUp, FollowUpKind, Infection, Medication, MentalHealth,
     PRESCRIPTION_INTENTS, PRESCRIPTION_STATUSES, Patient, Prescription, Quantity, RiskFlag,
-    RiskKind, SNOMED, Severity, Sex, SubstanceMisuse, Vaccination,
+    RiskKind, SNOMED, Severity, Sex, SubstanceMisuse, Vaccination, When,
 };
 use super::violation::{ValidationErrors, Violation};
 use super::{Limits, Rendered};
@@ -132,6 +132,12 @@ fn push_ts(out: &mut String, t: &DateTime) {
     push_digits(out, u32::from(o.hour()), 2);
     push_digits(out, u32::from(o.minute()), 2);
     push_digits(out, u32::from(o.second()), 2);
+    // HL7 DTM carries four fractional digits.
+    let tenths_of_ms = o.nanosecond() / 100_000;
+    if o.nanosecond() != 0 {
+        out.push('.');
+        push_digits(out, tenths_of_ms, 4);
+    }
     let (h, m, _) = o.offset().as_hms();
     out.push(if h < 0 || m < 0 { '-' } else { '+' });
     push_digits(out, u32::from(h.unsigned_abs()), 2);
@@ -168,36 +174,32 @@ fn optional_date(
     date
 }
 
+/// An optional date or time at any HL7 precision: absent is fine, present
+/// but unreadable is a violation at `path`.
+fn optional_when(
+    text: Option<&str>,
+    path: impl FnOnce() -> String,
+    e: &mut ValidationErrors,
+) -> Option<When> {
+    let text = text.filter(|t| !t.is_empty())?;
+    let when = When::from_hl7(text);
+    if when.is_none() {
+        e.add(
+            path(),
+            "must be a date written YYYYMMDD (or YYYY, YYYYMM), or a time YYYYMMDDHHMM[SS[.SSSS]][+/-ZZZZ]",
+        );
+    }
+    when
+}
+
+/// An HL7 `TS`/`DTM` to at least the minute, fractional seconds kept (a
+/// time without an offset is read as UTC).
 fn parse_ts(s: &str) -> Option<DateTime> {
-    let b = s.as_bytes();
-    if b.len() < 12 || !b[..12].iter().all(u8::is_ascii_digit) {
+    let when = When::from_hl7(s)?.to_string();
+    if when.len() <= 10 {
         return None;
     }
-    let secs = if b.len() >= 14 && b[12..14].iter().all(u8::is_ascii_digit) {
-        &s[12..14]
-    } else {
-        "00"
-    };
-    let rest = s
-        .get(if secs == "00" && b.len() < 14 { 12 } else { 14 }..)
-        .unwrap_or("");
-    let offset = match rest.as_bytes().first() {
-        Some(b'+' | b'-') if rest.len() == 5 => format!("{}:{}", &rest[..3], &rest[3..5]),
-        None => "+00:00".into(),
-        _ => return None,
-    };
-    format!(
-        "{}-{}-{}T{}:{}:{}{}",
-        &s[..4],
-        &s[4..6],
-        &s[6..8],
-        &s[8..10],
-        &s[10..12],
-        secs,
-        offset
-    )
-    .parse()
-    .ok()
+    when.parse().ok()
 }
 
 fn coding_system(system: &str) -> Option<&'static str> {
@@ -230,6 +232,8 @@ enum Value<'a> {
     Code(&'a Code),
     Date(&'a Date),
     Time(&'a DateTime),
+    /// A date or time at its own precision.
+    When(&'a When),
     Number(u32),
 }
 
@@ -263,6 +267,7 @@ impl Obx<'_> {
             Value::Code(c) => push_ce(out, c),
             Value::Date(d) => push_dt(out, d),
             Value::Time(t) => push_ts(out, t),
+            Value::When(w) => out.push_str(&w.to_hl7().0),
             Value::Number(n) => {
                 let _ = write!(out, "{n}");
             }
@@ -476,7 +481,7 @@ fn push_al1_dg1(out: &mut String, s: &ClinicalSummary) {
         push_ce(out, &d.code);
         out.push_str("||");
         if let Some(o) = &d.onset {
-            push_dt(out, o);
+            out.push_str(&o.to_hl7().0);
         }
         // HL7 table 0052: a recorded diagnosis is final; whether it is
         // resolved travels in a DX-ACTIVE OBX (table 0052 has no such code).
@@ -512,7 +517,7 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
             obx.add("CE", "DX", "CODE", "Diagnosis", n, Value::Code(&d.code));
             obx.add("ST", "DX", "ACTIVE", "Active", n, Value::Raw(yn(d.active)));
             if let Some(o) = &d.onset {
-                obx.add("DT", "DX", "ONSET", "Onset", n, Value::Date(o));
+                obx.add("DTM", "DX", "ONSET", "Onset", n, Value::When(o));
             }
         }
     } else {
@@ -637,7 +642,7 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
     for (i, v) in s.vaccinations.iter().enumerate() {
         let n = i + 1;
         obx.add("CE", "VAC", "CODE", "Vaccination", n, Value::Code(&v.code));
-        obx.add("DT", "VAC", "DATE", "Date given", n, Value::Date(&v.date));
+        obx.add("DTM", "VAC", "DATE", "Date given", n, Value::When(&v.date));
     }
     for (i, f) in s.follow_ups.iter().enumerate() {
         let n = i + 1;
@@ -648,7 +653,7 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
         obx.add("ST", "FU", "KIND", "Follow-up", n, Value::Raw(kind));
         obx.add("ST", "FU", "SERVICE", "Service", n, Value::Text(&f.service));
         if let Some(d) = &f.date {
-            obx.add("DT", "FU", "DATE", "Date", n, Value::Date(d));
+            obx.add("DTM", "FU", "DATE", "Date", n, Value::When(d));
         }
     }
     push_prescriptions(&mut obx, s);
@@ -697,7 +702,7 @@ fn push_prescriptions(obx: &mut Obx<'_>, s: &ClinicalSummary) {
         obx.add("ST", "RX", "STATUS", "Status", n, Value::Text(&p.status));
         obx.add("ST", "RX", "INTENT", "Intent", n, Value::Text(&p.intent));
         if let Some(t) = &p.authored_on {
-            obx.add("TS", "RX", "AUTHORED", "Written", n, Value::Time(t));
+            obx.add("DTM", "RX", "AUTHORED", "Written", n, Value::When(t));
         }
         if let Some(d) = &p.dosage {
             obx.add("ST", "RX", "DOSAGE", "Dosage", n, Value::Text(d));
@@ -730,13 +735,7 @@ fn read_prescription(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<
     };
     let status = coded("STATUS", &PRESCRIPTION_STATUSES, "active");
     let intent = coded("INTENT", &PRESCRIPTION_INTENTS, "order");
-    let authored_on = g.text("AUTHORED").and_then(|v| {
-        let t = parse_ts(&v);
-        if t.is_none() {
-            e.add(g.path("AUTHORED"), "must be a time YYYYMMDDHHMMSS+ZZZZ");
-        }
-        t
-    });
+    let authored_on = optional_when(g.text("AUTHORED").as_deref(), || g.path("AUTHORED"), e);
     let quantity = match (g.string("QTY"), g.string("UNIT")) {
         (None, None) => None,
         (Some(value), Some(unit)) if Quantity::is_decimal(&value) && !unit.is_empty() => {
@@ -1263,7 +1262,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 Some(code) => diagnoses.push(Diagnosis {
                     code,
                     active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
-                    onset: optional_date(g.text("ONSET").as_deref(), || g.path("ONSET"), &mut e),
+                    onset: optional_when(g.text("ONSET").as_deref(), || g.path("ONSET"), &mut e),
                 }),
                 // Without a code, the status of the DG1 with this set ID.
                 None => match diagnoses[..from_dg1].get_mut(fields[0].sub as usize - 1) {
@@ -1306,7 +1305,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 }),
                 None => e.add(g.path("CODE"), "required: the infection code"),
             },
-            "VAC" => match (g.code(), g.text("DATE").and_then(|v| parse_dt(&v))) {
+            "VAC" => match (g.code(), g.text("DATE").and_then(|v| When::from_hl7(&v))) {
                 (Some(code), Some(date)) => vaccinations.push(Vaccination { code, date }),
                 _ => e.add(g.path("CODE"), "a vaccination needs a code and a date"),
             },
@@ -1317,7 +1316,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                     FollowUpKind::Referral
                 },
                 service: g.string("SERVICE").unwrap_or_default(),
-                date: optional_date(g.text("DATE").as_deref(), || g.path("DATE"), &mut e),
+                date: optional_when(g.text("DATE").as_deref(), || g.path("DATE"), &mut e),
             }),
             "CUSTODY" => no_fixed_abode = flag("NFA"),
             "CONSENT" => {
@@ -1443,7 +1442,7 @@ fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<Diagnosis> {
     if !matches!(&*s.comp(6, 1), "" | "A" | "W" | "F") {
         e.add(s.name(6), "must be A, W or F (HL7 table 0052)");
     }
-    let onset = optional_date(Some(&s.comp(5, 1)), || format!("{}.1", s.name(5)), e);
+    let onset = optional_when(Some(&s.comp(5, 1)), || format!("{}.1", s.name(5)), e);
     let Some(code) = code_from_ce(s.field(3)) else {
         e.add(format!("{}.1", s.name(3)), "required: the diagnosis code");
         return None;
@@ -1543,7 +1542,14 @@ mod tests {
             parse_ts("202611240810"),
             "2026-11-24T08:10:00Z".parse().ok()
         );
-        assert_eq!(parse_ts("2026112408"), None);
+        // TS allows every precision down to the hour, and four fraction digits.
+        assert_eq!(parse_ts("2026112408"), "2026-11-24T08:00:00Z".parse().ok());
+        assert_eq!(
+            parse_ts("20261124081000.1234-0500"),
+            "2026-11-24T08:10:00.1234-05:00".parse().ok()
+        );
+        assert_eq!(parse_ts("20261124"), None);
+        assert_eq!(parse_ts("20261124081000.12345"), None);
         assert_eq!(error_location("PID-3[1].1"), "PID^1^3^1^1");
         assert_eq!(error_location("OBX(4)-5"), "OBX^4^5^1^");
     }
@@ -1574,7 +1580,7 @@ mod tests {
         let dates: Vec<&str> = err
             .0
             .iter()
-            .filter(|v| v.description == "must be a date written YYYYMMDD")
+            .filter(|v| v.description.starts_with("must be a date written YYYYMMDD"))
             .map(|v| v.field.as_str())
             .collect();
         assert!(!dates.is_empty(), "{err:?}");
