@@ -372,3 +372,44 @@ fn one_date_of_birth_rule_for_every_document() {
     s.patient.date_of_birth = "1900-01-01".parse().unwrap();
     throughcare::clinical::validate(&s, JourneyEvent::Release).unwrap();
 }
+
+#[test]
+fn hl7_tables_0001_0085_0127_0128_are_read_by_meaning() {
+    let segments = hl7_release(|segs| {
+        let obx = segs.iter_mut().find(|s| s.contains("MED-DOSE")).unwrap();
+        *obx = obx.replace("||||||F", "||||||W");
+        segs.push("AL1|9|FA|227493005^Cashew nuts^SCT|U|Hives".into());
+    });
+    let read = parse_hl7(&segments).unwrap();
+    assert_eq!(
+        read.medications[0].dose, "",
+        "a withdrawn OBX is not carried"
+    );
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.ends_with("OBX-11 result status W (HL7 table 0085)"))
+    );
+    let nuts = read.allergies.last().unwrap();
+    assert_eq!(
+        (nuts.substance.code.as_str(), nuts.severity),
+        ("227493005", None)
+    );
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.starts_with("AL1") && n.contains("-2: the allergen type"))
+    );
+    for (bad, field) in [("AL1|9|XX|1^x^SCT", "-2"), ("AL1|9|DA|1^x^SCT|HIGH", "-4")] {
+        let segments = hl7_release(|segs| segs.push(bad.into()));
+        let err = parse_hl7(&segments).unwrap_err();
+        assert!(err.0[0].field.ends_with(field), "{err}");
+    }
+    let segments = hl7_release(|segs| {
+        let pid = segment(segs, "PID");
+        let mut fields: Vec<String> = pid.split('|').map(String::from).collect();
+        fields[8] = "Q".into();
+        *pid = fields.join("|");
+    });
+    assert_eq!(parse_hl7(&segments).unwrap_err().0[0].field, "PID-8");
+}

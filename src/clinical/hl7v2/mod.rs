@@ -1101,11 +1101,16 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     if dob.is_none() {
         e.add("PID-7", "required: date of birth YYYYMMDD");
     }
+    // HL7 table 0001 (administrative sex).
     let sex = match &*pid.comp(8, 1) {
         "M" => Sex::Male,
         "F" => Sex::Female,
-        "O" => Sex::Other,
-        _ => Sex::Unknown,
+        "O" | "A" => Sex::Other,
+        "U" | "N" | "" => Sex::Unknown,
+        _ => {
+            e.add("PID-8", "must be M, F, O, A, U or N (HL7 table 0001)");
+            Sex::Unknown
+        }
     };
     let release_address = (!pid.field(11).is_empty()).then(|| Address {
         lines: [pid.comp(11, 1), pid.comp(11, 2)]
@@ -1169,6 +1174,15 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     for s in segments.iter().filter(|s| s.id == "OBX") {
         let id = s.comp(3, 1);
         if s.comp(3, 3) != LOCAL {
+            continue;
+        }
+        // HL7 table 0085: a result withdrawn (W), deleted (D) or that could
+        // not be obtained (X) is not a fact to carry.
+        if let status @ ("W" | "D" | "X") = &*s.comp(11, 1) {
+            notes.push(format!(
+                "{}: not carried: OBX-11 result status {status} (HL7 table 0085)",
+                s.name(5)
+            ));
             continue;
         }
         let Some((item, field)) = split_once(id, '-') else {
