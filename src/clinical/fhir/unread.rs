@@ -297,6 +297,12 @@ fn safe_url(url: &str) -> &str {
     if ok { url } else { "(no readable url)" }
 }
 
+/// An object that holds nothing but comments (`"_status": {"fhir_comments": …}`).
+fn only_comments(v: &Value) -> bool {
+    v.as_object()
+        .is_some_and(|o| !o.is_empty() && o.keys().all(|k| k == "fhir_comments"))
+}
+
 /// One walk over one resource: notes for what is not read, violations for
 /// modifiers we do not understand.
 struct Walk<'w> {
@@ -315,6 +321,9 @@ impl Walk<'_> {
                 format!("{schema_path}.{key}")
             };
             match key.as_str() {
+                // Comments, as FHIR JSON writes XML comments: not content.
+                "fhir_comments" => {}
+                _ if only_comments(value) => {}
                 "modifierExtension" => self.errors.add(
                     here,
                     "a modifier extension the gateway does not understand: FHIR requires \
