@@ -413,3 +413,46 @@ fn hl7_tables_0001_0085_0127_0128_are_read_by_meaning() {
     });
     assert_eq!(parse_hl7(&segments).unwrap_err().0[0].field, "PID-8");
 }
+
+#[test]
+fn bundle_level_elements_and_a_messages_envelope_are_listed() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    doc["signature"] = json!({"type": [{"code": "1.2.840.10065.1.12.1.1"}]});
+    doc["entry"][1]["search"] = json!({"mode": "match"});
+    let read = parse_fhir(&doc).unwrap();
+    let mut got = read.not_read.clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "entry[1].search: not read by the gateway",
+            "signature: not read by the gateway"
+        ]
+    );
+    let message = json!({
+        "resourceType": "Bundle", "type": "message",
+        "entry": [
+            {"fullUrl": "urn:uuid:6b1d4e1e-0000-4000-8000-0000000000aa",
+             "resource": {"resourceType": "MessageHeader", "eventCoding": {"code": "x"}}},
+            {"fullUrl": "urn:uuid:6b1d4e1e-0000-4000-8000-0000000000bb", "resource": fhir_json(&s, JourneyEvent::Release)}
+        ]
+    });
+    let read = parse_fhir(&message).unwrap();
+    assert_eq!(
+        read.not_read,
+        ["entry[0].resource (MessageHeader): not read: the message around the document"]
+    );
+}
+
+#[test]
+fn an_obx_field_given_twice_lists_the_one_not_read() {
+    let segments = hl7_release(|segs| {
+        let dose = segs.iter().position(|s| s.contains("MED-DOSE")).unwrap();
+        let again = segs[dose].clone();
+        segs.insert(dose + 1, again);
+    });
+    let read = parse_hl7(&segments).unwrap();
+    assert_eq!(read.not_read.len(), 1, "{:?}", read.not_read);
+    assert!(read.not_read[0].ends_with("-5: not read: the item gives this field again later"));
+}

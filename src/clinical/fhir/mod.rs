@@ -776,7 +776,12 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     }
     let mut errors = ValidationErrors::default();
     match &*bundle.type_ {
-        "document" => parse_document(&bundle, "", &mut errors),
+        "document" => parse_document(&bundle, "", &mut errors).map(|mut p| {
+            let mut notes = unread::bundle(text, "");
+            notes.append(&mut p.summary.not_read);
+            p.summary.not_read = notes;
+            p
+        }),
         "message" => {
             let inner = bundle
                 .entry
@@ -788,7 +793,14 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                     let prefix = format!("entry[{i}].resource.");
                     match typed::<RawBundle>(e.resource.get(), &prefix, &mut errors) {
                         Some(doc) if doc.type_ == "document" => {
-                            parse_document(&doc, &prefix, &mut errors)
+                            parse_document(&doc, &prefix, &mut errors).map(|mut p| {
+                                let mut notes = unread::bundle(text, "");
+                                notes.extend(unread::bundle(e.resource.get(), &prefix));
+                                notes.extend(message_entries(&bundle, i));
+                                notes.append(&mut p.summary.not_read);
+                                p.summary.not_read = notes;
+                                p
+                            })
                         }
                         Some(_) => {
                             errors.add(
@@ -813,6 +825,24 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     }
     .filter(|_| errors.0.is_empty())
     .ok_or(errors)
+}
+
+/// The entries of a message Bundle around the document it wraps (the
+/// MessageHeader and the like): transport, listed as not read.
+fn message_entries(bundle: &RawBundle<'_>, document: usize) -> Vec<String> {
+    bundle
+        .entry
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| *k != document)
+        .map(|(k, e)| {
+            let kind = kind_of(e.resource);
+            format!(
+                "entry[{k}].resource ({}): not read: the message around the document",
+                unread::safe_name(kind.as_deref().unwrap_or(""))
+            )
+        })
+        .collect()
 }
 
 /// A resource's type. Looks first where every Bundle we write (and most

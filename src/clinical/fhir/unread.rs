@@ -407,6 +407,58 @@ pub(super) fn walk(
     .object(&map, "", &at);
 }
 
+/// What a Bundle (`json`, under `prefix`) holds around its entries' resources
+/// beyond its structure: `signature`, `link`, `entry.search`,
+/// `entry.request`, `meta` other than profiles. Its identifier and
+/// timestamp are the document's own and re-minted for every delivery.
+pub(super) fn bundle(json: &str, prefix: &str) -> Vec<String> {
+    use serde::de::IgnoredAny;
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    let mut notes = Vec::new();
+    let Ok(top) = serde_json::from_str::<BTreeMap<String, &RawValue>>(json) else {
+        return notes;
+    };
+    for (key, value) in &top {
+        match key.as_str() {
+            "resourceType" | "id" | "identifier" | "type" | "timestamp" | "fhir_comments" => {}
+            "meta" => {
+                if let Ok(Value::Object(meta)) = serde_json::from_str::<Value>(value.get()) {
+                    for k in meta
+                        .keys()
+                        .filter(|k| !matches!(k.as_str(), "profile" | "fhir_comments"))
+                    {
+                        notes.push(format!(
+                            "{prefix}meta.{}: not read by the gateway",
+                            safe_name(k)
+                        ));
+                    }
+                }
+            }
+            "entry" => {
+                let entries: Vec<BTreeMap<String, IgnoredAny>> =
+                    serde_json::from_str(value.get()).unwrap_or_default();
+                for (i, e) in entries.iter().enumerate() {
+                    for k in e
+                        .keys()
+                        .filter(|k| !matches!(k.as_str(), "fullUrl" | "resource" | "fhir_comments"))
+                    {
+                        notes.push(format!(
+                            "{prefix}entry[{i}].{}: not read by the gateway",
+                            safe_name(k)
+                        ));
+                    }
+                }
+            }
+            other => notes.push(format!(
+                "{prefix}{}: not read by the gateway",
+                safe_name(other)
+            )),
+        }
+    }
+    notes
+}
+
 /// Why a resource of `kind` is not clinical content at all, when its own
 /// status says so (FHIR modifier elements): entered in error, refuted, not
 /// taken, not done, or a request not to do something.

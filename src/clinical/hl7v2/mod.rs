@@ -1205,6 +1205,19 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         });
     }
     obx.sort_by(|a, b| (&a.item, a.sub).cmp(&(&b.item, b.sub)));
+    // A field given twice in one item: the last is read, the others listed.
+    for (k, f) in obx.iter().enumerate() {
+        if obx[k + 1..]
+            .iter()
+            .take_while(|g| g.item == f.item && g.sub == f.sub)
+            .any(|g| g.field == f.field)
+        {
+            notes.push(format!(
+                "{}: not read: the item gives this field again later",
+                f.segment.name(5)
+            ));
+        }
+    }
 
     let mut medications = Vec::new();
     let mut prescriptions = Vec::new();
