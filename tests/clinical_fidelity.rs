@@ -456,3 +456,24 @@ fn an_obx_field_given_twice_lists_the_one_not_read() {
     assert_eq!(read.not_read.len(), 1, "{:?}", read.not_read);
     assert!(read.not_read[0].ends_with("-5: not read: the item gives this field again later"));
 }
+
+#[test]
+fn msh_beyond_the_envelope_is_listed_and_a_training_message_refused() {
+    let segments = hl7_release(|segs| {
+        let msh = segment(segs, "MSH");
+        msh.push_str("|||AL|NE");
+    });
+    let read = parse_hl7(&segments).unwrap();
+    assert_eq!(
+        read.not_read,
+        [
+            "MSH-15: not read by the gateway",
+            "MSH-16: not read by the gateway"
+        ]
+    );
+    let segments = hl7_release(|segs| {
+        let msh = segment(segs, "MSH");
+        *msh = msh.replace("|P|2.5.1", "|T|2.5.1");
+    });
+    assert_eq!(parse_hl7(&segments).unwrap_err().0[0].field, "MSH-11");
+}

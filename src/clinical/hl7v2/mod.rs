@@ -1031,6 +1031,14 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             None
         }
     };
+    // HL7 table 0103: a training (T) or debugging (D) message must never
+    // reach a clinician as a real patient's record.
+    if !matches!(&*msh.comp(11, 1), "P" | "") {
+        e.add(
+            "MSH-11",
+            "only production messages (P, HL7 table 0103) are carried",
+        );
+    }
     let version = msh.comp(12, 1);
     if !version.starts_with("2.") {
         e.add("MSH-12", "must be an HL7 v2 version (2.5.1 expected)");

@@ -132,6 +132,13 @@ pub(super) fn unread(segments: &[Segment<'_>], event: Option<JourneyEvent>) -> V
     let mut notes = Vec::new();
     for s in segments {
         if s.id == "MSH" {
+            // The header: sender, receiver, time, type, control id, processing
+            // id and version are the envelope; the rest is listed.
+            for n in (8..=s.fields.len()).filter(|n| !(9..=12).contains(n)) {
+                if !s.field(n).is_empty() {
+                    notes.push(format!("MSH-{n}: not read by the gateway"));
+                }
+            }
             continue;
         }
         // Segment ids were checked when the message was split: never free text.
