@@ -33,18 +33,12 @@ pub(super) struct Schema {
 /// and the profiles it claims (ours are declared afresh on the way out).
 const COMMON: [&str; 4] = ["resourceType", "id", "meta", "meta.profile"];
 
-/// The schema of `kind`, if the gateway reads that resource type.
-pub(super) fn schema(kind: &str) -> Option<Schema> {
-    let s = |known, first_only, extensions| {
-        Some(Schema {
-            known,
-            first_only,
-            extensions,
-        })
-    };
-    match kind {
-        "Composition" => s(
-            &[
+/// The resource types the gateway reads, each with its schema.
+const SCHEMAS: [(&str, Schema); 14] = [
+    (
+        "Composition",
+        Schema {
+            known: &[
                 "status",
                 "type{cc}",
                 "subject{ref}",
@@ -59,11 +53,14 @@ pub(super) fn schema(kind: &str) -> Option<Schema> {
                 "section.code{cc}",
                 "section.entry{ref}",
             ],
-            &["author"],
-            &[],
-        ),
-        "Patient" => s(
-            &[
+            first_only: &["author"],
+            extensions: &[],
+        },
+    ),
+    (
+        "Patient",
+        Schema {
+            known: &[
                 "identifier",
                 "identifier.system",
                 "identifier.value",
@@ -79,27 +76,36 @@ pub(super) fn schema(kind: &str) -> Option<Schema> {
                 "address.postalCode",
                 "generalPractitioner{ref}",
             ],
-            &["name", "address", "generalPractitioner"],
-            &[],
-        ),
-        "Organization" => s(
-            &["identifier", "identifier.system", "identifier.value"],
-            &[],
-            &[],
-        ),
-        "Practitioner" => s(
-            &[
+            first_only: &["name", "address", "generalPractitioner"],
+            extensions: &[],
+        },
+    ),
+    (
+        "Organization",
+        Schema {
+            known: &["identifier", "identifier.system", "identifier.value"],
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "Practitioner",
+        Schema {
+            known: &[
                 "name",
                 "name.text",
                 "name.family",
                 "qualification",
                 "qualification.code{cc}",
             ],
-            &["name", "qualification"],
-            &[],
-        ),
-        "Encounter" => s(
-            &[
+            first_only: &["name", "qualification"],
+            extensions: &[],
+        },
+    ),
+    (
+        "Encounter",
+        Schema {
+            known: &[
                 "status",
                 "class{coding}",
                 "subject{ref}",
@@ -111,22 +117,28 @@ pub(super) fn schema(kind: &str) -> Option<Schema> {
                 "hospitalization.destination{ref}",
                 "hospitalization.dischargeDisposition{cc}",
             ],
-            &[],
-            &[],
-        ),
-        "Condition" => s(
-            &[
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "Condition",
+        Schema {
+            known: &[
                 "clinicalStatus{cc}",
                 "verificationStatus{cc}",
                 "code{cc}",
                 "subject{ref}",
                 "onsetDateTime",
             ],
-            &[],
-            &[],
-        ),
-        "MedicationStatement" => s(
-            &[
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "MedicationStatement",
+        Schema {
+            known: &[
                 "status",
                 "category{cc}",
                 "medicationCodeableConcept{cc}",
@@ -138,11 +150,14 @@ pub(super) fn schema(kind: &str) -> Option<Schema> {
                 "dosage.timing.code{cc}",
                 "dosage.route{cc}",
             ],
-            &["dosage"],
-            &[EXT_LAST_DOSE, EXT_DAYS_SUPPLIED],
-        ),
-        "MedicationRequest" => s(
-            &[
+            first_only: &["dosage"],
+            extensions: &[EXT_LAST_DOSE, EXT_DAYS_SUPPLIED],
+        },
+    ),
+    (
+        "MedicationRequest",
+        Schema {
+            known: &[
                 "status",
                 "intent",
                 "medicationCodeableConcept{cc}",
@@ -160,11 +175,14 @@ pub(super) fn schema(kind: &str) -> Option<Schema> {
                 "dispenseRequest.expectedSupplyDuration.system",
                 "dispenseRequest.expectedSupplyDuration.code",
             ],
-            &["dosageInstruction"],
-            &[],
-        ),
-        "AllergyIntolerance" => s(
-            &[
+            first_only: &["dosageInstruction"],
+            extensions: &[],
+        },
+    ),
+    (
+        "AllergyIntolerance",
+        Schema {
+            known: &[
                 "clinicalStatus{cc}",
                 "verificationStatus{cc}",
                 "code{cc}",
@@ -173,22 +191,35 @@ pub(super) fn schema(kind: &str) -> Option<Schema> {
                 "reaction.manifestation{cc}",
                 "reaction.severity",
             ],
-            &["reaction", "reaction.manifestation"],
-            &[],
-        ),
-        "Flag" => s(&["status", "code{cc}", "subject{ref}"], &[], &[EXT_NOTE]),
-        "Immunization" => s(
-            &[
+            first_only: &["reaction", "reaction.manifestation"],
+            extensions: &[],
+        },
+    ),
+    (
+        "Flag",
+        Schema {
+            known: &["status", "code{cc}", "subject{ref}"],
+            first_only: &[],
+            extensions: &[EXT_NOTE],
+        },
+    ),
+    (
+        "Immunization",
+        Schema {
+            known: &[
                 "status",
                 "vaccineCode{cc}",
                 "patient{ref}",
                 "occurrenceDateTime",
             ],
-            &[],
-            &[],
-        ),
-        "Observation" => s(
-            &[
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "Observation",
+        Schema {
+            known: &[
                 "status",
                 "category{cc}",
                 "code{cc}",
@@ -196,11 +227,14 @@ pub(super) fn schema(kind: &str) -> Option<Schema> {
                 "valueString",
                 "valueBoolean",
             ],
-            &[],
-            &[EXT_TREATMENT_STARTED],
-        ),
-        "ServiceRequest" => s(
-            &[
+            first_only: &[],
+            extensions: &[EXT_TREATMENT_STARTED],
+        },
+    ),
+    (
+        "ServiceRequest",
+        Schema {
+            known: &[
                 "status",
                 "intent",
                 "category{cc}",
@@ -208,11 +242,14 @@ pub(super) fn schema(kind: &str) -> Option<Schema> {
                 "subject{ref}",
                 "occurrenceDateTime",
             ],
-            &[],
-            &[],
-        ),
-        "Consent" => s(
-            &[
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "Consent",
+        Schema {
+            known: &[
                 "status",
                 "scope{cc}",
                 "category{cc}",
@@ -221,11 +258,15 @@ pub(super) fn schema(kind: &str) -> Option<Schema> {
                 "provision",
                 "provision.type",
             ],
-            &[],
-            &[],
-        ),
-        _ => None,
-    }
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+];
+
+/// The schema of `kind`, if the gateway reads that resource type.
+pub(super) fn schema(kind: &str) -> Option<&'static Schema> {
+    SCHEMAS.iter().find(|(k, _)| *k == kind).map(|(_, s)| s)
 }
 
 /// The parts of each datatype a suffix names.
