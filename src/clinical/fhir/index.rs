@@ -79,7 +79,7 @@ impl<'a> Index<'a> {
         match unread::schema(kind) {
             Some(schema) => unread::walk(
                 self.entries[i].resource.get(),
-                &schema,
+                schema,
                 self.path(i),
                 &mut self.notes.borrow_mut(),
                 &mut self.refused.borrow_mut(),
