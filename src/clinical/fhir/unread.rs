@@ -536,7 +536,7 @@ mod tests {
     fn unread(kind: &str, json: &str) -> (Vec<String>, ValidationErrors) {
         let mut notes = Vec::new();
         let mut errors = ValidationErrors::default();
-        walk(json, &schema(kind).unwrap(), "r.", &mut notes, &mut errors);
+        walk(json, schema(kind).unwrap(), "r.", &mut notes, &mut errors);
         notes.sort();
         (notes, errors)
     }
