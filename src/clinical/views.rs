@@ -37,8 +37,8 @@ pub fn excluded(view: View) -> &'static [&'static str] {
             "custody.reception_date: the probation view excludes it",
             "risks: the probation view carries active risks only, without notes, \
              and only where consent or a recorded legal basis allows",
-            "substance_misuse, follow_ups: the probation view carries only whether \
-             treatment and referrals are in place",
+            "substance_misuse, follow_ups: the probation view carries only whether treatment \
+             and onward care are in place",
         ],
     }
 }
