@@ -39,7 +39,7 @@ impl FromStr for DateTime {
     type Err = &'static str;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .map(|t| DateTime(t.replace_nanosecond(0).unwrap_or(t)))
+            .map(DateTime)
             .map_err(|_| "must be a date and time with offset (RFC 3339)")
     }
 }
@@ -55,6 +55,14 @@ impl fmt::Display for DateTime {
 }
 
 impl Date {
+    /// The one rule for a date of birth, wherever it is written (the
+    /// document, or a `PatientRef`): not before 1900 and not in the future
+    /// (UTC, with a day's grace for time zones east of it).
+    pub fn is_plausible_birth_date(self) -> bool {
+        let tomorrow = time::OffsetDateTime::now_utc().date().next_day();
+        self.0.year() >= 1900 && tomorrow.is_none_or(|t| self.0 <= t)
+    }
+
     /// The last millisecond of this day in UTC, ms since the epoch.
     pub fn end_of_day_ms(self) -> i64 {
         let end = self
@@ -69,6 +77,123 @@ impl DateTime {
     /// This moment, ms since the epoch.
     pub fn unix_ms(self) -> i64 {
         i64::try_from(self.0.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+    }
+}
+
+/// A FHIR `dateTime` at whatever precision it was written: `2026`,
+/// `2026-09`, `2026-09-01`, or a time to the second (with optional
+/// fraction) and its offset. Kept as written, so no precision is invented
+/// or lost; HL7 v2 `DTM` carries every one of these precisions.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct When(String);
+
+impl When {
+    /// As HL7 v2 `DTM`: `YYYY[MM[DD[HHMMSS[.SSSS]+ZZZZ]]]`. A fraction
+    /// longer than HL7's four digits is cut; the caller says so.
+    pub fn to_hl7(&self) -> (String, bool) {
+        let s = &self.0;
+        let Some((date, time)) = s.split_once('T') else {
+            return (s.replace('-', ""), false);
+        };
+        let split = time.find(['Z', '+', '-']).unwrap_or(time.len());
+        let (clock, zone) = time.split_at(split);
+        let (hms, fraction) = clock.split_once('.').unwrap_or((clock, ""));
+        let mut out = date.replace('-', "");
+        out.push_str(&hms.replace(':', ""));
+        if !fraction.is_empty() {
+            out.push('.');
+            out.push_str(&fraction[..fraction.len().min(4)]);
+        }
+        out.push_str(if zone == "Z" { "+0000" } else { "" });
+        out.push_str(&zone.replace([':', 'Z'], ""));
+        (out, fraction.len() > 4)
+    }
+
+    /// From HL7 v2 `DTM`/`TS`/`DT` at any precision. A time without an
+    /// offset is read as UTC (FHIR needs an offset with a time); a time to
+    /// the hour or minute gains zero seconds.
+    pub fn from_hl7(v: &str) -> Option<Self> {
+        let split = v.find(['+', '-']).unwrap_or(v.len());
+        let (stamp, zone) = v.split_at(split);
+        let (digits, fraction) = stamp.split_once('.').unwrap_or((stamp, ""));
+        if !digits.bytes().all(|b| b.is_ascii_digit())
+            || !fraction.bytes().all(|b| b.is_ascii_digit())
+            || (!fraction.is_empty() && digits.len() != 14)
+            || fraction.len() > 4
+            || stamp.ends_with('.')
+        {
+            return None;
+        }
+        let d = |r: std::ops::Range<usize>| digits.get(r).unwrap_or("");
+        let text = match digits.len() {
+            4 | 6 | 8 if zone.is_empty() => [d(0..4), d(4..6), d(6..8)]
+                .iter()
+                .filter(|p| !p.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join("-"),
+            10 | 12 | 14 => {
+                let secs = if digits.len() == 14 { d(12..14) } else { "00" };
+                let mins = if digits.len() >= 12 { d(10..12) } else { "00" };
+                let zone = match zone.len() {
+                    0 => "Z".to_owned(),
+                    5 => format!("{}:{}", &zone[..3], &zone[3..]),
+                    _ => return None,
+                };
+                let fraction = if fraction.is_empty() {
+                    String::new()
+                } else {
+                    format!(".{fraction}")
+                };
+                format!(
+                    "{}-{}-{}T{}:{mins}:{secs}{fraction}{zone}",
+                    d(0..4),
+                    d(4..6),
+                    d(6..8),
+                    d(8..10)
+                )
+            }
+            _ => return None,
+        };
+        text.parse().ok()
+    }
+}
+
+impl From<Date> for When {
+    fn from(d: Date) -> Self {
+        When(d.to_string())
+    }
+}
+
+impl FromStr for When {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const WHY: &str = "must be a FHIR dateTime: YYYY, YYYY-MM, YYYY-MM-DD, or a time \
+                           with seconds and offset";
+        let ok = match s.len() {
+            4 => s.bytes().all(|b| b.is_ascii_digit()) && s != "0000",
+            7 => format!("{s}-01").parse::<Date>().is_ok(),
+            10 => s.parse::<Date>().is_ok(),
+            _ => {
+                s.as_bytes().get(10) == Some(&b'T')
+                    && !s.ends_with('z')
+                    && s.parse::<DateTime>().is_ok()
+            }
+        };
+        if !ok {
+            return Err(WHY);
+        }
+        // One spelling of UTC, so HL7's +0000 and FHIR's Z compare equal.
+        Ok(When(match s.strip_suffix("+00:00") {
+            Some(rest) => format!("{rest}Z"),
+            None => s.to_owned(),
+        }))
+    }
+}
+
+impl fmt::Display for When {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -87,7 +212,7 @@ macro_rules! serde_via_display {
         }
     )*};
 }
-serde_via_display!(Date, DateTime);
+serde_via_display!(Date, DateTime, When);
 
 /// A code from a terminology (SNOMED CT, dm+d) with its display text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,9 +314,9 @@ pub struct Diagnosis {
     pub code: Code,
     /// Still active.
     pub active: bool,
-    /// When it started.
+    /// When it started, at the precision recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub onset: Option<Date>,
+    pub onset: Option<When>,
 }
 
 /// A medicine the patient takes.
@@ -219,6 +344,82 @@ pub struct Medication {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub days_supplied: Option<u32>,
 }
+
+/// A quantity to supply: a decimal value and its unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quantity {
+    /// The amount, a decimal written as FHIR and HL7 NM allow (`1`, `0.5`).
+    pub value: String,
+    /// The unit, in words (`kit`, `tablet`).
+    pub unit: String,
+}
+
+impl Quantity {
+    /// Whether `v` is a decimal both FHIR (`decimal`, no exponent) and HL7
+    /// (`NM`) read: `-?(0|[1-9][0-9]*)(\.[0-9]+)?`.
+    pub fn is_decimal(v: &str) -> bool {
+        let digits = v.strip_prefix('-').unwrap_or(v);
+        let (int, frac) = match digits.split_once('.') {
+            Some((i, f)) => (i, Some(f)),
+            None => (digits, None),
+        };
+        let all_digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        v.len() <= 32
+            && all_digits(int)
+            && (int == "0" || !int.starts_with('0'))
+            && frac.is_none_or(all_digits)
+    }
+}
+
+/// A prescription issued for the patient to take away, on release or
+/// transfer (FHIR `MedicationRequest`): naloxone, take-out supplies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prescription {
+    /// dm+d (or SNOMED) code.
+    pub code: Code,
+    /// FHIR `MedicationRequest.status` (`active`, `completed`, ...).
+    pub status: String,
+    /// FHIR `MedicationRequest.intent` (`order`, `plan`, ...).
+    pub intent: String,
+    /// When it was written, at the precision recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authored_on: Option<When>,
+    /// Dosage instructions, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dosage: Option<String>,
+    /// How much is supplied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<Quantity>,
+    /// For how many days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days_supplied: Option<u32>,
+}
+
+/// `MedicationRequest.status` values (R4).
+pub const PRESCRIPTION_STATUSES: [&str; 8] = [
+    "active",
+    "on-hold",
+    "cancelled",
+    "completed",
+    "entered-in-error",
+    "stopped",
+    "draft",
+    "unknown",
+];
+
+/// `MedicationRequest.intent` values (R4).
+pub const PRESCRIPTION_INTENTS: [&str; 8] = [
+    "proposal",
+    "plan",
+    "order",
+    "original-order",
+    "reflex-order",
+    "filler-order",
+    "instance-order",
+    "option",
+];
 
 /// An allergy or adverse reaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,8 +542,8 @@ pub struct Infection {
 pub struct Vaccination {
     /// The vaccine.
     pub code: Code,
-    /// When given.
-    pub date: Date,
+    /// When given, at the precision recorded.
+    pub date: When,
 }
 
 /// Whether a follow-up is an appointment or a referral.
@@ -363,9 +564,9 @@ pub struct FollowUp {
     pub kind: FollowUpKind,
     /// The service.
     pub service: String,
-    /// When (appointments) or by when.
+    /// When (appointments) or by when, at the precision recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub date: Option<Date>,
+    pub date: Option<When>,
 }
 
 /// The patient's decision on sharing with probation.
@@ -420,6 +621,9 @@ pub struct ClinicalSummary {
     /// Medicines.
     #[serde(default)]
     pub medications: Vec<Medication>,
+    /// Prescriptions to take away (FHIR `MedicationRequest`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prescriptions: Vec<Prescription>,
     /// Allergies and adverse reactions.
     #[serde(default)]
     pub allergies: Vec<Allergy>,
@@ -447,6 +651,11 @@ pub struct ClinicalSummary {
     pub author: Author,
     /// When written.
     pub authored_at: DateTime,
+    /// What the document held that the gateway does not read, by path in
+    /// the document as received (never values). Every delivery lists it in
+    /// `not_carried`: nothing is dropped in silence.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_read: Vec<String>,
 }
 
 impl ClinicalSummary {

@@ -56,6 +56,7 @@ pub fn release_summary(
             last_dose_given: None,
             days_supplied: Some(7),
         }],
+        prescriptions: Vec::new(),
         allergies: Vec::new(),
         risks: Vec::new(),
         mental_health: None,
@@ -77,5 +78,6 @@ pub fn release_summary(
             organisation: establishment,
         },
         authored_at: "2026-11-24T08:00:00Z".parse().expect("valid time"),
+        not_read: Vec::new(),
     }
 }

@@ -55,8 +55,32 @@ pub fn read(format: TextFormat, bytes: &[u8], limits: &Limits) -> Result<Read, V
     }
 }
 
-/// Renders the `view` of `summary` in `format` for `event`.
+/// What no format carries to a recipient of `view`: the headings the view
+/// leaves out, then what the document held that the gateway does not read
+/// (paths, never values). Every delivery lists these in `not_carried`,
+/// whatever its format, native included.
+pub fn notes(summary: &ClinicalSummary, view: View) -> Vec<String> {
+    views::excluded(view)
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(summary.not_read.iter().cloned())
+        .collect()
+}
+
+/// Renders the `view` of `summary` in `format` for `event`; `not_carried`
+/// holds what the format could not carry, then [`notes`].
 pub fn write(
+    format: TextFormat,
+    summary: &ClinicalSummary,
+    view: View,
+    event: JourneyEvent,
+) -> Rendered {
+    let mut rendered = write_format(format, summary, view, event);
+    rendered.not_carried.extend(notes(summary, view));
+    rendered
+}
+
+fn write_format(
     format: TextFormat,
     summary: &ClinicalSummary,
     view: View,

@@ -18,6 +18,12 @@ pub fn validate(s: &ClinicalSummary, event: JourneyEvent) -> Result<(), Validati
             "an NHS number or a prison number is required",
         );
     }
+    if !p.date_of_birth.is_plausible_birth_date() {
+        e.add(
+            "summary.patient.date_of_birth",
+            "must not be before 1900 or in the future",
+        );
+    }
     if p.family_name.trim().is_empty() {
         e.add("summary.patient.family_name", "required");
     }
@@ -66,9 +72,94 @@ pub fn validate(s: &ClinicalSummary, event: JourneyEvent) -> Result<(), Validati
                 "opioid substitution therapy needs the time of the last dose given",
             );
         }
-        if m.code.code.trim().is_empty() {
-            e.add(format!("summary.medications[{i}].code"), "required");
+    }
+    check_text(s, &mut e);
+    e.into_result()
+}
+
+/// Text every format can carry: no control characters but tab and line
+/// breaks (FHIR `string` forbids them, HL7 has no escape for most), and
+/// codes FHIR reads as a `code` token and a `uri` system.
+fn check_text(s: &ClinicalSummary, e: &mut ValidationErrors) {
+    fn walk(v: &serde_json::Value, path: &str, e: &mut ValidationErrors) {
+        match v {
+            serde_json::Value::String(t)
+                if t.chars()
+                    .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n')) =>
+            {
+                e.add(path, "must not contain control characters");
+            }
+            serde_json::Value::Array(items) => {
+                for (i, x) in items.iter().enumerate() {
+                    walk(x, &format!("{path}[{i}]"), e);
+                }
+            }
+            serde_json::Value::Object(map) => {
+                for (k, x) in map {
+                    walk(x, &format!("{path}.{k}"), e);
+                }
+            }
+            _ => {}
         }
     }
-    e.into_result()
+    walk(
+        &serde_json::to_value(s).expect("the model serialises"),
+        "summary",
+        e,
+    );
+    let codes = s
+        .diagnoses
+        .iter()
+        .map(|d| ("diagnoses", "code", &d.code))
+        .chain(
+            s.medications
+                .iter()
+                .map(|m| ("medications", "code", &m.code)),
+        )
+        .chain(
+            s.prescriptions
+                .iter()
+                .map(|m| ("prescriptions", "code", &m.code)),
+        )
+        .chain(
+            s.allergies
+                .iter()
+                .map(|a| ("allergies", "substance", &a.substance)),
+        )
+        .chain(s.infections.iter().map(|i| ("infections", "code", &i.code)))
+        .chain(
+            s.vaccinations
+                .iter()
+                .map(|v| ("vaccinations", "code", &v.code)),
+        );
+    let mut seen: Vec<(&str, usize)> = Vec::new();
+    for (heading, field, code) in codes {
+        let i = match seen.iter_mut().find(|(h, _)| *h == heading) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                seen.push((heading, 0));
+                0
+            }
+        };
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.split(' ')
+                    .all(|w| !w.is_empty() && !w.contains(char::is_whitespace))
+        };
+        if !token(&code.code) {
+            e.add(
+                format!("summary.{heading}[{i}].{field}.code"),
+                "required: a code without leading, trailing or repeated spaces",
+            );
+        }
+        if code.system.is_empty() || code.system.contains(char::is_whitespace) {
+            e.add(
+                format!("summary.{heading}[{i}].{field}.system"),
+                "required: a code system URI",
+            );
+        }
+    }
 }

@@ -21,6 +21,28 @@ pub enum View {
     Probation,
 }
 
+/// What `view` leaves out, one note per heading (the same whatever the
+/// summary holds, so the list itself reveals nothing about the patient).
+pub fn excluded(view: View) -> &'static [&'static str] {
+    match view {
+        View::Full => &[],
+        View::AdmissionNotice => &[
+            "diagnoses, medications, prescriptions, allergies, risks, mental_health, \
+             substance_misuse, infections, vaccinations, follow_ups: \
+             an admission notice carries no clinical content",
+        ],
+        View::Probation => &[
+            "diagnoses, medications, prescriptions, allergies, mental_health, infections, \
+             vaccinations: the probation view excludes clinical content",
+            "custody.reception_date: the probation view excludes it",
+            "risks: the probation view carries active risks only, without notes, \
+             and only where consent or a recorded legal basis allows",
+            "substance_misuse, follow_ups: the probation view carries only whether treatment \
+             and onward care are in place",
+        ],
+    }
+}
+
 /// The summary cut down to `view`.
 pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
     match view {
@@ -31,6 +53,7 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
             registered_gp: summary.registered_gp.clone(),
             diagnoses: Vec::new(),
             medications: Vec::new(),
+            prescriptions: Vec::new(),
             allergies: Vec::new(),
             risks: Vec::new(),
             mental_health: None,
@@ -41,6 +64,7 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
             consent: summary.consent.clone(),
             author: summary.author.clone(),
             authored_at: summary.authored_at,
+            not_read: summary.not_read.clone(),
         },
         View::Probation => {
             let referrals_in_place = summary
@@ -60,6 +84,7 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
                 registered_gp: summary.registered_gp.clone(),
                 diagnoses: Vec::new(),
                 medications: Vec::new(),
+                prescriptions: Vec::new(),
                 allergies: Vec::new(),
                 risks: if summary.may_share_risk_with_probation() {
                     summary
@@ -98,6 +123,7 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
                 },
                 author: summary.author.clone(),
                 authored_at: summary.authored_at,
+                not_read: summary.not_read.clone(),
             }
         }
     }

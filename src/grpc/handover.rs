@@ -686,7 +686,7 @@ fn render(
             let shown = crate::clinical::views::apply(summary, view);
             (
                 pb::delivery::Document::Native(super::summary::to_wire(&shown)),
-                Vec::new(),
+                translate::notes(summary, view),
             )
         }
         Format::Fhir => {

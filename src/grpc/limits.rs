@@ -162,9 +162,10 @@ fn shed(e: BoxError, tally: &RefusalTally) -> BoxError {
 
 /// Turns tonic's answer to an undecodable request (`INTERNAL`, "failed to
 /// decode Protobuf message", e.g. invalid UTF-8 in a string field) into
-/// `INVALID_ARGUMENT` with a field violation, and audits it like every other
-/// refusal (fail closed: `UNAVAILABLE` when the audit write fails). Decoding
-/// happens before any handler, so `traced!` never sees these.
+/// `INVALID_ARGUMENT` with a field violation, and a message over the size
+/// limit (tonic's `OUT_OF_RANGE`) into `RESOURCE_EXHAUSTED`; each is audited
+/// like every other refusal (fail closed: `UNAVAILABLE` when the audit write
+/// fails). Decoding happens before any handler, so `traced!` never sees these.
 #[derive(Clone)]
 pub struct DecodeRefusalLayer {
     store: crate::store::Store,
@@ -235,26 +236,14 @@ where
             let Some(status) = Status::from_header_map(response.headers()) else {
                 return Ok(response);
             };
-            if status.code() != Code::Internal || !status.message().starts_with(DECODE_FAILURE) {
+            let Some((outcome, answer)) = undecodable(&status).or_else(|| over_limit(&status))
+            else {
                 return Ok(response);
-            }
-            // prost names the field path and the fault, never the value.
-            let detail = status.message()[DECODE_FAILURE.len()..]
-                .trim_start_matches(':')
-                .trim()
-                .chars()
-                .take(200)
-                .collect::<String>();
-            let field = detail
-                .split(": ")
-                .next()
-                .filter(|f| f.contains('.'))
-                .unwrap_or("request")
-                .to_owned();
+            };
             let event = crate::audit::AuditEvent {
                 actor,
                 action: static_action(&action),
-                outcome: format!("refused: InvalidArgument: undecodable request: {detail}"),
+                outcome,
                 ..crate::audit::AuditEvent::default()
             };
             if let Err(e) = store.record(event).await {
@@ -263,17 +252,71 @@ where
                     "the gateway cannot record this call; retry later",
                 )));
             }
-            tracing::info!(code = "InvalidArgument", error = %detail, "refused: undecodable request");
-            Err(BoxError::from(Status::with_error_details(
-                Code::InvalidArgument,
-                format!("invalid request: not a valid protobuf message: {detail}"),
-                ErrorDetails::with_bad_request(vec![tonic_types::FieldViolation::new(
-                    field,
-                    format!("not a valid protobuf message: {detail}"),
-                )]),
-            )))
+            tracing::info!(code = ?answer.code(), "refused before any handler");
+            Err(BoxError::from(answer))
         })
     }
+}
+
+/// tonic's `INTERNAL` for a request prost cannot decode, as the audit
+/// outcome and the `INVALID_ARGUMENT` answer with a field violation.
+fn undecodable(status: &Status) -> Option<(String, Status)> {
+    if status.code() != Code::Internal || !status.message().starts_with(DECODE_FAILURE) {
+        return None;
+    }
+    // prost names the field path and the fault, never the value.
+    let detail = status.message()[DECODE_FAILURE.len()..]
+        .trim_start_matches(':')
+        .trim()
+        .chars()
+        .take(200)
+        .collect::<String>();
+    let field = detail
+        .split(": ")
+        .next()
+        .filter(|f| f.contains('.'))
+        .unwrap_or("request")
+        .to_owned();
+    Some((
+        format!("refused: InvalidArgument: undecodable request: {detail}"),
+        Status::with_error_details(
+            Code::InvalidArgument,
+            format!("invalid request: not a valid protobuf message: {detail}"),
+            ErrorDetails::with_bad_request(vec![tonic_types::FieldViolation::new(
+                field,
+                format!("not a valid protobuf message: {detail}"),
+            )]),
+        ),
+    ))
+}
+
+/// What tonic says of a message over `max_decoding_message_size`.
+const OVER_LIMIT: &str = "decoded message length too large";
+
+/// tonic's `OUT_OF_RANGE` for a message over the size limit, as the audit
+/// outcome and the `RESOURCE_EXHAUSTED` answer gRPC's status guide names
+/// for it, with the sizes (never content) in a field violation.
+fn over_limit(status: &Status) -> Option<(String, Status)> {
+    if status.code() != Code::OutOfRange || !status.message().contains(OVER_LIMIT) {
+        return None;
+    }
+    let numbers: Vec<&str> = status
+        .message()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let why = match numbers[..] {
+        [found, limit] => format!("{found} bytes is over the {limit}-byte message limit"),
+        _ => "over the message size limit".to_owned(),
+    };
+    Some((
+        format!("refused: ResourceExhausted: {why}"),
+        Status::with_error_details(
+            Code::ResourceExhausted,
+            format!("the request message is too large: {why}"),
+            ErrorDetails::with_bad_request(vec![tonic_types::FieldViolation::new("request", why)]),
+        ),
+    ))
 }
 
 /// Audit actions are `&'static str`; the gRPC method names we serve.

@@ -79,6 +79,7 @@ pub fn from_wire(
         consent,
         author,
         authored_at,
+        prescriptions,
     } = s;
     let p = |f: &str| format!("{prefix}.{f}");
     let patient = match patient {
@@ -374,12 +375,18 @@ pub fn from_wire(
         }),
     };
     let authored_at = req(authored_at, &p("authored_at"), v);
+    let prescriptions = prescriptions
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, x)| prescription_from(x, &p(&format!("prescriptions[{i}]")), v))
+        .collect();
     Some(ClinicalSummary {
         patient: patient?,
         custody: custody?,
         registered_gp,
         diagnoses,
         medications,
+        prescriptions,
         allergies,
         risks,
         mental_health,
@@ -390,6 +397,57 @@ pub fn from_wire(
         consent,
         author: author?,
         authored_at: authored_at?,
+        not_read: Vec::new(),
+    })
+}
+
+fn prescription_from(x: pb::Prescription, at: &str, v: &mut Violations) -> Option<m::Prescription> {
+    let pb::Prescription {
+        code: c,
+        status,
+        intent,
+        authored_on,
+        dosage,
+        quantity,
+        days_supplied,
+    } = x;
+    let mut one_of = |value: String, field: &str, allowed: &[&str]| {
+        if allowed.contains(&value.as_str()) {
+            Some(value)
+        } else {
+            v.add(
+                format!("{at}.{field}"),
+                format!("must be one of {}", allowed.join(", ")),
+            );
+            None
+        }
+    };
+    let status = one_of(status, "status", &m::PRESCRIPTION_STATUSES);
+    let intent = one_of(intent, "intent", &m::PRESCRIPTION_INTENTS);
+    let authored_on = opt(authored_on, &format!("{at}.authored_on"), v);
+    let quantity = match quantity {
+        None => None,
+        Some(pb::Quantity { value, unit }) => {
+            if !m::Quantity::is_decimal(&value) || unit.trim().is_empty() {
+                v.add(
+                    format!("{at}.quantity"),
+                    "a decimal value and a unit are required",
+                );
+                None
+            } else {
+                Some(m::Quantity { value, unit })
+            }
+        }
+    };
+    let code = code(c, &format!("{at}.code"), v)?;
+    Some(m::Prescription {
+        code,
+        status: status?,
+        intent: intent?,
+        authored_on,
+        dosage: text(dosage),
+        quantity,
+        days_supplied,
     })
 }
 
@@ -553,6 +611,22 @@ pub fn to_wire(x: &ClinicalSummary) -> pb::ClinicalSummary {
             organisation: x.author.organisation.to_string(),
         }),
         authored_at: x.authored_at.to_string(),
+        prescriptions: x
+            .prescriptions
+            .iter()
+            .map(|rx| pb::Prescription {
+                code: Some(code_to(&rx.code)),
+                status: rx.status.clone(),
+                intent: rx.intent.clone(),
+                authored_on: s(rx.authored_on.as_ref()),
+                dosage: rx.dosage.clone().unwrap_or_default(),
+                quantity: rx.quantity.as_ref().map(|q| pb::Quantity {
+                    value: q.value.clone(),
+                    unit: q.unit.clone(),
+                }),
+                days_supplied: rx.days_supplied,
+            })
+            .collect(),
     }
 }
 

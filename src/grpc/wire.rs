@@ -86,7 +86,7 @@ pub fn is_iso_date(s: &str) -> bool {
             .and_then(|m| {
                 time::Date::from_calendar_date(i32::from(y), m, u8::try_from(d).ok()?).ok()
             })
-            .is_some_and(|date| date.year() >= 1900),
+            .is_some_and(|date| crate::clinical::model::Date(date).is_plausible_birth_date()),
         _ => false,
     }
 }

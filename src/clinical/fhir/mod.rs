@@ -11,7 +11,11 @@
 //! found by type (not only through sections), references by fullUrl. Every
 //! problem is reported with its path (`entry[3].resource.identifier[0].value`).
 
+mod index;
+mod prescription;
 mod types;
+mod uk_core;
+mod unread;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -27,6 +31,7 @@ use super::model::{
 use super::violation::ValidationErrors;
 use super::{Limits, Rendered};
 use crate::journey::JourneyEvent;
+use index::Index;
 use types::*;
 
 /// UK Core NHS number system.
@@ -94,6 +99,29 @@ fn write_entry(out: &mut Vec<u8>, full_url: &str, resource: &impl Serialize) {
     serde_json::to_writer(out, &EntryOut { full_url, resource }).expect("FHIR structs serialise");
 }
 
+/// A medicine's dosage: only the parts that hold a value, and none at all
+/// when none does (FHIR forbids an empty element).
+fn dosage(m: &Medication) -> Option<Dosage<'_>> {
+    fn text(t: &str) -> Option<CodeableConcept<'_>> {
+        (!is_blank(t)).then(|| CodeableConcept::text(t))
+    }
+    let d = Dosage {
+        text: Some(m.dose.as_str().into()),
+        additional_instruction: if m.supervised {
+            vec![local("supervised", "Supervised consumption")]
+        } else {
+            Vec::new()
+        },
+        timing: text(&m.frequency).map(|code| Timing { code: Some(code) }),
+        route: text(&m.route),
+    };
+    let empty = is_blank(&m.dose)
+        && d.additional_instruction.is_empty()
+        && d.timing.is_none()
+        && d.route.is_none();
+    (!empty).then_some(d)
+}
+
 fn code_cc(c: &Code) -> CodeableConcept<'_> {
     CodeableConcept::coded(&c.system, &c.code, &c.display)
 }
@@ -105,6 +133,7 @@ fn local<'a>(code: &'a str, display: &'a str) -> CodeableConcept<'a> {
 fn org(ods: &str) -> Organization<'_> {
     Organization {
         resource_type: "Organization".into(),
+        meta: Meta::profile(uk_core::ORGANIZATION),
         identifier: vec![Identifier {
             system: Some(SYS_ODS.into()),
             value: Some(ods.into()),
@@ -120,6 +149,7 @@ fn observation<'a>(
 ) -> Observation<'a> {
     Observation {
         resource_type: "Observation".into(),
+        meta: Meta::profile(uk_core::OBSERVATION),
         extension: Vec::new(),
         status: "final".into(),
         category: vec![local(category, category)],
@@ -165,12 +195,18 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let c = &s.custody;
     let patient_url = doc.add(&Patient {
         resource_type: "Patient".into(),
+        meta: Meta::profile(uk_core::PATIENT),
         identifier,
-        name: vec![HumanName {
+        name: Some(HumanName {
             text: None,
             family: Some(p.family_name.as_str().into()),
             given: p.given_names.iter().map(|g| g.as_str().into()).collect(),
-        }],
+        })
+        .filter(|n| {
+            !n.family.as_deref().is_none_or(is_blank) || !n.given.iter().all(|g| is_blank(g))
+        })
+        .into_iter()
+        .collect(),
         gender: Some(
             match p.sex {
                 Sex::Male => "male",
@@ -213,6 +249,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .then(|| local("no-fixed-abode", "No fixed abode"));
     let encounter_url = doc.add(&Encounter {
         resource_type: "Encounter".into(),
+        meta: Meta::profile(uk_core::ENCOUNTER),
         status: if end.is_some() {
             "finished"
         } else {
@@ -228,7 +265,8 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         period: Some(Period {
             start: c.reception_date.map(|d| d.to_string().into()),
             end: end.map(Into::into),
-        }),
+        })
+        .filter(|p| p.start.is_some() || p.end.is_some()),
         service_provider: Some(Reference::to(establishment_url.as_str())),
         hospitalization: (destination.is_some() || disposition.is_some()).then_some(
             Hospitalization {
@@ -241,9 +279,10 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let mut sections: Vec<Section<'static>> = Vec::new();
     let mut section = |code: &'static str, title: &'static str, entries: Vec<String>| {
         if !entries.is_empty() {
+            let (system, code, display) = uk_core::heading(code, title);
             sections.push(Section {
-                title: title.into(),
-                code: CodeableConcept::coded(SYS_HEADING, code, title),
+                title: Some(title.into()),
+                code: Some(CodeableConcept::coded(system, code, display)),
                 entry: entries.into_iter().map(Reference::to).collect(),
             });
         }
@@ -271,6 +310,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             }
             doc.add(&MedicationStatement {
                 resource_type: "MedicationStatement".into(),
+                meta: Meta::profile(uk_core::MEDICATION_STATEMENT),
                 extension,
                 status: "active".into(),
                 category: m
@@ -278,21 +318,14 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                     .then(|| local("opioid-substitution", "Opioid substitution therapy")),
                 medication_codeable_concept: code_cc(&m.code),
                 subject: subject.clone(),
-                dosage: vec![Dosage {
-                    text: Some(m.dose.as_str().into()),
-                    additional_instruction: if m.supervised {
-                        vec![local("supervised", "Supervised consumption")]
-                    } else {
-                        Vec::new()
-                    },
-                    timing: Some(Timing {
-                        code: Some(CodeableConcept::text(&m.frequency)),
-                    }),
-                    route: Some(CodeableConcept::text(&m.route)),
-                }],
+                dosage: dosage(m).into_iter().collect(),
             })
         })
         .collect();
+    let mut meds = meds;
+    for p in &s.prescriptions {
+        meds.push(doc.add(&prescription::to_fhir(p, &subject)));
+    }
     section("medications", "Medications and medical devices", meds);
 
     let allergies: Vec<String> = s
@@ -300,19 +333,21 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .iter()
         .enumerate()
         .map(|(i, a)| {
-            if a.reaction.is_none() && a.severity.is_some() {
+            if a.reaction.as_deref().is_none_or(is_blank) && a.severity.is_some() {
                 not_carried.push(format!(
                     "allergies[{i}].severity: FHIR carries severity only with a reaction"
                 ));
             }
             doc.add(&AllergyIntolerance {
                 resource_type: "AllergyIntolerance".into(),
+                meta: Meta::profile(uk_core::ALLERGY_INTOLERANCE),
                 clinical_status: Some(CodeableConcept::coded(ALLERGY_STATUS, "active", "Active")),
                 code: code_cc(&a.substance),
                 patient: subject.clone(),
                 reaction: a
                     .reaction
                     .iter()
+                    .filter(|r| !is_blank(r))
                     .map(|r| Reaction {
                         manifestation: vec![CodeableConcept::text(r)],
                         severity: a.severity.map(|s| {
@@ -336,9 +371,11 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .map(|r| {
             doc.add(&Flag {
                 resource_type: "Flag".into(),
+                meta: Meta::profile(uk_core::FLAG),
                 extension: r
                     .note
                     .iter()
+                    .filter(|n| !is_blank(n))
                     .map(|n| Extension {
                         url: EXT_NOTE.into(),
                         value_string: Some(n.as_str().into()),
@@ -359,6 +396,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .map(|d| {
             doc.add(&Condition {
                 resource_type: "Condition".into(),
+                meta: Meta::profile(uk_core::CONDITION),
                 clinical_status: Some(if d.active {
                     CodeableConcept::coded(CLINICAL_STATUS, "active", "Active")
                 } else {
@@ -366,7 +404,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
                 }),
                 code: code_cc(&d.code),
                 subject: subject.clone(),
-                onset_date_time: d.onset.map(|o| o.to_string().into()),
+                onset_date_time: d.onset.as_ref().map(|o| o.to_string().into()),
             })
         })
         .collect();
@@ -398,6 +436,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .map(|v| {
             doc.add(&Immunization {
                 resource_type: "Immunization".into(),
+                meta: Meta::profile(uk_core::IMMUNIZATION),
                 status: "completed".into(),
                 vaccine_code: code_cc(&v.code),
                 patient: subject.clone(),
@@ -416,7 +455,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         );
         o.value_boolean = Some(m.care_programme_approach);
         mh.push(doc.add(&o));
-        if let Some(cc) = &m.care_coordinator {
+        if let Some(cc) = m.care_coordinator.as_ref().filter(|c| !is_blank(c)) {
             let mut o = observation(
                 local("care-coordinator", "Care coordinator"),
                 "mental-health",
@@ -437,7 +476,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         );
         o.value_boolean = Some(t.in_treatment);
         sm.push(doc.add(&o));
-        if let Some(svc) = &t.community_service {
+        if let Some(svc) = t.community_service.as_ref().filter(|c| !is_blank(c)) {
             let mut o = observation(
                 local(
                     "substance-misuse-service",
@@ -462,12 +501,13 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             };
             doc.add(&ServiceRequest {
                 resource_type: "ServiceRequest".into(),
+                meta: Meta::profile(uk_core::SERVICE_REQUEST),
                 status: "active".into(),
                 intent: "order".into(),
                 category: vec![local(code, display)],
-                code: CodeableConcept::text(&f.service),
+                code: (!is_blank(&f.service)).then(|| CodeableConcept::text(&f.service)),
                 subject: subject.clone(),
-                occurrence_date_time: f.date.map(|d| d.to_string().into()),
+                occurrence_date_time: f.date.as_ref().map(|d| d.to_string().into()),
             })
         })
         .collect();
@@ -476,6 +516,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let consent = &s.consent;
     let consent_url = doc.add(&Consent {
         resource_type: "Consent".into(),
+        meta: Meta::profile(uk_core::CONSENT),
         status: match consent.probation_sharing {
             ConsentDecision::NotRecorded => "proposed",
             _ => "active",
@@ -513,22 +554,36 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     section("custody", "Custody episode", vec![encounter_url]);
 
     let author_org = doc.add(&org(s.author.organisation.as_str()));
-    let author_url = doc.add(&Practitioner {
-        resource_type: "Practitioner".into(),
-        name: vec![HumanName {
-            text: Some(s.author.name.as_str().into()),
-            family: None,
-            given: Vec::new(),
-        }],
-        qualification: vec![Qualification {
-            code: CodeableConcept::text(&s.author.role),
-        }],
-    });
+    // With neither name nor role, the organisation is the author.
+    let (name, role) = (&s.author.name, &s.author.role);
+    let author_url = if is_blank(name) && is_blank(role) {
+        author_org.clone()
+    } else {
+        doc.add(&Practitioner {
+            resource_type: "Practitioner".into(),
+            meta: Meta::profile(uk_core::PRACTITIONER),
+            name: (!is_blank(name))
+                .then(|| HumanName {
+                    text: Some(name.as_str().into()),
+                    family: None,
+                    given: Vec::new(),
+                })
+                .into_iter()
+                .collect(),
+            qualification: (!is_blank(role))
+                .then(|| Qualification {
+                    code: CodeableConcept::text(role),
+                })
+                .into_iter()
+                .collect(),
+        })
+    };
 
     let authored_at = s.authored_at.to_string();
     let event_display = event.to_string();
     let composition = Composition {
         resource_type: "Composition".into(),
+        meta: Meta::profile(uk_core::COMPOSITION),
         status: "final".into(),
         type_: CodeableConcept::coded("http://snomed.info/sct", "373942005", "Discharge summary"),
         subject,
@@ -721,7 +776,12 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     }
     let mut errors = ValidationErrors::default();
     match &*bundle.type_ {
-        "document" => parse_document(&bundle, "", &mut errors),
+        "document" => parse_document(&bundle, "", &mut errors).map(|mut p| {
+            let mut notes = unread::bundle(text, "");
+            notes.append(&mut p.summary.not_read);
+            p.summary.not_read = notes;
+            p
+        }),
         "message" => {
             let inner = bundle
                 .entry
@@ -733,7 +793,14 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                     let prefix = format!("entry[{i}].resource.");
                     match typed::<RawBundle>(e.resource.get(), &prefix, &mut errors) {
                         Some(doc) if doc.type_ == "document" => {
-                            parse_document(&doc, &prefix, &mut errors)
+                            parse_document(&doc, &prefix, &mut errors).map(|mut p| {
+                                let mut notes = unread::bundle(text, "");
+                                notes.extend(unread::bundle(e.resource.get(), &prefix));
+                                notes.extend(message_entries(&bundle, i));
+                                notes.append(&mut p.summary.not_read);
+                                p.summary.not_read = notes;
+                                p
+                            })
                         }
                         Some(_) => {
                             errors.add(
@@ -760,6 +827,24 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     .ok_or(errors)
 }
 
+/// The entries of a message Bundle around the document it wraps (the
+/// MessageHeader and the like): transport, listed as not read.
+fn message_entries(bundle: &RawBundle<'_>, document: usize) -> Vec<String> {
+    bundle
+        .entry
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| *k != document)
+        .map(|(k, e)| {
+            let kind = kind_of(e.resource);
+            format!(
+                "entry[{k}].resource ({}): not read: the message around the document",
+                unread::safe_name(kind.as_deref().unwrap_or(""))
+            )
+        })
+        .collect()
+}
+
 /// A resource's type. Looks first where every Bundle we write (and most
 /// senders) put it, `{"resourceType":"…"`, and reads the resource only when
 /// it is elsewhere or escaped.
@@ -772,73 +857,6 @@ fn kind_of(raw: &RawValue) -> Option<Cow<'_, str>> {
         return Some(Cow::Borrowed(&rest[..end]));
     }
     serde_json::from_str::<Kind>(json).ok()?.resource_type
-}
-
-/// Where entry `entry` is, for error paths: `entry[3].resource.` under the
-/// Bundle's own prefix. Formatted only when an error needs it.
-#[derive(Clone, Copy)]
-struct At<'p> {
-    prefix: &'p str,
-    entry: usize,
-}
-
-impl fmt::Display for At<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}entry[{}].resource.", self.prefix, self.entry)
-    }
-}
-
-struct Index<'a> {
-    entries: &'a [RawEntry<'a>],
-    kinds: Vec<Option<Cow<'a, str>>>,
-    prefix: &'a str,
-}
-
-impl<'a> Index<'a> {
-    fn of_type(&self, t: &'static str) -> impl Iterator<Item = (usize, &'a str)> + '_ {
-        self.kinds
-            .iter()
-            .enumerate()
-            .filter(move |(_, k)| k.as_deref() == Some(t))
-            .map(|(i, _)| (i, self.entries[i].resource.get()))
-    }
-
-    fn kind(&self, i: usize) -> Option<&str> {
-        self.kinds.get(i).and_then(|k| k.as_deref())
-    }
-
-    fn path(&self, i: usize) -> At<'a> {
-        At {
-            prefix: self.prefix,
-            entry: i,
-        }
-    }
-
-    /// The entry a reference points at (the last with that fullUrl). A
-    /// document resolves a handful of references, so a scan beats a map.
-    fn resolve(&self, r: &Reference) -> Option<(usize, &'a str)> {
-        let url = r.reference.as_deref()?;
-        let i = self
-            .entries
-            .iter()
-            .rposition(|e| e.full_url.as_deref() == Some(url))?;
-        Some((i, self.entries[i].resource.get()))
-    }
-
-    /// The ODS code of the Organization `r` points at, if it resolves.
-    fn ods(
-        &self,
-        r: &Reference,
-        errors: &mut ValidationErrors,
-    ) -> Option<super::identifiers::OdsCode> {
-        let (oi, ov) = self.resolve(r)?;
-        let o: Organization = typed(ov, self.path(oi), errors)?;
-        parse_with(
-            ods_of(&o),
-            format_args!("{}identifier[0].value", self.path(oi)),
-            errors,
-        )
-    }
 }
 
 fn ods_of<'o>(o: &'o Organization<'_>) -> Option<&'o str> {
@@ -904,9 +922,24 @@ fn required<T>(
     v
 }
 
-/// The date part of a FHIR dateTime.
-fn date_part(d: &str) -> &str {
-    d.get(..10).unwrap_or(d)
+/// The calendar day of a FHIR `dateTime` (as the sender wrote it, in its
+/// own offset): a custody date is a day. A time of day is listed as not
+/// carried; a year or month alone is too vague to route on and refused.
+fn day_of(
+    v: Option<&str>,
+    field: impl fmt::Display,
+    index: &Index<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<Date> {
+    let when: super::model::When = parse_with(v, &field, errors)?;
+    let text = when.to_string();
+    let day = text.get(..10).and_then(|d| d.parse().ok());
+    match day {
+        None => errors.add(field.to_string(), "must give at least the day (YYYY-MM-DD)"),
+        Some(_) if text.len() > 10 => index.note(&field, "the time of day is not carried"),
+        Some(_) => {}
+    }
+    day
 }
 
 #[allow(clippy::too_many_lines)]
@@ -915,11 +948,11 @@ fn parse_document(
     prefix: &str,
     errors: &mut ValidationErrors,
 ) -> Option<Parsed> {
-    let index = Index {
-        entries: &bundle.entry,
-        kinds: bundle.entry.iter().map(|e| kind_of(e.resource)).collect(),
+    let index = Index::new(
+        &bundle.entry,
+        bundle.entry.iter().map(|e| kind_of(e.resource)).collect(),
         prefix,
-    };
+    );
     let first_type = index.kind(0);
     if first_type != Some("Composition") {
         errors.add(
@@ -929,6 +962,7 @@ fn parse_document(
         return None;
     }
     let p0 = index.path(0);
+    index.touch(0);
     let comp: Composition = typed(bundle.entry[0].resource.get(), p0, errors)?;
     let event = comp
         .event
@@ -962,7 +996,10 @@ fn parse_document(
             Some(SYS_NHS) => nhs = parse_with(value, field, errors),
             Some(SYS_PRISON_NUMBER) => prison = parse_with(value, field, errors),
             Some(SYS_CRN) => crn = parse_with(value, field, errors),
-            _ => {}
+            _ => index.note(
+                format_args!("{pp}identifier[{k}]"),
+                "an identifier system the gateway does not read",
+            ),
         }
     }
     let name = fp.name.first();
@@ -1027,7 +1064,7 @@ fn parse_document(
             let period = enc.period.as_ref();
             let start = period.and_then(|p| p.start.as_deref());
             let end = period.and_then(|p| p.end.as_deref());
-            let reception_date = parse_with(start, format_args!("{ep}period.start"), errors);
+            let reception_date = day_of(start, format_args!("{ep}period.start"), &index, errors);
             let (transfer_at, release_date) = if transfer_to.is_some() {
                 (
                     parse_with(end, format_args!("{ep}period.end"), errors),
@@ -1036,7 +1073,7 @@ fn parse_document(
             } else {
                 (
                     None,
-                    parse_with(end, format_args!("{ep}period.end"), errors),
+                    day_of(end, format_args!("{ep}period.end"), &index, errors),
                 )
             };
             let no_fixed_abode = hosp
@@ -1204,7 +1241,7 @@ fn parse_document(
             .and_then(|c| c.code.as_deref())
             .is_none_or(|c| matches!(c, "active" | "recurrence" | "relapse"));
         let onset = parse_with(
-            c.onset_date_time.as_deref().map(date_part),
+            c.onset_date_time.as_deref(),
             format_args!("{p}onsetDateTime"),
             errors,
         );
@@ -1224,7 +1261,7 @@ fn parse_document(
             continue;
         };
         let date = parse_with(
-            Some(date_part(&im.occurrence_date_time)),
+            Some(&im.occurrence_date_time),
             format_args!("{p}occurrenceDateTime"),
             errors,
         );
@@ -1293,7 +1330,10 @@ fn parse_document(
                     .get_or_insert_with(SubstanceMisuse::default)
                     .community_service = value_string()
             }
-            _ => {}
+            _ => index.note(
+                format_args!("{}entry[{i}].resource (Observation)", index.prefix()),
+                "not carried: an observation of a kind the gateway does not read",
+            ),
         }
     }
 
@@ -1313,18 +1353,17 @@ fn parse_document(
             _ => FollowUpKind::Referral,
         };
         let date = parse_with(
-            r.occurrence_date_time.as_deref().map(date_part),
+            r.occurrence_date_time.as_deref(),
             format_args!("{p}occurrenceDateTime"),
             errors,
         );
         s_follow_ups.push(FollowUp {
             kind,
-            service: owned(
-                r.code
-                    .text
+            service: owned(r.code.as_ref().and_then(|c| {
+                c.text
                     .as_ref()
-                    .or_else(|| r.code.coding.first().and_then(|c| c.display.as_ref())),
-            ),
+                    .or_else(|| c.coding.first().and_then(|c| c.display.as_ref()))
+            })),
             date,
         });
     }
@@ -1371,6 +1410,7 @@ fn parse_document(
             ))
         });
     let author_org = comp.custodian.as_ref().and_then(|r| index.ods(r, errors));
+    let prescriptions = prescription::read(&index, errors);
     let author_org = required(
         author_org,
         format_args!("{p0}custodian"),
@@ -1392,6 +1432,7 @@ fn parse_document(
         return None;
     };
     let (author_name, author_role) = author.unwrap_or_default();
+    let not_read = index.finish(errors);
     Some(Parsed {
         summary: ClinicalSummary {
             patient: super::model::Patient {
@@ -1409,6 +1450,7 @@ fn parse_document(
             registered_gp,
             diagnoses: s_diagnoses,
             medications: s_medications,
+            prescriptions,
             allergies: s_allergies,
             risks: s_risks,
             mental_health,
@@ -1423,6 +1465,7 @@ fn parse_document(
                 organisation: author_org,
             },
             authored_at,
+            not_read,
         },
         event,
     })

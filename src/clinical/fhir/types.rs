@@ -22,16 +22,37 @@ fn empty<T>(v: &[T]) -> bool {
     v.is_empty()
 }
 
+/// Skip absent and blank strings when serialising: FHIR forbids an
+/// element without a value, `""` included.
+fn blank(v: &Option<Cow<'_, str>>) -> bool {
+    v.as_deref().is_none_or(is_blank)
+}
+
+/// Whether `s` holds nothing FHIR would count as a value.
+pub fn is_blank(s: &str) -> bool {
+    s.trim().is_empty()
+}
+
+/// Skip a list of strings that are all blank.
+fn all_blank(v: &[Cow<'_, str>]) -> bool {
+    v.iter().all(|s| is_blank(s))
+}
+
+/// Writes only the strings that hold a value.
+fn non_blank<S: serde::Serializer>(v: &[Cow<'_, str>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().filter(|x| !is_blank(x)))
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Coding<'a> {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub system: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub code: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub display: Option<Cow<'a, str>>,
 }
@@ -42,7 +63,7 @@ pub struct CodeableConcept<'a> {
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub coding: Vec<Coding<'a>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub text: Option<Cow<'a, str>>,
 }
@@ -77,10 +98,10 @@ impl<'a> CodeableConcept<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Identifier<'a> {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub system: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub value: Option<Cow<'a, str>>,
 }
@@ -88,13 +109,13 @@ pub struct Identifier<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Reference<'a> {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub reference: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub identifier: Option<Identifier<'a>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub display: Option<Cow<'a, str>>,
 }
@@ -113,17 +134,17 @@ impl<'a> Reference<'a> {
 pub struct Extension<'a> {
     #[serde(borrow)]
     pub url: Cow<'a, str>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub value_date_time: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub value_date: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_integer: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_boolean: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub value_string: Option<Cow<'a, str>>,
 }
@@ -131,10 +152,10 @@ pub struct Extension<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Period<'a> {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub start: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub end: Option<Cow<'a, str>>,
 }
@@ -142,13 +163,17 @@ pub struct Period<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HumanName<'a> {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub text: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub family: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "all_blank",
+        serialize_with = "non_blank"
+    )]
     #[serde(borrow)]
     pub given: Vec<Cow<'a, str>>,
 }
@@ -160,13 +185,17 @@ pub struct Address<'a> {
     #[serde(rename = "use")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub use_: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "all_blank",
+        serialize_with = "non_blank"
+    )]
     #[serde(borrow)]
     pub line: Vec<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub city: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub postal_code: Option<Cow<'a, str>>,
 }
@@ -196,6 +225,8 @@ pub struct EntryOut<'a, R> {
 pub struct Composition<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(borrow)]
     pub status: Cow<'a, str>,
     #[serde(rename = "type")]
@@ -231,10 +262,12 @@ pub struct CompositionEvent<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Section<'a> {
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub title: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
-    pub title: Cow<'a, str>,
-    #[serde(borrow)]
-    pub code: CodeableConcept<'a>,
+    pub code: Option<CodeableConcept<'a>>,
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub entry: Vec<Reference<'a>>,
@@ -245,16 +278,18 @@ pub struct Section<'a> {
 pub struct Patient<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub identifier: Vec<Identifier<'a>>,
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub name: Vec<HumanName<'a>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub gender: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub birth_date: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "empty")]
@@ -270,10 +305,12 @@ pub struct Patient<'a> {
 pub struct Organization<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub identifier: Vec<Identifier<'a>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub name: Option<Cow<'a, str>>,
 }
@@ -283,6 +320,8 @@ pub struct Organization<'a> {
 pub struct Practitioner<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub name: Vec<HumanName<'a>>,
@@ -303,6 +342,8 @@ pub struct Qualification<'a> {
 pub struct Encounter<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(borrow)]
     pub status: Cow<'a, str>,
     #[serde(borrow)]
@@ -338,13 +379,15 @@ pub struct Condition<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub clinical_status: Option<CodeableConcept<'a>>,
     #[serde(borrow)]
     pub code: CodeableConcept<'a>,
     #[serde(borrow)]
     pub subject: Reference<'a>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub onset_date_time: Option<Cow<'a, str>>,
 }
@@ -354,6 +397,8 @@ pub struct Condition<'a> {
 pub struct MedicationStatement<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub extension: Vec<Extension<'a>>,
@@ -374,7 +419,7 @@ pub struct MedicationStatement<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Dosage<'a> {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub text: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "empty")]
@@ -398,9 +443,81 @@ pub struct Timing<'a> {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+pub struct MedicationRequest<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    #[serde(borrow)]
+    pub intent: Cow<'a, str>,
+    #[serde(borrow)]
+    pub medication_codeable_concept: CodeableConcept<'a>,
+    #[serde(borrow)]
+    pub subject: Reference<'a>,
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub authored_on: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "empty")]
+    #[serde(borrow)]
+    pub dosage_instruction: Vec<Dosage<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub dispense_request: Option<DispenseRequest<'a>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DispenseRequest<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub quantity: Option<Quantity<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub expected_supply_duration: Option<Quantity<'a>>,
+}
+
+/// `Quantity`, `SimpleQuantity` and `Duration`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quantity<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<serde_json::Number>,
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub unit: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub system: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub code: Option<Cow<'a, str>>,
+}
+
+/// `Resource.meta` as written: the profiles a resource conforms to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    #[serde(default, skip_serializing_if = "empty")]
+    pub profile: Vec<String>,
+}
+
+impl Meta {
+    pub fn profile(url: &str) -> Option<Self> {
+        Some(Self {
+            profile: vec![url.to_owned()],
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AllergyIntolerance<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub clinical_status: Option<CodeableConcept<'a>>,
@@ -418,7 +535,7 @@ pub struct AllergyIntolerance<'a> {
 pub struct Reaction<'a> {
     #[serde(borrow)]
     pub manifestation: Vec<CodeableConcept<'a>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub severity: Option<Cow<'a, str>>,
 }
@@ -428,6 +545,8 @@ pub struct Reaction<'a> {
 pub struct Flag<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub extension: Vec<Extension<'a>>,
@@ -444,6 +563,8 @@ pub struct Flag<'a> {
 pub struct Immunization<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(borrow)]
     pub status: Cow<'a, str>,
     #[serde(borrow)]
@@ -459,6 +580,8 @@ pub struct Immunization<'a> {
 pub struct Observation<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub extension: Vec<Extension<'a>>,
@@ -471,7 +594,7 @@ pub struct Observation<'a> {
     pub code: CodeableConcept<'a>,
     #[serde(borrow)]
     pub subject: Reference<'a>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub value_string: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -483,6 +606,8 @@ pub struct Observation<'a> {
 pub struct ServiceRequest<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(borrow)]
     pub status: Cow<'a, str>,
     #[serde(borrow)]
@@ -490,11 +615,12 @@ pub struct ServiceRequest<'a> {
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub category: Vec<CodeableConcept<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
-    pub code: CodeableConcept<'a>,
+    pub code: Option<CodeableConcept<'a>>,
     #[serde(borrow)]
     pub subject: Reference<'a>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub occurrence_date_time: Option<Cow<'a, str>>,
 }
@@ -504,6 +630,8 @@ pub struct ServiceRequest<'a> {
 pub struct Consent<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
     #[serde(borrow)]
     pub status: Cow<'a, str>,
     #[serde(borrow)]

@@ -16,11 +16,14 @@
 
 use std::borrow::Cow;
 
+mod unread;
+
 use super::identifiers::OdsCode;
 use super::model::{
     Address, Allergy, Author, ClinicalSummary, Code, Consent, ConsentDecision, Custody, DMD, Date,
-    DateTime, Diagnosis, FollowUp, FollowUpKind, Infection, Medication, MentalHealth, Patient,
-    RiskFlag, RiskKind, SNOMED, Severity, Sex, SubstanceMisuse, Vaccination,
+    DateTime, Diagnosis, FollowUp, FollowUpKind, Infection, Medication, MentalHealth,
+    PRESCRIPTION_INTENTS, PRESCRIPTION_STATUSES, Patient, Prescription, Quantity, RiskFlag,
+    RiskKind, SNOMED, Severity, Sex, SubstanceMisuse, Vaccination, When,
 };
 use super::violation::{ValidationErrors, Violation};
 use super::{Limits, Rendered};
@@ -129,6 +132,12 @@ fn push_ts(out: &mut String, t: &DateTime) {
     push_digits(out, u32::from(o.hour()), 2);
     push_digits(out, u32::from(o.minute()), 2);
     push_digits(out, u32::from(o.second()), 2);
+    // HL7 DTM carries four fractional digits.
+    let tenths_of_ms = o.nanosecond() / 100_000;
+    if o.nanosecond() != 0 {
+        out.push('.');
+        push_digits(out, tenths_of_ms, 4);
+    }
     let (h, m, _) = o.offset().as_hms();
     out.push(if h < 0 || m < 0 { '-' } else { '+' });
     push_digits(out, u32::from(h.unsigned_abs()), 2);
@@ -165,36 +174,32 @@ fn optional_date(
     date
 }
 
+/// An optional date or time at any HL7 precision: absent is fine, present
+/// but unreadable is a violation at `path`.
+fn optional_when(
+    text: Option<&str>,
+    path: impl FnOnce() -> String,
+    e: &mut ValidationErrors,
+) -> Option<When> {
+    let text = text.filter(|t| !t.is_empty())?;
+    let when = When::from_hl7(text);
+    if when.is_none() {
+        e.add(
+            path(),
+            "must be a date written YYYYMMDD (or YYYY, YYYYMM), or a time YYYYMMDDHHMM[SS[.SSSS]][+/-ZZZZ]",
+        );
+    }
+    when
+}
+
+/// An HL7 `TS`/`DTM` to at least the minute, fractional seconds kept (a
+/// time without an offset is read as UTC).
 fn parse_ts(s: &str) -> Option<DateTime> {
-    let b = s.as_bytes();
-    if b.len() < 12 || !b[..12].iter().all(u8::is_ascii_digit) {
+    let when = When::from_hl7(s)?.to_string();
+    if when.len() <= 10 {
         return None;
     }
-    let secs = if b.len() >= 14 && b[12..14].iter().all(u8::is_ascii_digit) {
-        &s[12..14]
-    } else {
-        "00"
-    };
-    let rest = s
-        .get(if secs == "00" && b.len() < 14 { 12 } else { 14 }..)
-        .unwrap_or("");
-    let offset = match rest.as_bytes().first() {
-        Some(b'+' | b'-') if rest.len() == 5 => format!("{}:{}", &rest[..3], &rest[3..5]),
-        None => "+00:00".into(),
-        _ => return None,
-    };
-    format!(
-        "{}-{}-{}T{}:{}:{}{}",
-        &s[..4],
-        &s[4..6],
-        &s[6..8],
-        &s[8..10],
-        &s[10..12],
-        secs,
-        offset
-    )
-    .parse()
-    .ok()
+    when.parse().ok()
 }
 
 fn coding_system(system: &str) -> Option<&'static str> {
@@ -227,6 +232,8 @@ enum Value<'a> {
     Code(&'a Code),
     Date(&'a Date),
     Time(&'a DateTime),
+    /// A date or time at its own precision.
+    When(&'a When),
     Number(u32),
 }
 
@@ -260,6 +267,7 @@ impl Obx<'_> {
             Value::Code(c) => push_ce(out, c),
             Value::Date(d) => push_dt(out, d),
             Value::Time(t) => push_ts(out, t),
+            Value::When(w) => out.push_str(&w.to_hl7().0),
             Value::Number(n) => {
                 let _ = write!(out, "{n}");
             }
@@ -315,8 +323,10 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let _ = write!(out, "EVN|{code}|");
     push_ts(&mut out, &s.authored_at);
     out.push_str("||||");
-    if let Some(t) = &s.custody.transfer_at {
-        push_ts(&mut out, t);
+    match &s.custody.transfer_at {
+        Some(t) if event == JourneyEvent::Transfer => push_ts(&mut out, t),
+        Some(_) => not_carried.push("custody.transfer_at: carried only by an A02 transfer".into()),
+        None => {}
     }
     out.push('\r');
 
@@ -471,11 +481,11 @@ fn push_al1_dg1(out: &mut String, s: &ClinicalSummary) {
         push_ce(out, &d.code);
         out.push_str("||");
         if let Some(o) = &d.onset {
-            push_dt(out, o);
+            out.push_str(&o.to_hl7().0);
         }
-        out.push('|');
-        out.push_str(if d.active { "W" } else { "F" });
-        out.push('\r');
+        // HL7 table 0052: a recorded diagnosis is final; whether it is
+        // resolved travels in a DX-ACTIVE OBX (table 0052 has no such code).
+        out.push_str("|F\r");
     }
 }
 
@@ -507,8 +517,20 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
             obx.add("CE", "DX", "CODE", "Diagnosis", n, Value::Code(&d.code));
             obx.add("ST", "DX", "ACTIVE", "Active", n, Value::Raw(yn(d.active)));
             if let Some(o) = &d.onset {
-                obx.add("DT", "DX", "ONSET", "Onset", n, Value::Date(o));
+                obx.add("DTM", "DX", "ONSET", "Onset", n, Value::When(o));
             }
+        }
+    } else {
+        // A resolved diagnosis: its DG1 (set ID n) says final, this says resolved.
+        for (i, d) in s.diagnoses.iter().enumerate().filter(|(_, d)| !d.active) {
+            obx.add(
+                "ST",
+                "DX",
+                "ACTIVE",
+                "Active",
+                i + 1,
+                Value::Raw(yn(d.active)),
+            );
         }
     }
     for (i, m) in s.medications.iter().enumerate() {
@@ -620,7 +642,7 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
     for (i, v) in s.vaccinations.iter().enumerate() {
         let n = i + 1;
         obx.add("CE", "VAC", "CODE", "Vaccination", n, Value::Code(&v.code));
-        obx.add("DT", "VAC", "DATE", "Date given", n, Value::Date(&v.date));
+        obx.add("DTM", "VAC", "DATE", "Date given", n, Value::When(&v.date));
     }
     for (i, f) in s.follow_ups.iter().enumerate() {
         let n = i + 1;
@@ -631,9 +653,10 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
         obx.add("ST", "FU", "KIND", "Follow-up", n, Value::Raw(kind));
         obx.add("ST", "FU", "SERVICE", "Service", n, Value::Text(&f.service));
         if let Some(d) = &f.date {
-            obx.add("DT", "FU", "DATE", "Date", n, Value::Date(d));
+            obx.add("DTM", "FU", "DATE", "Date", n, Value::When(d));
         }
     }
+    push_prescriptions(&mut obx, s);
     if s.custody.no_fixed_abode {
         obx.add("ST", "CUSTODY", "NFA", "No fixed abode", 1, Value::Raw("Y"));
     }
@@ -671,6 +694,77 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
     );
 }
 
+/// Prescriptions to take away as `RX` OBX groups.
+fn push_prescriptions(obx: &mut Obx<'_>, s: &ClinicalSummary) {
+    for (i, p) in s.prescriptions.iter().enumerate() {
+        let n = i + 1;
+        obx.add("CE", "RX", "CODE", "Prescription", n, Value::Code(&p.code));
+        obx.add("ST", "RX", "STATUS", "Status", n, Value::Text(&p.status));
+        obx.add("ST", "RX", "INTENT", "Intent", n, Value::Text(&p.intent));
+        if let Some(t) = &p.authored_on {
+            obx.add("DTM", "RX", "AUTHORED", "Written", n, Value::When(t));
+        }
+        if let Some(d) = &p.dosage {
+            obx.add("ST", "RX", "DOSAGE", "Dosage", n, Value::Text(d));
+        }
+        if let Some(q) = &p.quantity {
+            obx.add("NM", "RX", "QTY", "Quantity", n, Value::Raw(&q.value));
+            obx.add("ST", "RX", "UNIT", "Unit", n, Value::Text(&q.unit));
+        }
+        if let Some(d) = p.days_supplied {
+            obx.add("NM", "RX", "DAYS", "Days supplied", n, Value::Number(d));
+        }
+    }
+}
+
+/// One prescription from its `RX` OBX group.
+fn read_prescription(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Prescription> {
+    let Some(code) = g.code() else {
+        e.add(g.path("CODE"), "required: the medicine code");
+        return None;
+    };
+    let mut coded = |field: &str, allowed: &[&str], default: &str| {
+        let v = g.string(field).unwrap_or_else(|| default.to_owned());
+        if !allowed.contains(&v.as_str()) {
+            e.add(
+                g.path(field),
+                format!("must be one of {}", allowed.join(", ")),
+            );
+        }
+        v
+    };
+    let status = coded("STATUS", &PRESCRIPTION_STATUSES, "active");
+    let intent = coded("INTENT", &PRESCRIPTION_INTENTS, "order");
+    let authored_on = optional_when(g.text("AUTHORED").as_deref(), || g.path("AUTHORED"), e);
+    let quantity = match (g.string("QTY"), g.string("UNIT")) {
+        (None, None) => None,
+        (Some(value), Some(unit)) if Quantity::is_decimal(&value) && !unit.is_empty() => {
+            Some(Quantity { value, unit })
+        }
+        _ => {
+            e.add(
+                g.path("QTY"),
+                "a decimal quantity and its unit are required",
+            );
+            None
+        }
+    };
+    let days_supplied = g.text("DAYS").and_then(|v| {
+        v.parse()
+            .map_err(|_| e.add(g.path("DAYS"), "must be a whole number of days"))
+            .ok()
+    });
+    Some(Prescription {
+        code,
+        status,
+        intent,
+        authored_on,
+        dosage: g.string("DOSAGE"),
+        quantity,
+        days_supplied,
+    })
+}
+
 /// One parsed segment: fields, each a list of repetitions, each a list of
 /// components, all still escaped.
 struct Segment<'a> {
@@ -689,10 +783,14 @@ impl<'a> Segment<'a> {
         }
     }
 
-    /// Field `n` (HL7 numbering; MSH-1 is the field separator).
+    /// Field `n` (HL7 numbering; MSH-1 is the field separator). The
+    /// explicit null `""` reads as absent: nothing we carry is a deletion.
     fn field(&self, n: usize) -> &'a str {
         let i = if self.id == "MSH" { n - 1 } else { n };
-        self.fields.get(i).copied().unwrap_or("")
+        match self.fields.get(i).copied() {
+            Some("\"\"") | None => "",
+            Some(f) => f,
+        }
     }
 
     fn reps(&self, n: usize) -> impl Iterator<Item = &'a str> {
@@ -704,9 +802,13 @@ impl<'a> Segment<'a> {
     }
 }
 
-/// Component `c` (from 1) of `field`, unescaped (borrowed when it holds no escape).
+/// Component `c` (from 1) of `field`, unescaped (borrowed when it holds no
+/// escape); the explicit null `""` reads as absent.
 fn component(field: &str, c: usize) -> Cow<'_, str> {
-    unescaped(field.split('^').nth(c - 1).unwrap_or(""))
+    match field.split('^').nth(c - 1) {
+        Some("\"\"") | None => Cow::Borrowed(""),
+        Some(v) => unescaped(v),
+    }
 }
 
 const KNOWN: [&str; 25] = [
@@ -929,6 +1031,14 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             None
         }
     };
+    // HL7 table 0103: a training (T) or debugging (D) message must never
+    // reach a clinician as a real patient's record.
+    if !matches!(&*msh.comp(11, 1), "P" | "") {
+        e.add(
+            "MSH-11",
+            "only production messages (P, HL7 table 0103) are carried",
+        );
+    }
     let version = msh.comp(12, 1);
     if !version.starts_with("2.") {
         e.add("MSH-12", "must be an HL7 v2 version (2.5.1 expected)");
@@ -943,23 +1053,27 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             "required: when the summary was recorded (YYYYMMDDHHMMSS+ZZZZ)",
         );
     }
-    let transfer_at = evn.and_then(|s| {
-        let v = s.comp(6, 1);
-        if v.is_empty() {
-            return None;
-        }
-        let t = parse_ts(&v);
-        if t.is_none() {
-            e.add("EVN-6", "must be a time YYYYMMDDHHMMSS+ZZZZ");
-        }
-        t
-    });
+    // EVN-6 is the transfer time only on an A02; elsewhere it is listed.
+    let transfer_at = evn
+        .filter(|_| event == Some(JourneyEvent::Transfer))
+        .and_then(|s| {
+            let v = s.comp(6, 1);
+            if v.is_empty() {
+                return None;
+            }
+            let t = parse_ts(&v);
+            if t.is_none() {
+                e.add("EVN-6", "must be a time YYYYMMDDHHMMSS+ZZZZ");
+            }
+            t
+        });
 
     let Some(pid) = find("PID") else {
         e.add("PID", "required");
         return Err(e);
     };
     let (mut nhs, mut prison, mut crn) = (None, None, None);
+    let mut notes = Vec::new();
     for (r, rep) in pid.reps(3).enumerate() {
         let value = component(rep, 1);
         let field = || format!("PID-3[{}].1", r + 1);
@@ -976,7 +1090,10 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 Ok(n) => crn = Some(n),
                 Err(err) => e.add(field(), err.to_string()),
             },
-            _ => {}
+            _ => notes.push(format!(
+                "PID-3[{}]: an identifier the gateway does not read",
+                r + 1
+            )),
         }
     }
     let family_name = pid.comp(5, 1).into_owned();
@@ -992,11 +1109,16 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     if dob.is_none() {
         e.add("PID-7", "required: date of birth YYYYMMDD");
     }
+    // HL7 table 0001 (administrative sex).
     let sex = match &*pid.comp(8, 1) {
         "M" => Sex::Male,
         "F" => Sex::Female,
-        "O" => Sex::Other,
-        _ => Sex::Unknown,
+        "O" | "A" => Sex::Other,
+        "U" | "N" | "" => Sex::Unknown,
+        _ => {
+            e.add("PID-8", "must be M, F, O, A, U or N (HL7 table 0001)");
+            Sex::Unknown
+        }
     };
     let release_address = (!pid.field(11).is_empty()).then(|| Address {
         lines: [pid.comp(11, 1), pid.comp(11, 2)]
@@ -1018,7 +1140,11 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     let registered_gp = find("PD1").and_then(|s| ods(s.comp(3, 10), "PD1-3.10", &mut e));
     let pv1 = find("PV1");
     let location = pv1.and_then(|s| ods(s.comp(3, 4), "PV1-3.4", &mut e));
-    let prior = pv1.and_then(|s| ods(s.comp(6, 4), "PV1-6.4", &mut e));
+    // PV1-6 is the sending location only on a transfer (A02); elsewhere it
+    // is listed as not read, never taken for an establishment.
+    let prior = pv1
+        .filter(|_| event == Some(JourneyEvent::Transfer))
+        .and_then(|s| ods(s.comp(6, 4), "PV1-6.4", &mut e));
     let (establishment, transfer_to) = match (event, prior) {
         (Some(JourneyEvent::Transfer), Some(prior)) => (Some(prior), location),
         _ => (location, None),
@@ -1043,27 +1169,12 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     let mut allergies = Vec::new();
     let mut diagnoses = Vec::new();
     for s in segments.iter().filter(|s| s.id == "AL1") {
-        match code_from_ce(s.field(3)) {
-            Some(substance) => allergies.push(Allergy {
-                substance,
-                reaction: Some(s.comp(5, 1))
-                    .filter(|r| !r.is_empty())
-                    .map(Cow::into_owned),
-                severity: severity(&s.comp(4, 1)),
-            }),
-            None => e.add(format!("{}.1", s.name(3)), "required: the allergen code"),
-        }
+        allergies.extend(read_al1(s, &mut notes, &mut e));
     }
     for s in segments.iter().filter(|s| s.id == "DG1") {
-        match code_from_ce(s.field(3)) {
-            Some(code) => diagnoses.push(Diagnosis {
-                code,
-                active: s.comp(6, 1) != "F",
-                onset: optional_date(Some(&s.comp(5, 1)), || format!("{}.1", s.name(5)), &mut e),
-            }),
-            None => e.add(format!("{}.1", s.name(3)), "required: the diagnosis code"),
-        }
+        diagnoses.extend(read_dg1(s, &mut e));
     }
+    let from_dg1 = diagnoses.len();
 
     // OBX groups: the segments that share (item, sub-ID), in item order,
     // then sub-ID, then message order (a repeated field: the last wins).
@@ -1071,6 +1182,15 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     for s in segments.iter().filter(|s| s.id == "OBX") {
         let id = s.comp(3, 1);
         if s.comp(3, 3) != LOCAL {
+            continue;
+        }
+        // HL7 table 0085: a result withdrawn (W), deleted (D) or that could
+        // not be obtained (X) is not a fact to carry.
+        if let status @ ("W" | "D" | "X") = &*s.comp(11, 1) {
+            notes.push(format!(
+                "{}: not carried: OBX-11 result status {status} (HL7 table 0085)",
+                s.name(5)
+            ));
             continue;
         }
         let Some((item, field)) = split_once(id, '-') else {
@@ -1093,8 +1213,22 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         });
     }
     obx.sort_by(|a, b| (&a.item, a.sub).cmp(&(&b.item, b.sub)));
+    // A field given twice in one item: the last is read, the others listed.
+    for (k, f) in obx.iter().enumerate() {
+        if obx[k + 1..]
+            .iter()
+            .take_while(|g| g.item == f.item && g.sub == f.sub)
+            .any(|g| g.field == f.field)
+        {
+            notes.push(format!(
+                "{}: not read: the item gives this field again later",
+                f.segment.name(5)
+            ));
+        }
+    }
 
     let mut medications = Vec::new();
+    let mut prescriptions = Vec::new();
     let mut risks = Vec::new();
     let mut infections = Vec::new();
     let mut vaccinations = Vec::new();
@@ -1150,6 +1284,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                     days_supplied,
                 });
             }
+            "RX" => prescriptions.extend(read_prescription(&g, &mut e)),
             "ALG" => match g.code() {
                 Some(substance) => allergies.push(Allergy {
                     substance,
@@ -1162,9 +1297,13 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 Some(code) => diagnoses.push(Diagnosis {
                     code,
                     active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
-                    onset: optional_date(g.text("ONSET").as_deref(), || g.path("ONSET"), &mut e),
+                    onset: optional_when(g.text("ONSET").as_deref(), || g.path("ONSET"), &mut e),
                 }),
-                None => e.add(g.path("CODE"), "required: the diagnosis code"),
+                // Without a code, the status of the DG1 with this set ID.
+                None => match diagnoses[..from_dg1].get_mut(fields[0].sub as usize - 1) {
+                    Some(d) => d.active = g.text("ACTIVE").is_none_or(|v| yes(&v)),
+                    None => e.add(g.path("CODE"), "required: the diagnosis code"),
+                },
             },
             "RISK" => match g.text("KIND").as_deref().and_then(RiskKind::from_code) {
                 Some(kind) => risks.push(RiskFlag {
@@ -1201,7 +1340,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 }),
                 None => e.add(g.path("CODE"), "required: the infection code"),
             },
-            "VAC" => match (g.code(), g.text("DATE").and_then(|v| parse_dt(&v))) {
+            "VAC" => match (g.code(), g.text("DATE").and_then(|v| When::from_hl7(&v))) {
                 (Some(code), Some(date)) => vaccinations.push(Vaccination { code, date }),
                 _ => e.add(g.path("CODE"), "a vaccination needs a code and a date"),
             },
@@ -1212,7 +1351,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                     FollowUpKind::Referral
                 },
                 service: g.string("SERVICE").unwrap_or_default(),
-                date: optional_date(g.text("DATE").as_deref(), || g.path("DATE"), &mut e),
+                date: optional_when(g.text("DATE").as_deref(), || g.path("DATE"), &mut e),
             }),
             "CUSTODY" => no_fixed_abode = flag("NFA"),
             "CONSENT" => {
@@ -1230,6 +1369,8 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             _ => {}
         }
     }
+    notes.extend(unread::unread(&segments, event));
+    let not_read = notes;
     let author_org = ods(msh.comp(4, 1), "MSH-4", &mut e);
     if author_org.is_none() {
         e.add("MSH-4", "required: the sending organisation's ODS code");
@@ -1268,6 +1409,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             registered_gp,
             diagnoses,
             medications,
+            prescriptions,
             allergies,
             risks,
             mental_health,
@@ -1282,6 +1424,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 organisation: author_org,
             },
             authored_at,
+            not_read,
         },
         event,
         control_id,
@@ -1295,6 +1438,55 @@ fn severity(v: &str) -> Option<Severity> {
         "SV" => Some(Severity::Severe),
         _ => None,
     }
+}
+
+/// An AL1 segment. AL1-2 follows HL7 table 0127 (allergen type) and AL1-4
+/// table 0128 (severity: `U` unknown reads as no severity).
+fn read_al1(s: &Segment<'_>, notes: &mut Vec<String>, e: &mut ValidationErrors) -> Option<Allergy> {
+    match &*s.comp(2, 1) {
+        "" | "DA" => {}
+        "FA" | "MA" | "MC" | "EA" | "AA" | "PA" | "LA" => notes.push(format!(
+            "{}: the allergen type is not carried (the substance code names the substance)",
+            s.name(2)
+        )),
+        _ => e.add(s.name(2), "must be an allergen type from HL7 table 0127"),
+    }
+    let severity_code = s.comp(4, 1);
+    let severity = severity(&severity_code);
+    if severity.is_none() && !matches!(&*severity_code, "" | "U") {
+        e.add(s.name(4), "must be SV, MO, MI or U (HL7 table 0128)");
+    }
+    let Some(substance) = code_from_ce(s.field(3)) else {
+        e.add(format!("{}.1", s.name(3)), "required: the allergen code");
+        return None;
+    };
+    Some(Allergy {
+        substance,
+        reaction: Some(s.comp(5, 1))
+            .filter(|r| !r.is_empty())
+            .map(Cow::into_owned),
+        severity,
+    })
+}
+
+/// A DG1 segment. DG1-6 follows HL7 table 0052: `A` admitting, `W` working,
+/// `F` final. None of them says a diagnosis is resolved, so every DG1 is an
+/// active diagnosis; a resolved one is marked by a `DX-ACTIVE` OBX whose
+/// sub-ID is the DG1's set ID.
+fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<Diagnosis> {
+    if !matches!(&*s.comp(6, 1), "" | "A" | "W" | "F") {
+        e.add(s.name(6), "must be A, W or F (HL7 table 0052)");
+    }
+    let onset = optional_when(Some(&s.comp(5, 1)), || format!("{}.1", s.name(5)), e);
+    let Some(code) = code_from_ce(s.field(3)) else {
+        e.add(format!("{}.1", s.name(3)), "required: the diagnosis code");
+        return None;
+    };
+    Some(Diagnosis {
+        code,
+        active: true,
+        onset,
+    })
 }
 
 /// The acknowledgement code of an [`ack`].
@@ -1385,7 +1577,14 @@ mod tests {
             parse_ts("202611240810"),
             "2026-11-24T08:10:00Z".parse().ok()
         );
-        assert_eq!(parse_ts("2026112408"), None);
+        // TS allows every precision down to the hour, and four fraction digits.
+        assert_eq!(parse_ts("2026112408"), "2026-11-24T08:00:00Z".parse().ok());
+        assert_eq!(
+            parse_ts("20261124081000.1234-0500"),
+            "2026-11-24T08:10:00.1234-05:00".parse().ok()
+        );
+        assert_eq!(parse_ts("20261124"), None);
+        assert_eq!(parse_ts("20261124081000.12345"), None);
         assert_eq!(error_location("PID-3[1].1"), "PID^1^3^1^1");
         assert_eq!(error_location("OBX(4)-5"), "OBX^4^5^1^");
     }
@@ -1416,7 +1615,7 @@ mod tests {
         let dates: Vec<&str> = err
             .0
             .iter()
-            .filter(|v| v.description == "must be a date written YYYYMMDD")
+            .filter(|v| v.description.starts_with("must be a date written YYYYMMDD"))
             .map(|v| v.field.as_str())
             .collect();
         assert!(!dates.is_empty(), "{err:?}");

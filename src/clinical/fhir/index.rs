@@ -1,0 +1,214 @@
+//! The entries of one document Bundle: found by type or by reference, each
+//! marked when read, so that whatever is never read (an entry, or an element
+//! of one) is listed rather than dropped in silence.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::fmt;
+
+use serde::Deserialize;
+
+use super::types::{Organization, RawEntry, Reference};
+use super::{ods_of, parse_with, typed, unread};
+use crate::clinical::identifiers::OdsCode;
+use crate::clinical::violation::ValidationErrors;
+
+/// Where entry `entry` is, for error paths: `entry[3].resource.` under the
+/// Bundle's own prefix. Formatted only when an error needs it.
+#[derive(Clone, Copy)]
+pub(super) struct At<'p> {
+    prefix: &'p str,
+    entry: usize,
+}
+
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}entry[{}].resource.", self.prefix, self.entry)
+    }
+}
+
+/// A resource's type and id, for references written `Type/id`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeAndId<'a> {
+    #[serde(default, borrow)]
+    resource_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+pub(super) struct Index<'a> {
+    entries: &'a [RawEntry<'a>],
+    kinds: Vec<Option<Cow<'a, str>>>,
+    prefix: &'a str,
+    /// Entries read (or deliberately set aside, with a note).
+    used: RefCell<Vec<bool>>,
+    /// What was not read, by path.
+    notes: RefCell<Vec<String>>,
+    /// Modifiers we do not understand: the document is refused.
+    refused: RefCell<ValidationErrors>,
+}
+
+impl<'a> Index<'a> {
+    pub(super) fn new(
+        entries: &'a [RawEntry<'a>],
+        kinds: Vec<Option<Cow<'a, str>>>,
+        prefix: &'a str,
+    ) -> Self {
+        Self {
+            used: RefCell::new(vec![false; entries.len()]),
+            entries,
+            kinds,
+            prefix,
+            notes: RefCell::default(),
+            refused: RefCell::default(),
+        }
+    }
+
+    /// Marks entry `i` read, and lists (once) what it holds beyond what the
+    /// parser reads.
+    pub(super) fn touch(&self, i: usize) {
+        let seen = match self.used.borrow_mut().get_mut(i) {
+            Some(used) => std::mem::replace(used, true),
+            None => return,
+        };
+        if seen {
+            return;
+        }
+        let kind = self.kind(i).unwrap_or("");
+        match unread::schema(kind) {
+            Some(schema) => unread::walk(
+                self.entries[i].resource.get(),
+                schema,
+                self.path(i),
+                &mut self.notes.borrow_mut(),
+                &mut self.refused.borrow_mut(),
+            ),
+            None => self.note(
+                format_args!(
+                    "{}entry[{i}].resource ({})",
+                    self.prefix,
+                    unread::safe_name(kind)
+                ),
+                "not read: a resource type the gateway does not read here",
+            ),
+        }
+    }
+
+    /// Records that `path` was not read, and why.
+    pub(super) fn note(&self, path: impl fmt::Display, why: &str) {
+        self.notes.borrow_mut().push(format!("{path}: {why}"));
+    }
+
+    /// The entries of type `t`, in order, each marked read as it is taken.
+    /// A resource its own status withdraws (entered in error, refuted, not
+    /// done) is set aside with a note.
+    pub(super) fn of_type(&self, t: &'static str) -> impl Iterator<Item = (usize, &'a str)> + '_ {
+        self.kinds
+            .iter()
+            .enumerate()
+            .filter(move |(_, k)| k.as_deref() == Some(t))
+            .filter_map(move |(i, _)| {
+                let json = self.entries[i].resource.get();
+                if let Some(why) = unread::withdrawn(t, json) {
+                    self.used.borrow_mut()[i] = true;
+                    self.note(
+                        format_args!("{}entry[{i}].resource ({t})", self.prefix),
+                        &format!("not carried: {why}"),
+                    );
+                    return None;
+                }
+                self.touch(i);
+                Some((i, json))
+            })
+    }
+
+    /// The Bundle's own prefix in paths.
+    pub(super) fn prefix(&self) -> &'a str {
+        self.prefix
+    }
+
+    pub(super) fn kind(&self, i: usize) -> Option<&str> {
+        self.kinds.get(i).and_then(|k| k.as_deref())
+    }
+
+    pub(super) fn path(&self, i: usize) -> At<'a> {
+        At {
+            prefix: self.prefix,
+            entry: i,
+        }
+    }
+
+    /// The entry a reference points at, by the Bundle rules: an absolute
+    /// reference (`urn:uuid:…`, `https://…/Patient/1`) matches a fullUrl;
+    /// a relative one (`Patient/1`, with or without `/_history/n`) matches
+    /// a RESTful fullUrl ending in it, or else the resource of that type
+    /// with that id. The last match wins, as in a Bundle read in order.
+    pub(super) fn resolve(&self, r: &Reference) -> Option<(usize, &'a str)> {
+        let url = r.reference.as_deref()?;
+        let i = self.find(url)?;
+        self.touch(i);
+        Some((i, self.entries[i].resource.get()))
+    }
+
+    fn find(&self, url: &str) -> Option<usize> {
+        fn full_url<'e>(e: &'e RawEntry<'_>) -> &'e str {
+            e.full_url.as_deref().unwrap_or("")
+        }
+        if let Some(i) = self.entries.iter().rposition(|e| full_url(e) == url) {
+            return Some(i);
+        }
+        let relative = url.split("/_history/").next().unwrap_or(url);
+        let (t, id) = relative.split_once('/')?;
+        if url.contains(':') || id.contains('/') || t.is_empty() || id.is_empty() {
+            return None;
+        }
+        let tail = format!("/{t}/{id}");
+        if let Some(i) = self.entries.iter().rposition(|e| {
+            let f = full_url(e);
+            f.contains("://") && f.split("/_history/").next().unwrap_or(f).ends_with(&tail)
+        }) {
+            return Some(i);
+        }
+        (0..self.entries.len()).rev().find(|&i| {
+            self.kind(i) == Some(t)
+                && serde_json::from_str::<TypeAndId>(self.entries[i].resource.get())
+                    .is_ok_and(|r| r.id.as_deref() == Some(id) && r.resource_type.is_some())
+        })
+    }
+
+    /// The ODS code of the Organization `r` points at, if it resolves.
+    pub(super) fn ods(&self, r: &Reference, errors: &mut ValidationErrors) -> Option<OdsCode> {
+        let (oi, ov) = self.resolve(r)?;
+        let o: Organization = typed(ov, self.path(oi), errors)?;
+        parse_with(
+            ods_of(&o),
+            format_args!("{}identifier[0].value", self.path(oi)),
+            errors,
+        )
+    }
+
+    /// Lists every entry never read, moves the refusals into `errors`, and
+    /// returns the notes: what the document held that was not read.
+    pub(super) fn finish(self, errors: &mut ValidationErrors) -> Vec<String> {
+        let mut notes = self.notes.into_inner();
+        for (i, used) in self.used.into_inner().into_iter().enumerate() {
+            if used {
+                continue;
+            }
+            let kind = unread::safe_name(self.kinds[i].as_deref().unwrap_or(""));
+            let why = if unread::schema(kind).is_some() {
+                "not read: beyond the one of its type the gateway reads, and referred to by \
+                 nothing it reads"
+            } else {
+                "not read: a resource type the gateway does not read"
+            };
+            notes.push(format!(
+                "{}entry[{i}].resource ({kind}): {why}",
+                self.prefix
+            ));
+        }
+        errors.0.extend(self.refused.into_inner().0);
+        notes
+    }
+}

@@ -1,0 +1,599 @@
+//! What a resource holds beyond what the parser reads.
+//!
+//! Each resource type we read has a schema: the element paths the parser
+//! turns into the model (or re-derives on the way out, like `status`). A
+//! walk over the resource as received lists every other element by its
+//! path, so a delivery can say what it does not carry. FHIR's rule for
+//! modifiers is enforced here too: an element that changes the meaning of
+//! what holds it (`modifierExtension`, `implicitRules`) and that we do not
+//! understand refuses the document.
+//!
+//! Schema entries are dotted paths below the resource. A suffix names a
+//! datatype whose usual parts are all read: `code{cc}` a CodeableConcept
+//! (`coding.system|code|display`, `text`), `subject{ref}` a Reference
+//! (`reference`), `class{coding}` a Coding.
+
+use std::fmt;
+
+use serde_json::Value;
+
+use super::{EXT_DAYS_SUPPLIED, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED};
+use crate::clinical::violation::ValidationErrors;
+
+/// The elements of one resource type the parser reads.
+pub(super) struct Schema {
+    known: &'static [&'static str],
+    /// Repeating elements of which only the first is read.
+    first_only: &'static [&'static str],
+    /// Extension URLs read (on the resource itself).
+    extensions: &'static [&'static str],
+}
+
+/// Every resource: its type, its id (references are resolved and re-minted)
+/// and the profiles it claims (ours are declared afresh on the way out).
+const COMMON: [&str; 4] = ["resourceType", "id", "meta", "meta.profile"];
+
+/// The resource types the gateway reads, each with its schema.
+const SCHEMAS: [(&str, Schema); 14] = [
+    (
+        "Composition",
+        Schema {
+            known: &[
+                "status",
+                "type{cc}",
+                "subject{ref}",
+                "date",
+                "author{ref}",
+                "title",
+                "custodian{ref}",
+                "event",
+                "event.code{cc}",
+                "section",
+                "section.title",
+                "section.code{cc}",
+                "section.entry{ref}",
+            ],
+            first_only: &["author"],
+            extensions: &[],
+        },
+    ),
+    (
+        "Patient",
+        Schema {
+            known: &[
+                "identifier",
+                "identifier.system",
+                "identifier.value",
+                "name",
+                "name.family",
+                "name.given",
+                "gender",
+                "birthDate",
+                "address",
+                "address.use",
+                "address.line",
+                "address.city",
+                "address.postalCode",
+                "generalPractitioner{ref}",
+            ],
+            first_only: &["name", "address", "generalPractitioner"],
+            extensions: &[],
+        },
+    ),
+    (
+        "Organization",
+        Schema {
+            known: &["identifier", "identifier.system", "identifier.value"],
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "Practitioner",
+        Schema {
+            known: &[
+                "name",
+                "name.text",
+                "name.family",
+                "qualification",
+                "qualification.code{cc}",
+            ],
+            first_only: &["name", "qualification"],
+            extensions: &[],
+        },
+    ),
+    (
+        "Encounter",
+        Schema {
+            known: &[
+                "status",
+                "class{coding}",
+                "subject{ref}",
+                "period",
+                "period.start",
+                "period.end",
+                "serviceProvider{ref}",
+                "hospitalization",
+                "hospitalization.destination{ref}",
+                "hospitalization.dischargeDisposition{cc}",
+            ],
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "Condition",
+        Schema {
+            known: &[
+                "clinicalStatus{cc}",
+                "verificationStatus{cc}",
+                "code{cc}",
+                "subject{ref}",
+                "onsetDateTime",
+            ],
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "MedicationStatement",
+        Schema {
+            known: &[
+                "status",
+                "category{cc}",
+                "medicationCodeableConcept{cc}",
+                "subject{ref}",
+                "dosage",
+                "dosage.text",
+                "dosage.additionalInstruction{cc}",
+                "dosage.timing",
+                "dosage.timing.code{cc}",
+                "dosage.route{cc}",
+            ],
+            first_only: &["dosage"],
+            extensions: &[EXT_LAST_DOSE, EXT_DAYS_SUPPLIED],
+        },
+    ),
+    (
+        "MedicationRequest",
+        Schema {
+            known: &[
+                "status",
+                "intent",
+                "medicationCodeableConcept{cc}",
+                "subject{ref}",
+                "authoredOn",
+                "dosageInstruction",
+                "dosageInstruction.text",
+                "dispenseRequest",
+                "dispenseRequest.quantity",
+                "dispenseRequest.quantity.value",
+                "dispenseRequest.quantity.unit",
+                "dispenseRequest.expectedSupplyDuration",
+                "dispenseRequest.expectedSupplyDuration.value",
+                "dispenseRequest.expectedSupplyDuration.unit",
+                "dispenseRequest.expectedSupplyDuration.system",
+                "dispenseRequest.expectedSupplyDuration.code",
+            ],
+            first_only: &["dosageInstruction"],
+            extensions: &[],
+        },
+    ),
+    (
+        "AllergyIntolerance",
+        Schema {
+            known: &[
+                "clinicalStatus{cc}",
+                "verificationStatus{cc}",
+                "code{cc}",
+                "patient{ref}",
+                "reaction",
+                "reaction.manifestation{cc}",
+                "reaction.severity",
+            ],
+            first_only: &["reaction", "reaction.manifestation"],
+            extensions: &[],
+        },
+    ),
+    (
+        "Flag",
+        Schema {
+            known: &["status", "code{cc}", "subject{ref}"],
+            first_only: &[],
+            extensions: &[EXT_NOTE],
+        },
+    ),
+    (
+        "Immunization",
+        Schema {
+            known: &[
+                "status",
+                "vaccineCode{cc}",
+                "patient{ref}",
+                "occurrenceDateTime",
+            ],
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "Observation",
+        Schema {
+            known: &[
+                "status",
+                "category{cc}",
+                "code{cc}",
+                "subject{ref}",
+                "valueString",
+                "valueBoolean",
+            ],
+            first_only: &[],
+            extensions: &[EXT_TREATMENT_STARTED],
+        },
+    ),
+    (
+        "ServiceRequest",
+        Schema {
+            known: &[
+                "status",
+                "intent",
+                "category{cc}",
+                "code{cc}",
+                "subject{ref}",
+                "occurrenceDateTime",
+            ],
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+    (
+        "Consent",
+        Schema {
+            known: &[
+                "status",
+                "scope{cc}",
+                "category{cc}",
+                "patient{ref}",
+                "policyRule{cc}",
+                "provision",
+                "provision.type",
+            ],
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
+];
+
+/// The schema of `kind`, if the gateway reads that resource type.
+pub(super) fn schema(kind: &str) -> Option<&'static Schema> {
+    SCHEMAS.iter().find(|(k, _)| *k == kind).map(|(_, s)| s)
+}
+
+/// The parts of each datatype a suffix names.
+fn datatype_parts(suffix: &str) -> &'static [&'static str] {
+    match suffix {
+        "cc" => &[
+            "",
+            "coding",
+            "coding.system",
+            "coding.code",
+            "coding.display",
+            "text",
+        ],
+        "ref" => &["", "reference"],
+        "coding" => &["", "system", "code", "display"],
+        _ => &[],
+    }
+}
+
+impl Schema {
+    fn knows(&self, path: &str) -> bool {
+        COMMON.contains(&path)
+            || self.known.iter().any(|k| match k.split_once('{') {
+                None => *k == path,
+                Some((base, suffix)) => {
+                    path == base
+                        || path
+                            .strip_prefix(base)
+                            .and_then(|rest| rest.strip_prefix('.'))
+                            .is_some_and(|rest| {
+                                datatype_parts(suffix.trim_end_matches('}')).contains(&rest)
+                            })
+                }
+            })
+    }
+
+    /// Only the first repetition is read: the first of every
+    /// `first_only` element and of every CodeableConcept's `coding`.
+    fn first_only(&self, path: &str) -> bool {
+        self.first_only.contains(&path)
+            || path.strip_suffix(".coding").is_some_and(|base| {
+                self.known
+                    .iter()
+                    .any(|k| k.strip_suffix("{cc}") == Some(base))
+            })
+    }
+}
+
+/// `name` when it could be a FHIR element or type name, or a placeholder:
+/// a path must never echo text a sender put in a key, which could be
+/// patient data.
+pub(super) fn safe_name(name: &str) -> &str {
+    let body = name.strip_prefix('_').unwrap_or(name);
+    let ok = (1..=64).contains(&body.len())
+        && body.as_bytes()[0].is_ascii_alphabetic()
+        && body.bytes().all(|b| b.is_ascii_alphanumeric());
+    if ok {
+        name
+    } else {
+        "(a name FHIR does not define)"
+    }
+}
+
+/// An extension's URL when it looks like one, for the note.
+fn safe_url(url: &str) -> &str {
+    let ok = (1..=256).contains(&url.len())
+        && url.contains(':')
+        && url.bytes().all(|b| b.is_ascii_graphic());
+    if ok { url } else { "(no readable url)" }
+}
+
+/// An object that holds nothing but comments (`"_status": {"fhir_comments": …}`).
+fn only_comments(v: &Value) -> bool {
+    v.as_object()
+        .is_some_and(|o| !o.is_empty() && o.keys().all(|k| k == "fhir_comments"))
+}
+
+/// One walk over one resource: notes for what is not read, violations for
+/// modifiers we do not understand.
+struct Walk<'w> {
+    schema: &'w Schema,
+    notes: &'w mut Vec<String>,
+    errors: &'w mut ValidationErrors,
+}
+
+impl Walk<'_> {
+    fn object(&mut self, map: &serde_json::Map<String, Value>, schema_path: &str, at: &str) {
+        for (key, value) in map {
+            let here = format!("{at}{}", safe_name(key));
+            let path = if schema_path.is_empty() {
+                key.clone()
+            } else {
+                format!("{schema_path}.{key}")
+            };
+            match key.as_str() {
+                // Comments, as FHIR JSON writes XML comments: not content.
+                "fhir_comments" => {}
+                _ if only_comments(value) => {}
+                "modifierExtension" => self.errors.add(
+                    here,
+                    "a modifier extension the gateway does not understand: FHIR requires \
+                     refusing the resource",
+                ),
+                "implicitRules" => self.errors.add(
+                    here,
+                    "implicit rules the gateway does not understand: FHIR requires refusing \
+                     the resource",
+                ),
+                "extension" => self.extensions(value, schema_path.is_empty(), &here),
+                _ if self.schema.knows(&path) => self.value(value, &path, &here),
+                _ => self.notes.push(format!("{here}: not read by the gateway")),
+            }
+        }
+    }
+
+    fn value(&mut self, value: &Value, path: &str, here: &str) {
+        match value {
+            Value::Object(map) => self.object(map, path, &format!("{here}.")),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let at = format!("{here}[{i}]");
+                    if i > 0 && self.schema.first_only(path) {
+                        self.notes
+                            .push(format!("{at}: only the first repetition is read"));
+                    } else {
+                        self.value(item, path, &at);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn extensions(&mut self, value: &Value, on_resource: bool, here: &str) {
+        let Value::Array(items) = value else {
+            self.notes.push(format!("{here}: not read by the gateway"));
+            return;
+        };
+        for (i, ext) in items.iter().enumerate() {
+            let url = ext.get("url").and_then(Value::as_str).unwrap_or("");
+            let read = on_resource && self.schema.extensions.contains(&url);
+            if let Some(Value::Array(inner)) = ext.get("modifierExtension")
+                && !inner.is_empty()
+            {
+                self.errors.add(
+                    format!("{here}[{i}].modifierExtension"),
+                    "a modifier extension the gateway does not understand",
+                );
+            }
+            if !read {
+                // The URL names a definition, never patient data.
+                self.notes.push(format!(
+                    "{here}[{i}] ({}): an extension not read by the gateway",
+                    safe_url(url)
+                ));
+            }
+        }
+    }
+}
+
+/// Lists under `at` what `json`, a resource of a type with `schema`, holds
+/// beyond what the parser reads.
+pub(super) fn walk(
+    json: &str,
+    schema: &Schema,
+    at: impl fmt::Display,
+    notes: &mut Vec<String>,
+    errors: &mut ValidationErrors,
+) {
+    let Ok(Value::Object(map)) = serde_json::from_str::<Value>(json) else {
+        return;
+    };
+    let at = at.to_string();
+    Walk {
+        schema,
+        notes,
+        errors,
+    }
+    .object(&map, "", &at);
+}
+
+/// What a Bundle (`json`, under `prefix`) holds around its entries' resources
+/// beyond its structure: `signature`, `link`, `entry.search`,
+/// `entry.request`, `meta` other than profiles. Its identifier and
+/// timestamp are the document's own and re-minted for every delivery.
+pub(super) fn bundle(json: &str, prefix: &str) -> Vec<String> {
+    use serde::de::IgnoredAny;
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    let mut notes = Vec::new();
+    let Ok(top) = serde_json::from_str::<BTreeMap<String, &RawValue>>(json) else {
+        return notes;
+    };
+    for (key, value) in &top {
+        match key.as_str() {
+            "resourceType" | "id" | "identifier" | "type" | "timestamp" | "fhir_comments" => {}
+            "meta" => {
+                if let Ok(Value::Object(meta)) = serde_json::from_str::<Value>(value.get()) {
+                    for k in meta
+                        .keys()
+                        .filter(|k| !matches!(k.as_str(), "profile" | "fhir_comments"))
+                    {
+                        notes.push(format!(
+                            "{prefix}meta.{}: not read by the gateway",
+                            safe_name(k)
+                        ));
+                    }
+                }
+            }
+            "entry" => {
+                let entries: Vec<BTreeMap<String, IgnoredAny>> =
+                    serde_json::from_str(value.get()).unwrap_or_default();
+                for (i, e) in entries.iter().enumerate() {
+                    for k in e
+                        .keys()
+                        .filter(|k| !matches!(k.as_str(), "fullUrl" | "resource" | "fhir_comments"))
+                    {
+                        notes.push(format!(
+                            "{prefix}entry[{i}].{}: not read by the gateway",
+                            safe_name(k)
+                        ));
+                    }
+                }
+            }
+            other => notes.push(format!(
+                "{prefix}{}: not read by the gateway",
+                safe_name(other)
+            )),
+        }
+    }
+    notes
+}
+
+/// Why a resource of `kind` is not clinical content at all, when its own
+/// status says so (FHIR modifier elements): entered in error, refuted, not
+/// taken, not done, or a request not to do something.
+pub(super) fn withdrawn(kind: &str, json: &str) -> Option<&'static str> {
+    let v: Value = serde_json::from_str(json).ok()?;
+    let status = v.get("status").and_then(Value::as_str);
+    if status == Some("entered-in-error") {
+        return Some("entered in error");
+    }
+    let verification = v
+        .get("verificationStatus")
+        .and_then(|c| c.get("coding"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("code").and_then(Value::as_str))
+        .find(|c| matches!(*c, "refuted" | "entered-in-error"));
+    match (kind, status, verification) {
+        (_, _, Some("refuted")) => Some("refuted (verificationStatus)"),
+        (_, _, Some(_)) => Some("entered in error (verificationStatus)"),
+        ("MedicationStatement", Some("not-taken"), _) => Some("not taken"),
+        ("Immunization", Some("not-done"), _) => Some("not done"),
+        ("MedicationRequest", _, _) if v.get("doNotPerform") == Some(&Value::Bool(true)) => {
+            Some("a request not to give this medicine (doNotPerform)")
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unread(kind: &str, json: &str) -> (Vec<String>, ValidationErrors) {
+        let mut notes = Vec::new();
+        let mut errors = ValidationErrors::default();
+        walk(json, schema(kind).unwrap(), "r.", &mut notes, &mut errors);
+        notes.sort();
+        (notes, errors)
+    }
+
+    #[test]
+    fn known_elements_pass_and_others_are_listed_by_path() {
+        let (notes, errors) = unread(
+            "Condition",
+            r#"{"resourceType":"Condition","id":"x","meta":{"profile":["p"],"lastUpdated":"2020"},
+               "code":{"coding":[{"system":"s","code":"c","display":"d","version":"1"},{"system":"t","code":"e"}],"text":"t"},
+               "subject":{"reference":"Patient/1","display":"n"},"severity":{"text":"bad"},
+               "_onsetDateTime":{"extension":[]},"onsetDateTime":"2020"}"#,
+        );
+        assert!(errors.0.is_empty());
+        assert_eq!(
+            notes,
+            [
+                "r._onsetDateTime: not read by the gateway",
+                "r.code.coding[0].version: not read by the gateway",
+                "r.code.coding[1]: only the first repetition is read",
+                "r.meta.lastUpdated: not read by the gateway",
+                "r.severity: not read by the gateway",
+                "r.subject.display: not read by the gateway",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_modifier_extension_refuses_and_an_unknown_extension_is_listed() {
+        let (notes, errors) = unread(
+            "Flag",
+            r#"{"resourceType":"Flag","status":"active","code":{"text":"x"},
+               "extension":[{"url":"https://throughcare.invalid/fhir/StructureDefinition/note","valueString":"n"},
+                            {"url":"https://example.org/other","valueString":"v"}],
+               "modifierExtension":[{"url":"https://example.org/m","valueBoolean":true}]}"#,
+        );
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!(errors.0[0].field, "r.modifierExtension");
+        assert_eq!(
+            notes,
+            ["r.extension[1] (https://example.org/other): an extension not read by the gateway"]
+        );
+    }
+
+    #[test]
+    fn withdrawn_resources_are_recognised() {
+        assert_eq!(
+            withdrawn(
+                "Condition",
+                r#"{"verificationStatus":{"coding":[{"code":"refuted"}]}}"#
+            ),
+            Some("refuted (verificationStatus)")
+        );
+        assert_eq!(
+            withdrawn("Immunization", r#"{"status":"not-done"}"#),
+            Some("not done")
+        );
+        assert_eq!(withdrawn("Immunization", r#"{"status":"completed"}"#), None);
+    }
+}

@@ -1,0 +1,479 @@
+//! Documents written by other systems: every element is carried, listed as
+//! not carried, or refused; HL7 tables are read by meaning; prescriptions
+//! to take away travel in every format.
+
+use serde_json::{Value, json};
+use throughcare::clinical::model::{ClinicalSummary, Code, DMD, Prescription, Quantity};
+use throughcare::clinical::translate::{self, TextFormat};
+use throughcare::clinical::views::View;
+use throughcare::clinical::{Limits, fhir, hl7v2};
+use throughcare::journey::JourneyEvent;
+
+fn fixture(name: &str) -> ClinicalSummary {
+    let path = format!(
+        "{}/tests/fixtures/patients/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn naloxone() -> Prescription {
+    Prescription {
+        code: Code {
+            system: DMD.into(),
+            code: "3378311000001103".into(),
+            display: "Naloxone 1.8mg/0.1ml nasal spray (invented example)".into(),
+        },
+        status: "active".into(),
+        intent: "order".into(),
+        authored_on: "2026-11-23T16:45:00+00:00".parse().ok(),
+        dosage: Some("One spray into one nostril in suspected opioid overdose".into()),
+        quantity: Some(Quantity {
+            value: "2".into(),
+            unit: "spray".into(),
+        }),
+        days_supplied: Some(28),
+    }
+}
+
+fn fhir_json(s: &ClinicalSummary, event: JourneyEvent) -> Value {
+    serde_json::from_slice(&fhir::render(s, event).bytes).unwrap()
+}
+
+fn parse_fhir(doc: &Value) -> Result<ClinicalSummary, throughcare::clinical::ValidationErrors> {
+    fhir::parse(&serde_json::to_vec(doc).unwrap(), &Limits::default()).map(|p| p.summary)
+}
+
+fn entry_of<'a>(doc: &'a mut Value, kind: &str) -> (usize, &'a mut Value) {
+    let entries = doc["entry"].as_array_mut().unwrap();
+    let i = entries
+        .iter()
+        .position(|e| e["resource"]["resourceType"] == kind)
+        .unwrap();
+    (i, &mut entries[i]["resource"])
+}
+
+#[test]
+fn a_resource_type_the_gateway_does_not_read_is_listed_on_every_delivery() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    doc["entry"].as_array_mut().unwrap().push(json!({
+        "fullUrl": "urn:uuid:6b1d4e1e-0000-4000-8000-000000000001",
+        "resource": {"resourceType": "Procedure", "status": "completed",
+                     "code": {"text": "Wound dressing"}, "subject": {"reference": "urn:x"}}
+    }));
+    let n = doc["entry"].as_array().unwrap().len() - 1;
+    let read = parse_fhir(&doc).unwrap();
+    let expected = format!(
+        "entry[{n}].resource (Procedure): not read: a resource type the gateway does not read"
+    );
+    assert_eq!(read.not_read, std::slice::from_ref(&expected));
+    for format in [TextFormat::Fhir, TextFormat::Hl7v2, TextFormat::ModelJson] {
+        for view in [View::Full, View::Probation] {
+            let out = translate::write(format, &read, view, JourneyEvent::Release);
+            assert!(
+                out.not_carried.contains(&expected),
+                "{format:?} {view:?}: {:?}",
+                out.not_carried
+            );
+        }
+    }
+    assert!(translate::notes(&read, View::Full).contains(&expected));
+}
+
+#[test]
+fn unknown_elements_and_extensions_are_listed_by_path_and_never_quote_values() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, patient) = entry_of(&mut doc, "Patient");
+    patient["telecom"] = json!([{"system": "phone", "value": "07700 900123"}]);
+    patient["extension"] =
+        json!([{"url": "https://example.org/ethnicity", "valueString": "secret"}]);
+    patient["name"][0]["prefix"] = json!(["Mx"]);
+    patient["name"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"family": "Alias"}));
+    let read = parse_fhir(&doc).unwrap();
+    let at = format!("entry[{i}].resource.");
+    let mut expected = vec![
+        format!(
+            "{at}extension[0] (https://example.org/ethnicity): an extension not read by the gateway"
+        ),
+        format!("{at}name[0].prefix: not read by the gateway"),
+        format!("{at}name[1]: only the first repetition is read"),
+        format!("{at}telecom: not read by the gateway"),
+    ];
+    expected.sort();
+    let mut got = read.not_read.clone();
+    got.sort();
+    assert_eq!(got, expected);
+    let text = got.join(" ");
+    assert!(!text.contains("07700") && !text.contains("secret") && !text.contains("Alias"));
+}
+
+#[test]
+fn an_unknown_modifier_extension_refuses_the_document() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, med) = entry_of(&mut doc, "MedicationStatement");
+    med["modifierExtension"] =
+        json!([{"url": "https://example.org/not-given", "valueBoolean": true}]);
+    let err = parse_fhir(&doc).unwrap_err();
+    assert_eq!(err.0.len(), 1, "{err}");
+    assert_eq!(
+        err.0[0].field,
+        format!("entry[{i}].resource.modifierExtension")
+    );
+}
+
+#[test]
+fn a_withdrawn_resource_is_listed_not_carried() {
+    let mut s = fixture("06-many-medicines-and-allergies");
+    s.diagnoses.clear();
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, med) = entry_of(&mut doc, "MedicationStatement");
+    med["status"] = json!("entered-in-error");
+    let read = parse_fhir(&doc).unwrap();
+    assert_eq!(read.medications.len(), s.medications.len() - 1);
+    assert!(
+        read.not_read.contains(&format!(
+            "entry[{i}].resource (MedicationStatement): not carried: entered in error"
+        )),
+        "{:?}",
+        read.not_read
+    );
+}
+
+#[test]
+fn a_take_out_prescription_travels_in_every_format() {
+    let mut s = fixture("01-ost-released-today");
+    s.prescriptions.push(naloxone());
+    let fhir_doc = fhir::render(&s, JourneyEvent::Release);
+    let text = String::from_utf8(fhir_doc.bytes.clone()).unwrap();
+    assert!(text.contains("\"resourceType\":\"MedicationRequest\""));
+    let back = fhir::parse(&fhir_doc.bytes, &Limits::default())
+        .unwrap()
+        .summary;
+    assert_eq!(back.prescriptions, s.prescriptions);
+    assert!(back.not_read.is_empty(), "{:?}", back.not_read);
+    let hl7 = hl7v2::render(&s, JourneyEvent::Release);
+    let back = hl7v2::parse(&hl7.bytes, &Limits::default())
+        .unwrap()
+        .summary;
+    assert_eq!(back.prescriptions, s.prescriptions);
+    assert!(back.not_read.is_empty(), "{:?}", back.not_read);
+    // Clinical content: the probation view leaves it out and says so.
+    let probation = translate::write(TextFormat::Fhir, &s, View::Probation, JourneyEvent::Release);
+    assert!(
+        !String::from_utf8(probation.bytes)
+            .unwrap()
+            .contains("Naloxone")
+    );
+    assert!(
+        probation
+            .not_carried
+            .iter()
+            .any(|n| n.contains("prescriptions"))
+    );
+}
+
+fn hl7_release(edit: impl FnOnce(&mut Vec<String>)) -> Vec<String> {
+    let s = fixture("01-ost-released-today");
+    let text = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();
+    let mut segments: Vec<String> = text
+        .split('\r')
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    edit(&mut segments);
+    segments
+}
+
+fn parse_hl7(
+    segments: &[String],
+) -> Result<ClinicalSummary, throughcare::clinical::ValidationErrors> {
+    hl7v2::parse(segments.join("\r").as_bytes(), &Limits::default()).map(|p| p.summary)
+}
+
+fn segment<'a>(segments: &'a mut [String], id: &str) -> &'a mut String {
+    segments.iter_mut().find(|s| s.starts_with(id)).unwrap()
+}
+
+#[test]
+fn hl7_segments_fields_and_repetitions_not_read_are_listed() {
+    let segments = hl7_release(|segs| {
+        segs.insert(3, "NK1|1|Contact^Invented|SIS".into());
+        segs.push("ZXY|1|local".into());
+        let pid = segment(segs, "PID");
+        // PID-13 (phone) and a second address.
+        let mut fields: Vec<String> = pid.split('|').map(String::from).collect();
+        fields.resize(14, String::new());
+        fields[11] = format!("{}~2 Other Road^^Elsewhere^^ZZ9 9ZZ^^H", fields[11]);
+        fields[13] = "07700900123".into();
+        *pid = fields.join("|");
+    });
+    let read = parse_hl7(&segments).unwrap();
+    let mut got = read.not_read.clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "NK1: a segment the gateway does not read here",
+            "PID-11[2]: only the first repetition is read",
+            "PID-13: not read by the gateway",
+            "ZXY: a segment the gateway does not read here",
+        ]
+    );
+}
+
+#[test]
+fn dg1_type_follows_table_0052_a_final_diagnosis_is_active() {
+    let mut s = fixture("07-refused-probation-consent");
+    let first = s.diagnoses[0].clone();
+    s.diagnoses.extend([first.clone(), first]);
+    for (i, d) in s.diagnoses.iter_mut().enumerate() {
+        d.active = i % 2 == 0;
+    }
+    let text = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();
+    assert!(text.contains("DG1|1|"));
+    // Every DG1 says final; the resolved one is marked in its own OBX.
+    let back = hl7v2::parse(text.as_bytes(), &Limits::default())
+        .unwrap()
+        .summary;
+    assert_eq!(back.diagnoses, s.diagnoses);
+    for code in ["A", "W", "F"] {
+        let segments = hl7_release(|segs| {
+            segs.push(format!(
+                "DG1|1||F11.2^Opioid dependence^I10||20200101|{code}"
+            ));
+        });
+        let read = parse_hl7(&segments).unwrap();
+        assert!(read.diagnoses.iter().all(|d| d.active), "{code}");
+    }
+    let segments = hl7_release(|segs| segs.push("DG1|1||F11.2^x^I10|||R".into()));
+    let err = parse_hl7(&segments).unwrap_err();
+    let field = &err.0[0].field;
+    assert!(field.starts_with("DG1") && field.ends_with("-6"), "{err}");
+}
+
+#[test]
+fn pv1_6_is_the_sending_location_only_on_a02_and_null_reads_as_absent() {
+    let segments = hl7_release(|segs| {
+        let pv1 = segment(segs, "PV1");
+        let mut fields: Vec<String> = pv1.split('|').map(String::from).collect();
+        fields[6] = "WARD 3^^^Not an ODS code".into();
+        *pv1 = fields.join("|");
+        segment(segs, "PID").push_str("|\"\"");
+    });
+    let read = parse_hl7(&segments).unwrap();
+    assert_eq!(read.custody.establishment.as_str(), "YP001");
+    assert_eq!(read.not_read, ["PV1-6: not read by the gateway"]);
+}
+
+/// Rewrites every urn:uuid fullUrl as a RESTful one and every reference as
+/// `Type/id`, as a server would write the same document.
+fn restful(doc: &mut Value) {
+    let mut ids = std::collections::HashMap::new();
+    for (n, e) in doc["entry"].as_array_mut().unwrap().iter_mut().enumerate() {
+        let kind = e["resource"]["resourceType"].as_str().unwrap().to_owned();
+        let id = format!("r{n}");
+        ids.insert(
+            e["fullUrl"].as_str().unwrap().to_owned(),
+            format!("{kind}/{id}"),
+        );
+        e["resource"]["id"] = json!(id);
+        e["fullUrl"] = json!(format!("https://fhir.example.org/R4/{kind}/{id}"));
+    }
+    fn rewrite(v: &mut Value, ids: &std::collections::HashMap<String, String>) {
+        match v {
+            Value::Object(map) => {
+                for (k, x) in map.iter_mut() {
+                    match x {
+                        Value::String(s) if k == "reference" => {
+                            if let Some(r) = ids.get(s.as_str()) {
+                                *s = r.clone();
+                            }
+                        }
+                        _ => rewrite(x, ids),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|x| rewrite(x, ids)),
+            _ => {}
+        }
+    }
+    rewrite(doc, &ids);
+}
+
+#[test]
+fn references_resolve_by_the_bundle_rules_and_section_codes_are_optional() {
+    let mut s = fixture("06-many-medicines-and-allergies");
+    s.prescriptions.push(naloxone());
+    let reference = parse_fhir(&fhir_json(&s, JourneyEvent::Release)).unwrap();
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    restful(&mut doc);
+    for section in doc["entry"][0]["resource"]["section"]
+        .as_array_mut()
+        .unwrap()
+    {
+        section.as_object_mut().unwrap().remove("code");
+    }
+    assert!(doc.to_string().contains("\"reference\":\"Patient/r"));
+    assert_eq!(parse_fhir(&doc).unwrap(), reference);
+}
+
+#[test]
+fn an_encounter_period_written_as_a_date_time_is_read_and_its_time_listed() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, enc) = entry_of(&mut doc, "Encounter");
+    enc["period"]["start"] = json!("2026-09-02T10:30:00+01:00");
+    let read = parse_fhir(&doc).unwrap();
+    assert_eq!(read.custody.reception_date, "2026-09-02".parse().ok());
+    assert_eq!(
+        read.not_read,
+        [format!(
+            "entry[{i}].resource.period.start: the time of day is not carried"
+        )]
+    );
+    let (_, enc) = entry_of(&mut doc, "Encounter");
+    enc["period"]["start"] = json!("2026-09");
+    let err = parse_fhir(&doc).unwrap_err();
+    assert_eq!(err.0[0].field, format!("entry[{i}].resource.period.start"));
+}
+
+#[test]
+fn partial_dates_and_fractional_times_keep_their_precision_in_both_formats() {
+    let mut s = fixture("03-hepatitis-c-transfer");
+    s.vaccinations[0].date = "2019".parse().unwrap();
+    s.diagnoses[0].onset = Some("2014-06".parse().unwrap());
+    s.authored_at = "2026-11-24T08:10:00.25+01:00".parse().unwrap();
+    let event = JourneyEvent::Transfer;
+    let fhir_back = fhir::parse(&fhir::render(&s, event).bytes, &Limits::default()).unwrap();
+    let hl7_text = hl7v2::render(&s, event).bytes;
+    assert!(String::from_utf8_lossy(&hl7_text).contains("|2019|"));
+    let hl7_back = hl7v2::parse(&hl7_text, &Limits::default()).unwrap();
+    for back in [fhir_back.summary, hl7_back.summary] {
+        assert_eq!(back.vaccinations, s.vaccinations);
+        assert_eq!(back.diagnoses[0].onset, s.diagnoses[0].onset);
+        assert_eq!(back.authored_at, s.authored_at);
+    }
+}
+
+#[test]
+fn one_date_of_birth_rule_for_every_document() {
+    let mut s = fixture("01-ost-released-today");
+    for dob in ["1899-12-31", "2999-01-01"] {
+        s.patient.date_of_birth = dob.parse().unwrap();
+        let err = throughcare::clinical::validate(&s, JourneyEvent::Release).unwrap_err();
+        assert_eq!(err.0[0].field, "summary.patient.date_of_birth", "{dob}");
+    }
+    s.patient.date_of_birth = "1900-01-01".parse().unwrap();
+    throughcare::clinical::validate(&s, JourneyEvent::Release).unwrap();
+}
+
+#[test]
+fn hl7_tables_0001_0085_0127_0128_are_read_by_meaning() {
+    let segments = hl7_release(|segs| {
+        let obx = segs.iter_mut().find(|s| s.contains("MED-DOSE")).unwrap();
+        *obx = obx.replace("||||||F", "||||||W");
+        segs.push("AL1|9|FA|227493005^Cashew nuts^SCT|U|Hives".into());
+    });
+    let read = parse_hl7(&segments).unwrap();
+    assert_eq!(
+        read.medications[0].dose, "",
+        "a withdrawn OBX is not carried"
+    );
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.ends_with("OBX-11 result status W (HL7 table 0085)"))
+    );
+    let nuts = read.allergies.last().unwrap();
+    assert_eq!(
+        (nuts.substance.code.as_str(), nuts.severity),
+        ("227493005", None)
+    );
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.starts_with("AL1") && n.contains("-2: the allergen type"))
+    );
+    for (bad, field) in [("AL1|9|XX|1^x^SCT", "-2"), ("AL1|9|DA|1^x^SCT|HIGH", "-4")] {
+        let segments = hl7_release(|segs| segs.push(bad.into()));
+        let err = parse_hl7(&segments).unwrap_err();
+        assert!(err.0[0].field.ends_with(field), "{err}");
+    }
+    let segments = hl7_release(|segs| {
+        let pid = segment(segs, "PID");
+        let mut fields: Vec<String> = pid.split('|').map(String::from).collect();
+        fields[8] = "Q".into();
+        *pid = fields.join("|");
+    });
+    assert_eq!(parse_hl7(&segments).unwrap_err().0[0].field, "PID-8");
+}
+
+#[test]
+fn bundle_level_elements_and_a_messages_envelope_are_listed() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    doc["signature"] = json!({"type": [{"code": "1.2.840.10065.1.12.1.1"}]});
+    doc["entry"][1]["search"] = json!({"mode": "match"});
+    let read = parse_fhir(&doc).unwrap();
+    let mut got = read.not_read.clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "entry[1].search: not read by the gateway",
+            "signature: not read by the gateway"
+        ]
+    );
+    let message = json!({
+        "resourceType": "Bundle", "type": "message",
+        "entry": [
+            {"fullUrl": "urn:uuid:6b1d4e1e-0000-4000-8000-0000000000aa",
+             "resource": {"resourceType": "MessageHeader", "eventCoding": {"code": "x"}}},
+            {"fullUrl": "urn:uuid:6b1d4e1e-0000-4000-8000-0000000000bb", "resource": fhir_json(&s, JourneyEvent::Release)}
+        ]
+    });
+    let read = parse_fhir(&message).unwrap();
+    assert_eq!(
+        read.not_read,
+        ["entry[0].resource (MessageHeader): not read: the message around the document"]
+    );
+}
+
+#[test]
+fn an_obx_field_given_twice_lists_the_one_not_read() {
+    let segments = hl7_release(|segs| {
+        let dose = segs.iter().position(|s| s.contains("MED-DOSE")).unwrap();
+        let again = segs[dose].clone();
+        segs.insert(dose + 1, again);
+    });
+    let read = parse_hl7(&segments).unwrap();
+    assert_eq!(read.not_read.len(), 1, "{:?}", read.not_read);
+    assert!(read.not_read[0].ends_with("-5: not read: the item gives this field again later"));
+}
+
+#[test]
+fn msh_beyond_the_envelope_is_listed_and_a_training_message_refused() {
+    let segments = hl7_release(|segs| {
+        let msh = segment(segs, "MSH");
+        msh.push_str("|||AL|NE");
+    });
+    let read = parse_hl7(&segments).unwrap();
+    assert_eq!(
+        read.not_read,
+        [
+            "MSH-15: not read by the gateway",
+            "MSH-16: not read by the gateway"
+        ]
+    );
+    let segments = hl7_release(|segs| {
+        let msh = segment(segs, "MSH");
+        *msh = msh.replace("|P|2.5.1", "|T|2.5.1");
+    });
+    assert_eq!(parse_hl7(&segments).unwrap_err().0[0].field, "MSH-11");
+}
