@@ -193,7 +193,10 @@ fn a_restored_backup_is_refused_until_an_operator_accepts_the_loss() {
         dir.path(),
         &["store", "accept-rollback", "--reason", "patient 9990000018"],
     );
-    assert!(!ok && text.contains("must not contain patient data"), "{text}");
+    assert!(
+        !ok && text.contains("must not contain patient data"),
+        "{text}"
+    );
     assert!(refused(dir.path()).contains("lost acknowledged data"));
 
     let (ok, text) = admin(

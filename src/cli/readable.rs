@@ -13,6 +13,22 @@ pub fn summary_text(s: &ClinicalSummary, not_carried: &[String]) -> String {
     medicines(&mut out, &s.medications);
     list(
         &mut out,
+        "Prescriptions (take-out and discharge)",
+        s.prescriptions.iter().map(|p| {
+            let dosage = p
+                .dosage
+                .as_deref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default();
+            let days = p
+                .days_supplied
+                .map(|d| format!(", {d} days supplied"))
+                .unwrap_or_default();
+            format!("{} ({}){dosage}{days}", p.code.display, p.status)
+        }),
+    );
+    list(
+        &mut out,
         "Allergies",
         s.allergies.iter().map(|a| {
             let severity = a
@@ -45,7 +61,11 @@ pub fn summary_text(s: &ClinicalSummary, not_carried: &[String]) -> String {
         "Diagnoses",
         s.diagnoses.iter().map(|d| {
             let state = if d.active { "active" } else { "resolved" };
-            let onset = d.onset.map(|o| format!(", since {o}")).unwrap_or_default();
+            let onset = d
+                .onset
+                .as_ref()
+                .map(|o| format!(", since {o}"))
+                .unwrap_or_default();
             format!("{} ({state}{onset})", d.code.display)
         }),
     );
@@ -68,7 +88,11 @@ pub fn summary_text(s: &ClinicalSummary, not_carried: &[String]) -> String {
         &mut out,
         "Follow-ups",
         s.follow_ups.iter().map(|f| {
-            let date = f.date.map(|d| format!(" on {d}")).unwrap_or_default();
+            let date = f
+                .date
+                .as_ref()
+                .map(|d| format!(" on {d}"))
+                .unwrap_or_default();
             format!("{:?}: {}{date}", f.kind, f.service)
         }),
     );
