@@ -484,19 +484,6 @@ impl PatientKeyer {
 }
 
 impl PatientKeyer {
-    /// The keyed hash of each identifier on its own, as the store's identity
-    /// links use them (each equals [`PatientKeyer::key`] of that identifier alone).
-    pub fn identifier_keys(
-        &self,
-        nhs: Option<&NhsNumber>,
-        prison: Option<&PrisonNumber>,
-    ) -> crate::store::PatientIds {
-        crate::store::PatientIds {
-            nhs: nhs.map(|n| self.key(Some(n), None)),
-            prison: prison.map(|p| self.key(None, Some(p))),
-        }
-    }
-
     /// Keys that may claim a parked release: each identifier with the date
     /// of birth, so a claimant must know both.
     pub fn claim_keys(

@@ -220,10 +220,11 @@ impl Gateway {
                 }
             })
             .collect();
-        let patient = self.keyer.identifier_keys(
-            from_document.nhs_number.as_ref(),
-            from_document.prison_number.as_ref(),
-        );
+        // Each identifier's keyed hash on its own: the store links them.
+        let patient = crate::store::PatientIds {
+            nhs: (from_document.nhs_number.as_ref()).map(|n| self.keyer.key(Some(n), None)),
+            prison: (from_document.prison_number.as_ref()).map(|p| self.keyer.key(None, Some(p))),
+        };
         let payload = Envelope {
             patient: from_document,
             source_format,

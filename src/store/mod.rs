@@ -234,7 +234,7 @@ pub struct NewHandover {
 }
 
 /// A patient as a sender identified them: the keyed hash of each identifier
-/// given (see [`crate::audit::PatientKeyer::identifier_keys`]). The store
+/// given ([`crate::audit::PatientKeyer::key`] of each alone). The store
 /// resolves them to one patient key through the identity links it keeps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PatientIds {
@@ -883,7 +883,7 @@ impl Store {
     /// Every patient key an identifier stands for: the patient it resolves to
     /// and the keys merged into that patient (older audit entries and records
     /// carry those). `identifier` is a keyed hash from
-    /// [`crate::audit::PatientKeyer::identifier_keys`].
+    /// [`crate::audit::PatientKeyer::key`] of one identifier alone.
     ///
     /// # Errors
     /// Store failures.
