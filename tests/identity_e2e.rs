@@ -9,8 +9,6 @@ use throughcare::clinical::ClinicalSummary;
 use throughcare::grpc::pb;
 use tonic::Code;
 
-type Client = pb::handover_client::HandoverClient<tonic::transport::Channel>;
-
 const PRISON_NUMBER: &str = "A1234BC";
 const DOB: &str = "1985-06-15";
 
@@ -34,35 +32,11 @@ fn submit(
     throughcare::client::native_submit(id, event, to, s)
 }
 
-async fn track(client: &mut Client, id: &str) -> pb::TrackResponse {
-    client
-        .track(pb::TrackRequest {
-            handover: Some(pb::track_request::Handover::MessageId(id.into())),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 fn states(t: &pb::TrackResponse) -> Vec<(String, pb::DeliveryState)> {
     t.deliveries
         .iter()
         .map(|d| (d.destination.clone(), d.state()))
         .collect()
-}
-
-async fn pull_and_ack(client: &mut Client) -> Vec<pb::Delivery> {
-    let got = client.pull(pull(50)).await.unwrap().into_inner().deliveries;
-    for d in &got {
-        client
-            .ack(pb::AckRequest {
-                delivery_id: d.delivery_id,
-                attempt: d.attempt,
-            })
-            .await
-            .unwrap();
-    }
-    got
 }
 
 fn claim(nhs_number: &str, prison_number: &str) -> pb::ClaimRequest {
@@ -101,7 +75,7 @@ async fn a_correction_that_names_a_gp_retires_the_parked_original() {
         ))
         .await
         .unwrap();
-    let old = track(&mut prison, "r-1").await;
+    let old = track_message(&mut prison, "r-1").await;
     assert_eq!(
         states(&old),
         [
@@ -130,7 +104,9 @@ async fn a_correction_that_names_a_gp_retires_the_parked_original() {
     );
     assert_eq!(got[0].supersedes_handover_id, original.handover_id);
     assert_eq!(
-        track(&mut prison, "r-2").await.supersedes_handover_id,
+        track_message(&mut prison, "r-2")
+            .await
+            .supersedes_handover_id,
         original.handover_id
     );
     gw.stop().await;
@@ -225,7 +201,7 @@ async fn a_correction_that_adds_the_nhs_number_supersedes_the_parked_original() 
         .await
         .unwrap();
     assert_eq!(
-        track(&mut prison, "r-1").await.deliveries[0].state(),
+        track_message(&mut prison, "r-1").await.deliveries[0].state(),
         pb::DeliveryState::Superseded
     );
     let mut gp = gw.client("YG002").await;
@@ -380,7 +356,7 @@ async fn a_leased_copy_stays_with_its_recipient_and_is_never_offered_again() {
         ))
         .await
         .unwrap();
-    let old = track(&mut prison, "r-1").await;
+    let old = track_message(&mut prison, "r-1").await;
     assert_eq!(old.deliveries[0].state(), pb::DeliveryState::Leased);
     assert!(old.deliveries[0].superseded_by > 0, "marked while leased");
     // The recipient gives it back: retired, not queued again nor quarantined.

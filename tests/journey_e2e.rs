@@ -50,35 +50,6 @@ fn patient_ref(patient: u32) -> pb::PatientRef {
     }
 }
 
-async fn track(
-    client: &mut pb::handover_client::HandoverClient<tonic::transport::Channel>,
-    id: &str,
-) -> pb::TrackResponse {
-    client
-        .track(pb::TrackRequest {
-            handover: Some(pb::track_request::Handover::MessageId(id.into())),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn pull_all(
-    client: &mut pb::handover_client::HandoverClient<tonic::transport::Channel>,
-) -> Vec<pb::Delivery> {
-    let got = client.pull(pull(50)).await.unwrap().into_inner().deliveries;
-    for d in &got {
-        client
-            .ack(pb::AckRequest {
-                delivery_id: d.delivery_id,
-                attempt: d.attempt,
-            })
-            .await
-            .unwrap();
-    }
-    got
-}
-
 #[tokio::test]
 async fn the_rules_choose_the_recipients_and_check_named_ones() {
     let gw = TestGateway::start().await;
@@ -162,14 +133,14 @@ async fn a_corrected_transfer_supersedes_the_undelivered_one() {
         .await
         .unwrap();
     let mut receiving = gw.client("YP002").await;
-    let got = pull_all(&mut receiving).await;
+    let got = pull_and_ack(&mut receiving).await;
     assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["corrected"]);
     assert!(
-        pull_all(&mut receiving).await.is_empty(),
+        pull_and_ack(&mut receiving).await.is_empty(),
         "never the older one"
     );
-    let old = track(&mut prison, "t-1").await;
-    let new = track(&mut prison, "t-2").await;
+    let old = track_message(&mut prison, "t-1").await;
+    let new = track_message(&mut prison, "t-2").await;
     assert_eq!(old.deliveries[0].state(), pb::DeliveryState::Superseded);
     assert_eq!(
         old.deliveries[0].superseded_by,
@@ -194,7 +165,7 @@ async fn a_corrected_transfer_supersedes_the_undelivered_one() {
         .await
         .unwrap();
     assert_eq!(
-        track(&mut prison, "t-3").await.deliveries[0].state(),
+        track_message(&mut prison, "t-3").await.deliveries[0].state(),
         pb::DeliveryState::Leased
     );
     gw.stop().await;
@@ -258,7 +229,7 @@ async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_r
         .into_inner();
     assert_eq!(r.deliveries[0].destination, "@parked");
     assert_eq!(
-        track(&mut prison, "no-gp").await.deliveries[0].state(),
+        track_message(&mut prison, "no-gp").await.deliveries[0].state(),
         pb::DeliveryState::Parked
     );
     let mut op = gw.operator().await;
@@ -303,7 +274,7 @@ async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_r
     let claimed = ra.or(rb).unwrap().into_inner().claimed;
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].handover_id, r.handover_id);
-    assert!(pull_all(&mut loser_client).await.is_empty());
+    assert!(pull_and_ack(&mut loser_client).await.is_empty());
     let got = winner_client
         .pull(pull(10))
         .await
@@ -312,7 +283,7 @@ async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_r
         .deliveries;
     assert_eq!(got.len(), 1);
     assert_ne!(got[0].document, None);
-    let t = track(&mut prison, "no-gp").await;
+    let t = track_message(&mut prison, "no-gp").await;
     assert_eq!(t.deliveries[0].destination, winner);
     assert_eq!(t.deliveries[0].claimed_by, format!("urn:ods:{winner}"));
     assert!(
@@ -378,7 +349,7 @@ async fn an_operator_claims_by_prison_number_for_a_practice() {
         .claimed;
     assert_eq!(claimed.len(), 1);
     let mut gp = gw.client("YG002").await;
-    assert_eq!(pull_all(&mut gp).await.len(), 1);
+    assert_eq!(pull_and_ack(&mut gp).await.len(), 1);
     gw.stop().await;
 }
 
@@ -391,7 +362,7 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
     .await;
     let mut prison = gw.client("YP001").await;
     prison.submit(admission("late", 5)).await.unwrap();
-    let t = track(&mut prison, "late").await;
+    let t = track_message(&mut prison, "late").await;
     assert!(!t.deliveries[0].overdue);
     assert_eq!(
         t.deliveries[0].due_at.as_ref().unwrap().seconds,
@@ -402,7 +373,7 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
     let mut reported = None;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let t = track(&mut prison, "late").await;
+        let t = track_message(&mut prison, "late").await;
         if t.deliveries[0].overdue_since.is_some() {
             reported = Some(t);
             break;
@@ -421,8 +392,8 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
     assert_eq!((gp.depth, gp.overdue), (1, 1));
     // Once delivered it is no longer overdue.
     let mut gp = gw.client("YG001").await;
-    pull_all(&mut gp).await;
-    assert!(!track(&mut prison, "late").await.deliveries[0].overdue);
+    pull_and_ack(&mut gp).await;
+    assert!(!track_message(&mut prison, "late").await.deliveries[0].overdue);
     gw.stop().await;
 }
 
@@ -696,7 +667,7 @@ async fn the_audit_trail_answers_who_saw_a_patients_record() {
         .await
         .unwrap();
     let mut gp = gw.client("YG001").await;
-    pull_all(&mut gp).await;
+    pull_and_ack(&mut gp).await;
     let mut op = gw.operator().await;
     let trail = op
         .audit_trail(pb::AuditTrailRequest {

@@ -268,3 +268,29 @@ pub fn violations(status: &tonic::Status) -> Vec<String> {
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
+
+/// Track by message id, as the sender.
+pub async fn track_message(client: &mut HandoverClient<Channel>, id: &str) -> pb::TrackResponse {
+    client
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId(id.into())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Pull up to 50 deliveries (native) and acknowledge each; returns them.
+pub async fn pull_and_ack(client: &mut HandoverClient<Channel>) -> Vec<pb::Delivery> {
+    let got = client.pull(pull(50)).await.unwrap().into_inner().deliveries;
+    for d in &got {
+        client
+            .ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+    }
+    got
+}
