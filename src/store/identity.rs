@@ -82,7 +82,9 @@ impl Writer {
             self.merge(staged, &mut record, a, b, absorbed, now)?;
             staged.put_json(TreeId::Patients, key.as_bytes().to_vec(), &record);
         }
-        if link(staged, &mut record, &key, ids)? {
+        // Only a submit with both numbers links anything: one identifier on
+        // its own already resolves to itself, so it costs no write.
+        if ids.nhs.is_some() && ids.prison.is_some() && link(staged, &mut record, &key, ids)? {
             staged.put_json(TreeId::Patients, key.as_bytes().to_vec(), &record);
         }
         Ok(Ok(key))
