@@ -172,6 +172,200 @@ impl Rows {
     }
 }
 
+fn mailbox_rows(r: pb::ListMailboxesResponse) -> Rows {
+    let mut rows = Rows::new(&[
+        "mailbox",
+        "depth",
+        "leased",
+        "urgent",
+        "overdue",
+        "quarantined",
+        "oldest",
+    ]);
+    for m in r.mailboxes {
+        rows.push(json!({
+            "mailbox": m.mailbox,
+            "depth": m.depth,
+            "leased": m.leased,
+            "urgent": m.urgent,
+            "overdue": m.overdue,
+            "quarantined": m.quarantined,
+            "oldest": if m.depth == 0 { String::new() } else { age(m.oldest_age_ms) },
+        }));
+    }
+    rows
+}
+
+fn conflict_rows(r: pb::ListIdentityConflictsResponse) -> Rows {
+    let mut rows = Rows::new(&["at", "sender", "message_id", "field"]);
+    for c in r.conflicts {
+        rows.push(json!({
+            "at": when(c.at.as_ref()),
+            "sender": c.sender,
+            "message_id": c.message_id,
+            "field": c.field,
+        }));
+    }
+    rows
+}
+
+/// What is held under the retention policy; the next removal is printed
+/// above the table (not in JSON).
+fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> Rows {
+    let days = |s: u64| {
+        if s.is_multiple_of(86_400) {
+            format!("{}d", s / 86_400)
+        } else {
+            age(s.saturating_mul(1_000))
+        }
+    };
+    let mut rows = Rows::new(&["what", "count", "policy"]);
+    for (what, count, policy) in [
+        (
+            "payloads held",
+            r.payloads_held,
+            "until finished + grace; parked and quarantined: until resolved".to_owned(),
+        ),
+        (
+            "payloads in grace",
+            r.payloads_in_grace,
+            format!("grace {}", days(r.payload_grace_seconds)),
+        ),
+        (
+            "payloads shredded",
+            r.payloads_shredded,
+            format!("key epochs of {}", days(r.key_epoch_seconds)),
+        ),
+        (
+            "metadata expiring",
+            r.metadata_expiring,
+            format!("kept {}", days(r.metadata_seconds)),
+        ),
+        ("metadata removed", r.metadata_removed, String::new()),
+        (
+            "tombstones",
+            r.tombstones,
+            format!("kept {}", days(r.tombstone_seconds)),
+        ),
+        ("key epochs", r.key_epochs, String::new()),
+    ] {
+        rows.push(json!({"what": what, "count": count, "policy": policy}));
+    }
+    if !json {
+        match when(r.next_due_at.as_ref()) {
+            Value::String(at) => println!("next removal due: {at}"),
+            _ => println!("nothing scheduled for removal"),
+        }
+    }
+    rows
+}
+
+fn trail_rows(r: pb::AuditTrailResponse) -> Rows {
+    if !r.chain_verified {
+        eprintln!("WARNING: the audit chain did not verify when read");
+    }
+    let mut rows = Rows::new(&[
+        "seq", "at", "actor", "action", "handover", "delivery", "outcome",
+    ]);
+    for e in r.entries {
+        rows.push(json!({
+            "seq": e.seq,
+            "at": when(e.at.as_ref()),
+            "actor": e.actor,
+            "action": e.action,
+            "handover": e.handover_id,
+            "delivery": e.delivery_id,
+            "outcome": e.outcome,
+        }));
+    }
+    rows
+}
+
+/// An organisation as the registry takes it, from the command line's words.
+fn organisation(
+    ods: String,
+    kind: &str,
+    name: String,
+    format: &str,
+    region: String,
+) -> anyhow::Result<pb::Organisation> {
+    let kind = match kind {
+        "prison" => pb::OrganisationKind::Prison,
+        "gp_practice" => pb::OrganisationKind::GpPractice,
+        "probation" => pb::OrganisationKind::Probation,
+        other => anyhow::bail!("unknown kind {other}: prison, gp_practice or probation"),
+    };
+    let format = match format {
+        "native" => pb::DocumentFormat::Native,
+        "fhir" => pb::DocumentFormat::FhirJson,
+        "hl7v2" => pb::DocumentFormat::Hl7v2,
+        other => anyhow::bail!("unknown format {other}: native, fhir or hl7v2"),
+    };
+    Ok(pb::Organisation {
+        ods_code: ods,
+        kind: kind.into(),
+        name,
+        format: format.into(),
+        region,
+        active: true,
+    })
+}
+
+/// Disables or enables an organisation; the registry's answer as a table.
+async fn set_active(
+    op: &mut pb::operator_client::OperatorClient<tonic::transport::Channel>,
+    ods: String,
+    active: bool,
+) -> anyhow::Result<Rows> {
+    let org = op
+        .set_organisation_active(pb::SetOrganisationActiveRequest {
+            ods_code: ods,
+            active,
+        })
+        .await?
+        .into_inner();
+    Ok(org_rows(&[org]))
+}
+
+fn redrive_rows(r: pb::RedriveResponse) -> Rows {
+    let mut rows = Rows::new(&["delivery", "outcome", "state"]);
+    for x in r.results {
+        rows.push(json!({
+            "delivery": x.delivery_id,
+            "outcome": x.outcome,
+            "state": state(x.state),
+        }));
+    }
+    rows
+}
+
+fn claimed_rows(r: pb::ClaimResponse) -> Rows {
+    let mut rows = Rows::new(&["delivery", "handover", "event"]);
+    for c in r.claimed {
+        rows.push(json!({
+            "delivery": c.delivery_id,
+            "handover": c.handover_id,
+            "event": event(c.event),
+        }));
+    }
+    rows
+}
+
+/// The one subject an audit trail query names.
+fn trail_subject(
+    handover: Option<u64>,
+    nhs: Option<String>,
+    prison_number: Option<String>,
+) -> anyhow::Result<pb::audit_trail_request::Subject> {
+    use pb::audit_trail_request::Subject;
+    Ok(match (handover, nhs, prison_number) {
+        (Some(h), None, None) => Subject::HandoverId(h),
+        (None, Some(n), None) => Subject::NhsNumber(n),
+        (None, None, Some(p)) => Subject::PrisonNumber(p),
+        _ => anyhow::bail!("name one of --handover, --nhs or --prison-number"),
+    })
+}
+
 /// What an empty table means, in words.
 fn empty_message(command: &OperatorCommand) -> &'static str {
     match command {
@@ -266,33 +460,11 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
         .with_context(|| format!("connecting to {} as {}", args.server, args.as_))?;
     let empty = empty_message(&command);
     let rows = match command {
-        OperatorCommand::Mailboxes => {
-            let r = op
-                .list_mailboxes(pb::ListMailboxesRequest {})
+        OperatorCommand::Mailboxes => mailbox_rows(
+            op.list_mailboxes(pb::ListMailboxesRequest {})
                 .await?
-                .into_inner();
-            let mut rows = Rows::new(&[
-                "mailbox",
-                "depth",
-                "leased",
-                "urgent",
-                "overdue",
-                "quarantined",
-                "oldest",
-            ]);
-            for m in r.mailboxes {
-                rows.push(json!({
-                    "mailbox": m.mailbox,
-                    "depth": m.depth,
-                    "leased": m.leased,
-                    "urgent": m.urgent,
-                    "overdue": m.overdue,
-                    "quarantined": m.quarantined,
-                    "oldest": if m.depth == 0 { String::new() } else { age(m.oldest_age_ms) },
-                }));
-            }
-            rows
-        }
+                .into_inner(),
+        ),
         OperatorCommand::Quarantine { mailbox } => deliveries(
             &op.list_quarantine(pb::ListQuarantineRequest {
                 mailbox: mailbox.unwrap_or_default(),
@@ -310,15 +482,7 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 })
                 .await?
                 .into_inner();
-            let mut rows = Rows::new(&["delivery", "outcome", "state"]);
-            for x in r.results {
-                rows.push(json!({
-                    "delivery": x.delivery_id,
-                    "outcome": x.outcome,
-                    "state": state(x.state),
-                }));
-            }
-            rows
+            redrive_rows(r)
         }
         OperatorCommand::Parked => deliveries(
             &op.list_parked(pb::ListParkedRequest { limit: 0 })
@@ -326,22 +490,11 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 .into_inner()
                 .deliveries,
         ),
-        OperatorCommand::Conflicts => {
-            let r = op
-                .list_identity_conflicts(pb::ListIdentityConflictsRequest { limit: 0 })
+        OperatorCommand::Conflicts => conflict_rows(
+            op.list_identity_conflicts(pb::ListIdentityConflictsRequest { limit: 0 })
                 .await?
-                .into_inner();
-            let mut rows = Rows::new(&["at", "sender", "message_id", "field"]);
-            for c in r.conflicts {
-                rows.push(json!({
-                    "at": when(c.at.as_ref()),
-                    "sender": c.sender,
-                    "message_id": c.message_id,
-                    "field": c.field,
-                }));
-            }
-            rows
-        }
+                .into_inner(),
+        ),
         OperatorCommand::Claim {
             nhs,
             prison_number,
@@ -349,80 +502,24 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
             practice,
             reason,
         } => {
-            let r = op
-                .claim_parked(pb::ClaimParkedRequest {
-                    patient: Some(pb::PatientRef {
-                        nhs_number: nhs,
-                        prison_number,
-                        date_of_birth: dob,
-                    }),
-                    practice,
-                    reason,
-                })
-                .await?
-                .into_inner();
-            let mut rows = Rows::new(&["delivery", "handover", "event"]);
-            for c in r.claimed {
-                rows.push(json!({
-                    "delivery": c.delivery_id,
-                    "handover": c.handover_id,
-                    "event": event(c.event),
-                }));
-            }
-            rows
-        }
-        OperatorCommand::Retention => {
-            let r = op
-                .retention_status(pb::RetentionStatusRequest {})
-                .await?
-                .into_inner();
-            let days = |s: u64| {
-                if s.is_multiple_of(86_400) {
-                    format!("{}d", s / 86_400)
-                } else {
-                    age(s.saturating_mul(1_000))
-                }
+            let patient = Some(pb::PatientRef {
+                nhs_number: nhs,
+                prison_number,
+                date_of_birth: dob,
+            });
+            let request = pb::ClaimParkedRequest {
+                patient,
+                practice,
+                reason,
             };
-            let mut rows = Rows::new(&["what", "count", "policy"]);
-            for (what, count, policy) in [
-                (
-                    "payloads held",
-                    r.payloads_held,
-                    "until finished + grace; parked and quarantined: until resolved".to_owned(),
-                ),
-                (
-                    "payloads in grace",
-                    r.payloads_in_grace,
-                    format!("grace {}", days(r.payload_grace_seconds)),
-                ),
-                (
-                    "payloads shredded",
-                    r.payloads_shredded,
-                    format!("key epochs of {}", days(r.key_epoch_seconds)),
-                ),
-                (
-                    "metadata expiring",
-                    r.metadata_expiring,
-                    format!("kept {}", days(r.metadata_seconds)),
-                ),
-                ("metadata removed", r.metadata_removed, String::new()),
-                (
-                    "tombstones",
-                    r.tombstones,
-                    format!("kept {}", days(r.tombstone_seconds)),
-                ),
-                ("key epochs", r.key_epochs, String::new()),
-            ] {
-                rows.push(json!({"what": what, "count": count, "policy": policy}));
-            }
-            if !args.json {
-                match when(r.next_due_at.as_ref()) {
-                    Value::String(at) => println!("next removal due: {at}"),
-                    _ => println!("nothing scheduled for removal"),
-                }
-            }
-            rows
+            claimed_rows(op.claim_parked(request).await?.into_inner())
         }
+        OperatorCommand::Retention => retention_rows(
+            op.retention_status(pb::RetentionStatusRequest {})
+                .await?
+                .into_inner(),
+            args.json,
+        ),
         OperatorCommand::Orgs => org_rows(
             &op.list_organisations(pb::ListOrganisationsRequest {})
                 .await?
@@ -436,28 +533,10 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
             format,
             region,
         } => {
-            let kind = match kind.as_str() {
-                "prison" => pb::OrganisationKind::Prison,
-                "gp_practice" => pb::OrganisationKind::GpPractice,
-                "probation" => pb::OrganisationKind::Probation,
-                other => anyhow::bail!("unknown kind {other}: prison, gp_practice or probation"),
-            };
-            let format = match format.as_str() {
-                "native" => pb::DocumentFormat::Native,
-                "fhir" => pb::DocumentFormat::FhirJson,
-                "hl7v2" => pb::DocumentFormat::Hl7v2,
-                other => anyhow::bail!("unknown format {other}: native, fhir or hl7v2"),
-            };
+            let organisation = organisation(ods, &kind, name, &format, region)?;
             let org = op
                 .put_organisation(pb::PutOrganisationRequest {
-                    organisation: Some(pb::Organisation {
-                        ods_code: ods,
-                        kind: kind.into(),
-                        name,
-                        format: format.into(),
-                        region,
-                        active: true,
-                    }),
+                    organisation: Some(organisation),
                 })
                 .await?
                 .into_inner();
@@ -468,39 +547,15 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
         {
             anyhow::bail!("name the organisation's ODS code")
         }
-        OperatorCommand::OrgDisable { ods } => {
-            let org = op
-                .set_organisation_active(pb::SetOrganisationActiveRequest {
-                    ods_code: ods,
-                    active: false,
-                })
-                .await?
-                .into_inner();
-            org_rows(&[org])
-        }
-        OperatorCommand::OrgEnable { ods } => {
-            let org = op
-                .set_organisation_active(pb::SetOrganisationActiveRequest {
-                    ods_code: ods,
-                    active: true,
-                })
-                .await?
-                .into_inner();
-            org_rows(&[org])
-        }
+        OperatorCommand::OrgDisable { ods } => set_active(&mut op, ods, false).await?,
+        OperatorCommand::OrgEnable { ods } => set_active(&mut op, ods, true).await?,
         OperatorCommand::Trail {
             handover,
             nhs,
             prison_number,
             reason,
         } => {
-            use pb::audit_trail_request::Subject;
-            let subject = match (handover, nhs, prison_number) {
-                (Some(h), None, None) => Subject::HandoverId(h),
-                (None, Some(n), None) => Subject::NhsNumber(n),
-                (None, None, Some(p)) => Subject::PrisonNumber(p),
-                _ => anyhow::bail!("name one of --handover, --nhs or --prison-number"),
-            };
+            let subject = trail_subject(handover, nhs, prison_number)?;
             let r = op
                 .audit_trail(pb::AuditTrailRequest {
                     subject: Some(subject),
@@ -508,24 +563,7 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 })
                 .await?
                 .into_inner();
-            if !r.chain_verified {
-                eprintln!("WARNING: the audit chain did not verify when read");
-            }
-            let mut rows = Rows::new(&[
-                "seq", "at", "actor", "action", "handover", "delivery", "outcome",
-            ]);
-            for e in r.entries {
-                rows.push(json!({
-                    "seq": e.seq,
-                    "at": when(e.at.as_ref()),
-                    "actor": e.actor,
-                    "action": e.action,
-                    "handover": e.handover_id,
-                    "delivery": e.delivery_id,
-                    "outcome": e.outcome,
-                }));
-            }
-            rows
+            trail_rows(r)
         }
     };
     if rows.rows.is_empty() && !args.json {
