@@ -1,4 +1,4 @@
-"""Random valid summaries (tests/clinical_generated.rs: every optional part
+"""Random valid summaries (tests/integration/clinical_generated.rs: every optional part
 present or absent, hostile text in every text field) rendered by the gateway,
 judged by implementations nobody here wrote: fhir.resources (pydantic models,
 R4B, plus explicit checks of what R4 4.0.1 says differently) and hl7apy

@@ -2,7 +2,7 @@
 //! client is refused, and every refusal is in the audit trail with the actor
 //! as far as it is known and the reason.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

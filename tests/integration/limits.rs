@@ -3,7 +3,7 @@
 //! size, and a bounded flood against the real binary that must keep serving
 //! a well-behaved client in bounded memory.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -4,7 +4,7 @@
 // Callers are indexed across parallel tables (names, clients, expectations).
 #![allow(clippy::needless_range_loop)]
 
-mod support;
+use crate::support;
 
 use support::*;
 use throughcare::grpc::pb;

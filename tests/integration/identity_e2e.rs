@@ -2,7 +2,7 @@
 //! copy, end to end over real mutual TLS (issue 9's three cases and the
 //! rules around them).
 
-mod support;
+use crate::support;
 
 use support::*;
 use throughcare::clinical::ClinicalSummary;

@@ -4,7 +4,7 @@
 //! `RUST_LOG=debug`; then its errors, its whole log and its whole audit trail
 //! are searched for them. Errors still say what is wrong and where.
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

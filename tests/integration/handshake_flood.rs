@@ -9,7 +9,7 @@
 //!   the audit trail one entry each: they are summarised per address and
 //!   reason per second, and every one is counted.
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;

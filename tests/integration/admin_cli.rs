@@ -1,7 +1,7 @@
 //! `throughcare admin …` against a real gateway: aligned tables for people,
 //! JSON for scripts, and the operator's changes taking effect.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 

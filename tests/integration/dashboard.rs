@@ -8,7 +8,7 @@
 //! the browser was required (`THROUGHCARE_REQUIRE_CHROMIUM`, which `tests/run`
 //! sets where it can install it, or `CI`): then a missing browser fails it.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

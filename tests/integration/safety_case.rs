@@ -1,6 +1,6 @@
 //! The clinical safety file cannot drift from the code: every test that
 //! `docs/clinical-safety/*.md` names as evidence for a control
-//! (`tests/<file>.rs::<fn>`, `src/<path>.rs::<fn>` or
+//! (`tests/integration/<file>.rs::<fn>`, `src/<path>.rs::<fn>` or
 //! `tests/python/<file>.py::<fn>`) must exist in that file as a test
 //! function. A plain text search: nothing else is compiled or run.
 
@@ -158,9 +158,9 @@ fn every_test_the_safety_case_names_exists() {
 fn the_checker_refuses_what_does_not_exist() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = "\
-        `tests/safety_case.rs::the_checker_refuses_what_does_not_exist` holds;\n\
-        `tests/no_such_file.rs::a_test`, `tests/safety_case.rs::no_such_test`,\n\
-        `tests/safety_case.rs::rust_test_exists` (a helper, not a test),\n\
+        `tests/integration/safety_case.rs::the_checker_refuses_what_does_not_exist` holds;\n\
+        `tests/no_such_file.rs::a_test`, `tests/integration/safety_case.rs::no_such_test`,\n\
+        `tests/integration/safety_case.rs::rust_test_exists` (a helper, not a test),\n\
         `tests/python/test_grpc_client.py::test_submit_pull_ack_track` holds,\n\
         `tests/python/conftest.py::gateway` (a fixture), `../src/lib.rs::x`, `src/lib.rs::`";
     let refs = references("inline", text);

@@ -4,7 +4,7 @@
 //! delivered, nothing was delivered that was never submitted, and a delivery
 //! was repeated only if its ack had not returned OK.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! submit or pull writes about a handover carries its id (from the request's
 //! span, recorded once known); none carries patient data.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};

@@ -5,7 +5,7 @@
 //! audited without patient data in clear, counted in the metrics; an
 //! operator's claim with a reason is the way out.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

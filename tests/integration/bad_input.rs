@@ -3,7 +3,7 @@
 //! is stored (`Store::content_digest` unchanged), the refusal is audited,
 //! and the gateway keeps serving.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

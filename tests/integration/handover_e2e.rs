@@ -1,6 +1,6 @@
 //! End to end through the real server on 127.0.0.1 with real mutual TLS.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

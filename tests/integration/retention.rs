@@ -5,7 +5,7 @@
 //! says why; the audit chain still verifies; parked releases, quarantined
 //! deliveries and superseded ones whose replacement is undelivered are kept.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

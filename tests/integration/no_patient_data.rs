@@ -5,7 +5,7 @@
 //! - the real binary at `RUST_LOG=debug`, through every format, pull, ack and
 //!   a set of provoked errors, never prints them.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

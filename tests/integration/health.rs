@@ -2,7 +2,7 @@
 //! the gateway serves, NOT_SERVING to watchers once shutdown starts, and the
 //! watch streams end so they do not hold the drain open.
 
-mod support;
+use crate::support;
 
 use support::TestGateway;
 use tonic_health::pb::HealthCheckRequest;

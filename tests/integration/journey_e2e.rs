@@ -2,7 +2,7 @@
 //! supersession, urgency, parked releases and claims, deadlines, the
 //! registry, and the operator calls that manage them.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! A request message over the gateway's size limit: `RESOURCE_EXHAUSTED`
 //! (gRPC's code for it, not tonic's `OUT_OF_RANGE`), audited, nothing stored.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-mod support;
+use crate::support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
 

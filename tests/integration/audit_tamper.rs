@@ -5,7 +5,7 @@
 //! hashes of the chain before the key), and a consistent rollback of both the
 //! store and its witness once a checkpoint was recorded elsewhere.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

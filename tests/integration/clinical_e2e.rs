@@ -1,7 +1,7 @@
 //! Clinical content end to end over mutual TLS: one submission, each
 //! recipient in its own format and view.
 
-mod support;
+use crate::support;
 
 use support::*;
 use throughcare::clinical::model::ClinicalSummary;

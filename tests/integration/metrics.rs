@@ -2,7 +2,7 @@
 //! mutual TLS, then `GET /metrics` over plain HTTP on the metrics listener,
 //! parsed, and every series compared with what happened.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
