@@ -313,7 +313,7 @@ fn organisation(
 
 /// Disables or enables an organisation; the registry's answer as a table.
 async fn set_active(
-    op: &mut pb::operator_client::OperatorClient<tonic::transport::Channel>,
+    op: &mut pb::operator_service_client::OperatorServiceClient<tonic::transport::Channel>,
     ods: String,
     active: bool,
 ) -> anyhow::Result<Rows> {
@@ -323,8 +323,9 @@ async fn set_active(
             active,
         })
         .await?
-        .into_inner();
-    Ok(org_rows(&[org]))
+        .into_inner()
+        .organisation;
+    Ok(org_rows(org.as_slice()))
 }
 
 fn redrive_rows(r: pb::RedriveResponse) -> Rows {
@@ -339,9 +340,9 @@ fn redrive_rows(r: pb::RedriveResponse) -> Rows {
     rows
 }
 
-fn claimed_rows(r: pb::ClaimResponse) -> Rows {
+fn claimed_rows(claimed: Vec<pb::ClaimedDelivery>) -> Rows {
     let mut rows = Rows::new(&["delivery", "handover", "event"]);
-    for c in r.claimed {
+    for c in claimed {
         rows.push(json!({
             "delivery": c.delivery_id,
             "handover": c.handover_id,
@@ -401,13 +402,13 @@ fn age(ms: u64) -> String {
 
 fn state(s: i32) -> String {
     pb::DeliveryState::try_from(s)
-        .map(|s| s.as_str_name().to_owned())
+        .map(|s| crate::grpc::enum_label(s.as_str_name()).to_owned())
         .unwrap_or_default()
 }
 
 fn event(e: i32) -> String {
     pb::JourneyEvent::try_from(e)
-        .map(|e| e.as_str_name().to_owned())
+        .map(|e| crate::grpc::enum_label(e.as_str_name()).to_owned())
         .unwrap_or_default()
 }
 
@@ -439,7 +440,7 @@ fn org_rows(list: &[pb::Organisation]) -> Rows {
     for o in list {
         rows.push(json!({
             "ods": o.ods_code,
-            "kind": pb::OrganisationKind::try_from(o.kind).map(|k| k.as_str_name().to_owned()).unwrap_or_default(),
+            "kind": pb::OrganisationKind::try_from(o.kind).map(|k| crate::grpc::enum_label(k.as_str_name()).to_owned()).unwrap_or_default(),
             "name": o.name,
             "format": pb::DocumentFormat::try_from(o.format).map(|f| f.as_str_name().to_owned()).unwrap_or_default(),
             "region": o.region,
@@ -512,7 +513,7 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 practice,
                 reason,
             };
-            claimed_rows(op.claim_parked(request).await?.into_inner())
+            claimed_rows(op.claim_parked(request).await?.into_inner().claimed)
         }
         OperatorCommand::Retention => retention_rows(
             op.retention_status(pb::RetentionStatusRequest {})
@@ -539,8 +540,9 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                     organisation: Some(organisation),
                 })
                 .await?
-                .into_inner();
-            org_rows(&[org])
+                .into_inner()
+                .organisation;
+            org_rows(org.as_slice())
         }
         OperatorCommand::OrgDisable { ods } | OperatorCommand::OrgEnable { ods }
             if ods.is_empty() =>

@@ -13,9 +13,9 @@ use tokio::sync::watch;
 use crate::audit::PatientKeyer;
 use crate::config::{Config, ConfigError};
 use crate::grpc::limits::{DecodeRefusalLayer, RateLimitLayer, RefusalTally, shed_to_unavailable};
-use crate::grpc::pb::handover_server::HandoverServer;
-use crate::grpc::pb::operator_server::OperatorServer;
-use crate::grpc::{Gateway, HandoverService, OperatorService};
+use crate::grpc::pb::handover_service_server::HandoverServiceServer;
+use crate::grpc::pb::operator_service_server::OperatorServiceServer;
+use crate::grpc::{Gateway, HandoverGrpc, OperatorGrpc};
 use crate::journey::Registry;
 use crate::operator::metrics::Metrics;
 use crate::store::{Clock, Store, StoreError, StoreOptions, SystemClock};
@@ -306,18 +306,18 @@ impl Prepared {
         let rate_limit = RateLimitLayer::new(l.requests_per_second, l.request_burst, tally.clone());
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let max_message = self.config.limits.max_document_bytes + 64 * 1024;
-        let handover = HandoverServer::new(
-            HandoverService::new(self.gateway.clone()).with_metrics(self.metrics.clone()),
+        let handover = HandoverServiceServer::new(
+            HandoverGrpc::new(self.gateway.clone()).with_metrics(self.metrics.clone()),
         )
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message.saturating_mul(4));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
-            .set_serving::<HandoverServer<HandoverService>>()
+            .set_serving::<HandoverServiceServer<HandoverGrpc>>()
             .await;
         health
-            .set_serving::<OperatorServer<OperatorService>>()
+            .set_serving::<OperatorServiceServer<OperatorGrpc>>()
             .await;
         let reflection = |b: tonic_reflection::server::Builder<'static>| {
             b.register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
@@ -327,7 +327,7 @@ impl Prepared {
             reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
         let reflection_v1alpha =
             reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
-        let operator = OperatorServer::new(OperatorService::new(self.gateway.clone()));
+        let operator = OperatorServiceServer::new(OperatorGrpc::new(self.gateway.clone()));
 
         let sweeper = {
             let store = self.gateway.store.clone();
@@ -552,8 +552,8 @@ async fn stop_serving(mut health: tonic_health::server::HealthReporter) {
     use tonic_health::ServingStatus;
     let services = [
         "",
-        <HandoverServer<HandoverService> as tonic::server::NamedService>::NAME,
-        <OperatorServer<OperatorService> as tonic::server::NamedService>::NAME,
+        <HandoverServiceServer<HandoverGrpc> as tonic::server::NamedService>::NAME,
+        <OperatorServiceServer<OperatorGrpc> as tonic::server::NamedService>::NAME,
     ];
     for name in services {
         health

@@ -708,7 +708,9 @@ impl fmt::Display for SoakReport {
 /// Submits at a fixed rate from `sender` to YG001 until `until`; returns
 /// each submit's latency with the time it finished.
 async fn soak_submitter(
-    client: crate::grpc::pb::handover_client::HandoverClient<tonic::transport::Channel>,
+    client: crate::grpc::pb::handover_service_client::HandoverServiceClient<
+        tonic::transport::Channel,
+    >,
     sender: String,
     rate: u32,
     until: Instant,
@@ -756,7 +758,9 @@ async fn soak_submitter(
 
 /// Pulls and acks YG001's mailbox until `until` and the mailbox is empty.
 async fn soak_consumer(
-    mut consumer: crate::grpc::pb::handover_client::HandoverClient<tonic::transport::Channel>,
+    mut consumer: crate::grpc::pb::handover_service_client::HandoverServiceClient<
+        tonic::transport::Channel,
+    >,
     until: Instant,
     acked: Arc<std::sync::atomic::AtomicU64>,
 ) -> anyhow::Result<()> {

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use crate::certs::DevPaths;
-use crate::grpc::pb::handover_client::HandoverClient;
-use crate::grpc::pb::operator_client::OperatorClient;
+use crate::grpc::pb::handover_service_client::HandoverServiceClient;
+use crate::grpc::pb::operator_service_client::OperatorServiceClient;
 
 /// Why a client could not connect.
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +61,9 @@ pub async fn handover(
     endpoint: &str,
     certs_dir: &Path,
     name: &str,
-) -> Result<HandoverClient<tonic::transport::Channel>, ClientError> {
+) -> Result<HandoverServiceClient<tonic::transport::Channel>, ClientError> {
     Ok(
-        HandoverClient::new(channel(endpoint, certs_dir, name).await?)
+        HandoverServiceClient::new(channel(endpoint, certs_dir, name).await?)
             .max_decoding_message_size(256 * 1024 * 1024),
     )
 }
@@ -76,8 +76,8 @@ pub async fn operator(
     endpoint: &str,
     certs_dir: &Path,
     name: &str,
-) -> Result<OperatorClient<tonic::transport::Channel>, ClientError> {
-    Ok(OperatorClient::new(
+) -> Result<OperatorServiceClient<tonic::transport::Channel>, ClientError> {
+    Ok(OperatorServiceClient::new(
         channel(endpoint, certs_dir, name).await?,
     ))
 }

@@ -17,13 +17,13 @@ use crate::clinical::model::{
 };
 use crate::config::Config;
 use crate::grpc::pb;
-use crate::grpc::pb::handover_client::HandoverClient;
+use crate::grpc::pb::handover_service_client::HandoverServiceClient;
 
 /// The invented patient's NHS number (999 test range, valid check digit).
 const NHS: &str = "9990000018";
 const DOB: &str = "1985-06-15";
 
-type Client = HandoverClient<Channel>;
+type Client = HandoverServiceClient<Channel>;
 
 /// Plays the journey, writing each step to `out`.
 ///
@@ -115,7 +115,7 @@ fn with_methadone(s: &mut ClinicalSummary) {
     });
 }
 
-fn receipt_line(r: &pb::SubmitReceipt) -> String {
+fn receipt_line(r: &pb::SubmitResponse) -> String {
     let mut line = format!("accepted as handover {}:", r.handover_id);
     for d in &r.deliveries {
         let due = d

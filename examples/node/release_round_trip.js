@@ -45,7 +45,7 @@ function client(name) {
     fs.readFileSync(path.join(certs, 'clients', `${name}.key`)),
     fs.readFileSync(path.join(certs, 'clients', `${name}.pem`)),
   );
-  return new v1.Handover(server, creds, { 'grpc.ssl_target_name_override': tlsName });
+  return new v1.HandoverService(server, creds, { 'grpc.ssl_target_name_override': tlsName });
 }
 
 function call(stub, method, request) {
@@ -102,7 +102,7 @@ async function main() {
   const messageId = `example-node-${crypto.randomUUID()}`;
   const receipt = await submitWithRetries(prison, {
     message_id: messageId,
-    event: 'RELEASE',
+    event: 'JOURNEY_EVENT_RELEASE',
     destinations: [gpCode],
     native: releaseSummary(),
   });
@@ -124,9 +124,9 @@ async function main() {
   console.log(`${gpCode} received handover ${mine.handover_id} (delivery ${mine.delivery_id}, attempt ${mine.attempt})`);
 
   const status = await call(prison, 'Track', { message_id: messageId });
-  for (const d of status.deliveries) console.log(`track: ${d.destination} ${d.state}`);
+  for (const d of status.deliveries) console.log(`track: ${d.destination} ${d.state.replace(/^DELIVERY_STATE_/, "")}`);
   const mineStatus = status.deliveries.find((d) => d.destination === gpCode);
-  if (!mineStatus || mineStatus.state !== 'DELIVERED') throw new Error(`tracking says ${JSON.stringify(status.deliveries)}`);
+  if (!mineStatus || mineStatus.state !== 'DELIVERY_STATE_DELIVERED') throw new Error(`tracking says ${JSON.stringify(status.deliveries)}`);
   console.log('ok');
   prison.close();
   gp.close();

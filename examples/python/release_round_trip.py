@@ -100,6 +100,11 @@ def submit_with_retries(stub, request, attempts=5):
     raise RuntimeError("unreachable")
 
 
+def state_name(h, state):
+    """DELIVERY_STATE_DELIVERED reads as DELIVERED."""
+    return h.DeliveryState.Name(state).removeprefix("DELIVERY_STATE_")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", default="127.0.0.1:7443")
@@ -110,11 +115,11 @@ def main():
     args = parser.parse_args()
     h, h_grpc, s = stubs()
 
-    prison = h_grpc.HandoverStub(channel(args.server, args.certs, args.prison, args.tls_name))
+    prison = h_grpc.HandoverServiceStub(channel(args.server, args.certs, args.prison, args.tls_name))
     message_id = f"example-py-{uuid.uuid4()}"
     request = h.SubmitRequest(
         message_id=message_id,
-        event=h.RELEASE,
+        event=h.JOURNEY_EVENT_RELEASE,
         destinations=[args.gp],
         native=release_summary(s, args.prison, args.gp),
     )
@@ -122,7 +127,7 @@ def main():
     print(f"submitted {message_id} as handover {receipt.handover_id}: "
           + ", ".join(d.destination for d in receipt.deliveries))
 
-    gp = h_grpc.HandoverStub(channel(args.server, args.certs, args.gp, args.tls_name))
+    gp = h_grpc.HandoverServiceStub(channel(args.server, args.certs, args.gp, args.tls_name))
     # The pull loop: long-poll, handle each delivery, ack that attempt.
     mine = None
     deadline = time.time() + 20
@@ -140,8 +145,8 @@ def main():
 
     status = prison.Track(h.TrackRequest(message_id=message_id), timeout=10)
     for d in status.deliveries:
-        print(f"track: {d.destination} {h.DeliveryState.Name(d.state)}")
-    delivered = {d.destination: h.DeliveryState.Name(d.state) for d in status.deliveries}
+        print(f"track: {d.destination} {state_name(h, d.state)}")
+    delivered = {d.destination: state_name(h, d.state) for d in status.deliveries}
     if delivered.get(args.gp) != "DELIVERED":
         sys.exit(f"tracking says {delivered}")
     print("ok")

@@ -121,7 +121,7 @@ pub struct TrackArgs {
 
 async fn connect(
     c: &ClientArgs,
-) -> anyhow::Result<pb::handover_client::HandoverClient<tonic::transport::Channel>> {
+) -> anyhow::Result<pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>> {
     crate::client::handover(&c.server, &c.certs_dir, &c.as_)
         .await
         .with_context(|| {
@@ -224,7 +224,7 @@ fn print_delivery(d: &pb::Delivery, args: &PullArgs) -> anyhow::Result<()> {
         d.attempt,
         d.handover_id,
         d.sender,
-        d.event().as_str_name()
+        crate::grpc::enum_label(d.event().as_str_name())
     );
     if d.supersedes_handover_id != 0 {
         println!(
@@ -305,7 +305,11 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<()> {
             )
         })?
         .into_inner();
-    println!("handover {} ({})", t.handover_id, t.event().as_str_name());
+    println!(
+        "handover {} ({})",
+        t.handover_id,
+        crate::grpc::enum_label(t.event().as_str_name())
+    );
     if t.supersedes_handover_id != 0 {
         println!("  supersedes handover {}", t.supersedes_handover_id);
     }
@@ -324,7 +328,7 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<()> {
             "  {:<8} delivery {:<6} {:<12} attempts {}{due}{}{}{reason}",
             d.destination,
             d.delivery_id,
-            d.state().as_str_name(),
+            crate::grpc::enum_label(d.state().as_str_name()),
             d.attempts,
             if d.overdue { "  OVERDUE" } else { "" },
             if d.urgent { "  urgent" } else { "" },

@@ -14,7 +14,7 @@
 //! the patient as keyed hash, the evidence as keyed hash), durable before the
 //! caller hears `NOT_FOUND`; at start the counters are rebuilt from those
 //! entries ([`Store::audit_since`]), so a restart does not reset them.
-//! Operators are not limited: `Operator.ClaimParked` with a reason is the way
+//! Operators are not limited: `OperatorService.ClaimParked` with a reason is the way
 //! out for a practice that really registered the patient
 //! (`docs/edge-limits.md`).
 

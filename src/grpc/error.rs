@@ -24,7 +24,7 @@ pub enum ApiError {
     /// Too many failed claims: claims of this practice, patient or pair are
     /// refused until `retry_after` has passed (see `claim_guard`).
     #[error(
-        "too many failed claims {} in the last {window_hours} h: claims are locked for about {} min; a practice that registered this patient asks the gateway's operators to claim it (Operator.ClaimParked, with a reason)",
+        "too many failed claims {} in the last {window_hours} h: claims are locked for about {} min; a practice that registered this patient asks the gateway's operators to claim it (OperatorService.ClaimParked, with a reason)",
         scope_words(.scope),
         .retry_after.as_secs().div_ceil(60)
     )]

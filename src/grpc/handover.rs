@@ -125,7 +125,10 @@ impl Gateway {
         }
     }
 
-    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<pb::SubmitReceipt, ApiError> {
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<pb::SubmitResponse, ApiError> {
         let (org, actor) = self.organisation(&req, "submit handovers")?;
         let cmd = SubmitCommand::from_wire(req.into_inner(), self.limits.max_document_bytes)
             .map_err(ApiError::Invalid)?;
@@ -273,7 +276,7 @@ impl Gateway {
                 urgent,
             });
         }
-        Ok(pb::SubmitReceipt {
+        Ok(pb::SubmitResponse {
             handover_id: outcome.handover_id,
             deliveries,
             duplicate: outcome.duplicate,
@@ -729,12 +732,12 @@ fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), ApiError> {
 
 /// The tonic service over a shared [`Gateway`].
 #[derive(Clone)]
-pub struct HandoverService {
+pub struct HandoverGrpc {
     gateway: Arc<Gateway>,
     metrics: Option<Arc<Metrics>>,
 }
 
-impl HandoverService {
+impl HandoverGrpc {
     /// A service over `gateway`.
     pub fn new(gateway: Arc<Gateway>) -> Self {
         Self {
@@ -812,12 +815,12 @@ macro_rules! traced {
 }
 
 #[tonic::async_trait]
-impl pb::handover_server::Handover for HandoverService {
+impl pb::handover_service_server::HandoverService for HandoverGrpc {
     #[instrument(name = "submit", skip_all, fields(caller = Empty, handover_id = Empty))]
     async fn submit(
         &self,
         request: Request<pb::SubmitRequest>,
-    ) -> Result<Response<pb::SubmitReceipt>, Status> {
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
         let labels = super::metered::submit_labels(request.get_ref());
         let started = std::time::Instant::now();
         let result = traced!(self, request, submit);

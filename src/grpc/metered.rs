@@ -54,7 +54,7 @@ pub(super) fn submit(
     metrics: &Metrics,
     (event, format): (Option<JourneyEvent>, Option<Format>),
     started: Instant,
-    result: &Result<Response<pb::SubmitReceipt>, Status>,
+    result: &Result<Response<pb::SubmitResponse>, Status>,
 ) {
     let outcome = match result {
         Ok(receipt) if receipt.get_ref().duplicate => Outcome::DUPLICATE,

@@ -16,8 +16,8 @@ mod wire;
 pub use claim_guard::{ClaimGuard, ClaimLimits};
 pub use envelope::{Envelope, PatientRef};
 pub use error::ApiError;
-pub use handover::{Gateway, HandoverService};
-pub use operator::OperatorService;
+pub use handover::{Gateway, HandoverGrpc};
+pub use operator::OperatorGrpc;
 
 /// Generated protobuf and gRPC types.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -27,4 +27,16 @@ pub mod pb {
     /// The encoded file descriptor set, for reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("throughcare_descriptor");
+}
+
+/// A proto enum value's name without its type prefix, for people to read:
+/// `JOURNEY_EVENT_RELEASE` reads as `RELEASE`. The wire and JSON keep the
+/// full name.
+#[must_use]
+pub fn enum_label(name: &'static str) -> &'static str {
+    const PREFIXES: [&str; 3] = ["JOURNEY_EVENT_", "DELIVERY_STATE_", "ORGANISATION_KIND_"];
+    PREFIXES
+        .iter()
+        .find_map(|p| name.strip_prefix(p))
+        .unwrap_or(name)
 }

@@ -21,13 +21,13 @@ const MAX_LIST: usize = 1_000;
 
 /// The tonic operator service over a shared [`Gateway`].
 #[derive(Clone)]
-pub struct OperatorService {
+pub struct OperatorGrpc {
     gateway: Arc<Gateway>,
     /// Registry changes are made one at a time (store first, then memory).
     registry_changes: Arc<tokio::sync::Mutex<()>>,
 }
 
-impl OperatorService {
+impl OperatorGrpc {
     /// A service over `gateway`.
     pub fn new(gateway: Arc<Gateway>) -> Self {
         Self {
@@ -197,7 +197,7 @@ impl OperatorService {
     async fn claim_parked(
         &self,
         req: Request<pb::ClaimParkedRequest>,
-    ) -> Result<pb::ClaimResponse, ApiError> {
+    ) -> Result<pb::ClaimParkedResponse, ApiError> {
         let actor = self.operator(&req)?;
         let pb::ClaimParkedRequest {
             patient,
@@ -242,9 +242,11 @@ impl OperatorService {
                 ..AuditEvent::default()
             })
             .await?;
-        self.gateway
+        let pb::ClaimResponse { claimed } = self
+            .gateway
             .claim_patient(&actor, &patient, &dob, practice.as_str())
-            .await
+            .await?;
+        Ok(pb::ClaimParkedResponse { claimed })
     }
 
     async fn list_organisations(
@@ -262,20 +264,22 @@ impl OperatorService {
     async fn put_organisation(
         &self,
         req: Request<pb::PutOrganisationRequest>,
-    ) -> Result<pb::Organisation, ApiError> {
+    ) -> Result<pb::PutOrganisationResponse, ApiError> {
         let actor = self.operator(&req)?;
         let pb::PutOrganisationRequest { organisation } = req.into_inner();
         let Some(org) = organisation else {
             return Err(ApiError::invalid("organisation", "required"));
         };
         let org = org_from_wire(org)?;
-        self.save(&actor, org).await
+        Ok(pb::PutOrganisationResponse {
+            organisation: Some(self.save(&actor, org).await?),
+        })
     }
 
     async fn set_organisation_active(
         &self,
         req: Request<pb::SetOrganisationActiveRequest>,
-    ) -> Result<pb::Organisation, ApiError> {
+    ) -> Result<pb::SetOrganisationActiveResponse, ApiError> {
         let actor = self.operator(&req)?;
         let pb::SetOrganisationActiveRequest { ods_code, active } = req.into_inner();
         let code = ods_code
@@ -289,7 +293,9 @@ impl OperatorService {
             ));
         };
         org.active = active;
-        self.save_locked(&actor, org).await
+        Ok(pb::SetOrganisationActiveResponse {
+            organisation: Some(self.save_locked(&actor, org).await?),
+        })
     }
 
     async fn save(&self, actor: &str, org: Organisation) -> Result<pb::Organisation, ApiError> {
@@ -405,7 +411,7 @@ impl OperatorService {
     }
 }
 
-impl OperatorService {
+impl OperatorGrpc {
     async fn retention_status(
         &self,
         req: Request<pb::RetentionStatusRequest>,
@@ -614,7 +620,7 @@ macro_rules! operator_call {
 }
 
 #[tonic::async_trait]
-impl pb::operator_server::Operator for OperatorService {
+impl pb::operator_service_server::OperatorService for OperatorGrpc {
     #[instrument(name = "retention_status", skip_all)]
     async fn retention_status(
         &self,
@@ -667,7 +673,7 @@ impl pb::operator_server::Operator for OperatorService {
     async fn claim_parked(
         &self,
         request: Request<pb::ClaimParkedRequest>,
-    ) -> Result<Response<pb::ClaimResponse>, Status> {
+    ) -> Result<Response<pb::ClaimParkedResponse>, Status> {
         operator_call!(self, request, claim_parked)
     }
 
@@ -683,7 +689,7 @@ impl pb::operator_server::Operator for OperatorService {
     async fn put_organisation(
         &self,
         request: Request<pb::PutOrganisationRequest>,
-    ) -> Result<Response<pb::Organisation>, Status> {
+    ) -> Result<Response<pb::PutOrganisationResponse>, Status> {
         operator_call!(self, request, put_organisation)
     }
 
@@ -691,7 +697,7 @@ impl pb::operator_server::Operator for OperatorService {
     async fn set_organisation_active(
         &self,
         request: Request<pb::SetOrganisationActiveRequest>,
-    ) -> Result<Response<pb::Organisation>, Status> {
+    ) -> Result<Response<pb::SetOrganisationActiveResponse>, Status> {
         operator_call!(self, request, set_organisation_active)
     }
 

@@ -600,7 +600,7 @@ pub fn to_wire(x: &ClinicalSummary) -> pb::ClinicalSummary {
             probation_sharing: match x.consent.probation_sharing {
                 m::ConsentDecision::Given => pb::ConsentDecision::Given,
                 m::ConsentDecision::Refused => pb::ConsentDecision::Refused,
-                m::ConsentDecision::NotRecorded => pb::ConsentDecision::NotRecorded,
+                m::ConsentDecision::NotRecorded => pb::ConsentDecision::Unspecified,
             }
             .into(),
             legal_basis: x.consent.legal_basis.clone().unwrap_or_default(),

@@ -444,7 +444,7 @@ fn age(ms: i64) -> String {
 
 /// What the page shows of a quarantine reason: the gateway's own words,
 /// without the recipient's free text that follows them (operators read that
-/// through `Operator.ListQuarantine`).
+/// through `OperatorService.ListQuarantine`).
 pub fn gateway_words(reason: &str) -> Cow<'_, str> {
     const NOT_SHOWN: &str = "(the recipient's words: not shown here)";
     /// Reasons the gateway writes whole.

@@ -11,8 +11,8 @@ use throughcare::grpc::pb;
 use tonic::Code;
 use tonic::transport::Channel;
 
-type Handover = pb::handover_client::HandoverClient<Channel>;
-type Operator = pb::operator_client::OperatorClient<Channel>;
+type Handover = pb::handover_service_client::HandoverServiceClient<Channel>;
+type Operator = pb::operator_service_client::OperatorServiceClient<Channel>;
 
 /// The callers: the four kinds, an unregistered code and a disabled practice.
 const CALLERS: [&str; 6] = [
@@ -48,8 +48,12 @@ async fn callers(gw: &TestGateway) -> Callers {
                 .await
                 .unwrap()
         };
-        handover.push(pb::handover_client::HandoverClient::new(channel.clone()));
-        operator.push(pb::operator_client::OperatorClient::new(channel));
+        handover.push(pb::handover_service_client::HandoverServiceClient::new(
+            channel.clone(),
+        ));
+        operator.push(pb::operator_service_client::OperatorServiceClient::new(
+            channel,
+        ));
     }
     Callers { handover, operator }
 }

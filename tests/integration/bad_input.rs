@@ -106,8 +106,9 @@ async fn submit_raw(gw: &TestGateway, bytes: Vec<u8>) -> Result<(), tonic::Statu
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    let path =
-        tonic::codegen::http::uri::PathAndQuery::from_static("/throughcare.v1.Handover/Submit");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/throughcare.v1.HandoverService/Submit",
+    );
     grpc.unary(tonic::Request::new(bytes), path, RawCodec)
         .await
         .map(|_| ())

@@ -63,7 +63,7 @@ async fn guessing_dates_of_birth_locks_the_pair_even_for_the_right_one_across_a_
     let locked = practice.claim(claim(41, DOB, None)).await.unwrap_err();
     assert_eq!(locked.code(), Code::ResourceExhausted, "{locked:?}");
     assert!(
-        locked.message().contains("Operator.ClaimParked"),
+        locked.message().contains("OperatorService.ClaimParked"),
         "{locked:?}"
     );
     let delay = locked

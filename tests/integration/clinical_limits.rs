@@ -66,8 +66,9 @@ async fn an_over_limit_message_is_resource_exhausted_and_audited() {
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    let path =
-        tonic::codegen::http::uri::PathAndQuery::from_static("/throughcare.v1.Handover/Submit");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/throughcare.v1.HandoverService/Submit",
+    );
     // Field 2 (bytes/string) of 3 × the document limit: over the message limit.
     let mut message = vec![0x12];
     let len = 3 * LIMIT;

@@ -85,7 +85,7 @@ async fn connect(
     endpoint: &str,
     certs: &Path,
     name: &str,
-) -> pb::handover_client::HandoverClient<tonic::transport::Channel> {
+) -> pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel> {
     loop {
         if let Ok(c) = throughcare::client::handover(endpoint, certs, name).await {
             return c;
@@ -128,7 +128,7 @@ async fn submitter(
 }
 
 async fn consume_once(
-    client: &mut pb::handover_client::HandoverClient<tonic::transport::Channel>,
+    client: &mut pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>,
     ledger: &Mutex<Ledger>,
 ) -> Result<usize, tonic::Status> {
     let pulled = client

@@ -117,7 +117,7 @@ async fn callers_without_a_registered_certificate_are_refused() {
         .await;
     let refused = match anonymous {
         Err(_) => true,
-        Ok(ch) => pb::handover_client::HandoverClient::new(ch)
+        Ok(ch) => pb::handover_service_client::HandoverServiceClient::new(ch)
             .pull(pull(1))
             .await
             .is_err(),

@@ -253,7 +253,7 @@ async fn sixty_organisations_behind_one_address_all_connect_at_the_start_of_the_
                 )
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
-                pb::handover_client::HandoverClient::new(channel)
+                pb::handover_service_client::HandoverServiceClient::new(channel)
                     .pull(pull(1))
                     .await
                     .map(|_| ())

@@ -9,7 +9,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const HANDOVER: &str = "throughcare.v1.Handover";
+const HANDOVER: &str = "throughcare.v1.HandoverService";
 
 async fn health(gw: &TestGateway, name: &str) -> HealthClient<tonic::transport::Channel> {
     let channel = throughcare::client::channel(&gw.endpoint, &gw.certs(), name)

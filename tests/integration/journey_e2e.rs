@@ -408,7 +408,9 @@ async fn registry_changes_are_audited_take_effect_at_once_and_survive_a_restart(
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .organisation
+        .unwrap();
     assert!(!disabled.active);
     // A disabled practice cannot call, and its patients' releases are parked.
     let mut hillview = gw.client("YG002").await;

@@ -20,7 +20,7 @@ use tonic_types::StatusExt;
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 
-type Client = pb::handover_client::HandoverClient<tonic::transport::Channel>;
+type Client = pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>;
 
 async fn track(client: &mut Client, message_id: &str) -> Result<pb::TrackResponse, tonic::Status> {
     client

@@ -32,7 +32,8 @@ async fn call_with(gw: &TestGateway, identity: Option<(&str, &str)>) -> Result<(
         .connect()
         .await
         .map_err(|_| None)?;
-    let mut client = throughcare::grpc::pb::handover_client::HandoverClient::new(channel);
+    let mut client =
+        throughcare::grpc::pb::handover_service_client::HandoverServiceClient::new(channel);
     match client.pull(pull(1)).await {
         Ok(_) => Ok(()),
         // A handshake refused after the client thought it finished shows up

@@ -9,7 +9,7 @@ use throughcare::app::{AppError, Prepared};
 use throughcare::certs::{CertAuthority, DevPaths};
 use throughcare::config::Config;
 use throughcare::grpc::pb;
-use throughcare::grpc::pb::handover_client::HandoverClient;
+use throughcare::grpc::pb::handover_service_client::HandoverServiceClient;
 use throughcare::store::{Clock, ManualClock, Store, SystemClock};
 use tonic::transport::Channel;
 
@@ -97,21 +97,24 @@ impl TestGateway {
     }
 
     /// A client as dev PKI identity `name`.
-    pub async fn client(&self, name: &str) -> HandoverClient<Channel> {
+    pub async fn client(&self, name: &str) -> HandoverServiceClient<Channel> {
         throughcare::client::handover(&self.endpoint, &self.certs(), name)
             .await
             .expect("client connects")
     }
 
     /// An operator client as the dev PKI's operator.
-    pub async fn operator(&self) -> pb::operator_client::OperatorClient<Channel> {
+    pub async fn operator(&self) -> pb::operator_service_client::OperatorServiceClient<Channel> {
         throughcare::client::operator(&self.endpoint, &self.certs(), "operator-oncall")
             .await
             .expect("operator connects")
     }
 
     /// An operator-service client presenting dev PKI identity `name`.
-    pub async fn operator_as(&self, name: &str) -> pb::operator_client::OperatorClient<Channel> {
+    pub async fn operator_as(
+        &self,
+        name: &str,
+    ) -> pb::operator_service_client::OperatorServiceClient<Channel> {
         throughcare::client::operator(&self.endpoint, &self.certs(), name)
             .await
             .expect("client connects")
@@ -123,10 +126,10 @@ impl TestGateway {
         ca: &[u8],
         cert: &[u8],
         key: &[u8],
-    ) -> Result<HandoverClient<Channel>, tonic::transport::Error> {
+    ) -> Result<HandoverServiceClient<Channel>, tonic::transport::Error> {
         throughcare::tls::client_channel(&self.endpoint, ca, cert, key)
             .await
-            .map(HandoverClient::new)
+            .map(HandoverServiceClient::new)
     }
 
     /// The dev CA, to issue more certificates.
@@ -270,7 +273,10 @@ pub fn read(path: &Path) -> Vec<u8> {
 }
 
 /// Track by message id, as the sender.
-pub async fn track_message(client: &mut HandoverClient<Channel>, id: &str) -> pb::TrackResponse {
+pub async fn track_message(
+    client: &mut HandoverServiceClient<Channel>,
+    id: &str,
+) -> pb::TrackResponse {
     client
         .track(pb::TrackRequest {
             handover: Some(pb::track_request::Handover::MessageId(id.into())),
@@ -281,7 +287,7 @@ pub async fn track_message(client: &mut HandoverClient<Channel>, id: &str) -> pb
 }
 
 /// Pull up to 50 deliveries (native) and acknowledge each; returns them.
-pub async fn pull_and_ack(client: &mut HandoverClient<Channel>) -> Vec<pb::Delivery> {
+pub async fn pull_and_ack(client: &mut HandoverServiceClient<Channel>) -> Vec<pb::Delivery> {
     let got = client.pull(pull(50)).await.unwrap().into_inner().deliveries;
     for d in &got {
         client

@@ -85,7 +85,7 @@ def violations(err) -> list:
 
 def pull_every_format(gateway, pb, ods: str) -> dict:
     """The same delivery rendered natively, as FHIR and as HL7 v2 (a one-second lease, let lapse)."""
-    stub = pb.grpc.HandoverStub(gateway.channel(ods))
+    stub = pb.grpc.HandoverServiceStub(gateway.channel(ods))
     out = {}
     for fmt in (pb.h.DOCUMENT_FORMAT_NATIVE, pb.h.DOCUMENT_FORMAT_FHIR_JSON, pb.h.DOCUMENT_FORMAT_HL7V2):
         deadline = time.time() + 10
@@ -104,9 +104,9 @@ def first_code(cc: dict) -> str:
 
 
 def test_nhs_examples_as_a_transfer_are_refused_for_want_of_a_receiving_prison(gateway, pb):
-    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
     with pytest.raises(grpc.RpcError) as err:
-        prison.Submit(pb.h.SubmitRequest(message_id="nhs-transfer", event=pb.h.TRANSFER,
+        prison.Submit(pb.h.SubmitRequest(message_id="nhs-transfer", event=pb.h.JOURNEY_EVENT_TRANSFER,
                                          fhir_json=json.dumps(nhs_bundle())), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A hospital discharge names no receiving prison and no transfer time: the journey's
@@ -118,8 +118,8 @@ def test_nhs_examples_as_a_transfer_are_refused_for_want_of_a_receiving_prison(g
 
 def test_nhs_examples_as_published_are_a_release_carried_or_listed(gateway, pb):
     bundle = nhs_bundle()
-    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
-    prison.Submit(pb.h.SubmitRequest(message_id="nhs-release", event=pb.h.RELEASE, destinations=["YG001"],
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
+    prison.Submit(pb.h.SubmitRequest(message_id="nhs-release", event=pb.h.JOURNEY_EVENT_RELEASE, destinations=["YG001"],
                                      fhir_json=json.dumps(bundle)), timeout=10)
     by_type = {}
     for i, e in enumerate(bundle["entry"]):
@@ -291,8 +291,8 @@ def check_every_format(docs: dict, want: dict):
 @pytest.mark.parametrize("n", range(4))
 def test_fhir_built_with_fhir_resources_survives_every_format(gateway, pb, n):
     bundle, want = built_bundle(n)
-    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
-    prison.Submit(pb.h.SubmitRequest(message_id=f"indep-{n}", event=pb.h.RELEASE, destinations=["YG001"],
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
+    prison.Submit(pb.h.SubmitRequest(message_id=f"indep-{n}", event=pb.h.JOURNEY_EVENT_RELEASE, destinations=["YG001"],
                                      fhir_json=json.dumps(bundle)), timeout=10)
     docs = pull_every_format(gateway, pb, "YG001")
     check_every_format(docs, want)
@@ -327,8 +327,8 @@ def test_hl7_built_with_hl7apy_survives_every_format(gateway, pb):
     dg1 = m.add_segment("DG1")
     dg1.dg1_1, dg1.dg1_3, dg1.dg1_5, dg1.dg1_6 = "1", "191816009^Opioid dependence^SCT", "201406", "F"
     assert m.validate()
-    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
-    prison.Submit(pb.h.SubmitRequest(message_id="indep-hl7", event=pb.h.RELEASE, destinations=["YG001"],
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
+    prison.Submit(pb.h.SubmitRequest(message_id="indep-hl7", event=pb.h.JOURNEY_EVENT_RELEASE, destinations=["YG001"],
                                      hl7v2=m.to_er7()), timeout=10)
     docs = pull_every_format(gateway, pb, "YG001")
     native = docs["native"].native

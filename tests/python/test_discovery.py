@@ -10,8 +10,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-HANDOVER = "throughcare.v1.Handover"
-OPERATOR = "throughcare.v1.Operator"
+HANDOVER = "throughcare.v1.HandoverService"
+OPERATOR = "throughcare.v1.OperatorService"
 
 
 def test_reflection_lists_services_and_resolves_methods(gateway):
@@ -28,7 +28,7 @@ def test_reflection_lists_services_and_resolves_methods(gateway):
         assert {"ListMailboxes", "Redrive", "ClaimParked", "AuditTrail"} <= {m.name for m in operator.methods}
         submit = handover.FindMethodByName("Submit")
         assert submit.input_type.full_name == "throughcare.v1.SubmitRequest"
-        assert submit.output_type.full_name == "throughcare.v1.SubmitReceipt"
+        assert submit.output_type.full_name == "throughcare.v1.SubmitResponse"
         # Dependencies resolve too: our summary file and the well-known Timestamp.
         delivery = pool.FindMessageTypeByName("throughcare.v1.Delivery")
         assert delivery.fields_by_name["submitted_at"].message_type.full_name == "google.protobuf.Timestamp"

@@ -27,7 +27,7 @@ def fhir_of(fixture: str) -> str:
 def release(pb, message_id, fixture="01-ost-released-today.json", nhs=None, to=("YG001",)):
     request = pb.h.SubmitRequest(
         message_id=message_id,
-        event=pb.h.RELEASE,
+        event=pb.h.JOURNEY_EVENT_RELEASE,
         destinations=list(to),
         fhir_json=fhir_of(fixture),
     )
@@ -48,14 +48,14 @@ def bad_request_fields(err):
 
 
 def test_submit_pull_ack_track(gateway, pb):
-    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
     receipt = prison.Submit(release(pb, "py-1"), timeout=10)
     assert not receipt.duplicate
     # The named practice, and the probation region of the releasing prison.
     assert [d.destination for d in receipt.deliveries] == ["YG001", "YPR01"]
     assert all(d.HasField("due_at") for d in receipt.deliveries)
 
-    gp = pb.grpc.HandoverStub(gateway.channel("YG001"))
+    gp = pb.grpc.HandoverServiceStub(gateway.channel("YG001"))
     pulled = gp.Pull(pb.h.PullRequest(max_deliveries=5), timeout=10).deliveries
     assert len(pulled) == 1
     d = pulled[0]
@@ -71,12 +71,12 @@ def test_submit_pull_ack_track(gateway, pb):
     gp.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
 
     track = prison.Track(pb.h.TrackRequest(message_id="py-1"), timeout=10)
-    assert track.deliveries[0].state == pb.h.DELIVERED
+    assert track.deliveries[0].state == pb.h.DELIVERY_STATE_DELIVERED
     assert track.deliveries[0].delivered_at.seconds > 0
 
 
 def test_duplicate_and_conflicting_submits(gateway, pb):
-    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
     first = prison.Submit(release(pb, "py-dup"), timeout=10)
     again = prison.Submit(release(pb, "py-dup"), timeout=10)
     assert again.duplicate and again.handover_id == first.handover_id
@@ -86,7 +86,7 @@ def test_duplicate_and_conflicting_submits(gateway, pb):
 
 
 def test_field_violations_come_as_google_rpc_bad_request(gateway, pb):
-    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
     with pytest.raises(grpc.RpcError) as err:
         prison.Submit(release(pb, "py-bad", nhs="9990000017"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -95,18 +95,18 @@ def test_field_violations_come_as_google_rpc_bad_request(gateway, pb):
 
 
 def test_no_client_certificate_is_refused(gateway, pb):
-    anonymous = pb.grpc.HandoverStub(gateway.channel(None))
+    anonymous = pb.grpc.HandoverServiceStub(gateway.channel(None))
     with pytest.raises(grpc.RpcError) as err:
         anonymous.Pull(pb.h.PullRequest(max_deliveries=1), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_one_practice_cannot_ack_anothers_delivery(gateway, pb):
-    prison = pb.grpc.HandoverStub(gateway.channel("YP001"))
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
     prison.Submit(release(pb, "py-iso"), timeout=10)
-    riverside = pb.grpc.HandoverStub(gateway.channel("YG001"))
+    riverside = pb.grpc.HandoverServiceStub(gateway.channel("YG001"))
     d = riverside.Pull(pb.h.PullRequest(max_deliveries=1), timeout=10).deliveries[0]
-    hillview = pb.grpc.HandoverStub(gateway.channel("YG002"))
+    hillview = pb.grpc.HandoverServiceStub(gateway.channel("YG002"))
     assert not hillview.Pull(pb.h.PullRequest(max_deliveries=5), timeout=10).deliveries
     with pytest.raises(grpc.RpcError) as err:
         hillview.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
