@@ -79,6 +79,7 @@ pub struct Prepared {
     shutdown_tx: watch::Sender<bool>,
     metrics: Arc<Metrics>,
     metrics_listener: Option<std::net::TcpListener>,
+    null_handover: bool,
 }
 
 fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -205,7 +206,16 @@ impl Prepared {
             shutdown_tx,
             metrics,
             metrics_listener: None,
+            null_handover: false,
         })
+    }
+
+    /// Serves a Handover that stores nothing (`bench --baseline` measures
+    /// the RPC stack with it). Never for a real deployment.
+    #[must_use]
+    pub fn with_null_handover(mut self) -> Self {
+        self.null_handover = true;
+        self
     }
 
     /// Loads with the system clock.
@@ -311,6 +321,15 @@ impl Prepared {
         )
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message.saturating_mul(4));
+        // `bench --baseline` only: the RPC stack's own limit.
+        let (handover, null_handover) = if self.null_handover {
+            tracing::warn!("serving the null handover (bench baseline): nothing is stored");
+            let null = HandoverServiceServer::new(crate::grpc::null::NullHandover::default())
+                .max_decoding_message_size(max_message);
+            (None, Some(null))
+        } else {
+            (Some(handover), None)
+        };
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -413,7 +432,8 @@ impl Prepared {
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
                 l.max_in_flight,
             ))
-            .add_service(handover)
+            .add_optional_service(handover)
+            .add_optional_service(null_handover)
             .add_service(operator)
             .add_service(health_service)
             .add_service(reflection_v1)

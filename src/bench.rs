@@ -54,6 +54,11 @@ pub struct BenchOptions {
     /// are kept twice this, key epochs last half of it).
     #[arg(long, default_value_t = 30)]
     pub grace_seconds: u64,
+    /// First measure a null handler (stores nothing) on the same listener,
+    /// TLS stack, limit layers and clients, and print the gateway's
+    /// throughput as a share of it.
+    #[arg(long)]
+    pub baseline: bool,
 }
 
 /// Measured figures.
@@ -85,6 +90,8 @@ pub struct BenchReport {
     pub durable_submits: u64,
     /// Time to restart with everything queued, until serving.
     pub restart: Duration,
+    /// The null handler's figures in the same run (`--baseline`).
+    pub baseline: Option<Phase>,
 }
 
 impl fmt::Display for BenchReport {
@@ -96,6 +103,19 @@ impl fmt::Display for BenchReport {
             self.messages, self.doc_bytes, self.clients
         )?;
         writeln!(f, "  durable submits/s      {:>10.0}", self.submits_per_s)?;
+        if let Some(b) = &self.baseline {
+            writeln!(
+                f,
+                "  null handler submits/s {:>10.0}   (p99 {:.2} ms; same listener, TLS, limits and clients)",
+                b.per_s,
+                ms(b.p99)
+            )?;
+            writeln!(
+                f,
+                "  gateway / null handler {:>10.1} %",
+                100.0 * self.submits_per_s / b.per_s.max(f64::MIN_POSITIVE)
+            )?;
+        }
         writeln!(f, "  submit latency p50     {:>10.2} ms", ms(self.p50))?;
         writeln!(f, "  submit latency p99     {:>10.2} ms", ms(self.p99))?;
         writeln!(f, "  messages per barrier   {per_barrier:>10.1}")?;
@@ -367,6 +387,17 @@ struct Gateway {
 
 impl Gateway {
     async fn start(dir: &Path, port: u16, extra_config: &str) -> anyhow::Result<Self> {
+        Self::start_with(dir, dir, port, extra_config, &[]).await
+    }
+
+    /// Certificates from `dir`, data in `data`, extra `serve` arguments.
+    async fn start_with(
+        dir: &Path,
+        data: &Path,
+        port: u16,
+        extra_config: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         // The bench measures the store and the transport, not the abuse
         // limits: one identity drives all the load, so lift its limits.
         let config = dir.join("bench.toml");
@@ -384,9 +415,10 @@ impl Gateway {
             .arg(format!("127.0.0.1:{port}"))
             .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(data.join("data"))
             .arg("--certs-dir")
             .arg(dir.join("certs"))
+            .args(extra_args)
             .env("RUST_LOG", "warn,throughcare::app=info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -447,62 +479,23 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     crate::certs::init_dev_pki(&certs)?;
     let port = free_port()?;
     let endpoint = format!("https://localhost:{port}");
+    // The RPC stack's own limit first, on the same listener, TLS and limit
+    // layers, with the same clients: the figure the gateway is a share of.
+    let baseline = if opts.baseline {
+        let null_dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(null_dir.path())?;
+        let null = Gateway::start_with(dir.path(), null_dir.path(), port, "", &["--null-handover"]).await?;
+        let phase = submit_load(&endpoint, &certs, &opts, "baseline").await?;
+        null.stop().await?;
+        Some(phase)
+    } else {
+        None
+    };
     let server = Gateway::start(dir.path(), port, "").await?;
     let pid = server.pid;
-    let mut channels = Vec::new();
-    for _ in 0..opts.connections.max(1) {
-        channels.push(crate::client::handover(&endpoint, &certs, &opts.sender).await?);
-    }
-    // Pad the summary's free text so each document is about `doc_bytes`.
-    let base = prost::Message::encoded_len(&document(0, "", &opts.sender));
-    let padding = "x".repeat(opts.doc_bytes.saturating_sub(base));
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..opts.clients {
-        let mut client = channels[c % channels.len()].clone();
-        let next = next.clone();
-        let padding = padding.clone();
-        let sender = opts.sender.clone();
-        let total = opts.messages;
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    break;
-                }
-                let request = pb::SubmitRequest {
-                    message_id: format!("bench-{i}"),
-                    event: pb::JourneyEvent::Release.into(),
-                    patient: None,
-                    destinations: vec!["YG001".into()],
-                    document: Some(pb::submit_request::Document::Native(document(
-                        i, &padding, &sender,
-                    ))),
-                };
-                let t = Instant::now();
-                client.submit(request).await?;
-                latencies.push(t.elapsed());
-            }
-            Ok::<_, tonic::Status>(latencies)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(opts.messages);
-    for t in tasks {
-        latencies.extend(t.await??);
-    }
-    let submit_elapsed = started.elapsed();
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
+    let submitted = submit_load(&endpoint, &certs, &opts, "bench").await?;
     let rss_queued = rss_kib(pid, "VmRSS:").unwrap_or(0);
     let peak_submit = rss_kib(pid, "VmHWM:").unwrap_or(0);
-    drop(channels);
     let [barriers, fdatasyncs, _, submits] = server.stop().await?;
 
     // Restart on the same data: the queue index is rebuilt from disk.
@@ -553,9 +546,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         clients: opts.clients,
         messages: opts.messages,
         doc_bytes: opts.doc_bytes,
-        submits_per_s: opts.messages as f64 / submit_elapsed.as_secs_f64(),
-        p50: pct(0.50),
-        p99: pct(0.99),
+        submits_per_s: submitted.per_s,
+        p50: submitted.p50,
+        p99: submitted.p99,
+        baseline,
         rss_queued_mib: rss_queued as f64 / 1024.0,
         pull_ack_per_s: opts.messages as f64 / pull_elapsed.as_secs_f64(),
         peak_rss_mib: peak as f64 / 1024.0,
@@ -563,6 +557,84 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         fdatasyncs,
         durable_submits: submits,
         restart: restart_elapsed,
+    })
+}
+
+/// One load phase's figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phase {
+    /// Answered submits per second.
+    pub per_s: f64,
+    /// Submit latency, median.
+    pub p50: Duration,
+    /// Submit latency, 99th percentile.
+    pub p99: Duration,
+}
+
+/// `opts.messages` submits from `opts.clients` clients over
+/// `opts.connections` TLS connections; message ids start with `prefix`.
+async fn submit_load(
+    endpoint: &str,
+    certs: &Path,
+    opts: &BenchOptions,
+    prefix: &str,
+) -> anyhow::Result<Phase> {
+    let mut channels = Vec::new();
+    for _ in 0..opts.connections.max(1) {
+        channels.push(crate::client::handover(endpoint, certs, &opts.sender).await?);
+    }
+    // Pad the summary's free text so each document is about `doc_bytes`.
+    let base = prost::Message::encoded_len(&document(0, "", &opts.sender));
+    let padding = "x".repeat(opts.doc_bytes.saturating_sub(base));
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..opts.clients {
+        let mut client = channels[c % channels.len()].clone();
+        let next = next.clone();
+        let padding = padding.clone();
+        let sender = opts.sender.clone();
+        let prefix = prefix.to_owned();
+        let total = opts.messages;
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let request = pb::SubmitRequest {
+                    message_id: format!("{prefix}-{i}"),
+                    event: pb::JourneyEvent::Release.into(),
+                    patient: None,
+                    destinations: vec!["YG001".into()],
+                    document: Some(pb::submit_request::Document::Native(document(
+                        i, &padding, &sender,
+                    ))),
+                };
+                let t = Instant::now();
+                client.submit(request).await?;
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, tonic::Status>(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(opts.messages);
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok(Phase {
+        per_s: opts.messages as f64 / elapsed.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
     })
 }
 

@@ -94,6 +94,9 @@ struct ServeArgs {
     /// Witness directory, outside the data directory (default `<data-dir>.witness`).
     #[arg(long, env = "THROUGHCARE_WITNESS_DIR")]
     witness_dir: Option<PathBuf>,
+    /// `bench --baseline` only: answer submits without storing anything.
+    #[arg(long, hide = true)]
+    null_handover: bool,
 }
 
 #[derive(Subcommand)]
@@ -225,6 +228,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let listen = config.listen;
     let prepared = match throughcare::app::Prepared::with_system_clock(config) {
+        Ok(p) if args.null_handover => p.with_null_handover(),
         Ok(p) => p,
         Err(e) => return fail(e),
     };

@@ -9,6 +9,7 @@ pub mod free_text;
 mod handover;
 pub mod limits;
 mod metered;
+pub mod null;
 mod operator;
 pub mod summary;
 mod wire;
