@@ -31,6 +31,7 @@ pub mod integrity;
 mod key_epochs;
 pub mod records;
 mod schedule;
+mod syncer;
 mod writer;
 
 use std::collections::HashMap;
@@ -548,7 +549,7 @@ impl Store {
         let (high_water, promised) = integrity::open_checked(&paths, &trees)?;
         let signals = Arc::new(Signals::default());
         let audit_key = high_water.key();
-        let writer = writer::Writer::load(
+        let (writer, syncer, settled) = writer::Writer::load(
             trees.clone(),
             barrier,
             high_water,
@@ -559,10 +560,15 @@ impl Store {
             stats.clone(),
             cipher.clone(),
         )?;
+        // The writer joins the syncer when it stops, so a closed store's
+        // files are free once the writer thread is joined.
+        let syncer = std::thread::Builder::new()
+            .name("store-syncer".into())
+            .spawn(move || syncer.run(&settled))?;
         let (tx, rx) = mpsc::channel(options.max_batch * 4);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || writer.run(rx, syncer))?;
         let store = Store {
             inner: Arc::new(Inner {
                 jobs: tx,

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use sha2::{Digest, Sha256};
 use sled::Transactional;
@@ -15,6 +14,7 @@ use super::high_water::{Acknowledged, HighWater};
 use super::identity::Newer;
 use super::records::{self, TreeId};
 use super::schedule::{Live, Schedule, Slot};
+use super::syncer::{self, Applied, Committed, Failure, Syncer, ToSyncer};
 use super::{
     Clock, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, IdentityConflict, Job,
     LeasedDelivery, MailboxStats, NewHandover, RedriveOutcome, Signals, StoreError, StoreOptions,
@@ -162,8 +162,7 @@ fn acknowledged(
         .collect()
 }
 
-/// Sends a result, or `Unavailable(why)` when the batch failed.
-type Sender = Box<dyn FnOnce(Option<&str>) + Send>;
+type Sender = syncer::Sender;
 
 /// An answer waiting for its batch to become durable.
 struct Answer {
@@ -205,8 +204,12 @@ impl Answer {
 
 pub(super) struct Writer {
     trees: Vec<sled::Tree>,
-    barrier: DurabilityBarrier,
-    high_water: HighWater,
+    /// Hands applied batches to the syncer (see `syncer`).
+    to_syncer: std::sync::mpsc::SyncSender<ToSyncer>,
+    /// Set by the syncer when a barrier fails.
+    sync_failed: Failure,
+    /// The last handover id handed to the witness's journal.
+    journaled: u64,
     commit_seq: u64,
     last_handover: u64,
     last_delivery: u64,
@@ -218,8 +221,6 @@ pub(super) struct Writer {
     chain: AuditChain,
     options: StoreOptions,
     clock: Arc<dyn Clock>,
-    signals: Arc<Signals>,
-    stats: Arc<BarrierStats>,
     cipher: Arc<super::crypt::PayloadCipher>,
     /// Retention counters.
     retention: retention::Ledger,
@@ -236,6 +237,7 @@ fn meta(trees: &[sled::Tree], key: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl Writer {
+    /// The writer, its syncer and the syncer's end of the pipeline.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn load(
         trees: Vec<sled::Tree>,
@@ -247,7 +249,7 @@ impl Writer {
         signals: Arc<Signals>,
         stats: Arc<BarrierStats>,
         cipher: Arc<super::crypt::PayloadCipher>,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<(Self, Syncer, std::sync::mpsc::Receiver<ToSyncer>), StoreError> {
         let commit_seq = meta(&trees, records::META_COMMIT_SEQ)?;
         if commit_seq < promised {
             return Err(StoreError::Behind {
@@ -285,13 +287,28 @@ impl Writer {
         if let Some(observer) = &options.observer {
             observer.anchored(high_water.written());
         }
-        Ok(Self {
+        let sync_failed = Failure::default();
+        let (to_syncer, settled) = std::sync::mpsc::sync_channel(syncer::PIPELINE_DEPTH);
+        let journaled = high_water.last_handover();
+        let syncer = Syncer {
+            barrier,
+            high_water,
+            trees: trees.clone(),
+            clock: clock.clone(),
+            observer: options.observer.clone(),
+            stats,
+            signals: signals.clone(),
+            failed: sync_failed.clone(),
+            durable_seq: commit_seq,
+        };
+        let writer = Self {
             retention: retention::Ledger::load(&trees)?,
             last_handover: meta(&trees, records::META_LAST_HANDOVER)?,
             last_delivery: meta(&trees, records::META_LAST_DELIVERY)?,
             trees,
-            barrier,
-            high_water,
+            to_syncer,
+            sync_failed,
+            journaled,
             commit_seq,
             schedule,
             quarantined,
@@ -299,14 +316,17 @@ impl Writer {
             chain,
             options,
             clock,
-            signals,
-            stats,
             cipher,
             failed: None,
-        })
+        };
+        Ok((writer, syncer, settled))
     }
 
-    pub(super) fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+    pub(super) fn run(
+        mut self,
+        mut jobs: mpsc::Receiver<Job>,
+        syncer: std::thread::JoinHandle<()>,
+    ) {
         while let Some(first) = jobs.blocking_recv() {
             let mut batch = vec![first];
             while batch.len() < self.options.max_batch {
@@ -324,10 +344,22 @@ impl Writer {
         while let Ok(job) = jobs.try_recv() {
             drop(job);
         }
+        // The syncer settles what it holds, then stops with its sender gone.
+        drop(self);
+        let _ = syncer.join();
     }
 
-    /// Applies one batch; returns true when the writer should stop.
+    /// Applies one batch and hands it to the syncer; returns true when the
+    /// writer should stop.
     fn process(&mut self, batch: Vec<Job>) -> bool {
+        if let Some(why) = syncer::failure_of(&self.sync_failed) {
+            self.fail(why);
+        }
+        // A retention pass may destroy a key epoch once the committed store
+        // holds no key under it: every earlier batch must be durable first.
+        if self.failed.is_none() && batch.iter().any(|j| matches!(j, Job::Retention(_))) {
+            self.settle_all();
+        }
         let trees = self.trees.clone();
         let mut staged = Staged::new(&trees);
         let mut answers = Vec::with_capacity(batch.len());
@@ -451,48 +483,38 @@ impl Writer {
         }
 
         let submits = answers.iter().filter(|a| a.submit_ok).count() as u64;
-        let failure = match (&self.failed, staged.is_empty()) {
-            (Some(why), _) => Some(why.clone()),
-            (None, true) => None,
-            (None, false) => self.commit(staged, answers.len() as u64, submits).err(),
+        let (committed, failure) = match (&self.failed, staged.is_empty()) {
+            (Some(why), _) => (None, Some(why.clone())),
+            (None, true) => (None, None),
+            (None, false) => match self.commit(staged) {
+                Ok(c) => (Some(c), None),
+                Err(why) => (None, Some(why)),
+            },
         };
-        if failure.is_none() {
-            self.stats.submits.fetch_add(submits, Ordering::Relaxed);
-            self.stats
-                .commands
-                .fetch_add(answers.len() as u64, Ordering::Relaxed);
-        }
-        for answer in answers {
-            (answer.send)(failure.as_deref());
-        }
-        if failure.is_none() {
-            for mailbox in woken {
-                self.signals.wake(&mailbox);
-            }
-        }
-        if shutdown.is_empty() {
-            return false;
-        }
-        // Final barrier so the witness is durable too; then the close is
-        // marked clean, so the next open expects the witness exactly.
-        let result = if self.failed.is_some() {
-            Ok(())
-        } else {
-            self.barrier
-                .sync(&[self.high_water.file()])
-                .map_err(StoreError::Io)
-                .and_then(|()| {
-                    super::integrity::mark_clean_close(&self.trees, &self.barrier, self.commit_seq)
-                })
+        let stop = !shutdown.is_empty();
+        let applied = Applied {
+            committed,
+            failure,
+            answers: answers.into_iter().map(|a| a.send).collect(),
+            submits,
+            woken,
+            close: shutdown,
         };
-        let mut replies = shutdown.into_iter();
-        if let Some(first) = replies.next() {
-            let _ = first.send(result);
+        if self.to_syncer.send(ToSyncer::Batch(applied)).is_err() {
+            self.fail("the store's syncer stopped".into());
         }
-        for reply in replies {
-            let _ = reply.send(Ok(()));
+        stop
+    }
+
+    /// Waits until every batch handed to the syncer is durable (or failed).
+    fn settle_all(&mut self) {
+        let (done, settled) = std::sync::mpsc::sync_channel(1);
+        if self.to_syncer.send(ToSyncer::Fence(done)).is_err() || settled.recv().is_err() {
+            self.fail("the store's syncer stopped".into());
         }
-        true
+        if let Some(why) = syncer::failure_of(&self.sync_failed) {
+            self.fail(why);
+        }
     }
 
     fn fail(&mut self, why: String) {
@@ -502,13 +524,9 @@ impl Writer {
         }
     }
 
-    /// Commits the batch and runs the barrier; on failure the store stops.
-    fn commit(
-        &mut self,
-        mut staged: Staged<'_>,
-        commands: u64,
-        submits: u64,
-    ) -> Result<(), String> {
+    /// Commits the batch to sled (not yet durable: the syncer's barrier
+    /// makes it so before anyone is answered); on failure the store stops.
+    fn commit(&mut self, mut staged: Staged<'_>) -> Result<Committed, String> {
         let seq = self.commit_seq + 1;
         staged.put(
             TreeId::Meta,
@@ -525,42 +543,22 @@ impl Writer {
             records::META_LAST_DELIVERY,
             records::be(self.last_delivery).to_vec(),
         );
-        let mut elapsed = std::time::Duration::ZERO;
-        let result = acknowledged(&staged, self.high_water.last_handover(), seq)
-            .and_then(|acked| {
-                staged.commit()?;
-                // In the witness before the barrier: durable exactly when the batch is.
-                self.high_water.journal(&acked).map_err(StoreError::Io)
-            })
-            .and_then(|()| {
-                let started = std::time::Instant::now();
-                let synced = self.barrier.sync(&[self.high_water.file()]);
-                elapsed = started.elapsed();
-                synced.map_err(StoreError::Io)
-            })
-            .and_then(|()| {
-                let (audit_seq, audit_hash) = self.chain.head();
-                let checkpoint = crate::audit::Checkpoint {
-                    commit_seq: seq,
-                    audit_seq,
-                    audit_hash: audit_hash.to_owned(),
-                    keyed_from: 0,
-                    at_ms: self.clock.now_ms(),
-                };
-                self.high_water.record(checkpoint).map_err(StoreError::Io)
-            });
+        let result = acknowledged(&staged, self.journaled, seq).and_then(|acked| {
+            staged.commit()?;
+            Ok(acked)
+        });
         match result {
-            Ok(anchored) => {
+            Ok(acked) => {
                 self.commit_seq = seq;
-                if let Some(observer) = &self.options.observer {
-                    observer.anchored(&anchored);
-                    observer.committed(&super::BarrierReport {
-                        elapsed,
-                        commands,
-                        submits,
-                    });
+                if let Some(newest) = acked.iter().map(|a| a.handover_id).max() {
+                    self.journaled = self.journaled.max(newest);
                 }
-                Ok(())
+                let (audit_seq, audit_hash) = self.chain.head();
+                Ok(Committed {
+                    seq,
+                    acked,
+                    audit_head: (audit_seq, audit_hash.to_owned()),
+                })
             }
             Err(e) => {
                 let why = format!("commit or durability barrier failed: {e}");
