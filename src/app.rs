@@ -161,6 +161,7 @@ impl Prepared {
                 retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
                 observer: Some(metrics.barrier_observer()),
                 cache_bytes: config.store.cache_bytes,
+                pipeline_depth: config.store.pipeline_depth as usize,
                 retention: config.retention.to_policy(),
                 ..config.store_witness()
             },

@@ -59,6 +59,10 @@ pub struct BenchOptions {
     /// throughput as a share of it.
     #[arg(long)]
     pub baseline: bool,
+    /// The gateway's `[store] pipeline_depth` (0: the writer waits for each
+    /// barrier), to compare with the default in one build.
+    #[arg(long)]
+    pub pipeline_depth: Option<u32>,
 }
 
 /// Measured figures.
@@ -492,7 +496,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     } else {
         None
     };
-    let server = Gateway::start(dir.path(), port, "").await?;
+    let store = opts
+        .pipeline_depth
+        .map(|d| format!("[store]\npipeline_depth = {d}\n"))
+        .unwrap_or_default();
+    let server = Gateway::start(dir.path(), port, &store).await?;
     let pid = server.pid;
     let submitted = submit_load(&endpoint, &certs, &opts, "bench").await?;
     let rss_queued = rss_kib(pid, "VmRSS:").unwrap_or(0);
@@ -501,7 +509,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
 
     // Restart on the same data: the queue index is rebuilt from disk.
     let restart = Instant::now();
-    let server = Gateway::start(dir.path(), port, "").await?;
+    let server = Gateway::start(dir.path(), port, &store).await?;
     let restart_elapsed = restart.elapsed();
     let pid = server.pid;
     let started = Instant::now();

@@ -261,12 +261,17 @@ pub struct StoreConfig {
     /// sled's page cache, bytes: the bulk of the gateway's memory (sled's
     /// own default is 1 GiB).
     pub cache_bytes: u64,
+    /// Batches the store writer may apply while earlier ones wait for their
+    /// barrier (0: wait for each barrier before the next batch). Nothing is
+    /// answered before its barrier either way.
+    pub pipeline_depth: u32,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             cache_bytes: 64 * 1024 * 1024,
+            pipeline_depth: 8,
         }
     }
 }
@@ -681,6 +686,12 @@ impl Config {
             self.store.cache_bytes,
             1024 * 1024,
             64 * 1024 * 1024 * 1024,
+        )?;
+        within(
+            "store.pipeline_depth",
+            u64::from(self.store.pipeline_depth),
+            0,
+            64,
         )?;
         self.retention.validate()?;
         self.validate_integrity()?;

@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use throughcare::config::{Config, Overrides};
+
+/// mimalloc instead of glibc's malloc: the store writer, sled and the
+/// handlers allocate on different threads, and glibc's per-thread arenas held
+/// that memory (see docs/benchmarks.md, Performance round).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use throughcare::grpc::pb;
 
 #[derive(Parser)]

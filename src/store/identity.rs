@@ -420,7 +420,7 @@ impl Writer {
                 .or_default()
                 .insert(d.id);
         } else if let Some(mut live) = self.schedule.remove(d.id) {
-            live.patient_key.clone_from(&d.patient_key);
+            live.patient_key = d.patient_key.as_str().into();
             self.schedule.insert(d.id, live);
         }
     }

@@ -175,6 +175,9 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// sled page-cache size.
     pub cache_bytes: u64,
+    /// Batches the writer may apply ahead of the syncer's barrier; 0 makes
+    /// the writer wait for each batch's barrier (see `syncer`).
+    pub pipeline_depth: usize,
     /// When payloads and tracking metadata are removed.
     pub retention: RetentionPolicy,
     /// Told of every barrier (tests).
@@ -195,6 +198,7 @@ impl Default for StoreOptions {
             retry_backoff_ms: 1_000,
             max_batch: 1_024,
             cache_bytes: 64 * 1024 * 1024,
+            pipeline_depth: syncer::PIPELINE_DEPTH,
             retention: RetentionPolicy::default(),
             observer: None,
             master_key_file: None,

@@ -7,14 +7,15 @@
 //! quarantined delivery leaves the index, so it never blocks anyone.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// Scheduling facts about one live delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Live {
-    /// Receiving mailbox.
-    pub mailbox: String,
-    /// Keyed hash of the patient.
-    pub patient_key: String,
+    /// Receiving mailbox (shared with the index: one allocation per mailbox).
+    pub mailbox: Arc<str>,
+    /// Keyed hash of the patient (shared with the index: one per patient).
+    pub patient_key: Arc<str>,
     /// Served first.
     pub urgent: bool,
     /// Attempts so far.
@@ -67,15 +68,16 @@ pub enum Slot {
 struct MailboxIndex {
     /// (0 = urgent, 1 = routine; delivery id).
     order: BTreeSet<(u8, u64)>,
-    /// Each patient's live deliveries; the first is the only one leasable.
-    by_patient: HashMap<String, BTreeSet<u64>>,
+    /// Each patient's live deliveries, ascending; the first is the only one
+    /// leasable. Most patients have one, so a sorted vector, not a set.
+    by_patient: HashMap<Arc<str>, Vec<u64>>,
 }
 
 /// The index of every live delivery.
 #[derive(Debug, Default)]
 pub struct Schedule {
     live: HashMap<u64, Live>,
-    mailboxes: HashMap<String, MailboxIndex>,
+    mailboxes: HashMap<Arc<str>, MailboxIndex>,
     /// (lease expiry, delivery id) of every leased delivery.
     leases: BTreeSet<(i64, u64)>,
     /// (deadline, delivery id) of live deliveries whose miss is not yet reported.
@@ -84,14 +86,23 @@ pub struct Schedule {
 
 impl Schedule {
     /// Adds a live delivery.
-    pub fn insert(&mut self, id: u64, live: Live) {
+    pub fn insert(&mut self, id: u64, mut live: Live) {
+        // Share the index's copies of the mailbox and patient key.
+        if let Some((name, _)) = self.mailboxes.get_key_value(&*live.mailbox) {
+            live.mailbox = name.clone();
+        }
         let index = self.mailboxes.entry(live.mailbox.clone()).or_default();
         index.order.insert((rank(live.urgent), id));
-        index
+        if let Some((key, _)) = index.by_patient.get_key_value(&*live.patient_key) {
+            live.patient_key = key.clone();
+        }
+        let ids = index
             .by_patient
             .entry(live.patient_key.clone())
-            .or_default()
-            .insert(id);
+            .or_default();
+        if let Err(at) = ids.binary_search(&id) {
+            ids.insert(at, id);
+        }
         if let Slot::Leased { until_ms } = live.lease {
             self.leases.insert((until_ms, id));
         }
@@ -113,7 +124,9 @@ impl Schedule {
         if let Some(index) = self.mailboxes.get_mut(&live.mailbox) {
             index.order.remove(&(rank(live.urgent), id));
             if let Some(ids) = index.by_patient.get_mut(&live.patient_key) {
-                ids.remove(&id);
+                if let Ok(at) = ids.binary_search(&id) {
+                    ids.remove(at);
+                }
                 if ids.is_empty() {
                     index.by_patient.remove(&live.patient_key);
                 }
@@ -195,7 +208,7 @@ impl Schedule {
             .filter(|(_, l)| {
                 !l.stale
                     && l.attempt >= l.max_attempts.unwrap_or(max_attempts)
-                    && mailbox.is_none_or(|m| m == l.mailbox)
+                    && mailbox.is_none_or(|m| m == &*l.mailbox)
             })
             .map(|(id, _)| id)
             .collect();
@@ -218,7 +231,7 @@ impl Schedule {
             .filter(|(_, id)| {
                 self.live
                     .get(id)
-                    .is_some_and(|l| l.stale && mailbox.is_none_or(|m| m == l.mailbox))
+                    .is_some_and(|l| l.stale && mailbox.is_none_or(|m| m == &*l.mailbox))
             })
             .map(|(_, id)| *id)
             .collect();
@@ -251,7 +264,7 @@ impl Schedule {
         self.mailboxes
             .get(mailbox)
             .and_then(|m| m.by_patient.get(patient_key))
-            .map(|ids| ids.iter().copied().collect())
+            .cloned()
             .unwrap_or_default()
     }
 
@@ -278,10 +291,10 @@ impl Schedule {
         let mut out: HashMap<String, MailboxCounts> = HashMap::new();
         for live in self.live.values() {
             // Look up before inserting: no allocation per live delivery.
-            if !out.contains_key(&live.mailbox) {
-                out.insert(live.mailbox.clone(), MailboxCounts::default());
+            if !out.contains_key(&*live.mailbox) {
+                out.insert(live.mailbox.to_string(), MailboxCounts::default());
             }
-            let Some(c) = out.get_mut(&live.mailbox) else {
+            let Some(c) = out.get_mut(&*live.mailbox) else {
                 continue;
             };
             c.depth += 1;

@@ -16,8 +16,9 @@ use super::barrier::{BarrierReport, BarrierStats, DurabilityBarrier};
 use super::high_water::{Acknowledged, HighWater};
 use super::{BarrierObserver, Clock, Signals, StoreError};
 
-/// How many applied batches may wait for the syncer before the writer waits.
-pub(super) const PIPELINE_DEPTH: usize = 8;
+/// How many applied batches may wait for the syncer before the writer
+/// waits, by default (`[store] pipeline_depth`).
+pub const PIPELINE_DEPTH: usize = 8;
 
 /// Sends a result, or `Unavailable(why)` when its batch failed.
 pub(super) type Sender = Box<dyn FnOnce(Option<&str>) + Send>;
@@ -79,7 +80,7 @@ impl Syncer {
     pub(super) fn run(mut self, rx: &Receiver<ToSyncer>) {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
-            while group.len() < 4 * PIPELINE_DEPTH {
+            while group.len() < 64 {
                 match rx.try_recv() {
                     Ok(more) => group.push(more),
                     Err(_) => break,

@@ -288,7 +288,7 @@ impl Writer {
             observer.anchored(high_water.written());
         }
         let sync_failed = Failure::default();
-        let (to_syncer, settled) = std::sync::mpsc::sync_channel(syncer::PIPELINE_DEPTH);
+        let (to_syncer, settled) = std::sync::mpsc::sync_channel(options.pipeline_depth);
         let journaled = high_water.last_handover();
         let syncer = Syncer {
             barrier,
@@ -502,6 +502,8 @@ impl Writer {
         };
         if self.to_syncer.send(ToSyncer::Batch(applied)).is_err() {
             self.fail("the store's syncer stopped".into());
+        } else if self.options.pipeline_depth == 0 {
+            self.settle_all();
         }
         stop
     }
@@ -1338,8 +1340,8 @@ fn delivery_at(trees: &[sled::Tree], id: u64) -> Result<DeliveryRecord, StoreErr
 
 fn live_of(d: &DeliveryRecord) -> Live {
     Live {
-        mailbox: d.mailbox.clone(),
-        patient_key: d.patient_key.clone(),
+        mailbox: d.mailbox.as_str().into(),
+        patient_key: d.patient_key.as_str().into(),
         urgent: d.urgent,
         attempt: d.attempt,
         lease: match (d.state, d.lease_until_ms) {
