@@ -2,7 +2,8 @@
 //! repetition and component outside the table below is listed by its HL7
 //! path, so a delivery can say what it does not carry.
 
-use super::{LOCAL, Segment};
+use super::LOCAL;
+use super::segment::Segment;
 use crate::journey::JourneyEvent;
 
 /// A field the parser reads: which components (empty: the whole field) and
