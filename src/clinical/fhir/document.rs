@@ -16,7 +16,6 @@ use crate::clinical::model::{
 use crate::clinical::violation::ValidationErrors;
 use crate::journey::JourneyEvent;
 
-#[allow(clippy::too_many_lines)]
 pub(super) fn parse_document(
     bundle: &RawBundle<'_>,
     prefix: &str,

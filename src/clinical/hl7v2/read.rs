@@ -6,7 +6,6 @@ use std::borrow::Cow;
 use super::escape::unescaped;
 use super::segment::{Segment, component, split};
 use super::{LOCAL, unread};
-use crate::clinical::Limits;
 use crate::clinical::identifiers::OdsCode;
 use crate::clinical::model::{
     Address, Allergy, Author, ClinicalSummary, Code, Consent, ConsentDecision, Custody, DMD, Date,
@@ -15,6 +14,7 @@ use crate::clinical::model::{
     RiskKind, SNOMED, Severity, Sex, SubstanceMisuse, Vaccination, When,
 };
 use crate::clinical::violation::ValidationErrors;
+use crate::clinical::{Crn, IdentifierError, Limits, NhsNumber, PrisonNumber};
 use crate::journey::JourneyEvent;
 
 fn parse_dt(s: &str) -> Option<Date> {
@@ -159,13 +159,81 @@ impl<'a> Group<'_, 'a, '_> {
         }
     }
 }
-
 /// Parses an HL7 v2 ADT A01/A02/A03/A08 message.
 ///
 /// # Errors
 /// Every field violation, with HL7 paths (`PID-3.1`, `OBX(4)-5`).
-#[allow(clippy::too_many_lines)]
 pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> {
+    let text = message_text(bytes, limits)?;
+    let segments = split(text.trim_start_matches('\u{feff}'), limits)?;
+    let mut e = ValidationErrors::default();
+    let find = |id: &str| segments.iter().find(|s| s.id == id);
+    let msh = find("MSH").expect("split checked MSH");
+    let header = read_header(msh, find("EVN"), &mut e);
+    let Some(pid) = find("PID") else {
+        e.add("PID", "required");
+        return Err(e);
+    };
+    let mut notes = Vec::new();
+    let (patient, release_address) = read_pid(pid, &mut notes, &mut e);
+    let registered_gp = find("PD1").and_then(|s| ods(&s.comp(3, 10), "PD1-3.10", &mut e));
+    let episode = read_pv1(find("PV1"), header.event, &mut e);
+    let mut items = Items::default();
+    for s in segments.iter().filter(|s| s.id == "AL1") {
+        items.allergies.extend(read_al1(s, &mut notes, &mut e));
+    }
+    for s in segments.iter().filter(|s| s.id == "DG1") {
+        items.diagnoses.extend(read_dg1(s, &mut e));
+    }
+    let from_dg1 = items.diagnoses.len();
+    let obx = obx_fields(&segments, &mut notes, &mut e);
+    for fields in obx.chunk_by(|a, b| a.item == b.item && a.sub == b.sub) {
+        let group = Group {
+            item: &fields[0].item,
+            fields,
+        };
+        items.read_group(&group, from_dg1, &mut e);
+    }
+    notes.extend(unread::unread(&segments, header.event));
+    let author_org = ods(&msh.comp(4, 1), "MSH-4", &mut e);
+    if author_org.is_none() {
+        e.add("MSH-4", "required: the sending organisation's ODS code");
+    }
+    let (Some(event), Some(authored_at), Some(patient), Some(establishment), Some(author_org)) = (
+        header.event,
+        header.authored_at,
+        patient,
+        episode.establishment,
+        author_org,
+    ) else {
+        return Err(e);
+    };
+    e.into_result()?;
+    let custody = Custody {
+        establishment,
+        reception_date: episode.reception_date,
+        transfer_at: header.transfer_at,
+        transfer_to: episode.transfer_to,
+        release_date: episode.release_date,
+        release_address,
+        no_fixed_abode: items.no_fixed_abode,
+    };
+    Ok(Parsed {
+        summary: items.into_summary(
+            patient,
+            custody,
+            registered_gp,
+            author_org,
+            authored_at,
+            notes,
+        ),
+        event,
+        control_id: header.control_id,
+    })
+}
+
+/// The message as text, within the size limit.
+fn message_text<'b>(bytes: &'b [u8], limits: &Limits) -> Result<&'b str, ValidationErrors> {
     if bytes.len() > limits.max_document_bytes {
         return Err(ValidationErrors::one(
             "message",
@@ -176,16 +244,23 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             ),
         ));
     }
-    let text = std::str::from_utf8(bytes).map_err(|e| {
+    std::str::from_utf8(bytes).map_err(|e| {
         ValidationErrors::one(
             "message",
             format!("not valid UTF-8 (at byte {})", e.valid_up_to()),
         )
-    })?;
-    let segments = split(text.trim_start_matches('\u{feff}'), limits)?;
-    let mut e = ValidationErrors::default();
-    let find = |id: &str| segments.iter().find(|s| s.id == id);
-    let msh = find("MSH").expect("split checked MSH");
+    })
+}
+
+/// What MSH and EVN say: the event, the control ID for the ACK, and when.
+struct Header {
+    event: Option<JourneyEvent>,
+    control_id: String,
+    authored_at: Option<DateTime>,
+    transfer_at: Option<DateTime>,
+}
+
+fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationErrors) -> Header {
     let event = match (&*msh.comp(9, 1), &*msh.comp(9, 2)) {
         ("ADT", "A01") => Some(JourneyEvent::Admission),
         ("ADT", "A02") => Some(JourneyEvent::Transfer),
@@ -209,7 +284,6 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         e.add("MSH-12", "must be an HL7 v2 version (2.5.1 expected)");
     }
     let control_id = msh.comp(10, 1).into_owned();
-    let evn = find("EVN");
     let authored_at = parse_ts(&evn.map(|s| s.comp(2, 1)).unwrap_or_default())
         .or_else(|| parse_ts(&msh.comp(7, 1)));
     if authored_at.is_none() {
@@ -232,35 +306,22 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             }
             t
         });
-
-    let Some(pid) = find("PID") else {
-        e.add("PID", "required");
-        return Err(e);
-    };
-    let (mut nhs, mut prison, mut crn) = (None, None, None);
-    let mut notes = Vec::new();
-    for (r, rep) in pid.reps(3).enumerate() {
-        let value = component(rep, 1);
-        let field = || format!("PID-3[{}].1", r + 1);
-        match (&*component(rep, 4), &*component(rep, 5)) {
-            (_, "NH") => match value.parse::<crate::clinical::NhsNumber>() {
-                Ok(n) => nhs = Some(n),
-                Err(err) => e.add(field(), err.to_string()),
-            },
-            ("HMPPS", _) => match value.parse::<crate::clinical::PrisonNumber>() {
-                Ok(n) => prison = Some(n),
-                Err(err) => e.add(field(), err.to_string()),
-            },
-            ("NDELIUS", _) => match value.parse::<crate::clinical::Crn>() {
-                Ok(n) => crn = Some(n),
-                Err(err) => e.add(field(), err.to_string()),
-            },
-            _ => notes.push(format!(
-                "PID-3[{}]: an identifier the gateway does not read",
-                r + 1
-            )),
-        }
+    Header {
+        event,
+        control_id,
+        authored_at,
+        transfer_at,
     }
+}
+
+/// The patient from PID (none without a readable date of birth), and the
+/// release address PID-11 carries.
+fn read_pid(
+    pid: &Segment<'_>,
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> (Option<Patient>, Option<Address>) {
+    let (nhs, prison, crn) = read_identifiers(pid, notes, e);
     let family_name = pid.comp(5, 1).into_owned();
     if family_name.is_empty() {
         e.add("PID-5.1", "required: the patient's family name");
@@ -274,17 +335,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     if dob.is_none() {
         e.add("PID-7", "required: date of birth YYYYMMDD");
     }
-    // HL7 table 0001 (administrative sex).
-    let sex = match &*pid.comp(8, 1) {
-        "M" => Sex::Male,
-        "F" => Sex::Female,
-        "O" | "A" => Sex::Other,
-        "U" | "N" | "" => Sex::Unknown,
-        _ => {
-            e.add("PID-8", "must be M, F, O, A, U or N (HL7 table 0001)");
-            Sex::Unknown
-        }
-    };
+    let sex = read_sex(pid, e);
     let release_address = (!pid.field(11).is_empty()).then(|| Address {
         lines: [pid.comp(11, 1), pid.comp(11, 2)]
             .into_iter()
@@ -294,22 +345,94 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         city: pid.comp(11, 3).into_owned(),
         postcode: pid.comp(11, 5).into_owned(),
     });
-    let ods = |v: Cow<'_, str>, field: &str, e: &mut ValidationErrors| -> Option<OdsCode> {
-        if v.is_empty() {
-            return None;
+    let patient = dob.map(|date_of_birth| Patient {
+        nhs_number: nhs,
+        prison_number: prison,
+        crn,
+        family_name,
+        given_names,
+        date_of_birth,
+        sex,
+    });
+    (patient, release_address)
+}
+
+/// PID-3: the NHS number, prison number and CRN; other identifiers are
+/// listed as not read.
+fn read_identifiers(
+    pid: &Segment<'_>,
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> (Option<NhsNumber>, Option<PrisonNumber>, Option<Crn>) {
+    let (mut nhs, mut prison, mut crn) = (None, None, None);
+    for (r, rep) in pid.reps(3).enumerate() {
+        let value = component(rep, 1);
+        let field = || format!("PID-3[{}].1", r + 1);
+        match (&*component(rep, 4), &*component(rep, 5)) {
+            (_, "NH") => match value.parse::<NhsNumber>() {
+                Ok(n) => nhs = Some(n),
+                Err(err) => e.add(field(), err.to_string()),
+            },
+            ("HMPPS", _) => match value.parse::<PrisonNumber>() {
+                Ok(n) => prison = Some(n),
+                Err(err) => e.add(field(), err.to_string()),
+            },
+            ("NDELIUS", _) => match value.parse::<Crn>() {
+                Ok(n) => crn = Some(n),
+                Err(err) => e.add(field(), err.to_string()),
+            },
+            _ => notes.push(format!(
+                "PID-3[{}]: an identifier the gateway does not read",
+                r + 1
+            )),
         }
-        v.parse()
-            .map_err(|err: crate::clinical::IdentifierError| e.add(field, err.to_string()))
-            .ok()
-    };
-    let registered_gp = find("PD1").and_then(|s| ods(s.comp(3, 10), "PD1-3.10", &mut e));
-    let pv1 = find("PV1");
-    let location = pv1.and_then(|s| ods(s.comp(3, 4), "PV1-3.4", &mut e));
+    }
+    (nhs, prison, crn)
+}
+
+/// PID-8 by HL7 table 0001 (administrative sex).
+fn read_sex(pid: &Segment<'_>, e: &mut ValidationErrors) -> Sex {
+    match &*pid.comp(8, 1) {
+        "M" => Sex::Male,
+        "F" => Sex::Female,
+        "O" | "A" => Sex::Other,
+        "U" | "N" | "" => Sex::Unknown,
+        _ => {
+            e.add("PID-8", "must be M, F, O, A, U or N (HL7 table 0001)");
+            Sex::Unknown
+        }
+    }
+}
+
+/// An ODS code; empty is absent, unreadable is a violation at `field`.
+fn ods(v: &str, field: &str, e: &mut ValidationErrors) -> Option<OdsCode> {
+    if v.is_empty() {
+        return None;
+    }
+    v.parse()
+        .map_err(|err: IdentifierError| e.add(field, err.to_string()))
+        .ok()
+}
+
+/// What PV1 says of the custody episode.
+struct Episode {
+    establishment: Option<OdsCode>,
+    transfer_to: Option<OdsCode>,
+    reception_date: Option<Date>,
+    release_date: Option<Date>,
+}
+
+fn read_pv1(
+    pv1: Option<&Segment<'_>>,
+    event: Option<JourneyEvent>,
+    e: &mut ValidationErrors,
+) -> Episode {
+    let location = pv1.and_then(|s| ods(&s.comp(3, 4), "PV1-3.4", e));
     // PV1-6 is the sending location only on a transfer (A02); elsewhere it
     // is listed as not read, never taken for an establishment.
     let prior = pv1
         .filter(|_| event == Some(JourneyEvent::Transfer))
-        .and_then(|s| ods(s.comp(6, 4), "PV1-6.4", &mut e));
+        .and_then(|s| ods(&s.comp(6, 4), "PV1-6.4", e));
     let (establishment, transfer_to) = match (event, prior) {
         (Some(JourneyEvent::Transfer), Some(prior)) => (Some(prior), location),
         _ => (location, None),
@@ -328,21 +451,24 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         }
         d
     };
-    let reception_date = date_at(44, "PV1-44", &mut e);
-    let release_date = date_at(45, "PV1-45", &mut e);
-
-    let mut allergies = Vec::new();
-    let mut diagnoses = Vec::new();
-    for s in segments.iter().filter(|s| s.id == "AL1") {
-        allergies.extend(read_al1(s, &mut notes, &mut e));
+    let reception_date = date_at(44, "PV1-44", e);
+    let release_date = date_at(45, "PV1-45", e);
+    Episode {
+        establishment,
+        transfer_to,
+        reception_date,
+        release_date,
     }
-    for s in segments.iter().filter(|s| s.id == "DG1") {
-        diagnoses.extend(read_dg1(s, &mut e));
-    }
-    let from_dg1 = diagnoses.len();
+}
 
-    // OBX groups: the segments that share (item, sub-ID), in item order,
-    // then sub-ID, then message order (a repeated field: the last wins).
+/// The OBX segments this gateway wrote (OBX-3.3 `THROUGHCARE`), sorted into
+/// groups: the segments that share (item, sub-ID), in item order, then
+/// sub-ID, then message order (a repeated field: the last wins).
+fn obx_fields<'a, 's>(
+    segments: &'s [Segment<'a>],
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> Vec<ObxField<'a, 's>> {
     let mut obx: Vec<ObxField<'_, '_>> = Vec::new();
     for s in segments.iter().filter(|s| s.id == "OBX") {
         let id = s.comp(3, 1);
@@ -391,67 +517,61 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             ));
         }
     }
+    obx
+}
 
-    let mut medications = Vec::new();
-    let mut prescriptions = Vec::new();
-    let mut risks = Vec::new();
-    let mut infections = Vec::new();
-    let mut vaccinations = Vec::new();
-    let mut follow_ups = Vec::new();
-    let mut mental_health = None;
-    let mut substance_misuse = None;
-    let mut no_fixed_abode = false;
-    let mut consent = Consent {
-        probation_sharing: ConsentDecision::NotRecorded,
-        legal_basis: None,
-    };
-    let (mut author_name, mut author_role) = (String::new(), String::new());
-    for fields in obx.chunk_by(|a, b| a.item == b.item && a.sub == b.sub) {
-        let g = Group {
-            item: &fields[0].item,
-            fields,
-        };
+/// The headings read from AL1, DG1 and the OBX groups.
+struct Items {
+    allergies: Vec<Allergy>,
+    diagnoses: Vec<Diagnosis>,
+    medications: Vec<Medication>,
+    prescriptions: Vec<Prescription>,
+    risks: Vec<RiskFlag>,
+    infections: Vec<Infection>,
+    vaccinations: Vec<Vaccination>,
+    follow_ups: Vec<FollowUp>,
+    mental_health: Option<MentalHealth>,
+    substance_misuse: Option<SubstanceMisuse>,
+    no_fixed_abode: bool,
+    consent: Consent,
+    author_name: String,
+    author_role: String,
+}
+
+impl Default for Items {
+    fn default() -> Self {
+        Self {
+            allergies: Vec::new(),
+            diagnoses: Vec::new(),
+            medications: Vec::new(),
+            prescriptions: Vec::new(),
+            risks: Vec::new(),
+            infections: Vec::new(),
+            vaccinations: Vec::new(),
+            follow_ups: Vec::new(),
+            mental_health: None,
+            substance_misuse: None,
+            no_fixed_abode: false,
+            consent: Consent {
+                probation_sharing: ConsentDecision::NotRecorded,
+                legal_basis: None,
+            },
+            author_name: String::new(),
+            author_role: String::new(),
+        }
+    }
+}
+
+impl Items {
+    /// One OBX group, by its item; `from_dg1` diagnoses came from DG1
+    /// segments (a `DX` group without a code gives one of them its status).
+    fn read_group(&mut self, g: &Group<'_, '_, '_>, from_dg1: usize, e: &mut ValidationErrors) {
         let flag = |f: &str| g.text(f).is_some_and(|v| yes(&v));
         match g.item {
-            "MED" => {
-                let Some(code) = g.code() else {
-                    e.add(g.path("CODE"), "required: the medicine code");
-                    continue;
-                };
-                let last_dose_given = match g.text("LASTDOSE") {
-                    Some(v) => {
-                        let t = parse_ts(&v);
-                        if t.is_none() {
-                            e.add(g.path("LASTDOSE"), "must be a time YYYYMMDDHHMMSS+ZZZZ");
-                        }
-                        t
-                    }
-                    None => None,
-                };
-                let days_supplied = match g.text("DAYS") {
-                    Some(v) => match v.parse() {
-                        Ok(d) => Some(d),
-                        Err(_) => {
-                            e.add(g.path("DAYS"), "must be a whole number of days");
-                            None
-                        }
-                    },
-                    None => None,
-                };
-                medications.push(Medication {
-                    code,
-                    dose: g.string("DOSE").unwrap_or_default(),
-                    route: g.string("ROUTE").unwrap_or_default(),
-                    frequency: g.string("FREQ").unwrap_or_default(),
-                    supervised: flag("SUPERVISED"),
-                    opioid_substitution: flag("OST"),
-                    last_dose_given,
-                    days_supplied,
-                });
-            }
-            "RX" => prescriptions.extend(read_prescription(&g, &mut e)),
+            "MED" => self.medications.extend(read_medication(g, e)),
+            "RX" => self.prescriptions.extend(read_prescription(g, e)),
             "ALG" => match g.code() {
-                Some(substance) => allergies.push(Allergy {
+                Some(substance) => self.allergies.push(Allergy {
                     substance,
                     reaction: g.string("REACTION"),
                     severity: g.text("SEV").and_then(|v| severity(&v)),
@@ -459,19 +579,19 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 None => e.add(g.path("CODE"), "required: the allergen code"),
             },
             "DX" => match g.code() {
-                Some(code) => diagnoses.push(Diagnosis {
+                Some(code) => self.diagnoses.push(Diagnosis {
                     code,
                     active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
-                    onset: optional_when(g.text("ONSET").as_deref(), || g.path("ONSET"), &mut e),
+                    onset: optional_when(g.text("ONSET").as_deref(), || g.path("ONSET"), e),
                 }),
                 // Without a code, the status of the DG1 with this set ID.
-                None => match diagnoses[..from_dg1].get_mut(fields[0].sub as usize - 1) {
+                None => match self.diagnoses[..from_dg1].get_mut(g.fields[0].sub as usize - 1) {
                     Some(d) => d.active = g.text("ACTIVE").is_none_or(|v| yes(&v)),
                     None => e.add(g.path("CODE"), "required: the diagnosis code"),
                 },
             },
             "RISK" => match g.text("KIND").as_deref().and_then(RiskKind::from_code) {
-                Some(kind) => risks.push(RiskFlag {
+                Some(kind) => self.risks.push(RiskFlag {
                     kind,
                     active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
                     note: g.string("NOTE"),
@@ -482,118 +602,137 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 ),
             },
             "MH" => {
-                mental_health = Some(MentalHealth {
+                self.mental_health = Some(MentalHealth {
                     care_programme_approach: flag("CPA"),
                     care_coordinator: g.string("COORD"),
                 });
             }
             "SM" => {
-                substance_misuse = Some(SubstanceMisuse {
+                self.substance_misuse = Some(SubstanceMisuse {
                     in_treatment: flag("TREAT"),
                     community_service: g.string("SERVICE"),
                 });
             }
             "INF" => match g.code() {
-                Some(code) => infections.push(Infection {
+                Some(code) => self.infections.push(Infection {
                     code,
                     status: g.string("STATUS").unwrap_or_default(),
                     treatment_started: optional_date(
                         g.text("TREATED").as_deref(),
                         || g.path("TREATED"),
-                        &mut e,
+                        e,
                     ),
                 }),
                 None => e.add(g.path("CODE"), "required: the infection code"),
             },
             "VAC" => match (g.code(), g.text("DATE").and_then(|v| When::from_hl7(&v))) {
-                (Some(code), Some(date)) => vaccinations.push(Vaccination { code, date }),
+                (Some(code), Some(date)) => self.vaccinations.push(Vaccination { code, date }),
                 _ => e.add(g.path("CODE"), "a vaccination needs a code and a date"),
             },
-            "FU" => follow_ups.push(FollowUp {
-                kind: if g.text("KIND").as_deref() == Some("appointment") {
-                    FollowUpKind::Appointment
-                } else {
-                    FollowUpKind::Referral
-                },
-                service: g.string("SERVICE").unwrap_or_default(),
-                date: optional_when(g.text("DATE").as_deref(), || g.path("DATE"), &mut e),
-            }),
-            "CUSTODY" => no_fixed_abode = flag("NFA"),
+            "FU" => self.follow_ups.push(read_follow_up(g, e)),
+            "CUSTODY" => self.no_fixed_abode = flag("NFA"),
             "CONSENT" => {
-                consent.probation_sharing = match g.text("PROBATION").as_deref() {
+                self.consent.probation_sharing = match g.text("PROBATION").as_deref() {
                     Some("given") => ConsentDecision::Given,
                     Some("refused") => ConsentDecision::Refused,
                     _ => ConsentDecision::NotRecorded,
                 };
-                consent.legal_basis = g.string("BASIS");
+                self.consent.legal_basis = g.string("BASIS");
             }
             "AUTHOR" => {
-                author_name = g.string("NAME").unwrap_or_default();
-                author_role = g.string("ROLE").unwrap_or_default();
+                self.author_name = g.string("NAME").unwrap_or_default();
+                self.author_role = g.string("ROLE").unwrap_or_default();
             }
             _ => {}
         }
     }
-    notes.extend(unread::unread(&segments, event));
-    let not_read = notes;
-    let author_org = ods(msh.comp(4, 1), "MSH-4", &mut e);
-    if author_org.is_none() {
-        e.add("MSH-4", "required: the sending organisation's ODS code");
-    }
-    let (
-        Some(event),
-        Some(authored_at),
-        Some(date_of_birth),
-        Some(establishment),
-        Some(author_org),
-    ) = (event, authored_at, dob, establishment, author_org)
-    else {
-        return Err(e);
-    };
-    e.into_result()?;
-    Ok(Parsed {
-        summary: ClinicalSummary {
-            patient: Patient {
-                nhs_number: nhs,
-                prison_number: prison,
-                crn,
-                family_name,
-                given_names,
-                date_of_birth,
-                sex,
-            },
-            custody: Custody {
-                establishment,
-                reception_date,
-                transfer_at,
-                transfer_to,
-                release_date,
-                release_address,
-                no_fixed_abode,
-            },
+
+    /// The summary these headings belong to.
+    fn into_summary(
+        self,
+        patient: Patient,
+        custody: Custody,
+        registered_gp: Option<OdsCode>,
+        author_org: OdsCode,
+        authored_at: DateTime,
+        not_read: Vec<String>,
+    ) -> ClinicalSummary {
+        ClinicalSummary {
+            patient,
+            custody,
             registered_gp,
-            diagnoses,
-            medications,
-            prescriptions,
-            allergies,
-            risks,
-            mental_health,
-            substance_misuse,
-            infections,
-            vaccinations,
-            follow_ups,
-            consent,
+            diagnoses: self.diagnoses,
+            medications: self.medications,
+            prescriptions: self.prescriptions,
+            allergies: self.allergies,
+            risks: self.risks,
+            mental_health: self.mental_health,
+            substance_misuse: self.substance_misuse,
+            infections: self.infections,
+            vaccinations: self.vaccinations,
+            follow_ups: self.follow_ups,
+            consent: self.consent,
             author: Author {
-                name: author_name,
-                role: author_role,
+                name: self.author_name,
+                role: self.author_role,
                 organisation: author_org,
             },
             authored_at,
             not_read,
+        }
+    }
+}
+
+/// One medicine from its `MED` OBX group.
+fn read_medication(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Medication> {
+    let Some(code) = g.code() else {
+        e.add(g.path("CODE"), "required: the medicine code");
+        return None;
+    };
+    let last_dose_given = match g.text("LASTDOSE") {
+        Some(v) => {
+            let t = parse_ts(&v);
+            if t.is_none() {
+                e.add(g.path("LASTDOSE"), "must be a time YYYYMMDDHHMMSS+ZZZZ");
+            }
+            t
+        }
+        None => None,
+    };
+    let days_supplied = match g.text("DAYS") {
+        Some(v) => match v.parse() {
+            Ok(d) => Some(d),
+            Err(_) => {
+                e.add(g.path("DAYS"), "must be a whole number of days");
+                None
+            }
         },
-        event,
-        control_id,
+        None => None,
+    };
+    let flag = |f: &str| g.text(f).is_some_and(|v| yes(&v));
+    Some(Medication {
+        code,
+        dose: g.string("DOSE").unwrap_or_default(),
+        route: g.string("ROUTE").unwrap_or_default(),
+        frequency: g.string("FREQ").unwrap_or_default(),
+        supervised: flag("SUPERVISED"),
+        opioid_substitution: flag("OST"),
+        last_dose_given,
+        days_supplied,
     })
+}
+
+/// One follow-up from its `FU` OBX group.
+fn read_follow_up(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> FollowUp {
+    FollowUp {
+        kind: if g.text("KIND").as_deref() == Some("appointment") {
+            FollowUpKind::Appointment
+        } else {
+            FollowUpKind::Referral
+        },
+        service: g.string("SERVICE").unwrap_or_default(),
+        date: optional_when(g.text("DATE").as_deref(), || g.path("DATE"), e),
+    }
 }
 
 fn severity(v: &str) -> Option<Severity> {

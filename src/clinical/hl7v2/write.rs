@@ -5,8 +5,8 @@ use super::LOCAL;
 use super::escape::push_escaped;
 use crate::clinical::Rendered;
 use crate::clinical::model::{
-    ClinicalSummary, Code, ConsentDecision, DMD, Date, DateTime, FollowUpKind, SNOMED, Severity,
-    Sex, When,
+    ClinicalSummary, Code, ConsentDecision, Custody, DMD, Date, DateTime, FollowUpKind, SNOMED,
+    Severity, Sex, When,
 };
 use crate::journey::JourneyEvent;
 
@@ -150,11 +150,9 @@ fn severity_code(s: Severity) -> &'static str {
 ///
 /// Every segment is written straight into one buffer; free text is escaped
 /// on the way in.
-#[allow(clippy::too_many_lines)]
 pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
-    use std::fmt::Write;
     let mut not_carried = Vec::new();
-    let (code, structure) = trigger(event);
+    let (_, structure) = trigger(event);
     let has_al1_dg1 = structure != "ADT_A02";
     let items = s.medications.len() * 8
         + s.allergies.len()
@@ -164,24 +162,73 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         + s.vaccinations.len() * 2
         + s.follow_ups.len() * 3;
     let mut out = String::with_capacity(1024 + 96 * items);
+    push_msh_evn(&mut out, s, event, &mut not_carried);
+    push_pid(&mut out, s, &mut not_carried);
+    if let Some(gp) = &s.registered_gp {
+        out.push_str("PD1|||^^^^^^^^^");
+        out.push_str(gp.as_str());
+        out.push('\r');
+    }
+    push_pv1(&mut out, &s.custody, event, &mut not_carried);
+    // Segment order follows each message structure: OBX before AL1/DG1 in
+    // ADT_A01, after them in ADT_A03.
+    if structure == "ADT_A03" {
+        push_al1_dg1(&mut out, s);
+        push_obx(&mut out, s, has_al1_dg1);
+    } else {
+        push_obx(&mut out, s, has_al1_dg1);
+        if has_al1_dg1 {
+            push_al1_dg1(&mut out, s);
+        }
+    }
+    let codes = s
+        .medications
+        .iter()
+        .map(|m| &m.code)
+        .chain(s.allergies.iter().map(|a| &a.substance))
+        .chain(s.diagnoses.iter().map(|d| &d.code));
+    for code in codes {
+        if coding_system(&code.system).is_none() {
+            not_carried
+                .push("a code system other than SNOMED CT or dm+d (sent as local, L)".into());
+            break;
+        }
+    }
+    Rendered {
+        bytes: out.into_bytes(),
+        not_carried,
+    }
+}
 
+/// MSH (a fresh control ID) and EVN; EVN-6 carries the transfer time on an A02.
+fn push_msh_evn(
+    out: &mut String,
+    s: &ClinicalSummary,
+    event: JourneyEvent,
+    not_carried: &mut Vec<String>,
+) {
+    use std::fmt::Write;
+    let (code, structure) = trigger(event);
     let mut control = uuid::Uuid::encode_buffer();
     let control = &uuid::Uuid::new_v4().simple().encode_lower(&mut control)[..20];
     out.push_str("MSH|^~\\&|THROUGHCARE|");
-    push_escaped(&mut out, s.author.organisation.as_str());
+    push_escaped(out, s.author.organisation.as_str());
     out.push_str("|||");
-    push_ts(&mut out, &s.authored_at);
+    push_ts(out, &s.authored_at);
     let _ = write!(out, "||ADT^{code}^{structure}|{control}|P|2.5.1\r");
     let _ = write!(out, "EVN|{code}|");
-    push_ts(&mut out, &s.authored_at);
+    push_ts(out, &s.authored_at);
     out.push_str("||||");
     match &s.custody.transfer_at {
-        Some(t) if event == JourneyEvent::Transfer => push_ts(&mut out, t),
+        Some(t) if event == JourneyEvent::Transfer => push_ts(out, t),
         Some(_) => not_carried.push("custody.transfer_at: carried only by an A02 transfer".into()),
         None => {}
     }
     out.push('\r');
+}
 
+/// PID: identifiers, name, date of birth, sex and the release address.
+fn push_pid(out: &mut String, s: &ClinicalSummary, not_carried: &mut Vec<String>) {
     let p = &s.patient;
     out.push_str("PID|1||");
     let ids = [
@@ -201,17 +248,17 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         out.push_str(suffix);
     }
     out.push_str("||");
-    push_escaped(&mut out, &p.family_name);
+    push_escaped(out, &p.family_name);
     if let Some(first) = p.given_names.first() {
         out.push('^');
-        push_escaped(&mut out, first);
+        push_escaped(out, first);
     }
     if p.given_names.len() > 1 {
         out.push('^');
-        push_escaped(&mut out, &p.given_names[1..].join(" "));
+        push_escaped(out, &p.given_names[1..].join(" "));
     }
     out.push_str("||");
-    push_dt(&mut out, &p.date_of_birth);
+    push_dt(out, &p.date_of_birth);
     out.push('|');
     out.push_str(match p.sex {
         Sex::Male => "M",
@@ -220,28 +267,27 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         Sex::Unknown => "U",
     });
     out.push_str("|||");
-    let c = &s.custody;
-    if let Some(a) = &c.release_address {
+    if let Some(a) = &s.custody.release_address {
         if a.lines.len() > 2 {
             not_carried
                 .push("custody.release_address.lines: PID-11 carries two street lines".into());
         }
-        push_escaped(&mut out, a.lines.first().map_or("", String::as_str));
+        push_escaped(out, a.lines.first().map_or("", String::as_str));
         out.push('^');
-        push_escaped(&mut out, a.lines.get(1).map_or("", String::as_str));
+        push_escaped(out, a.lines.get(1).map_or("", String::as_str));
         out.push('^');
-        push_escaped(&mut out, &a.city);
+        push_escaped(out, &a.city);
         out.push_str("^^");
-        push_escaped(&mut out, &a.postcode);
+        push_escaped(out, &a.postcode);
         out.push_str("^^H");
     }
     out.push('\r');
-    if let Some(gp) = &s.registered_gp {
-        let _ = write!(out, "PD1|||^^^^^^^^^{}\r", gp.as_str());
-    }
+}
 
-    // PV1 up to its last non-empty field: 3 (location), 6 (prior location),
-    // 44 (admit date), 45 (discharge date).
+/// PV1 up to its last non-empty field: 3 (location), 6 (prior location),
+/// 44 (admit date), 45 (discharge date).
+fn push_pv1(out: &mut String, c: &Custody, event: JourneyEvent, not_carried: &mut Vec<String>) {
+    use std::fmt::Write;
     let (location, prior) = match (&c.transfer_to, event) {
         (Some(to), JourneyEvent::Transfer) => (to.as_str(), c.establishment.as_str()),
         _ => (c.establishment.as_str(), ""),
@@ -274,44 +320,14 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     if last >= 44 {
         out.extend(std::iter::repeat_n('|', 44 - 6));
         if let Some(d) = &c.reception_date {
-            push_dt(&mut out, d);
+            push_dt(out, d);
         }
     }
     if let Some(d) = release_date {
         out.push('|');
-        push_dt(&mut out, d);
+        push_dt(out, d);
     }
     out.push('\r');
-
-    // Segment order follows each message structure: OBX before AL1/DG1 in
-    // ADT_A01, after them in ADT_A03.
-    if structure == "ADT_A03" {
-        push_al1_dg1(&mut out, s);
-        push_obx(&mut out, s, has_al1_dg1);
-    } else {
-        push_obx(&mut out, s, has_al1_dg1);
-        if has_al1_dg1 {
-            push_al1_dg1(&mut out, s);
-        }
-    }
-
-    let codes = s
-        .medications
-        .iter()
-        .map(|m| &m.code)
-        .chain(s.allergies.iter().map(|a| &a.substance))
-        .chain(s.diagnoses.iter().map(|d| &d.code));
-    for code in codes {
-        if coding_system(&code.system).is_none() {
-            not_carried
-                .push("a code system other than SNOMED CT or dm+d (sent as local, L)".into());
-            break;
-        }
-    }
-    Rendered {
-        bytes: out.into_bytes(),
-        not_carried,
-    }
 }
 
 /// Allergies as AL1 and diagnoses as DG1 segments.
@@ -343,48 +359,67 @@ fn push_al1_dg1(out: &mut String, s: &ClinicalSummary) {
 
 /// Everything ADT has no segment for, as OBX groups (allergies and
 /// diagnoses too when the structure has no AL1/DG1).
-#[allow(clippy::too_many_lines)]
 fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
     let mut obx = Obx { out, count: 0 };
-    if !has_al1_dg1 {
-        for (i, a) in s.allergies.iter().enumerate() {
-            let n = i + 1;
-            obx.add("CE", "ALG", "CODE", "Allergy", n, Value::Code(&a.substance));
-            if let Some(r) = &a.reaction {
-                obx.add("ST", "ALG", "REACTION", "Reaction", n, Value::Text(r));
-            }
-            if let Some(sv) = a.severity {
-                obx.add(
-                    "ST",
-                    "ALG",
-                    "SEV",
-                    "Severity",
-                    n,
-                    Value::Raw(severity_code(sv)),
-                );
-            }
-        }
-        for (i, d) in s.diagnoses.iter().enumerate() {
-            let n = i + 1;
-            obx.add("CE", "DX", "CODE", "Diagnosis", n, Value::Code(&d.code));
-            obx.add("ST", "DX", "ACTIVE", "Active", n, Value::Raw(yn(d.active)));
-            if let Some(o) = &d.onset {
-                obx.add("DTM", "DX", "ONSET", "Onset", n, Value::When(o));
-            }
-        }
+    if has_al1_dg1 {
+        push_resolved_diagnoses(&mut obx, s);
     } else {
-        // A resolved diagnosis: its DG1 (set ID n) says final, this says resolved.
-        for (i, d) in s.diagnoses.iter().enumerate().filter(|(_, d)| !d.active) {
+        push_allergies_diagnoses(&mut obx, s);
+    }
+    push_medications(&mut obx, s);
+    push_risks(&mut obx, s);
+    push_mental_health_substance_misuse(&mut obx, s);
+    push_infections_vaccinations(&mut obx, s);
+    push_follow_ups(&mut obx, s);
+    push_prescriptions(&mut obx, s);
+    push_custody_consent_author(&mut obx, s);
+}
+
+/// Allergies and diagnoses as `ALG` and `DX` groups (for a structure without AL1/DG1).
+fn push_allergies_diagnoses(obx: &mut Obx<'_>, s: &ClinicalSummary) {
+    for (i, a) in s.allergies.iter().enumerate() {
+        let n = i + 1;
+        obx.add("CE", "ALG", "CODE", "Allergy", n, Value::Code(&a.substance));
+        if let Some(r) = &a.reaction {
+            obx.add("ST", "ALG", "REACTION", "Reaction", n, Value::Text(r));
+        }
+        if let Some(sv) = a.severity {
             obx.add(
                 "ST",
-                "DX",
-                "ACTIVE",
-                "Active",
-                i + 1,
-                Value::Raw(yn(d.active)),
+                "ALG",
+                "SEV",
+                "Severity",
+                n,
+                Value::Raw(severity_code(sv)),
             );
         }
     }
+    for (i, d) in s.diagnoses.iter().enumerate() {
+        let n = i + 1;
+        obx.add("CE", "DX", "CODE", "Diagnosis", n, Value::Code(&d.code));
+        obx.add("ST", "DX", "ACTIVE", "Active", n, Value::Raw(yn(d.active)));
+        if let Some(o) = &d.onset {
+            obx.add("DTM", "DX", "ONSET", "Onset", n, Value::When(o));
+        }
+    }
+}
+
+/// A resolved diagnosis: its DG1 (set ID n) says final, a `DX-ACTIVE` OBX says resolved.
+fn push_resolved_diagnoses(obx: &mut Obx<'_>, s: &ClinicalSummary) {
+    for (i, d) in s.diagnoses.iter().enumerate().filter(|(_, d)| !d.active) {
+        obx.add(
+            "ST",
+            "DX",
+            "ACTIVE",
+            "Active",
+            i + 1,
+            Value::Raw(yn(d.active)),
+        );
+    }
+}
+
+/// Medicines as `MED` groups.
+fn push_medications(obx: &mut Obx<'_>, s: &ClinicalSummary) {
     for (i, m) in s.medications.iter().enumerate() {
         let n = i + 1;
         obx.add("CE", "MED", "CODE", "Medication", n, Value::Code(&m.code));
@@ -428,6 +463,10 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
             obx.add("NM", "MED", "DAYS", "Days supplied", n, Value::Number(d));
         }
     }
+}
+
+/// Risk flags as `RISK` groups.
+fn push_risks(obx: &mut Obx<'_>, s: &ClinicalSummary) {
     for (i, r) in s.risks.iter().enumerate() {
         let n = i + 1;
         obx.add("ST", "RISK", "KIND", "Risk", n, Value::Raw(r.kind.code()));
@@ -443,6 +482,10 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
             obx.add("ST", "RISK", "NOTE", "Note", n, Value::Text(note));
         }
     }
+}
+
+/// Mental health (`MH`) and substance misuse (`SM`).
+fn push_mental_health_substance_misuse(obx: &mut Obx<'_>, s: &ClinicalSummary) {
     if let Some(m) = &s.mental_health {
         obx.add(
             "ST",
@@ -476,6 +519,10 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
             );
         }
     }
+}
+
+/// Infections (`INF`) and vaccinations (`VAC`).
+fn push_infections_vaccinations(obx: &mut Obx<'_>, s: &ClinicalSummary) {
     for (i, inf) in s.infections.iter().enumerate() {
         let n = i + 1;
         obx.add("CE", "INF", "CODE", "Infection", n, Value::Code(&inf.code));
@@ -496,6 +543,10 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
         obx.add("CE", "VAC", "CODE", "Vaccination", n, Value::Code(&v.code));
         obx.add("DTM", "VAC", "DATE", "Date given", n, Value::When(&v.date));
     }
+}
+
+/// Follow-ups as `FU` groups.
+fn push_follow_ups(obx: &mut Obx<'_>, s: &ClinicalSummary) {
     for (i, f) in s.follow_ups.iter().enumerate() {
         let n = i + 1;
         let kind = match f.kind {
@@ -508,7 +559,10 @@ fn push_obx(out: &mut String, s: &ClinicalSummary, has_al1_dg1: bool) {
             obx.add("DTM", "FU", "DATE", "Date", n, Value::When(d));
         }
     }
-    push_prescriptions(&mut obx, s);
+}
+
+/// No fixed abode, consent and the author.
+fn push_custody_consent_author(obx: &mut Obx<'_>, s: &ClinicalSummary) {
     if s.custody.no_fixed_abode {
         obx.add("ST", "CUSTODY", "NFA", "No fixed abode", 1, Value::Raw("Y"));
     }
