@@ -8,14 +8,17 @@ use super::{
     CLINICAL_STATUS, EXT_DAYS_SUPPLIED, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED, SYS_CRN,
     SYS_EVENT, SYS_LOCAL, SYS_NHS, SYS_PRISON_NUMBER, SYS_RISK, event_code, prescription,
 };
+use crate::clinical::OdsCode;
 use crate::clinical::model::{
-    Allergy, Author, ClinicalSummary, ConsentDecision, Custody, Date, DateTime, Diagnosis,
+    Address, Allergy, Author, ClinicalSummary, ConsentDecision, Custody, Date, DateTime, Diagnosis,
     FollowUp, FollowUpKind, Infection, Medication, MentalHealth, RiskFlag, RiskKind, Severity, Sex,
     SubstanceMisuse, Vaccination,
 };
 use crate::clinical::violation::ValidationErrors;
 use crate::journey::JourneyEvent;
 
+/// Reads the document Bundle's resources into the summary: the Composition,
+/// the Patient and custody Encounter it rests on, then each heading.
 pub(super) fn parse_document(
     bundle: &RawBundle<'_>,
     prefix: &str,
@@ -49,7 +52,6 @@ pub(super) fn parse_document(
                 .find(|e| event_code(*e) == code)
         });
 
-    // Patient.
     let Some((pi, pv)) = index.resolve(&comp.subject) else {
         errors.add(
             format!("{p0}subject.reference"),
@@ -57,6 +59,87 @@ pub(super) fn parse_document(
         );
         return None;
     };
+    let from_patient = read_patient(&index, pi, pv, errors)?;
+    let custody = read_custody(
+        &index,
+        prefix,
+        from_patient.release_address.as_ref(),
+        errors,
+    );
+    let medications = read_medications(&index, errors);
+    let allergies = read_allergies(&index, errors);
+    let risks = read_risks(&index, errors);
+    let diagnoses = read_conditions(&index, errors);
+    let vaccinations = read_immunizations(&index, errors);
+    let (infections, mental_health, substance_misuse) = read_observations(&index, errors);
+    let follow_ups = read_service_requests(&index, errors);
+    let consent = read_consent(&index, errors);
+    let author = read_author(&comp, &index, errors);
+    let author_org = comp.custodian.as_ref().and_then(|r| index.ods(r, errors));
+    let prescriptions = prescription::read(&index, errors);
+    let author_org = required(
+        author_org,
+        format_args!("{p0}custodian"),
+        errors,
+        "the authoring organisation (an Organization with an ODS code)",
+    );
+    let authored_at: Option<DateTime> =
+        parse_with(Some(&*comp.date), format_args!("{p0}date"), errors);
+
+    let (Some(patient), Some(custody), Some(consent), Some(author_org), Some(authored_at)) = (
+        from_patient.patient,
+        custody,
+        consent,
+        author_org,
+        authored_at,
+    ) else {
+        return None;
+    };
+    let (author_name, author_role) = author.unwrap_or_default();
+    let not_read = index.finish(errors);
+    Some(Parsed {
+        summary: ClinicalSummary {
+            patient,
+            custody,
+            registered_gp: from_patient.registered_gp,
+            diagnoses,
+            medications,
+            prescriptions,
+            allergies,
+            risks,
+            mental_health,
+            substance_misuse,
+            infections,
+            vaccinations,
+            follow_ups,
+            consent,
+            author: Author {
+                name: author_name,
+                role: author_role,
+                organisation: author_org,
+            },
+            authored_at,
+            not_read,
+        },
+        event,
+    })
+}
+
+/// What the Patient resource says.
+struct PatientRead {
+    /// None without a family name or a date of birth.
+    patient: Option<crate::clinical::model::Patient>,
+    registered_gp: Option<OdsCode>,
+    release_address: Option<Address>,
+}
+
+/// The Patient the Composition is about; none when it is not a Patient.
+fn read_patient(
+    index: &Index<'_>,
+    pi: usize,
+    pv: &str,
+    errors: &mut ValidationErrors,
+) -> Option<PatientRead> {
     let pp = index.path(pi);
     let fp: Patient = typed(pv, pp, errors)?;
     let mut nhs = None;
@@ -109,68 +192,96 @@ pub(super) fn parse_document(
         .general_practitioner
         .first()
         .and_then(|r| index.ods(r, errors));
-    let release_address = fp.address.first().map(|a| crate::clinical::model::Address {
+    let release_address = fp.address.first().map(|a| Address {
         lines: a.line.iter().map(|l| l.to_string()).collect(),
         city: owned(a.city.as_ref()),
         postcode: owned(a.postal_code.as_ref()),
     });
 
-    // Custody episode.
-    let mut custody = None;
-    if let Some((ei, ev)) = index.of_type("Encounter").next() {
-        let ep = index.path(ei);
-        if let Some(enc) = typed::<Encounter>(ev, ep, errors) {
-            let establishment = enc
-                .service_provider
-                .as_ref()
-                .and_then(|r| index.ods(r, errors));
-            let establishment = required(
-                establishment,
-                format_args!("{ep}serviceProvider"),
-                errors,
-                "the establishment (an Organization with an ODS code)",
-            );
-            let hosp = enc.hospitalization.as_ref();
-            let transfer_to = hosp
-                .and_then(|h| h.destination.as_ref())
-                .and_then(|r| index.ods(r, errors));
-            let period = enc.period.as_ref();
-            let start = period.and_then(|p| p.start.as_deref());
-            let end = period.and_then(|p| p.end.as_deref());
-            let reception_date = day_of(start, format_args!("{ep}period.start"), &index, errors);
-            let (transfer_at, release_date) = if transfer_to.is_some() {
-                (
-                    parse_with(end, format_args!("{ep}period.end"), errors),
-                    None,
-                )
-            } else {
-                (
-                    None,
-                    day_of(end, format_args!("{ep}period.end"), &index, errors),
-                )
-            };
-            let no_fixed_abode = hosp
-                .and_then(|h| h.discharge_disposition.as_ref())
-                .and_then(|d| d.code_in(SYS_LOCAL))
-                .and_then(|c| c.code.as_deref())
-                == Some("no-fixed-abode");
-            custody = establishment.map(|establishment| Custody {
-                establishment,
-                reception_date,
-                transfer_at,
-                transfer_to,
-                release_date,
-                release_address: release_address.clone(),
-                no_fixed_abode,
-            });
-        }
-    } else {
+    let patient = match (family_name, dob) {
+        (Some(family_name), Some(date_of_birth)) => Some(crate::clinical::model::Patient {
+            nhs_number: nhs,
+            prison_number: prison,
+            crn,
+            family_name,
+            given_names: name
+                .map(|n| n.given.iter().map(|g| g.to_string()).collect())
+                .unwrap_or_default(),
+            date_of_birth,
+            sex,
+        }),
+        _ => None,
+    };
+    Some(PatientRead {
+        patient,
+        registered_gp,
+        release_address,
+    })
+}
+
+/// The custody episode from the (first) Encounter, which is required.
+fn read_custody(
+    index: &Index<'_>,
+    prefix: &str,
+    release_address: Option<&Address>,
+    errors: &mut ValidationErrors,
+) -> Option<Custody> {
+    let Some((ei, ev)) = index.of_type("Encounter").next() else {
         errors.add(
             format!("{prefix}entry"),
             "an Encounter for the custody episode is required",
         );
-    }
+        return None;
+    };
+    let ep = index.path(ei);
+    let enc = typed::<Encounter>(ev, ep, errors)?;
+    let establishment = enc
+        .service_provider
+        .as_ref()
+        .and_then(|r| index.ods(r, errors));
+    let establishment = required(
+        establishment,
+        format_args!("{ep}serviceProvider"),
+        errors,
+        "the establishment (an Organization with an ODS code)",
+    );
+    let hosp = enc.hospitalization.as_ref();
+    let transfer_to = hosp
+        .and_then(|h| h.destination.as_ref())
+        .and_then(|r| index.ods(r, errors));
+    let period = enc.period.as_ref();
+    let start = period.and_then(|p| p.start.as_deref());
+    let end = period.and_then(|p| p.end.as_deref());
+    let reception_date = day_of(start, format_args!("{ep}period.start"), index, errors);
+    let (transfer_at, release_date) = if transfer_to.is_some() {
+        (
+            parse_with(end, format_args!("{ep}period.end"), errors),
+            None,
+        )
+    } else {
+        (
+            None,
+            day_of(end, format_args!("{ep}period.end"), index, errors),
+        )
+    };
+    let no_fixed_abode = hosp
+        .and_then(|h| h.discharge_disposition.as_ref())
+        .and_then(|d| d.code_in(SYS_LOCAL))
+        .and_then(|c| c.code.as_deref())
+        == Some("no-fixed-abode");
+    establishment.map(|establishment| Custody {
+        establishment,
+        reception_date,
+        transfer_at,
+        transfer_to,
+        release_date,
+        release_address: release_address.cloned(),
+        no_fixed_abode,
+    })
+}
 
+/// Medicines from MedicationStatements.
+fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Medication> {
     let mut s_medications = Vec::new();
     for (i, v) in index.of_type("MedicationStatement") {
         let p = index.path(i);
@@ -235,7 +346,11 @@ pub(super) fn parse_document(
             });
         }
     }
+    s_medications
+}
 
+/// Allergies from AllergyIntolerances.
+fn read_allergies(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Allergy> {
     let mut s_allergies = Vec::new();
     for (i, v) in index.of_type("AllergyIntolerance") {
         let p = index.path(i);
@@ -271,7 +386,11 @@ pub(super) fn parse_document(
             });
         }
     }
+    s_allergies
+}
 
+/// Risks from Flags.
+fn read_risks(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<RiskFlag> {
     let mut s_risks = Vec::new();
     for (i, v) in index.of_type("Flag") {
         let p = index.path(i);
@@ -300,7 +419,11 @@ pub(super) fn parse_document(
             ),
         }
     }
+    s_risks
+}
 
+/// Diagnoses from Conditions.
+fn read_conditions(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Diagnosis> {
     let mut s_diagnoses = Vec::new();
     for (i, v) in index.of_type("Condition") {
         let p = index.path(i);
@@ -326,7 +449,11 @@ pub(super) fn parse_document(
             });
         }
     }
+    s_diagnoses
+}
 
+/// Vaccinations from Immunizations.
+fn read_immunizations(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Vaccination> {
     let mut s_vaccinations = Vec::new();
     for (i, v) in index.of_type("Immunization") {
         let p = index.path(i);
@@ -345,7 +472,19 @@ pub(super) fn parse_document(
             s_vaccinations.push(Vaccination { code, date });
         }
     }
+    s_vaccinations
+}
 
+/// Infections, mental health and substance misuse from Observations, by
+/// category and code; any other observation is listed as not carried.
+fn read_observations(
+    index: &Index<'_>,
+    errors: &mut ValidationErrors,
+) -> (
+    Vec<Infection>,
+    Option<MentalHealth>,
+    Option<SubstanceMisuse>,
+) {
     let mut s_infections = Vec::new();
     let mut mental_health: Option<MentalHealth> = None;
     let mut substance_misuse: Option<SubstanceMisuse> = None;
@@ -409,7 +548,11 @@ pub(super) fn parse_document(
             ),
         }
     }
+    (s_infections, mental_health, substance_misuse)
+}
 
+/// Follow-ups from ServiceRequests.
+fn read_service_requests(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<FollowUp> {
     let mut s_follow_ups = Vec::new();
     for (i, v) in index.of_type("ServiceRequest") {
         let p = index.path(i);
@@ -440,8 +583,16 @@ pub(super) fn parse_document(
             date,
         });
     }
+    s_follow_ups
+}
 
-    let consent = match index.of_type("Consent").next() {
+/// The probation-sharing decision from the (first) Consent; none recorded
+/// without one.
+fn read_consent(
+    index: &Index<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<crate::clinical::model::Consent> {
+    match index.of_type("Consent").next() {
         Some((i, v)) => typed::<Consent>(v, index.path(i), errors).map(|c| {
             let legal_basis = c
                 .policy_rule
@@ -464,10 +615,17 @@ pub(super) fn parse_document(
             probation_sharing: ConsentDecision::NotRecorded,
             legal_basis: None,
         }),
-    };
+    }
+}
 
-    let author = comp
-        .author
+/// The author's name and role, when the Composition's author is a
+/// Practitioner.
+fn read_author(
+    comp: &Composition<'_>,
+    index: &Index<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<(String, String)> {
+    comp.author
         .first()
         .and_then(|r| index.resolve(r))
         .filter(|(ai, _)| index.kind(*ai) == Some("Practitioner"))
@@ -481,65 +639,5 @@ pub(super) fn parse_document(
                 ),
                 owned(pr.qualification.first().and_then(|q| q.code.text.as_ref())),
             ))
-        });
-    let author_org = comp.custodian.as_ref().and_then(|r| index.ods(r, errors));
-    let prescriptions = prescription::read(&index, errors);
-    let author_org = required(
-        author_org,
-        format_args!("{p0}custodian"),
-        errors,
-        "the authoring organisation (an Organization with an ODS code)",
-    );
-    let authored_at: Option<DateTime> =
-        parse_with(Some(&*comp.date), format_args!("{p0}date"), errors);
-
-    let (
-        Some(family_name),
-        Some(date_of_birth),
-        Some(custody),
-        Some(consent),
-        Some(author_org),
-        Some(authored_at),
-    ) = (family_name, dob, custody, consent, author_org, authored_at)
-    else {
-        return None;
-    };
-    let (author_name, author_role) = author.unwrap_or_default();
-    let not_read = index.finish(errors);
-    Some(Parsed {
-        summary: ClinicalSummary {
-            patient: crate::clinical::model::Patient {
-                nhs_number: nhs,
-                prison_number: prison,
-                crn,
-                family_name,
-                given_names: name
-                    .map(|n| n.given.iter().map(|g| g.to_string()).collect())
-                    .unwrap_or_default(),
-                date_of_birth,
-                sex,
-            },
-            custody,
-            registered_gp,
-            diagnoses: s_diagnoses,
-            medications: s_medications,
-            prescriptions,
-            allergies: s_allergies,
-            risks: s_risks,
-            mental_health,
-            substance_misuse,
-            infections: s_infections,
-            vaccinations: s_vaccinations,
-            follow_ups: s_follow_ups,
-            consent,
-            author: Author {
-                name: author_name,
-                role: author_role,
-                organisation: author_org,
-            },
-            authored_at,
-            not_read,
-        },
-        event,
-    })
+        })
 }
