@@ -4,6 +4,7 @@
 //!
 //! Pure domain: imports no tonic, prost or sled.
 
+mod event;
 pub mod fhir;
 pub mod hl7v2;
 mod identifiers;
@@ -14,6 +15,7 @@ mod validate;
 pub mod views;
 mod violation;
 
+pub use event::{JourneyEvent, OrgKind};
 pub use identifiers::{Crn, IdentifierError, NhsNumber, OdsCode, PrisonNumber};
 pub use model::ClinicalSummary;
 pub use validate::validate;

@@ -8,6 +8,7 @@ use super::{
     CLINICAL_STATUS, EXT_DAYS_SUPPLIED, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED, SYS_CRN,
     SYS_EVENT, SYS_LOCAL, SYS_NHS, SYS_PRISON_NUMBER, SYS_RISK, event_code, prescription,
 };
+use crate::clinical::JourneyEvent;
 use crate::clinical::OdsCode;
 use crate::clinical::model::{
     Address, Allergy, Author, ClinicalSummary, ConsentDecision, Custody, Date, DateTime, Diagnosis,
@@ -15,7 +16,6 @@ use crate::clinical::model::{
     SubstanceMisuse, Vaccination,
 };
 use crate::clinical::violation::ValidationErrors;
-use crate::journey::JourneyEvent;
 
 /// Reads the document Bundle's resources into the summary: the Composition,
 /// the Patient and custody Encounter it rests on, then each heading.

@@ -29,7 +29,7 @@ mod write;
 pub use read::{Parsed, parse};
 pub use write::render;
 
-use crate::journey::JourneyEvent;
+use crate::clinical::JourneyEvent;
 
 /// UK Core NHS number system.
 pub const SYS_NHS: &str = "https://fhir.nhs.uk/Id/nhs-number";

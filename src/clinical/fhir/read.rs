@@ -11,10 +11,10 @@ use super::document::parse_document;
 use super::index::Index;
 use super::types::*;
 use super::{SYS_ODS, unread};
+use crate::clinical::JourneyEvent;
 use crate::clinical::Limits;
 use crate::clinical::model::{ClinicalSummary, Code, Date};
 use crate::clinical::violation::ValidationErrors;
-use crate::journey::JourneyEvent;
 
 /// Deepest JSON nesting in `bytes`, counting only brackets outside strings.
 /// Strings are skipped with `memchr`: most of a document is inside them.

@@ -9,11 +9,11 @@ use super::{
     EXT_TREATMENT_STARTED, SYS_CRN, SYS_EVENT, SYS_LOCAL, SYS_NHS, SYS_ODS, SYS_PRISON_NUMBER,
     SYS_RISK, event_code, prescription, uk_core,
 };
+use crate::clinical::JourneyEvent;
 use crate::clinical::Rendered;
 use crate::clinical::model::{
     ClinicalSummary, Code, ConsentDecision, Custody, FollowUpKind, Medication, Severity, Sex,
 };
-use crate::journey::JourneyEvent;
 
 /// A document Bundle under construction: each resource is serialised into
 /// one buffer as soon as it is added. The Composition, which refers to all

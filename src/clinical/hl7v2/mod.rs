@@ -39,9 +39,9 @@ mod tests {
     use super::read::parse_ts;
     use super::write::ts;
     use super::*;
+    use crate::clinical::JourneyEvent;
     use crate::clinical::Limits;
     use crate::clinical::model::DateTime;
-    use crate::journey::JourneyEvent;
 
     #[test]
     fn timestamps() {

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use super::escape::unescaped;
 use super::segment::{Segment, component, split};
 use super::{LOCAL, unread};
+use crate::clinical::JourneyEvent;
 use crate::clinical::identifiers::OdsCode;
 use crate::clinical::model::{
     Address, Allergy, Author, ClinicalSummary, Code, Consent, ConsentDecision, Custody, DMD, Date,
@@ -15,7 +16,6 @@ use crate::clinical::model::{
 };
 use crate::clinical::violation::ValidationErrors;
 use crate::clinical::{Crn, IdentifierError, Limits, NhsNumber, PrisonNumber};
-use crate::journey::JourneyEvent;
 
 fn parse_dt(s: &str) -> Option<Date> {
     if s.len() < 8 || !s.as_bytes()[..8].iter().all(u8::is_ascii_digit) {

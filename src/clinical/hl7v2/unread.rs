@@ -4,7 +4,7 @@
 
 use super::LOCAL;
 use super::segment::Segment;
-use crate::journey::JourneyEvent;
+use crate::clinical::JourneyEvent;
 
 /// A field the parser reads: which components (empty: the whole field) and
 /// whether every repetition is read or only the first.

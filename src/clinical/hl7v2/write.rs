@@ -3,12 +3,12 @@
 
 use super::LOCAL;
 use super::escape::push_escaped;
+use crate::clinical::JourneyEvent;
 use crate::clinical::Rendered;
 use crate::clinical::model::{
     ClinicalSummary, Code, ConsentDecision, Custody, DMD, Date, DateTime, FollowUpKind, SNOMED,
     Severity, Sex, When,
 };
-use crate::journey::JourneyEvent;
 
 /// Appends `n` as exactly `width` decimal digits (callers pass values that fit).
 fn push_digits(out: &mut String, n: u32, width: u32) {
