@@ -13,4 +13,4 @@ pub mod routing;
 
 pub use crate::clinical::{JourneyEvent, OrgKind};
 pub use registry::{Format, Organisation, Registry, RegistryError, SharedRegistry};
-pub use routing::{Deadlines, Recipient, Route, route};
+pub use routing::{Deadlines, Recipient, Route, deliveries, route};

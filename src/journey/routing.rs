@@ -12,7 +12,7 @@
 //! trusted blindly. A disabled organisation receives nothing: a release
 //! whose GP is disabled is parked like one with no GP.
 
-use crate::clinical::{ClinicalSummary, OdsCode, View};
+use crate::clinical::{ClinicalSummary, OdsCode, ValidationErrors, View};
 
 use super::{JourneyEvent, OrgKind, Organisation, Registry};
 
@@ -60,7 +60,7 @@ pub struct Route {
     pub due_ms: i64,
 }
 
-/// A destination the sender named that the rules do not allow (field, reason).
+/// A violation as a (field, reason) pair, as [`route`] reports it.
 pub type RouteViolation = (String, String);
 
 /// Why `code` cannot receive as a prison; it is named only when it is a
@@ -84,7 +84,7 @@ fn not_an_active_prison(registry: &Registry, code: &OdsCode) -> String {
 /// Every named destination that is unknown, disabled, of the wrong kind or
 /// not the one the rules choose, and a rule target that is not a registered,
 /// active organisation of the right kind.
-pub fn route(
+pub fn deliveries(
     event: JourneyEvent,
     summary: &ClinicalSummary,
     sender: &Organisation,
@@ -92,7 +92,7 @@ pub fn route(
     registry: &Registry,
     deadlines: &Deadlines,
     now_ms: i64,
-) -> Result<Vec<Route>, Vec<RouteViolation>> {
+) -> Result<Vec<Route>, ValidationErrors> {
     let named = named_destinations(event, requested, registry)?;
     let mut plan = Plan {
         event,
@@ -104,7 +104,7 @@ pub fn route(
         urgent: summary.is_urgent(),
         named,
         routes: Vec::new(),
-        violations: Vec::new(),
+        violations: ValidationErrors::default(),
     };
     match event {
         JourneyEvent::Admission => plan.admission(),
@@ -112,11 +112,29 @@ pub fn route(
         JourneyEvent::Transfer => plan.transfer(),
         JourneyEvent::Release => plan.release(),
     }
-    if plan.violations.is_empty() {
-        Ok(plan.routes)
-    } else {
-        Err(plan.violations)
-    }
+    plan.violations.into_result().map(|()| plan.routes)
+}
+
+/// [`deliveries`], with each violation as a (field, reason) pair.
+///
+/// Kept for `grpc::handover` until the application layer calls
+/// [`deliveries`]; then this and [`RouteViolation`] go.
+///
+/// # Errors
+/// As [`deliveries`].
+pub fn route(
+    event: JourneyEvent,
+    summary: &ClinicalSummary,
+    sender: &Organisation,
+    requested: &[OdsCode],
+    registry: &Registry,
+    deadlines: &Deadlines,
+    now_ms: i64,
+) -> Result<Vec<Route>, Vec<RouteViolation>> {
+    deliveries(
+        event, summary, sender, requested, registry, deadlines, now_ms,
+    )
+    .map_err(|e| e.0.into_iter().map(|v| (v.field, v.description)).collect())
 }
 
 /// The destinations the sender named, with their place in the request;
@@ -125,32 +143,28 @@ fn named_destinations<'r>(
     event: JourneyEvent,
     requested: &[OdsCode],
     registry: &'r Registry,
-) -> Result<Vec<(usize, &'r Organisation)>, Vec<RouteViolation>> {
-    let mut violations = Vec::new();
+) -> Result<Vec<(usize, &'r Organisation)>, ValidationErrors> {
+    let mut violations = ValidationErrors::default();
     let mut named = Vec::new();
     for (i, code) in requested.iter().enumerate() {
         let field = format!("destinations[{i}]");
         match registry.get(code) {
-            None => violations.push((field, "no registered organisation has this ODS code".into())),
+            None => violations.add(field, "no registered organisation has this ODS code"),
             Some(org) if !org.active => {
-                violations.push((field, format!("{code} is disabled and receives nothing")));
+                violations.add(field, format!("{code} is disabled and receives nothing"));
             }
-            Some(org) if !event.accepts_destination(org.kind) => violations.push((
+            Some(org) if !event.accepts_destination(org.kind) => violations.add(
                 field,
                 format!(
                     "{event} goes to {}; {code} is a {}",
                     event.destination_kinds(),
                     org.kind.as_str()
                 ),
-            )),
+            ),
             Some(org) => named.push((i, org)),
         }
     }
-    if violations.is_empty() {
-        Ok(named)
-    } else {
-        Err(violations)
-    }
+    violations.into_result().map(|()| named)
 }
 
 /// One submit's routing under way: the inputs, and the routes and
@@ -165,7 +179,7 @@ struct Plan<'p> {
     urgent: bool,
     named: Vec<(usize, &'p Organisation)>,
     routes: Vec<Route>,
-    violations: Vec<RouteViolation>,
+    violations: ValidationErrors,
 }
 
 impl Plan<'_> {
@@ -190,10 +204,10 @@ impl Plan<'_> {
     fn single(&mut self, target: Option<&OdsCode>, what: &str) {
         for (i, org) in &self.named {
             if Some(&org.ods) != target {
-                self.violations.push((
+                self.violations.add(
                     format!("destinations[{i}]"),
                     format!("{} goes to {what}; {} is not it", self.event, org.ods),
-                ));
+                );
             }
         }
     }
@@ -237,10 +251,10 @@ impl Plan<'_> {
                 due_ms: self.due(due, self.urgent),
             });
         } else {
-            self.violations.push((
-                "summary.custody.establishment".into(),
+            self.violations.add(
+                "summary.custody.establishment",
                 not_an_active_prison(self.registry, prison),
-            ));
+            );
         }
     }
 
@@ -249,10 +263,10 @@ impl Plan<'_> {
         let to = custody.transfer_to.as_ref();
         self.single(to, "the receiving prison (summary.custody.transfer_to)");
         match to {
-            Some(to) if *to == self.sender.ods => self.violations.push((
-                "summary.custody.transfer_to".into(),
-                "a prison cannot transfer to itself".into(),
-            )),
+            Some(to) if *to == self.sender.ods => self.violations.add(
+                "summary.custody.transfer_to",
+                "a prison cannot transfer to itself",
+            ),
             Some(to) if self.active(to, OrgKind::Prison) => {
                 let due_ms = self.due(custody.transfer_at.map(|t| t.unix_ms()), self.urgent);
                 self.routes.push(Route {
@@ -262,10 +276,10 @@ impl Plan<'_> {
                     due_ms,
                 });
             }
-            Some(to) => self.violations.push((
-                "summary.custody.transfer_to".into(),
+            Some(to) => self.violations.add(
+                "summary.custody.transfer_to",
                 not_an_active_prison(self.registry, to),
-            )),
+            ),
             None => {} // clinical validation reports it
         }
     }
@@ -392,8 +406,8 @@ mod tests {
         sender: &Organisation,
         named: &[OdsCode],
         reg: &Registry,
-    ) -> Result<Vec<Route>, Vec<RouteViolation>> {
-        route(event, s, sender, named, reg, &Deadlines::default(), NOW)
+    ) -> Result<Vec<Route>, ValidationErrors> {
+        deliveries(event, s, sender, named, reg, &Deadlines::default(), NOW)
     }
 
     fn summary(gp: Option<&str>) -> ClinicalSummary {
@@ -461,12 +475,12 @@ mod tests {
         s.custody.transfer_to = Some(code("YP002"));
         s.custody.transfer_at = Some("2026-11-25T10:00:00Z".parse().unwrap());
         let err = go(JourneyEvent::Transfer, &s, sender, &[code("YP001")], &reg).unwrap_err();
-        assert_eq!(err[0].0, "destinations[0]");
-        assert!(err[0].1.contains("receiving prison"), "{err:?}");
+        assert_eq!(err.0[0].field, "destinations[0]");
+        assert!(err.0[0].description.contains("receiving prison"), "{err:?}");
         let ok = go(JourneyEvent::Transfer, &s, sender, &[code("YP002")], &reg).unwrap();
         assert_eq!(ok[0].due_ms, s.custody.transfer_at.unwrap().unix_ms());
         let err = go(JourneyEvent::Admission, &s, sender, &[code("YG002")], &reg).unwrap_err();
-        assert!(err[0].1.contains("registered GP"), "{err:?}");
+        assert!(err.0[0].description.contains("registered GP"), "{err:?}");
         let err = go(
             JourneyEvent::Release,
             &s,
@@ -475,7 +489,7 @@ mod tests {
             &reg,
         )
         .unwrap_err();
-        assert_eq!(err[0].0, "destinations[1]");
+        assert_eq!(err.0[0].field, "destinations[1]");
         let two = go(
             JourneyEvent::Release,
             &s,
@@ -539,6 +553,6 @@ mod tests {
             &reg,
         )
         .unwrap_err();
-        assert!(err[0].1.contains("disabled"));
+        assert!(err.0[0].description.contains("disabled"));
     }
 }
