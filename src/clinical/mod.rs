@@ -98,3 +98,56 @@ pub struct Rendered {
     /// What was left out and why (paths in the model; never patient data).
     pub not_carried: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Every path into another module of this crate (`crate` then `::`
+    /// then the module) and every use of a wire or storage crate, in the
+    /// `.rs` files under `dir`. The needles are built here, so this file
+    /// does not match itself.
+    fn imports(dir: &Path, found: &mut Vec<(String, String)>) {
+        let ours = ["crate", "::"].concat();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                imports(&path, found);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (i, _) in text.match_indices(&ours) {
+                    let module: String = text[i + ours.len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    found.push((path.display().to_string(), module));
+                }
+                for wire in ["tonic", "prost", "sled"] {
+                    if text.contains(&format!("{wire}::")) {
+                        found.push((path.display().to_string(), wire.into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `docs/layering.md`: the domain imports nothing of ours outside
+    /// itself; routing imports only the domain and `uk_time`.
+    #[test]
+    fn the_domain_imports_nothing_outside_itself() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        for (dir, allowed) in [
+            ("clinical", &["clinical"][..]),
+            ("journey", &["clinical", "journey", "uk_time"][..]),
+        ] {
+            let mut found = Vec::new();
+            imports(&src.join(dir), &mut found);
+            assert!(found.len() > 5, "{dir}: the walk found too little");
+            let strays: Vec<_> = found
+                .iter()
+                .filter(|(_, module)| !allowed.contains(&module.as_str()))
+                .collect();
+            assert!(strays.is_empty(), "{dir} imports {strays:?}");
+        }
+    }
+}
