@@ -31,6 +31,18 @@ impl ConfigError {
     }
 }
 
+/// `v` within `lo..=hi`, or the error naming `field` and the range.
+fn within(field: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!("must be between {lo} and {hi}"),
+        ))
+    }
+}
+
 /// The gateway's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -524,6 +536,48 @@ impl Config {
     /// # Errors
     /// The first field out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_queue_and_deadlines()?;
+        self.validate_limits()?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("data_dir", "must not be empty"));
+        }
+        let metrics = self.metrics.listen;
+        if metrics.port() != 0
+            && metrics.port() == self.listen.port()
+            && (metrics.ip() == self.listen.ip()
+                || metrics.ip().is_unspecified()
+                || self.listen.ip().is_unspecified())
+        {
+            return Err(ConfigError::new(
+                "metrics.listen",
+                "must not be the gRPC listener's address",
+            ));
+        }
+        within(
+            "store.cache_bytes",
+            self.store.cache_bytes,
+            1024 * 1024,
+            64 * 1024 * 1024 * 1024,
+        )?;
+        within(
+            "store.pipeline_depth",
+            u64::from(self.store.pipeline_depth),
+            0,
+            64,
+        )?;
+        self.retention.validate()?;
+        self.validate_integrity()?;
+        if self.tls.handshake_timeout_ms == Some(0) {
+            return Err(ConfigError::new(
+                "tls.handshake_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The queue's counts and times, and the deadlines.
+    fn validate_queue_and_deadlines(&self) -> Result<(), ConfigError> {
         let q = &self.queue;
         let positive = |field: &str, v: u64| {
             if v == 0 {
@@ -567,6 +621,11 @@ impl Config {
         if q.max_pull > 1_000 {
             return Err(ConfigError::new("queue.max_pull", "must be at most 1000"));
         }
+        Ok(())
+    }
+
+    /// The edge limits, each within its range (checked in this order).
+    fn validate_limits(&self) -> Result<(), ConfigError> {
         let max_doc = self.limits.max_document_bytes;
         if !(1_024..=64 * 1024 * 1024).contains(&max_doc) {
             return Err(ConfigError::new(
@@ -575,131 +634,87 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        let within = |field: &str, v: u64, lo: u64, hi: u64| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(ConfigError::new(
-                    field,
-                    format!("must be between {lo} and {hi}"),
-                ))
-            }
-        };
-        within(
-            "limits.max_header_list_bytes",
-            l.max_header_list_bytes.into(),
-            1_024,
-            1024 * 1024,
-        )?;
-        within(
-            "limits.max_concurrent_streams",
-            l.max_concurrent_streams.into(),
-            1,
-            10_000,
-        )?;
-        within(
-            "limits.max_connections_per_identity",
-            l.max_connections_per_identity as u64,
-            1,
-            10_000,
-        )?;
-        within("limits.max_handshakes", l.max_handshakes as u64, 1, 100_000)?;
-        within(
-            "limits.max_handshakes_per_network",
-            l.max_handshakes_per_network as u64,
-            1,
-            l.max_handshakes as u64,
-        )?;
-        within(
-            "limits.handshakes_per_address_per_second",
-            l.handshakes_per_address_per_second.into(),
-            1,
-            100_000,
-        )?;
-        within(
-            "limits.handshake_burst_per_address",
-            l.handshake_burst_per_address.into(),
-            1,
-            1_000_000,
-        )?;
-        within(
-            "limits.handshake_stall_ms",
-            l.handshake_stall_ms,
-            100,
-            600_000,
-        )?;
-        within(
-            "limits.requests_per_second",
-            l.requests_per_second.into(),
-            1,
-            1_000_000,
-        )?;
-        within("limits.request_burst", l.request_burst.into(), 1, 1_000_000)?;
-        within("limits.max_in_flight", l.max_in_flight as u64, 1, 1_000_000)?;
-        within(
-            "limits.max_connection_age_seconds",
-            l.max_connection_age_seconds,
-            1,
-            7 * 24 * 3_600,
-        )?;
-        within(
-            "limits.claim_failures_per_pair",
-            l.claim_failures_per_pair.into(),
-            1,
-            100,
-        )?;
-        within(
-            "limits.claim_failures_per_practice",
-            l.claim_failures_per_practice.into(),
-            l.claim_failures_per_pair.into(),
-            10_000,
-        )?;
-        within(
-            "limits.claim_failures_per_patient",
-            l.claim_failures_per_patient.into(),
-            l.claim_failures_per_pair.into(),
-            10_000,
-        )?;
-        within(
-            "limits.claim_failure_window_hours",
-            l.claim_failure_window_hours.into(),
-            1,
-            24 * 31,
-        )?;
-        if self.data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::new("data_dir", "must not be empty"));
-        }
-        let metrics = self.metrics.listen;
-        if metrics.port() != 0
-            && metrics.port() == self.listen.port()
-            && (metrics.ip() == self.listen.ip()
-                || metrics.ip().is_unspecified()
-                || self.listen.ip().is_unspecified())
-        {
-            return Err(ConfigError::new(
-                "metrics.listen",
-                "must not be the gRPC listener's address",
-            ));
-        }
-        within(
-            "store.cache_bytes",
-            self.store.cache_bytes,
-            1024 * 1024,
-            64 * 1024 * 1024 * 1024,
-        )?;
-        within(
-            "store.pipeline_depth",
-            u64::from(self.store.pipeline_depth),
-            0,
-            64,
-        )?;
-        self.retention.validate()?;
-        self.validate_integrity()?;
-        if self.tls.handshake_timeout_ms == Some(0) {
-            return Err(ConfigError::new(
-                "tls.handshake_timeout_ms",
-                "must be greater than 0",
-            ));
+        let pair = u64::from(l.claim_failures_per_pair);
+        let ranges: [(&str, u64, u64, u64); 16] = [
+            (
+                "limits.max_header_list_bytes",
+                l.max_header_list_bytes.into(),
+                1_024,
+                1024 * 1024,
+            ),
+            (
+                "limits.max_concurrent_streams",
+                l.max_concurrent_streams.into(),
+                1,
+                10_000,
+            ),
+            (
+                "limits.max_connections_per_identity",
+                l.max_connections_per_identity as u64,
+                1,
+                10_000,
+            ),
+            ("limits.max_handshakes", l.max_handshakes as u64, 1, 100_000),
+            (
+                "limits.max_handshakes_per_network",
+                l.max_handshakes_per_network as u64,
+                1,
+                l.max_handshakes as u64,
+            ),
+            (
+                "limits.handshakes_per_address_per_second",
+                l.handshakes_per_address_per_second.into(),
+                1,
+                100_000,
+            ),
+            (
+                "limits.handshake_burst_per_address",
+                l.handshake_burst_per_address.into(),
+                1,
+                1_000_000,
+            ),
+            (
+                "limits.handshake_stall_ms",
+                l.handshake_stall_ms,
+                100,
+                600_000,
+            ),
+            (
+                "limits.requests_per_second",
+                l.requests_per_second.into(),
+                1,
+                1_000_000,
+            ),
+            ("limits.request_burst", l.request_burst.into(), 1, 1_000_000),
+            ("limits.max_in_flight", l.max_in_flight as u64, 1, 1_000_000),
+            (
+                "limits.max_connection_age_seconds",
+                l.max_connection_age_seconds,
+                1,
+                7 * 24 * 3_600,
+            ),
+            ("limits.claim_failures_per_pair", pair, 1, 100),
+            (
+                "limits.claim_failures_per_practice",
+                l.claim_failures_per_practice.into(),
+                pair,
+                10_000,
+            ),
+            (
+                "limits.claim_failures_per_patient",
+                l.claim_failures_per_patient.into(),
+                pair,
+                10_000,
+            ),
+            (
+                "limits.claim_failure_window_hours",
+                l.claim_failure_window_hours.into(),
+                1,
+                24 * 31,
+            ),
+        ];
+        for (field, v, lo, hi) in ranges {
+            within(field, v, lo, hi)?;
         }
         Ok(())
     }

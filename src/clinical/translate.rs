@@ -3,7 +3,7 @@
 use super::model::ClinicalSummary;
 use super::views::{self, View};
 use super::{Limits, Rendered, ValidationErrors, fhir, hl7v2};
-use crate::journey::JourneyEvent;
+use crate::clinical::JourneyEvent;
 
 /// A clinical document format this module reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

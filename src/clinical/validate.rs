@@ -3,7 +3,7 @@
 
 use super::model::ClinicalSummary;
 use super::violation::ValidationErrors;
-use crate::journey::JourneyEvent;
+use crate::clinical::JourneyEvent;
 
 /// Checks that `s` carries what `event` needs.
 ///

@@ -1,5 +1,13 @@
-//! Field-level validation errors: where, and why. A description never quotes
-//! the offending value, which may be patient data.
+//! Field-level validation errors: the one violation type of the domain.
+//!
+//! A [`Violation`] says where (the field's path in what the caller sent) and
+//! what is wrong and why (the description). Clinical parsing and validation,
+//! routing (`journey::deliveries`) and the gRPC edge's request checks
+//! (`grpc::wire::Violations` is this type) all collect [`ValidationErrors`];
+//! the gRPC edge turns them into a `google.rpc.BadRequest` in one place
+//! (`grpc/error.rs`), and the HL7 `ACK` into ERR segments.
+//!
+//! A description never quotes the offending value, which may be patient data.
 
 use std::fmt;
 
@@ -8,7 +16,7 @@ use std::fmt;
 pub struct Violation {
     /// Path to the field in the document (`entry[3].resource.identifier[0].value`, `PID-3.1`).
     pub field: String,
-    /// What is wrong.
+    /// What is wrong and why, in words a sender can act on.
     pub description: String,
 }
 

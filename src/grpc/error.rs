@@ -3,6 +3,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use crate::clinical::Violation;
 use crate::store::StoreError;
 
 /// Why a call was refused.
@@ -10,8 +11,8 @@ use crate::store::StoreError;
 pub enum ApiError {
     /// The request is malformed; each violation names a field and a reason
     /// (scrubbed on the way out, see `scrubbed`).
-    #[error("{}", describe(.0))]
-    Invalid(Vec<FieldViolation>),
+    #[error("{}", describe(pairs(.0)))]
+    Invalid(Vec<Violation>),
     /// The caller's certificate names no registered organisation.
     #[error("{0}")]
     Unauthenticated(String),
@@ -52,11 +53,18 @@ fn scope_words(scope: &str) -> &'static str {
     }
 }
 
-fn describe(violations: &[FieldViolation]) -> String {
-    let parts: Vec<String> = violations
+/// Each violation as (field, description).
+fn pairs(violations: &[Violation]) -> impl Iterator<Item = (&str, &str)> {
+    violations
         .iter()
-        .map(|v| {
-            let v = scrubbed(v.clone());
+        .map(|v| (v.field.as_str(), v.description.as_str()))
+}
+
+/// The message of an invalid request: every violation, scrubbed.
+fn describe<'v>(violations: impl Iterator<Item = (&'v str, &'v str)>) -> String {
+    let parts: Vec<String> = violations
+        .map(|(field, description)| {
+            let v = scrubbed(field, description);
             format!("{}: {}", v.field, v.description)
         })
         .collect();
@@ -78,9 +86,8 @@ fn withhold_numbers(text: &str) -> String {
 
 /// A violation as it leaves: its path made only of path characters (at most
 /// 120) and both parts without NHS-number-shaped digits.
-fn scrubbed(v: FieldViolation) -> FieldViolation {
-    let field: String = v
-        .field
+fn scrubbed(field: &str, description: &str) -> FieldViolation {
+    let field: String = field
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-[]() ^:/#".contains(c) {
@@ -91,13 +98,16 @@ fn scrubbed(v: FieldViolation) -> FieldViolation {
         })
         .take(120)
         .collect();
-    FieldViolation::new(withhold_numbers(&field), withhold_numbers(&v.description))
+    FieldViolation::new(withhold_numbers(&field), withhold_numbers(description))
 }
 
 impl ApiError {
     /// One violation.
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
-        ApiError::Invalid(vec![FieldViolation::new(field, description)])
+        ApiError::Invalid(vec![Violation {
+            field: field.into(),
+            description: description.into(),
+        }])
     }
 
     /// The gRPC code for this error.
@@ -136,9 +146,15 @@ impl From<ApiError> for Status {
         let code = e.code();
         match e {
             ApiError::Invalid(violations) => {
-                let violations: Vec<FieldViolation> =
-                    violations.into_iter().map(scrubbed).collect();
-                let message = describe(&violations);
+                // The domain's violations become a BadRequest here, and only here.
+                let violations: Vec<FieldViolation> = pairs(&violations)
+                    .map(|(field, description)| scrubbed(field, description))
+                    .collect();
+                let message = describe(
+                    violations
+                        .iter()
+                        .map(|v| (v.field.as_str(), v.description.as_str())),
+                );
                 Status::with_error_details(
                     code,
                     message,
@@ -152,7 +168,10 @@ impl From<ApiError> for Status {
                 );
                 Status::with_error_details(
                     code,
-                    describe(std::slice::from_ref(&violation)),
+                    describe(std::iter::once((
+                        violation.field.as_str(),
+                        violation.description.as_str(),
+                    ))),
                     ErrorDetails::with_bad_request(vec![violation]),
                 )
             }

@@ -57,7 +57,6 @@ fn code(c: Option<pb::Code>, path: &str, v: &mut Violations) -> Option<m::Code> 
 }
 
 /// Reads a native summary; violations are reported under `prefix`.
-#[allow(clippy::too_many_lines)]
 pub fn from_wire(
     s: pb::ClinicalSummary,
     prefix: &str,
@@ -82,7 +81,55 @@ pub fn from_wire(
         prescriptions,
     } = s;
     let p = |f: &str| format!("{prefix}.{f}");
-    let patient = match patient {
+    let patient = patient_from(patient, prefix, v);
+    let custody = custody_from(custody, prefix, v);
+    let registered_gp = opt(registered_gp, &p("registered_gp"), v);
+    let diagnoses = diagnoses_from(diagnoses, prefix, v);
+    let medications = medications_from(medications, prefix, v);
+    let allergies = allergies_from(allergies, prefix, v);
+    let risks = risks_from(risks, prefix, v);
+    let mental_health = mental_health_from(mental_health);
+    let substance_misuse = substance_misuse_from(substance_misuse);
+    let infections = infections_from(infections, prefix, v);
+    let vaccinations = vaccinations_from(vaccinations, prefix, v);
+    let follow_ups = follow_ups_from(follow_ups, prefix, v);
+    let consent = consent_from(consent);
+    let author = author_from(author, prefix, v);
+    let authored_at = req(authored_at, &p("authored_at"), v);
+    let prescriptions = prescriptions
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, x)| prescription_from(x, &p(&format!("prescriptions[{i}]")), v))
+        .collect();
+    Some(ClinicalSummary {
+        patient: patient?,
+        custody: custody?,
+        registered_gp,
+        diagnoses,
+        medications,
+        prescriptions,
+        allergies,
+        risks,
+        mental_health,
+        substance_misuse,
+        infections,
+        vaccinations,
+        follow_ups,
+        consent,
+        author: author?,
+        authored_at: authored_at?,
+        not_read: Vec::new(),
+    })
+}
+
+/// The patient: required, with a date of birth and a family name.
+fn patient_from(
+    patient: Option<pb::Patient>,
+    prefix: &str,
+    v: &mut Violations,
+) -> Option<m::Patient> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    match patient {
         None => {
             v.add(p("patient"), "required");
             None
@@ -119,8 +166,17 @@ pub fn from_wire(
                 sex,
             })
         }
-    };
-    let custody = match custody {
+    }
+}
+
+/// The custody episode: required, with an establishment.
+fn custody_from(
+    custody: Option<pb::Custody>,
+    prefix: &str,
+    v: &mut Violations,
+) -> Option<m::Custody> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    match custody {
         None => {
             v.add(p("custody"), "required");
             None
@@ -158,9 +214,17 @@ pub fn from_wire(
             };
             establishment.map(|_| c)
         }
-    };
-    let registered_gp = opt(registered_gp, &p("registered_gp"), v);
-    let diagnoses = diagnoses
+    }
+}
+
+/// Diagnoses, each with a code.
+fn diagnoses_from(
+    diagnoses: Vec<pb::Diagnosis>,
+    prefix: &str,
+    v: &mut Violations,
+) -> Vec<m::Diagnosis> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    diagnoses
         .into_iter()
         .enumerate()
         .filter_map(
@@ -180,8 +244,17 @@ pub fn from_wire(
                 })
             },
         )
-        .collect();
-    let medications = medications
+        .collect()
+}
+
+/// Medicines, each with a code.
+fn medications_from(
+    medications: Vec<pb::Medication>,
+    prefix: &str,
+    v: &mut Violations,
+) -> Vec<m::Medication> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    medications
         .into_iter()
         .enumerate()
         .filter_map(
@@ -215,8 +288,17 @@ pub fn from_wire(
                 })
             },
         )
-        .collect();
-    let allergies = allergies
+        .collect()
+}
+
+/// Allergies, each with a substance code.
+fn allergies_from(
+    allergies: Vec<pb::Allergy>,
+    prefix: &str,
+    v: &mut Violations,
+) -> Vec<m::Allergy> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    allergies
         .into_iter()
         .enumerate()
         .filter_map(
@@ -243,8 +325,13 @@ pub fn from_wire(
                 })
             },
         )
-        .collect();
-    let risks = risks
+        .collect()
+}
+
+/// Risk flags, each of a known kind.
+fn risks_from(risks: Vec<pb::RiskFlag>, prefix: &str, v: &mut Violations) -> Vec<m::RiskFlag> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    risks
         .into_iter()
         .enumerate()
         .filter_map(|(i, pb::RiskFlag { kind, active, note })| {
@@ -264,8 +351,12 @@ pub fn from_wire(
                 note: text(note),
             })
         })
-        .collect();
-    let mental_health = mental_health.map(
+        .collect()
+}
+
+/// Mental health.
+fn mental_health_from(mental_health: Option<pb::MentalHealth>) -> Option<m::MentalHealth> {
+    mental_health.map(
         |pb::MentalHealth {
              care_programme_approach,
              care_coordinator,
@@ -273,8 +364,14 @@ pub fn from_wire(
             care_programme_approach,
             care_coordinator: text(care_coordinator),
         },
-    );
-    let substance_misuse = substance_misuse.map(
+    )
+}
+
+/// Substance misuse.
+fn substance_misuse_from(
+    substance_misuse: Option<pb::SubstanceMisuse>,
+) -> Option<m::SubstanceMisuse> {
+    substance_misuse.map(
         |pb::SubstanceMisuse {
              in_treatment,
              community_service,
@@ -282,8 +379,17 @@ pub fn from_wire(
             in_treatment,
             community_service: text(community_service),
         },
-    );
-    let infections = infections
+    )
+}
+
+/// Infections, each with a code.
+fn infections_from(
+    infections: Vec<pb::Infection>,
+    prefix: &str,
+    v: &mut Violations,
+) -> Vec<m::Infection> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    infections
         .into_iter()
         .enumerate()
         .filter_map(
@@ -307,8 +413,17 @@ pub fn from_wire(
                 })
             },
         )
-        .collect();
-    let vaccinations = vaccinations
+        .collect()
+}
+
+/// Vaccinations, each with a code and a date.
+fn vaccinations_from(
+    vaccinations: Vec<pb::Vaccination>,
+    prefix: &str,
+    v: &mut Violations,
+) -> Vec<m::Vaccination> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    vaccinations
         .into_iter()
         .enumerate()
         .filter_map(|(i, pb::Vaccination { code: c, date })| {
@@ -319,8 +434,17 @@ pub fn from_wire(
                 date: date?,
             })
         })
-        .collect();
-    let follow_ups = follow_ups
+        .collect()
+}
+
+/// Follow-ups.
+fn follow_ups_from(
+    follow_ups: Vec<pb::FollowUp>,
+    prefix: &str,
+    v: &mut Violations,
+) -> Vec<m::FollowUp> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    follow_ups
         .into_iter()
         .enumerate()
         .map(
@@ -341,8 +465,12 @@ pub fn from_wire(
                 date: opt(date, &p(&format!("follow_ups[{i}].date")), v),
             },
         )
-        .collect();
-    let consent = consent.map_or(
+        .collect()
+}
+
+/// Consent to share with probation; not recorded when absent.
+fn consent_from(consent: Option<pb::Consent>) -> m::Consent {
+    consent.map_or(
         m::Consent {
             probation_sharing: m::ConsentDecision::NotRecorded,
             legal_basis: None,
@@ -358,8 +486,13 @@ pub fn from_wire(
             },
             legal_basis: text(legal_basis),
         },
-    );
-    let author = match author {
+    )
+}
+
+/// The author: required, with an organisation.
+fn author_from(author: Option<pb::Author>, prefix: &str, v: &mut Violations) -> Option<m::Author> {
+    let p = |f: &str| format!("{prefix}.{f}");
+    match author {
         None => {
             v.add(p("author"), "required");
             None
@@ -373,32 +506,7 @@ pub fn from_wire(
             role,
             organisation,
         }),
-    };
-    let authored_at = req(authored_at, &p("authored_at"), v);
-    let prescriptions = prescriptions
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, x)| prescription_from(x, &p(&format!("prescriptions[{i}]")), v))
-        .collect();
-    Some(ClinicalSummary {
-        patient: patient?,
-        custody: custody?,
-        registered_gp,
-        diagnoses,
-        medications,
-        prescriptions,
-        allergies,
-        risks,
-        mental_health,
-        substance_misuse,
-        infections,
-        vaccinations,
-        follow_ups,
-        consent,
-        author: author?,
-        authored_at: authored_at?,
-        not_read: Vec::new(),
-    })
+    }
 }
 
 fn prescription_from(x: pb::Prescription, at: &str, v: &mut Violations) -> Option<m::Prescription> {
@@ -465,45 +573,9 @@ fn s<T: ToString>(o: Option<&T>) -> String {
 
 /// The native form of a summary.
 pub fn to_wire(x: &ClinicalSummary) -> pb::ClinicalSummary {
-    let p = &x.patient;
-    let c = &x.custody;
     pb::ClinicalSummary {
-        patient: Some(pb::Patient {
-            nhs_number: s(p.nhs_number.as_ref()),
-            prison_number: p
-                .prison_number
-                .as_ref()
-                .map(|n| n.as_str().to_owned())
-                .unwrap_or_default(),
-            crn: p
-                .crn
-                .as_ref()
-                .map(|n| n.as_str().to_owned())
-                .unwrap_or_default(),
-            family_name: p.family_name.clone(),
-            given_names: p.given_names.clone(),
-            date_of_birth: p.date_of_birth.to_string(),
-            sex: match p.sex {
-                m::Sex::Male => pb::Sex::Male,
-                m::Sex::Female => pb::Sex::Female,
-                m::Sex::Other => pb::Sex::Other,
-                m::Sex::Unknown => pb::Sex::Unknown,
-            }
-            .into(),
-        }),
-        custody: Some(pb::Custody {
-            establishment: c.establishment.to_string(),
-            reception_date: s(c.reception_date.as_ref()),
-            transfer_at: s(c.transfer_at.as_ref()),
-            transfer_to: s(c.transfer_to.as_ref()),
-            release_date: s(c.release_date.as_ref()),
-            release_address: c.release_address.as_ref().map(|a| pb::Address {
-                lines: a.lines.clone(),
-                city: a.city.clone(),
-                postcode: a.postcode.clone(),
-            }),
-            no_fixed_abode: c.no_fixed_abode,
-        }),
+        patient: Some(patient_to(&x.patient)),
+        custody: Some(custody_to(&x.custody)),
         registered_gp: s(x.registered_gp.as_ref()),
         diagnoses: x
             .diagnoses
@@ -528,36 +600,8 @@ pub fn to_wire(x: &ClinicalSummary) -> pb::ClinicalSummary {
                 days_supplied: md.days_supplied,
             })
             .collect(),
-        allergies: x
-            .allergies
-            .iter()
-            .map(|a| pb::Allergy {
-                substance: Some(code_to(&a.substance)),
-                reaction: a.reaction.clone().unwrap_or_default(),
-                severity: match a.severity {
-                    None => pb::Severity::Unspecified,
-                    Some(m::Severity::Mild) => pb::Severity::Mild,
-                    Some(m::Severity::Moderate) => pb::Severity::Moderate,
-                    Some(m::Severity::Severe) => pb::Severity::Severe,
-                }
-                .into(),
-            })
-            .collect(),
-        risks: x
-            .risks
-            .iter()
-            .map(|r| pb::RiskFlag {
-                kind: match r.kind {
-                    m::RiskKind::Suicide => pb::RiskKind::Suicide,
-                    m::RiskKind::SelfHarm => pb::RiskKind::SelfHarm,
-                    m::RiskKind::Violence => pb::RiskKind::Violence,
-                    m::RiskKind::Vulnerability => pb::RiskKind::Vulnerability,
-                }
-                .into(),
-                active: r.active,
-                note: r.note.clone().unwrap_or_default(),
-            })
-            .collect(),
+        allergies: allergies_to(x),
+        risks: risks_to(x),
         mental_health: x.mental_health.as_ref().map(|mh| pb::MentalHealth {
             care_programme_approach: mh.care_programme_approach,
             care_coordinator: mh.care_coordinator.clone().unwrap_or_default(),
@@ -611,23 +655,107 @@ pub fn to_wire(x: &ClinicalSummary) -> pb::ClinicalSummary {
             organisation: x.author.organisation.to_string(),
         }),
         authored_at: x.authored_at.to_string(),
-        prescriptions: x
-            .prescriptions
-            .iter()
-            .map(|rx| pb::Prescription {
-                code: Some(code_to(&rx.code)),
-                status: rx.status.clone(),
-                intent: rx.intent.clone(),
-                authored_on: s(rx.authored_on.as_ref()),
-                dosage: rx.dosage.clone().unwrap_or_default(),
-                quantity: rx.quantity.as_ref().map(|q| pb::Quantity {
-                    value: q.value.clone(),
-                    unit: q.unit.clone(),
-                }),
-                days_supplied: rx.days_supplied,
-            })
-            .collect(),
+        prescriptions: prescriptions_to(x),
     }
+}
+
+/// The native patient.
+fn patient_to(p: &m::Patient) -> pb::Patient {
+    pb::Patient {
+        nhs_number: s(p.nhs_number.as_ref()),
+        prison_number: p
+            .prison_number
+            .as_ref()
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default(),
+        crn: p
+            .crn
+            .as_ref()
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default(),
+        family_name: p.family_name.clone(),
+        given_names: p.given_names.clone(),
+        date_of_birth: p.date_of_birth.to_string(),
+        sex: match p.sex {
+            m::Sex::Male => pb::Sex::Male,
+            m::Sex::Female => pb::Sex::Female,
+            m::Sex::Other => pb::Sex::Other,
+            m::Sex::Unknown => pb::Sex::Unknown,
+        }
+        .into(),
+    }
+}
+
+/// The native custody episode.
+fn custody_to(c: &m::Custody) -> pb::Custody {
+    pb::Custody {
+        establishment: c.establishment.to_string(),
+        reception_date: s(c.reception_date.as_ref()),
+        transfer_at: s(c.transfer_at.as_ref()),
+        transfer_to: s(c.transfer_to.as_ref()),
+        release_date: s(c.release_date.as_ref()),
+        release_address: c.release_address.as_ref().map(|a| pb::Address {
+            lines: a.lines.clone(),
+            city: a.city.clone(),
+            postcode: a.postcode.clone(),
+        }),
+        no_fixed_abode: c.no_fixed_abode,
+    }
+}
+
+/// The native allergies.
+fn allergies_to(x: &ClinicalSummary) -> Vec<pb::Allergy> {
+    x.allergies
+        .iter()
+        .map(|a| pb::Allergy {
+            substance: Some(code_to(&a.substance)),
+            reaction: a.reaction.clone().unwrap_or_default(),
+            severity: match a.severity {
+                None => pb::Severity::Unspecified,
+                Some(m::Severity::Mild) => pb::Severity::Mild,
+                Some(m::Severity::Moderate) => pb::Severity::Moderate,
+                Some(m::Severity::Severe) => pb::Severity::Severe,
+            }
+            .into(),
+        })
+        .collect()
+}
+
+/// The native risk flags.
+fn risks_to(x: &ClinicalSummary) -> Vec<pb::RiskFlag> {
+    x.risks
+        .iter()
+        .map(|r| pb::RiskFlag {
+            kind: match r.kind {
+                m::RiskKind::Suicide => pb::RiskKind::Suicide,
+                m::RiskKind::SelfHarm => pb::RiskKind::SelfHarm,
+                m::RiskKind::Violence => pb::RiskKind::Violence,
+                m::RiskKind::Vulnerability => pb::RiskKind::Vulnerability,
+            }
+            .into(),
+            active: r.active,
+            note: r.note.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The native prescriptions.
+fn prescriptions_to(x: &ClinicalSummary) -> Vec<pb::Prescription> {
+    x.prescriptions
+        .iter()
+        .map(|rx| pb::Prescription {
+            code: Some(code_to(&rx.code)),
+            status: rx.status.clone(),
+            intent: rx.intent.clone(),
+            authored_on: s(rx.authored_on.as_ref()),
+            dosage: rx.dosage.clone().unwrap_or_default(),
+            quantity: rx.quantity.as_ref().map(|q| pb::Quantity {
+                value: q.value.clone(),
+                unit: q.unit.clone(),
+            }),
+            days_supplied: rx.days_supplied,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -3,11 +3,10 @@
 //! decides what it means; every problem becomes a field violation.
 
 use prost::Message;
-use tonic_types::FieldViolation;
 
 use super::envelope::PatientRef;
 use super::pb;
-use crate::clinical::{NhsNumber, OdsCode, PrisonNumber};
+use crate::clinical::{NhsNumber, OdsCode, PrisonNumber, ValidationErrors, Violation};
 use crate::journey::JourneyEvent;
 use crate::store::{DeliveryRecord, DeliveryState, HandoverRecord};
 
@@ -40,16 +39,10 @@ pub struct SubmitCommand {
     pub document: IncomingDocument,
 }
 
-/// Collects violations while a message is read.
-#[derive(Default)]
-pub struct Violations(pub Vec<FieldViolation>);
-
-impl Violations {
-    /// Records a violation.
-    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(FieldViolation::new(field, description));
-    }
-}
+/// Collects violations while a message is read: the domain's one
+/// violation type (`clinical::ValidationErrors`), turned into a
+/// `google.rpc.BadRequest` only in `error.rs`.
+pub type Violations = ValidationErrors;
 
 /// A journey event from the wire.
 pub fn event_from_wire(value: i32) -> Option<JourneyEvent> {
@@ -179,7 +172,7 @@ impl SubmitCommand {
     pub fn from_wire(
         req: pb::SubmitRequest,
         max_document_bytes: usize,
-    ) -> Result<Self, Vec<FieldViolation>> {
+    ) -> Result<Self, Vec<Violation>> {
         let pb::SubmitRequest {
             message_id,
             event,

@@ -1,97 +1,16 @@
-//! The patient's journey: which events exist, which kinds of organisation
-//! send and receive them, and the registry of organisations.
+//! The patient's journey: the registry of organisations, and routing (who
+//! must receive what, by when, for each event).
 //!
-//! This module is pure domain: it knows nothing of gRPC or the store.
+//! The events themselves and the kinds of organisation are domain facts
+//! that the clinical formats need too, so they live in `clinical::event`;
+//! they are re-exported here so `journey::JourneyEvent` keeps working.
+//!
+//! This module is pure domain: it knows nothing of gRPC or the store. It
+//! imports `clinical`; `clinical` imports nothing from here.
 
 mod registry;
 pub mod routing;
 
-pub use registry::{Format, OrgKind, Organisation, Registry, RegistryError, SharedRegistry};
-pub use routing::{Deadlines, Recipient, Route, route};
-
-use std::fmt;
-
-use serde::{Deserialize, Serialize};
-
-/// What happened on the patient's journey through custody.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum JourneyEvent {
-    /// Received into prison.
-    Admission,
-    /// Moved from one prison to another.
-    Transfer,
-    /// Released from prison into the community.
-    Release,
-    /// A GP practice's community record, sent in reply to an admission.
-    CommunitySummary,
-}
-
-impl JourneyEvent {
-    /// Every event, in journey order.
-    pub const ALL: [JourneyEvent; 4] = [
-        JourneyEvent::Admission,
-        JourneyEvent::CommunitySummary,
-        JourneyEvent::Transfer,
-        JourneyEvent::Release,
-    ];
-
-    /// The kind of organisation that may send this event.
-    pub fn sender_kind(self) -> OrgKind {
-        match self {
-            JourneyEvent::CommunitySummary => OrgKind::GpPractice,
-            JourneyEvent::Admission | JourneyEvent::Transfer | JourneyEvent::Release => {
-                OrgKind::Prison
-            }
-        }
-    }
-
-    /// Whether an organisation of `kind` may receive this event.
-    pub fn accepts_destination(self, kind: OrgKind) -> bool {
-        match self {
-            JourneyEvent::Admission => kind == OrgKind::GpPractice,
-            JourneyEvent::CommunitySummary | JourneyEvent::Transfer => kind == OrgKind::Prison,
-            JourneyEvent::Release => matches!(kind, OrgKind::GpPractice | OrgKind::Probation),
-        }
-    }
-
-    /// The kinds that may receive this event, for error messages.
-    pub fn destination_kinds(self) -> &'static str {
-        match self {
-            JourneyEvent::Admission => "a GP practice",
-            JourneyEvent::CommunitySummary | JourneyEvent::Transfer => "a prison",
-            JourneyEvent::Release => "a GP practice or a probation region",
-        }
-    }
-}
-
-impl fmt::Display for JourneyEvent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            JourneyEvent::Admission => "ADMISSION",
-            JourneyEvent::Transfer => "TRANSFER",
-            JourneyEvent::Release => "RELEASE",
-            JourneyEvent::CommunitySummary => "COMMUNITY_SUMMARY",
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_event_has_a_sender_that_is_not_its_only_receiver_kind() {
-        assert!(JourneyEvent::Transfer.accepts_destination(OrgKind::Prison));
-        assert!(!JourneyEvent::Transfer.accepts_destination(OrgKind::GpPractice));
-        assert!(JourneyEvent::Release.accepts_destination(OrgKind::Probation));
-        assert!(!JourneyEvent::Admission.accepts_destination(OrgKind::Probation));
-        assert_eq!(
-            JourneyEvent::CommunitySummary.sender_kind(),
-            OrgKind::GpPractice
-        );
-        for event in JourneyEvent::ALL {
-            assert!(!event.accepts_destination(OrgKind::Operator));
-        }
-    }
-}
+pub use crate::clinical::{JourneyEvent, OrgKind};
+pub use registry::{Format, Organisation, Registry, RegistryError, SharedRegistry};
+pub use routing::{Deadlines, Recipient, Route, deliveries, route};

@@ -6,33 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::clinical::OdsCode;
-
-/// The kind of organisation behind an ODS code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OrgKind {
-    /// A prison healthcare provider.
-    Prison,
-    /// A community GP practice.
-    GpPractice,
-    /// A probation region.
-    Probation,
-    /// A gateway operator (identified as `urn:operator:<name>`, never registered).
-    Operator,
-}
-
-impl OrgKind {
-    /// The registry's spelling of this kind.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OrgKind::Prison => "prison",
-            OrgKind::GpPractice => "gp_practice",
-            OrgKind::Probation => "probation",
-            OrgKind::Operator => "operator",
-        }
-    }
-}
+use crate::clinical::{OdsCode, OrgKind};
 
 /// The document format an organisation's mailbox receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

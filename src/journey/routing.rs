@@ -12,7 +12,7 @@
 //! trusted blindly. A disabled organisation receives nothing: a release
 //! whose GP is disabled is parked like one with no GP.
 
-use crate::clinical::{ClinicalSummary, OdsCode, View};
+use crate::clinical::{ClinicalSummary, OdsCode, ValidationErrors, View};
 
 use super::{JourneyEvent, OrgKind, Organisation, Registry};
 
@@ -60,7 +60,7 @@ pub struct Route {
     pub due_ms: i64,
 }
 
-/// A destination the sender named that the rules do not allow (field, reason).
+/// A violation as a (field, reason) pair, as [`route`] reports it.
 pub type RouteViolation = (String, String);
 
 /// Why `code` cannot receive as a prison; it is named only when it is a
@@ -84,6 +84,44 @@ fn not_an_active_prison(registry: &Registry, code: &OdsCode) -> String {
 /// Every named destination that is unknown, disabled, of the wrong kind or
 /// not the one the rules choose, and a rule target that is not a registered,
 /// active organisation of the right kind.
+pub fn deliveries(
+    event: JourneyEvent,
+    summary: &ClinicalSummary,
+    sender: &Organisation,
+    requested: &[OdsCode],
+    registry: &Registry,
+    deadlines: &Deadlines,
+    now_ms: i64,
+) -> Result<Vec<Route>, ValidationErrors> {
+    let named = named_destinations(event, requested, registry)?;
+    let mut plan = Plan {
+        event,
+        summary,
+        sender,
+        registry,
+        deadlines,
+        now_ms,
+        urgent: summary.is_urgent(),
+        named,
+        routes: Vec::new(),
+        violations: ValidationErrors::default(),
+    };
+    match event {
+        JourneyEvent::Admission => plan.admission(),
+        JourneyEvent::CommunitySummary => plan.community_summary(),
+        JourneyEvent::Transfer => plan.transfer(),
+        JourneyEvent::Release => plan.release(),
+    }
+    plan.violations.into_result().map(|()| plan.routes)
+}
+
+/// [`deliveries`], with each violation as a (field, reason) pair.
+///
+/// Kept for `grpc::handover` until the application layer calls
+/// [`deliveries`]; then this and [`RouteViolation`] go.
+///
+/// # Errors
+/// As [`deliveries`].
 pub fn route(
     event: JourneyEvent,
     summary: &ClinicalSummary,
@@ -93,196 +131,237 @@ pub fn route(
     deadlines: &Deadlines,
     now_ms: i64,
 ) -> Result<Vec<Route>, Vec<RouteViolation>> {
-    let mut violations = Vec::new();
-    let mut named: Vec<(usize, &Organisation)> = Vec::new();
+    deliveries(
+        event, summary, sender, requested, registry, deadlines, now_ms,
+    )
+    .map_err(|e| e.0.into_iter().map(|v| (v.field, v.description)).collect())
+}
+
+/// The destinations the sender named, with their place in the request;
+/// each must be a registered, active organisation that may receive `event`.
+fn named_destinations<'r>(
+    event: JourneyEvent,
+    requested: &[OdsCode],
+    registry: &'r Registry,
+) -> Result<Vec<(usize, &'r Organisation)>, ValidationErrors> {
+    let mut violations = ValidationErrors::default();
+    let mut named = Vec::new();
     for (i, code) in requested.iter().enumerate() {
         let field = format!("destinations[{i}]");
         match registry.get(code) {
-            None => violations.push((field, "no registered organisation has this ODS code".into())),
+            None => violations.add(field, "no registered organisation has this ODS code"),
             Some(org) if !org.active => {
-                violations.push((field, format!("{code} is disabled and receives nothing")));
+                violations.add(field, format!("{code} is disabled and receives nothing"));
             }
-            Some(org) if !event.accepts_destination(org.kind) => violations.push((
+            Some(org) if !event.accepts_destination(org.kind) => violations.add(
                 field,
                 format!(
                     "{event} goes to {}; {code} is a {}",
                     event.destination_kinds(),
                     org.kind.as_str()
                 ),
-            )),
+            ),
             Some(org) => named.push((i, org)),
         }
     }
-    if !violations.is_empty() {
-        return Err(violations);
-    }
+    violations.into_result().map(|()| named)
+}
 
-    let urgent = summary.is_urgent();
-    let due = |event_due: Option<i64>, urgent: bool| {
+/// One submit's routing under way: the inputs, and the routes and
+/// violations found so far.
+struct Plan<'p> {
+    event: JourneyEvent,
+    summary: &'p ClinicalSummary,
+    sender: &'p Organisation,
+    registry: &'p Registry,
+    deadlines: &'p Deadlines,
+    now_ms: i64,
+    urgent: bool,
+    named: Vec<(usize, &'p Organisation)>,
+    routes: Vec<Route>,
+    violations: ValidationErrors,
+}
+
+impl Plan<'_> {
+    /// The event's own deadline, brought forward for an urgent delivery.
+    fn due(&self, event_due: Option<i64>, urgent: bool) -> i64 {
         let due = event_due.unwrap_or(i64::MAX);
         if urgent {
-            due.min(now_ms.saturating_add(deadlines.urgent_ms))
+            due.min(self.now_ms.saturating_add(self.deadlines.urgent_ms))
         } else {
             due
         }
-    };
-    let active = |code: &OdsCode, kind: OrgKind| {
-        registry
+    }
+
+    fn active(&self, code: &OdsCode, kind: OrgKind) -> bool {
+        self.registry
             .get(code)
             .filter(|o| o.active && o.kind == kind)
             .is_some()
-    };
-    // For events with one rule target, a named destination must be that target.
-    let single = |target: Option<&OdsCode>, what: &str, violations: &mut Vec<RouteViolation>| {
-        for (i, org) in &named {
-            if Some(&org.ods) != target {
-                violations.push((
-                    format!("destinations[{i}]"),
-                    format!("{event} goes to {what}; {} is not it", org.ods),
-                ));
-            }
-        }
-    };
+    }
 
-    let mut routes = Vec::new();
-    match event {
-        JourneyEvent::Admission => {
-            single(
-                summary.registered_gp.as_ref(),
-                "the registered GP named in the summary",
-                &mut violations,
-            );
-            if let Some(gp) = summary
-                .registered_gp
-                .as_ref()
-                .filter(|gp| active(gp, OrgKind::GpPractice))
-            {
-                routes.push(Route {
-                    recipient: Recipient::Org(gp.clone()),
-                    view: View::AdmissionNotice,
-                    urgent,
-                    due_ms: due(Some(now_ms.saturating_add(deadlines.admission_ms)), urgent),
-                });
-            }
-        }
-        JourneyEvent::CommunitySummary => {
-            let prison = &summary.custody.establishment;
-            single(
-                Some(prison),
-                "the admitting prison (summary.custody.establishment)",
-                &mut violations,
-            );
-            if active(prison, OrgKind::Prison) {
-                routes.push(Route {
-                    recipient: Recipient::Org(prison.clone()),
-                    view: View::Full,
-                    urgent,
-                    due_ms: due(
-                        Some(now_ms.saturating_add(deadlines.community_summary_ms)),
-                        urgent,
-                    ),
-                });
-            } else {
-                violations.push((
-                    "summary.custody.establishment".into(),
-                    not_an_active_prison(registry, prison),
-                ));
-            }
-        }
-        JourneyEvent::Transfer => {
-            let to = summary.custody.transfer_to.as_ref();
-            single(
-                to,
-                "the receiving prison (summary.custody.transfer_to)",
-                &mut violations,
-            );
-            match to {
-                Some(to) if *to == sender.ods => violations.push((
-                    "summary.custody.transfer_to".into(),
-                    "a prison cannot transfer to itself".into(),
-                )),
-                Some(to) if active(to, OrgKind::Prison) => routes.push(Route {
-                    recipient: Recipient::Org(to.clone()),
-                    view: View::Full,
-                    urgent,
-                    due_ms: due(summary.custody.transfer_at.map(|t| t.unix_ms()), urgent),
-                }),
-                Some(to) => violations.push((
-                    "summary.custody.transfer_to".into(),
-                    not_an_active_prison(registry, to),
-                )),
-                None => {} // clinical validation reports it
-            }
-        }
-        JourneyEvent::Release => {
-            let release_due = summary
-                .custody
-                .release_date
-                .map(|d| crate::uk_time::end_of_day_ms(d.0));
-            let nominated: Vec<&Organisation> = named
-                .iter()
-                .filter(|(_, o)| o.kind == OrgKind::GpPractice)
-                .map(|(_, o)| *o)
-                .collect();
-            let probation: Vec<&Organisation> = named
-                .iter()
-                .filter(|(_, o)| o.kind == OrgKind::Probation)
-                .map(|(_, o)| *o)
-                .collect();
-            let gps: Vec<Recipient> = if nominated.is_empty() {
-                let registered = summary
-                    .registered_gp
-                    .clone()
-                    .filter(|gp| active(gp, OrgKind::GpPractice));
-                vec![registered.map_or(Recipient::Parked, Recipient::Org)]
-            } else {
-                nominated
-                    .iter()
-                    .map(|o| Recipient::Org(o.ods.clone()))
-                    .collect()
-            };
-            for recipient in gps {
-                routes.push(Route {
-                    recipient,
-                    view: View::Full,
-                    urgent,
-                    due_ms: due(release_due, urgent),
-                });
-            }
-            let regions: Vec<OdsCode> = if probation.is_empty() {
-                sender
-                    .region
-                    .as_deref()
-                    .and_then(|region| {
-                        registry.iter().find(|o| {
-                            o.active
-                                && o.kind == OrgKind::Probation
-                                && o.region.as_deref() == Some(region)
-                        })
-                    })
-                    .map(|o| o.ods.clone())
-                    .into_iter()
-                    .collect()
-            } else {
-                probation.iter().map(|o| o.ods.clone()).collect()
-            };
-            for region in regions {
-                // Urgency comes from clinical risk: probation may not learn it
-                // without consent or a legal basis.
-                let urgent = urgent && summary.may_share_risk_with_probation();
-                routes.push(Route {
-                    recipient: Recipient::Org(region),
-                    view: View::Probation,
-                    urgent,
-                    due_ms: due(release_due, urgent),
-                });
+    /// For events with one rule target, a named destination must be that target.
+    fn single(&mut self, target: Option<&OdsCode>, what: &str) {
+        for (i, org) in &self.named {
+            if Some(&org.ods) != target {
+                self.violations.add(
+                    format!("destinations[{i}]"),
+                    format!("{} goes to {what}; {} is not it", self.event, org.ods),
+                );
             }
         }
     }
-    if violations.is_empty() {
-        Ok(routes)
-    } else {
-        Err(violations)
+
+    fn admission(&mut self) {
+        let summary = self.summary;
+        self.single(
+            summary.registered_gp.as_ref(),
+            "the registered GP named in the summary",
+        );
+        if let Some(gp) = summary
+            .registered_gp
+            .as_ref()
+            .filter(|gp| self.active(gp, OrgKind::GpPractice))
+        {
+            let due = Some(self.now_ms.saturating_add(self.deadlines.admission_ms));
+            self.routes.push(Route {
+                recipient: Recipient::Org(gp.clone()),
+                view: View::AdmissionNotice,
+                urgent: self.urgent,
+                due_ms: self.due(due, self.urgent),
+            });
+        }
+    }
+
+    fn community_summary(&mut self) {
+        let prison = &self.summary.custody.establishment;
+        self.single(
+            Some(prison),
+            "the admitting prison (summary.custody.establishment)",
+        );
+        if self.active(prison, OrgKind::Prison) {
+            let due = Some(
+                self.now_ms
+                    .saturating_add(self.deadlines.community_summary_ms),
+            );
+            self.routes.push(Route {
+                recipient: Recipient::Org(prison.clone()),
+                view: View::Full,
+                urgent: self.urgent,
+                due_ms: self.due(due, self.urgent),
+            });
+        } else {
+            self.violations.add(
+                "summary.custody.establishment",
+                not_an_active_prison(self.registry, prison),
+            );
+        }
+    }
+
+    fn transfer(&mut self) {
+        let custody = &self.summary.custody;
+        let to = custody.transfer_to.as_ref();
+        self.single(to, "the receiving prison (summary.custody.transfer_to)");
+        match to {
+            Some(to) if *to == self.sender.ods => self.violations.add(
+                "summary.custody.transfer_to",
+                "a prison cannot transfer to itself",
+            ),
+            Some(to) if self.active(to, OrgKind::Prison) => {
+                let due_ms = self.due(custody.transfer_at.map(|t| t.unix_ms()), self.urgent);
+                self.routes.push(Route {
+                    recipient: Recipient::Org(to.clone()),
+                    view: View::Full,
+                    urgent: self.urgent,
+                    due_ms,
+                });
+            }
+            Some(to) => self.violations.add(
+                "summary.custody.transfer_to",
+                not_an_active_prison(self.registry, to),
+            ),
+            None => {} // clinical validation reports it
+        }
+    }
+
+    /// A release goes to the GPs, else the parked mailbox, and to probation.
+    fn release(&mut self) {
+        let release_due = self
+            .summary
+            .custody
+            .release_date
+            .map(|d| crate::uk_time::end_of_day_ms(d.0));
+        for recipient in self.release_gps() {
+            self.routes.push(Route {
+                recipient,
+                view: View::Full,
+                urgent: self.urgent,
+                due_ms: self.due(release_due, self.urgent),
+            });
+        }
+        for region in self.release_probation() {
+            // Urgency comes from clinical risk: probation may not learn it
+            // without consent or a legal basis.
+            let urgent = self.urgent && self.summary.may_share_risk_with_probation();
+            self.routes.push(Route {
+                recipient: Recipient::Org(region),
+                view: View::Probation,
+                urgent,
+                due_ms: self.due(release_due, urgent),
+            });
+        }
+    }
+
+    /// Each nominated GP practice, else the registered GP if active, else
+    /// the parked mailbox.
+    fn release_gps(&self) -> Vec<Recipient> {
+        let nominated: Vec<&Organisation> = self
+            .named
+            .iter()
+            .filter(|(_, o)| o.kind == OrgKind::GpPractice)
+            .map(|(_, o)| *o)
+            .collect();
+        if nominated.is_empty() {
+            let registered = self
+                .summary
+                .registered_gp
+                .clone()
+                .filter(|gp| self.active(gp, OrgKind::GpPractice));
+            vec![registered.map_or(Recipient::Parked, Recipient::Org)]
+        } else {
+            nominated
+                .iter()
+                .map(|o| Recipient::Org(o.ods.clone()))
+                .collect()
+        }
+    }
+
+    /// Each nominated probation region, else the active probation service
+    /// of the releasing prison's region (if any).
+    fn release_probation(&self) -> Vec<OdsCode> {
+        let probation: Vec<&Organisation> = self
+            .named
+            .iter()
+            .filter(|(_, o)| o.kind == OrgKind::Probation)
+            .map(|(_, o)| *o)
+            .collect();
+        if probation.is_empty() {
+            self.sender
+                .region
+                .as_deref()
+                .and_then(|region| {
+                    self.registry.iter().find(|o| {
+                        o.active
+                            && o.kind == OrgKind::Probation
+                            && o.region.as_deref() == Some(region)
+                    })
+                })
+                .map(|o| o.ods.clone())
+                .into_iter()
+                .collect()
+        } else {
+            probation.iter().map(|o| o.ods.clone()).collect()
+        }
     }
 }
 
@@ -327,8 +406,8 @@ mod tests {
         sender: &Organisation,
         named: &[OdsCode],
         reg: &Registry,
-    ) -> Result<Vec<Route>, Vec<RouteViolation>> {
-        route(event, s, sender, named, reg, &Deadlines::default(), NOW)
+    ) -> Result<Vec<Route>, ValidationErrors> {
+        deliveries(event, s, sender, named, reg, &Deadlines::default(), NOW)
     }
 
     fn summary(gp: Option<&str>) -> ClinicalSummary {
@@ -396,12 +475,12 @@ mod tests {
         s.custody.transfer_to = Some(code("YP002"));
         s.custody.transfer_at = Some("2026-11-25T10:00:00Z".parse().unwrap());
         let err = go(JourneyEvent::Transfer, &s, sender, &[code("YP001")], &reg).unwrap_err();
-        assert_eq!(err[0].0, "destinations[0]");
-        assert!(err[0].1.contains("receiving prison"), "{err:?}");
+        assert_eq!(err.0[0].field, "destinations[0]");
+        assert!(err.0[0].description.contains("receiving prison"), "{err:?}");
         let ok = go(JourneyEvent::Transfer, &s, sender, &[code("YP002")], &reg).unwrap();
         assert_eq!(ok[0].due_ms, s.custody.transfer_at.unwrap().unix_ms());
         let err = go(JourneyEvent::Admission, &s, sender, &[code("YG002")], &reg).unwrap_err();
-        assert!(err[0].1.contains("registered GP"), "{err:?}");
+        assert!(err.0[0].description.contains("registered GP"), "{err:?}");
         let err = go(
             JourneyEvent::Release,
             &s,
@@ -410,7 +489,7 @@ mod tests {
             &reg,
         )
         .unwrap_err();
-        assert_eq!(err[0].0, "destinations[1]");
+        assert_eq!(err.0[0].field, "destinations[1]");
         let two = go(
             JourneyEvent::Release,
             &s,
@@ -474,6 +553,6 @@ mod tests {
             &reg,
         )
         .unwrap_err();
-        assert!(err[0].1.contains("disabled"));
+        assert!(err.0[0].description.contains("disabled"));
     }
 }

@@ -202,6 +202,132 @@ struct RetentionGauges {
     key_epochs: Gauge,
 }
 
+impl BarrierMetrics {
+    /// The barrier series, registered in `r`.
+    fn registered(r: &mut Registry) -> Arc<Self> {
+        let barrier = Arc::new(BarrierMetrics {
+            seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            commands: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            submits: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            anchored_audit_seq: Gauge::default(),
+            anchored_commit_seq: Gauge::default(),
+        });
+        r.register(
+            "audit_anchored_seq",
+            "Audit entries covered by the newest durable signed checkpoint in the witness (`throughcare admin audit anchor` prints it)",
+            barrier.anchored_audit_seq.clone(),
+        );
+        r.register(
+            "store_anchored_commit_seq",
+            "Committed batches the witness promises (the high-water mark outside the data directory)",
+            barrier.anchored_commit_seq.clone(),
+        );
+        r.register_with_unit(
+            "barrier_duration",
+            "Durability barriers (sled flush and fdatasyncs), one per group commit",
+            Unit::Seconds,
+            barrier.seconds.clone(),
+        );
+        r.register(
+            "barrier_commands",
+            "Messages per barrier: commands one group commit made durable",
+            barrier.commands.clone(),
+        );
+        r.register(
+            "barrier_submits",
+            "Accepted submits per barrier",
+            barrier.submits.clone(),
+        );
+        barrier
+    }
+}
+
+impl MailboxGauges {
+    /// The per-mailbox gauges, registered in `r`.
+    fn registered(r: &mut Registry) -> Self {
+        let mailboxes = MailboxGauges::default();
+        r.register(
+            "mailbox_depth",
+            "Deliveries waiting or on lease in the mailbox",
+            mailboxes.depth.clone(),
+        );
+        r.register(
+            "mailbox_leased",
+            "Deliveries out on lease",
+            mailboxes.leased.clone(),
+        );
+        r.register_with_unit(
+            "mailbox_oldest_age",
+            "Age of the oldest unacknowledged delivery",
+            Unit::Seconds,
+            mailboxes.oldest_age_seconds.clone(),
+        );
+        r.register(
+            "mailbox_overdue",
+            "Unacknowledged deliveries past their deadline",
+            mailboxes.overdue.clone(),
+        );
+        r.register(
+            "mailbox_quarantined",
+            "Quarantined deliveries awaiting an operator",
+            mailboxes.quarantined.clone(),
+        );
+        r.register(
+            "mailbox_parked",
+            "Parked releases (no known GP) awaiting a claim",
+            mailboxes.parked.clone(),
+        );
+        mailboxes
+    }
+}
+
+impl RetentionGauges {
+    /// The retention gauges, registered in `r`.
+    fn registered(r: &mut Registry) -> Self {
+        let retention = RetentionGauges::default();
+        for (name, help, gauge) in [
+            (
+                "retention_payloads_held",
+                "Payloads not yet shredded (in transit, parked, quarantined or in their grace period)",
+                &retention.payloads_held,
+            ),
+            (
+                "retention_payloads_in_grace",
+                "Finished handovers whose payload is waiting out its grace period",
+                &retention.payloads_in_grace,
+            ),
+            (
+                "retention_payloads_shredded",
+                "Payloads shredded under the retention policy since the store was created",
+                &retention.payloads_shredded,
+            ),
+            (
+                "retention_metadata_expiring",
+                "Finished handovers whose tracking metadata is scheduled for removal",
+                &retention.metadata_expiring,
+            ),
+            (
+                "retention_metadata_removed",
+                "Handovers whose tracking metadata was removed since the store was created",
+                &retention.metadata_removed,
+            ),
+            (
+                "retention_tombstones",
+                "Removed handovers Track still answers for",
+                &retention.tombstones,
+            ),
+            (
+                "retention_key_epochs",
+                "Key epochs on disk (each wraps one period's data keys)",
+                &retention.key_epochs,
+            ),
+        ] {
+            r.register(name, help, gauge.clone());
+        }
+        retention
+    }
+}
+
 /// Every series the gateway exports, and the registry that encodes them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -264,39 +390,7 @@ impl Metrics {
             "Nack calls by permanence and outcome (requeued, quarantined or refused)",
             nacks.clone(),
         );
-        let barrier = Arc::new(BarrierMetrics {
-            seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            commands: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
-            submits: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
-            anchored_audit_seq: Gauge::default(),
-            anchored_commit_seq: Gauge::default(),
-        });
-        r.register(
-            "audit_anchored_seq",
-            "Audit entries covered by the newest durable signed checkpoint in the witness (`throughcare admin audit anchor` prints it)",
-            barrier.anchored_audit_seq.clone(),
-        );
-        r.register(
-            "store_anchored_commit_seq",
-            "Committed batches the witness promises (the high-water mark outside the data directory)",
-            barrier.anchored_commit_seq.clone(),
-        );
-        r.register_with_unit(
-            "barrier_duration",
-            "Durability barriers (sled flush and fdatasyncs), one per group commit",
-            Unit::Seconds,
-            barrier.seconds.clone(),
-        );
-        r.register(
-            "barrier_commands",
-            "Messages per barrier: commands one group commit made durable",
-            barrier.commands.clone(),
-        );
-        r.register(
-            "barrier_submits",
-            "Accepted submits per barrier",
-            barrier.submits.clone(),
-        );
+        let barrier = BarrierMetrics::registered(r);
         let certificate_days = Family::default();
         r.register(
             "certificate_expiry_days",
@@ -321,78 +415,8 @@ impl Metrics {
             "Claims refused because a failed-claim counter is at its limit, by scope",
             claims_locked.clone(),
         );
-        let mailboxes = MailboxGauges::default();
-        r.register(
-            "mailbox_depth",
-            "Deliveries waiting or on lease in the mailbox",
-            mailboxes.depth.clone(),
-        );
-        r.register(
-            "mailbox_leased",
-            "Deliveries out on lease",
-            mailboxes.leased.clone(),
-        );
-        r.register_with_unit(
-            "mailbox_oldest_age",
-            "Age of the oldest unacknowledged delivery",
-            Unit::Seconds,
-            mailboxes.oldest_age_seconds.clone(),
-        );
-        r.register(
-            "mailbox_overdue",
-            "Unacknowledged deliveries past their deadline",
-            mailboxes.overdue.clone(),
-        );
-        r.register(
-            "mailbox_quarantined",
-            "Quarantined deliveries awaiting an operator",
-            mailboxes.quarantined.clone(),
-        );
-        r.register(
-            "mailbox_parked",
-            "Parked releases (no known GP) awaiting a claim",
-            mailboxes.parked.clone(),
-        );
-        let retention = RetentionGauges::default();
-        for (name, help, gauge) in [
-            (
-                "retention_payloads_held",
-                "Payloads not yet shredded (in transit, parked, quarantined or in their grace period)",
-                &retention.payloads_held,
-            ),
-            (
-                "retention_payloads_in_grace",
-                "Finished handovers whose payload is waiting out its grace period",
-                &retention.payloads_in_grace,
-            ),
-            (
-                "retention_payloads_shredded",
-                "Payloads shredded under the retention policy since the store was created",
-                &retention.payloads_shredded,
-            ),
-            (
-                "retention_metadata_expiring",
-                "Finished handovers whose tracking metadata is scheduled for removal",
-                &retention.metadata_expiring,
-            ),
-            (
-                "retention_metadata_removed",
-                "Handovers whose tracking metadata was removed since the store was created",
-                &retention.metadata_removed,
-            ),
-            (
-                "retention_tombstones",
-                "Removed handovers Track still answers for",
-                &retention.tombstones,
-            ),
-            (
-                "retention_key_epochs",
-                "Key epochs on disk (each wraps one period's data keys)",
-                &retention.key_epochs,
-            ),
-        ] {
-            r.register(name, help, gauge.clone());
-        }
+        let mailboxes = MailboxGauges::registered(r);
+        let retention = RetentionGauges::registered(r);
         Self {
             registry: root,
             submits,

@@ -8,8 +8,9 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use super::read::{ods_of, parse_with, typed};
 use super::types::{Organization, RawEntry, Reference};
-use super::{ods_of, parse_with, typed, unread};
+use super::unread;
 use crate::clinical::identifiers::OdsCode;
 use crate::clinical::violation::ValidationErrors;
 

@@ -2,8 +2,9 @@
 //! `MedicationRequest`, UK Core profile, both ways.
 
 use super::index::Index;
+use super::read::{parse_code, parse_with, typed};
 use super::types::{DispenseRequest, Dosage, MedicationRequest, Meta, Quantity, Reference};
-use super::{code_cc, parse_code, parse_with, typed};
+use super::write::code_cc;
 use crate::clinical::model::{
     PRESCRIPTION_INTENTS, PRESCRIPTION_STATUSES, Prescription, Quantity as ModelQuantity,
 };

@@ -2,8 +2,9 @@
 //! repetition and component outside the table below is listed by its HL7
 //! path, so a delivery can say what it does not carry.
 
-use super::{LOCAL, Segment};
-use crate::journey::JourneyEvent;
+use super::LOCAL;
+use super::segment::Segment;
+use crate::clinical::JourneyEvent;
 
 /// A field the parser reads: which components (empty: the whole field) and
 /// whether every repetition is read or only the first.

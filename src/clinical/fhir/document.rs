@@ -1,0 +1,643 @@
+//! Reading a document Bundle's resources into the summary: the Composition,
+//! the Patient, the custody Encounter, then each heading's resources.
+
+use super::index::Index;
+use super::read::{Parsed, day_of, kind_of, owned, parse_code, parse_with, required, typed};
+use super::types::*;
+use super::{
+    CLINICAL_STATUS, EXT_DAYS_SUPPLIED, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED, SYS_CRN,
+    SYS_EVENT, SYS_LOCAL, SYS_NHS, SYS_PRISON_NUMBER, SYS_RISK, event_code, prescription,
+};
+use crate::clinical::JourneyEvent;
+use crate::clinical::OdsCode;
+use crate::clinical::model::{
+    Address, Allergy, Author, ClinicalSummary, ConsentDecision, Custody, Date, DateTime, Diagnosis,
+    FollowUp, FollowUpKind, Infection, Medication, MentalHealth, RiskFlag, RiskKind, Severity, Sex,
+    SubstanceMisuse, Vaccination,
+};
+use crate::clinical::violation::ValidationErrors;
+
+/// Reads the document Bundle's resources into the summary: the Composition,
+/// the Patient and custody Encounter it rests on, then each heading.
+pub(super) fn parse_document(
+    bundle: &RawBundle<'_>,
+    prefix: &str,
+    errors: &mut ValidationErrors,
+) -> Option<Parsed> {
+    let index = Index::new(
+        &bundle.entry,
+        bundle.entry.iter().map(|e| kind_of(e.resource)).collect(),
+        prefix,
+    );
+    let first_type = index.kind(0);
+    if first_type != Some("Composition") {
+        errors.add(
+            format!("{prefix}entry[0].resource"),
+            "a document Bundle starts with its Composition",
+        );
+        return None;
+    }
+    let p0 = index.path(0);
+    index.touch(0);
+    let comp: Composition = typed(bundle.entry[0].resource.get(), p0, errors)?;
+    let event = comp
+        .event
+        .iter()
+        .flat_map(|e| &e.code)
+        .find_map(|c| c.code_in(SYS_EVENT))
+        .and_then(|c| c.code.as_deref())
+        .and_then(|code| {
+            JourneyEvent::ALL
+                .into_iter()
+                .find(|e| event_code(*e) == code)
+        });
+
+    let Some((pi, pv)) = index.resolve(&comp.subject) else {
+        errors.add(
+            format!("{p0}subject.reference"),
+            "must refer to a Patient entry in the Bundle",
+        );
+        return None;
+    };
+    let from_patient = read_patient(&index, pi, pv, errors)?;
+    let custody = read_custody(
+        &index,
+        prefix,
+        from_patient.release_address.as_ref(),
+        errors,
+    );
+    let medications = read_medications(&index, errors);
+    let allergies = read_allergies(&index, errors);
+    let risks = read_risks(&index, errors);
+    let diagnoses = read_conditions(&index, errors);
+    let vaccinations = read_immunizations(&index, errors);
+    let (infections, mental_health, substance_misuse) = read_observations(&index, errors);
+    let follow_ups = read_service_requests(&index, errors);
+    let consent = read_consent(&index, errors);
+    let author = read_author(&comp, &index, errors);
+    let author_org = comp.custodian.as_ref().and_then(|r| index.ods(r, errors));
+    let prescriptions = prescription::read(&index, errors);
+    let author_org = required(
+        author_org,
+        format_args!("{p0}custodian"),
+        errors,
+        "the authoring organisation (an Organization with an ODS code)",
+    );
+    let authored_at: Option<DateTime> =
+        parse_with(Some(&*comp.date), format_args!("{p0}date"), errors);
+
+    let (Some(patient), Some(custody), Some(consent), Some(author_org), Some(authored_at)) = (
+        from_patient.patient,
+        custody,
+        consent,
+        author_org,
+        authored_at,
+    ) else {
+        return None;
+    };
+    let (author_name, author_role) = author.unwrap_or_default();
+    let not_read = index.finish(errors);
+    Some(Parsed {
+        summary: ClinicalSummary {
+            patient,
+            custody,
+            registered_gp: from_patient.registered_gp,
+            diagnoses,
+            medications,
+            prescriptions,
+            allergies,
+            risks,
+            mental_health,
+            substance_misuse,
+            infections,
+            vaccinations,
+            follow_ups,
+            consent,
+            author: Author {
+                name: author_name,
+                role: author_role,
+                organisation: author_org,
+            },
+            authored_at,
+            not_read,
+        },
+        event,
+    })
+}
+
+/// What the Patient resource says.
+struct PatientRead {
+    /// None without a family name or a date of birth.
+    patient: Option<crate::clinical::model::Patient>,
+    registered_gp: Option<OdsCode>,
+    release_address: Option<Address>,
+}
+
+/// The Patient the Composition is about; none when it is not a Patient.
+fn read_patient(
+    index: &Index<'_>,
+    pi: usize,
+    pv: &str,
+    errors: &mut ValidationErrors,
+) -> Option<PatientRead> {
+    let pp = index.path(pi);
+    let fp: Patient = typed(pv, pp, errors)?;
+    let mut nhs = None;
+    let mut prison = None;
+    let mut crn = None;
+    for (k, id) in fp.identifier.iter().enumerate() {
+        let field = format_args!("{pp}identifier[{k}].value");
+        let value = id.value.as_deref();
+        match id.system.as_deref() {
+            Some(SYS_NHS) => nhs = parse_with(value, field, errors),
+            Some(SYS_PRISON_NUMBER) => prison = parse_with(value, field, errors),
+            Some(SYS_CRN) => crn = parse_with(value, field, errors),
+            _ => index.note(
+                format_args!("{pp}identifier[{k}]"),
+                "an identifier system the gateway does not read",
+            ),
+        }
+    }
+    let name = fp.name.first();
+    let family_name = required(
+        name.and_then(|n| n.family.as_ref()).map(|f| f.to_string()),
+        format_args!("{pp}name[0].family"),
+        errors,
+        "the patient's family name",
+    );
+    let dob: Option<Date> = required(
+        parse_with(
+            fp.birth_date.as_deref(),
+            format_args!("{pp}birthDate"),
+            errors,
+        ),
+        format_args!("{pp}birthDate"),
+        errors,
+        "the patient's date of birth",
+    );
+    let sex = match fp.gender.as_deref() {
+        Some("male") => Sex::Male,
+        Some("female") => Sex::Female,
+        Some("other") => Sex::Other,
+        Some("unknown") | None => Sex::Unknown,
+        Some(_) => {
+            errors.add(
+                format!("{pp}gender"),
+                "must be male, female, other or unknown",
+            );
+            Sex::Unknown
+        }
+    };
+    let registered_gp = fp
+        .general_practitioner
+        .first()
+        .and_then(|r| index.ods(r, errors));
+    let release_address = fp.address.first().map(|a| Address {
+        lines: a.line.iter().map(|l| l.to_string()).collect(),
+        city: owned(a.city.as_ref()),
+        postcode: owned(a.postal_code.as_ref()),
+    });
+
+    let patient = match (family_name, dob) {
+        (Some(family_name), Some(date_of_birth)) => Some(crate::clinical::model::Patient {
+            nhs_number: nhs,
+            prison_number: prison,
+            crn,
+            family_name,
+            given_names: name
+                .map(|n| n.given.iter().map(|g| g.to_string()).collect())
+                .unwrap_or_default(),
+            date_of_birth,
+            sex,
+        }),
+        _ => None,
+    };
+    Some(PatientRead {
+        patient,
+        registered_gp,
+        release_address,
+    })
+}
+
+/// The custody episode from the (first) Encounter, which is required.
+fn read_custody(
+    index: &Index<'_>,
+    prefix: &str,
+    release_address: Option<&Address>,
+    errors: &mut ValidationErrors,
+) -> Option<Custody> {
+    let Some((ei, ev)) = index.of_type("Encounter").next() else {
+        errors.add(
+            format!("{prefix}entry"),
+            "an Encounter for the custody episode is required",
+        );
+        return None;
+    };
+    let ep = index.path(ei);
+    let enc = typed::<Encounter>(ev, ep, errors)?;
+    let establishment = enc
+        .service_provider
+        .as_ref()
+        .and_then(|r| index.ods(r, errors));
+    let establishment = required(
+        establishment,
+        format_args!("{ep}serviceProvider"),
+        errors,
+        "the establishment (an Organization with an ODS code)",
+    );
+    let hosp = enc.hospitalization.as_ref();
+    let transfer_to = hosp
+        .and_then(|h| h.destination.as_ref())
+        .and_then(|r| index.ods(r, errors));
+    let period = enc.period.as_ref();
+    let start = period.and_then(|p| p.start.as_deref());
+    let end = period.and_then(|p| p.end.as_deref());
+    let reception_date = day_of(start, format_args!("{ep}period.start"), index, errors);
+    let (transfer_at, release_date) = if transfer_to.is_some() {
+        (
+            parse_with(end, format_args!("{ep}period.end"), errors),
+            None,
+        )
+    } else {
+        (
+            None,
+            day_of(end, format_args!("{ep}period.end"), index, errors),
+        )
+    };
+    let no_fixed_abode = hosp
+        .and_then(|h| h.discharge_disposition.as_ref())
+        .and_then(|d| d.code_in(SYS_LOCAL))
+        .and_then(|c| c.code.as_deref())
+        == Some("no-fixed-abode");
+    establishment.map(|establishment| Custody {
+        establishment,
+        reception_date,
+        transfer_at,
+        transfer_to,
+        release_date,
+        release_address: release_address.cloned(),
+        no_fixed_abode,
+    })
+}
+
+/// Medicines from MedicationStatements.
+fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Medication> {
+    let mut s_medications = Vec::new();
+    for (i, v) in index.of_type("MedicationStatement") {
+        let p = index.path(i);
+        let Some(m) = typed::<MedicationStatement>(v, p, errors) else {
+            continue;
+        };
+        let code = parse_code(
+            &m.medication_codeable_concept,
+            format_args!("{p}medicationCodeableConcept"),
+            errors,
+        );
+        let dosage = m.dosage.first();
+        let mut last_dose_given = None;
+        let mut days_supplied = None;
+        for (k, e) in m.extension.iter().enumerate() {
+            match &*e.url {
+                EXT_LAST_DOSE => {
+                    last_dose_given = parse_with(
+                        e.value_date_time.as_deref(),
+                        format_args!("{p}extension[{k}].valueDateTime"),
+                        errors,
+                    )
+                }
+                EXT_DAYS_SUPPLIED => match e.value_integer.map(u32::try_from) {
+                    Some(Ok(d)) => days_supplied = Some(d),
+                    _ => errors.add(
+                        format!("{p}extension[{k}].valueInteger"),
+                        "must be a whole number of days",
+                    ),
+                },
+                _ => {}
+            }
+        }
+        if let Some(code) = code {
+            s_medications.push(Medication {
+                code,
+                dose: owned(dosage.and_then(|d| d.text.as_ref())),
+                route: owned(
+                    dosage
+                        .and_then(|d| d.route.as_ref())
+                        .and_then(|r| r.text.as_ref()),
+                ),
+                frequency: owned(
+                    dosage
+                        .and_then(|d| d.timing.as_ref())
+                        .and_then(|t| t.code.as_ref())
+                        .and_then(|c| c.text.as_ref()),
+                ),
+                supervised: dosage.is_some_and(|d| {
+                    d.additional_instruction.iter().any(|c| {
+                        c.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("supervised")
+                    })
+                }),
+                opioid_substitution: m
+                    .category
+                    .as_ref()
+                    .and_then(|c| c.code_in(SYS_LOCAL))
+                    .and_then(|c| c.code.as_deref())
+                    == Some("opioid-substitution"),
+                last_dose_given,
+                days_supplied,
+            });
+        }
+    }
+    s_medications
+}
+
+/// Allergies from AllergyIntolerances.
+fn read_allergies(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Allergy> {
+    let mut s_allergies = Vec::new();
+    for (i, v) in index.of_type("AllergyIntolerance") {
+        let p = index.path(i);
+        let Some(a) = typed::<AllergyIntolerance>(v, p, errors) else {
+            continue;
+        };
+        let reaction = a.reaction.first();
+        let severity = match reaction.and_then(|r| r.severity.as_deref()) {
+            None => None,
+            Some("mild") => Some(Severity::Mild),
+            Some("moderate") => Some(Severity::Moderate),
+            Some("severe") => Some(Severity::Severe),
+            Some(_) => {
+                errors.add(
+                    format!("{p}reaction[0].severity"),
+                    "must be mild, moderate or severe",
+                );
+                None
+            }
+        };
+        if let Some(substance) = parse_code(&a.code, format_args!("{p}code"), errors) {
+            s_allergies.push(Allergy {
+                substance,
+                reaction: reaction
+                    .and_then(|r| r.manifestation.first())
+                    .and_then(|m| {
+                        m.text
+                            .as_ref()
+                            .or_else(|| m.coding.first().and_then(|c| c.display.as_ref()))
+                    })
+                    .map(|t| t.to_string()),
+                severity,
+            });
+        }
+    }
+    s_allergies
+}
+
+/// Risks from Flags.
+fn read_risks(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<RiskFlag> {
+    let mut s_risks = Vec::new();
+    for (i, v) in index.of_type("Flag") {
+        let p = index.path(i);
+        let Some(f) = typed::<Flag>(v, p, errors) else {
+            continue;
+        };
+        let kind = f
+            .code
+            .code_in(SYS_RISK)
+            .and_then(|c| c.code.as_deref())
+            .and_then(RiskKind::from_code);
+        match kind {
+            Some(kind) => s_risks.push(RiskFlag {
+                kind,
+                active: f.status == "active",
+                note: f
+                    .extension
+                    .iter()
+                    .find(|e| e.url == EXT_NOTE)
+                    .and_then(|e| e.value_string.as_ref())
+                    .map(|n| n.to_string()),
+            }),
+            None => errors.add(
+                format!("{p}code.coding"),
+                "a risk code (suicide, self-harm, violence, vulnerability) is required",
+            ),
+        }
+    }
+    s_risks
+}
+
+/// Diagnoses from Conditions.
+fn read_conditions(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Diagnosis> {
+    let mut s_diagnoses = Vec::new();
+    for (i, v) in index.of_type("Condition") {
+        let p = index.path(i);
+        let Some(c) = typed::<Condition>(v, p, errors) else {
+            continue;
+        };
+        let active = c
+            .clinical_status
+            .as_ref()
+            .and_then(|s| s.code_in(CLINICAL_STATUS))
+            .and_then(|c| c.code.as_deref())
+            .is_none_or(|c| matches!(c, "active" | "recurrence" | "relapse"));
+        let onset = parse_with(
+            c.onset_date_time.as_deref(),
+            format_args!("{p}onsetDateTime"),
+            errors,
+        );
+        if let Some(code) = parse_code(&c.code, format_args!("{p}code"), errors) {
+            s_diagnoses.push(Diagnosis {
+                code,
+                active,
+                onset,
+            });
+        }
+    }
+    s_diagnoses
+}
+
+/// Vaccinations from Immunizations.
+fn read_immunizations(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Vaccination> {
+    let mut s_vaccinations = Vec::new();
+    for (i, v) in index.of_type("Immunization") {
+        let p = index.path(i);
+        let Some(im) = typed::<Immunization>(v, p, errors) else {
+            continue;
+        };
+        let date = parse_with(
+            Some(&im.occurrence_date_time),
+            format_args!("{p}occurrenceDateTime"),
+            errors,
+        );
+        if let (Some(code), Some(date)) = (
+            parse_code(&im.vaccine_code, format_args!("{p}vaccineCode"), errors),
+            date,
+        ) {
+            s_vaccinations.push(Vaccination { code, date });
+        }
+    }
+    s_vaccinations
+}
+
+/// Infections, mental health and substance misuse from Observations, by
+/// category and code; any other observation is listed as not carried.
+fn read_observations(
+    index: &Index<'_>,
+    errors: &mut ValidationErrors,
+) -> (
+    Vec<Infection>,
+    Option<MentalHealth>,
+    Option<SubstanceMisuse>,
+) {
+    let mut s_infections = Vec::new();
+    let mut mental_health: Option<MentalHealth> = None;
+    let mut substance_misuse: Option<SubstanceMisuse> = None;
+    for (i, v) in index.of_type("Observation") {
+        let p = index.path(i);
+        let Some(o) = typed::<Observation>(v, p, errors) else {
+            continue;
+        };
+        let category = o
+            .category
+            .iter()
+            .find_map(|c| c.code_in(SYS_LOCAL))
+            .and_then(|c| c.code.as_deref());
+        let local_code = o.code.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref());
+        let value_string = || o.value_string.as_ref().map(|v| v.to_string());
+        match (category, local_code) {
+            (Some("infectious-disease"), _) => {
+                let treatment_started = o
+                    .extension
+                    .iter()
+                    .enumerate()
+                    .find(|(_, e)| e.url == EXT_TREATMENT_STARTED)
+                    .and_then(|(k, e)| {
+                        parse_with(
+                            e.value_date.as_deref(),
+                            format_args!("{p}extension[{k}].valueDate"),
+                            errors,
+                        )
+                    });
+                if let Some(code) = parse_code(&o.code, format_args!("{p}code"), errors) {
+                    s_infections.push(Infection {
+                        code,
+                        status: value_string().unwrap_or_default(),
+                        treatment_started,
+                    });
+                }
+            }
+            (_, Some("care-programme-approach")) => {
+                mental_health
+                    .get_or_insert_with(MentalHealth::default)
+                    .care_programme_approach = o.value_boolean.unwrap_or(false)
+            }
+            (_, Some("care-coordinator")) => {
+                mental_health
+                    .get_or_insert_with(MentalHealth::default)
+                    .care_coordinator = value_string()
+            }
+            (_, Some("substance-misuse-treatment")) => {
+                substance_misuse
+                    .get_or_insert_with(SubstanceMisuse::default)
+                    .in_treatment = o.value_boolean.unwrap_or(false)
+            }
+            (_, Some("substance-misuse-service")) => {
+                substance_misuse
+                    .get_or_insert_with(SubstanceMisuse::default)
+                    .community_service = value_string()
+            }
+            _ => index.note(
+                format_args!("{}entry[{i}].resource (Observation)", index.prefix()),
+                "not carried: an observation of a kind the gateway does not read",
+            ),
+        }
+    }
+    (s_infections, mental_health, substance_misuse)
+}
+
+/// Follow-ups from ServiceRequests.
+fn read_service_requests(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<FollowUp> {
+    let mut s_follow_ups = Vec::new();
+    for (i, v) in index.of_type("ServiceRequest") {
+        let p = index.path(i);
+        let Some(r) = typed::<ServiceRequest>(v, p, errors) else {
+            continue;
+        };
+        let kind = match r
+            .category
+            .iter()
+            .find_map(|c| c.code_in(SYS_LOCAL))
+            .and_then(|c| c.code.as_deref())
+        {
+            Some("appointment") => FollowUpKind::Appointment,
+            _ => FollowUpKind::Referral,
+        };
+        let date = parse_with(
+            r.occurrence_date_time.as_deref(),
+            format_args!("{p}occurrenceDateTime"),
+            errors,
+        );
+        s_follow_ups.push(FollowUp {
+            kind,
+            service: owned(r.code.as_ref().and_then(|c| {
+                c.text
+                    .as_ref()
+                    .or_else(|| c.coding.first().and_then(|c| c.display.as_ref()))
+            })),
+            date,
+        });
+    }
+    s_follow_ups
+}
+
+/// The probation-sharing decision from the (first) Consent; none recorded
+/// without one.
+fn read_consent(
+    index: &Index<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<crate::clinical::model::Consent> {
+    match index.of_type("Consent").next() {
+        Some((i, v)) => typed::<Consent>(v, index.path(i), errors).map(|c| {
+            let legal_basis = c
+                .policy_rule
+                .as_ref()
+                .filter(|r| {
+                    r.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("legal-basis")
+                })
+                .and_then(|r| r.text.as_ref())
+                .map(|t| t.to_string());
+            crate::clinical::model::Consent {
+                probation_sharing: match c.provision.as_ref().map(|p| &*p.type_) {
+                    Some("permit") if c.status == "active" => ConsentDecision::Given,
+                    Some("deny") => ConsentDecision::Refused,
+                    _ => ConsentDecision::NotRecorded,
+                },
+                legal_basis,
+            }
+        }),
+        None => Some(crate::clinical::model::Consent {
+            probation_sharing: ConsentDecision::NotRecorded,
+            legal_basis: None,
+        }),
+    }
+}
+
+/// The author's name and role, when the Composition's author is a
+/// Practitioner.
+fn read_author(
+    comp: &Composition<'_>,
+    index: &Index<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<(String, String)> {
+    comp.author
+        .first()
+        .and_then(|r| index.resolve(r))
+        .filter(|(ai, _)| index.kind(*ai) == Some("Practitioner"))
+        .and_then(|(ai, av)| {
+            let pr: Practitioner = typed(av, index.path(ai), errors)?;
+            Some((
+                owned(
+                    pr.name
+                        .first()
+                        .and_then(|n| n.text.as_ref().or(n.family.as_ref())),
+                ),
+                owned(pr.qualification.first().and_then(|q| q.code.text.as_ref())),
+            ))
+        })
+}

@@ -1,0 +1,348 @@
+//! Reading a FHIR R4 Bundle: limits, JSON, the Bundle (a document, or a
+//! message wrapping one), and the typed reads every resource goes through.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::document::parse_document;
+use super::index::Index;
+use super::types::*;
+use super::{SYS_ODS, unread};
+use crate::clinical::JourneyEvent;
+use crate::clinical::Limits;
+use crate::clinical::model::{ClinicalSummary, Code, Date};
+use crate::clinical::violation::ValidationErrors;
+
+/// Deepest JSON nesting in `bytes`, counting only brackets outside strings.
+/// Strings are skipped with `memchr`: most of a document is inside them.
+pub(super) fn json_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'"' => {
+                i += 1;
+                loop {
+                    match bytes
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    {
+                        // An escape: skip the escaped byte too.
+                        Some(k) if bytes[i + k] == b'\\' => i += k + 2,
+                        Some(k) => {
+                            i += k + 1;
+                            break;
+                        }
+                        // Unterminated: the rest is inside the string.
+                        None => return max,
+                    }
+                }
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    max
+}
+
+/// Parses into `T`, reporting the failing path under `prefix`.
+///
+/// Plain serde_json first: a valid resource costs one pass and borrows its
+/// strings from the input. Only a resource that fails is read again with
+/// path tracking, which yields the same result and names the failing field.
+pub(super) fn typed<'a, T: Deserialize<'a>>(
+    json: &'a str,
+    prefix: impl fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<T> {
+    match serde_json::from_str(json) {
+        Ok(t) => Some(t),
+        Err(_) => {
+            report_typed::<T>(json, &prefix.to_string(), errors);
+            None
+        }
+    }
+}
+
+/// Reads `json` as `T` again, tracking the path, and records why it fails.
+#[cold]
+pub(super) fn report_typed<'a, T: Deserialize<'a>>(
+    json: &'a str,
+    prefix: &str,
+    errors: &mut ValidationErrors,
+) {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let e = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(_) => {
+            // Only trailing characters after a valid value get here.
+            errors.add(prefix.trim_end_matches('.'), "unreadable value");
+            return;
+        }
+        Err(e) => e,
+    };
+    let path = e.path().to_string();
+    let field = if path == "." {
+        prefix.trim_end_matches('.').to_owned()
+    } else {
+        format!("{prefix}{path}")
+    };
+    // serde's messages can quote input values; keep only the kind of problem.
+    let inner = e.into_inner().to_string();
+    let description = if inner.starts_with("missing field") {
+        inner.split(" at line").next().unwrap_or(&inner).to_owned()
+    } else if inner.starts_with("invalid type") {
+        let expected = inner.split("expected ").nth(1).unwrap_or("another type");
+        format!(
+            "wrong type: expected {}",
+            expected.split(" at line").next().unwrap_or(expected)
+        )
+    } else {
+        "unreadable value".to_owned()
+    };
+    errors.add(field, description);
+}
+
+/// What a parsed Bundle said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    /// The summary.
+    pub summary: ClinicalSummary,
+    /// The journey event from `Composition.event`, if given.
+    pub event: Option<JourneyEvent>,
+}
+
+/// Parses a FHIR R4 document Bundle (or a message Bundle wrapping one).
+///
+/// # Errors
+/// Every field violation found, with its path.
+pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> {
+    if bytes.len() > limits.max_document_bytes {
+        return Err(ValidationErrors::one(
+            "document",
+            format!(
+                "{} bytes is over the {}-byte limit",
+                bytes.len(),
+                limits.max_document_bytes
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        ValidationErrors::one(
+            "document",
+            format!("not valid UTF-8 (at byte {})", e.valid_up_to()),
+        )
+    })?;
+    if json_depth(bytes) > limits.max_json_depth {
+        return Err(ValidationErrors::one(
+            "document",
+            format!("JSON nested deeper than {} levels", limits.max_json_depth),
+        ));
+    }
+    // One pass reads the Bundle and checks the whole document is JSON; only
+    // when it fails do we ask which way (syntax first, then shape).
+    let bundle: RawBundle = match serde_json::from_str(text) {
+        Ok(bundle) => bundle,
+        Err(_) => {
+            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                return Err(ValidationErrors::one(
+                    "document",
+                    format!("not valid JSON (line {}, column {})", e.line(), e.column()),
+                ));
+            }
+            let mut errors = ValidationErrors::default();
+            report_typed::<RawBundle>(text, "", &mut errors);
+            return Err(errors);
+        }
+    };
+    if bundle.resource_type != "Bundle" {
+        return Err(ValidationErrors::one("resourceType", "must be Bundle"));
+    }
+    let mut errors = ValidationErrors::default();
+    match &*bundle.type_ {
+        "document" => parse_document(&bundle, "", &mut errors).map(|mut p| {
+            let mut notes = unread::bundle(text, "");
+            notes.append(&mut p.summary.not_read);
+            p.summary.not_read = notes;
+            p
+        }),
+        "message" => {
+            let inner = bundle
+                .entry
+                .iter()
+                .enumerate()
+                .find(|(_, e)| kind_of(e.resource).as_deref() == Some("Bundle"));
+            match inner {
+                Some((i, e)) => {
+                    let prefix = format!("entry[{i}].resource.");
+                    match typed::<RawBundle>(e.resource.get(), &prefix, &mut errors) {
+                        Some(doc) if doc.type_ == "document" => {
+                            parse_document(&doc, &prefix, &mut errors).map(|mut p| {
+                                let mut notes = unread::bundle(text, "");
+                                notes.extend(unread::bundle(e.resource.get(), &prefix));
+                                notes.extend(message_entries(&bundle, i));
+                                notes.append(&mut p.summary.not_read);
+                                p.summary.not_read = notes;
+                                p
+                            })
+                        }
+                        Some(_) => {
+                            errors.add(
+                                format!("{prefix}type"),
+                                "the wrapped Bundle must be a document",
+                            );
+                            None
+                        }
+                        None => None,
+                    }
+                }
+                None => {
+                    errors.add("entry", "a message Bundle must wrap a document Bundle");
+                    None
+                }
+            }
+        }
+        _ => {
+            errors.add("type", "must be document (or message wrapping a document)");
+            None
+        }
+    }
+    .filter(|_| errors.0.is_empty())
+    .ok_or(errors)
+}
+
+/// The entries of a message Bundle around the document it wraps (the
+/// MessageHeader and the like): transport, listed as not read.
+fn message_entries(bundle: &RawBundle<'_>, document: usize) -> Vec<String> {
+    bundle
+        .entry
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| *k != document)
+        .map(|(k, e)| {
+            let kind = kind_of(e.resource);
+            format!(
+                "entry[{k}].resource ({}): not read: the message around the document",
+                unread::safe_name(kind.as_deref().unwrap_or(""))
+            )
+        })
+        .collect()
+}
+
+/// A resource's type. Looks first where every Bundle we write (and most
+/// senders) put it, `{"resourceType":"…"`, and reads the resource only when
+/// it is elsewhere or escaped.
+pub(super) fn kind_of(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let json = raw.get();
+    if let Some(rest) = json.strip_prefix("{\"resourceType\":\"")
+        && let Some(end) = rest.find(['"', '\\'])
+        && rest.as_bytes()[end] == b'"'
+    {
+        return Some(Cow::Borrowed(&rest[..end]));
+    }
+    serde_json::from_str::<Kind>(json).ok()?.resource_type
+}
+
+pub(super) fn ods_of<'o>(o: &'o Organization<'_>) -> Option<&'o str> {
+    o.identifier
+        .iter()
+        .find(|i| i.system.as_deref() == Some(SYS_ODS))
+        .and_then(|i| i.value.as_deref())
+}
+
+pub(super) fn owned(v: Option<&Cow<'_, str>>) -> String {
+    v.map(|s| s.to_string()).unwrap_or_default()
+}
+
+pub(super) fn parse_code(
+    cc: &CodeableConcept,
+    field: impl fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<Code> {
+    match cc
+        .coding
+        .iter()
+        .find(|c| c.system.is_some() && c.code.is_some())
+    {
+        Some(c) => Some(Code {
+            system: owned(c.system.as_ref()),
+            code: owned(c.code.as_ref()),
+            display: owned(c.display.as_ref().or(cc.text.as_ref())),
+        }),
+        None => {
+            errors.add(
+                format!("{field}.coding"),
+                "a coding with system and code is required",
+            );
+            None
+        }
+    }
+}
+
+pub(super) fn parse_with<T: std::str::FromStr<Err = E>, E: fmt::Display>(
+    v: Option<&str>,
+    field: impl fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<T> {
+    let v = v?;
+    match v.parse() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errors.add(field.to_string(), e.to_string());
+            None
+        }
+    }
+}
+
+pub(super) fn required<T>(
+    v: Option<T>,
+    field: impl fmt::Display,
+    errors: &mut ValidationErrors,
+    what: &str,
+) -> Option<T> {
+    if v.is_none() {
+        errors.add(field.to_string(), format!("required: {what}"));
+    }
+    v
+}
+
+/// The calendar day of a FHIR `dateTime` (as the sender wrote it, in its
+/// own offset): a custody date is a day. A time of day is listed as not
+/// carried; a year or month alone is too vague to route on and refused.
+pub(super) fn day_of(
+    v: Option<&str>,
+    field: impl fmt::Display,
+    index: &Index<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<Date> {
+    let when: crate::clinical::model::When = parse_with(v, &field, errors)?;
+    let text = when.to_string();
+    let day = text.get(..10).and_then(|d| d.parse().ok());
+    match day {
+        None => errors.add(field.to_string(), "must give at least the day (YYYY-MM-DD)"),
+        Some(_) if text.len() > 10 => index.note(&field, "the time of day is not carried"),
+        Some(_) => {}
+    }
+    day
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_ignores_brackets_in_strings() {
+        assert_eq!(json_depth(br#"{"a":[{"b":"[[[["}]}"#), 3);
+        assert_eq!(json_depth(br#"{"a":"\"[[","b":[[]]}"#), 3);
+        assert_eq!(json_depth(br#"{"a":"x\\"}"#), 1);
+        assert_eq!(json_depth(br#"[["unterminated \"#), 2);
+        assert_eq!(json_depth(br#"[["unterminated [[["#), 2);
+    }
+}

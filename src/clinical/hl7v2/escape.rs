@@ -1,0 +1,94 @@
+//! HL7 v2 escaping: the delimiters, the escape character and line breaks
+//! as escape sequences (`\F\`, `\X0D\`), and back.
+
+use std::borrow::Cow;
+
+/// Escapes text for a field: delimiters, the escape character, and line breaks.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    push_escaped(&mut out, text);
+    out
+}
+
+fn needs_escape(b: u8) -> bool {
+    matches!(b, b'|' | b'^' | b'&' | b'~' | b'\\' | b'\r' | b'\n')
+}
+
+/// Appends `text` to `out`, escaped as [`escape`] does.
+pub(super) fn push_escaped(out: &mut String, text: &str) {
+    if !text.bytes().any(needs_escape) {
+        out.push_str(text);
+        return;
+    }
+    for c in text.chars() {
+        match c {
+            '|' => out.push_str("\\F\\"),
+            '^' => out.push_str("\\S\\"),
+            '&' => out.push_str("\\T\\"),
+            '~' => out.push_str("\\R\\"),
+            '\\' => out.push_str("\\E\\"),
+            '\r' => out.push_str("\\X0D\\"),
+            '\n' => out.push_str("\\X0A\\"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Reverses [`escape`]; an unknown escape is kept as written.
+pub fn unescape(text: &str) -> String {
+    unescaped(text).into_owned()
+}
+
+/// [`unescape`], borrowing `text` when it holds no escape.
+pub(super) fn unescaped(text: &str) -> Cow<'_, str> {
+    if !text.as_bytes().contains(&b'\\') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        match after.find('\\') {
+            Some(j) => {
+                let seq = &after[..j];
+                match seq {
+                    "F" => out.push('|'),
+                    "S" => out.push('^'),
+                    "T" => out.push('&'),
+                    "R" => out.push('~'),
+                    "E" => out.push('\\'),
+                    "X0D" => out.push('\r'),
+                    "X0A" => out.push('\n'),
+                    other => {
+                        out.push('\\');
+                        out.push_str(other);
+                        out.push('\\');
+                    }
+                }
+                rest = &after[j + 1..];
+            }
+            None => {
+                out.push('\\');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_round_trips_and_covers_every_delimiter() {
+        let text = "a|b^c&d~e\\f\rg\nh";
+        let escaped = escape(text);
+        assert!(!escaped.contains(['|', '^', '&', '~', '\r', '\n']));
+        assert_eq!(unescape(&escaped), text);
+        assert_eq!(unescape("x\\Q\\y"), "x\\Q\\y");
+        assert_eq!(unescape("trailing\\"), "trailing\\");
+    }
+}

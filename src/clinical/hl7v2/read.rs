@@ -1,0 +1,842 @@
+//! Reading an HL7 v2 ADT message into the summary: MSH and EVN, the
+//! patient (PID, PD1), the episode (PV1), AL1 and DG1, then the OBX groups.
+
+use std::borrow::Cow;
+
+use super::escape::unescaped;
+use super::segment::{Segment, component, split};
+use super::{LOCAL, unread};
+use crate::clinical::JourneyEvent;
+use crate::clinical::identifiers::OdsCode;
+use crate::clinical::model::{
+    Address, Allergy, Author, ClinicalSummary, Code, Consent, ConsentDecision, Custody, DMD, Date,
+    DateTime, Diagnosis, FollowUp, FollowUpKind, Infection, Medication, MentalHealth,
+    PRESCRIPTION_INTENTS, PRESCRIPTION_STATUSES, Patient, Prescription, Quantity, RiskFlag,
+    RiskKind, SNOMED, Severity, Sex, SubstanceMisuse, Vaccination, When,
+};
+use crate::clinical::violation::ValidationErrors;
+use crate::clinical::{Crn, IdentifierError, Limits, NhsNumber, PrisonNumber};
+
+fn parse_dt(s: &str) -> Option<Date> {
+    if s.len() < 8 || !s.as_bytes()[..8].iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    format!("{}-{}-{}", &s[..4], &s[4..6], &s[6..8])
+        .parse()
+        .ok()
+}
+
+/// An optional date field: absent is fine, present but unreadable is a
+/// violation at `path` (never a silent drop).
+fn optional_date(
+    text: Option<&str>,
+    path: impl FnOnce() -> String,
+    e: &mut ValidationErrors,
+) -> Option<Date> {
+    let text = text.filter(|t| !t.is_empty())?;
+    let date = parse_dt(text);
+    if date.is_none() {
+        e.add(path(), "must be a date written YYYYMMDD");
+    }
+    date
+}
+
+/// An optional date or time at any HL7 precision: absent is fine, present
+/// but unreadable is a violation at `path`.
+fn optional_when(
+    text: Option<&str>,
+    path: impl FnOnce() -> String,
+    e: &mut ValidationErrors,
+) -> Option<When> {
+    let text = text.filter(|t| !t.is_empty())?;
+    let when = When::from_hl7(text);
+    if when.is_none() {
+        e.add(
+            path(),
+            "must be a date written YYYYMMDD (or YYYY, YYYYMM), or a time YYYYMMDDHHMM[SS[.SSSS]][+/-ZZZZ]",
+        );
+    }
+    when
+}
+
+/// An HL7 `TS`/`DTM` to at least the minute, fractional seconds kept (a
+/// time without an offset is read as UTC).
+pub(super) fn parse_ts(s: &str) -> Option<DateTime> {
+    let when = When::from_hl7(s)?.to_string();
+    if when.len() <= 10 {
+        return None;
+    }
+    when.parse().ok()
+}
+
+/// What a parsed message said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    /// The summary.
+    pub summary: ClinicalSummary,
+    /// The journey event from MSH-9.
+    pub event: JourneyEvent,
+    /// MSH-10, for the ACK.
+    pub control_id: String,
+}
+
+fn yes(v: &str) -> bool {
+    v == "Y"
+}
+
+fn code_from_ce(field: &str) -> Option<Code> {
+    let code = component(field, 1);
+    if code.is_empty() {
+        return None;
+    }
+    let system = match &*component(field, 3) {
+        "SCT" | "SNM" | "SNOMEDCT" => SNOMED.to_owned(),
+        "DMD" => DMD.to_owned(),
+        other => other.to_owned(),
+    };
+    Some(Code {
+        system,
+        code: code.into_owned(),
+        display: component(field, 2).into_owned(),
+    })
+}
+
+/// [`str::split_once`] on a string that may be borrowed.
+fn split_once(text: Cow<'_, str>, sep: char) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
+    match text {
+        Cow::Borrowed(t) => t
+            .split_once(sep)
+            .map(|(a, b)| (Cow::Borrowed(a), Cow::Borrowed(b))),
+        Cow::Owned(t) => t
+            .split_once(sep)
+            .map(|(a, b)| (Cow::Owned(a.to_owned()), Cow::Owned(b.to_owned()))),
+    }
+}
+
+/// One OBX segment of a group: which item (`MED`) and sub-ID, which field
+/// (`DOSE`), its raw OBX-5, and the segment (for error paths).
+struct ObxField<'a, 's> {
+    item: Cow<'a, str>,
+    sub: u32,
+    field: Cow<'a, str>,
+    value: &'a str,
+    segment: &'s Segment<'a>,
+}
+
+/// The OBX segments of one item, in message order.
+struct Group<'g, 'a, 's> {
+    item: &'g str,
+    fields: &'g [ObxField<'a, 's>],
+}
+
+impl<'a> Group<'_, 'a, '_> {
+    /// The raw value of `field` (the last, if repeated).
+    fn raw(&self, field: &str) -> Option<&'a str> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|f| f.field == field)
+            .map(|f| f.value)
+    }
+
+    fn text(&self, field: &str) -> Option<Cow<'a, str>> {
+        self.raw(field).map(unescaped)
+    }
+
+    fn string(&self, field: &str) -> Option<String> {
+        self.text(field).map(Cow::into_owned)
+    }
+
+    fn code(&self) -> Option<Code> {
+        self.raw("CODE").and_then(code_from_ce)
+    }
+
+    /// Where `field` is, for an error: its OBX-5, or the item if absent.
+    fn path(&self, field: &str) -> String {
+        match self.fields.iter().rev().find(|f| f.field == field) {
+            Some(f) => f.segment.name(5),
+            None => format!("OBX {}-{field}", self.item),
+        }
+    }
+}
+/// Parses an HL7 v2 ADT A01/A02/A03/A08 message.
+///
+/// # Errors
+/// Every field violation, with HL7 paths (`PID-3.1`, `OBX(4)-5`).
+pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> {
+    let text = message_text(bytes, limits)?;
+    let segments = split(text.trim_start_matches('\u{feff}'), limits)?;
+    let mut e = ValidationErrors::default();
+    let find = |id: &str| segments.iter().find(|s| s.id == id);
+    let msh = find("MSH").expect("split checked MSH");
+    let header = read_header(msh, find("EVN"), &mut e);
+    let Some(pid) = find("PID") else {
+        e.add("PID", "required");
+        return Err(e);
+    };
+    let mut notes = Vec::new();
+    let (patient, release_address) = read_pid(pid, &mut notes, &mut e);
+    let registered_gp = find("PD1").and_then(|s| ods(&s.comp(3, 10), "PD1-3.10", &mut e));
+    let episode = read_pv1(find("PV1"), header.event, &mut e);
+    let mut items = Items::default();
+    for s in segments.iter().filter(|s| s.id == "AL1") {
+        items.allergies.extend(read_al1(s, &mut notes, &mut e));
+    }
+    for s in segments.iter().filter(|s| s.id == "DG1") {
+        items.diagnoses.extend(read_dg1(s, &mut e));
+    }
+    let from_dg1 = items.diagnoses.len();
+    let obx = obx_fields(&segments, &mut notes, &mut e);
+    for fields in obx.chunk_by(|a, b| a.item == b.item && a.sub == b.sub) {
+        let group = Group {
+            item: &fields[0].item,
+            fields,
+        };
+        items.read_group(&group, from_dg1, &mut e);
+    }
+    notes.extend(unread::unread(&segments, header.event));
+    let author_org = ods(&msh.comp(4, 1), "MSH-4", &mut e);
+    if author_org.is_none() {
+        e.add("MSH-4", "required: the sending organisation's ODS code");
+    }
+    let (Some(event), Some(authored_at), Some(patient), Some(establishment), Some(author_org)) = (
+        header.event,
+        header.authored_at,
+        patient,
+        episode.establishment,
+        author_org,
+    ) else {
+        return Err(e);
+    };
+    e.into_result()?;
+    let custody = Custody {
+        establishment,
+        reception_date: episode.reception_date,
+        transfer_at: header.transfer_at,
+        transfer_to: episode.transfer_to,
+        release_date: episode.release_date,
+        release_address,
+        no_fixed_abode: items.no_fixed_abode,
+    };
+    Ok(Parsed {
+        summary: items.into_summary(
+            patient,
+            custody,
+            registered_gp,
+            author_org,
+            authored_at,
+            notes,
+        ),
+        event,
+        control_id: header.control_id,
+    })
+}
+
+/// The message as text, within the size limit.
+fn message_text<'b>(bytes: &'b [u8], limits: &Limits) -> Result<&'b str, ValidationErrors> {
+    if bytes.len() > limits.max_document_bytes {
+        return Err(ValidationErrors::one(
+            "message",
+            format!(
+                "{} bytes is over the {}-byte limit",
+                bytes.len(),
+                limits.max_document_bytes
+            ),
+        ));
+    }
+    std::str::from_utf8(bytes).map_err(|e| {
+        ValidationErrors::one(
+            "message",
+            format!("not valid UTF-8 (at byte {})", e.valid_up_to()),
+        )
+    })
+}
+
+/// What MSH and EVN say: the event, the control ID for the ACK, and when.
+struct Header {
+    event: Option<JourneyEvent>,
+    control_id: String,
+    authored_at: Option<DateTime>,
+    transfer_at: Option<DateTime>,
+}
+
+fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationErrors) -> Header {
+    let event = match (&*msh.comp(9, 1), &*msh.comp(9, 2)) {
+        ("ADT", "A01") => Some(JourneyEvent::Admission),
+        ("ADT", "A02") => Some(JourneyEvent::Transfer),
+        ("ADT", "A03") => Some(JourneyEvent::Release),
+        ("ADT", "A08") => Some(JourneyEvent::CommunitySummary),
+        _ => {
+            e.add("MSH-9", "must be ADT^A01, ADT^A02, ADT^A03 or ADT^A08");
+            None
+        }
+    };
+    // HL7 table 0103: a training (T) or debugging (D) message must never
+    // reach a clinician as a real patient's record.
+    if !matches!(&*msh.comp(11, 1), "P" | "") {
+        e.add(
+            "MSH-11",
+            "only production messages (P, HL7 table 0103) are carried",
+        );
+    }
+    let version = msh.comp(12, 1);
+    if !version.starts_with("2.") {
+        e.add("MSH-12", "must be an HL7 v2 version (2.5.1 expected)");
+    }
+    let control_id = msh.comp(10, 1).into_owned();
+    let authored_at = parse_ts(&evn.map(|s| s.comp(2, 1)).unwrap_or_default())
+        .or_else(|| parse_ts(&msh.comp(7, 1)));
+    if authored_at.is_none() {
+        e.add(
+            "EVN-2",
+            "required: when the summary was recorded (YYYYMMDDHHMMSS+ZZZZ)",
+        );
+    }
+    // EVN-6 is the transfer time only on an A02; elsewhere it is listed.
+    let transfer_at = evn
+        .filter(|_| event == Some(JourneyEvent::Transfer))
+        .and_then(|s| {
+            let v = s.comp(6, 1);
+            if v.is_empty() {
+                return None;
+            }
+            let t = parse_ts(&v);
+            if t.is_none() {
+                e.add("EVN-6", "must be a time YYYYMMDDHHMMSS+ZZZZ");
+            }
+            t
+        });
+    Header {
+        event,
+        control_id,
+        authored_at,
+        transfer_at,
+    }
+}
+
+/// The patient from PID (none without a readable date of birth), and the
+/// release address PID-11 carries.
+fn read_pid(
+    pid: &Segment<'_>,
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> (Option<Patient>, Option<Address>) {
+    let (nhs, prison, crn) = read_identifiers(pid, notes, e);
+    let family_name = pid.comp(5, 1).into_owned();
+    if family_name.is_empty() {
+        e.add("PID-5.1", "required: the patient's family name");
+    }
+    let given_names: Vec<String> = [pid.comp(5, 2), pid.comp(5, 3)]
+        .into_iter()
+        .filter(|g| !g.is_empty())
+        .map(Cow::into_owned)
+        .collect();
+    let dob = parse_dt(&pid.comp(7, 1));
+    if dob.is_none() {
+        e.add("PID-7", "required: date of birth YYYYMMDD");
+    }
+    let sex = read_sex(pid, e);
+    let release_address = (!pid.field(11).is_empty()).then(|| Address {
+        lines: [pid.comp(11, 1), pid.comp(11, 2)]
+            .into_iter()
+            .filter(|l| !l.is_empty())
+            .map(Cow::into_owned)
+            .collect(),
+        city: pid.comp(11, 3).into_owned(),
+        postcode: pid.comp(11, 5).into_owned(),
+    });
+    let patient = dob.map(|date_of_birth| Patient {
+        nhs_number: nhs,
+        prison_number: prison,
+        crn,
+        family_name,
+        given_names,
+        date_of_birth,
+        sex,
+    });
+    (patient, release_address)
+}
+
+/// PID-3: the NHS number, prison number and CRN; other identifiers are
+/// listed as not read.
+fn read_identifiers(
+    pid: &Segment<'_>,
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> (Option<NhsNumber>, Option<PrisonNumber>, Option<Crn>) {
+    let (mut nhs, mut prison, mut crn) = (None, None, None);
+    for (r, rep) in pid.reps(3).enumerate() {
+        let value = component(rep, 1);
+        let field = || format!("PID-3[{}].1", r + 1);
+        match (&*component(rep, 4), &*component(rep, 5)) {
+            (_, "NH") => match value.parse::<NhsNumber>() {
+                Ok(n) => nhs = Some(n),
+                Err(err) => e.add(field(), err.to_string()),
+            },
+            ("HMPPS", _) => match value.parse::<PrisonNumber>() {
+                Ok(n) => prison = Some(n),
+                Err(err) => e.add(field(), err.to_string()),
+            },
+            ("NDELIUS", _) => match value.parse::<Crn>() {
+                Ok(n) => crn = Some(n),
+                Err(err) => e.add(field(), err.to_string()),
+            },
+            _ => notes.push(format!(
+                "PID-3[{}]: an identifier the gateway does not read",
+                r + 1
+            )),
+        }
+    }
+    (nhs, prison, crn)
+}
+
+/// PID-8 by HL7 table 0001 (administrative sex).
+fn read_sex(pid: &Segment<'_>, e: &mut ValidationErrors) -> Sex {
+    match &*pid.comp(8, 1) {
+        "M" => Sex::Male,
+        "F" => Sex::Female,
+        "O" | "A" => Sex::Other,
+        "U" | "N" | "" => Sex::Unknown,
+        _ => {
+            e.add("PID-8", "must be M, F, O, A, U or N (HL7 table 0001)");
+            Sex::Unknown
+        }
+    }
+}
+
+/// An ODS code; empty is absent, unreadable is a violation at `field`.
+fn ods(v: &str, field: &str, e: &mut ValidationErrors) -> Option<OdsCode> {
+    if v.is_empty() {
+        return None;
+    }
+    v.parse()
+        .map_err(|err: IdentifierError| e.add(field, err.to_string()))
+        .ok()
+}
+
+/// What PV1 says of the custody episode.
+struct Episode {
+    establishment: Option<OdsCode>,
+    transfer_to: Option<OdsCode>,
+    reception_date: Option<Date>,
+    release_date: Option<Date>,
+}
+
+fn read_pv1(
+    pv1: Option<&Segment<'_>>,
+    event: Option<JourneyEvent>,
+    e: &mut ValidationErrors,
+) -> Episode {
+    let location = pv1.and_then(|s| ods(&s.comp(3, 4), "PV1-3.4", e));
+    // PV1-6 is the sending location only on a transfer (A02); elsewhere it
+    // is listed as not read, never taken for an establishment.
+    let prior = pv1
+        .filter(|_| event == Some(JourneyEvent::Transfer))
+        .and_then(|s| ods(&s.comp(6, 4), "PV1-6.4", e));
+    let (establishment, transfer_to) = match (event, prior) {
+        (Some(JourneyEvent::Transfer), Some(prior)) => (Some(prior), location),
+        _ => (location, None),
+    };
+    if establishment.is_none() {
+        e.add("PV1-3.4", "required: the establishment's ODS code");
+    }
+    let date_at = |field: usize, name: &str, e: &mut ValidationErrors| {
+        let v = pv1.map(|s| s.comp(field, 1)).unwrap_or_default();
+        if v.is_empty() {
+            return None;
+        }
+        let d = parse_dt(&v);
+        if d.is_none() {
+            e.add(name, "must be a date YYYYMMDD");
+        }
+        d
+    };
+    let reception_date = date_at(44, "PV1-44", e);
+    let release_date = date_at(45, "PV1-45", e);
+    Episode {
+        establishment,
+        transfer_to,
+        reception_date,
+        release_date,
+    }
+}
+
+/// The OBX segments this gateway wrote (OBX-3.3 `THROUGHCARE`), sorted into
+/// groups: the segments that share (item, sub-ID), in item order, then
+/// sub-ID, then message order (a repeated field: the last wins).
+fn obx_fields<'a, 's>(
+    segments: &'s [Segment<'a>],
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> Vec<ObxField<'a, 's>> {
+    let mut obx: Vec<ObxField<'_, '_>> = Vec::new();
+    for s in segments.iter().filter(|s| s.id == "OBX") {
+        let id = s.comp(3, 1);
+        if s.comp(3, 3) != LOCAL {
+            continue;
+        }
+        // HL7 table 0085: a result withdrawn (W), deleted (D) or that could
+        // not be obtained (X) is not a fact to carry.
+        if let status @ ("W" | "D" | "X") = &*s.comp(11, 1) {
+            notes.push(format!(
+                "{}: not carried: OBX-11 result status {status} (HL7 table 0085)",
+                s.name(5)
+            ));
+            continue;
+        }
+        let Some((item, field)) = split_once(id, '-') else {
+            e.add(format!("{}.1", s.name(3)), "must be ITEM-FIELD");
+            continue;
+        };
+        let sub: u32 = match s.comp(4, 1).parse() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                e.add(s.name(4), "must number the item from 1");
+                continue;
+            }
+        };
+        obx.push(ObxField {
+            item,
+            sub,
+            field,
+            value: s.field(5),
+            segment: s,
+        });
+    }
+    obx.sort_by(|a, b| (&a.item, a.sub).cmp(&(&b.item, b.sub)));
+    // A field given twice in one item: the last is read, the others listed.
+    for (k, f) in obx.iter().enumerate() {
+        if obx[k + 1..]
+            .iter()
+            .take_while(|g| g.item == f.item && g.sub == f.sub)
+            .any(|g| g.field == f.field)
+        {
+            notes.push(format!(
+                "{}: not read: the item gives this field again later",
+                f.segment.name(5)
+            ));
+        }
+    }
+    obx
+}
+
+/// The headings read from AL1, DG1 and the OBX groups.
+struct Items {
+    allergies: Vec<Allergy>,
+    diagnoses: Vec<Diagnosis>,
+    medications: Vec<Medication>,
+    prescriptions: Vec<Prescription>,
+    risks: Vec<RiskFlag>,
+    infections: Vec<Infection>,
+    vaccinations: Vec<Vaccination>,
+    follow_ups: Vec<FollowUp>,
+    mental_health: Option<MentalHealth>,
+    substance_misuse: Option<SubstanceMisuse>,
+    no_fixed_abode: bool,
+    consent: Consent,
+    author_name: String,
+    author_role: String,
+}
+
+impl Default for Items {
+    fn default() -> Self {
+        Self {
+            allergies: Vec::new(),
+            diagnoses: Vec::new(),
+            medications: Vec::new(),
+            prescriptions: Vec::new(),
+            risks: Vec::new(),
+            infections: Vec::new(),
+            vaccinations: Vec::new(),
+            follow_ups: Vec::new(),
+            mental_health: None,
+            substance_misuse: None,
+            no_fixed_abode: false,
+            consent: Consent {
+                probation_sharing: ConsentDecision::NotRecorded,
+                legal_basis: None,
+            },
+            author_name: String::new(),
+            author_role: String::new(),
+        }
+    }
+}
+
+impl Items {
+    /// One OBX group, by its item; `from_dg1` diagnoses came from DG1
+    /// segments (a `DX` group without a code gives one of them its status).
+    fn read_group(&mut self, g: &Group<'_, '_, '_>, from_dg1: usize, e: &mut ValidationErrors) {
+        let flag = |f: &str| g.text(f).is_some_and(|v| yes(&v));
+        match g.item {
+            "MED" => self.medications.extend(read_medication(g, e)),
+            "RX" => self.prescriptions.extend(read_prescription(g, e)),
+            "ALG" => match g.code() {
+                Some(substance) => self.allergies.push(Allergy {
+                    substance,
+                    reaction: g.string("REACTION"),
+                    severity: g.text("SEV").and_then(|v| severity(&v)),
+                }),
+                None => e.add(g.path("CODE"), "required: the allergen code"),
+            },
+            "DX" => match g.code() {
+                Some(code) => self.diagnoses.push(Diagnosis {
+                    code,
+                    active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
+                    onset: optional_when(g.text("ONSET").as_deref(), || g.path("ONSET"), e),
+                }),
+                // Without a code, the status of the DG1 with this set ID.
+                None => match self.diagnoses[..from_dg1].get_mut(g.fields[0].sub as usize - 1) {
+                    Some(d) => d.active = g.text("ACTIVE").is_none_or(|v| yes(&v)),
+                    None => e.add(g.path("CODE"), "required: the diagnosis code"),
+                },
+            },
+            "RISK" => match g.text("KIND").as_deref().and_then(RiskKind::from_code) {
+                Some(kind) => self.risks.push(RiskFlag {
+                    kind,
+                    active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
+                    note: g.string("NOTE"),
+                }),
+                None => e.add(
+                    g.path("KIND"),
+                    "must be suicide, self-harm, violence or vulnerability",
+                ),
+            },
+            "MH" => {
+                self.mental_health = Some(MentalHealth {
+                    care_programme_approach: flag("CPA"),
+                    care_coordinator: g.string("COORD"),
+                });
+            }
+            "SM" => {
+                self.substance_misuse = Some(SubstanceMisuse {
+                    in_treatment: flag("TREAT"),
+                    community_service: g.string("SERVICE"),
+                });
+            }
+            "INF" => match g.code() {
+                Some(code) => self.infections.push(Infection {
+                    code,
+                    status: g.string("STATUS").unwrap_or_default(),
+                    treatment_started: optional_date(
+                        g.text("TREATED").as_deref(),
+                        || g.path("TREATED"),
+                        e,
+                    ),
+                }),
+                None => e.add(g.path("CODE"), "required: the infection code"),
+            },
+            "VAC" => match (g.code(), g.text("DATE").and_then(|v| When::from_hl7(&v))) {
+                (Some(code), Some(date)) => self.vaccinations.push(Vaccination { code, date }),
+                _ => e.add(g.path("CODE"), "a vaccination needs a code and a date"),
+            },
+            "FU" => self.follow_ups.push(read_follow_up(g, e)),
+            "CUSTODY" => self.no_fixed_abode = flag("NFA"),
+            "CONSENT" => {
+                self.consent.probation_sharing = match g.text("PROBATION").as_deref() {
+                    Some("given") => ConsentDecision::Given,
+                    Some("refused") => ConsentDecision::Refused,
+                    _ => ConsentDecision::NotRecorded,
+                };
+                self.consent.legal_basis = g.string("BASIS");
+            }
+            "AUTHOR" => {
+                self.author_name = g.string("NAME").unwrap_or_default();
+                self.author_role = g.string("ROLE").unwrap_or_default();
+            }
+            _ => {}
+        }
+    }
+
+    /// The summary these headings belong to.
+    fn into_summary(
+        self,
+        patient: Patient,
+        custody: Custody,
+        registered_gp: Option<OdsCode>,
+        author_org: OdsCode,
+        authored_at: DateTime,
+        not_read: Vec<String>,
+    ) -> ClinicalSummary {
+        ClinicalSummary {
+            patient,
+            custody,
+            registered_gp,
+            diagnoses: self.diagnoses,
+            medications: self.medications,
+            prescriptions: self.prescriptions,
+            allergies: self.allergies,
+            risks: self.risks,
+            mental_health: self.mental_health,
+            substance_misuse: self.substance_misuse,
+            infections: self.infections,
+            vaccinations: self.vaccinations,
+            follow_ups: self.follow_ups,
+            consent: self.consent,
+            author: Author {
+                name: self.author_name,
+                role: self.author_role,
+                organisation: author_org,
+            },
+            authored_at,
+            not_read,
+        }
+    }
+}
+
+/// One medicine from its `MED` OBX group.
+fn read_medication(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Medication> {
+    let Some(code) = g.code() else {
+        e.add(g.path("CODE"), "required: the medicine code");
+        return None;
+    };
+    let last_dose_given = match g.text("LASTDOSE") {
+        Some(v) => {
+            let t = parse_ts(&v);
+            if t.is_none() {
+                e.add(g.path("LASTDOSE"), "must be a time YYYYMMDDHHMMSS+ZZZZ");
+            }
+            t
+        }
+        None => None,
+    };
+    let days_supplied = match g.text("DAYS") {
+        Some(v) => match v.parse() {
+            Ok(d) => Some(d),
+            Err(_) => {
+                e.add(g.path("DAYS"), "must be a whole number of days");
+                None
+            }
+        },
+        None => None,
+    };
+    let flag = |f: &str| g.text(f).is_some_and(|v| yes(&v));
+    Some(Medication {
+        code,
+        dose: g.string("DOSE").unwrap_or_default(),
+        route: g.string("ROUTE").unwrap_or_default(),
+        frequency: g.string("FREQ").unwrap_or_default(),
+        supervised: flag("SUPERVISED"),
+        opioid_substitution: flag("OST"),
+        last_dose_given,
+        days_supplied,
+    })
+}
+
+/// One follow-up from its `FU` OBX group.
+fn read_follow_up(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> FollowUp {
+    FollowUp {
+        kind: if g.text("KIND").as_deref() == Some("appointment") {
+            FollowUpKind::Appointment
+        } else {
+            FollowUpKind::Referral
+        },
+        service: g.string("SERVICE").unwrap_or_default(),
+        date: optional_when(g.text("DATE").as_deref(), || g.path("DATE"), e),
+    }
+}
+
+fn severity(v: &str) -> Option<Severity> {
+    match v {
+        "MI" => Some(Severity::Mild),
+        "MO" => Some(Severity::Moderate),
+        "SV" => Some(Severity::Severe),
+        _ => None,
+    }
+}
+
+/// An AL1 segment. AL1-2 follows HL7 table 0127 (allergen type) and AL1-4
+/// table 0128 (severity: `U` unknown reads as no severity).
+fn read_al1(s: &Segment<'_>, notes: &mut Vec<String>, e: &mut ValidationErrors) -> Option<Allergy> {
+    match &*s.comp(2, 1) {
+        "" | "DA" => {}
+        "FA" | "MA" | "MC" | "EA" | "AA" | "PA" | "LA" => notes.push(format!(
+            "{}: the allergen type is not carried (the substance code names the substance)",
+            s.name(2)
+        )),
+        _ => e.add(s.name(2), "must be an allergen type from HL7 table 0127"),
+    }
+    let severity_code = s.comp(4, 1);
+    let severity = severity(&severity_code);
+    if severity.is_none() && !matches!(&*severity_code, "" | "U") {
+        e.add(s.name(4), "must be SV, MO, MI or U (HL7 table 0128)");
+    }
+    let Some(substance) = code_from_ce(s.field(3)) else {
+        e.add(format!("{}.1", s.name(3)), "required: the allergen code");
+        return None;
+    };
+    Some(Allergy {
+        substance,
+        reaction: Some(s.comp(5, 1))
+            .filter(|r| !r.is_empty())
+            .map(Cow::into_owned),
+        severity,
+    })
+}
+
+/// A DG1 segment. DG1-6 follows HL7 table 0052: `A` admitting, `W` working,
+/// `F` final. None of them says a diagnosis is resolved, so every DG1 is an
+/// active diagnosis; a resolved one is marked by a `DX-ACTIVE` OBX whose
+/// sub-ID is the DG1's set ID.
+fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<Diagnosis> {
+    if !matches!(&*s.comp(6, 1), "" | "A" | "W" | "F") {
+        e.add(s.name(6), "must be A, W or F (HL7 table 0052)");
+    }
+    let onset = optional_when(Some(&s.comp(5, 1)), || format!("{}.1", s.name(5)), e);
+    let Some(code) = code_from_ce(s.field(3)) else {
+        e.add(format!("{}.1", s.name(3)), "required: the diagnosis code");
+        return None;
+    };
+    Some(Diagnosis {
+        code,
+        active: true,
+        onset,
+    })
+}
+
+/// One prescription from its `RX` OBX group.
+fn read_prescription(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Prescription> {
+    let Some(code) = g.code() else {
+        e.add(g.path("CODE"), "required: the medicine code");
+        return None;
+    };
+    let mut coded = |field: &str, allowed: &[&str], default: &str| {
+        let v = g.string(field).unwrap_or_else(|| default.to_owned());
+        if !allowed.contains(&v.as_str()) {
+            e.add(
+                g.path(field),
+                format!("must be one of {}", allowed.join(", ")),
+            );
+        }
+        v
+    };
+    let status = coded("STATUS", &PRESCRIPTION_STATUSES, "active");
+    let intent = coded("INTENT", &PRESCRIPTION_INTENTS, "order");
+    let authored_on = optional_when(g.text("AUTHORED").as_deref(), || g.path("AUTHORED"), e);
+    let quantity = match (g.string("QTY"), g.string("UNIT")) {
+        (None, None) => None,
+        (Some(value), Some(unit)) if Quantity::is_decimal(&value) && !unit.is_empty() => {
+            Some(Quantity { value, unit })
+        }
+        _ => {
+            e.add(
+                g.path("QTY"),
+                "a decimal quantity and its unit are required",
+            );
+            None
+        }
+    };
+    let days_supplied = g.text("DAYS").and_then(|v| {
+        v.parse()
+            .map_err(|_| e.add(g.path("DAYS"), "must be a whole number of days"))
+            .ok()
+    });
+    Some(Prescription {
+        code,
+        status,
+        intent,
+        authored_on,
+        dosage: g.string("DOSAGE"),
+        quantity,
+        days_supplied,
+    })
+}

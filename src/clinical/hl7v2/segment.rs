@@ -1,0 +1,152 @@
+//! The segment tokenizer: a message split into segments and fields (with
+//! the segment, field and repetition caps); components are split and
+//! unescaped only when read, so an escaped delimiter can never split
+//! anything.
+
+use std::borrow::Cow;
+
+use super::escape::unescaped;
+use crate::clinical::Limits;
+use crate::clinical::violation::ValidationErrors;
+
+/// One parsed segment: fields, each a list of repetitions, each a list of
+/// components, all still escaped.
+pub(super) struct Segment<'a> {
+    pub(super) id: &'a str,
+    /// The segment's position among segments of its type, from 1.
+    pub(super) nth: usize,
+    pub(super) fields: Vec<&'a str>,
+}
+
+impl<'a> Segment<'a> {
+    pub(super) fn name(&self, field: usize) -> String {
+        if self.nth > 1 {
+            format!("{}({})-{field}", self.id, self.nth)
+        } else {
+            format!("{}-{field}", self.id)
+        }
+    }
+
+    /// Field `n` (HL7 numbering; MSH-1 is the field separator). The
+    /// explicit null `""` reads as absent: nothing we carry is a deletion.
+    pub(super) fn field(&self, n: usize) -> &'a str {
+        let i = if self.id == "MSH" { n - 1 } else { n };
+        match self.fields.get(i).copied() {
+            Some("\"\"") | None => "",
+            Some(f) => f,
+        }
+    }
+
+    pub(super) fn reps(&self, n: usize) -> impl Iterator<Item = &'a str> {
+        self.field(n).split('~').filter(|r| !r.is_empty())
+    }
+
+    pub(super) fn comp(&self, n: usize, c: usize) -> Cow<'a, str> {
+        component(self.field(n), c)
+    }
+}
+
+/// Component `c` (from 1) of `field`, unescaped (borrowed when it holds no
+/// escape); the explicit null `""` reads as absent.
+pub(super) fn component(field: &str, c: usize) -> Cow<'_, str> {
+    match field.split('^').nth(c - 1) {
+        Some("\"\"") | None => Cow::Borrowed(""),
+        Some(v) => unescaped(v),
+    }
+}
+
+const KNOWN: [&str; 25] = [
+    "MSH", "SFT", "EVN", "PID", "PD1", "ROL", "NK1", "PV1", "PV2", "DB1", "OBX", "AL1", "DG1",
+    "DRG", "PR1", "GT1", "IN1", "IN2", "IN3", "ACC", "UB1", "UB2", "PDA", "NTE", "MRG",
+];
+
+fn count(text: &str, b: u8) -> usize {
+    memchr::memchr_iter(b, text.as_bytes()).count()
+}
+
+pub(super) fn split<'a>(
+    text: &'a str,
+    limits: &Limits,
+) -> Result<Vec<Segment<'a>>, ValidationErrors> {
+    if !text.starts_with("MSH") {
+        return Err(ValidationErrors::one(
+            "MSH",
+            "the message must start with an MSH segment",
+        ));
+    }
+    if text.get(3..8) != Some("|^~\\&") {
+        return Err(ValidationErrors::one(
+            "MSH-2",
+            "only the standard delimiters |^~\\& are accepted",
+        ));
+    }
+    let mut errors = ValidationErrors::default();
+    let mut segments = Vec::with_capacity(count(text, b'\r') + 1);
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for (i, raw) in text
+        .split(['\r', '\n'])
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
+        if i >= limits.max_hl7_segments {
+            return Err(ValidationErrors::one(
+                "message",
+                format!("more than {} segments", limits.max_hl7_segments),
+            ));
+        }
+        let id = raw.get(..3).unwrap_or("");
+        let well_formed = raw.len() == 3 || raw.as_bytes().get(3) == Some(&b'|');
+        if !well_formed
+            || !(KNOWN.contains(&id)
+                || id.starts_with('Z') && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        {
+            errors.add(
+                format!("segment {}", i + 1),
+                "not a segment this gateway knows (a line break inside a field splits it)",
+            );
+            continue;
+        }
+        let field_count = count(raw, b'|') + 1;
+        if field_count > limits.max_hl7_repetitions + 1 {
+            errors.add(
+                id.to_string(),
+                format!("more than {} fields", limits.max_hl7_repetitions),
+            );
+            continue;
+        }
+        let mut fields = Vec::with_capacity(field_count);
+        let mut start = 0;
+        for bar in memchr::memchr_iter(b'|', raw.as_bytes()) {
+            fields.push(&raw[start..bar]);
+            start = bar + 1;
+        }
+        fields.push(&raw[start..]);
+        // No field can reach the limit unless the whole segment does.
+        if count(raw, b'~') >= limits.max_hl7_repetitions
+            && fields
+                .iter()
+                .any(|f| count(f, b'~') >= limits.max_hl7_repetitions)
+        {
+            errors.add(
+                id.to_string(),
+                format!(
+                    "more than {} repetitions in a field",
+                    limits.max_hl7_repetitions
+                ),
+            );
+            continue;
+        }
+        let nth = match counts.iter_mut().find(|(seen, _)| *seen == id) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                counts.push((id, 1));
+                1
+            }
+        };
+        segments.push(Segment { id, nth, fields });
+    }
+    errors.into_result().map(|()| segments)
+}
