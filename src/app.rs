@@ -79,6 +79,7 @@ pub struct Prepared {
     shutdown_tx: watch::Sender<bool>,
     metrics: Arc<Metrics>,
     metrics_listener: Option<std::net::TcpListener>,
+    pds: Option<Arc<crate::pds::PdsClient>>,
 }
 
 fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -136,6 +137,7 @@ impl Prepared {
     /// Anything that would stop the gateway from serving correctly.
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         config.validate()?;
+        let pds = crate::pds::client_from_config(&config.pds)?;
         if config.dev_certs && !crate::certs::dev_pki_present(&config.certs_dir) {
             crate::certs::init_dev_pki(&config.certs_dir)?;
             tracing::warn!(
@@ -205,6 +207,7 @@ impl Prepared {
             shutdown_tx,
             metrics,
             metrics_listener: None,
+            pds,
         })
     }
 
@@ -381,6 +384,21 @@ impl Prepared {
                 }
             })
         };
+        // PDS lookups for parked releases, beside (never in) the submit path.
+        let pds = self.pds.take().map(|client| {
+            tokio::spawn(
+                crate::pds::PdsLookups {
+                    client,
+                    breaker: Arc::new(crate::pds::CircuitBreaker::new(
+                        self.config.pds.breaker_failures,
+                        i64::try_from(self.config.pds.breaker_open_ms).unwrap_or(i64::MAX),
+                    )),
+                    gateway: self.gateway.clone(),
+                    pacing: self.config.pds.pacing(),
+                }
+                .run(self.shutdown_tx.subscribe()),
+            )
+        });
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let forget = {
             let (rate_limit, tally, store) = (
@@ -455,6 +473,9 @@ impl Prepared {
         sweeper.abort();
         retention.abort();
         forget.abort();
+        if let Some(pds) = pds {
+            pds.abort();
+        }
         tally.flush(&self.gateway.store).await;
         // The accept loop's last summary of refused connections.
         let _ = tokio::time::timeout(Duration::from_secs(2), connect_refusals).await;

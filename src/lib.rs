@@ -36,6 +36,7 @@ pub mod demo;
 pub mod grpc;
 pub mod journey;
 pub mod operator;
+pub mod pds;
 pub mod store;
 pub mod tls;
 pub mod uk_time;

@@ -415,6 +415,13 @@ impl Writer {
                     }
                     Answer::new(reply, r)
                 }
+                Job::Pds(result, reply) => {
+                    let r = self.pds_result(&mut staged, result, now);
+                    if let Ok(Some(d)) = &r {
+                        woken.insert(d.mailbox.clone());
+                    }
+                    Answer::new(reply, r)
+                }
                 Job::Redrive { actor, ids, reply } => {
                     let r = self.redrive(&mut staged, &actor, &ids, now, &mut woken);
                     Answer::new(reply, r)
@@ -1262,6 +1269,7 @@ fn refuse(job: Job) -> Answer {
         Job::Retention(reply) => Answer::new(reply, Err(e())),
         Job::RetentionStats(reply) => Answer::new(reply, Err(e())),
         Job::Claim { reply, .. } => Answer::new(reply, Err(e())),
+        Job::Pds(_, reply) => Answer::new(reply, Err(e())),
         Job::Redrive { reply, .. } => Answer::new(reply, Err(e())),
         Job::Stats(reply) => Answer::new(reply, Err(e())),
         Job::Shutdown(reply) => Answer::new(reply, Ok(())),
@@ -1327,6 +1335,7 @@ fn new_delivery(
         claimed_at_ms: None,
         max_attempts: None,
         finished_at_ms: None,
+        pds: None,
     }
 }
 
@@ -1338,7 +1347,7 @@ fn delivery_at(trees: &[sled::Tree], id: u64) -> Result<DeliveryRecord, StoreErr
     serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))
 }
 
-fn live_of(d: &DeliveryRecord) -> Live {
+pub(super) fn live_of(d: &DeliveryRecord) -> Live {
     Live {
         mailbox: d.mailbox.clone(),
         patient_key: d.patient_key.clone(),
