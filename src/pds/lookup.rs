@@ -57,12 +57,16 @@ impl PdsLookups {
     /// Runs rounds until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let parked = self.gateway.store.mailbox_signal(PARKED_MAILBOX);
+        let mut admissions_done = std::collections::HashSet::new();
         loop {
             let notified = parked.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Err(e) = self.round().await {
                 tracing::error!(error = %e, "PDS lookup round failed");
+            }
+            if let Err(e) = self.admissions(&mut admissions_done).await {
+                tracing::error!(error = %e, "PDS admission lookups failed");
             }
             tokio::select! {
                 () = &mut notified => {}
@@ -111,7 +115,10 @@ impl PdsLookups {
                 );
                 self.record(&d, decision).await
             }
-            Err(e) => self.failed(&d, &e).await,
+            Err(e) => {
+                self.lookup_failed(d.handover_id, Some(d.id), &d.patient_key, &e)
+                    .await
+            }
         }
     }
 
@@ -158,7 +165,13 @@ impl PdsLookups {
     }
 
     /// A failed lookup: audited (the record was read), counted by the breaker.
-    async fn failed(&self, d: &DeliveryRecord, e: &PdsError) -> Result<(), StoreError> {
+    pub(super) async fn lookup_failed(
+        &self,
+        handover_id: u64,
+        delivery_id: Option<u64>,
+        patient_key: &str,
+        e: &PdsError,
+    ) -> Result<(), StoreError> {
         let now = self.gateway.clock.now_ms();
         if self.breaker.failure(now) {
             tracing::warn!(
@@ -167,16 +180,16 @@ impl PdsLookups {
                 "ALERT: PDS lookups keep failing; circuit breaker open (parked releases wait, nothing is lost)"
             );
         } else {
-            tracing::warn!(delivery_id = d.id, error = %e, "PDS lookup failed; the release stays parked");
+            tracing::warn!(handover_id, error = %e, "PDS lookup failed; tried again later");
         }
         self.gateway
             .store
             .record(AuditEvent {
                 actor: PDS_ACTOR.to_owned(),
                 action: "pds_lookup",
-                handover_id: Some(d.handover_id),
-                delivery_id: Some(d.id),
-                patient_key: Some(d.patient_key.clone()),
+                handover_id: Some(handover_id),
+                delivery_id,
+                patient_key: Some(patient_key.to_owned()),
                 outcome: format!("failed: {e}"),
             })
             .await
@@ -208,7 +221,7 @@ fn is_due(d: &DeliveryRecord, now: i64) -> bool {
 }
 
 /// The UTC date of `now_ms`, `YYYY-MM-DD`.
-fn today(now_ms: i64) -> String {
+pub(super) fn today(now_ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(now_ms.div_euclid(1_000))
         .map(|t| t.date().to_string())
         .unwrap_or_default()

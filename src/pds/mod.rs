@@ -21,6 +21,7 @@
 //! - A restricted record's practice is never read, stored or shown.
 //! - Keys, JWTs and tokens are never logged; errors carry no patient data.
 
+mod admission;
 pub mod auth;
 pub mod breaker;
 pub mod client;

@@ -43,7 +43,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use integrity::{AuditVerification, Rollback, WitnessPaths};
-pub use pds::{PDS_ACTOR, PdsFinding, PdsResult, PdsStatus};
+pub use pds::{PDS_ACTOR, PdsFinding, PdsNotice, PdsResult, PdsStatus};
 pub use records::{
     DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX, Tombstone,
 };
@@ -391,6 +391,7 @@ enum Job {
         reply: Reply<Vec<DeliveryRecord>>,
     },
     Pds(PdsResult, Reply<Option<DeliveryRecord>>),
+    PdsNotify(PdsNotice, Reply<Option<u64>>),
     Redrive {
         actor: String,
         ids: Vec<u64>,

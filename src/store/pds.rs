@@ -13,10 +13,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{self, DeliveryState, PARKED_MAILBOX, TreeId};
+use super::records::{self, DeliveryState, HandoverRecord, PARKED_MAILBOX, TreeId};
 use super::writer::{Staged, Writer, live_of};
-use super::{DeliveryRecord, StoreError};
+use super::{DeliveryRecord, NewDelivery, Store, StoreError};
 use crate::audit::AuditEvent;
+use crate::journey::JourneyEvent;
 
 /// The identity the PDS lookups act as in the audit trail.
 pub const PDS_ACTOR: &str = "service:pds";
@@ -130,7 +131,102 @@ pub struct PdsResult {
     pub route_to: Option<String>,
 }
 
+/// An admission notice PDS found a practice for: the admission went to
+/// nobody (its summary named no GP on the network).
+#[derive(Debug, Clone)]
+pub struct PdsNotice {
+    /// The admission.
+    pub handover_id: u64,
+    /// The practice to notify, its view, urgency and deadline, as routing
+    /// would have chosen had the summary named it.
+    pub delivery: NewDelivery,
+}
+
+impl Store {
+    /// Admissions submitted at or after `since_ms` that went to nobody,
+    /// newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn unrouted_admissions(
+        &self,
+        since_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<HandoverRecord>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.inner.trees[TreeId::Handovers as usize].iter().rev() {
+            let (_, raw) = entry?;
+            let h: HandoverRecord = serde_json::from_slice(&raw)
+                .map_err(|e| StoreError::Corrupt(format!("handover: {e}")))?;
+            if h.submitted_at_ms < since_ms || out.len() >= limit {
+                break;
+            }
+            if h.event == JourneyEvent::Admission && h.deliveries.is_empty() {
+                out.push(h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends an unrouted admission's notice to the practice PDS names
+    /// (audited as [`PDS_ACTOR`]); returns the new delivery's id, or `None`
+    /// when the admission already went somewhere or a newer one replaced it.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn pds_notify(&self, notice: PdsNotice) -> Result<Option<u64>, StoreError> {
+        self.ask(|reply| super::Job::PdsNotify(notice, reply)).await
+    }
+}
+
 impl Writer {
+    /// Adds the notice's delivery to its admission (see [`Store::pds_notify`]).
+    pub(super) fn pds_notify(
+        &mut self,
+        staged: &mut Staged<'_>,
+        notice: &PdsNotice,
+        now: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = records::be(notice.handover_id);
+        let Some(mut h) = staged.get_json::<HandoverRecord>(TreeId::Handovers, &key)? else {
+            return Ok(None);
+        };
+        let lineage = records::lineage_key(&h.patient_key, &h.sender, h.event);
+        let latest = staged
+            .get(TreeId::Lineage, &lineage)?
+            .and_then(|v| records::from_be(&v));
+        if !h.deliveries.is_empty() || latest.is_some_and(|l| l != h.id) {
+            return Ok(None);
+        }
+        self.last_delivery += 1;
+        let d = notice_delivery(&h, &notice.delivery, self.last_delivery, now);
+        staged.put_json(TreeId::Deliveries, records::be(d.id).to_vec(), &d);
+        staged.put(
+            TreeId::Pending,
+            records::mailbox_key(&d.mailbox, d.id),
+            Vec::new(),
+        );
+        self.schedule.insert(d.id, live_of(&d));
+        h.deliveries.push(d.id);
+        staged.put_json(TreeId::Handovers, key.to_vec(), &h);
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: PDS_ACTOR.to_owned(),
+                action: "route",
+                handover_id: Some(h.id),
+                delivery_id: Some(d.id),
+                patient_key: Some(h.patient_key.clone()),
+                outcome: format!(
+                    "ok: admission notice sent to {} (source: PDS, registered practice)",
+                    d.mailbox
+                ),
+            },
+            now,
+        );
+        Ok(Some(d.id))
+    }
+
     /// Records `result` on its parked delivery, and moves it to
     /// `result.route_to` when set. Returns the delivery as it now stands, or
     /// `None` when it is no longer parked (claimed, superseded: left alone).
@@ -191,6 +287,41 @@ impl Writer {
         d.claimed_at_ms = Some(now);
         staged.put(TreeId::Pending, records::mailbox_key(to, d.id), Vec::new());
         self.schedule.insert(d.id, live_of(d));
+    }
+}
+
+/// The delivery record of an admission notice found through PDS.
+fn notice_delivery(h: &HandoverRecord, dest: &NewDelivery, id: u64, now: i64) -> DeliveryRecord {
+    DeliveryRecord {
+        id,
+        handover_id: h.id,
+        mailbox: dest.mailbox.clone(),
+        patient_key: h.patient_key.clone(),
+        urgent: dest.urgent,
+        state: DeliveryState::Queued,
+        attempt: 0,
+        lease_until_ms: None,
+        not_before_ms: None,
+        queued_at_ms: now,
+        last_leased_at_ms: None,
+        delivered_at_ms: None,
+        quarantined_at_ms: None,
+        reason: None,
+        view: dest.view.clone(),
+        not_carried: dest.not_carried.clone(),
+        event: Some(h.event),
+        due_ms: dest.due_ms,
+        overdue_at_ms: None,
+        superseded_by: None,
+        superseded_by_handover: None,
+        sender: Some(h.sender.clone()),
+        superseded_at_ms: None,
+        claim_keys: Vec::new(),
+        claimed_by: None,
+        claimed_at_ms: None,
+        max_attempts: None,
+        finished_at_ms: None,
+        pds: None,
     }
 }
 

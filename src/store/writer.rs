@@ -209,7 +209,7 @@ pub(super) struct Writer {
     high_water: HighWater,
     commit_seq: u64,
     last_handover: u64,
-    last_delivery: u64,
+    pub(super) last_delivery: u64,
     pub(super) schedule: Schedule,
     /// Quarantined deliveries per mailbox.
     quarantined: std::collections::HashMap<String, u64>,
@@ -419,6 +419,13 @@ impl Writer {
                     let r = self.pds_result(&mut staged, result, now);
                     if let Ok(Some(d)) = &r {
                         woken.insert(d.mailbox.clone());
+                    }
+                    Answer::new(reply, r)
+                }
+                Job::PdsNotify(notice, reply) => {
+                    let r = self.pds_notify(&mut staged, &notice, now);
+                    if matches!(r, Ok(Some(_))) {
+                        woken.insert(notice.delivery.mailbox);
                     }
                     Answer::new(reply, r)
                 }
@@ -1270,6 +1277,7 @@ fn refuse(job: Job) -> Answer {
         Job::RetentionStats(reply) => Answer::new(reply, Err(e())),
         Job::Claim { reply, .. } => Answer::new(reply, Err(e())),
         Job::Pds(_, reply) => Answer::new(reply, Err(e())),
+        Job::PdsNotify(_, reply) => Answer::new(reply, Err(e())),
         Job::Redrive { reply, .. } => Answer::new(reply, Err(e())),
         Job::Stats(reply) => Answer::new(reply, Err(e())),
         Job::Shutdown(reply) => Answer::new(reply, Ok(())),

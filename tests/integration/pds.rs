@@ -519,3 +519,69 @@ async fn a_pds_section_without_its_key_refuses_to_start_and_names_the_field() {
     assert!(err.to_string().contains("pds.private_key_file"), "{err}");
     assert!(!err.to_string().contains("SECRET-MATERIAL-XYZ"), "{err}");
 }
+
+/// An admission at YP001 of the patient with NHS number `nhs`, born
+/// `dob`, whose summary names no GP: it goes to nobody at submit.
+fn admission(message_id: &str, nhs: &str, dob: &str) -> pb::SubmitRequest {
+    let mut summary = throughcare::clinical::synthetic::release_summary(
+        Some(nhs.parse().unwrap()),
+        None,
+        "YP001".parse().unwrap(),
+        None,
+        "admission",
+    );
+    summary.patient.date_of_birth = dob.parse().unwrap();
+    summary.custody.release_date = None;
+    summary.custody.release_address = None;
+    pb::SubmitRequest {
+        message_id: message_id.into(),
+        event: pb::JourneyEvent::Admission.into(),
+        patient: None,
+        destinations: Vec::new(),
+        document: Some(pb::submit_request::Document::Native(
+            throughcare::grpc::summary::to_wire(&summary),
+        )),
+    }
+}
+
+#[tokio::test]
+async fn an_admission_with_no_gp_notifies_the_practice_pds_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let double = Double::start(dir.path());
+    let gw = gateway(&double, |_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    let checked = double.registered(900, 2, "YG002");
+    let sent = prison
+        .submit(admission("pds-adm-1", &checked[0], "1985-06-15"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(sent.deliveries.is_empty(), "no GP known at submit");
+    // Another patient whose date of birth differs from PDS's: no notice.
+    prison
+        .submit(admission("pds-adm-2", &checked[1], "1985-06-16"))
+        .await
+        .unwrap();
+    let got = arrivals(&gw, "YG002", 1, Duration::from_secs(15)).await;
+    assert_eq!(got[0].handover_id, sent.handover_id);
+    assert_eq!(got[0].event(), pb::JourneyEvent::Admission);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut gp = gw.client("YG002").await;
+    assert!(
+        gp.pull(pull(10))
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries
+            .is_empty()
+    );
+    let audit = gw.store.audit_entries().unwrap();
+    assert!(audit.iter().any(|e| e.action == "route"
+        && e.actor == "service:pds"
+        && e.handover_id == Some(sent.handover_id)));
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "pds_lookup" && e.outcome.contains("date of birth differs"))
+    );
+}
