@@ -9,6 +9,7 @@
 //! - [`patient`]: the few Patient fields read.
 //! - [`breaker`]: the circuit breaker.
 //! - [`decision`]: route, or keep parked with the reason.
+//! - [`registration`]: what PDS found, for a view rendered now.
 //! - [`lookup`]: the background task; the store records the finding and
 //!   makes the automatic claim (`store::pds`).
 //!
@@ -30,6 +31,7 @@ pub mod decision;
 pub mod http;
 pub mod lookup;
 pub mod patient;
+pub mod registration;
 
 use std::sync::Arc;
 use std::time::Duration;
