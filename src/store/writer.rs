@@ -417,7 +417,10 @@ impl Writer {
                 }
                 Job::Pds(result, reply) => {
                     let r = self.pds_result(&mut staged, result, now);
-                    if let Ok(Some(d)) = &r {
+                    // Moved to a practice: wake its pullers (a finding alone wakes nobody).
+                    if let Ok(Some(d)) = &r
+                        && d.mailbox != records::PARKED_MAILBOX
+                    {
                         woken.insert(d.mailbox.clone());
                     }
                     Answer::new(reply, r)

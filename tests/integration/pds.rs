@@ -257,16 +257,12 @@ async fn arrivals(
 async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
     let dir = tempfile::tempdir().unwrap();
     let double = Double::start(dir.path());
-    // The first call (the token request) is throttled: retried, not lost.
-    double.control(&json!({"throttle": 1}));
-    let gw = gateway(&double, |_| {}).await;
-    let id = park(
-        &gw,
-        "pds-routed-1",
-        &double.scenario("registered"),
-        "1985-06-15",
-    )
-    .await;
+    // The first call (the token request) is throttled and the first read
+    // of the patient fails: both retried within the one lookup, not lost.
+    let patient = double.scenario("registered");
+    double.control(&json!({"throttle": 1, "flaky": {patient.clone(): 1}}));
+    let gw = gateway(&double, |pds| pds.max_retries = 3).await;
+    let id = park(&gw, "pds-routed-1", &patient, "1985-06-15").await;
 
     let got = arrivals(&gw, "YG002", 1, Duration::from_secs(15)).await;
     assert_eq!(got[0].delivery_id, id);
@@ -294,10 +290,14 @@ async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
     assert!(seen["token_requests"].as_u64().unwrap() >= 2, "{seen}");
     assert!(seen["refusals"].as_array().unwrap().is_empty(), "{seen}");
     let lookups = requests(&seen, "/Patient/");
-    assert!(!lookups.is_empty());
-    for r in lookups {
+    assert_eq!(lookups.len(), 2, "a failed read and its retry: {seen}");
+    for r in &lookups {
         assert!(uuid::Uuid::parse_str(r[2].as_str().unwrap()).is_ok(), "{r}");
     }
+    assert_eq!(
+        lookups[0][2], lookups[1][2],
+        "a retry re-sends its X-Request-ID"
+    );
 }
 
 #[tokio::test]

@@ -132,6 +132,7 @@ class State:
         self.down = False         # every call answers 503
         self.delay_ms = 0         # every call waits this long first
         self.throttle = 0         # the next N calls answer 429
+        self.flaky = {}           # NHS number -> its next N reads answer 503
         self.requests = []        # (method, path, X-Request-ID) of every call
         self.token_requests = 0
         self.refusals = []        # why assertions were refused
@@ -208,7 +209,7 @@ class Handler(BaseHTTPRequestHandler):
     def control_post(self):
         change = json.loads(self.body() or b"{}")
         with self.state.lock:
-            for key in ("down", "delay_ms", "throttle"):
+            for key in ("down", "delay_ms", "throttle", "flaky"):
                 if key in change:
                     setattr(self.state, key, change[key])
             for nhs, p in change.get("patients", {}).items():
@@ -294,6 +295,13 @@ class Handler(BaseHTTPRequestHandler):
         if nhs == THROTTLED:
             return self.send(429, outcome("throttled", "TOO_MANY_REQUESTS", "Too many requests"),
                              headers=mirror + [("Retry-After", "1")])
+        with self.state.lock:
+            flaky = self.state.flaky.get(nhs, 0)
+            if flaky:
+                self.state.flaky[nhs] = flaky - 1
+        if flaky:
+            return self.send(503, outcome("exception", "SERVICE_UNAVAILABLE", "Service unavailable"),
+                             headers=mirror)
         if nhs == SLOW:
             time.sleep(5)
         if nhs == INVALIDATED:
