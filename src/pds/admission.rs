@@ -38,8 +38,17 @@ impl PdsLookups {
             if !self.breaker.allow(self.gateway.clock.now_ms()) {
                 break;
             }
-            if self.admission(&h).await? {
-                done.insert(h.id);
+            match self.admission(&h).await {
+                Ok(answered) => {
+                    if answered {
+                        done.insert(h.id);
+                    }
+                }
+                Err(e @ StoreError::Unavailable(_)) => return Err(e),
+                Err(e) => {
+                    tracing::error!(handover_id = h.id, error = %e, "PDS lookup of an admission skipped");
+                    done.insert(h.id);
+                }
             }
         }
         Ok(())

@@ -92,7 +92,14 @@ impl PdsLookups {
                 tracing::info!("PDS circuit breaker open: lookups wait");
                 break;
             }
-            self.look_up(d).await?;
+            let id = d.id;
+            if let Err(e) = self.look_up(d).await {
+                // One unreadable release must not hold up the others.
+                if matches!(e, StoreError::Unavailable(_)) {
+                    return Err(e);
+                }
+                tracing::error!(delivery_id = id, error = %e, "PDS lookup of a parked release skipped");
+            }
         }
         Ok(())
     }
