@@ -270,6 +270,13 @@ async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
 
     let record = gw.store.delivery(id).unwrap().unwrap();
     assert_eq!(record.claimed_by.as_deref(), Some("service:pds"));
+    // What a view rendered now may say of the GP registration.
+    let handover = gw.store.handover(record.handover_id).unwrap().unwrap();
+    let found = throughcare::pds::registration::registration_found(&gw.store, &handover).unwrap();
+    assert_eq!(
+        found.map(|c| c.as_str().to_owned()).as_deref(),
+        Some("YG002")
+    );
     let audit = gw.store.audit_entries().unwrap();
     let claim = audit
         .iter()
@@ -363,6 +370,19 @@ async fn an_unverified_identity_stays_parked_and_visible_with_the_reason() {
     }
     let away = finding(&gw, ids[3]).await;
     assert_eq!(away.reason, "registered at Y12345, not connected");
+    let registered_elsewhere = |id: u64| {
+        let d = gw.store.delivery(id).unwrap().unwrap();
+        let h = gw.store.handover(d.handover_id).unwrap().unwrap();
+        throughcare::pds::registration::registration_found(&gw.store, &h)
+            .unwrap()
+            .map(|c| c.as_str().to_owned())
+    };
+    assert_eq!(registered_elsewhere(ids[3]).as_deref(), Some("Y12345"));
+    assert_eq!(
+        registered_elsewhere(ids[0]),
+        None,
+        "a doubtful identity says nothing"
+    );
     assert!(away.next_check_at.is_some(), "looked up again later");
     assert!(
         finding(&gw, ids[0]).await.next_check_at.is_none(),
@@ -415,6 +435,11 @@ async fn a_restricted_record_never_reveals_its_practice() {
     assert_eq!(f.practice, "");
     assert!(!f.reason.contains("YG002"), "{f:?}");
     let record = gw.store.delivery(id).unwrap().unwrap();
+    let handover = gw.store.handover(record.handover_id).unwrap().unwrap();
+    assert_eq!(
+        throughcare::pds::registration::registration_found(&gw.store, &handover).unwrap(),
+        None
+    );
     assert_eq!(record.pds.unwrap().practice, None);
     for e in gw.store.audit_entries().unwrap() {
         assert!(!e.outcome.contains("YG002"), "{:?}", e);
