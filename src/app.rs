@@ -394,6 +394,7 @@ impl Prepared {
                         i64::try_from(self.config.pds.breaker_open_ms).unwrap_or(i64::MAX),
                     )),
                     gateway: self.gateway.clone(),
+                    metrics: self.metrics.clone(),
                     pacing: self.config.pds.pacing(),
                 }
                 .run(self.shutdown_tx.subscribe()),

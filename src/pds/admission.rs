@@ -35,7 +35,7 @@ impl PdsLookups {
             .take(batch)
             .collect();
         for h in due {
-            if !self.breaker.allow(self.gateway.clock.now_ms()) {
+            if !self.allowed() {
                 break;
             }
             match self.admission(&h).await {
@@ -72,8 +72,9 @@ impl PdsLookups {
                 return Ok(false);
             }
         };
-        self.breaker.success();
+        self.succeeded();
         let decision = decide(&nhs, &dob, found.as_ref(), &self.gateway.registry.read());
+        self.metrics.pds_looked_up(decision.status.label());
         let Some(to) = decision.route_to else {
             let outcome = format!(
                 "ok: admission notice not sent: {}",

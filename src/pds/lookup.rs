@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::PdsError;
-use super::breaker::CircuitBreaker;
+use super::breaker::{BreakerState, CircuitBreaker};
 use super::client::PdsClient;
 use super::decision::{Decision, decide};
 use crate::audit::AuditEvent;
@@ -45,6 +45,8 @@ pub struct PdsLookups {
     pub gateway: Arc<Gateway>,
     /// When lookups happen.
     pub pacing: Pacing,
+    /// Lookups by outcome, and the breaker's state.
+    pub metrics: Arc<crate::operator::metrics::Metrics>,
 }
 
 /// What one parked release's handover says about who it is for.
@@ -88,7 +90,7 @@ impl PdsLookups {
             .map_err(|e| StoreError::Unavailable(format!("parked read: {e}")))??;
         let due = parked.into_iter().filter(|d| is_due(d, now));
         for d in due.take(self.pacing.batch) {
-            if !self.breaker.allow(self.gateway.clock.now_ms()) {
+            if !self.allowed() {
                 tracing::info!("PDS circuit breaker open: lookups wait");
                 break;
             }
@@ -113,7 +115,7 @@ impl PdsLookups {
         let now = self.gateway.clock.now_ms();
         match self.client.patient(&nhs, &today(now)).await {
             Ok(found) => {
-                self.breaker.success();
+                self.succeeded();
                 let decision = decide(
                     &nhs,
                     &asked.dob,
@@ -158,6 +160,7 @@ impl PdsLookups {
             next_check_ms,
             lookups,
         };
+        self.metrics.pds_looked_up(decision.status.label());
         let moved = self
             .gateway
             .store
@@ -180,7 +183,11 @@ impl PdsLookups {
         e: &PdsError,
     ) -> Result<(), StoreError> {
         let now = self.gateway.clock.now_ms();
-        if self.breaker.failure(now) {
+        self.metrics.pds_looked_up("failed");
+        let opened = self.breaker.failure(now);
+        self.metrics
+            .set_pds_breaker_open(self.breaker.state() != BreakerState::Closed);
+        if opened {
             tracing::warn!(
                 alert = "pds_unavailable",
                 error = %e,
@@ -200,6 +207,19 @@ impl PdsLookups {
                 outcome: format!("failed: {e}"),
             })
             .await
+    }
+
+    /// Whether the breaker lets a lookup through now.
+    pub(super) fn allowed(&self) -> bool {
+        let allowed = self.breaker.allow(self.gateway.clock.now_ms());
+        self.metrics.set_pds_breaker_open(!allowed);
+        allowed
+    }
+
+    /// PDS answered: the breaker closes.
+    pub(super) fn succeeded(&self) {
+        self.breaker.success();
+        self.metrics.set_pds_breaker_open(false);
     }
 
     /// The wait after `lookups` lookups: doubling from the first, capped.

@@ -62,6 +62,21 @@ impl PdsStatus {
         }
     }
 
+    /// Lower-case word for a metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            PdsStatus::Routed => "routed",
+            PdsStatus::NotConnected => "not_connected",
+            PdsStatus::NoPractice => "no_practice",
+            PdsStatus::NotFound => "not_found",
+            PdsStatus::DobMismatch => "dob_mismatch",
+            PdsStatus::Superseded => "superseded",
+            PdsStatus::Deceased => "deceased",
+            PdsStatus::Restricted => "restricted",
+            PdsStatus::NoNhsNumber => "no_nhs_number",
+        }
+    }
+
     /// Why it stays parked, for operators (no patient data).
     pub fn reason(self, practice: Option<&str>) -> String {
         match self {

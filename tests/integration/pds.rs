@@ -305,6 +305,15 @@ async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
         lookups[0][2], lookups[1][2],
         "a retry re-sends its X-Request-ID"
     );
+    let metrics = gw.metrics.encode();
+    assert!(
+        metrics.contains(r#"throughcare_pds_lookups_total{outcome="routed"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("throughcare_pds_breaker_open 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -512,6 +521,15 @@ async fn the_breaker_opens_and_submits_are_not_slowed() {
         double.patient_requests(),
         0,
         "the token never came back in time"
+    );
+    let metrics = gw.metrics.encode();
+    assert!(
+        metrics.contains("throughcare_pds_breaker_open 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"throughcare_pds_lookups_total{outcome="failed"} 3"#),
+        "{metrics}"
     );
     assert_eq!(parked(&gw).await.deliveries.len(), 12, "nothing lost");
 }
