@@ -628,3 +628,83 @@ async fn an_admission_with_no_gp_notifies_the_practice_pds_names() {
             .any(|e| e.action == "pds_lookup" && e.outcome.contains("date of birth differs"))
     );
 }
+
+/// A store with one parked release (claim key `ck-<message_id>`); its delivery id.
+async fn parked_in(store: &throughcare::store::Store, message_id: &str) -> u64 {
+    use throughcare::store::{NewDelivery, NewHandover, PatientIds};
+    let outcome = store
+        .submit(NewHandover {
+            actor: "urn:ods:YP001".into(),
+            sender: "YP001".into(),
+            message_id: message_id.into(),
+            event: throughcare::journey::JourneyEvent::Release,
+            patient: PatientIds {
+                nhs: Some(format!("nhs-{message_id}")),
+                prison: None,
+            },
+            claim_keys: vec![format!("ck-{message_id}")],
+            requested_destinations: Vec::new(),
+            destinations: vec![NewDelivery {
+                mailbox: PARKED_MAILBOX.into(),
+                view: "full".into(),
+                ..NewDelivery::default()
+            }],
+            payload: message_id.as_bytes().to_vec(),
+            supersede: true,
+        })
+        .await
+        .unwrap();
+    outcome.deliveries[0].1
+}
+
+#[tokio::test]
+async fn a_pds_answer_never_undoes_a_claim_nor_stores_a_restricted_practice() {
+    use throughcare::store::{PdsFinding, PdsResult, PdsStatus, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        &dir.path().join("data"),
+        StoreOptions::default(),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let finding = |status, practice: &str| PdsFinding {
+        status,
+        practice: Some(practice.into()),
+        checked_at_ms: 0,
+        next_check_ms: None,
+        lookups: 1,
+    };
+    // An operator claimed it while PDS was being asked: PDS's answer is dropped.
+    let claimed = parked_in(&store, "m1").await;
+    let moved = store
+        .claim("urn:operator:oncall", vec!["ck-m1".into()], "YG001")
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1);
+    let late = store
+        .pds_result(PdsResult {
+            delivery_id: claimed,
+            finding: finding(PdsStatus::Routed, "YG002"),
+            route_to: Some("YG002".into()),
+        })
+        .await
+        .unwrap();
+    assert!(late.is_none());
+    let d = store.delivery(claimed).unwrap().unwrap();
+    assert_eq!((d.mailbox.as_str(), d.pds), ("YG001", None));
+    // A restricted finding never keeps a practice, whatever the caller passes.
+    let restricted = parked_in(&store, "m2").await;
+    store
+        .pds_result(PdsResult {
+            delivery_id: restricted,
+            finding: finding(PdsStatus::Restricted, "YG002"),
+            route_to: None,
+        })
+        .await
+        .unwrap()
+        .expect("still parked");
+    let d = store.delivery(restricted).unwrap().unwrap();
+    assert_eq!(d.mailbox, PARKED_MAILBOX);
+    assert_eq!(d.pds.unwrap().practice, None);
+    store.close().await.unwrap();
+}
