@@ -384,20 +384,15 @@ impl Prepared {
                 }
             })
         };
-        // PDS lookups for parked releases, beside (never in) the submit path.
+        // PDS lookups, beside (never in) the submit path.
         let pds = self.pds.take().map(|client| {
-            tokio::spawn(
-                crate::pds::PdsLookups {
-                    client,
-                    breaker: Arc::new(crate::pds::CircuitBreaker::new(
-                        self.config.pds.breaker_failures,
-                        i64::try_from(self.config.pds.breaker_open_ms).unwrap_or(i64::MAX),
-                    )),
-                    gateway: self.gateway.clone(),
-                    metrics: self.metrics.clone(),
-                    pacing: self.config.pds.pacing(),
-                }
-                .run(self.shutdown_tx.subscribe()),
+            let (gateway, metrics) = (self.gateway.clone(), self.metrics.clone());
+            crate::pds::spawn(
+                client,
+                &self.config.pds,
+                gateway,
+                metrics,
+                self.shutdown_tx.subscribe(),
             )
         });
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -127,6 +127,29 @@ pub fn client_from_config(config: &PdsConfig) -> Result<Option<Arc<PdsClient>>, 
     ))))
 }
 
+/// Starts the lookup task (`app` calls this once the store is open); it
+/// runs until `stop` turns true or the handle is aborted.
+pub fn spawn(
+    client: Arc<PdsClient>,
+    config: &PdsConfig,
+    gateway: Arc<crate::grpc::Gateway>,
+    metrics: Arc<crate::operator::metrics::Metrics>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let breaker = CircuitBreaker::new(
+        config.breaker_failures,
+        i64::try_from(config.breaker_open_ms).unwrap_or(i64::MAX),
+    );
+    let lookups = PdsLookups {
+        client,
+        breaker: Arc::new(breaker),
+        gateway,
+        pacing: config.pacing(),
+        metrics,
+    };
+    tokio::spawn(lookups.run(stop))
+}
+
 impl PdsConfig {
     /// When lookups happen, from the config.
     pub fn pacing(&self) -> Pacing {
