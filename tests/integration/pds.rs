@@ -714,3 +714,94 @@ async fn a_pds_answer_never_undoes_a_claim_nor_stores_a_restricted_practice() {
     assert_eq!(d.pds.unwrap().practice, None);
     store.close().await.unwrap();
 }
+
+/// The real binary with `[pds]` on and debug logs: the alert for a practice
+/// not on the network is logged; no NHS number, date of birth, key, JWT or
+/// token is, whatever the level.
+#[tokio::test]
+async fn the_binary_logs_pds_alerts_and_never_patient_data_or_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let double = Double::start(dir.path());
+    let pds = double.config(dir.path());
+    let mut config = toml::Table::new();
+    config.insert(
+        "pds".into(),
+        toml::Value::try_from(&pds).expect("the [pds] section serialises"),
+    );
+    let config_path = dir.path().join("throughcare.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log_path = dir.path().join("gateway.log");
+    let certs = dir.path().join("certs");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_throughcare"))
+        .args(["--log-json", "serve", "--config"])
+        .arg(&config_path)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--certs-dir")
+        .arg(&certs)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
+        .spawn()
+        .unwrap();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let mut prison = None;
+    for _ in 0..300 {
+        if let Ok(c) = throughcare::client::handover(&endpoint, &certs, "YP001").await {
+            prison = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut prison = prison.expect("the gateway starts");
+    let patients = [
+        double.scenario("not_connected"),
+        double.scenario("registered"),
+    ];
+    for (i, p) in patients.iter().enumerate() {
+        prison
+            .submit(release(&format!("pds-log-{i}"), p, "1985-06-15"))
+            .await
+            .unwrap();
+    }
+    let mut op = throughcare::client::operator(&endpoint, &certs, "operator-oncall")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = op
+            .list_parked(pb::ListParkedRequest { limit: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        if list.deliveries.len() == 1 && list.pds_findings.len() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|l| l["fields"]["alert"] == "pds_practice_not_connected"),
+        "the alert is logged"
+    );
+    for p in &patients {
+        assert!(!text.contains(p.as_str()), "an NHS number in the log");
+    }
+    let key = std::fs::read_to_string(&double.key).unwrap();
+    let key_line = key.lines().nth(1).unwrap();
+    for secret in [API_KEY, key_line, "1985-06-15", "Bearer ", "eyJ"] {
+        assert!(!text.contains(secret), "{secret} in the log");
+    }
+}
