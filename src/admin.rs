@@ -435,6 +435,22 @@ fn deliveries(list: &[pb::DeliveryInfo]) -> Rows {
     rows
 }
 
+/// Parked releases, with what PDS said of each (when it was asked).
+fn parked_rows(list: &pb::ListParkedResponse) -> Rows {
+    let mut rows = deliveries(&list.deliveries);
+    rows.columns.push("pds");
+    for row in &mut rows.rows {
+        let id = row.get("delivery").and_then(Value::as_u64);
+        let finding = list
+            .pds_findings
+            .iter()
+            .find(|f| Some(f.delivery_id) == id)
+            .map_or_else(|| "not looked up".to_owned(), |f| f.reason.clone());
+        row.insert("pds".into(), Value::String(finding));
+    }
+    rows
+}
+
 fn org_rows(list: &[pb::Organisation]) -> Rows {
     let mut rows = Rows::new(&["ods", "kind", "name", "format", "region", "active"]);
     for o in list {
@@ -485,11 +501,10 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 .into_inner();
             redrive_rows(r)
         }
-        OperatorCommand::Parked => deliveries(
+        OperatorCommand::Parked => parked_rows(
             &op.list_parked(pb::ListParkedRequest { limit: 0 })
                 .await?
-                .into_inner()
-                .deliveries,
+                .into_inner(),
         ),
         OperatorCommand::Conflicts => conflict_rows(
             op.list_identity_conflicts(pb::ListIdentityConflictsRequest { limit: 0 })

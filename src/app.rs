@@ -80,6 +80,7 @@ pub struct Prepared {
     metrics: Arc<Metrics>,
     metrics_listener: Option<std::net::TcpListener>,
     null_handover: bool,
+    pds: Option<Arc<crate::pds::PdsClient>>,
 }
 
 fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -137,6 +138,7 @@ impl Prepared {
     /// Anything that would stop the gateway from serving correctly.
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         config.validate()?;
+        let pds = crate::pds::client_from_config(&config.pds)?;
         if config.dev_certs && !crate::certs::dev_pki_present(&config.certs_dir) {
             crate::certs::init_dev_pki(&config.certs_dir)?;
             tracing::warn!(
@@ -208,6 +210,7 @@ impl Prepared {
             metrics,
             metrics_listener: None,
             null_handover: false,
+            pds,
         })
     }
 
@@ -401,6 +404,17 @@ impl Prepared {
                 }
             })
         };
+        // PDS lookups, beside (never in) the submit path.
+        let pds = self.pds.take().map(|client| {
+            let (gateway, metrics) = (self.gateway.clone(), self.metrics.clone());
+            crate::pds::spawn(
+                client,
+                &self.config.pds,
+                gateway,
+                metrics,
+                self.shutdown_tx.subscribe(),
+            )
+        });
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let forget = {
             let (rate_limit, tally, store) = (
@@ -476,6 +490,9 @@ impl Prepared {
         sweeper.abort();
         retention.abort();
         forget.abort();
+        if let Some(pds) = pds {
+            pds.abort();
+        }
         tally.flush(&self.gateway.store).await;
         // The accept loop's last summary of refused connections.
         let _ = tokio::time::timeout(Duration::from_secs(2), connect_refusals).await;

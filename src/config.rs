@@ -82,6 +82,8 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// The witness and the audit key, outside the data directory.
     pub integrity: IntegrityConfig,
+    /// The Personal Demographics Service (off by default).
+    pub pds: crate::pds::PdsConfig,
 }
 
 /// What proves the store whole, kept where a restore of the data directory
@@ -441,6 +443,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             shutdown_grace_ms: 10_000,
             integrity: IntegrityConfig::default(),
+            pds: crate::pds::PdsConfig::default(),
         }
     }
 }
@@ -567,6 +570,7 @@ impl Config {
         )?;
         self.retention.validate()?;
         self.validate_integrity()?;
+        self.pds.validate()?;
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",

@@ -19,7 +19,9 @@
 //! `app` wires these together and serves until shutdown; `config` is parsed
 //! and validated before any port is bound; `certs` makes the dev PKI;
 //! `operator` is what the on-call operator sees (Prometheus metrics and the
-//! dashboard page). `client`, `admin`, `demo` and `bench` are the command
+//! dashboard page). `pds` asks the Personal Demographics Service, in a
+//! background task, for the GP of a parked release or an admission that
+//! names none. `client`, `admin`, `demo` and `bench` are the command
 //! line's: the built-in client, operator calls as tables, one patient's whole
 //! journey, and the benchmarks.
 
@@ -36,6 +38,7 @@ pub mod demo;
 pub mod grpc;
 pub mod journey;
 pub mod operator;
+pub mod pds;
 pub mod store;
 pub mod tls;
 pub mod uk_time;

@@ -171,6 +171,7 @@ impl OperatorGrpc {
                 .iter()
                 .map(|d| self.info(d, now))
                 .collect::<Result<_, _>>()?,
+            pds_findings: records.iter().filter_map(pds_finding).collect(),
         })
     }
 
@@ -506,6 +507,20 @@ impl OperatorGrpc {
             summary: Some(super::summary::to_wire(&summary)),
         })
     }
+}
+
+/// What PDS said about a parked release, for operators (a restricted
+/// record's practice is never stored, so never shown).
+fn pds_finding(d: &DeliveryRecord) -> Option<pb::list_parked_response::PdsFinding> {
+    let f = d.pds.as_ref()?;
+    Some(pb::list_parked_response::PdsFinding {
+        delivery_id: d.id,
+        status: f.status.as_str().to_owned(),
+        practice: f.practice.clone().unwrap_or_default(),
+        reason: f.reason(),
+        checked_at: Some(wire::timestamp(f.checked_at_ms)),
+        next_check_at: f.next_check_ms.map(wire::timestamp),
+    })
 }
 
 fn limit_of(limit: u32) -> usize {

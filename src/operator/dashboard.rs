@@ -92,6 +92,8 @@ pub struct Line {
     pub due_ms: Option<i64>,
     /// Still on its way past its deadline.
     pub overdue: bool,
+    /// What PDS last said, for a parked release looked up (its reason).
+    pub pds: Option<String>,
 }
 
 /// Everything one page shows, read at one moment.
@@ -163,6 +165,7 @@ fn line(store: &Store, d: DeliveryRecord, now_ms: i64) -> Result<Line, StoreErro
         quarantined_at_ms: d.quarantined_at_ms,
         due_ms: d.due_ms,
         overdue,
+        pds: d.pds.as_ref().map(crate::store::PdsFinding::reason),
     })
 }
 
@@ -369,6 +372,7 @@ fn parked_releases(lines: &[Line], total: u64, now_ms: i64) -> Markup {
                         th { "queued" }
                         th { "due" }
                         th { "overdue" }
+                        th { "PDS" }
                     } }
                     tbody {
                         @for l in lines {
@@ -381,6 +385,7 @@ fn parked_releases(lines: &[Line], total: u64, now_ms: i64) -> Markup {
                                 td.overdue {
                                     @if l.overdue { span.badge.alert { "OVERDUE" } } @else { "no" }
                                 }
+                                td.pds { (l.pds.as_deref().unwrap_or("not looked up")) }
                             }
                         }
                     }
@@ -524,6 +529,7 @@ mod tests {
                 quarantined_at_ms: Some(NOW - 30_000),
                 due_ms: None,
                 overdue: false,
+                pds: None,
             }],
             parked: vec![Line {
                 delivery: 9,
@@ -536,6 +542,7 @@ mod tests {
                 quarantined_at_ms: None,
                 due_ms: Some(NOW - 1),
                 overdue: true,
+                pds: Some("registered at Y12345, not connected".into()),
             }],
         }
     }
@@ -576,6 +583,7 @@ mod tests {
         assert!(html.contains(r#"<td class="num oldest">90s</td>"#));
         assert!(!html.contains("practice system rejected it"));
         assert!(html.contains(r#"<span class="badge alert">OVERDUE</span>"#));
+        assert!(html.contains(r#"<td class="pds">registered at Y12345, not connected</td>"#));
         assert!(html.contains(r#"<h2>Quarantine<span class="count">1</span></h2>"#));
         assert!(!html.contains("Showing"));
         // A list cut at the limit says so; the header counts them all.

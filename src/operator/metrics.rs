@@ -17,6 +17,8 @@
 //! | `claim_failures_total` | counter | (claims by a practice that matched nothing) |
 //! | `claim_lockouts_total` | counter | `scope` = `practice_and_patient`, `practice` or `patient` (a failed-claim counter reached its limit) |
 //! | `claims_refused_locked_total` | counter | `scope` (claims refused because a counter is at its limit) |
+//! | `pds_lookups_total` | counter | `outcome` = `routed`, `not_connected`, `no_practice`, `not_found`, `dob_mismatch`, `superseded`, `deceased`, `restricted`, `no_nhs_number` or `failed` |
+//! | `pds_breaker_open` | gauge | (1 while the PDS circuit breaker is open) |
 //! | `mailbox_depth`, `_leased`, `_oldest_age_seconds`, `_overdue`, `_quarantined`, `_parked` | gauge | `mailbox` |
 //! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs` | gauge | (set after each retention pass) |
 //!
@@ -343,6 +345,8 @@ pub struct Metrics {
     claim_failures: Counter,
     claim_lockouts: Family<ScopeLabels, Counter>,
     claims_locked: Family<ScopeLabels, Counter>,
+    pds_lookups: Family<OutcomeLabels, Counter>,
+    pds_breaker_open: Gauge,
     certificates: Vec<(&'static str, PathBuf)>,
     mailboxes: MailboxGauges,
     retention: RetentionGauges,
@@ -415,6 +419,18 @@ impl Metrics {
             "Claims refused because a failed-claim counter is at its limit, by scope",
             claims_locked.clone(),
         );
+        let pds_lookups = Family::default();
+        r.register(
+            "pds_lookups",
+            "PDS lookups of parked releases and admissions, by what PDS said (or failed)",
+            pds_lookups.clone(),
+        );
+        let pds_breaker_open = Gauge::default();
+        r.register(
+            "pds_breaker_open",
+            "1 while the PDS circuit breaker is open (lookups wait)",
+            pds_breaker_open.clone(),
+        );
         let mailboxes = MailboxGauges::registered(r);
         let retention = RetentionGauges::registered(r);
         Self {
@@ -430,6 +446,8 @@ impl Metrics {
             claim_failures,
             claim_lockouts,
             claims_locked,
+            pds_lookups,
+            pds_breaker_open,
             certificates: vec![("server", server_cert), ("ca", ca_cert)],
             mailboxes,
             retention,
@@ -511,6 +529,18 @@ impl Metrics {
                 .get_or_create(&ScopeLabels { scope })
                 .inc();
         }
+    }
+
+    /// A PDS lookup ended with `outcome` (a fixed word).
+    pub fn pds_looked_up(&self, outcome: &'static str) {
+        self.pds_lookups
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// The PDS circuit breaker opened or closed.
+    pub fn set_pds_breaker_open(&self, open: bool) {
+        self.pds_breaker_open.set(i64::from(open));
     }
 
     /// A claim was refused because the `scope` counter is at its limit.

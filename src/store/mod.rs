@@ -29,6 +29,7 @@ pub mod high_water;
 mod identity;
 pub mod integrity;
 mod key_epochs;
+pub mod pds;
 pub mod records;
 mod schedule;
 mod syncer;
@@ -43,6 +44,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use integrity::{AuditVerification, Rollback, WitnessPaths};
+pub use pds::{PDS_ACTOR, PdsFinding, PdsNotice, PdsResult, PdsStatus};
 pub use records::{
     DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX, Tombstone,
 };
@@ -393,6 +395,8 @@ enum Job {
         to: String,
         reply: Reply<Vec<DeliveryRecord>>,
     },
+    Pds(PdsResult, Reply<Option<DeliveryRecord>>),
+    PdsNotify(PdsNotice, Reply<Option<u64>>),
     Redrive {
         actor: String,
         ids: Vec<u64>,
@@ -763,6 +767,20 @@ impl Store {
             reply,
         })
         .await
+    }
+
+    /// Records what PDS found for a parked release and, when
+    /// `result.route_to` is set, claims it for that practice (audited as
+    /// [`PDS_ACTOR`]); returns the delivery, or `None` when it is no longer
+    /// parked. Durable when it returns.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn pds_result(
+        &self,
+        result: PdsResult,
+    ) -> Result<Option<DeliveryRecord>, StoreError> {
+        self.ask(|reply| Job::Pds(result, reply)).await
     }
 
     /// Puts quarantined deliveries back in their mailbox, in their original

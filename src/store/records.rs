@@ -283,6 +283,10 @@ pub struct DeliveryRecord {
     /// its replacement finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
+    /// What the Personal Demographics Service last said about a parked
+    /// release's patient (`store::pds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pds: Option<super::pds::PdsFinding>,
 }
 
 impl DeliveryRecord {

@@ -212,7 +212,7 @@ pub(super) struct Writer {
     journaled: u64,
     commit_seq: u64,
     last_handover: u64,
-    last_delivery: u64,
+    pub(super) last_delivery: u64,
     pub(super) schedule: Schedule,
     /// Quarantined deliveries per mailbox.
     quarantined: std::collections::HashMap<String, u64>,
@@ -444,6 +444,23 @@ impl Writer {
                     let r = self.claim(&mut staged, &actor, &claim_keys, &to, now);
                     if matches!(&r, Ok(v) if !v.is_empty()) {
                         woken.insert(to);
+                    }
+                    Answer::new(reply, r)
+                }
+                Job::Pds(result, reply) => {
+                    let r = self.pds_result(&mut staged, result, now);
+                    // Moved to a practice: wake its pullers (a finding alone wakes nobody).
+                    if let Ok(Some(d)) = &r
+                        && d.mailbox != records::PARKED_MAILBOX
+                    {
+                        woken.insert(d.mailbox.clone());
+                    }
+                    Answer::new(reply, r)
+                }
+                Job::PdsNotify(notice, reply) => {
+                    let r = self.pds_notify(&mut staged, &notice, now);
+                    if matches!(r, Ok(Some(_))) {
+                        woken.insert(notice.delivery.mailbox);
                     }
                     Answer::new(reply, r)
                 }
@@ -1262,6 +1279,8 @@ fn refuse(job: Job) -> Answer {
         Job::Retention(reply) => Answer::new(reply, Err(e())),
         Job::RetentionStats(reply) => Answer::new(reply, Err(e())),
         Job::Claim { reply, .. } => Answer::new(reply, Err(e())),
+        Job::Pds(_, reply) => Answer::new(reply, Err(e())),
+        Job::PdsNotify(_, reply) => Answer::new(reply, Err(e())),
         Job::Redrive { reply, .. } => Answer::new(reply, Err(e())),
         Job::Stats(reply) => Answer::new(reply, Err(e())),
         Job::Shutdown(reply) => Answer::new(reply, Ok(())),
@@ -1327,6 +1346,7 @@ fn new_delivery(
         claimed_at_ms: None,
         max_attempts: None,
         finished_at_ms: None,
+        pds: None,
     }
 }
 
@@ -1338,7 +1358,7 @@ fn delivery_at(trees: &[sled::Tree], id: u64) -> Result<DeliveryRecord, StoreErr
     serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))
 }
 
-fn live_of(d: &DeliveryRecord) -> Live {
+pub(super) fn live_of(d: &DeliveryRecord) -> Live {
     Live {
         mailbox: d.mailbox.as_str().into(),
         patient_key: d.patient_key.as_str().into(),

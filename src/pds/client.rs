@@ -1,0 +1,181 @@
+//! The PDS FHIR R4 client: `GET {base}/Patient/{nhs number}` with a bearer
+//! token, an `X-Request-ID` per lookup (the same on its retries, as the
+//! API asks, so PDS can de-duplicate), retries with back-off after a 429,
+//! a 5xx or a time-out (a `Retry-After` honoured up to a minute), and one
+//! token renewal after a 401.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+
+use super::PdsError;
+use super::auth::{Credentials, TokenCache};
+use super::http::{Answer, Transport};
+use super::patient::{self, PdsPatient};
+
+/// Longest wait a `Retry-After` may impose on one lookup.
+const MAX_RETRY_AFTER_S: u64 = 60;
+
+/// A PDS client; cheap to share behind an `Arc`.
+pub struct PdsClient {
+    credentials: Credentials,
+    tokens: TokenCache,
+    transport: Transport,
+    base_url: String,
+    end_user_organisation: Option<String>,
+    max_retries: u32,
+    retry_backoff: Duration,
+}
+
+/// Settings of a client beyond its credentials and transport.
+pub struct ClientSettings {
+    /// The FHIR base URL (no trailing slash needed).
+    pub base_url: String,
+    /// `NHSD-End-User-Organisation-ODS`, when set.
+    pub end_user_organisation: Option<String>,
+    /// Retries of one lookup.
+    pub max_retries: u32,
+    /// First back-off between retries.
+    pub retry_backoff: Duration,
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn host_of(uri: &http::Uri) -> String {
+    match (uri.host(), uri.port_u16()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => String::new(),
+    }
+}
+
+impl PdsClient {
+    /// A client.
+    pub fn new(credentials: Credentials, transport: Transport, settings: ClientSettings) -> Self {
+        Self {
+            credentials,
+            tokens: TokenCache::default(),
+            transport,
+            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            end_user_organisation: settings.end_user_organisation,
+            max_retries: settings.max_retries,
+            retry_backoff: settings.retry_backoff,
+        }
+    }
+
+    /// The patient with NHS number `nhs` (`None`: PDS has none, or it was
+    /// invalidated); `today` is `YYYY-MM-DD`.
+    ///
+    /// # Errors
+    /// PDS could not be asked or did not answer usefully, after retries.
+    pub async fn patient(&self, nhs: &str, today: &str) -> Result<Option<PdsPatient>, PdsError> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let mut renewed = false;
+        let mut attempt = 0u32;
+        loop {
+            // A token endpoint that is down or throttling is retried like PDS.
+            let answer = match self.token().await {
+                Ok(token) => {
+                    self.transport
+                        .send(self.get(nhs, &token, &request_id)?)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let (error, retry_after_s) = match answer {
+                Ok(Answer {
+                    status: 200, body, ..
+                }) => {
+                    return patient::parse(&body, today)
+                        .map(Some)
+                        .map_err(PdsError::Invalid);
+                }
+                Ok(Answer { status: 404, .. }) => return Ok(None),
+                Ok(Answer { status: 401, .. }) if !renewed => {
+                    self.tokens.clear();
+                    renewed = true;
+                    continue;
+                }
+                Ok(Answer {
+                    status,
+                    retry_after_s,
+                    ..
+                }) if status == 429 || status == 408 || status >= 500 => {
+                    (PdsError::Status(status), retry_after_s)
+                }
+                Ok(Answer { status, .. }) => return Err(PdsError::Status(status)),
+                Err(e @ (PdsError::Timeout | PdsError::Unreachable(_) | PdsError::Status(_))) => {
+                    (e, None)
+                }
+                Err(e) => return Err(e),
+            };
+            if attempt >= self.max_retries {
+                return Err(error);
+            }
+            let backoff = self.retry_backoff.saturating_mul(1 << attempt.min(16));
+            let wait = retry_after_s
+                .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER_S)))
+                .unwrap_or(backoff);
+            tracing::info!(attempt, status = %error, wait_ms = wait.as_millis() as u64, "PDS lookup retried");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    fn get(
+        &self,
+        nhs: &str,
+        token: &str,
+        request_id: &str,
+    ) -> Result<http::Request<Full<Bytes>>, PdsError> {
+        let uri: http::Uri = format!("{}/Patient/{nhs}", self.base_url)
+            .parse()
+            .map_err(|_| PdsError::Invalid("the lookup URL does not parse".into()))?;
+        let mut b = http::Request::get(&uri)
+            .header(http::header::HOST, host_of(&uri))
+            .header(http::header::ACCEPT, "application/fhir+json")
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .header("X-Request-ID", request_id);
+        if let Some(ods) = &self.end_user_organisation {
+            b = b.header("NHSD-End-User-Organisation-ODS", ods);
+        }
+        b.body(Full::default())
+            .map_err(|_| PdsError::Invalid("the lookup request does not build".into()))
+    }
+
+    /// The bearer token, from the cache or the token endpoint.
+    async fn token(&self) -> Result<zeroize::Zeroizing<String>, PdsError> {
+        if let Some(token) = self.tokens.get(wall_ms()) {
+            return Ok(token);
+        }
+        let assertion = self.credentials.assertion(wall_ms() / 1_000)?;
+        let form = Credentials::token_form(&assertion);
+        let uri: http::Uri = self
+            .credentials
+            .token_url()
+            .parse()
+            .map_err(|_| PdsError::Auth("the token URL does not parse".into()))?;
+        let request = http::Request::post(&uri)
+            .header(http::header::HOST, host_of(&uri))
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(form.as_bytes().to_vec())))
+            .map_err(|_| PdsError::Auth("the token request does not build".into()))?;
+        let answer = self.transport.send(request).await?;
+        match answer.status {
+            200 => self.tokens.store(&answer.body, wall_ms()),
+            status if status >= 500 || status == 429 => Err(PdsError::Status(status)),
+            status => Err(PdsError::Auth(format!(
+                "the token endpoint refused our signed JWT (HTTP {status})"
+            ))),
+        }
+    }
+}
