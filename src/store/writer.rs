@@ -24,6 +24,10 @@ use crate::audit::{AuditChain, AuditEntry, AuditEvent, hex};
 
 /// A key and its value.
 pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
+#[path = "audit_prune.rs"]
+mod audit_prune;
+#[path = "identity_expiry.rs"]
+mod identity_expiry;
 #[path = "retention.rs"]
 pub(super) mod retention;
 

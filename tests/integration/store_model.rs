@@ -247,6 +247,7 @@ fn open(dir: &Path, clock: &ManualClock) -> Store {
                 metadata_ms: METADATA_MS,
                 tombstone_ms: TOMBSTONE_MS,
                 key_epoch_ms: 60,
+                audit_ms: METADATA_MS,
                 batch: 1_000,
             },
             ..StoreOptions::default()
