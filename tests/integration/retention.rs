@@ -549,3 +549,147 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
     store.verify_audit().unwrap();
     store.close().await.unwrap();
 }
+
+/// A patient's identity links, lineage and refused links go once nothing of
+/// theirs has been tracked for the metadata period; a patient with a parked
+/// release keeps everything, and a patient who comes back before then
+/// keeps their links.
+#[tokio::test]
+async fn identity_records_expire_when_nothing_is_tracked_for_the_metadata_period() {
+    use throughcare::journey::JourneyEvent;
+    use throughcare::store::{NewDelivery, NewHandover, PARKED_MAILBOX, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let store = Store::open(
+        &dir.path().join("data"),
+        StoreOptions::default(),
+        Arc::new(clock.clone()),
+    )
+    .unwrap();
+    let new = |message_id: &str, nhs: &str, prison: &str, to: &str| NewHandover {
+        actor: "urn:ods:YP001".into(),
+        sender: "YP001".into(),
+        message_id: message_id.into(),
+        event: JourneyEvent::Release,
+        patient: PatientIds {
+            nhs: Some(nhs.into()),
+            prison: Some(prison.into()),
+        },
+        claim_keys: vec![format!("claim-{nhs}")],
+        requested_destinations: vec![to.into()],
+        destinations: vec![NewDelivery {
+            mailbox: to.into(),
+            ..NewDelivery::default()
+        }],
+        payload: message_id.as_bytes().to_vec(),
+        supersede: true,
+    };
+    let deliver = || async {
+        for d in store
+            .pull("urn:ods:YG001", "YG001", 10, 60_000)
+            .await
+            .unwrap()
+        {
+            store
+                .ack("urn:ods:YG001", "YG001", d.delivery.id, d.delivery.attempt)
+                .await
+                .unwrap();
+        }
+    };
+    // Delivered and forgotten; parked and waiting; delivered, then back.
+    store
+        .submit(new("a", "nhs-a", "prison-a", "YG001"))
+        .await
+        .unwrap();
+    store
+        .submit(new("b", "nhs-b", "prison-b", PARKED_MAILBOX))
+        .await
+        .unwrap();
+    store
+        .submit(new("c", "nhs-c", "prison-c", "YG001"))
+        .await
+        .unwrap();
+    deliver().await;
+    // A refused link: prison-b already belongs to nhs-b.
+    let refused = store.submit(new("x", "nhs-x", "prison-b", "YG001")).await;
+    assert!(refused.is_err());
+    assert_eq!(store.identity_conflicts(10).unwrap().len(), 1);
+    let held = store.retention().await.unwrap().stats.identity_records_held;
+    // identities (2 each), patients and lineage (1 each) for a, b, c; the refusal.
+    assert_eq!(held, 3 * 4 + 1);
+    for id in ["prison-a", "prison-b", "prison-c"] {
+        assert_eq!(
+            store.patient_keys(id).unwrap()[0],
+            id.replace("prison", "nhs")
+        );
+    }
+
+    clock.advance(84 * DAY_MS + 1);
+    let pass = store.retention().await.unwrap();
+    assert_eq!(pass.metadata_removed, 2, "a and c are forgotten");
+    assert_eq!(
+        pass.conflicts_removed, 1,
+        "the refusal is a metadata period old"
+    );
+    assert_eq!(
+        pass.identities_removed, 0,
+        "links stay a metadata period longer"
+    );
+    assert_eq!(pass.stats.identities_expiring, 2);
+    // c comes back before its links expire.
+    clock.advance(80 * DAY_MS);
+    store
+        .submit(new("c2", "nhs-c", "prison-c", "YG001"))
+        .await
+        .unwrap();
+    clock.advance(5 * DAY_MS);
+    let pass = store.retention().await.unwrap();
+    assert_eq!(
+        pass.identities_removed, 1,
+        "only a: b is parked, c is tracked"
+    );
+    assert_eq!(store.patient_keys("prison-a").unwrap(), ["prison-a"]);
+    assert_eq!(store.patient_keys("prison-b").unwrap()[0], "nhs-b");
+    assert_eq!(store.patient_keys("prison-c").unwrap()[0], "nhs-c");
+    assert!(store.identity_conflicts(10).unwrap().is_empty());
+    let stats = pass.stats;
+    assert_eq!(stats.identity_records_held, 2 * 4, "b and c");
+    assert_eq!(stats.identity_records_removed, 4 + 1);
+    // c's second handover delivered and forgotten: c goes too; b never does.
+    deliver().await;
+    clock.advance(84 * DAY_MS + 1);
+    assert_eq!(store.retention().await.unwrap().metadata_removed, 1);
+    clock.advance(84 * DAY_MS + 1);
+    let pass = store.retention().await.unwrap();
+    assert_eq!(store.patient_keys("prison-c").unwrap(), ["prison-c"]);
+    assert_eq!(pass.stats.identity_records_held, 4, "b's links, parked");
+    assert_eq!(store.patient_keys("prison-b").unwrap()[0], "nhs-b");
+    assert!(
+        store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == "identity_expire")
+            .count()
+            == 2
+    );
+    store.verify_audit().unwrap();
+    store.close().await.unwrap();
+    // Nothing of a or c is left in the identity trees.
+    drop(store);
+    let db = sled::open(dir.path().join("data").join("sled")).unwrap();
+    for tree in ["identities", "patients", "lineage"] {
+        for kv in db.open_tree(tree).unwrap().iter() {
+            let (k, v) = kv.unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&k),
+                String::from_utf8_lossy(&v)
+            );
+            assert!(
+                !text.contains("-a") && !text.contains("-c"),
+                "{tree}: {text}"
+            );
+        }
+    }
+}
