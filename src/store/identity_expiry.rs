@@ -14,6 +14,11 @@
 //! Refused identity links (`conflicts`) name no patient: they go a metadata
 //! period after the refusal, oldest first (the tree is keyed by the audit
 //! sequence of the refusal, so in time order).
+//!
+//! A store whose handovers were removed before identities expired has
+//! lineage pointing at nothing and no check scheduled: a one-off look
+//! through the lineage (a batch a pass, [`META_IDENTITY_BACKFILL`]) schedules
+//! one for each such patient.
 
 use super::super::StoreError;
 use super::super::records::{
@@ -24,6 +29,10 @@ use super::{Staged, Writer};
 use crate::audit::AuditEvent;
 
 const ACTOR: &str = "urn:gateway:retention";
+
+/// Meta key of the one-off look through the lineage: `0` ++ the last
+/// lineage key looked at while under way, `1` once done.
+const META_IDENTITY_BACKFILL: &[u8] = b"identity_backfill";
 
 /// Longest chain of merges followed to find where a patient key went.
 const MAX_MERGES: usize = 16;
@@ -128,6 +137,56 @@ impl Writer {
             out.conflicts_removed += 1;
         }
         self.retention.identity_removed += out.conflicts_removed as u64;
+        Ok(())
+    }
+}
+
+impl Writer {
+    /// Looks at (a batch of) the lineage once: a patient whose lineage
+    /// points only at removed handovers, with nothing live, gets an identity
+    /// check a metadata period from now.
+    pub(super) fn backfill_identities(
+        &mut self,
+        staged: &mut Staged<'_>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let cursor = staged.get(TreeId::Meta, META_IDENTITY_BACKFILL)?;
+        let after = match cursor.as_deref() {
+            Some([1]) => return Ok(()),
+            Some([0, last @ ..]) => std::ops::Bound::Excluded(last.to_vec()),
+            _ => std::ops::Bound::Unbounded,
+        };
+        let batch = self.options.retention.batch.max(1);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut last = None;
+        for kv in self.trees[TreeId::Lineage as usize]
+            .range::<Vec<u8>, _>((after, std::ops::Bound::Unbounded))
+            .take(batch)
+        {
+            let (key, value) = kv?;
+            let id = records::from_be(&value).unwrap_or(0);
+            let patient = key.split(|b| *b == 0).next().unwrap_or_default();
+            let patient = String::from_utf8_lossy(patient).into_owned();
+            if staged.get(TreeId::Handovers, &records::be(id))?.is_none()
+                && seen.insert(patient.clone())
+                && !self.tracks_anything(staged, &patient)?
+            {
+                let due = now.saturating_add(self.options.retention.metadata_ms);
+                self.schedule_retention_of(
+                    staged,
+                    due,
+                    RetentionKind::Identity,
+                    id,
+                    patient.into_bytes(),
+                );
+            }
+            last = Some(key.to_vec());
+        }
+        let cursor = match last {
+            Some(key) => [vec![0], key].concat(),
+            None => vec![1],
+        };
+        staged.put(TreeId::Meta, META_IDENTITY_BACKFILL.to_vec(), cursor);
         Ok(())
     }
 }

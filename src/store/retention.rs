@@ -358,6 +358,7 @@ impl Writer {
         self.expire_conflicts(staged, now, &mut out)?;
         self.prune_audit(staged, now, &mut out)?;
         self.backfill(staged)?;
+        self.backfill_identities(staged, now)?;
         staged.put(
             TreeId::Meta,
             META_SHREDDED,

@@ -693,3 +693,79 @@ async fn identity_records_expire_when_nothing_is_tracked_for_the_metadata_period
         }
     }
 }
+
+/// A store whose tracking metadata was removed before identity records
+/// expired: its lineage points at nothing and no check is scheduled. The
+/// one-off look through the lineage finds the patient and schedules one.
+#[tokio::test]
+async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
+    use throughcare::journey::JourneyEvent;
+    use throughcare::store::{NewDelivery, NewHandover, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let clock = ManualClock::new(T0);
+    let open = || Store::open(&data, StoreOptions::default(), Arc::new(clock.clone())).unwrap();
+    let store = open();
+    store
+        .submit(NewHandover {
+            actor: "urn:ods:YP001".into(),
+            sender: "YP001".into(),
+            message_id: "old".into(),
+            event: JourneyEvent::Release,
+            patient: PatientIds {
+                nhs: Some("nhs-old".into()),
+                prison: Some("prison-old".into()),
+            },
+            claim_keys: Vec::new(),
+            requested_destinations: vec!["YG001".into()],
+            destinations: vec![NewDelivery {
+                mailbox: "YG001".into(),
+                ..NewDelivery::default()
+            }],
+            payload: b"old".to_vec(),
+            supersede: true,
+        })
+        .await
+        .unwrap();
+    let d = store
+        .pull("urn:ods:YG001", "YG001", 1, 60_000)
+        .await
+        .unwrap();
+    store
+        .ack("urn:ods:YG001", "YG001", d[0].delivery.id, 1)
+        .await
+        .unwrap();
+    clock.advance(84 * DAY_MS + 1);
+    assert_eq!(store.retention().await.unwrap().metadata_removed, 1);
+    store.close().await.unwrap();
+    drop(store);
+    // As an older gateway would have left it: no identity check scheduled.
+    {
+        let db = sled::open(data.join("sled")).unwrap();
+        let index = db.open_tree("retention").unwrap();
+        for key in index.iter().keys() {
+            let key = key.unwrap();
+            if key[8] == b'i' {
+                index.remove(key).unwrap();
+            }
+        }
+        db.open_tree("meta")
+            .unwrap()
+            .remove("identity_backfill")
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = open();
+    let pass = store.retention().await.unwrap();
+    assert_eq!(pass.stats.identities_expiring, 1, "found by the backfill");
+    assert_eq!(store.patient_keys("prison-old").unwrap()[0], "nhs-old");
+    clock.advance(84 * DAY_MS + 1);
+    assert_eq!(store.retention().await.unwrap().identities_removed, 1);
+    assert_eq!(store.patient_keys("prison-old").unwrap(), ["prison-old"]);
+    assert_eq!(
+        store.retention().await.unwrap().stats.identity_records_held,
+        0
+    );
+    store.verify_audit().unwrap();
+    store.close().await.unwrap();
+}
