@@ -3,7 +3,9 @@
 //! destroyed, so nothing in the data directory opens it), Track and
 //! break-glass say so; tracking data goes after the metadata period and Track
 //! says why; the audit chain still verifies; parked releases, quarantined
-//! deliveries and superseded ones whose replacement is undelivered are kept.
+//! deliveries and superseded ones whose replacement is undelivered are kept;
+//! identity links, lineage and refused links expire once nothing of the
+//! patient's is tracked (the audit period itself: `audit_tamper.rs`).
 
 use crate::support;
 
