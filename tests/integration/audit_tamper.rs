@@ -369,9 +369,10 @@ async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
 }
 
 /// `throughcare serve` on a copy: its exit code and stderr (it must refuse
-/// before it binds or writes the witness).
+/// before it binds or writes the witness; one still serving after 30 s is
+/// stopped and reported as `None`).
 fn serve(data: &Path, witness: &Path, certs: &Path) -> (Option<i32>, String) {
-    let out = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args([
             "serve",
             "--listen",
@@ -385,12 +386,25 @@ fn serve(data: &Path, witness: &Path, certs: &Path) -> (Option<i32>, String) {
         .arg(witness)
         .arg("--certs-dir")
         .arg(certs)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let code = match child.try_wait().unwrap() {
+        Some(status) => status.code(),
+        None => {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            None
+        }
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (code, stderr)
 }
 
 /// Rewrites the `meta` tree of the store copy at `data` with `edit`.
