@@ -771,3 +771,73 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
     store.verify_audit().unwrap();
     store.close().await.unwrap();
 }
+
+/// A crash may leave the witness at the head before the newest (its slot
+/// torn): the entry that head anchors must still be there, so a pass never
+/// removes the entry the durable head anchors, however old, and the store
+/// opens again and verifies from its cut.
+#[tokio::test]
+async fn an_audit_cut_keeps_the_entry_a_torn_witness_falls_back_to() {
+    use std::os::unix::fs::FileExt;
+    use throughcare::audit::AuditEvent;
+    use throughcare::store::{RetentionPolicy, Store, StoreOptions, WitnessPaths};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let clock = ManualClock::new(T0);
+    let options = || StoreOptions {
+        retention: RetentionPolicy {
+            audit_ms: 1_000,
+            ..RetentionPolicy::default()
+        },
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&data, options(), Arc::new(clock.clone())).unwrap();
+    for _ in 0..3 {
+        store
+            .record(AuditEvent {
+                actor: "urn:ods:YP001".into(),
+                action: "connect",
+                outcome: "ok".into(),
+                ..AuditEvent::default()
+            })
+            .await
+            .unwrap();
+    }
+    clock.advance(2_000);
+    let pass = store.retention().await.unwrap();
+    assert!(pass.audit_removed >= 1, "{pass:?}");
+    // Crash: no final barrier, and the newest witness head torn.
+    drop(store);
+    let file = WitnessPaths::of(&data, &options()).file;
+    let witness = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    let commit_seq_at = |slot: u64| {
+        let mut b = [0u8; 8];
+        witness.read_exact_at(&mut b, slot + 8).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let newest = if commit_seq_at(0) > commit_seq_at(512) {
+        0
+    } else {
+        512
+    };
+    witness.write_all_at(b"torn", newest + 20).unwrap();
+    // The dropped writer thread lets go of sled's lock when it ends.
+    let mut reopened = Store::open(&data, options(), Arc::new(clock.clone()));
+    for _ in 0..100 {
+        match &reopened {
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                reopened = Store::open(&data, options(), Arc::new(clock.clone()));
+            }
+            _ => break,
+        }
+    }
+    let store = reopened.expect("the entry the older head anchors is still there");
+    let v = store.verify_audit_from().unwrap();
+    assert_eq!(v.from, pass.audit_removed as u64 + 1);
+    store.close().await.unwrap();
+}
