@@ -248,6 +248,26 @@ fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> Rows {
             format!("kept {}", days(r.tombstone_seconds)),
         ),
         ("key epochs", r.key_epochs, String::new()),
+        (
+            "audit entries held",
+            r.audit_entries_held,
+            format!("kept {}", days(r.audit_seconds)),
+        ),
+        (
+            "audit entries removed",
+            r.audit_entries_removed,
+            String::new(),
+        ),
+        (
+            "identity records held",
+            r.identity_records_held,
+            format!("until nothing tracked for {}", days(r.metadata_seconds)),
+        ),
+        (
+            "identity records removed",
+            r.identity_records_removed,
+            String::new(),
+        ),
     ] {
         rows.push(json!({"what": what, "count": count, "policy": policy}));
     }
@@ -692,8 +712,9 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 .map(|(from, seq)| format!("{seq} entries anchored by {from}"))
                 .collect();
             println!(
-                "audit chain verifies: {} entries (keyed from entry {}; {})",
+                "audit chain verifies: {} entries{} (keyed from entry {}; {})",
                 v.entries,
+                crate::store::integrity::cut_note(v.cut.as_ref()),
                 v.keyed_from.map_or_else(|| "-".into(), |k| k.to_string()),
                 anchors.join(", ")
             );

@@ -28,6 +28,17 @@
 //! links to the last v1 hash, so the key protects the old entries too. The
 //! boundary (`keyed_from`) is part of every checkpoint: an unkeyed entry at or
 //! after it, or after any keyed entry, is a forgery.
+//!
+//! # Removing old entries (the retention cut)
+//! Entries older than the audit period are removed from the head of the
+//! chain (`store` retention). What is left still verifies because the
+//! removal leaves a [`SignedAuditCut`]: the first entry kept, the hash of the
+//! last entry removed (which the first kept links to), the age limit and when,
+//! signed with the checkpoint key under its own label, so no checkpoint can
+//! pass for a cut. [`verify_from`] starts from the cut instead of [`GENESIS`].
+//! Without the key nobody can make a cut, so removing the oldest entries that
+//! are not past the period, or the cut itself, breaks verification; removing
+//! the middle breaks a link, and the tail the anchor.
 
 use std::io;
 use std::path::Path;
@@ -271,6 +282,68 @@ impl SignedCheckpoint {
     }
 }
 
+/// Where the chain starts after entries older than the audit period were
+/// removed (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCut {
+    /// The first entry kept.
+    pub first_kept: u64,
+    /// Hash of the last entry removed: the first kept links to it.
+    pub prev_hash: String,
+    /// Only entries written before this were removed, ms since the epoch.
+    pub before_ms: i64,
+    /// When the entries were removed, ms since the epoch.
+    pub at_ms: i64,
+    /// The first keyed entry of the chain (as in every checkpoint).
+    pub keyed_from: u64,
+}
+
+/// A cut with its Ed25519 signature (hex), as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedAuditCut {
+    /// What is stated.
+    #[serde(flatten)]
+    pub cut: AuditCut,
+    /// Ed25519 signature over [`AuditCut::signed_bytes`].
+    pub signature: String,
+}
+
+impl AuditCut {
+    /// What the signature covers: `throughcare audit cut v1\0`, then
+    /// first_kept (u64 BE), the 32 bytes of prev_hash, before_ms, at_ms (i64
+    /// BE) and keyed_from (u64 BE). The label differs from a checkpoint's, so
+    /// one can never be replayed as the other.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut out = b"throughcare audit cut v1\0".to_vec();
+        out.extend_from_slice(&self.first_kept.to_be_bytes());
+        out.extend_from_slice(&unhex32(&self.prev_hash).unwrap_or([0xff; 32]));
+        out.extend_from_slice(&self.before_ms.to_be_bytes());
+        out.extend_from_slice(&self.at_ms.to_be_bytes());
+        out.extend_from_slice(&self.keyed_from.to_be_bytes());
+        out
+    }
+
+    /// Signs it.
+    pub fn sign(&self, key: &AuditKey) -> SignedAuditCut {
+        SignedAuditCut {
+            cut: self.clone(),
+            signature: hex(key.signing.sign(&self.signed_bytes()).as_ref()),
+        }
+    }
+}
+
+impl SignedAuditCut {
+    /// Whether the signature holds under `key`.
+    pub fn verifies(&self, key: &AuditKey) -> bool {
+        let Some(signature) = unhex(&self.signature) else {
+            return false;
+        };
+        UnparsedPublicKey::new(&ED25519, key.signing.public_key().as_ref())
+            .verify(&self.cut.signed_bytes(), &signature)
+            .is_ok()
+    }
+}
+
 /// The head of the chain: the next sequence number and the last hash.
 #[derive(Debug, Clone)]
 pub struct AuditChain {
@@ -359,6 +432,14 @@ pub enum ChainError {
         /// Entries found.
         found: u64,
     },
+    /// The retention cut is not signed by the audit key.
+    #[error(
+        "the retention cut (entries kept from {first_kept}) is not signed by the audit key: entries were removed by someone other than the gateway"
+    )]
+    CutNotSigned {
+        /// The first entry the cut claims is kept.
+        first_kept: u64,
+    },
     /// A keyed entry and no key to check it with.
     #[error("audit entry {seq} is keyed but no audit key was given")]
     NoKey {
@@ -368,50 +449,101 @@ pub enum ChainError {
 }
 
 /// What a successful [`verify`] established.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     /// Entries checked.
     pub entries: u64,
+    /// The first entry checked: 1, or the first kept after a retention cut.
+    pub from: u64,
+    /// The last entry checked (0 when there is none).
+    pub last: u64,
     /// The first keyed entry, if any is.
     pub keyed_from: Option<u64>,
     /// Entries covered by the anchor (all of them up to its `audit_seq`).
     pub anchored: Option<u64>,
+    /// The signed cut the chain was verified from, when entries were removed.
+    pub cut: Option<AuditCut>,
 }
 
 /// Verifies entries given in trail order against `key` and (when given) an
-/// anchored checkpoint.
+/// anchored checkpoint, from the start of the trail.
 ///
 /// # Errors
-/// The first entry that is unreadable or breaks the chain, or a trail
-/// shorter than the anchor.
+/// As [`verify_from`].
 pub fn verify<'a>(
     entries: impl IntoIterator<Item = &'a [u8]>,
     key: Option<&AuditKey>,
     anchor: Option<&Checkpoint>,
 ) -> Result<Verified, ChainError> {
-    let mut expected_prev = GENESIS.to_owned();
+    verify_from(entries, key, anchor, None)
+}
+
+/// Where verification starts: the first sequence number and the hash it
+/// links to.
+fn start_of(
+    key: Option<&AuditKey>,
+    cut: Option<&SignedAuditCut>,
+) -> Result<(u64, String), ChainError> {
+    let Some(c) = cut else {
+        return Ok((1, GENESIS.to_owned()));
+    };
+    let key = key.ok_or(ChainError::NoKey {
+        seq: c.cut.first_kept,
+    })?;
+    if !c.verifies(key) || c.cut.first_kept == 0 {
+        return Err(ChainError::CutNotSigned {
+            first_kept: c.cut.first_kept,
+        });
+    }
+    Ok((c.cut.first_kept, c.cut.prev_hash.clone()))
+}
+
+/// Verifies entries given in trail order against `key`, an anchored
+/// checkpoint (when given) and the signed retention cut (when entries were
+/// removed): the trail must start exactly at the cut's first kept entry and
+/// link to the hash the cut records; without a cut, at entry 1.
+///
+/// # Errors
+/// The first entry that is unreadable or breaks the chain, a cut that is not
+/// signed by the key, or a trail shorter than the anchor or the cut promise.
+pub fn verify_from<'a>(
+    entries: impl IntoIterator<Item = &'a [u8]>,
+    key: Option<&AuditKey>,
+    anchor: Option<&Checkpoint>,
+    cut: Option<&SignedAuditCut>,
+) -> Result<Verified, ChainError> {
+    let (first, mut expected_prev) = start_of(key, cut)?;
     let mut count = 0u64;
     let mut keyed_from = None;
     for raw in entries {
-        let position = count + 1;
+        let position = first + count;
         let entry: AuditEntry =
-            serde_json::from_slice(raw).map_err(|_| ChainError::Unreadable { position })?;
+            serde_json::from_slice(raw).map_err(|_| ChainError::Unreadable {
+                position: count + 1,
+            })?;
         let broken = |what| ChainError::Broken {
             seq: entry.seq,
             what,
         };
         if entry.seq != position {
-            return Err(broken("sequence number out of order"));
+            return Err(broken(misplaced(count, entry.seq, first, cut.is_some())));
         }
         if entry.prev_hash != expected_prev {
-            return Err(broken("does not link to the previous entry"));
+            return Err(broken(if count == 0 && cut.is_some() {
+                "does not link to the last removed entry the signed cut records"
+            } else {
+                "does not link to the previous entry"
+            }));
         }
         match (entry.chain, keyed_from) {
             (Some(KEYED), None) => keyed_from = Some(entry.seq),
             (Some(KEYED), Some(_)) => {}
             (Some(_), _) => return Err(broken("unknown chain version")),
             (None, Some(_)) => return Err(broken("unkeyed entry after the chain was keyed")),
-            (None, None) if anchor.is_some_and(|a| entry.seq >= a.keyed_from) => {
+            (None, None)
+                if anchor.is_some_and(|a| entry.seq >= a.keyed_from)
+                    || cut.is_some_and(|c| entry.seq >= c.cut.keyed_from) =>
+            {
                 return Err(broken(
                     "unkeyed entry at or after the key boundary the anchor records",
                 ));
@@ -432,21 +564,67 @@ pub fn verify<'a>(
             }
         }
         expected_prev = entry.hash;
-        count = position;
+        count += 1;
     }
-    if let Some(a) = anchor
-        && count < a.audit_seq
-    {
-        return Err(ChainError::Truncated {
-            anchored: a.audit_seq,
-            found: count,
-        });
-    }
+    let last = first + count - 1;
+    check_ends(anchor, cut, first, last)?;
     Ok(Verified {
         entries: count,
+        from: first,
+        last,
         keyed_from,
         anchored: anchor.map(|a| a.audit_seq),
+        cut: cut.map(|c| c.cut.clone()),
     })
+}
+
+/// Why the first (or a later) entry is not where it should be.
+fn misplaced(count: u64, seq: u64, first: u64, cut: bool) -> &'static str {
+    match (count, cut) {
+        (0, false) => {
+            "entries before it are missing, and no signed cut records their removal under the retention policy"
+        }
+        (0, true) if seq > first => {
+            "entries after the signed retention cut are missing (removed before their period ended)"
+        }
+        (0, true) => "the trail holds entries the signed retention cut says were removed",
+        _ => "sequence number out of order",
+    }
+}
+
+/// The trail must reach the anchor, and a cut is never left with nothing
+/// after it (removal always appends its own entry).
+fn check_ends(
+    anchor: Option<&Checkpoint>,
+    cut: Option<&SignedAuditCut>,
+    first: u64,
+    last: u64,
+) -> Result<(), ChainError> {
+    if let Some(a) = anchor {
+        if last < a.audit_seq {
+            return Err(ChainError::Truncated {
+                anchored: a.audit_seq,
+                found: last,
+            });
+        }
+        // The anchored entry was the last one removed: the cut must agree.
+        if let Some(c) = cut
+            && a.audit_seq + 1 == first
+            && a.audit_hash != c.cut.prev_hash
+        {
+            return Err(ChainError::Broken {
+                seq: a.audit_seq,
+                what: "the signed retention cut differs from the anchored checkpoint",
+            });
+        }
+    }
+    if cut.is_some() && last < first {
+        return Err(ChainError::Truncated {
+            anchored: first,
+            found: last,
+        });
+    }
+    Ok(())
 }
 
 /// Turns patient identifiers into a keyed hash (HMAC-SHA-256), so audit,
@@ -741,6 +919,96 @@ mod tests {
             serde_json::from_str::<SignedCheckpoint>(&json).unwrap(),
             signed
         );
+    }
+
+    /// The cut a retention pass leaves after removing entries before `first_kept`.
+    fn cut_at(entries: &[Vec<u8>], first_kept: u64, key: &AuditKey) -> SignedAuditCut {
+        let last: AuditEntry =
+            serde_json::from_slice(&entries[usize::try_from(first_kept).unwrap() - 2]).unwrap();
+        AuditCut {
+            first_kept,
+            prev_hash: last.hash,
+            before_ms: 100,
+            at_ms: 200,
+            keyed_from: 1,
+        }
+        .sign(key)
+    }
+
+    #[test]
+    fn a_trail_cut_under_the_retention_policy_verifies_from_the_cut() {
+        let k = key(b"0123456789abcdef0123456789abcdef");
+        let mut chain = AuditChain::resume(None, Some(k.clone()));
+        let entries = linked(&mut chain, 10);
+        let anchor = anchor_of(&entries[9], 1);
+        let cut = cut_at(&entries, 5, &k);
+        let kept = &entries[4..];
+        let v = verify_from(slices(kept), Some(&k), Some(&anchor), Some(&cut)).unwrap();
+        assert_eq!((v.entries, v.from, v.last), (6, 5, 10));
+        assert_eq!(v.cut.unwrap().first_kept, 5);
+
+        // Without the cut, the missing head is tampering.
+        assert!(matches!(
+            verify(slices(kept), Some(&k), Some(&anchor)),
+            Err(ChainError::Broken { seq: 5, what }) if what.contains("no signed cut")
+        ));
+        // Entries after the cut removed too (not past the period): found.
+        assert!(matches!(
+            verify_from(slices(&entries[6..]), Some(&k), Some(&anchor), Some(&cut)),
+            Err(ChainError::Broken { seq: 7, what }) if what.contains("after the signed retention cut")
+        ));
+        // A cut signed by another key, or moved, or a checkpoint passed off as one.
+        let other = AuditKey::from_secret(b"another secret of thirty-two byt");
+        let forged = cut_at(&entries, 7, &other);
+        assert_eq!(
+            verify_from(
+                slices(&entries[6..]),
+                Some(&k),
+                Some(&anchor),
+                Some(&forged)
+            ),
+            Err(ChainError::CutNotSigned { first_kept: 7 })
+        );
+        let mut moved = cut.clone();
+        moved.cut.first_kept = 7;
+        assert!(verify_from(slices(&entries[6..]), Some(&k), Some(&anchor), Some(&moved)).is_err());
+        let checkpoint = anchor_of(&entries[5], 1).sign(&k);
+        let replayed = SignedAuditCut {
+            cut: AuditCut {
+                first_kept: 7,
+                prev_hash: checkpoint.checkpoint.audit_hash.clone(),
+                before_ms: 0,
+                at_ms: checkpoint.checkpoint.at_ms,
+                keyed_from: 1,
+            },
+            signature: checkpoint.signature.clone(),
+        };
+        assert!(
+            verify_from(
+                slices(&entries[6..]),
+                Some(&k),
+                Some(&anchor),
+                Some(&replayed)
+            )
+            .is_err()
+        );
+        // A retained entry rewritten, or the newest removed: still found.
+        let mut tampered = kept.to_vec();
+        let mut e: AuditEntry = serde_json::from_slice(&tampered[2]).unwrap();
+        e.outcome = "refused".into();
+        tampered[2] = serde_json::to_vec(&e).unwrap();
+        assert!(verify_from(slices(&tampered), Some(&k), Some(&anchor), Some(&cut)).is_err());
+        assert_eq!(
+            verify_from(slices(&kept[..4]), Some(&k), Some(&anchor), Some(&cut)),
+            Err(ChainError::Truncated {
+                anchored: 10,
+                found: 8
+            })
+        );
+        // An anchor recorded before the cut no longer finds its entry: the
+        // trail is checked from the cut, and the anchor only for its end.
+        let early = anchor_of(&entries[2], 1);
+        assert!(verify_from(slices(kept), Some(&k), Some(&early), Some(&cut)).is_ok());
     }
 
     #[test]

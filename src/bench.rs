@@ -51,7 +51,8 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 50)]
     pub rate: u32,
     /// Soak retention: payload grace, seconds (metadata and tombstones
-    /// are kept twice this, key epochs last half of it).
+    /// are kept twice this, audit entries three times, key epochs last half
+    /// of it).
     #[arg(long, default_value_t = 30)]
     pub grace_seconds: u64,
     /// First measure a null handler (stores nothing) on the same listener,
@@ -705,6 +706,12 @@ pub struct SoakSample {
     pub shredded: u64,
     /// Handovers whose tracking data was removed so far.
     pub removed: u64,
+    /// Audit entries held.
+    pub audit_held: u64,
+    /// Audit entries removed so far.
+    pub audit_removed: u64,
+    /// Entries of the identity trees held.
+    pub identity_held: u64,
     /// Submit latency p99 over the sample's window.
     pub p99: Duration,
 }
@@ -732,20 +739,24 @@ impl fmt::Display for SoakReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "throughcare bench --soak: {} submits/s, each pulled and acked; payload grace {} s, metadata and tombstones {} s",
+            "throughcare bench --soak: {} submits/s, each pulled and acked; payload grace {} s, metadata and tombstones {} s, audit {} s",
             self.rate,
             self.grace_seconds,
-            self.grace_seconds * 2
+            self.grace_seconds * 2,
+            self.grace_seconds * 3
         )?;
         writeln!(
             f,
-            "  {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8}",
+            "  {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8}",
             "min",
             "submitted",
             "acked",
             "held",
             "shredded",
             "removed",
+            "audit",
+            "audit rm",
+            "identity",
             "data MiB",
             "disk MiB",
             "RSS MiB",
@@ -755,13 +766,16 @@ impl fmt::Display for SoakReport {
         for s in &self.samples {
             writeln!(
                 f,
-                "  {:>6.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>10.1} {:>8.1} {:>8.1}",
+                "  {:>6.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>10.1} {:>8.1} {:>8.1}",
                 s.elapsed.as_secs_f64() / 60.0,
                 s.submitted,
                 s.acked,
                 s.held,
                 s.shredded,
                 s.removed,
+                s.audit_held,
+                s.audit_removed,
+                s.identity_held,
                 mib(s.data_bytes),
                 mib(s.data_disk_bytes),
                 s.rss_kib as f64 / 1024.0,
@@ -888,9 +902,10 @@ pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
     let endpoint = format!("https://localhost:{port}");
     let grace = opts.grace_seconds.max(1);
     let retention = format!(
-        "[retention]\npayload_grace_seconds = {grace}\nmetadata_seconds = {}\ntombstone_seconds = {}\nkey_epoch_seconds = {}\ninterval_ms = 1000\n",
+        "[retention]\npayload_grace_seconds = {grace}\nmetadata_seconds = {}\ntombstone_seconds = {}\naudit_seconds = {}\nkey_epoch_seconds = {}\ninterval_ms = 1000\n",
         grace * 2,
         grace * 2,
+        grace * 3,
         (grace / 2).max(1),
     );
     let server = Gateway::start(dir.path(), port, &retention).await?;
@@ -939,6 +954,9 @@ pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
             held: status.payloads_held,
             shredded: status.payloads_shredded,
             removed: status.metadata_removed,
+            audit_held: status.audit_entries_held,
+            audit_removed: status.audit_entries_removed,
+            identity_held: status.identity_records_held,
             p99: window
                 .get((window.len() * 99 / 100).min(window.len().saturating_sub(1)))
                 .copied()

@@ -305,9 +305,15 @@ pub struct RetentionConfig {
     /// Each key epoch wraps new data keys this long; a shredded payload is
     /// unreadable from any leftover copy within about this long, s.
     pub key_epoch_seconds: u64,
-    /// The audit trail's period, days: a policy for a later export or
-    /// archive; no audit entry is removed yet.
+    /// An audit entry is removed this long after it was written, days (at
+    /// least the metadata period: the trail outlives what it vouches for).
+    /// Entries go from the head of the chain behind a signed cut, so the rest
+    /// still verifies (docs/store.md, "The audit period").
     pub audit_days: u64,
+    /// The same period in seconds, replacing `audit_days` when given (for
+    /// tests and soaks with short periods); at least `metadata_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_seconds: Option<u64>,
     /// How often the retention pass runs, ms.
     pub interval_ms: u64,
     /// Most handovers one pass shreds or removes (each), and keys it rewraps.
@@ -322,6 +328,7 @@ impl Default for RetentionConfig {
             tombstone_seconds: 365 * 86_400,
             key_epoch_seconds: 3_600,
             audit_days: 8 * 366,
+            audit_seconds: None,
             interval_ms: 60_000,
             batch: 500,
         }
@@ -337,8 +344,15 @@ impl RetentionConfig {
             metadata_ms: ms(self.metadata_seconds),
             tombstone_ms: ms(self.tombstone_seconds),
             key_epoch_ms: ms(self.key_epoch_seconds),
+            audit_ms: ms(self.audit_period_seconds()),
             batch: self.batch as usize,
         }
+    }
+
+    /// The audit period in force, seconds.
+    pub fn audit_period_seconds(&self) -> u64 {
+        self.audit_seconds
+            .unwrap_or_else(|| self.audit_days.saturating_mul(86_400))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -386,13 +400,21 @@ impl RetentionConfig {
             1,
             7 * 86_400,
         )?;
-        within(
-            "retention.audit_days",
-            self.audit_days,
-            self.metadata_seconds.div_ceil(86_400).max(1),
-            100 * 366,
-        )
-        .map_err(|e| {
+        let audit = match self.audit_seconds {
+            Some(seconds) => within(
+                "retention.audit_seconds",
+                seconds,
+                self.metadata_seconds.max(1),
+                100 * 366 * 86_400,
+            ),
+            None => within(
+                "retention.audit_days",
+                self.audit_days,
+                self.metadata_seconds.div_ceil(86_400).max(1),
+                100 * 366,
+            ),
+        };
+        audit.map_err(|e| {
             ConfigError::new(
                 &e.field,
                 format!(
@@ -859,6 +881,13 @@ mod tests {
         assert_eq!(err.field, "retention.metadata_seconds", "{err}");
         let err = check("[retention]\naudit_days = 30\n").unwrap_err();
         assert_eq!(err.field, "retention.audit_days", "{err}");
+        let err = check("[retention]\npayload_grace_seconds = 60\nmetadata_seconds = 600\naudit_seconds = 599\n").unwrap_err();
+        assert_eq!(err.field, "retention.audit_seconds", "{err}");
+        let short =
+            Config::from_toml("[retention]\npayload_grace_seconds = 60\nmetadata_seconds = 600\naudit_seconds = 600\n")
+                .unwrap();
+        short.validate().unwrap();
+        assert_eq!(short.retention.to_policy().audit_ms, 600_000);
         let err = check("[retention]\nkey_epoch_seconds = 0\n").unwrap_err();
         assert_eq!(err.field, "retention.key_epoch_seconds", "{err}");
         let err = check("[store]\ncache_bytes = 1000\n").unwrap_err();

@@ -436,6 +436,11 @@ impl OperatorGrpc {
             tombstone_seconds: seconds(p.tombstone_ms),
             key_epoch_seconds: seconds(p.key_epoch_ms),
             at: Some(wire::timestamp(self.gateway.clock.now_ms())),
+            audit_entries_held: s.audit_entries_held,
+            audit_entries_removed: s.audit_entries_removed,
+            identity_records_held: s.identity_records_held,
+            identity_records_removed: s.identity_records_removed,
+            audit_seconds: seconds(p.audit_ms),
         })
     }
 

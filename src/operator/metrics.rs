@@ -20,7 +20,7 @@
 //! | `pds_lookups_total` | counter | `outcome` = `routed`, `not_connected`, `no_practice`, `not_found`, `dob_mismatch`, `superseded`, `deceased`, `restricted`, `no_nhs_number` or `failed` |
 //! | `pds_breaker_open` | gauge | (1 while the PDS circuit breaker is open) |
 //! | `mailbox_depth`, `_leased`, `_oldest_age_seconds`, `_overdue`, `_quarantined`, `_parked` | gauge | `mailbox` |
-//! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs` | gauge | (set after each retention pass) |
+//! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs`, `_audit_entries_held`, `_audit_entries_removed`, `_identity_records_held`, `_identity_records_removed` | gauge | (set after each retention pass) |
 //!
 //! Label values are fixed words (`&'static str`) or [`OdsCode`]s: nothing a
 //! caller sends can become a label, so neither can patient data.
@@ -202,6 +202,10 @@ struct RetentionGauges {
     metadata_removed: Gauge,
     tombstones: Gauge,
     key_epochs: Gauge,
+    audit_entries_held: Gauge,
+    audit_entries_removed: Gauge,
+    identity_records_held: Gauge,
+    identity_records_removed: Gauge,
 }
 
 impl BarrierMetrics {
@@ -322,6 +326,26 @@ impl RetentionGauges {
                 "retention_key_epochs",
                 "Key epochs on disk (each wraps one period's data keys)",
                 &retention.key_epochs,
+            ),
+            (
+                "retention_audit_entries_held",
+                "Audit entries held (the trail verifies from the first of them)",
+                &retention.audit_entries_held,
+            ),
+            (
+                "retention_audit_entries_removed",
+                "Audit entries removed after the audit period since the store was created",
+                &retention.audit_entries_removed,
+            ),
+            (
+                "retention_identity_records_held",
+                "Entries of the identity trees held (identity links, patients, lineage, refused links)",
+                &retention.identity_records_held,
+            ),
+            (
+                "retention_identity_records_removed",
+                "Entries of the identity trees removed under the retention policy since the store was created",
+                &retention.identity_records_removed,
             ),
         ] {
             r.register(name, help, gauge.clone());
@@ -588,6 +612,13 @@ impl Metrics {
         r.metadata_removed.set(gauge_i64(s.metadata_removed));
         r.tombstones.set(gauge_i64(s.tombstones));
         r.key_epochs.set(gauge_i64(s.key_epochs));
+        r.audit_entries_held.set(gauge_i64(s.audit_entries_held));
+        r.audit_entries_removed
+            .set(gauge_i64(s.audit_entries_removed));
+        r.identity_records_held
+            .set(gauge_i64(s.identity_records_held));
+        r.identity_records_removed
+            .set(gauge_i64(s.identity_records_removed));
     }
 
     /// Reads the certificates' expiry dates; an unreadable one loses its series.
@@ -703,6 +734,10 @@ mod tests {
         m.set_retention(&RetentionStats {
             payloads_held: 4,
             payloads_shredded: 9,
+            audit_entries_held: 12,
+            audit_entries_removed: 30,
+            identity_records_held: 5,
+            identity_records_removed: 7,
             ..RetentionStats::default()
         });
         let text = m.encode();
@@ -711,6 +746,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("throughcare_retention_payloads_shredded 9"));
+        for series in [
+            "audit_entries_held 12",
+            "audit_entries_removed 30",
+            "identity_records_held 5",
+            "identity_records_removed 7",
+        ] {
+            assert!(
+                text.contains(&format!("throughcare_retention_{series}\n")),
+                "{series}"
+            );
+        }
         assert!(text.contains("throughcare_mailbox_oldest_age_seconds{mailbox=\"YG001\"} 90.5"));
         // Unreadable certificate files lose their series rather than report nonsense.
         assert!(!text.contains("throughcare_certificate_expiry_days{"));

@@ -317,6 +317,8 @@ pub struct HighWater {
     last_handover: u64,
     /// The head written last; durable after the next barrier.
     written: Checkpoint,
+    /// The head before it: durable (the last barrier synced it).
+    durable: Checkpoint,
 }
 
 impl HighWater {
@@ -352,6 +354,7 @@ impl HighWater {
             journal_end: cut.max(JOURNAL_START),
             keyed_from: head.checkpoint.keyed_from,
             last_handover,
+            durable: head.checkpoint.clone(),
             written: head.checkpoint,
         })
     }
@@ -374,6 +377,13 @@ impl HighWater {
     /// The head written last (durable after the next barrier).
     pub fn written(&self) -> &Checkpoint {
         &self.written
+    }
+
+    /// The newest head known durable. After a crash the witness may hold
+    /// this one (or, when the crash tore the next head, the one before):
+    /// the audit entry it anchors must still be there at the next open.
+    pub fn durable(&self) -> &Checkpoint {
+        &self.durable
     }
 
     /// Appends `acked` to the journal; durable with the barrier that follows.
@@ -408,7 +418,9 @@ impl HighWater {
         self.file
             .write_all_at(&head.encode(), SLOTS[self.next_slot])?;
         self.next_slot = 1 - self.next_slot;
-        Ok(std::mem::replace(&mut self.written, checkpoint))
+        let durable = std::mem::replace(&mut self.written, checkpoint);
+        self.durable.clone_from(&durable);
+        Ok(durable)
     }
 
     /// The file, for the barrier to sync.

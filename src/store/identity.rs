@@ -398,7 +398,7 @@ impl Writer {
     }
 
     /// Live and quarantined deliveries of a patient, by id.
-    fn deliveries_of(&self, patient_key: &str) -> BTreeSet<u64> {
+    pub(super) fn deliveries_of(&self, patient_key: &str) -> BTreeSet<u64> {
         let mut ids: BTreeSet<u64> = self.schedule.of_patient_anywhere(patient_key);
         if let Some(q) = self.quarantined_of.get(patient_key) {
             ids.extend(q);

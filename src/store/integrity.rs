@@ -10,6 +10,7 @@
 //! | witness behind the store: by more than [`LAG`] batches after a crash, by any after a clean close | refused: the witness was rolled back or replaced |
 //! | head signature or anchored audit entry does not hold | refused: [`StoreError::Witness`] |
 //! | audit key missing for a keyed chain or an existing witness | refused: [`StoreError::AuditKey`] |
+//! | the oldest audit entries gone without a retention cut signed by the audit key, or not where the cut says the trail starts | refused: [`StoreError::Witness`] |
 //!
 //! Only `throughcare admin store accept-rollback` (offline, audited) re-bases
 //! the witness to what the store holds, after listing the acknowledged
@@ -21,7 +22,9 @@ use std::sync::Arc;
 use super::high_water::{self, Acknowledged, HighWater, Record};
 use super::records::{self, TreeId};
 use super::{StoreError, StoreOptions};
-use crate::audit::{AuditEntry, AuditKey, Checkpoint, GENESIS, KEYED, SignedCheckpoint};
+use crate::audit::{
+    AuditCut, AuditEntry, AuditKey, Checkpoint, GENESIS, KEYED, SignedAuditCut, SignedCheckpoint,
+};
 
 /// How far the durable witness may trail the store after a crash: its head
 /// is written after a barrier and made durable by the next one, so a crash
@@ -100,6 +103,60 @@ fn entry(trees: &[sled::Tree], seq: u64) -> Result<Option<AuditEntry>, StoreErro
         .transpose()
 }
 
+/// The signed retention cut of the audit trail, if entries were removed.
+///
+/// # Errors
+/// Sled errors; an undecodable cut.
+pub(super) fn audit_cut(meta: &sled::Tree) -> Result<Option<SignedAuditCut>, StoreError> {
+    meta.get(records::META_AUDIT_CUT)?
+        .map(|v| {
+            serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt(format!("audit retention cut: {e}")))
+        })
+        .transpose()
+}
+
+/// "verified from entry N (entries before N removed under the retention
+/// policy on DATE)", or nothing when no entry was removed.
+pub fn cut_note(cut: Option<&AuditCut>) -> String {
+    cut.map_or_else(String::new, |c| {
+        format!(
+            " from entry {} (entries before {} removed under the retention policy on {}, all older than {})",
+            c.first_kept,
+            c.first_kept,
+            super::rfc3339(c.at_ms),
+            super::rfc3339(c.before_ms)
+        )
+    })
+}
+
+/// The oldest entry held must be entry 1, or the first entry a retention
+/// cut signed by `key` keeps, linking to the hash the cut records. Cheap
+/// (one entry read): the whole chain is `admin audit verify`'s work.
+fn check_audit_start(trees: &[sled::Tree], key: &AuditKey) -> Result<Option<AuditCut>, String> {
+    let cut = audit_cut(&trees[TreeId::Meta as usize]).map_err(|e| e.to_string())?;
+    let oldest = trees[TreeId::Audit as usize]
+        .first()
+        .map_err(|e| e.to_string())?;
+    let Some((seq, raw)) = oldest else {
+        return match cut {
+            Some(c) => Err(format!(
+                "the audit retention cut keeps entries from {} but the trail is empty",
+                c.cut.first_kept
+            )),
+            None => Ok(None),
+        };
+    };
+    crate::audit::verify_from([raw.as_ref()], Some(key), None, cut.as_ref())
+        .map(|_| cut.map(|c| c.cut))
+        .map_err(|e| {
+            format!(
+                "the oldest audit entry held is {}: {e}",
+                records::from_be(&seq).unwrap_or(0)
+            )
+        })
+}
+
 impl Found {
     fn read(trees: &[sled::Tree]) -> Result<Self, StoreError> {
         let last = match trees[TreeId::Audit as usize].last()? {
@@ -113,8 +170,13 @@ impl Found {
             Some(e) => (e.seq, e.hash.clone(), e.chain == Some(KEYED)),
             None => (0, GENESIS.to_owned(), false),
         };
-        // Keyed entries follow unkeyed ones: find the boundary by bisection.
-        let (mut lo, mut hi) = (1, audit_seq + 1);
+        // Keyed entries follow unkeyed ones: find the boundary by bisection
+        // (from the first entry kept, when older ones were removed).
+        let first = match trees[TreeId::Audit as usize].first()? {
+            Some((k, _)) => records::from_be(&k).unwrap_or(1),
+            None => 1,
+        };
+        let (mut lo, mut hi) = (first, audit_seq + 1);
         while keyed && lo < hi {
             let mid = lo + (hi - lo) / 2;
             match entry(trees, mid)? {
@@ -251,6 +313,10 @@ pub(super) fn open_checked(
         )));
     }
     check_anchored_entry(trees, &head.checkpoint, &found).map_err(refuse)?;
+    let cut = check_audit_start(trees, &key).map_err(refuse)?;
+    if cut.is_some() {
+        tracing::info!("audit trail start checked{}", cut_note(cut.as_ref()));
+    }
     let mut witness = HighWater::open(
         &paths.file,
         key,
@@ -390,6 +456,11 @@ pub fn latest_checkpoint(
 pub struct AuditVerification {
     /// Entries that verify.
     pub entries: u64,
+    /// The first entry verified: 1, or the first kept by the retention cut.
+    pub from: u64,
+    /// The signed retention cut verification started from, if entries
+    /// older than the audit period were removed.
+    pub cut: Option<AuditCut>,
     /// The first keyed entry.
     pub keyed_from: Option<u64>,
     /// The anchors checked: (where from, entries they promise).
@@ -431,13 +502,15 @@ pub fn verify_audit(
     }
     let db = sled::Config::new().path(dir.join("sled")).open()?;
     let tree = db.open_tree(TreeId::Audit.name())?;
+    let cut = audit_cut(&db.open_tree(TreeId::Meta.name())?)?;
     let values = tree.iter().values().collect::<Result<Vec<_>, _>>()?;
     let mut verified = None;
     for (from, signed) in &anchors {
-        let v = crate::audit::verify(
+        let v = crate::audit::verify_from(
             values.iter().map(|v| v.as_ref()),
             key.as_ref(),
             Some(&signed.checkpoint),
+            cut.as_ref(),
         )
         .map_err(|e| StoreError::Corrupt(format!("{e} (anchor: {from})")))?;
         verified = Some(v);
@@ -445,6 +518,8 @@ pub fn verify_audit(
     let v = verified.expect("at least the witness's anchor");
     Ok(AuditVerification {
         entries: v.entries,
+        from: v.from,
+        cut: v.cut,
         keyed_from: v.keyed_from,
         anchors: anchors
             .into_iter()

@@ -717,7 +717,9 @@ impl Store {
     /// # Errors
     /// Only store failures.
     pub async fn retention(&self) -> Result<RetentionOutcome, StoreError> {
-        self.ask(Job::Retention).await
+        let mut outcome = self.ask(Job::Retention).await?;
+        outcome.stats.identity_records_held = self.identity_records_held().await?;
+        Ok(outcome)
     }
 
     /// What the store holds under the retention policy, without doing any work.
@@ -725,7 +727,28 @@ impl Store {
     /// # Errors
     /// Only store failures.
     pub async fn retention_stats(&self) -> Result<RetentionStats, StoreError> {
-        self.ask(Job::RetentionStats).await
+        let mut stats = self.ask(Job::RetentionStats).await?;
+        stats.identity_records_held = self.identity_records_held().await?;
+        Ok(stats)
+    }
+
+    /// Entries of the identity trees, counted from committed state on a
+    /// blocking thread (a scan: kept off the writer).
+    async fn identity_records_held(&self) -> Result<u64, StoreError> {
+        let trees = self.inner.trees.clone();
+        tokio::task::spawn_blocking(move || {
+            [
+                TreeId::Identities,
+                TreeId::Patients,
+                TreeId::Lineage,
+                TreeId::Conflicts,
+            ]
+            .iter()
+            .map(|t| trees[*t as usize].len() as u64)
+            .sum()
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("identity count failed: {e}")))
     }
 
     /// The retention policy in force.
@@ -998,19 +1021,35 @@ impl Store {
         &self.inner.stats
     }
 
-    /// Verifies the audit chain; returns how many entries it holds.
+    /// Verifies the audit chain (from the signed retention cut, when old
+    /// entries were removed); returns how many entries it holds.
     ///
     /// # Errors
     /// The first broken link, or a store failure.
     pub fn verify_audit(&self) -> Result<u64, StoreError> {
+        self.verify_audit_from().map(|v| v.entries)
+    }
+
+    /// Verifies the audit chain and says from where (see [`Store::verify_audit`]).
+    ///
+    /// # Errors
+    /// The first broken link, or a store failure.
+    pub fn verify_audit_from(&self) -> Result<crate::audit::Verified, StoreError> {
         let tree = &self.inner.trees[TreeId::Audit as usize];
+        // The cut first: a pass removing entries between the two reads
+        // leaves a newer cut, and the entries read after it agree with it.
+        let cut = integrity::audit_cut(&self.inner.trees[TreeId::Meta as usize])?;
         let values = tree.iter().values().collect::<Result<Vec<_>, _>>()?;
-        crate::audit::verify(
+        let cut_now = integrity::audit_cut(&self.inner.trees[TreeId::Meta as usize])?;
+        if cut_now != cut {
+            return self.verify_audit_from();
+        }
+        crate::audit::verify_from(
             values.iter().map(|v| v.as_ref()),
             Some(&self.inner.audit_key),
             None,
+            cut.as_ref(),
         )
-        .map(|v| v.entries)
         .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 

@@ -11,14 +11,14 @@
 //! | `quarantine` | mailbox key ++ delivery id (u64 BE)   | empty                         |
 //! | `dedupe`     | sender ++ 0x00 ++ message id          | handover id (u64 BE)          |
 //! | `audit`      | sequence (u64 BE)                     | [`crate::audit`] entry JSON   |
-//! | `meta`       | name                                  | u64 BE                        |
+//! | `meta`       | name                                  | u64 BE (`audit_cut`: [`crate::audit::SignedAuditCut`] JSON) |
 //! | `registry`   | ODS code                              | organisation JSON (operator changes over the file) |
 //! | `data_keys`  | handover id (u64 BE)                  | wrapped data key ([`super::crypt`]) |
 //! | `identities` | identifier hash (`nhs:`/`prison:` keyed hash) | patient key it resolves to |
 //! | `patients`   | patient key                           | [`PatientRecord`] JSON        |
 //! | `lineage`    | patient key ++ 0x00 ++ sender ++ 0x00 ++ event | latest handover id (u64 BE) |
 //! | `conflicts`  | audit sequence of the refusal (u64 BE) | [`IdentityConflict`] JSON    |
-//! | `retention`  | due ms (u64 BE) ++ [`RetentionKind`] byte ++ handover id (u64 BE) | empty: work due then ([`super::retention`]) |
+//! | `retention`  | due ms (u64 BE) ++ [`RetentionKind`] byte ++ handover id (u64 BE) | empty: work due then ([`super::retention`]); for [`RetentionKind::Identity`] the patient key |
 //! | `superseded` | replacement delivery id (u64 BE) ++ superseded delivery id (u64 BE) | empty: waits for the replacement to finish |
 //! | `tombstones` | `h` ++ handover id (u64 BE), or `m` ++ dedupe key | [`Tombstone`] JSON: removed under the retention policy |
 //!
@@ -128,6 +128,9 @@ pub const META_COMMIT_SEQ: &[u8] = b"commit_seq";
 pub const META_LAST_HANDOVER: &[u8] = b"last_handover_id";
 /// Meta key of the last delivery id handed out.
 pub const META_LAST_DELIVERY: &[u8] = b"last_delivery_id";
+/// Meta key of the signed retention cut of the audit trail
+/// ([`crate::audit::SignedAuditCut`] JSON; absent until entries are removed).
+pub const META_AUDIT_CUT: &[u8] = b"audit_cut";
 
 /// The document format as stored with a handover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -349,6 +352,10 @@ pub enum RetentionKind {
     Metadata = b'q' as isize,
     /// Remove the tombstone.
     Tombstone = b't' as isize,
+    /// Remove a patient's identity links and lineage if nothing of theirs is
+    /// tracked (the value is the patient key; the id the handover whose
+    /// removal left them with nothing).
+    Identity = b'i' as isize,
 }
 
 /// Key of a `retention` index entry.
@@ -370,6 +377,7 @@ pub fn split_retention_key(key: &[u8]) -> Option<(i64, RetentionKind, u64)> {
         b'p' => RetentionKind::Payload,
         b'q' => RetentionKind::Metadata,
         b't' => RetentionKind::Tombstone,
+        b'i' => RetentionKind::Identity,
         _ => return None,
     };
     Some((due, kind, from_be(&key[9..])?))

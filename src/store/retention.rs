@@ -20,8 +20,12 @@
 //! shredded payload is therefore unreadable from any copy sled still holds
 //! within one epoch plus one pass of its shredding.
 //!
-//! The audit trail is never touched: it holds no clinical content and keeps
-//! verifying after everything else is gone.
+//! The audit trail holds no clinical content and keeps its own, longer
+//! period (`audit_ms`): entries older than that are removed from its head
+//! behind a signed cut, so what is left still verifies (`audit_prune.rs`).
+//! A patient's identity links and lineage go once nothing of theirs has been
+//! tracked for the metadata period, refused identity links (conflicts) a
+//! metadata period after the refusal (`identity_expiry.rs`).
 
 use std::collections::BTreeMap;
 
@@ -44,9 +48,16 @@ pub struct RetentionPolicy {
     pub tombstone_ms: i64,
     /// A key epoch wraps new data keys for this long, ms.
     pub key_epoch_ms: i64,
-    /// Most handovers one pass shreds, removes or rewraps (each).
+    /// An audit entry is kept this long after it was written, ms.
+    pub audit_ms: i64,
+    /// Most handovers one pass shreds, removes or rewraps (each); audit
+    /// entries removed per pass are at most [`AUDIT_PER_HANDOVER`] times this.
     pub batch: usize,
 }
+
+/// Audit entries a handover's journey writes, roughly (submit, pull, ack,
+/// shred, expire): a pass may remove this many per handover of its batch.
+pub const AUDIT_PER_HANDOVER: usize = 5;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -57,6 +68,7 @@ impl Default for RetentionPolicy {
             metadata_ms: 84 * DAY_MS,
             tombstone_ms: 365 * DAY_MS,
             key_epoch_ms: 3_600_000,
+            audit_ms: 8 * 366 * DAY_MS,
             batch: 500,
         }
     }
@@ -81,6 +93,20 @@ pub struct RetentionStats {
     pub key_epochs: u64,
     /// Earliest retention work still scheduled, ms.
     pub next_due_ms: Option<i64>,
+    /// Audit entries held.
+    pub audit_entries_held: u64,
+    /// Audit entries removed under the audit period since the store was created.
+    pub audit_entries_removed: u64,
+    /// The signed cut the trail verifies from, once entries were removed.
+    pub audit_cut: Option<crate::audit::AuditCut>,
+    /// Entries of the identity trees (`identities`, `patients`, `lineage`,
+    /// `conflicts`) held; counted off the writer by [`super::super::Store`].
+    pub identity_records_held: u64,
+    /// Entries of the identity trees removed under the retention policy
+    /// since the store was created.
+    pub identity_records_removed: u64,
+    /// Patients with nothing tracked whose identity links are due to go.
+    pub identities_expiring: u64,
 }
 
 /// What one pass did.
@@ -94,6 +120,12 @@ pub struct RetentionOutcome {
     pub tombstones_removed: usize,
     /// Data keys rewrapped into the newest epoch.
     pub keys_rewrapped: usize,
+    /// Audit entries removed (older than the audit period).
+    pub audit_removed: usize,
+    /// Patients whose identity links and lineage were removed.
+    pub identities_removed: usize,
+    /// Refused identity links removed.
+    pub conflicts_removed: usize,
     /// Key epochs destroyed.
     pub epochs_destroyed: usize,
     /// Parked releases waiting longer than the metadata period: never
@@ -111,6 +143,8 @@ pub(super) struct Ledger {
     scheduled: BTreeMap<RetentionKind, u64>,
     shredded: u64,
     removed: u64,
+    /// Identity-tree entries removed.
+    pub(super) identity_removed: u64,
     /// Keys wrapped directly by the master key may still exist.
     legacy_keys: bool,
     /// Handovers from before retention still to look at: (next id, last id).
@@ -119,6 +153,7 @@ pub(super) struct Ledger {
 
 const META_SHREDDED: &[u8] = b"retention_shredded";
 const META_REMOVED: &[u8] = b"retention_removed";
+const META_IDENTITY_REMOVED: &[u8] = b"retention_identity_removed";
 /// Next handover id ++ last handover id of the one-off look at handovers
 /// stored before retention existed.
 const META_BACKFILL: &[u8] = b"retention_backfill";
@@ -145,6 +180,7 @@ impl Ledger {
         };
         ledger.shredded = counter(META_SHREDDED)?;
         ledger.removed = counter(META_REMOVED)?;
+        ledger.identity_removed = counter(META_IDENTITY_REMOVED)?;
         ledger.backfill = match meta.get(META_BACKFILL)? {
             Some(v) if v.len() == 16 => (
                 records::from_be(&v[..8]).unwrap_or(1),
@@ -194,12 +230,23 @@ impl Writer {
         kind: RetentionKind,
         handover_id: u64,
     ) {
-        staged.put(
-            TreeId::Retention,
-            records::retention_key(due_ms, kind, handover_id).to_vec(),
-            Vec::new(),
-        );
-        self.retention.add(kind);
+        self.schedule_retention_of(staged, due_ms, kind, handover_id, Vec::new());
+    }
+
+    /// Schedules work with a value (an identity expiry names its patient).
+    pub(super) fn schedule_retention_of(
+        &mut self,
+        staged: &mut Staged<'_>,
+        due_ms: i64,
+        kind: RetentionKind,
+        id: u64,
+        value: Vec<u8>,
+    ) {
+        let key = records::retention_key(due_ms, kind, id).to_vec();
+        if staged.get(TreeId::Retention, &key).ok().flatten().is_none() {
+            self.retention.add(kind);
+        }
+        staged.put(TreeId::Retention, key, value);
     }
 
     /// Called once delivery `d` has been delivered (and stored so): finishes
@@ -288,9 +335,9 @@ impl Writer {
         }
         for (key, kind, id) in due {
             // A repeat (an earlier pass in this batch) finds it gone.
-            if staged.get(TreeId::Retention, &key)?.is_none() {
+            let Some(value) = staged.get(TreeId::Retention, &key)? else {
                 continue;
-            }
+            };
             staged.del(TreeId::Retention, key.to_vec());
             self.retention.done(kind);
             match kind {
@@ -301,9 +348,17 @@ impl Writer {
                 RetentionKind::Tombstone => {
                     out.tombstones_removed += usize::from(remove_tombstone(staged, id)?);
                 }
+                RetentionKind::Identity => {
+                    let patient = String::from_utf8_lossy(&value).into_owned();
+                    out.identities_removed +=
+                        usize::from(self.expire_identity(staged, &patient, now)?);
+                }
             }
         }
+        self.expire_conflicts(staged, now, &mut out)?;
+        self.prune_audit(staged, now, &mut out)?;
         self.backfill(staged)?;
+        self.backfill_identities(staged, now)?;
         staged.put(
             TreeId::Meta,
             META_SHREDDED,
@@ -314,13 +369,18 @@ impl Writer {
             META_REMOVED,
             records::be(self.retention.removed).to_vec(),
         );
+        staged.put(
+            TreeId::Meta,
+            META_IDENTITY_REMOVED,
+            records::be(self.retention.identity_removed).to_vec(),
+        );
         let held_since = now.saturating_sub(self.options.retention.metadata_ms);
         for id in self.schedule.of_mailbox(records::PARKED_MAILBOX) {
             let d: Option<DeliveryRecord> =
                 staged.get_json(TreeId::Deliveries, &records::be(id))?;
             out.parked_past_period += usize::from(d.is_some_and(|d| d.queued_at_ms <= held_since));
         }
-        out.stats = self.retention_stats()?;
+        out.stats = self.retention_stats_staged(staged)?;
         Ok(out)
     }
 
@@ -463,6 +523,7 @@ impl Writer {
             staged.del(TreeId::Dedupe, dedupe);
         }
         staged.del(TreeId::Handovers, records::be(h.id).to_vec());
+        self.handover_forgotten(staged, &h, now)?;
         let tombstone = Tombstone {
             handover_id: h.id,
             sender: h.sender.clone(),
@@ -582,13 +643,21 @@ impl Writer {
         Ok((remaining, rewrapped))
     }
 
-    /// The counts operators see.
+    /// The counts operators see, of the committed store.
     pub(super) fn retention_stats(&self) -> Result<RetentionStats, StoreError> {
+        self.retention_stats_staged(&Staged::new(&self.trees))
+    }
+
+    /// The counts operators see, as `staged` leaves them.
+    fn retention_stats_staged(&self, staged: &Staged<'_>) -> Result<RetentionStats, StoreError> {
         let next_due_ms = self.trees[TreeId::Retention as usize]
             .first()?
             .and_then(|(k, _)| records::split_retention_key(&k))
             .map(|(at, _, _)| at);
         let payloads_shredded = self.retention.shredded;
+        let audit_cut = self.audit_cut(staged)?;
+        let first_kept = audit_cut.as_ref().map_or(1, |c| c.cut.first_kept);
+        let (audit_head, _) = self.chain.head();
         Ok(RetentionStats {
             payloads_held: self.last_handover.saturating_sub(payloads_shredded),
             payloads_in_grace: self.retention.count(RetentionKind::Payload),
@@ -598,6 +667,12 @@ impl Writer {
             tombstones: self.retention.count(RetentionKind::Tombstone),
             key_epochs: self.cipher.epochs().len() as u64,
             next_due_ms,
+            audit_entries_held: (audit_head + 1).saturating_sub(first_kept),
+            audit_entries_removed: first_kept - 1,
+            audit_cut: audit_cut.map(|c| c.cut),
+            identity_records_held: 0,
+            identity_records_removed: self.retention.identity_removed,
+            identities_expiring: self.retention.count(RetentionKind::Identity),
         })
     }
 

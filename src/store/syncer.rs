@@ -73,6 +73,8 @@ pub(super) struct Syncer {
     pub failed: Failure,
     /// The newest commit sequence made durable.
     pub durable_seq: u64,
+    /// The audit sequence the newest durable witness head anchors.
+    pub anchored_audit_seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Syncer {
@@ -159,6 +161,8 @@ impl Syncer {
         match result {
             Ok(anchored) => {
                 self.durable_seq = newest.seq;
+                self.anchored_audit_seq
+                    .store(anchored.audit_seq, std::sync::atomic::Ordering::Release);
                 if let Some(observer) = &self.observer {
                     observer.anchored(&anchored);
                     observer.committed(&BarrierReport {

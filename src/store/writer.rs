@@ -24,6 +24,10 @@ use crate::audit::{AuditChain, AuditEntry, AuditEvent, hex};
 
 /// A key and its value.
 pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
+#[path = "audit_prune.rs"]
+mod audit_prune;
+#[path = "identity_expiry.rs"]
+mod identity_expiry;
 #[path = "retention.rs"]
 pub(super) mod retention;
 
@@ -210,6 +214,12 @@ pub(super) struct Writer {
     sync_failed: Failure,
     /// The last handover id handed to the witness's journal.
     journaled: u64,
+    /// The audit sequence number the witness's newest durable head anchors
+    /// (set by the syncer after each barrier).
+    pub(super) anchored_audit_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The witness's audit key and the entry its keyed chain starts from.
+    pub(super) audit_key: Arc<crate::audit::AuditKey>,
+    pub(super) keyed_from: u64,
     commit_seq: u64,
     last_handover: u64,
     pub(super) last_delivery: u64,
@@ -290,7 +300,13 @@ impl Writer {
         let sync_failed = Failure::default();
         let (to_syncer, settled) = std::sync::mpsc::sync_channel(options.pipeline_depth);
         let journaled = high_water.last_handover();
+        let anchored_audit_seq = Arc::new(std::sync::atomic::AtomicU64::new(
+            high_water.durable().audit_seq,
+        ));
+        let audit_key = high_water.key();
+        let keyed_from = high_water.keyed_from();
         let syncer = Syncer {
+            anchored_audit_seq: anchored_audit_seq.clone(),
             barrier,
             high_water,
             trees: trees.clone(),
@@ -309,6 +325,9 @@ impl Writer {
             to_syncer,
             sync_failed,
             journaled,
+            anchored_audit_seq,
+            audit_key,
+            keyed_from,
             commit_seq,
             schedule,
             quarantined,

@@ -176,6 +176,12 @@ async fn operators_see_what_is_held_under_the_retention_policy() {
     assert_eq!(count("payloads held"), 1, "{rows}");
     assert_eq!(count("payloads shredded"), 1, "{rows}");
     assert_eq!(count("metadata expiring"), 1, "{rows}");
+    let entries = gw.store.audit_entries().unwrap().len() as u64;
+    assert_eq!(count("audit entries held"), entries, "{rows}");
+    assert_eq!(count("audit entries removed"), 0, "{rows}");
+    // Two patients: a lineage entry each, nothing removed yet.
+    assert_eq!(count("identity records held"), 2, "{rows}");
+    assert_eq!(count("identity records removed"), 0, "{rows}");
     let (ok, table, err) = admin(&gw, &["retention"]);
     assert!(ok, "{err}");
     assert!(
@@ -183,5 +189,9 @@ async fn operators_see_what_is_held_under_the_retention_policy() {
         "{table}"
     );
     assert!(table.contains("84d"), "the policy is shown: {table}");
+    assert!(
+        table.contains("2928d"),
+        "the audit period is shown: {table}"
+    );
     gw.stop().await;
 }

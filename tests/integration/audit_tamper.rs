@@ -367,3 +367,177 @@ async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+/// `throughcare serve` on a copy: its exit code and stderr (it must refuse
+/// before it binds or writes the witness; one still serving after 30 s is
+/// stopped and reported as `None`).
+fn serve(data: &Path, witness: &Path, certs: &Path) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--witness-dir")
+        .arg(witness)
+        .arg("--certs-dir")
+        .arg(certs)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let code = match child.try_wait().unwrap() {
+        Some(status) => status.code(),
+        None => {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            None
+        }
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (code, stderr)
+}
+
+/// Rewrites the `meta` tree of the store copy at `data` with `edit`.
+fn edit_meta(data: &Path, edit: impl FnOnce(&sled::Tree)) {
+    let db = sled::open(data.join("sled")).unwrap();
+    edit(&db.open_tree("meta").unwrap());
+    db.flush().unwrap();
+}
+
+/// Removes audit entries `seqs` from the store copy at `data`.
+fn remove_entries(data: &Path, seqs: impl IntoIterator<Item = u64>) {
+    edit_audit(data, |tree, _| {
+        for seq in seqs {
+            assert!(tree.remove(seq.to_be_bytes()).unwrap().is_some(), "{seq}");
+        }
+    });
+}
+
+/// Entries past the audit period go behind a signed cut and the rest
+/// verifies "from entry N"; removing entries that are not past the period
+/// (the oldest kept, the middle, the newest), removing or moving the cut, or
+/// rewriting a kept entry is still found, and the gateway will not start on
+/// a trail whose oldest kept entries are gone.
+#[tokio::test]
+async fn after_a_retention_cut_the_rest_verifies_and_removing_more_is_found() {
+    const DAY_MS: i64 = 86_400_000;
+    let (gw, clock) =
+        TestGateway::start_manual(|c| c.retention.audit_seconds = Some(90 * 86_400)).await;
+    workload(&gw, 0).await;
+    clock.advance(91 * DAY_MS);
+    workload(&gw, 20).await;
+    let pass = gw.store.retention().await.unwrap();
+    assert!(pass.audit_removed > 10, "{pass:?}");
+    let v = gw.store.verify_audit_from().unwrap();
+    let first = v.from;
+    assert_eq!(first, pass.audit_removed as u64 + 1);
+    let kept = gw.store.audit_entries().unwrap();
+    assert_eq!(kept[0].seq, first);
+    let before = T0 + DAY_MS;
+    assert!(
+        kept.iter().all(|e| e.at_ms >= before),
+        "only old entries go"
+    );
+    assert!(
+        kept.iter().any(|e| e.action == "audit_prune"
+            && e.outcome.contains(&format!("entries 1 to {}", first - 1)))
+    );
+    assert_eq!(pass.stats.audit_entries_removed, first - 1);
+    assert_eq!(pass.stats.audit_entries_held, kept.len() as u64);
+    let last = kept.last().unwrap().seq;
+    let data = gw.config.data_dir.clone();
+    let (dir, _) = gw.stop().await;
+    let witness = witness_of(&data);
+    let certs = dir.path().join("certs");
+    let (ok, text) = verify(&data, &witness);
+    assert!(
+        ok && text.contains(&format!(
+            "from entry {first} (entries before {first} removed under the retention policy on"
+        )),
+        "{text}"
+    );
+
+    let tampered = |name: &str, edit: &dyn Fn(&Path)| -> (PathBuf, String) {
+        let copy = dir.path().join(name);
+        copy_dir(&data, &copy);
+        edit(&copy);
+        let (ok, text) = verify(&copy, &witness);
+        assert!(!ok, "{name}: {text}");
+        (copy, text)
+    };
+    // The oldest kept entries, not past the period.
+    let (copy, text) = tampered("head", &|c| remove_entries(c, first..first + 3));
+    assert!(
+        text.contains("after the signed retention cut are missing"),
+        "{text}"
+    );
+    let (code, stderr) = serve(&copy, &witness, &certs);
+    assert_eq!(code, Some(65), "{stderr}");
+    assert!(stderr.contains("signed retention cut"), "{stderr}");
+    // The middle, and the newest.
+    let (_, text) = tampered("middle", &|c| remove_entries(c, first + 5..first + 7));
+    assert!(text.contains("out of order"), "{text}");
+    let (_, text) = tampered("tail", &|c| remove_entries(c, last - 1..=last));
+    assert!(text.contains("(2 entries missing)"), "{text}");
+    // The cut removed: the missing head is tampering again.
+    let (copy, text) = tampered("no-cut", &|c| {
+        edit_meta(c, |meta| {
+            meta.remove("audit_cut").unwrap().unwrap();
+        });
+    });
+    assert!(text.contains("no signed cut"), "{text}");
+    assert_eq!(serve(&copy, &witness, &certs).0, Some(65));
+    // The cut moved on (to hide more) without the audit key.
+    let (_, text) = tampered("moved-cut", &|c: &Path| {
+        edit_meta(c, |meta| {
+            let mut cut: serde_json::Value =
+                serde_json::from_slice(&meta.get("audit_cut").unwrap().unwrap()).unwrap();
+            cut["first_kept"] = (first + 3).into();
+            cut["prev_hash"] = kept[2].hash.clone().into();
+            meta.insert("audit_cut", serde_json::to_vec(&cut).unwrap())
+                .unwrap();
+        });
+        remove_entries(c, first..first + 3);
+    });
+    assert!(text.contains("not signed by the audit key"), "{text}");
+    // A kept entry rewritten.
+    let (_, text) = tampered("rewritten", &|c| {
+        edit_audit(c, |tree, entries| {
+            let mut e = entries[4].clone();
+            e.outcome = "refused: nothing happened here".into();
+            put(tree, &e);
+        });
+    });
+    assert!(text.contains("does not match its hash"), "{text}");
+    // The untouched store still verifies and serves.
+    assert!(verify(&data, &witness).0);
+}
+
+/// Without a retention cut, the oldest entries removed (as someone hiding
+/// old accesses would) are found by `verify` and refused at start-up.
+#[tokio::test]
+async fn deleting_the_oldest_entries_without_a_cut_is_found_at_start_up() {
+    let gw = TestGateway::start().await;
+    workload(&gw, 0).await;
+    let data = gw.config.data_dir.clone();
+    let (dir, _) = gw.stop().await;
+    let witness = witness_of(&data);
+    let copy = dir.path().join("copy");
+    copy_dir(&data, &copy);
+    remove_entries(&copy, 1..=3);
+    let (ok, text) = verify(&copy, &witness);
+    assert!(!ok && text.contains("no signed cut"), "{text}");
+    let (code, stderr) = serve(&copy, &witness, &dir.path().join("certs"));
+    assert_eq!(code, Some(65), "{stderr}");
+    assert!(stderr.contains("oldest audit entry held is 4"), "{stderr}");
+}

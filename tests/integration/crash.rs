@@ -23,8 +23,14 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, port, &[])
+    }
+
+    /// Started with extra arguments (e.g. `--config FILE`).
+    fn start_with(dir: &Path, port: u16, extra: &[&std::ffi::OsStr]) -> Self {
         let child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--certs-dir")
@@ -35,6 +41,28 @@ impl Server {
             .spawn()
             .expect("gateway starts");
         Self { child: Some(child) }
+    }
+
+    /// Waits until it answers a call; panics if it exits instead (refused
+    /// to open its store) or takes longer than 30 s.
+    async fn wait_serving(&mut self, endpoint: &str, certs: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("the gateway refused to start after a kill -9: {status}");
+            }
+            assert!(Instant::now() < deadline, "the gateway did not start");
+            if let Ok(mut c) = throughcare::client::handover(endpoint, certs, "YP001").await
+                && c.track(pb::TrackRequest {
+                    handover: Some(pb::track_request::Handover::HandoverId(u64::MAX)),
+                })
+                .await
+                .is_err_and(|e| e.code() == tonic::Code::NotFound)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn kill9(&mut self) {
@@ -360,4 +388,91 @@ async fn acknowledged_submits_survive_kill_9() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Audit entries removed under a 2 s audit period while the binary is killed
+/// with SIGKILL at random moments: every restart opens (the entry the
+/// witness anchors was never removed, and the signed cut agrees with the
+/// trail on disk), and at the end the trail verifies from its cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_cut_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    throughcare::certs::init_dev_pki(&certs).unwrap();
+    let config = dir.path().join("short.toml");
+    std::fs::write(
+        &config,
+        "[retention]\npayload_grace_seconds = 1\nmetadata_seconds = 2\ntombstone_seconds = 2\naudit_seconds = 2\nkey_epoch_seconds = 1\ninterval_ms = 100\n",
+    )
+    .unwrap();
+    // Its own metrics port: the other crash test may be running beside it.
+    let args = [
+        std::ffi::OsStr::new("--config"),
+        config.as_os_str(),
+        std::ffi::OsStr::new("--metrics-listen"),
+        std::ffi::OsStr::new("127.0.0.1:0"),
+    ];
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("https://localhost:{port}");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("retention crash test seed {seed}");
+    let mut rng = Rng(seed);
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut server = Server::start_with(dir.path(), port, &args);
+    server.wait_serving(&endpoint, &certs).await;
+    let mut tasks = Vec::new();
+    for id in 0..4 {
+        tasks.push(tokio::spawn(submitter(
+            id,
+            endpoint.clone(),
+            certs.clone(),
+            stop.clone(),
+            ledger.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(consumer(
+        endpoint.clone(),
+        certs.clone(),
+        stop.clone(),
+        ledger.clone(),
+    )));
+    // Past the audit period first, so that every kill can land in a pass
+    // that removes entries.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300 + rng.next(1_200))).await;
+        server.kill9();
+        server = Server::start_with(dir.path(), port, &args);
+        server.wait_serving(&endpoint, &certs).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("clients finish")
+            .unwrap();
+    }
+    server.stop();
+    let out = Command::new(BIN)
+        .args(["admin", "audit", "verify", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("from entry"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ledger.lock().unwrap().ok.len() > 20, "too little work");
 }

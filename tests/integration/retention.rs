@@ -3,7 +3,9 @@
 //! destroyed, so nothing in the data directory opens it), Track and
 //! break-glass say so; tracking data goes after the metadata period and Track
 //! says why; the audit chain still verifies; parked releases, quarantined
-//! deliveries and superseded ones whose replacement is undelivered are kept.
+//! deliveries and superseded ones whose replacement is undelivered are kept;
+//! identity links, lineage and refused links expire once nothing of the
+//! patient's is tracked (the audit period itself: `audit_tamper.rs`).
 
 use crate::support;
 
@@ -547,5 +549,295 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
     clock.advance(3 * DAY_MS);
     assert_eq!(store.retention().await.unwrap().shredded, 2);
     store.verify_audit().unwrap();
+    store.close().await.unwrap();
+}
+
+/// A patient's identity links, lineage and refused links go once nothing of
+/// theirs has been tracked for the metadata period; a patient with a parked
+/// release keeps everything, and a patient who comes back before then
+/// keeps their links.
+#[tokio::test]
+async fn identity_records_expire_when_nothing_is_tracked_for_the_metadata_period() {
+    use throughcare::journey::JourneyEvent;
+    use throughcare::store::{NewDelivery, NewHandover, PARKED_MAILBOX, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let store = Store::open(
+        &dir.path().join("data"),
+        StoreOptions::default(),
+        Arc::new(clock.clone()),
+    )
+    .unwrap();
+    let new = |message_id: &str, nhs: &str, prison: &str, to: &str| NewHandover {
+        actor: "urn:ods:YP001".into(),
+        sender: "YP001".into(),
+        message_id: message_id.into(),
+        event: JourneyEvent::Release,
+        patient: PatientIds {
+            nhs: Some(nhs.into()),
+            prison: Some(prison.into()),
+        },
+        claim_keys: vec![format!("claim-{nhs}")],
+        requested_destinations: vec![to.into()],
+        destinations: vec![NewDelivery {
+            mailbox: to.into(),
+            ..NewDelivery::default()
+        }],
+        payload: message_id.as_bytes().to_vec(),
+        supersede: true,
+    };
+    let deliver = || async {
+        for d in store
+            .pull("urn:ods:YG001", "YG001", 10, 60_000)
+            .await
+            .unwrap()
+        {
+            store
+                .ack("urn:ods:YG001", "YG001", d.delivery.id, d.delivery.attempt)
+                .await
+                .unwrap();
+        }
+    };
+    // Delivered and forgotten; parked and waiting; delivered, then back.
+    store
+        .submit(new("a", "nhs-a", "prison-a", "YG001"))
+        .await
+        .unwrap();
+    store
+        .submit(new("b", "nhs-b", "prison-b", PARKED_MAILBOX))
+        .await
+        .unwrap();
+    store
+        .submit(new("c", "nhs-c", "prison-c", "YG001"))
+        .await
+        .unwrap();
+    deliver().await;
+    // A refused link: prison-b already belongs to nhs-b.
+    let refused = store.submit(new("x", "nhs-x", "prison-b", "YG001")).await;
+    assert!(refused.is_err());
+    assert_eq!(store.identity_conflicts(10).unwrap().len(), 1);
+    let held = store.retention().await.unwrap().stats.identity_records_held;
+    // identities (2 each), patients and lineage (1 each) for a, b, c; the refusal.
+    assert_eq!(held, 3 * 4 + 1);
+    for id in ["prison-a", "prison-b", "prison-c"] {
+        assert_eq!(
+            store.patient_keys(id).unwrap()[0],
+            id.replace("prison", "nhs")
+        );
+    }
+
+    clock.advance(84 * DAY_MS + 1);
+    let pass = store.retention().await.unwrap();
+    assert_eq!(pass.metadata_removed, 2, "a and c are forgotten");
+    assert_eq!(
+        pass.conflicts_removed, 1,
+        "the refusal is a metadata period old"
+    );
+    assert_eq!(
+        pass.identities_removed, 0,
+        "links stay a metadata period longer"
+    );
+    assert_eq!(pass.stats.identities_expiring, 2);
+    // c comes back before its links expire.
+    clock.advance(80 * DAY_MS);
+    store
+        .submit(new("c2", "nhs-c", "prison-c", "YG001"))
+        .await
+        .unwrap();
+    clock.advance(5 * DAY_MS);
+    let pass = store.retention().await.unwrap();
+    assert_eq!(
+        pass.identities_removed, 1,
+        "only a: b is parked, c is tracked"
+    );
+    assert_eq!(store.patient_keys("prison-a").unwrap(), ["prison-a"]);
+    assert_eq!(store.patient_keys("prison-b").unwrap()[0], "nhs-b");
+    assert_eq!(store.patient_keys("prison-c").unwrap()[0], "nhs-c");
+    assert!(store.identity_conflicts(10).unwrap().is_empty());
+    let stats = pass.stats;
+    assert_eq!(stats.identity_records_held, 2 * 4, "b and c");
+    assert_eq!(stats.identity_records_removed, 4 + 1);
+    // c's second handover delivered and forgotten: c goes too; b never does.
+    deliver().await;
+    clock.advance(84 * DAY_MS + 1);
+    assert_eq!(store.retention().await.unwrap().metadata_removed, 1);
+    clock.advance(84 * DAY_MS + 1);
+    let pass = store.retention().await.unwrap();
+    assert_eq!(store.patient_keys("prison-c").unwrap(), ["prison-c"]);
+    assert_eq!(pass.stats.identity_records_held, 4, "b's links, parked");
+    assert_eq!(store.patient_keys("prison-b").unwrap()[0], "nhs-b");
+    assert!(
+        store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == "identity_expire")
+            .count()
+            == 2
+    );
+    store.verify_audit().unwrap();
+    store.close().await.unwrap();
+    // Nothing of a or c is left in the identity trees.
+    drop(store);
+    let db = sled::open(dir.path().join("data").join("sled")).unwrap();
+    for tree in ["identities", "patients", "lineage"] {
+        for kv in db.open_tree(tree).unwrap().iter() {
+            let (k, v) = kv.unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&k),
+                String::from_utf8_lossy(&v)
+            );
+            assert!(
+                !text.contains("-a") && !text.contains("-c"),
+                "{tree}: {text}"
+            );
+        }
+    }
+}
+
+/// A store whose tracking metadata was removed before identity records
+/// expired: its lineage points at nothing and no check is scheduled. The
+/// one-off look through the lineage finds the patient and schedules one.
+#[tokio::test]
+async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
+    use throughcare::journey::JourneyEvent;
+    use throughcare::store::{NewDelivery, NewHandover, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let clock = ManualClock::new(T0);
+    let open = || Store::open(&data, StoreOptions::default(), Arc::new(clock.clone())).unwrap();
+    let store = open();
+    store
+        .submit(NewHandover {
+            actor: "urn:ods:YP001".into(),
+            sender: "YP001".into(),
+            message_id: "old".into(),
+            event: JourneyEvent::Release,
+            patient: PatientIds {
+                nhs: Some("nhs-old".into()),
+                prison: Some("prison-old".into()),
+            },
+            claim_keys: Vec::new(),
+            requested_destinations: vec!["YG001".into()],
+            destinations: vec![NewDelivery {
+                mailbox: "YG001".into(),
+                ..NewDelivery::default()
+            }],
+            payload: b"old".to_vec(),
+            supersede: true,
+        })
+        .await
+        .unwrap();
+    let d = store
+        .pull("urn:ods:YG001", "YG001", 1, 60_000)
+        .await
+        .unwrap();
+    store
+        .ack("urn:ods:YG001", "YG001", d[0].delivery.id, 1)
+        .await
+        .unwrap();
+    clock.advance(84 * DAY_MS + 1);
+    assert_eq!(store.retention().await.unwrap().metadata_removed, 1);
+    store.close().await.unwrap();
+    drop(store);
+    // As an older gateway would have left it: no identity check scheduled.
+    {
+        let db = sled::open(data.join("sled")).unwrap();
+        let index = db.open_tree("retention").unwrap();
+        for key in index.iter().keys() {
+            let key = key.unwrap();
+            if key[8] == b'i' {
+                index.remove(key).unwrap();
+            }
+        }
+        db.open_tree("meta")
+            .unwrap()
+            .remove("identity_backfill")
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = open();
+    let pass = store.retention().await.unwrap();
+    assert_eq!(pass.stats.identities_expiring, 1, "found by the backfill");
+    assert_eq!(store.patient_keys("prison-old").unwrap()[0], "nhs-old");
+    clock.advance(84 * DAY_MS + 1);
+    assert_eq!(store.retention().await.unwrap().identities_removed, 1);
+    assert_eq!(store.patient_keys("prison-old").unwrap(), ["prison-old"]);
+    assert_eq!(
+        store.retention().await.unwrap().stats.identity_records_held,
+        0
+    );
+    store.verify_audit().unwrap();
+    store.close().await.unwrap();
+}
+
+/// A crash may leave the witness at the head before the newest (its slot
+/// torn): the entry that head anchors must still be there, so a pass never
+/// removes the entry the durable head anchors, however old, and the store
+/// opens again and verifies from its cut.
+#[tokio::test]
+async fn an_audit_cut_keeps_the_entry_a_torn_witness_falls_back_to() {
+    use std::os::unix::fs::FileExt;
+    use throughcare::audit::AuditEvent;
+    use throughcare::store::{RetentionPolicy, Store, StoreOptions, WitnessPaths};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let clock = ManualClock::new(T0);
+    let options = || StoreOptions {
+        retention: RetentionPolicy {
+            audit_ms: 1_000,
+            ..RetentionPolicy::default()
+        },
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&data, options(), Arc::new(clock.clone())).unwrap();
+    for _ in 0..3 {
+        store
+            .record(AuditEvent {
+                actor: "urn:ods:YP001".into(),
+                action: "connect",
+                outcome: "ok".into(),
+                ..AuditEvent::default()
+            })
+            .await
+            .unwrap();
+    }
+    clock.advance(2_000);
+    let pass = store.retention().await.unwrap();
+    assert!(pass.audit_removed >= 1, "{pass:?}");
+    // Crash: no final barrier, and the newest witness head torn.
+    drop(store);
+    let file = WitnessPaths::of(&data, &options()).file;
+    let witness = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    let commit_seq_at = |slot: u64| {
+        let mut b = [0u8; 8];
+        witness.read_exact_at(&mut b, slot + 8).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let newest = if commit_seq_at(0) > commit_seq_at(512) {
+        0
+    } else {
+        512
+    };
+    witness.write_all_at(b"torn", newest + 20).unwrap();
+    // The dropped writer thread lets go of sled's lock when it ends.
+    let mut reopened = Store::open(&data, options(), Arc::new(clock.clone()));
+    for _ in 0..100 {
+        match &reopened {
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                reopened = Store::open(&data, options(), Arc::new(clock.clone()));
+            }
+            _ => break,
+        }
+    }
+    let store = reopened.expect("the entry the older head anchors is still there");
+    let v = store.verify_audit_from().unwrap();
+    assert_eq!(v.from, pass.audit_removed as u64 + 1);
     store.close().await.unwrap();
 }
