@@ -106,6 +106,14 @@ fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// Tells systemd (a `Type=notify` unit, docs/throughcare.service) that the
+/// gateway is ready or stopping. Without `NOTIFY_SOCKET` it does nothing.
+fn notify_service_manager(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "could not notify the service manager");
+    }
+}
+
 /// Refused connections go to the audit trail.
 struct AuditRefusals(Store);
 
@@ -443,6 +451,7 @@ impl Prepared {
             });
         tokio::pin!(server);
         tracing::info!(addr = ?addr, "serving over mutual TLS");
+        notify_service_manager(&[sd_notify::NotifyState::Ready]);
         let served = tokio::select! {
             result = &mut server => Some(result),
             () = shutdown => None,
@@ -454,6 +463,7 @@ impl Prepared {
                     grace_ms = grace.as_millis() as u64,
                     "shutting down: draining in-flight calls"
                 );
+                notify_service_manager(&[sd_notify::NotifyState::Stopping]);
                 let _ = self.shutdown_tx.send(true);
                 stop_serving(health).await;
                 let _ = stop_server.send(());

@@ -484,7 +484,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let baseline = if opts.baseline {
         let null_dir = tempfile::tempdir()?;
         std::fs::create_dir_all(null_dir.path())?;
-        let null = Gateway::start_with(dir.path(), null_dir.path(), port, "", &["--null-handover"]).await?;
+        let null = Gateway::start_with(dir.path(), null_dir.path(), port, "", &["--null-handover"])
+            .await?;
         let phase = submit_load(&endpoint, &certs, &opts, "baseline").await?;
         null.stop().await?;
         Some(phase)

@@ -38,6 +38,9 @@ enum Command {
     Pull(throughcare::cli::handover::PullArgs),
     /// Ask what became of a handover you submitted (test client).
     Track(throughcare::cli::handover::TrackArgs),
+    /// Ask a running gateway's gRPC health service over mutual TLS; exit 0
+    /// when it is SERVING, 1 otherwise (container health checks).
+    Health(throughcare::cli::health::HealthArgs),
     /// Translate a clinical document between formats (reads FILE, writes stdout;
     /// what the target format cannot carry goes to stderr).
     Convert(ConvertArgs),
@@ -196,6 +199,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Health(args) => throughcare::cli::health::run(args).await,
             other => match run_tool(other).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -253,7 +257,7 @@ async fn shutdown_signal() {
 
 async fn run_tool(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(_) => unreachable!("handled by serve"),
+        Command::Serve(_) | Command::Health(_) => unreachable!("handled in main"),
         Command::Certs {
             command: CertsCommand::Init { dir, force },
         } => {

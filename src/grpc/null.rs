@@ -18,7 +18,9 @@ pub struct NullHandover {
 }
 
 fn unimplemented<T>() -> Result<Response<T>, Status> {
-    Err(Status::unimplemented("the null handover only answers Submit"))
+    Err(Status::unimplemented(
+        "the null handover only answers Submit",
+    ))
 }
 
 #[tonic::async_trait]
