@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
@@ -159,7 +160,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn certs_from_pem(pem: &[u8], what: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    rustls_pemfile::certs(&mut &pem[..])
+    CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", what.display())))
 }
@@ -181,7 +182,7 @@ fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
         roots.add(cert)?;
     }
     let crls = match &files.crl {
-        Some(path) => rustls_pemfile::crls(&mut &read(path)?[..])
+        Some(path) => CertificateRevocationListDer::pem_slice_iter(&read(path)?)
             .collect::<Result<Vec<CertificateRevocationListDer<'static>>, _>>()
             .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?,
         None => Vec::new(),
@@ -205,9 +206,12 @@ fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
         .build()
         .map_err(|e| TlsError::Invalid(format!("client verifier: {e}")))?;
     let chain = certs_from_pem(&read(&files.cert)?, &files.cert)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &read(&files.key)?[..])
-        .map_err(|e| TlsError::Invalid(format!("{}: {e}", files.key.display())))?
-        .ok_or_else(|| TlsError::Invalid(format!("{}: no private key", files.key.display())))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            TlsError::Invalid(format!("{}: no private key", files.key.display()))
+        }
+        e => TlsError::Invalid(format!("{}: {e}", files.key.display())),
+    })?;
     let certified = Arc::new(CertifiedKey::from_der(chain, key, &provider())?);
     Ok(Material {
         verifier,
