@@ -431,6 +431,9 @@ impl Prepared {
             .max_concurrent_streams(l.max_concurrent_streams)
             .http2_max_pending_accept_reset_streams(Some(64))
             .max_connection_age(Duration::from_secs(l.max_connection_age_seconds))
+            .layer(crate::grpc::call_metrics::CallMetricsLayer::new(
+                self.metrics.clone(),
+            ))
             .layer(rate_limit)
             .layer(DecodeRefusalLayer::new(self.gateway.store.clone()))
             .layer(tower::util::MapErrLayer::new(shed_to_unavailable(

@@ -105,19 +105,18 @@ pub fn identity_from_cert(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
     found.ok_or(IdentityError::NoIdentity)
 }
 
-/// Days until a PEM certificate expires (negative once expired).
+/// When a PEM certificate expires (its `notAfter`), Unix seconds.
 ///
 /// # Errors
 /// The PEM holds no parsable certificate.
-pub fn days_until_expiry(pem: &[u8]) -> Result<i64, TlsError> {
+pub fn expiry_timestamp(pem: &[u8]) -> Result<i64, TlsError> {
     let der = certs_from_pem(pem, Path::new("certificate"))?
         .into_iter()
         .next()
         .ok_or_else(|| TlsError::Invalid("no certificate".into()))?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der)
         .map_err(|_| TlsError::Invalid("unparsable certificate".into()))?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    Ok((cert.validity().not_after.timestamp() - now) / 86_400)
+    Ok(cert.validity().not_after.timestamp())
 }
 
 /// Why TLS could not be set up.
@@ -1092,6 +1091,8 @@ mod tests {
             Err(IdentityError::BadOdsCode)
         );
         assert_eq!(identity_from_cert(b"junk"), Err(IdentityError::Unparsable));
-        assert!(days_until_expiry(org.cert_pem.as_bytes()).unwrap() > 700);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let expiry = expiry_timestamp(org.cert_pem.as_bytes()).unwrap();
+        assert!(expiry - now > 700 * 86_400, "{expiry} {now}");
     }
 }
