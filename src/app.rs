@@ -272,7 +272,10 @@ impl Prepared {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AppError> {
-        let addr: Option<SocketAddr> = listener.local_addr().ok();
+        // Printed as `127.0.0.1:7443`, or `unknown`: never `Some(...)`.
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let metrics_addr = self.bind_metrics()?;
         let metrics_listener = self
             .metrics_listener
@@ -453,7 +456,7 @@ impl Prepared {
                 let _ = server_stopped.await;
             });
         tokio::pin!(server);
-        tracing::info!(addr = ?addr, "serving over mutual TLS");
+        tracing::info!(%addr, "serving over mutual TLS");
         notify_service_manager(&[sd_notify::NotifyState::Ready]);
         let served = tokio::select! {
             result = &mut server => Some(result),

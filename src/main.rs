@@ -97,6 +97,10 @@ struct ServeArgs {
     /// Witness directory, outside the data directory (default `<data-dir>.witness`).
     #[arg(long, env = "THROUGHCARE_WITNESS_DIR")]
     witness_dir: Option<PathBuf>,
+    /// Create the development PKI in the certs directory when it is missing
+    /// (`--dev-certs=false` to refuse). On by default only without --config.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    dev_certs: Option<bool>,
     /// `bench --baseline` only: answer submits without storing anything.
     #[arg(long, hide = true)]
     null_handover: bool,
@@ -166,12 +170,17 @@ enum AdminCommand {
     Operator(throughcare::admin::OperatorCommand),
 }
 
-/// Logs go to standard error; `default` is the level unless `RUST_LOG` says otherwise.
+/// Logs go to standard error; `default` is the level unless `RUST_LOG` says
+/// otherwise. Colours only on a terminal (never into a file, a pipe or a
+/// journal) and never with `NO_COLOR` set.
 fn init_logging(json: bool, default: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -220,6 +229,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         crl: args.crl,
         metrics_listen: args.metrics_listen,
         witness_dir: args.witness_dir,
+        dev_certs: args.dev_certs,
     };
     let fail = |e: throughcare::app::AppError| {
         tracing::error!(error = %e, "gateway stopped");
