@@ -290,6 +290,7 @@ impl Prepared {
         if !metrics_addr.ip().is_loopback() {
             tracing::warn!(addr = %metrics_addr, "metrics are plain HTTP on a non-loopback address");
         }
+        let trends = Arc::new(crate::operator::trends::Trends::default());
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics_server = tokio::spawn(crate::operator::metrics::serve(
             metrics_listener,
@@ -297,7 +298,8 @@ impl Prepared {
             crate::operator::dashboard::Dashboard::new(
                 self.gateway.store.clone(),
                 self.gateway.clock.clone(),
-            ),
+            )
+            .with_trends(trends.clone()),
             async {
                 let _ = metrics_stopped.await;
             },
@@ -362,6 +364,7 @@ impl Prepared {
         let sweeper = {
             let store = self.gateway.store.clone();
             let metrics = self.metrics.clone();
+            let (trends, clock) = (trends.clone(), self.gateway.clock.clone());
             let every = Duration::from_millis(self.config.queue.sweep_interval_ms);
             let mut stop = self.shutdown_tx.subscribe();
             tokio::spawn(async move {
@@ -375,7 +378,10 @@ impl Prepared {
                         Err(e) => tracing::error!(error = %e, "sweep failed"),
                     }
                     match store.mailbox_stats().await {
-                        Ok(stats) => metrics.set_mailboxes(mailbox_rows(stats)),
+                        Ok(stats) => {
+                            trends.record(trend_sample(&stats, &metrics, clock.now_ms()));
+                            metrics.set_mailboxes(mailbox_rows(stats));
+                        }
                         Err(e) => tracing::error!(error = %e, "mailbox statistics failed"),
                     }
                 }
@@ -535,6 +541,32 @@ fn mailbox_rows(
             mailbox: m.mailbox,
         })
         .collect()
+}
+
+/// The dashboard's sample of this moment: the live queue (not `@parked`)
+/// and the counters of submits and deliveries.
+fn trend_sample(
+    stats: &[crate::store::MailboxStats],
+    metrics: &Metrics,
+    now_ms: i64,
+) -> crate::operator::trends::Sample {
+    let live = stats
+        .iter()
+        .filter(|m| m.mailbox != crate::store::PARKED_MAILBOX);
+    let (submits, delivered) = metrics.totals();
+    #[allow(clippy::cast_precision_loss)]
+    let oldest_age_seconds = live
+        .clone()
+        .filter_map(|m| m.oldest_age_ms)
+        .max()
+        .map_or(0.0, |ms| ms as f64 / 1_000.0);
+    crate::operator::trends::Sample {
+        at_ms: now_ms,
+        depth: live.map(|m| m.depth).sum(),
+        oldest_age_seconds,
+        submits,
+        delivered,
+    }
 }
 
 /// Logs what a sweep found: missed deadlines are alerts, never a silent state.

@@ -32,6 +32,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -304,6 +305,10 @@ pub struct Metrics {
     /// Held while the mailbox gauges are replaced and while encoding, so a
     /// scrape never sees them half replaced.
     consistent: Mutex<()>,
+    /// New submits accepted and deliveries acknowledged since start-up, for
+    /// the dashboard's trends ([`Metrics::totals`]).
+    accepted: AtomicU64,
+    delivered: AtomicU64,
 }
 
 fn gauge_i64(v: u64) -> i64 {
@@ -520,6 +525,8 @@ impl Metrics {
             mailboxes,
             retention,
             consistent: Mutex::new(()),
+            accepted: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
         }
         .at_zero(crate::grpc::call_metrics::served_methods())
     }
@@ -599,6 +606,14 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// New submits accepted and deliveries acknowledged since start-up.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.delivered.load(Ordering::Relaxed),
+        )
+    }
+
     /// The store's barrier observer that feeds the barrier histograms.
     pub fn barrier_observer(&self) -> Arc<dyn BarrierObserver> {
         self.barrier.clone()
@@ -621,6 +636,9 @@ impl Metrics {
             .inc();
         if outcome.accepted() {
             self.submit_seconds.observe(elapsed.as_secs_f64());
+        }
+        if outcome == Outcome::OK {
+            self.accepted.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -647,6 +665,9 @@ impl Metrics {
 
     /// An ack ended.
     pub fn acked(&self, outcome: Outcome) {
+        if outcome == Outcome::OK {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+        }
         self.acks
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.as_str(),
