@@ -18,7 +18,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure().compile_fds(fds)?;
     // `throughcare --version` names the commit it was built from.
-    let commit = std::process::Command::new("git")
+    // A container build has no .git (.dockerignore): it passes the commit in.
+    println!("cargo:rerun-if-env-changed=THROUGHCARE_COMMIT");
+    let given = std::env::var("THROUGHCARE_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty());
+    let commit = given.unwrap_or_else(git_commit);
+    println!("cargo:rustc-env=THROUGHCARE_COMMIT={commit}");
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/refs/heads");
+    Ok(())
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()
         .ok()
@@ -26,9 +39,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_or_else(
             || "unknown commit".to_owned(),
             |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        );
-    println!("cargo:rustc-env=THROUGHCARE_COMMIT={commit}");
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/refs/heads");
-    Ok(())
+        )
 }

@@ -107,6 +107,14 @@ fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// Tells systemd (a `Type=notify` unit, docs/throughcare.service) that the
+/// gateway is ready or stopping. Without `NOTIFY_SOCKET` it does nothing.
+fn notify_service_manager(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "could not notify the service manager");
+    }
+}
+
 /// Refused connections go to the audit trail.
 struct AuditRefusals(Store);
 
@@ -268,7 +276,10 @@ impl Prepared {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AppError> {
-        let addr: Option<SocketAddr> = listener.local_addr().ok();
+        // Printed as `127.0.0.1:7443`, or `unknown`: never `Some(...)`.
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let metrics_addr = self.bind_metrics()?;
         let metrics_listener = self
             .metrics_listener
@@ -283,6 +294,7 @@ impl Prepared {
         if !metrics_addr.ip().is_loopback() {
             tracing::warn!(addr = %metrics_addr, "metrics are plain HTTP on a non-loopback address");
         }
+        let trends = Arc::new(crate::operator::trends::Trends::default());
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics_server = tokio::spawn(crate::operator::metrics::serve(
             metrics_listener,
@@ -290,7 +302,8 @@ impl Prepared {
             crate::operator::dashboard::Dashboard::new(
                 self.gateway.store.clone(),
                 self.gateway.clock.clone(),
-            ),
+            )
+            .with_trends(trends.clone()),
             async {
                 let _ = metrics_stopped.await;
             },
@@ -355,6 +368,7 @@ impl Prepared {
         let sweeper = {
             let store = self.gateway.store.clone();
             let metrics = self.metrics.clone();
+            let (trends, clock) = (trends.clone(), self.gateway.clock.clone());
             let every = Duration::from_millis(self.config.queue.sweep_interval_ms);
             let mut stop = self.shutdown_tx.subscribe();
             tokio::spawn(async move {
@@ -368,7 +382,10 @@ impl Prepared {
                         Err(e) => tracing::error!(error = %e, "sweep failed"),
                     }
                     match store.mailbox_stats().await {
-                        Ok(stats) => metrics.set_mailboxes(mailbox_rows(stats)),
+                        Ok(stats) => {
+                            trends.record(trend_sample(&stats, &metrics, clock.now_ms()));
+                            metrics.set_mailboxes(mailbox_rows(stats));
+                        }
                         Err(e) => tracing::error!(error = %e, "mailbox statistics failed"),
                     }
                 }
@@ -438,6 +455,9 @@ impl Prepared {
             .max_concurrent_streams(l.max_concurrent_streams)
             .http2_max_pending_accept_reset_streams(Some(64))
             .max_connection_age(Duration::from_secs(l.max_connection_age_seconds))
+            .layer(crate::grpc::call_metrics::CallMetricsLayer::new(
+                self.metrics.clone(),
+            ))
             .layer(rate_limit)
             .layer(DecodeRefusalLayer::new(self.gateway.store.clone()))
             .layer(tower::util::MapErrLayer::new(shed_to_unavailable(
@@ -457,7 +477,8 @@ impl Prepared {
                 let _ = server_stopped.await;
             });
         tokio::pin!(server);
-        tracing::info!(addr = ?addr, "serving over mutual TLS");
+        tracing::info!(%addr, "serving over mutual TLS");
+        notify_service_manager(&[sd_notify::NotifyState::Ready]);
         let served = tokio::select! {
             result = &mut server => Some(result),
             () = shutdown => None,
@@ -469,6 +490,7 @@ impl Prepared {
                     grace_ms = grace.as_millis() as u64,
                     "shutting down: draining in-flight calls"
                 );
+                notify_service_manager(&[sd_notify::NotifyState::Stopping]);
                 let _ = self.shutdown_tx.send(true);
                 stop_serving(health).await;
                 let _ = stop_server.send(());
@@ -537,6 +559,32 @@ fn mailbox_rows(
             mailbox: m.mailbox,
         })
         .collect()
+}
+
+/// The dashboard's sample of this moment: the live queue (not `@parked`)
+/// and the counters of submits and deliveries.
+fn trend_sample(
+    stats: &[crate::store::MailboxStats],
+    metrics: &Metrics,
+    now_ms: i64,
+) -> crate::operator::trends::Sample {
+    let live = stats
+        .iter()
+        .filter(|m| m.mailbox != crate::store::PARKED_MAILBOX);
+    let (submits, delivered) = metrics.totals();
+    #[allow(clippy::cast_precision_loss)]
+    let oldest_age_seconds = live
+        .clone()
+        .filter_map(|m| m.oldest_age_ms)
+        .max()
+        .map_or(0.0, |ms| ms as f64 / 1_000.0);
+    crate::operator::trends::Sample {
+        at_ms: now_ms,
+        depth: live.map(|m| m.depth).sum(),
+        oldest_age_seconds,
+        submits,
+        delivered,
+    }
 }
 
 /// Logs what a sweep found: missed deadlines are alerts, never a silent state.

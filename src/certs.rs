@@ -94,6 +94,11 @@ pub fn dev_organisations() -> Vec<Organisation> {
 /// The operator of the dev PKI.
 pub const DEV_OPERATOR: &str = "oncall";
 
+/// The names in the dev server certificate: the loopback names, and the
+/// compose service name (`gateway`, docker/compose.yaml) so other containers
+/// on the compose network can reach it by name.
+pub const DEV_SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1", "gateway"];
+
 /// Paths of the dev PKI files inside a directory.
 #[derive(Debug, Clone)]
 pub struct DevPaths {
@@ -339,7 +344,7 @@ pub fn init_dev_pki(dir: &Path) -> Result<DevPaths, CertsError> {
     };
     let ca = CertAuthority::generate("Throughcare development CA")?;
     ca.write(&paths)?;
-    let server = ca.issue_server(&["localhost", "127.0.0.1", "::1"])?;
+    let server = ca.issue_server(DEV_SERVER_NAMES)?;
     write_file(&paths.server_cert(), &server.cert_pem, false)?;
     write_file(&paths.server_key(), &server.key_pem, true)?;
     let orgs = dev_organisations();
@@ -363,4 +368,35 @@ pub fn init_dev_pki(dir: &Path) -> Result<DevPaths, CertsError> {
         false,
     )?;
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_server_certificate_names_the_compose_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = init_dev_pki(dir.path()).unwrap();
+        let pem = fs::read(paths.server_cert()).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let dns: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+                _ => None,
+            })
+            .collect();
+        assert!(dns.contains(&"localhost".to_owned()), "{dns:?}");
+        let compose = include_str!("../docker/compose.yaml");
+        assert!(
+            compose.contains("\n  gateway:\n"),
+            "the compose service is `gateway`"
+        );
+        assert!(dns.contains(&"gateway".to_owned()), "{dns:?}");
+    }
 }

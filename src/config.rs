@@ -1,6 +1,17 @@
 //! Configuration: a TOML file, then `THROUGHCARE_*` environment variables and
 //! command-line flags on top, validated before any port is bound. A bad value
-//! names its field; `main` exits with [`EXIT_CONFIG`].
+//! names its field (and the variable, when one set it); `main` exits with
+//! [`EXIT_CONFIG`].
+//!
+//! Every field has a variable: `THROUGHCARE_` and its dotted path in capitals
+//! with `_` for the dot (`queue.max_attempts` is
+//! `THROUGHCARE_QUEUE_MAX_ATTEMPTS`, `listen` is `THROUGHCARE_LISTEN`); see
+//! [`env_var`]. An empty variable counts as unset.
+//!
+//! Without a file the development defaults apply: [`Config::default`] with
+//! `dev_certs` on, so `throughcare serve` works from a fresh clone. With a
+//! file, `dev_certs` is off unless the file, `THROUGHCARE_DEV_CERTS` or
+//! `--dev-certs` turns it on: a deployment never makes its own PKI by accident.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,7 +65,8 @@ pub struct Config {
     /// Where the development PKI lives (created by `serve` when absent if
     /// `dev_certs` is on).
     pub certs_dir: PathBuf,
-    /// Create the development PKI in `certs_dir` when it is missing.
+    /// Create the development PKI in `certs_dir` when it is missing (off by
+    /// default; on when `serve` runs without a configuration file).
     pub dev_certs: bool,
     /// The registry of organisations (TOML); default `<certs_dir>/registry.toml`.
     pub registry: Option<PathBuf>,
@@ -452,7 +464,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
             data_dir: PathBuf::from("data"),
             certs_dir: PathBuf::from("certs"),
-            dev_certs: true,
+            dev_certs: false,
             registry: None,
             patient_key_file: None,
             master_key_file: None,
@@ -487,6 +499,50 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
     /// `--witness-dir` / `THROUGHCARE_WITNESS_DIR`.
     pub witness_dir: Option<PathBuf>,
+    /// `--dev-certs`.
+    pub dev_certs: Option<bool>,
+}
+
+/// The prefix of every configuration variable.
+pub const ENV_PREFIX: &str = "THROUGHCARE_";
+
+/// The environment variable that sets the field at dotted path `field`:
+/// `queue.max_attempts` is `THROUGHCARE_QUEUE_MAX_ATTEMPTS`.
+pub fn env_var(field: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        field.replace('.', "_").to_ascii_uppercase()
+    )
+}
+
+/// The JSON value of an environment variable's text for a field whose
+/// current value is `current` (its type: a number stays a number, a path or
+/// address a string; an unset optional field takes a number or a boolean
+/// when the text is one). Text of the wrong type stays text, so the
+/// deserializer names the field.
+fn env_value(raw: &str, current: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let number = || {
+        raw.parse::<u64>()
+            .map(Value::from)
+            .or_else(|_| raw.parse::<i64>().map(Value::from))
+            .ok()
+            .or_else(|| raw.parse::<f64>().ok().map(Value::from))
+    };
+    let boolean = || match raw.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(Value::Bool(true)),
+        "false" | "0" | "no" | "off" => Some(Value::Bool(false)),
+        _ => None,
+    };
+    let text = || Value::String(raw.to_owned());
+    match current {
+        Value::Number(_) => number().unwrap_or_else(text),
+        Value::Bool(_) => boolean().unwrap_or_else(text),
+        Value::Null => number()
+            .or_else(|| (raw == "true" || raw == "false").then(|| Value::Bool(raw == "true")))
+            .unwrap_or_else(text),
+        _ => text(),
+    }
 }
 
 impl Config {
@@ -495,15 +551,81 @@ impl Config {
     /// # Errors
     /// The first field that is wrong.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let mut config = match path {
+        Self::load_with_env(path, overrides, &|name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::load`], reading variables through `env`.
+    ///
+    /// # Errors
+    /// The first field that is wrong, with the variable that set it.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let config = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError::new(&path.display().to_string(), format!("cannot read: {e}"))
                 })?;
                 Config::from_toml(&text)?
             }
-            None => Config::default(),
+            None => Config {
+                dev_certs: true,
+                ..Config::default()
+            },
         };
+        let (config, from_env) = config.with_env(env)?;
+        config.with_overrides(overrides).map_err(|mut e| {
+            if from_env.contains(&e.field) {
+                e.reason = format!("{} (set by {})", e.reason, env_var(&e.field));
+            }
+            e
+        })
+    }
+
+    /// Every field whose variable is set takes its value; returns the new
+    /// configuration and the fields set.
+    fn with_env(
+        self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut tree = serde_json::to_value(&self).expect("a Config is JSON");
+        let mut set = Vec::new();
+        let serde_json::Value::Object(top) = &mut tree else {
+            unreachable!("a Config is a JSON object")
+        };
+        for (name, value) in top.iter_mut() {
+            let leaves: Vec<(String, &mut serde_json::Value)> = match value {
+                serde_json::Value::Object(section) => section
+                    .iter_mut()
+                    .map(|(field, leaf)| (format!("{name}.{field}"), leaf))
+                    .collect(),
+                leaf => vec![(name.clone(), leaf)],
+            };
+            for (path, leaf) in leaves {
+                if let Some(raw) = env(&env_var(&path)).filter(|v| !v.is_empty()) {
+                    *leaf = env_value(&raw, leaf);
+                    set.push(path);
+                }
+            }
+        }
+        if set.is_empty() {
+            return Ok((self, set));
+        }
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError::new(
+                &field,
+                format!("{} (set by {})", e.into_inner(), env_var(&field)),
+            )
+        })?;
+        Ok((config, set))
+    }
+
+    /// Applies the command line's values and validates.
+    fn with_overrides(mut self, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let config = &mut self;
         if let Some(listen) = &overrides.listen {
             config.listen = listen.parse().map_err(|_| {
                 ConfigError::new(
@@ -538,8 +660,11 @@ impl Config {
                 .witness_dir
                 .clone_from(&overrides.witness_dir);
         }
-        config.validate()?;
-        Ok(config)
+        if let Some(dev_certs) = overrides.dev_certs {
+            config.dev_certs = dev_certs;
+        }
+        self.validate()?;
+        Ok(self)
     }
 
     /// Parses TOML text.
@@ -972,6 +1097,120 @@ mod tests {
         // The old per-address cap is gone, and says so by name.
         let err = Config::from_toml("[limits]\nmax_handshakes_per_address = 16\n").unwrap_err();
         assert_eq!(err.field, "limits.max_handshakes_per_address", "{err}");
+    }
+
+    fn with_env(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load_with_env(None, &Overrides::default(), &|name| vars.get(name).cloned())
+    }
+
+    /// Every field's dotted path, from the JSON form of the defaults.
+    fn every_field() -> Vec<String> {
+        let tree = serde_json::to_value(Config::default()).unwrap();
+        let mut fields = Vec::new();
+        for (name, value) in tree.as_object().unwrap() {
+            match value.as_object() {
+                Some(section) => fields.extend(section.keys().map(|f| format!("{name}.{f}"))),
+                None => fields.push(name.clone()),
+            }
+        }
+        fields
+    }
+
+    #[test]
+    fn environment_variables_set_fields_of_every_kind() {
+        let config = with_env(&[
+            ("THROUGHCARE_QUEUE_MAX_ATTEMPTS", "7"),
+            ("THROUGHCARE_LISTEN", "127.0.0.1:8443"),
+            ("THROUGHCARE_METRICS_LISTEN", "127.0.0.1:0"),
+            ("THROUGHCARE_TLS_HANDSHAKE_TIMEOUT_MS", "2500"),
+            ("THROUGHCARE_TLS_CA", "/etc/throughcare/ca.pem"),
+            ("THROUGHCARE_INTEGRITY_WITNESS_DIR", "/srv/witness"),
+            ("THROUGHCARE_DEV_CERTS", "false"),
+            ("THROUGHCARE_RETENTION_BATCH", "42"),
+            ("THROUGHCARE_REGISTRY", ""),
+        ])
+        .unwrap();
+        assert_eq!(config.queue.max_attempts, 7);
+        assert_eq!(config.listen, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(config.metrics.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(config.tls.handshake_timeout_ms, Some(2_500));
+        assert_eq!(
+            config.tls.ca,
+            Some(PathBuf::from("/etc/throughcare/ca.pem"))
+        );
+        assert_eq!(
+            config.integrity.witness_dir,
+            Some(PathBuf::from("/srv/witness"))
+        );
+        assert!(!config.dev_certs);
+        assert_eq!(config.retention.batch, 42);
+        // Empty is unset.
+        assert_eq!(config.registry, None);
+        // Without a file or a variable: the development defaults.
+        assert!(with_env(&[]).unwrap().dev_certs);
+        assert_eq!(with_env(&[]).unwrap().queue, QueueConfig::default());
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_the_field_and_the_variable() {
+        let err = with_env(&[("THROUGHCARE_QUEUE_MAX_ATTEMPTS", "0")]).unwrap_err();
+        assert_eq!(err.field, "queue.max_attempts");
+        assert!(
+            err.to_string().contains("THROUGHCARE_QUEUE_MAX_ATTEMPTS"),
+            "{err}"
+        );
+        let err = with_env(&[("THROUGHCARE_QUEUE_MAX_ATTEMPTS", "many")]).unwrap_err();
+        assert_eq!(err.field, "queue.max_attempts");
+        assert!(
+            err.reason.contains("THROUGHCARE_QUEUE_MAX_ATTEMPTS"),
+            "{err}"
+        );
+        let err =
+            with_env(&[("THROUGHCARE_LIMITS_MAX_HANDSHAKES_PER_NETWORK", "100000")]).unwrap_err();
+        assert_eq!(err.field, "limits.max_handshakes_per_network");
+        assert!(
+            err.reason
+                .contains("THROUGHCARE_LIMITS_MAX_HANDSHAKES_PER_NETWORK")
+        );
+        let err = with_env(&[("THROUGHCARE_LISTEN", "nowhere")]).unwrap_err();
+        assert_eq!(err.field, "listen");
+        assert!(err.reason.contains("THROUGHCARE_LISTEN"), "{err}");
+        // A field the variable did not set is named without one.
+        let err = with_env(&[
+            ("THROUGHCARE_DATA_DIR", "d"),
+            ("THROUGHCARE_INTEGRITY_WITNESS_DIR", "d/w"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.field, "integrity.witness_dir");
+    }
+
+    #[test]
+    fn every_field_has_a_variable_and_docs_name_it() {
+        let docs = include_str!("../docs/operations.md");
+        let fields = every_field();
+        assert!(fields.len() > 50, "{}", fields.len());
+        for field in &fields {
+            let var = env_var(field);
+            assert!(
+                docs.contains(&format!("`{var}`")),
+                "{var} is not in docs/operations.md"
+            );
+            // Each variable reaches its field: set it to the field's own
+            // default text and the configuration still loads.
+            let value = serde_json::to_value(Config::default()).unwrap();
+            let leaf = field.split('.').fold(&value, |v, part| &v[part]);
+            let text = match leaf {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => continue,
+                other => other.to_string(),
+            };
+            with_env(&[(var.as_str(), text.as_str())])
+                .unwrap_or_else(|e| panic!("{var}={text}: {e}"));
+        }
     }
 
     #[test]

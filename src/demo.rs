@@ -34,6 +34,8 @@ pub async fn run(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     let config = Config {
         data_dir: dir.path().join("data"),
         certs_dir: dir.path().join("certs"),
+        // A fresh development PKI for the story (the README's second command).
+        dev_certs: true,
         shutdown_grace_ms: 2_000,
         // Any free port: the demo must not collide with a gateway already running.
         metrics: crate::config::MetricsConfig {

@@ -44,6 +44,9 @@ enum Command {
     Pull(throughcare::cli::handover::PullArgs),
     /// Ask what became of a handover you submitted (test client).
     Track(throughcare::cli::handover::TrackArgs),
+    /// Ask a running gateway's gRPC health service over mutual TLS; exit 0
+    /// when it is SERVING, 1 otherwise (container health checks).
+    Health(throughcare::cli::health::HealthArgs),
     /// Translate a clinical document between formats (reads FILE, writes stdout;
     /// what the target format cannot carry goes to stderr).
     Convert(ConvertArgs),
@@ -100,6 +103,10 @@ struct ServeArgs {
     /// Witness directory, outside the data directory (default `<data-dir>.witness`).
     #[arg(long, env = "THROUGHCARE_WITNESS_DIR")]
     witness_dir: Option<PathBuf>,
+    /// Create the development PKI in the certs directory when it is missing
+    /// (`--dev-certs=false` to refuse). On by default only without --config.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    dev_certs: Option<bool>,
     /// `bench --baseline` only: answer submits without storing anything.
     #[arg(long, hide = true)]
     null_handover: bool,
@@ -169,12 +176,17 @@ enum AdminCommand {
     Operator(throughcare::admin::OperatorCommand),
 }
 
-/// Logs go to standard error; `default` is the level unless `RUST_LOG` says otherwise.
+/// Logs go to standard error; `default` is the level unless `RUST_LOG` says
+/// otherwise. Colours only on a terminal (never into a file, a pipe or a
+/// journal) and never with `NO_COLOR` set.
 fn init_logging(json: bool, default: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -202,6 +214,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Health(args) => throughcare::cli::health::run(args).await,
             other => match run_tool(other).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -222,6 +235,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         crl: args.crl,
         metrics_listen: args.metrics_listen,
         witness_dir: args.witness_dir,
+        dev_certs: args.dev_certs,
     };
     let fail = |e: throughcare::app::AppError| {
         tracing::error!(error = %e, "gateway stopped");
@@ -259,7 +273,7 @@ async fn shutdown_signal() {
 
 async fn run_tool(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(_) => unreachable!("handled by serve"),
+        Command::Serve(_) | Command::Health(_) => unreachable!("handled in main"),
         Command::Certs {
             command: CertsCommand::Init { dir, force },
         } => {

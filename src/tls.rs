@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
@@ -104,19 +105,18 @@ pub fn identity_from_cert(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
     found.ok_or(IdentityError::NoIdentity)
 }
 
-/// Days until a PEM certificate expires (negative once expired).
+/// When a PEM certificate expires (its `notAfter`), Unix seconds.
 ///
 /// # Errors
 /// The PEM holds no parsable certificate.
-pub fn days_until_expiry(pem: &[u8]) -> Result<i64, TlsError> {
+pub fn expiry_timestamp(pem: &[u8]) -> Result<i64, TlsError> {
     let der = certs_from_pem(pem, Path::new("certificate"))?
         .into_iter()
         .next()
         .ok_or_else(|| TlsError::Invalid("no certificate".into()))?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der)
         .map_err(|_| TlsError::Invalid("unparsable certificate".into()))?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    Ok((cert.validity().not_after.timestamp() - now) / 86_400)
+    Ok(cert.validity().not_after.timestamp())
 }
 
 /// Why TLS could not be set up.
@@ -159,7 +159,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn certs_from_pem(pem: &[u8], what: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    rustls_pemfile::certs(&mut &pem[..])
+    CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", what.display())))
 }
@@ -181,7 +181,7 @@ fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
         roots.add(cert)?;
     }
     let crls = match &files.crl {
-        Some(path) => rustls_pemfile::crls(&mut &read(path)?[..])
+        Some(path) => CertificateRevocationListDer::pem_slice_iter(&read(path)?)
             .collect::<Result<Vec<CertificateRevocationListDer<'static>>, _>>()
             .map_err(|e| TlsError::Invalid(format!("{}: {e}", path.display())))?,
         None => Vec::new(),
@@ -205,9 +205,12 @@ fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
         .build()
         .map_err(|e| TlsError::Invalid(format!("client verifier: {e}")))?;
     let chain = certs_from_pem(&read(&files.cert)?, &files.cert)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &read(&files.key)?[..])
-        .map_err(|e| TlsError::Invalid(format!("{}: {e}", files.key.display())))?
-        .ok_or_else(|| TlsError::Invalid(format!("{}: no private key", files.key.display())))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            TlsError::Invalid(format!("{}: no private key", files.key.display()))
+        }
+        e => TlsError::Invalid(format!("{}: {e}", files.key.display())),
+    })?;
     let certified = Arc::new(CertifiedKey::from_der(chain, key, &provider())?);
     Ok(Material {
         verifier,
@@ -1088,6 +1091,8 @@ mod tests {
             Err(IdentityError::BadOdsCode)
         );
         assert_eq!(identity_from_cert(b"junk"), Err(IdentityError::Unparsable));
-        assert!(days_until_expiry(org.cert_pem.as_bytes()).unwrap() > 700);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let expiry = expiry_timestamp(org.cert_pem.as_bytes()).unwrap();
+        assert!(expiry - now > 700 * 86_400, "{expiry} {now}");
     }
 }

@@ -2,4 +2,5 @@
 //! client's verbs and how a summary reads at a terminal.
 
 pub mod handover;
+pub mod health;
 pub mod readable;

@@ -2,6 +2,7 @@
 //! Wire types are converted to domain types on the way in (field by field,
 //! with field-level violations) and back on the way out.
 
+pub mod call_metrics;
 mod claim_guard;
 mod envelope;
 mod error;

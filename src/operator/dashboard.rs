@@ -18,6 +18,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
+use super::trends::{Sample, Trends};
 use crate::journey::JourneyEvent;
 use crate::store::{Clock, DeliveryRecord, MailboxStats, PARKED_MAILBOX, Store, StoreError};
 
@@ -60,13 +61,19 @@ td.reason { max-width: 420px; overflow-wrap: anywhere; }
 p.empty { margin: 4px 0; font-style: italic; }
 .badge { display: inline-block; padding: 0 6px; border-radius: 4px; font-size: 12px; font-weight: 700; }
 .badge.alert { background: var(--alert); color: #fff; }
+.trends { display: flex; flex-wrap: wrap; gap: 12px; }
+figure.trend { margin: 0; background: #fff; border: 1px solid var(--rule); border-radius: 6px; padding: 8px 12px; }
+figure.trend figcaption { font-size: 13px; margin-bottom: 4px; }
+figure.trend svg { display: block; }
 "#;
 
-/// What the dashboard reads: the store and the gateway's clock.
+/// What the dashboard reads: the store, the gateway's clock and the trends
+/// the sweeper records.
 #[derive(Clone)]
 pub struct Dashboard {
     store: Store,
     clock: Arc<dyn Clock>,
+    trends: Arc<Trends>,
 }
 
 /// One delivery as the dashboard lists it: metadata only.
@@ -97,7 +104,7 @@ pub struct Line {
 }
 
 /// Everything one page shows, read at one moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     /// The gateway's time, ms since the epoch.
     pub now_ms: i64,
@@ -107,12 +114,25 @@ pub struct Snapshot {
     pub quarantine: Vec<Line>,
     /// Parked releases, oldest first, at most [`LIST_LIMIT`].
     pub parked: Vec<Line>,
+    /// The last hours, one sample a minute (see [`super::trends`]).
+    pub trends: Vec<Sample>,
 }
 
 impl Dashboard {
     /// A dashboard over `store`, telling time by `clock` (the gateway's).
     pub fn new(store: Store, clock: Arc<dyn Clock>) -> Self {
-        Self { store, clock }
+        Self {
+            store,
+            clock,
+            trends: Arc::default(),
+        }
+    }
+
+    /// Draws the charts from `trends`.
+    #[must_use]
+    pub fn with_trends(mut self, trends: Arc<Trends>) -> Self {
+        self.trends = trends;
+        self
     }
 
     /// Reads the page's data.
@@ -142,6 +162,7 @@ impl Dashboard {
             mailboxes,
             quarantine,
             parked,
+            trends: self.trends.samples(),
         })
     }
 }
@@ -258,6 +279,7 @@ pub fn render(s: &Snapshot) -> Markup {
                         li #total-quarantined .warn[quarantined > 0] { b { (quarantined) } "quarantined" }
                         li #total-parked .warn[parked > 0] { b { (parked) } "parked (no known GP)" }
                     }
+                    (super::trends::section(&s.trends, s.now_ms))
                     (mailboxes(&s.mailboxes))
                     (quarantine(&s.quarantine, quarantined, s.now_ms))
                     (parked_releases(&s.parked, parked, s.now_ms))
@@ -544,6 +566,7 @@ mod tests {
                 overdue: true,
                 pds: Some("registered at Y12345, not connected".into()),
             }],
+            trends: Vec::new(),
         }
     }
 

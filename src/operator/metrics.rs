@@ -13,7 +13,10 @@
 //! | `nacks_total` | counter | `permanent`, `outcome` |
 //! | `barrier_duration_seconds` | histogram | (`flush` + `fdatasync`s of one group commit) |
 //! | `barrier_commands`, `barrier_submits` | histogram | (messages per barrier) |
-//! | `certificate_expiry_days` | gauge | `certificate` = `server` or `ca` |
+//! | `certificate_expiry_timestamp_seconds` | gauge | `certificate` = `server` or `ca` (its `notAfter`, Unix seconds) |
+//! | `build_info` | gauge (1) | `version`, `commit` |
+//! | `grpc_server_handled_total` | counter | `grpc_service`, `grpc_method`, `grpc_code` (every call on the mutual-TLS listener) |
+//! | `grpc_server_handling_seconds` | histogram | `grpc_service`, `grpc_method` (request in to the call's last frame) |
 //! | `claim_failures_total` | counter | (claims by a practice that matched nothing) |
 //! | `claim_lockouts_total` | counter | `scope` = `practice_and_patient`, `practice` or `patient` (a failed-claim counter reached its limit) |
 //! | `claims_refused_locked_total` | counter | `scope` (claims refused because a counter is at its limit) |
@@ -23,10 +26,15 @@
 //! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs`, `_audit_entries_held`, `_audit_entries_removed`, `_identity_records_held`, `_identity_records_removed` | gauge | (set after each retention pass) |
 //!
 //! Label values are fixed words (`&'static str`) or [`OdsCode`]s: nothing a
-//! caller sends can become a label, so neither can patient data.
+//! caller sends can become a label, so neither can patient data (a gRPC path
+//! the gateway does not serve is counted as `unknown`). Every family without
+//! per-mailbox labels has its series at zero from start-up (the outcomes
+//! `ok`, the known methods with `OK`), so `rate()` and alerts see them before
+//! the first call.
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +50,53 @@ use crate::store::{BarrierObserver, BarrierReport, RetentionStats};
 
 /// The content type of an OpenMetrics text exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the Prometheus text format (0.0.4), for scrapers and
+/// tools (`promtool check metrics`, `curl`) that do not ask for OpenMetrics.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition of
+/// `prometheus-client` (which writes only OpenMetrics): a counter family is
+/// named with its `_total` suffix in `HELP` and `TYPE`, and the `UNIT` and
+/// `EOF` lines, which that format does not have, are left out. Samples are
+/// unchanged (we set no exemplars and no `_created` series).
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let comment = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match comment {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// Whether an `Accept` header asks for OpenMetrics (Prometheus itself does).
+fn wants_openmetrics(accept: Option<&axum::http::HeaderValue>) -> bool {
+    accept
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"))
+}
 
 /// How a call ended, as a label value: `ok`, `duplicate` (a repeated submit
 /// answered with its original receipt), `requeued` or `quarantined` (nacks),
@@ -126,6 +181,31 @@ struct ScopeLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CertificateLabels {
     certificate: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcCallLabels {
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcMethodLabels {
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn grpc_seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -365,7 +445,9 @@ pub struct Metrics {
     acks: Family<OutcomeLabels, Counter>,
     nacks: Family<NackLabels, Counter>,
     barrier: Arc<BarrierMetrics>,
-    certificate_days: Family<CertificateLabels, Gauge>,
+    certificate_expiry: Family<CertificateLabels, Gauge>,
+    grpc_handled: Family<GrpcCallLabels, Counter>,
+    grpc_seconds: HistogramFamily<GrpcMethodLabels>,
     claim_failures: Counter,
     claim_lockouts: Family<ScopeLabels, Counter>,
     claims_locked: Family<ScopeLabels, Counter>,
@@ -377,6 +459,10 @@ pub struct Metrics {
     /// Held while the mailbox gauges are replaced and while encoding, so a
     /// scrape never sees them half replaced.
     consistent: Mutex<()>,
+    /// New submits accepted and deliveries acknowledged since start-up, for
+    /// the dashboard's trends ([`Metrics::totals`]).
+    accepted: AtomicU64,
+    delivered: AtomicU64,
 }
 
 fn gauge_i64(v: u64) -> i64 {
@@ -385,7 +471,7 @@ fn gauge_i64(v: u64) -> i64 {
 
 impl Metrics {
     /// Every series, registered and at zero. `server_cert` and `ca_cert` are
-    /// PEM files read at each scrape for `certificate_expiry_days`.
+    /// PEM files read at each scrape for `certificate_expiry_timestamp_seconds`.
     pub fn new(server_cert: PathBuf, ca_cert: PathBuf) -> Self {
         let mut root = Registry::default();
         let r = root.sub_registry_with_prefix("throughcare");
@@ -419,11 +505,38 @@ impl Metrics {
             nacks.clone(),
         );
         let barrier = BarrierMetrics::registered(r);
-        let certificate_days = Family::default();
+        let certificate_expiry = Family::default();
+        r.register_with_unit(
+            "certificate_expiry_timestamp",
+            "When the certificate expires (its notAfter), Unix time",
+            Unit::Seconds,
+            certificate_expiry.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: env!("THROUGHCARE_COMMIT"),
+            })
+            .set(1);
         r.register(
-            "certificate_expiry_days",
-            "Whole days until the certificate expires (negative once expired)",
-            certificate_days.clone(),
+            "build_info",
+            "The running build: always 1, its version and commit in the labels",
+            build_info,
+        );
+        let grpc_handled = Family::default();
+        r.register(
+            "grpc_server_handled",
+            "Calls on the mutual-TLS listener that finished, by service, method and gRPC status code",
+            grpc_handled.clone(),
+        );
+        let grpc_seconds: HistogramFamily<GrpcMethodLabels> =
+            Family::new_with_constructor(grpc_seconds_histogram);
+        r.register_with_unit(
+            "grpc_server_handling",
+            "Calls on the mutual-TLS listener: from request in to the call's last frame",
+            Unit::Seconds,
+            grpc_seconds.clone(),
         );
         let claim_failures = Counter::default();
         r.register(
@@ -466,7 +579,9 @@ impl Metrics {
             acks,
             nacks,
             barrier,
-            certificate_days,
+            certificate_expiry,
+            grpc_handled,
+            grpc_seconds,
             claim_failures,
             claim_lockouts,
             claims_locked,
@@ -476,7 +591,93 @@ impl Metrics {
             mailboxes,
             retention,
             consistent: Mutex::new(()),
+            accepted: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
         }
+        .at_zero(crate::grpc::call_metrics::served_methods())
+    }
+
+    /// Puts every series that has only fixed-word labels at zero, so each
+    /// family is in the exposition from start-up. `methods` are the gRPC
+    /// methods served (`grpc_service`, `grpc_method`).
+    fn at_zero(self, methods: &[(&'static str, &'static str)]) -> Self {
+        const FORMATS: [Format; 3] = [Format::Native, Format::Fhir, Format::Hl7v2];
+        for event in JourneyEvent::ALL {
+            for format in FORMATS {
+                let (event, format) = (event_label(Some(event)), format_label(Some(format)));
+                self.submits.get_or_create_owned(&SubmitLabels {
+                    event,
+                    format,
+                    outcome: Outcome::OK.as_str(),
+                });
+                self.pulled
+                    .get_or_create_owned(&DeliveryLabels { event, format });
+            }
+        }
+        let ok = OutcomeLabels {
+            outcome: Outcome::OK.as_str(),
+        };
+        self.pulls.get_or_create_owned(&ok);
+        self.acks.get_or_create_owned(&ok);
+        for (permanent, outcome) in [
+            (false, Outcome::REQUEUED),
+            (false, Outcome::QUARANTINED),
+            (true, Outcome::QUARANTINED),
+        ] {
+            self.nacks.get_or_create_owned(&NackLabels {
+                permanent,
+                outcome: outcome.as_str(),
+            });
+        }
+        for scope in ["practice_and_patient", "practice", "patient"] {
+            self.claim_lockouts
+                .get_or_create_owned(&ScopeLabels { scope });
+            self.claims_locked
+                .get_or_create_owned(&ScopeLabels { scope });
+        }
+        for &(grpc_service, grpc_method) in methods {
+            self.grpc_handled.get_or_create_owned(&GrpcCallLabels {
+                grpc_service,
+                grpc_method,
+                grpc_code: "OK",
+            });
+            self.grpc_seconds.get_or_create_owned(&GrpcMethodLabels {
+                grpc_service,
+                grpc_method,
+            });
+        }
+        self
+    }
+
+    /// A call on the mutual-TLS listener finished with `grpc_code` (the
+    /// code's name, `OK`, `InvalidArgument`, ...) after `elapsed`.
+    pub fn grpc_handled(
+        &self,
+        (grpc_service, grpc_method): (&'static str, &'static str),
+        grpc_code: &'static str,
+        elapsed: Duration,
+    ) {
+        self.grpc_handled
+            .get_or_create(&GrpcCallLabels {
+                grpc_service,
+                grpc_method,
+                grpc_code,
+            })
+            .inc();
+        self.grpc_seconds
+            .get_or_create(&GrpcMethodLabels {
+                grpc_service,
+                grpc_method,
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// New submits accepted and deliveries acknowledged since start-up.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.delivered.load(Ordering::Relaxed),
+        )
     }
 
     /// The store's barrier observer that feeds the barrier histograms.
@@ -501,6 +702,9 @@ impl Metrics {
             .inc();
         if outcome.accepted() {
             self.submit_seconds.observe(elapsed.as_secs_f64());
+        }
+        if outcome == Outcome::OK {
+            self.accepted.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -527,6 +731,9 @@ impl Metrics {
 
     /// An ack ended.
     pub fn acked(&self, outcome: Outcome) {
+        if outcome == Outcome::OK {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+        }
         self.acks
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.as_str(),
@@ -625,16 +832,16 @@ impl Metrics {
     fn refresh_certificates(&self) {
         for (name, path) in &self.certificates {
             let labels = CertificateLabels { certificate: name };
-            let days = std::fs::read(path)
+            let expiry = std::fs::read(path)
                 .map_err(|e| e.to_string())
-                .and_then(|pem| crate::tls::days_until_expiry(&pem).map_err(|e| e.to_string()));
-            match days {
-                Ok(days) => {
-                    self.certificate_days.get_or_create(&labels).set(days);
+                .and_then(|pem| crate::tls::expiry_timestamp(&pem).map_err(|e| e.to_string()));
+            match expiry {
+                Ok(expiry) => {
+                    self.certificate_expiry.get_or_create(&labels).set(expiry);
                 }
                 Err(error) => {
                     tracing::warn!(certificate = name, path = %path.display(), %error, "cannot read certificate expiry");
-                    self.certificate_days.remove(&labels);
+                    self.certificate_expiry.remove(&labels);
                 }
             }
         }
@@ -666,10 +873,19 @@ pub async fn serve(
     use axum::http::{StatusCode, header};
     async fn scrape(
         axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+        headers: axum::http::HeaderMap,
     ) -> axum::response::Response {
         use axum::response::IntoResponse;
+        let openmetrics = wants_openmetrics(headers.get(header::ACCEPT));
         match tokio::task::spawn_blocking(move || metrics.encode()).await {
-            Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+            Ok(text) if openmetrics => {
+                ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+            }
+            Ok(text) => (
+                [(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)],
+                to_prometheus_text(&text),
+            )
+                .into_response(),
             Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         }
     }
@@ -759,8 +975,93 @@ mod tests {
         }
         assert!(text.contains("throughcare_mailbox_oldest_age_seconds{mailbox=\"YG001\"} 90.5"));
         // Unreadable certificate files lose their series rather than report nonsense.
-        assert!(!text.contains("throughcare_certificate_expiry_days{"));
+        assert!(!text.contains("throughcare_certificate_expiry_timestamp_seconds{"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn every_family_is_present_at_zero_from_start_up() {
+        let text = metrics().encode();
+        for family in [
+            "throughcare_submits_total{event=\"release\",format=\"fhir_json\",outcome=\"ok\"} 0",
+            "throughcare_pulls_total{outcome=\"ok\"} 0",
+            "throughcare_pulled_deliveries_total{event=\"admission\",format=\"hl7v2\"} 0",
+            "throughcare_acks_total{outcome=\"ok\"} 0",
+            "throughcare_nacks_total{permanent=\"true\",outcome=\"quarantined\"} 0",
+            "throughcare_claim_failures_total 0",
+            "throughcare_claim_lockouts_total{scope=\"practice\"} 0",
+            "throughcare_claims_refused_locked_total{scope=\"patient\"} 0",
+            "throughcare_grpc_server_handled_total{grpc_service=\"throughcare.v1.HandoverService\",grpc_method=\"Submit\",grpc_code=\"OK\"} 0",
+            "throughcare_grpc_server_handling_seconds_count{grpc_service=\"grpc.health.v1.Health\",grpc_method=\"Check\"} 0",
+            "throughcare_retention_payloads_held 0",
+        ] {
+            assert!(text.contains(family), "{family} missing:\n{text}");
+        }
+        let build = format!(
+            "throughcare_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            env!("THROUGHCARE_COMMIT")
+        );
+        assert!(text.contains(&build), "{text}");
+    }
+
+    #[test]
+    fn the_prometheus_text_format_names_counters_with_total_and_has_no_eof() {
+        let m = metrics();
+        m.acked(Outcome::OK);
+        let text = to_prometheus_text(&m.encode());
+        assert!(
+            text.contains("# TYPE throughcare_acks_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP throughcare_acks_total Ack calls by outcome.\n"));
+        assert!(text.contains("throughcare_acks_total{outcome=\"ok\"} 1\n"));
+        assert!(text.contains("# TYPE throughcare_submit_duration_seconds histogram\n"));
+        assert!(text.contains("# TYPE throughcare_build_info gauge\n"));
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        let accept = |v: &'static str| axum::http::HeaderValue::from_static(v);
+        assert!(wants_openmetrics(Some(&accept(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        ))));
+        assert!(!wants_openmetrics(Some(&accept("*/*"))));
+        assert!(!wants_openmetrics(None));
+    }
+
+    /// Every series docs/grafana-dashboard.json queries is one the gateway
+    /// exports (a renamed metric would leave a panel silently empty).
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_series() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/grafana-dashboard.json")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::certs::init_dev_pki(dir.path()).unwrap();
+        let m = Metrics::new(pki.server_cert(), pki.ca_cert());
+        m.set_mailboxes(vec![MailboxRow {
+            mailbox: "YG001".into(),
+            depth: 1,
+            leased: 0,
+            oldest_age_seconds: 1.0,
+            overdue: 0,
+            quarantined: 0,
+            parked: 0,
+        }]);
+        let exported = to_prometheus_text(&m.encode());
+        let names = regex::Regex::new(r"throughcare_[a-z_]+").unwrap();
+        let mut checked = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for name in names.find_iter(expr) {
+                    let name = name.as_str();
+                    assert!(exported.contains(&format!("\n{name}")), "{name} in {expr}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 15, "{checked}");
     }
 
     #[test]

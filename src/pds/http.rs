@@ -42,7 +42,9 @@ impl Transport {
     /// `tls` and no certificate could be read from `ca_pem`.
     pub fn new(ca_pem: &[u8], timeout: Duration, tls: bool) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut &ca_pem[..]).flatten() {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        for cert in CertificateDer::pem_slice_iter(ca_pem).flatten() {
             let _ = roots.add(cert);
         }
         if roots.is_empty() && tls {

@@ -158,6 +158,52 @@ async fn head_of(addr: std::net::SocketAddr, path: &str) -> String {
         .to_owned()
 }
 
+const MINUTE: i64 = 60_000;
+
+/// The queue-depth chart's points, as the page draws them (an empty list
+/// before there are two samples in the window, "no data yet" before one).
+fn depth_points(page: &str) -> Option<Vec<String>> {
+    let figure = page.split("id=\"trend-depth\"").nth(1)?;
+    let figure = &figure[..figure.find("</figure>")?];
+    if figure.contains("no data yet") {
+        return None;
+    }
+    Some(match figure.split("points=\"").nth(1) {
+        Some(points) => points[..points.find('"')?]
+            .split(' ')
+            .map(str::to_owned)
+            .collect(),
+        None => Vec::new(),
+    })
+}
+
+async fn wait_for_depth_points(addr: std::net::SocketAddr, want: usize) {
+    let mut last = None;
+    for _ in 0..200 {
+        let page = body_of(addr, "/").await;
+        last = depth_points(&page);
+        let seen = last.as_ref().map(|p| p.len().max(1));
+        if seen == Some(want) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the trend chart never showed {want} points: {last:?}");
+}
+
+async fn body_of(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .expect("an HTTP response")
+        .1
+        .to_owned()
+}
+
 #[tokio::test]
 async fn chromium_renders_the_dashboard_after_a_workload() {
     let browser = match chromium().await {
@@ -252,8 +298,15 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
         .await
         .unwrap();
     // A day and an hour later the admission notice is overdue; the releases
-    // are not (yet).
-    clock.advance(25 * HOUR);
+    // are not (yet). The last two minutes a minute at a time, each waited
+    // out until the sweeper has sampled it: three points on the trend charts.
+    clock.advance(25 * HOUR - 2 * MINUTE);
+    for points in 1..=3 {
+        if points > 1 {
+            clock.advance(MINUTE);
+        }
+        wait_for_depth_points(gw.metrics_addr, points).await;
+    }
 
     let url = format!("http://{}/", gw.metrics_addr);
     let head = head_of(gw.metrics_addr, "/").await;
@@ -338,6 +391,25 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     assert!(tile("total-overdue").ends_with("<b>1</b>overdue"));
     assert!(tile("total-quarantined").ends_with("<b>1</b>quarantined"));
     assert!(tile("total-waiting").ends_with("<b>11</b>waiting or on lease"));
+    // Trends: four server-drawn charts; the depth chart's three samples, one
+    // a minute at the right edge of the six-hour window, all at the top (11
+    // is the highest).
+    let trends = section(&dom, "trends");
+    assert_eq!(trends.matches("<svg").count(), 4, "{trends}");
+    for id in [
+        "trend-depth",
+        "trend-submits",
+        "trend-delivered",
+        "trend-oldest",
+    ] {
+        assert!(trends.contains(&format!("id=\"{id}\"")), "{id}");
+    }
+    assert_eq!(
+        depth_points(trends).unwrap(),
+        ["318.2,0.0", "319.1,0.0", "320.0,0.0"],
+        "{trends}"
+    );
+    assert!(trends.contains("11 deliveries"), "{trends}");
     // No patient data: identifiers, names, dates of birth, document text or
     // patient keys.
     let mut forbidden: Vec<String> = (1..=7).map(nhs).collect();

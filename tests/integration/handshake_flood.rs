@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use support::*;
 use throughcare::grpc::pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,7 +48,7 @@ async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<tokio::ne
 fn tls_config(certs: &Path, name: Option<&str>) -> Arc<rustls::ClientConfig> {
     let pem = |p: std::path::PathBuf| std::fs::read(p).unwrap();
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &pem(certs.join("ca.pem"))[..]) {
+    for c in CertificateDer::pem_slice_iter(&pem(certs.join("ca.pem"))) {
         roots.add(c.unwrap()).unwrap();
     }
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -61,12 +63,10 @@ fn tls_config(certs: &Path, name: Option<&str>) -> Arc<rustls::ClientConfig> {
                 dir: certs.to_owned(),
             };
             let (cert, key) = paths.client(name);
-            let chain = rustls_pemfile::certs(&mut &pem(cert)[..])
+            let chain = CertificateDer::pem_slice_iter(&pem(cert))
                 .collect::<Result<Vec<_>, _>>()
                 .unwrap();
-            let key = rustls_pemfile::private_key(&mut &pem(key)[..])
-                .unwrap()
-                .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(&pem(key)).unwrap();
             builder.with_client_auth_cert(chain, key).unwrap()
         }
         None => builder.with_no_client_auth(),

@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use support::*;
 use throughcare::grpc::pb;
 use throughcare::store::SystemClock;
@@ -181,19 +183,17 @@ fn rss_kib(pid: u32) -> u64 {
 fn tls_client_config(certs: &Path, name: &str) -> Arc<rustls::ClientConfig> {
     let pem = |p: std::path::PathBuf| std::fs::read(p).unwrap();
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &pem(certs.join("ca.pem"))[..]) {
+    for c in CertificateDer::pem_slice_iter(&pem(certs.join("ca.pem"))) {
         roots.add(c.unwrap()).unwrap();
     }
     let paths = throughcare::certs::DevPaths {
         dir: certs.to_owned(),
     };
     let (cert, key) = paths.client(name);
-    let chain = rustls_pemfile::certs(&mut &pem(cert)[..])
+    let chain = CertificateDer::pem_slice_iter(&pem(cert))
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
-    let key = rustls_pemfile::private_key(&mut &pem(key)[..])
-        .unwrap()
-        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&pem(key)).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

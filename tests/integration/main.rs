@@ -29,6 +29,7 @@ mod logs;
 mod metrics;
 mod newcomer;
 mod no_patient_data;
+mod operability;
 mod pds;
 mod restore;
 mod retention;

@@ -11,10 +11,26 @@ use support::{TestGateway, nhs, pull, release};
 use throughcare::grpc::pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A plain HTTP/1.1 GET; returns (status, content type, body).
+/// A plain HTTP/1.1 GET asking for OpenMetrics, as Prometheus does; returns
+/// (status, content type, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    request(
+        addr,
+        path,
+        "Accept: application/openmetrics-text; version=1.0.0\r\n",
+    )
+    .await
+}
+
+/// A GET with no `Accept`, as `curl` sends: the Prometheus text format.
+async fn get_text(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    request(addr, path, "").await
+}
+
+async fn request(addr: SocketAddr, path: &str, headers: &str) -> (u16, String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
@@ -112,8 +128,8 @@ impl Scrape {
     }
 }
 
-fn expiry_days(path: &std::path::Path) -> i64 {
-    throughcare::tls::days_until_expiry(&std::fs::read(path).unwrap()).unwrap()
+fn expiry(path: &std::path::Path) -> i64 {
+    throughcare::tls::expiry_timestamp(&std::fs::read(path).unwrap()).unwrap()
 }
 
 #[tokio::test]
@@ -179,15 +195,7 @@ async fn metrics_count_what_the_gateway_did() {
     }
 
     let paths = gw.paths();
-    let days_before = (
-        expiry_days(&paths.server_cert()),
-        expiry_days(&paths.ca_cert()),
-    );
     let (status, content_type, text) = get(gw.metrics_addr, "/metrics").await;
-    let days_after = (
-        expiry_days(&paths.server_cert()),
-        expiry_days(&paths.ca_cert()),
-    );
     assert_eq!(status, 200);
     assert!(
         content_type.starts_with("application/openmetrics-text"),
@@ -267,20 +275,55 @@ async fn metrics_count_what_the_gateway_did() {
     let changes = f64::from(SUBMITS) + 3.0 + 3.0 + 2.0;
     assert!(m.value("throughcare_barrier_commands_sum", &[]) >= changes);
 
-    let server_days = m.value(
-        "throughcare_certificate_expiry_days",
-        &[("certificate", "server")],
-    );
-    assert!([days_before.0, days_after.0].contains(&(server_days as i64)));
-    let ca_days = m.value(
-        "throughcare_certificate_expiry_days",
-        &[("certificate", "ca")],
-    );
-    assert!([days_before.1, days_after.1].contains(&(ca_days as i64)));
+    // notAfter as Unix seconds, exactly the files' (not days from now).
+    let expiry_metric = "throughcare_certificate_expiry_timestamp_seconds";
+    let server = m.value(expiry_metric, &[("certificate", "server")]);
+    assert_eq!(server as i64, expiry(&paths.server_cert()));
+    let ca = m.value(expiry_metric, &[("certificate", "ca")]);
+    assert_eq!(ca as i64, expiry(&paths.ca_cert()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     assert!(
-        server_days > 300.0 && ca_days >= server_days,
-        "{server_days} {ca_days}"
+        server > now + 300.0 * 86_400.0 && ca >= server,
+        "{server} {ca}"
     );
+
+    // Per method and status code, every call on the listener.
+    let handled = "throughcare_grpc_server_handled_total";
+    let call = |service: &'static str, method: &'static str, code: &'static str| {
+        [
+            ("grpc_service", service),
+            ("grpc_method", method),
+            ("grpc_code", code),
+        ]
+    };
+    let handover = "throughcare.v1.HandoverService";
+    assert_eq!(
+        m.value(handled, &call(handover, "Submit", "OK")),
+        f64::from(SUBMITS) + 1.0
+    );
+    assert_eq!(
+        m.value(handled, &call(handover, "Submit", "InvalidArgument")),
+        1.0
+    );
+    assert_eq!(m.value(handled, &call(handover, "Pull", "OK")), 4.0);
+    assert_eq!(m.value(handled, &call(handover, "Ack", "OK")), 3.0);
+    assert_eq!(
+        m.value(handled, &call(handover, "Ack", "FailedPrecondition")),
+        1.0
+    );
+    assert_eq!(m.value(handled, &call(handover, "Nack", "OK")), 2.0);
+    assert_eq!(
+        m.value(
+            "throughcare_grpc_server_handling_seconds_count",
+            &[("grpc_service", handover), ("grpc_method", "Submit")]
+        ),
+        f64::from(SUBMITS) + 2.0
+    );
+    // Methods not called are there at zero.
+    assert_eq!(m.value(handled, &call(handover, "Track", "OK")), 0.0);
 
     let (status, _, _) = get(gw.metrics_addr, "/other").await;
     assert_eq!(status, 404);
@@ -363,4 +406,63 @@ fn a_metrics_port_in_use_stops_the_binary_and_names_the_field() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`metrics.listen`"), "{stderr}");
+}
+
+/// `promtool check metrics` (Prometheus's own linter: names, units, help,
+/// counter suffixes) finds the real exposition clean, after calls that
+/// refused as well as served. Debian's `prometheus` provides promtool;
+/// `tests/run` installs it where it can and then requires this test to run.
+#[tokio::test]
+async fn promtool_finds_the_exposition_clean() {
+    let promtool = std::process::Command::new("promtool")
+        .arg("--version")
+        .output();
+    if promtool.is_err() {
+        assert!(
+            std::env::var_os("THROUGHCARE_REQUIRE_PROMTOOL").is_none(),
+            "promtool is required here (tests/run could install it) but is missing"
+        );
+        eprintln!("SKIPPED: promtool not installed (Debian package `prometheus`)");
+        return;
+    }
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("p-1", 1, &["YG001"], "promtool"))
+        .await
+        .unwrap();
+    prison
+        .submit(release("p-2", 2, &["ZZ999"], "promtool"))
+        .await
+        .unwrap_err();
+    let (status, content_type, text) = get_text(gw.metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let mut check = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = check.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = check.wait_with_output().await.unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+    // The same families as the OpenMetrics form, counters with `_total`.
+    assert!(text.contains("# TYPE throughcare_submits_total counter"));
+    assert!(text.contains("throughcare_build_info{"));
+    gw.stop().await;
 }

@@ -148,6 +148,7 @@ async fn gateway(double: &Double, tweak: impl FnOnce(&mut PdsConfig)) -> TestGat
         data_dir: dir.path().join("data"),
         certs_dir: dir.path().join("certs"),
         shutdown_grace_ms: 2_000,
+        dev_certs: true,
         metrics: throughcare::config::MetricsConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
         },
@@ -549,6 +550,7 @@ async fn a_pds_section_without_its_key_refuses_to_start_and_names_the_field() {
     let config = Config {
         data_dir: dir.path().join("data"),
         certs_dir: dir.path().join("certs"),
+        dev_certs: true,
         pds,
         ..Config::default()
     };
@@ -738,7 +740,7 @@ async fn the_binary_logs_pds_alerts_and_never_patient_data_or_keys() {
     let log_path = dir.path().join("gateway.log");
     let certs = dir.path().join("certs");
     let mut server = Command::new(env!("CARGO_BIN_EXE_throughcare"))
-        .args(["--log-json", "serve", "--config"])
+        .args(["--log-json", "serve", "--dev-certs", "--config"])
         .arg(&config_path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])

@@ -51,6 +51,7 @@ impl TestGateway {
         let mut config = Config {
             data_dir: dir.path().join("data"),
             certs_dir: dir.path().join("certs"),
+            dev_certs: true,
             shutdown_grace_ms: 2_000,
             metrics: throughcare::config::MetricsConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
