@@ -730,7 +730,7 @@ pub async fn store(command: StoreCommand, json: bool) -> anyhow::Result<()> {
     if reason.is_empty() || reason.len() > 500 {
         anyhow::bail!("--reason: required, 1 to 500 characters saying why (no patient data)");
     }
-    if let Some(what) = crate::grpc::free_text::looks_like_patient_data(reason) {
+    if let Some(what) = crate::handover::free_text::looks_like_patient_data(reason) {
         anyhow::bail!("--reason: must not contain patient data (it looks like {what})");
     }
     let config = store.config()?;

@@ -178,7 +178,7 @@ impl Prepared {
             registry.put(org);
         }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let claims = crate::grpc::ClaimGuard::load(
+        let claims = crate::handover::ClaimGuard::load(
             &store,
             config.limits.claim_limits(),
             Some(metrics.clone()),
@@ -197,6 +197,7 @@ impl Prepared {
             },
             shutting_down: shutdown_rx,
             claims,
+            registry_changes: tokio::sync::Mutex::default(),
         });
         Ok(Self {
             config,

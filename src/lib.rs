@@ -34,6 +34,7 @@ pub mod clinical;
 pub mod config;
 pub mod demo;
 pub mod grpc;
+pub mod handover;
 pub mod journey;
 pub mod operator;
 pub mod store;

@@ -1,11 +1,9 @@
 //! The gRPC edge: the only module that knows `pb::*` and `tonic::Status`.
-//! Wire types are converted to domain types on the way in (field by field,
-//! with field-level violations) and back on the way out.
+//! Wire types are converted to domain commands on the way in (field by
+//! field, with field-level violations), handed to the use cases in
+//! `crate::handover`, and their answers converted back on the way out.
 
-mod claim_guard;
-mod envelope;
-mod error;
-pub mod free_text;
+pub mod error;
 mod handover;
 pub mod limits;
 mod metered;
@@ -13,10 +11,9 @@ mod operator;
 pub mod summary;
 mod wire;
 
-pub use claim_guard::{ClaimGuard, ClaimLimits};
-pub use envelope::{Envelope, PatientRef};
+pub use crate::handover::Gateway;
 pub use error::ApiError;
-pub use handover::{Gateway, HandoverGrpc};
+pub use handover::HandoverGrpc;
 pub use operator::OperatorGrpc;
 
 /// Generated protobuf and gRPC types.

@@ -242,7 +242,8 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         assert_eq!(reason(err), "REMOVED_UNDER_RETENTION");
         assert!(err.message().contains("retention policy"), "{err:?}");
     }
-    // Another sender learns nothing about it.
+    // Another sender learns nothing about it: the answer is the one for an
+    // id that never existed.
     let mut other = gw.client("YP002").await;
     let err = other
         .track(pb::TrackRequest {
@@ -250,8 +251,16 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         })
         .await
         .unwrap_err();
+    let never = other
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::HandoverId(u64::MAX / 2)),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert_eq!(reason(&err), "");
+    assert_eq!(reason(&err), "UNKNOWN_HANDOVER");
+    assert_eq!((never.code(), reason(&never)), (err.code(), reason(&err)));
+    assert_eq!(never.message(), err.message());
     // Operators see the counts.
     let status = gw
         .operator()
@@ -280,11 +289,14 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         );
     }
     gw.store.verify_audit().unwrap();
-    // After the tombstone period Track answers a bare NOT_FOUND.
+    // After the tombstone period Track answers as for an unknown handover.
     clock.advance(365 * DAY_MS);
     assert_eq!(gw.store.retention().await.unwrap().tombstones_removed, 1);
     let err = track(&mut prison, "keep-84-days").await.unwrap_err();
-    assert_eq!((err.code(), reason(&err)), (Code::NotFound, String::new()));
+    assert_eq!(
+        (err.code(), reason(&err)),
+        (Code::NotFound, "UNKNOWN_HANDOVER".to_owned())
+    );
     gw.stop().await;
 }
 
