@@ -190,7 +190,10 @@ fn mailbox_rows(r: pb::ListMailboxesResponse) -> Rows {
             "urgent": m.urgent,
             "overdue": m.overdue,
             "quarantined": m.quarantined,
-            "oldest": if m.depth == 0 { String::new() } else { age(m.oldest_age_ms) },
+            "oldest": match (m.depth, m.oldest_age) {
+                (0, _) | (_, None) => String::new(),
+                (_, Some(a)) => age(u64::try_from(a.seconds).unwrap_or(0).saturating_mul(1_000)),
+            },
         }));
     }
     rows
@@ -212,7 +215,8 @@ fn conflict_rows(r: pb::ListIdentityConflictsResponse) -> Rows {
 /// What is held under the retention policy; the next removal is printed
 /// above the table (not in JSON).
 fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> Rows {
-    let days = |s: u64| {
+    let days = |d: Option<prost_types::Duration>| {
+        let s = d.map_or(0, |d| u64::try_from(d.seconds).unwrap_or(0));
         if s.is_multiple_of(86_400) {
             format!("{}d", s / 86_400)
         } else {
@@ -229,23 +233,23 @@ fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> Rows {
         (
             "payloads in grace",
             r.payloads_in_grace,
-            format!("grace {}", days(r.payload_grace_seconds)),
+            format!("grace {}", days(r.payload_grace)),
         ),
         (
             "payloads shredded",
             r.payloads_shredded,
-            format!("key epochs of {}", days(r.key_epoch_seconds)),
+            format!("key epochs of {}", days(r.key_epoch)),
         ),
         (
             "metadata expiring",
             r.metadata_expiring,
-            format!("kept {}", days(r.metadata_seconds)),
+            format!("kept {}", days(r.metadata_period)),
         ),
         ("metadata removed", r.metadata_removed, String::new()),
         (
             "tombstones",
             r.tombstones,
-            format!("kept {}", days(r.tombstone_seconds)),
+            format!("kept {}", days(r.tombstone_period)),
         ),
         ("key epochs", r.key_epochs, String::new()),
     ] {
@@ -333,7 +337,9 @@ fn redrive_rows(r: pb::RedriveResponse) -> Rows {
     for x in r.results {
         rows.push(json!({
             "delivery": x.delivery_id,
-            "outcome": x.outcome,
+            "outcome": pb::RedriveOutcome::try_from(x.outcome)
+                .map(|o| crate::grpc::enum_label(o.as_str_name()).to_owned())
+                .unwrap_or_default(),
             "state": state(x.state),
         }));
     }
@@ -462,37 +468,41 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
     let empty = empty_message(&command);
     let rows = match command {
         OperatorCommand::Mailboxes => mailbox_rows(
-            op.list_mailboxes(pb::ListMailboxesRequest {})
+            op.list_mailboxes(pb::ListMailboxesRequest::default())
                 .await?
                 .into_inner(),
         ),
         OperatorCommand::Quarantine { mailbox } => deliveries(
             &op.list_quarantine(pb::ListQuarantineRequest {
                 mailbox: mailbox.unwrap_or_default(),
-                limit: 0,
+                ..Default::default()
             })
             .await?
             .into_inner()
             .deliveries,
         ),
         OperatorCommand::Redrive { mailbox, ids } => {
+            use pb::redrive_request::Target;
+            let target = match (ids.is_empty(), mailbox) {
+                (false, None) => Some(Target::Deliveries(pb::DeliveryIds { ids })),
+                (true, Some(mailbox)) => Some(Target::Mailbox(mailbox)),
+                (false, Some(_)) => anyhow::bail!("name the deliveries or a mailbox, not both"),
+                (true, None) => None, // the gateway says what is missing
+            };
             let r = op
-                .redrive(pb::RedriveRequest {
-                    delivery_ids: ids,
-                    mailbox: mailbox.unwrap_or_default(),
-                })
+                .redrive(pb::RedriveRequest { target })
                 .await?
                 .into_inner();
             redrive_rows(r)
         }
         OperatorCommand::Parked => deliveries(
-            &op.list_parked(pb::ListParkedRequest { limit: 0 })
+            &op.list_parked(pb::ListParkedRequest::default())
                 .await?
                 .into_inner()
                 .deliveries,
         ),
         OperatorCommand::Conflicts => conflict_rows(
-            op.list_identity_conflicts(pb::ListIdentityConflictsRequest { limit: 0 })
+            op.list_identity_conflicts(pb::ListIdentityConflictsRequest::default())
                 .await?
                 .into_inner(),
         ),
@@ -522,7 +532,7 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
             args.json,
         ),
         OperatorCommand::Orgs => org_rows(
-            &op.list_organisations(pb::ListOrganisationsRequest {})
+            &op.list_organisations(pb::ListOrganisationsRequest::default())
                 .await?
                 .into_inner()
                 .organisations,
@@ -562,6 +572,7 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 .audit_trail(pb::AuditTrailRequest {
                     subject: Some(subject),
                     reason,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

@@ -222,6 +222,12 @@ impl Prepared {
         &self.gateway.store
     }
 
+    /// The use cases, for callers in process (handler-level tests, tools):
+    /// the same layer every edge calls.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
     /// The metrics every service feeds (per-mailbox gauges are set through it).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics

@@ -103,3 +103,59 @@ impl From<Error> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(s: &Status) -> (String, String) {
+        let i = s.get_details_error_info().expect("ErrorInfo");
+        (i.reason, i.domain)
+    }
+
+    #[test]
+    fn every_status_carries_its_reason_and_retry_where_a_wait_helps() {
+        let invalid = Status::from(Error::invalid("a.b", "why"));
+        assert_eq!(invalid.code(), Code::InvalidArgument);
+        assert_eq!(
+            info(&invalid),
+            ("INVALID_ARGUMENT".into(), ERROR_DOMAIN.into())
+        );
+        let bad = invalid.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, "a.b");
+        assert!(invalid.get_details_retry_info().is_none());
+
+        let stale = Status::from(Error::Store(StoreError::StaleAttempt {
+            given: 1,
+            current: 2,
+        }));
+        assert_eq!(stale.code(), Code::FailedPrecondition);
+        assert_eq!(info(&stale).0, "STALE_ATTEMPT");
+        let expired = Status::from(Error::Store(StoreError::LeaseExpired));
+        assert_eq!(info(&expired).0, "LEASE_EXPIRED");
+
+        for unavailable in [Error::ShuttingDown, Error::Unrecorded] {
+            let s = Status::from(unavailable);
+            assert_eq!(s.code(), Code::Unavailable);
+            assert!(s.get_details_retry_info().is_some(), "{s:?}");
+        }
+        let locked = Status::from(Error::ClaimsLocked {
+            scope: "practice",
+            window_hours: 24,
+            retry_after: std::time::Duration::from_secs(600),
+        });
+        assert_eq!(locked.code(), Code::ResourceExhausted);
+        assert_eq!(info(&locked).0, "CLAIMS_LOCKED");
+        let retry = locked.get_details_retry_info().unwrap();
+        assert_eq!(retry.retry_delay, Some(std::time::Duration::from_secs(600)));
+
+        let conflict = Status::from(Error::Store(StoreError::IdentityConflict {
+            field: "patient.nhs_number",
+        }));
+        assert_eq!(info(&conflict).0, "IDENTITY_CONFLICT");
+        assert_eq!(
+            conflict.get_details_bad_request().unwrap().field_violations[0].field,
+            "patient.nhs_number"
+        );
+    }
+}

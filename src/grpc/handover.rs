@@ -108,15 +108,20 @@ fn format_from_wire(format: i32) -> Result<Option<Format>, Violations> {
 fn pull_from_wire(req: pb::PullRequest) -> Result<PullCommand, Violations> {
     let pb::PullRequest {
         max_deliveries,
-        lease_seconds,
-        wait_millis,
         format,
+        lease,
+        wait,
     } = req;
+    let mut v = Violations::default();
+    let format = format_from_wire(format).map_err(|e| v.0.extend(e.0)).ok();
+    let lease = wire::duration_from_wire(lease, "lease", &mut v);
+    let wait = wire::duration_from_wire(wait, "wait", &mut v);
+    v.into_result()?;
     Ok(PullCommand {
         max_deliveries,
-        format: format_from_wire(format)?,
-        lease: Some(Duration::from_secs(u64::from(lease_seconds))),
-        wait: Duration::from_millis(u64::from(wait_millis)),
+        format: format.flatten(),
+        lease,
+        wait: wait.unwrap_or(Duration::ZERO),
     })
 }
 

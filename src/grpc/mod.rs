@@ -9,7 +9,7 @@ pub mod limits;
 mod metered;
 mod operator;
 pub mod summary;
-mod wire;
+pub mod wire;
 
 pub use crate::handover::Gateway;
 pub use error::ApiError;
@@ -31,7 +31,12 @@ pub mod pb {
 /// full name.
 #[must_use]
 pub fn enum_label(name: &'static str) -> &'static str {
-    const PREFIXES: [&str; 3] = ["JOURNEY_EVENT_", "DELIVERY_STATE_", "ORGANISATION_KIND_"];
+    const PREFIXES: [&str; 4] = [
+        "JOURNEY_EVENT_",
+        "DELIVERY_STATE_",
+        "ORGANISATION_KIND_",
+        "REDRIVE_OUTCOME_",
+    ];
     PREFIXES
         .iter()
         .find_map(|p| name.strip_prefix(p))

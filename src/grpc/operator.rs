@@ -12,7 +12,8 @@ use super::pb;
 use super::wire::{self, Violations};
 use crate::clinical::OdsCode;
 use crate::handover::{
-    AuditSubject, ClaimParkedCommand, DeliveryInfo, Gateway, RedriveTarget, RetentionStatus,
+    AuditSubject, ClaimParkedCommand, DeliveryInfo, Gateway, PageRequest, RedriveTarget,
+    RetentionStatus,
 };
 use crate::journey::{Format, OrgKind, Organisation};
 use crate::store::RedriveOutcome;
@@ -54,37 +55,52 @@ fn infos_to_wire(infos: Vec<DeliveryInfo>) -> Vec<pb::DeliveryInfo> {
 }
 
 fn redrive_from_wire(req: pb::RedriveRequest) -> Result<RedriveTarget, Violations> {
-    let pb::RedriveRequest {
-        delivery_ids,
-        mailbox,
-    } = req;
-    match (delivery_ids.is_empty(), mailbox.is_empty()) {
-        (false, true) => Ok(RedriveTarget::Deliveries(delivery_ids)),
-        (true, false) => Ok(RedriveTarget::Mailbox(mailbox)),
-        _ => Err(Violations::one(
-            "delivery_ids",
-            "name the deliveries to redrive, or a mailbox (not both)",
+    use pb::redrive_request::Target;
+    let pb::RedriveRequest { target } = req;
+    match target {
+        Some(Target::Deliveries(pb::DeliveryIds { ids })) if !ids.is_empty() => {
+            Ok(RedriveTarget::Deliveries(ids))
+        }
+        Some(Target::Deliveries(_)) => Err(Violations::one(
+            "deliveries.ids",
+            "required: at least one delivery id",
+        )),
+        Some(Target::Mailbox(mailbox)) if !mailbox.is_empty() => {
+            Ok(RedriveTarget::Mailbox(mailbox))
+        }
+        Some(Target::Mailbox(_)) => Err(Violations::one("mailbox", "required: a mailbox name")),
+        None => Err(Violations::one(
+            "target",
+            "required: the deliveries to redrive, or a mailbox",
         )),
     }
 }
 
 fn redrive_to_wire(results: Vec<(u64, RedriveOutcome)>) -> pb::RedriveResponse {
+    use pb::RedriveOutcome as Wire;
     let results = results
         .into_iter()
         .map(|(id, outcome)| {
-            let (name, state) = match outcome {
-                RedriveOutcome::Requeued => ("REQUEUED", pb::DeliveryState::Queued),
-                RedriveOutcome::NotQuarantined(s) => ("NOT_QUARANTINED", wire::state_to_wire(s)),
-                RedriveOutcome::Unknown => ("UNKNOWN", pb::DeliveryState::Unspecified),
+            let (outcome, state) = match outcome {
+                RedriveOutcome::Requeued => (Wire::Requeued, pb::DeliveryState::Queued),
+                RedriveOutcome::NotQuarantined(s) => (Wire::NotQuarantined, wire::state_to_wire(s)),
+                RedriveOutcome::Unknown => (Wire::UnknownDelivery, pb::DeliveryState::Unspecified),
             };
             pb::RedriveResult {
                 delivery_id: id,
-                outcome: name.into(),
+                outcome: outcome.into(),
                 state: state.into(),
             }
         })
         .collect();
     pb::RedriveResponse { results }
+}
+
+fn page(page_size: i32, page_token: String) -> PageRequest {
+    PageRequest {
+        size: page_size,
+        token: page_token,
+    }
 }
 
 fn audit_subject(subject: Option<pb::audit_trail_request::Subject>) -> Option<AuditSubject> {
@@ -102,7 +118,6 @@ fn retention_to_wire(r: RetentionStatus) -> pb::RetentionStatusResponse {
         policy: p,
         now_ms,
     } = r;
-    let seconds = |ms: i64| u64::try_from(ms / 1_000).unwrap_or(0);
     pb::RetentionStatusResponse {
         payloads_held: s.payloads_held,
         payloads_in_grace: s.payloads_in_grace,
@@ -112,11 +127,11 @@ fn retention_to_wire(r: RetentionStatus) -> pb::RetentionStatusResponse {
         tombstones: s.tombstones,
         key_epochs: s.key_epochs,
         next_due_at: s.next_due_ms.map(wire::timestamp),
-        payload_grace_seconds: seconds(p.payload_grace_ms),
-        metadata_seconds: seconds(p.metadata_ms),
-        tombstone_seconds: seconds(p.tombstone_ms),
-        key_epoch_seconds: seconds(p.key_epoch_ms),
         at: Some(wire::timestamp(now_ms)),
+        payload_grace: Some(wire::duration_ms(p.payload_grace_ms)),
+        metadata_period: Some(wire::duration_ms(p.metadata_ms)),
+        tombstone_period: Some(wire::duration_ms(p.tombstone_ms)),
+        key_epoch: Some(wire::duration_ms(p.key_epoch_ms)),
     }
 }
 
@@ -222,14 +237,20 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         request: Request<pb::ListMailboxesRequest>,
     ) -> Result<Response<pb::ListMailboxesResponse>, Status> {
         let caller = caller_of(&request);
-        let pb::ListMailboxesRequest {} = request.into_inner();
+        let pb::ListMailboxesRequest {
+            page_size,
+            page_token,
+        } = request.into_inner();
+        let asked = page(page_size, page_token);
         let result =
             self.gateway
-                .list_mailboxes(&caller)
+                .list_mailboxes(&caller, &asked)
                 .await
                 .map(|m| pb::ListMailboxesResponse {
+                    next_page_token: m.mailboxes.next_token,
                     mailboxes: m
                         .mailboxes
+                        .items
                         .into_iter()
                         .map(|m| pb::MailboxStats {
                             mailbox: m.mailbox,
@@ -238,9 +259,7 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
                             urgent: m.urgent,
                             overdue: m.overdue,
                             quarantined: m.quarantined,
-                            oldest_age_ms: m
-                                .oldest_age_ms
-                                .map_or(0, |a| u64::try_from(a).unwrap_or(0)),
+                            oldest_age: m.oldest_age_ms.map(wire::duration_ms),
                         })
                         .collect(),
                     at: Some(wire::timestamp(m.now_ms)),
@@ -254,11 +273,17 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         request: Request<pb::ListQuarantineRequest>,
     ) -> Result<Response<pb::ListQuarantineResponse>, Status> {
         let caller = caller_of(&request);
-        let pb::ListQuarantineRequest { mailbox, limit } = request.into_inner();
+        let pb::ListQuarantineRequest {
+            mailbox,
+            page_size,
+            page_token,
+        } = request.into_inner();
         let mailbox = (!mailbox.is_empty()).then_some(mailbox);
-        let result = self.gateway.list_quarantine(&caller, mailbox, limit).await;
+        let asked = page(page_size, page_token);
+        let result = self.gateway.list_quarantine(&caller, mailbox, &asked).await;
         let result = result.map(|d| pb::ListQuarantineResponse {
-            deliveries: infos_to_wire(d),
+            deliveries: infos_to_wire(d.items),
+            next_page_token: d.next_token,
         });
         answer(&self.gateway, &caller, "list_quarantine", result).await
     }
@@ -284,10 +309,16 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         request: Request<pb::ListParkedRequest>,
     ) -> Result<Response<pb::ListParkedResponse>, Status> {
         let caller = caller_of(&request);
-        let pb::ListParkedRequest { limit } = request.into_inner();
-        let result = self.gateway.list_parked(&caller, limit).await;
+        let pb::ListParkedRequest {
+            page_size,
+            page_token,
+        } = request.into_inner();
+        let result = (self.gateway)
+            .list_parked(&caller, &page(page_size, page_token))
+            .await;
         let result = result.map(|d| pb::ListParkedResponse {
-            deliveries: infos_to_wire(d),
+            deliveries: infos_to_wire(d.items),
+            next_page_token: d.next_token,
         });
         answer(&self.gateway, &caller, "list_parked", result).await
     }
@@ -298,10 +329,17 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         request: Request<pb::ListIdentityConflictsRequest>,
     ) -> Result<Response<pb::ListIdentityConflictsResponse>, Status> {
         let caller = caller_of(&request);
-        let pb::ListIdentityConflictsRequest { limit } = request.into_inner();
-        let result = self.gateway.list_identity_conflicts(&caller, limit).await;
+        let pb::ListIdentityConflictsRequest {
+            page_size,
+            page_token,
+        } = request.into_inner();
+        let result = (self.gateway)
+            .list_identity_conflicts(&caller, &page(page_size, page_token))
+            .await;
         let result = result.map(|c| pb::ListIdentityConflictsResponse {
+            next_page_token: c.next_token,
             conflicts: c
+                .items
                 .into_iter()
                 .map(|c| pb::IdentityConflict {
                     at: Some(wire::timestamp(c.at_ms)),
@@ -343,10 +381,16 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         request: Request<pb::ListOrganisationsRequest>,
     ) -> Result<Response<pb::ListOrganisationsResponse>, Status> {
         let caller = caller_of(&request);
-        let pb::ListOrganisationsRequest {} = request.into_inner();
-        let result = self.gateway.list_organisations(&caller).await;
+        let pb::ListOrganisationsRequest {
+            page_size,
+            page_token,
+        } = request.into_inner();
+        let result = (self.gateway)
+            .list_organisations(&caller, &page(page_size, page_token))
+            .await;
         let result = result.map(|o| pb::ListOrganisationsResponse {
-            organisations: o.iter().map(org_to_wire).collect(),
+            organisations: o.items.iter().map(org_to_wire).collect(),
+            next_page_token: o.next_token,
         });
         answer(&self.gateway, &caller, "list_organisations", result).await
     }
@@ -415,14 +459,22 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         request: Request<pb::AuditTrailRequest>,
     ) -> Result<Response<pb::AuditTrailResponse>, Status> {
         let caller = caller_of(&request);
-        let pb::AuditTrailRequest { subject, reason } = request.into_inner();
+        let pb::AuditTrailRequest {
+            subject,
+            reason,
+            page_size,
+            page_token,
+        } = request.into_inner();
+        let asked = page(page_size, page_token);
         let result = self
             .gateway
-            .audit_trail(&caller, audit_subject(subject), &reason)
+            .audit_trail(&caller, audit_subject(subject), &reason, &asked)
             .await;
         let result = result.map(|t| pb::AuditTrailResponse {
+            next_page_token: t.entries.next_token,
             entries: t
                 .entries
+                .items
                 .into_iter()
                 .map(|e| pb::AuditEntry {
                     seq: e.seq,

@@ -204,6 +204,40 @@ fn check_size(field: &str, len: usize, max: usize, v: &mut Violations) {
     }
 }
 
+/// A duration for the wire.
+#[must_use]
+pub fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A duration of `ms` milliseconds for the wire (negative reads as zero).
+#[must_use]
+pub fn duration_ms(ms: i64) -> prost_types::Duration {
+    duration(std::time::Duration::from_millis(
+        u64::try_from(ms).unwrap_or(0),
+    ))
+}
+
+/// A duration from the wire: unset is `None`; negative or malformed is a
+/// violation of `field`.
+pub fn duration_from_wire(
+    d: Option<prost_types::Duration>,
+    field: &str,
+    v: &mut Violations,
+) -> Option<std::time::Duration> {
+    let prost_types::Duration { seconds, nanos } = d?;
+    match (u64::try_from(seconds), u32::try_from(nanos)) {
+        (Ok(s), Ok(n)) if n < 1_000_000_000 => Some(std::time::Duration::new(s, n)),
+        _ => {
+            v.add(field, "must be a non-negative duration");
+            None
+        }
+    }
+}
+
 /// A time for the wire.
 pub fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {

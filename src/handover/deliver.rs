@@ -111,7 +111,7 @@ impl Gateway {
         let lease = match cmd.lease {
             Some(l) if l > max_lease => {
                 return Err(Error::invalid(
-                    "lease_seconds",
+                    "lease",
                     format!("at most {} seconds", q.max_lease_seconds),
                 ));
             }

@@ -23,6 +23,7 @@ pub mod envelope;
 mod error;
 pub mod free_text;
 mod operator;
+pub mod page;
 mod submit;
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub use operator::{
     AuditSubject, AuditTrail, BreakGlassRead, ClaimParkedCommand, DeliveryInfo, MAX_LIST,
     Mailboxes, RedriveTarget, RetentionStatus,
 };
+pub use page::{MAX_PAGE, Page, PageRequest};
 pub use submit::{DeliveryReceipt, IncomingDocument, SubmitCommand, SubmitReceipt, is_iso_date};
 
 use crate::audit::PatientKeyer;

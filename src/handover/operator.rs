@@ -4,6 +4,7 @@
 
 use super::claiming::{Claimed, claimant};
 use super::envelope::PatientRef;
+use super::page::{Listing, Page, PageRequest, page_of, page_sorted};
 use super::{Caller, Decoded, Error, Gateway};
 use crate::audit::{AuditEntry, AuditEvent};
 use crate::clinical::{ClinicalSummary, NhsNumber, OdsCode, PrisonNumber, ValidationErrors};
@@ -19,8 +20,8 @@ pub const MAX_LIST: usize = 1_000;
 /// Every mailbox's figures, as of `now_ms`.
 #[derive(Debug, Clone)]
 pub struct Mailboxes {
-    /// One row per mailbox.
-    pub mailboxes: Vec<MailboxStats>,
+    /// One row per mailbox, by name.
+    pub mailboxes: Page<MailboxStats>,
     /// When, ms since the epoch.
     pub now_ms: i64,
 }
@@ -73,7 +74,7 @@ pub enum AuditSubject {
 #[derive(Debug, Clone)]
 pub struct AuditTrail {
     /// Entries about the subject, oldest first.
-    pub entries: Vec<AuditEntry>,
+    pub entries: Page<AuditEntry>,
     /// The whole chain verified.
     pub chain_verified: bool,
 }
@@ -100,14 +101,6 @@ pub struct RetentionStatus {
     pub now_ms: i64,
 }
 
-/// A listing's limit: 0 is the most, and nothing above it.
-fn limit_of(limit: u32) -> usize {
-    match limit {
-        0 => MAX_LIST,
-        n => (n as usize).min(MAX_LIST),
-    }
-}
-
 fn check_reason(reason: &str, v: &mut ValidationErrors) {
     super::free_text::check_reason("reason", reason, 1, v);
 }
@@ -117,11 +110,18 @@ impl Gateway {
     ///
     /// # Errors
     /// Refusals for non-operators, and store failures.
-    pub async fn list_mailboxes(&self, caller: &Caller) -> Result<Mailboxes, Error> {
+    pub async fn list_mailboxes(
+        &self,
+        caller: &Caller,
+        page: &PageRequest,
+    ) -> Result<Mailboxes, Error> {
         self.operator(caller)?;
-        let mailboxes = self.store.mailbox_stats().await?;
+        let (size, after) = page.read(Listing::Mailboxes)?;
+        let mut mailboxes = self.store.mailbox_stats().await?;
+        mailboxes.sort_by(|a, b| a.mailbox.cmp(&b.mailbox));
+        let key = |m: &MailboxStats| m.mailbox.as_bytes().to_vec();
         Ok(Mailboxes {
-            mailboxes,
+            mailboxes: page_sorted(Listing::Mailboxes, mailboxes, key, after.as_deref(), size),
             now_ms: self.clock.now_ms(),
         })
     }
@@ -136,9 +136,19 @@ impl Gateway {
         })
     }
 
-    fn infos(&self, records: &[DeliveryRecord]) -> Result<Vec<DeliveryInfo>, Error> {
+    /// A page of delivery rows (fetched one beyond `size`) as operators see them.
+    fn info_page(
+        &self,
+        listing: Listing,
+        rows: Vec<(Vec<u8>, DeliveryRecord)>,
+        size: usize,
+    ) -> Result<Page<DeliveryInfo>, Error> {
         let now = self.clock.now_ms();
-        records.iter().map(|d| self.info(d, now)).collect()
+        let rows = rows
+            .into_iter()
+            .map(|(k, d)| Ok((k, self.info(&d, now)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(page_of(listing, rows, size))
     }
 
     /// Quarantined deliveries, of one mailbox or all.
@@ -149,13 +159,23 @@ impl Gateway {
         &self,
         caller: &Caller,
         mailbox: Option<String>,
-        limit: u32,
-    ) -> Result<Vec<DeliveryInfo>, Error> {
+        page: &PageRequest,
+    ) -> Result<Page<DeliveryInfo>, Error> {
         self.operator(caller)?;
-        let records = self
+        let (size, after) = page.read(Listing::Quarantine)?;
+        // A cursor of another mailbox's listing is another call's token.
+        if let (Some(m), Some(cursor)) = (&mailbox, &after)
+            && !cursor.starts_with(&crate::store::records::mailbox_prefix(m))
+        {
+            return Err(Error::invalid(
+                "page_token",
+                "not a token this call gave: it lists another mailbox",
+            ));
+        }
+        let rows = self
             .store
-            .quarantined(mailbox.as_deref(), limit_of(limit))?;
-        self.infos(&records)
+            .quarantined_page(mailbox.as_deref(), after.as_deref(), size + 1)?;
+        self.info_page(Listing::Quarantine, rows, size)
     }
 
     /// Releases parked for want of a GP.
@@ -165,11 +185,12 @@ impl Gateway {
     pub async fn list_parked(
         &self,
         caller: &Caller,
-        limit: u32,
-    ) -> Result<Vec<DeliveryInfo>, Error> {
+        page: &PageRequest,
+    ) -> Result<Page<DeliveryInfo>, Error> {
         self.operator(caller)?;
-        let records = self.store.parked(limit_of(limit))?;
-        self.infos(&records)
+        let (size, after) = page.read(Listing::Parked)?;
+        let rows = self.store.parked_page(after.as_deref(), size + 1)?;
+        self.info_page(Listing::Parked, rows, size)
     }
 
     /// Submits refused because an identifier was linked to another patient.
@@ -179,10 +200,14 @@ impl Gateway {
     pub async fn list_identity_conflicts(
         &self,
         caller: &Caller,
-        limit: u32,
-    ) -> Result<Vec<IdentityConflict>, Error> {
+        page: &PageRequest,
+    ) -> Result<Page<IdentityConflict>, Error> {
         self.operator(caller)?;
-        Ok(self.store.identity_conflicts(limit_of(limit))?)
+        let (size, before) = page.read(Listing::Conflicts)?;
+        let rows = self
+            .store
+            .identity_conflicts_page(before.as_deref(), size + 1)?;
+        Ok(page_of(Listing::Conflicts, rows, size))
     }
 
     /// Puts quarantined deliveries back in their queues.
@@ -200,7 +225,7 @@ impl Gateway {
             RedriveTarget::Deliveries(ids) if ids.len() <= MAX_LIST => ids,
             RedriveTarget::Deliveries(_) => {
                 return Err(Error::invalid(
-                    "delivery_ids",
+                    "deliveries.ids",
                     format!("at most {MAX_LIST} at a time"),
                 ));
             }
@@ -278,9 +303,23 @@ impl Gateway {
     ///
     /// # Errors
     /// Refusals for non-operators.
-    pub async fn list_organisations(&self, caller: &Caller) -> Result<Vec<Organisation>, Error> {
+    pub async fn list_organisations(
+        &self,
+        caller: &Caller,
+        page: &PageRequest,
+    ) -> Result<Page<Organisation>, Error> {
         self.operator(caller)?;
-        Ok(self.registry.read().iter().cloned().collect())
+        let (size, after) = page.read(Listing::Organisations)?;
+        let mut orgs: Vec<Organisation> = self.registry.read().iter().cloned().collect();
+        orgs.sort_by(|a, b| a.ods.as_str().cmp(b.ods.as_str()));
+        let key = |o: &Organisation| o.ods.as_str().as_bytes().to_vec();
+        Ok(page_sorted(
+            Listing::Organisations,
+            orgs,
+            key,
+            after.as_deref(),
+            size,
+        ))
     }
 
     /// Adds or replaces an organisation.
@@ -363,6 +402,7 @@ impl Gateway {
         caller: &Caller,
         subject: Option<AuditSubject>,
         reason: &str,
+        page: &PageRequest,
     ) -> Result<AuditTrail, Error> {
         let actor = self.operator(caller)?;
         let mut v = ValidationErrors::default();
@@ -371,6 +411,7 @@ impl Gateway {
         let Some((handover, patient)) = filter.filter(|_| v.0.is_empty()) else {
             return Err(v.into());
         };
+        let (size, after) = page.read(Listing::Audit)?;
         // One patient across identifiers: every key linked or merged into it.
         let patient_keys = match &patient {
             Some(identifier) => self.store.patient_keys(identifier)?,
@@ -397,15 +438,14 @@ impl Gateway {
         .map_err(|e| {
             Error::Store(StoreError::Unavailable(format!("audit reader failed: {e}")))
         })??;
-        let entries = entries
-            .into_iter()
-            .filter(|e| {
-                handover.is_some_and(|h| e.handover_id == Some(h))
-                    || e.patient_key
-                        .as_ref()
-                        .is_some_and(|p| patient_keys.contains(p))
-            })
-            .collect();
+        let entries = entries.into_iter().filter(|e| {
+            handover.is_some_and(|h| e.handover_id == Some(h))
+                || e.patient_key
+                    .as_ref()
+                    .is_some_and(|p| patient_keys.contains(p))
+        });
+        let key = |e: &AuditEntry| e.seq.to_be_bytes().to_vec();
+        let entries = page_sorted(Listing::Audit, entries, key, after.as_deref(), size);
         Ok(AuditTrail {
             entries,
             chain_verified,

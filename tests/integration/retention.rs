@@ -277,7 +277,7 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         ),
         (1, 1, 1)
     );
-    assert_eq!(status.metadata_seconds, 84 * 86_400);
+    assert_eq!(status.metadata_period.unwrap().seconds, 84 * 86_400);
     // The audit trail keeps every entry about it and still verifies.
     let audit = gw.store.audit_entries().unwrap();
     for action in ["submit", "pull", "ack", "shred", "expire"] {
@@ -354,7 +354,7 @@ async fn parked_and_quarantined_payloads_are_kept_until_resolved() {
         .expect("content is still held");
     }
     assert_eq!(
-        op.list_parked(pb::ListParkedRequest { limit: 0 })
+        op.list_parked(pb::ListParkedRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -365,8 +365,9 @@ async fn parked_and_quarantined_payloads_are_kept_until_resolved() {
 
     // Redriven and delivered, the quarantined one then follows the policy.
     op.redrive(pb::RedriveRequest {
-        delivery_ids: vec![d[0].delivery_id],
-        mailbox: String::new(),
+        target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
+            ids: vec![d[0].delivery_id],
+        })),
     })
     .await
     .unwrap();
