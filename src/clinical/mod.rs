@@ -4,6 +4,7 @@
 //!
 //! Pure domain: imports no tonic, prost or sled.
 
+pub mod carried;
 pub mod fhir;
 pub mod hl7v2;
 mod identifiers;

@@ -371,17 +371,19 @@ pub fn render(
     }
 }
 
-/// What the `view` of `summary` in `format` does not carry.
+/// What the `view` of `summary` in `format` does not carry, decided
+/// without rendering it (the same list [`render`] gives; `clinical::carried`).
 pub(super) fn not_carried(
     summary: &ClinicalSummary,
     format: Format,
     view: View,
     event: JourneyEvent,
 ) -> Vec<String> {
+    use crate::clinical::carried;
     match format {
         Format::Native => translate::notes(summary, view),
-        Format::Fhir => translate::write(TextFormat::Fhir, summary, view, event).not_carried,
-        Format::Hl7v2 => translate::write(TextFormat::Hl7v2, summary, view, event).not_carried,
+        Format::Fhir => carried::not_carried(TextFormat::Fhir, summary, view, event),
+        Format::Hl7v2 => carried::not_carried(TextFormat::Hl7v2, summary, view, event),
     }
 }
 
