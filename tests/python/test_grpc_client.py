@@ -155,3 +155,28 @@ def test_every_refusal_names_its_reason_in_error_info(gateway, pb):
         assert "RetryInfo" not in details
     fields = [v.field for v in details_of(invalid.value)["BadRequest"].field_violations]
     assert fields == ["patient.nhs_number"]
+
+
+def test_list_calls_page_with_opaque_tokens(gateway, pb):
+    """Every list call pages; walking ListOrganisations two at a time gives the
+    whole registry once, in ODS-code order, and a made-up token is refused."""
+    from throughcare.v1 import operator_pb2, operator_pb2_grpc
+
+    op = operator_pb2_grpc.OperatorServiceStub(gateway.channel("operator-oncall"))
+    whole = op.ListOrganisations(operator_pb2.ListOrganisationsRequest(), timeout=10)
+    assert whole.next_page_token == ""
+    walked, token, pages = [], "", 0
+    while True:
+        page = op.ListOrganisations(operator_pb2.ListOrganisationsRequest(page_size=2, page_token=token), timeout=10)
+        assert len(page.organisations) <= 2
+        walked += [o.ods_code for o in page.organisations]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert walked == sorted(o.ods_code for o in whole.organisations)
+    assert pages >= 3
+    with pytest.raises(grpc.RpcError) as err:
+        op.ListParked(operator_pb2.ListParkedRequest(page_size=2, page_token="made-up"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(err.value) == ["page_token"]
