@@ -332,6 +332,21 @@ async fn set_active(
     Ok(org_rows(org.as_slice()))
 }
 
+/// The deliveries or the mailbox to redrive; neither is left for the
+/// gateway to name as missing.
+fn redrive_target(
+    ids: Vec<u64>,
+    mailbox: Option<String>,
+) -> anyhow::Result<Option<pb::redrive_request::Target>> {
+    use pb::redrive_request::Target;
+    Ok(match (ids.is_empty(), mailbox) {
+        (false, None) => Some(Target::Deliveries(pb::DeliveryIds { ids })),
+        (true, Some(mailbox)) => Some(Target::Mailbox(mailbox)),
+        (false, Some(_)) => anyhow::bail!("name the deliveries or a mailbox, not both"),
+        (true, None) => None,
+    })
+}
+
 fn redrive_rows(r: pb::RedriveResponse) -> Rows {
     let mut rows = Rows::new(&["delivery", "outcome", "state"]);
     for x in r.results {
@@ -482,18 +497,12 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
             .deliveries,
         ),
         OperatorCommand::Redrive { mailbox, ids } => {
-            use pb::redrive_request::Target;
-            let target = match (ids.is_empty(), mailbox) {
-                (false, None) => Some(Target::Deliveries(pb::DeliveryIds { ids })),
-                (true, Some(mailbox)) => Some(Target::Mailbox(mailbox)),
-                (false, Some(_)) => anyhow::bail!("name the deliveries or a mailbox, not both"),
-                (true, None) => None, // the gateway says what is missing
-            };
-            let r = op
-                .redrive(pb::RedriveRequest { target })
-                .await?
-                .into_inner();
-            redrive_rows(r)
+            let target = redrive_target(ids, mailbox)?;
+            redrive_rows(
+                op.redrive(pb::RedriveRequest { target })
+                    .await?
+                    .into_inner(),
+            )
         }
         OperatorCommand::Parked => deliveries(
             &op.list_parked(pb::ListParkedRequest::default())
