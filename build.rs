@@ -1,4 +1,7 @@
 //! Compiles `proto/throughcare/v1/*.proto` with protox (pure Rust, no system protoc).
+//! The descriptor set served by reflection also holds the vendored
+//! `google/rpc/error_details.proto`, so tools decode our error details; no
+//! Rust is generated for it (tonic-types has those types).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
@@ -9,12 +12,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
+    let error_details = "proto/google/rpc/error_details.proto";
+    println!("cargo:rerun-if-changed={error_details}");
     let fds = protox::compile(files, ["proto"])?;
+    let served = protox::compile(files.iter().copied().chain([error_details]), ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     // Kept for gRPC reflection.
     std::fs::write(
         out.join("throughcare_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        prost::Message::encode_to_vec(&served),
     )?;
     tonic_prost_build::configure().compile_fds(fds)?;
     // `throughcare --version` names the commit it was built from.

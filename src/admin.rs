@@ -190,7 +190,10 @@ fn mailbox_rows(r: pb::ListMailboxesResponse) -> Rows {
             "urgent": m.urgent,
             "overdue": m.overdue,
             "quarantined": m.quarantined,
-            "oldest": if m.depth == 0 { String::new() } else { age(m.oldest_age_ms) },
+            "oldest": match (m.depth, m.oldest_age) {
+                (0, _) | (_, None) => String::new(),
+                (_, Some(a)) => age(u64::try_from(a.seconds).unwrap_or(0).saturating_mul(1_000)),
+            },
         }));
     }
     rows
@@ -212,7 +215,8 @@ fn conflict_rows(r: pb::ListIdentityConflictsResponse) -> Rows {
 /// What is held under the retention policy; the next removal is printed
 /// above the table (not in JSON).
 fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> Rows {
-    let days = |s: u64| {
+    let days = |d: Option<prost_types::Duration>| {
+        let s = d.map_or(0, |d| u64::try_from(d.seconds).unwrap_or(0));
         if s.is_multiple_of(86_400) {
             format!("{}d", s / 86_400)
         } else {
@@ -229,29 +233,29 @@ fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> Rows {
         (
             "payloads in grace",
             r.payloads_in_grace,
-            format!("grace {}", days(r.payload_grace_seconds)),
+            format!("grace {}", days(r.payload_grace)),
         ),
         (
             "payloads shredded",
             r.payloads_shredded,
-            format!("key epochs of {}", days(r.key_epoch_seconds)),
+            format!("key epochs of {}", days(r.key_epoch)),
         ),
         (
             "metadata expiring",
             r.metadata_expiring,
-            format!("kept {}", days(r.metadata_seconds)),
+            format!("kept {}", days(r.metadata_period)),
         ),
         ("metadata removed", r.metadata_removed, String::new()),
         (
             "tombstones",
             r.tombstones,
-            format!("kept {}", days(r.tombstone_seconds)),
+            format!("kept {}", days(r.tombstone_period)),
         ),
         ("key epochs", r.key_epochs, String::new()),
         (
             "audit entries held",
             r.audit_entries_held,
-            format!("kept {}", days(r.audit_seconds)),
+            format!("kept {}", days(r.audit_period)),
         ),
         (
             "audit entries removed",
@@ -261,7 +265,7 @@ fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> Rows {
         (
             "identity records held",
             r.identity_records_held,
-            format!("until nothing tracked for {}", days(r.metadata_seconds)),
+            format!("until nothing tracked for {}", days(r.metadata_period)),
         ),
         (
             "identity records removed",
@@ -348,12 +352,29 @@ async fn set_active(
     Ok(org_rows(org.as_slice()))
 }
 
+/// The deliveries or the mailbox to redrive; neither is left for the
+/// gateway to name as missing.
+fn redrive_target(
+    ids: Vec<u64>,
+    mailbox: Option<String>,
+) -> anyhow::Result<Option<pb::redrive_request::Target>> {
+    use pb::redrive_request::Target;
+    Ok(match (ids.is_empty(), mailbox) {
+        (false, None) => Some(Target::Deliveries(pb::DeliveryIds { ids })),
+        (true, Some(mailbox)) => Some(Target::Mailbox(mailbox)),
+        (false, Some(_)) => anyhow::bail!("name the deliveries or a mailbox, not both"),
+        (true, None) => None,
+    })
+}
+
 fn redrive_rows(r: pb::RedriveResponse) -> Rows {
     let mut rows = Rows::new(&["delivery", "outcome", "state"]);
     for x in r.results {
         rows.push(json!({
             "delivery": x.delivery_id,
-            "outcome": x.outcome,
+            "outcome": pb::RedriveOutcome::try_from(x.outcome)
+                .map(|o| crate::grpc::enum_label(o.as_str_name()).to_owned())
+                .unwrap_or_default(),
             "state": state(x.state),
         }));
     }
@@ -498,36 +519,34 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
     let empty = empty_message(&command);
     let rows = match command {
         OperatorCommand::Mailboxes => mailbox_rows(
-            op.list_mailboxes(pb::ListMailboxesRequest {})
+            op.list_mailboxes(pb::ListMailboxesRequest::default())
                 .await?
                 .into_inner(),
         ),
         OperatorCommand::Quarantine { mailbox } => deliveries(
             &op.list_quarantine(pb::ListQuarantineRequest {
                 mailbox: mailbox.unwrap_or_default(),
-                limit: 0,
+                ..Default::default()
             })
             .await?
             .into_inner()
             .deliveries,
         ),
         OperatorCommand::Redrive { mailbox, ids } => {
-            let r = op
-                .redrive(pb::RedriveRequest {
-                    delivery_ids: ids,
-                    mailbox: mailbox.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
-            redrive_rows(r)
+            let target = redrive_target(ids, mailbox)?;
+            redrive_rows(
+                op.redrive(pb::RedriveRequest { target })
+                    .await?
+                    .into_inner(),
+            )
         }
         OperatorCommand::Parked => parked_rows(
-            &op.list_parked(pb::ListParkedRequest { limit: 0 })
+            &op.list_parked(pb::ListParkedRequest::default())
                 .await?
                 .into_inner(),
         ),
         OperatorCommand::Conflicts => conflict_rows(
-            op.list_identity_conflicts(pb::ListIdentityConflictsRequest { limit: 0 })
+            op.list_identity_conflicts(pb::ListIdentityConflictsRequest::default())
                 .await?
                 .into_inner(),
         ),
@@ -557,7 +576,7 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
             args.json,
         ),
         OperatorCommand::Orgs => org_rows(
-            &op.list_organisations(pb::ListOrganisationsRequest {})
+            &op.list_organisations(pb::ListOrganisationsRequest::default())
                 .await?
                 .into_inner()
                 .organisations,
@@ -597,6 +616,7 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 .audit_trail(pb::AuditTrailRequest {
                     subject: Some(subject),
                     reason,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();
@@ -766,7 +786,7 @@ pub async fn store(command: StoreCommand, json: bool) -> anyhow::Result<()> {
     if reason.is_empty() || reason.len() > 500 {
         anyhow::bail!("--reason: required, 1 to 500 characters saying why (no patient data)");
     }
-    if let Some(what) = crate::grpc::free_text::looks_like_patient_data(reason) {
+    if let Some(what) = crate::handover::free_text::looks_like_patient_data(reason) {
         anyhow::bail!("--reason: must not contain patient data (it looks like {what})");
     }
     let config = store.config()?;

@@ -190,7 +190,7 @@ impl Prepared {
             registry.put(org);
         }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let claims = crate::grpc::ClaimGuard::load(
+        let claims = crate::handover::ClaimGuard::load(
             &store,
             config.limits.claim_limits(),
             Some(metrics.clone()),
@@ -209,6 +209,7 @@ impl Prepared {
             },
             shutting_down: shutdown_rx,
             claims,
+            registry_changes: tokio::sync::Mutex::default(),
         });
         Ok(Self {
             config,
@@ -241,6 +242,12 @@ impl Prepared {
     /// The store, for tests and tools.
     pub fn store(&self) -> &Store {
         &self.gateway.store
+    }
+
+    /// The use cases, for callers in process (handler-level tests, tools):
+    /// the same layer every edge calls.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
     }
 
     /// The metrics every service feeds (per-mailbox gauges are set through it).

@@ -520,8 +520,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         let pulled = consumer
             .pull(pb::PullRequest {
                 max_deliveries: 100,
-                lease_seconds: 0,
-                wait_millis: 1_000,
+                lease: None,
+                wait: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
                 format: pb::DocumentFormat::Native.into(),
             })
             .await?
@@ -863,8 +866,11 @@ async fn soak_consumer(
         let pulled = consumer
             .pull(pb::PullRequest {
                 max_deliveries: 100,
-                lease_seconds: 0,
-                wait_millis: 500,
+                lease: None,
+                wait: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 500000000,
+                }),
                 format: pb::DocumentFormat::Native.into(),
             })
             .await?

@@ -270,8 +270,8 @@ impl Default for LimitsConfig {
 
 impl LimitsConfig {
     /// The failed-claim limits in force.
-    pub fn claim_limits(&self) -> crate::grpc::ClaimLimits {
-        crate::grpc::ClaimLimits {
+    pub fn claim_limits(&self) -> crate::handover::ClaimLimits {
+        crate::handover::ClaimLimits {
             per_pair: self.claim_failures_per_pair,
             per_practice: self.claim_failures_per_practice,
             per_patient: self.claim_failures_per_patient,

@@ -139,8 +139,14 @@ async fn pull_one(client: &mut Client, format: pb::DocumentFormat) -> anyhow::Re
     let mut got = client
         .pull(pb::PullRequest {
             max_deliveries: 1,
-            lease_seconds: 60,
-            wait_millis: 2_000,
+            lease: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            wait: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
             format: format.into(),
         })
         .await?

@@ -6,8 +6,11 @@
 //!  caller ──mTLS──▶ tls (identity from the client certificate)
 //!                    ▼
 //!                  grpc (wire ⇄ domain, Status mapping; the only module that knows pb::*)
-//!                    │ Submit                          ▲ Pull / Ack / Nack / Track / Claim
-//!                    ▼                                 │   (and the Operator service)
+//!                    │ domain commands + Caller        ▲ domain results / handover::Error
+//!                    ▼                                 │
+//!                  handover (the use cases, protocol-free: Submit, Pull, Ack, Nack,
+//!                    │       Track, Claim and the operator calls)
+//!                    ▼
 //!                  clinical (identifiers, summary)  journey (events, registry, routing:
 //!                                                   recipients, views, urgency, deadlines)
 //!                    ▼
@@ -36,6 +39,7 @@ pub mod clinical;
 pub mod config;
 pub mod demo;
 pub mod grpc;
+pub mod handover;
 pub mod journey;
 pub mod operator;
 pub mod pds;

@@ -113,7 +113,7 @@ async function main() {
   let mine = null;
   const deadline = Date.now() + 20000;
   while (!mine && Date.now() < deadline) {
-    const pulled = await call(gp, 'Pull', { max_deliveries: 10, wait_millis: 2000 });
+    const pulled = await call(gp, 'Pull', { max_deliveries: 10, wait: { seconds: 2 } });
     for (const d of pulled.deliveries) {
       // A real system stores the document durably first, then acks.
       await call(gp, 'Ack', { delivery_id: d.delivery_id, attempt: d.attempt });

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 PROTO = Path(__file__).resolve().parents[2] / "proto"
 
@@ -132,7 +133,7 @@ def main():
     mine = None
     deadline = time.time() + 20
     while mine is None and time.time() < deadline:
-        pulled = gp.Pull(h.PullRequest(max_deliveries=10, wait_millis=2000), timeout=10)
+        pulled = gp.Pull(h.PullRequest(max_deliveries=10, wait=Duration(seconds=2)), timeout=10)
         for d in pulled.deliveries:
             # A real system stores the document durably first, then acks.
             gp.Ack(h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)

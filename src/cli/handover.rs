@@ -190,8 +190,10 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     let pulled = client
         .pull(pb::PullRequest {
             max_deliveries: args.max,
-            lease_seconds: 0,
-            wait_millis: args.wait_ms,
+            lease: None,
+            wait: Some(crate::grpc::wire::duration(
+                std::time::Duration::from_millis(u64::from(args.wait_ms)),
+            )),
             format: format.into(),
         })
         .await

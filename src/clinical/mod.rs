@@ -48,6 +48,7 @@
 //!    `docs/clinical-safety/hazard-log.md` citing the tests above as
 //!    `tests/integration/<file>.rs::<fn>` (checked by `safety_case.rs`).
 
+pub mod carried;
 mod event;
 pub mod fhir;
 pub mod hl7v2;

@@ -1,208 +1,161 @@
-//! Errors of the gRPC layer and their one mapping to `tonic::Status`.
+//! The one mapping of the use cases' [`Error`] to `tonic::Status`.
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::clinical::Violation;
+use crate::handover::{Error, Kind, describe, scrubbed, withhold_numbers};
 use crate::store::StoreError;
 
-/// Why a call was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// The request is malformed; each violation names a field and a reason
-    /// (scrubbed on the way out, see `scrubbed`).
-    #[error("{}", describe(pairs(.0)))]
-    Invalid(Vec<Violation>),
-    /// The caller's certificate names no registered organisation.
-    #[error("{0}")]
-    Unauthenticated(String),
-    /// The caller may not do this.
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// Not available in this version.
-    #[error("{0}")]
-    Unimplemented(String),
-    /// Too many failed claims: claims of this practice, patient or pair are
-    /// refused until `retry_after` has passed (see `claim_guard`).
-    #[error(
-        "too many failed claims {} in the last {window_hours} h: claims are locked for about {} min; a practice that registered this patient asks the gateway's operators to claim it (OperatorService.ClaimParked, with a reason)",
-        scope_words(.scope),
-        .retry_after.as_secs().div_ceil(60)
-    )]
-    ClaimsLocked {
-        /// Which counter is full: `practice_and_patient`, `practice` or `patient`.
-        scope: &'static str,
-        /// The window the counters span, hours.
-        window_hours: i64,
-        /// When a claim may be tried again.
-        retry_after: std::time::Duration,
-    },
-    /// The gateway is shutting down.
-    #[error("the gateway is shutting down")]
-    ShuttingDown,
-    /// The store refused or failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
+/// The refusals of the gRPC edge are the use cases' refusals.
+pub type ApiError = Error;
 
-fn scope_words(scope: &str) -> &'static str {
-    match scope {
-        "practice_and_patient" => "for this patient from this practice",
-        "practice" => "from this practice",
-        _ => "for this patient",
+/// The gRPC code for an error kind.
+#[must_use]
+pub fn code(kind: Kind) -> Code {
+    match kind {
+        Kind::InvalidArgument => Code::InvalidArgument,
+        Kind::Unauthenticated => Code::Unauthenticated,
+        Kind::PermissionDenied => Code::PermissionDenied,
+        Kind::NotFound => Code::NotFound,
+        Kind::AlreadyExists => Code::AlreadyExists,
+        Kind::FailedPrecondition => Code::FailedPrecondition,
+        Kind::ResourceExhausted => Code::ResourceExhausted,
+        Kind::Unavailable => Code::Unavailable,
+        Kind::DataLoss => Code::DataLoss,
+        Kind::Internal => Code::Internal,
     }
 }
 
-/// Each violation as (field, description).
-fn pairs(violations: &[Violation]) -> impl Iterator<Item = (&str, &str)> {
-    violations
-        .iter()
-        .map(|v| (v.field.as_str(), v.description.as_str()))
+/// `google.rpc.ErrorInfo.domain` of every error the gateway gives.
+pub const ERROR_DOMAIN: &str = "throughcare.v1";
+
+/// The `ErrorInfo` every refusal carries: the stable reason, in our domain.
+fn details(reason: &str) -> ErrorDetails {
+    ErrorDetails::with_error_info(
+        reason,
+        ERROR_DOMAIN,
+        std::collections::HashMap::<String, String>::new(),
+    )
 }
 
-/// The message of an invalid request: every violation, scrubbed.
-fn describe<'v>(violations: impl Iterator<Item = (&'v str, &'v str)>) -> String {
-    let parts: Vec<String> = violations
-        .map(|(field, description)| {
-            let v = scrubbed(field, description);
-            format!("{}: {}", v.field, v.description)
-        })
-        .collect();
-    format!("invalid request: {}", parts.join("; "))
-}
-
-/// A safety net under every message that leaves the gateway (errors, and so
-/// the log lines and audit entries made from them): no message quotes a
-/// caller's value on purpose, but a path can carry a caller's JSON key or
-/// HL7 segment id, so a run of ten or more digits (an NHS number, grouped
-/// or not) is withheld wherever it appears. Ours never have one: the largest
-/// number we print is a byte limit.
-fn withhold_numbers(text: &str) -> String {
-    static NUMBER: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(r"\d{10,}|\b\d{3}[ \-]\d{3}[ \-]\d{4}\b").expect("a valid pattern")
-    });
-    NUMBER.replace_all(text, "[number withheld]").into_owned()
-}
-
-/// A violation as it leaves: its path made only of path characters (at most
-/// 120) and both parts without NHS-number-shaped digits.
-fn scrubbed(field: &str, description: &str) -> FieldViolation {
-    let field: String = field
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-[]() ^:/#".contains(c) {
-                c
-            } else {
-                '?'
-            }
-        })
-        .take(120)
-        .collect();
-    FieldViolation::new(withhold_numbers(&field), withhold_numbers(description))
-}
-
-impl ApiError {
-    /// One violation.
-    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
-        ApiError::Invalid(vec![Violation {
-            field: field.into(),
-            description: description.into(),
-        }])
+/// A status with `ErrorInfo` (the reason), `RetryInfo` when the error says
+/// when to try again, and `BadRequest` when there are violations.
+#[must_use]
+pub fn status(
+    code: Code,
+    message: String,
+    reason: &str,
+    retry: Option<std::time::Duration>,
+    violations: Vec<FieldViolation>,
+) -> Status {
+    let mut d = details(reason);
+    if let Some(after) = retry {
+        d.set_retry_info(Some(after));
     }
-
-    /// The gRPC code for this error.
-    pub fn code(&self) -> Code {
-        match self {
-            ApiError::Invalid(_) => Code::InvalidArgument,
-            ApiError::Unauthenticated(_) => Code::Unauthenticated,
-            ApiError::PermissionDenied(_) => Code::PermissionDenied,
-            ApiError::Unimplemented(_) => Code::Unimplemented,
-            ApiError::ClaimsLocked { .. } => Code::ResourceExhausted,
-            ApiError::ShuttingDown => Code::Unavailable,
-            ApiError::Store(e) => match e {
-                StoreError::Conflict => Code::AlreadyExists,
-                StoreError::IdentityConflict { .. } => Code::InvalidArgument,
-                StoreError::UnknownDelivery
-                | StoreError::UnknownHandover
-                | StoreError::Removed { .. }
-                | StoreError::Shredded { .. }
-                | StoreError::NothingToClaim => Code::NotFound,
-                StoreError::StaleAttempt { .. }
-                | StoreError::LeaseExpired
-                | StoreError::NotLeased(_) => Code::FailedPrecondition,
-                StoreError::Unavailable(_) => Code::Unavailable,
-                StoreError::Corrupt(_)
-                | StoreError::Behind { .. }
-                | StoreError::Witness(_)
-                | StoreError::AuditKey(_) => Code::DataLoss,
-                StoreError::Sled(_) | StoreError::Io(_) => Code::Internal,
-            },
-        }
+    if !violations.is_empty() {
+        d.set_bad_request(violations);
     }
+    Status::with_error_details(code, message, d)
 }
 
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Status {
-        let code = e.code();
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = code(e.kind());
+        let reason = e.reason();
+        let retry = e.retry_after();
         match e {
-            ApiError::Invalid(violations) => {
-                // The domain's violations become a BadRequest here, and only here.
-                let violations: Vec<FieldViolation> = pairs(&violations)
-                    .map(|(field, description)| scrubbed(field, description))
+            Error::Invalid(violations) => {
+                let violations: Vec<_> = violations.into_iter().map(scrubbed).collect();
+                let message = describe(&violations);
+                let wire = violations
+                    .into_iter()
+                    .map(|v| FieldViolation::new(v.field, v.description))
                     .collect();
-                let message = describe(
-                    violations
-                        .iter()
-                        .map(|v| (v.field.as_str(), v.description.as_str())),
-                );
-                Status::with_error_details(
-                    code,
-                    message,
-                    ErrorDetails::with_bad_request(violations),
-                )
+                status(code, message, reason, retry, wire)
             }
-            ApiError::Store(StoreError::IdentityConflict { field }) => {
-                let violation = FieldViolation::new(
-                    field,
-                    "already linked to a different patient; not merged: an operator must resolve the identity (admin conflicts)",
-                );
-                Status::with_error_details(
-                    code,
-                    describe(std::iter::once((
-                        violation.field.as_str(),
-                        violation.description.as_str(),
-                    ))),
-                    ErrorDetails::with_bad_request(vec![violation]),
-                )
+            Error::Store(StoreError::IdentityConflict { field }) => {
+                let violation = crate::clinical::Violation {
+                    field: field.into(),
+                    description: "already linked to a different patient; not merged: an operator must resolve the identity (admin conflicts)".into(),
+                };
+                let message = describe(std::slice::from_ref(&violation));
+                let wire = FieldViolation::new(violation.field, violation.description);
+                status(code, message, reason, retry, vec![wire])
             }
-            ApiError::ClaimsLocked { retry_after, .. } => Status::with_error_details(
-                code,
-                e.to_string(),
-                ErrorDetails::with_retry_info(Some(retry_after)),
-            ),
-            ApiError::Store(ref inner @ (StoreError::Sled(_) | StoreError::Io(_))) => {
+            Error::Store(ref inner @ (StoreError::Sled(_) | StoreError::Io(_))) => {
                 // Internal detail stays in the log.
                 tracing::error!(error = %inner, "store failure");
-                Status::new(code, "internal store failure")
-            }
-            ApiError::Store(
-                ref inner @ (StoreError::Removed { .. } | StoreError::Shredded { .. }),
-            ) => {
-                let reason = match inner {
-                    StoreError::Removed { .. } => "REMOVED_UNDER_RETENTION",
-                    _ => "CONTENT_REMOVED_UNDER_RETENTION",
-                };
-                Status::with_error_details(
+                status(
                     code,
-                    inner.to_string(),
-                    ErrorDetails::with_error_info(
-                        reason,
-                        "throughcare",
-                        std::collections::HashMap::<String, String>::new(),
-                    ),
+                    "internal store failure".into(),
+                    reason,
+                    retry,
+                    Vec::new(),
                 )
             }
-            other => Status::new(code, withhold_numbers(&other.to_string())),
+            other => status(
+                code,
+                withhold_numbers(&other.to_string()),
+                reason,
+                retry,
+                Vec::new(),
+            ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(s: &Status) -> (String, String) {
+        let i = s.get_details_error_info().expect("ErrorInfo");
+        (i.reason, i.domain)
+    }
+
+    #[test]
+    fn every_status_carries_its_reason_and_retry_where_a_wait_helps() {
+        let invalid = Status::from(Error::invalid("a.b", "why"));
+        assert_eq!(invalid.code(), Code::InvalidArgument);
+        assert_eq!(
+            info(&invalid),
+            ("INVALID_ARGUMENT".into(), ERROR_DOMAIN.into())
+        );
+        let bad = invalid.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, "a.b");
+        assert!(invalid.get_details_retry_info().is_none());
+
+        let stale = Status::from(Error::Store(StoreError::StaleAttempt {
+            given: 1,
+            current: 2,
+        }));
+        assert_eq!(stale.code(), Code::FailedPrecondition);
+        assert_eq!(info(&stale).0, "STALE_ATTEMPT");
+        let expired = Status::from(Error::Store(StoreError::LeaseExpired));
+        assert_eq!(info(&expired).0, "LEASE_EXPIRED");
+
+        for unavailable in [Error::ShuttingDown, Error::Unrecorded] {
+            let s = Status::from(unavailable);
+            assert_eq!(s.code(), Code::Unavailable);
+            assert!(s.get_details_retry_info().is_some(), "{s:?}");
+        }
+        let locked = Status::from(Error::ClaimsLocked {
+            scope: "practice",
+            window_hours: 24,
+            retry_after: std::time::Duration::from_secs(600),
+        });
+        assert_eq!(locked.code(), Code::ResourceExhausted);
+        assert_eq!(info(&locked).0, "CLAIMS_LOCKED");
+        let retry = locked.get_details_retry_info().unwrap();
+        assert_eq!(retry.retry_delay, Some(std::time::Duration::from_secs(600)));
+
+        let conflict = Status::from(Error::Store(StoreError::IdentityConflict {
+            field: "patient.nhs_number",
+        }));
+        assert_eq!(info(&conflict).0, "IDENTITY_CONFLICT");
+        assert_eq!(
+            conflict.get_details_bad_request().unwrap().field_violations[0].field,
+            "patient.nhs_number"
+        );
     }
 }

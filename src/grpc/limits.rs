@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock};
 use tonic::codegen::http;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 use tower::{BoxError, Layer, Service};
 
 use crate::tls::{ConnInfo, PeerIdentity};
@@ -130,10 +129,12 @@ where
                 retry_after_ms = wait.as_millis() as u64,
                 "call refused: rate limit"
             );
-            let status = Status::with_error_details(
+            let status = super::error::status(
                 Code::ResourceExhausted,
-                "rate limit for this certificate exceeded; retry after the RetryInfo delay",
-                ErrorDetails::with_retry_info(Some(wait)),
+                "rate limit for this certificate exceeded; retry after the RetryInfo delay".into(),
+                "RATE_LIMITED",
+                Some(wait),
+                Vec::new(),
             );
             return Box::pin(async move { Err(BoxError::from(status)) });
         }
@@ -152,8 +153,12 @@ fn shed(e: BoxError, tally: &RefusalTally) -> BoxError {
     if e.is::<tower::load_shed::error::Overloaded>() {
         tracing::warn!("call shed: the gateway is at its in-flight limit");
         tally.add("peer:many".into(), "shed at the gateway's in-flight limit");
-        BoxError::from(Status::unavailable(
-            "the gateway is overloaded; retry with back-off",
+        BoxError::from(super::error::status(
+            Code::Unavailable,
+            "the gateway is overloaded; retry with back-off".into(),
+            "OVERLOADED",
+            Some(std::time::Duration::from_secs(1)),
+            Vec::new(),
         ))
     } else {
         e
@@ -248,8 +253,8 @@ where
             };
             if let Err(e) = store.record(event).await {
                 tracing::error!(error = %e, "a refusal could not be audited; answering UNAVAILABLE");
-                return Err(BoxError::from(Status::unavailable(
-                    "the gateway cannot record this call; retry later",
+                return Err(BoxError::from(Status::from(
+                    crate::handover::Error::Unrecorded,
                 )));
             }
             tracing::info!(code = ?answer.code(), "refused before any handler");
@@ -279,13 +284,15 @@ fn undecodable(status: &Status) -> Option<(String, Status)> {
         .to_owned();
     Some((
         format!("refused: InvalidArgument: undecodable request: {detail}"),
-        Status::with_error_details(
+        super::error::status(
             Code::InvalidArgument,
             format!("invalid request: not a valid protobuf message: {detail}"),
-            ErrorDetails::with_bad_request(vec![tonic_types::FieldViolation::new(
+            "INVALID_ARGUMENT",
+            None,
+            vec![tonic_types::FieldViolation::new(
                 field,
                 format!("not a valid protobuf message: {detail}"),
-            )]),
+            )],
         ),
     ))
 }
@@ -311,10 +318,13 @@ fn over_limit(status: &Status) -> Option<(String, Status)> {
     };
     Some((
         format!("refused: ResourceExhausted: {why}"),
-        Status::with_error_details(
+        // No RetryInfo: the same message is as large next time.
+        super::error::status(
             Code::ResourceExhausted,
             format!("the request message is too large: {why}"),
-            ErrorDetails::with_bad_request(vec![tonic_types::FieldViolation::new("request", why)]),
+            "MESSAGE_TOO_LARGE",
+            None,
+            vec![tonic_types::FieldViolation::new("request", why)],
         ),
     ))
 }

@@ -1,24 +1,21 @@
 //! The gRPC edge: the only module that knows `pb::*` and `tonic::Status`.
-//! Wire types are converted to domain types on the way in (field by field,
-//! with field-level violations) and back on the way out.
+//! Wire types are converted to domain commands on the way in (field by
+//! field, with field-level violations), handed to the use cases in
+//! `crate::handover`, and their answers converted back on the way out.
 
 pub mod call_metrics;
-mod claim_guard;
-mod envelope;
-mod error;
-pub mod free_text;
+pub mod error;
 mod handover;
 pub mod limits;
 mod metered;
 pub mod null;
 mod operator;
 pub mod summary;
-mod wire;
+pub mod wire;
 
-pub use claim_guard::{ClaimGuard, ClaimLimits};
-pub use envelope::{Envelope, PatientRef};
+pub use crate::handover::Gateway;
 pub use error::ApiError;
-pub use handover::{Gateway, HandoverGrpc};
+pub use handover::HandoverGrpc;
 pub use operator::OperatorGrpc;
 
 /// Generated protobuf and gRPC types.
@@ -36,7 +33,12 @@ pub mod pb {
 /// full name.
 #[must_use]
 pub fn enum_label(name: &'static str) -> &'static str {
-    const PREFIXES: [&str; 3] = ["JOURNEY_EVENT_", "DELIVERY_STATE_", "ORGANISATION_KIND_"];
+    const PREFIXES: [&str; 4] = [
+        "JOURNEY_EVENT_",
+        "DELIVERY_STATE_",
+        "ORGANISATION_KIND_",
+        "REDRIVE_OUTCOME_",
+    ];
     PREFIXES
         .iter()
         .find_map(|p| name.strip_prefix(p))

@@ -4,45 +4,18 @@
 
 use prost::Message;
 
-use super::envelope::PatientRef;
 use super::pb;
-use crate::clinical::{NhsNumber, OdsCode, PrisonNumber, ValidationErrors, Violation};
+use crate::clinical::{NhsNumber, OdsCode, PrisonNumber};
+use crate::handover::{Decoded, IncomingDocument, PatientRef, SubmitCommand, is_iso_date};
 use crate::journey::JourneyEvent;
 use crate::store::{DeliveryRecord, DeliveryState, HandoverRecord};
 
 /// Most destinations one submit may name.
 pub const MAX_DESTINATIONS: usize = 16;
 
-/// A document as received, before it is read.
-#[derive(Debug, Clone)]
-pub enum IncomingDocument {
-    /// The native summary.
-    Native(Box<pb::ClinicalSummary>),
-    /// FHIR R4 JSON.
-    FhirJson(String),
-    /// HL7 v2 text.
-    Hl7v2(String),
-}
-
-/// A validated submit, before routing checks against the registry.
-#[derive(Debug, Clone)]
-pub struct SubmitCommand {
-    /// Sender's idempotency key.
-    pub message_id: String,
-    /// The journey event.
-    pub event: JourneyEvent,
-    /// The patient, when the caller named one (it must match the document).
-    pub patient: Option<PatientRef>,
-    /// Requested destinations, in order.
-    pub destinations: Vec<OdsCode>,
-    /// The document.
-    pub document: IncomingDocument,
-}
-
 /// Collects violations while a message is read: the domain's one
-/// violation type (`clinical::ValidationErrors`), turned into a
-/// `google.rpc.BadRequest` only in `error.rs`.
-pub type Violations = ValidationErrors;
+/// violation type, turned into `BadRequest` field violations in `error`.
+pub type Violations = crate::clinical::ValidationErrors;
 
 /// A journey event from the wire.
 pub fn event_from_wire(value: i32) -> Option<JourneyEvent> {
@@ -62,25 +35,6 @@ pub fn event_to_wire(event: JourneyEvent) -> pb::JourneyEvent {
         JourneyEvent::Transfer => pb::JourneyEvent::Transfer,
         JourneyEvent::Release => pb::JourneyEvent::Release,
         JourneyEvent::CommunitySummary => pb::JourneyEvent::CommunitySummary,
-    }
-}
-
-/// Whether `s` is a calendar date written `YYYY-MM-DD`.
-pub fn is_iso_date(s: &str) -> bool {
-    let b = s.as_bytes();
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
-        return false;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<u16>().ok());
-    match (num(0..4), num(5..7), num(8..10)) {
-        (Some(y), Some(m), Some(d)) => u8::try_from(m)
-            .ok()
-            .and_then(|m| time::Month::try_from(m).ok())
-            .and_then(|m| {
-                time::Date::from_calendar_date(i32::from(y), m, u8::try_from(d).ok()?).ok()
-            })
-            .is_some_and(|date| crate::clinical::model::Date(date).is_plausible_birth_date()),
-        _ => false,
     }
 }
 
@@ -136,119 +90,106 @@ pub fn patient_from_wire(
     })
 }
 
-/// The registration date a claim states, when it states one: a calendar
-/// date `YYYY-MM-DD` not after the day of `now_ms` (UTC). Violations never
-/// quote the value.
-pub fn claim_evidence_from_wire(
-    evidence: Option<pb::ClaimEvidence>,
-    field: &str,
-    now_ms: i64,
-    v: &mut Violations,
-) -> Option<String> {
-    let pb::ClaimEvidence { registration_date } = evidence?;
-    if registration_date.is_empty() {
-        return None;
-    }
-    let field = format!("{field}.registration_date");
-    if !is_iso_date(&registration_date) {
-        v.add(field, "must be a calendar date written YYYY-MM-DD");
-        return None;
-    }
-    let today = time::OffsetDateTime::from_unix_timestamp(now_ms.div_euclid(1_000))
-        .map(|t| t.date().to_string())
-        .unwrap_or_default();
-    if registration_date > today {
-        v.add(field, "must not be in the future");
-        return None;
-    }
-    Some(registration_date)
+/// A patient reference as a command carries it: the reference (if any),
+/// or the violations found reading it.
+pub fn patient_decoded(p: Option<pb::PatientRef>, field: &str) -> Decoded<Option<PatientRef>> {
+    let mut v = Violations::default();
+    let patient = patient_from_wire(p, field, &mut v);
+    v.into_result()?;
+    Ok(patient)
 }
 
-impl SubmitCommand {
-    /// Reads and checks a submit request.
-    ///
-    /// # Errors
-    /// Every field violation found.
-    pub fn from_wire(
-        req: pb::SubmitRequest,
-        max_document_bytes: usize,
-    ) -> Result<Self, Vec<Violation>> {
-        let pb::SubmitRequest {
+/// Reads and checks a submit request. A native document is read into the
+/// summary here (its violations are reported by the use case, after
+/// authorisation); text documents are read by the use case.
+///
+/// # Errors
+/// Every field violation found.
+pub fn submit_from_wire(
+    req: pb::SubmitRequest,
+    max_document_bytes: usize,
+) -> Decoded<SubmitCommand> {
+    let pb::SubmitRequest {
+        message_id,
+        event,
+        patient,
+        destinations,
+        document,
+    } = req;
+    let mut v = Violations::default();
+    if message_id.is_empty() {
+        v.add("message_id", "required: a sender-chosen idempotency key");
+    } else if message_id.len() > 128 || !message_id.bytes().all(|b| b.is_ascii_graphic()) {
+        v.add(
+            "message_id",
+            "must be 1 to 128 printable ASCII characters without spaces",
+        );
+    }
+    let event = event_from_wire(event);
+    if event.is_none() {
+        v.add(
+            "event",
+            "required: one of ADMISSION, TRANSFER, RELEASE, COMMUNITY_SUMMARY",
+        );
+    }
+    let patient = patient_from_wire(patient, "patient", &mut v);
+    if destinations.len() > MAX_DESTINATIONS {
+        v.add(
+            "destinations",
+            format!("at most {MAX_DESTINATIONS} destinations"),
+        );
+    }
+    let mut codes = Vec::with_capacity(destinations.len());
+    for (i, d) in destinations.iter().enumerate() {
+        match d.parse::<OdsCode>() {
+            Ok(code) if codes.contains(&code) => {
+                v.add(format!("destinations[{i}]"), "named more than once");
+            }
+            Ok(code) => codes.push(code),
+            Err(e) => v.add(format!("destinations[{i}]"), e.to_string()),
+        }
+    }
+    let document = match document {
+        None => {
+            v.add("document", "required: native, fhir_json or hl7v2");
+            None
+        }
+        Some(pb::submit_request::Document::Native(summary)) => {
+            let len = summary.encoded_len();
+            if len == 0 {
+                v.add("document.native", "the document is empty");
+            } else if len > max_document_bytes {
+                v.add(
+                    "document.native",
+                    format!("the document is {len} bytes; the limit is {max_document_bytes}"),
+                );
+            }
+            let mut sv = Violations::default();
+            let read = super::summary::from_wire(summary, "document.native", &mut sv);
+            let read = match read {
+                Some(s) if sv.0.is_empty() => Ok(s),
+                _ => Err(sv),
+            };
+            Some(IncomingDocument::Native(Box::new(read)))
+        }
+        Some(pb::submit_request::Document::FhirJson(text)) => {
+            check_size("document.fhir_json", text.len(), max_document_bytes, &mut v);
+            Some(IncomingDocument::FhirJson(text))
+        }
+        Some(pb::submit_request::Document::Hl7v2(text)) => {
+            check_size("document.hl7v2", text.len(), max_document_bytes, &mut v);
+            Some(IncomingDocument::Hl7v2(text))
+        }
+    };
+    match (v.0.is_empty(), event, document) {
+        (true, Some(event), Some(document)) => Ok(SubmitCommand {
             message_id,
             event,
             patient,
-            destinations,
+            destinations: codes,
             document,
-        } = req;
-        let mut v = Violations::default();
-        if message_id.is_empty() {
-            v.add("message_id", "required: a sender-chosen idempotency key");
-        } else if message_id.len() > 128 || !message_id.bytes().all(|b| b.is_ascii_graphic()) {
-            v.add(
-                "message_id",
-                "must be 1 to 128 printable ASCII characters without spaces",
-            );
-        }
-        let event = event_from_wire(event);
-        if event.is_none() {
-            v.add(
-                "event",
-                "required: one of ADMISSION, TRANSFER, RELEASE, COMMUNITY_SUMMARY",
-            );
-        }
-        let patient = patient_from_wire(patient, "patient", &mut v);
-        if destinations.len() > MAX_DESTINATIONS {
-            v.add(
-                "destinations",
-                format!("at most {MAX_DESTINATIONS} destinations"),
-            );
-        }
-        let mut codes = Vec::with_capacity(destinations.len());
-        for (i, d) in destinations.iter().enumerate() {
-            match d.parse::<OdsCode>() {
-                Ok(code) if codes.contains(&code) => {
-                    v.add(format!("destinations[{i}]"), "named more than once");
-                }
-                Ok(code) => codes.push(code),
-                Err(e) => v.add(format!("destinations[{i}]"), e.to_string()),
-            }
-        }
-        let document = match document {
-            None => {
-                v.add("document", "required: native, fhir_json or hl7v2");
-                None
-            }
-            Some(pb::submit_request::Document::Native(summary)) => {
-                let len = summary.encoded_len();
-                if len == 0 {
-                    v.add("document.native", "the document is empty");
-                } else if len > max_document_bytes {
-                    v.add(
-                        "document.native",
-                        format!("the document is {len} bytes; the limit is {max_document_bytes}"),
-                    );
-                }
-                Some(IncomingDocument::Native(Box::new(summary)))
-            }
-            Some(pb::submit_request::Document::FhirJson(text)) => {
-                check_size("document.fhir_json", text.len(), max_document_bytes, &mut v);
-                Some(IncomingDocument::FhirJson(text))
-            }
-            Some(pb::submit_request::Document::Hl7v2(text)) => {
-                check_size("document.hl7v2", text.len(), max_document_bytes, &mut v);
-                Some(IncomingDocument::Hl7v2(text))
-            }
-        };
-        match (v.0.is_empty(), event, document) {
-            (true, Some(event), Some(document)) => Ok(SubmitCommand {
-                message_id,
-                event,
-                patient,
-                destinations: codes,
-                document,
-            }),
-            _ => Err(v.0),
-        }
+        }),
+        _ => Err(v),
     }
 }
 
@@ -260,6 +201,40 @@ fn check_size(field: &str, len: usize, max: usize, v: &mut Violations) {
             field,
             format!("the document is {len} bytes; the limit is {max}"),
         );
+    }
+}
+
+/// A duration for the wire.
+#[must_use]
+pub fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A duration of `ms` milliseconds for the wire (negative reads as zero).
+#[must_use]
+pub fn duration_ms(ms: i64) -> prost_types::Duration {
+    duration(std::time::Duration::from_millis(
+        u64::try_from(ms).unwrap_or(0),
+    ))
+}
+
+/// A duration from the wire: unset is `None`; negative or malformed is a
+/// violation of `field`.
+pub fn duration_from_wire(
+    d: Option<prost_types::Duration>,
+    field: &str,
+    v: &mut Violations,
+) -> Option<std::time::Duration> {
+    let prost_types::Duration { seconds, nanos } = d?;
+    match (u64::try_from(seconds), u32::try_from(nanos)) {
+        (Ok(s), Ok(n)) if n < 1_000_000_000 => Some(std::time::Duration::new(s, n)),
+        _ => {
+            v.add(field, "must be a non-negative duration");
+            None
+        }
     }
 }
 
@@ -372,8 +347,9 @@ mod tests {
     }
 
     fn fields(req: pb::SubmitRequest) -> Vec<String> {
-        SubmitCommand::from_wire(req, 1024)
+        submit_from_wire(req, 1024)
             .unwrap_err()
+            .0
             .into_iter()
             .map(|v| v.field)
             .collect()
@@ -381,7 +357,7 @@ mod tests {
 
     #[test]
     fn a_good_request_converts() {
-        let cmd = SubmitCommand::from_wire(request(), 1024).unwrap();
+        let cmd = submit_from_wire(request(), 1024).unwrap();
         assert_eq!(cmd.event, JourneyEvent::Release);
         assert_eq!(cmd.destinations[0].as_str(), "YG001");
     }
@@ -417,15 +393,7 @@ mod tests {
     fn violations_do_not_echo_patient_data() {
         let mut r = request();
         r.patient.as_mut().unwrap().nhs_number = "9990000017".into();
-        let all = SubmitCommand::from_wire(r, 1024).unwrap_err();
-        assert!(all.iter().all(|v| !v.description.contains("9990000017")));
-    }
-
-    #[test]
-    fn dates() {
-        assert!(is_iso_date("2024-02-29"));
-        assert!(!is_iso_date("2023-02-29"));
-        assert!(!is_iso_date("2023-2-28"));
-        assert!(!is_iso_date("1800-01-01"));
+        let all = submit_from_wire(r, 1024).unwrap_err();
+        assert!(all.0.iter().all(|v| !v.description.contains("9990000017")));
     }
 }

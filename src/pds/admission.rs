@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use crate::clinical::translate::{self, TextFormat};
 use crate::clinical::{ClinicalSummary, View};
-use crate::grpc::Envelope;
+use crate::handover::Envelope;
 use crate::journey::{Format, JourneyEvent, Recipient};
 use crate::store::{HandoverRecord, NewDelivery, PDS_ACTOR, PdsNotice, StoreError};
 

@@ -14,7 +14,7 @@ use super::breaker::{BreakerState, CircuitBreaker};
 use super::client::PdsClient;
 use super::decision::{Decision, decide};
 use crate::audit::AuditEvent;
-use crate::grpc::{Envelope, Gateway};
+use crate::handover::{Envelope, Gateway};
 use crate::store::{
     DeliveryRecord, PARKED_MAILBOX, PDS_ACTOR, PdsFinding, PdsResult, PdsStatus, StoreError,
 };

@@ -1,4 +1,4 @@
-//! What the claim guard (`grpc::claim_guard`) reads back from the store at
+//! What the claim guard (`handover::claim_guard`) reads back from the store at
 //! start: the recent failed claims, from the audit trail. The failures are
 //! written as ordinary audit entries (durable before the caller is answered),
 //! so the counters survive a restart without a tree or a writer job of their

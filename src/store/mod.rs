@@ -866,35 +866,68 @@ impl Store {
     }
 
     /// Delivery records of one per-mailbox index (`quarantine` or `pending`),
-    /// of `mailbox` or of all, oldest first, at most `limit`.
+    /// of `mailbox` or of all, oldest first, at most `limit`, each with its
+    /// index key; with `after`, only those whose key sorts after it (a page
+    /// cursor: index keys are unique and their order is stable).
     fn indexed(
         &self,
         index: TreeId,
         mailbox: Option<&str>,
+        after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+    ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
+        use std::ops::Bound;
         let tree = &self.inner.trees[index as usize];
         let deliveries = &self.inner.trees[TreeId::Deliveries as usize];
-        let keys = match mailbox {
-            Some(m) => tree.scan_prefix(records::mailbox_prefix(m)),
-            None => tree.iter(),
+        let prefix = mailbox.map(records::mailbox_prefix).unwrap_or_default();
+        let start = match after {
+            Some(key) => Bound::Excluded(key.to_vec()),
+            None => Bound::Included(prefix.clone()),
         };
         let mut out = Vec::new();
-        for entry in keys {
+        for entry in tree.range((start, Bound::Unbounded)) {
             if out.len() >= limit {
                 break;
             }
             let (key, _) = entry?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
             let (_, id) = records::split_mailbox_key(&key)
                 .ok_or_else(|| StoreError::Corrupt("index key layout".into()))?;
             if let Some(raw) = deliveries.get(records::be(id))? {
-                out.push(
-                    serde_json::from_slice(&raw)
-                        .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?,
-                );
+                let record = serde_json::from_slice(&raw)
+                    .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?;
+                out.push((key.to_vec(), record));
             }
         }
         Ok(out)
+    }
+
+    /// A page of quarantined deliveries (of `mailbox`, or all), each with
+    /// its cursor: a page starts after the `after` cursor given.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn quarantined_page(
+        &self,
+        mailbox: Option<&str>,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
+        self.indexed(TreeId::Quarantine, mailbox, after, limit)
+    }
+
+    /// A page of parked releases, oldest first, each with its cursor.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn parked_page(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
+        self.indexed(TreeId::Pending, Some(PARKED_MAILBOX), after, limit)
     }
 
     /// Quarantined deliveries (of `mailbox`, or all), with their reasons.
@@ -906,7 +939,11 @@ impl Store {
         mailbox: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        self.indexed(TreeId::Quarantine, mailbox, limit)
+        Ok(self
+            .indexed(TreeId::Quarantine, mailbox, None, limit)?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect())
     }
 
     /// Parked releases waiting to be claimed, oldest first.
@@ -914,7 +951,11 @@ impl Store {
     /// # Errors
     /// Store failures.
     pub fn parked(&self, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
-        self.indexed(TreeId::Pending, Some(PARKED_MAILBOX), limit)
+        Ok(self
+            .parked_page(None, limit)?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect())
     }
 
     /// One delivery's record.
@@ -962,14 +1003,36 @@ impl Store {
     /// # Errors
     /// Store failures.
     pub fn identity_conflicts(&self, limit: usize) -> Result<Vec<IdentityConflict>, StoreError> {
-        self.inner.trees[TreeId::Conflicts as usize]
-            .iter()
+        Ok(self
+            .identity_conflicts_page(None, limit)?
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect())
+    }
+
+    /// A page of identity conflicts, newest first, each with its cursor: a
+    /// page starts at the conflict older than the `before` cursor given.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn identity_conflicts_page(
+        &self,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, IdentityConflict)>, StoreError> {
+        let tree = &self.inner.trees[TreeId::Conflicts as usize];
+        let entries = match before {
+            Some(key) => tree.range(..key.to_vec()),
+            None => tree.range::<Vec<u8>, _>(..),
+        };
+        entries
             .rev()
             .take(limit)
             .map(|entry| {
-                let (_, v) = entry?;
-                serde_json::from_slice(&v)
-                    .map_err(|e| StoreError::Corrupt(format!("identity conflict: {e}")))
+                let (k, v) = entry?;
+                let conflict = serde_json::from_slice(&v)
+                    .map_err(|e| StoreError::Corrupt(format!("identity conflict: {e}")))?;
+                Ok((k.to_vec(), conflict))
             })
             .collect()
     }

@@ -206,7 +206,7 @@ async fn every_cell_of_the_matrix() {
         };
         let name = CALLERS[who];
         assert_eq!(
-            code_of(&o.list_mailboxes(pb::ListMailboxesRequest {}).await),
+            code_of(&o.list_mailboxes(pb::ListMailboxesRequest::default()).await),
             allowed(who, None),
             "{name} list_mailboxes"
         );
@@ -224,7 +224,10 @@ async fn every_cell_of_the_matrix() {
             "{name} list_parked"
         );
         assert_eq!(
-            code_of(&o.list_organisations(pb::ListOrganisationsRequest {}).await),
+            code_of(
+                &o.list_organisations(pb::ListOrganisationsRequest::default())
+                    .await
+            ),
             allowed(who, None),
             "{name} list_organisations"
         );
@@ -243,8 +246,9 @@ async fn every_cell_of_the_matrix() {
         );
         let redrive = o
             .redrive(pb::RedriveRequest {
-                delivery_ids: vec![gp_delivery.delivery_id],
-                mailbox: String::new(),
+                target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
+                    ids: vec![gp_delivery.delivery_id],
+                })),
             })
             .await;
         assert_eq!(code_of(&redrive), allowed(who, None), "{name} redrive");
@@ -288,6 +292,7 @@ async fn every_cell_of_the_matrix() {
             .audit_trail(pb::AuditTrailRequest {
                 subject: Some(pb::audit_trail_request::Subject::HandoverId(1)),
                 reason: "matrix test".into(),
+                ..Default::default()
             })
             .await;
         assert_eq!(code_of(&trail), allowed(who, None), "{name} audit_trail");

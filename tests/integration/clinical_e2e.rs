@@ -39,8 +39,8 @@ fn submit(
 fn default_format(max: u32) -> pb::PullRequest {
     pb::PullRequest {
         max_deliveries: max,
-        lease_seconds: 0,
-        wait_millis: 0,
+        lease: None,
+        wait: None,
         format: 0,
     }
 }

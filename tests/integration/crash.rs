@@ -162,8 +162,14 @@ async fn consume_once(
     let pulled = client
         .pull(pb::PullRequest {
             max_deliveries: 20,
-            lease_seconds: 1,
-            wait_millis: 200,
+            lease: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            wait: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 200000000,
+            }),
             format: pb::DocumentFormat::Native.into(),
         })
         .await?

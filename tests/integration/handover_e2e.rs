@@ -466,8 +466,14 @@ async fn per_patient_order_holds_and_long_poll_wakes_on_arrival() {
         let r = gp
             .pull(pb::PullRequest {
                 max_deliveries: 10,
-                lease_seconds: 30,
-                wait_millis: 20_000,
+                lease: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+                wait: Some(prost_types::Duration {
+                    seconds: 20,
+                    nanos: 0,
+                }),
                 format: pb::DocumentFormat::Native.into(),
             })
             .await
@@ -644,13 +650,16 @@ async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
     let err = gp
         .pull(pb::PullRequest {
             max_deliveries: 1,
-            lease_seconds: 999_999,
-            wait_millis: 0,
+            lease: Some(prost_types::Duration {
+                seconds: 999_999,
+                nanos: 0,
+            }),
+            wait: None,
             format: pb::DocumentFormat::Native.into(),
         })
         .await
         .unwrap_err();
-    assert_eq!(violations(&err), ["lease_seconds"]);
+    assert_eq!(violations(&err), ["lease"]);
     assert_eq!(gw.store.content_digest().unwrap(), before);
     gw.stop().await;
 }
@@ -739,8 +748,11 @@ async fn shutdown_ends_long_polls_and_drains() {
     let waiter = tokio::spawn(async move {
         gp.pull(pb::PullRequest {
             max_deliveries: 1,
-            lease_seconds: 0,
-            wait_millis: 30_000,
+            lease: None,
+            wait: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
             format: pb::DocumentFormat::Native.into(),
         })
         .await

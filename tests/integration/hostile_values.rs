@@ -317,6 +317,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
                     hostile_bad_nhs(),
                 )),
                 reason: format!("asked by {NAME}"),
+                ..Default::default()
             })
             .await),
     );

@@ -90,7 +90,7 @@ async fn a_correction_that_names_a_gp_retires_the_parked_original() {
     assert_eq!(err.code(), Code::NotFound);
     let mut op = gw.operator().await;
     let parked = op
-        .list_parked(pb::ListParkedRequest { limit: 0 })
+        .list_parked(pb::ListParkedRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -162,6 +162,7 @@ async fn a_prison_number_and_an_nhs_number_on_one_summary_are_one_patient() {
             .audit_trail(pb::AuditTrailRequest {
                 subject: Some(subject),
                 reason: "identity test: both handovers found".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -213,7 +214,7 @@ async fn a_correction_that_adds_the_nhs_number_supersedes_the_parked_original() 
     let parked = gw
         .operator()
         .await
-        .list_parked(pb::ListParkedRequest { limit: 0 })
+        .list_parked(pb::ListParkedRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -301,7 +302,7 @@ async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown() {
     let conflicts = gw
         .operator()
         .await
-        .list_identity_conflicts(pb::ListIdentityConflictsRequest { limit: 0 })
+        .list_identity_conflicts(pb::ListIdentityConflictsRequest::default())
         .await
         .unwrap()
         .into_inner()

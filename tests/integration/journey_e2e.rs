@@ -234,7 +234,7 @@ async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_r
     );
     let mut op = gw.operator().await;
     let parked = op
-        .list_parked(pb::ListParkedRequest { limit: 0 })
+        .list_parked(pb::ListParkedRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -287,7 +287,7 @@ async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_r
     assert_eq!(t.deliveries[0].destination, winner);
     assert_eq!(t.deliveries[0].claimed_by, format!("urn:ods:{winner}"));
     assert!(
-        op.list_parked(pb::ListParkedRequest { limit: 0 })
+        op.list_parked(pb::ListParkedRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -383,7 +383,7 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
     assert!(t.deliveries[0].overdue);
     let mut op = gw.operator().await;
     let boxes = op
-        .list_mailboxes(pb::ListMailboxesRequest {})
+        .list_mailboxes(pb::ListMailboxesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -476,7 +476,7 @@ async fn registry_changes_are_audited_take_effect_at_once_and_survive_a_restart(
     let orgs = gw
         .operator()
         .await
-        .list_organisations(pb::ListOrganisationsRequest {})
+        .list_organisations(pb::ListOrganisationsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -493,13 +493,16 @@ async fn every_operator_call_refuses_a_non_operator_certificate() {
     for who in ["YP001", "YG001", "YPR01"] {
         let mut c = gw.operator_as(who).await;
         let codes = [
-            c.list_mailboxes(pb::ListMailboxesRequest {}).await.err(),
+            c.list_mailboxes(pb::ListMailboxesRequest::default())
+                .await
+                .err(),
             c.list_quarantine(pb::ListQuarantineRequest::default())
                 .await
                 .err(),
             c.redrive(pb::RedriveRequest {
-                delivery_ids: vec![1],
-                mailbox: String::new(),
+                target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
+                    ids: vec![1],
+                })),
             })
             .await
             .err(),
@@ -507,7 +510,7 @@ async fn every_operator_call_refuses_a_non_operator_certificate() {
             c.claim_parked(pb::ClaimParkedRequest::default())
                 .await
                 .err(),
-            c.list_organisations(pb::ListOrganisationsRequest {})
+            c.list_organisations(pb::ListOrganisationsRequest::default())
                 .await
                 .err(),
             c.put_organisation(pb::PutOrganisationRequest::default())
@@ -560,7 +563,7 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
     let q = op
         .list_quarantine(pb::ListQuarantineRequest {
             mailbox: "YG001".into(),
-            limit: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -572,7 +575,7 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
             .all(|d| d.reason.contains("practice system rejected it"))
     );
     let stats = op
-        .list_mailboxes(pb::ListMailboxesRequest {})
+        .list_mailboxes(pb::ListMailboxesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -614,12 +617,12 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
     let mut op2 = gw.operator().await;
     let (a, b) = tokio::join!(
         op.redrive(pb::RedriveRequest {
-            delivery_ids: ids.clone(),
-            mailbox: String::new(),
+            target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
+                ids: ids.clone()
+            })),
         }),
         op2.redrive(pb::RedriveRequest {
-            delivery_ids: Vec::new(),
-            mailbox: "YG001".into(),
+            target: Some(pb::redrive_request::Target::Mailbox("YG001".into())),
         })
     );
     let requeued = a
@@ -628,7 +631,7 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
         .results
         .into_iter()
         .chain(b.unwrap().into_inner().results)
-        .filter(|r| r.outcome == "REQUEUED")
+        .filter(|r| r.outcome() == pb::RedriveOutcome::Requeued)
         .count();
     assert_eq!(requeued, 20, "each delivery redriven exactly once");
     clock.advance(1);
@@ -640,8 +643,9 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
     // Redriving again is harmless.
     let again = op
         .redrive(pb::RedriveRequest {
-            delivery_ids: ids,
-            mailbox: String::new(),
+            target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
+                ids,
+            })),
         })
         .await
         .unwrap()
@@ -650,7 +654,8 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
     assert!(
         again
             .iter()
-            .all(|r| r.outcome == "NOT_QUARANTINED" && r.state() == pb::DeliveryState::Delivered)
+            .all(|r| r.outcome() == pb::RedriveOutcome::NotQuarantined
+                && r.state() == pb::DeliveryState::Delivered)
     );
     gw.stop().await;
 }
@@ -675,6 +680,7 @@ async fn the_audit_trail_answers_who_saw_a_patients_record() {
         .audit_trail(pb::AuditTrailRequest {
             subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(30))),
             reason: "subject access request 2026-117".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -708,12 +714,13 @@ async fn a_bad_operator_request_is_a_field_error() {
                 "9990000017".into(),
             )),
             reason: "x".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(violations(&err), ["nhs_number"]);
     assert!(!err.message().contains("9990000017"));
     let err = op.redrive(pb::RedriveRequest::default()).await.unwrap_err();
-    assert_eq!(violations(&err), ["delivery_ids"]);
+    assert_eq!(violations(&err), ["target"]);
     gw.stop().await;
 }

@@ -78,7 +78,10 @@ async fn one_identity_over_its_rate_gets_resource_exhausted_with_a_retry_delay()
 async fn beyond_the_in_flight_limit_calls_are_shed_with_unavailable() {
     let gw = TestGateway::start_with(|c| c.limits.max_in_flight = 2, Arc::new(SystemClock)).await;
     let long_poll = pb::PullRequest {
-        wait_millis: 1_500,
+        wait: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 500000000,
+        }),
         ..pull(1)
     };
     let mut waiting = Vec::new();
@@ -295,7 +298,10 @@ async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
             let outcomes = outcomes.clone();
             floods.push(tokio::spawn(async move {
                 let req = pb::PullRequest {
-                    wait_millis: 1_000,
+                    wait: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
                     ..pull(1)
                 };
                 let r = tokio::time::timeout(Duration::from_secs(4), f.pull(req)).await;

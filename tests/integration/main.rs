@@ -17,6 +17,7 @@ mod crash;
 mod dashboard;
 mod demo;
 mod durability;
+mod handlers;
 mod handover_e2e;
 mod handshake_flood;
 mod health;

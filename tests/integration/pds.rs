@@ -199,7 +199,7 @@ async fn park(gw: &TestGateway, message_id: &str, nhs: &str, dob: &str) -> u64 {
 async fn parked(gw: &TestGateway) -> pb::ListParkedResponse {
     gw.operator()
         .await
-        .list_parked(pb::ListParkedRequest { limit: 0 })
+        .list_parked(pb::ListParkedRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -778,7 +778,7 @@ async fn the_binary_logs_pds_alerts_and_never_patient_data_or_keys() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let list = op
-            .list_parked(pb::ListParkedRequest { limit: 0 })
+            .list_parked(pb::ListParkedRequest::default())
             .await
             .unwrap()
             .into_inner();

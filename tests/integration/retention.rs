@@ -244,7 +244,8 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         assert_eq!(reason(err), "REMOVED_UNDER_RETENTION");
         assert!(err.message().contains("retention policy"), "{err:?}");
     }
-    // Another sender learns nothing about it.
+    // Another sender learns nothing about it: the answer is the one for an
+    // id that never existed.
     let mut other = gw.client("YP002").await;
     let err = other
         .track(pb::TrackRequest {
@@ -252,8 +253,16 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         })
         .await
         .unwrap_err();
+    let never = other
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::HandoverId(u64::MAX / 2)),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert_eq!(reason(&err), "");
+    assert_eq!(reason(&err), "UNKNOWN_HANDOVER");
+    assert_eq!((never.code(), reason(&never)), (err.code(), reason(&err)));
+    assert_eq!(never.message(), err.message());
     // Operators see the counts.
     let status = gw
         .operator()
@@ -270,7 +279,7 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         ),
         (1, 1, 1)
     );
-    assert_eq!(status.metadata_seconds, 84 * 86_400);
+    assert_eq!(status.metadata_period.unwrap().seconds, 84 * 86_400);
     // The audit trail keeps every entry about it and still verifies.
     let audit = gw.store.audit_entries().unwrap();
     for action in ["submit", "pull", "ack", "shred", "expire"] {
@@ -282,11 +291,14 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         );
     }
     gw.store.verify_audit().unwrap();
-    // After the tombstone period Track answers a bare NOT_FOUND.
+    // After the tombstone period Track answers as for an unknown handover.
     clock.advance(365 * DAY_MS);
     assert_eq!(gw.store.retention().await.unwrap().tombstones_removed, 1);
     let err = track(&mut prison, "keep-84-days").await.unwrap_err();
-    assert_eq!((err.code(), reason(&err)), (Code::NotFound, String::new()));
+    assert_eq!(
+        (err.code(), reason(&err)),
+        (Code::NotFound, "UNKNOWN_HANDOVER".to_owned())
+    );
     gw.stop().await;
 }
 
@@ -344,7 +356,7 @@ async fn parked_and_quarantined_payloads_are_kept_until_resolved() {
         .expect("content is still held");
     }
     assert_eq!(
-        op.list_parked(pb::ListParkedRequest { limit: 0 })
+        op.list_parked(pb::ListParkedRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -355,8 +367,9 @@ async fn parked_and_quarantined_payloads_are_kept_until_resolved() {
 
     // Redriven and delivered, the quarantined one then follows the policy.
     op.redrive(pb::RedriveRequest {
-        delivery_ids: vec![d[0].delivery_id],
-        mailbox: String::new(),
+        target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
+            ids: vec![d[0].delivery_id],
+        })),
     })
     .await
     .unwrap();

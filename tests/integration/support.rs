@@ -215,8 +215,8 @@ pub fn release(message_id: &str, patient: u32, to: &[&str], marker: &str) -> pb:
 pub fn pull(max: u32) -> pb::PullRequest {
     pb::PullRequest {
         max_deliveries: max,
-        lease_seconds: 0,
-        wait_millis: 0,
+        lease: None,
+        wait: None,
         format: pb::DocumentFormat::Native.into(),
     }
 }

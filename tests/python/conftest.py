@@ -28,7 +28,8 @@ def pb(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("stubs")
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
+    # Ours only: proto/google/ is vendored for reflection; Python has its own (googleapis-common-protos).
+    protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto" / "throughcare").rglob("*.proto"))
     rc = protoc.main(
         ["protoc", f"-I{ROOT / 'proto'}", f"-I{well_known}", f"--python_out={out}", f"--grpc_python_out={out}", *protos]
     )

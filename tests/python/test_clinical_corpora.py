@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
@@ -90,7 +91,7 @@ def pull_every_format(gateway, pb, ods: str) -> dict:
     for fmt in (pb.h.DOCUMENT_FORMAT_NATIVE, pb.h.DOCUMENT_FORMAT_FHIR_JSON, pb.h.DOCUMENT_FORMAT_HL7V2):
         deadline = time.time() + 10
         while True:
-            got = stub.Pull(pb.h.PullRequest(max_deliveries=1, lease_seconds=1, format=fmt), timeout=10).deliveries
+            got = stub.Pull(pb.h.PullRequest(max_deliveries=1, lease=Duration(seconds=1), format=fmt), timeout=10).deliveries
             if got or time.time() > deadline:
                 break
             time.sleep(0.2)

@@ -47,6 +47,21 @@ def bad_request_fields(err):
     return []
 
 
+def details_of(err):
+    """The google.rpc details of a refusal, by type name."""
+    found = {}
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            assert status.code == err.code().value[0]
+            for detail in status.details:
+                for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
+                    message = kind()
+                    if detail.Unpack(message):
+                        found[kind.DESCRIPTOR.name] = message
+    return found
+
+
 def test_submit_pull_ack_track(gateway, pb):
     prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
     receipt = prison.Submit(release(pb, "py-1"), timeout=10)
@@ -112,3 +127,56 @@ def test_one_practice_cannot_ack_anothers_delivery(gateway, pb):
         hillview.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     riverside.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
+
+
+def test_every_refusal_names_its_reason_in_error_info(gateway, pb):
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
+    gp = pb.grpc.HandoverServiceStub(gateway.channel("YG001"))
+    with pytest.raises(grpc.RpcError) as invalid:
+        prison.Submit(release(pb, "py-reason", nhs="9990000017"), timeout=10)
+    with pytest.raises(grpc.RpcError) as denied:
+        gp.Submit(release(pb, "py-reason-2"), timeout=10)
+    with pytest.raises(grpc.RpcError) as unknown:
+        gp.Ack(pb.h.AckRequest(delivery_id=999999, attempt=1), timeout=10)
+    prison.Submit(release(pb, "py-stale"), timeout=10)
+    d = gp.Pull(pb.h.PullRequest(max_deliveries=1), timeout=10).deliveries[0]
+    with pytest.raises(grpc.RpcError) as stale:
+        gp.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt + 1), timeout=10)
+    for err, code, reason in [
+        (invalid, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (denied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
+        (unknown, grpc.StatusCode.NOT_FOUND, "UNKNOWN_DELIVERY"),
+        (stale, grpc.StatusCode.FAILED_PRECONDITION, "STALE_ATTEMPT"),
+    ]:
+        assert err.value.code() == code
+        details = details_of(err.value)
+        assert details["ErrorInfo"].reason == reason, details
+        assert details["ErrorInfo"].domain == "throughcare.v1"
+        assert "RetryInfo" not in details
+    fields = [v.field for v in details_of(invalid.value)["BadRequest"].field_violations]
+    assert fields == ["patient.nhs_number"]
+
+
+def test_list_calls_page_with_opaque_tokens(gateway, pb):
+    """Every list call pages; walking ListOrganisations two at a time gives the
+    whole registry once, in ODS-code order, and a made-up token is refused."""
+    from throughcare.v1 import operator_pb2, operator_pb2_grpc
+
+    op = operator_pb2_grpc.OperatorServiceStub(gateway.channel("operator-oncall"))
+    whole = op.ListOrganisations(operator_pb2.ListOrganisationsRequest(), timeout=10)
+    assert whole.next_page_token == ""
+    walked, token, pages = [], "", 0
+    while True:
+        page = op.ListOrganisations(operator_pb2.ListOrganisationsRequest(page_size=2, page_token=token), timeout=10)
+        assert len(page.organisations) <= 2
+        walked += [o.ods_code for o in page.organisations]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert walked == sorted(o.ods_code for o in whole.organisations)
+    assert pages >= 3
+    with pytest.raises(grpc.RpcError) as err:
+        op.ListParked(operator_pb2.ListParkedRequest(page_size=2, page_token="made-up"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(err.value) == ["page_token"]

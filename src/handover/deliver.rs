@@ -1,0 +1,410 @@
+//! Pull, ack, nack and track: a mailbox's deliveries, leased, rendered in
+//! the format the consumer wants, and acknowledged per attempt.
+
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use super::envelope::{Envelope, PatientRef};
+use super::{Caller, Decoded, Error, Gateway};
+use crate::clinical::translate::{self, TextFormat};
+use crate::clinical::{ClinicalSummary, ValidationErrors, View};
+use crate::journey::{Format, JourneyEvent};
+use crate::store::{
+    DeliveryRecord, DeliveryState, HandoverRecord, LeasedDelivery, StoreError, TrackKey,
+};
+
+/// A pull, as asked.
+#[derive(Debug, Clone, Default)]
+pub struct PullCommand {
+    /// Most deliveries to lease (0: one).
+    pub max_deliveries: u32,
+    /// How long the lease lasts (`None`: the configured default).
+    pub lease: Option<Duration>,
+    /// How long to wait for work when the mailbox is empty.
+    pub wait: Duration,
+    /// The format wanted (`None`: the mailbox's registered format).
+    pub format: Option<Format>,
+}
+
+/// A delivery's document in the consumer's format.
+#[derive(Debug, Clone)]
+pub enum RenderedDocument {
+    /// The native summary (the delivery's view applied).
+    Native(Box<ClinicalSummary>),
+    /// FHIR R4 JSON.
+    FhirJson(String),
+    /// HL7 v2 text.
+    Hl7v2(String),
+}
+
+/// One leased delivery, rendered.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The delivery.
+    pub delivery_id: u64,
+    /// Which attempt this lease is (an ack names it).
+    pub attempt: u32,
+    /// The handover it carries.
+    pub handover_id: u64,
+    /// Who sent it.
+    pub sender: String,
+    /// The journey event.
+    pub event: JourneyEvent,
+    /// Who it is about.
+    pub patient: PatientRef,
+    /// When it was submitted, ms since the epoch.
+    pub submitted_at_ms: i64,
+    /// When the lease ends, ms since the epoch.
+    pub lease_expires_at_ms: Option<i64>,
+    /// Served first.
+    pub urgent: bool,
+    /// What the format or view does not carry (paths, never values).
+    pub not_carried: Vec<String>,
+    /// When it is due, ms since the epoch.
+    pub due_ms: Option<i64>,
+    /// The handover this one supersedes, if any.
+    pub supersedes_handover_id: Option<u64>,
+    /// The document.
+    pub document: RenderedDocument,
+}
+
+/// A nack, as asked.
+#[derive(Debug, Clone)]
+pub struct NackCommand {
+    /// The delivery.
+    pub delivery_id: u64,
+    /// The attempt the caller was given.
+    pub attempt: u32,
+    /// Quarantine now instead of offering it again.
+    pub permanent: bool,
+    /// Why, in words (no patient data).
+    pub reason: String,
+}
+
+/// A handover's status as its sender sees it.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    /// The handover.
+    pub handover: HandoverRecord,
+    /// Its deliveries.
+    pub deliveries: Vec<DeliveryRecord>,
+    /// When this was read, ms since the epoch (for `overdue`).
+    pub now_ms: i64,
+}
+
+impl Gateway {
+    /// Leases up to `max_deliveries` of the caller's mailbox, waiting up to
+    /// `wait` for work.
+    ///
+    /// # Errors
+    /// Refusals (authorisation, a lease over the limit) and store failures.
+    pub async fn pull(
+        &self,
+        caller: &Caller,
+        cmd: Decoded<PullCommand>,
+    ) -> Result<Vec<Delivery>, Error> {
+        let (org, actor) = self.organisation(caller, "pull deliveries")?;
+        let cmd = cmd?;
+        let q = &self.queue;
+        let max_lease = Duration::from_secs(u64::from(q.max_lease_seconds));
+        let lease = match cmd.lease {
+            Some(l) if l > max_lease => {
+                return Err(Error::invalid(
+                    "lease",
+                    format!("at most {} seconds", q.max_lease_seconds),
+                ));
+            }
+            Some(l) if !l.is_zero() => l,
+            _ => Duration::from_secs(u64::from(q.default_lease_seconds)),
+        };
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let max = cmd.max_deliveries.clamp(1, q.max_pull) as usize;
+        let wait = cmd
+            .wait
+            .min(Duration::from_millis(u64::from(q.max_wait_ms)));
+        let mailbox = org.ods.as_str();
+        let leased = self
+            .lease_waiting(&actor, mailbox, max, lease_ms, wait)
+            .await?;
+        let format = cmd.format.unwrap_or(org.format);
+        let mut deliveries = Vec::with_capacity(leased.len());
+        for l in leased {
+            if let Some(d) = self
+                .deliver_or_quarantine(&actor, mailbox, &l, format)
+                .await?
+            {
+                deliveries.push(d);
+            }
+        }
+        let handover_ids: Vec<u64> = deliveries.iter().map(|d| d.handover_id).collect();
+        tracing::info!(
+            deliveries = deliveries.len(),
+            ?handover_ids,
+            "pull answered"
+        );
+        Ok(deliveries)
+    }
+
+    /// Leases what waits, or waits up to `wait` for work to arrive.
+    async fn lease_waiting(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        max: usize,
+        lease_ms: i64,
+        wait: Duration,
+    ) -> Result<Vec<LeasedDelivery>, Error> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let signal = self.store.mailbox_signal(mailbox);
+        let mut shutting_down = self.shutting_down.clone();
+        loop {
+            let notified = signal.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let leased = self.store.pull(actor, mailbox, max, lease_ms).await?;
+            let now = tokio::time::Instant::now();
+            if !leased.is_empty() || now >= deadline || *shutting_down.borrow() {
+                return Ok(leased);
+            }
+            // Wake on new work, on shutdown, or every second for expiring leases.
+            let nap = (deadline - now).min(Duration::from_secs(1));
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(nap) => {}
+                _ = shutting_down.changed() => {}
+            }
+        }
+    }
+
+    /// The leased delivery rendered, or quarantined (and `None`) when its
+    /// stored payload does not read back.
+    async fn deliver_or_quarantine(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        l: &LeasedDelivery,
+        format: Format,
+    ) -> Result<Option<Delivery>, Error> {
+        let span = tracing::info_span!(
+            "deliver",
+            handover_id = l.handover.id,
+            delivery_id = l.delivery.id,
+            attempt = l.delivery.attempt
+        );
+        match self.deliver(l, format).instrument(span.clone()).await {
+            Ok(d) => {
+                span.in_scope(|| tracing::info!(urgent = d.urgent, "delivery leased"));
+                Ok(Some(d))
+            }
+            Err(e) => {
+                span.in_scope(|| {
+                    tracing::error!(error = %e, "stored payload unreadable; quarantining");
+                });
+                self.store
+                    .nack(
+                        actor,
+                        mailbox,
+                        l.delivery.id,
+                        l.delivery.attempt,
+                        true,
+                        "stored payload failed its integrity check",
+                    )
+                    .instrument(span)
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// A stored handover's patient and summary, checked on the way out of the store.
+    pub(crate) async fn read_stored(
+        &self,
+        handover: &HandoverRecord,
+    ) -> Result<(PatientRef, ClinicalSummary), Error> {
+        let corrupt = |e: String| Error::Store(StoreError::Corrupt(e));
+        let bytes = self.store.payload(handover).await?;
+        let envelope = Envelope::decode(&bytes).map_err(corrupt)?;
+        let summary: ClinicalSummary =
+            serde_json::from_slice(&envelope.document).map_err(|e| corrupt(e.to_string()))?;
+        Ok((envelope.patient, summary))
+    }
+
+    async fn deliver(&self, l: &LeasedDelivery, format: Format) -> Result<Delivery, Error> {
+        let (patient, summary) = self.read_stored(&l.handover).await?;
+        let d = &l.delivery;
+        let view = view_from_name(&d.view);
+        let (document, not_carried) = render(&summary, format, view, l.handover.event);
+        Ok(Delivery {
+            delivery_id: d.id,
+            attempt: d.attempt,
+            handover_id: l.handover.id,
+            sender: l.handover.sender.clone(),
+            event: l.handover.event,
+            patient,
+            submitted_at_ms: l.handover.submitted_at_ms,
+            lease_expires_at_ms: d.lease_until_ms,
+            urgent: d.urgent,
+            not_carried,
+            due_ms: d.due_ms,
+            supersedes_handover_id: l.handover.supersedes,
+            document,
+        })
+    }
+
+    /// Acknowledges one attempt of a delivery in the caller's mailbox.
+    ///
+    /// # Errors
+    /// Refusals (authorisation, a stale attempt, an expired lease, an unknown
+    /// delivery) and store failures.
+    pub async fn ack(&self, caller: &Caller, delivery_id: u64, attempt: u32) -> Result<(), Error> {
+        let (org, actor) = self.organisation(caller, "acknowledge deliveries")?;
+        check_delivery_ref(delivery_id, attempt)?;
+        self.store
+            .ack(&actor, org.ods.as_str(), delivery_id, attempt)
+            .await?;
+        record_delivery(delivery_id, attempt);
+        Ok(())
+    }
+
+    /// Gives a delivery back (to be offered again, or quarantined).
+    ///
+    /// # Errors
+    /// As for [`Gateway::ack`], and a reason that is missing or looks like
+    /// patient data.
+    pub async fn nack(&self, caller: &Caller, cmd: NackCommand) -> Result<DeliveryState, Error> {
+        let (org, actor) = self.organisation(caller, "nack deliveries")?;
+        let NackCommand {
+            delivery_id,
+            attempt,
+            permanent,
+            reason,
+        } = cmd;
+        check_delivery_ref(delivery_id, attempt)?;
+        let mut v = ValidationErrors::default();
+        super::free_text::check_reason("reason", &reason, 1, &mut v);
+        v.into_result()?;
+        let state = self
+            .store
+            .nack(
+                &actor,
+                org.ods.as_str(),
+                delivery_id,
+                attempt,
+                permanent,
+                &reason,
+            )
+            .await?;
+        record_delivery(delivery_id, attempt);
+        Ok(state)
+    }
+
+    /// A handover the caller sent, with its deliveries.
+    ///
+    /// # Errors
+    /// Refusals (authorisation, a handover that is not the caller's) and
+    /// store failures.
+    pub async fn track(&self, caller: &Caller, key: Decoded<TrackKey>) -> Result<Tracked, Error> {
+        let (org, actor) = self.organisation(caller, "track handovers")?;
+        let key = key?;
+        let status = self.store.track(&actor, org.ods.as_str(), key).await?;
+        tracing::Span::current().record("handover_id", status.handover.id);
+        Ok(Tracked {
+            handover: status.handover,
+            deliveries: status.deliveries,
+            now_ms: self.clock.now_ms(),
+        })
+    }
+}
+
+/// A view's stored name.
+#[must_use]
+pub fn view_name(view: View) -> &'static str {
+    match view {
+        View::Full => "full",
+        View::AdmissionNotice => "admission_notice",
+        View::Probation => "probation",
+    }
+}
+
+/// The stored view; anything unknown is the narrowest.
+#[must_use]
+pub fn view_from_name(name: &str) -> View {
+    match name {
+        "full" | "" => View::Full,
+        "admission_notice" => View::AdmissionNotice,
+        _ => View::Probation,
+    }
+}
+
+/// The `view` of `summary` rendered in `format`, with what it does not carry.
+#[must_use]
+pub fn render(
+    summary: &ClinicalSummary,
+    format: Format,
+    view: View,
+    event: JourneyEvent,
+) -> (RenderedDocument, Vec<String>) {
+    let text = |f| {
+        let r = translate::write(f, summary, view, event);
+        (
+            String::from_utf8_lossy(&r.bytes).into_owned(),
+            r.not_carried,
+        )
+    };
+    match format {
+        Format::Native => {
+            let shown = crate::clinical::views::apply(summary, view);
+            (
+                RenderedDocument::Native(Box::new(shown)),
+                translate::notes(summary, view),
+            )
+        }
+        Format::Fhir => {
+            let (t, n) = text(TextFormat::Fhir);
+            (RenderedDocument::FhirJson(t), n)
+        }
+        Format::Hl7v2 => {
+            let (t, n) = text(TextFormat::Hl7v2);
+            (RenderedDocument::Hl7v2(t), n)
+        }
+    }
+}
+
+/// What the `view` of `summary` in `format` does not carry, decided
+/// without rendering it (the same list [`render`] gives; `clinical::carried`).
+pub(super) fn not_carried(
+    summary: &ClinicalSummary,
+    format: Format,
+    view: View,
+    event: JourneyEvent,
+) -> Vec<String> {
+    use crate::clinical::carried;
+    match format {
+        Format::Native => translate::notes(summary, view),
+        Format::Fhir => carried::not_carried(TextFormat::Fhir, summary, view, event),
+        Format::Hl7v2 => carried::not_carried(TextFormat::Hl7v2, summary, view, event),
+    }
+}
+
+/// Names the delivery in the call's span once the store found it in the
+/// caller's mailbox: an id the caller made up is never logged.
+fn record_delivery(delivery_id: u64, attempt: u32) {
+    let span = tracing::Span::current();
+    span.record("delivery_id", delivery_id);
+    span.record("attempt", attempt);
+}
+
+fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), Error> {
+    let mut v = ValidationErrors::default();
+    if delivery_id == 0 {
+        v.add("delivery_id", "required");
+    }
+    if attempt == 0 {
+        v.add(
+            "attempt",
+            "required: the attempt number from the pulled delivery",
+        );
+    }
+    Ok(v.into_result()?)
+}

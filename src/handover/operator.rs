@@ -1,0 +1,545 @@
+//! The operator calls: queues at a glance, quarantine and redrive, parked
+//! releases, the registry, the audit trail, break-glass reads and retention.
+//! Operator identities only; payload-free except the audited break-glass read.
+
+use super::claiming::{Claimed, claimant};
+use super::envelope::PatientRef;
+use super::page::{Listing, Page, PageRequest, page_of, page_sorted};
+use super::{Caller, Decoded, Error, Gateway};
+use crate::audit::{AuditEntry, AuditEvent};
+use crate::clinical::{ClinicalSummary, NhsNumber, OdsCode, PrisonNumber, ValidationErrors};
+use crate::journey::{JourneyEvent, OrgKind, Organisation};
+use crate::store::{
+    DeliveryRecord, HandoverRecord, IdentityConflict, MailboxStats, RedriveOutcome,
+    RetentionPolicy, RetentionStats, StoreError,
+};
+
+/// Most rows one listing returns.
+pub const MAX_LIST: usize = 1_000;
+
+/// Every mailbox's figures, as of `now_ms`.
+#[derive(Debug, Clone)]
+pub struct Mailboxes {
+    /// One row per mailbox, by name.
+    pub mailboxes: Page<MailboxStats>,
+    /// When, ms since the epoch.
+    pub now_ms: i64,
+}
+
+/// A delivery as an operator sees it (no clinical content).
+#[derive(Debug, Clone)]
+pub struct DeliveryInfo {
+    /// The delivery.
+    pub record: DeliveryRecord,
+    /// Who sent its handover.
+    pub sender: String,
+    /// The event it carries, when its handover is still held.
+    pub event: Option<JourneyEvent>,
+    /// Past its due time.
+    pub overdue: bool,
+}
+
+/// What a redrive names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedriveTarget {
+    /// These deliveries.
+    Deliveries(Vec<u64>),
+    /// Everything quarantined in this mailbox.
+    Mailbox(String),
+}
+
+/// An operator's claim on a practice's behalf.
+#[derive(Debug, Clone)]
+pub struct ClaimParkedCommand {
+    /// The patient (identifier and date of birth), as the edge read it.
+    pub patient: Decoded<Option<PatientRef>>,
+    /// The practice's ODS code.
+    pub practice: String,
+    /// Why, in words (no patient data).
+    pub reason: String,
+}
+
+/// Whose audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSubject {
+    /// One handover.
+    HandoverId(u64),
+    /// A patient by NHS number (as given; checked here).
+    NhsNumber(String),
+    /// A patient by prison number (as given; checked here).
+    PrisonNumber(String),
+}
+
+/// An audit trail and whether the chain checked out.
+#[derive(Debug, Clone)]
+pub struct AuditTrail {
+    /// Entries about the subject, oldest first.
+    pub entries: Page<AuditEntry>,
+    /// The whole chain verified.
+    pub chain_verified: bool,
+}
+
+/// What a break-glass read returns.
+#[derive(Debug, Clone)]
+pub struct BreakGlassRead {
+    /// The handover.
+    pub handover: HandoverRecord,
+    /// Its patient.
+    pub patient: PatientRef,
+    /// Its summary, whole.
+    pub summary: ClinicalSummary,
+}
+
+/// Retention figures and policy, as of `now_ms`.
+#[derive(Debug, Clone)]
+pub struct RetentionStatus {
+    /// The figures.
+    pub stats: RetentionStats,
+    /// The policy in force.
+    pub policy: RetentionPolicy,
+    /// When, ms since the epoch.
+    pub now_ms: i64,
+}
+
+fn check_reason(reason: &str, v: &mut ValidationErrors) {
+    super::free_text::check_reason("reason", reason, 1, v);
+}
+
+impl Gateway {
+    /// Every mailbox's figures.
+    ///
+    /// # Errors
+    /// Refusals for non-operators, and store failures.
+    pub async fn list_mailboxes(
+        &self,
+        caller: &Caller,
+        page: &PageRequest,
+    ) -> Result<Mailboxes, Error> {
+        self.operator(caller)?;
+        let (size, after) = page.read(Listing::Mailboxes)?;
+        let mut mailboxes = self.store.mailbox_stats().await?;
+        mailboxes.sort_by(|a, b| a.mailbox.cmp(&b.mailbox));
+        let key = |m: &MailboxStats| m.mailbox.as_bytes().to_vec();
+        Ok(Mailboxes {
+            mailboxes: page_sorted(Listing::Mailboxes, mailboxes, key, after.as_deref(), size),
+            now_ms: self.clock.now_ms(),
+        })
+    }
+
+    fn info(&self, d: &DeliveryRecord, now: i64) -> Result<DeliveryInfo, Error> {
+        let h = self.store.handover(d.handover_id)?;
+        Ok(DeliveryInfo {
+            record: d.clone(),
+            sender: h.as_ref().map(|h| h.sender.clone()).unwrap_or_default(),
+            event: h.map(|h| h.event),
+            overdue: d.is_overdue(now),
+        })
+    }
+
+    /// A page of delivery rows (fetched one beyond `size`) as operators see them.
+    fn info_page(
+        &self,
+        listing: Listing,
+        rows: Vec<(Vec<u8>, DeliveryRecord)>,
+        size: usize,
+    ) -> Result<Page<DeliveryInfo>, Error> {
+        let now = self.clock.now_ms();
+        let rows = rows
+            .into_iter()
+            .map(|(k, d)| Ok((k, self.info(&d, now)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(page_of(listing, rows, size))
+    }
+
+    /// Quarantined deliveries, of one mailbox or all.
+    ///
+    /// # Errors
+    /// Refusals for non-operators, and store failures.
+    pub async fn list_quarantine(
+        &self,
+        caller: &Caller,
+        mailbox: Option<String>,
+        page: &PageRequest,
+    ) -> Result<Page<DeliveryInfo>, Error> {
+        self.operator(caller)?;
+        let (size, after) = page.read(Listing::Quarantine)?;
+        // A cursor of another mailbox's listing is another call's token.
+        if let (Some(m), Some(cursor)) = (&mailbox, &after)
+            && !cursor.starts_with(&crate::store::records::mailbox_prefix(m))
+        {
+            return Err(Error::invalid(
+                "page_token",
+                "not a token this call gave: it lists another mailbox",
+            ));
+        }
+        let rows = self
+            .store
+            .quarantined_page(mailbox.as_deref(), after.as_deref(), size + 1)?;
+        self.info_page(Listing::Quarantine, rows, size)
+    }
+
+    /// Releases parked for want of a GP.
+    ///
+    /// # Errors
+    /// Refusals for non-operators, and store failures.
+    pub async fn list_parked(
+        &self,
+        caller: &Caller,
+        page: &PageRequest,
+    ) -> Result<Page<DeliveryInfo>, Error> {
+        self.operator(caller)?;
+        let (size, after) = page.read(Listing::Parked)?;
+        let rows = self.store.parked_page(after.as_deref(), size + 1)?;
+        self.info_page(Listing::Parked, rows, size)
+    }
+
+    /// Submits refused because an identifier was linked to another patient.
+    ///
+    /// # Errors
+    /// Refusals for non-operators, and store failures.
+    pub async fn list_identity_conflicts(
+        &self,
+        caller: &Caller,
+        page: &PageRequest,
+    ) -> Result<Page<IdentityConflict>, Error> {
+        self.operator(caller)?;
+        let (size, before) = page.read(Listing::Conflicts)?;
+        let rows = self
+            .store
+            .identity_conflicts_page(before.as_deref(), size + 1)?;
+        Ok(page_of(Listing::Conflicts, rows, size))
+    }
+
+    /// Puts quarantined deliveries back in their queues.
+    ///
+    /// # Errors
+    /// Refusals (non-operators, too many ids, neither or both targets) and
+    /// store failures.
+    pub async fn redrive(
+        &self,
+        caller: &Caller,
+        target: Decoded<RedriveTarget>,
+    ) -> Result<Vec<(u64, RedriveOutcome)>, Error> {
+        let actor = self.operator(caller)?;
+        let ids = match target? {
+            RedriveTarget::Deliveries(ids) if ids.len() <= MAX_LIST => ids,
+            RedriveTarget::Deliveries(_) => {
+                return Err(Error::invalid(
+                    "deliveries.ids",
+                    format!("at most {MAX_LIST} at a time"),
+                ));
+            }
+            RedriveTarget::Mailbox(mailbox) => self
+                .store
+                .quarantined(Some(&mailbox), MAX_LIST)?
+                .iter()
+                .map(|d| d.id)
+                .collect(),
+        };
+        let results = self.store.redrive(&actor, ids).await?;
+        tracing::info!(deliveries = results.len(), "redrive");
+        Ok(results)
+    }
+
+    /// An operator claims a patient's parked releases for a practice, with a
+    /// reason on record first: the way out for a practice locked out by
+    /// failed claims (operators are not limited).
+    ///
+    /// # Errors
+    /// Refusals (non-operators, field violations, nothing to claim) and
+    /// store failures.
+    pub async fn claim_parked(
+        &self,
+        caller: &Caller,
+        cmd: ClaimParkedCommand,
+    ) -> Result<Vec<Claimed>, Error> {
+        let actor = self.operator(caller)?;
+        let mut v = ValidationErrors::default();
+        check_reason(&cmd.reason, &mut v);
+        let practice = self.claiming_practice(&cmd.practice, &mut v);
+        let (patient, dob) = claimant(cmd.patient, "patient", v)?;
+        let Some(practice) = practice else {
+            return Err(Error::invalid("practice", "required"));
+        };
+        // The operator's reason is on record before anything moves (fail closed).
+        self.store
+            .record(AuditEvent {
+                actor: actor.clone(),
+                action: "claim_parked",
+                patient_key: Some(
+                    self.keyer
+                        .key(patient.nhs_number.as_ref(), patient.prison_number.as_ref()),
+                ),
+                outcome: format!("ok: operator claim for {practice}: {}", cmd.reason.trim()),
+                ..AuditEvent::default()
+            })
+            .await?;
+        self.claim_patient(&actor, &patient, &dob, practice.as_str())
+            .await
+    }
+
+    /// The practice an operator claims for: an active GP practice.
+    fn claiming_practice(&self, practice: &str, v: &mut ValidationErrors) -> Option<OdsCode> {
+        match practice.parse::<OdsCode>() {
+            Ok(code) => match self.registry.get(&code) {
+                Some(org) if org.active && org.kind == OrgKind::GpPractice => Some(code),
+                Some(_) => {
+                    v.add("practice", format!("{code} is not an active GP practice"));
+                    None
+                }
+                None => {
+                    v.add("practice", "no registered organisation has this ODS code");
+                    None
+                }
+            },
+            Err(e) => {
+                v.add("practice", e.to_string());
+                None
+            }
+        }
+    }
+
+    /// The registry.
+    ///
+    /// # Errors
+    /// Refusals for non-operators.
+    pub async fn list_organisations(
+        &self,
+        caller: &Caller,
+        page: &PageRequest,
+    ) -> Result<Page<Organisation>, Error> {
+        self.operator(caller)?;
+        let (size, after) = page.read(Listing::Organisations)?;
+        let mut orgs: Vec<Organisation> = self.registry.read().iter().cloned().collect();
+        orgs.sort_by(|a, b| a.ods.as_str().cmp(b.ods.as_str()));
+        let key = |o: &Organisation| o.ods.as_str().as_bytes().to_vec();
+        Ok(page_sorted(
+            Listing::Organisations,
+            orgs,
+            key,
+            after.as_deref(),
+            size,
+        ))
+    }
+
+    /// Adds or replaces an organisation.
+    ///
+    /// # Errors
+    /// Refusals (non-operators, field violations) and store failures.
+    pub async fn put_organisation(
+        &self,
+        caller: &Caller,
+        org: Decoded<Organisation>,
+    ) -> Result<Organisation, Error> {
+        let actor = self.operator(caller)?;
+        let org = org?;
+        let _one_at_a_time = self.registry_changes.lock().await;
+        self.save_locked(&actor, org).await
+    }
+
+    /// Enables or disables an organisation.
+    ///
+    /// # Errors
+    /// Refusals (non-operators, an unknown code) and store failures.
+    pub async fn set_organisation_active(
+        &self,
+        caller: &Caller,
+        ods_code: &str,
+        active: bool,
+    ) -> Result<Organisation, Error> {
+        let actor = self.operator(caller)?;
+        let code = ods_code
+            .parse::<OdsCode>()
+            .map_err(|e| Error::invalid("ods_code", e.to_string()))?;
+        let _one_at_a_time = self.registry_changes.lock().await;
+        let Some(mut org) = self.registry.get(&code) else {
+            return Err(Error::invalid(
+                "ods_code",
+                "no registered organisation has this ODS code",
+            ));
+        };
+        org.active = active;
+        self.save_locked(&actor, org).await
+    }
+
+    /// Makes the change durable (and audited) first, then visible.
+    async fn save_locked(&self, actor: &str, org: Organisation) -> Result<Organisation, Error> {
+        let record = serde_json::to_vec(&org).expect("organisations serialise");
+        self.store
+            .put_registry_record(actor, org.ods.as_str(), record)
+            .await?;
+        tracing::info!(ods = %org.ods, kind = org.kind.as_str(), active = org.active, "registry changed");
+        self.registry.put(org.clone());
+        Ok(org)
+    }
+
+    /// Retention figures and policy.
+    ///
+    /// # Errors
+    /// Refusals for non-operators, and store failures.
+    pub async fn retention_status(&self, caller: &Caller) -> Result<RetentionStatus, Error> {
+        self.operator(caller)?;
+        let stats = self.store.retention_stats().await?;
+        Ok(RetentionStatus {
+            stats,
+            policy: self.store.retention_policy().clone(),
+            now_ms: self.clock.now_ms(),
+        })
+    }
+}
+
+/// The audit trail and the break-glass read: both are themselves accesses
+/// to a patient's record, so both are audited before anything is read.
+impl Gateway {
+    /// The audit entries about one handover or one patient (across every
+    /// identifier linked to them).
+    ///
+    /// # Errors
+    /// Refusals (non-operators, field violations) and store failures; the
+    /// query is refused if it cannot be audited.
+    pub async fn audit_trail(
+        &self,
+        caller: &Caller,
+        subject: Option<AuditSubject>,
+        reason: &str,
+        page: &PageRequest,
+    ) -> Result<AuditTrail, Error> {
+        let actor = self.operator(caller)?;
+        let mut v = ValidationErrors::default();
+        check_reason(reason, &mut v);
+        let filter = self.audit_filter(subject, &mut v);
+        let Some((handover, patient)) = filter.filter(|_| v.0.is_empty()) else {
+            return Err(v.into());
+        };
+        let (size, after) = page.read(Listing::Audit)?;
+        // One patient across identifiers: every key linked or merged into it.
+        let patient_keys = match &patient {
+            Some(identifier) => self.store.patient_keys(identifier)?,
+            None => Vec::new(),
+        };
+        // The query is itself an access to the patient's record: audited
+        // first, and refused if that fails (fail closed).
+        self.store
+            .record(AuditEvent {
+                actor,
+                action: "audit_query",
+                handover_id: handover,
+                patient_key: patient_keys.first().cloned(),
+                outcome: format!("ok: {}", reason.trim()),
+                ..AuditEvent::default()
+            })
+            .await?;
+        let store = self.store.clone();
+        let (entries, chain_verified) = tokio::task::spawn_blocking(move || {
+            let verified = store.verify_audit().is_ok();
+            store.audit_entries().map(|e| (e, verified))
+        })
+        .await
+        .map_err(|e| {
+            Error::Store(StoreError::Unavailable(format!("audit reader failed: {e}")))
+        })??;
+        let entries = entries.into_iter().filter(|e| {
+            handover.is_some_and(|h| e.handover_id == Some(h))
+                || e.patient_key
+                    .as_ref()
+                    .is_some_and(|p| patient_keys.contains(p))
+        });
+        let key = |e: &AuditEntry| e.seq.to_be_bytes().to_vec();
+        let entries = page_sorted(Listing::Audit, entries, key, after.as_deref(), size);
+        Ok(AuditTrail {
+            entries,
+            chain_verified,
+        })
+    }
+
+    /// The handover id or patient key an audit query filters by.
+    fn audit_filter(
+        &self,
+        subject: Option<AuditSubject>,
+        v: &mut ValidationErrors,
+    ) -> Option<(Option<u64>, Option<String>)> {
+        match subject {
+            Some(AuditSubject::HandoverId(id)) if id > 0 => Some((Some(id), None)),
+            Some(AuditSubject::NhsNumber(n)) => match n.parse::<NhsNumber>() {
+                Ok(n) => Some((None, Some(self.keyer.key(Some(&n), None)))),
+                Err(e) => {
+                    v.add("nhs_number", e.to_string());
+                    None
+                }
+            },
+            Some(AuditSubject::PrisonNumber(p)) => match p.parse::<PrisonNumber>() {
+                Ok(p) => Some((None, Some(self.keyer.key(None, Some(&p))))),
+                Err(e) => {
+                    v.add("prison_number", e.to_string());
+                    None
+                }
+            },
+            _ => {
+                v.add(
+                    "subject",
+                    "required: a handover_id, an nhs_number or a prison_number",
+                );
+                None
+            }
+        }
+    }
+
+    /// An operator reads a handover's clinical content, with a stated
+    /// reason: audited before anything is read or returned (fail closed).
+    ///
+    /// # Errors
+    /// Refusals (non-operators, field violations, an unknown, removed or
+    /// shredded handover) and store failures.
+    pub async fn break_glass_read(
+        &self,
+        caller: &Caller,
+        handover_id: u64,
+        reason: &str,
+    ) -> Result<BreakGlassRead, Error> {
+        let actor = self.operator(caller)?;
+        let mut v = ValidationErrors::default();
+        if handover_id == 0 {
+            v.add("handover_id", "required");
+        }
+        super::free_text::check_reason("reason", reason, 20, &mut v);
+        v.into_result()?;
+        let Some(handover) = self.store.handover(handover_id)? else {
+            return Err(Error::Store(match self.store.tombstone(handover_id)? {
+                Some(t) => StoreError::Removed {
+                    removed_at_ms: t.removed_at_ms,
+                },
+                None => StoreError::UnknownHandover,
+            }));
+        };
+        let refusal = handover
+            .shredded_at_ms
+            .map(|shredded_at_ms| StoreError::Shredded { shredded_at_ms });
+        // Nothing clinical is read or returned when shredded; the attempt is still audited.
+        self.store
+            .record(AuditEvent {
+                actor,
+                action: "break_glass_read",
+                handover_id: Some(handover.id),
+                patient_key: Some(handover.patient_key.clone()),
+                outcome: match &refusal {
+                    Some(error) => format!("refused: {error}"),
+                    None => format!("ok: {}", reason.trim()),
+                },
+                ..AuditEvent::default()
+            })
+            .await?;
+        if let Some(error) = refusal {
+            return Err(Error::Store(error));
+        }
+        tracing::warn!(
+            handover_id = handover.id,
+            "break-glass read of clinical content by an operator"
+        );
+        let (patient, summary) = self.read_stored(&handover).await?;
+        Ok(BreakGlassRead {
+            handover,
+            patient,
+            summary,
+        })
+    }
+}

@@ -1,0 +1,331 @@
+//! Submit: read the document, check it against the event and the patient
+//! named, route it, and store it durably with its deliveries.
+
+use super::deliver::{not_carried, view_name};
+use super::envelope::{Envelope, PatientRef};
+use super::{Caller, Decoded, Error, Gateway};
+use crate::clinical::translate::{self, TextFormat};
+use crate::clinical::{ClinicalSummary, OdsCode, ValidationErrors, validate};
+use crate::journey::{Format, JourneyEvent, Organisation, Recipient, Route};
+use crate::store::records::DocumentFormat;
+use crate::store::{NewDelivery, NewHandover, PARKED_MAILBOX, SubmitOutcome};
+
+/// A document as received, before it is read.
+#[derive(Debug, Clone)]
+pub enum IncomingDocument {
+    /// The native summary, as the edge read it from its wire form.
+    Native(Box<Decoded<ClinicalSummary>>),
+    /// FHIR R4 JSON.
+    FhirJson(String),
+    /// HL7 v2 text.
+    Hl7v2(String),
+}
+
+/// A submit whose fields are well formed, before the document is read and
+/// routed.
+#[derive(Debug, Clone)]
+pub struct SubmitCommand {
+    /// Sender's idempotency key.
+    pub message_id: String,
+    /// The journey event.
+    pub event: JourneyEvent,
+    /// The patient, when the caller named one (it must match the document).
+    pub patient: Option<PatientRef>,
+    /// Requested destinations, in order.
+    pub destinations: Vec<OdsCode>,
+    /// The document.
+    pub document: IncomingDocument,
+}
+
+/// One delivery a submit made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryReceipt {
+    /// The mailbox it waits in.
+    pub destination: String,
+    /// The delivery.
+    pub delivery_id: u64,
+    /// When it is due, ms since the epoch.
+    pub due_ms: Option<i64>,
+    /// Served first.
+    pub urgent: bool,
+}
+
+/// What a durable submit answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitReceipt {
+    /// The handover.
+    pub handover_id: u64,
+    /// Its deliveries, in routing order.
+    pub deliveries: Vec<DeliveryReceipt>,
+    /// A repeat of an earlier submit (same sender, message id and content).
+    pub duplicate: bool,
+}
+
+/// Whether `s` is a calendar date written `YYYY-MM-DD` and a plausible birth date.
+#[must_use]
+pub fn is_iso_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return false;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<u16>().ok());
+    match (num(0..4), num(5..7), num(8..10)) {
+        (Some(y), Some(m), Some(d)) => u8::try_from(m)
+            .ok()
+            .and_then(|m| time::Month::try_from(m).ok())
+            .and_then(|m| {
+                time::Date::from_calendar_date(i32::from(y), m, u8::try_from(d).ok()?).ok()
+            })
+            .is_some_and(|date| crate::clinical::model::Date(date).is_plausible_birth_date()),
+        _ => false,
+    }
+}
+
+/// A document read and checked, with the patient it is about.
+struct Checked {
+    summary: ClinicalSummary,
+    source_format: DocumentFormat,
+    patient: PatientRef,
+}
+
+impl Gateway {
+    /// Accepts a handover: acknowledged only once it is durable.
+    ///
+    /// # Errors
+    /// Refusals (authorisation, field violations, routing, identity
+    /// conflicts, a message id reused for other content) and store failures.
+    pub async fn submit(
+        &self,
+        caller: &Caller,
+        cmd: Decoded<SubmitCommand>,
+    ) -> Result<SubmitReceipt, Error> {
+        let (org, actor) = self.organisation(caller, "submit handovers")?;
+        let cmd = cmd?;
+        if org.kind != cmd.event.sender_kind() {
+            return Err(Error::PermissionDenied(format!(
+                "a {} cannot send {}",
+                org.kind.as_str(),
+                cmd.event
+            )));
+        }
+        let checked = self.read_checked(&cmd)?;
+        let routes = self.route(&cmd, &checked.summary, &org)?;
+        let handover = self.new_handover(actor, &org, &cmd, checked, &routes);
+        let outcome = self.store.submit(handover).await?;
+        tracing::Span::current().record("handover_id", outcome.handover_id);
+        tracing::info!(
+            deliveries = outcome.deliveries.len(),
+            duplicate = outcome.duplicate,
+            "submit accepted"
+        );
+        self.receipt(outcome, &routes)
+    }
+
+    /// Reads the document into the canonical summary, with the event it states.
+    fn read_document(
+        &self,
+        document: &IncomingDocument,
+    ) -> Result<(ClinicalSummary, Option<JourneyEvent>, DocumentFormat), Error> {
+        match document {
+            IncomingDocument::Native(summary) => match summary.as_ref() {
+                Ok(s) => Ok((s.clone(), None, DocumentFormat::Native)),
+                Err(v) => Err(Error::Invalid(v.0.clone())),
+            },
+            IncomingDocument::FhirJson(text) => {
+                translate::read(TextFormat::Fhir, text.as_bytes(), &self.limits)
+                    .map(|r| (r.summary, r.event, DocumentFormat::FhirJson))
+                    .map_err(Error::from)
+            }
+            IncomingDocument::Hl7v2(text) => {
+                translate::read(TextFormat::Hl7v2, text.as_bytes(), &self.limits)
+                    .map(|r| (r.summary, r.event, DocumentFormat::Hl7v2))
+                    .map_err(Error::from)
+            }
+        }
+    }
+
+    /// The summary, checked against the event and patient the caller named
+    /// and against the event's rules, with the patient it is about.
+    fn read_checked(&self, cmd: &SubmitCommand) -> Result<Checked, Error> {
+        let (summary, stated, source_format) = self.read_document(&cmd.document)?;
+        let mut v = ValidationErrors::default();
+        if let Some(stated) = stated.filter(|e| *e != cmd.event) {
+            v.add("event", format!("the document states {stated}"));
+        }
+        let from_document = PatientRef {
+            nhs_number: summary.patient.nhs_number.clone(),
+            prison_number: summary.patient.prison_number.clone(),
+            date_of_birth: Some(summary.patient.date_of_birth.to_string()),
+        };
+        if let Some(given) = &cmd.patient {
+            fn differs<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+                a.is_some() && a != b
+            }
+            if differs(&given.nhs_number, &from_document.nhs_number)
+                || differs(&given.prison_number, &from_document.prison_number)
+                || differs(&given.date_of_birth, &from_document.date_of_birth)
+            {
+                v.add("patient", "does not match the patient in the document");
+            }
+        }
+        if let Err(e) = validate(&summary, cmd.event) {
+            v.0.extend(e.0);
+        }
+        v.into_result()?;
+        Ok(Checked {
+            summary,
+            source_format,
+            patient: from_document,
+        })
+    }
+
+    fn route(
+        &self,
+        cmd: &SubmitCommand,
+        summary: &ClinicalSummary,
+        org: &Organisation,
+    ) -> Result<Vec<Route>, Error> {
+        let registry = self.registry.read();
+        crate::journey::route(
+            cmd.event,
+            summary,
+            org,
+            &cmd.destinations,
+            &registry,
+            &self.deadlines,
+            self.clock.now_ms(),
+        )
+        .map_err(|violations| {
+            let mut v = ValidationErrors::default();
+            for (field, reason) in violations {
+                v.add(field, reason);
+            }
+            Error::from(v)
+        })
+    }
+
+    /// The change the store makes durable: the handover, its deliveries,
+    /// the keys that link or claim its patient, and the stored envelope.
+    fn new_handover(
+        &self,
+        actor: String,
+        org: &Organisation,
+        cmd: &SubmitCommand,
+        checked: Checked,
+        routes: &[Route],
+    ) -> NewHandover {
+        let Checked {
+            summary,
+            source_format,
+            patient: from_document,
+        } = checked;
+        let summary = &summary;
+        let parked = routes.iter().any(|r| r.recipient == Recipient::Parked);
+        let linking = from_document.nhs_number.is_some() && from_document.prison_number.is_some();
+        // Claim keys serve a parked release, and a link of both identifiers
+        // (which lets earlier parked releases be claimed by either).
+        let claim_keys = if parked || linking {
+            self.keyer.claim_keys(
+                from_document.nhs_number.as_ref(),
+                from_document.prison_number.as_ref(),
+                &summary.patient.date_of_birth.to_string(),
+            )
+        } else {
+            Vec::new()
+        };
+        let destinations = routes
+            .iter()
+            .map(|r| self.new_delivery(r, summary, cmd.event))
+            .collect();
+        // Each identifier's keyed hash on its own: the store links them.
+        let patient = crate::store::PatientIds {
+            nhs: (from_document.nhs_number.as_ref()).map(|n| self.keyer.key(Some(n), None)),
+            prison: (from_document.prison_number.as_ref()).map(|p| self.keyer.key(None, Some(p))),
+        };
+        let payload = Envelope {
+            patient: from_document,
+            source_format,
+            document: serde_json::to_vec(summary).expect("the model serialises"),
+        }
+        .encode();
+        NewHandover {
+            actor,
+            sender: org.ods.as_str().to_owned(),
+            message_id: cmd.message_id.clone(),
+            event: cmd.event,
+            patient,
+            claim_keys,
+            requested_destinations: cmd
+                .destinations
+                .iter()
+                .map(|c| c.as_str().to_owned())
+                .collect(),
+            destinations,
+            payload,
+            supersede: true,
+        }
+    }
+
+    fn new_delivery(
+        &self,
+        r: &Route,
+        summary: &ClinicalSummary,
+        event: JourneyEvent,
+    ) -> NewDelivery {
+        let (mailbox, format) = match &r.recipient {
+            Recipient::Org(code) => (
+                code.as_str().to_owned(),
+                self.registry
+                    .read()
+                    .get(code)
+                    .map_or(Format::Native, |o| o.format),
+            ),
+            Recipient::Parked => (PARKED_MAILBOX.to_owned(), Format::Native),
+        };
+        NewDelivery {
+            mailbox,
+            urgent: r.urgent,
+            view: view_name(r.view).to_owned(),
+            not_carried: not_carried(summary, format, r.view, event),
+            due_ms: Some(r.due_ms).filter(|d| *d != i64::MAX),
+        }
+    }
+
+    fn receipt(&self, outcome: SubmitOutcome, routes: &[Route]) -> Result<SubmitReceipt, Error> {
+        let mut deliveries = Vec::with_capacity(outcome.deliveries.len());
+        for (i, (destination, delivery_id)) in outcome.deliveries.into_iter().enumerate() {
+            // A repeat answers with the original deliveries, routed then.
+            let (due_ms, urgent) = match routes.get(i) {
+                Some(r) if !outcome.duplicate => (Some(r.due_ms), r.urgent),
+                _ => self
+                    .store
+                    .delivery(delivery_id)?
+                    .map_or((None, false), |d| (d.due_ms, d.urgent)),
+            };
+            deliveries.push(DeliveryReceipt {
+                destination,
+                delivery_id,
+                due_ms: due_ms.filter(|d| *d != i64::MAX),
+                urgent,
+            });
+        }
+        Ok(SubmitReceipt {
+            handover_id: outcome.handover_id,
+            deliveries,
+            duplicate: outcome.duplicate,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert!(is_iso_date("2024-02-29"));
+        assert!(!is_iso_date("2023-02-29"));
+        assert!(!is_iso_date("2023-2-28"));
+        assert!(!is_iso_date("1800-01-01"));
+    }
+}
