@@ -9,10 +9,10 @@
 //! for summaries made to hit each rule. A writer that learns to drop
 //! something new fails them until it is listed here too.
 
+use super::JourneyEvent;
 use super::model::{ClinicalSummary, DMD, SNOMED};
 use super::translate::{TextFormat, notes};
 use super::views::{self, View};
-use super::JourneyEvent;
 
 /// What the `view` of `summary` rendered in `format` for `event` does not
 /// carry: the same list, in the same order, as [`super::translate::write`]

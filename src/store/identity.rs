@@ -90,11 +90,18 @@ impl Writer {
         Ok(Ok(key))
     }
 
-    /// Whether anything is held under patient key `key` (a record, or
-    /// deliveries from before identity links were kept).
+    /// Whether anything is held under patient key `key`: a record, live or
+    /// quarantined deliveries, or lineage. A patient known so far by one
+    /// identifier has no record, and once its handovers are delivered no
+    /// deliveries either; its lineage still says what a later link must
+    /// compare (a newer handover of theirs supersedes an older one of the
+    /// patient it turns out to be).
     fn is_known(&self, staged: &Staged<'_>, key: &str) -> Result<bool, StoreError> {
+        let mut lineage = key.as_bytes().to_vec();
+        lineage.push(0);
         Ok(staged.get(TreeId::Patients, key.as_bytes())?.is_some()
-            || !self.deliveries_of(key).is_empty())
+            || !self.deliveries_of(key).is_empty()
+            || !staged.scan_prefix(TreeId::Lineage, &lineage)?.is_empty())
     }
 
     /// Merges patient `b` into `a`: identifiers, live and quarantined
