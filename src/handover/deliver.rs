@@ -231,9 +231,15 @@ impl Gateway {
     }
 
     async fn deliver(&self, l: &LeasedDelivery, format: Format) -> Result<Delivery, Error> {
-        let (patient, summary) = self.read_stored(&l.handover).await?;
+        let (patient, mut summary) = self.read_stored(&l.handover).await?;
         let d = &l.delivery;
         let view = view_from_name(&d.view);
+        // Probation's "GP registration in place" says what is known when the
+        // view is rendered: a practice PDS found since counts.
+        if view == View::Probation && summary.registered_gp.is_none() {
+            summary.registered_gp =
+                crate::pds::registration::registration_found(&self.store, &l.handover)?;
+        }
         let (document, not_carried) = render(&summary, format, view, l.handover.event);
         Ok(Delivery {
             delivery_id: d.id,

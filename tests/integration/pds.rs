@@ -278,6 +278,13 @@ async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
         found.map(|c| c.as_str().to_owned()).as_deref(),
         Some("YG002")
     );
+    // Probation's view, rendered after PDS routed the release, says the GP
+    // registration is in place (the prison sent none).
+    let probation = arrivals(&gw, "YPR01", 1, Duration::from_secs(5)).await;
+    let Some(pb::delivery::Document::Native(view)) = &probation[0].document else {
+        panic!("probation's registered format is native");
+    };
+    assert_eq!(view.registered_gp, "YG002");
     let audit = gw.store.audit_entries().unwrap();
     let claim = audit
         .iter()
