@@ -272,6 +272,160 @@ impl Prepared {
         listener.local_addr().map_err(failed)
     }
 
+    /// Serves the metrics and the dashboard (plain HTTP) until told to stop.
+    fn start_metrics(
+        &mut self,
+        trends: Arc<crate::operator::trends::Trends>,
+    ) -> Result<
+        (
+            tokio::task::JoinHandle<std::io::Result<()>>,
+            tokio::sync::oneshot::Sender<()>,
+        ),
+        AppError,
+    > {
+        let metrics_addr = self.bind_metrics()?;
+        let metrics_listener = self
+            .metrics_listener
+            .take()
+            .map(TcpListener::from_std)
+            .transpose()
+            .map_err(|source| AppError::MetricsListen {
+                addr: metrics_addr,
+                source,
+            })?
+            .expect("bound above");
+        if !metrics_addr.ip().is_loopback() {
+            tracing::warn!(addr = %metrics_addr, "metrics are plain HTTP on a non-loopback address");
+        }
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_server = tokio::spawn(crate::operator::metrics::serve(
+            metrics_listener,
+            self.metrics.clone(),
+            crate::operator::dashboard::Dashboard::new(
+                self.gateway.store.clone(),
+                self.gateway.clock.clone(),
+            )
+            .with_trends(trends.clone()),
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ));
+        tracing::info!(addr = %metrics_addr, "serving Prometheus metrics and the dashboard: plain HTTP, GET /metrics and GET /");
+        Ok((metrics_server, stop_metrics))
+    }
+
+    /// Stops taking calls, lets in-flight ones finish within `grace`.
+    async fn drain<F>(
+        &self,
+        grace: Duration,
+        health: tonic_health::server::HealthReporter,
+        stop_server: tokio::sync::oneshot::Sender<()>,
+        mut server: std::pin::Pin<&mut F>,
+    ) -> Result<(), AppError>
+    where
+        F: Future<Output = Result<(), tonic::transport::Error>>,
+    {
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: draining in-flight calls"
+        );
+        notify_service_manager(&[sd_notify::NotifyState::Stopping]);
+        let _ = self.shutdown_tx.send(true);
+        stop_serving(health).await;
+        let _ = stop_server.send(());
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(result) => {
+                tracing::info!("drain finished");
+                result.map_err(AppError::from)
+            }
+            Err(_) => {
+                tracing::warn!("drain did not finish within the grace period; closing anyway");
+                Ok(())
+            }
+        }
+    }
+
+    fn accept_limits(&self) -> crate::tls::AcceptLimits {
+        let l = &self.config.limits;
+        crate::tls::AcceptLimits {
+            handshake_timeout: Duration::from_millis(
+                self.config.tls.handshake_timeout_ms.unwrap_or(10_000),
+            ),
+            admission: crate::tls::AdmissionLimits {
+                max_handshakes: l.max_handshakes,
+                max_handshakes_per_network: l.max_handshakes_per_network,
+                per_address_per_second: l.handshakes_per_address_per_second,
+                per_address_burst: l.handshake_burst_per_address,
+                stall: Duration::from_millis(l.handshake_stall_ms),
+            },
+            max_connections_per_identity: l.max_connections_per_identity,
+        }
+    }
+
+    /// Sweeps deadlines and leases, and samples the mailboxes for the
+    /// metrics and the dashboard's trends, until shutdown.
+    fn spawn_sweeper(
+        &self,
+        trends: Arc<crate::operator::trends::Trends>,
+    ) -> tokio::task::JoinHandle<()> {
+        let store = self.gateway.store.clone();
+        let metrics = self.metrics.clone();
+        let clock = self.gateway.clock.clone();
+        let every = Duration::from_millis(self.config.queue.sweep_interval_ms);
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => break,
+                }
+                match store.sweep().await {
+                    Ok(outcome) => report_sweep(&outcome),
+                    Err(e) => tracing::error!(error = %e, "sweep failed"),
+                }
+                match store.mailbox_stats().await {
+                    Ok(stats) => {
+                        trends.record(trend_sample(&stats, &metrics, clock.now_ms()));
+                        metrics.set_mailboxes(mailbox_rows(stats));
+                    }
+                    Err(e) => tracing::error!(error = %e, "mailbox statistics failed"),
+                }
+            }
+        })
+    }
+
+    /// Runs the retention pass at its interval (at once again after a full
+    /// batch) until shutdown.
+    fn spawn_retention(&self) -> tokio::task::JoinHandle<()> {
+        let store = self.gateway.store.clone();
+        let metrics = self.metrics.clone();
+        let every = Duration::from_millis(self.config.retention.interval_ms);
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            let mut backlog = false;
+            loop {
+                // A full batch last time: carry on at once (still one
+                // bounded writer job at a time, between other batches).
+                if !backlog {
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+                backlog = false;
+                let started = std::time::Instant::now();
+                match store.retention().await {
+                    Ok(outcome) => {
+                        report_retention(&outcome, started.elapsed());
+                        metrics.set_retention(&outcome.stats);
+                        backlog = outcome.backlog;
+                    }
+                    Err(e) => tracing::error!(error = %e, "retention pass failed"),
+                }
+            }
+        })
+    }
+
     /// Serves on `listener` until `shutdown` completes, then stops accepting,
     /// lets in-flight calls finish within the grace period, and closes the
     /// store after a final durability barrier.
@@ -287,49 +441,10 @@ impl Prepared {
         let addr = listener
             .local_addr()
             .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-        let metrics_addr = self.bind_metrics()?;
-        let metrics_listener = self
-            .metrics_listener
-            .take()
-            .map(TcpListener::from_std)
-            .transpose()
-            .map_err(|source| AppError::MetricsListen {
-                addr: metrics_addr,
-                source,
-            })?
-            .expect("bound above");
-        if !metrics_addr.ip().is_loopback() {
-            tracing::warn!(addr = %metrics_addr, "metrics are plain HTTP on a non-loopback address");
-        }
         let trends = Arc::new(crate::operator::trends::Trends::default());
-        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-        let metrics_server = tokio::spawn(crate::operator::metrics::serve(
-            metrics_listener,
-            self.metrics.clone(),
-            crate::operator::dashboard::Dashboard::new(
-                self.gateway.store.clone(),
-                self.gateway.clock.clone(),
-            )
-            .with_trends(trends.clone()),
-            async {
-                let _ = metrics_stopped.await;
-            },
-        ));
-        tracing::info!(addr = %metrics_addr, "serving Prometheus metrics and the dashboard: plain HTTP, GET /metrics and GET /");
+        let (metrics_server, stop_metrics) = self.start_metrics(trends.clone())?;
         let l = &self.config.limits;
-        let accept = crate::tls::AcceptLimits {
-            handshake_timeout: Duration::from_millis(
-                self.config.tls.handshake_timeout_ms.unwrap_or(10_000),
-            ),
-            admission: crate::tls::AdmissionLimits {
-                max_handshakes: l.max_handshakes,
-                max_handshakes_per_network: l.max_handshakes_per_network,
-                per_address_per_second: l.handshakes_per_address_per_second,
-                per_address_burst: l.handshake_burst_per_address,
-                stall: Duration::from_millis(l.handshake_stall_ms),
-            },
-            max_connections_per_identity: l.max_connections_per_identity,
-        };
+        let accept = self.accept_limits();
         let (incoming, connect_refusals) = crate::tls::incoming(
             listener,
             self.tls.clone(),
@@ -362,72 +477,12 @@ impl Prepared {
         health
             .set_serving::<OperatorServiceServer<OperatorGrpc>>()
             .await;
-        let reflection = |b: tonic_reflection::server::Builder<'static>| {
-            b.register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let reflection_v1 =
-            reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
-        let reflection_v1alpha =
-            reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
+        let (reflection_v1, reflection_v1alpha) = reflection_services()?;
         let operator = OperatorServiceServer::new(OperatorGrpc::new(self.gateway.clone()));
 
-        let sweeper = {
-            let store = self.gateway.store.clone();
-            let metrics = self.metrics.clone();
-            let (trends, clock) = (trends.clone(), self.gateway.clock.clone());
-            let every = Duration::from_millis(self.config.queue.sweep_interval_ms);
-            let mut stop = self.shutdown_tx.subscribe();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep(every) => {}
-                        _ = stop.changed() => break,
-                    }
-                    match store.sweep().await {
-                        Ok(outcome) => report_sweep(&outcome),
-                        Err(e) => tracing::error!(error = %e, "sweep failed"),
-                    }
-                    match store.mailbox_stats().await {
-                        Ok(stats) => {
-                            trends.record(trend_sample(&stats, &metrics, clock.now_ms()));
-                            metrics.set_mailboxes(mailbox_rows(stats));
-                        }
-                        Err(e) => tracing::error!(error = %e, "mailbox statistics failed"),
-                    }
-                }
-            })
-        };
+        let sweeper = self.spawn_sweeper(trends.clone());
 
-        let retention = {
-            let store = self.gateway.store.clone();
-            let metrics = self.metrics.clone();
-            let every = Duration::from_millis(self.config.retention.interval_ms);
-            let mut stop = self.shutdown_tx.subscribe();
-            tokio::spawn(async move {
-                let mut backlog = false;
-                loop {
-                    // A full batch last time: carry on at once (still one
-                    // bounded writer job at a time, between other batches).
-                    if !backlog {
-                        tokio::select! {
-                            () = tokio::time::sleep(every) => {}
-                            _ = stop.changed() => break,
-                        }
-                    }
-                    backlog = false;
-                    let started = std::time::Instant::now();
-                    match store.retention().await {
-                        Ok(outcome) => {
-                            report_retention(&outcome, started.elapsed());
-                            metrics.set_retention(&outcome.stats);
-                            backlog = outcome.backlog;
-                        }
-                        Err(e) => tracing::error!(error = %e, "retention pass failed"),
-                    }
-                }
-            })
-        };
+        let retention = self.spawn_retention();
         // PDS lookups, beside (never in) the submit path.
         let pds = self.pds.take().map(|client| {
             let (gateway, metrics) = (self.gateway.clone(), self.metrics.clone());
@@ -440,22 +495,11 @@ impl Prepared {
             )
         });
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-        let forget = {
-            let (rate_limit, tally, store) = (
-                rate_limit.clone(),
-                tally.clone(),
-                self.gateway.store.clone(),
-            );
-            tokio::spawn(async move {
-                for tick in 1u64.. {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    tally.flush(&store).await;
-                    if tick % 60 == 0 {
-                        rate_limit.forget_idle();
-                    }
-                }
-            })
-        };
+        let forget = spawn_forget(
+            rate_limit.clone(),
+            tally.clone(),
+            self.gateway.store.clone(),
+        );
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_max_header_list_size(l.max_header_list_bytes)
@@ -493,26 +537,8 @@ impl Prepared {
         let result = match served {
             Some(result) => result.map_err(AppError::from),
             None => {
-                tracing::info!(
-                    grace_ms = grace.as_millis() as u64,
-                    "shutting down: draining in-flight calls"
-                );
-                notify_service_manager(&[sd_notify::NotifyState::Stopping]);
-                let _ = self.shutdown_tx.send(true);
-                stop_serving(health).await;
-                let _ = stop_server.send(());
-                match tokio::time::timeout(grace, &mut server).await {
-                    Ok(result) => {
-                        tracing::info!("drain finished");
-                        result.map_err(AppError::from)
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            "drain did not finish within the grace period; closing anyway"
-                        );
-                        Ok(())
-                    }
-                }
+                self.drain(grace, health, stop_server, server.as_mut())
+                    .await
             }
         };
         let _ = self.shutdown_tx.send(true);
@@ -656,4 +682,45 @@ async fn stop_serving(mut health: tonic_health::server::HealthReporter) {
     for name in services {
         health.clear_service_status(name).await;
     }
+}
+
+/// Flushes the refusal tally every second and forgets idle rate-limit
+/// state every minute.
+fn spawn_forget(
+    rate_limit: RateLimitLayer,
+    tally: RefusalTally,
+    store: Store,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for tick in 1u64.. {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tally.flush(&store).await;
+            if tick % 60 == 0 {
+                rate_limit.forget_idle();
+            }
+        }
+    })
+}
+
+/// gRPC reflection (v1 and v1alpha) over our descriptors, the vendored
+/// error details and health.
+fn reflection_services() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    AppError,
+> {
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((
+        reflection(tonic_reflection::server::Builder::configure()).build_v1()?,
+        reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?,
+    ))
 }

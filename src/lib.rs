@@ -24,20 +24,18 @@
 //! `operator` is what the on-call operator sees (Prometheus metrics and the
 //! dashboard page). `pds` asks the Personal Demographics Service, in a
 //! background task, for the GP of a parked release or an admission that
-//! names none. `client`, `admin`, `demo` and `bench` are the command
-//! line's: the built-in client, operator calls as tables, one patient's whole
-//! journey, and the benchmarks.
+//! names none. `cli` is the command line's
+//! (the binary's verbs live there, `main.rs` only parses and dispatches):
+//! the built-in client (`cli::client`, `cli::handover`), operator calls as
+//! tables (`cli::admin`), one patient's whole journey (`cli::demo`), and the
+//! benchmarks (`cli::bench`).
 
-pub mod admin;
 pub mod app;
 pub mod audit;
-pub mod bench;
 pub mod certs;
 pub mod cli;
-pub mod client;
 pub mod clinical;
 pub mod config;
-pub mod demo;
 pub mod grpc;
 pub mod handover;
 pub mod journey;

@@ -65,13 +65,13 @@ enum Command {
     /// Print the manual page (roff) of `throughcare`.
     Man,
     /// Measure durable submits/s, latency, messages per fsync, pull+ack/s and RSS.
-    Bench(throughcare::bench::BenchOptions),
+    Bench(throughcare::cli::bench::BenchOptions),
     /// Operator calls to a running gateway (tables, or --json); checks and
     /// decisions on a stopped gateway's store (`admin audit verify`,
     /// `admin store accept-rollback`).
     Admin {
         #[command(flatten)]
-        operator: throughcare::admin::OperatorArgs,
+        operator: throughcare::cli::admin::OperatorArgs,
         #[command(subcommand)]
         command: AdminCommand,
     },
@@ -165,15 +165,15 @@ enum AdminCommand {
     /// The audit trail: verify, list, and the signed anchor to record elsewhere.
     Audit {
         #[command(subcommand)]
-        command: throughcare::admin::AuditCommand,
+        command: throughcare::cli::admin::AuditCommand,
     },
     /// Decisions about a stopped gateway's store (after a restore).
     Store {
         #[command(subcommand)]
-        command: throughcare::admin::StoreCommand,
+        command: throughcare::cli::admin::StoreCommand,
     },
     #[command(flatten)]
-    Operator(throughcare::admin::OperatorCommand),
+    Operator(throughcare::cli::admin::OperatorCommand),
 }
 
 /// Logs go to standard error; `default` is the level unless `RUST_LOG` says
@@ -314,35 +314,36 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Convert(args) => convert(args),
-        Command::Demo { .. } => throughcare::demo::run(&mut std::io::stdout()).await,
+        Command::Demo { .. } => throughcare::cli::demo::run(&mut std::io::stdout()).await,
         Command::Admin {
             operator,
             command: AdminCommand::Operator(command),
-        } => throughcare::admin::run(operator, command).await,
+        } => throughcare::cli::admin::run(operator, command).await,
         Command::Bench(opts) if opts.translation => {
             let report =
-                tokio::task::spawn_blocking(|| throughcare::bench::translation(20_000)).await??;
+                tokio::task::spawn_blocking(|| throughcare::cli::bench::translation(20_000))
+                    .await??;
             print!("{report}");
             Ok(())
         }
         Command::Bench(opts) if opts.soak => {
-            let report = throughcare::bench::soak(&opts).await?;
+            let report = throughcare::cli::bench::soak(&opts).await?;
             print!("{report}");
             Ok(())
         }
         Command::Bench(opts) => {
-            let report = throughcare::bench::run(opts).await?;
+            let report = throughcare::cli::bench::run(opts).await?;
             print!("{report}");
             Ok(())
         }
         Command::Admin {
             command: AdminCommand::Audit { command },
             ..
-        } => throughcare::admin::audit(command).await,
+        } => throughcare::cli::admin::audit(command).await,
         Command::Admin {
             operator,
             command: AdminCommand::Store { command },
-        } => throughcare::admin::store(command, operator.json).await,
+        } => throughcare::cli::admin::store(command, operator.json).await,
     }
 }
 

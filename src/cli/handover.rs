@@ -122,7 +122,7 @@ pub struct TrackArgs {
 async fn connect(
     c: &ClientArgs,
 ) -> anyhow::Result<pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>> {
-    crate::client::handover(&c.server, &c.certs_dir, &c.as_)
+    crate::cli::client::handover(&c.server, &c.certs_dir, &c.as_)
         .await
         .with_context(|| {
             format!(

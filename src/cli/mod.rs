@@ -1,6 +1,12 @@
 //! The command line's own code that tests and the binary share: the built-in
-//! client's verbs and how a summary reads at a terminal.
+//! client and its verbs, operator tables, the demo, the benchmarks, the
+//! health probe and how a summary reads at a terminal. `main.rs` parses the
+//! arguments and calls these.
 
+pub mod admin;
+pub mod bench;
+pub mod client;
+pub mod demo;
 pub mod handover;
 pub mod health;
 pub mod readable;

@@ -393,124 +393,8 @@ impl Writer {
                 }
                 continue;
             }
-            let answer = match job {
-                Job::Submit(h, reply) => {
-                    let r = self.submit(&mut staged, h, now, &mut woken);
-                    Answer::submit(reply, r)
-                }
-                Job::Pull {
-                    actor,
-                    mailbox,
-                    max,
-                    lease_ms,
-                    reply,
-                } => Answer::new(
-                    reply,
-                    self.pull(&mut staged, &actor, &mailbox, max, lease_ms, now),
-                ),
-                Job::Ack {
-                    actor,
-                    mailbox,
-                    delivery_id,
-                    attempt,
-                    reply,
-                } => Answer::new(
-                    reply,
-                    self.ack(&mut staged, &actor, &mailbox, delivery_id, attempt, now),
-                ),
-                Job::Nack {
-                    actor,
-                    mailbox,
-                    delivery_id,
-                    attempt,
-                    permanent,
-                    reason,
-                    reply,
-                } => {
-                    let r = self.nack(
-                        &mut staged,
-                        (&actor, &mailbox),
-                        delivery_id,
-                        attempt,
-                        permanent,
-                        &reason,
-                        now,
-                    );
-                    if matches!(r, Ok(DeliveryState::Queued)) {
-                        woken.insert(mailbox);
-                    }
-                    Answer::new(reply, r)
-                }
-                Job::Track {
-                    actor,
-                    sender,
-                    key,
-                    reply,
-                } => Answer::new(reply, self.track(&mut staged, &actor, &sender, key, now)),
-                Job::Sweep(reply) => Answer::new(reply, self.sweep(&mut staged, now)),
-                Job::Retention(reply) => Answer::new(reply, self.retention_pass(&mut staged, now)),
-                Job::RetentionStats(reply) => Answer::new(reply, self.retention_stats()),
-                Job::Record(event, reply) => {
-                    self.audit(&mut staged, event, now);
-                    Answer::new(reply, Ok(()))
-                }
-                Job::Claim {
-                    actor,
-                    claim_keys,
-                    to,
-                    reply,
-                } => {
-                    let r = self.claim(&mut staged, &actor, &claim_keys, &to, now);
-                    if matches!(&r, Ok(v) if !v.is_empty()) {
-                        woken.insert(to);
-                    }
-                    Answer::new(reply, r)
-                }
-                Job::Pds(result, reply) => {
-                    let r = self.pds_result(&mut staged, result, now);
-                    // Moved to a practice: wake its pullers (a finding alone wakes nobody).
-                    if let Ok(Some(d)) = &r
-                        && d.mailbox != records::PARKED_MAILBOX
-                    {
-                        woken.insert(d.mailbox.clone());
-                    }
-                    Answer::new(reply, r)
-                }
-                Job::PdsNotify(notice, reply) => {
-                    let r = self.pds_notify(&mut staged, &notice, now);
-                    if matches!(r, Ok(Some(_))) {
-                        woken.insert(notice.delivery.mailbox);
-                    }
-                    Answer::new(reply, r)
-                }
-                Job::Redrive { actor, ids, reply } => {
-                    let r = self.redrive(&mut staged, &actor, &ids, now, &mut woken);
-                    Answer::new(reply, r)
-                }
-                Job::Stats(reply) => Answer::new(reply, Ok(self.stats(now))),
-                Job::RegistryPut {
-                    actor,
-                    code,
-                    record,
-                    reply,
-                } => {
-                    staged.put(TreeId::Registry, code.as_bytes().to_vec(), record);
-                    self.audit(
-                        &mut staged,
-                        AuditEvent {
-                            actor,
-                            action: "registry_change",
-                            outcome: format!("ok: {code}"),
-                            ..AuditEvent::default()
-                        },
-                        now,
-                    );
-                    Answer::new(reply, Ok(()))
-                }
-                Job::Shutdown(reply) => {
-                    shutdown.push(reply);
-                    continue;
-                }
+            let Some(answer) = self.apply(&mut staged, job, now, &mut woken, &mut shutdown) else {
+                continue;
             };
             if let Some(why) = &answer.fatal {
                 self.fail(format!("store failed while applying a change: {why}"));
@@ -542,6 +426,138 @@ impl Writer {
             self.settle_all();
         }
         stop
+    }
+
+    /// Applies one job to the batch; `None` for a close request (answered
+    /// once the batch is durable).
+    fn apply(
+        &mut self,
+        staged: &mut Staged<'_>,
+        job: Job,
+        now: i64,
+        woken: &mut BTreeSet<String>,
+        shutdown: &mut Vec<super::Reply<()>>,
+    ) -> Option<Answer> {
+        let answer = match job {
+            Job::Submit(h, reply) => {
+                let r = self.submit(staged, h, now, woken);
+                Answer::submit(reply, r)
+            }
+            Job::Pull {
+                actor,
+                mailbox,
+                max,
+                lease_ms,
+                reply,
+            } => Answer::new(
+                reply,
+                self.pull(staged, &actor, &mailbox, max, lease_ms, now),
+            ),
+            Job::Ack {
+                actor,
+                mailbox,
+                delivery_id,
+                attempt,
+                reply,
+            } => Answer::new(
+                reply,
+                self.ack(staged, &actor, &mailbox, delivery_id, attempt, now),
+            ),
+            Job::Nack {
+                actor,
+                mailbox,
+                delivery_id,
+                attempt,
+                permanent,
+                reason,
+                reply,
+            } => {
+                let r = self.nack(
+                    staged,
+                    (&actor, &mailbox),
+                    delivery_id,
+                    attempt,
+                    permanent,
+                    &reason,
+                    now,
+                );
+                if matches!(r, Ok(DeliveryState::Queued)) {
+                    woken.insert(mailbox);
+                }
+                Answer::new(reply, r)
+            }
+            Job::Track {
+                actor,
+                sender,
+                key,
+                reply,
+            } => Answer::new(reply, self.track(staged, &actor, &sender, key, now)),
+            Job::Sweep(reply) => Answer::new(reply, self.sweep(staged, now)),
+            Job::Retention(reply) => Answer::new(reply, self.retention_pass(staged, now)),
+            Job::RetentionStats(reply) => Answer::new(reply, self.retention_stats()),
+            Job::Record(event, reply) => {
+                self.audit(staged, event, now);
+                Answer::new(reply, Ok(()))
+            }
+            Job::Claim {
+                actor,
+                claim_keys,
+                to,
+                reply,
+            } => {
+                let r = self.claim(staged, &actor, &claim_keys, &to, now);
+                if matches!(&r, Ok(v) if !v.is_empty()) {
+                    woken.insert(to);
+                }
+                Answer::new(reply, r)
+            }
+            Job::Pds(result, reply) => {
+                let r = self.pds_result(staged, result, now);
+                // Moved to a practice: wake its pullers (a finding alone wakes nobody).
+                if let Ok(Some(d)) = &r
+                    && d.mailbox != records::PARKED_MAILBOX
+                {
+                    woken.insert(d.mailbox.clone());
+                }
+                Answer::new(reply, r)
+            }
+            Job::PdsNotify(notice, reply) => {
+                let r = self.pds_notify(staged, &notice, now);
+                if matches!(r, Ok(Some(_))) {
+                    woken.insert(notice.delivery.mailbox);
+                }
+                Answer::new(reply, r)
+            }
+            Job::Redrive { actor, ids, reply } => {
+                let r = self.redrive(staged, &actor, &ids, now, woken);
+                Answer::new(reply, r)
+            }
+            Job::Stats(reply) => Answer::new(reply, Ok(self.stats(now))),
+            Job::RegistryPut {
+                actor,
+                code,
+                record,
+                reply,
+            } => {
+                staged.put(TreeId::Registry, code.as_bytes().to_vec(), record);
+                self.audit(
+                    staged,
+                    AuditEvent {
+                        actor,
+                        action: "registry_change",
+                        outcome: format!("ok: {code}"),
+                        ..AuditEvent::default()
+                    },
+                    now,
+                );
+                Answer::new(reply, Ok(()))
+            }
+            Job::Shutdown(reply) => {
+                shutdown.push(reply);
+                return None;
+            }
+        };
+        Some(answer)
     }
 
     /// Waits until every batch handed to the syncer is durable (or failed).

@@ -44,7 +44,7 @@ async fn callers(gw: &TestGateway) -> Callers {
             .await
             .unwrap()
         } else {
-            throughcare::client::channel(&gw.endpoint, &gw.certs(), name)
+            throughcare::cli::client::channel(&gw.endpoint, &gw.certs(), name)
                 .await
                 .unwrap()
         };

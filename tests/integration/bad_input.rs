@@ -101,7 +101,7 @@ impl tonic::codec::Codec for RawCodec {
 }
 
 async fn submit_raw(gw: &TestGateway, bytes: Vec<u8>) -> Result<(), tonic::Status> {
-    let channel = throughcare::client::channel(&gw.endpoint, &gw.certs(), "YP001")
+    let channel = throughcare::cli::client::channel(&gw.endpoint, &gw.certs(), "YP001")
         .await
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);

@@ -230,7 +230,7 @@ impl Binary {
         let gateway = Self(child);
         let endpoint = format!("https://127.0.0.1:{port}");
         for _ in 0..150 {
-            if throughcare::client::handover(&endpoint, &dir.join("certs"), "YP001")
+            if throughcare::cli::client::handover(&endpoint, &dir.join("certs"), "YP001")
                 .await
                 .is_ok()
             {
@@ -260,14 +260,14 @@ async fn against_the_binary_the_lock_survives_kill_9() {
     let endpoint = format!("https://127.0.0.1:{port}");
     let certs = dir.path().join("certs");
     let gateway = Binary::start(dir.path(), port).await;
-    let mut prison = throughcare::client::handover(&endpoint, &certs, "YP001")
+    let mut prison = throughcare::cli::client::handover(&endpoint, &certs, "YP001")
         .await
         .unwrap();
     prison
         .submit(release("park-44", 44, &[], "parked"))
         .await
         .unwrap();
-    let mut practice = throughcare::client::handover(&endpoint, &certs, "YG001")
+    let mut practice = throughcare::cli::client::handover(&endpoint, &certs, "YG001")
         .await
         .unwrap();
     // Guess as fast as the gateway answers: five tries, then locked.
@@ -289,13 +289,13 @@ async fn against_the_binary_the_lock_survives_kill_9() {
     );
     drop(gateway); // SIGKILL: no graceful shutdown
     let _gateway = Binary::start(dir.path(), port).await;
-    let mut practice = throughcare::client::handover(&endpoint, &certs, "YG001")
+    let mut practice = throughcare::cli::client::handover(&endpoint, &certs, "YG001")
         .await
         .unwrap();
     let err = practice.claim(claim(44, DOB, None)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     // Another practice, which never failed, still can.
-    let mut other = throughcare::client::handover(&endpoint, &certs, "YG002")
+    let mut other = throughcare::cli::client::handover(&endpoint, &certs, "YG002")
         .await
         .unwrap();
     let claimed = other.claim(claim(44, DOB, None)).await.unwrap();

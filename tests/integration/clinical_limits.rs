@@ -61,7 +61,7 @@ async fn an_over_limit_message_is_resource_exhausted_and_audited() {
     .await;
     let digest = gw.store.content_digest().unwrap();
     let audited = gw.store.audit_entries().unwrap().len();
-    let channel = throughcare::client::channel(&gw.endpoint, &gw.certs(), "YP001")
+    let channel = throughcare::cli::client::channel(&gw.endpoint, &gw.certs(), "YP001")
         .await
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);

@@ -52,7 +52,7 @@ impl Server {
                 panic!("the gateway refused to start after a kill -9: {status}");
             }
             assert!(Instant::now() < deadline, "the gateway did not start");
-            if let Ok(mut c) = throughcare::client::handover(endpoint, certs, "YP001").await
+            if let Ok(mut c) = throughcare::cli::client::handover(endpoint, certs, "YP001").await
                 && c.track(pb::TrackRequest {
                     handover: Some(pb::track_request::Handover::HandoverId(u64::MAX)),
                 })
@@ -115,7 +115,7 @@ async fn connect(
     name: &str,
 ) -> pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel> {
     loop {
-        if let Ok(c) = throughcare::client::handover(endpoint, certs, name).await {
+        if let Ok(c) = throughcare::cli::client::handover(endpoint, certs, name).await {
             return c;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

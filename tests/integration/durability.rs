@@ -102,7 +102,7 @@ async fn every_submit_ok_follows_a_completed_fdatasync() {
     let certs = dir.path().join("certs");
     let mut client = None;
     for _ in 0..200 {
-        if let Ok(c) = throughcare::client::handover(&endpoint, &certs, "YP001").await {
+        if let Ok(c) = throughcare::cli::client::handover(&endpoint, &certs, "YP001").await {
             client = Some(c);
             break;
         }

@@ -180,7 +180,7 @@ async fn a_slow_handshake_flood_from_32_addresses_does_not_lock_out_a_well_behav
     while started.elapsed() < Duration::from_secs(8) {
         let t = Instant::now();
         let call = async {
-            let mut practice = throughcare::client::handover(&endpoint, &certs, "YG001")
+            let mut practice = throughcare::cli::client::handover(&endpoint, &certs, "YG001")
                 .await
                 .ok()?;
             practice.pull(pull(1)).await.ok()

@@ -12,7 +12,7 @@ use tonic_health::pb::health_client::HealthClient;
 const HANDOVER: &str = "throughcare.v1.HandoverService";
 
 async fn health(gw: &TestGateway, name: &str) -> HealthClient<tonic::transport::Channel> {
-    let channel = throughcare::client::channel(&gw.endpoint, &gw.certs(), name)
+    let channel = throughcare::cli::client::channel(&gw.endpoint, &gw.certs(), name)
         .await
         .expect("client connects");
     HealthClient::new(channel)
@@ -192,7 +192,7 @@ async fn the_binary_tells_the_service_manager_when_it_is_ready_and_stopping() {
     assert_eq!(next().await.trim(), "READY=1");
     // Ready means serving: the first health check after it succeeds.
     let endpoint = format!("https://127.0.0.1:{port}");
-    let channel = throughcare::client::channel(&endpoint, &certs, "operator-oncall")
+    let channel = throughcare::cli::client::channel(&endpoint, &certs, "operator-oncall")
         .await
         .expect("the gateway accepts once it said READY=1");
     let status = HealthClient::new(channel)

@@ -100,13 +100,13 @@ fn hostile_patient() -> pb::PatientRef {
 /// Every refused call, with what it must name.
 #[allow(clippy::too_many_lines)]
 async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, tonic::Status)> {
-    let mut prison = throughcare::client::handover(endpoint, certs, "YP001")
+    let mut prison = throughcare::cli::client::handover(endpoint, certs, "YP001")
         .await
         .unwrap();
-    let mut practice = throughcare::client::handover(endpoint, certs, "YG001")
+    let mut practice = throughcare::cli::client::handover(endpoint, certs, "YG001")
         .await
         .unwrap();
-    let mut op = throughcare::client::operator(endpoint, certs, "operator-oncall")
+    let mut op = throughcare::cli::client::operator(endpoint, certs, "operator-oncall")
         .await
         .unwrap();
     let release = throughcare::clinical::synthetic::release_summary(
@@ -375,7 +375,7 @@ async fn hostile_values_in_every_field_never_come_back_in_errors_logs_or_the_aud
     );
     let endpoint = format!("https://127.0.0.1:{port}");
     for _ in 0..300 {
-        if throughcare::client::handover(&endpoint, &certs, "YP001")
+        if throughcare::cli::client::handover(&endpoint, &certs, "YP001")
             .await
             .is_ok()
         {

@@ -29,7 +29,7 @@ fn submit(
     to: &[&str],
     s: &ClinicalSummary,
 ) -> pb::SubmitRequest {
-    throughcare::client::native_submit(id, event, to, s)
+    throughcare::cli::client::native_submit(id, event, to, s)
 }
 
 fn states(t: &pb::TrackResponse) -> Vec<(String, pb::DeliveryState)> {

@@ -31,7 +31,7 @@ fn submit(
     to: &[&str],
     s: &ClinicalSummary,
 ) -> pb::SubmitRequest {
-    throughcare::client::native_submit(id, event, to, s)
+    throughcare::cli::client::native_submit(id, event, to, s)
 }
 
 fn transfer(patient: u32, marker: &str) -> ClinicalSummary {
@@ -592,7 +592,7 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
     let endpoint = gw.endpoint.clone();
     let certs = gw.certs();
     let puller = tokio::spawn(async move {
-        let mut c = throughcare::client::handover(&endpoint, &certs, "YG001")
+        let mut c = throughcare::cli::client::handover(&endpoint, &certs, "YG001")
             .await
             .unwrap();
         let mut seen = Vec::new();

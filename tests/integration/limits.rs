@@ -121,7 +121,7 @@ async fn an_identity_cannot_hold_more_connections_than_its_limit() {
         c.pull(pull(1)).await.unwrap();
         held.push(c);
     }
-    let third = throughcare::client::handover(&gw.endpoint, &gw.certs(), "YG001").await;
+    let third = throughcare::cli::client::handover(&gw.endpoint, &gw.certs(), "YG001").await;
     let refused = match third {
         Err(_) => true,
         Ok(mut c) => c.pull(pull(1)).await.is_err(),
@@ -134,7 +134,8 @@ async fn an_identity_cannot_hold_more_connections_than_its_limit() {
     let mut again = None;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Ok(mut c) = throughcare::client::handover(&gw.endpoint, &gw.certs(), "YG001").await
+        if let Ok(mut c) =
+            throughcare::cli::client::handover(&gw.endpoint, &gw.certs(), "YG001").await
             && c.pull(pull(1)).await.is_ok()
         {
             again = Some(c);
@@ -253,7 +254,7 @@ async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
     assert!(ready, "gateway listens");
 
     // The well-behaved pair: a prison sends, a practice pulls and acks.
-    let mut prison = throughcare::client::handover(&endpoint, &certs, "YP002")
+    let mut prison = throughcare::cli::client::handover(&endpoint, &certs, "YP002")
         .await
         .unwrap();
     let round = |n: u32| release(&format!("good-{n}"), n, &["YG002"], "well behaved");
@@ -286,7 +287,7 @@ async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
     }
     // 3. Many streams on one connection: long polls from another identity
     //    (YG001 has used up its connections above).
-    let flooder = throughcare::client::handover(&endpoint, &certs, "YPR01").await;
+    let flooder = throughcare::cli::client::handover(&endpoint, &certs, "YPR01").await;
     let mut floods = Vec::new();
     let outcomes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
         String,
@@ -320,7 +321,7 @@ async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
     let started = Instant::now();
     let mut practice = tokio::time::timeout(
         Duration::from_secs(10),
-        throughcare::client::handover(&endpoint, &certs, "YG002"),
+        throughcare::cli::client::handover(&endpoint, &certs, "YG002"),
     )
     .await
     .expect("a new connection during the flood")

@@ -75,14 +75,14 @@ async fn json_lines_of_submits_and_pulls_carry_handover_ids_and_no_patient_data(
     let endpoint = format!("https://127.0.0.1:{port}");
     let mut prison = None;
     for _ in 0..300 {
-        if let Ok(c) = throughcare::client::handover(&endpoint, &certs, "YP001").await {
+        if let Ok(c) = throughcare::cli::client::handover(&endpoint, &certs, "YP001").await {
             prison = Some(c);
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut prison = prison.expect("the gateway starts");
-    let mut gp = throughcare::client::handover(&endpoint, &certs, "YG001")
+    let mut gp = throughcare::cli::client::handover(&endpoint, &certs, "YG001")
         .await
         .unwrap();
 

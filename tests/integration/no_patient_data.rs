@@ -110,7 +110,7 @@ fn event_of(json: &serde_json::Value) -> (pb::JourneyEvent, JourneyEvent, &'stat
 /// Every fixture in every format, pulled and acked by every recipient, then
 /// the provoked errors. Returns how many submits were accepted.
 async fn workload(endpoint: &str, certs: &Path) -> usize {
-    let mut prison = throughcare::client::handover(endpoint, certs, "YP001")
+    let mut prison = throughcare::cli::client::handover(endpoint, certs, "YP001")
         .await
         .unwrap();
     let mut accepted = 0;
@@ -149,7 +149,7 @@ async fn workload(endpoint: &str, certs: &Path) -> usize {
         }
     }
     for who in ["YG001", "YG002", "YPR01", "YP002"] {
-        let mut c = throughcare::client::handover(endpoint, certs, who)
+        let mut c = throughcare::cli::client::handover(endpoint, certs, who)
             .await
             .unwrap();
         for _ in 0..10 {

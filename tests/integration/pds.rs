@@ -762,7 +762,7 @@ async fn the_binary_logs_pds_alerts_and_never_patient_data_or_keys() {
     let endpoint = format!("https://127.0.0.1:{port}");
     let mut prison = None;
     for _ in 0..300 {
-        if let Ok(c) = throughcare::client::handover(&endpoint, &certs, "YP001").await {
+        if let Ok(c) = throughcare::cli::client::handover(&endpoint, &certs, "YP001").await {
             prison = Some(c);
             break;
         }
@@ -779,7 +779,7 @@ async fn the_binary_logs_pds_alerts_and_never_patient_data_or_keys() {
             .await
             .unwrap();
     }
-    let mut op = throughcare::client::operator(&endpoint, &certs, "operator-oncall")
+    let mut op = throughcare::cli::client::operator(&endpoint, &certs, "operator-oncall")
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -309,7 +309,7 @@ async fn parked_and_quarantined_payloads_are_kept_until_resolved() {
     let mut gp = gw.client("YG002").await;
     // A release with no known GP is parked.
     let parked = prison
-        .submit(throughcare::client::native_submit(
+        .submit(throughcare::cli::client::native_submit(
             "no-gp",
             pb::JourneyEvent::Release,
             &[],

@@ -99,14 +99,14 @@ impl TestGateway {
 
     /// A client as dev PKI identity `name`.
     pub async fn client(&self, name: &str) -> HandoverServiceClient<Channel> {
-        throughcare::client::handover(&self.endpoint, &self.certs(), name)
+        throughcare::cli::client::handover(&self.endpoint, &self.certs(), name)
             .await
             .expect("client connects")
     }
 
     /// An operator client as the dev PKI's operator.
     pub async fn operator(&self) -> pb::operator_service_client::OperatorServiceClient<Channel> {
-        throughcare::client::operator(&self.endpoint, &self.certs(), "operator-oncall")
+        throughcare::cli::client::operator(&self.endpoint, &self.certs(), "operator-oncall")
             .await
             .expect("operator connects")
     }
@@ -116,7 +116,7 @@ impl TestGateway {
         &self,
         name: &str,
     ) -> pb::operator_service_client::OperatorServiceClient<Channel> {
-        throughcare::client::operator(&self.endpoint, &self.certs(), name)
+        throughcare::cli::client::operator(&self.endpoint, &self.certs(), name)
             .await
             .expect("client connects")
     }

@@ -172,7 +172,7 @@ fn native(d: &pb::Delivery) -> anyhow::Result<&pb::ClinicalSummary> {
 #[allow(clippy::too_many_lines)]
 async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> anyhow::Result<()> {
     let connect = |name: &'static str| async move {
-        crate::client::handover(endpoint, certs, name)
+        crate::cli::client::handover(endpoint, certs, name)
             .await
             .with_context(|| format!("connect as {name}"))
     };
@@ -189,7 +189,12 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
     )?;
     let s = patient_summary("YP001", Some("YG001"));
     let r = ashdown
-        .submit(crate::client::native_submit("demo-adm", event, &[], &s))
+        .submit(crate::cli::client::native_submit(
+            "demo-adm",
+            event,
+            &[],
+            &s,
+        ))
         .await?
         .into_inner();
     writeln!(out, "   prison: {}", receipt_line(&r))?;
@@ -225,7 +230,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
     with_methadone(&mut community);
     community.author.organisation = "YG001".parse().expect("dev ODS code");
     let r = riverside
-        .submit(crate::client::native_submit(
+        .submit(crate::cli::client::native_submit(
             "demo-cs",
             pb::JourneyEvent::CommunitySummary,
             &[],
@@ -265,7 +270,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
             + time::Duration::hours(6),
     ));
     let r = ashdown
-        .submit(crate::client::native_submit(
+        .submit(crate::cli::client::native_submit(
             "demo-tr",
             pb::JourneyEvent::Transfer,
             &[],
@@ -299,7 +304,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
     release.custody.no_fixed_abode = true;
     release.patient.crn = "X123456".parse().ok();
     let r = brackenfield
-        .submit(crate::client::native_submit(
+        .submit(crate::cli::client::native_submit(
             "demo-rel",
             pb::JourneyEvent::Release,
             &["YPR01"],

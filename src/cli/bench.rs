@@ -200,7 +200,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 async fn wait_until_serving(endpoint: &str, certs: &Path) -> anyhow::Result<()> {
     for _ in 0..200 {
-        if crate::client::handover(endpoint, certs, "YP001")
+        if crate::cli::client::handover(endpoint, certs, "YP001")
             .await
             .is_ok()
         {
@@ -514,7 +514,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let restart_elapsed = restart.elapsed();
     let pid = server.pid;
     let started = Instant::now();
-    let mut consumer = crate::client::handover(&endpoint, &certs, "YG001").await?;
+    let mut consumer = crate::cli::client::handover(&endpoint, &certs, "YG001").await?;
     let mut acked = 0usize;
     while acked < opts.messages {
         let pulled = consumer
@@ -594,7 +594,7 @@ async fn submit_load(
 ) -> anyhow::Result<Phase> {
     let mut channels = Vec::new();
     for _ in 0..opts.connections.max(1) {
-        channels.push(crate::client::handover(endpoint, certs, &opts.sender).await?);
+        channels.push(crate::cli::client::handover(endpoint, certs, &opts.sender).await?);
     }
     // Pad the summary's free text so each document is about `doc_bytes`.
     let base = prost::Message::encoded_len(&document(0, "", &opts.sender));
@@ -926,7 +926,7 @@ pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
     let submitted = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let producer = tokio::spawn(soak_submitter(
-        crate::client::handover(&endpoint, &certs, &sender).await?,
+        crate::cli::client::handover(&endpoint, &certs, &sender).await?,
         sender.clone(),
         opts.rate,
         until,
@@ -934,11 +934,11 @@ pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
         submitted.clone(),
     ));
     let consumer = tokio::spawn(soak_consumer(
-        crate::client::handover(&endpoint, &certs, "YG001").await?,
+        crate::cli::client::handover(&endpoint, &certs, "YG001").await?,
         until,
         acked.clone(),
     ));
-    let mut op = crate::client::operator(&endpoint, &certs, "operator-oncall").await?;
+    let mut op = crate::cli::client::operator(&endpoint, &certs, "operator-oncall").await?;
     let every = Duration::from_secs((opts.minutes * 60 / 20).clamp(5, 60));
     let mut samples = Vec::new();
     while Instant::now() < until + every {

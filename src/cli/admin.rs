@@ -513,7 +513,7 @@ fn org_rows(list: &[pb::Organisation]) -> Rows {
 /// The connection failed or the gateway refused the call.
 #[allow(clippy::too_many_lines)]
 pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result<()> {
-    let mut op = crate::client::operator(&args.server, &args.certs_dir, &args.as_)
+    let mut op = crate::cli::client::operator(&args.server, &args.certs_dir, &args.as_)
         .await
         .with_context(|| format!("connecting to {} as {}", args.server, args.as_))?;
     let empty = empty_message(&command);
