@@ -345,6 +345,31 @@ impl Prepared {
         }
     }
 
+    /// Closes the store after its final barrier, then the metrics listener.
+    async fn close_store(
+        &self,
+        stop_metrics: tokio::sync::oneshot::Sender<()>,
+        metrics_server: tokio::task::JoinHandle<std::io::Result<()>>,
+    ) -> Result<(), AppError> {
+        self.gateway.store.close().await?;
+        let (barriers, fdatasyncs, commands, submits) = self.gateway.store.stats().snapshot();
+        tracing::info!(
+            barriers,
+            fdatasyncs,
+            commands,
+            submits,
+            "barrier statistics"
+        );
+        tracing::info!("store closed after a final durability barrier");
+        let _ = stop_metrics.send(());
+        match metrics_server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "metrics listener failed"),
+            Err(e) => tracing::error!(error = %e, "metrics listener panicked"),
+        }
+        Ok(())
+    }
+
     fn accept_limits(&self) -> crate::tls::AcceptLimits {
         let l = &self.config.limits;
         crate::tls::AcceptLimits {
@@ -551,22 +576,7 @@ impl Prepared {
         tally.flush(&self.gateway.store).await;
         // The accept loop's last summary of refused connections.
         let _ = tokio::time::timeout(Duration::from_secs(2), connect_refusals).await;
-        self.gateway.store.close().await?;
-        let (barriers, fdatasyncs, commands, submits) = self.gateway.store.stats().snapshot();
-        tracing::info!(
-            barriers,
-            fdatasyncs,
-            commands,
-            submits,
-            "barrier statistics"
-        );
-        tracing::info!("store closed after a final durability barrier");
-        let _ = stop_metrics.send(());
-        match metrics_server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "metrics listener failed"),
-            Err(e) => tracing::error!(error = %e, "metrics listener panicked"),
-        }
+        self.close_store(stop_metrics, metrics_server).await?;
         result
     }
 }

@@ -539,17 +539,7 @@ impl Writer {
                 record,
                 reply,
             } => {
-                staged.put(TreeId::Registry, code.as_bytes().to_vec(), record);
-                self.audit(
-                    staged,
-                    AuditEvent {
-                        actor,
-                        action: "registry_change",
-                        outcome: format!("ok: {code}"),
-                        ..AuditEvent::default()
-                    },
-                    now,
-                );
+                self.registry_put(staged, actor, &code, record, now);
                 Answer::new(reply, Ok(()))
             }
             Job::Shutdown(reply) => {
@@ -558,6 +548,28 @@ impl Writer {
             }
         };
         Some(answer)
+    }
+
+    /// Stores an organisation's registry record, audited.
+    fn registry_put(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: String,
+        code: &str,
+        record: Vec<u8>,
+        now: i64,
+    ) {
+        staged.put(TreeId::Registry, code.as_bytes().to_vec(), record);
+        self.audit(
+            staged,
+            AuditEvent {
+                actor,
+                action: "registry_change",
+                outcome: format!("ok: {code}"),
+                ..AuditEvent::default()
+            },
+            now,
+        );
     }
 
     /// Waits until every batch handed to the syncer is durable (or failed).
