@@ -535,10 +535,7 @@ impl Store {
         )?);
         cipher.open_epochs(&dir.join("key-epochs"), clock.now_ms())?;
         let sled_dir = dir.join("sled");
-        let db = sled::Config::new()
-            .path(&sled_dir)
-            .cache_capacity(options.cache_bytes)
-            .open()?;
+        let db = open_sled(&sled_dir, options.cache_bytes)?;
         let trees = TreeId::ALL
             .iter()
             .map(|t| db.open_tree(t.name()))
@@ -1176,5 +1173,28 @@ impl Store {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
         result
+    }
+}
+
+/// Opens sled. A store closed moments ago in this process may still hold
+/// sled's file lock: its last io thread lets go shortly after the close.
+/// Such an open is retried for up to 5 s. Any other error, or a lock
+/// held by another process for longer, is returned.
+fn open_sled(dir: &std::path::Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }

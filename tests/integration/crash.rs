@@ -205,8 +205,13 @@ async fn consumer(
     }
 }
 
+/// The kill -9 tests run one at a time: each drives a real binary through
+/// restarts with bounded waits, and two at once on two cores starve both.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_submits_survive_kill_9() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     throughcare::certs::init_dev_pki(&dir.path().join("certs")).unwrap();
     let certs = dir.path().join("certs");
@@ -402,6 +407,7 @@ async fn acknowledged_submits_survive_kill_9() {
 /// trail on disk), and at the end the trail verifies from its cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retention_cut_survives_kill_9() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     throughcare::certs::init_dev_pki(&certs).unwrap();
