@@ -260,7 +260,7 @@ async fn acknowledged_submits_survive_kill_9() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_submitting.store(true, Ordering::SeqCst);
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(30), t)
+        tokio::time::timeout(Duration::from_secs(90), t)
             .await
             .expect("submitters finish")
             .unwrap();
@@ -469,7 +469,7 @@ async fn a_retention_cut_survives_kill_9() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     stop.store(true, Ordering::SeqCst);
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(30), t)
+        tokio::time::timeout(Duration::from_secs(90), t)
             .await
             .expect("clients finish")
             .unwrap();

@@ -6,25 +6,15 @@
 
 use crate::support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{BIN, Server};
 use support::*;
 use throughcare::grpc::pb;
 use throughcare::store::{Store, StoreOptions, SystemClock};
 use tonic::Code;
-
-const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A valid synthetic NHS number that is also a well-formed (unknown) ODS code.
 fn hostile_nhs() -> String {

@@ -5,23 +5,13 @@
 use crate::support;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::{BIN, Server};
 use serde_json::Value;
 use support::{nhs, pull, release};
 use throughcare::grpc::pb;
-
-const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The spans a line was written in, outermost first.
 fn spans(line: &Value) -> Vec<&Value> {

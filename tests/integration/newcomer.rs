@@ -4,28 +4,10 @@
 //! empty tables say so, the demo's story carries no log lines, and the
 //! binary names its commit and ships completions and a manual page.
 
+use crate::support::{BIN, Server, free_port};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn serve(dir: &Path, port: u16) -> Server {
     let server = Server(

@@ -6,17 +6,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::{BIN, free_port};
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// stderr is a pipe here: no escape sequences, even at levels that a
 /// terminal would colour (INFO, WARN), and the listener's address as text.

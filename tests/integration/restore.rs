@@ -4,28 +4,10 @@
 //! acknowledged handovers the store lost (ids, sender, message id), re-bases
 //! the witness, audits itself, and the gateway then starts.
 
+use crate::support::{BIN, Server, free_port};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn serve_command(dir: &Path, port: u16) -> Command {
     let mut cmd = Command::new(BIN);

@@ -301,3 +301,25 @@ pub async fn pull_and_ack(client: &mut HandoverServiceClient<Channel>) -> Vec<pb
     }
     got
 }
+
+/// The real binary, built by cargo for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
+
+/// A free port on 127.0.0.1 (free when asked: bind it right away).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A process of the real binary, killed and reaped when dropped.
+pub struct Server(pub std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
