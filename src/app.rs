@@ -370,6 +370,45 @@ impl Prepared {
         Ok(())
     }
 
+    /// The Handover service, or (`bench --baseline` only) the null one
+    /// that measures the RPC stack's own limit.
+    fn handover_services(
+        &self,
+    ) -> (
+        Option<HandoverServiceServer<HandoverGrpc>>,
+        Option<HandoverServiceServer<crate::grpc::null::NullHandover>>,
+    ) {
+        let max_message = self.config.limits.max_document_bytes + 64 * 1024;
+        let handover = HandoverServiceServer::new(
+            HandoverGrpc::new(self.gateway.clone()).with_metrics(self.metrics.clone()),
+        )
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message.saturating_mul(4));
+        // `bench --baseline` only: the RPC stack's own limit.
+        if self.null_handover {
+            tracing::warn!("serving the null handover (bench baseline): nothing is stored");
+            let null = HandoverServiceServer::new(crate::grpc::null::NullHandover::default())
+                .max_decoding_message_size(max_message);
+            (None, Some(null))
+        } else {
+            (Some(handover), None)
+        }
+    }
+
+    /// PDS lookups, beside (never in) the submit path.
+    fn spawn_pds(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.pds.take().map(|client| {
+            let (gateway, metrics) = (self.gateway.clone(), self.metrics.clone());
+            crate::pds::spawn(
+                client,
+                &self.config.pds,
+                gateway,
+                metrics,
+                self.shutdown_tx.subscribe(),
+            )
+        })
+    }
+
     fn accept_limits(&self) -> crate::tls::AcceptLimits {
         let l = &self.config.limits;
         crate::tls::AcceptLimits {
@@ -468,7 +507,7 @@ impl Prepared {
             .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let trends = Arc::new(crate::operator::trends::Trends::default());
         let (metrics_server, stop_metrics) = self.start_metrics(trends.clone())?;
-        let l = &self.config.limits;
+        let l = self.config.limits.clone();
         let accept = self.accept_limits();
         let (incoming, connect_refusals) = crate::tls::incoming(
             listener,
@@ -479,21 +518,7 @@ impl Prepared {
         let tally = RefusalTally::default();
         let rate_limit = RateLimitLayer::new(l.requests_per_second, l.request_burst, tally.clone());
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
-        let max_message = self.config.limits.max_document_bytes + 64 * 1024;
-        let handover = HandoverServiceServer::new(
-            HandoverGrpc::new(self.gateway.clone()).with_metrics(self.metrics.clone()),
-        )
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message.saturating_mul(4));
-        // `bench --baseline` only: the RPC stack's own limit.
-        let (handover, null_handover) = if self.null_handover {
-            tracing::warn!("serving the null handover (bench baseline): nothing is stored");
-            let null = HandoverServiceServer::new(crate::grpc::null::NullHandover::default())
-                .max_decoding_message_size(max_message);
-            (None, Some(null))
-        } else {
-            (Some(handover), None)
-        };
+        let (handover, null_handover) = self.handover_services();
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -508,17 +533,7 @@ impl Prepared {
         let sweeper = self.spawn_sweeper(trends.clone());
 
         let retention = self.spawn_retention();
-        // PDS lookups, beside (never in) the submit path.
-        let pds = self.pds.take().map(|client| {
-            let (gateway, metrics) = (self.gateway.clone(), self.metrics.clone());
-            crate::pds::spawn(
-                client,
-                &self.config.pds,
-                gateway,
-                metrics,
-                self.shutdown_tx.subscribe(),
-            )
-        });
+        let pds = self.spawn_pds();
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let forget = spawn_forget(
             rate_limit.clone(),

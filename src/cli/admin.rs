@@ -511,7 +511,6 @@ fn org_rows(list: &[pb::Organisation]) -> Rows {
 ///
 /// # Errors
 /// The connection failed or the gateway refused the call.
-#[allow(clippy::too_many_lines)]
 pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result<()> {
     let mut op = crate::cli::client::operator(&args.server, &args.certs_dir, &args.as_)
         .await

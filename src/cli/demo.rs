@@ -169,36 +169,56 @@ fn native(d: &pb::Delivery) -> anyhow::Result<&pb::ClinicalSummary> {
     }
 }
 
-#[allow(clippy::too_many_lines)]
 async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> anyhow::Result<()> {
     let connect = |name: &'static str| async move {
         crate::cli::client::handover(endpoint, certs, name)
             .await
             .with_context(|| format!("connect as {name}"))
     };
-    let mut ashdown = connect("YP001").await?;
-    let mut riverside = connect("YG001").await?;
-    let mut brackenfield = connect("YP002").await?;
-    let mut hillview = connect("YG002").await?;
-    let mut probation = connect("YPR01").await?;
-    let event = pb::JourneyEvent::Admission;
+    let mut p = Parties {
+        ashdown: connect("YP001").await?,
+        riverside: connect("YG001").await?,
+        brackenfield: connect("YP002").await?,
+        hillview: connect("YG002").await?,
+        probation: connect("YPR01").await?,
+    };
+    admission(out, &mut p).await?;
+    community_summary(out, &mut p).await?;
+    transfer(out, &mut p).await?;
+    release(out, &mut p).await?;
+    claim(out, &mut p).await?;
+    probation_view(out, &mut p).await?;
+    track(out, &mut p).await
+}
 
+/// The demo's organisations, each with its own certificate.
+struct Parties {
+    ashdown: Client,
+    riverside: Client,
+    brackenfield: Client,
+    hillview: Client,
+    probation: Client,
+}
+
+/// The prison admits the patient; the GP gets an admission notice.
+async fn admission(out: &mut dyn std::io::Write, p: &mut Parties) -> anyhow::Result<()> {
     writeln!(
         out,
         "1. ADMISSION at HMP Ashdown (YP001); the patient's GP is Riverside Surgery (YG001)"
     )?;
     let s = patient_summary("YP001", Some("YG001"));
-    let r = ashdown
+    let r = p
+        .ashdown
         .submit(crate::cli::client::native_submit(
             "demo-adm",
-            event,
+            pb::JourneyEvent::Admission,
             &[],
             &s,
         ))
         .await?
         .into_inner();
     writeln!(out, "   prison: {}", receipt_line(&r))?;
-    let d = pull_one(&mut riverside, pb::DocumentFormat::Native).await?;
+    let d = pull_one(&mut p.riverside, pb::DocumentFormat::Native).await?;
     let notice = native(&d)?;
     writeln!(
         out,
@@ -221,7 +241,11 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
             .map_or("", |c| c.reception_date.as_str()),
         notice.medications.len()
     )?;
+    Ok(())
+}
 
+/// The GP sends the community record back to the prison.
+async fn community_summary(out: &mut dyn std::io::Write, p: &mut Parties) -> anyhow::Result<()> {
     writeln!(
         out,
         "\n2. COMMUNITY_SUMMARY: Riverside sends the community record back"
@@ -229,7 +253,8 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
     let mut community = patient_summary("YP001", Some("YG001"));
     with_methadone(&mut community);
     community.author.organisation = "YG001".parse().expect("dev ODS code");
-    let r = riverside
+    let r = p
+        .riverside
         .submit(crate::cli::client::native_submit(
             "demo-cs",
             pb::JourneyEvent::CommunitySummary,
@@ -239,7 +264,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
         .await?
         .into_inner();
     writeln!(out, "   practice: {}", receipt_line(&r))?;
-    let d = pull_one(&mut ashdown, pb::DocumentFormat::Native).await?;
+    let d = pull_one(&mut p.ashdown, pb::DocumentFormat::Native).await?;
     let got = native(&d)?;
     writeln!(
         out,
@@ -255,7 +280,11 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
             .and_then(|m| m.code.as_ref())
             .map_or("", |c| c.display.as_str())
     )?;
+    Ok(())
+}
 
+/// The prison transfers the patient, with opioid substitution therapy.
+async fn transfer(out: &mut dyn std::io::Write, p: &mut Parties) -> anyhow::Result<()> {
     writeln!(
         out,
         "\n3. TRANSFER from Ashdown to HMP Brackenfield (YP002), with opioid substitution therapy"
@@ -269,7 +298,8 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
             .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
             + time::Duration::hours(6),
     ));
-    let r = ashdown
+    let r = p
+        .ashdown
         .submit(crate::cli::client::native_submit(
             "demo-tr",
             pb::JourneyEvent::Transfer,
@@ -279,7 +309,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
         .await?
         .into_inner();
     writeln!(out, "   prison: {}", receipt_line(&r))?;
-    let d = pull_one(&mut brackenfield, pb::DocumentFormat::Native).await?;
+    let d = pull_one(&mut p.brackenfield, pb::DocumentFormat::Native).await?;
     let got = native(&d)?;
     let ost = got.medications.first().context("medicines first")?;
     writeln!(
@@ -291,7 +321,11 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
         ost.frequency,
         ost.last_dose_given
     )?;
+    Ok(())
+}
 
+/// The receiving prison releases the patient with no GP: parked.
+async fn release(out: &mut dyn std::io::Write, p: &mut Parties) -> anyhow::Result<()> {
     writeln!(
         out,
         "\n4. RELEASE from Brackenfield today: the patient has no GP, so the summary is PARKED"
@@ -303,7 +337,8 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
     release.custody.release_date = Some(crate::clinical::model::Date(today()));
     release.custody.no_fixed_abode = true;
     release.patient.crn = "X123456".parse().ok();
-    let r = brackenfield
+    let r = p
+        .brackenfield
         .submit(crate::cli::client::native_submit(
             "demo-rel",
             pb::JourneyEvent::Release,
@@ -313,12 +348,17 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
         .await?
         .into_inner();
     writeln!(out, "   prison: {}", receipt_line(&r))?;
+    Ok(())
+}
 
+/// A practice registers the patient and claims the parked release.
+async fn claim(out: &mut dyn std::io::Write, p: &mut Parties) -> anyhow::Result<()> {
     writeln!(
         out,
         "\n5. Hillview Medical Centre (YG002) registers the patient and claims the parked release"
     )?;
-    let claimed = hillview
+    let claimed = p
+        .hillview
         .claim(pb::ClaimRequest {
             patient: Some(pb::PatientRef {
                 nhs_number: NHS.into(),
@@ -335,7 +375,7 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
         "   claimed {} release(s) into Hillview's mailbox",
         claimed.len()
     )?;
-    let d = pull_one(&mut hillview, pb::DocumentFormat::Unspecified).await?;
+    let d = pull_one(&mut p.hillview, pb::DocumentFormat::Unspecified).await?;
     let Some(pb::delivery::Document::Hl7v2(hl7)) = &d.document else {
         anyhow::bail!("Hillview is registered for HL7 v2");
     };
@@ -352,12 +392,16 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
         "     ... {} segments in all",
         hl7.split('\r').filter(|s| !s.is_empty()).count()
     )?;
+    Ok(())
+}
 
+/// Probation receives only its view.
+async fn probation_view(out: &mut dyn std::io::Write, p: &mut Parties) -> anyhow::Result<()> {
     writeln!(
         out,
         "\n6. Probation (YPR01) receives only its view; the patient refused consent, so no risk flags"
     )?;
-    let d = pull_one(&mut probation, pb::DocumentFormat::Native).await?;
+    let d = pull_one(&mut p.probation, pb::DocumentFormat::Native).await?;
     let view = native(&d)?;
     writeln!(
         out,
@@ -370,9 +414,14 @@ async fn play(out: &mut dyn std::io::Write, endpoint: &str, certs: &Path) -> any
         view.medications.len(),
         view.risks.len()
     )?;
+    Ok(())
+}
 
+/// The releasing prison tracks its release.
+async fn track(out: &mut dyn std::io::Write, p: &mut Parties) -> anyhow::Result<()> {
     writeln!(out, "\n7. TRACK: what Brackenfield sees of its release")?;
-    let t = brackenfield
+    let t = p
+        .brackenfield
         .track(pb::TrackRequest {
             handover: Some(pb::track_request::Handover::MessageId("demo-rel".into())),
         })

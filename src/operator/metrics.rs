@@ -512,32 +512,8 @@ impl Metrics {
             Unit::Seconds,
             certificate_expiry.clone(),
         );
-        let build_info = Family::<BuildLabels, Gauge>::default();
-        build_info
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-                commit: env!("THROUGHCARE_COMMIT"),
-            })
-            .set(1);
-        r.register(
-            "build_info",
-            "The running build: always 1, its version and commit in the labels",
-            build_info,
-        );
-        let grpc_handled = Family::default();
-        r.register(
-            "grpc_server_handled",
-            "Calls on the mutual-TLS listener that finished, by service, method and gRPC status code",
-            grpc_handled.clone(),
-        );
-        let grpc_seconds: HistogramFamily<GrpcMethodLabels> =
-            Family::new_with_constructor(grpc_seconds_histogram);
-        r.register_with_unit(
-            "grpc_server_handling",
-            "Calls on the mutual-TLS listener: from request in to the call's last frame",
-            Unit::Seconds,
-            grpc_seconds.clone(),
-        );
+        register_build_info(r);
+        let (grpc_handled, grpc_seconds) = grpc_families(r);
         let claim_failures = Counter::default();
         r.register(
             "claim_failures",
@@ -896,6 +872,46 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// `build_info`: always 1, the version and commit in its labels.
+fn register_build_info(r: &mut Registry) {
+    let build_info = Family::<BuildLabels, Gauge>::default();
+    build_info
+        .get_or_create(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            commit: env!("THROUGHCARE_COMMIT"),
+        })
+        .set(1);
+    r.register(
+        "build_info",
+        "The running build: always 1, its version and commit in the labels",
+        build_info,
+    );
+}
+
+/// The per-method gRPC series: calls handled by code, and their latency.
+fn grpc_families(
+    r: &mut Registry,
+) -> (
+    Family<GrpcCallLabels, Counter>,
+    HistogramFamily<GrpcMethodLabels>,
+) {
+    let grpc_handled = Family::default();
+    r.register(
+        "grpc_server_handled",
+        "Calls on the mutual-TLS listener that finished, by service, method and gRPC status code",
+        grpc_handled.clone(),
+    );
+    let grpc_seconds: HistogramFamily<GrpcMethodLabels> =
+        Family::new_with_constructor(grpc_seconds_histogram);
+    r.register_with_unit(
+        "grpc_server_handling",
+        "Calls on the mutual-TLS listener: from request in to the call's last frame",
+        Unit::Seconds,
+        grpc_seconds.clone(),
+    );
+    (grpc_handled, grpc_seconds)
 }
 
 #[cfg(test)]
