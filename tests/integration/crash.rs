@@ -19,6 +19,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
 
 struct Server {
     child: Option<Child>,
+    /// The server's stderr, kept so a refusal to start says why.
+    log: std::path::PathBuf,
 }
 
 impl Server {
@@ -28,6 +30,12 @@ impl Server {
 
     /// Started with extra arguments (e.g. `--config FILE`).
     fn start_with(dir: &Path, port: u16, extra: &[&std::ffi::OsStr]) -> Self {
+        let log = dir.join("gateway-stderr.log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("stderr log opens");
         let child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(extra)
@@ -37,10 +45,13 @@ impl Server {
             .arg(dir.join("certs"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(stderr))
             .spawn()
             .expect("gateway starts");
-        Self { child: Some(child) }
+        Self {
+            child: Some(child),
+            log,
+        }
     }
 
     /// Waits until it answers a call; panics if it exits instead (refused
@@ -49,7 +60,11 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("the gateway refused to start after a kill -9: {status}");
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                panic!(
+                    "the gateway refused to start after a kill -9: {status}; its last words: {tail:?}"
+                );
             }
             assert!(Instant::now() < deadline, "the gateway did not start");
             if let Ok(mut c) = throughcare::cli::client::handover(endpoint, certs, "YP001").await
