@@ -713,7 +713,7 @@ impl Config {
             "store.pipeline_depth",
             u64::from(self.store.pipeline_depth),
             0,
-            64,
+            crate::store::MAX_PIPELINE_DEPTH as u64,
         )?;
         self.retention.validate()?;
         self.validate_integrity()?;

@@ -7,7 +7,7 @@
 //! | no witness, empty store | a witness (and an audit key, if absent) is made |
 //! | no witness, store with data | refused: [`StoreError::Witness`] (exit 65) |
 //! | store behind the witness | refused: [`StoreError::Behind`] (exit 65), naming the gap |
-//! | witness behind the store: by more than [`LAG`] batches after a crash, by any after a clean close | refused: the witness was rolled back or replaced |
+//! | witness behind the store: by more than the crashed run's pipeline allows ([`super::syncer::witness_lag`]), by any after a clean close | refused: the witness was rolled back or replaced |
 //! | head signature or anchored audit entry does not hold | refused: [`StoreError::Witness`] |
 //! | audit key missing for a keyed chain or an existing witness | refused: [`StoreError::AuditKey`] |
 //! | the oldest audit entries gone without a retention cut signed by the audit key, or not where the cut says the trail starts | refused: [`StoreError::Witness`] |
@@ -26,11 +26,13 @@ use crate::audit::{
     AuditCut, AuditEntry, AuditKey, Checkpoint, GENESIS, KEYED, SignedAuditCut, SignedCheckpoint,
 };
 
-/// How far the durable witness may trail the store after a crash: its head
-/// is written after a barrier and made durable by the next one, so a crash
-/// in barrier S+1 can leave the store at S+1 and the witness at S-1. After a
-/// clean close (marked in the store) it must match exactly.
-pub const LAG: u64 = 2;
+/// Meta key (u64 BE): how many batches the witness may trail the store after
+/// a crash of the run that wrote it ([`super::syncer::witness_lag`] of its
+/// pipeline depth). Written and made durable at each open, before any batch,
+/// so the check after a crash uses the depth the crashed run had, whatever
+/// the configuration says now. After a clean close the witness must match
+/// exactly.
+const META_WITNESS_LAG: &[u8] = b"witness_lag";
 
 /// Meta key (u64 BE): the committed batches at a clean close, whose final
 /// barrier made the witness exact; removed at open.
@@ -258,6 +260,8 @@ fn missing(
 pub(super) fn open_checked(
     paths: &WitnessPaths,
     trees: &[sled::Tree],
+    barrier: &super::DurabilityBarrier,
+    pipeline_depth: usize,
 ) -> Result<(HighWater, u64), StoreError> {
     let found = Found::read(trees)?;
     let witness = high_water::read(&paths.file)?;
@@ -299,7 +303,11 @@ pub(super) fn open_checked(
     let allowed = if clean > 0 && clean == found.commit_seq {
         0
     } else {
-        LAG
+        match meta(trees, META_WITNESS_LAG)? {
+            // A store from before the lag was recorded: the deepest pipeline.
+            0 => super::syncer::witness_lag(super::syncer::MAX_PIPELINE_DEPTH),
+            lag => lag,
+        }
     };
     if found.commit_seq > promised + allowed {
         return Err(refuse(format!(
@@ -325,10 +333,18 @@ pub(super) fn open_checked(
         found.last_handover,
     )?;
     if promised < found.commit_seq {
-        // Caught up now, so the lag never adds up across restarts.
+        // Caught up now, and durably: the lag never adds up across
+        // restarts, and a smaller pipeline's lag below holds from here.
         witness.record(found.checkpoint(now_ms()))?;
+        witness.file().sync_data()?;
     }
-    trees[TreeId::Meta as usize].remove(META_CLEAN_CLOSE)?;
+    let meta_tree = &trees[TreeId::Meta as usize];
+    meta_tree.remove(META_CLEAN_CLOSE)?;
+    meta_tree.insert(
+        META_WITNESS_LAG,
+        &records::be(super::syncer::witness_lag(pipeline_depth)),
+    )?;
+    barrier.seal()?;
     Ok((witness, promised))
 }
 
@@ -548,8 +564,12 @@ mod tests {
     use crate::audit::AuditEvent;
     use crate::store::{Store, SystemClock};
 
-    fn open(data: &Path) -> Result<Store, StoreError> {
-        Store::open(data, StoreOptions::default(), Arc::new(SystemClock))
+    fn open_deep(data: &Path, pipeline_depth: usize) -> Result<Store, StoreError> {
+        let options = StoreOptions {
+            pipeline_depth,
+            ..StoreOptions::default()
+        };
+        Store::open(data, options, Arc::new(SystemClock))
     }
 
     async fn batches(store: &Store, n: usize) {
@@ -566,8 +586,8 @@ mod tests {
         }
     }
 
-    fn refusal(data: &Path) -> String {
-        match open(data) {
+    fn refusal(data: &Path, pipeline_depth: usize) -> String {
+        match open_deep(data, pipeline_depth) {
             Ok(_) => panic!("opened a store its witness contradicts"),
             Err(e) => e.to_string(),
         }
@@ -580,35 +600,48 @@ mod tests {
         db.flush().unwrap();
     }
 
-    /// A crash may leave the witness two batches behind; a clean close none.
-    #[tokio::test]
-    async fn the_witness_may_trail_by_the_crash_lag_only() {
+    /// A crash may leave the witness behind by what the crashed run's
+    /// pipeline allows, whatever the depth configured at the next open; a
+    /// clean close leaves it exact.
+    async fn the_witness_may_trail_by_the_crash_lag_only(written: usize, reopened: usize) {
+        let lag = crate::store::witness_lag(written) as usize;
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let file = WitnessPaths::of(&data, &StoreOptions::default()).file;
-        let store = open(&data).unwrap();
-        batches(&store, 4).await;
-        let at4 = std::fs::read(&file).unwrap();
+        let store = open_deep(&data, written).unwrap();
         batches(&store, 1).await;
-        let at5 = std::fs::read(&file).unwrap();
-        batches(&store, 2).await;
+        let at1 = std::fs::read(&file).unwrap();
+        batches(&store, 1).await;
+        let at2 = std::fs::read(&file).unwrap();
+        batches(&store, lag).await;
         store.close().await.unwrap();
         drop(store);
 
-        std::fs::write(&file, &at5).unwrap();
-        let refused = refusal(&data);
+        std::fs::write(&file, &at2).unwrap();
+        let refused = refusal(&data, reopened);
         assert!(refused.contains("closed cleanly"), "{refused}");
 
         forget_clean_close(&data);
-        std::fs::write(&file, &at4).unwrap();
-        let refused = refusal(&data);
+        std::fs::write(&file, &at1).unwrap();
+        let refused = refusal(&data, reopened);
         assert!(refused.contains("rolled back"), "{refused}");
-        std::fs::write(&file, &at5).unwrap();
-        let store = open(&data).unwrap();
+        std::fs::write(&file, &at2).unwrap();
+        let store = open_deep(&data, reopened).unwrap();
         store.close().await.unwrap();
         drop(store);
         // Caught up at open: the lag does not add up.
         let head = high_water::read(&file).unwrap().unwrap().head.unwrap();
-        assert_eq!(head.checkpoint.commit_seq, 7);
+        assert_eq!(head.checkpoint.commit_seq, 2 + lag as u64);
+    }
+
+    #[tokio::test]
+    async fn without_a_pipeline_the_witness_trails_by_two_batches_at_most() {
+        assert_eq!(crate::store::witness_lag(0), 2);
+        the_witness_may_trail_by_the_crash_lag_only(0, 0).await;
+    }
+
+    #[tokio::test]
+    async fn the_crashed_runs_pipeline_sets_the_lag_not_the_next_config() {
+        the_witness_may_trail_by_the_crash_lag_only(crate::store::PIPELINE_DEPTH, 0).await;
     }
 }

@@ -48,6 +48,7 @@ pub use pds::{PDS_ACTOR, PdsFinding, PdsNotice, PdsResult, PdsStatus};
 pub use records::{
     DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX, Tombstone,
 };
+pub use syncer::{MAX_PIPELINE_DEPTH, PIPELINE_DEPTH, witness_lag};
 pub use writer::retention::{RetentionOutcome, RetentionPolicy, RetentionStats};
 
 use crate::journey::JourneyEvent;
@@ -522,10 +523,11 @@ impl Store {
 
     fn open_with(
         dir: &Path,
-        options: StoreOptions,
+        mut options: StoreOptions,
         clock: Arc<dyn Clock>,
         rebase: bool,
     ) -> Result<(Store, Option<Rollback>), StoreError> {
+        options.pipeline_depth = options.pipeline_depth.min(syncer::MAX_PIPELINE_DEPTH);
         std::fs::create_dir_all(dir)?;
         let cipher = Arc::new(crypt::PayloadCipher::load_or_create(
             &options
@@ -551,7 +553,8 @@ impl Store {
         let rollback = rebase
             .then(|| integrity::rebase(&paths, &trees))
             .transpose()?;
-        let (high_water, promised) = integrity::open_checked(&paths, &trees)?;
+        let (high_water, promised) =
+            integrity::open_checked(&paths, &trees, &barrier, options.pipeline_depth)?;
         let signals = Arc::new(Signals::default());
         let audit_key = high_water.key();
         let (writer, syncer, settled) = writer::Writer::load(

@@ -20,6 +20,24 @@ use super::{BarrierObserver, Clock, Signals, StoreError};
 /// waits, by default (`[store] pipeline_depth`).
 pub const PIPELINE_DEPTH: usize = 8;
 
+/// The deepest pipeline the configuration accepts.
+pub const MAX_PIPELINE_DEPTH: usize = 64;
+
+/// How many committed batches sled may hold beyond the witness's head after
+/// a crash, with `depth` batches allowed to wait for the syncer. The syncer
+/// settles at most `depth + 1` items at a time. While it is in the barrier
+/// of one group, the writer may have committed `depth` more that wait in the
+/// channel and one in hand. The head of the group before may not be durable
+/// yet (power loss), which is one more group. So the limit is
+/// `2 (depth + 1) + (depth + 1)` batches, or 2 when each batch is settled
+/// before the next (`depth` 0).
+#[must_use]
+pub fn witness_lag(depth: usize) -> u64 {
+    let group = depth as u64 + 1;
+    let ahead = if depth == 0 { 0 } else { depth as u64 + 1 };
+    2 * group + ahead
+}
+
 /// Sends a result, or `Unavailable(why)` when its batch failed.
 pub(super) type Sender = Box<dyn FnOnce(Option<&str>) + Send>;
 
@@ -75,6 +93,9 @@ pub(super) struct Syncer {
     pub durable_seq: u64,
     /// The audit sequence the newest durable witness head anchors.
     pub anchored_audit_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The most items settled under one barrier (`pipeline_depth + 1`),
+    /// which bounds how far a crash can leave the witness behind sled.
+    pub max_group: usize,
 }
 
 impl Syncer {
@@ -82,7 +103,7 @@ impl Syncer {
     pub(super) fn run(mut self, rx: &Receiver<ToSyncer>) {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
-            while group.len() < 64 {
+            while group.len() < self.max_group {
                 match rx.try_recv() {
                     Ok(more) => group.push(more),
                     Err(_) => break,

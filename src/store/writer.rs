@@ -316,6 +316,7 @@ impl Writer {
             signals: signals.clone(),
             failed: sync_failed.clone(),
             durable_seq: commit_seq,
+            max_group: options.pipeline_depth + 1,
         };
         let writer = Self {
             retention: retention::Ledger::load(&trees)?,

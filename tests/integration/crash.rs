@@ -271,6 +271,7 @@ async fn acknowledged_submits_survive_kill_9() {
         let ok = ledger.lock().unwrap().ok.len();
         println!("round {round}: killed with {ok} submits acknowledged so far");
         server = Server::start(dir.path(), port);
+        server.wait_serving(&endpoint, &certs).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_submitting.store(true, Ordering::SeqCst);

@@ -152,3 +152,92 @@ async fn concurrent_submits_share_barriers() {
     assert_eq!(observer.barriers.lock().unwrap().len() as u64, barriers);
     store.close().await.unwrap();
 }
+
+/// Holds every barrier after the first `open` ones until released, so the
+/// writer runs ahead of the witness as far as the pipeline lets it.
+struct Gate {
+    open: u64,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl BarrierObserver for Gate {
+    fn synced(&self, barrier: u64) -> io::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while barrier > self.open
+            && !self.released.load(Ordering::SeqCst)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A kill -9 while the syncer is in a barrier and the writer has filled the
+/// pipeline leaves sled ahead of the witness by as many batches as the
+/// pipeline holds: the next open must accept that (and still refuse a
+/// store behind its witness). The copy of the directories taken at that
+/// moment is what a kill -9 leaves: what the process had written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_with_the_pipeline_full_reopens_with_every_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    let gate = Arc::new(Gate {
+        open: 2,
+        released: std::sync::atomic::AtomicBool::new(false),
+    });
+    let store = open(&live, Some(gate.clone()));
+    let mut ok = Vec::new();
+    for i in 0..2 {
+        ok.push((i, store.submit(handover(i)).await.unwrap().handover_id));
+    }
+    // One submit at a time, so each is its own batch and commit.
+    let mut waiting = Vec::new();
+    for i in 2..40 {
+        let store = store.clone();
+        waiting.push(tokio::spawn(async move { store.submit(handover(i)).await }));
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    // sled writes its buffers in the background (every 500 ms by default).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let crashed = dir.path().join("crashed");
+    copy_tree(&live, &crashed);
+    gate.released.store(true, Ordering::SeqCst);
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    store.close().await.unwrap();
+    drop(store);
+
+    let store = Store::open(
+        &crashed.join("data"),
+        StoreOptions::default(),
+        Arc::new(SystemClock),
+    )
+    .expect("a store a crash left ahead of its witness within the pipeline opens");
+    for (i, id) in ok {
+        let s = store
+            .track(
+                "urn:ods:YP001",
+                "YP001",
+                TrackKey::MessageId(format!("m-{i}")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s.handover.id, id);
+    }
+    store.close().await.unwrap();
+}
