@@ -176,7 +176,10 @@ impl Store {
             if h.submitted_at_ms < since_ms || out.len() >= limit {
                 break;
             }
-            if h.event == JourneyEvent::Admission && h.deliveries.is_empty() {
+            if h.event == JourneyEvent::Admission
+                && h.deliveries.is_empty()
+                && h.shredded_at_ms.is_none()
+            {
                 out.push(h);
             }
         }
@@ -210,9 +213,14 @@ impl Writer {
         let latest = staged
             .get(TreeId::Lineage, &lineage)?
             .and_then(|v| records::from_be(&v));
-        if !h.deliveries.is_empty() || latest.is_some_and(|l| l != h.id) {
+        // Its payload gone under the retention policy: no notice to send.
+        if !h.deliveries.is_empty()
+            || h.shredded_at_ms.is_some()
+            || latest.is_some_and(|l| l != h.id)
+        {
             return Ok(None);
         }
+        Self::reopen(&mut h);
         self.last_delivery += 1;
         let d = notice_delivery(&h, &notice.delivery, self.last_delivery, now);
         staged.put_json(TreeId::Deliveries, records::be(d.id).to_vec(), &d);

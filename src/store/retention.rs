@@ -279,6 +279,57 @@ impl Writer {
         Ok(())
     }
 
+    /// A handover that went to nobody (an admission whose patient has no
+    /// GP on the network) waits for no delivery: it is finished when
+    /// submitted, so its payload and tracking metadata expire like any
+    /// other's. PDS may still find a practice while the payload is kept;
+    /// then [`Self::reopen`] makes it wait for that delivery.
+    pub(in crate::store) fn finish_unrouted(
+        &mut self,
+        staged: &mut Staged<'_>,
+        h: &mut HandoverRecord,
+        now: i64,
+    ) {
+        h.finished_at_ms = Some(now);
+        let policy = self.options.retention.clone();
+        let payload_due = now.saturating_add(policy.payload_grace_ms);
+        let metadata_due = now.saturating_add(policy.metadata_ms);
+        self.schedule_retention(staged, payload_due, RetentionKind::Payload, h.id);
+        self.schedule_retention(staged, metadata_due, RetentionKind::Metadata, h.id);
+    }
+
+    /// A finished handover that gets a new delivery waits for it again: the
+    /// retention work scheduled for it is skipped when due (it checks that
+    /// the handover is still finished), and new work is scheduled when the
+    /// delivery finishes.
+    pub(in crate::store) fn reopen(h: &mut HandoverRecord) {
+        h.finished_at_ms = None;
+    }
+
+    /// Whether `h` finished at least `age_ms` before `now`, so that work of
+    /// `kind` scheduled for it applies. A handover waiting for a delivery
+    /// again (reopened) is not: its work is scheduled when it finishes. One
+    /// that finished later than the work assumed (reopened and finished
+    /// again, or a period lengthened since) has the work moved to when it
+    /// is due.
+    fn old_enough(
+        &mut self,
+        staged: &mut Staged<'_>,
+        h: &HandoverRecord,
+        now: i64,
+        age_ms: i64,
+        kind: RetentionKind,
+    ) -> bool {
+        let Some(due) = h.finished_at_ms.map(|at| at.saturating_add(age_ms)) else {
+            return false;
+        };
+        if due > now {
+            self.schedule_retention(staged, due, kind, h.id);
+            return false;
+        }
+        true
+    }
+
     fn handover_maybe_finished(
         &mut self,
         staged: &mut Staged<'_>,
@@ -430,7 +481,13 @@ impl Writer {
                 };
                 finished = finished.zip(at).map(|(a, b)| a.max(b));
             }
-            let Some(at) = finished.filter(|_| !h.deliveries.is_empty()) else {
+            // Went to nobody: finished when submitted.
+            let finished = if h.deliveries.is_empty() {
+                Some(h.submitted_at_ms)
+            } else {
+                finished
+            };
+            let Some(at) = finished else {
                 continue;
             };
             h.finished_at_ms = Some(at);
@@ -468,7 +525,10 @@ impl Writer {
         else {
             return Ok(false);
         };
-        if h.shredded_at_ms.is_some() {
+        let grace = self.options.retention.payload_grace_ms;
+        if h.shredded_at_ms.is_some()
+            || !self.old_enough(staged, &h, now, grace, RetentionKind::Payload)
+        {
             return Ok(false);
         }
         staged.del(TreeId::DataKeys, records::be(h.id).to_vec());
@@ -505,12 +565,16 @@ impl Writer {
         handover_id: u64,
         now: i64,
     ) -> Result<bool, StoreError> {
-        self.shred(staged, handover_id, now)?;
         let Some(h) =
             staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(handover_id))?
         else {
             return Ok(false);
         };
+        let period = self.options.retention.metadata_ms;
+        if !self.old_enough(staged, &h, now, period, RetentionKind::Metadata) {
+            return Ok(false);
+        }
+        self.shred(staged, handover_id, now)?;
         for d in &h.deliveries {
             staged.del(TreeId::Deliveries, records::be(*d).to_vec());
         }

@@ -702,7 +702,7 @@ impl Writer {
             woken.insert(dest.mailbox.clone());
         }
         self.store_payload(staged, id, &h.payload)?;
-        let record = HandoverRecord {
+        let mut record = HandoverRecord {
             id,
             sender: h.sender,
             message_id: h.message_id,
@@ -717,6 +717,9 @@ impl Writer {
             finished_at_ms: None,
             shredded_at_ms: None,
         };
+        if record.deliveries.is_empty() {
+            self.finish_unrouted(staged, &mut record, now);
+        }
         staged.put_json(TreeId::Handovers, records::be(id).to_vec(), &record);
         staged.put(TreeId::Dedupe, dedupe, records::be(id).to_vec());
         self.audit(

@@ -854,3 +854,77 @@ async fn an_audit_cut_keeps_the_entry_a_torn_witness_falls_back_to() {
     assert_eq!(v.from, pass.audit_removed as u64 + 1);
     store.close().await.unwrap();
 }
+
+/// An admission whose patient has no GP on the network goes to nobody: it
+/// waits for no delivery, so its payload is shredded after the grace and
+/// its tracking data goes after the metadata period, like a delivered one.
+#[tokio::test]
+async fn an_admission_that_went_to_nobody_is_forgotten_like_a_delivered_one() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    let mut summary = throughcare::clinical::synthetic::release_summary(
+        nhs(41).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        None,
+        "unrouted admission",
+    );
+    summary.custody.release_date = None;
+    summary.custody.release_address = None;
+    let receipt = prison
+        .submit(pb::SubmitRequest {
+            message_id: "admitted-no-gp".into(),
+            event: pb::JourneyEvent::Admission.into(),
+            patient: None,
+            destinations: Vec::new(),
+            document: Some(pb::submit_request::Document::Native(
+                throughcare::grpc::summary::to_wire(&summary),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(receipt.deliveries.is_empty(), "{receipt:?}");
+    let t = track(&mut prison, "admitted-no-gp").await.unwrap();
+    assert!(t.finished_at.is_some(), "nothing to wait for");
+
+    clock.advance(3 * DAY_MS + 1_000);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.shredded, 1);
+    let t = track(&mut prison, "admitted-no-gp").await.unwrap();
+    assert!(t.content_removed_at.is_some());
+
+    clock.advance(90 * DAY_MS);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.metadata_removed, 1);
+    let err = track(&mut prison, "admitted-no-gp").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    gw.store.verify_audit().unwrap();
+    gw.stop().await;
+}
+
+/// A grace period lengthened across a restart applies to payloads already
+/// waiting for it: the work scheduled under the shorter one moves, it is
+/// neither done early nor dropped.
+#[tokio::test]
+async fn a_lengthened_grace_applies_to_payloads_already_waiting() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("grace-grows", 2, &["YG001"], "grace marker"))
+        .await
+        .unwrap();
+    assert_eq!(deliver_release(&gw, "YG001").await, 2);
+    let (dir, mut config) = gw.stop().await;
+    config.retention.payload_grace_seconds = 7 * 24 * 3_600;
+    let gw = TestGateway::start_in(dir, config, Arc::new(clock.clone())).await;
+
+    clock.advance(3 * DAY_MS + 1_000);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.shredded, 0, "the longer grace holds");
+    assert_eq!(pass.stats.payloads_in_grace, 1, "moved, not dropped");
+    clock.advance(4 * DAY_MS);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.shredded, 1, "shredded when the longer grace ends");
+    gw.stop().await;
+}
