@@ -88,7 +88,6 @@ fn hostile_patient() -> pb::PatientRef {
 }
 
 /// Every refused call, with what it must name.
-#[allow(clippy::too_many_lines)]
 async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, tonic::Status)> {
     let mut prison = throughcare::cli::client::handover(endpoint, certs, "YP001")
         .await
