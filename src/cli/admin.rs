@@ -35,7 +35,15 @@ pub struct OperatorArgs {
     /// Print JSON (one array of objects) instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Rows asked for per call when a table is read page by page (0: the
+    /// gateway's default and most, 1000). Every table is read to its end.
+    #[arg(long, global = true, default_value_t = 0,
+          value_parser = clap::value_parser!(i32).range(0..=1000))]
+    pub page_size: i32,
 }
+
+/// The operator service's client.
+type Operator = pb::operator_service_client::OperatorServiceClient<tonic::transport::Channel>;
 
 /// An operator call.
 #[derive(Debug, Clone, Subcommand)]
@@ -336,11 +344,7 @@ fn organisation(
 }
 
 /// Disables or enables an organisation; the registry's answer as a table.
-async fn set_active(
-    op: &mut pb::operator_service_client::OperatorServiceClient<tonic::transport::Channel>,
-    ods: String,
-    active: bool,
-) -> anyhow::Result<Rows> {
+async fn set_active(op: &mut Operator, ods: String, active: bool) -> anyhow::Result<Rows> {
     let org = op
         .set_organisation_active(pb::SetOrganisationActiveRequest {
             ods_code: ods,
@@ -507,6 +511,189 @@ fn org_rows(list: &[pb::Organisation]) -> Rows {
     rows
 }
 
+/// Most pages one table reads: far more than any real registry or queue
+/// needs at the largest page, and a stop for a gateway that never ends a list.
+const MAX_PAGES: usize = 10_000;
+
+/// One page of a list call's answer.
+trait Page {
+    /// The token for the next page; empty on the last.
+    fn next_token(&self) -> &str;
+    /// Appends the next page's rows (and takes its token).
+    fn append(&mut self, next: Self);
+}
+
+/// `Page` for answers whose rows are the named repeated fields.
+macro_rules! page_of {
+    ($($answer:ty => $($rows:ident),+;)+) => {$(
+        impl Page for $answer {
+            fn next_token(&self) -> &str {
+                &self.next_page_token
+            }
+            fn append(&mut self, next: Self) {
+                $(self.$rows.extend(next.$rows);)+
+                self.next_page_token = next.next_page_token;
+            }
+        }
+    )+};
+}
+
+page_of! {
+    pb::ListMailboxesResponse => mailboxes;
+    pb::ListQuarantineResponse => deliveries;
+    pb::ListParkedResponse => deliveries, pds_findings;
+    pb::ListIdentityConflictsResponse => conflicts;
+    pb::ListOrganisationsResponse => organisations;
+}
+
+impl Page for pb::AuditTrailResponse {
+    fn next_token(&self) -> &str {
+        &self.next_page_token
+    }
+    fn append(&mut self, next: Self) {
+        self.entries.extend(next.entries);
+        self.chain_verified &= next.chain_verified;
+        self.next_page_token = next.next_page_token;
+    }
+}
+
+/// Every page of a list call, from the first to the one with no next
+/// token: `call` asks for the page a token names (empty: the first).
+///
+/// # Errors
+/// A call failed, or the list ran past [`MAX_PAGES`].
+async fn all_pages<R: Page>(
+    mut call: impl AsyncFnMut(String) -> Result<tonic::Response<R>, tonic::Status>,
+) -> anyhow::Result<R> {
+    let mut all = call(String::new()).await?.into_inner();
+    for _ in 1..MAX_PAGES {
+        if all.next_token().is_empty() {
+            return Ok(all);
+        }
+        let next = call(all.next_token().to_owned()).await?.into_inner();
+        all.append(next);
+    }
+    if !all.next_token().is_empty() {
+        anyhow::bail!(
+            "the list runs past {MAX_PAGES} pages; stopped without printing a partial table"
+        );
+    }
+    Ok(all)
+}
+
+async fn list_mailboxes(op: &mut Operator, page_size: i32) -> anyhow::Result<Rows> {
+    let all = all_pages(async |page_token| {
+        op.list_mailboxes(pb::ListMailboxesRequest {
+            page_size,
+            page_token,
+        })
+        .await
+    })
+    .await?;
+    Ok(mailbox_rows(all))
+}
+
+async fn list_quarantine(
+    op: &mut Operator,
+    page_size: i32,
+    mailbox: Option<String>,
+) -> anyhow::Result<Rows> {
+    let mailbox = mailbox.unwrap_or_default();
+    let all = all_pages(async |page_token| {
+        op.list_quarantine(pb::ListQuarantineRequest {
+            mailbox: mailbox.clone(),
+            page_size,
+            page_token,
+        })
+        .await
+    })
+    .await?;
+    Ok(deliveries(&all.deliveries))
+}
+
+async fn list_parked(op: &mut Operator, page_size: i32) -> anyhow::Result<Rows> {
+    let all = all_pages(async |page_token| {
+        op.list_parked(pb::ListParkedRequest {
+            page_size,
+            page_token,
+        })
+        .await
+    })
+    .await?;
+    Ok(parked_rows(&all))
+}
+
+async fn list_conflicts(op: &mut Operator, page_size: i32) -> anyhow::Result<Rows> {
+    let all = all_pages(async |page_token| {
+        op.list_identity_conflicts(pb::ListIdentityConflictsRequest {
+            page_size,
+            page_token,
+        })
+        .await
+    })
+    .await?;
+    Ok(conflict_rows(all))
+}
+
+async fn list_organisations(op: &mut Operator, page_size: i32) -> anyhow::Result<Rows> {
+    let all = all_pages(async |page_token| {
+        op.list_organisations(pb::ListOrganisationsRequest {
+            page_size,
+            page_token,
+        })
+        .await
+    })
+    .await?;
+    Ok(org_rows(&all.organisations))
+}
+
+/// The audit trail of one subject. Each page's read is itself audited under
+/// the subject, so the trail grows by one entry a page: pages of at least
+/// two entries reach its end.
+async fn audit_trail(
+    op: &mut Operator,
+    page_size: i32,
+    subject: pb::audit_trail_request::Subject,
+    reason: String,
+) -> anyhow::Result<Rows> {
+    let page_size = if page_size == 0 { 0 } else { page_size.max(2) };
+    let all = all_pages(async |page_token| {
+        op.audit_trail(pb::AuditTrailRequest {
+            subject: Some(subject.clone()),
+            reason: reason.clone(),
+            page_size,
+            page_token,
+        })
+        .await
+    })
+    .await?;
+    Ok(trail_rows(all))
+}
+
+async fn redrive(
+    op: &mut Operator,
+    ids: Vec<u64>,
+    mailbox: Option<String>,
+) -> anyhow::Result<Rows> {
+    let target = redrive_target(ids, mailbox)?;
+    let r = op.redrive(pb::RedriveRequest { target }).await?;
+    Ok(redrive_rows(r.into_inner()))
+}
+
+async fn put_organisation(
+    op: &mut Operator,
+    organisation: pb::Organisation,
+) -> anyhow::Result<Rows> {
+    let org = op
+        .put_organisation(pb::PutOrganisationRequest {
+            organisation: Some(organisation),
+        })
+        .await?
+        .into_inner()
+        .organisation;
+    Ok(org_rows(org.as_slice()))
+}
+
 /// Runs one operator call and prints its answer.
 ///
 /// # Errors
@@ -516,39 +703,27 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
         .await
         .with_context(|| format!("connecting to {} as {}", args.server, args.as_))?;
     let empty = empty_message(&command);
-    let rows = match command {
-        OperatorCommand::Mailboxes => mailbox_rows(
-            op.list_mailboxes(pb::ListMailboxesRequest::default())
-                .await?
-                .into_inner(),
-        ),
-        OperatorCommand::Quarantine { mailbox } => deliveries(
-            &op.list_quarantine(pb::ListQuarantineRequest {
-                mailbox: mailbox.unwrap_or_default(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .deliveries,
-        ),
-        OperatorCommand::Redrive { mailbox, ids } => {
-            let target = redrive_target(ids, mailbox)?;
-            redrive_rows(
-                op.redrive(pb::RedriveRequest { target })
-                    .await?
-                    .into_inner(),
-            )
-        }
-        OperatorCommand::Parked => parked_rows(
-            &op.list_parked(pb::ListParkedRequest::default())
-                .await?
-                .into_inner(),
-        ),
-        OperatorCommand::Conflicts => conflict_rows(
-            op.list_identity_conflicts(pb::ListIdentityConflictsRequest::default())
-                .await?
-                .into_inner(),
-        ),
+    let rows = call(&mut op, command, &args).await?;
+    if rows.rows.is_empty() && !args.json {
+        println!("{empty}");
+        return Ok(());
+    }
+    rows.print(args.json)
+}
+
+/// Makes the call `command` names; its answer as rows (every page of a list).
+async fn call(
+    op: &mut Operator,
+    command: OperatorCommand,
+    args: &OperatorArgs,
+) -> anyhow::Result<Rows> {
+    let size = args.page_size;
+    Ok(match command {
+        OperatorCommand::Mailboxes => list_mailboxes(op, size).await?,
+        OperatorCommand::Quarantine { mailbox } => list_quarantine(op, size, mailbox).await?,
+        OperatorCommand::Redrive { mailbox, ids } => redrive(op, ids, mailbox).await?,
+        OperatorCommand::Parked => list_parked(op, size).await?,
+        OperatorCommand::Conflicts => list_conflicts(op, size).await?,
         OperatorCommand::Claim {
             nhs,
             prison_number,
@@ -574,36 +749,21 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 .into_inner(),
             args.json,
         ),
-        OperatorCommand::Orgs => org_rows(
-            &op.list_organisations(pb::ListOrganisationsRequest::default())
-                .await?
-                .into_inner()
-                .organisations,
-        ),
+        OperatorCommand::Orgs => list_organisations(op, size).await?,
         OperatorCommand::OrgPut {
             ods,
             kind,
             name,
             format,
             region,
-        } => {
-            let organisation = organisation(ods, &kind, name, &format, region)?;
-            let org = op
-                .put_organisation(pb::PutOrganisationRequest {
-                    organisation: Some(organisation),
-                })
-                .await?
-                .into_inner()
-                .organisation;
-            org_rows(org.as_slice())
-        }
+        } => put_organisation(op, organisation(ods, &kind, name, &format, region)?).await?,
         OperatorCommand::OrgDisable { ods } | OperatorCommand::OrgEnable { ods }
             if ods.is_empty() =>
         {
             anyhow::bail!("name the organisation's ODS code")
         }
-        OperatorCommand::OrgDisable { ods } => set_active(&mut op, ods, false).await?,
-        OperatorCommand::OrgEnable { ods } => set_active(&mut op, ods, true).await?,
+        OperatorCommand::OrgDisable { ods } => set_active(op, ods, false).await?,
+        OperatorCommand::OrgEnable { ods } => set_active(op, ods, true).await?,
         OperatorCommand::Trail {
             handover,
             nhs,
@@ -611,22 +771,9 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
             reason,
         } => {
             let subject = trail_subject(handover, nhs, prison_number)?;
-            let r = op
-                .audit_trail(pb::AuditTrailRequest {
-                    subject: Some(subject),
-                    reason,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            trail_rows(r)
+            audit_trail(op, size, subject, reason).await?
         }
-    };
-    if rows.rows.is_empty() && !args.json {
-        println!("{empty}");
-        return Ok(());
-    }
-    rows.print(args.json)
+    })
 }
 
 /// Where a stopped gateway's store, witness and audit key are: its

@@ -430,7 +430,8 @@ impl Writer {
     }
 
     /// Applies one job to the batch; `None` for a close request (answered
-    /// once the batch is durable).
+    /// once the batch is durable). Submits are applied here, on the hot
+    /// path; every other job goes to the step for its kind.
     fn apply(
         &mut self,
         staged: &mut Staged<'_>,
@@ -439,11 +440,41 @@ impl Writer {
         woken: &mut BTreeSet<String>,
         shutdown: &mut Vec<super::Reply<()>>,
     ) -> Option<Answer> {
-        let answer = match job {
+        Some(match job {
             Job::Submit(h, reply) => {
                 let r = self.submit(staged, h, now, woken);
                 Answer::submit(reply, r)
             }
+            Job::Shutdown(reply) => {
+                shutdown.push(reply);
+                return None;
+            }
+            Job::Pull { .. } | Job::Ack { .. } | Job::Nack { .. } | Job::Track { .. } => {
+                self.apply_delivery_job(staged, job, now, woken)
+            }
+            Job::Claim { .. } | Job::Pds(..) | Job::PdsNotify(..) => {
+                self.apply_parked_job(staged, job, now, woken)
+            }
+            Job::Sweep(_)
+            | Job::Retention(_)
+            | Job::RetentionStats(_)
+            | Job::Record(..)
+            | Job::Redrive { .. }
+            | Job::Stats(_)
+            | Job::RegistryPut { .. } => self.apply_operator_job(staged, job, now, woken),
+        })
+    }
+
+    /// A consumer's or sender's call on one delivery or handover: pull, ack,
+    /// nack (a retry wakes the mailbox's pullers), track.
+    fn apply_delivery_job(
+        &mut self,
+        staged: &mut Staged<'_>,
+        job: Job,
+        now: i64,
+        woken: &mut BTreeSet<String>,
+    ) -> Answer {
+        match job {
             Job::Pull {
                 actor,
                 mailbox,
@@ -493,13 +524,21 @@ impl Writer {
                 key,
                 reply,
             } => Answer::new(reply, self.track(staged, &actor, &sender, key, now)),
-            Job::Sweep(reply) => Answer::new(reply, self.sweep(staged, now)),
-            Job::Retention(reply) => Answer::new(reply, self.retention_pass(staged, now)),
-            Job::RetentionStats(reply) => Answer::new(reply, self.retention_stats()),
-            Job::Record(event, reply) => {
-                self.audit(staged, event, now);
-                Answer::new(reply, Ok(()))
-            }
+            _ => unreachable!("apply routes only delivery jobs here"),
+        }
+    }
+
+    /// A parked release finding its practice: an operator's or practice's
+    /// claim, PDS's answer, PDS's change notice. A move wakes the practice's
+    /// pullers.
+    fn apply_parked_job(
+        &mut self,
+        staged: &mut Staged<'_>,
+        job: Job,
+        now: i64,
+        woken: &mut BTreeSet<String>,
+    ) -> Answer {
+        match job {
             Job::Claim {
                 actor,
                 claim_keys,
@@ -529,6 +568,27 @@ impl Writer {
                 }
                 Answer::new(reply, r)
             }
+            _ => unreachable!("apply routes only parked-release jobs here"),
+        }
+    }
+
+    /// Housekeeping and the operator's calls: sweep, retention, audit
+    /// records, redrive, statistics, registry changes.
+    fn apply_operator_job(
+        &mut self,
+        staged: &mut Staged<'_>,
+        job: Job,
+        now: i64,
+        woken: &mut BTreeSet<String>,
+    ) -> Answer {
+        match job {
+            Job::Sweep(reply) => Answer::new(reply, self.sweep(staged, now)),
+            Job::Retention(reply) => Answer::new(reply, self.retention_pass(staged, now)),
+            Job::RetentionStats(reply) => Answer::new(reply, self.retention_stats()),
+            Job::Record(event, reply) => {
+                self.audit(staged, event, now);
+                Answer::new(reply, Ok(()))
+            }
             Job::Redrive { actor, ids, reply } => {
                 let r = self.redrive(staged, &actor, &ids, now, woken);
                 Answer::new(reply, r)
@@ -543,12 +603,8 @@ impl Writer {
                 self.registry_put(staged, actor, &code, record, now);
                 Answer::new(reply, Ok(()))
             }
-            Job::Shutdown(reply) => {
-                shutdown.push(reply);
-                return None;
-            }
-        };
-        Some(answer)
+            _ => unreachable!("apply routes only operator jobs here"),
+        }
     }
 
     /// Stores an organisation's registry record, audited.

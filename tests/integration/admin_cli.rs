@@ -195,3 +195,229 @@ async fn operators_see_what_is_held_under_the_retention_policy() {
     );
     gw.stop().await;
 }
+
+/// A release of a patient who carries both identifiers, to `to`.
+fn linked_release(message_id: &str, patient: u32, prison_number: &str) -> pb::SubmitRequest {
+    let summary = throughcare::clinical::synthetic::release_summary(
+        nhs(patient).parse().ok(),
+        prison_number.parse().ok(),
+        "YP001".parse().unwrap(),
+        None,
+        "linked",
+    );
+    pb::SubmitRequest {
+        message_id: message_id.into(),
+        event: pb::JourneyEvent::Release.into(),
+        patient: None,
+        destinations: vec!["YG001".into()],
+        document: Some(pb::submit_request::Document::Native(
+            throughcare::grpc::summary::to_wire(&summary),
+        )),
+    }
+}
+
+/// Quarantined, parked and refused deliveries and extra organisations, so
+/// each table is longer than a page of two.
+async fn rows_for_every_table(gw: &TestGateway) {
+    let mut prison = gw.client("YP001").await;
+    for i in 0..3 {
+        let to_gp = release(&format!("q-{i}"), 70 + i, &["YG001"], "m");
+        prison.submit(to_gp).await.unwrap();
+        let no_gp = release(&format!("p-{i}"), 73 + i, &[], "m");
+        let r = prison.submit(no_gp).await.unwrap().into_inner();
+        assert_eq!(r.deliveries[0].destination, "@parked");
+    }
+    // One prison number, linked to the first patient: three refused links.
+    prison
+        .submit(linked_release("c-0", 80, "A1234BC"))
+        .await
+        .unwrap();
+    for i in 1..=3 {
+        let err = prison
+            .submit(linked_release(&format!("c-{i}"), 80 + i, "A1234BC"))
+            .await
+            .unwrap_err();
+        assert_eq!(violations(&err), ["patient.prison_number"]);
+    }
+    let mut gp = gw.client("YG001").await;
+    for d in gp.pull(pull(10)).await.unwrap().into_inner().deliveries {
+        gp.nack(pb::NackRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+            permanent: true,
+            reason: "unreadable by the practice system".into(),
+        })
+        .await
+        .unwrap();
+    }
+    for ods in ["YG005", "YG006"] {
+        let name = format!("Practice {ods} (invented)");
+        let (ok, _, err) = admin(
+            gw,
+            &[
+                "org-put",
+                "--ods",
+                ods,
+                "--kind",
+                "gp_practice",
+                "--name",
+                &name,
+            ],
+        );
+        assert!(ok, "{err}");
+    }
+}
+
+/// The values of `column` in a JSON table, in order.
+fn column(table: &serde_json::Value, column: &str) -> Vec<String> {
+    table
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row[column].to_string())
+        .collect()
+}
+
+/// What the gateway lists in one page of its largest size, per table: the
+/// table's name and its rows' keys.
+async fn whole_tables(gw: &TestGateway) -> Vec<(&'static str, &'static str, Vec<String>)> {
+    let mut op = gw.operator().await;
+    let mailboxes = op
+        .list_mailboxes(pb::ListMailboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let quarantine = op
+        .list_quarantine(pb::ListQuarantineRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let parked = op
+        .list_parked(pb::ListParkedRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let conflicts = op
+        .list_identity_conflicts(pb::ListIdentityConflictsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let orgs = op
+        .list_organisations(pb::ListOrganisationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let quoted = |s: &str| serde_json::Value::from(s).to_string();
+    vec![
+        (
+            "mailboxes",
+            "mailbox",
+            mailboxes
+                .mailboxes
+                .iter()
+                .map(|m| quoted(&m.mailbox))
+                .collect(),
+        ),
+        (
+            "quarantine",
+            "delivery",
+            quarantine
+                .deliveries
+                .iter()
+                .map(|d| d.delivery_id.to_string())
+                .collect(),
+        ),
+        (
+            "parked",
+            "delivery",
+            parked
+                .deliveries
+                .iter()
+                .map(|d| d.delivery_id.to_string())
+                .collect(),
+        ),
+        (
+            "conflicts",
+            "message_id",
+            conflicts
+                .conflicts
+                .iter()
+                .map(|c| quoted(&c.message_id))
+                .collect(),
+        ),
+        (
+            "orgs",
+            "ods",
+            orgs.organisations
+                .iter()
+                .map(|o| quoted(&o.ods_code))
+                .collect(),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_table_is_read_to_its_end_page_by_page() {
+    let gw = TestGateway::start().await;
+    rows_for_every_table(&gw).await;
+    // The gateway answers a list of more than a page in pages.
+    let first = gw
+        .operator()
+        .await
+        .list_organisations(pb::ListOrganisationsRequest {
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.organisations.len(), 2);
+    assert!(!first.next_page_token.is_empty());
+
+    for (table, key, whole) in whole_tables(&gw).await {
+        assert!(
+            whole.len() >= 3,
+            "{table}: more than a page of two: {whole:?}"
+        );
+        for size in ["1", "2"] {
+            let paged = json(&gw, &[table, "--page-size", size]);
+            assert_eq!(column(&paged, key), whole, "{table} {size} a page");
+        }
+        // ... and as a table for people, every row too.
+        let (ok, text, err) = admin(&gw, &[table, "--page-size", "1"]);
+        assert!(ok, "{err}");
+        let rows = text.lines().filter(|l| !l.trim().is_empty()).count();
+        assert_eq!(
+            rows,
+            whole.len() + 1,
+            "{table}: a header and every row: {text}"
+        );
+    }
+
+    // The audit trail grows by one entry a page (each read is audited), and
+    // is still read to its end, each entry once, oldest first.
+    let trail = json(
+        &gw,
+        &[
+            "trail",
+            "--handover",
+            "1",
+            "--reason",
+            "incident review 43",
+            "--page-size",
+            "1",
+        ],
+    );
+    let seqs: Vec<u64> = column(&trail, "seq")
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let actions = column(&trail, "action");
+    for action in ["submit", "pull", "nack", "audit_query"] {
+        assert!(actions.contains(&format!("\"{action}\"")), "{actions:?}");
+    }
+    let (ok, _, err) = admin(&gw, &["orgs", "--page-size", "1001"]);
+    assert!(!ok && err.contains("1001"), "{err}");
+    gw.stop().await;
+}

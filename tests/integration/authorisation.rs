@@ -73,6 +73,37 @@ fn community(id: &str) -> pb::SubmitRequest {
     r
 }
 
+// The callers' places in `CALLERS`.
+const PRISON: usize = 0;
+const GP: usize = 1;
+const PROBATION: usize = 2;
+const OPERATOR: usize = 3;
+const UNREGISTERED: usize = 4;
+const DISABLED: usize = 5;
+
+const PD: Option<Code> = Some(Code::PermissionDenied);
+const UNAUTH: Option<Code> = Some(Code::Unauthenticated);
+
+/// What a handover call expects from `who`: an unregistered code is
+/// unauthenticated, an operator or a disabled practice refused, anyone else
+/// `allowed`.
+fn expect(who: usize, allowed: Option<Code>) -> Option<Code> {
+    match who {
+        UNREGISTERED => UNAUTH,
+        DISABLED | OPERATOR => PD,
+        _ => allowed,
+    }
+}
+
+/// What an operator call expects from `who`: operators `ok`, everyone else refused.
+fn operator_only(who: usize, ok: Option<Code>) -> Option<Code> {
+    match who {
+        OPERATOR => ok,
+        UNREGISTERED => UNAUTH,
+        _ => PD,
+    }
+}
+
 #[tokio::test]
 async fn every_cell_of_the_matrix() {
     let gw = TestGateway::start().await;
@@ -84,19 +115,22 @@ async fn every_cell_of_the_matrix() {
     .await
     .unwrap();
     let mut c = callers(&gw).await;
-    let (prison, gp, probation, operator, unregistered, disabled) = (0, 1, 2, 3, 4, 5);
-    let pd = Some(Code::PermissionDenied);
-    let unauth = Some(Code::Unauthenticated);
-    let expect = |who: usize, allowed: Option<Code>| match who {
-        4 => unauth,
-        5 | 3 => pd,
-        _ => allowed,
-    };
+    submit_cells(&mut c).await;
+    let gp_delivery = pull_ack_nack_cells(&mut c).await;
+    track_cells(&mut c).await;
+    let patient = claim_cells(&mut c).await;
+    for who in 0..CALLERS.len() {
+        operator_list_cells(&mut c.operator[who], who).await;
+        operator_change_cells(&mut c.operator[who], who, &gp_delivery, &patient).await;
+    }
+    gw.stop().await;
+}
 
-    // Submit: prison events from prisons only, community summaries from practices only.
+/// Submit: prison events from prisons only, community summaries from practices only.
+async fn submit_cells(c: &mut Callers) {
     for who in 0..CALLERS.len() {
         let r = c.handover[who].submit(admission_to(10 + who as u32)).await;
-        let allowed = if who == prison { None } else { pd };
+        let allowed = if who == PRISON { None } else { PD };
         assert_eq!(
             code_of(&r),
             expect(who, allowed),
@@ -106,7 +140,7 @@ async fn every_cell_of_the_matrix() {
         let r = c.handover[who]
             .submit(community(&format!("cs-{who}")))
             .await;
-        let allowed = if who == gp { None } else { pd };
+        let allowed = if who == GP { None } else { PD };
         assert_eq!(
             code_of(&r),
             expect(who, allowed),
@@ -114,8 +148,11 @@ async fn every_cell_of_the_matrix() {
             CALLERS[who]
         );
     }
+}
 
-    // Pull: each organisation its own mailbox.
+/// Pull: each organisation its own mailbox. Ack and nack: another mailbox's
+/// delivery is NOT_FOUND, refusals as for pull. Returns the practice's delivery.
+async fn pull_ack_nack_cells(c: &mut Callers) -> pb::Delivery {
     let mut leased = Vec::new();
     for who in 0..CALLERS.len() {
         let r = c.handover[who].pull(pull(10)).await;
@@ -123,12 +160,11 @@ async fn every_cell_of_the_matrix() {
         leased.push(r.map(|r| r.into_inner().deliveries).unwrap_or_default());
     }
     // The practice got the prison's admission notice; the prison the community summary.
-    let gp_delivery = leased[gp].first().expect("the admission notice").clone();
-    let prison_delivery = leased[prison]
+    let gp_delivery = leased[GP].first().expect("the admission notice").clone();
+    let prison_delivery = leased[PRISON]
         .first()
         .expect("the community summary")
         .clone();
-    // Ack and nack: another mailbox's delivery is NOT_FOUND; refusals as above.
     let ack = |d: &pb::Delivery| pb::AckRequest {
         delivery_id: d.delivery_id,
         attempt: d.attempt,
@@ -139,7 +175,7 @@ async fn every_cell_of_the_matrix() {
         permanent: false,
         reason: "matrix".into(),
     };
-    for who in [prison, probation, operator, unregistered, disabled] {
+    for who in [PRISON, PROBATION, OPERATOR, UNREGISTERED, DISABLED] {
         let r = c.handover[who].ack(ack(&gp_delivery)).await;
         assert_eq!(
             code_of(&r),
@@ -155,19 +191,22 @@ async fn every_cell_of_the_matrix() {
             CALLERS[who]
         );
     }
-    assert_eq!(code_of(&c.handover[gp].ack(ack(&gp_delivery)).await), None);
+    assert_eq!(code_of(&c.handover[GP].ack(ack(&gp_delivery)).await), None);
     assert_eq!(
-        code_of(&c.handover[prison].nack(nack(&prison_delivery)).await),
+        code_of(&c.handover[PRISON].nack(nack(&prison_delivery)).await),
         None
     );
+    gp_delivery
+}
 
-    // Track: a sender's own handovers only.
+/// Track: a sender's own handovers only.
+async fn track_cells(c: &mut Callers) {
     let track = |id: &str| pb::TrackRequest {
         handover: Some(pb::track_request::Handover::MessageId(id.into())),
     };
     for who in 0..CALLERS.len() {
         let r = c.handover[who].track(track("adm-10")).await;
-        let allowed = if who == prison {
+        let allowed = if who == PRISON {
             None
         } else {
             Some(Code::NotFound)
@@ -179,8 +218,10 @@ async fn every_cell_of_the_matrix() {
             CALLERS[who]
         );
     }
+}
 
-    // Claim: GP practices only.
+/// Claim: GP practices only. Returns the patient claimed.
+async fn claim_cells(c: &mut Callers) -> Option<pb::PatientRef> {
     let claim = pb::ClaimRequest {
         patient: Some(pb::PatientRef {
             nhs_number: nhs(999),
@@ -192,123 +233,145 @@ async fn every_cell_of_the_matrix() {
     for who in 0..CALLERS.len() {
         let r = c.handover[who].claim(claim.clone()).await;
         // Nothing is parked for this patient: the practice is allowed, and told so.
-        let allowed = if who == gp { Some(Code::NotFound) } else { pd };
+        let allowed = if who == GP { Some(Code::NotFound) } else { PD };
         assert_eq!(code_of(&r), expect(who, allowed), "{} claim", CALLERS[who]);
     }
+    claim.patient
+}
 
-    // Operator calls: operators only.
-    for who in 0..CALLERS.len() {
-        let o = &mut c.operator[who];
-        let allowed = |who: usize, ok: Option<Code>| match who {
-            3 => ok,
-            4 => unauth,
-            _ => pd,
-        };
-        let name = CALLERS[who];
-        assert_eq!(
-            code_of(&o.list_mailboxes(pb::ListMailboxesRequest::default()).await),
-            allowed(who, None),
-            "{name} list_mailboxes"
-        );
-        assert_eq!(
-            code_of(
-                &o.list_quarantine(pb::ListQuarantineRequest::default())
-                    .await
-            ),
-            allowed(who, None),
-            "{name} list_quarantine"
-        );
-        assert_eq!(
-            code_of(&o.list_parked(pb::ListParkedRequest::default()).await),
-            allowed(who, None),
-            "{name} list_parked"
-        );
-        assert_eq!(
-            code_of(
-                &o.list_organisations(pb::ListOrganisationsRequest::default())
-                    .await
-            ),
-            allowed(who, None),
-            "{name} list_organisations"
-        );
-        assert_eq!(
-            code_of(
-                &o.list_identity_conflicts(pb::ListIdentityConflictsRequest::default())
-                    .await
-            ),
-            allowed(who, None),
-            "{name} list_identity_conflicts"
-        );
-        assert_eq!(
-            code_of(&o.retention_status(pb::RetentionStatusRequest {}).await),
-            allowed(who, None),
-            "{name} retention_status"
-        );
-        let redrive = o
-            .redrive(pb::RedriveRequest {
-                target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
-                    ids: vec![gp_delivery.delivery_id],
-                })),
-            })
-            .await;
-        assert_eq!(code_of(&redrive), allowed(who, None), "{name} redrive");
-        let claim_parked = o
-            .claim_parked(pb::ClaimParkedRequest {
-                patient: claim.patient.clone(),
-                practice: "YG001".into(),
-                reason: "matrix test".into(),
-            })
-            .await;
-        assert_eq!(
-            code_of(&claim_parked),
-            allowed(who, Some(Code::NotFound)),
-            "{name} claim_parked"
-        );
-        let put = o
-            .put_organisation(pb::PutOrganisationRequest {
-                organisation: Some(pb::Organisation {
-                    ods_code: "YG009".into(),
-                    kind: pb::OrganisationKind::GpPractice.into(),
-                    name: "Matrix Practice (invented)".into(),
-                    format: 0,
-                    region: String::new(),
-                    active: true,
-                }),
-            })
-            .await;
-        assert_eq!(code_of(&put), allowed(who, None), "{name} put_organisation");
-        let set = o
-            .set_organisation_active(pb::SetOrganisationActiveRequest {
+/// The operator's read-only calls: operators only.
+async fn operator_list_cells(o: &mut Operator, who: usize) {
+    let name = CALLERS[who];
+    assert_eq!(
+        code_of(&o.list_mailboxes(pb::ListMailboxesRequest::default()).await),
+        operator_only(who, None),
+        "{name} list_mailboxes"
+    );
+    assert_eq!(
+        code_of(
+            &o.list_quarantine(pb::ListQuarantineRequest::default())
+                .await
+        ),
+        operator_only(who, None),
+        "{name} list_quarantine"
+    );
+    assert_eq!(
+        code_of(&o.list_parked(pb::ListParkedRequest::default()).await),
+        operator_only(who, None),
+        "{name} list_parked"
+    );
+    assert_eq!(
+        code_of(
+            &o.list_organisations(pb::ListOrganisationsRequest::default())
+                .await
+        ),
+        operator_only(who, None),
+        "{name} list_organisations"
+    );
+    assert_eq!(
+        code_of(
+            &o.list_identity_conflicts(pb::ListIdentityConflictsRequest::default())
+                .await
+        ),
+        operator_only(who, None),
+        "{name} list_identity_conflicts"
+    );
+    assert_eq!(
+        code_of(&o.retention_status(pb::RetentionStatusRequest {}).await),
+        operator_only(who, None),
+        "{name} retention_status"
+    );
+}
+
+/// The operator's calls that change or read a record: operators only.
+async fn operator_change_cells(
+    o: &mut Operator,
+    who: usize,
+    gp_delivery: &pb::Delivery,
+    patient: &Option<pb::PatientRef>,
+) {
+    let name = CALLERS[who];
+    let redrive = o
+        .redrive(pb::RedriveRequest {
+            target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
+                ids: vec![gp_delivery.delivery_id],
+            })),
+        })
+        .await;
+    assert_eq!(
+        code_of(&redrive),
+        operator_only(who, None),
+        "{name} redrive"
+    );
+    let claim_parked = o
+        .claim_parked(pb::ClaimParkedRequest {
+            patient: patient.clone(),
+            practice: "YG001".into(),
+            reason: "matrix test".into(),
+        })
+        .await;
+    assert_eq!(
+        code_of(&claim_parked),
+        operator_only(who, Some(Code::NotFound)),
+        "{name} claim_parked"
+    );
+    operator_registry_cells(o, who).await;
+    let trail = o
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::HandoverId(1)),
+            reason: "matrix test".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        code_of(&trail),
+        operator_only(who, None),
+        "{name} audit_trail"
+    );
+    let read = o
+        .break_glass_read(pb::BreakGlassReadRequest {
+            handover_id: 1,
+            reason: "clinical incident review requested by the caldicott guardian".into(),
+        })
+        .await;
+    assert_eq!(
+        code_of(&read),
+        operator_only(who, None),
+        "{name} break_glass_read"
+    );
+}
+
+/// The registry's changes: operators only.
+async fn operator_registry_cells(o: &mut Operator, who: usize) {
+    let name = CALLERS[who];
+    let put = o
+        .put_organisation(pb::PutOrganisationRequest {
+            organisation: Some(pb::Organisation {
                 ods_code: "YG009".into(),
+                kind: pb::OrganisationKind::GpPractice.into(),
+                name: "Matrix Practice (invented)".into(),
+                format: 0,
+                region: String::new(),
                 active: true,
-            })
-            .await;
-        assert_eq!(
-            code_of(&set),
-            allowed(who, None),
-            "{name} set_organisation_active"
-        );
-        let trail = o
-            .audit_trail(pb::AuditTrailRequest {
-                subject: Some(pb::audit_trail_request::Subject::HandoverId(1)),
-                reason: "matrix test".into(),
-                ..Default::default()
-            })
-            .await;
-        assert_eq!(code_of(&trail), allowed(who, None), "{name} audit_trail");
-        let read = o
-            .break_glass_read(pb::BreakGlassReadRequest {
-                handover_id: 1,
-                reason: "clinical incident review requested by the caldicott guardian".into(),
-            })
-            .await;
-        assert_eq!(
-            code_of(&read),
-            allowed(who, None),
-            "{name} break_glass_read"
-        );
-    }
-    gw.stop().await;
+            }),
+        })
+        .await;
+    assert_eq!(
+        code_of(&put),
+        operator_only(who, None),
+        "{name} put_organisation"
+    );
+    let set = o
+        .set_organisation_active(pb::SetOrganisationActiveRequest {
+            ods_code: "YG009".into(),
+            active: true,
+        })
+        .await;
+    assert_eq!(
+        code_of(&set),
+        operator_only(who, None),
+        "{name} set_organisation_active"
+    );
 }
 
 #[tokio::test]

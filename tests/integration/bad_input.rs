@@ -17,6 +17,8 @@ use tonic::Code;
 
 const LIMIT: usize = 65_536;
 
+type Handover = pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>;
+
 fn fixture() -> ClinicalSummary {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/patients/01-ost-released-today.json");
@@ -121,6 +123,15 @@ struct Expect {
     field: Option<&'static str>,
 }
 
+/// A case's input: a typed request, or bytes put on the wire as they are.
+enum Input {
+    Typed(Box<pb::SubmitRequest>),
+    Raw(Vec<u8>),
+}
+
+/// One case: its name, its input, the answer it expects.
+type Case = (&'static str, Input, Expect);
+
 #[tokio::test]
 async fn every_bad_input_gets_its_status_changes_nothing_and_is_audited() {
     let gw = TestGateway::start_with(
@@ -137,6 +148,23 @@ async fn every_bad_input_gets_its_status_changes_nothing_and_is_audited() {
         .await
         .unwrap();
 
+    let mut cases = document_cases(&s, &native);
+    cases.extend(identifier_and_routing_cases(&s, &native));
+    let mut report = Vec::new();
+    for case in cases {
+        report.push(refused_and_audited(&gw, &mut prison, case, &s.patient.family_name).await);
+    }
+    eprintln!("{}", report.join("\n"));
+    assert_eq!(
+        gw.store.verify_audit().unwrap() as usize,
+        gw.store.audit_entries().unwrap().len()
+    );
+    gw.stop().await;
+}
+
+/// Documents that break a limit or their format: one byte over the size
+/// limit, nested too deep, invalid UTF-8, a carriage return inside an HL7 field.
+fn document_cases(s: &ClinicalSummary, native: &pb::submit_request::Document) -> Vec<Case> {
     let over = {
         let mut t = String::from("{\"resourceType\":\"Bundle\",\"pad\":\"");
         t.push_str(&"x".repeat(LIMIT + 1 - t.len() - 2));
@@ -145,17 +173,8 @@ async fn every_bad_input_gets_its_status_changes_nothing_and_is_audited() {
         t
     };
     let nested = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
-    let family = s.patient.family_name.clone();
-    let hl7_cr = hl7(&s).replacen(&family, "Okonkwo\rPryce", 1);
-    assert_ne!(hl7_cr, hl7(&s), "the family name is in the PID segment");
-    let nhs = s.patient.nhs_number.as_ref().unwrap().as_str().to_owned();
-    let mut bad_digit = nhs.clone().into_bytes();
-    bad_digit[9] = if bad_digit[9] == b'9' {
-        b'0'
-    } else {
-        bad_digit[9] + 1
-    };
-    let bad_digit = String::from_utf8(bad_digit).unwrap();
+    let hl7_cr = hl7(s).replacen(&s.patient.family_name, "Okonkwo\rPryce", 1);
+    assert_ne!(hl7_cr, hl7(s), "the family name is in the PID segment");
     let invalid_utf8 = {
         use prost::Message;
         let mut bytes = request("IDXX", native.clone()).encode_to_vec();
@@ -163,19 +182,7 @@ async fn every_bad_input_gets_its_status_changes_nothing_and_is_audited() {
         bytes[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xc3, 0x28]);
         bytes
     };
-    let other = throughcare::clinical::synthetic::release_summary(
-        nhs.parse().ok(),
-        None,
-        "YP001".parse().unwrap(),
-        None,
-        "other content",
-    );
-
-    enum Input {
-        Typed(Box<pb::SubmitRequest>),
-        Raw(Vec<u8>),
-    }
-    let rows: Vec<(&str, Input, Expect)> = vec![
+    vec![
         (
             "document 1 byte over the limit",
             Input::Typed(Box::new(request(
@@ -217,6 +224,31 @@ async fn every_bad_input_gets_its_status_changes_nothing_and_is_audited() {
                 field: Some("segment 4"),
             },
         ),
+    ]
+}
+
+/// A bad NHS number (check digit, all zeros), a reused message id with other
+/// content, a destination the caller may not send to.
+fn identifier_and_routing_cases(
+    s: &ClinicalSummary,
+    native: &pb::submit_request::Document,
+) -> Vec<Case> {
+    let nhs = s.patient.nhs_number.as_ref().unwrap().as_str().to_owned();
+    let mut bad_digit = nhs.clone().into_bytes();
+    bad_digit[9] = if bad_digit[9] == b'9' {
+        b'0'
+    } else {
+        bad_digit[9] + 1
+    };
+    let bad_digit = String::from_utf8(bad_digit).unwrap();
+    let other = throughcare::clinical::synthetic::release_summary(
+        nhs.parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        None,
+        "other content",
+    );
+    vec![
         (
             "NHS number with a bad check digit",
             Input::Typed(Box::new(with_nhs("digit", &bad_digit))),
@@ -255,63 +287,65 @@ async fn every_bad_input_gets_its_status_changes_nothing_and_is_audited() {
                 field: Some("destinations[0]"),
             },
         ),
-    ];
+    ]
+}
 
-    let mut report = Vec::new();
-    for (name, input, expect) in rows {
-        let digest = gw.store.content_digest().unwrap();
-        let audited = gw.store.audit_entries().unwrap().len();
-        let status = match input {
-            Input::Typed(req) => prison.submit(*req).await.map(|_| ()),
-            Input::Raw(bytes) => submit_raw(&gw, bytes).await,
-        }
-        .expect_err(name);
-        let fields = violations(&status);
-        report.push(format!(
-            "{name}: {:?} {fields:?} {}",
-            status.code(),
-            status.message()
-        ));
-        assert_eq!(status.code(), expect.code, "{name}: {status:?}");
-        match expect.field {
-            Some(field) => assert!(
-                fields.iter().any(|f| f.starts_with(field)),
-                "{name}: violations {fields:?} name {field}"
-            ),
-            None if expect.code == Code::InvalidArgument => {
-                assert!(!fields.is_empty(), "{name}: a field violation")
-            }
-            None => {}
-        }
-        assert!(
-            !status.message().contains(&family) && !status.message().contains("Pryce"),
-            "{name}: the error names the patient: {}",
-            status.message()
-        );
-        assert_eq!(
-            gw.store.content_digest().unwrap(),
-            digest,
-            "{name}: nothing stored"
-        );
-        let entries = gw.store.audit_entries().unwrap();
-        assert_eq!(entries.len(), audited + 1, "{name}: one audit entry");
-        let last = entries.last().unwrap();
-        assert_eq!(last.actor, "urn:ods:YP001", "{name}");
-        assert_eq!(last.action, "submit", "{name}");
-        assert!(
-            last.outcome.starts_with("refused"),
-            "{name}: {}",
-            last.outcome
-        );
-        // The gateway still serves.
-        gw.client("YG001").await.pull(pull(1)).await.unwrap();
+/// Submits one case and checks its answer: the expected status and field,
+/// no patient name in the message, nothing stored, one audit entry of the
+/// refusal, and the gateway still serving. Returns the report line.
+async fn refused_and_audited(
+    gw: &TestGateway,
+    prison: &mut Handover,
+    (name, input, expect): Case,
+    family: &str,
+) -> String {
+    let digest = gw.store.content_digest().unwrap();
+    let audited = gw.store.audit_entries().unwrap().len();
+    let status = match input {
+        Input::Typed(req) => prison.submit(*req).await.map(|_| ()),
+        Input::Raw(bytes) => submit_raw(gw, bytes).await,
     }
-    eprintln!("{}", report.join("\n"));
-    assert_eq!(
-        gw.store.verify_audit().unwrap() as usize,
-        gw.store.audit_entries().unwrap().len()
+    .expect_err(name);
+    let fields = violations(&status);
+    let report = format!(
+        "{name}: {:?} {fields:?} {}",
+        status.code(),
+        status.message()
     );
-    gw.stop().await;
+    assert_eq!(status.code(), expect.code, "{name}: {status:?}");
+    match expect.field {
+        Some(field) => assert!(
+            fields.iter().any(|f| f.starts_with(field)),
+            "{name}: violations {fields:?} name {field}"
+        ),
+        None if expect.code == Code::InvalidArgument => {
+            assert!(!fields.is_empty(), "{name}: a field violation")
+        }
+        None => {}
+    }
+    assert!(
+        !status.message().contains(family) && !status.message().contains("Pryce"),
+        "{name}: the error names the patient: {}",
+        status.message()
+    );
+    assert_eq!(
+        gw.store.content_digest().unwrap(),
+        digest,
+        "{name}: nothing stored"
+    );
+    let entries = gw.store.audit_entries().unwrap();
+    assert_eq!(entries.len(), audited + 1, "{name}: one audit entry");
+    let last = entries.last().unwrap();
+    assert_eq!(last.actor, "urn:ods:YP001", "{name}");
+    assert_eq!(last.action, "submit", "{name}");
+    assert!(
+        last.outcome.starts_with("refused"),
+        "{name}: {}",
+        last.outcome
+    );
+    // The gateway still serves.
+    gw.client("YG001").await.pull(pull(1)).await.unwrap();
+    report
 }
 
 #[tokio::test]

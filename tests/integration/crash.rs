@@ -220,6 +220,150 @@ async fn consumer(
     }
 }
 
+/// Lets the consumer drain everything, including leases cut off by kills,
+/// stops it, then pulls until nothing is left behind.
+async fn drain(
+    ledger: &Arc<Mutex<Ledger>>,
+    consumer: tokio::task::JoinHandle<()>,
+    stop_consuming: &AtomicBool,
+    endpoint: &str,
+    certs: &Path,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered: BTreeSet<String> = {
+            let l = ledger.lock().unwrap();
+            l.pulls.iter().map(|(m, _)| m.clone()).collect()
+        };
+        let ok = ledger.lock().unwrap().ok.clone();
+        if ok.is_subset(&delivered) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_consuming.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), consumer)
+        .await
+        .expect("consumer stops")
+        .unwrap();
+    // Nothing left behind.
+    let mut client = connect(endpoint, certs, "YG001").await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    while consume_once(&mut client, ledger).await.unwrap() > 0 {}
+}
+
+/// Before stopping: explains (prints what the gateway says of) any
+/// acknowledged submit that was not delivered.
+async fn explain_undelivered(ledger: &Arc<Mutex<Ledger>>, endpoint: &str, certs: &Path) {
+    let missing: Vec<String> = {
+        let l = ledger.lock().unwrap();
+        let received: BTreeSet<&String> = l.pulls.iter().map(|(m, _)| m).collect();
+        l.ok.iter()
+            .filter(|m| !received.contains(m))
+            .cloned()
+            .collect()
+    };
+    if !missing.is_empty() {
+        let mut prison = connect(endpoint, certs, "YP001").await;
+        for m in missing.iter().take(5) {
+            let t = prison
+                .track(pb::TrackRequest {
+                    handover: Some(pb::track_request::Handover::MessageId(m.clone())),
+                })
+                .await;
+            println!("undelivered {m}: {t:?}");
+        }
+    }
+}
+
+/// An ack can commit and the process die before its answer leaves: the
+/// consumer saw a failure, yet the delivery is rightly not offered again.
+/// Asks the gateway which of the never-acked-OK deliveries it holds as
+/// delivered.
+async fn delivered_without_answer(
+    ledger: &Arc<Mutex<Ledger>>,
+    endpoint: &str,
+    certs: &Path,
+) -> BTreeSet<String> {
+    let unconfirmed: Vec<String> = {
+        let l = ledger.lock().unwrap();
+        let acked_ok: BTreeSet<&String> = l
+            .pulls
+            .iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(m, _)| m)
+            .collect();
+        let pulled: BTreeSet<&String> = l.pulls.iter().map(|(m, _)| m).collect();
+        l.ok.iter()
+            .filter(|m| pulled.contains(m) && !acked_ok.contains(m))
+            .cloned()
+            .collect()
+    };
+    let mut delivered_without_answer = BTreeSet::new();
+    let mut prison = connect(endpoint, certs, "YP001").await;
+    for m in unconfirmed {
+        let t = prison
+            .track(pb::TrackRequest {
+                handover: Some(pb::track_request::Handover::MessageId(m.clone())),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Only the practice's copy: the probation region's copy of each
+        // release is never pulled in this test.
+        if t.deliveries
+            .iter()
+            .filter(|d| d.destination == "YG001")
+            .all(|d| d.state == i32::from(pb::DeliveryState::Delivered))
+        {
+            delivered_without_answer.insert(m);
+        }
+    }
+    delivered_without_answer
+}
+
+/// The ledger's verdict: nothing delivered again after its ack returned OK,
+/// every acknowledged submit delivered, nothing delivered that was never
+/// submitted, and enough work done to mean something.
+fn no_submit_lost_none_after_its_ack(l: &Ledger, delivered_without_answer: &BTreeSet<String>) {
+    let mut times_pulled: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut acked: BTreeSet<&str> = BTreeSet::new();
+    for (m, ok) in &l.pulls {
+        assert!(
+            !acked.contains(m.as_str()),
+            "{m} was delivered again after its ack returned OK"
+        );
+        *times_pulled.entry(m).or_default() += 1;
+        if *ok {
+            acked.insert(m);
+        }
+    }
+    for m in &l.ok {
+        assert!(
+            acked.contains(m.as_str()) || delivered_without_answer.contains(m),
+            "acknowledged submit {m} was never delivered"
+        );
+    }
+    for m in times_pulled.keys() {
+        assert!(
+            l.attempted.contains(*m),
+            "{m} was delivered but never submitted"
+        );
+    }
+    let repeats = times_pulled.values().filter(|n| **n > 1).count();
+    println!(
+        "{} submits acknowledged, {} attempted, {} deliveries, {} redelivered after a crash or lost ack",
+        l.ok.len(),
+        l.attempted.len(),
+        l.pulls.len(),
+        repeats
+    );
+    assert!(
+        l.ok.len() > 50,
+        "the test did too little work to mean anything"
+    );
+}
+
 /// The kill -9 tests run one at a time: each drives a real binary through
 /// restarts with bounded waits, and two at once on two cores starve both.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -281,129 +425,16 @@ async fn acknowledged_submits_survive_kill_9() {
             .expect("submitters finish")
             .unwrap();
     }
-    // Let the consumer drain everything, including leases cut off by kills.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let delivered: BTreeSet<String> = {
-            let l = ledger.lock().unwrap();
-            l.pulls.iter().map(|(m, _)| m.clone()).collect()
-        };
-        let ok = ledger.lock().unwrap().ok.clone();
-        if ok.is_subset(&delivered) || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    stop_consuming.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(10), consumer)
-        .await
-        .expect("consumer stops")
-        .unwrap();
-    // Nothing left behind.
-    let mut client = connect(&endpoint, &certs, "YG001").await;
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    while consume_once(&mut client, &ledger).await.unwrap() > 0 {}
-    // Before stopping: explain any acknowledged submit that was not delivered.
-    let missing: Vec<String> = {
-        let l = ledger.lock().unwrap();
-        let received: BTreeSet<&String> = l.pulls.iter().map(|(m, _)| m).collect();
-        l.ok.iter()
-            .filter(|m| !received.contains(m))
-            .cloned()
-            .collect()
-    };
-    if !missing.is_empty() {
-        let mut prison = connect(&endpoint, &certs, "YP001").await;
-        for m in missing.iter().take(5) {
-            let t = prison
-                .track(pb::TrackRequest {
-                    handover: Some(pb::track_request::Handover::MessageId(m.clone())),
-                })
-                .await;
-            println!("undelivered {m}: {t:?}");
-        }
-    }
-    // An ack can commit and the process die before its answer leaves: the
-    // consumer saw a failure, yet the delivery is rightly not offered again.
-    // Ask the gateway which of the never-acked-OK deliveries it holds as
-    // delivered.
-    let unconfirmed: Vec<String> = {
-        let l = ledger.lock().unwrap();
-        let acked_ok: BTreeSet<&String> = l
-            .pulls
-            .iter()
-            .filter(|(_, ok)| *ok)
-            .map(|(m, _)| m)
-            .collect();
-        let pulled: BTreeSet<&String> = l.pulls.iter().map(|(m, _)| m).collect();
-        l.ok.iter()
-            .filter(|m| pulled.contains(m) && !acked_ok.contains(m))
-            .cloned()
-            .collect()
-    };
-    let mut delivered_without_answer = BTreeSet::new();
-    let mut prison = connect(&endpoint, &certs, "YP001").await;
-    for m in unconfirmed {
-        let t = prison
-            .track(pb::TrackRequest {
-                handover: Some(pb::track_request::Handover::MessageId(m.clone())),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        // Only the practice's copy: the probation region's copy of each
-        // release is never pulled in this test.
-        if t.deliveries
-            .iter()
-            .filter(|d| d.destination == "YG001")
-            .all(|d| d.state == i32::from(pb::DeliveryState::Delivered))
-        {
-            delivered_without_answer.insert(m);
-        }
-    }
+    drain(&ledger, consumer, &stop_consuming, &endpoint, &certs).await;
+    explain_undelivered(&ledger, &endpoint, &certs).await;
+    let delivered_without_answer = delivered_without_answer(&ledger, &endpoint, &certs).await;
     server.stop();
 
     println!(
         "{} deliveries acked by the gateway whose answer the crash cut off",
         delivered_without_answer.len()
     );
-    let l = ledger.lock().unwrap();
-    let mut times_pulled: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut acked: BTreeSet<&str> = BTreeSet::new();
-    for (m, ok) in &l.pulls {
-        assert!(
-            !acked.contains(m.as_str()),
-            "{m} was delivered again after its ack returned OK"
-        );
-        *times_pulled.entry(m).or_default() += 1;
-        if *ok {
-            acked.insert(m);
-        }
-    }
-    for m in &l.ok {
-        assert!(
-            acked.contains(m.as_str()) || delivered_without_answer.contains(m),
-            "acknowledged submit {m} was never delivered"
-        );
-    }
-    for m in times_pulled.keys() {
-        assert!(
-            l.attempted.contains(*m),
-            "{m} was delivered but never submitted"
-        );
-    }
-    let repeats = times_pulled.values().filter(|n| **n > 1).count();
-    println!(
-        "{} submits acknowledged, {} attempted, {} deliveries, {} redelivered after a crash or lost ack",
-        l.ok.len(),
-        l.attempted.len(),
-        l.pulls.len(),
-        repeats
-    );
-    assert!(
-        l.ok.len() > 50,
-        "the test did too little work to mean anything"
-    );
+    no_submit_lost_none_after_its_ack(&ledger.lock().unwrap(), &delivered_without_answer);
 
     let out = Command::new(BIN)
         .args(["admin", "audit", "verify", "--data-dir"])

@@ -218,10 +218,55 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
         Err(why) => panic!("the browser test is required here: {why}"),
     };
     let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let parked = submit_workload(&gw).await;
+    let quarantined = quarantine_with_careless_reasons(&gw).await;
+    // A day and an hour later the admission notice is overdue; the releases
+    // are not (yet). The last two minutes a minute at a time, each waited
+    // out until the sweeper has sampled it: three points on the trend charts.
+    clock.advance(25 * HOUR - 2 * MINUTE);
+    for points in 1..=3 {
+        if points > 1 {
+            clock.advance(MINUTE);
+        }
+        wait_for_depth_points(gw.metrics_addr, points).await;
+    }
+
+    let url = format!("http://{}/", gw.metrics_addr);
+    let head = head_of(gw.metrics_addr, "/").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+
+    let profile = tempfile::tempdir().unwrap();
+    let dom = run_chromium(
+        &browser,
+        &profile.path().join("dump"),
+        &["--dump-dom".to_owned()],
+        &url,
+    )
+    .await;
+
+    assert!(
+        dom.contains("<title>Throughcare · 2027-01-16 09:00 GMT</title>"),
+        "the gateway's own clock: {dom}"
+    );
+    mailboxes_are_highlighted(&dom);
+    quarantine_and_parked_are_listed(&dom, quarantined, parked);
+    totals_and_trends_are_drawn(&dom);
+    no_patient_data_on_the_page(&dom, &gw);
+    screenshot(&browser, profile.path(), &url).await;
+    gw.stop().await;
+}
+
+/// Three releases to YG001 and two to YG002 (each also to the prison's
+/// probation region, YPR01), a release with no known GP (parked), and an
+/// admission notice to YG002. Returns the parked delivery's id.
+async fn submit_workload(gw: &TestGateway) -> u64 {
     let mut prison = gw.client("YP001").await;
     let release = pb::JourneyEvent::Release;
-    // Three releases to YG001 and two to YG002; each also goes to the
-    // prison's probation region, YPR01.
     for (i, gp) in [
         (1, "YG001"),
         (2, "YG001"),
@@ -257,6 +302,12 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
         .submit(submit("adm-7", pb::JourneyEvent::Admission, &admitted))
         .await
         .unwrap();
+    parked.deliveries[0].delivery_id
+}
+
+/// YG001 rejects its oldest delivery for good, after careless reasons are
+/// refused. Returns the quarantined delivery's id.
+async fn quarantine_with_careless_reasons(gw: &TestGateway) -> u64 {
     // YG001 rejects its oldest delivery for good. A reason with (carelessly)
     // an NHS number, or a date of birth, is refused and says why; one with
     // markup, a name and a drug cannot be recognised and is taken, but the
@@ -297,41 +348,12 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
         ))
         .await
         .unwrap();
-    // A day and an hour later the admission notice is overdue; the releases
-    // are not (yet). The last two minutes a minute at a time, each waited
-    // out until the sweeper has sampled it: three points on the trend charts.
-    clock.advance(25 * HOUR - 2 * MINUTE);
-    for points in 1..=3 {
-        if points > 1 {
-            clock.advance(MINUTE);
-        }
-        wait_for_depth_points(gw.metrics_addr, points).await;
-    }
+    pulled[0].delivery_id
+}
 
-    let url = format!("http://{}/", gw.metrics_addr);
-    let head = head_of(gw.metrics_addr, "/").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-security-policy: default-src 'none'"),
-        "{head}"
-    );
-
-    let profile = tempfile::tempdir().unwrap();
-    let dom = run_chromium(
-        &browser,
-        &profile.path().join("dump"),
-        &["--dump-dom".to_owned()],
-        &url,
-    )
-    .await;
-
-    assert!(
-        dom.contains("<title>Throughcare · 2027-01-16 09:00 GMT</title>"),
-        "the gateway's own clock: {dom}"
-    );
-    // Mailboxes: depth, overdue and quarantined, with highlights.
-    let mailboxes = section(&dom, "mailboxes");
+/// Mailboxes: depth, overdue and quarantined, with highlights.
+fn mailboxes_are_highlighted(dom: &str) {
+    let mailboxes = section(dom, "mailboxes");
     assert!(mailboxes.contains("<h2>Mailboxes<span class=\"count\">4</span></h2>"));
     let yg001 = row(mailboxes, "data-mailbox=\"YG001\"");
     assert_eq!(text(yg001, "depth"), "2");
@@ -352,14 +374,15 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     assert_eq!(text(probation, "depth"), "6");
     let holding = row(mailboxes, "data-mailbox=\"@parked\"");
     assert_eq!(text(holding, "depth"), "1");
+}
+
+/// The quarantine with the gateway's words only, and the parked release with its deadline.
+fn quarantine_and_parked_are_listed(dom: &str, quarantined: u64, parked: u64) {
     // The quarantine with the gateway's words only: the recipient's free text
     // (a name, a drug, markup) is not on the page.
-    let quarantine = section(&dom, "quarantine");
+    let quarantine = section(dom, "quarantine");
     assert!(quarantine.contains("<h2>Quarantine<span class=\"count\">1</span></h2>"));
-    let q = row(
-        quarantine,
-        &format!("data-delivery=\"{}\"", pulled[0].delivery_id),
-    );
+    let q = row(quarantine, &format!("data-delivery=\"{}\"", quarantined));
     assert_eq!(text(q, "mailbox"), "YG001");
     assert_eq!(text(q, "sender"), "YP001");
     assert_eq!(text(q, "event"), "RELEASE");
@@ -370,17 +393,18 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     );
     assert_eq!(text(q, "when"), "2027-01-15 08:00 GMT (25h ago)");
     // The parked release with its deadline.
-    let parked_section = section(&dom, "parked");
+    let parked_section = section(dom, "parked");
     assert!(parked_section.contains("<h2>Parked releases<span class=\"count\">1</span></h2>"));
-    let p = row(
-        parked_section,
-        &format!("data-delivery=\"{}\"", parked.deliveries[0].delivery_id),
-    );
+    let p = row(parked_section, &format!("data-delivery=\"{}\"", parked));
     assert_eq!(text(p, "sender"), "YP001");
     assert_eq!(text(p, "event"), "RELEASE");
     assert_eq!(text(p, "queued"), "2027-01-15 08:00 GMT (25h ago)");
     assert_eq!(text(p, "due"), "2027-01-20 23:59 GMT (in 4d)");
     assert_eq!(text(p, "overdue"), "no");
+}
+
+/// The totals' tiles and the four trend charts.
+fn totals_and_trends_are_drawn(dom: &str) {
     // Totals.
     let tile = |id: &str| {
         let at = dom.find(&format!("id=\"{id}\"")).expect("a tile");
@@ -394,7 +418,7 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     // Trends: four server-drawn charts; the depth chart's three samples, one
     // a minute at the right edge of the six-hour window, all at the top (11
     // is the highest).
-    let trends = section(&dom, "trends");
+    let trends = section(dom, "trends");
     assert_eq!(trends.matches("<svg").count(), 4, "{trends}");
     for id in [
         "trend-depth",
@@ -410,8 +434,11 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
         "{trends}"
     );
     assert!(trends.contains("11 deliveries"), "{trends}");
-    // No patient data: identifiers, names, dates of birth, document text or
-    // patient keys.
+}
+
+/// No patient data: identifiers, names, dates of birth, document text or
+/// patient keys.
+fn no_patient_data_on_the_page(dom: &str, gw: &TestGateway) {
     let mut forbidden: Vec<String> = (1..=7).map(nhs).collect();
     forbidden.extend(
         [
@@ -436,20 +463,23 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     for f in &forbidden {
         assert!(!dom.contains(f.as_str()), "{f:?} is on the page");
     }
+}
 
-    // The screenshot, kept as an artefact of the run.
+/// The screenshot, kept as an artefact of the run: a 1280x900 PNG with more
+/// than a blank page's bytes.
+async fn screenshot(browser: &Path, profile: &Path, url: &str) {
     let artefacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artefacts");
     std::fs::create_dir_all(&artefacts).unwrap();
     let png = artefacts.join("dashboard.png");
     let _ = std::fs::remove_file(&png);
     run_chromium(
-        &browser,
-        &profile.path().join("shot"),
+        browser,
+        &profile.join("shot"),
         &[
             format!("--screenshot={}", png.display()),
             "--window-size=1280,900".to_owned(),
         ],
-        &url,
+        url,
     )
     .await;
     let bytes = std::fs::read(&png).expect("chromium wrote the screenshot");
@@ -461,5 +491,4 @@ async fn chromium_renders_the_dashboard_after_a_workload() {
     // A blank 1280x900 PNG compresses to a few kilobytes; tables and text do not.
     assert!(bytes.len() > 20_000, "{} bytes", bytes.len());
     println!("screenshot: {}", png.display());
-    gw.stop().await;
 }

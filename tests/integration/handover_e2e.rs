@@ -502,16 +502,14 @@ async fn per_patient_order_holds_and_long_poll_wakes_on_arrival() {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
-    let gw = TestGateway::start_with(
-        |c| c.limits.max_document_bytes = 8192,
-        Arc::new(SystemClock),
-    )
-    .await;
-    let mut prison = gw.client("YP001").await;
-    let before = gw.store.content_digest().unwrap();
-    let mut cases: Vec<(&str, pb::SubmitRequest, Code, &str)> = Vec::new();
+/// One bad submit: what it is, the request, the status code and the field
+/// its violation names (empty: none).
+type BadSubmit = (&'static str, pb::SubmitRequest, Code, &'static str);
+
+/// Bad submits in the request's own fields: the document's presence and
+/// size, the message id, destinations, the patient, the event.
+fn envelope_cases() -> Vec<BadSubmit> {
+    let mut cases: Vec<BadSubmit> = Vec::new();
     let mut r = release("b-1", 1, &["YG001"], "x");
     r.document = Some(pb::submit_request::Document::Native(Default::default()));
     cases.push((
@@ -571,6 +569,25 @@ async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
         Code::InvalidArgument,
         "patient",
     ));
+    let mut r = release("b-9", 1, &["YG001"], "x");
+    r.event = 0;
+    cases.push(("no event", r, Code::InvalidArgument, "event"));
+    let mut r = release("b-10", 1, &["YP002"], "x");
+    r.event = pb::JourneyEvent::CommunitySummary.into();
+    cases.push((
+        "a prison sending a GP's event",
+        r,
+        Code::PermissionDenied,
+        "",
+    ));
+
+    cases
+}
+
+/// Bad submits inside the document: a FHIR bundle with a bad NHS number, an
+/// HL7 message with a carriage return inside a field.
+fn document_cases() -> Vec<BadSubmit> {
+    let mut cases: Vec<BadSubmit> = Vec::new();
     let mut r = release("b-11", 1, &["YG001"], "x");
     let mut fhir = String::from_utf8(
         throughcare::clinical::fhir::render(
@@ -608,18 +625,20 @@ async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
         Code::InvalidArgument,
         "segment 4",
     ));
-    let mut r = release("b-9", 1, &["YG001"], "x");
-    r.event = 0;
-    cases.push(("no event", r, Code::InvalidArgument, "event"));
-    let mut r = release("b-10", 1, &["YP002"], "x");
-    r.event = pb::JourneyEvent::CommunitySummary.into();
-    cases.push((
-        "a prison sending a GP's event",
-        r,
-        Code::PermissionDenied,
-        "",
-    ));
+    cases
+}
 
+#[tokio::test]
+async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
+    let gw = TestGateway::start_with(
+        |c| c.limits.max_document_bytes = 8192,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut prison = gw.client("YP001").await;
+    let before = gw.store.content_digest().unwrap();
+    let mut cases = envelope_cases();
+    cases.extend(document_cases());
     for (what, request, code, field) in cases {
         let err = prison.submit(request).await.unwrap_err();
         assert_eq!(err.code(), code, "{what}: {}", err.message());

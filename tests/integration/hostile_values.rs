@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::support::{BIN, Server};
 use support::*;
+use throughcare::clinical::ClinicalSummary;
 use throughcare::grpc::pb;
 use throughcare::store::{Store, StoreOptions, SystemClock};
 use tonic::Code;
@@ -87,8 +88,24 @@ fn hostile_patient() -> pb::PatientRef {
     }
 }
 
+/// The refused calls, each with what it must name.
+#[derive(Default)]
+struct Refused(Vec<(String, tonic::Status)>);
+
+impl Refused {
+    /// Records a refused call; a call accepted fails the test.
+    fn expect(&mut self, what: &str, r: Result<(), tonic::Status>) {
+        match r {
+            Ok(()) => panic!("{what}: accepted"),
+            Err(s) => self.0.push((what.to_owned(), s)),
+        }
+    }
+}
+
+type Handover = pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>;
+type Operator = pb::operator_service_client::OperatorServiceClient<tonic::transport::Channel>;
+
 /// Every refused call, with what it must name.
-#[allow(clippy::too_many_lines)]
 async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, tonic::Status)> {
     let mut prison = throughcare::cli::client::handover(endpoint, certs, "YP001")
         .await
@@ -106,15 +123,22 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
         None,
         "hostile",
     );
-    let mut refused = Vec::new();
-    let mut expect = |what: &str, r: Result<(), tonic::Status>| match r {
-        Ok(()) => panic!("{what}: accepted"),
-        Err(s) => refused.push((what.to_owned(), s)),
-    };
+    let mut refused = Refused::default();
+    hostile_submit_fields(&mut prison, &release, &mut refused).await;
+    hostile_documents(&mut prison, &mut practice, &release, &mut refused).await;
+    hostile_delivery_calls(&mut prison, &mut practice, &mut refused).await;
+    hostile_operator_calls(&mut op, &mut refused).await;
+    refused.0
+}
 
-    // Submit: each caller-supplied field.
-    let doc = native(&release);
-    expect(
+/// Submit: each caller-supplied field.
+async fn hostile_submit_fields(
+    prison: &mut Handover,
+    release: &ClinicalSummary,
+    refused: &mut Refused,
+) {
+    let doc = native(release);
+    refused.expect(
         "destinations: an unknown, NHS-number-shaped code",
         ok(prison
             .submit(submit(
@@ -126,7 +150,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             ))
             .await),
     );
-    expect(
+    refused.expect(
         "destinations: free text",
         ok(prison
             .submit(submit(
@@ -138,7 +162,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             ))
             .await),
     );
-    expect(
+    refused.expect(
         "message_id and patient",
         ok(prison
             .submit(submit(
@@ -150,11 +174,21 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             ))
             .await),
     );
+}
+
+/// Documents naming unknown prisons, and FHIR and HL7 v2 with hostile keys,
+/// segments and values.
+async fn hostile_documents(
+    prison: &mut Handover,
+    practice: &mut Handover,
+    release: &ClinicalSummary,
+    refused: &mut Refused,
+) {
     let mut transfer = release.clone();
     transfer.custody.release_date = None;
     transfer.custody.transfer_to = Some(hostile_nhs().parse().unwrap());
     transfer.custody.transfer_at = Some("2030-01-01T09:00:00Z".parse().unwrap());
-    expect(
+    refused.expect(
         "document: an unknown receiving prison",
         ok(prison
             .submit(submit(
@@ -168,7 +202,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
     );
     let mut community = release.clone();
     community.custody.establishment = hostile_nhs().parse().unwrap();
-    expect(
+    refused.expect(
         "document: an unknown admitting prison",
         ok(practice
             .submit(submit(
@@ -185,7 +219,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
         hostile_nhs(),
         hostile_bad_nhs()
     );
-    expect(
+    refused.expect(
         "document: FHIR with hostile keys and values",
         ok(prison
             .submit(submit(
@@ -202,7 +236,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
         hostile_nhs(),
         hostile_bad_nhs()
     );
-    expect(
+    refused.expect(
         "document: HL7 v2 with hostile segments and values",
         ok(prison
             .submit(submit(
@@ -214,9 +248,15 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             ))
             .await),
     );
+}
 
-    // Pull, ack, nack, track, claim.
-    expect(
+/// Pull, ack, nack, track, claim.
+async fn hostile_delivery_calls(
+    prison: &mut Handover,
+    practice: &mut Handover,
+    refused: &mut Refused,
+) {
+    refused.expect(
         "pull: unknown format",
         ok(practice
             .pull(pb::PullRequest {
@@ -226,7 +266,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             .await),
     );
     let delivery_id: u64 = hostile_nhs().parse().unwrap();
-    expect(
+    refused.expect(
         "ack: unknown delivery",
         ok(practice
             .ack(pb::AckRequest {
@@ -235,7 +275,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
-    expect(
+    refused.expect(
         "nack: patient data in the reason",
         ok(practice
             .nack(pb::NackRequest {
@@ -246,7 +286,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
-    expect(
+    refused.expect(
         "track: unknown message id",
         ok(prison
             .track(pb::TrackRequest {
@@ -254,7 +294,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
-    expect(
+    refused.expect(
         "claim: hostile patient and evidence",
         ok(practice
             .claim(pb::ClaimRequest {
@@ -265,7 +305,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
-    expect(
+    refused.expect(
         "claim: no such patient",
         ok(practice
             .claim(pb::ClaimRequest {
@@ -278,9 +318,11 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
+}
 
-    // Operator calls.
-    expect(
+/// Operator calls.
+async fn hostile_operator_calls(op: &mut Operator, refused: &mut Refused) {
+    refused.expect(
         "claim_parked: unknown practice, patient data in the reason",
         ok(op
             .claim_parked(pb::ClaimParkedRequest {
@@ -290,7 +332,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
-    expect(
+    refused.expect(
         "set_organisation_active: unknown code",
         ok(op
             .set_organisation_active(pb::SetOrganisationActiveRequest {
@@ -299,7 +341,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
-    expect(
+    refused.expect(
         "audit_trail: bad NHS number, patient data in the reason",
         ok(op
             .audit_trail(pb::AuditTrailRequest {
@@ -311,7 +353,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
-    expect(
+    refused.expect(
         "break_glass_read: patient data in the reason",
         ok(op
             .break_glass_read(pb::BreakGlassReadRequest {
@@ -320,7 +362,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
-    expect(
+    refused.expect(
         "put_organisation: a code that is free text",
         ok(op
             .put_organisation(pb::PutOrganisationRequest {
@@ -335,7 +377,6 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
             })
             .await),
     );
-    refused
 }
 
 #[tokio::test]

@@ -529,12 +529,14 @@ async fn every_operator_call_refuses_a_non_operator_certificate() {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
-    let (gw, clock) = TestGateway::start_manual(|c| {
-        c.queue.max_attempts = 1;
-    })
-    .await;
+/// Twenty releases to YG001, each nacked permanently into quarantine, as
+/// the operator's lists show. Returns the operator's client and their ids.
+async fn quarantine_twenty(
+    gw: &TestGateway,
+) -> (
+    pb::operator_service_client::OperatorServiceClient<tonic::transport::Channel>,
+    Vec<u64>,
+) {
     let mut prison = gw.client("YP001").await;
     for i in 0..20 {
         prison
@@ -588,10 +590,15 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
             .quarantined,
         20
     );
-    // Pullers run while two operators redrive the same deliveries.
+    (op, q.iter().map(|d| d.delivery_id).collect())
+}
+
+/// A puller that acks what it gets until it has seen twenty deliveries (or
+/// tried a hundred times); returns their ids.
+fn spawn_puller(gw: &TestGateway) -> tokio::task::JoinHandle<Vec<u64>> {
     let endpoint = gw.endpoint.clone();
     let certs = gw.certs();
-    let puller = tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut c = throughcare::cli::client::handover(&endpoint, &certs, "YG001")
             .await
             .unwrap();
@@ -612,8 +619,18 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         seen
-    });
-    let ids: Vec<u64> = q.iter().map(|d| d.delivery_id).collect();
+    })
+}
+
+#[tokio::test]
+async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
+    let (gw, clock) = TestGateway::start_manual(|c| {
+        c.queue.max_attempts = 1;
+    })
+    .await;
+    let (mut op, ids) = quarantine_twenty(&gw).await;
+    // Pullers run while two operators redrive the same deliveries.
+    let puller = spawn_puller(&gw);
     let mut op2 = gw.operator().await;
     let (a, b) = tokio::join!(
         op.redrive(pb::RedriveRequest {

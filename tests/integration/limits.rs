@@ -214,141 +214,29 @@ fn tls_client_config(certs: &Path, name: &str) -> Arc<rustls::ClientConfig> {
 async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    throughcare::certs::init_dev_pki(&certs).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.path().join("throughcare.toml");
-    std::fs::write(
-        &config,
-        "[limits]\nmax_concurrent_streams = 32\nmax_connections_per_identity = 8\nmax_handshakes = 64\nmax_handshakes_per_network = 32\nrequests_per_second = 100\nrequest_burst = 200\nmax_in_flight = 256\n",
-    )
-    .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--certs-dir")
-        .arg(&certs)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let gateway = Binary(child);
+    let (gateway, port) = start_limited_gateway(dir.path(), &certs).await;
+    let pid = gateway.0.id();
     let endpoint = format!("https://127.0.0.1:{port}");
     let addr = format!("127.0.0.1:{port}");
-    let mut ready = false;
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "gateway listens");
 
     // The well-behaved pair: a prison sends, a practice pulls and acks.
     let mut prison = throughcare::cli::client::handover(&endpoint, &certs, "YP002")
         .await
         .unwrap();
-    let round = |n: u32| release(&format!("good-{n}"), n, &["YG002"], "well behaved");
     for n in 0..5 {
-        prison.submit(round(n)).await.unwrap();
+        prison.submit(well_behaved(n)).await.unwrap();
     }
     let baseline = rss_kib(pid);
 
-    // 1. Many idle raw TCP connections that never start a handshake, from
-    //    another loopback address (127.0.0.2).
-    let mut idle_tcp = Vec::new();
-    for _ in 0..300 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        if let Ok(s) = socket.connect(addr.parse().unwrap()).await {
-            idle_tcp.push(s);
-        }
-    }
-    // 2. Many idle TLS connections from one identity (beyond its limit).
-    let connector = tokio_rustls::TlsConnector::from(tls_client_config(&certs, "YG001"));
-    let mut idle_tls = Vec::new();
-    for _ in 0..40 {
-        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        if let Ok(s) = connector
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-        {
-            idle_tls.push(s);
-        }
-    }
-    // 3. Many streams on one connection: long polls from another identity
-    //    (YG001 has used up its connections above).
-    let flooder = throughcare::cli::client::handover(&endpoint, &certs, "YPR01").await;
-    let mut floods = Vec::new();
-    let outcomes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
-        String,
-        u32,
-    >::new()));
-    if let Ok(flooder) = flooder {
-        for _ in 0..400 {
-            let mut f = flooder.clone();
-            let outcomes = outcomes.clone();
-            floods.push(tokio::spawn(async move {
-                let req = pb::PullRequest {
-                    wait: Some(prost_types::Duration {
-                        seconds: 1,
-                        nanos: 0,
-                    }),
-                    ..pull(1)
-                };
-                let r = tokio::time::timeout(Duration::from_secs(4), f.pull(req)).await;
-                let key = match r {
-                    Err(_) => "timeout".to_owned(),
-                    Ok(Ok(_)) => "ok".to_owned(),
-                    Ok(Err(s)) => format!("{:?}", s.code()),
-                };
-                *outcomes.lock().unwrap().entry(key).or_default() += 1;
-            }));
-        }
-    }
+    let idle_tcp = idle_tcp_connections(&addr).await;
+    let idle_tls = idle_tls_connections(&addr, &certs).await;
+    let (floods, outcomes) = flood_one_connection_with_streams(&endpoint, &certs).await;
 
     // Meanwhile the well-behaved pair keeps working, each call answered, and
     // can even open a new connection.
     let started = Instant::now();
-    let mut practice = tokio::time::timeout(
-        Duration::from_secs(10),
-        throughcare::cli::client::handover(&endpoint, &certs, "YG002"),
-    )
-    .await
-    .expect("a new connection during the flood")
-    .unwrap();
-    let mut peak = baseline;
-    let mut served = 0;
-    for n in 5..25 {
-        let call = async {
-            prison.submit(round(n)).await?;
-            let got = practice.pull(pull(10)).await?.into_inner();
-            for d in got.deliveries {
-                practice
-                    .ack(pb::AckRequest {
-                        delivery_id: d.delivery_id,
-                        attempt: d.attempt,
-                    })
-                    .await?;
-            }
-            Ok::<_, tonic::Status>(())
-        };
-        tokio::time::timeout(Duration::from_secs(10), call)
-            .await
-            .expect("a well-behaved call is answered during the flood")
-            .expect("and succeeds");
-        served += 1;
-        peak = peak.max(rss_kib(pid));
-    }
+    let (served, mut peak) = well_behaved_rounds(&mut prison, &endpoint, &certs, pid).await;
+    peak = peak.max(baseline);
     for f in floods {
         let _ = f.await;
     }
@@ -376,4 +264,163 @@ async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
     drop(idle_tcp);
     drop(idle_tls);
     drop(gateway);
+}
+
+/// The real binary with tight limits (32 streams a connection, 8
+/// connections an identity, 64 handshakes), listening; returns it and its port.
+async fn start_limited_gateway(dir: &Path, certs: &Path) -> (Binary, u16) {
+    throughcare::certs::init_dev_pki(certs).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("throughcare.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_concurrent_streams = 32\nmax_connections_per_identity = 8\nmax_handshakes = 64\nmax_handshakes_per_network = 32\nrequests_per_second = 100\nrequest_burst = 200\nmax_in_flight = 256\n",
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--certs-dir")
+        .arg(certs)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let gateway = Binary(child);
+    let addr = format!("127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "gateway listens");
+    (gateway, port)
+}
+
+/// The well-behaved prison's `n`th release to YG002.
+fn well_behaved(n: u32) -> pb::SubmitRequest {
+    release(&format!("good-{n}"), n, &["YG002"], "well behaved")
+}
+
+/// 1. Many idle raw TCP connections that never start a handshake, from
+///    another loopback address (127.0.0.2).
+async fn idle_tcp_connections(addr: &str) -> Vec<tokio::net::TcpStream> {
+    let mut idle_tcp = Vec::new();
+    for _ in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(s) = socket.connect(addr.parse().unwrap()).await {
+            idle_tcp.push(s);
+        }
+    }
+    idle_tcp
+}
+
+/// 2. Many idle TLS connections from one identity (beyond its limit).
+async fn idle_tls_connections(
+    addr: &str,
+    certs: &Path,
+) -> Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(certs, "YG001"));
+    let mut idle_tls = Vec::new();
+    for _ in 0..40 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        if let Ok(s) = connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+        {
+            idle_tls.push(s);
+        }
+    }
+    idle_tls
+}
+
+/// How the flood's streams ended, counted by outcome.
+type Outcomes = Arc<std::sync::Mutex<std::collections::BTreeMap<String, u32>>>;
+
+/// 3. Many streams on one connection: long polls from another identity
+///    (YG001 has used up its connections above).
+async fn flood_one_connection_with_streams(
+    endpoint: &str,
+    certs: &Path,
+) -> (Vec<tokio::task::JoinHandle<()>>, Outcomes) {
+    let flooder = throughcare::cli::client::handover(endpoint, certs, "YPR01").await;
+    let mut floods = Vec::new();
+    let outcomes = Outcomes::default();
+    if let Ok(flooder) = flooder {
+        for _ in 0..400 {
+            let mut f = flooder.clone();
+            let outcomes = outcomes.clone();
+            floods.push(tokio::spawn(async move {
+                let req = pb::PullRequest {
+                    wait: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    ..pull(1)
+                };
+                let r = tokio::time::timeout(Duration::from_secs(4), f.pull(req)).await;
+                let key = match r {
+                    Err(_) => "timeout".to_owned(),
+                    Ok(Ok(_)) => "ok".to_owned(),
+                    Ok(Err(s)) => format!("{:?}", s.code()),
+                };
+                *outcomes.lock().unwrap().entry(key).or_default() += 1;
+            }));
+        }
+    }
+    (floods, outcomes)
+}
+
+/// During the flood: a new connection for the practice, then twenty rounds
+/// of submit, pull and ack, each answered within 10 s. Returns the rounds
+/// served and the peak RSS seen.
+async fn well_behaved_rounds(
+    prison: &mut pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>,
+    endpoint: &str,
+    certs: &Path,
+    pid: u32,
+) -> (u32, u64) {
+    let mut practice = tokio::time::timeout(
+        Duration::from_secs(10),
+        throughcare::cli::client::handover(endpoint, certs, "YG002"),
+    )
+    .await
+    .expect("a new connection during the flood")
+    .unwrap();
+    let mut peak = 0;
+    let mut served = 0;
+    for n in 5..25 {
+        let call = async {
+            prison.submit(well_behaved(n)).await?;
+            let got = practice.pull(pull(10)).await?.into_inner();
+            for d in got.deliveries {
+                practice
+                    .ack(pb::AckRequest {
+                        delivery_id: d.delivery_id,
+                        attempt: d.attempt,
+                    })
+                    .await?;
+            }
+            Ok::<_, tonic::Status>(())
+        };
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("a well-behaved call is answered during the flood")
+            .expect("and succeeds");
+        served += 1;
+        peak = peak.max(rss_kib(pid));
+    }
+    (served, peak)
 }

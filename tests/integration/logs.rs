@@ -35,15 +35,58 @@ fn message(line: &Value) -> &str {
 #[tokio::test]
 async fn json_lines_of_submits_and_pulls_carry_handover_ids_and_no_patient_data() {
     let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("gateway.log");
+    let (mut server, mut prison, mut gp) = start_logging_gateway(dir.path(), &log_path).await;
+    let submitted = submit_pull_and_ack(&mut prison, &mut gp).await;
+    let pid = server.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let mut stopped = false;
+    for _ in 0..300 {
+        if server.0.try_wait().unwrap().is_some() {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stopped, "the gateway stops on SIGTERM");
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    for i in 1..=4 {
+        assert!(!text.contains(&nhs(i)), "an NHS number in the log");
+    }
+    for secret in ["1985-06-15", "Alex", "Example (invented)", "log marker"] {
+        assert!(!text.contains(secret), "patient data ({secret}) in the log");
+    }
+
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+
+    submit_lines_carry_their_ids(&lines, &submitted);
+    pull_lines_carry_their_ids(&lines, &submitted);
+}
+
+fn in_span(line: &Value, name: &str) -> bool {
+    spans(line).iter().any(|s| s["name"] == name)
+}
+
+type Client = pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>;
+
+/// The real binary with `--log-json` (its stderr to `log_path`), and a
+/// prison's and a practice's clients once it serves.
+async fn start_logging_gateway(
+    dir: &std::path::Path,
+    log_path: &std::path::Path,
+) -> (Server, Client, Client) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let log_path = dir.path().join("gateway.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let certs = dir.path().join("certs");
-    let mut server = Server(
+    let log = std::fs::File::create(log_path).unwrap();
+    let certs = dir.join("certs");
+    let server = Server(
         Command::new(BIN)
             .args([
                 "--log-json",
@@ -53,7 +96,7 @@ async fn json_lines_of_submits_and_pulls_carry_handover_ids_and_no_patient_data(
             ])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .arg("--certs-dir")
             .arg(&certs)
             .env("RUST_LOG", "info")
@@ -71,11 +114,17 @@ async fn json_lines_of_submits_and_pulls_carry_handover_ids_and_no_patient_data(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut prison = prison.expect("the gateway starts");
-    let mut gp = throughcare::cli::client::handover(&endpoint, &certs, "YG001")
+    let prison = prison.expect("the gateway starts");
+    let gp = throughcare::cli::client::handover(&endpoint, &certs, "YG001")
         .await
         .unwrap();
 
+    (server, prison, gp)
+}
+
+/// Three releases (and one refusal) to YG001, pulled and acked; returns the
+/// handover ids submitted.
+async fn submit_pull_and_ack(prison: &mut Client, gp: &mut Client) -> BTreeSet<u64> {
     let mut submitted = BTreeSet::new();
     for i in 1..=3 {
         let receipt = prison
@@ -106,32 +155,12 @@ async fn json_lines_of_submits_and_pulls_carry_handover_ids_and_no_patient_data(
     }
     assert_eq!(delivered, submitted);
 
-    let pid = server.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let mut stopped = false;
-    for _ in 0..300 {
-        if server.0.try_wait().unwrap().is_some() {
-            stopped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(stopped, "the gateway stops on SIGTERM");
+    submitted
+}
 
-    let text = std::fs::read_to_string(&log_path).unwrap();
-    for i in 1..=4 {
-        assert!(!text.contains(&nhs(i)), "an NHS number in the log");
-    }
-    for secret in ["1985-06-15", "Alex", "Example (invented)", "log marker"] {
-        assert!(!text.contains(secret), "patient data ({secret}) in the log");
-    }
-
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    let in_span = |line: &Value, name: &str| spans(line).iter().any(|s| s["name"] == name);
-
+/// Every line of a submit names the caller and carries the handover id,
+/// except the refusal's (nothing was stored).
+fn submit_lines_carry_their_ids(lines: &[Value], submitted: &BTreeSet<u64>) {
     let mut accepted = BTreeSet::new();
     let mut refusals = 0;
     for line in lines.iter().filter(|l| in_span(l, "submit")) {
@@ -151,11 +180,15 @@ async fn json_lines_of_submits_and_pulls_carry_handover_ids_and_no_patient_data(
         }
     }
     assert_eq!(
-        accepted, submitted,
+        &accepted, submitted,
         "each accepted submit logged with its id"
     );
     assert_eq!(refusals, 1);
+}
 
+/// Every line of a pull carries the handover id it is about; each pull's
+/// summary lists ids logged before it.
+fn pull_lines_carry_their_ids(lines: &[Value], submitted: &BTreeSet<u64>) {
     let mut leased = BTreeSet::new();
     let mut summaries = 0;
     for line in lines.iter().filter(|l| in_span(l, "pull")) {
@@ -176,5 +209,5 @@ async fn json_lines_of_submits_and_pulls_carry_handover_ids_and_no_patient_data(
         }
     }
     assert_eq!(summaries, 3);
-    assert_eq!(leased, submitted);
+    assert_eq!(&leased, submitted);
 }

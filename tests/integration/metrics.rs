@@ -132,10 +132,9 @@ fn expiry(path: &std::path::Path) -> i64 {
     throughcare::tls::expiry_timestamp(&std::fs::read(path).unwrap()).unwrap()
 }
 
-#[tokio::test]
-async fn metrics_count_what_the_gateway_did() {
-    const SUBMITS: u32 = 5;
-    let gw = TestGateway::start().await;
+/// N accepted submits, one repeat, one refused; pulls of 2 + 2 + 1 and an
+/// empty one; 3 acks, a stale ack, a retryable and a permanent nack.
+async fn workload(gw: &TestGateway) {
     let mut prison = gw.client("YP001").await;
     let mut gp = gw.client("YG001").await;
 
@@ -193,20 +192,10 @@ async fn metrics_count_what_the_gateway_did() {
         .await
         .unwrap();
     }
+}
 
-    let paths = gw.paths();
-    let (status, content_type, text) = get(gw.metrics_addr, "/metrics").await;
-    assert_eq!(status, 200);
-    assert!(
-        content_type.starts_with("application/openmetrics-text"),
-        "{content_type}"
-    );
-    assert!(text.ends_with("# EOF\n"));
-    for i in [0, 1, 2, 3, 4, 99] {
-        assert!(!text.contains(&nhs(i)), "an NHS number in the metrics");
-    }
-    let m = Scrape(parse(&text));
-
+/// The handover calls' own counters, by event, format and outcome.
+fn submits_pulls_acks_and_nacks_are_counted(m: &Scrape) {
     let submits = "throughcare_submits_total";
     let release = [("event", "release"), ("format", "native")];
     let with = |outcome| [release[0], release[1], ("outcome", outcome)];
@@ -255,9 +244,11 @@ async fn metrics_count_what_the_gateway_did() {
         1.0
     );
     assert_eq!(m.sum(nacks), 2.0);
+}
 
-    // Each group commit is observed once: as many as the store counted, and
-    // together they made exactly the accepted new submits durable.
+/// Each group commit is observed once: as many as the store counted, and
+/// together they made exactly the accepted new submits durable.
+fn each_group_commit_is_observed_once(m: &Scrape, gw: &TestGateway) {
     let (barriers, _, _, durable_submits) = gw.store.stats().snapshot();
     let barrier_count = m.value("throughcare_barrier_duration_seconds_count", &[]);
     assert_eq!(barrier_count, barriers as f64);
@@ -274,23 +265,10 @@ async fn metrics_count_what_the_gateway_did() {
     // on some barrier (refusals that wrote an audit entry may add to it).
     let changes = f64::from(SUBMITS) + 3.0 + 3.0 + 2.0;
     assert!(m.value("throughcare_barrier_commands_sum", &[]) >= changes);
+}
 
-    // notAfter as Unix seconds, exactly the files' (not days from now).
-    let expiry_metric = "throughcare_certificate_expiry_timestamp_seconds";
-    let server = m.value(expiry_metric, &[("certificate", "server")]);
-    assert_eq!(server as i64, expiry(&paths.server_cert()));
-    let ca = m.value(expiry_metric, &[("certificate", "ca")]);
-    assert_eq!(ca as i64, expiry(&paths.ca_cert()));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    assert!(
-        server > now + 300.0 * 86_400.0 && ca >= server,
-        "{server} {ca}"
-    );
-
-    // Per method and status code, every call on the listener.
+/// Per method and status code, every call on the listener.
+fn every_call_is_counted_per_method_and_code(m: &Scrape) {
     let handled = "throughcare_grpc_server_handled_total";
     let call = |service: &'static str, method: &'static str, code: &'static str| {
         [
@@ -324,6 +302,45 @@ async fn metrics_count_what_the_gateway_did() {
     );
     // Methods not called are there at zero.
     assert_eq!(m.value(handled, &call(handover, "Track", "OK")), 0.0);
+}
+
+const SUBMITS: u32 = 5;
+
+#[tokio::test]
+async fn metrics_count_what_the_gateway_did() {
+    let gw = TestGateway::start().await;
+    workload(&gw).await;
+    let paths = gw.paths();
+    let (status, content_type, text) = get(gw.metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(text.ends_with("# EOF\n"));
+    for i in [0, 1, 2, 3, 4, 99] {
+        assert!(!text.contains(&nhs(i)), "an NHS number in the metrics");
+    }
+    let m = Scrape(parse(&text));
+
+    submits_pulls_acks_and_nacks_are_counted(&m);
+    each_group_commit_is_observed_once(&m, &gw);
+    // notAfter as Unix seconds, exactly the files' (not days from now).
+    let expiry_metric = "throughcare_certificate_expiry_timestamp_seconds";
+    let server = m.value(expiry_metric, &[("certificate", "server")]);
+    assert_eq!(server as i64, expiry(&paths.server_cert()));
+    let ca = m.value(expiry_metric, &[("certificate", "ca")]);
+    assert_eq!(ca as i64, expiry(&paths.ca_cert()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        server > now + 300.0 * 86_400.0 && ca >= server,
+        "{server} {ca}"
+    );
+
+    every_call_is_counted_per_method_and_code(&m);
 
     let (status, _, _) = get(gw.metrics_addr, "/other").await;
     assert_eq!(status, 404);

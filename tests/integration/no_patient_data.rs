@@ -107,12 +107,22 @@ fn event_of(json: &serde_json::Value) -> (pb::JourneyEvent, JourneyEvent, &'stat
     }
 }
 
+type Client = pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>;
+
 /// Every fixture in every format, pulled and acked by every recipient, then
 /// the provoked errors. Returns how many submits were accepted.
 async fn workload(endpoint: &str, certs: &Path) -> usize {
     let mut prison = throughcare::cli::client::handover(endpoint, certs, "YP001")
         .await
         .unwrap();
+    let accepted = submit_every_fixture_in_every_format(&mut prison).await;
+    pull_and_ack_everything(endpoint, certs).await;
+    provoke_errors(&mut prison).await;
+    accepted
+}
+
+/// Each fixture as native, FHIR and HL7 v2; returns how many were accepted.
+async fn submit_every_fixture_in_every_format(prison: &mut Client) -> usize {
     let mut accepted = 0;
     for (i, (name, json)) in fixtures().into_iter().enumerate() {
         let (wire_event, event, to) = event_of(&json);
@@ -148,6 +158,11 @@ async fn workload(endpoint: &str, certs: &Path) -> usize {
             }
         }
     }
+    accepted
+}
+
+/// Every recipient pulls and acks until its mailbox is empty.
+async fn pull_and_ack_everything(endpoint: &str, certs: &Path) {
     for who in ["YG001", "YG002", "YPR01", "YP002"] {
         let mut c = throughcare::cli::client::handover(endpoint, certs, who)
             .await
@@ -175,7 +190,10 @@ async fn workload(endpoint: &str, certs: &Path) -> usize {
             }
         }
     }
-    // Provoked errors, each carrying a fixture's patient.
+}
+
+/// Provoked errors, each carrying a fixture's patient: none names the patient.
+async fn provoke_errors(prison: &mut Client) {
     let first: ClinicalSummary = serde_json::from_value(fixtures()[0].1.clone()).unwrap();
     let native = || {
         Some(pb::submit_request::Document::Native(
@@ -232,7 +250,6 @@ async fn workload(endpoint: &str, certs: &Path) -> usize {
             );
         }
     }
-    accepted
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {

@@ -571,8 +571,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
 /// keeps their links.
 #[tokio::test]
 async fn identity_records_expire_when_nothing_is_tracked_for_the_metadata_period() {
-    use throughcare::journey::JourneyEvent;
-    use throughcare::store::{NewDelivery, NewHandover, PARKED_MAILBOX, Store, StoreOptions};
+    use throughcare::store::{PARKED_MAILBOX, Store, StoreOptions};
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
     let store = Store::open(
@@ -581,52 +580,24 @@ async fn identity_records_expire_when_nothing_is_tracked_for_the_metadata_period
         Arc::new(clock.clone()),
     )
     .unwrap();
-    let new = |message_id: &str, nhs: &str, prison: &str, to: &str| NewHandover {
-        actor: "urn:ods:YP001".into(),
-        sender: "YP001".into(),
-        message_id: message_id.into(),
-        event: JourneyEvent::Release,
-        patient: PatientIds {
-            nhs: Some(nhs.into()),
-            prison: Some(prison.into()),
-        },
-        claim_keys: vec![format!("claim-{nhs}")],
-        requested_destinations: vec![to.into()],
-        destinations: vec![NewDelivery {
-            mailbox: to.into(),
-            ..NewDelivery::default()
-        }],
-        payload: message_id.as_bytes().to_vec(),
-        supersede: true,
-    };
-    let deliver = || async {
-        for d in store
-            .pull("urn:ods:YG001", "YG001", 10, 60_000)
-            .await
-            .unwrap()
-        {
-            store
-                .ack("urn:ods:YG001", "YG001", d.delivery.id, d.delivery.attempt)
-                .await
-                .unwrap();
-        }
-    };
     // Delivered and forgotten; parked and waiting; delivered, then back.
     store
-        .submit(new("a", "nhs-a", "prison-a", "YG001"))
+        .submit(identity_handover("a", "nhs-a", "prison-a", "YG001"))
         .await
         .unwrap();
     store
-        .submit(new("b", "nhs-b", "prison-b", PARKED_MAILBOX))
+        .submit(identity_handover("b", "nhs-b", "prison-b", PARKED_MAILBOX))
         .await
         .unwrap();
     store
-        .submit(new("c", "nhs-c", "prison-c", "YG001"))
+        .submit(identity_handover("c", "nhs-c", "prison-c", "YG001"))
         .await
         .unwrap();
-    deliver().await;
+    deliver_to_yg001(&store).await;
     // A refused link: prison-b already belongs to nhs-b.
-    let refused = store.submit(new("x", "nhs-x", "prison-b", "YG001")).await;
+    let refused = store
+        .submit(identity_handover("x", "nhs-x", "prison-b", "YG001"))
+        .await;
     assert!(refused.is_err());
     assert_eq!(store.identity_conflicts(10).unwrap().len(), 1);
     let held = store.retention().await.unwrap().stats.identity_records_held;
@@ -654,7 +625,7 @@ async fn identity_records_expire_when_nothing_is_tracked_for_the_metadata_period
     // c comes back before its links expire.
     clock.advance(80 * DAY_MS);
     store
-        .submit(new("c2", "nhs-c", "prison-c", "YG001"))
+        .submit(identity_handover("c2", "nhs-c", "prison-c", "YG001"))
         .await
         .unwrap();
     clock.advance(5 * DAY_MS);
@@ -671,7 +642,7 @@ async fn identity_records_expire_when_nothing_is_tracked_for_the_metadata_period
     assert_eq!(stats.identity_records_held, 2 * 4, "b and c");
     assert_eq!(stats.identity_records_removed, 4 + 1);
     // c's second handover delivered and forgotten: c goes too; b never does.
-    deliver().await;
+    deliver_to_yg001(&store).await;
     clock.advance(84 * DAY_MS + 1);
     assert_eq!(store.retention().await.unwrap().metadata_removed, 1);
     clock.advance(84 * DAY_MS + 1);
@@ -692,7 +663,55 @@ async fn identity_records_expire_when_nothing_is_tracked_for_the_metadata_period
     store.close().await.unwrap();
     // Nothing of a or c is left in the identity trees.
     drop(store);
-    let db = sled::open(dir.path().join("data").join("sled")).unwrap();
+    nothing_of_a_or_c_in_the_identity_trees(&dir.path().join("data").join("sled"));
+}
+
+/// A release from YP001 naming both identifiers, to `to`.
+fn identity_handover(
+    message_id: &str,
+    nhs: &str,
+    prison: &str,
+    to: &str,
+) -> throughcare::store::NewHandover {
+    use throughcare::journey::JourneyEvent;
+    use throughcare::store::{NewDelivery, NewHandover};
+    NewHandover {
+        actor: "urn:ods:YP001".into(),
+        sender: "YP001".into(),
+        message_id: message_id.into(),
+        event: JourneyEvent::Release,
+        patient: PatientIds {
+            nhs: Some(nhs.into()),
+            prison: Some(prison.into()),
+        },
+        claim_keys: vec![format!("claim-{nhs}")],
+        requested_destinations: vec![to.into()],
+        destinations: vec![NewDelivery {
+            mailbox: to.into(),
+            ..NewDelivery::default()
+        }],
+        payload: message_id.as_bytes().to_vec(),
+        supersede: true,
+    }
+}
+
+/// YG001 pulls and acks what waits for it.
+async fn deliver_to_yg001(store: &throughcare::store::Store) {
+    for d in store
+        .pull("urn:ods:YG001", "YG001", 10, 60_000)
+        .await
+        .unwrap()
+    {
+        store
+            .ack("urn:ods:YG001", "YG001", d.delivery.id, d.delivery.attempt)
+            .await
+            .unwrap();
+    }
+}
+
+/// No key or value of the identity trees names patient a or c.
+fn nothing_of_a_or_c_in_the_identity_trees(sled_dir: &std::path::Path) {
+    let db = sled::open(sled_dir).unwrap();
     for tree in ["identities", "patients", "lineage"] {
         for kv in db.open_tree(tree).unwrap().iter() {
             let (k, v) = kv.unwrap();

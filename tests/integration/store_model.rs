@@ -296,6 +296,144 @@ async fn check_all(store: &Store, model: &Model) {
     }
 }
 
+/// A submit, new, repeated or conflicting, against the model's record of it.
+async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
+    let (patient, mailbox, payload) = content(msg, tamper);
+    let result = store
+        .submit(NewHandover {
+            actor: "urn:ods:YP001".into(),
+            sender: "YP001".into(),
+            message_id: format!("m{msg}"),
+            event: JourneyEvent::Release,
+            patient: PatientIds {
+                nhs: Some(format!("p{patient}")),
+                prison: None,
+            },
+            claim_keys: Vec::new(),
+            destinations: vec![NewDelivery {
+                mailbox: MAILBOXES[mailbox].into(),
+                urgent: false,
+                ..NewDelivery::default()
+            }],
+            payload,
+            requested_destinations: vec![MAILBOXES[mailbox].into()],
+            supersede: false,
+        })
+        .await;
+    match model.accepted.get(&msg) {
+        Some(&(was_tampered, hid, did)) if was_tampered == tamper => {
+            let o = result.unwrap();
+            assert!(o.duplicate);
+            assert_eq!((o.handover_id, o.deliveries[0].1), (hid, did));
+        }
+        Some(_) => assert_eq!(error_name(&result.unwrap_err()), "conflict"),
+        None => {
+            let o = result.unwrap();
+            model.next_handover += 1;
+            model.next_delivery += 1;
+            assert!(!o.duplicate);
+            assert_eq!(o.handover_id, model.next_handover);
+            assert_eq!(
+                o.deliveries,
+                vec![(MAILBOXES[mailbox].to_owned(), model.next_delivery)]
+            );
+            model
+                .accepted
+                .insert(msg, (tamper, o.handover_id, model.next_delivery));
+            model.deliveries.insert(
+                model.next_delivery,
+                MDelivery {
+                    mailbox,
+                    patient,
+                    state: DeliveryState::Queued,
+                    attempt: 0,
+                    lease_until: 0,
+                    not_before: i64::MIN,
+                    finished: None,
+                    shredded: None,
+                },
+            );
+        }
+    }
+}
+
+/// A pull: the model's deliveries in the model's order, each payload as submitted.
+async fn pull_step(store: &Store, model: &mut Model, mailbox: usize, max: usize) {
+    let got = store
+        .pull("urn:ods:X", MAILBOXES[mailbox], max, LEASE_MS)
+        .await
+        .unwrap();
+    let want = model.pull(mailbox, max);
+    let got_ids: Vec<(u64, u32)> = got
+        .iter()
+        .map(|l| (l.delivery.id, l.delivery.attempt))
+        .collect();
+    assert_eq!(got_ids, want, "pull from {}", MAILBOXES[mailbox]);
+    for l in &got {
+        let payload = store.payload(&l.handover).await.unwrap();
+        let (msg, (tampered, _, _)) = model
+            .accepted
+            .iter()
+            .find(|(_, (_, h, _))| *h == l.handover.id)
+            .unwrap();
+        assert_eq!(payload, content(*msg, *tampered).2);
+    }
+    model.handed_out[mailbox].extend(want);
+}
+
+/// An ack of a delivery handed out (or of its previous attempt when `stale`).
+async fn ack_step(store: &Store, model: &mut Model, mailbox: usize, pick: usize, stale: bool) {
+    let list = &model.handed_out[mailbox];
+    let (id, mut attempt) = list[pick % list.len()];
+    if stale {
+        attempt -= 1;
+    }
+    let result = store
+        .ack("urn:ods:X", MAILBOXES[mailbox], id, attempt)
+        .await;
+    match model.check(id, attempt, true) {
+        Ok(()) => {
+            result.unwrap();
+            let now = model.now;
+            let d = model.deliveries.get_mut(&id).unwrap();
+            d.state = DeliveryState::Delivered;
+            d.finished = Some(now);
+        }
+        Err("repeat") => result.unwrap(),
+        Err(name) => assert_eq!(error_name(&result.unwrap_err()), name),
+    }
+}
+
+/// A nack of a delivery handed out: back in the queue with backoff, or quarantined.
+async fn nack_step(store: &Store, model: &mut Model, mailbox: usize, pick: usize, permanent: bool) {
+    let list = &model.handed_out[mailbox];
+    let (id, attempt) = list[pick % list.len()];
+    let result = store
+        .nack(
+            "urn:ods:X",
+            MAILBOXES[mailbox],
+            id,
+            attempt,
+            permanent,
+            "model",
+        )
+        .await;
+    match model.check(id, attempt, false) {
+        Ok(()) => {
+            let now = model.now;
+            let d = model.deliveries.get_mut(&id).unwrap();
+            if permanent || d.attempt >= MAX_ATTEMPTS {
+                d.state = DeliveryState::Quarantined;
+            } else {
+                d.state = DeliveryState::Queued;
+                d.not_before = now + BACKOFF_MS * (1 << (d.attempt - 1));
+            }
+            assert_eq!(result.unwrap(), d.state);
+        }
+        Err(name) => assert_eq!(error_name(&result.unwrap_err()), name),
+    }
+}
+
 async fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_000_000);
@@ -306,87 +444,8 @@ async fn run(ops: Vec<Op>) {
     };
     for op in ops {
         match op {
-            Op::Submit { msg, tamper } => {
-                let (patient, mailbox, payload) = content(msg, tamper);
-                let result = store
-                    .submit(NewHandover {
-                        actor: "urn:ods:YP001".into(),
-                        sender: "YP001".into(),
-                        message_id: format!("m{msg}"),
-                        event: JourneyEvent::Release,
-                        patient: PatientIds {
-                            nhs: Some(format!("p{patient}")),
-                            prison: None,
-                        },
-                        claim_keys: Vec::new(),
-                        destinations: vec![NewDelivery {
-                            mailbox: MAILBOXES[mailbox].into(),
-                            urgent: false,
-                            ..NewDelivery::default()
-                        }],
-                        payload,
-                        requested_destinations: vec![MAILBOXES[mailbox].into()],
-                        supersede: false,
-                    })
-                    .await;
-                match model.accepted.get(&msg) {
-                    Some(&(was_tampered, hid, did)) if was_tampered == tamper => {
-                        let o = result.unwrap();
-                        assert!(o.duplicate);
-                        assert_eq!((o.handover_id, o.deliveries[0].1), (hid, did));
-                    }
-                    Some(_) => assert_eq!(error_name(&result.unwrap_err()), "conflict"),
-                    None => {
-                        let o = result.unwrap();
-                        model.next_handover += 1;
-                        model.next_delivery += 1;
-                        assert!(!o.duplicate);
-                        assert_eq!(o.handover_id, model.next_handover);
-                        assert_eq!(
-                            o.deliveries,
-                            vec![(MAILBOXES[mailbox].to_owned(), model.next_delivery)]
-                        );
-                        model
-                            .accepted
-                            .insert(msg, (tamper, o.handover_id, model.next_delivery));
-                        model.deliveries.insert(
-                            model.next_delivery,
-                            MDelivery {
-                                mailbox,
-                                patient,
-                                state: DeliveryState::Queued,
-                                attempt: 0,
-                                lease_until: 0,
-                                not_before: i64::MIN,
-                                finished: None,
-                                shredded: None,
-                            },
-                        );
-                    }
-                }
-            }
-            Op::Pull { mailbox, max } => {
-                let got = store
-                    .pull("urn:ods:X", MAILBOXES[mailbox], max, LEASE_MS)
-                    .await
-                    .unwrap();
-                let want = model.pull(mailbox, max);
-                let got_ids: Vec<(u64, u32)> = got
-                    .iter()
-                    .map(|l| (l.delivery.id, l.delivery.attempt))
-                    .collect();
-                assert_eq!(got_ids, want, "pull from {}", MAILBOXES[mailbox]);
-                for l in &got {
-                    let payload = store.payload(&l.handover).await.unwrap();
-                    let (msg, (tampered, _, _)) = model
-                        .accepted
-                        .iter()
-                        .find(|(_, (_, h, _))| *h == l.handover.id)
-                        .unwrap();
-                    assert_eq!(payload, content(*msg, *tampered).2);
-                }
-                model.handed_out[mailbox].extend(want);
-            }
+            Op::Submit { msg, tamper } => submit_step(&store, &mut model, msg, tamper).await,
+            Op::Pull { mailbox, max } => pull_step(&store, &mut model, mailbox, max).await,
             Op::Ack {
                 mailbox,
                 pick,
@@ -403,59 +462,12 @@ async fn run(ops: Vec<Op>) {
                 mailbox,
                 pick,
                 stale,
-            } => {
-                let list = &model.handed_out[mailbox];
-                let (id, mut attempt) = list[pick % list.len()];
-                if stale {
-                    attempt -= 1;
-                }
-                let result = store
-                    .ack("urn:ods:X", MAILBOXES[mailbox], id, attempt)
-                    .await;
-                match model.check(id, attempt, true) {
-                    Ok(()) => {
-                        result.unwrap();
-                        let now = model.now;
-                        let d = model.deliveries.get_mut(&id).unwrap();
-                        d.state = DeliveryState::Delivered;
-                        d.finished = Some(now);
-                    }
-                    Err("repeat") => result.unwrap(),
-                    Err(name) => assert_eq!(error_name(&result.unwrap_err()), name),
-                }
-            }
+            } => ack_step(&store, &mut model, mailbox, pick, stale).await,
             Op::Nack {
                 mailbox,
                 pick,
                 permanent,
-            } => {
-                let list = &model.handed_out[mailbox];
-                let (id, attempt) = list[pick % list.len()];
-                let result = store
-                    .nack(
-                        "urn:ods:X",
-                        MAILBOXES[mailbox],
-                        id,
-                        attempt,
-                        permanent,
-                        "model",
-                    )
-                    .await;
-                match model.check(id, attempt, false) {
-                    Ok(()) => {
-                        let now = model.now;
-                        let d = model.deliveries.get_mut(&id).unwrap();
-                        if permanent || d.attempt >= MAX_ATTEMPTS {
-                            d.state = DeliveryState::Quarantined;
-                        } else {
-                            d.state = DeliveryState::Queued;
-                            d.not_before = now + BACKOFF_MS * (1 << (d.attempt - 1));
-                        }
-                        assert_eq!(result.unwrap(), d.state);
-                    }
-                    Err(name) => assert_eq!(error_name(&result.unwrap_err()), name),
-                }
-            }
+            } => nack_step(&store, &mut model, mailbox, pick, permanent).await,
             Op::Advance { ms } => {
                 clock.advance(ms);
                 model.now += ms;
