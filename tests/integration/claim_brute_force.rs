@@ -252,11 +252,7 @@ impl Drop for Binary {
 #[tokio::test]
 async fn against_the_binary_the_lock_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let endpoint = format!("https://127.0.0.1:{port}");
     let certs = dir.path().join("certs");
     let gateway = Binary::start(dir.path(), port).await;

@@ -374,11 +374,7 @@ async fn acknowledged_submits_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     throughcare::certs::init_dev_pki(&dir.path().join("certs")).unwrap();
     let certs = dir.path().join("certs");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let endpoint = format!("https://localhost:{port}");
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -471,11 +467,7 @@ async fn a_retention_cut_survives_kill_9() {
         std::ffi::OsStr::new("--metrics-listen"),
         std::ffi::OsStr::new("127.0.0.1:0"),
     ];
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let endpoint = format!("https://localhost:{port}");
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -91,11 +91,7 @@ async fn every_submit_ok_follows_a_completed_fdatasync() {
     }
     let dir = tempfile::tempdir().unwrap();
     throughcare::certs::init_dev_pki(&dir.path().join("certs")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let log = dir.path().join("strace.log");
     let server = traced_server(dir.path(), port, &log);
     let endpoint = format!("https://localhost:{port}");

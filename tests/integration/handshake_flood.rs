@@ -127,11 +127,7 @@ async fn a_slow_handshake_flood_from_32_addresses_does_not_lock_out_a_well_behav
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     throughcare::certs::init_dev_pki(&certs).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     // Default limits: 256 handshake slots, a 10 s handshake timeout.
     let child = Command::new(BIN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])

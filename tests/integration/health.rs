@@ -162,11 +162,7 @@ async fn the_binary_tells_the_service_manager_when_it_is_ready_and_stopping() {
     throughcare::certs::init_dev_pki(&certs).unwrap();
     let socket_path = dir.path().join("notify");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_throughcare"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--metrics-listen", "127.0.0.1:0"])

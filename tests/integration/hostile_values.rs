@@ -382,11 +382,7 @@ async fn hostile_operator_calls(op: &mut Operator, refused: &mut Refused) {
 #[tokio::test]
 async fn hostile_values_in_every_field_never_come_back_in_errors_logs_or_the_audit_trail() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let log_path = dir.path().join("gateway.log");
     let certs = dir.path().join("certs");
     let data = dir.path().join("data");

@@ -270,11 +270,7 @@ async fn a_flood_from_one_identity_neither_starves_others_nor_grows_memory() {
 /// connections an identity, 64 handshakes), listening; returns it and its port.
 async fn start_limited_gateway(dir: &Path, certs: &Path) -> (Binary, u16) {
     throughcare::certs::init_dev_pki(certs).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let config = dir.join("throughcare.toml");
     std::fs::write(
         &config,

@@ -79,11 +79,7 @@ async fn start_logging_gateway(
     dir: &std::path::Path,
     log_path: &std::path::Path,
 ) -> (Server, Client, Client) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let log = std::fs::File::create(log_path).unwrap();
     let certs = dir.join("certs");
     let server = Server(

@@ -408,9 +408,7 @@ async fn mailbox_gauges_show_the_queues_after_a_sweep() {
 fn a_metrics_port_in_use_stops_the_binary_and_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let grpc_addr = grpc.local_addr().unwrap().to_string();
-    drop(grpc);
+    let grpc_addr = format!("127.0.0.1:{}", support::free_port());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_throughcare"))
         .args(["serve", "--listen", &grpc_addr, "--metrics-listen"])
         .arg(taken.local_addr().unwrap().to_string())

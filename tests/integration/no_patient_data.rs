@@ -340,11 +340,7 @@ async fn debug_logs_of_the_real_binary_name_no_patient() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     throughcare::certs::init_dev_pki(&certs).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let out = dir.path().join("stdout.log");
     let err = dir.path().join("stderr.log");
     let child = Command::new(BIN)

@@ -739,11 +739,7 @@ async fn the_binary_logs_pds_alerts_and_never_patient_data_or_keys() {
     );
     let config_path = dir.path().join("throughcare.toml");
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let log_path = dir.path().join("gateway.log");
     let certs = dir.path().join("certs");
     let mut server = Command::new(env!("CARGO_BIN_EXE_throughcare"))

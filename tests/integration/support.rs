@@ -306,12 +306,30 @@ pub async fn pull_and_ack(client: &mut HandoverServiceClient<Channel>) -> Vec<pb
 pub const BIN: &str = env!("CARGO_BIN_EXE_throughcare");
 
 /// A free port on 127.0.0.1 (free when asked: bind it right away).
+///
+/// Below the kernel's ephemeral range (32768 and up on Linux), so that no
+/// client connection of another test can take it as its local port while a
+/// server is restarted on it (a kill -9 test's restart would then fail to
+/// bind). Ports are handed out in turn from an offset of this process, each
+/// checked free by binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = u16::try_from(LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {}", LOW + SPAN)
 }
 
 /// A process of the real binary, killed and reaped when dropped.
