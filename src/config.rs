@@ -96,6 +96,8 @@ pub struct Config {
     pub integrity: IntegrityConfig,
     /// The Personal Demographics Service (off by default).
     pub pds: crate::pds::PdsConfig,
+    /// Traces over OTLP (off by default).
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// What proves the store whole, kept where a restore of the data directory
@@ -478,6 +480,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             integrity: IntegrityConfig::default(),
             pds: crate::pds::PdsConfig::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
         }
     }
 }
@@ -718,6 +721,7 @@ impl Config {
         self.retention.validate()?;
         self.validate_integrity()?;
         self.pds.validate()?;
+        self.telemetry.validate()?;
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",

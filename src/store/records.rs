@@ -178,6 +178,11 @@ pub struct HandoverRecord {
     /// When its payload and data key were removed under the retention policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shredded_at_ms: Option<i64>,
+    /// The W3C `traceparent` of the submit's span, when traces were on
+    /// (ids and flags only): each delivery's spans join its trace. Absent in
+    /// records written before traces, and not part of the content hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 /// Where a delivery stands.

@@ -716,6 +716,7 @@ impl Writer {
             supersedes,
             finished_at_ms: None,
             shredded_at_ms: None,
+            trace_parent: h.trace_parent,
         };
         staged.put_json(TreeId::Handovers, records::be(id).to_vec(), &record);
         staged.put(TreeId::Dedupe, dedupe, records::be(id).to_vec());

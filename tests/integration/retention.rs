@@ -510,6 +510,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
         }],
         payload: message_id.as_bytes().to_vec(),
         supersede: true,
+        trace_parent: None,
     };
     store.submit(new("old-1")).await.unwrap();
     let leased = store
@@ -598,6 +599,7 @@ async fn identity_records_expire_when_nothing_is_tracked_for_the_metadata_period
         }],
         payload: message_id.as_bytes().to_vec(),
         supersede: true,
+        trace_parent: None,
     };
     let deliver = || async {
         for d in store
@@ -739,6 +741,7 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
             }],
             payload: b"old".to_vec(),
             supersede: true,
+            trace_parent: None,
         })
         .await
         .unwrap();

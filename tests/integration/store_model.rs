@@ -327,6 +327,7 @@ async fn run(ops: Vec<Op>) {
                         payload,
                         requested_destinations: vec![MAILBOXES[mailbox].into()],
                         supersede: false,
+                        trace_parent: None,
                     })
                     .await;
                 match model.accepted.get(&msg) {
