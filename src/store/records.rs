@@ -513,4 +513,23 @@ mod tests {
         assert_eq!(decode_chunk(&value), None);
         assert_eq!(decode_chunk(&[1, 2]), None);
     }
+
+    /// A handover record written before traces reads, and one written
+    /// with traces off is byte for byte what an older gateway wrote.
+    #[test]
+    fn handover_records_without_a_trace_context_read_as_before() {
+        let old = r#"{"id":7,"sender":"YP001","message_id":"m","event":"RELEASE","content_hash":"c","payload_hash":"p","payload_len":3,"patient_key":"k","submitted_at_ms":1,"deliveries":[8]}"#;
+        let record: HandoverRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.trace_parent, None);
+        assert_eq!(serde_json::to_string(&record).unwrap(), old);
+        let traced = HandoverRecord {
+            trace_parent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            ..record
+        };
+        let text = serde_json::to_string(&traced).unwrap();
+        assert_eq!(
+            serde_json::from_str::<HandoverRecord>(&text).unwrap(),
+            traced
+        );
+    }
 }
