@@ -1136,8 +1136,12 @@ mod tests {
             ("THROUGHCARE_DEV_CERTS", "false"),
             ("THROUGHCARE_RETENTION_BATCH", "42"),
             ("THROUGHCARE_REGISTRY", ""),
+            ("THROUGHCARE_TELEMETRY_ENABLED", "true"),
+            ("THROUGHCARE_TELEMETRY_SAMPLING_RATIO", "0.25"),
         ])
         .unwrap();
+        assert!(config.telemetry.enabled);
+        assert!((config.telemetry.sampling_ratio - 0.25).abs() < f64::EPSILON);
         assert_eq!(config.queue.max_attempts, 7);
         assert_eq!(config.listen, "127.0.0.1:8443".parse().unwrap());
         assert_eq!(config.metrics.listen, "127.0.0.1:0".parse().unwrap());
@@ -1179,6 +1183,12 @@ mod tests {
         assert!(
             err.reason
                 .contains("THROUGHCARE_LIMITS_MAX_HANDSHAKES_PER_NETWORK")
+        );
+        let err = with_env(&[("THROUGHCARE_TELEMETRY_SAMPLING_RATIO", "2")]).unwrap_err();
+        assert_eq!(err.field, "telemetry.sampling_ratio");
+        assert!(
+            err.reason.contains("THROUGHCARE_TELEMETRY_SAMPLING_RATIO"),
+            "{err}"
         );
         let err = with_env(&[("THROUGHCARE_LISTEN", "nowhere")]).unwrap_err();
         assert_eq!(err.field, "listen");

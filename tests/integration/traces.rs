@@ -249,3 +249,30 @@ async fn a_malformed_traceparent_is_ignored_not_an_error() {
         assert_eq!(answered(&response), None);
     }
 }
+
+#[tokio::test]
+async fn a_bad_telemetry_section_is_refused_before_a_port_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::support::free_port();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--certs-dir")
+        .arg(dir.path().join("certs"))
+        .env("THROUGHCARE_TELEMETRY_ENABLED", "true")
+        .env(
+            "THROUGHCARE_TELEMETRY_OTLP_ENDPOINT",
+            "https://collector:4317",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("telemetry.otlp_endpoint"), "{stderr}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing was opened: {stderr}"
+    );
+}
