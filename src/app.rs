@@ -546,6 +546,9 @@ impl Prepared {
             .max_concurrent_streams(l.max_concurrent_streams)
             .http2_max_pending_accept_reset_streams(Some(64))
             .max_connection_age(Duration::from_secs(l.max_connection_age_seconds))
+            .layer(crate::grpc::trace_context::TraceContextLayer::new(
+                self.config.telemetry.enabled,
+            ))
             .layer(crate::grpc::call_metrics::CallMetricsLayer::new(
                 self.metrics.clone(),
             ))

@@ -96,6 +96,8 @@ pub struct Config {
     pub integrity: IntegrityConfig,
     /// The Personal Demographics Service (off by default).
     pub pds: crate::pds::PdsConfig,
+    /// Traces over OTLP (off by default).
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// What proves the store whole, kept where a restore of the data directory
@@ -478,6 +480,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             integrity: IntegrityConfig::default(),
             pds: crate::pds::PdsConfig::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
         }
     }
 }
@@ -718,6 +721,7 @@ impl Config {
         self.retention.validate()?;
         self.validate_integrity()?;
         self.pds.validate()?;
+        self.telemetry.validate()?;
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",
@@ -1132,8 +1136,12 @@ mod tests {
             ("THROUGHCARE_DEV_CERTS", "false"),
             ("THROUGHCARE_RETENTION_BATCH", "42"),
             ("THROUGHCARE_REGISTRY", ""),
+            ("THROUGHCARE_TELEMETRY_ENABLED", "true"),
+            ("THROUGHCARE_TELEMETRY_SAMPLING_RATIO", "0.25"),
         ])
         .unwrap();
+        assert!(config.telemetry.enabled);
+        assert!((config.telemetry.sampling_ratio - 0.25).abs() < f64::EPSILON);
         assert_eq!(config.queue.max_attempts, 7);
         assert_eq!(config.listen, "127.0.0.1:8443".parse().unwrap());
         assert_eq!(config.metrics.listen, "127.0.0.1:0".parse().unwrap());
@@ -1175,6 +1183,12 @@ mod tests {
         assert!(
             err.reason
                 .contains("THROUGHCARE_LIMITS_MAX_HANDSHAKES_PER_NETWORK")
+        );
+        let err = with_env(&[("THROUGHCARE_TELEMETRY_SAMPLING_RATIO", "2")]).unwrap_err();
+        assert_eq!(err.field, "telemetry.sampling_ratio");
+        assert!(
+            err.reason.contains("THROUGHCARE_TELEMETRY_SAMPLING_RATIO"),
+            "{err}"
         );
         let err = with_env(&[("THROUGHCARE_LISTEN", "nowhere")]).unwrap_err();
         assert_eq!(err.field, "listen");

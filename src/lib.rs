@@ -24,7 +24,8 @@
 //! `operator` is what the on-call operator sees (Prometheus metrics and the
 //! dashboard page). `pds` asks the Personal Demographics Service, in a
 //! background task, for the GP of a parked release or an admission that
-//! names none. `cli` is the command line's
+//! names none. `telemetry` exports traces over OTLP when asked (off by
+//! default), so a handover can be followed from submit to ack. `cli` is the command line's
 //! (the binary's verbs live there, `main.rs` only parses and dispatches):
 //! the built-in client (`cli::client`, `cli::handover`), operator calls as
 //! tables (`cli::admin`), one patient's whole journey (`cli::demo`), and the
@@ -42,5 +43,6 @@ pub mod journey;
 pub mod operator;
 pub mod pds;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod uk_time;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use throughcare::config::{Config, Overrides};
+use throughcare::telemetry::Traces;
 
 /// mimalloc instead of glibc's malloc: the store writer, sled and the
 /// handlers allocate on different threads, and glibc's per-thread arenas held
@@ -178,21 +179,49 @@ enum AdminCommand {
 
 /// Logs go to standard error; `default` is the level unless `RUST_LOG` says
 /// otherwise. Colours only on a terminal (never into a file, a pipe or a
-/// journal) and never with `NO_COLOR` set.
-fn init_logging(json: bool, default: &str) {
+/// journal) and never with `NO_COLOR` set. With `traces`, the same spans
+/// also go to the OTLP collector.
+fn init_logging(json: bool, default: &str, traces: Option<&Traces>) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
+    let logs = if json {
+        logs.json().boxed()
     } else {
-        builder.init();
-    }
+        logs.boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(traces.map(Traces::layer))
+        .with(logs)
+        .init();
+}
+
+/// What `serve` reads before logging starts: its configuration, checked,
+/// and the trace pipeline its `[telemetry]` section asks for (started in
+/// `runtime`, where the exporter's channel lives).
+type Loaded = Result<(Config, Option<Traces>), throughcare::config::ConfigError>;
+
+fn load_serve(args: &ServeArgs, runtime: &tokio::runtime::Runtime) -> Loaded {
+    let overrides = Overrides {
+        listen: args.listen.clone(),
+        data_dir: args.data_dir.clone(),
+        certs_dir: args.certs_dir.clone(),
+        registry: args.registry.clone(),
+        crl: args.crl.clone(),
+        metrics_listen: args.metrics_listen.clone(),
+        witness_dir: args.witness_dir.clone(),
+        dev_certs: args.dev_certs,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    let _inside = runtime.enter();
+    let traces = Traces::start(&config.telemetry)?;
+    Ok((config, traces))
 }
 
 fn main() -> ExitCode {
@@ -203,7 +232,6 @@ fn main() -> ExitCode {
         Command::Demo { verbose: false } => "warn",
         _ => "info",
     };
-    init_logging(cli.log_json, level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -211,9 +239,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let loaded = match &cli.command {
+        Command::Serve(args) => Some(load_serve(args, &runtime)),
+        _ => None,
+    };
+    let traces = match &loaded {
+        Some(Ok((_, traces))) => traces.as_ref(),
+        _ => None,
+    };
+    init_logging(cli.log_json, level, traces);
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => match loaded {
+                Some(loaded) => serve(args.null_handover, loaded).await,
+                None => unreachable!("loaded above"),
+            },
             Command::Health(args) => throughcare::cli::health::run(args).await,
             other => match run_tool(other).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -226,39 +266,39 @@ fn main() -> ExitCode {
     })
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
-    let overrides = Overrides {
-        listen: args.listen,
-        data_dir: args.data_dir,
-        certs_dir: args.certs_dir,
-        registry: args.registry,
-        crl: args.crl,
-        metrics_listen: args.metrics_listen,
-        witness_dir: args.witness_dir,
-        dev_certs: args.dev_certs,
+/// Serves until a signal, then exports the traces still queued.
+async fn serve(null_handover: bool, loaded: Loaded) -> ExitCode {
+    let (config, traces) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => return failed(e.into()),
     };
-    let fail = |e: throughcare::app::AppError| {
-        tracing::error!(error = %e, "gateway stopped");
-        eprintln!("error: {e}");
-        ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
-    };
-    let config = match Config::load(args.config.as_deref(), &overrides) {
-        Ok(c) => c,
-        Err(e) => return fail(e.into()),
-    };
+    let code = serve_config(config, null_handover).await;
+    if let Some(traces) = traces {
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    code
+}
+
+fn failed(e: throughcare::app::AppError) -> ExitCode {
+    tracing::error!(error = %e, "gateway stopped");
+    eprintln!("error: {e}");
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+}
+
+async fn serve_config(config: Config, null_handover: bool) -> ExitCode {
     let listen = config.listen;
     let prepared = match throughcare::app::Prepared::with_system_clock(config) {
-        Ok(p) if args.null_handover => p.with_null_handover(),
+        Ok(p) if null_handover => p.with_null_handover(),
         Ok(p) => p,
-        Err(e) => return fail(e),
+        Err(e) => return failed(e),
     };
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
-        Err(e) => return fail(e.into()),
+        Err(e) => return failed(e.into()),
     };
     match prepared.serve(listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
+        Err(e) => failed(e),
     }
 }
 

@@ -78,7 +78,7 @@ pub fn served_methods() -> &'static [MethodLabels] {
 }
 
 /// The labels of a request path (`/package.Service/Method`).
-fn labels_of(path: &str) -> MethodLabels {
+pub(crate) fn labels_of(path: &str) -> MethodLabels {
     table().1.get(path).copied().unwrap_or(UNKNOWN)
 }
 

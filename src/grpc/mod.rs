@@ -11,6 +11,7 @@ mod metered;
 pub mod null;
 mod operator;
 pub mod summary;
+pub mod trace_context;
 pub mod wire;
 
 pub use crate::handover::Gateway;

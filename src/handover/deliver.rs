@@ -192,6 +192,8 @@ impl Gateway {
             delivery_id = l.delivery.id,
             attempt = l.delivery.attempt
         );
+        // In the submitter's trace, linked to this pull.
+        crate::telemetry::continue_stored(&span, l.handover.trace_parent.as_deref());
         match self.deliver(l, format).instrument(span.clone()).await {
             Ok(d) => {
                 span.in_scope(|| tracing::info!(urgent = d.urgent, "delivery leased"));
@@ -270,7 +272,34 @@ impl Gateway {
             .ack(&actor, org.ods.as_str(), delivery_id, attempt)
             .await?;
         record_delivery(delivery_id, attempt);
+        self.trace_outcome("delivery.acked", delivery_id, attempt);
         Ok(())
+    }
+
+    /// Marks what became of a delivery with a span in its submitter's trace
+    /// (linked to this call) when traces are on; ids only.
+    fn trace_outcome(&self, name: &'static str, delivery_id: u64, attempt: u32) {
+        if !crate::telemetry::tracing_now() {
+            return;
+        }
+        let handover = self
+            .store
+            .delivery(delivery_id)
+            .ok()
+            .flatten()
+            .and_then(|d| self.store.handover(d.handover_id).ok().flatten());
+        let Some(handover) = handover else {
+            return;
+        };
+        let span = tracing::info_span!(
+            "delivery",
+            otel.name = name,
+            handover_id = handover.id,
+            delivery_id,
+            attempt
+        );
+        crate::telemetry::continue_stored(&span, handover.trace_parent.as_deref());
+        span.in_scope(|| {});
     }
 
     /// Gives a delivery back (to be offered again, or quarantined).
@@ -302,6 +331,7 @@ impl Gateway {
             )
             .await?;
         record_delivery(delivery_id, attempt);
+        self.trace_outcome("delivery.nacked", delivery_id, attempt);
         Ok(state)
     }
 

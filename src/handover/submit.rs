@@ -263,6 +263,7 @@ impl Gateway {
             destinations,
             payload,
             supersede: true,
+            trace_parent: crate::telemetry::current_traceparent(),
         }
     }
 

@@ -239,6 +239,9 @@ pub struct NewHandover {
     /// (queued, parked or quarantined: superseded; leased: left with the
     /// recipient but never offered again).
     pub supersede: bool,
+    /// The submit's W3C `traceparent` when traces are on (not part of what
+    /// makes a repeat the same: a retry may come in another trace).
+    pub trace_parent: Option<String>,
 }
 
 /// A patient as a sender identified them: the keyed hash of each identifier

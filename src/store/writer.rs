@@ -772,6 +772,7 @@ impl Writer {
             supersedes,
             finished_at_ms: None,
             shredded_at_ms: None,
+            trace_parent: h.trace_parent,
         };
         if record.deliveries.is_empty() {
             self.finish_unrouted(staged, &mut record, now);

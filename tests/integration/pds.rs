@@ -666,6 +666,7 @@ async fn parked_in(store: &throughcare::store::Store, message_id: &str) -> u64 {
             }],
             payload: message_id.as_bytes().to_vec(),
             supersede: true,
+            trace_parent: None,
         })
         .await
         .unwrap();

@@ -510,6 +510,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
         }],
         payload: message_id.as_bytes().to_vec(),
         supersede: true,
+        trace_parent: None,
     };
     store.submit(new("old-1")).await.unwrap();
     let leased = store
@@ -692,6 +693,7 @@ fn identity_handover(
         }],
         payload: message_id.as_bytes().to_vec(),
         supersede: true,
+        trace_parent: None,
     }
 }
 
@@ -758,6 +760,7 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
             }],
             payload: b"old".to_vec(),
             supersede: true,
+            trace_parent: None,
         })
         .await
         .unwrap();

@@ -33,6 +33,7 @@ fn handover(i: usize) -> NewHandover {
         payload: vec![b'x'; 4096],
         requested_destinations: Vec::new(),
         supersede: false,
+        trace_parent: None,
     }
 }
 

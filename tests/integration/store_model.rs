@@ -318,6 +318,7 @@ async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
             payload,
             requested_destinations: vec![MAILBOXES[mailbox].into()],
             supersede: false,
+            trace_parent: None,
         })
         .await;
     match model.accepted.get(&msg) {

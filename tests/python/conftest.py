@@ -41,7 +41,7 @@ def pb(tmp_path_factory):
 
 
 class Gateway:
-    def __init__(self):
+    def __init__(self, env=None):
         self.dir = Path(tempfile.mkdtemp(prefix="throughcare-py-"))
         self.certs = self.dir / "certs"
         subprocess.run([BIN, "certs", "init", "--dir", str(self.certs)], check=True, capture_output=True)
@@ -51,6 +51,7 @@ class Gateway:
             [BIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.dir / "data"),
              "--certs-dir", str(self.certs), "--metrics-listen", "127.0.0.1:0"],
             stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.time() + 15
         while time.time() < deadline:
