@@ -38,6 +38,8 @@ impl Server {
             .expect("stderr log opens");
         let child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            // Never the default metrics port: other tests run real binaries too.
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(extra)
             .arg("--data-dir")
             .arg(dir.join("data"))
@@ -460,13 +462,7 @@ async fn a_retention_cut_survives_kill_9() {
         "[retention]\npayload_grace_seconds = 1\nmetadata_seconds = 2\ntombstone_seconds = 2\naudit_seconds = 2\nkey_epoch_seconds = 1\ninterval_ms = 100\n",
     )
     .unwrap();
-    // Its own metrics port: the other crash test may be running beside it.
-    let args = [
-        std::ffi::OsStr::new("--config"),
-        config.as_os_str(),
-        std::ffi::OsStr::new("--metrics-listen"),
-        std::ffi::OsStr::new("127.0.0.1:0"),
-    ];
+    let args = [std::ffi::OsStr::new("--config"), config.as_os_str()];
     let port = support::free_port();
     let endpoint = format!("https://localhost:{port}");
     let seed = std::time::SystemTime::now()

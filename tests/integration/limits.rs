@@ -279,6 +279,7 @@ async fn start_limited_gateway(dir: &Path, certs: &Path) -> (Binary, u16) {
     .unwrap();
     let child = Command::new(BIN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--config")
         .arg(&config)
         .arg("--data-dir")

@@ -345,6 +345,7 @@ async fn debug_logs_of_the_real_binary_name_no_patient() {
     let err = dir.path().join("stderr.log");
     let child = Command::new(BIN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .arg("--certs-dir")
