@@ -96,6 +96,8 @@ pub struct Config {
     pub integrity: IntegrityConfig,
     /// The Personal Demographics Service (off by default).
     pub pds: crate::pds::PdsConfig,
+    /// The HL7 v2 over MLLP listener (off by default).
+    pub mllp: crate::mllp::MllpConfig,
 }
 
 /// What proves the store whole, kept where a restore of the data directory
@@ -478,6 +480,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             integrity: IntegrityConfig::default(),
             pds: crate::pds::PdsConfig::default(),
+            mllp: crate::mllp::MllpConfig::default(),
         }
     }
 }
@@ -718,6 +721,13 @@ impl Config {
         self.retention.validate()?;
         self.validate_integrity()?;
         self.pds.validate()?;
+        self.mllp.validate(
+            self.limits.max_document_bytes,
+            &[
+                ("gRPC listener", self.listen),
+                ("metrics listener", self.metrics.listen),
+            ],
+        )?;
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",
