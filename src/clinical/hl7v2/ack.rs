@@ -6,7 +6,9 @@
 //! code from HL7 table 0357), how bad (ERR-4, table 0516), the gateway's
 //! stable reason (ERR-5, the same word gRPC's `ErrorInfo` carries) and a
 //! message for a person (ERR-8) that never quotes the offending value.
-//! Receivers of v2.4 and earlier, which know only ERR-1, get ERR-1 too.
+//! A message of v2.4 or earlier is answered in its version's shape: ERR-1
+//! (ELD: segment, sequence, field, code) only, and the first error's text
+//! in MSA-3.
 
 use super::escape::escape;
 use super::header::MessageHeader;
@@ -178,7 +180,7 @@ pub fn ack(
             h.sending_facility,
             ts(at),
         ),
-        format!("MSA|{}|{}", code.as_str(), escape(&h.control_id)),
+        msa(code, &h.control_id, errors, before_2_5(version)),
     ];
     for e in errors {
         segs.push(err_segment(e, before_2_5(version)));
@@ -188,25 +190,42 @@ pub fn ack(
     text
 }
 
-fn err_segment(e: &AckError, with_err_1: bool) -> String {
+/// `text` cut to at most `max` characters (before escaping, so an escape
+/// sequence is never cut).
+fn cut(text: &str, max: usize) -> &str {
+    text.char_indices()
+        .nth(max)
+        .map_or(text, |(i, _)| &text[..i])
+}
+
+/// MSA: the code and the inbound control id; before v2.5, the first
+/// error's text in MSA-3 (the only place those versions have for it).
+fn msa(code: AckCode, control_id: &str, errors: &[AckError], old: bool) -> String {
+    let mut msa = format!("MSA|{}|{}", code.as_str(), escape(control_id));
+    if let Some(first) = errors.first().filter(|_| old) {
+        msa.push('|');
+        msa.push_str(&escape(cut(&first.message, 60)));
+    }
+    msa
+}
+
+fn err_segment(e: &AckError, old: bool) -> String {
     let (number, name) = e.code.code_and_text();
-    // ERR-1 (ELD): segment^sequence^field^code, the code's parts as subcomponents.
-    let err_1 = if with_err_1 {
+    if old {
+        // ERR-1 (ELD): segment^sequence^field^code, the code's parts as subcomponents.
         let mut parts = e.location.split('^');
         let (seg, seq, field) = (
             parts.next().unwrap_or_default(),
             parts.next().unwrap_or_default(),
             parts.next().unwrap_or_default(),
         );
-        format!("{seg}^{seq}^{field}^{number}&{name}&HL70357")
-    } else {
-        String::new()
-    };
+        return format!("ERR|{seg}^{seq}^{field}^{number}&{name}&HL70357");
+    }
     format!(
-        "ERR|{err_1}|{}|{number}^{name}^HL70357|E|{}^^THROUGHCARE|||{}",
+        "ERR||{}|{number}^{name}^HL70357|E|{}^^THROUGHCARE|||{}",
         e.location,
         e.reason,
-        escape(&e.message)
+        escape(cut(&e.message, 200))
     )
 }
 
@@ -240,5 +259,95 @@ pub(super) fn error_location(field: &str) -> String {
         (None, "") => format!("{id}^{seq}^{field_no}"),
         (Some(rep), "") => format!("{id}^{seq}^{field_no}^{rep}"),
         (rep, comp) => format!("{id}^{seq}^{field_no}^{}^{comp}", rep.unwrap_or("1")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> DateTime {
+        "2026-11-24T08:10:00Z".parse().unwrap()
+    }
+
+    fn inbound(version: &str) -> MessageHeader {
+        super::super::header(
+            format!("MSH|^~\\&|PAS|YP001|TC|GW|20261124080000||ADT^A03^ADT_A03|c-9|P|{version}")
+                .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn fields(ack: &str, seg: &str) -> Vec<String> {
+        let line = ack.split('\r').find(|l| l.starts_with(seg)).unwrap();
+        line.split('|').map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn the_ack_answers_its_message() {
+        let error = AckError::of_violation(
+            &Violation {
+                field: "PID-7".into(),
+                description: "required: date of birth YYYYMMDD".into(),
+            },
+            "INVALID_ARGUMENT",
+        );
+        let text = ack(
+            Some(&inbound("2.5.1")),
+            AckCode::Error,
+            &[error.clone()],
+            &at(),
+        );
+        assert!(text.ends_with('\r') && !text.contains('\n'));
+        let msh = fields(&text, "MSH");
+        assert_eq!(&msh[2..6], ["TC", "GW", "PAS", "YP001"]);
+        assert_eq!(msh[8], "ACK^A03^ACK");
+        assert_eq!((msh[10].as_str(), msh[11].as_str()), ("P", "2.5.1"));
+        assert_eq!(msh[9].len(), 20);
+        assert_eq!(fields(&text, "MSA")[1..], ["AE", "c-9"]);
+        let err = fields(&text, "ERR");
+        assert_eq!(err[1], "");
+        assert_eq!(err[2], "PID^1^7");
+        assert_eq!(err[3], "101^Required field missing^HL70357");
+        assert_eq!(err[4], "E");
+        assert_eq!(err[5], "INVALID_ARGUMENT^^THROUGHCARE");
+        assert!(err[8].starts_with("PID-7: required"), "{err:?}");
+        // v2.3: its own shape, ERR-1 and MSA-3.
+        let old = ack_v(&error, "2.3");
+        assert_eq!(fields(&old, "MSH")[11], "2.3");
+        assert_eq!(
+            fields(&old, "ERR"),
+            ["ERR", "PID^1^7^101&Required field missing&HL70357"]
+        );
+        assert!(fields(&old, "MSA")[3].starts_with("PID-7"));
+        // Nothing readable: still an answer, in 2.5.1, from the gateway.
+        let bare = ack(None, AckCode::Reject, &[], &at());
+        assert_eq!(&fields(&bare, "MSH")[2..4], ["THROUGHCARE", "THROUGHCARE"]);
+        assert_eq!(fields(&bare, "MSH")[8], "ACK");
+        assert_eq!(fields(&bare, "MSA")[1..], ["AR", ""]);
+        // A version that is not one is not echoed.
+        assert_eq!(fields(&ack_v(&error, "2.5 beta"), "MSH")[11], "2.5.1");
+    }
+
+    fn ack_v(error: &AckError, version: &str) -> String {
+        ack(
+            Some(&inbound(version)),
+            AckCode::Error,
+            std::slice::from_ref(error),
+            &at(),
+        )
+    }
+
+    #[test]
+    fn codes_come_from_table_0357() {
+        let code = |f: &str, d: &str| ErrorCode::of_violation(f, d).code_and_text().0;
+        assert_eq!(code("PID-7", "required: date of birth"), 101);
+        assert_eq!(code("PID-8", "must be M, F (HL7 table 0001)"), 103);
+        assert_eq!(code("DG1(2)-5", "must be a date"), 102);
+        assert_eq!(code("MSH-9.1", "the message type must be ADT"), 200);
+        assert_eq!(code("MSH-9.2", "the trigger event must be A01"), 201);
+        assert_eq!(code("MSH-11", "only production"), 202);
+        assert_eq!(code("MSH-12", "must be an HL7 v2 version"), 203);
+        assert_eq!(code("MSH", "must start with MSH"), 100);
     }
 }
