@@ -569,3 +569,124 @@ async fn an_aa_is_never_lost_to_a_kill_9() {
         kept.handover_id
     );
 }
+
+/// Holds every durability barrier while `held`, and fails it while `fail`.
+#[derive(Default)]
+struct Gate {
+    held: std::sync::Mutex<bool>,
+    moved: std::sync::Condvar,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Gate {
+    fn hold(&self, held: bool) {
+        *self.held.lock().unwrap() = held;
+        self.moved.notify_all();
+    }
+}
+
+impl throughcare::store::BarrierObserver for Gate {
+    fn synced(&self, _barrier: u64) -> std::io::Result<()> {
+        let mut held = self.held.lock().unwrap();
+        while *held {
+            held = self.moved.wait(held).unwrap();
+        }
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected fdatasync failure"));
+        }
+        Ok(())
+    }
+}
+
+/// The use cases over a store whose barrier `gate` controls, served by the
+/// MLLP listener alone (plain, as YP001) on a free port.
+async fn gated_listener(
+    dir: &std::path::Path,
+    gate: Arc<Gate>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    use throughcare::handover::{ClaimGuard, ClaimLimits, Gateway};
+    use throughcare::journey::{Registry, SharedRegistry};
+    use throughcare::store::{Clock, Store, StoreOptions};
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = Store::open(
+        &dir.join("data"),
+        StoreOptions {
+            observer: Some(gate),
+            ..StoreOptions::default()
+        },
+        clock.clone(),
+    )
+    .unwrap();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let config = Config::default();
+    let claims = ClaimGuard::load(&store, ClaimLimits::default(), None, clock.now_ms()).unwrap();
+    let gateway = Arc::new(Gateway {
+        store,
+        registry: SharedRegistry::new(
+            Registry::new(throughcare::certs::dev_organisations()).unwrap(),
+        ),
+        deadlines: config.deadlines.to_deadlines(),
+        clock,
+        keyer: throughcare::audit::PatientKeyer::new(&[7u8; 32]),
+        queue: config.queue.clone(),
+        limits: throughcare::clinical::Limits::default(),
+        shutting_down: stopping.clone(),
+        claims,
+        registry_changes: tokio::sync::Mutex::default(),
+    });
+    let metrics = Arc::new(throughcare::operator::metrics::Metrics::new(
+        dir.join("none.pem"),
+        dir.join("none.pem"),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = throughcare::mllp::spawn(
+        listener,
+        throughcare::mllp::Transport::Plain("YP001".parse().unwrap()),
+        (gateway, metrics),
+        throughcare::mllp::Settings {
+            max_message_bytes: 1 << 20,
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 4,
+            max_connections_per_identity: 4,
+        },
+        stopping,
+    );
+    (addr, stop, task)
+}
+
+#[tokio::test]
+async fn an_aa_is_written_only_after_the_durability_barrier() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate::default());
+    let (addr, stop, task) = gated_listener(dir.path(), gate.clone()).await;
+    let mut conn: Conn = Box::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    // The barrier is held: the message is in the store's hands, not durable,
+    // and no answer comes.
+    gate.hold(true);
+    let m = message("gate-1", JourneyEvent::Release, &summary(14, None, "x"));
+    frame::write(&mut conn, m.as_bytes()).await.unwrap();
+    let mut reader = FrameReader::new(1 << 20);
+    let early = tokio::time::timeout(Duration::from_millis(700), reader.next(&mut conn)).await;
+    assert!(early.is_err(), "an answer before the barrier: {early:?}");
+    // The barrier completes: now the AA.
+    gate.hold(false);
+    let ack = String::from_utf8(reader.next(&mut conn).await.unwrap().unwrap()).unwrap();
+    assert_eq!(field(&ack, "MSA", 1), "AA", "{ack:?}");
+    assert_eq!(field(&ack, "MSA", 2), "gate-1");
+    // A barrier that fails is never an AA: AR, resend later.
+    gate.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let m = message("gate-2", JourneyEvent::Release, &summary(15, None, "x"));
+    let ack = exchange(&mut conn, &m).await;
+    assert_eq!(field(&ack, "MSA", 1), "AR", "{ack:?}");
+    assert!(errs(&ack)[0][3].starts_with("207^"), "{ack:?}");
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the listener drains on shutdown")
+        .unwrap();
+}
