@@ -295,7 +295,7 @@ mod tests {
         let text = ack(
             Some(&inbound("2.5.1")),
             AckCode::Error,
-            &[error.clone()],
+            std::slice::from_ref(&error),
             &at(),
         );
         assert!(text.ends_with('\r') && !text.contains('\n'));
