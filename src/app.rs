@@ -325,7 +325,6 @@ impl Prepared {
             None => crate::mllp::Transport::Tls {
                 config: self.tls.clone(),
                 limits: self.accept_limits(),
-                refusals: Arc::new(AuditRefusals(self.gateway.store.clone())),
             },
         };
         let settings = crate::mllp::Settings {
@@ -338,7 +337,11 @@ impl Prepared {
         Ok(Some(crate::mllp::spawn(
             listener,
             transport,
-            (self.gateway.clone(), self.metrics.clone()),
+            (
+                self.gateway.clone(),
+                self.metrics.clone(),
+                Arc::new(AuditRefusals(self.gateway.store.clone())),
+            ),
             settings,
             self.shutdown_tx.subscribe(),
         )))

@@ -18,7 +18,6 @@ use crate::handover::{
     withhold_numbers,
 };
 use crate::operator::metrics::Outcome;
-use crate::store::StoreError;
 
 /// What one message was answered.
 #[derive(Debug)]
@@ -186,19 +185,18 @@ fn ack_errors(e: &Error) -> Vec<AckError> {
             message: withhold_numbers(&message),
         }]
     };
-    match e {
-        Error::Invalid(vs) => vs
+    // The edge knows the store's conditions only by their stable reasons.
+    match (e, reason) {
+        (Error::Invalid(vs), _) => vs
             .iter()
             .map(|v| AckError::of_violation(&scrubbed(v.clone()), reason))
             .collect(),
-        Error::Store(StoreError::Conflict) => one(
+        (_, "ALREADY_EXISTS") => one(
             "MSH^1^10",
             ErrorCode::DuplicateKeyIdentifier,
             "this message control id was used before for a different message; nothing was stored (send it with a new control id)".into(),
         ),
-        Error::Store(StoreError::IdentityConflict { .. }) => {
-            one("PID^1^3", ErrorCode::DataType, e.to_string())
-        }
+        (_, "IDENTITY_CONFLICT") => one("PID^1^3", ErrorCode::DataType, e.to_string()),
         _ if ack_code(e) == AckCode::Reject => one(
             "",
             ErrorCode::ApplicationInternalError,
@@ -227,6 +225,7 @@ fn refused(kind: Kind) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreError;
 
     #[test]
     fn codes_follow_what_the_sender_must_do() {

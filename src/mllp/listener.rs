@@ -5,8 +5,9 @@
 //! frames and answering each message.
 //!
 //! Refusals (too many connections, a frame over the size limit or
-//! malformed, an idle connection closed) are audited (`mllp_connect`,
-//! `mllp_frame`) and counted in `throughcare_mllp_refusals_total`.
+//! malformed, an idle connection closed) go to the same refusal sink as the
+//! TLS accept loop's (the audit trail, action `connect`, the reason starting
+//! `MLLP`) and are counted in `throughcare_mllp_refusals_total`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,7 +27,7 @@ use crate::clinical::OdsCode;
 use crate::handover::{Caller, Gateway};
 use crate::journey::Format;
 use crate::operator::metrics::Metrics;
-use crate::tls::{AcceptLimits, PeerIdentity, RefusalSink, ReloadableConfig};
+use crate::tls::{AcceptLimits, PeerIdentity, Refusal, RefusalSink, ReloadableConfig};
 
 /// The listener's limits.
 #[derive(Debug, Clone)]
@@ -43,14 +44,12 @@ pub struct Settings {
 
 /// How connections are authenticated.
 pub enum Transport {
-    /// Mutual TLS; refused handshakes go to the sink.
+    /// Mutual TLS.
     Tls {
         /// The gateway's TLS material (reloaded as for gRPC).
         config: ReloadableConfig,
         /// Handshake admission and deadline.
         limits: AcceptLimits,
-        /// Where refused handshakes are audited.
-        refusals: Arc<dyn RefusalSink>,
     },
     /// Plain TCP on loopback: every connection speaks for this organisation.
     Plain(OdsCode),
@@ -60,6 +59,7 @@ pub enum Transport {
 struct Shared {
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
+    refusals: Arc<dyn RefusalSink>,
     settings: Settings,
     open: Mutex<(usize, HashMap<String, usize>)>,
 }
@@ -122,18 +122,15 @@ impl Shared {
     }
 
     /// Audits and counts a refusal (`metric` is the label word).
-    async fn refuse(&self, peer: &Peer, action: &'static str, metric: &'static str, why: String) {
+    async fn refuse(&self, peer: &Peer, metric: &'static str, why: String) {
         tracing::info!(caller = %peer.actor, remote = %peer.remote, reason = %why, "MLLP refusal");
         self.metrics.mllp_refused(metric);
-        let event = crate::audit::AuditEvent {
-            actor: peer.actor.clone(),
-            action,
-            outcome: format!("refused: {why}"),
-            ..crate::audit::AuditEvent::default()
-        };
-        if let Err(e) = self.gateway.store.record(event).await {
-            tracing::error!(error = %e, "an MLLP refusal could not be audited");
-        }
+        self.refusals
+            .record(Refusal {
+                actor: peer.actor.clone(),
+                reason: format!("MLLP {why}"),
+            })
+            .await;
     }
 }
 
@@ -143,27 +140,27 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Serves MLLP on `listener` until `shutdown` turns true; the task ends once
-/// every connection has answered the message it was handling.
+/// every connection has answered the message it was handling. Refused
+/// connections and handshakes go to `refusals`.
 pub fn spawn(
     listener: TcpListener,
     transport: Transport,
-    (gateway, metrics): (Arc<Gateway>, Arc<Metrics>),
+    (gateway, metrics, refusals): (Arc<Gateway>, Arc<Metrics>, Arc<dyn RefusalSink>),
     settings: Settings,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let shared = Arc::new(Shared {
         gateway,
         metrics,
+        refusals,
         settings,
         open: Mutex::new((0, HashMap::new())),
     });
     tokio::spawn(async move {
         match transport {
-            Transport::Tls {
-                config,
-                limits,
-                refusals,
-            } => serve_tls(listener, (config, limits, refusals), shared, shutdown).await,
+            Transport::Tls { config, limits } => {
+                serve_tls(listener, (config, limits), shared, shutdown).await;
+            }
             Transport::Plain(sender) => serve_plain(listener, sender, shared, shutdown).await,
         }
     })
@@ -171,7 +168,7 @@ pub fn spawn(
 
 async fn serve_tls(
     listener: TcpListener,
-    (config, limits, refusals): (ReloadableConfig, AcceptLimits, Arc<dyn RefusalSink>),
+    (config, limits): (ReloadableConfig, AcceptLimits),
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -180,7 +177,8 @@ async fn serve_tls(
         max_connections_per_identity: usize::MAX,
         ..limits
     };
-    let (mut incoming, housekeeping) = crate::tls::incoming(listener, config, limits, refusals);
+    let sink = shared.refusals.clone();
+    let (mut incoming, housekeeping) = crate::tls::incoming(listener, config, limits, sink);
     let mut conns = JoinSet::new();
     let stop = shutdown.clone();
     loop {
@@ -246,7 +244,7 @@ where
         Ok(slot) => slot,
         Err((metric, why)) => {
             drop(stream);
-            shared.refuse(&peer, "mllp_connect", metric, why).await;
+            shared.refuse(&peer, metric, why).await;
             return;
         }
     };
@@ -306,7 +304,7 @@ async fn session<S>(
             }
         };
         drop(stream);
-        shared.refuse(peer, "mllp_frame", metric, why).await;
+        shared.refuse(peer, metric, why).await;
         return;
     }
 }

@@ -353,7 +353,7 @@ async fn malformed_and_oversized_frames_are_refused_and_audited() {
     let audited = gw.store.audit_entries().unwrap();
     let frames: Vec<_> = audited
         .iter()
-        .filter(|e| e.action == "mllp_frame")
+        .filter(|e| e.action == "connect" && e.outcome.starts_with("refused: MLLP"))
         .collect();
     assert_eq!(frames.len(), 2, "{frames:?}");
     assert!(frames.iter().all(|e| e.actor == "urn:ods:YP001"));
@@ -465,7 +465,7 @@ async fn connections_are_limited_per_identity_and_in_total() {
     assert_eq!(
         audited
             .iter()
-            .filter(|e| e.action == "mllp_connect")
+            .filter(|e| e.action == "connect" && e.outcome.contains("open MLLP connections"))
             .count(),
         2
     );
@@ -570,6 +570,18 @@ async fn an_aa_is_never_lost_to_a_kill_9() {
     );
 }
 
+/// Refusals nobody audits (the gated listener has no audit to test).
+struct Unaudited;
+
+impl throughcare::tls::RefusalSink for Unaudited {
+    fn record(
+        &self,
+        _refusal: throughcare::tls::Refusal,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async {})
+    }
+}
+
 /// Holds every durability barrier while `held`, and fails it while `fail`.
 #[derive(Default)]
 struct Gate {
@@ -647,7 +659,7 @@ async fn gated_listener(
     let task = throughcare::mllp::spawn(
         listener,
         throughcare::mllp::Transport::Plain("YP001".parse().unwrap()),
-        (gateway, metrics),
+        (gateway, metrics, Arc::new(Unaudited)),
         throughcare::mllp::Settings {
             max_message_bytes: 1 << 20,
             idle_timeout: Duration::from_secs(30),
