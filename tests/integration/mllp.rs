@@ -193,6 +193,17 @@ fn metric(gw: &TestGateway, series: &str) -> f64 {
 #[tokio::test]
 async fn each_adt_event_is_answered_aa_once_durable() {
     let gw = gateway(|_| {}).await;
+    // Every MLLP family is there, at zero, before the first connection.
+    for series in [
+        "throughcare_mllp_acks_total{ack=\"AA\"}",
+        "throughcare_mllp_acks_total{ack=\"AE\"}",
+        "throughcare_mllp_acks_total{ack=\"AR\"}",
+        "throughcare_mllp_refusals_total{reason=\"connection_limit\"}",
+        "throughcare_mllp_refusals_total{reason=\"idle_timeout\"}",
+        "throughcare_mllp_connections",
+    ] {
+        assert_eq!(metric(&gw, series), 0.0, "{series}");
+    }
     let mut prison = connect(&gw, "YP001").await;
     let mut gp = connect(&gw, "YG001").await;
     let cases = [
@@ -701,4 +712,34 @@ async fn an_aa_is_written_only_after_the_durability_barrier() {
         .await
         .expect("the listener drains on shutdown")
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_shutdown_answers_the_message_in_hand_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate::default());
+    let (addr, stop, task) = gated_listener(dir.path(), gate.clone()).await;
+    let mut conn: Conn = Box::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let mut reader = FrameReader::new(1 << 20);
+    // Shutdown with a message in the store's hands: its answer still comes
+    // (after its barrier), then the listener ends and closes the connection.
+    gate.hold(true);
+    let m = message("gate-3", JourneyEvent::Release, &summary(16, None, "x"));
+    frame::write(&mut conn, m.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !task.is_finished(),
+        "the listener ended with a message in hand"
+    );
+    gate.hold(false);
+    let ack = String::from_utf8(reader.next(&mut conn).await.unwrap().unwrap()).unwrap();
+    assert_eq!(field(&ack, "MSA", 1), "AA", "{ack:?}");
+    assert_eq!(field(&ack, "MSA", 2), "gate-3");
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the listener drains on shutdown")
+        .unwrap();
+    assert!(closed(&mut conn).await);
 }
