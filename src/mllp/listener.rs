@@ -280,7 +280,12 @@ async fn session<S>(
                     started.elapsed(),
                 );
                 shared.metrics.mllp_acked(a.code.as_str());
-                if frame::write(&mut stream, a.ack.as_bytes()).await.is_err() {
+                // A peer that stops reading cannot hold the connection (or a drain) forever.
+                let written = tokio::time::timeout(
+                    s.idle_timeout,
+                    frame::write(&mut stream, a.ack.as_bytes()),
+                );
+                if !matches!(written.await, Ok(Ok(()))) {
                     return;
                 }
                 continue;
@@ -293,7 +298,9 @@ async fn session<S>(
             Ok(Err(FrameError::TooLarge { max, head })) => {
                 let ack = answer::too_large(&head, max, time::OffsetDateTime::now_utc());
                 shared.metrics.mllp_acked("AR");
-                let _ = frame::write(&mut stream, ack.as_bytes()).await;
+                let _ =
+                    tokio::time::timeout(s.idle_timeout, frame::write(&mut stream, ack.as_bytes()))
+                        .await;
                 (
                     "message_too_large",
                     format!("message over the {max}-byte limit"),
