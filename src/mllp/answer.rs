@@ -129,19 +129,21 @@ fn command(header: Option<&MessageHeader>, message: &[u8]) -> Decoded<SubmitComm
             "must be at most 128 printable ASCII characters without spaces",
         );
     }
-    let text = std::str::from_utf8(message).map_err(|e| {
-        ValidationErrors::one(
-            "message",
-            format!("not valid UTF-8 (at byte {})", e.valid_up_to()),
-        )
-    });
-    if let Err(e) = &text {
-        v.0.extend(e.0.iter().cloned());
-    }
-    v.into_result()?;
-    let (Some(event), Ok(text)) = (event, text) else {
-        unreachable!("checked above")
+    let text = match std::str::from_utf8(message) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            v.add(
+                "message",
+                format!("not valid UTF-8 (at byte {})", e.valid_up_to()),
+            );
+            None
+        }
     };
+    // Both are present exactly when nothing was recorded above.
+    let (Some(event), Some(text)) = (event, text) else {
+        return Err(v);
+    };
+    v.into_result()?;
     Ok(SubmitCommand {
         message_id: id.clone(),
         event,
