@@ -53,6 +53,14 @@ pub enum AppError {
         /// Why.
         source: std::io::Error,
     },
+    /// The MLLP listener could not be bound.
+    #[error("config field `mllp.listen`: cannot listen on {addr}: {source}")]
+    MllpListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The descriptor set for gRPC reflection is unusable.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -79,6 +87,7 @@ pub struct Prepared {
     shutdown_tx: watch::Sender<bool>,
     metrics: Arc<Metrics>,
     metrics_listener: Option<std::net::TcpListener>,
+    mllp_listener: Option<std::net::TcpListener>,
     null_handover: bool,
     pds: Option<Arc<crate::pds::PdsClient>>,
 }
@@ -218,6 +227,7 @@ impl Prepared {
             shutdown_tx,
             metrics,
             metrics_listener: None,
+            mllp_listener: None,
             null_handover: false,
             pds,
         })
@@ -270,6 +280,71 @@ impl Prepared {
         }
         let listener = self.metrics_listener.as_ref().expect("bound above");
         listener.local_addr().map_err(failed)
+    }
+
+    /// Binds the MLLP listener now, when `[mllp]` is enabled (it is
+    /// otherwise bound by [`Prepared::serve`]), and returns its address:
+    /// tests use port 0.
+    ///
+    /// # Errors
+    /// [`AppError::MllpListen`].
+    pub fn bind_mllp(&mut self) -> Result<Option<SocketAddr>, AppError> {
+        if !self.config.mllp.enabled {
+            return Ok(None);
+        }
+        let addr = self.config.mllp.listen;
+        let failed = |source| AppError::MllpListen { addr, source };
+        if self.mllp_listener.is_none() {
+            let listener = std::net::TcpListener::bind(addr).map_err(failed)?;
+            listener.set_nonblocking(true).map_err(failed)?;
+            self.mllp_listener = Some(listener);
+        }
+        let listener = self.mllp_listener.as_ref().expect("bound above");
+        listener.local_addr().map(Some).map_err(failed)
+    }
+
+    /// Serves HL7 v2 over MLLP (when enabled) until shutdown; the task ends
+    /// once every connection answered the message in hand.
+    fn start_mllp(&mut self) -> Result<Option<tokio::task::JoinHandle<()>>, AppError> {
+        let Some(addr) = self.bind_mllp()? else {
+            return Ok(None);
+        };
+        let c = &self.config.mllp;
+        let listener = self
+            .mllp_listener
+            .take()
+            .map(TcpListener::from_std)
+            .transpose()
+            .map_err(|source| AppError::MllpListen { addr, source })?
+            .expect("bound above");
+        let transport = match c.plain_sender() {
+            Some(sender) => {
+                tracing::warn!(%addr, sender = %sender, "MLLP is plain TCP on loopback: every connection speaks for the configured sender");
+                crate::mllp::Transport::Plain(sender)
+            }
+            None => crate::mllp::Transport::Tls {
+                config: self.tls.clone(),
+                limits: self.accept_limits(),
+            },
+        };
+        let settings = crate::mllp::Settings {
+            max_message_bytes: usize::try_from(c.max_message_bytes).unwrap_or(usize::MAX),
+            idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+            max_connections: c.max_connections as usize,
+            max_connections_per_identity: c.max_connections_per_identity as usize,
+        };
+        tracing::info!(%addr, plain = c.plain, "serving HL7 v2 over MLLP");
+        Ok(Some(crate::mllp::spawn(
+            listener,
+            transport,
+            (
+                self.gateway.clone(),
+                self.metrics.clone(),
+                Arc::new(AuditRefusals(self.gateway.store.clone())),
+            ),
+            settings,
+            self.shutdown_tx.subscribe(),
+        )))
     }
 
     /// Serves the metrics and the dashboard (plain HTTP) until told to stop.
@@ -507,6 +582,7 @@ impl Prepared {
             .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let trends = Arc::new(crate::operator::trends::Trends::default());
         let (metrics_server, stop_metrics) = self.start_metrics(trends.clone())?;
+        let mllp = self.start_mllp()?;
         let l = self.config.limits.clone();
         let accept = self.accept_limits();
         let (incoming, connect_refusals) = crate::tls::incoming(
@@ -585,6 +661,7 @@ impl Prepared {
             }
         };
         let _ = self.shutdown_tx.send(true);
+        drain_mllp(mllp, grace).await;
         sweeper.abort();
         retention.abort();
         forget.abort();
@@ -596,6 +673,16 @@ impl Prepared {
         let _ = tokio::time::timeout(Duration::from_secs(2), connect_refusals).await;
         self.close_store(stop_metrics, metrics_server).await?;
         result
+    }
+}
+
+/// Waits (up to `grace`) for the MLLP connections to answer the messages
+/// in hand, so none is cut between its durable submit and its ACK.
+async fn drain_mllp(mllp: Option<tokio::task::JoinHandle<()>>, grace: Duration) {
+    if let Some(mllp) = mllp
+        && tokio::time::timeout(grace, mllp).await.is_err()
+    {
+        tracing::warn!("MLLP connections did not finish within the grace period");
     }
 }
 

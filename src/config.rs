@@ -98,6 +98,8 @@ pub struct Config {
     pub pds: crate::pds::PdsConfig,
     /// Traces over OTLP (off by default).
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// The HL7 v2 over MLLP listener (off by default).
+    pub mllp: crate::mllp::MllpConfig,
 }
 
 /// What proves the store whole, kept where a restore of the data directory
@@ -481,6 +483,7 @@ impl Default for Config {
             integrity: IntegrityConfig::default(),
             pds: crate::pds::PdsConfig::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
+            mllp: crate::mllp::MllpConfig::default(),
         }
     }
 }
@@ -722,6 +725,13 @@ impl Config {
         self.validate_integrity()?;
         self.pds.validate()?;
         self.telemetry.validate()?;
+        self.mllp.validate(
+            self.limits.max_document_bytes,
+            &[
+                ("gRPC listener", self.listen),
+                ("metrics listener", self.metrics.listen),
+            ],
+        )?;
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",

@@ -24,7 +24,9 @@
 //! `operator` is what the on-call operator sees (Prometheus metrics and the
 //! dashboard page). `pds` asks the Personal Demographics Service, in a
 //! background task, for the GP of a parked release or an admission that
-//! names none. `telemetry` exports traces over OTLP when asked (off by
+//! names none. `mllp` is the second edge: HL7 v2 ADT messages over MLLP,
+//! submitted through the same `handover` use cases and answered with an
+//! HL7 ACK once durable. `telemetry` exports traces over OTLP when asked (off by
 //! default), so a handover can be followed from submit to ack. `cli` is the command line's
 //! (the binary's verbs live there, `main.rs` only parses and dispatches):
 //! the built-in client (`cli::client`, `cli::handover`), operator calls as
@@ -40,6 +42,7 @@ pub mod config;
 pub mod grpc;
 pub mod handover;
 pub mod journey;
+pub mod mllp;
 pub mod operator;
 pub mod pds;
 pub mod store;

@@ -41,9 +41,15 @@ pub async fn run(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         metrics: crate::config::MetricsConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         },
+        mllp: crate::mllp::MllpConfig {
+            enabled: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..crate::mllp::MllpConfig::default()
+        },
         ..Config::default()
     };
-    let prepared = Prepared::with_system_clock(config.clone())?;
+    let mut prepared = Prepared::with_system_clock(config.clone())?;
+    let mllp = prepared.bind_mllp()?.context("MLLP is enabled")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -55,13 +61,62 @@ pub async fn run(out: &mut dyn std::io::Write) -> anyhow::Result<()> {
         "Throughcare demo: a gateway on {endpoint} (mutual TLS, store in a temporary directory).\n\
          One invented patient, NHS number {NHS} (test range), born {DOB}.\n"
     )?;
-    let played = play(out, &endpoint, &config.certs_dir).await;
+    let mut played = play(out, &endpoint, &config.certs_dir).await;
+    if played.is_ok() {
+        played = over_mllp(out, mllp, &config.certs_dir).await;
+    }
     let _ = stop.send(());
     server.await?.context("the gateway stopped badly")?;
     played?;
     writeln!(
         out,
         "\nThe gateway drained and stopped; the temporary directory is removed."
+    )?;
+    Ok(())
+}
+
+/// An integration engine sends an admission as HL7 v2 over MLLP, and
+/// resends it as one would after a lost ACK.
+async fn over_mllp(
+    out: &mut dyn std::io::Write,
+    addr: std::net::SocketAddr,
+    certs: &Path,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "\n8. HL7 v2 OVER MLLP: Ashdown's patient administration system sends another invented patient's ADT^A01 (mutual TLS, {addr})"
+    )?;
+    let mut s = crate::clinical::synthetic::release_summary(
+        "9990000026".parse().ok(),
+        None,
+        "YP001".parse().expect("dev ODS code"),
+        Some("YG001".parse().expect("dev ODS code")),
+        "admission",
+    );
+    s.custody.release_date = None;
+    s.custody.release_address = None;
+    let event = crate::clinical::JourneyEvent::Admission;
+    let text = String::from_utf8(crate::clinical::hl7v2::render(&s, event).bytes)?;
+    let (msh, rest) = text.split_once('\r').context("an MSH segment")?;
+    let mut fields: Vec<&str> = msh.split('|').collect();
+    fields[9] = "demo-mllp-1";
+    let message = format!("{}\r{rest}", fields.join("|"));
+    let acks = crate::cli::mllp::send(addr, certs, "YP001", &[&message, &message]).await?;
+    let msa = |ack: &str| {
+        ack.split('\r')
+            .find(|s| s.starts_with("MSA|"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    writeln!(
+        out,
+        "   ACK once the admission is durable: {} (MSH-10 is the message id)",
+        msa(&acks[0])
+    )?;
+    writeln!(
+        out,
+        "   resent after a lost ACK: {} again, nothing stored twice",
+        msa(&acks[1])
     )?;
     Ok(())
 }

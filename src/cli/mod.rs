@@ -9,4 +9,5 @@ pub mod client;
 pub mod demo;
 pub mod handover;
 pub mod health;
+pub mod mllp;
 pub mod readable;

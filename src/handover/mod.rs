@@ -3,7 +3,7 @@
 //! identity) and a domain command, and answers a domain result or one
 //! [`Error`] with a stable machine reason ([`Error::reason`]).
 //!
-//! Every edge (gRPC today; MLLP, MESH later) decodes its wire message into a
+//! Every edge (gRPC and MLLP today; MESH later) decodes its wire message into a
 //! command, calls the use case here, and encodes the answer: nothing here
 //! knows tonic, prost or any wire type. Imports point one way: edges →
 //! `handover` → {`clinical`, `journey`, `store`, `audit`}; nothing below

@@ -22,6 +22,9 @@
 //! | `claims_refused_locked_total` | counter | `scope` (claims refused because a counter is at its limit) |
 //! | `pds_lookups_total` | counter | `outcome` = `routed`, `not_connected`, `no_practice`, `not_found`, `dob_mismatch`, `superseded`, `deceased`, `restricted`, `no_nhs_number` or `failed` |
 //! | `pds_breaker_open` | gauge | (1 while the PDS circuit breaker is open) |
+//! | `mllp_acks_total` | counter | `ack` = `AA`, `AE` or `AR` (HL7 ACKs written on the MLLP listener) |
+//! | `mllp_refusals_total` | counter | `reason` = `connection_limit`, `identity_connection_limit`, `message_too_large`, `malformed_frame` or `idle_timeout` |
+//! | `mllp_connections` | gauge | (open MLLP connections) |
 //! | `mailbox_depth`, `_leased`, `_oldest_age_seconds`, `_overdue`, `_quarantined`, `_parked` | gauge | `mailbox` |
 //! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs`, `_audit_entries_held`, `_audit_entries_removed`, `_identity_records_held`, `_identity_records_removed` | gauge | (set after each retention pass) |
 //!
@@ -176,6 +179,67 @@ struct NackLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScopeLabels {
     scope: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AckLabels {
+    ack: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// The MLLP listener's series.
+#[derive(Debug)]
+struct MllpMetrics {
+    acks: Family<AckLabels, Counter>,
+    refusals: Family<ReasonLabels, Counter>,
+    connections: Gauge,
+}
+
+impl MllpMetrics {
+    /// The ACK codes and refusal reasons, each at zero from start-up.
+    const ACKS: [&'static str; 3] = ["AA", "AE", "AR"];
+    const REFUSALS: [&'static str; 5] = [
+        "connection_limit",
+        "identity_connection_limit",
+        "message_too_large",
+        "malformed_frame",
+        "idle_timeout",
+    ];
+
+    /// The MLLP series, registered in `r` and at zero.
+    fn registered(r: &mut Registry) -> Self {
+        let m = Self {
+            acks: Family::default(),
+            refusals: Family::default(),
+            connections: Gauge::default(),
+        };
+        r.register(
+            "mllp_acks",
+            "HL7 ACKs written on the MLLP listener, by acknowledgement code",
+            m.acks.clone(),
+        );
+        r.register(
+            "mllp_refusals",
+            "MLLP connections closed or refused by a limit or a framing error, by reason",
+            m.refusals.clone(),
+        );
+        r.register(
+            "mllp_connections",
+            "Open MLLP connections",
+            m.connections.clone(),
+        );
+        for ack in Self::ACKS {
+            m.acks.get_or_create_owned(&AckLabels { ack });
+        }
+        for reason in Self::REFUSALS {
+            m.refusals.get_or_create_owned(&ReasonLabels { reason });
+        }
+        m
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -453,6 +517,7 @@ pub struct Metrics {
     claims_locked: Family<ScopeLabels, Counter>,
     pds_lookups: Family<OutcomeLabels, Counter>,
     pds_breaker_open: Gauge,
+    mllp: MllpMetrics,
     certificates: Vec<(&'static str, PathBuf)>,
     mailboxes: MailboxGauges,
     retention: RetentionGauges,
@@ -546,6 +611,7 @@ impl Metrics {
         );
         let mailboxes = MailboxGauges::registered(r);
         let retention = RetentionGauges::registered(r);
+        let mllp = MllpMetrics::registered(r);
         Self {
             registry: root,
             submits,
@@ -563,6 +629,7 @@ impl Metrics {
             claims_locked,
             pds_lookups,
             pds_breaker_open,
+            mllp,
             certificates: vec![("server", server_cert), ("ca", ca_cert)],
             mailboxes,
             retention,
@@ -748,6 +815,24 @@ impl Metrics {
     /// The PDS circuit breaker opened or closed.
     pub fn set_pds_breaker_open(&self, open: bool) {
         self.pds_breaker_open.set(i64::from(open));
+    }
+
+    /// An ACK with code `ack` (`AA`, `AE`, `AR`) was written on the MLLP listener.
+    pub fn mllp_acked(&self, ack: &'static str) {
+        self.mllp.acks.get_or_create(&AckLabels { ack }).inc();
+    }
+
+    /// The MLLP listener refused or closed a connection for `reason` (a fixed word).
+    pub fn mllp_refused(&self, reason: &'static str) {
+        self.mllp
+            .refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// `open` MLLP connections are open now.
+    pub fn set_mllp_connections(&self, open: usize) {
+        self.mllp.connections.set(gauge_i64(open as u64));
     }
 
     /// A claim was refused because the `scope` counter is at its limit.

@@ -41,6 +41,9 @@ fn the_demo_plays_a_whole_journey_and_cleans_up() {
         // 7. track
         "to YG002  Delivered (claimed by urn:ods:YG002)",
         "to YPR01  Delivered",
+        // 8. an admission over MLLP: AA once durable, and AA again for the resend
+        "ACK once the admission is durable: MSA|AA|demo-mllp-1",
+        "resent after a lost ACK: MSA|AA|demo-mllp-1",
         "The gateway drained and stopped",
     ];
     let mut from = 0;

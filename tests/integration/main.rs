@@ -28,6 +28,7 @@ mod journey_model;
 mod limits;
 mod logs;
 mod metrics;
+mod mllp;
 mod newcomer;
 mod no_patient_data;
 mod operability;

@@ -23,6 +23,8 @@ pub struct TestGateway {
     pub metrics_addr: std::net::SocketAddr,
     /// The metrics the gateway feeds.
     pub metrics: Arc<throughcare::operator::metrics::Metrics>,
+    /// Where MLLP is served, when `[mllp]` is enabled.
+    pub mllp_addr: Option<std::net::SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), AppError>>>,
 }
@@ -66,6 +68,7 @@ impl TestGateway {
     pub async fn start_in(dir: tempfile::TempDir, config: Config, clock: Arc<dyn Clock>) -> Self {
         let mut prepared = Prepared::new(config.clone(), clock).expect("gateway prepares");
         let metrics_addr = prepared.bind_metrics().expect("metrics listener binds");
+        let mllp_addr = prepared.bind_mllp().expect("MLLP listener binds");
         let metrics = prepared.metrics().clone();
         let store = prepared.store().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -84,6 +87,7 @@ impl TestGateway {
             store,
             metrics_addr,
             metrics,
+            mllp_addr,
             stop: Some(stop),
             task: Some(task),
         }

@@ -15,18 +15,20 @@
 //! are capped.
 //!
 //! Files: `escape` (escape sequences), `segment` (the tokenizer and its caps),
-//! `read` (message to summary), `write` (summary to message), `ack` (the
-//! answer to a submission), `unread` (what a message holds that is not read).
+//! `read` (message to summary), `write` (summary to message), `header` (the
+//! MSH alone), `ack` (the answer to a submission), `unread` (what a message holds that is not read).
 
 mod ack;
 mod escape;
+mod header;
 mod read;
 mod segment;
 mod unread;
 mod write;
 
-pub use ack::{AckCode, ack};
+pub use ack::{AckCode, AckError, ErrorCode, ack};
 pub use escape::{escape, unescape};
+pub use header::{MessageHeader, event_of, header};
 pub use read::{Parsed, parse};
 pub use write::render;
 
@@ -61,7 +63,11 @@ mod tests {
         assert_eq!(parse_ts("20261124"), None);
         assert_eq!(parse_ts("20261124081000.12345"), None);
         assert_eq!(error_location("PID-3[1].1"), "PID^1^3^1^1");
-        assert_eq!(error_location("OBX(4)-5"), "OBX^4^5^1^");
+        assert_eq!(error_location("PID-3.1"), "PID^1^3^1^1");
+        assert_eq!(error_location("PID-3"), "PID^1^3");
+        assert_eq!(error_location("OBX(4)-5"), "OBX^4^5");
+        assert_eq!(error_location("OBX MED-DOSE"), "");
+        assert_eq!(error_location("summary.patient.family_name"), "");
     }
 
     #[test]

@@ -261,16 +261,10 @@ struct Header {
 }
 
 fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationErrors) -> Header {
-    let event = match (&*msh.comp(9, 1), &*msh.comp(9, 2)) {
-        ("ADT", "A01") => Some(JourneyEvent::Admission),
-        ("ADT", "A02") => Some(JourneyEvent::Transfer),
-        ("ADT", "A03") => Some(JourneyEvent::Release),
-        ("ADT", "A08") => Some(JourneyEvent::CommunitySummary),
-        _ => {
-            e.add("MSH-9", "must be ADT^A01, ADT^A02, ADT^A03 or ADT^A08");
-            None
-        }
-    };
+    let event = super::event_of(&msh.comp(9, 1), &msh.comp(9, 2));
+    if event.is_none() {
+        e.add("MSH-9", "must be ADT^A01, ADT^A02, ADT^A03 or ADT^A08");
+    }
     // HL7 table 0103: a training (T) or debugging (D) message must never
     // reach a clinician as a real patient's record.
     if !matches!(&*msh.comp(11, 1), "P" | "") {

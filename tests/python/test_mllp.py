@@ -1,0 +1,175 @@
+"""HL7 v2 over MLLP judged by software nobody here wrote: python-hl7's
+`mllp_send` and `MLLPClient` send ADT messages that hl7apy built (and
+validated), and hl7apy parses and strictly validates the ACKs we answer."""
+
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hl7.client import MLLPClient
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Message
+from hl7apy.parser import parse_message
+
+from conftest import BIN, free_port
+
+MLLP_SEND = Path(sys.executable).parent / "mllp_send"
+NHS = "9990002029"  # invented: 999 range, valid check digit
+
+
+class MllpGateway:
+    """The real binary with `[mllp]` enabled through its environment variables."""
+
+    def __init__(self, plain: bool):
+        self.dir = Path(tempfile.mkdtemp(prefix="throughcare-mllp-"))
+        self.certs = self.dir / "certs"
+        subprocess.run([BIN, "certs", "init", "--dir", str(self.certs)], check=True, capture_output=True)
+        self.port, self.mllp_port = free_port(), free_port()
+        env = dict(os.environ, THROUGHCARE_MLLP_ENABLED="true",
+                   THROUGHCARE_MLLP_LISTEN=f"127.0.0.1:{self.mllp_port}")
+        if plain:
+            env.update(THROUGHCARE_MLLP_PLAIN="true", THROUGHCARE_MLLP_PLAIN_SENDER_ODS="YP001")
+        self.log = open(self.dir / "gateway.log", "wb")
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.dir / "data"),
+             "--certs-dir", str(self.certs), "--metrics-listen", "127.0.0.1:0"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.mllp_port)) == 0:
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("the gateway's MLLP listener did not start")
+
+    def tls_client(self, name: str) -> MLLPClient:
+        """python-hl7's client, its socket wrapped in mutual TLS as `name`."""
+        ctx = ssl.create_default_context(cafile=str(self.certs / "ca.pem"))
+        ctx.load_cert_chain(self.certs / "clients" / f"{name}.pem", self.certs / "clients" / f"{name}.key")
+        client = MLLPClient.__new__(MLLPClient)
+        client.encoding = "utf-8"
+        raw = socket.create_connection(("127.0.0.1", self.mllp_port))
+        client.socket = ctx.wrap_socket(raw, server_hostname="localhost")
+        return client
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def plain_gateway():
+    g = MllpGateway(plain=True)
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def tls_gateway():
+    g = MllpGateway(plain=False)
+    yield g
+    g.stop()
+
+
+def admission(control_id: str, dob: str = "19900214", version: str = "2.5.1") -> str:
+    """An ADT^A01 admission at YP001 built (and strictly validated) by hl7apy."""
+    m = Message("ADT_A01", version=version, validation_level=VALIDATION_LEVEL.STRICT)
+    m.msh.msh_3 = "OTHERPAS"
+    m.msh.msh_4 = "YP001"
+    m.msh.msh_5 = "THROUGHCARE"
+    m.msh.msh_6 = "GATEWAY"
+    m.msh.msh_7 = "20261124093000"
+    m.msh.msh_9 = "ADT^A01^ADT_A01" if version >= "2.5" else "ADT^A01"
+    m.msh.msh_10 = control_id
+    m.msh.msh_11 = "P"
+    m.msh.msh_12 = version
+    m.evn.evn_1 = "A01"
+    m.evn.evn_2 = "20261124093000+0000"
+    m.pid.pid_3 = f"{NHS}^^^NHS^NH"
+    m.pid.pid_5 = "Whitcombe^Ellis"
+    if dob:
+        m.pid.pid_7 = dob
+    m.pid.pid_8 = "M"
+    m.pv1.pv1_2 = "N"
+    m.pv1.pv1_3 = "^^^YP001"
+    m.pv1.pv1_44 = "20261124"
+    assert m.validate()
+    return m.to_er7()
+
+
+def parsed_ack(raw) -> Message:
+    """Our ACK, unframed, parsed and strictly validated by hl7apy."""
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    text = raw.strip().strip("\x0b\x1c\r\n")
+    ack = parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=False)
+    assert ack.validate(), text
+    return ack
+
+
+def test_mllp_send_delivers_an_admission_and_hl7apy_validates_the_aa(plain_gateway, tmp_path):
+    framed = tmp_path / "messages.hl7"
+    framed.write_bytes(b"\x0b" + admission("PY-ADM-1").encode() + b"\x1c\r")
+    out = subprocess.run(
+        [str(MLLP_SEND), "-p", str(plain_gateway.mllp_port), "-f", str(framed), "127.0.0.1"],
+        capture_output=True, check=True, timeout=30,
+    ).stdout
+    ack = parsed_ack(out)
+    assert ack.msa.msa_1.to_er7() == "AA"
+    assert ack.msa.msa_2.to_er7() == "PY-ADM-1"
+    # Sender and receiver swapped, the version echoed, a new control id.
+    assert ack.msh.msh_3.to_er7() == "THROUGHCARE" and ack.msh.msh_4.to_er7() == "GATEWAY"
+    assert ack.msh.msh_5.to_er7() == "OTHERPAS" and ack.msh.msh_6.to_er7() == "YP001"
+    assert ack.msh.msh_12.to_er7() == "2.5.1"
+    assert ack.msh.msh_10.to_er7() not in ("", "PY-ADM-1")
+
+
+def test_a_missing_field_comes_back_as_an_ae_naming_it(plain_gateway):
+    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+        ack = parsed_ack(client.send_message(admission("PY-BAD-1", dob="")))
+    assert ack.msa.msa_1.to_er7() == "AE"
+    assert ack.msa.msa_2.to_er7() == "PY-BAD-1"
+    err = ack.err
+    assert err.err_2.to_er7() == "PID^1^7"
+    assert err.err_3.to_er7().startswith("101^")
+    assert err.err_4.to_er7() == "E"
+    assert NHS not in err.to_er7()
+
+
+def test_an_older_version_is_answered_in_its_own_shape(plain_gateway):
+    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+        ack = parsed_ack(client.send_message(admission("PY-OLD-1", dob="", version="2.4")))
+    assert ack.msh.msh_12.to_er7() == "2.4"
+    assert ack.msa.msa_1.to_er7() == "AE"
+    assert ack.err.err_1.to_er7().startswith("PID^1^7^101")
+
+
+def test_python_hl7_over_mutual_tls_and_a_resend(tls_gateway):
+    message = admission("PY-TLS-1")
+    with tls_gateway.tls_client("YP001") as client:
+        first = parsed_ack(client.send_message(message))
+        again = parsed_ack(client.send_message(message))
+    assert first.msa.msa_1.to_er7() == "AA"
+    assert again.msa.msa_1.to_er7() == "AA", "a resend of the same control id"
+    assert again.msa.msa_2.to_er7() == "PY-TLS-1"
+    # A GP's certificate may not send an admission: refused by identity.
+    with tls_gateway.tls_client("YG001") as client:
+        refused = parsed_ack(client.send_message(admission("PY-TLS-2")))
+    assert refused.msa.msa_1.to_er7() == "AE"
+    assert refused.err.err_5.to_er7().startswith("PERMISSION_DENIED")
