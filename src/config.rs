@@ -96,6 +96,8 @@ pub struct Config {
     pub integrity: IntegrityConfig,
     /// The Personal Demographics Service (off by default).
     pub pds: crate::pds::PdsConfig,
+    /// MESH, the NHS mailbox service (off by default; docs/mesh.md).
+    pub mesh: crate::mesh::MeshConfig,
 }
 
 /// What proves the store whole, kept where a restore of the data directory
@@ -478,6 +480,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             integrity: IntegrityConfig::default(),
             pds: crate::pds::PdsConfig::default(),
+            mesh: crate::mesh::MeshConfig::default(),
         }
     }
 }
@@ -718,6 +721,7 @@ impl Config {
         self.retention.validate()?;
         self.validate_integrity()?;
         self.pds.validate()?;
+        self.mesh.validate(self.queue.max_lease_seconds)?;
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",

@@ -24,7 +24,9 @@
 //! `operator` is what the on-call operator sees (Prometheus metrics and the
 //! dashboard page). `pds` asks the Personal Demographics Service, in a
 //! background task, for the GP of a parked release or an admission that
-//! names none. `cli` is the command line's
+//! names none; `mesh` is the MESH edge (deliveries pushed to organisations
+//! reached through MESH, prisons' submits read from the gateway's MESH
+//! inbox), over `https`, the outbound HTTPS client PDS shares. `cli` is the command line's
 //! (the binary's verbs live there, `main.rs` only parses and dispatches):
 //! the built-in client (`cli::client`, `cli::handover`), operator calls as
 //! tables (`cli::admin`), one patient's whole journey (`cli::demo`), and the
@@ -38,7 +40,9 @@ pub mod clinical;
 pub mod config;
 pub mod grpc;
 pub mod handover;
+pub mod https;
 pub mod journey;
+pub mod mesh;
 pub mod operator;
 pub mod pds;
 pub mod store;

@@ -99,6 +99,10 @@ pub enum OperatorCommand {
         /// Region (probation services, and prisons whose releases go to one).
         #[arg(long, default_value = "")]
         region: String,
+        /// Its MESH mailbox id: the gateway pushes its deliveries through
+        /// MESH and reads MESH messages from it as this organisation's.
+        #[arg(long, default_value = "")]
+        mesh_mailbox: String,
     },
     /// Disable an organisation: it cannot call and receives nothing.
     OrgDisable {
@@ -332,6 +336,7 @@ fn organisation(
         format: format.into(),
         region,
         active: true,
+        mesh_mailbox: String::new(),
     })
 }
 
@@ -493,7 +498,15 @@ fn parked_rows(list: &pb::ListParkedResponse) -> Rows {
 }
 
 fn org_rows(list: &[pb::Organisation]) -> Rows {
-    let mut rows = Rows::new(&["ods", "kind", "name", "format", "region", "active"]);
+    let mut rows = Rows::new(&[
+        "ods",
+        "kind",
+        "name",
+        "format",
+        "region",
+        "active",
+        "mesh_mailbox",
+    ]);
     for o in list {
         rows.push(json!({
             "ods": o.ods_code,
@@ -501,6 +514,7 @@ fn org_rows(list: &[pb::Organisation]) -> Rows {
             "name": o.name,
             "format": pb::DocumentFormat::try_from(o.format).map(|f| f.as_str_name().to_owned()).unwrap_or_default(),
             "region": o.region,
+            "mesh_mailbox": o.mesh_mailbox,
             "active": o.active,
         }));
     }
@@ -586,8 +600,10 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
             name,
             format,
             region,
+            mesh_mailbox,
         } => {
-            let organisation = organisation(ods, &kind, name, &format, region)?;
+            let mut organisation = organisation(ods, &kind, name, &format, region)?;
+            organisation.mesh_mailbox = mesh_mailbox;
             let org = op
                 .put_organisation(pb::PutOrganisationRequest {
                     organisation: Some(organisation),

@@ -41,6 +41,11 @@ pub struct Organisation {
     /// Disabled organisations cannot call and receive nothing.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub active: bool,
+    /// Its MESH mailbox id: set, the gateway pushes its deliveries through
+    /// MESH and takes MESH messages from that mailbox as this organisation's
+    /// (`crate::mesh`); unset, it pulls over gRPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_mailbox: Option<String>,
 }
 
 fn yes() -> bool {
@@ -145,6 +150,16 @@ impl Registry {
     /// Every organisation, by code.
     pub fn iter(&self) -> impl Iterator<Item = &Organisation> {
         self.by_code.values()
+    }
+
+    /// The organisation whose MESH mailbox is `mailbox` (ids compare
+    /// without regard to case, as MESH's do).
+    pub fn by_mesh_mailbox(&self, mailbox: &str) -> Option<&Organisation> {
+        self.by_code.values().find(|o| {
+            o.mesh_mailbox
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(mailbox))
+        })
     }
 }
 

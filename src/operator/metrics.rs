@@ -22,6 +22,8 @@
 //! | `claims_refused_locked_total` | counter | `scope` (claims refused because a counter is at its limit) |
 //! | `pds_lookups_total` | counter | `outcome` = `routed`, `not_connected`, `no_practice`, `not_found`, `dob_mismatch`, `superseded`, `deceased`, `restricted`, `no_nhs_number` or `failed` |
 //! | `pds_breaker_open` | gauge | (1 while the PDS circuit breaker is open) |
+//! | `mesh_messages_total` | counter | `direction` = `out` (`outcome` = `sent`, `acknowledged`, `failed`, `error`) or `in` (`submitted`, `refused`, `report`, `acknowledged`, `error`) |
+//! | `mesh_reachable` | gauge | (1 while the last exchange with MESH succeeded) |
 //! | `mailbox_depth`, `_leased`, `_oldest_age_seconds`, `_overdue`, `_quarantined`, `_parked` | gauge | `mailbox` |
 //! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs`, `_audit_entries_held`, `_audit_entries_removed`, `_identity_records_held`, `_identity_records_removed` | gauge | (set after each retention pass) |
 //!
@@ -160,6 +162,25 @@ struct SubmitLabels {
 struct OutcomeLabels {
     outcome: &'static str,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MeshLabels {
+    direction: &'static str,
+    outcome: &'static str,
+}
+
+/// The outcomes of MESH messages, by direction (`crate::mesh`): fixed words.
+pub const MESH_OUTCOMES: [(&str, &str); 9] = [
+    ("out", "sent"),
+    ("out", "acknowledged"),
+    ("out", "failed"),
+    ("out", "error"),
+    ("in", "submitted"),
+    ("in", "refused"),
+    ("in", "report"),
+    ("in", "acknowledged"),
+    ("in", "error"),
+];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeliveryLabels {
@@ -453,6 +474,8 @@ pub struct Metrics {
     claims_locked: Family<ScopeLabels, Counter>,
     pds_lookups: Family<OutcomeLabels, Counter>,
     pds_breaker_open: Gauge,
+    mesh_messages: Family<MeshLabels, Counter>,
+    mesh_reachable: Gauge,
     certificates: Vec<(&'static str, PathBuf)>,
     mailboxes: MailboxGauges,
     retention: RetentionGauges,
@@ -544,6 +567,18 @@ impl Metrics {
             "1 while the PDS circuit breaker is open (lookups wait)",
             pds_breaker_open.clone(),
         );
+        let mesh_messages = Family::default();
+        r.register(
+            "mesh_messages",
+            "MESH messages by direction and outcome (out: sent, acknowledged, failed, error; in: submitted, refused, report, acknowledged, error)",
+            mesh_messages.clone(),
+        );
+        let mesh_reachable = Gauge::default();
+        r.register(
+            "mesh_reachable",
+            "1 while the last exchange with MESH succeeded (0 when MESH is off or failing)",
+            mesh_reachable.clone(),
+        );
         let mailboxes = MailboxGauges::registered(r);
         let retention = RetentionGauges::registered(r);
         Self {
@@ -563,6 +598,8 @@ impl Metrics {
             claims_locked,
             pds_lookups,
             pds_breaker_open,
+            mesh_messages,
+            mesh_reachable,
             certificates: vec![("server", server_cert), ("ca", ca_cert)],
             mailboxes,
             retention,
@@ -604,6 +641,10 @@ impl Metrics {
                 permanent,
                 outcome: outcome.as_str(),
             });
+        }
+        for (direction, outcome) in MESH_OUTCOMES {
+            self.mesh_messages
+                .get_or_create_owned(&MeshLabels { direction, outcome });
         }
         for scope in ["practice_and_patient", "practice", "patient"] {
             self.claim_lockouts
@@ -743,6 +784,19 @@ impl Metrics {
         self.pds_lookups
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    /// A MESH message ended with `outcome` (a fixed word) in `direction`
+    /// (`out` or `in`).
+    pub fn mesh_message(&self, direction: &'static str, outcome: &'static str) {
+        self.mesh_messages
+            .get_or_create(&MeshLabels { direction, outcome })
+            .inc();
+    }
+
+    /// The last exchange with MESH succeeded (`true`) or failed.
+    pub fn set_mesh_reachable(&self, up: bool) {
+        self.mesh_reachable.set(i64::from(up));
     }
 
     /// The PDS circuit breaker opened or closed.

@@ -543,6 +543,14 @@ impl Writer {
                 self.registry_put(staged, actor, &code, record, now);
                 Answer::new(reply, Ok(()))
             }
+            Job::MeshPut {
+                actor,
+                record,
+                reply,
+            } => {
+                self.mesh_put(staged, actor, &record, now);
+                Answer::new(reply, Ok(()))
+            }
             Job::Shutdown(reply) => {
                 shutdown.push(reply);
                 return None;
@@ -1318,9 +1326,10 @@ fn refuse(job: Job) -> Answer {
     match job {
         Job::Submit(_, r) => Answer::submit(r, Err(e())),
         Job::Pull { reply, .. } => Answer::new(reply, Err(e())),
-        Job::Ack { reply, .. } | Job::RegistryPut { reply, .. } | Job::Record(_, reply) => {
-            Answer::new(reply, Err(e()))
-        }
+        Job::Ack { reply, .. }
+        | Job::RegistryPut { reply, .. }
+        | Job::MeshPut { reply, .. }
+        | Job::Record(_, reply) => Answer::new(reply, Err(e())),
         Job::Nack { reply, .. } => Answer::new(reply, Err(e())),
         Job::Track { reply, .. } => Answer::new(reply, Err(e())),
         Job::Sweep(reply) => Answer::new(reply, Err(e())),
