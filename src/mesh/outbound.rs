@@ -389,11 +389,13 @@ impl MeshEdge {
             match status.as_str() {
                 "acknowledged" => self.acknowledged(record).await?,
                 "undeliverable" | "error" => {
-                    let reason = format!(
-                        "MESH reported the message {status} (code {}: {})",
-                        t.status_code.unwrap_or_default(),
-                        t.status_description.unwrap_or_default()
-                    );
+                    let code = t.status_code.unwrap_or_default();
+                    let words = t.status_description.unwrap_or_default();
+                    let reason = if code.is_empty() && words.is_empty() {
+                        format!("MESH reported the message {status} (no reason given)")
+                    } else {
+                        format!("MESH reported the message {status} (code {code}: {words})")
+                    };
                     self.fail_delivery(record, &reason).await?;
                 }
                 _ => {}

@@ -272,6 +272,7 @@ async fn every_cell_of_the_matrix() {
                     name: "Matrix Practice (invented)".into(),
                     format: 0,
                     region: String::new(),
+                    mesh_mailbox: String::new(),
                     active: true,
                 }),
             })

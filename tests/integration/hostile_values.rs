@@ -330,6 +330,7 @@ async fn hostile_calls(endpoint: &str, certs: &std::path::Path) -> Vec<(String, 
                     name: "x".into(),
                     format: 0,
                     region: String::new(),
+                    mesh_mailbox: String::new(),
                     active: true,
                 }),
             })

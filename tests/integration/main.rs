@@ -27,6 +27,7 @@ mod journey_e2e;
 mod journey_model;
 mod limits;
 mod logs;
+mod mesh;
 mod metrics;
 mod newcomer;
 mod no_patient_data;
