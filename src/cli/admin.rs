@@ -185,6 +185,7 @@ fn mailbox_rows(r: pb::ListMailboxesResponse) -> Rows {
         "overdue",
         "quarantined",
         "oldest",
+        "mesh",
     ]);
     for m in r.mailboxes {
         rows.push(json!({
@@ -197,6 +198,12 @@ fn mailbox_rows(r: pb::ListMailboxesResponse) -> Rows {
             "oldest": match (m.depth, m.oldest_age) {
                 (0, _) | (_, None) => String::new(),
                 (_, Some(a)) => age(u64::try_from(a.seconds).unwrap_or(0).saturating_mul(1_000)),
+            },
+            // Reached through MESH: its MESH mailbox and sends awaiting the recipient's ack.
+            "mesh": if m.mesh_mailbox.is_empty() {
+                String::new()
+            } else {
+                format!("{} ({} awaiting ack)", m.mesh_mailbox, m.mesh_awaiting_ack)
             },
         }));
     }

@@ -147,8 +147,16 @@ impl Drop for Sandbox {
 }
 
 async fn gateway_with(sandbox: &Sandbox) -> TestGateway {
+    gateway_leasing(sandbox, 30).await
+}
+
+/// A gateway whose MESH edge holds each delivery for `lease_seconds`.
+async fn gateway_leasing(sandbox: &Sandbox, lease_seconds: u32) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = sandbox.config(dir.path());
+    let mesh = MeshConfig {
+        lease_seconds,
+        ..sandbox.config(dir.path())
+    };
     let gw = TestGateway::start_with(
         |c: &mut Config| {
             c.mesh = mesh;
@@ -257,6 +265,24 @@ async fn mesh_delivers_a_release_in_chunks_and_marks_it_delivered_on_the_recipie
     assert_eq!(d.mesh_state, "SENT");
     assert_eq!(d.mesh_message_id, msg.message_id);
 
+    // Operators see the mailbox is reached through MESH, one waiting on its ack.
+    let stats = gw
+        .operator()
+        .await
+        .list_mailboxes(pb::ListMailboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let row = stats
+        .mailboxes
+        .iter()
+        .find(|m| m.mailbox == "YG001")
+        .unwrap();
+    assert_eq!(
+        (row.mesh_mailbox.as_str(), row.mesh_awaiting_ack),
+        (PRACTICE_MB, 1)
+    );
+
     practice.acknowledge(&msg.message_id).await.unwrap();
     let d = eventually(20, "DELIVERED after the MESH acknowledgement", || async {
         let d = delivery_of(&gw, "mesh-rel-1").await;
@@ -265,14 +291,6 @@ async fn mesh_delivers_a_release_in_chunks_and_marks_it_delivered_on_the_recipie
     .await;
     assert_eq!(d.mesh_state, "ACKNOWLEDGED");
     assert!(inbox(&practice).await.is_empty(), "sent once");
-    let stats = gw
-        .operator()
-        .await
-        .list_mailboxes(pb::ListMailboxesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let _ = stats;
     gw.stop().await;
 }
 
@@ -488,5 +506,48 @@ async fn mesh_down_mid_send_then_back_loses_nothing_and_repeats_only_with_the_sa
         })
         .await;
     }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_restart_after_an_unrecorded_send_asks_mesh_by_local_id_and_sends_no_second_copy() {
+    let sandbox = Sandbox::start();
+    let gw = gateway_leasing(&sandbox, 2).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("mesh-restart-1", 44, &["YG001"], "restart"))
+        .await
+        .unwrap();
+    let sent = eventually(20, "the release sent", || async {
+        let d = delivery_of(&gw, "mesh-restart-1").await;
+        (!d.mesh_message_id.is_empty()).then_some(d)
+    })
+    .await;
+    // The crash window: MESH took the message, the gateway died before
+    // recording MESH's id. Its record says only that a send began.
+    let mut record = gw.store.mesh_record(sent.delivery_id).unwrap().unwrap();
+    record.state = throughcare::store::MeshState::Sending;
+    record.message_id = None;
+    gw.store.mesh_put("test", record).await.unwrap();
+    let (dir, config) = gw.stop().await;
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    // Once its lease runs out the delivery comes back; MESH is asked by
+    // local id and has it: recorded as sent, not sent again.
+    let d = eventually(30, "the send recorded again from MESH", || async {
+        let d = delivery_of(&gw, "mesh-restart-1").await;
+        (d.mesh_state == "SENT").then_some(d)
+    })
+    .await;
+    assert_eq!(d.mesh_message_id, sent.mesh_message_id);
+    let practice = sandbox.client(PRACTICE_MB);
+    let got = inbox(&practice).await;
+    assert_eq!(got.len(), 1, "one copy in MESH");
+    practice.acknowledge(&got[0].message_id).await.unwrap();
+    eventually(20, "DELIVERED after the restart", || async {
+        let d = delivery_of(&gw, "mesh-restart-1").await;
+        (d.state() == pb::DeliveryState::Delivered).then_some(())
+    })
+    .await;
     gw.stop().await;
 }
