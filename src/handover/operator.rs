@@ -140,10 +140,10 @@ impl Gateway {
             .filter_map(|o| Some((o.ods.as_str().to_owned(), (o.mesh_mailbox.clone()?, 0))))
             .collect();
         for r in self.store.mesh_records()? {
-            if r.state == crate::store::MeshState::Sent {
-                if let Some(entry) = mesh.get_mut(&r.mailbox) {
-                    entry.1 += 1;
-                }
+            if r.state == crate::store::MeshState::Sent
+                && let Some(entry) = mesh.get_mut(&r.mailbox)
+            {
+                entry.1 += 1;
             }
         }
         Ok(mesh)

@@ -227,10 +227,14 @@ impl MeshEdge {
         let mesh_mailbox = org.mesh_mailbox.clone().unwrap_or_default();
         let mut record = match previous {
             Some(mut r) if r.state == MeshState::Sent => {
-                // Leased again while waiting: hold the new attempt.
+                // Leased again while waiting: hold the new attempt, and
+                // apply a failure MESH reported while no lease was held.
                 r.attempt = d.attempt;
                 r.updated_ms = now;
-                return self.put(r).await;
+                return match r.reason.clone() {
+                    Some(reason) => self.fail_delivery(r, &reason).await,
+                    None => self.put(r).await,
+                };
             }
             Some(mut r) if r.state == MeshState::Sending => {
                 if let Some(id) = self.client.sent_with_local_id(&r.local_id).await? {
@@ -322,7 +326,14 @@ impl MeshEdge {
         reason: &str,
     ) -> Result<(), MeshError> {
         let reason = crate::handover::withhold_numbers(reason);
-        let reason: String = reason.chars().take(400).collect();
+        let mut reason: String = reason.chars().take(400).collect();
+        // MESH's words go into a nack reason, which refuses anything that
+        // looks like patient data (a date, say): then say less.
+        let mut v = crate::clinical::ValidationErrors::default();
+        crate::handover::free_text::check_reason("reason", &reason, 1, &mut v);
+        if !v.0.is_empty() {
+            reason = "MESH reported a failure in words withheld here (they looked like patient data); see MESH's tracking of the message".into();
+        }
         tracing::warn!(delivery_id = record.delivery_id, reason = %reason, "MESH delivery failed; quarantining");
         let caller = Caller::Organisation(
             record
@@ -336,12 +347,14 @@ impl MeshEdge {
             permanent: true,
             reason: reason.clone(),
         };
-        if let Err(e) = self.gateway.nack(&caller, nack).await {
-            if !self.finished_elsewhere(record.delivery_id)? {
-                // Its lease ran out: quarantined once the queue offers it again.
-                tracing::info!(delivery_id = record.delivery_id, error = %e, "MESH failure waits for the delivery's next lease");
-                return Ok(());
-            }
+        if let Err(e) = self.gateway.nack(&caller, nack).await
+            && !self.finished_elsewhere(record.delivery_id)?
+        {
+            // Its lease ran out: the failure is kept on the record and
+            // applied when the queue offers the delivery again (`send_one`).
+            tracing::info!(delivery_id = record.delivery_id, error = %e, "MESH failure waits for the delivery's next lease");
+            record.reason = Some(reason);
+            return self.put(record).await;
         }
         record.state = MeshState::Failed;
         record.reason = Some(reason);

@@ -332,6 +332,39 @@ async fn mesh_error_report_quarantines_the_delivery_with_meshs_reason() {
         "{}",
         d.quarantine_reason
     );
+
+    // MESH's words that look like patient data (a date) never become the
+    // reason: the delivery is still quarantined, with MESH's words withheld.
+    prison
+        .submit(release("mesh-ndr-2", 45, &["YG001"], "ndr"))
+        .await
+        .unwrap();
+    let sent = eventually(20, "the second release sent", || async {
+        let d = delivery_of(&gw, "mesh-ndr-2").await;
+        (!d.mesh_message_id.is_empty()).then_some(d)
+    })
+    .await;
+    let body = serde_json::json!({
+        "mailbox_id": GATEWAY_MB,
+        // An error report carries MESH's own words (an NDR's are canned).
+        "code": "99",
+        "description": "Not collected by 2026-12-04",
+        "workflow_id": "THROUGHCARE_RELEASE",
+        "local_id": format!("throughcare-{}", sent.delivery_id),
+        "status": "error",
+        "linked_message_id": sent.mesh_message_id,
+    });
+    admin_post(&sandbox, "/messageexchange/admin/report", &body.to_string());
+    let d = eventually(20, "the second QUARANTINED", || async {
+        let d = delivery_of(&gw, "mesh-ndr-2").await;
+        (d.state() == pb::DeliveryState::Quarantined).then_some(d)
+    })
+    .await;
+    assert!(
+        !d.quarantine_reason.contains("2026-12-04") && d.quarantine_reason.contains("withheld"),
+        "{}",
+        d.quarantine_reason
+    );
     gw.stop().await;
 }
 
