@@ -222,7 +222,7 @@ fn org_from_wire(o: pb::Organisation) -> Result<Organisation, Violations> {
     if region.len() > 100 {
         v.add("organisation.region", "at most 100 characters");
     }
-    if !mesh_mailbox.is_empty() && !crate::mesh::is_mailbox_id(&mesh_mailbox) {
+    if !mesh_mailbox.is_empty() && !crate::journey::is_mesh_mailbox_id(&mesh_mailbox) {
         v.add(
             "organisation.mesh_mailbox",
             "a MESH mailbox id: 1 to 20 letters and digits",

@@ -43,9 +43,15 @@ pub struct Organisation {
     pub active: bool,
     /// Its MESH mailbox id: set, the gateway pushes its deliveries through
     /// MESH and takes MESH messages from that mailbox as this organisation's
-    /// (`crate::mesh`); unset, it pulls over gRPC.
+    /// (the MESH edge); unset, it pulls over gRPC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_mailbox: Option<String>,
+}
+
+/// Whether `id` can be a MESH mailbox id (letters and digits, 1 to 20).
+#[must_use]
+pub fn is_mesh_mailbox_id(id: &str) -> bool {
+    (1..=20).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 fn yes() -> bool {

@@ -68,11 +68,7 @@ pub fn event_of_workflow(workflow_id: &str) -> Option<JourneyEvent> {
         .find(|e| workflow_id.eq_ignore_ascii_case(self::workflow_id(*e)))
 }
 
-/// Whether `id` can be a MESH mailbox id (letters and digits, 1 to 20).
-#[must_use]
-pub fn is_mailbox_id(id: &str) -> bool {
-    (1..=20).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
-}
+pub use crate::journey::is_mesh_mailbox_id as is_mailbox_id;
 
 /// Whether `id` can be a MESH message id (safe in a URL path).
 #[must_use]

@@ -169,7 +169,7 @@ struct MeshLabels {
     outcome: &'static str,
 }
 
-/// The outcomes of MESH messages, by direction (`crate::mesh`): fixed words.
+/// The outcomes of MESH messages, by direction (the MESH edge, `src/mesh/`): fixed words.
 pub const MESH_OUTCOMES: [(&str, &str); 9] = [
     ("out", "sent"),
     ("out", "acknowledged"),

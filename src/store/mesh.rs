@@ -1,5 +1,5 @@
-//! What the MESH edge did with each delivery it pushes (see `crate::mesh`
-//! and docs/mesh.md), kept so that a restart never sends a second copy
+//! What the MESH edge (`src/mesh/`, docs/mesh.md) did with each delivery
+//! it pushes, kept so that a restart never sends a second copy
 //! without first asking MESH.
 //!
 //! # Invariants
