@@ -584,3 +584,71 @@ async fn mesh_restart_after_an_unrecorded_send_asks_mesh_by_local_id_and_sends_n
     .await;
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_that_hangs_times_out_backs_off_and_delivers_everything_once_it_answers() {
+    let sandbox = Sandbox::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = MeshConfig {
+        timeout_ms: 500,
+        ..sandbox.config(dir.path())
+    };
+    let gw = TestGateway::start_with(|c: &mut Config| c.mesh = mesh, Arc::new(SystemClock)).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    // MESH stops answering (the process frozen: connections open, no answers).
+    let pid = sandbox.child.as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut prison = gw.client("YP001").await;
+    let mut ids = Vec::new();
+    for i in 0..3u32 {
+        let r = prison
+            .submit(release(
+                &format!("mesh-slow-{i}"),
+                60 + i,
+                &["YG001"],
+                "slow",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.deliveries[0].delivery_id);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        gw.metrics.encode().contains("throughcare_mesh_reachable 0"),
+        "a hung MESH shows"
+    );
+    for i in 0..3u32 {
+        // Nothing was leased while MESH did not answer.
+        let d = delivery_of(&gw, &format!("mesh-slow-{i}")).await;
+        assert_eq!(
+            (d.state(), d.mesh_state.as_str()),
+            (pb::DeliveryState::Queued, "")
+        );
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let practice = sandbox.client(PRACTICE_MB);
+    let got = eventually(30, "every delivery once MESH answers", || async {
+        let got = inbox(&practice).await;
+        (got.len() >= ids.len()).then_some(got)
+    })
+    .await;
+    let mut local: Vec<String> = got.iter().map(|m| m.local_id.clone()).collect();
+    local.sort();
+    let mut want: Vec<String> = ids.iter().map(|d| format!("throughcare-{d}")).collect();
+    want.sort();
+    assert_eq!(local, want, "each once");
+    gw.stop().await;
+}
