@@ -68,6 +68,14 @@ impl MeshEdge {
                 continue;
             }
             let msg = self.client.retrieve(&id).await?;
+            if msg.workflow_id.eq_ignore_ascii_case(REFUSAL_WORKFLOW) {
+                // Another gateway's refusal of ours: never refused back (no
+                // ping-pong); what it refused is in its words, for operators.
+                tracing::warn!(mesh_message_id = %id, "a refusal report arrived in the gateway's MESH inbox; acknowledged, not answered");
+                self.client.acknowledge(&id).await?;
+                self.metrics.mesh_message("in", "report");
+                continue;
+            }
             if msg.message_type.eq_ignore_ascii_case("REPORT") {
                 self.on_report(&msg).await?;
                 self.client.acknowledge(&id).await?;

@@ -320,7 +320,7 @@ async fn mesh_error_report_quarantines_the_delivery_with_meshs_reason() {
         "status": "undeliverable",
         "linked_message_id": sent.mesh_message_id,
     });
-    admin_post(&sandbox, "/messageexchange/admin/report", &body.to_string());
+    admin_post(&sandbox, "/messageexchange/admin/report", &body.to_string()).await;
     let d = eventually(20, "QUARANTINED after MESH's error", || async {
         let d = delivery_of(&gw, "mesh-ndr-1").await;
         (d.state() == pb::DeliveryState::Quarantined).then_some(d)
@@ -354,7 +354,7 @@ async fn mesh_error_report_quarantines_the_delivery_with_meshs_reason() {
         "status": "error",
         "linked_message_id": sent.mesh_message_id,
     });
-    admin_post(&sandbox, "/messageexchange/admin/report", &body.to_string());
+    admin_post(&sandbox, "/messageexchange/admin/report", &body.to_string()).await;
     let d = eventually(20, "the second QUARANTINED", || async {
         let d = delivery_of(&gw, "mesh-ndr-2").await;
         (d.state() == pb::DeliveryState::Quarantined).then_some(d)
@@ -368,23 +368,31 @@ async fn mesh_error_report_quarantines_the_delivery_with_meshs_reason() {
     gw.stop().await;
 }
 
-/// A POST to the sandbox's admin API (no authentication there), over mutual TLS.
-fn admin_post(sandbox: &Sandbox, path: &str, body: &str) {
+/// A POST to the sandbox's admin API (no MESH authentication there), over
+/// mutual TLS with the gateway's HTTPS client.
+async fn admin_post(sandbox: &Sandbox, path: &str, body: &str) {
     let pki = sandbox.pki();
     let (cert, key) = throughcare::certs::DevPaths { dir: pki.clone() }.client("YG001");
-    let status = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
-        .arg("--cacert")
-        .arg(pki.join("ca.pem"))
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .args(["-H", "Content-Type: application/json", "--data", body])
-        .arg(format!("{}{path}", sandbox.url()))
-        .output()
-        .expect("curl runs");
-    assert_eq!(String::from_utf8_lossy(&status.stdout), "200", "{path}");
+    let (cert, key) = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+    let transport = throughcare::https::Transport::with_identity(
+        &std::fs::read(pki.join("ca.pem")).unwrap(),
+        Some(throughcare::https::ClientIdentity {
+            cert_pem: &cert,
+            key_pem: &key,
+        }),
+        Duration::from_secs(10),
+        true,
+    )
+    .unwrap();
+    let request = http::Request::post(format!("{}{path}", sandbox.url()))
+        .header(http::header::HOST, format!("127.0.0.1:{}", sandbox.port))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap();
+    let answer = transport.send(request).await.unwrap();
+    assert_eq!(answer.status, 200, "{path}");
 }
 
 fn admission_fhir(patient: u32) -> Vec<u8> {
@@ -433,20 +441,32 @@ async fn mesh_submit_from_a_prison_is_acknowledged_after_it_is_durable_and_a_bad
         })
         .await
         .unwrap();
-    eventually(20, "both acknowledged by the gateway", || async {
-        let a = prison_mb
-            .track(&good)
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
-        let b = prison_mb
-            .track(&bad)
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
-        (a == "acknowledged" && b == "acknowledged").then_some(())
+    // A refusal from elsewhere is never refused back (no ping-pong).
+    let refusal = prison_mb
+        .send(&Outgoing {
+            to: GATEWAY_MB,
+            workflow_id: "THROUGHCARE_REFUSAL",
+            subject: "refused",
+            local_id: "refusal-x",
+            file_name: "refusal.json",
+            content_type: "application/json",
+            body: b"{}",
+        })
+        .await
+        .unwrap();
+    eventually(20, "all three acknowledged by the gateway", || async {
+        for id in [&good, &bad, &refusal] {
+            let s = prison_mb
+                .track(id)
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            if s != "acknowledged" {
+                return None;
+            }
+        }
+        Some(())
     })
     .await;
     // The good one is a handover of the prison's, routed to its patient's GP.
