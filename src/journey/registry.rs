@@ -104,7 +104,21 @@ impl Registry {
     /// A code registered twice, or an organisation registered as an operator.
     pub fn new(orgs: impl IntoIterator<Item = Organisation>) -> Result<Self, String> {
         let mut by_code = BTreeMap::new();
+        let mut mesh_mailboxes = std::collections::BTreeSet::new();
         for org in orgs {
+            if let Some(mb) = &org.mesh_mailbox {
+                if !is_mesh_mailbox_id(mb) {
+                    return Err(format!(
+                        "organisation {}: mesh_mailbox must be a MESH mailbox id (1 to 20 letters and digits)",
+                        org.ods
+                    ));
+                }
+                if !mesh_mailboxes.insert(mb.to_ascii_uppercase()) {
+                    return Err(format!(
+                        "MESH mailbox {mb} is registered twice: one mailbox names one organisation"
+                    ));
+                }
+            }
             if org.kind == OrgKind::Operator {
                 return Err(format!(
                     "organisation {} has kind operator; operators are identified by certificate, not registered",
@@ -229,6 +243,20 @@ mod tests {
         let reg = Registry::load(&path).unwrap();
         let org = reg.get(&"YP001".parse().unwrap()).unwrap();
         assert_eq!(org.format, Format::Hl7v2);
+        let mesh = |code: &str, mb: &str| Organisation {
+            mesh_mailbox: Some(mb.into()),
+            ods: code.parse().unwrap(),
+            ..org.clone()
+        };
+        let twice = Registry::new([mesh("YP001", "X26ABC3"), mesh("YP002", "x26abc3")]);
+        assert!(twice.unwrap_err().contains("registered twice"));
+        let bad = Registry::new([mesh("YP001", "X26/../1")]);
+        assert!(bad.unwrap_err().contains("mesh_mailbox"));
+        let one = Registry::new([mesh("YP001", "X26ABC3")]).unwrap();
+        assert_eq!(
+            one.by_mesh_mailbox("x26abc3").map(|o| o.ods.as_str()),
+            Some("YP001")
+        );
         let again = Registry::new(
             toml::from_str::<RegistryFile>(&reg.to_toml())
                 .unwrap()
