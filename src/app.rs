@@ -148,7 +148,7 @@ impl Prepared {
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         config.validate()?;
         let pds = crate::pds::client_from_config(&config.pds)?;
-        let mesh = crate::mesh::client_from_config(&config.mesh)?;
+        let mesh = crate::mesh::client_from_config(&config.mesh, config.limits.max_document_bytes)?;
         if config.dev_certs && !crate::certs::dev_pki_present(&config.certs_dir) {
             crate::certs::init_dev_pki(&config.certs_dir)?;
             tracing::warn!(

@@ -24,6 +24,9 @@ pub enum HttpError {
     /// The request could not be built or sent as given.
     #[error("unusable request: {0}")]
     Invalid(String),
+    /// The answer's body is larger than the transport reads (bytes).
+    #[error("answer larger than {0} bytes")]
+    TooLarge(usize),
 }
 
 /// The largest answer read by default (a PDS Patient resource is a few KiB).
@@ -196,7 +199,13 @@ where
             let body = Limited::new(response.into_body(), max_answer)
                 .collect()
                 .await
-                .map_err(|e| unreachable(format!("answer: {e}")))?
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        HttpError::TooLarge(max_answer)
+                    } else {
+                        unreachable(format!("answer: {e}"))
+                    }
+                })?
                 .to_bytes();
             Ok(Answer {
                 status,

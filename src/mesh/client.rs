@@ -20,6 +20,7 @@ pub struct MeshClient {
     transport: Transport,
     base_url: String,
     chunk_bytes: usize,
+    max_document: usize,
 }
 
 impl std::fmt::Debug for MeshClient {
@@ -116,6 +117,22 @@ fn header(answer: &Answer, name: &str) -> String {
         .to_owned()
 }
 
+/// An inbox message from the answer that carried its headers.
+fn incoming(message_id: &str, first: &Answer, body: Vec<u8>) -> Incoming {
+    Incoming {
+        message_id: message_id.to_owned(),
+        from: header(first, "mex-From"),
+        workflow_id: header(first, "mex-WorkflowID"),
+        local_id: header(first, "mex-LocalID"),
+        subject: header(first, "mex-Subject"),
+        message_type: header(first, "mex-MessageType"),
+        content_encoding: header(first, "Content-Encoding"),
+        status_code: header(first, "mex-StatusCode"),
+        status_description: header(first, "mex-StatusDescription"),
+        body,
+    }
+}
+
 fn host_of(uri: &http::Uri) -> String {
     match (uri.host(), uri.port_u16()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -151,7 +168,16 @@ impl MeshClient {
             transport,
             base_url: base_url.trim_end_matches('/').to_owned(),
             chunk_bytes: chunk_bytes.max(1),
+            max_document: usize::MAX,
         }
+    }
+
+    /// The same client refusing to read inbox messages larger than `bytes`
+    /// ([`HttpError::TooLarge`](crate::https::HttpError::TooLarge)).
+    #[must_use]
+    pub fn with_max_document(mut self, bytes: usize) -> Self {
+        self.max_document = bytes;
+        self
     }
 
     /// The client's own mailbox.
@@ -311,6 +337,9 @@ impl MeshClient {
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(1);
         let mut body = first.body.to_vec();
+        if body.len() > self.max_document {
+            return Err(crate::https::HttpError::TooLarge(self.max_document).into());
+        }
         for n in 2..=total {
             let b = self.request(
                 http::Method::GET,
@@ -319,19 +348,26 @@ impl MeshClient {
             )?;
             let chunk = expect(self.exchange(b, Bytes::new()).await?, &[200, 206])?;
             body.extend_from_slice(&chunk.body);
+            if body.len() > self.max_document {
+                return Err(crate::https::HttpError::TooLarge(self.max_document).into());
+            }
         }
-        Ok(Incoming {
-            message_id: message_id.to_owned(),
-            from: header(&first, "mex-From"),
-            workflow_id: header(&first, "mex-WorkflowID"),
-            local_id: header(&first, "mex-LocalID"),
-            subject: header(&first, "mex-Subject"),
-            message_type: header(&first, "mex-MessageType"),
-            content_encoding: header(&first, "Content-Encoding"),
-            status_code: header(&first, "mex-StatusCode"),
-            status_description: header(&first, "mex-StatusDescription"),
-            body,
-        })
+        Ok(incoming(message_id, &first, body))
+    }
+
+    /// An inbox message's headers only (`HEAD`), its body left empty: who
+    /// sent a message too large to read.
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals.
+    pub async fn headers_of(&self, message_id: &str) -> Result<Incoming, MeshError> {
+        let b = self.request(
+            http::Method::HEAD,
+            &format!("/inbox/{message_id}"),
+            Bytes::new(),
+        )?;
+        let answer = expect(self.exchange(b, Bytes::new()).await?, &[200])?;
+        Ok(incoming(message_id, &answer, Vec::new()))
     }
 
     /// Acknowledges an inbox message: MESH removes it from the inbox and

@@ -23,6 +23,7 @@ use crate::clinical::Violation;
 use crate::handover::{
     Caller, Error, IncomingDocument, Kind, SubmitCommand, scrubbed, withhold_numbers,
 };
+use crate::https::HttpError;
 use crate::store::MeshState;
 
 /// Why an inbox message is not submitted.
@@ -67,7 +68,14 @@ impl MeshEdge {
                 tracing::warn!("MESH listed a message id that is not one; skipped");
                 continue;
             }
-            let msg = self.client.retrieve(&id).await?;
+            let msg = match self.client.retrieve(&id).await {
+                Ok(msg) => msg,
+                Err(MeshError::Http(HttpError::TooLarge(limit))) => {
+                    self.refuse_unread(&id, limit).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if msg.workflow_id.eq_ignore_ascii_case(REFUSAL_WORKFLOW) {
                 // Another gateway's refusal of ours: never refused back (no
                 // ping-pong); what it refused is in its words, for operators.
@@ -181,6 +189,38 @@ impl MeshEdge {
                 })
             }
         }
+    }
+
+    /// Refuses a message too large to read: its headers name the sender.
+    async fn refuse_unread(&self, id: &str, limit: usize) -> Result<(), MeshError> {
+        let msg = self.client.headers_of(id).await?;
+        let why = format!("larger than the {limit} bytes the gateway accepts");
+        let sender = self
+            .gateway
+            .registry
+            .read()
+            .by_mesh_mailbox(&msg.from)
+            .cloned();
+        let caller = sender.map_or(Caller::Unidentified, |o| Caller::Organisation(o.ods));
+        let refusal = Error::invalid("content", why.clone());
+        if let Err(e) = self
+            .gateway
+            .audit_refusal(&caller, "submit", &refusal)
+            .await
+        {
+            return Err(MeshError::Gateway(e.to_string()));
+        }
+        let violations = [Violation {
+            field: "content".into(),
+            description: why.clone(),
+        }];
+        let message = format!("invalid request: content: {why}");
+        self.refuse(&msg, "INVALID_ARGUMENT", &message, &violations)
+            .await?;
+        self.client.acknowledge(id).await?;
+        self.metrics.mesh_message("in", "refused");
+        self.metrics.mesh_message("in", "acknowledged");
+        Ok(())
     }
 
     /// Sends the refusal report back to the message's sender.

@@ -102,6 +102,7 @@ impl MeshError {
     #[must_use]
     pub fn is_transient(&self) -> bool {
         match self {
+            MeshError::Http(HttpError::TooLarge(_)) => false,
             MeshError::Http(_) | MeshError::Gateway(_) | MeshError::Invalid(_) => true,
             // 401/403: our credentials or clock are wrong, not the message:
             // every message would fail alike, so wait for an operator.
@@ -150,7 +151,10 @@ fn secret_text(
 ///
 /// # Errors
 /// A field that is missing, unreadable or unusable, named (never its value).
-pub fn client_from_config(config: &MeshConfig) -> Result<Option<Arc<MeshClient>>, ConfigError> {
+pub fn client_from_config(
+    config: &MeshConfig,
+    max_document_bytes: usize,
+) -> Result<Option<Arc<MeshClient>>, ConfigError> {
     if !config.enabled {
         return Ok(None);
     }
@@ -191,14 +195,13 @@ pub fn client_from_config(config: &MeshConfig) -> Result<Option<Arc<MeshClient>>
         };
         bad(field, reason)
     })?
-    // A chunk, plus MESH's headers and JSON around it.
-    .max_answer(chunk.saturating_add(64 * 1024));
-    Ok(Some(Arc::new(MeshClient::new(
-        credentials,
-        transport,
-        &config.url,
-        chunk,
-    ))))
+    // The largest document the gateway accepts (a sender may put it in one
+    // chunk), or one of our chunks, plus MESH's headers and JSON around it.
+    .max_answer(chunk.max(max_document_bytes).saturating_add(64 * 1024));
+    Ok(Some(Arc::new(
+        MeshClient::new(credentials, transport, &config.url, chunk)
+            .with_max_document(max_document_bytes),
+    )))
 }
 
 /// Starts the MESH task (`app` calls this once the store is open); it runs

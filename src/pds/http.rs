@@ -16,6 +16,7 @@ impl From<HttpError> for PdsError {
             HttpError::Timeout => PdsError::Timeout,
             HttpError::Unreachable(what) => PdsError::Unreachable(what),
             HttpError::Invalid(what) => PdsError::Invalid(what),
+            HttpError::TooLarge(_) => PdsError::Invalid("the answer is too large".into()),
         }
     }
 }

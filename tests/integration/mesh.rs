@@ -133,7 +133,7 @@ impl Sandbox {
             mailbox: mailbox.into(),
             ..self.config(dir.path())
         };
-        let client = throughcare::mesh::client_from_config(&config)
+        let client = throughcare::mesh::client_from_config(&config, 4 * 1024 * 1024)
             .unwrap()
             .unwrap();
         Arc::try_unwrap(client).unwrap()
@@ -670,5 +670,71 @@ async fn mesh_that_hangs_times_out_backs_off_and_delivers_everything_once_it_ans
     let mut want: Vec<String> = ids.iter().map(|d| format!("throughcare-{d}")).collect();
     want.sort();
     assert_eq!(local, want, "each once");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_message_larger_than_the_gateway_accepts_is_refused_back_not_retried_forever() {
+    let sandbox = Sandbox::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = sandbox.config(dir.path());
+    let gw = TestGateway::start_with(
+        |c: &mut Config| {
+            c.mesh = mesh;
+            c.limits.max_document_bytes = 64 * 1024;
+        },
+        Arc::new(SystemClock),
+    )
+    .await;
+    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    let prison_mb = sandbox.client(PRISON_MB);
+    let big = vec![b'x'; 200 * 1024];
+    let send = |local_id: &'static str, body: Vec<u8>| {
+        let prison_mb = &prison_mb;
+        async move {
+            prison_mb
+                .send(&Outgoing {
+                    to: GATEWAY_MB,
+                    workflow_id: "THROUGHCARE_ADMISSION",
+                    subject: "admission",
+                    local_id,
+                    file_name: "adm.json",
+                    content_type: "application/fhir+json",
+                    body: &body,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    // Too large (in chunks of 2 KiB), then a good one behind it: the big one
+    // must not hold the inbox up.
+    let too_big = send("mesh-big", big).await;
+    let good = send("mesh-after-big", admission_fhir(46)).await;
+    eventually(30, "both acknowledged", || async {
+        let a = prison_mb
+            .track(&too_big)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let b = prison_mb
+            .track(&good)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        (a == "acknowledged" && b == "acknowledged").then_some(())
+    })
+    .await;
+    let reports = inbox(&prison_mb).await;
+    assert_eq!(reports.len(), 1);
+    let body: serde_json::Value = serde_json::from_slice(&reports[0].body).unwrap();
+    assert_eq!(body["refused_message_id"], too_big);
+    assert_eq!(body["field_violations"][0]["field"], "content");
+    let mut prison = gw.client("YP001").await;
+    assert_eq!(
+        track_message(&mut prison, "mesh-after-big").await.event(),
+        pb::JourneyEvent::Admission
+    );
     gw.stop().await;
 }
