@@ -90,6 +90,7 @@ pub struct Prepared {
     mllp_listener: Option<std::net::TcpListener>,
     null_handover: bool,
     pds: Option<Arc<crate::pds::PdsClient>>,
+    mesh: Option<Arc<crate::mesh::MeshClient>>,
 }
 
 fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -156,6 +157,7 @@ impl Prepared {
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         config.validate()?;
         let pds = crate::pds::client_from_config(&config.pds)?;
+        let mesh = crate::mesh::client_from_config(&config.mesh, config.limits.max_document_bytes)?;
         if config.dev_certs && !crate::certs::dev_pki_present(&config.certs_dir) {
             crate::certs::init_dev_pki(&config.certs_dir)?;
             tracing::warn!(
@@ -230,6 +232,7 @@ impl Prepared {
             mllp_listener: None,
             null_handover: false,
             pds,
+            mesh,
         })
     }
 
@@ -484,6 +487,21 @@ impl Prepared {
         })
     }
 
+    /// The MESH edge: pushes MESH-reached organisations' deliveries and
+    /// reads the gateway's MESH inbox, through the application layer.
+    fn spawn_mesh(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.mesh.take().map(|client| {
+            let (gateway, metrics) = (self.gateway.clone(), self.metrics.clone());
+            crate::mesh::spawn(
+                client,
+                &self.config.mesh,
+                gateway,
+                metrics,
+                self.shutdown_tx.subscribe(),
+            )
+        })
+    }
+
     fn accept_limits(&self) -> crate::tls::AcceptLimits {
         let l = &self.config.limits;
         crate::tls::AcceptLimits {
@@ -610,6 +628,7 @@ impl Prepared {
 
         let retention = self.spawn_retention();
         let pds = self.spawn_pds();
+        let mesh = self.spawn_mesh();
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let forget = spawn_forget(
             rate_limit.clone(),
@@ -667,6 +686,11 @@ impl Prepared {
         forget.abort();
         if let Some(pds) = pds {
             pds.abort();
+        }
+        // A send cut short is recorded as `sending`: the next start asks
+        // MESH by local id before sending again.
+        if let Some(mesh) = mesh {
+            mesh.abort();
         }
         tally.flush(&self.gateway.store).await;
         // The accept loop's last summary of refused connections.

@@ -51,6 +51,7 @@ pub fn dev_organisations() -> Vec<Organisation> {
         format,
         region: region.map(str::to_owned),
         active: true,
+        mesh_mailbox: None,
     };
     vec![
         org(

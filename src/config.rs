@@ -100,6 +100,8 @@ pub struct Config {
     pub telemetry: crate::telemetry::TelemetryConfig,
     /// The HL7 v2 over MLLP listener (off by default).
     pub mllp: crate::mllp::MllpConfig,
+    /// MESH, the NHS mailbox service (off by default; docs/mesh.md).
+    pub mesh: crate::mesh::MeshConfig,
 }
 
 /// What proves the store whole, kept where a restore of the data directory
@@ -484,6 +486,7 @@ impl Default for Config {
             pds: crate::pds::PdsConfig::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
             mllp: crate::mllp::MllpConfig::default(),
+            mesh: crate::mesh::MeshConfig::default(),
         }
     }
 }
@@ -732,6 +735,7 @@ impl Config {
                 ("metrics listener", self.metrics.listen),
             ],
         )?;
+        self.mesh.validate(self.queue.max_lease_seconds)?;
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",

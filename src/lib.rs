@@ -26,8 +26,11 @@
 //! background task, for the GP of a parked release or an admission that
 //! names none. `mllp` is the second edge: HL7 v2 ADT messages over MLLP,
 //! submitted through the same `handover` use cases and answered with an
-//! HL7 ACK once durable. `telemetry` exports traces over OTLP when asked (off by
-//! default), so a handover can be followed from submit to ack. `cli` is the command line's
+//! HL7 ACK once durable; `mesh` is the MESH edge (deliveries pushed to
+//! organisations reached through MESH, prisons' submits read from the
+//! gateway's MESH inbox), over `https`, the outbound HTTPS client PDS shares.
+//! `telemetry` exports traces over OTLP when asked (off by default), so a
+//! handover can be followed from submit to ack. `cli` is the command line's
 //! (the binary's verbs live there, `main.rs` only parses and dispatches):
 //! the built-in client (`cli::client`, `cli::handover`), operator calls as
 //! tables (`cli::admin`), one patient's whole journey (`cli::demo`), and the
@@ -41,7 +44,9 @@ pub mod clinical;
 pub mod config;
 pub mod grpc;
 pub mod handover;
+pub mod https;
 pub mod journey;
+pub mod mesh;
 pub mod mllp;
 pub mod operator;
 pub mod pds;

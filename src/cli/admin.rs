@@ -107,6 +107,10 @@ pub enum OperatorCommand {
         /// Region (probation services, and prisons whose releases go to one).
         #[arg(long, default_value = "")]
         region: String,
+        /// Its MESH mailbox id: the gateway pushes its deliveries through
+        /// MESH and reads MESH messages from it as this organisation's.
+        #[arg(long, default_value = "")]
+        mesh_mailbox: String,
     },
     /// Disable an organisation: it cannot call and receives nothing.
     OrgDisable {
@@ -189,6 +193,7 @@ fn mailbox_rows(r: pb::ListMailboxesResponse) -> Rows {
         "overdue",
         "quarantined",
         "oldest",
+        "mesh",
     ]);
     for m in r.mailboxes {
         rows.push(json!({
@@ -201,6 +206,12 @@ fn mailbox_rows(r: pb::ListMailboxesResponse) -> Rows {
             "oldest": match (m.depth, m.oldest_age) {
                 (0, _) | (_, None) => String::new(),
                 (_, Some(a)) => age(u64::try_from(a.seconds).unwrap_or(0).saturating_mul(1_000)),
+            },
+            // Reached through MESH: its MESH mailbox and sends awaiting the recipient's ack.
+            "mesh": if m.mesh_mailbox.is_empty() {
+                String::new()
+            } else {
+                format!("{} ({} awaiting ack)", m.mesh_mailbox, m.mesh_awaiting_ack)
             },
         }));
     }
@@ -340,6 +351,7 @@ fn organisation(
         format: format.into(),
         region,
         active: true,
+        mesh_mailbox: String::new(),
     })
 }
 
@@ -497,7 +509,15 @@ fn parked_rows(list: &pb::ListParkedResponse) -> Rows {
 }
 
 fn org_rows(list: &[pb::Organisation]) -> Rows {
-    let mut rows = Rows::new(&["ods", "kind", "name", "format", "region", "active"]);
+    let mut rows = Rows::new(&[
+        "ods",
+        "kind",
+        "name",
+        "format",
+        "region",
+        "active",
+        "mesh_mailbox",
+    ]);
     for o in list {
         rows.push(json!({
             "ods": o.ods_code,
@@ -505,6 +525,7 @@ fn org_rows(list: &[pb::Organisation]) -> Rows {
             "name": o.name,
             "format": pb::DocumentFormat::try_from(o.format).map(|f| f.as_str_name().to_owned()).unwrap_or_default(),
             "region": o.region,
+            "mesh_mailbox": o.mesh_mailbox,
             "active": o.active,
         }));
     }
@@ -756,7 +777,12 @@ async fn call(
             name,
             format,
             region,
-        } => put_organisation(op, organisation(ods, &kind, name, &format, region)?).await?,
+            mesh_mailbox,
+        } => {
+            let mut organisation = organisation(ods, &kind, name, &format, region)?;
+            organisation.mesh_mailbox = mesh_mailbox;
+            put_organisation(op, organisation).await?
+        }
         OperatorCommand::OrgDisable { ods } | OperatorCommand::OrgEnable { ods }
             if ods.is_empty() =>
         {

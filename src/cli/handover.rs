@@ -326,8 +326,13 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<()> {
         } else {
             format!("  ({})", d.quarantine_reason)
         };
+        let mesh = if d.mesh_state.is_empty() {
+            String::new()
+        } else {
+            format!("  mesh {} {}", d.mesh_state, d.mesh_message_id)
+        };
         println!(
-            "  {:<8} delivery {:<6} {:<12} attempts {}{due}{}{}{reason}",
+            "  {:<8} delivery {:<6} {:<12} attempts {}{due}{}{}{mesh}{reason}",
             d.destination,
             d.delivery_id,
             crate::grpc::enum_label(d.state().as_str_name()),

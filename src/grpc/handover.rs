@@ -299,7 +299,7 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
             .gateway
             .track(&caller, key)
             .await
-            .map(|t| wire::track_to_wire(&t.handover, &t.deliveries, t.now_ms));
+            .map(|t| wire::track_to_wire(&t.handover, &t.deliveries, &t.mesh, t.now_ms));
         answer(&self.gateway, &caller, "track", result).await
     }
 

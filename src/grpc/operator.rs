@@ -176,6 +176,7 @@ fn org_to_wire(o: &Organisation) -> pb::Organisation {
         format: format_to_wire(o.format).into(),
         region: o.region.clone().unwrap_or_default(),
         active: o.active,
+        mesh_mailbox: o.mesh_mailbox.clone().unwrap_or_default(),
     }
 }
 
@@ -187,6 +188,7 @@ fn org_from_wire(o: pb::Organisation) -> Result<Organisation, Violations> {
         format,
         region,
         active,
+        mesh_mailbox,
     } = o;
     let mut v = Violations::default();
     let ods = ods_code
@@ -220,6 +222,12 @@ fn org_from_wire(o: pb::Organisation) -> Result<Organisation, Violations> {
     if region.len() > 100 {
         v.add("organisation.region", "at most 100 characters");
     }
+    if !mesh_mailbox.is_empty() && !crate::journey::is_mesh_mailbox_id(&mesh_mailbox) {
+        v.add(
+            "organisation.mesh_mailbox",
+            "a MESH mailbox id: 1 to 20 letters and digits",
+        );
+    }
     match (ods, kind) {
         (Some(ods), Some(kind)) if v.0.is_empty() => Ok(Organisation {
             ods,
@@ -228,6 +236,7 @@ fn org_from_wire(o: pb::Organisation) -> Result<Organisation, Violations> {
             format,
             region: (!region.is_empty()).then_some(region),
             active,
+            mesh_mailbox: (!mesh_mailbox.is_empty()).then(|| mesh_mailbox.to_ascii_uppercase()),
         }),
         _ => Err(v),
     }
@@ -261,17 +270,18 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
             page_token,
         } = request.into_inner();
         let asked = page(page_size, page_token);
-        let result =
-            self.gateway
-                .list_mailboxes(&caller, &asked)
-                .await
-                .map(|m| pb::ListMailboxesResponse {
-                    next_page_token: m.mailboxes.next_token,
-                    mailboxes: m
-                        .mailboxes
-                        .items
-                        .into_iter()
-                        .map(|m| pb::MailboxStats {
+        let result = self.gateway.list_mailboxes(&caller, &asked).await.map(|m| {
+            let mesh = m.mesh;
+            pb::ListMailboxesResponse {
+                next_page_token: m.mailboxes.next_token,
+                mailboxes: m
+                    .mailboxes
+                    .items
+                    .into_iter()
+                    .map(|m| {
+                        let (mesh_mailbox, mesh_awaiting_ack) =
+                            mesh.get(&m.mailbox).cloned().unwrap_or_default();
+                        pb::MailboxStats {
                             mailbox: m.mailbox,
                             depth: m.depth,
                             leased: m.leased,
@@ -279,10 +289,14 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
                             overdue: m.overdue,
                             quarantined: m.quarantined,
                             oldest_age: m.oldest_age_ms.map(wire::duration_ms),
-                        })
-                        .collect(),
-                    at: Some(wire::timestamp(m.now_ms)),
-                });
+                            mesh_mailbox,
+                            mesh_awaiting_ack,
+                        }
+                    })
+                    .collect(),
+                at: Some(wire::timestamp(m.now_ms)),
+            }
+        });
         answer(&self.gateway, &caller, "list_mailboxes", result).await
     }
 

@@ -279,6 +279,7 @@ pub fn patient_to_wire(p: &PatientRef) -> pb::PatientRef {
 pub fn track_to_wire(
     h: &HandoverRecord,
     deliveries: &[DeliveryRecord],
+    mesh: &std::collections::BTreeMap<u64, crate::store::MeshRecord>,
     now_ms: i64,
 ) -> pb::TrackResponse {
     pb::TrackResponse {
@@ -314,6 +315,14 @@ pub fn track_to_wire(
                 superseded_at: d.superseded_at_ms.map(timestamp),
                 claimed_by: d.claimed_by.clone().unwrap_or_default(),
                 claimed_at: d.claimed_at_ms.map(timestamp),
+                mesh_state: mesh
+                    .get(&d.id)
+                    .map(|r| r.state.as_str().to_owned())
+                    .unwrap_or_default(),
+                mesh_message_id: mesh
+                    .get(&d.id)
+                    .and_then(|r| r.message_id.clone())
+                    .unwrap_or_default(),
             })
             .collect(),
         supersedes_handover_id: h.supersedes.unwrap_or(0),

@@ -89,6 +89,8 @@ pub struct Tracked {
     pub handover: HandoverRecord,
     /// Its deliveries.
     pub deliveries: Vec<DeliveryRecord>,
+    /// What the MESH edge did with those pushed through MESH, by delivery id.
+    pub mesh: std::collections::BTreeMap<u64, crate::store::MeshRecord>,
     /// When this was read, ms since the epoch (for `overdue`).
     pub now_ms: i64,
 }
@@ -345,9 +347,16 @@ impl Gateway {
         let key = key?;
         let status = self.store.track(&actor, org.ods.as_str(), key).await?;
         tracing::Span::current().record("handover_id", status.handover.id);
+        let mut mesh = std::collections::BTreeMap::new();
+        for d in &status.deliveries {
+            if let Some(r) = self.store.mesh_record(d.id)? {
+                mesh.insert(d.id, r);
+            }
+        }
         Ok(Tracked {
             handover: status.handover,
             deliveries: status.deliveries,
+            mesh,
             now_ms: self.clock.now_ms(),
         })
     }

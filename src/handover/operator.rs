@@ -24,6 +24,9 @@ pub struct Mailboxes {
     pub mailboxes: Page<MailboxStats>,
     /// When, ms since the epoch.
     pub now_ms: i64,
+    /// MESH-reached mailboxes: their MESH mailbox id and how many of their
+    /// deliveries wait for the recipient's MESH acknowledgement.
+    pub mesh: std::collections::BTreeMap<String, (String, u64)>,
 }
 
 /// A delivery as an operator sees it (no clinical content).
@@ -123,7 +126,27 @@ impl Gateway {
         Ok(Mailboxes {
             mailboxes: page_sorted(Listing::Mailboxes, mailboxes, key, after.as_deref(), size),
             now_ms: self.clock.now_ms(),
+            mesh: self.mesh_mailboxes()?,
         })
+    }
+
+    /// Every MESH-reached organisation's MESH mailbox and its deliveries
+    /// waiting for a MESH acknowledgement.
+    fn mesh_mailboxes(&self) -> Result<std::collections::BTreeMap<String, (String, u64)>, Error> {
+        let mut mesh: std::collections::BTreeMap<String, (String, u64)> = self
+            .registry
+            .read()
+            .iter()
+            .filter_map(|o| Some((o.ods.as_str().to_owned(), (o.mesh_mailbox.clone()?, 0))))
+            .collect();
+        for r in self.store.mesh_records()? {
+            if r.state == crate::store::MeshState::Sent
+                && let Some(entry) = mesh.get_mut(&r.mailbox)
+            {
+                entry.1 += 1;
+            }
+        }
+        Ok(mesh)
     }
 
     fn info(&self, d: &DeliveryRecord, now: i64) -> Result<DeliveryInfo, Error> {
@@ -334,6 +357,21 @@ impl Gateway {
         let actor = self.operator(caller)?;
         let org = org?;
         let _one_at_a_time = self.registry_changes.lock().await;
+        if let Some(mailbox) = &org.mesh_mailbox {
+            let taken = self
+                .registry
+                .read()
+                .by_mesh_mailbox(mailbox)
+                .map(|o| o.ods.clone());
+            if let Some(other) = taken.filter(|other| *other != org.ods) {
+                return Err(Error::invalid(
+                    "organisation.mesh_mailbox",
+                    format!(
+                        "already the MESH mailbox of {other}: one mailbox names one organisation"
+                    ),
+                ));
+            }
+        }
         self.save_locked(&actor, org).await
     }
 

@@ -12,5 +12,7 @@ mod registry;
 pub mod routing;
 
 pub use crate::clinical::{JourneyEvent, OrgKind};
-pub use registry::{Format, Organisation, Registry, RegistryError, SharedRegistry};
+pub use registry::{
+    Format, Organisation, Registry, RegistryError, SharedRegistry, is_mesh_mailbox_id,
+};
 pub use routing::{Deadlines, Recipient, Route, deliveries, route};

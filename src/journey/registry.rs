@@ -41,6 +41,17 @@ pub struct Organisation {
     /// Disabled organisations cannot call and receive nothing.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub active: bool,
+    /// Its MESH mailbox id: set, the gateway pushes its deliveries through
+    /// MESH and takes MESH messages from that mailbox as this organisation's
+    /// (the MESH edge); unset, it pulls over gRPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_mailbox: Option<String>,
+}
+
+/// Whether `id` can be a MESH mailbox id (letters and digits, 1 to 20).
+#[must_use]
+pub fn is_mesh_mailbox_id(id: &str) -> bool {
+    (1..=20).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 fn yes() -> bool {
@@ -93,7 +104,21 @@ impl Registry {
     /// A code registered twice, or an organisation registered as an operator.
     pub fn new(orgs: impl IntoIterator<Item = Organisation>) -> Result<Self, String> {
         let mut by_code = BTreeMap::new();
+        let mut mesh_mailboxes = std::collections::BTreeSet::new();
         for org in orgs {
+            if let Some(mb) = &org.mesh_mailbox {
+                if !is_mesh_mailbox_id(mb) {
+                    return Err(format!(
+                        "organisation {}: mesh_mailbox must be a MESH mailbox id (1 to 20 letters and digits)",
+                        org.ods
+                    ));
+                }
+                if !mesh_mailboxes.insert(mb.to_ascii_uppercase()) {
+                    return Err(format!(
+                        "MESH mailbox {mb} is registered twice: one mailbox names one organisation"
+                    ));
+                }
+            }
             if org.kind == OrgKind::Operator {
                 return Err(format!(
                     "organisation {} has kind operator; operators are identified by certificate, not registered",
@@ -145,6 +170,16 @@ impl Registry {
     /// Every organisation, by code.
     pub fn iter(&self) -> impl Iterator<Item = &Organisation> {
         self.by_code.values()
+    }
+
+    /// The organisation whose MESH mailbox is `mailbox` (ids compare
+    /// without regard to case, as MESH's do).
+    pub fn by_mesh_mailbox(&self, mailbox: &str) -> Option<&Organisation> {
+        self.by_code.values().find(|o| {
+            o.mesh_mailbox
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(mailbox))
+        })
     }
 }
 
@@ -208,6 +243,20 @@ mod tests {
         let reg = Registry::load(&path).unwrap();
         let org = reg.get(&"YP001".parse().unwrap()).unwrap();
         assert_eq!(org.format, Format::Hl7v2);
+        let mesh = |code: &str, mb: &str| Organisation {
+            mesh_mailbox: Some(mb.into()),
+            ods: code.parse().unwrap(),
+            ..org.clone()
+        };
+        let twice = Registry::new([mesh("YP001", "X26ABC3"), mesh("YP002", "x26abc3")]);
+        assert!(twice.unwrap_err().contains("registered twice"));
+        let bad = Registry::new([mesh("YP001", "X26/../1")]);
+        assert!(bad.unwrap_err().contains("mesh_mailbox"));
+        let one = Registry::new([mesh("YP001", "X26ABC3")]).unwrap();
+        assert_eq!(
+            one.by_mesh_mailbox("x26abc3").map(|o| o.ods.as_str()),
+            Some("YP001")
+        );
         let again = Registry::new(
             toml::from_str::<RegistryFile>(&reg.to_toml())
                 .unwrap()

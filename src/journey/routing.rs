@@ -379,6 +379,7 @@ mod tests {
             format: Format::Native,
             region: region.map(str::to_owned),
             active: true,
+            mesh_mailbox: None,
         }
     }
 

@@ -20,7 +20,9 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::trends::{Sample, Trends};
 use crate::journey::JourneyEvent;
-use crate::store::{Clock, DeliveryRecord, MailboxStats, PARKED_MAILBOX, Store, StoreError};
+use crate::store::{
+    Clock, DeliveryRecord, MailboxStats, MeshState, PARKED_MAILBOX, Store, StoreError,
+};
 
 /// Seconds between the page's own refreshes.
 pub const REFRESH_SECONDS: u32 = 5;
@@ -116,6 +118,9 @@ pub struct Snapshot {
     pub parked: Vec<Line>,
     /// The last hours, one sample a minute (see [`super::trends`]).
     pub trends: Vec<Sample>,
+    /// Deliveries the MESH edge is sending or that wait for the recipient's
+    /// MESH acknowledgement, oldest change first, at most [`LIST_LIMIT`].
+    pub mesh: Vec<crate::store::MeshRecord>,
 }
 
 impl Dashboard {
@@ -143,16 +148,24 @@ impl Dashboard {
         let mailboxes = self.store.mailbox_stats().await?;
         let now_ms = self.clock.now_ms();
         let store = self.store.clone();
-        let (quarantine, parked) = tokio::task::spawn_blocking(move || {
+        let (quarantine, parked, mesh) = tokio::task::spawn_blocking(move || {
             let lines = |records: Vec<DeliveryRecord>| {
                 records
                     .into_iter()
                     .map(|d| line(&store, d, now_ms))
                     .collect::<Result<Vec<_>, _>>()
             };
+            let mut mesh: Vec<_> = store
+                .mesh_records()?
+                .into_iter()
+                .filter(|r| matches!(r.state, MeshState::Sending | MeshState::Sent))
+                .collect();
+            mesh.sort_by_key(|r| r.updated_ms);
+            mesh.truncate(LIST_LIMIT);
             Ok::<_, StoreError>((
                 lines(store.quarantined(None, LIST_LIMIT)?)?,
                 lines(store.parked(LIST_LIMIT)?)?,
+                mesh,
             ))
         })
         .await
@@ -163,6 +176,7 @@ impl Dashboard {
             quarantine,
             parked,
             trends: self.trends.samples(),
+            mesh,
         })
     }
 }
@@ -283,6 +297,7 @@ pub fn render(s: &Snapshot) -> Markup {
                     (mailboxes(&s.mailboxes))
                     (quarantine(&s.quarantine, quarantined, s.now_ms))
                     (parked_releases(&s.parked, parked, s.now_ms))
+                    (mesh_in_flight(&s.mesh, s.now_ms))
                 }
             }
         }
@@ -408,6 +423,37 @@ fn parked_releases(lines: &[Line], total: u64, now_ms: i64) -> Markup {
                                     @if l.overdue { span.badge.alert { "OVERDUE" } } @else { "no" }
                                 }
                                 td.pds { (l.pds.as_deref().unwrap_or("not looked up")) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Deliveries on their way through MESH (shown only when there are some).
+fn mesh_in_flight(records: &[crate::store::MeshRecord], now_ms: i64) -> Markup {
+    html! {
+        @if !records.is_empty() {
+            section #mesh {
+                h2 { "Through MESH, awaiting acknowledgement" span.count { (records.len()) } }
+                table {
+                    thead { tr {
+                        th.num { "delivery" }
+                        th { "mailbox" }
+                        th { "MESH mailbox" }
+                        th { "state" }
+                        th { "since" }
+                    } }
+                    tbody {
+                        @for r in records {
+                            tr data-delivery=(r.delivery_id) {
+                                td.num.delivery { (r.delivery_id) }
+                                td.mailbox { (r.mailbox) }
+                                td.mesh-mailbox { (r.mesh_mailbox) }
+                                td.state { (r.state.as_str()) }
+                                td.since { (when(Some(r.updated_ms), now_ms)) }
                             }
                         }
                     }
@@ -567,6 +613,7 @@ mod tests {
                 pds: Some("registered at Y12345, not connected".into()),
             }],
             trends: Vec::new(),
+            mesh: Vec::new(),
         }
     }
 
@@ -615,6 +662,35 @@ mod tests {
         let html = render(&s).into_string();
         assert!(html.contains(r#"<h2>Quarantine<span class="count">250</span></h2>"#));
         assert!(html.contains("Showing 1 of 250."));
+    }
+
+    #[test]
+    fn deliveries_on_their_way_through_mesh_are_listed_only_when_there_are_some() {
+        let html = render(&snapshot("r")).into_string();
+        assert!(!html.contains("id=\"mesh\""));
+        let mut s = snapshot("r");
+        s.mesh.push(crate::store::MeshRecord {
+            delivery_id: 7,
+            handover_id: 3,
+            mailbox: "YG001".into(),
+            mesh_mailbox: "X26ABC2".into(),
+            local_id: "throughcare-7".into(),
+            message_id: Some("ABC".into()),
+            state: MeshState::Sent,
+            attempt: 1,
+            sends: 1,
+            reason: None,
+            updated_ms: NOW - 60_000,
+        });
+        let html = render(&s).into_string();
+        assert!(
+            html.contains(
+                "<h2>Through MESH, awaiting acknowledgement<span class=\"count\">1</span></h2>"
+            ),
+            "{html}"
+        );
+        assert!(html.contains(r#"<td class="mesh-mailbox">X26ABC2</td>"#));
+        assert!(html.contains(r#"<td class="state">SENT</td>"#));
     }
 
     #[test]

@@ -25,6 +25,8 @@
 //! | `mllp_acks_total` | counter | `ack` = `AA`, `AE` or `AR` (HL7 ACKs written on the MLLP listener) |
 //! | `mllp_refusals_total` | counter | `reason` = `connection_limit`, `identity_connection_limit`, `message_too_large`, `malformed_frame` or `idle_timeout` |
 //! | `mllp_connections` | gauge | (open MLLP connections) |
+//! | `mesh_messages_total` | counter | `direction` = `out` (`outcome` = `sent`, `acknowledged`, `failed`, `error`) or `in` (`submitted`, `refused`, `report`, `acknowledged`, `error`) |
+//! | `mesh_reachable` | gauge | (1 while the last exchange with MESH succeeded) |
 //! | `mailbox_depth`, `_leased`, `_oldest_age_seconds`, `_overdue`, `_quarantined`, `_parked` | gauge | `mailbox` |
 //! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs`, `_audit_entries_held`, `_audit_entries_removed`, `_identity_records_held`, `_identity_records_removed` | gauge | (set after each retention pass) |
 //!
@@ -165,6 +167,25 @@ struct OutcomeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MeshLabels {
+    direction: &'static str,
+    outcome: &'static str,
+}
+
+/// The outcomes of MESH messages, by direction (the MESH edge, `src/mesh/`): fixed words.
+pub const MESH_OUTCOMES: [(&str, &str); 9] = [
+    ("out", "sent"),
+    ("out", "acknowledged"),
+    ("out", "failed"),
+    ("out", "error"),
+    ("in", "submitted"),
+    ("in", "refused"),
+    ("in", "report"),
+    ("in", "acknowledged"),
+    ("in", "error"),
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeliveryLabels {
     event: &'static str,
     format: &'static str,
@@ -189,6 +210,62 @@ struct AckLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
+}
+
+/// The PDS lookups' series.
+#[derive(Debug)]
+struct PdsMetrics {
+    lookups: Family<OutcomeLabels, Counter>,
+    breaker_open: Gauge,
+}
+
+impl PdsMetrics {
+    /// The PDS series, registered in `r` (put at zero by `at_zero`).
+    fn registered(r: &mut Registry) -> Self {
+        let m = Self {
+            lookups: Family::default(),
+            breaker_open: Gauge::default(),
+        };
+        r.register(
+            "pds_lookups",
+            "PDS lookups of parked releases and admissions, by what PDS said (or failed)",
+            m.lookups.clone(),
+        );
+        r.register(
+            "pds_breaker_open",
+            "1 while the PDS circuit breaker is open (lookups wait)",
+            m.breaker_open.clone(),
+        );
+        m
+    }
+}
+
+/// The MESH edge's series.
+#[derive(Debug)]
+struct MeshMetrics {
+    messages: Family<MeshLabels, Counter>,
+    reachable: Gauge,
+}
+
+impl MeshMetrics {
+    /// The MESH series, registered in `r` (put at zero by `at_zero`).
+    fn registered(r: &mut Registry) -> Self {
+        let m = Self {
+            messages: Family::default(),
+            reachable: Gauge::default(),
+        };
+        r.register(
+            "mesh_messages",
+            "MESH messages by direction and outcome (out: sent, acknowledged, failed, error; in: submitted, refused, report, acknowledged, error)",
+            m.messages.clone(),
+        );
+        r.register(
+            "mesh_reachable",
+            "1 while the last exchange with MESH succeeded (0 when MESH is off or failing)",
+            m.reachable.clone(),
+        );
+        m
+    }
 }
 
 /// The MLLP listener's series.
@@ -515,9 +592,9 @@ pub struct Metrics {
     claim_failures: Counter,
     claim_lockouts: Family<ScopeLabels, Counter>,
     claims_locked: Family<ScopeLabels, Counter>,
-    pds_lookups: Family<OutcomeLabels, Counter>,
-    pds_breaker_open: Gauge,
+    pds: PdsMetrics,
     mllp: MllpMetrics,
+    mesh: MeshMetrics,
     certificates: Vec<(&'static str, PathBuf)>,
     mailboxes: MailboxGauges,
     retention: RetentionGauges,
@@ -597,21 +674,11 @@ impl Metrics {
             "Claims refused because a failed-claim counter is at its limit, by scope",
             claims_locked.clone(),
         );
-        let pds_lookups = Family::default();
-        r.register(
-            "pds_lookups",
-            "PDS lookups of parked releases and admissions, by what PDS said (or failed)",
-            pds_lookups.clone(),
-        );
-        let pds_breaker_open = Gauge::default();
-        r.register(
-            "pds_breaker_open",
-            "1 while the PDS circuit breaker is open (lookups wait)",
-            pds_breaker_open.clone(),
-        );
         let mailboxes = MailboxGauges::registered(r);
         let retention = RetentionGauges::registered(r);
         let mllp = MllpMetrics::registered(r);
+        let mesh = MeshMetrics::registered(r);
+        let pds = PdsMetrics::registered(r);
         Self {
             registry: root,
             submits,
@@ -627,9 +694,9 @@ impl Metrics {
             claim_failures,
             claim_lockouts,
             claims_locked,
-            pds_lookups,
-            pds_breaker_open,
+            pds,
             mllp,
+            mesh,
             certificates: vec![("server", server_cert), ("ca", ca_cert)],
             mailboxes,
             retention,
@@ -671,6 +738,11 @@ impl Metrics {
                 permanent,
                 outcome: outcome.as_str(),
             });
+        }
+        for (direction, outcome) in MESH_OUTCOMES {
+            self.mesh
+                .messages
+                .get_or_create_owned(&MeshLabels { direction, outcome });
         }
         for scope in ["practice_and_patient", "practice", "patient"] {
             self.claim_lockouts
@@ -807,14 +879,29 @@ impl Metrics {
 
     /// A PDS lookup ended with `outcome` (a fixed word).
     pub fn pds_looked_up(&self, outcome: &'static str) {
-        self.pds_lookups
+        self.pds
+            .lookups
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 
+    /// A MESH message ended with `outcome` (a fixed word) in `direction`
+    /// (`out` or `in`).
+    pub fn mesh_message(&self, direction: &'static str, outcome: &'static str) {
+        self.mesh
+            .messages
+            .get_or_create(&MeshLabels { direction, outcome })
+            .inc();
+    }
+
+    /// The last exchange with MESH succeeded (`true`) or failed.
+    pub fn set_mesh_reachable(&self, up: bool) {
+        self.mesh.reachable.set(i64::from(up));
+    }
+
     /// The PDS circuit breaker opened or closed.
     pub fn set_pds_breaker_open(&self, open: bool) {
-        self.pds_breaker_open.set(i64::from(open));
+        self.pds.breaker_open.set(i64::from(open));
     }
 
     /// An ACK with code `ack` (`AA`, `AE`, `AR`) was written on the MLLP listener.

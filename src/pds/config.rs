@@ -136,8 +136,8 @@ impl PdsConfig {
     }
 }
 
-/// `https`, or plain `http` to a loopback address only (a test double).
-fn check_url(url: &str) -> Result<(), String> {
+/// `https`, or plain `http` to a loopback address only (a test double); MESH uses it too.
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
     let uri: http::Uri = url.parse().map_err(|_| "not a URL".to_owned())?;
     let host = uri.host().ok_or("has no host")?;
     match uri.scheme_str() {

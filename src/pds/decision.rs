@@ -92,6 +92,7 @@ mod tests {
             format: Format::Native,
             region: None,
             active,
+            mesh_mailbox: None,
         };
         Registry::new([
             org("YG001", OrgKind::GpPractice, true),

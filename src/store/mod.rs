@@ -29,6 +29,7 @@ pub mod high_water;
 mod identity;
 pub mod integrity;
 mod key_epochs;
+pub mod mesh;
 pub mod pds;
 pub mod records;
 mod schedule;
@@ -44,6 +45,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use integrity::{AuditVerification, Rollback, WitnessPaths};
+pub use mesh::{MeshRecord, MeshState};
 pub use pds::{PDS_ACTOR, PdsFinding, PdsNotice, PdsResult, PdsStatus};
 pub use records::{
     DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX, Tombstone,
@@ -411,6 +413,11 @@ enum Job {
         actor: String,
         code: String,
         record: Vec<u8>,
+        reply: Reply<()>,
+    },
+    MeshPut {
+        actor: String,
+        record: Box<mesh::MeshRecord>,
         reply: Reply<()>,
     },
     Shutdown(Reply<()>),

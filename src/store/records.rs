@@ -71,11 +71,13 @@ pub enum TreeId {
     Superseded,
     /// What the retention policy removed, for Track's answer.
     Tombstones,
+    /// What the MESH edge did with each delivery it pushes.
+    Mesh,
 }
 
 impl TreeId {
     /// Every tree, indexed by discriminant.
-    pub const ALL: [TreeId; 17] = [
+    pub const ALL: [TreeId; 18] = [
         TreeId::Handovers,
         TreeId::Payloads,
         TreeId::Deliveries,
@@ -93,6 +95,7 @@ impl TreeId {
         TreeId::Retention,
         TreeId::Superseded,
         TreeId::Tombstones,
+        TreeId::Mesh,
     ];
 
     /// The sled tree name.
@@ -115,6 +118,7 @@ impl TreeId {
             TreeId::Retention => "retention",
             TreeId::Superseded => "superseded",
             TreeId::Tombstones => "tombstones",
+            TreeId::Mesh => "mesh",
         }
     }
 }

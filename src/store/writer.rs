@@ -461,7 +461,8 @@ impl Writer {
             | Job::Record(..)
             | Job::Redrive { .. }
             | Job::Stats(_)
-            | Job::RegistryPut { .. } => self.apply_operator_job(staged, job, now, woken),
+            | Job::RegistryPut { .. }
+            | Job::MeshPut { .. } => self.apply_operator_job(staged, job, now, woken),
         })
     }
 
@@ -601,6 +602,14 @@ impl Writer {
                 reply,
             } => {
                 self.registry_put(staged, actor, &code, record, now);
+                Answer::new(reply, Ok(()))
+            }
+            Job::MeshPut {
+                actor,
+                record,
+                reply,
+            } => {
+                self.mesh_put(staged, actor, &record, now);
                 Answer::new(reply, Ok(()))
             }
             _ => unreachable!("apply routes only operator jobs here"),
@@ -1378,9 +1387,10 @@ fn refuse(job: Job) -> Answer {
     match job {
         Job::Submit(_, r) => Answer::submit(r, Err(e())),
         Job::Pull { reply, .. } => Answer::new(reply, Err(e())),
-        Job::Ack { reply, .. } | Job::RegistryPut { reply, .. } | Job::Record(_, reply) => {
-            Answer::new(reply, Err(e()))
-        }
+        Job::Ack { reply, .. }
+        | Job::RegistryPut { reply, .. }
+        | Job::MeshPut { reply, .. }
+        | Job::Record(_, reply) => Answer::new(reply, Err(e())),
         Job::Nack { reply, .. } => Answer::new(reply, Err(e())),
         Job::Track { reply, .. } => Answer::new(reply, Err(e())),
         Job::Sweep(reply) => Answer::new(reply, Err(e())),

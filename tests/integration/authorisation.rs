@@ -352,6 +352,7 @@ async fn operator_registry_cells(o: &mut Operator, who: usize) {
                 name: "Matrix Practice (invented)".into(),
                 format: 0,
                 region: String::new(),
+                mesh_mailbox: String::new(),
                 active: true,
             }),
         })

@@ -226,6 +226,7 @@ async fn sixty_organisations_behind_one_address_all_connect_at_the_start_of_the_
                 name: format!("NAT practice {i}"),
                 format: pb::DocumentFormat::Native.into(),
                 region: String::new(),
+                mesh_mailbox: String::new(),
                 active: true,
             }),
         })

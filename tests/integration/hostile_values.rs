@@ -372,6 +372,7 @@ async fn hostile_operator_calls(op: &mut Operator, refused: &mut Refused) {
                     name: "x".into(),
                     format: 0,
                     region: String::new(),
+                    mesh_mailbox: String::new(),
                     active: true,
                 }),
             })

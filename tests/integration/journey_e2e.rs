@@ -436,6 +436,7 @@ async fn registry_changes_are_audited_take_effect_at_once_and_survive_a_restart(
             name: "Meadow Lane Practice (invented)".into(),
             format: pb::DocumentFormat::Hl7v2.into(),
             region: String::new(),
+            mesh_mailbox: String::new(),
             active: true,
         }),
     })
@@ -449,6 +450,7 @@ async fn registry_changes_are_audited_take_effect_at_once_and_survive_a_restart(
                 name: String::new(),
                 format: 0,
                 region: String::new(),
+                mesh_mailbox: String::new(),
                 active: true,
             }),
         })

@@ -27,6 +27,7 @@ mod journey_e2e;
 mod journey_model;
 mod limits;
 mod logs;
+mod mesh;
 mod metrics;
 mod mllp;
 mod newcomer;

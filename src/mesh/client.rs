@@ -1,0 +1,387 @@
+//! The MESH API v2 client: send (chunked when large), track, list the
+//! inbox, read a message (all its chunks) and acknowledge it, each
+//! request with a fresh `NHSMESH` header over mutual TLS
+//! ([`crate::https`]).
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use serde::Deserialize;
+
+use super::MeshError;
+use super::auth::Credentials;
+use crate::https::{Answer, Transport};
+
+/// The media type of API v2 answers.
+pub const ACCEPT_V2: &str = "application/vnd.mesh.v2+json";
+
+/// A MESH client for one mailbox; cheap to share behind an `Arc`.
+pub struct MeshClient {
+    credentials: Credentials,
+    transport: Transport,
+    base_url: String,
+    chunk_bytes: usize,
+    max_document: usize,
+}
+
+impl std::fmt::Debug for MeshClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshClient")
+            .field("mailbox", &self.credentials.mailbox())
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// The recipient mailbox.
+    pub to: &'a str,
+    /// `mex-WorkflowID`.
+    pub workflow_id: &'a str,
+    /// `mex-Subject`.
+    pub subject: &'a str,
+    /// `mex-LocalID`: the same on every re-send of one delivery.
+    pub local_id: &'a str,
+    /// `mex-FileName`.
+    pub file_name: &'a str,
+    /// `mex-Content-Type` of the whole document.
+    pub content_type: &'a str,
+    /// The document.
+    pub body: &'a [u8],
+}
+
+/// What MESH says about a message we sent.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Tracking {
+    /// `uploading`, `accepted`, `acknowledged`, `undeliverable`, `error`, ...
+    #[serde(default)]
+    pub status: Option<String>,
+    /// MESH's status code (e.g. `14` undelivered), when an error.
+    #[serde(default)]
+    pub status_code: Option<String>,
+    /// MESH's words, when an error.
+    #[serde(default)]
+    pub status_description: Option<String>,
+}
+
+/// A message read from the inbox, all its chunks joined.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// `mex-MessageID`.
+    pub message_id: String,
+    /// `mex-From`: the sender's mailbox.
+    pub from: String,
+    /// `mex-WorkflowID`.
+    pub workflow_id: String,
+    /// `mex-LocalID`.
+    pub local_id: String,
+    /// `mex-Subject`.
+    pub subject: String,
+    /// `mex-MessageType`: `DATA` or `REPORT`.
+    pub message_type: String,
+    /// `Content-Encoding` (`gzip` or empty).
+    pub content_encoding: String,
+    /// `mex-StatusCode` of a report.
+    pub status_code: String,
+    /// `mex-StatusDescription` of a report.
+    pub status_description: String,
+    /// The content.
+    pub body: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+struct Sent {
+    message_id: String,
+}
+
+#[derive(Deserialize)]
+struct Inbox {
+    messages: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct TrackedV1 {
+    #[serde(rename = "messageId")]
+    message_id: String,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+fn header(answer: &Answer, name: &str) -> String {
+    answer
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// An inbox message from the answer that carried its headers.
+fn incoming(message_id: &str, first: &Answer, body: Vec<u8>) -> Incoming {
+    Incoming {
+        message_id: message_id.to_owned(),
+        from: header(first, "mex-From"),
+        workflow_id: header(first, "mex-WorkflowID"),
+        local_id: header(first, "mex-LocalID"),
+        subject: header(first, "mex-Subject"),
+        message_type: header(first, "mex-MessageType"),
+        content_encoding: header(first, "Content-Encoding"),
+        status_code: header(first, "mex-StatusCode"),
+        status_description: header(first, "mex-StatusDescription"),
+        body,
+    }
+}
+
+fn host_of(uri: &http::Uri) -> String {
+    match (uri.host(), uri.port_u16()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// `ok` when `answer` has one of the `wanted` statuses, else the error it is.
+fn expect(answer: Answer, wanted: &[u16]) -> Result<Answer, MeshError> {
+    if wanted.contains(&answer.status) {
+        return Ok(answer);
+    }
+    // MESH's error bodies name the condition (no message content).
+    let said: String = String::from_utf8_lossy(&answer.body)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    Err(MeshError::Status(answer.status, said))
+}
+
+impl MeshClient {
+    /// A client of `credentials`' mailbox at `base_url`.
+    pub fn new(
+        credentials: Credentials,
+        transport: Transport,
+        base_url: &str,
+        chunk_bytes: usize,
+    ) -> Self {
+        Self {
+            credentials,
+            transport,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            chunk_bytes: chunk_bytes.max(1),
+            max_document: usize::MAX,
+        }
+    }
+
+    /// The same client refusing to read inbox messages larger than `bytes`
+    /// ([`HttpError::TooLarge`](crate::https::HttpError::TooLarge)).
+    #[must_use]
+    pub fn with_max_document(mut self, bytes: usize) -> Self {
+        self.max_document = bytes;
+        self
+    }
+
+    /// The client's own mailbox.
+    pub fn mailbox(&self) -> &str {
+        self.credentials.mailbox()
+    }
+
+    fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<http::request::Builder, MeshError> {
+        let uri: http::Uri = format!("{}/messageexchange/{}{path}", self.base_url, self.mailbox())
+            .parse()
+            .map_err(|_| MeshError::Invalid("a MESH URL does not parse".into()))?;
+        let b = http::Request::builder()
+            .method(method)
+            .header(http::header::HOST, host_of(&uri))
+            .header(
+                http::header::AUTHORIZATION,
+                self.credentials.header().as_str(),
+            )
+            .header(http::header::ACCEPT, ACCEPT_V2)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .uri(uri);
+        Ok(b)
+    }
+
+    async fn exchange(
+        &self,
+        builder: http::request::Builder,
+        body: Bytes,
+    ) -> Result<Answer, MeshError> {
+        let request = builder
+            .body(Full::new(body))
+            .map_err(|_| MeshError::Invalid("a MESH request does not build".into()))?;
+        Ok(self.transport.send(request).await?)
+    }
+
+    /// Sends `msg`, in chunks of at most the configured size; the MESH
+    /// message id once every chunk is accepted.
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals, per chunk.
+    pub async fn send(&self, msg: &Outgoing<'_>) -> Result<String, MeshError> {
+        let chunks: Vec<&[u8]> = if msg.body.is_empty() {
+            vec![msg.body]
+        } else {
+            msg.body.chunks(self.chunk_bytes).collect()
+        };
+        let total = chunks.len();
+        let first = Bytes::copy_from_slice(chunks[0]);
+        let mut b = self
+            .request(http::Method::POST, "/outbox", first.clone())?
+            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+            .header("mex-From", self.mailbox())
+            .header("mex-To", msg.to)
+            .header("mex-WorkflowID", msg.workflow_id)
+            .header("mex-Subject", msg.subject)
+            .header("mex-LocalID", msg.local_id)
+            .header("mex-FileName", msg.file_name)
+            .header("mex-Content-Type", msg.content_type);
+        if total > 1 {
+            b = b.header("mex-Chunk-Range", format!("1:{total}"));
+        }
+        let answer = expect(self.exchange(b, first).await?, &[200, 202])?;
+        let sent: Sent = serde_json::from_slice(&answer.body)
+            .map_err(|_| MeshError::Invalid("MESH's send answer has no message_id".into()))?;
+        for (i, chunk) in chunks.iter().enumerate().skip(1) {
+            let n = i + 1;
+            let body = Bytes::copy_from_slice(chunk);
+            let b = self
+                .request(
+                    http::Method::POST,
+                    &format!("/outbox/{}/{n}", sent.message_id),
+                    body.clone(),
+                )?
+                .header(http::header::CONTENT_TYPE, "application/octet-stream")
+                .header("mex-Chunk-Range", format!("{n}:{total}"));
+            expect(self.exchange(b, body).await?, &[200, 202])?;
+        }
+        Ok(sent.message_id)
+    }
+
+    /// What MESH says about a message this mailbox sent.
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals (404: not known).
+    pub async fn track(&self, message_id: &str) -> Result<Tracking, MeshError> {
+        let b = self.request(
+            http::Method::GET,
+            &format!("/outbox/tracking?messageID={message_id}"),
+            Bytes::new(),
+        )?;
+        let answer = expect(self.exchange(b, Bytes::new()).await?, &[200])?;
+        serde_json::from_slice(&answer.body)
+            .map_err(|_| MeshError::Invalid("MESH's tracking answer does not read".into()))
+    }
+
+    /// The id of a complete message this mailbox sent with `local_id`, if
+    /// MESH knows one (its tracking by local id; `None` when it has none
+    /// or only an incomplete upload).
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals other than 404.
+    pub async fn sent_with_local_id(&self, local_id: &str) -> Result<Option<String>, MeshError> {
+        let b = self.request(
+            http::Method::GET,
+            &format!("/outbox/tracking/{local_id}"),
+            Bytes::new(),
+        )?;
+        let answer = self.exchange(b, Bytes::new()).await?;
+        if answer.status == 404 {
+            return Ok(None);
+        }
+        let answer = expect(answer, &[200])?;
+        let t: TrackedV1 = serde_json::from_slice(&answer.body)
+            .map_err(|_| MeshError::Invalid("MESH's tracking answer does not read".into()))?;
+        let complete = !t
+            .status
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("uploading"));
+        Ok(complete.then_some(t.message_id))
+    }
+
+    /// Ids of messages waiting in the inbox, at most `max`.
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals.
+    pub async fn inbox(&self, max: u32) -> Result<Vec<String>, MeshError> {
+        let b = self.request(
+            http::Method::GET,
+            &format!("/inbox?max_results={max}"),
+            Bytes::new(),
+        )?;
+        let answer = expect(self.exchange(b, Bytes::new()).await?, &[200])?;
+        let inbox: Inbox = serde_json::from_slice(&answer.body)
+            .map_err(|_| MeshError::Invalid("MESH's inbox answer does not read".into()))?;
+        Ok(inbox.messages)
+    }
+
+    /// One inbox message with all its chunks.
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals.
+    pub async fn retrieve(&self, message_id: &str) -> Result<Incoming, MeshError> {
+        let b = self.request(
+            http::Method::GET,
+            &format!("/inbox/{message_id}"),
+            Bytes::new(),
+        )?;
+        let first = expect(self.exchange(b, Bytes::new()).await?, &[200, 206])?;
+        let total: usize = header(&first, "mex-Chunk-Range")
+            .split(':')
+            .nth(1)
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(1);
+        let mut body = first.body.to_vec();
+        if body.len() > self.max_document {
+            return Err(crate::https::HttpError::TooLarge(self.max_document).into());
+        }
+        for n in 2..=total {
+            let b = self.request(
+                http::Method::GET,
+                &format!("/inbox/{message_id}/{n}"),
+                Bytes::new(),
+            )?;
+            let chunk = expect(self.exchange(b, Bytes::new()).await?, &[200, 206])?;
+            body.extend_from_slice(&chunk.body);
+            if body.len() > self.max_document {
+                return Err(crate::https::HttpError::TooLarge(self.max_document).into());
+            }
+        }
+        Ok(incoming(message_id, &first, body))
+    }
+
+    /// An inbox message's headers only (`HEAD`), its body left empty: who
+    /// sent a message too large to read.
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals.
+    pub async fn headers_of(&self, message_id: &str) -> Result<Incoming, MeshError> {
+        let b = self.request(
+            http::Method::HEAD,
+            &format!("/inbox/{message_id}"),
+            Bytes::new(),
+        )?;
+        let answer = expect(self.exchange(b, Bytes::new()).await?, &[200])?;
+        Ok(incoming(message_id, &answer, Vec::new()))
+    }
+
+    /// Acknowledges an inbox message: MESH removes it from the inbox and
+    /// tells its sender it was delivered.
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals.
+    pub async fn acknowledge(&self, message_id: &str) -> Result<(), MeshError> {
+        let b = self.request(
+            http::Method::PUT,
+            &format!("/inbox/{message_id}/status/acknowledged"),
+            Bytes::new(),
+        )?;
+        expect(self.exchange(b, Bytes::new()).await?, &[200])?;
+        Ok(())
+    }
+}

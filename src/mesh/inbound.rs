@@ -1,0 +1,299 @@
+//! Inbound: the gateway's MESH inbox. A message from a mailbox the
+//! registry maps to an organisation is submitted through the application
+//! layer as that organisation, exactly as a gRPC submit (the idempotency
+//! key is the sender's `mex-LocalID`, or MESH's message id when it gives
+//! none), and acknowledged in MESH only once the submit is durable.
+//!
+//! A message the gateway cannot accept is refused back to its sender: a
+//! MESH message with workflow id [`super::REFUSAL_WORKFLOW`] whose JSON body
+//! names the refused message, the stable reason and the field violations
+//! (never a value from the document), and only then acknowledged. A
+//! failure of the gateway itself (store unavailable, shutting down) leaves
+//! the message in the inbox for the next round.
+//!
+//! A MESH report (a non-delivery report about a message we sent) quarantines
+//! that delivery with MESH's reason.
+
+use serde_json::json;
+
+use super::client::{Incoming, Outgoing};
+use super::outbound::MeshEdge;
+use super::{MeshError, REFUSAL_WORKFLOW};
+use crate::clinical::Violation;
+use crate::handover::{
+    Caller, Error, IncomingDocument, Kind, SubmitCommand, scrubbed, withhold_numbers,
+};
+use crate::https::HttpError;
+use crate::store::MeshState;
+
+/// Why an inbox message is not submitted.
+enum Refusal {
+    /// The gateway refuses it: tell the sender.
+    Refused {
+        reason: &'static str,
+        message: String,
+        violations: Vec<Violation>,
+    },
+    /// The gateway could not decide now: leave it in the inbox.
+    Later(MeshError),
+}
+
+fn refused(field: &str, why: &str) -> Refusal {
+    Refusal::Refused {
+        reason: "INVALID_ARGUMENT",
+        message: format!("invalid request: {field}: {why}"),
+        violations: vec![Violation {
+            field: field.to_owned(),
+            description: why.to_owned(),
+        }],
+    }
+}
+
+/// The sender's idempotency key: its local id when usable, else MESH's id.
+fn idempotency_key(msg: &Incoming) -> String {
+    let local = msg.local_id.trim();
+    if !local.is_empty() && local.len() <= 128 && local.bytes().all(|b| b.is_ascii_graphic()) {
+        local.to_owned()
+    } else {
+        format!("mesh:{}", msg.message_id)
+    }
+}
+
+impl MeshEdge {
+    /// Takes each listed inbox message in turn; stops at the first that
+    /// must wait (MESH or the gateway unavailable).
+    pub(super) async fn read_inbox(&self, ids: Vec<String>) -> Result<(), MeshError> {
+        for id in ids {
+            if !super::is_message_id(&id) {
+                tracing::warn!("MESH listed a message id that is not one; skipped");
+                continue;
+            }
+            let msg = match self.client.retrieve(&id).await {
+                Ok(msg) => msg,
+                Err(MeshError::Http(HttpError::TooLarge(limit))) => {
+                    self.refuse_unread(&id, limit).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if msg.workflow_id.eq_ignore_ascii_case(REFUSAL_WORKFLOW) {
+                // Another gateway's refusal of ours: never refused back (no
+                // ping-pong); what it refused is in its words, for operators.
+                tracing::warn!(mesh_message_id = %id, "a refusal report arrived in the gateway's MESH inbox; acknowledged, not answered");
+                self.client.acknowledge(&id).await?;
+                self.metrics.mesh_message("in", "report");
+                continue;
+            }
+            if msg.message_type.eq_ignore_ascii_case("REPORT") {
+                self.on_report(&msg).await?;
+                self.client.acknowledge(&id).await?;
+                self.metrics.mesh_message("in", "report");
+                continue;
+            }
+            match self.submit(&msg).await {
+                Ok(handover_id) => {
+                    self.client.acknowledge(&id).await?;
+                    tracing::info!(handover_id, "MESH message submitted and acknowledged");
+                    self.metrics.mesh_message("in", "submitted");
+                }
+                Err(Refusal::Later(e)) => {
+                    self.metrics.mesh_message("in", "error");
+                    return Err(e);
+                }
+                Err(Refusal::Refused {
+                    reason,
+                    message,
+                    violations,
+                }) => {
+                    self.refuse(&msg, reason, &message, &violations).await?;
+                    self.client.acknowledge(&id).await?;
+                    self.metrics.mesh_message("in", "refused");
+                }
+            }
+            self.metrics.mesh_message("in", "acknowledged");
+        }
+        Ok(())
+    }
+
+    /// Reads the message into a submit and makes it as its sender; the
+    /// handover id once durable.
+    async fn submit(&self, msg: &Incoming) -> Result<u64, Refusal> {
+        let org = self
+            .gateway
+            .registry
+            .read()
+            .by_mesh_mailbox(&msg.from)
+            .cloned();
+        let Some(org) = org else {
+            return Err(refused(
+                "mex-From",
+                "this MESH mailbox is not registered with the gateway",
+            ));
+        };
+        let caller = Caller::Organisation(org.ods.clone());
+        let Some(event) = super::event_of_workflow(&msg.workflow_id) else {
+            return Err(refused(
+                "mex-WorkflowID",
+                "not a Throughcare workflow id (THROUGHCARE_ADMISSION, THROUGHCARE_TRANSFER, THROUGHCARE_RELEASE, THROUGHCARE_COMMUNITY_SUMMARY)",
+            ));
+        };
+        if !msg.content_encoding.is_empty() {
+            return Err(refused(
+                "Content-Encoding",
+                "send the document uncompressed",
+            ));
+        }
+        let Ok(text) = std::str::from_utf8(&msg.body) else {
+            return Err(refused("content", "not UTF-8 text"));
+        };
+        let start = text.trim_start();
+        let document = if start.starts_with('{') {
+            IncomingDocument::FhirJson(text.to_owned())
+        } else if start.starts_with("MSH") {
+            IncomingDocument::Hl7v2(text.to_owned())
+        } else {
+            return Err(refused(
+                "content",
+                "neither a FHIR R4 JSON Bundle nor an HL7 v2 message",
+            ));
+        };
+        let cmd = SubmitCommand {
+            message_id: idempotency_key(msg),
+            event,
+            patient: None,
+            destinations: Vec::new(),
+            document,
+        };
+        match self.gateway.submit(&caller, Ok(cmd)).await {
+            Ok(receipt) => Ok(receipt.handover_id),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    Kind::Unavailable | Kind::Internal | Kind::DataLoss
+                ) =>
+            {
+                Err(Refusal::Later(MeshError::Gateway(e.to_string())))
+            }
+            Err(e) => {
+                if let Err(unrecorded) = self.gateway.audit_refusal(&caller, "submit", &e).await {
+                    return Err(Refusal::Later(MeshError::Gateway(unrecorded.to_string())));
+                }
+                let violations = match &e {
+                    Error::Invalid(v) => v.iter().cloned().map(scrubbed).collect(),
+                    _ => Vec::new(),
+                };
+                Err(Refusal::Refused {
+                    reason: e.reason(),
+                    message: withhold_numbers(&e.to_string()),
+                    violations,
+                })
+            }
+        }
+    }
+
+    /// Refuses a message too large to read: its headers name the sender.
+    async fn refuse_unread(&self, id: &str, limit: usize) -> Result<(), MeshError> {
+        let msg = self.client.headers_of(id).await?;
+        let why = format!("larger than the {limit} bytes the gateway accepts");
+        let sender = self
+            .gateway
+            .registry
+            .read()
+            .by_mesh_mailbox(&msg.from)
+            .cloned();
+        let caller = sender.map_or(Caller::Unidentified, |o| Caller::Organisation(o.ods));
+        let refusal = Error::invalid("content", why.clone());
+        if let Err(e) = self
+            .gateway
+            .audit_refusal(&caller, "submit", &refusal)
+            .await
+        {
+            return Err(MeshError::Gateway(e.to_string()));
+        }
+        let violations = [Violation {
+            field: "content".into(),
+            description: why.clone(),
+        }];
+        let message = format!("invalid request: content: {why}");
+        self.refuse(&msg, "INVALID_ARGUMENT", &message, &violations)
+            .await?;
+        self.client.acknowledge(id).await?;
+        self.metrics.mesh_message("in", "refused");
+        self.metrics.mesh_message("in", "acknowledged");
+        Ok(())
+    }
+
+    /// Sends the refusal report back to the message's sender.
+    async fn refuse(
+        &self,
+        msg: &Incoming,
+        reason: &'static str,
+        message: &str,
+        violations: &[Violation],
+    ) -> Result<(), MeshError> {
+        tracing::info!(
+            reason,
+            violations = violations.len(),
+            "MESH message refused; reporting to its sender"
+        );
+        let body = json!({
+            "refused_message_id": msg.message_id,
+            "local_id": msg.local_id,
+            "workflow_id": msg.workflow_id,
+            "reason": reason,
+            "message": message,
+            "field_violations": violations
+                .iter()
+                .map(|v| json!({"field": v.field, "description": v.description}))
+                .collect::<Vec<_>>(),
+        })
+        .to_string();
+        let local_id = format!("refusal-{}", msg.message_id);
+        let subject = format!("Throughcare refused MESH message {}", msg.message_id);
+        let file_name = format!("{local_id}.json");
+        let report = Outgoing {
+            to: &msg.from,
+            workflow_id: REFUSAL_WORKFLOW,
+            subject: &subject,
+            local_id: &local_id,
+            file_name: &file_name,
+            content_type: "application/json",
+            body: body.as_bytes(),
+        };
+        match self.client.send(&report).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_transient() => Err(e),
+            Err(e) => {
+                // The sender's mailbox cannot take it (not a MESH mailbox
+                // any more): the refusal is audited and logged; nothing else
+                // can reach it.
+                tracing::error!(error = %e, "MESH refused the refusal report; the refusal stands in the audit trail");
+                Ok(())
+            }
+        }
+    }
+
+    /// A report about a message we sent: quarantine its delivery.
+    async fn on_report(&self, msg: &Incoming) -> Result<(), MeshError> {
+        let Some(delivery_id) = msg
+            .local_id
+            .strip_prefix("throughcare-")
+            .and_then(|d| d.parse::<u64>().ok())
+        else {
+            return Ok(());
+        };
+        let record = self
+            .gateway
+            .store
+            .mesh_record(delivery_id)
+            .map_err(|e| MeshError::Gateway(e.to_string()))?;
+        let Some(record) = record.filter(|r| r.state == MeshState::Sent) else {
+            return Ok(());
+        };
+        let reason = format!(
+            "MESH non-delivery report (code {}: {})",
+            msg.status_code, msg.status_description
+        );
+        self.fail_delivery(record, &reason).await
+    }
+}

@@ -1,0 +1,456 @@
+//! Outbound: for each MESH-reached organisation, the gateway pulls its
+//! deliveries through the application layer as that organisation (a lease
+//! of `mesh.lease_seconds`), sends each from the gateway's mailbox, and
+//! tracks it: the recipient's acknowledgement acks the delivery
+//! (DELIVERED), an error or non-delivery report quarantines it with MESH's
+//! reason.
+//!
+//! # Why no delivery is lost or sent twice without asking
+//! - A `sending` record (with the local id `throughcare-<delivery id>`) is
+//!   durable before the first byte goes to MESH, and a `sent` record with
+//!   MESH's message id once MESH accepted the last chunk.
+//! - A delivery met again (a lease that ran out, a restart) whose record
+//!   is `sending` is looked up in MESH by its local id; it is sent again
+//!   (same local id) only when MESH has no complete copy.
+//! - MESH down: the round stops at the first failed exchange and waits
+//!   (doubling back-off); a delivery already leased is retried within its
+//!   lease, and once the lease runs out the queue offers it again. Only a
+//!   lease's worth of attempts (`queue.max_attempts` leases of
+//!   `mesh.lease_seconds`) without MESH quarantines it, for an operator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::client::Outgoing;
+use super::{MeshClient, MeshConfig, MeshError};
+use crate::handover::{Caller, Delivery, Gateway, NackCommand, PullCommand, RenderedDocument};
+use crate::journey::{Format, Organisation};
+use crate::operator::metrics::Metrics;
+use crate::store::{DeliveryState, MeshRecord, MeshState};
+
+/// When the MESH task works.
+#[derive(Debug, Clone)]
+pub struct Pacing {
+    /// Between rounds when all is well.
+    pub poll: Duration,
+    /// The lease taken on each delivery.
+    pub lease: Duration,
+    /// First back-off after a failed round.
+    pub backoff: Duration,
+    /// Longest back-off.
+    pub max_backoff: Duration,
+    /// Most deliveries per organisation, and inbox messages, per round.
+    pub batch: u32,
+}
+
+impl Pacing {
+    /// From the config.
+    pub fn of(c: &MeshConfig) -> Self {
+        Self {
+            poll: Duration::from_millis(c.poll_interval_ms),
+            lease: Duration::from_secs(c.lease_seconds.into()),
+            backoff: Duration::from_millis(c.retry_backoff_ms),
+            max_backoff: Duration::from_millis(c.max_backoff_ms),
+            batch: c.batch,
+        }
+    }
+}
+
+/// A leased delivery MESH could not take yet, retried within its lease.
+struct Held {
+    org: Organisation,
+    delivery: Delivery,
+}
+
+/// The MESH task: outbound sends and tracking, then the inbox.
+pub struct MeshEdge {
+    pub(super) client: Arc<MeshClient>,
+    pub(super) gateway: Arc<Gateway>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) pacing: Pacing,
+    held: Vec<Held>,
+}
+
+fn gateway_error(e: &crate::handover::Error) -> MeshError {
+    MeshError::Gateway(e.to_string())
+}
+
+/// The document as MESH carries it: bytes, content type, file extension.
+fn payload(d: &Delivery) -> (Vec<u8>, &'static str, &'static str) {
+    match &d.document {
+        RenderedDocument::FhirJson(t) => (t.as_bytes().to_vec(), "application/fhir+json", "json"),
+        RenderedDocument::Hl7v2(t) => (t.as_bytes().to_vec(), "x-application/hl7-v2+er7", "hl7"),
+        // Never asked for (a MESH pull names a text format); JSON if it were.
+        RenderedDocument::Native(s) => (
+            serde_json::to_vec(s).unwrap_or_default(),
+            "application/json",
+            "json",
+        ),
+    }
+}
+
+/// The local id of a delivery's MESH message: the same on every send.
+#[must_use]
+pub fn local_id(delivery_id: u64) -> String {
+    format!("throughcare-{delivery_id}")
+}
+
+impl MeshEdge {
+    /// The task's state.
+    pub fn new(
+        client: Arc<MeshClient>,
+        gateway: Arc<Gateway>,
+        metrics: Arc<Metrics>,
+        pacing: Pacing,
+    ) -> Self {
+        Self {
+            client,
+            gateway,
+            metrics,
+            pacing,
+            held: Vec::new(),
+        }
+    }
+
+    /// Rounds until `stop`: each sends, tracks and reads the inbox; a failed
+    /// round backs off (doubling, up to the maximum).
+    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = self.pacing.backoff;
+        tracing::info!(mailbox = self.client.mailbox(), "MESH edge started");
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let wait = match self.round().await {
+                Ok(()) => {
+                    self.metrics.set_mesh_reachable(true);
+                    backoff = self.pacing.backoff;
+                    self.pacing.poll
+                }
+                Err(e) => {
+                    self.metrics.set_mesh_reachable(false);
+                    tracing::warn!(error = %e, wait_ms = backoff.as_millis() as u64, "MESH round failed; retrying");
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(self.pacing.max_backoff);
+                    wait
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        tracing::info!("MESH edge stopped");
+    }
+
+    /// One round: retry what MESH could not take, ask MESH it is there
+    /// (the inbox), send what waits, track what was sent, read the inbox.
+    async fn round(&mut self) -> Result<(), MeshError> {
+        self.retry_held().await?;
+        // Reachability first: nothing is leased while MESH is down.
+        let inbox = self.client.inbox(self.pacing.batch).await?;
+        let orgs: Vec<Organisation> = self
+            .gateway
+            .registry
+            .read()
+            .iter()
+            .filter(|o| o.active && o.mesh_mailbox.is_some())
+            .cloned()
+            .collect();
+        for org in orgs {
+            self.send_waiting(&org).await?;
+        }
+        self.track_sent().await?;
+        self.read_inbox(inbox).await
+    }
+
+    async fn retry_held(&mut self) -> Result<(), MeshError> {
+        let now = self.gateway.clock.now_ms();
+        let held = std::mem::take(&mut self.held);
+        let mut pending = held.into_iter();
+        while let Some(h) = pending.next() {
+            // A lease that ran out: the queue offers the delivery again.
+            if h.delivery.lease_expires_at_ms.is_some_and(|t| t <= now) {
+                continue;
+            }
+            if let Err(e) = self.send_one(&h.org, &h.delivery).await {
+                self.held.push(h);
+                self.held.extend(pending);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pulls the organisation's deliveries (as it) and sends each.
+    async fn send_waiting(&mut self, org: &Organisation) -> Result<(), MeshError> {
+        let caller = Caller::Organisation(org.ods.clone());
+        let format = match org.format {
+            Format::Native => Format::Fhir,
+            f => f,
+        };
+        let cmd = PullCommand {
+            max_deliveries: self.pacing.batch,
+            lease: Some(self.pacing.lease),
+            wait: Duration::ZERO,
+            format: Some(format),
+        };
+        let deliveries = self
+            .gateway
+            .pull(&caller, Ok(cmd))
+            .await
+            .map_err(|e| gateway_error(&e))?;
+        let mut pending = deliveries.into_iter();
+        while let Some(delivery) = pending.next() {
+            if let Err(e) = self.send_one(org, &delivery).await {
+                self.held.push(Held {
+                    org: org.clone(),
+                    delivery,
+                });
+                self.held.extend(pending.map(|delivery| Held {
+                    org: org.clone(),
+                    delivery,
+                }));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one leased delivery unless MESH already has it.
+    async fn send_one(&self, org: &Organisation, d: &Delivery) -> Result<(), MeshError> {
+        let store = &self.gateway.store;
+        let previous = store
+            .mesh_record(d.delivery_id)
+            .map_err(|e| MeshError::Gateway(e.to_string()))?;
+        let now = self.gateway.clock.now_ms();
+        let mesh_mailbox = org.mesh_mailbox.clone().unwrap_or_default();
+        let mut record = match previous {
+            Some(mut r) if r.state == MeshState::Sent => {
+                // Leased again while waiting: hold the new attempt, and
+                // apply a failure MESH reported while no lease was held.
+                r.attempt = d.attempt;
+                r.updated_ms = now;
+                return match r.reason.clone() {
+                    Some(reason) => self.fail_delivery(r, &reason).await,
+                    None => self.put(r).await,
+                };
+            }
+            Some(mut r) if r.state == MeshState::Sending => {
+                if let Some(id) = self.client.sent_with_local_id(&r.local_id).await? {
+                    tracing::info!(
+                        delivery_id = d.delivery_id,
+                        "MESH already had this delivery; not sent again"
+                    );
+                    r.message_id = Some(id);
+                    r.state = MeshState::Sent;
+                    r.attempt = d.attempt;
+                    r.updated_ms = now;
+                    return self.put(r).await;
+                }
+                r
+            }
+            Some(r) => r,
+            None => MeshRecord {
+                delivery_id: d.delivery_id,
+                handover_id: d.handover_id,
+                mailbox: org.ods.as_str().to_owned(),
+                mesh_mailbox: mesh_mailbox.clone(),
+                local_id: local_id(d.delivery_id),
+                message_id: None,
+                state: MeshState::Sending,
+                attempt: d.attempt,
+                sends: 0,
+                reason: None,
+                updated_ms: now,
+            },
+        };
+        record.state = MeshState::Sending;
+        record.message_id = None;
+        record.reason = None;
+        record.attempt = d.attempt;
+        record.sends += 1;
+        record.mesh_mailbox = mesh_mailbox;
+        record.updated_ms = now;
+        self.put(record.clone()).await?;
+        self.transmit(d, record).await
+    }
+
+    /// The MESH exchange proper, and what it leaves recorded.
+    async fn transmit(&self, d: &Delivery, mut record: MeshRecord) -> Result<(), MeshError> {
+        let (body, content_type, ext) = payload(d);
+        let subject = format!(
+            "Throughcare {} handover {} delivery {}",
+            d.event, d.handover_id, d.delivery_id
+        );
+        let file_name = format!("{}.{ext}", record.local_id);
+        let msg = Outgoing {
+            to: &record.mesh_mailbox,
+            workflow_id: super::workflow_id(d.event),
+            subject: &subject,
+            local_id: &record.local_id,
+            file_name: &file_name,
+            content_type,
+            body: &body,
+        };
+        match self.client.send(&msg).await {
+            Ok(id) => {
+                tracing::info!(
+                    delivery_id = d.delivery_id,
+                    handover_id = d.handover_id,
+                    bytes = body.len(),
+                    "sent through MESH"
+                );
+                record.message_id = Some(id);
+                record.state = MeshState::Sent;
+                record.updated_ms = self.gateway.clock.now_ms();
+                self.put(record).await?;
+                self.metrics.mesh_message("out", "sent");
+                Ok(())
+            }
+            Err(e) if !e.is_transient() => {
+                let reason = format!("MESH refused the message: {e}");
+                self.fail_delivery(record, &reason).await
+            }
+            Err(e) => {
+                self.metrics.mesh_message("out", "error");
+                Err(e)
+            }
+        }
+    }
+
+    /// Quarantines the delivery with `reason` and records the failure.
+    pub(super) async fn fail_delivery(
+        &self,
+        mut record: MeshRecord,
+        reason: &str,
+    ) -> Result<(), MeshError> {
+        let reason = crate::handover::withhold_numbers(reason);
+        let mut reason: String = reason.chars().take(400).collect();
+        // MESH's words go into a nack reason, which refuses anything that
+        // looks like patient data (a date, say): then say less.
+        let mut v = crate::clinical::ValidationErrors::default();
+        crate::handover::free_text::check_reason("reason", &reason, 1, &mut v);
+        if !v.0.is_empty() {
+            reason = "MESH reported a failure in words withheld here (they looked like patient data); see MESH's tracking of the message".into();
+        }
+        tracing::warn!(delivery_id = record.delivery_id, reason = %reason, "MESH delivery failed; quarantining");
+        let caller = Caller::Organisation(
+            record
+                .mailbox
+                .parse()
+                .map_err(|_| MeshError::Gateway("a MESH record names no ODS code".into()))?,
+        );
+        let nack = NackCommand {
+            delivery_id: record.delivery_id,
+            attempt: record.attempt,
+            permanent: true,
+            reason: reason.clone(),
+        };
+        if let Err(e) = self.gateway.nack(&caller, nack).await
+            && !self.finished_elsewhere(record.delivery_id)?
+        {
+            // Its lease ran out: the failure is kept on the record and
+            // applied when the queue offers the delivery again (`send_one`).
+            tracing::info!(delivery_id = record.delivery_id, error = %e, "MESH failure waits for the delivery's next lease");
+            record.reason = Some(reason);
+            return self.put(record).await;
+        }
+        record.state = MeshState::Failed;
+        record.reason = Some(reason);
+        record.updated_ms = self.gateway.clock.now_ms();
+        self.put(record).await?;
+        self.metrics.mesh_message("out", "failed");
+        Ok(())
+    }
+
+    /// Whether the delivery is no longer in flight (delivered, quarantined,
+    /// superseded): nothing more for MESH to do.
+    fn finished_elsewhere(&self, delivery_id: u64) -> Result<bool, MeshError> {
+        let d = self
+            .gateway
+            .store
+            .delivery(delivery_id)
+            .map_err(|e| MeshError::Gateway(e.to_string()))?;
+        Ok(d.is_none_or(|d| !matches!(d.state, DeliveryState::Queued | DeliveryState::Leased)))
+    }
+
+    async fn put(&self, record: MeshRecord) -> Result<(), MeshError> {
+        self.gateway
+            .store
+            .mesh_put(super::MESH_ACTOR, record)
+            .await
+            .map_err(|e| MeshError::Gateway(e.to_string()))
+    }
+
+    /// Asks MESH about every sent message; acks or quarantines its delivery.
+    async fn track_sent(&self) -> Result<(), MeshError> {
+        let sent: Vec<MeshRecord> = self
+            .gateway
+            .store
+            .mesh_records()
+            .map_err(|e| MeshError::Gateway(e.to_string()))?
+            .into_iter()
+            .filter(|r| r.state == MeshState::Sent)
+            .collect();
+        for record in sent {
+            let Some(id) = record.message_id.clone() else {
+                continue;
+            };
+            let t = self.client.track(&id).await?;
+            let status = t.status.unwrap_or_default().to_ascii_lowercase();
+            match status.as_str() {
+                "acknowledged" => self.acknowledged(record).await?,
+                "undeliverable" | "error" => {
+                    let code = t.status_code.unwrap_or_default();
+                    let words = t.status_description.unwrap_or_default();
+                    let reason = if code.is_empty() && words.is_empty() {
+                        format!("MESH reported the message {status} (no reason given)")
+                    } else {
+                        format!("MESH reported the message {status} (code {code}: {words})")
+                    };
+                    self.fail_delivery(record, &reason).await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The recipient acknowledged: the delivery is delivered.
+    pub(super) async fn acknowledged(&self, mut record: MeshRecord) -> Result<(), MeshError> {
+        let caller = Caller::Organisation(
+            record
+                .mailbox
+                .parse()
+                .map_err(|_| MeshError::Gateway("a MESH record names no ODS code".into()))?,
+        );
+        match self
+            .gateway
+            .ack(&caller, record.delivery_id, record.attempt)
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if self.finished_elsewhere(record.delivery_id)? => {
+                record.reason = Some(format!(
+                    "acknowledged in MESH; the delivery had already finished ({})",
+                    e.reason()
+                ));
+            }
+            Err(e) => {
+                // Its lease ran out: acked once the queue offers it again.
+                tracing::info!(delivery_id = record.delivery_id, error = %e, "MESH acknowledgement waits for the delivery's next lease");
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            delivery_id = record.delivery_id,
+            "acknowledged by the recipient in MESH"
+        );
+        record.state = MeshState::Acknowledged;
+        record.updated_ms = self.gateway.clock.now_ms();
+        self.put(record).await?;
+        self.metrics.mesh_message("out", "acknowledged");
+        Ok(())
+    }
+}

@@ -1,0 +1,740 @@
+//! MESH end to end: the real gateway with `[mesh]` pointing at NHS
+//! England's MESH sandbox (PyPI `mesh-sandbox`, started here on 127.0.0.1
+//! by `tests/python/run_mesh_sandbox.py` with mutual TLS and full `NHSMESH`
+//! authentication), read and written as the other mailboxes with the
+//! gateway's own MESH client. `tests/python/test_mesh.py` does the same with
+//! the independent `mesh-client`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use throughcare::config::Config;
+use throughcare::grpc::pb;
+use throughcare::mesh::client::{Incoming, Outgoing};
+use throughcare::mesh::{MeshClient, MeshConfig};
+use throughcare::store::SystemClock;
+
+use crate::support::{TestGateway, free_port, nhs, release, track_message};
+
+/// The sandbox's canned mailboxes: the gateway's, a practice's, a prison's.
+const GATEWAY_MB: &str = "X26ABC1";
+const PRACTICE_MB: &str = "X26ABC2";
+const PRISON_MB: &str = "X26ABC3";
+const SHARED_KEY: &str = "TestKey";
+
+/// The sandbox, stopped when dropped (and by itself when the test's end
+/// closes its standard input).
+struct Sandbox {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn python() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/python")
+}
+
+impl Sandbox {
+    fn start() -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        throughcare::certs::init_dev_pki(&dir.path().join("pki")).unwrap();
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        let mut s = Sandbox {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        s.run();
+        s
+    }
+
+    fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// Starts it (again, on the same port and store), waiting until it answers.
+    fn run(&mut self) {
+        let pki = self.pki();
+        // The sandbox logs every request: kept beside its store, not in the test's output.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("sandbox.log"))
+            .unwrap();
+        let child = Command::new(python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/run_mesh_sandbox.py"))
+            .args(["--port", &self.port.to_string(), "--shared-key", SHARED_KEY])
+            .arg("--cert")
+            .arg(pki.join("server.pem"))
+            .arg("--key")
+            .arg(pki.join("server.key"))
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--store")
+            .arg(self.dir.path().join("store"))
+            .args(["--lifetime", "600"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the MESH sandbox starts (run tests/run once to make target/venv)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the MESH sandbox did not listen within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// `[mesh]` as the gateway's mailbox, fast enough for a test.
+    fn config(&self, dir: &Path) -> MeshConfig {
+        let (cert, key) = throughcare::certs::DevPaths { dir: self.pki() }.client("YG001");
+        std::fs::write(dir.join("mesh-password"), "password\n").unwrap();
+        std::fs::write(dir.join("mesh-shared-key"), SHARED_KEY).unwrap();
+        MeshConfig {
+            enabled: true,
+            url: self.url(),
+            mailbox: GATEWAY_MB.into(),
+            password_file: Some(dir.join("mesh-password")),
+            shared_key_file: Some(dir.join("mesh-shared-key")),
+            client_cert_file: Some(cert),
+            client_key_file: Some(key),
+            ca_file: Some(self.pki().join("ca.pem")),
+            poll_interval_ms: 150,
+            timeout_ms: 5_000,
+            chunk_bytes: 2_048,
+            lease_seconds: 30,
+            retry_backoff_ms: 100,
+            max_backoff_ms: 500,
+            batch: 20,
+        }
+    }
+
+    /// A client of one of the sandbox's mailboxes.
+    fn client(&self, mailbox: &str) -> MeshClient {
+        let dir = tempfile::tempdir().unwrap();
+        let config = MeshConfig {
+            mailbox: mailbox.into(),
+            ..self.config(dir.path())
+        };
+        let client = throughcare::mesh::client_from_config(&config, 4 * 1024 * 1024)
+            .unwrap()
+            .unwrap();
+        Arc::try_unwrap(client).unwrap()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn gateway_with(sandbox: &Sandbox) -> TestGateway {
+    gateway_leasing(sandbox, 30).await
+}
+
+/// A gateway whose MESH edge holds each delivery for `lease_seconds`.
+async fn gateway_leasing(sandbox: &Sandbox, lease_seconds: u32) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = MeshConfig {
+        lease_seconds,
+        ..sandbox.config(dir.path())
+    };
+    let gw = TestGateway::start_with(
+        |c: &mut Config| {
+            c.mesh = mesh;
+        },
+        Arc::new(SystemClock),
+    )
+    .await;
+    std::mem::forget(dir);
+    gw
+}
+
+/// Registers `ods` (kind, format) as reached through MESH mailbox `mb`.
+async fn reach_through_mesh(gw: &TestGateway, ods: &str, kind: pb::OrganisationKind, mb: &str) {
+    gw.operator()
+        .await
+        .put_organisation(pb::PutOrganisationRequest {
+            organisation: Some(pb::Organisation {
+                ods_code: ods.into(),
+                kind: kind.into(),
+                name: format!("{ods} (invented)"),
+                format: pb::DocumentFormat::FhirJson.into(),
+                region: if kind == pb::OrganisationKind::Prison {
+                    "North".into()
+                } else {
+                    String::new()
+                },
+                active: true,
+                mesh_mailbox: mb.into(),
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+/// Waits up to `secs` for `f` to give `Some`.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every inbox message of `client`, read in full (not acknowledged).
+async fn inbox(client: &MeshClient) -> Vec<Incoming> {
+    let mut out = Vec::new();
+    for id in client.inbox(100).await.unwrap() {
+        out.push(client.retrieve(&id).await.unwrap());
+    }
+    out
+}
+
+async fn delivery_of(gw: &TestGateway, message_id: &str) -> pb::DeliveryStatus {
+    let mut prison = gw.client("YP001").await;
+    track_message(&mut prison, message_id).await.deliveries[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_delivers_a_release_in_chunks_and_marks_it_delivered_on_the_recipients_ack() {
+    let sandbox = Sandbox::start();
+    let gw = gateway_with(&sandbox).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    let mut prison = gw.client("YP001").await;
+    let receipt = prison
+        .submit(release("mesh-rel-1", 41, &["YG001"], "mesh-marker-41"))
+        .await
+        .unwrap()
+        .into_inner();
+    let delivery_id = receipt.deliveries[0].delivery_id;
+
+    let practice = sandbox.client(PRACTICE_MB);
+    let msg = eventually(20, "the release in the practice's MESH inbox", || async {
+        inbox(&practice).await.into_iter().next()
+    })
+    .await;
+    assert_eq!(msg.from, GATEWAY_MB);
+    assert_eq!(msg.workflow_id, "THROUGHCARE_RELEASE");
+    assert_eq!(msg.local_id, format!("throughcare-{delivery_id}"));
+    assert!(
+        msg.subject
+            .contains(&format!("handover {}", receipt.handover_id)),
+        "{}",
+        msg.subject
+    );
+    assert!(
+        msg.body.len() > 2_048,
+        "a document larger than a chunk ({} bytes)",
+        msg.body.len()
+    );
+    let text = String::from_utf8(msg.body.clone()).unwrap();
+    let bundle: serde_json::Value =
+        serde_json::from_str(&text).expect("one FHIR JSON document from its chunks");
+    assert_eq!(bundle["resourceType"], "Bundle");
+    assert!(text.contains("mesh-marker-41") && text.contains(&nhs(41)));
+
+    // Sent but not yet acknowledged: Track shows MESH's state and id.
+    let d = delivery_of(&gw, "mesh-rel-1").await;
+    assert_eq!(d.state(), pb::DeliveryState::Leased);
+    assert_eq!(d.mesh_state, "SENT");
+    assert_eq!(d.mesh_message_id, msg.message_id);
+
+    // Operators see the mailbox is reached through MESH, one waiting on its ack.
+    let stats = gw
+        .operator()
+        .await
+        .list_mailboxes(pb::ListMailboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let row = stats
+        .mailboxes
+        .iter()
+        .find(|m| m.mailbox == "YG001")
+        .unwrap();
+    assert_eq!(
+        (row.mesh_mailbox.as_str(), row.mesh_awaiting_ack),
+        (PRACTICE_MB, 1)
+    );
+
+    practice.acknowledge(&msg.message_id).await.unwrap();
+    let d = eventually(20, "DELIVERED after the MESH acknowledgement", || async {
+        let d = delivery_of(&gw, "mesh-rel-1").await;
+        (d.state() == pb::DeliveryState::Delivered).then_some(d)
+    })
+    .await;
+    assert_eq!(d.mesh_state, "ACKNOWLEDGED");
+    assert!(inbox(&practice).await.is_empty(), "sent once");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_error_report_quarantines_the_delivery_with_meshs_reason() {
+    let sandbox = Sandbox::start();
+    let gw = gateway_with(&sandbox).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("mesh-ndr-1", 42, &["YG001"], "ndr"))
+        .await
+        .unwrap();
+    let sent = eventually(20, "the release sent", || async {
+        let d = delivery_of(&gw, "mesh-ndr-1").await;
+        (!d.mesh_message_id.is_empty()).then_some(d)
+    })
+    .await;
+    // MESH's non-delivery report in the gateway's inbox (the sandbox's test
+    // hook for what MESH does when a recipient never collects a message).
+    let body = serde_json::json!({
+        "mailbox_id": GATEWAY_MB,
+        "code": "14",
+        "description": "Message not collected by recipient",
+        "workflow_id": "THROUGHCARE_RELEASE",
+        "local_id": format!("throughcare-{}", sent.delivery_id),
+        "status": "undeliverable",
+        "linked_message_id": sent.mesh_message_id,
+    });
+    admin_post(&sandbox, "/messageexchange/admin/report", &body.to_string()).await;
+    let d = eventually(20, "QUARANTINED after MESH's error", || async {
+        let d = delivery_of(&gw, "mesh-ndr-1").await;
+        (d.state() == pb::DeliveryState::Quarantined).then_some(d)
+    })
+    .await;
+    assert_eq!(d.mesh_state, "FAILED");
+    assert!(
+        d.quarantine_reason.contains("14") && d.quarantine_reason.contains("not collected"),
+        "{}",
+        d.quarantine_reason
+    );
+
+    // MESH's words that look like patient data (a date) never become the
+    // reason: the delivery is still quarantined, with MESH's words withheld.
+    prison
+        .submit(release("mesh-ndr-2", 45, &["YG001"], "ndr"))
+        .await
+        .unwrap();
+    let sent = eventually(20, "the second release sent", || async {
+        let d = delivery_of(&gw, "mesh-ndr-2").await;
+        (!d.mesh_message_id.is_empty()).then_some(d)
+    })
+    .await;
+    let body = serde_json::json!({
+        "mailbox_id": GATEWAY_MB,
+        // An error report carries MESH's own words (an NDR's are canned).
+        "code": "99",
+        "description": "Not collected by 2026-12-04",
+        "workflow_id": "THROUGHCARE_RELEASE",
+        "local_id": format!("throughcare-{}", sent.delivery_id),
+        "status": "error",
+        "linked_message_id": sent.mesh_message_id,
+    });
+    admin_post(&sandbox, "/messageexchange/admin/report", &body.to_string()).await;
+    let d = eventually(20, "the second QUARANTINED", || async {
+        let d = delivery_of(&gw, "mesh-ndr-2").await;
+        (d.state() == pb::DeliveryState::Quarantined).then_some(d)
+    })
+    .await;
+    assert!(
+        !d.quarantine_reason.contains("2026-12-04") && d.quarantine_reason.contains("withheld"),
+        "{}",
+        d.quarantine_reason
+    );
+    gw.stop().await;
+}
+
+/// A POST to the sandbox's admin API (no MESH authentication there), over
+/// mutual TLS with the gateway's HTTPS client.
+async fn admin_post(sandbox: &Sandbox, path: &str, body: &str) {
+    let pki = sandbox.pki();
+    let (cert, key) = throughcare::certs::DevPaths { dir: pki.clone() }.client("YG001");
+    let (cert, key) = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+    let transport = throughcare::https::Transport::with_identity(
+        &std::fs::read(pki.join("ca.pem")).unwrap(),
+        Some(throughcare::https::ClientIdentity {
+            cert_pem: &cert,
+            key_pem: &key,
+        }),
+        Duration::from_secs(10),
+        true,
+    )
+    .unwrap();
+    let request = http::Request::post(format!("{}{path}", sandbox.url()))
+        .header(http::header::HOST, format!("127.0.0.1:{}", sandbox.port))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap();
+    let answer = transport.send(request).await.unwrap();
+    assert_eq!(answer.status, 200, "{path}");
+}
+
+fn admission_fhir(patient: u32) -> Vec<u8> {
+    let mut summary = throughcare::clinical::synthetic::release_summary(
+        nhs(patient).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        Some("YG002".parse().unwrap()),
+        "admission",
+    );
+    summary.custody.release_date = None;
+    summary.custody.release_address = None;
+    throughcare::clinical::fhir::render(&summary, throughcare::journey::JourneyEvent::Admission)
+        .bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_submit_from_a_prison_is_acknowledged_after_it_is_durable_and_a_bad_one_is_refused_back()
+ {
+    let sandbox = Sandbox::start();
+    let gw = gateway_with(&sandbox).await;
+    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    let prison_mb = sandbox.client(PRISON_MB);
+    let doc = admission_fhir(43);
+    let good = prison_mb
+        .send(&Outgoing {
+            to: GATEWAY_MB,
+            workflow_id: "THROUGHCARE_ADMISSION",
+            subject: "admission",
+            local_id: "mesh-adm-43",
+            file_name: "adm.json",
+            content_type: "application/fhir+json",
+            body: &doc,
+        })
+        .await
+        .unwrap();
+    let bad = prison_mb
+        .send(&Outgoing {
+            to: GATEWAY_MB,
+            workflow_id: "THROUGHCARE_ADMISSION",
+            subject: "admission",
+            local_id: "mesh-adm-bad",
+            file_name: "adm.json",
+            content_type: "application/fhir+json",
+            body: br#"{"resourceType": "Bundle", "type": "document", "entry": []}"#,
+        })
+        .await
+        .unwrap();
+    // A refusal from elsewhere is never refused back (no ping-pong).
+    let refusal = prison_mb
+        .send(&Outgoing {
+            to: GATEWAY_MB,
+            workflow_id: "THROUGHCARE_REFUSAL",
+            subject: "refused",
+            local_id: "refusal-x",
+            file_name: "refusal.json",
+            content_type: "application/json",
+            body: b"{}",
+        })
+        .await
+        .unwrap();
+    eventually(20, "all three acknowledged by the gateway", || async {
+        for id in [&good, &bad, &refusal] {
+            let s = prison_mb
+                .track(id)
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            if s != "acknowledged" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    // The good one is a handover of the prison's, routed to its patient's GP.
+    let mut prison = gw.client("YP001").await;
+    let t = track_message(&mut prison, "mesh-adm-43").await;
+    assert_eq!(t.event(), pb::JourneyEvent::Admission);
+    assert_eq!(t.deliveries[0].destination, "YG002");
+    // The bad one came back as a refusal report naming the problem, no data.
+    let reports = eventually(20, "the refusal report", || async {
+        let r = inbox(&prison_mb).await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(reports.len(), 1, "one report, for the bad message only");
+    let report = &reports[0];
+    assert_eq!(report.workflow_id, "THROUGHCARE_REFUSAL");
+    let body: serde_json::Value = serde_json::from_slice(&report.body).unwrap();
+    assert_eq!(body["refused_message_id"], bad);
+    assert_eq!(body["local_id"], "mesh-adm-bad");
+    assert_eq!(body["reason"], "INVALID_ARGUMENT");
+    assert!(
+        !body["field_violations"].as_array().unwrap().is_empty(),
+        "{body}"
+    );
+    // Refused: never a handover.
+    let err = prison
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId(
+                "mesh-adm-bad".into(),
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_down_mid_send_then_back_loses_nothing_and_repeats_only_with_the_same_local_id() {
+    let mut sandbox = Sandbox::start();
+    let gw = gateway_with(&sandbox).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    let mut prison = gw.client("YP001").await;
+    let mut ids = Vec::new();
+    for i in 0..6u32 {
+        let r = prison
+            .submit(release(
+                &format!("mesh-fault-{i}"),
+                50 + i,
+                &["YG001"],
+                "fault",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.deliveries[0].delivery_id);
+        if i == 2 {
+            // Down while the first ones are being sent.
+            sandbox.stop();
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        gw.metrics.encode().contains("throughcare_mesh_reachable 0"),
+        "MESH down shows"
+    );
+    sandbox.run();
+    let practice = sandbox.client(PRACTICE_MB);
+    let got = eventually(40, "every delivery in the practice's inbox", || async {
+        let got = inbox(&practice).await;
+        let ids_seen: std::collections::BTreeSet<String> =
+            got.iter().map(|m| m.local_id.clone()).collect();
+        (ids.iter()
+            .all(|d| ids_seen.contains(&format!("throughcare-{d}"))))
+        .then_some(got)
+    })
+    .await;
+    for m in &got {
+        assert!(
+            ids.iter().any(|d| m.local_id == format!("throughcare-{d}")),
+            "only our deliveries, each under its own local id: {}",
+            m.local_id
+        );
+        practice.acknowledge(&m.message_id).await.unwrap();
+    }
+    for i in 0..6u32 {
+        eventually(30, "DELIVERED after the outage", || async {
+            let d = delivery_of(&gw, &format!("mesh-fault-{i}")).await;
+            (d.state() == pb::DeliveryState::Delivered).then_some(())
+        })
+        .await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_restart_after_an_unrecorded_send_asks_mesh_by_local_id_and_sends_no_second_copy() {
+    let sandbox = Sandbox::start();
+    let gw = gateway_leasing(&sandbox, 2).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("mesh-restart-1", 44, &["YG001"], "restart"))
+        .await
+        .unwrap();
+    let sent = eventually(20, "the release sent", || async {
+        let d = delivery_of(&gw, "mesh-restart-1").await;
+        (!d.mesh_message_id.is_empty()).then_some(d)
+    })
+    .await;
+    // The crash window: MESH took the message, the gateway died before
+    // recording MESH's id. Its record says only that a send began.
+    let mut record = gw.store.mesh_record(sent.delivery_id).unwrap().unwrap();
+    record.state = throughcare::store::MeshState::Sending;
+    record.message_id = None;
+    gw.store.mesh_put("test", record).await.unwrap();
+    let (dir, config) = gw.stop().await;
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    // Once its lease runs out the delivery comes back; MESH is asked by
+    // local id and has it: recorded as sent, not sent again.
+    let d = eventually(30, "the send recorded again from MESH", || async {
+        let d = delivery_of(&gw, "mesh-restart-1").await;
+        (d.mesh_state == "SENT").then_some(d)
+    })
+    .await;
+    assert_eq!(d.mesh_message_id, sent.mesh_message_id);
+    let practice = sandbox.client(PRACTICE_MB);
+    let got = inbox(&practice).await;
+    assert_eq!(got.len(), 1, "one copy in MESH");
+    practice.acknowledge(&got[0].message_id).await.unwrap();
+    eventually(20, "DELIVERED after the restart", || async {
+        let d = delivery_of(&gw, "mesh-restart-1").await;
+        (d.state() == pb::DeliveryState::Delivered).then_some(())
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_that_hangs_times_out_backs_off_and_delivers_everything_once_it_answers() {
+    let sandbox = Sandbox::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = MeshConfig {
+        timeout_ms: 500,
+        ..sandbox.config(dir.path())
+    };
+    let gw = TestGateway::start_with(|c: &mut Config| c.mesh = mesh, Arc::new(SystemClock)).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    // MESH stops answering (the process frozen: connections open, no answers).
+    let pid = sandbox.child.as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut prison = gw.client("YP001").await;
+    let mut ids = Vec::new();
+    for i in 0..3u32 {
+        let r = prison
+            .submit(release(
+                &format!("mesh-slow-{i}"),
+                60 + i,
+                &["YG001"],
+                "slow",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.deliveries[0].delivery_id);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        gw.metrics.encode().contains("throughcare_mesh_reachable 0"),
+        "a hung MESH shows"
+    );
+    for i in 0..3u32 {
+        // Nothing was leased while MESH did not answer.
+        let d = delivery_of(&gw, &format!("mesh-slow-{i}")).await;
+        assert_eq!(
+            (d.state(), d.mesh_state.as_str()),
+            (pb::DeliveryState::Queued, "")
+        );
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let practice = sandbox.client(PRACTICE_MB);
+    let got = eventually(30, "every delivery once MESH answers", || async {
+        let got = inbox(&practice).await;
+        (got.len() >= ids.len()).then_some(got)
+    })
+    .await;
+    let mut local: Vec<String> = got.iter().map(|m| m.local_id.clone()).collect();
+    local.sort();
+    let mut want: Vec<String> = ids.iter().map(|d| format!("throughcare-{d}")).collect();
+    want.sort();
+    assert_eq!(local, want, "each once");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_message_larger_than_the_gateway_accepts_is_refused_back_not_retried_forever() {
+    let sandbox = Sandbox::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = sandbox.config(dir.path());
+    let gw = TestGateway::start_with(
+        |c: &mut Config| {
+            c.mesh = mesh;
+            c.limits.max_document_bytes = 64 * 1024;
+        },
+        Arc::new(SystemClock),
+    )
+    .await;
+    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    let prison_mb = sandbox.client(PRISON_MB);
+    let big = vec![b'x'; 200 * 1024];
+    let send = |local_id: &'static str, body: Vec<u8>| {
+        let prison_mb = &prison_mb;
+        async move {
+            prison_mb
+                .send(&Outgoing {
+                    to: GATEWAY_MB,
+                    workflow_id: "THROUGHCARE_ADMISSION",
+                    subject: "admission",
+                    local_id,
+                    file_name: "adm.json",
+                    content_type: "application/fhir+json",
+                    body: &body,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    // Too large (in chunks of 2 KiB), then a good one behind it: the big one
+    // must not hold the inbox up.
+    let too_big = send("mesh-big", big).await;
+    let good = send("mesh-after-big", admission_fhir(46)).await;
+    eventually(30, "both acknowledged", || async {
+        let a = prison_mb
+            .track(&too_big)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let b = prison_mb
+            .track(&good)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        (a == "acknowledged" && b == "acknowledged").then_some(())
+    })
+    .await;
+    let reports = inbox(&prison_mb).await;
+    assert_eq!(reports.len(), 1);
+    let body: serde_json::Value = serde_json::from_slice(&reports[0].body).unwrap();
+    assert_eq!(body["refused_message_id"], too_big);
+    assert_eq!(body["field_violations"][0]["field"], "content");
+    let mut prison = gw.client("YP001").await;
+    assert_eq!(
+        track_message(&mut prison, "mesh-after-big").await.event(),
+        pb::JourneyEvent::Admission
+    );
+    gw.stop().await;
+}
