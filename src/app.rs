@@ -603,7 +603,7 @@ fn mailbox_rows(
     stats
         .into_iter()
         .map(|m| crate::operator::metrics::MailboxRow {
-            parked: if m.mailbox == crate::store::PARKED_MAILBOX {
+            parked: if crate::store::is_parked_mailbox(&m.mailbox) {
                 m.depth
             } else {
                 0
@@ -628,7 +628,7 @@ fn trend_sample(
 ) -> crate::operator::trends::Sample {
     let live = stats
         .iter()
-        .filter(|m| m.mailbox != crate::store::PARKED_MAILBOX);
+        .filter(|m| !crate::store::is_parked_mailbox(&m.mailbox));
     let (submits, delivered) = metrics.totals();
     #[allow(clippy::cast_precision_loss)]
     let oldest_age_seconds = live

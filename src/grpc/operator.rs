@@ -169,6 +169,8 @@ fn org_to_wire(o: &Organisation) -> pb::Organisation {
             OrgKind::Prison => pb::OrganisationKind::Prison,
             OrgKind::GpPractice => pb::OrganisationKind::GpPractice,
             OrgKind::Probation => pb::OrganisationKind::Probation,
+            OrgKind::SubstanceMisuseService => pb::OrganisationKind::SubstanceMisuseService,
+            OrgKind::MentalHealthTeam => pb::OrganisationKind::MentalHealthTeam,
             OrgKind::Operator => pb::OrganisationKind::Unspecified,
         }
         .into(),
@@ -197,10 +199,13 @@ fn org_from_wire(o: pb::Organisation) -> Result<Organisation, Violations> {
         Ok(pb::OrganisationKind::Prison) => Some(OrgKind::Prison),
         Ok(pb::OrganisationKind::GpPractice) => Some(OrgKind::GpPractice),
         Ok(pb::OrganisationKind::Probation) => Some(OrgKind::Probation),
+        Ok(pb::OrganisationKind::SubstanceMisuseService) => Some(OrgKind::SubstanceMisuseService),
+        Ok(pb::OrganisationKind::MentalHealthTeam) => Some(OrgKind::MentalHealthTeam),
         _ => {
             v.add(
                 "organisation.kind",
-                "required: PRISON, GP_PRACTICE or PROBATION",
+                "required: PRISON, GP_PRACTICE, PROBATION, SUBSTANCE_MISUSE_SERVICE or \
+                 MENTAL_HEALTH_TEAM",
             );
             None
         }

@@ -46,7 +46,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use integrity::{AuditVerification, Rollback, WitnessPaths};
 pub use pds::{PDS_ACTOR, PdsFinding, PdsNotice, PdsResult, PdsStatus};
 pub use records::{
-    DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX, Tombstone,
+    DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX,
+    PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX, Tombstone, is_parked_mailbox,
 };
 pub use syncer::{MAX_PIPELINE_DEPTH, PIPELINE_DEPTH, witness_lag};
 pub use writer::retention::{RetentionOutcome, RetentionPolicy, RetentionStats};
