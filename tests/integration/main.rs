@@ -39,3 +39,4 @@ mod security_tls;
 mod store_barrier;
 mod store_model;
 mod support;
+mod treatment;
