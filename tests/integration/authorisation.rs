@@ -244,6 +244,11 @@ async fn every_cell_of_the_matrix() {
             allowed(who, None),
             "{name} retention_status"
         );
+        assert_eq!(
+            code_of(&o.get_continuity(pb::GetContinuityRequest::default()).await),
+            allowed(who, None),
+            "{name} get_continuity"
+        );
         let redrive = o
             .redrive(pb::RedriveRequest {
                 target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {

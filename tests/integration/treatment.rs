@@ -15,6 +15,7 @@ use throughcare::clinical::model::{
     ConsentDecision, MentalHealth, RiskFlag, RiskKind, TREATMENT_SHARING_NOT_CARRIED,
 };
 use throughcare::grpc::pb;
+use throughcare::store::Clock;
 use tonic::transport::Channel;
 
 type Handover = pb::handover_service_client::HandoverServiceClient<Channel>;
@@ -325,5 +326,266 @@ async fn a_fhir_recipient_is_told_the_treatment_decision_is_not_carried() {
             .iter()
             .any(|n| n == TREATMENT_SHARING_NOT_CARRIED)
     );
+    gw.stop().await;
+}
+
+/// What the script did to one release, kept by the test itself.
+struct Scripted {
+    prison: &'static str,
+    gp_due_ms: i64,
+    gp_acked_ms: Option<i64>,
+    parked_ms: i64,
+    /// (acknowledged, due) of the substance misuse service copy.
+    ost: Option<(i64, i64)>,
+    /// Acknowledged, of the mental health team copy.
+    mental_health: Option<i64>,
+}
+
+/// The share the script expects: suppressed when the denominator, the
+/// numerator or the rest is from 1 to 4.
+fn expected_share(numerator: u64, denominator: u64) -> pb::ContinuityShare {
+    let small = |n: u64| (1..5).contains(&n);
+    if small(numerator) || small(denominator) || small(denominator - numerator) {
+        pb::ContinuityShare {
+            suppressed: true,
+            numerator: 0,
+            denominator: 0,
+        }
+    } else {
+        pb::ContinuityShare {
+            suppressed: false,
+            numerator,
+            denominator,
+        }
+    }
+}
+
+/// The row the script expects for `prison`, all submitted at `T0`.
+fn expected_row(
+    log: &[Scripted],
+    prison: &str,
+) -> (Option<u64>, Vec<pb::ContinuityShare>, Option<i64>) {
+    let mine: Vec<&Scripted> = log.iter().filter(|r| r.prison == prison).collect();
+    let n = mine.len() as u64;
+    let count = |f: &dyn Fn(&Scripted) -> bool| mine.iter().filter(|r| f(r)).count() as u64;
+    let on_time = count(&|r| r.gp_acked_ms.is_some_and(|a| a <= r.gp_due_ms));
+    let ost_n = count(&|r| r.ost.is_some());
+    let ost_ok = count(&|r| r.ost.is_some_and(|(a, due)| a <= due));
+    let mh_n = count(&|r| r.mental_health.is_some());
+    let mh_ok = count(&|r| r.mental_health.is_some_and(|a| a - T0 <= 72 * 3_600_000));
+    let mut to_gp: Vec<i64> = mine
+        .iter()
+        .filter_map(|r| r.gp_acked_ms)
+        .map(|a| a - T0)
+        .collect();
+    to_gp.sort_unstable();
+    let median = (to_gp.len() >= 5).then(|| {
+        let m = to_gp.len() / 2;
+        if to_gp.len() % 2 == 1 {
+            to_gp[m]
+        } else {
+            (to_gp[m - 1] + to_gp[m]) / 2
+        }
+    });
+    let shares = vec![
+        expected_share(on_time, n),
+        expected_share(count(&|r| r.parked_ms > 3 * 86_400_000), n),
+        expected_share(count(&|r| r.parked_ms > 7 * 86_400_000), n),
+        expected_share(ost_ok, ost_n),
+        expected_share(mh_ok, mh_n),
+    ];
+    ((n >= 5).then_some(n), shares, median)
+}
+
+/// Pulls up to `max` and acknowledges them; how many.
+async fn pull_ack(client: &mut Handover, max: u32) -> usize {
+    let got = client
+        .pull(pull(max))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    for d in &got {
+        client
+            .ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+    }
+    got.len()
+}
+
+fn on_release_day(mut s: ClinicalSummary) -> ClinicalSummary {
+    // T0 is 2027-01-15T08:00:00Z: release that day, due by its midnight (GMT).
+    s.custody.release_date = Some("2027-01-15".parse().unwrap());
+    s
+}
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+
+#[tokio::test]
+async fn continuity_indicators_match_a_scripted_day() {
+    let end_of_day = "2027-01-15T23:59:59.999Z"
+        .parse::<jiff::Timestamp>()
+        .unwrap()
+        .as_millisecond();
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    register_services(&gw).await;
+    let mut prison = gw.client("YP001").await;
+    let mut log = Vec::new();
+    // 10 on OST (GP copy urgent: due in 4 h), 5 on a care plan, 6 with no GP.
+    for p in 1..=21u32 {
+        let mut s = on_release_day(ost_and_care_plan(100 + p, ConsentDecision::Given));
+        if p > 10 {
+            s.medications[0].opioid_substitution = false;
+        } else {
+            s.mental_health = None;
+        }
+        if p > 15 {
+            s.mental_health = None;
+            s.registered_gp = None;
+        }
+        prison
+            .submit(release_of(&format!("day-{p}"), &s, &[]))
+            .await
+            .unwrap();
+        log.push(Scripted {
+            prison: "YP001",
+            gp_due_ms: if p <= 10 { T0 + 4 * HOUR } else { end_of_day },
+            gp_acked_ms: None,
+            parked_ms: 0,
+            ost: None,
+            mental_health: None,
+        });
+    }
+    // Three releases from YP002 (no region: no probation, no services).
+    let mut other = gw.client("YP002").await;
+    for p in 1..=3u32 {
+        let mut s = on_release_day(throughcare::clinical::synthetic::release_summary(
+            nhs(200 + p).parse().ok(),
+            None,
+            "YP002".parse().unwrap(),
+            Some("YG002".parse().unwrap()),
+            "other",
+        ));
+        s.consent.treatment_sharing = ConsentDecision::Given;
+        other
+            .submit(release_of(&format!("other-{p}"), &s, &[]))
+            .await
+            .unwrap();
+        log.push(Scripted {
+            prison: "YP002",
+            gp_due_ms: end_of_day,
+            gp_acked_ms: None,
+            parked_ms: 0,
+            ost: None,
+            mental_health: None,
+        });
+    }
+    // 09:00: the GPs take everything waiting; the service takes 5 OST
+    // copies, the mental health team its 5.
+    clock.advance(HOUR);
+    let mut gp = gw.client("YG001").await;
+    assert_eq!(pull_ack(&mut gp, 50).await, 15);
+    let mut gp2 = gw.client("YG002").await;
+    assert_eq!(pull_ack(&mut gp2, 50).await, 3);
+    for (i, r) in log.iter_mut().enumerate() {
+        if !(15..21).contains(&i) {
+            r.gp_acked_ms = Some(T0 + HOUR);
+        }
+    }
+    let mut sms = client_for(&gw, "YS001").await;
+    assert_eq!(pull_ack(&mut sms, 5).await, 5);
+    let mut mht = client_for(&gw, "YM001").await;
+    assert_eq!(pull_ack(&mut mht, 50).await, 5);
+    for (i, r) in log.iter_mut().enumerate().take(15) {
+        if i < 5 {
+            r.ost = Some((T0 + HOUR, T0 - 2 * HOUR + DAY));
+        } else if i >= 10 {
+            r.mental_health = Some(T0 + HOUR);
+        }
+    }
+    // The next morning, past the next dose: the other 5 OST copies.
+    clock.advance(22 * HOUR);
+    assert_eq!(pull_ack(&mut sms, 50).await, 5);
+    for r in &mut log[5..10] {
+        r.ost = Some((T0 + 23 * HOUR, T0 - 2 * HOUR + DAY));
+    }
+    // Day 4: five parked releases claimed for YG001; day 8: the last one.
+    let mut op = gw.operator().await;
+    for (patient, at) in [(116, 4), (117, 4), (118, 4), (119, 4), (120, 4), (121, 8)] {
+        let now = T0 + at * DAY;
+        clock.advance(now - clock.now_ms());
+        op.claim_parked(pb::ClaimParkedRequest {
+            patient: Some(pb::PatientRef {
+                nhs_number: nhs(patient),
+                prison_number: String::new(),
+                date_of_birth: "1985-06-15".into(),
+            }),
+            practice: "YG001".into(),
+            reason: "registered there, confirmed by phone (scripted)".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(pull_ack(&mut gp, 50).await, 1);
+        let r = &mut log[(patient - 101) as usize];
+        r.parked_ms = at * DAY;
+        r.gp_acked_ms = Some(now);
+    }
+    let got = op
+        .get_continuity(pb::GetContinuityRequest {
+            from: Some(prost_types::Timestamp {
+                seconds: (T0 - HOUR) / 1_000,
+                nanos: 0,
+            }),
+            to: Some(prost_types::Timestamp {
+                seconds: (T0 + DAY) / 1_000,
+                nanos: 0,
+            }),
+            period: Some(prost_types::Duration {
+                seconds: 86_400,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let prisons: Vec<&str> = got.rows.iter().map(|r| r.prison.as_str()).collect();
+    assert_eq!(prisons, ["YP001", "YP002"]);
+    for row in &got.rows {
+        let (releases, shares, median) = expected_row(&log, &row.prison);
+        assert_eq!(row.releases, releases, "{}", row.prison);
+        let actual = vec![
+            row.gp_within_deadline.unwrap(),
+            row.parked_over_three_days.unwrap(),
+            row.parked_over_seven_days.unwrap(),
+            row.ost_before_next_dose.unwrap(),
+            row.mental_health_within_72h.unwrap(),
+        ];
+        assert_eq!(actual, shares, "{}", row.prison);
+        let median_ms = row.median_to_gp.map(|d| d.seconds * 1_000);
+        assert_eq!(median_ms, median, "{}", row.prison);
+        assert_eq!(row.period_start.unwrap().seconds, (T0 - HOUR) / 1_000);
+    }
+    // What the script makes of YP001, spelled out: 21 releases, 15 on time,
+    // 6 parked over 3 days, 1 over 7 (suppressed), OST 5 of 10, MH 5 of 5.
+    let yp001 = &got.rows[0];
+    assert_eq!(yp001.releases, Some(21));
+    assert_eq!(yp001.gp_within_deadline.unwrap().numerator, 15);
+    assert_eq!(yp001.parked_over_three_days.unwrap().numerator, 6);
+    assert!(yp001.parked_over_seven_days.unwrap().suppressed);
+    assert_eq!(yp001.ost_before_next_dose.unwrap().numerator, 5);
+    assert_eq!(yp001.median_to_gp.unwrap().seconds, 3_600);
+    assert_eq!(got.rows[1].releases, None, "3 releases are suppressed");
+    // Operators only.
+    let mut as_prison = gw.operator_as("YP001").await;
+    let err = as_prison
+        .get_continuity(pb::GetContinuityRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
     gw.stop().await;
 }
