@@ -80,6 +80,22 @@ pub enum OperatorCommand {
     },
     /// What the gateway holds under its retention policy (counts only).
     Retention,
+    /// Continuity of care per sending prison and period: aggregates only,
+    /// counts from 1 to 4 suppressed (`docs/continuity.md`).
+    Continuity {
+        /// From this day (YYYY-MM-DD, from midnight UTC); default 28 days before --to.
+        #[arg(long)]
+        from: Option<String>,
+        /// To this day (exclusive); default now.
+        #[arg(long)]
+        to: Option<String>,
+        /// Days in each period.
+        #[arg(long, default_value_t = 7)]
+        period_days: u32,
+        /// CSV for commissioners (JSON with --json; a table otherwise).
+        #[arg(long)]
+        csv: bool,
+    },
     /// The registry of organisations.
     Orgs,
     /// Add or update an organisation.
@@ -87,7 +103,7 @@ pub enum OperatorCommand {
         /// ODS code.
         #[arg(long)]
         ods: String,
-        /// prison, gp_practice or probation.
+        /// prison, gp_practice, probation, substance_misuse_service or mental_health_team.
         #[arg(long)]
         kind: String,
         /// Display name.
@@ -317,7 +333,12 @@ fn organisation(
         "prison" => pb::OrganisationKind::Prison,
         "gp_practice" => pb::OrganisationKind::GpPractice,
         "probation" => pb::OrganisationKind::Probation,
-        other => anyhow::bail!("unknown kind {other}: prison, gp_practice or probation"),
+        "substance_misuse_service" => pb::OrganisationKind::SubstanceMisuseService,
+        "mental_health_team" => pb::OrganisationKind::MentalHealthTeam,
+        other => anyhow::bail!(
+            "unknown kind {other}: prison, gp_practice, probation, substance_misuse_service \
+             or mental_health_team"
+        ),
     };
     let format = match format {
         "native" => pb::DocumentFormat::Native,
@@ -574,6 +595,16 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
                 .into_inner(),
             args.json,
         ),
+        OperatorCommand::Continuity {
+            from,
+            to,
+            period_days,
+            csv,
+        } => {
+            let request = super::continuity::request(from.as_deref(), to.as_deref(), period_days)?;
+            let response = op.get_continuity(request).await?.into_inner();
+            return super::continuity::print(&response, args.json, csv);
+        }
         OperatorCommand::Orgs => org_rows(
             &op.list_organisations(pb::ListOrganisationsRequest::default())
                 .await?

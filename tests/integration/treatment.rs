@@ -589,3 +589,52 @@ async fn continuity_indicators_match_a_scripted_day() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commissioners_get_continuity_as_csv_and_json_from_the_command_line() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    for i in 0..6 {
+        prison
+            .submit(release(&format!("cli-{i}"), 300 + i, &["YG001"], "m"))
+            .await
+            .unwrap();
+    }
+    let mut gp = gw.client("YG001").await;
+    assert_eq!(pull_and_ack(&mut gp).await.len(), 6);
+    let admin = |extra: &str| {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "admin",
+                "continuity",
+                extra,
+                "--server",
+                &gw.endpoint,
+                "--certs-dir",
+            ])
+            .arg(gw.certs())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let csv = admin("--csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 2, "{csv}");
+    let cells: Vec<&str> = lines[1].split(',').collect();
+    assert_eq!(cells.len(), lines[0].split(',').count());
+    // Six releases, all acknowledged after their (past) release day: 0 of 6
+    // on time; no OST or mental health copies (0 of 0).
+    assert_eq!(cells[0], "YP001");
+    assert_eq!(&cells[3..6], ["6", "0", "6"]);
+    let json: serde_json::Value = serde_json::from_str(&admin("--json")).unwrap();
+    let row = &json["rows"][0];
+    assert_eq!(row["releases"], 6);
+    assert_eq!(row["ost_before_next_dose"]["denominator"], 0);
+    assert_eq!(row["parked_over_3_days"]["numerator"], 0);
+    gw.stop().await;
+}
