@@ -276,6 +276,7 @@ impl Prepared {
     fn start_metrics(
         &mut self,
         trends: Arc<crate::operator::trends::Trends>,
+        continuity: Arc<crate::operator::continuity::LatestContinuity>,
     ) -> Result<
         (
             tokio::task::JoinHandle<std::io::Result<()>>,
@@ -305,7 +306,8 @@ impl Prepared {
                 self.gateway.store.clone(),
                 self.gateway.clock.clone(),
             )
-            .with_trends(trends.clone()),
+            .with_trends(trends.clone())
+            .with_continuity(continuity),
             async {
                 let _ = metrics_stopped.await;
             },
@@ -458,6 +460,35 @@ impl Prepared {
         })
     }
 
+    /// Recomputes the continuity indicators for the metrics and the
+    /// dashboard every [`crate::operator::continuity::REFRESH`], until shutdown.
+    fn spawn_continuity(
+        &self,
+        latest: Arc<crate::operator::continuity::LatestContinuity>,
+    ) -> tokio::task::JoinHandle<()> {
+        let gateway = self.gateway.clone();
+        let metrics = self.metrics.clone();
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match gateway
+                    .continuity_report(crate::operator::continuity::window())
+                    .await
+                {
+                    Ok(c) => {
+                        metrics.set_continuity(&c);
+                        latest.set(c);
+                    }
+                    Err(e) => tracing::error!(error = %e, "continuity indicators failed"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(crate::operator::continuity::REFRESH) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    }
+
     /// Runs the retention pass at its interval (at once again after a full
     /// batch) until shutdown.
     fn spawn_retention(&self) -> tokio::task::JoinHandle<()> {
@@ -506,7 +537,9 @@ impl Prepared {
             .local_addr()
             .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let trends = Arc::new(crate::operator::trends::Trends::default());
-        let (metrics_server, stop_metrics) = self.start_metrics(trends.clone())?;
+        let continuity = Arc::new(crate::operator::continuity::LatestContinuity::default());
+        let (metrics_server, stop_metrics) =
+            self.start_metrics(trends.clone(), continuity.clone())?;
         let l = self.config.limits.clone();
         let accept = self.accept_limits();
         let (incoming, connect_refusals) = crate::tls::incoming(
@@ -533,6 +566,7 @@ impl Prepared {
         let sweeper = self.spawn_sweeper(trends.clone());
 
         let retention = self.spawn_retention();
+        let continuity = self.spawn_continuity(continuity);
         let pds = self.spawn_pds();
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let forget = spawn_forget(
@@ -584,6 +618,7 @@ impl Prepared {
         let _ = self.shutdown_tx.send(true);
         sweeper.abort();
         retention.abort();
+        continuity.abort();
         forget.abort();
         if let Some(pds) = pds {
             pds.abort();

@@ -300,6 +300,15 @@ impl Gateway {
         window: ContinuityWindow,
     ) -> Result<Continuity, Error> {
         self.operator(caller)?;
+        self.continuity_report(window).await
+    }
+
+    /// [`Gateway::continuity`] for the gateway's own surfaces (the metrics
+    /// and the dashboard, aggregates only): no caller to check.
+    ///
+    /// # Errors
+    /// As [`Gateway::continuity`], but for the caller.
+    pub async fn continuity_report(&self, window: ContinuityWindow) -> Result<Continuity, Error> {
         let now_ms = self.clock.now_ms();
         let window = window.resolve(now_ms)?;
         let store = self.store.clone();
