@@ -243,6 +243,7 @@ async fn no_service_for_the_release_area_parks_the_copy_visibly() {
     let (gw, clock) = TestGateway::start_manual(|c| c.queue.sweep_interval_ms = 50).await;
     let mut prison = gw.client("YP001").await;
     let mut s = ost_and_care_plan(5, ConsentDecision::Given);
+    s.registered_gp = None;
     s.mental_health = None;
     s.risks = vec![RiskFlag {
         kind: RiskKind::SelfHarm,
@@ -257,7 +258,7 @@ async fn no_service_for_the_release_area_parks_the_copy_visibly() {
     assert_eq!(
         destinations(&r),
         [
-            "YG001",
+            "@parked",
             "YPR01",
             "@parked-substance-misuse",
             "@parked-mental-health"
@@ -290,9 +291,9 @@ async fn no_service_for_the_release_area_parks_the_copy_visibly() {
         }
     }
     assert!(reported, "the missed dose deadline is reported");
-    // A GP practice's claim of parked releases leaves the held copies alone.
+    // A GP practice's claim takes the parked GP copy, not the held ones.
     let mut gp = gw.client("YG002").await;
-    let _ = gp
+    let claimed = gp
         .claim(pb::ClaimRequest {
             patient: Some(pb::PatientRef {
                 nhs_number: nhs(5),
@@ -301,10 +302,32 @@ async fn no_service_for_the_release_area_parks_the_copy_visibly() {
             }),
             evidence: None,
         })
-        .await;
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.claimed.len(), 1, "{claimed:?}");
     let t = track_message(&mut prison, "nowhere").await;
+    assert_eq!(t.deliveries[0].destination, "YG002");
     assert_eq!(t.deliveries[2].destination, "@parked-substance-misuse");
     assert_eq!(t.deliveries[3].destination, "@parked-mental-health");
+    // The way out: the registry gains the services, the prison resubmits,
+    // and the correction retires the held copies.
+    register_services(&gw).await;
+    let r = prison
+        .submit(release_of("nowhere-again", &s, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&r).contains(&"YS001") && destinations(&r).contains(&"YM001"));
+    let t = track_message(&mut prison, "nowhere").await;
+    for d in &t.deliveries[2..] {
+        assert_eq!(
+            d.state(),
+            pb::DeliveryState::Superseded,
+            "{}",
+            d.destination
+        );
+    }
     gw.stop().await;
 }
 
