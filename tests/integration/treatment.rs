@@ -158,6 +158,11 @@ async fn an_ost_release_reaches_the_area_substance_misuse_service_before_the_nex
     assert_eq!(doc.medications[0].dose, "60 mg");
     assert!(!doc.medications[0].last_dose_given.is_empty());
     assert!(doc.mental_health.is_none(), "not the mental health team's");
+    assert_eq!(
+        doc.consent.as_ref().unwrap().treatment_sharing(),
+        pb::ConsentDecision::Given,
+        "the decision travels in the native form"
+    );
     assert!(doc.risks.is_empty(), "a violence risk is not drug-related");
     assert!(got[0].urgent);
     assert!(
