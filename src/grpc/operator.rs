@@ -318,14 +318,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         request: Request<pb::GetContinuityRequest>,
     ) -> Result<Response<pb::GetContinuityResponse>, Status> {
         let caller = caller_of(&request);
-        let result = match continuity_from_wire(request.into_inner()) {
-            Ok(window) => self
-                .gateway
-                .continuity(&caller, window)
-                .await
-                .map(continuity_to_wire),
-            Err(v) => Err(v.into()),
-        };
+        let window = continuity_from_wire(request.into_inner());
+        let result = self
+            .gateway
+            .continuity(&caller, window)
+            .await
+            .map(continuity_to_wire);
         answer(&self.gateway, &caller, "get_continuity", result).await
     }
 

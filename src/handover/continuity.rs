@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::deliver::view_name;
-use super::{Caller, Error, Gateway};
+use super::{Caller, Decoded, Error, Gateway};
 use crate::clinical::{ValidationErrors, View};
 use crate::journey::JourneyEvent;
 use crate::store::{DeliveryRecord, DeliveryState, HandoverRecord, PARKED_MAILBOX, StoreError};
@@ -297,10 +297,10 @@ impl Gateway {
     pub async fn continuity(
         &self,
         caller: &Caller,
-        window: ContinuityWindow,
+        window: Decoded<ContinuityWindow>,
     ) -> Result<Continuity, Error> {
         self.operator(caller)?;
-        self.continuity_report(window).await
+        self.continuity_report(window?).await
     }
 
     /// [`Gateway::continuity`] for the gateway's own surfaces (the metrics

@@ -608,12 +608,27 @@ async fn continuity_indicators_match_a_scripted_day() {
     assert_eq!(yp001.ost_before_next_dose.unwrap().numerator, 5);
     assert_eq!(yp001.median_to_gp.unwrap().seconds, 3_600);
     assert_eq!(got.rows[1].releases, None, "3 releases are suppressed");
-    // Operators only.
+    // A window that is empty or cut too fine: field-level refusals.
+    let bad = pb::GetContinuityRequest {
+        from: Some(prost_types::Timestamp {
+            seconds: T0 / 1_000,
+            nanos: 0,
+        }),
+        to: Some(prost_types::Timestamp {
+            seconds: T0 / 1_000,
+            nanos: 0,
+        }),
+        period: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+    };
+    let err = op.get_continuity(bad.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(violations(&err), ["from", "period"]);
+    // Operators only, whatever they ask.
     let mut as_prison = gw.operator_as("YP001").await;
-    let err = as_prison
-        .get_continuity(pb::GetContinuityRequest::default())
-        .await
-        .unwrap_err();
+    let err = as_prison.get_continuity(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     gw.stop().await;
 }
