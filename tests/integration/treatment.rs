@@ -623,7 +623,7 @@ async fn continuity_indicators_match_a_scripted_day() {
             nanos: 0,
         }),
     };
-    let err = op.get_continuity(bad.clone()).await.unwrap_err();
+    let err = op.get_continuity(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert_eq!(violations(&err), ["from", "period"]);
     // Operators only, whatever they ask.
