@@ -354,6 +354,7 @@ impl Prepared {
     fn start_metrics(
         &mut self,
         trends: Arc<crate::operator::trends::Trends>,
+        continuity: Arc<crate::operator::continuity::LatestContinuity>,
     ) -> Result<
         (
             tokio::task::JoinHandle<std::io::Result<()>>,
@@ -383,7 +384,8 @@ impl Prepared {
                 self.gateway.store.clone(),
                 self.gateway.clock.clone(),
             )
-            .with_trends(trends.clone()),
+            .with_trends(trends.clone())
+            .with_continuity(continuity),
             async {
                 let _ = metrics_stopped.await;
             },
@@ -551,6 +553,35 @@ impl Prepared {
         })
     }
 
+    /// Recomputes the continuity indicators for the metrics and the
+    /// dashboard every [`crate::operator::continuity::REFRESH`], until shutdown.
+    fn spawn_continuity(
+        &self,
+        latest: Arc<crate::operator::continuity::LatestContinuity>,
+    ) -> tokio::task::JoinHandle<()> {
+        let gateway = self.gateway.clone();
+        let metrics = self.metrics.clone();
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match gateway
+                    .continuity_report(crate::operator::continuity::window())
+                    .await
+                {
+                    Ok(c) => {
+                        metrics.set_continuity(&c);
+                        latest.set(c);
+                    }
+                    Err(e) => tracing::error!(error = %e, "continuity indicators failed"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(crate::operator::continuity::REFRESH) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    }
+
     /// Runs the retention pass at its interval (at once again after a full
     /// batch) until shutdown.
     fn spawn_retention(&self) -> tokio::task::JoinHandle<()> {
@@ -599,7 +630,9 @@ impl Prepared {
             .local_addr()
             .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
         let trends = Arc::new(crate::operator::trends::Trends::default());
-        let (metrics_server, stop_metrics) = self.start_metrics(trends.clone())?;
+        let continuity = Arc::new(crate::operator::continuity::LatestContinuity::default());
+        let (metrics_server, stop_metrics) =
+            self.start_metrics(trends.clone(), continuity.clone())?;
         let mllp = self.start_mllp()?;
         let l = self.config.limits.clone();
         let accept = self.accept_limits();
@@ -614,19 +647,14 @@ impl Prepared {
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let (handover, null_handover) = self.handover_services();
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<HandoverServiceServer<HandoverGrpc>>()
-            .await;
-        health
-            .set_serving::<OperatorServiceServer<OperatorGrpc>>()
-            .await;
+        let (health, health_service) = health_services().await;
         let (reflection_v1, reflection_v1alpha) = reflection_services()?;
         let operator = OperatorServiceServer::new(OperatorGrpc::new(self.gateway.clone()));
 
         let sweeper = self.spawn_sweeper(trends.clone());
 
         let retention = self.spawn_retention();
+        let continuity = self.spawn_continuity(continuity);
         let pds = self.spawn_pds();
         let mesh = self.spawn_mesh();
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -681,16 +709,20 @@ impl Prepared {
         };
         let _ = self.shutdown_tx.send(true);
         drain_mllp(mllp, grace).await;
-        sweeper.abort();
-        retention.abort();
-        forget.abort();
-        if let Some(pds) = pds {
-            pds.abort();
-        }
-        // A send cut short is recorded as `sending`: the next start asks
-        // MESH by local id before sending again.
-        if let Some(mesh) = mesh {
-            mesh.abort();
+        // A MESH send cut short is recorded as `sending`: the next start
+        // asks MESH by local id before sending again.
+        for task in [
+            Some(sweeper),
+            Some(retention),
+            Some(continuity),
+            Some(forget),
+            pds,
+            mesh,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            task.abort();
         }
         tally.flush(&self.gateway.store).await;
         // The accept loop's last summary of refused connections.
@@ -717,7 +749,7 @@ fn mailbox_rows(
     stats
         .into_iter()
         .map(|m| crate::operator::metrics::MailboxRow {
-            parked: if m.mailbox == crate::store::PARKED_MAILBOX {
+            parked: if crate::store::is_parked_mailbox(&m.mailbox) {
                 m.depth
             } else {
                 0
@@ -742,7 +774,7 @@ fn trend_sample(
 ) -> crate::operator::trends::Sample {
     let live = stats
         .iter()
-        .filter(|m| m.mailbox != crate::store::PARKED_MAILBOX);
+        .filter(|m| !crate::store::is_parked_mailbox(&m.mailbox));
     let (submits, delivered) = metrics.totals();
     #[allow(clippy::cast_precision_loss)]
     let oldest_age_seconds = live
@@ -839,6 +871,21 @@ fn spawn_forget(
             }
         }
     })
+}
+
+/// gRPC health, SERVING for both services from the start.
+async fn health_services() -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<HandoverServiceServer<HandoverGrpc>>()
+        .await;
+    health
+        .set_serving::<OperatorServiceServer<OperatorGrpc>>()
+        .await;
+    (health, health_service)
 }
 
 /// gRPC reflection (v1 and v1alpha) over our descriptors, the vendored

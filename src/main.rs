@@ -141,6 +141,10 @@ enum ViewArg {
     Full,
     Probation,
     Admission,
+    /// The community substance misuse service's view.
+    SubstanceMisuse,
+    /// The community mental health team's view.
+    MentalHealth,
 }
 
 #[derive(Args)]
@@ -414,6 +418,8 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         ViewArg::Full => View::Full,
         ViewArg::Probation => View::Probation,
         ViewArg::Admission => View::AdmissionNotice,
+        ViewArg::SubstanceMisuse => View::SubstanceMisuseService,
+        ViewArg::MentalHealth => View::MentalHealthTeam,
     };
     let rendered = translate::write(format(args.to), &read.summary, view, event);
     for what in &rendered.not_carried {

@@ -88,6 +88,22 @@ pub enum OperatorCommand {
     },
     /// What the gateway holds under its retention policy (counts only).
     Retention,
+    /// Continuity of care per sending prison and period: aggregates only,
+    /// counts from 1 to 4 suppressed (`docs/continuity.md`).
+    Continuity {
+        /// From this day (YYYY-MM-DD, from midnight UTC); default 28 days before --to.
+        #[arg(long)]
+        from: Option<String>,
+        /// To this day (exclusive); default now.
+        #[arg(long)]
+        to: Option<String>,
+        /// Days in each period.
+        #[arg(long, default_value_t = 7)]
+        period_days: u32,
+        /// CSV for commissioners (JSON with --json; a table otherwise).
+        #[arg(long)]
+        csv: bool,
+    },
     /// The registry of organisations.
     Orgs,
     /// Add or update an organisation.
@@ -95,7 +111,7 @@ pub enum OperatorCommand {
         /// ODS code.
         #[arg(long)]
         ods: String,
-        /// prison, gp_practice or probation.
+        /// prison, gp_practice, probation, substance_misuse_service or mental_health_team.
         #[arg(long)]
         kind: String,
         /// Display name.
@@ -336,7 +352,12 @@ fn organisation(
         "prison" => pb::OrganisationKind::Prison,
         "gp_practice" => pb::OrganisationKind::GpPractice,
         "probation" => pb::OrganisationKind::Probation,
-        other => anyhow::bail!("unknown kind {other}: prison, gp_practice or probation"),
+        "substance_misuse_service" => pb::OrganisationKind::SubstanceMisuseService,
+        "mental_health_team" => pb::OrganisationKind::MentalHealthTeam,
+        other => anyhow::bail!(
+            "unknown kind {other}: prison, gp_practice, probation, substance_misuse_service \
+             or mental_health_team"
+        ),
     };
     let format = match format {
         "native" => pb::DocumentFormat::Native,
@@ -723,6 +744,18 @@ pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result
     let mut op = crate::cli::client::operator(&args.server, &args.certs_dir, &args.as_)
         .await
         .with_context(|| format!("connecting to {} as {}", args.server, args.as_))?;
+    // The indicators have their own table, CSV and JSON (commissioners').
+    if let OperatorCommand::Continuity {
+        from,
+        to,
+        period_days,
+        csv,
+    } = command
+    {
+        let request = super::continuity::request(from.as_deref(), to.as_deref(), period_days)?;
+        let response = op.get_continuity(request).await?.into_inner();
+        return super::continuity::print(&response, args.json, csv);
+    }
     let empty = empty_message(&command);
     let rows = call(&mut op, command, &args).await?;
     if rows.rows.is_empty() && !args.json {
@@ -770,6 +803,7 @@ async fn call(
                 .into_inner(),
             args.json,
         ),
+        OperatorCommand::Continuity { .. } => unreachable!("printed by run"),
         OperatorCommand::Orgs => list_organisations(op, size).await?,
         OperatorCommand::OrgPut {
             ods,

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod bench;
 pub mod client;
+pub mod continuity;
 pub mod demo;
 pub mod handover;
 pub mod health;

@@ -209,12 +209,17 @@ fn mental_health_and_substance_misuse(out: &mut String, s: &ClinicalSummary) {
 
 fn consent_and_author(out: &mut String, s: &ClinicalSummary) {
     heading(out, "Consent");
-    let decision = match s.consent.probation_sharing {
+    let words = |d: ConsentDecision| match d {
         ConsentDecision::Given => "given",
         ConsentDecision::Refused => "refused",
         ConsentDecision::NotRecorded => "not recorded",
     };
+    let decision = words(s.consent.probation_sharing);
     let _ = writeln!(out, "  sharing with probation: {decision}");
+    if s.consent.treatment_sharing != ConsentDecision::NotRecorded {
+        let treatment = words(s.consent.treatment_sharing);
+        let _ = writeln!(out, "  sharing with treatment services: {treatment}");
+    }
     if let Some(basis) = &s.consent.legal_basis {
         let _ = writeln!(out, "  legal basis: {basis}");
     }

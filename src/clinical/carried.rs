@@ -10,7 +10,7 @@
 //! something new fails them until it is listed here too.
 
 use super::JourneyEvent;
-use super::model::{ClinicalSummary, DMD, SNOMED};
+use super::model::{ClinicalSummary, ConsentDecision, DMD, SNOMED, TREATMENT_SHARING_NOT_CARRIED};
 use super::translate::{TextFormat, notes};
 use super::views::{self, View};
 
@@ -51,7 +51,15 @@ fn fhir(s: &ClinicalSummary) -> Vec<String> {
             ));
         }
     }
+    treatment_sharing(s, &mut out);
     out
+}
+
+/// The treatment-sharing decision, which neither text format carries.
+fn treatment_sharing(s: &ClinicalSummary, out: &mut Vec<String>) {
+    if s.consent.treatment_sharing != ConsentDecision::NotRecorded {
+        out.push(TREATMENT_SHARING_NOT_CARRIED.to_owned());
+    }
 }
 
 fn hl7v2(s: &ClinicalSummary, event: JourneyEvent) -> Vec<String> {
@@ -82,6 +90,7 @@ fn hl7v2(s: &ClinicalSummary, event: JourneyEvent) -> Vec<String> {
     if codes.any(|code| code.system != SNOMED && code.system != DMD) {
         out.push("a code system other than SNOMED CT or dm+d (sent as local, L)".to_owned());
     }
+    treatment_sharing(s, &mut out);
     out
 }
 
@@ -96,7 +105,7 @@ mod tests {
         JourneyEvent::Release,
         JourneyEvent::CommunitySummary,
     ];
-    const VIEWS: [View; 3] = [View::Full, View::AdmissionNotice, View::Probation];
+    const VIEWS: [View; 5] = crate::clinical::views::ALL_VIEWS;
 
     fn fixtures() -> Vec<(String, ClinicalSummary)> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/patients");
@@ -153,7 +162,7 @@ mod tests {
                 }
             }
         }
-        assert!(compared >= 7 * 2 * 3 * 4 * 2);
+        assert!(compared >= 7 * 2 * 5 * 4 * 2);
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub enum OrgKind {
     GpPractice,
     /// A probation region.
     Probation,
+    /// A community substance misuse (drug and alcohol treatment) service.
+    SubstanceMisuseService,
+    /// A community mental health team.
+    MentalHealthTeam,
     /// A gateway operator (identified as `urn:operator:<name>`, never registered).
     Operator,
 }
@@ -28,6 +32,8 @@ impl OrgKind {
             OrgKind::Prison => "prison",
             OrgKind::GpPractice => "gp_practice",
             OrgKind::Probation => "probation",
+            OrgKind::SubstanceMisuseService => "substance_misuse_service",
+            OrgKind::MentalHealthTeam => "mental_health_team",
             OrgKind::Operator => "operator",
         }
     }
@@ -71,7 +77,11 @@ impl JourneyEvent {
         match self {
             JourneyEvent::Admission => kind == OrgKind::GpPractice,
             JourneyEvent::CommunitySummary | JourneyEvent::Transfer => kind == OrgKind::Prison,
-            JourneyEvent::Release => matches!(kind, OrgKind::GpPractice | OrgKind::Probation),
+            // A mental health team is chosen by the release area, never named.
+            JourneyEvent::Release => matches!(
+                kind,
+                OrgKind::GpPractice | OrgKind::Probation | OrgKind::SubstanceMisuseService
+            ),
         }
     }
 
@@ -80,7 +90,9 @@ impl JourneyEvent {
         match self {
             JourneyEvent::Admission => "a GP practice",
             JourneyEvent::CommunitySummary | JourneyEvent::Transfer => "a prison",
-            JourneyEvent::Release => "a GP practice or a probation region",
+            JourneyEvent::Release => {
+                "a GP practice, a probation region or a substance misuse service"
+            }
         }
     }
 }

@@ -56,6 +56,7 @@ mod identifiers;
 pub mod model;
 pub mod synthetic;
 pub mod translate;
+pub mod treatment;
 mod validate;
 pub mod views;
 mod violation;

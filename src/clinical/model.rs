@@ -581,7 +581,25 @@ pub enum ConsentDecision {
     NotRecorded,
 }
 
-/// Consent and legal basis for sharing with probation.
+impl ConsentDecision {
+    /// [`ConsentDecision::NotRecorded`], the decision a summary written
+    /// before a question was asked carries.
+    pub fn not_recorded() -> Self {
+        ConsentDecision::NotRecorded
+    }
+
+    fn is_not_recorded(&self) -> bool {
+        *self == ConsentDecision::NotRecorded
+    }
+}
+
+/// What FHIR and HL7 v2 say of a recorded treatment-sharing decision,
+/// which only the native forms carry (the legal basis travels in all).
+pub const TREATMENT_SHARING_NOT_CARRIED: &str = "consent.treatment_sharing: carried by the \
+     native forms only; a FHIR or HL7 v2 recipient sees the legal basis, not this decision";
+
+/// Consent and legal basis for sharing with probation and with community
+/// treatment services (substance misuse service, mental health team).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Consent {
@@ -590,6 +608,14 @@ pub struct Consent {
     /// A recorded legal basis for sharing risk without consent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub legal_basis: Option<String>,
+    /// The patient's decision on sharing with the community substance
+    /// misuse service and mental health team. Carried by the native forms
+    /// only (FHIR and HL7 v2 list it as not carried; `docs/journey.md`).
+    #[serde(
+        default = "ConsentDecision::not_recorded",
+        skip_serializing_if = "ConsentDecision::is_not_recorded"
+    )]
+    pub treatment_sharing: ConsentDecision,
 }
 
 /// Who wrote the summary.
@@ -661,21 +687,60 @@ pub struct ClinicalSummary {
 impl ClinicalSummary {
     /// Opioid substitution therapy, or an active suicide or self-harm risk.
     pub fn is_urgent(&self) -> bool {
-        self.medications.iter().any(|m| m.opioid_substitution)
-            || self
-                .risks
-                .iter()
-                .any(|r| r.active && matches!(r.kind, RiskKind::Suicide | RiskKind::SelfHarm))
+        self.on_opioid_substitution() || self.has_active_suicide_or_self_harm_risk()
     }
 
     /// Whether risk information may go to probation: consent given, or a
     /// recorded legal basis.
     pub fn may_share_risk_with_probation(&self) -> bool {
-        self.consent.probation_sharing == ConsentDecision::Given
-            || self
-                .consent
-                .legal_basis
-                .as_deref()
-                .is_some_and(|b| !b.trim().is_empty())
+        self.consent.probation_sharing == ConsentDecision::Given || self.has_legal_basis()
+    }
+
+    /// Whether the treatment views may go to a community substance misuse
+    /// service or mental health team: consent given, or a recorded legal
+    /// basis. A refusal without a legal basis sends them nothing.
+    pub fn may_share_with_treatment_services(&self) -> bool {
+        self.consent.treatment_sharing == ConsentDecision::Given || self.has_legal_basis()
+    }
+
+    fn has_legal_basis(&self) -> bool {
+        self.consent
+            .legal_basis
+            .as_deref()
+            .is_some_and(|b| !b.trim().is_empty())
+    }
+
+    /// On opioid substitution therapy.
+    pub fn on_opioid_substitution(&self) -> bool {
+        self.medications.iter().any(|m| m.opioid_substitution)
+    }
+
+    /// An active mental health care plan (care programme approach), or an
+    /// active suicide or self-harm risk: the community mental health team
+    /// must pick the patient up.
+    pub fn needs_mental_health_team(&self) -> bool {
+        self.mental_health
+            .as_ref()
+            .is_some_and(|m| m.care_programme_approach)
+            || self.has_active_suicide_or_self_harm_risk()
+    }
+
+    fn has_active_suicide_or_self_harm_risk(&self) -> bool {
+        self.risks
+            .iter()
+            .any(|r| r.active && matches!(r.kind, RiskKind::Suicide | RiskKind::SelfHarm))
+    }
+
+    /// When the next opioid substitution dose is due, ms since the epoch:
+    /// the earliest last dose given of an OST medicine plus 24 hours. None
+    /// when no OST medicine records its last dose.
+    pub fn next_ost_dose_due_ms(&self) -> Option<i64> {
+        const DAY_MS: i64 = 24 * 3_600_000;
+        self.medications
+            .iter()
+            .filter(|m| m.opioid_substitution)
+            .filter_map(|m| m.last_dose_given)
+            .map(|t| t.unix_ms().saturating_add(DAY_MS))
+            .min()
     }
 }

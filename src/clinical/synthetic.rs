@@ -71,6 +71,7 @@ pub fn release_summary(
         consent: Consent {
             probation_sharing: ConsentDecision::Given,
             legal_basis: None,
+            treatment_sharing: ConsentDecision::NotRecorded,
         },
         author: Author {
             name: "Dr Invented".into(),

@@ -5,10 +5,22 @@
 //! - `Probation`: identity, release date and place, whether GP
 //!   registration and treatment referrals are in place, and risk flags only
 //!   where consent or a recorded legal basis allows. Nothing else leaves.
+//! - `SubstanceMisuseService`: identity, release date and place, the opioid
+//!   substitution medicines (dose, last dose given; the delivery's deadline
+//!   is the next dose), naloxone supplied, drug-related risks and diagnoses,
+//!   the treatment section and follow-ups; nothing else clinical.
+//! - `MentalHealthTeam`: identity, release date and place, mental health
+//!   diagnoses and care plan, suicide and self-harm risks, psychotropic
+//!   medicines, follow-ups.
+//!
+//! Routing sends the two treatment views only where consent or a recorded
+//! legal basis allows (`ClinicalSummary::may_share_with_treatment_services`);
+//! which items they recognise is in `treatment`.
 
 use super::model::{
-    ClinicalSummary, Consent, FollowUp, FollowUpKind, MentalHealth, SubstanceMisuse,
+    ClinicalSummary, Consent, FollowUp, FollowUpKind, MentalHealth, RiskKind, SubstanceMisuse,
 };
+use super::treatment;
 
 /// What a recipient may see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,7 +31,20 @@ pub enum View {
     AdmissionNotice,
     /// The probation view.
     Probation,
+    /// The community substance misuse service's view.
+    SubstanceMisuseService,
+    /// The community mental health team's view.
+    MentalHealthTeam,
 }
+
+/// Every view.
+pub const ALL_VIEWS: [View; 5] = [
+    View::Full,
+    View::AdmissionNotice,
+    View::Probation,
+    View::SubstanceMisuseService,
+    View::MentalHealthTeam,
+];
 
 /// What `view` leaves out, one note per heading (the same whatever the
 /// summary holds, so the list itself reveals nothing about the patient).
@@ -34,11 +59,28 @@ pub fn excluded(view: View) -> &'static [&'static str] {
         View::Probation => &[
             "diagnoses, medications, prescriptions, allergies, mental_health, infections, \
              vaccinations: the probation view excludes clinical content",
-            "custody.reception_date: the probation view excludes it",
+            "custody.reception_date, consent.treatment_sharing: the probation view excludes them",
             "risks: the probation view carries active risks only, without notes, \
              and only where consent or a recorded legal basis allows",
             "substance_misuse, follow_ups: the probation view carries only whether treatment \
              and onward care are in place",
+        ],
+        View::SubstanceMisuseService => &[
+            "allergies, mental_health, infections, vaccinations: \
+             the substance misuse service's view excludes them",
+            "custody.reception_date: the substance misuse service's view excludes it",
+            "medications: only opioid substitution therapy",
+            "prescriptions: only naloxone",
+            "diagnoses: only substance-use disorders the gateway recognises by SNOMED CT code",
+            "risks: only suicide, self-harm and vulnerability (overdose) risks",
+        ],
+        View::MentalHealthTeam => &[
+            "allergies, substance_misuse, infections, vaccinations: \
+             the mental health team's view excludes them",
+            "custody.reception_date: the mental health team's view excludes it",
+            "diagnoses: only mental disorders the gateway recognises by SNOMED CT code",
+            "medications, prescriptions: only psychotropic medicines the gateway recognises by name",
+            "risks: only suicide and self-harm",
         ],
     }
 }
@@ -47,6 +89,8 @@ pub fn excluded(view: View) -> &'static [&'static str] {
 pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
     match view {
         View::Full => summary.clone(),
+        View::SubstanceMisuseService => substance_misuse_service(summary),
+        View::MentalHealthTeam => mental_health_team(summary),
         View::AdmissionNotice => ClinicalSummary {
             patient: summary.patient.clone(),
             custody: summary.custody.clone(),
@@ -120,11 +164,149 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
                 consent: Consent {
                     probation_sharing: summary.consent.probation_sharing,
                     legal_basis: summary.consent.legal_basis.clone(),
+                    // Probation's view says nothing of other services.
+                    treatment_sharing: crate::clinical::model::ConsentDecision::NotRecorded,
                 },
                 author: summary.author.clone(),
                 authored_at: summary.authored_at,
                 not_read: summary.not_read.clone(),
             }
+        }
+    }
+}
+
+/// The substance misuse service's view.
+fn substance_misuse_service(summary: &ClinicalSummary) -> ClinicalSummary {
+    let mut custody = summary.custody.clone();
+    custody.reception_date = None;
+    ClinicalSummary {
+        patient: summary.patient.clone(),
+        custody,
+        registered_gp: summary.registered_gp.clone(),
+        diagnoses: kept(&summary.diagnoses, treatment::is_substance_use_diagnosis),
+        medications: kept(&summary.medications, |m| m.opioid_substitution),
+        prescriptions: kept(&summary.prescriptions, treatment::is_naloxone),
+        allergies: Vec::new(),
+        risks: kept(&summary.risks, |r| {
+            matches!(
+                r.kind,
+                RiskKind::Suicide | RiskKind::SelfHarm | RiskKind::Vulnerability
+            )
+        }),
+        mental_health: None,
+        substance_misuse: summary.substance_misuse.clone(),
+        infections: Vec::new(),
+        vaccinations: Vec::new(),
+        follow_ups: summary.follow_ups.clone(),
+        consent: summary.consent.clone(),
+        author: summary.author.clone(),
+        authored_at: summary.authored_at,
+        not_read: summary.not_read.clone(),
+    }
+}
+
+/// The community mental health team's view.
+fn mental_health_team(summary: &ClinicalSummary) -> ClinicalSummary {
+    let mut custody = summary.custody.clone();
+    custody.reception_date = None;
+    ClinicalSummary {
+        patient: summary.patient.clone(),
+        custody,
+        registered_gp: summary.registered_gp.clone(),
+        diagnoses: kept(&summary.diagnoses, treatment::is_mental_health_diagnosis),
+        medications: kept(&summary.medications, treatment::is_psychotropic),
+        prescriptions: kept(
+            &summary.prescriptions,
+            treatment::is_psychotropic_prescription,
+        ),
+        allergies: Vec::new(),
+        risks: kept(&summary.risks, |r| {
+            matches!(r.kind, RiskKind::Suicide | RiskKind::SelfHarm)
+        }),
+        mental_health: summary.mental_health.clone(),
+        substance_misuse: None,
+        infections: Vec::new(),
+        vaccinations: Vec::new(),
+        follow_ups: summary.follow_ups.clone(),
+        consent: summary.consent.clone(),
+        author: summary.author.clone(),
+        authored_at: summary.authored_at,
+        not_read: summary.not_read.clone(),
+    }
+}
+
+fn kept<T: Clone>(items: &[T], keep: impl Fn(&T) -> bool) -> Vec<T> {
+    items.iter().filter(|i| keep(i)).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> ClinicalSummary {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/patients")
+            .join(name);
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_substance_misuse_service_sees_ost_naloxone_and_drug_risks_only() {
+        let mut s = fixture("06-many-medicines-and-allergies.json");
+        let ost = fixture("01-ost-released-today.json");
+        s.medications.extend(ost.medications.clone());
+        s.diagnoses.extend(ost.diagnoses.clone());
+        s.risks.extend(ost.risks.clone());
+        s.substance_misuse.clone_from(&ost.substance_misuse);
+        assert!(s.medications.len() > 1 && !s.allergies.is_empty());
+        let v = apply(&s, View::SubstanceMisuseService);
+        assert_eq!(
+            v.medications, ost.medications,
+            "OST only, dose and last dose kept"
+        );
+        assert_eq!(v.diagnoses, ost.diagnoses, "opioid dependence only");
+        assert!(v.risks.iter().all(|r| r.kind != RiskKind::Violence));
+        assert_eq!(
+            v.risks.len(),
+            s.risks
+                .iter()
+                .filter(|r| r.kind != RiskKind::Violence)
+                .count()
+        );
+        assert!(v.allergies.is_empty() && v.infections.is_empty() && v.vaccinations.is_empty());
+        assert!(v.mental_health.is_none() && v.custody.reception_date.is_none());
+        assert_eq!(v.substance_misuse, ost.substance_misuse);
+        assert_eq!(v.custody.release_date, s.custody.release_date);
+        assert!(v.prescriptions.iter().all(treatment::is_naloxone));
+        assert_eq!(v.follow_ups, s.follow_ups);
+    }
+
+    #[test]
+    fn the_mental_health_team_sees_mental_health_items_only() {
+        let mut s = fixture("06-many-medicines-and-allergies.json");
+        let sh = fixture("02-active-self-harm.json");
+        s.medications.extend(sh.medications.clone());
+        s.diagnoses.extend(sh.diagnoses.clone());
+        let v = apply(&s, View::MentalHealthTeam);
+        let names: Vec<&str> = v.medications.iter().map(|m| &*m.code.display).collect();
+        assert_eq!(names, ["Sertraline 50mg tablets"]);
+        let codes: Vec<&str> = v.diagnoses.iter().map(|d| &*d.code.code).collect();
+        assert_eq!(codes, ["35489007"], "depressive disorder only");
+        assert!(v.allergies.is_empty() && v.substance_misuse.is_none());
+        let v = apply(&sh, View::MentalHealthTeam);
+        assert_eq!(v.mental_health, sh.mental_health, "the care plan travels");
+        assert!(!v.risks.is_empty());
+        assert!(
+            v.risks
+                .iter()
+                .all(|r| matches!(r.kind, RiskKind::Suicide | RiskKind::SelfHarm))
+        );
+    }
+
+    #[test]
+    fn every_view_lists_what_it_leaves_out() {
+        for view in ALL_VIEWS {
+            assert_eq!(excluded(view).is_empty(), view == View::Full, "{view:?}");
         }
     }
 }

@@ -12,8 +12,8 @@ use super::pb;
 use super::wire::{self, Violations};
 use crate::clinical::OdsCode;
 use crate::handover::{
-    AuditSubject, ClaimParkedCommand, DeliveryInfo, Gateway, PageRequest, RedriveTarget,
-    RetentionStatus,
+    AuditSubject, ClaimParkedCommand, Continuity, ContinuityRow, ContinuityWindow, DeliveryInfo,
+    Gateway, PageRequest, RedriveTarget, RetentionStatus, Share,
 };
 use crate::journey::{Format, OrgKind, Organisation};
 use crate::store::{DeliveryRecord, RedriveOutcome};
@@ -112,6 +112,63 @@ fn audit_subject(subject: Option<pb::audit_trail_request::Subject>) -> Option<Au
     }
 }
 
+fn continuity_from_wire(req: pb::GetContinuityRequest) -> Result<ContinuityWindow, Violations> {
+    let pb::GetContinuityRequest { from, to, period } = req;
+    let ms = |t: prost_types::Timestamp| {
+        t.seconds
+            .saturating_mul(1_000)
+            .saturating_add(i64::from(t.nanos) / 1_000_000)
+    };
+    let mut v = Violations::default();
+    let period = wire::duration_from_wire(period, "period", &mut v)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    v.into_result().map(|()| ContinuityWindow {
+        from_ms: from.map(ms),
+        to_ms: to.map(ms),
+        period_ms: period,
+    })
+}
+
+fn share_to_wire(s: Share) -> pb::ContinuityShare {
+    match s {
+        Share::Of(numerator, denominator) => pb::ContinuityShare {
+            suppressed: false,
+            numerator,
+            denominator,
+        },
+        Share::Suppressed => pb::ContinuityShare {
+            suppressed: true,
+            numerator: 0,
+            denominator: 0,
+        },
+    }
+}
+
+fn continuity_to_wire(c: Continuity) -> pb::GetContinuityResponse {
+    let Continuity {
+        rows,
+        now_ms,
+        covered_from_ms,
+    } = c;
+    let row = |r: ContinuityRow| pb::ContinuityRow {
+        prison: r.prison,
+        period_start: Some(wire::timestamp(r.period_start_ms)),
+        period_end: Some(wire::timestamp(r.period_end_ms)),
+        releases: r.releases,
+        gp_within_deadline: Some(share_to_wire(r.gp_within_deadline)),
+        parked_over_three_days: Some(share_to_wire(r.parked_over_three_days)),
+        parked_over_seven_days: Some(share_to_wire(r.parked_over_seven_days)),
+        median_to_gp: r.median_to_gp_ms.map(wire::duration_ms),
+        ost_before_next_dose: Some(share_to_wire(r.ost_before_next_dose)),
+        mental_health_within_72h: Some(share_to_wire(r.mental_health_within_72h)),
+    };
+    pb::GetContinuityResponse {
+        rows: rows.into_iter().map(row).collect(),
+        at: Some(wire::timestamp(now_ms)),
+        covered_from: Some(wire::timestamp(covered_from_ms)),
+    }
+}
+
 fn retention_to_wire(r: RetentionStatus) -> pb::RetentionStatusResponse {
     let RetentionStatus {
         stats: s,
@@ -169,6 +226,8 @@ fn org_to_wire(o: &Organisation) -> pb::Organisation {
             OrgKind::Prison => pb::OrganisationKind::Prison,
             OrgKind::GpPractice => pb::OrganisationKind::GpPractice,
             OrgKind::Probation => pb::OrganisationKind::Probation,
+            OrgKind::SubstanceMisuseService => pb::OrganisationKind::SubstanceMisuseService,
+            OrgKind::MentalHealthTeam => pb::OrganisationKind::MentalHealthTeam,
             OrgKind::Operator => pb::OrganisationKind::Unspecified,
         }
         .into(),
@@ -199,10 +258,13 @@ fn org_from_wire(o: pb::Organisation) -> Result<Organisation, Violations> {
         Ok(pb::OrganisationKind::Prison) => Some(OrgKind::Prison),
         Ok(pb::OrganisationKind::GpPractice) => Some(OrgKind::GpPractice),
         Ok(pb::OrganisationKind::Probation) => Some(OrgKind::Probation),
+        Ok(pb::OrganisationKind::SubstanceMisuseService) => Some(OrgKind::SubstanceMisuseService),
+        Ok(pb::OrganisationKind::MentalHealthTeam) => Some(OrgKind::MentalHealthTeam),
         _ => {
             v.add(
                 "organisation.kind",
-                "required: PRISON, GP_PRACTICE or PROBATION",
+                "required: PRISON, GP_PRACTICE, PROBATION, SUBSTANCE_MISUSE_SERVICE or \
+                 MENTAL_HEALTH_TEAM",
             );
             None
         }
@@ -257,6 +319,21 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
             .await
             .map(retention_to_wire);
         answer(&self.gateway, &caller, "retention_status", result).await
+    }
+
+    #[instrument(name = "get_continuity", skip_all)]
+    async fn get_continuity(
+        &self,
+        request: Request<pb::GetContinuityRequest>,
+    ) -> Result<Response<pb::GetContinuityResponse>, Status> {
+        let caller = caller_of(&request);
+        let window = continuity_from_wire(request.into_inner());
+        let result = self
+            .gateway
+            .continuity(&caller, window)
+            .await
+            .map(continuity_to_wire);
+        answer(&self.gateway, &caller, "get_continuity", result).await
     }
 
     #[instrument(name = "list_mailboxes", skip_all)]

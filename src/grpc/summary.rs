@@ -474,19 +474,37 @@ fn consent_from(consent: Option<pb::Consent>) -> m::Consent {
         m::Consent {
             probation_sharing: m::ConsentDecision::NotRecorded,
             legal_basis: None,
+            treatment_sharing: m::ConsentDecision::NotRecorded,
         },
         |pb::Consent {
              probation_sharing,
              legal_basis,
+             treatment_sharing,
          }| m::Consent {
-            probation_sharing: match pb::ConsentDecision::try_from(probation_sharing) {
-                Ok(pb::ConsentDecision::Given) => m::ConsentDecision::Given,
-                Ok(pb::ConsentDecision::Refused) => m::ConsentDecision::Refused,
-                _ => m::ConsentDecision::NotRecorded,
-            },
+            probation_sharing: decision_from(probation_sharing),
             legal_basis: text(legal_basis),
+            treatment_sharing: decision_from(treatment_sharing),
         },
     )
+}
+
+/// A consent decision; not recorded when unspecified or unknown.
+fn decision_from(decision: i32) -> m::ConsentDecision {
+    match pb::ConsentDecision::try_from(decision) {
+        Ok(pb::ConsentDecision::Given) => m::ConsentDecision::Given,
+        Ok(pb::ConsentDecision::Refused) => m::ConsentDecision::Refused,
+        _ => m::ConsentDecision::NotRecorded,
+    }
+}
+
+/// A consent decision on the wire.
+fn decision_to(decision: m::ConsentDecision) -> i32 {
+    match decision {
+        m::ConsentDecision::Given => pb::ConsentDecision::Given,
+        m::ConsentDecision::Refused => pb::ConsentDecision::Refused,
+        m::ConsentDecision::NotRecorded => pb::ConsentDecision::Unspecified,
+    }
+    .into()
 }
 
 /// The author: required, with an organisation.
@@ -641,13 +659,9 @@ pub fn to_wire(x: &ClinicalSummary) -> pb::ClinicalSummary {
             })
             .collect(),
         consent: Some(pb::Consent {
-            probation_sharing: match x.consent.probation_sharing {
-                m::ConsentDecision::Given => pb::ConsentDecision::Given,
-                m::ConsentDecision::Refused => pb::ConsentDecision::Refused,
-                m::ConsentDecision::NotRecorded => pb::ConsentDecision::Unspecified,
-            }
-            .into(),
+            probation_sharing: decision_to(x.consent.probation_sharing),
             legal_basis: x.consent.legal_basis.clone().unwrap_or_default(),
+            treatment_sharing: decision_to(x.consent.treatment_sharing),
         }),
         author: Some(pb::Author {
             name: x.author.name.clone(),

@@ -369,6 +369,8 @@ pub fn view_name(view: View) -> &'static str {
         View::Full => "full",
         View::AdmissionNotice => "admission_notice",
         View::Probation => "probation",
+        View::SubstanceMisuseService => "substance_misuse_service",
+        View::MentalHealthTeam => "mental_health_team",
     }
 }
 
@@ -378,6 +380,8 @@ pub fn view_from_name(name: &str) -> View {
     match name {
         "full" | "" => View::Full,
         "admission_notice" => View::AdmissionNotice,
+        "substance_misuse_service" => View::SubstanceMisuseService,
+        "mental_health_team" => View::MentalHealthTeam,
         _ => View::Probation,
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod claim_guard;
 mod claiming;
+mod continuity;
 mod deliver;
 pub mod envelope;
 mod error;
@@ -32,6 +33,7 @@ use tokio::sync::watch;
 
 pub use claim_guard::{ClaimGuard, ClaimLimits};
 pub use claiming::{ClaimCommand, Claimed};
+pub use continuity::{Continuity, ContinuityRow, ContinuityWindow, SMALL_NUMBER, Share};
 pub use deliver::{
     Delivery, NackCommand, PullCommand, RenderedDocument, Tracked, render, view_from_name,
     view_name,

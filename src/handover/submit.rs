@@ -6,9 +6,12 @@ use super::envelope::{Envelope, PatientRef};
 use super::{Caller, Decoded, Error, Gateway};
 use crate::clinical::translate::{self, TextFormat};
 use crate::clinical::{ClinicalSummary, OdsCode, ValidationErrors, validate};
-use crate::journey::{Format, JourneyEvent, Organisation, Recipient, Route};
+use crate::journey::{Format, JourneyEvent, OrgKind, Organisation, Recipient, Route};
 use crate::store::records::DocumentFormat;
-use crate::store::{NewDelivery, NewHandover, PARKED_MAILBOX, SubmitOutcome};
+use crate::store::{
+    NewDelivery, NewHandover, PARKED_MAILBOX, PARKED_MENTAL_HEALTH_MAILBOX,
+    PARKED_SUBSTANCE_MISUSE_MAILBOX, SubmitOutcome,
+};
 
 /// A document as received, before it is read.
 #[derive(Debug, Clone)]
@@ -282,6 +285,10 @@ impl Gateway {
                     .map_or(Format::Native, |o| o.format),
             ),
             Recipient::Parked => (PARKED_MAILBOX.to_owned(), Format::Native),
+            Recipient::Held(OrgKind::MentalHealthTeam) => {
+                (PARKED_MENTAL_HEALTH_MAILBOX.to_owned(), Format::Native)
+            }
+            Recipient::Held(_) => (PARKED_SUBSTANCE_MISUSE_MAILBOX.to_owned(), Format::Native),
         };
         NewDelivery {
             mailbox,

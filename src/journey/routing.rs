@@ -7,6 +7,14 @@
 //! | `COMMUNITY_SUMMARY` | the admitting prison (`custody.establishment`) | full |
 //! | `TRANSFER` | the receiving prison (`custody.transfer_to`) | full |
 //! | `RELEASE` | each nominated GP (the GP practices the sender names), else the registered GP, else the **parked** mailbox; and the probation region (named by the sender, else the releasing prison's region) | full; probation view |
+//! | `RELEASE` with opioid substitution therapy | the substance misuse service the sender names, else the one of the release area, else **held** | substance misuse service view |
+//! | `RELEASE` with an active mental health care plan or suicide/self-harm risk | the mental health team of the release area, else **held** | mental health team view |
+//!
+//! The two treatment copies go only with the patient's consent or a
+//! recorded legal basis (`may_share_with_treatment_services`). The release
+//! area is the releasing prison's `region` in the registry, as for
+//! probation. An OST copy is due before the next dose: the last dose given
+//! plus 24 hours (`next_ost_dose_due_ms`), not the end of the release day.
 //!
 //! A destination the sender names is checked against these rules, never
 //! trusted blindly. A disabled organisation receives nothing: a release
@@ -45,6 +53,10 @@ pub enum Recipient {
     Org(OdsCode),
     /// The holding mailbox of releases with no known GP, until claimed.
     Parked,
+    /// A treatment copy with no service of this kind for the release
+    /// area: held in that kind's holding mailbox, visible to operators,
+    /// until a corrected release (after a registry fix) supersedes it.
+    Held(OrgKind),
 }
 
 /// One delivery the rules call for.
@@ -286,11 +298,7 @@ impl Plan<'_> {
 
     /// A release goes to the GPs, else the parked mailbox, and to probation.
     fn release(&mut self) {
-        let release_due = self
-            .summary
-            .custody
-            .release_date
-            .map(|d| crate::uk_time::end_of_day_ms(d.0));
+        let release_due = self.release_due();
         for recipient in self.release_gps() {
             self.routes.push(Route {
                 recipient,
@@ -310,6 +318,7 @@ impl Plan<'_> {
                 due_ms: self.due(release_due, urgent),
             });
         }
+        self.release_treatment();
     }
 
     /// Each nominated GP practice, else the registered GP if active, else
@@ -336,6 +345,73 @@ impl Plan<'_> {
         }
     }
 
+    /// The treatment copies: the substance misuse service for opioid
+    /// substitution therapy, the mental health team for an active care
+    /// plan or suicide/self-harm risk; only with consent or a legal basis.
+    fn release_treatment(&mut self) {
+        let named_service = self
+            .named
+            .iter()
+            .find(|(_, o)| o.kind == OrgKind::SubstanceMisuseService)
+            .map(|(i, o)| (*i, o.ods.clone()));
+        let may_share = self.summary.may_share_with_treatment_services();
+        let ost = self.summary.on_opioid_substitution() && may_share;
+        if let (Some((i, _)), false) = (&named_service, ost) {
+            self.violations.add(
+                format!("destinations[{i}]"),
+                "a release goes to a substance misuse service only with opioid substitution \
+                 therapy and the patient's consent or a recorded legal basis",
+            );
+        }
+        if ost {
+            let recipient = named_service
+                .map(|(_, ods)| Recipient::Org(ods))
+                .unwrap_or_else(|| self.area_service(OrgKind::SubstanceMisuseService));
+            let due_ms = self
+                .summary
+                .next_ost_dose_due_ms()
+                .unwrap_or_else(|| self.due(self.release_due(), true));
+            self.routes.push(Route {
+                recipient,
+                view: View::SubstanceMisuseService,
+                urgent: true,
+                due_ms,
+            });
+        }
+        if may_share && self.summary.needs_mental_health_team() {
+            self.routes.push(Route {
+                recipient: self.area_service(OrgKind::MentalHealthTeam),
+                view: View::MentalHealthTeam,
+                urgent: self.urgent,
+                due_ms: self.due(self.release_due(), self.urgent),
+            });
+        }
+    }
+
+    /// The end of the release day in England, if the release date is known.
+    fn release_due(&self) -> Option<i64> {
+        self.summary
+            .custody
+            .release_date
+            .map(|d| crate::uk_time::end_of_day_ms(d.0))
+    }
+
+    /// The active organisation of `kind` in the releasing prison's region,
+    /// else that kind's holding mailbox.
+    fn area_service(&self, kind: OrgKind) -> Recipient {
+        self.in_region(kind)
+            .map_or(Recipient::Held(kind), |o| Recipient::Org(o.ods.clone()))
+    }
+
+    /// The first active organisation of `kind` in the sender's region
+    /// (the release area); none when the sender has no region.
+    fn in_region(&self, kind: OrgKind) -> Option<&Organisation> {
+        let region = self.sender.region.as_deref()?;
+        self.registry
+            .iter()
+            .find(|o| o.active && o.kind == kind && o.region.as_deref() == Some(region))
+    }
+
     /// Each nominated probation region, else the active probation service
     /// of the releasing prison's region (if any).
     fn release_probation(&self) -> Vec<OdsCode> {
@@ -346,16 +422,7 @@ impl Plan<'_> {
             .map(|(_, o)| *o)
             .collect();
         if probation.is_empty() {
-            self.sender
-                .region
-                .as_deref()
-                .and_then(|region| {
-                    self.registry.iter().find(|o| {
-                        o.active
-                            && o.kind == OrgKind::Probation
-                            && o.region.as_deref() == Some(region)
-                    })
-                })
+            self.in_region(OrgKind::Probation)
                 .map(|o| o.ods.clone())
                 .into_iter()
                 .collect()
@@ -390,6 +457,9 @@ mod tests {
             org("YG001", OrgKind::GpPractice, None),
             org("YG002", OrgKind::GpPractice, None),
             org("YPR01", OrgKind::Probation, Some("north")),
+            org("YS001", OrgKind::SubstanceMisuseService, Some("north")),
+            org("YS002", OrgKind::SubstanceMisuseService, Some("south")),
+            org("YM001", OrgKind::MentalHealthTeam, Some("north")),
         ])
         .unwrap()
     }
@@ -508,7 +578,6 @@ mod tests {
 
     #[test]
     fn urgency_shortens_the_deadline_and_is_hidden_from_probation_without_consent() {
-        use crate::clinical::model::{ConsentDecision, RiskFlag, RiskKind};
         let reg = registry();
         let sender = reg.get(&code("YP001")).unwrap();
         let d = Deadlines::default();
@@ -555,5 +624,161 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.0[0].description.contains("disabled"));
+    }
+
+    /// A summary on methadone, last dosed at `last_dose`, with the
+    /// treatment-sharing decision `consent`.
+    fn on_ost(last_dose: Option<&str>, consent: ConsentDecision) -> ClinicalSummary {
+        let mut s = summary(Some("YG001"));
+        let m = &mut s.medications[0];
+        m.opioid_substitution = true;
+        m.last_dose_given = last_dose.map(|t| t.parse().unwrap());
+        s.consent.treatment_sharing = consent;
+        s
+    }
+
+    fn treatment(routes: &[Route]) -> Vec<(Recipient, View)> {
+        routes
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.view,
+                    View::SubstanceMisuseService | View::MentalHealthTeam
+                )
+            })
+            .map(|r| (r.recipient.clone(), r.view))
+            .collect()
+    }
+
+    use crate::clinical::model::{ConsentDecision, MentalHealth, RiskFlag, RiskKind};
+
+    #[test]
+    fn an_ost_release_goes_to_the_area_service_due_before_the_next_dose() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        let s = on_ost(Some("2026-11-24T08:10:00Z"), ConsentDecision::Given);
+        let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
+        assert_eq!(
+            treatment(&routes),
+            [(Recipient::Org(code("YS001")), View::SubstanceMisuseService)]
+        );
+        let sms = routes.last().unwrap();
+        let next_dose = "2026-11-25T08:10:00Z"
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+            .as_millisecond();
+        assert_eq!(
+            sms.due_ms, next_dose,
+            "last dose + 24 h, not the end of day"
+        );
+        assert!(sms.urgent);
+        // The GP's copy keeps the release-day deadline rule.
+        assert_ne!(routes[0].due_ms, next_dose);
+        // Without a recorded last dose, the urgent deadline.
+        let s = on_ost(None, ConsentDecision::Given);
+        let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
+        let end_of_day = crate::uk_time::end_of_day_ms(s.custody.release_date.unwrap().0);
+        let want = (NOW + Deadlines::default().urgent_ms).min(end_of_day);
+        assert_eq!(routes.last().unwrap().due_ms, want);
+    }
+
+    #[test]
+    fn a_named_service_wins_and_no_service_for_the_area_holds_the_copy() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        let s = on_ost(Some("2026-11-24T08:10:00Z"), ConsentDecision::Given);
+        let named = go(JourneyEvent::Release, &s, sender, &[code("YS002")], &reg).unwrap();
+        assert_eq!(
+            treatment(&named),
+            [(Recipient::Org(code("YS002")), View::SubstanceMisuseService)]
+        );
+        // YP002 has no region: no area, so no service for it.
+        let other = reg.get(&code("YP002")).unwrap();
+        let held = go(JourneyEvent::Release, &s, other, &[], &reg).unwrap();
+        assert_eq!(
+            treatment(&held),
+            [(
+                Recipient::Held(OrgKind::SubstanceMisuseService),
+                View::SubstanceMisuseService
+            )]
+        );
+        // A disabled service is no service.
+        let mut reg = registry();
+        let mut sms = reg.get(&code("YS001")).unwrap().clone();
+        sms.active = false;
+        reg.put(sms);
+        let sender = reg.get(&code("YP001")).unwrap();
+        let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
+        assert_eq!(
+            treatment(&routes)[0].0,
+            Recipient::Held(OrgKind::SubstanceMisuseService)
+        );
+    }
+
+    #[test]
+    fn treatment_copies_need_consent_or_a_legal_basis() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        for refused in [ConsentDecision::Refused, ConsentDecision::NotRecorded] {
+            let mut s = on_ost(Some("2026-11-24T08:10:00Z"), refused);
+            s.mental_health = Some(MentalHealth {
+                care_programme_approach: true,
+                care_coordinator: None,
+            });
+            let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
+            assert!(treatment(&routes).is_empty(), "{refused:?}: {routes:?}");
+            let err = go(JourneyEvent::Release, &s, sender, &[code("YS001")], &reg).unwrap_err();
+            assert_eq!(err.0[0].field, "destinations[0]");
+            s.consent.legal_basis = Some("Care Act 2014 s.45 (invented)".into());
+            let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
+            assert_eq!(treatment(&routes).len(), 2, "a legal basis: {routes:?}");
+        }
+        // Consent given but no OST: a named service is refused.
+        let mut s = summary(Some("YG001"));
+        s.consent.treatment_sharing = ConsentDecision::Given;
+        let err = go(JourneyEvent::Release, &s, sender, &[code("YS001")], &reg).unwrap_err();
+        assert!(err.0[0].description.contains("opioid substitution"));
+        assert!(treatment(&go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_care_plan_or_suicide_risk_goes_to_the_area_mental_health_team() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        let mut s = summary(Some("YG001"));
+        s.consent.treatment_sharing = ConsentDecision::Given;
+        s.risks.push(RiskFlag {
+            kind: RiskKind::Suicide,
+            active: true,
+            note: None,
+        });
+        let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
+        assert_eq!(
+            treatment(&routes),
+            [(Recipient::Org(code("YM001")), View::MentalHealthTeam)]
+        );
+        let mht = routes.last().unwrap();
+        assert!(mht.urgent);
+        assert_eq!(mht.due_ms, routes[0].due_ms, "as urgent as the GP's copy");
+        // An inactive risk alone does not; a care plan alone does.
+        s.risks[0].active = false;
+        let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
+        assert!(treatment(&routes).is_empty());
+        s.mental_health = Some(MentalHealth {
+            care_programme_approach: true,
+            care_coordinator: None,
+        });
+        let other = reg.get(&code("YP002")).unwrap();
+        let routes = go(JourneyEvent::Release, &s, other, &[], &reg).unwrap();
+        assert_eq!(
+            treatment(&routes),
+            [(
+                Recipient::Held(OrgKind::MentalHealthTeam),
+                View::MentalHealthTeam
+            )]
+        );
+        // Named, a mental health team is refused: the area decides.
+        let err = go(JourneyEvent::Release, &s, sender, &[code("YM001")], &reg).unwrap_err();
+        assert_eq!(err.0[0].field, "destinations[0]");
     }
 }

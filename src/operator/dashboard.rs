@@ -18,7 +18,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
+use super::continuity::LatestContinuity;
 use super::trends::{Sample, Trends};
+use crate::handover::Continuity;
 use crate::journey::JourneyEvent;
 use crate::store::{
     Clock, DeliveryRecord, MailboxStats, MeshState, PARKED_MAILBOX, Store, StoreError,
@@ -76,6 +78,7 @@ pub struct Dashboard {
     store: Store,
     clock: Arc<dyn Clock>,
     trends: Arc<Trends>,
+    continuity: Arc<LatestContinuity>,
 }
 
 /// One delivery as the dashboard lists it: metadata only.
@@ -121,6 +124,8 @@ pub struct Snapshot {
     /// Deliveries the MESH edge is sending or that wait for the recipient's
     /// MESH acknowledgement, oldest change first, at most [`LIST_LIMIT`].
     pub mesh: Vec<crate::store::MeshRecord>,
+    /// The continuity indicators last computed (see [`super::continuity`]).
+    pub continuity: Option<Continuity>,
 }
 
 impl Dashboard {
@@ -130,7 +135,15 @@ impl Dashboard {
             store,
             clock,
             trends: Arc::default(),
+            continuity: Arc::default(),
         }
+    }
+
+    /// Shows the continuity indicators kept in `latest`.
+    #[must_use]
+    pub fn with_continuity(mut self, latest: Arc<LatestContinuity>) -> Self {
+        self.continuity = latest;
+        self
     }
 
     /// Draws the charts from `trends`.
@@ -177,6 +190,7 @@ impl Dashboard {
             parked,
             trends: self.trends.samples(),
             mesh,
+            continuity: self.continuity.get(),
         })
     }
 }
@@ -257,7 +271,7 @@ pub fn render(s: &Snapshot) -> Markup {
     let live: u64 = s
         .mailboxes
         .iter()
-        .filter(|m| m.mailbox != PARKED_MAILBOX)
+        .filter(|m| !crate::store::is_parked_mailbox(&m.mailbox))
         .map(|m| m.depth)
         .sum();
     let overdue: u64 = s.mailboxes.iter().map(|m| m.overdue).sum();
@@ -265,7 +279,7 @@ pub fn render(s: &Snapshot) -> Markup {
     let parked: u64 = s
         .mailboxes
         .iter()
-        .filter(|m| m.mailbox == PARKED_MAILBOX)
+        .filter(|m| crate::store::is_parked_mailbox(&m.mailbox))
         .map(|m| m.depth)
         .sum();
     html! {
@@ -298,6 +312,7 @@ pub fn render(s: &Snapshot) -> Markup {
                     (quarantine(&s.quarantine, quarantined, s.now_ms))
                     (parked_releases(&s.parked, parked, s.now_ms))
                     (mesh_in_flight(&s.mesh, s.now_ms))
+                    (super::continuity::section(s.continuity.as_ref()))
                 }
             }
         }
@@ -614,6 +629,22 @@ mod tests {
             }],
             trends: Vec::new(),
             mesh: Vec::new(),
+            continuity: Some(Continuity {
+                rows: vec![crate::handover::ContinuityRow {
+                    prison: "YP001".into(),
+                    period_start_ms: NOW - 28 * 86_400_000,
+                    period_end_ms: NOW,
+                    releases: Some(21),
+                    gp_within_deadline: crate::handover::Share::Of(15, 21),
+                    parked_over_three_days: crate::handover::Share::Of(6, 21),
+                    parked_over_seven_days: crate::handover::Share::Suppressed,
+                    median_to_gp_ms: Some(5_400_000),
+                    ost_before_next_dose: crate::handover::Share::Of(5, 10),
+                    mental_health_within_72h: crate::handover::Share::Of(0, 0),
+                }],
+                now_ms: NOW,
+                covered_from_ms: NOW - 84 * 86_400_000,
+            }),
         }
     }
 
@@ -729,6 +760,18 @@ mod tests {
             render(&snapshot("permanent nack: NHS 9434765919, born 1985-06-15")).into_string();
         assert!(!html.contains("9434765919") && !html.contains("1985-06-15"));
         assert!(html.contains("permanent nack: (the recipient"), "{html}");
+    }
+
+    #[test]
+    fn the_continuity_section_shows_shares_and_stars_what_is_suppressed() {
+        let page = render(&snapshot("x")).into_string();
+        let section = &page[page.find("id=\"continuity\"").unwrap()..];
+        assert!(section.contains("71% (15/21)"), "{section}");
+        assert!(section.contains("<td class=\"num\">*</td>"), "{section}");
+        assert!(section.contains("1.5 h"), "{section}");
+        let mut none = snapshot("x");
+        none.continuity = None;
+        assert!(render(&none).into_string().contains("not computed yet"));
     }
 
     #[test]

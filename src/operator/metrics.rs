@@ -28,6 +28,9 @@
 //! | `mesh_messages_total` | counter | `direction` = `out` (`outcome` = `sent`, `acknowledged`, `failed`, `error`) or `in` (`submitted`, `refused`, `report`, `acknowledged`, `error`) |
 //! | `mesh_reachable` | gauge | (1 while the last exchange with MESH succeeded) |
 //! | `mailbox_depth`, `_leased`, `_oldest_age_seconds`, `_overdue`, `_quarantined`, `_parked` | gauge | `mailbox` |
+//! | `continuity_releases` | gauge | `prison` (releases of the last 28 days; absent when suppressed) |
+//! | `continuity_ratio` | gauge | `prison`, `indicator` = `gp_within_deadline`, `parked_over_three_days`, `parked_over_seven_days`, `ost_before_next_dose` or `mental_health_within_72h` (0 to 1; absent when suppressed or nothing measured) |
+//! | `continuity_median_to_gp_seconds` | gauge | `prison` (absent under 5 values) |
 //! | `retention_payloads_held`, `_payloads_in_grace`, `_payloads_shredded`, `_metadata_expiring`, `_metadata_removed`, `_tombstones`, `_key_epochs`, `_audit_entries_held`, `_audit_entries_removed`, `_identity_records_held`, `_identity_records_removed` | gauge | (set after each retention pass) |
 //!
 //! Label values are fixed words (`&'static str`) or [`OdsCode`]s: nothing a
@@ -350,6 +353,48 @@ fn grpc_seconds_histogram() -> Histogram {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrisonLabels {
+    prison: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IndicatorLabels {
+    prison: String,
+    indicator: &'static str,
+}
+
+/// The continuity indicators of the last 28 days (`docs/continuity.md`).
+#[derive(Debug, Default)]
+struct ContinuityGauges {
+    releases: Family<PrisonLabels, Gauge>,
+    ratio: Family<IndicatorLabels, Gauge<f64, AtomicU64>>,
+    median_to_gp_seconds: Family<PrisonLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl ContinuityGauges {
+    fn registered(r: &mut Registry) -> Self {
+        let c = ContinuityGauges::default();
+        r.register(
+            "continuity_releases",
+            "Releases submitted in the last 28 days, by sending prison (absent when under 5)",
+            c.releases.clone(),
+        );
+        r.register(
+            "continuity_ratio",
+            "Continuity of care indicators of the last 28 days, 0 to 1 (absent when suppressed)",
+            c.ratio.clone(),
+        );
+        r.register_with_unit(
+            "continuity_median_to_gp",
+            "Median time from submission to a GP's acknowledgement, last 28 days",
+            Unit::Seconds,
+            c.median_to_gp_seconds.clone(),
+        );
+        c
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MailboxLabels {
     mailbox: String,
 }
@@ -598,6 +643,7 @@ pub struct Metrics {
     certificates: Vec<(&'static str, PathBuf)>,
     mailboxes: MailboxGauges,
     retention: RetentionGauges,
+    continuity: ContinuityGauges,
     /// Held while the mailbox gauges are replaced and while encoding, so a
     /// scrape never sees them half replaced.
     consistent: Mutex<()>,
@@ -679,6 +725,7 @@ impl Metrics {
         let mllp = MllpMetrics::registered(r);
         let mesh = MeshMetrics::registered(r);
         let pds = PdsMetrics::registered(r);
+        let continuity = ContinuityGauges::registered(r);
         Self {
             registry: root,
             submits,
@@ -700,6 +747,7 @@ impl Metrics {
             certificates: vec![("server", server_cert), ("ca", ca_cert)],
             mailboxes,
             retention,
+            continuity,
             consistent: Mutex::new(()),
             accepted: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -957,6 +1005,50 @@ impl Metrics {
         }
     }
 
+    /// Replaces the continuity gauges with the first period of each prison
+    /// in `c` (the metrics ask for one period: [`super::continuity::window`]).
+    pub fn set_continuity(&self, c: &crate::handover::Continuity) {
+        use crate::handover::Share;
+        let _consistent = self.consistent.lock().unwrap_or_else(|e| e.into_inner());
+        let g = &self.continuity;
+        g.releases.clear();
+        g.ratio.clear();
+        g.median_to_gp_seconds.clear();
+        for row in &c.rows {
+            let prison = PrisonLabels {
+                prison: row.prison.clone(),
+            };
+            if let Some(n) = row.releases {
+                g.releases.get_or_create(&prison).set(gauge_i64(n));
+            }
+            #[allow(clippy::cast_precision_loss)]
+            if let Some(ms) = row.median_to_gp_ms {
+                g.median_to_gp_seconds
+                    .get_or_create(&prison)
+                    .set(ms as f64 / 1_000.0);
+            }
+            for (indicator, share) in [
+                ("gp_within_deadline", row.gp_within_deadline),
+                ("parked_over_three_days", row.parked_over_three_days),
+                ("parked_over_seven_days", row.parked_over_seven_days),
+                ("ost_before_next_dose", row.ost_before_next_dose),
+                ("mental_health_within_72h", row.mental_health_within_72h),
+            ] {
+                if let Share::Of(n, d) = share
+                    && d > 0
+                {
+                    #[allow(clippy::cast_precision_loss)]
+                    let ratio = n as f64 / d as f64;
+                    let labels = IndicatorLabels {
+                        prison: row.prison.clone(),
+                        indicator,
+                    };
+                    g.ratio.get_or_create(&labels).set(ratio);
+                }
+            }
+        }
+    }
+
     /// Sets the retention gauges from the last pass.
     pub fn set_retention(&self, s: &RetentionStats) {
         let r = &self.retention;
@@ -1095,6 +1187,56 @@ mod tests {
             "/nonexistent/server.pem".into(),
             "/nonexistent/ca.pem".into(),
         )
+    }
+
+    #[test]
+    fn continuity_gauges_leave_out_what_is_suppressed_or_unmeasured() {
+        use crate::handover::{Continuity, ContinuityRow, Share};
+        let m = metrics();
+        let row = |prison: &str, releases| ContinuityRow {
+            prison: prison.into(),
+            period_start_ms: 0,
+            period_end_ms: 1,
+            releases,
+            gp_within_deadline: Share::Of(15, 20),
+            parked_over_three_days: Share::Suppressed,
+            parked_over_seven_days: Share::Of(0, 20),
+            median_to_gp_ms: Some(5_400_000),
+            ost_before_next_dose: Share::Of(0, 0),
+            mental_health_within_72h: Share::Of(5, 5),
+        };
+        m.set_continuity(&Continuity {
+            rows: vec![row("YP001", Some(20)), row("YP002", None)],
+            now_ms: 1,
+            covered_from_ms: 0,
+        });
+        let text = m.encode();
+        assert!(
+            text.contains("throughcare_continuity_releases{prison=\"YP001\"} 20"),
+            "{text}"
+        );
+        assert!(!text.contains("throughcare_continuity_releases{prison=\"YP002\"}"));
+        assert!(text.contains(
+            "throughcare_continuity_ratio{prison=\"YP001\",indicator=\"gp_within_deadline\"} 0.75"
+        ));
+        assert!(
+            !text.contains("indicator=\"parked_over_three_days\""),
+            "suppressed"
+        );
+        assert!(
+            !text.contains("indicator=\"ost_before_next_dose\""),
+            "nothing measured"
+        );
+        assert!(
+            text.contains("throughcare_continuity_median_to_gp_seconds{prison=\"YP001\"} 5400")
+        );
+        // The next computation replaces every series.
+        m.set_continuity(&Continuity {
+            rows: Vec::new(),
+            now_ms: 2,
+            covered_from_ms: 0,
+        });
+        assert!(!m.encode().contains("prison=\"YP001\""));
     }
 
     #[test]

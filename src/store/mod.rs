@@ -48,7 +48,8 @@ pub use integrity::{AuditVerification, Rollback, WitnessPaths};
 pub use mesh::{MeshRecord, MeshState};
 pub use pds::{PDS_ACTOR, PdsFinding, PdsNotice, PdsResult, PdsStatus};
 pub use records::{
-    DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX, Tombstone,
+    DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX,
+    PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX, Tombstone, is_parked_mailbox,
 };
 pub use syncer::{MAX_PIPELINE_DEPTH, PIPELINE_DEPTH, witness_lag};
 pub use writer::retention::{RetentionOutcome, RetentionPolicy, RetentionStats};
@@ -1059,6 +1060,38 @@ impl Store {
                     .map_err(|e| StoreError::Corrupt(format!("handover {id}: {e}")))
             })
             .transpose()
+    }
+
+    /// Every handover of `event` submitted in `[from_ms, to_ms)` whose
+    /// tracking metadata is still held, with its deliveries: metadata only,
+    /// never a payload. A scan of the handovers tree (the metadata period's
+    /// worth: ~400 releases a day nationally), so call it off the runtime
+    /// (`spawn_blocking`).
+    ///
+    /// # Errors
+    /// Store failures, and records that do not decode.
+    pub fn handovers_submitted_between(
+        &self,
+        event: JourneyEvent,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(HandoverRecord, Vec<DeliveryRecord>)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.inner.trees[TreeId::Handovers as usize].iter() {
+            let (_, raw) = entry?;
+            let h: HandoverRecord = serde_json::from_slice(&raw)
+                .map_err(|e| StoreError::Corrupt(format!("handover record: {e}")))?;
+            if h.event != event || h.submitted_at_ms < from_ms || h.submitted_at_ms >= to_ms {
+                continue;
+            }
+            let deliveries = h
+                .deliveries
+                .iter()
+                .filter_map(|id| self.delivery(*id).transpose())
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push((h, deliveries));
+        }
+        Ok(out)
     }
 
     /// Appends an audit entry that records no change of state (a refused

@@ -126,6 +126,25 @@ impl TreeId {
 /// The holding mailbox of parked releases (no ODS code can name it).
 pub const PARKED_MAILBOX: &str = "@parked";
 
+/// The holding mailbox of substance misuse service copies with no service
+/// for the release area. Its deliveries are parked, but no claim or PDS
+/// lookup touches them: only a corrected release supersedes them.
+pub const PARKED_SUBSTANCE_MISUSE_MAILBOX: &str = "@parked-substance-misuse";
+
+/// The holding mailbox of mental health team copies with no team for the
+/// release area (as [`PARKED_SUBSTANCE_MISUSE_MAILBOX`]).
+pub const PARKED_MENTAL_HEALTH_MAILBOX: &str = "@parked-mental-health";
+
+/// Whether `mailbox` is a holding mailbox (its deliveries are parked).
+pub fn is_parked_mailbox(mailbox: &str) -> bool {
+    [
+        PARKED_MAILBOX,
+        PARKED_SUBSTANCE_MISUSE_MAILBOX,
+        PARKED_MENTAL_HEALTH_MAILBOX,
+    ]
+    .contains(&mailbox)
+}
+
 /// Meta key of the count of committed batches (the high-water mark).
 pub const META_COMMIT_SEQ: &[u8] = b"commit_seq";
 /// Meta key of the last handover id handed out.

@@ -1425,7 +1425,7 @@ fn new_delivery(
     patient_key: &str,
     now: i64,
 ) -> DeliveryRecord {
-    let parked = dest.mailbox == records::PARKED_MAILBOX;
+    let parked = records::is_parked_mailbox(&dest.mailbox);
     DeliveryRecord {
         id,
         handover_id,

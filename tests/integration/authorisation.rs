@@ -281,6 +281,11 @@ async fn operator_list_cells(o: &mut Operator, who: usize) {
         operator_only(who, None),
         "{name} retention_status"
     );
+    assert_eq!(
+        code_of(&o.get_continuity(pb::GetContinuityRequest::default()).await),
+        operator_only(who, None),
+        "{name} get_continuity"
+    );
 }
 
 /// The operator's calls that change or read a record: operators only.

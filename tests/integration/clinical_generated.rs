@@ -369,6 +369,7 @@ fn summary() -> impl Strategy<Value = (JourneyEvent, ClinicalSummary)> {
                             consent: Consent {
                                 probation_sharing: consent.0,
                                 legal_basis: consent.1,
+                                treatment_sharing: ConsentDecision::NotRecorded,
                             },
                             author: Author {
                                 name: author.0,

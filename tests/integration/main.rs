@@ -42,3 +42,4 @@ mod store_barrier;
 mod store_model;
 mod support;
 mod traces;
+mod treatment;

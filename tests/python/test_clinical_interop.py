@@ -37,7 +37,9 @@ def test_there_are_enough_synthetic_patients():
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.stem)
-@pytest.mark.parametrize("view", ["full", "probation", "admission"])
+@pytest.mark.parametrize(
+    "view", ["full", "probation", "admission", "substance-misuse", "mental-health"]
+)
 def test_every_bundle_we_render_is_valid_fhir_r4(fixture, view):
     out = convert(fixture, "model-json", "fhir", view, event_of(fixture)).stdout
     bundle = Bundle.model_validate_json(out)
@@ -62,6 +64,15 @@ def test_every_bundle_we_render_is_valid_fhir_r4(fixture, view):
             assert "Flag" not in types, "risk flags reached probation without consent"
     if view == "full" and data["medications"]:
         assert "MedicationStatement" in types
+    if view in ("substance-misuse", "mental-health"):
+        # The treatment views carry no allergies, infections or vaccinations.
+        assert "AllergyIntolerance" not in types and "Immunization" not in types
+        statements = types.count("MedicationStatement")
+        if view == "substance-misuse":
+            ost = [m for m in data["medications"] if m.get("opioid_substitution")]
+            assert statements == len(ost), "only opioid substitution therapy"
+        else:
+            assert statements <= len(data["medications"])
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.stem)

@@ -609,11 +609,13 @@ fn read_consent(
                     _ => ConsentDecision::NotRecorded,
                 },
                 legal_basis,
+                treatment_sharing: ConsentDecision::NotRecorded,
             }
         }),
         None => Some(crate::clinical::model::Consent {
             probation_sharing: ConsentDecision::NotRecorded,
             legal_basis: None,
+            treatment_sharing: ConsentDecision::NotRecorded,
         }),
     }
 }

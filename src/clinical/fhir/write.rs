@@ -162,6 +162,9 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     write_entry(&mut bytes, &new_urn(), &composition);
     bytes.extend_from_slice(&doc.entries);
     bytes.extend_from_slice(b"]}");
+    if s.consent.treatment_sharing != ConsentDecision::NotRecorded {
+        not_carried.push(crate::clinical::model::TREATMENT_SHARING_NOT_CARRIED.into());
+    }
     Rendered { bytes, not_carried }
 }
 

@@ -549,6 +549,7 @@ impl Default for Items {
             consent: Consent {
                 probation_sharing: ConsentDecision::NotRecorded,
                 legal_basis: None,
+                treatment_sharing: ConsentDecision::NotRecorded,
             },
             author_name: String::new(),
             author_role: String::new(),

@@ -194,6 +194,9 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             break;
         }
     }
+    if s.consent.treatment_sharing != ConsentDecision::NotRecorded {
+        not_carried.push(crate::clinical::model::TREATMENT_SHARING_NOT_CARRIED.into());
+    }
     Rendered {
         bytes: out.into_bytes(),
         not_carried,

@@ -1,0 +1,724 @@
+//! Community treatment services as recipients, end to end over real mutual
+//! TLS: a release on opioid substitution therapy reaches the substance
+//! misuse service before the next dose, one with a mental health care plan
+//! or an active suicide/self-harm risk reaches the mental health team, each
+//! in its own view, only with consent or a legal basis; no service for the
+//! release area holds the copy where operators see it.
+
+use crate::support;
+
+use std::time::Duration;
+
+use support::*;
+use throughcare::clinical::ClinicalSummary;
+use throughcare::clinical::model::{
+    ConsentDecision, MentalHealth, RiskFlag, RiskKind, TREATMENT_SHARING_NOT_CARRIED,
+};
+use throughcare::grpc::pb;
+use throughcare::store::Clock;
+use tonic::transport::Channel;
+
+type Handover = pb::handover_service_client::HandoverServiceClient<Channel>;
+
+/// The last OST dose given in prison: two hours before the manual clock's start.
+const LAST_DOSE_MS: i64 = T0 - 2 * 3_600_000;
+
+/// Invented patient `patient` from YP001 (region north) to GP YG001, on
+/// methadone last dosed at [`LAST_DOSE_MS`], under the care programme
+/// approach, with the treatment-sharing decision `consent`.
+fn ost_and_care_plan(patient: u32, consent: ConsentDecision) -> ClinicalSummary {
+    let mut s = throughcare::clinical::synthetic::release_summary(
+        nhs(patient).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        Some("YG001".parse().unwrap()),
+        "treatment",
+    );
+    let m = &mut s.medications[0];
+    m.code.display = "Methadone 1mg/ml oral solution sugar free".into();
+    m.code.code = "3321611000001103".into();
+    m.dose = "60 mg".into();
+    m.opioid_substitution = true;
+    m.supervised = true;
+    m.last_dose_given = Some(
+        jiff::Timestamp::from_millisecond(LAST_DOSE_MS)
+            .unwrap()
+            .to_string()
+            .parse()
+            .unwrap(),
+    );
+    s.mental_health = Some(MentalHealth {
+        care_programme_approach: true,
+        care_coordinator: Some("Sam Whitlow (invented)".into()),
+    });
+    s.risks.push(RiskFlag {
+        kind: RiskKind::Violence,
+        active: true,
+        note: Some("invented note".into()),
+    });
+    s.consent.treatment_sharing = consent;
+    s
+}
+
+fn release_of(id: &str, s: &ClinicalSummary, to: &[&str]) -> pb::SubmitRequest {
+    throughcare::cli::client::native_submit(id, pb::JourneyEvent::Release, to, s)
+}
+
+/// Registers a substance misuse service and a mental health team for the
+/// north (YP001's region), and one substance misuse service in the south.
+async fn register_services(gw: &TestGateway) {
+    let mut op = gw.operator().await;
+    for (code, kind, region) in [
+        (
+            "YS001",
+            pb::OrganisationKind::SubstanceMisuseService,
+            "north",
+        ),
+        (
+            "YS002",
+            pb::OrganisationKind::SubstanceMisuseService,
+            "south",
+        ),
+        ("YM001", pb::OrganisationKind::MentalHealthTeam, "north"),
+    ] {
+        op.put_organisation(pb::PutOrganisationRequest {
+            organisation: Some(pb::Organisation {
+                ods_code: code.into(),
+                kind: kind.into(),
+                name: format!("{code} (invented)"),
+                format: pb::DocumentFormat::Native.into(),
+                region: region.into(),
+                mesh_mailbox: String::new(),
+                active: true,
+            }),
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// A handover client for a registered organisation without a dev certificate.
+async fn client_for(gw: &TestGateway, code: &str) -> Handover {
+    let issued = gw
+        .ca()
+        .issue_client_now(&format!("urn:ods:{code}"))
+        .unwrap();
+    gw.client_with(
+        &gw.ca_pem(),
+        issued.cert_pem.as_bytes(),
+        issued.key_pem.as_bytes(),
+    )
+    .await
+    .unwrap()
+}
+
+fn destinations(r: &pb::SubmitResponse) -> Vec<&str> {
+    r.deliveries
+        .iter()
+        .map(|d| d.destination.as_str())
+        .collect()
+}
+
+fn due_ms(r: &pb::SubmitResponse, to: &str) -> i64 {
+    let d = r.deliveries.iter().find(|d| d.destination == to).unwrap();
+    let t = d.due_at.as_ref().unwrap();
+    t.seconds * 1_000 + i64::from(t.nanos) / 1_000_000
+}
+
+fn native(d: &pb::Delivery) -> &pb::ClinicalSummary {
+    match &d.document {
+        Some(pb::delivery::Document::Native(s)) => s,
+        other => panic!("expected a native document, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_ost_release_reaches_the_area_substance_misuse_service_before_the_next_dose() {
+    let (gw, _clock) = TestGateway::start_manual(|_| {}).await;
+    register_services(&gw).await;
+    let mut prison = gw.client("YP001").await;
+    let s = ost_and_care_plan(1, ConsentDecision::Given);
+    let r = prison
+        .submit(release_of("ost", &s, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r), ["YG001", "YPR01", "YS001", "YM001"]);
+    assert_eq!(
+        due_ms(&r, "YS001"),
+        LAST_DOSE_MS + 24 * 3_600_000,
+        "before the next dose, not the end of the release day"
+    );
+    assert_ne!(due_ms(&r, "YG001"), due_ms(&r, "YS001"));
+    let mut sms = client_for(&gw, "YS001").await;
+    let got = pull_and_ack(&mut sms).await;
+    assert_eq!(got.len(), 1);
+    let doc = native(&got[0]);
+    assert_eq!(doc.medications.len(), 1);
+    assert!(doc.medications[0].opioid_substitution);
+    assert_eq!(doc.medications[0].dose, "60 mg");
+    assert!(!doc.medications[0].last_dose_given.is_empty());
+    assert!(doc.mental_health.is_none(), "not the mental health team's");
+    assert_eq!(
+        doc.consent.as_ref().unwrap().treatment_sharing(),
+        pb::ConsentDecision::Given,
+        "the decision travels in the native form"
+    );
+    assert!(doc.risks.is_empty(), "a violence risk is not drug-related");
+    assert!(got[0].urgent);
+    assert!(
+        got[0]
+            .not_carried
+            .iter()
+            .any(|n| n.starts_with("medications: only opioid substitution")),
+        "{:?}",
+        got[0].not_carried
+    );
+    let mut mht = client_for(&gw, "YM001").await;
+    let got = pull_and_ack(&mut mht).await;
+    assert_eq!(got.len(), 1);
+    let doc = native(&got[0]);
+    assert!(
+        doc.medications.is_empty(),
+        "methadone is not psychotropic here"
+    );
+    assert!(doc.mental_health.as_ref().unwrap().care_programme_approach);
+    assert!(doc.substance_misuse.is_none());
+    assert!(
+        got[0]
+            .not_carried
+            .iter()
+            .any(|n| n.starts_with("risks: only suicide and self-harm")),
+        "{:?}",
+        got[0].not_carried
+    );
+    // The prison may name the service: the named one wins over the area's.
+    let r = prison
+        .submit(release_of(
+            "named",
+            &ost_and_care_plan(2, ConsentDecision::Given),
+            &["YS002"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&r).contains(&"YS002"));
+    assert!(!destinations(&r).contains(&"YS001"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn treatment_services_receive_nothing_when_consent_is_refused() {
+    let (gw, _clock) = TestGateway::start_manual(|_| {}).await;
+    register_services(&gw).await;
+    let mut prison = gw.client("YP001").await;
+    let refused = ost_and_care_plan(3, ConsentDecision::Refused);
+    let r = prison
+        .submit(release_of("refused", &refused, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r), ["YG001", "YPR01"]);
+    // Naming a service does not override the refusal: refused, field-level.
+    let err = prison
+        .submit(release_of("refused-named", &refused, &["YS001"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(violations(&err), ["destinations[0]"]);
+    // A recorded legal basis allows it, as it does for probation.
+    let mut basis = ost_and_care_plan(4, ConsentDecision::Refused);
+    basis.consent.legal_basis = Some("invented legal basis".into());
+    let r = prison
+        .submit(release_of("basis", &basis, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r), ["YG001", "YPR01", "YS001", "YM001"]);
+    let mut sms = client_for(&gw, "YS001").await;
+    assert_eq!(
+        pull_and_ack(&mut sms).await.len(),
+        1,
+        "only the consented one"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn no_service_for_the_release_area_parks_the_copy_visibly() {
+    let (gw, clock) = TestGateway::start_manual(|c| c.queue.sweep_interval_ms = 50).await;
+    let mut prison = gw.client("YP001").await;
+    let mut s = ost_and_care_plan(5, ConsentDecision::Given);
+    s.registered_gp = None;
+    s.mental_health = None;
+    s.risks = vec![RiskFlag {
+        kind: RiskKind::SelfHarm,
+        active: true,
+        note: None,
+    }];
+    let r = prison
+        .submit(release_of("nowhere", &s, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        destinations(&r),
+        [
+            "@parked",
+            "YPR01",
+            "@parked-substance-misuse",
+            "@parked-mental-health"
+        ]
+    );
+    let t = track_message(&mut prison, "nowhere").await;
+    for d in &t.deliveries[2..] {
+        assert_eq!(d.state(), pb::DeliveryState::Parked, "{}", d.destination);
+    }
+    let mut op = gw.operator().await;
+    let boxes = op
+        .list_mailboxes(pb::ListMailboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .mailboxes;
+    for held in ["@parked-substance-misuse", "@parked-mental-health"] {
+        let m = boxes.iter().find(|m| m.mailbox == held).unwrap();
+        assert_eq!((m.depth, m.urgent), (1, 1), "{held}");
+    }
+    // Past the next dose, the held OST copy is reported overdue.
+    clock.advance(LAST_DOSE_MS + 24 * 3_600_000 + 1 - T0);
+    let mut reported = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = track_message(&mut prison, "nowhere").await;
+        if t.deliveries[2].overdue_since.is_some() {
+            reported = true;
+            break;
+        }
+    }
+    assert!(reported, "the missed dose deadline is reported");
+    // A GP practice's claim takes the parked GP copy, not the held ones.
+    let mut gp = gw.client("YG002").await;
+    let claimed = gp
+        .claim(pb::ClaimRequest {
+            patient: Some(pb::PatientRef {
+                nhs_number: nhs(5),
+                prison_number: String::new(),
+                date_of_birth: "1985-06-15".into(),
+            }),
+            evidence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.claimed.len(), 1, "{claimed:?}");
+    let t = track_message(&mut prison, "nowhere").await;
+    assert_eq!(t.deliveries[0].destination, "YG002");
+    assert_eq!(t.deliveries[2].destination, "@parked-substance-misuse");
+    assert_eq!(t.deliveries[3].destination, "@parked-mental-health");
+    // The way out: the registry gains the services, the prison resubmits,
+    // and the correction retires the held copies.
+    register_services(&gw).await;
+    let r = prison
+        .submit(release_of("nowhere-again", &s, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&r).contains(&"YS001") && destinations(&r).contains(&"YM001"));
+    let t = track_message(&mut prison, "nowhere").await;
+    for d in &t.deliveries[2..] {
+        assert_eq!(
+            d.state(),
+            pb::DeliveryState::Superseded,
+            "{}",
+            d.destination
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_fhir_recipient_is_told_the_treatment_decision_is_not_carried() {
+    let (gw, _clock) = TestGateway::start_manual(|_| {}).await;
+    register_services(&gw).await;
+    let mut prison = gw.client("YP001").await;
+    let s = ost_and_care_plan(6, ConsentDecision::Given);
+    prison.submit(release_of("fhir", &s, &[])).await.unwrap();
+    let mut mht = client_for(&gw, "YM001").await;
+    let mut request = pull(10);
+    request.format = pb::DocumentFormat::FhirJson.into();
+    let got = mht.pull(request).await.unwrap().into_inner().deliveries;
+    assert_eq!(got.len(), 1);
+    assert!(
+        got[0]
+            .not_carried
+            .iter()
+            .any(|n| n == TREATMENT_SHARING_NOT_CARRIED)
+    );
+    gw.stop().await;
+}
+
+/// What the script did to one release, kept by the test itself.
+struct Scripted {
+    prison: &'static str,
+    gp_due_ms: i64,
+    gp_acked_ms: Option<i64>,
+    parked_ms: i64,
+    /// (acknowledged, due) of the substance misuse service copy.
+    ost: Option<(i64, i64)>,
+    /// Acknowledged, of the mental health team copy.
+    mental_health: Option<i64>,
+}
+
+/// The share the script expects: suppressed when the denominator, the
+/// numerator or the rest is from 1 to 4.
+fn expected_share(numerator: u64, denominator: u64) -> pb::ContinuityShare {
+    let small = |n: u64| (1..5).contains(&n);
+    if small(numerator) || small(denominator) || small(denominator - numerator) {
+        pb::ContinuityShare {
+            suppressed: true,
+            numerator: 0,
+            denominator: 0,
+        }
+    } else {
+        pb::ContinuityShare {
+            suppressed: false,
+            numerator,
+            denominator,
+        }
+    }
+}
+
+/// The row the script expects for `prison`, all submitted at `T0`.
+fn expected_row(
+    log: &[Scripted],
+    prison: &str,
+) -> (Option<u64>, Vec<pb::ContinuityShare>, Option<i64>) {
+    let mine: Vec<&Scripted> = log.iter().filter(|r| r.prison == prison).collect();
+    let n = mine.len() as u64;
+    let count = |f: &dyn Fn(&Scripted) -> bool| mine.iter().filter(|r| f(r)).count() as u64;
+    let on_time = count(&|r| r.gp_acked_ms.is_some_and(|a| a <= r.gp_due_ms));
+    let ost_n = count(&|r| r.ost.is_some());
+    let ost_ok = count(&|r| r.ost.is_some_and(|(a, due)| a <= due));
+    let mh_n = count(&|r| r.mental_health.is_some());
+    let mh_ok = count(&|r| r.mental_health.is_some_and(|a| a - T0 <= 72 * 3_600_000));
+    let mut to_gp: Vec<i64> = mine
+        .iter()
+        .filter_map(|r| r.gp_acked_ms)
+        .map(|a| a - T0)
+        .collect();
+    to_gp.sort_unstable();
+    let median = (to_gp.len() >= 5).then(|| {
+        let m = to_gp.len() / 2;
+        if to_gp.len() % 2 == 1 {
+            to_gp[m]
+        } else {
+            (to_gp[m - 1] + to_gp[m]) / 2
+        }
+    });
+    let shares = vec![
+        expected_share(on_time, n),
+        expected_share(count(&|r| r.parked_ms > 3 * 86_400_000), n),
+        expected_share(count(&|r| r.parked_ms > 7 * 86_400_000), n),
+        expected_share(ost_ok, ost_n),
+        expected_share(mh_ok, mh_n),
+    ];
+    ((n >= 5).then_some(n), shares, median)
+}
+
+/// Pulls up to `max` and acknowledges them; how many.
+async fn pull_ack(client: &mut Handover, max: u32) -> usize {
+    let got = client
+        .pull(pull(max))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    for d in &got {
+        client
+            .ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+    }
+    got.len()
+}
+
+fn on_release_day(mut s: ClinicalSummary) -> ClinicalSummary {
+    // T0 is 2027-01-15T08:00:00Z: release that day, due by its midnight (GMT).
+    s.custody.release_date = Some("2027-01-15".parse().unwrap());
+    s
+}
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+
+#[tokio::test]
+async fn continuity_indicators_match_a_scripted_day() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    register_services(&gw).await;
+    let mut log = scripted_releases(&gw).await;
+    let mut gp = scripted_deliveries(&gw, &clock, &mut log).await;
+    let mut op = gw.operator().await;
+    scripted_claims(&mut op, &mut gp, &clock, &mut log).await;
+    let got = op
+        .get_continuity(pb::GetContinuityRequest {
+            from: Some(prost_types::Timestamp {
+                seconds: (T0 - HOUR) / 1_000,
+                nanos: 0,
+            }),
+            to: Some(prost_types::Timestamp {
+                seconds: (T0 + DAY) / 1_000,
+                nanos: 0,
+            }),
+            period: Some(prost_types::Duration {
+                seconds: 86_400,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    indicators_as_scripted(&got, &log);
+    continuity_refusals(&gw, &mut op).await;
+    gw.stop().await;
+}
+
+/// The releasing day: 21 from YP001 (10 on OST, 5 on a care plan, 6 with
+/// no GP) and 3 from YP002, with what each should count for.
+async fn scripted_releases(gw: &TestGateway) -> Vec<Scripted> {
+    let end_of_day = "2027-01-15T23:59:59.999Z"
+        .parse::<jiff::Timestamp>()
+        .unwrap()
+        .as_millisecond();
+    let mut prison = gw.client("YP001").await;
+    let mut log = Vec::new();
+    // 10 on OST (GP copy urgent: due in 4 h), 5 on a care plan, 6 with no GP.
+    for p in 1..=21u32 {
+        let mut s = on_release_day(ost_and_care_plan(100 + p, ConsentDecision::Given));
+        if p > 10 {
+            s.medications[0].opioid_substitution = false;
+        } else {
+            s.mental_health = None;
+        }
+        if p > 15 {
+            s.mental_health = None;
+            s.registered_gp = None;
+        }
+        prison
+            .submit(release_of(&format!("day-{p}"), &s, &[]))
+            .await
+            .unwrap();
+        log.push(Scripted {
+            prison: "YP001",
+            gp_due_ms: if p <= 10 { T0 + 4 * HOUR } else { end_of_day },
+            gp_acked_ms: None,
+            parked_ms: 0,
+            ost: None,
+            mental_health: None,
+        });
+    }
+    // Three releases from YP002 (no region: no probation, no services).
+    let mut other = gw.client("YP002").await;
+    for p in 1..=3u32 {
+        let mut s = on_release_day(throughcare::clinical::synthetic::release_summary(
+            nhs(200 + p).parse().ok(),
+            None,
+            "YP002".parse().unwrap(),
+            Some("YG002".parse().unwrap()),
+            "other",
+        ));
+        s.consent.treatment_sharing = ConsentDecision::Given;
+        other
+            .submit(release_of(&format!("other-{p}"), &s, &[]))
+            .await
+            .unwrap();
+        log.push(Scripted {
+            prison: "YP002",
+            gp_due_ms: end_of_day,
+            gp_acked_ms: None,
+            parked_ms: 0,
+            ost: None,
+            mental_health: None,
+        });
+    }
+    log
+}
+
+/// 09:00 and the next morning: GPs, the service and the team pull and ack.
+async fn scripted_deliveries(
+    gw: &TestGateway,
+    clock: &throughcare::store::ManualClock,
+    log: &mut [Scripted],
+) -> Handover {
+    // 09:00: the GPs take everything waiting; the service takes 5 OST
+    // copies, the mental health team its 5.
+    clock.advance(HOUR);
+    let mut gp = gw.client("YG001").await;
+    assert_eq!(pull_ack(&mut gp, 50).await, 15);
+    let mut gp2 = gw.client("YG002").await;
+    assert_eq!(pull_ack(&mut gp2, 50).await, 3);
+    for (i, r) in log.iter_mut().enumerate() {
+        if !(15..21).contains(&i) {
+            r.gp_acked_ms = Some(T0 + HOUR);
+        }
+    }
+    let mut sms = client_for(gw, "YS001").await;
+    assert_eq!(pull_ack(&mut sms, 5).await, 5);
+    let mut mht = client_for(gw, "YM001").await;
+    assert_eq!(pull_ack(&mut mht, 50).await, 5);
+    for (i, r) in log.iter_mut().enumerate().take(15) {
+        if i < 5 {
+            r.ost = Some((T0 + HOUR, T0 - 2 * HOUR + DAY));
+        } else if i >= 10 {
+            r.mental_health = Some(T0 + HOUR);
+        }
+    }
+    // The next morning, past the next dose: the other 5 OST copies.
+    clock.advance(22 * HOUR);
+    assert_eq!(pull_ack(&mut sms, 50).await, 5);
+    for r in &mut log[5..10] {
+        r.ost = Some((T0 + 23 * HOUR, T0 - 2 * HOUR + DAY));
+    }
+    gp
+}
+
+/// Day 4: five parked releases claimed for YG001; day 8: the last one.
+async fn scripted_claims(
+    op: &mut pb::operator_service_client::OperatorServiceClient<Channel>,
+    gp: &mut Handover,
+    clock: &throughcare::store::ManualClock,
+    log: &mut [Scripted],
+) {
+    // Day 4: five parked releases claimed for YG001; day 8: the last one.
+    for (patient, at) in [(116, 4), (117, 4), (118, 4), (119, 4), (120, 4), (121, 8)] {
+        let now = T0 + at * DAY;
+        clock.advance(now - clock.now_ms());
+        op.claim_parked(pb::ClaimParkedRequest {
+            patient: Some(pb::PatientRef {
+                nhs_number: nhs(patient),
+                prison_number: String::new(),
+                date_of_birth: "1985-06-15".into(),
+            }),
+            practice: "YG001".into(),
+            reason: "registered there, confirmed by phone (scripted)".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(pull_ack(gp, 50).await, 1);
+        let r = &mut log[(patient - 101) as usize];
+        r.parked_ms = at * DAY;
+        r.gp_acked_ms = Some(now);
+    }
+}
+
+/// Each row against the script's own arithmetic, and YP001 spelled out.
+fn indicators_as_scripted(got: &pb::GetContinuityResponse, log: &[Scripted]) {
+    let prisons: Vec<&str> = got.rows.iter().map(|r| r.prison.as_str()).collect();
+    assert_eq!(prisons, ["YP001", "YP002"]);
+    for row in &got.rows {
+        let (releases, shares, median) = expected_row(log, &row.prison);
+        assert_eq!(row.releases, releases, "{}", row.prison);
+        let actual = vec![
+            row.gp_within_deadline.unwrap(),
+            row.parked_over_three_days.unwrap(),
+            row.parked_over_seven_days.unwrap(),
+            row.ost_before_next_dose.unwrap(),
+            row.mental_health_within_72h.unwrap(),
+        ];
+        assert_eq!(actual, shares, "{}", row.prison);
+        let median_ms = row.median_to_gp.map(|d| d.seconds * 1_000);
+        assert_eq!(median_ms, median, "{}", row.prison);
+        assert_eq!(row.period_start.unwrap().seconds, (T0 - HOUR) / 1_000);
+    }
+    // What the script makes of YP001, spelled out: 21 releases, 15 on time,
+    // 6 parked over 3 days, 1 over 7 (suppressed), OST 5 of 10, MH 5 of 5.
+    let yp001 = &got.rows[0];
+    assert_eq!(yp001.releases, Some(21));
+    assert_eq!(yp001.gp_within_deadline.unwrap().numerator, 15);
+    assert_eq!(yp001.parked_over_three_days.unwrap().numerator, 6);
+    assert!(yp001.parked_over_seven_days.unwrap().suppressed);
+    assert_eq!(yp001.ost_before_next_dose.unwrap().numerator, 5);
+    assert_eq!(yp001.median_to_gp.unwrap().seconds, 3_600);
+    assert_eq!(got.rows[1].releases, None, "3 releases are suppressed");
+}
+
+/// A window that is empty or cut too fine (field-level refusals), and a
+/// caller who is no operator.
+async fn continuity_refusals(
+    gw: &TestGateway,
+    op: &mut pb::operator_service_client::OperatorServiceClient<Channel>,
+) {
+    let bad = pb::GetContinuityRequest {
+        from: Some(prost_types::Timestamp {
+            seconds: T0 / 1_000,
+            nanos: 0,
+        }),
+        to: Some(prost_types::Timestamp {
+            seconds: T0 / 1_000,
+            nanos: 0,
+        }),
+        period: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+    };
+    let err = op.get_continuity(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(violations(&err), ["from", "period"]);
+    // Operators only, whatever they ask.
+    let mut as_prison = gw.operator_as("YP001").await;
+    let err = as_prison.get_continuity(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commissioners_get_continuity_as_csv_and_json_from_the_command_line() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    for i in 0..6 {
+        prison
+            .submit(release(&format!("cli-{i}"), 300 + i, &["YG001"], "m"))
+            .await
+            .unwrap();
+    }
+    let mut gp = gw.client("YG001").await;
+    assert_eq!(pull_and_ack(&mut gp).await.len(), 6);
+    let admin = |extra: &str| {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "admin",
+                "continuity",
+                extra,
+                "--server",
+                &gw.endpoint,
+                "--certs-dir",
+            ])
+            .arg(gw.certs())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let csv = admin("--csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 2, "{csv}");
+    let cells: Vec<&str> = lines[1].split(',').collect();
+    assert_eq!(cells.len(), lines[0].split(',').count());
+    // Six releases, all acknowledged after their (past) release day: 0 of 6
+    // on time; no OST or mental health copies (0 of 0).
+    assert_eq!(cells[0], "YP001");
+    assert_eq!(&cells[3..6], ["6", "0", "6"]);
+    let json: serde_json::Value = serde_json::from_str(&admin("--json")).unwrap();
+    let row = &json["rows"][0];
+    assert_eq!(row["releases"], 6);
+    assert_eq!(row["ost_before_next_dose"]["denominator"], 0);
+    assert_eq!(row["parked_over_3_days"]["numerator"], 0);
+    gw.stop().await;
+}
