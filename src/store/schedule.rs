@@ -9,6 +9,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+/// A fast hasher: every key here is ours (delivery ids, mailbox names,
+/// keyed patient hashes), none chosen by a caller, so no flooding to resist.
+type Fast = foldhash::fast::RandomState;
+
+/// A patient's live deliveries in one mailbox: nearly always one, held
+/// inline (no allocation per patient).
+type Ids = smallvec::SmallVec<[u64; 1]>;
+
 /// Scheduling facts about one live delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Live {
@@ -70,14 +78,14 @@ struct MailboxIndex {
     order: BTreeSet<(u8, u64)>,
     /// Each patient's live deliveries, ascending; the first is the only one
     /// leasable. Most patients have one, so a sorted vector, not a set.
-    by_patient: HashMap<Arc<str>, Vec<u64>>,
+    by_patient: HashMap<Arc<str>, Ids, Fast>,
 }
 
 /// The index of every live delivery.
 #[derive(Debug, Default)]
 pub struct Schedule {
-    live: HashMap<u64, Live>,
-    mailboxes: HashMap<Arc<str>, MailboxIndex>,
+    live: HashMap<u64, Live, Fast>,
+    mailboxes: HashMap<Arc<str>, MailboxIndex, Fast>,
     /// (lease expiry, delivery id) of every leased delivery.
     leases: BTreeSet<(i64, u64)>,
     /// (deadline, delivery id) of live deliveries whose miss is not yet reported.
@@ -264,7 +272,7 @@ impl Schedule {
         self.mailboxes
             .get(mailbox)
             .and_then(|m| m.by_patient.get(patient_key))
-            .cloned()
+            .map(|ids| ids.to_vec())
             .unwrap_or_default()
     }
 
