@@ -260,32 +260,51 @@ fn median(values: &mut [i64]) -> Option<i64> {
     })
 }
 
-/// The rows for `releases` (as the store gives them) in `window`, at `now_ms`.
-fn indicators(
-    releases: &[(HandoverRecord, Vec<DeliveryRecord>)],
+/// The tallies of one scan, newest release first (so a correction is seen
+/// before the release it corrects, which then does not count).
+struct Scan {
     window: Window,
     now_ms: i64,
-) -> Vec<ContinuityRow> {
-    let corrected: HashSet<u64> = releases.iter().filter_map(|(h, _)| h.supersedes).collect();
-    let mut tallies: BTreeMap<(String, i64), Tally> = BTreeMap::new();
-    for (h, deliveries) in releases {
-        if corrected.contains(&h.id) || h.submitted_at_ms < window.from_ms {
-            continue;
+    corrected: HashSet<u64>,
+    tallies: BTreeMap<(String, i64), Tally>,
+}
+
+impl Scan {
+    fn new(window: Window, now_ms: i64) -> Self {
+        Self {
+            window,
+            now_ms,
+            corrected: HashSet::new(),
+            tallies: BTreeMap::new(),
         }
-        let period = (h.submitted_at_ms - window.from_ms) / window.period_ms;
-        tallies
+    }
+
+    /// Counts one release (called newest first).
+    fn add(&mut self, h: &HandoverRecord, deliveries: &[DeliveryRecord]) {
+        if let Some(old) = h.supersedes {
+            self.corrected.insert(old);
+        }
+        if self.corrected.contains(&h.id) || h.submitted_at_ms < self.window.from_ms {
+            return;
+        }
+        let period = (h.submitted_at_ms - self.window.from_ms) / self.window.period_ms;
+        self.tallies
             .entry((h.sender.clone(), period))
             .or_default()
-            .add(&outcome(h, deliveries, now_ms), h.submitted_at_ms);
+            .add(&outcome(h, deliveries, self.now_ms), h.submitted_at_ms);
     }
-    tallies
-        .into_iter()
-        .map(|((prison, period), tally)| {
-            let start = window.from_ms + period * window.period_ms;
-            let end = (start + window.period_ms).min(window.to_ms);
-            tally.row(prison, start, end)
-        })
-        .collect()
+
+    fn rows(self) -> Vec<ContinuityRow> {
+        let window = self.window;
+        self.tallies
+            .into_iter()
+            .map(|((prison, period), tally)| {
+                let start = window.from_ms + period * window.period_ms;
+                let end = (start + window.period_ms).min(window.to_ms);
+                tally.row(prison, start, end)
+            })
+            .collect()
+    }
 }
 
 impl Gateway {
@@ -312,8 +331,16 @@ impl Gateway {
         let now_ms = self.clock.now_ms();
         let window = window.resolve(now_ms)?;
         let store = self.store.clone();
-        let releases = tokio::task::spawn_blocking(move || {
-            store.handovers_submitted_between(JourneyEvent::Release, window.from_ms, window.to_ms)
+        let rows = tokio::task::spawn_blocking(move || {
+            let mut scan = Scan::new(window, now_ms);
+            store
+                .for_each_handover_submitted_between(
+                    JourneyEvent::Release,
+                    window.from_ms,
+                    window.to_ms,
+                    |h, deliveries| scan.add(&h, &deliveries),
+                )
+                .map(|()| scan.rows())
         })
         .await
         .map_err(|e| {
@@ -322,7 +349,7 @@ impl Gateway {
             )))
         })??;
         Ok(Continuity {
-            rows: indicators(&releases, window, now_ms),
+            rows,
             now_ms,
             covered_from_ms: now_ms - self.store.retention_policy().metadata_ms,
         })

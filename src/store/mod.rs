@@ -1062,22 +1062,22 @@ impl Store {
             .transpose()
     }
 
-    /// Every handover of `event` submitted in `[from_ms, to_ms)` whose
-    /// tracking metadata is still held, with its deliveries: metadata only,
-    /// never a payload. A scan of the handovers tree (the metadata period's
-    /// worth: ~400 releases a day nationally), so call it off the runtime
-    /// (`spawn_blocking`).
+    /// Calls `visit` with each handover of `event` submitted in
+    /// `[from_ms, to_ms)` whose tracking metadata is still held, and its
+    /// delivery records (metadata only, never a payload), newest first, one
+    /// at a time: memory does not grow with the window. A scan of the
+    /// handovers tree, so call it off the runtime.
     ///
     /// # Errors
-    /// Store failures, and records that do not decode.
-    pub fn handovers_submitted_between(
+    /// Store failures; an undecodable record.
+    pub fn for_each_handover_submitted_between(
         &self,
         event: JourneyEvent,
         from_ms: i64,
         to_ms: i64,
-    ) -> Result<Vec<(HandoverRecord, Vec<DeliveryRecord>)>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.inner.trees[TreeId::Handovers as usize].iter() {
+        mut visit: impl FnMut(HandoverRecord, Vec<DeliveryRecord>),
+    ) -> Result<(), StoreError> {
+        for entry in self.inner.trees[TreeId::Handovers as usize].iter().rev() {
             let (_, raw) = entry?;
             let h: HandoverRecord = serde_json::from_slice(&raw)
                 .map_err(|e| StoreError::Corrupt(format!("handover record: {e}")))?;
@@ -1089,9 +1089,9 @@ impl Store {
                 .iter()
                 .filter_map(|id| self.delivery(*id).transpose())
                 .collect::<Result<Vec<_>, _>>()?;
-            out.push((h, deliveries));
+            visit(h, deliveries);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Appends an audit entry that records no change of state (a refused
