@@ -315,37 +315,13 @@ impl Writer {
 
 /// The delivery record of an admission notice found through PDS.
 fn notice_delivery(h: &HandoverRecord, dest: &NewDelivery, id: u64, now: i64) -> DeliveryRecord {
-    DeliveryRecord {
-        id,
+    let owner = super::writer::Owner {
         handover_id: h.id,
-        mailbox: dest.mailbox.clone(),
-        patient_key: h.patient_key.clone(),
-        urgent: dest.urgent,
-        state: DeliveryState::Queued,
-        attempt: 0,
-        lease_until_ms: None,
-        not_before_ms: None,
-        queued_at_ms: now,
-        last_leased_at_ms: None,
-        delivered_at_ms: None,
-        quarantined_at_ms: None,
-        reason: None,
-        view: dest.view.clone(),
-        not_carried: dest.not_carried.clone(),
-        event: Some(h.event),
-        due_ms: dest.due_ms,
-        overdue_at_ms: None,
-        superseded_by: None,
-        superseded_by_handover: None,
-        sender: Some(h.sender.clone()),
-        superseded_at_ms: None,
-        claim_keys: Vec::new(),
-        claimed_by: None,
-        claimed_at_ms: None,
-        max_attempts: None,
-        finished_at_ms: None,
-        pds: None,
-    }
+        sender: &h.sender,
+        event: h.event,
+        patient_key: &h.patient_key,
+    };
+    super::writer::new_delivery(&owner, dest, id, &[], now)
 }
 
 #[cfg(test)]

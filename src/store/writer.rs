@@ -756,7 +756,13 @@ impl Writer {
         let supersedes = Self::advance_lineage(staged, &newer)?;
         self.extend_claim_keys(staged, &patient_key, &h.claim_keys)?;
         for (dest, (_, did)) in h.destinations.iter().zip(&deliveries) {
-            let record = new_delivery(&h, dest, *did, id, &patient_key, now);
+            let owner = Owner {
+                handover_id: id,
+                sender: &h.sender,
+                event: h.event,
+                patient_key: &patient_key,
+            };
+            let record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
             staged.put_json(TreeId::Deliveries, records::be(*did).to_vec(), &record);
             staged.put(
                 TreeId::Pending,
@@ -1417,20 +1423,30 @@ fn state_name(state: DeliveryState) -> &'static str {
 }
 
 /// A new handover's delivery record for destination `dest`.
-fn new_delivery(
-    h: &NewHandover,
+/// Who a new delivery belongs to: its handover's id, sender, event and
+/// patient.
+pub(super) struct Owner<'a> {
+    pub handover_id: u64,
+    pub sender: &'a str,
+    pub event: crate::journey::JourneyEvent,
+    pub patient_key: &'a str,
+}
+
+/// A new delivery's record: queued (parked in a parked mailbox, the only
+/// place `claim_keys` are kept, since only a parked release is claimed).
+pub(super) fn new_delivery(
+    owner: &Owner<'_>,
     dest: &super::NewDelivery,
     id: u64,
-    handover_id: u64,
-    patient_key: &str,
+    claim_keys: &[String],
     now: i64,
 ) -> DeliveryRecord {
     let parked = records::is_parked_mailbox(&dest.mailbox);
     DeliveryRecord {
         id,
-        handover_id,
+        handover_id: owner.handover_id,
         mailbox: dest.mailbox.clone(),
-        patient_key: patient_key.to_owned(),
+        patient_key: owner.patient_key.to_owned(),
         urgent: dest.urgent,
         state: if parked {
             DeliveryState::Parked
@@ -1447,16 +1463,15 @@ fn new_delivery(
         reason: None,
         view: dest.view.clone(),
         not_carried: dest.not_carried.clone(),
-        event: Some(h.event),
+        event: Some(owner.event),
         due_ms: dest.due_ms,
         overdue_at_ms: None,
         superseded_by: None,
         superseded_by_handover: None,
-        sender: Some(h.sender.clone()),
+        sender: Some(owner.sender.to_owned()),
         superseded_at_ms: None,
-        // Only a parked release can be claimed.
         claim_keys: if parked {
-            h.claim_keys.clone()
+            claim_keys.to_vec()
         } else {
             Vec::new()
         },
