@@ -535,21 +535,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 opts.messages
             );
         }
-        let mut acks = tokio::task::JoinSet::new();
-        for d in pulled.deliveries {
-            let mut c = consumer.clone();
-            acks.spawn(async move {
-                c.ack(pb::AckRequest {
-                    delivery_id: d.delivery_id,
-                    attempt: d.attempt,
-                })
-                .await
-            });
-        }
-        while let Some(r) = acks.join_next().await {
-            r??;
-            acked += 1;
-        }
+        acked += ack_all(&consumer, pulled.deliveries).await?;
     }
     let pull_elapsed = started.elapsed();
     let peak = rss_kib(pid, "VmHWM:").unwrap_or(0).max(peak_submit);
@@ -878,22 +864,33 @@ async fn soak_consumer(
         if pulled.deliveries.is_empty() && Instant::now() >= until {
             return Ok(());
         }
-        let mut acks = tokio::task::JoinSet::new();
-        for d in pulled.deliveries {
-            let mut c = consumer.clone();
-            acks.spawn(async move {
-                c.ack(pb::AckRequest {
-                    delivery_id: d.delivery_id,
-                    attempt: d.attempt,
-                })
-                .await
-            });
-        }
-        while let Some(r) = acks.join_next().await {
-            r??;
-            acked.fetch_add(1, Ordering::Relaxed);
-        }
+        let n = ack_all(&consumer, pulled.deliveries).await?;
+        acked.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+/// Acks `deliveries` concurrently on clones of `consumer`; how many.
+async fn ack_all(
+    consumer: &pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>,
+    deliveries: Vec<pb::Delivery>,
+) -> anyhow::Result<usize> {
+    let mut acks = tokio::task::JoinSet::new();
+    for d in deliveries {
+        let mut c = consumer.clone();
+        acks.spawn(async move {
+            c.ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+        });
+    }
+    let mut n = 0;
+    while let Some(r) = acks.join_next().await {
+        r??;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Runs the soak (see the module docs).
