@@ -156,8 +156,7 @@ impl Prepared {
     /// Anything that would stop the gateway from serving correctly.
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         config.validate()?;
-        let pds = crate::pds::client_from_config(&config.pds)?;
-        let mesh = crate::mesh::client_from_config(&config.mesh, config.limits.max_document_bytes)?;
+        // The dev PKI first: a development MESH or PDS set-up may name its files.
         if config.dev_certs && !crate::certs::dev_pki_present(&config.certs_dir) {
             crate::certs::init_dev_pki(&config.certs_dir)?;
             tracing::warn!(
@@ -165,6 +164,8 @@ impl Prepared {
                 "created DEVELOPMENT certificates and registry; never use them in production"
             );
         }
+        let pds = crate::pds::client_from_config(&config.pds)?;
+        let mesh = crate::mesh::client_from_config(&config.mesh, config.limits.max_document_bytes)?;
         let mut registry = Registry::load(&config.registry_path())?;
         let tls = ReloadableConfig::load(config.tls_files())?;
         let secret_path = config

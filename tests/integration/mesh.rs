@@ -738,3 +738,35 @@ async fn mesh_message_larger_than_the_gateway_accepts_is_refused_back_not_retrie
     );
     gw.stop().await;
 }
+
+/// The compose `parties` profile points `[mesh]` at files of the dev PKI that
+/// the gateway makes on its first start: the PKI must exist before the MESH
+/// client reads them (it did not: the gateway refused to start).
+#[tokio::test]
+async fn a_development_mesh_set_up_may_name_files_of_the_pki_made_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::write(dir.path().join("password"), "password\n").unwrap();
+    std::fs::write(dir.path().join("shared-key"), SHARED_KEY).unwrap();
+    let (cert, key) = throughcare::certs::DevPaths { dir: certs.clone() }.client("YG002");
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        certs_dir: certs.clone(),
+        dev_certs: true,
+        mesh: MeshConfig {
+            enabled: true,
+            url: "https://mesh-sandbox:8700".into(),
+            mailbox: GATEWAY_MB.into(),
+            password_file: Some(dir.path().join("password")),
+            shared_key_file: Some(dir.path().join("shared-key")),
+            client_cert_file: Some(cert),
+            client_key_file: Some(key),
+            ca_file: Some(certs.join("ca.pem")),
+            ..MeshConfig::default()
+        },
+        ..Config::default()
+    };
+    assert!(!certs.exists());
+    let prepared = throughcare::app::Prepared::new(config, Arc::new(SystemClock));
+    assert!(prepared.is_ok(), "{:?}", prepared.err());
+}
