@@ -787,6 +787,12 @@ impl Metrics {
                 outcome: outcome.as_str(),
             });
         }
+        let pds_outcomes = crate::store::PdsStatus::ALL.map(crate::store::PdsStatus::label);
+        for outcome in pds_outcomes.into_iter().chain(["failed"]) {
+            self.pds
+                .lookups
+                .get_or_create_owned(&OutcomeLabels { outcome });
+        }
         for (direction, outcome) in MESH_OUTCOMES {
             self.mesh
                 .messages
@@ -1378,6 +1384,23 @@ mod tests {
             quarantined: 0,
             parked: 0,
         }]);
+        // The continuity gauges exist only once computed (and unsuppressed).
+        m.set_continuity(&crate::handover::Continuity {
+            rows: vec![crate::handover::ContinuityRow {
+                prison: "YP001".into(),
+                period_start_ms: 0,
+                period_end_ms: 1,
+                releases: Some(20),
+                gp_within_deadline: crate::handover::Share::Of(15, 20),
+                parked_over_three_days: crate::handover::Share::Of(0, 20),
+                parked_over_seven_days: crate::handover::Share::Of(0, 20),
+                median_to_gp_ms: Some(1),
+                ost_before_next_dose: crate::handover::Share::Of(0, 0),
+                mental_health_within_72h: crate::handover::Share::Of(0, 0),
+            }],
+            now_ms: 1,
+            covered_from_ms: 0,
+        });
         let exported = to_prometheus_text(&m.encode());
         let names = regex::Regex::new(r"throughcare_[a-z_]+").unwrap();
         let mut checked = 0;
@@ -1391,7 +1414,7 @@ mod tests {
                 }
             }
         }
-        assert!(checked >= 15, "{checked}");
+        assert!(checked >= 22, "{checked}");
     }
 
     #[test]

@@ -47,6 +47,19 @@ pub enum PdsStatus {
 }
 
 impl PdsStatus {
+    /// Every status, in declaration order.
+    pub const ALL: [PdsStatus; 9] = [
+        PdsStatus::Routed,
+        PdsStatus::NotConnected,
+        PdsStatus::NoPractice,
+        PdsStatus::NotFound,
+        PdsStatus::DobMismatch,
+        PdsStatus::Superseded,
+        PdsStatus::Deceased,
+        PdsStatus::Restricted,
+        PdsStatus::NoNhsNumber,
+    ];
+
     /// Upper-case name for the wire and tables.
     pub fn as_str(self) -> &'static str {
         match self {
