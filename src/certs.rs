@@ -96,9 +96,11 @@ pub fn dev_organisations() -> Vec<Organisation> {
 pub const DEV_OPERATOR: &str = "oncall";
 
 /// The names in the dev server certificate: the loopback names, and the
-/// compose service name (`gateway`, docker/compose.yaml) so other containers
-/// on the compose network can reach it by name.
-pub const DEV_SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1", "gateway"];
+/// compose service names (`gateway`, and `mesh-sandbox` of the `parties`
+/// profile, which serves with the same development certificate;
+/// docker/compose.yaml) so other containers on the compose network can reach
+/// them by name.
+pub const DEV_SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1", "gateway", "mesh-sandbox"];
 
 /// Paths of the dev PKI files inside a directory.
 #[derive(Debug, Clone)]
@@ -399,5 +401,10 @@ mod tests {
             "the compose service is `gateway`"
         );
         assert!(dns.contains(&"gateway".to_owned()), "{dns:?}");
+        assert!(
+            compose.contains("\n  mesh-sandbox:\n"),
+            "the compose service is `mesh-sandbox`"
+        );
+        assert!(dns.contains(&"mesh-sandbox".to_owned()), "{dns:?}");
     }
 }

@@ -6,7 +6,9 @@ it). The sandbox's canned mailboxes X26ABC1, X26ABC2 and X26ABC3 (password
 "password") are the gateway's, a practice's and a prison's.
 
 It stops itself: when its standard input closes (the test that started it
-ended, however it ended) and after --lifetime seconds at most.
+ended, however it ended) and after --lifetime seconds at most. With
+--service (the compose `parties` profile, docker/compose.yaml) it runs until
+it is stopped, on --host.
 """
 
 import argparse
@@ -23,8 +25,14 @@ def main() -> None:
     p.add_argument("--ca", required=True)
     p.add_argument("--store", required=True)
     p.add_argument("--shared-key", default="TestKey")
+    p.add_argument("--shared-key-file", help="read the shared key from this file instead")
     p.add_argument("--lifetime", type=float, default=900.0)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--service", action="store_true", help="run until stopped (no stdin watch, no lifetime)")
     args = p.parse_args()
+    if args.shared_key_file:
+        with open(args.shared_key_file, encoding="utf-8") as f:
+            args.shared_key = f.read().strip()
 
     os.environ["AUTH_MODE"] = "full"
     os.environ["SHARED_KEY"] = args.shared_key
@@ -38,8 +46,9 @@ def main() -> None:
         finally:
             os._exit(0)
 
-    threading.Thread(target=watch_stdin, daemon=True).start()
-    threading.Timer(args.lifetime, lambda: os._exit(0)).start()
+    if not args.service:
+        threading.Thread(target=watch_stdin, daemon=True).start()
+        threading.Timer(args.lifetime, lambda: os._exit(0)).start()
 
     import ssl
 
@@ -47,7 +56,7 @@ def main() -> None:
 
     uvicorn.run(
         "mesh_sandbox.api:app",
-        host="127.0.0.1",
+        host=args.host,
         port=args.port,
         workers=1,
         log_level="warning",
