@@ -180,6 +180,11 @@ impl MeshClient {
         self
     }
 
+    /// The largest document this client reads (and, uncompressed, accepts).
+    pub fn max_document(&self) -> usize {
+        self.max_document
+    }
+
     /// The client's own mailbox.
     pub fn mailbox(&self) -> &str {
         self.credentials.mailbox()

@@ -49,6 +49,38 @@ fn refused(field: &str, why: &str) -> Refusal {
     }
 }
 
+/// The content as sent: `Content-Encoding: gzip` (what `mesh-client` and
+/// MESH UI send when compressing; each chunk may be its own gzip member) is
+/// decoded, reading at most `limit` bytes so a small message cannot expand
+/// without bound.
+fn decoded(msg: &Incoming, limit: usize) -> Result<std::borrow::Cow<'_, [u8]>, Refusal> {
+    use std::io::Read;
+    match msg.content_encoding.trim().to_ascii_lowercase().as_str() {
+        "" | "identity" => Ok(std::borrow::Cow::Borrowed(&msg.body)),
+        "gzip" => {
+            let mut out = Vec::new();
+            let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+            flate2::read::MultiGzDecoder::new(msg.body.as_slice())
+                .take(cap)
+                .read_to_end(&mut out)
+                .map_err(|_| refused("Content-Encoding", "not a valid gzip stream"))?;
+            if out.len() > limit {
+                return Err(refused(
+                    "content",
+                    &format!(
+                        "larger than the {limit} bytes the gateway accepts, once uncompressed"
+                    ),
+                ));
+            }
+            Ok(std::borrow::Cow::Owned(out))
+        }
+        _ => Err(refused(
+            "Content-Encoding",
+            "only gzip is understood (or no encoding)",
+        )),
+    }
+}
+
 /// The sender's idempotency key: its local id when usable, else MESH's id.
 fn idempotency_key(msg: &Incoming) -> String {
     let local = msg.local_id.trim();
@@ -137,13 +169,8 @@ impl MeshEdge {
                 "not a Throughcare workflow id (THROUGHCARE_ADMISSION, THROUGHCARE_TRANSFER, THROUGHCARE_RELEASE, THROUGHCARE_COMMUNITY_SUMMARY)",
             ));
         };
-        if !msg.content_encoding.is_empty() {
-            return Err(refused(
-                "Content-Encoding",
-                "send the document uncompressed",
-            ));
-        }
-        let Ok(text) = std::str::from_utf8(&msg.body) else {
+        let body = decoded(msg, self.client.max_document())?;
+        let Ok(text) = std::str::from_utf8(&body) else {
             return Err(refused("content", "not UTF-8 text"));
         };
         let start = text.trim_start();
@@ -295,5 +322,79 @@ impl MeshEdge {
             msg.status_code, msg.status_description
         );
         self.fail_delivery(record, &reason).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn message(encoding: &str, body: Vec<u8>) -> Incoming {
+        Incoming {
+            message_id: "20261129000000000000_ABCDEF".into(),
+            from: "X26ABC3".into(),
+            workflow_id: "THROUGHCARE_RELEASE".into(),
+            local_id: String::new(),
+            subject: String::new(),
+            message_type: "DATA".into(),
+            content_encoding: encoding.into(),
+            status_code: String::new(),
+            status_description: String::new(),
+            body,
+        }
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn field(r: Refusal) -> (String, String) {
+        match r {
+            Refusal::Refused { violations, .. } => (
+                violations[0].field.clone(),
+                violations[0].description.clone(),
+            ),
+            Refusal::Later(_) => panic!("refused now, not later"),
+        }
+    }
+
+    #[test]
+    fn gzip_members_one_per_chunk_read_as_one_document() {
+        let mut body = gzip(b"MSH|^~\\&|first half ");
+        body.extend(gzip(b"second half"));
+        let msg = message("gzip", body);
+        assert_eq!(
+            &*decoded(&msg, 1024).ok().unwrap(),
+            b"MSH|^~\\&|first half second half"
+        );
+        let plain = message("", b"{}".to_vec());
+        assert_eq!(&*decoded(&plain, 1024).ok().unwrap(), b"{}");
+    }
+
+    #[test]
+    fn a_document_over_the_limit_once_uncompressed_is_refused_on_content() {
+        let msg = message("gzip", gzip(&vec![b'a'; 10_000]));
+        assert!(msg.body.len() < 100);
+        let (f, why) = field(decoded(&msg, 4_096).err().unwrap());
+        assert_eq!(f, "content");
+        assert!(why.contains("once uncompressed"), "{why}");
+        assert!(decoded(&msg, 10_000).is_ok(), "the limit itself is allowed");
+    }
+
+    #[test]
+    fn bad_gzip_and_other_encodings_are_refused_on_the_header() {
+        let (f, _) = field(
+            decoded(&message("gzip", b"not gzip".to_vec()), 1024)
+                .err()
+                .unwrap(),
+        );
+        assert_eq!(f, "Content-Encoding");
+        let (f, why) = field(decoded(&message("br", b"x".to_vec()), 1024).err().unwrap());
+        assert_eq!(f, "Content-Encoding");
+        assert!(why.contains("gzip"), "{why}");
     }
 }
