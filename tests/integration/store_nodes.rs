@@ -232,3 +232,62 @@ async fn a_submit_on_one_node_wakes_a_long_poll_on_the_other() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// `throughcare admin audit verify` for a gateway configured for PostgreSQL.
+fn admin_audit(url: &str, dir: &Path, verb: &str) -> std::process::Output {
+    std::process::Command::new(support::BIN)
+        .args(["admin", "audit", verb])
+        .env("THROUGHCARE_STORE_ENGINE", "postgres")
+        .env("THROUGHCARE_STORE_POSTGRES_URL", url)
+        .env("THROUGHCARE_STORE_POSTGRES_KEEPS_EVERYTHING", "true")
+        .env("THROUGHCARE_DATA_DIR", dir.join("data"))
+        .env("THROUGHCARE_MASTER_KEY_FILE", dir.join("master-key"))
+        .env(
+            "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
+            dir.join("audit-key"),
+        )
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_audit_verify_reads_the_database_chain_and_finds_a_rewrite() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
+    let a = node(&url, dir.path(), clock, 5);
+    for m in 0..3 {
+        a.submit(handover(m, m, "YG001", None)).await.unwrap();
+    }
+    a.close().await.unwrap();
+    let out = admin_audit(&url, dir.path(), "verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("verifies: 3 entries"), "{text}");
+    // Rewrite one entry's outcome in the database: the chain breaks there.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            "UPDATE audit SET entry = convert_to(replace(convert_from(entry, 'UTF8'), '\"ok\"', '\"ok!\"'), 'UTF8') WHERE seq = 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = admin_audit(&url, dir.path(), "verify");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does NOT verify"), "{err}");
+    // What needs a witness is refused by name, not faked.
+    let out = admin_audit(&url, dir.path(), "anchor");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PostgreSQL"));
+}
