@@ -113,11 +113,15 @@ impl PgStore {
         clock: Arc<dyn Clock>,
         dir: &std::path::Path,
     ) -> Result<PgStore, StoreError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("store-postgres")
-            .enable_all()
-            .build()?;
+        // Held so that an early return drops it without blocking: open may
+        // run inside another runtime.
+        let runtime = Runtime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("store-postgres")
+                .enable_all()
+                .build()?,
+        ));
         let cipher = Arc::new(super::crypt::PayloadCipher::load_or_create(
             &options
                 .master_key_file
@@ -131,10 +135,12 @@ impl PgStore {
             runtime.handle(),
             connect::pool_and_migrate(target.clone(), pg.pool_size),
         )?;
-        runtime.spawn(connect::listen(target, signals.clone()));
+        runtime
+            .handle()
+            .spawn(connect::listen(target, signals.clone()));
         Ok(PgStore {
             shared: Arc::new(Shared {
-                runtime: Runtime(Some(runtime)),
+                runtime,
                 pool,
                 cipher,
                 audit_key,
