@@ -190,7 +190,18 @@ async fn operators_and_wrong_senders_cannot_submit() {
 
 #[tokio::test]
 async fn a_practice_sees_only_its_own_mailbox() {
-    let gw = TestGateway::start().await;
+    a_practice_sees_only_its_own_mailbox_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_practice_sees_only_its_own_mailbox_on_postgres() {
+    a_practice_sees_only_its_own_mailbox_on(Engine::Postgres).await;
+}
+
+async fn a_practice_sees_only_its_own_mailbox_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     prison
         .submit(release("r-1", 1, &["YG001"], "for riverside"))
@@ -701,11 +712,24 @@ fn document_cases() -> Vec<BadSubmit> {
 
 #[tokio::test]
 async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
-    let gw = TestGateway::start_with(
+    bad_input_gets_a_field_level_error_and_changes_nothing_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_field_level_error_and_changes_nothing_on_postgres() {
+    bad_input_gets_a_field_level_error_and_changes_nothing_on(Engine::Postgres).await;
+}
+
+async fn bad_input_gets_a_field_level_error_and_changes_nothing_on(engine: Engine) {
+    let Some(gw) = TestGateway::on_with(
+        engine,
         |c| c.limits.max_document_bytes = 8192,
         Arc::new(SystemClock),
     )
-    .await;
+    .await
+    else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let before = gw.store.content_digest().unwrap();
     let mut cases = envelope_cases();
@@ -844,7 +868,18 @@ async fn everything_acknowledged_survives_a_restart_on(engine: Engine) {
 
 #[tokio::test]
 async fn shutdown_ends_long_polls_and_drains() {
-    let gw = TestGateway::start().await;
+    shutdown_ends_long_polls_and_drains_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_long_polls_and_drains_on_postgres() {
+    shutdown_ends_long_polls_and_drains_on(Engine::Postgres).await;
+}
+
+async fn shutdown_ends_long_polls_and_drains_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut gp = gw.client("YG001").await;
     let waiter = tokio::spawn(async move {
         gp.pull(pb::PullRequest {

@@ -52,7 +52,18 @@ fn patient_ref(patient: u32) -> pb::PatientRef {
 
 #[tokio::test]
 async fn the_rules_choose_the_recipients_and_check_named_ones() {
-    let gw = TestGateway::start().await;
+    the_rules_choose_the_recipients_and_check_named_ones_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn the_rules_choose_the_recipients_and_check_named_ones_on_postgres() {
+    the_rules_choose_the_recipients_and_check_named_ones_on(Engine::Postgres).await;
+}
+
+async fn the_rules_choose_the_recipients_and_check_named_ones_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     // A release with no destinations: the registered GP and the prison's region.
     let r = prison
