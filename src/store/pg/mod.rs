@@ -209,7 +209,6 @@ impl PgStore {
     ///
     /// # Errors
     /// None so far; kept for the seam.
-    #[allow(clippy::unused_async)]
     pub async fn close(&self) -> Result<(), StoreError> {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.pool.close();
