@@ -14,7 +14,8 @@ use std::time::Duration;
 use throughcare::journey::JourneyEvent;
 use throughcare::store::pg::PgOptions;
 use throughcare::store::{
-    Clock, ManualClock, NewDelivery, NewHandover, PatientIds, Store, StoreOptions,
+    Clock, DeliveryState, ManualClock, NewDelivery, NewHandover, PatientIds, Store, StoreOptions,
+    TrackKey,
 };
 
 use crate::support;
@@ -290,4 +291,63 @@ async fn admin_audit_verify_reads_the_database_chain_and_finds_a_rewrite() {
     let out = admin_audit(&url, dir.path(), "anchor");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("PostgreSQL"));
+}
+
+/// The one lock-order exception (docs/store-engines.md): an ack locks the
+/// older copy its delivery superseded after its own row. Another session
+/// holding the older copy and then asking for the newer one deadlocks with
+/// it; PostgreSQL rolls the ack back (it waited first), and the engine runs
+/// it again instead of failing the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_chosen_as_a_deadlock_victim_is_run_again() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
+    let a = node(&url, dir.path(), clock, 5);
+    let older = a.submit(handover(1, 7, "YG001", None)).await.unwrap();
+    let mut correction = handover(2, 7, "YG001", None);
+    correction.supersede = true;
+    let newer = a.submit(correction).await.unwrap();
+    let (old_id, new_id) = (older.deliveries[0].1, newer.deliveries[0].1);
+    let leased = a.pull("urn:ods:YG001", "YG001", 5, 60_000).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].delivery.id, new_id);
+
+    let (mut other, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let held = other.transaction().await.unwrap();
+    held.execute(
+        "SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE",
+        &[&i64::try_from(old_id).unwrap()],
+    )
+    .await
+    .unwrap();
+    let acking = {
+        let a = a.clone();
+        tokio::spawn(async move { a.ack("urn:ods:YG001", "YG001", new_id, 1).await })
+    };
+    // Let the ack lock its row and wait for the older one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = held
+        .execute(
+            "SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE",
+            &[&i64::try_from(new_id).unwrap()],
+        )
+        .await;
+    held.rollback().await.unwrap();
+    acking
+        .await
+        .unwrap()
+        .expect("the ack is run again after PostgreSQL rolled it back");
+    let status = a
+        .track("urn:ods:YP001", "YP001", TrackKey::MessageId("m2".into()))
+        .await
+        .unwrap();
+    assert_eq!(status.deliveries[0].state, DeliveryState::Delivered);
+    a.verify_audit().unwrap();
+    a.close().await.unwrap();
 }

@@ -92,6 +92,17 @@ impl Drop for Runtime {
 }
 
 /// A database error as the store reports it (no query text, no values).
+/// SQLSTATEs after which PostgreSQL has rolled the transaction back and
+/// running it again is safe: a deadlock victim, a serialisation failure.
+const RETRY_STATES: [&str; 2] = ["40P01", "40001"];
+
+/// Whether `e` (from [`db_error`]) says the transaction was rolled back
+/// for a reason that running it again may not meet.
+pub(crate) fn is_rolled_back_to_retry(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(why)
+        if RETRY_STATES.iter().any(|code| why.ends_with(&format!("(SQLSTATE {code})"))))
+}
+
 /// The server's message only: its detail may quote values.
 pub(crate) fn db_error(e: &tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(match e.as_db_error() {

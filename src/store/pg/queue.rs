@@ -26,17 +26,32 @@ type Step<T> = Result<Result<T, StoreError>, StoreError>;
 
 /// One transaction: `$body` (which may use `$tx`, `$now` and push to
 /// `$audit`) evaluates to a [`Step`]; the audit entries are appended, the
-/// transaction committed, and only then the answer returned.
+/// transaction committed, and only then the answer returned. A transaction
+/// PostgreSQL rolled back as a deadlock victim (or a serialisation
+/// failure) is run again from the start, at most three times in all:
+/// nothing of it was committed. `$body` must therefore only borrow.
 macro_rules! in_tx {
     ($shared:ident, |$tx:ident, $now:ident, $audit:ident| $body:expr) => {{
-        let mut client = $shared.client().await?;
-        let $tx = client.transaction().await.map_err(sql::db)?;
-        let $now = $shared.now();
-        let mut $audit: Vec<AuditEvent> = Vec::new();
-        let answer = $body?;
-        sql::append_audit(&$tx, &$shared, $audit, $now).await?;
-        $tx.commit().await.map_err(sql::db)?;
-        answer
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let outcome: Result<_, StoreError> = async {
+                let mut client = $shared.client().await?;
+                let $tx = client.transaction().await.map_err(sql::db)?;
+                let $now = $shared.now();
+                let mut $audit: Vec<AuditEvent> = Vec::new();
+                let answer = $body?;
+                sql::append_audit(&$tx, &$shared, $audit, $now).await?;
+                $tx.commit().await.map_err(sql::db)?;
+                Ok(answer)
+            }
+            .await;
+            match outcome {
+                Err(e) if tries < 3 && super::is_rolled_back_to_retry(&e) => continue,
+                Err(e) => break Err(e),
+                Ok(answer) => break answer,
+            }
+        }
     }};
 }
 
@@ -47,7 +62,7 @@ impl PgStore {
     /// [`StoreError::Conflict`], [`StoreError::IdentityConflict`]; database failures.
     pub async fn submit(&self, h: NewHandover) -> Result<SubmitOutcome, StoreError> {
         self.run(move |s| async move {
-            in_tx!(s, |tx, now, audit| submit(&tx, &s, h, now, &mut audit)
+            in_tx!(s, |tx, now, audit| submit(&tx, &s, &h, now, &mut audit)
                 .await)
         })
         .await
@@ -225,7 +240,7 @@ impl PgStore {
     pub async fn record(&self, event: AuditEvent) -> Result<(), StoreError> {
         self.run(move |s| async move {
             in_tx!(s, |tx, now, audit| {
-                audit.push(event);
+                audit.push(event.clone());
                 Ok::<_, StoreError>(Ok(()))
             })
         })
@@ -253,7 +268,7 @@ impl PgStore {
                 .await
                 .map_err(db)?;
                 audit.push(AuditEvent {
-                    actor,
+                    actor: actor.clone(),
                     action: "registry_change",
                     outcome: format!("ok: {code}"),
                     ..AuditEvent::default()
@@ -268,7 +283,7 @@ impl PgStore {
 async fn submit(
     tx: &Transaction<'_>,
     s: &Shared,
-    h: NewHandover,
+    h: &NewHandover,
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Step<SubmitOutcome> {
@@ -348,7 +363,7 @@ async fn submit(
     let mailboxes: Vec<String> = deliveries.iter().map(|(m, _)| m.clone()).collect();
     sql::notify(tx, &mailboxes).await?;
     audit.push(AuditEvent {
-        actor: h.actor,
+        actor: h.actor.clone(),
         action: "submit",
         handover_id: Some(handover_id),
         patient_key: Some(patient_key),
