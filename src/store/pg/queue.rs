@@ -288,7 +288,7 @@ async fn submit(
     audit: &mut Vec<AuditEvent>,
 ) -> Step<SubmitOutcome> {
     let (last_handover, mut last_delivery) = lock_counters(tx).await?;
-    let content = content_hash(&h);
+    let content = content_hash(h);
     let previous = tx
         .query_opt(
             "SELECT record FROM handovers WHERE sender = $1 AND message_id = $2",
@@ -298,12 +298,12 @@ async fn submit(
         .map_err(db)?;
     if let Some(row) = previous {
         let original: HandoverRecord = row.get::<_, Json<HandoverRecord>>(0).0;
-        return repeat(tx, &h, original, &content, audit).await;
+        return repeat(tx, h, original, &content, audit).await;
     }
     let patient_key = match resolve_patient(tx, &h.patient).await? {
         Ok(key) => key,
         Err(field) => {
-            record_conflict(tx, &h, field, now, audit).await?;
+            record_conflict(tx, h, field, now, audit).await?;
             return Ok(Err(StoreError::IdentityConflict { field }));
         }
     };
@@ -327,7 +327,7 @@ async fn submit(
         };
         supersede_older(tx, &newer, now, audit).await?;
     }
-    let supersedes = advance_lineage(tx, &patient_key, &h, handover_id).await?;
+    let supersedes = advance_lineage(tx, &patient_key, h, handover_id).await?;
     extend_claim_keys(tx, &patient_key, &h.claim_keys).await?;
     let owner = Owner {
         handover_id,
@@ -345,7 +345,7 @@ async fn submit(
         deliveries: deliveries.iter().map(|(_, d)| *d).collect(),
         supersedes,
         finished_at_ms: deliveries.is_empty().then_some(now),
-        ..sent_as(&h)
+        ..sent_as(h)
     };
     // The handover row first: deliveries and payload refer to it.
     sql::put_handover(tx, &record).await?;
