@@ -176,20 +176,22 @@ impl Prepared {
         let tls_files = config.tls_files();
         let metrics = Arc::new(Metrics::new(tls_files.cert, tls_files.ca));
         let q = &config.queue;
-        let store = Store::open(
-            &config.data_dir,
-            StoreOptions {
-                max_attempts: q.max_attempts,
-                retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
-                observer: Some(metrics.barrier_observer()),
-                cache_bytes: config.store.cache_bytes,
-                pipeline_depth: config.store.pipeline_depth as usize,
-                retention: config.retention.to_policy(),
-                ..config.store_witness()
-            },
-            clock.clone(),
-        )?;
-        if crate::store::high_water::same_volume(&config.data_dir, &config.witness_dir()) {
+        let options = StoreOptions {
+            max_attempts: q.max_attempts,
+            retry_backoff_ms: i64::try_from(q.retry_backoff_ms).unwrap_or(i64::MAX),
+            observer: Some(metrics.barrier_observer()),
+            cache_bytes: config.store.cache_bytes,
+            pipeline_depth: config.store.pipeline_depth as usize,
+            retention: config.retention.to_policy(),
+            ..config.store_witness()
+        };
+        let store = match config.store.postgres() {
+            Some(pg) => Store::open_postgres(&pg, options, clock.clone(), &config.data_dir)?,
+            None => Store::open(&config.data_dir, options, clock.clone())?,
+        };
+        if store.engine() == crate::store::EngineKind::Sled
+            && crate::store::high_water::same_volume(&config.data_dir, &config.witness_dir())
+        {
             tracing::warn!(
                 witness_dir = %config.witness_dir().display(),
                 "the witness shares a volume with the data directory: a restore of that whole volume brings back both (set integrity.witness_dir to another volume)"
@@ -587,6 +589,12 @@ impl Prepared {
     /// batch) until shutdown.
     fn spawn_retention(&self) -> tokio::task::JoinHandle<()> {
         let store = self.gateway.store.clone();
+        if store.engine() == crate::store::EngineKind::Postgres {
+            // No retention pass on PostgreSQL yet: configuration validation
+            // made the operator accept that (store.postgres_keeps_everything).
+            tracing::warn!("the PostgreSQL store engine removes nothing: no retention pass runs");
+            return tokio::spawn(async {});
+        }
         let metrics = self.metrics.clone();
         let every = Duration::from_millis(self.config.retention.interval_ms);
         let mut stop = self.shutdown_tx.subscribe();

@@ -297,6 +297,20 @@ pub struct StoreConfig {
     /// barrier (0: wait for each barrier before the next batch). Nothing is
     /// answered before its barrier either way.
     pub pipeline_depth: u32,
+    /// `sled` (embedded, one machine; the default) or `postgres` (one
+    /// database several gateway nodes share; docs/store-engines.md).
+    pub engine: crate::store::EngineKind,
+    /// The PostgreSQL connection string (libpq form, key=value or URL),
+    /// several hosts allowed with `target_session_attrs=read-write`.
+    pub postgres_url: Option<String>,
+    /// The CA (PEM) of the database servers' certificates: TLS is then
+    /// required and verified. Required unless every host is on loopback.
+    pub postgres_ca: Option<PathBuf>,
+    /// Most database connections this node holds.
+    pub postgres_pool_size: u32,
+    /// The PostgreSQL engine removes nothing yet (no retention pass): the
+    /// operator must accept that explicitly before it starts.
+    pub postgres_keeps_everything: bool,
 }
 
 impl Default for StoreConfig {
@@ -304,7 +318,23 @@ impl Default for StoreConfig {
         Self {
             cache_bytes: 64 * 1024 * 1024,
             pipeline_depth: 8,
+            engine: crate::store::EngineKind::Sled,
+            postgres_url: None,
+            postgres_ca: None,
+            postgres_pool_size: 16,
+            postgres_keeps_everything: false,
         }
+    }
+}
+
+impl StoreConfig {
+    /// The PostgreSQL engine's settings, when it is the engine.
+    pub fn postgres(&self) -> Option<crate::store::pg::PgOptions> {
+        (self.engine == crate::store::EngineKind::Postgres).then(|| crate::store::pg::PgOptions {
+            url: self.postgres_url.clone().unwrap_or_default(),
+            ca_file: self.postgres_ca.clone(),
+            pool_size: self.postgres_pool_size as usize,
+        })
     }
 }
 
@@ -725,6 +755,7 @@ impl Config {
             crate::store::MAX_PIPELINE_DEPTH as u64,
         )?;
         self.retention.validate()?;
+        self.validate_postgres()?;
         self.validate_integrity()?;
         self.pds.validate()?;
         self.telemetry.validate()?;
@@ -740,6 +771,67 @@ impl Config {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",
                 "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The PostgreSQL engine: a usable connection string, TLS unless every
+    /// host is on loopback, and none of the features it does not have yet.
+    fn validate_postgres(&self) -> Result<(), ConfigError> {
+        let store = &self.store;
+        if store.engine != crate::store::EngineKind::Postgres {
+            return Ok(());
+        }
+        let url = store.postgres_url.as_deref().unwrap_or_default();
+        if url.trim().is_empty() {
+            return Err(ConfigError::new(
+                "store.postgres_url",
+                "is required when store.engine is \"postgres\"",
+            ));
+        }
+        crate::store::pg::check_target(url, store.postgres_ca.is_some()).map_err(
+            |(about_ca, why)| {
+                let field = if about_ca {
+                    "store.postgres_ca"
+                } else {
+                    "store.postgres_url"
+                };
+                ConfigError::new(field, why)
+            },
+        )?;
+        if let Some(ca) = &store.postgres_ca
+            && !ca.is_file()
+        {
+            return Err(ConfigError::new(
+                "store.postgres_ca",
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+        within(
+            "store.postgres_pool_size",
+            store.postgres_pool_size.into(),
+            1,
+            256,
+        )?;
+        let not_yet = |field: &str, what: &str| {
+            ConfigError::new(
+                field,
+                format!(
+                    "{what} is not available with store.engine = \"postgres\" yet (docs/store-engines.md); turn it off or use sled"
+                ),
+            )
+        };
+        if self.pds.enabled {
+            return Err(not_yet("pds.enabled", "PDS"));
+        }
+        if self.mesh.enabled {
+            return Err(not_yet("mesh.enabled", "MESH"));
+        }
+        if !store.postgres_keeps_everything {
+            return Err(ConfigError::new(
+                "store.postgres_keeps_everything",
+                "must be true to use store.engine = \"postgres\": it has no retention pass yet, so no payload or tracking data would ever be removed (docs/store-engines.md)",
             ));
         }
         Ok(())
@@ -1239,6 +1331,107 @@ mod tests {
             with_env(&[(var.as_str(), text.as_str())])
                 .unwrap_or_else(|e| panic!("{var}={text}: {e}"));
         }
+    }
+
+    #[test]
+    fn the_postgres_engine_is_checked_before_it_is_used() {
+        let pg = |store: StoreConfig| {
+            Config {
+                store: StoreConfig {
+                    engine: crate::store::EngineKind::Postgres,
+                    postgres_keeps_everything: true,
+                    ..store
+                },
+                ..Config::default()
+            }
+            .validate()
+        };
+        let url = |u: &str| StoreConfig {
+            postgres_url: Some(u.into()),
+            ..StoreConfig::default()
+        };
+        assert_eq!(
+            pg(StoreConfig::default()).unwrap_err().field,
+            "store.postgres_url"
+        );
+        assert!(pg(url("host=127.0.0.1 port=5432 user=tc dbname=tc")).is_ok());
+        assert!(pg(url("postgresql://tc@localhost/tc")).is_ok());
+        // Not loopback: TLS is required, so the CA must be named.
+        let err = pg(url("host=db.example.nhs.uk user=tc")).unwrap_err();
+        assert_eq!(err.field, "store.postgres_ca");
+        assert!(err.reason.contains("loopback"), "{err}");
+        // Several hosts: only the writable one may be used.
+        let err = pg(url("host=127.0.0.1,127.0.0.2 user=tc")).unwrap_err();
+        assert_eq!(err.field, "store.postgres_url");
+        assert!(
+            err.reason.contains("target_session_attrs=read-write"),
+            "{err}"
+        );
+        assert!(
+            pg(url(
+                "host=127.0.0.1,127.0.0.2 user=tc target_session_attrs=read-write"
+            ))
+            .is_ok()
+        );
+        let err = pg(url("host=127.0.0.1 sslmode=bogus")).unwrap_err();
+        assert_eq!(err.field, "store.postgres_url");
+        let err = pg(StoreConfig {
+            postgres_ca: Some("/nonexistent/ca.pem".into()),
+            ..url("host=db.example.nhs.uk user=tc")
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "store.postgres_ca");
+        let err = pg(StoreConfig {
+            postgres_pool_size: 0,
+            ..url("host=127.0.0.1")
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "store.postgres_pool_size");
+    }
+
+    #[test]
+    fn what_postgres_lacks_is_refused_by_name() {
+        let base = Config {
+            store: StoreConfig {
+                engine: crate::store::EngineKind::Postgres,
+                postgres_url: Some("host=127.0.0.1".into()),
+                postgres_keeps_everything: true,
+                ..StoreConfig::default()
+            },
+            ..Config::default()
+        };
+        assert!(base.validate().is_ok());
+        let mut c = base.clone();
+        c.store.postgres_keeps_everything = false;
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.field, "store.postgres_keeps_everything");
+        assert!(err.reason.contains("retention"), "{err}");
+        let mut c = base.clone();
+        c.pds.enabled = true;
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.field, "pds.enabled");
+        assert!(err.reason.contains("postgres"), "{err}");
+        let mut c = base.clone();
+        c.mesh.enabled = true;
+        assert_eq!(c.validate().unwrap_err().field, "mesh.enabled");
+        // Only with the PostgreSQL engine: sled keeps them all.
+        let mut c = base;
+        c.store.engine = crate::store::EngineKind::Sled;
+        c.store.postgres_keeps_everything = false;
+        assert!(c.validate().is_ok());
+        // The engine and its settings come from the environment too.
+        let c = with_env(&[
+            ("THROUGHCARE_STORE_ENGINE", "postgres"),
+            ("THROUGHCARE_STORE_POSTGRES_URL", "host=127.0.0.1 dbname=tc"),
+            ("THROUGHCARE_STORE_POSTGRES_KEEPS_EVERYTHING", "true"),
+            ("THROUGHCARE_STORE_POSTGRES_POOL_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!(c.store.engine, crate::store::EngineKind::Postgres);
+        assert_eq!(c.store.postgres_pool_size, 4);
+        let err = with_env(&[("THROUGHCARE_STORE_ENGINE", "oracle")]).unwrap_err();
+        assert_eq!(err.field, "store.engine");
+        assert!(err.reason.contains("THROUGHCARE_STORE_ENGINE"), "{err}");
     }
 
     #[test]

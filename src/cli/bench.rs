@@ -64,6 +64,43 @@ pub struct BenchOptions {
     /// barrier), to compare with the default in one build.
     #[arg(long)]
     pub pipeline_depth: Option<u32>,
+    /// The store engine to measure (docs/store-engines.md).
+    #[arg(long, value_enum, default_value_t = BenchEngine::Sled)]
+    pub engine: BenchEngine,
+    /// With `--engine postgres`: the connection string of an empty
+    /// database the bench may fill.
+    #[arg(long, env = "THROUGHCARE_BENCH_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+}
+
+/// The engines `bench` can measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchEngine {
+    /// Embedded sled (the default).
+    Sled,
+    /// PostgreSQL at `--postgres-url`.
+    Postgres,
+}
+
+impl BenchOptions {
+    /// The gateway's `[store]` section for these options.
+    fn store_section(&self) -> anyhow::Result<String> {
+        let mut section = String::from("[store]\n");
+        if let Some(d) = self.pipeline_depth {
+            section.push_str(&format!("pipeline_depth = {d}\n"));
+        }
+        if self.engine == BenchEngine::Postgres {
+            let url = self
+                .postgres_url
+                .as_deref()
+                .context("--postgres-url: required with --engine postgres")?;
+            section.push_str(&format!(
+                "engine = \"postgres\"\npostgres_url = {}\npostgres_keeps_everything = true\n",
+                toml::Value::String(url.to_owned())
+            ));
+        }
+        Ok(section)
+    }
 }
 
 /// Measured figures.
@@ -497,10 +534,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     } else {
         None
     };
-    let store = opts
-        .pipeline_depth
-        .map(|d| format!("[store]\npipeline_depth = {d}\n"))
-        .unwrap_or_default();
+    let store = opts.store_section()?;
     let server = Gateway::start(dir.path(), port, &store).await?;
     let pid = server.pid;
     let submitted = submit_load(&endpoint, &certs, &opts, "bench").await?;
@@ -898,6 +932,11 @@ async fn ack_all(
 /// # Errors
 /// The server would not start, or a call failed.
 pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
+    if opts.engine != BenchEngine::Sled {
+        anyhow::bail!(
+            "--soak measures retention, which the PostgreSQL store engine does not have yet (docs/store-engines.md)"
+        );
+    }
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
     crate::certs::init_dev_pki(&certs)?;

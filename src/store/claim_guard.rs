@@ -5,10 +5,10 @@
 //! own, and a deploy cannot reset them.
 
 use super::records::TreeId;
-use super::{Store, StoreError};
+use super::{SledStore, StoreError};
 use crate::audit::AuditEntry;
 
-impl Store {
+impl SledStore {
     /// Audit entries with `action` written at or after `since_ms`, newest
     /// first. Reads the trail backwards and stops at the first older entry,
     /// so the cost follows the window, not the trail's length.

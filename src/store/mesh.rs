@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::records::{self, TreeId};
 use super::writer::{Staged, Writer};
-use super::{Store, StoreError};
+use super::{SledStore, StoreError};
 use crate::audit::AuditEvent;
 
 /// Where a delivery pushed through MESH is.
@@ -83,7 +83,7 @@ pub struct MeshRecord {
     pub updated_ms: i64,
 }
 
-impl Store {
+impl SledStore {
     /// Records `record` (replacing the delivery's previous one), audited as
     /// `actor`. Durable when it returns.
     ///

@@ -25,12 +25,14 @@ mod barrier;
 mod claim_guard;
 pub mod clock;
 pub mod crypt;
+mod engine;
 pub mod high_water;
 mod identity;
 pub mod integrity;
 mod key_epochs;
 pub mod mesh;
 pub mod pds;
+pub mod pg;
 pub mod records;
 mod schedule;
 mod syncer;
@@ -44,6 +46,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use engine::{EngineKind, Store};
 pub use integrity::{AuditVerification, Rollback, WitnessPaths};
 pub use mesh::{MeshRecord, MeshState};
 pub use pds::{PDS_ACTOR, PdsFinding, PdsNotice, PdsResult, PdsStatus};
@@ -442,6 +445,14 @@ impl Signals {
             n.notify_waiters();
         }
     }
+
+    /// Wakes every waiting poll (a notification may have been missed).
+    fn wake_all(&self) {
+        let map = self.by_mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        for n in map.values() {
+            n.notify_waiters();
+        }
+    }
 }
 
 struct Inner {
@@ -455,13 +466,15 @@ struct Inner {
     audit_key: Arc<crate::audit::AuditKey>,
 }
 
-/// The durable store; cheap to clone, all clones share one writer.
+/// The sled engine: the durable store in one data directory; cheap to
+/// clone, all clones share one writer. The application reaches it through
+/// [`Store`] (the engine seam, `engine.rs`).
 #[derive(Clone)]
-pub struct Store {
+pub struct SledStore {
     inner: Arc<Inner>,
 }
 
-impl Store {
+impl SledStore {
     /// Opens (or creates) the store in `dir`, checks it against its witness
     /// and rebuilds the queue index.
     ///
@@ -474,7 +487,7 @@ impl Store {
         dir: &Path,
         options: StoreOptions,
         clock: Arc<dyn Clock>,
-    ) -> Result<Store, StoreError> {
+    ) -> Result<SledStore, StoreError> {
         Self::open_with(dir, options, clock, false).map(|(store, _)| store)
     }
 
@@ -484,7 +497,7 @@ impl Store {
     /// trail as `actor` with `reason`. For a stopped store only.
     ///
     /// # Errors
-    /// As for [`Store::open`], bar the witness checks.
+    /// As for [`SledStore::open`], bar the witness checks.
     pub async fn accept_rollback(
         dir: &Path,
         options: StoreOptions,
@@ -537,7 +550,7 @@ impl Store {
         mut options: StoreOptions,
         clock: Arc<dyn Clock>,
         rebase: bool,
-    ) -> Result<(Store, Option<Rollback>), StoreError> {
+    ) -> Result<(SledStore, Option<Rollback>), StoreError> {
         options.pipeline_depth = options.pipeline_depth.min(syncer::MAX_PIPELINE_DEPTH);
         std::fs::create_dir_all(dir)?;
         let cipher = Arc::new(crypt::PayloadCipher::load_or_create(
@@ -588,7 +601,7 @@ impl Store {
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx, syncer))?;
-        let store = Store {
+        let store = SledStore {
             inner: Arc::new(Inner {
                 jobs: tx,
                 trees,
@@ -671,7 +684,7 @@ impl Store {
     /// quarantined when `permanent` or on the last attempt. Returns the new state.
     ///
     /// # Errors
-    /// As for [`Store::ack`].
+    /// As for [`SledStore::ack`].
     pub async fn nack(
         &self,
         actor: &str,
@@ -1136,7 +1149,7 @@ impl Store {
         self.verify_audit_from().map(|v| v.entries)
     }
 
-    /// Verifies the audit chain and says from where (see [`Store::verify_audit`]).
+    /// Verifies the audit chain and says from where (see [`SledStore::verify_audit`]).
     ///
     /// # Errors
     /// The first broken link, or a store failure.

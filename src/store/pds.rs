@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::records::{self, DeliveryState, HandoverRecord, PARKED_MAILBOX, TreeId};
 use super::writer::{Staged, Writer, live_of};
-use super::{DeliveryRecord, NewDelivery, Store, StoreError};
+use super::{DeliveryRecord, NewDelivery, SledStore, StoreError};
 use crate::audit::AuditEvent;
 use crate::journey::JourneyEvent;
 
@@ -170,7 +170,7 @@ pub struct PdsNotice {
     pub delivery: NewDelivery,
 }
 
-impl Store {
+impl SledStore {
     /// Admissions submitted at or after `since_ms` that went to nobody,
     /// newest first, at most `limit`.
     ///

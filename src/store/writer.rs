@@ -1515,7 +1515,7 @@ pub(super) fn live_of(d: &DeliveryRecord) -> Live {
 /// patient, the destinations it named, payload), not where routing sent it,
 /// which may change with the registry between a submit and its retry.
 /// Length-prefixed so fields cannot run together.
-fn content_hash(h: &NewHandover) -> String {
+pub(super) fn content_hash(h: &NewHandover) -> String {
     let mut hasher = Sha256::new();
     let mut field = |bytes: &[u8]| {
         hasher.update((bytes.len() as u64).to_be_bytes());

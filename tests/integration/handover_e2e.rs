@@ -11,7 +11,18 @@ use tonic::Code;
 
 #[tokio::test]
 async fn submit_pull_ack_then_track_shows_delivered() {
-    let gw = TestGateway::start().await;
+    submit_pull_ack_then_track_shows_delivered_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn submit_pull_ack_then_track_shows_delivered_on_postgres() {
+    submit_pull_ack_then_track_shows_delivered_on(Engine::Postgres).await;
+}
+
+async fn submit_pull_ack_then_track_shows_delivered_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let receipt = prison
         .submit(release("rel-1", 1, &["YG001", "YPR01"], "summary one"))
@@ -179,7 +190,18 @@ async fn operators_and_wrong_senders_cannot_submit() {
 
 #[tokio::test]
 async fn a_practice_sees_only_its_own_mailbox() {
-    let gw = TestGateway::start().await;
+    a_practice_sees_only_its_own_mailbox_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_practice_sees_only_its_own_mailbox_on_postgres() {
+    a_practice_sees_only_its_own_mailbox_on(Engine::Postgres).await;
+}
+
+async fn a_practice_sees_only_its_own_mailbox_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     prison
         .submit(release("r-1", 1, &["YG001"], "for riverside"))
@@ -233,7 +255,21 @@ async fn a_practice_sees_only_its_own_mailbox() {
 
 #[tokio::test]
 async fn duplicate_submit_returns_the_original_receipt_and_conflicts_are_refused() {
-    let gw = TestGateway::start().await;
+    duplicate_submit_returns_the_original_receipt_and_conflicts_are_refused_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn duplicate_submit_returns_the_original_receipt_and_conflicts_are_refused_on_postgres() {
+    duplicate_submit_returns_the_original_receipt_and_conflicts_are_refused_on(Engine::Postgres)
+        .await;
+}
+
+async fn duplicate_submit_returns_the_original_receipt_and_conflicts_are_refused_on(
+    engine: Engine,
+) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let first = prison
         .submit(release("dup-1", 1, &["YG001"], "same"))
@@ -284,7 +320,18 @@ async fn duplicate_submit_returns_the_original_receipt_and_conflicts_are_refused
 
 #[tokio::test]
 async fn an_expired_lease_is_redelivered_and_the_stale_ack_refused() {
-    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    an_expired_lease_is_redelivered_and_the_stale_ack_refused_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_redelivered_and_the_stale_ack_refused_on_postgres() {
+    an_expired_lease_is_redelivered_and_the_stale_ack_refused_on(Engine::Postgres).await;
+}
+
+async fn an_expired_lease_is_redelivered_and_the_stale_ack_refused_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |_| {}).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     prison
         .submit(release("l-1", 1, &["YG001"], "lease me"))
@@ -341,11 +388,23 @@ async fn an_expired_lease_is_redelivered_and_the_stale_ack_refused() {
 
 #[tokio::test]
 async fn a_poison_delivery_is_quarantined_while_other_patients_flow() {
-    let (gw, clock) = TestGateway::start_manual(|c| {
+    a_poison_delivery_is_quarantined_while_other_patients_flow_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_poison_delivery_is_quarantined_while_other_patients_flow_on_postgres() {
+    a_poison_delivery_is_quarantined_while_other_patients_flow_on(Engine::Postgres).await;
+}
+
+async fn a_poison_delivery_is_quarantined_while_other_patients_flow_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |c| {
         c.queue.max_attempts = 3;
         c.queue.retry_backoff_ms = 1;
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     // The poison is patient 1's admission notice.
     prison.submit(admission("poison", 1)).await.unwrap();
@@ -420,11 +479,23 @@ async fn a_poison_delivery_is_quarantined_while_other_patients_flow() {
 
 #[tokio::test]
 async fn leases_that_run_out_of_attempts_are_quarantined_by_the_sweeper() {
-    let (gw, clock) = TestGateway::start_manual(|c| {
+    leases_that_run_out_of_attempts_are_quarantined_by_the_sweeper_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn leases_that_run_out_of_attempts_are_quarantined_by_the_sweeper_on_postgres() {
+    leases_that_run_out_of_attempts_are_quarantined_by_the_sweeper_on(Engine::Postgres).await;
+}
+
+async fn leases_that_run_out_of_attempts_are_quarantined_by_the_sweeper_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |c| {
         c.queue.max_attempts = 2;
         c.queue.sweep_interval_ms = 20;
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     prison
         .submit(release("never-acked", 1, &["YG001"], "x"))
@@ -459,7 +530,18 @@ async fn leases_that_run_out_of_attempts_are_quarantined_by_the_sweeper() {
 
 #[tokio::test]
 async fn per_patient_order_holds_and_long_poll_wakes_on_arrival() {
-    let gw = TestGateway::start().await;
+    per_patient_order_holds_and_long_poll_wakes_on_arrival_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn per_patient_order_holds_and_long_poll_wakes_on_arrival_on_postgres() {
+    per_patient_order_holds_and_long_poll_wakes_on_arrival_on(Engine::Postgres).await;
+}
+
+async fn per_patient_order_holds_and_long_poll_wakes_on_arrival_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let mut gp = gw.client("YG001").await;
     let waiter = tokio::spawn(async move {
@@ -630,11 +712,24 @@ fn document_cases() -> Vec<BadSubmit> {
 
 #[tokio::test]
 async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
-    let gw = TestGateway::start_with(
+    bad_input_gets_a_field_level_error_and_changes_nothing_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_field_level_error_and_changes_nothing_on_postgres() {
+    bad_input_gets_a_field_level_error_and_changes_nothing_on(Engine::Postgres).await;
+}
+
+async fn bad_input_gets_a_field_level_error_and_changes_nothing_on(engine: Engine) {
+    let Some(gw) = TestGateway::on_with(
+        engine,
         |c| c.limits.max_document_bytes = 8192,
         Arc::new(SystemClock),
     )
-    .await;
+    .await
+    else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let before = gw.store.content_digest().unwrap();
     let mut cases = envelope_cases();
@@ -685,7 +780,18 @@ async fn bad_input_gets_a_field_level_error_and_changes_nothing() {
 
 #[tokio::test]
 async fn everything_acknowledged_survives_a_restart() {
-    let gw = TestGateway::start().await;
+    everything_acknowledged_survives_a_restart_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn everything_acknowledged_survives_a_restart_on_postgres() {
+    everything_acknowledged_survives_a_restart_on(Engine::Postgres).await;
+}
+
+async fn everything_acknowledged_survives_a_restart_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let mut ids = Vec::new();
     for i in 0..20 {
@@ -762,7 +868,18 @@ async fn everything_acknowledged_survives_a_restart() {
 
 #[tokio::test]
 async fn shutdown_ends_long_polls_and_drains() {
-    let gw = TestGateway::start().await;
+    shutdown_ends_long_polls_and_drains_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_long_polls_and_drains_on_postgres() {
+    shutdown_ends_long_polls_and_drains_on(Engine::Postgres).await;
+}
+
+async fn shutdown_ends_long_polls_and_drains_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut gp = gw.client("YG001").await;
     let waiter = tokio::spawn(async move {
         gp.pull(pb::PullRequest {

@@ -52,7 +52,18 @@ fn patient_ref(patient: u32) -> pb::PatientRef {
 
 #[tokio::test]
 async fn the_rules_choose_the_recipients_and_check_named_ones() {
-    let gw = TestGateway::start().await;
+    the_rules_choose_the_recipients_and_check_named_ones_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn the_rules_choose_the_recipients_and_check_named_ones_on_postgres() {
+    the_rules_choose_the_recipients_and_check_named_ones_on(Engine::Postgres).await;
+}
+
+async fn the_rules_choose_the_recipients_and_check_named_ones_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     // A release with no destinations: the registered GP and the prison's region.
     let r = prison
@@ -121,7 +132,18 @@ async fn the_rules_choose_the_recipients_and_check_named_ones() {
 
 #[tokio::test]
 async fn a_corrected_transfer_supersedes_the_undelivered_one() {
-    let gw = TestGateway::start().await;
+    a_corrected_transfer_supersedes_the_undelivered_one_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_corrected_transfer_supersedes_the_undelivered_one_on_postgres() {
+    a_corrected_transfer_supersedes_the_undelivered_one_on(Engine::Postgres).await;
+}
+
+async fn a_corrected_transfer_supersedes_the_undelivered_one_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let t = pb::JourneyEvent::Transfer;
     prison
@@ -173,7 +195,18 @@ async fn a_corrected_transfer_supersedes_the_undelivered_one() {
 
 #[tokio::test]
 async fn an_urgent_release_is_pulled_before_earlier_routine_ones() {
-    let gw = TestGateway::start().await;
+    an_urgent_release_is_pulled_before_earlier_routine_ones_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn an_urgent_release_is_pulled_before_earlier_routine_ones_on_postgres() {
+    an_urgent_release_is_pulled_before_earlier_routine_ones_on(Engine::Postgres).await;
+}
+
+async fn an_urgent_release_is_pulled_before_earlier_routine_ones_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     for i in 0..3 {
         prison
@@ -215,7 +248,22 @@ async fn an_urgent_release_is_pulled_before_earlier_routine_ones() {
 
 #[tokio::test]
 async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_race() {
-    let gw = TestGateway::start().await;
+    a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_race_on(Engine::Sled)
+        .await;
+}
+
+#[tokio::test]
+async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_race_on_postgres() {
+    a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_race_on(Engine::Postgres)
+        .await;
+}
+
+async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_race_on(
+    engine: Engine,
+) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let r = prison
         .submit(submit(
@@ -313,7 +361,18 @@ async fn a_parked_release_is_claimed_and_delivered_exactly_once_when_practices_r
 
 #[tokio::test]
 async fn an_operator_claims_by_prison_number_for_a_practice() {
-    let gw = TestGateway::start().await;
+    an_operator_claims_by_prison_number_for_a_practice_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn an_operator_claims_by_prison_number_for_a_practice_on_postgres() {
+    an_operator_claims_by_prison_number_for_a_practice_on(Engine::Postgres).await;
+}
+
+async fn an_operator_claims_by_prison_number_for_a_practice_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let mut s = summary(8, None, "no nhs number");
     s.patient.nhs_number = None;
@@ -355,11 +414,23 @@ async fn an_operator_claims_by_prison_number_for_a_practice() {
 
 #[tokio::test]
 async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
-    let (gw, clock) = TestGateway::start_manual(|c| {
+    an_overdue_delivery_is_reported_within_one_scan_interval_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn an_overdue_delivery_is_reported_within_one_scan_interval_on_postgres() {
+    an_overdue_delivery_is_reported_within_one_scan_interval_on(Engine::Postgres).await;
+}
+
+async fn an_overdue_delivery_is_reported_within_one_scan_interval_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |c| {
         c.queue.sweep_interval_ms = 50;
         c.deadlines.admission_hours = 1;
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     prison.submit(admission("late", 5)).await.unwrap();
     let t = track_message(&mut prison, "late").await;
@@ -399,7 +470,19 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
 
 #[tokio::test]
 async fn registry_changes_are_audited_take_effect_at_once_and_survive_a_restart() {
-    let gw = TestGateway::start().await;
+    registry_changes_are_audited_take_effect_at_once_and_survive_a_restart_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn registry_changes_are_audited_take_effect_at_once_and_survive_a_restart_on_postgres() {
+    registry_changes_are_audited_take_effect_at_once_and_survive_a_restart_on(Engine::Postgres)
+        .await;
+}
+
+async fn registry_changes_are_audited_take_effect_at_once_and_survive_a_restart_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut op = gw.operator().await;
     let disabled = op
         .set_organisation_active(pb::SetOrganisationActiveRequest {
@@ -626,10 +709,22 @@ fn spawn_puller(gw: &TestGateway) -> tokio::task::JoinHandle<Vec<u64>> {
 
 #[tokio::test]
 async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
-    let (gw, clock) = TestGateway::start_manual(|c| {
+    redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing_on_postgres() {
+    redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing_on(Engine::Postgres).await;
+}
+
+async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |c| {
         c.queue.max_attempts = 1;
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let (mut op, ids) = quarantine_twenty(&gw).await;
     // Pullers run while two operators redrive the same deliveries.
     let puller = spawn_puller(&gw);
@@ -681,7 +776,18 @@ async fn redrive_under_concurrent_pulls_loses_nothing_and_doubles_nothing() {
 
 #[tokio::test]
 async fn the_audit_trail_answers_who_saw_a_patients_record() {
-    let gw = TestGateway::start().await;
+    the_audit_trail_answers_who_saw_a_patients_record_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn the_audit_trail_answers_who_saw_a_patients_record_on_postgres() {
+    the_audit_trail_answers_who_saw_a_patients_record_on(Engine::Postgres).await;
+}
+
+async fn the_audit_trail_answers_who_saw_a_patients_record_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     prison
         .submit(submit(

@@ -47,6 +47,46 @@ impl TestGateway {
         )
     }
 
+    /// A gateway with default settings on `engine`; `None` (the test
+    /// skips, loudly) when PostgreSQL is wanted and not here.
+    pub async fn on(engine: Engine) -> Option<Self> {
+        Self::on_with(engine, |_| {}, Arc::new(SystemClock)).await
+    }
+
+    /// A gateway on `engine` whose clock the test moves (see [`Self::on`]).
+    pub async fn manual_on(
+        engine: Engine,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Option<(Self, ManualClock)> {
+        let clock = ManualClock::new(T0);
+        let gw = Self::on_with(engine, tweak, Arc::new(clock.clone())).await?;
+        Some((gw, clock))
+    }
+
+    /// A gateway on `engine` with settings changed by `tweak` (see [`Self::on`]).
+    pub async fn on_with(
+        engine: Engine,
+        tweak: impl FnOnce(&mut Config),
+        clock: Arc<dyn Clock>,
+    ) -> Option<Self> {
+        let url = match engine {
+            Engine::Sled => None,
+            Engine::Postgres => Some(postgres_database("a gateway test")?),
+        };
+        Some(
+            Self::start_with(
+                |c| {
+                    if let Some(url) = &url {
+                        use_postgres(c, url);
+                    }
+                    tweak(c);
+                },
+                clock,
+            )
+            .await,
+        )
+    }
+
     /// A gateway with settings changed by `tweak`.
     pub async fn start_with(tweak: impl FnOnce(&mut Config), clock: Arc<dyn Clock>) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -344,4 +384,63 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The engines a conformance test runs against: sled always, PostgreSQL
+/// when `tests/run` started a cluster (see [`postgres_database`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sled,
+    Postgres,
+}
+
+/// The variable `tests/run` sets to its cluster's connection string (the
+/// maintenance database; each test gets a database of its own).
+pub const POSTGRES_ENV: &str = "THROUGHCARE_TEST_POSTGRES";
+/// Set by `tests/run`: a test that needs PostgreSQL fails without it
+/// instead of skipping.
+pub const REQUIRE_POSTGRES_ENV: &str = "THROUGHCARE_REQUIRE_POSTGRES";
+
+/// A fresh, empty database on the test cluster, as a connection string;
+/// `None` (and a loud SKIPPED line) when no cluster is configured, unless
+/// `tests/run` requires one, when it panics.
+pub fn postgres_database(test: &str) -> Option<String> {
+    let Some(base) = std::env::var(POSTGRES_ENV).ok().filter(|v| !v.is_empty()) else {
+        assert!(
+            std::env::var(REQUIRE_POSTGRES_ENV).is_err(),
+            "{test}: {REQUIRE_POSTGRES_ENV} is set but {POSTGRES_ENV} is not: tests/run must start PostgreSQL"
+        );
+        eprintln!(
+            "SKIPPED {test} on PostgreSQL: {POSTGRES_ENV} is not set (tests/run starts a cluster and sets it)"
+        );
+        return None;
+    };
+    let name = format!("tc_{}", uuid::Uuid::new_v4().simple());
+    let create = format!("CREATE DATABASE {name}");
+    let admin = base.clone();
+    // Its own thread and runtime: callers may be inside a runtime or not.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .expect("the test cluster accepts connections");
+            tokio::spawn(connection);
+            client.batch_execute(&create).await.unwrap();
+        });
+    })
+    .join()
+    .unwrap();
+    Some(format!("{base} dbname={name}"))
+}
+
+/// `config` set to use PostgreSQL database `url` (loopback, so no TLS).
+pub fn use_postgres(config: &mut Config, url: &str) {
+    config.store.engine = throughcare::store::EngineKind::Postgres;
+    config.store.postgres_url = Some(url.to_owned());
+    config.store.postgres_keeps_everything = true;
+    config.store.postgres_pool_size = 8;
 }

@@ -1,0 +1,1308 @@
+//! The queue's changes on PostgreSQL: submit, pull, ack, nack, sweep,
+//! claim, redrive, track, and the audit-only records. Each is one
+//! transaction; its audit entries are appended last and committed with it.
+//! A refusal that is audited (a conflict, a stale ack) commits its audit
+//! entry and then returns the error: the inner `Result` of each step.
+
+use std::collections::BTreeSet;
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::Transaction;
+use tokio_postgres::types::Json;
+
+use super::sql::{self, LIVE, db, id};
+use super::{PgStore, Shared};
+use crate::audit::{AuditEvent, hex};
+use crate::store::records::{IdentityConflict, PARKED_MAILBOX, PatientRecord};
+use crate::store::writer::{Owner, content_hash, new_delivery};
+use crate::store::{
+    DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, LeasedDelivery, NewHandover,
+    PatientIds, RedriveOutcome, StoreError, SubmitOutcome, SweepOutcome, TrackKey,
+};
+
+/// A step's answer: `Err` outside rolls back; `Err` inside is a refusal
+/// whose audit entry is committed.
+type Step<T> = Result<Result<T, StoreError>, StoreError>;
+
+/// One transaction: `$body` (which may use `$tx`, `$now` and push to
+/// `$audit`) evaluates to a [`Step`]; the audit entries are appended, the
+/// transaction committed, and only then the answer returned. A transaction
+/// PostgreSQL rolled back as a deadlock victim (or a serialisation
+/// failure) is run again from the start, at most three times in all:
+/// nothing of it was committed. `$body` must therefore only borrow.
+macro_rules! in_tx {
+    ($shared:ident, |$tx:ident, $now:ident, $audit:ident| $body:expr) => {{
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let outcome: Result<_, StoreError> = async {
+                let mut client = $shared.client().await?;
+                let $tx = client.transaction().await.map_err(sql::db)?;
+                let $now = $shared.now();
+                let mut $audit: Vec<AuditEvent> = Vec::new();
+                let answer = $body?;
+                sql::append_audit(&$tx, &$shared, $audit, $now).await?;
+                $tx.commit().await.map_err(sql::db)?;
+                Ok(answer)
+            }
+            .await;
+            match outcome {
+                Err(e) if tries < 3 && super::is_rolled_back_to_retry(&e) => continue,
+                Err(e) => break Err(e),
+                Ok(answer) => break answer,
+            }
+        }
+    }};
+}
+
+impl PgStore {
+    /// Stores a handover and queues its deliveries; returns once committed.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`], [`StoreError::IdentityConflict`]; database failures.
+    pub async fn submit(&self, h: NewHandover) -> Result<SubmitOutcome, StoreError> {
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| submit(&tx, &s, &h, now, &mut audit)
+                .await)
+        })
+        .await
+    }
+
+    /// Leases up to `max` deliveries of `mailbox` for `lease_ms`.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn pull(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        max: usize,
+        lease_ms: i64,
+    ) -> Result<Vec<LeasedDelivery>, StoreError> {
+        let (actor, mailbox) = (actor.to_owned(), mailbox.to_owned());
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| {
+                let lease = Lease {
+                    actor: &actor,
+                    mailbox: &mailbox,
+                    max,
+                    lease_ms,
+                };
+                pull(&tx, &s, &lease, now, &mut audit).await.map(Ok)
+            })
+        })
+        .await
+    }
+
+    /// Acknowledges attempt `attempt` of a leased delivery in `mailbox`.
+    ///
+    /// # Errors
+    /// As for [`crate::store::Store::ack`].
+    pub async fn ack(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        delivery_id: u64,
+        attempt: u32,
+    ) -> Result<(), StoreError> {
+        let (actor, mailbox) = (actor.to_owned(), mailbox.to_owned());
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| {
+                ack(
+                    &tx,
+                    (&actor, &mailbox),
+                    delivery_id,
+                    attempt,
+                    now,
+                    &mut audit,
+                )
+                .await
+            })
+        })
+        .await
+    }
+
+    /// Gives a leased attempt back (see [`crate::store::Store::nack`]).
+    ///
+    /// # Errors
+    /// As for [`crate::store::Store::ack`].
+    pub async fn nack(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        delivery_id: u64,
+        attempt: u32,
+        permanent: bool,
+        reason: &str,
+    ) -> Result<DeliveryState, StoreError> {
+        let (actor, mailbox, reason) = (actor.to_owned(), mailbox.to_owned(), reason.to_owned());
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| {
+                let giveback = GiveBack {
+                    who: (&actor, &mailbox),
+                    delivery_id,
+                    attempt,
+                    permanent,
+                    reason: &reason,
+                };
+                nack(&tx, &s, &giveback, now, &mut audit).await
+            })
+        })
+        .await
+    }
+
+    /// Quarantines exhausted leases, retires stale ones, reports missed
+    /// deadlines once each, across every node.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn sweep(&self) -> Result<SweepOutcome, StoreError> {
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| sweep(&tx, &s, now, &mut audit)
+                .await
+                .map(Ok))
+        })
+        .await
+    }
+
+    /// The state of a handover `sender` submitted (audited).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownHandover`].
+    pub async fn track(
+        &self,
+        actor: &str,
+        sender: &str,
+        key: TrackKey,
+    ) -> Result<HandoverStatus, StoreError> {
+        let (actor, sender) = (actor.to_owned(), sender.to_owned());
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| track(
+                &tx,
+                (&actor, &sender),
+                &key,
+                &mut audit
+            )
+            .await)
+        })
+        .await
+    }
+
+    /// Moves parked releases matching one of `claim_keys` to `to`.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn claim(
+        &self,
+        actor: &str,
+        claim_keys: Vec<String>,
+        to: &str,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let (actor, to) = (actor.to_owned(), to.to_owned());
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| claim(
+                &tx,
+                (&actor, &to),
+                &claim_keys,
+                now,
+                &mut audit
+            )
+            .await
+            .map(Ok))
+        })
+        .await
+    }
+
+    /// Puts quarantined deliveries back in their place.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn redrive(
+        &self,
+        actor: &str,
+        ids: Vec<u64>,
+    ) -> Result<Vec<(u64, RedriveOutcome)>, StoreError> {
+        let actor = actor.to_owned();
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| redrive(
+                &tx, &s, &actor, &ids, &mut audit
+            )
+            .await
+            .map(Ok))
+        })
+        .await
+    }
+
+    /// Appends an audit entry that records no change of state.
+    ///
+    /// # Errors
+    /// Database failures: the caller must refuse the action.
+    pub async fn record(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| {
+                audit.push(event.clone());
+                Ok::<_, StoreError>(Ok(()))
+            })
+        })
+        .await
+    }
+
+    /// Records an operator's registry change, audited with it.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn put_registry_record(
+        &self,
+        actor: &str,
+        code: &str,
+        record: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let (actor, code) = (actor.to_owned(), code.to_owned());
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| {
+                tx.execute(
+                    "INSERT INTO registry (code, record) VALUES ($1, $2) \
+                     ON CONFLICT (code) DO UPDATE SET record = EXCLUDED.record",
+                    &[&code, &record],
+                )
+                .await
+                .map_err(db)?;
+                audit.push(AuditEvent {
+                    actor: actor.clone(),
+                    action: "registry_change",
+                    outcome: format!("ok: {code}"),
+                    ..AuditEvent::default()
+                });
+                Ok::<_, StoreError>(Ok(()))
+            })
+        })
+        .await
+    }
+}
+
+async fn submit(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    h: &NewHandover,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Step<SubmitOutcome> {
+    let (last_handover, mut last_delivery) = lock_counters(tx).await?;
+    let content = content_hash(h);
+    let previous = tx
+        .query_opt(
+            "SELECT record FROM handovers WHERE sender = $1 AND message_id = $2",
+            &[&h.sender, &h.message_id],
+        )
+        .await
+        .map_err(db)?;
+    if let Some(row) = previous {
+        let original: HandoverRecord = row.get::<_, Json<HandoverRecord>>(0).0;
+        return repeat(tx, h, original, &content, audit).await;
+    }
+    let patient_key = match resolve_patient(tx, &h.patient).await? {
+        Ok(key) => key,
+        Err(field) => {
+            record_conflict(tx, h, field, now, audit).await?;
+            return Ok(Err(StoreError::IdentityConflict { field }));
+        }
+    };
+    let handover_id = last_handover + 1;
+    let deliveries: Vec<(String, u64)> = h
+        .destinations
+        .iter()
+        .map(|d| {
+            last_delivery += 1;
+            (d.mailbox.clone(), last_delivery)
+        })
+        .collect();
+    if h.supersede {
+        let newer = Newer {
+            actor: &h.actor,
+            sender: &h.sender,
+            event: h.event,
+            patient_key: &patient_key,
+            handover_id,
+            deliveries: &deliveries,
+        };
+        supersede_older(tx, &newer, now, audit).await?;
+    }
+    let supersedes = advance_lineage(tx, &patient_key, h, handover_id).await?;
+    extend_claim_keys(tx, &patient_key, &h.claim_keys).await?;
+    let owner = Owner {
+        handover_id,
+        sender: &h.sender,
+        event: h.event,
+        patient_key: &patient_key,
+    };
+    let record = HandoverRecord {
+        id: handover_id,
+        content_hash: content,
+        payload_hash: hex(&Sha256::digest(&h.payload)),
+        payload_len: h.payload.len() as u64,
+        patient_key: patient_key.clone(),
+        submitted_at_ms: now,
+        deliveries: deliveries.iter().map(|(_, d)| *d).collect(),
+        supersedes,
+        finished_at_ms: deliveries.is_empty().then_some(now),
+        ..sent_as(h)
+    };
+    // The handover row first: deliveries and payload refer to it.
+    sql::put_handover(tx, &record).await?;
+    for (dest, (_, did)) in h.destinations.iter().zip(&deliveries) {
+        let record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
+        sql::put_delivery(tx, &record).await?;
+    }
+    store_payload(tx, s, handover_id, &h.payload).await?;
+    tx.execute(
+        "UPDATE counters SET last_handover = $1, last_delivery = $2",
+        &[&id(handover_id), &id(last_delivery)],
+    )
+    .await
+    .map_err(db)?;
+    let mailboxes: Vec<String> = deliveries.iter().map(|(m, _)| m.clone()).collect();
+    sql::notify(tx, &mailboxes).await?;
+    audit.push(AuditEvent {
+        actor: h.actor.clone(),
+        action: "submit",
+        handover_id: Some(handover_id),
+        patient_key: Some(patient_key),
+        outcome: "ok".into(),
+        ..AuditEvent::default()
+    });
+    Ok(Ok(SubmitOutcome {
+        handover_id,
+        deliveries,
+        duplicate: false,
+    }))
+}
+
+/// Takes the first lock of a submit: submits serialise here, so a dedupe
+/// check after it sees every submit committed before, on any node. Returns
+/// the last handover and delivery ids handed out.
+async fn lock_counters(tx: &Transaction<'_>) -> Result<(u64, u64), StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT last_handover, last_delivery FROM counters FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    Ok((
+        sql::un_id(row.get::<_, i64>(0)),
+        sql::un_id(row.get::<_, i64>(1)),
+    ))
+}
+
+/// The parts of a handover record the sender gave (the rest is the store's).
+fn sent_as(h: &NewHandover) -> HandoverRecord {
+    HandoverRecord {
+        id: 0,
+        sender: h.sender.clone(),
+        message_id: h.message_id.clone(),
+        event: h.event,
+        content_hash: String::new(),
+        payload_hash: String::new(),
+        payload_len: 0,
+        patient_key: String::new(),
+        submitted_at_ms: 0,
+        deliveries: Vec::new(),
+        supersedes: None,
+        finished_at_ms: None,
+        shredded_at_ms: None,
+        trace_parent: h.trace_parent.clone(),
+    }
+}
+
+/// A submit whose (sender, message id) was accepted before.
+async fn repeat(
+    tx: &Transaction<'_>,
+    h: &NewHandover,
+    original: HandoverRecord,
+    content: &str,
+    audit: &mut Vec<AuditEvent>,
+) -> Step<SubmitOutcome> {
+    let mut event = AuditEvent {
+        actor: h.actor.clone(),
+        action: "submit",
+        handover_id: Some(original.id),
+        patient_key: Some(original.patient_key.clone()),
+        outcome: "ok: duplicate of an accepted submit".into(),
+        ..AuditEvent::default()
+    };
+    if original.content_hash != content {
+        event.outcome = "refused: message id reused for different content".into();
+        audit.push(event);
+        return Ok(Err(StoreError::Conflict));
+    }
+    let rows = tx
+        .query(
+            "SELECT mailbox, id FROM deliveries WHERE handover_id = $1 ORDER BY id",
+            &[&id(original.id)],
+        )
+        .await
+        .map_err(db)?;
+    let deliveries = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), sql::un_id(r.get(1))))
+        .collect();
+    audit.push(event);
+    Ok(Ok(SubmitOutcome {
+        handover_id: original.id,
+        deliveries,
+        duplicate: true,
+    }))
+}
+
+/// Seals the payload under a fresh data key wrapped by the master key.
+async fn store_payload(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    handover_id: u64,
+    payload: &[u8],
+) -> Result<(), StoreError> {
+    let (data_key, sealed) = s.cipher.seal(handover_id, payload)?;
+    tx.execute(
+        "INSERT INTO payloads (handover_id, data_key, sealed) VALUES ($1, $2, $3)",
+        &[&id(handover_id), &data_key, &sealed],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// The patient identified by `ids`: an identifier resolves through the
+/// links kept; a submit with both numbers links them. Two patients already
+/// known apart are not merged on PostgreSQL (docs/store-engines.md): the
+/// submit is refused as a conflict, for an operator to resolve.
+async fn resolve_patient(
+    tx: &Transaction<'_>,
+    ids: &PatientIds,
+) -> Result<Result<String, &'static str>, StoreError> {
+    let Some(first) = ids.first_key() else {
+        return Ok(Ok("unidentified".to_owned()));
+    };
+    let by_nhs = match &ids.nhs {
+        Some(h) => Some(resolve(tx, h).await?),
+        None => None,
+    };
+    let by_prison = match &ids.prison {
+        Some(h) => Some(resolve(tx, h).await?),
+        None => None,
+    };
+    let key = by_nhs
+        .clone()
+        .or_else(|| by_prison.clone())
+        .unwrap_or_else(|| first.to_owned());
+    let mut record = patient(tx, &key).await?;
+    if let Some(field) = conflict(&record, ids) {
+        return Ok(Err(field));
+    }
+    if let (Some(a), Some(b)) = (&by_nhs, &by_prison)
+        && a != b
+        && is_known(tx, b).await?
+    {
+        return Ok(Err("patient.prison_number"));
+    }
+    if ids.nhs.is_some() && ids.prison.is_some() {
+        record.nhs.clone_from(&ids.nhs);
+        record.prison.clone_from(&ids.prison);
+        for identifier in [&ids.nhs, &ids.prison].into_iter().flatten() {
+            tx.execute(
+                "INSERT INTO identities (identifier, patient_key) VALUES ($1, $2) \
+                 ON CONFLICT (identifier) DO UPDATE SET patient_key = EXCLUDED.patient_key",
+                &[identifier, &key],
+            )
+            .await
+            .map_err(db)?;
+        }
+        tx.execute(
+            "INSERT INTO patients (patient_key, record) VALUES ($1, $2) \
+             ON CONFLICT (patient_key) DO UPDATE SET record = EXCLUDED.record",
+            &[&key, &Json(&record)],
+        )
+        .await
+        .map_err(db)?;
+    }
+    Ok(Ok(key))
+}
+
+async fn resolve(tx: &Transaction<'_>, identifier: &str) -> Result<String, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT patient_key FROM identities WHERE identifier = $1",
+            &[&identifier],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row.map_or_else(|| identifier.to_owned(), |r| r.get(0)))
+}
+
+async fn patient(tx: &Transaction<'_>, key: &str) -> Result<PatientRecord, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT record FROM patients WHERE patient_key = $1",
+            &[&key],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row
+        .map(|r| r.get::<_, Json<PatientRecord>>(0).0)
+        .unwrap_or_default())
+}
+
+/// Whether anything is held under patient key `key`.
+async fn is_known(tx: &Transaction<'_>, key: &str) -> Result<bool, StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM patients WHERE patient_key = $1) \
+             OR EXISTS (SELECT 1 FROM deliveries WHERE patient_key = $1 \
+                        AND state IN ('queued', 'leased', 'parked', 'quarantined')) \
+             OR EXISTS (SELECT 1 FROM lineage WHERE patient_key = $1)",
+            &[&key],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row.get(0))
+}
+
+/// The field whose identifier `record` already has with another value.
+fn conflict(record: &PatientRecord, ids: &PatientIds) -> Option<&'static str> {
+    let differs = |linked: &Option<String>, given: &Option<String>| matches!((linked, given), (Some(l), Some(g)) if l != g);
+    if differs(&record.nhs, &ids.nhs) {
+        Some("patient.nhs_number")
+    } else if differs(&record.prison, &ids.prison) {
+        Some("patient.prison_number")
+    } else {
+        None
+    }
+}
+
+async fn record_conflict(
+    tx: &Transaction<'_>,
+    h: &NewHandover,
+    field: &'static str,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let conflict = IdentityConflict {
+        at_ms: now,
+        sender: h.sender.clone(),
+        message_id: h.message_id.clone(),
+        field: field.to_owned(),
+    };
+    tx.execute(
+        "INSERT INTO identity_conflicts (record) VALUES ($1)",
+        &[&Json(&conflict)],
+    )
+    .await
+    .map_err(db)?;
+    audit.push(AuditEvent {
+        actor: h.actor.clone(),
+        action: "submit",
+        outcome: format!("refused: identity conflict on {field}: linked to a different patient"),
+        ..AuditEvent::default()
+    });
+    Ok(())
+}
+
+/// The handover a submit is creating, as supersession needs it.
+struct Newer<'a> {
+    actor: &'a str,
+    sender: &'a str,
+    event: crate::journey::JourneyEvent,
+    patient_key: &'a str,
+    handover_id: u64,
+    deliveries: &'a [(String, u64)],
+}
+
+/// Retires every undelivered copy of older handovers from the same sender
+/// for the same patient and event (docs/journey.md, supersession).
+async fn supersede_older(
+    tx: &Transaction<'_>,
+    newer: &Newer<'_>,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE patient_key = $1 AND sender = $2 AND event = $3 \
+             AND state IN ('queued', 'leased', 'parked', 'quarantined') \
+             AND superseded_by IS NULL AND handover_id < $4 ORDER BY id FOR UPDATE",
+            &[
+                &newer.patient_key,
+                &newer.sender,
+                &newer.event.to_string(),
+                &id(newer.handover_id),
+            ],
+        )
+        .await
+        .map_err(db)?;
+    for mut d in sql::deliveries(&rows) {
+        d.superseded_by = newer
+            .deliveries
+            .iter()
+            .find(|(m, _)| *m == d.mailbox)
+            .or(newer.deliveries.first())
+            .map(|(_, id)| *id);
+        d.superseded_by_handover = Some(newer.handover_id);
+        let outcome = if d.state == DeliveryState::Leased {
+            sql::put_delivery(tx, &d).await?;
+            "ok: leased copy marked stale; it will not be offered again".to_owned()
+        } else {
+            retire(tx, &mut d, now).await?;
+            format!("ok: superseded by handover {}", newer.handover_id)
+        };
+        audit.push(AuditEvent {
+            actor: newer.actor.to_owned(),
+            action: "supersede",
+            handover_id: Some(d.handover_id),
+            delivery_id: Some(d.id),
+            patient_key: Some(d.patient_key.clone()),
+            outcome,
+        });
+    }
+    Ok(())
+}
+
+/// Marks `d` superseded; finished once its replacement is.
+async fn retire(tx: &Transaction<'_>, d: &mut DeliveryRecord, now: i64) -> Result<(), StoreError> {
+    d.state = DeliveryState::Superseded;
+    d.superseded_at_ms = Some(now);
+    d.not_before_ms = None;
+    d.lease_until_ms = None;
+    if let Some(by) = d.superseded_by {
+        let replacement = tx
+            .query_opt("SELECT record FROM deliveries WHERE id = $1", &[&id(by)])
+            .await
+            .map_err(db)?
+            .map(|r| r.get::<_, Json<DeliveryRecord>>(0).0);
+        if replacement.is_some_and(|r| finished_at(&r).is_some()) {
+            sql::put_delivery(tx, d).await?;
+            return delivery_finished(tx, d.id, now).await;
+        }
+    }
+    sql::put_delivery(tx, d).await
+}
+
+/// The lineage's previous handover for this patient, sender and event,
+/// now replaced by `handover_id`.
+async fn advance_lineage(
+    tx: &Transaction<'_>,
+    patient_key: &str,
+    h: &NewHandover,
+    handover_id: u64,
+) -> Result<Option<u64>, StoreError> {
+    let event = h.event.to_string();
+    let previous = tx
+        .query_opt(
+            "SELECT handover_id FROM lineage WHERE patient_key = $1 AND sender = $2 AND event = $3",
+            &[&patient_key, &h.sender, &event],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| sql::un_id(r.get(0)));
+    tx.execute(
+        "INSERT INTO lineage (patient_key, sender, event, handover_id) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (patient_key, sender, event) DO UPDATE SET handover_id = EXCLUDED.handover_id",
+        &[&patient_key, &h.sender, &event, &id(handover_id)],
+    )
+    .await
+    .map_err(db)?;
+    Ok(previous)
+}
+
+/// Lets the parked releases of this patient that share one of `claim_keys`
+/// be claimed with the others too.
+async fn extend_claim_keys(
+    tx: &Transaction<'_>,
+    patient_key: &str,
+    claim_keys: &[String],
+) -> Result<(), StoreError> {
+    if claim_keys.len() < 2 {
+        return Ok(());
+    }
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE mailbox = $1 AND patient_key = $2 \
+             AND state = 'parked' ORDER BY id FOR UPDATE",
+            &[&PARKED_MAILBOX, &patient_key],
+        )
+        .await
+        .map_err(db)?;
+    for mut d in sql::deliveries(&rows) {
+        if !d.claim_keys.iter().any(|k| claim_keys.contains(k)) {
+            continue;
+        }
+        let before = d.claim_keys.len();
+        for k in claim_keys {
+            if !d.claim_keys.contains(k) {
+                d.claim_keys.push(k.clone());
+            }
+        }
+        if d.claim_keys.len() != before {
+            sql::put_delivery(tx, &d).await?;
+        }
+    }
+    Ok(())
+}
+
+/// What a pull asks for.
+struct Lease<'a> {
+    actor: &'a str,
+    mailbox: &'a str,
+    max: usize,
+    lease_ms: i64,
+}
+
+async fn pull(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    lease: &Lease<'_>,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<Vec<LeasedDelivery>, StoreError> {
+    let max_attempts = i32::try_from(s.options.max_attempts).unwrap_or(i32::MAX);
+    retire_expired_stale(tx, lease.actor, Some(lease.mailbox), now, audit).await?;
+    quarantine_exhausted(tx, s, lease.actor, Some(lease.mailbox), now, audit).await?;
+    // Each patient's oldest live delivery of the mailbox is the only one
+    // that may go; rows another node holds are skipped, never waited for.
+    let rows = tx
+        .query(
+            &format!(
+                "WITH heads AS (SELECT DISTINCT ON (patient_key) id FROM deliveries \
+                   WHERE mailbox = $1 AND state IN {LIVE} ORDER BY patient_key, id) \
+                 SELECT d.record FROM deliveries d JOIN heads ON heads.id = d.id \
+                 WHERE NOT d.stale AND ( \
+                   (d.state = 'queued' AND COALESCE(d.not_before_ms, $2) <= $2) \
+                   OR (d.state = 'leased' AND d.lease_until_ms <= $2 \
+                       AND d.attempt < COALESCE(d.max_attempts, $3))) \
+                 ORDER BY d.urgent DESC, d.id LIMIT $4 \
+                 FOR UPDATE OF d SKIP LOCKED"
+            ),
+            &[
+                &lease.mailbox,
+                &now,
+                &max_attempts,
+                &i64::try_from(lease.max).unwrap_or(i64::MAX),
+            ],
+        )
+        .await
+        .map_err(db)?;
+    let mut leased = Vec::with_capacity(rows.len());
+    for mut d in sql::deliveries(&rows) {
+        let handover = sql::handover(tx, d.handover_id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("delivery {} has no handover", d.id)))?;
+        d.attempt += 1;
+        d.state = DeliveryState::Leased;
+        d.lease_until_ms = Some(now.saturating_add(lease.lease_ms));
+        d.not_before_ms = None;
+        d.last_leased_at_ms = Some(now);
+        sql::put_delivery(tx, &d).await?;
+        audit.push(AuditEvent {
+            actor: lease.actor.to_owned(),
+            action: "pull",
+            handover_id: Some(d.handover_id),
+            delivery_id: Some(d.id),
+            patient_key: Some(d.patient_key.clone()),
+            outcome: format!("ok: leased, attempt {}", d.attempt),
+        });
+        leased.push(LeasedDelivery {
+            delivery: d,
+            handover,
+        });
+    }
+    Ok(leased)
+}
+
+/// Leased deliveries (of `mailbox`, or all) whose lease expired on their
+/// last allowed attempt: quarantined. Returns how many.
+async fn quarantine_exhausted(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    actor: &str,
+    mailbox: Option<&str>,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<usize, StoreError> {
+    let max_attempts = i32::try_from(s.options.max_attempts).unwrap_or(i32::MAX);
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE state = 'leased' AND NOT stale \
+             AND lease_until_ms <= $1 AND attempt >= COALESCE(max_attempts, $2) \
+             AND ($3::text IS NULL OR mailbox = $3) ORDER BY id FOR UPDATE SKIP LOCKED",
+            &[&now, &max_attempts, &mailbox],
+        )
+        .await
+        .map_err(db)?;
+    let found = sql::deliveries(&rows);
+    for mut d in found.iter().cloned() {
+        let why = format!(
+            "lease expired without an ack on attempt {} of {}",
+            d.attempt,
+            d.max_attempts.unwrap_or(s.options.max_attempts)
+        );
+        quarantine(&mut d, why, now);
+        sql::put_delivery(tx, &d).await?;
+        audit.push(AuditEvent {
+            actor: actor.to_owned(),
+            action: "quarantine",
+            handover_id: Some(d.handover_id),
+            delivery_id: Some(d.id),
+            patient_key: Some(d.patient_key.clone()),
+            outcome: "ok: maximum attempts reached".into(),
+        });
+    }
+    Ok(found.len())
+}
+
+/// Superseded copies whose lease ended without an ack: retired.
+async fn retire_expired_stale(
+    tx: &Transaction<'_>,
+    actor: &str,
+    mailbox: Option<&str>,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE state = 'leased' AND stale \
+             AND lease_until_ms <= $1 AND ($2::text IS NULL OR mailbox = $2) \
+             ORDER BY id FOR UPDATE SKIP LOCKED",
+            &[&now, &mailbox],
+        )
+        .await
+        .map_err(db)?;
+    for mut d in sql::deliveries(&rows) {
+        retire(tx, &mut d, now).await?;
+        audit.push(AuditEvent {
+            actor: actor.to_owned(),
+            action: "supersede",
+            handover_id: Some(d.handover_id),
+            delivery_id: Some(d.id),
+            patient_key: Some(d.patient_key.clone()),
+            outcome: "ok: lease of a superseded copy ended without an ack".into(),
+        });
+    }
+    Ok(())
+}
+
+fn quarantine(d: &mut DeliveryRecord, why: String, now: i64) {
+    d.state = DeliveryState::Quarantined;
+    d.quarantined_at_ms = Some(now);
+    d.lease_until_ms = None;
+    d.reason = Some(why);
+}
+
+/// Loads a delivery for an ack or nack from `mailbox` (locked), checking
+/// the attempt and lease; refusals are audited.
+async fn leased_for(
+    tx: &Transaction<'_>,
+    action: &'static str,
+    (actor, mailbox): (&str, &str),
+    delivery_id: u64,
+    attempt: u32,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<Result<DeliveryRecord, (StoreError, Option<DeliveryRecord>)>, StoreError> {
+    let found = sql::delivery_for_update(tx, delivery_id).await?;
+    let verdict = match found {
+        Some(d) if d.mailbox == mailbox => {
+            let err = if d.attempt != attempt {
+                Some(StoreError::StaleAttempt {
+                    given: attempt,
+                    current: d.attempt,
+                })
+            } else if d.state != DeliveryState::Leased {
+                Some(StoreError::NotLeased(d.state))
+            } else if d.lease_until_ms.is_none_or(|t| t <= now) {
+                Some(StoreError::LeaseExpired)
+            } else {
+                None
+            };
+            match err {
+                None => Ok(d),
+                Some(e) => Err((e, Some(d))),
+            }
+        }
+        _ => Err((StoreError::UnknownDelivery, None)),
+    };
+    if let Err((e, d)) = &verdict {
+        let repeat_ack = action == "ack"
+            && matches!(d, Some(d) if d.state == DeliveryState::Delivered && d.attempt == attempt);
+        audit.push(AuditEvent {
+            actor: actor.to_owned(),
+            action,
+            handover_id: d.as_ref().map(|d| d.handover_id),
+            delivery_id: d.as_ref().map(|d| d.id),
+            patient_key: d.as_ref().map(|d| d.patient_key.clone()),
+            outcome: if repeat_ack {
+                "ok: repeated ack of a delivered attempt".into()
+            } else {
+                format!("refused: {e}")
+            },
+        });
+    }
+    Ok(verdict)
+}
+
+async fn ack(
+    tx: &Transaction<'_>,
+    who: (&str, &str),
+    delivery_id: u64,
+    attempt: u32,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Step<()> {
+    let mut d = match leased_for(tx, "ack", who, delivery_id, attempt, now, audit).await? {
+        Ok(d) => d,
+        Err((_, Some(d))) if d.state == DeliveryState::Delivered && d.attempt == attempt => {
+            return Ok(Ok(()));
+        }
+        Err((e, _)) => return Ok(Err(e)),
+    };
+    d.state = DeliveryState::Delivered;
+    d.delivered_at_ms = Some(now);
+    d.lease_until_ms = None;
+    sql::put_delivery(tx, &d).await?;
+    delivery_finished(tx, delivery_id, now).await?;
+    audit.push(AuditEvent {
+        actor: who.0.to_owned(),
+        action: "ack",
+        handover_id: Some(d.handover_id),
+        delivery_id: Some(delivery_id),
+        patient_key: Some(d.patient_key.clone()),
+        outcome: "ok: delivered".into(),
+    });
+    Ok(Ok(()))
+}
+
+/// What a nack gives back.
+struct GiveBack<'a> {
+    who: (&'a str, &'a str),
+    delivery_id: u64,
+    attempt: u32,
+    permanent: bool,
+    reason: &'a str,
+}
+
+async fn nack(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    g: &GiveBack<'_>,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Step<DeliveryState> {
+    let mut d = match leased_for(tx, "nack", g.who, g.delivery_id, g.attempt, now, audit).await? {
+        Ok(d) => d,
+        Err((e, _)) => return Ok(Err(e)),
+    };
+    let max_attempts = d.max_attempts.unwrap_or(s.options.max_attempts);
+    let state = if d.superseded_by.is_some() {
+        retire(tx, &mut d, now).await?;
+        DeliveryState::Superseded
+    } else if g.permanent || d.attempt >= max_attempts {
+        let why = if g.permanent {
+            format!("permanent nack: {}", g.reason)
+        } else {
+            format!(
+                "nack on the last allowed attempt ({}): {}",
+                d.attempt, g.reason
+            )
+        };
+        quarantine(&mut d, why, now);
+        sql::put_delivery(tx, &d).await?;
+        DeliveryState::Quarantined
+    } else {
+        let backoff = s
+            .options
+            .retry_backoff_ms
+            .saturating_mul(1 << (d.attempt.saturating_sub(1)).min(16));
+        d.state = DeliveryState::Queued;
+        d.lease_until_ms = None;
+        d.not_before_ms = Some(now.saturating_add(backoff));
+        d.reason = Some(format!("retryable nack: {}", g.reason));
+        sql::put_delivery(tx, &d).await?;
+        DeliveryState::Queued
+    };
+    audit.push(AuditEvent {
+        actor: g.who.0.to_owned(),
+        action: "nack",
+        handover_id: Some(d.handover_id),
+        delivery_id: Some(g.delivery_id),
+        patient_key: Some(d.patient_key.clone()),
+        outcome: format!("ok: {}", state_name(state)),
+    });
+    Ok(Ok(state))
+}
+
+fn state_name(state: DeliveryState) -> &'static str {
+    match state {
+        DeliveryState::Queued => "queued for retry",
+        DeliveryState::Leased => "leased",
+        DeliveryState::Delivered => "delivered",
+        DeliveryState::Quarantined => "quarantined",
+        DeliveryState::Superseded => "superseded",
+        DeliveryState::Parked => "parked",
+    }
+}
+
+fn finished_at(d: &DeliveryRecord) -> Option<i64> {
+    d.finished_at_ms.or(match d.state {
+        DeliveryState::Delivered => d.delivered_at_ms,
+        _ => None,
+    })
+}
+
+/// Finishes a delivered delivery, the copies it superseded, and each
+/// handover all of whose deliveries are now finished.
+async fn delivery_finished(
+    tx: &Transaction<'_>,
+    delivery_id: u64,
+    now: i64,
+) -> Result<(), StoreError> {
+    let mut work = vec![delivery_id];
+    while let Some(did) = work.pop() {
+        let Some(mut d) = sql::delivery_for_update(tx, did).await? else {
+            continue;
+        };
+        if d.finished_at_ms.is_none() {
+            d.finished_at_ms = Some(now);
+            sql::put_delivery(tx, &d).await?;
+        }
+        handover_maybe_finished(tx, d.handover_id, now).await?;
+        let older = tx
+            .query(
+                "SELECT id FROM deliveries WHERE superseded_by = $1 AND state = 'superseded' \
+                 AND record->'finished_at_ms' IS NULL ORDER BY id",
+                &[&id(did)],
+            )
+            .await
+            .map_err(db)?;
+        work.extend(older.iter().map(|r| sql::un_id(r.get(0))));
+    }
+    Ok(())
+}
+
+async fn handover_maybe_finished(
+    tx: &Transaction<'_>,
+    handover_id: u64,
+    now: i64,
+) -> Result<(), StoreError> {
+    let Some(mut h) = sql::handover(tx, handover_id).await? else {
+        return Ok(());
+    };
+    if h.finished_at_ms.is_some() {
+        return Ok(());
+    }
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE handover_id = $1",
+            &[&id(handover_id)],
+        )
+        .await
+        .map_err(db)?;
+    let all = sql::deliveries(&rows);
+    if all.len() < h.deliveries.len() || all.iter().any(|d| finished_at(d).is_none()) {
+        return Ok(());
+    }
+    h.finished_at_ms = Some(now);
+    sql::put_handover(tx, &h).await
+}
+
+async fn sweep(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<SweepOutcome, StoreError> {
+    const SWEEPER: &str = "urn:gateway:sweeper";
+    retire_expired_stale(tx, SWEEPER, None, now, audit).await?;
+    let quarantined = quarantine_exhausted(tx, s, SWEEPER, None, now, audit).await?;
+    // Bounded, and each reported once: the row is marked in this
+    // transaction, and another node's sweep skips what this one holds.
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT record FROM deliveries WHERE state IN {LIVE} AND NOT overdue_reported \
+                 AND due_ms <= $1 ORDER BY due_ms, id LIMIT 1000 FOR UPDATE SKIP LOCKED"
+            ),
+            &[&now],
+        )
+        .await
+        .map_err(db)?;
+    let mut newly_overdue = Vec::with_capacity(rows.len());
+    for mut d in sql::deliveries(&rows) {
+        d.overdue_at_ms = Some(now);
+        sql::put_delivery(tx, &d).await?;
+        newly_overdue.push(d);
+    }
+    Ok(SweepOutcome {
+        quarantined,
+        newly_overdue,
+    })
+}
+
+async fn track(
+    tx: &Transaction<'_>,
+    (actor, sender): (&str, &str),
+    key: &TrackKey,
+    audit: &mut Vec<AuditEvent>,
+) -> Step<HandoverStatus> {
+    let row = match key {
+        TrackKey::HandoverId(hid) => tx
+            .query_opt(
+                "SELECT record FROM handovers WHERE id = $1 AND sender = $2",
+                &[&id(*hid), &sender],
+            )
+            .await
+            .map_err(db)?,
+        TrackKey::MessageId(m) => tx
+            .query_opt(
+                "SELECT record FROM handovers WHERE sender = $1 AND message_id = $2",
+                &[&sender, m],
+            )
+            .await
+            .map_err(db)?,
+    };
+    let Some(handover) = row.map(|r| r.get::<_, Json<HandoverRecord>>(0).0) else {
+        // Nothing is removed on PostgreSQL yet, so there are no tombstones.
+        let error = StoreError::UnknownHandover;
+        audit.push(AuditEvent {
+            actor: actor.to_owned(),
+            action: "track",
+            handover_id: match key {
+                TrackKey::HandoverId(hid) => Some(*hid),
+                TrackKey::MessageId(_) => None,
+            },
+            outcome: format!("refused: {error}"),
+            ..AuditEvent::default()
+        });
+        return Ok(Err(error));
+    };
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE handover_id = $1 ORDER BY id",
+            &[&id(handover.id)],
+        )
+        .await
+        .map_err(db)?;
+    let deliveries = sql::deliveries(&rows);
+    audit.push(AuditEvent {
+        actor: actor.to_owned(),
+        action: "track",
+        handover_id: Some(handover.id),
+        patient_key: Some(handover.patient_key.clone()),
+        outcome: "ok".into(),
+        ..AuditEvent::default()
+    });
+    Ok(Ok(HandoverStatus {
+        handover,
+        deliveries,
+    }))
+}
+
+async fn claim(
+    tx: &Transaction<'_>,
+    (actor, to): (&str, &str),
+    claim_keys: &[String],
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<Vec<DeliveryRecord>, StoreError> {
+    // Locked in id order; a racing claim waits here and then finds them gone.
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE mailbox = $1 AND state = 'parked' \
+             AND record->'claim_keys' ?| $2 ORDER BY id FOR UPDATE",
+            &[&PARKED_MAILBOX, &claim_keys],
+        )
+        .await
+        .map_err(db)?;
+    let mut found = sql::deliveries(&rows);
+    found.sort_by_key(|d| (!d.urgent, d.id));
+    let mut claimed = Vec::with_capacity(found.len());
+    for mut d in found {
+        d.mailbox = to.to_owned();
+        d.state = DeliveryState::Queued;
+        d.claimed_by = Some(actor.to_owned());
+        d.claimed_at_ms = Some(now);
+        sql::put_delivery(tx, &d).await?;
+        audit.push(AuditEvent {
+            actor: actor.to_owned(),
+            action: "claim",
+            handover_id: Some(d.handover_id),
+            delivery_id: Some(d.id),
+            patient_key: Some(d.patient_key.clone()),
+            outcome: format!("ok: parked release claimed for {to}"),
+        });
+        claimed.push(d);
+    }
+    if claimed.is_empty() {
+        audit.push(AuditEvent {
+            actor: actor.to_owned(),
+            action: "claim",
+            outcome: "refused: no parked release matches".into(),
+            ..AuditEvent::default()
+        });
+    } else {
+        sql::notify(tx, &[to.to_owned()]).await?;
+    }
+    Ok(claimed)
+}
+
+async fn redrive(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    actor: &str,
+    ids: &[u64],
+    audit: &mut Vec<AuditEvent>,
+) -> Result<Vec<(u64, RedriveOutcome)>, StoreError> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut woken = BTreeSet::new();
+    // Locked in ascending id order, as every multi-row lock here.
+    let mut order: Vec<u64> = ids.to_vec();
+    order.sort_unstable();
+    order.dedup();
+    let mut found = std::collections::HashMap::new();
+    for did in order {
+        found.insert(did, sql::delivery_for_update(tx, did).await?);
+    }
+    for &did in ids {
+        let outcome = match found.get_mut(&did).and_then(Option::take) {
+            None => RedriveOutcome::Unknown,
+            Some(d) if d.state != DeliveryState::Quarantined => {
+                found.insert(did, Some(d.clone()));
+                RedriveOutcome::NotQuarantined(d.state)
+            }
+            Some(mut d) => {
+                d.state = DeliveryState::Queued;
+                d.not_before_ms = None;
+                d.lease_until_ms = None;
+                d.max_attempts = Some(d.attempt.saturating_add(s.options.max_attempts));
+                d.reason = d.reason.map(|r| format!("redriven after: {r}"));
+                sql::put_delivery(tx, &d).await?;
+                woken.insert(d.mailbox.clone());
+                found.insert(did, Some(d));
+                RedriveOutcome::Requeued
+            }
+        };
+        audit.push(AuditEvent {
+            actor: actor.to_owned(),
+            action: "redrive",
+            delivery_id: Some(did),
+            outcome: match &outcome {
+                RedriveOutcome::Requeued => "ok: requeued".into(),
+                RedriveOutcome::NotQuarantined(state) => {
+                    format!("ok: nothing to do, it is {}", state_name(*state))
+                }
+                RedriveOutcome::Unknown => "refused: no such delivery".into(),
+            },
+            ..AuditEvent::default()
+        });
+        out.push((did, outcome));
+    }
+    let woken: Vec<String> = woken.into_iter().collect();
+    sql::notify(tx, &woken).await?;
+    Ok(out)
+}

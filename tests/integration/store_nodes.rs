@@ -1,0 +1,353 @@
+//! Several gateway nodes on one PostgreSQL database (docs/store-engines.md):
+//! two stores opened on the same database, as two nodes would, with the
+//! same key files. Pulls racing from both never lease one delivery twice
+//! and keep each patient's order; sweeps racing from both quarantine and
+//! report each delivery once; a submit on one node wakes a long poll on the
+//! other (LISTEN/NOTIFY); and the audit trail is one chain that verifies.
+//! Skipped (loudly) without the test cluster `tests/run` starts.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use throughcare::journey::JourneyEvent;
+use throughcare::store::pg::PgOptions;
+use throughcare::store::{
+    Clock, DeliveryState, ManualClock, NewDelivery, NewHandover, PatientIds, Store, StoreOptions,
+    TrackKey,
+};
+
+use crate::support;
+
+/// A node: a store on database `url` with the key files in `dir`.
+fn node(url: &str, dir: &Path, clock: Arc<dyn Clock>, max_attempts: u32) -> Store {
+    let options = StoreOptions {
+        max_attempts,
+        master_key_file: Some(dir.join("master-key")),
+        audit_key_file: Some(dir.join("audit-key")),
+        ..StoreOptions::default()
+    };
+    let pg = PgOptions {
+        url: url.to_owned(),
+        ca_file: None,
+        pool_size: 4,
+    };
+    Store::open_postgres(&pg, options, clock, dir).unwrap()
+}
+
+fn handover(message: u32, patient: u32, mailbox: &str, due_ms: Option<i64>) -> NewHandover {
+    NewHandover {
+        actor: "urn:ods:YP001".into(),
+        sender: "YP001".into(),
+        message_id: format!("m{message}"),
+        event: JourneyEvent::Release,
+        patient: PatientIds {
+            nhs: Some(format!("p{patient}")),
+            prison: None,
+        },
+        claim_keys: Vec::new(),
+        requested_destinations: vec![mailbox.into()],
+        destinations: vec![NewDelivery {
+            mailbox: mailbox.into(),
+            due_ms,
+            ..NewDelivery::default()
+        }],
+        payload: format!("document {message}").into_bytes(),
+        supersede: false,
+        trace_parent: None,
+    }
+}
+
+/// Pulls from `store` until `total` deliveries were acknowledged by all
+/// pullers together; records (delivery id, attempt, patient) of each lease.
+async fn puller(store: Store, leases: Arc<Mutex<Vec<(u64, u32, String)>>>, total: usize) -> usize {
+    let mut acked = 0;
+    for _ in 0..2_000 {
+        if leases.lock().unwrap().len() >= total {
+            break;
+        }
+        let got = store
+            .pull("urn:ods:YG001", "YG001", 3, 60_000)
+            .await
+            .unwrap();
+        if got.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        for l in &got {
+            leases.lock().unwrap().push((
+                l.delivery.id,
+                l.delivery.attempt,
+                l.delivery.patient_key.clone(),
+            ));
+        }
+        for l in got {
+            store
+                .ack("urn:ods:YG001", "YG001", l.delivery.id, l.delivery.attempt)
+                .await
+                .unwrap();
+            acked += 1;
+        }
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_never_lease_one_delivery_twice_and_keep_each_patients_order() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
+    let a = node(&url, dir.path(), clock.clone(), 5);
+    let b = node(&url, dir.path(), clock.clone(), 5);
+    const TOTAL: u32 = 60;
+    for m in 0..TOTAL {
+        let on = if m % 2 == 0 { &a } else { &b };
+        on.submit(handover(m, m % 12, "YG001", None)).await.unwrap();
+    }
+    let leases = Arc::new(Mutex::new(Vec::new()));
+    let pullers: Vec<_> = [&a, &a, &b, &b]
+        .into_iter()
+        .map(|s| tokio::spawn(puller(s.clone(), leases.clone(), TOTAL as usize)))
+        .collect();
+    let mut acked = 0;
+    for p in pullers {
+        acked += p.await.unwrap();
+    }
+    let leases = leases.lock().unwrap().clone();
+    assert_eq!(acked, TOTAL as usize, "every delivery acknowledged once");
+    let ids: HashSet<u64> = leases.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(
+        ids.len(),
+        leases.len(),
+        "no delivery leased twice: {leases:?}"
+    );
+    assert!(leases.iter().all(|(_, attempt, _)| *attempt == 1));
+    // Each patient's deliveries were leased in the order they were sent.
+    let mut by_patient: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (id, _, patient) in &leases {
+        by_patient.entry(patient).or_default().push(*id);
+    }
+    for (patient, order) in by_patient {
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "patient {patient} out of order");
+    }
+    // One chain across both nodes, verified from either.
+    let entries = a.verify_audit().unwrap();
+    assert_eq!(b.verify_audit().unwrap(), entries);
+    assert_eq!(
+        entries,
+        u64::from(TOTAL) * 3,
+        "submit, pull and ack of each"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_sweeps_on_two_nodes_act_on_each_delivery_once() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let manual = ManualClock::new(1_000_000);
+    let clock: Arc<dyn Clock> = Arc::new(manual.clone());
+    let a = node(&url, dir.path(), clock.clone(), 1);
+    let b = node(&url, dir.path(), clock.clone(), 1);
+    for m in 0..20 {
+        a.submit(handover(m, m, "YG001", None)).await.unwrap();
+    }
+    for m in 20..40 {
+        b.submit(handover(m, m, "YG002", Some(1_000_050)))
+            .await
+            .unwrap();
+    }
+    // Leased on their only allowed attempt, and left to expire.
+    assert_eq!(
+        a.pull("urn:ods:YG001", "YG001", 50, 10)
+            .await
+            .unwrap()
+            .len(),
+        20
+    );
+    manual.advance(100);
+    let (sa, sb) = tokio::join!(a.sweep(), b.sweep());
+    let (sa, sb) = (sa.unwrap(), sb.unwrap());
+    assert_eq!(sa.quarantined + sb.quarantined, 20);
+    assert_eq!(sa.newly_overdue.len() + sb.newly_overdue.len(), 20);
+    let again = a.sweep().await.unwrap();
+    assert_eq!((again.quarantined, again.newly_overdue.len()), (0, 0));
+    let quarantines = a
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "quarantine")
+        .count();
+    assert_eq!(quarantines, 20, "each quarantine audited once");
+    assert_eq!(a.quarantined(Some("YG001"), 100).unwrap().len(), 20);
+    b.verify_audit().unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submit_on_one_node_wakes_a_long_poll_on_the_other() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
+    let a = node(&url, dir.path(), clock.clone(), 5);
+    let b = node(&url, dir.path(), clock.clone(), 5);
+    let signal = b.mailbox_signal("YG003");
+    // Give b's listener time to have subscribed (it wakes everyone when it does).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let woken = signal.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    a.submit(handover(1, 1, "YG003", None)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), woken)
+        .await
+        .expect("node b's poll is woken by node a's submit");
+    assert_eq!(
+        b.pull("urn:ods:YG003", "YG003", 5, 1_000)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // A node wakes only the mailbox named: another stays asleep.
+    let other = b.mailbox_signal("YG004");
+    let quiet = other.notified();
+    tokio::pin!(quiet);
+    quiet.as_mut().enable();
+    a.submit(handover(2, 2, "YG005", None)).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), quiet)
+            .await
+            .is_err()
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// `throughcare admin audit verify` for a gateway configured for PostgreSQL.
+fn admin_audit(url: &str, dir: &Path, verb: &str) -> std::process::Output {
+    std::process::Command::new(support::BIN)
+        .args(["admin", "audit", verb])
+        .env("THROUGHCARE_STORE_ENGINE", "postgres")
+        .env("THROUGHCARE_STORE_POSTGRES_URL", url)
+        .env("THROUGHCARE_STORE_POSTGRES_KEEPS_EVERYTHING", "true")
+        .env("THROUGHCARE_DATA_DIR", dir.join("data"))
+        .env("THROUGHCARE_MASTER_KEY_FILE", dir.join("master-key"))
+        .env(
+            "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
+            dir.join("audit-key"),
+        )
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_audit_verify_reads_the_database_chain_and_finds_a_rewrite() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
+    let a = node(&url, dir.path(), clock, 5);
+    for m in 0..3 {
+        a.submit(handover(m, m, "YG001", None)).await.unwrap();
+    }
+    a.close().await.unwrap();
+    let out = admin_audit(&url, dir.path(), "verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("verifies: 3 entries"), "{text}");
+    // Rewrite one entry's outcome in the database: the chain breaks there.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            "UPDATE audit SET entry = convert_to(replace(convert_from(entry, 'UTF8'), '\"ok\"', '\"ok!\"'), 'UTF8') WHERE seq = 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = admin_audit(&url, dir.path(), "verify");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does NOT verify"), "{err}");
+    // What needs a witness is refused by name, not faked.
+    let out = admin_audit(&url, dir.path(), "anchor");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PostgreSQL"));
+}
+
+/// The one lock-order exception (docs/store-engines.md): an ack locks the
+/// older copy its delivery superseded after its own row. Another session
+/// holding the older copy and then asking for the newer one deadlocks with
+/// it; PostgreSQL rolls the ack back (it waited first), and the engine runs
+/// it again instead of failing the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_chosen_as_a_deadlock_victim_is_run_again() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
+    let a = node(&url, dir.path(), clock, 5);
+    let older = a.submit(handover(1, 7, "YG001", None)).await.unwrap();
+    let mut correction = handover(2, 7, "YG001", None);
+    correction.supersede = true;
+    let newer = a.submit(correction).await.unwrap();
+    let (old_id, new_id) = (older.deliveries[0].1, newer.deliveries[0].1);
+    let leased = a.pull("urn:ods:YG001", "YG001", 5, 60_000).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].delivery.id, new_id);
+
+    let (mut other, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let held = other.transaction().await.unwrap();
+    held.execute(
+        "SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE",
+        &[&i64::try_from(old_id).unwrap()],
+    )
+    .await
+    .unwrap();
+    let acking = {
+        let a = a.clone();
+        tokio::spawn(async move { a.ack("urn:ods:YG001", "YG001", new_id, 1).await })
+    };
+    // Let the ack lock its row and wait for the older one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = held
+        .execute(
+            "SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE",
+            &[&i64::try_from(new_id).unwrap()],
+        )
+        .await;
+    held.rollback().await.unwrap();
+    acking
+        .await
+        .unwrap()
+        .expect("the ack is run again after PostgreSQL rolled it back");
+    let status = a
+        .track("urn:ods:YP001", "YP001", TrackKey::MessageId("m2".into()))
+        .await
+        .unwrap();
+    assert_eq!(status.deliveries[0].state, DeliveryState::Delivered);
+    a.verify_audit().unwrap();
+    a.close().await.unwrap();
+}
