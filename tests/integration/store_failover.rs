@@ -294,6 +294,20 @@ async fn killing_the_primary_mid_load_loses_nothing_acknowledged() {
     let pair = Pair::start(dir.path());
     let keys = dir.path().join("keys");
     let (a, b) = (node(&pair.url(), &keys), node(&pair.url(), &keys));
+    // A whole gateway (gRPC, mutual TLS) on the same database too: it must
+    // serve again after the failover without a restart.
+    let gateway = {
+        let (url, keys) = (pair.url(), keys.clone());
+        support::TestGateway::start_with(
+            move |c| {
+                support::use_postgres(c, &url);
+                c.master_key_file = Some(keys.join("master-key"));
+                c.integrity.audit_key_file = Some(keys.join("audit-key"));
+            },
+            Arc::new(SystemClock),
+        )
+        .await
+    };
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = vec![
@@ -334,6 +348,37 @@ async fn killing_the_primary_mid_load_loses_nothing_acknowledged() {
     );
     settle(&a, &ledger).await;
     check(&a, &b, &ledger).await;
+    through_the_gateway(&gateway).await;
+    a.verify_audit().unwrap();
+    gateway.stop().await;
+}
+
+/// A submit, pull and ack over gRPC on the gateway that was serving when
+/// the primary died (a few tries while its pool replaces dead connections).
+async fn through_the_gateway(gw: &support::TestGateway) {
+    use throughcare::grpc::pb;
+    let mut prison = gw.client("YP001").await;
+    let submit = support::release("after-failover", 1, &["YG002"], "after failover");
+    let mut receipt = None;
+    for _ in 0..50 {
+        match prison.submit(submit.clone()).await {
+            Ok(r) => {
+                receipt = Some(r.into_inner());
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let receipt = receipt.expect("the gateway serves again after the failover");
+    let mut gp = gw.client("YG002").await;
+    let got = support::pull_and_ack(&mut gp).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].handover_id, receipt.handover_id);
+    let t = support::track_message(&mut prison, "after-failover").await;
+    assert_eq!(t.deliveries[0].state(), pb::DeliveryState::Delivered);
 }
 
 /// Retries every unsure submit (idempotent on the message id), then pulls

@@ -351,3 +351,42 @@ async fn an_ack_chosen_as_a_deadlock_victim_is_run_again() {
     a.verify_audit().unwrap();
     a.close().await.unwrap();
 }
+
+/// Sealed at rest on PostgreSQL as on sled: the database holds neither the
+/// document nor its data key in clear, and a payload whose sealed bytes
+/// were changed in the database is refused, not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_holds_payloads_sealed_and_a_changed_one_is_refused() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
+    let a = node(&url, dir.path(), clock, 5);
+    let receipt = a.submit(handover(1, 1, "YG001", None)).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT data_key, sealed FROM payloads", &[])
+        .await
+        .unwrap();
+    let (data_key, sealed): (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
+    let clear = b"document 1";
+    assert!(!sealed.windows(clear.len()).any(|w| w == clear));
+    assert!(data_key.len() > 32, "the data key is stored wrapped");
+    let leased = a.pull("urn:ods:YG001", "YG001", 1, 60_000).await.unwrap();
+    assert_eq!(a.payload(&leased[0].handover).await.unwrap(), clear);
+    client
+        .execute(
+            "UPDATE payloads SET sealed = set_byte(sealed, 30, get_byte(sealed, 30) # 255) \
+             WHERE handover_id = $1",
+            &[&i64::try_from(receipt.handover_id).unwrap()],
+        )
+        .await
+        .unwrap();
+    let err = a.payload(&leased[0].handover).await.unwrap_err();
+    assert!(err.to_string().contains("fails authentication"), "{err}");
+    a.close().await.unwrap();
+}

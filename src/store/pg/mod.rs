@@ -26,6 +26,7 @@ mod connect;
 mod queue;
 mod reads;
 mod sql;
+mod submit;
 
 use std::future::Future;
 use std::path::PathBuf;

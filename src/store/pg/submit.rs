@@ -1,0 +1,465 @@
+//! A submit on PostgreSQL: dedupe on (sender, message id) under the
+//! `counters` lock, the patient resolved through the identity links,
+//! supersession of older copies (docs/journey.md), and the handover, its
+//! deliveries and its sealed payload written in the same transaction.
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::Transaction;
+use tokio_postgres::types::Json;
+
+use super::Shared;
+use super::queue::{Step, retire};
+use super::sql::{self, db, id};
+use crate::audit::{AuditEvent, hex};
+use crate::store::records::{IdentityConflict, PARKED_MAILBOX, PatientRecord};
+use crate::store::writer::{Owner, content_hash, new_delivery};
+use crate::store::{
+    DeliveryState, HandoverRecord, NewHandover, PatientIds, StoreError, SubmitOutcome,
+};
+
+pub(super) async fn submit(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    h: &NewHandover,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Step<SubmitOutcome> {
+    let (last_handover, mut last_delivery) = lock_counters(tx).await?;
+    let content = content_hash(h);
+    let previous = tx
+        .query_opt(
+            "SELECT record FROM handovers WHERE sender = $1 AND message_id = $2",
+            &[&h.sender, &h.message_id],
+        )
+        .await
+        .map_err(db)?;
+    if let Some(row) = previous {
+        let original: HandoverRecord = row.get::<_, Json<HandoverRecord>>(0).0;
+        return repeat(tx, h, original, &content, audit).await;
+    }
+    let patient_key = match resolve_patient(tx, &h.patient).await? {
+        Ok(key) => key,
+        Err(field) => {
+            record_conflict(tx, h, field, now, audit).await?;
+            return Ok(Err(StoreError::IdentityConflict { field }));
+        }
+    };
+    let handover_id = last_handover + 1;
+    let deliveries: Vec<(String, u64)> = h
+        .destinations
+        .iter()
+        .map(|d| {
+            last_delivery += 1;
+            (d.mailbox.clone(), last_delivery)
+        })
+        .collect();
+    if h.supersede {
+        let newer = Newer {
+            actor: &h.actor,
+            sender: &h.sender,
+            event: h.event,
+            patient_key: &patient_key,
+            handover_id,
+            deliveries: &deliveries,
+        };
+        supersede_older(tx, &newer, now, audit).await?;
+    }
+    let supersedes = advance_lineage(tx, &patient_key, h, handover_id).await?;
+    extend_claim_keys(tx, &patient_key, &h.claim_keys).await?;
+    let owner = Owner {
+        handover_id,
+        sender: &h.sender,
+        event: h.event,
+        patient_key: &patient_key,
+    };
+    let record = HandoverRecord {
+        id: handover_id,
+        content_hash: content,
+        payload_hash: hex(&Sha256::digest(&h.payload)),
+        payload_len: h.payload.len() as u64,
+        patient_key: patient_key.clone(),
+        submitted_at_ms: now,
+        deliveries: deliveries.iter().map(|(_, d)| *d).collect(),
+        supersedes,
+        finished_at_ms: deliveries.is_empty().then_some(now),
+        ..sent_as(h)
+    };
+    // The handover row first: deliveries and payload refer to it.
+    sql::put_handover(tx, &record).await?;
+    for (dest, (_, did)) in h.destinations.iter().zip(&deliveries) {
+        let record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
+        sql::put_delivery(tx, &record).await?;
+    }
+    store_payload(tx, s, handover_id, &h.payload).await?;
+    tx.execute(
+        "UPDATE counters SET last_handover = $1, last_delivery = $2",
+        &[&id(handover_id), &id(last_delivery)],
+    )
+    .await
+    .map_err(db)?;
+    let mailboxes: Vec<String> = deliveries.iter().map(|(m, _)| m.clone()).collect();
+    sql::notify(tx, &mailboxes).await?;
+    audit.push(AuditEvent {
+        actor: h.actor.clone(),
+        action: "submit",
+        handover_id: Some(handover_id),
+        patient_key: Some(patient_key),
+        outcome: "ok".into(),
+        ..AuditEvent::default()
+    });
+    Ok(Ok(SubmitOutcome {
+        handover_id,
+        deliveries,
+        duplicate: false,
+    }))
+}
+
+/// Takes the first lock of a submit: submits serialise here, so a dedupe
+/// check after it sees every submit committed before, on any node. Returns
+/// the last handover and delivery ids handed out.
+async fn lock_counters(tx: &Transaction<'_>) -> Result<(u64, u64), StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT last_handover, last_delivery FROM counters FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    Ok((
+        sql::un_id(row.get::<_, i64>(0)),
+        sql::un_id(row.get::<_, i64>(1)),
+    ))
+}
+
+/// The parts of a handover record the sender gave (the rest is the store's).
+fn sent_as(h: &NewHandover) -> HandoverRecord {
+    HandoverRecord {
+        id: 0,
+        sender: h.sender.clone(),
+        message_id: h.message_id.clone(),
+        event: h.event,
+        content_hash: String::new(),
+        payload_hash: String::new(),
+        payload_len: 0,
+        patient_key: String::new(),
+        submitted_at_ms: 0,
+        deliveries: Vec::new(),
+        supersedes: None,
+        finished_at_ms: None,
+        shredded_at_ms: None,
+        trace_parent: h.trace_parent.clone(),
+    }
+}
+
+/// A submit whose (sender, message id) was accepted before.
+async fn repeat(
+    tx: &Transaction<'_>,
+    h: &NewHandover,
+    original: HandoverRecord,
+    content: &str,
+    audit: &mut Vec<AuditEvent>,
+) -> Step<SubmitOutcome> {
+    let mut event = AuditEvent {
+        actor: h.actor.clone(),
+        action: "submit",
+        handover_id: Some(original.id),
+        patient_key: Some(original.patient_key.clone()),
+        outcome: "ok: duplicate of an accepted submit".into(),
+        ..AuditEvent::default()
+    };
+    if original.content_hash != content {
+        event.outcome = "refused: message id reused for different content".into();
+        audit.push(event);
+        return Ok(Err(StoreError::Conflict));
+    }
+    let rows = tx
+        .query(
+            "SELECT mailbox, id FROM deliveries WHERE handover_id = $1 ORDER BY id",
+            &[&id(original.id)],
+        )
+        .await
+        .map_err(db)?;
+    let deliveries = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), sql::un_id(r.get(1))))
+        .collect();
+    audit.push(event);
+    Ok(Ok(SubmitOutcome {
+        handover_id: original.id,
+        deliveries,
+        duplicate: true,
+    }))
+}
+
+/// Seals the payload under a fresh data key wrapped by the master key.
+async fn store_payload(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    handover_id: u64,
+    payload: &[u8],
+) -> Result<(), StoreError> {
+    let (data_key, sealed) = s.cipher.seal(handover_id, payload)?;
+    tx.execute(
+        "INSERT INTO payloads (handover_id, data_key, sealed) VALUES ($1, $2, $3)",
+        &[&id(handover_id), &data_key, &sealed],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// The patient identified by `ids`: an identifier resolves through the
+/// links kept; a submit with both numbers links them. Two patients already
+/// known apart are not merged on PostgreSQL (docs/store-engines.md): the
+/// submit is refused as a conflict, for an operator to resolve.
+async fn resolve_patient(
+    tx: &Transaction<'_>,
+    ids: &PatientIds,
+) -> Result<Result<String, &'static str>, StoreError> {
+    let Some(first) = ids.first_key() else {
+        return Ok(Ok("unidentified".to_owned()));
+    };
+    let by_nhs = match &ids.nhs {
+        Some(h) => Some(resolve(tx, h).await?),
+        None => None,
+    };
+    let by_prison = match &ids.prison {
+        Some(h) => Some(resolve(tx, h).await?),
+        None => None,
+    };
+    let key = by_nhs
+        .clone()
+        .or_else(|| by_prison.clone())
+        .unwrap_or_else(|| first.to_owned());
+    let mut record = patient(tx, &key).await?;
+    if let Some(field) = conflict(&record, ids) {
+        return Ok(Err(field));
+    }
+    if let (Some(a), Some(b)) = (&by_nhs, &by_prison)
+        && a != b
+        && is_known(tx, b).await?
+    {
+        return Ok(Err("patient.prison_number"));
+    }
+    if ids.nhs.is_some() && ids.prison.is_some() {
+        record.nhs.clone_from(&ids.nhs);
+        record.prison.clone_from(&ids.prison);
+        for identifier in [&ids.nhs, &ids.prison].into_iter().flatten() {
+            tx.execute(
+                "INSERT INTO identities (identifier, patient_key) VALUES ($1, $2) \
+                 ON CONFLICT (identifier) DO UPDATE SET patient_key = EXCLUDED.patient_key",
+                &[identifier, &key],
+            )
+            .await
+            .map_err(db)?;
+        }
+        tx.execute(
+            "INSERT INTO patients (patient_key, record) VALUES ($1, $2) \
+             ON CONFLICT (patient_key) DO UPDATE SET record = EXCLUDED.record",
+            &[&key, &Json(&record)],
+        )
+        .await
+        .map_err(db)?;
+    }
+    Ok(Ok(key))
+}
+
+async fn resolve(tx: &Transaction<'_>, identifier: &str) -> Result<String, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT patient_key FROM identities WHERE identifier = $1",
+            &[&identifier],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row.map_or_else(|| identifier.to_owned(), |r| r.get(0)))
+}
+
+async fn patient(tx: &Transaction<'_>, key: &str) -> Result<PatientRecord, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT record FROM patients WHERE patient_key = $1",
+            &[&key],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row
+        .map(|r| r.get::<_, Json<PatientRecord>>(0).0)
+        .unwrap_or_default())
+}
+
+/// Whether anything is held under patient key `key`.
+async fn is_known(tx: &Transaction<'_>, key: &str) -> Result<bool, StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM patients WHERE patient_key = $1) \
+             OR EXISTS (SELECT 1 FROM deliveries WHERE patient_key = $1 \
+                        AND state IN ('queued', 'leased', 'parked', 'quarantined')) \
+             OR EXISTS (SELECT 1 FROM lineage WHERE patient_key = $1)",
+            &[&key],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row.get(0))
+}
+
+/// The field whose identifier `record` already has with another value.
+fn conflict(record: &PatientRecord, ids: &PatientIds) -> Option<&'static str> {
+    let differs = |linked: &Option<String>, given: &Option<String>| matches!((linked, given), (Some(l), Some(g)) if l != g);
+    if differs(&record.nhs, &ids.nhs) {
+        Some("patient.nhs_number")
+    } else if differs(&record.prison, &ids.prison) {
+        Some("patient.prison_number")
+    } else {
+        None
+    }
+}
+
+async fn record_conflict(
+    tx: &Transaction<'_>,
+    h: &NewHandover,
+    field: &'static str,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let conflict = IdentityConflict {
+        at_ms: now,
+        sender: h.sender.clone(),
+        message_id: h.message_id.clone(),
+        field: field.to_owned(),
+    };
+    tx.execute(
+        "INSERT INTO identity_conflicts (record) VALUES ($1)",
+        &[&Json(&conflict)],
+    )
+    .await
+    .map_err(db)?;
+    audit.push(AuditEvent {
+        actor: h.actor.clone(),
+        action: "submit",
+        outcome: format!("refused: identity conflict on {field}: linked to a different patient"),
+        ..AuditEvent::default()
+    });
+    Ok(())
+}
+
+/// The handover a submit is creating, as supersession needs it.
+struct Newer<'a> {
+    actor: &'a str,
+    sender: &'a str,
+    event: crate::journey::JourneyEvent,
+    patient_key: &'a str,
+    handover_id: u64,
+    deliveries: &'a [(String, u64)],
+}
+
+/// Retires every undelivered copy of older handovers from the same sender
+/// for the same patient and event (docs/journey.md, supersession).
+async fn supersede_older(
+    tx: &Transaction<'_>,
+    newer: &Newer<'_>,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE patient_key = $1 AND sender = $2 AND event = $3 \
+             AND state IN ('queued', 'leased', 'parked', 'quarantined') \
+             AND superseded_by IS NULL AND handover_id < $4 ORDER BY id FOR UPDATE",
+            &[
+                &newer.patient_key,
+                &newer.sender,
+                &newer.event.to_string(),
+                &id(newer.handover_id),
+            ],
+        )
+        .await
+        .map_err(db)?;
+    for mut d in sql::deliveries(&rows) {
+        d.superseded_by = newer
+            .deliveries
+            .iter()
+            .find(|(m, _)| *m == d.mailbox)
+            .or(newer.deliveries.first())
+            .map(|(_, id)| *id);
+        d.superseded_by_handover = Some(newer.handover_id);
+        let outcome = if d.state == DeliveryState::Leased {
+            sql::put_delivery(tx, &d).await?;
+            "ok: leased copy marked stale; it will not be offered again".to_owned()
+        } else {
+            retire(tx, &mut d, now).await?;
+            format!("ok: superseded by handover {}", newer.handover_id)
+        };
+        audit.push(AuditEvent {
+            actor: newer.actor.to_owned(),
+            action: "supersede",
+            handover_id: Some(d.handover_id),
+            delivery_id: Some(d.id),
+            patient_key: Some(d.patient_key.clone()),
+            outcome,
+        });
+    }
+    Ok(())
+}
+
+/// The lineage's previous handover for this patient, sender and event,
+/// now replaced by `handover_id`.
+async fn advance_lineage(
+    tx: &Transaction<'_>,
+    patient_key: &str,
+    h: &NewHandover,
+    handover_id: u64,
+) -> Result<Option<u64>, StoreError> {
+    let event = h.event.to_string();
+    let previous = tx
+        .query_opt(
+            "SELECT handover_id FROM lineage WHERE patient_key = $1 AND sender = $2 AND event = $3",
+            &[&patient_key, &h.sender, &event],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| sql::un_id(r.get(0)));
+    tx.execute(
+        "INSERT INTO lineage (patient_key, sender, event, handover_id) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (patient_key, sender, event) DO UPDATE SET handover_id = EXCLUDED.handover_id",
+        &[&patient_key, &h.sender, &event, &id(handover_id)],
+    )
+    .await
+    .map_err(db)?;
+    Ok(previous)
+}
+
+/// Lets the parked releases of this patient that share one of `claim_keys`
+/// be claimed with the others too.
+async fn extend_claim_keys(
+    tx: &Transaction<'_>,
+    patient_key: &str,
+    claim_keys: &[String],
+) -> Result<(), StoreError> {
+    if claim_keys.len() < 2 {
+        return Ok(());
+    }
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE mailbox = $1 AND patient_key = $2 \
+             AND state = 'parked' ORDER BY id FOR UPDATE",
+            &[&PARKED_MAILBOX, &patient_key],
+        )
+        .await
+        .map_err(db)?;
+    for mut d in sql::deliveries(&rows) {
+        if !d.claim_keys.iter().any(|k| claim_keys.contains(k)) {
+            continue;
+        }
+        let before = d.claim_keys.len();
+        for k in claim_keys {
+            if !d.claim_keys.contains(k) {
+                d.claim_keys.push(k.clone());
+            }
+        }
+        if d.claim_keys.len() != before {
+            sql::put_delivery(tx, &d).await?;
+        }
+    }
+    Ok(())
+}
