@@ -311,6 +311,10 @@ pub struct StoreConfig {
     /// The PostgreSQL engine removes nothing yet (no retention pass): the
     /// operator must accept that explicitly before it starts.
     pub postgres_keeps_everything: bool,
+    /// Refuse to start unless the primary names a synchronous standby
+    /// (`synchronous_standby_names`), so that an OK means the commit is on
+    /// two machines. `false` accepts one machine's durability, as on sled.
+    pub postgres_require_synchronous_standby: bool,
 }
 
 impl Default for StoreConfig {
@@ -323,6 +327,7 @@ impl Default for StoreConfig {
             postgres_ca: None,
             postgres_pool_size: 16,
             postgres_keeps_everything: false,
+            postgres_require_synchronous_standby: true,
         }
     }
 }
@@ -334,6 +339,7 @@ impl StoreConfig {
             url: self.postgres_url.clone().unwrap_or_default(),
             ca_file: self.postgres_ca.clone(),
             pool_size: self.postgres_pool_size as usize,
+            require_synchronous_standby: self.postgres_require_synchronous_standby,
         })
     }
 }

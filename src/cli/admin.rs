@@ -1004,8 +1004,14 @@ async fn audit_postgres(
             "audit anchor: the PostgreSQL store engine keeps no witness checkpoint yet (docs/store-engines.md)"
         );
     }
+    // Reading and checking the chain answers no caller: it may run while
+    // the synchronous standby is away (the check is for serving OKs).
+    let pg = crate::store::pg::PgOptions {
+        require_synchronous_standby: false,
+        ..pg.clone()
+    };
     let store = crate::store::Store::open_postgres(
-        pg,
+        &pg,
         config.store_witness(),
         std::sync::Arc::new(crate::store::SystemClock),
         &config.data_dir,

@@ -281,6 +281,7 @@ fn node(url: &str, dir: &Path) -> Store {
         url: url.to_owned(),
         ca_file: None,
         pool_size: 4,
+        require_synchronous_standby: true,
     };
     Store::open_postgres(&pg, options, Arc::new(SystemClock), dir).unwrap()
 }

@@ -272,6 +272,7 @@ fn open(target: &Target<'_>, clock: &ManualClock) -> Store {
                 url: url.to_owned(),
                 ca_file: None,
                 pool_size: 4,
+                require_synchronous_standby: false,
             };
             Store::open_postgres(&pg, options, clock, &dir).unwrap()
         }

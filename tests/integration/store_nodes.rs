@@ -32,6 +32,7 @@ fn node(url: &str, dir: &Path, clock: Arc<dyn Clock>, max_attempts: u32) -> Stor
         url: url.to_owned(),
         ca_file: None,
         pool_size: 4,
+        require_synchronous_standby: false,
     };
     Store::open_postgres(&pg, options, clock, dir).unwrap()
 }
@@ -389,4 +390,49 @@ async fn the_database_holds_payloads_sealed_and_a_changed_one_is_refused() {
     let err = a.payload(&leased[0].handover).await.unwrap_err();
     assert!(err.to_string().contains("fails authentication"), "{err}");
     a.close().await.unwrap();
+}
+
+/// An OK on PostgreSQL means two machines only when the primary waits for a
+/// synchronous standby: a primary that names none is refused at open unless
+/// the operator accepted one machine's durability (the test cluster is one
+/// server; `store_failover.rs` opens with a standby and the check on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_without_a_synchronous_standby_is_refused_unless_accepted() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgOptions {
+        url: url.clone(),
+        ca_file: None,
+        pool_size: 2,
+        require_synchronous_standby: true,
+    };
+    let options = StoreOptions {
+        master_key_file: Some(dir.path().join("master-key")),
+        audit_key_file: Some(dir.path().join("audit-key")),
+        ..StoreOptions::default()
+    };
+    let refused = Store::open_postgres(
+        &pg,
+        options,
+        Arc::new(throughcare::store::SystemClock),
+        dir.path(),
+    );
+    let why = refused
+        .err()
+        .expect("refused without a synchronous standby")
+        .to_string();
+    assert!(
+        why.contains("store.postgres_require_synchronous_standby"),
+        "{why}"
+    );
+    assert!(why.contains("synchronous_standby_names"), "{why}");
+    let accepted = node(
+        &url,
+        dir.path(),
+        Arc::new(throughcare::store::SystemClock),
+        3,
+    );
+    accepted.close().await.unwrap();
 }

@@ -45,6 +45,7 @@ fn open(port: u16, ca: Option<&Path>, keys: &Path) -> Result<Store, String> {
         ),
         ca_file: ca.map(Path::to_path_buf),
         pool_size: 2,
+        require_synchronous_standby: false,
     };
     let options = StoreOptions {
         master_key_file: Some(keys.join("master-key")),

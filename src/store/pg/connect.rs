@@ -177,6 +177,37 @@ pub async fn pool_and_migrate(target: PgTarget, size: usize) -> Result<Pool, Sto
     Ok(pool)
 }
 
+/// Whether the primary makes commits wait for a synchronous standby
+/// (`synchronous_standby_names` set): only then is an OK on two machines.
+/// Without one, `required` refuses to open; otherwise it is logged loudly.
+///
+/// # Errors
+/// No standby named while `required`; the database cannot be asked.
+pub async fn check_synchronous_standby(pool: Pool, required: bool) -> Result<(), StoreError> {
+    let object = pool
+        .get()
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("no connection to the database: {e}")))?;
+    let row = object
+        .query_one("SHOW synchronous_standby_names", &[])
+        .await
+        .map_err(|e| db_error(&e))?;
+    let names: String = row.get(0);
+    if !names.trim().is_empty() {
+        tracing::info!(synchronous_standby_names = %names, "PostgreSQL commits wait for a synchronous standby");
+        return Ok(());
+    }
+    if required {
+        return Err(StoreError::Unavailable(
+            "store.postgres_require_synchronous_standby: the PostgreSQL primary names no synchronous standby (synchronous_standby_names is empty), so an OK would be durable on one machine only; configure a synchronous standby, or set store.postgres_require_synchronous_standby = false to accept one machine's durability (docs/store-engines.md)".into(),
+        ));
+    }
+    tracing::warn!(
+        "the PostgreSQL primary names no synchronous standby: an OK is durable on one machine only (store.postgres_require_synchronous_standby = false)"
+    );
+    Ok(())
+}
+
 /// Listens for [`CHANNEL`] until the runtime stops, reconnecting after a
 /// failure (a failover included). After each (re)connection every waiting
 /// poll is woken, since notifications may have been missed meanwhile.

@@ -53,6 +53,8 @@ pub struct PgOptions {
     pub ca_file: Option<PathBuf>,
     /// Most connections this node holds.
     pub pool_size: usize,
+    /// Refuse to open unless the primary names a synchronous standby.
+    pub require_synchronous_standby: bool,
 }
 
 /// The PostgreSQL engine; cheap to clone.
@@ -146,6 +148,10 @@ impl PgStore {
         let pool = wait_on(
             runtime.handle(),
             connect::pool_and_migrate(target.clone(), pg.pool_size),
+        )?;
+        wait_on(
+            runtime.handle(),
+            connect::check_synchronous_standby(pool.clone(), pg.require_synchronous_standby),
         )?;
         runtime
             .handle()
