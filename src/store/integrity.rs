@@ -36,15 +36,24 @@ const META_WITNESS_LAG: &[u8] = b"witness_lag";
 
 /// Meta key (u64 BE): the committed batches at a clean close, whose final
 /// barrier made the witness exact; removed at open.
-const META_CLEAN_CLOSE: &[u8] = b"clean_close_seq";
+pub(super) const META_CLEAN_CLOSE: &[u8] = b"clean_close_seq";
 
-/// Marks a clean close at `commit_seq`, after the final barrier.
+/// Marks a clean close at `commit_seq`, after the final barrier, with the
+/// nonce of the queue index the writer left ([`super::index_checkpoint`]).
 pub(super) fn mark_clean_close(
     trees: &[sled::Tree],
     barrier: &super::DurabilityBarrier,
     commit_seq: u64,
+    index_nonce: Option<u64>,
 ) -> Result<(), StoreError> {
-    trees[TreeId::Meta as usize].insert(META_CLEAN_CLOSE, &records::be(commit_seq))?;
+    let meta = &trees[TreeId::Meta as usize];
+    if let Some(nonce) = index_nonce {
+        meta.insert(
+            super::index_checkpoint::META_INDEX_NONCE,
+            &records::be(nonce),
+        )?;
+    }
+    meta.insert(META_CLEAN_CLOSE, &records::be(commit_seq))?;
     barrier.seal().map_err(StoreError::Io)
 }
 

@@ -318,6 +318,11 @@ impl Schedule {
         out
     }
 
+    /// Every live delivery, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Live)> {
+        self.live.iter().map(|(id, live)| (*id, live))
+    }
+
     /// Whether no delivery is live.
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
