@@ -273,7 +273,7 @@ pub(super) fn open_checked(
     pipeline_depth: usize,
 ) -> Result<(HighWater, u64), StoreError> {
     let found = Found::read(trees)?;
-    let witness = high_water::read(&paths.file)?;
+    let witness = high_water::read_tail(&paths.file)?;
     let key = audit_key(paths, &found, witness.as_ref())?;
     let path = paths.file.display().to_string();
     let refuse = |why: String| StoreError::Witness(format!("witness {path}: {why}"));
@@ -301,7 +301,9 @@ pub(super) fn open_checked(
     }
     let promised = head.checkpoint.commit_seq;
     if found.commit_seq < promised {
-        let lost = missing(trees, &record.journal, found.commit_seq)?;
+        // The handovers lost may be anywhere in the journal.
+        let whole = high_water::read(&paths.file)?.unwrap_or_default();
+        let lost = missing(trees, &whole.journal, found.commit_seq)?;
         return Err(StoreError::Behind {
             promised,
             found: found.commit_seq,
