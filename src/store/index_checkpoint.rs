@@ -272,7 +272,7 @@ fn decode(bytes: &[u8]) -> Option<(Columns, Index)> {
     let mailboxes: Vec<Arc<str>> = c.mailboxes.iter().map(|m| m.as_str().into()).collect();
     let patients: Vec<Arc<str>> = c.patients.iter().map(|p| p.as_str().into()).collect();
     let at = |table: &[Arc<str>], i: u32| table.get(usize::try_from(i).ok()?).cloned();
-    let mut index = Index::default();
+    let mut rows = Vec::with_capacity(n);
     for i in 0..n {
         let flags = c.flags[i];
         let live = Live {
@@ -295,8 +295,12 @@ fn decode(bytes: &[u8]) -> Option<(Columns, Index)> {
             max_attempts: (flags & HAS_MAX_ATTEMPTS != 0).then_some(c.max_attempts[i]),
             stale: flags & STALE != 0,
         };
-        index.schedule.insert(c.id[i], live);
+        rows.push((c.id[i], live));
     }
+    let mut index = Index {
+        schedule: Schedule::from_rows(rows),
+        ..Index::default()
+    };
     for (&m, &count) in c.quarantine_mailbox.iter().zip(&c.quarantine_count) {
         index
             .quarantined
@@ -341,8 +345,8 @@ mod tests {
             destinations: vec![
                 NewDelivery {
                     mailbox: "MB0".into(),
-                    urgent: i % 3 == 0,
-                    due_ms: (i % 2 == 0).then_some(1_000_500),
+                    urgent: i.is_multiple_of(3),
+                    due_ms: i.is_multiple_of(2).then_some(1_000_500),
                     ..NewDelivery::default()
                 },
                 NewDelivery {

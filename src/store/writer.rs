@@ -1539,16 +1539,16 @@ fn load_schedule(trees: &[sled::Tree]) -> Result<Schedule, StoreError> {
     }
     ids.sort_unstable();
     let deliveries = &trees[TreeId::Deliveries as usize];
-    let mut schedule = Schedule::default();
+    let mut rows = Vec::with_capacity(ids.len());
     for id in ids {
         let raw = deliveries
             .get(records::be(id))?
             .ok_or_else(|| StoreError::Corrupt(format!("indexed delivery {id} has no record")))?;
         let facts: records::ScheduleFacts<'_> = serde_json::from_slice(&raw)
             .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?;
-        schedule.insert(id, live_of_facts(&facts));
+        rows.push((id, live_of_facts(&facts)));
     }
-    Ok(schedule)
+    Ok(Schedule::from_rows(rows))
 }
 
 fn live_of_facts(d: &records::ScheduleFacts<'_>) -> Live {
