@@ -64,6 +64,10 @@ pub struct BenchOptions {
     /// barrier), to compare with the default in one build.
     #[arg(long)]
     pub pipeline_depth: Option<u32>,
+    /// The gateway's `[store] cache_bytes`, in MiB (sled's page cache), to
+    /// compare memory and throughput with the default in one build.
+    #[arg(long, hide = true)]
+    pub cache_mib: Option<u64>,
     /// Keep the certificates, the config and the store in this new
     /// directory, and stop once everything is queued (no restart, nothing
     /// pulled): a queue at rest to copy and profile restarts on
@@ -510,10 +514,13 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     } else {
         None
     };
-    let store = opts
-        .pipeline_depth
-        .map(|d| format!("[store]\npipeline_depth = {d}\n"))
-        .unwrap_or_default();
+    let mut store = String::from("[store]\n");
+    if let Some(d) = opts.pipeline_depth {
+        store.push_str(&format!("pipeline_depth = {d}\n"));
+    }
+    if let Some(mib) = opts.cache_mib {
+        store.push_str(&format!("cache_bytes = {}\n", mib * 1024 * 1024));
+    }
     let server = Gateway::start(dir.as_path(), port, &store).await?;
     let pid = server.pid;
     let submitted = submit_load(&endpoint, &certs, &opts, "bench").await?;
