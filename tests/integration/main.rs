@@ -40,6 +40,7 @@ mod safety_case;
 mod security_tls;
 mod store_barrier;
 mod store_model;
+mod store_upgrade;
 mod support;
 mod traces;
 mod treatment;
