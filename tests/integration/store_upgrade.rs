@@ -35,7 +35,7 @@ fn handover(i: u32) -> NewHandover {
             .iter()
             .map(|m| NewDelivery {
                 mailbox: (*m).into(),
-                urgent: i % 4 == 0,
+                urgent: i.is_multiple_of(4),
                 due_ms: Some(5_000_000),
                 ..NewDelivery::default()
             })
