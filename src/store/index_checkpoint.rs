@@ -177,7 +177,8 @@ pub(super) fn write(
         c.due_ms.push(live.due_ms.unwrap_or(0));
         c.max_attempts.push(live.max_attempts.unwrap_or(0));
     }
-    for (mailbox, count) in quarantined {
+    // A mailbox whose quarantine emptied is left out, as a rebuild leaves it.
+    for (mailbox, count) in quarantined.iter().filter(|(_, n)| **n > 0) {
         c.quarantine_mailbox.push(mailboxes.of(mailbox));
         c.quarantine_count.push(*count);
     }
