@@ -71,6 +71,16 @@ pub struct BenchOptions {
     /// database the bench may fill.
     #[arg(long, env = "THROUGHCARE_BENCH_POSTGRES_URL")]
     pub postgres_url: Option<String>,
+    /// The gateway's `[store] cache_bytes`, in MiB (sled's page cache), to
+    /// compare memory and throughput with the default in one build.
+    #[arg(long, hide = true)]
+    pub cache_mib: Option<u64>,
+    /// Keep the certificates, the config and the store in this new
+    /// directory, and stop once everything is queued (no restart, nothing
+    /// pulled): a queue at rest to copy and profile restarts on
+    /// (`serve --config DIR/bench.toml --data-dir DIR/data --certs-dir DIR/certs`).
+    #[arg(long, hide = true)]
+    pub keep_dir: Option<std::path::PathBuf>,
 }
 
 /// The engines `bench` can measure.
@@ -88,6 +98,9 @@ impl BenchOptions {
         let mut section = String::from("[store]\n");
         if let Some(d) = self.pipeline_depth {
             section.push_str(&format!("pipeline_depth = {d}\n"));
+        }
+        if let Some(mib) = self.cache_mib {
+            section.push_str(&format!("cache_bytes = {}\n", mib * 1024 * 1024));
         }
         if self.engine == BenchEngine::Postgres {
             let url = self
@@ -516,8 +529,9 @@ impl Gateway {
 /// # Errors
 /// The server would not start, or a call failed.
 pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
-    let dir = tempfile::tempdir()?;
-    let certs = dir.path().join("certs");
+    let temp = tempfile::tempdir()?;
+    let dir = bench_dir(&opts, temp.path())?;
+    let certs = dir.join("certs");
     crate::certs::init_dev_pki(&certs)?;
     let port = free_port()?;
     let endpoint = format!("https://localhost:{port}");
@@ -526,8 +540,14 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let baseline = if opts.baseline {
         let null_dir = tempfile::tempdir()?;
         std::fs::create_dir_all(null_dir.path())?;
-        let null = Gateway::start_with(dir.path(), null_dir.path(), port, "", &["--null-handover"])
-            .await?;
+        let null = Gateway::start_with(
+            dir.as_path(),
+            null_dir.path(),
+            port,
+            "",
+            &["--null-handover"],
+        )
+        .await?;
         let phase = submit_load(&endpoint, &certs, &opts, "baseline").await?;
         null.stop().await?;
         Some(phase)
@@ -535,16 +555,33 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         None
     };
     let store = opts.store_section()?;
-    let server = Gateway::start(dir.path(), port, &store).await?;
+    let server = Gateway::start(dir.as_path(), port, &store).await?;
     let pid = server.pid;
     let submitted = submit_load(&endpoint, &certs, &opts, "bench").await?;
     let rss_queued = rss_kib(pid, "VmRSS:").unwrap_or(0);
     let peak_submit = rss_kib(pid, "VmHWM:").unwrap_or(0);
     let [barriers, fdatasyncs, _, submits] = server.stop().await?;
 
+    let report = BenchReport {
+        clients: opts.clients,
+        messages: opts.messages,
+        doc_bytes: opts.doc_bytes,
+        submits_per_s: submitted.per_s,
+        p50: submitted.p50,
+        p99: submitted.p99,
+        baseline,
+        rss_queued_mib: rss_queued as f64 / 1024.0,
+        barriers,
+        fdatasyncs,
+        durable_submits: submits,
+        ..BenchReport::default()
+    };
+    if opts.keep_dir.is_some() {
+        return Ok(report);
+    }
     // Restart on the same data: the queue index is rebuilt from disk.
     let restart = Instant::now();
-    let server = Gateway::start(dir.path(), port, &store).await?;
+    let server = Gateway::start(dir.as_path(), port, &store).await?;
     let restart_elapsed = restart.elapsed();
     let pid = server.pid;
     let started = Instant::now();
@@ -576,21 +613,24 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     drop(consumer);
     server.stop().await?;
     Ok(BenchReport {
-        clients: opts.clients,
-        messages: opts.messages,
-        doc_bytes: opts.doc_bytes,
-        submits_per_s: submitted.per_s,
-        p50: submitted.p50,
-        p99: submitted.p99,
-        baseline,
-        rss_queued_mib: rss_queued as f64 / 1024.0,
         pull_ack_per_s: opts.messages as f64 / pull_elapsed.as_secs_f64(),
         peak_rss_mib: peak as f64 / 1024.0,
-        barriers,
-        fdatasyncs,
-        durable_submits: submits,
         restart: restart_elapsed,
+        ..report
     })
+}
+
+/// The bench's directory: `--keep-dir` (made here, so never an existing
+/// one), else `temp`.
+fn bench_dir(opts: &BenchOptions, temp: &Path) -> anyhow::Result<std::path::PathBuf> {
+    match &opts.keep_dir {
+        Some(kept) => {
+            std::fs::create_dir(kept)
+                .with_context(|| format!("creating {} (it must not exist)", kept.display()))?;
+            Ok(kept.clone())
+        }
+        None => Ok(temp.to_path_buf()),
+    }
 }
 
 /// One load phase's figures.

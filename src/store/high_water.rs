@@ -20,6 +20,14 @@
 //! alternate between the slots, so a torn write leaves the other one whole;
 //! the valid slot with the higher commit_seq wins.
 //!
+//! After a head, in the same slot, the journal's length when the head was
+//! written (u64 BE) and a CRC-32 of the head and that length: every record
+//! before it belongs to a batch the head covers, so an open that finds the
+//! store not behind the head reads the journal from there, not from the
+//! start (the journal grows ~110 bytes per handover for ever). A head
+//! without it (written by an older gateway, which ignores it) means reading
+//! the whole journal.
+//!
 //! A journal record is its length (u32 BE), a CRC-32 (u32 BE) and
 //! [`Acknowledged`] as JSON: ids, sender and message id, never patient data.
 //! A torn last record is dropped on open.
@@ -50,6 +58,8 @@ const SLOTS: [u64; 2] = [0, 512];
 const JOURNAL_START: u64 = 4096;
 const CHECKPOINT_LEN: usize = 8 + 8 + 32 + 8 + 8;
 const HEAD_LEN: usize = 8 + CHECKPOINT_LEN + 32 + 64 + 4;
+/// A head followed by the journal length it covers and their CRC-32.
+const SLOT_LEN: usize = HEAD_LEN + 8 + 4;
 /// Largest journal record accepted on read (a sender and message id are short).
 const MAX_RECORD: u32 = 64 * 1024;
 
@@ -165,6 +175,23 @@ impl Head {
         buf
     }
 
+    /// The head and the journal length it covers, as a slot holds them.
+    fn encode_with_journal(&self, journal_end: u64) -> [u8; SLOT_LEN] {
+        let mut buf = [0u8; SLOT_LEN];
+        buf[..HEAD_LEN].copy_from_slice(&self.encode());
+        buf[HEAD_LEN..HEAD_LEN + 8].copy_from_slice(&journal_end.to_be_bytes());
+        let crc = crc32fast::hash(&buf[..HEAD_LEN + 8]);
+        buf[HEAD_LEN + 8..].copy_from_slice(&crc.to_be_bytes());
+        buf
+    }
+
+    /// The journal length a slot's head covers, when recorded with it.
+    fn journal_end_of(slot: &[u8; SLOT_LEN]) -> Option<u64> {
+        let (covered, crc) = slot.split_at(HEAD_LEN + 8);
+        (crc32fast::hash(covered).to_be_bytes() == crc)
+            .then(|| u64::from_be_bytes(covered[HEAD_LEN..].try_into().unwrap_or_default()))
+    }
+
     fn decode(buf: &[u8; HEAD_LEN]) -> Option<Self> {
         let (body, crc) = buf.split_at(HEAD_LEN - 4);
         if !body.starts_with(MAGIC) || crc32fast::hash(body).to_be_bytes() != crc {
@@ -195,10 +222,14 @@ pub struct Record {
     pub head: Option<Head>,
     /// The slot the newest head is in.
     slot: usize,
-    /// Journal records, in the order written, with the offset each starts at.
+    /// Journal records, in the order written, with the offset each starts at
+    /// (from the start, or from where the head says its batches' records
+    /// end: [`read_tail`]).
     pub journal: Vec<(u64, Acknowledged)>,
     /// Where the last whole journal record ends.
     pub journal_end: u64,
+    /// The journal length the newest head covers, when recorded with it.
+    covered: Option<u64>,
 }
 
 /// Reads the witness at `path`; `None` when there is no file.
@@ -207,6 +238,22 @@ pub struct Record {
 /// I/O errors. An unreadable head or torn journal tail is not an error: the
 /// caller decides what a missing head means.
 pub fn read(path: &Path) -> io::Result<Option<Record>> {
+    read_from(path, false)
+}
+
+/// As [`read`], but the journal only from where the newest head says the
+/// records of the batches it covers end (from the start when it does not
+/// say, or the records there do not read). Enough for an open that finds
+/// the store not behind the head: every record it may cut off or needs
+/// is after that point.
+///
+/// # Errors
+/// As [`read`].
+pub fn read_tail(path: &Path) -> io::Result<Option<Record>> {
+    read_from(path, true)
+}
+
+fn read_from(path: &Path, tail: bool) -> io::Result<Option<Record>> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -217,43 +264,70 @@ pub fn read(path: &Path) -> io::Result<Option<Record>> {
         ..Record::default()
     };
     for (i, offset) in SLOTS.iter().enumerate() {
-        let mut buf = [0u8; HEAD_LEN];
+        let mut buf = [0u8; SLOT_LEN];
         if file.read_exact_at(&mut buf, *offset).is_err() {
             continue;
         }
-        if let Some(head) = Head::decode(&buf) {
-            let newer = record
-                .head
-                .as_ref()
-                .is_none_or(|h| head.checkpoint.commit_seq > h.checkpoint.commit_seq);
-            if newer {
-                record.head = Some(head);
-                record.slot = i;
-            }
+        let Some(head) = Head::decode(buf[..HEAD_LEN].try_into().unwrap_or(&[0; HEAD_LEN])) else {
+            continue;
+        };
+        let newer = record
+            .head
+            .as_ref()
+            .is_none_or(|h| head.checkpoint.commit_seq > h.checkpoint.commit_seq);
+        if newer {
+            record.head = Some(head);
+            record.slot = i;
+            record.covered = Head::journal_end_of(&buf);
         }
     }
     let len = file.metadata()?.len();
-    let mut at = JOURNAL_START;
-    while at + 8 <= len {
-        let mut prefix = [0u8; 8];
-        file.read_exact_at(&mut prefix, at)?;
+    let start = match record.covered {
+        Some(at) if tail && (JOURNAL_START..=len).contains(&at) => at,
+        _ => JOURNAL_START,
+    };
+    let bytes = read_range(&file, start, len)?;
+    let (journal, end) = parse_journal(&bytes, start);
+    if journal.is_empty() && end < len && start > JOURNAL_START {
+        // Nothing reads where the head points: read it all.
+        return read_from(path, false);
+    }
+    record.journal = journal;
+    record.journal_end = end;
+    Ok(Some(record))
+}
+
+fn read_range(file: &File, from: u64, to: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; usize::try_from(to.saturating_sub(from)).unwrap_or(0)];
+    file.read_exact_at(&mut bytes, from)?;
+    Ok(bytes)
+}
+
+/// The whole records in `bytes` (which start at file offset `base`), and
+/// the offset where the last whole one ends; a torn or damaged record ends it.
+fn parse_journal(bytes: &[u8], base: u64) -> (Vec<(u64, Acknowledged)>, u64) {
+    let mut journal = Vec::new();
+    let mut rest = bytes;
+    let mut at = base;
+    while let Some((prefix, after)) = rest.split_at_checked(8) {
         let size = u32::from_be_bytes(prefix[..4].try_into().unwrap_or_default());
-        if size > MAX_RECORD || at + 8 + u64::from(size) > len {
+        if size > MAX_RECORD {
             break;
         }
-        let mut body = vec![0u8; size as usize];
-        file.read_exact_at(&mut body, at + 8)?;
-        if crc32fast::hash(&body).to_be_bytes() != prefix[4..] {
-            break;
-        }
-        let Ok(entry) = serde_json::from_slice::<Acknowledged>(&body) else {
+        let Some((body, after)) = after.split_at_checked(size as usize) else {
             break;
         };
-        record.journal.push((at, entry));
+        if crc32fast::hash(body).to_be_bytes() != prefix[4..] {
+            break;
+        }
+        let Ok(entry) = serde_json::from_slice::<Acknowledged>(body) else {
+            break;
+        };
+        journal.push((at, entry));
         at += 8 + u64::from(size);
+        rest = after;
     }
-    record.journal_end = at;
-    Ok(Some(record))
+    (journal, at)
 }
 
 fn journal_bytes(entries: &[Acknowledged]) -> Vec<u8> {
@@ -298,8 +372,13 @@ pub fn create(
     let mut opts = OpenOptions::new();
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let file = opts.write(true).create(true).truncate(true).open(&tmp)?;
-    file.write_all_at(&sign(key, checkpoint).encode(), SLOTS[0])?;
-    file.write_all_at(&journal_bytes(journal), JOURNAL_START)?;
+    let journal = journal_bytes(journal);
+    let covered = JOURNAL_START + journal.len() as u64;
+    file.write_all_at(
+        &sign(key, checkpoint).encode_with_journal(covered),
+        SLOTS[0],
+    )?;
+    file.write_all_at(&journal, JOURNAL_START)?;
     file.set_len(JOURNAL_START.max(file.metadata()?.len()))?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -415,8 +494,12 @@ impl HighWater {
     pub fn record(&mut self, mut checkpoint: Checkpoint) -> io::Result<Checkpoint> {
         checkpoint.keyed_from = self.keyed_from;
         let head = sign(&self.key, checkpoint.clone());
-        self.file
-            .write_all_at(&head.encode(), SLOTS[self.next_slot])?;
+        // The journal holds exactly the records of batches up to this one:
+        // the syncer journals a group's batches before the barrier it signs.
+        self.file.write_all_at(
+            &head.encode_with_journal(self.journal_end),
+            SLOTS[self.next_slot],
+        )?;
         self.next_slot = 1 - self.next_slot;
         let durable = std::mem::replace(&mut self.written, checkpoint);
         self.durable.clone_from(&durable);
@@ -490,6 +573,43 @@ mod tests {
         let after = read(&path).unwrap().unwrap();
         let ids: Vec<u64> = after.journal.iter().map(|(_, a)| a.handover_id).collect();
         assert_eq!(ids, [1, 2, 9]);
+    }
+
+    /// An open reads the journal from where the newest head's batches end;
+    /// a head from an older gateway (no length after it) or a length where
+    /// no record starts means reading it all.
+    #[test]
+    fn the_tail_is_read_from_where_the_head_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        create(&path, &key(), checkpoint(0), &[acked(0, 1)]).unwrap();
+        let record = read(&path).unwrap().unwrap();
+        let mut w = HighWater::open(&path, key(), &record, 0, 1).unwrap();
+        w.journal(&[acked(1, 2), acked(1, 3)]).unwrap();
+        w.record(checkpoint(1)).unwrap();
+        w.journal(&[acked(2, 4)]).unwrap();
+        let ids =
+            |r: &Record| -> Vec<u64> { r.journal.iter().map(|(_, a)| a.handover_id).collect() };
+        let full = read(&path).unwrap().unwrap();
+        assert_eq!(ids(&full), [1, 2, 3, 4]);
+        let tail = read_tail(&path).unwrap().unwrap();
+        assert_eq!(ids(&tail), [4]);
+        assert_eq!(tail.journal_end, full.journal_end);
+        assert_eq!(tail.head, full.head);
+
+        // As an older gateway wrote the head: the head alone.
+        let slot = SLOTS[tail.slot];
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0; SLOT_LEN - HEAD_LEN], slot + HEAD_LEN as u64)
+            .unwrap();
+        assert_eq!(ids(&read_tail(&path).unwrap().unwrap()), [1, 2, 3, 4]);
+
+        // A length (with a valid CRC) in the middle of a record.
+        let head = tail.head.clone().unwrap();
+        let inside = full.journal[1].0 + 3;
+        f.write_all_at(&head.encode_with_journal(inside), slot)
+            .unwrap();
+        assert_eq!(ids(&read_tail(&path).unwrap().unwrap()), [1, 2, 3, 4]);
     }
 
     #[test]

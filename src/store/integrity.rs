@@ -36,15 +36,24 @@ const META_WITNESS_LAG: &[u8] = b"witness_lag";
 
 /// Meta key (u64 BE): the committed batches at a clean close, whose final
 /// barrier made the witness exact; removed at open.
-const META_CLEAN_CLOSE: &[u8] = b"clean_close_seq";
+pub(super) const META_CLEAN_CLOSE: &[u8] = b"clean_close_seq";
 
-/// Marks a clean close at `commit_seq`, after the final barrier.
+/// Marks a clean close at `commit_seq`, after the final barrier, with the
+/// nonce of the queue index the writer left ([`super::index_checkpoint`]).
 pub(super) fn mark_clean_close(
     trees: &[sled::Tree],
     barrier: &super::DurabilityBarrier,
     commit_seq: u64,
+    index_nonce: Option<u64>,
 ) -> Result<(), StoreError> {
-    trees[TreeId::Meta as usize].insert(META_CLEAN_CLOSE, &records::be(commit_seq))?;
+    let meta = &trees[TreeId::Meta as usize];
+    if let Some(nonce) = index_nonce {
+        meta.insert(
+            super::index_checkpoint::META_INDEX_NONCE,
+            &records::be(nonce),
+        )?;
+    }
+    meta.insert(META_CLEAN_CLOSE, &records::be(commit_seq))?;
     barrier.seal().map_err(StoreError::Io)
 }
 
@@ -264,7 +273,7 @@ pub(super) fn open_checked(
     pipeline_depth: usize,
 ) -> Result<(HighWater, u64), StoreError> {
     let found = Found::read(trees)?;
-    let witness = high_water::read(&paths.file)?;
+    let witness = high_water::read_tail(&paths.file)?;
     let key = audit_key(paths, &found, witness.as_ref())?;
     let path = paths.file.display().to_string();
     let refuse = |why: String| StoreError::Witness(format!("witness {path}: {why}"));
@@ -292,7 +301,9 @@ pub(super) fn open_checked(
     }
     let promised = head.checkpoint.commit_seq;
     if found.commit_seq < promised {
-        let lost = missing(trees, &record.journal, found.commit_seq)?;
+        // The handovers lost may be anywhere in the journal.
+        let whole = high_water::read(&paths.file)?.unwrap_or_default();
+        let lost = missing(trees, &whole.journal, found.commit_seq)?;
         return Err(StoreError::Behind {
             promised,
             found: found.commit_seq,

@@ -28,6 +28,7 @@ pub mod crypt;
 mod engine;
 pub mod high_water;
 mod identity;
+mod index_checkpoint;
 pub mod integrity;
 mod key_epochs;
 pub mod mesh;
@@ -561,7 +562,9 @@ impl SledStore {
         )?);
         cipher.open_epochs(&dir.join("key-epochs"), clock.now_ms())?;
         let sled_dir = dir.join("sled");
+        let t0 = std::time::Instant::now();
         let db = open_sled(&sled_dir, options.cache_bytes)?;
+        let sled_ms = t0.elapsed().as_millis();
         let trees = TreeId::ALL
             .iter()
             .map(|t| db.open_tree(t.name()))
@@ -573,12 +576,24 @@ impl SledStore {
             stats.clone(),
             options.observer.clone(),
         )?;
+        // Before the witness checks, which consume the clean-close mark.
+        let t0 = std::time::Instant::now();
+        let restored = index_checkpoint::take(dir, &trees)?;
+        let index_ms = t0.elapsed();
+        let index = if restored.is_some() {
+            "restored from the last close"
+        } else {
+            "rebuilt from the deliveries"
+        };
         let paths = WitnessPaths::of(dir, &options);
         let rollback = rebase
             .then(|| integrity::rebase(&paths, &trees))
             .transpose()?;
+        let t0 = std::time::Instant::now();
         let (high_water, promised) =
             integrity::open_checked(&paths, &trees, &barrier, options.pipeline_depth)?;
+        let checks_ms = t0.elapsed().as_millis();
+        let t0 = std::time::Instant::now();
         let signals = Arc::new(Signals::default());
         let audit_key = high_water.key();
         let (writer, syncer, settled) = writer::Writer::load(
@@ -591,7 +606,15 @@ impl SledStore {
             signals.clone(),
             stats.clone(),
             cipher.clone(),
+            (dir.to_path_buf(), restored),
         )?;
+        tracing::info!(
+            sled_ms,
+            checks_ms,
+            index_ms = (index_ms + t0.elapsed()).as_millis(),
+            index,
+            "store opened"
+        );
         // The writer joins the syncer when it stops, so a closed store's
         // files are free once the writer thread is joined.
         let syncer = std::thread::Builder::new()

@@ -327,6 +327,43 @@ impl DeliveryRecord {
     }
 }
 
+/// What the queue index ([`super::schedule`]) needs of a live delivery,
+/// read from a stored [`DeliveryRecord`] at start-up without decoding (or
+/// allocating) the rest: the record's other fields are skipped.
+#[derive(Debug, Deserialize)]
+pub struct ScheduleFacts<'a> {
+    /// Receiving mailbox.
+    #[serde(borrow)]
+    pub mailbox: std::borrow::Cow<'a, str>,
+    /// Keyed hash of the patient.
+    #[serde(borrow)]
+    pub patient_key: std::borrow::Cow<'a, str>,
+    /// Served first.
+    pub urgent: bool,
+    /// Current state.
+    pub state: DeliveryState,
+    /// Attempts so far.
+    pub attempt: u32,
+    /// Lease expiry while leased.
+    pub lease_until_ms: Option<i64>,
+    /// Not to be leased before this time.
+    pub not_before_ms: Option<i64>,
+    /// When queued.
+    pub queued_at_ms: i64,
+    /// Deadline.
+    #[serde(default)]
+    pub due_ms: Option<i64>,
+    /// When the missed deadline was first reported.
+    #[serde(default)]
+    pub overdue_at_ms: Option<i64>,
+    /// Attempts allowed, when an operator redrive raised it.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// The newer delivery that replaced this one.
+    #[serde(default)]
+    pub superseded_by: Option<u64>,
+}
+
 /// Who a patient key stands for: the keyed hashes of its identifiers, and
 /// the keys of patients found later to be the same person.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

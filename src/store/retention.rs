@@ -157,6 +157,9 @@ const META_IDENTITY_REMOVED: &[u8] = b"retention_identity_removed";
 /// Next handover id ++ last handover id of the one-off look at handovers
 /// stored before retention existed.
 const META_BACKFILL: &[u8] = b"retention_backfill";
+/// Present once no data key wrapped directly by the master key is left (none
+/// is ever written again), so start-up need not read every data key to know.
+const META_NO_LEGACY_KEYS: &[u8] = b"retention_no_legacy_keys";
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(format!("retention: {what}"))
@@ -190,10 +193,17 @@ impl Ledger {
             // First start with retention: every handover stored so far.
             None => (1, counter(records::META_LAST_HANDOVER)?),
         };
-        for value in trees[TreeId::DataKeys as usize].iter().values() {
-            if PayloadCipher::epoch_of(&value?) == Some(0) {
-                ledger.legacy_keys = true;
-                break;
+        if meta.get(META_NO_LEGACY_KEYS)?.is_none() {
+            for value in trees[TreeId::DataKeys as usize].iter().values() {
+                if PayloadCipher::epoch_of(&value?) == Some(0) {
+                    ledger.legacy_keys = true;
+                    break;
+                }
+            }
+            if !ledger.legacy_keys {
+                // Durable with the open's or the next batch's barrier; if
+                // lost, the next start looks again.
+                meta.insert(META_NO_LEGACY_KEYS, &[])?;
             }
         }
         Ok(ledger)
@@ -649,6 +659,9 @@ impl Writer {
                 for n in older {
                     self.cipher.destroy_epoch(n)?;
                     out.epochs_destroyed += 1;
+                }
+                if self.retention.legacy_keys {
+                    staged.put(TreeId::Meta, META_NO_LEGACY_KEYS, Vec::new());
                 }
                 self.retention.legacy_keys = false;
             }

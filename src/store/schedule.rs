@@ -120,6 +120,52 @@ impl Schedule {
         self.live.insert(id, live);
     }
 
+    /// The index of `rows` at once, for start-up: the ordered sets are
+    /// bulk-built from sorted runs, which is several times faster than
+    /// inserting 200,000 deliveries one by one. The same index as inserting
+    /// each row.
+    pub fn from_rows(mut rows: Vec<(u64, Live)>) -> Self {
+        rows.sort_unstable_by_key(|(id, _)| *id);
+        let mut s = Schedule::default();
+        s.live.reserve(rows.len());
+        let mut orders: HashMap<Arc<str>, Vec<(u8, u64)>, Fast> = HashMap::default();
+        let (mut leases, mut deadlines) = (Vec::new(), Vec::new());
+        for (id, mut live) in rows {
+            if let Some((name, _)) = s.mailboxes.get_key_value(&*live.mailbox) {
+                live.mailbox = name.clone();
+            }
+            let index = s.mailboxes.entry(live.mailbox.clone()).or_default();
+            if let Some((key, _)) = index.by_patient.get_key_value(&*live.patient_key) {
+                live.patient_key = key.clone();
+            }
+            // Ascending ids: each patient's list stays sorted.
+            index
+                .by_patient
+                .entry(live.patient_key.clone())
+                .or_default()
+                .push(id);
+            orders
+                .entry(live.mailbox.clone())
+                .or_default()
+                .push((rank(live.urgent), id));
+            if let Slot::Leased { until_ms } = live.lease {
+                leases.push((until_ms, id));
+            }
+            if let Some(due) = live.due_ms.filter(|_| !live.due_reported) {
+                deadlines.push((due, id));
+            }
+            s.live.insert(id, live);
+        }
+        for (mailbox, order) in orders {
+            if let Some(index) = s.mailboxes.get_mut(&mailbox) {
+                index.order = order.into_iter().collect();
+            }
+        }
+        s.leases = leases.into_iter().collect();
+        s.deadlines = deadlines.into_iter().collect();
+        s
+    }
+
     /// Removes a delivery that was acknowledged or quarantined.
     pub fn remove(&mut self, id: u64) -> Option<Live> {
         let live = self.live.remove(&id)?;
@@ -318,6 +364,11 @@ impl Schedule {
         out
     }
 
+    /// Every live delivery, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Live)> {
+        self.live.iter().map(|(id, live)| (*id, live))
+    }
+
     /// Whether no delivery is live.
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
@@ -345,6 +396,47 @@ mod tests {
             due_reported: false,
             max_attempts: None,
             stale: false,
+        }
+    }
+
+    /// Built at once or one by one, the same index.
+    #[test]
+    fn rows_at_once_index_as_inserted_one_by_one() {
+        let mut rows = Vec::new();
+        for id in (1..=40u64).rev() {
+            let mut live = queued(
+                ["GP1", "GP2", "PR1"][(id % 3) as usize],
+                &format!("p{}", id % 7),
+                id % 5 == 0,
+            );
+            if id % 4 == 0 {
+                live.lease = Slot::Leased {
+                    until_ms: 100 + i64::try_from(id).unwrap(),
+                };
+            }
+            live.due_ms = (id % 2 == 0).then_some(50);
+            live.due_reported = id % 6 == 0;
+            rows.push((id, live));
+        }
+        let mut one_by_one = Schedule::default();
+        for (id, live) in rows.clone() {
+            one_by_one.insert(id, live);
+        }
+        let at_once = Schedule::from_rows(rows);
+        assert_eq!(at_once.live, one_by_one.live);
+        assert_eq!(at_once.leases, one_by_one.leases);
+        assert_eq!(at_once.deadlines, one_by_one.deadlines);
+        assert_eq!(at_once.mailboxes.len(), 3);
+        for (name, index) in &one_by_one.mailboxes {
+            let other = &at_once.mailboxes[name];
+            assert_eq!(other.order, index.order, "{name}");
+            assert_eq!(other.by_patient, index.by_patient, "{name}");
+        }
+        for m in ["GP1", "GP2", "PR1"] {
+            assert_eq!(
+                at_once.ready(m, 120, 100, 5),
+                one_by_one.ready(m, 120, 100, 5)
+            );
         }
     }
 

@@ -64,6 +64,9 @@ pub(super) struct Applied {
     pub woken: BTreeSet<String>,
     /// Close requests: a final barrier, the clean-close mark, then replies.
     pub close: Vec<super::Reply<()>>,
+    /// With a close: the nonce of the queue index the writer left, recorded
+    /// with the clean-close mark.
+    pub index_nonce: Option<u64>,
 }
 
 /// What the writer hands the syncer.
@@ -231,13 +234,13 @@ impl Syncer {
         }
         if !applied.close.is_empty() {
             let failed = failure_of(&self.failed);
-            self.close(applied.close, failed.is_some());
+            self.close(applied.close, failed.is_some(), applied.index_nonce);
         }
     }
 
     /// A final barrier so the witness is durable too; then the close is
     /// marked clean, so the next open expects the witness exactly.
-    fn close(&self, replies: Vec<super::Reply<()>>, failed: bool) {
+    fn close(&self, replies: Vec<super::Reply<()>>, failed: bool, index_nonce: Option<u64>) {
         let result = if failed {
             Ok(())
         } else {
@@ -245,7 +248,12 @@ impl Syncer {
                 .sync(&[self.high_water.file()])
                 .map_err(StoreError::Io)
                 .and_then(|()| {
-                    super::integrity::mark_clean_close(&self.trees, &self.barrier, self.durable_seq)
+                    super::integrity::mark_clean_close(
+                        &self.trees,
+                        &self.barrier,
+                        self.durable_seq,
+                        index_nonce,
+                    )
                 })
         };
         let mut replies = replies.into_iter();

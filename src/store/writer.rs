@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use super::barrier::{BarrierStats, DurabilityBarrier};
 use super::high_water::{Acknowledged, HighWater};
 use super::identity::Newer;
+use super::index_checkpoint::{self, Index};
 use super::records::{self, TreeId};
 use super::schedule::{Live, Schedule, Slot};
 use super::syncer::{self, Applied, Committed, Failure, Syncer, ToSyncer};
@@ -236,6 +237,8 @@ pub(super) struct Writer {
     retention: retention::Ledger,
     /// Why the store stopped taking changes, once it has.
     failed: Option<String>,
+    /// The data directory (for the queue index a clean close leaves).
+    dir: std::path::PathBuf,
 }
 
 fn meta(trees: &[sled::Tree], key: &[u8]) -> Result<u64, StoreError> {
@@ -259,6 +262,7 @@ impl Writer {
         signals: Arc<Signals>,
         stats: Arc<BarrierStats>,
         cipher: Arc<super::crypt::PayloadCipher>,
+        (dir, restored): (std::path::PathBuf, Option<Index>),
     ) -> Result<(Self, Syncer, std::sync::mpsc::Receiver<ToSyncer>), StoreError> {
         let commit_seq = meta(&trees, records::META_COMMIT_SEQ)?;
         if commit_seq < promised {
@@ -268,24 +272,10 @@ impl Writer {
                 missing_handovers: 0,
             });
         }
-        let mut schedule = Schedule::default();
-        for entry in trees[TreeId::Pending as usize].iter() {
-            let (key, _) = entry?;
-            let (_, id) = records::split_mailbox_key(&key)
-                .ok_or_else(|| StoreError::Corrupt("pending key layout".into()))?;
-            let d = delivery_at(&trees, id)?;
-            schedule.insert(id, live_of(&d));
-        }
-        let mut quarantined = std::collections::HashMap::<String, u64>::new();
-        let mut quarantined_of = std::collections::HashMap::<String, BTreeSet<u64>>::new();
-        for entry in trees[TreeId::Quarantine as usize].iter() {
-            let (key, _) = entry?;
-            let (mailbox, id) = records::split_mailbox_key(&key)
-                .ok_or_else(|| StoreError::Corrupt("quarantine key layout".into()))?;
-            *quarantined.entry(mailbox).or_default() += 1;
-            let d = delivery_at(&trees, id)?;
-            quarantined_of.entry(d.patient_key).or_default().insert(id);
-        }
+        let index = match restored {
+            Some(index) => index,
+            None => rebuild_index(&trees)?,
+        };
         let last_audit = match trees[TreeId::Audit as usize].last()? {
             Some((_, v)) => Some(
                 serde_json::from_slice::<AuditEntry>(&v)
@@ -293,6 +283,7 @@ impl Writer {
             ),
             None => None,
         };
+        let ledger = retention::Ledger::load(&trees)?;
         let chain = AuditChain::resume(last_audit.as_ref(), Some(high_water.key()));
         if let Some(observer) = &options.observer {
             observer.anchored(high_water.written());
@@ -319,7 +310,7 @@ impl Writer {
             max_group: options.pipeline_depth + 1,
         };
         let writer = Self {
-            retention: retention::Ledger::load(&trees)?,
+            retention: ledger,
             last_handover: meta(&trees, records::META_LAST_HANDOVER)?,
             last_delivery: meta(&trees, records::META_LAST_DELIVERY)?,
             trees,
@@ -330,9 +321,10 @@ impl Writer {
             audit_key,
             keyed_from,
             commit_seq,
-            schedule,
-            quarantined,
-            quarantined_of,
+            schedule: index.schedule,
+            quarantined: index.quarantined,
+            quarantined_of: index.quarantined_of,
+            dir,
             chain,
             options,
             clock,
@@ -413,6 +405,9 @@ impl Writer {
             },
         };
         let stop = !shutdown.is_empty();
+        let index_nonce = (stop && failure.is_none() && self.failed.is_none())
+            .then(|| self.checkpoint_index())
+            .flatten();
         let applied = Applied {
             committed,
             failure,
@@ -420,6 +415,7 @@ impl Writer {
             submits,
             woken,
             close: shutdown,
+            index_nonce,
         };
         if self.to_syncer.send(ToSyncer::Batch(applied)).is_err() {
             self.fail("the store's syncer stopped".into());
@@ -427,6 +423,23 @@ impl Writer {
             self.settle_all();
         }
         stop
+    }
+
+    /// Leaves the queue index for the next open (see [`index_checkpoint`]);
+    /// its nonce, for the clean-close mark. A failure only costs the next
+    /// open a rebuild.
+    fn checkpoint_index(&self) -> Option<u64> {
+        index_checkpoint::write(
+            &self.dir,
+            self.commit_seq,
+            &self.schedule,
+            &self.quarantined,
+            &self.quarantined_of,
+        )
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "could not write the queue index at close; the next open rebuilds it");
+        })
+        .ok()
     }
 
     /// Applies one job to the batch; `None` for a close request (answered
@@ -1489,6 +1502,73 @@ fn delivery_at(trees: &[sled::Tree], id: u64) -> Result<DeliveryRecord, StoreErr
         .get(records::be(id))?
         .ok_or_else(|| StoreError::Corrupt(format!("indexed delivery {id} has no record")))?;
     serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))
+}
+
+/// The live and quarantined deliveries, rebuilt from the trees.
+pub(super) fn rebuild_index(trees: &[sled::Tree]) -> Result<Index, StoreError> {
+    let mut index = Index {
+        schedule: load_schedule(trees)?,
+        ..Index::default()
+    };
+    for entry in trees[TreeId::Quarantine as usize].iter() {
+        let (key, _) = entry?;
+        let (mailbox, id) = records::split_mailbox_key(&key)
+            .ok_or_else(|| StoreError::Corrupt("quarantine key layout".into()))?;
+        *index.quarantined.entry(mailbox).or_default() += 1;
+        let d = delivery_at(trees, id)?;
+        index
+            .quarantined_of
+            .entry(d.patient_key)
+            .or_default()
+            .insert(id);
+    }
+    Ok(index)
+}
+
+/// The queue index, rebuilt from the `pending` tree. Records are read in
+/// delivery id order, so each page of the `deliveries` tree is read once
+/// (in mailbox order, two mailboxes' interleaved ids read every page twice
+/// and, with a cache smaller than the tree, from disk twice), and only the
+/// fields the index needs are decoded.
+fn load_schedule(trees: &[sled::Tree]) -> Result<Schedule, StoreError> {
+    let mut ids = Vec::new();
+    for entry in trees[TreeId::Pending as usize].iter().keys() {
+        let (_, id) = records::split_mailbox_key(&entry?)
+            .ok_or_else(|| StoreError::Corrupt("pending key layout".into()))?;
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    let deliveries = &trees[TreeId::Deliveries as usize];
+    let mut rows = Vec::with_capacity(ids.len());
+    for id in ids {
+        let raw = deliveries
+            .get(records::be(id))?
+            .ok_or_else(|| StoreError::Corrupt(format!("indexed delivery {id} has no record")))?;
+        let facts: records::ScheduleFacts<'_> = serde_json::from_slice(&raw)
+            .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?;
+        rows.push((id, live_of_facts(&facts)));
+    }
+    Ok(Schedule::from_rows(rows))
+}
+
+fn live_of_facts(d: &records::ScheduleFacts<'_>) -> Live {
+    Live {
+        mailbox: (*d.mailbox).into(),
+        patient_key: (*d.patient_key).into(),
+        urgent: d.urgent,
+        attempt: d.attempt,
+        lease: match (d.state, d.lease_until_ms) {
+            (DeliveryState::Leased, Some(until_ms)) => Slot::Leased { until_ms },
+            _ => Slot::Queued {
+                not_before_ms: d.not_before_ms.unwrap_or(i64::MIN),
+            },
+        },
+        queued_at_ms: d.queued_at_ms,
+        due_ms: d.due_ms,
+        due_reported: d.overdue_at_ms.is_some(),
+        max_attempts: d.max_attempts,
+        stale: d.state == DeliveryState::Leased && d.superseded_by.is_some(),
+    }
 }
 
 pub(super) fn live_of(d: &DeliveryRecord) -> Live {

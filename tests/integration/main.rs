@@ -43,6 +43,7 @@ mod store_failover;
 mod store_model;
 mod store_nodes;
 mod store_tls;
+mod store_upgrade;
 mod support;
 mod traces;
 mod treatment;
