@@ -173,12 +173,20 @@ impl fmt::Display for BenchReport {
         }
         writeln!(f, "  submit latency p50     {:>10.2} ms", ms(self.p50))?;
         writeln!(f, "  submit latency p99     {:>10.2} ms", ms(self.p99))?;
-        writeln!(f, "  messages per barrier   {per_barrier:>10.1}")?;
-        writeln!(
-            f,
-            "    ({} barriers, {} fdatasyncs; the server answered {} submits OK, each after its barrier)",
-            self.barriers, self.fdatasyncs, self.durable_submits
-        )?;
+        if self.barriers == 0 {
+            // The PostgreSQL engine: no group commit to count.
+            writeln!(
+                f,
+                "  messages per barrier          n/a   (no group commit: each submit is one database COMMIT)"
+            )?;
+        } else {
+            writeln!(f, "  messages per barrier   {per_barrier:>10.1}")?;
+            writeln!(
+                f,
+                "    ({} barriers, {} fdatasyncs; the server answered {} submits OK, each after its barrier)",
+                self.barriers, self.fdatasyncs, self.durable_submits
+            )?;
+        }
         writeln!(
             f,
             "  RSS with all queued    {:>10.1} MiB",
