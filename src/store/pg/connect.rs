@@ -212,15 +212,25 @@ pub async fn check_synchronous_standby(pool: Pool, required: bool) -> Result<(),
 /// failure (a failover included). After each (re)connection every waiting
 /// poll is woken, since notifications may have been missed meanwhile.
 pub async fn listen(target: PgTarget, signals: Arc<Signals>) {
+    // Doubling from 0.5 s to 5 s while the database is away (no log flood
+    // during an outage); back to 0.5 s once a connection has lasted.
+    const FIRST: Duration = Duration::from_millis(500);
+    const MOST: Duration = Duration::from_secs(5);
+    let mut backoff = FIRST;
     loop {
+        let started = tokio::time::Instant::now();
         let ended = match &target.tls {
             Some(tls) => listen_once(&target.config, tls.clone(), &signals).await,
             None => listen_once(&target.config, NoTls, &signals).await,
         };
-        if let Err(e) = ended {
-            tracing::warn!(error = %e, "postgres listener lost its connection; reconnecting");
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = FIRST;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Err(e) = ended {
+            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis(), "postgres listener lost its connection; reconnecting");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MOST);
     }
 }
 
