@@ -552,6 +552,71 @@ pub fn from_be(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
+/// What an ack or nack of `attempt` from `mailbox` may act on, the same on
+/// every engine: the delivery when it is that mailbox's, that attempt's,
+/// leased and in its lease; otherwise why not (with the delivery when it is
+/// the caller's, so a repeated ack can be recognised).
+pub(crate) type LeaseVerdict = Result<DeliveryRecord, (super::StoreError, Option<DeliveryRecord>)>;
+
+/// Judges `found` for an ack or nack (see [`LeaseVerdict`]).
+// The refusal carries the record on purpose (a repeated ack is recognised by
+// it), and every caller takes it apart at once.
+#[allow(clippy::result_large_err)]
+pub(crate) fn lease_verdict(
+    found: Option<DeliveryRecord>,
+    mailbox: &str,
+    attempt: u32,
+    now: i64,
+) -> LeaseVerdict {
+    use super::StoreError;
+    match found {
+        Some(d) if d.mailbox == mailbox => {
+            let err = if d.attempt != attempt {
+                Some(StoreError::StaleAttempt {
+                    given: attempt,
+                    current: d.attempt,
+                })
+            } else if d.state != DeliveryState::Leased {
+                Some(StoreError::NotLeased(d.state))
+            } else if d.lease_until_ms.is_none_or(|t| t <= now) {
+                Some(StoreError::LeaseExpired)
+            } else {
+                None
+            };
+            match err {
+                None => Ok(d),
+                Some(e) => Err((e, Some(d))),
+            }
+        }
+        _ => Err((StoreError::UnknownDelivery, None)),
+    }
+}
+
+/// The audit entry of a refused ack or nack (a repeated ack of a delivered
+/// attempt is recorded as such, not as a refusal).
+pub(crate) fn refused_lease_event(
+    action: &'static str,
+    actor: &str,
+    attempt: u32,
+    (e, d): (&super::StoreError, &Option<DeliveryRecord>),
+) -> crate::audit::AuditEvent {
+    let repeat_ack = action == "ack"
+        && matches!(d, Some(d) if d.state == DeliveryState::Delivered && d.attempt == attempt);
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action,
+        handover_id: d.as_ref().map(|d| d.handover_id),
+        // Only an id found in the caller's mailbox: never one it made up.
+        delivery_id: d.as_ref().map(|d| d.id),
+        patient_key: d.as_ref().map(|d| d.patient_key.clone()),
+        outcome: if repeat_ack {
+            "ok: repeated ack of a delivered attempt".into()
+        } else {
+            format!("refused: {e}")
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

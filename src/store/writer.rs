@@ -953,50 +953,13 @@ impl Writer {
         delivery_id: u64,
         attempt: u32,
         now: i64,
-    ) -> Result<Result<DeliveryRecord, (StoreError, Option<DeliveryRecord>)>, StoreError> {
+    ) -> Result<records::LeaseVerdict, StoreError> {
         let found: Option<DeliveryRecord> =
             staged.get_json(TreeId::Deliveries, &records::be(delivery_id))?;
-        let verdict = match found {
-            Some(d) if d.mailbox == mailbox => {
-                let err = if d.attempt != attempt {
-                    Some(StoreError::StaleAttempt {
-                        given: attempt,
-                        current: d.attempt,
-                    })
-                } else if d.state != DeliveryState::Leased {
-                    Some(StoreError::NotLeased(d.state))
-                } else if d.lease_until_ms.is_none_or(|t| t <= now) {
-                    Some(StoreError::LeaseExpired)
-                } else {
-                    None
-                };
-                match err {
-                    None => Ok(d),
-                    Some(e) => Err((e, Some(d))),
-                }
-            }
-            _ => Err((StoreError::UnknownDelivery, None)),
-        };
+        let verdict = records::lease_verdict(found, mailbox, attempt, now);
         if let Err((e, d)) = &verdict {
-            let repeat_ack = action == "ack"
-                && matches!(d, Some(d) if d.state == DeliveryState::Delivered && d.attempt == attempt);
-            self.audit(
-                staged,
-                AuditEvent {
-                    actor: actor.to_owned(),
-                    action,
-                    handover_id: d.as_ref().map(|d| d.handover_id),
-                    // Only an id found in the caller's mailbox: never one it made up.
-                    delivery_id: d.as_ref().map(|d| d.id),
-                    patient_key: d.as_ref().map(|d| d.patient_key.clone()),
-                    outcome: if repeat_ack {
-                        "ok: repeated ack of a delivered attempt".into()
-                    } else {
-                        format!("refused: {e}")
-                    },
-                },
-                now,
-            );
+            let event = records::refused_lease_event(action, actor, attempt, (e, d));
+            self.audit(staged, event, now);
         }
         Ok(verdict)
     }

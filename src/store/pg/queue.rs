@@ -13,7 +13,7 @@ use tokio_postgres::types::Json;
 use super::sql::{self, LIVE, db, id};
 use super::{PgStore, Shared};
 use crate::audit::AuditEvent;
-use crate::store::records::PARKED_MAILBOX;
+use crate::store::records::{self, PARKED_MAILBOX};
 use crate::store::{
     DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, LeasedDelivery, NewHandover,
     RedriveOutcome, StoreError, SubmitOutcome, SweepOutcome, TrackKey,
@@ -463,44 +463,11 @@ async fn leased_for(
     attempt: u32,
     now: i64,
     audit: &mut Vec<AuditEvent>,
-) -> Result<Result<DeliveryRecord, (StoreError, Option<DeliveryRecord>)>, StoreError> {
+) -> Result<records::LeaseVerdict, StoreError> {
     let found = sql::delivery_for_update(tx, delivery_id).await?;
-    let verdict = match found {
-        Some(d) if d.mailbox == mailbox => {
-            let err = if d.attempt != attempt {
-                Some(StoreError::StaleAttempt {
-                    given: attempt,
-                    current: d.attempt,
-                })
-            } else if d.state != DeliveryState::Leased {
-                Some(StoreError::NotLeased(d.state))
-            } else if d.lease_until_ms.is_none_or(|t| t <= now) {
-                Some(StoreError::LeaseExpired)
-            } else {
-                None
-            };
-            match err {
-                None => Ok(d),
-                Some(e) => Err((e, Some(d))),
-            }
-        }
-        _ => Err((StoreError::UnknownDelivery, None)),
-    };
+    let verdict = records::lease_verdict(found, mailbox, attempt, now);
     if let Err((e, d)) = &verdict {
-        let repeat_ack = action == "ack"
-            && matches!(d, Some(d) if d.state == DeliveryState::Delivered && d.attempt == attempt);
-        audit.push(AuditEvent {
-            actor: actor.to_owned(),
-            action,
-            handover_id: d.as_ref().map(|d| d.handover_id),
-            delivery_id: d.as_ref().map(|d| d.id),
-            patient_key: d.as_ref().map(|d| d.patient_key.clone()),
-            outcome: if repeat_ack {
-                "ok: repeated ack of a delivered attempt".into()
-            } else {
-                format!("refused: {e}")
-            },
-        });
+        audit.push(records::refused_lease_event(action, actor, attempt, (e, d)));
     }
     Ok(verdict)
 }
