@@ -391,13 +391,7 @@ impl Writer {
             if !d.claim_keys.iter().any(|k| claim_keys.contains(k)) {
                 continue;
             }
-            let before = d.claim_keys.len();
-            for k in claim_keys {
-                if !d.claim_keys.contains(k) {
-                    d.claim_keys.push(k.clone());
-                }
-            }
-            if d.claim_keys.len() != before {
+            if d.widen_claim_keys(claim_keys) {
                 staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
             }
         }

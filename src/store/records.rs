@@ -617,6 +617,61 @@ pub(crate) fn refused_lease_event(
     }
 }
 
+/// How a delivery's state reads in an audit outcome.
+pub(crate) fn state_name(state: DeliveryState) -> &'static str {
+    match state {
+        DeliveryState::Queued => "queued for retry",
+        DeliveryState::Leased => "leased",
+        DeliveryState::Delivered => "delivered",
+        DeliveryState::Quarantined => "quarantined",
+        DeliveryState::Superseded => "superseded",
+        DeliveryState::Parked => "parked",
+    }
+}
+
+/// The audit entry of one delivery's redrive, on every engine.
+pub(crate) fn redrive_event(
+    actor: &str,
+    delivery_id: u64,
+    outcome: &super::RedriveOutcome,
+) -> crate::audit::AuditEvent {
+    use super::RedriveOutcome;
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action: "redrive",
+        delivery_id: Some(delivery_id),
+        outcome: match outcome {
+            RedriveOutcome::Requeued => "ok: requeued".into(),
+            RedriveOutcome::NotQuarantined(state) => {
+                format!("ok: nothing to do, it is {}", state_name(*state))
+            }
+            RedriveOutcome::Unknown => "refused: no such delivery".into(),
+        },
+        ..crate::audit::AuditEvent::default()
+    }
+}
+
+impl DeliveryRecord {
+    /// When it stopped needing its payload, if it has.
+    pub(crate) fn finished_at(&self) -> Option<i64> {
+        self.finished_at_ms.or(match self.state {
+            DeliveryState::Delivered => self.delivered_at_ms,
+            _ => None,
+        })
+    }
+
+    /// Adds each of `keys` it lacks to its claim keys; whether any was added.
+    pub(crate) fn widen_claim_keys(&mut self, keys: &[String]) -> bool {
+        let before = self.claim_keys.len();
+        for k in keys {
+            if !self.claim_keys.contains(k) {
+                self.claim_keys.push(k.clone());
+            }
+        }
+        self.claim_keys.len() != before
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

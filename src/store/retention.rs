@@ -224,14 +224,6 @@ impl Ledger {
     }
 }
 
-/// When a delivery stopped needing its payload, if it has.
-fn finished_at(d: &DeliveryRecord) -> Option<i64> {
-    d.finished_at_ms.or(match d.state {
-        DeliveryState::Delivered => d.delivered_at_ms,
-        _ => None,
-    })
-}
-
 impl Writer {
     fn schedule_retention(
         &mut self,
@@ -357,7 +349,7 @@ impl Writer {
         for d in &h.deliveries {
             let d: Option<DeliveryRecord> =
                 staged.get_json(TreeId::Deliveries, &records::be(*d))?;
-            if d.as_ref().and_then(finished_at).is_none() {
+            if d.as_ref().and_then(DeliveryRecord::finished_at).is_none() {
                 return Ok(());
             }
         }
@@ -476,7 +468,7 @@ impl Writer {
                         let by = d.superseded_by.unwrap_or(0);
                         let replacement: Option<DeliveryRecord> =
                             staged.get_json(TreeId::Deliveries, &records::be(by))?;
-                        let at = replacement.as_ref().and_then(finished_at);
+                        let at = replacement.as_ref().and_then(DeliveryRecord::finished_at);
                         if at.is_none() {
                             staged.put(
                                 TreeId::Superseded,
@@ -486,7 +478,7 @@ impl Writer {
                         }
                         at
                     }
-                    Some(d) => finished_at(&d),
+                    Some(d) => d.finished_at(),
                     None => None,
                 };
                 finished = finished.zip(at).map(|(a, b)| a.max(b));

@@ -1056,7 +1056,7 @@ impl Writer {
                 handover_id: Some(d.handover_id),
                 delivery_id: Some(delivery_id),
                 patient_key: Some(d.patient_key.clone()),
-                outcome: format!("ok: {}", state_name(state)),
+                outcome: format!("ok: {}", records::state_name(state)),
             },
             now,
         );
@@ -1194,23 +1194,7 @@ impl Writer {
                     RedriveOutcome::Requeued
                 }
             };
-            self.audit(
-                staged,
-                AuditEvent {
-                    actor: actor.to_owned(),
-                    action: "redrive",
-                    delivery_id: Some(id),
-                    outcome: match &outcome {
-                        RedriveOutcome::Requeued => "ok: requeued".into(),
-                        RedriveOutcome::NotQuarantined(state) => {
-                            format!("ok: nothing to do, it is {}", state_name(*state))
-                        }
-                        RedriveOutcome::Unknown => "refused: no such delivery".into(),
-                    },
-                    ..AuditEvent::default()
-                },
-                now,
-            );
+            self.audit(staged, records::redrive_event(actor, id, &outcome), now);
             out.push((id, outcome));
         }
         Ok(out)
@@ -1384,17 +1368,6 @@ fn refuse(job: Job) -> Answer {
         Job::Redrive { reply, .. } => Answer::new(reply, Err(e())),
         Job::Stats(reply) => Answer::new(reply, Err(e())),
         Job::Shutdown(reply) => Answer::new(reply, Ok(())),
-    }
-}
-
-fn state_name(state: DeliveryState) -> &'static str {
-    match state {
-        DeliveryState::Queued => "queued for retry",
-        DeliveryState::Leased => "leased",
-        DeliveryState::Delivered => "delivered",
-        DeliveryState::Quarantined => "quarantined",
-        DeliveryState::Superseded => "superseded",
-        DeliveryState::Parked => "parked",
     }
 }
 

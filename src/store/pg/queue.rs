@@ -297,7 +297,7 @@ pub(super) async fn retire(
             .await
             .map_err(db)?
             .map(|r| r.get::<_, Json<DeliveryRecord>>(0).0);
-        if replacement.is_some_and(|r| finished_at(&r).is_some()) {
+        if replacement.is_some_and(|r| r.finished_at().is_some()) {
             sql::put_delivery(tx, d).await?;
             return delivery_finished(tx, d.id, now).await;
         }
@@ -557,27 +557,9 @@ async fn nack(
         handover_id: Some(d.handover_id),
         delivery_id: Some(g.delivery_id),
         patient_key: Some(d.patient_key.clone()),
-        outcome: format!("ok: {}", state_name(state)),
+        outcome: format!("ok: {}", records::state_name(state)),
     });
     Ok(Ok(state))
-}
-
-fn state_name(state: DeliveryState) -> &'static str {
-    match state {
-        DeliveryState::Queued => "queued for retry",
-        DeliveryState::Leased => "leased",
-        DeliveryState::Delivered => "delivered",
-        DeliveryState::Quarantined => "quarantined",
-        DeliveryState::Superseded => "superseded",
-        DeliveryState::Parked => "parked",
-    }
-}
-
-fn finished_at(d: &DeliveryRecord) -> Option<i64> {
-    d.finished_at_ms.or(match d.state {
-        DeliveryState::Delivered => d.delivered_at_ms,
-        _ => None,
-    })
 }
 
 /// Finishes a delivered delivery, the copies it superseded, and each
@@ -629,7 +611,7 @@ async fn handover_maybe_finished(
         .await
         .map_err(db)?;
     let all = sql::deliveries(&rows);
-    if all.len() < h.deliveries.len() || all.iter().any(|d| finished_at(d).is_none()) {
+    if all.len() < h.deliveries.len() || all.iter().any(|d| d.finished_at().is_none()) {
         return Ok(());
     }
     h.finished_at_ms = Some(now);
@@ -812,19 +794,7 @@ async fn redrive(
                 RedriveOutcome::Requeued
             }
         };
-        audit.push(AuditEvent {
-            actor: actor.to_owned(),
-            action: "redrive",
-            delivery_id: Some(did),
-            outcome: match &outcome {
-                RedriveOutcome::Requeued => "ok: requeued".into(),
-                RedriveOutcome::NotQuarantined(state) => {
-                    format!("ok: nothing to do, it is {}", state_name(*state))
-                }
-                RedriveOutcome::Unknown => "refused: no such delivery".into(),
-            },
-            ..AuditEvent::default()
-        });
+        audit.push(records::redrive_event(actor, did, &outcome));
         out.push((did, outcome));
     }
     let woken: Vec<String> = woken.into_iter().collect();

@@ -451,13 +451,7 @@ async fn extend_claim_keys(
         if !d.claim_keys.iter().any(|k| claim_keys.contains(k)) {
             continue;
         }
-        let before = d.claim_keys.len();
-        for k in claim_keys {
-            if !d.claim_keys.contains(k) {
-                d.claim_keys.push(k.clone());
-            }
-        }
-        if d.claim_keys.len() != before {
+        if d.widen_claim_keys(claim_keys) {
             sql::put_delivery(tx, &d).await?;
         }
     }
