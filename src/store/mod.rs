@@ -977,34 +977,6 @@ impl SledStore {
         self.indexed(TreeId::Pending, Some(PARKED_MAILBOX), after, limit)
     }
 
-    /// Quarantined deliveries (of `mailbox`, or all), with their reasons.
-    ///
-    /// # Errors
-    /// Store failures.
-    pub fn quarantined(
-        &self,
-        mailbox: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        Ok(self
-            .indexed(TreeId::Quarantine, mailbox, None, limit)?
-            .into_iter()
-            .map(|(_, d)| d)
-            .collect())
-    }
-
-    /// Parked releases waiting to be claimed, oldest first.
-    ///
-    /// # Errors
-    /// Store failures.
-    pub fn parked(&self, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
-        Ok(self
-            .parked_page(None, limit)?
-            .into_iter()
-            .map(|(_, d)| d)
-            .collect())
-    }
-
     /// One delivery's record.
     ///
     /// # Errors

@@ -22,6 +22,17 @@ use crate::support;
 
 /// A node: a store on database `url` with the key files in `dir`.
 fn node(url: &str, dir: &Path, clock: Arc<dyn Clock>, max_attempts: u32) -> Store {
+    open(url, dir, clock, max_attempts, false).unwrap()
+}
+
+/// Opens a node, asking for a synchronous standby when `require_standby`.
+fn open(
+    url: &str,
+    dir: &Path,
+    clock: Arc<dyn Clock>,
+    max_attempts: u32,
+    require_standby: bool,
+) -> Result<Store, throughcare::store::StoreError> {
     let options = StoreOptions {
         max_attempts,
         master_key_file: Some(dir.join("master-key")),
@@ -32,9 +43,9 @@ fn node(url: &str, dir: &Path, clock: Arc<dyn Clock>, max_attempts: u32) -> Stor
         url: url.to_owned(),
         ca_file: None,
         pool_size: 4,
-        require_synchronous_standby: false,
+        require_synchronous_standby: require_standby,
     };
-    Store::open_postgres(&pg, options, clock, dir).unwrap()
+    Store::open_postgres(&pg, options, clock, dir)
 }
 
 fn handover(message: u32, patient: u32, mailbox: &str, due_ms: Option<i64>) -> NewHandover {
@@ -402,23 +413,8 @@ async fn a_primary_without_a_synchronous_standby_is_refused_unless_accepted() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let pg = PgOptions {
-        url: url.clone(),
-        ca_file: None,
-        pool_size: 2,
-        require_synchronous_standby: true,
-    };
-    let options = StoreOptions {
-        master_key_file: Some(dir.path().join("master-key")),
-        audit_key_file: Some(dir.path().join("audit-key")),
-        ..StoreOptions::default()
-    };
-    let refused = Store::open_postgres(
-        &pg,
-        options,
-        Arc::new(throughcare::store::SystemClock),
-        dir.path(),
-    );
+    let clock: Arc<dyn Clock> = Arc::new(throughcare::store::SystemClock);
+    let refused = open(&url, dir.path(), clock.clone(), 3, true);
     let why = refused
         .err()
         .expect("refused without a synchronous standby")
@@ -428,11 +424,6 @@ async fn a_primary_without_a_synchronous_standby_is_refused_unless_accepted() {
         "{why}"
     );
     assert!(why.contains("synchronous_standby_names"), "{why}");
-    let accepted = node(
-        &url,
-        dir.path(),
-        Arc::new(throughcare::store::SystemClock),
-        3,
-    );
+    let accepted = node(&url, dir.path(), clock, 3);
     accepted.close().await.unwrap();
 }
