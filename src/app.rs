@@ -21,6 +21,9 @@ use crate::operator::metrics::Metrics;
 use crate::store::{Clock, Store, StoreError, StoreOptions, SystemClock};
 use crate::tls::ReloadableConfig;
 
+/// How often held treatment copies are checked against the registry.
+const HELD_ROUTING_EVERY: Duration = Duration::from_secs(60);
+
 /// Why the gateway could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -585,6 +588,46 @@ impl Prepared {
         })
     }
 
+    /// The tasks that run beside the server until shutdown: the sweeper,
+    /// retention, continuity, held-copy routing, and PDS and MESH when on.
+    fn spawn_background(
+        &mut self,
+        trends: Arc<crate::operator::trends::Trends>,
+        continuity: Arc<crate::operator::continuity::LatestContinuity>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = vec![
+            self.spawn_sweeper(trends),
+            self.spawn_retention(),
+            self.spawn_continuity(continuity),
+            self.spawn_held_routing(),
+        ];
+        tasks.extend(self.spawn_pds());
+        tasks.extend(self.spawn_mesh());
+        tasks
+    }
+
+    /// Routes held treatment copies on at start (a registry changed while
+    /// the gateway was stopped) and every [`HELD_ROUTING_EVERY`], until
+    /// shutdown; a registry change through the gateway routes them at once.
+    fn spawn_held_routing(&self) -> tokio::task::JoinHandle<()> {
+        let gateway = self.gateway.clone();
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = gateway
+                    .route_held_copies(crate::handover::ROUTING_ACTOR)
+                    .await
+                {
+                    tracing::error!(error = %e, "routing held treatment copies failed");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(HELD_ROUTING_EVERY) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    }
+
     /// Runs the retention pass at its interval (at once again after a full
     /// batch) until shutdown.
     fn spawn_retention(&self) -> tokio::task::JoinHandle<()> {
@@ -660,18 +703,13 @@ impl Prepared {
         let (reflection_v1, reflection_v1alpha) = reflection_services()?;
         let operator = OperatorServiceServer::new(OperatorGrpc::new(self.gateway.clone()));
 
-        let sweeper = self.spawn_sweeper(trends.clone());
-
-        let retention = self.spawn_retention();
-        let continuity = self.spawn_continuity(continuity);
-        let pds = self.spawn_pds();
-        let mesh = self.spawn_mesh();
+        let mut tasks = self.spawn_background(trends.clone(), continuity);
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-        let forget = spawn_forget(
+        tasks.push(spawn_forget(
             rate_limit.clone(),
             tally.clone(),
             self.gateway.store.clone(),
-        );
+        ));
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_max_header_list_size(l.max_header_list_bytes)
@@ -720,17 +758,7 @@ impl Prepared {
         drain_mllp(mllp, grace).await;
         // A MESH send cut short is recorded as `sending`: the next start
         // asks MESH by local id before sending again.
-        for task in [
-            Some(sweeper),
-            Some(retention),
-            Some(continuity),
-            Some(forget),
-            pds,
-            mesh,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for task in tasks {
             task.abort();
         }
         tally.flush(&self.gateway.store).await;

@@ -517,13 +517,15 @@ fn deliveries(list: &[pb::DeliveryInfo]) -> Rows {
 fn parked_rows(list: &pb::ListParkedResponse) -> Rows {
     let mut rows = deliveries(&list.deliveries);
     rows.columns.push("pds");
-    for row in &mut rows.rows {
-        let id = row.get("delivery").and_then(Value::as_u64);
-        let finding = list
-            .pds_findings
-            .iter()
-            .find(|f| Some(f.delivery_id) == id)
-            .map_or_else(|| "not looked up".to_owned(), |f| f.reason.clone());
+    for (row, d) in rows.rows.iter_mut().zip(&list.deliveries) {
+        let finding = if crate::store::records::is_held_treatment_mailbox(&d.mailbox) {
+            "not asked: a treatment copy waits for a service in the release area".to_owned()
+        } else {
+            list.pds_findings
+                .iter()
+                .find(|f| f.delivery_id == d.delivery_id)
+                .map_or_else(|| "not looked up".to_owned(), |f| f.reason.clone())
+        };
         row.insert("pds".into(), Value::String(finding));
     }
     rows

@@ -23,6 +23,7 @@ mod deliver;
 pub mod envelope;
 mod error;
 pub mod free_text;
+mod held;
 mod operator;
 pub mod page;
 mod submit;
@@ -40,6 +41,7 @@ pub use deliver::{
 };
 pub use envelope::{Envelope, PatientRef};
 pub use error::{Error, Kind, describe, scrubbed, withhold_numbers};
+pub use held::ROUTING_ACTOR;
 pub use operator::{
     AuditSubject, AuditTrail, BreakGlassRead, ClaimParkedCommand, DeliveryInfo, MAX_LIST,
     Mailboxes, RedriveTarget, RetentionStatus,

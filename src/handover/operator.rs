@@ -10,8 +10,9 @@ use crate::audit::{AuditEntry, AuditEvent};
 use crate::clinical::{ClinicalSummary, NhsNumber, OdsCode, PrisonNumber, ValidationErrors};
 use crate::journey::{JourneyEvent, OrgKind, Organisation};
 use crate::store::{
-    DeliveryRecord, HandoverRecord, IdentityConflict, MailboxStats, RedriveOutcome,
-    RetentionPolicy, RetentionStats, StoreError,
+    DeliveryRecord, HandoverRecord, IdentityConflict, MailboxStats, PARKED_MAILBOX,
+    PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX, RedriveOutcome, RetentionPolicy,
+    RetentionStats, StoreError,
 };
 
 /// Most rows one listing returns.
@@ -201,7 +202,10 @@ impl Gateway {
         self.info_page(Listing::Quarantine, rows, size)
     }
 
-    /// Releases parked for want of a GP.
+    /// Deliveries parked in a holding mailbox: releases waiting for a GP
+    /// (`@parked`, first), then treatment copies held for want of a service
+    /// in the release area (`@parked-mental-health`,
+    /// `@parked-substance-misuse`); each names its holding mailbox.
     ///
     /// # Errors
     /// Refusals for non-operators, and store failures.
@@ -212,7 +216,29 @@ impl Gateway {
     ) -> Result<Page<DeliveryInfo>, Error> {
         self.operator(caller)?;
         let (size, after) = page.read(Listing::Parked)?;
-        let rows = self.store.parked_page(after.as_deref(), size + 1)?;
+        // The cursor names the holding mailbox the last page ended in.
+        let holding = [
+            PARKED_MAILBOX,
+            PARKED_MENTAL_HEALTH_MAILBOX,
+            PARKED_SUBSTANCE_MISUSE_MAILBOX,
+        ];
+        let resume = match after.as_deref() {
+            None => 0,
+            Some(cursor) => crate::store::records::split_mailbox_key(cursor)
+                .and_then(|(m, _)| holding.iter().position(|h| *h == m))
+                .ok_or_else(|| Error::invalid("page_token", "not a token of this listing"))?,
+        };
+        let mut rows = Vec::new();
+        for (i, mailbox) in holding.iter().enumerate().skip(resume) {
+            if rows.len() > size {
+                break;
+            }
+            let from = after.as_deref().filter(|_| i == resume);
+            rows.extend(
+                self.store
+                    .parked_page(mailbox, from, size + 1 - rows.len())?,
+            );
+        }
         self.info_page(Listing::Parked, rows, size)
     }
 
@@ -408,6 +434,12 @@ impl Gateway {
             .await?;
         tracing::info!(ods = %org.ods, kind = org.kind.as_str(), active = org.active, "registry changed");
         self.registry.put(org.clone());
+        // A service registered (or enabled, or a prison given a region) may
+        // now serve copies held for want of one: routed at once, not at the
+        // next periodic pass. The change itself stands either way.
+        if let Err(e) = self.route_held_copies(actor).await {
+            tracing::error!(error = %e, "routing held treatment copies failed; retried periodically");
+        }
         Ok(org)
     }
 

@@ -15,4 +15,4 @@ pub use crate::clinical::{JourneyEvent, OrgKind};
 pub use registry::{
     Format, Organisation, Registry, RegistryError, SharedRegistry, is_mesh_mailbox_id,
 };
-pub use routing::{Deadlines, Recipient, Route, deliveries, route};
+pub use routing::{Deadlines, Recipient, Route, area_service, deliveries, route};

@@ -87,6 +87,22 @@ fn not_an_active_prison(registry: &Registry, code: &OdsCode) -> String {
     }
 }
 
+/// The first active organisation of `kind` in `prison`'s region (the
+/// release area), by ODS code; none when the prison has no region. The rule
+/// that routes a release's treatment copies, and routes on the copies held
+/// for want of one once a service is registered.
+#[must_use]
+pub fn area_service<'r>(
+    registry: &'r Registry,
+    prison: &Organisation,
+    kind: OrgKind,
+) -> Option<&'r Organisation> {
+    let region = prison.region.as_deref()?;
+    registry
+        .iter()
+        .find(|o| o.active && o.kind == kind && o.region.as_deref() == Some(region))
+}
+
 /// The deliveries `event` calls for.
 ///
 /// `requested` are the destinations the sender named (may be empty);
@@ -406,10 +422,7 @@ impl Plan<'_> {
     /// The first active organisation of `kind` in the sender's region
     /// (the release area); none when the sender has no region.
     fn in_region(&self, kind: OrgKind) -> Option<&Organisation> {
-        let region = self.sender.region.as_deref()?;
-        self.registry
-            .iter()
-            .find(|o| o.active && o.kind == kind && o.region.as_deref() == Some(region))
+        area_service(self.registry, self.sender, kind)
     }
 
     /// Each nominated probation region, else the active probation service

@@ -248,6 +248,18 @@ impl Store {
         either!(self.claim(actor, claim_keys, to).await)
     }
 
+    /// See [`SledStore::route_held`].
+    ///
+    /// # Errors
+    /// As for [`SledStore::route_held`].
+    pub async fn route_held(
+        &self,
+        actor: &str,
+        moves: Vec<(u64, String)>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        either!(self.route_held(actor, moves).await)
+    }
+
     /// See [`SledStore::pds_result`]; not on PostgreSQL yet.
     ///
     /// # Errors
@@ -339,10 +351,11 @@ impl Store {
     /// Store failures.
     pub fn parked_page(
         &self,
+        mailbox: &str,
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
-        either!(self.parked_page(after, limit))
+        either!(self.parked_page(mailbox, after, limit))
     }
 
     /// Quarantined deliveries (of `mailbox`, or all), with their reasons.
@@ -367,7 +380,7 @@ impl Store {
     /// Store failures.
     pub fn parked(&self, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
         Ok(self
-            .parked_page(None, limit)?
+            .parked_page(super::PARKED_MAILBOX, None, limit)?
             .into_iter()
             .map(|(_, d)| d)
             .collect())

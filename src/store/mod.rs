@@ -406,6 +406,11 @@ enum Job {
         to: String,
         reply: Reply<Vec<DeliveryRecord>>,
     },
+    RouteHeld {
+        actor: String,
+        moves: Vec<(u64, String)>,
+        reply: Reply<Vec<DeliveryRecord>>,
+    },
     Pds(PdsResult, Reply<Option<DeliveryRecord>>),
     PdsNotify(PdsNotice, Reply<Option<u64>>),
     Redrive {
@@ -839,6 +844,28 @@ impl SledStore {
         .await
     }
 
+    /// Routes held treatment copies on: each `(delivery id, mailbox)` moves
+    /// a copy still held in `@parked-substance-misuse` or
+    /// `@parked-mental-health` to the service now registered for its release
+    /// area, queued with its deadline unchanged (audited as `route_held`).
+    /// A copy no longer held (superseded, already routed) is left alone.
+    /// Returns the copies moved; durable when it returns.
+    ///
+    /// # Errors
+    /// Only store failures.
+    pub async fn route_held(
+        &self,
+        actor: &str,
+        moves: Vec<(u64, String)>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.ask(|reply| Job::RouteHeld {
+            actor: actor.to_owned(),
+            moves,
+            reply,
+        })
+        .await
+    }
+
     /// Records what PDS found for a parked release and, when
     /// `result.route_to` is set, claims it for that practice (audited as
     /// [`PDS_ACTOR`]); returns the delivery, or `None` when it is no longer
@@ -965,16 +992,19 @@ impl SledStore {
         self.indexed(TreeId::Quarantine, mailbox, after, limit)
     }
 
-    /// A page of parked releases, oldest first, each with its cursor.
+    /// A page of the deliveries parked in holding mailbox `mailbox`
+    /// ([`PARKED_MAILBOX`] or a held treatment mailbox), oldest first, each
+    /// with its cursor.
     ///
     /// # Errors
     /// Store failures.
     pub fn parked_page(
         &self,
+        mailbox: &str,
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
-        self.indexed(TreeId::Pending, Some(PARKED_MAILBOX), after, limit)
+        self.indexed(TreeId::Pending, Some(mailbox), after, limit)
     }
 
     /// One delivery's record.

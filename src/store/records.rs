@@ -135,6 +135,31 @@ pub const PARKED_SUBSTANCE_MISUSE_MAILBOX: &str = "@parked-substance-misuse";
 /// release area (as [`PARKED_SUBSTANCE_MISUSE_MAILBOX`]).
 pub const PARKED_MENTAL_HEALTH_MAILBOX: &str = "@parked-mental-health";
 
+/// Whether `mailbox` holds treatment service copies waiting for a service
+/// in the release area (routed on when one is registered, never claimed).
+pub fn is_held_treatment_mailbox(mailbox: &str) -> bool {
+    [
+        PARKED_SUBSTANCE_MISUSE_MAILBOX,
+        PARKED_MENTAL_HEALTH_MAILBOX,
+    ]
+    .contains(&mailbox)
+}
+
+/// The audit entry of held treatment copy `d` routed on to `to`.
+pub fn route_held_event(actor: &str, d: &DeliveryRecord, to: &str) -> crate::audit::AuditEvent {
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action: "route_held",
+        handover_id: Some(d.handover_id),
+        delivery_id: Some(d.id),
+        patient_key: Some(d.patient_key.clone()),
+        outcome: format!(
+            "ok: held in {} until {to} served the release area",
+            d.mailbox
+        ),
+    }
+}
+
 /// Whether `mailbox` is a holding mailbox (its deliveries are parked).
 pub fn is_parked_mailbox(mailbox: &str) -> bool {
     [

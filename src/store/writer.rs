@@ -465,7 +465,7 @@ impl Writer {
             Job::Pull { .. } | Job::Ack { .. } | Job::Nack { .. } | Job::Track { .. } => {
                 self.apply_delivery_job(staged, job, now, woken)
             }
-            Job::Claim { .. } | Job::Pds(..) | Job::PdsNotify(..) => {
+            Job::Claim { .. } | Job::RouteHeld { .. } | Job::Pds(..) | Job::PdsNotify(..) => {
                 self.apply_parked_job(staged, job, now, woken)
             }
             Job::Sweep(_)
@@ -562,6 +562,17 @@ impl Writer {
                 let r = self.claim(staged, &actor, &claim_keys, &to, now);
                 if matches!(&r, Ok(v) if !v.is_empty()) {
                     woken.insert(to);
+                }
+                Answer::new(reply, r)
+            }
+            Job::RouteHeld {
+                actor,
+                moves,
+                reply,
+            } => {
+                let r = self.route_held(staged, &actor, &moves, now);
+                if let Ok(routed) = &r {
+                    woken.extend(routed.iter().map(|d| d.mailbox.clone()));
                 }
                 Answer::new(reply, r)
             }
@@ -1158,6 +1169,39 @@ impl Writer {
         Ok(claimed)
     }
 
+    /// See [`super::SledStore::route_held`].
+    fn route_held(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        moves: &[(u64, String)],
+        now: i64,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let mut routed = Vec::new();
+        for (id, to) in moves {
+            let id = *id;
+            let Some(mut d) =
+                staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(id))?
+            else {
+                continue;
+            };
+            if d.state != DeliveryState::Parked || !records::is_held_treatment_mailbox(&d.mailbox) {
+                continue;
+            }
+            staged.del(TreeId::Pending, records::mailbox_key(&d.mailbox, id));
+            self.schedule.remove(id);
+            let event = records::route_held_event(actor, &d, to);
+            d.mailbox.clone_from(to);
+            d.state = DeliveryState::Queued;
+            staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
+            staged.put(TreeId::Pending, records::mailbox_key(to, id), Vec::new());
+            self.schedule.insert(id, live_of(&d));
+            self.audit(staged, event, now);
+            routed.push(d);
+        }
+        Ok(routed)
+    }
+
     fn redrive(
         &mut self,
         staged: &mut Staged<'_>,
@@ -1362,7 +1406,7 @@ fn refuse(job: Job) -> Answer {
         Job::Sweep(reply) => Answer::new(reply, Err(e())),
         Job::Retention(reply) => Answer::new(reply, Err(e())),
         Job::RetentionStats(reply) => Answer::new(reply, Err(e())),
-        Job::Claim { reply, .. } => Answer::new(reply, Err(e())),
+        Job::Claim { reply, .. } | Job::RouteHeld { reply, .. } => Answer::new(reply, Err(e())),
         Job::Pds(_, reply) => Answer::new(reply, Err(e())),
         Job::PdsNotify(_, reply) => Answer::new(reply, Err(e())),
         Job::Redrive { reply, .. } => Answer::new(reply, Err(e())),

@@ -19,6 +19,7 @@ use throughcare::store::Clock;
 use tonic::transport::Channel;
 
 type Handover = pb::handover_service_client::HandoverServiceClient<Channel>;
+type Operator = pb::operator_service_client::OperatorServiceClient<Channel>;
 
 /// The last OST dose given in prison: two hours before the manual clock's start.
 const LAST_DOSE_MS: i64 = T0 - 2 * 3_600_000;
@@ -316,9 +317,13 @@ async fn no_service_for_the_release_area_parks_the_copy_visibly() {
     assert_eq!(t.deliveries[0].destination, "YG002");
     assert_eq!(t.deliveries[2].destination, "@parked-substance-misuse");
     assert_eq!(t.deliveries[3].destination, "@parked-mental-health");
-    // The way out: the registry gains the services, the prison resubmits,
-    // and the correction retires the held copies.
+    // The way out: the registry gains the services, which take the held
+    // copies at once (a_held_copy_goes_to_the_service_registered_for_its_area);
+    // a correction from the prison then supersedes them there.
     register_services(&gw).await;
+    let t = track_message(&mut prison, "nowhere").await;
+    assert_eq!(t.deliveries[2].destination, "YS001");
+    assert_eq!(t.deliveries[3].destination, "YM001");
     let r = prison
         .submit(release_of("nowhere-again", &s, &[]))
         .await
@@ -721,4 +726,190 @@ async fn commissioners_get_continuity_as_csv_and_json_from_the_command_line() {
     assert_eq!(row["ost_before_next_dose"]["denominator"], 0);
     assert_eq!(row["parked_over_3_days"]["numerator"], 0);
     gw.stop().await;
+}
+
+/// Registers (or replaces) one treatment service.
+async fn put_service(
+    gw: &TestGateway,
+    code: &str,
+    kind: pb::OrganisationKind,
+    region: &str,
+    active: bool,
+) {
+    gw.operator()
+        .await
+        .put_organisation(pb::PutOrganisationRequest {
+            organisation: Some(pb::Organisation {
+                ods_code: code.into(),
+                kind: kind.into(),
+                name: format!("{code} (invented)"),
+                format: pb::DocumentFormat::Native.into(),
+                region: region.into(),
+                mesh_mailbox: String::new(),
+                active,
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_held_copy_goes_to_the_service_registered_for_its_area() {
+    a_held_copy_goes_to_the_service_registered_for_its_area_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_held_copy_goes_to_the_service_registered_for_its_area_on_postgres() {
+    a_held_copy_goes_to_the_service_registered_for_its_area_on(Engine::Postgres).await;
+}
+
+async fn a_held_copy_goes_to_the_service_registered_for_its_area_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let s = ost_and_care_plan(6, ConsentDecision::Given);
+    let r = prison
+        .submit(release_of("held", &s, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        destinations(&r),
+        [
+            "YG001",
+            "YPR01",
+            "@parked-substance-misuse",
+            "@parked-mental-health"
+        ]
+    );
+    let dose_due = due_ms(&r, "@parked-substance-misuse");
+    let mut op = gw.operator().await;
+    held_copies_are_listed_with_the_parked(&mut op).await;
+
+    // A service in another region, or a disabled one, changes nothing.
+    put_service(
+        &gw,
+        "YS002",
+        pb::OrganisationKind::SubstanceMisuseService,
+        "south",
+        true,
+    )
+    .await;
+    put_service(
+        &gw,
+        "YS001",
+        pb::OrganisationKind::SubstanceMisuseService,
+        "north",
+        false,
+    )
+    .await;
+    let t = track_message(&mut prison, "held").await;
+    assert_eq!(t.deliveries[2].destination, "@parked-substance-misuse");
+    assert_eq!(t.deliveries[2].state(), pb::DeliveryState::Parked);
+
+    // Enabled for the release area: the OST copy goes there at once, its
+    // next-dose deadline unchanged; the mental health copy stays held.
+    gw.operator()
+        .await
+        .set_organisation_active(pb::SetOrganisationActiveRequest {
+            ods_code: "YS001".into(),
+            active: true,
+        })
+        .await
+        .unwrap();
+    let t = track_message(&mut prison, "held").await;
+    assert_eq!(t.deliveries[2].destination, "YS001");
+    assert_eq!(t.deliveries[2].state(), pb::DeliveryState::Queued);
+    assert_eq!(t.deliveries[3].destination, "@parked-mental-health");
+    let mut sms = client_for(&gw, "YS001").await;
+    let got = pull_and_ack(&mut sms).await;
+    assert_eq!(got.len(), 1);
+    let d = &got[0];
+    let due = d.due_at.as_ref().unwrap();
+    assert_eq!(
+        due.seconds * 1_000 + i64::from(due.nanos) / 1_000_000,
+        dose_due
+    );
+    assert!(d.urgent);
+    let view = native(d);
+    assert_eq!(view.medications.len(), 1);
+    assert!(view.medications[0].opioid_substitution);
+    assert!(
+        view.mental_health.is_none(),
+        "the substance misuse service's view"
+    );
+
+    // The mental health team follows when it is registered.
+    put_service(
+        &gw,
+        "YM001",
+        pb::OrganisationKind::MentalHealthTeam,
+        "north",
+        true,
+    )
+    .await;
+    let mut mht = client_for(&gw, "YM001").await;
+    assert_eq!(pull_and_ack(&mut mht).await.len(), 1);
+    let parked = op
+        .list_parked(pb::ListParkedRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert!(parked.is_empty(), "{parked:?}");
+
+    moves_are_audited_as_the_operator(&mut op, r.handover_id).await;
+    gw.stop().await;
+}
+
+/// Operators see both held copies among the parked, by holding mailbox,
+/// and a listing paged one at a time crosses holding mailboxes.
+async fn held_copies_are_listed_with_the_parked(op: &mut Operator) {
+    // Operators see both held copies among the parked, by holding mailbox.
+    let parked = op
+        .list_parked(pb::ListParkedRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    let held: Vec<&str> = parked.iter().map(|d| d.mailbox.as_str()).collect();
+    assert_eq!(held, ["@parked-mental-health", "@parked-substance-misuse"]);
+    // Paged one at a time, the listing crosses holding mailboxes.
+    let first = op
+        .list_parked(pb::ListParkedRequest {
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let second = op
+        .list_parked(pb::ListParkedRequest {
+            page_size: 1,
+            page_token: first.next_page_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.deliveries[0].mailbox, "@parked-mental-health");
+    assert_eq!(second.deliveries[0].mailbox, "@parked-substance-misuse");
+}
+
+/// Each move of `handover`'s held copies is in the audit trail, by the
+/// operator whose registry change caused it.
+async fn moves_are_audited_as_the_operator(op: &mut Operator, handover: u64) {
+    let trail = op
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::HandoverId(handover)),
+            reason: "checking held copies were routed (invented case)".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let routed: Vec<_> = trail.iter().filter(|e| e.action == "route_held").collect();
+    assert_eq!(routed.len(), 2, "{trail:?}");
+    assert!(routed.iter().all(|e| e.actor.starts_with("urn:operator:")));
 }

@@ -214,6 +214,26 @@ impl PgStore {
         .await
     }
 
+    /// Routes held treatment copies on (see `SledStore::route_held`).
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn route_held(
+        &self,
+        actor: &str,
+        moves: Vec<(u64, String)>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let actor = actor.to_owned();
+        self.run(move |s| async move {
+            in_tx!(s, |tx, _now, audit| route_held(
+                &tx, &actor, &moves, &mut audit
+            )
+            .await
+            .map(Ok))
+        })
+        .await
+    }
+
     /// Puts quarantined deliveries back in their place.
     ///
     /// # Errors
@@ -756,6 +776,35 @@ async fn claim(
         sql::notify(tx, &[to.to_owned()]).await?;
     }
     Ok(claimed)
+}
+
+async fn route_held(
+    tx: &Transaction<'_>,
+    actor: &str,
+    moves: &[(u64, String)],
+    audit: &mut Vec<AuditEvent>,
+) -> Result<Vec<DeliveryRecord>, StoreError> {
+    // Locked in ascending id order, as every multi-row lock here.
+    let mut order: Vec<&(u64, String)> = moves.iter().collect();
+    order.sort_unstable_by_key(|(did, _)| *did);
+    order.dedup_by_key(|(did, _)| *did);
+    let mut routed = Vec::new();
+    for (did, to) in order {
+        let Some(mut d) = sql::delivery_for_update(tx, *did).await? else {
+            continue;
+        };
+        if d.state != DeliveryState::Parked || !records::is_held_treatment_mailbox(&d.mailbox) {
+            continue;
+        }
+        audit.push(records::route_held_event(actor, &d, to));
+        d.mailbox.clone_from(to);
+        d.state = DeliveryState::Queued;
+        sql::put_delivery(tx, &d).await?;
+        routed.push(d);
+    }
+    let woken: Vec<String> = routed.iter().map(|d| d.mailbox.clone()).collect();
+    sql::notify(tx, &woken).await?;
+    Ok(routed)
 }
 
 async fn redrive(

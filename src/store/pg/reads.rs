@@ -10,7 +10,7 @@ use super::PgStore;
 use super::sql::{self, LIVE, db, id};
 use crate::audit::{AuditEntry, hex};
 use crate::journey::JourneyEvent;
-use crate::store::records::{self, IdentityConflict, PARKED_MAILBOX, PatientRecord};
+use crate::store::records::{self, IdentityConflict, PatientRecord};
 use crate::store::{DeliveryRecord, HandoverRecord, MailboxStats, StoreError};
 
 /// Handovers read per page by the continuity scan.
@@ -161,10 +161,11 @@ impl PgStore {
     /// Database failures.
     pub fn parked_page(
         &self,
+        mailbox: &str,
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
-        self.page("parked", Some(PARKED_MAILBOX), after, limit)
+        self.page("parked", Some(mailbox), after, limit)
     }
 
     /// Every patient key an identifier stands for.

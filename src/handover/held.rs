@@ -1,0 +1,95 @@
+//! Treatment copies held for want of a service, routed on once one serves
+//! the release area (docs/journey.md, Treatment services).
+//!
+//! A release on opioid substitution therapy, or with an active care
+//! programme approach or suicide or self-harm risk, has a copy for the
+//! substance misuse service or the mental health team of the release area.
+//! With none registered there, the copy is held in
+//! `@parked-substance-misuse` or `@parked-mental-health`. The next dose will
+//! not wait for the prison to resubmit: after every registry change (and at
+//! start-up, for changes made while the gateway was stopped) each held copy
+//! whose release area now has an active service of the kind goes to it, by
+//! the same rule routing used at submit.
+
+use crate::journey::{OrgKind, area_service};
+use crate::store::{
+    DeliveryRecord, PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX, StoreError,
+};
+
+use super::Gateway;
+
+/// Each treatment service kind and the mailbox its copies wait in.
+pub(crate) const HELD: [(OrgKind, &str); 2] = [
+    (
+        OrgKind::SubstanceMisuseService,
+        PARKED_SUBSTANCE_MISUSE_MAILBOX,
+    ),
+    (OrgKind::MentalHealthTeam, PARKED_MENTAL_HEALTH_MAILBOX),
+];
+
+/// Who routes held copies on outside an operator's registry change.
+pub const ROUTING_ACTOR: &str = "service:routing";
+
+/// Held copies read per page.
+const PAGE: usize = 500;
+
+impl Gateway {
+    /// Routes every held treatment copy whose release area has an active
+    /// service of its kind to that service (audited per copy as `actor`'s
+    /// `route_held`); returns the copies routed. Copies whose area still has
+    /// none stay held.
+    ///
+    /// # Errors
+    /// Store failures; nothing is half moved (each batch is one commit).
+    pub async fn route_held_copies(&self, actor: &str) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let mut routed = Vec::new();
+        for (kind, mailbox) in HELD {
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = self.store.parked_page(mailbox, after.as_deref(), PAGE)?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                let full = page.len() == PAGE;
+                let moves = self.moves(kind, page.into_iter().map(|(_, d)| d))?;
+                if !moves.is_empty() {
+                    routed.extend(self.store.route_held(actor, moves).await?);
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        if !routed.is_empty() {
+            tracing::info!(
+                count = routed.len(),
+                "held treatment copies routed to the service now registered for their area"
+            );
+        }
+        Ok(routed)
+    }
+
+    /// (delivery id, service) for each of `held` whose releasing prison's
+    /// region now has an active service of `kind`.
+    fn moves(
+        &self,
+        kind: OrgKind,
+        held: impl Iterator<Item = DeliveryRecord>,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let registry = self.registry.read();
+        let mut moves = Vec::new();
+        for d in held {
+            let Some(handover) = self.store.handover(d.handover_id)? else {
+                continue;
+            };
+            let prison = handover
+                .sender
+                .parse()
+                .ok()
+                .and_then(|code| registry.get(&code));
+            if let Some(service) = prison.and_then(|p| area_service(&registry, p, kind)) {
+                moves.push((d.id, service.ods.as_str().to_owned()));
+            }
+        }
+        Ok(moves)
+    }
+}
