@@ -155,6 +155,20 @@ fn expect(answer: Answer, wanted: &[u16]) -> Result<Answer, MeshError> {
     Err(MeshError::Status(answer.status, said))
 }
 
+/// `mex-ClientVersion`: this gateway and its version.
+fn client_version() -> String {
+    format!("throughcare=={}", env!("CARGO_PKG_VERSION"))
+}
+
+/// `mex-OSVersion`: the kernel's release, as far as it can be read.
+fn os_version() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|v| v.trim().to_owned())
+        .ok()
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 impl MeshClient {
     /// A client of `credentials`' mailbox at `base_url`.
     pub fn new(
@@ -221,6 +235,26 @@ impl MeshClient {
             .body(Full::new(body))
             .map_err(|_| MeshError::Invalid("a MESH request does not build".into()))?;
         Ok(self.transport.send(request).await?)
+    }
+
+    /// Validates the mailbox ("handshake", MESH API v2): checks that MESH
+    /// is reachable and accepts our certificate and credentials, and tells
+    /// MESH which client and platform call it. MESH asks a client to call it
+    /// at least once every 24 hours.
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals (403: authentication failed).
+    pub async fn handshake(&self) -> Result<(), MeshError> {
+        let b = self
+            .request(http::Method::POST, "", Bytes::new())?
+            .header(http::header::USER_AGENT, client_version())
+            .header("mex-ClientVersion", client_version())
+            .header("mex-OSName", std::env::consts::OS)
+            .header("mex-OSVersion", os_version())
+            .header("mex-OSArchitecture", std::env::consts::ARCH)
+            .header("mex-JavaVersion", "N/A");
+        expect(self.exchange(b, Bytes::new()).await?, &[200])?;
+        Ok(())
     }
 
     /// Sends `msg`, in chunks of at most the configured size; the MESH

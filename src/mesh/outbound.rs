@@ -56,6 +56,10 @@ impl Pacing {
     }
 }
 
+/// How often the mailbox is validated (MESH's handshake): MESH asks for
+/// once every 24 hours; it is also the first call after a failed round.
+pub const HANDSHAKE_EVERY: Duration = Duration::from_secs(24 * 3_600);
+
 /// A leased delivery MESH could not take yet, retried within its lease.
 struct Held {
     org: Organisation,
@@ -69,6 +73,8 @@ pub struct MeshEdge {
     pub(super) metrics: Arc<Metrics>,
     pub(super) pacing: Pacing,
     held: Vec<Held>,
+    /// When the last handshake succeeded (none yet, or since a failure).
+    handshake_at: Option<tokio::time::Instant>,
 }
 
 fn gateway_error(e: &crate::handover::Error) -> MeshError {
@@ -109,6 +115,7 @@ impl MeshEdge {
             metrics,
             pacing,
             held: Vec::new(),
+            handshake_at: None,
         }
     }
 
@@ -129,6 +136,7 @@ impl MeshEdge {
                 }
                 Err(e) => {
                     self.metrics.set_mesh_reachable(false);
+                    self.handshake_at = None;
                     tracing::warn!(error = %e, wait_ms = backoff.as_millis() as u64, "MESH round failed; retrying");
                     let wait = backoff;
                     backoff = (backoff * 2).min(self.pacing.max_backoff);
@@ -143,9 +151,20 @@ impl MeshEdge {
         tracing::info!("MESH edge stopped");
     }
 
-    /// One round: retry what MESH could not take, ask MESH it is there
+    /// One round: validate the mailbox when due, retry what MESH could not take, ask MESH it is there
     /// (the inbox), send what waits, track what was sent, read the inbox.
     async fn round(&mut self) -> Result<(), MeshError> {
+        if self
+            .handshake_at
+            .is_none_or(|at| at.elapsed() >= HANDSHAKE_EVERY)
+        {
+            self.client.handshake().await?;
+            self.handshake_at = Some(tokio::time::Instant::now());
+            tracing::info!(
+                mailbox = self.client.mailbox(),
+                "MESH mailbox validated (handshake)"
+            );
+        }
         self.retry_held().await?;
         // Reachability first: nothing is leased while MESH is down.
         let inbox = self.client.inbox(self.pacing.batch).await?;

@@ -221,6 +221,42 @@ async fn delivery_of(gw: &TestGateway, message_id: &str) -> pb::DeliveryStatus {
     track_message(&mut prison, message_id).await.deliveries[0].clone()
 }
 
+/// The sandbox's log lines about its handshake route (`begin` and `end`).
+fn handshake_lines(sandbox: &Sandbox) -> Vec<String> {
+    std::fs::read_to_string(sandbox.dir.path().join("sandbox.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" handshake "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_the_gateway_validates_its_mailbox_with_a_handshake_mesh_accepts() {
+    let sandbox = Sandbox::start();
+    let gw = gateway_with(&sandbox).await;
+    // MESH's own route decides: every header it requires (mex-ClientVersion,
+    // mex-OSName, mex-OSVersion) present, our credentials accepted.
+    let done = eventually(20, "the sandbox to answer a handshake", || async {
+        handshake_lines(&sandbox)
+            .into_iter()
+            .find(|l| l.contains("end handshake"))
+    })
+    .await;
+    assert!(
+        done.contains(&format!("/messageexchange/{GATEWAY_MB} 200 ")),
+        "{done}"
+    );
+    // Once a day, not every round: rounds run every 150 ms here.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let ends = handshake_lines(&sandbox)
+        .iter()
+        .filter(|l| l.contains("end handshake"))
+        .count();
+    assert_eq!(ends, 1, "{:?}", handshake_lines(&sandbox));
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_delivers_a_release_in_chunks_and_marks_it_delivered_on_the_recipients_ack() {
     let sandbox = Sandbox::start();
