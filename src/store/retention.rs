@@ -579,6 +579,8 @@ impl Writer {
         self.shred(staged, handover_id, now)?;
         for d in &h.deliveries {
             staged.del(TreeId::Deliveries, records::be(*d).to_vec());
+            // What the MESH edge did with it goes with it (ids and states).
+            staged.del(TreeId::Mesh, records::be(*d).to_vec());
         }
         let dedupe = records::dedupe_key(&h.sender, &h.message_id);
         if staged
