@@ -601,9 +601,31 @@ impl Prepared {
             self.spawn_continuity(continuity),
             self.spawn_held_routing(),
         ];
+        if self.gateway.store.engine() == crate::store::EngineKind::Postgres {
+            tasks.push(self.spawn_registry_refresh());
+        }
         tasks.extend(self.spawn_pds());
         tasks.extend(self.spawn_mesh());
         tasks
+    }
+
+    /// Reads the registry again every [`crate::handover::registry_refresh::REFRESH`]
+    /// (several nodes on PostgreSQL: a change made through another node),
+    /// until shutdown.
+    fn spawn_registry_refresh(&self) -> tokio::task::JoinHandle<()> {
+        let gateway = self.gateway.clone();
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(crate::handover::registry_refresh::REFRESH) => {}
+                    _ = stop.changed() => break,
+                }
+                if let Err(e) = gateway.refresh_registry().await {
+                    tracing::error!(error = %e, "reading the registry again failed");
+                }
+            }
+        })
     }
 
     /// Routes held treatment copies on at start (a registry changed while

@@ -26,6 +26,7 @@ pub mod free_text;
 mod held;
 mod operator;
 pub mod page;
+pub mod registry_refresh;
 mod submit;
 
 use std::sync::Arc;

@@ -913,3 +913,89 @@ async fn moves_are_audited_as_the_operator(op: &mut Operator, handover: u64) {
     assert_eq!(routed.len(), 2, "{trail:?}");
     assert!(routed.iter().all(|e| e.actor.starts_with("urn:operator:")));
 }
+
+/// Waits (at most 20 s) until `check` holds.
+async fn within_seconds(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_change_through_one_node_reaches_the_other_on_postgres() {
+    let Some(a) = TestGateway::on(Engine::Postgres).await else {
+        return;
+    };
+    // A second node: the same database and key files, its own listeners.
+    let b = TestGateway::start_in(
+        tempfile::tempdir().unwrap(),
+        a.config.clone(),
+        std::sync::Arc::new(throughcare::store::SystemClock),
+    )
+    .await;
+    // Released through B with no service for the area: held.
+    let mut prison = b.client("YP001").await;
+    let s = ost_and_care_plan(7, ConsentDecision::Given);
+    let r = prison
+        .submit(release_of("two-nodes", &s, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&r).contains(&"@parked-substance-misuse"));
+    // Registered through A: B lets the service in and serves it the copy.
+    put_service(
+        &a,
+        "YS001",
+        pb::OrganisationKind::SubstanceMisuseService,
+        "north",
+        true,
+    )
+    .await;
+    let issued = b.ca().issue_client_now("urn:ods:YS001").unwrap();
+    let connect = async || {
+        b.client_with(
+            &b.ca_pem(),
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+        )
+        .await
+        .unwrap()
+    };
+    // Asked without leasing anything: Track of a message it never sent.
+    let known = async || {
+        connect()
+            .await
+            .track(pb::TrackRequest {
+                handover: Some(pb::track_request::Handover::MessageId("none".into())),
+            })
+            .await
+            .unwrap_err()
+            .code()
+    };
+    within_seconds("B to know YS001", async || {
+        known().await == tonic::Code::NotFound
+    })
+    .await;
+    let t = track_message(&mut prison, "two-nodes").await;
+    assert_eq!(t.deliveries[2].destination, "YS001");
+    assert_eq!(pull_and_ack(&mut connect().await).await.len(), 1);
+    // Disabled through A: B refuses it too.
+    a.operator()
+        .await
+        .set_organisation_active(pb::SetOrganisationActiveRequest {
+            ods_code: "YS001".into(),
+            active: false,
+        })
+        .await
+        .unwrap();
+    within_seconds("B to refuse the disabled YS001", async || {
+        known().await == tonic::Code::PermissionDenied
+    })
+    .await;
+    b.stop().await;
+    a.stop().await;
+}
