@@ -117,26 +117,71 @@ impl ClaimGuard {
             counters: Mutex::default(),
             metrics,
         };
-        let recent = store.audit_since(FAILURE_ACTION, now_ms.saturating_sub(limits.window_ms))?;
-        {
-            let mut c = guard.lock();
-            // Newest first from the store; counters keep oldest first.
-            for entry in recent.iter().rev() {
-                let Some(patient) = &entry.patient_key else {
-                    continue;
-                };
-                for scope in scopes(&entry.actor, patient) {
-                    c.failures.entry(scope).or_default().push_back(entry.at_ms);
-                }
-            }
-        }
-        if !recent.is_empty() {
+        let restored = guard.read_failures(store, now_ms)?;
+        if restored > 0 {
             tracing::info!(
-                failures = recent.len(),
+                failures = restored,
                 "failed claims of the last window restored from the audit trail"
             );
         }
         Ok(guard)
+    }
+
+    /// Takes the failures the audit trail holds for the window ending at
+    /// `now_ms` into the counters, each counter keeping the longer of its
+    /// own and the trail's (claims in flight are kept); returns how many
+    /// failures the trail holds.
+    ///
+    /// On PostgreSQL every node's failures are in the one audit trail, and
+    /// the claim path calls this before each admission
+    /// ([`Self::admit_shared`]), so a practice cannot multiply its tries by
+    /// spreading them over nodes.
+    ///
+    /// # Errors
+    /// Store failures.
+    fn read_failures(&self, store: &Store, now_ms: i64) -> Result<usize, StoreError> {
+        let recent =
+            store.audit_since(FAILURE_ACTION, now_ms.saturating_sub(self.limits.window_ms))?;
+        let mut failures: HashMap<Scope, VecDeque<i64>> = HashMap::new();
+        // Newest first from the store; counters keep oldest first.
+        for entry in recent.iter().rev() {
+            let Some(patient) = &entry.patient_key else {
+                continue;
+            };
+            for scope in scopes(&entry.actor, patient) {
+                failures.entry(scope).or_default().push_back(entry.at_ms);
+            }
+        }
+        // Per counter, the longer of the two: this node's newest failure
+        // may not be in the trail yet (it is written just after counting).
+        let mut c = self.lock();
+        for (scope, from_trail) in failures {
+            let mine = c.failures.entry(scope).or_default();
+            if from_trail.len() > mine.len() {
+                *mine = from_trail;
+            }
+        }
+        Ok(recent.len())
+    }
+
+    /// [`Self::admit`], after reading every node's failures from `store`
+    /// when it is shared by several nodes (PostgreSQL); on sled this node
+    /// is the only one and its counters are already whole.
+    ///
+    /// # Errors
+    /// [`Locked`] as [`Self::admit`]; store failures (the claim is then
+    /// refused: the limit cannot be checked).
+    pub fn admit_shared(
+        &self,
+        store: &Store,
+        practice: &str,
+        patient: &str,
+        now_ms: i64,
+    ) -> Result<Result<Ticket<'_>, Locked>, StoreError> {
+        if store.engine() == crate::store::EngineKind::Postgres {
+            self.read_failures(store, now_ms)?;
+        }
+        Ok(self.admit(practice, patient, now_ms))
     }
 
     /// The window the counters span, whole hours.

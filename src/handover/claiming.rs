@@ -65,7 +65,7 @@ impl Gateway {
             .key(patient.nhs_number.as_ref(), patient.prison_number.as_ref());
         let ticket = self
             .claims
-            .admit(&actor, &patient_key, now)
+            .admit_shared(&self.store, &actor, &patient_key, now)?
             .map_err(|locked| {
                 tracing::warn!(
                     alert = "claims_locked",

@@ -297,3 +297,32 @@ async fn against_the_binary_the_lock_survives_kill_9() {
     let claimed = other.claim(claim(44, DOB, None)).await.unwrap();
     assert_eq!(claimed.into_inner().claimed.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_claims_count_across_nodes_on_postgres() {
+    let Some(a) = TestGateway::on(Engine::Postgres).await else {
+        return;
+    };
+    // A second node on the same database and key files.
+    let b = TestGateway::start_in(
+        tempfile::tempdir().unwrap(),
+        a.config.clone(),
+        Arc::new(SystemClock),
+    )
+    .await;
+    park(&a, 47).await;
+    let (mut on_a, mut on_b) = (a.client("YG001").await, b.client("YG001").await);
+    // Five wrong dates of birth, spread over the two nodes.
+    for i in 0..5 {
+        let node = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        let err = node.claim(claim(47, &guess(i), None)).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "try {i}: {err:?}");
+    }
+    // The pair is locked on both, as if every try had gone to one node.
+    for node in [&mut on_a, &mut on_b] {
+        let locked = node.claim(claim(47, DOB, None)).await.unwrap_err();
+        assert_eq!(locked.code(), Code::ResourceExhausted, "{locked:?}");
+    }
+    b.stop().await;
+    a.stop().await;
+}
