@@ -1,6 +1,6 @@
 //! One patient across identifiers, and corrections that retire every stale
 //! copy, end to end over real mutual TLS (issue 9's three cases and the
-//! rules around them).
+//! rules around them), on both store engines.
 
 use crate::support;
 
@@ -52,7 +52,18 @@ fn claim(nhs_number: &str, prison_number: &str) -> pb::ClaimRequest {
 
 #[tokio::test]
 async fn a_correction_that_names_a_gp_retires_the_parked_original() {
-    let gw = TestGateway::start().await;
+    a_correction_that_names_a_gp_retires_the_parked_original_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_correction_that_names_a_gp_retires_the_parked_original_on_postgres() {
+    a_correction_that_names_a_gp_retires_the_parked_original_on(Engine::Postgres).await;
+}
+
+async fn a_correction_that_names_a_gp_retires_the_parked_original_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let release = pb::JourneyEvent::Release;
     let original = prison
@@ -114,7 +125,18 @@ async fn a_correction_that_names_a_gp_retires_the_parked_original() {
 
 #[tokio::test]
 async fn a_prison_number_and_an_nhs_number_on_one_summary_are_one_patient() {
-    let gw = TestGateway::start().await;
+    a_prison_number_and_an_nhs_number_on_one_summary_are_one_patient_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_prison_number_and_an_nhs_number_on_one_summary_are_one_patient_on_postgres() {
+    a_prison_number_and_an_nhs_number_on_one_summary_are_one_patient_on(Engine::Postgres).await;
+}
+
+async fn a_prison_number_and_an_nhs_number_on_one_summary_are_one_patient_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     // Admission with only the prison number (GP known); release later with
     // both numbers, urgent (opioid substitution), to the same practice.
@@ -180,7 +202,18 @@ async fn a_prison_number_and_an_nhs_number_on_one_summary_are_one_patient() {
 
 #[tokio::test]
 async fn a_correction_that_adds_the_nhs_number_supersedes_the_parked_original() {
-    let gw = TestGateway::start().await;
+    a_correction_that_adds_the_nhs_number_supersedes_the_parked_original_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_correction_that_adds_the_nhs_number_supersedes_the_parked_original_on_postgres() {
+    a_correction_that_adds_the_nhs_number_supersedes_the_parked_original_on(Engine::Postgres).await;
+}
+
+async fn a_correction_that_adds_the_nhs_number_supersedes_the_parked_original_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let release = pb::JourneyEvent::Release;
     prison
@@ -224,7 +257,18 @@ async fn a_correction_that_adds_the_nhs_number_supersedes_the_parked_original() 
 
 #[tokio::test]
 async fn claims_find_a_patients_parked_releases_by_either_identifier() {
-    let gw = TestGateway::start().await;
+    claims_find_a_patients_parked_releases_by_either_identifier_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn claims_find_a_patients_parked_releases_by_either_identifier_on_postgres() {
+    claims_find_a_patients_parked_releases_by_either_identifier_on(Engine::Postgres).await;
+}
+
+async fn claims_find_a_patients_parked_releases_by_either_identifier_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     // YP001 parks a release known only by NHS number; YP002 later admits the
     // same person with both numbers, linking them.
     let mut first = gw.client("YP001").await;
@@ -269,7 +313,18 @@ async fn claims_find_a_patients_parked_releases_by_either_identifier() {
 
 #[tokio::test]
 async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown() {
-    let gw = TestGateway::start().await;
+    a_prison_number_linked_to_another_nhs_number_is_refused_and_shown_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown_on_postgres() {
+    a_prison_number_linked_to_another_nhs_number_is_refused_and_shown_on(Engine::Postgres).await;
+}
+
+async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let release = pb::JourneyEvent::Release;
     prison
@@ -332,7 +387,18 @@ async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown() {
 
 #[tokio::test]
 async fn a_leased_copy_stays_with_its_recipient_and_is_never_offered_again() {
-    let gw = TestGateway::start().await;
+    a_leased_copy_stays_with_its_recipient_and_is_never_offered_again_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_leased_copy_stays_with_its_recipient_and_is_never_offered_again_on_postgres() {
+    a_leased_copy_stays_with_its_recipient_and_is_never_offered_again_on(Engine::Postgres).await;
+}
+
+async fn a_leased_copy_stays_with_its_recipient_and_is_never_offered_again_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
     let mut prison = gw.client("YP001").await;
     let release = pb::JourneyEvent::Release;
     let original = prison

@@ -23,6 +23,7 @@
 //! thread, inside a runtime or not.
 
 mod connect;
+mod identity;
 mod queue;
 mod reads;
 mod sql;

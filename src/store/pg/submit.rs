@@ -37,7 +37,7 @@ pub(super) async fn submit(
         let original: HandoverRecord = row.get::<_, Json<HandoverRecord>>(0).0;
         return repeat(tx, h, original, &content, audit).await;
     }
-    let patient_key = match resolve_patient(tx, &h.patient).await? {
+    let patient_key = match resolve_patient(tx, &h.patient, now, audit).await? {
         Ok(key) => key,
         Err(field) => {
             record_conflict(tx, h, field, now, audit).await?;
@@ -215,6 +215,8 @@ async fn store_payload(
 async fn resolve_patient(
     tx: &Transaction<'_>,
     ids: &PatientIds,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
 ) -> Result<Result<String, &'static str>, StoreError> {
     let Some(first) = ids.first_key() else {
         return Ok(Ok("unidentified".to_owned()));
@@ -239,7 +241,11 @@ async fn resolve_patient(
         && a != b
         && is_known(tx, b).await?
     {
-        return Ok(Err("patient.prison_number"));
+        let absorbed = patient(tx, b).await?;
+        if absorbed.nhs.is_some() && absorbed.nhs != ids.nhs {
+            return Ok(Err("patient.prison_number"));
+        }
+        super::identity::merge(tx, &mut record, (a, b), absorbed, now, audit).await?;
     }
     if ids.nhs.is_some() && ids.prison.is_some() {
         record.nhs.clone_from(&ids.nhs);
@@ -253,13 +259,7 @@ async fn resolve_patient(
             .await
             .map_err(db)?;
         }
-        tx.execute(
-            "INSERT INTO patients (patient_key, record) VALUES ($1, $2) \
-             ON CONFLICT (patient_key) DO UPDATE SET record = EXCLUDED.record",
-            &[&key, &Json(&record)],
-        )
-        .await
-        .map_err(db)?;
+        super::identity::put_patient(tx, &key, &record).await?;
     }
     Ok(Ok(key))
 }
@@ -344,18 +344,18 @@ async fn record_conflict(
 }
 
 /// The handover a submit is creating, as supersession needs it.
-struct Newer<'a> {
-    actor: &'a str,
-    sender: &'a str,
-    event: crate::journey::JourneyEvent,
-    patient_key: &'a str,
-    handover_id: u64,
-    deliveries: &'a [(String, u64)],
+pub(super) struct Newer<'a> {
+    pub actor: &'a str,
+    pub sender: &'a str,
+    pub event: crate::journey::JourneyEvent,
+    pub patient_key: &'a str,
+    pub handover_id: u64,
+    pub deliveries: &'a [(String, u64)],
 }
 
 /// Retires every undelivered copy of older handovers from the same sender
 /// for the same patient and event (docs/journey.md, supersession).
-async fn supersede_older(
+pub(super) async fn supersede_older(
     tx: &Transaction<'_>,
     newer: &Newer<'_>,
     now: i64,

@@ -1,0 +1,175 @@
+//! Two patients found to be one, on PostgreSQL: the same merge as the sled
+//! engine's (`src/store/identity.rs`). A submit carrying both an NHS number
+//! and a prison number that resolve to two patients, the prison number's
+//! already known (a record, live or quarantined deliveries, or lineage),
+//! merges it into the NHS number's patient in the submit's transaction:
+//! identifiers re-linked, live and quarantined deliveries re-keyed (per-
+//! patient order and supersession then see one patient), lineage moved
+//! (where both have a handover from the same sender for the same event,
+//! the later supersedes the earlier's undelivered copies), the absorbed key
+//! kept as an alias, audited as `identity_link`.
+
+use tokio_postgres::Transaction;
+use tokio_postgres::types::Json;
+
+use super::sql::{self, db, id};
+use super::submit::{Newer, supersede_older};
+use crate::audit::AuditEvent;
+use crate::journey::JourneyEvent;
+use crate::store::records::PatientRecord;
+use crate::store::{HandoverRecord, StoreError};
+
+/// Who a merge acts as in the audit trail (as on sled).
+const IDENTITY_ACTOR: &str = "urn:gateway:identity";
+
+/// Merges patient `b` into `a` (`into` is `a`'s record, written by the
+/// caller); `b` stays as an alias of `a`.
+pub(super) async fn merge(
+    tx: &Transaction<'_>,
+    into: &mut PatientRecord,
+    (a, b): (&str, &str),
+    absorbed: PatientRecord,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    for identifier in absorbed.nhs.iter().chain(&absorbed.prison) {
+        tx.execute(
+            "INSERT INTO identities (identifier, patient_key) VALUES ($1, $2) \
+             ON CONFLICT (identifier) DO UPDATE SET patient_key = EXCLUDED.patient_key",
+            &[identifier, &a],
+        )
+        .await
+        .map_err(db)?;
+    }
+    into.nhs = into.nhs.take().or(absorbed.nhs.clone());
+    into.prison = into.prison.take().or(absorbed.prison.clone());
+    into.aliases.push(b.to_owned());
+    into.aliases.extend(absorbed.aliases.iter().cloned());
+    let retired = PatientRecord {
+        merged_into: Some(a.to_owned()),
+        ..absorbed
+    };
+    put_patient(tx, b, &retired).await?;
+    // Locked in ascending id order, as every multi-row lock here.
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE patient_key = $1 \
+             AND state IN ('queued', 'leased', 'parked', 'quarantined') ORDER BY id FOR UPDATE",
+            &[&b],
+        )
+        .await
+        .map_err(db)?;
+    for mut d in sql::deliveries(&rows) {
+        d.patient_key = a.to_owned();
+        sql::put_delivery(tx, &d).await?;
+    }
+    move_lineage(tx, a, b, now, audit).await?;
+    audit.push(AuditEvent {
+        actor: IDENTITY_ACTOR.into(),
+        action: "identity_link",
+        patient_key: Some(a.to_owned()),
+        outcome: format!("ok: patient {b} is the same person"),
+        ..AuditEvent::default()
+    });
+    Ok(())
+}
+
+/// Writes patient record `record` under `key`.
+pub(super) async fn put_patient(
+    tx: &Transaction<'_>,
+    key: &str,
+    record: &PatientRecord,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO patients (patient_key, record) VALUES ($1, $2) \
+         ON CONFLICT (patient_key) DO UPDATE SET record = EXCLUDED.record",
+        &[&key, &Json(record)],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Moves `b`'s lineage rows to `a`; where both had one, the later handover
+/// supersedes the earlier's undelivered copies.
+async fn move_lineage(
+    tx: &Transaction<'_>,
+    a: &str,
+    b: &str,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let theirs = tx
+        .query(
+            "DELETE FROM lineage WHERE patient_key = $1 RETURNING sender, event, handover_id",
+            &[&b],
+        )
+        .await
+        .map_err(db)?;
+    for row in theirs {
+        let (sender, event): (String, String) = (row.get(0), row.get(1));
+        let handover = sql::un_id(row.get(2));
+        let ours = tx
+            .query_opt(
+                "SELECT handover_id FROM lineage WHERE patient_key = $1 AND sender = $2 \
+                 AND event = $3",
+                &[&a, &sender, &event],
+            )
+            .await
+            .map_err(db)?
+            .map(|r| sql::un_id(r.get(0)));
+        let latest = ours.map_or(handover, |o| o.max(handover));
+        tx.execute(
+            "INSERT INTO lineage (patient_key, sender, event, handover_id) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (patient_key, sender, event) DO UPDATE SET handover_id = EXCLUDED.handover_id",
+            &[&a, &sender, &event, &id(latest)],
+        )
+        .await
+        .map_err(db)?;
+        if ours.is_some() {
+            supersede_before(tx, a, latest, now, audit).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Retires, within patient `patient_key`, the undelivered copies of
+/// everything handover `latest` supersedes.
+async fn supersede_before(
+    tx: &Transaction<'_>,
+    patient_key: &str,
+    latest: u64,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    // Removed under the retention policy: it finished long ago.
+    let Some(row) = tx
+        .query_opt("SELECT record FROM handovers WHERE id = $1", &[&id(latest)])
+        .await
+        .map_err(db)?
+    else {
+        return Ok(());
+    };
+    let handover: HandoverRecord = row.get::<_, Json<HandoverRecord>>(0).0;
+    let rows = tx
+        .query(
+            "SELECT mailbox, id FROM deliveries WHERE handover_id = $1 ORDER BY id",
+            &[&id(latest)],
+        )
+        .await
+        .map_err(db)?;
+    let deliveries: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), sql::un_id(r.get(1))))
+        .collect();
+    let event: JourneyEvent = handover.event;
+    let newer = Newer {
+        actor: IDENTITY_ACTOR,
+        sender: &handover.sender,
+        event,
+        patient_key,
+        handover_id: latest,
+        deliveries: &deliveries,
+    };
+    supersede_older(tx, &newer, now, audit).await
+}
