@@ -149,13 +149,27 @@ fn identifiers(person: u8, ids: Ids) -> Vec<String> {
     }
 }
 
-fn open(dir: &Path, clock: &ManualClock) -> Store {
+/// The store under test: sled in `dir`, or PostgreSQL database `postgres`
+/// (key files in `dir`).
+fn open(dir: &Path, clock: &ManualClock, postgres: Option<&str>) -> Store {
     let options = StoreOptions {
         max_attempts: 3,
         retry_backoff_ms: 10,
         ..StoreOptions::default()
     };
-    Store::open(dir, options, Arc::new(clock.clone())).unwrap()
+    let clock = Arc::new(clock.clone());
+    match postgres {
+        None => Store::open(dir, options, clock).unwrap(),
+        Some(url) => {
+            let pg = throughcare::store::pg::PgOptions {
+                url: url.to_owned(),
+                ca_file: None,
+                pool_size: 4,
+                require_synchronous_standby: false,
+            };
+            Store::open_postgres(&pg, options, clock, dir).unwrap()
+        }
+    }
 }
 
 async fn submit(store: &Store, world: &mut World, op: (u8, Ids, usize, usize, u8)) {
@@ -270,10 +284,10 @@ fn check_superseded(store: &Store, world: &World) {
     }
 }
 
-async fn run(ops: Vec<Op>) {
+async fn run(ops: Vec<Op>, postgres: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_000_000);
-    let mut store = open(dir.path(), &clock);
+    let mut store = open(dir.path(), &clock, postgres);
     let mut world = World::default();
     for op in ops {
         match op {
@@ -343,7 +357,7 @@ async fn run(ops: Vec<Op>) {
             Op::Restart => {
                 store.close().await.unwrap();
                 drop(store);
-                store = open(dir.path(), &clock);
+                store = open(dir.path(), &clock, postgres);
             }
         }
         check_superseded(&store, &world);
@@ -361,12 +375,35 @@ proptest! {
             .enable_all()
             .build()
             .unwrap()
-            .block_on(run(ops));
+            .block_on(run(ops, None));
+    }
+
+    #[test]
+    fn journeys_never_hand_over_a_stale_summary_on_postgres(ops in prop::collection::vec(op(), 1..70)) {
+        let Some(url) = crate::support::postgres_database("journey_model") else {
+            return Ok(());
+        };
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run(ops, Some(&url)));
     }
 }
 
 #[test]
 fn identifiers_learned_late_retire_what_the_link_reveals_as_stale() {
+    identifiers_learned_late_on(None);
+}
+
+#[test]
+fn identifiers_learned_late_retire_what_the_link_reveals_as_stale_on_postgres() {
+    if let Some(url) = crate::support::postgres_database("journey_model") {
+        identifiers_learned_late_on(Some(&url));
+    }
+}
+
+fn identifiers_learned_late_on(postgres: Option<&str>) {
     // S0 sends a release by NHS number, then (the same person) by prison
     // number: two patients to the store, both queued. An admission with both
     // numbers links them: the older release is now stale and retired.
@@ -403,7 +440,7 @@ fn identifiers_learned_late_retire_what_the_link_reveals_as_stale() {
         .enable_all()
         .build()
         .unwrap()
-        .block_on(run(ops));
+        .block_on(run(ops, postgres));
 }
 
 #[test]
