@@ -202,20 +202,20 @@ impl Store {
         either!(self.sweep().await)
     }
 
-    /// See [`SledStore::retention`]; not on PostgreSQL yet.
+    /// See [`SledStore::retention`] and [`PgStore::retention`].
     ///
     /// # Errors
     /// As for [`SledStore::retention`].
     pub async fn retention(&self) -> Result<RetentionOutcome, StoreError> {
-        sled_only!(self, "retention", retention().await)
+        either!(self.retention().await)
     }
 
-    /// See [`SledStore::retention_stats`]; not on PostgreSQL yet.
+    /// See [`SledStore::retention_stats`].
     ///
     /// # Errors
     /// As for [`SledStore::retention_stats`].
     pub async fn retention_stats(&self) -> Result<RetentionStats, StoreError> {
-        sled_only!(self, "retention", retention_stats().await)
+        either!(self.retention_stats().await)
     }
 
     /// The retention policy configured.
@@ -223,16 +223,12 @@ impl Store {
         either!(self.retention_policy())
     }
 
-    /// See [`SledStore::tombstone`]. PostgreSQL removes nothing yet, so it
-    /// holds no tombstone.
+    /// See [`SledStore::tombstone`].
     ///
     /// # Errors
     /// Store failures.
     pub fn tombstone(&self, handover_id: u64) -> Result<Option<Tombstone>, StoreError> {
-        match &self.0 {
-            Engine::Sled(s) => s.tombstone(handover_id),
-            Engine::Postgres(_) => Ok(None),
-        }
+        either!(self.tombstone(handover_id))
     }
 
     /// See [`SledStore::claim`].

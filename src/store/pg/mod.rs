@@ -25,6 +25,7 @@
 mod connect;
 mod queue;
 mod reads;
+mod retention;
 mod sql;
 mod submit;
 
@@ -39,6 +40,7 @@ use super::{BarrierStats, Clock, Signals, StoreError, StoreOptions};
 use crate::audit::AuditKey;
 
 pub use connect::{PgTarget, check_target};
+pub use retention::PASS_LOCK;
 
 /// The `LISTEN`/`NOTIFY` channel: a mailbox may have something new.
 pub const CHANNEL: &str = "throughcare_mailbox";
@@ -218,7 +220,7 @@ impl PgStore {
         &self.shared.stats
     }
 
-    /// The retention policy configured (not applied on PostgreSQL yet).
+    /// The retention policy configured.
     pub fn retention_policy(&self) -> &super::RetentionPolicy {
         &self.shared.options.retention
     }
