@@ -827,9 +827,6 @@ impl Config {
         if self.pds.enabled {
             return Err(not_yet("pds.enabled", "PDS"));
         }
-        if self.mesh.enabled {
-            return Err(not_yet("mesh.enabled", "MESH"));
-        }
         Ok(())
     }
 
@@ -1400,9 +1397,6 @@ mod tests {
         let err = c.validate().unwrap_err();
         assert_eq!(err.field, "pds.enabled");
         assert!(err.reason.contains("postgres"), "{err}");
-        let mut c = base.clone();
-        c.mesh.enabled = true;
-        assert_eq!(c.validate().unwrap_err().field, "mesh.enabled");
         // Only with the PostgreSQL engine: sled keeps them all.
         let mut c = base;
         c.store.engine = crate::store::EngineKind::Sled;

@@ -146,6 +146,17 @@ impl MeshEdge {
     /// One round: retry what MESH could not take, ask MESH it is there
     /// (the inbox), send what waits, track what was sent, read the inbox.
     async fn round(&mut self) -> Result<(), MeshError> {
+        // Several nodes on PostgreSQL: one at a time reads the inbox and
+        // tracks what was sent (held until the round ends).
+        let Some(_turn) = self
+            .gateway
+            .store
+            .mesh_turn()
+            .await
+            .map_err(|e| MeshError::Gateway(e.to_string()))?
+        else {
+            return Ok(());
+        };
         self.retry_held().await?;
         // Reachability first: nothing is leased while MESH is down.
         let inbox = self.client.inbox(self.pacing.batch).await?;

@@ -34,6 +34,9 @@ pub enum EngineKind {
     Postgres,
 }
 
+/// A node's turn at a MESH round (see [`Store::mesh_turn`]).
+pub struct MeshTurn(#[allow(dead_code)] Option<super::pg::Turn>);
+
 /// The durable store the application uses; cheap to clone.
 #[derive(Clone)]
 pub struct Store(Engine);
@@ -497,34 +500,40 @@ impl Store {
         either!(self.audit_since(action, since_ms))
     }
 
-    /// See [`SledStore::mesh_put`]; not on PostgreSQL yet.
+    /// See [`SledStore::mesh_put`].
     ///
     /// # Errors
     /// As for [`SledStore::mesh_put`].
     pub async fn mesh_put(&self, actor: &str, record: MeshRecord) -> Result<(), StoreError> {
-        sled_only!(self, "MESH", mesh_put(actor, record).await)
+        either!(self.mesh_put(actor, record).await)
     }
 
-    /// See [`SledStore::mesh_record`]. PostgreSQL holds no MESH record
-    /// (MESH is refused with it), so there is none to find.
+    /// See [`SledStore::mesh_record`].
     ///
     /// # Errors
     /// Store failures.
     pub fn mesh_record(&self, delivery_id: u64) -> Result<Option<MeshRecord>, StoreError> {
-        match &self.0 {
-            Engine::Sled(s) => s.mesh_record(delivery_id),
-            Engine::Postgres(_) => Ok(None),
-        }
+        either!(self.mesh_record(delivery_id))
     }
 
-    /// See [`SledStore::mesh_records`] (none on PostgreSQL, as above).
+    /// See [`SledStore::mesh_records`].
     ///
     /// # Errors
     /// Store failures.
     pub fn mesh_records(&self) -> Result<Vec<MeshRecord>, StoreError> {
+        either!(self.mesh_records())
+    }
+
+    /// This node's turn at a MESH round, held until dropped; `None` while
+    /// another node's round holds it (PostgreSQL: `store/pg/mesh.rs`). On
+    /// sled, the one node always has it.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn mesh_turn(&self) -> Result<Option<MeshTurn>, StoreError> {
         match &self.0 {
-            Engine::Sled(s) => s.mesh_records(),
-            Engine::Postgres(_) => Ok(Vec::new()),
+            Engine::Sled(_) => Ok(Some(MeshTurn(None))),
+            Engine::Postgres(p) => Ok(p.mesh_turn().await?.map(|t| MeshTurn(Some(t)))),
         }
     }
 

@@ -23,6 +23,7 @@
 //! thread, inside a runtime or not.
 
 mod connect;
+mod mesh;
 mod queue;
 mod reads;
 mod retention;
@@ -40,6 +41,7 @@ use super::{BarrierStats, Clock, Signals, StoreError, StoreOptions};
 use crate::audit::AuditKey;
 
 pub use connect::{PgTarget, check_target};
+pub use mesh::{MESH_LOCK, Turn};
 pub use retention::PASS_LOCK;
 
 /// The `LISTEN`/`NOTIFY` channel: a mailbox may have something new.
