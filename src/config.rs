@@ -816,17 +816,6 @@ impl Config {
             1,
             256,
         )?;
-        let not_yet = |field: &str, what: &str| {
-            ConfigError::new(
-                field,
-                format!(
-                    "{what} is not available with store.engine = \"postgres\" yet (docs/store-engines.md); turn it off or use sled"
-                ),
-            )
-        };
-        if self.pds.enabled {
-            return Err(not_yet("pds.enabled", "PDS"));
-        }
         Ok(())
     }
 
@@ -1382,26 +1371,7 @@ mod tests {
     }
 
     #[test]
-    fn what_postgres_lacks_is_refused_by_name() {
-        let base = Config {
-            store: StoreConfig {
-                engine: crate::store::EngineKind::Postgres,
-                postgres_url: Some("host=127.0.0.1".into()),
-                ..StoreConfig::default()
-            },
-            ..Config::default()
-        };
-        assert!(base.validate().is_ok());
-        let mut c = base.clone();
-        c.pds.enabled = true;
-        let err = c.validate().unwrap_err();
-        assert_eq!(err.field, "pds.enabled");
-        assert!(err.reason.contains("postgres"), "{err}");
-        // Only with the PostgreSQL engine: sled keeps them all.
-        let mut c = base;
-        c.store.engine = crate::store::EngineKind::Sled;
-        assert!(c.validate().is_ok());
-        // The engine and its settings come from the environment too.
+    fn the_postgres_engine_and_its_settings_come_from_the_environment_too() {
         let c = with_env(&[
             ("THROUGHCARE_STORE_ENGINE", "postgres"),
             ("THROUGHCARE_STORE_POSTGRES_URL", "host=127.0.0.1 dbname=tc"),

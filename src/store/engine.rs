@@ -2,11 +2,9 @@
 //! it, the sled engine ([`SledStore`], unchanged) or the PostgreSQL engine
 //! ([`PgStore`]). Each call goes to the engine the store was opened with.
 //!
-//! What the PostgreSQL engine does not do yet (docs/store-engines.md) is
-//! refused when the configuration is validated, so a gateway never starts
-//! with it; should such a call still reach the engine, it fails with
-//! [`StoreError::Unavailable`] naming the feature: never a panic, never a
-//! silent success.
+//! Both engines take every call (docs/store-engines.md). Work that must
+//! not run on two nodes at once (MESH rounds, PDS lookups) asks for a
+//! [`Turn`] first: always granted on sled, one node at a time on PostgreSQL.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,8 +32,9 @@ pub enum EngineKind {
     Postgres,
 }
 
-/// A node's turn at a MESH round (see [`Store::mesh_turn`]).
-pub struct MeshTurn(#[allow(dead_code)] Option<super::pg::Turn>);
+/// A node's turn at a MESH round or a round of PDS lookups, held until
+/// dropped (see [`Store::mesh_turn`]).
+pub struct Turn(#[allow(dead_code)] Option<super::pg::Turn>);
 
 /// The durable store the application uses; cheap to clone.
 #[derive(Clone)]
@@ -45,13 +44,6 @@ pub struct Store(Engine);
 enum Engine {
     Sled(SledStore),
     Postgres(PgStore),
-}
-
-/// The error for a feature the PostgreSQL engine does not have yet.
-fn not_on_postgres(what: &str) -> StoreError {
-    StoreError::Unavailable(format!(
-        "{what} is not available on the PostgreSQL store engine yet (docs/store-engines.md)"
-    ))
 }
 
 /// Calls `$method` on whichever engine, awaiting when `await` is given.
@@ -66,16 +58,6 @@ macro_rules! either {
         match &$self.0 {
             Engine::Sled(s) => s.$method($($arg),*).await,
             Engine::Postgres(p) => p.$method($($arg),*).await,
-        }
-    };
-}
-
-/// Calls `$method` on the sled engine; on PostgreSQL, the refusal for `$what`.
-macro_rules! sled_only {
-    ($self:ident, $what:expr, $method:ident ( $($arg:expr),* ) $(. $await:ident)?) => {
-        match &$self.0 {
-            Engine::Sled(s) => s.$method($($arg),*)$(.$await)?,
-            Engine::Postgres(_) => Err(not_on_postgres($what)),
         }
     };
 }
@@ -247,7 +229,7 @@ impl Store {
         either!(self.claim(actor, claim_keys, to).await)
     }
 
-    /// See [`SledStore::pds_result`]; not on PostgreSQL yet.
+    /// See [`SledStore::pds_result`].
     ///
     /// # Errors
     /// As for [`SledStore::pds_result`].
@@ -255,18 +237,18 @@ impl Store {
         &self,
         result: PdsResult,
     ) -> Result<Option<DeliveryRecord>, StoreError> {
-        sled_only!(self, "PDS", pds_result(result).await)
+        either!(self.pds_result(result).await)
     }
 
-    /// See [`SledStore::pds_notify`]; not on PostgreSQL yet.
+    /// See [`SledStore::pds_notify`].
     ///
     /// # Errors
     /// As for [`SledStore::pds_notify`].
     pub async fn pds_notify(&self, notice: PdsNotice) -> Result<Option<u64>, StoreError> {
-        sled_only!(self, "PDS", pds_notify(notice).await)
+        either!(self.pds_notify(notice).await)
     }
 
-    /// See [`SledStore::unrouted_admissions`]; not on PostgreSQL yet.
+    /// See [`SledStore::unrouted_admissions`].
     ///
     /// # Errors
     /// As for [`SledStore::unrouted_admissions`].
@@ -275,7 +257,7 @@ impl Store {
         since_ms: i64,
         limit: usize,
     ) -> Result<Vec<HandoverRecord>, StoreError> {
-        sled_only!(self, "PDS", unrouted_admissions(since_ms, limit))
+        either!(self.unrouted_admissions(since_ms, limit))
     }
 
     /// See [`SledStore::redrive`].
@@ -530,10 +512,21 @@ impl Store {
     ///
     /// # Errors
     /// Store failures.
-    pub async fn mesh_turn(&self) -> Result<Option<MeshTurn>, StoreError> {
+    pub async fn mesh_turn(&self) -> Result<Option<Turn>, StoreError> {
         match &self.0 {
-            Engine::Sled(_) => Ok(Some(MeshTurn(None))),
-            Engine::Postgres(p) => Ok(p.mesh_turn().await?.map(|t| MeshTurn(Some(t)))),
+            Engine::Sled(_) => Ok(Some(Turn(None))),
+            Engine::Postgres(p) => Ok(p.mesh_turn().await?.map(|t| Turn(Some(t)))),
+        }
+    }
+
+    /// This node's turn at a round of PDS lookups, as for MESH.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn pds_turn(&self) -> Result<Option<Turn>, StoreError> {
+        match &self.0 {
+            Engine::Sled(_) => Ok(Some(Turn(None))),
+            Engine::Postgres(p) => Ok(p.pds_turn().await?.map(|t| Turn(Some(t)))),
         }
     }
 

@@ -6,10 +6,8 @@
 //! about every message sent. Two nodes doing that at once would submit each
 //! inbox message twice (the second answered as a duplicate, but refused
 //! messages would be refused back twice) and record each acknowledgement
-//! twice. The turn is a session-level advisory lock ([`MESH_LOCK`]) on a
-//! connection taken out of the pool for the round: dropping the turn closes
-//! that connection, which releases the lock, and so does a node that dies
-//! mid-round. Sends are still safe if two rounds ever met (a lost
+//! twice. The turn is a session-level advisory lock ([`MESH_LOCK`],
+//! `pg/turn.rs`) held for the round. Sends are still safe if two rounds ever met (a lost
 //! connection): deliveries are leased `SKIP LOCKED`, and a `sending` record
 //! makes the next sender ask MESH by local id first.
 
@@ -24,12 +22,6 @@ use crate::store::{MeshRecord, StoreError};
 
 /// The advisory-lock key of the MESH edge's turn ("tcmeshed" in ASCII).
 pub const MESH_LOCK: i64 = 0x7463_6d65_7368_6564;
-
-/// This node's turn at the MESH edge; the lock goes with the connection
-/// when dropped.
-pub struct Turn {
-    _held: deadpool_postgres::ClientWrapper,
-}
 
 impl PgStore {
     /// Records `record` (replacing the delivery's previous one), audited as
@@ -92,26 +84,12 @@ impl PgStore {
         })
     }
 
-    /// This node's turn at the MESH edge, or `None` while another node's
+    /// This node's turn at a MESH round, or `None` while another node's
     /// round holds it.
     ///
     /// # Errors
     /// Database failures.
-    pub async fn mesh_turn(&self) -> Result<Option<Turn>, StoreError> {
-        self.run(move |s| async move {
-            let client = s.client().await?;
-            let row = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&MESH_LOCK])
-                .await
-                .map_err(db)?;
-            if !row.get::<_, bool>(0) {
-                return Ok(None);
-            }
-            // Out of the pool: the lock must never go back with it.
-            Ok(Some(Turn {
-                _held: deadpool_postgres::Object::take(client),
-            }))
-        })
-        .await
+    pub async fn mesh_turn(&self) -> Result<Option<super::Turn>, StoreError> {
+        self.turn(MESH_LOCK).await
     }
 }

@@ -24,11 +24,13 @@
 
 mod connect;
 mod mesh;
+mod pds;
 mod queue;
 mod reads;
 mod retention;
 mod sql;
 mod submit;
+mod turn;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -41,8 +43,10 @@ use super::{BarrierStats, Clock, Signals, StoreError, StoreOptions};
 use crate::audit::AuditKey;
 
 pub use connect::{PgTarget, check_target};
-pub use mesh::{MESH_LOCK, Turn};
+pub use mesh::MESH_LOCK;
+pub use pds::PDS_LOCK;
 pub use retention::PASS_LOCK;
+pub use turn::Turn;
 
 /// The `LISTEN`/`NOTIFY` channel: a mailbox may have something new.
 pub const CHANNEL: &str = "throughcare_mailbox";
