@@ -653,13 +653,9 @@ impl Prepared {
     /// Runs the retention pass at its interval (at once again after a full
     /// batch) until shutdown.
     fn spawn_retention(&self) -> tokio::task::JoinHandle<()> {
+        // On PostgreSQL every node runs it; one at a time does the work
+        // (store/pg/retention.rs).
         let store = self.gateway.store.clone();
-        if store.engine() == crate::store::EngineKind::Postgres {
-            // No retention pass on PostgreSQL yet: configuration validation
-            // made the operator accept that (store.postgres_keeps_everything).
-            tracing::warn!("the PostgreSQL store engine removes nothing: no retention pass runs");
-            return tokio::spawn(async {});
-        }
         let metrics = self.metrics.clone();
         let every = Duration::from_millis(self.config.retention.interval_ms);
         let mut stop = self.shutdown_tx.subscribe();

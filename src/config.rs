@@ -308,9 +308,6 @@ pub struct StoreConfig {
     pub postgres_ca: Option<PathBuf>,
     /// Most database connections this node holds.
     pub postgres_pool_size: u32,
-    /// The PostgreSQL engine removes nothing yet (no retention pass): the
-    /// operator must accept that explicitly before it starts.
-    pub postgres_keeps_everything: bool,
     /// Refuse to start unless the primary names a synchronous standby
     /// (`synchronous_standby_names`), so that an OK means the commit is on
     /// two machines. `false` accepts one machine's durability, as on sled.
@@ -326,7 +323,6 @@ impl Default for StoreConfig {
             postgres_url: None,
             postgres_ca: None,
             postgres_pool_size: 16,
-            postgres_keeps_everything: false,
             postgres_require_synchronous_standby: true,
         }
     }
@@ -820,26 +816,6 @@ impl Config {
             1,
             256,
         )?;
-        let not_yet = |field: &str, what: &str| {
-            ConfigError::new(
-                field,
-                format!(
-                    "{what} is not available with store.engine = \"postgres\" yet (docs/store-engines.md); turn it off or use sled"
-                ),
-            )
-        };
-        if self.pds.enabled {
-            return Err(not_yet("pds.enabled", "PDS"));
-        }
-        if self.mesh.enabled {
-            return Err(not_yet("mesh.enabled", "MESH"));
-        }
-        if !store.postgres_keeps_everything {
-            return Err(ConfigError::new(
-                "store.postgres_keeps_everything",
-                "must be true to use store.engine = \"postgres\": it has no retention pass yet, so no payload or tracking data would ever be removed (docs/store-engines.md)",
-            ));
-        }
         Ok(())
     }
 
@@ -1345,7 +1321,6 @@ mod tests {
             Config {
                 store: StoreConfig {
                     engine: crate::store::EngineKind::Postgres,
-                    postgres_keeps_everything: true,
                     ..store
                 },
                 ..Config::default()
@@ -1396,40 +1371,10 @@ mod tests {
     }
 
     #[test]
-    fn what_postgres_lacks_is_refused_by_name() {
-        let base = Config {
-            store: StoreConfig {
-                engine: crate::store::EngineKind::Postgres,
-                postgres_url: Some("host=127.0.0.1".into()),
-                postgres_keeps_everything: true,
-                ..StoreConfig::default()
-            },
-            ..Config::default()
-        };
-        assert!(base.validate().is_ok());
-        let mut c = base.clone();
-        c.store.postgres_keeps_everything = false;
-        let err = c.validate().unwrap_err();
-        assert_eq!(err.field, "store.postgres_keeps_everything");
-        assert!(err.reason.contains("retention"), "{err}");
-        let mut c = base.clone();
-        c.pds.enabled = true;
-        let err = c.validate().unwrap_err();
-        assert_eq!(err.field, "pds.enabled");
-        assert!(err.reason.contains("postgres"), "{err}");
-        let mut c = base.clone();
-        c.mesh.enabled = true;
-        assert_eq!(c.validate().unwrap_err().field, "mesh.enabled");
-        // Only with the PostgreSQL engine: sled keeps them all.
-        let mut c = base;
-        c.store.engine = crate::store::EngineKind::Sled;
-        c.store.postgres_keeps_everything = false;
-        assert!(c.validate().is_ok());
-        // The engine and its settings come from the environment too.
+    fn the_postgres_engine_and_its_settings_come_from_the_environment_too() {
         let c = with_env(&[
             ("THROUGHCARE_STORE_ENGINE", "postgres"),
             ("THROUGHCARE_STORE_POSTGRES_URL", "host=127.0.0.1 dbname=tc"),
-            ("THROUGHCARE_STORE_POSTGRES_KEEPS_EVERYTHING", "true"),
             ("THROUGHCARE_STORE_POSTGRES_POOL_SIZE", "4"),
         ])
         .unwrap();

@@ -108,7 +108,7 @@ impl BenchOptions {
                 .as_deref()
                 .context("--postgres-url: required with --engine postgres")?;
             section.push_str(&format!(
-                "engine = \"postgres\"\npostgres_url = {}\npostgres_keeps_everything = true\n",
+                "engine = \"postgres\"\npostgres_url = {}\n",
                 toml::Value::String(url.to_owned())
             ));
         }

@@ -165,6 +165,17 @@ impl MeshEdge {
                 "MESH mailbox validated (handshake)"
             );
         }
+        // Several nodes on PostgreSQL: one at a time reads the inbox and
+        // tracks what was sent (held until the round ends).
+        let Some(_turn) = self
+            .gateway
+            .store
+            .mesh_turn()
+            .await
+            .map_err(|e| MeshError::Gateway(e.to_string()))?
+        else {
+            return Ok(());
+        };
         self.retry_held().await?;
         // Reachability first: nothing is leased while MESH is down.
         let inbox = self.client.inbox(self.pacing.batch).await?;

@@ -64,11 +64,19 @@ impl PdsLookups {
             let notified = parked.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Err(e) = self.round().await {
-                tracing::error!(error = %e, "PDS lookup round failed");
-            }
-            if let Err(e) = self.admissions(&mut admissions_done).await {
-                tracing::error!(error = %e, "PDS admission lookups failed");
+            // Several nodes on PostgreSQL: one at a time looks up (held
+            // until both kinds of lookup are done).
+            match self.gateway.store.pds_turn().await {
+                Ok(Some(_turn)) => {
+                    if let Err(e) = self.round().await {
+                        tracing::error!(error = %e, "PDS lookup round failed");
+                    }
+                    if let Err(e) = self.admissions(&mut admissions_done).await {
+                        tracing::error!(error = %e, "PDS admission lookups failed");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "PDS lookups could not take their turn"),
             }
             tokio::select! {
                 () = &mut notified => {}

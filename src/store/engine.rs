@@ -2,11 +2,9 @@
 //! it, the sled engine ([`SledStore`], unchanged) or the PostgreSQL engine
 //! ([`PgStore`]). Each call goes to the engine the store was opened with.
 //!
-//! What the PostgreSQL engine does not do yet (docs/store-engines.md) is
-//! refused when the configuration is validated, so a gateway never starts
-//! with it; should such a call still reach the engine, it fails with
-//! [`StoreError::Unavailable`] naming the feature: never a panic, never a
-//! silent success.
+//! Both engines take every call (docs/store-engines.md). Work that must
+//! not run on two nodes at once (MESH rounds, PDS lookups) asks for a
+//! [`Turn`] first: always granted on sled, one node at a time on PostgreSQL.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +32,10 @@ pub enum EngineKind {
     Postgres,
 }
 
+/// A node's turn at a MESH round or a round of PDS lookups, held until
+/// dropped (see [`Store::mesh_turn`]).
+pub struct Turn(#[allow(dead_code)] Option<super::pg::Turn>);
+
 /// The durable store the application uses; cheap to clone.
 #[derive(Clone)]
 pub struct Store(Engine);
@@ -42,13 +44,6 @@ pub struct Store(Engine);
 enum Engine {
     Sled(SledStore),
     Postgres(PgStore),
-}
-
-/// The error for a feature the PostgreSQL engine does not have yet.
-fn not_on_postgres(what: &str) -> StoreError {
-    StoreError::Unavailable(format!(
-        "{what} is not available on the PostgreSQL store engine yet (docs/store-engines.md)"
-    ))
 }
 
 /// Calls `$method` on whichever engine, awaiting when `await` is given.
@@ -63,16 +58,6 @@ macro_rules! either {
         match &$self.0 {
             Engine::Sled(s) => s.$method($($arg),*).await,
             Engine::Postgres(p) => p.$method($($arg),*).await,
-        }
-    };
-}
-
-/// Calls `$method` on the sled engine; on PostgreSQL, the refusal for `$what`.
-macro_rules! sled_only {
-    ($self:ident, $what:expr, $method:ident ( $($arg:expr),* ) $(. $await:ident)?) => {
-        match &$self.0 {
-            Engine::Sled(s) => s.$method($($arg),*)$(.$await)?,
-            Engine::Postgres(_) => Err(not_on_postgres($what)),
         }
     };
 }
@@ -202,20 +187,20 @@ impl Store {
         either!(self.sweep().await)
     }
 
-    /// See [`SledStore::retention`]; not on PostgreSQL yet.
+    /// See [`SledStore::retention`] and [`PgStore::retention`].
     ///
     /// # Errors
     /// As for [`SledStore::retention`].
     pub async fn retention(&self) -> Result<RetentionOutcome, StoreError> {
-        sled_only!(self, "retention", retention().await)
+        either!(self.retention().await)
     }
 
-    /// See [`SledStore::retention_stats`]; not on PostgreSQL yet.
+    /// See [`SledStore::retention_stats`].
     ///
     /// # Errors
     /// As for [`SledStore::retention_stats`].
     pub async fn retention_stats(&self) -> Result<RetentionStats, StoreError> {
-        sled_only!(self, "retention", retention_stats().await)
+        either!(self.retention_stats().await)
     }
 
     /// The retention policy configured.
@@ -223,16 +208,12 @@ impl Store {
         either!(self.retention_policy())
     }
 
-    /// See [`SledStore::tombstone`]. PostgreSQL removes nothing yet, so it
-    /// holds no tombstone.
+    /// See [`SledStore::tombstone`].
     ///
     /// # Errors
     /// Store failures.
     pub fn tombstone(&self, handover_id: u64) -> Result<Option<Tombstone>, StoreError> {
-        match &self.0 {
-            Engine::Sled(s) => s.tombstone(handover_id),
-            Engine::Postgres(_) => Ok(None),
-        }
+        either!(self.tombstone(handover_id))
     }
 
     /// See [`SledStore::claim`].
@@ -260,7 +241,7 @@ impl Store {
         either!(self.route_held(actor, moves).await)
     }
 
-    /// See [`SledStore::pds_result`]; not on PostgreSQL yet.
+    /// See [`SledStore::pds_result`].
     ///
     /// # Errors
     /// As for [`SledStore::pds_result`].
@@ -268,18 +249,18 @@ impl Store {
         &self,
         result: PdsResult,
     ) -> Result<Option<DeliveryRecord>, StoreError> {
-        sled_only!(self, "PDS", pds_result(result).await)
+        either!(self.pds_result(result).await)
     }
 
-    /// See [`SledStore::pds_notify`]; not on PostgreSQL yet.
+    /// See [`SledStore::pds_notify`].
     ///
     /// # Errors
     /// As for [`SledStore::pds_notify`].
     pub async fn pds_notify(&self, notice: PdsNotice) -> Result<Option<u64>, StoreError> {
-        sled_only!(self, "PDS", pds_notify(notice).await)
+        either!(self.pds_notify(notice).await)
     }
 
-    /// See [`SledStore::unrouted_admissions`]; not on PostgreSQL yet.
+    /// See [`SledStore::unrouted_admissions`].
     ///
     /// # Errors
     /// As for [`SledStore::unrouted_admissions`].
@@ -288,7 +269,7 @@ impl Store {
         since_ms: i64,
         limit: usize,
     ) -> Result<Vec<HandoverRecord>, StoreError> {
-        sled_only!(self, "PDS", unrouted_admissions(since_ms, limit))
+        either!(self.unrouted_admissions(since_ms, limit))
     }
 
     /// See [`SledStore::redrive`].
@@ -514,34 +495,51 @@ impl Store {
         either!(self.audit_since(action, since_ms))
     }
 
-    /// See [`SledStore::mesh_put`]; not on PostgreSQL yet.
+    /// See [`SledStore::mesh_put`].
     ///
     /// # Errors
     /// As for [`SledStore::mesh_put`].
     pub async fn mesh_put(&self, actor: &str, record: MeshRecord) -> Result<(), StoreError> {
-        sled_only!(self, "MESH", mesh_put(actor, record).await)
+        either!(self.mesh_put(actor, record).await)
     }
 
-    /// See [`SledStore::mesh_record`]. PostgreSQL holds no MESH record
-    /// (MESH is refused with it), so there is none to find.
+    /// See [`SledStore::mesh_record`].
     ///
     /// # Errors
     /// Store failures.
     pub fn mesh_record(&self, delivery_id: u64) -> Result<Option<MeshRecord>, StoreError> {
-        match &self.0 {
-            Engine::Sled(s) => s.mesh_record(delivery_id),
-            Engine::Postgres(_) => Ok(None),
-        }
+        either!(self.mesh_record(delivery_id))
     }
 
-    /// See [`SledStore::mesh_records`] (none on PostgreSQL, as above).
+    /// See [`SledStore::mesh_records`].
     ///
     /// # Errors
     /// Store failures.
     pub fn mesh_records(&self) -> Result<Vec<MeshRecord>, StoreError> {
+        either!(self.mesh_records())
+    }
+
+    /// This node's turn at a MESH round, held until dropped; `None` while
+    /// another node's round holds it (PostgreSQL: `store/pg/mesh.rs`). On
+    /// sled, the one node always has it.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn mesh_turn(&self) -> Result<Option<Turn>, StoreError> {
         match &self.0 {
-            Engine::Sled(s) => s.mesh_records(),
-            Engine::Postgres(_) => Ok(Vec::new()),
+            Engine::Sled(_) => Ok(Some(Turn(None))),
+            Engine::Postgres(p) => Ok(p.mesh_turn().await?.map(|t| Turn(Some(t)))),
+        }
+    }
+
+    /// This node's turn at a round of PDS lookups, as for MESH.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn pds_turn(&self) -> Result<Option<Turn>, StoreError> {
+        match &self.0 {
+            Engine::Sled(_) => Ok(Some(Turn(None))),
+            Engine::Postgres(p) => Ok(p.pds_turn().await?.map(|t| Turn(Some(t)))),
         }
     }
 

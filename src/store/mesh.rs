@@ -142,22 +142,23 @@ impl Writer {
             records::be(record.delivery_id).to_vec(),
             record,
         );
-        let outcome = match (&record.message_id, &record.reason) {
-            (_, Some(reason)) => format!("ok: {}", reason),
-            (Some(id), None) => format!("ok: MESH message {id}, local id {}", record.local_id),
-            (None, None) => format!("ok: local id {}", record.local_id),
-        };
-        self.audit(
-            staged,
-            AuditEvent {
-                actor,
-                action: record.state.action(),
-                handover_id: Some(record.handover_id),
-                delivery_id: Some(record.delivery_id),
-                outcome,
-                ..AuditEvent::default()
-            },
-            now,
-        );
+        self.audit(staged, mesh_event(actor, record), now);
+    }
+}
+
+/// The audit entry of a MESH record's change (both engines).
+pub(super) fn mesh_event(actor: String, record: &MeshRecord) -> AuditEvent {
+    let outcome = match (&record.message_id, &record.reason) {
+        (_, Some(reason)) => format!("ok: {}", reason),
+        (Some(id), None) => format!("ok: MESH message {id}, local id {}", record.local_id),
+        (None, None) => format!("ok: local id {}", record.local_id),
+    };
+    AuditEvent {
+        actor,
+        action: record.state.action(),
+        handover_id: Some(record.handover_id),
+        delivery_id: Some(record.delivery_id),
+        outcome,
+        ..AuditEvent::default()
     }
 }

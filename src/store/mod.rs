@@ -47,7 +47,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use barrier::{BarrierObserver, BarrierReport, BarrierStats, DurabilityBarrier};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{EngineKind, Store};
+pub use engine::{EngineKind, Store, Turn};
 pub use integrity::{AuditVerification, Rollback, WitnessPaths};
 pub use mesh::{MeshRecord, MeshState};
 pub use pds::{PDS_ACTOR, PdsFinding, PdsNotice, PdsResult, PdsStatus};

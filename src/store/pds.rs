@@ -327,7 +327,12 @@ impl Writer {
 }
 
 /// The delivery record of an admission notice found through PDS.
-fn notice_delivery(h: &HandoverRecord, dest: &NewDelivery, id: u64, now: i64) -> DeliveryRecord {
+pub(super) fn notice_delivery(
+    h: &HandoverRecord,
+    dest: &NewDelivery,
+    id: u64,
+    now: i64,
+) -> DeliveryRecord {
     let owner = super::writer::Owner {
         handover_id: h.id,
         sender: &h.sender,

@@ -806,3 +806,121 @@ async fn a_development_mesh_set_up_may_name_files_of_the_pki_made_at_start() {
     let prepared = throughcare::app::Prepared::new(config, Arc::new(SystemClock));
     assert!(prepared.is_ok(), "{:?}", prepared.err());
 }
+
+/// A gateway node on database `url` with the key files in `keys` and
+/// `[mesh]` on the sandbox's gateway mailbox.
+async fn mesh_node(sandbox: &Sandbox, url: &str, keys: &Path) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = sandbox.config(dir.path());
+    let (url, keys) = (url.to_owned(), keys.to_owned());
+    let gw = TestGateway::start_with(
+        move |c: &mut Config| {
+            crate::support::use_postgres(c, &url);
+            c.master_key_file = Some(keys.join("master-key"));
+            c.integrity.audit_key_file = Some(keys.join("audit-key"));
+            c.patient_key_file = Some(keys.join("patient-key"));
+            c.mesh = mesh;
+        },
+        Arc::new(SystemClock),
+    )
+    .await;
+    std::mem::forget(dir);
+    // Each node's registry is its own until restarted: tell both.
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    gw
+}
+
+/// Two gateway nodes on one PostgreSQL database, both with `[mesh]` on the
+/// same MESH mailbox (docs/store-engines.md): one node at a time takes a
+/// MESH round, so each delivery is sent once, each acknowledgement
+/// recorded once, and each inbox message submitted or refused back once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_on_postgres_two_nodes_send_receive_and_refuse_each_message_once() {
+    let Some(url) = crate::support::postgres_database("mesh on two nodes") else {
+        return;
+    };
+    let sandbox = Sandbox::start();
+    let keys = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(mesh_node(&sandbox, &url, keys.path()).await);
+    }
+    let mut prison = nodes[0].client("YP001").await;
+    for i in 0..6 {
+        prison
+            .submit(release(
+                &format!("mesh-two-{i}"),
+                50 + i,
+                &["YG001"],
+                "two nodes",
+            ))
+            .await
+            .unwrap();
+    }
+    let prison_mb = sandbox.client(PRISON_MB);
+    let bad = prison_mb
+        .send(&Outgoing {
+            to: GATEWAY_MB,
+            workflow_id: "THROUGHCARE_ADMISSION",
+            subject: "admission",
+            local_id: "mesh-two-bad",
+            file_name: "adm.json",
+            content_type: "application/fhir+json",
+            body: br#"{"resourceType": "Bundle", "type": "document", "entry": []}"#,
+        })
+        .await
+        .unwrap();
+    let practice = sandbox.client(PRACTICE_MB);
+    let sent = eventually(30, "six releases in the practice's MESH inbox", || async {
+        let got = inbox(&practice).await;
+        (got.len() >= 6).then_some(got)
+    })
+    .await;
+    // Several more rounds on both nodes: still one copy of each.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let again = inbox(&practice).await;
+    assert_eq!(again.len(), 6, "each delivery sent once");
+    let locals: std::collections::BTreeSet<_> = again.iter().map(|m| m.local_id.clone()).collect();
+    assert_eq!(locals.len(), 6);
+    for m in &sent {
+        practice.acknowledge(&m.message_id).await.unwrap();
+    }
+    for i in 0..6 {
+        let message = format!("mesh-two-{i}");
+        eventually(30, "DELIVERED after the MESH acknowledgement", || async {
+            let d = delivery_of(&nodes[1], &message).await;
+            (d.state() == pb::DeliveryState::Delivered).then_some(())
+        })
+        .await;
+    }
+    let reports = eventually(30, "the refusal report", || async {
+        let r = inbox(&prison_mb).await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let reports_now = inbox(&prison_mb).await;
+    assert_eq!(
+        (reports.len(), reports_now.len()),
+        (1, 1),
+        "the bad message refused back once"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&reports_now[0].body).unwrap();
+    assert_eq!(body["refused_message_id"], bad);
+    // One chain across both nodes: each MESH step recorded once.
+    let audit = nodes[0].store.audit_entries().unwrap();
+    let count = |action: &str| audit.iter().filter(|e| e.action == action).count();
+    assert_eq!(
+        (
+            count("mesh_sending"),
+            count("mesh_sent"),
+            count("mesh_acknowledged")
+        ),
+        (6, 6, 6)
+    );
+    nodes[1].store.verify_audit().unwrap();
+    for gw in nodes {
+        gw.stop().await;
+    }
+}

@@ -811,3 +811,124 @@ async fn the_binary_logs_pds_alerts_and_never_patient_data_or_keys() {
         assert!(!text.contains(secret), "{secret} in the log");
     }
 }
+
+/// A gateway node with `[pds]` on PostgreSQL database `url`, with the key
+/// files in `keys` (the same for every node).
+async fn pg_gateway(double: &Double, url: &str, keys: &Path, recheck_seconds: u64) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let pds = PdsConfig {
+        recheck_after_seconds: recheck_seconds,
+        max_recheck_after_seconds: recheck_seconds * 2,
+        ..double.config(dir.path())
+    };
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        certs_dir: dir.path().join("certs"),
+        shutdown_grace_ms: 2_000,
+        dev_certs: true,
+        metrics: throughcare::config::MetricsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
+        pds,
+        master_key_file: Some(keys.join("master-key")),
+        patient_key_file: Some(keys.join("patient-key")),
+        ..Config::default()
+    };
+    config.integrity.audit_key_file = Some(keys.join("audit-key"));
+    crate::support::use_postgres(&mut config, url);
+    TestGateway::start_in(dir, config, Arc::new(SystemClock)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pds_on_postgres_routes_a_parked_release_and_an_admission_to_the_practice() {
+    let Some(url) = crate::support::postgres_database("PDS on PostgreSQL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let double = Double::start(dir.path());
+    let gw = pg_gateway(&double, &url, &dir.path().join("keys"), 1).await;
+    let patient = double.scenario("registered");
+    let id = park(&gw, "pds-pg-rel", &patient, "1985-06-15").await;
+    let checked = double.registered(930, 1, "YG002");
+    let admitted = gw
+        .client("YP001")
+        .await
+        .submit(admission("pds-pg-adm", &checked[0], "1985-06-15"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(admitted.deliveries.is_empty(), "no GP known at submit");
+    let got = arrivals(&gw, "YG002", 2, Duration::from_secs(20)).await;
+    let release = got
+        .iter()
+        .find(|d| d.delivery_id == id)
+        .expect("the parked release");
+    assert_eq!(release.event(), pb::JourneyEvent::Release);
+    assert!(
+        got.iter().any(|d| d.handover_id == admitted.handover_id),
+        "the admission notice"
+    );
+    let record = gw.store.delivery(id).unwrap().unwrap();
+    assert_eq!(record.claimed_by.as_deref(), Some("service:pds"));
+    // The admission waited for its notice, and finished with it.
+    let h = gw.store.handover(admitted.handover_id).unwrap().unwrap();
+    assert_eq!(h.deliveries.len(), 1);
+    assert!(h.finished_at_ms.is_some());
+    let audit = gw.store.audit_entries().unwrap();
+    for action in ["claim", "route"] {
+        assert!(
+            audit
+                .iter()
+                .any(|e| e.action == action && e.actor == "service:pds"),
+            "{action}"
+        );
+    }
+    gw.store.verify_audit().unwrap();
+    gw.stop().await;
+}
+
+/// Two nodes with `[pds]` on one database: each parked release is looked
+/// up (and its lookup audited) once, by one node or the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pds_on_postgres_two_nodes_look_up_each_parked_release_once() {
+    let Some(url) = crate::support::postgres_database("PDS on two nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let double = Double::start(dir.path());
+    let keys = dir.path().join("keys");
+    // No recheck within the test: one lookup each is all there should be.
+    let a = pg_gateway(&double, &url, &keys, 600).await;
+    let b = pg_gateway(&double, &url, &keys, 600).await;
+    let away = double.registered(940, 4, "Y12345");
+    let mut ids = Vec::new();
+    for (i, patient) in away.iter().enumerate() {
+        let node = if i % 2 == 0 { &a } else { &b };
+        ids.push(park(node, &format!("pds-two-{i}"), patient, "1985-06-15").await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ids
+        .iter()
+        .any(|id| a.store.delivery(*id).unwrap().unwrap().pds.is_none())
+    {
+        assert!(Instant::now() < deadline, "every release looked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // More rounds on both nodes: nothing is due again.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let audit = a.store.audit_entries().unwrap();
+    for id in &ids {
+        let d = b.store.delivery(*id).unwrap().unwrap();
+        let finding = d.pds.expect("looked up");
+        assert_eq!(finding.status, throughcare::store::PdsStatus::NotConnected);
+        let recorded = audit
+            .iter()
+            .filter(|e| e.action == "pds_lookup" && e.delivery_id == Some(*id))
+            .count();
+        assert_eq!((finding.lookups, recorded), (1, 1), "delivery {id}");
+    }
+    assert_eq!(double.patient_requests(), away.len(), "one PDS read each");
+    a.store.verify_audit().unwrap();
+    a.stop().await;
+    b.stop().await;
+}

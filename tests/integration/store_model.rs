@@ -12,10 +12,8 @@
 //! and the tombstone after its own period.
 //!
 //! The same model runs against both engines (a parameter, not a copy): sled,
-//! and PostgreSQL when `tests/run` started a cluster. On PostgreSQL a
-//! retention step checks the state without a pass: that engine has no
-//! retention yet, and configuration refuses it without the operator's
-//! consent (docs/store-engines.md).
+//! and PostgreSQL when `tests/run` started a cluster, retention passes
+//! included (docs/store-engines.md).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -505,7 +503,6 @@ async fn run(ops: Vec<Op>, postgres: Option<&str>) {
                     model.quarantine_exhausted(None)
                 );
             }
-            Op::Retention if postgres.is_some() => check_all(&store, &model).await,
             Op::Retention => {
                 let got = store.retention().await.unwrap();
                 let (shredded, removed) = model.retention();

@@ -252,7 +252,6 @@ fn admin_audit(url: &str, dir: &Path, verb: &str) -> std::process::Output {
         .args(["admin", "audit", verb])
         .env("THROUGHCARE_STORE_ENGINE", "postgres")
         .env("THROUGHCARE_STORE_POSTGRES_URL", url)
-        .env("THROUGHCARE_STORE_POSTGRES_KEEPS_EVERYTHING", "true")
         .env("THROUGHCARE_DATA_DIR", dir.join("data"))
         .env("THROUGHCARE_MASTER_KEY_FILE", dir.join("master-key"))
         .env(

@@ -441,7 +441,6 @@ pub fn postgres_database(test: &str) -> Option<String> {
 pub fn use_postgres(config: &mut Config, url: &str) {
     config.store.engine = throughcare::store::EngineKind::Postgres;
     config.store.postgres_url = Some(url.to_owned());
-    config.store.postgres_keeps_everything = true;
     // The test cluster is one server: no synchronous standby.
     config.store.postgres_require_synchronous_standby = false;
     config.store.postgres_pool_size = 8;

@@ -24,10 +24,14 @@
 
 mod connect;
 mod identity;
+mod mesh;
+mod pds;
 mod queue;
 mod reads;
+mod retention;
 mod sql;
 mod submit;
+mod turn;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -40,6 +44,10 @@ use super::{BarrierStats, Clock, Signals, StoreError, StoreOptions};
 use crate::audit::AuditKey;
 
 pub use connect::{PgTarget, check_target};
+pub use mesh::MESH_LOCK;
+pub use pds::PDS_LOCK;
+pub use retention::PASS_LOCK;
+pub use turn::Turn;
 
 /// The `LISTEN`/`NOTIFY` channel: a mailbox may have something new.
 pub const CHANNEL: &str = "throughcare_mailbox";
@@ -219,7 +227,7 @@ impl PgStore {
         &self.shared.stats
     }
 
-    /// The retention policy configured (not applied on PostgreSQL yet).
+    /// The retention policy configured.
     pub fn retention_policy(&self) -> &super::RetentionPolicy {
         &self.shared.options.retention
     }

@@ -53,6 +53,7 @@ macro_rules! in_tx {
         }
     }};
 }
+pub(super) use in_tx;
 
 impl PgStore {
     /// Stores a handover and queues its deliveries; returns once committed.
@@ -694,8 +695,13 @@ async fn track(
             .map_err(db)?,
     };
     let Some(handover) = row.map(|r| r.get::<_, Json<HandoverRecord>>(0).0) else {
-        // Nothing is removed on PostgreSQL yet, so there are no tombstones.
-        let error = StoreError::UnknownHandover;
+        // Removed under the retention policy: only its sender learns so.
+        let error = match super::retention::tombstone_for(tx, sender, key).await? {
+            Some(t) => StoreError::Removed {
+                removed_at_ms: t.removed_at_ms,
+            },
+            None => StoreError::UnknownHandover,
+        };
         audit.push(AuditEvent {
             actor: actor.to_owned(),
             action: "track",

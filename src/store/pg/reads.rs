@@ -343,17 +343,40 @@ impl PgStore {
         Ok(entries)
     }
 
-    /// Verifies the whole chain (one chain across every node).
+    /// Verifies the chain (one chain across every node) from its signed
+    /// retention cut, when entries were removed; the cut and the entries
+    /// are read from one snapshot.
     ///
     /// # Errors
     /// The first broken link, or a database failure.
     pub fn verify_audit_from(&self) -> Result<crate::audit::Verified, StoreError> {
-        let raw = self.audit_raw(None, i64::MIN)?;
+        let (cut, raw) = self.block(move |s| async move {
+            let mut client = s.client().await?;
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(db)?;
+            let cut = super::retention::audit_cut(&*tx).await?;
+            let rows = tx
+                .query("SELECT entry FROM audit ORDER BY seq", &[])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok((
+                cut,
+                rows.iter()
+                    .map(|r| r.get::<_, Vec<u8>>(0))
+                    .collect::<Vec<_>>(),
+            ))
+        })?;
         crate::audit::verify_from(
             raw.iter().map(Vec::as_slice),
             Some(self.audit_key()),
             None,
-            None,
+            cut.as_ref(),
         )
         .map_err(|e| StoreError::Corrupt(e.to_string()))
     }

@@ -1,0 +1,343 @@
+//! Retention on PostgreSQL (docs/store-engines.md, "Retention"): through the
+//! real server, with short periods from the configuration and a manual
+//! clock, the gateway's own pass shreds a delivered payload (its row gone
+//! from the database), removes the tracking data leaving a tombstone that
+//! Track answers from, expires the patient's identity records, and removes
+//! old audit entries behind a signed cut that `admin audit verify` checks;
+//! and two nodes racing their passes do each piece of work once. Skipped
+//! (loudly) without the test cluster `tests/run` starts.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use throughcare::grpc::pb;
+use throughcare::journey::JourneyEvent;
+use throughcare::store::pg::PgOptions;
+use throughcare::store::{
+    Clock, ManualClock, NewDelivery, NewHandover, PatientIds, Store, StoreOptions,
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::support::{self, Engine, T0, TestGateway, release};
+
+const GRACE_S: u64 = 60;
+const METADATA_S: u64 = 120;
+const TOMBSTONE_S: u64 = 600;
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// Waits (real time, at most 20 s) until `check` holds: the gateway's own
+/// retention pass runs every 100 ms.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within 20 s");
+}
+
+async fn db(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn count(client: &tokio_postgres::Client, query: &str) -> i64 {
+    client.query_one(query, &[]).await.unwrap().get(0)
+}
+
+async fn track(
+    client: &mut pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>,
+    handover: pb::track_request::Handover,
+) -> Result<pb::TrackResponse, tonic::Status> {
+    client
+        .track(pb::TrackRequest {
+            handover: Some(handover),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// `throughcare admin audit verify` against the gateway's database and keys.
+fn admin_audit_verify(url: &str, data_dir: &Path) -> (bool, String) {
+    let out = std::process::Command::new(support::BIN)
+        .args(["admin", "audit", "verify"])
+        .env("THROUGHCARE_STORE_ENGINE", "postgres")
+        .env("THROUGHCARE_STORE_POSTGRES_URL", url)
+        .env("THROUGHCARE_DATA_DIR", data_dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_runs_on_postgres_through_the_real_server() {
+    let Some((gw, clock)) = TestGateway::manual_on(Engine::Postgres, |c| {
+        c.retention.payload_grace_seconds = GRACE_S;
+        c.retention.metadata_seconds = METADATA_S;
+        c.retention.tombstone_seconds = TOMBSTONE_S;
+        c.retention.audit_seconds = Some(METADATA_S);
+        c.retention.interval_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    let url = gw.config.store.postgres_url.clone().unwrap();
+    let sql = db(&url).await;
+    let mut prison = gw.client("YP001").await;
+    let receipt = prison
+        .submit(release("kept-briefly", 1, &["YG001"], "retention marker"))
+        .await
+        .unwrap()
+        .into_inner();
+    let hid = receipt.handover_id;
+    for who in ["YG001", "YPR01"] {
+        support::pull_and_ack(&mut gw.client(who).await).await;
+    }
+    let by_message = || pb::track_request::Handover::MessageId("kept-briefly".into());
+    let t = track(&mut prison, by_message()).await.unwrap();
+    assert!(t.finished_at.is_some() && t.content_removed_at.is_none());
+    let payload_rows = format!("SELECT count(*) FROM payloads WHERE handover_id = {hid}");
+    assert_eq!(count(&sql, &payload_rows).await, 1);
+
+    // Past the grace: the gateway's pass deletes the sealed payload and its
+    // wrapped key; Track and break-glass say so.
+    clock.advance(i64::try_from(GRACE_S).unwrap() * 1_000 + 1_000);
+    eventually("the payload is shredded", || async {
+        count(&sql, &payload_rows).await == 0
+    })
+    .await;
+    let t = track(&mut prison, by_message()).await.unwrap();
+    assert!(t.content_removed_at.is_some(), "{t:?}");
+    let mut op = gw.operator().await;
+    let err = op
+        .break_glass_read(pb::BreakGlassReadRequest {
+            handover_id: hid,
+            reason: "checking what the practice received last week".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err)),
+        (Code::NotFound, "CONTENT_REMOVED_UNDER_RETENTION".to_owned())
+    );
+
+    let status = removed_after_the_metadata_period(&gw, &clock, &sql, hid).await;
+
+    // Entries older than the audit period went behind a signed cut; what
+    // is left verifies, in the gateway and with the admin command.
+    assert!(status.audit_entries_removed > 0, "{status:?}");
+    let verified = gw.store.verify_audit_from().unwrap();
+    assert_eq!(verified.from, status.audit_entries_removed + 1);
+    let entries = gw.store.audit_entries().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.action == "expire" && e.handover_id == Some(hid))
+    );
+    assert!(entries.iter().any(|e| e.action == "audit_prune"));
+    let (ok, text) = admin_audit_verify(&url, &gw.config.data_dir);
+    assert!(ok && text.contains("from entry"), "{text}");
+
+    // A metadata period later, nothing of the patient is held.
+    clock.advance(i64::try_from(METADATA_S).unwrap() * 1_000 + 1_000);
+    eventually("the patient's lineage is removed", || async {
+        count(&sql, "SELECT count(*) FROM lineage").await == 0
+    })
+    .await;
+    assert!(
+        gw.store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "identity_expire")
+    );
+    // Removing the oldest entry kept, without moving the cut, is found.
+    let first = i64::try_from(gw.store.verify_audit_from().unwrap().from).unwrap();
+    sql.execute("DELETE FROM audit WHERE seq = $1", &[&first])
+        .await
+        .unwrap();
+    let (ok, text) = admin_audit_verify(&url, &gw.config.data_dir);
+    assert!(!ok, "{text}");
+    gw.stop().await;
+}
+
+/// Past the metadata period: the records go, a tombstone stays, and Track
+/// answers the sender from it by message id and by handover id; returns
+/// what operators then see.
+async fn removed_after_the_metadata_period(
+    gw: &TestGateway,
+    clock: &ManualClock,
+    sql: &tokio_postgres::Client,
+    hid: u64,
+) -> pb::RetentionStatusResponse {
+    let mut prison = gw.client("YP001").await;
+    let by_message = || pb::track_request::Handover::MessageId("kept-briefly".into());
+    let mut op = gw.operator().await;
+    clock.advance(i64::try_from(METADATA_S - GRACE_S).unwrap() * 1_000);
+    eventually("the tracking data is removed", || async {
+        count(
+            sql,
+            &format!("SELECT count(*) FROM handovers WHERE id = {hid}"),
+        )
+        .await
+            == 0
+    })
+    .await;
+    assert_eq!(
+        count(
+            sql,
+            &format!("SELECT count(*) FROM deliveries WHERE handover_id = {hid}")
+        )
+        .await,
+        0
+    );
+    for key in [by_message(), pb::track_request::Handover::HandoverId(hid)] {
+        let err = track(&mut prison, key).await.unwrap_err();
+        assert_eq!(
+            (err.code(), reason(&err)),
+            (Code::NotFound, "REMOVED_UNDER_RETENTION".to_owned())
+        );
+    }
+    // Another sender learns nothing: the answer for an id never issued.
+    let err = track(
+        &mut gw.client("YP002").await,
+        pb::track_request::Handover::HandoverId(hid),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(reason(&err), "UNKNOWN_HANDOVER");
+    let status = op
+        .retention_status(pb::RetentionStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            status.payloads_shredded,
+            status.metadata_removed,
+            status.tombstones
+        ),
+        (1, 1, 1)
+    );
+    status
+}
+
+/// A node on database `url` with the key files in `dir`, on `clock`.
+fn node(url: &str, dir: &Path, clock: Arc<dyn Clock>) -> Store {
+    let options = StoreOptions {
+        master_key_file: Some(dir.join("master-key")),
+        audit_key_file: Some(dir.join("audit-key")),
+        ..StoreOptions::default()
+    };
+    let pg = PgOptions {
+        url: url.to_owned(),
+        ca_file: None,
+        pool_size: 4,
+        require_synchronous_standby: false,
+    };
+    Store::open_postgres(&pg, options, clock, dir).unwrap()
+}
+
+fn handover(message: u32) -> NewHandover {
+    NewHandover {
+        actor: "urn:ods:YP001".into(),
+        sender: "YP001".into(),
+        message_id: format!("m{message}"),
+        event: JourneyEvent::Release,
+        patient: PatientIds {
+            nhs: Some(format!("p{message}")),
+            prison: Some(format!("q{message}")),
+        },
+        claim_keys: Vec::new(),
+        destinations: vec![NewDelivery {
+            mailbox: "YG001".into(),
+            ..NewDelivery::default()
+        }],
+        payload: format!("document {message}").into_bytes(),
+        requested_destinations: vec!["YG001".into()],
+        supersede: false,
+        trace_parent: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_racing_retention_passes_act_once() {
+    let Some(url) = support::postgres_database("store_retention") else {
+        return;
+    };
+    const N: u32 = 40;
+    const DAY_MS: i64 = 86_400_000;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let a = node(&url, dir.path(), Arc::new(clock.clone()));
+    let b = node(&url, dir.path(), Arc::new(clock.clone()));
+    let mut shredded = 0;
+    let mut removed = 0;
+    let mut identities = 0;
+    for round in 0..3 {
+        for m in 0..N {
+            a.submit(handover(round * N + m)).await.unwrap();
+        }
+        for l in b.pull("urn:ods:YG001", "YG001", 500, 60_000).await.unwrap() {
+            let d = l.delivery;
+            a.ack("urn:ods:YG001", "YG001", d.id, d.attempt)
+                .await
+                .unwrap();
+        }
+        // Past the grace in round 0 (shred only), past the metadata period
+        // after that (removal; the identity checks come due a period later).
+        clock.advance(if round == 0 { 4 * DAY_MS } else { 85 * DAY_MS });
+        let (x, y) = tokio::join!(a.retention(), b.retention());
+        let (x, y) = (x.unwrap(), y.unwrap());
+        shredded += x.shredded + y.shredded;
+        removed += x.metadata_removed + y.metadata_removed;
+        identities += x.identities_removed + y.identities_removed;
+    }
+    let entries = a.audit_entries().unwrap();
+    let acted = |action: &str| entries.iter().filter(|e| e.action == action).count();
+    // Every handover shredded and removed once, and the first two rounds'
+    // patients forgotten once (a metadata period after their removal): by
+    // either node, never both.
+    let n = N as usize;
+    assert_eq!((shredded, acted("shred")), (3 * n, 3 * n));
+    assert_eq!((removed, acted("expire")), (3 * n, 3 * n));
+    assert_eq!((identities, acted("identity_expire")), (2 * n, 2 * n));
+    let stats = b.retention_stats().await.unwrap();
+    let n = u64::from(N);
+    assert_eq!(
+        (
+            stats.payloads_shredded,
+            stats.metadata_removed,
+            stats.tombstones,
+            stats.identities_expiring
+        ),
+        (3 * n, 3 * n, 3 * n, n)
+    );
+    a.verify_audit().unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
