@@ -23,6 +23,7 @@
 //! thread, inside a runtime or not.
 
 mod connect;
+mod import;
 mod queue;
 mod reads;
 mod sql;
@@ -39,6 +40,7 @@ use super::{BarrierStats, Clock, Signals, StoreError, StoreOptions};
 use crate::audit::AuditKey;
 
 pub use connect::{PgTarget, check_target};
+pub use import::ImportSummary;
 
 /// The `LISTEN`/`NOTIFY` channel: a mailbox may have something new.
 pub const CHANNEL: &str = "throughcare_mailbox";
