@@ -393,3 +393,118 @@ async fn after_the_move(pg: &TestGateway, repeat: pb::SubmitRequest, original: p
         ["p1 third", "p12 prison number"]
     );
 }
+
+/// Writes `dir`'s key files: `master`'s master key (or random bytes) and
+/// `audit`'s audit key (or random bytes).
+fn key_set(dir: &Path, master: Option<&Path>, audit: Option<&Path>) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, from) in [("master-key", master), ("audit-key", audit)] {
+        let bytes = match from {
+            Some(keys) => std::fs::read(keys.join(name)).unwrap(),
+            None => uuid::Uuid::new_v4().as_bytes().repeat(2),
+        };
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_is_refused_whole_and_leaves_the_database_empty() {
+    let Some(url) = support::postgres_database("store_export") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let key_dir = work.path().join("keys");
+    let sled = {
+        let k = key_dir.clone();
+        TestGateway::start_with(move |c| keys(c, &k), Arc::new(SystemClock)).await
+    };
+    let mut prison = sled.client("YP001").await;
+    prison
+        .submit(release("r-1", 1, &["YG001"], "one"))
+        .await
+        .unwrap();
+    let data = sled.config.data_dir.clone();
+    let (_kept, _) = sled.stop().await;
+    let file = work.path().join("store.export");
+    let file_arg = file.to_str().unwrap();
+    let refused = |out: Output, why: &str| {
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains(why), "{why}: {}", text(&out));
+    };
+    // Each verb refuses the other engine's configuration.
+    let pg_dir = work.path();
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &key_dir,
+            &["store", "export", "--out", file_arg],
+        ),
+        "names the PostgreSQL engine",
+    );
+    let exported = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
+    assert!(exported.status.success(), "{}", text(&exported));
+    refused(
+        sled_admin(&data, &key_dir, &["import", "--from", file_arg]),
+        "names sled",
+    );
+    refused(
+        sled_admin(&data, &key_dir, &["export", "--out", file_arg]),
+        "never replaces a file",
+    );
+    // Key files that are not there are never made up.
+    let none = work.path().join("no-keys");
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &none,
+            &["store", "import", "--from", file_arg],
+        ),
+        "does not exist",
+    );
+    assert!(!none.join("master-key").exists());
+    // Another master key, another audit key, a changed file.
+    let other_master = work.path().join("other-master");
+    key_set(&other_master, None, Some(&key_dir));
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &other_master,
+            &["store", "import", "--from", file_arg],
+        ),
+        "master key must be the sled gateway's",
+    );
+    let other_audit = work.path().join("other-audit");
+    key_set(&other_audit, Some(&key_dir), None);
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &other_audit,
+            &["store", "import", "--from", file_arg],
+        ),
+        "not signed by this configuration's audit key",
+    );
+    let changed = work.path().join("changed.export");
+    let raw = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&changed, raw.replace("\"attempt\":0", "\"attempt\":1")).unwrap();
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &key_dir,
+            &["store", "import", "--from", changed.to_str().unwrap()],
+        ),
+        "does not match the SHA-256",
+    );
+    // None of that wrote a row: the right file goes into the database.
+    let imported = pg_admin(
+        &url,
+        pg_dir,
+        &key_dir,
+        &["store", "import", "--from", file_arg],
+    );
+    assert!(imported.status.success(), "{}", text(&imported));
+}

@@ -54,41 +54,43 @@ fn bump(counts: &mut Counts, kind: &str) {
 
 impl PgStore {
     /// Imports the export file at `path` into this (empty) database, as
-    /// `actor`. A refusal is audited in the database's chain.
+    /// `actor`. Refused as not empty, the refusal is audited in the
+    /// database's chain. Any other refusal writes nothing: an audit entry
+    /// would make the empty database non-empty, and the right file could
+    /// then not be imported (the command prints why and exits non-zero).
     ///
     /// # Errors
-    /// [`MoveError::File`] for a file that fails its checks or does not
-    /// agree with itself, [`MoveError::NotEmpty`]; database failures.
+    /// [`MoveError::NotEmpty`]; [`MoveError::File`] for a file that fails its
+    /// checks or does not agree with itself; database failures.
     pub async fn import(&self, path: &Path, actor: &str) -> Result<ImportSummary, MoveError> {
-        let key = self.shared.audit_key.clone();
-        let file = path.to_path_buf();
-        let checked = tokio::task::spawn_blocking(move || export_file::check(&file, &key))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("export file check failed: {e}")))?;
-        let outcome = match checked {
-            Ok(checked) => {
-                let (file, actor) = (path.to_path_buf(), actor.to_owned());
-                let done = self
-                    .run(move |s| async move { Ok(import_all(&s, &file, checked, &actor).await) })
-                    .await;
-                done.unwrap_or_else(|e| Err(MoveError::Store(e)))
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e @ (MoveError::NotEmpty(_) | MoveError::File { .. })) = &outcome {
-            let why = match e {
-                MoveError::NotEmpty(what) => format!("the database is not empty ({what})"),
-                _ => "the export file failed its checks".into(),
-            };
+        let outcome = self.import_checked(path, actor).await;
+        if let Err(MoveError::NotEmpty(what)) = &outcome {
             self.record(AuditEvent {
                 actor: actor.to_owned(),
                 action: "store_import",
-                outcome: format!("refused: {why}"),
+                outcome: format!("refused: the database is not empty ({what})"),
                 ..AuditEvent::default()
             })
             .await?;
         }
         outcome
+    }
+
+    async fn import_checked(&self, path: &Path, actor: &str) -> Result<ImportSummary, MoveError> {
+        // Before reading the file: a database in use is refused at once.
+        self.run(|s| async move {
+            let client = s.client().await?;
+            Ok(refuse_unless_empty(&**client).await)
+        })
+        .await??;
+        let key = self.shared.audit_key.clone();
+        let file = path.to_path_buf();
+        let checked = tokio::task::spawn_blocking(move || export_file::check(&file, &key))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("export file check failed: {e}")))??;
+        let (file, actor) = (path.to_path_buf(), actor.to_owned());
+        self.run(move |s| async move { Ok(import_all(&s, &file, checked, &actor).await) })
+            .await?
     }
 }
 
@@ -107,7 +109,7 @@ async fn import_all(
     tx.execute("SELECT 1 FROM audit_head FOR UPDATE", &[])
         .await
         .map_err(db)?;
-    refuse_unless_empty(&tx).await?;
+    refuse_unless_empty(&*tx).await?;
     let written = write_records(&tx, s, path).await?;
     let bad = |why: String| MoveError::File {
         path: path.to_path_buf(),
@@ -163,7 +165,7 @@ async fn import_all(
 
 /// Refuses a database that holds anything: an import must not mix two
 /// stores' ids, queues or chains.
-async fn refuse_unless_empty(tx: &Transaction<'_>) -> Result<(), MoveError> {
+async fn refuse_unless_empty(tx: &impl tokio_postgres::GenericClient) -> Result<(), MoveError> {
     let tables = [
         "handovers",
         "deliveries",
