@@ -226,18 +226,40 @@ async fn write_records(tx: &Transaction<'_>, s: &Shared, path: &Path) -> Result<
         })
         .map_err(StoreError::Io)?;
     let mut counts = Counts::new();
-    while let Some(line) = lines.recv().await {
-        write_one(tx, s, line?, &mut counts).await?;
+    let mut batch = Vec::with_capacity(PIPELINE);
+    loop {
+        let next = lines.recv().await;
+        let done = next.is_none();
+        if let Some(line) = next {
+            batch.push(line?);
+        }
+        if batch.len() >= PIPELINE || (done && !batch.is_empty()) {
+            // Sent in order on one connection without waiting for each
+            // answer (tokio-postgres pipelines concurrent queries); a
+            // handover's row is always the first statement of its line and
+            // comes before the lines that refer to it.
+            let written = futures_util::future::try_join_all(
+                batch.drain(..).map(|line| write_one(tx, s, line)),
+            )
+            .await?;
+            for (kind, n) in written.into_iter().flatten() {
+                *counts.entry(kind).or_default() += n;
+            }
+        }
+        if done {
+            return Ok(counts);
+        }
     }
-    Ok(counts)
 }
 
-async fn write_one(
-    tx: &Transaction<'_>,
-    s: &Shared,
-    line: Line,
-    counts: &mut Counts,
-) -> Result<(), StoreError> {
+/// Lines written at once: their statements go to the database without a
+/// round trip each.
+const PIPELINE: usize = 256;
+
+/// Writes one record; returns what it counts as.
+async fn write_one(tx: &Transaction<'_>, s: &Shared, line: Line) -> Result<Counts, StoreError> {
+    let mut counts = Counts::new();
+    let counts = &mut counts;
     match line {
         Line::Registry { code, record } => {
             tx.execute(
@@ -285,7 +307,7 @@ async fn write_one(
         Line::Tombstone { .. } => bump(counts, "tombstones"),
         other => write_identity(tx, other, counts).await?,
     }
-    Ok(())
+    Ok(std::mem::take(counts))
 }
 
 /// The identity links: keyed hashes only.
