@@ -247,11 +247,6 @@ async fn a_sled_store_moves_to_postgres_whole_and_serves_on() {
     let data = sled.config.data_dir.clone();
     let file = work.path().join("store.export");
     let file_arg = file.to_str().unwrap();
-    let busy = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
-    assert!(!busy.status.success(), "{}", text(&busy));
-    assert!(text(&busy).contains("in use"), "{}", text(&busy));
-    assert!(!file.exists(), "nothing written while the gateway runs");
-
     let (dir, config) = sled.stop().await;
     let exported = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
     assert!(exported.status.success(), "{}", text(&exported));
@@ -507,4 +502,66 @@ async fn an_import_is_refused_whole_and_leaves_the_database_empty() {
         &["store", "import", "--from", file_arg],
     );
     assert!(imported.status.success(), "{}", text(&imported));
+}
+
+/// On sled alone (no database needed): a running gateway's store is refused,
+/// a stopped one is exported with its payloads sealed, the export is the
+/// last entry of a chain that still verifies, and the gateway starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_reads_a_stopped_sled_store_only_and_keeps_payloads_sealed() {
+    let work = tempfile::tempdir().unwrap();
+    let key_dir = work.path().join("keys");
+    let sled = {
+        let k = key_dir.clone();
+        TestGateway::start_with(move |c| keys(c, &k), Arc::new(SystemClock)).await
+    };
+    let mut prison = sled.client("YP001").await;
+    prison
+        .submit(release("r-1", 1, &["YG001"], "sealed marker"))
+        .await
+        .unwrap();
+    let data = sled.config.data_dir.clone();
+    let file = work.path().join("store.export");
+    let file_arg = file.to_str().unwrap();
+    let busy = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
+    assert!(!busy.status.success(), "{}", text(&busy));
+    assert!(text(&busy).contains("in use"), "{}", text(&busy));
+    assert!(
+        std::fs::read_dir(work.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("store.export")),
+        "nothing written while the gateway runs"
+    );
+    let (dir, config) = sled.stop().await;
+    let exported = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
+    assert!(exported.status.success(), "{}", text(&exported));
+    let raw = std::fs::read_to_string(&file).unwrap();
+    assert!(raw.contains("\"kind\":\"handover\""));
+    assert!(!raw.contains("sealed marker"), "payloads stay sealed");
+    assert!(!raw.contains(&nhs(1)), "no NHS number in the file");
+    let audit = |verb: &str| {
+        Command::new(support::BIN)
+            .args(["admin", "audit", verb])
+            .env("THROUGHCARE_DATA_DIR", &data)
+            .env("THROUGHCARE_MASTER_KEY_FILE", key_dir.join("master-key"))
+            .env(
+                "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
+                key_dir.join("audit-key"),
+            )
+            .output()
+            .unwrap()
+    };
+    let verify = audit("verify");
+    assert!(verify.status.success(), "{}", text(&verify));
+    let list = String::from_utf8(audit("list").stdout).unwrap();
+    let last = list.lines().last().unwrap_or_default();
+    assert!(last.contains("\"action\":\"store_export\""), "{last}");
+    // The sled store is untouched otherwise: the way back is open.
+    let sled = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let mut prison = sled.client("YP001").await;
+    let t = track_message(&mut prison, "r-1").await;
+    assert_eq!(t.deliveries[0].state(), pb::DeliveryState::Queued);
+    sled.stop().await;
 }
