@@ -152,6 +152,21 @@ async fn import_all(
         StoreError::Corrupt(why) => bad(format!("its audit chain does not verify here: {why}")),
         e => MoveError::Store(e),
     })?;
+    // Nodes already waiting on this database wake to the imported queues.
+    let mailboxes: Vec<String> = tx
+        .query(
+            &format!(
+                "SELECT DISTINCT mailbox FROM deliveries WHERE state IN {}",
+                sql::LIVE
+            ),
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    sql::notify(&tx, &mailboxes).await?;
     tx.commit().await.map_err(db)?;
     Ok(ImportSummary {
         header: checked.header,
