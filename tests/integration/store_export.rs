@@ -565,3 +565,50 @@ async fn an_export_reads_a_stopped_sled_store_only_and_keeps_payloads_sealed() {
     assert_eq!(t.deliveries[0].state(), pb::DeliveryState::Queued);
     sled.stop().await;
 }
+
+/// A sled trail cut under the retention policy is refused by name: the
+/// PostgreSQL engine keeps no signed cut, so its chain could not verify
+/// there. Nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_of_a_trail_cut_under_retention_is_refused() {
+    const DAY_MS: i64 = 86_400_000;
+    let work = tempfile::tempdir().unwrap();
+    let key_dir = work.path().join("keys");
+    let (gw, clock) = {
+        let k = key_dir.clone();
+        TestGateway::start_manual(move |c| {
+            keys(c, &k);
+            c.retention.audit_seconds = Some(90 * 86_400);
+        })
+        .await
+    };
+    let mut prison = gw.client("YP001").await;
+    for i in 0..5 {
+        prison
+            .submit(release(&format!("old-{i}"), 10 + i, &["YG001"], "old"))
+            .await
+            .unwrap();
+    }
+    clock.advance(91 * DAY_MS);
+    prison
+        .submit(release("r-2", 2, &["YG001"], "new"))
+        .await
+        .unwrap();
+    let pass = gw.store.retention().await.unwrap();
+    assert!(pass.audit_removed > 0, "{pass:?}");
+    let data = gw.config.data_dir.clone();
+    let (_kept, _) = gw.stop().await;
+    let file = work.path().join("store.export");
+    let out = sled_admin(
+        &data,
+        &key_dir,
+        &["export", "--out", file.to_str().unwrap()],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("cut under the retention policy"),
+        "{}",
+        text(&out)
+    );
+    assert!(!file.exists());
+}
