@@ -910,6 +910,28 @@ pub enum StoreCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Read a stopped sled gateway's whole store into an export file, for
+    /// `import` into PostgreSQL: payloads stay sealed, the file is
+    /// checksummed and signed with the audit key (docs/store-engines.md).
+    Export {
+        /// The sled gateway's configuration.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The export file to write (never replaced).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write an export file into the EMPTY PostgreSQL database the
+    /// configuration names, in one transaction, with the sled gateway's
+    /// master key and audit key.
+    Import {
+        /// The PostgreSQL gateway's configuration.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The export file `export` wrote.
+        #[arg(long = "from")]
+        file: PathBuf,
+    },
 }
 
 /// Runs an audit verb.
@@ -1054,7 +1076,20 @@ fn local_actor() -> String {
 /// # Errors
 /// The reason is refused, or the store cannot be opened or re-based.
 pub async fn store(command: StoreCommand, json: bool) -> anyhow::Result<()> {
-    let StoreCommand::AcceptRollback { store, reason } = command;
+    match command {
+        StoreCommand::AcceptRollback { store, reason } => {
+            accept_rollback(&store, &reason, json).await
+        }
+        StoreCommand::Export { store, out } => {
+            super::store_move::export(&store.config()?, &local_actor(), &out, json).await
+        }
+        StoreCommand::Import { store, file } => {
+            super::store_move::import(&store.config()?, &local_actor(), &file, json).await
+        }
+    }
+}
+
+async fn accept_rollback(store: &StoreArgs, reason: &str, json: bool) -> anyhow::Result<()> {
     let reason = reason.trim();
     if reason.is_empty() || reason.len() > 500 {
         anyhow::bail!("--reason: required, 1 to 500 characters saying why (no patient data)");

@@ -12,3 +12,4 @@ pub mod handover;
 pub mod health;
 pub mod mllp;
 pub mod readable;
+pub mod store_move;

@@ -222,6 +222,22 @@ impl PayloadCipher {
         self.wrap(handover_id, &key)
     }
 
+    /// A stored data key wrapped again directly under the master key (the
+    /// layout before epochs, which the PostgreSQL engine uses): what a store
+    /// export carries, so the data key never leaves unwrapped and no key
+    /// epoch file has to travel with it.
+    ///
+    /// # Errors
+    /// As for [`PayloadCipher::open`].
+    pub fn rewrap_under_master(
+        &self,
+        handover_id: u64,
+        wrapped: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let key = self.unwrap_key(handover_id, wrapped)?;
+        seal_with(&self.master, &key, &aad(KEY_AAD, handover_id))
+    }
+
     /// Reads the master key from `path`, creating it (32 random bytes, mode
     /// 0600) when absent.
     ///

@@ -26,6 +26,8 @@ mod claim_guard;
 pub mod clock;
 pub mod crypt;
 mod engine;
+pub mod export;
+pub mod export_file;
 pub mod high_water;
 mod identity;
 mod index_checkpoint;

@@ -39,6 +39,7 @@ mod retention;
 mod safety_case;
 mod security_tls;
 mod store_barrier;
+mod store_export;
 mod store_failover;
 mod store_model;
 mod store_nodes;

@@ -26,6 +26,7 @@ mod connect;
 mod identity;
 mod mesh;
 mod pds;
+mod import;
 mod queue;
 mod reads;
 mod retention;
@@ -48,6 +49,7 @@ pub use mesh::MESH_LOCK;
 pub use pds::PDS_LOCK;
 pub use retention::PASS_LOCK;
 pub use turn::Turn;
+pub use import::ImportSummary;
 
 /// The `LISTEN`/`NOTIFY` channel: a mailbox may have something new.
 pub const CHANNEL: &str = "throughcare_mailbox";

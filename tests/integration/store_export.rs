@@ -1,0 +1,614 @@
+//! Moving a sled store to PostgreSQL (docs/store-engines.md, "Moving a sled
+//! store to PostgreSQL"): a sled gateway filled over gRPC, stopped, exported
+//! and imported with the real binary (`admin store export` / `import`), then
+//! a gateway on PostgreSQL serves the same queues: the same pulls in the same
+//! order as sled gives them, a lease taken on sled acknowledged, a repeated
+//! submit answered with its original receipt, the audit chain verified, and
+//! a second import refused with nothing changed.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use support::*;
+use throughcare::grpc::pb;
+use throughcare::store::SystemClock;
+
+use crate::support;
+
+/// The key files both engines share, outside either's data directory.
+fn keys(c: &mut throughcare::config::Config, keys: &Path) {
+    c.master_key_file = Some(keys.join("master-key"));
+    c.integrity.audit_key_file = Some(keys.join("audit-key"));
+    c.patient_key_file = Some(keys.join("patient-key"));
+}
+
+/// `throughcare admin store <verb>` on the sled store in `data`.
+fn sled_admin(data: &Path, keys: &Path, args: &[&str]) -> Output {
+    Command::new(support::BIN)
+        .args(["admin", "store"])
+        .args(args)
+        .env("THROUGHCARE_DATA_DIR", data)
+        .env("THROUGHCARE_MASTER_KEY_FILE", keys.join("master-key"))
+        .env(
+            "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
+            keys.join("audit-key"),
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// `throughcare admin <args>` configured for the database `url`.
+fn pg_admin(url: &str, dir: &Path, keys: &Path, args: &[&str]) -> Output {
+    Command::new(support::BIN)
+        .arg("admin")
+        .args(args)
+        .env("THROUGHCARE_STORE_ENGINE", "postgres")
+        .env("THROUGHCARE_STORE_POSTGRES_URL", url)
+        .env("THROUGHCARE_STORE_POSTGRES_KEEPS_EVERYTHING", "true")
+        .env(
+            "THROUGHCARE_STORE_POSTGRES_REQUIRE_SYNCHRONOUS_STANDBY",
+            "false",
+        )
+        .env("THROUGHCARE_DATA_DIR", dir.join("pg-node"))
+        .env("THROUGHCARE_MASTER_KEY_FILE", keys.join("master-key"))
+        .env(
+            "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
+            keys.join("audit-key"),
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn lease(seconds: i64) -> pb::PullRequest {
+    pb::PullRequest {
+        lease: Some(prost_types::Duration { seconds, nanos: 0 }),
+        ..pull(1)
+    }
+}
+
+/// A release of invented patient `patient` from YP001 to YG001, naming
+/// the patient by NHS number, prison number or both.
+fn named(
+    id: &str,
+    patient: u32,
+    with_nhs: bool,
+    prison: Option<&str>,
+    marker: &str,
+) -> pb::SubmitRequest {
+    let summary = throughcare::clinical::synthetic::release_summary(
+        with_nhs.then(|| nhs(patient).parse().unwrap()),
+        prison.map(|p| p.parse().unwrap()),
+        "YP001".parse().unwrap(),
+        None,
+        marker,
+    );
+    throughcare::cli::client::native_submit(id, pb::JourneyEvent::Release, &["YG001"], &summary)
+}
+
+/// A client of `mailbox`; the practice the fill adds to the registry has
+/// no dev certificate, so one is issued.
+async fn client(
+    gw: &TestGateway,
+    mailbox: &str,
+) -> pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel> {
+    if mailbox != "YG003" {
+        return gw.client(mailbox).await;
+    }
+    let issued = gw.ca().issue_client_now("urn:ods:YG003").unwrap();
+    gw.client_with(
+        &gw.ca_pem(),
+        issued.cert_pem.as_bytes(),
+        issued.key_pem.as_bytes(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A pulled delivery as compared across engines.
+type Pulled = (u64, u64, u32, String);
+
+/// Pulls `mailbox` dry, acknowledging each delivery (per-patient order lets
+/// a patient's next one out only then); bounded.
+async fn drain(gw: &TestGateway, mailbox: &str) -> Vec<Pulled> {
+    let mut c = client(gw, mailbox).await;
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        let batch = pull_and_ack(&mut c).await;
+        if batch.is_empty() {
+            return got;
+        }
+        got.extend(
+            batch
+                .iter()
+                .map(|d| (d.delivery_id, d.handover_id, d.attempt, text_of(d))),
+        );
+    }
+    panic!("{mailbox} never ran dry");
+}
+
+/// What every mailbox of the fill holds, pulled in order, and the parked
+/// and quarantined ids.
+async fn everything(gw: &TestGateway) -> (Vec<Vec<Pulled>>, Vec<u64>, Vec<u64>) {
+    let mut op = gw.operator().await;
+    let parked = op
+        .list_parked(pb::ListParkedRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries
+        .iter()
+        .map(|d| d.delivery_id)
+        .collect();
+    let quarantined = op
+        .list_quarantine(pb::ListQuarantineRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries
+        .iter()
+        .map(|d| d.delivery_id)
+        .collect();
+    let mut pulled = Vec::new();
+    for mailbox in ["YG001", "YG002", "YG003", "YPR01"] {
+        pulled.push(drain(gw, mailbox).await);
+    }
+    (pulled, parked, quarantined)
+}
+
+/// The sled gateway's traffic: every delivery state, several patients, a
+/// registry change. Returns the repeated submit, its receipt, and the
+/// delivery left on lease (id, attempt).
+async fn fill(gw: &TestGateway) -> (pb::SubmitRequest, pb::SubmitResponse, (u64, u32)) {
+    let mut op = gw.operator().await;
+    op.put_organisation(pb::PutOrganisationRequest {
+        organisation: Some(pb::Organisation {
+            ods_code: "YG003".into(),
+            kind: pb::OrganisationKind::GpPractice.into(),
+            name: "Meadow Lane Practice (invented)".into(),
+            format: pb::DocumentFormat::Native.into(),
+            region: String::new(),
+            mesh_mailbox: String::new(),
+            active: true,
+        }),
+    })
+    .await
+    .unwrap();
+    let mut prison = gw.client("YP001").await;
+    let mut receipts = Vec::new();
+    for request in [
+        release("r-1", 1, &["YG001"], "p1 first"),
+        release("r-2", 1, &["YG001"], "p1 corrected"),
+        release("r-3", 2, &["YG001"], "p2"),
+        release("r-4", 3, &["YG001"], "p3"),
+        admission("a-5", 5),
+        release("r-5", 5, &["YG001"], "p5 after admission"),
+        release("r-6", 6, &["YG002"], "poison"),
+        release("r-7", 7, &["YG002"], "p7"),
+        release("r-9", 9, &[], "parked"),
+        release("r-10", 10, &["YG003"], "p10"),
+        release("r-11", 11, &["YG003"], "p11"),
+        named("r-12", 12, true, Some("A1234BC"), "p12 both numbers"),
+    ] {
+        receipts.push((
+            request.clone(),
+            prison.submit(request).await.unwrap().into_inner(),
+        ));
+    }
+    let mut gp = gw.client("YG001").await;
+    let kept = gp.pull(lease(600)).await.unwrap().into_inner().deliveries;
+    assert_eq!(text_of(&kept[0]), "p1 corrected", "r-1 was superseded");
+    let one = gp.pull(pull(1)).await.unwrap().into_inner().deliveries;
+    assert_eq!(text_of(&one[0]), "p2");
+    gp.ack(pb::AckRequest {
+        delivery_id: one[0].delivery_id,
+        attempt: one[0].attempt,
+    })
+    .await
+    .unwrap();
+    let mut other = gw.client("YG002").await;
+    let poison = other.pull(pull(1)).await.unwrap().into_inner().deliveries;
+    assert_eq!(text_of(&poison[0]), "poison");
+    other
+        .nack(pb::NackRequest {
+            delivery_id: poison[0].delivery_id,
+            attempt: poison[0].attempt,
+            permanent: true,
+            reason: "cannot file this".into(),
+        })
+        .await
+        .unwrap();
+    let (request, receipt) = receipts.swap_remove(3);
+    (request, receipt, (kept[0].delivery_id, kept[0].attempt))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sled_store_moves_to_postgres_whole_and_serves_on() {
+    let Some(url) = support::postgres_database("store_export") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let key_dir = work.path().join("keys");
+    let sled = {
+        let k = key_dir.clone();
+        TestGateway::start_with(move |c| keys(c, &k), Arc::new(SystemClock)).await
+    };
+    let (repeat, original, (leased, attempt)) = fill(&sled).await;
+    let data = sled.config.data_dir.clone();
+    let file = work.path().join("store.export");
+    let file_arg = file.to_str().unwrap();
+    let (dir, config) = sled.stop().await;
+    let exported = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
+    assert!(exported.status.success(), "{}", text(&exported));
+    let said = text(&exported);
+    eprintln!("{said}");
+    for count in [
+        "deliveries_superseded",
+        "deliveries_leased",
+        "deliveries_delivered",
+        "deliveries_parked",
+        "deliveries_quarantined",
+        "deliveries_queued",
+    ] {
+        assert!(said.contains(count), "{count}: {said}");
+    }
+    let raw = std::fs::read_to_string(&file).unwrap();
+    assert!(!raw.contains("p1 corrected"), "payloads stay sealed");
+    assert!(!raw.contains(&nhs(1)), "no NHS number in the file");
+
+    // What sled itself serves from the state that was exported.
+    let sled = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let on_sled = everything(&sled).await;
+    sled.stop().await;
+    assert_eq!(
+        on_sled.0.iter().map(Vec::len).sum::<usize>(),
+        17,
+        "{on_sled:?}"
+    );
+
+    let imported = pg_admin(
+        &url,
+        work.path(),
+        &key_dir,
+        &["store", "import", "--from", file_arg],
+    );
+    assert!(imported.status.success(), "{}", text(&imported));
+    eprintln!("{}", text(&imported));
+    assert!(text(&imported).contains("handovers"), "{}", text(&imported));
+
+    let pg = {
+        let (k, url) = (key_dir.clone(), url.clone());
+        TestGateway::start_with(
+            move |c| {
+                use_postgres(c, &url);
+                keys(c, &k);
+            },
+            Arc::new(SystemClock),
+        )
+        .await
+    };
+    // The lease taken on sled is still the recipient's, and its ack counts.
+    let mut gp = pg.client("YG001").await;
+    gp.ack(pb::AckRequest {
+        delivery_id: leased,
+        attempt,
+    })
+    .await
+    .unwrap();
+    let on_pg = everything(&pg).await;
+    assert_eq!(on_pg, on_sled, "the same deliveries in the same order");
+    after_the_move(&pg, repeat, original).await;
+
+    let verify = pg_admin(&url, work.path(), &key_dir, &["audit", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    let digest = pg.store.content_digest().unwrap();
+    let entries = pg.store.audit_entries().unwrap().len();
+    let again = pg_admin(
+        &url,
+        work.path(),
+        &key_dir,
+        &["store", "import", "--from", file_arg],
+    );
+    assert!(!again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("not empty"), "{}", text(&again));
+    assert_eq!(
+        pg.store.content_digest().unwrap(),
+        digest,
+        "nothing changed"
+    );
+    let trail = pg.store.audit_entries().unwrap();
+    assert_eq!(trail.len(), entries + 1, "the refusal is audited");
+    assert!(trail.last().unwrap().outcome.starts_with("refused"));
+    let verify = pg_admin(&url, work.path(), &key_dir, &["audit", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    pg.stop().await;
+}
+
+/// Idempotency, ids and supersession carry on from the sled store.
+async fn after_the_move(pg: &TestGateway, repeat: pb::SubmitRequest, original: pb::SubmitResponse) {
+    let mut prison = pg.client("YP001").await;
+    let again = prison.submit(repeat).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.handover_id, original.handover_id);
+    assert_eq!(again.deliveries, original.deliveries);
+    let corrected = track_message(&mut prison, "r-2").await;
+    let newer = prison
+        .submit(release("r-13", 1, &["YG001"], "p1 third"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        newer.handover_id > corrected.handover_id,
+        "ids never reused"
+    );
+    let record = pg.store.handover(newer.handover_id).unwrap().unwrap();
+    assert_eq!(
+        record.supersedes,
+        Some(corrected.handover_id),
+        "the lineage came across with the patient's identity"
+    );
+    // Known on sled by both numbers, named now by the prison number alone:
+    // the same patient, so its earlier release is superseded.
+    let by_prison_number = prison
+        .submit(named(
+            "r-14",
+            12,
+            false,
+            Some("A1234BC"),
+            "p12 prison number",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let both = track_message(&mut prison, "r-12").await;
+    let record = pg
+        .store
+        .handover(by_prison_number.handover_id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        record.supersedes,
+        Some(both.handover_id),
+        "one patient across identifiers"
+    );
+    let mut gp = pg.client("YG001").await;
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        ["p1 third", "p12 prison number"]
+    );
+}
+
+/// Writes `dir`'s key files: `master`'s master key (or random bytes) and
+/// `audit`'s audit key (or random bytes).
+fn key_set(dir: &Path, master: Option<&Path>, audit: Option<&Path>) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, from) in [("master-key", master), ("audit-key", audit)] {
+        let bytes = match from {
+            Some(keys) => std::fs::read(keys.join(name)).unwrap(),
+            None => uuid::Uuid::new_v4().as_bytes().repeat(2),
+        };
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_is_refused_whole_and_leaves_the_database_empty() {
+    let Some(url) = support::postgres_database("store_export") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let key_dir = work.path().join("keys");
+    let sled = {
+        let k = key_dir.clone();
+        TestGateway::start_with(move |c| keys(c, &k), Arc::new(SystemClock)).await
+    };
+    let mut prison = sled.client("YP001").await;
+    prison
+        .submit(release("r-1", 1, &["YG001"], "one"))
+        .await
+        .unwrap();
+    let data = sled.config.data_dir.clone();
+    let (_kept, _) = sled.stop().await;
+    let file = work.path().join("store.export");
+    let file_arg = file.to_str().unwrap();
+    let refused = |out: Output, why: &str| {
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains(why), "{why}: {}", text(&out));
+    };
+    // Each verb refuses the other engine's configuration.
+    let pg_dir = work.path();
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &key_dir,
+            &["store", "export", "--out", file_arg],
+        ),
+        "names the PostgreSQL engine",
+    );
+    let exported = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
+    assert!(exported.status.success(), "{}", text(&exported));
+    refused(
+        sled_admin(&data, &key_dir, &["import", "--from", file_arg]),
+        "names sled",
+    );
+    refused(
+        sled_admin(&data, &key_dir, &["export", "--out", file_arg]),
+        "never replaces a file",
+    );
+    // Key files that are not there are never made up.
+    let none = work.path().join("no-keys");
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &none,
+            &["store", "import", "--from", file_arg],
+        ),
+        "does not exist",
+    );
+    assert!(!none.join("master-key").exists());
+    // Another master key, another audit key, a changed file.
+    let other_master = work.path().join("other-master");
+    key_set(&other_master, None, Some(&key_dir));
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &other_master,
+            &["store", "import", "--from", file_arg],
+        ),
+        "master key must be the sled gateway's",
+    );
+    let other_audit = work.path().join("other-audit");
+    key_set(&other_audit, Some(&key_dir), None);
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &other_audit,
+            &["store", "import", "--from", file_arg],
+        ),
+        "not signed by this configuration's audit key",
+    );
+    let changed = work.path().join("changed.export");
+    let raw = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&changed, raw.replace("\"attempt\":0", "\"attempt\":1")).unwrap();
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &key_dir,
+            &["store", "import", "--from", changed.to_str().unwrap()],
+        ),
+        "does not match the SHA-256",
+    );
+    // None of that wrote a row: the right file goes into the database.
+    let imported = pg_admin(
+        &url,
+        pg_dir,
+        &key_dir,
+        &["store", "import", "--from", file_arg],
+    );
+    assert!(imported.status.success(), "{}", text(&imported));
+}
+
+/// On sled alone (no database needed): a running gateway's store is refused,
+/// a stopped one is exported with its payloads sealed, the export is the
+/// last entry of a chain that still verifies, and the gateway starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_reads_a_stopped_sled_store_only_and_keeps_payloads_sealed() {
+    let work = tempfile::tempdir().unwrap();
+    let key_dir = work.path().join("keys");
+    let sled = {
+        let k = key_dir.clone();
+        TestGateway::start_with(move |c| keys(c, &k), Arc::new(SystemClock)).await
+    };
+    let mut prison = sled.client("YP001").await;
+    prison
+        .submit(release("r-1", 1, &["YG001"], "sealed marker"))
+        .await
+        .unwrap();
+    let data = sled.config.data_dir.clone();
+    let file = work.path().join("store.export");
+    let file_arg = file.to_str().unwrap();
+    let busy = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
+    assert!(!busy.status.success(), "{}", text(&busy));
+    assert!(text(&busy).contains("in use"), "{}", text(&busy));
+    assert!(
+        std::fs::read_dir(work.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("store.export")),
+        "nothing written while the gateway runs"
+    );
+    let (dir, config) = sled.stop().await;
+    let exported = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
+    assert!(exported.status.success(), "{}", text(&exported));
+    let raw = std::fs::read_to_string(&file).unwrap();
+    assert!(raw.contains("\"kind\":\"handover\""));
+    assert!(!raw.contains("sealed marker"), "payloads stay sealed");
+    assert!(!raw.contains(&nhs(1)), "no NHS number in the file");
+    let audit = |verb: &str| {
+        Command::new(support::BIN)
+            .args(["admin", "audit", verb])
+            .env("THROUGHCARE_DATA_DIR", &data)
+            .env("THROUGHCARE_MASTER_KEY_FILE", key_dir.join("master-key"))
+            .env(
+                "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
+                key_dir.join("audit-key"),
+            )
+            .output()
+            .unwrap()
+    };
+    let verify = audit("verify");
+    assert!(verify.status.success(), "{}", text(&verify));
+    let list = String::from_utf8(audit("list").stdout).unwrap();
+    let last = list.lines().last().unwrap_or_default();
+    assert!(last.contains("\"action\":\"store_export\""), "{last}");
+    // The sled store is untouched otherwise: the way back is open.
+    let sled = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let mut prison = sled.client("YP001").await;
+    let t = track_message(&mut prison, "r-1").await;
+    assert_eq!(t.deliveries[0].state(), pb::DeliveryState::Queued);
+    sled.stop().await;
+}
+
+/// A sled trail cut under the retention policy is refused by name: the
+/// PostgreSQL engine keeps no signed cut, so its chain could not verify
+/// there. Nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_of_a_trail_cut_under_retention_is_refused() {
+    const DAY_MS: i64 = 86_400_000;
+    let work = tempfile::tempdir().unwrap();
+    let key_dir = work.path().join("keys");
+    let (gw, clock) = {
+        let k = key_dir.clone();
+        TestGateway::start_manual(move |c| {
+            keys(c, &k);
+            c.retention.audit_seconds = Some(90 * 86_400);
+        })
+        .await
+    };
+    let mut prison = gw.client("YP001").await;
+    for i in 0..5 {
+        prison
+            .submit(release(&format!("old-{i}"), 10 + i, &["YG001"], "old"))
+            .await
+            .unwrap();
+    }
+    clock.advance(91 * DAY_MS);
+    prison
+        .submit(release("r-2", 2, &["YG001"], "new"))
+        .await
+        .unwrap();
+    let pass = gw.store.retention().await.unwrap();
+    assert!(pass.audit_removed > 0, "{pass:?}");
+    let data = gw.config.data_dir.clone();
+    let (_kept, _) = gw.stop().await;
+    let file = work.path().join("store.export");
+    let out = sled_admin(
+        &data,
+        &key_dir,
+        &["export", "--out", file.to_str().unwrap()],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("cut under the retention policy"),
+        "{}",
+        text(&out)
+    );
+    assert!(!file.exists());
+}
