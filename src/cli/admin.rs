@@ -945,14 +945,7 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify { store, checkpoint } => {
             let config = store.config()?;
-            let mut extra = Vec::new();
-            for path in checkpoint {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                let signed: crate::audit::SignedCheckpoint = serde_json::from_str(text.trim())
-                    .with_context(|| format!("{} is not a checkpoint", path.display()))?;
-                extra.push((path.display().to_string(), signed));
-            }
+            let extra = read_checkpoints(&checkpoint)?;
             let v = crate::store::integrity::verify_audit(
                 &config.data_dir,
                 &config.store_witness(),
@@ -996,6 +989,23 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The checkpoints recorded elsewhere (`admin audit anchor`'s JSON line),
+/// each with the file it came from.
+fn read_checkpoints(
+    paths: &[PathBuf],
+) -> anyhow::Result<Vec<(String, crate::audit::SignedCheckpoint)>> {
+    paths
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let signed: crate::audit::SignedCheckpoint = serde_json::from_str(text.trim())
+                .with_context(|| format!("{} is not a checkpoint", path.display()))?;
+            Ok((path.display().to_string(), signed))
+        })
+        .collect()
+}
+
 /// An audit verb on the PostgreSQL engine (docs/store-engines.md): the one
 /// chain every node appends to, read from the database (the gateway may be
 /// running). `None` when the configuration names sled.
@@ -1018,16 +1028,10 @@ async fn audit_postgres(
     config: &crate::config::Config,
     pg: &crate::store::pg::PgOptions,
 ) -> anyhow::Result<()> {
-    if let AuditCommand::Verify { checkpoint, .. } = command
-        && !checkpoint.is_empty()
-    {
-        anyhow::bail!("--checkpoint: checkpoints are not kept on the PostgreSQL store engine yet");
-    }
-    if matches!(command, AuditCommand::Anchor { .. }) {
-        anyhow::bail!(
-            "audit anchor: the PostgreSQL store engine keeps no witness checkpoint yet (docs/store-engines.md)"
-        );
-    }
+    let anchors = match command {
+        AuditCommand::Verify { checkpoint, .. } => read_checkpoints(checkpoint)?,
+        _ => Vec::new(),
+    };
     // Reading and checking the chain answers no caller: it may run while
     // the synchronous standby is away (the check is for serving OKs).
     let pg = crate::store::pg::PgOptions {
@@ -1046,13 +1050,23 @@ async fn audit_postgres(
                 println!("{}", serde_json::to_string(&entry).unwrap_or_default());
             }
         }),
-        _ => store.verify_audit_from().map(|v| {
-            println!(
-                "audit chain verifies: {} entries (one chain across every node; keyed from entry {})",
-                v.entries,
-                v.keyed_from.map_or_else(|| "-".into(), |k| k.to_string()),
-            );
-        }),
+        AuditCommand::Anchor { .. } => {
+            let pg = store.postgres().expect("a PostgreSQL store");
+            pg.audit_checkpoint(crate::store::Clock::now_ms(&crate::store::SystemClock))
+                .map(|signed| println!("{}", serde_json::to_string(&signed).unwrap_or_default()))
+        }
+        AuditCommand::Verify { .. } => {
+            let pg = store.postgres().expect("a PostgreSQL store");
+            pg.verify_audit_anchored(&anchors).map(|v| {
+                println!(
+                    "audit chain verifies: {} entries{} (one chain across every node; keyed from entry {}; {} checkpoint(s) held)",
+                    v.entries,
+                    crate::store::integrity::cut_note(v.cut.as_ref()),
+                    v.keyed_from.map_or_else(|| "-".into(), |k| k.to_string()),
+                    anchors.len(),
+                );
+            })
+        }
     };
     store.close().await?;
     outcome.context("audit chain does NOT verify")

@@ -111,6 +111,15 @@ impl Store {
         }
     }
 
+    /// The PostgreSQL engine, for what only it does (its audit checkpoints);
+    /// `None` on sled.
+    pub fn postgres(&self) -> Option<&PgStore> {
+        match &self.0 {
+            Engine::Sled(_) => None,
+            Engine::Postgres(p) => Some(p),
+        }
+    }
+
     /// See [`SledStore::submit`].
     ///
     /// # Errors

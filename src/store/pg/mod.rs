@@ -24,9 +24,9 @@
 
 mod connect;
 mod identity;
+mod import;
 mod mesh;
 mod pds;
-mod import;
 mod queue;
 mod reads;
 mod retention;
@@ -45,11 +45,11 @@ use super::{BarrierStats, Clock, Signals, StoreError, StoreOptions};
 use crate::audit::AuditKey;
 
 pub use connect::{PgTarget, check_target};
+pub use import::ImportSummary;
 pub use mesh::MESH_LOCK;
 pub use pds::PDS_LOCK;
 pub use retention::PASS_LOCK;
 pub use turn::Turn;
-pub use import::ImportSummary;
 
 /// The `LISTEN`/`NOTIFY` channel: a mailbox may have something new.
 pub const CHANNEL: &str = "throughcare_mailbox";

@@ -350,7 +350,90 @@ impl PgStore {
     /// # Errors
     /// The first broken link, or a database failure.
     pub fn verify_audit_from(&self) -> Result<crate::audit::Verified, StoreError> {
-        let (cut, raw) = self.block(move |s| async move {
+        self.verify_audit_anchored(&[])
+    }
+
+    /// Verifies the whole chain against checkpoints recorded elsewhere
+    /// (each `(where from, checkpoint)`, as [`Self::audit_checkpoint`]
+    /// printed them): each must be signed by the audit key, and the chain
+    /// must still hold its entry unchanged and reach it. A database
+    /// restored from an older backup, truncated or rewritten is found.
+    ///
+    /// # Errors
+    /// A checkpoint not signed by this audit key, the first broken link or
+    /// a chain short of a checkpoint, or a database failure.
+    pub fn verify_audit_anchored(
+        &self,
+        anchors: &[(String, crate::audit::SignedCheckpoint)],
+    ) -> Result<crate::audit::Verified, StoreError> {
+        for (from, signed) in anchors {
+            if !signed.verifies(self.audit_key()) {
+                return Err(StoreError::Corrupt(format!(
+                    "the checkpoint in {from} is not signed by this audit key"
+                )));
+            }
+        }
+        let (cut, raw) = self.audit_chain()?;
+        let verify = |anchor: Option<&crate::audit::Checkpoint>| {
+            crate::audit::verify_from(
+                raw.iter().map(Vec::as_slice),
+                Some(self.audit_key()),
+                anchor,
+                cut.as_ref(),
+            )
+        };
+        let mut verified = verify(None).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        for (from, signed) in anchors {
+            verified = verify(Some(&signed.checkpoint))
+                .map_err(|e| StoreError::Corrupt(format!("{e} (checkpoint: {from})")))?;
+        }
+        Ok(verified)
+    }
+
+    /// The head of the chain as a checkpoint signed with the audit key
+    /// (Ed25519), after verifying the whole chain: for an outside system to
+    /// record, and `verify_audit_anchored` to check later. `commit_seq` is
+    /// sled's batch count and is 0 here.
+    ///
+    /// # Errors
+    /// The chain does not verify, or a database failure.
+    pub fn audit_checkpoint(
+        &self,
+        now_ms: i64,
+    ) -> Result<crate::audit::SignedCheckpoint, StoreError> {
+        let (cut, raw) = self.audit_chain()?;
+        let v = crate::audit::verify_from(
+            raw.iter().map(Vec::as_slice),
+            Some(self.audit_key()),
+            None,
+            cut.as_ref(),
+        )
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let audit_hash = match raw.last() {
+            Some(last) => {
+                serde_json::from_slice::<crate::audit::AuditEntry>(last)
+                    .map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))?
+                    .hash
+            }
+            None => crate::audit::GENESIS.to_owned(),
+        };
+        let checkpoint = crate::audit::Checkpoint {
+            commit_seq: 0,
+            audit_seq: v.last,
+            audit_hash,
+            keyed_from: v.keyed_from.unwrap_or(v.last + 1),
+            at_ms: now_ms,
+        };
+        Ok(checkpoint.sign(self.audit_key()))
+    }
+
+    /// The signed retention cut (if any) and every audit entry, in order,
+    /// read in one snapshot.
+    #[allow(clippy::type_complexity)]
+    fn audit_chain(
+        &self,
+    ) -> Result<(Option<crate::audit::SignedAuditCut>, Vec<Vec<u8>>), StoreError> {
+        self.block(move |s| async move {
             let mut client = s.client().await?;
             let tx = client
                 .build_transaction()
@@ -371,14 +454,7 @@ impl PgStore {
                     .map(|r| r.get::<_, Vec<u8>>(0))
                     .collect::<Vec<_>>(),
             ))
-        })?;
-        crate::audit::verify_from(
-            raw.iter().map(Vec::as_slice),
-            Some(self.audit_key()),
-            None,
-            cut.as_ref(),
-        )
-        .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
     }
 
     /// SHA-256 over every handover, delivery, payload, identity, lineage and
