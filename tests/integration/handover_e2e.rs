@@ -503,7 +503,12 @@ async fn leases_that_run_out_of_attempts_are_quarantined_by_the_sweeper_on(engin
         .unwrap();
     let mut gp = gw.client("YG001").await;
     for attempt in 1..=2 {
-        let d = gp.pull(pull(1)).await.unwrap().into_inner().deliveries;
+        let d = gp
+            .pull(pull_waiting(1, 5))
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries;
         assert_eq!(d[0].attempt, attempt);
         clock.advance(61_000);
     }
@@ -808,7 +813,12 @@ async fn everything_acknowledged_survives_a_restart_on(engine: Engine) {
         ids.push(r.handover_id);
     }
     let mut gp = gw.client("YG001").await;
-    let leased = gp.pull(pull(5)).await.unwrap().into_inner().deliveries;
+    let leased = gp
+        .pull(pull_waiting(5, 5))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
     for d in &leased[..2] {
         gp.ack(pb::AckRequest {
             delivery_id: d.delivery_id,
@@ -837,7 +847,12 @@ async fn everything_acknowledged_survives_a_restart_on(engine: Engine) {
     clock.advance(61_000);
     let mut got = Vec::new();
     loop {
-        let batch = gp.pull(pull(50)).await.unwrap().into_inner().deliveries;
+        let batch = gp
+            .pull(pull_waiting(50, 2))
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries;
         if batch.is_empty() {
             break;
         }

@@ -256,6 +256,16 @@ pub fn release(message_id: &str, patient: u32, to: &[&str], marker: &str) -> pb:
 }
 
 /// Pull up to `max`, rendered natively.
+/// A pull that long-polls up to `seconds`: on PostgreSQL a delivery whose
+/// row another transaction holds for a moment (the sweeper, another node)
+/// is skipped, not waited for, and a waiting pull takes it a moment later.
+pub fn pull_waiting(max: u32, seconds: i64) -> pb::PullRequest {
+    pb::PullRequest {
+        wait: Some(prost_types::Duration { seconds, nanos: 0 }),
+        ..pull(max)
+    }
+}
+
 pub fn pull(max: u32) -> pb::PullRequest {
     pb::PullRequest {
         max_deliveries: max,
