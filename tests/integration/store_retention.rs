@@ -341,3 +341,26 @@ async fn two_nodes_racing_retention_passes_act_once() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// An idle gateway whose whole trail is past the audit period: the cut
+/// keeps the newest entry, so the chain goes on from it and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trail_entirely_past_the_audit_period_still_verifies_after_the_cut() {
+    let Some(url) = support::postgres_database("store_retention") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let a = node(&url, dir.path(), Arc::new(clock.clone()));
+    for m in 0..3 {
+        a.submit(handover(m)).await.unwrap();
+    }
+    clock.advance(9 * 366 * 86_400_000);
+    let pass = a.retention().await.unwrap();
+    assert_eq!(pass.audit_removed, 2, "all but the newest entry");
+    let verified = a.verify_audit_from().unwrap();
+    assert_eq!((verified.from, verified.entries), (3, 2));
+    a.submit(handover(9)).await.unwrap();
+    assert_eq!(a.verify_audit_from().unwrap().entries, 3);
+    a.close().await.unwrap();
+}
