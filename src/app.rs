@@ -585,6 +585,44 @@ impl Prepared {
         })
     }
 
+    /// Reads the operators' registry records again whenever another node
+    /// changed one (PostgreSQL: NOTIFY), so every node routes and
+    /// authorises alike without a restart.
+    fn spawn_registry_refresh(&self) -> tokio::task::JoinHandle<()> {
+        let gateway = self.gateway.clone();
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            let signal = gateway.store.registry_signal();
+            let mut next = Box::pin(signal.notified());
+            next.as_mut().enable();
+            loop {
+                tokio::select! {
+                    () = &mut next => {}
+                    _ = stop.changed() => break,
+                }
+                // Armed before reading: a change made meanwhile wakes it.
+                next = Box::pin(signal.notified());
+                next.as_mut().enable();
+                let store = gateway.store.clone();
+                match tokio::task::spawn_blocking(move || store.registry_records()).await {
+                    Ok(Ok(records)) => {
+                        for raw in records {
+                            match serde_json::from_slice::<crate::journey::Organisation>(&raw) {
+                                Ok(org) => gateway.registry.put(org),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "a registry record does not read")
+                                }
+                            }
+                        }
+                        tracing::info!("registry read again after a change on another node");
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "registry could not be read again"),
+                    Err(e) => tracing::error!(error = %e, "registry read failed"),
+                }
+            }
+        })
+    }
+
     /// Runs the retention pass at its interval (at once again after a full
     /// batch) until shutdown.
     fn spawn_retention(&self) -> tokio::task::JoinHandle<()> {
@@ -659,6 +697,7 @@ impl Prepared {
         let sweeper = self.spawn_sweeper(trends.clone());
 
         let retention = self.spawn_retention();
+        let registry = self.spawn_registry_refresh();
         let continuity = self.spawn_continuity(continuity);
         let pds = self.spawn_pds();
         let mesh = self.spawn_mesh();
@@ -719,6 +758,7 @@ impl Prepared {
         for task in [
             Some(sweeper),
             Some(retention),
+            Some(registry),
             Some(continuity),
             Some(forget),
             pds,
