@@ -585,6 +585,24 @@ impl Prepared {
         })
     }
 
+    /// Starts the tasks that run beside the server until shutdown: the
+    /// sweeper, retention, the registry refresh, continuity, PDS and MESH.
+    fn spawn_background(
+        &mut self,
+        trends: Arc<crate::operator::trends::Trends>,
+        continuity: Arc<crate::operator::continuity::LatestContinuity>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = vec![
+            self.spawn_sweeper(trends),
+            self.spawn_retention(),
+            self.spawn_registry_refresh(),
+            self.spawn_continuity(continuity),
+        ];
+        tasks.extend(self.spawn_pds());
+        tasks.extend(self.spawn_mesh());
+        tasks
+    }
+
     /// Reads the operators' registry records again whenever another node
     /// changed one (PostgreSQL: NOTIFY), so every node routes and
     /// authorises alike without a restart.
@@ -694,13 +712,7 @@ impl Prepared {
         let (reflection_v1, reflection_v1alpha) = reflection_services()?;
         let operator = OperatorServiceServer::new(OperatorGrpc::new(self.gateway.clone()));
 
-        let sweeper = self.spawn_sweeper(trends.clone());
-
-        let retention = self.spawn_retention();
-        let registry = self.spawn_registry_refresh();
-        let continuity = self.spawn_continuity(continuity);
-        let pds = self.spawn_pds();
-        let mesh = self.spawn_mesh();
+        let background = self.spawn_background(trends, continuity);
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let forget = spawn_forget(
             rate_limit.clone(),
@@ -755,18 +767,7 @@ impl Prepared {
         drain_mllp(mllp, grace).await;
         // A MESH send cut short is recorded as `sending`: the next start
         // asks MESH by local id before sending again.
-        for task in [
-            Some(sweeper),
-            Some(retention),
-            Some(registry),
-            Some(continuity),
-            Some(forget),
-            pds,
-            mesh,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for task in background.into_iter().chain([forget]) {
             task.abort();
         }
         tally.flush(&self.gateway.store).await;
