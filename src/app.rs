@@ -609,20 +609,27 @@ impl Prepared {
         tasks
     }
 
-    /// Reads the registry again every [`crate::handover::registry_refresh::REFRESH`]
-    /// (several nodes on PostgreSQL: a change made through another node),
+    /// Reads the registry again when another node changed it (PostgreSQL:
+    /// NOTIFY), and every [`crate::handover::registry_refresh::REFRESH`] in
+    /// case a notification was missed (the LISTEN connection was down),
     /// until shutdown.
     fn spawn_registry_refresh(&self) -> tokio::task::JoinHandle<()> {
         let gateway = self.gateway.clone();
         let mut stop = self.shutdown_tx.subscribe();
         tokio::spawn(async move {
+            let signal = gateway.store.registry_signal();
             loop {
-                tokio::select! {
-                    () = tokio::time::sleep(crate::handover::registry_refresh::REFRESH) => {}
-                    _ = stop.changed() => break,
-                }
+                // Armed before reading: a change made meanwhile wakes it.
+                let next = signal.notified();
+                tokio::pin!(next);
+                next.as_mut().enable();
                 if let Err(e) = gateway.refresh_registry().await {
                     tracing::error!(error = %e, "reading the registry again failed");
+                }
+                tokio::select! {
+                    () = &mut next => {}
+                    () = tokio::time::sleep(crate::handover::registry_refresh::REFRESH) => {}
+                    _ = stop.changed() => break,
                 }
             }
         })

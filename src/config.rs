@@ -779,7 +779,7 @@ impl Config {
     }
 
     /// The PostgreSQL engine: a usable connection string, TLS unless every
-    /// host is on loopback, and none of the features it does not have yet.
+    /// host is on loopback, and a pool size in range.
     fn validate_postgres(&self) -> Result<(), ConfigError> {
         let store = &self.store;
         if store.engine != crate::store::EngineKind::Postgres {

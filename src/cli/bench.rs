@@ -982,7 +982,7 @@ async fn ack_all(
 pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
     if opts.engine != BenchEngine::Sled {
         anyhow::bail!(
-            "--soak measures retention, which the PostgreSQL store engine does not have yet (docs/store-engines.md)"
+            "--soak measures the sled store's file and memory under retention; it has no PostgreSQL figures yet (docs/store-engines.md)"
         );
     }
     let dir = tempfile::tempdir()?;

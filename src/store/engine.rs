@@ -459,6 +459,12 @@ impl Store {
         either!(self.mailbox_signal(mailbox))
     }
 
+    /// A notifier woken when an operator changed the registry on another
+    /// node (PostgreSQL); on sled, with one node, it is never woken.
+    pub fn registry_signal(&self) -> Arc<Notify> {
+        self.mailbox_signal(super::pg::REGISTRY_CHANGED)
+    }
+
     /// Barrier counters (zero on PostgreSQL: its commit is the barrier).
     pub fn stats(&self) -> &Arc<BarrierStats> {
         either!(self.stats())

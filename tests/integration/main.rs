@@ -43,6 +43,7 @@ mod store_export;
 mod store_failover;
 mod store_model;
 mod store_nodes;
+mod store_registry;
 mod store_retention;
 mod store_tls;
 mod store_upgrade;

@@ -197,6 +197,28 @@ async fn removed_after_the_metadata_period(
     let mut prison = gw.client("YP001").await;
     let by_message = || pb::track_request::Handover::MessageId("kept-briefly".into());
     let mut op = gw.operator().await;
+    // Had a copy gone through MESH, the edge's record of it (ids and
+    // states) is tracking data too, and goes with it.
+    let delivery = gw.store.handover(hid).unwrap().unwrap().deliveries[0];
+    gw.store
+        .mesh_put(
+            "test",
+            throughcare::store::MeshRecord {
+                delivery_id: delivery,
+                handover_id: hid,
+                mailbox: "YG001".into(),
+                mesh_mailbox: "X26ABC2".into(),
+                local_id: format!("throughcare-{delivery}"),
+                message_id: Some("20261130000000000000_ABCDEF".into()),
+                state: throughcare::store::MeshState::Acknowledged,
+                attempt: 1,
+                sends: 1,
+                reason: None,
+                updated_ms: clock.now_ms(),
+            },
+        )
+        .await
+        .unwrap();
     clock.advance(i64::try_from(METADATA_S - GRACE_S).unwrap() * 1_000);
     eventually("the tracking data is removed", || async {
         count(
@@ -215,6 +237,7 @@ async fn removed_after_the_metadata_period(
         .await,
         0
     );
+    assert!(gw.store.mesh_record(delivery).unwrap().is_none());
     for key in [by_message(), pb::track_request::Handover::HandoverId(hid)] {
         let err = track(&mut prison, key).await.unwrap_err();
         assert_eq!(
@@ -340,4 +363,27 @@ async fn two_nodes_racing_retention_passes_act_once() {
     a.verify_audit().unwrap();
     a.close().await.unwrap();
     b.close().await.unwrap();
+}
+
+/// An idle gateway whose whole trail is past the audit period: the cut
+/// keeps the newest entry, so the chain goes on from it and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trail_entirely_past_the_audit_period_still_verifies_after_the_cut() {
+    let Some(url) = support::postgres_database("store_retention") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let a = node(&url, dir.path(), Arc::new(clock.clone()));
+    for m in 0..3 {
+        a.submit(handover(m)).await.unwrap();
+    }
+    clock.advance(9 * 366 * 86_400_000);
+    let pass = a.retention().await.unwrap();
+    assert_eq!(pass.audit_removed, 2, "all but the newest entry");
+    let verified = a.verify_audit_from().unwrap();
+    assert_eq!((verified.from, verified.entries), (3, 2));
+    a.submit(handover(9)).await.unwrap();
+    assert_eq!(a.verify_audit_from().unwrap().entries, 3);
+    a.close().await.unwrap();
 }

@@ -54,6 +54,10 @@ pub use turn::Turn;
 /// The `LISTEN`/`NOTIFY` channel: a mailbox may have something new.
 pub const CHANNEL: &str = "throughcare_mailbox";
 
+/// The payload on [`CHANNEL`] that says an operator changed the registry
+/// (never an ODS code: those have no `@`).
+pub const REGISTRY_CHANGED: &str = "@registry";
+
 /// How to reach the database and what keys to use.
 #[derive(Debug, Clone)]
 pub struct PgOptions {

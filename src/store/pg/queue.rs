@@ -289,6 +289,8 @@ impl PgStore {
                 )
                 .await
                 .map_err(db)?;
+                // Every node reads the registry again (app.rs).
+                sql::notify(&tx, &[super::REGISTRY_CHANGED.to_owned()]).await?;
                 audit.push(AuditEvent {
                     actor: actor.clone(),
                     action: "registry_change",

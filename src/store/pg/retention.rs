@@ -311,6 +311,14 @@ async fn remove(
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
+    // What the MESH edge did with them goes with them (ids and states).
+    tx.execute(
+        "DELETE FROM mesh WHERE delivery_id IN \
+         (SELECT id FROM deliveries WHERE handover_id = $1)",
+        &[&id(h.id)],
+    )
+    .await
+    .map_err(db)?;
     tx.execute(
         "DELETE FROM deliveries WHERE handover_id = $1",
         &[&id(h.id)],
@@ -478,9 +486,12 @@ async fn prune_audit(
     tx.execute("SELECT 1 FROM audit_head FOR UPDATE", &[])
         .await
         .map_err(db)?;
+    // The newest entry stays: the next one links to it (the chain resumes
+    // from the table, not from a writer's memory as on sled).
     let rows = tx
         .query(
-            "SELECT entry FROM audit ORDER BY seq LIMIT $1",
+            "SELECT entry FROM audit WHERE seq < (SELECT max(seq) FROM audit) \
+             ORDER BY seq LIMIT $1",
             &[&i64::try_from(most).unwrap_or(i64::MAX)],
         )
         .await
