@@ -96,7 +96,7 @@ impl Error {
             Error::ClaimsLocked { .. } => Kind::ResourceExhausted,
             Error::ShuttingDown | Error::Unrecorded => Kind::Unavailable,
             Error::Store(e) => match e {
-                StoreError::Conflict => Kind::AlreadyExists,
+                StoreError::Conflict | StoreError::Retired { .. } => Kind::AlreadyExists,
                 StoreError::IdentityConflict { .. } => Kind::InvalidArgument,
                 StoreError::UnknownDelivery
                 | StoreError::UnknownHandover
@@ -130,6 +130,7 @@ impl Error {
             Error::Unrecorded => "AUDIT_UNAVAILABLE",
             Error::Store(e) => match e {
                 StoreError::Conflict => "ALREADY_EXISTS",
+                StoreError::Retired { .. } => "MESSAGE_ID_RETIRED",
                 StoreError::IdentityConflict { .. } => "IDENTITY_CONFLICT",
                 StoreError::UnknownDelivery => "UNKNOWN_DELIVERY",
                 StoreError::UnknownHandover => "UNKNOWN_HANDOVER",

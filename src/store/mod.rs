@@ -69,6 +69,18 @@ pub enum StoreError {
     /// The message id was used before for different content.
     #[error("message id was already used for a different submission")]
     Conflict,
+    /// The message id named a handover whose tracking data was removed
+    /// under the retention policy (its tombstone is held): the content
+    /// cannot be compared, so it is not accepted again. A replay of an old
+    /// summary would otherwise supersede a newer one not yet delivered.
+    #[error(
+        "message id was used for a handover whose tracking data was removed under the retention policy at {}; it is not accepted again (send a new message id for a new summary)",
+        rfc3339(*removed_at_ms)
+    )]
+    Retired {
+        /// When its handover's tracking data was removed, ms since the epoch.
+        removed_at_ms: i64,
+    },
     /// No delivery with this id in the caller's mailbox.
     #[error("no such delivery in this mailbox")]
     UnknownDelivery,

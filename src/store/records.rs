@@ -135,6 +135,18 @@ pub const PARKED_SUBSTANCE_MISUSE_MAILBOX: &str = "@parked-substance-misuse";
 /// release area (as [`PARKED_SUBSTANCE_MISUSE_MAILBOX`]).
 pub const PARKED_MENTAL_HEALTH_MAILBOX: &str = "@parked-mental-health";
 
+/// The audit entry of a submit refused because its message id names a
+/// handover removed under the retention policy (tombstone `t`).
+pub fn retired_event(actor: &str, t: &Tombstone) -> crate::audit::AuditEvent {
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action: "submit",
+        handover_id: Some(t.handover_id),
+        outcome: "refused: message id of a handover removed under the retention policy".into(),
+        ..crate::audit::AuditEvent::default()
+    }
+}
+
 /// Whether `mailbox` holds treatment service copies waiting for a service
 /// in the release area (routed on when one is registered, never claimed).
 pub fn is_held_treatment_mailbox(mailbox: &str) -> bool {

@@ -743,6 +743,7 @@ impl Writer {
         if let Some(raw) = staged.get(TreeId::Dedupe, &dedupe)? {
             return self.repeat(staged, &h, &raw, &content_hash, now);
         }
+        self.refuse_retired(staged, &h, now)?;
         let patient_key = match self.resolve_patient(staged, &h.patient, now)? {
             Ok(key) => key,
             Err(field) => {
@@ -839,6 +840,26 @@ impl Writer {
 
     /// Answers a submit whose (sender, message id) was accepted before: the
     /// original receipt for the same content, a conflict for other content.
+    /// Refuses (and audits) a submit whose message id names a handover
+    /// removed under the retention policy while its tombstone is held.
+    fn refuse_retired(
+        &mut self,
+        staged: &mut Staged<'_>,
+        h: &NewHandover,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let key = super::TrackKey::MessageId(h.message_id.clone());
+        match self.tombstone_for(staged, &h.sender, &key)? {
+            Some(t) => {
+                self.audit(staged, records::retired_event(&h.actor, &t), now);
+                Err(StoreError::Retired {
+                    removed_at_ms: t.removed_at_ms,
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
     fn repeat(
         &mut self,
         staged: &mut Staged<'_>,

@@ -272,6 +272,7 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         assert_eq!(reason(err), "REMOVED_UNDER_RETENTION");
         assert!(err.message().contains("retention policy"), "{err:?}");
     }
+    replaying_the_message_id_is_refused(&mut prison).await;
     // Another sender learns nothing about it: the answer is the one for an
     // id that never existed.
     let mut other = gw.client("YP002").await;
@@ -327,7 +328,29 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         (err.code(), reason(&err)),
         (Code::NotFound, "UNKNOWN_HANDOVER".to_owned())
     );
+    // With the tombstone gone, the message id is a new one.
+    let again = prison
+        .submit(release("keep-84-days", 2, &["YG001"], "metadata marker"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(again.handover_id, receipt.handover_id);
     gw.stop().await;
+}
+
+/// While the tombstone is held, the message id is not accepted again: its
+/// content cannot be compared, and an old summary replayed as new would
+/// supersede a newer one not yet delivered.
+async fn replaying_the_message_id_is_refused(prison: &mut Client) {
+    let err = prison
+        .submit(release("keep-84-days", 2, &["YG001"], "metadata marker"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err)),
+        (Code::AlreadyExists, "MESSAGE_ID_RETIRED".to_owned())
+    );
+    assert!(err.message().contains("retention policy"), "{err:?}");
 }
 
 #[tokio::test]

@@ -107,6 +107,9 @@ struct Model {
     removed: BTreeMap<u64, i64>,
     /// Handovers whose tombstone is gone too.
     forgotten: Vec<u64>,
+    /// msg → its removed handover, while the tombstone is held: a submit
+    /// with that message id is refused (its content cannot be compared).
+    retired: HashMap<u8, u64>,
 }
 
 fn content(msg: u8, tamper: bool) -> (u8, usize, Vec<u8>) {
@@ -140,6 +143,7 @@ impl Model {
         for (msg, hid, did) in removed {
             self.accepted.remove(&msg);
             self.removed.insert(hid, now);
+            self.retired.insert(msg, hid);
             let d = self.deliveries.remove(&did).unwrap();
             self.handed_out[d.mailbox].retain(|(id, _)| *id != did);
         }
@@ -152,6 +156,7 @@ impl Model {
         for h in gone {
             self.removed.remove(&h);
             self.forgotten.push(h);
+            self.retired.retain(|_, hid| *hid != h);
         }
         (shredded, count)
     }
@@ -236,6 +241,7 @@ fn error_name(e: &StoreError) -> &'static str {
         StoreError::LeaseExpired => "expired",
         StoreError::UnknownDelivery => "unknown",
         StoreError::Conflict => "conflict",
+        StoreError::Retired { .. } => "retired",
         other => panic!("unexpected store error {other}"),
     }
 }
@@ -348,6 +354,9 @@ async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
             assert_eq!((o.handover_id, o.deliveries[0].1), (hid, did));
         }
         Some(_) => assert_eq!(error_name(&result.unwrap_err()), "conflict"),
+        None if model.retired.contains_key(&msg) => {
+            assert_eq!(error_name(&result.unwrap_err()), "retired");
+        }
         None => {
             let o = result.unwrap();
             model.next_handover += 1;

@@ -238,6 +238,15 @@ async fn removed_after_the_metadata_period(
         0
     );
     assert!(gw.store.mesh_record(delivery).unwrap().is_none());
+    // Its message id is not accepted again while the tombstone is held.
+    let err = prison
+        .submit(release("kept-briefly", 1, &["YG001"], "retention marker"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err)),
+        (Code::AlreadyExists, "MESSAGE_ID_RETIRED".to_owned())
+    );
     for key in [by_message(), pb::track_request::Handover::HandoverId(hid)] {
         let err = track(&mut prison, key).await.unwrap_err();
         assert_eq!(

@@ -37,6 +37,13 @@ pub(super) async fn submit(
         let original: HandoverRecord = row.get::<_, Json<HandoverRecord>>(0).0;
         return repeat(tx, h, original, &content, audit).await;
     }
+    let key = crate::store::TrackKey::MessageId(h.message_id.clone());
+    if let Some(t) = super::retention::tombstone_for(tx, &h.sender, &key).await? {
+        audit.push(crate::store::records::retired_event(&h.actor, &t));
+        return Ok(Err(StoreError::Retired {
+            removed_at_ms: t.removed_at_ms,
+        }));
+    }
     let patient_key = match resolve_patient(tx, &h.patient, now, audit).await? {
         Ok(key) => key,
         Err(field) => {
