@@ -85,7 +85,7 @@ fn order_key(urgent: bool, id: u64) -> u64 {
 
 const ID_BITS: u64 = (1 << 63) - 1;
 
-/// One live delivery as the schedule holds it: 48 bytes, the mailbox and
+/// One live delivery as the schedule holds it: 40 bytes, the mailbox and
 /// patient as ids into the schedule's tables (a [`Live`] with its two
 /// `Arc<str>` and `Option`s took 96).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,14 +98,34 @@ struct Packed {
     attempt: u32,
     /// Meaningful with `HAS_MAX_ATTEMPTS`.
     max_attempts: u32,
-    mailbox: u32,
     patient: u32,
-    flags: u8,
+    /// The mailbox's id in the low 24 bits, the flags above.
+    mailbox_flags: u32,
 }
 
+/// Mailbox ids fit below the flags of [`Packed::mailbox_flags`].
+const MAILBOX_BITS: u32 = (1 << 24) - 1;
+
 impl Packed {
+    fn mailbox(&self) -> u32 {
+        self.mailbox_flags & MAILBOX_BITS
+    }
+
+    fn flags(&self) -> u8 {
+        u8::try_from(self.mailbox_flags >> 24).unwrap_or(0)
+    }
+
     fn has(&self, flag: u8) -> bool {
-        self.flags & flag != 0
+        self.flags() & flag != 0
+    }
+
+    fn set(&mut self, flag: u8, on: bool) {
+        let bit = u32::from(flag) << 24;
+        if on {
+            self.mailbox_flags |= bit;
+        } else {
+            self.mailbox_flags &= !bit;
+        }
     }
 
     fn lease(&self) -> Slot {
@@ -121,16 +141,12 @@ impl Packed {
     }
 
     fn set_lease(&mut self, slot: Slot) {
-        match slot {
-            Slot::Queued { not_before_ms } => {
-                self.flags &= !LEASED;
-                self.slot_ms = not_before_ms;
-            }
-            Slot::Leased { until_ms } => {
-                self.flags |= LEASED;
-                self.slot_ms = until_ms;
-            }
-        }
+        let (leased, at) = match slot {
+            Slot::Queued { not_before_ms } => (false, not_before_ms),
+            Slot::Leased { until_ms } => (true, until_ms),
+        };
+        self.set(LEASED, leased);
+        self.slot_ms = at;
     }
 
     fn leased_until(&self) -> Option<i64> {
@@ -170,7 +186,11 @@ impl Mailboxes {
         if let Some(id) = self.id(name) {
             return id;
         }
-        let id = u32::try_from(self.names.len()).expect("fewer than 2^32 mailboxes");
+        // The registry's mailboxes and the parked ones: thousands, not 2^24.
+        let id = u32::try_from(self.names.len())
+            .ok()
+            .filter(|id| *id <= MAILBOX_BITS)
+            .expect("fewer than 2^24 mailboxes");
         self.at.insert(name.clone(), id);
         self.names.push(name.clone());
         self.order.push(BTreeSet::new());
@@ -182,11 +202,55 @@ impl Mailboxes {
     }
 }
 
-/// One patient: the keyed hash, and its live deliveries in every mailbox,
+/// A patient's keyed hash as the schedule holds it: the usual 32
+/// lowercase hex digits as their 16 bytes, inline (no allocation); any
+/// other text as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PatientKey {
+    Hex([u8; 16]),
+    Text(Box<str>),
+}
+
+impl PatientKey {
+    fn of(key: &str) -> Self {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let mut bytes = [0u8; 16];
+        let hex = key.len() == 32
+            && key
+                .as_bytes()
+                .chunks_exact(2)
+                .zip(&mut bytes)
+                .all(|(pair, b)| match (digit(pair[0]), digit(pair[1])) {
+                    (Some(hi), Some(lo)) => {
+                        *b = (hi << 4) | lo;
+                        true
+                    }
+                    _ => false,
+                });
+        if hex {
+            PatientKey::Hex(bytes)
+        } else {
+            PatientKey::Text(key.into())
+        }
+    }
+
+    fn text(&self) -> Arc<str> {
+        match self {
+            PatientKey::Hex(bytes) => crate::audit::hex(bytes).into(),
+            PatientKey::Text(text) => (**text).into(),
+        }
+    }
+}
+
+/// One patient: its key, and its live deliveries in every mailbox,
 /// ascending (nearly always two or fewer, held inline).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Patient {
-    key: Option<Arc<str>>,
+    key: Option<PatientKey>,
     ids: smallvec::SmallVec<[u64; 2]>,
 }
 
@@ -194,25 +258,32 @@ struct Patient {
 /// its id reused.
 #[derive(Debug, Default)]
 struct Patients {
-    at: HashMap<Arc<str>, u32, Fast>,
+    at: HashMap<PatientKey, u32, Fast>,
     slots: Vec<Patient>,
     free: Vec<u32>,
 }
 
 impl Patients {
-    fn intern(&mut self, key: &Arc<str>) -> u32 {
-        if let Some(&id) = self.at.get(&**key) {
+    fn intern(&mut self, key: &str) -> u32 {
+        let key = PatientKey::of(key);
+        if let Some(&id) = self.at.get(&key) {
             return id;
         }
+        let slot = Patient {
+            key: Some(key.clone()),
+            ids: smallvec::SmallVec::new(),
+        };
         let id = match self.free.pop() {
-            Some(id) => id,
+            Some(id) => {
+                self.slots[id as usize] = slot;
+                id
+            }
             None => {
-                self.slots.push(Patient::default());
+                self.slots.push(slot);
                 u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 patients")
             }
         };
-        self.slots[id as usize].key = Some(key.clone());
-        self.at.insert(key.clone(), id);
+        self.at.insert(key, id);
         id
     }
 
@@ -241,13 +312,13 @@ impl Patients {
     fn key(&self, patient: u32) -> Arc<str> {
         self.slots[patient as usize]
             .key
-            .clone()
-            .unwrap_or_else(|| "".into())
+            .as_ref()
+            .map_or_else(|| "".into(), PatientKey::text)
     }
 
     fn ids(&self, key: &str) -> &[u64] {
         self.at
-            .get(key)
+            .get(&PatientKey::of(key))
             .map_or(&[], |&p| &self.slots[p as usize].ids[..])
     }
 }
@@ -270,7 +341,7 @@ impl Schedule {
         self.remove(id);
         let packed = self.pack(&live);
         self.patients.add(packed.patient, id);
-        self.mailboxes.order[packed.mailbox as usize].insert(order_key(live.urgent, id));
+        self.mailboxes.order[packed.mailbox() as usize].insert(order_key(live.urgent, id));
         if let Some(until_ms) = packed.leased_until() {
             self.leases.insert((until_ms, id));
         }
@@ -282,7 +353,7 @@ impl Schedule {
 
     /// `live` in the schedule's form, its mailbox and patient interned.
     fn pack(&mut self, live: &Live) -> Packed {
-        let mut flags = 0;
+        let mut flags = 0u32;
         for (set, bit) in [
             (live.urgent, URGENT),
             (matches!(live.lease, Slot::Leased { .. }), LEASED),
@@ -292,7 +363,7 @@ impl Schedule {
             (live.stale, STALE),
         ] {
             if set {
-                flags |= bit;
+                flags |= u32::from(bit) << 24;
             }
         }
         let (Slot::Queued {
@@ -305,16 +376,15 @@ impl Schedule {
             due_ms: live.due_ms.unwrap_or(0),
             attempt: live.attempt,
             max_attempts: live.max_attempts.unwrap_or(0),
-            mailbox: self.mailboxes.intern(&live.mailbox),
             patient: self.patients.intern(&live.patient_key),
-            flags,
+            mailbox_flags: self.mailboxes.intern(&live.mailbox) | flags,
         }
     }
 
     /// `packed` as a [`Live`] again.
     fn unpack(&self, p: &Packed) -> Live {
         Live {
-            mailbox: self.mailboxes.names[p.mailbox as usize].clone(),
+            mailbox: self.mailboxes.names[p.mailbox() as usize].clone(),
             patient_key: self.patients.key(p.patient),
             urgent: p.has(URGENT),
             attempt: p.attempt,
@@ -342,7 +412,7 @@ impl Schedule {
             let packed = s.pack(&live);
             // Ascending ids: each patient's list stays sorted.
             s.patients.slots[packed.patient as usize].ids.push(id);
-            let m = packed.mailbox as usize;
+            let m = packed.mailbox() as usize;
             if orders.len() <= m {
                 orders.resize_with(m + 1, Vec::new);
             }
@@ -373,7 +443,7 @@ impl Schedule {
         if let Some(due) = packed.unreported_due() {
             self.deadlines.remove(&(due, id));
         }
-        self.mailboxes.order[packed.mailbox as usize].remove(&order_key(packed.has(URGENT), id));
+        self.mailboxes.order[packed.mailbox() as usize].remove(&order_key(packed.has(URGENT), id));
         self.patients.take(packed.patient, id);
         Some(live)
     }
@@ -411,7 +481,7 @@ impl Schedule {
             .ids
             .iter()
             .copied()
-            .find(|id| self.live.get(id).is_some_and(|l| l.mailbox == mailbox))
+            .find(|id| self.live.get(id).is_some_and(|l| l.mailbox() == mailbox))
     }
 
     /// Up to `max` deliveries of `mailbox` that may be leased at `now_ms`, in
@@ -453,7 +523,7 @@ impl Schedule {
             Some(name) => Some(self.mailboxes.id(name)?),
             None => None,
         };
-        Some(move |l: &Packed| want.is_none_or(|m| m == l.mailbox))
+        Some(move |l: &Packed| want.is_none_or(|m| m == l.mailbox()))
     }
 
     /// Leased deliveries (of `mailbox`, or of all) whose lease expired on the
@@ -478,7 +548,7 @@ impl Schedule {
     /// Marks a leased delivery as superseded while out on lease.
     pub fn mark_stale(&mut self, id: u64) {
         if let Some(live) = self.live.get_mut(&id) {
-            live.flags |= STALE;
+            live.set(STALE, true);
         }
     }
 
@@ -514,7 +584,7 @@ impl Schedule {
             if let Some(live) = self.live.get_mut(id)
                 && let Some(due) = live.unreported_due()
             {
-                live.flags |= DUE_REPORTED;
+                live.set(DUE_REPORTED, true);
                 self.deadlines.remove(&(due, *id));
             }
         }
@@ -530,7 +600,7 @@ impl Schedule {
             .ids(patient_key)
             .iter()
             .copied()
-            .filter(|id| self.live.get(id).is_some_and(|l| l.mailbox == m))
+            .filter(|id| self.live.get(id).is_some_and(|l| l.mailbox() == m))
             .collect()
     }
 
@@ -558,7 +628,7 @@ impl Schedule {
         let mut by_id: Vec<MailboxCounts> =
             vec![MailboxCounts::default(); self.mailboxes.names.len()];
         for live in self.live.values() {
-            let c = &mut by_id[live.mailbox as usize];
+            let c = &mut by_id[live.mailbox() as usize];
             c.depth += 1;
             c.leased += u64::from(live.leased_until().is_some_and(|until| until > now_ms));
             c.urgent += u64::from(live.has(URGENT));
@@ -692,10 +762,10 @@ mod tests {
 
     /// A patient is interned while it has a live delivery, and forgotten
     /// (its id reused) after: the table does not grow with every patient
-    /// ever seen. A delivery takes 48 bytes besides its ids.
+    /// ever seen. A delivery takes 40 bytes besides its ids.
     #[test]
     fn patients_are_forgotten_when_nothing_of_theirs_is_live() {
-        assert!(std::mem::size_of::<Packed>() <= 48);
+        assert!(std::mem::size_of::<Packed>() <= 40);
         let mut s = Schedule::default();
         for i in 1..=1_000u64 {
             s.insert(i, queued("GP1", &format!("p{i}"), false));
@@ -716,6 +786,25 @@ mod tests {
         assert_eq!(s.patients.slots.len(), 1, "one slot, reused");
         assert!(s.of_patient_anywhere("p1").is_empty());
         assert!(s.counts(0).is_empty());
+    }
+
+    /// Patient keys come back exactly as given, held inline when they are
+    /// the usual 32 lowercase hex digits.
+    #[test]
+    fn patient_keys_round_trip() {
+        let usual = "0123456789abcdef0123456789abcdef";
+        assert!(matches!(PatientKey::of(usual), PatientKey::Hex(_)));
+        for key in [
+            usual,
+            "0123456789ABCDEF0123456789abcdef",
+            "0123456789abcdef0123456789abcdeg",
+            "0123456789abcdef0123456789abcdef0",
+            "p1",
+            "",
+        ] {
+            assert_eq!(&*PatientKey::of(key).text(), key);
+        }
+        assert_ne!(PatientKey::of(usual), PatientKey::of(&usual.to_uppercase()));
     }
 
     #[test]
