@@ -207,7 +207,7 @@ impl Default for StoreOptions {
             max_attempts: 5,
             retry_backoff_ms: 1_000,
             max_batch: 1_024,
-            cache_bytes: 64 * 1024 * 1024,
+            cache_bytes: 16 * 1024 * 1024,
             pipeline_depth: syncer::PIPELINE_DEPTH,
             retention: RetentionPolicy::default(),
             observer: None,
