@@ -317,7 +317,9 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            cache_bytes: 64 * 1024 * 1024,
+            // 16 MiB: the same throughput as 64 here, 32-38 MiB less RSS with a
+            // deep queue (docs/benchmarks.md, 2026-11-30, cache size).
+            cache_bytes: 16 * 1024 * 1024,
             pipeline_depth: 8,
             engine: crate::store::EngineKind::Sled,
             postgres_url: None,

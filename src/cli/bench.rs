@@ -81,6 +81,14 @@ pub struct BenchOptions {
     /// (`serve --config DIR/bench.toml --data-dir DIR/data --certs-dir DIR/certs`).
     #[arg(long, hide = true)]
     pub keep_dir: Option<std::path::PathBuf>,
+    /// Consumers pulling (100 at a time) and acknowledging concurrently in
+    /// the pull phase.
+    #[arg(long, default_value_t = 4)]
+    pub pullers: usize,
+    /// Acknowledge each delivery with its own Ack (concurrently) instead of
+    /// one AckBatch per pull, to compare the two in one build.
+    #[arg(long, hide = true)]
+    pub single_acks: bool,
 }
 
 /// The engines `bench` can measure.
@@ -135,6 +143,8 @@ pub struct BenchReport {
     pub rss_queued_mib: f64,
     /// Pull + ack per second.
     pub pull_ack_per_s: f64,
+    /// How the pull phase ran: consumers, and AckBatch or one Ack each.
+    pub pull_shape: String,
     /// Server peak RSS, MiB.
     pub peak_rss_mib: f64,
     /// Durability barriers during the submit phase.
@@ -197,7 +207,11 @@ impl fmt::Display for BenchReport {
             "  restart, all queued    {:>10.2} s",
             self.restart.as_secs_f64()
         )?;
-        writeln!(f, "  pull+ack/s             {:>10.0}", self.pull_ack_per_s)?;
+        writeln!(
+            f,
+            "  pull+ack/s             {:>10.0}   ({})",
+            self.pull_ack_per_s, self.pull_shape
+        )?;
         writeln!(
             f,
             "  peak RSS               {:>10.1} MiB",
@@ -593,35 +607,23 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let restart_elapsed = restart.elapsed();
     let pid = server.pid;
     let started = Instant::now();
-    let mut consumer = crate::cli::client::handover(&endpoint, &certs, "YG001").await?;
-    let mut acked = 0usize;
-    while acked < opts.messages {
-        let pulled = consumer
-            .pull(pb::PullRequest {
-                max_deliveries: 100,
-                lease: None,
-                wait: Some(prost_types::Duration {
-                    seconds: 1,
-                    nanos: 0,
-                }),
-                format: pb::DocumentFormat::Native.into(),
-            })
-            .await?
-            .into_inner();
-        if pulled.deliveries.is_empty() {
-            anyhow::bail!(
-                "mailbox ran dry after {acked} of {} deliveries",
-                opts.messages
-            );
-        }
-        acked += ack_all(&consumer, pulled.deliveries).await?;
-    }
+    let consumer = crate::cli::client::handover(&endpoint, &certs, "YG001").await?;
+    drain(&consumer, opts.messages, opts.pullers, opts.single_acks).await?;
     let pull_elapsed = started.elapsed();
     let peak = rss_kib(pid, "VmHWM:").unwrap_or(0).max(peak_submit);
     drop(consumer);
     server.stop().await?;
     Ok(BenchReport {
         pull_ack_per_s: opts.messages as f64 / pull_elapsed.as_secs_f64(),
+        pull_shape: format!(
+            "{} pullers of 100, {}",
+            opts.pullers.max(1),
+            if opts.single_acks {
+                "one Ack per delivery"
+            } else {
+                "one AckBatch per pull"
+            }
+        ),
         peak_rss_mib: peak as f64 / 1024.0,
         restart: restart_elapsed,
         ..report
@@ -946,9 +948,92 @@ async fn soak_consumer(
         if pulled.deliveries.is_empty() && Instant::now() >= until {
             return Ok(());
         }
-        let n = ack_all(&consumer, pulled.deliveries).await?;
+        let n = ack_batch(&mut consumer, pulled.deliveries).await?;
         acked.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+type Consumer = pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>;
+
+/// Pulls and acknowledges `total` deliveries of the consumer's mailbox with
+/// `pullers` concurrent consumers (sharing its connection), each
+/// acknowledging what it pulled with one AckBatch (or, `single_acks`, one
+/// Ack per delivery). Fails if the mailbox runs dry before `total`.
+async fn drain(
+    consumer: &Consumer,
+    total: usize,
+    pullers: usize,
+    single_acks: bool,
+) -> anyhow::Result<()> {
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..pullers.max(1) {
+        let (mut c, acked) = (consumer.clone(), acked.clone());
+        workers.spawn(async move {
+            while acked.load(Ordering::Relaxed) < total {
+                let pulled = c
+                    .pull(pb::PullRequest {
+                        max_deliveries: 100,
+                        lease: None,
+                        // No wait: the mailbox is full until the end, and a
+                        // puller finding it empty (the rest leased to the
+                        // others) stops.
+                        wait: None,
+                        format: pb::DocumentFormat::Native.into(),
+                    })
+                    .await?
+                    .into_inner();
+                if pulled.deliveries.is_empty() {
+                    break;
+                }
+                let n = if single_acks {
+                    ack_all(&c, pulled.deliveries).await?
+                } else {
+                    ack_batch(&mut c, pulled.deliveries).await?
+                };
+                acked.fetch_add(n, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    let acked = acked.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        acked >= total,
+        "mailbox ran dry after {acked} of {total} deliveries"
+    );
+    Ok(())
+}
+
+/// Acknowledges `deliveries` with one AckBatch; how many. Every one must be
+/// acknowledged now.
+async fn ack_batch(
+    consumer: &mut Consumer,
+    deliveries: Vec<pb::Delivery>,
+) -> anyhow::Result<usize> {
+    if deliveries.is_empty() {
+        return Ok(0);
+    }
+    let attempts = deliveries
+        .iter()
+        .map(|d| pb::DeliveryAttempt {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+        })
+        .collect();
+    let results = consumer
+        .ack_batch(pb::AckBatchRequest { attempts })
+        .await?
+        .into_inner()
+        .results;
+    let refused = results
+        .iter()
+        .filter(|r| r.outcome() != pb::AckOutcome::Acknowledged)
+        .count();
+    anyhow::ensure!(refused == 0, "{refused} of {} acks refused", results.len());
+    Ok(results.len())
 }
 
 /// Acks `deliveries` concurrently on clones of `consumer`; how many.

@@ -17,7 +17,7 @@ use crate::handover::{
 };
 use crate::journey::{Format, OrgKind};
 use crate::operator::metrics::Metrics;
-use crate::store::TrackKey;
+use crate::store::{AckOutcome, StoreError, TrackKey};
 use crate::tls::{ConnInfo, PeerIdentity};
 
 /// The caller a request's connection identified.
@@ -179,6 +179,42 @@ fn delivery_to_wire(d: Delivery) -> pb::Delivery {
     }
 }
 
+/// One item's outcome of a batch acknowledgement for the wire.
+fn ack_result_to_wire((delivery_id, attempt): (u64, u32), outcome: AckOutcome) -> pb::AckResult {
+    use pb::AckOutcome as W;
+    let mut r = pb::AckResult {
+        delivery_id,
+        attempt,
+        ..pb::AckResult::default()
+    };
+    let (wire, state) = match outcome {
+        AckOutcome::Acknowledged => (W::Acknowledged, None),
+        AckOutcome::AlreadyAcknowledged => (W::AlreadyAcknowledged, None),
+        AckOutcome::Refused(e, state) => {
+            r.detail = e.to_string();
+            let wire = match e {
+                StoreError::StaleAttempt { current, .. } => {
+                    r.current_attempt = current;
+                    W::StaleAttempt
+                }
+                StoreError::LeaseExpired => W::LeaseExpired,
+                StoreError::NotLeased(_) => W::NotLeased,
+                // Only the four lease refusals reach here; anything else is
+                // reported as not found rather than guessed at.
+                _ => W::UnknownDelivery,
+            };
+            (wire, state)
+        }
+    };
+    r.set_outcome(wire);
+    let state = match wire {
+        W::Acknowledged | W::AlreadyAcknowledged => Some(crate::store::DeliveryState::Delivered),
+        _ => state,
+    };
+    r.state = state.map_or(0, |s| wire::state_to_wire(s).into());
+    r
+}
+
 /// Claimed deliveries for the wire.
 pub(super) fn claimed_to_wire(claimed: Vec<Claimed>) -> Vec<pb::ClaimedDelivery> {
     claimed
@@ -252,6 +288,40 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
         .await;
         if let Some(m) = &self.metrics {
             super::metered::ack(m, &result);
+        }
+        result
+    }
+
+    #[instrument(name = "ack_batch", skip_all, fields(caller = Empty, attempts = Empty))]
+    async fn ack_batch(
+        &self,
+        request: Request<pb::AckBatchRequest>,
+    ) -> Result<Response<pb::AckBatchResponse>, Status> {
+        let caller = traced(&request);
+        let pb::AckBatchRequest { attempts } = request.into_inner();
+        let attempts: Vec<(u64, u32)> = attempts
+            .into_iter()
+            .map(
+                |pb::DeliveryAttempt {
+                     delivery_id,
+                     attempt,
+                 }| (delivery_id, attempt),
+            )
+            .collect();
+        let result = self
+            .gateway
+            .ack_batch(&caller, attempts.clone())
+            .await
+            .map(|outcomes| pb::AckBatchResponse {
+                results: attempts
+                    .into_iter()
+                    .zip(outcomes)
+                    .map(|(a, o)| ack_result_to_wire(a, o))
+                    .collect(),
+            });
+        let result = answer(&self.gateway, &caller, "ack_batch", result).await;
+        if let Some(m) = &self.metrics {
+            super::metered::ack_batch(m, &result);
         }
         result
     }

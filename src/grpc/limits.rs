@@ -335,6 +335,7 @@ fn static_action(method: &str) -> &'static str {
         "submit" => "submit",
         "pull" => "pull",
         "ack" => "ack",
+        "ackbatch" => "ack_batch",
         "nack" => "nack",
         "track" => "track",
         _ => "call",

@@ -83,6 +83,29 @@ pub(super) fn ack(metrics: &Metrics, result: &Result<Response<pb::AckResponse>, 
     metrics.acked(outcome(result));
 }
 
+/// Each item of a batch counts as one ack; a refused call as one refusal.
+pub(super) fn ack_batch(
+    metrics: &Metrics,
+    result: &Result<Response<pb::AckBatchResponse>, Status>,
+) {
+    let results = match result {
+        Ok(r) => &r.get_ref().results,
+        Err(status) => return metrics.acked(refused(status.code())),
+    };
+    for r in results {
+        metrics.acked(match r.outcome() {
+            pb::AckOutcome::Acknowledged => Outcome::OK,
+            pb::AckOutcome::AlreadyAcknowledged => Outcome::DUPLICATE,
+            pb::AckOutcome::StaleAttempt
+            | pb::AckOutcome::LeaseExpired
+            | pb::AckOutcome::NotLeased => refused(Code::FailedPrecondition),
+            pb::AckOutcome::UnknownDelivery | pb::AckOutcome::Unspecified => {
+                refused(Code::NotFound)
+            }
+        });
+    }
+}
+
 pub(super) fn nack(
     metrics: &Metrics,
     permanent: bool,

@@ -49,6 +49,13 @@ impl pb::handover_service_server::HandoverService for NullHandover {
         unimplemented()
     }
 
+    async fn ack_batch(
+        &self,
+        _: Request<pb::AckBatchRequest>,
+    ) -> Result<Response<pb::AckBatchResponse>, Status> {
+        unimplemented()
+    }
+
     async fn nack(
         &self,
         _: Request<pb::NackRequest>,

@@ -11,8 +11,11 @@ use crate::clinical::translate::{self, TextFormat};
 use crate::clinical::{ClinicalSummary, ValidationErrors, View};
 use crate::journey::{Format, JourneyEvent};
 use crate::store::{
-    DeliveryRecord, DeliveryState, HandoverRecord, LeasedDelivery, StoreError, TrackKey,
+    AckOutcome, DeliveryRecord, DeliveryState, HandoverRecord, LeasedDelivery, StoreError, TrackKey,
 };
+
+/// The most attempts one batch acknowledgement may name.
+pub const MAX_ACK_BATCH: usize = 500;
 
 /// A pull, as asked.
 #[derive(Debug, Clone, Default)]
@@ -278,6 +281,35 @@ impl Gateway {
         Ok(())
     }
 
+    /// Acknowledges several attempts in the caller's mailbox in one durable
+    /// change: each is judged and audited as by [`Gateway::ack`], and gets
+    /// its own outcome, in the order given.
+    ///
+    /// # Errors
+    /// Refusals of the whole call, before anything is acknowledged: the
+    /// caller is not an organisation; no attempts, more than
+    /// [`MAX_ACK_BATCH`], or an item with a zero delivery id or attempt
+    /// (field-level, `attempts[i].…`). Store failures (nothing acknowledged).
+    pub async fn ack_batch(
+        &self,
+        caller: &Caller,
+        attempts: Vec<(u64, u32)>,
+    ) -> Result<Vec<AckOutcome>, Error> {
+        let (org, actor) = self.organisation(caller, "acknowledge deliveries")?;
+        check_ack_batch(&attempts)?;
+        tracing::Span::current().record("attempts", attempts.len());
+        let outcomes = self
+            .store
+            .ack_batch(&actor, org.ods.as_str(), attempts.clone())
+            .await?;
+        for (&(delivery_id, attempt), outcome) in attempts.iter().zip(&outcomes) {
+            if matches!(outcome, AckOutcome::Acknowledged) {
+                self.trace_outcome("delivery.acked", delivery_id, attempt);
+            }
+        }
+        Ok(outcomes)
+    }
+
     /// Marks what became of a delivery with a span in its submitter's trace
     /// (linked to this call) when traces are on; ids only.
     fn trace_outcome(&self, name: &'static str, delivery_id: u64, attempt: u32) {
@@ -442,6 +474,39 @@ fn record_delivery(delivery_id: u64, attempt: u32) {
     let span = tracing::Span::current();
     span.record("delivery_id", delivery_id);
     span.record("attempt", attempt);
+}
+
+fn check_ack_batch(attempts: &[(u64, u32)]) -> Result<(), Error> {
+    if attempts.is_empty() {
+        return Err(ValidationErrors::one(
+            "attempts",
+            format!("required: 1 to {MAX_ACK_BATCH} delivery attempts"),
+        )
+        .into());
+    }
+    if attempts.len() > MAX_ACK_BATCH {
+        return Err(ValidationErrors::one(
+            "attempts",
+            format!(
+                "{} attempts is over the maximum of {MAX_ACK_BATCH} per call; split the batch",
+                attempts.len()
+            ),
+        )
+        .into());
+    }
+    let mut v = ValidationErrors::default();
+    for (i, &(delivery_id, attempt)) in attempts.iter().enumerate() {
+        if delivery_id == 0 {
+            v.add(format!("attempts[{i}].delivery_id"), "required");
+        }
+        if attempt == 0 {
+            v.add(
+                format!("attempts[{i}].attempt"),
+                "required: the attempt number from the pulled delivery",
+            );
+        }
+    }
+    Ok(v.into_result()?)
 }
 
 fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), Error> {

@@ -37,8 +37,8 @@ pub use claim_guard::{ClaimGuard, ClaimLimits};
 pub use claiming::{ClaimCommand, Claimed};
 pub use continuity::{Continuity, ContinuityRow, ContinuityWindow, SMALL_NUMBER, Share};
 pub use deliver::{
-    Delivery, NackCommand, PullCommand, RenderedDocument, Tracked, render, view_from_name,
-    view_name,
+    Delivery, MAX_ACK_BATCH, NackCommand, PullCommand, RenderedDocument, Tracked, render,
+    view_from_name, view_name,
 };
 pub use envelope::{Envelope, PatientRef};
 pub use error::{Error, Kind, describe, scrubbed, withhold_numbers};

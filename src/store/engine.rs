@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use super::pg::{PgOptions, PgStore};
 use super::{
-    BarrierStats, Clock, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus,
+    AckOutcome, BarrierStats, Clock, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus,
     IdentityConflict, LeasedDelivery, MailboxStats, MeshRecord, NewHandover, PdsNotice, PdsResult,
     RedriveOutcome, RetentionOutcome, RetentionPolicy, RetentionStats, Rollback, SledStore,
     StoreError, StoreOptions, SubmitOutcome, SweepOutcome, Tombstone, TrackKey,
@@ -154,6 +154,19 @@ impl Store {
         attempt: u32,
     ) -> Result<(), StoreError> {
         either!(self.ack(actor, mailbox, delivery_id, attempt).await)
+    }
+
+    /// See [`SledStore::ack_batch`].
+    ///
+    /// # Errors
+    /// As for [`SledStore::ack_batch`].
+    pub async fn ack_batch(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        attempts: Vec<(u64, u32)>,
+    ) -> Result<Vec<AckOutcome>, StoreError> {
+        either!(self.ack_batch(actor, mailbox, attempts).await)
     }
 
     /// See [`SledStore::nack`].

@@ -22,6 +22,10 @@
 //!
 //! # Layout
 //! `TCQIDX01`, then a protobuf [`Columns`], then a CRC-32 (u32 BE) of both.
+//! The magic is the format's version: a file with any other is not used
+//! (the index is rebuilt). The file holds mailbox and patient names, not
+//! the schedule's in-memory ids, so the compact schedule of 2026-11-30 left
+//! it unchanged.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -495,5 +499,17 @@ mod tests {
         std::fs::write(path(dir.path()), &bytes).unwrap();
         assert!(take(dir.path(), &trees).unwrap().is_none(), "torn");
         assert!(!path(dir.path()).exists());
+        // Whole, but of another format version: not read as this one.
+        leave(5, Some(5), 0);
+        let bytes = std::fs::read(path(dir.path())).unwrap();
+        let mut other = b"TCQIDX00".to_vec();
+        other.extend_from_slice(&bytes[MAGIC.len()..bytes.len() - 4]);
+        let crc = crc32fast::hash(&other);
+        other.extend_from_slice(&crc.to_be_bytes());
+        std::fs::write(path(dir.path()), &other).unwrap();
+        assert!(
+            take(dir.path(), &trees).unwrap().is_none(),
+            "another version"
+        );
     }
 }

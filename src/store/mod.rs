@@ -221,7 +221,7 @@ impl Default for StoreOptions {
             max_attempts: 5,
             retry_backoff_ms: 1_000,
             max_batch: 1_024,
-            cache_bytes: 64 * 1024 * 1024,
+            cache_bytes: 16 * 1024 * 1024,
             pipeline_depth: syncer::PIPELINE_DEPTH,
             retention: RetentionPolicy::default(),
             observer: None,
@@ -339,6 +339,43 @@ pub enum RedriveOutcome {
     Unknown,
 }
 
+/// What became of one attempt of a batch acknowledgement, judged as a
+/// single ack would be (on either engine).
+#[derive(Debug)]
+pub enum AckOutcome {
+    /// Acknowledged now.
+    Acknowledged,
+    /// That attempt was acknowledged before: nothing changed.
+    AlreadyAcknowledged,
+    /// Refused: [`StoreError::UnknownDelivery`], [`StoreError::StaleAttempt`],
+    /// [`StoreError::LeaseExpired`] or [`StoreError::NotLeased`], with the
+    /// delivery's state when it is in the caller's mailbox.
+    Refused(StoreError, Option<DeliveryState>),
+}
+
+impl AckOutcome {
+    /// The answer of a single ack: a repeat succeeds again.
+    ///
+    /// # Errors
+    /// The refusal.
+    pub fn into_result(self) -> Result<(), StoreError> {
+        match self {
+            AckOutcome::Acknowledged | AckOutcome::AlreadyAcknowledged => Ok(()),
+            AckOutcome::Refused(e, _) => Err(e),
+        }
+    }
+
+    /// The outcome for a lease verdict that refused `attempt`.
+    pub(crate) fn refused(attempt: u32, (e, d): (StoreError, Option<DeliveryRecord>)) -> Self {
+        match d {
+            Some(d) if d.state == DeliveryState::Delivered && d.attempt == attempt => {
+                AckOutcome::AlreadyAcknowledged
+            }
+            d => AckOutcome::Refused(e, d.map(|d| d.state)),
+        }
+    }
+}
+
 /// What a submit produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubmitOutcome {
@@ -394,6 +431,12 @@ enum Job {
         delivery_id: u64,
         attempt: u32,
         reply: Reply<()>,
+    },
+    AckBatch {
+        actor: String,
+        mailbox: String,
+        attempts: Vec<(u64, u32)>,
+        reply: Reply<Vec<AckOutcome>>,
     },
     Nack {
         actor: String,
@@ -717,6 +760,28 @@ impl SledStore {
             mailbox: mailbox.to_owned(),
             delivery_id,
             attempt,
+            reply,
+        })
+        .await
+    }
+
+    /// Acknowledges several (delivery id, attempt) pairs of `mailbox` in one
+    /// change and one barrier; each is judged and audited as by
+    /// [`SledStore::ack`], in order, and gets its own outcome. Returns once
+    /// durable.
+    ///
+    /// # Errors
+    /// Only store failures (then nothing in it was acknowledged).
+    pub async fn ack_batch(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        attempts: Vec<(u64, u32)>,
+    ) -> Result<Vec<AckOutcome>, StoreError> {
+        self.ask(|reply| Job::AckBatch {
+            actor: actor.to_owned(),
+            mailbox: mailbox.to_owned(),
+            attempts,
             reply,
         })
         .await

@@ -17,9 +17,9 @@ use super::records::{self, TreeId};
 use super::schedule::{Live, Schedule, Slot};
 use super::syncer::{self, Applied, Committed, Failure, Syncer, ToSyncer};
 use super::{
-    Clock, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, IdentityConflict, Job,
-    LeasedDelivery, MailboxStats, NewHandover, RedriveOutcome, Signals, StoreError, StoreOptions,
-    SubmitOutcome, SweepOutcome, TrackKey,
+    AckOutcome, Clock, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus,
+    IdentityConflict, Job, LeasedDelivery, MailboxStats, NewHandover, RedriveOutcome, Signals,
+    StoreError, StoreOptions, SubmitOutcome, SweepOutcome, TrackKey,
 };
 use crate::audit::{AuditChain, AuditEntry, AuditEvent, hex};
 
@@ -462,9 +462,11 @@ impl Writer {
                 shutdown.push(reply);
                 return None;
             }
-            Job::Pull { .. } | Job::Ack { .. } | Job::Nack { .. } | Job::Track { .. } => {
-                self.apply_delivery_job(staged, job, now, woken)
-            }
+            Job::Pull { .. }
+            | Job::Ack { .. }
+            | Job::AckBatch { .. }
+            | Job::Nack { .. }
+            | Job::Track { .. } => self.apply_delivery_job(staged, job, now, woken),
             Job::Claim { .. } | Job::RouteHeld { .. } | Job::Pds(..) | Job::PdsNotify(..) => {
                 self.apply_parked_job(staged, job, now, woken)
             }
@@ -507,7 +509,17 @@ impl Writer {
                 reply,
             } => Answer::new(
                 reply,
-                self.ack(staged, &actor, &mailbox, delivery_id, attempt, now),
+                self.ack(staged, (&actor, &mailbox), delivery_id, attempt, now)
+                    .and_then(AckOutcome::into_result),
+            ),
+            Job::AckBatch {
+                actor,
+                mailbox,
+                attempts,
+                reply,
+            } => Answer::new(
+                reply,
+                self.ack_batch(staged, (&actor, &mailbox), &attempts, now),
             ),
             Job::Nack {
                 actor,
@@ -999,21 +1011,15 @@ impl Writer {
     fn ack(
         &mut self,
         staged: &mut Staged<'_>,
-        actor: &str,
-        mailbox: &str,
+        (actor, mailbox): (&str, &str),
         delivery_id: u64,
         attempt: u32,
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<AckOutcome, StoreError> {
         let mut d =
             match self.leased_for(staged, "ack", (actor, mailbox), delivery_id, attempt, now)? {
                 Ok(d) => d,
-                Err((_, Some(d)))
-                    if d.state == DeliveryState::Delivered && d.attempt == attempt =>
-                {
-                    return Ok(());
-                }
-                Err((e, _)) => return Err(e),
+                Err(refused) => return Ok(AckOutcome::refused(attempt, refused)),
             };
         d.state = DeliveryState::Delivered;
         d.delivered_at_ms = Some(now);
@@ -1034,7 +1040,22 @@ impl Writer {
             },
             now,
         );
-        Ok(())
+        Ok(AckOutcome::Acknowledged)
+    }
+
+    /// Every attempt of a batch acknowledgement, in order, in this one
+    /// change (see [`super::SledStore::ack_batch`]).
+    fn ack_batch(
+        &mut self,
+        staged: &mut Staged<'_>,
+        who: (&str, &str),
+        attempts: &[(u64, u32)],
+        now: i64,
+    ) -> Result<Vec<AckOutcome>, StoreError> {
+        attempts
+            .iter()
+            .map(|&(delivery_id, attempt)| self.ack(staged, who, delivery_id, attempt, now))
+            .collect()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1422,6 +1443,7 @@ fn refuse(job: Job) -> Answer {
         | Job::RegistryPut { reply, .. }
         | Job::MeshPut { reply, .. }
         | Job::Record(_, reply) => Answer::new(reply, Err(e())),
+        Job::AckBatch { reply, .. } => Answer::new(reply, Err(e())),
         Job::Nack { reply, .. } => Answer::new(reply, Err(e())),
         Job::Track { reply, .. } => Answer::new(reply, Err(e())),
         Job::Sweep(reply) => Answer::new(reply, Err(e())),

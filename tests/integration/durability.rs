@@ -1,6 +1,7 @@
-//! Every OK to a submit comes after a completed fdatasync: the real binary
-//! runs under `strace`, a client makes sequential submits, and for each one
-//! an fdatasync must have *returned* between the request leaving the client
+//! Every OK to a submit (and to an AckBatch) comes after a completed
+//! fdatasync: the real binary runs under `strace`, a client makes sequential
+//! calls, and for each one an fdatasync must have *returned* between the
+//! request leaving the client
 //! and the OK arriving. Skipped (with a note) where strace is not installed;
 //! `tests/run` installs it.
 
@@ -83,28 +84,84 @@ fn traced_server(dir: &Path, port: u16, log: &Path) -> Traced {
     )
 }
 
-#[tokio::test]
-async fn every_submit_ok_follows_a_completed_fdatasync() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        println!("SKIPPED: strace is not installed (tests/run installs it)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    throughcare::certs::init_dev_pki(&dir.path().join("certs")).unwrap();
+type Client = throughcare::grpc::pb::handover_service_client::HandoverServiceClient<
+    tonic::transport::Channel,
+>;
+
+/// The gateway under strace in a new directory, and its endpoint.
+fn traced_gateway(dir: &Path) -> (Traced, String) {
+    throughcare::certs::init_dev_pki(&dir.join("certs")).unwrap();
     let port = support::free_port();
-    let log = dir.path().join("strace.log");
-    let server = traced_server(dir.path(), port, &log);
-    let endpoint = format!("https://localhost:{port}");
-    let certs = dir.path().join("certs");
-    let mut client = None;
+    let server = traced_server(dir, port, &dir.join("strace.log"));
+    (server, format!("https://localhost:{port}"))
+}
+
+/// A client of the traced gateway as `who`, once it serves.
+async fn client_of(endpoint: &str, dir: &Path, who: &str) -> Client {
+    let certs = dir.join("certs");
     for _ in 0..200 {
-        if let Ok(c) = throughcare::cli::client::handover(&endpoint, &certs, "YP001").await {
-            client = Some(c);
-            break;
+        if let Ok(c) = throughcare::cli::client::handover(endpoint, &certs, who).await {
+            return c;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut client = client.expect("traced gateway serves");
+    panic!("traced gateway serves");
+}
+
+/// Stops the traced gateway; the completed syncs it made.
+async fn stop_traced(server: Traced, dir: &Path) -> Vec<f64> {
+    let server_pid = server.0.id().to_string();
+    Command::new("pkill")
+        .args(["-TERM", "-P", &server_pid])
+        .status()
+        .unwrap();
+    let mut server = server;
+    let _ = tokio::task::spawn_blocking(move || {
+        let status = server.0.wait();
+        (status, server)
+    })
+    .await
+    .unwrap();
+    sync_completions(&std::fs::read_to_string(dir.join("strace.log")).unwrap())
+}
+
+/// Each (sent, answered) window holds a completed sync.
+fn assert_each_window_holds_a_sync(what: &str, windows: &[(f64, f64)], completions: &[f64]) {
+    println!(
+        "{} fdatasync/fsync completions for {} sequential {what}",
+        completions.len(),
+        windows.len()
+    );
+    assert!(
+        completions.len() >= windows.len(),
+        "{} fdatasync calls for {} sequential {what}",
+        completions.len(),
+        windows.len()
+    );
+    for (i, (sent, ok)) in windows.iter().enumerate() {
+        assert!(
+            completions.iter().any(|c| c >= sent && c <= ok),
+            "{what} {i}: no fdatasync completed between sending ({sent:.6}) and its OK ({ok:.6})"
+        );
+    }
+}
+
+fn strace_missing() -> bool {
+    if Command::new("strace").arg("-V").output().is_err() {
+        println!("SKIPPED: strace is not installed (tests/run installs it)");
+        return true;
+    }
+    false
+}
+
+#[tokio::test]
+async fn every_submit_ok_follows_a_completed_fdatasync() {
+    if strace_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (server, endpoint) = traced_gateway(dir.path());
+    let mut client = client_of(&endpoint, dir.path(), "YP001").await;
     let mut windows = Vec::new();
     for i in 0..20 {
         let sent = now();
@@ -120,37 +177,54 @@ async fn every_submit_ok_follows_a_completed_fdatasync() {
         windows.push((sent, now()));
     }
     drop(client);
-    let server_pid = server.0.id().to_string();
-    Command::new("pkill")
-        .args(["-TERM", "-P", &server_pid])
-        .status()
-        .unwrap();
-    let mut server = server;
-    let _ = tokio::task::spawn_blocking(move || {
-        let status = server.0.wait();
-        (status, server)
-    })
-    .await
-    .unwrap();
+    let completions = stop_traced(server, dir.path()).await;
+    assert_each_window_holds_a_sync("submits", &windows, &completions);
+}
 
-    let completions = sync_completions(&std::fs::read_to_string(&log).unwrap());
-    println!(
-        "{} fdatasync/fsync completions for {} sequential submits",
-        completions.len(),
-        windows.len()
-    );
-    assert!(
-        completions.len() >= windows.len(),
-        "{} fdatasync calls for {} sequential submits",
-        completions.len(),
-        windows.len()
-    );
-    for (i, (sent, ok)) in windows.iter().enumerate() {
+/// An AckBatch is answered once every acknowledgement in it is durable.
+#[tokio::test]
+async fn every_ack_batch_ok_follows_a_completed_fdatasync() {
+    use throughcare::grpc::pb;
+    if strace_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (server, endpoint) = traced_gateway(dir.path());
+    let mut prison = client_of(&endpoint, dir.path(), "YP001").await;
+    for i in 0..10 {
+        let release = support::release(&format!("a-{i}"), i, &["YG001"], "acked");
+        prison.submit(release).await.unwrap();
+    }
+    let mut gp = client_of(&endpoint, dir.path(), "YG001").await;
+    let mut windows = Vec::new();
+    for _ in 0..5 {
+        let pulled = gp.pull(support::pull(2)).await.unwrap().into_inner();
+        let attempts = pulled
+            .deliveries
+            .iter()
+            .map(|d| pb::DeliveryAttempt {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .collect();
+        let sent = now();
+        let results = gp
+            .ack_batch(pb::AckBatchRequest { attempts })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        windows.push((sent, now()));
+        assert_eq!(results.len(), 2);
         assert!(
-            completions.iter().any(|c| c >= sent && c <= ok),
-            "submit {i}: no fdatasync completed between sending ({sent:.6}) and its OK ({ok:.6})"
+            results
+                .iter()
+                .all(|r| r.outcome() == pb::AckOutcome::Acknowledged)
         );
     }
+    drop((prison, gp));
+    let completions = stop_traced(server, dir.path()).await;
+    assert_each_window_holds_a_sync("batch acks", &windows, &completions);
 }
 
 #[test]

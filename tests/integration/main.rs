@@ -6,6 +6,7 @@ mod admin_cli;
 mod audit_tamper;
 mod authorisation;
 mod bad_input;
+mod batch_ack;
 mod claim_brute_force;
 mod cli;
 mod clinical_e2e;

@@ -23,7 +23,7 @@ def test_reflection_lists_services_and_resolves_methods(gateway):
 
         pool = descriptor_pool.DescriptorPool(db)
         handover = pool.FindServiceByName(HANDOVER)
-        assert {m.name for m in handover.methods} == {"Submit", "Pull", "Ack", "Nack", "Track", "Claim"}
+        assert {m.name for m in handover.methods} == {"Submit", "Pull", "Ack", "AckBatch", "Nack", "Track", "Claim"}
         operator = pool.FindServiceByName(OPERATOR)
         assert {"ListMailboxes", "Redrive", "ClaimParked", "AuditTrail"} <= {m.name for m in operator.methods}
         submit = handover.FindMethodByName("Submit")

@@ -180,3 +180,60 @@ def test_list_calls_page_with_opaque_tokens(gateway, pb):
         op.ListParked(operator_pb2.ListParkedRequest(page_size=2, page_token="made-up"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(err.value) == ["page_token"]
+
+
+def test_batch_ack_answers_each_attempt_on_its_own(gateway, pb):
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
+    for i, fixture in enumerate(
+        ["01-ost-released-today.json", "06-many-medicines-and-allergies.json", "07-refused-probation-consent.json"]
+    ):
+        prison.Submit(release(pb, f"py-batch-{i}", fixture=fixture), timeout=10)
+    prison.Submit(release(pb, "py-batch-other", fixture="04-release-no-gp.json", to=("YG002",)), timeout=10)
+    gp = pb.grpc.HandoverServiceStub(gateway.channel("YG001"))
+    mine = gp.Pull(pb.h.PullRequest(max_deliveries=10), timeout=10).deliveries
+    assert len(mine) == 3
+    hillview = pb.grpc.HandoverServiceStub(gateway.channel("YG002"))
+    theirs = hillview.Pull(pb.h.PullRequest(max_deliveries=10), timeout=10).deliveries[0]
+
+    def item(d, attempt=None):
+        return pb.h.DeliveryAttempt(delivery_id=d.delivery_id, attempt=attempt or d.attempt)
+
+    batch = pb.h.AckBatchRequest(
+        attempts=[item(mine[0]), item(mine[1], mine[1].attempt + 1), item(theirs), item(mine[0]), item(mine[2])]
+    )
+    results = gp.AckBatch(batch, timeout=10).results
+    assert [(r.delivery_id, r.outcome) for r in results] == [
+        (mine[0].delivery_id, pb.h.ACK_OUTCOME_ACKNOWLEDGED),
+        (mine[1].delivery_id, pb.h.ACK_OUTCOME_STALE_ATTEMPT),
+        (theirs.delivery_id, pb.h.ACK_OUTCOME_UNKNOWN_DELIVERY),
+        (mine[0].delivery_id, pb.h.ACK_OUTCOME_ALREADY_ACKNOWLEDGED),
+        (mine[2].delivery_id, pb.h.ACK_OUTCOME_ACKNOWLEDGED),
+    ]
+    assert results[1].current_attempt == mine[1].attempt
+    assert results[1].state == pb.h.DELIVERY_STATE_LEASED
+    # Another practice's delivery is not described, only not found.
+    assert results[2].state == pb.h.DELIVERY_STATE_UNSPECIFIED and results[2].current_attempt == 0
+    # Neither refusal touched its delivery: both owners can still ack theirs.
+    hillview.Ack(pb.h.AckRequest(delivery_id=theirs.delivery_id, attempt=theirs.attempt), timeout=10)
+    again = gp.AckBatch(batch, timeout=10).results
+    assert [r.outcome for r in again] == [
+        pb.h.ACK_OUTCOME_ALREADY_ACKNOWLEDGED,
+        pb.h.ACK_OUTCOME_STALE_ATTEMPT,
+        pb.h.ACK_OUTCOME_UNKNOWN_DELIVERY,
+        pb.h.ACK_OUTCOME_ALREADY_ACKNOWLEDGED,
+        pb.h.ACK_OUTCOME_ALREADY_ACKNOWLEDGED,
+    ]
+    gp.Ack(pb.h.AckRequest(delivery_id=mine[1].delivery_id, attempt=mine[1].attempt), timeout=10)
+
+
+def test_batch_ack_refuses_a_malformed_call_whole(gateway, pb):
+    gp = pb.grpc.HandoverServiceStub(gateway.channel("YG001"))
+    for attempts, field in [
+        ([], "attempts"),
+        ([pb.h.DeliveryAttempt(delivery_id=i + 1, attempt=1) for i in range(501)], "attempts"),
+        ([pb.h.DeliveryAttempt(delivery_id=1, attempt=1), pb.h.DeliveryAttempt(attempt=1)], "attempts[1].delivery_id"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            gp.AckBatch(pb.h.AckBatchRequest(attempts=attempts), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(err.value) == [field]

@@ -15,8 +15,8 @@ use super::{PgStore, Shared};
 use crate::audit::AuditEvent;
 use crate::store::records::{self, PARKED_MAILBOX};
 use crate::store::{
-    DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, LeasedDelivery, NewHandover,
-    RedriveOutcome, StoreError, SubmitOutcome, SweepOutcome, TrackKey,
+    AckOutcome, DeliveryRecord, DeliveryState, HandoverRecord, HandoverStatus, LeasedDelivery,
+    NewHandover, RedriveOutcome, StoreError, SubmitOutcome, SweepOutcome, TrackKey,
 };
 
 /// A step's answer: `Err` outside rolls back; `Err` inside is a refusal
@@ -119,6 +119,26 @@ impl PgStore {
                     &mut audit,
                 )
                 .await
+            })
+        })
+        .await
+    }
+
+    /// Acknowledges several attempts of `mailbox` in one transaction (see
+    /// [`crate::store::Store::ack_batch`]).
+    ///
+    /// # Errors
+    /// Database failures (then nothing in it was acknowledged).
+    pub async fn ack_batch(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        attempts: Vec<(u64, u32)>,
+    ) -> Result<Vec<AckOutcome>, StoreError> {
+        let (actor, mailbox) = (actor.to_owned(), mailbox.to_owned());
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| {
+                ack_batch(&tx, (&actor, &mailbox), &attempts, now, &mut audit).await
             })
         })
         .await
@@ -503,12 +523,22 @@ async fn ack(
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Step<()> {
+    Ok(ack_one(tx, who, delivery_id, attempt, now, audit)
+        .await?
+        .into_result())
+}
+
+async fn ack_one(
+    tx: &Transaction<'_>,
+    who: (&str, &str),
+    delivery_id: u64,
+    attempt: u32,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<AckOutcome, StoreError> {
     let mut d = match leased_for(tx, "ack", who, delivery_id, attempt, now, audit).await? {
         Ok(d) => d,
-        Err((_, Some(d))) if d.state == DeliveryState::Delivered && d.attempt == attempt => {
-            return Ok(Ok(()));
-        }
-        Err((e, _)) => return Ok(Err(e)),
+        Err(refused) => return Ok(AckOutcome::refused(attempt, refused)),
     };
     d.state = DeliveryState::Delivered;
     d.delivered_at_ms = Some(now);
@@ -523,7 +553,27 @@ async fn ack(
         patient_key: Some(d.patient_key.clone()),
         outcome: "ok: delivered".into(),
     });
-    Ok(Ok(()))
+    Ok(AckOutcome::Acknowledged)
+}
+
+/// Every attempt of a batch, each as one ack. Rows are locked in delivery
+/// id order (so two batches over the same deliveries cannot deadlock);
+/// the outcomes come back in request order.
+async fn ack_batch(
+    tx: &Transaction<'_>,
+    who: (&str, &str),
+    attempts: &[(u64, u32)],
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Step<Vec<AckOutcome>> {
+    let mut order: Vec<usize> = (0..attempts.len()).collect();
+    order.sort_by_key(|&i| attempts[i].0);
+    let mut outcomes: Vec<Option<AckOutcome>> = attempts.iter().map(|_| None).collect();
+    for i in order {
+        let (delivery_id, attempt) = attempts[i];
+        outcomes[i] = Some(ack_one(tx, who, delivery_id, attempt, now, audit).await?);
+    }
+    Ok(Ok(outcomes.into_iter().flatten().collect()))
 }
 
 /// What a nack gives back.
