@@ -211,29 +211,6 @@ async fn a_delivered_payload_is_shredded_after_the_grace_and_nothing_left_opens_
     drop(config);
 }
 
-/// Records that `delivery` went through MESH and was acknowledged there.
-async fn record_a_mesh_send(gw: &TestGateway, handover: u64, delivery: u64, now_ms: i64) {
-    gw.store
-        .mesh_put(
-            "test",
-            throughcare::store::MeshRecord {
-                delivery_id: delivery,
-                handover_id: handover,
-                mailbox: "YG001".into(),
-                mesh_mailbox: "X26ABC2".into(),
-                local_id: format!("throughcare-{delivery}"),
-                message_id: Some("20261130000000000000_ABCDEF".into()),
-                state: throughcare::store::MeshState::Acknowledged,
-                attempt: 1,
-                sends: 1,
-                reason: None,
-                updated_ms: now_ms,
-            },
-        )
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
     let (gw, clock) = TestGateway::start_manual(|_| {}).await;
@@ -247,7 +224,7 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
     // Had the GP copy gone through MESH, the edge's record of it (ids and
     // states) is tracking data too.
     let gp_copy = receipt.deliveries[0].delivery_id;
-    record_a_mesh_send(&gw, receipt.handover_id, gp_copy, clock.now_ms()).await;
+    record_a_mesh_send(&gw.store, receipt.handover_id, gp_copy, clock.now_ms()).await;
     clock.advance(84 * DAY_MS - 1_000);
     let pass = gw.store.retention().await.unwrap();
     assert_eq!((pass.shredded, pass.metadata_removed), (1, 0));

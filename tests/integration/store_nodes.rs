@@ -248,8 +248,14 @@ async fn a_submit_on_one_node_wakes_a_long_poll_on_the_other() {
 
 /// `throughcare admin audit verify` for a gateway configured for PostgreSQL.
 fn admin_audit(url: &str, dir: &Path, verb: &str) -> std::process::Output {
+    admin_audit_with(url, dir, &[verb])
+}
+
+/// `admin audit ARGS` on database `url` with the key files in `dir`.
+fn admin_audit_with(url: &str, dir: &Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(support::BIN)
-        .args(["admin", "audit", verb])
+        .args(["admin", "audit"])
+        .args(args)
         .env("THROUGHCARE_STORE_ENGINE", "postgres")
         .env("THROUGHCARE_STORE_POSTGRES_URL", url)
         .env("THROUGHCARE_DATA_DIR", dir.join("data"))
@@ -302,18 +308,8 @@ async fn admin_audit_verify_reads_the_database_chain_and_finds_a_rewrite() {
 
 /// `admin audit verify --checkpoint FILE` on PostgreSQL.
 fn verify_against(url: &str, dir: &Path, checkpoint: &Path) -> std::process::Output {
-    let mut c = std::process::Command::new(support::BIN);
-    c.args(["admin", "audit", "verify", "--checkpoint"])
-        .arg(checkpoint)
-        .env("THROUGHCARE_STORE_ENGINE", "postgres")
-        .env("THROUGHCARE_STORE_POSTGRES_URL", url)
-        .env("THROUGHCARE_DATA_DIR", dir.join("data"))
-        .env("THROUGHCARE_MASTER_KEY_FILE", dir.join("master-key"))
-        .env(
-            "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
-            dir.join("audit-key"),
-        );
-    c.output().unwrap()
+    let checkpoint = checkpoint.to_str().unwrap();
+    admin_audit_with(url, dir, &["verify", "--checkpoint", checkpoint])
 }
 
 /// The database's own backups can bring back an older chain, or someone

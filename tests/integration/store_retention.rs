@@ -200,25 +200,7 @@ async fn removed_after_the_metadata_period(
     // Had a copy gone through MESH, the edge's record of it (ids and
     // states) is tracking data too, and goes with it.
     let delivery = gw.store.handover(hid).unwrap().unwrap().deliveries[0];
-    gw.store
-        .mesh_put(
-            "test",
-            throughcare::store::MeshRecord {
-                delivery_id: delivery,
-                handover_id: hid,
-                mailbox: "YG001".into(),
-                mesh_mailbox: "X26ABC2".into(),
-                local_id: format!("throughcare-{delivery}"),
-                message_id: Some("20261130000000000000_ABCDEF".into()),
-                state: throughcare::store::MeshState::Acknowledged,
-                attempt: 1,
-                sends: 1,
-                reason: None,
-                updated_ms: clock.now_ms(),
-            },
-        )
-        .await
-        .unwrap();
+    support::record_a_mesh_send(&gw.store, hid, delivery, clock.now_ms()).await;
     clock.advance(i64::try_from(METADATA_S - GRACE_S).unwrap() * 1_000);
     eventually("the tracking data is removed", || async {
         count(

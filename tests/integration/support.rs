@@ -455,3 +455,26 @@ pub fn use_postgres(config: &mut Config, url: &str) {
     config.store.postgres_require_synchronous_standby = false;
     config.store.postgres_pool_size = 8;
 }
+
+/// Records that `delivery` went through MESH and was acknowledged there.
+pub async fn record_a_mesh_send(store: &Store, handover: u64, delivery: u64, now_ms: i64) {
+    store
+        .mesh_put(
+            "test",
+            throughcare::store::MeshRecord {
+                delivery_id: delivery,
+                handover_id: handover,
+                mailbox: "YG001".into(),
+                mesh_mailbox: "X26ABC2".into(),
+                local_id: format!("throughcare-{delivery}"),
+                message_id: Some("20261130000000000000_ABCDEF".into()),
+                state: throughcare::store::MeshState::Acknowledged,
+                attempt: 1,
+                sends: 1,
+                reason: None,
+                updated_ms: now_ms,
+            },
+        )
+        .await
+        .unwrap();
+}

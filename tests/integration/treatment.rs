@@ -68,7 +68,6 @@ fn release_of(id: &str, s: &ClinicalSummary, to: &[&str]) -> pb::SubmitRequest {
 /// Registers a substance misuse service and a mental health team for the
 /// north (YP001's region), and one substance misuse service in the south.
 async fn register_services(gw: &TestGateway) {
-    let mut op = gw.operator().await;
     for (code, kind, region) in [
         (
             "YS001",
@@ -82,19 +81,7 @@ async fn register_services(gw: &TestGateway) {
         ),
         ("YM001", pb::OrganisationKind::MentalHealthTeam, "north"),
     ] {
-        op.put_organisation(pb::PutOrganisationRequest {
-            organisation: Some(pb::Organisation {
-                ods_code: code.into(),
-                kind: kind.into(),
-                name: format!("{code} (invented)"),
-                format: pb::DocumentFormat::Native.into(),
-                region: region.into(),
-                mesh_mailbox: String::new(),
-                active: true,
-            }),
-        })
-        .await
-        .unwrap();
+        put_service(gw, code, kind, region, true).await;
     }
 }
 
@@ -728,6 +715,18 @@ async fn commissioners_get_continuity_as_csv_and_json_from_the_command_line() {
     gw.stop().await;
 }
 
+/// Enables or disables a registered organisation.
+async fn set_active(gw: &TestGateway, code: &str, active: bool) {
+    gw.operator()
+        .await
+        .set_organisation_active(pb::SetOrganisationActiveRequest {
+            ods_code: code.into(),
+            active,
+        })
+        .await
+        .unwrap();
+}
+
 /// Registers (or replaces) one treatment service.
 async fn put_service(
     gw: &TestGateway,
@@ -810,14 +809,7 @@ async fn a_held_copy_goes_to_the_service_registered_for_its_area_on(engine: Engi
 
     // Enabled for the release area: the OST copy goes there at once, its
     // next-dose deadline unchanged; the mental health copy stays held.
-    gw.operator()
-        .await
-        .set_organisation_active(pb::SetOrganisationActiveRequest {
-            ods_code: "YS001".into(),
-            active: true,
-        })
-        .await
-        .unwrap();
+    set_active(&gw, "YS001", true).await;
     let t = track_message(&mut prison, "held").await;
     assert_eq!(t.deliveries[2].destination, "YS001");
     assert_eq!(t.deliveries[2].state(), pb::DeliveryState::Queued);
@@ -984,14 +976,7 @@ async fn a_registry_change_through_one_node_reaches_the_other_on_postgres() {
     assert_eq!(t.deliveries[2].destination, "YS001");
     assert_eq!(pull_and_ack(&mut connect().await).await.len(), 1);
     // Disabled through A: B refuses it too.
-    a.operator()
-        .await
-        .set_organisation_active(pb::SetOrganisationActiveRequest {
-            ods_code: "YS001".into(),
-            active: false,
-        })
-        .await
-        .unwrap();
+    set_active(&a, "YS001", false).await;
     within_seconds("B to refuse the disabled YS001", async || {
         known().await == tonic::Code::PermissionDenied
     })
