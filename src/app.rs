@@ -603,6 +603,7 @@ impl Prepared {
         ];
         if self.gateway.store.engine() == crate::store::EngineKind::Postgres {
             tasks.push(self.spawn_registry_refresh());
+            tasks.push(self.spawn_witness_recorder());
         }
         tasks.extend(self.spawn_pds());
         tasks.extend(self.spawn_mesh());
@@ -629,6 +630,26 @@ impl Prepared {
                 tokio::select! {
                     () = &mut next => {}
                     () = tokio::time::sleep(crate::handover::registry_refresh::REFRESH) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    }
+
+    /// Records the audit chain's head in this node's witness at start and
+    /// every [`crate::store::pg::witness::EVERY`] (PostgreSQL; the store
+    /// records it once more when it closes), until shutdown.
+    fn spawn_witness_recorder(&self) -> tokio::task::JoinHandle<()> {
+        let store = self.gateway.store.clone();
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            let Some(pg) = store.postgres() else { return };
+            loop {
+                if let Err(e) = pg.record_witness().await {
+                    tracing::error!(error = %e, "recording the PostgreSQL witness failed");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(crate::store::pg::witness::EVERY) => {}
                     _ = stop.changed() => break,
                 }
             }

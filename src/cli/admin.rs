@@ -1072,6 +1072,67 @@ async fn audit_postgres(
     outcome.context("audit chain does NOT verify")
 }
 
+/// `accept-rollback` on PostgreSQL: the operator's audited decision to go
+/// on from what the database holds after a node's witness refused it (a
+/// restore from an older backup). The chain must verify; the decision is
+/// an audit entry; then this node's witness records the new head.
+async fn accept_rollback_postgres(
+    config: &crate::config::Config,
+    pg: &crate::store::pg::PgOptions,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let path = config.witness_dir().join(crate::store::pg::witness::FILE);
+    let seen = std::fs::read(&path)
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+        .and_then(|v| v["audit_seq"].as_u64());
+    // Opened without the witness check (that is what is being decided),
+    // and without waiting for a standby a restore may not have yet.
+    let options = crate::store::StoreOptions {
+        witness_dir: None,
+        ..config.store_witness()
+    };
+    let pg = crate::store::pg::PgOptions {
+        require_synchronous_standby: false,
+        ..pg.clone()
+    };
+    let store = crate::store::Store::open_postgres(
+        &pg,
+        options,
+        std::sync::Arc::new(crate::store::SystemClock),
+        &config.data_dir,
+    )?;
+    let outcome = async {
+        let verified = store
+            .verify_audit_from()
+            .context("the database's audit chain does NOT verify: not a rollback to accept")?;
+        let seen_text = seen.map_or_else(|| "no readable witness".to_owned(), |s| format!("entry {s}"));
+        store
+            .record(crate::audit::AuditEvent {
+                actor: local_actor(),
+                action: "accept_rollback",
+                outcome: format!(
+                    "ok: went on from entry {} of the database's trail (this node's witness had seen {seen_text}): {reason}",
+                    verified.last
+                ),
+                ..crate::audit::AuditEvent::default()
+            })
+            .await?;
+        let pg_store = store.postgres().expect("a PostgreSQL store");
+        pg_store.record_witness_to(path.clone()).await?;
+        println!(
+            "accepted: the database's trail ends at entry {}, this node's witness had seen {seen_text}; \
+             the witness {} now records the new head. Ask senders to resend what they sent after the backup was taken.",
+            verified.last + 1,
+            path.display()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    store.close().await?;
+    outcome
+}
+
 /// Who ran an offline verb, for the audit trail: the local account.
 fn local_actor() -> String {
     let user = std::env::var("USER")
@@ -1112,10 +1173,8 @@ async fn accept_rollback(store: &StoreArgs, reason: &str, json: bool) -> anyhow:
         anyhow::bail!("--reason: must not contain patient data (it looks like {what})");
     }
     let config = store.config()?;
-    if config.store.postgres().is_some() {
-        anyhow::bail!(
-            "accept-rollback concerns the sled engine's witness; the PostgreSQL store engine has none (docs/store-engines.md)"
-        );
+    if let Some(pg) = config.store.postgres() {
+        return accept_rollback_postgres(&config, &pg, reason).await;
     }
     let rollback = crate::store::Store::accept_rollback(
         &config.data_dir,

@@ -492,3 +492,97 @@ async fn a_primary_without_a_synchronous_standby_is_refused_unless_accepted() {
     let accepted = node(&url, dir.path(), clock, 3);
     accepted.close().await.unwrap();
 }
+
+/// A node whose witness is `dir/witness` (as a gateway's is).
+fn open_witnessed(
+    url: &str,
+    dir: &Path,
+    clock: Arc<dyn Clock>,
+) -> Result<Store, throughcare::store::StoreError> {
+    let options = StoreOptions {
+        master_key_file: Some(dir.join("master-key")),
+        audit_key_file: Some(dir.join("audit-key")),
+        witness_dir: Some(dir.join("witness")),
+        ..StoreOptions::default()
+    };
+    let pg = PgOptions {
+        url: url.to_owned(),
+        ca_file: None,
+        pool_size: 4,
+        require_synchronous_standby: false,
+    };
+    Store::open_postgres(&pg, options, clock, dir)
+}
+
+/// A database restored from an older backup behind a node's back: the
+/// node's witness (outside the database) refuses it until an operator
+/// decides, audited, to go on from what the database holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_a_database_set_back_behind_its_witness_until_accepted() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
+    let a = open_witnessed(&url, dir.path(), clock.clone()).unwrap();
+    for m in 0..3 {
+        a.submit(handover(m, m, "YG001", None)).await.unwrap();
+    }
+    a.postgres().unwrap().record_witness().await.unwrap();
+    a.submit(handover(3, 3, "YG001", None)).await.unwrap();
+    // Recorded once more as it closes: the witness has seen entry 4.
+    a.close().await.unwrap();
+    let a = open_witnessed(&url, dir.path(), clock.clone()).unwrap();
+    a.close().await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute("DELETE FROM audit WHERE seq >= 4", &[])
+        .await
+        .unwrap();
+    let err = open_witnessed(&url, dir.path(), clock.clone())
+        .err()
+        .expect("a node refuses a database behind its witness");
+    assert!(
+        matches!(err, throughcare::store::StoreError::Witness(_))
+            && err.to_string().contains("older backup"),
+        "{err}"
+    );
+    let out = std::process::Command::new(support::BIN)
+        .args(["admin", "store", "accept-rollback", "--reason"])
+        .arg("restored from backup, ticket 123")
+        .env("THROUGHCARE_STORE_ENGINE", "postgres")
+        .env("THROUGHCARE_STORE_POSTGRES_URL", &url)
+        .env("THROUGHCARE_DATA_DIR", dir.path().join("data"))
+        .env("THROUGHCARE_MASTER_KEY_FILE", dir.path().join("master-key"))
+        .env(
+            "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
+            dir.path().join("audit-key"),
+        )
+        .env(
+            "THROUGHCARE_INTEGRITY_WITNESS_DIR",
+            dir.path().join("witness"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = open_witnessed(&url, dir.path(), clock).unwrap();
+    let decision = a
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.action == "accept_rollback")
+        .expect("the decision is audited");
+    assert!(
+        decision.outcome.contains("ticket 123"),
+        "{}",
+        decision.outcome
+    );
+    a.close().await.unwrap();
+}

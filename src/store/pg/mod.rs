@@ -33,6 +33,7 @@ mod retention;
 mod sql;
 mod submit;
 mod turn;
+pub mod witness;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -89,6 +90,11 @@ pub(crate) struct Shared {
     signals: Arc<Signals>,
     stats: Arc<BarrierStats>,
     closed: AtomicBool,
+    /// This node's record of the chain's head ([`witness`]), when a
+    /// witness directory is configured.
+    witness: Option<std::path::PathBuf>,
+    /// Whether this node records it (a gateway does; tools only check).
+    recording: AtomicBool,
 }
 
 /// The engine's runtime, shut down without blocking when the engine goes
@@ -168,6 +174,17 @@ impl PgStore {
             runtime.handle(),
             connect::check_synchronous_standby(pool.clone(), pg.require_synchronous_standby),
         )?;
+        let witness = witness::path(&options);
+        if let Some(path) = witness.clone() {
+            let (pool, key) = (pool.clone(), audit_key.clone());
+            wait_on(runtime.handle(), async move {
+                let client = pool
+                    .get()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("no connection: {e}")))?;
+                witness::check(&**client, &key, &path).await
+            })?;
+        }
         runtime
             .handle()
             .spawn(connect::listen(target, signals.clone()));
@@ -182,6 +199,8 @@ impl PgStore {
                 signals,
                 stats: Arc::new(BarrierStats::default()),
                 closed: AtomicBool::new(false),
+                witness,
+                recording: AtomicBool::new(false),
             }),
         })
     }
@@ -238,14 +257,49 @@ impl PgStore {
         &self.shared.options.retention
     }
 
-    /// Stops taking calls and closes the pool. Idempotent.
+    /// Records the chain's head in this node's witness (when one is
+    /// configured), and from now on at close too: a gateway node calls it
+    /// every [`witness::EVERY`].
     ///
     /// # Errors
-    /// None so far; kept for the seam.
+    /// Database failures; the witness cannot be written.
+    pub async fn record_witness(&self) -> Result<(), StoreError> {
+        let Some(path) = self.shared.witness.clone() else {
+            return Ok(());
+        };
+        self.shared.recording.store(true, Ordering::Release);
+        self.record_witness_to(path).await
+    }
+
+    /// Records the chain's head in the witness file `path` (`admin store
+    /// accept-rollback` re-bases a node's witness with it).
+    ///
+    /// # Errors
+    /// Database failures; the witness cannot be written.
+    pub async fn record_witness_to(&self, path: std::path::PathBuf) -> Result<(), StoreError> {
+        self.run(move |s| async move {
+            let client = s.client().await?;
+            witness::record(&**client, &s.audit_key, &path, s.now()).await
+        })
+        .await
+    }
+
+    /// Stops taking calls and closes the pool, recording the witness first
+    /// when this node records it. Idempotent.
+    ///
+    /// # Errors
+    /// The witness cannot be recorded (the pool is closed all the same).
     pub async fn close(&self) -> Result<(), StoreError> {
+        let recorded = if self.shared.recording.load(Ordering::Acquire)
+            && !self.shared.closed.load(Ordering::Acquire)
+        {
+            self.record_witness().await
+        } else {
+            Ok(())
+        };
         self.shared.closed.store(true, Ordering::Release);
         self.shared.pool.close();
-        Ok(())
+        recorded
     }
 }
 
