@@ -478,9 +478,13 @@ async fn prune_audit(
     tx.execute("SELECT 1 FROM audit_head FOR UPDATE", &[])
         .await
         .map_err(db)?;
+    // Never the chain's last entry: the next one links to it, and with the
+    // table empty the chain would start again at entry 1 (sled likewise
+    // keeps the entry its witness anchors).
     let rows = tx
         .query(
-            "SELECT entry FROM audit ORDER BY seq LIMIT $1",
+            "SELECT entry FROM audit WHERE seq < (SELECT max(seq) FROM audit) \
+             ORDER BY seq LIMIT $1",
             &[&i64::try_from(most).unwrap_or(i64::MAX)],
         )
         .await
