@@ -449,7 +449,7 @@ impl Source {
         }
         let handovers = self.tree(TreeId::Handovers);
         let mut held = std::collections::BTreeSet::new();
-        let mut orphaned = BTreeMap::new();
+        let mut orphaned = std::collections::BTreeSet::new();
         for entry in self.tree(TreeId::Lineage).iter() {
             let (key, value) = entry?;
             let patient = utf8(key.split(|b| *b == 0).next().unwrap_or_default())?;
@@ -457,11 +457,11 @@ impl Source {
             if handovers.contains_key(records::be(id))? {
                 held.insert(patient);
             } else if after_bound(&after, &key) {
-                orphaned.entry(patient).or_insert(());
+                orphaned.insert(patient);
             }
         }
         let due_ms = self.now_ms.saturating_add(self.metadata_ms);
-        for patient_key in orphaned.into_keys() {
+        for patient_key in orphaned {
             if held.contains(&patient_key) || tracked.contains(&patient_key) {
                 continue;
             }
