@@ -502,6 +502,27 @@ async fn an_import_is_refused_whole_and_leaves_the_database_empty() {
         &["store", "import", "--from", file_arg],
     );
     assert!(imported.status.success(), "{}", text(&imported));
+    // Another database whose retention has run (and nothing else) is not
+    // empty either.
+    let url = support::postgres_database("store_export").unwrap();
+    let opened = pg_admin(&url, pg_dir, &key_dir, &["audit", "verify"]);
+    assert!(opened.status.success(), "{}", text(&opened));
+    let (sql, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sql.batch_execute("UPDATE retention_state SET payloads_shredded = 1")
+        .await
+        .unwrap();
+    refused(
+        pg_admin(
+            &url,
+            pg_dir,
+            &key_dir,
+            &["store", "import", "--from", file_arg],
+        ),
+        "retention has already run",
+    );
 }
 
 /// On sled alone (no database needed): a running gateway's store is refused,
