@@ -58,12 +58,18 @@ pub async fn export(config: &Config, actor: &str, out: &Path, json: bool) -> any
     );
     print_counts("carried", &summary.carried);
     print_counts(
-        "not carried (docs/store-engines.md says why)",
+        "not carried (PostgreSQL finds it from the records or needs none: docs/store-engines.md)",
         &summary.not_carried,
     );
     println!(
-        "audit chain: entries 1 to {} (the last records this export), head {}",
-        h.audit_seq, h.audit_hash
+        "audit chain: entries up to {} (the last records this export), head {}{}",
+        h.audit_seq,
+        h.audit_hash,
+        if summary.carried.contains_key("audit_cut") {
+            "; the earlier entries removed under the retention policy, behind the signed cut the file carries"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -97,7 +103,7 @@ pub async fn import(config: &Config, actor: &str, file: &Path, json: bool) -> an
                 "file": file,
                 "sha256": summary.sha256,
                 "imported": summary.imported,
-                "kept_in_file": summary.kept_in_file,
+                "audit_from": summary.audit_from,
                 "not_carried": summary.not_carried,
                 "import_entry": summary.import_entry,
             })
@@ -111,13 +117,17 @@ pub async fn import(config: &Config, actor: &str, file: &Path, json: bool) -> an
     );
     print_counts("imported", &summary.imported);
     print_counts(
-        "kept in the file only (docs/store-engines.md)",
-        &summary.kept_in_file,
+        "not carried from sled (PostgreSQL finds it from the records or needs none: docs/store-engines.md)",
+        &summary.not_carried,
     );
-    print_counts("not carried from sled", &summary.not_carried);
+    let from = if summary.audit_from > 1 {
+        " (the signed retention cut carried with them: the earlier ones were removed on sled)"
+    } else {
+        ""
+    };
     println!(
-        "audit chain: the sled store's entries 1 to {}, then this import's entry {} linked to them; `admin audit verify` checks it whole",
-        summary.header.audit_seq, summary.import_entry
+        "audit chain: the sled store's entries {} to {}{from}, then this import's entry {} linked to them; `admin audit verify` checks it whole",
+        summary.audit_from, summary.header.audit_seq, summary.import_entry
     );
     Ok(())
 }

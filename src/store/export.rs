@@ -20,7 +20,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::export_file::{self, ExportWriter, Header, Line, MoveError, b64};
-use super::records::{self, TreeId};
+use super::records::{self, RetentionKind, TreeId};
 use super::{Clock, SledStore, StoreError, StoreOptions, crypt::PayloadCipher, pg};
 use crate::audit::{AuditEntry, AuditEvent, AuditKey};
 
@@ -44,8 +44,8 @@ pub struct ExportSummary {
 ///
 /// # Errors
 /// [`MoveError::InUse`] while another process holds the store;
-/// [`MoveError::Unsupported`] for a store PostgreSQL cannot take yet (an
-/// audit trail cut under retention); any store or file failure.
+/// [`MoveError::Unsupported`] when `dir` holds no sled store; any store or
+/// file failure.
 pub async fn export(
     dir: &Path,
     options: StoreOptions,
@@ -79,12 +79,6 @@ async fn export_open(
     out: &Path,
 ) -> Result<ExportSummary, MoveError> {
     let trees = store.inner.trees.clone();
-    if let Some(cut) = super::integrity::audit_cut(&trees[TreeId::Meta as usize])? {
-        return Err(MoveError::Unsupported(format!(
-            "the store's audit trail was cut under the retention policy (entries before {} removed); the PostgreSQL engine keeps no signed cut yet, so the chain could not verify there",
-            cut.cut.first_kept
-        )));
-    }
     store.verify_audit_from()?;
     let name = out
         .file_name()
@@ -101,6 +95,8 @@ async fn export_open(
         trees,
         cipher: store.inner.cipher.clone(),
         key: store.inner.audit_key.clone(),
+        metadata_ms: store.retention_policy().metadata_ms,
+        now_ms: now,
     };
     let (actor, out) = (actor.to_owned(), out.to_path_buf());
     tokio::task::spawn_blocking(move || source.write(now, &actor, &out))
@@ -151,6 +147,10 @@ struct Source {
     trees: Vec<sled::Tree>,
     cipher: Arc<PayloadCipher>,
     key: Arc<AuditKey>,
+    /// The retention policy's metadata period, ms.
+    metadata_ms: i64,
+    /// When the export runs, ms since the epoch.
+    now_ms: i64,
 }
 
 /// Counts by kind.
@@ -181,12 +181,12 @@ impl Source {
         self.handovers(&mut w, &mut carried)?;
         self.deliveries(&mut w, &mut carried)?;
         self.identity_links(&mut w, &mut carried)?;
-        for entry in self.tree(TreeId::Tombstones).scan_prefix(b"h") {
-            let (_, v) = entry?;
-            w.line(&Line::Tombstone {
-                record: decode(&v, "tombstone")?,
+        self.retention_state(&mut w, &mut carried)?;
+        for entry in self.tree(TreeId::Mesh).iter().values() {
+            w.line(&Line::Mesh {
+                record: decode(&entry?, "mesh record")?,
             })?;
-            bump(&mut carried, "tombstones");
+            bump(&mut carried, "mesh_records");
         }
         for entry in self.tree(TreeId::Audit).iter().values() {
             let v = entry?;
@@ -195,7 +195,7 @@ impl Source {
             w.line(&Line::Audit { entry })?;
             bump(&mut carried, "audit_entries");
         }
-        let not_carried = self.not_carried();
+        let not_carried = self.not_carried()?;
         w.line(&Line::Summary {
             carried: carried.clone(),
             not_carried: not_carried.clone(),
@@ -237,8 +237,12 @@ impl Source {
     /// Every handover with its payload sealed and its data key wrapped by
     /// the master key; each payload is checked against its SHA-256 first.
     fn handovers(&self, w: &mut ExportWriter, carried: &mut Counts) -> Result<(), StoreError> {
+        let (next, last) = self.backfill_range()?;
         for entry in self.tree(TreeId::Handovers).iter().values() {
-            let record: records::HandoverRecord = decode(&entry?, "handover")?;
+            let mut record: records::HandoverRecord = decode(&entry?, "handover")?;
+            if (next..=last).contains(&record.id) && record.finished_at_ms.is_none() {
+                record.finished_at_ms = self.finished_at(&record)?;
+            }
             let wrapped = self.tree(TreeId::DataKeys).get(records::be(record.id))?;
             let (data_key, sealed) = match wrapped {
                 None if record.shredded_at_ms.is_some() => {
@@ -274,6 +278,55 @@ impl Source {
             bump(carried, "handovers");
         }
         Ok(())
+    }
+
+    /// The handovers sled's one-off look at what was stored before
+    /// retention existed has still to look at (none once it is done).
+    fn backfill_range(&self) -> Result<(u64, u64), StoreError> {
+        let meta = self.tree(TreeId::Meta);
+        Ok(match meta.get(super::writer::retention::META_BACKFILL)? {
+            Some(v) if v.len() == 16 => (
+                records::from_be(&v[..8]).unwrap_or(1),
+                records::from_be(&v[8..]).unwrap_or(0),
+            ),
+            _ => (
+                1,
+                meta.get(records::META_LAST_HANDOVER)?
+                    .and_then(|v| records::from_be(&v))
+                    .unwrap_or(0),
+            ),
+        })
+    }
+
+    /// When a handover stored before retention existed finished, as
+    /// sled's look would find it: the latest of its deliveries' (a
+    /// superseded one's: its replacement's), or when submitted if it went
+    /// to nobody; `None` while one is not finished. PostgreSQL finds due
+    /// work from this field only.
+    fn finished_at(&self, h: &records::HandoverRecord) -> Result<Option<i64>, StoreError> {
+        if h.deliveries.is_empty() {
+            return Ok(Some(h.submitted_at_ms));
+        }
+        let delivery = |id: u64| -> Result<Option<records::DeliveryRecord>, StoreError> {
+            self.tree(TreeId::Deliveries)
+                .get(records::be(id))?
+                .map(|v| decode(&v, "delivery"))
+                .transpose()
+        };
+        let mut finished = Some(i64::MIN);
+        for id in &h.deliveries {
+            let at = match delivery(*id)? {
+                Some(d) if d.state == records::DeliveryState::Superseded => {
+                    delivery(d.superseded_by.unwrap_or(0))?
+                        .as_ref()
+                        .and_then(records::DeliveryRecord::finished_at)
+                }
+                Some(d) => d.finished_at(),
+                None => None,
+            };
+            finished = finished.zip(at).map(|(a, b)| a.max(b));
+        }
+        Ok(finished)
     }
 
     /// A handover's sealed payload, its chunks' CRCs checked.
@@ -320,6 +373,107 @@ impl Source {
         Ok(())
     }
 
+    /// What retention left and keeps: tombstones, the signed audit cut,
+    /// the identity checks due and the counters. The rest of sled's
+    /// schedule is found again from the records on PostgreSQL.
+    fn retention_state(
+        &self,
+        w: &mut ExportWriter,
+        carried: &mut Counts,
+    ) -> Result<(), StoreError> {
+        for entry in self.tree(TreeId::Tombstones).scan_prefix(b"h") {
+            let (_, v) = entry?;
+            w.line(&Line::Tombstone {
+                record: decode(&v, "tombstone")?,
+            })?;
+            bump(carried, "tombstones");
+        }
+        let meta = self.tree(TreeId::Meta);
+        if let Some(cut) = super::integrity::audit_cut(meta)? {
+            w.line(&Line::AuditCut { cut })?;
+            bump(carried, "audit_cut");
+        }
+        for entry in self.tree(TreeId::Retention).iter() {
+            let (k, v) = entry?;
+            let Some((due_ms, RetentionKind::Identity, _)) = records::split_retention_key(&k)
+            else {
+                continue;
+            };
+            w.line(&Line::IdentityExpiry {
+                patient_key: utf8(&v)?,
+                due_ms,
+            })?;
+            bump(carried, "identity_expiry");
+        }
+        self.identity_backfill(w, carried)?;
+        let counter = |k: &[u8]| -> Result<u64, StoreError> {
+            Ok(meta.get(k)?.and_then(|v| records::from_be(&v)).unwrap_or(0))
+        };
+        w.line(&Line::RetentionCounters {
+            payloads_shredded: counter(super::writer::retention::META_SHREDDED)?,
+            metadata_removed: counter(super::writer::retention::META_REMOVED)?,
+            identity_removed: counter(super::writer::retention::META_IDENTITY_REMOVED)?,
+        })?;
+        bump(carried, "retention_counters");
+        Ok(())
+    }
+
+    /// sled's one-off look through the lineage, if still under way: a
+    /// patient whose lineage points only at removed handovers, with nothing
+    /// live, parked or quarantined, gets an identity check a metadata
+    /// period from now, as sled's next passes would give them.
+    fn identity_backfill(
+        &self,
+        w: &mut ExportWriter,
+        carried: &mut Counts,
+    ) -> Result<(), StoreError> {
+        let meta = self.tree(TreeId::Meta);
+        let cursor = meta.get(super::writer::identity_expiry::META_IDENTITY_BACKFILL)?;
+        let after = match cursor.as_deref() {
+            Some([1]) => return Ok(()),
+            Some([0, last @ ..]) => std::ops::Bound::Excluded(last.to_vec()),
+            _ => std::ops::Bound::Unbounded,
+        };
+        let mut tracked = std::collections::BTreeSet::new();
+        for entry in self.tree(TreeId::Deliveries).iter().values() {
+            let d: records::DeliveryRecord = decode(&entry?, "delivery")?;
+            if matches!(
+                d.state,
+                records::DeliveryState::Queued
+                    | records::DeliveryState::Leased
+                    | records::DeliveryState::Parked
+                    | records::DeliveryState::Quarantined
+            ) {
+                tracked.insert(d.patient_key);
+            }
+        }
+        let handovers = self.tree(TreeId::Handovers);
+        let mut held = std::collections::BTreeSet::new();
+        let mut orphaned = std::collections::BTreeSet::new();
+        for entry in self.tree(TreeId::Lineage).iter() {
+            let (key, value) = entry?;
+            let patient = utf8(key.split(|b| *b == 0).next().unwrap_or_default())?;
+            let id = records::from_be(&value).unwrap_or(0);
+            if handovers.contains_key(records::be(id))? {
+                held.insert(patient);
+            } else if after_bound(&after, &key) {
+                orphaned.insert(patient);
+            }
+        }
+        let due_ms = self.now_ms.saturating_add(self.metadata_ms);
+        for patient_key in orphaned {
+            if held.contains(&patient_key) || tracked.contains(&patient_key) {
+                continue;
+            }
+            w.line(&Line::IdentityExpiry {
+                patient_key,
+                due_ms,
+            })?;
+            bump(carried, "identity_expiry");
+        }
+        Ok(())
+    }
+
     fn identity_links(&self, w: &mut ExportWriter, carried: &mut Counts) -> Result<(), StoreError> {
         for entry in self.tree(TreeId::Identities).iter() {
             let (k, v) = entry?;
@@ -361,19 +515,31 @@ impl Source {
         Ok(())
     }
 
-    /// What the sled store holds that the PostgreSQL engine has no place
-    /// for yet (docs/store-engines.md says why each may stay behind).
-    fn not_carried(&self) -> Counts {
+    /// What the sled store holds that the PostgreSQL engine keeps no copy
+    /// of, because it finds the same from the records or needs none
+    /// (docs/store-engines.md says which is which).
+    fn not_carried(&self) -> Result<Counts, StoreError> {
         let mut counts = Counts::new();
-        for (name, tree) in [
-            ("retention_schedule", TreeId::Retention),
-            ("superseded_waits", TreeId::Superseded),
-            ("mesh_records", TreeId::Mesh),
-        ] {
-            counts.insert(name.into(), self.tree(tree).len() as u64);
+        let mut schedule = 0;
+        for key in self.tree(TreeId::Retention).iter().keys() {
+            let kind = records::split_retention_key(&key?).map(|(_, kind, _)| kind);
+            schedule += u64::from(kind != Some(RetentionKind::Identity));
         }
+        counts.insert("retention_schedule".into(), schedule);
+        counts.insert(
+            "superseded_waits".into(),
+            self.tree(TreeId::Superseded).len() as u64,
+        );
         counts.insert("key_epochs".into(), self.cipher.epochs().len() as u64);
-        counts
+        Ok(counts)
+    }
+}
+
+/// Whether lineage key `key` comes after the cursor of sled's look.
+fn after_bound(after: &std::ops::Bound<Vec<u8>>, key: &[u8]) -> bool {
+    match after {
+        std::ops::Bound::Excluded(last) => key > last.as_slice(),
+        _ => true,
     }
 }
 

@@ -32,13 +32,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::StoreError;
+use super::mesh::MeshRecord;
 use super::records::{DeliveryRecord, HandoverRecord, IdentityConflict, PatientRecord, Tombstone};
-use crate::audit::{AuditKey, hex};
+use crate::audit::{AuditKey, SignedAuditCut, hex};
 
 /// The `format` of a header.
 pub const FORMAT: &str = "throughcare store export";
-/// The version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The version this build writes and reads. Version 2 added the retention
+/// state (the signed audit cut, identity checks, counters) and the MESH
+/// records; version 1 files are refused by name (docs/store-engines.md).
+pub const VERSION: u32 = 2;
 /// The label the `end` line's signature is made under.
 const SIGNATURE_LABEL: &str = "throughcare store export v1";
 
@@ -169,6 +172,34 @@ pub enum Line {
     Tombstone {
         /// The record.
         record: Tombstone,
+    },
+    /// The signed cut the audit chain verifies from, once entries past the
+    /// audit period were removed (at most one line).
+    AuditCut {
+        /// As the sled store keeps it, signed with the audit key.
+        cut: SignedAuditCut,
+    },
+    /// A patient left with nothing tracked: their identity links and
+    /// lineage are checked again (and removed) then.
+    IdentityExpiry {
+        /// The patient key.
+        patient_key: String,
+        /// When, ms since the epoch.
+        due_ms: i64,
+    },
+    /// The retention counters operators see (one line).
+    RetentionCounters {
+        /// Payloads shredded so far.
+        payloads_shredded: u64,
+        /// Handovers whose tracking metadata was removed so far.
+        metadata_removed: u64,
+        /// Identity records removed so far.
+        identity_removed: u64,
+    },
+    /// What the MESH edge did with a delivery it pushes.
+    Mesh {
+        /// The record.
+        record: MeshRecord,
     },
     /// An audit entry.
     Audit {
@@ -340,6 +371,11 @@ pub fn check(path: &Path, key: &AuditKey) -> Result<Checked, MoveError> {
         }
     }
     let header = header.ok_or_else(|| bad("it is empty".into()))?;
+    if header.format == FORMAT && header.version == 1 {
+        return Err(bad(format!(
+            "it is `{FORMAT}` version 1, written by an older build that left the tombstones, the MESH records, the identity checks and the retention counters behind; export the stopped sled store again with this build (version {VERSION})"
+        )));
+    }
     if header.format != FORMAT || header.version != VERSION {
         return Err(bad(format!(
             "it is `{}` version {}; this build reads `{FORMAT}` version {VERSION}",
@@ -431,8 +467,12 @@ mod tests {
     }
 
     fn write(path: &Path, key: &AuditKey) {
+        write_as(path, key, header());
+    }
+
+    fn write_as(path: &Path, key: &AuditKey, header: Header) {
         let mut w = ExportWriter::create(path).unwrap();
-        w.line(&Line::Header(header())).unwrap();
+        w.line(&Line::Header(header)).unwrap();
         w.line(&Line::Audit {
             entry: "{\"seq\":1}".into(),
         })
@@ -468,5 +508,34 @@ mod tests {
         let cut: Vec<&str> = text.lines().take(3).collect();
         std::fs::write(&path, cut.join("\n") + "\n").unwrap();
         assert!(why(check(&path, &key).unwrap_err()).contains("no end line"));
+    }
+
+    #[test]
+    fn a_version_1_file_is_refused_by_name_even_when_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_secret(&[1; 32]);
+        let path = dir.path().join("old.export");
+        write_as(
+            &path,
+            &key,
+            Header {
+                version: 1,
+                ..header()
+            },
+        );
+        let why = check(&path, &key).unwrap_err().to_string();
+        assert!(why.contains("version 1"), "{why}");
+        assert!(why.contains("export the stopped sled store again"), "{why}");
+        let path = dir.path().join("newer.export");
+        write_as(
+            &path,
+            &key,
+            Header {
+                version: VERSION + 1,
+                ..header()
+            },
+        );
+        let why = check(&path, &key).unwrap_err().to_string();
+        assert!(why.contains(&format!("version {}", VERSION + 1)), "{why}");
     }
 }

@@ -32,7 +32,7 @@ const ACTOR: &str = "urn:gateway:retention";
 
 /// Meta key of the one-off look through the lineage: `0` ++ the last
 /// lineage key looked at while under way, `1` once done.
-const META_IDENTITY_BACKFILL: &[u8] = b"identity_backfill";
+pub(in crate::store) const META_IDENTITY_BACKFILL: &[u8] = b"identity_backfill";
 
 /// Longest chain of merges followed to find where a patient key went.
 const MAX_MERGES: usize = 16;

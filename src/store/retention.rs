@@ -151,12 +151,15 @@ pub(super) struct Ledger {
     backfill: (u64, u64),
 }
 
-const META_SHREDDED: &[u8] = b"retention_shredded";
-const META_REMOVED: &[u8] = b"retention_removed";
-const META_IDENTITY_REMOVED: &[u8] = b"retention_identity_removed";
+/// Meta key of the count of payloads shredded.
+pub(in crate::store) const META_SHREDDED: &[u8] = b"retention_shredded";
+/// Meta key of the count of handovers whose tracking metadata was removed.
+pub(in crate::store) const META_REMOVED: &[u8] = b"retention_removed";
+/// Meta key of the count of identity records removed.
+pub(in crate::store) const META_IDENTITY_REMOVED: &[u8] = b"retention_identity_removed";
 /// Next handover id ++ last handover id of the one-off look at handovers
 /// stored before retention existed.
-const META_BACKFILL: &[u8] = b"retention_backfill";
+pub(in crate::store) const META_BACKFILL: &[u8] = b"retention_backfill";
 /// Present once no data key wrapped directly by the master key is left (none
 /// is ever written again), so start-up need not read every data key to know.
 const META_NO_LEGACY_KEYS: &[u8] = b"retention_no_legacy_keys";

@@ -28,7 +28,7 @@ pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
 #[path = "audit_prune.rs"]
 mod audit_prune;
 #[path = "identity_expiry.rs"]
-mod identity_expiry;
+pub(super) mod identity_expiry;
 #[path = "retention.rs"]
 pub(super) mod retention;
 

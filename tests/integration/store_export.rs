@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use support::*;
 use throughcare::grpc::pb;
-use throughcare::store::SystemClock;
+use throughcare::store::{Clock, SystemClock};
 
 use crate::support;
 
@@ -502,6 +502,34 @@ async fn an_import_is_refused_whole_and_leaves_the_database_empty() {
         &["store", "import", "--from", file_arg],
     );
     assert!(imported.status.success(), "{}", text(&imported));
+    refused_once_retention_ran(pg_dir, &key_dir, file_arg).await;
+}
+
+/// A database whose retention has run (its counters set, nothing else)
+/// is not empty either.
+async fn refused_once_retention_ran(pg_dir: &Path, key_dir: &Path, file_arg: &str) {
+    let url = support::postgres_database("store_export").unwrap();
+    let opened = pg_admin(&url, pg_dir, key_dir, &["audit", "verify"]);
+    assert!(opened.status.success(), "{}", text(&opened));
+    let (sql, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sql.batch_execute("UPDATE retention_state SET payloads_shredded = 1")
+        .await
+        .unwrap();
+    let out = pg_admin(
+        &url,
+        pg_dir,
+        key_dir,
+        &["store", "import", "--from", file_arg],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("retention has already run"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// On sled alone (no database needed): a running gateway's store is refused,
@@ -566,49 +594,351 @@ async fn an_export_reads_a_stopped_sled_store_only_and_keeps_payloads_sealed() {
     sled.stop().await;
 }
 
-/// A sled trail cut under the retention policy is refused by name: the
-/// PostgreSQL engine keeps no signed cut, so its chain could not verify
-/// there. Nothing is written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_export_of_a_trail_cut_under_retention_is_refused() {
-    const DAY_MS: i64 = 86_400_000;
-    let work = tempfile::tempdir().unwrap();
-    let key_dir = work.path().join("keys");
-    let (gw, clock) = {
-        let k = key_dir.clone();
-        TestGateway::start_manual(move |c| {
-            keys(c, &k);
-            c.retention.audit_seconds = Some(90 * 86_400);
+/// The state a sled gateway's retention pass, MESH edge and PDS lookups
+/// leave: a handover removed under the retention policy (its tombstone and
+/// its patient's identity check), an audit trail cut behind a signed cut, a
+/// MESH send in flight and a parked release with a PDS finding.
+struct Kept {
+    gone: u64,
+    mesh: throughcare::store::MeshRecord,
+    parked: u64,
+    finding: throughcare::store::PdsFinding,
+}
+
+/// Retention periods short enough to pass with the manual clock.
+fn short_retention(c: &mut throughcare::config::Config) {
+    c.retention.payload_grace_seconds = 60;
+    c.retention.metadata_seconds = 600;
+    c.retention.audit_seconds = Some(600);
+}
+
+fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// Makes every piece of [`Kept`] through the store's own seams.
+async fn leave_state(gw: &TestGateway, clock: &throughcare::store::ManualClock) -> Kept {
+    use throughcare::store::{MeshRecord, MeshState, PdsFinding, PdsResult, PdsStatus};
+    let mut prison = gw.client("YP001").await;
+    let gone = prison
+        .submit(release("gone-1", 1, &["YG001"], "delivered long ago"))
+        .await
+        .unwrap()
+        .into_inner()
+        .handover_id;
+    // The GP's copy and probation's: then the handover is finished.
+    for who in ["YG001", "YPR01"] {
+        assert_eq!(pull_and_ack(&mut gw.client(who).await).await.len(), 1);
+    }
+    prison
+        .submit(release("mesh-1", 2, &["YG002"], "in flight on MESH"))
+        .await
+        .unwrap();
+    let delivery = track_message(&mut prison, "mesh-1").await.deliveries[0].delivery_id;
+    let handover = track_message(&mut prison, "mesh-1").await.handover_id;
+    let mesh = MeshRecord {
+        delivery_id: delivery,
+        handover_id: handover,
+        mailbox: "YG002".into(),
+        mesh_mailbox: "YG002OT001".into(),
+        local_id: format!("tc-{delivery}-local"),
+        message_id: None,
+        state: MeshState::Sending,
+        attempt: 1,
+        sends: 1,
+        reason: None,
+        updated_ms: clock.now_ms(),
+    };
+    gw.store
+        .mesh_put("urn:gateway:mesh", mesh.clone())
+        .await
+        .unwrap();
+    prison
+        .submit(release("parked-1", 3, &[], "no GP known"))
+        .await
+        .unwrap();
+    let parked = gw.store.parked(10).unwrap()[0].id;
+    let finding = PdsFinding {
+        status: PdsStatus::NoPractice,
+        practice: None,
+        checked_at_ms: clock.now_ms(),
+        next_check_ms: Some(clock.now_ms() + 3_600_000),
+        lookups: 1,
+    };
+    let kept = gw
+        .store
+        .pds_result(PdsResult {
+            delivery_id: parked,
+            finding: finding.clone(),
+            route_to: None,
         })
         .await
-    };
-    let mut prison = gw.client("YP001").await;
-    for i in 0..5 {
-        prison
-            .submit(release(&format!("old-{i}"), 10 + i, &["YG001"], "old"))
-            .await
-            .unwrap();
-    }
-    clock.advance(91 * DAY_MS);
+        .unwrap();
+    assert!(
+        kept.is_some(),
+        "the finding is written on the parked release"
+    );
+    // Past the metadata and audit periods: the delivered handover goes,
+    // and so do the oldest audit entries, behind a signed cut.
+    clock.advance(700_000);
     prison
-        .submit(release("r-2", 2, &["YG001"], "new"))
+        .submit(release("fresh-1", 4, &["YG001"], "after the pass"))
         .await
         .unwrap();
     let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.metadata_removed, 1, "{pass:?}");
     assert!(pass.audit_removed > 0, "{pass:?}");
-    let data = gw.config.data_dir.clone();
-    let (_kept, _) = gw.stop().await;
+    Kept {
+        gone,
+        mesh,
+        parked,
+        finding,
+    }
+}
+
+/// Retention state, MESH records and PDS findings move with the store:
+/// Track answers a removed handover from its tombstone, `admin audit
+/// verify` verifies from the signed cut sled made, the MESH send in flight
+/// and the PDS finding are there, and the retention counters and identity
+/// check read as on sled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_mesh_and_pds_state_move_with_the_store() {
+    let Some(url) = support::postgres_database("store_export") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let key_dir = work.path().join("keys");
+    let (sled, clock) = {
+        let k = key_dir.clone();
+        TestGateway::start_manual(move |c| {
+            keys(c, &k);
+            short_retention(c);
+        })
+        .await
+    };
+    let kept = leave_state(&sled, &clock).await;
+    let mut prison = sled.client("YP001").await;
+    let err = prison
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId("gone-1".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "REMOVED_UNDER_RETENTION", "on sled first");
+    let on_sled = sled.store.retention_stats().await.unwrap();
+    assert!(on_sled.audit_cut.is_some(), "{on_sled:?}");
+    assert_eq!(on_sled.identities_expiring, 1, "{on_sled:?}");
+    let data = sled.config.data_dir.clone();
+    let (_kept_dir, _) = sled.stop().await;
     let file = work.path().join("store.export");
-    let out = sled_admin(
+    let file_arg = file.to_str().unwrap();
+    let exported = sled_admin(&data, &key_dir, &["export", "--out", file_arg]);
+    assert!(exported.status.success(), "{}", text(&exported));
+    let imported = pg_admin(
+        &url,
+        work.path(),
+        &key_dir,
+        &["store", "import", "--from", file_arg],
+    );
+    assert!(imported.status.success(), "{}", text(&imported));
+    let said = text(&imported);
+    for kind in [
+        "tombstones",
+        "audit_cut",
+        "identity_expiry",
+        "mesh_records",
+        "retention_counters",
+    ] {
+        assert!(said.contains(kind), "{kind}: {said}");
+    }
+
+    let cut = on_sled.audit_cut.clone().unwrap();
+    let verify = pg_admin(&url, work.path(), &key_dir, &["audit", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(
+        text(&verify).contains(&format!(" from entry {} ", cut.first_kept)),
+        "verified from the signed cut: {}",
+        text(&verify)
+    );
+    let pg = {
+        let (k, url) = (key_dir.clone(), url.clone());
+        TestGateway::start_with(
+            move |c| {
+                use_postgres(c, &url);
+                keys(c, &k);
+                short_retention(c);
+            },
+            Arc::new(clock.clone()),
+        )
+        .await
+    };
+    moved_whole(&pg, &kept, &on_sled).await;
+    retention_carries_on(&pg, &clock, kept.gone).await;
+    let verify = pg_admin(&url, work.path(), &key_dir, &["audit", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    pg.stop().await;
+}
+
+/// PostgreSQL's own pass takes over where sled left off: the identity
+/// check carried comes due a metadata period after the removal, and the
+/// tombstone goes after the tombstone period, when Track answers as for a
+/// handover never issued.
+async fn retention_carries_on(
+    pg: &TestGateway,
+    clock: &throughcare::store::ManualClock,
+    gone: u64,
+) {
+    const DAY_MS: i64 = 86_400_000;
+    clock.advance(600_000);
+    let pass = pg.store.retention().await.unwrap();
+    assert_eq!(pass.identities_removed, 1, "{pass:?}");
+    assert_eq!(pass.tombstones_removed, 0, "{pass:?}");
+    clock.advance(366 * DAY_MS);
+    let pass = pg.store.retention().await.unwrap();
+    assert_eq!(pass.tombstones_removed, 1, "{pass:?}");
+    let err = pg
+        .client("YP001")
+        .await
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::HandoverId(gone)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "UNKNOWN_HANDOVER");
+}
+
+/// On PostgreSQL after the move: Track answers from the tombstone, the
+/// MESH record and the PDS finding are there, and the retention counters,
+/// identity checks and audit cut read as on sled.
+async fn moved_whole(pg: &TestGateway, kept: &Kept, on_sled: &throughcare::store::RetentionStats) {
+    let cut = on_sled.audit_cut.clone().unwrap();
+    let mut prison = pg.client("YP001").await;
+    for key in [
+        pb::track_request::Handover::MessageId("gone-1".into()),
+        pb::track_request::Handover::HandoverId(kept.gone),
+    ] {
+        let err = prison
+            .track(pb::TrackRequest {
+                handover: Some(key),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), reason(&err)),
+            (tonic::Code::NotFound, "REMOVED_UNDER_RETENTION".to_owned())
+        );
+    }
+    assert_eq!(
+        pg.store.mesh_record(kept.mesh.delivery_id).unwrap(),
+        Some(kept.mesh.clone()),
+        "the MESH send in flight: the edge asks MESH by its local id"
+    );
+    let parked = pg.store.delivery(kept.parked).unwrap().unwrap();
+    assert_eq!(parked.pds, Some(kept.finding.clone()));
+    let on_pg = pg.store.retention_stats().await.unwrap();
+    assert_eq!(
+        (
+            on_pg.payloads_shredded,
+            on_pg.metadata_removed,
+            on_pg.tombstones,
+            on_pg.identities_expiring,
+            on_pg.identity_records_removed,
+            on_pg.audit_entries_removed,
+            on_pg.audit_cut.as_ref(),
+        ),
+        (
+            on_sled.payloads_shredded,
+            on_sled.metadata_removed,
+            on_sled.tombstones,
+            on_sled.identities_expiring,
+            on_sled.identity_records_removed,
+            on_sled.audit_entries_removed,
+            Some(&cut),
+        ),
+        "{on_pg:?} against {on_sled:?}"
+    );
+}
+
+/// A sled store from before retention and identity expiry existed, whose
+/// one-off looks are still under way (made so here by removing what they
+/// wrote from the stopped store): the export does what those looks would
+/// have done, since PostgreSQL finds due work from the records only. Each
+/// finished handover carries when it finished, and a patient left with
+/// nothing tracked gets an identity check. No database needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_finishes_sleds_one_off_retention_looks() {
+    let work = tempfile::tempdir().unwrap();
+    let key_dir = work.path().join("keys");
+    let (sled, clock) = {
+        let k = key_dir.clone();
+        TestGateway::start_manual(move |c| {
+            keys(c, &k);
+            short_retention(c);
+        })
+        .await
+    };
+    leave_state(&sled, &clock).await;
+    // Delivered after the pass: finished, and held.
+    for who in ["YG001", "YPR01"] {
+        assert!(!pull_and_ack(&mut sled.client(who).await).await.is_empty());
+    }
+    let data = sled.config.data_dir.clone();
+    let (_kept_dir, _) = sled.stop().await;
+    let (finished, orphan) = {
+        let db = sled::open(data.join("sled")).unwrap();
+        let handovers = db.open_tree("handovers").unwrap();
+        let mut finished = std::collections::BTreeMap::new();
+        for kv in handovers.iter() {
+            let (k, v) = kv.unwrap();
+            let mut h: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            let id = h["id"].as_u64().unwrap();
+            finished.insert(id, h["finished_at_ms"].as_i64());
+            h["finished_at_ms"] = serde_json::Value::Null;
+            handovers
+                .insert(k, serde_json::to_vec(&h).unwrap())
+                .unwrap();
+        }
+        let retention = db.open_tree("retention").unwrap();
+        let mut orphan = None;
+        for kv in retention.iter() {
+            let (k, v) = kv.unwrap();
+            if k[8] == b'i' {
+                orphan = Some(String::from_utf8(v.to_vec()).unwrap());
+                retention.remove(k).unwrap();
+            }
+        }
+        let meta = db.open_tree("meta").unwrap();
+        meta.remove("retention_backfill").unwrap();
+        meta.remove("identity_backfill").unwrap();
+        db.flush().unwrap();
+        (finished, orphan.expect("sled scheduled an identity check"))
+    };
+    assert!(finished.values().any(Option::is_some), "{finished:?}");
+    assert!(finished.values().any(Option::is_none), "{finished:?}");
+    let file = work.path().join("store.export");
+    let exported = sled_admin(
         &data,
         &key_dir,
         &["export", "--out", file.to_str().unwrap()],
     );
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("cut under the retention policy"),
-        "{}",
-        text(&out)
-    );
-    assert!(!file.exists());
+    assert!(exported.status.success(), "{}", text(&exported));
+    let mut carried = std::collections::BTreeMap::new();
+    let mut checks = Vec::new();
+    for line in std::fs::read_to_string(&file).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        match v["kind"].as_str() {
+            Some("handover") => {
+                let r = &v["record"];
+                carried.insert(r["id"].as_u64().unwrap(), r["finished_at_ms"].as_i64());
+            }
+            Some("identity_expiry") => checks.push(v["patient_key"].as_str().unwrap().to_owned()),
+            _ => {}
+        }
+    }
+    assert_eq!(carried, finished, "when each finished, as sled recorded it");
+    assert_eq!(checks, [orphan], "the patient left with nothing tracked");
 }

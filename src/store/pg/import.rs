@@ -35,8 +35,9 @@ pub struct ImportSummary {
     pub header: export_file::Header,
     /// Records written, by kind (as the file's summary counts them).
     pub imported: BTreeMap<String, u64>,
-    /// In the file but not written (tombstones: no place for them yet).
-    pub kept_in_file: BTreeMap<String, u64>,
+    /// The first audit entry held: 1, or the first the signed retention
+    /// cut keeps.
+    pub audit_from: u64,
     /// What the sled store held that the file does not carry.
     pub not_carried: BTreeMap<String, u64>,
     /// The import's own audit entry (it links to the file's last).
@@ -115,18 +116,16 @@ async fn import_all(
         path: path.to_path_buf(),
         why,
     };
-    let mut kept_in_file = Counts::new();
-    let mut imported = written;
-    if let Some(n) = imported.remove("tombstones") {
-        kept_in_file.insert("tombstones".into(), n);
-    }
-    let mut expected = checked.carried.clone();
-    expected.remove("tombstones");
-    if imported != expected {
+    let imported = written;
+    if imported != checked.carried {
         return Err(bad(format!(
-            "it holds {imported:?} but its summary says {expected:?}"
+            "it holds {imported:?} but its summary says {:?}",
+            checked.carried
         )));
     }
+    let audit_from = super::retention::audit_cut(&*tx)
+        .await?
+        .map_or(1, |c| c.cut.first_kept);
     let h = &checked.header;
     tx.execute(
         "UPDATE counters SET last_handover = $1, last_delivery = $2",
@@ -138,11 +137,16 @@ async fn import_all(
         actor: actor.to_owned(),
         action: "store_import",
         outcome: format!(
-            "ok: sled store imported from an export file (sha256 {}): {} handovers, {} audit entries (1 to {}, linked on here)",
+            "ok: sled store imported from an export file (sha256 {}): {} handovers, audit entries {} to {} (linked on here{})",
             checked.sha256,
             imported.get("handovers").copied().unwrap_or(0),
+            audit_from,
             h.audit_seq,
-            h.audit_seq,
+            if audit_from > 1 {
+                "; the earlier ones were removed under the retention policy on sled, behind the signed cut carried with them"
+            } else {
+                ""
+            },
         ),
         ..AuditEvent::default()
     };
@@ -171,7 +175,7 @@ async fn import_all(
     Ok(ImportSummary {
         header: checked.header,
         imported,
-        kept_in_file,
+        audit_from,
         not_carried: checked.not_carried,
         import_entry,
         sha256: checked.sha256,
@@ -191,6 +195,9 @@ async fn refuse_unless_empty(tx: &impl tokio_postgres::GenericClient) -> Result<
         "lineage",
         "identity_conflicts",
         "registry",
+        "tombstones",
+        "identity_expiry",
+        "mesh",
     ];
     let mut held = Vec::new();
     for table in tables {
@@ -212,6 +219,17 @@ async fn refuse_unless_empty(tx: &impl tokio_postgres::GenericClient) -> Result<
         held.push(format!(
             "ids handed out up to handover {h} and delivery {d}"
         ));
+    }
+    let retention = tx
+        .query_one(
+            "SELECT payloads_shredded + metadata_removed + identity_removed, \
+             audit_cut IS NOT NULL FROM retention_state",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    if retention.get::<_, i64>(0) > 0 || retention.get::<_, bool>(1) {
+        held.push("retention has already run (counters or an audit cut)".into());
     }
     if held.is_empty() {
         Ok(())
@@ -319,10 +337,94 @@ async fn write_one(tx: &Transaction<'_>, s: &Shared, line: Line) -> Result<Count
             .map_err(db)?;
             bump(counts, "audit_entries");
         }
-        Line::Tombstone { .. } => bump(counts, "tombstones"),
+        Line::Mesh { record } => {
+            tx.execute(
+                "INSERT INTO mesh (delivery_id, record) VALUES ($1, $2)",
+                &[&id(record.delivery_id), &Json(&record)],
+            )
+            .await
+            .map_err(db)?;
+            bump(counts, "mesh_records");
+        }
+        other @ (Line::Tombstone { .. }
+        | Line::AuditCut { .. }
+        | Line::IdentityExpiry { .. }
+        | Line::RetentionCounters { .. }) => write_retention(tx, other, counts).await?,
         other => write_identity(tx, other, counts).await?,
     }
     Ok(std::mem::take(counts))
+}
+
+/// What retention left on sled: tombstones (Track answers from them), the
+/// signed audit cut (the chain verifies from it), the identity checks due
+/// (the latest per patient, as this engine keeps one) and the counters.
+async fn write_retention(
+    tx: &Transaction<'_>,
+    line: Line,
+    counts: &mut Counts,
+) -> Result<(), StoreError> {
+    let kind = match line {
+        Line::Tombstone { record: t } => {
+            tx.execute(
+                "INSERT INTO tombstones (handover_id, sender, message_id, removed_at_ms) \
+                 VALUES ($1, $2, $3, $4)",
+                &[
+                    &id(t.handover_id),
+                    &t.sender,
+                    &t.message_id,
+                    &t.removed_at_ms,
+                ],
+            )
+            .await
+            .map_err(db)?;
+            "tombstones"
+        }
+        Line::AuditCut { cut } => {
+            tx.execute("UPDATE retention_state SET audit_cut = $1", &[&Json(&cut)])
+                .await
+                .map_err(db)?;
+            "audit_cut"
+        }
+        Line::IdentityExpiry {
+            patient_key,
+            due_ms,
+        } => {
+            tx.execute(
+                "INSERT INTO identity_expiry (patient_key, due_ms) VALUES ($1, $2) \
+                 ON CONFLICT (patient_key) DO UPDATE \
+                 SET due_ms = GREATEST(identity_expiry.due_ms, EXCLUDED.due_ms)",
+                &[&patient_key, &due_ms],
+            )
+            .await
+            .map_err(db)?;
+            "identity_expiry"
+        }
+        Line::RetentionCounters {
+            payloads_shredded,
+            metadata_removed,
+            identity_removed,
+        } => {
+            tx.execute(
+                "UPDATE retention_state SET payloads_shredded = $1, metadata_removed = $2, \
+                 identity_removed = $3",
+                &[
+                    &id(payloads_shredded),
+                    &id(metadata_removed),
+                    &id(identity_removed),
+                ],
+            )
+            .await
+            .map_err(db)?;
+            "retention_counters"
+        }
+        _ => {
+            return Err(StoreError::Corrupt(
+                "export file: a record taken for retention state".into(),
+            ));
+        }
+    };
+    bump(counts, kind);
+    Ok(())
 }
 
 /// The identity links: keyed hashes only.
@@ -435,11 +537,13 @@ async fn verify_chain(
         .await
         .map_err(db)?;
     let raw: Vec<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
+    // From the signed cut when sled removed entries under retention.
+    let cut = super::retention::audit_cut(tx).await?;
     let verified = crate::audit::verify_from(
         raw.iter().map(Vec::as_slice),
         Some(&s.audit_key),
         None,
-        None,
+        cut.as_ref(),
     )
     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let head_hash = match raw.len().checked_sub(2) {
@@ -448,7 +552,7 @@ async fn verify_chain(
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?
                 .hash
         }
-        None => crate::audit::GENESIS.to_owned(),
+        None => cut.map_or_else(|| crate::audit::GENESIS.to_owned(), |c| c.cut.prev_hash),
     };
     if verified.last != h.audit_seq + 1 || head_hash != h.audit_hash {
         return Err(StoreError::Corrupt(format!(

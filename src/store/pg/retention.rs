@@ -486,8 +486,9 @@ async fn prune_audit(
     tx.execute("SELECT 1 FROM audit_head FOR UPDATE", &[])
         .await
         .map_err(db)?;
-    // The newest entry stays: the next one links to it (the chain resumes
-    // from the table, not from a writer's memory as on sled).
+    // Never the chain's last entry: the next one links to it, and with the
+    // table empty the chain would start again at entry 1 (sled likewise
+    // keeps the entry its witness anchors).
     let rows = tx
         .query(
             "SELECT entry FROM audit WHERE seq < (SELECT max(seq) FROM audit) \
