@@ -575,12 +575,27 @@ mod tests {
     use crate::audit::AuditEvent;
     use crate::store::{Store, SystemClock};
 
+    /// Opens the store; a store just closed or refused in this process may
+    /// hold sled's lock a moment longer (its threads end on their own).
     fn open_deep(data: &Path, pipeline_depth: usize) -> Result<Store, StoreError> {
-        let options = StoreOptions {
-            pipeline_depth,
-            ..StoreOptions::default()
-        };
-        Store::open(data, options, Arc::new(SystemClock))
+        let mut tries = 0;
+        loop {
+            let options = StoreOptions {
+                pipeline_depth,
+                ..StoreOptions::default()
+            };
+            match Store::open(data, options, Arc::new(SystemClock)) {
+                Err(e) if tries < 250 && held_lock(&e.to_string()) => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn held_lock(error: &str) -> bool {
+        error.contains("could not acquire lock")
     }
 
     async fn batches(store: &Store, n: usize) {
@@ -605,7 +620,18 @@ mod tests {
     }
 
     fn forget_clean_close(data: &Path) {
-        let db = sled::open(data.join("sled")).unwrap();
+        // A refused open's sled threads may still hold the lock a moment.
+        let mut tries = 0;
+        let db = loop {
+            match sled::open(data.join("sled")) {
+                Ok(db) => break db,
+                Err(e) if tries < 250 && held_lock(&e.to_string()) => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         let meta = db.open_tree(TreeId::Meta.name()).unwrap();
         assert!(meta.remove(META_CLEAN_CLOSE).unwrap().is_some());
         db.flush().unwrap();
