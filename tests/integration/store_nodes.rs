@@ -35,10 +35,27 @@ fn open(
 ) -> Result<Store, throughcare::store::StoreError> {
     let options = StoreOptions {
         max_attempts,
+        ..key_files(dir)
+    };
+    open_with(url, dir, clock, options, require_standby)
+}
+
+/// The key files in `dir`, every node's the same.
+fn key_files(dir: &Path) -> StoreOptions {
+    StoreOptions {
         master_key_file: Some(dir.join("master-key")),
         audit_key_file: Some(dir.join("audit-key")),
         ..StoreOptions::default()
-    };
+    }
+}
+
+fn open_with(
+    url: &str,
+    dir: &Path,
+    clock: Arc<dyn Clock>,
+    options: StoreOptions,
+    require_standby: bool,
+) -> Result<Store, throughcare::store::StoreError> {
     let pg = PgOptions {
         url: url.to_owned(),
         ca_file: None,
@@ -500,18 +517,10 @@ fn open_witnessed(
     clock: Arc<dyn Clock>,
 ) -> Result<Store, throughcare::store::StoreError> {
     let options = StoreOptions {
-        master_key_file: Some(dir.join("master-key")),
-        audit_key_file: Some(dir.join("audit-key")),
         witness_dir: Some(dir.join("witness")),
-        ..StoreOptions::default()
+        ..key_files(dir)
     };
-    let pg = PgOptions {
-        url: url.to_owned(),
-        ca_file: None,
-        pool_size: 4,
-        require_synchronous_standby: false,
-    };
-    Store::open_postgres(&pg, options, clock, dir)
+    open_with(url, dir, clock, options, false)
 }
 
 /// A database restored from an older backup behind a node's back: the
