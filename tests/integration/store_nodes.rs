@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use throughcare::journey::JourneyEvent;
-use throughcare::store::pg::PgOptions;
 use throughcare::store::{
     Clock, DeliveryState, ManualClock, NewDelivery, NewHandover, PatientIds, Store, StoreOptions,
     TrackKey,
@@ -35,34 +34,9 @@ fn open(
 ) -> Result<Store, throughcare::store::StoreError> {
     let options = StoreOptions {
         max_attempts,
-        ..key_files(dir)
+        ..support::key_files(dir)
     };
-    open_with(url, dir, clock, options, require_standby)
-}
-
-/// The key files in `dir`, every node's the same.
-fn key_files(dir: &Path) -> StoreOptions {
-    StoreOptions {
-        master_key_file: Some(dir.join("master-key")),
-        audit_key_file: Some(dir.join("audit-key")),
-        ..StoreOptions::default()
-    }
-}
-
-fn open_with(
-    url: &str,
-    dir: &Path,
-    clock: Arc<dyn Clock>,
-    options: StoreOptions,
-    require_standby: bool,
-) -> Result<Store, throughcare::store::StoreError> {
-    let pg = PgOptions {
-        url: url.to_owned(),
-        ca_file: None,
-        pool_size: 4,
-        require_synchronous_standby: require_standby,
-    };
-    Store::open_postgres(&pg, options, clock, dir)
+    support::pg_node(url, dir, clock, options, require_standby)
 }
 
 fn handover(message: u32, patient: u32, mailbox: &str, due_ms: Option<i64>) -> NewHandover {
@@ -518,9 +492,9 @@ fn open_witnessed(
 ) -> Result<Store, throughcare::store::StoreError> {
     let options = StoreOptions {
         witness_dir: Some(dir.join("witness")),
-        ..key_files(dir)
+        ..support::key_files(dir)
     };
-    open_with(url, dir, clock, options, false)
+    support::pg_node(url, dir, clock, options, false)
 }
 
 /// A database restored from an older backup behind a node's back: the

@@ -13,10 +13,7 @@ use std::time::Duration;
 
 use throughcare::grpc::pb;
 use throughcare::journey::JourneyEvent;
-use throughcare::store::pg::PgOptions;
-use throughcare::store::{
-    Clock, ManualClock, NewDelivery, NewHandover, PatientIds, Store, StoreOptions,
-};
+use throughcare::store::{Clock, ManualClock, NewDelivery, NewHandover, PatientIds, Store};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -262,18 +259,7 @@ async fn removed_after_the_metadata_period(
 
 /// A node on database `url` with the key files in `dir`, on `clock`.
 fn node(url: &str, dir: &Path, clock: Arc<dyn Clock>) -> Store {
-    let options = StoreOptions {
-        master_key_file: Some(dir.join("master-key")),
-        audit_key_file: Some(dir.join("audit-key")),
-        ..StoreOptions::default()
-    };
-    let pg = PgOptions {
-        url: url.to_owned(),
-        ca_file: None,
-        pool_size: 4,
-        require_synchronous_standby: false,
-    };
-    Store::open_postgres(&pg, options, clock, dir).unwrap()
+    support::pg_node(url, dir, clock, support::key_files(dir), false).unwrap()
 }
 
 fn handover(message: u32) -> NewHandover {

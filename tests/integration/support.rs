@@ -478,3 +478,33 @@ pub async fn record_a_mesh_send(store: &Store, handover: u64, delivery: u64, now
         .await
         .unwrap();
 }
+
+/// The key files in `dir`, as every node on one database shares them.
+pub fn key_files(dir: &Path) -> throughcare::store::StoreOptions {
+    throughcare::store::StoreOptions {
+        master_key_file: Some(dir.join("master-key")),
+        audit_key_file: Some(dir.join("audit-key")),
+        ..throughcare::store::StoreOptions::default()
+    }
+}
+
+/// A PostgreSQL node (a store, not a gateway) on database `url` with
+/// `options`, asking for a synchronous standby when `require_standby`.
+///
+/// # Errors
+/// As `Store::open_postgres`.
+pub fn pg_node(
+    url: &str,
+    dir: &Path,
+    clock: Arc<dyn Clock>,
+    options: throughcare::store::StoreOptions,
+    require_standby: bool,
+) -> Result<Store, throughcare::store::StoreError> {
+    let pg = throughcare::store::pg::PgOptions {
+        url: url.to_owned(),
+        ca_file: None,
+        pool_size: 4,
+        require_synchronous_standby: require_standby,
+    };
+    Store::open_postgres(&pg, options, clock, dir)
+}
