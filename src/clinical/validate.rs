@@ -10,6 +10,23 @@ use crate::clinical::JourneyEvent;
 /// # Errors
 /// Every missing or inconsistent field.
 pub fn validate(s: &ClinicalSummary, event: JourneyEvent) -> Result<(), ValidationErrors> {
+    validate_serialised(
+        s,
+        event,
+        &serde_json::to_vec(s).expect("the model serialises"),
+    )
+}
+
+/// [`validate`], given `json`: `s` as `serde_json::to_vec` writes it (the
+/// caller stores those bytes, so they are written once).
+///
+/// # Errors
+/// As for [`validate`].
+pub fn validate_serialised(
+    s: &ClinicalSummary,
+    event: JourneyEvent,
+    json: &[u8],
+) -> Result<(), ValidationErrors> {
     let mut e = ValidationErrors::default();
     let p = &s.patient;
     if p.nhs_number.is_none() && p.prison_number.is_none() {
@@ -73,14 +90,37 @@ pub fn validate(s: &ClinicalSummary, event: JourneyEvent) -> Result<(), Validati
             );
         }
     }
-    check_text(s, &mut e);
+    check_text(s, json, &mut e);
     e.into_result()
+}
+
+/// Whether serialised JSON may hold a control character other than tab and
+/// line breaks in a string. `serde_json` writes U+0000–U+001F as an escape
+/// (`\n`, `\r` and `\t` are allowed; `\b`, `\f` and `\u00XX` are not) and
+/// U+007F–U+009F as they are: 0x7F, or 0xC2 then 0x80–0x9F in UTF-8. A false
+/// positive (a map key) only costs the tree walk, which decides.
+fn may_hold_control(json: &[u8]) -> bool {
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'\\' => match json.get(i + 1) {
+                Some(b'"' | b'\\' | b'/' | b'n' | b'r' | b't') => i += 2,
+                _ => return true,
+            },
+            0x7F => return true,
+            0xC2 if json.get(i + 1).is_some_and(|b| (0x80..=0x9F).contains(b)) => return true,
+            _ => i += 1,
+        }
+    }
+    false
 }
 
 /// Text every format can carry: no control characters but tab and line
 /// breaks (FHIR `string` forbids them, HL7 has no escape for most), and
-/// codes FHIR reads as a `code` token and a `uri` system.
-fn check_text(s: &ClinicalSummary, e: &mut ValidationErrors) {
+/// codes FHIR reads as a `code` token and a `uri` system. The tree walk
+/// that names each offending field runs only when `json` (the summary
+/// serialised) holds a control character at all.
+fn check_text(s: &ClinicalSummary, json: &[u8], e: &mut ValidationErrors) {
     fn walk(v: &serde_json::Value, path: &str, e: &mut ValidationErrors) {
         match v {
             serde_json::Value::String(t)
@@ -102,11 +142,13 @@ fn check_text(s: &ClinicalSummary, e: &mut ValidationErrors) {
             _ => {}
         }
     }
-    walk(
-        &serde_json::to_value(s).expect("the model serialises"),
-        "summary",
-        e,
-    );
+    if may_hold_control(json) {
+        walk(
+            &serde_json::to_value(s).expect("the model serialises"),
+            "summary",
+            e,
+        );
+    }
     let codes = s
         .diagnoses
         .iter()
@@ -160,6 +202,67 @@ fn check_text(s: &ClinicalSummary, e: &mut ValidationErrors) {
                 format!("summary.{heading}[{i}].{field}.system"),
                 "required: a code system URI",
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn summary_with(text: &str) -> ClinicalSummary {
+        crate::clinical::synthetic::release_summary(
+            Some("9990000018".parse().expect("test NHS number")),
+            None,
+            "YP001".parse().expect("ODS code"),
+            Some("YG001".parse().expect("ODS code")),
+            text,
+        )
+    }
+
+    fn text_violations(s: &ClinicalSummary) -> Vec<String> {
+        let mut e = ValidationErrors::default();
+        check_text(s, &serde_json::to_vec(s).expect("serialises"), &mut e);
+        e.0.into_iter()
+            .filter(|v| v.description.contains("control"))
+            .map(|v| v.field)
+            .collect()
+    }
+
+    #[test]
+    fn a_control_character_is_named_by_its_field_and_allowed_breaks_pass() {
+        for bad in [
+            "\u{0}", "\u{8}", "\u{c}", "\u{1b}", "\u{7f}", "\u{85}", "\u{9f}",
+        ] {
+            let s = summary_with(&format!("before{bad}after"));
+            let fields = text_violations(&s);
+            assert_eq!(fields.len(), 1, "{bad:?}: {fields:?}");
+            assert!(fields[0].starts_with("summary."), "{fields:?}");
+        }
+        for fine in [
+            "tab\there",
+            "line\nbreak\r\n",
+            "quote \" and \\ back\\n",
+            "\u{a0}é€",
+        ] {
+            assert!(text_violations(&summary_with(fine)).is_empty(), "{fine:?}");
+        }
+    }
+
+    proptest! {
+        /// The byte scan never calls clean what the field walk would refuse.
+        #[test]
+        fn the_byte_scan_misses_no_control_character(text in "\\PC*|[\\x00-\\x{a0}\\\\\"]{0,12}") {
+            let s = summary_with(&text);
+            let json = serde_json::to_vec(&s).expect("serialises");
+            let refused = text
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n'));
+            prop_assert_eq!(!text_violations(&s).is_empty(), refused);
+            if refused {
+                prop_assert!(may_hold_control(&json));
+            }
         }
     }
 }

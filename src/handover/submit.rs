@@ -5,7 +5,7 @@ use super::deliver::{not_carried, view_name};
 use super::envelope::{Envelope, PatientRef};
 use super::{Caller, Decoded, Error, Gateway};
 use crate::clinical::translate::{self, TextFormat};
-use crate::clinical::{ClinicalSummary, OdsCode, ValidationErrors, validate};
+use crate::clinical::{ClinicalSummary, OdsCode, ValidationErrors};
 use crate::journey::{Format, JourneyEvent, OrgKind, Organisation, Recipient, Route};
 use crate::store::records::DocumentFormat;
 use crate::store::{
@@ -87,6 +87,9 @@ pub fn is_iso_date(s: &str) -> bool {
 /// A document read and checked, with the patient it is about.
 struct Checked {
     summary: ClinicalSummary,
+    /// `summary` as stored (`serde_json`), written once for both the check
+    /// and the envelope.
+    json: Vec<u8>,
     source_format: DocumentFormat,
     patient: PatientRef,
 }
@@ -171,12 +174,14 @@ impl Gateway {
                 v.add("patient", "does not match the patient in the document");
             }
         }
-        if let Err(e) = validate(&summary, cmd.event) {
+        let json = serde_json::to_vec(&summary).expect("the model serialises");
+        if let Err(e) = crate::clinical::validate_serialised(&summary, cmd.event, &json) {
             v.0.extend(e.0);
         }
         v.into_result()?;
         Ok(Checked {
             summary,
+            json,
             source_format,
             patient: from_document,
         })
@@ -219,6 +224,7 @@ impl Gateway {
     ) -> NewHandover {
         let Checked {
             summary,
+            json,
             source_format,
             patient: from_document,
         } = checked;
@@ -248,7 +254,7 @@ impl Gateway {
         let payload = Envelope {
             patient: from_document,
             source_format,
-            document: serde_json::to_vec(summary).expect("the model serialises"),
+            document: json,
         }
         .encode();
         NewHandover {

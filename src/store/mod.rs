@@ -417,7 +417,7 @@ pub struct HandoverStatus {
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Job {
-    Submit(NewHandover, Reply<SubmitOutcome>),
+    Submit(NewHandover, writer::Digests, Reply<SubmitOutcome>),
     Pull {
         actor: String,
         mailbox: String,
@@ -717,7 +717,9 @@ impl SledStore {
     /// # Errors
     /// [`StoreError::Conflict`] when the message id was used for other content.
     pub async fn submit(&self, handover: NewHandover) -> Result<SubmitOutcome, StoreError> {
-        self.ask(|reply| Job::Submit(handover, reply)).await
+        // Hashed here, on the caller's task, not on the one writer thread.
+        let digests = writer::Digests::of(&handover);
+        self.ask(|reply| Job::Submit(handover, digests, reply)).await
     }
 
     /// Leases up to `max` deliveries from `mailbox` for `lease_ms`; returns

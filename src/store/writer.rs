@@ -454,8 +454,8 @@ impl Writer {
         shutdown: &mut Vec<super::Reply<()>>,
     ) -> Option<Answer> {
         Some(match job {
-            Job::Submit(h, reply) => {
-                let r = self.submit(staged, h, now, woken);
+            Job::Submit(h, digests, reply) => {
+                let r = self.submit(staged, h, digests, now, woken);
                 Answer::submit(reply, r)
             }
             Job::Shutdown(reply) => {
@@ -747,13 +747,13 @@ impl Writer {
         &mut self,
         staged: &mut Staged<'_>,
         h: NewHandover,
+        digests: Digests,
         now: i64,
         woken: &mut BTreeSet<String>,
     ) -> Result<SubmitOutcome, StoreError> {
-        let content_hash = content_hash(&h);
         let dedupe = records::dedupe_key(&h.sender, &h.message_id);
         if let Some(raw) = staged.get(TreeId::Dedupe, &dedupe)? {
-            return self.repeat(staged, &h, &raw, &content_hash, now);
+            return self.repeat(staged, &h, &raw, &digests.content_hash, now);
         }
         self.refuse_retired(staged, &h, now)?;
         let patient_key = match self.resolve_patient(staged, &h.patient, now)? {
@@ -815,8 +815,8 @@ impl Writer {
             sender: h.sender,
             message_id: h.message_id,
             event: h.event,
-            content_hash,
-            payload_hash: hex(&Sha256::digest(&h.payload)),
+            content_hash: digests.content_hash,
+            payload_hash: digests.payload_hash,
             payload_len: h.payload.len() as u64,
             patient_key: patient_key.clone(),
             submitted_at_ms: now,
@@ -1437,7 +1437,7 @@ impl Writer {
 fn refuse(job: Job) -> Answer {
     let e = || StoreError::Unavailable("store refuses changes after a failure".into());
     match job {
-        Job::Submit(_, r) => Answer::submit(r, Err(e())),
+        Job::Submit(_, _, r) => Answer::submit(r, Err(e())),
         Job::Pull { reply, .. } => Answer::new(reply, Err(e())),
         Job::Ack { reply, .. }
         | Job::RegistryPut { reply, .. }
@@ -1611,6 +1611,23 @@ pub(super) fn live_of(d: &DeliveryRecord) -> Live {
         due_reported: d.overdue_at_ms.is_some(),
         max_attempts: d.max_attempts,
         stale: d.state == DeliveryState::Leased && d.superseded_by.is_some(),
+    }
+}
+
+/// A submit's two SHA-256 digests, worked out before it reaches the writer.
+pub(super) struct Digests {
+    /// [`content_hash`].
+    content_hash: String,
+    /// The payload's, checked on every read.
+    payload_hash: String,
+}
+
+impl Digests {
+    pub(super) fn of(h: &NewHandover) -> Self {
+        Self {
+            content_hash: content_hash(h),
+            payload_hash: hex(&Sha256::digest(&h.payload)),
+        }
     }
 }
 
