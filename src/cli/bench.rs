@@ -141,6 +141,8 @@ pub struct BenchReport {
     pub p99: Duration,
     /// Server RSS with every message queued, MiB.
     pub rss_queued_mib: f64,
+    /// The same, after two quiet seconds (the queue at rest).
+    pub rss_rest_mib: f64,
     /// Pull + ack per second.
     pub pull_ack_per_s: f64,
     /// How the pull phase ran: consumers, and AckBatch or one Ack each.
@@ -199,8 +201,8 @@ impl fmt::Display for BenchReport {
         }
         writeln!(
             f,
-            "  RSS with all queued    {:>10.1} MiB",
-            self.rss_queued_mib
+            "  RSS with all queued    {:>10.1} MiB   (at rest 2 s later: {:.1} MiB)",
+            self.rss_queued_mib, self.rss_rest_mib
         )?;
         writeln!(
             f,
@@ -581,6 +583,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let pid = server.pid;
     let submitted = submit_load(&endpoint, &certs, &opts, "bench").await?;
     let rss_queued = rss_kib(pid, "VmRSS:").unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_rest = rss_kib(pid, "VmRSS:").unwrap_or(0);
     let peak_submit = rss_kib(pid, "VmHWM:").unwrap_or(0);
     let [barriers, fdatasyncs, _, submits] = server.stop().await?;
 
@@ -593,6 +597,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         p99: submitted.p99,
         baseline,
         rss_queued_mib: rss_queued as f64 / 1024.0,
+        rss_rest_mib: rss_rest as f64 / 1024.0,
         barriers,
         fdatasyncs,
         durable_submits: submits,

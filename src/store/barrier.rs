@@ -117,13 +117,25 @@ impl DurabilityBarrier {
     /// successful barrier may be assumed durable.
     pub fn sync(&self, extra: &[&File]) -> io::Result<()> {
         let started = std::time::Instant::now();
-        self.db
-            .flush()
-            .map_err(|e| io::Error::other(format!("sled flush: {e}")))?;
-        self.log.sync_data()?;
-        for file in extra {
-            file.sync_data()?;
-        }
+        // The extra files (the witness) hold everything they need already,
+        // so their `fdatasync` runs beside sled's flush and sync, not after:
+        // the barrier waits for the slower, not for the sum. Both must
+        // succeed before anything covered is answered.
+        std::thread::scope(|scope| {
+            let extras = (!extra.is_empty())
+                .then(|| scope.spawn(|| extra.iter().try_for_each(|file| file.sync_data())));
+            let sled = self
+                .db
+                .flush()
+                .map_err(|e| io::Error::other(format!("sled flush: {e}")))
+                .and_then(|_| self.log.sync_data());
+            let extras = extras.map_or(Ok(()), |handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a witness fdatasync panicked")))
+            });
+            sled.and(extras)
+        })?;
         let syncs = 1 + extra.len() as u64;
         self.stats.fdatasyncs.fetch_add(syncs, Ordering::Relaxed);
         let n = self.stats.barriers.fetch_add(1, Ordering::Relaxed) + 1;

@@ -719,7 +719,8 @@ impl SledStore {
     pub async fn submit(&self, handover: NewHandover) -> Result<SubmitOutcome, StoreError> {
         // Hashed here, on the caller's task, not on the one writer thread.
         let digests = writer::Digests::of(&handover);
-        self.ask(|reply| Job::Submit(handover, digests, reply)).await
+        self.ask(|reply| Job::Submit(handover, digests, reply))
+            .await
     }
 
     /// Leases up to `max` deliveries from `mailbox` for `lease_ms`; returns
