@@ -331,7 +331,7 @@ impl Writer {
             if replacement
                 .is_some_and(|r| r.state == DeliveryState::Delivered || r.finished_at_ms.is_some())
             {
-                self.delivery_finished(staged, d.id, now)?;
+                self.delivery_finished(staged, d.clone(), now)?;
             } else {
                 staged.put(
                     TreeId::Superseded,

@@ -260,19 +260,30 @@ impl Writer {
     pub(in crate::store) fn delivery_finished(
         &mut self,
         staged: &mut Staged<'_>,
-        delivery_id: u64,
+        first: DeliveryRecord,
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut work = vec![delivery_id];
-        while let Some(id) = work.pop() {
-            let mut d: DeliveryRecord = staged
-                .get_json(TreeId::Deliveries, &records::be(id))?
-                .ok_or_else(|| corrupt(&format!("finished delivery {id} has no record")))?;
-            if d.finished_at_ms.is_none() {
-                d.finished_at_ms = Some(now);
+        // `first` comes decoded, with the caller's change, and is written
+        // here once; copies it superseded are read by id.
+        let mut next = Some(first);
+        let mut work = Vec::new();
+        loop {
+            let (mut d, changed) = match (next.take(), work.pop()) {
+                (Some(d), _) => (d, true),
+                (None, Some(id)) => {
+                    let d: DeliveryRecord = staged
+                        .get_json(TreeId::Deliveries, &records::be(id))?
+                        .ok_or_else(|| corrupt(&format!("finished delivery {id} has no record")))?;
+                    (d, false)
+                }
+                (None, None) => return Ok(()),
+            };
+            let id = d.id;
+            if changed || d.finished_at_ms.is_none() {
+                d.finished_at_ms.get_or_insert(now);
                 staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
             }
-            self.handover_maybe_finished(staged, d.handover_id, now)?;
+            self.handover_maybe_finished(staged, d.handover_id, id, now)?;
             // Superseded by this one: finished with it (entries staged in this
             // batch included: a stale copy may be retired just before).
             for (key, _) in staged.scan_prefix(TreeId::Superseded, &records::be(id))? {
@@ -281,7 +292,6 @@ impl Writer {
                 work.push(old);
             }
         }
-        Ok(())
     }
 
     /// A handover that went to nobody (an admission whose patient has no
@@ -335,10 +345,13 @@ impl Writer {
         true
     }
 
+    /// Marks handover `handover_id` finished when every delivery of it is;
+    /// `finished` is one that just finished (not read again).
     fn handover_maybe_finished(
         &mut self,
         staged: &mut Staged<'_>,
         handover_id: u64,
+        finished: u64,
         now: i64,
     ) -> Result<(), StoreError> {
         let Some(mut h) =
@@ -349,7 +362,7 @@ impl Writer {
         if h.finished_at_ms.is_some() {
             return Ok(());
         }
-        for d in &h.deliveries {
+        for d in h.deliveries.iter().filter(|d| **d != finished) {
             let d: Option<DeliveryRecord> =
                 staged.get_json(TreeId::Deliveries, &records::be(*d))?;
             if d.as_ref().and_then(DeliveryRecord::finished_at).is_none() {

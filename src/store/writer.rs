@@ -1024,18 +1024,19 @@ impl Writer {
         d.state = DeliveryState::Delivered;
         d.delivered_at_ms = Some(now);
         d.lease_until_ms = None;
-        staged.put_json(TreeId::Deliveries, records::be(delivery_id).to_vec(), &d);
+        let (handover_id, patient_key) = (d.handover_id, d.patient_key.clone());
         staged.del(TreeId::Pending, records::mailbox_key(mailbox, delivery_id));
         self.schedule.remove(delivery_id);
-        self.delivery_finished(staged, delivery_id, now)?;
+        // Writes `d` (finished now) once.
+        self.delivery_finished(staged, d, now)?;
         self.audit(
             staged,
             AuditEvent {
                 actor: actor.to_owned(),
                 action: "ack",
-                handover_id: Some(d.handover_id),
+                handover_id: Some(handover_id),
                 delivery_id: Some(delivery_id),
-                patient_key: Some(d.patient_key.clone()),
+                patient_key: Some(patient_key),
                 outcome: "ok: delivered".into(),
             },
             now,
