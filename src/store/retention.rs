@@ -363,6 +363,10 @@ impl Writer {
             return Ok(());
         }
         for d in h.deliveries.iter().filter(|d| **d != finished) {
+            // A live copy is unfinished: no need to read it.
+            if self.schedule.contains(*d) {
+                return Ok(());
+            }
             let d: Option<DeliveryRecord> =
                 staged.get_json(TreeId::Deliveries, &records::be(*d))?;
             if d.as_ref().and_then(DeliveryRecord::finished_at).is_none() {

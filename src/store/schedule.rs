@@ -663,6 +663,12 @@ impl Schedule {
         self.live.iter().map(|(id, p)| (*id, self.unpack(p)))
     }
 
+    /// Whether delivery `id` is live (queued, leased or parked): so not
+    /// finished.
+    pub fn contains(&self, id: u64) -> bool {
+        self.live.contains_key(&id)
+    }
+
     /// Whether no delivery is live.
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
