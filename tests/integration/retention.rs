@@ -211,6 +211,50 @@ async fn a_delivered_payload_is_shredded_after_the_grace_and_nothing_left_opens_
     drop(config);
 }
 
+/// A handover is finished (its retention clock starts) only when its last
+/// copy is: acknowledging the GP's copy, alone or in a batch with other
+/// handovers' copies, leaves the one probation still holds waiting.
+#[tokio::test]
+async fn a_handover_is_finished_only_when_its_last_copy_is_acknowledged() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    for m in ["two-copies-a", "two-copies-b"] {
+        let patient = if m.ends_with('a') { 1 } else { 2 };
+        prison
+            .submit(release(m, patient, &["YG001"], "finished marker"))
+            .await
+            .unwrap();
+    }
+    let mut gp = gw.client("YG001").await;
+    let got = gp.pull(pull(50)).await.unwrap().into_inner().deliveries;
+    assert_eq!(got.len(), 2, "one copy of each handover for the GP");
+    // One by Ack, one inside an AckBatch.
+    gp.ack(pb::AckRequest {
+        delivery_id: got[0].delivery_id,
+        attempt: got[0].attempt,
+    })
+    .await
+    .unwrap();
+    gp.ack_batch(pb::AckBatchRequest {
+        attempts: vec![pb::DeliveryAttempt {
+            delivery_id: got[1].delivery_id,
+            attempt: got[1].attempt,
+        }],
+    })
+    .await
+    .unwrap();
+    for m in ["two-copies-a", "two-copies-b"] {
+        let t = track(&mut prison, m).await.unwrap();
+        assert_eq!(t.deliveries.len(), 2, "{m}: the GP's copy and probation's");
+        assert_eq!(t.finished_at, None, "{m}: probation's copy still waits");
+    }
+    assert_eq!(deliver_all(&mut gw.client("YPR01").await).await.len(), 2);
+    for m in ["two-copies-a", "two-copies-b"] {
+        let t = track(&mut prison, m).await.unwrap();
+        assert!(t.finished_at.is_some(), "{m}: every copy delivered");
+    }
+}
+
 #[tokio::test]
 async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
     let (gw, clock) = TestGateway::start_manual(|_| {}).await;
