@@ -23,6 +23,24 @@ fn keys(c: &mut throughcare::config::Config, keys: &Path) {
     c.patient_key_file = Some(keys.join("patient-key"));
 }
 
+/// A sled gateway whose key files live in `work/keys` (where `sled_admin`
+/// and the PostgreSQL nodes find them too), and that directory.
+async fn keyed_sled(work: &Path) -> (TestGateway, std::path::PathBuf) {
+    let key_dir = work.join("keys");
+    let k = key_dir.clone();
+    let gw = TestGateway::start_with(move |c| keys(c, &k), Arc::new(SystemClock)).await;
+    (gw, key_dir)
+}
+
+/// One release from YP001 for YG001, message id `r-1`, marked `marker`.
+async fn submit_one(gw: &TestGateway, marker: &str) {
+    gw.client("YP001")
+        .await
+        .submit(release("r-1", 1, &["YG001"], marker))
+        .await
+        .unwrap();
+}
+
 /// `throughcare admin store <verb>` on the sled store in `data`.
 fn sled_admin(data: &Path, keys: &Path, args: &[&str]) -> Output {
     Command::new(support::BIN)
@@ -238,11 +256,7 @@ async fn a_sled_store_moves_to_postgres_whole_and_serves_on() {
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    let key_dir = work.path().join("keys");
-    let sled = {
-        let k = key_dir.clone();
-        TestGateway::start_with(move |c| keys(c, &k), Arc::new(SystemClock)).await
-    };
+    let (sled, key_dir) = keyed_sled(work.path()).await;
     let (repeat, original, (leased, attempt)) = fill(&sled).await;
     let data = sled.config.data_dir.clone();
     let file = work.path().join("store.export");
@@ -408,16 +422,8 @@ async fn an_import_is_refused_whole_and_leaves_the_database_empty() {
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    let key_dir = work.path().join("keys");
-    let sled = {
-        let k = key_dir.clone();
-        TestGateway::start_with(move |c| keys(c, &k), Arc::new(SystemClock)).await
-    };
-    let mut prison = sled.client("YP001").await;
-    prison
-        .submit(release("r-1", 1, &["YG001"], "one"))
-        .await
-        .unwrap();
+    let (sled, key_dir) = keyed_sled(work.path()).await;
+    submit_one(&sled, "one").await;
     let data = sled.config.data_dir.clone();
     let (_kept, _) = sled.stop().await;
     let file = work.path().join("store.export");
@@ -538,16 +544,8 @@ async fn refused_once_retention_ran(pg_dir: &Path, key_dir: &Path, file_arg: &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_reads_a_stopped_sled_store_only_and_keeps_payloads_sealed() {
     let work = tempfile::tempdir().unwrap();
-    let key_dir = work.path().join("keys");
-    let sled = {
-        let k = key_dir.clone();
-        TestGateway::start_with(move |c| keys(c, &k), Arc::new(SystemClock)).await
-    };
-    let mut prison = sled.client("YP001").await;
-    prison
-        .submit(release("r-1", 1, &["YG001"], "sealed marker"))
-        .await
-        .unwrap();
+    let (sled, key_dir) = keyed_sled(work.path()).await;
+    submit_one(&sled, "sealed marker").await;
     let data = sled.config.data_dir.clone();
     let file = work.path().join("store.export");
     let file_arg = file.to_str().unwrap();

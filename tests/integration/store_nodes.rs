@@ -24,6 +24,15 @@ fn node(url: &str, dir: &Path, clock: Arc<dyn Clock>, max_attempts: u32) -> Stor
     open(url, dir, clock, max_attempts, false).unwrap()
 }
 
+/// A node on a manual clock that has taken three handovers for YG001.
+async fn node_with_three_handovers(url: &str, dir: &Path) -> Store {
+    let a = node(url, dir, Arc::new(ManualClock::new(1_000_000)), 5);
+    for m in 0..3 {
+        a.submit(handover(m, m, "YG001", None)).await.unwrap();
+    }
+    a
+}
+
 /// Opens a node, asking for a synchronous standby when `require_standby`.
 fn open(
     url: &str,
@@ -265,11 +274,7 @@ async fn admin_audit_verify_reads_the_database_chain_and_finds_a_rewrite() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
-    let a = node(&url, dir.path(), clock, 5);
-    for m in 0..3 {
-        a.submit(handover(m, m, "YG001", None)).await.unwrap();
-    }
+    let a = node_with_three_handovers(&url, dir.path()).await;
     a.close().await.unwrap();
     let out = admin_audit(&url, dir.path(), "verify");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -311,11 +316,7 @@ async fn a_checkpoint_recorded_outside_finds_a_database_set_back() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
-    let a = node(&url, dir.path(), clock, 5);
-    for m in 0..3 {
-        a.submit(handover(m, m, "YG001", None)).await.unwrap();
-    }
+    let a = node_with_three_handovers(&url, dir.path()).await;
     let out = admin_audit(&url, dir.path(), "anchor");
     assert!(
         out.status.success(),
