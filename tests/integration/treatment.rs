@@ -65,6 +65,15 @@ fn release_of(id: &str, s: &ClinicalSummary, to: &[&str]) -> pb::SubmitRequest {
     throughcare::cli::client::native_submit(id, pb::JourneyEvent::Release, to, s)
 }
 
+/// Submits release `id` of `s` from `prison`, routed by the gateway; the receipt.
+async fn released(prison: &mut Handover, id: &str, s: &ClinicalSummary) -> pb::SubmitResponse {
+    prison
+        .submit(release_of(id, s, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Registers a substance misuse service and a mental health team for the
 /// north (YP001's region), and one substance misuse service in the south.
 async fn register_services(gw: &TestGateway) {
@@ -126,11 +135,7 @@ async fn an_ost_release_reaches_the_area_substance_misuse_service_before_the_nex
     register_services(&gw).await;
     let mut prison = gw.client("YP001").await;
     let s = ost_and_care_plan(1, ConsentDecision::Given);
-    let r = prison
-        .submit(release_of("ost", &s, &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = released(&mut prison, "ost", &s).await;
     assert_eq!(destinations(&r), ["YG001", "YPR01", "YS001", "YM001"]);
     assert_eq!(
         due_ms(&r, "YS001"),
@@ -201,11 +206,7 @@ async fn treatment_services_receive_nothing_when_consent_is_refused() {
     register_services(&gw).await;
     let mut prison = gw.client("YP001").await;
     let refused = ost_and_care_plan(3, ConsentDecision::Refused);
-    let r = prison
-        .submit(release_of("refused", &refused, &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = released(&mut prison, "refused", &refused).await;
     assert_eq!(destinations(&r), ["YG001", "YPR01"]);
     // Naming a service does not override the refusal: refused, field-level.
     let err = prison
@@ -217,11 +218,7 @@ async fn treatment_services_receive_nothing_when_consent_is_refused() {
     // A recorded legal basis allows it, as it does for probation.
     let mut basis = ost_and_care_plan(4, ConsentDecision::Refused);
     basis.consent.legal_basis = Some("invented legal basis".into());
-    let r = prison
-        .submit(release_of("basis", &basis, &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = released(&mut prison, "basis", &basis).await;
     assert_eq!(destinations(&r), ["YG001", "YPR01", "YS001", "YM001"]);
     let mut sms = client_for(&gw, "YS001").await;
     assert_eq!(
@@ -244,11 +241,7 @@ async fn no_service_for_the_release_area_parks_the_copy_visibly() {
         active: true,
         note: None,
     }];
-    let r = prison
-        .submit(release_of("nowhere", &s, &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = released(&mut prison, "nowhere", &s).await;
     assert_eq!(
         destinations(&r),
         [
@@ -311,11 +304,7 @@ async fn no_service_for_the_release_area_parks_the_copy_visibly() {
     let t = track_message(&mut prison, "nowhere").await;
     assert_eq!(t.deliveries[2].destination, "YS001");
     assert_eq!(t.deliveries[3].destination, "YM001");
-    let r = prison
-        .submit(release_of("nowhere-again", &s, &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = released(&mut prison, "nowhere-again", &s).await;
     assert!(destinations(&r).contains(&"YS001") && destinations(&r).contains(&"YM001"));
     let t = track_message(&mut prison, "nowhere").await;
     for d in &t.deliveries[2..] {
@@ -768,11 +757,7 @@ async fn a_held_copy_goes_to_the_service_registered_for_its_area_on(engine: Engi
     };
     let mut prison = gw.client("YP001").await;
     let s = ost_and_care_plan(6, ConsentDecision::Given);
-    let r = prison
-        .submit(release_of("held", &s, &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = released(&mut prison, "held", &s).await;
     assert_eq!(
         destinations(&r),
         [
@@ -932,11 +917,7 @@ async fn a_registry_change_through_one_node_reaches_the_other_on_postgres() {
     // Released through B with no service for the area: held.
     let mut prison = b.client("YP001").await;
     let s = ost_and_care_plan(7, ConsentDecision::Given);
-    let r = prison
-        .submit(release_of("two-nodes", &s, &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = released(&mut prison, "two-nodes", &s).await;
     assert!(destinations(&r).contains(&"@parked-substance-misuse"));
     // Registered through A: B lets the service in and serves it the copy.
     put_service(
