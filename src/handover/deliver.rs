@@ -133,10 +133,12 @@ impl Gateway {
             .lease_waiting(&actor, mailbox, max, lease_ms, wait)
             .await?;
         let format = cmd.format.unwrap_or(org.format);
+        let handovers = leased.iter().map(|l| l.handover.clone()).collect();
+        let payloads = self.store.payloads(handovers).await?;
         let mut deliveries = Vec::with_capacity(leased.len());
-        for l in leased {
+        for (l, payload) in leased.iter().zip(payloads) {
             if let Some(d) = self
-                .deliver_or_quarantine(&actor, mailbox, &l, format)
+                .deliver_or_quarantine(&actor, mailbox, l, payload, format)
                 .await?
             {
                 deliveries.push(d);
@@ -183,12 +185,13 @@ impl Gateway {
     }
 
     /// The leased delivery rendered, or quarantined (and `None`) when its
-    /// stored payload does not read back.
+    /// stored payload (as read, `payload`) does not read back.
     async fn deliver_or_quarantine(
         &self,
         actor: &str,
         mailbox: &str,
         l: &LeasedDelivery,
+        payload: Result<Vec<u8>, StoreError>,
         format: Format,
     ) -> Result<Option<Delivery>, Error> {
         let span = tracing::info_span!(
@@ -199,7 +202,7 @@ impl Gateway {
         );
         // In the submitter's trace, linked to this pull.
         crate::telemetry::continue_stored(&span, l.handover.trace_parent.as_deref());
-        match self.deliver(l, format).instrument(span.clone()).await {
+        match span.in_scope(|| self.deliver(l, payload, format)) {
             Ok(d) => {
                 span.in_scope(|| tracing::info!(urgent = d.urgent, "delivery leased"));
                 Ok(Some(d))
@@ -229,16 +232,17 @@ impl Gateway {
         &self,
         handover: &HandoverRecord,
     ) -> Result<(PatientRef, ClinicalSummary), Error> {
-        let corrupt = |e: String| Error::Store(StoreError::Corrupt(e));
         let bytes = self.store.payload(handover).await?;
-        let envelope = Envelope::decode(&bytes).map_err(corrupt)?;
-        let summary: ClinicalSummary =
-            serde_json::from_slice(&envelope.document).map_err(|e| corrupt(e.to_string()))?;
-        Ok((envelope.patient, summary))
+        decode_stored(&bytes)
     }
 
-    async fn deliver(&self, l: &LeasedDelivery, format: Format) -> Result<Delivery, Error> {
-        let (patient, mut summary) = self.read_stored(&l.handover).await?;
+    fn deliver(
+        &self,
+        l: &LeasedDelivery,
+        payload: Result<Vec<u8>, StoreError>,
+        format: Format,
+    ) -> Result<Delivery, Error> {
+        let (patient, mut summary) = decode_stored(&payload?)?;
         let d = &l.delivery;
         let view = view_from_name(&d.view);
         // Probation's "GP registration in place" says what is known when the
@@ -521,4 +525,13 @@ fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), Error> {
         );
     }
     Ok(v.into_result()?)
+}
+
+/// A stored payload's patient and summary (its envelope decoded).
+fn decode_stored(bytes: &[u8]) -> Result<(PatientRef, ClinicalSummary), Error> {
+    let corrupt = |e: String| Error::Store(StoreError::Corrupt(e));
+    let envelope = Envelope::decode(bytes).map_err(corrupt)?;
+    let summary: ClinicalSummary =
+        serde_json::from_slice(&envelope.document).map_err(|e| corrupt(e.to_string()))?;
+    Ok((envelope.patient, summary))
 }

@@ -467,6 +467,17 @@ impl Store {
         either!(self.payload(handover).await)
     }
 
+    /// See [`SledStore::payloads`].
+    ///
+    /// # Errors
+    /// As for [`SledStore::payloads`].
+    pub async fn payloads(
+        &self,
+        handovers: Vec<HandoverRecord>,
+    ) -> Result<Vec<Result<Vec<u8>, StoreError>>, StoreError> {
+        either!(self.payloads(handovers).await)
+    }
+
     /// A notifier woken when `mailbox` may have new deliveries.
     pub fn mailbox_signal(&self, mailbox: &str) -> Arc<Notify> {
         either!(self.mailbox_signal(mailbox))

@@ -1237,6 +1237,29 @@ impl SledStore {
             .map_err(|e| StoreError::Unavailable(format!("payload reader failed: {e}")))?
     }
 
+    /// The payloads of several handovers, read on one blocking thread (a
+    /// pull's worth: one hand-off instead of one per delivery). Each comes
+    /// with its own result, as from [`SledStore::payload`].
+    ///
+    /// # Errors
+    /// Only when the reader itself fails; a payload that fails its checks
+    /// is that item's error.
+    pub async fn payloads(
+        &self,
+        handovers: Vec<HandoverRecord>,
+    ) -> Result<Vec<Result<Vec<u8>, StoreError>>, StoreError> {
+        let trees = self.inner.trees.clone();
+        let cipher = self.inner.cipher.clone();
+        tokio::task::spawn_blocking(move || {
+            handovers
+                .iter()
+                .map(|h| writer::read_payload(&trees, &cipher, h))
+                .collect()
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("payload reader failed: {e}")))
+    }
+
     /// A notifier woken when `mailbox` may have new deliveries.
     pub fn mailbox_signal(&self, mailbox: &str) -> Arc<Notify> {
         self.inner.signals.get(mailbox)

@@ -916,3 +916,58 @@ async fn shutdown_ends_long_polls_and_drains_on(engine: Engine) {
     assert!(answered.unwrap().into_inner().deliveries.is_empty());
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+/// A pull reads its payloads together; one that fails its checks on the way
+/// out of the store (a flipped byte on disk) is quarantined with the reason,
+/// and the others read in the same pull are delivered.
+#[tokio::test]
+async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_delivered() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = prison
+            .submit(release(
+                &format!("read-{i}"),
+                300 + i,
+                &["YG001"],
+                &format!("doc {i}"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.handover_id);
+    }
+    drop(prison);
+    let (dir, config) = gw.stop().await;
+    {
+        let db = sled::open(config.data_dir.join("sled")).unwrap();
+        let payloads = db.open_tree("payloads").unwrap();
+        let (key, chunk) = payloads
+            .scan_prefix(ids[1].to_be_bytes())
+            .next()
+            .expect("a queued handover has its payload")
+            .unwrap();
+        let mut flipped = chunk.to_vec();
+        *flipped.last_mut().unwrap() ^= 0x01;
+        payloads.insert(key, flipped).unwrap();
+        db.flush().unwrap();
+    }
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let mut gp = gw.client("YG001").await;
+    let got = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        ["doc 0", "doc 2"]
+    );
+    let mut prison = gw.client("YP001").await;
+    let track = track_message(&mut prison, "read-1").await;
+    let status = &track.deliveries[0];
+    assert_eq!(status.state(), pb::DeliveryState::Quarantined);
+    assert!(
+        status.quarantine_reason.contains("integrity check"),
+        "{}",
+        status.quarantine_reason
+    );
+    gw.stop().await;
+}

@@ -309,6 +309,22 @@ impl PgStore {
         .await
     }
 
+    /// The payloads of several handovers, each with its own result, as
+    /// from [`PgStore::payload`].
+    ///
+    /// # Errors
+    /// None of its own; kept to match the sled engine's signature.
+    pub async fn payloads(
+        &self,
+        handovers: Vec<HandoverRecord>,
+    ) -> Result<Vec<Result<Vec<u8>, StoreError>>, StoreError> {
+        let mut out = Vec::with_capacity(handovers.len());
+        for h in &handovers {
+            out.push(self.payload(h).await);
+        }
+        Ok(out)
+    }
+
     /// The audit trail's entries as stored (the bytes the chain hashes), in order.
     fn audit_raw(&self, action: Option<String>, since_ms: i64) -> Result<Vec<Vec<u8>>, StoreError> {
         self.block(move |s| async move {
