@@ -469,7 +469,13 @@ impl Prepared {
             HandoverGrpc::new(self.gateway.clone()).with_metrics(self.metrics.clone()),
         )
         .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message.saturating_mul(4));
+        // An answer holds at most `max_pull_bytes`, or one delivery larger
+        // than that (its document rendered in the recipient's format).
+        .max_encoding_message_size(
+            max_message
+                .saturating_mul(4)
+                .max(self.config.queue.max_pull_bytes),
+        );
         // `bench --baseline` only: the RPC stack's own limit.
         if self.null_handover {
             tracing::warn!("serving the null handover (bench baseline): nothing is stored");

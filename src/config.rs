@@ -148,11 +148,19 @@ pub struct QueueConfig {
     pub retry_backoff_ms: u64,
     /// Most deliveries one pull returns.
     pub max_pull: u32,
+    /// Most bytes one gRPC pull answer holds (always at least one
+    /// delivery): what does not fit stays queued, its attempt not counted.
+    /// The default stays under the 4 MiB gRPC clients accept by default.
+    pub max_pull_bytes: usize,
     /// Longest long-poll wait, ms.
     pub max_wait_ms: u32,
     /// How often leases are checked for exhaustion, ms.
     pub sweep_interval_ms: u64,
 }
+
+/// [`QueueConfig::max_pull_bytes`] by default: 4 MiB (gRPC's usual
+/// receive limit) less room for the answer's framing.
+pub const DEFAULT_MAX_PULL_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
 impl Default for QueueConfig {
     fn default() -> Self {
@@ -162,6 +170,7 @@ impl Default for QueueConfig {
             max_lease_seconds: 3_600,
             retry_backoff_ms: 1_000,
             max_pull: 100,
+            max_pull_bytes: DEFAULT_MAX_PULL_BYTES,
             max_wait_ms: 30_000,
             sweep_interval_ms: 1_000,
         }
@@ -866,6 +875,12 @@ impl Config {
         if q.max_pull > 1_000 {
             return Err(ConfigError::new("queue.max_pull", "must be at most 1000"));
         }
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&q.max_pull_bytes) {
+            return Err(ConfigError::new(
+                "queue.max_pull_bytes",
+                "must be 65536 to 67108864 (64 KiB to 64 MiB)",
+            ));
+        }
         Ok(())
     }
 
@@ -1111,6 +1126,12 @@ mod tests {
         assert_eq!(err.field, "retention.key_epoch_seconds", "{err}");
         let err = check("[store]\ncache_bytes = 1000\n").unwrap_err();
         assert_eq!(err.field, "store.cache_bytes", "{err}");
+        for bytes in [1_000, 64 * 1024 * 1024 + 1] {
+            let err = check(&format!("[queue]\nmax_pull_bytes = {bytes}\n")).unwrap_err();
+            assert_eq!(err.field, "queue.max_pull_bytes", "{err}");
+        }
+        // A small document limit does not narrow the pull budget.
+        check("[limits]\nmax_document_bytes = 8192\n[queue]\nmax_pull_bytes = 65536\n").unwrap();
         check("[retention]\npayload_grace_seconds = 0\nmetadata_seconds = 1\n").unwrap();
         let policy = RetentionConfig::default().to_policy();
         assert_eq!(policy.payload_grace_ms, 3 * 86_400_000);

@@ -52,6 +52,45 @@ impl HandoverGrpc {
             ..self
         }
     }
+
+    /// A pull's answer of at most `max_bytes` encoded (always the first
+    /// delivery): the deliveries after the first that does not fit are
+    /// given back unsent, first in line for the next pull.
+    async fn within_answer(
+        &self,
+        caller: &Caller,
+        deliveries: Vec<Delivery>,
+        max_bytes: usize,
+    ) -> Result<pb::PullResponse, Error> {
+        let mut answer = pb::PullResponse::default();
+        let mut size = 0usize;
+        let mut unsent = Vec::new();
+        for d in deliveries {
+            if !unsent.is_empty() {
+                unsent.push((d.delivery_id, d.attempt));
+                continue;
+            }
+            let (id, attempt) = (d.delivery_id, d.attempt);
+            let wire = delivery_to_wire(d);
+            let len = prost::encoding::message::encoded_len(1, &wire);
+            if !answer.deliveries.is_empty() && size.saturating_add(len) > max_bytes {
+                unsent.push((id, attempt));
+                continue;
+            }
+            size += len;
+            answer.deliveries.push(wire);
+        }
+        if !unsent.is_empty() {
+            tracing::info!(
+                sent = answer.deliveries.len(),
+                returned = unsent.len(),
+                bytes = size,
+                "pull answer full: the rest given back unsent"
+            );
+            self.gateway.return_unsent(caller, unsent).await?;
+        }
+        Ok(answer)
+    }
 }
 
 fn caller_org_kind(gateway: &Gateway, caller: &Caller) -> &'static str {
@@ -122,6 +161,7 @@ fn pull_from_wire(req: pb::PullRequest) -> Result<PullCommand, Violations> {
         format: format.flatten(),
         lease,
         wait: wait.unwrap_or(Duration::ZERO),
+        max_bytes: None,
     })
 }
 
@@ -253,14 +293,15 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
         let caller = traced(&request);
-        let cmd = pull_from_wire(request.into_inner());
-        let result = self
-            .gateway
-            .pull(&caller, cmd)
-            .await
-            .map(|d| pb::PullResponse {
-                deliveries: d.into_iter().map(delivery_to_wire).collect(),
-            });
+        let max_bytes = self.gateway.queue.max_pull_bytes;
+        let cmd = pull_from_wire(request.into_inner()).map(|c| PullCommand {
+            max_bytes: Some(max_bytes),
+            ..c
+        });
+        let result = match self.gateway.pull(&caller, cmd).await {
+            Ok(d) => self.within_answer(&caller, d, max_bytes).await,
+            Err(e) => Err(e),
+        };
         let result = answer(&self.gateway, &caller, "pull", result).await;
         if let Some(m) = &self.metrics {
             super::metered::pull(m, &result);

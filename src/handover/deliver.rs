@@ -28,6 +28,11 @@ pub struct PullCommand {
     pub wait: Duration,
     /// The format wanted (`None`: the mailbox's registered format).
     pub format: Option<Format>,
+    /// Most stored bytes to read for one answer (`None`: no limit). The
+    /// deliveries past it (always after the first) are given back unsent
+    /// before their payloads are read; the gRPC edge then trims the answer
+    /// to its encoded size (see [`Gateway::return_unsent`]).
+    pub max_bytes: Option<usize>,
 }
 
 /// A delivery's document in the consumer's format.
@@ -133,6 +138,10 @@ impl Gateway {
             .lease_waiting(&actor, mailbox, max, lease_ms, wait)
             .await?;
         let format = cmd.format.unwrap_or(org.format);
+        let (leased, unsent) = within_stored_bytes(leased, cmd.max_bytes);
+        if !unsent.is_empty() {
+            self.store.return_unsent(&actor, mailbox, unsent).await?;
+        }
         let handovers = leased.iter().map(|l| l.handover.clone()).collect();
         let payloads = self.store.payloads(handovers).await?;
         let mut deliveries = Vec::with_capacity(leased.len());
@@ -267,6 +276,24 @@ impl Gateway {
             supersedes_handover_id: l.handover.supersedes,
             document,
         })
+    }
+
+    /// Gives back attempts the caller's pull leased but could not send (its
+    /// answer was full): each is queued again at once, first in line, and
+    /// its attempt is not counted. Audited per delivery.
+    ///
+    /// # Errors
+    /// Refusals (authorisation) and store failures.
+    pub async fn return_unsent(
+        &self,
+        caller: &Caller,
+        attempts: Vec<(u64, u32)>,
+    ) -> Result<(), Error> {
+        let (org, actor) = self.organisation(caller, "pull deliveries")?;
+        self.store
+            .return_unsent(&actor, org.ods.as_str(), attempts)
+            .await?;
+        Ok(())
     }
 
     /// Acknowledges one attempt of a delivery in the caller's mailbox.
@@ -534,4 +561,29 @@ fn decode_stored(bytes: &[u8]) -> Result<(PatientRef, ClinicalSummary), Error> {
     let summary: ClinicalSummary =
         serde_json::from_slice(&envelope.document).map_err(|e| corrupt(e.to_string()))?;
     Ok((envelope.patient, summary))
+}
+
+/// The leading deliveries whose stored payloads fit `max_bytes` (always the
+/// first), and the attempts of the rest, to give back unsent.
+fn within_stored_bytes(
+    mut leased: Vec<LeasedDelivery>,
+    max_bytes: Option<usize>,
+) -> (Vec<LeasedDelivery>, Vec<(u64, u32)>) {
+    let Some(max_bytes) = max_bytes else {
+        return (leased, Vec::new());
+    };
+    let mut total = 0u64;
+    let fit = leased
+        .iter()
+        .position(|l| {
+            total = total.saturating_add(l.handover.payload_len);
+            total > max_bytes as u64
+        })
+        .map_or(leased.len(), |i| i.max(1));
+    let rest = leased.split_off(fit);
+    let unsent = rest
+        .iter()
+        .map(|l| (l.delivery.id, l.delivery.attempt))
+        .collect();
+    (leased, unsent)
 }

@@ -224,6 +224,7 @@ impl MeshEdge {
             lease: Some(self.pacing.lease),
             wait: Duration::ZERO,
             format: Some(format),
+            max_bytes: None,
         };
         let deliveries = self
             .gateway

@@ -467,6 +467,19 @@ impl Store {
         either!(self.payload(handover).await)
     }
 
+    /// See [`SledStore::return_unsent`].
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn return_unsent(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        attempts: Vec<(u64, u32)>,
+    ) -> Result<(), StoreError> {
+        either!(self.return_unsent(actor, mailbox, attempts).await)
+    }
+
     /// See [`SledStore::payloads`].
     ///
     /// # Errors

@@ -447,6 +447,12 @@ enum Job {
         reason: String,
         reply: Reply<DeliveryState>,
     },
+    ReturnUnsent {
+        actor: String,
+        mailbox: String,
+        attempts: Vec<(u64, u32)>,
+        reply: Reply<()>,
+    },
     Track {
         actor: String,
         sender: String,
@@ -811,6 +817,29 @@ impl SledStore {
             attempt,
             permanent,
             reason: reason.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Gives back attempts leased by a pull but never sent (its answer was
+    /// full): each is queued again at once and its attempt is not counted,
+    /// so the next lease has the same attempt number. Each is audited. An
+    /// attempt no longer leased to `mailbox` is left as it is (the refusal
+    /// is audited).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn return_unsent(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        attempts: Vec<(u64, u32)>,
+    ) -> Result<(), StoreError> {
+        self.ask(|reply| Job::ReturnUnsent {
+            actor: actor.to_owned(),
+            mailbox: mailbox.to_owned(),
+            attempts,
             reply,
         })
         .await

@@ -654,6 +654,25 @@ pub(crate) fn refused_lease_event(
     }
 }
 
+/// The audit entry of a leased attempt given back unsent (the pull's
+/// answer was full); `d` is the delivery as given back.
+pub(crate) fn returned_unsent_event(
+    actor: &str,
+    d: &DeliveryRecord,
+    attempt: u32,
+) -> crate::audit::AuditEvent {
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action: "pull",
+        handover_id: Some(d.handover_id),
+        delivery_id: Some(d.id),
+        patient_key: Some(d.patient_key.clone()),
+        outcome: format!(
+            "ok: attempt {attempt} returned unsent (the answer was full); queued, not counted"
+        ),
+    }
+}
+
 /// How a delivery's state reads in an audit outcome.
 pub(crate) fn state_name(state: DeliveryState) -> &'static str {
     match state {

@@ -468,6 +468,20 @@ impl Schedule {
         }
     }
 
+    /// Records that a lease was given back unsent: queued, leasable from
+    /// `now_ms`, at the attempt it had before.
+    pub fn unlease(&mut self, id: u64, attempt: u32, now_ms: i64) {
+        self.set_slot(
+            id,
+            Slot::Queued {
+                not_before_ms: now_ms,
+            },
+        );
+        if let Some(live) = self.live.get_mut(&id) {
+            live.attempt = attempt;
+        }
+    }
+
     /// Records that a delivery is queued again, leasable from `not_before_ms`.
     pub fn requeue(&mut self, id: u64, not_before_ms: i64) {
         self.set_slot(id, Slot::Queued { not_before_ms });

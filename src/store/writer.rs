@@ -466,6 +466,7 @@ impl Writer {
             | Job::Ack { .. }
             | Job::AckBatch { .. }
             | Job::Nack { .. }
+            | Job::ReturnUnsent { .. }
             | Job::Track { .. } => self.apply_delivery_job(staged, job, now, woken),
             Job::Claim { .. } | Job::RouteHeld { .. } | Job::Pds(..) | Job::PdsNotify(..) => {
                 self.apply_parked_job(staged, job, now, woken)
@@ -542,6 +543,16 @@ impl Writer {
                 if matches!(r, Ok(DeliveryState::Queued)) {
                     woken.insert(mailbox);
                 }
+                Answer::new(reply, r)
+            }
+            Job::ReturnUnsent {
+                actor,
+                mailbox,
+                attempts,
+                reply,
+            } => {
+                let r = self.return_unsent(staged, (&actor, &mailbox), &attempts, now);
+                woken.insert(mailbox);
                 Answer::new(reply, r)
             }
             Job::Track {
@@ -1059,6 +1070,33 @@ impl Writer {
             .collect()
     }
 
+    /// See [`super::SledStore::return_unsent`].
+    fn return_unsent(
+        &mut self,
+        staged: &mut Staged<'_>,
+        who: (&str, &str),
+        attempts: &[(u64, u32)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for &(delivery_id, attempt) in attempts {
+            let Ok(mut d) = self.leased_for(staged, "pull", who, delivery_id, attempt, now)? else {
+                continue;
+            };
+            d.attempt = attempt.saturating_sub(1);
+            d.state = DeliveryState::Queued;
+            d.lease_until_ms = None;
+            d.not_before_ms = None;
+            self.schedule.unlease(delivery_id, d.attempt, now);
+            staged.put_json(TreeId::Deliveries, records::be(delivery_id).to_vec(), &d);
+            self.audit(
+                staged,
+                records::returned_unsent_event(who.0, &d, attempt),
+                now,
+            );
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn nack(
         &mut self,
@@ -1446,6 +1484,7 @@ fn refuse(job: Job) -> Answer {
         | Job::Record(_, reply) => Answer::new(reply, Err(e())),
         Job::AckBatch { reply, .. } => Answer::new(reply, Err(e())),
         Job::Nack { reply, .. } => Answer::new(reply, Err(e())),
+        Job::ReturnUnsent { reply, .. } => Answer::new(reply, Err(e())),
         Job::Track { reply, .. } => Answer::new(reply, Err(e())),
         Job::Sweep(reply) => Answer::new(reply, Err(e())),
         Job::Retention(reply) => Answer::new(reply, Err(e())),

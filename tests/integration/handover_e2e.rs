@@ -971,3 +971,92 @@ async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_pull_answer_stays_within_its_byte_budget_and_the_rest_waits_uncounted() {
+    a_pull_answer_stays_within_its_byte_budget_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_pull_answer_stays_within_its_byte_budget_and_the_rest_waits_uncounted_on_postgres() {
+    a_pull_answer_stays_within_its_byte_budget_on(Engine::Postgres).await;
+}
+
+/// A pull answers at most `queue.max_pull_bytes`, always at least one
+/// delivery: the rest are given back unsent, queued at once, their attempt
+/// not counted, and audited.
+async fn a_pull_answer_stays_within_its_byte_budget_on(engine: Engine) {
+    let Some(gw) = TestGateway::on_with(
+        engine,
+        |c| {
+            c.limits.max_document_bytes = 256 * 1024;
+            c.queue.max_pull_bytes = 150_000;
+        },
+        Arc::new(SystemClock),
+    )
+    .await
+    else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    // Four patients, in order: 100 kB, 100 kB, 30 kB, 200 kB of text.
+    for (i, (tag, bytes)) in [
+        ('A', 100_000),
+        ('B', 100_000),
+        ('C', 30_000),
+        ('D', 200_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let marker = format!("{tag}{}", "x".repeat(bytes));
+        prison
+            .submit(release(
+                &format!("budget-{i}"),
+                500 + i as u32,
+                &["YG001"],
+                &marker,
+            ))
+            .await
+            .unwrap();
+    }
+    let audited = gw.store.audit_entries().unwrap().len();
+    let mut gp = gw.client("YG001").await;
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let deliveries = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+        for d in &deliveries {
+            gp.ack(pb::AckRequest {
+                delivery_id: d.delivery_id,
+                attempt: d.attempt,
+            })
+            .await
+            .unwrap();
+        }
+        answers.push(
+            deliveries
+                .iter()
+                .map(|d| (text_of(d).chars().next().unwrap(), d.attempt))
+                .collect::<Vec<_>>(),
+        );
+    }
+    // A alone (A and B are over 150 kB); then B and C; then D alone, over
+    // the budget by itself; then nothing. No attempt counted for waiting.
+    assert_eq!(
+        answers,
+        [
+            vec![('A', 1)],
+            vec![('B', 1), ('C', 1)],
+            vec![('D', 1)],
+            vec![]
+        ]
+    );
+    let returned: Vec<_> = gw.store.audit_entries().unwrap()[audited..]
+        .iter()
+        .filter(|e| e.action == "pull" && e.outcome.contains("returned unsent"))
+        .map(|e| e.delivery_id)
+        .collect();
+    // B, C and D after the first pull, D after the second.
+    assert_eq!(returned.len(), 4, "{returned:?}");
+    gw.stop().await;
+}

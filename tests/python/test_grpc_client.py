@@ -237,3 +237,56 @@ def test_batch_ack_refuses_a_malformed_call_whole(gateway, pb):
             gp.AckBatch(pb.h.AckBatchRequest(attempts=attempts), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_request_fields(err.value) == [field]
+
+
+def valid_nhs_number(start):
+    """The first NHS number in the 999 test range from `start` with a valid check digit."""
+    for n in range(start, start + 100):
+        digits = f"999{n:06d}"
+        total = sum(int(d) * (10 - i) for i, d in enumerate(digits))
+        check = (11 - total % 11) % 11
+        if check != 10:
+            return digits + str(check)
+    raise ValueError(start)
+
+
+def test_a_pull_answer_fits_a_default_grpcio_channel(gateway, pb, tmp_path):
+    """Three releases of about 1.5 MB each: together over the 4 MiB a default
+    grpcio channel accepts. The gateway answers the two that fit; the third
+    waits, first in line, its attempt not counted."""
+    base = json.loads((FIXTURES / "04-release-no-gp.json").read_text())
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
+    numbers = []
+    for i in range(3):
+        summary = json.loads(json.dumps(base))
+        number = valid_nhs_number(7000 + 100 * i)
+        numbers.append(number)
+        summary["patient"]["nhs_number"] = number
+        summary["patient"]["prison_number"] = f"D70{i}0EF"
+        summary["follow_ups"][0]["service"] = f"Outreach {i}. " + "Seen weekly at the day centre. " * 50_000
+        path = tmp_path / f"big-{i}.json"
+        path.write_text(json.dumps(summary))
+        fhir = subprocess.run(
+            [BIN, "convert", "--from", "model-json", "--to", "fhir", "--event", "release", str(path)],
+            check=True,
+            capture_output=True,
+        ).stdout.decode()
+        assert 1_400_000 < len(fhir) < 2_000_000
+        prison.Submit(
+            pb.h.SubmitRequest(
+                message_id=f"py-big-{i}",
+                event=pb.h.JOURNEY_EVENT_RELEASE,
+                destinations=["YG002"],
+                fhir_json=fhir,
+            ),
+            timeout=30,
+        )
+    gp = pb.grpc.HandoverServiceStub(gateway.channel("YG002"))
+    first = gp.Pull(pb.h.PullRequest(max_deliveries=10), timeout=30).deliveries
+    second = gp.Pull(pb.h.PullRequest(max_deliveries=10), timeout=30).deliveries
+    assert [len(first), len(second)] == [2, 1]
+    assert [d.attempt for d in [*first, *second]] == [1, 1, 1]
+    assert sorted(d.patient.nhs_number for d in [*first, *second]) == sorted(numbers)
+    for d in [*first, *second]:
+        gp.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
+    assert gp.Pull(pb.h.PullRequest(max_deliveries=10), timeout=30).deliveries == []

@@ -173,6 +173,27 @@ impl PgStore {
         .await
     }
 
+    /// See [`crate::store::SledStore::return_unsent`].
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn return_unsent(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        attempts: Vec<(u64, u32)>,
+    ) -> Result<(), StoreError> {
+        let (actor, mailbox) = (actor.to_owned(), mailbox.to_owned());
+        self.run(move |s| async move {
+            in_tx!(s, |tx, now, audit| {
+                return_unsent(&tx, (&actor, &mailbox), &attempts, now, &mut audit)
+                    .await
+                    .map(Ok)
+            })
+        })
+        .await
+    }
+
     /// Quarantines exhausted leases, retires stale ones, reports missed
     /// deadlines once each, across every node.
     ///
@@ -633,6 +654,29 @@ async fn nack(
         outcome: format!("ok: {}", records::state_name(state)),
     });
     Ok(Ok(state))
+}
+
+/// Each attempt still leased to the mailbox queued again at once, at the
+/// attempt it had before (see [`PgStore::return_unsent`]).
+async fn return_unsent(
+    tx: &Transaction<'_>,
+    who: (&str, &str),
+    attempts: &[(u64, u32)],
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    for &(delivery_id, attempt) in attempts {
+        let Ok(mut d) = leased_for(tx, "pull", who, delivery_id, attempt, now, audit).await? else {
+            continue;
+        };
+        d.attempt = attempt.saturating_sub(1);
+        d.state = DeliveryState::Queued;
+        d.lease_until_ms = None;
+        d.not_before_ms = None;
+        sql::put_delivery(tx, &d).await?;
+        audit.push(records::returned_unsent_event(who.0, &d, attempt));
+    }
+    Ok(())
 }
 
 /// Finishes a delivered delivery, the copies it superseded, and each
