@@ -798,20 +798,7 @@ async fn everything_acknowledged_survives_a_restart_on(engine: Engine) {
         return;
     };
     let mut prison = gw.client("YP001").await;
-    let mut ids = Vec::new();
-    for i in 0..20 {
-        let r = prison
-            .submit(release(
-                &format!("s-{i}"),
-                100 + i,
-                &["YG001"],
-                &format!("doc {i}"),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        ids.push(r.handover_id);
-    }
+    let ids = releases_to_yg001(&mut prison, "s", 100, 20).await;
     let mut gp = gw.client("YG001").await;
     let leased = gp
         .pull(pull_waiting(5, 5))
@@ -924,20 +911,7 @@ async fn shutdown_ends_long_polls_and_drains_on(engine: Engine) {
 async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_delivered() {
     let gw = TestGateway::start().await;
     let mut prison = gw.client("YP001").await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        let r = prison
-            .submit(release(
-                &format!("read-{i}"),
-                300 + i,
-                &["YG001"],
-                &format!("doc {i}"),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        ids.push(r.handover_id);
-    }
+    let ids = releases_to_yg001(&mut prison, "read", 300, 3).await;
     drop(prison);
     let (dir, config) = gw.stop().await;
     {
@@ -1059,4 +1033,31 @@ async fn a_pull_answer_stays_within_its_byte_budget_on(engine: Engine) {
     // B, C and D after the first pull, D after the second.
     assert_eq!(returned.len(), 4, "{returned:?}");
     gw.stop().await;
+}
+
+/// `n` releases to YG001, message ids `{prefix}-{i}`, patients from
+/// `first_patient`, documents `"doc {i}"`; their handover ids.
+async fn releases_to_yg001(
+    prison: &mut throughcare::grpc::pb::handover_service_client::HandoverServiceClient<
+        tonic::transport::Channel,
+    >,
+    prefix: &str,
+    first_patient: u32,
+    n: u32,
+) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = prison
+            .submit(release(
+                &format!("{prefix}-{i}"),
+                first_patient + i,
+                &["YG001"],
+                &format!("doc {i}"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.handover_id);
+    }
+    ids
 }
