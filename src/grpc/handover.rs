@@ -61,7 +61,7 @@ impl HandoverGrpc {
         caller: &Caller,
         deliveries: Vec<Delivery>,
         max_bytes: usize,
-    ) -> Result<pb::PullResponse, Error> {
+    ) -> pb::PullResponse {
         let mut answer = pb::PullResponse::default();
         let mut size = 0usize;
         let mut unsent = Vec::new();
@@ -87,9 +87,13 @@ impl HandoverGrpc {
                 bytes = size,
                 "pull answer full: the rest given back unsent"
             );
-            self.gateway.return_unsent(caller, unsent).await?;
+            // Not given back, they wait out their lease and count, as an
+            // answer that failed whole did before: still send what fits.
+            if let Err(e) = self.gateway.return_unsent(caller, unsent).await {
+                tracing::error!(error = %e, "giving back a pull's unsent deliveries failed");
+            }
         }
-        Ok(answer)
+        answer
     }
 }
 
@@ -299,7 +303,7 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
             ..c
         });
         let result = match self.gateway.pull(&caller, cmd).await {
-            Ok(d) => self.within_answer(&caller, d, max_bytes).await,
+            Ok(d) => Ok(self.within_answer(&caller, d, max_bytes).await),
             Err(e) => Err(e),
         };
         let result = answer(&self.gateway, &caller, "pull", result).await;

@@ -28,10 +28,10 @@ pub struct PullCommand {
     pub wait: Duration,
     /// The format wanted (`None`: the mailbox's registered format).
     pub format: Option<Format>,
-    /// Most stored bytes to read for one answer (`None`: no limit). The
-    /// deliveries past it (always after the first) are given back unsent
-    /// before their payloads are read; the gRPC edge then trims the answer
-    /// to its encoded size (see [`Gateway::return_unsent`]).
+    /// Most stored payload bytes to lease for one answer (`None`: no
+    /// limit; always at least one delivery). What would go over stays
+    /// queued, untouched; the gRPC edge then trims the answer to its
+    /// encoded size (see [`Gateway::return_unsent`]).
     pub max_bytes: Option<usize>,
 }
 
@@ -134,14 +134,11 @@ impl Gateway {
             .wait
             .min(Duration::from_millis(u64::from(q.max_wait_ms)));
         let mailbox = org.ods.as_str();
+        let max_bytes = cmd.max_bytes.map(|b| b as u64);
         let leased = self
-            .lease_waiting(&actor, mailbox, max, lease_ms, wait)
+            .lease_waiting(&actor, mailbox, (max, max_bytes), lease_ms, wait)
             .await?;
         let format = cmd.format.unwrap_or(org.format);
-        let (leased, unsent) = within_stored_bytes(leased, cmd.max_bytes);
-        if !unsent.is_empty() {
-            self.store.return_unsent(&actor, mailbox, unsent).await?;
-        }
         let handovers = leased.iter().map(|l| l.handover.clone()).collect();
         let payloads = self.store.payloads(handovers).await?;
         let mut deliveries = Vec::with_capacity(leased.len());
@@ -167,7 +164,7 @@ impl Gateway {
         &self,
         actor: &str,
         mailbox: &str,
-        max: usize,
+        limits: (usize, Option<u64>),
         lease_ms: i64,
         wait: Duration,
     ) -> Result<Vec<LeasedDelivery>, Error> {
@@ -178,7 +175,10 @@ impl Gateway {
             let notified = signal.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let leased = self.store.pull(actor, mailbox, max, lease_ms).await?;
+            let leased = self
+                .store
+                .pull_within(actor, mailbox, limits, lease_ms)
+                .await?;
             let now = tokio::time::Instant::now();
             if !leased.is_empty() || now >= deadline || *shutting_down.borrow() {
                 return Ok(leased);
@@ -561,29 +561,4 @@ fn decode_stored(bytes: &[u8]) -> Result<(PatientRef, ClinicalSummary), Error> {
     let summary: ClinicalSummary =
         serde_json::from_slice(&envelope.document).map_err(|e| corrupt(e.to_string()))?;
     Ok((envelope.patient, summary))
-}
-
-/// The leading deliveries whose stored payloads fit `max_bytes` (always the
-/// first), and the attempts of the rest, to give back unsent.
-fn within_stored_bytes(
-    mut leased: Vec<LeasedDelivery>,
-    max_bytes: Option<usize>,
-) -> (Vec<LeasedDelivery>, Vec<(u64, u32)>) {
-    let Some(max_bytes) = max_bytes else {
-        return (leased, Vec::new());
-    };
-    let mut total = 0u64;
-    let fit = leased
-        .iter()
-        .position(|l| {
-            total = total.saturating_add(l.handover.payload_len);
-            total > max_bytes as u64
-        })
-        .map_or(leased.len(), |i| i.max(1));
-    let rest = leased.split_off(fit);
-    let unsent = rest
-        .iter()
-        .map(|l| (l.delivery.id, l.delivery.attempt))
-        .collect();
-    (leased, unsent)
 }

@@ -142,6 +142,20 @@ impl Store {
         either!(self.pull(actor, mailbox, max, lease_ms).await)
     }
 
+    /// See [`SledStore::pull_within`].
+    ///
+    /// # Errors
+    /// As for [`SledStore::pull`].
+    pub async fn pull_within(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        limits: (usize, Option<u64>),
+        lease_ms: i64,
+    ) -> Result<Vec<LeasedDelivery>, StoreError> {
+        either!(self.pull_within(actor, mailbox, limits, lease_ms).await)
+    }
+
     /// See [`SledStore::ack`].
     ///
     /// # Errors

@@ -422,6 +422,7 @@ enum Job {
         actor: String,
         mailbox: String,
         max: usize,
+        max_bytes: Option<u64>,
         lease_ms: i64,
         reply: Reply<Vec<LeasedDelivery>>,
     },
@@ -741,10 +742,28 @@ impl SledStore {
         max: usize,
         lease_ms: i64,
     ) -> Result<Vec<LeasedDelivery>, StoreError> {
+        self.pull_within(actor, mailbox, (max, None), lease_ms)
+            .await
+    }
+
+    /// As [`SledStore::pull`], leasing no more than `max_bytes` of stored
+    /// payloads (always at least one delivery): what would go over stays
+    /// queued, untouched.
+    ///
+    /// # Errors
+    /// As for [`SledStore::pull`].
+    pub async fn pull_within(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        (max, max_bytes): (usize, Option<u64>),
+        lease_ms: i64,
+    ) -> Result<Vec<LeasedDelivery>, StoreError> {
         self.ask(|reply| Job::Pull {
             actor: actor.to_owned(),
             mailbox: mailbox.to_owned(),
             max,
+            max_bytes,
             lease_ms,
             reply,
         })
@@ -1282,7 +1301,18 @@ impl SledStore {
         tokio::task::spawn_blocking(move || {
             handovers
                 .iter()
-                .map(|h| writer::read_payload(&trees, &cipher, h))
+                .map(|h| {
+                    // One payload that panics the reader fails alone.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        writer::read_payload(&trees, &cipher, h)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Corrupt(format!(
+                            "reading the payload of handover {} failed",
+                            h.id
+                        )))
+                    })
+                })
                 .collect()
         })
         .await

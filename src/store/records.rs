@@ -667,9 +667,45 @@ pub(crate) fn returned_unsent_event(
         handover_id: Some(d.handover_id),
         delivery_id: Some(d.id),
         patient_key: Some(d.patient_key.clone()),
-        outcome: format!(
-            "ok: attempt {attempt} returned unsent (the answer was full); queued, not counted"
-        ),
+        outcome: if d.state == DeliveryState::Superseded {
+            format!(
+                "ok: attempt {attempt} returned unsent (the answer was full); superseded meanwhile, retired"
+            )
+        } else {
+            format!(
+                "ok: attempt {attempt} returned unsent (the answer was full); queued, not counted"
+            )
+        },
+    }
+}
+
+/// The stored payload bytes one pull may lease (always one delivery).
+pub(crate) struct StoredBytes {
+    left: Option<u64>,
+    taken: usize,
+}
+
+impl StoredBytes {
+    /// A budget of `max` bytes (`None`: no limit).
+    pub(crate) fn new(max: Option<u64>) -> Self {
+        Self {
+            left: max,
+            taken: 0,
+        }
+    }
+
+    /// Whether `handover`'s payload may be leased too; counts it if so.
+    pub(crate) fn take(&mut self, handover: &HandoverRecord) -> bool {
+        let fits = match &mut self.left {
+            None => true,
+            Some(left) if self.taken == 0 || handover.payload_len <= *left => {
+                *left = left.saturating_sub(handover.payload_len);
+                true
+            }
+            Some(_) => false,
+        };
+        self.taken += usize::from(fits);
+        fits
     }
 }
 

@@ -496,11 +496,12 @@ impl Writer {
                 actor,
                 mailbox,
                 max,
+                max_bytes,
                 lease_ms,
                 reply,
             } => Answer::new(
                 reply,
-                self.pull(staged, &actor, &mailbox, max, lease_ms, now),
+                self.pull(staged, &actor, &mailbox, (max, max_bytes), lease_ms, now),
             ),
             Job::Ack {
                 actor,
@@ -951,11 +952,12 @@ impl Writer {
         staged: &mut Staged<'_>,
         actor: &str,
         mailbox: &str,
-        max: usize,
+        (max, max_bytes): (usize, Option<u64>),
         lease_ms: i64,
         now: i64,
     ) -> Result<Vec<LeasedDelivery>, StoreError> {
         let max_attempts = self.options.max_attempts;
+        let mut bytes = records::StoredBytes::new(max_bytes);
         self.retire_expired_stale(staged, actor, Some(mailbox), now)?;
         for id in self.schedule.exhausted(now, max_attempts, Some(mailbox)) {
             self.quarantine_expired(staged, actor, id, now)?;
@@ -969,6 +971,9 @@ impl Writer {
             let handover: HandoverRecord = staged
                 .get_json(TreeId::Handovers, &records::be(d.handover_id))?
                 .ok_or_else(|| StoreError::Corrupt(format!("delivery {id} has no handover")))?;
+            if !bytes.take(&handover) {
+                break;
+            }
             d.attempt += 1;
             d.state = DeliveryState::Leased;
             d.lease_until_ms = Some(now.saturating_add(lease_ms));
@@ -1082,12 +1087,17 @@ impl Writer {
             let Ok(mut d) = self.leased_for(staged, "pull", who, delivery_id, attempt, now)? else {
                 continue;
             };
-            d.attempt = attempt.saturating_sub(1);
-            d.state = DeliveryState::Queued;
-            d.lease_until_ms = None;
-            d.not_before_ms = None;
-            self.schedule.unlease(delivery_id, d.attempt, now);
-            staged.put_json(TreeId::Deliveries, records::be(delivery_id).to_vec(), &d);
+            if d.superseded_by.is_some() {
+                // A newer summary came meanwhile: this one is never sent.
+                self.retire(staged, &mut d, now)?;
+            } else {
+                d.attempt = attempt.saturating_sub(1);
+                d.state = DeliveryState::Queued;
+                d.lease_until_ms = None;
+                d.not_before_ms = None;
+                self.schedule.unlease(delivery_id, d.attempt, now);
+                staged.put_json(TreeId::Deliveries, records::be(delivery_id).to_vec(), &d);
+            }
             self.audit(
                 staged,
                 records::returned_unsent_event(who.0, &d, attempt),

@@ -849,3 +849,51 @@ async fn a_bad_operator_request_is_a_field_error() {
     assert_eq!(violations(&err), ["target"]);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_summary_superseded_before_it_is_given_back_unsent_is_retired() {
+    a_summary_superseded_before_it_is_given_back_unsent_is_retired_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_summary_superseded_before_it_is_given_back_unsent_is_retired_on_postgres() {
+    a_summary_superseded_before_it_is_given_back_unsent_is_retired_on(Engine::Postgres).await;
+}
+
+/// A pull leases a transfer; a correction arrives before the pull's answer
+/// is sent, and the lease is given back unsent (the answer was full). The
+/// older summary is retired, not queued again: never sent, and not in the
+/// way of the correction.
+async fn a_summary_superseded_before_it_is_given_back_unsent_is_retired_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let t = pb::JourneyEvent::Transfer;
+    prison
+        .submit(submit("g-1", t, &[], &transfer(1, "first")))
+        .await
+        .unwrap();
+    let leased = gw
+        .store
+        .pull_within("urn:ods:YP002", "YP002", (5, None), 60_000)
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    prison
+        .submit(submit("g-2", t, &[], &transfer(1, "corrected")))
+        .await
+        .unwrap();
+    let d = &leased[0].delivery;
+    gw.store
+        .return_unsent("urn:ods:YP002", "YP002", vec![(d.id, d.attempt)])
+        .await
+        .unwrap();
+    let mut receiving = gw.client("YP002").await;
+    let got = pull_and_ack(&mut receiving).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["corrected"]);
+    assert!(pull_and_ack(&mut receiving).await.is_empty());
+    let old = track_message(&mut prison, "g-1").await;
+    assert_eq!(old.deliveries[0].state(), pb::DeliveryState::Superseded);
+    gw.stop().await;
+}

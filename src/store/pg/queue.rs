@@ -81,6 +81,21 @@ impl PgStore {
         max: usize,
         lease_ms: i64,
     ) -> Result<Vec<LeasedDelivery>, StoreError> {
+        self.pull_within(actor, mailbox, (max, None), lease_ms)
+            .await
+    }
+
+    /// See [`crate::store::SledStore::pull_within`].
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn pull_within(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        (max, max_bytes): (usize, Option<u64>),
+        lease_ms: i64,
+    ) -> Result<Vec<LeasedDelivery>, StoreError> {
         let (actor, mailbox) = (actor.to_owned(), mailbox.to_owned());
         self.run(move |s| async move {
             in_tx!(s, |tx, now, audit| {
@@ -88,6 +103,7 @@ impl PgStore {
                     actor: &actor,
                     mailbox: &mailbox,
                     max,
+                    max_bytes,
                     lease_ms,
                 };
                 pull(&tx, &s, &lease, now, &mut audit).await.map(Ok)
@@ -374,6 +390,7 @@ struct Lease<'a> {
     actor: &'a str,
     mailbox: &'a str,
     max: usize,
+    max_bytes: Option<u64>,
     lease_ms: i64,
 }
 
@@ -412,10 +429,14 @@ async fn pull(
         .await
         .map_err(db)?;
     let mut leased = Vec::with_capacity(rows.len());
+    let mut bytes = records::StoredBytes::new(lease.max_bytes);
     for mut d in sql::deliveries(&rows) {
         let handover = sql::handover(tx, d.handover_id)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("delivery {} has no handover", d.id)))?;
+        if !bytes.take(&handover) {
+            break;
+        }
         d.attempt += 1;
         d.state = DeliveryState::Leased;
         d.lease_until_ms = Some(now.saturating_add(lease.lease_ms));
@@ -669,14 +690,20 @@ async fn return_unsent(
         let Ok(mut d) = leased_for(tx, "pull", who, delivery_id, attempt, now, audit).await? else {
             continue;
         };
-        d.attempt = attempt.saturating_sub(1);
-        d.state = DeliveryState::Queued;
-        d.lease_until_ms = None;
-        d.not_before_ms = None;
-        sql::put_delivery(tx, &d).await?;
+        if d.superseded_by.is_some() {
+            // A newer summary came meanwhile: this one is never sent.
+            retire(tx, &mut d, now).await?;
+        } else {
+            d.attempt = attempt.saturating_sub(1);
+            d.state = DeliveryState::Queued;
+            d.lease_until_ms = None;
+            d.not_before_ms = None;
+            sql::put_delivery(tx, &d).await?;
+        }
         audit.push(records::returned_unsent_event(who.0, &d, attempt));
     }
-    Ok(())
+    // Long polls on every node may take them at once.
+    sql::notify(tx, &[who.1.to_owned()]).await
 }
 
 /// Finishes a delivered delivery, the copies it superseded, and each
