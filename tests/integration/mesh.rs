@@ -320,12 +320,17 @@ async fn mesh_delivers_a_release_in_chunks_and_marks_it_delivered_on_the_recipie
     );
 
     practice.acknowledge(&msg.message_id).await.unwrap();
-    let d = eventually(20, "DELIVERED after the MESH acknowledgement", || async {
-        let d = delivery_of(&gw, "mesh-rel-1").await;
-        (d.state() == pb::DeliveryState::Delivered).then_some(d)
-    })
+    // The ack and the MESH record's ACKNOWLEDGED are two writes: wait for both.
+    eventually(
+        20,
+        "DELIVERED and ACKNOWLEDGED after MESH's acknowledgement",
+        || async {
+            let d = delivery_of(&gw, "mesh-rel-1").await;
+            (d.state() == pb::DeliveryState::Delivered && d.mesh_state == "ACKNOWLEDGED")
+                .then_some(d)
+        },
+    )
     .await;
-    assert_eq!(d.mesh_state, "ACKNOWLEDGED");
     assert!(inbox(&practice).await.is_empty(), "sent once");
     gw.stop().await;
 }
@@ -357,12 +362,13 @@ async fn mesh_error_report_quarantines_the_delivery_with_meshs_reason() {
         "linked_message_id": sent.mesh_message_id,
     });
     admin_post(&sandbox, "/messageexchange/admin/report", &body.to_string()).await;
-    let d = eventually(20, "QUARANTINED after MESH's error", || async {
+    // The quarantine and the MESH record's FAILED are two writes, in that
+    // order: wait for both.
+    let d = eventually(20, "QUARANTINED and FAILED after MESH's error", || async {
         let d = delivery_of(&gw, "mesh-ndr-1").await;
-        (d.state() == pb::DeliveryState::Quarantined).then_some(d)
+        (d.state() == pb::DeliveryState::Quarantined && d.mesh_state == "FAILED").then_some(d)
     })
     .await;
-    assert_eq!(d.mesh_state, "FAILED");
     assert!(
         d.quarantine_reason.contains("14") && d.quarantine_reason.contains("not collected"),
         "{}",
