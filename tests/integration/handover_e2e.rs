@@ -956,9 +956,9 @@ async fn a_pull_answer_stays_within_its_byte_budget_and_the_rest_waits_uncounted
     a_pull_answer_stays_within_its_byte_budget_on(Engine::Postgres).await;
 }
 
-/// A pull answers at most `queue.max_pull_bytes`, always at least one
-/// delivery: the rest are given back unsent, queued at once, their attempt
-/// not counted, and audited.
+/// A pull leases at most `queue.max_pull_bytes` of stored payloads, always
+/// at least one delivery: the rest stay queued, untouched, first in line
+/// for the next pull.
 async fn a_pull_answer_stays_within_its_byte_budget_on(engine: Engine) {
     let Some(gw) = TestGateway::on_with(
         engine,
