@@ -470,10 +470,13 @@ impl Prepared {
         )
         .max_decoding_message_size(max_message)
         // An answer holds at most `max_pull_bytes`, or one delivery larger
-        // than that (its document rendered in the recipient's format).
+        // than that: its document rendered in the recipient's format, which
+        // for a list-heavy summary is several times its size as sent (FHIR
+        // is 3.3× the model's JSON for a list of medicines, and protobuf is
+        // smaller than JSON). Refusing to encode it would fail every attempt.
         .max_encoding_message_size(
             max_message
-                .saturating_mul(4)
+                .saturating_mul(16)
                 .max(self.config.queue.max_pull_bytes),
         );
         // `bench --baseline` only: the RPC stack's own limit.
