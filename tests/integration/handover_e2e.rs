@@ -1144,3 +1144,32 @@ async fn releases_to_yg001(
     }
     ids
 }
+
+/// A native summary near the document limit, listing many medicines, is
+/// several times larger as FHIR (a resource per medicine): the server still
+/// encodes it, alone in its answer, rather than failing every attempt.
+#[tokio::test]
+async fn a_list_heavy_summary_near_the_limit_is_delivered_as_fhir() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let request = release_with_medicines("long-list", 700, 30_000);
+    let sent = prost::Message::encoded_len(&request);
+    assert!((3_000_000..4 * 1024 * 1024).contains(&sent), "{sent} bytes");
+    prison.submit(request).await.unwrap();
+    let mut gp = gw.client("YG001").await;
+    let answer = gp
+        .pull(pb::PullRequest {
+            format: pb::DocumentFormat::FhirJson.into(),
+            ..pull(10)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let size = prost::Message::encoded_len(&answer);
+    assert_eq!(answer.deliveries.len(), 1);
+    assert!(
+        size > 4 * (4 * 1024 * 1024 + 64 * 1024),
+        "{size} bytes as FHIR"
+    );
+    gw.stop().await;
+}
