@@ -298,8 +298,12 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
     ) -> Result<Response<pb::PullResponse>, Status> {
         let caller = traced(&request);
         let max_bytes = self.gateway.queue.max_pull_bytes;
+        let deadline = wire::grpc_timeout(request.metadata());
         let cmd = pull_from_wire(request.into_inner()).map(|c| PullCommand {
             max_bytes: Some(max_bytes),
+            // A long poll answers (empty) before the caller's deadline, not
+            // after it with DEADLINE_EXCEEDED, and never leases as it ends.
+            wait: deadline.map_or(c.wait, |d| c.wait.min(wire::before_deadline(d))),
             ..c
         });
         let result = match self.gateway.pull(&caller, cmd).await {

@@ -329,6 +329,36 @@ pub fn track_to_wire(
     }
 }
 
+/// The caller's deadline, from its `grpc-timeout` header (gRPC over HTTP/2:
+/// at most 8 digits and a unit, `H` `M` `S` `m` `u` `n`); `None` when absent
+/// or malformed.
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3_600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How long a long poll may wait within a caller's `deadline`: a tenth of
+/// it (50 ms to 1 s) is kept back for the answer to reach the caller.
+pub fn before_deadline(deadline: std::time::Duration) -> std::time::Duration {
+    use std::time::Duration;
+    let margin = (deadline / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    deadline.saturating_sub(margin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,5 +434,38 @@ mod tests {
         r.patient.as_mut().unwrap().nhs_number = "9990000017".into();
         let all = submit_from_wire(r, 1024).unwrap_err();
         assert!(all.0.iter().all(|v| !v.description.contains("9990000017")));
+    }
+
+    #[test]
+    fn a_grpc_timeout_header_is_read_in_each_unit_and_a_bad_one_ignored() {
+        use std::time::Duration;
+        let of = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(of("2H"), Some(Duration::from_secs(7_200)));
+        assert_eq!(of("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(of("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(of("1500m"), Some(Duration::from_millis(1_500)));
+        assert_eq!(of("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(of("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "10", "10s", "123456789S", "-1S", "1.5S", "10 S"] {
+            assert_eq!(of(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn a_long_poll_keeps_a_tenth_of_the_deadline_back_within_bounds() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        assert_eq!(before_deadline(ms(1_500)), ms(1_350));
+        assert_eq!(before_deadline(ms(100)), ms(50));
+        assert_eq!(before_deadline(ms(30)), ms(0));
+        assert_eq!(
+            before_deadline(Duration::from_secs(60)),
+            Duration::from_secs(59)
+        );
     }
 }

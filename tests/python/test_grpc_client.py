@@ -290,3 +290,20 @@ def test_a_pull_answer_fits_a_default_grpcio_channel(gateway, pb, tmp_path):
     for d in [*first, *second]:
         gp.Ack(pb.h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
     assert gp.Pull(pb.h.PullRequest(max_deliveries=10), timeout=30).deliveries == []
+
+
+def test_a_long_poll_answers_empty_before_the_callers_deadline(gateway, pb):
+    """A pull asking to wait longer than the caller's deadline allows answers,
+    empty, before the deadline (read from grpc-timeout), not with an error
+    (tonic's CANCELLED, "Timeout expired") at it."""
+    import time
+
+    from google.protobuf.duration_pb2 import Duration
+
+    gp = pb.grpc.HandoverServiceStub(gateway.channel("YG002"))
+    gp.Pull(pb.h.PullRequest(max_deliveries=1), timeout=10)  # connected
+    started = time.monotonic()
+    answer = gp.Pull(pb.h.PullRequest(max_deliveries=1, wait=Duration(seconds=20)), timeout=2)
+    took = time.monotonic() - started
+    assert list(answer.deliveries) == []
+    assert 1.0 < took < 2.0, took
