@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tonic::codec::CompressionEncoding;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -478,12 +479,16 @@ impl Prepared {
             max_message
                 .saturating_mul(16)
                 .max(self.config.queue.max_pull_bytes),
-        );
+        )
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
         // `bench --baseline` only: the RPC stack's own limit.
         if self.null_handover {
             tracing::warn!("serving the null handover (bench baseline): nothing is stored");
             let null = HandoverServiceServer::new(crate::grpc::null::NullHandover::default())
-                .max_decoding_message_size(max_message);
+                .max_decoding_message_size(max_message)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Deflate);
             (None, Some(null))
         } else {
             (Some(handover), None)
@@ -756,7 +761,9 @@ impl Prepared {
 
         let (health, health_service) = health_services().await;
         let (reflection_v1, reflection_v1alpha) = reflection_services()?;
-        let operator = OperatorServiceServer::new(OperatorGrpc::new(self.gateway.clone()));
+        let operator = OperatorServiceServer::new(OperatorGrpc::new(self.gateway.clone()))
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Deflate);
 
         let mut tasks = self.spawn_background(trends.clone(), continuity);
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();

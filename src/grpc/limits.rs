@@ -241,7 +241,9 @@ where
             let Some(status) = Status::from_header_map(response.headers()) else {
                 return Ok(response);
             };
-            let Some((outcome, answer)) = undecodable(&status).or_else(|| over_limit(&status))
+            let Some((outcome, answer)) = undecodable(&status)
+                .or_else(|| undecompressable(&status))
+                .or_else(|| over_limit(&status))
             else {
                 return Ok(response);
             };
@@ -297,14 +299,43 @@ fn undecodable(status: &Status) -> Option<(String, Status)> {
     ))
 }
 
+/// tonic's `INTERNAL` for a compressed request (gzip, deflate) that does
+/// not decompress, as the audit outcome and the `INVALID_ARGUMENT` answer.
+fn undecompressable(status: &Status) -> Option<(String, Status)> {
+    if status.code() != Code::Internal || !status.message().starts_with(DECOMPRESS_FAILURE) {
+        return None;
+    }
+    let why = "the compressed message does not decompress";
+    Some((
+        format!("refused: InvalidArgument: {why}"),
+        super::error::status(
+            Code::InvalidArgument,
+            format!("invalid request: {why}"),
+            "INVALID_ARGUMENT",
+            None,
+            vec![tonic_types::FieldViolation::new("request", why)],
+        ),
+    ))
+}
+
+/// What tonic says of a compressed message it cannot decompress.
+const DECOMPRESS_FAILURE: &str = "Error decompressing:";
+
 /// What tonic says of a message over `max_decoding_message_size`.
 const OVER_LIMIT: &str = "decoded message length too large";
+
+/// What tonic says of a compressed message that is over the limit once
+/// decompressed (it stops decompressing there: no bomb gets through).
+const OVER_LIMIT_DECOMPRESSED: &str = "exceeded while decompressing";
 
 /// tonic's `OUT_OF_RANGE` for a message over the size limit, as the audit
 /// outcome and the `RESOURCE_EXHAUSTED` answer gRPC's status guide names
 /// for it, with the sizes (never content) in a field violation.
 fn over_limit(status: &Status) -> Option<(String, Status)> {
-    if status.code() != Code::OutOfRange || !status.message().contains(OVER_LIMIT) {
+    let plain = status.code() == Code::OutOfRange && status.message().contains(OVER_LIMIT);
+    let decompressed = status.code() == Code::ResourceExhausted
+        && status.message().contains(OVER_LIMIT_DECOMPRESSED);
+    if !plain && !decompressed {
         return None;
     }
     let numbers: Vec<&str> = status
@@ -314,6 +345,9 @@ fn over_limit(status: &Status) -> Option<(String, Status)> {
         .collect();
     let why = match numbers[..] {
         [found, limit] => format!("{found} bytes is over the {limit}-byte message limit"),
+        [limit] if decompressed => {
+            format!("over the {limit}-byte message limit once decompressed")
+        }
         _ => "over the message size limit".to_owned(),
     };
     Some((
@@ -339,5 +373,32 @@ fn static_action(method: &str) -> &'static str {
         "nack" => "nack",
         "track" => "track",
         _ => "call",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tonics_decompression_refusals_become_the_contracts_codes() {
+        // As tonic words them (tonic 0.14, codec/decode.rs).
+        let bomb = Status::resource_exhausted(
+            "Error decompressing: size limit, of 4259840 bytes, exceeded while decompressing message",
+        );
+        let (outcome, answer) = over_limit(&bomb).expect("over the limit");
+        assert_eq!(answer.code(), Code::ResourceExhausted);
+        assert!(
+            outcome.contains("4259840-byte message limit once decompressed"),
+            "{outcome}"
+        );
+        let corrupt =
+            Status::internal("Error decompressing: invalid gzip header, while sending request");
+        let (outcome, answer) = undecompressable(&corrupt).expect("not decompressible");
+        assert_eq!(answer.code(), Code::InvalidArgument);
+        assert!(outcome.starts_with("refused: InvalidArgument"), "{outcome}");
+        // Other refusals are left as they are.
+        assert!(undecompressable(&Status::internal("something else")).is_none());
+        assert!(over_limit(&Status::resource_exhausted("rate limited")).is_none());
     }
 }

@@ -307,3 +307,39 @@ def test_a_long_poll_answers_empty_before_the_callers_deadline(gateway, pb):
     took = time.monotonic() - started
     assert list(answer.deliveries) == []
     assert 1.0 < took < 2.0, took
+
+
+def gzip_channel(gateway, name):
+    return grpc.secure_channel(
+        f"127.0.0.1:{gateway.port}",
+        gateway.credentials(name),
+        options=[("grpc.ssl_target_name_override", "localhost")],
+        compression=grpc.Compression.Gzip,
+    )
+
+
+def test_gzip_compressed_calls_are_accepted_and_a_compressed_bomb_refused(gateway, pb):
+    """grpcio with gzip on the channel (a common client setting): submit, pull
+    and ack work. A message small compressed but over the limit once
+    decompressed is RESOURCE_EXHAUSTED (MESSAGE_TOO_LARGE) and nothing is
+    stored."""
+    prison = pb.grpc.HandoverServiceStub(gzip_channel(gateway, "YP001"))
+    receipt = prison.Submit(release(pb, "py-gzip-1", to=("YG002",)), timeout=10)
+    gp = pb.grpc.HandoverServiceStub(gzip_channel(gateway, "YG002"))
+    pulled = gp.Pull(pb.h.PullRequest(max_deliveries=5), timeout=10).deliveries
+    assert [d.handover_id for d in pulled] == [receipt.handover_id]
+    gp.Ack(pb.h.AckRequest(delivery_id=pulled[0].delivery_id, attempt=pulled[0].attempt), timeout=10)
+
+    bomb = pb.h.SubmitRequest(
+        message_id="py-gzip-bomb",
+        event=pb.h.JOURNEY_EVENT_RELEASE,
+        destinations=["YG002"],
+        fhir_json='{"resourceType": "Bundle", "note": "' + "x" * (6 * 1024 * 1024) + '"}',
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        prison.Submit(bomb, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "once decompressed" in refused.value.details()
+    with pytest.raises(grpc.RpcError) as unknown:
+        prison.Track(pb.h.TrackRequest(message_id="py-gzip-bomb"), timeout=10)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
