@@ -158,6 +158,11 @@ fn pull_from_wire(req: pb::PullRequest) -> Result<PullCommand, Violations> {
     let mut v = Violations::default();
     let format = format_from_wire(format).map_err(|e| v.0.extend(e.0)).ok();
     let lease = wire::duration_from_wire(lease, "lease", &mut v);
+    if lease.is_some_and(|l| l.subsec_nanos() != 0) {
+        // A fraction of a second would only burn attempts (an ack cannot
+        // arrive in time), and the contract says whole seconds.
+        v.add("lease", "must be whole seconds");
+    }
     let wait = wire::duration_from_wire(wait, "wait", &mut v);
     v.into_result()?;
     Ok(PullCommand {

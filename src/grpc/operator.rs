@@ -114,17 +114,14 @@ fn audit_subject(subject: Option<pb::audit_trail_request::Subject>) -> Option<Au
 
 fn continuity_from_wire(req: pb::GetContinuityRequest) -> Result<ContinuityWindow, Violations> {
     let pb::GetContinuityRequest { from, to, period } = req;
-    let ms = |t: prost_types::Timestamp| {
-        t.seconds
-            .saturating_mul(1_000)
-            .saturating_add(i64::from(t.nanos) / 1_000_000)
-    };
     let mut v = Violations::default();
+    let from_ms = wire::timestamp_from_wire(from, "from", &mut v);
+    let to_ms = wire::timestamp_from_wire(to, "to", &mut v);
     let period = wire::duration_from_wire(period, "period", &mut v)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     v.into_result().map(|()| ContinuityWindow {
-        from_ms: from.map(ms),
-        to_ms: to.map(ms),
+        from_ms,
+        to_ms,
         period_ms: period,
     })
 }

@@ -229,13 +229,44 @@ pub fn duration_from_wire(
     v: &mut Violations,
 ) -> Option<std::time::Duration> {
     let prost_types::Duration { seconds, nanos } = d?;
+    if !(-999_999_999..=999_999_999).contains(&nanos) {
+        v.add(field, "nanos must be -999,999,999 to 999,999,999");
+        return None;
+    }
     match (u64::try_from(seconds), u32::try_from(nanos)) {
-        (Ok(s), Ok(n)) if n < 1_000_000_000 => Some(std::time::Duration::new(s, n)),
+        (Ok(s), Ok(n)) => Some(std::time::Duration::new(s, n)),
         _ => {
             v.add(field, "must be a non-negative duration");
             None
         }
     }
+}
+
+/// The first and last millisecond a `google.protobuf.Timestamp` may name:
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z.
+const TIMESTAMP_MS: std::ops::RangeInclusive<i64> = -62_135_596_800_000..=253_402_300_799_999;
+
+/// A time from the wire, in ms: unset is `None`; nanos out of range or a
+/// time outside years 1 to 9999 (what `google.protobuf.Timestamp` allows)
+/// is a violation of `field`.
+pub fn timestamp_from_wire(
+    t: Option<prost_types::Timestamp>,
+    field: &str,
+    v: &mut Violations,
+) -> Option<i64> {
+    let prost_types::Timestamp { seconds, nanos } = t?;
+    if !(0..=999_999_999).contains(&nanos) {
+        v.add(field, "nanos must be 0 to 999,999,999");
+        return None;
+    }
+    let ms = seconds
+        .checked_mul(1_000)
+        .and_then(|ms| ms.checked_add(i64::from(nanos) / 1_000_000))
+        .filter(|ms| TIMESTAMP_MS.contains(ms));
+    if ms.is_none() {
+        v.add(field, "must be between years 1 and 9999 (UTC)");
+    }
+    ms
 }
 
 /// A time for the wire.
@@ -466,6 +497,56 @@ mod tests {
         assert_eq!(
             before_deadline(Duration::from_secs(60)),
             Duration::from_secs(59)
+        );
+    }
+
+    #[test]
+    fn durations_and_timestamps_out_of_range_name_the_field_and_the_fault() {
+        let mut v = Violations::default();
+        let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        assert_eq!(
+            duration_from_wire(d(1, 1_000_000_000), "lease", &mut v),
+            None
+        );
+        assert_eq!(duration_from_wire(d(-1, 0), "wait", &mut v), None);
+        assert_eq!(
+            duration_from_wire(d(2, 5), "wait", &mut v),
+            Some(std::time::Duration::new(2, 5))
+        );
+        let t = |seconds, nanos| Some(prost_types::Timestamp { seconds, nanos });
+        assert_eq!(timestamp_from_wire(t(0, -1), "to", &mut v), None);
+        assert_eq!(timestamp_from_wire(t(i64::MIN, 0), "from", &mut v), None);
+        assert_eq!(
+            timestamp_from_wire(t(253_402_300_800, 0), "to", &mut v),
+            None
+        );
+        assert_eq!(
+            timestamp_from_wire(t(253_402_300_799, 999_999_999), "to", &mut v),
+            Some(253_402_300_799_999)
+        );
+        assert_eq!(
+            timestamp_from_wire(t(-62_135_596_800, 0), "from", &mut v),
+            Some(-62_135_596_800_000)
+        );
+        let faults: Vec<(String, String)> =
+            v.0.iter()
+                .map(|f| (f.field.clone(), f.description.clone()))
+                .collect();
+        assert_eq!(
+            faults,
+            [
+                (
+                    "lease".into(),
+                    "nanos must be -999,999,999 to 999,999,999".into()
+                ),
+                ("wait".into(), "must be a non-negative duration".into()),
+                ("to".into(), "nanos must be 0 to 999,999,999".into()),
+                (
+                    "from".into(),
+                    "must be between years 1 and 9999 (UTC)".into()
+                ),
+                ("to".into(), "must be between years 1 and 9999 (UTC)".into()),
+            ]
         );
     }
 }

@@ -111,6 +111,10 @@ pub struct ContinuityWindow {
     pub period_ms: Option<i64>,
 }
 
+/// The longest period asked for: 100 years (so a period's end never
+/// overflows).
+const MAX_PERIOD_MS: i64 = 100 * 366 * DAY_MS;
+
 /// A window with its defaults applied: the last 28 days to now, in weeks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Window {
@@ -122,7 +126,9 @@ struct Window {
 impl ContinuityWindow {
     fn resolve(self, now_ms: i64) -> Result<Window, ValidationErrors> {
         let to_ms = self.to_ms.unwrap_or(now_ms);
-        let from_ms = self.from_ms.unwrap_or(to_ms - 28 * DAY_MS);
+        let from_ms = self
+            .from_ms
+            .unwrap_or_else(|| to_ms.saturating_sub(28 * DAY_MS));
         let period_ms = self.period_ms.unwrap_or(7 * DAY_MS);
         let mut v = ValidationErrors::default();
         if from_ms >= to_ms {
@@ -130,7 +136,9 @@ impl ContinuityWindow {
         }
         if period_ms < HOUR_MS {
             v.add("period", "at least one hour");
-        } else if (to_ms - from_ms) / period_ms >= MAX_PERIODS {
+        } else if period_ms > MAX_PERIOD_MS {
+            v.add("period", "at most 100 years");
+        } else if to_ms.saturating_sub(from_ms) / period_ms >= MAX_PERIODS {
             v.add(
                 "period",
                 format!("at most {MAX_PERIODS} periods between `from` and `to`"),
@@ -299,8 +307,10 @@ impl Scan {
         self.tallies
             .into_iter()
             .map(|((prison, period), tally)| {
-                let start = window.from_ms + period * window.period_ms;
-                let end = (start + window.period_ms).min(window.to_ms);
+                let start = window
+                    .from_ms
+                    .saturating_add(period.saturating_mul(window.period_ms));
+                let end = start.saturating_add(window.period_ms).min(window.to_ms);
                 tally.row(prison, start, end)
             })
             .collect()
@@ -398,5 +408,34 @@ mod tests {
             (w.from_ms, w.to_ms, w.period_ms),
             (72 * DAY_MS, 100 * DAY_MS, 7 * DAY_MS)
         );
+    }
+
+    #[test]
+    fn a_window_at_the_edges_of_time_is_refused_or_reckoned_without_overflow() {
+        let huge = ContinuityWindow {
+            from_ms: Some(0),
+            to_ms: Some(DAY_MS),
+            period_ms: Some(i64::MAX),
+        };
+        let err = huge.resolve(0).unwrap_err();
+        assert_eq!(err.0[0].field, "period");
+        // The widest window Timestamps allow, in 100-year periods.
+        let widest = ContinuityWindow {
+            from_ms: Some(-62_135_596_800_000),
+            to_ms: Some(253_402_300_799_999),
+            period_ms: Some(MAX_PERIOD_MS),
+        }
+        .resolve(0)
+        .unwrap();
+        let mut scan = Scan::new(widest, 0);
+        scan.tallies.insert(("YP001".into(), 99), Tally::default());
+        let rows = scan.rows();
+        assert_eq!(rows[0].period_end_ms, 253_402_300_799_999);
+        let early = ContinuityWindow {
+            from_ms: None,
+            to_ms: Some(-62_135_596_800_000 + 1),
+            period_ms: None,
+        };
+        assert!(early.resolve(0).is_ok());
     }
 }

@@ -1173,3 +1173,71 @@ async fn a_list_heavy_summary_near_the_limit_is_delivered_as_fhir() {
     );
     gw.stop().await;
 }
+
+/// A lease is whole seconds (the contract's unit): a fraction is refused
+/// with the field named, before anything is leased, and a period past
+/// what `google.protobuf.Timestamp` allows is refused by name too.
+#[tokio::test]
+async fn a_fractional_lease_and_timestamps_out_of_range_are_refused_by_field() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("frac-1", 800, &["YG001"], "doc"))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG001").await;
+    let status = gp
+        .pull(pb::PullRequest {
+            lease: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 500_000_000,
+            }),
+            ..pull(10)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violations(&status), ["lease"]);
+    let got = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(got[0].attempt, 1, "the refused pull leased nothing");
+    let mut operator = gw.operator().await;
+    for (from, to) in [
+        (
+            None,
+            Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: -1,
+            }),
+        ),
+        (
+            Some(prost_types::Timestamp {
+                seconds: i64::MIN,
+                nanos: 0,
+            }),
+            None,
+        ),
+    ] {
+        let status = operator
+            .get_continuity(pb::GetContinuityRequest {
+                from,
+                to,
+                period: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    let status = operator
+        .get_continuity(pb::GetContinuityRequest {
+            from: None,
+            to: None,
+            period: Some(prost_types::Duration {
+                seconds: i64::MAX,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&status), ["period"]);
+    gw.stop().await;
+}
