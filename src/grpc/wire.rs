@@ -6,7 +6,9 @@ use prost::Message;
 
 use super::pb;
 use crate::clinical::{NhsNumber, OdsCode, PrisonNumber};
-use crate::handover::{Decoded, IncomingDocument, PatientRef, SubmitCommand, is_iso_date};
+use crate::handover::{
+    Decoded, IncomingDocument, PatientRef, SubmitCommand, calendar_date, is_iso_date,
+};
 use crate::journey::JourneyEvent;
 use crate::store::{DeliveryRecord, DeliveryState, HandoverRecord};
 
@@ -79,7 +81,11 @@ pub fn patient_from_wire(
     } else {
         v.add(
             format!("{field}.date_of_birth"),
-            "must be a calendar date written YYYY-MM-DD",
+            if calendar_date(&date_of_birth).is_some() {
+                "must be a plausible date of birth: from 1900, not in the future"
+            } else {
+                "must be a calendar date written YYYY-MM-DD"
+            },
         );
         None
     };

@@ -228,8 +228,12 @@ fn registration_date(
     v: &mut ValidationErrors,
 ) -> Option<String> {
     let date = date.filter(|d| !d.is_empty())?;
-    if !super::is_iso_date(&date) {
+    let Some(day) = super::calendar_date(&date) else {
         v.add(field, "must be a calendar date written YYYY-MM-DD");
+        return None;
+    };
+    if day.0.year() < 1900 {
+        v.add(field, "must not be before 1900");
         return None;
     }
     let today = time::OffsetDateTime::from_unix_timestamp(now_ms.div_euclid(1_000))
@@ -240,4 +244,37 @@ fn registration_date(
         return None;
     }
     Some(date)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registration_date_refusal_names_its_fault() {
+        let now_ms = 1_764_460_800_000; // 2025-11-30
+        let fault = |date: &str| {
+            let mut v = ValidationErrors::default();
+            registration_date(
+                Some(date.into()),
+                "evidence.registration_date",
+                now_ms,
+                &mut v,
+            );
+            v.0.first().map(|f| f.description.clone())
+        };
+        assert_eq!(
+            fault("2999-01-01").as_deref(),
+            Some("must not be in the future")
+        );
+        assert_eq!(
+            fault("1850-01-01").as_deref(),
+            Some("must not be before 1900")
+        );
+        assert_eq!(
+            fault("2025-02-30").as_deref(),
+            Some("must be a calendar date written YYYY-MM-DD")
+        );
+        assert_eq!(fault("2025-11-30"), None);
+    }
 }

@@ -48,7 +48,9 @@ pub use operator::{
     Mailboxes, RedriveTarget, RetentionStatus,
 };
 pub use page::{MAX_PAGE, Page, PageRequest};
-pub use submit::{DeliveryReceipt, IncomingDocument, SubmitCommand, SubmitReceipt, is_iso_date};
+pub use submit::{
+    DeliveryReceipt, IncomingDocument, SubmitCommand, SubmitReceipt, calendar_date, is_iso_date,
+};
 
 use crate::audit::PatientKeyer;
 use crate::clinical::{Limits, OdsCode, ValidationErrors};

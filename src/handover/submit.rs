@@ -64,24 +64,26 @@ pub struct SubmitReceipt {
     pub duplicate: bool,
 }
 
-/// Whether `s` is a calendar date written `YYYY-MM-DD` and a plausible birth date.
+/// A calendar date written `YYYY-MM-DD` (any year 0000 to 9999).
 #[must_use]
-pub fn is_iso_date(s: &str) -> bool {
+pub fn calendar_date(s: &str) -> Option<crate::clinical::model::Date> {
     let b = s.as_bytes();
     if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
-        return false;
+        return None;
     }
     let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<u16>().ok());
-    match (num(0..4), num(5..7), num(8..10)) {
-        (Some(y), Some(m), Some(d)) => u8::try_from(m)
-            .ok()
-            .and_then(|m| time::Month::try_from(m).ok())
-            .and_then(|m| {
-                time::Date::from_calendar_date(i32::from(y), m, u8::try_from(d).ok()?).ok()
-            })
-            .is_some_and(|date| crate::clinical::model::Date(date).is_plausible_birth_date()),
-        _ => false,
-    }
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let month = time::Month::try_from(u8::try_from(m).ok()?).ok()?;
+    time::Date::from_calendar_date(i32::from(y), month, u8::try_from(d).ok()?)
+        .ok()
+        .map(crate::clinical::model::Date)
+}
+
+/// A calendar date `YYYY-MM-DD` that is a plausible date of birth (from
+/// 1900, not after tomorrow).
+#[must_use]
+pub fn is_iso_date(s: &str) -> bool {
+    calendar_date(s).is_some_and(crate::clinical::model::Date::is_plausible_birth_date)
 }
 
 /// A document read and checked, with the patient it is about.
@@ -341,5 +343,12 @@ mod tests {
         assert!(!is_iso_date("2023-02-29"));
         assert!(!is_iso_date("2023-2-28"));
         assert!(!is_iso_date("1800-01-01"));
+        // A real date that is no birth date is a calendar date all the same,
+        // so a refusal can say which fault it is.
+        assert!(!is_iso_date("2999-01-01"));
+        assert!(calendar_date("2999-01-01").is_some());
+        assert!(calendar_date("1800-01-01").is_some());
+        assert!(calendar_date("2023-02-29").is_none());
+        assert!(calendar_date("2023-02-2x").is_none());
     }
 }
