@@ -244,6 +244,7 @@ where
             let Some((outcome, answer)) = undecodable(&status)
                 .or_else(|| undecompressable(&status))
                 .or_else(|| over_limit(&status))
+                .or_else(|| unknown_method(&status))
             else {
                 return Ok(response);
             };
@@ -314,6 +315,26 @@ fn undecompressable(status: &Status) -> Option<(String, Status)> {
             "INVALID_ARGUMENT",
             None,
             vec![tonic_types::FieldViolation::new("request", why)],
+        ),
+    ))
+}
+
+/// tonic's bare `UNIMPLEMENTED` (no message, no details) for a method no
+/// service here has, as the audit outcome and the contract's answer with
+/// its `ErrorInfo`. The path is not echoed: the caller chose it.
+fn unknown_method(status: &Status) -> Option<(String, Status)> {
+    if status.code() != Code::Unimplemented || !status.message().is_empty() {
+        return None;
+    }
+    let why = "no such method here: see the throughcare.v1 services (gRPC reflection lists them)";
+    Some((
+        format!("refused: Unimplemented: {why}"),
+        super::error::status(
+            Code::Unimplemented,
+            why.to_owned(),
+            "UNIMPLEMENTED",
+            None,
+            vec![],
         ),
     ))
 }
@@ -397,6 +418,10 @@ mod tests {
         let (outcome, answer) = undecompressable(&corrupt).expect("not decompressible");
         assert_eq!(answer.code(), Code::InvalidArgument);
         assert!(outcome.starts_with("refused: InvalidArgument"), "{outcome}");
+        let (outcome, answer) = unknown_method(&Status::unimplemented("")).expect("unknown");
+        assert_eq!(answer.code(), Code::Unimplemented);
+        assert!(outcome.starts_with("refused: Unimplemented"), "{outcome}");
+        assert!(unknown_method(&Status::unimplemented("a handler's own words")).is_none());
         // Other refusals are left as they are.
         assert!(undecompressable(&Status::internal("something else")).is_none());
         assert!(over_limit(&Status::resource_exhausted("rate limited")).is_none());

@@ -343,3 +343,16 @@ def test_gzip_compressed_calls_are_accepted_and_a_compressed_bomb_refused(gatewa
     with pytest.raises(grpc.RpcError) as unknown:
         prison.Track(pb.h.TrackRequest(message_id="py-gzip-bomb"), timeout=10)
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_unknown_method_is_unimplemented_with_the_contracts_details(gateway, pb):
+    """A method no service here has: UNIMPLEMENTED carrying google.rpc.Status
+    details with ErrorInfo, like every other refusal (section 5 of the guide)."""
+    channel = gateway.channel("YP001")
+    for path in ("/throughcare.v1.HandoverService/NoSuchMethod", "/throughcare.v2.HandoverService/Submit"):
+        call = channel.unary_unary(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        info = details_of(refused.value)["ErrorInfo"]
+        assert (info.reason, info.domain) == ("UNIMPLEMENTED", "throughcare.v1")
