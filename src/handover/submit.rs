@@ -64,19 +64,14 @@ pub struct SubmitReceipt {
     pub duplicate: bool,
 }
 
-/// A calendar date written `YYYY-MM-DD` (any year 0000 to 9999).
+/// A calendar date written `YYYY-MM-DD` (any year 0000 to 9999), read
+/// as the clinical model reads dates.
 #[must_use]
 pub fn calendar_date(s: &str) -> Option<crate::clinical::model::Date> {
-    let b = s.as_bytes();
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+    if s.len() != 10 {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<u16>().ok());
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let month = time::Month::try_from(u8::try_from(m).ok()?).ok()?;
-    time::Date::from_calendar_date(i32::from(y), month, u8::try_from(d).ok()?)
-        .ok()
-        .map(crate::clinical::model::Date)
+    s.parse().ok()
 }
 
 /// A calendar date `YYYY-MM-DD` that is a plausible date of birth (from

@@ -139,7 +139,8 @@ impl Store {
         max: usize,
         lease_ms: i64,
     ) -> Result<Vec<LeasedDelivery>, StoreError> {
-        either!(self.pull(actor, mailbox, max, lease_ms).await)
+        self.pull_within(actor, mailbox, (max, None), lease_ms)
+            .await
     }
 
     /// See [`SledStore::pull_within`].

@@ -70,21 +70,6 @@ impl PgStore {
         .await
     }
 
-    /// Leases up to `max` deliveries of `mailbox` for `lease_ms`.
-    ///
-    /// # Errors
-    /// Database failures.
-    pub async fn pull(
-        &self,
-        actor: &str,
-        mailbox: &str,
-        max: usize,
-        lease_ms: i64,
-    ) -> Result<Vec<LeasedDelivery>, StoreError> {
-        self.pull_within(actor, mailbox, (max, None), lease_ms)
-            .await
-    }
-
     /// See [`crate::store::SledStore::pull_within`].
     ///
     /// # Errors
