@@ -230,6 +230,9 @@ fn load_serve(args: &ServeArgs, runtime: &tokio::runtime::Runtime) -> Loaded {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        allocator_settings_then_exec();
+    }
     // The demo tells a story on standard output: the gateway inside it keeps
     // quiet unless asked.
     let level = match cli.command {
@@ -268,6 +271,38 @@ fn main() -> ExitCode {
             },
         }
     })
+}
+
+/// mimalloc's settings for a long-running gateway (docs/operations.md,
+/// "Memory"). They are read from the environment when the process starts,
+/// and `unsafe_code = "forbid"` rules out setting them from inside, so
+/// `serve` replaces itself once (same process id, arguments and streams) with
+/// them set. An operator's own `MIMALLOC_PURGE_DELAY` or
+/// `MIMALLOC_GENERIC_COLLECT` is kept and no replacement happens. If the
+/// replacement fails, the gateway serves with mimalloc's defaults.
+fn allocator_settings_then_exec() {
+    use std::os::unix::process::CommandExt;
+    const SETTINGS: [(&str, &str); 2] = [
+        ("MIMALLOC_PURGE_DELAY", "100"),
+        ("MIMALLOC_GENERIC_COLLECT", "1000"),
+    ];
+    if SETTINGS
+        .iter()
+        .any(|(name, _)| std::env::var_os(name).is_some())
+    {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    let error = std::process::Command::new(&exe)
+        .arg0(arg0)
+        .args(args)
+        .envs(SETTINGS)
+        .exec();
+    eprintln!("warning: serving with mimalloc's default settings: {error}");
 }
 
 /// Serves until a signal, then exports the traces still queued.

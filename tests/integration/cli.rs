@@ -1,6 +1,7 @@
 //! The real binary's start-up contract: a bad configuration names the field
 //! and exits 64 before any port is bound; a store that lost acknowledged data
-//! refuses to start with exit code 65.
+//! refuses to start with exit code 65; the gateway runs with its allocator
+//! settings unless the operator chose their own.
 
 use crate::support::{BIN, Server, free_port};
 use std::path::Path;
@@ -8,8 +9,21 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 fn serve(dir: &Path, port: u16) -> Server {
+    serve_with(dir, port, &[])
+}
+
+/// The allocator settings `serve` gives itself (docs/operations.md, "Memory").
+const ALLOCATOR_SETTINGS: [&str; 2] = ["MIMALLOC_PURGE_DELAY", "MIMALLOC_GENERIC_COLLECT"];
+
+/// `serve` with these variables set and the allocator's others removed.
+fn serve_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> Server {
+    let mut command = Command::new(BIN);
+    for name in ALLOCATOR_SETTINGS {
+        command.env_remove(name);
+    }
     Server(
-        Command::new(BIN)
+        command
+            .envs(env.iter().copied())
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
@@ -127,4 +141,46 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// The allocator variables of a running process, read from /proc once it
+/// accepts connections (the settings are in place before it listens).
+fn allocator_environment(server: &Server, port: u16) -> Vec<String> {
+    let serving = (0..200).any(|_| {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || {
+            std::thread::sleep(Duration::from_millis(50));
+            false
+        }
+    });
+    assert!(serving, "the gateway never listened on {port}");
+    let environ = std::fs::read(format!("/proc/{}/environ", server.0.id())).unwrap();
+    let mut found: Vec<String> = environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .filter(|v| v.starts_with("MIMALLOC_"))
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn the_gateway_runs_with_its_allocator_settings_unless_the_operator_set_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = serve(dir.path(), port);
+    assert_eq!(
+        allocator_environment(&server, port),
+        ["MIMALLOC_GENERIC_COLLECT=1000", "MIMALLOC_PURGE_DELAY=100"],
+        "the same process (same id) serves with the settings"
+    );
+    stop(server);
+
+    // An operator's own choice is kept, and the other setting is not added.
+    let port = free_port();
+    let server = serve_with(dir.path(), port, &[("MIMALLOC_PURGE_DELAY", "1000")]);
+    assert_eq!(
+        allocator_environment(&server, port),
+        ["MIMALLOC_PURGE_DELAY=1000"]
+    );
+    stop(server);
 }
