@@ -103,6 +103,10 @@ pub struct Tracked {
     pub now_ms: i64,
 }
 
+/// How many times one pull leases again after everything it leased was
+/// quarantined for a payload that failed its check.
+const MAX_PULL_ROUNDS: usize = 8;
+
 impl Gateway {
     /// Leases up to `max_deliveries` of the caller's mailbox, waiting up to
     /// `wait` for work.
@@ -135,19 +139,32 @@ impl Gateway {
             .min(Duration::from_millis(u64::from(q.max_wait_ms)));
         let mailbox = org.ods.as_str();
         let max_bytes = cmd.max_bytes.map(|b| b as u64);
-        let leased = self
-            .lease_waiting(&actor, mailbox, (max, max_bytes), lease_ms, wait)
-            .await?;
         let format = cmd.format.unwrap_or(org.format);
-        let handovers = leased.iter().map(|l| l.handover.clone()).collect();
-        let payloads = self.store.payloads(handovers).await?;
-        let mut deliveries = Vec::with_capacity(leased.len());
-        for (l, payload) in leased.iter().zip(payloads) {
-            if let Some(d) = self
-                .deliver_or_quarantine(&actor, mailbox, l, payload, format)
-                .await?
-            {
-                deliveries.push(d);
+        let deadline = tokio::time::Instant::now() + wait;
+        // A lease whose every payload failed its check was quarantined
+        // whole: lease again rather than answer empty while others wait.
+        // Each round quarantines at least one, and the rounds are bounded.
+        let mut deliveries = Vec::new();
+        for _ in 0..MAX_PULL_ROUNDS {
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let leased = self
+                .lease_waiting(&actor, mailbox, (max, max_bytes), lease_ms, wait)
+                .await?;
+            if leased.is_empty() {
+                break;
+            }
+            let handovers = leased.iter().map(|l| l.handover.clone()).collect();
+            let payloads = self.store.payloads(handovers).await?;
+            for (l, payload) in leased.iter().zip(payloads) {
+                if let Some(d) = self
+                    .deliver_or_quarantine(&actor, mailbox, l, payload, format)
+                    .await?
+                {
+                    deliveries.push(d);
+                }
+            }
+            if !deliveries.is_empty() {
+                break;
             }
         }
         let handover_ids: Vec<u64> = deliveries.iter().map(|d| d.handover_id).collect();

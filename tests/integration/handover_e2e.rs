@@ -914,19 +914,7 @@ async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_
     let ids = releases_to_yg001(&mut prison, "read", 300, 3).await;
     drop(prison);
     let (dir, config) = gw.stop().await;
-    {
-        let db = sled::open(config.data_dir.join("sled")).unwrap();
-        let payloads = db.open_tree("payloads").unwrap();
-        let (key, chunk) = payloads
-            .scan_prefix(ids[1].to_be_bytes())
-            .next()
-            .expect("a queued handover has its payload")
-            .unwrap();
-        let mut flipped = chunk.to_vec();
-        *flipped.last_mut().unwrap() ^= 0x01;
-        payloads.insert(key, flipped).unwrap();
-        db.flush().unwrap();
-    }
+    flip_a_payload_byte(&config, ids[1]);
     let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
     let mut gp = gw.client("YG001").await;
     let got = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
@@ -943,6 +931,49 @@ async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_
         "{}",
         status.quarantine_reason
     );
+    gw.stop().await;
+}
+
+/// Flips the last byte of a stopped sled store's sealed payload of `handover`.
+fn flip_a_payload_byte(config: &throughcare::config::Config, handover: u64) {
+    let db = sled::open(config.data_dir.join("sled")).unwrap();
+    let payloads = db.open_tree("payloads").unwrap();
+    let (key, chunk) = payloads
+        .scan_prefix(handover.to_be_bytes())
+        .next()
+        .expect("a queued handover has its payload")
+        .unwrap();
+    let mut flipped = chunk.to_vec();
+    *flipped.last_mut().unwrap() ^= 0x01;
+    payloads.insert(key, flipped).unwrap();
+    db.flush().unwrap();
+}
+
+/// A pull whose whole lease was quarantined leases again instead of
+/// answering empty while good deliveries wait behind it.
+#[tokio::test]
+async fn a_pull_whose_every_lease_was_quarantined_leases_again() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let ids = releases_to_yg001(&mut prison, "again", 320, 4).await;
+    drop(prison);
+    let (dir, config) = gw.stop().await;
+    flip_a_payload_byte(&config, ids[0]);
+    flip_a_payload_byte(&config, ids[1]);
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let mut gp = gw.client("YG001").await;
+    // One at a time: the first two leases find only bad payloads.
+    let got = gp.pull(pull(1)).await.unwrap().into_inner().deliveries;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["doc 2"]);
+    let mut prison = gw.client("YP001").await;
+    for bad in ["again-0", "again-1"] {
+        let track = track_message(&mut prison, bad).await;
+        assert_eq!(
+            track.deliveries[0].state(),
+            pb::DeliveryState::Quarantined,
+            "{bad}"
+        );
+    }
     gw.stop().await;
 }
 
