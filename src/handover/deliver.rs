@@ -153,15 +153,12 @@ impl Gateway {
             if leased.is_empty() {
                 break;
             }
-            let handovers = leased.iter().map(|l| l.handover.clone()).collect();
-            let payloads = self.store.payloads(handovers).await?;
-            for (l, payload) in leased.iter().zip(payloads) {
-                if let Some(d) = self
-                    .deliver_or_quarantine(&actor, mailbox, l, payload, format)
-                    .await?
-                {
-                    deliveries.push(d);
-                }
+            let (delivered, failure) = self.deliver_leased(&actor, mailbox, &leased, format).await;
+            deliveries.extend(delivered);
+            if let Some(e) = failure
+                && deliveries.is_empty()
+            {
+                return Err(e);
             }
             if !deliveries.is_empty() {
                 break;
@@ -210,8 +207,71 @@ impl Gateway {
         }
     }
 
+    /// Renders what a pull leased, each delivery on its own:
+    /// - one whose stored payload fails its integrity check is quarantined;
+    /// - one that could not be read for any other reason (the store
+    ///   unavailable for a moment) is given back as a failed attempt: offered
+    ///   again after the retry backoff, and quarantined only once its
+    ///   attempts run out, like any other.
+    ///
+    /// Returns what was rendered and the first failure of the second kind.
+    async fn deliver_leased(
+        &self,
+        actor: &str,
+        mailbox: &str,
+        leased: &[LeasedDelivery],
+        format: Format,
+    ) -> (Vec<Delivery>, Option<Error>) {
+        let handovers = leased.iter().map(|l| l.handover.clone()).collect();
+        let mut delivered = Vec::with_capacity(leased.len());
+        let mut unread = Vec::new();
+        let mut failure = None;
+        match self.store.payloads(handovers).await {
+            Ok(payloads) => {
+                for (l, payload) in leased.iter().zip(payloads) {
+                    match self
+                        .deliver_or_quarantine(actor, mailbox, l, payload, format)
+                        .await
+                    {
+                        Ok(Some(d)) => delivered.push(d),
+                        Ok(None) => {}
+                        Err(e) => {
+                            unread.push(l);
+                            failure.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                unread.extend(leased);
+                failure = Some(e.into());
+            }
+        }
+        if let Some(e) = &failure {
+            tracing::warn!(error = %e, deliveries = unread.len(), "leased deliveries could not be read; offered again after the retry backoff");
+        }
+        for l in unread {
+            if let Err(e) = self
+                .store
+                .nack(
+                    actor,
+                    mailbox,
+                    l.delivery.id,
+                    l.delivery.attempt,
+                    false,
+                    "the gateway could not read the stored payload",
+                )
+                .await
+            {
+                tracing::error!(error = %e, delivery_id = l.delivery.id, "could not give back a leased delivery; offered again when its lease ends");
+            }
+        }
+        (delivered, failure)
+    }
+
     /// The leased delivery rendered, or quarantined (and `None`) when its
-    /// stored payload (as read, `payload`) does not read back.
+    /// stored payload (as read, `payload`) fails its integrity check. Any
+    /// other failure is returned, the delivery left to the caller.
     async fn deliver_or_quarantine(
         &self,
         actor: &str,
@@ -233,7 +293,7 @@ impl Gateway {
                 span.in_scope(|| tracing::info!(urgent = d.urgent, "delivery leased"));
                 Ok(Some(d))
             }
-            Err(e) => {
+            Err(e @ Error::Store(StoreError::Corrupt(_))) => {
                 span.in_scope(|| {
                     tracing::error!(error = %e, "stored payload unreadable; quarantining");
                 });
@@ -250,6 +310,7 @@ impl Gateway {
                     .await?;
                 Ok(None)
             }
+            Err(e) => Err(e),
         }
     }
 

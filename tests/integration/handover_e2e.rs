@@ -934,6 +934,42 @@ async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_
     gw.stop().await;
 }
 
+/// The same on PostgreSQL: a sealed payload changed in the database fails
+/// its check and is quarantined alone; the rest of the pull is delivered in
+/// the one query that reads them.
+#[tokio::test]
+async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_delivered_on_postgres()
+ {
+    let Some(gw) = TestGateway::on(Engine::Postgres).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let ids = releases_to_yg001(&mut prison, "read", 300, 3).await;
+    let url = gw.config.store.postgres_url.clone().unwrap();
+    let (sql, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let changed = sql
+        .execute(
+            "UPDATE payloads SET sealed = set_byte(sealed, length(sealed) - 1, \
+             get_byte(sealed, length(sealed) - 1) # 1) WHERE handover_id = $1",
+            &[&i64::try_from(ids[1]).unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+    let mut gp = gw.client("YG001").await;
+    let got = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        ["doc 0", "doc 2"]
+    );
+    let track = track_message(&mut prison, "read-1").await;
+    assert_eq!(track.deliveries[0].state(), pb::DeliveryState::Quarantined);
+    gw.stop().await;
+}
+
 /// Flips the last byte of a stopped sled store's sealed payload of `handover`.
 fn flip_a_payload_byte(config: &throughcare::config::Config, handover: u64) {
     let db = sled::open(config.data_dir.join("sled")).unwrap();
@@ -974,6 +1010,66 @@ async fn a_pull_whose_every_lease_was_quarantined_leases_again() {
             "{bad}"
         );
     }
+    gw.stop().await;
+}
+
+/// A payload that cannot be read for a moment (the database failing, not
+/// the data) is a failed attempt, offered again after the backoff; it is not
+/// quarantined as if its content were corrupt.
+#[tokio::test]
+async fn a_payload_the_database_cannot_serve_for_a_moment_is_retried_not_quarantined() {
+    let Some(gw) = TestGateway::on_with(
+        Engine::Postgres,
+        |c| c.queue.retry_backoff_ms = 100,
+        Arc::new(SystemClock),
+    )
+    .await
+    else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    releases_to_yg001(&mut prison, "moment", 340, 2).await;
+    let url = gw.config.store.postgres_url.clone().unwrap();
+    let (sql, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sql.batch_execute("ALTER TABLE payloads RENAME TO payloads_away")
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG001").await;
+    let refused = gp.pull(pull(10)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    for id in ["moment-0", "moment-1"] {
+        let track = track_message(&mut prison, id).await;
+        assert_eq!(
+            track.deliveries[0].state(),
+            pb::DeliveryState::Queued,
+            "{id}: a failed attempt, not quarantined"
+        );
+    }
+    sql.batch_execute("ALTER TABLE payloads_away RENAME TO payloads")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        got = gp
+            .pull(pull_waiting(10, 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries;
+        if !got.is_empty() {
+            break;
+        }
+    }
+    let mut texts: Vec<String> = got.iter().map(text_of).collect();
+    texts.sort();
+    assert_eq!(texts, ["doc 0", "doc 1"]);
+    assert!(
+        got.iter().all(|d| d.attempt == 2),
+        "the failed attempt counted"
+    );
     gw.stop().await;
 }
 

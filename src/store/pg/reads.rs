@@ -282,47 +282,59 @@ impl PgStore {
     /// against the handover's SHA-256.
     ///
     /// # Errors
-    /// [`StoreError::Corrupt`] on any mismatch; [`StoreError::UnknownHandover`].
+    /// [`StoreError::Corrupt`] when it is missing or fails a check; the
+    /// database failing.
     pub async fn payload(&self, handover: &HandoverRecord) -> Result<Vec<u8>, StoreError> {
-        let handover = handover.clone();
-        self.run(move |s| async move {
-            let client = s.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT data_key, sealed FROM payloads WHERE handover_id = $1",
-                    &[&id(handover.id)],
-                )
-                .await
-                .map_err(db)?
-                .ok_or(StoreError::UnknownHandover)?;
-            let data_key: Option<Vec<u8>> = row.get(0);
-            let sealed: Vec<u8> = row.get(1);
-            let payload = s.cipher.open(handover.id, data_key.as_deref(), &sealed)?;
-            if hex(&Sha256::digest(&payload)) != handover.payload_hash {
-                return Err(StoreError::Corrupt(format!(
-                    "payload of handover {} does not match its SHA-256",
-                    handover.id
-                )));
-            }
-            Ok(payload)
-        })
-        .await
+        let mut one = self.payloads(vec![handover.clone()]).await?;
+        one.pop()
+            .unwrap_or_else(|| Err(StoreError::Unavailable("no payload read".into())))
     }
 
-    /// The payloads of several handovers, each with its own result, as
-    /// from [`PgStore::payload`].
+    /// The payloads of several handovers, read in one query, each with its
+    /// own result: a payload missing or failing its checks fails alone.
     ///
     /// # Errors
-    /// None of its own; kept to match the sled engine's signature.
+    /// The database failing (the whole read).
     pub async fn payloads(
         &self,
         handovers: Vec<HandoverRecord>,
     ) -> Result<Vec<Result<Vec<u8>, StoreError>>, StoreError> {
-        let mut out = Vec::with_capacity(handovers.len());
-        for h in &handovers {
-            out.push(self.payload(h).await);
+        if handovers.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        self.run(move |s| async move {
+            let client = s.client().await?;
+            let ids: Vec<i64> = handovers.iter().map(|h| id(h.id)).collect();
+            let rows = client
+                .query(
+                    "SELECT handover_id, data_key, sealed FROM payloads \
+                     WHERE handover_id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .map_err(db)?;
+            let mut found: std::collections::HashMap<i64, (Option<Vec<u8>>, Vec<u8>)> = rows
+                .iter()
+                .map(|r| (r.get(0), (r.get(1), r.get(2))))
+                .collect();
+            Ok(handovers
+                .iter()
+                .map(|h| {
+                    let (data_key, sealed) = found.remove(&id(h.id)).ok_or_else(|| {
+                        StoreError::Corrupt(format!("payload of handover {} is missing", h.id))
+                    })?;
+                    let payload = s.cipher.open(h.id, data_key.as_deref(), &sealed)?;
+                    if hex(&Sha256::digest(&payload)) != h.payload_hash {
+                        return Err(StoreError::Corrupt(format!(
+                            "payload of handover {} does not match its SHA-256",
+                            h.id
+                        )));
+                    }
+                    Ok(payload)
+                })
+                .collect())
+        })
+        .await
     }
 
     /// The audit trail's entries as stored (the bytes the chain hashes), in order.
