@@ -477,3 +477,187 @@ fn msh_beyond_the_envelope_is_listed_and_a_training_message_refused() {
     });
     assert_eq!(parse_hl7(&segments).unwrap_err().0[0].field, "MSH-11");
 }
+
+/// Yes/no and coded OBX values outside their tables are refused by field,
+/// never read as "no": a lower-case `y` on opioid substitution or on an
+/// active suicide risk must not switch it off (nor skip the last-dose check).
+#[test]
+fn hl7_flags_and_coded_items_outside_their_tables_are_refused_not_read_as_no() {
+    let s = fixture("01-ost-released-today");
+    assert!(
+        s.risks.iter().any(|r| r.active),
+        "the fixture has an active risk"
+    );
+    for (field, bad) in [
+        ("MED-OST", "y"),
+        ("MED-SUPERVISED", "yes"),
+        ("RISK-ACTIVE", "YES"),
+        ("CONSENT-PROBATION", "Given"),
+        ("FU-KIND", "Appointment"),
+    ] {
+        let segments = hl7_release(|segs| {
+            let at = segs
+                .iter()
+                .position(|s| s.contains(&format!("|{field}^")))
+                .unwrap_or_else(|| panic!("the fixture writes {field}"));
+            let mut parts: Vec<String> = segs[at].split('|').map(String::from).collect();
+            parts[5] = bad.into();
+            segs[at] = parts.join("|");
+        });
+        let refused = parse_hl7(&segments).expect_err(field);
+        assert!(
+            refused.0.iter().any(|v| v.field.starts_with("OBX(")
+                && v.field.ends_with("-5")
+                && (v.description.contains("Y or N") || v.description.contains("must be one of"))),
+            "{field}={bad}: {refused:?}"
+        );
+    }
+}
+
+/// A status that says a resource is not current is not carried as current:
+/// a methadone prescription stopped in custody, a referral revoked, an
+/// allergy resolved are set aside and listed, never delivered as active.
+#[test]
+fn resources_that_are_not_current_are_listed_not_carried_as_current() {
+    let s = fixture("01-ost-released-today");
+    assert!(s.medications.iter().any(|m| m.opioid_substitution));
+    for (kind, edit, why) in [
+        (
+            "MedicationStatement",
+            json!({"status": "stopped"}),
+            "not a current medicine (status stopped)",
+        ),
+        (
+            "MedicationStatement",
+            json!({"status": "on-hold"}),
+            "not a current medicine (status on-hold)",
+        ),
+        (
+            "ServiceRequest",
+            json!({"status": "revoked"}),
+            "not a referral or appointment in place (status revoked)",
+        ),
+    ] {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let (i, resource) = entry_of(&mut doc, kind);
+        for (k, v) in edit.as_object().unwrap() {
+            resource[k] = v.clone();
+        }
+        let read = parse_fhir(&doc).unwrap();
+        assert!(
+            read.not_read
+                .contains(&format!("entry[{i}].resource ({kind}): not carried: {why}")),
+            "{kind}: {:?}",
+            read.not_read
+        );
+        match kind {
+            "MedicationStatement" => {
+                assert_eq!(read.medications.len(), s.medications.len() - 1);
+                assert!(!read.medications.iter().any(|m| m.opioid_substitution));
+            }
+            _ => assert_eq!(read.follow_ups.len(), s.follow_ups.len() - 1),
+        }
+    }
+    let mut s = fixture("06-many-medicines-and-allergies");
+    s.diagnoses.clear();
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, allergy) = entry_of(&mut doc, "AllergyIntolerance");
+    allergy["clinicalStatus"] = json!({"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+        "code": "resolved"
+    }]});
+    let read = parse_fhir(&doc).unwrap();
+    assert_eq!(read.allergies.len(), s.allergies.len() - 1);
+    assert!(read.not_read.contains(&format!(
+        "entry[{i}].resource (AllergyIntolerance): not carried: no longer active (clinicalStatus)"
+    )));
+}
+
+/// A document is one patient's record: a clinical resource whose subject is
+/// another Patient, or nothing in the Bundle, is refused, not filed here.
+#[test]
+fn a_resource_about_someone_else_is_refused_by_its_subject() {
+    let s = fixture("01-ost-released-today");
+    for target in [
+        "urn:uuid:6f1c2a4e-0000-4000-8000-00000000dead",
+        "Patient/someone-else",
+    ] {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let (i, med) = entry_of(&mut doc, "MedicationStatement");
+        med["subject"] = json!({"reference": target});
+        let refused = parse_fhir(&doc).expect_err(target);
+        assert!(
+            refused
+                .0
+                .iter()
+                .any(|v| v.field == format!("entry[{i}].resource.subject.reference")),
+            "{target}: {refused:?}"
+        );
+    }
+    // Another Patient in the Bundle, named as a Flag's subject.
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (_, patient) = entry_of(&mut doc, "Patient");
+    let mut other = patient.clone();
+    other["id"] = json!("other-patient");
+    doc["entry"].as_array_mut().unwrap().push(json!({
+        "fullUrl": "urn:uuid:0d7c9a52-1111-4111-8111-000000000002",
+        "resource": other,
+    }));
+    let (i, flag) = entry_of(&mut doc, "Flag");
+    flag["subject"] = json!({"reference": "urn:uuid:0d7c9a52-1111-4111-8111-000000000002"});
+    let refused = parse_fhir(&doc).unwrap_err();
+    assert!(
+        refused
+            .0
+            .iter()
+            .any(|v| v.field == format!("entry[{i}].resource.subject.reference")),
+        "{refused:?}"
+    );
+}
+
+/// Two last doses for one medicine are refused: the wrong one risks a
+/// double dose on release.
+#[test]
+fn a_last_dose_given_twice_is_refused() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, med) = entry_of(&mut doc, "MedicationStatement");
+    let extensions = med["extension"].as_array_mut().unwrap();
+    let last = extensions
+        .iter()
+        .find(|e| e["url"].as_str().is_some_and(|u| u.contains("last-dose")))
+        .cloned()
+        .expect("the fixture states a last dose");
+    let mut earlier = last.clone();
+    earlier["valueDateTime"] = json!("2026-11-23T08:10:00Z");
+    extensions.push(earlier);
+    let k = extensions.len() - 1;
+    let refused = parse_fhir(&doc).unwrap_err();
+    assert!(
+        refused
+            .0
+            .iter()
+            .any(|v| v.field == format!("entry[{i}].resource.extension[{k}]")),
+        "{refused:?}"
+    );
+}
+
+/// A field's later repetitions never run into its first: a second name in
+/// PID-5 or a second reaction in AL1-5 does not become part of the first.
+#[test]
+fn a_fields_second_repetition_never_runs_into_the_first() {
+    let segments = hl7_release(|segs| {
+        let pid = segment(segs, "PID");
+        let mut fields: Vec<String> = pid.split('|').map(String::from).collect();
+        fields[5] = format!("{}~Pryce^Dan^^^^^A", fields[5]);
+        *pid = fields.join("|");
+    });
+    let read = parse_hl7(&segments).unwrap();
+    assert_eq!(read.patient.given_names, ["Daniel"]);
+    assert_eq!(read.patient.family_name, "Okonkwo-Pryce");
+    assert!(
+        read.not_read.iter().any(|n| n.starts_with("PID-5[2]")),
+        "{:?}",
+        read.not_read
+    );
+}

@@ -59,6 +59,7 @@ pub(super) fn parse_document(
         );
         return None;
     };
+    about_the_patient(&index, pi, errors);
     let from_patient = read_patient(&index, pi, pv, errors)?;
     let custody = read_custody(
         &index,
@@ -123,6 +124,60 @@ pub(super) fn parse_document(
         },
         event,
     })
+}
+
+/// The resource types whose `subject` or `patient` says whose record they are.
+const ABOUT_A_PATIENT: [&str; 10] = [
+    "Encounter",
+    "Condition",
+    "MedicationStatement",
+    "MedicationRequest",
+    "AllergyIntolerance",
+    "Flag",
+    "Immunization",
+    "Observation",
+    "ServiceRequest",
+    "Consent",
+];
+
+/// The subject (or patient) of a clinical resource, as written.
+#[derive(serde::Deserialize)]
+struct Subject<'a> {
+    #[serde(default, borrow)]
+    subject: Option<Reference<'a>>,
+    #[serde(default, borrow)]
+    patient: Option<Reference<'a>>,
+}
+
+/// Refuses a clinical resource about someone else: a document is one
+/// patient's record, so each resource that names its subject must name the
+/// Composition's Patient (entry `patient`). A reference to another Patient,
+/// or to nothing in the Bundle, would file that content under this patient.
+fn about_the_patient(index: &Index<'_>, patient: usize, errors: &mut ValidationErrors) {
+    for i in 0..index.len() {
+        let Some(kind) = index.kind(i).filter(|k| ABOUT_A_PATIENT.contains(k)) else {
+            continue;
+        };
+        let Ok(about) = serde_json::from_str::<Subject<'_>>(index.json(i)) else {
+            continue; // refused with its own path when it is read
+        };
+        let element = if kind == "AllergyIntolerance" || kind == "Immunization" || kind == "Consent"
+        {
+            ("patient", about.patient)
+        } else {
+            ("subject", about.subject)
+        };
+        let Some(reference) = element.1.as_ref().and_then(|r| r.reference.as_deref()) else {
+            continue;
+        };
+        if index.position(reference) != Some(patient) {
+            errors.add(
+                format!("{}{}.reference", index.path(i), element.0),
+                "must refer to the document's Patient (the Composition's subject): a summary \
+                 carries one patient's record",
+            );
+        }
+    }
 }
 
 /// What the Patient resource says.
@@ -297,6 +352,18 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         let mut last_dose_given = None;
         let mut days_supplied = None;
         for (k, e) in m.extension.iter().enumerate() {
+            if matches!(&*e.url, EXT_LAST_DOSE | EXT_DAYS_SUPPLIED)
+                && m.extension[..k].iter().any(|earlier| earlier.url == e.url)
+            {
+                // Two last doses: which one is right cannot be told, and the
+                // wrong one risks a double dose on release.
+                errors.add(
+                    format!("{p}extension[{k}]"),
+                    "given more than once: the medicine's last dose and days supplied are each \
+                     stated once",
+                );
+                continue;
+            }
             match &*e.url {
                 EXT_LAST_DOSE => {
                     last_dose_given = parse_with(

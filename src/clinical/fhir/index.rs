@@ -152,6 +152,21 @@ impl<'a> Index<'a> {
         Some((i, self.entries[i].resource.get()))
     }
 
+    /// How many entries the Bundle has.
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The resource of entry `i`, as written.
+    pub(super) fn json(&self, i: usize) -> &'a str {
+        self.entries[i].resource.get()
+    }
+
+    /// The entry `url` refers to, by the Bundle's rules, without marking it read.
+    pub(super) fn position(&self, url: &str) -> Option<usize> {
+        self.find(url)
+    }
+
     fn find(&self, url: &str) -> Option<usize> {
         fn full_url<'e>(e: &'e RawEntry<'_>) -> &'e str {
             e.full_url.as_deref().unwrap_or("")

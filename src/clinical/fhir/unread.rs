@@ -500,32 +500,71 @@ pub(super) fn bundle(json: &str, prefix: &str) -> Vec<String> {
     notes
 }
 
-/// Why a resource of `kind` is not clinical content at all, when its own
+/// Why a resource of `kind` is not current clinical content, when its own
 /// status says so (FHIR modifier elements): entered in error, refuted, not
-/// taken, not done, or a request not to do something.
-pub(super) fn withdrawn(kind: &str, json: &str) -> Option<&'static str> {
+/// taken, not done, a request not to do something, a medicine that is not
+/// being taken now (stopped, completed, on hold, intended, unknown), an
+/// allergy no longer active (resolved, inactive) or a referral that is not
+/// in place (revoked, completed, draft, on hold, unknown). The model has no
+/// status for these, so they are set aside and listed rather than carried as
+/// current; a methadone prescription stopped in custody must not reach the
+/// GP as an active one.
+pub(super) fn withdrawn(kind: &str, json: &str) -> Option<String> {
     let v: Value = serde_json::from_str(json).ok()?;
     let status = v.get("status").and_then(Value::as_str);
     if status == Some("entered-in-error") {
-        return Some("entered in error");
+        return Some("entered in error".into());
     }
-    let verification = v
-        .get("verificationStatus")
-        .and_then(|c| c.get("coding"))
-        .and_then(Value::as_array)
+    let codes = |element: &str| -> Vec<String> {
+        v.get(element)
+            .and_then(|c| c.get("coding"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("code").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect()
+    };
+    let verification = codes("verificationStatus")
         .into_iter()
-        .flatten()
-        .filter_map(|c| c.get("code").and_then(Value::as_str))
-        .find(|c| matches!(*c, "refuted" | "entered-in-error"));
-    match (kind, status, verification) {
-        (_, _, Some("refuted")) => Some("refuted (verificationStatus)"),
-        (_, _, Some(_)) => Some("entered in error (verificationStatus)"),
-        ("MedicationStatement", Some("not-taken"), _) => Some("not taken"),
-        ("Immunization", Some("not-done"), _) => Some("not done"),
+        .find(|c| matches!(c.as_str(), "refuted" | "entered-in-error"));
+    let clinical = codes("clinicalStatus");
+    match (kind, status, verification.as_deref()) {
+        (_, _, Some("refuted")) => Some("refuted (verificationStatus)".into()),
+        (_, _, Some(_)) => Some("entered in error (verificationStatus)".into()),
+        ("MedicationStatement", Some("not-taken"), _) => Some("not taken".into()),
+        ("MedicationStatement", Some(s), _) if s != "active" => {
+            Some(format!("not a current medicine (status {})", safe_word(s)))
+        }
+        ("ServiceRequest", Some(s), _) if s != "active" => Some(format!(
+            "not a referral or appointment in place (status {})",
+            safe_word(s)
+        )),
+        ("AllergyIntolerance", _, _)
+            if clinical
+                .iter()
+                .any(|c| matches!(c.as_str(), "inactive" | "resolved")) =>
+        {
+            Some("no longer active (clinicalStatus)".into())
+        }
+        ("Immunization", Some("not-done"), _) => Some("not done".into()),
         ("MedicationRequest", _, _) if v.get("doNotPerform") == Some(&Value::Bool(true)) => {
-            Some("a request not to give this medicine (doNotPerform)")
+            Some("a request not to give this medicine (doNotPerform)".into())
         }
         _ => None,
+    }
+}
+
+/// A status code for a note: FHIR codes are short lower-case words; anything
+/// else (never patient data, but never quoted either) is named generically.
+fn safe_word(code: &str) -> &str {
+    if !code.is_empty()
+        && code.len() <= 32
+        && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+    {
+        code
+    } else {
+        "not a FHIR status code"
     }
 }
 
@@ -587,13 +626,33 @@ mod tests {
             withdrawn(
                 "Condition",
                 r#"{"verificationStatus":{"coding":[{"code":"refuted"}]}}"#
-            ),
+            )
+            .as_deref(),
             Some("refuted (verificationStatus)")
         );
         assert_eq!(
-            withdrawn("Immunization", r#"{"status":"not-done"}"#),
+            withdrawn("Immunization", r#"{"status":"not-done"}"#).as_deref(),
             Some("not done")
         );
         assert_eq!(withdrawn("Immunization", r#"{"status":"completed"}"#), None);
+        assert_eq!(
+            withdrawn("MedicationStatement", r#"{"status":"stopped"}"#).as_deref(),
+            Some("not a current medicine (status stopped)")
+        );
+        assert_eq!(
+            withdrawn("MedicationStatement", r#"{"status":"active"}"#),
+            None
+        );
+        assert_eq!(
+            withdrawn("ServiceRequest", r#"{"status":"revoked"}"#).as_deref(),
+            Some("not a referral or appointment in place (status revoked)")
+        );
+        assert!(
+            withdrawn(
+                "AllergyIntolerance",
+                r#"{"clinicalStatus":{"coding":[{"code":"resolved"}]}}"#
+            )
+            .is_some()
+        );
     }
 }

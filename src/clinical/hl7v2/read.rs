@@ -80,10 +80,6 @@ pub struct Parsed {
     pub control_id: String,
 }
 
-fn yes(v: &str) -> bool {
-    v == "Y"
-}
-
 fn code_from_ce(field: &str) -> Option<Code> {
     let code = component(field, 1);
     if code.is_empty() {
@@ -149,6 +145,40 @@ impl<'a> Group<'_, 'a, '_> {
 
     fn code(&self) -> Option<Code> {
         self.raw("CODE").and_then(code_from_ce)
+    }
+
+    /// A yes/no field (HL7 table 0136: `Y` or `N`); `None` when absent.
+    /// Any other value is a violation, never read as "no": a lower-case `y`
+    /// on opioid substitution or an active suicide risk must not switch it off.
+    fn yes_no(&self, field: &str, e: &mut ValidationErrors) -> Option<bool> {
+        match self.text(field).as_deref() {
+            None => None,
+            Some("Y") => Some(true),
+            Some("N") => Some(false),
+            Some(_) => {
+                e.add(self.path(field), "must be Y or N (HL7 table 0136)");
+                None
+            }
+        }
+    }
+
+    /// One of `allowed` (the model's word for each), or a violation.
+    fn one_of<T: Copy>(
+        &self,
+        field: &str,
+        allowed: &[(&str, T)],
+        e: &mut ValidationErrors,
+    ) -> Option<T> {
+        let v = self.text(field)?;
+        if let Some((_, t)) = allowed.iter().find(|(word, _)| *word == v) {
+            return Some(*t);
+        }
+        let words: Vec<&str> = allowed.iter().map(|(w, _)| *w).collect();
+        e.add(
+            self.path(field),
+            format!("must be one of {}", words.join(", ")),
+        );
+        None
     }
 
     /// Where `field` is, for an error: its OBX-5, or the item if absent.
@@ -561,34 +591,49 @@ impl Items {
     /// One OBX group, by its item; `from_dg1` diagnoses came from DG1
     /// segments (a `DX` group without a code gives one of them its status).
     fn read_group(&mut self, g: &Group<'_, '_, '_>, from_dg1: usize, e: &mut ValidationErrors) {
-        let flag = |f: &str| g.text(f).is_some_and(|v| yes(&v));
         match g.item {
             "MED" => self.medications.extend(read_medication(g, e)),
             "RX" => self.prescriptions.extend(read_prescription(g, e)),
-            "ALG" => match g.code() {
-                Some(substance) => self.allergies.push(Allergy {
-                    substance,
-                    reaction: g.string("REACTION"),
-                    severity: g.text("SEV").and_then(|v| severity(&v)),
-                }),
-                None => e.add(g.path("CODE"), "required: the allergen code"),
-            },
-            "DX" => match g.code() {
-                Some(code) => self.diagnoses.push(Diagnosis {
-                    code,
-                    active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
-                    onset: optional_when(g.text("ONSET").as_deref(), || g.path("ONSET"), e),
-                }),
-                // Without a code, the status of the DG1 with this set ID.
-                None => match self.diagnoses[..from_dg1].get_mut(g.fields[0].sub as usize - 1) {
-                    Some(d) => d.active = g.text("ACTIVE").is_none_or(|v| yes(&v)),
-                    None => e.add(g.path("CODE"), "required: the diagnosis code"),
-                },
-            },
+            "ALG" => {
+                let severity = g.one_of(
+                    "SEV",
+                    &[
+                        ("MI", Severity::Mild),
+                        ("MO", Severity::Moderate),
+                        ("SV", Severity::Severe),
+                    ],
+                    e,
+                );
+                match g.code() {
+                    Some(substance) => self.allergies.push(Allergy {
+                        substance,
+                        reaction: g.string("REACTION"),
+                        severity,
+                    }),
+                    None => e.add(g.path("CODE"), "required: the allergen code"),
+                }
+            }
+            "DX" => {
+                let active = g.yes_no("ACTIVE", e).unwrap_or(true);
+                match g.code() {
+                    Some(code) => self.diagnoses.push(Diagnosis {
+                        code,
+                        active,
+                        onset: optional_when(g.text("ONSET").as_deref(), || g.path("ONSET"), e),
+                    }),
+                    // Without a code, the status of the DG1 with this set ID.
+                    None => {
+                        match self.diagnoses[..from_dg1].get_mut(g.fields[0].sub as usize - 1) {
+                            Some(d) => d.active = active,
+                            None => e.add(g.path("CODE"), "required: the diagnosis code"),
+                        }
+                    }
+                }
+            }
             "RISK" => match g.text("KIND").as_deref().and_then(RiskKind::from_code) {
                 Some(kind) => self.risks.push(RiskFlag {
                     kind,
-                    active: g.text("ACTIVE").is_none_or(|v| yes(&v)),
+                    active: g.yes_no("ACTIVE", e).unwrap_or(true),
                     note: g.string("NOTE"),
                 }),
                 None => e.add(
@@ -598,13 +643,13 @@ impl Items {
             },
             "MH" => {
                 self.mental_health = Some(MentalHealth {
-                    care_programme_approach: flag("CPA"),
+                    care_programme_approach: g.yes_no("CPA", e).unwrap_or(false),
                     care_coordinator: g.string("COORD"),
                 });
             }
             "SM" => {
                 self.substance_misuse = Some(SubstanceMisuse {
-                    in_treatment: flag("TREAT"),
+                    in_treatment: g.yes_no("TREAT", e).unwrap_or(false),
                     community_service: g.string("SERVICE"),
                 });
             }
@@ -625,13 +670,19 @@ impl Items {
                 _ => e.add(g.path("CODE"), "a vaccination needs a code and a date"),
             },
             "FU" => self.follow_ups.push(read_follow_up(g, e)),
-            "CUSTODY" => self.no_fixed_abode = flag("NFA"),
+            "CUSTODY" => self.no_fixed_abode = g.yes_no("NFA", e).unwrap_or(false),
             "CONSENT" => {
-                self.consent.probation_sharing = match g.text("PROBATION").as_deref() {
-                    Some("given") => ConsentDecision::Given,
-                    Some("refused") => ConsentDecision::Refused,
-                    _ => ConsentDecision::NotRecorded,
-                };
+                self.consent.probation_sharing = g
+                    .one_of(
+                        "PROBATION",
+                        &[
+                            ("given", ConsentDecision::Given),
+                            ("refused", ConsentDecision::Refused),
+                            ("not_recorded", ConsentDecision::NotRecorded),
+                        ],
+                        e,
+                    )
+                    .unwrap_or(ConsentDecision::NotRecorded);
                 self.consent.legal_basis = g.string("BASIS");
             }
             "AUTHOR" => {
@@ -704,14 +755,13 @@ fn read_medication(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Me
         },
         None => None,
     };
-    let flag = |f: &str| g.text(f).is_some_and(|v| yes(&v));
     Some(Medication {
         code,
         dose: g.string("DOSE").unwrap_or_default(),
         route: g.string("ROUTE").unwrap_or_default(),
         frequency: g.string("FREQ").unwrap_or_default(),
-        supervised: flag("SUPERVISED"),
-        opioid_substitution: flag("OST"),
+        supervised: g.yes_no("SUPERVISED", e).unwrap_or(false),
+        opioid_substitution: g.yes_no("OST", e).unwrap_or(false),
         last_dose_given,
         days_supplied,
     })
@@ -720,11 +770,16 @@ fn read_medication(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Me
 /// One follow-up from its `FU` OBX group.
 fn read_follow_up(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> FollowUp {
     FollowUp {
-        kind: if g.text("KIND").as_deref() == Some("appointment") {
-            FollowUpKind::Appointment
-        } else {
-            FollowUpKind::Referral
-        },
+        kind: g
+            .one_of(
+                "KIND",
+                &[
+                    ("appointment", FollowUpKind::Appointment),
+                    ("referral", FollowUpKind::Referral),
+                ],
+                e,
+            )
+            .unwrap_or(FollowUpKind::Referral),
         service: g.string("SERVICE").unwrap_or_default(),
         date: optional_when(g.text("DATE").as_deref(), || g.path("DATE"), e),
     }

@@ -46,10 +46,14 @@ impl<'a> Segment<'a> {
     }
 }
 
-/// Component `c` (from 1) of `field`, unescaped (borrowed when it holds no
-/// escape); the explicit null `""` reads as absent.
+/// Component `c` (from 1) of `field`'s first repetition, unescaped
+/// (borrowed when it holds no escape); the explicit null `""` reads as
+/// absent. Later repetitions are read only through [`Segment::reps`] (and
+/// listed as not read otherwise): a second name must never run into the
+/// first one's given name.
 pub(super) fn component(field: &str, c: usize) -> Cow<'_, str> {
-    match field.split('^').nth(c - 1) {
+    let first = field.split('~').next().unwrap_or_default();
+    match first.split('^').nth(c - 1) {
         Some("\"\"") | None => Cow::Borrowed(""),
         Some(v) => unescaped(v),
     }
