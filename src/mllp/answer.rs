@@ -80,7 +80,8 @@ pub async fn answer(gateway: &Gateway, caller: &Caller, message: &[u8]) -> Answe
 }
 
 /// The ACK for a frame over the size limit (nothing was read or stored):
-/// AR naming the message's control id when its head holds a readable MSH.
+/// AE (resending the same message can never succeed) naming the message's
+/// control id when its head holds a readable MSH.
 #[must_use]
 pub fn too_large(head: &[u8], max: usize, now: time::OffsetDateTime) -> String {
     let error = AckError {
@@ -91,7 +92,7 @@ pub fn too_large(head: &[u8], max: usize, now: time::OffsetDateTime) -> String {
     };
     hl7v2::ack(
         hl7v2::header(head).as_ref(),
-        AckCode::Reject,
+        AckCode::Error,
         &[error],
         &crate::clinical::model::DateTime(now),
     )

@@ -661,3 +661,29 @@ fn a_fields_second_repetition_never_runs_into_the_first() {
         read.not_read
     );
 }
+
+/// Standard segments the gateway does not read (v2.7's UAC, an OBR) are
+/// taken and listed as not read, as HL7 v2 chapter 2 asks of a receiver; a
+/// line that is not a segment (a line break inside a field) still refuses.
+#[test]
+fn segments_not_read_are_taken_and_listed_but_a_broken_line_refuses() {
+    let segments = hl7_release(|segs| {
+        segs.insert(1, "UAC|KERB|token".into());
+        segs.push("OBR|1".into());
+    });
+    let read = parse_hl7(&segments).unwrap();
+    for id in ["UAC", "OBR"] {
+        assert!(
+            read.not_read
+                .contains(&format!("{id}: a segment the gateway does not read here")),
+            "{id}: {:?}",
+            read.not_read
+        );
+    }
+    let segments = hl7_release(|segs| segs.push("take with food|twice".into()));
+    let refused = parse_hl7(&segments).unwrap_err();
+    assert!(
+        refused.0.iter().any(|v| v.field.starts_with("segment ")),
+        "{refused:?}"
+    );
+}

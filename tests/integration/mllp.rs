@@ -344,7 +344,8 @@ async fn malformed_and_oversized_frames_are_refused_and_audited() {
         .unwrap()
         .unwrap();
     let ack = String::from_utf8(reply).unwrap();
-    assert_eq!(field(&ack, "MSA", 1), "AR", "{ack:?}");
+    // AE: resending the same message can never succeed (AR means resend).
+    assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
     assert_eq!(field(&ack, "MSA", 2), "big-1");
     assert_eq!(errs(&ack)[0][5], "MESSAGE_TOO_LARGE^^THROUGHCARE");
     assert!(closed(&mut conn).await);

@@ -16,7 +16,7 @@ import pytest
 from hl7.client import MLLPClient
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
-from hl7apy.parser import parse_message
+from hl7apy.parser import parse_message, parse_segment
 
 from conftest import BIN, free_port
 
@@ -173,3 +173,28 @@ def test_python_hl7_over_mutual_tls_and_a_resend(tls_gateway):
         refused = parsed_ack(client.send_message(admission("PY-TLS-2")))
     assert refused.msa.msa_1.to_er7() == "AE"
     assert refused.err.err_5.to_er7().startswith("PERMISSION_DENIED")
+
+
+def test_several_errors_in_an_older_version_make_one_valid_err(plain_gateway):
+    """v2.4 and earlier allow one ERR: several errors repeat its ERR-1."""
+    bad_sex = admission("PY-OLD-2", dob="", version="2.4").replace("|||M\r", "|||Q\r", 1)
+    assert "|||Q\r" in bad_sex
+    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+        ack = parsed_ack(client.send_message(bad_sex))
+    assert ack.msa.msa_1.to_er7() == "AE"
+    assert len(ack.children.get("ERR")) == 1
+    places = [rep.to_er7() for rep in ack.err.children.get("ERR_1")]
+    assert len(places) == 2, places
+    assert places[0].startswith("PID^1^7^101") and places[1].startswith("PID^1^8^103")
+
+
+def test_v2_3_is_answered_without_a_message_structure(plain_gateway):
+    """v2.3's MSH-9 has two components; hl7apy refuses a third under STRICT."""
+    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+        raw = client.send_message(admission("PY-OLD-3", version="2.3"))
+    lines = raw.decode().strip("\x0b\x1c\r\n").split("\r")
+    msh = parse_segment(lines[0], version="2.3", validation_level=VALIDATION_LEVEL.STRICT)
+    assert msh.validate()
+    assert msh.msh_9.to_er7() == "ACK^A01"
+    msa = parse_segment(lines[1], version="2.3", validation_level=VALIDATION_LEVEL.STRICT)
+    assert msa.msa_1.to_er7() == "AA" and msa.msa_2.to_er7() == "PY-OLD-3"

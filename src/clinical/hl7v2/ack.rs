@@ -93,9 +93,13 @@ impl ErrorCode {
             ("MSH", "9") => ErrorCode::UnsupportedMessageType,
             ("MSH", "11") => ErrorCode::UnsupportedProcessingId,
             ("MSH", "12") => ErrorCode::UnsupportedVersionId,
+            // A whole segment missing (`PID`: required) is a sequence error.
+            (_, "") if is_segment_id(segment) => ErrorCode::SegmentSequence,
             _ if description.starts_with("required") => ErrorCode::RequiredFieldMissing,
             _ if field.starts_with("segment") || field == "MSH" => ErrorCode::SegmentSequence,
-            _ if description.contains("table") => ErrorCode::TableValueNotFound,
+            _ if description.contains("HL7 table") || description.starts_with("must be one of") => {
+                ErrorCode::TableValueNotFound
+            }
             _ => ErrorCode::DataType,
         }
     }
@@ -128,9 +132,51 @@ impl AckError {
     }
 }
 
+/// The HL7 v2 versions (HL7 table 0104).
+pub const VERSIONS: [&str; 15] = [
+    "2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1",
+    "2.8.2", "2.9", "2.9.1",
+];
+
+/// Whether `id` is a segment id: three upper-case letters or digits, the
+/// first a letter.
+pub(super) fn is_segment_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 3
+        && b[0].is_ascii_uppercase()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+}
+
 /// Whether `version` is before v2.5, whose ERR has only ERR-1.
 fn before_2_5(version: &str) -> bool {
     matches!(version, "2.1" | "2.2" | "2.3" | "2.3.1" | "2.4")
+}
+
+/// Text echoed into an ACK with every control character (C0, DEL, C1) as
+/// an HL7 hexadecimal escape of its UTF-8 bytes, so that nothing from the
+/// inbound message can drive the sender's log or terminal. An escape
+/// sequence the cut left open is dropped.
+fn printable(text: &str) -> String {
+    let text = match text.matches('\\').count() % 2 {
+        0 => text,
+        _ => &text[..text.rfind('\\').unwrap_or(text.len())],
+    };
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str("\\X");
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("{b:02X}"));
+            }
+            out.push('\\');
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Builds the ACK answering `inbound` (its MSH as read; `None` when the
@@ -155,15 +201,16 @@ pub fn ack(
     let token = |v: &str, max: usize| {
         !v.is_empty() && v.len() <= max && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
     };
-    let version = if token(&h.version, 8) && h.version.starts_with("2.") {
+    let version = if VERSIONS.contains(&h.version.as_str()) {
         h.version.as_str()
     } else {
         "2.5.1"
     };
-    let message_type = if token(&h.trigger, 3) {
-        format!("ACK^{}^ACK", h.trigger)
-    } else {
-        "ACK".to_owned()
+    // MSH-9's third component (the message structure) arrived with v2.3.1.
+    let message_type = match (token(&h.trigger, 3), version) {
+        (false, _) => "ACK".to_owned(),
+        (true, "2.1" | "2.2" | "2.3") => format!("ACK^{}", h.trigger),
+        (true, _) => format!("ACK^{}^ACK", h.trigger),
     };
     let processing = if matches!(&*h.processing_id, "P" | "T" | "D") {
         h.processing_id.as_str()
@@ -174,16 +221,24 @@ pub fn ack(
     let mut segs = vec![
         format!(
             "MSH|^~\\&|{}|{}|{}|{}|{}||{message_type}|{reply_id}|{processing}|{version}",
-            or(&h.receiving_application, "THROUGHCARE"),
-            or(&h.receiving_facility, "THROUGHCARE"),
-            h.sending_application,
-            h.sending_facility,
+            printable(&or(&h.receiving_application, "THROUGHCARE")),
+            printable(&or(&h.receiving_facility, "THROUGHCARE")),
+            printable(&h.sending_application),
+            printable(&h.sending_facility),
             ts(at),
         ),
         msa(code, &h.control_id, errors, before_2_5(version)),
     ];
-    for e in errors {
-        segs.push(err_segment(e, before_2_5(version)));
+    if before_2_5(version) {
+        // Those versions' ACK holds at most one ERR: its ERR-1 repeats.
+        if !errors.is_empty() {
+            let elds: Vec<String> = errors.iter().map(old_eld).collect();
+            segs.push(format!("ERR|{}", elds.join("~")));
+        }
+    } else {
+        for e in errors {
+            segs.push(err_segment(e));
+        }
     }
     let mut text = segs.join("\r");
     text.push('\r');
@@ -201,31 +256,34 @@ fn cut(text: &str, max: usize) -> &str {
 /// MSA: the code and the inbound control id; before v2.5, the first
 /// error's text in MSA-3 (the only place those versions have for it).
 fn msa(code: AckCode, control_id: &str, errors: &[AckError], old: bool) -> String {
-    let mut msa = format!("MSA|{}|{}", code.as_str(), escape(control_id));
+    let mut msa = format!("MSA|{}|{}", code.as_str(), printable(&escape(control_id)));
     if let Some(first) = errors.first().filter(|_| old) {
         msa.push('|');
-        msa.push_str(&escape(cut(&first.message, 60)));
+        msa.push_str(&printable(&escape(cut(&first.message, 60))));
     }
     msa
 }
 
-fn err_segment(e: &AckError, old: bool) -> String {
+/// ERR-1 (ELD) of an error, for v2.4 and earlier:
+/// segment^sequence^field^code, the code's parts as subcomponents.
+fn old_eld(e: &AckError) -> String {
     let (number, name) = e.code.code_and_text();
-    if old {
-        // ERR-1 (ELD): segment^sequence^field^code, the code's parts as subcomponents.
-        let mut parts = e.location.split('^');
-        let (seg, seq, field) = (
-            parts.next().unwrap_or_default(),
-            parts.next().unwrap_or_default(),
-            parts.next().unwrap_or_default(),
-        );
-        return format!("ERR|{seg}^{seq}^{field}^{number}&{name}&HL70357");
-    }
+    let mut parts = e.location.split('^');
+    let (seg, seq, field) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    format!("{seg}^{seq}^{field}^{number}&{name}&HL70357")
+}
+
+fn err_segment(e: &AckError) -> String {
+    let (number, name) = e.code.code_and_text();
     format!(
         "ERR||{}|{number}^{name}^HL70357|E|{}^^THROUGHCARE|||{}",
         e.location,
         e.reason,
-        escape(cut(&e.message, 200))
+        printable(&escape(cut(&e.message, 200)))
     )
 }
 
@@ -339,6 +397,60 @@ mod tests {
     }
 
     #[test]
+    fn old_versions_get_their_own_shape_and_nothing_echoed_raw() {
+        let errors = [
+            AckError::of_violation(
+                &Violation {
+                    field: "PID-7".into(),
+                    description: "required: date of birth".into(),
+                },
+                "INVALID_ARGUMENT",
+            ),
+            AckError::of_violation(
+                &Violation {
+                    field: "PID-8".into(),
+                    description: "must be M, F, O or U (HL7 table 0001)".into(),
+                },
+                "INVALID_ARGUMENT",
+            ),
+        ];
+        let v24 = ack(Some(&inbound("2.4")), AckCode::Error, &errors, &at());
+        let errs: Vec<&str> = v24.split('\r').filter(|l| l.starts_with("ERR")).collect();
+        assert_eq!(
+            errs,
+            [
+                "ERR|PID^1^7^101&Required field missing&HL70357~PID^1^8^103&Table value not found&HL70357"
+            ],
+            "v2.4 and earlier: one ERR, its ERR-1 repeated"
+        );
+        let v23 = ack(Some(&inbound("2.3")), AckCode::Accept, &[], &at());
+        assert_eq!(
+            fields(&v23, "MSH")[8],
+            "ACK^A03",
+            "no structure before 2.3.1"
+        );
+        let v231 = ack(Some(&inbound("2.3.1")), AckCode::Accept, &[], &at());
+        assert_eq!(fields(&v231, "MSH")[8], "ACK^A03^ACK");
+        assert_eq!(fields(&ack_v(&errors[0], "2.abc"), "MSH")[11], "2.5.1");
+
+        let hostile = super::super::header(
+            "MSH|^~\\&|PAS\u{7}\u{1b}[2J|YP001|TC|GW|20261124080000||ADT^A03^ADT_A03|c\u{0}9|P|2.5.1"
+                .as_bytes(),
+        )
+        .unwrap();
+        let text = ack(Some(&hostile), AckCode::Accept, &[], &at());
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\r'),
+            "{text:?}"
+        );
+        assert_eq!(fields(&text, "MSH")[4], "PAS\\X07\\\\X1B\\[2J");
+        assert_eq!(fields(&text, "MSA")[2], "c\\X00\\9");
+        // An escape the echo limit cut open is dropped, not echoed half.
+        assert_eq!(printable("ABC\\T"), "ABC");
+        assert_eq!(printable("A\\T\\B"), "A\\T\\B");
+    }
+
+    #[test]
     fn codes_come_from_table_0357() {
         let code = |f: &str, d: &str| ErrorCode::of_violation(f, d).code_and_text().0;
         assert_eq!(code("PID-7", "required: date of birth"), 101);
@@ -349,5 +461,13 @@ mod tests {
         assert_eq!(code("MSH-11", "only production"), 202);
         assert_eq!(code("MSH-12", "must be an HL7 v2 version"), 203);
         assert_eq!(code("MSH", "must start with MSH"), 100);
+        assert_eq!(code("PID", "required"), 100, "a missing segment");
+        assert_eq!(
+            code("MSH-10", "must be at most 128 printable ASCII characters"),
+            102,
+            "\"printable\" holds \"table\" but names no table"
+        );
+        assert_eq!(code("OBX(3)-5", "must be Y or N (HL7 table 0136)"), 103);
+        assert_eq!(code("OBX(3)-5", "must be one of given, refused"), 103);
     }
 }

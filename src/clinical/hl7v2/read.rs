@@ -304,8 +304,11 @@ fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationE
         );
     }
     let version = msh.comp(12, 1);
-    if !version.starts_with("2.") {
-        e.add("MSH-12", "must be an HL7 v2 version (2.5.1 expected)");
+    if !super::ack::VERSIONS.contains(&&*version) {
+        e.add(
+            "MSH-12",
+            "must be an HL7 v2 version from HL7 table 0104 (2.5.1 expected)",
+        );
     }
     let control_id = msh.comp(10, 1).into_owned();
     let authored_at = parse_ts(&evn.map(|s| s.comp(2, 1)).unwrap_or_default())

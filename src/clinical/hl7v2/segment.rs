@@ -59,11 +59,6 @@ pub(super) fn component(field: &str, c: usize) -> Cow<'_, str> {
     }
 }
 
-const KNOWN: [&str; 25] = [
-    "MSH", "SFT", "EVN", "PID", "PD1", "ROL", "NK1", "PV1", "PV2", "DB1", "OBX", "AL1", "DG1",
-    "DRG", "PR1", "GT1", "IN1", "IN2", "IN3", "ACC", "UB1", "UB2", "PDA", "NTE", "MRG",
-];
-
 fn count(text: &str, b: u8) -> usize {
     memchr::memchr_iter(b, text.as_bytes()).count()
 }
@@ -99,14 +94,16 @@ pub(super) fn split<'a>(
             ));
         }
         let id = raw.get(..3).unwrap_or("");
+        // Any segment id is taken (HL7 v2 ch. 2: a receiver ignores the
+        // segments it does not expect; `unread` lists them on the delivery),
+        // but a line that is not a segment is refused: it is a line break
+        // inside a field, which would otherwise cut that field short.
         let well_formed = raw.len() == 3 || raw.as_bytes().get(3) == Some(&b'|');
-        if !well_formed
-            || !(KNOWN.contains(&id)
-                || id.starts_with('Z') && id.bytes().all(|b| b.is_ascii_alphanumeric()))
-        {
+        if !well_formed || !super::ack::is_segment_id(id) {
             errors.add(
                 format!("segment {}", i + 1),
-                "not a segment this gateway knows (a line break inside a field splits it)",
+                "not a segment: a segment starts with its three-character id and `|` (a line \
+                 break inside a field splits it)",
             );
             continue;
         }
