@@ -110,8 +110,9 @@ impl When {
     }
 
     /// From HL7 v2 `DTM`/`TS`/`DT` at any precision. A time without an
-    /// offset is read as UTC (FHIR needs an offset with a time); a time to
-    /// the hour or minute gains zero seconds.
+    /// offset is the sender's local time (HL7 v2.5.1 §2A.3.22), here UK
+    /// time: 08:10 on a summer day is `08:10:00+01:00` (FHIR needs an offset
+    /// with a time); a time to the hour or minute gains zero seconds.
     pub fn from_hl7(v: &str) -> Option<Self> {
         let split = v.find(['+', '-']).unwrap_or(v.len());
         let (stamp, zone) = v.split_at(split);
@@ -135,8 +136,16 @@ impl When {
             10 | 12 | 14 => {
                 let secs = if digits.len() == 14 { d(12..14) } else { "00" };
                 let mins = if digits.len() >= 12 { d(10..12) } else { "00" };
+                let num = |r: std::ops::Range<usize>| d(r).parse::<i8>().ok();
                 let zone = match zone.len() {
-                    0 => "Z".to_owned(),
+                    0 => offset_in_england(
+                        d(0..4).parse().ok()?,
+                        num(4..6)?,
+                        num(6..8)?,
+                        num(8..10)?,
+                        mins.parse().ok()?,
+                        secs.parse().ok()?,
+                    )?,
                     5 => format!("{}:{}", &zone[..3], &zone[3..]),
                     _ => return None,
                 };
@@ -157,6 +166,23 @@ impl When {
         };
         text.parse().ok()
     }
+}
+
+/// The UTC offset England and Wales keep at a wall-clock time, as `+01:00`
+/// or `+00:00` (Europe/London, as the gateway shows times; read here from the
+/// same bundled tz database itself). A time the spring change skips reads as
+/// after it, one the autumn change repeats as the first (BST); `None` for a
+/// time that is not one.
+fn offset_in_england(y: i16, mo: i8, d: i8, h: i8, mi: i8, s: i8) -> Option<String> {
+    let zone = jiff::tz::TimeZone::get("Europe/London").ok()?;
+    let zoned = jiff::civil::DateTime::new(y, mo, d, h, mi, s, 0)
+        .ok()?
+        .to_zoned(zone)
+        .ok()?;
+    let secs = zoned.offset().seconds();
+    let sign = if secs < 0 { '-' } else { '+' };
+    let secs = secs.unsigned_abs();
+    Some(format!("{sign}{:02}:{:02}", secs / 3600, secs % 3600 / 60))
 }
 
 impl From<Date> for When {
@@ -742,5 +768,41 @@ impl ClinicalSummary {
             .filter_map(|m| m.last_dose_given)
             .map(|t| t.unix_ms().saturating_add(DAY_MS))
             .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// HL7 v2.5.1 §2A.3.22: a time without an offset is the sender's local
+    /// time. An 08:10 dose in summer is 07:10 UTC, not 08:10.
+    #[test]
+    fn an_hl7_time_without_an_offset_is_uk_local_time() {
+        let read = |v: &str| When::from_hl7(v).map(|w| w.to_string());
+        assert_eq!(
+            read("202607240810").as_deref(),
+            Some("2026-07-24T08:10:00+01:00")
+        );
+        assert_eq!(
+            read("202601150810").as_deref(),
+            Some("2026-01-15T08:10:00Z")
+        );
+        assert_eq!(
+            read("2026072408").as_deref(),
+            Some("2026-07-24T08:00:00+01:00")
+        );
+        // The autumn change repeats 01:00-02:00: the first (BST) is taken.
+        assert_eq!(
+            read("20261025013000").as_deref(),
+            Some("2026-10-25T01:30:00+01:00")
+        );
+        // An offset given is kept; a date stays a date.
+        assert_eq!(
+            read("202607240810+0000").as_deref(),
+            Some("2026-07-24T08:10:00Z")
+        );
+        assert_eq!(read("20260724").as_deref(), Some("2026-07-24"));
+        assert_eq!(read("202613240810"), None);
     }
 }
