@@ -751,7 +751,8 @@ impl ClinicalSummary {
             || self.has_active_suicide_or_self_harm_risk()
     }
 
-    fn has_active_suicide_or_self_harm_risk(&self) -> bool {
+    /// Whether an active suicide or self-harm risk is recorded.
+    pub fn has_active_suicide_or_self_harm_risk(&self) -> bool {
         self.risks
             .iter()
             .any(|r| r.active && matches!(r.kind, RiskKind::Suicide | RiskKind::SelfHarm))

@@ -56,14 +56,20 @@ pub fn read(format: TextFormat, bytes: &[u8], limits: &Limits) -> Result<Read, V
 }
 
 /// What no format carries to a recipient of `view`: the headings the view
-/// leaves out, then what the document held that the gateway does not read
-/// (paths, never values). Every delivery lists these in `not_carried`,
+/// leaves out, then, for the views that see them
+/// ([`views::sees_document_notes`]), what the document held that the
+/// gateway does not read (paths, never values). Every delivery lists these in `not_carried`,
 /// whatever its format, native included.
 pub fn notes(summary: &ClinicalSummary, view: View) -> Vec<String> {
+    let document_notes = if views::sees_document_notes(view) {
+        summary.not_read.as_slice()
+    } else {
+        &[]
+    };
     views::excluded(view)
         .iter()
         .map(|s| (*s).to_owned())
-        .chain(summary.not_read.iter().cloned())
+        .chain(document_notes.iter().cloned())
         .collect()
 }
 

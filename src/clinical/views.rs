@@ -85,6 +85,17 @@ pub fn excluded(view: View) -> &'static [&'static str] {
     }
 }
 
+/// Whether `view` gets the notes on what the sender's document held that
+/// the gateway does not read. Those notes name elements by path, and a path
+/// can say what was withheld (an HIV extension, a stopped medicine, a second
+/// allergy), so only the patient's own clinicians (the full summary and the
+/// GP's admission notice) get them; probation and the treatment services
+/// get what their view carries and nothing about the rest.
+#[must_use]
+pub fn sees_document_notes(view: View) -> bool {
+    matches!(view, View::Full | View::AdmissionNotice)
+}
+
 /// The summary cut down to `view`.
 pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
     match view {
@@ -169,7 +180,7 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
                 },
                 author: summary.author.clone(),
                 authored_at: summary.authored_at,
-                not_read: summary.not_read.clone(),
+                not_read: Vec::new(),
             }
         }
     }
@@ -201,7 +212,7 @@ fn substance_misuse_service(summary: &ClinicalSummary) -> ClinicalSummary {
         consent: summary.consent.clone(),
         author: summary.author.clone(),
         authored_at: summary.authored_at,
-        not_read: summary.not_read.clone(),
+        not_read: Vec::new(),
     }
 }
 
@@ -231,7 +242,7 @@ fn mental_health_team(summary: &ClinicalSummary) -> ClinicalSummary {
         consent: summary.consent.clone(),
         author: summary.author.clone(),
         authored_at: summary.authored_at,
-        not_read: summary.not_read.clone(),
+        not_read: Vec::new(),
     }
 }
 

@@ -395,11 +395,15 @@ impl Plan<'_> {
             });
         }
         if may_share && self.summary.needs_mental_health_team() {
+            // Urgent only for what the team's view shows (an active suicide
+            // or self-harm risk): urgency from opioid substitution, which
+            // the view leaves out, would disclose it by the flag itself.
+            let urgent = self.summary.has_active_suicide_or_self_harm_risk();
             self.routes.push(Route {
                 recipient: self.area_service(OrgKind::MentalHealthTeam),
                 view: View::MentalHealthTeam,
-                urgent: self.urgent,
-                due_ms: self.due(self.release_due(), self.urgent),
+                urgent,
+                due_ms: self.due(self.release_due(), urgent),
             });
         }
     }
@@ -793,5 +797,33 @@ mod tests {
         // Named, a mental health team is refused: the area decides.
         let err = go(JourneyEvent::Release, &s, sender, &[code("YM001")], &reg).unwrap_err();
         assert_eq!(err.0[0].field, "destinations[0]");
+    }
+
+    /// The team's view leaves out opioid substitution, so its copy is not
+    /// urgent for it: the flag and an early deadline would disclose it.
+    #[test]
+    fn the_mental_health_teams_copy_is_not_urgent_for_opioid_substitution() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        let mut s = on_ost(Some("2026-11-24T08:10:00Z"), ConsentDecision::Given);
+        s.mental_health = Some(MentalHealth {
+            care_programme_approach: true,
+            care_coordinator: None,
+        });
+        let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
+        let mht = routes
+            .iter()
+            .find(|r| r.view == View::MentalHealthTeam)
+            .expect("a care plan goes to the team");
+        assert!(!mht.urgent, "{routes:?}");
+        let end_of_day = crate::uk_time::end_of_day_ms(s.custody.release_date.unwrap().0);
+        assert_eq!(mht.due_ms, end_of_day);
+        // The GP's and the substance misuse service's copies stay urgent.
+        assert!(routes[0].urgent);
+        assert!(
+            routes
+                .iter()
+                .any(|r| r.view == View::SubstanceMisuseService && r.urgent)
+        );
     }
 }

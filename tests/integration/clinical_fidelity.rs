@@ -54,7 +54,7 @@ fn entry_of<'a>(doc: &'a mut Value, kind: &str) -> (usize, &'a mut Value) {
 }
 
 #[test]
-fn a_resource_type_the_gateway_does_not_read_is_listed_on_every_delivery() {
+fn a_resource_type_the_gateway_does_not_read_is_listed_for_the_gp_and_never_for_probation() {
     let s = fixture("01-ost-released-today");
     let mut doc = fhir_json(&s, JourneyEvent::Release);
     doc["entry"].as_array_mut().unwrap().push(json!({
@@ -69,16 +69,29 @@ fn a_resource_type_the_gateway_does_not_read_is_listed_on_every_delivery() {
     );
     assert_eq!(read.not_read, std::slice::from_ref(&expected));
     for format in [TextFormat::Fhir, TextFormat::Hl7v2, TextFormat::ModelJson] {
-        for view in [View::Full, View::Probation] {
+        let out = translate::write(format, &read, View::Full, JourneyEvent::Release);
+        assert!(
+            out.not_carried.contains(&expected),
+            "{format:?}: {:?}",
+            out.not_carried
+        );
+        // A path can say what was withheld: probation and the treatment
+        // services never see the notes on the sender's document.
+        for view in [
+            View::Probation,
+            View::SubstanceMisuseService,
+            View::MentalHealthTeam,
+        ] {
             let out = translate::write(format, &read, view, JourneyEvent::Release);
             assert!(
-                out.not_carried.contains(&expected),
+                !out.not_carried.iter().any(|n| n.contains("entry[")),
                 "{format:?} {view:?}: {:?}",
                 out.not_carried
             );
         }
     }
     assert!(translate::notes(&read, View::Full).contains(&expected));
+    assert!(!translate::notes(&read, View::Probation).contains(&expected));
 }
 
 #[test]
@@ -684,6 +697,71 @@ fn segments_not_read_are_taken_and_listed_but_a_broken_line_refuses() {
     let refused = parse_hl7(&segments).unwrap_err();
     assert!(
         refused.0.iter().any(|v| v.field.starts_with("segment ")),
+        "{refused:?}"
+    );
+}
+
+/// Only the Consent about sharing with probation decides it: another
+/// Consent (to treatment) placed first is never read as that, a permission
+/// with conditions is not read as given, and two probation Consents refuse.
+#[test]
+fn only_the_probation_consent_decides_and_never_a_conditional_one() {
+    use throughcare::clinical::model::ConsentDecision;
+    let s = fixture("01-ost-released-today");
+    assert_eq!(s.consent.probation_sharing, ConsentDecision::Given);
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        edit(&mut doc);
+        parse_fhir(&doc)
+    };
+    // The patient refuses probation; a consent to treatment comes first.
+    let read = with(&|doc| {
+        let (i, consent) = entry_of(doc, "Consent");
+        consent["provision"] = json!({"type": "deny"});
+        let mut other = consent.clone();
+        other["category"] = json!([{"text": "Consent to HIV treatment"}]);
+        other["provision"] = json!({"type": "permit"});
+        doc["entry"].as_array_mut().unwrap().insert(
+            i,
+            json!({"fullUrl": "urn:uuid:5a0e7c1e-2222-4222-8222-000000000003", "resource": other}),
+        );
+    })
+    .unwrap();
+    assert_eq!(read.consent.probation_sharing, ConsentDecision::Refused);
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.contains("a Consent about something other than sharing with probation")),
+        "{:?}",
+        read.not_read
+    );
+    // A permission that ended, or that excludes some data, is not "given".
+    for provision in [
+        json!({"type": "permit", "period": {"end": "2020-01-01"}}),
+        json!({"type": "permit", "provision": [{"type": "deny", "class": [{"code": "Flag"}]}]}),
+    ] {
+        let read = with(&|doc| {
+            entry_of(doc, "Consent").1["provision"] = provision.clone();
+        })
+        .unwrap();
+        assert_eq!(
+            read.consent.probation_sharing,
+            ConsentDecision::NotRecorded,
+            "{provision}"
+        );
+    }
+    // Two Consents about probation could disagree: refused.
+    let refused = with(&|doc| {
+        let (_, consent) = entry_of(doc, "Consent");
+        let mut second = consent.clone();
+        second["provision"] = json!({"type": "deny"});
+        doc["entry"].as_array_mut().unwrap().push(
+            json!({"fullUrl": "urn:uuid:5a0e7c1e-2222-4222-8222-000000000004", "resource": second}),
+        );
+    })
+    .unwrap_err();
+    assert!(
+        refused.0.iter().any(|v| v.field.ends_with("category")),
         "{refused:?}"
     );
 }

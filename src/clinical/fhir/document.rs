@@ -659,32 +659,71 @@ fn read_consent(
     index: &Index<'_>,
     errors: &mut ValidationErrors,
 ) -> Option<crate::clinical::model::Consent> {
-    match index.of_type("Consent").next() {
-        Some((i, v)) => typed::<Consent>(v, index.path(i), errors).map(|c| {
-            let legal_basis = c
-                .policy_rule
-                .as_ref()
-                .filter(|r| {
-                    r.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("legal-basis")
-                })
-                .and_then(|r| r.text.as_ref())
-                .map(|t| t.to_string());
-            crate::clinical::model::Consent {
-                probation_sharing: match c.provision.as_ref().map(|p| &*p.type_) {
-                    Some("permit") if c.status == "active" => ConsentDecision::Given,
-                    Some("deny") => ConsentDecision::Refused,
-                    _ => ConsentDecision::NotRecorded,
-                },
-                legal_basis,
-                treatment_sharing: ConsentDecision::NotRecorded,
+    let mut consent = crate::clinical::model::Consent {
+        probation_sharing: ConsentDecision::NotRecorded,
+        legal_basis: None,
+        treatment_sharing: ConsentDecision::NotRecorded,
+    };
+    let mut found: Option<usize> = None;
+    for (i, v) in index.of_type("Consent") {
+        let p = index.path(i);
+        let c = typed::<Consent>(v, p, errors)?;
+        // Only a Consent about sharing with probation decides it: another
+        // (consent to treatment, say) must never be read as that.
+        let about_probation = c.category.iter().any(|cat| {
+            cat.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("probation-sharing")
+        });
+        if !about_probation {
+            index.note(
+                format_args!("{p}category"),
+                "not read: a Consent about something other than sharing with probation",
+            );
+            continue;
+        }
+        if found.replace(i).is_some() {
+            errors.add(
+                format!("{p}category"),
+                "one Consent about sharing with probation: two could disagree",
+            );
+            continue;
+        }
+        consent.legal_basis = c
+            .policy_rule
+            .as_ref()
+            .filter(|r| r.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("legal-basis"))
+            .and_then(|r| r.text.as_ref())
+            .map(|t| t.to_string());
+        consent.probation_sharing = match c.provision.as_ref().map(|p| &*p.type_) {
+            Some("deny") => ConsentDecision::Refused,
+            // A permission with conditions (a period, nested provisions,
+            // limits by data, actor or class) cannot be honoured as given:
+            // the gateway shares whole headings. It is not read as given.
+            Some("permit") if c.status == "active" && !conditional(index.json(i)) => {
+                ConsentDecision::Given
             }
-        }),
-        None => Some(crate::clinical::model::Consent {
-            probation_sharing: ConsentDecision::NotRecorded,
-            legal_basis: None,
-            treatment_sharing: ConsentDecision::NotRecorded,
-        }),
+            Some("permit") if c.status == "active" => {
+                index.note(
+                    format_args!("{p}provision"),
+                    "not read as given: a permission with conditions (period, nested provisions \
+                     or limits) is not one the gateway can honour, so nothing is shared on it",
+                );
+                ConsentDecision::NotRecorded
+            }
+            _ => ConsentDecision::NotRecorded,
+        };
     }
+    Some(consent)
+}
+
+/// Whether a Consent's `provision` holds anything beyond its `type`.
+fn conditional(json: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v.get("provision").and_then(|p| p.as_object()).cloned())
+        .is_some_and(|p| {
+            p.keys()
+                .any(|k| !matches!(k.as_str(), "type" | "id" | "fhir_comments"))
+        })
 }
 
 /// The author's name and role, when the Composition's author is a
