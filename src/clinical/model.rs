@@ -38,9 +38,13 @@ impl fmt::Display for Date {
 impl FromStr for DateTime {
     type Err = &'static str;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .map(DateTime)
-            .map_err(|_| "must be a date and time with offset (RFC 3339)")
+        let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .map_err(|_| "must be a date and time with offset (RFC 3339)")?;
+        // FHIR's dateTime (and every real zone): offsets from -14:00 to +14:00.
+        if t.offset().whole_seconds().unsigned_abs() > 14 * 3600 {
+            return Err("must have an offset between -14:00 and +14:00");
+        }
+        Ok(DateTime(t))
     }
 }
 

@@ -765,3 +765,124 @@ fn only_the_probation_consent_decides_and_never_a_conditional_one() {
         "{refused:?}"
     );
 }
+
+/// What would make the gateway read the wrong thing is refused by field:
+/// two entries with one fullUrl (bdl-7), a subject that is not a Patient, a
+/// GP that is not an Organization, an old address or name first, an
+/// offset no zone has.
+#[test]
+fn what_would_be_read_as_the_wrong_thing_is_refused_by_field() {
+    let s = fixture("01-ost-released-today");
+    let refused = |edit: &dyn Fn(&mut Value)| {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        edit(&mut doc);
+        let e = parse_fhir(&doc).expect_err("refused");
+        e.0.iter().map(|v| v.field.clone()).collect::<Vec<_>>()
+    };
+    let fields = refused(&|doc| {
+        let url = doc["entry"][1]["fullUrl"].clone();
+        doc["entry"][2]["fullUrl"] = url;
+    });
+    assert!(
+        fields.contains(&"entry[2].fullUrl".to_owned()),
+        "{fields:?}"
+    );
+
+    let fields = refused(&|doc| {
+        let practitioner = doc["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["resource"]["resourceType"] == "Practitioner")
+            .map(|e| e["fullUrl"].clone())
+            .expect("the fixture names its author");
+        doc["entry"][0]["resource"]["subject"]["reference"] = practitioner;
+    });
+    assert!(
+        fields.contains(&"entry[0].resource.subject.reference".to_owned()),
+        "{fields:?}"
+    );
+
+    let fields = refused(&|doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["address"][0]["use"] = json!("old");
+        patient["name"][0]["use"] = json!("maiden");
+    });
+    assert!(
+        fields.iter().any(|f| f.ends_with("address[0].use")),
+        "{fields:?}"
+    );
+    assert!(
+        fields.iter().any(|f| f.ends_with("name[0].use")),
+        "{fields:?}"
+    );
+
+    // The registered GP is a reference to an Organization; here, to the Patient.
+    let fields = refused(&|doc| {
+        let (i, _) = entry_of(doc, "Patient");
+        let own = doc["entry"][i]["fullUrl"].clone();
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["generalPractitioner"] = json!([{"reference": own}]);
+    });
+    assert!(
+        fields.iter().any(|f| f.ends_with("resourceType")),
+        "{fields:?}"
+    );
+
+    let fields = refused(&|doc| {
+        let (_, med) = entry_of(doc, "MedicationStatement");
+        for e in med["extension"].as_array_mut().unwrap() {
+            if e["url"].as_str().is_some_and(|u| u.contains("last-dose")) {
+                e["valueDateTime"] = json!("2026-11-24T08:10:00+23:00");
+            }
+        }
+    });
+    assert!(
+        fields.iter().any(|f| f.contains("valueDateTime")),
+        "{fields:?}"
+    );
+}
+
+/// Coded content without words is listed, never dropped unsaid, and a
+/// Flag's own words are its note when it has none.
+#[test]
+fn coded_reactions_and_routes_without_text_are_listed_and_a_flags_text_is_kept() {
+    let mut s = fixture("06-many-medicines-and-allergies");
+    s.diagnoses.clear();
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (ai, allergy) = entry_of(&mut doc, "AllergyIntolerance");
+    allergy["reaction"] = json!([{
+        "manifestation": [{"coding": [{"system": "http://snomed.info/sct", "code": "39579001"}]}],
+        "severity": "severe"
+    }]);
+    let (mi, med) = entry_of(&mut doc, "MedicationStatement");
+    med["dosage"][0]["route"] =
+        json!({"coding": [{"system": "http://snomed.info/sct", "code": "26643006"}]});
+    let read = parse_fhir(&doc).unwrap();
+    for path in [
+        format!("entry[{ai}].resource.reaction[0].manifestation[0]: not carried"),
+        format!("entry[{mi}].resource.dosage[0].route: not carried"),
+    ] {
+        assert!(
+            read.not_read.iter().any(|n| n.starts_with(&path)),
+            "{path}: {:?}",
+            read.not_read
+        );
+    }
+
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (_, flag) = entry_of(&mut doc, "Flag");
+    flag["code"]["text"] = json!("Ligature attempt 20/11 (invented)");
+    if let Some(ext) = flag.get_mut("extension").and_then(Value::as_array_mut) {
+        ext.retain(|e| !e["url"].as_str().is_some_and(|u| u.contains("note")));
+    }
+    let read = parse_fhir(&doc).unwrap();
+    assert!(
+        read.risks
+            .iter()
+            .any(|r| r.note.as_deref() == Some("Ligature attempt 20/11 (invented)")),
+        "{:?}",
+        read.risks
+    );
+}

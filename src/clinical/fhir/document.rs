@@ -52,13 +52,8 @@ pub(super) fn parse_document(
                 .find(|e| event_code(*e) == code)
         });
 
-    let Some((pi, pv)) = index.resolve(&comp.subject) else {
-        errors.add(
-            format!("{p0}subject.reference"),
-            "must refer to a Patient entry in the Bundle",
-        );
-        return None;
-    };
+    unique_full_urls(bundle, prefix, errors);
+    let (pi, pv) = the_patient(&index, &comp, errors)?;
     about_the_patient(&index, pi, errors);
     let from_patient = read_patient(&index, pi, pv, errors)?;
     let custody = read_custody(
@@ -124,6 +119,41 @@ pub(super) fn parse_document(
         },
         event,
     })
+}
+
+/// The Patient entry the Composition is about (its index and JSON), or a
+/// violation at its subject.
+fn the_patient<'a>(
+    index: &Index<'a>,
+    comp: &Composition<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<(usize, &'a str)> {
+    let found = index
+        .resolve(&comp.subject)
+        .filter(|(pi, _)| index.kind(*pi) == Some("Patient"));
+    if found.is_none() {
+        errors.add(
+            format!("{}subject.reference", index.path(0)),
+            "must refer to a Patient entry in the Bundle",
+        );
+    }
+    found
+}
+
+/// Refuses a Bundle whose entries share a `fullUrl` (FHIR R4 `bdl-7`): a
+/// reference to it could resolve to either, and the wrong one would be read.
+fn unique_full_urls(bundle: &RawBundle<'_>, prefix: &str, errors: &mut ValidationErrors) {
+    let mut seen = std::collections::HashSet::new();
+    for (j, e) in bundle.entry.iter().enumerate() {
+        if let Some(url) = e.full_url.as_deref().filter(|u| !u.is_empty())
+            && !seen.insert(url)
+        {
+            errors.add(
+                format!("{prefix}entry[{j}].fullUrl"),
+                "must be unique in the Bundle (FHIR bdl-7): a reference to it would be ambiguous",
+            );
+        }
+    }
 }
 
 /// The resource types whose `subject` or `patient` says whose record they are.
@@ -214,6 +244,24 @@ fn read_patient(
         }
     }
     let name = fp.name.first();
+    if let Some(u) = name
+        .and_then(|n| n.use_.as_deref())
+        .filter(|u| matches!(*u, "old" | "maiden"))
+    {
+        errors.add(
+            format!("{pp}name[0].use"),
+            format!(
+                "the first name must be the one in use: a name marked {} would be read as the patient's",
+                if u == "old" { "old" } else { "maiden" }
+            ),
+        );
+    }
+    if fp.address.first().and_then(|a| a.use_.as_deref()) == Some("old") {
+        errors.add(
+            format!("{pp}address[0].use"),
+            "the first address must be current: an old address would be read as the release address",
+        );
+    }
     let family_name = required(
         name.and_then(|n| n.family.as_ref()).map(|f| f.to_string()),
         format_args!("{pp}name[0].family"),
@@ -386,11 +434,19 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
             s_medications.push(Medication {
                 code,
                 dose: owned(dosage.and_then(|d| d.text.as_ref())),
-                route: owned(
-                    dosage
-                        .and_then(|d| d.route.as_ref())
-                        .and_then(|r| r.text.as_ref()),
-                ),
+                route: owned(dosage.and_then(|d| d.route.as_ref()).and_then(|r| {
+                    let text = r
+                        .text
+                        .as_ref()
+                        .or_else(|| r.coding.first().and_then(|c| c.display.as_ref()));
+                    if text.is_none() && !r.coding.is_empty() {
+                        index.note(
+                            format_args!("{p}dosage[0].route"),
+                            "not carried: a coded route without text or display",
+                        );
+                    }
+                    text
+                })),
                 frequency: owned(
                     dosage
                         .and_then(|d| d.timing.as_ref())
@@ -441,14 +497,22 @@ fn read_allergies(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Aller
         if let Some(substance) = parse_code(&a.code, format_args!("{p}code"), errors) {
             s_allergies.push(Allergy {
                 substance,
-                reaction: reaction
-                    .and_then(|r| r.manifestation.first())
-                    .and_then(|m| {
+                reaction: {
+                    let manifestation = reaction.and_then(|r| r.manifestation.first());
+                    let text = manifestation.and_then(|m| {
                         m.text
                             .as_ref()
                             .or_else(|| m.coding.first().and_then(|c| c.display.as_ref()))
-                    })
-                    .map(|t| t.to_string()),
+                    });
+                    if text.is_none() && manifestation.is_some_and(|m| !m.coding.is_empty()) {
+                        index.note(
+                            format_args!("{p}reaction[0].manifestation[0]"),
+                            "not carried: a coded reaction without text or display (the model \
+                             holds the reaction as text)",
+                        );
+                    }
+                    text.map(|t| t.to_string())
+                },
                 severity,
             });
         }
@@ -470,16 +534,33 @@ fn read_risks(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<RiskFlag>
             .and_then(|c| c.code.as_deref())
             .and_then(RiskKind::from_code);
         match kind {
-            Some(kind) => s_risks.push(RiskFlag {
-                kind,
-                active: f.status == "active",
-                note: f
+            Some(kind) => {
+                let note = f
                     .extension
                     .iter()
                     .find(|e| e.url == EXT_NOTE)
                     .and_then(|e| e.value_string.as_ref())
-                    .map(|n| n.to_string()),
-            }),
+                    .map(|n| n.to_string());
+                // The Flag's own words (`code.text`) are its note when it
+                // has none; beside a note they are listed, never dropped.
+                let code_text = f.code.text.as_ref().map(|t| t.to_string());
+                let note = match (note, code_text) {
+                    (None, text) => text,
+                    (Some(note), Some(_)) => {
+                        index.note(
+                            format_args!("{p}code.text"),
+                            "not carried: the Flag's text beside its note extension",
+                        );
+                        Some(note)
+                    }
+                    (note, None) => note,
+                };
+                s_risks.push(RiskFlag {
+                    kind,
+                    active: f.status == "active",
+                    note,
+                });
+            }
             None => errors.add(
                 format!("{p}code.coding"),
                 "a risk code (suicide, self-harm, violence, vulnerability) is required",

@@ -196,6 +196,13 @@ impl<'a> Index<'a> {
     /// The ODS code of the Organization `r` points at, if it resolves.
     pub(super) fn ods(&self, r: &Reference, errors: &mut ValidationErrors) -> Option<OdsCode> {
         let (oi, ov) = self.resolve(r)?;
+        if self.kind(oi) != Some("Organization") {
+            errors.add(
+                format!("{}resourceType", self.path(oi)),
+                "must be an Organization: it is referred to as one",
+            );
+            return None;
+        }
         let o: Organization = typed(ov, self.path(oi), errors)?;
         parse_with(
             ods_of(&o),

@@ -163,6 +163,9 @@ pub struct Period<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HumanName<'a> {
+    #[serde(default, rename = "use", skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub use_: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub text: Option<Cow<'a, str>>,

@@ -270,6 +270,7 @@ fn add_patient(doc: &mut Doc, s: &ClinicalSummary) -> String {
         meta: Meta::profile(uk_core::PATIENT),
         identifier,
         name: Some(HumanName {
+            use_: None,
             text: None,
             family: Some(p.family_name.as_str().into()),
             given: p.given_names.iter().map(|g| g.as_str().into()).collect(),
@@ -653,6 +654,7 @@ fn add_author(doc: &mut Doc, s: &ClinicalSummary) -> (String, String) {
             meta: Meta::profile(uk_core::PRACTITIONER),
             name: (!is_blank(name))
                 .then(|| HumanName {
+                    use_: None,
                     text: Some(name.as_str().into()),
                     family: None,
                     given: Vec::new(),
