@@ -34,11 +34,17 @@ pub struct Answer {
 
 /// Submits `message` as `caller` and answers it.
 pub async fn answer(gateway: &Gateway, caller: &Caller, message: &[u8]) -> Answer {
-    let header = hl7v2::header(message);
+    // Decoded by MSH-18's character set (Latin-1 to UTF-8) before anything
+    // reads it; a set the gateway does not read is refused at MSH-18.
+    let decoded = hl7v2::decoded(message);
+    let text: &[u8] = decoded.as_deref().unwrap_or(message);
+    let header = hl7v2::header(text);
     let event = header.as_ref().and_then(MessageHeader::event);
-    let result = gateway
-        .submit(caller, command(header.as_ref(), message))
-        .await;
+    let cmd = match &decoded {
+        Ok(_) => command(header.as_ref(), text),
+        Err(e) => Err(e.clone()),
+    };
+    let result = gateway.submit(caller, cmd).await;
     let (code, errors, outcome) = match result {
         Ok(receipt) => {
             tracing::info!(

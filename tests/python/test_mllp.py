@@ -198,3 +198,26 @@ def test_v2_3_is_answered_without_a_message_structure(plain_gateway):
     assert msh.msh_9.to_er7() == "ACK^A01"
     msa = parse_segment(lines[1], version="2.3", validation_level=VALIDATION_LEVEL.STRICT)
     assert msa.msa_1.to_er7() == "AA" and msa.msa_2.to_er7() == "PY-OLD-3"
+
+
+def test_a_latin_1_message_is_read_as_msh_18_declares(plain_gateway):
+    """HL7 table 0211: 8859/1 is decoded (the name is not refused as bad UTF-8)."""
+    text = admission("PY-L1-1").replace("Whitcombe^Ellis", "Whitcombe^Zo\u00eb")
+    msh, rest = text.split("\r", 1)
+    latin = (msh + "||||||8859/1\r" + rest).encode("latin-1")
+    with socket.create_connection(("127.0.0.1", plain_gateway.mllp_port), timeout=10) as s:
+        s.sendall(b"\x0b" + latin + b"\x1c\r")
+        reply = b""
+        while not reply.endswith(b"\x1c\r"):
+            chunk = s.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    ack = parsed_ack(reply)
+    assert ack.msa.msa_1.to_er7() == "AA", reply
+    # A set the gateway does not read is refused at MSH-18.
+    other = admission("PY-L1-2")
+    msh, rest = other.split("\r", 1)
+    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+        ack = parsed_ack(client.send_message(msh + "||||||ISO IR87\r" + rest))
+    assert ack.msa.msa_1.to_er7() == "AE"
+    assert ack.err.err_2.to_er7() == "MSH^1^18"

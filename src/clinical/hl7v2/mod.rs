@@ -19,6 +19,7 @@
 //! MSH alone), `ack` (the answer to a submission), `unread` (what a message holds that is not read).
 
 mod ack;
+mod charset;
 mod escape;
 mod header;
 mod read;
@@ -27,6 +28,7 @@ mod unread;
 mod write;
 
 pub use ack::{AckCode, AckError, ErrorCode, ack};
+pub use charset::decoded;
 pub use escape::{escape, unescape};
 pub use header::{MessageHeader, event_of, header};
 pub use read::{Parsed, parse};

@@ -135,7 +135,7 @@ pub(super) fn unread(segments: &[Segment<'_>], event: Option<JourneyEvent>) -> V
         if s.id == "MSH" {
             // The header: sender, receiver, time, type, control id, processing
             // id and version are the envelope; the rest is listed.
-            for n in (8..=s.fields.len()).filter(|n| !(9..=12).contains(n)) {
+            for n in (8..=s.fields.len()).filter(|n| !(9..=12).contains(n) && *n != 18) {
                 if !s.field(n).is_empty() {
                     notes.push(format!("MSH-{n}: not read by the gateway"));
                 }

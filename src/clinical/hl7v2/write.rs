@@ -218,7 +218,11 @@ fn push_msh_evn(
     push_escaped(out, s.author.organisation.as_str());
     out.push_str("|||");
     push_ts(out, &s.authored_at);
-    let _ = write!(out, "||ADT^{code}^{structure}|{control}|P|2.5.1\r");
+    // MSH-18: the text is UTF-8 (HL7 table 0211; without it, ASCII is meant).
+    let _ = write!(
+        out,
+        "||ADT^{code}^{structure}|{control}|P|2.5.1||||||UNICODE UTF-8\r"
+    );
     let _ = write!(out, "EVN|{code}|");
     push_ts(out, &s.authored_at);
     out.push_str("||||");

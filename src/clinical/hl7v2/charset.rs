@@ -1,0 +1,73 @@
+//! The character set a message declares in MSH-18 (HL7 table 0211), for
+//! bytes that arrive as bytes (MLLP). The parser reads UTF-8; a message
+//! declared `8859/1` is decoded from Latin-1 first, so a name such as
+//! "Zoë" from an older system is read as written, not refused or garbled.
+
+use std::borrow::Cow;
+
+use crate::clinical::violation::ValidationErrors;
+
+/// `bytes` as UTF-8, decoded by the character set MSH-18 declares: none or
+/// `UNICODE UTF-8` (UTF-8, checked by the parser), `ASCII` (checked here),
+/// `8859/1` (Latin-1, decoded). Any other is refused at MSH-18.
+///
+/// # Errors
+/// MSH-18 names a set the gateway does not read, or ASCII holds a byte over 127.
+pub fn decoded(bytes: &[u8]) -> Result<Cow<'_, [u8]>, ValidationErrors> {
+    let line_end = memchr::memchr2(b'\r', b'\n', bytes).unwrap_or(bytes.len());
+    // MSH-1 is the separator itself, so MSH-18 is the 18th piece when split.
+    let declared = bytes[..line_end]
+        .split(|b| *b == b'|')
+        .nth(17)
+        .and_then(|f| f.split(|b| *b == b'~').next())
+        .unwrap_or_default();
+    match declared {
+        b"" | b"UNICODE UTF-8" => Ok(Cow::Borrowed(bytes)),
+        b"ASCII" => match bytes.iter().position(|b| !b.is_ascii()) {
+            None => Ok(Cow::Borrowed(bytes)),
+            Some(at) => Err(ValidationErrors::one(
+                "MSH-18",
+                format!("declares ASCII, but byte {at} is not ASCII"),
+            )),
+        },
+        b"8859/1" => Ok(Cow::Owned(
+            bytes
+                .iter()
+                .map(|b| char::from(*b))
+                .collect::<String>()
+                .into_bytes(),
+        )),
+        _ => Err(ValidationErrors::one(
+            "MSH-18",
+            "a character set the gateway does not read: send UNICODE UTF-8, 8859/1 or ASCII \
+             (HL7 table 0211)",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msh(charset: &str) -> Vec<u8> {
+        format!("MSH|^~\\&|A|YP001|B|C|20261124||ADT^A01^ADT_A01|X|P|2.5.1||||||{charset}\rPID|")
+            .into_bytes()
+    }
+
+    #[test]
+    fn latin_1_is_decoded_and_the_rest_refused_by_msh_18() {
+        let mut latin = msh("8859/1");
+        latin.extend_from_slice(b"Zo\xEB");
+        let text = String::from_utf8(decoded(&latin).unwrap().into_owned()).unwrap();
+        assert!(text.ends_with("PID|Zoë"), "{text}");
+        for utf8 in ["", "UNICODE UTF-8"] {
+            let m = msh(utf8);
+            assert!(matches!(decoded(&m).unwrap(), Cow::Borrowed(_)));
+        }
+        let mut ascii = msh("ASCII");
+        assert!(decoded(&ascii).is_ok());
+        ascii.push(0xE9);
+        assert_eq!(decoded(&ascii).unwrap_err().0[0].field, "MSH-18");
+        assert_eq!(decoded(&msh("ISO IR87")).unwrap_err().0[0].field, "MSH-18");
+    }
+}
