@@ -887,3 +887,79 @@ fn coded_reactions_and_routes_without_text_are_listed_and_a_flags_text_is_kept()
         read.risks
     );
 }
+
+/// A second PID or PV1, an EVN-1 naming another event, and a date of
+/// birth with anything after it are refused, not read past.
+#[test]
+fn hl7_segments_given_twice_and_dates_with_trailing_text_are_refused() {
+    for (edit, field) in [
+        (
+            Box::new(|segs: &mut Vec<String>| {
+                let pid = segment(segs, "PID").clone();
+                segs.insert(3, pid);
+            }) as Box<dyn Fn(&mut Vec<String>)>,
+            "PID(2)",
+        ),
+        (
+            Box::new(|segs: &mut Vec<String>| {
+                let evn = segment(segs, "EVN");
+                *evn = evn.replacen("EVN|A03|", "EVN|A01|", 1);
+            }),
+            "EVN-1",
+        ),
+        (
+            Box::new(|segs: &mut Vec<String>| {
+                let pid = segment(segs, "PID");
+                let mut fields: Vec<String> = pid.split('|').map(String::from).collect();
+                fields[7] = format!("{}XYZ", fields[7]);
+                *pid = fields.join("|");
+            }),
+            "PID-7",
+        ),
+    ] {
+        let segments = hl7_release(|segs| edit(segs));
+        let refused = parse_hl7(&segments).expect_err(field);
+        assert!(
+            refused.0.iter().any(|v| v.field == field),
+            "{field}: {refused:?}"
+        );
+    }
+    // A date of birth written as a whole timestamp (PID-7 is a TS) is read.
+    let segments = hl7_release(|segs| {
+        let pid = segment(segs, "PID");
+        let mut fields: Vec<String> = pid.split('|').map(String::from).collect();
+        fields[7] = format!("{}0000", fields[7]);
+        *pid = fields.join("|");
+    });
+    assert!(parse_hl7(&segments).is_ok());
+}
+
+/// A suspected allergy or diagnosis, a Condition in remission and a
+/// preliminary document are carried as recorded, and each qualifier listed.
+#[test]
+fn qualifiers_the_model_cannot_hold_are_listed() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    doc["entry"][0]["resource"]["status"] = json!("preliminary");
+    let (ci, condition) = entry_of(&mut doc, "Condition");
+    condition["verificationStatus"] = json!({"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+        "code": "provisional"
+    }]});
+    condition["clinicalStatus"] = json!({"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+        "code": "remission"
+    }]});
+    let read = parse_fhir(&doc).unwrap();
+    for note in [
+        "entry[0].resource.status: not carried: preliminary (carried as final)".to_owned(),
+        format!(
+            "entry[{ci}].resource.verificationStatus: not carried: provisional (carried as recorded, without the qualifier)"
+        ),
+        format!(
+            "entry[{ci}].resource.clinicalStatus: not carried: remission (carried as inactive)"
+        ),
+    ] {
+        assert!(read.not_read.contains(&note), "{note}: {:?}", read.not_read);
+    }
+}

@@ -53,6 +53,12 @@ pub(super) fn parse_document(
         });
 
     unique_full_urls(bundle, prefix, errors);
+    if comp.status == "preliminary" {
+        index.note(
+            format_args!("{p0}status"),
+            "not carried: preliminary (carried as final)",
+        );
+    }
     let (pi, pv) = the_patient(&index, &comp, errors)?;
     about_the_patient(&index, pi, errors);
     let from_patient = read_patient(&index, pi, pv, errors)?;
@@ -153,6 +159,42 @@ fn unique_full_urls(bundle: &RawBundle<'_>, prefix: &str, errors: &mut Validatio
                 "must be unique in the Bundle (FHIR bdl-7): a reference to it would be ambiguous",
             );
         }
+    }
+}
+
+/// Lists the qualifiers of entry `i` the model has no place for, so a
+/// recipient is told: a suspected (unconfirmed, provisional, differential)
+/// allergy or diagnosis is carried as recorded, and a Condition in
+/// remission as inactive.
+fn qualifier_notes(index: &Index<'_>, i: usize) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(index.json(i)) else {
+        return;
+    };
+    let codes = |element: &str| -> Vec<String> {
+        v.get(element)
+            .and_then(|c| c.get("coding"))
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("code").and_then(serde_json::Value::as_str))
+            .map(str::to_owned)
+            .collect()
+    };
+    let p = index.path(i);
+    if let Some(q) = codes("verificationStatus")
+        .into_iter()
+        .find(|c| matches!(c.as_str(), "unconfirmed" | "provisional" | "differential"))
+    {
+        index.note(
+            format_args!("{p}verificationStatus"),
+            &format!("not carried: {q} (carried as recorded, without the qualifier)"),
+        );
+    }
+    if codes("clinicalStatus").iter().any(|c| c == "remission") {
+        index.note(
+            format_args!("{p}clinicalStatus"),
+            "not carried: remission (carried as inactive)",
+        );
     }
 }
 
@@ -477,6 +519,7 @@ fn read_allergies(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Aller
     let mut s_allergies = Vec::new();
     for (i, v) in index.of_type("AllergyIntolerance") {
         let p = index.path(i);
+        qualifier_notes(index, i);
         let Some(a) = typed::<AllergyIntolerance>(v, p, errors) else {
             continue;
         };
@@ -575,6 +618,7 @@ fn read_conditions(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Diag
     let mut s_diagnoses = Vec::new();
     for (i, v) in index.of_type("Condition") {
         let p = index.path(i);
+        qualifier_notes(index, i);
         let Some(c) = typed::<Condition>(v, p, errors) else {
             continue;
         };

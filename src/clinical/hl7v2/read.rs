@@ -21,6 +21,11 @@ fn parse_dt(s: &str) -> Option<Date> {
     if s.len() < 8 || !s.as_bytes()[..8].iter().all(u8::is_ascii_digit) {
         return None;
     }
+    // A date, or a whole timestamp (PID-7 is a TS) whose day is taken:
+    // never a date with anything else after it (`19880314XYZ`).
+    if s.len() > 8 && When::from_hl7(s).is_none() {
+        return None;
+    }
     format!("{}-{}-{}", &s[..4], &s[4..6], &s[6..8])
         .parse()
         .ok()
@@ -197,6 +202,16 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     let text = message_text(bytes, limits)?;
     let segments = split(text.trim_start_matches('\u{feff}'), limits)?;
     let mut e = ValidationErrors::default();
+    // One patient, one event, one visit per message: a second of these
+    // would otherwise be ignored unsaid.
+    for id in ["EVN", "PID", "PD1", "PV1"] {
+        if let Some(again) = segments.iter().find(|s| s.id == id && s.nth > 1) {
+            e.add(
+                format!("{}({})", again.id, again.nth),
+                "given more than once: a message carries one patient and one event",
+            );
+        }
+    }
     let find = |id: &str| segments.iter().find(|s| s.id == id);
     let msh = find("MSH").expect("split checked MSH");
     let header = read_header(msh, find("EVN"), &mut e);
@@ -294,6 +309,11 @@ fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationE
     let event = super::event_of(&msh.comp(9, 1), &msh.comp(9, 2));
     if event.is_none() {
         e.add("MSH-9", "must be ADT^A01, ADT^A02, ADT^A03 or ADT^A08");
+    }
+    // EVN-1 (kept for compatibility) must not name another event than MSH-9.
+    let evn_type = evn.map(|s| s.comp(1, 1)).unwrap_or_default();
+    if !evn_type.is_empty() && evn_type != msh.comp(9, 2) {
+        e.add("EVN-1", "must be the trigger event MSH-9 names, or empty");
     }
     // HL7 table 0103: a training (T) or debugging (D) message must never
     // reach a clinician as a real patient's record.
