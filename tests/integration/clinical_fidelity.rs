@@ -963,3 +963,44 @@ fn qualifiers_the_model_cannot_hold_are_listed() {
         assert!(read.not_read.contains(&note), "{note}: {:?}", read.not_read);
     }
 }
+
+/// A medicine given as `medicationReference` to a Medication in the Bundle
+/// (as GP Connect sends it) is read like `medicationCodeableConcept`; a
+/// reference to anything else is refused at it.
+#[test]
+fn a_medication_reference_is_read_like_a_medication_concept() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (_, med) = entry_of(&mut doc, "MedicationStatement");
+    let concept = med["medicationCodeableConcept"].take();
+    med.as_object_mut()
+        .unwrap()
+        .remove("medicationCodeableConcept");
+    med["medicationReference"] =
+        json!({"reference": "urn:uuid:3c1f5e9a-7777-4777-8777-000000000007"});
+    doc["entry"].as_array_mut().unwrap().push(json!({
+        "fullUrl": "urn:uuid:3c1f5e9a-7777-4777-8777-000000000007",
+        "resource": {"resourceType": "Medication", "code": concept}
+    }));
+    let read = parse_fhir(&doc).unwrap();
+    assert_eq!(read.medications, s.medications);
+    assert!(read.not_read.is_empty(), "{:?}", read.not_read);
+
+    let patient_url = doc["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "Patient")
+        .map(|e| e["fullUrl"].clone())
+        .unwrap();
+    let (i, med) = entry_of(&mut doc, "MedicationStatement");
+    med["medicationReference"] = json!({"reference": patient_url});
+    let refused = parse_fhir(&doc).unwrap_err();
+    assert!(
+        refused
+            .0
+            .iter()
+            .any(|v| v.field == format!("entry[{i}].resource.medicationReference.reference")),
+        "{refused:?}"
+    );
+}

@@ -433,9 +433,11 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         let Some(m) = typed::<MedicationStatement>(v, p, errors) else {
             continue;
         };
-        let code = parse_code(
-            &m.medication_codeable_concept,
-            format_args!("{p}medicationCodeableConcept"),
+        let code = super::read::medication_code(
+            index,
+            m.medication_codeable_concept.as_ref(),
+            m.medication_reference.as_ref(),
+            p,
             errors,
         );
         let dosage = m.dosage.first();

@@ -2,7 +2,7 @@
 //! `MedicationRequest`, UK Core profile, both ways.
 
 use super::index::Index;
-use super::read::{parse_code, parse_with, typed};
+use super::read::{parse_with, typed};
 use super::types::{DispenseRequest, Dosage, MedicationRequest, Meta, Quantity, Reference};
 use super::write::code_cc;
 use crate::clinical::model::{
@@ -22,7 +22,8 @@ pub(super) fn to_fhir<'a>(p: &'a Prescription, subject: &Reference<'a>) -> Medic
         meta: Meta::profile(PROFILE),
         status: p.status.as_str().into(),
         intent: p.intent.as_str().into(),
-        medication_codeable_concept: code_cc(&p.code),
+        medication_codeable_concept: Some(code_cc(&p.code)),
+        medication_reference: None,
         subject: subject.clone(),
         authored_on: p.authored_on.as_ref().map(|t| t.to_string().into()),
         dosage_instruction: p
@@ -66,9 +67,11 @@ pub(super) fn read(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Pres
         if !PRESCRIPTION_INTENTS.contains(&&*m.intent) {
             errors.add(format!("{at}intent"), "not a MedicationRequest intent (R4)");
         }
-        let code = parse_code(
-            &m.medication_codeable_concept,
-            format_args!("{at}medicationCodeableConcept"),
+        let code = super::read::medication_code(
+            index,
+            m.medication_codeable_concept.as_ref(),
+            m.medication_reference.as_ref(),
+            at,
             errors,
         );
         let authored_on = parse_with(

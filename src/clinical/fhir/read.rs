@@ -333,6 +333,46 @@ pub(super) fn day_of(
     day
 }
 
+/// A medicine's code: `medicationCodeableConcept`, or the `code` of the
+/// Medication `medicationReference` names in the Bundle (GP Connect's way).
+pub(super) fn medication_code(
+    index: &Index<'_>,
+    concept: Option<&CodeableConcept<'_>>,
+    reference: Option<&Reference<'_>>,
+    at: impl fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<Code> {
+    if let Some(cc) = concept {
+        return parse_code(cc, format_args!("{at}medicationCodeableConcept"), errors);
+    }
+    let Some(reference) = reference else {
+        errors.add(
+            format!("{at}medicationCodeableConcept"),
+            "required: the medicine (medicationCodeableConcept or medicationReference)",
+        );
+        return None;
+    };
+    let Some((mi, mv)) = index
+        .resolve(reference)
+        .filter(|(mi, _)| index.kind(*mi) == Some("Medication"))
+    else {
+        errors.add(
+            format!("{at}medicationReference.reference"),
+            "must refer to a Medication entry in the Bundle",
+        );
+        return None;
+    };
+    let mp = index.path(mi);
+    let medication: Medication<'_> = typed(mv, mp, errors)?;
+    match medication.code.as_ref() {
+        Some(cc) => parse_code(cc, format_args!("{mp}code"), errors),
+        None => {
+            errors.add(format!("{mp}code"), "required: the medicine's code");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

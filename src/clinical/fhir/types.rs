@@ -303,6 +303,17 @@ pub struct Patient<'a> {
     pub general_practitioner: Vec<Reference<'a>>,
 }
 
+/// A Medication a MedicationStatement or MedicationRequest refers to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Medication<'a> {
+    #[serde(borrow)]
+    pub resource_type: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub code: Option<CodeableConcept<'a>>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Organization<'a> {
@@ -410,8 +421,13 @@ pub struct MedicationStatement<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub category: Option<CodeableConcept<'a>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
-    pub medication_codeable_concept: CodeableConcept<'a>,
+    pub medication_codeable_concept: Option<CodeableConcept<'a>>,
+    /// A Medication in the Bundle instead (as GP Connect sends it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub medication_reference: Option<Reference<'a>>,
     #[serde(borrow)]
     pub subject: Reference<'a>,
     #[serde(default, skip_serializing_if = "empty")]
@@ -455,8 +471,13 @@ pub struct MedicationRequest<'a> {
     pub status: Cow<'a, str>,
     #[serde(borrow)]
     pub intent: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
-    pub medication_codeable_concept: CodeableConcept<'a>,
+    pub medication_codeable_concept: Option<CodeableConcept<'a>>,
+    /// A Medication in the Bundle instead (as GP Connect sends it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub medication_reference: Option<Reference<'a>>,
     #[serde(borrow)]
     pub subject: Reference<'a>,
     #[serde(default, skip_serializing_if = "blank")]

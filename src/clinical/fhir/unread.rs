@@ -34,7 +34,15 @@ pub(super) struct Schema {
 const COMMON: [&str; 4] = ["resourceType", "id", "meta", "meta.profile"];
 
 /// The resource types the gateway reads, each with its schema.
-const SCHEMAS: [(&str, Schema); 14] = [
+const SCHEMAS: [(&str, Schema); 15] = [
+    (
+        "Medication",
+        Schema {
+            known: &["code{cc}"],
+            first_only: &[],
+            extensions: &[],
+        },
+    ),
     (
         "Composition",
         Schema {
@@ -142,6 +150,7 @@ const SCHEMAS: [(&str, Schema); 14] = [
                 "status",
                 "category{cc}",
                 "medicationCodeableConcept{cc}",
+                "medicationReference{ref}",
                 "subject{ref}",
                 "dosage",
                 "dosage.text",
@@ -161,6 +170,7 @@ const SCHEMAS: [(&str, Schema); 14] = [
                 "status",
                 "intent",
                 "medicationCodeableConcept{cc}",
+                "medicationReference{ref}",
                 "subject{ref}",
                 "authoredOn",
                 "dosageInstruction",

@@ -385,7 +385,8 @@ fn add_medications(doc: &mut Doc, s: &ClinicalSummary, subject: &Reference<'_>) 
                 category: m
                     .opioid_substitution
                     .then(|| local("opioid-substitution", "Opioid substitution therapy")),
-                medication_codeable_concept: code_cc(&m.code),
+                medication_codeable_concept: Some(code_cc(&m.code)),
+                medication_reference: None,
                 subject: subject.clone(),
                 dosage: dosage(m).into_iter().collect(),
             })
