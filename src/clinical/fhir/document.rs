@@ -170,16 +170,7 @@ fn qualifier_notes(index: &Index<'_>, i: usize) {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(index.json(i)) else {
         return;
     };
-    let codes = |element: &str| -> Vec<String> {
-        v.get(element)
-            .and_then(|c| c.get("coding"))
-            .and_then(serde_json::Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.get("code").and_then(serde_json::Value::as_str))
-            .map(str::to_owned)
-            .collect()
-    };
+    let codes = |element: &str| super::unread::codes_of(&v, element);
     let p = index.path(i);
     if let Some(q) = codes("verificationStatus")
         .into_iter()

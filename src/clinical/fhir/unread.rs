@@ -525,16 +525,7 @@ pub(super) fn withdrawn(kind: &str, json: &str) -> Option<String> {
     if status == Some("entered-in-error") {
         return Some("entered in error".into());
     }
-    let codes = |element: &str| -> Vec<String> {
-        v.get(element)
-            .and_then(|c| c.get("coding"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.get("code").and_then(Value::as_str))
-            .map(str::to_owned)
-            .collect()
-    };
+    let codes = |element: &str| codes_of(&v, element);
     let verification = codes("verificationStatus")
         .into_iter()
         .find(|c| matches!(c.as_str(), "refuted" | "entered-in-error"));
@@ -563,6 +554,19 @@ pub(super) fn withdrawn(kind: &str, json: &str) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The codes of a resource's CodeableConcept `element` (every coding).
+pub(super) fn codes_of(resource: &Value, element: &str) -> Vec<String> {
+    resource
+        .get(element)
+        .and_then(|c| c.get("coding"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("code").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A status code for a note: FHIR codes are short lower-case words; anything
