@@ -58,8 +58,13 @@ pub(super) fn unescaped(text: &str) -> Cow<'_, str> {
                     "T" => out.push('&'),
                     "R" => out.push('~'),
                     "E" => out.push('\\'),
-                    "X0D" => out.push('\r'),
-                    "X0A" => out.push('\n'),
+                    // Formatting (HL7 v2 §2.7): a line break, and the
+                    // highlighting the model has no place for.
+                    ".br" => out.push('\n'),
+                    "H" | "N" => {}
+                    hex if hex_text(hex).is_some() => {
+                        out.push_str(&hex_text(hex).unwrap_or_default());
+                    }
                     other => {
                         out.push('\\');
                         out.push_str(other);
@@ -78,6 +83,20 @@ pub(super) fn unescaped(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// The text of a hexadecimal escape's body (`X0D0A`, `XC3A9`): its bytes
+/// as UTF-8, or `None` when it is not one (kept as written).
+fn hex_text(seq: &str) -> Option<String> {
+    let digits = seq.strip_prefix('X')?;
+    if digits.is_empty() || digits.len() % 2 != 0 {
+        return None;
+    }
+    let bytes = (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +109,16 @@ mod tests {
         assert_eq!(unescape(&escaped), text);
         assert_eq!(unescape("x\\Q\\y"), "x\\Q\\y");
         assert_eq!(unescape("trailing\\"), "trailing\\");
+        // Hexadecimal data and formatting (HL7 v2 §2.7).
+        assert_eq!(unescape("Zo\\XC3AB\\"), "Zoë");
+        assert_eq!(unescape("a\\X0D0A\\b"), "a\r\nb");
+        assert_eq!(unescape("one\\.br\\two"), "one\ntwo");
+        assert_eq!(unescape("\\H\\Urgent\\N\\"), "Urgent");
+        assert_eq!(unescape("x\\XZZ\\y"), "x\\XZZ\\y");
+        assert_eq!(
+            unescape("x\\XFF\\y"),
+            "x\\XFF\\y",
+            "not UTF-8: kept as written"
+        );
     }
 }
