@@ -113,6 +113,12 @@ fn command(header: Option<&MessageHeader>, message: &[u8]) -> Decoded<SubmitComm
         ));
     };
     let mut v = ValidationErrors::default();
+    if !h.standard_delimiters {
+        v.add(
+            "MSH-2",
+            "only the standard delimiters |^~\\& are read (MSH-1 and MSH-2)",
+        );
+    }
     let event = h.event();
     if event.is_none() {
         if h.message_type == "ADT" {

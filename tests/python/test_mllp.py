@@ -221,3 +221,15 @@ def test_a_latin_1_message_is_read_as_msh_18_declares(plain_gateway):
         ack = parsed_ack(client.send_message(msh + "||||||ISO IR87\r" + rest))
     assert ack.msa.msa_1.to_er7() == "AE"
     assert ack.err.err_2.to_er7() == "MSH^1^18"
+
+
+def test_other_delimiters_are_refused_with_an_ack_that_names_the_message(plain_gateway):
+    """MSH-1/MSH-2 define a message's delimiters: a refusal read by them names its MSH-10."""
+    text = admission("PY-DELIM-1").replace("^", "$")
+    assert text.startswith("MSH|$~\\&|")
+    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+        ack = parsed_ack(client.send_message(text))
+    assert ack.msa.msa_1.to_er7() == "AE"
+    assert ack.msa.msa_2.to_er7() == "PY-DELIM-1"
+    assert ack.msh.msh_9.to_er7() == "ACK^A01^ACK"
+    assert ack.err.err_2.to_er7() == "MSH^1^2"

@@ -32,6 +32,10 @@ pub struct MessageHeader {
     pub processing_id: String,
     /// MSH-12.1, the version (`2.5.1`).
     pub version: String,
+    /// Whether MSH-1 and MSH-2 are the standard `|^~\&` (the only
+    /// delimiters the parser reads). A header with others is still read, by
+    /// its own delimiters, so its refusal can name the message.
+    pub standard_delimiters: bool,
 }
 
 impl MessageHeader {
@@ -56,13 +60,17 @@ pub fn event_of(message_type: &str, trigger: &str) -> Option<JourneyEvent> {
 }
 
 /// The MSH of `bytes`, or `None` when they do not start with an MSH segment
-/// using the standard delimiters `|^~\&` (or its line is not UTF-8).
+/// (or its line is not UTF-8). A header whose delimiters are not the
+/// standard `|^~\&` is read by its own MSH-1 and MSH-2 (echoed fields keep
+/// only their first component), with `standard_delimiters` false.
 #[must_use]
 pub fn header(bytes: &[u8]) -> Option<MessageHeader> {
     let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
     let line_end = memchr::memchr2(b'\r', b'\n', bytes).unwrap_or(bytes.len());
     let line = std::str::from_utf8(&bytes[..line_end]).ok()?;
-    let rest = line.strip_prefix("MSH|^~\\&")?;
+    let Some(rest) = line.strip_prefix("MSH|^~\\&") else {
+        return other_delimiters(line);
+    };
     // fields[0] is MSH-2's tail (empty), so MSH-n is fields[n - 2].
     let fields: Vec<&str> = rest.split('|').collect();
     let raw = |n: usize| -> &str {
@@ -85,6 +93,49 @@ pub fn header(bytes: &[u8]) -> Option<MessageHeader> {
         control_id: comp(10, 1),
         processing_id: comp(11, 1),
         version: comp(12, 1),
+        standard_delimiters: true,
+    })
+}
+
+/// An MSH with delimiters of its own (`MSH#^~\&#…`, `MSH|$~\&|…`): read by
+/// them, so that the refusal names the message; `None` when MSH-1 and MSH-2
+/// are not five distinct punctuation characters.
+fn other_delimiters(line: &str) -> Option<MessageHeader> {
+    let rest = line.strip_prefix("MSH")?;
+    let delimiters: Vec<char> = rest.chars().take(5).collect();
+    let distinct = delimiters
+        .iter()
+        .enumerate()
+        .all(|(i, c)| !delimiters[..i].contains(c));
+    if delimiters.len() < 5 || !distinct || !delimiters.iter().all(char::is_ascii_punctuation) {
+        return None;
+    }
+    let (field, component) = (delimiters[0], delimiters[1]);
+    let fields: Vec<&str> = rest[5..].split(field).collect();
+    // fields[0] is MSH-2's tail (empty), so MSH-n is fields[n - 2].
+    let comp = |n: usize, c: usize| -> String {
+        let first = fields
+            .get(n - 2)
+            .copied()
+            .unwrap_or_default()
+            .split(delimiters[2])
+            .next()
+            .unwrap_or_default();
+        let value = first.split(component).nth(c - 1).unwrap_or_default();
+        value.chars().take(MAX_ECHOED).collect()
+    };
+    let echoed = |n: usize| super::escape::escape(&comp(n, 1));
+    Some(MessageHeader {
+        sending_application: echoed(3),
+        sending_facility: echoed(4),
+        receiving_application: echoed(5),
+        receiving_facility: echoed(6),
+        message_type: comp(9, 1),
+        trigger: comp(9, 2),
+        control_id: comp(10, 1),
+        processing_id: comp(11, 1),
+        version: comp(12, 1),
+        standard_delimiters: false,
     })
 }
 
@@ -108,7 +159,14 @@ mod tests {
         let short = header(b"MSH|^~\\&|A").unwrap();
         assert_eq!(short.control_id, "");
         assert_eq!(header(b"PID|1"), None);
-        assert_eq!(header(b"MSH#^~\\&#"), None);
+        let other = header(b"MSH#^~\\&#PAS^1#YP001#TC#GW#20261124##ADT^A03#c-2#P#2.5.1").unwrap();
+        assert!(!other.standard_delimiters);
+        assert_eq!((&*other.control_id, &*other.trigger), ("c-2", "A03"));
+        assert_eq!(other.sending_application, "PAS");
+        let dollar =
+            header(b"MSH|$~\\&|PAS|YP001|TC|GW|20261124||ADT$A01$ADT_A01|E-2|P|2.5.1").unwrap();
+        assert_eq!((&*dollar.control_id, &*dollar.trigger), ("E-2", "A01"));
+        assert_eq!(header(b"MSHA^~\\&A"), None);
         assert_eq!(event_of("ORU", "R01"), None);
     }
 }

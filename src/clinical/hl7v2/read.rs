@@ -317,11 +317,13 @@ fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationE
     }
     // HL7 table 0103: a training (T) or debugging (D) message must never
     // reach a clinician as a real patient's record.
-    if !matches!(&*msh.comp(11, 1), "P" | "") {
-        e.add(
+    match &*msh.comp(11, 1) {
+        "P" => {}
+        "" => e.add("MSH-11", "required: the processing id (P, HL7 table 0103)"),
+        _ => e.add(
             "MSH-11",
             "only production messages (P, HL7 table 0103) are carried",
-        );
+        ),
     }
     let version = msh.comp(12, 1);
     if !super::ack::VERSIONS.contains(&&*version) {
