@@ -189,6 +189,21 @@ fn ack_code(e: &Error) -> AckCode {
     }
 }
 
+/// Where in an ADT message the summary's fields are read from (for the
+/// rules checked on the summary, whose paths are the model's).
+fn hl7_place(model_path: &str) -> Option<&'static str> {
+    Some(match model_path {
+        "summary.patient.family_name" => "PID-5.1",
+        "summary.patient.date_of_birth" => "PID-7",
+        "summary.custody.reception_date" => "PV1-44",
+        "summary.custody.transfer_at" => "EVN-6",
+        "summary.custody.transfer_to" => "PV1-3.4",
+        "summary.custody.release_date" => "PV1-45",
+        "summary.custody.release_address" => "PID-11",
+        _ => return None,
+    })
+}
+
 /// The ERR segments of a refusal: never a value from the message.
 fn ack_errors(e: &Error) -> Vec<AckError> {
     let reason = e.reason();
@@ -204,7 +219,14 @@ fn ack_errors(e: &Error) -> Vec<AckError> {
     match (e, reason) {
         (Error::Invalid(vs), _) => vs
             .iter()
-            .map(|v| AckError::of_violation(&scrubbed(v.clone()), reason))
+            .map(|v| {
+                let mut v = scrubbed(v.clone());
+                // A rule on the summary as read names the HL7 field it came from.
+                if let Some(place) = hl7_place(&v.field) {
+                    v.field = place.to_owned();
+                }
+                AckError::of_violation(&v, reason)
+            })
             .collect(),
         (_, "ALREADY_EXISTS") => one(
             "MSH^1^10",
@@ -241,6 +263,22 @@ fn refused(kind: Kind) -> Outcome {
 mod tests {
     use super::*;
     use crate::store::StoreError;
+
+    #[test]
+    fn a_rule_on_the_summary_names_its_hl7_field() {
+        let e = Error::invalid(
+            "summary.custody.release_date",
+            "a release needs the release date",
+        );
+        let errs = ack_errors(&e);
+        assert_eq!(errs[0].location, "PV1^1^45");
+        assert_eq!(errs[0].code, ErrorCode::RequiredFieldMissing);
+        let e = Error::invalid(
+            "summary.custody.transfer_to",
+            "a transfer needs the receiving prison",
+        );
+        assert_eq!(ack_errors(&e)[0].location, "PV1^1^3^1^4");
+    }
 
     #[test]
     fn codes_follow_what_the_sender_must_do() {

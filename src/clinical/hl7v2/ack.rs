@@ -95,7 +95,9 @@ impl ErrorCode {
             ("MSH", "12") => ErrorCode::UnsupportedVersionId,
             // A whole segment missing (`PID`: required) is a sequence error.
             (_, "") if is_segment_id(segment) => ErrorCode::SegmentSequence,
-            _ if description.starts_with("required") => ErrorCode::RequiredFieldMissing,
+            _ if description.starts_with("required") || description.contains(" needs ") => {
+                ErrorCode::RequiredFieldMissing
+            }
             _ if field.starts_with("segment") || field == "MSH" => ErrorCode::SegmentSequence,
             _ if description.contains("HL7 table") || description.starts_with("must be one of") => {
                 ErrorCode::TableValueNotFound
@@ -462,6 +464,7 @@ mod tests {
         assert_eq!(code("MSH-12", "must be an HL7 v2 version"), 203);
         assert_eq!(code("MSH", "must start with MSH"), 100);
         assert_eq!(code("PID", "required"), 100, "a missing segment");
+        assert_eq!(code("PV1-45", "a release needs the release date"), 101);
         assert_eq!(
             code("MSH-10", "must be at most 128 printable ASCII characters"),
             102,
