@@ -22,8 +22,9 @@ use crate::operator::metrics::Outcome;
 /// What one message was answered.
 #[derive(Debug)]
 pub struct Answer {
-    /// The ACK's text.
-    pub ack: String,
+    /// The ACK's text; `None` when the message's MSH-15 asks for none
+    /// (enhanced mode `NE`, or `ER`/`SU` when it does not apply).
+    pub ack: Option<String>,
     /// Its MSA-1.
     pub code: AckCode,
     /// The event MSH-9 named, when one we carry.
@@ -72,13 +73,17 @@ pub async fn answer(gateway: &Gateway, caller: &Caller, message: &[u8]) -> Answe
     let now = gateway.clock.now_ms();
     let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let ack = hl7v2::ack(
+        header.as_ref(),
+        code,
+        &errors,
+        &crate::clinical::model::DateTime(at),
+    );
+    let wanted = header
+        .as_ref()
+        .is_none_or(|h| h.wants_ack(code == AckCode::Accept));
     Answer {
-        ack: hl7v2::ack(
-            header.as_ref(),
-            code,
-            &errors,
-            &crate::clinical::model::DateTime(at),
-        ),
+        ack: wanted.then_some(ack),
         code,
         event,
         outcome,

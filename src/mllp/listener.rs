@@ -279,12 +279,14 @@ async fn session<S>(
                     a.outcome,
                     started.elapsed(),
                 );
+                let Some(ack) = a.ack else {
+                    // Enhanced mode: MSH-15 asked for no acknowledgement here.
+                    continue;
+                };
                 shared.metrics.mllp_acked(a.code.as_str());
                 // A peer that stops reading cannot hold the connection (or a drain) forever.
-                let written = tokio::time::timeout(
-                    s.idle_timeout,
-                    frame::write(&mut stream, a.ack.as_bytes()),
-                );
+                let written =
+                    tokio::time::timeout(s.idle_timeout, frame::write(&mut stream, ack.as_bytes()));
                 if !matches!(written.await, Ok(Ok(()))) {
                     return;
                 }

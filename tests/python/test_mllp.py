@@ -233,3 +233,32 @@ def test_other_delimiters_are_refused_with_an_ack_that_names_the_message(plain_g
     assert ack.msa.msa_2.to_er7() == "PY-DELIM-1"
     assert ack.msh.msh_9.to_er7() == "ACK^A01^ACK"
     assert ack.err.err_2.to_er7() == "MSH^1^2"
+
+
+def with_ack_types(text: str, accept: str, application: str) -> str:
+    msh, rest = text.split("\r", 1)
+    return f"{msh}|||{accept}|{application}\r{rest}"
+
+
+def test_enhanced_mode_gets_commit_acks_as_msh_15_asks(plain_gateway):
+    """HL7 v2 §2.9.3: MSH-15 AL gets a commit ACK (CA); NE gets none at all."""
+    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+        ack = parsed_ack(client.send_message(with_ack_types(admission("PY-ENH-1"), "AL", "NE")))
+    assert ack.msa.msa_1.to_er7() == "CA"
+    assert ack.msa.msa_2.to_er7() == "PY-ENH-1"
+    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+        ack = parsed_ack(client.send_message(with_ack_types(admission("PY-ENH-2", dob=""), "AL", "NE")))
+    assert ack.msa.msa_1.to_er7() == "CE"
+    # NE: no acknowledgement; the next message on the connection is answered as usual.
+    with socket.create_connection(("127.0.0.1", plain_gateway.mllp_port), timeout=10) as s:
+        quiet = with_ack_types(admission("PY-ENH-3"), "NE", "NE")
+        s.sendall(b"\x0b" + quiet.encode() + b"\x1c\r")
+        s.sendall(b"\x0b" + admission("PY-ENH-4").encode() + b"\x1c\r")
+        reply = b""
+        while not reply.endswith(b"\x1c\r"):
+            chunk = s.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    ack = parsed_ack(reply)
+    assert ack.msa.msa_1.to_er7() == "AA"
+    assert ack.msa.msa_2.to_er7() == "PY-ENH-4", "no ACK was sent for the NE message"

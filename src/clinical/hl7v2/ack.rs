@@ -229,7 +229,13 @@ pub fn ack(
             printable(&h.sending_facility),
             ts(at),
         ),
-        msa(code, &h.control_id, errors, before_2_5(version)),
+        msa(
+            code,
+            h.enhanced(),
+            &h.control_id,
+            errors,
+            before_2_5(version),
+        ),
     ];
     if before_2_5(version) {
         // Those versions' ACK holds at most one ERR: its ERR-1 repeats.
@@ -257,8 +263,16 @@ fn cut(text: &str, max: usize) -> &str {
 
 /// MSA: the code and the inbound control id; before v2.5, the first
 /// error's text in MSA-3 (the only place those versions have for it).
-fn msa(code: AckCode, control_id: &str, errors: &[AckError], old: bool) -> String {
-    let mut msa = format!("MSA|{}|{}", code.as_str(), printable(&escape(control_id)));
+fn msa(code: AckCode, commit: bool, control_id: &str, errors: &[AckError], old: bool) -> String {
+    // Enhanced mode: this is the commit (accept) acknowledgement. An AA here
+    // already means durable, so the codes are the same decision.
+    let code = match (commit, code) {
+        (false, c) => c.as_str(),
+        (true, AckCode::Accept) => "CA",
+        (true, AckCode::Error) => "CE",
+        (true, AckCode::Reject) => "CR",
+    };
+    let mut msa = format!("MSA|{code}|{}", printable(&escape(control_id)));
     if let Some(first) = errors.first().filter(|_| old) {
         msa.push('|');
         msa.push_str(&printable(&escape(cut(&first.message, 60))));

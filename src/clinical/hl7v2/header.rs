@@ -32,6 +32,11 @@ pub struct MessageHeader {
     pub processing_id: String,
     /// MSH-12.1, the version (`2.5.1`).
     pub version: String,
+    /// MSH-15.1, the accept acknowledgement type (`AL`, `NE`, `ER`, `SU`):
+    /// with MSH-16, valued only in enhanced acknowledgement mode.
+    pub accept_ack: String,
+    /// MSH-16.1, the application acknowledgement type.
+    pub application_ack: String,
     /// Whether MSH-1 and MSH-2 are the standard `|^~\&` (the only
     /// delimiters the parser reads). A header with others is still read, by
     /// its own delimiters, so its refusal can name the message.
@@ -43,6 +48,27 @@ impl MessageHeader {
     #[must_use]
     pub fn event(&self) -> Option<JourneyEvent> {
         event_of(&self.message_type, &self.trigger)
+    }
+
+    /// Whether the message asks for enhanced acknowledgement (MSH-15 or
+    /// MSH-16 valued): then its ACK is a commit acknowledgement (CA, CE,
+    /// CR), sent as MSH-15 asks.
+    #[must_use]
+    pub fn enhanced(&self) -> bool {
+        !self.accept_ack.is_empty() || !self.application_ack.is_empty()
+    }
+
+    /// Whether an acknowledgement of `accepted` is sent: always in original
+    /// mode; in enhanced mode as MSH-15 says (`AL` or empty always, `NE`
+    /// never, `ER` only for a refusal, `SU` only for an acceptance).
+    #[must_use]
+    pub fn wants_ack(&self, accepted: bool) -> bool {
+        match self.accept_ack.as_str() {
+            "NE" => false,
+            "ER" => !accepted,
+            "SU" => accepted,
+            _ => true,
+        }
     }
 }
 
@@ -93,6 +119,8 @@ pub fn header(bytes: &[u8]) -> Option<MessageHeader> {
         control_id: comp(10, 1),
         processing_id: comp(11, 1),
         version: comp(12, 1),
+        accept_ack: comp(15, 1),
+        application_ack: comp(16, 1),
         standard_delimiters: true,
     })
 }
@@ -135,6 +163,8 @@ fn other_delimiters(line: &str) -> Option<MessageHeader> {
         control_id: comp(10, 1),
         processing_id: comp(11, 1),
         version: comp(12, 1),
+        accept_ack: comp(15, 1),
+        application_ack: comp(16, 1),
         standard_delimiters: false,
     })
 }
