@@ -351,9 +351,38 @@ impl Gateway {
             urgent: d.urgent,
             not_carried,
             due_ms: d.due_ms,
-            supersedes_handover_id: l.handover.supersedes,
+            supersedes_handover_id: self.supersedes_for(&d.mailbox, &l.handover),
             document,
         })
+    }
+
+    /// The earlier handover a delivery to `mailbox` replaces: the nearest in
+    /// the sender's lineage that this mailbox was given (leased at least
+    /// once), so that a recipient holding it is told, even when the ones in
+    /// between were retired before reaching it; the immediate predecessor
+    /// when it was given none. A store read failing gives the predecessor.
+    fn supersedes_for(&self, mailbox: &str, handover: &HandoverRecord) -> Option<u64> {
+        const MAX_WALK: usize = 32;
+        let first = handover.supersedes?;
+        let mut next = Some(first);
+        for _ in 0..MAX_WALK {
+            let Some(id) = next else { break };
+            let Ok(Some(older)) = self.store.handover(id) else {
+                break;
+            };
+            let given = older.deliveries.iter().any(|d| {
+                matches!(
+                    self.store.delivery(*d),
+                    Ok(Some(r)) if r.mailbox == mailbox
+                        && (r.state == DeliveryState::Delivered || r.attempt > 0)
+                )
+            });
+            if given {
+                return Some(id);
+            }
+            next = older.supersedes;
+        }
+        Some(first)
     }
 
     /// Gives back attempts the caller's pull leased but could not send (its

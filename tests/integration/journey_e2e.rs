@@ -897,3 +897,52 @@ async fn a_summary_superseded_before_it_is_given_back_unsent_is_retired_on(engin
     assert_eq!(old.deliveries[0].state(), pb::DeliveryState::Superseded);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_correction_names_the_summary_its_recipient_was_given() {
+    a_correction_names_the_summary_its_recipient_was_given_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_correction_names_the_summary_its_recipient_was_given_on_postgres() {
+    a_correction_names_the_summary_its_recipient_was_given_on(Engine::Postgres).await;
+}
+
+/// The receiving prison acknowledged t-1; t-2 was retired before it reached
+/// them; t-3 must say it replaces t-1 (what they hold), not t-2 (which they
+/// never saw), or the older summary stays filed beside the newer one.
+async fn a_correction_names_the_summary_its_recipient_was_given_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let t = pb::JourneyEvent::Transfer;
+    let first = prison
+        .submit(submit("n-1", t, &[], &transfer(2, "first")))
+        .await
+        .unwrap()
+        .into_inner()
+        .handover_id;
+    let mut receiving = gw.client("YP002").await;
+    assert_eq!(pull_and_ack(&mut receiving).await.len(), 1);
+    let second = prison
+        .submit(submit("n-2", t, &[], &transfer(2, "second")))
+        .await
+        .unwrap()
+        .into_inner()
+        .handover_id;
+    prison
+        .submit(submit("n-3", t, &[], &transfer(2, "third")))
+        .await
+        .unwrap();
+    let got = pull_and_ack(&mut receiving).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["third"]);
+    assert_eq!(
+        got[0].supersedes_handover_id, first,
+        "not {second}, never given"
+    );
+    // The sender's own view keeps the chain as sent.
+    let track = track_message(&mut prison, "n-3").await;
+    assert_eq!(track.supersedes_handover_id, second);
+    gw.stop().await;
+}
