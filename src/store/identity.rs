@@ -174,29 +174,35 @@ impl Writer {
             let latest = ours.map_or(theirs, |o| o.max(theirs));
             staged.put(TreeId::Lineage, target, records::be(latest).to_vec());
             staged.del(TreeId::Lineage, key);
-            if ours.is_some() {
-                self.supersede_before(staged, a, latest, now)?;
+            if let Some(ours) = ours {
+                self.supersede_before(staged, a, (latest, ours.min(theirs)), now)?;
             }
         }
         Ok(())
     }
 
     /// Retires the undelivered copies of everything handover `latest`
-    /// supersedes within patient `patient_key`.
+    /// supersedes within patient `patient_key`; `earlier` is the other
+    /// lineage's latest, which `latest` now names as the handover it
+    /// supersedes when it named none (so its deliveries say so).
     fn supersede_before(
         &mut self,
         staged: &mut Staged<'_>,
         patient_key: &str,
-        latest: u64,
+        (latest, earlier): (u64, u64),
         now: i64,
     ) -> Result<(), StoreError> {
         // Its tracking data may be gone under the retention policy: then it
         // finished long ago, and there is nothing to compare with.
-        let Some(handover) =
+        let Some(mut handover) =
             staged.get_json::<super::HandoverRecord>(TreeId::Handovers, &records::be(latest))?
         else {
             return Ok(());
         };
+        if handover.supersedes.is_none() && earlier != latest {
+            handover.supersedes = Some(earlier);
+            staged.put_json(TreeId::Handovers, records::be(latest).to_vec(), &handover);
+        }
         let mut deliveries = Vec::with_capacity(handover.deliveries.len());
         for id in &handover.deliveries {
             deliveries.push((load(staged, *id)?.mailbox, *id));

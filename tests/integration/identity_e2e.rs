@@ -445,3 +445,81 @@ async fn a_leased_copy_stays_with_its_recipient_and_is_never_offered_again_on(en
     assert!(pull_and_ack(&mut gp).await.is_empty());
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_summary_that_a_late_link_makes_newer_names_the_one_it_replaces() {
+    a_summary_that_a_late_link_makes_newer_names_the_one_it_replaces_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_summary_that_a_late_link_makes_newer_names_the_one_it_replaces_on_postgres() {
+    a_summary_that_a_late_link_makes_newer_names_the_one_it_replaces_on(Engine::Postgres).await;
+}
+
+/// Two releases known apart (one by prison number, one by NHS number) are
+/// found to be one patient by a later admission carrying both: the later
+/// release retires the earlier's copies and says it replaces it, so the GP
+/// who was given the earlier one knows.
+async fn a_summary_that_a_late_link_makes_newer_names_the_one_it_replaces_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    let first = prison
+        .submit(submit(
+            "late-1",
+            release,
+            &["YG001"],
+            &summary(11, false, Some("A7777AA"), "by prison number"),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .handover_id;
+    let mut gp = gw.client("YG001").await;
+    let leased = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(leased.len(), 1);
+    prison
+        .submit(submit(
+            "late-2",
+            release,
+            &["YG001"],
+            &summary(11, true, None, "by NHS number"),
+        ))
+        .await
+        .unwrap();
+    // The link: an admission elsewhere with both numbers.
+    let mut both = summary(11, true, Some("A7777AA"), "admission");
+    both.custody.release_date = None;
+    both.custody.release_address = None;
+    prison
+        .submit(submit("late-adm", pb::JourneyEvent::Admission, &[], &both))
+        .await
+        .unwrap();
+    assert_eq!(
+        track_message(&mut prison, "late-2")
+            .await
+            .supersedes_handover_id,
+        first
+    );
+    gp.ack(pb::AckRequest {
+        delivery_id: leased[0].delivery_id,
+        attempt: leased[0].attempt,
+    })
+    .await
+    .unwrap();
+    let got = pull_and_ack(&mut gp).await;
+    let newer: Vec<_> = got
+        .iter()
+        .filter(|d| text_of(d) == "by NHS number")
+        .collect();
+    assert_eq!(
+        newer.len(),
+        1,
+        "{:?}",
+        got.iter().map(text_of).collect::<Vec<_>>()
+    );
+    assert_eq!(newer[0].supersedes_handover_id, first);
+    gw.stop().await;
+}

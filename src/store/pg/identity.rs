@@ -126,19 +126,21 @@ async fn move_lineage(
         )
         .await
         .map_err(db)?;
-        if ours.is_some() {
-            supersede_before(tx, a, latest, now, audit).await?;
+        if let Some(ours) = ours {
+            supersede_before(tx, a, (latest, ours.min(handover)), now, audit).await?;
         }
     }
     Ok(())
 }
 
 /// Retires, within patient `patient_key`, the undelivered copies of
-/// everything handover `latest` supersedes.
+/// everything handover `latest` supersedes; `earlier` is the other
+/// lineage's latest, which `latest` now names as the handover it supersedes
+/// when it named none.
 async fn supersede_before(
     tx: &Transaction<'_>,
     patient_key: &str,
-    latest: u64,
+    (latest, earlier): (u64, u64),
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
@@ -150,7 +152,11 @@ async fn supersede_before(
     else {
         return Ok(());
     };
-    let handover: HandoverRecord = row.get::<_, Json<HandoverRecord>>(0).0;
+    let mut handover: HandoverRecord = row.get::<_, Json<HandoverRecord>>(0).0;
+    if handover.supersedes.is_none() && earlier != latest {
+        handover.supersedes = Some(earlier);
+        sql::put_handover(tx, &handover).await?;
+    }
     let rows = tx
         .query(
             "SELECT mailbox, id FROM deliveries WHERE handover_id = $1 ORDER BY id",
