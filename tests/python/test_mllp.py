@@ -200,19 +200,25 @@ def test_v2_3_is_answered_without_a_message_structure(plain_gateway):
     assert msa.msa_1.to_er7() == "AA" and msa.msa_2.to_er7() == "PY-OLD-3"
 
 
-def test_a_latin_1_message_is_read_as_msh_18_declares(plain_gateway):
-    """HL7 table 0211: 8859/1 is decoded (the name is not refused as bad UTF-8)."""
-    text = admission("PY-L1-1").replace("Whitcombe^Ellis", "Whitcombe^Zo\u00eb")
-    msh, rest = text.split("\r", 1)
-    latin = (msh + "||||||8859/1\r" + rest).encode("latin-1")
-    with socket.create_connection(("127.0.0.1", plain_gateway.mllp_port), timeout=10) as s:
-        s.sendall(b"\x0b" + latin + b"\x1c\r")
+def send_frames(port: int, *messages: bytes) -> bytes:
+    """Sends raw messages, each framed, on one connection; returns the first reply frame."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for m in messages:
+            s.sendall(b"\x0b" + m + b"\x1c\r")
         reply = b""
         while not reply.endswith(b"\x1c\r"):
             chunk = s.recv(4096)
             assert chunk, reply
             reply += chunk
-    ack = parsed_ack(reply)
+    return reply
+
+
+def test_a_latin_1_message_is_read_as_msh_18_declares(plain_gateway):
+    """HL7 table 0211: 8859/1 is decoded (the name is not refused as bad UTF-8)."""
+    text = admission("PY-L1-1").replace("Whitcombe^Ellis", "Whitcombe^Zo\u00eb")
+    msh, rest = text.split("\r", 1)
+    latin = (msh + "||||||8859/1\r" + rest).encode("latin-1")
+    ack = parsed_ack(send_frames(plain_gateway.mllp_port, latin))
     assert ack.msa.msa_1.to_er7() == "AA", reply
     # A set the gateway does not read is refused at MSH-18.
     other = admission("PY-L1-2")
@@ -250,15 +256,8 @@ def test_enhanced_mode_gets_commit_acks_as_msh_15_asks(plain_gateway):
         ack = parsed_ack(client.send_message(with_ack_types(admission("PY-ENH-2", dob=""), "AL", "NE")))
     assert ack.msa.msa_1.to_er7() == "CE"
     # NE: no acknowledgement; the next message on the connection is answered as usual.
-    with socket.create_connection(("127.0.0.1", plain_gateway.mllp_port), timeout=10) as s:
-        quiet = with_ack_types(admission("PY-ENH-3"), "NE", "NE")
-        s.sendall(b"\x0b" + quiet.encode() + b"\x1c\r")
-        s.sendall(b"\x0b" + admission("PY-ENH-4").encode() + b"\x1c\r")
-        reply = b""
-        while not reply.endswith(b"\x1c\r"):
-            chunk = s.recv(4096)
-            assert chunk, reply
-            reply += chunk
+    quiet = with_ack_types(admission("PY-ENH-3"), "NE", "NE")
+    reply = send_frames(plain_gateway.mllp_port, quiet.encode(), admission("PY-ENH-4").encode())
     ack = parsed_ack(reply)
     assert ack.msa.msa_1.to_er7() == "AA"
     assert ack.msa.msa_2.to_er7() == "PY-ENH-4", "no ACK was sent for the NE message"

@@ -109,11 +109,20 @@ pub fn header(bytes: &[u8]) -> Option<MessageHeader> {
         &f[..end]
     };
     let comp = |n: usize, c: usize| unescape(raw(n).split('^').nth(c - 1).unwrap_or_default());
-    Some(MessageHeader {
-        sending_application: raw(3).to_owned(),
-        sending_facility: raw(4).to_owned(),
-        receiving_application: raw(5).to_owned(),
-        receiving_facility: raw(6).to_owned(),
+    Some(read_fields(|n| raw(n).to_owned(), comp, true))
+}
+
+/// A header from its echoed fields (MSH-3 to MSH-6) and components.
+fn read_fields(
+    echoed: impl Fn(usize) -> String,
+    comp: impl Fn(usize, usize) -> String,
+    standard_delimiters: bool,
+) -> MessageHeader {
+    MessageHeader {
+        sending_application: echoed(3),
+        sending_facility: echoed(4),
+        receiving_application: echoed(5),
+        receiving_facility: echoed(6),
         message_type: comp(9, 1),
         trigger: comp(9, 2),
         control_id: comp(10, 1),
@@ -121,8 +130,8 @@ pub fn header(bytes: &[u8]) -> Option<MessageHeader> {
         version: comp(12, 1),
         accept_ack: comp(15, 1),
         application_ack: comp(16, 1),
-        standard_delimiters: true,
-    })
+        standard_delimiters,
+    }
 }
 
 /// An MSH with delimiters of its own (`MSH#^~\&#…`, `MSH|$~\&|…`): read by
@@ -153,20 +162,7 @@ fn other_delimiters(line: &str) -> Option<MessageHeader> {
         value.chars().take(MAX_ECHOED).collect()
     };
     let echoed = |n: usize| super::escape::escape(&comp(n, 1));
-    Some(MessageHeader {
-        sending_application: echoed(3),
-        sending_facility: echoed(4),
-        receiving_application: echoed(5),
-        receiving_facility: echoed(6),
-        message_type: comp(9, 1),
-        trigger: comp(9, 2),
-        control_id: comp(10, 1),
-        processing_id: comp(11, 1),
-        version: comp(12, 1),
-        accept_ack: comp(15, 1),
-        application_ack: comp(16, 1),
-        standard_delimiters: false,
-    })
+    Some(read_fields(echoed, comp, false))
 }
 
 #[cfg(test)]
