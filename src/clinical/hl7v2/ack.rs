@@ -94,7 +94,7 @@ impl ErrorCode {
             ("MSH", "11") => ErrorCode::UnsupportedProcessingId,
             ("MSH", "12") => ErrorCode::UnsupportedVersionId,
             // A whole segment missing (`PID`: required) is a sequence error.
-            (_, "") if is_segment_id(segment) => ErrorCode::SegmentSequence,
+            (_, "") if super::segment::is_segment_id(segment) => ErrorCode::SegmentSequence,
             _ if description.starts_with("required") || description.contains(" needs ") => {
                 ErrorCode::RequiredFieldMissing
             }
@@ -132,23 +132,6 @@ impl AckError {
             message: format!("{}: {}", v.field, v.description),
         }
     }
-}
-
-/// The HL7 v2 versions (HL7 table 0104).
-pub const VERSIONS: [&str; 15] = [
-    "2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1",
-    "2.8.2", "2.9", "2.9.1",
-];
-
-/// Whether `id` is a segment id: three upper-case letters or digits, the
-/// first a letter.
-pub(super) fn is_segment_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    b.len() == 3
-        && b[0].is_ascii_uppercase()
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
 }
 
 /// Whether `version` is before v2.5, whose ERR has only ERR-1.
@@ -203,7 +186,7 @@ pub fn ack(
     let token = |v: &str, max: usize| {
         !v.is_empty() && v.len() <= max && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
     };
-    let version = if VERSIONS.contains(&h.version.as_str()) {
+    let version = if super::header::VERSIONS.contains(&h.version.as_str()) {
         h.version.as_str()
     } else {
         "2.5.1"
@@ -320,12 +303,7 @@ pub(super) fn error_location(field: &str) -> String {
         None => (field_no, None),
     };
     let number = |s: &str| !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit());
-    let segment_id = id.len() == 3
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-        && number(seq)
-        && number(field_no);
+    let segment_id = super::segment::is_segment_id(id) && number(seq) && number(field_no);
     if !segment_id || !(comp.is_empty() || number(comp)) || !rep.is_none_or(number) {
         return String::new();
     }

@@ -9,6 +9,12 @@ use crate::clinical::JourneyEvent;
 /// The longest field echoed back from an inbound MSH (HD is at most 227).
 const MAX_ECHOED: usize = 227;
 
+/// The HL7 v2 versions (HL7 table 0104).
+pub(super) const VERSIONS: [&str; 15] = [
+    "2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1",
+    "2.8.2", "2.9", "2.9.1",
+];
+
 /// The inbound MSH fields an ACK echoes or a listener checks. The
 /// application and facility fields are kept as written (escaped, with their
 /// components), ready to be echoed; the rest are unescaped first components.

@@ -326,7 +326,7 @@ fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationE
         ),
     }
     let version = msh.comp(12, 1);
-    if !super::ack::VERSIONS.contains(&&*version) {
+    if !super::header::VERSIONS.contains(&&*version) {
         e.add(
             "MSH-12",
             "must be an HL7 v2 version from HL7 table 0104 (2.5.1 expected)",

@@ -59,6 +59,17 @@ pub(super) fn component(field: &str, c: usize) -> Cow<'_, str> {
     }
 }
 
+/// Whether `id` is a segment id: three upper-case letters or digits, the
+/// first a letter.
+pub(super) fn is_segment_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 3
+        && b[0].is_ascii_uppercase()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+}
+
 fn count(text: &str, b: u8) -> usize {
     memchr::memchr_iter(b, text.as_bytes()).count()
 }
@@ -99,7 +110,7 @@ pub(super) fn split<'a>(
         // but a line that is not a segment is refused: it is a line break
         // inside a field, which would otherwise cut that field short.
         let well_formed = raw.len() == 3 || raw.as_bytes().get(3) == Some(&b'|');
-        if !well_formed || !super::ack::is_segment_id(id) {
+        if !well_formed || !is_segment_id(id) {
             errors.add(
                 format!("segment {}", i + 1),
                 "not a segment: a segment starts with its three-character id and `|` (a line \
