@@ -160,6 +160,12 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         ""
     };
     println!("handover {}{duplicate}", receipt.handover_id);
+    if receipt.superseded_by_handover_id != 0 {
+        println!(
+            "superseded on arrival by handover {} (written later): it will not be delivered",
+            receipt.superseded_by_handover_id
+        );
+    }
     for d in receipt.deliveries {
         let due = d
             .due_at

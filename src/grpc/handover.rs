@@ -202,6 +202,7 @@ fn receipt_to_wire(r: SubmitReceipt) -> pb::SubmitResponse {
             })
             .collect(),
         duplicate: r.duplicate,
+        superseded_by_handover_id: r.superseded_on_arrival_by.unwrap_or(0),
     }
 }
 

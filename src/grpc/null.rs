@@ -35,6 +35,7 @@ impl pb::handover_service_server::HandoverService for NullHandover {
             handover_id: self.next.fetch_add(1, Ordering::Relaxed) + 1,
             deliveries: Vec::new(),
             duplicate: false,
+            superseded_by_handover_id: 0,
         }))
     }
 

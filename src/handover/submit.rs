@@ -13,6 +13,10 @@ use crate::store::{
     PARKED_SUBSTANCE_MISUSE_MAILBOX, SubmitOutcome,
 };
 
+/// How far ahead of the gateway's clock a time that has passed (the
+/// document's authored time, a last dose given) may be.
+const AHEAD_MS: i64 = 5 * 60 * 1000;
+
 /// A document as received, before it is read.
 #[derive(Debug, Clone)]
 pub enum IncomingDocument {
@@ -62,6 +66,11 @@ pub struct SubmitReceipt {
     pub deliveries: Vec<DeliveryReceipt>,
     /// A repeat of an earlier submit (same sender, message id and content).
     pub duplicate: bool,
+    /// The handover that had already replaced this one when it arrived: a
+    /// summary from the same sender about the same patient and event,
+    /// written later and received earlier. This one is stored but never
+    /// offered.
+    pub superseded_on_arrival_by: Option<u64>,
 }
 
 /// A calendar date written `YYYY-MM-DD` (any year 0000 to 9999), read
@@ -171,6 +180,25 @@ impl Gateway {
                 v.add("patient", "does not match the patient in the document");
             }
         }
+        // What has happened cannot be dated ahead of the gateway's clock: a
+        // document so dated would stay "newer" than every correction
+        // written before that time, and a last dose "given" tomorrow would
+        // time the next one wrongly.
+        let latest = self.clock.now_ms() + AHEAD_MS;
+        let past = std::iter::once(("summary.authored_at".to_owned(), summary.authored_at)).chain(
+            summary.medications.iter().enumerate().filter_map(|(i, m)| {
+                let at = m.last_dose_given?;
+                Some((format!("summary.medications[{i}].last_dose_given"), at))
+            }),
+        );
+        for (field, at) in past {
+            if at.unix_ms() > latest {
+                v.add(
+                    field,
+                    "must not be in the future (5 minutes' difference between clocks is allowed)",
+                );
+            }
+        }
         let json = serde_json::to_vec(&summary).expect("the model serialises");
         if let Err(e) = crate::clinical::validate_serialised(&summary, cmd.event, &json) {
             v.0.extend(e.0);
@@ -270,6 +298,7 @@ impl Gateway {
             payload,
             supersede: true,
             trace_parent: crate::telemetry::current_traceparent(),
+            authored_at_ms: Some(summary.authored_at.unix_ms()),
         }
     }
 
@@ -324,6 +353,7 @@ impl Gateway {
             handover_id: outcome.handover_id,
             deliveries,
             duplicate: outcome.duplicate,
+            superseded_on_arrival_by: outcome.superseded_on_arrival_by,
         })
     }
 }

@@ -198,6 +198,7 @@ fn ack_code(e: &Error) -> AckCode {
 /// rules checked on the summary, whose paths are the model's).
 fn hl7_place(model_path: &str) -> Option<&'static str> {
     Some(match model_path {
+        "summary.authored_at" => "EVN-2",
         "summary.patient.family_name" => "PID-5.1",
         "summary.patient.date_of_birth" => "PID-7",
         "summary.custody.reception_date" => "PV1-44",

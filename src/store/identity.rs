@@ -28,7 +28,7 @@
 
 use std::collections::BTreeSet;
 
-use super::records::{self, IdentityConflict, PatientRecord, TreeId};
+use super::records::{self, IdentityConflict, PatientRecord, Recency, TreeId, newer_than};
 use super::writer::{Staged, Writer};
 use super::{DeliveryRecord, DeliveryState, PatientIds, StoreError};
 use crate::audit::AuditEvent;
@@ -41,8 +41,19 @@ pub(super) struct Newer<'a> {
     pub event: JourneyEvent,
     pub patient_key: &'a str,
     pub handover_id: u64,
+    /// When its document was written, ms since the epoch.
+    pub authored_at_ms: Option<i64>,
     /// (mailbox, delivery id) of the new handover's deliveries.
     pub deliveries: &'a [(String, u64)],
+}
+
+impl Newer<'_> {
+    fn recency(&self) -> Recency {
+        Recency {
+            authored_at_ms: self.authored_at_ms,
+            handover_id: self.handover_id,
+        }
+    }
 }
 
 impl Writer {
@@ -153,8 +164,9 @@ impl Writer {
     }
 
     /// Moves `b`'s lineage records to `a`. Where both have a handover from
-    /// the same sender for the same event, the later one now supersedes the
-    /// earlier one's undelivered copies, as if it had come after it.
+    /// the same sender for the same event, the newer one (written later, or
+    /// received later) now supersedes the other's undelivered copies, as if
+    /// it had come after it.
     fn move_lineage(
         &mut self,
         staged: &mut Staged<'_>,
@@ -171,11 +183,17 @@ impl Writer {
             let ours = staged
                 .get(TreeId::Lineage, &target)?
                 .and_then(|v| records::from_be(&v));
-            let latest = ours.map_or(theirs, |o| o.max(theirs));
+            let (latest, earlier) = match ours {
+                Some(o) if newer_than(recency_of(staged, o)?, recency_of(staged, theirs)?) => {
+                    (o, Some(theirs))
+                }
+                Some(o) => (theirs, Some(o)),
+                None => (theirs, None),
+            };
             staged.put(TreeId::Lineage, target, records::be(latest).to_vec());
             staged.del(TreeId::Lineage, key);
-            if let Some(ours) = ours {
-                self.supersede_before(staged, a, (latest, ours.min(theirs)), now)?;
+            if let Some(earlier) = earlier {
+                self.supersede_before(staged, a, (latest, earlier), now)?;
             }
         }
         Ok(())
@@ -213,6 +231,7 @@ impl Writer {
             event: handover.event,
             patient_key,
             handover_id: latest,
+            authored_at_ms: handover.authored_at_ms,
             deliveries: &deliveries,
         };
         self.supersede_older(staged, &newer, now)
@@ -272,9 +291,10 @@ impl Writer {
         for id in self.deliveries_of(newer.patient_key) {
             let mut d = load(staged, id)?;
             if d.event != Some(newer.event)
-                || d.handover_id >= newer.handover_id
+                || d.handover_id == newer.handover_id
                 || d.superseded_by.is_some()
                 || sender_of(staged, &d)? != newer.sender
+                || !newer_than(newer.recency(), recency_of(staged, d.handover_id)?)
             {
                 continue;
             }
@@ -303,6 +323,85 @@ impl Writer {
                     delivery_id: Some(id),
                     patient_key: Some(d.patient_key.clone()),
                     outcome,
+                },
+                now,
+            );
+        }
+        Ok(())
+    }
+
+    /// Places `newer` in its lineage. Written before the lineage's latest (a
+    /// retry that lost the race with its own correction), it is superseded
+    /// on arrival: that latest is returned first, and nothing else changes.
+    /// Otherwise it becomes the latest (retiring older copies when
+    /// `supersede`), and the handover it supersedes is returned second.
+    pub(super) fn join_lineage(
+        &mut self,
+        staged: &mut Staged<'_>,
+        newer: &Newer<'_>,
+        supersede: bool,
+        now: i64,
+    ) -> Result<(Option<super::HandoverRecord>, Option<u64>), StoreError> {
+        if let Some(latest) = Self::written_later(staged, newer)? {
+            return Ok((Some(latest), None));
+        }
+        if supersede {
+            self.supersede_older(staged, newer, now)?;
+        }
+        Ok((None, Self::advance_lineage(staged, newer)?))
+    }
+
+    /// The lineage's latest handover, when it was written after `newer`
+    /// (which then arrives already superseded). A latest whose tracking data
+    /// went under the retention policy is not compared.
+    pub(super) fn written_later(
+        staged: &Staged<'_>,
+        newer: &Newer<'_>,
+    ) -> Result<Option<super::HandoverRecord>, StoreError> {
+        let key = records::lineage_key(newer.patient_key, newer.sender, newer.event);
+        let Some(latest) = staged
+            .get(TreeId::Lineage, &key)?
+            .and_then(|v| records::from_be(&v))
+        else {
+            return Ok(None);
+        };
+        let record: Option<super::HandoverRecord> =
+            staged.get_json(TreeId::Handovers, &records::be(latest))?;
+        Ok(record.filter(|r| newer_than(r.into(), newer.recency())))
+    }
+
+    /// Retires the deliveries `(actor, deliveries)` of a submit written
+    /// before `latest`, each as superseded by `latest`'s copy in the same
+    /// mailbox (or its first), and audits each.
+    pub(super) fn superseded_on_arrival(
+        &mut self,
+        staged: &mut Staged<'_>,
+        (actor, deliveries): (&str, &[(String, u64)]),
+        latest: &super::HandoverRecord,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut theirs = Vec::with_capacity(latest.deliveries.len());
+        for id in &latest.deliveries {
+            theirs.push((load(staged, *id)?.mailbox, *id));
+        }
+        for (mailbox, id) in deliveries {
+            let mut d = load(staged, *id)?;
+            d.superseded_by = theirs
+                .iter()
+                .find(|(m, _)| m == mailbox)
+                .or(theirs.first())
+                .map(|(_, id)| *id);
+            d.superseded_by_handover = Some(latest.id);
+            self.retire(staged, &mut d, now)?;
+            self.audit(
+                staged,
+                AuditEvent {
+                    actor: actor.to_owned(),
+                    action: "supersede",
+                    handover_id: Some(d.handover_id),
+                    delivery_id: Some(d.id),
+                    patient_key: Some(d.patient_key.clone()),
+                    outcome: records::superseded_on_arrival_outcome(latest.id),
                 },
                 now,
             );
@@ -494,6 +593,20 @@ fn load(staged: &Staged<'_>, id: u64) -> Result<DeliveryRecord, StoreError> {
     staged
         .get_json(TreeId::Deliveries, &records::be(id))?
         .ok_or_else(|| StoreError::Corrupt(format!("delivery {id} has no record")))
+}
+
+/// Handover `id`'s place in its lineage (arrival order alone when its
+/// record went under the retention policy).
+fn recency_of(staged: &Staged<'_>, id: u64) -> Result<Recency, StoreError> {
+    let record: Option<super::HandoverRecord> =
+        staged.get_json(TreeId::Handovers, &records::be(id))?;
+    Ok(record.as_ref().map_or(
+        Recency {
+            authored_at_ms: None,
+            handover_id: id,
+        },
+        Recency::from,
+    ))
 }
 
 /// The sending organisation of a delivery (older records name it only on

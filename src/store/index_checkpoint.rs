@@ -362,6 +362,7 @@ mod tests {
             payload: vec![u8::try_from(i).unwrap(); 10],
             supersede: false,
             trace_parent: None,
+            authored_at_ms: None,
         }
     }
 

@@ -263,6 +263,10 @@ pub struct NewHandover {
     /// The submit's W3C `traceparent` when traces are on (not part of what
     /// makes a repeat the same: a retry may come in another trace).
     pub trace_parent: Option<String>,
+    /// When the document says it was written, ms since the epoch: a summary
+    /// written before the latest one of its lineage arrives already
+    /// superseded (docs/journey.md, supersession).
+    pub authored_at_ms: Option<i64>,
 }
 
 /// A patient as a sender identified them: the keyed hash of each identifier
@@ -385,6 +389,9 @@ pub struct SubmitOutcome {
     pub deliveries: Vec<(String, u64)>,
     /// This answers a repeat of an accepted submit.
     pub duplicate: bool,
+    /// The handover that had already replaced this one when it arrived
+    /// (written later, received earlier): its deliveries are superseded.
+    pub superseded_on_arrival_by: Option<u64>,
 }
 
 /// A delivery handed out on lease.

@@ -243,6 +243,51 @@ pub struct HandoverRecord {
     /// records written before traces, and not part of the content hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_parent: Option<String>,
+    /// When the sender's document says it was written, ms since the epoch:
+    /// of two summaries in one lineage the later written is the newer
+    /// ([`newer_than`]). Absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authored_at_ms: Option<i64>,
+    /// The handover that had already replaced this one when it arrived
+    /// (written later, received earlier): its deliveries were superseded
+    /// on arrival and never offered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_on_arrival_by: Option<u64>,
+}
+
+/// A summary's place in its lineage: when it was written and in which order
+/// it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recency {
+    /// The document's authored time, ms since the epoch, when known.
+    pub authored_at_ms: Option<i64>,
+    /// The handover id: arrival order.
+    pub handover_id: u64,
+}
+
+impl From<&HandoverRecord> for Recency {
+    fn from(h: &HandoverRecord) -> Self {
+        Self {
+            authored_at_ms: h.authored_at_ms,
+            handover_id: h.id,
+        }
+    }
+}
+
+/// The audit outcome of a copy superseded on arrival by handover `latest`.
+pub(crate) fn superseded_on_arrival_outcome(latest: u64) -> String {
+    format!("ok: superseded on arrival by handover {latest}, written later")
+}
+
+/// Whether `a` is newer than `b`: written later when both authored times
+/// are known and differ, otherwise received later. So a summary retried
+/// after its correction was answered does not replace the correction.
+#[must_use]
+pub fn newer_than(a: Recency, b: Recency) -> bool {
+    match (a.authored_at_ms, b.authored_at_ms) {
+        (Some(x), Some(y)) if x != y => x > y,
+        _ => a.handover_id > b.handover_id,
+    }
 }
 
 /// Where a delivery stands.
@@ -775,6 +820,22 @@ mod tests {
         assert!(a < b);
         assert_eq!(split_mailbox_key(&b), Some(("AB1".to_owned(), 256)));
         assert!(!mailbox_key("AB12", 1).starts_with(&mailbox_prefix("AB1")));
+    }
+
+    #[test]
+    fn the_later_written_summary_is_newer_whatever_the_arrival_order() {
+        let at = |authored_at_ms, handover_id| Recency {
+            authored_at_ms,
+            handover_id,
+        };
+        // Written later, received earlier: still newer.
+        assert!(newer_than(at(Some(20), 1), at(Some(10), 2)));
+        assert!(!newer_than(at(Some(10), 2), at(Some(20), 1)));
+        // Written at the same moment, or one time unknown: arrival decides.
+        assert!(newer_than(at(Some(10), 2), at(Some(10), 1)));
+        assert!(newer_than(at(None, 2), at(Some(20), 1)));
+        assert!(!newer_than(at(Some(20), 1), at(None, 2)));
+        assert!(!newer_than(at(Some(10), 1), at(Some(10), 1)));
     }
 
     #[test]

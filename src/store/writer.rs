@@ -768,19 +768,7 @@ impl Writer {
             return self.repeat(staged, &h, &raw, &digests.content_hash, now);
         }
         self.refuse_retired(staged, &h, now)?;
-        let patient_key = match self.resolve_patient(staged, &h.patient, now)? {
-            Ok(key) => key,
-            Err(field) => {
-                let conflict = IdentityConflict {
-                    at_ms: now,
-                    sender: h.sender.clone(),
-                    message_id: h.message_id.clone(),
-                    field: field.to_owned(),
-                };
-                self.record_conflict(staged, conflict, &h.actor, None);
-                return Err(StoreError::IdentityConflict { field });
-            }
-        };
+        let patient_key = self.resolve_patient_of(staged, &h, now)?;
         self.last_handover += 1;
         let id = self.last_handover;
         let deliveries: Vec<(String, u64)> = h
@@ -797,12 +785,10 @@ impl Writer {
             event: h.event,
             patient_key: &patient_key,
             handover_id: id,
+            authored_at_ms: h.authored_at_ms,
             deliveries: &deliveries,
         };
-        if h.supersede {
-            self.supersede_older(staged, &newer, now)?;
-        }
-        let supersedes = Self::advance_lineage(staged, &newer)?;
+        let (written_later, supersedes) = self.join_lineage(staged, &newer, h.supersede, now)?;
         self.extend_claim_keys(staged, &patient_key, &h.claim_keys)?;
         for (dest, (_, did)) in h.destinations.iter().zip(&deliveries) {
             let owner = Owner {
@@ -837,11 +823,16 @@ impl Writer {
             finished_at_ms: None,
             shredded_at_ms: None,
             trace_parent: h.trace_parent,
+            authored_at_ms: h.authored_at_ms,
+            superseded_on_arrival_by: written_later.as_ref().map(|w| w.id),
         };
         if record.deliveries.is_empty() {
             self.finish_unrouted(staged, &mut record, now);
         }
         staged.put_json(TreeId::Handovers, records::be(id).to_vec(), &record);
+        if let Some(latest) = &written_later {
+            self.superseded_on_arrival(staged, (&h.actor, &deliveries), latest, now)?;
+        }
         staged.put(TreeId::Dedupe, dedupe, records::be(id).to_vec());
         self.audit(
             staged,
@@ -859,7 +850,31 @@ impl Writer {
             handover_id: id,
             deliveries,
             duplicate: false,
+            superseded_on_arrival_by: written_later.map(|w| w.id),
         })
+    }
+
+    /// The patient key `h` is filed under; an identity conflict is recorded
+    /// for operators and refused.
+    fn resolve_patient_of(
+        &mut self,
+        staged: &mut Staged<'_>,
+        h: &NewHandover,
+        now: i64,
+    ) -> Result<String, StoreError> {
+        match self.resolve_patient(staged, &h.patient, now)? {
+            Ok(key) => Ok(key),
+            Err(field) => {
+                let conflict = IdentityConflict {
+                    at_ms: now,
+                    sender: h.sender.clone(),
+                    message_id: h.message_id.clone(),
+                    field: field.to_owned(),
+                };
+                self.record_conflict(staged, conflict, &h.actor, None);
+                Err(StoreError::IdentityConflict { field })
+            }
+        }
     }
 
     /// Answers a submit whose (sender, message id) was accepted before: the
@@ -922,6 +937,7 @@ impl Writer {
             handover_id: id,
             deliveries,
             duplicate: true,
+            superseded_on_arrival_by: original.superseded_on_arrival_by,
         })
     }
 

@@ -946,3 +946,126 @@ async fn a_correction_names_the_summary_its_recipient_was_given_on(engine: Engin
     assert_eq!(track.supersedes_handover_id, second);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_summary_written_before_its_correction_arrives_superseded() {
+    a_summary_written_before_its_correction_arrives_superseded_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_summary_written_before_its_correction_arrives_superseded_on_postgres() {
+    a_summary_written_before_its_correction_arrives_superseded_on(Engine::Postgres).await;
+}
+
+/// The prison's transfer summary written at 08:00 is lost in transit and
+/// retried after its correction written at 09:00 was accepted. "Newer" is
+/// the later written: the retry is kept but superseded on arrival, so the
+/// receiving prison gets only the correction; a correction written later
+/// still replaces it as usual.
+async fn a_summary_written_before_its_correction_arrives_superseded_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let written = |marker: &str, at: &str| {
+        let mut s = transfer(4, marker);
+        s.authored_at = at.parse().unwrap();
+        s
+    };
+    let mut prison = gw.client("YP001").await;
+    let t = pb::JourneyEvent::Transfer;
+    let correction = prison
+        .submit(submit(
+            "w-2",
+            t,
+            &[],
+            &written("corrected", "2026-11-24T09:00:00Z"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(correction.superseded_by_handover_id, 0);
+    let stale = written("first", "2026-11-24T08:00:00Z");
+    let late = prison
+        .submit(submit("w-1", t, &[], &stale))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(late.superseded_by_handover_id, correction.handover_id);
+    // A retry of the retry gets the same answer.
+    let again = prison
+        .submit(submit("w-1", t, &[], &stale))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.superseded_by_handover_id, correction.handover_id);
+
+    let mut receiving = gw.client("YP002").await;
+    let got = pull_and_ack(&mut receiving).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["corrected"]);
+    assert_eq!(got[0].supersedes_handover_id, 0);
+    assert!(pull_and_ack(&mut receiving).await.is_empty());
+    let track = track_message(&mut prison, "w-1").await;
+    assert_eq!(track.deliveries[0].state(), pb::DeliveryState::Superseded);
+    assert_eq!(
+        track.deliveries[0].superseded_by_handover,
+        correction.handover_id
+    );
+    assert_eq!(track.supersedes_handover_id, 0);
+
+    let third = prison
+        .submit(submit(
+            "w-3",
+            t,
+            &[],
+            &written("third", "2026-11-24T10:00:00Z"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(third.superseded_by_handover_id, 0);
+    let got = pull_and_ack(&mut receiving).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["third"]);
+    assert_eq!(got[0].supersedes_handover_id, correction.handover_id);
+    gw.stop().await;
+}
+
+/// A document dated ahead of the gateway's clock would stay newer than
+/// every correction written before that time: it is refused at its field,
+/// and nothing is stored.
+#[tokio::test]
+async fn a_summary_written_in_the_future_is_refused() {
+    let Some(gw) = TestGateway::on(Engine::Sled).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let mut s = transfer(5, "future");
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    s.authored_at = throughcare::clinical::model::DateTime(now + time::Duration::minutes(6));
+    let status = prison
+        .submit(submit("f-1", pb::JourneyEvent::Transfer, &[], &s))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("authored_at"),
+        "{}",
+        status.message()
+    );
+    let status = prison
+        .track(pb::TrackRequest {
+            handover: Some(pb::track_request::Handover::MessageId("f-1".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    // Within the five minutes clocks may differ by, it is taken.
+    s.authored_at = throughcare::clinical::model::DateTime(now + time::Duration::minutes(4));
+    prison
+        .submit(submit("f-2", pb::JourneyEvent::Transfer, &[], &s))
+        .await
+        .unwrap();
+    gw.stop().await;
+}

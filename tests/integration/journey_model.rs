@@ -205,6 +205,7 @@ async fn submit(store: &Store, world: &mut World, op: (u8, Ids, usize, usize, u8
             payload: format!("summary {}", world.next_message).into_bytes(),
             supersede: true,
             trace_parent: None,
+            authored_at_ms: None,
         })
         .await
         .expect("consistent identifiers are never a conflict");

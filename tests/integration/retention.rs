@@ -583,6 +583,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
         payload: message_id.as_bytes().to_vec(),
         supersede: true,
         trace_parent: None,
+        authored_at_ms: None,
     };
     store.submit(new("old-1")).await.unwrap();
     let leased = store
@@ -766,6 +767,7 @@ fn identity_handover(
         payload: message_id.as_bytes().to_vec(),
         supersede: true,
         trace_parent: None,
+        authored_at_ms: None,
     }
 }
 
@@ -833,6 +835,7 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
             payload: b"old".to_vec(),
             supersede: true,
             trace_parent: None,
+            authored_at_ms: None,
         })
         .await
         .unwrap();

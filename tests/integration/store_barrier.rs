@@ -34,6 +34,7 @@ fn handover(i: usize) -> NewHandover {
         requested_destinations: Vec::new(),
         supersede: false,
         trace_parent: None,
+        authored_at_ms: None,
     }
 }
 

@@ -345,6 +345,7 @@ async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
             requested_destinations: vec![MAILBOXES[mailbox].into()],
             supersede: false,
             trace_parent: None,
+            authored_at_ms: None,
         })
         .await;
     match model.accepted.get(&msg) {

@@ -68,6 +68,7 @@ fn handover(message: u32, patient: u32, mailbox: &str, due_ms: Option<i64>) -> N
         payload: format!("document {message}").into_bytes(),
         supersede: false,
         trace_parent: None,
+        authored_at_ms: None,
     }
 }
 

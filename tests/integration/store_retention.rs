@@ -281,6 +281,7 @@ fn handover(message: u32) -> NewHandover {
         requested_destinations: vec!["YG001".into()],
         supersede: false,
         trace_parent: None,
+        authored_at_ms: None,
     }
 }
 

@@ -43,6 +43,7 @@ fn handover(i: u32) -> NewHandover {
         payload: format!("document {i}").into_bytes(),
         supersede: false,
         trace_parent: None,
+        authored_at_ms: None,
     }
 }
 

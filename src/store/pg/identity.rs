@@ -13,10 +13,10 @@ use tokio_postgres::Transaction;
 use tokio_postgres::types::Json;
 
 use super::sql::{self, db, id};
-use super::submit::{Newer, supersede_older};
+use super::submit::{Newer, recency_of, supersede_older};
 use crate::audit::AuditEvent;
 use crate::journey::JourneyEvent;
-use crate::store::records::PatientRecord;
+use crate::store::records::{PatientRecord, newer_than};
 use crate::store::{HandoverRecord, StoreError};
 
 /// Who a merge acts as in the audit trail (as on sled).
@@ -90,8 +90,9 @@ pub(super) async fn put_patient(
     Ok(())
 }
 
-/// Moves `b`'s lineage rows to `a`; where both had one, the later handover
-/// supersedes the earlier's undelivered copies.
+/// Moves `b`'s lineage rows to `a`; where both had one, the newer handover
+/// (written later, or received later) supersedes the other's undelivered
+/// copies.
 async fn move_lineage(
     tx: &Transaction<'_>,
     a: &str,
@@ -118,7 +119,13 @@ async fn move_lineage(
             .await
             .map_err(db)?
             .map(|r| sql::un_id(r.get(0)));
-        let latest = ours.map_or(handover, |o| o.max(handover));
+        let (latest, earlier) = match ours {
+            Some(o) if newer_than(recency_of(tx, o).await?, recency_of(tx, handover).await?) => {
+                (o, Some(handover))
+            }
+            Some(o) => (handover, Some(o)),
+            None => (handover, None),
+        };
         tx.execute(
             "INSERT INTO lineage (patient_key, sender, event, handover_id) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (patient_key, sender, event) DO UPDATE SET handover_id = EXCLUDED.handover_id",
@@ -126,8 +133,8 @@ async fn move_lineage(
         )
         .await
         .map_err(db)?;
-        if let Some(ours) = ours {
-            supersede_before(tx, a, (latest, ours.min(handover)), now, audit).await?;
+        if let Some(earlier) = earlier {
+            supersede_before(tx, a, (latest, earlier), now, audit).await?;
         }
     }
     Ok(())
@@ -175,6 +182,7 @@ async fn supersede_before(
         event,
         patient_key,
         handover_id: latest,
+        authored_at_ms: handover.authored_at_ms,
         deliveries: &deliveries,
     };
     supersede_older(tx, &newer, now, audit).await

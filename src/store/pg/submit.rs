@@ -11,10 +11,14 @@ use super::Shared;
 use super::queue::{Step, retire};
 use super::sql::{self, db, id};
 use crate::audit::{AuditEvent, hex};
-use crate::store::records::{IdentityConflict, PARKED_MAILBOX, PatientRecord};
+use crate::store::records::{
+    IdentityConflict, PARKED_MAILBOX, PatientRecord, Recency, newer_than,
+    superseded_on_arrival_outcome,
+};
 use crate::store::writer::{Owner, content_hash, new_delivery};
 use crate::store::{
-    DeliveryState, HandoverRecord, NewHandover, PatientIds, StoreError, SubmitOutcome,
+    DeliveryRecord, DeliveryState, HandoverRecord, NewHandover, PatientIds, StoreError,
+    SubmitOutcome,
 };
 
 pub(super) async fn submit(
@@ -60,18 +64,16 @@ pub(super) async fn submit(
             (d.mailbox.clone(), last_delivery)
         })
         .collect();
-    if h.supersede {
-        let newer = Newer {
-            actor: &h.actor,
-            sender: &h.sender,
-            event: h.event,
-            patient_key: &patient_key,
-            handover_id,
-            deliveries: &deliveries,
-        };
-        supersede_older(tx, &newer, now, audit).await?;
-    }
-    let supersedes = advance_lineage(tx, &patient_key, h, handover_id).await?;
+    let newer = Newer {
+        actor: &h.actor,
+        sender: &h.sender,
+        event: h.event,
+        patient_key: &patient_key,
+        handover_id,
+        authored_at_ms: h.authored_at_ms,
+        deliveries: &deliveries,
+    };
+    let (written_later, supersedes) = join_lineage(tx, &newer, h, now, audit).await?;
     extend_claim_keys(tx, &patient_key, &h.claim_keys).await?;
     let owner = Owner {
         handover_id,
@@ -89,6 +91,7 @@ pub(super) async fn submit(
         deliveries: deliveries.iter().map(|(_, d)| *d).collect(),
         supersedes,
         finished_at_ms: deliveries.is_empty().then_some(now),
+        superseded_on_arrival_by: written_later.as_ref().map(|w| w.id),
         ..sent_as(h)
     };
     // The handover row first: deliveries and payload refer to it.
@@ -96,6 +99,9 @@ pub(super) async fn submit(
     for (dest, (_, did)) in h.destinations.iter().zip(&deliveries) {
         let record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
         sql::put_delivery(tx, &record).await?;
+    }
+    if let Some(latest) = &written_later {
+        superseded_on_arrival(tx, &newer, latest, now, audit).await?;
     }
     store_payload(tx, s, handover_id, &h.payload).await?;
     tx.execute(
@@ -118,6 +124,7 @@ pub(super) async fn submit(
         handover_id,
         deliveries,
         duplicate: false,
+        superseded_on_arrival_by: written_later.map(|w| w.id),
     }))
 }
 
@@ -155,6 +162,8 @@ fn sent_as(h: &NewHandover) -> HandoverRecord {
         finished_at_ms: None,
         shredded_at_ms: None,
         trace_parent: h.trace_parent.clone(),
+        authored_at_ms: h.authored_at_ms,
+        superseded_on_arrival_by: None,
     }
 }
 
@@ -195,6 +204,7 @@ async fn repeat(
         handover_id: original.id,
         deliveries,
         duplicate: true,
+        superseded_on_arrival_by: original.superseded_on_arrival_by,
     }))
 }
 
@@ -357,7 +367,118 @@ pub(super) struct Newer<'a> {
     pub event: crate::journey::JourneyEvent,
     pub patient_key: &'a str,
     pub handover_id: u64,
+    pub authored_at_ms: Option<i64>,
     pub deliveries: &'a [(String, u64)],
+}
+
+impl Newer<'_> {
+    fn recency(&self) -> Recency {
+        Recency {
+            authored_at_ms: self.authored_at_ms,
+            handover_id: self.handover_id,
+        }
+    }
+}
+
+/// Handover `handover`'s place in its lineage (arrival order alone when
+/// its record went under the retention policy).
+pub(super) async fn recency_of(tx: &Transaction<'_>, handover: u64) -> Result<Recency, StoreError> {
+    let authored_at_ms = tx
+        .query_opt(
+            "SELECT (record->>'authored_at_ms')::bigint FROM handovers WHERE id = $1",
+            &[&id(handover)],
+        )
+        .await
+        .map_err(db)?
+        .and_then(|r| r.get::<_, Option<i64>>(0));
+    Ok(Recency {
+        authored_at_ms,
+        handover_id: handover,
+    })
+}
+
+/// Places `newer` in its lineage. Written before the lineage's latest (a
+/// retry that lost the race with its own correction), it is superseded on
+/// arrival: that latest is returned first, and nothing else changes.
+/// Otherwise it becomes the latest (retiring older copies when `h.supersede`),
+/// and the handover it supersedes is returned second.
+async fn join_lineage(
+    tx: &Transaction<'_>,
+    newer: &Newer<'_>,
+    h: &NewHandover,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(Option<HandoverRecord>, Option<u64>), StoreError> {
+    if let Some(latest) = written_later(tx, newer).await? {
+        return Ok((Some(latest), None));
+    }
+    if h.supersede {
+        supersede_older(tx, newer, now, audit).await?;
+    }
+    let supersedes = advance_lineage(tx, newer.patient_key, h, newer.handover_id).await?;
+    Ok((None, supersedes))
+}
+
+/// The lineage's latest handover, when it was written after `newer` (which
+/// then arrives already superseded). A latest whose tracking data went under
+/// the retention policy is not compared.
+async fn written_later(
+    tx: &Transaction<'_>,
+    newer: &Newer<'_>,
+) -> Result<Option<HandoverRecord>, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT h.record FROM lineage l JOIN handovers h ON h.id = l.handover_id \
+             WHERE l.patient_key = $1 AND l.sender = $2 AND l.event = $3",
+            &[&newer.patient_key, &newer.sender, &newer.event.to_string()],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row
+        .map(|r| r.get::<_, Json<HandoverRecord>>(0).0)
+        .filter(|r| newer_than(r.into(), newer.recency())))
+}
+
+/// Retires the deliveries of `newer`, a submit written before `latest`,
+/// each as superseded by `latest`'s copy in the same mailbox (or its
+/// first), and audits each.
+async fn superseded_on_arrival(
+    tx: &Transaction<'_>,
+    newer: &Newer<'_>,
+    latest: &HandoverRecord,
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let theirs = tx
+        .query(
+            "SELECT mailbox, id FROM deliveries WHERE handover_id = $1 ORDER BY id",
+            &[&id(latest.id)],
+        )
+        .await
+        .map_err(db)?;
+    for (mailbox, did) in newer.deliveries {
+        let row = tx
+            .query_one("SELECT record FROM deliveries WHERE id = $1", &[&id(*did)])
+            .await
+            .map_err(db)?;
+        let mut d = row.get::<_, Json<DeliveryRecord>>(0).0;
+        d.superseded_by = theirs
+            .iter()
+            .find(|r| r.get::<_, &str>(0) == mailbox)
+            .or(theirs.first())
+            .map(|r| sql::un_id(r.get(1)));
+        d.superseded_by_handover = Some(latest.id);
+        retire(tx, &mut d, now).await?;
+        audit.push(AuditEvent {
+            actor: newer.actor.to_owned(),
+            action: "supersede",
+            handover_id: Some(d.handover_id),
+            delivery_id: Some(d.id),
+            patient_key: Some(d.patient_key.clone()),
+            outcome: superseded_on_arrival_outcome(latest.id),
+        });
+    }
+    Ok(())
 }
 
 /// Retires every undelivered copy of older handovers from the same sender
@@ -370,9 +491,11 @@ pub(super) async fn supersede_older(
 ) -> Result<(), StoreError> {
     let rows = tx
         .query(
-            "SELECT record FROM deliveries WHERE patient_key = $1 AND sender = $2 AND event = $3 \
-             AND state IN ('queued', 'leased', 'parked', 'quarantined') \
-             AND superseded_by IS NULL AND handover_id < $4 ORDER BY id FOR UPDATE",
+            "SELECT d.record, (h.record->>'authored_at_ms')::bigint FROM deliveries d \
+             LEFT JOIN handovers h ON h.id = d.handover_id \
+             WHERE d.patient_key = $1 AND d.sender = $2 AND d.event = $3 \
+             AND d.state IN ('queued', 'leased', 'parked', 'quarantined') \
+             AND d.superseded_by IS NULL AND d.handover_id <> $4 ORDER BY d.id FOR UPDATE OF d",
             &[
                 &newer.patient_key,
                 &newer.sender,
@@ -382,7 +505,15 @@ pub(super) async fn supersede_older(
         )
         .await
         .map_err(db)?;
-    for mut d in sql::deliveries(&rows) {
+    for row in rows {
+        let mut d = row.get::<_, Json<DeliveryRecord>>(0).0;
+        let theirs = Recency {
+            authored_at_ms: row.get(1),
+            handover_id: d.handover_id,
+        };
+        if !newer_than(newer.recency(), theirs) {
+            continue;
+        }
         d.superseded_by = newer
             .deliveries
             .iter()
