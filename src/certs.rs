@@ -223,6 +223,7 @@ impl CertAuthority {
             DnType::CommonName,
             names.first().copied().unwrap_or("localhost"),
         );
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let now = OffsetDateTime::now_utc();
         self.sign(params, now - Duration::days(1), now + Duration::days(825))
@@ -241,8 +242,28 @@ impl CertAuthority {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
         params.distinguished_name.push(DnType::CommonName, uri);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(params, not_before, not_after)
+    }
+
+    /// Issues a client certificate for `uri` whose key usage extension
+    /// names only `key_usages` (for checking what the gateway refuses).
+    ///
+    /// # Errors
+    /// As for [`CertAuthority::issue_client`].
+    pub fn issue_client_with_key_usages(
+        &self,
+        uri: &str,
+        key_usages: Vec<KeyUsagePurpose>,
+    ) -> Result<IssuedCert, CertsError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+        params.distinguished_name.push(DnType::CommonName, uri);
+        params.key_usages = key_usages;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = OffsetDateTime::now_utc();
+        self.sign(params, now - Duration::days(1), now + Duration::days(730))
     }
 
     /// Issues a client certificate for `uri`, valid from yesterday for two years.

@@ -367,7 +367,7 @@ pub fn create(
     journal: &[Acknowledged],
 ) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    crate::store::private_dir(dir)?;
     let tmp = path.with_extension("new");
     let mut opts = OpenOptions::new();
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);

@@ -629,7 +629,7 @@ impl SledStore {
         rebase: bool,
     ) -> Result<(SledStore, Option<Rollback>), StoreError> {
         options.pipeline_depth = options.pipeline_depth.min(syncer::MAX_PIPELINE_DEPTH);
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
         let cipher = Arc::new(crypt::PayloadCipher::load_or_create(
             &options
                 .master_key_file
@@ -1429,6 +1429,26 @@ impl SledStore {
         }
         result
     }
+}
+
+/// Creates `dir` (with its parents) if absent, and makes it its owner's
+/// alone (0700). What sled writes inside follows the umask, and the store's
+/// metadata (ODS codes, message ids, keyed patient hashes, audit outcomes)
+/// is an asset (docs/security.md), so no other user may reach it.
+///
+/// # Errors
+/// I/O.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
 }
 
 /// Opens sled. A store closed moments ago in this process may still hold

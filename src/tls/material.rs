@@ -87,8 +87,9 @@ pub(super) struct Material {
 
 pub(super) fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in certs_from_pem(&read(&files.ca)?, &files.ca)? {
-        roots.add(cert)?;
+    let cas = certs_from_pem(&read(&files.ca)?, &files.ca)?;
+    for cert in &cas {
+        roots.add(cert.clone())?;
     }
     let crls = match &files.crl {
         Some(path) => CertificateRevocationListDer::pem_slice_iter(&read(path)?)
@@ -102,14 +103,7 @@ pub(super) fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
                 .into(),
         ));
     }
-    let crl_next_update = crls
-        .iter()
-        .filter_map(|crl| {
-            <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(crl)
-                .ok()
-                .and_then(|(_, c)| c.next_update().map(|t| t.timestamp()))
-        })
-        .min();
+    let crl_next_update = check_crls(&crls, &cas)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .with_crls(crls)
         .build()
@@ -127,6 +121,48 @@ pub(super) fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
         certified,
         crl_next_update,
     })
+}
+
+/// The earliest `nextUpdate` of `crls`, once each is shown to be signed by
+/// a certificate of the client CA file. A list signed by anyone else would
+/// make every handshake fail (webpki refuses a CRL whose signature does not
+/// verify), which stops every handover: it is refused instead, so a bad
+/// replacement leaves the previous list in force.
+fn check_crls(
+    crls: &[CertificateRevocationListDer<'_>],
+    cas: &[CertificateDer<'_>],
+) -> Result<Option<i64>, TlsError> {
+    use x509_parser::prelude::FromDer;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let cas: Vec<_> = cas
+        .iter()
+        .filter_map(|der| {
+            x509_parser::parse_x509_certificate(der)
+                .ok()
+                .map(|(_, c)| c)
+        })
+        .collect();
+    let mut next_update: Option<i64> = None;
+    for (i, der) in crls.iter().enumerate() {
+        let n = i + 1;
+        let (_, crl) = CertificateRevocationList::from_der(der)
+            .map_err(|e| TlsError::Invalid(format!("CRL {n} in the CRL file: unparsable: {e}")))?;
+        let signed = cas.iter().any(|ca| {
+            ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok()
+        });
+        if !signed {
+            return Err(TlsError::Invalid(format!(
+                "CRL {n} in the CRL file is not signed by a certificate of the client CA file \
+                 (issuer {}); refusing it, since it would refuse every client",
+                crl.issuer()
+            )));
+        }
+        if let Some(t) = crl.next_update() {
+            let t = t.timestamp();
+            next_update = Some(next_update.map_or(t, |u| u.min(t)));
+        }
+    }
+    Ok(next_update)
 }
 
 /// A server configuration around `verifier`: TLS 1.3 and 1.2 only, client

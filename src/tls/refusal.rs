@@ -88,6 +88,10 @@ pub(super) fn tls_reason(tls: &rustls::Error) -> String {
             "client certificate not issued by the gateway's CA".into()
         }
         E::InvalidCertificate(C::BadSignature) => "client certificate signature invalid".into(),
+        E::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
+            "client certificate not for client authentication (key usage or extended key usage)"
+                .into()
+        }
         E::InvalidCertificate(other) => format!("client certificate invalid: {other:?}")
             .chars()
             .take(120)

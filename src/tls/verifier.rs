@@ -32,8 +32,16 @@ impl ClientCertVerifier for Remembering {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
         *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(end_entity.to_vec());
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if signs(end_entity) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose,
+            ))
+        }
     }
     fn verify_tls12_signature(
         &self,
@@ -56,6 +64,21 @@ impl ClientCertVerifier for Remembering {
     }
 }
 pub(super) type Presented = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
+
+/// Whether a client certificate's key may sign the handshake: a key usage
+/// extension, when present, must include digitalSignature (RFC 5280
+/// §4.2.1.3 and §4.2.1.12; RFC 8446 §4.4.2.2). webpki checks the extended
+/// key usage only.
+fn signs(der: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    match cert.key_usage() {
+        Ok(Some(ku)) => ku.value.digital_signature(),
+        Ok(None) => true,
+        Err(_) => false,
+    }
+}
 
 /// Whether the gateway's CA issued `der`, whatever its validity period or
 /// revocation: the chain is checked as of the middle of the certificate's own

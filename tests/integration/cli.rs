@@ -184,3 +184,29 @@ fn the_gateway_runs_with_its_allocator_settings_unless_the_operator_set_their_ow
     );
     stop(server);
 }
+
+/// The store's directory is its owner's alone, whatever the umask and
+/// however it was made: sled's files inside are created by the umask, and
+/// they hold ODS codes, message ids and audit outcomes.
+#[test]
+fn the_store_directory_is_private_to_the_gateway() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // Made by the gateway.
+    let port = free_port();
+    let server = serve(dir.path(), port);
+    submit(dir.path(), port, "first");
+    stop(server);
+    assert_eq!(mode(&dir.path().join("data")), 0o700);
+    // Made (or opened up) by someone else: narrowed at the next start.
+    std::fs::set_permissions(
+        dir.path().join("data"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let server = serve(dir.path(), port);
+    submit(dir.path(), port, "second");
+    stop(server);
+    assert_eq!(mode(&dir.path().join("data")), 0o700);
+}

@@ -82,6 +82,43 @@ fn self_signed(uri: &str) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
+/// A key usage without digitalSignature: the key may not sign the
+/// handshake (RFC 5280 §4.2.1.3 and §4.2.1.12; RFC 8446 §4.4.2.2), whatever
+/// its extended key usage says. webpki checks only the latter.
+#[tokio::test]
+async fn a_client_certificate_whose_key_may_not_sign_is_refused_and_audited() {
+    let gw = TestGateway::start().await;
+    let signing = gw
+        .ca()
+        .issue_client_with_key_usages(
+            "urn:ods:YP001",
+            vec![rcgen::KeyUsagePurpose::DigitalSignature],
+        )
+        .unwrap();
+    assert_eq!(
+        call_with(&gw, Some((&signing.cert_pem, &signing.key_pem))).await,
+        Ok(())
+    );
+    let no_signing = gw
+        .ca()
+        .issue_client_with_key_usages(
+            "urn:ods:YP001",
+            vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ],
+        )
+        .unwrap();
+    assert!(
+        call_with(&gw, Some((&no_signing.cert_pem, &no_signing.key_pem)))
+            .await
+            .is_err()
+    );
+    let e = audited(&gw, "connect", "not for client authentication").await;
+    assert_eq!(e.actor, "urn:ods:YP001");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn every_bad_client_is_refused_and_audited() {
     let gw = TestGateway::start().await;
@@ -264,6 +301,19 @@ async fn a_crl_refuses_revoked_clients_and_a_new_one_applies_without_restart() {
     assert!(call_with(&gw, Some(later)).await.is_err());
     let fine = gw.client("YP001").await.pull(pull(1)).await;
     assert!(fine.is_ok(), "valid clients keep working: {fine:?}");
+    // So does one in the CA's name but signed with another key: put in
+    // force, it would refuse every client (webpki fails its signature).
+    let other = tempfile::tempdir().unwrap();
+    let other_paths = throughcare::certs::init_dev_pki(other.path()).unwrap();
+    let impostor = CertAuthority::load(&other_paths.ca_cert(), &other_paths.ca_key()).unwrap();
+    write_atomically(&crl, &impostor.crl(&[]).unwrap());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let fine = gw.client("YP001").await.pull(pull(1)).await;
+    assert!(fine.is_ok(), "a forged CRL is not put in force: {fine:?}");
+    assert!(
+        call_with(&gw, Some(later)).await.is_err(),
+        "the last good CRL stays"
+    );
     gw.stop().await;
 }
 

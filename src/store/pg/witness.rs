@@ -166,7 +166,7 @@ pub(super) async fn record(
 fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::store::private_dir(dir)?;
     }
     let tmp = path.with_extension("partial");
     let mut f = std::fs::File::create(&tmp)?;
