@@ -82,6 +82,7 @@ pub fn validate_serialised(
         }
         _ => {}
     }
+    check_custody_dates(s, &mut e);
     for (i, m) in s.medications.iter().enumerate() {
         if m.opioid_substitution && m.last_dose_given.is_none() {
             e.add(
@@ -92,6 +93,46 @@ pub fn validate_serialised(
     }
     check_text(s, json, &mut e);
     e.into_result()
+}
+
+/// The last year a custody date may fall in: deadlines are computed from
+/// them, and a date beyond the calendar the gateway computes in would leave
+/// a release with no deadline at all.
+const LAST_CUSTODY_YEAR: i32 = 2099;
+
+/// Custody dates within the patient's life: not before the date of birth,
+/// not after [`LAST_CUSTODY_YEAR`], and a reception not after the release.
+fn check_custody_dates(s: &ClinicalSummary, e: &mut ValidationErrors) {
+    let born = s.patient.date_of_birth.0;
+    let c = &s.custody;
+    let days = [
+        (
+            "summary.custody.reception_date",
+            c.reception_date.map(|d| d.0),
+        ),
+        ("summary.custody.release_date", c.release_date.map(|d| d.0)),
+        (
+            "summary.custody.transfer_at",
+            c.transfer_at.map(|t| t.0.date()),
+        ),
+    ];
+    for (field, day) in days {
+        match day {
+            Some(d) if d < born => e.add(field, "must not be before the date of birth"),
+            Some(d) if d.year() > LAST_CUSTODY_YEAR => {
+                e.add(field, format!("must not be after {LAST_CUSTODY_YEAR}"));
+            }
+            _ => {}
+        }
+    }
+    if let (Some(reception), Some(release)) = (c.reception_date, c.release_date)
+        && release.0 < reception.0
+    {
+        e.add(
+            "summary.custody.release_date",
+            "must not be before the reception date",
+        );
+    }
 }
 
 /// Whether serialised JSON may hold a control character other than tab and

@@ -58,21 +58,68 @@ pub fn status(
     Status::with_error_details(code, message, d)
 }
 
+/// At most this many field violations are answered (the first found), each
+/// field path and description cut to the lengths below, and the message
+/// names the first few: grpc-core clients refuse trailers over 8 to 16 KiB
+/// (the message travels twice, in `grpc-message` and in the details), and
+/// would see `RESOURCE_EXHAUSTED` instead of the refusal. The total is in
+/// `ErrorInfo.metadata["violations"]`.
+const MAX_VIOLATIONS: usize = 10;
+const MAX_IN_MESSAGE: usize = 3;
+const MAX_FIELD_CHARS: usize = 100;
+const MAX_DESCRIPTION_CHARS: usize = 160;
+
+fn cut(s: String, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s,
+    }
+}
+
+/// `INVALID_ARGUMENT` with the first [`MAX_VIOLATIONS`] violations, bounded.
+fn invalid(code: Code, reason: &str, violations: Vec<crate::clinical::Violation>) -> Status {
+    let total = violations.len();
+    let shown: Vec<_> = violations
+        .into_iter()
+        .take(MAX_VIOLATIONS)
+        .map(|v| {
+            let v = scrubbed(v);
+            crate::clinical::Violation {
+                field: cut(v.field, MAX_FIELD_CHARS),
+                description: cut(v.description, MAX_DESCRIPTION_CHARS),
+            }
+        })
+        .collect();
+    let in_message = &shown[..shown.len().min(MAX_IN_MESSAGE)];
+    let mut message = describe(in_message);
+    if total > in_message.len() {
+        message.push_str(&format!(
+            "; and {} more (the first {} are in BadRequest)",
+            total - in_message.len(),
+            shown.len()
+        ));
+    }
+    let mut d = ErrorDetails::with_error_info(
+        reason,
+        ERROR_DOMAIN,
+        std::collections::HashMap::from([("violations".to_owned(), total.to_string())]),
+    );
+    d.set_bad_request(
+        shown
+            .into_iter()
+            .map(|v| FieldViolation::new(v.field, v.description))
+            .collect::<Vec<_>>(),
+    );
+    Status::with_error_details(code, message, d)
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = code(e.kind());
         let reason = e.reason();
         let retry = e.retry_after();
         match e {
-            Error::Invalid(violations) => {
-                let violations: Vec<_> = violations.into_iter().map(scrubbed).collect();
-                let message = describe(&violations);
-                let wire = violations
-                    .into_iter()
-                    .map(|v| FieldViolation::new(v.field, v.description))
-                    .collect();
-                status(code, message, reason, retry, wire)
-            }
+            Error::Invalid(violations) => invalid(code, reason, violations),
             Error::Store(StoreError::IdentityConflict { field }) => {
                 let violation = crate::clinical::Violation {
                     field: field.into(),
@@ -108,6 +155,32 @@ impl From<Error> for Status {
 mod tests {
     use super::*;
 
+    /// However many violations a request has, the answer stays well under
+    /// grpc-core's 8 KiB soft limit on trailers, lists the first ones and
+    /// counts them all.
+    #[test]
+    fn a_refusal_with_thousands_of_violations_stays_small() {
+        let mut v = crate::clinical::ValidationErrors::default();
+        for i in 0..5_000 {
+            v.add(
+                format!("destinations[{i}]{}", ".x".repeat(200)),
+                "d".repeat(1_000),
+            );
+        }
+        let s = Status::from(Error::Invalid(v.0));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        let bad = s.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations.len(), MAX_VIOLATIONS);
+        assert!(bad.field_violations[0].field.starts_with("destinations[0]"));
+        assert_eq!(
+            s.get_details_error_info().unwrap().metadata["violations"],
+            "5000"
+        );
+        let size = s.message().len() + s.details().len() * 4 / 3;
+        assert!(size < 6 * 1024, "{size} bytes of trailers");
+        assert!(s.message().contains("and 4997 more"), "{}", s.message());
+    }
+
     fn info(s: &Status) -> (String, String) {
         let i = s.get_details_error_info().expect("ErrorInfo");
         (i.reason, i.domain)
@@ -123,6 +196,10 @@ mod tests {
         );
         let bad = invalid.get_details_bad_request().expect("BadRequest");
         assert_eq!(bad.field_violations[0].field, "a.b");
+        assert_eq!(
+            invalid.get_details_error_info().unwrap().metadata["violations"],
+            "1"
+        );
         assert!(invalid.get_details_retry_info().is_none());
 
         let stale = Status::from(Error::Store(StoreError::StaleAttempt {

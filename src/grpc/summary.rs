@@ -93,7 +93,7 @@ pub fn from_wire(
     let infections = infections_from(infections, prefix, v);
     let vaccinations = vaccinations_from(vaccinations, prefix, v);
     let follow_ups = follow_ups_from(follow_ups, prefix, v);
-    let consent = consent_from(consent);
+    let consent = consent_from(consent, prefix, v);
     let author = author_from(author, prefix, v);
     let authored_at = req(authored_at, &p("authored_at"), v);
     let prescriptions = prescriptions
@@ -150,10 +150,10 @@ fn patient_from(
             if family_name.is_empty() {
                 v.add(p("patient.family_name"), "required");
             }
-            let sex = match pb::Sex::try_from(sex) {
-                Ok(pb::Sex::Male) => m::Sex::Male,
-                Ok(pb::Sex::Female) => m::Sex::Female,
-                Ok(pb::Sex::Other) => m::Sex::Other,
+            let sex = match known::<pb::Sex>(sex, &p("patient.sex"), v) {
+                Some(pb::Sex::Male) => m::Sex::Male,
+                Some(pb::Sex::Female) => m::Sex::Female,
+                Some(pb::Sex::Other) => m::Sex::Other,
                 _ => m::Sex::Unknown,
             };
             dob.map(|date_of_birth| m::Patient {
@@ -310,10 +310,11 @@ fn allergies_from(
                     severity,
                 },
             )| {
-                let severity = match pb::Severity::try_from(severity) {
-                    Ok(pb::Severity::Mild) => Some(m::Severity::Mild),
-                    Ok(pb::Severity::Moderate) => Some(m::Severity::Moderate),
-                    Ok(pb::Severity::Severe) => Some(m::Severity::Severe),
+                let at = p(&format!("allergies[{i}].severity"));
+                let severity = match known::<pb::Severity>(severity, &at, v) {
+                    Some(pb::Severity::Mild) => Some(m::Severity::Mild),
+                    Some(pb::Severity::Moderate) => Some(m::Severity::Moderate),
+                    Some(pb::Severity::Severe) => Some(m::Severity::Severe),
                     _ => None,
                 };
                 code(substance, &p(&format!("allergies[{i}].substance")), v).map(|substance| {
@@ -335,13 +336,14 @@ fn risks_from(risks: Vec<pb::RiskFlag>, prefix: &str, v: &mut Violations) -> Vec
         .into_iter()
         .enumerate()
         .filter_map(|(i, pb::RiskFlag { kind, active, note })| {
-            let kind = match pb::RiskKind::try_from(kind) {
-                Ok(pb::RiskKind::Suicide) => m::RiskKind::Suicide,
-                Ok(pb::RiskKind::SelfHarm) => m::RiskKind::SelfHarm,
-                Ok(pb::RiskKind::Violence) => m::RiskKind::Violence,
-                Ok(pb::RiskKind::Vulnerability) => m::RiskKind::Vulnerability,
-                _ => {
-                    v.add(p(&format!("risks[{i}].kind")), "required");
+            let at = p(&format!("risks[{i}].kind"));
+            let kind = match known::<pb::RiskKind>(kind, &at, v)? {
+                pb::RiskKind::Suicide => m::RiskKind::Suicide,
+                pb::RiskKind::SelfHarm => m::RiskKind::SelfHarm,
+                pb::RiskKind::Violence => m::RiskKind::Violence,
+                pb::RiskKind::Vulnerability => m::RiskKind::Vulnerability,
+                pb::RiskKind::Unspecified => {
+                    v.add(at, "required");
                     return None;
                 }
             };
@@ -447,7 +449,7 @@ fn follow_ups_from(
     follow_ups
         .into_iter()
         .enumerate()
-        .map(
+        .filter_map(
             |(
                 i,
                 pb::FollowUp {
@@ -455,21 +457,43 @@ fn follow_ups_from(
                     service,
                     date,
                 },
-            )| m::FollowUp {
-                kind: if pb::FollowUpKind::try_from(kind) == Ok(pb::FollowUpKind::Appointment) {
-                    m::FollowUpKind::Appointment
-                } else {
-                    m::FollowUpKind::Referral
-                },
-                service,
-                date: opt(date, &p(&format!("follow_ups[{i}].date")), v),
+            )| {
+                let at = p(&format!("follow_ups[{i}].kind"));
+                let date = opt(date, &p(&format!("follow_ups[{i}].date")), v);
+                let kind = match known::<pb::FollowUpKind>(kind, &at, v)? {
+                    pb::FollowUpKind::Appointment => m::FollowUpKind::Appointment,
+                    pb::FollowUpKind::Referral => m::FollowUpKind::Referral,
+                    pb::FollowUpKind::Unspecified => {
+                        v.add(at, "required: APPOINTMENT or REFERRAL");
+                        return None;
+                    }
+                };
+                Some(m::FollowUp {
+                    kind,
+                    service,
+                    date,
+                })
             },
         )
         .collect()
 }
 
+/// `value` as enum `E`; an unknown number is refused at `at` (proto3 keeps
+/// unknown enum values, so a newer or broken client could otherwise have
+/// one read as some default).
+fn known<E: TryFrom<i32>>(value: i32, at: &str, v: &mut Violations) -> Option<E> {
+    E::try_from(value)
+        .map_err(|_| {
+            v.add(
+                at.to_owned(),
+                format!("unknown value {value}: not one this contract defines"),
+            );
+        })
+        .ok()
+}
+
 /// Consent to share with probation; not recorded when absent.
-fn consent_from(consent: Option<pb::Consent>) -> m::Consent {
+fn consent_from(consent: Option<pb::Consent>, prefix: &str, v: &mut Violations) -> m::Consent {
     consent.map_or(
         m::Consent {
             probation_sharing: m::ConsentDecision::NotRecorded,
@@ -481,18 +505,26 @@ fn consent_from(consent: Option<pb::Consent>) -> m::Consent {
              legal_basis,
              treatment_sharing,
          }| m::Consent {
-            probation_sharing: decision_from(probation_sharing),
+            probation_sharing: decision_from(
+                probation_sharing,
+                &format!("{prefix}.consent.probation_sharing"),
+                v,
+            ),
             legal_basis: text(legal_basis),
-            treatment_sharing: decision_from(treatment_sharing),
+            treatment_sharing: decision_from(
+                treatment_sharing,
+                &format!("{prefix}.consent.treatment_sharing"),
+                v,
+            ),
         },
     )
 }
 
 /// A consent decision; not recorded when unspecified or unknown.
-fn decision_from(decision: i32) -> m::ConsentDecision {
-    match pb::ConsentDecision::try_from(decision) {
-        Ok(pb::ConsentDecision::Given) => m::ConsentDecision::Given,
-        Ok(pb::ConsentDecision::Refused) => m::ConsentDecision::Refused,
+fn decision_from(decision: i32, at: &str, v: &mut Violations) -> m::ConsentDecision {
+    match known::<pb::ConsentDecision>(decision, at, v) {
+        Some(pb::ConsentDecision::Given) => m::ConsentDecision::Given,
+        Some(pb::ConsentDecision::Refused) => m::ConsentDecision::Refused,
         _ => m::ConsentDecision::NotRecorded,
     }
 }

@@ -712,7 +712,92 @@ fn document_cases() -> Vec<BadSubmit> {
         Code::InvalidArgument,
         "segment 4",
     ));
+    cases.extend(native_value_cases());
     cases
+}
+
+/// A native summary changed by `change`, as release `id`.
+fn native_release(id: &str, change: impl FnOnce(&mut pb::ClinicalSummary)) -> pb::SubmitRequest {
+    let mut r = release(id, 1, &["YG001"], "x");
+    let Some(pb::submit_request::Document::Native(s)) = &mut r.document else {
+        unreachable!("release() is native");
+    };
+    change(s);
+    r
+}
+
+/// Values outside what the contract defines, and dates outside the
+/// patient's life or the gateway's calendar: each refused at its field,
+/// none read as some default.
+fn native_value_cases() -> Vec<BadSubmit> {
+    vec![
+        (
+            "an unknown follow-up kind",
+            native_release("b-20", |s| s.follow_ups[0].kind = 57),
+            Code::InvalidArgument,
+            "document.native.follow_ups[0].kind",
+        ),
+        (
+            "no follow-up kind",
+            native_release("b-21", |s| s.follow_ups[0].kind = 0),
+            Code::InvalidArgument,
+            "document.native.follow_ups[0].kind",
+        ),
+        (
+            "an unknown allergy severity",
+            native_release("b-22", |s| {
+                s.allergies.push(pb::Allergy {
+                    substance: Some(pb::Code {
+                        system: "http://snomed.info/sct".into(),
+                        code: "91936005".into(),
+                        display: "Penicillin".into(),
+                    }),
+                    reaction: "rash".into(),
+                    severity: 42,
+                });
+            }),
+            Code::InvalidArgument,
+            "document.native.allergies[0].severity",
+        ),
+        (
+            "an unknown sex",
+            native_release("b-23", |s| s.patient.as_mut().unwrap().sex = 77),
+            Code::InvalidArgument,
+            "document.native.patient.sex",
+        ),
+        (
+            "an unknown consent decision",
+            native_release("b-24", |s| {
+                s.consent.get_or_insert_default().probation_sharing = 9;
+            }),
+            Code::InvalidArgument,
+            "document.native.consent.probation_sharing",
+        ),
+        (
+            "a release beyond the gateway's calendar",
+            native_release("b-25", |s| {
+                s.custody.as_mut().unwrap().release_date = "9999-12-31".into();
+            }),
+            Code::InvalidArgument,
+            "summary.custody.release_date",
+        ),
+        (
+            "a release before the reception",
+            native_release("b-26", |s| {
+                s.custody.as_mut().unwrap().reception_date = "2026-12-01".into();
+            }),
+            Code::InvalidArgument,
+            "summary.custody.release_date",
+        ),
+        (
+            "a last dose given in the future",
+            native_release("b-27", |s| {
+                s.medications[0].last_dose_given = "2099-01-01T08:00:00Z".into();
+            }),
+            Code::InvalidArgument,
+            "summary.medications[0].last_dose_given",
+        ),
+    ]
 }
 
 #[tokio::test]

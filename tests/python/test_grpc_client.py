@@ -109,6 +109,22 @@ def test_field_violations_come_as_google_rpc_bad_request(gateway, pb):
     assert "9990000017" not in err.value.details()
 
 
+def test_a_refusal_with_many_violations_fits_a_default_grpcio_channel(gateway, pb):
+    # A default grpcio channel refuses trailers over 8-16 KiB: a refusal
+    # listing every one of hundreds of violations would reach the caller as
+    # RESOURCE_EXHAUSTED (which clients retry) instead of INVALID_ARGUMENT.
+    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
+    with pytest.raises(grpc.RpcError) as err:
+        prison.Submit(release(pb, "py-many", to=["not an ods code"] * 300), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    details = details_of(err.value)
+    fields = [v.field for v in details["BadRequest"].field_violations]
+    assert 1 <= len(fields) <= 10
+    assert all(f.startswith("destinations") for f in fields), fields
+    assert int(details["ErrorInfo"].metadata["violations"]) > len(fields)
+    assert "more" in err.value.details()
+
+
 def test_no_client_certificate_is_refused(gateway, pb):
     anonymous = pb.grpc.HandoverServiceStub(gateway.channel(None))
     with pytest.raises(grpc.RpcError) as err:
