@@ -447,7 +447,19 @@ impl Prepared {
             submits,
             "barrier statistics"
         );
-        tracing::info!("store closed after a final durability barrier");
+        if self
+            .gateway
+            .store
+            .stats()
+            .halted
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::error!(
+                "store closed without a final barrier: it had stopped taking changes (see the error above); nothing after that was acknowledged"
+            );
+        } else {
+            tracing::info!("store closed after a final durability barrier");
+        }
         let _ = stop_metrics.send(());
         match metrics_server.await {
             Ok(Ok(())) => {}
@@ -767,6 +779,7 @@ impl Prepared {
 
         let mut tasks = self.spawn_background(trends.clone(), continuity);
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        tasks.push(spawn_halt_watch(health.clone(), self.gateway.store.clone()));
         tasks.push(spawn_forget(
             rate_limit.clone(),
             tally.clone(),
@@ -938,20 +951,52 @@ fn report_retention(outcome: &crate::store::RetentionOutcome, elapsed: Duration)
 /// Tells health watchers NOT_SERVING, then ends their streams so that they do
 /// not hold the drain open until the grace period runs out.
 async fn stop_serving(mut health: tonic_health::server::HealthReporter) {
-    use tonic_health::ServingStatus;
-    let services = [
-        "",
-        <HandoverServiceServer<HandoverGrpc> as tonic::server::NamedService>::NAME,
-        <OperatorServiceServer<OperatorGrpc> as tonic::server::NamedService>::NAME,
-    ];
-    for name in services {
-        health
-            .set_service_status(name, ServingStatus::NotServing)
-            .await;
-    }
-    for name in services {
+    set_not_serving(&health).await;
+    for name in HEALTH_SERVICES {
         health.clear_service_status(name).await;
     }
+}
+
+/// The names health answers for: the server as a whole and each service.
+const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    <HandoverServiceServer<HandoverGrpc> as tonic::server::NamedService>::NAME,
+    <OperatorServiceServer<OperatorGrpc> as tonic::server::NamedService>::NAME,
+];
+
+async fn set_not_serving(health: &tonic_health::server::HealthReporter) {
+    for name in HEALTH_SERVICES {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// Watches for the store stopping (a failed durability barrier or commit,
+/// e.g. a full disk): from then on every change is refused until a restart,
+/// so health answers `NOT_SERVING` and a supervisor (the container health
+/// check, an orchestrator) restarts the gateway instead of leaving it stuck.
+fn spawn_halt_watch(
+    health: tonic_health::server::HealthReporter,
+    store: Store,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if store
+                .stats()
+                .halted
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                tracing::error!(
+                    alert = "store_halted",
+                    "ALERT: the store refuses every change until the gateway is restarted; health now answers NOT_SERVING"
+                );
+                set_not_serving(&health).await;
+                return;
+            }
+        }
+    })
 }
 
 /// Flushes the refusal tally every second and forgets idle rate-limit

@@ -25,6 +25,9 @@ pub struct BarrierStats {
     pub submits: AtomicU64,
     /// Time spent in barriers, microseconds.
     pub barrier_micros: AtomicU64,
+    /// The store stopped taking changes (a failed barrier or commit) and
+    /// will until restarted: health checks answer `NOT_SERVING`.
+    pub halted: std::sync::atomic::AtomicBool,
 }
 
 impl BarrierStats {

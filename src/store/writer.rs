@@ -237,6 +237,8 @@ pub(super) struct Writer {
     retention: retention::Ledger,
     /// Why the store stopped taking changes, once it has.
     failed: Option<String>,
+    /// Shared counters; `halted` tells health checks the store stopped.
+    stats: Arc<BarrierStats>,
     /// The data directory (for the queue index a clean close leaves).
     dir: std::path::PathBuf,
 }
@@ -303,7 +305,7 @@ impl Writer {
             trees: trees.clone(),
             clock: clock.clone(),
             observer: options.observer.clone(),
-            stats,
+            stats: stats.clone(),
             signals: signals.clone(),
             failed: sync_failed.clone(),
             durable_seq: commit_seq,
@@ -330,6 +332,7 @@ impl Writer {
             clock,
             cipher,
             failed: None,
+            stats,
         };
         Ok((writer, syncer, settled))
     }
@@ -700,6 +703,9 @@ impl Writer {
     fn fail(&mut self, why: String) {
         if self.failed.is_none() {
             tracing::error!(reason = %why, "store refuses further changes until restarted");
+            self.stats
+                .halted
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             self.failed = Some(why);
         }
     }

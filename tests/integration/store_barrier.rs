@@ -97,6 +97,8 @@ async fn a_failed_barrier_never_yields_an_ok_and_stops_the_store() {
         store.pull("urn:ods:YG001", "YG001", 1, 1_000).await,
         Err(StoreError::Unavailable(_))
     ));
+    // Health checks are told (the gateway then answers NOT_SERVING).
+    assert!(store.stats().halted.load(Ordering::SeqCst));
     store.close().await.unwrap();
     drop(store);
 
