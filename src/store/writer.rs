@@ -990,9 +990,15 @@ impl Writer {
             let mut d: DeliveryRecord = staged
                 .get_json(TreeId::Deliveries, &records::be(id))?
                 .ok_or_else(|| StoreError::Corrupt(format!("live delivery {id} has no record")))?;
-            let handover: HandoverRecord = staged
-                .get_json(TreeId::Handovers, &records::be(d.handover_id))?
-                .ok_or_else(|| StoreError::Corrupt(format!("delivery {id} has no handover")))?;
+            let Some(handover) = staged
+                .get_json::<HandoverRecord>(TreeId::Handovers, &records::be(d.handover_id))?
+            else {
+                // The store is damaged under us (a corrupt log segment can
+                // drop a record): this delivery cannot be sent, but the
+                // others can, and the store must go on taking changes.
+                self.quarantine_damaged(staged, actor, &mut d, now);
+                continue;
+            };
             if !bytes.take(&handover) {
                 break;
             }
@@ -1381,6 +1387,41 @@ impl Writer {
                 }
             })
             .collect()
+    }
+
+    /// Quarantines `d`, whose handover record is missing from the store,
+    /// audited and raised as an alert.
+    fn quarantine_damaged(
+        &mut self,
+        staged: &mut Staged<'_>,
+        actor: &str,
+        d: &mut DeliveryRecord,
+        now: i64,
+    ) {
+        tracing::error!(
+            alert = "store_damaged",
+            delivery_id = d.id,
+            handover_id = d.handover_id,
+            "ALERT: a queued delivery's handover record is missing: the store is damaged; quarantined (restore the handover from a backup, or ask its sender to send it again)"
+        );
+        self.quarantine(
+            staged,
+            d,
+            "the store is damaged: its handover record is missing (restore from a backup, or ask the sender to send it again)".into(),
+            now,
+        );
+        self.audit(
+            staged,
+            AuditEvent {
+                actor: actor.to_owned(),
+                action: "quarantine",
+                handover_id: Some(d.handover_id),
+                delivery_id: Some(d.id),
+                patient_key: Some(d.patient_key.clone()),
+                outcome: "ok: its handover record is missing (store damaged)".into(),
+            },
+            now,
+        );
     }
 
     fn quarantine_expired(

@@ -1019,6 +1019,42 @@ async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_
     gw.stop().await;
 }
 
+/// A live delivery whose handover record is gone (one corrupt sled segment
+/// can drop records while the rest of the store opens): it is quarantined
+/// with the reason, the rest of the pull is delivered, and the store goes
+/// on taking changes. It stopped the whole store, for every mailbox, and
+/// again after every restart.
+#[tokio::test]
+async fn a_delivery_whose_handover_record_is_gone_is_quarantined_and_the_store_goes_on() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    let ids = releases_to_yg001(&mut prison, "gone", 300, 3).await;
+    drop(prison);
+    let (dir, config) = gw.stop().await;
+    {
+        let db = sled::open(config.data_dir.join("sled")).unwrap();
+        let handovers = db.open_tree("handovers").unwrap();
+        assert!(handovers.remove(ids[1].to_be_bytes()).unwrap().is_some());
+        db.flush().unwrap();
+    }
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let mut gp = gw.client("YG001").await;
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        ["doc 0", "doc 2"]
+    );
+    let parked = gw.store.quarantined(Some("YG001"), 10).unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].handover_id, ids[1]);
+    let reason = parked[0].reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("handover record is missing"), "{reason}");
+    let mut prison = gw.client("YP001").await;
+    releases_to_yg001(&mut prison, "after", 310, 1).await;
+    assert_eq!(pull_and_ack(&mut gp).await.len(), 1);
+    gw.stop().await;
+}
+
 /// The same on PostgreSQL: a sealed payload changed in the database fails
 /// its check and is quarantined alone; the rest of the pull is delivered in
 /// the one query that reads them.
