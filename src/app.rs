@@ -57,6 +57,14 @@ pub enum AppError {
         /// Why.
         source: std::io::Error,
     },
+    /// The gRPC listener could not be bound.
+    #[error("config field `listen`: cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The MLLP listener could not be bound.
     #[error("config field `mllp.listen`: cannot listen on {addr}: {source}")]
     MllpListen {
@@ -74,7 +82,9 @@ impl AppError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            AppError::Config(_) => crate::config::EXIT_CONFIG,
+            // A registry file that cannot be read or holds a mistake is a
+            // configuration to fix, not a failure a restart can mend.
+            AppError::Config(_) | AppError::Registry(_) => crate::config::EXIT_CONFIG,
             AppError::Store(
                 StoreError::Behind { .. } | StoreError::Witness(_) | StoreError::AuditKey(_),
             ) => crate::config::EXIT_STORE_BEHIND,

@@ -729,7 +729,13 @@ impl Config {
                 .span()
                 .map(|span| field_at(text, span.start))
                 .unwrap_or_else(|| "config file".into());
-            ConfigError::new(&field, e.message().to_owned())
+            let place = e.span().map_or_else(String::new, |span| {
+                let before = text.get(..span.start).unwrap_or(text);
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" (line {line}, column {column})")
+            });
+            ConfigError::new(&field, format!("{}{place}", e.message()))
         })
     }
 
@@ -1094,6 +1100,9 @@ mod tests {
         assert_eq!(err.field, "queue.max_attempts");
         let err = Config::from_toml("[queue]\nmax_atempts = 3\n").unwrap_err();
         assert_eq!(err.field, "queue.max_atempts", "{err}");
+        assert!(err.to_string().contains("line 2, column 1"), "{err}");
+        let err = Config::from_toml("data_dir = \"d\"\n[queue\n").unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
         let err = Config::from_toml("data_dir = \"d\"\nlisten = \"nowhere\"\n").unwrap_err();
         assert_eq!(err.field, "listen", "{err}");
         let err = Config::load(

@@ -333,7 +333,12 @@ async fn serve_config(config: Config, null_handover: bool) -> ExitCode {
     };
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
-        Err(e) => return failed(e.into()),
+        Err(source) => {
+            return failed(throughcare::app::AppError::Listen {
+                addr: listen,
+                source,
+            });
+        }
     };
     match prepared.serve(listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -210,3 +210,24 @@ fn the_store_directory_is_private_to_the_gateway() {
     stop(server);
     assert_eq!(mode(&dir.path().join("data")), 0o700);
 }
+
+/// A port already taken names the field that chose it.
+#[test]
+fn a_listen_address_in_use_names_its_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--certs-dir")
+        .arg(dir.path().join("certs"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("config field `listen`"), "{stderr}");
+    drop(taken);
+}
