@@ -178,8 +178,11 @@ fn track_from_wire(req: pb::TrackRequest) -> Result<TrackKey, Violations> {
     let pb::TrackRequest { handover } = req;
     match handover {
         Some(pb::track_request::Handover::HandoverId(id)) if id > 0 => Ok(TrackKey::HandoverId(id)),
-        Some(pb::track_request::Handover::MessageId(m)) if !m.is_empty() => {
+        Some(pb::track_request::Handover::MessageId(m)) if wire::is_message_id(&m) => {
             Ok(TrackKey::MessageId(m))
+        }
+        Some(pb::track_request::Handover::MessageId(m)) if !m.is_empty() => {
+            Err(Violations::one("message_id", wire::MESSAGE_ID_RULE))
         }
         _ => Err(Violations::one(
             "handover",

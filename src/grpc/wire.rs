@@ -125,11 +125,8 @@ pub fn submit_from_wire(
     let mut v = Violations::default();
     if message_id.is_empty() {
         v.add("message_id", "required: a sender-chosen idempotency key");
-    } else if message_id.len() > 128 || !message_id.bytes().all(|b| b.is_ascii_graphic()) {
-        v.add(
-            "message_id",
-            "must be 1 to 128 printable ASCII characters without spaces",
-        );
+    } else if !is_message_id(&message_id) {
+        v.add("message_id", MESSAGE_ID_RULE);
     }
     let event = event_from_wire(event);
     if event.is_none() {
@@ -197,6 +194,15 @@ pub fn submit_from_wire(
         }),
         _ => Err(v),
     }
+}
+
+/// What a message id may be (the sender's idempotency key).
+pub const MESSAGE_ID_RULE: &str = "must be 1 to 128 printable ASCII characters without spaces";
+
+/// Whether `m` is a well-formed message id (see [`MESSAGE_ID_RULE`]).
+#[must_use]
+pub fn is_message_id(m: &str) -> bool {
+    !m.is_empty() && m.len() <= 128 && m.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn check_size(field: &str, len: usize, max: usize, v: &mut Violations) {

@@ -822,6 +822,18 @@ async fn bad_input_gets_a_field_level_error_and_changes_nothing_on(engine: Engin
     };
     let mut prison = gw.client("YP001").await;
     let before = gw.store.content_digest().unwrap();
+    // A message id no submit could have used is refused as such, not
+    // looked up and reported missing.
+    for bad in ["\0".repeat(300), "two words".into()] {
+        let err = prison
+            .track(pb::TrackRequest {
+                handover: Some(pb::track_request::Handover::MessageId(bad)),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(violations(&err), ["message_id"]);
+    }
     let mut cases = envelope_cases();
     cases.extend(document_cases());
     for (what, request, code, field) in cases {
