@@ -38,22 +38,15 @@ enum Refusal {
     Later(MeshError),
 }
 
-fn refused(field: &str, why: &str) -> Refusal {
-    Refusal::Refused {
-        reason: "INVALID_ARGUMENT",
-        message: format!("invalid request: {field}: {why}"),
-        violations: vec![Violation {
-            field: field.to_owned(),
-            description: why.to_owned(),
-        }],
-    }
+fn refused(field: &str, why: &str) -> Error {
+    Error::invalid(field, why)
 }
 
 /// The content as sent: `Content-Encoding: gzip` (what `mesh-client` and
 /// MESH UI send when compressing; each chunk may be its own gzip member) is
 /// decoded, reading at most `limit` bytes so a small message cannot expand
 /// without bound.
-fn decoded(msg: &Incoming, limit: usize) -> Result<std::borrow::Cow<'_, [u8]>, Refusal> {
+fn decoded(msg: &Incoming, limit: usize) -> Result<std::borrow::Cow<'_, [u8]>, Error> {
     use std::io::Read;
     match msg.content_encoding.trim().to_ascii_lowercase().as_str() {
         "" | "identity" => Ok(std::borrow::Cow::Borrowed(&msg.body)),
@@ -106,7 +99,13 @@ impl MeshEdge {
                     self.refuse_unread(&id, limit).await?;
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) if e.is_outage() => return Err(e),
+                Err(e) => {
+                    // Left in the inbox for the next round; the messages
+                    // behind it are read now.
+                    super::outbound::message_failed(&e, "reading an inbox message");
+                    continue;
+                }
             };
             if msg.workflow_id.eq_ignore_ascii_case(REFUSAL_WORKFLOW) {
                 // Another gateway's refusal of ours: never refused back (no
@@ -148,48 +147,13 @@ impl MeshEdge {
     }
 
     /// Reads the message into a submit and makes it as its sender; the
-    /// handover id once durable.
+    /// handover id once durable. Every refusal is audited, those decided
+    /// before the submit (an unregistered mailbox, a workflow id, content
+    /// that is not a document) as much as the submit's own.
     async fn submit(&self, msg: &Incoming) -> Result<u64, Refusal> {
-        let org = self
-            .gateway
-            .registry
-            .read()
-            .by_mesh_mailbox(&msg.from)
-            .cloned();
-        let Some(org) = org else {
-            return Err(refused(
-                "mex-From",
-                "this MESH mailbox is not registered with the gateway",
-            ));
-        };
-        let caller = Caller::Organisation(org.ods.clone());
-        let Some(event) = super::event_of_workflow(&msg.workflow_id) else {
-            return Err(refused(
-                "mex-WorkflowID",
-                "not a Throughcare workflow id (THROUGHCARE_ADMISSION, THROUGHCARE_TRANSFER, THROUGHCARE_RELEASE, THROUGHCARE_COMMUNITY_SUMMARY)",
-            ));
-        };
-        let body = decoded(msg, self.client.max_document())?;
-        let Ok(text) = std::str::from_utf8(&body) else {
-            return Err(refused("content", "not UTF-8 text"));
-        };
-        let start = text.trim_start();
-        let document = if start.starts_with('{') {
-            IncomingDocument::FhirJson(text.to_owned())
-        } else if start.starts_with("MSH") {
-            IncomingDocument::Hl7v2(text.to_owned())
-        } else {
-            return Err(refused(
-                "content",
-                "neither a FHIR R4 JSON Bundle nor an HL7 v2 message",
-            ));
-        };
-        let cmd = SubmitCommand {
-            message_id: idempotency_key(msg),
-            event,
-            patient: None,
-            destinations: Vec::new(),
-            document,
+        let (caller, cmd) = match self.command(msg) {
+            Ok(read) => read,
+            Err((caller, e)) => return Err(self.refusal(&caller, &e).await),
         };
         match self.gateway.submit(&caller, Ok(cmd)).await {
             Ok(receipt) => Ok(receipt.handover_id),
@@ -201,20 +165,77 @@ impl MeshEdge {
             {
                 Err(Refusal::Later(MeshError::Gateway(e.to_string())))
             }
-            Err(e) => {
-                if let Err(unrecorded) = self.gateway.audit_refusal(&caller, "submit", &e).await {
-                    return Err(Refusal::Later(MeshError::Gateway(unrecorded.to_string())));
-                }
-                let violations = match &e {
-                    Error::Invalid(v) => v.iter().cloned().map(scrubbed).collect(),
-                    _ => Vec::new(),
-                };
-                Err(Refusal::Refused {
-                    reason: e.reason(),
-                    message: withhold_numbers(&e.to_string()),
-                    violations,
-                })
-            }
+            Err(e) => Err(self.refusal(&caller, &e).await),
+        }
+    }
+
+    /// The submit a message makes, and who makes it; or why it is refused
+    /// (by whom, when its mailbox is registered).
+    fn command(&self, msg: &Incoming) -> Result<(Caller, SubmitCommand), (Caller, Error)> {
+        let org = self
+            .gateway
+            .registry
+            .read()
+            .by_mesh_mailbox(&msg.from)
+            .cloned();
+        let Some(org) = org else {
+            return Err((
+                Caller::Unidentified,
+                refused(
+                    "mex-From",
+                    "this MESH mailbox is not registered with the gateway",
+                ),
+            ));
+        };
+        let caller = Caller::Organisation(org.ods.clone());
+        let refuse = |e: Error| (caller.clone(), e);
+        let Some(event) = super::event_of_workflow(&msg.workflow_id) else {
+            return Err(refuse(refused(
+                "mex-WorkflowID",
+                "not a Throughcare workflow id (THROUGHCARE_ADMISSION, THROUGHCARE_TRANSFER, THROUGHCARE_RELEASE, THROUGHCARE_COMMUNITY_SUMMARY)",
+            )));
+        };
+        let body = decoded(msg, self.client.max_document()).map_err(refuse)?;
+        let Ok(text) = std::str::from_utf8(&body) else {
+            return Err(refuse(refused("content", "not UTF-8 text")));
+        };
+        // A byte order mark is allowed before either format (RFC 8259 §8.1
+        // lets a parser ignore it; some Windows senders write one).
+        let start = text.trim_start_matches('\u{feff}').trim_start();
+        let document = if start.starts_with('{') {
+            IncomingDocument::FhirJson(start.to_owned())
+        } else if start.starts_with("MSH") {
+            IncomingDocument::Hl7v2(start.to_owned())
+        } else {
+            return Err(refuse(refused(
+                "content",
+                "neither a FHIR R4 JSON Bundle nor an HL7 v2 message",
+            )));
+        };
+        let cmd = SubmitCommand {
+            message_id: idempotency_key(msg),
+            event,
+            patient: None,
+            destinations: Vec::new(),
+            document,
+        };
+        Ok((caller, cmd))
+    }
+
+    /// Audits a refusal (fail closed: unrecorded, the message waits) and
+    /// says what to report to its sender.
+    async fn refusal(&self, caller: &Caller, e: &Error) -> Refusal {
+        if let Err(unrecorded) = self.gateway.audit_refusal(caller, "submit", e).await {
+            return Refusal::Later(MeshError::Gateway(unrecorded.to_string()));
+        }
+        let violations = match e {
+            Error::Invalid(v) => v.iter().cloned().map(scrubbed).collect(),
+            _ => Vec::new(),
+        };
+        Refusal::Refused {
+            reason: e.reason(),
+            message: withhold_numbers(&e.to_string()),
+            violations,
         }
     }
 
@@ -352,13 +373,13 @@ mod tests {
         e.finish().unwrap()
     }
 
-    fn field(r: Refusal) -> (String, String) {
-        match r {
-            Refusal::Refused { violations, .. } => (
+    fn field(e: Error) -> (String, String) {
+        match e {
+            Error::Invalid(violations) => (
                 violations[0].field.clone(),
                 violations[0].description.clone(),
             ),
-            Refusal::Later(_) => panic!("refused now, not later"),
+            other => panic!("refused at a field, not {other}"),
         }
     }
 

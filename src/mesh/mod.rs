@@ -97,6 +97,20 @@ pub enum MeshError {
 }
 
 impl MeshError {
+    /// Whether MESH (or the gateway) is failing as a whole, so the round
+    /// stops and backs off; otherwise the failure is this message's, and
+    /// the round goes on with the others (one bad message must not hold
+    /// up the rest). Per-message calls come after the round's inbox list
+    /// has shown MESH answering.
+    #[must_use]
+    pub fn is_outage(&self) -> bool {
+        match self {
+            MeshError::Http(HttpError::TooLarge(_)) | MeshError::Invalid(_) => false,
+            MeshError::Http(_) | MeshError::Gateway(_) => true,
+            MeshError::Status(s, _) => matches!(*s, 401 | 403 | 408 | 429 | 502 | 503 | 504),
+        }
+    }
+
     /// Whether trying again later may succeed (MESH down, slow, busy);
     /// otherwise MESH refused this message for good.
     #[must_use]

@@ -12,11 +12,12 @@
 //! - A delivery met again (a lease that ran out, a restart) whose record
 //!   is `sending` is looked up in MESH by its local id; it is sent again
 //!   (same local id) only when MESH has no complete copy.
-//! - MESH down: the round stops at the first failed exchange and waits
+//! - MESH down ([`MeshError::is_outage`]): the round stops and waits
 //!   (doubling back-off); a delivery already leased is retried within its
 //!   lease, and once the lease runs out the queue offers it again. Only a
 //!   lease's worth of attempts (`queue.max_attempts` leases of
 //!   `mesh.lease_seconds`) without MESH quarantines it, for an operator.
+//!   A failure that is one message's is logged and the round goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,6 +94,11 @@ fn payload(d: &Delivery) -> (Vec<u8>, &'static str, &'static str) {
             "json",
         ),
     }
+}
+
+/// Logs a failure that is one message's, not MESH's: the round goes on.
+pub(super) fn message_failed(e: &MeshError, what: &str) {
+    tracing::warn!(error = %e, "MESH failed {what}; the round goes on with the others");
 }
 
 /// The local id of a delivery's MESH message: the same on every send.
@@ -176,9 +182,9 @@ impl MeshEdge {
         else {
             return Ok(());
         };
-        self.retry_held().await?;
         // Reachability first: nothing is leased while MESH is down.
         let inbox = self.client.inbox(self.pacing.batch).await?;
+        self.retry_held().await?;
         let orgs: Vec<Organisation> = self
             .gateway
             .registry
@@ -204,9 +210,13 @@ impl MeshEdge {
                 continue;
             }
             if let Err(e) = self.send_one(&h.org, &h.delivery).await {
+                let outage = e.is_outage();
                 self.held.push(h);
-                self.held.extend(pending);
-                return Err(e);
+                if outage {
+                    self.held.extend(pending);
+                    return Err(e);
+                }
+                message_failed(&e, "a held delivery");
             }
         }
         Ok(())
@@ -238,11 +248,14 @@ impl MeshEdge {
                     org: org.clone(),
                     delivery,
                 });
-                self.held.extend(pending.map(|delivery| Held {
-                    org: org.clone(),
-                    delivery,
-                }));
-                return Err(e);
+                if e.is_outage() {
+                    self.held.extend(pending.map(|delivery| Held {
+                        org: org.clone(),
+                        delivery,
+                    }));
+                    return Err(e);
+                }
+                message_failed(&e, "a delivery");
             }
         }
         Ok(())
@@ -257,6 +270,12 @@ impl MeshEdge {
         let now = self.gateway.clock.now_ms();
         let mesh_mailbox = org.mesh_mailbox.clone().unwrap_or_default();
         let mut record = match previous {
+            Some(mut r) if r.state == MeshState::Acknowledged => {
+                // The recipient acknowledged it in MESH already (it was
+                // quarantined meanwhile, then redriven): acked, not sent twice.
+                r.attempt = d.attempt;
+                return self.acknowledged(r).await;
+            }
             Some(mut r) if r.state == MeshState::Sent => {
                 // Leased again while waiting: hold the new attempt, and
                 // apply a failure MESH reported while no lease was held.
@@ -406,6 +425,15 @@ impl MeshEdge {
         Ok(d.is_none_or(|d| !matches!(d.state, DeliveryState::Queued | DeliveryState::Leased)))
     }
 
+    fn quarantined(&self, delivery_id: u64) -> Result<bool, MeshError> {
+        let d = self
+            .gateway
+            .store
+            .delivery(delivery_id)
+            .map_err(|e| MeshError::Gateway(e.to_string()))?;
+        Ok(d.is_some_and(|d| d.state == DeliveryState::Quarantined))
+    }
+
     async fn put(&self, record: MeshRecord) -> Result<(), MeshError> {
         self.gateway
             .store
@@ -428,7 +456,19 @@ impl MeshEdge {
             let Some(id) = record.message_id.clone() else {
                 continue;
             };
-            let t = self.client.track(&id).await?;
+            let t = match self.client.track(&id).await {
+                Ok(t) => t,
+                Err(e) if e.is_outage() => return Err(e),
+                Err(MeshError::Status(404, _)) => {
+                    let reason = "MESH no longer knows the message it accepted (tracking answered 404): redrive to send it again";
+                    self.fail_delivery(record, reason).await?;
+                    continue;
+                }
+                Err(e) => {
+                    message_failed(&e, "tracking a sent message");
+                    continue;
+                }
+            };
             let status = t.status.unwrap_or_default().to_ascii_lowercase();
             match status.as_str() {
                 "acknowledged" => self.acknowledged(record).await?,
@@ -462,6 +502,23 @@ impl MeshEdge {
             .await
         {
             Ok(()) => {}
+            Err(_) if self.quarantined(record.delivery_id)? => {
+                // The recipient has it: put it back in the queue, and the
+                // next lease of it is acknowledged without sending again.
+                self.gateway
+                    .store
+                    .redrive(super::MESH_ACTOR, vec![record.delivery_id])
+                    .await
+                    .map_err(|e| MeshError::Gateway(e.to_string()))?;
+                tracing::info!(
+                    delivery_id = record.delivery_id,
+                    "acknowledged in MESH after it was quarantined; requeued to be marked delivered"
+                );
+                record.state = MeshState::Acknowledged;
+                record.reason = Some("acknowledged in MESH after it was quarantined".into());
+                record.updated_ms = self.gateway.clock.now_ms();
+                return self.put(record).await;
+            }
             Err(e) if self.finished_elsewhere(record.delivery_id)? => {
                 record.reason = Some(format!(
                     "acknowledged in MESH; the delivery had already finished ({})",

@@ -930,3 +930,145 @@ async fn mesh_on_postgres_two_nodes_send_receive_and_refuse_each_message_once() 
         gw.stop().await;
     }
 }
+
+/// One message MESH cannot answer for (here: tracking a message MESH does
+/// not know answers 404) must not hold up the rest of the edge. It stopped
+/// every round: the prison's admission waited in the inbox unread, and
+/// later releases were never tracked. Now that delivery is quarantined
+/// with the reason, and everything else flows. A refusal decided before
+/// the submit (a workflow id that is not ours) is audited like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_one_message_mesh_cannot_answer_for_holds_up_nothing_else() {
+    let sandbox = Sandbox::start();
+    let gw = gateway_with(&sandbox).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("mesh-hol-1", 46, &["YG001"], "hol"))
+        .await
+        .unwrap();
+    let sent = eventually(20, "the release sent", || async {
+        let d = delivery_of(&gw, "mesh-hol-1").await;
+        (!d.mesh_message_id.is_empty()).then_some(d)
+    })
+    .await;
+    // MESH forgets it (its store lost, its retention passed).
+    let mut record = gw.store.mesh_record(sent.delivery_id).unwrap().unwrap();
+    record.message_id = Some("20261130000000000000_UNKNOWN".into());
+    gw.store.mesh_put("test", record).await.unwrap();
+
+    let prison_mb = sandbox.client(PRISON_MB);
+    let admission = prison_mb
+        .send(&Outgoing {
+            to: GATEWAY_MB,
+            workflow_id: "THROUGHCARE_ADMISSION",
+            subject: "admission",
+            local_id: "mesh-hol-adm",
+            file_name: "adm.json",
+            content_type: "application/fhir+json",
+            body: &admission_fhir(47),
+        })
+        .await
+        .unwrap();
+    let foreign = prison_mb
+        .send(&Outgoing {
+            to: GATEWAY_MB,
+            workflow_id: "GPFED_SOMETHING",
+            subject: "not ours",
+            local_id: "mesh-hol-foreign",
+            file_name: "x.json",
+            content_type: "application/json",
+            body: b"{}",
+        })
+        .await
+        .unwrap();
+    eventually(30, "the inbox read past the stuck message", || async {
+        for id in [&admission, &foreign] {
+            let s = prison_mb
+                .track(id)
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            if s != "acknowledged" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let d = eventually(20, "the forgotten one quarantined", || async {
+        let d = delivery_of(&gw, "mesh-hol-1").await;
+        (d.state() == pb::DeliveryState::Quarantined).then_some(d)
+    })
+    .await;
+    assert!(
+        d.quarantine_reason.contains("404"),
+        "{}",
+        d.quarantine_reason
+    );
+    track_message(&mut prison, "mesh-hol-adm").await;
+    let audited = gw.store.audit_entries().unwrap();
+    assert!(
+        audited.iter().any(|e| e.action == "submit"
+            && e.actor == "urn:ods:YP001"
+            && e.outcome.contains("mex-WorkflowID")),
+        "the refused workflow id is audited"
+    );
+    gw.stop().await;
+}
+
+/// A practice that collects its MESH mailbox after the delivery was
+/// quarantined (its leases ran out meanwhile) has the document: the
+/// acknowledgement makes the delivery DELIVERED, and nothing is sent again.
+/// It was ignored (the delivery stayed quarantined and overdue), and a
+/// redrive sent the practice a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_an_acknowledgement_after_quarantine_delivers_and_sends_nothing_twice() {
+    let sandbox = Sandbox::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = MeshConfig {
+        lease_seconds: 1,
+        ..sandbox.config(dir.path())
+    };
+    let gw = TestGateway::start_with(
+        |c: &mut Config| {
+            c.mesh = mesh;
+            c.queue.max_attempts = 1;
+        },
+        Arc::new(SystemClock),
+    )
+    .await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("mesh-late-1", 48, &["YG001"], "late"))
+        .await
+        .unwrap();
+    eventually(30, "quarantined after its one lease ran out", || async {
+        let d = delivery_of(&gw, "mesh-late-1").await;
+        (d.state() == pb::DeliveryState::Quarantined && !d.mesh_message_id.is_empty()).then_some(())
+    })
+    .await;
+    let practice = sandbox.client(PRACTICE_MB);
+    let ids = practice.inbox(100).await.unwrap();
+    assert_eq!(ids.len(), 1);
+    practice.acknowledge(&ids[0]).await.unwrap();
+    eventually(
+        30,
+        "DELIVERED on the practice's acknowledgement",
+        || async {
+            let d = delivery_of(&gw, "mesh-late-1").await;
+            (d.state() == pb::DeliveryState::Delivered).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        practice.inbox(100).await.unwrap().is_empty(),
+        "no second copy was sent"
+    );
+    gw.stop().await;
+    drop(dir);
+}
