@@ -47,6 +47,11 @@ pub struct PdsLookups {
     pub pacing: Pacing,
     /// Lookups by outcome, and the breaker's state.
     pub metrics: Arc<crate::operator::metrics::Metrics>,
+    /// Releases whose lookup failed: (failures in a row, not before, ms).
+    /// A release that keeps failing waits longer each time (as a finding
+    /// does), so it cannot take every round's lookups or the breaker's
+    /// trial while the others wait. Kept in memory: a restart tries anew.
+    pub failing: std::sync::Mutex<std::collections::HashMap<u64, (u32, i64)>>,
 }
 
 /// What one parked release's handover says about who it is for.
@@ -96,7 +101,15 @@ impl PdsLookups {
         let parked = tokio::task::spawn_blocking(move || store.parked(SCAN_LIMIT))
             .await
             .map_err(|e| StoreError::Unavailable(format!("parked read: {e}")))??;
-        let due = parked.into_iter().filter(|d| is_due(d, now));
+        let waiting = {
+            let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+            let still: std::collections::HashSet<u64> = parked.iter().map(|d| d.id).collect();
+            failing.retain(|id, _| still.contains(id));
+            failing.clone()
+        };
+        let due = parked
+            .into_iter()
+            .filter(|d| is_due(d, now) && waiting.get(&d.id).is_none_or(|(_, at)| *at <= now));
         for d in due.take(self.pacing.batch) {
             if !self.allowed() {
                 tracing::info!("PDS circuit breaker open: lookups wait");
@@ -124,6 +137,10 @@ impl PdsLookups {
         match self.client.patient(&nhs, &today(now)).await {
             Ok(found) => {
                 self.succeeded();
+                self.failing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&d.id);
                 let decision = decide(
                     &nhs,
                     &asked.dob,
@@ -133,6 +150,7 @@ impl PdsLookups {
                 self.record(&d, decision).await
             }
             Err(e) => {
+                self.back_off(d.id, now);
                 self.lookup_failed(d.handover_id, Some(d.id), &d.patient_key, &e)
                     .await
             }
@@ -192,7 +210,8 @@ impl PdsLookups {
     ) -> Result<(), StoreError> {
         let now = self.gateway.clock.now_ms();
         self.metrics.pds_looked_up("failed");
-        let opened = self.breaker.failure(now);
+        // PDS answered, about this record: not a reason to stop the rest.
+        let opened = e.is_outage() && self.breaker.failure(now);
         self.metrics
             .set_pds_breaker_open(self.breaker.state() != BreakerState::Closed);
         if opened {
@@ -231,6 +250,14 @@ impl PdsLookups {
     }
 
     /// The wait after `lookups` lookups: doubling from the first, capped.
+    /// Delays the next lookup of release `id`, whose lookup just failed.
+    fn back_off(&self, id: u64, now: i64) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let failures = failing.get(&id).map_or(0, |(n, _)| *n).saturating_add(1);
+        let at = now.saturating_add(self.backoff_ms(failures));
+        failing.insert(id, (failures, at));
+    }
+
     fn backoff_ms(&self, lookups: u32) -> i64 {
         let doubled = self
             .pacing

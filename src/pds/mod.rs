@@ -63,6 +63,21 @@ pub enum PdsError {
     Invalid(String),
 }
 
+impl PdsError {
+    /// Whether PDS as a whole is failing (what the circuit breaker counts),
+    /// rather than this one record (an answer that cannot be read, a
+    /// status PDS gives for one patient): one bad record must not hold the
+    /// breaker open for every other parked release.
+    #[must_use]
+    pub fn is_outage(&self) -> bool {
+        match self {
+            PdsError::Timeout | PdsError::Unreachable(_) | PdsError::Auth(_) => true,
+            PdsError::Status(s) => matches!(*s, 401 | 403 | 408 | 429) || *s >= 500,
+            PdsError::Invalid(_) => false,
+        }
+    }
+}
+
 fn bad(field: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         field: format!("pds.{field}"),
@@ -146,6 +161,7 @@ pub fn spawn(
         gateway,
         pacing: config.pacing(),
         metrics,
+        failing: std::sync::Mutex::default(),
     };
     tokio::spawn(lookups.run(stop))
 }

@@ -83,6 +83,7 @@ RESTRICTED = first_valid(999100601)       # meta.security R: GP removed by PDS
 INVALIDATED = first_valid(999100701)      # 404 INVALIDATED_RESOURCE
 SLOW = first_valid(999100801)             # answers after 5 s
 THROTTLED = first_valid(999100901)        # always 429
+UNREADABLE = first_valid(999101001)       # 200 with a body that is not a Patient (a fault)
 
 
 def patient(nhs, birth_date="1985-06-15", practice=None, deceased=None, security="U"):
@@ -304,6 +305,8 @@ class Handler(BaseHTTPRequestHandler):
                              headers=mirror)
         if nhs == SLOW:
             time.sleep(5)
+        if nhs == UNREADABLE:
+            return self.send(200, {"resourceType": "Patient", "id": 12}, headers=mirror)
         if nhs == INVALIDATED:
             return self.send(404, outcome("not_found", "INVALIDATED_RESOURCE", "Resource that has been marked as invalid was requested - invalid resources cannot be retrieved"), headers=mirror)
         with self.state.lock:
@@ -358,7 +361,7 @@ def main():
                       "no_practice": NO_PRACTICE, "old_number": OLD_NUMBER,
                       "new_number": NEW_NUMBER, "deceased": DECEASED,
                       "restricted": RESTRICTED, "invalidated": INVALIDATED,
-                      "slow": SLOW, "throttled": THROTTLED},
+                      "slow": SLOW, "throttled": THROTTLED, "unreadable": UNREADABLE},
     }), flush=True)
     try:
         server.serve_forever()
