@@ -315,6 +315,26 @@ fn custody(event: JourneyEvent) -> impl Strategy<Value = Custody> {
         })
 }
 
+/// `c` with its dates inside the patient's life and in order (what the
+/// gateway accepts): none before the date of birth, no release before the
+/// reception.
+fn within_life(mut c: Custody, born: Date) -> Custody {
+    let not_before = |d: Option<Date>| d.map(|d| if d.0 < born.0 { born } else { d });
+    c.reception_date = not_before(c.reception_date);
+    c.release_date = not_before(c.release_date);
+    if let (Some(reception), Some(release)) = (c.reception_date, c.release_date)
+        && release.0 < reception.0
+    {
+        c.release_date = Some(reception);
+    }
+    if let Some(t) = &mut c.transfer_at
+        && t.0.date() < born.0
+    {
+        t.0 = t.0.replace_date(born.0);
+    }
+    c
+}
+
 fn summary() -> impl Strategy<Value = (JourneyEvent, ClinicalSummary)> {
     proptest::sample::select(JourneyEvent::ALL.to_vec()).prop_flat_map(|event| {
         (
@@ -350,6 +370,7 @@ fn summary() -> impl Strategy<Value = (JourneyEvent, ClinicalSummary)> {
                     let (diagnoses, allergies, risks) = clin;
                     let (mental_health, substance_misuse, infections, vaccinations, follow_ups) =
                         care;
+                    let custody = within_life(custody, patient.date_of_birth);
                     (
                         event,
                         ClinicalSummary {

@@ -61,6 +61,14 @@ fn ost_and_care_plan(patient: u32, consent: ConsentDecision) -> ClinicalSummary 
     s
 }
 
+/// `s` with its last dose two hours before the real clock's now, for a
+/// gateway on the system clock (a dose given in the future is refused).
+fn dosed_two_hours_ago(mut s: ClinicalSummary) -> ClinicalSummary {
+    let at = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(2);
+    s.medications[0].last_dose_given = Some(at.to_string().parse().unwrap());
+    s
+}
+
 fn release_of(id: &str, s: &ClinicalSummary, to: &[&str]) -> pb::SubmitRequest {
     throughcare::cli::client::native_submit(id, pb::JourneyEvent::Release, to, s)
 }
@@ -756,7 +764,7 @@ async fn a_held_copy_goes_to_the_service_registered_for_its_area_on(engine: Engi
         return;
     };
     let mut prison = gw.client("YP001").await;
-    let s = ost_and_care_plan(6, ConsentDecision::Given);
+    let s = dosed_two_hours_ago(ost_and_care_plan(6, ConsentDecision::Given));
     let r = released(&mut prison, "held", &s).await;
     assert_eq!(
         destinations(&r),
@@ -916,7 +924,7 @@ async fn a_registry_change_through_one_node_reaches_the_other_on_postgres() {
     .await;
     // Released through B with no service for the area: held.
     let mut prison = b.client("YP001").await;
-    let s = ost_and_care_plan(7, ConsentDecision::Given);
+    let s = dosed_two_hours_ago(ost_and_care_plan(7, ConsentDecision::Given));
     let r = released(&mut prison, "two-nodes", &s).await;
     assert!(destinations(&r).contains(&"@parked-substance-misuse"));
     // Registered through A: B lets the service in and serves it the copy.
