@@ -15,7 +15,7 @@ use crate::handover::{
     Caller, ClaimCommand, Claimed, Delivery, Error, Gateway, NackCommand, PullCommand,
     RenderedDocument, SubmitReceipt,
 };
-use crate::journey::{Format, OrgKind};
+use crate::journey::Format;
 use crate::operator::metrics::Metrics;
 use crate::store::{AckOutcome, StoreError, TrackKey};
 use crate::tls::{ConnInfo, PeerIdentity};
@@ -102,8 +102,7 @@ fn caller_org_kind(gateway: &Gateway, caller: &Caller) -> &'static str {
         Caller::Organisation(code) => gateway
             .registry
             .get(code)
-            .map_or(OrgKind::Operator, |o| o.kind)
-            .as_str(),
+            .map_or("unregistered", |o| o.kind.as_str()),
         Caller::Operator(_) => "operator",
         Caller::Unidentified => "unknown",
     }
@@ -130,7 +129,7 @@ pub(super) async fn answer<T>(
 }
 
 /// Names the caller in the call's span.
-fn traced<T>(req: &Request<T>) -> Caller {
+pub(super) fn traced<T>(req: &Request<T>) -> Caller {
     let caller = caller_of(req);
     if caller != Caller::Unidentified {
         tracing::Span::current().record("caller", tracing::field::display(caller.actor()));

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::field::Empty;
 use tracing::instrument;
 
-use super::handover::{answer, caller_of, claimed_to_wire};
+use super::handover::{answer, claimed_to_wire, traced};
 use super::pb;
 use super::wire::{self, Violations};
 use crate::clinical::OdsCode;
@@ -303,12 +304,12 @@ fn org_from_wire(o: pb::Organisation) -> Result<Organisation, Violations> {
 
 #[tonic::async_trait]
 impl pb::operator_service_server::OperatorService for OperatorGrpc {
-    #[instrument(name = "retention_status", skip_all)]
+    #[instrument(name = "retention_status", skip_all, fields(caller = Empty))]
     async fn retention_status(
         &self,
         request: Request<pb::RetentionStatusRequest>,
     ) -> Result<Response<pb::RetentionStatusResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::RetentionStatusRequest {} = request.into_inner();
         let result = self
             .gateway
@@ -318,12 +319,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "retention_status", result).await
     }
 
-    #[instrument(name = "get_continuity", skip_all)]
+    #[instrument(name = "get_continuity", skip_all, fields(caller = Empty))]
     async fn get_continuity(
         &self,
         request: Request<pb::GetContinuityRequest>,
     ) -> Result<Response<pb::GetContinuityResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let window = continuity_from_wire(request.into_inner());
         let result = self
             .gateway
@@ -333,12 +334,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "get_continuity", result).await
     }
 
-    #[instrument(name = "list_mailboxes", skip_all)]
+    #[instrument(name = "list_mailboxes", skip_all, fields(caller = Empty))]
     async fn list_mailboxes(
         &self,
         request: Request<pb::ListMailboxesRequest>,
     ) -> Result<Response<pb::ListMailboxesResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::ListMailboxesRequest {
             page_size,
             page_token,
@@ -374,12 +375,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "list_mailboxes", result).await
     }
 
-    #[instrument(name = "list_quarantine", skip_all)]
+    #[instrument(name = "list_quarantine", skip_all, fields(caller = Empty))]
     async fn list_quarantine(
         &self,
         request: Request<pb::ListQuarantineRequest>,
     ) -> Result<Response<pb::ListQuarantineResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::ListQuarantineRequest {
             mailbox,
             page_size,
@@ -395,12 +396,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "list_quarantine", result).await
     }
 
-    #[instrument(name = "redrive", skip_all)]
+    #[instrument(name = "redrive", skip_all, fields(caller = Empty))]
     async fn redrive(
         &self,
         request: Request<pb::RedriveRequest>,
     ) -> Result<Response<pb::RedriveResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let target = redrive_from_wire(request.into_inner());
         let result = self
             .gateway
@@ -410,12 +411,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "redrive", result).await
     }
 
-    #[instrument(name = "list_parked", skip_all)]
+    #[instrument(name = "list_parked", skip_all, fields(caller = Empty))]
     async fn list_parked(
         &self,
         request: Request<pb::ListParkedRequest>,
     ) -> Result<Response<pb::ListParkedResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::ListParkedRequest {
             page_size,
             page_token,
@@ -435,12 +436,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "list_parked", result).await
     }
 
-    #[instrument(name = "list_identity_conflicts", skip_all)]
+    #[instrument(name = "list_identity_conflicts", skip_all, fields(caller = Empty))]
     async fn list_identity_conflicts(
         &self,
         request: Request<pb::ListIdentityConflictsRequest>,
     ) -> Result<Response<pb::ListIdentityConflictsResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::ListIdentityConflictsRequest {
             page_size,
             page_token,
@@ -464,12 +465,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "list_identity_conflicts", result).await
     }
 
-    #[instrument(name = "claim_parked", skip_all)]
+    #[instrument(name = "claim_parked", skip_all, fields(caller = Empty))]
     async fn claim_parked(
         &self,
         request: Request<pb::ClaimParkedRequest>,
     ) -> Result<Response<pb::ClaimParkedResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::ClaimParkedRequest {
             patient,
             practice,
@@ -487,12 +488,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "claim_parked", result).await
     }
 
-    #[instrument(name = "list_organisations", skip_all)]
+    #[instrument(name = "list_organisations", skip_all, fields(caller = Empty))]
     async fn list_organisations(
         &self,
         request: Request<pb::ListOrganisationsRequest>,
     ) -> Result<Response<pb::ListOrganisationsResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::ListOrganisationsRequest {
             page_size,
             page_token,
@@ -507,12 +508,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "list_organisations", result).await
     }
 
-    #[instrument(name = "put_organisation", skip_all)]
+    #[instrument(name = "put_organisation", skip_all, fields(caller = Empty))]
     async fn put_organisation(
         &self,
         request: Request<pb::PutOrganisationRequest>,
     ) -> Result<Response<pb::PutOrganisationResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::PutOrganisationRequest { organisation } = request.into_inner();
         let org = organisation
             .ok_or_else(|| Violations::one("organisation", "required"))
@@ -524,12 +525,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "put_organisation", result).await
     }
 
-    #[instrument(name = "set_organisation_active", skip_all)]
+    #[instrument(name = "set_organisation_active", skip_all, fields(caller = Empty))]
     async fn set_organisation_active(
         &self,
         request: Request<pb::SetOrganisationActiveRequest>,
     ) -> Result<Response<pb::SetOrganisationActiveResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::SetOrganisationActiveRequest { ods_code, active } = request.into_inner();
         let result = self
             .gateway
@@ -541,12 +542,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "set_organisation_active", result).await
     }
 
-    #[instrument(name = "break_glass_read", skip_all)]
+    #[instrument(name = "break_glass_read", skip_all, fields(caller = Empty))]
     async fn break_glass_read(
         &self,
         request: Request<pb::BreakGlassReadRequest>,
     ) -> Result<Response<pb::BreakGlassReadResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::BreakGlassReadRequest {
             handover_id,
             reason,
@@ -565,12 +566,12 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
         answer(&self.gateway, &caller, "break_glass_read", result).await
     }
 
-    #[instrument(name = "audit_trail", skip_all)]
+    #[instrument(name = "audit_trail", skip_all, fields(caller = Empty))]
     async fn audit_trail(
         &self,
         request: Request<pb::AuditTrailRequest>,
     ) -> Result<Response<pb::AuditTrailResponse>, Status> {
-        let caller = caller_of(&request);
+        let caller = traced(&request);
         let pb::AuditTrailRequest {
             subject,
             reason,

@@ -38,11 +38,26 @@ async fn json_lines_of_submits_and_pulls_carry_handover_ids_and_no_patient_data(
     let log_path = dir.path().join("gateway.log");
     let (mut server, mut prison, mut gp) = start_logging_gateway(dir.path(), &log_path).await;
     let submitted = submit_pull_and_ack(&mut prison, &mut gp).await;
-    let pid = server.0.id().to_string();
+    // An operator call, refused to a prison: its span names the caller too.
+    let port = server.1;
+    let mut as_operator = throughcare::cli::client::operator(
+        &format!("https://127.0.0.1:{port}"),
+        &dir.path().join("certs"),
+        "YP001",
+    )
+    .await
+    .unwrap();
+    assert!(
+        as_operator
+            .list_mailboxes(pb::ListMailboxesRequest::default())
+            .await
+            .is_err()
+    );
+    let pid = server.0.0.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let mut stopped = false;
     for _ in 0..300 {
-        if server.0.try_wait().unwrap().is_some() {
+        if server.0.0.try_wait().unwrap().is_some() {
             stopped = true;
             break;
         }
@@ -65,6 +80,17 @@ async fn json_lines_of_submits_and_pulls_carry_handover_ids_and_no_patient_data(
 
     submit_lines_carry_their_ids(&lines, &submitted);
     pull_lines_carry_their_ids(&lines, &submitted);
+    let refused = lines
+        .iter()
+        .find(|l| in_span(l, "list_mailboxes") && message(l) == "refused")
+        .expect("the refused operator call is logged");
+    assert!(
+        spans(refused)
+            .iter()
+            .any(|s| s["caller"] == "urn:ods:YP001"),
+        "{refused}"
+    );
+    assert_eq!(refused["fields"]["caller_kind"], "prison", "{refused}");
 }
 
 fn in_span(line: &Value, name: &str) -> bool {
@@ -78,7 +104,7 @@ type Client = pb::handover_service_client::HandoverServiceClient<tonic::transpor
 async fn start_logging_gateway(
     dir: &std::path::Path,
     log_path: &std::path::Path,
-) -> (Server, Client, Client) {
+) -> ((Server, u16), Client, Client) {
     let port = support::free_port();
     let log = std::fs::File::create(log_path).unwrap();
     let certs = dir.join("certs");
@@ -115,7 +141,7 @@ async fn start_logging_gateway(
         .await
         .unwrap();
 
-    (server, prison, gp)
+    ((server, port), prison, gp)
 }
 
 /// Three releases (and one refusal) to YG001, pulled and acked; returns the
