@@ -298,13 +298,7 @@ impl Writer {
             {
                 continue;
             }
-            let by = newer
-                .deliveries
-                .iter()
-                .find(|(m, _)| *m == d.mailbox)
-                .or(newer.deliveries.first())
-                .map(|(_, id)| *id);
-            d.superseded_by = by;
+            d.superseded_by = records::replacement_in(newer.deliveries, &d.mailbox);
             d.superseded_by_handover = Some(newer.handover_id);
             let outcome = if d.state == DeliveryState::Leased {
                 self.schedule.mark_stale(id);
@@ -316,14 +310,7 @@ impl Writer {
             };
             self.audit(
                 staged,
-                AuditEvent {
-                    actor: newer.actor.to_owned(),
-                    action: "supersede",
-                    handover_id: Some(d.handover_id),
-                    delivery_id: Some(id),
-                    patient_key: Some(d.patient_key.clone()),
-                    outcome,
-                },
+                records::supersede_event(newer.actor, &d, outcome),
                 now,
             );
         }
@@ -386,25 +373,11 @@ impl Writer {
         }
         for (mailbox, id) in deliveries {
             let mut d = load(staged, *id)?;
-            d.superseded_by = theirs
-                .iter()
-                .find(|(m, _)| m == mailbox)
-                .or(theirs.first())
-                .map(|(_, id)| *id);
+            d.superseded_by = records::replacement_in(&theirs, mailbox);
             d.superseded_by_handover = Some(latest.id);
             self.retire(staged, &mut d, now)?;
-            self.audit(
-                staged,
-                AuditEvent {
-                    actor: actor.to_owned(),
-                    action: "supersede",
-                    handover_id: Some(d.handover_id),
-                    delivery_id: Some(d.id),
-                    patient_key: Some(d.patient_key.clone()),
-                    outcome: records::superseded_on_arrival_outcome(latest.id),
-                },
-                now,
-            );
+            let outcome = records::superseded_on_arrival_outcome(latest.id);
+            self.audit(staged, records::supersede_event(actor, &d, outcome), now);
         }
         Ok(())
     }
@@ -460,18 +433,8 @@ impl Writer {
         for id in self.schedule.expired_stale(now, mailbox) {
             let mut d = load(staged, id)?;
             self.retire(staged, &mut d, now)?;
-            self.audit(
-                staged,
-                AuditEvent {
-                    actor: actor.to_owned(),
-                    action: "supersede",
-                    handover_id: Some(d.handover_id),
-                    delivery_id: Some(id),
-                    patient_key: Some(d.patient_key.clone()),
-                    outcome: "ok: lease of a superseded copy ended without an ack".into(),
-                },
-                now,
-            );
+            let outcome = "ok: lease of a superseded copy ended without an ack".into();
+            self.audit(staged, records::supersede_event(actor, &d, outcome), now);
         }
         Ok(())
     }

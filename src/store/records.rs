@@ -274,6 +274,33 @@ impl From<&HandoverRecord> for Recency {
     }
 }
 
+/// The copy among `deliveries` ((mailbox, delivery id) of the newer
+/// handover) that replaces a delivery to `mailbox`: the one to the same
+/// mailbox, or else its first (an operator can follow it).
+pub(crate) fn replacement_in(deliveries: &[(String, u64)], mailbox: &str) -> Option<u64> {
+    deliveries
+        .iter()
+        .find(|(m, _)| m == mailbox)
+        .or(deliveries.first())
+        .map(|(_, id)| *id)
+}
+
+/// The audit entry of delivery `d` superseded (retired or marked stale).
+pub(crate) fn supersede_event(
+    actor: &str,
+    d: &DeliveryRecord,
+    outcome: String,
+) -> crate::audit::AuditEvent {
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action: "supersede",
+        handover_id: Some(d.handover_id),
+        delivery_id: Some(d.id),
+        patient_key: Some(d.patient_key.clone()),
+        outcome,
+    }
+}
+
 /// The audit outcome of a copy superseded on arrival by handover `latest`.
 pub(crate) fn superseded_on_arrival_outcome(latest: u64) -> String {
     format!("ok: superseded on arrival by handover {latest}, written later")

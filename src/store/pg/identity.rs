@@ -164,17 +164,7 @@ async fn supersede_before(
         handover.supersedes = Some(earlier);
         sql::put_handover(tx, &handover).await?;
     }
-    let rows = tx
-        .query(
-            "SELECT mailbox, id FROM deliveries WHERE handover_id = $1 ORDER BY id",
-            &[&id(latest)],
-        )
-        .await
-        .map_err(db)?;
-    let deliveries: Vec<(String, u64)> = rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), sql::un_id(r.get(1))))
-        .collect();
+    let deliveries = sql::deliveries_of_handover(tx, latest).await?;
     let event: JourneyEvent = handover.event;
     let newer = Newer {
         actor: IDENTITY_ACTOR,

@@ -504,14 +504,8 @@ async fn retire_expired_stale(
         .map_err(db)?;
     for mut d in sql::deliveries(&rows) {
         retire(tx, &mut d, now).await?;
-        audit.push(AuditEvent {
-            actor: actor.to_owned(),
-            action: "supersede",
-            handover_id: Some(d.handover_id),
-            delivery_id: Some(d.id),
-            patient_key: Some(d.patient_key.clone()),
-            outcome: "ok: lease of a superseded copy ended without an ack".into(),
-        });
+        let outcome = "ok: lease of a superseded copy ended without an ack".into();
+        audit.push(crate::store::records::supersede_event(actor, &d, outcome));
     }
     Ok(())
 }

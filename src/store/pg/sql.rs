@@ -137,6 +137,27 @@ pub async fn handover(
     Ok(row.map(|r| r.get::<_, Json<HandoverRecord>>(0).0))
 }
 
+/// (mailbox, delivery id) of handover `handover`'s deliveries, in id order.
+///
+/// # Errors
+/// Database failures.
+pub async fn deliveries_of_handover(
+    tx: &Transaction<'_>,
+    handover: u64,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let rows = tx
+        .query(
+            "SELECT mailbox, id FROM deliveries WHERE handover_id = $1 ORDER BY id",
+            &[&id(handover)],
+        )
+        .await
+        .map_err(db)?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), un_id(r.get(1))))
+        .collect())
+}
+
 /// Tells every node's listener that `mailboxes` may have something new
 /// (delivered on commit, and only then).
 pub async fn notify(tx: &Transaction<'_>, mailboxes: &[String]) -> Result<(), StoreError> {

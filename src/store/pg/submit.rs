@@ -12,8 +12,8 @@ use super::queue::{Step, retire};
 use super::sql::{self, db, id};
 use crate::audit::{AuditEvent, hex};
 use crate::store::records::{
-    IdentityConflict, PARKED_MAILBOX, PatientRecord, Recency, newer_than,
-    superseded_on_arrival_outcome,
+    IdentityConflict, PARKED_MAILBOX, PatientRecord, Recency, newer_than, replacement_in,
+    supersede_event, superseded_on_arrival_outcome,
 };
 use crate::store::writer::{Owner, content_hash, new_delivery};
 use crate::store::{
@@ -188,17 +188,7 @@ async fn repeat(
         audit.push(event);
         return Ok(Err(StoreError::Conflict));
     }
-    let rows = tx
-        .query(
-            "SELECT mailbox, id FROM deliveries WHERE handover_id = $1 ORDER BY id",
-            &[&id(original.id)],
-        )
-        .await
-        .map_err(db)?;
-    let deliveries = rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), sql::un_id(r.get(1))))
-        .collect();
+    let deliveries = sql::deliveries_of_handover(tx, original.id).await?;
     audit.push(event);
     Ok(Ok(SubmitOutcome {
         handover_id: original.id,
@@ -449,34 +439,18 @@ async fn superseded_on_arrival(
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
-    let theirs = tx
-        .query(
-            "SELECT mailbox, id FROM deliveries WHERE handover_id = $1 ORDER BY id",
-            &[&id(latest.id)],
-        )
-        .await
-        .map_err(db)?;
+    let theirs = sql::deliveries_of_handover(tx, latest.id).await?;
     for (mailbox, did) in newer.deliveries {
         let row = tx
             .query_one("SELECT record FROM deliveries WHERE id = $1", &[&id(*did)])
             .await
             .map_err(db)?;
         let mut d = row.get::<_, Json<DeliveryRecord>>(0).0;
-        d.superseded_by = theirs
-            .iter()
-            .find(|r| r.get::<_, &str>(0) == mailbox)
-            .or(theirs.first())
-            .map(|r| sql::un_id(r.get(1)));
+        d.superseded_by = replacement_in(&theirs, mailbox);
         d.superseded_by_handover = Some(latest.id);
         retire(tx, &mut d, now).await?;
-        audit.push(AuditEvent {
-            actor: newer.actor.to_owned(),
-            action: "supersede",
-            handover_id: Some(d.handover_id),
-            delivery_id: Some(d.id),
-            patient_key: Some(d.patient_key.clone()),
-            outcome: superseded_on_arrival_outcome(latest.id),
-        });
+        let outcome = superseded_on_arrival_outcome(latest.id);
+        audit.push(supersede_event(newer.actor, &d, outcome));
     }
     Ok(())
 }
@@ -514,12 +488,7 @@ pub(super) async fn supersede_older(
         if !newer_than(newer.recency(), theirs) {
             continue;
         }
-        d.superseded_by = newer
-            .deliveries
-            .iter()
-            .find(|(m, _)| *m == d.mailbox)
-            .or(newer.deliveries.first())
-            .map(|(_, id)| *id);
+        d.superseded_by = replacement_in(newer.deliveries, &d.mailbox);
         d.superseded_by_handover = Some(newer.handover_id);
         let outcome = if d.state == DeliveryState::Leased {
             sql::put_delivery(tx, &d).await?;
@@ -528,14 +497,7 @@ pub(super) async fn supersede_older(
             retire(tx, &mut d, now).await?;
             format!("ok: superseded by handover {}", newer.handover_id)
         };
-        audit.push(AuditEvent {
-            actor: newer.actor.to_owned(),
-            action: "supersede",
-            handover_id: Some(d.handover_id),
-            delivery_id: Some(d.id),
-            patient_key: Some(d.patient_key.clone()),
-            outcome,
-        });
+        audit.push(supersede_event(newer.actor, &d, outcome));
     }
     Ok(())
 }
