@@ -292,7 +292,12 @@ impl Scan {
         if let Some(old) = h.supersedes {
             self.corrected.insert(old);
         }
-        if self.corrected.contains(&h.id) || h.submitted_at_ms < self.window.from_ms {
+        // A summary that arrived after its correction (superseded on
+        // arrival) is that correction's release, already counted once.
+        if self.corrected.contains(&h.id)
+            || h.superseded_on_arrival_by.is_some()
+            || h.submitted_at_ms < self.window.from_ms
+        {
             return;
         }
         let period = (h.submitted_at_ms - self.window.from_ms) / self.window.period_ms;
@@ -379,6 +384,45 @@ mod tests {
         assert_eq!(Share::of(5, 10), Share::Of(5, 10));
         assert_eq!(Share::of(10, 10), Share::Of(10, 10));
         assert_eq!(Share::of(0, 10), Share::Of(0, 10));
+    }
+
+    /// Five releases, one corrected by a later summary and one whose retry
+    /// arrived after its correction (superseded on arrival): five count.
+    #[test]
+    fn a_correction_counts_once_whichever_came_first() {
+        let release = |id: u64, extra: serde_json::Value| -> HandoverRecord {
+            let mut v = serde_json::json!({
+                "id": id, "sender": "YP001", "message_id": format!("m-{id}"),
+                "event": "RELEASE", "content_hash": "", "payload_hash": "",
+                "payload_len": 0, "patient_key": format!("p-{id}"),
+                "submitted_at_ms": 1_000 + i64::try_from(id).unwrap(), "deliveries": []
+            });
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let window = ContinuityWindow {
+            from_ms: Some(0),
+            to_ms: Some(DAY_MS),
+            period_ms: Some(DAY_MS),
+        }
+        .resolve(DAY_MS)
+        .unwrap();
+        let mut scan = Scan::new(window, DAY_MS);
+        let newest_first = [
+            release(7, serde_json::json!({ "superseded_on_arrival_by": 6 })),
+            release(6, serde_json::json!({})),
+            release(5, serde_json::json!({ "supersedes": 4 })),
+            release(4, serde_json::json!({})),
+            release(3, serde_json::json!({})),
+            release(2, serde_json::json!({})),
+            release(1, serde_json::json!({})),
+        ];
+        for h in &newest_first {
+            scan.add(h, &[]);
+        }
+        assert_eq!(scan.rows()[0].releases, Some(5));
     }
 
     #[test]

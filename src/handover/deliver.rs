@@ -359,14 +359,17 @@ impl Gateway {
     /// The earlier handover a delivery to `mailbox` replaces: the nearest in
     /// the sender's lineage that this mailbox was given (leased at least
     /// once), so that a recipient holding it is told, even when the ones in
-    /// between were retired before reaching it; the immediate predecessor
-    /// when it was given none. A store read failing gives the predecessor.
+    /// between were retired before reaching it; none when it was given none
+    /// (it holds nothing to replace). A lineage whose records cannot be read
+    /// to its end (a store failure, tracking data removed under retention,
+    /// a chain longer than the walk) gives the immediate predecessor: it
+    /// may be held.
     fn supersedes_for(&self, mailbox: &str, handover: &HandoverRecord) -> Option<u64> {
         const MAX_WALK: usize = 32;
         let first = handover.supersedes?;
         let mut next = Some(first);
         for _ in 0..MAX_WALK {
-            let Some(id) = next else { break };
+            let id = next?;
             let Ok(Some(older)) = self.store.handover(id) else {
                 break;
             };

@@ -106,14 +106,16 @@ async fn a_correction_that_names_a_gp_retires_the_parked_original_on(engine: Eng
         .unwrap()
         .into_inner();
     assert!(parked.deliveries.is_empty(), "{parked:?}");
-    // The named practice gets only the correction, which says what it replaces.
+    // The named practice gets only the correction. It was never given the
+    // parked original, so the correction names nothing it replaces there;
+    // the sender's Track keeps the chain as sent.
     let mut gp = gw.client("YG001").await;
     let got = pull_and_ack(&mut gp).await;
     assert_eq!(
         got.iter().map(text_of).collect::<Vec<_>>(),
         ["methadone 30 mg"]
     );
-    assert_eq!(got[0].supersedes_handover_id, original.handover_id);
+    assert_eq!(got[0].supersedes_handover_id, 0);
     assert_eq!(
         track_message(&mut prison, "r-2")
             .await
