@@ -105,7 +105,7 @@ mod tests {
         JourneyEvent::Release,
         JourneyEvent::CommunitySummary,
     ];
-    const VIEWS: [View; 5] = crate::clinical::views::ALL_VIEWS;
+    const VIEWS: [View; 6] = crate::clinical::views::ALL_VIEWS;
 
     fn fixtures() -> Vec<(String, ClinicalSummary)> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/patients");

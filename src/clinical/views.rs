@@ -35,15 +35,21 @@ pub enum View {
     SubstanceMisuseService,
     /// The community mental health team's view.
     MentalHealthTeam,
+    /// A notice to a recipient that was given an earlier summary of this
+    /// lineage which the correction no longer sends it: who it is about and
+    /// that the earlier one no longer applies (`supersedes_handover_id`),
+    /// nothing clinical (the correction may have withdrawn consent).
+    Withdrawn,
 }
 
 /// Every view.
-pub const ALL_VIEWS: [View; 5] = [
+pub const ALL_VIEWS: [View; 6] = [
     View::Full,
     View::AdmissionNotice,
     View::Probation,
     View::SubstanceMisuseService,
     View::MentalHealthTeam,
+    View::Withdrawn,
 ];
 
 /// What `view` leaves out, one note per heading (the same whatever the
@@ -82,6 +88,11 @@ pub fn excluded(view: View) -> &'static [&'static str] {
             "medications, prescriptions: only psychotropic medicines the gateway recognises by name",
             "risks: only suicide and self-harm",
         ],
+        View::Withdrawn => &[
+            "everything clinical: this summary corrects one you were sent \
+             (supersedes_handover_id), and nothing in it is for your service; \
+             the earlier summary no longer applies: do not act on it",
+        ],
     }
 }
 
@@ -102,24 +113,12 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
         View::Full => summary.clone(),
         View::SubstanceMisuseService => substance_misuse_service(summary),
         View::MentalHealthTeam => mental_health_team(summary),
+        View::Withdrawn => identity_only(summary),
         View::AdmissionNotice => ClinicalSummary {
-            patient: summary.patient.clone(),
-            custody: summary.custody.clone(),
             registered_gp: summary.registered_gp.clone(),
-            diagnoses: Vec::new(),
-            medications: Vec::new(),
-            prescriptions: Vec::new(),
-            allergies: Vec::new(),
-            risks: Vec::new(),
-            mental_health: None,
-            substance_misuse: None,
-            infections: Vec::new(),
-            vaccinations: Vec::new(),
-            follow_ups: Vec::new(),
             consent: summary.consent.clone(),
-            author: summary.author.clone(),
-            authored_at: summary.authored_at,
             not_read: summary.not_read.clone(),
+            ..identity_only(summary)
         },
         View::Probation => {
             let referrals_in_place = summary
@@ -183,6 +182,34 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
                 not_read: Vec::new(),
             }
         }
+    }
+}
+
+/// Who the summary is about, the custody episode and its author: nothing
+/// clinical, no GP, no consent decision.
+fn identity_only(summary: &ClinicalSummary) -> ClinicalSummary {
+    ClinicalSummary {
+        patient: summary.patient.clone(),
+        custody: summary.custody.clone(),
+        registered_gp: None,
+        diagnoses: Vec::new(),
+        medications: Vec::new(),
+        prescriptions: Vec::new(),
+        allergies: Vec::new(),
+        risks: Vec::new(),
+        mental_health: None,
+        substance_misuse: None,
+        infections: Vec::new(),
+        vaccinations: Vec::new(),
+        follow_ups: Vec::new(),
+        consent: Consent {
+            probation_sharing: crate::clinical::model::ConsentDecision::NotRecorded,
+            legal_basis: None,
+            treatment_sharing: crate::clinical::model::ConsentDecision::NotRecorded,
+        },
+        author: summary.author.clone(),
+        authored_at: summary.authored_at,
+        not_read: Vec::new(),
     }
 }
 

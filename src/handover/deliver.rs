@@ -544,6 +544,7 @@ pub fn view_name(view: View) -> &'static str {
         View::Probation => "probation",
         View::SubstanceMisuseService => "substance_misuse_service",
         View::MentalHealthTeam => "mental_health_team",
+        View::Withdrawn => "withdrawn",
     }
 }
 
@@ -555,6 +556,7 @@ pub fn view_from_name(name: &str) -> View {
         "admission_notice" => View::AdmissionNotice,
         "substance_misuse_service" => View::SubstanceMisuseService,
         "mental_health_team" => View::MentalHealthTeam,
+        "withdrawn" => View::Withdrawn,
         _ => View::Probation,
     }
 }

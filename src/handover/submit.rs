@@ -5,7 +5,7 @@ use super::deliver::{not_carried, view_name};
 use super::envelope::{Envelope, PatientRef};
 use super::{Caller, Decoded, Error, Gateway};
 use crate::clinical::translate::{self, TextFormat};
-use crate::clinical::{ClinicalSummary, OdsCode, ValidationErrors};
+use crate::clinical::{ClinicalSummary, OdsCode, ValidationErrors, View};
 use crate::journey::{Format, JourneyEvent, OrgKind, Organisation, Recipient, Route};
 use crate::store::records::DocumentFormat;
 use crate::store::{
@@ -299,6 +299,20 @@ impl Gateway {
             supersede: true,
             trace_parent: crate::telemetry::current_traceparent(),
             authored_at_ms: Some(summary.authored_at.unix_ms()),
+            // A recipient of an earlier summary that this one does not go
+            // to is told, first in line, that the earlier one no longer
+            // applies (nothing clinical: consent may have been withdrawn).
+            withdrawal: Some(Box::new(NewDelivery {
+                mailbox: String::new(),
+                urgent: true,
+                view: view_name(View::Withdrawn).to_owned(),
+                not_carried: not_carried(summary, Format::Native, View::Withdrawn, cmd.event),
+                due_ms: routes
+                    .iter()
+                    .map(|r| r.due_ms)
+                    .filter(|d| *d != i64::MAX)
+                    .min(),
+            })),
         }
     }
 

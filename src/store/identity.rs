@@ -558,6 +558,50 @@ fn load(staged: &Staged<'_>, id: u64) -> Result<DeliveryRecord, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("delivery {id} has no record")))
 }
 
+/// How far back a lineage is walked for the recipients it was given.
+const GIVEN_WALK: usize = 32;
+
+/// `h`'s destinations, and its withdrawal notice for each organisation
+/// (not `@parked`) that was given a copy of an earlier handover of its
+/// lineage (leased at least once, or delivered) and is not among them.
+pub(super) fn with_withdrawals(
+    staged: &Staged<'_>,
+    patient_key: &str,
+    h: &super::NewHandover,
+) -> Result<Vec<super::NewDelivery>, StoreError> {
+    let mut destinations = h.destinations.clone();
+    let Some(notice) = &h.withdrawal else {
+        return Ok(destinations);
+    };
+    let lineage = records::lineage_key(patient_key, &h.sender, h.event);
+    let mut next = staged
+        .get(TreeId::Lineage, &lineage)?
+        .and_then(|v| records::from_be(&v));
+    for _ in 0..GIVEN_WALK {
+        let Some(id) = next else { break };
+        let Some(older) =
+            staged.get_json::<super::HandoverRecord>(TreeId::Handovers, &records::be(id))?
+        else {
+            break;
+        };
+        for d in &older.deliveries {
+            let d = load(staged, *d)?;
+            let held = d.state == DeliveryState::Delivered || d.attempt > 0;
+            if held
+                && !d.mailbox.starts_with('@')
+                && !destinations.iter().any(|x| x.mailbox == d.mailbox)
+            {
+                destinations.push(super::NewDelivery {
+                    mailbox: d.mailbox,
+                    ..(**notice).clone()
+                });
+            }
+        }
+        next = older.supersedes;
+    }
+    Ok(destinations)
+}
+
 /// Handover `id`'s place in its lineage (arrival order alone when its
 /// record went under the retention policy).
 fn recency_of(staged: &Staged<'_>, id: u64) -> Result<Recency, StoreError> {

@@ -363,6 +363,7 @@ mod tests {
             supersede: false,
             trace_parent: None,
             authored_at_ms: None,
+            withdrawal: None,
         }
     }
 

@@ -267,6 +267,12 @@ pub struct NewHandover {
     /// written before the latest one of its lineage arrives already
     /// superseded (docs/journey.md, supersession).
     pub authored_at_ms: Option<i64>,
+    /// Sent, its mailbox filled in, to each recipient that was given an
+    /// earlier summary of this lineage and is not among `destinations` (a
+    /// correction that stops opioid substitution no longer goes to the
+    /// substance misuse service, which must not go on dosing from the old
+    /// one). `None`: no such notice.
+    pub withdrawal: Option<Box<NewDelivery>>,
 }
 
 /// A patient as a sender identified them: the keyed hash of each identifier

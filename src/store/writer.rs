@@ -777,8 +777,8 @@ impl Writer {
         let patient_key = self.resolve_patient_of(staged, &h, now)?;
         self.last_handover += 1;
         let id = self.last_handover;
-        let deliveries: Vec<(String, u64)> = h
-            .destinations
+        let destinations = super::identity::with_withdrawals(staged, &patient_key, &h)?;
+        let deliveries: Vec<(String, u64)> = destinations
             .iter()
             .map(|dest| {
                 self.last_delivery += 1;
@@ -796,7 +796,7 @@ impl Writer {
         };
         let (written_later, supersedes) = self.join_lineage(staged, &newer, h.supersede, now)?;
         self.extend_claim_keys(staged, &patient_key, &h.claim_keys)?;
-        for (dest, (_, did)) in h.destinations.iter().zip(&deliveries) {
+        for (dest, (_, did)) in destinations.iter().zip(&deliveries) {
             let owner = Owner {
                 handover_id: id,
                 sender: &h.sender,

@@ -206,6 +206,7 @@ async fn submit(store: &Store, world: &mut World, op: (u8, Ids, usize, usize, u8
             supersede: true,
             trace_parent: None,
             authored_at_ms: None,
+            withdrawal: None,
         })
         .await
         .expect("consistent identifiers are never a conflict");

@@ -667,6 +667,7 @@ async fn parked_in(store: &throughcare::store::Store, message_id: &str) -> u64 {
             supersede: true,
             trace_parent: None,
             authored_at_ms: None,
+            withdrawal: None,
         })
         .await
         .unwrap();

@@ -584,6 +584,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
         supersede: true,
         trace_parent: None,
         authored_at_ms: None,
+        withdrawal: None,
     };
     store.submit(new("old-1")).await.unwrap();
     let leased = store
@@ -768,6 +769,7 @@ fn identity_handover(
         supersede: true,
         trace_parent: None,
         authored_at_ms: None,
+        withdrawal: None,
     }
 }
 
@@ -836,6 +838,7 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
             supersede: true,
             trace_parent: None,
             authored_at_ms: None,
+            withdrawal: None,
         })
         .await
         .unwrap();

@@ -35,6 +35,7 @@ fn handover(i: usize) -> NewHandover {
         supersede: false,
         trace_parent: None,
         authored_at_ms: None,
+        withdrawal: None,
     }
 }
 

@@ -346,6 +346,7 @@ async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
             supersede: false,
             trace_parent: None,
             authored_at_ms: None,
+            withdrawal: None,
         })
         .await;
     match model.accepted.get(&msg) {

@@ -69,6 +69,7 @@ fn handover(message: u32, patient: u32, mailbox: &str, due_ms: Option<i64>) -> N
         supersede: false,
         trace_parent: None,
         authored_at_ms: None,
+        withdrawal: None,
     }
 }
 

@@ -282,6 +282,7 @@ fn handover(message: u32) -> NewHandover {
         supersede: false,
         trace_parent: None,
         authored_at_ms: None,
+        withdrawal: None,
     }
 }
 

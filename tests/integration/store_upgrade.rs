@@ -44,6 +44,7 @@ fn handover(i: u32) -> NewHandover {
         supersede: false,
         trace_parent: None,
         authored_at_ms: None,
+        withdrawal: None,
     }
 }
 

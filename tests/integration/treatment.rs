@@ -973,3 +973,71 @@ async fn a_registry_change_through_one_node_reaches_the_other_on_postgres() {
     b.stop().await;
     a.stop().await;
 }
+
+#[tokio::test]
+async fn a_correction_that_stops_substitution_tells_the_service_the_old_summary_no_longer_applies()
+{
+    a_correction_that_stops_substitution_tells_the_service_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_correction_that_stops_substitution_tells_the_service_the_old_summary_no_longer_applies_on_postgres()
+ {
+    a_correction_that_stops_substitution_tells_the_service_on(Engine::Postgres).await;
+}
+
+/// The substance misuse service took a release on methadone 60 mg; the
+/// prison's correction says the patient is not on substitution, so it no
+/// longer goes to the service, which kept dosing from the old summary. Now
+/// the service gets an urgent notice for the correction: who, that it
+/// replaces the summary it holds, and nothing clinical. A service that was
+/// never given the old summary gets nothing.
+async fn a_correction_that_stops_substitution_tells_the_service_on(engine: Engine) {
+    let Some((gw, _clock)) = TestGateway::manual_on(engine, |_| {}).await else {
+        return;
+    };
+    register_services(&gw).await;
+    let mut prison = gw.client("YP001").await;
+    let s = ost_and_care_plan(8, ConsentDecision::Given);
+    let first = released(&mut prison, "stop-1", &s).await;
+    assert!(destinations(&first).contains(&"YS001"));
+    let mut sms = client_for(&gw, "YS001").await;
+    assert_eq!(pull_and_ack(&mut sms).await.len(), 1);
+
+    let mut corrected = s.clone();
+    corrected.medications.clear();
+    corrected.substance_misuse = None;
+    let second = released(&mut prison, "stop-2", &corrected).await;
+    assert!(
+        destinations(&second).contains(&"YS001"),
+        "{:?}",
+        destinations(&second)
+    );
+    let got = pull_and_ack(&mut sms).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].handover_id, second.handover_id);
+    assert_eq!(got[0].supersedes_handover_id, first.handover_id);
+    assert!(got[0].urgent);
+    let doc = native(&got[0]);
+    assert!(doc.medications.is_empty() && doc.diagnoses.is_empty() && doc.risks.is_empty());
+    assert!(doc.follow_ups.is_empty() && doc.mental_health.is_none());
+    assert_eq!(doc.patient.as_ref().unwrap().nhs_number, nhs(8));
+    assert!(
+        got[0]
+            .not_carried
+            .iter()
+            .any(|n| n.contains("no longer applies")),
+        "{:?}",
+        got[0].not_carried
+    );
+    // The mental health team never took the first one: nothing for it.
+    let mut mht = client_for(&gw, "YM001").await;
+    let theirs = pull_and_ack(&mut mht).await;
+    assert!(
+        theirs
+            .iter()
+            .all(|d| d.handover_id == second.handover_id && native(d).medications.is_empty()),
+        "the team gets the correction's own view, if any"
+    );
+    gw.stop().await;
+}

@@ -17,8 +17,8 @@ use crate::store::records::{
 };
 use crate::store::writer::{Owner, content_hash, new_delivery};
 use crate::store::{
-    DeliveryRecord, DeliveryState, HandoverRecord, NewHandover, PatientIds, StoreError,
-    SubmitOutcome,
+    DeliveryRecord, DeliveryState, HandoverRecord, NewDelivery, NewHandover, PatientIds,
+    StoreError, SubmitOutcome,
 };
 
 pub(super) async fn submit(
@@ -56,8 +56,8 @@ pub(super) async fn submit(
         }
     };
     let handover_id = last_handover + 1;
-    let deliveries: Vec<(String, u64)> = h
-        .destinations
+    let destinations = with_withdrawals(tx, &patient_key, h).await?;
+    let deliveries: Vec<(String, u64)> = destinations
         .iter()
         .map(|d| {
             last_delivery += 1;
@@ -96,7 +96,7 @@ pub(super) async fn submit(
     };
     // The handover row first: deliveries and payload refer to it.
     sql::put_handover(tx, &record).await?;
-    for (dest, (_, did)) in h.destinations.iter().zip(&deliveries) {
+    for (dest, (_, did)) in destinations.iter().zip(&deliveries) {
         let record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
         sql::put_delivery(tx, &record).await?;
     }
@@ -126,6 +126,54 @@ pub(super) async fn submit(
         duplicate: false,
         superseded_on_arrival_by: written_later.map(|w| w.id),
     }))
+}
+
+/// `h`'s destinations, and its withdrawal notice for each organisation that
+/// was given a copy of an earlier handover of its lineage (leased at least
+/// once, or delivered) and is not among them.
+async fn with_withdrawals(
+    tx: &Transaction<'_>,
+    patient_key: &str,
+    h: &NewHandover,
+) -> Result<Vec<NewDelivery>, StoreError> {
+    let mut destinations = h.destinations.clone();
+    let Some(notice) = &h.withdrawal else {
+        return Ok(destinations);
+    };
+    const WALK: usize = 32;
+    let mut next = tx
+        .query_opt(
+            "SELECT handover_id FROM lineage WHERE patient_key = $1 AND sender = $2 AND event = $3",
+            &[&patient_key, &h.sender, &h.event.to_string()],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| sql::un_id(r.get(0)));
+    for _ in 0..WALK {
+        let Some(handover) = next else { break };
+        let Some(record) = sql::handover(tx, handover).await? else {
+            break;
+        };
+        let rows = tx
+            .query(
+                "SELECT DISTINCT mailbox FROM deliveries WHERE handover_id = $1 \
+                 AND (state = 'delivered' OR attempt > 0) AND mailbox NOT LIKE '@%'",
+                &[&id(handover)],
+            )
+            .await
+            .map_err(db)?;
+        for r in rows {
+            let mailbox: String = r.get(0);
+            if !destinations.iter().any(|d| d.mailbox == mailbox) {
+                destinations.push(NewDelivery {
+                    mailbox,
+                    ..(**notice).clone()
+                });
+            }
+        }
+        next = record.supersedes;
+    }
+    Ok(destinations)
 }
 
 /// Takes the first lock of a submit: submits serialise here, so a dedupe
