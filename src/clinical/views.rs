@@ -78,7 +78,9 @@ pub fn excluded(view: View) -> &'static [&'static str] {
             "medications: only opioid substitution therapy",
             "prescriptions: only naloxone",
             "diagnoses: only substance-use disorders the gateway recognises by SNOMED CT code",
-            "risks: only suicide, self-harm and vulnerability (overdose) risks",
+            "risks: only suicide, self-harm and vulnerability (overdose) risks, without notes",
+            "follow_ups: not carried (free text that can name other services); \
+             the patient's GP has them",
         ],
         View::MentalHealthTeam => &[
             "allergies, substance_misuse, infections, vaccinations: \
@@ -86,7 +88,9 @@ pub fn excluded(view: View) -> &'static [&'static str] {
             "custody.reception_date: the mental health team's view excludes it",
             "diagnoses: only mental disorders the gateway recognises by SNOMED CT code",
             "medications, prescriptions: only psychotropic medicines the gateway recognises by name",
-            "risks: only suicide and self-harm",
+            "risks: only suicide and self-harm, without notes",
+            "follow_ups: not carried (free text that can name other services); \
+             the patient's GP has them",
         ],
         View::Withdrawn => &[
             "everything clinical: this summary corrects one you were sent \
@@ -141,16 +145,7 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
                 prescriptions: Vec::new(),
                 allergies: Vec::new(),
                 risks: if summary.may_share_risk_with_probation() {
-                    summary
-                        .risks
-                        .iter()
-                        .filter(|r| r.active)
-                        .cloned()
-                        .map(|mut r| {
-                            r.note = None;
-                            r
-                        })
-                        .collect()
+                    without_notes(kept(&summary.risks, |r| r.active))
                 } else {
                     Vec::new()
                 },
@@ -225,17 +220,17 @@ fn substance_misuse_service(summary: &ClinicalSummary) -> ClinicalSummary {
         medications: kept(&summary.medications, |m| m.opioid_substitution),
         prescriptions: kept(&summary.prescriptions, treatment::is_naloxone),
         allergies: Vec::new(),
-        risks: kept(&summary.risks, |r| {
+        risks: without_notes(kept(&summary.risks, |r| {
             matches!(
                 r.kind,
                 RiskKind::Suicide | RiskKind::SelfHarm | RiskKind::Vulnerability
             )
-        }),
+        })),
         mental_health: None,
         substance_misuse: summary.substance_misuse.clone(),
         infections: Vec::new(),
         vaccinations: Vec::new(),
-        follow_ups: summary.follow_ups.clone(),
+        follow_ups: Vec::new(),
         consent: summary.consent.clone(),
         author: summary.author.clone(),
         authored_at: summary.authored_at,
@@ -258,19 +253,32 @@ fn mental_health_team(summary: &ClinicalSummary) -> ClinicalSummary {
             treatment::is_psychotropic_prescription,
         ),
         allergies: Vec::new(),
-        risks: kept(&summary.risks, |r| {
+        risks: without_notes(kept(&summary.risks, |r| {
             matches!(r.kind, RiskKind::Suicide | RiskKind::SelfHarm)
-        }),
+        })),
         mental_health: summary.mental_health.clone(),
         substance_misuse: None,
         infections: Vec::new(),
         vaccinations: Vec::new(),
-        follow_ups: summary.follow_ups.clone(),
+        follow_ups: Vec::new(),
         consent: summary.consent.clone(),
         author: summary.author.clone(),
         authored_at: summary.authored_at,
         not_read: Vec::new(),
     }
+}
+
+/// Risk flags without their free-text notes: a note can name what the view
+/// withholds ("distress at an HIV diagnosis"), and the kind and whether it
+/// is active are what the service acts on.
+fn without_notes(risks: Vec<super::model::RiskFlag>) -> Vec<super::model::RiskFlag> {
+    risks
+        .into_iter()
+        .map(|mut r| {
+            r.note = None;
+            r
+        })
+        .collect()
 }
 
 fn kept<T: Clone>(items: &[T], keep: impl Fn(&T) -> bool) -> Vec<T> {
@@ -316,7 +324,10 @@ mod tests {
         assert_eq!(v.substance_misuse, ost.substance_misuse);
         assert_eq!(v.custody.release_date, s.custody.release_date);
         assert!(v.prescriptions.iter().all(treatment::is_naloxone));
-        assert_eq!(v.follow_ups, s.follow_ups);
+        // Free text can name what the view withholds (an HIV clinic, an
+        // early-intervention-in-psychosis team): none of it travels.
+        assert!(!s.follow_ups.is_empty() && v.follow_ups.is_empty());
+        assert!(v.risks.iter().all(|r| r.note.is_none()));
     }
 
     #[test]
