@@ -23,7 +23,10 @@ pub fn request(
     anyhow::ensure!(period_days > 0, "--period-days must be at least 1");
     let at = |what: &str, v: &str| -> anyhow::Result<prost_types::Timestamp> {
         let t = match v.parse::<jiff::civil::Date>() {
-            Ok(d) => d.to_zoned(jiff::tz::TimeZone::UTC)?.timestamp(),
+            // A day is a day in England and Wales (BST in summer).
+            Ok(d) => d
+                .to_zoned(jiff::tz::TimeZone::get("Europe/London")?)?
+                .timestamp(),
             Err(_) => v
                 .parse::<jiff::Timestamp>()
                 .with_context(|| format!("{what}: a date (YYYY-MM-DD) or an RFC 3339 time"))?,
@@ -61,6 +64,11 @@ fn day(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(|t| jiff::Timestamp::from_second(t.seconds).ok())
         .map(|t| t.to_string())
         .unwrap_or_default()
+}
+
+/// A time for the table, as every table shows it: UK time.
+fn uk(t: Option<&prost_types::Timestamp>) -> String {
+    t.map(crate::uk_time::display_timestamp).unwrap_or_default()
 }
 
 fn median_hours(r: &pb::ContinuityRow) -> Option<f64> {
@@ -197,7 +205,7 @@ pub fn print(r: &pb::GetContinuityResponse, as_json: bool, as_csv: bool) -> anyh
         let [gp, p3, p7, ost, mh] = shares(row).map(|(_, s)| share_text(s));
         table.add_row([
             row.prison.clone(),
-            day(row.period_start.as_ref()),
+            uk(row.period_start.as_ref()),
             row.releases.map_or_else(|| "*".into(), |n| n.to_string()),
             gp,
             p3,
@@ -210,7 +218,7 @@ pub fn print(r: &pb::GetContinuityResponse, as_json: bool, as_csv: bool) -> anyh
     println!("{table}");
     println!(
         "* = suppressed (a count from 1 to 4). Tracking data reaches back to {}.",
-        day(r.covered_from.as_ref())
+        uk(r.covered_from.as_ref())
     );
     Ok(())
 }
@@ -289,9 +297,12 @@ mod tests {
     }
 
     #[test]
-    fn dates_are_midnight_utc() {
+    fn dates_are_midnight_in_england() {
         let r = request(Some("2027-01-15"), Some("2027-01-16T00:00:00Z"), 1).unwrap();
         assert_eq!(r.from.unwrap().seconds, 1_800_000_000 - 8 * 3_600);
+        // In summer a day starts at 23:00 UTC the evening before.
+        let summer = request(Some("2027-07-01"), None, 1).unwrap();
+        assert_eq!(summer.from.unwrap().seconds, 1_814_396_400);
         assert_eq!(r.to.unwrap().seconds, 1_800_000_000 + 16 * 3_600);
         assert!(request(Some("yesterday"), None, 1).is_err());
         assert!(request(None, None, 0).is_err());
