@@ -13,6 +13,29 @@ use crate::store::{
     PARKED_SUBSTANCE_MISUSE_MAILBOX, SubmitOutcome,
 };
 
+/// A refusal's field paths as the request names them. A native document
+/// is the summary, so a rule checked on the summary as read
+/// (`summary.medications[0].last_dose_given`) is named where the caller
+/// wrote it (`document.native.medications[0].last_dose_given`), the same
+/// path its decoding uses. FHIR and HL7 v2 documents keep the summary's
+/// paths (their own locations are named where the reader finds a fault).
+fn in_request_paths(e: Error, document: &IncomingDocument) -> Error {
+    match (e, document) {
+        (Error::Invalid(violations), IncomingDocument::Native(_)) => Error::Invalid(
+            violations
+                .into_iter()
+                .map(|mut v| {
+                    if let Some(rest) = v.field.strip_prefix("summary.") {
+                        v.field = format!("document.native.{rest}");
+                    }
+                    v
+                })
+                .collect(),
+        ),
+        (e, _) => e,
+    }
+}
+
 /// How far ahead of the gateway's clock a time that has passed (the
 /// document's authored time, a last dose given) may be.
 const AHEAD_MS: i64 = 5 * 60 * 1000;
@@ -120,8 +143,11 @@ impl Gateway {
                 cmd.event
             )));
         }
-        let checked = self.read_checked(&cmd)?;
-        let routes = self.route(&cmd, &checked.summary, &org)?;
+        let in_request = |e| in_request_paths(e, &cmd.document);
+        let checked = self.read_checked(&cmd).map_err(in_request)?;
+        let routes = self
+            .route(&cmd, &checked.summary, &org)
+            .map_err(in_request)?;
         let handover = self.new_handover(actor, &org, &cmd, checked, &routes);
         let outcome = self.store.submit(handover).await?;
         tracing::Span::current().record("handover_id", outcome.handover_id);

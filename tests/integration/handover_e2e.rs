@@ -779,7 +779,7 @@ fn native_value_cases() -> Vec<BadSubmit> {
                 s.custody.as_mut().unwrap().release_date = "9999-12-31".into();
             }),
             Code::InvalidArgument,
-            "summary.custody.release_date",
+            "document.native.custody.release_date",
         ),
         (
             "a release before the reception",
@@ -787,7 +787,7 @@ fn native_value_cases() -> Vec<BadSubmit> {
                 s.custody.as_mut().unwrap().reception_date = "2026-12-01".into();
             }),
             Code::InvalidArgument,
-            "summary.custody.release_date",
+            "document.native.custody.release_date",
         ),
         (
             "a last dose given in the future",
@@ -795,7 +795,7 @@ fn native_value_cases() -> Vec<BadSubmit> {
                 s.medications[0].last_dose_given = "2099-01-01T08:00:00Z".into();
             }),
             Code::InvalidArgument,
-            "summary.medications[0].last_dose_given",
+            "document.native.medications[0].last_dose_given",
         ),
     ]
 }

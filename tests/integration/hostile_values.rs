@@ -428,7 +428,7 @@ async fn hostile_values_in_every_field_never_come_back_in_errors_logs_or_the_aud
     );
     assert_eq!(
         violations(named("document: an unknown receiving prison")),
-        ["summary.custody.transfer_to"]
+        ["document.native.custody.transfer_to"]
     );
     assert_eq!(
         violations(named(
