@@ -305,6 +305,16 @@ fn allocator_settings_then_exec() {
     eprintln!("warning: serving with mimalloc's default settings: {error}");
 }
 
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is not
+/// an error.
+fn to_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 /// Serves until a signal, then exports the traces still queued.
 async fn serve(null_handover: bool, loaded: Loaded) -> ExitCode {
     let (config, traces) = match loaded {
@@ -389,13 +399,15 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
         Command::Track(args) => throughcare::cli::handover::track(args).await,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut command, "throughcare", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "throughcare", &mut script);
+            to_stdout(&script)
         }
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
-            Ok(())
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command).render(&mut page)?;
+            to_stdout(&page)
         }
         Command::Convert(args) => convert(args),
         Command::Demo { .. } => throughcare::cli::demo::run(&mut std::io::stdout()).await,

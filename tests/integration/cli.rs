@@ -231,3 +231,25 @@ fn a_listen_address_in_use_names_its_field() {
     assert!(stderr.contains("config field `listen`"), "{stderr}");
     drop(taken);
 }
+
+/// `throughcare completions bash | head -3` and `man | head`: a reader that
+/// stops early is not an error (it was a panic, exit 101).
+#[test]
+fn output_to_a_reader_that_stops_early_is_not_an_error() {
+    for args in [&["completions", "bash"][..], &["man"][..]] {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
