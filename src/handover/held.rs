@@ -13,7 +13,8 @@
 
 use crate::journey::{OrgKind, area_service};
 use crate::store::{
-    DeliveryRecord, PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX, StoreError,
+    DeliveryRecord, DeliveryState, PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX,
+    StoreError,
 };
 
 use super::Gateway;
@@ -42,6 +43,7 @@ impl Gateway {
     /// # Errors
     /// Store failures; nothing is half moved (each batch is one commit).
     pub async fn route_held_copies(&self, actor: &str) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.hold_copies_of_disabled_services(actor).await?;
         let mut routed = Vec::new();
         for (kind, mailbox) in HELD {
             let mut after: Option<Vec<u8>> = None;
@@ -66,6 +68,48 @@ impl Gateway {
             );
         }
         Ok(routed)
+    }
+
+    /// Copies queued for a treatment service that was disabled before they
+    /// were pulled: held again (audited `route_held`), so that the pass
+    /// that follows sends them to a service that serves their area, or
+    /// they wait visibly, instead of waiting in a mailbox nobody may pull.
+    async fn hold_copies_of_disabled_services(&self, actor: &str) -> Result<(), StoreError> {
+        for (kind, held) in HELD {
+            let disabled: Vec<String> = self
+                .registry
+                .read()
+                .iter()
+                .filter(|o| o.kind == kind && !o.active)
+                .map(|o| o.ods.as_str().to_owned())
+                .collect();
+            for mailbox in disabled {
+                let mut after: Option<Vec<u8>> = None;
+                loop {
+                    let page = self.store.live_page(&mailbox, after.as_deref(), PAGE)?;
+                    let Some((last, _)) = page.last() else { break };
+                    after = Some(last.clone());
+                    let full = page.len() == PAGE;
+                    let moves: Vec<(u64, String)> = page
+                        .into_iter()
+                        .filter(|(_, d)| d.state == DeliveryState::Queued)
+                        .map(|(_, d)| (d.id, held.to_owned()))
+                        .collect();
+                    if !moves.is_empty() {
+                        let held_now = self.store.route_held(actor, moves).await?;
+                        tracing::warn!(
+                            count = held_now.len(),
+                            service = %mailbox,
+                            "treatment copies queued for a disabled service are held again, to go to a service that serves their area"
+                        );
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// (delivery id, service) for each of `held` whose releasing prison's

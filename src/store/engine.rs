@@ -363,6 +363,19 @@ impl Store {
         either!(self.quarantined_page(mailbox, after, limit))
     }
 
+    /// See [`SledStore::live_page`].
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn live_page(
+        &self,
+        mailbox: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
+        either!(self.live_page(mailbox, after, limit))
+    }
+
     /// See [`SledStore::parked_page`].
     ///
     /// # Errors

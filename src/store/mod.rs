@@ -1150,6 +1150,20 @@ impl SledStore {
         self.indexed(TreeId::Pending, Some(mailbox), after, limit)
     }
 
+    /// A page of `mailbox`'s live deliveries (queued, leased or parked),
+    /// in id order after the cursor `after`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn live_page(
+        &self,
+        mailbox: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
+        self.indexed(TreeId::Pending, Some(mailbox), after, limit)
+    }
+
     /// One delivery's record.
     ///
     /// # Errors

@@ -159,16 +159,39 @@ pub fn is_held_treatment_mailbox(mailbox: &str) -> bool {
 
 /// The audit entry of held treatment copy `d` routed on to `to`.
 pub fn route_held_event(actor: &str, d: &DeliveryRecord, to: &str) -> crate::audit::AuditEvent {
+    let outcome = if is_held_treatment_mailbox(to) {
+        format!(
+            "ok: held in {to}: {} no longer serves (disabled) and it was not yet pulled",
+            d.mailbox
+        )
+    } else {
+        format!(
+            "ok: held in {} until {to} served the release area",
+            d.mailbox
+        )
+    };
     crate::audit::AuditEvent {
         actor: actor.to_owned(),
         action: "route_held",
         handover_id: Some(d.handover_id),
         delivery_id: Some(d.id),
         patient_key: Some(d.patient_key.clone()),
-        outcome: format!(
-            "ok: held in {} until {to} served the release area",
-            d.mailbox
-        ),
+        outcome,
+    }
+}
+
+/// The state a treatment copy takes when moved to `to`, if the move is
+/// one `route_held` makes: a held copy (parked in a holding mailbox) goes
+/// to a service (queued); a copy queued for a service that was disabled
+/// before it was pulled goes back to be held (parked), to be routed on to
+/// a service that serves its area. Anything else (leased, superseded,
+/// already moved) is left alone.
+pub fn held_move(d: &DeliveryRecord, to: &str) -> Option<DeliveryState> {
+    let from_held = is_held_treatment_mailbox(&d.mailbox);
+    match (d.state, from_held, is_held_treatment_mailbox(to)) {
+        (DeliveryState::Parked, true, false) => Some(DeliveryState::Queued),
+        (DeliveryState::Queued, false, true) => Some(DeliveryState::Parked),
+        _ => None,
     }
 }
 

@@ -1304,14 +1304,14 @@ impl Writer {
             else {
                 continue;
             };
-            if d.state != DeliveryState::Parked || !records::is_held_treatment_mailbox(&d.mailbox) {
+            let Some(state) = records::held_move(&d, to) else {
                 continue;
-            }
+            };
             staged.del(TreeId::Pending, records::mailbox_key(&d.mailbox, id));
             self.schedule.remove(id);
             let event = records::route_held_event(actor, &d, to);
             d.mailbox.clone_from(to);
-            d.state = DeliveryState::Queued;
+            d.state = state;
             staged.put_json(TreeId::Deliveries, records::be(id).to_vec(), &d);
             staged.put(TreeId::Pending, records::mailbox_key(to, id), Vec::new());
             self.schedule.insert(id, live_of(&d));

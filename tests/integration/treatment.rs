@@ -1041,3 +1041,61 @@ async fn a_correction_that_stops_substitution_tells_the_service_on(engine: Engin
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_copy_queued_for_a_service_disabled_before_it_pulled_goes_to_another_for_the_area() {
+    a_copy_for_a_disabled_service_goes_to_another_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_copy_queued_for_a_service_disabled_before_it_pulled_goes_to_another_for_the_area_on_postgres()
+ {
+    a_copy_for_a_disabled_service_goes_to_another_on(Engine::Postgres).await;
+}
+
+/// A release's copy is queued for the area's substance misuse service,
+/// which is disabled before it pulls. The copy waited in a mailbox nobody
+/// may pull, past the next dose. Now it is held again and goes to the
+/// area's other service, its next-dose deadline unchanged; with no other
+/// service it would wait held, visible to operators.
+async fn a_copy_for_a_disabled_service_goes_to_another_on(engine: Engine) {
+    let Some((gw, _clock)) = TestGateway::manual_on(engine, |_| {}).await else {
+        return;
+    };
+    register_services(&gw).await;
+    let mut prison = gw.client("YP001").await;
+    let s = ost_and_care_plan(9, ConsentDecision::Given);
+    let r = released(&mut prison, "disabled-1", &s).await;
+    let due = due_ms(&r, "YS001");
+    gw.operator()
+        .await
+        .set_organisation_active(pb::SetOrganisationActiveRequest {
+            ods_code: "YS001".into(),
+            active: false,
+        })
+        .await
+        .unwrap();
+    // Held: nowhere else serves the north yet.
+    let track = track_message(&mut prison, "disabled-1").await;
+    let copy = track
+        .deliveries
+        .iter()
+        .find(|d| d.destination.starts_with("@parked-substance"))
+        .expect("held again");
+    assert_eq!(copy.state(), pb::DeliveryState::Parked);
+    put_service(
+        &gw,
+        "YS003",
+        pb::OrganisationKind::SubstanceMisuseService,
+        "north",
+        true,
+    )
+    .await;
+    let mut other = client_for(&gw, "YS003").await;
+    let got = pull_and_ack(&mut other).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].handover_id, r.handover_id);
+    let at = got[0].due_at.as_ref().unwrap();
+    assert_eq!(at.seconds * 1_000 + i64::from(at.nanos) / 1_000_000, due);
+    gw.stop().await;
+}

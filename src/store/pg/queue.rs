@@ -901,12 +901,12 @@ async fn route_held(
         let Some(mut d) = sql::delivery_for_update(tx, *did).await? else {
             continue;
         };
-        if d.state != DeliveryState::Parked || !records::is_held_treatment_mailbox(&d.mailbox) {
+        let Some(state) = records::held_move(&d, to) else {
             continue;
-        }
+        };
         audit.push(records::route_held_event(actor, &d, to));
         d.mailbox.clone_from(to);
-        d.state = DeliveryState::Queued;
+        d.state = state;
         sql::put_delivery(tx, &d).await?;
         routed.push(d);
     }

@@ -168,6 +168,25 @@ impl PgStore {
         self.page("parked", Some(mailbox), after, limit)
     }
 
+    /// A page of `mailbox`'s live deliveries (queued, leased or parked).
+    ///
+    /// # Errors
+    /// Database failures.
+    pub fn live_page(
+        &self,
+        mailbox: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
+        let mut page = Vec::new();
+        for state in ["queued", "leased", "parked"] {
+            page.extend(self.page(state, Some(mailbox), after, limit)?);
+        }
+        page.sort_by(|a, b| a.0.cmp(&b.0));
+        page.truncate(limit);
+        Ok(page)
+    }
+
     /// Every patient key an identifier stands for.
     ///
     /// # Errors
