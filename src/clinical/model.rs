@@ -763,22 +763,87 @@ impl ClinicalSummary {
     }
 
     /// When the next opioid substitution dose is due, ms since the epoch:
-    /// the earliest last dose given of an OST medicine plus 24 hours. None
-    /// when no OST medicine records its last dose.
+    /// the earliest last dose given of an OST medicine plus its dosing
+    /// interval ([`dosing_interval_ms`]: 24 hours unless the frequency says
+    /// a split or more frequent dose). None when no OST medicine records its
+    /// last dose.
     pub fn next_ost_dose_due_ms(&self) -> Option<i64> {
-        const DAY_MS: i64 = 24 * 3_600_000;
         self.medications
             .iter()
             .filter(|m| m.opioid_substitution)
-            .filter_map(|m| m.last_dose_given)
-            .map(|t| t.unix_ms().saturating_add(DAY_MS))
+            .filter_map(|m| {
+                m.last_dose_given
+                    .map(|t| t.unix_ms().saturating_add(dosing_interval_ms(&m.frequency)))
+            })
             .min()
+    }
+}
+
+/// The time between doses a medicine's frequency states, read from the
+/// words and abbreviations UK prescriptions use: twice daily, `BD`, a split
+/// dose or 12-hourly is 12 hours; three times, `TDS`, `TID` or 8-hourly is
+/// 8; four times, `QDS`, `QID` or 6-hourly is 6; anything else (once daily,
+/// `OD`, unread words) is 24. A misreading can only make the next dose look
+/// sooner, never later.
+#[must_use]
+pub fn dosing_interval_ms(frequency: &str) -> i64 {
+    const HOUR_MS: i64 = 3_600_000;
+    let text = frequency.to_ascii_lowercase().replace('.', "");
+    let words: Vec<&str> = text
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let has = |w: &str| words.contains(&w);
+    let hourly = |n: &str| {
+        words
+            .windows(2)
+            .any(|p| p[0] == n && matches!(p[1], "hourly" | "hours" | "hour" | "hrs" | "h"))
+            || has(&format!("{n}h"))
+            || has(&format!("{n}hourly"))
+    };
+    if has("four") && has("times") || has("qds") || has("qid") || hourly("6") {
+        6 * HOUR_MS
+    } else if has("three") && has("times") || has("tds") || has("tid") || hourly("8") {
+        8 * HOUR_MS
+    } else if has("twice")
+        || has("two") && has("times")
+        || has("bd")
+        || has("bid")
+        || has("split")
+        || hourly("12")
+    {
+        12 * HOUR_MS
+    } else {
+        24 * HOUR_MS
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_or_more_frequent_dose_is_due_sooner_than_a_day() {
+        let h = |f: &str| dosing_interval_ms(f) / 3_600_000;
+        for once in ["once daily", "OD", "daily", "", "in the morning", "mane"] {
+            assert_eq!(h(once), 24, "{once}");
+        }
+        for twice in [
+            "twice daily (split dose)",
+            "BD",
+            "b.d.",
+            "Split dose",
+            "every 12 hours",
+            "12-hourly",
+            "12 hrs",
+        ] {
+            assert_eq!(h(twice), 12, "{twice}");
+        }
+        assert_eq!(h("three times a day"), 8);
+        assert_eq!(h("TDS"), 8);
+        assert_eq!(h("QDS"), 6);
+        assert_eq!(h("every 6 hours"), 6);
+    }
 
     /// HL7 v2.5.1 §2A.3.22: a time without an offset is the sender's local
     /// time. An 08:10 dose in summer is 07:10 UTC, not 08:10.

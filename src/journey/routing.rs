@@ -14,7 +14,9 @@
 //! recorded legal basis (`may_share_with_treatment_services`). The release
 //! area is the releasing prison's `region` in the registry, as for
 //! probation. An OST copy is due before the next dose: the last dose given
-//! plus 24 hours (`next_ost_dose_due_ms`), not the end of the release day.
+//! plus its dosing interval (24 hours, or 12 for a split or twice-daily
+//! dose, 8 or 6 for more frequent ones: `next_ost_dose_due_ms`), not the end
+//! of the release day.
 //!
 //! A destination the sender names is checked against these rules, never
 //! trusted blindly. A disabled organisation receives nothing: a release
@@ -649,6 +651,7 @@ mod tests {
         let mut s = summary(Some("YG001"));
         let m = &mut s.medications[0];
         m.opioid_substitution = true;
+        m.frequency = "once daily".into();
         m.last_dose_given = last_dose.map(|t| t.parse().unwrap());
         s.consent.treatment_sharing = consent;
         s
@@ -691,6 +694,11 @@ mod tests {
         assert!(sms.urgent);
         // The GP's copy keeps the release-day deadline rule.
         assert_ne!(routes[0].due_ms, next_dose);
+        // A split dose (twice daily) is due twelve hours after the last.
+        let mut split = on_ost(Some("2026-11-24T08:10:00Z"), ConsentDecision::Given);
+        split.medications[0].frequency = "twice daily (split dose)".into();
+        let routes = go(JourneyEvent::Release, &split, sender, &[], &reg).unwrap();
+        assert_eq!(routes.last().unwrap().due_ms, next_dose - 12 * 3_600_000);
         // Without a recorded last dose, the urgent deadline.
         let s = on_ost(None, ConsentDecision::Given);
         let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();

@@ -39,6 +39,7 @@ fn ost_and_care_plan(patient: u32, consent: ConsentDecision) -> ClinicalSummary 
     m.code.display = "Methadone 1mg/ml oral solution sugar free".into();
     m.code.code = "3321611000001103".into();
     m.dose = "60 mg".into();
+    m.frequency = "once daily".into();
     m.opioid_substitution = true;
     m.supervised = true;
     m.last_dose_given = Some(
