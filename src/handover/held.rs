@@ -13,8 +13,7 @@
 
 use crate::journey::{OrgKind, area_service};
 use crate::store::{
-    DeliveryRecord, DeliveryState, PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX,
-    StoreError,
+    DeliveryRecord, PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX, StoreError,
 };
 
 use super::Gateway;
@@ -75,7 +74,12 @@ impl Gateway {
     /// that follows sends them to a service that serves their area, or
     /// they wait visibly, instead of waiting in a mailbox nobody may pull.
     async fn hold_copies_of_disabled_services(&self, actor: &str) -> Result<(), StoreError> {
-        for (kind, held) in HELD {
+        // A practice's releases wait in `@parked` (claims, PDS), as a
+        // release whose GP is disabled at submit does.
+        let waiting = HELD
+            .into_iter()
+            .chain([(OrgKind::GpPractice, crate::store::PARKED_MAILBOX)]);
+        for (kind, held) in waiting {
             let disabled: Vec<String> = self
                 .registry
                 .read()
@@ -92,7 +96,7 @@ impl Gateway {
                     let full = page.len() == PAGE;
                     let moves: Vec<(u64, String)> = page
                         .into_iter()
-                        .filter(|(_, d)| d.state == DeliveryState::Queued)
+                        .filter(|(_, d)| crate::store::records::held_move(d, held).is_some())
                         .map(|(_, d)| (d.id, held.to_owned()))
                         .collect();
                     if !moves.is_empty() {

@@ -284,7 +284,9 @@ impl Gateway {
         let linking = from_document.nhs_number.is_some() && from_document.prison_number.is_some();
         // Claim keys serve a parked release, and a link of both identifiers
         // (which lets earlier parked releases be claimed by either).
-        let claim_keys = if parked || linking {
+        // A release may come to be parked later too (its practice disabled
+        // before it pulled), so a release always carries them.
+        let claim_keys = if parked || linking || cmd.event == JourneyEvent::Release {
             self.keyer.claim_keys(
                 from_document.nhs_number.as_ref(),
                 from_document.prison_number.as_ref(),

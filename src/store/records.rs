@@ -159,7 +159,7 @@ pub fn is_held_treatment_mailbox(mailbox: &str) -> bool {
 
 /// The audit entry of held treatment copy `d` routed on to `to`.
 pub fn route_held_event(actor: &str, d: &DeliveryRecord, to: &str) -> crate::audit::AuditEvent {
-    let outcome = if is_held_treatment_mailbox(to) {
+    let outcome = if is_held_treatment_mailbox(to) || to == PARKED_MAILBOX {
         format!(
             "ok: held in {to}: {} no longer serves (disabled) and it was not yet pulled",
             d.mailbox
@@ -180,17 +180,23 @@ pub fn route_held_event(actor: &str, d: &DeliveryRecord, to: &str) -> crate::aud
     }
 }
 
-/// The state a treatment copy takes when moved to `to`, if the move is
-/// one `route_held` makes: a held copy (parked in a holding mailbox) goes
-/// to a service (queued); a copy queued for a service that was disabled
-/// before it was pulled goes back to be held (parked), to be routed on to
-/// a service that serves its area. Anything else (leased, superseded,
-/// already moved) is left alone.
+/// The state a copy takes when moved to `to`, if the move is one
+/// `route_held` makes: a held treatment copy (parked in a holding mailbox)
+/// goes to a service (queued); a copy queued for an organisation that was
+/// disabled before it pulled goes back to wait (parked): a treatment copy
+/// to its holding mailbox, to be routed on to a service of its area, and a
+/// release to `@parked`, to be claimed by the practice that registers the
+/// patient. Anything else (leased, superseded, already moved) is left alone.
 pub fn held_move(d: &DeliveryRecord, to: &str) -> Option<DeliveryState> {
-    let from_held = is_held_treatment_mailbox(&d.mailbox);
-    match (d.state, from_held, is_held_treatment_mailbox(to)) {
-        (DeliveryState::Parked, true, false) => Some(DeliveryState::Queued),
-        (DeliveryState::Queued, false, true) => Some(DeliveryState::Parked),
+    let release = d.event == Some(crate::journey::JourneyEvent::Release);
+    let waits_in = |m: &str| is_held_treatment_mailbox(m) || (m == PARKED_MAILBOX && release);
+    match d.state {
+        DeliveryState::Parked if is_held_treatment_mailbox(&d.mailbox) && !waits_in(to) => {
+            Some(DeliveryState::Queued)
+        }
+        DeliveryState::Queued if !d.mailbox.starts_with('@') && waits_in(to) => {
+            Some(DeliveryState::Parked)
+        }
         _ => None,
     }
 }

@@ -1619,7 +1619,11 @@ pub(super) fn new_delivery(
         superseded_by_handover: None,
         sender: Some(owner.sender.to_owned()),
         superseded_at_ms: None,
-        claim_keys: if parked {
+        // A release's copy for its practice keeps them too: it is parked if
+        // the practice is disabled before it pulls (`records::held_move`).
+        claim_keys: if parked
+            || (owner.event == crate::journey::JourneyEvent::Release && dest.view == "full")
+        {
             claim_keys.to_vec()
         } else {
             Vec::new()

@@ -1069,3 +1069,62 @@ async fn a_summary_written_in_the_future_is_refused() {
         .unwrap();
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_release_queued_for_a_practice_disabled_before_it_pulled_waits_parked_to_be_claimed() {
+    a_release_for_a_disabled_practice_waits_parked_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_release_queued_for_a_practice_disabled_before_it_pulled_waits_parked_to_be_claimed_on_postgres()
+ {
+    a_release_for_a_disabled_practice_waits_parked_on(Engine::Postgres).await;
+}
+
+/// A release queued for the patient's practice, which is disabled before
+/// it pulls (it left the network): the release waited where nobody may
+/// pull it. Now it waits in `@parked`, like a release whose GP was disabled
+/// at submit, and the practice that registers the patient claims it.
+async fn a_release_for_a_disabled_practice_waits_parked_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(submit(
+            "gp-gone-1",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(11, Some("YG001"), "gp gone"),
+        ))
+        .await
+        .unwrap();
+    gw.operator()
+        .await
+        .set_organisation_active(pb::SetOrganisationActiveRequest {
+            ods_code: "YG001".into(),
+            active: false,
+        })
+        .await
+        .unwrap();
+    let track = track_message(&mut prison, "gp-gone-1").await;
+    let copy = track
+        .deliveries
+        .iter()
+        .find(|d| d.destination == "@parked")
+        .expect("parked");
+    assert_eq!(copy.state(), pb::DeliveryState::Parked);
+    let mut practice = gw.client("YG002").await;
+    let claimed = practice
+        .claim(pb::ClaimRequest {
+            patient: Some(patient_ref(11)),
+            evidence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.claimed.len(), 1);
+    let got = pull_and_ack(&mut practice).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["gp gone"]);
+    gw.stop().await;
+}
