@@ -37,6 +37,19 @@ fn serve_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> Server {
     )
 }
 
+/// `serve` expected to stop by itself (refusing to start): its output.
+fn serve_to_the_end(dir: &Path, port: u16) -> Output {
+    Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--certs-dir")
+        .arg(dir.join("certs"))
+        .output()
+        .unwrap()
+}
+
 fn submit(dir: &Path, port: u16, message_id: &str) -> Output {
     let mut last = None;
     for _ in 0..100 {
@@ -116,15 +129,7 @@ fn a_store_that_lost_acknowledged_data_refuses_to_start() {
     // Put back the older copy: "second" was acknowledged but is gone.
     std::fs::remove_dir_all(&sled).unwrap();
     copy_dir(&old, &sled);
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--certs-dir")
-        .arg(dir.path().join("certs"))
-        .output()
-        .unwrap();
+    let out = serve_to_the_end(dir.path(), port);
     assert_eq!(out.status.code(), Some(65));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("lost acknowledged data"), "{stderr}");
@@ -217,15 +222,7 @@ fn a_listen_address_in_use_names_its_field() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--certs-dir")
-        .arg(dir.path().join("certs"))
-        .output()
-        .unwrap();
+    let out = serve_to_the_end(dir.path(), port);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("config field `listen`"), "{stderr}");
