@@ -337,15 +337,9 @@ impl Prepared {
             .transpose()
             .map_err(|source| AppError::MllpListen { addr, source })?
             .expect("bound above");
-        let transport = match c.plain_sender() {
-            Some(sender) => {
-                tracing::warn!(%addr, sender = %sender, "MLLP is plain TCP on loopback: every connection speaks for the configured sender");
-                crate::mllp::Transport::Plain(sender)
-            }
-            None => crate::mllp::Transport::Tls {
-                config: self.tls.clone(),
-                limits: self.accept_limits(),
-            },
+        let transport = crate::mllp::Transport::Tls {
+            config: self.tls.clone(),
+            limits: self.accept_limits(),
         };
         let settings = crate::mllp::Settings {
             max_message_bytes: usize::try_from(c.max_message_bytes).unwrap_or(usize::MAX),
@@ -353,7 +347,7 @@ impl Prepared {
             max_connections: c.max_connections as usize,
             max_connections_per_identity: c.max_connections_per_identity as usize,
         };
-        tracing::info!(%addr, plain = c.plain, "serving HL7 v2 over MLLP");
+        tracing::info!(%addr, "serving HL7 v2 over MLLP (mutual TLS)");
         Ok(Some(crate::mllp::spawn(
             listener,
             transport,

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::clinical::OdsCode;
 use crate::config::ConfigError;
 
 /// The HL7 v2 over MLLP listener (docs/mllp.md).
@@ -13,13 +12,12 @@ use crate::config::ConfigError;
 pub struct MllpConfig {
     /// Serve MLLP.
     pub enabled: bool,
-    /// Address of the listener (mutual TLS unless `plain`); port 0 picks a free port.
+    /// Address of the listener (mutual TLS); port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Plain TCP, for an integration engine behind a TLS terminator on the
-    /// same host: allowed only on a loopback `listen` address.
+    /// Plaintext MLLP: no longer offered, refused when true (kept so an old
+    /// configuration is refused by name).
     pub plain: bool,
-    /// The sender every plain connection speaks for (its ODS code);
-    /// required with `plain`, refused without it.
+    /// Refused when set (see `plain`).
     pub plain_sender_ods: Option<String>,
     /// Largest message (the bytes between the frame's start and end), bytes.
     pub max_message_bytes: u64,
@@ -107,35 +105,23 @@ impl MllpConfig {
         Ok(())
     }
 
+    /// MLLP is mutual TLS only: the two keys of the plaintext mode it once
+    /// had are still read, so an old configuration is refused by name
+    /// rather than as unknown.
     fn validate_plain(&self) -> Result<(), ConfigError> {
-        match (&self.plain_sender_ods, self.plain) {
-            (_, true) if !self.listen.ip().is_loopback() => Err(bad(
+        if self.plain {
+            return Err(bad(
                 "plain",
-                "plain MLLP is allowed only on a loopback listen address (behind a TLS terminator on this host)",
-            )),
-            (None, true) => Err(bad(
-                "plain_sender_ods",
-                "required with plain = true: the ODS code the plain listener's sender speaks for",
-            )),
-            (Some(_), false) => Err(bad(
-                "plain_sender_ods",
-                "only with plain = true (over TLS the client certificate names the sender)",
-            )),
-            (Some(code), true) => code
-                .parse::<OdsCode>()
-                .map(|_| ())
-                .map_err(|_| bad("plain_sender_ods", "must be an ODS code")),
-            (None, false) => Ok(()),
+                "plaintext MLLP is not offered: MLLP is mutual TLS only (give the engine its own client certificate, as on gRPC)",
+            ));
         }
-    }
-
-    /// The sender of plain connections, once validated.
-    #[must_use]
-    pub fn plain_sender(&self) -> Option<OdsCode> {
-        self.plain_sender_ods
-            .as_deref()
-            .filter(|_| self.plain)
-            .and_then(|c| c.parse().ok())
+        if self.plain_sender_ods.is_some() {
+            return Err(bad(
+                "plain_sender_ods",
+                "not offered: over TLS the client certificate names the sender",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -156,36 +142,21 @@ mod tests {
     }
 
     #[test]
-    fn plain_only_on_loopback_and_with_a_sender() {
+    fn plaintext_is_refused_by_name() {
         assert!(enabled(|_| {}).is_ok());
         let field = |tweak: fn(&mut MllpConfig)| enabled(tweak).unwrap_err().field;
-        assert_eq!(
-            field(|c| {
-                c.plain = true;
-                c.plain_sender_ods = Some("YP001".into());
-                c.listen = "0.0.0.0:2575".parse().unwrap();
-            }),
-            "mllp.plain"
-        );
-        assert_eq!(field(|c| c.plain = true), "mllp.plain_sender_ods");
+        // On loopback too, where a plaintext mode was once allowed.
+        let err = enabled(|c| {
+            c.plain = true;
+            c.plain_sender_ods = Some("YP001".into());
+            c.listen = "[::1]:2575".parse().unwrap();
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "mllp.plain");
+        assert!(err.reason.contains("mutual TLS only"), "{err}");
         assert_eq!(
             field(|c| c.plain_sender_ods = Some("YP001".into())),
             "mllp.plain_sender_ods"
-        );
-        assert_eq!(
-            field(|c| {
-                c.plain = true;
-                c.plain_sender_ods = Some("not a code".into());
-            }),
-            "mllp.plain_sender_ods"
-        );
-        assert!(
-            enabled(|c| {
-                c.plain = true;
-                c.plain_sender_ods = Some("YP001".into());
-                c.listen = "[::1]:2575".parse().unwrap();
-            })
-            .is_ok()
         );
     }
 

@@ -51,7 +51,10 @@ pub enum Transport {
         /// Handshake admission and deadline.
         limits: AcceptLimits,
     },
-    /// Plain TCP on loopback: every connection speaks for this organisation.
+    /// Plain TCP: every connection speaks for this organisation. For tests
+    /// that drive the listener in-process only: no configuration reaches
+    /// it (the gateway's MLLP is mutual TLS, `mllp.plain` is refused).
+    #[doc(hidden)]
     Plain(OdsCode),
 }
 

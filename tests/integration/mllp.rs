@@ -498,22 +498,29 @@ async fn an_unavailable_store_is_answered_ar_to_resend_later() {
     assert!(e[8].contains("resend"), "{e:?}");
 }
 
-#[tokio::test]
-async fn plain_mllp_on_loopback_speaks_for_the_configured_sender() {
-    let gw = gateway(|c| {
-        c.mllp.plain = true;
-        c.mllp.plain_sender_ods = Some("YP001".into());
-    })
-    .await;
-    let tcp = tokio::net::TcpStream::connect(gw.mllp_addr.unwrap())
-        .await
+/// No plaintext mode outside tests: the MLLP listener is mutual TLS, and a
+/// configuration asking for plain TCP (even on loopback, where it was once
+/// allowed behind a TLS terminator) is refused by name, exit 64, before any
+/// port is bound.
+#[test]
+fn plaintext_mllp_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--certs-dir")
+        .arg(dir.path().join("certs"))
+        .env("THROUGHCARE_MLLP_ENABLED", "true")
+        .env("THROUGHCARE_MLLP_LISTEN", "127.0.0.1:0")
+        .env("THROUGHCARE_MLLP_PLAIN", "true")
+        .env("THROUGHCARE_MLLP_PLAIN_SENDER_ODS", "YP001")
+        .output()
         .unwrap();
-    let mut conn: Conn = Box::new(tcp);
-    let m = message("plain-1", JourneyEvent::Release, &summary(12, None, "x"));
-    assert_eq!(field(&exchange(&mut conn, &m).await, "MSA", 1), "AA");
-    let t = track_message(&mut gw.client("YP001").await, "plain-1").await;
-    assert!(t.handover_id > 0);
-    gw.stop().await;
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mllp.plain"), "{stderr}");
 }
 
 #[tokio::test]

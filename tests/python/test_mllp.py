@@ -1,13 +1,13 @@
 """HL7 v2 over MLLP judged by software nobody here wrote: python-hl7's
-`mllp_send` and `MLLPClient` send ADT messages that hl7apy built (and
-validated), and hl7apy parses and strictly validates the ACKs we answer."""
+`MLLPClient`, over mutual TLS (the gateway's MLLP has no plaintext mode),
+sends ADT messages that hl7apy built (and validated), and hl7apy parses and
+strictly validates the ACKs we answer."""
 
 import os
 import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,22 +20,19 @@ from hl7apy.parser import parse_message, parse_segment
 
 from conftest import BIN, free_port
 
-MLLP_SEND = Path(sys.executable).parent / "mllp_send"
 NHS = "9990002029"  # invented: 999 range, valid check digit
 
 
 class MllpGateway:
     """The real binary with `[mllp]` enabled through its environment variables."""
 
-    def __init__(self, plain: bool):
+    def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="throughcare-mllp-"))
         self.certs = self.dir / "certs"
         subprocess.run([BIN, "certs", "init", "--dir", str(self.certs)], check=True, capture_output=True)
         self.port, self.mllp_port = free_port(), free_port()
         env = dict(os.environ, THROUGHCARE_MLLP_ENABLED="true",
                    THROUGHCARE_MLLP_LISTEN=f"127.0.0.1:{self.mllp_port}")
-        if plain:
-            env.update(THROUGHCARE_MLLP_PLAIN="true", THROUGHCARE_MLLP_PLAIN_SENDER_ODS="YP001")
         self.log = open(self.dir / "gateway.log", "wb")
         self.proc = subprocess.Popen(
             [BIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.dir / "data"),
@@ -51,14 +48,18 @@ class MllpGateway:
         self.stop()
         raise RuntimeError("the gateway's MLLP listener did not start")
 
-    def tls_client(self, name: str) -> MLLPClient:
-        """python-hl7's client, its socket wrapped in mutual TLS as `name`."""
+    def tls_socket(self, name: str):
+        """A socket to the MLLP listener in mutual TLS as `name`."""
         ctx = ssl.create_default_context(cafile=str(self.certs / "ca.pem"))
         ctx.load_cert_chain(self.certs / "clients" / f"{name}.pem", self.certs / "clients" / f"{name}.key")
+        raw = socket.create_connection(("127.0.0.1", self.mllp_port), timeout=10)
+        return ctx.wrap_socket(raw, server_hostname="localhost")
+
+    def tls_client(self, name: str = "YP001") -> MLLPClient:
+        """python-hl7's client, its socket wrapped in mutual TLS as `name`."""
         client = MLLPClient.__new__(MLLPClient)
         client.encoding = "utf-8"
-        raw = socket.create_connection(("127.0.0.1", self.mllp_port))
-        client.socket = ctx.wrap_socket(raw, server_hostname="localhost")
+        client.socket = self.tls_socket(name)
         return client
 
     def stop(self):
@@ -74,15 +75,8 @@ class MllpGateway:
 
 
 @pytest.fixture
-def plain_gateway():
-    g = MllpGateway(plain=True)
-    yield g
-    g.stop()
-
-
-@pytest.fixture
-def tls_gateway():
-    g = MllpGateway(plain=False)
+def gateway():
+    g = MllpGateway()
     yield g
     g.stop()
 
@@ -123,14 +117,9 @@ def parsed_ack(raw) -> Message:
     return ack
 
 
-def test_mllp_send_delivers_an_admission_and_hl7apy_validates_the_aa(plain_gateway, tmp_path):
-    framed = tmp_path / "messages.hl7"
-    framed.write_bytes(b"\x0b" + admission("PY-ADM-1").encode() + b"\x1c\r")
-    out = subprocess.run(
-        [str(MLLP_SEND), "-p", str(plain_gateway.mllp_port), "-f", str(framed), "127.0.0.1"],
-        capture_output=True, check=True, timeout=30,
-    ).stdout
-    ack = parsed_ack(out)
+def test_python_hl7_delivers_an_admission_and_hl7apy_validates_the_aa(gateway):
+    with gateway.tls_client() as client:
+        ack = parsed_ack(client.send_message(admission("PY-ADM-1")))
     assert ack.msa.msa_1.to_er7() == "AA"
     assert ack.msa.msa_2.to_er7() == "PY-ADM-1"
     # Sender and receiver swapped, the version echoed, a new control id.
@@ -140,8 +129,8 @@ def test_mllp_send_delivers_an_admission_and_hl7apy_validates_the_aa(plain_gatew
     assert ack.msh.msh_10.to_er7() not in ("", "PY-ADM-1")
 
 
-def test_a_missing_field_comes_back_as_an_ae_naming_it(plain_gateway):
-    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+def test_a_missing_field_comes_back_as_an_ae_naming_it(gateway):
+    with gateway.tls_client() as client:
         ack = parsed_ack(client.send_message(admission("PY-BAD-1", dob="")))
     assert ack.msa.msa_1.to_er7() == "AE"
     assert ack.msa.msa_2.to_er7() == "PY-BAD-1"
@@ -152,34 +141,34 @@ def test_a_missing_field_comes_back_as_an_ae_naming_it(plain_gateway):
     assert NHS not in err.to_er7()
 
 
-def test_an_older_version_is_answered_in_its_own_shape(plain_gateway):
-    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+def test_an_older_version_is_answered_in_its_own_shape(gateway):
+    with gateway.tls_client() as client:
         ack = parsed_ack(client.send_message(admission("PY-OLD-1", dob="", version="2.4")))
     assert ack.msh.msh_12.to_er7() == "2.4"
     assert ack.msa.msa_1.to_er7() == "AE"
     assert ack.err.err_1.to_er7().startswith("PID^1^7^101")
 
 
-def test_python_hl7_over_mutual_tls_and_a_resend(tls_gateway):
+def test_python_hl7_over_mutual_tls_and_a_resend(gateway):
     message = admission("PY-TLS-1")
-    with tls_gateway.tls_client("YP001") as client:
+    with gateway.tls_client("YP001") as client:
         first = parsed_ack(client.send_message(message))
         again = parsed_ack(client.send_message(message))
     assert first.msa.msa_1.to_er7() == "AA"
     assert again.msa.msa_1.to_er7() == "AA", "a resend of the same control id"
     assert again.msa.msa_2.to_er7() == "PY-TLS-1"
     # A GP's certificate may not send an admission: refused by identity.
-    with tls_gateway.tls_client("YG001") as client:
+    with gateway.tls_client("YG001") as client:
         refused = parsed_ack(client.send_message(admission("PY-TLS-2")))
     assert refused.msa.msa_1.to_er7() == "AE"
     assert refused.err.err_5.to_er7().startswith("PERMISSION_DENIED")
 
 
-def test_several_errors_in_an_older_version_make_one_valid_err(plain_gateway):
+def test_several_errors_in_an_older_version_make_one_valid_err(gateway):
     """v2.4 and earlier allow one ERR: several errors repeat its ERR-1."""
     bad_sex = admission("PY-OLD-2", dob="", version="2.4").replace("|||M\r", "|||Q\r", 1)
     assert "|||Q\r" in bad_sex
-    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+    with gateway.tls_client() as client:
         ack = parsed_ack(client.send_message(bad_sex))
     assert ack.msa.msa_1.to_er7() == "AE"
     assert len(ack.children.get("ERR")) == 1
@@ -188,9 +177,9 @@ def test_several_errors_in_an_older_version_make_one_valid_err(plain_gateway):
     assert places[0].startswith("PID^1^7^101") and places[1].startswith("PID^1^8^103")
 
 
-def test_v2_3_is_answered_without_a_message_structure(plain_gateway):
+def test_v2_3_is_answered_without_a_message_structure(gateway):
     """v2.3's MSH-9 has two components; hl7apy refuses a third under STRICT."""
-    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+    with gateway.tls_client() as client:
         raw = client.send_message(admission("PY-OLD-3", version="2.3"))
     lines = raw.decode().strip("\x0b\x1c\r\n").split("\r")
     msh = parse_segment(lines[0], version="2.3", validation_level=VALIDATION_LEVEL.STRICT)
@@ -200,9 +189,9 @@ def test_v2_3_is_answered_without_a_message_structure(plain_gateway):
     assert msa.msa_1.to_er7() == "AA" and msa.msa_2.to_er7() == "PY-OLD-3"
 
 
-def send_frames(port: int, *messages: bytes) -> bytes:
-    """Sends raw messages, each framed, on one connection; returns the first reply frame."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+def send_frames(gateway, *messages: bytes) -> bytes:
+    """Sends raw messages, each framed, on one connection (as YP001); returns the first reply frame."""
+    with gateway.tls_socket("YP001") as s:
         for m in messages:
             s.sendall(b"\x0b" + m + b"\x1c\r")
         reply = b""
@@ -213,27 +202,27 @@ def send_frames(port: int, *messages: bytes) -> bytes:
     return reply
 
 
-def test_a_latin_1_message_is_read_as_msh_18_declares(plain_gateway):
+def test_a_latin_1_message_is_read_as_msh_18_declares(gateway):
     """HL7 table 0211: 8859/1 is decoded (the name is not refused as bad UTF-8)."""
     text = admission("PY-L1-1").replace("Whitcombe^Ellis", "Whitcombe^Zo\u00eb")
     msh, rest = text.split("\r", 1)
     latin = (msh + "||||||8859/1\r" + rest).encode("latin-1")
-    ack = parsed_ack(send_frames(plain_gateway.mllp_port, latin))
+    ack = parsed_ack(send_frames(gateway, latin))
     assert ack.msa.msa_1.to_er7() == "AA", reply
     # A set the gateway does not read is refused at MSH-18.
     other = admission("PY-L1-2")
     msh, rest = other.split("\r", 1)
-    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+    with gateway.tls_client() as client:
         ack = parsed_ack(client.send_message(msh + "||||||ISO IR87\r" + rest))
     assert ack.msa.msa_1.to_er7() == "AE"
     assert ack.err.err_2.to_er7() == "MSH^1^18"
 
 
-def test_other_delimiters_are_refused_with_an_ack_that_names_the_message(plain_gateway):
+def test_other_delimiters_are_refused_with_an_ack_that_names_the_message(gateway):
     """MSH-1/MSH-2 define a message's delimiters: a refusal read by them names its MSH-10."""
     text = admission("PY-DELIM-1").replace("^", "$")
     assert text.startswith("MSH|$~\\&|")
-    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+    with gateway.tls_client() as client:
         ack = parsed_ack(client.send_message(text))
     assert ack.msa.msa_1.to_er7() == "AE"
     assert ack.msa.msa_2.to_er7() == "PY-DELIM-1"
@@ -246,18 +235,18 @@ def with_ack_types(text: str, accept: str, application: str) -> str:
     return f"{msh}|||{accept}|{application}\r{rest}"
 
 
-def test_enhanced_mode_gets_commit_acks_as_msh_15_asks(plain_gateway):
+def test_enhanced_mode_gets_commit_acks_as_msh_15_asks(gateway):
     """HL7 v2 §2.9.3: MSH-15 AL gets a commit ACK (CA); NE gets none at all."""
-    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+    with gateway.tls_client() as client:
         ack = parsed_ack(client.send_message(with_ack_types(admission("PY-ENH-1"), "AL", "NE")))
     assert ack.msa.msa_1.to_er7() == "CA"
     assert ack.msa.msa_2.to_er7() == "PY-ENH-1"
-    with MLLPClient("127.0.0.1", plain_gateway.mllp_port) as client:
+    with gateway.tls_client() as client:
         ack = parsed_ack(client.send_message(with_ack_types(admission("PY-ENH-2", dob=""), "AL", "NE")))
     assert ack.msa.msa_1.to_er7() == "CE"
     # NE: no acknowledgement; the next message on the connection is answered as usual.
     quiet = with_ack_types(admission("PY-ENH-3"), "NE", "NE")
-    reply = send_frames(plain_gateway.mllp_port, quiet.encode(), admission("PY-ENH-4").encode())
+    reply = send_frames(gateway, quiet.encode(), admission("PY-ENH-4").encode())
     ack = parsed_ack(reply)
     assert ack.msa.msa_1.to_er7() == "AA"
     assert ack.msa.msa_2.to_er7() == "PY-ENH-4", "no ACK was sent for the NE message"
