@@ -741,8 +741,23 @@ async fn put_organisation(
 /// Runs one operator call and prints its answer.
 ///
 /// # Errors
-/// The connection failed or the gateway refused the call.
+/// The connection failed or the gateway refused the call (said as the
+/// other commands say a refusal: what, its code and its message).
 pub async fn run(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result<()> {
+    let what = format!("{command:?}")
+        .split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or("the call")
+        .to_lowercase();
+    connect_and_call(args, command)
+        .await
+        .map_err(|e| match e.downcast::<tonic::Status>() {
+            Ok(s) => anyhow::anyhow!("{what} refused ({:?}): {}", s.code(), s.message()),
+            Err(e) => e,
+        })
+}
+
+async fn connect_and_call(args: OperatorArgs, command: OperatorCommand) -> anyhow::Result<()> {
     let mut op = crate::cli::client::operator(&args.server, &args.certs_dir, &args.as_)
         .await
         .with_context(|| format!("connecting to {} as {}", args.server, args.as_))?;

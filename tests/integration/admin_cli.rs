@@ -421,3 +421,30 @@ async fn every_table_is_read_to_its_end_page_by_page() {
     assert!(!ok && err.contains("1001"), "{err}");
     gw.stop().await;
 }
+
+/// A refusal is said as the other commands say one: what, the code and the
+/// gateway's message (it was tonic's own "Some requested entity was not
+/// found" wording).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_operator_call_says_what_was_refused_and_why() {
+    let gw = TestGateway::start().await;
+    let (ok, _, err) = admin(
+        &gw,
+        &[
+            "claim",
+            "--nhs",
+            &nhs(77),
+            "--dob",
+            "1985-06-15",
+            "--practice",
+            "YG002",
+            "--reason",
+            "registered at the practice on the patient's release",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("claim refused (NotFound): "), "{err}");
+    assert!(err.contains("no parked release matches"), "{err}");
+    assert!(!err.contains("Some requested entity"), "{err}");
+    gw.stop().await;
+}
