@@ -1137,7 +1137,8 @@ impl SledStore {
 
     /// A page of the deliveries parked in holding mailbox `mailbox`
     /// ([`PARKED_MAILBOX`] or a held treatment mailbox), oldest first, each
-    /// with its cursor.
+    /// with its cursor. A holding mailbox holds parked deliveries only, so
+    /// this is its [`Self::live_page`].
     ///
     /// # Errors
     /// Store failures.
@@ -1147,7 +1148,7 @@ impl SledStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
-        self.indexed(TreeId::Pending, Some(mailbox), after, limit)
+        self.live_page(mailbox, after, limit)
     }
 
     /// A page of `mailbox`'s live deliveries (queued, leased or parked),

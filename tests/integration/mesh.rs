@@ -152,6 +152,15 @@ async fn gateway_with(sandbox: &Sandbox) -> TestGateway {
 
 /// A gateway whose MESH edge holds each delivery for `lease_seconds`.
 async fn gateway_leasing(sandbox: &Sandbox, lease_seconds: u32) -> TestGateway {
+    gateway_leasing_with(sandbox, lease_seconds, |_| {}).await
+}
+
+/// [`gateway_leasing`], its configuration otherwise changed by `tweak`.
+async fn gateway_leasing_with(
+    sandbox: &Sandbox,
+    lease_seconds: u32,
+    tweak: impl FnOnce(&mut Config),
+) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
     let mesh = MeshConfig {
         lease_seconds,
@@ -160,6 +169,7 @@ async fn gateway_leasing(sandbox: &Sandbox, lease_seconds: u32) -> TestGateway {
     let gw = TestGateway::start_with(
         |c: &mut Config| {
             c.mesh = mesh;
+            tweak(c);
         },
         Arc::new(SystemClock),
     )
@@ -1027,19 +1037,7 @@ async fn mesh_one_message_mesh_cannot_answer_for_holds_up_nothing_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_an_acknowledgement_after_quarantine_delivers_and_sends_nothing_twice() {
     let sandbox = Sandbox::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mesh = MeshConfig {
-        lease_seconds: 1,
-        ..sandbox.config(dir.path())
-    };
-    let gw = TestGateway::start_with(
-        |c: &mut Config| {
-            c.mesh = mesh;
-            c.queue.max_attempts = 1;
-        },
-        Arc::new(SystemClock),
-    )
-    .await;
+    let gw = gateway_leasing_with(&sandbox, 1, |c| c.queue.max_attempts = 1).await;
     reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
     let mut prison = gw.client("YP001").await;
     prison
@@ -1070,5 +1068,4 @@ async fn mesh_an_acknowledgement_after_quarantine_delivers_and_sends_nothing_twi
         "no second copy was sent"
     );
     gw.stop().await;
-    drop(dir);
 }

@@ -105,12 +105,12 @@ impl PgStore {
         })
     }
 
-    /// A page of deliveries in `state` (of `mailbox`, or all), ordered by
+    /// A page of deliveries in one of `states` (of `mailbox`, or all), ordered by
     /// (mailbox, id) as the sled indexes are; the cursor is the same
     /// mailbox key.
     fn page(
         &self,
-        state: &'static str,
+        states: &'static [&'static str],
         mailbox: Option<&str>,
         after: Option<&[u8]>,
         limit: usize,
@@ -127,11 +127,11 @@ impl PgStore {
             let client = s.client().await?;
             let rows = client
                 .query(
-                    "SELECT record FROM deliveries WHERE state = $1 \
+                    "SELECT record FROM deliveries WHERE state = ANY($1) \
                      AND ($2::text IS NULL OR mailbox = $2) \
                      AND ($3::text IS NULL OR (mailbox, id) > ($3, $4)) \
                      ORDER BY mailbox, id LIMIT $5",
-                    &[&state, &mailbox, &after_mailbox, &after_id, &limit],
+                    &[&states, &mailbox, &after_mailbox, &after_id, &limit],
                 )
                 .await
                 .map_err(db)?;
@@ -152,7 +152,7 @@ impl PgStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
-        self.page("quarantined", mailbox, after, limit)
+        self.page(&["quarantined"], mailbox, after, limit)
     }
 
     /// A page of parked releases, oldest first, each with its cursor.
@@ -165,7 +165,7 @@ impl PgStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
-        self.page("parked", Some(mailbox), after, limit)
+        self.page(&["parked"], Some(mailbox), after, limit)
     }
 
     /// A page of `mailbox`'s live deliveries (queued, leased or parked).
@@ -178,13 +178,7 @@ impl PgStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DeliveryRecord)>, StoreError> {
-        let mut page = Vec::new();
-        for state in ["queued", "leased", "parked"] {
-            page.extend(self.page(state, Some(mailbox), after, limit)?);
-        }
-        page.sort_by(|a, b| a.0.cmp(&b.0));
-        page.truncate(limit);
-        Ok(page)
+        self.page(&["queued", "leased", "parked"], Some(mailbox), after, limit)
     }
 
     /// Every patient key an identifier stands for.
