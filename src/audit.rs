@@ -690,7 +690,11 @@ impl PatientKeyer {
 
 impl PatientKeyer {
     /// Keys that may claim a parked release: each identifier with the date
-    /// of birth, so a claimant must know both.
+    /// of birth, so a claimant must know both. Each key names its kind in
+    /// clear (`nhs:` or `prison:` before the digest), so a claim whose other
+    /// identifier contradicts a release can be told apart from one that
+    /// names an identifier the release never carried
+    /// (`records::ClaimMatch`).
     pub fn claim_keys(
         &self,
         nhs: Option<&NhsNumber>,
@@ -698,17 +702,22 @@ impl PatientKeyer {
         date_of_birth: &str,
     ) -> Vec<String> {
         let subjects = [
-            nhs.map(|n| format!("claim:nhs:{}:{date_of_birth}", n.as_str())),
-            prison.map(|p| format!("claim:prison:{}:{date_of_birth}", p.as_str())),
+            nhs.map(|n| ("nhs", format!("claim:nhs:{}:{date_of_birth}", n.as_str()))),
+            prison.map(|p| {
+                (
+                    "prison",
+                    format!("claim:prison:{}:{date_of_birth}", p.as_str()),
+                )
+            }),
         ];
         subjects
             .into_iter()
             .flatten()
-            .map(|subject| {
+            .map(|(kind, subject)| {
                 let mut mac =
                     Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
                 mac.update(subject.as_bytes());
-                hex(&mac.finalize().into_bytes()[..16])
+                format!("{kind}:{}", hex(&mac.finalize().into_bytes()[..16]))
             })
             .collect()
     }

@@ -456,7 +456,7 @@ impl Writer {
             .of_patient(records::PARKED_MAILBOX, patient_key)
         {
             let mut d = load(staged, id)?;
-            if !d.claim_keys.iter().any(|k| claim_keys.contains(k)) {
+            if !d.shares_claim_key(claim_keys) {
                 continue;
             }
             if d.widen_claim_keys(claim_keys) {

@@ -857,17 +857,161 @@ impl DeliveryRecord {
     pub(crate) fn widen_claim_keys(&mut self, keys: &[String]) -> bool {
         let before = self.claim_keys.len();
         for k in keys {
-            if !self.claim_keys.contains(k) {
+            if !self.claim_keys.iter().any(|held| same_claim_key(held, k)) {
                 self.claim_keys.push(k.clone());
             }
         }
         self.claim_keys.len() != before
+    }
+
+    /// Whether it shares a claim key (identifier and date of birth) with `keys`.
+    pub(crate) fn shares_claim_key(&self, keys: &[String]) -> bool {
+        self.claim_keys
+            .iter()
+            .any(|held| keys.iter().any(|k| same_claim_key(held, k)))
+    }
+
+    /// How a claim by `claimant` (`PatientKeyer::claim_keys`) answers to it.
+    pub(crate) fn claim_match(&self, claimant: &[String]) -> ClaimMatch {
+        claim_match(&self.claim_keys, claimant)
+    }
+}
+
+/// The audit entry of a claim refused at one parked release because another
+/// identifier given contradicts it; also logged as an alert, since the
+/// claimant may hold the wrong patient.
+pub(crate) fn contradicted_claim_event(
+    actor: &str,
+    to: &str,
+    d: &DeliveryRecord,
+) -> crate::audit::AuditEvent {
+    tracing::warn!(
+        alert = "claim_contradicted",
+        caller = actor,
+        delivery_id = d.id,
+        "claim refused at a parked release: one identifier and the date of birth match, another identifier given does not"
+    );
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action: "claim",
+        handover_id: Some(d.handover_id),
+        delivery_id: Some(d.id),
+        patient_key: Some(d.patient_key.clone()),
+        outcome: format!(
+            "refused: one identifier and the date of birth match this parked release, but another identifier given for {to} contradicts it (possible wrong patient)"
+        ),
+    }
+}
+
+/// How a claim answers to a parked release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClaimMatch {
+    /// One identifier and the date of birth match, and no other identifier
+    /// given contradicts the release.
+    Matches,
+    /// Nothing in common.
+    Unmatched,
+    /// One identifier and the date of birth match, but another identifier
+    /// the claimant gave is not the one the release carries (a wrong-patient
+    /// risk: refused like no match, audited as a contradiction).
+    Contradicted,
+}
+
+/// A claim key's kind (`nhs`, `prison`) and digest. Keys stored before the
+/// kind was written are a bare digest: they match on the digest and
+/// contradict nothing.
+fn claim_key_parts(key: &str) -> (Option<&str>, &str) {
+    match key.split_once(':') {
+        Some((kind, digest)) => (Some(kind), digest),
+        None => (None, key),
+    }
+}
+
+/// Whether two claim keys were made from the same identifier and date of birth.
+pub(crate) fn same_claim_key(a: &str, b: &str) -> bool {
+    claim_key_parts(a).1 == claim_key_parts(b).1
+}
+
+/// The claim keys to look a claimant's up by in a store that may hold keys
+/// written before kinds were: each key, and its bare digest.
+pub(crate) fn claim_lookup_keys(claimant: &[String]) -> Vec<String> {
+    let mut keys = claimant.to_vec();
+    for k in claimant {
+        let digest = claim_key_parts(k).1;
+        if digest != k {
+            keys.push(digest.to_owned());
+        }
+    }
+    keys
+}
+
+/// See [`ClaimMatch`]: a release answers a claim when they share a key, and
+/// for every kind of identifier the claimant gave and the release holds, the
+/// claimant's is among the release's (a linked patient may hold two).
+pub(crate) fn claim_match(held: &[String], claimant: &[String]) -> ClaimMatch {
+    let shared = held
+        .iter()
+        .any(|h| claimant.iter().any(|c| same_claim_key(h, c)));
+    if !shared {
+        return ClaimMatch::Unmatched;
+    }
+    let contradicted = claimant.iter().any(|c| {
+        let (Some(kind), digest) = claim_key_parts(c) else {
+            return false;
+        };
+        let mut of_kind = held
+            .iter()
+            .map(|h| claim_key_parts(h))
+            .filter(|(k, _)| *k == Some(kind))
+            .peekable();
+        of_kind.peek().is_some() && !of_kind.any(|(_, d)| d == digest)
+    });
+    if contradicted {
+        ClaimMatch::Contradicted
+    } else {
+        ClaimMatch::Matches
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_matches_by_one_identifier_unless_another_contradicts_the_release() {
+        let held = ["nhs:aa".to_owned(), "prison:bb".to_owned()];
+        let claim = |keys: &[&str]| {
+            claim_match(
+                &held,
+                &keys.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(claim(&["nhs:aa"]), ClaimMatch::Matches);
+        assert_eq!(claim(&["prison:bb"]), ClaimMatch::Matches);
+        assert_eq!(claim(&["nhs:aa", "prison:bb"]), ClaimMatch::Matches);
+        assert_eq!(claim(&["nhs:aa", "prison:cc"]), ClaimMatch::Contradicted);
+        assert_eq!(claim(&["nhs:dd", "prison:bb"]), ClaimMatch::Contradicted);
+        assert_eq!(claim(&["nhs:dd", "prison:cc"]), ClaimMatch::Unmatched);
+        // A release that never carried a prison number is not contradicted by one.
+        let nhs_only = ["nhs:aa".to_owned()];
+        let keys = ["nhs:aa".to_owned(), "prison:cc".to_owned()];
+        assert_eq!(claim_match(&nhs_only, &keys), ClaimMatch::Matches);
+        // A linked patient's release may hold two prison numbers: either claims.
+        let linked = [
+            "nhs:aa".to_owned(),
+            "prison:bb".to_owned(),
+            "prison:ee".to_owned(),
+        ];
+        let keys = ["nhs:aa".to_owned(), "prison:ee".to_owned()];
+        assert_eq!(claim_match(&linked, &keys), ClaimMatch::Matches);
+        // Keys stored before kinds were written match on the digest alone.
+        let old = ["aa".to_owned(), "bb".to_owned()];
+        assert_eq!(
+            claim_match(&old, &["nhs:aa".to_owned(), "prison:cc".to_owned()]),
+            ClaimMatch::Matches
+        );
+        assert_eq!(claim_lookup_keys(&["nhs:aa".to_owned()]), ["nhs:aa", "aa"]);
+    }
 
     #[test]
     fn mailbox_keys_sort_by_delivery_and_do_not_prefix_each_other() {

@@ -1247,8 +1247,14 @@ impl Writer {
                 .ok_or_else(|| {
                     StoreError::Corrupt(format!("parked delivery {id} has no record"))
                 })?;
-            if !d.claim_keys.iter().any(|k| claim_keys.contains(k)) {
-                continue;
+            match d.claim_match(claim_keys) {
+                records::ClaimMatch::Matches => {}
+                records::ClaimMatch::Unmatched => continue,
+                records::ClaimMatch::Contradicted => {
+                    let event = records::contradicted_claim_event(actor, to, &d);
+                    self.audit(staged, event, now);
+                    continue;
+                }
             }
             staged.del(TreeId::Pending, records::mailbox_key(&d.mailbox, id));
             self.schedule.remove(id);

@@ -314,6 +314,74 @@ async fn claims_find_a_patients_parked_releases_by_either_identifier_on(engine: 
 }
 
 #[tokio::test]
+async fn a_claim_whose_other_identifier_contradicts_the_release_is_refused_and_audited() {
+    a_claim_whose_other_identifier_contradicts_the_release_is_refused_and_audited_on(Engine::Sled)
+        .await;
+}
+
+#[tokio::test]
+async fn a_claim_whose_other_identifier_contradicts_the_release_is_refused_and_audited_on_postgres()
+{
+    a_claim_whose_other_identifier_contradicts_the_release_is_refused_and_audited_on(
+        Engine::Postgres,
+    )
+    .await;
+}
+
+async fn a_claim_whose_other_identifier_contradicts_the_release_is_refused_and_audited_on(
+    engine: Engine,
+) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(submit(
+            "r-1",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(7, true, Some(PRISON_NUMBER), "both numbers"),
+        ))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG002").await;
+    // The NHS number and date of birth match; the prison number given is
+    // another person's. Either way round, the claim is refused as no match.
+    for (nhs_number, prison_number) in [(nhs(7), "B7654CD"), (nhs(8), PRISON_NUMBER)] {
+        let err = gp
+            .claim(claim(&nhs_number, prison_number))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        assert!(!err.message().contains("contradict"), "{err:?}");
+    }
+    let contradicted = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "claim" && e.outcome.contains("contradicts"))
+        .count();
+    assert_eq!(
+        contradicted, 2,
+        "each contradiction is audited at the release"
+    );
+    // Omitting the prison number, or giving the right one, claims it.
+    let claimed = gp
+        .claim(claim(&nhs(7), PRISON_NUMBER))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.claimed.len(), 1);
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        ["both numbers"]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown() {
     a_prison_number_linked_to_another_nhs_number_is_refused_and_shown_on(Engine::Sled).await;
 }

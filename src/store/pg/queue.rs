@@ -850,7 +850,7 @@ async fn claim(
         .query(
             "SELECT record FROM deliveries WHERE mailbox = $1 AND state = 'parked' \
              AND record->'claim_keys' ?| $2 ORDER BY id FOR UPDATE",
-            &[&PARKED_MAILBOX, &claim_keys],
+            &[&PARKED_MAILBOX, &records::claim_lookup_keys(claim_keys)],
         )
         .await
         .map_err(db)?;
@@ -858,6 +858,14 @@ async fn claim(
     found.sort_by_key(|d| (!d.urgent, d.id));
     let mut claimed = Vec::with_capacity(found.len());
     for mut d in found {
+        match d.claim_match(claim_keys) {
+            records::ClaimMatch::Matches => {}
+            records::ClaimMatch::Unmatched => continue,
+            records::ClaimMatch::Contradicted => {
+                audit.push(records::contradicted_claim_event(actor, to, &d));
+                continue;
+            }
+        }
         d.mailbox = to.to_owned();
         d.state = DeliveryState::Queued;
         d.claimed_by = Some(actor.to_owned());

@@ -596,7 +596,7 @@ async fn extend_claim_keys(
         .await
         .map_err(db)?;
     for mut d in sql::deliveries(&rows) {
-        if !d.claim_keys.iter().any(|k| claim_keys.contains(k)) {
+        if !d.shares_claim_key(claim_keys) {
             continue;
         }
         if d.widen_claim_keys(claim_keys) {
