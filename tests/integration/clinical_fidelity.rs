@@ -158,6 +158,29 @@ fn a_withdrawn_resource_is_listed_not_carried() {
     );
 }
 
+/// FHIR allows `occurrenceString` ("in childhood") for an Immunization; the
+/// model dates every vaccination, so it is listed, not refused (a whole
+/// release summary refused for a vaccine's date was the failure).
+#[test]
+fn a_vaccination_dated_in_words_is_listed_and_the_document_taken() {
+    let s = fixture("06-many-medicines-and-allergies");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, vaccine) = entry_of(&mut doc, "Immunization");
+    let vaccine = vaccine.as_object_mut().unwrap();
+    vaccine.remove("occurrenceDateTime");
+    vaccine.insert("occurrenceString".into(), json!("in childhood"));
+    let read = parse_fhir(&doc).unwrap();
+    assert_eq!(read.vaccinations.len(), s.vaccinations.len() - 1);
+    assert!(
+        read.not_read.contains(&format!(
+            "entry[{i}].resource (Immunization): not carried: its date is recorded as text, not a date (occurrenceString)"
+        )),
+        "{:?}",
+        read.not_read
+    );
+    assert!(!read.not_read.iter().any(|n| n.contains("childhood")));
+}
+
 #[test]
 fn a_take_out_prescription_travels_in_every_format() {
     let mut s = fixture("01-ost-released-today");

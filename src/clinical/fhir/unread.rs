@@ -549,6 +549,13 @@ pub(super) fn withdrawn(kind: &str, json: &str) -> Option<String> {
             Some("no longer active (clinicalStatus)".into())
         }
         ("Immunization", Some("not-done"), _) => Some("not done".into()),
+        // occurrence[x] as text ("childhood, date unknown") is valid FHIR,
+        // but the model dates every vaccination: listed, not refused.
+        ("Immunization", _, _)
+            if v.get("occurrenceString").is_some() && v.get("occurrenceDateTime").is_none() =>
+        {
+            Some("its date is recorded as text, not a date (occurrenceString)".into())
+        }
         ("MedicationRequest", _, _) if v.get("doNotPerform") == Some(&Value::Bool(true)) => {
             Some("a request not to give this medicine (doNotPerform)".into())
         }
@@ -649,6 +656,14 @@ mod tests {
             Some("not done")
         );
         assert_eq!(withdrawn("Immunization", r#"{"status":"completed"}"#), None);
+        assert_eq!(
+            withdrawn(
+                "Immunization",
+                r#"{"status":"completed","occurrenceString":"in childhood"}"#
+            )
+            .as_deref(),
+            Some("its date is recorded as text, not a date (occurrenceString)")
+        );
         assert_eq!(
             withdrawn("MedicationStatement", r#"{"status":"stopped"}"#).as_deref(),
             Some("not a current medicine (status stopped)")
