@@ -264,6 +264,8 @@ fn main() -> ExitCode {
             Command::Health(args) => throughcare::cli::health::run(args).await,
             other => match run_tool(other).await {
                 Ok(()) => ExitCode::SUCCESS,
+                // A reader that stopped early (`| head`) took what it wanted.
+                Err(e) if stdout_closed(&e) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::FAILURE
@@ -305,14 +307,23 @@ fn allocator_settings_then_exec() {
     eprintln!("warning: serving with mimalloc's default settings: {error}");
 }
 
-/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is not
-/// an error.
+/// Whether `e` is a write to a standard output whose reader has gone.
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<throughcare::cli::StdoutError>()
+            .is_some_and(throughcare::cli::StdoutError::reader_gone)
+    })
+}
+
+/// Writes `bytes` to stdout.
 fn to_stdout(bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
-    match std::io::stdout().lock().write_all(bytes) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
+    std::io::stdout()
+        .lock()
+        .write_all(bytes)
+        .map_err(throughcare::cli::StdoutError)?;
+    Ok(())
 }
 
 /// Serves until a signal, then exports the traces still queued.
@@ -372,26 +383,26 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             command: CertsCommand::Init { dir, force },
         } => {
             if throughcare::certs::dev_pki_present(&dir) && !force {
-                println!(
+                throughcare::outln!(
                     "{} already holds a dev PKI (use --force to replace it)",
                     dir.display()
-                );
+                )?;
                 return Ok(());
             }
             throughcare::certs::init_dev_pki(&dir)?;
-            println!(
+            throughcare::outln!(
                 "created a DEVELOPMENT PKI in {} (never for production):",
                 dir.display()
-            );
+            )?;
             for org in throughcare::certs::dev_organisations() {
-                println!(
+                throughcare::outln!(
                     "  {:<6} {:<12} {}",
                     org.ods.as_str(),
                     org.kind.as_str(),
                     org.name
-                );
+                )?;
             }
-            println!("  operator-{}", throughcare::certs::DEV_OPERATOR);
+            throughcare::outln!("  operator-{}", throughcare::certs::DEV_OPERATOR)?;
             Ok(())
         }
         Command::Submit(args) => throughcare::cli::handover::submit(args).await,
@@ -419,17 +430,17 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             let report =
                 tokio::task::spawn_blocking(|| throughcare::cli::bench::translation(20_000))
                     .await??;
-            print!("{report}");
+            throughcare::out!("{report}")?;
             Ok(())
         }
         Command::Bench(opts) if opts.soak => {
             let report = throughcare::cli::bench::soak(&opts).await?;
-            print!("{report}");
+            throughcare::out!("{report}")?;
             Ok(())
         }
         Command::Bench(opts) => {
             let report = throughcare::cli::bench::run(opts).await?;
-            print!("{report}");
+            throughcare::out!("{report}")?;
             Ok(())
         }
         Command::Admin {

@@ -177,7 +177,7 @@ impl Rows {
 
     fn print(&self, json: bool) -> anyhow::Result<()> {
         if json {
-            println!("{}", serde_json::to_string_pretty(&self.rows)?);
+            crate::outln!("{}", serde_json::to_string_pretty(&self.rows)?)?;
             return Ok(());
         }
         let mut table = comfy_table::Table::new();
@@ -195,7 +195,7 @@ impl Rows {
                 Some(v) => v.to_string(),
             }));
         }
-        println!("{table}");
+        crate::outln!("{table}")?;
         Ok(())
     }
 }
@@ -249,7 +249,7 @@ fn conflict_rows(r: pb::ListIdentityConflictsResponse) -> Rows {
 
 /// What is held under the retention policy; the next removal is printed
 /// above the table (not in JSON).
-fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> Rows {
+fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> anyhow::Result<Rows> {
     let days = |d: Option<prost_types::Duration>| {
         let s = d.map_or(0, |d| u64::try_from(d.seconds).unwrap_or(0));
         if s.is_multiple_of(86_400) {
@@ -312,11 +312,11 @@ fn retention_rows(r: pb::RetentionStatusResponse, json: bool) -> Rows {
     }
     if !json {
         match when(r.next_due_at.as_ref()) {
-            Value::String(at) => println!("next removal due: {at}"),
-            _ => println!("nothing scheduled for removal"),
+            Value::String(at) => crate::outln!("next removal due: {at}")?,
+            _ => crate::outln!("nothing scheduled for removal")?,
         }
     }
-    rows
+    Ok(rows)
 }
 
 fn trail_rows(r: pb::AuditTrailResponse) -> Rows {
@@ -776,7 +776,7 @@ async fn connect_and_call(args: OperatorArgs, command: OperatorCommand) -> anyho
     let empty = empty_message(&command);
     let rows = call(&mut op, command, &args).await?;
     if rows.rows.is_empty() && !args.json {
-        println!("{empty}");
+        crate::outln!("{empty}")?;
         return Ok(());
     }
     rows.print(args.json)
@@ -819,7 +819,7 @@ async fn call(
                 .await?
                 .into_inner(),
             args.json,
-        ),
+        )?,
         OperatorCommand::Continuity { .. } => unreachable!("printed by run"),
         OperatorCommand::Orgs => list_organisations(op, size).await?,
         OperatorCommand::OrgPut {
@@ -972,19 +972,19 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 .iter()
                 .map(|(from, seq)| format!("{seq} entries anchored by {from}"))
                 .collect();
-            println!(
+            crate::outln!(
                 "audit chain verifies: {} entries{} (keyed from entry {}; {})",
                 v.entries,
                 crate::store::integrity::cut_note(v.cut.as_ref()),
                 v.keyed_from.map_or_else(|| "-".into(), |k| k.to_string()),
                 anchors.join(", ")
-            );
+            )?;
             Ok(())
         }
         AuditCommand::List { store } => {
             let config = store.config()?;
             for entry in crate::store::integrity::audit_entries(&config.data_dir)? {
-                println!("{}", serde_json::to_string(&entry)?);
+                crate::outln!("{}", serde_json::to_string(&entry)?)?;
             }
             Ok(())
         }
@@ -998,7 +998,7 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                     paths.key.display()
                 );
             }
-            println!("{}", serde_json::to_string(&signed)?);
+            crate::outln!("{}", serde_json::to_string(&signed)?)?;
             Ok(())
         }
     }
@@ -1061,30 +1061,33 @@ async fn audit_postgres(
     )?;
     let outcome = match command {
         AuditCommand::List { .. } => store.audit_entries().map(|entries| {
-            for entry in entries {
-                println!("{}", serde_json::to_string(&entry).unwrap_or_default());
-            }
+            entries
+                .iter()
+                .map(|entry| serde_json::to_string(entry).unwrap_or_default() + "\n")
+                .collect::<String>()
         }),
         AuditCommand::Anchor { .. } => {
             let pg = store.postgres().expect("a PostgreSQL store");
             pg.audit_checkpoint(crate::store::Clock::now_ms(&crate::store::SystemClock))
-                .map(|signed| println!("{}", serde_json::to_string(&signed).unwrap_or_default()))
+                .map(|signed| serde_json::to_string(&signed).unwrap_or_default() + "\n")
         }
         AuditCommand::Verify { .. } => {
             let pg = store.postgres().expect("a PostgreSQL store");
             pg.verify_audit_anchored(&anchors).map(|v| {
-                println!(
-                    "audit chain verifies: {} entries{} (one chain across every node; keyed from entry {}; {} checkpoint(s) held)",
+                format!(
+                    "audit chain verifies: {} entries{} (one chain across every node; keyed from entry {}; {} checkpoint(s) held)\n",
                     v.entries,
                     crate::store::integrity::cut_note(v.cut.as_ref()),
                     v.keyed_from.map_or_else(|| "-".into(), |k| k.to_string()),
                     anchors.len(),
-                );
+                )
             })
         }
     };
     store.close().await?;
-    outcome.context("audit chain does NOT verify")
+    let text = outcome.context("audit chain does NOT verify")?;
+    crate::out!("{text}")?;
+    Ok(())
 }
 
 /// `accept-rollback` on PostgreSQL: the operator's audited decision to go
@@ -1135,12 +1138,12 @@ async fn accept_rollback_postgres(
             .await?;
         let pg_store = store.postgres().expect("a PostgreSQL store");
         pg_store.record_witness_to(path.clone()).await?;
-        println!(
+        crate::outln!(
             "accepted: the database's trail ends at entry {}, this node's witness had seen {seen_text}; \
              the witness {} now records the new head. Ask senders to resend what they sent after the backup was taken.",
             verified.last + 1,
             path.display()
-        );
+        )?;
         anyhow::Ok(())
     }
     .await;
@@ -1221,7 +1224,7 @@ async fn accept_rollback(store: &StoreArgs, reason: &str, json: bool) -> anyhow:
         return rows.print(true);
     }
     match &rollback.witness {
-        Some(w) => println!(
+        Some(w) => crate::outln!(
             "the witness promised {} committed batches and {} audit entries{}; the store holds {} and {}",
             w.commit_seq,
             w.audit_seq,
@@ -1232,13 +1235,13 @@ async fn accept_rollback(store: &StoreArgs, reason: &str, json: bool) -> anyhow:
             },
             rollback.store_commit_seq,
             rollback.store_audit_seq
-        ),
-        None => println!(
+        )?,
+        None => crate::outln!(
             "there was no readable witness: nothing records what the store should hold (it holds {} committed batches)",
             rollback.store_commit_seq
-        ),
+        )?,
     }
-    println!(
+    crate::outln!(
         "missing: {} committed batches, {} audit entries, {} acknowledged handovers{}",
         rollback.missing_batches(),
         rollback.missing_audit_entries(),
@@ -1248,12 +1251,12 @@ async fn accept_rollback(store: &StoreArgs, reason: &str, json: bool) -> anyhow:
         } else {
             " (ask each sender to resend its message id):"
         }
-    );
+    )?;
     if !rollback.missing.is_empty() {
         rows.print(false)?;
     }
     if let Some(from) = rollback.journal_from_ms {
-        println!(
+        crate::outln!(
             "(the witness's journal reaches back to {}; anything older cannot be listed)",
             when(Some(&prost_types::Timestamp {
                 seconds: from.div_euclid(1_000),
@@ -1261,8 +1264,10 @@ async fn accept_rollback(store: &StoreArgs, reason: &str, json: bool) -> anyhow:
             }))
             .as_str()
             .unwrap_or("?")
-        );
+        )?;
     }
-    println!("the witness now matches the store; recorded in the audit trail (accept_rollback)");
+    crate::outln!(
+        "the witness now matches the store; recorded in the audit trail (accept_rollback)"
+    )?;
     Ok(())
 }

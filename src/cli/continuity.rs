@@ -176,15 +176,15 @@ fn share_text(s: Option<&pb::ContinuityShare>) -> String {
 pub fn print(r: &pb::GetContinuityResponse, as_json: bool, as_csv: bool) -> anyhow::Result<()> {
     anyhow::ensure!(!(as_json && as_csv), "choose one of --json and --csv");
     if as_csv {
-        print!("{}", csv(r));
+        crate::out!("{}", csv(r))?;
         return Ok(());
     }
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&json(r))?);
+        crate::outln!("{}", serde_json::to_string_pretty(&json(r))?)?;
         return Ok(());
     }
     if r.rows.is_empty() {
-        println!("no releases in these periods");
+        crate::outln!("no releases in these periods")?;
         return Ok(());
     }
     let mut table = comfy_table::Table::new();
@@ -215,11 +215,11 @@ pub fn print(r: &pb::GetContinuityResponse, as_json: bool, as_csv: bool) -> anyh
             mh,
         ]);
     }
-    println!("{table}");
-    println!(
+    crate::outln!("{table}")?;
+    crate::outln!(
         "* = suppressed (a count from 1 to 4). Tracking data reaches back to {}.",
         uk(r.covered_from.as_ref())
-    );
+    )?;
     Ok(())
 }
 

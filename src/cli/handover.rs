@@ -159,12 +159,12 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     } else {
         ""
     };
-    println!("handover {}{duplicate}", receipt.handover_id);
+    crate::outln!("handover {}{duplicate}", receipt.handover_id)?;
     if receipt.superseded_by_handover_id != 0 {
-        println!(
+        crate::outln!(
             "superseded on arrival by handover {} (written later): it will not be delivered",
             receipt.superseded_by_handover_id
-        );
+        )?;
     }
     for d in receipt.deliveries {
         let due = d
@@ -173,10 +173,11 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             .map(|t| format!(", due {}", crate::uk_time::display_timestamp(t)))
             .unwrap_or_default();
         let urgent = if d.urgent { ", urgent" } else { "" };
-        println!(
+        crate::outln!(
             "  delivery {} -> {}{due}{urgent}",
-            d.delivery_id, d.destination
-        );
+            d.delivery_id,
+            d.destination
+        )?;
     }
     Ok(())
 }
@@ -206,7 +207,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
         .map_err(|s| explain(&s, "pull"))?
         .into_inner();
     if pulled.deliveries.is_empty() {
-        println!("nothing to deliver to {}", args.client.as_);
+        crate::outln!("nothing to deliver to {}", args.client.as_)?;
     }
     for d in pulled.deliveries {
         print_delivery(&d, &args)?;
@@ -218,7 +219,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(|s| explain(&s, &format!("ack of delivery {}", d.delivery_id)))?;
-            println!("  acknowledged");
+            crate::outln!("  acknowledged")?;
         }
     }
     Ok(())
@@ -226,31 +227,31 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
 
 fn print_delivery(d: &pb::Delivery, args: &PullArgs) -> anyhow::Result<()> {
     let urgent = if d.urgent { ", URGENT" } else { "" };
-    println!(
+    crate::outln!(
         "delivery {} attempt {} handover {} from {} ({}){urgent}",
         d.delivery_id,
         d.attempt,
         d.handover_id,
         d.sender,
         crate::grpc::enum_label(d.event().as_str_name())
-    );
+    )?;
     if d.supersedes_handover_id != 0 {
-        println!(
+        crate::outln!(
             "  replaces handover {}: use this one instead",
             d.supersedes_handover_id
-        );
+        )?;
     }
     if args.raw {
-        println!("{}", raw_document(d.document.as_ref())?);
+        crate::outln!("{}", raw_document(d.document.as_ref())?)?;
     } else if args.show {
         let summary = readable_summary(d.document.as_ref())?;
-        println!(
+        crate::outln!(
             "{}",
             super::readable::summary_text(&summary, &d.not_carried)
-        );
+        )?;
     } else {
         for what in &d.not_carried {
-            println!("  not carried: {what}");
+            crate::outln!("  not carried: {what}")?;
         }
     }
     Ok(())
@@ -313,13 +314,13 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<()> {
             )
         })?
         .into_inner();
-    println!(
+    crate::outln!(
         "handover {} ({})",
         t.handover_id,
         crate::grpc::enum_label(t.event().as_str_name())
-    );
+    )?;
     if t.supersedes_handover_id != 0 {
-        println!("  supersedes handover {}", t.supersedes_handover_id);
+        crate::outln!("  supersedes handover {}", t.supersedes_handover_id)?;
     }
     for d in t.deliveries {
         let due = d
@@ -337,7 +338,7 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<()> {
         } else {
             format!("  mesh {} {}", d.mesh_state, d.mesh_message_id)
         };
-        println!(
+        crate::outln!(
             "  {:<8} delivery {:<6} {:<12} attempts {}{due}{}{}{mesh}{reason}",
             d.destination,
             d.delivery_id,
@@ -345,7 +346,7 @@ pub async fn track(args: TrackArgs) -> anyhow::Result<()> {
             d.attempts,
             if d.overdue { "  OVERDUE" } else { "" },
             if d.urgent { "  urgent" } else { "" },
-        );
+        )?;
     }
     Ok(())
 }

@@ -13,3 +13,36 @@ pub mod health;
 pub mod mllp;
 pub mod readable;
 pub mod store_move;
+
+/// A write to standard output that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("writing to standard output: {0}")]
+pub struct StdoutError(#[source] pub std::io::Error);
+
+impl StdoutError {
+    /// Whether the reader went away (`| head` took what it wanted).
+    #[must_use]
+    pub fn reader_gone(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
+/// `println!` that hands back the write's error instead of panicking: a
+/// reader that stopped early (`| head`) then ends the command quietly (see
+/// `main`), not with a panic and exit 101.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::StdoutError)
+    }};
+}
+
+/// `print!` that hands back the write's error, as [`outln!`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::StdoutError)
+    }};
+}

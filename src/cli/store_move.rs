@@ -34,7 +34,7 @@ pub async fn export(config: &Config, actor: &str, out: &Path, json: bool) -> any
     .context("store export refused")?;
     let h = &summary.header;
     if json {
-        println!(
+        crate::outln!(
             "{}",
             json!({
                 "file": summary.path,
@@ -46,22 +46,22 @@ pub async fn export(config: &Config, actor: &str, out: &Path, json: bool) -> any
                 "last_handover_id": h.last_handover_id,
                 "last_delivery_id": h.last_delivery_id,
             })
-        );
+        )?;
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "exported the sled store in {} to {} (sha256 {}, signed with the audit key {})",
         config.data_dir.display(),
         summary.path.display(),
         summary.sha256,
         h.audit_public_key
-    );
-    print_counts("carried", &summary.carried);
+    )?;
+    print_counts("carried", &summary.carried)?;
     print_counts(
         "not carried (PostgreSQL finds it from the records or needs none: docs/store-engines.md)",
         &summary.not_carried,
-    );
-    println!(
+    )?;
+    crate::outln!(
         "audit chain: entries up to {} (the last records this export), head {}{}",
         h.audit_seq,
         h.audit_hash,
@@ -70,7 +70,7 @@ pub async fn export(config: &Config, actor: &str, out: &Path, json: bool) -> any
         } else {
             ""
         }
-    );
+    )?;
     Ok(())
 }
 
@@ -97,7 +97,7 @@ pub async fn import(config: &Config, actor: &str, file: &Path, json: bool) -> an
     .await
     .context("store import refused")?;
     if json {
-        println!(
+        crate::outln!(
             "{}",
             json!({
                 "file": file,
@@ -107,37 +107,40 @@ pub async fn import(config: &Config, actor: &str, file: &Path, json: bool) -> an
                 "not_carried": summary.not_carried,
                 "import_entry": summary.import_entry,
             })
-        );
+        )?;
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "imported {} (sha256 {}) into PostgreSQL in one transaction",
         file.display(),
         summary.sha256
-    );
-    print_counts("imported", &summary.imported);
+    )?;
+    print_counts("imported", &summary.imported)?;
     print_counts(
         "not carried from sled (PostgreSQL finds it from the records or needs none: docs/store-engines.md)",
         &summary.not_carried,
-    );
+    )?;
     let from = if summary.audit_from > 1 {
         " (the signed retention cut carried with them: the earlier ones were removed on sled)"
     } else {
         ""
     };
-    println!(
+    crate::outln!(
         "audit chain: the sled store's entries {} to {}{from}, then this import's entry {} linked to them; `admin audit verify` checks it whole",
-        summary.audit_from, summary.header.audit_seq, summary.import_entry
-    );
+        summary.audit_from,
+        summary.header.audit_seq,
+        summary.import_entry
+    )?;
     Ok(())
 }
 
-fn print_counts(title: &str, counts: &BTreeMap<String, u64>) {
+fn print_counts(title: &str, counts: &BTreeMap<String, u64>) -> anyhow::Result<()> {
     if counts.is_empty() {
-        return;
+        return Ok(());
     }
-    println!("{title}:");
+    crate::outln!("{title}:")?;
     for (kind, n) in counts {
-        println!("  {kind:<26} {n:>10}");
+        crate::outln!("  {kind:<26} {n:>10}")?;
     }
+    Ok(())
 }
