@@ -318,11 +318,13 @@ impl MeshClient {
     }
 
     /// The id of a complete message this mailbox sent with `local_id`, if
-    /// MESH knows one (its tracking by local id; `None` when it has none
-    /// or only an incomplete upload).
+    /// MESH knows exactly one (its tracking by local id; `None` when it has
+    /// none, only an incomplete upload, or several: 300 names none of them
+    /// to track, so the caller sends again under the same local id, which a
+    /// recipient discards as a repeat).
     ///
     /// # Errors
-    /// Transport failures and MESH's refusals other than 404.
+    /// Transport failures and MESH's refusals other than 404 and 300.
     pub async fn sent_with_local_id(&self, local_id: &str) -> Result<Option<String>, MeshError> {
         let b = self.request(
             http::Method::GET,
@@ -331,6 +333,13 @@ impl MeshClient {
         )?;
         let answer = self.exchange(b, Bytes::new()).await?;
         if answer.status == 404 {
+            return Ok(None);
+        }
+        if answer.status == 300 {
+            tracing::warn!(
+                local_id,
+                "MESH holds several messages under this local id and names none; sending again under it"
+            );
             return Ok(None);
         }
         let answer = expect(answer, &[200])?;

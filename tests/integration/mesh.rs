@@ -614,6 +614,71 @@ async fn mesh_down_mid_send_then_back_loses_nothing_and_repeats_only_with_the_sa
     gw.stop().await;
 }
 
+/// MESH answers 300 to a lookup by a local id it holds several messages
+/// under, and names none. The delivery is sent again under the same local id
+/// and that copy tracked; the lookup had failed every round until the lease
+/// ran out, every lease, until the delivery was quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_holding_two_copies_under_a_local_id_gets_a_third_that_is_tracked() {
+    let sandbox = Sandbox::start();
+    let gw = gateway_leasing(&sandbox, 2).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("mesh-300-1", 45, &["YG001"], "three copies"))
+        .await
+        .unwrap();
+    let sent = eventually(20, "the release sent", || async {
+        let d = delivery_of(&gw, "mesh-300-1").await;
+        (!d.mesh_message_id.is_empty()).then_some(d)
+    })
+    .await;
+    // A second complete copy under the same local id (an earlier crash
+    // mid-send), then the crash window again: only "sending" is recorded.
+    let local_id = format!("throughcare-{}", sent.delivery_id);
+    sandbox
+        .client(GATEWAY_MB)
+        .send(&Outgoing {
+            to: PRACTICE_MB,
+            workflow_id: throughcare::mesh::workflow_id(
+                throughcare::journey::JourneyEvent::Release,
+            ),
+            subject: "an earlier copy",
+            local_id: &local_id,
+            file_name: "copy.json",
+            content_type: "application/json",
+            body: b"{}",
+        })
+        .await
+        .unwrap();
+    let mut record = gw.store.mesh_record(sent.delivery_id).unwrap().unwrap();
+    record.state = throughcare::store::MeshState::Sending;
+    record.message_id = None;
+    gw.store.mesh_put("test", record).await.unwrap();
+    let (dir, config) = gw.stop().await;
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let d = eventually(30, "sent again and tracked", || async {
+        let d = delivery_of(&gw, "mesh-300-1").await;
+        (d.mesh_state == "SENT").then_some(d)
+    })
+    .await;
+    assert_ne!(d.mesh_message_id, sent.mesh_message_id);
+    let practice = sandbox.client(PRACTICE_MB);
+    let got = inbox(&practice).await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(
+        got.iter().all(|m| m.local_id == local_id),
+        "one local id: the recipient discards repeats"
+    );
+    practice.acknowledge(&d.mesh_message_id).await.unwrap();
+    eventually(20, "DELIVERED", || async {
+        let d = delivery_of(&gw, "mesh-300-1").await;
+        (d.state() == pb::DeliveryState::Delivered).then_some(())
+    })
+    .await;
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_restart_after_an_unrecorded_send_asks_mesh_by_local_id_and_sends_no_second_copy() {
     let sandbox = Sandbox::start();
