@@ -309,10 +309,16 @@ fn allocator_settings_then_exec() {
 
 /// Whether `e` is a write to a standard output whose reader has gone.
 fn stdout_closed(e: &anyhow::Error) -> bool {
+    use throughcare::cli::StdoutError;
     e.chain().any(|cause| {
+        let wrapped = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<StdoutError>());
         cause
-            .downcast_ref::<throughcare::cli::StdoutError>()
-            .is_some_and(throughcare::cli::StdoutError::reader_gone)
+            .downcast_ref::<StdoutError>()
+            .or(wrapped)
+            .is_some_and(StdoutError::reader_gone)
     })
 }
 
@@ -421,7 +427,7 @@ async fn run_tool(command: Command) -> anyhow::Result<()> {
             to_stdout(&page)
         }
         Command::Convert(args) => convert(args),
-        Command::Demo { .. } => throughcare::cli::demo::run(&mut std::io::stdout()).await,
+        Command::Demo { .. } => throughcare::cli::demo::run(&mut throughcare::cli::Stdout).await,
         Command::Admin {
             operator,
             command: AdminCommand::Operator(command),

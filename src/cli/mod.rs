@@ -27,6 +27,26 @@ impl StdoutError {
     }
 }
 
+/// Standard output for code that writes to any [`std::io::Write`] (the
+/// demo): a failed write comes back as an `io::Error` carrying a
+/// [`StdoutError`], so `main` can tell a reader that went away from the
+/// demo's other failures.
+pub struct Stdout;
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout()
+            .write(buf)
+            .map_err(|e| std::io::Error::new(e.kind(), StdoutError(e)))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout()
+            .flush()
+            .map_err(|e| std::io::Error::new(e.kind(), StdoutError(e)))
+    }
+}
+
 /// `println!` that hands back the write's error instead of panicking: a
 /// reader that stopped early (`| head`) then ends the command quietly (see
 /// `main`), not with a panic and exit 101.

@@ -241,6 +241,7 @@ fn output_to_a_reader_that_stops_early_is_not_an_error() {
         &["completions", "bash"][..],
         &["man"][..],
         &["certs", "init", "--dir", pki][..],
+        &["demo"][..],
     ] {
         let mut child = Command::new(BIN)
             .args(args)
