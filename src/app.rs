@@ -85,8 +85,13 @@ impl AppError {
             // A registry file that cannot be read or holds a mistake is a
             // configuration to fix, not a failure a restart can mend.
             AppError::Config(_) | AppError::Registry(_) => crate::config::EXIT_CONFIG,
+            // A store that cannot be trusted (behind its witness, at odds
+            // with it, or damaged) needs a person, not a restart.
             AppError::Store(
-                StoreError::Behind { .. } | StoreError::Witness(_) | StoreError::AuditKey(_),
+                StoreError::Behind { .. }
+                | StoreError::Witness(_)
+                | StoreError::AuditKey(_)
+                | StoreError::Corrupt(_),
             ) => crate::config::EXIT_STORE_BEHIND,
             _ => 1,
         }

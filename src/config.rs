@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 /// Exit code for an invalid configuration (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
-/// Exit code for a store that has lost acknowledged data (`EX_DATAERR`).
+/// Exit code for a store that cannot be trusted: it has lost acknowledged
+/// data, or is damaged (`EX_DATAERR`). A person must decide.
 pub const EXIT_STORE_BEHIND: i32 = 65;
 
 /// A configuration field that is missing or wrong.

@@ -645,12 +645,13 @@ impl SledStore {
         cipher.open_epochs(&dir.join("key-epochs"), clock.now_ms())?;
         let sled_dir = dir.join("sled");
         let t0 = std::time::Instant::now();
-        let db = open_sled(&sled_dir, options.cache_bytes)?;
+        let db = open_sled(&sled_dir, options.cache_bytes).map_err(|e| damaged(&sled_dir, e))?;
         let sled_ms = t0.elapsed().as_millis();
         let trees = TreeId::ALL
             .iter()
             .map(|t| db.open_tree(t.name()))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| damaged(&sled_dir, e))?;
         let stats = Arc::new(BarrierStats::default());
         let barrier = DurabilityBarrier::new(
             db.clone(),
@@ -1470,6 +1471,18 @@ pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
     }
     Ok(())
+}
+
+/// A sled failure at open: corruption says where and what to do (a person
+/// must restore the store: the gateway exits 65); anything else as it is.
+fn damaged(sled_dir: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { .. } => StoreError::Corrupt(format!(
+            "the sled store in {} is damaged and cannot be opened (sled: {e}); restore the data directory from a backup and start again (docs/store.md, \"A damaged store\")",
+            sled_dir.display()
+        )),
+        other => StoreError::Sled(other),
+    }
 }
 
 /// Opens sled. A store closed moments ago in this process may still hold

@@ -135,6 +135,26 @@ fn a_store_that_lost_acknowledged_data_refuses_to_start() {
     assert!(stderr.contains("lost acknowledged data"), "{stderr}");
 }
 
+/// A store sled cannot open (its files corrupt) is named with what to do,
+/// and exit 65: a restart cannot mend it (it was exit 1, which systemd
+/// restarts for ever, with sled's words alone).
+#[test]
+fn a_damaged_store_names_itself_and_exits_65() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = serve(dir.path(), port);
+    submit(dir.path(), port, "first");
+    stop(server);
+    let conf = dir.path().join("data/sled/conf");
+    std::fs::write(&conf, "segment_size: not a number\n").unwrap();
+    let out = serve_to_the_end(dir.path(), port);
+    assert_eq!(out.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is damaged"), "{stderr}");
+    assert!(stderr.contains("restore the data directory from a backup"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
