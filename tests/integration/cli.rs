@@ -151,7 +151,10 @@ fn a_damaged_store_names_itself_and_exits_65() {
     assert_eq!(out.status.code(), Some(65));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is damaged"), "{stderr}");
-    assert!(stderr.contains("restore the data directory from a backup"), "{stderr}");
+    assert!(
+        stderr.contains("restore the data directory from a backup"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
