@@ -158,16 +158,18 @@ pub fn submit_from_wire(
             None
         }
         Some(pb::submit_request::Document::Native(summary)) => {
+            // Like the document's own violations, reported after the
+            // caller is authorised to send this event at all.
+            let mut sv = Violations::default();
             let len = summary.encoded_len();
             if len == 0 {
-                v.add("document.native", "the document is empty");
+                sv.add("document.native", "the document is empty");
             } else if len > max_document_bytes {
-                v.add(
+                sv.add(
                     "document.native",
                     format!("the document is {len} bytes; the limit is {max_document_bytes}"),
                 );
             }
-            let mut sv = Violations::default();
             let read = super::summary::from_wire(summary, "document.native", &mut sv);
             let read = match read {
                 Some(s) if sv.0.is_empty() => Ok(s),

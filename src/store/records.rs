@@ -459,9 +459,12 @@ pub struct DeliveryRecord {
 }
 
 impl DeliveryRecord {
-    /// Whether its deadline has passed while it is still on its way.
+    /// Whether its deadline has passed before it reached its recipient: on
+    /// its way, or stuck in quarantine (a missed deadline all the same; the
+    /// SLA sweep reports both). Delivered and superseded copies are not.
     pub fn is_overdue(&self, now_ms: i64) -> bool {
-        self.state.is_live() && self.due_ms.is_some_and(|due| due <= now_ms)
+        (self.state.is_live() || self.state == DeliveryState::Quarantined)
+            && self.due_ms.is_some_and(|due| due <= now_ms)
     }
 }
 
@@ -709,7 +712,10 @@ pub(crate) fn lease_verdict(
     use super::StoreError;
     match found {
         Some(d) if d.mailbox == mailbox => {
-            let err = if d.attempt != attempt {
+            // A delivery never leased has no attempt to be stale against.
+            let err = if d.attempt == 0 {
+                Some(StoreError::NotLeased(d.state))
+            } else if d.attempt != attempt {
                 Some(StoreError::StaleAttempt {
                     given: attempt,
                     current: d.attempt,

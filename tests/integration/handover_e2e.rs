@@ -185,6 +185,11 @@ async fn operators_and_wrong_senders_cannot_submit() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    // Refused for who it is before what it sent: an empty document too.
+    let mut empty = release("gp-2", 1, &["YG002"], "x");
+    empty.document = Some(pb::submit_request::Document::Native(Default::default()));
+    let err = gp.submit(empty).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     gw.stop().await;
 }
 
@@ -333,11 +338,24 @@ async fn an_expired_lease_is_redelivered_and_the_stale_ack_refused_on(engine: En
         return;
     };
     let mut prison = gw.client("YP001").await;
-    prison
+    let receipt = prison
         .submit(release("l-1", 1, &["YG001"], "lease me"))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
     let mut gp = gw.client("YG001").await;
+    // Never leased: NOT_LEASED, not a stale attempt.
+    let early = gp
+        .ack(pb::AckRequest {
+            delivery_id: receipt.deliveries[0].delivery_id,
+            attempt: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), Code::FailedPrecondition);
+    use tonic_types::StatusExt as _;
+    let reason = early.get_details_error_info().map(|i| i.reason);
+    assert_eq!(reason.as_deref(), Some("NOT_LEASED"), "{early:?}");
     let first = gp.pull(pull(1)).await.unwrap().into_inner().deliveries[0].clone();
     assert_eq!(first.attempt, 1);
     // While leased, nobody else gets it.

@@ -461,8 +461,31 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval_on(engine: Eng
         .mailboxes;
     let gp = boxes.iter().find(|m| m.mailbox == "YG001").unwrap();
     assert_eq!((gp.depth, gp.overdue), (1, 1));
-    // Once delivered it is no longer overdue.
+    // Quarantined, it has still missed its deadline: Track says so.
     let mut gp = gw.client("YG001").await;
+    let d = gp.pull(pull(1)).await.unwrap().into_inner().deliveries[0].clone();
+    gp.nack(pb::NackRequest {
+        delivery_id: d.delivery_id,
+        attempt: d.attempt,
+        permanent: true,
+        reason: "cannot file it".into(),
+    })
+    .await
+    .unwrap();
+    let t = track_message(&mut prison, "late").await;
+    assert_eq!(t.deliveries[0].state(), pb::DeliveryState::Quarantined);
+    assert!(
+        t.deliveries[0].overdue,
+        "a quarantined copy past its deadline"
+    );
+    // Once delivered it is no longer overdue.
+    op.redrive(pb::RedriveRequest {
+        target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
+            ids: vec![d.delivery_id],
+        })),
+    })
+    .await
+    .unwrap();
     pull_and_ack(&mut gp).await;
     assert!(!track_message(&mut prison, "late").await.deliveries[0].overdue);
     gw.stop().await;
