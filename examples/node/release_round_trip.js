@@ -11,6 +11,7 @@
 'use strict';
 
 const fs = require('fs');
+const os = require('os');
 const path = require('path');
 const crypto = require('crypto');
 const grpc = require('@grpc/grpc-js');
@@ -55,15 +56,35 @@ function call(stub, method, request) {
   });
 }
 
-// Submit is idempotent on message_id: retry UNAVAILABLE, DEADLINE_EXCEEDED and
-// RESOURCE_EXHAUSTED with the same request; a duplicate receipt is a success.
+// Whether a refusal carries google.rpc.RetryInfo (a rate or claim limit does;
+// MESSAGE_TOO_LARGE does not, and will never succeed as sent).
+function saysWhenToRetry(err) {
+  const details = err.metadata ? err.metadata.get('grpc-status-details-bin') : [];
+  return details.some((d) => Buffer.from(d).includes('google.rpc.RetryInfo'));
+}
+
+// Submit is idempotent on message_id: retry UNAVAILABLE, DEADLINE_EXCEEDED and a
+// RESOURCE_EXHAUSTED that says when, with the same request; a duplicate receipt
+// is a success.
+// Writes a pulled delivery to disk and syncs it before it is acked.
+function storeDurably(inbox, d) {
+  const fd = fs.openSync(path.join(inbox, `delivery-${d.delivery_id}.json`), 'w');
+  try {
+    fs.writeSync(fd, JSON.stringify(d));
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 async function submitWithRetries(stub, request, attempts = 5) {
-  const retryable = [grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.RESOURCE_EXHAUSTED];
+  const retryable = (err) => [grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED].includes(err.code)
+    || (err.code === grpc.status.RESOURCE_EXHAUSTED && saysWhenToRetry(err));
   for (let attempt = 0; ; attempt++) {
     try {
       return await call(stub, 'Submit', request);
     } catch (err) {
-      if (!retryable.includes(err.code) || attempt === attempts - 1) throw err;
+      if (!retryable(err) || attempt === attempts - 1) throw err;
       await new Promise((r) => setTimeout(r, 200 * 2 ** attempt));
     }
   }
@@ -108,14 +129,17 @@ async function main() {
   });
   console.log(`submitted ${messageId} as handover ${receipt.handover_id}: ${receipt.deliveries.map((d) => d.destination).join(', ')}`);
 
-  // The pull loop: long-poll, handle each delivery, ack that attempt.
+  // The practice system's own store (keyed by delivery id: a repeat overwrites itself).
+  const inbox = fs.mkdtempSync(path.join(os.tmpdir(), 'practice-inbox-'));
+  // The pull loop: long-poll, store each delivery, ack that attempt.
   const gp = client(gpCode);
   let mine = null;
   const deadline = Date.now() + 20000;
   while (!mine && Date.now() < deadline) {
     const pulled = await call(gp, 'Pull', { max_deliveries: 10, wait: { seconds: 2 } });
     for (const d of pulled.deliveries) {
-      // A real system stores the document durably first, then acks.
+      // Stored durably first, then acked: an ack is the gateway's licence to forget it.
+      storeDurably(inbox, d);
       await call(gp, 'Ack', { delivery_id: d.delivery_id, attempt: d.attempt });
       if (d.handover_id === receipt.handover_id) mine = d;
     }

@@ -14,6 +14,7 @@ contract it is run against. The patient is invented (999 test range).
 """
 
 import argparse
+import os
 import importlib
 import sys
 import tempfile
@@ -86,19 +87,38 @@ def release_summary(s, prison, gp):
     )
 
 
+def says_when_to_retry(err):
+    """Whether the refusal carries google.rpc.RetryInfo (a rate or claim limit
+    does; MESSAGE_TOO_LARGE does not, and will never succeed as sent)."""
+    details = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin", b"")
+    return b"google.rpc.RetryInfo" in details
+
+
 def submit_with_retries(stub, request, attempts=5):
-    """Submit is idempotent on message_id: retry UNAVAILABLE and deadline
-    failures with the same request; a duplicate receipt is a success."""
+    """Submit is idempotent on message_id: retry UNAVAILABLE, deadline
+    failures and RESOURCE_EXHAUSTED that says when, with the same request; a
+    duplicate receipt is a success."""
     for attempt in range(attempts):
         try:
             return stub.Submit(request, timeout=10)
         except grpc.RpcError as err:
-            retryable = err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                       grpc.StatusCode.RESOURCE_EXHAUSTED)
+            retryable = err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or (
+                err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and says_when_to_retry(err))
             if not retryable or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
     raise RuntimeError("unreachable")
+
+
+def store_durably(inbox, d):
+    """The practice system's own store: the document is on disk (fsync)
+    before the delivery is acked. Keyed by delivery id, so a repeat (delivery
+    is at-least-once) overwrites itself."""
+    path = inbox / f"delivery-{d.delivery_id}.bin"
+    with open(path, "wb") as f:
+        f.write(d.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def state_name(h, state):
@@ -112,6 +132,8 @@ def main():
     parser.add_argument("--certs", type=Path, default=Path("certs"))
     parser.add_argument("--tls-name", default="localhost", help="the name in the gateway's certificate")
     parser.add_argument("--prison", default="YP001")
+    parser.add_argument("--inbox", type=Path, default=None,
+                        help="where the practice stores what it pulls (default: a temporary directory)")
     parser.add_argument("--gp", default="YG001")
     args = parser.parse_args()
     h, h_grpc, s = stubs()
@@ -129,13 +151,16 @@ def main():
           + ", ".join(d.destination for d in receipt.deliveries))
 
     gp = h_grpc.HandoverServiceStub(channel(args.server, args.certs, args.gp, args.tls_name))
-    # The pull loop: long-poll, handle each delivery, ack that attempt.
+    inbox = args.inbox or Path(tempfile.mkdtemp(prefix="practice-inbox-"))
+    inbox.mkdir(parents=True, exist_ok=True)
+    # The pull loop: long-poll, store each delivery, ack that attempt.
     mine = None
     deadline = time.time() + 20
     while mine is None and time.time() < deadline:
         pulled = gp.Pull(h.PullRequest(max_deliveries=10, wait=Duration(seconds=2)), timeout=10)
         for d in pulled.deliveries:
-            # A real system stores the document durably first, then acks.
+            # Stored durably first, then acked: an ack is the gateway's licence to forget it.
+            store_durably(inbox, d)
             gp.Ack(h.AckRequest(delivery_id=d.delivery_id, attempt=d.attempt), timeout=10)
             if d.handover_id == receipt.handover_id:
                 mine = d
