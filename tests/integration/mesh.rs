@@ -605,11 +605,7 @@ async fn mesh_down_mid_send_then_back_loses_nothing_and_repeats_only_with_the_sa
         practice.acknowledge(&m.message_id).await.unwrap();
     }
     for i in 0..6u32 {
-        eventually(30, "DELIVERED after the outage", || async {
-            let d = delivery_of(&gw, &format!("mesh-fault-{i}")).await;
-            (d.state() == pb::DeliveryState::Delivered).then_some(())
-        })
-        .await;
+        delivered(&gw, &format!("mesh-fault-{i}")).await;
     }
     gw.stop().await;
 }
@@ -621,42 +617,27 @@ async fn mesh_down_mid_send_then_back_loses_nothing_and_repeats_only_with_the_sa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_holding_two_copies_under_a_local_id_gets_a_third_that_is_tracked() {
     let sandbox = Sandbox::start();
-    let gw = gateway_leasing(&sandbox, 2).await;
-    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
-    let mut prison = gw.client("YP001").await;
-    prison
-        .submit(release("mesh-300-1", 45, &["YG001"], "three copies"))
-        .await
-        .unwrap();
-    let sent = eventually(20, "the release sent", || async {
-        let d = delivery_of(&gw, "mesh-300-1").await;
-        (!d.mesh_message_id.is_empty()).then_some(d)
-    })
-    .await;
     // A second complete copy under the same local id (an earlier crash
     // mid-send), then the crash window again: only "sending" is recorded.
-    let local_id = format!("throughcare-{}", sent.delivery_id);
-    sandbox
-        .client(GATEWAY_MB)
-        .send(&Outgoing {
-            to: PRACTICE_MB,
-            workflow_id: throughcare::mesh::workflow_id(
-                throughcare::journey::JourneyEvent::Release,
-            ),
-            subject: "an earlier copy",
-            local_id: &local_id,
-            file_name: "copy.json",
-            content_type: "application/json",
-            body: b"{}",
+    let gateway_mailbox = sandbox.client(GATEWAY_MB);
+    let (gw, sent) =
+        sent_then_restarted_unrecorded(&sandbox, "mesh-300-1", 45, |sent| async move {
+            gateway_mailbox
+                .send(&Outgoing {
+                    to: PRACTICE_MB,
+                    workflow_id: throughcare::mesh::workflow_id(
+                        throughcare::journey::JourneyEvent::Release,
+                    ),
+                    subject: "an earlier copy",
+                    local_id: &format!("throughcare-{}", sent.delivery_id),
+                    file_name: "copy.json",
+                    content_type: "application/json",
+                    body: b"{}",
+                })
+                .await
+                .unwrap();
         })
-        .await
-        .unwrap();
-    let mut record = gw.store.mesh_record(sent.delivery_id).unwrap().unwrap();
-    record.state = throughcare::store::MeshState::Sending;
-    record.message_id = None;
-    gw.store.mesh_put("test", record).await.unwrap();
-    let (dir, config) = gw.stop().await;
-    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+        .await;
     let d = eventually(30, "sent again and tracked", || async {
         let d = delivery_of(&gw, "mesh-300-1").await;
         (d.mesh_state == "SENT").then_some(d)
@@ -666,42 +647,21 @@ async fn mesh_holding_two_copies_under_a_local_id_gets_a_third_that_is_tracked()
     let practice = sandbox.client(PRACTICE_MB);
     let got = inbox(&practice).await;
     assert_eq!(got.len(), 3, "{got:?}");
+    let local_id = format!("throughcare-{}", sent.delivery_id);
     assert!(
         got.iter().all(|m| m.local_id == local_id),
         "one local id: the recipient discards repeats"
     );
     practice.acknowledge(&d.mesh_message_id).await.unwrap();
-    eventually(20, "DELIVERED", || async {
-        let d = delivery_of(&gw, "mesh-300-1").await;
-        (d.state() == pb::DeliveryState::Delivered).then_some(())
-    })
-    .await;
+    delivered(&gw, "mesh-300-1").await;
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_restart_after_an_unrecorded_send_asks_mesh_by_local_id_and_sends_no_second_copy() {
     let sandbox = Sandbox::start();
-    let gw = gateway_leasing(&sandbox, 2).await;
-    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
-    let mut prison = gw.client("YP001").await;
-    prison
-        .submit(release("mesh-restart-1", 44, &["YG001"], "restart"))
-        .await
-        .unwrap();
-    let sent = eventually(20, "the release sent", || async {
-        let d = delivery_of(&gw, "mesh-restart-1").await;
-        (!d.mesh_message_id.is_empty()).then_some(d)
-    })
-    .await;
-    // The crash window: MESH took the message, the gateway died before
-    // recording MESH's id. Its record says only that a send began.
-    let mut record = gw.store.mesh_record(sent.delivery_id).unwrap().unwrap();
-    record.state = throughcare::store::MeshState::Sending;
-    record.message_id = None;
-    gw.store.mesh_put("test", record).await.unwrap();
-    let (dir, config) = gw.stop().await;
-    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let (gw, sent) =
+        sent_then_restarted_unrecorded(&sandbox, "mesh-restart-1", 44, |_| async {}).await;
     // Once its lease runs out the delivery comes back; MESH is asked by
     // local id and has it: recorded as sent, not sent again.
     let d = eventually(30, "the send recorded again from MESH", || async {
@@ -714,12 +674,50 @@ async fn mesh_restart_after_an_unrecorded_send_asks_mesh_by_local_id_and_sends_n
     let got = inbox(&practice).await;
     assert_eq!(got.len(), 1, "one copy in MESH");
     practice.acknowledge(&got[0].message_id).await.unwrap();
-    eventually(20, "DELIVERED after the restart", || async {
-        let d = delivery_of(&gw, "mesh-restart-1").await;
+    delivered(&gw, "mesh-restart-1").await;
+    gw.stop().await;
+}
+
+/// A release `message_id` sent through MESH (leases of 2 s), then the crash
+/// window: MESH took the message, the gateway died before recording MESH's
+/// id, so its record says only that a send began. `meanwhile` runs before
+/// the restart. The restarted gateway, and the delivery as first sent.
+async fn sent_then_restarted_unrecorded<F: std::future::Future<Output = ()>>(
+    sandbox: &Sandbox,
+    message_id: &str,
+    patient: u32,
+    meanwhile: impl FnOnce(pb::DeliveryStatus) -> F,
+) -> (TestGateway, pb::DeliveryStatus) {
+    let gw = gateway_leasing(sandbox, 2).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release(message_id, patient, &["YG001"], "restart"))
+        .await
+        .unwrap();
+    let sent = eventually(20, "the release sent", || async {
+        let d = delivery_of(&gw, message_id).await;
+        (!d.mesh_message_id.is_empty()).then_some(d)
+    })
+    .await;
+    meanwhile(sent.clone()).await;
+    let mut record = gw.store.mesh_record(sent.delivery_id).unwrap().unwrap();
+    record.state = throughcare::store::MeshState::Sending;
+    record.message_id = None;
+    gw.store.mesh_put("test", record).await.unwrap();
+    let (dir, config) = gw.stop().await;
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    (gw, sent)
+}
+
+/// Waits (up to 30 s) until the gateway has the delivery of `message_id`
+/// DELIVERED.
+async fn delivered(gw: &TestGateway, message_id: &str) {
+    eventually(30, "DELIVERED", || async {
+        let d = delivery_of(gw, message_id).await;
         (d.state() == pb::DeliveryState::Delivered).then_some(())
     })
     .await;
-    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -968,12 +966,7 @@ async fn mesh_on_postgres_two_nodes_send_receive_and_refuse_each_message_once() 
         practice.acknowledge(&m.message_id).await.unwrap();
     }
     for i in 0..6 {
-        let message = format!("mesh-two-{i}");
-        eventually(30, "DELIVERED after the MESH acknowledgement", || async {
-            let d = delivery_of(&nodes[1], &message).await;
-            (d.state() == pb::DeliveryState::Delivered).then_some(())
-        })
-        .await;
+        delivered(&nodes[1], &format!("mesh-two-{i}")).await;
     }
     let reports = eventually(30, "the refusal report", || async {
         let r = inbox(&prison_mb).await;
@@ -1118,15 +1111,7 @@ async fn mesh_an_acknowledgement_after_quarantine_delivers_and_sends_nothing_twi
     let ids = practice.inbox(100).await.unwrap();
     assert_eq!(ids.len(), 1);
     practice.acknowledge(&ids[0]).await.unwrap();
-    eventually(
-        30,
-        "DELIVERED on the practice's acknowledgement",
-        || async {
-            let d = delivery_of(&gw, "mesh-late-1").await;
-            (d.state() == pb::DeliveryState::Delivered).then_some(())
-        },
-    )
-    .await;
+    delivered(&gw, "mesh-late-1").await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(
         practice.inbox(100).await.unwrap().is_empty(),
