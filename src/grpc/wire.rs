@@ -468,9 +468,16 @@ mod tests {
         let mut r = request();
         r.document = Some(pb::submit_request::Document::FhirJson("x".repeat(1025)));
         assert_eq!(fields(r), ["document.fhir_json"]);
+        // An empty native document is the document's own fault, reported
+        // (like its other faults) once the caller may send the event.
         let mut r = request();
         r.document = Some(pb::submit_request::Document::Native(Default::default()));
-        assert_eq!(fields(r), ["document.native"]);
+        let cmd = submit_from_wire(r, 1024).unwrap();
+        let IncomingDocument::Native(read) = cmd.document else {
+            panic!("a native document")
+        };
+        let faults = read.unwrap_err().0;
+        assert_eq!(faults[0].field, "document.native");
     }
 
     #[test]
