@@ -162,15 +162,18 @@ pub fn submit_from_wire(
             // caller is authorised to send this event at all.
             let mut sv = Violations::default();
             let len = summary.encoded_len();
-            if len == 0 {
+            let read = if len == 0 {
                 sv.add("document.native", "the document is empty");
-            } else if len > max_document_bytes {
-                sv.add(
-                    "document.native",
-                    format!("the document is {len} bytes; the limit is {max_document_bytes}"),
-                );
-            }
-            let read = super::summary::from_wire(summary, "document.native", &mut sv);
+                None
+            } else {
+                if len > max_document_bytes {
+                    sv.add(
+                        "document.native",
+                        format!("the document is {len} bytes; the limit is {max_document_bytes}"),
+                    );
+                }
+                super::summary::from_wire(summary, "document.native", &mut sv)
+            };
             let read = match read {
                 Some(s) if sv.0.is_empty() => Ok(s),
                 _ => Err(sv),

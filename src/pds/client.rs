@@ -95,7 +95,26 @@ impl PdsClient {
                         .map(Some)
                         .map_err(PdsError::Invalid);
                 }
-                Ok(Answer { status: 404, .. }) => return Ok(None),
+                // PDS's own answers name themselves (OperationOutcome
+                // `issue[0].details.coding[0].code`): only these are about
+                // the patient. A 404 or 400 without one (a wrong base URL,
+                // a header or onboarding fault) fails every lookup alike.
+                Ok(Answer {
+                    status: 404, body, ..
+                }) => {
+                    return match patient::outcome_code(&body).as_deref() {
+                        Some("RESOURCE_NOT_FOUND" | "INVALIDATED_RESOURCE") => Ok(None),
+                        other => Err(PdsError::Platform(404, safe_code(other))),
+                    };
+                }
+                Ok(Answer {
+                    status: 400, body, ..
+                }) => {
+                    return match patient::outcome_code(&body).as_deref() {
+                        Some("INVALID_RESOURCE_ID") => Err(PdsError::Status(400)),
+                        other => Err(PdsError::Platform(400, safe_code(other))),
+                    };
+                }
                 Ok(Answer { status: 401, .. }) if !renewed => {
                     self.tokens.clear();
                     renewed = true;
@@ -177,5 +196,21 @@ impl PdsClient {
                 "the token endpoint refused our signed JWT (HTTP {status})"
             ))),
         }
+    }
+}
+
+/// An error code from PDS's answer, safe to log: upper-case letters and
+/// underscores only (it is never patient data), else a placeholder.
+fn safe_code(code: Option<&str>) -> String {
+    match code {
+        Some(c)
+            if !c.is_empty()
+                && c.len() <= 40
+                && c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') =>
+        {
+            c.to_owned()
+        }
+        Some(_) => "an unrecognised code".into(),
+        None => "no OperationOutcome".into(),
     }
 }

@@ -57,6 +57,11 @@ pub fn decide(
     if p.deceased {
         return Decision::hold(PdsStatus::Deceased);
     }
+    // The practice PDS lists may have let the patient go (moved to
+    // Scotland, abroad): routing there could send the release nowhere.
+    if p.removed {
+        return Decision::hold(PdsStatus::Removed);
+    }
     // A value PDS gives is still checked before anyone sees it.
     let Some(code) = p
         .practice
@@ -108,6 +113,7 @@ mod tests {
             birth_date: Some("1985-06-15".into()),
             deceased: false,
             restricted: false,
+            removed: false,
             practice: practice.map(Into::into),
         }
     }
@@ -143,6 +149,9 @@ mod tests {
         let mut dead = patient(Some("YG001"));
         dead.deceased = true;
         assert_eq!(d(&dead), Decision::hold(PdsStatus::Deceased));
+        let mut removed = patient(Some("YG001"));
+        removed.removed = true;
+        assert_eq!(d(&removed), Decision::hold(PdsStatus::Removed));
         let mut restricted = patient(Some("YG001"));
         restricted.restricted = true;
         assert_eq!(d(&restricted), Decision::hold(PdsStatus::Restricted));

@@ -61,6 +61,12 @@ pub enum PdsError {
     /// The answer could not be read.
     #[error("PDS answer unusable: {0}")]
     Invalid(String),
+    /// A 400 or 404 that is not PDS's answer about the patient (no
+    /// OperationOutcome, or a code about the request: a wrong base URL, a
+    /// missing header, an application not onboarded). Every lookup fails
+    /// alike, so it counts as an outage.
+    #[error("PDS refused the request itself (HTTP {0}, {1}): check the [pds] settings")]
+    Platform(u16, String),
 }
 
 impl PdsError {
@@ -74,6 +80,7 @@ impl PdsError {
             PdsError::Timeout | PdsError::Unreachable(_) | PdsError::Auth(_) => true,
             PdsError::Status(s) => matches!(*s, 401 | 403 | 408 | 429) || *s >= 500,
             PdsError::Invalid(_) => false,
+            PdsError::Platform(..) => true,
         }
     }
 }

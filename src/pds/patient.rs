@@ -1,10 +1,19 @@
 //! The few fields of a PDS FHIR R4 `Patient` the gateway reads: its `id`
 //! (the NHS number; another than the one asked for means superseded),
 //! `birthDate`, `deceasedDateTime`, `meta.security` (`R` restricted, `V`
-//! very restricted, `REDACTED`) and `generalPractitioner` (the registered
-//! practice's ODS code). Everything else is ignored.
+//! very restricted, `REDACTED`), the `Extension-PDS-RemovalFromRegistration`
+//! extension (the record was removed from registration: emigrated, moved
+//! to another UK nation, ...) and `generalPractitioner` (the registered
+//! practice's ODS code, within its period: PDS lists practices a patient
+//! "is, or was, registered" with, and a start may be in the future).
+//! Everything else is ignored.
 
 use serde::Deserialize;
+
+/// The URL of PDS's removal-from-registration extension on `Patient`
+/// (personal-demographics-service-api, `RemovalFromRegistration.yaml`).
+pub const REMOVAL_EXTENSION: &str =
+    "https://fhir.nhs.uk/StructureDefinition/Extension-PDS-RemovalFromRegistration";
 
 /// The ODS code system of `generalPractitioner.identifier`.
 pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
@@ -20,6 +29,9 @@ pub struct PdsPatient {
     pub deceased: bool,
     /// A restricted, very restricted or redacted record.
     pub restricted: bool,
+    /// PDS records the patient's removal from registration: the practice
+    /// it lists may no longer hold them.
+    pub removed: bool,
     /// The registered practice's ODS code, as PDS gives it (unvalidated).
     pub practice: Option<String>,
 }
@@ -39,6 +51,14 @@ struct Resource {
     meta: Option<Meta>,
     #[serde(default)]
     general_practitioner: Vec<Reference>,
+    #[serde(default)]
+    extension: Vec<Extension>,
+}
+
+#[derive(Deserialize)]
+struct Extension {
+    #[serde(default)]
+    url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -72,7 +92,22 @@ struct Identifier {
 #[derive(Deserialize)]
 struct Period {
     #[serde(default)]
+    start: Option<String>,
+    #[serde(default)]
     end: Option<String>,
+}
+
+/// The code of an OperationOutcome's first issue
+/// (`issue[0].details.coding[0].code`: `RESOURCE_NOT_FOUND`,
+/// `INVALID_RESOURCE_ID`, ...), if `body` is one.
+pub fn outcome_code(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if v.get("resourceType")?.as_str()? != "OperationOutcome" {
+        return None;
+    }
+    v.pointer("/issue/0/details/coding/0/code")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// Reads a `Patient` resource; `today` (`YYYY-MM-DD`) decides whether a
@@ -97,17 +132,26 @@ pub fn parse(body: &[u8], today: &str) -> Result<PdsPatient, String> {
         .filter_map(|g| g.identifier.as_ref())
         .filter(|i| i.system.as_deref().is_none_or(|s| s == ODS_SYSTEM))
         .filter(|i| {
-            i.period
-                .as_ref()
-                .and_then(|p| p.end.as_deref())
-                .is_none_or(|end| end >= today)
+            // Current today: not ended, and not starting later (the
+            // dates compare as text, at whatever precision PDS gives).
+            i.period.as_ref().is_none_or(|p| {
+                p.end.as_deref().is_none_or(|end| end >= today)
+                    && p.start
+                        .as_deref()
+                        .is_none_or(|start| start.get(..10).unwrap_or(start) <= today)
+            })
         })
         .find_map(|i| i.value.clone());
+    let removed = r
+        .extension
+        .iter()
+        .any(|e| e.url.as_deref() == Some(REMOVAL_EXTENSION));
     Ok(PdsPatient {
         id: r.id,
         birth_date: r.birth_date,
         deceased: r.deceased_date_time.is_some() || r.deceased_boolean == Some(true),
         restricted,
+        removed,
         practice,
     })
 }
@@ -141,6 +185,21 @@ mod tests {
         assert!(!p.restricted && !p.deceased);
         let ended = br#"{"resourceType":"Patient","id":"1","generalPractitioner":[{"identifier":{"value":"YG001","period":{"start":"2020-01-01","end":"2021-01-01"}}}]}"#;
         assert_eq!(parse(ended, "2026-11-29").unwrap().practice, None);
+        // A registration that starts later is not today's practice; the
+        // current one beside it is.
+        let later = br#"{"resourceType":"Patient","id":"1","generalPractitioner":[
+            {"identifier":{"value":"YG002","period":{"start":"2026-12-07"}}},
+            {"identifier":{"value":"YG001","period":{"start":"2019-03-01T00:00:00+00:00"}}}]}"#;
+        let p = parse(later, "2026-11-29").unwrap();
+        assert_eq!(p.practice.as_deref(), Some("YG001"));
+        assert!(!p.removed);
+        // PDS's removal from registration (its specification's shape).
+        let removed = br#"{"resourceType":"Patient","id":"1",
+            "extension":[{"url":"https://fhir.nhs.uk/StructureDefinition/Extension-PDS-RemovalFromRegistration",
+              "extension":[{"url":"removalFromRegistrationCode","valueCodeableConcept":{"coding":[{"system":"https://fhir.nhs.uk/CodeSystem/PDS-RemovalReasonExitCode","code":"SCT","display":"Transferred to Scotland"}]}},
+                           {"url":"effectiveTime","valuePeriod":{"start":"2020-01-01T00:00:00+00:00"}}]}],
+            "generalPractitioner":[{"identifier":{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"YG001"}}]}"#;
+        assert!(parse(removed, "2026-11-29").unwrap().removed);
         let r = br#"{"resourceType":"Patient","id":"1","meta":{"security":[{"code":"R"}]},"deceasedDateTime":"2010-10-22T00:00:00+00:00"}"#;
         let p = parse(r, "2026-11-29").unwrap();
         assert!(p.restricted && p.deceased);

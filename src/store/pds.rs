@@ -42,13 +42,16 @@ pub enum PdsStatus {
     Deceased,
     /// A restricted (sensitive) record: the practice is never revealed.
     Restricted,
+    /// PDS records the patient's removal from registration: the practice it
+    /// lists may no longer hold them.
+    Removed,
     /// The summary carries no NHS number: PDS cannot be asked.
     NoNhsNumber,
 }
 
 impl PdsStatus {
     /// Every status, in declaration order.
-    pub const ALL: [PdsStatus; 9] = [
+    pub const ALL: [PdsStatus; 10] = [
         PdsStatus::Routed,
         PdsStatus::NotConnected,
         PdsStatus::NoPractice,
@@ -57,6 +60,7 @@ impl PdsStatus {
         PdsStatus::Superseded,
         PdsStatus::Deceased,
         PdsStatus::Restricted,
+        PdsStatus::Removed,
         PdsStatus::NoNhsNumber,
     ];
 
@@ -71,6 +75,7 @@ impl PdsStatus {
             PdsStatus::Superseded => "SUPERSEDED_NHS_NUMBER",
             PdsStatus::Deceased => "DECEASED",
             PdsStatus::Restricted => "RESTRICTED",
+            PdsStatus::Removed => "REMOVED_FROM_REGISTRATION",
             PdsStatus::NoNhsNumber => "NO_NHS_NUMBER",
         }
     }
@@ -86,6 +91,7 @@ impl PdsStatus {
             PdsStatus::Superseded => "superseded",
             PdsStatus::Deceased => "deceased",
             PdsStatus::Restricted => "restricted",
+            PdsStatus::Removed => "removed",
             PdsStatus::NoNhsNumber => "no_nhs_number",
         }
     }
@@ -110,6 +116,9 @@ impl PdsStatus {
             PdsStatus::Restricted => {
                 "restricted record in PDS: never routed automatically, practice not revealed".into()
             }
+            PdsStatus::Removed => {
+                "PDS records a removal from registration (moved away?): the practice it lists may not hold the patient; to be checked by an operator".into()
+            }
             PdsStatus::NoNhsNumber => "no NHS number in the summary: PDS cannot be asked".into(),
         }
     }
@@ -119,7 +128,10 @@ impl PdsStatus {
     pub fn worth_rechecking(self) -> bool {
         matches!(
             self,
-            PdsStatus::NotConnected | PdsStatus::NoPractice | PdsStatus::NotFound
+            PdsStatus::NotConnected
+                | PdsStatus::NoPractice
+                | PdsStatus::NotFound
+                | PdsStatus::Removed
         )
     }
 }

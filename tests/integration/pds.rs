@@ -503,6 +503,40 @@ async fn pds_down_for_a_while_loses_nothing_and_routes_once_back() {
     assert!(parked(&gw).await.deliveries.is_empty());
 }
 
+/// A 404 or 400 that is not PDS's answer about the patient (here a wrong
+/// `base_url`: the platform's "Invalid URL") fails every lookup alike. It
+/// opens the breaker; it marked every parked release "PDS has no patient
+/// with this NHS number" and alerted nobody.
+#[tokio::test]
+async fn a_wrong_base_url_is_an_outage_not_a_patient_pds_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let double = Double::start(dir.path());
+    let gw = gateway(&double, |pds| {
+        pds.base_url = pds.base_url.replace("/FHIR/R4", "/FHIR/R3");
+        pds.breaker_failures = 2;
+        pds.breaker_open_ms = 60_000;
+    })
+    .await;
+    let patients = double.registered(820, 3, "YG002");
+    for (i, patient) in patients.iter().enumerate() {
+        park(&gw, &format!("pds-wrong-url-{i}"), patient, "1985-06-15").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !breaker_open(&gw) {
+        assert!(Instant::now() < deadline, "{}", gw.metrics.encode());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let list = parked(&gw).await;
+    assert_eq!(list.deliveries.len(), 3);
+    for f in &list.pds_findings {
+        assert_ne!(
+            f.status, "NOT_FOUND",
+            "a platform 404 read as no such patient"
+        );
+    }
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn the_breaker_opens_and_submits_are_not_slowed() {
     let dir = tempfile::tempdir().unwrap();
