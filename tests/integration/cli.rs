@@ -111,20 +111,32 @@ fn a_bad_configuration_names_the_field_and_exits_64() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("`listen`"));
 }
 
-#[test]
-fn a_store_that_lost_acknowledged_data_refuses_to_start() {
+/// A fresh store in a temporary directory, served until these submits were
+/// answered, then stopped: the directory and the port.
+fn a_store_after(message_ids: &[&str]) -> (tempfile::TempDir, u16) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let server = serve(dir.path(), port);
-    submit(dir.path(), port, "first");
+    served_with(dir.path(), port, message_ids);
+    (dir, port)
+}
+
+/// Serves the store in `dir` until these submits were answered, then stops it.
+fn served_with(dir: &Path, port: u16, message_ids: &[&str]) {
+    let server = serve(dir, port);
+    for id in message_ids {
+        submit(dir, port, id);
+    }
     stop(server);
+}
+
+#[test]
+fn a_store_that_lost_acknowledged_data_refuses_to_start() {
+    let (dir, port) = a_store_after(&["first"]);
     let sled = dir.path().join("data/sled");
     let old = dir.path().join("old-sled");
     copy_dir(&sled, &old);
 
-    let server = serve(dir.path(), port);
-    submit(dir.path(), port, "second");
-    stop(server);
+    served_with(dir.path(), port, &["second"]);
 
     // Put back the older copy: "second" was acknowledged but is gone.
     std::fs::remove_dir_all(&sled).unwrap();
@@ -140,11 +152,7 @@ fn a_store_that_lost_acknowledged_data_refuses_to_start() {
 /// restarts for ever, with sled's words alone).
 #[test]
 fn a_damaged_store_names_itself_and_exits_65() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let server = serve(dir.path(), port);
-    submit(dir.path(), port, "first");
-    stop(server);
+    let (dir, port) = a_store_after(&["first"]);
     let conf = dir.path().join("data/sled/conf");
     std::fs::write(&conf, "segment_size: not a number\n").unwrap();
     let out = serve_to_the_end(dir.path(), port);
