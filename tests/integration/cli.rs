@@ -227,13 +227,9 @@ fn the_gateway_runs_with_its_allocator_settings_unless_the_operator_set_their_ow
 #[test]
 fn the_store_directory_is_private_to_the_gateway() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     // Made by the gateway.
-    let port = free_port();
-    let server = serve(dir.path(), port);
-    submit(dir.path(), port, "first");
-    stop(server);
+    let (dir, port) = a_store_after(&["first"]);
     assert_eq!(mode(&dir.path().join("data")), 0o700);
     // Made (or opened up) by someone else: narrowed at the next start.
     std::fs::set_permissions(
@@ -241,9 +237,7 @@ fn the_store_directory_is_private_to_the_gateway() {
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    let server = serve(dir.path(), port);
-    submit(dir.path(), port, "second");
-    stop(server);
+    served_with(dir.path(), port, &["second"]);
     assert_eq!(mode(&dir.path().join("data")), 0o700);
 }
 
