@@ -352,6 +352,11 @@ fn failed(e: throughcare::app::AppError) -> ExitCode {
 }
 
 async fn serve_config(config: Config, null_handover: bool) -> ExitCode {
+    // Before the store opens and the port is bound: from here on a SIGTERM
+    // or SIGINT is a drain, never the default kill. (Registered when first
+    // polled, as it was, a SIGTERM just after the port opened killed the
+    // gateway without its final barrier.)
+    let stop = shutdown_signal();
     let listen = config.listen;
     let prepared = match throughcare::app::Prepared::with_system_clock(config) {
         Ok(p) if null_handover => p.with_null_handover(),
@@ -367,18 +372,23 @@ async fn serve_config(config: Config, null_handover: bool) -> ExitCode {
             });
         }
     };
-    match prepared.serve(listener, shutdown_signal()).await {
+    match prepared.serve(listener, stop).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => failed(e),
     }
 }
 
-async fn shutdown_signal() {
+/// Registers the SIGTERM and SIGINT handlers at once; the future ends when
+/// either arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
     }
 }
 
