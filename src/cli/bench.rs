@@ -406,6 +406,7 @@ pub fn typical_summary() -> crate::clinical::ClinicalSummary {
         kind: RiskKind::SelfHarm,
         active: true,
         note: Some("ACCT closed two weeks before release".into()),
+        code: None,
     });
     s
 }

@@ -169,6 +169,7 @@ fn with_methadone(s: &mut ClinicalSummary) {
         kind: RiskKind::Vulnerability,
         active: true,
         note: Some("Reduced opioid tolerance after custody: overdose risk".into()),
+        code: None,
     });
 }
 

@@ -53,7 +53,12 @@ pub fn summary_text(s: &ClinicalSummary, not_carried: &[String]) -> String {
                 .as_deref()
                 .map(|n| format!(": {n}"))
                 .unwrap_or_default();
-            format!("{:?} ({state}){note}", r.kind)
+            let code = r
+                .code
+                .as_ref()
+                .map(|c| format!(" [{} {}]", c.code, c.display))
+                .unwrap_or_default();
+            format!("{:?}{code} ({state}){note}", r.kind)
         }),
     );
     list(

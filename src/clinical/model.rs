@@ -489,15 +489,19 @@ pub enum RiskKind {
     Violence,
     /// Vulnerable to harm from others.
     Vulnerability,
+    /// A risk recorded under a code none of the above names (the flag's
+    /// `code` says which); carried as recorded, never dropped.
+    Other,
 }
 
 impl RiskKind {
     /// Every kind.
-    pub const ALL: [RiskKind; 4] = [
+    pub const ALL: [RiskKind; 5] = [
         RiskKind::Suicide,
         RiskKind::SelfHarm,
         RiskKind::Violence,
         RiskKind::Vulnerability,
+        RiskKind::Other,
     ];
 
     /// The stable code used in every format.
@@ -507,6 +511,20 @@ impl RiskKind {
             RiskKind::SelfHarm => "self-harm",
             RiskKind::Violence => "violence",
             RiskKind::Vulnerability => "vulnerability",
+            RiskKind::Other => "other",
+        }
+    }
+
+    /// The kind a SNOMED CT concept names, for the few concepts whose meaning
+    /// as a risk is unambiguous (docs/clinical-formats.md, "Risk flags"); any
+    /// other concept is [`RiskKind::Other`], carried with its code.
+    pub fn from_snomed(concept: &str) -> Option<Self> {
+        match concept {
+            // At risk for suicide (finding); Suicidal thoughts (finding).
+            "225444004" | "6471006" => Some(RiskKind::Suicide),
+            // Self-injurious behaviour (finding).
+            "248062006" => Some(RiskKind::SelfHarm),
+            _ => None,
         }
     }
 
@@ -527,6 +545,11 @@ pub struct RiskFlag {
     /// Clinician's note.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The risk's code as the sender recorded it (SNOMED CT, say), when it
+    /// had one beside or instead of the kind; required for
+    /// [`RiskKind::Other`], which says nothing on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<Code>,
 }
 
 /// Mental health care.

@@ -1,7 +1,7 @@
 //! Clinical completeness: what each journey event needs before it can help
 //! the next carer. Paths are in the canonical model.
 
-use super::model::ClinicalSummary;
+use super::model::{ClinicalSummary, RiskKind};
 use super::violation::ValidationErrors;
 use crate::clinical::JourneyEvent;
 
@@ -88,6 +88,14 @@ pub fn validate_serialised(
             e.add(
                 format!("summary.medications[{i}].last_dose_given"),
                 "opioid substitution therapy needs the time of the last dose given",
+            );
+        }
+    }
+    for (i, r) in s.risks.iter().enumerate() {
+        if r.kind == RiskKind::Other && r.code.is_none() && r.note.is_none() {
+            e.add(
+                format!("summary.risks[{i}].code"),
+                "a risk of kind other needs its code or a note saying what the risk is",
             );
         }
     }

@@ -335,24 +335,40 @@ fn risks_from(risks: Vec<pb::RiskFlag>, prefix: &str, v: &mut Violations) -> Vec
     risks
         .into_iter()
         .enumerate()
-        .filter_map(|(i, pb::RiskFlag { kind, active, note })| {
-            let at = p(&format!("risks[{i}].kind"));
-            let kind = match known::<pb::RiskKind>(kind, &at, v)? {
-                pb::RiskKind::Suicide => m::RiskKind::Suicide,
-                pb::RiskKind::SelfHarm => m::RiskKind::SelfHarm,
-                pb::RiskKind::Violence => m::RiskKind::Violence,
-                pb::RiskKind::Vulnerability => m::RiskKind::Vulnerability,
-                pb::RiskKind::Unspecified => {
-                    v.add(at, "required");
-                    return None;
-                }
-            };
-            Some(m::RiskFlag {
-                kind,
-                active,
-                note: text(note),
-            })
-        })
+        .filter_map(
+            |(
+                i,
+                pb::RiskFlag {
+                    kind,
+                    active,
+                    note,
+                    code: c,
+                },
+            )| {
+                let at = p(&format!("risks[{i}].kind"));
+                let code = match c {
+                    Some(c) => Some(code(Some(c), &p(&format!("risks[{i}].code")), v)?),
+                    None => None,
+                };
+                let kind = match known::<pb::RiskKind>(kind, &at, v)? {
+                    pb::RiskKind::Suicide => m::RiskKind::Suicide,
+                    pb::RiskKind::SelfHarm => m::RiskKind::SelfHarm,
+                    pb::RiskKind::Violence => m::RiskKind::Violence,
+                    pb::RiskKind::Vulnerability => m::RiskKind::Vulnerability,
+                    pb::RiskKind::Other => m::RiskKind::Other,
+                    pb::RiskKind::Unspecified => {
+                        v.add(at, "required");
+                        return None;
+                    }
+                };
+                Some(m::RiskFlag {
+                    kind,
+                    active,
+                    note: text(note),
+                    code,
+                })
+            },
+        )
         .collect()
 }
 
@@ -777,10 +793,12 @@ fn risks_to(x: &ClinicalSummary) -> Vec<pb::RiskFlag> {
                 m::RiskKind::SelfHarm => pb::RiskKind::SelfHarm,
                 m::RiskKind::Violence => pb::RiskKind::Violence,
                 m::RiskKind::Vulnerability => pb::RiskKind::Vulnerability,
+                m::RiskKind::Other => pb::RiskKind::Other,
             }
             .into(),
             active: r.active,
             note: r.note.clone().unwrap_or_default(),
+            code: r.code.as_ref().map(code_to),
         })
         .collect()
 }

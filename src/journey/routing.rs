@@ -605,6 +605,7 @@ mod tests {
             kind: RiskKind::SelfHarm,
             active: true,
             note: None,
+            code: None,
         });
         s.consent.probation_sharing = ConsentDecision::Refused;
         let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
@@ -776,6 +777,7 @@ mod tests {
             kind: RiskKind::Suicide,
             active: true,
             note: None,
+            code: None,
         });
         let routes = go(JourneyEvent::Release, &s, sender, &[], &reg).unwrap();
         assert_eq!(

@@ -3,7 +3,7 @@
 //! to take away travel in every format.
 
 use serde_json::{Value, json};
-use throughcare::clinical::model::{ClinicalSummary, Code, DMD, Prescription, Quantity};
+use throughcare::clinical::model::{ClinicalSummary, Code, DMD, Prescription, Quantity, RiskKind};
 use throughcare::clinical::translate::{self, TextFormat};
 use throughcare::clinical::views::View;
 use throughcare::clinical::{Limits, fhir, hl7v2};
@@ -1026,4 +1026,94 @@ fn a_medication_reference_is_read_like_a_medication_concept() {
             .any(|v| v.field == format!("entry[{i}].resource.medicationReference.reference")),
         "{refused:?}"
     );
+}
+
+/// A Flag coded the way an EHR codes it (SNOMED CT, or words alone) is a
+/// risk the next carer sees, never a refusal of the whole summary: a known
+/// concept names its kind (and so routes to the mental health team), any
+/// other is carried to the GP as recorded and to no treatment view.
+#[test]
+fn flags_coded_in_snomed_or_words_are_carried_and_a_known_concept_names_its_kind() {
+    let s = fixture("01-ost-released-today");
+    let flag_with = |code: Value| {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let (fi, flag) = entry_of(&mut doc, "Flag");
+        flag["code"] = code;
+        // As an EHR writes it: none of the gateway's own extensions.
+        flag.as_object_mut().unwrap().remove("extension");
+        (fi, parse_fhir(&doc))
+    };
+    let snomed = |code: &str, display: &str| json!({"system": "http://snomed.info/sct", "code": code, "display": display});
+
+    let (fi, read) = flag_with(json!({"coding": [
+        {"system": "http://read.info/ctv3", "code": "XaJ3u"},
+        snomed("225444004", "At risk for suicide"),
+    ]}));
+    let read = read.unwrap();
+    assert_eq!(read.risks.len(), 1);
+    assert_eq!(read.risks[0].kind, RiskKind::Suicide);
+    assert_eq!(read.risks[0].code.as_ref().unwrap().code, "225444004");
+    assert!(read.needs_mental_health_team(), "a suicide risk routes");
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.starts_with(&format!("entry[{fi}].resource.code.coding[0]: not carried"))),
+        "{:?}",
+        read.not_read
+    );
+    let fhir_out = translate::write(TextFormat::Fhir, &read, View::Full, JourneyEvent::Release);
+    let out = String::from_utf8(fhir_out.bytes).unwrap();
+    assert!(
+        out.contains("225444004") && out.contains("\"suicide\""),
+        "{out}"
+    );
+    let hl7_out = translate::write(TextFormat::Hl7v2, &read, View::Full, JourneyEvent::Release);
+    let hl7 = String::from_utf8(hl7_out.bytes).unwrap();
+    assert!(
+        hl7.contains("RISK-CODE") && hl7.contains("225444004^At risk for suicide^SCT"),
+        "{hl7}"
+    );
+    let back = hl7v2::parse(hl7.as_bytes(), &Limits::default())
+        .unwrap()
+        .summary;
+    assert_eq!(back.risks, read.risks);
+
+    let (_, read) = flag_with(json!({"coding": [snomed("1234567008", "At risk of exploitation")]}));
+    let read = read.unwrap();
+    assert_eq!(read.risks[0].kind, RiskKind::Other);
+    assert_eq!(
+        read.risks[0].code.as_ref().unwrap().display,
+        "At risk of exploitation"
+    );
+    for view in [View::MentalHealthTeam, View::SubstanceMisuseService] {
+        let v = throughcare::clinical::views::apply(&read, view);
+        assert!(v.risks.is_empty(), "{view:?}: {:?}", v.risks);
+    }
+
+    let (_, read) = flag_with(json!({"text": "Risk to staff when intoxicated (invented)"}));
+    let read = read.unwrap();
+    assert_eq!(read.risks[0].kind, RiskKind::Other);
+    assert_eq!(
+        read.risks[0].note.as_deref(),
+        Some("Risk to staff when intoxicated (invented)")
+    );
+
+    let (fi, read) = flag_with(json!({"coding": [
+        {"system": "https://throughcare.invalid/fhir/CodeSystem/risk", "code": "arson"}
+    ]}));
+    let paths: Vec<String> = read
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(paths, [format!("entry[{fi}].resource.code.coding[0].code")]);
+    let (fi, read) = flag_with(json!({"coding": [{"display": "no code"}]}));
+    let paths: Vec<String> = read
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(paths, [format!("entry[{fi}].resource.code")]);
 }

@@ -226,8 +226,25 @@ fn clinical() -> impl Strategy<Value = (Vec<Diagnosis>, Vec<Allergy>, Vec<RiskFl
                 proptest::sample::select(RiskKind::ALL.to_vec()),
                 any::<bool>(),
                 proptest::option::of(text()),
+                proptest::option::of(code()),
             )
-                .prop_map(|(kind, active, note)| RiskFlag { kind, active, note }),
+                .prop_map(|(kind, active, note, code)| RiskFlag {
+                    kind,
+                    active,
+                    // An `other` risk says what it is by its code.
+                    code: if kind == RiskKind::Other {
+                        code.or_else(|| {
+                            Some(Code {
+                                system: SNOMED.into(),
+                                code: "225444004".into(),
+                                display: "At risk for suicide".into(),
+                            })
+                        })
+                    } else {
+                        code
+                    },
+                    note,
+                }),
             0..3,
         ),
     )

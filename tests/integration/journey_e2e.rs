@@ -224,6 +224,7 @@ async fn an_urgent_release_is_pulled_before_earlier_routine_ones_on(engine: Engi
         kind: RiskKind::Suicide,
         active: true,
         note: None,
+        code: None,
     });
     let r = prison
         .submit(submit(

@@ -57,6 +57,7 @@ fn ost_and_care_plan(patient: u32, consent: ConsentDecision) -> ClinicalSummary 
         kind: RiskKind::Violence,
         active: true,
         note: Some("invented note".into()),
+        code: None,
     });
     s.consent.treatment_sharing = consent;
     s
@@ -249,6 +250,7 @@ async fn no_service_for_the_release_area_parks_the_copy_visibly() {
         kind: RiskKind::SelfHarm,
         active: true,
         note: None,
+        code: None,
     }];
     let r = released(&mut prison, "nowhere", &s).await;
     assert_eq!(

@@ -11,9 +11,9 @@ use super::{
 use crate::clinical::JourneyEvent;
 use crate::clinical::OdsCode;
 use crate::clinical::model::{
-    Address, Allergy, Author, ClinicalSummary, ConsentDecision, Custody, Date, DateTime, Diagnosis,
-    FollowUp, FollowUpKind, Infection, Medication, MentalHealth, RiskFlag, RiskKind, Severity, Sex,
-    SubstanceMisuse, Vaccination,
+    Address, Allergy, Author, ClinicalSummary, Code, ConsentDecision, Custody, Date, DateTime,
+    Diagnosis, FollowUp, FollowUpKind, Infection, Medication, MentalHealth, RiskFlag, RiskKind,
+    SNOMED, Severity, Sex, SubstanceMisuse, Vaccination,
 };
 use crate::clinical::violation::ValidationErrors;
 
@@ -564,46 +564,107 @@ fn read_risks(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<RiskFlag>
         let Some(f) = typed::<Flag>(v, p, errors) else {
             continue;
         };
-        let kind = f
-            .code
-            .code_in(SYS_RISK)
-            .and_then(|c| c.code.as_deref())
-            .and_then(RiskKind::from_code);
-        match kind {
-            Some(kind) => {
-                let note = f
-                    .extension
-                    .iter()
-                    .find(|e| e.url == EXT_NOTE)
-                    .and_then(|e| e.value_string.as_ref())
-                    .map(|n| n.to_string());
-                // The Flag's own words (`code.text`) are its note when it
-                // has none; beside a note they are listed, never dropped.
-                let code_text = f.code.text.as_ref().map(|t| t.to_string());
-                let note = match (note, code_text) {
-                    (None, text) => text,
-                    (Some(note), Some(_)) => {
-                        index.note(
-                            format_args!("{p}code.text"),
-                            "not carried: the Flag's text beside its note extension",
-                        );
-                        Some(note)
-                    }
-                    (note, None) => note,
-                };
-                s_risks.push(RiskFlag {
-                    kind,
-                    active: f.status == "active",
-                    note,
+        let Some((kind, code)) = risk_kind(&f.code, p, errors) else {
+            continue;
+        };
+        for (j, c) in f.code.coding.iter().enumerate() {
+            let used = c.system.as_deref() == Some(SYS_RISK)
+                || code.as_ref().is_some_and(|k| {
+                    c.system.as_deref() == Some(k.system.as_str())
+                        && c.code.as_deref() == Some(k.code.as_str())
                 });
+            if !used {
+                index.note(
+                    format_args!("{p}code.coding[{j}]"),
+                    "not carried: a further coding of the risk (its SNOMED CT coding, or \
+                     else its first, is carried)",
+                );
             }
-            None => errors.add(
-                format!("{p}code.coding"),
-                "a risk code (suicide, self-harm, violence, vulnerability) is required",
-            ),
         }
+        let note = f
+            .extension
+            .iter()
+            .find(|e| e.url == EXT_NOTE)
+            .and_then(|e| e.value_string.as_ref())
+            .map(|n| n.to_string());
+        // The Flag's own words (`code.text`) are its note when it has none;
+        // beside a note they are listed, never dropped.
+        let code_text = f.code.text.as_ref().map(|t| t.to_string());
+        let note = match (note, code_text) {
+            (None, text) => text,
+            (Some(note), Some(_)) => {
+                index.note(
+                    format_args!("{p}code.text"),
+                    "not carried: the Flag's text beside its note extension",
+                );
+                Some(note)
+            }
+            (note, None) => note,
+        };
+        if kind == RiskKind::Other && code.is_none() && note.is_none() {
+            errors.add(
+                format!("{p}code"),
+                "a risk needs a coding (SNOMED CT, say) or text saying what it is",
+            );
+            continue;
+        }
+        s_risks.push(RiskFlag {
+            kind,
+            active: f.status == "active",
+            note,
+            code,
+        });
     }
     s_risks
+}
+
+/// A Flag's kind and its code as recorded. The gateway's own risk code
+/// names the kind when present; otherwise a SNOMED CT concept whose meaning
+/// is unambiguous does ([`RiskKind::from_snomed`]), and any other risk is
+/// [`RiskKind::Other`], carried with its coding (SNOMED CT first) so the
+/// next carer still sees it. None (an error recorded) for a code of the
+/// gateway's own system that is not one of its kinds.
+fn risk_kind(
+    cc: &CodeableConcept<'_>,
+    p: impl std::fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<(RiskKind, Option<Code>)> {
+    let recorded =
+        |c: &&Coding<'_>| c.system.as_deref().is_some_and(|s| s != SYS_RISK) && c.code.is_some();
+    let code = cc
+        .coding
+        .iter()
+        .filter(recorded)
+        .find(|c| c.system.as_deref() == Some(SNOMED))
+        .or_else(|| cc.coding.iter().find(recorded))
+        .map(|c| Code {
+            system: owned(c.system.as_ref()),
+            code: owned(c.code.as_ref()),
+            display: owned(c.display.as_ref()),
+        });
+    let kind = match cc
+        .coding
+        .iter()
+        .position(|c| c.system.as_deref() == Some(SYS_RISK))
+    {
+        Some(j) => {
+            let local = cc.coding[j].code.as_deref().unwrap_or_default();
+            let Some(kind) = RiskKind::from_code(local) else {
+                errors.add(
+                    format!("{p}code.coding[{j}].code"),
+                    "must be suicide, self-harm, violence, vulnerability or other",
+                );
+                return None;
+            };
+            kind
+        }
+        None => code
+            .as_ref()
+            .filter(|c| c.system == SNOMED)
+            .and_then(|c| RiskKind::from_snomed(&c.code))
+            .unwrap_or(RiskKind::Other),
+    };
+    Some((kind, code))
 }
 
 /// Diagnoses from Conditions.

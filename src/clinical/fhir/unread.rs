@@ -11,7 +11,8 @@
 //! Schema entries are dotted paths below the resource. A suffix names a
 //! datatype whose usual parts are all read: `code{cc}` a CodeableConcept
 //! (`coding.system|code|display`, `text`), `subject{ref}` a Reference
-//! (`reference`), `class{coding}` a Coding.
+//! (`reference`), `class{coding}` a Coding; `code{cc*}` a CodeableConcept
+//! whose codings the parser weighs one by one and lists itself.
 
 use std::fmt;
 
@@ -208,7 +209,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
     (
         "Flag",
         Schema {
-            known: &["status", "code{cc}", "subject{ref}"],
+            known: &["status", "code{cc*}", "subject{ref}"],
             first_only: &[],
             extensions: &[EXT_NOTE],
         },
@@ -282,7 +283,9 @@ pub(super) fn schema(kind: &str) -> Option<&'static Schema> {
 /// The parts of each datatype a suffix names.
 fn datatype_parts(suffix: &str) -> &'static [&'static str] {
     match suffix {
-        "cc" => &[
+        // `cc*`: a CodeableConcept whose every coding the parser weighs
+        // (it lists what it leaves itself).
+        "cc" | "cc*" => &[
             "",
             "coding",
             "coding.system",

@@ -12,7 +12,8 @@ use super::{
 use crate::clinical::JourneyEvent;
 use crate::clinical::Rendered;
 use crate::clinical::model::{
-    ClinicalSummary, Code, ConsentDecision, Custody, FollowUpKind, Medication, Severity, Sex,
+    ClinicalSummary, Code, ConsentDecision, Custody, FollowUpKind, Medication, RiskFlag, Severity,
+    Sex,
 };
 
 /// A document Bundle under construction: each resource is serialised into
@@ -456,11 +457,20 @@ fn add_risks(doc: &mut Doc, s: &ClinicalSummary, subject: &Reference<'_>) -> Vec
                     })
                     .collect(),
                 status: if r.active { "active" } else { "inactive" }.into(),
-                code: CodeableConcept::coded(SYS_RISK, r.kind.code(), r.kind.code()),
+                code: risk_code(r),
                 subject: subject.clone(),
             })
         })
         .collect()
+}
+
+/// A risk's code: the gateway's own kind, then the code the sender recorded
+/// (a receiver that knows SNOMED CT reads that one).
+fn risk_code(r: &RiskFlag) -> CodeableConcept<'_> {
+    let mut cc = CodeableConcept::coded(SYS_RISK, r.kind.code(), r.kind.code());
+    cc.coding
+        .extend(r.code.as_ref().map(|c| code_cc(c).coding.remove(0)));
+    cc
 }
 
 /// Diagnoses as Conditions.

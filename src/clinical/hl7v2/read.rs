@@ -660,10 +660,11 @@ impl Items {
                     kind,
                     active: g.yes_no("ACTIVE", e).unwrap_or(true),
                     note: g.string("NOTE"),
+                    code: g.code(),
                 }),
                 None => e.add(
                     g.path("KIND"),
-                    "must be suicide, self-harm, violence or vulnerability",
+                    "must be suicide, self-harm, violence, vulnerability or other",
                 ),
             },
             "MH" => {

@@ -104,7 +104,7 @@ const OBX_ITEMS: [(&str, &[&str]); 13] = [
     ),
     ("ALG", &["CODE", "REACTION", "SEV"]),
     ("DX", &["CODE", "ACTIVE", "ONSET"]),
-    ("RISK", &["KIND", "ACTIVE", "NOTE"]),
+    ("RISK", &["KIND", "CODE", "ACTIVE", "NOTE"]),
     ("MH", &["CPA", "COORD"]),
     ("SM", &["TREAT", "SERVICE"]),
     ("INF", &["CODE", "STATUS", "TREATED"]),

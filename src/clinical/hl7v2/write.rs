@@ -157,7 +157,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let items = s.medications.len() * 8
         + s.allergies.len()
         + s.diagnoses.len()
-        + s.risks.len() * 3
+        + s.risks.len() * 4
         + s.infections.len() * 3
         + s.vaccinations.len() * 2
         + s.follow_ups.len() * 3;
@@ -477,6 +477,9 @@ fn push_risks(obx: &mut Obx<'_>, s: &ClinicalSummary) {
     for (i, r) in s.risks.iter().enumerate() {
         let n = i + 1;
         obx.add("ST", "RISK", "KIND", "Risk", n, Value::Raw(r.kind.code()));
+        if let Some(code) = &r.code {
+            obx.add("CE", "RISK", "CODE", "Risk code", n, Value::Code(code));
+        }
         obx.add(
             "ST",
             "RISK",
