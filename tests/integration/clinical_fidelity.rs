@@ -1117,3 +1117,249 @@ fn flags_coded_in_snomed_or_words_are_carried_and_a_known_concept_names_its_kind
         .collect();
     assert_eq!(paths, [format!("entry[{fi}].resource.code")]);
 }
+
+/// The fields a document is refused at, after `edit`.
+fn refused_at(s: &ClinicalSummary, edit: impl Fn(&mut Value)) -> Vec<String> {
+    let mut doc = fhir_json(s, JourneyEvent::Release);
+    edit(&mut doc);
+    match parse_fhir(&doc) {
+        Ok(read) => panic!("accepted: {:?}", read.not_read),
+        Err(e) => e.0.iter().map(|v| v.field.clone()).collect(),
+    }
+}
+
+fn read_after(s: &ClinicalSummary, edit: impl Fn(&mut Value)) -> ClinicalSummary {
+    let mut doc = fhir_json(s, JourneyEvent::Release);
+    edit(&mut doc);
+    parse_fhir(&doc).unwrap_or_else(|e| panic!("refused: {e}"))
+}
+
+/// What identifies the document, its patient and its episode is read as
+/// the standard means it, or refused when it cannot be told: a withdrawn
+/// document, a second current NHS number, several Encounters with none
+/// named. A section entry the Bundle does not hold is listed.
+#[test]
+fn document_identity_patient_identifiers_and_the_episode_are_read_as_fhir_means_them() {
+    let s = fixture("01-ost-released-today");
+    let nhs = |value: &str, use_: Option<&str>| {
+        let mut id = json!({"system": "https://fhir.nhs.uk/Id/nhs-number", "value": value});
+        if let Some(u) = use_ {
+            id["use"] = json!(u);
+        }
+        id
+    };
+
+    let fields = refused_at(&s, |doc| {
+        doc["entry"][0]["resource"]["status"] = json!("entered-in-error");
+    });
+    assert_eq!(fields, ["entry[0].resource.status"]);
+    let read = read_after(&s, |doc| {
+        doc["entry"][0]["resource"]["status"] = json!("amended");
+    });
+    assert_eq!(read.patient, s.patient);
+
+    // A retired number (use old) is set aside, before or after the current one.
+    for at_front in [true, false] {
+        let read = read_after(&s, |doc| {
+            let (_, patient) = entry_of(doc, "Patient");
+            let ids = patient["identifier"].as_array_mut().unwrap();
+            let old = nhs("9990000018", Some("old"));
+            if at_front {
+                ids.insert(0, old);
+            } else {
+                ids.push(old);
+            }
+        });
+        assert_eq!(read.patient.nhs_number, s.patient.nhs_number, "{at_front}");
+        assert!(read.not_read.iter().any(|n| n.contains("use old")));
+    }
+    let (pi, _) = entry_of(&mut fhir_json(&s, JourneyEvent::Release), "Patient");
+    let fields = refused_at(&s, |doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["identifier"]
+            .as_array_mut()
+            .unwrap()
+            .push(nhs("9990000018", None));
+    });
+    assert_eq!(fields.len(), 1, "{fields:?}");
+    assert!(
+        fields[0].starts_with(&format!("entry[{pi}].resource.identifier[")),
+        "{fields:?}"
+    );
+
+    let read = read_after(&s, |doc| {
+        doc["entry"][0]["resource"]["section"][0]["entry"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"reference": "urn:uuid:0f0f0f0f-0000-4000-8000-00000000dead"}));
+    });
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.starts_with("entry[0].resource.section[0].entry[")
+                && n.contains("the Bundle does not hold")),
+        "{:?}",
+        read.not_read
+    );
+
+    // An earlier episode beside the current one: the Composition names which.
+    let earlier = |doc: &mut Value| {
+        let (_, enc) = entry_of(doc, "Encounter");
+        let mut old = enc.clone();
+        old["period"] = json!({"start": "2020-01-01", "end": "2020-06-01"});
+        doc["entry"].as_array_mut().unwrap().insert(
+            1,
+            json!({"fullUrl": "urn:uuid:0f0f0f0f-0000-4000-8000-000000000e01", "resource": old}),
+        );
+    };
+    let read = read_after(&s, |doc| {
+        earlier(doc);
+        assert!(
+            doc["entry"][0]["resource"]["encounter"].is_object(),
+            "we name it"
+        );
+    });
+    assert_eq!(read.custody.release_date, s.custody.release_date);
+    let fields = refused_at(&s, |doc| {
+        earlier(doc);
+        doc["entry"][0]["resource"]
+            .as_object_mut()
+            .unwrap()
+            .remove("encounter");
+    });
+    assert_eq!(fields, ["entry[0].resource.encounter"]);
+}
+
+/// Where the patient will live, and who their practice is, as NHS systems
+/// write them: the home address beside a temporary (prison) one, an address
+/// given as text, a practice given by its ODS code alone or after a named GP.
+#[test]
+fn the_release_address_and_the_practice_are_found_where_nhs_systems_put_them() {
+    let s = fixture("01-ost-released-today");
+    let read = read_after(&s, |doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        let home = patient["address"][0].clone();
+        patient["address"] = json!([
+            {"use": "temp", "line": ["HMP Ashdown (invented)"], "postalCode": "ZZ9 9ZZ"},
+            home,
+        ]);
+    });
+    assert_eq!(read.custody.release_address, s.custody.release_address);
+
+    let read = read_after(&s, |doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["address"] = json!([{"text": "Flat 2, 9 Mill Lane, Northam ZZ1 4AB"}]);
+    });
+    let address = read.custody.release_address.unwrap();
+    assert_eq!(address.lines, ["Flat 2, 9 Mill Lane, Northam ZZ1 4AB"]);
+
+    let gp = s.registered_gp.clone().unwrap();
+    let read = read_after(&s, |doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["generalPractitioner"] = json!([{"identifier": {
+            "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": gp.as_str()
+        }}]);
+    });
+    assert_eq!(read.registered_gp.as_ref(), Some(&gp));
+
+    let read = read_after(&s, |doc| {
+        let author = doc["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["resource"]["resourceType"] == "Practitioner")
+            .map(|e| e["fullUrl"].clone())
+            .unwrap();
+        let (_, patient) = entry_of(doc, "Patient");
+        let practice = patient["generalPractitioner"][0].clone();
+        patient["generalPractitioner"] = json!([{"reference": author}, practice]);
+    });
+    assert_eq!(read.registered_gp.as_ref(), Some(&gp));
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.contains("generalPractitioner[0]: not carried")),
+        "{:?}",
+        read.not_read
+    );
+}
+
+/// A status outside its required binding is refused, never read as a
+/// default: a resolved problem must not arrive active, an entered-in-error
+/// flag must not arrive as a risk. A cancelled observation is not carried.
+#[test]
+fn statuses_outside_their_binding_are_refused_and_cancelled_observations_are_not_carried() {
+    let s = fixture("01-ost-released-today");
+    for (kind, edit) in [
+        ("Condition", json!({"clinicalStatus": {"text": "Resolved"}})),
+        (
+            "Condition",
+            json!({"clinicalStatus": {"coding": [{"system": "http://snomed.info/sct", "code": "413322009"}]}}),
+        ),
+        ("Condition", json!({"abatementDateTime": "2020-01-01"})),
+        ("Flag", json!({"status": "Entered-In-Error"})),
+    ] {
+        let fields = refused_at(&s, |doc| {
+            let (_, r) = entry_of(doc, kind);
+            if kind == "Condition" {
+                r.as_object_mut().unwrap().remove("clinicalStatus");
+            }
+            for (k, v) in edit.as_object().unwrap() {
+                r[k] = v.clone();
+            }
+        });
+        let (i, _) = entry_of(&mut fhir_json(&s, JourneyEvent::Release), kind);
+        let element = if kind == "Flag" {
+            "status"
+        } else {
+            "clinicalStatus"
+        };
+        assert_eq!(fields, [format!("entry[{i}].resource.{element}")], "{edit}");
+    }
+
+    let read = read_after(&s, |doc| {
+        let (_, c) = entry_of(doc, "Condition");
+        c["code"]["coding"].as_array_mut().unwrap().insert(
+            0,
+            json!({"system": "http://read.info/ctv3", "code": "E2440"}),
+        );
+    });
+    assert_eq!(
+        read.diagnoses[0].code, s.diagnoses[0].code,
+        "SNOMED CT is read first"
+    );
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.ends_with("code.coding[0]: only the first repetition is read")),
+        "{:?}",
+        read.not_read
+    );
+}
+
+/// A dosage's coded timing and its other instructions reach the GP, or are
+/// listed: nothing in a dosage vanishes unsaid.
+#[test]
+fn coded_timings_are_carried_and_other_instructions_are_listed() {
+    let s = fixture("01-ost-released-today");
+    let read = read_after(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        m["dosage"][0]["timing"] = json!({"code": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-GTSAbbreviation",
+            "code": "QD", "display": "daily"
+        }]}});
+        m["dosage"][0]["additionalInstruction"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"text": "Do not drink alcohol"}));
+    });
+    assert_eq!(read.medications[0].frequency, "daily");
+    assert!(read.medications[0].supervised);
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.contains("additionalInstruction[1]: not carried")),
+        "{:?}",
+        read.not_read
+    );
+}

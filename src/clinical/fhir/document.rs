@@ -1,8 +1,9 @@
 //! Reading a document Bundle's resources into the summary: the Composition,
 //! the Patient, the custody Encounter, then each heading's resources.
 
-use super::index::Index;
+use super::index::{At, Index};
 use super::read::{Parsed, day_of, kind_of, owned, parse_code, parse_with, required, typed};
+use super::types::Address as FhirAddress;
 use super::types::*;
 use super::{
     CLINICAL_STATUS, EXT_DAYS_SUPPLIED, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED, SYS_CRN,
@@ -10,6 +11,7 @@ use super::{
 };
 use crate::clinical::JourneyEvent;
 use crate::clinical::OdsCode;
+use crate::clinical::identifiers::{Crn, NhsNumber, PrisonNumber};
 use crate::clinical::model::{
     Address, Allergy, Author, ClinicalSummary, Code, ConsentDecision, Custody, Date, DateTime,
     Diagnosis, FollowUp, FollowUpKind, Infection, Medication, MentalHealth, RiskFlag, RiskKind,
@@ -53,17 +55,14 @@ pub(super) fn parse_document(
         });
 
     unique_full_urls(bundle, prefix, errors);
-    if comp.status == "preliminary" {
-        index.note(
-            format_args!("{p0}status"),
-            "not carried: preliminary (carried as final)",
-        );
-    }
+    composition_status(&index, &comp.status, p0, errors);
+    sections_resolve(&index, &comp.section, &format!("{p0}section"));
     let (pi, pv) = the_patient(&index, &comp, errors)?;
     about_the_patient(&index, pi, errors);
     let from_patient = read_patient(&index, pi, pv, errors)?;
     let custody = read_custody(
         &index,
+        (&comp, p0),
         prefix,
         from_patient.release_address.as_ref(),
         errors,
@@ -77,7 +76,10 @@ pub(super) fn parse_document(
     let follow_ups = read_service_requests(&index, errors);
     let consent = read_consent(&index, errors);
     let author = read_author(&comp, &index, errors);
-    let author_org = comp.custodian.as_ref().and_then(|r| index.ods(r, errors));
+    let author_org = comp
+        .custodian
+        .as_ref()
+        .and_then(|r| index.ods(r, format_args!("{p0}custodian"), errors));
     let prescriptions = prescription::read(&index, errors);
     let author_org = required(
         author_org,
@@ -251,6 +253,130 @@ struct PatientRead {
     release_address: Option<Address>,
 }
 
+/// Keeps `found` as the patient's identifier of one kind; a second,
+/// different one (not marked `use: old`) is refused: which of the two is
+/// this patient's cannot be told, and the wrong one files the record under
+/// someone else.
+fn one_identifier<T: PartialEq>(
+    kept: &mut Option<T>,
+    found: Option<T>,
+    at: String,
+    errors: &mut ValidationErrors,
+) {
+    let Some(found) = found else { return };
+    match kept {
+        Some(k) if *k != found => errors.add(
+            at,
+            "a second, different identifier of this kind: which is the patient's cannot be \
+             told (mark a retired one use old)",
+        ),
+        Some(_) => {}
+        None => *kept = Some(found),
+    }
+}
+
+/// Where the patient will live: the first `home` address, else the first
+/// with no use or `temp` (a hostel, approved premises). `old`, `work` and
+/// `billing` addresses are never it; each address not taken is listed.
+fn release_address<'x, 'a>(
+    index: &Index<'_>,
+    addresses: &'x [FhirAddress<'a>],
+    pp: At<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<(usize, &'x FhirAddress<'a>)> {
+    let usable = |a: &&FhirAddress<'_>| matches!(a.use_.as_deref(), None | Some("home" | "temp"));
+    let chosen = addresses
+        .iter()
+        .position(|a| a.use_.as_deref() == Some("home"))
+        .or_else(|| addresses.iter().position(|a| usable(&a)));
+    if chosen.is_none() && !addresses.is_empty() {
+        errors.add(
+            format!("{pp}address[0].use"),
+            "no current address: an address marked old, work or billing is not where the \
+             patient lives (give the current one, or none)",
+        );
+    }
+    for k in (0..addresses.len()).filter(|k| Some(*k) != chosen) {
+        index.note(
+            format_args!("{pp}address[{k}]"),
+            "not carried: only the address the patient will live at is read",
+        );
+    }
+    chosen.map(|k| (k, &addresses[k]))
+}
+
+/// The registered practice: the first `generalPractitioner` that is an
+/// Organization (an entry, or an ODS identifier alone). A Practitioner or
+/// PractitionerRole names a person, not the practice, and is listed, as is
+/// any further practice.
+fn registered_practice(
+    index: &Index<'_>,
+    refs: &[Reference<'_>],
+    pp: At<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<OdsCode> {
+    let mut practice = None;
+    for (k, r) in refs.iter().enumerate() {
+        let kind = r
+            .reference
+            .as_deref()
+            .and_then(|u| index.position(u))
+            .and_then(|i| index.kind(i));
+        if practice.is_some() || matches!(kind, Some("Practitioner" | "PractitionerRole")) {
+            index.note(
+                format_args!("{pp}generalPractitioner[{k}]"),
+                "not carried: only the registered practice (an Organization) is read",
+            );
+            continue;
+        }
+        practice = index.ods(r, format_args!("{pp}generalPractitioner[{k}]"), errors);
+    }
+    practice
+}
+
+/// The patient's NHS number, prison number and CRN.
+fn read_identifiers(
+    index: &Index<'_>,
+    identifiers: &[Identifier<'_>],
+    pp: At<'_>,
+    errors: &mut ValidationErrors,
+) -> (Option<NhsNumber>, Option<PrisonNumber>, Option<Crn>) {
+    let mut nhs = None;
+    let mut prison = None;
+    let mut crn = None;
+    for (k, id) in identifiers.iter().enumerate() {
+        let field = format_args!("{pp}identifier[{k}].value");
+        let value = id.value.as_deref();
+        let known = matches!(
+            id.system.as_deref(),
+            Some(SYS_NHS | SYS_PRISON_NUMBER | SYS_CRN)
+        );
+        if !known {
+            index.note(
+                format_args!("{pp}identifier[{k}]"),
+                "an identifier system the gateway does not read",
+            );
+            continue;
+        }
+        if id.use_.as_deref() == Some("old") {
+            index.note(
+                format_args!("{pp}identifier[{k}]"),
+                "not carried: an identifier no longer in use (use old)",
+            );
+            continue;
+        }
+        let at = format!("{pp}identifier[{k}]");
+        match id.system.as_deref() {
+            Some(SYS_NHS) => one_identifier(&mut nhs, parse_with(value, field, errors), at, errors),
+            Some(SYS_PRISON_NUMBER) => {
+                one_identifier(&mut prison, parse_with(value, field, errors), at, errors);
+            }
+            _ => one_identifier(&mut crn, parse_with(value, field, errors), at, errors),
+        }
+    }
+    (nhs, prison, crn)
+}
+
 /// The Patient the Composition is about; none when it is not a Patient.
 fn read_patient(
     index: &Index<'_>,
@@ -260,22 +386,7 @@ fn read_patient(
 ) -> Option<PatientRead> {
     let pp = index.path(pi);
     let fp: Patient = typed(pv, pp, errors)?;
-    let mut nhs = None;
-    let mut prison = None;
-    let mut crn = None;
-    for (k, id) in fp.identifier.iter().enumerate() {
-        let field = format_args!("{pp}identifier[{k}].value");
-        let value = id.value.as_deref();
-        match id.system.as_deref() {
-            Some(SYS_NHS) => nhs = parse_with(value, field, errors),
-            Some(SYS_PRISON_NUMBER) => prison = parse_with(value, field, errors),
-            Some(SYS_CRN) => crn = parse_with(value, field, errors),
-            _ => index.note(
-                format_args!("{pp}identifier[{k}]"),
-                "an identifier system the gateway does not read",
-            ),
-        }
-    }
+    let (nhs, prison, crn) = read_identifiers(index, &fp.identifier, pp, errors);
     let name = fp.name.first();
     if let Some(u) = name
         .and_then(|n| n.use_.as_deref())
@@ -289,12 +400,7 @@ fn read_patient(
             ),
         );
     }
-    if fp.address.first().and_then(|a| a.use_.as_deref()) == Some("old") {
-        errors.add(
-            format!("{pp}address[0].use"),
-            "the first address must be current: an old address would be read as the release address",
-        );
-    }
+    let address = release_address(index, &fp.address, pp, errors);
     let family_name = required(
         name.and_then(|n| n.family.as_ref()).map(|f| f.to_string()),
         format_args!("{pp}name[0].family"),
@@ -324,14 +430,23 @@ fn read_patient(
             Sex::Unknown
         }
     };
-    let registered_gp = fp
-        .general_practitioner
-        .first()
-        .and_then(|r| index.ods(r, errors));
-    let release_address = fp.address.first().map(|a| Address {
-        lines: a.line.iter().map(|l| l.to_string()).collect(),
-        city: owned(a.city.as_ref()),
-        postcode: owned(a.postal_code.as_ref()),
+    let registered_gp = registered_practice(index, &fp.general_practitioner, pp, errors);
+    let release_address = address.map(|(k, a)| {
+        let mut lines: Vec<String> = a.line.iter().map(|l| l.to_string()).collect();
+        let parts = !lines.is_empty() || a.city.is_some() || a.postal_code.is_some();
+        match (&a.text, parts) {
+            (Some(text), false) => lines.push(text.to_string()),
+            (Some(_), true) => index.note(
+                format_args!("{pp}address[{k}].text"),
+                "not carried: the address as text beside its parts",
+            ),
+            (None, _) => {}
+        }
+        Address {
+            lines,
+            city: owned(a.city.as_ref()),
+            postcode: owned(a.postal_code.as_ref()),
+        }
     });
 
     let patient = match (family_name, dob) {
@@ -358,23 +473,18 @@ fn read_patient(
 /// The custody episode from the (first) Encounter, which is required.
 fn read_custody(
     index: &Index<'_>,
+    (comp, p0): (&Composition<'_>, At<'_>),
     prefix: &str,
     release_address: Option<&Address>,
     errors: &mut ValidationErrors,
 ) -> Option<Custody> {
-    let Some((ei, ev)) = index.of_type("Encounter").next() else {
-        errors.add(
-            format!("{prefix}entry"),
-            "an Encounter for the custody episode is required",
-        );
-        return None;
-    };
+    let (ei, ev) = custody_encounter(index, (comp, p0), prefix, errors)?;
     let ep = index.path(ei);
     let enc = typed::<Encounter>(ev, ep, errors)?;
     let establishment = enc
         .service_provider
         .as_ref()
-        .and_then(|r| index.ods(r, errors));
+        .and_then(|r| index.ods(r, format_args!("{ep}serviceProvider"), errors));
     let establishment = required(
         establishment,
         format_args!("{ep}serviceProvider"),
@@ -384,7 +494,7 @@ fn read_custody(
     let hosp = enc.hospitalization.as_ref();
     let transfer_to = hosp
         .and_then(|h| h.destination.as_ref())
-        .and_then(|r| index.ods(r, errors));
+        .and_then(|r| index.ods(r, format_args!("{ep}hospitalization.destination"), errors));
     let period = enc.period.as_ref();
     let start = period.and_then(|p| p.start.as_deref());
     let end = period.and_then(|p| p.end.as_deref());
@@ -414,6 +524,86 @@ fn read_custody(
         release_address: release_address.cloned(),
         no_fixed_abode,
     })
+}
+
+/// A withdrawn document, or a status composition-status does not define,
+/// is refused; a preliminary one is carried as final, and says so.
+fn composition_status(index: &Index<'_>, status: &str, p0: At<'_>, errors: &mut ValidationErrors) {
+    match status {
+        "final" | "amended" => {}
+        "preliminary" => index.note(
+            format_args!("{p0}status"),
+            "not carried: preliminary (carried as final)",
+        ),
+        "entered-in-error" => errors.add(
+            format!("{p0}status"),
+            "a document entered in error is withdrawn, not sent: send the corrected \
+             summary instead (it supersedes the earlier one)",
+        ),
+        _ => errors.add(
+            format!("{p0}status"),
+            "must be preliminary, final or amended (FHIR composition-status)",
+        ),
+    }
+}
+
+/// The custody episode's Encounter: the one `Composition.encounter` names,
+/// else the Bundle's only Encounter. Several without that reference is
+/// refused: the wrong one would give the wrong dates and deadlines.
+fn custody_encounter<'a>(
+    index: &Index<'a>,
+    (comp, p0): (&Composition<'_>, At<'_>),
+    prefix: &str,
+    errors: &mut ValidationErrors,
+) -> Option<(usize, &'a str)> {
+    if let Some(r) = &comp.encounter {
+        return match index.resolve(r) {
+            Some((ei, ev)) if index.kind(ei) == Some("Encounter") => Some((ei, ev)),
+            _ => {
+                errors.add(
+                    format!("{p0}encounter"),
+                    "must refer to the custody episode's Encounter in the Bundle",
+                );
+                None
+            }
+        };
+    }
+    let mut encounters = index.of_type("Encounter");
+    let Some(first) = encounters.next() else {
+        errors.add(
+            format!("{prefix}entry"),
+            "an Encounter for the custody episode is required",
+        );
+        return None;
+    };
+    if encounters.next().is_some() {
+        errors.add(
+            format!("{p0}encounter"),
+            "required when the Bundle holds several Encounters: which one is the custody \
+             episode",
+        );
+        return None;
+    }
+    Some(first)
+}
+
+/// Every section entry the Bundle does not hold is listed: the document
+/// lost part of itself on the way (a medicine, an allergy) and the
+/// recipient must know; refusing would lose the rest (the published NHS
+/// examples, assembled, refer beyond their Bundle).
+fn sections_resolve(index: &Index<'_>, sections: &[Section<'_>], at: &str) {
+    for (i, section) in sections.iter().enumerate() {
+        for (j, r) in section.entry.iter().enumerate() {
+            let found = r.reference.as_deref().and_then(|url| index.position(url));
+            if found.is_none() {
+                index.note(
+                    format_args!("{at}[{i}].entry[{j}]"),
+                    "not carried: a section entry the Bundle does not hold (the document \
+                     arrived without it)",
+                );
+            }
+        }
+    }
 }
 
 /// Medicines from MedicationStatements.
@@ -482,17 +672,8 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
                     }
                     text
                 })),
-                frequency: owned(
-                    dosage
-                        .and_then(|d| d.timing.as_ref())
-                        .and_then(|t| t.code.as_ref())
-                        .and_then(|c| c.text.as_ref()),
-                ),
-                supervised: dosage.is_some_and(|d| {
-                    d.additional_instruction.iter().any(|c| {
-                        c.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("supervised")
-                    })
-                }),
+                frequency: frequency(index, dosage, p),
+                supervised: dosage.is_some_and(|d| supervised(index, d, p)),
                 opioid_substitution: m
                     .category
                     .as_ref()
@@ -505,6 +686,54 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         }
     }
     s_medications
+}
+
+/// How often, in words: the timing's text, else its coding's display, else
+/// its code (a coded-only timing, `QD`, is valid FHIR and must not arrive
+/// as no frequency at all).
+fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> String {
+    let Some(cc) = dosage
+        .and_then(|d| d.timing.as_ref())
+        .and_then(|t| t.code.as_ref())
+    else {
+        return String::new();
+    };
+    if let Some(text) = &cc.text {
+        return text.to_string();
+    }
+    let Some(c) = cc.coding.first() else {
+        return String::new();
+    };
+    match (&c.display, &c.code) {
+        (Some(display), _) => display.to_string(),
+        (None, Some(code)) => {
+            index.note(
+                format_args!("{p}dosage[0].timing.code"),
+                "carried as its code alone: a coded timing without text or display",
+            );
+            code.to_string()
+        }
+        (None, None) => String::new(),
+    }
+}
+
+/// Whether the dose is taken under supervision (the gateway's own
+/// `supervised` instruction). Every other additional instruction is listed:
+/// the model has no place for it, and it must not vanish unsaid.
+fn supervised(index: &Index<'_>, d: &Dosage<'_>, p: At<'_>) -> bool {
+    let mut supervised = false;
+    for (k, c) in d.additional_instruction.iter().enumerate() {
+        if c.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("supervised") {
+            supervised = true;
+        } else {
+            index.note(
+                format_args!("{p}dosage[0].additionalInstruction[{k}]"),
+                "not carried: an additional instruction the model has no place for (only \
+                 supervised consumption, in the gateway's own code, is read)",
+            );
+        }
+    }
+    supervised
 }
 
 /// Allergies from AllergyIntolerances.

@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use super::SYS_ODS;
 use super::read::{ods_of, parse_with, typed};
 use super::types::{Organization, RawEntry, Reference};
 use super::unread;
@@ -103,7 +104,8 @@ impl<'a> Index<'a> {
 
     /// The entries of type `t`, in order, each marked read as it is taken.
     /// A resource its own status withdraws (entered in error, refuted, not
-    /// done) is set aside with a note.
+    /// done) is set aside with a note; one whose status is not a code FHIR
+    /// defines for it is refused.
     pub(super) fn of_type(&self, t: &'static str) -> impl Iterator<Item = (usize, &'a str)> + '_ {
         self.kinds
             .iter()
@@ -111,6 +113,13 @@ impl<'a> Index<'a> {
             .filter(move |(_, k)| k.as_deref() == Some(t))
             .filter_map(move |(i, _)| {
                 let json = self.entries[i].resource.get();
+                if let Some((element, why)) = unread::status_fault(t, json) {
+                    self.used.borrow_mut()[i] = true;
+                    self.refused
+                        .borrow_mut()
+                        .add(format!("{}{element}", self.path(i)), why);
+                    return None;
+                }
                 if let Some(why) = unread::withdrawn(t, json) {
                     self.used.borrow_mut()[i] = true;
                     self.note(
@@ -193,8 +202,30 @@ impl<'a> Index<'a> {
         })
     }
 
-    /// The ODS code of the Organization `r` points at, if it resolves.
-    pub(super) fn ods(&self, r: &Reference, errors: &mut ValidationErrors) -> Option<OdsCode> {
+    /// The ODS code of the Organization `r` (at `at`) points at: an entry
+    /// in the Bundle, or an ODS identifier alone (a logical reference, as
+    /// NHS systems often write). None when it names neither.
+    pub(super) fn ods(
+        &self,
+        r: &Reference,
+        at: impl fmt::Display,
+        errors: &mut ValidationErrors,
+    ) -> Option<OdsCode> {
+        if r.reference.is_none() {
+            let id = r.identifier.as_ref()?;
+            if id.system.as_deref() != Some(SYS_ODS) {
+                errors.add(
+                    format!("{at}.identifier.system"),
+                    format!("must be {SYS_ODS}: an organisation is named by its ODS code"),
+                );
+                return None;
+            }
+            return parse_with(
+                id.value.as_deref(),
+                format_args!("{at}.identifier.value"),
+                errors,
+            );
+        }
         let (oi, ov) = self.resolve(r)?;
         if self.kind(oi) != Some("Organization") {
             errors.add(

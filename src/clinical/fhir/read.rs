@@ -13,7 +13,7 @@ use super::types::*;
 use super::{SYS_ODS, unread};
 use crate::clinical::JourneyEvent;
 use crate::clinical::Limits;
-use crate::clinical::model::{ClinicalSummary, Code, Date};
+use crate::clinical::model::{ClinicalSummary, Code, DMD, Date, SNOMED};
 use crate::clinical::violation::ValidationErrors;
 
 /// Deepest JSON nesting in `bytes`, counting only brackets outside strings.
@@ -266,10 +266,16 @@ pub(super) fn parse_code(
     field: impl fmt::Display,
     errors: &mut ValidationErrors,
 ) -> Option<Code> {
+    let usable = |c: &&Coding<'_>| c.system.is_some() && c.code.is_some();
+    // The national terminologies first: a CTV3 or local coding listed
+    // before the SNOMED CT one must not displace it.
+    let national = |c: &&Coding<'_>| matches!(c.system.as_deref(), Some(SNOMED | DMD));
     match cc
         .coding
         .iter()
-        .find(|c| c.system.is_some() && c.code.is_some())
+        .filter(usable)
+        .find(national)
+        .or_else(|| cc.coding.iter().find(usable))
     {
         Some(c) => Some(Code {
             system: owned(c.system.as_ref()),

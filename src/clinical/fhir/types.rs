@@ -98,6 +98,10 @@ impl<'a> CodeableConcept<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Identifier<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "use")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub use_: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub system: Option<Cow<'a, str>>,
@@ -188,6 +192,10 @@ pub struct Address<'a> {
     #[serde(rename = "use")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub use_: Option<Cow<'a, str>>,
+    /// The address as one text, when the sender has no parts.
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub text: Option<Cow<'a, str>>,
     #[serde(
         default,
         skip_serializing_if = "all_blank",
@@ -246,6 +254,10 @@ pub struct Composition<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub custodian: Option<Reference<'a>>,
+    /// The custody episode the document is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub encounter: Option<Reference<'a>>,
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub event: Vec<CompositionEvent<'a>>,

@@ -12,7 +12,8 @@
 //! datatype whose usual parts are all read: `code{cc}` a CodeableConcept
 //! (`coding.system|code|display`, `text`), `subject{ref}` a Reference
 //! (`reference`), `class{coding}` a Coding; `code{cc*}` a CodeableConcept
-//! whose codings the parser weighs one by one and lists itself.
+//! whose codings the parser weighs one by one and lists itself;
+//! `custodian{org}` a Reference to an Organization, by entry or ODS code.
 
 use std::fmt;
 
@@ -54,7 +55,8 @@ const SCHEMAS: [(&str, Schema); 15] = [
                 "date",
                 "author{ref}",
                 "title",
-                "custodian{ref}",
+                "custodian{org}",
+                "encounter{ref}",
                 "event",
                 "event.code{cc}",
                 "section",
@@ -71,6 +73,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
         Schema {
             known: &[
                 "identifier",
+                "identifier.use",
                 "identifier.system",
                 "identifier.value",
                 "name",
@@ -80,12 +83,13 @@ const SCHEMAS: [(&str, Schema); 15] = [
                 "birthDate",
                 "address",
                 "address.use",
+                "address.text",
                 "address.line",
                 "address.city",
                 "address.postalCode",
-                "generalPractitioner{ref}",
+                "generalPractitioner{org}",
             ],
-            first_only: &["name", "address", "generalPractitioner"],
+            first_only: &["name"],
             extensions: &[],
         },
     ),
@@ -121,9 +125,9 @@ const SCHEMAS: [(&str, Schema); 15] = [
                 "period",
                 "period.start",
                 "period.end",
-                "serviceProvider{ref}",
+                "serviceProvider{org}",
                 "hospitalization",
-                "hospitalization.destination{ref}",
+                "hospitalization.destination{org}",
                 "hospitalization.dischargeDisposition{cc}",
             ],
             first_only: &[],
@@ -294,6 +298,14 @@ fn datatype_parts(suffix: &str) -> &'static [&'static str] {
             "text",
         ],
         "ref" => &["", "reference"],
+        // A reference to an Organization: to an entry, or by its ODS code.
+        "org" => &[
+            "",
+            "reference",
+            "identifier",
+            "identifier.system",
+            "identifier.value",
+        ],
         "coding" => &["", "system", "code", "display"],
         _ => &[],
     }
@@ -326,6 +338,29 @@ impl Schema {
                     .any(|k| k.strip_suffix("{cc}") == Some(base))
             })
     }
+}
+
+/// Which of a CodeableConcept's codings the parser reads: the first in a
+/// system it knows (SNOMED CT, dm+d, HL7's own code systems, the
+/// gateway's), else the first with a system and a code (as `parse_code`
+/// and `code_in` choose).
+fn coding_read(codings: &[Value]) -> usize {
+    fn system(c: &Value) -> &str {
+        c.get("system").and_then(Value::as_str).unwrap_or("")
+    }
+    let usable = |c: &&Value| !system(c).is_empty() && c.get("code").is_some();
+    let known = |c: &&Value| {
+        let s = system(c);
+        s == crate::clinical::model::SNOMED
+            || s == crate::clinical::model::DMD
+            || s.starts_with("http://terminology.hl7.org/CodeSystem/")
+            || s.starts_with("https://throughcare.invalid/")
+    };
+    codings
+        .iter()
+        .position(|c| usable(&c) && known(&c))
+        .or_else(|| codings.iter().position(|c| usable(&c)))
+        .unwrap_or(0)
 }
 
 /// `name` when it could be a FHIR element or type name, or a placeholder:
@@ -399,9 +434,14 @@ impl Walk<'_> {
         match value {
             Value::Object(map) => self.object(map, path, &format!("{here}.")),
             Value::Array(items) => {
+                let read = if path.ends_with(".coding") {
+                    coding_read(items)
+                } else {
+                    0
+                };
                 for (i, item) in items.iter().enumerate() {
                     let at = format!("{here}[{i}]");
-                    if i > 0 && self.schema.first_only(path) {
+                    if i != read && self.schema.first_only(path) {
                         self.notes
                             .push(format!("{at}: only the first repetition is read"));
                     } else {
@@ -552,6 +592,7 @@ pub(super) fn withdrawn(kind: &str, json: &str) -> Option<String> {
             Some("no longer active (clinicalStatus)".into())
         }
         ("Immunization", Some("not-done"), _) => Some("not done".into()),
+        ("Observation", Some("cancelled"), _) => Some("cancelled".into()),
         // occurrence[x] as text ("childhood, date unknown") is valid FHIR,
         // but the model dates every vaccination: listed, not refused.
         ("Immunization", _, _)
@@ -562,6 +603,112 @@ pub(super) fn withdrawn(kind: &str, json: &str) -> Option<String> {
         ("MedicationRequest", _, _) if v.get("doNotPerform") == Some(&Value::Bool(true)) => {
             Some("a request not to give this medicine (doNotPerform)".into())
         }
+        _ => None,
+    }
+}
+
+/// A status element (a required binding) that holds no code FHIR defines
+/// for it, with why: the element's path below the resource and the reason.
+/// Read as anything, it could turn a resolved problem into an active one
+/// or an entered-in-error risk into a live one, so the document is refused.
+pub(super) fn status_fault(kind: &str, json: &str) -> Option<(&'static str, String)> {
+    const CONDITION_VERIFICATION: &str =
+        "http://terminology.hl7.org/CodeSystem/condition-ver-status";
+    const ALLERGY_VERIFICATION: &str =
+        "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification";
+    let v: Value = serde_json::from_str(json).ok()?;
+    let coded = |element: &'static str, system: &str, allowed: &[&str]| {
+        let cc = v.get(element)?;
+        let ok = cc
+            .get("coding")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.get("system").and_then(Value::as_str) == Some(system))
+            .filter_map(|c| c.get("code").and_then(Value::as_str))
+            .any(|c| allowed.contains(&c));
+        (!ok).then(|| {
+            (
+                element,
+                format!(
+                    "needs a coding in {system} ({}): the binding is required, and read as \
+                     anything else the status could be the opposite",
+                    allowed.join(", ")
+                ),
+            )
+        })
+    };
+    let status = |allowed: &[&str]| match v.get("status") {
+        Some(Value::String(s)) if allowed.contains(&s.as_str()) => None,
+        _ => Some((
+            "status",
+            format!("must be one of {} (FHIR R4)", allowed.join(", ")),
+        )),
+    };
+    match kind {
+        "Condition" => coded(
+            "clinicalStatus",
+            super::CLINICAL_STATUS,
+            &[
+                "active",
+                "recurrence",
+                "relapse",
+                "inactive",
+                "remission",
+                "resolved",
+            ],
+        )
+        .or_else(|| {
+            coded(
+                "verificationStatus",
+                CONDITION_VERIFICATION,
+                &[
+                    "unconfirmed",
+                    "provisional",
+                    "differential",
+                    "confirmed",
+                    "refuted",
+                    "entered-in-error",
+                ],
+            )
+        })
+        .or_else(|| {
+            let abated = v
+                .as_object()
+                .is_some_and(|o| o.keys().any(|k| k.starts_with("abatement")));
+            let ended = codes_of(&v, "clinicalStatus")
+                .iter()
+                .any(|c| matches!(c.as_str(), "inactive" | "remission" | "resolved"));
+            (abated && !ended).then(|| {
+                (
+                    "clinicalStatus",
+                    "an abated condition must be inactive, resolved or in remission (con-4)".into(),
+                )
+            })
+        }),
+        "AllergyIntolerance" => coded(
+            "clinicalStatus",
+            super::ALLERGY_STATUS,
+            &["active", "inactive", "resolved"],
+        )
+        .or_else(|| {
+            coded(
+                "verificationStatus",
+                ALLERGY_VERIFICATION,
+                &["unconfirmed", "confirmed", "refuted", "entered-in-error"],
+            )
+        }),
+        "Flag" => status(&["active", "inactive", "entered-in-error"]),
+        "Observation" => status(&[
+            "registered",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        ]),
         _ => None,
     }
 }

@@ -82,6 +82,7 @@ fn org(ods: &str) -> Organization<'_> {
         resource_type: "Organization".into(),
         meta: Meta::profile(uk_core::ORGANIZATION),
         identifier: vec![Identifier {
+            use_: None,
             system: Some(SYS_ODS.into()),
             value: Some(ods.into()),
         }],
@@ -119,7 +120,14 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
     let patient_url = add_patient(&mut doc, s);
     let subject = Reference::to(patient_url.as_str());
     let encounter_url = add_encounter(&mut doc, &s.custody, &subject, &mut not_carried);
-    let sections = add_sections(&mut doc, s, &subject, encounter_url, &mut not_carried);
+    let encounter = Reference::to(encounter_url.as_str());
+    let sections = add_sections(
+        &mut doc,
+        s,
+        &subject,
+        encounter_url.clone(),
+        &mut not_carried,
+    );
     let (author_org, author_url) = add_author(&mut doc, s);
     let authored_at = s.authored_at.to_string();
     let event_display = event.to_string();
@@ -133,6 +141,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         author: vec![Reference::to(author_url.as_str())],
         title: format!("Throughcare {} summary", event_code(event)).into(),
         custodian: Some(Reference::to(author_org.as_str())),
+        encounter: Some(encounter),
         event: vec![CompositionEvent {
             code: vec![CodeableConcept::coded(
                 SYS_EVENT,
@@ -149,6 +158,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         &BundleHead {
             resource_type: "Bundle",
             identifier: Identifier {
+                use_: None,
                 system: Some("urn:ietf:rfc:3986".into()),
                 value: Some(bundle_id.as_str().into()),
             },
@@ -256,6 +266,7 @@ fn add_patient(doc: &mut Doc, s: &ClinicalSummary) -> String {
     .into_iter()
     .filter_map(|(system, value)| {
         value.map(|v| Identifier {
+            use_: None,
             system: Some(system.into()),
             value: Some(v.into()),
         })
@@ -295,6 +306,7 @@ fn add_patient(doc: &mut Doc, s: &ClinicalSummary) -> String {
             .release_address
             .iter()
             .map(|a| Address {
+                text: None,
                 use_: Some("home".into()),
                 line: a.lines.iter().map(|l| l.as_str().into()).collect(),
                 city: Some(a.city.as_str().into()),
