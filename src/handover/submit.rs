@@ -113,6 +113,37 @@ pub fn is_iso_date(s: &str) -> bool {
     calendar_date(s).is_some_and(crate::clinical::model::Date::is_plausible_birth_date)
 }
 
+/// A document speaks for the organisation whose certificate sends it: its
+/// author's organisation is the sender, and a prison's document is about
+/// its own custody episode (the establishment). Otherwise one prison could
+/// sign a summary as another, and a recipient fed only the document would
+/// see the other's name on it.
+fn speaks_for_sender(
+    org: &Organisation,
+    event: JourneyEvent,
+    s: &ClinicalSummary,
+) -> Result<(), Error> {
+    let mut named = Vec::new();
+    if s.author.organisation != org.ods {
+        named.push(("summary.author.organisation", &s.author.organisation));
+    }
+    if event != JourneyEvent::CommunitySummary && s.custody.establishment != org.ods {
+        named.push(("summary.custody.establishment", &s.custody.establishment));
+    }
+    if named.is_empty() {
+        return Ok(());
+    }
+    let named: Vec<String> = named
+        .iter()
+        .map(|(field, ods)| format!("{field} is {ods}"))
+        .collect();
+    Err(Error::PermissionDenied(format!(
+        "{}: a document is sent only by the organisation it names, and this certificate is {}",
+        named.join(", "),
+        org.ods
+    )))
+}
+
 /// A document read and checked, with the patient it is about.
 struct Checked {
     summary: ClinicalSummary,
@@ -145,6 +176,7 @@ impl Gateway {
         }
         let in_request = |e| in_request_paths(e, &cmd.document);
         let checked = self.read_checked(&cmd).map_err(in_request)?;
+        speaks_for_sender(&org, cmd.event, &checked.summary)?;
         let routes = self
             .route(&cmd, &checked.summary, &org)
             .map_err(in_request)?;

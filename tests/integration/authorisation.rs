@@ -7,7 +7,11 @@
 use crate::support;
 
 use support::*;
+use throughcare::clinical::ClinicalSummary;
+use throughcare::clinical::translate::{self, TextFormat};
+use throughcare::clinical::views::View;
 use throughcare::grpc::pb;
+use throughcare::journey::JourneyEvent;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -70,7 +74,77 @@ fn admission_to(patient: u32) -> pb::SubmitRequest {
 fn community(id: &str) -> pb::SubmitRequest {
     let mut r = admission(id, 500);
     r.event = pb::JourneyEvent::CommunitySummary.into();
+    // The practice's own summary, about the patient's custody at YP001.
+    if let Some(pb::submit_request::Document::Native(s)) = &mut r.document {
+        s.author.as_mut().unwrap().organisation = CALLERS[GP].into();
+    }
     r
+}
+
+/// A prison submits only its own documents: one naming another prison as
+/// its author or its establishment is refused, in every format, and
+/// nothing is stored.
+#[tokio::test]
+async fn a_prison_cannot_send_a_document_in_another_prisons_name() {
+    let gw = TestGateway::start().await;
+    let before = gw.store.content_digest().unwrap();
+    let mut prison = gw.client("YP001").await;
+    for (what, edit) in [
+        (
+            "both",
+            Box::new(|s: &mut ClinicalSummary| crate::support::written_by(s, "YP002"))
+                as Box<dyn Fn(&mut ClinicalSummary)>,
+        ),
+        (
+            "author",
+            Box::new(|s: &mut ClinicalSummary| {
+                s.author.organisation = "YP002".parse().unwrap();
+            }),
+        ),
+        (
+            "establishment",
+            Box::new(|s: &mut ClinicalSummary| {
+                s.custody.establishment = "YP002".parse().unwrap();
+            }),
+        ),
+    ] {
+        let mut s = throughcare::clinical::synthetic::release_summary(
+            crate::support::nhs(601).parse().ok(),
+            None,
+            "YP001".parse().unwrap(),
+            Some("YG001".parse().unwrap()),
+            "not ours",
+        );
+        edit(&mut s);
+        for format in [TextFormat::Fhir, TextFormat::Hl7v2] {
+            let text = String::from_utf8(
+                translate::write(format, &s, View::Full, JourneyEvent::Release).bytes,
+            )
+            .unwrap();
+            let document = match format {
+                TextFormat::Fhir => pb::submit_request::Document::FhirJson(text),
+                _ => pb::submit_request::Document::Hl7v2(text),
+            };
+            let err = prison
+                .submit(pb::SubmitRequest {
+                    message_id: format!("spoof-{what}-{format:?}"),
+                    event: pb::JourneyEvent::Release.into(),
+                    patient: None,
+                    destinations: Vec::new(),
+                    document: Some(document),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.code(),
+                Code::PermissionDenied,
+                "{what} {format:?}: {err:?}"
+            );
+            assert!(err.message().contains("YP002"), "{}", err.message());
+        }
+    }
+    assert_eq!(gw.store.content_digest().unwrap(), before);
+    gw.stop().await;
 }
 
 // The callers' places in `CALLERS`.

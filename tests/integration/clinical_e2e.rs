@@ -204,7 +204,7 @@ async fn refused_consent_means_no_risk_flags_reach_probation() {
 async fn what_a_format_cannot_carry_is_listed_on_the_delivery_and_on_track() {
     let gw = TestGateway::start().await;
     let s = fixture("06-many-medicines-and-allergies");
-    let mut prison = gw.client("YP001").await;
+    let mut prison = gw.client("YP002").await;
     prison
         .submit(submit(
             "rel-many",

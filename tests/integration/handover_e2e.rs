@@ -299,7 +299,10 @@ async fn duplicate_submit_returns_the_original_receipt_and_conflicts_are_refused
     // The same message id from another sender is a different handover.
     let mut other = gw.client("YP002").await;
     let theirs = other
-        .submit(release("dup-1", 2, &["YG001"], "different"))
+        .submit(crate::support::sent_by(
+            release("dup-1", 2, &["YG001"], "different"),
+            "YP002",
+        ))
         .await
         .unwrap()
         .into_inner();

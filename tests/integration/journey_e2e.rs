@@ -97,12 +97,11 @@ async fn the_rules_choose_the_recipients_and_check_named_ones_on(engine: Engine)
     // The GP's community summary goes back to the admitting prison.
     let mut gp = gw.client("YG001").await;
     let r = gp
-        .submit(submit(
-            "cs",
-            pb::JourneyEvent::CommunitySummary,
-            &[],
-            &summary(2, Some("YG001"), "community"),
-        ))
+        .submit(submit("cs", pb::JourneyEvent::CommunitySummary, &[], &{
+            let mut s = summary(2, Some("YG001"), "community");
+            s.author.organisation = "YG001".parse().unwrap();
+            s
+        }))
         .await
         .unwrap()
         .into_inner();

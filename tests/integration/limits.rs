@@ -307,7 +307,10 @@ async fn start_limited_gateway(dir: &Path, certs: &Path) -> (Binary, u16) {
 
 /// The well-behaved prison's `n`th release to YG002.
 fn well_behaved(n: u32) -> pb::SubmitRequest {
-    release(&format!("good-{n}"), n, &["YG002"], "well behaved")
+    crate::support::sent_by(
+        release(&format!("good-{n}"), n, &["YG002"], "well behaved"),
+        "YP002",
+    )
 }
 
 /// 1. Many idle raw TCP connections that never start a handshake, from

@@ -381,6 +381,15 @@ async fn identity_comes_from_the_client_certificate() {
     let ack = exchange(&mut connect(&gw, "YG001").await, &m).await;
     assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
     assert_eq!(errs(&ack)[0][5], "PERMISSION_DENIED^^THROUGHCARE");
+    // A prison may not sign as another: the sending facility (MSH-4, the
+    // author's organisation) and the establishment are YP002's.
+    let mut theirs = summary(8, None, "x");
+    crate::support::written_by(&mut theirs, "YP002");
+    let spoofed = message("who-2", JourneyEvent::Release, &theirs);
+    assert_eq!(field(&spoofed, "MSH", 4), "YP002", "{spoofed:?}");
+    let ack = exchange(&mut connect(&gw, "YP001").await, &spoofed).await;
+    assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
+    assert_eq!(errs(&ack)[0][5], "PERMISSION_DENIED^^THROUGHCARE");
     // A certificate of our CA for an organisation not in the registry.
     let stranger = gw.ca().issue_client_now("urn:ods:YX999").unwrap();
     let mut conn = connect_with(

@@ -126,7 +126,9 @@ async fn submit_every_fixture_in_every_format(prison: &mut Client) -> usize {
     let mut accepted = 0;
     for (i, (name, json)) in fixtures().into_iter().enumerate() {
         let (wire_event, event, to) = event_of(&json);
-        let summary: ClinicalSummary = serde_json::from_value(json).unwrap();
+        let mut summary: ClinicalSummary = serde_json::from_value(json).unwrap();
+        // Sent by the one prison this test connects as.
+        crate::support::written_by(&mut summary, "YP001");
         let text =
             |f| String::from_utf8(translate::write(f, &summary, View::Full, event).bytes).unwrap();
         let documents = [

@@ -508,3 +508,23 @@ pub fn pg_node(
     };
     Store::open_postgres(&pg, options, clock, dir)
 }
+
+/// `s` as prison `ods` writes it: its own custody episode, its own name as
+/// author (a document is sent only by the organisation it names).
+pub fn written_by(s: &mut throughcare::clinical::ClinicalSummary, ods: &str) {
+    s.custody.establishment = ods.parse().unwrap();
+    s.author.organisation = ods.parse().unwrap();
+}
+
+/// `r` (a native document) as prison `ods` sends it: see [`written_by`].
+pub fn sent_by(mut r: pb::SubmitRequest, ods: &str) -> pb::SubmitRequest {
+    if let Some(pb::submit_request::Document::Native(s)) = &mut r.document {
+        if let Some(c) = &mut s.custody {
+            c.establishment = ods.into();
+        }
+        if let Some(a) = &mut s.author {
+            a.organisation = ods.into();
+        }
+    }
+    r
+}
