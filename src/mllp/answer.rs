@@ -141,6 +141,12 @@ fn command(header: Option<&MessageHeader>, message: &[u8]) -> Decoded<SubmitComm
             "MSH-10",
             "required: the message control id (the key that makes a resend safe)",
         );
+    } else if h.control_id_has_components {
+        v.add(
+            "MSH-10",
+            "a single string (ST): a component separator in it would make different \
+             messages one (escape it as \\S\\)",
+        );
     } else if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
         v.add(
             "MSH-10",

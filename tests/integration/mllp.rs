@@ -273,6 +273,22 @@ async fn a_repeated_control_id_is_answered_aa_and_stored_once() {
     assert!(e[3].starts_with("205^"), "{e:?}");
     assert_eq!(e[5], "ALREADY_EXISTS^^THROUGHCARE");
     assert_eq!(gw.store.content_digest().unwrap(), after_first);
+    // MSH-10 is one string: ids that differ after a `^` are not one id cut
+    // short, and are refused at MSH-10.
+    for id in ["dup-1^2", "dup-1^"] {
+        let split = with_field(&m, "MSH", 10, id);
+        let ack = exchange(&mut again, &split).await;
+        assert_eq!(field(&ack, "MSA", 1), "AE", "{id}: {ack:?}");
+        assert_eq!(errs(&ack)[0][2], "MSH^1^10", "{id}: {ack:?}");
+    }
+    assert_eq!(gw.store.content_digest().unwrap(), after_first);
+    // An ACK that echoes UTF-8 (the sending application's name) says so in
+    // MSH-18; an ASCII one leaves it empty (ASCII).
+    let named = with_field(&m, "MSH", 3, "ZOË-PAS");
+    let ack = exchange(&mut again, &named).await;
+    assert_eq!(field(&ack, "MSH", 5), "ZOË-PAS", "{ack:?}");
+    assert_eq!(field(&ack, "MSH", 18), "UNICODE UTF-8", "{ack:?}");
+    assert_eq!(field(&exchange(&mut again, &m).await, "MSH", 18), "");
     gw.stop().await;
 }
 

@@ -231,6 +231,12 @@ pub fn ack(
             segs.push(err_segment(e));
         }
     }
+    if segs.iter().any(|s| !s.is_ascii()) {
+        // What it echoes (a sending application's name, say) is written
+        // in UTF-8, and an empty MSH-18 would declare ASCII: MSH-13 to
+        // MSH-17 stay empty, MSH-18 says so (HL7 table 0211).
+        segs[0].push_str("||||||UNICODE UTF-8");
+    }
     let mut text = segs.join("\r");
     text.push('\r');
     text

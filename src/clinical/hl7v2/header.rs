@@ -34,6 +34,10 @@ pub struct MessageHeader {
     pub trigger: String,
     /// MSH-10, the message control id.
     pub control_id: String,
+    /// Whether MSH-10 holds more than one component: it is a plain string
+    /// (ST), and the first component alone would merge messages whose ids
+    /// differ only after a `^`.
+    pub control_id_has_components: bool,
     /// MSH-11.1, the processing id (`P`).
     pub processing_id: String,
     /// MSH-12.1, the version (`2.5.1`).
@@ -115,14 +119,15 @@ pub fn header(bytes: &[u8]) -> Option<MessageHeader> {
         &f[..end]
     };
     let comp = |n: usize, c: usize| unescape(raw(n).split('^').nth(c - 1).unwrap_or_default());
-    Some(read_fields(|n| raw(n).to_owned(), comp, true))
+    let split_id = raw(10).contains('^');
+    Some(read_fields(|n| raw(n).to_owned(), comp, (true, split_id)))
 }
 
 /// A header from its echoed fields (MSH-3 to MSH-6) and components.
 fn read_fields(
     echoed: impl Fn(usize) -> String,
     comp: impl Fn(usize, usize) -> String,
-    standard_delimiters: bool,
+    (standard_delimiters, control_id_has_components): (bool, bool),
 ) -> MessageHeader {
     MessageHeader {
         sending_application: echoed(3),
@@ -132,6 +137,7 @@ fn read_fields(
         message_type: comp(9, 1),
         trigger: comp(9, 2),
         control_id: comp(10, 1),
+        control_id_has_components,
         processing_id: comp(11, 1),
         version: comp(12, 1),
         accept_ack: comp(15, 1),
@@ -168,7 +174,13 @@ fn other_delimiters(line: &str) -> Option<MessageHeader> {
         value.chars().take(MAX_ECHOED).collect()
     };
     let echoed = |n: usize| super::escape::escape(&comp(n, 1));
-    Some(read_fields(echoed, comp, false))
+    let split_id = fields.get(8).is_some_and(|f| {
+        f.split(delimiters[2])
+            .next()
+            .unwrap_or_default()
+            .contains(component)
+    });
+    Some(read_fields(echoed, comp, (false, split_id)))
 }
 
 #[cfg(test)]
