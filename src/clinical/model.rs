@@ -113,6 +113,20 @@ impl When {
         (out, fraction.len() > 4)
     }
 
+    /// The day this names in England and Wales: the date as written, or for
+    /// a time with its offset the calendar day in England at that instant
+    /// (`2026-06-30T23:30:00Z` is 1 July, 00:30 BST). None for a year or a
+    /// month alone.
+    pub fn day_in_england(&self) -> Option<Date> {
+        let s = &self.0;
+        if s.contains('T') {
+            let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .ok()?;
+            return Some(Date(crate::uk_time::date_in_england(t)));
+        }
+        s.parse().ok().filter(|_| s.len() == 10)
+    }
+
     /// From HL7 v2 `DTM`/`TS`/`DT` at any precision. A time without an
     /// offset is the sender's local time (HL7 v2.5.1 §2A.3.22), here UK
     /// time: 08:10 on a summer day is `08:10:00+01:00` (FHIR needs an offset

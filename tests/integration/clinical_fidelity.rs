@@ -1363,3 +1363,41 @@ fn coded_timings_are_carried_and_other_instructions_are_listed() {
         read.not_read
     );
 }
+
+/// A custody day is England's: a release at 23:30 UTC on a summer evening
+/// is the next day (00:30 BST), in FHIR and in HL7 v2; in winter it is the
+/// same day. A date of birth is kept as written.
+#[test]
+fn a_custody_time_with_an_offset_falls_on_englands_day() {
+    let s = fixture("01-ost-released-today");
+    for (end, day) in [
+        ("2026-06-30T23:30:00Z", "2026-07-01"),
+        ("2026-06-30T23:30:00+01:00", "2026-06-30"),
+        ("2026-12-30T23:30:00Z", "2026-12-30"),
+    ] {
+        let read = read_after(&s, |doc| {
+            let (_, enc) = entry_of(doc, "Encounter");
+            enc["period"]["end"] = json!(end);
+        });
+        assert_eq!(read.custody.release_date.unwrap().to_string(), day, "{end}");
+    }
+    for (pv1_45, day) in [
+        ("202606302330+0000", "2026-07-01"),
+        ("20260630", "2026-06-30"),
+    ] {
+        let segments = hl7_release(|segs| {
+            let pv1 = segment(segs, "PV1");
+            let mut fields: Vec<String> = pv1.split('|').map(String::from).collect();
+            fields.resize(46, String::new());
+            fields[45] = pv1_45.into();
+            *pv1 = fields.join("|");
+        });
+        let read = parse_hl7(&segments).unwrap();
+        assert_eq!(
+            read.custody.release_date.unwrap().to_string(),
+            day,
+            "{pv1_45}"
+        );
+        assert_eq!(read.patient.date_of_birth, s.patient.date_of_birth);
+    }
+}

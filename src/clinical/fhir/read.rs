@@ -329,11 +329,13 @@ pub(super) fn day_of(
     errors: &mut ValidationErrors,
 ) -> Option<Date> {
     let when: crate::clinical::model::When = parse_with(v, &field, errors)?;
-    let text = when.to_string();
-    let day = text.get(..10).and_then(|d| d.parse().ok());
+    let day = when.day_in_england();
     match day {
         None => errors.add(field.to_string(), "must give at least the day (YYYY-MM-DD)"),
-        Some(_) if text.len() > 10 => index.note(&field, "the time of day is not carried"),
+        Some(_) if when.to_string().len() > 10 => index.note(
+            &field,
+            "the time of day is not carried (the day is England's at that time)",
+        ),
         Some(_) => {}
     }
     day

@@ -494,7 +494,14 @@ fn read_pv1(
         if v.is_empty() {
             return None;
         }
-        let d = parse_dt(&v);
+        // A custody day is England's: `202606302330+0000` is 1 July (BST).
+        let d = if v.len() > 8 {
+            parse_dt(&v)
+                .and(When::from_hl7(&v))
+                .and_then(|w| w.day_in_england())
+        } else {
+            parse_dt(&v)
+        };
         if d.is_none() {
             e.add(name, "must be a date YYYYMMDD");
         }
