@@ -36,27 +36,6 @@ pub fn end_of_day_ms(date: time::Date) -> i64 {
         .map_or(i64::MAX, |start| start.timestamp().as_millisecond() - 1)
 }
 
-/// The calendar day in England and Wales at instant `t` (23:30 UTC on a
-/// summer evening is already the next day in BST).
-pub fn date_in_england(t: time::OffsetDateTime) -> time::Date {
-    let fallback = t.to_offset(time::UtcOffset::UTC).date();
-    let Ok(ts) = Timestamp::from_nanosecond(t.unix_timestamp_nanos()) else {
-        return fallback;
-    };
-    let civil = ts.to_zoned(london()).date();
-    time::Month::try_from(u8::try_from(civil.month()).unwrap_or(1))
-        .ok()
-        .and_then(|m| {
-            time::Date::from_calendar_date(
-                i32::from(civil.year()),
-                m,
-                u8::try_from(civil.day()).unwrap_or(1),
-            )
-            .ok()
-        })
-        .unwrap_or(fallback)
-}
-
 /// `ms` since the epoch as a person in England reads it:
 /// `2026-07-01 09:05 BST`.
 pub fn display_ms(ms: i64) -> String {

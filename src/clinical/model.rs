@@ -122,7 +122,7 @@ impl When {
         if s.contains('T') {
             let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .ok()?;
-            return Some(Date(crate::uk_time::date_in_england(t)));
+            return Some(Date(date_in_england(t)));
         }
         s.parse().ok().filter(|_| s.len() == 10)
     }
@@ -191,6 +191,30 @@ impl When {
 /// same bundled tz database itself). A time the spring change skips reads as
 /// after it, one the autumn change repeats as the first (BST); `None` for a
 /// time that is not one.
+/// The calendar day in England and Wales at instant `t` (23:30 UTC on a
+/// summer evening is already the next day in BST).
+fn date_in_england(t: time::OffsetDateTime) -> time::Date {
+    let fallback = t.to_offset(time::UtcOffset::UTC).date();
+    let (Ok(ts), Ok(zone)) = (
+        jiff::Timestamp::from_nanosecond(t.unix_timestamp_nanos()),
+        jiff::tz::TimeZone::get("Europe/London"),
+    ) else {
+        return fallback;
+    };
+    let civil = ts.to_zoned(zone).date();
+    time::Month::try_from(u8::try_from(civil.month()).unwrap_or(1))
+        .ok()
+        .and_then(|m| {
+            time::Date::from_calendar_date(
+                i32::from(civil.year()),
+                m,
+                u8::try_from(civil.day()).unwrap_or(1),
+            )
+            .ok()
+        })
+        .unwrap_or(fallback)
+}
+
 fn offset_in_england(y: i16, mo: i8, d: i8, h: i8, mi: i8, s: i8) -> Option<String> {
     let zone = jiff::tz::TimeZone::get("Europe/London").ok()?;
     let zoned = jiff::civil::DateTime::new(y, mo, d, h, mi, s, 0)

@@ -334,7 +334,7 @@ pub(super) fn day_of(
         None => errors.add(field.to_string(), "must give at least the day (YYYY-MM-DD)"),
         Some(_) if when.to_string().len() > 10 => index.note(
             &field,
-            "the time of day is not carried (the day is England's at that time)",
+            "the time of day is not carried",
         ),
         Some(_) => {}
     }
