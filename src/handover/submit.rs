@@ -113,21 +113,25 @@ pub fn is_iso_date(s: &str) -> bool {
     calendar_date(s).is_some_and(crate::clinical::model::Date::is_plausible_birth_date)
 }
 
-/// A document speaks for the organisation whose certificate sends it: its
-/// author's organisation is the sender, and a prison's document is about
-/// its own custody episode (the establishment). Otherwise one prison could
-/// sign a summary as another, and a recipient fed only the document would
-/// see the other's name on it.
+/// A document speaks for the organisation whose certificate sends it: it
+/// may not name another organisation of this network (one in the
+/// registry) as its author, nor, for a prison's event, as the prison
+/// holding the patient. Otherwise one prison could sign a summary as
+/// another, and a recipient fed only the document would see the other's
+/// name. An organisation outside the network (the healthcare provider
+/// that authors a prison's records, a hospital) is the sender's to name.
 fn speaks_for_sender(
+    registry: &crate::journey::SharedRegistry,
     org: &Organisation,
     event: JourneyEvent,
     s: &ClinicalSummary,
 ) -> Result<(), Error> {
+    let another = |ods: &OdsCode| *ods != org.ods && registry.get(ods).is_some();
     let mut named = Vec::new();
-    if s.author.organisation != org.ods {
+    if another(&s.author.organisation) {
         named.push(("summary.author.organisation", &s.author.organisation));
     }
-    if event != JourneyEvent::CommunitySummary && s.custody.establishment != org.ods {
+    if event != JourneyEvent::CommunitySummary && another(&s.custody.establishment) {
         named.push(("summary.custody.establishment", &s.custody.establishment));
     }
     if named.is_empty() {
@@ -138,7 +142,8 @@ fn speaks_for_sender(
         .map(|(field, ods)| format!("{field} is {ods}"))
         .collect();
     Err(Error::PermissionDenied(format!(
-        "{}: a document is sent only by the organisation it names, and this certificate is {}",
+        "{}, another organisation of this network: a document is sent in its own name, and \
+         this certificate is {}",
         named.join(", "),
         org.ods
     )))
@@ -176,7 +181,7 @@ impl Gateway {
         }
         let in_request = |e| in_request_paths(e, &cmd.document);
         let checked = self.read_checked(&cmd).map_err(in_request)?;
-        speaks_for_sender(&org, cmd.event, &checked.summary)?;
+        speaks_for_sender(&self.registry, &org, cmd.event, &checked.summary)?;
         let routes = self
             .route(&cmd, &checked.summary, &org)
             .map_err(in_request)?;

@@ -81,9 +81,9 @@ fn community(id: &str) -> pb::SubmitRequest {
     r
 }
 
-/// A prison submits only its own documents: one naming another prison as
-/// its author or its establishment is refused, in every format, and
-/// nothing is stored.
+/// A prison submits only in its own name: a document naming another
+/// organisation of the network as its author or its establishment is
+/// refused, in every format, and nothing is stored.
 #[tokio::test]
 async fn a_prison_cannot_send_a_document_in_another_prisons_name() {
     let gw = TestGateway::start().await;
@@ -144,6 +144,25 @@ async fn a_prison_cannot_send_a_document_in_another_prisons_name() {
         }
     }
     assert_eq!(gw.store.content_digest().unwrap(), before);
+    // An author outside the network (the provider that runs the prison's
+    // healthcare) is the prison's to name.
+    let mut s = throughcare::clinical::synthetic::release_summary(
+        crate::support::nhs(602).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        Some("YG001".parse().unwrap()),
+        "provider",
+    );
+    s.author.organisation = "RR8".parse().unwrap();
+    prison
+        .submit(throughcare::cli::client::native_submit(
+            "provider-authored",
+            pb::JourneyEvent::Release,
+            &[],
+            &s,
+        ))
+        .await
+        .unwrap();
     gw.stop().await;
 }
 

@@ -1401,3 +1401,71 @@ fn a_custody_time_with_an_offset_falls_on_englands_day() {
         assert_eq!(read.patient.date_of_birth, s.patient.date_of_birth);
     }
 }
+
+/// Valid R4 shapes EHRs write are read (an allergy named by its reaction's
+/// substance, a contained Medication); what FHIR says must refuse does
+/// (a key named twice, a modifier on an entry, implicit rules on the
+/// Bundle).
+#[test]
+fn contained_medicines_and_reaction_substances_are_read_and_ambiguous_json_is_refused() {
+    let s = fixture("06-many-medicines-and-allergies");
+    let read = read_after(&s, |doc| {
+        let (_, a) = entry_of(doc, "AllergyIntolerance");
+        let code = a.as_object_mut().unwrap().remove("code").unwrap();
+        a["reaction"][0]["substance"] = code;
+    });
+    assert_eq!(read.allergies[0].substance, s.allergies[0].substance);
+    let read = read_after(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        let code = m
+            .as_object_mut()
+            .unwrap()
+            .remove("medicationCodeableConcept")
+            .unwrap();
+        m["contained"] = json!([{"resourceType": "Medication", "id": "med1", "code": code}]);
+        m["medicationReference"] = json!({"reference": "#med1"});
+    });
+    assert_eq!(read.medications[0].code, s.medications[0].code);
+    assert!(
+        !read.not_read.iter().any(|n| n.contains("contained")),
+        "{:?}",
+        read.not_read
+    );
+    let (mi, _) = entry_of(
+        &mut fhir_json(&s, JourneyEvent::Release),
+        "MedicationStatement",
+    );
+    let fields = refused_at(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        m.as_object_mut()
+            .unwrap()
+            .remove("medicationCodeableConcept");
+        m["medicationReference"] = json!({"reference": "#absent"});
+    });
+    assert_eq!(
+        fields,
+        [format!(
+            "entry[{mi}].resource.medicationReference.reference"
+        )]
+    );
+
+    let fields = refused_at(&s, |doc| {
+        doc["entry"][1]["modifierExtension"] =
+            json!([{"url": "https://example.invalid/ext", "valueBoolean": true}]);
+        doc["implicitRules"] = json!("https://example.invalid/rules");
+    });
+    assert_eq!(fields, ["entry[1].modifierExtension", "implicitRules"]);
+
+    // A key named twice: parsers disagree on which value wins.
+    let text = serde_json::to_string(&fhir_json(&s, JourneyEvent::Release)).unwrap();
+    let twice = text.replacen(
+        "\"status\":\"final\"",
+        "\"status\":\"final\",\"status\":\"entered-in-error\"",
+        1,
+    );
+    assert_ne!(twice, text);
+    let err = fhir::parse(twice.as_bytes(), &Limits::default()).unwrap_err();
+    assert_eq!(err.0.len(), 1);
+    assert_eq!(err.0[0].field, "document");
+    assert!(err.0[0].description.contains("`status` twice"), "{err}");
+}

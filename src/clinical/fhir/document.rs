@@ -616,8 +616,11 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         };
         let code = super::read::medication_code(
             index,
-            m.medication_codeable_concept.as_ref(),
-            m.medication_reference.as_ref(),
+            (
+                m.medication_codeable_concept.as_ref(),
+                m.medication_reference.as_ref(),
+            ),
+            v,
             p,
             errors,
         );
@@ -759,7 +762,29 @@ fn read_allergies(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Aller
                 None
             }
         };
-        if let Some(substance) = parse_code(&a.code, format_args!("{p}code"), errors) {
+        let in_reaction = reaction.and_then(|r| r.substance.as_ref());
+        let substance = match (&a.code, in_reaction) {
+            (Some(code), other) => {
+                if other.is_some() {
+                    index.note(
+                        format_args!("{p}reaction[0].substance"),
+                        "not carried: the reaction's substance beside the allergy's code",
+                    );
+                }
+                parse_code(code, format_args!("{p}code"), errors)
+            }
+            (None, Some(substance)) => {
+                parse_code(substance, format_args!("{p}reaction[0].substance"), errors)
+            }
+            (None, None) => {
+                errors.add(
+                    format!("{p}code"),
+                    "required: the substance (code, or reaction[0].substance)",
+                );
+                None
+            }
+        };
+        if let Some(substance) = substance {
             s_allergies.push(Allergy {
                 substance,
                 reaction: {

@@ -32,11 +32,11 @@ impl fmt::Display for At<'_> {
 /// A resource's type and id, for references written `Type/id`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct TypeAndId<'a> {
+pub(super) struct TypeAndId<'a> {
     #[serde(default, borrow)]
-    resource_type: Option<Cow<'a, str>>,
+    pub(super) resource_type: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    id: Option<Cow<'a, str>>,
+    pub(super) id: Option<Cow<'a, str>>,
 }
 
 pub(super) struct Index<'a> {

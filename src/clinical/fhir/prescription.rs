@@ -69,8 +69,11 @@ pub(super) fn read(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Pres
         }
         let code = super::read::medication_code(
             index,
-            m.medication_codeable_concept.as_ref(),
-            m.medication_reference.as_ref(),
+            (
+                m.medication_codeable_concept.as_ref(),
+                m.medication_reference.as_ref(),
+            ),
+            v,
             at,
             errors,
         );

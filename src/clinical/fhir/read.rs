@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::document::parse_document;
-use super::index::Index;
+use super::index::{Index, TypeAndId};
 use super::types::*;
 use super::{SYS_ODS, unread};
 use crate::clinical::JourneyEvent;
@@ -119,6 +119,67 @@ pub struct Parsed {
     pub event: Option<JourneyEvent>,
 }
 
+/// A JSON value in which no object names a key twice. JSON parsers differ
+/// on which of two values wins (ours keeps the last, another the first),
+/// so `"status":"active","status":"entered-in-error"` would mean one thing
+/// here and another to the sender: the document is refused instead.
+struct UniqueNames;
+
+impl<'de> Deserialize<'de> for UniqueNames {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueNamesVisitor)
+    }
+}
+
+struct UniqueNamesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueNamesVisitor {
+    type Value = UniqueNames;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<UniqueNames, E> {
+        Ok(UniqueNames)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<UniqueNames, E> {
+        Ok(UniqueNames)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<UniqueNames, E> {
+        Ok(UniqueNames)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<UniqueNames, E> {
+        Ok(UniqueNames)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<UniqueNames, E> {
+        Ok(UniqueNames)
+    }
+    fn visit_unit<E>(self) -> Result<UniqueNames, E> {
+        Ok(UniqueNames)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueNames, A::Error> {
+        while seq.next_element::<UniqueNames>()?.is_some() {}
+        Ok(UniqueNames)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueNames, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "an object names `{}` twice",
+                    unread::safe_name(&key)
+                )));
+            }
+            map.next_value::<UniqueNames>()?;
+            seen.insert(key);
+        }
+        Ok(UniqueNames)
+    }
+}
+
 /// Parses a FHIR R4 document Bundle (or a message Bundle wrapping one).
 ///
 /// # Errors
@@ -162,13 +223,19 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             return Err(errors);
         }
     };
+    if let Err(e) = serde_json::from_str::<UniqueNames>(text) {
+        return Err(ValidationErrors::one(
+            "document",
+            format!("{e}: FHIR JSON names each property of an object once"),
+        ));
+    }
     if bundle.resource_type != "Bundle" {
         return Err(ValidationErrors::one("resourceType", "must be Bundle"));
     }
     let mut errors = ValidationErrors::default();
     match &*bundle.type_ {
         "document" => parse_document(&bundle, "", &mut errors).map(|mut p| {
-            let mut notes = unread::bundle(text, "");
+            let mut notes = unread::bundle(text, "", &mut errors);
             notes.append(&mut p.summary.not_read);
             p.summary.not_read = notes;
             p
@@ -185,8 +252,12 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                     match typed::<RawBundle>(e.resource.get(), &prefix, &mut errors) {
                         Some(doc) if doc.type_ == "document" => {
                             parse_document(&doc, &prefix, &mut errors).map(|mut p| {
-                                let mut notes = unread::bundle(text, "");
-                                notes.extend(unread::bundle(e.resource.get(), &prefix));
+                                let mut notes = unread::bundle(text, "", &mut errors);
+                                notes.extend(unread::bundle(
+                                    e.resource.get(),
+                                    &prefix,
+                                    &mut errors,
+                                ));
                                 notes.extend(message_entries(&bundle, i));
                                 notes.append(&mut p.summary.not_read);
                                 p.summary.not_read = notes;
@@ -332,21 +403,21 @@ pub(super) fn day_of(
     let day = when.day_in_england();
     match day {
         None => errors.add(field.to_string(), "must give at least the day (YYYY-MM-DD)"),
-        Some(_) if when.to_string().len() > 10 => index.note(
-            &field,
-            "the time of day is not carried",
-        ),
+        Some(_) if when.to_string().len() > 10 => {
+            index.note(&field, "the time of day is not carried")
+        }
         Some(_) => {}
     }
     day
 }
 
 /// A medicine's code: `medicationCodeableConcept`, or the `code` of the
-/// Medication `medicationReference` names in the Bundle (GP Connect's way).
+/// Medication `medicationReference` names: in the Bundle (GP Connect's
+/// way), or contained in the resource itself (`#med1`).
 pub(super) fn medication_code(
     index: &Index<'_>,
-    concept: Option<&CodeableConcept<'_>>,
-    reference: Option<&Reference<'_>>,
+    (concept, reference): (Option<&CodeableConcept<'_>>, Option<&Reference<'_>>),
+    resource: &str,
     at: impl fmt::Display,
     errors: &mut ValidationErrors,
 ) -> Option<Code> {
@@ -360,6 +431,13 @@ pub(super) fn medication_code(
         );
         return None;
     };
+    if let Some(id) = reference
+        .reference
+        .as_deref()
+        .and_then(|r| r.strip_prefix('#'))
+    {
+        return contained_medication(resource, id, &at, errors);
+    }
     let Some((mi, mv)) = index
         .resolve(reference)
         .filter(|(mi, _)| index.kind(*mi) == Some("Medication"))
@@ -376,6 +454,42 @@ pub(super) fn medication_code(
         Some(cc) => parse_code(cc, format_args!("{mp}code"), errors),
         None => {
             errors.add(format!("{mp}code"), "required: the medicine's code");
+            None
+        }
+    }
+}
+
+/// The code of the Medication with `id` contained in `resource`.
+fn contained_medication(
+    resource: &str,
+    id: &str,
+    at: &dyn fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<Code> {
+    #[derive(Deserialize)]
+    struct Holder<'a> {
+        #[serde(borrow, default)]
+        contained: Vec<&'a RawValue>,
+    }
+    let holder: Holder<'_> = serde_json::from_str(resource).ok()?;
+    let found = holder.contained.iter().enumerate().find(|(_, c)| {
+        serde_json::from_str::<TypeAndId>(c.get()).is_ok_and(|r| {
+            r.resource_type.as_deref() == Some("Medication") && r.id.as_deref() == Some(id)
+        })
+    });
+    let Some((k, c)) = found else {
+        errors.add(
+            format!("{at}medicationReference.reference"),
+            "must name a Medication contained in the resource (#id) or an entry in the Bundle",
+        );
+        return None;
+    };
+    let cp = format!("{at}contained[{k}].");
+    let medication: Medication<'_> = typed(c.get(), &cp, errors)?;
+    match medication.code.as_ref() {
+        Some(cc) => parse_code(cc, format_args!("{cp}code"), errors),
+        None => {
+            errors.add(format!("{cp}code"), "required: the medicine's code");
             None
         }
     }

@@ -557,8 +557,10 @@ pub struct AllergyIntolerance<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub clinical_status: Option<CodeableConcept<'a>>,
+    /// Optional in R4: a sender may name the substance in the reaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
-    pub code: CodeableConcept<'a>,
+    pub code: Option<CodeableConcept<'a>>,
     #[serde(borrow)]
     pub patient: Reference<'a>,
     #[serde(default, skip_serializing_if = "empty")]
@@ -569,6 +571,9 @@ pub struct AllergyIntolerance<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Reaction<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub substance: Option<CodeableConcept<'a>>,
     #[serde(borrow)]
     pub manifestation: Vec<CodeableConcept<'a>>,
     #[serde(default, skip_serializing_if = "blank")]

@@ -156,6 +156,10 @@ const SCHEMAS: [(&str, Schema); 15] = [
                 "category{cc}",
                 "medicationCodeableConcept{cc}",
                 "medicationReference{ref}",
+                "contained",
+                "contained.resourceType",
+                "contained.id",
+                "contained.code{cc}",
                 "subject{ref}",
                 "dosage",
                 "dosage.text",
@@ -176,6 +180,10 @@ const SCHEMAS: [(&str, Schema); 15] = [
                 "intent",
                 "medicationCodeableConcept{cc}",
                 "medicationReference{ref}",
+                "contained",
+                "contained.resourceType",
+                "contained.id",
+                "contained.code{cc}",
                 "subject{ref}",
                 "authoredOn",
                 "dosageInstruction",
@@ -203,6 +211,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
                 "code{cc}",
                 "patient{ref}",
                 "reaction",
+                "reaction.substance{cc}",
                 "reaction.manifestation{cc}",
                 "reaction.severity",
             ],
@@ -505,7 +514,7 @@ pub(super) fn walk(
 /// beyond its structure: `signature`, `link`, `entry.search`,
 /// `entry.request`, `meta` other than profiles. Its identifier and
 /// timestamp are the document's own and re-minted for every delivery.
-pub(super) fn bundle(json: &str, prefix: &str) -> Vec<String> {
+pub(super) fn bundle(json: &str, prefix: &str, errors: &mut ValidationErrors) -> Vec<String> {
     use serde::de::IgnoredAny;
     use serde_json::value::RawValue;
     use std::collections::BTreeMap;
@@ -516,6 +525,11 @@ pub(super) fn bundle(json: &str, prefix: &str) -> Vec<String> {
     for (key, value) in &top {
         match key.as_str() {
             "resourceType" | "id" | "identifier" | "type" | "timestamp" | "fhir_comments" => {}
+            "implicitRules" => errors.add(
+                format!("{prefix}implicitRules"),
+                "implicit rules the gateway does not understand: FHIR requires refusing the \
+                 resource",
+            ),
             "meta" => {
                 if let Ok(Value::Object(meta)) = serde_json::from_str::<Value>(value.get()) {
                     for k in meta
@@ -537,6 +551,14 @@ pub(super) fn bundle(json: &str, prefix: &str) -> Vec<String> {
                         .keys()
                         .filter(|k| !matches!(k.as_str(), "fullUrl" | "resource" | "fhir_comments"))
                     {
+                        if k == "modifierExtension" {
+                            errors.add(
+                                format!("{prefix}entry[{i}].modifierExtension"),
+                                "a modifier extension the gateway does not understand: FHIR \
+                                 requires refusing the resource",
+                            );
+                            continue;
+                        }
                         notes.push(format!(
                             "{prefix}entry[{i}].{}: not read by the gateway",
                             safe_name(k)

@@ -427,13 +427,14 @@ fn add_allergies(
                 resource_type: "AllergyIntolerance".into(),
                 meta: Meta::profile(uk_core::ALLERGY_INTOLERANCE),
                 clinical_status: Some(CodeableConcept::coded(ALLERGY_STATUS, "active", "Active")),
-                code: code_cc(&a.substance),
+                code: Some(code_cc(&a.substance)),
                 patient: subject.clone(),
                 reaction: a
                     .reaction
                     .iter()
                     .filter(|r| !is_blank(r))
                     .map(|r| Reaction {
+                        substance: None,
                         manifestation: vec![CodeableConcept::text(r)],
                         severity: a.severity.map(|s| {
                             match s {
