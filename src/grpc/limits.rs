@@ -235,6 +235,32 @@ where
             .collect::<String>()
             .to_ascii_lowercase();
         let store = self.store.clone();
+        if !is_grpc(&req) {
+            // Not a gRPC request (gRPC over HTTP/2: `application/grpc`,
+            // optionally `+proto` or `;…`): never executed as one.
+            let answer = super::error::status(
+                Code::InvalidArgument,
+                "not a gRPC request: content-type must be application/grpc".to_owned(),
+                "UNSUPPORTED_MEDIA_TYPE",
+                None,
+                Vec::new(),
+            );
+            return Box::pin(async move {
+                let event = crate::audit::AuditEvent {
+                    actor,
+                    action: static_action(&action),
+                    outcome: "refused: InvalidArgument: not a gRPC content-type".into(),
+                    ..crate::audit::AuditEvent::default()
+                };
+                if let Err(e) = store.record(event).await {
+                    tracing::error!(error = %e, "a refusal could not be audited; answering UNAVAILABLE");
+                    return Err(BoxError::from(Status::from(
+                        crate::handover::Error::Unrecorded,
+                    )));
+                }
+                Err(BoxError::from(answer))
+            });
+        }
         let fut = self.inner.call(req);
         Box::pin(async move {
             let response = fut.await.map_err(Into::into)?;
@@ -242,6 +268,7 @@ where
                 return Ok(response);
             };
             let Some((outcome, answer)) = undecodable(&status)
+                .or_else(|| incomplete(&status))
                 .or_else(|| undecompressable(&status))
                 .or_else(|| over_limit(&status))
                 .or_else(|| unknown_method(&status))
@@ -264,6 +291,16 @@ where
             Err(BoxError::from(answer))
         })
     }
+}
+
+/// Whether `req` says it is gRPC: `application/grpc`, `application/grpc+…`
+/// or `application/grpc;…` (gRPC over HTTP/2, "Content-Type").
+fn is_grpc<B>(req: &http::Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
 }
 
 /// tonic's `INTERNAL` for a request prost cannot decode, as the audit
@@ -296,6 +333,30 @@ fn undecodable(status: &Status) -> Option<(String, Status)> {
                 field,
                 format!("not a valid protobuf message: {detail}"),
             )],
+        ),
+    ))
+}
+
+/// tonic's `INTERNAL` for a request body that ends inside a message or
+/// holds none: the caller's fault, so `INVALID_ARGUMENT` (an `INTERNAL`
+/// would tell the integrator to retry and page our operators).
+fn incomplete(status: &Status) -> Option<(String, Status)> {
+    let why = match status.message() {
+        "Unexpected EOF decoding stream." => "the request body ends inside a gRPC message",
+        "Missing request message." => "the request body holds no gRPC message",
+        _ => return None,
+    };
+    if status.code() != Code::Internal {
+        return None;
+    }
+    Some((
+        format!("refused: InvalidArgument: {why}"),
+        super::error::status(
+            Code::InvalidArgument,
+            format!("invalid request: {why}"),
+            "INVALID_ARGUMENT",
+            None,
+            vec![tonic_types::FieldViolation::new("request", why)],
         ),
     ))
 }

@@ -361,3 +361,135 @@ async fn a_refusal_that_cannot_be_audited_is_answered_unavailable() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     let _ = gw.stop().await;
 }
+
+/// One HTTP/2 request over mutual TLS as YP001, as no gRPC client would
+/// send it: its `grpc-status` (trailers-only answer, or trailers) and
+/// `grpc-message`.
+async fn raw_http2(gw: &TestGateway, content_type: &str, body: Vec<u8>) -> (String, String) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = gw.paths().client("YP001");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&gw.ca_pem()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let addr = gw.endpoint.trim_start_matches("https://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!(
+        "{}/throughcare.v1.HandoverService/Track",
+        gw.endpoint
+    ))
+    .header("content-type", content_type)
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    send.send_data(body.into(), true).unwrap();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
+        .await
+        .unwrap()
+        .unwrap();
+    // grpc-message is percent-encoded (gRPC over HTTP/2).
+    let header = |m: &http::HeaderMap, k: &str| {
+        m.get(k).map(|v| {
+            let raw = v.as_bytes();
+            let mut out = Vec::with_capacity(raw.len());
+            let mut i = 0;
+            while i < raw.len() {
+                let hex = raw
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                match (raw[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+                    (b'%', Some(b)) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    (b, _) => {
+                        out.push(b);
+                        i += 1;
+                    }
+                }
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    if let Some(status) = header(response.headers(), "grpc-status") {
+        let message = header(response.headers(), "grpc-message").unwrap_or_default();
+        return (status, message);
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    (
+        header(&trailers, "grpc-status").unwrap_or_default(),
+        header(&trailers, "grpc-message").unwrap_or_default(),
+    )
+}
+
+/// A gRPC frame holding `message`.
+fn framed(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// What is not a well-formed gRPC request is the caller's fault
+/// (INVALID_ARGUMENT), never run as a call, and never INTERNAL (which
+/// tells an integrator to retry and pages operators).
+#[tokio::test]
+async fn a_request_that_is_not_well_formed_grpc_is_invalid_argument_and_never_run() {
+    use prost::Message;
+    let gw = TestGateway::start().await;
+    let track = pb::TrackRequest {
+        handover: Some(pb::track_request::Handover::MessageId(
+            "nothing-sent".into(),
+        )),
+    }
+    .encode_to_vec();
+    // As gRPC it runs: Track of an unknown message id is NOT_FOUND.
+    let (status, _) = raw_http2(&gw, "application/grpc", framed(&track)).await;
+    assert_eq!(status, "5");
+    for content_type in ["application/json", "text/plain", "application/grpcx"] {
+        let (status, message) = raw_http2(&gw, content_type, framed(&track)).await;
+        assert_eq!(status, "3", "{content_type}: {message}");
+        assert!(
+            message.contains("content-type"),
+            "{content_type}: {message}"
+        );
+    }
+    // A frame that declares more than it holds; a body with no frame at all.
+    let mut cut = framed(&track);
+    cut.truncate(cut.len() - 3);
+    for (body, words) in [(cut, "ends inside"), (Vec::new(), "no gRPC message")] {
+        let (status, message) = raw_http2(&gw, "application/grpc", body).await;
+        assert_eq!(status, "3", "{words}: {message}");
+        assert!(message.contains(words), "{message}");
+    }
+    gw.stop().await;
+}

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import tempfile
 
 import grpc
 import pytest
@@ -14,13 +15,21 @@ from conftest import BIN, ROOT
 FIXTURES = ROOT / "tests" / "fixtures" / "patients"
 
 
-def fhir_of(fixture: str) -> str:
-    """A FHIR Bundle of a synthetic patient, rendered by our converter."""
-    out = subprocess.run(
-        [BIN, "convert", "--from", "model-json", "--to", "fhir", "--event", "release", str(FIXTURES / fixture)],
-        check=True,
-        capture_output=True,
-    )
+def fhir_of(fixture: str, sender: str = "YP001") -> str:
+    """A FHIR Bundle of a synthetic patient, rendered by our converter, as
+    prison `sender` writes it (its own establishment and name as author: a
+    document naming another prison of the network is refused)."""
+    summary = json.loads((FIXTURES / fixture).read_text())
+    summary["custody"]["establishment"] = sender
+    summary["author"]["organisation"] = sender
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(summary, f)
+        f.flush()
+        out = subprocess.run(
+            [BIN, "convert", "--from", "model-json", "--to", "fhir", "--event", "release", f.name],
+            check=True,
+            capture_output=True,
+        )
     return out.stdout.decode()
 
 
@@ -271,7 +280,7 @@ def test_a_pull_answer_fits_a_default_grpcio_channel(gateway, pb, tmp_path):
     grpcio channel accepts. The gateway answers the two that fit; the third
     waits, first in line, its attempt not counted."""
     base = json.loads((FIXTURES / "04-release-no-gp.json").read_text())
-    prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
+    prison = pb.grpc.HandoverServiceStub(gateway.channel(base["custody"]["establishment"]))
     numbers = []
     for i in range(3):
         summary = json.loads(json.dumps(base))
