@@ -66,8 +66,8 @@ pub fn excluded(view: View) -> &'static [&'static str] {
             "diagnoses, medications, prescriptions, allergies, mental_health, infections, \
              vaccinations: the probation view excludes clinical content",
             "custody.reception_date, consent.treatment_sharing: the probation view excludes them",
-            "risks: the probation view carries active risks only, without notes, \
-             and only where consent or a recorded legal basis allows",
+            "risks: the probation view carries active risks of a named kind only, without \
+             notes or codes, and only where consent or a recorded legal basis allows",
             "substance_misuse, follow_ups: the probation view carries only whether treatment \
              and onward care are in place",
         ],
@@ -145,7 +145,9 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
                 prescriptions: Vec::new(),
                 allergies: Vec::new(),
                 risks: if summary.may_share_risk_with_probation() {
-                    without_notes(kept(&summary.risks, |r| r.active))
+                    without_notes(kept(&summary.risks, |r| {
+                        r.active && r.kind != RiskKind::Other
+                    }))
                 } else {
                     Vec::new()
                 },
@@ -268,14 +270,16 @@ fn mental_health_team(summary: &ClinicalSummary) -> ClinicalSummary {
     }
 }
 
-/// Risk flags without their free-text notes: a note can name what the view
-/// withholds ("distress at an HIV diagnosis"), and the kind and whether it
-/// is active are what the service acts on.
+/// Risk flags without their free-text notes or the sender's own coding: a
+/// note (or a code's display) can name what the view withholds ("distress
+/// at an HIV diagnosis"), and the kind and whether it is active are what
+/// the service acts on.
 fn without_notes(risks: Vec<super::model::RiskFlag>) -> Vec<super::model::RiskFlag> {
     risks
         .into_iter()
         .map(|mut r| {
             r.note = None;
+            r.code = None;
             r
         })
         .collect()

@@ -144,8 +144,8 @@ fn command(header: Option<&MessageHeader>, message: &[u8]) -> Decoded<SubmitComm
     } else if h.control_id_has_components {
         v.add(
             "MSH-10",
-            "a single string (ST): a component separator in it would make different \
-             messages one (escape it as \\S\\)",
+            "a single string (ST): a component or repetition separator in it would make \
+             different messages one (escape it: \\S\\, \\R\\)",
         );
     } else if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
         v.add(

@@ -7,7 +7,7 @@ use super::types::Address as FhirAddress;
 use super::types::*;
 use super::{
     CLINICAL_STATUS, EXT_DAYS_SUPPLIED, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED, SYS_CRN,
-    SYS_EVENT, SYS_LOCAL, SYS_NHS, SYS_PRISON_NUMBER, SYS_RISK, event_code, prescription,
+    SYS_EVENT, SYS_LOCAL, SYS_NHS, SYS_ODS, SYS_PRISON_NUMBER, SYS_RISK, event_code, prescription,
 };
 use crate::clinical::JourneyEvent;
 use crate::clinical::OdsCode;
@@ -277,25 +277,18 @@ fn one_identifier<T: PartialEq>(
 
 /// Where the patient will live: the first `home` address, else the first
 /// with no use or `temp` (a hostel, approved premises). `old`, `work` and
-/// `billing` addresses are never it; each address not taken is listed.
+/// `billing` addresses are never it (a patient may have only those: then
+/// none is); each address not taken is listed.
 fn release_address<'x, 'a>(
     index: &Index<'_>,
     addresses: &'x [FhirAddress<'a>],
     pp: At<'_>,
-    errors: &mut ValidationErrors,
 ) -> Option<(usize, &'x FhirAddress<'a>)> {
     let usable = |a: &&FhirAddress<'_>| matches!(a.use_.as_deref(), None | Some("home" | "temp"));
     let chosen = addresses
         .iter()
         .position(|a| a.use_.as_deref() == Some("home"))
         .or_else(|| addresses.iter().position(|a| usable(&a)));
-    if chosen.is_none() && !addresses.is_empty() {
-        errors.add(
-            format!("{pp}address[0].use"),
-            "no current address: an address marked old, work or billing is not where the \
-             patient lives (give the current one, or none)",
-        );
-    }
     for k in (0..addresses.len()).filter(|k| Some(*k) != chosen) {
         index.note(
             format_args!("{pp}address[{k}]"),
@@ -321,8 +314,18 @@ fn registered_practice(
             .reference
             .as_deref()
             .and_then(|u| index.position(u))
-            .and_then(|i| index.kind(i));
-        if practice.is_some() || matches!(kind, Some("Practitioner" | "PractitionerRole")) {
+            .and_then(|i| index.kind(i))
+            .or(r.type_.as_deref());
+        // A logical reference to a person: an identifier not an ODS code
+        // (an SDS user id), with no entry to follow.
+        let person_by_id = r.reference.is_none()
+            && r.identifier
+                .as_ref()
+                .is_some_and(|id| id.system.as_deref() != Some(SYS_ODS));
+        if practice.is_some()
+            || person_by_id
+            || matches!(kind, Some("Practitioner" | "PractitionerRole"))
+        {
             index.note(
                 format_args!("{pp}generalPractitioner[{k}]"),
                 "not carried: only the registered practice (an Organization) is read",
@@ -400,7 +403,7 @@ fn read_patient(
             ),
         );
     }
-    let address = release_address(index, &fp.address, pp, errors);
+    let address = release_address(index, &fp.address, pp);
     let family_name = required(
         name.and_then(|n| n.family.as_ref()).map(|f| f.to_string()),
         format_args!("{pp}name[0].family"),
@@ -433,7 +436,9 @@ fn read_patient(
     let registered_gp = registered_practice(index, &fp.general_practitioner, pp, errors);
     let release_address = address.map(|(k, a)| {
         let mut lines: Vec<String> = a.line.iter().map(|l| l.to_string()).collect();
-        let parts = !lines.is_empty() || a.city.is_some() || a.postal_code.is_some();
+        // The text is the address when no street line is given (a
+        // postcode beside it does not make the street).
+        let parts = !lines.is_empty();
         match (&a.text, parts) {
             (Some(text), false) => lines.push(text.to_string()),
             (Some(_), true) => index.note(
@@ -556,7 +561,7 @@ fn custody_encounter<'a>(
     prefix: &str,
     errors: &mut ValidationErrors,
 ) -> Option<(usize, &'a str)> {
-    if let Some(r) = &comp.encounter {
+    if let Some(r) = comp.encounter.as_ref().filter(|r| r.reference.is_some()) {
         return match index.resolve(r) {
             Some((ei, ev)) if index.kind(ei) == Some("Encounter") => Some((ei, ev)),
             _ => {

@@ -211,7 +211,7 @@ impl<'a> Index<'a> {
         at: impl fmt::Display,
         errors: &mut ValidationErrors,
     ) -> Option<OdsCode> {
-        if r.reference.is_none() {
+        let by_identifier = |errors: &mut ValidationErrors| {
             let id = r.identifier.as_ref()?;
             if id.system.as_deref() != Some(SYS_ODS) {
                 errors.add(
@@ -220,13 +220,27 @@ impl<'a> Index<'a> {
                 );
                 return None;
             }
-            return parse_with(
+            parse_with(
                 id.value.as_deref(),
                 format_args!("{at}.identifier.value"),
                 errors,
-            );
+            )
+        };
+        if r.reference.is_none() {
+            return by_identifier(errors);
         }
-        let (oi, ov) = self.resolve(r)?;
+        let Some((oi, ov)) = self.resolve(r) else {
+            // A reference the Bundle does not hold: its ODS identifier, if
+            // it gives one; else it is listed, never dropped unsaid.
+            if r.identifier.is_some() {
+                return by_identifier(errors);
+            }
+            self.note(
+                format_args!("{at}.reference"),
+                "not carried: it names no entry in the Bundle and gives no ODS identifier",
+            );
+            return None;
+        };
         if self.kind(oi) != Some("Organization") {
             errors.add(
                 format!("{}resourceType", self.path(oi)),

@@ -471,7 +471,13 @@ fn contained_medication(
         #[serde(borrow, default)]
         contained: Vec<&'a RawValue>,
     }
-    let holder: Holder<'_> = serde_json::from_str(resource).ok()?;
+    let Ok(holder) = serde_json::from_str::<Holder<'_>>(resource) else {
+        errors.add(
+            format!("{at}contained"),
+            "must be a list of resources (the medicine named #id is read from it)",
+        );
+        return None;
+    };
     let found = holder.contained.iter().enumerate().find(|(_, c)| {
         serde_json::from_str::<TypeAndId>(c.get()).is_ok_and(|r| {
             r.resource_type.as_deref() == Some("Medication") && r.id.as_deref() == Some(id)

@@ -116,6 +116,10 @@ pub struct Reference<'a> {
     #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub reference: Option<Cow<'a, str>>,
+    /// The type the reference is to (`Practitioner`), for a logical one.
+    #[serde(default, skip_serializing_if = "blank", rename = "type")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub type_: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub identifier: Option<Identifier<'a>>,

@@ -349,25 +349,24 @@ impl Schema {
     }
 }
 
-/// Which of a CodeableConcept's codings the parser reads: the first in a
-/// system it knows (SNOMED CT, dm+d, HL7's own code systems, the
-/// gateway's), else the first with a system and a code (as `parse_code`
-/// and `code_in` choose).
+/// Which of a CodeableConcept's codings the parser reads: the first in
+/// SNOMED CT or dm+d (as `parse_code` chooses), else the first in the
+/// gateway's own systems (as `code_in` finds them), else the first with a
+/// system and a code.
 fn coding_read(codings: &[Value]) -> usize {
     fn system(c: &Value) -> &str {
         c.get("system").and_then(Value::as_str).unwrap_or("")
     }
     let usable = |c: &&Value| !system(c).is_empty() && c.get("code").is_some();
-    let known = |c: &&Value| {
+    let national = |c: &&Value| {
         let s = system(c);
-        s == crate::clinical::model::SNOMED
-            || s == crate::clinical::model::DMD
-            || s.starts_with("http://terminology.hl7.org/CodeSystem/")
-            || s.starts_with("https://throughcare.invalid/")
+        s == crate::clinical::model::SNOMED || s == crate::clinical::model::DMD
     };
+    let ours = |c: &&Value| system(c).starts_with("https://throughcare.invalid/");
     codings
         .iter()
-        .position(|c| usable(&c) && known(&c))
+        .position(|c| usable(&c) && national(&c))
+        .or_else(|| codings.iter().position(|c| usable(&c) && ours(&c)))
         .or_else(|| codings.iter().position(|c| usable(&c)))
         .unwrap_or(0)
 }

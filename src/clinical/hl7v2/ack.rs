@@ -231,7 +231,8 @@ pub fn ack(
             segs.push(err_segment(e));
         }
     }
-    if segs.iter().any(|s| !s.is_ascii()) {
+    // MSH-18 exists from v2.3.
+    if !matches!(version, "2.1" | "2.2") && segs.iter().any(|s| !s.is_ascii()) {
         // What it echoes (a sending application's name, say) is written
         // in UTF-8, and an empty MSH-18 would declare ASCII: MSH-13 to
         // MSH-17 stay empty, MSH-18 says so (HL7 table 0211).

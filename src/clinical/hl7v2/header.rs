@@ -34,9 +34,9 @@ pub struct MessageHeader {
     pub trigger: String,
     /// MSH-10, the message control id.
     pub control_id: String,
-    /// Whether MSH-10 holds more than one component: it is a plain string
-    /// (ST), and the first component alone would merge messages whose ids
-    /// differ only after a `^`.
+    /// Whether MSH-10 holds more than one component or repetition: it is a
+    /// plain string (ST), and the first part alone would merge messages
+    /// whose ids differ only after a `^` or `~`.
     pub control_id_has_components: bool,
     /// MSH-11.1, the processing id (`P`).
     pub processing_id: String,
@@ -119,7 +119,8 @@ pub fn header(bytes: &[u8]) -> Option<MessageHeader> {
         &f[..end]
     };
     let comp = |n: usize, c: usize| unescape(raw(n).split('^').nth(c - 1).unwrap_or_default());
-    let split_id = raw(10).contains('^');
+    // On the whole field: `raw` stops at the first repetition.
+    let split_id = fields.get(8).is_some_and(|f| f.contains(['^', '~']));
     Some(read_fields(|n| raw(n).to_owned(), comp, (true, split_id)))
 }
 
@@ -174,12 +175,9 @@ fn other_delimiters(line: &str) -> Option<MessageHeader> {
         value.chars().take(MAX_ECHOED).collect()
     };
     let echoed = |n: usize| super::escape::escape(&comp(n, 1));
-    let split_id = fields.get(8).is_some_and(|f| {
-        f.split(delimiters[2])
-            .next()
-            .unwrap_or_default()
-            .contains(component)
-    });
+    let split_id = fields
+        .get(8)
+        .is_some_and(|f| f.contains([component, delimiters[2]]));
     Some(read_fields(echoed, comp, (false, split_id)))
 }
 
