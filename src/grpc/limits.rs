@@ -346,10 +346,13 @@ fn incomplete(status: &Status) -> Option<(String, Status)> {
         "Missing request message." => "the request body holds no gRPC message",
         _ => return None,
     };
-    if status.code() != Code::Internal {
-        return None;
-    }
-    Some((
+    (status.code() == Code::Internal).then(|| invalid_request(why))
+}
+
+/// The audit outcome and the `INVALID_ARGUMENT` answer for a request that
+/// is wrong as a whole (`request` is the field named).
+fn invalid_request(why: &str) -> (String, Status) {
+    (
         format!("refused: InvalidArgument: {why}"),
         super::error::status(
             Code::InvalidArgument,
@@ -358,7 +361,7 @@ fn incomplete(status: &Status) -> Option<(String, Status)> {
             None,
             vec![tonic_types::FieldViolation::new("request", why)],
         ),
-    ))
+    )
 }
 
 /// tonic's `INTERNAL` for a compressed request (gzip, deflate) that does
@@ -367,16 +370,8 @@ fn undecompressable(status: &Status) -> Option<(String, Status)> {
     if status.code() != Code::Internal || !status.message().starts_with(DECOMPRESS_FAILURE) {
         return None;
     }
-    let why = "the compressed message does not decompress";
-    Some((
-        format!("refused: InvalidArgument: {why}"),
-        super::error::status(
-            Code::InvalidArgument,
-            format!("invalid request: {why}"),
-            "INVALID_ARGUMENT",
-            None,
-            vec![tonic_types::FieldViolation::new("request", why)],
-        ),
+    Some(invalid_request(
+        "the compressed message does not decompress",
     ))
 }
 

@@ -366,30 +366,10 @@ async fn a_refusal_that_cannot_be_audited_is_answered_unavailable() {
 /// send it: its `grpc-status` (trailers-only answer, or trailers) and
 /// `grpc-message`.
 async fn raw_http2(gw: &TestGateway, content_type: &str, body: Vec<u8>) -> (String, String) {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let (cert, key) = gw.paths().client("YP001");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&gw.ca_pem()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain = CertificateDer::pem_file_iter(&cert)
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(&key).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = tls_client_config(&gw.certs(), "YP001");
     let addr = gw.endpoint.trim_start_matches("https://").to_owned();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(
             rustls::pki_types::ServerName::try_from("localhost").unwrap(),
             tcp,

@@ -10,8 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use support::*;
 use throughcare::grpc::pb;
 use throughcare::store::SystemClock;
@@ -182,32 +180,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
-}
-
-fn tls_client_config(certs: &Path, name: &str) -> Arc<rustls::ClientConfig> {
-    let pem = |p: std::path::PathBuf| std::fs::read(p).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&pem(certs.join("ca.pem"))) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let paths = throughcare::certs::DevPaths {
-        dir: certs.to_owned(),
-    };
-    let (cert, key) = paths.client(name);
-    let chain = CertificateDer::pem_slice_iter(&pem(cert))
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(&pem(key)).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -528,3 +528,33 @@ pub fn sent_by(mut r: pb::SubmitRequest, ods: &str) -> pb::SubmitRequest {
     }
     r
 }
+
+/// A TLS client configuration (HTTP/2 by ALPN) presenting dev PKI identity
+/// `name` from `certs`, trusting its CA: for raw connections no gRPC client
+/// makes.
+pub fn tls_client_config(certs: &Path, name: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem(certs.join("ca.pem"))) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let paths = throughcare::certs::DevPaths {
+        dir: certs.to_owned(),
+    };
+    let (cert, key) = paths.client(name);
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&pem(cert))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem(key)).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
