@@ -365,7 +365,11 @@ async fn a_refusal_that_cannot_be_audited_is_answered_unavailable() {
 /// One HTTP/2 request over mutual TLS as YP001, as no gRPC client would
 /// send it: its `grpc-status` (trailers-only answer, or trailers) and
 /// `grpc-message`.
-async fn raw_http2(gw: &TestGateway, content_type: &str, body: Vec<u8>) -> (String, String) {
+async fn raw_http2(
+    gw: &TestGateway,
+    (content_type, encoding): (&str, Option<&str>),
+    body: Vec<u8>,
+) -> (String, String) {
     let config = tls_client_config(&gw.certs(), "YP001");
     let addr = gw.endpoint.trim_start_matches("https://").to_owned();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -384,6 +388,7 @@ async fn raw_http2(gw: &TestGateway, content_type: &str, body: Vec<u8>) -> (Stri
     ))
     .header("content-type", content_type)
     .header("te", "trailers")
+    .header("grpc-encoding", encoding.unwrap_or("identity"))
     .body(())
     .unwrap();
     let (response, mut send) = client.send_request(request, false).unwrap();
@@ -453,10 +458,10 @@ async fn a_request_that_is_not_well_formed_grpc_is_invalid_argument_and_never_ru
     }
     .encode_to_vec();
     // As gRPC it runs: Track of an unknown message id is NOT_FOUND.
-    let (status, _) = raw_http2(&gw, "application/grpc", framed(&track)).await;
+    let (status, _) = raw_http2(&gw, ("application/grpc", None), framed(&track)).await;
     assert_eq!(status, "5");
     for content_type in ["application/json", "text/plain", "application/grpcx"] {
-        let (status, message) = raw_http2(&gw, content_type, framed(&track)).await;
+        let (status, message) = raw_http2(&gw, (content_type, None), framed(&track)).await;
         assert_eq!(status, "3", "{content_type}: {message}");
         assert!(
             message.contains("content-type"),
@@ -467,9 +472,15 @@ async fn a_request_that_is_not_well_formed_grpc_is_invalid_argument_and_never_ru
     let mut cut = framed(&track);
     cut.truncate(cut.len() - 3);
     for (body, words) in [(cut, "ends inside"), (Vec::new(), "no gRPC message")] {
-        let (status, message) = raw_http2(&gw, "application/grpc", body).await;
+        let (status, message) = raw_http2(&gw, ("application/grpc", None), body).await;
         assert_eq!(status, "3", "{words}: {message}");
         assert!(message.contains(words), "{message}");
     }
+    // A message flagged gzip that is not gzip.
+    let mut garbled = framed(b"not gzip at all");
+    garbled[0] = 1;
+    let (status, message) = raw_http2(&gw, ("application/grpc", Some("gzip")), garbled).await;
+    assert_eq!(status, "3", "{message}");
+    assert!(message.contains("does not decompress"), "{message}");
     gw.stop().await;
 }
