@@ -311,6 +311,16 @@ async fn a_field_error_is_an_ae_naming_the_field_and_stores_nothing() {
     // An unreadable date: a data type error at its place.
     let ack = exchange(&mut conn, &with_field(&good, "PID", 7, "1985XX15")).await;
     assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
+    // No NHS or prison number in PID-3 (only a local MR): required, at PID-3.
+    let ack = exchange(&mut conn, &with_field(&good, "PID", 3, "X99^^^LOCAL^MR")).await;
+    assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
+    assert_eq!(errs(&ack)[0][2], "PID^1^3", "{ack:?}");
+    assert_eq!(errs(&ack)[0][3], "101^Required field missing^HL70357");
+    // Two different NHS numbers: which is the patient's cannot be told.
+    let two = format!("{}^^^NHS^NH~{}^^^NHS^NH", nhs(6), nhs(7));
+    let ack = exchange(&mut conn, &with_field(&good, "PID", 3, &two)).await;
+    assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
+    assert!(errs(&ack)[0][2].starts_with("PID^1^3"), "{ack:?}");
     // Message-level problems are rejected (AR) with their own codes.
     for (n, value, code) in [
         (9, "ORU^R01^ORU_R01", "200"),

@@ -414,20 +414,21 @@ fn read_identifiers(
     e: &mut ValidationErrors,
 ) -> (Option<NhsNumber>, Option<PrisonNumber>, Option<Crn>) {
     let (mut nhs, mut prison, mut crn) = (None, None, None);
+    let before = e.0.len();
     for (r, rep) in pid.reps(3).enumerate() {
         let value = component(rep, 1);
         let field = || format!("PID-3[{}].1", r + 1);
         match (&*component(rep, 4), &*component(rep, 5)) {
             (_, "NH") => match value.parse::<NhsNumber>() {
-                Ok(n) => nhs = Some(n),
+                Ok(n) => one_of_a_kind(&mut nhs, n, field(), e),
                 Err(err) => e.add(field(), err.to_string()),
             },
             ("HMPPS", _) => match value.parse::<PrisonNumber>() {
-                Ok(n) => prison = Some(n),
+                Ok(n) => one_of_a_kind(&mut prison, n, field(), e),
                 Err(err) => e.add(field(), err.to_string()),
             },
             ("NDELIUS", _) => match value.parse::<Crn>() {
-                Ok(n) => crn = Some(n),
+                Ok(n) => one_of_a_kind(&mut crn, n, field(), e),
                 Err(err) => e.add(field(), err.to_string()),
             },
             _ => notes.push(format!(
@@ -436,7 +437,32 @@ fn read_identifiers(
             )),
         }
     }
+    if nhs.is_none() && prison.is_none() && e.0.len() == before {
+        e.add(
+            "PID-3",
+            "required: an NHS number (…^^^NHS^NH) or a prison number (…^^^HMPPS^PI)",
+        );
+    }
     (nhs, prison, crn)
+}
+
+/// Keeps `found` as the patient's identifier of one kind; a second,
+/// different one is refused at `field`: which is the patient's cannot be
+/// told, and the wrong one files the record under someone else.
+fn one_of_a_kind<T: PartialEq>(
+    kept: &mut Option<T>,
+    found: T,
+    field: String,
+    e: &mut ValidationErrors,
+) {
+    match kept {
+        Some(k) if *k != found => e.add(
+            field,
+            "a second, different identifier of this kind: which is the patient's cannot be told",
+        ),
+        Some(_) => {}
+        None => *kept = Some(found),
+    }
 }
 
 /// PID-8 by HL7 table 0001 (administrative sex).
