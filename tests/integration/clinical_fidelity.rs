@@ -752,12 +752,9 @@ fn only_the_probation_consent_decides_and_never_a_conditional_one() {
     })
     .unwrap();
     assert_eq!(read.consent.probation_sharing, ConsentDecision::Refused);
-    assert!(
-        read.not_read
-            .iter()
-            .any(|n| n.contains("a Consent about something other than sharing with probation")),
-        "{:?}",
-        read.not_read
+    assert_listed(
+        &read,
+        "a Consent about something other than sharing with probation",
     );
     // A permission that ended, or that excludes some data, is not "given".
     for provision in [
@@ -813,13 +810,7 @@ fn what_would_be_read_as_the_wrong_thing_is_refused_by_field() {
     );
 
     let fields = refused(&|doc| {
-        let practitioner = doc["entry"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["resource"]["resourceType"] == "Practitioner")
-            .map(|e| e["fullUrl"].clone())
-            .expect("the fixture names its author");
+        let practitioner = full_url_of(doc, "Practitioner");
         doc["entry"][0]["resource"]["subject"]["reference"] = practitioner;
     });
     assert!(
@@ -1008,13 +999,7 @@ fn a_medication_reference_is_read_like_a_medication_concept() {
     assert_eq!(read.medications, s.medications);
     assert!(read.not_read.is_empty(), "{:?}", read.not_read);
 
-    let patient_url = doc["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["resource"]["resourceType"] == "Patient")
-        .map(|e| e["fullUrl"].clone())
-        .unwrap();
+    let patient_url = full_url_of(&doc, "Patient");
     let (i, med) = entry_of(&mut doc, "MedicationStatement");
     med["medicationReference"] = json!({"reference": patient_url});
     let refused = parse_fhir(&doc).unwrap_err();
@@ -1106,21 +1091,27 @@ fn flags_coded_in_snomed_or_words_are_carried_and_a_known_concept_names_its_kind
     let (fi, read) = flag_with(json!({"coding": [
         {"system": "https://throughcare.invalid/fhir/CodeSystem/risk", "code": "arson"}
     ]}));
-    let paths: Vec<String> = read
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
+    let paths = fields_of(&read.unwrap_err());
     assert_eq!(paths, [format!("entry[{fi}].resource.code.coding[0].code")]);
     let (fi, read) = flag_with(json!({"coding": [{"display": "no code"}]}));
-    let paths: Vec<String> = read
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
+    let paths = fields_of(&read.unwrap_err());
     assert_eq!(paths, [format!("entry[{fi}].resource.code")]);
+}
+
+/// The fullUrl of the first entry holding a `kind` resource.
+fn full_url_of(doc: &Value, kind: &str) -> Value {
+    doc["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == kind)
+        .map(|e| e["fullUrl"].clone())
+        .unwrap_or_else(|| panic!("the document has no {kind}"))
+}
+
+/// The fields a refusal names.
+fn fields_of(e: &throughcare::clinical::ValidationErrors) -> Vec<String> {
+    e.0.iter().map(|v| v.field.clone()).collect()
 }
 
 /// The fields a document is refused at, after `edit`.
@@ -1129,8 +1120,17 @@ fn refused_at(s: &ClinicalSummary, edit: impl Fn(&mut Value)) -> Vec<String> {
     edit(&mut doc);
     match parse_fhir(&doc) {
         Ok(read) => panic!("accepted: {:?}", read.not_read),
-        Err(e) => e.0.iter().map(|v| v.field.clone()).collect(),
+        Err(e) => fields_of(&e),
     }
+}
+
+/// That `read` lists, among what it did not carry, a note containing `words`.
+fn assert_listed(read: &ClinicalSummary, words: &str) {
+    assert!(
+        read.not_read.iter().any(|n| n.contains(words)),
+        "{words}: {:?}",
+        read.not_read
+    );
 }
 
 fn read_after(s: &ClinicalSummary, edit: impl Fn(&mut Value)) -> ClinicalSummary {
@@ -1277,25 +1277,13 @@ fn the_release_address_and_the_practice_are_found_where_nhs_systems_put_them() {
     assert_eq!(read.registered_gp.as_ref(), Some(&gp));
 
     let read = read_after(&s, |doc| {
-        let author = doc["entry"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["resource"]["resourceType"] == "Practitioner")
-            .map(|e| e["fullUrl"].clone())
-            .unwrap();
+        let author = full_url_of(doc, "Practitioner");
         let (_, patient) = entry_of(doc, "Patient");
         let practice = patient["generalPractitioner"][0].clone();
         patient["generalPractitioner"] = json!([{"reference": author}, practice]);
     });
     assert_eq!(read.registered_gp.as_ref(), Some(&gp));
-    assert!(
-        read.not_read
-            .iter()
-            .any(|n| n.contains("generalPractitioner[0]: not carried")),
-        "{:?}",
-        read.not_read
-    );
+    assert_listed(&read, "generalPractitioner[0]: not carried");
     for person in [
         json!({"type": "Practitioner", "identifier": {
             "system": "https://fhir.nhs.uk/Id/sds-user-id", "value": "G0000001"
@@ -1323,13 +1311,7 @@ fn the_release_address_and_the_practice_are_found_where_nhs_systems_put_them() {
         patient["generalPractitioner"] = json!([{"reference": "Organization/not-in-this-bundle"}]);
     });
     assert_eq!(read.registered_gp, None);
-    assert!(
-        read.not_read
-            .iter()
-            .any(|n| n.contains("generalPractitioner[0].reference: not carried")),
-        "{:?}",
-        read.not_read
-    );
+    assert_listed(&read, "generalPractitioner[0].reference: not carried");
 }
 
 /// A status outside its required binding is refused, never read as a
@@ -1403,13 +1385,7 @@ fn coded_timings_are_carried_and_other_instructions_are_listed() {
     });
     assert_eq!(read.medications[0].frequency, "daily");
     assert!(read.medications[0].supervised);
-    assert!(
-        read.not_read
-            .iter()
-            .any(|n| n.contains("additionalInstruction[1]: not carried")),
-        "{:?}",
-        read.not_read
-    );
+    assert_listed(&read, "additionalInstruction[1]: not carried");
 }
 
 /// A custody day is England's: a release at 23:30 UTC on a summer evening
@@ -1463,16 +1439,21 @@ fn contained_medicines_and_reaction_substances_are_read_and_ambiguous_json_is_re
         a["reaction"][0]["substance"] = code;
     });
     assert_eq!(read.allergies[0].substance, s.allergies[0].substance);
-    let read = read_after(&s, |doc| {
-        let (_, m) = entry_of(doc, "MedicationStatement");
-        let code = m
-            .as_object_mut()
-            .unwrap()
-            .remove("medicationCodeableConcept")
-            .unwrap();
-        m["contained"] = json!([{"resourceType": "Medication", "id": "med1", "code": code}]);
-        m["medicationReference"] = json!({"reference": "#med1"});
-    });
+    // The medicine moved into its MedicationStatement; `shape` makes `contained`.
+    let contained = |shape: fn(Value) -> Value| {
+        move |doc: &mut Value| {
+            let (_, m) = entry_of(doc, "MedicationStatement");
+            let code = m
+                .as_object_mut()
+                .unwrap()
+                .remove("medicationCodeableConcept")
+                .unwrap();
+            m["contained"] =
+                shape(json!({"resourceType": "Medication", "id": "med1", "code": code}));
+            m["medicationReference"] = json!({"reference": "#med1"});
+        }
+    };
+    let read = read_after(&s, contained(|m| json!([m])));
     assert_eq!(read.medications[0].code, s.medications[0].code);
     assert!(
         !read.not_read.iter().any(|n| n.contains("contained")),
@@ -1496,16 +1477,7 @@ fn contained_medicines_and_reaction_substances_are_read_and_ambiguous_json_is_re
             "entry[{mi}].resource.medicationReference.reference"
         )]
     );
-    let fields = refused_at(&s, |doc| {
-        let (_, m) = entry_of(doc, "MedicationStatement");
-        let code = m
-            .as_object_mut()
-            .unwrap()
-            .remove("medicationCodeableConcept")
-            .unwrap();
-        m["contained"] = json!({"resourceType": "Medication", "id": "med1", "code": code});
-        m["medicationReference"] = json!({"reference": "#med1"});
-    });
+    let fields = refused_at(&s, contained(|m| m));
     assert!(
         fields.contains(&format!("entry[{mi}].resource.contained")),
         "{fields:?}"
