@@ -113,20 +113,23 @@ impl<'a> Index<'a> {
             .filter(move |(_, k)| k.as_deref() == Some(t))
             .filter_map(move |(i, _)| {
                 let json = self.entries[i].resource.get();
-                if let Some((element, why)) = unread::status_fault(t, json) {
-                    self.used.borrow_mut()[i] = true;
-                    self.refused
-                        .borrow_mut()
-                        .add(format!("{}{element}", self.path(i)), why);
-                    return None;
-                }
-                if let Some(why) = unread::withdrawn(t, json) {
-                    self.used.borrow_mut()[i] = true;
-                    self.note(
-                        format_args!("{}entry[{i}].resource ({t})", self.prefix),
-                        &format!("not carried: {why}"),
-                    );
-                    return None;
+                match unread::standing(t, json) {
+                    Err((element, why)) => {
+                        self.used.borrow_mut()[i] = true;
+                        self.refused
+                            .borrow_mut()
+                            .add(format!("{}{element}", self.path(i)), why);
+                        return None;
+                    }
+                    Ok(Some(why)) => {
+                        self.used.borrow_mut()[i] = true;
+                        self.note(
+                            format_args!("{}entry[{i}].resource ({t})", self.prefix),
+                            &format!("not carried: {why}"),
+                        );
+                        return None;
+                    }
+                    Ok(None) => {}
                 }
                 self.touch(i);
                 Some((i, json))

@@ -583,13 +583,12 @@ pub(super) fn bundle(json: &str, prefix: &str, errors: &mut ValidationErrors) ->
 /// status for these, so they are set aside and listed rather than carried as
 /// current; a methadone prescription stopped in custody must not reach the
 /// GP as an active one.
-pub(super) fn withdrawn(kind: &str, json: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(json).ok()?;
+fn withdrawn_value(kind: &str, v: &Value) -> Option<String> {
     let status = v.get("status").and_then(Value::as_str);
     if status == Some("entered-in-error") {
         return Some("entered in error".into());
     }
-    let codes = |element: &str| codes_of(&v, element);
+    let codes = |element: &str| codes_of(v, element);
     let verification = codes("verificationStatus")
         .into_iter()
         .find(|c| matches!(c.as_str(), "refuted" | "entered-in-error"));
@@ -632,12 +631,11 @@ pub(super) fn withdrawn(kind: &str, json: &str) -> Option<String> {
 /// for it, with why: the element's path below the resource and the reason.
 /// Read as anything, it could turn a resolved problem into an active one
 /// or an entered-in-error risk into a live one, so the document is refused.
-pub(super) fn status_fault(kind: &str, json: &str) -> Option<(&'static str, String)> {
+fn status_fault(kind: &str, v: &Value) -> Option<(&'static str, String)> {
     const CONDITION_VERIFICATION: &str =
         "http://terminology.hl7.org/CodeSystem/condition-ver-status";
     const ALLERGY_VERIFICATION: &str =
         "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification";
-    let v: Value = serde_json::from_str(json).ok()?;
     let coded = |element: &'static str, system: &str, allowed: &[&str]| {
         let cc = v.get(element)?;
         let ok = cc
@@ -697,7 +695,7 @@ pub(super) fn status_fault(kind: &str, json: &str) -> Option<(&'static str, Stri
             let abated = v
                 .as_object()
                 .is_some_and(|o| o.keys().any(|k| k.starts_with("abatement")));
-            let ended = codes_of(&v, "clinicalStatus")
+            let ended = codes_of(v, "clinicalStatus")
                 .iter()
                 .any(|c| matches!(c.as_str(), "inactive" | "remission" | "resolved"));
             (abated && !ended).then(|| {
@@ -734,6 +732,20 @@ pub(super) fn status_fault(kind: &str, json: &str) -> Option<(&'static str, Stri
     }
 }
 
+/// What a resource's own status says, from one read of it: `Err` a status
+/// outside its binding (the element and why: the document is refused),
+/// `Ok(Some(why))` a resource that is not current clinical content (set
+/// aside and listed), `Ok(None)` a current one.
+pub(super) fn standing(kind: &str, json: &str) -> Result<Option<String>, (&'static str, String)> {
+    let Ok(v) = serde_json::from_str::<Value>(json) else {
+        return Ok(None);
+    };
+    match status_fault(kind, &v) {
+        Some(fault) => Err(fault),
+        None => Ok(withdrawn_value(kind, &v)),
+    }
+}
+
 /// The codes of a resource's CodeableConcept `element` (every coding).
 pub(super) fn codes_of(resource: &Value, element: &str) -> Vec<String> {
     resource
@@ -763,6 +775,10 @@ fn safe_word(code: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn withdrawn(kind: &str, json: &str) -> Option<String> {
+        withdrawn_value(kind, &serde_json::from_str(json).unwrap())
+    }
 
     fn unread(kind: &str, json: &str) -> (Vec<String>, ValidationErrors) {
         let mut notes = Vec::new();
