@@ -245,20 +245,9 @@ where
                 None,
                 Vec::new(),
             );
+            let outcome = "refused: InvalidArgument: not a gRPC content-type".to_owned();
             return Box::pin(async move {
-                let event = crate::audit::AuditEvent {
-                    actor,
-                    action: static_action(&action),
-                    outcome: "refused: InvalidArgument: not a gRPC content-type".into(),
-                    ..crate::audit::AuditEvent::default()
-                };
-                if let Err(e) = store.record(event).await {
-                    tracing::error!(error = %e, "a refusal could not be audited; answering UNAVAILABLE");
-                    return Err(BoxError::from(Status::from(
-                        crate::handover::Error::Unrecorded,
-                    )));
-                }
-                Err(BoxError::from(answer))
+                Err(audited(&store, (actor, &action), outcome, answer).await)
             });
         }
         let fut = self.inner.call(req);
@@ -275,22 +264,32 @@ where
             else {
                 return Ok(response);
             };
-            let event = crate::audit::AuditEvent {
-                actor,
-                action: static_action(&action),
-                outcome,
-                ..crate::audit::AuditEvent::default()
-            };
-            if let Err(e) = store.record(event).await {
-                tracing::error!(error = %e, "a refusal could not be audited; answering UNAVAILABLE");
-                return Err(BoxError::from(Status::from(
-                    crate::handover::Error::Unrecorded,
-                )));
-            }
-            tracing::info!(code = ?answer.code(), "refused before any handler");
-            Err(BoxError::from(answer))
+            Err(audited(&store, (actor, &action), outcome, answer).await)
         })
     }
+}
+
+/// Audits a refusal made before any handler and returns the answer: the
+/// refusal itself, or `UNAVAILABLE` when the audit write fails (fail
+/// closed).
+async fn audited(
+    store: &crate::store::Store,
+    (actor, action): (String, &str),
+    outcome: String,
+    answer: Status,
+) -> BoxError {
+    let event = crate::audit::AuditEvent {
+        actor,
+        action: static_action(action),
+        outcome,
+        ..crate::audit::AuditEvent::default()
+    };
+    if let Err(e) = store.record(event).await {
+        tracing::error!(error = %e, "a refusal could not be audited; answering UNAVAILABLE");
+        return BoxError::from(Status::from(crate::handover::Error::Unrecorded));
+    }
+    tracing::info!(code = ?answer.code(), "refused before any handler");
+    BoxError::from(answer)
 }
 
 /// Whether `req` says it is gRPC: `application/grpc`, `application/grpc+…`
