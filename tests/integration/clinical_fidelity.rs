@@ -1235,6 +1235,57 @@ fn document_identity_patient_identifiers_and_the_episode_are_read_as_fhir_means_
     assert_eq!(fields, ["entry[0].resource.encounter"]);
 }
 
+/// Approved premises arranged for release: a temporary address whose period
+/// covers the release day is where the patient will live; one whose period
+/// has ended, or a home left before release, is not. A period that cannot
+/// be read, or ends before it starts, is refused.
+#[test]
+fn an_address_period_decides_where_the_patient_lives_on_release() {
+    let s = fixture("01-ost-released-today");
+    let day = s.custody.release_date.unwrap();
+    let (before, after) = (day.0.previous_day().unwrap(), day.0.next_day().unwrap());
+    let premises = json!({"use": "temp", "line": ["Approved Premises (invented)", "1 Quay Street"],
+        "postalCode": "ZZ8 8ZZ", "period": {"start": day.to_string()}});
+    let read = read_after(&s, |doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        let home = patient["address"][0].clone();
+        patient["address"] = json!([home, premises.clone()]);
+    });
+    assert_listed(&read, "address[0]: not carried");
+    assert_eq!(read.custody.release_address.unwrap().postcode, "ZZ8 8ZZ");
+    let read = read_after(&s, |doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        let home = patient["address"][0].clone();
+        let mut ended = premises.clone();
+        ended["period"] = json!({"start": "2020-01-01", "end": before.to_string()});
+        patient["address"] = json!([ended, home]);
+    });
+    assert_eq!(read.custody.release_address, s.custody.release_address);
+    let read = read_after(&s, |doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        let mut home = patient["address"][0].clone();
+        home["period"] = json!({"end": before.to_string()});
+        let mut later = premises.clone();
+        later["use"] = json!("home");
+        later["period"] = json!({"start": after.to_string()});
+        patient["address"] = json!([home, later]);
+    });
+    assert_eq!(
+        read.custody.release_address, None,
+        "neither is lived in on the day"
+    );
+    let fields = refused_at(&s, |doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["address"][0]["period"] = json!({"start": "2026-12-02", "end": "2026-12-01"});
+    });
+    assert_eq!(fields, ["entry[2].resource.address[0].period"]);
+    let fields = refused_at(&s, |doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["address"][0]["period"] = json!({"start": "next week"});
+    });
+    assert_eq!(fields, ["entry[2].resource.address[0].period.start"]);
+}
+
 /// Where the patient will live, and who their practice is, as NHS systems
 /// write them: the home address beside a temporary (prison) one, an address
 /// given as text, a practice given by its ODS code alone or after a named GP.
@@ -1386,6 +1437,16 @@ fn coded_timings_are_carried_and_other_instructions_are_listed() {
     assert_eq!(read.medications[0].frequency, "daily");
     assert!(read.medications[0].supervised);
     assert_listed(&read, "additionalInstruction[1]: not carried");
+    // Beside a local coding, the SNOMED CT one is read (and the other listed).
+    let read = read_after(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        m["dosage"][0]["timing"] = json!({"code": {"coding": [
+            {"system": "https://pas.invalid/timing", "code": "X1", "display": "as agreed"},
+            {"system": "http://snomed.info/sct", "code": "229797004", "display": "Once daily"}
+        ]}});
+    });
+    assert_eq!(read.medications[0].frequency, "Once daily");
+    assert_listed(&read, "timing.code.coding[0]");
 }
 
 /// A custody day is England's: a release at 23:30 UTC on a summer evening

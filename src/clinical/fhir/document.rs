@@ -60,13 +60,11 @@ pub(super) fn parse_document(
     let (pi, pv) = the_patient(&index, &comp, errors)?;
     about_the_patient(&index, pi, errors);
     let from_patient = read_patient(&index, pi, pv, errors)?;
-    let custody = read_custody(
-        &index,
-        (&comp, p0),
-        prefix,
-        from_patient.release_address.as_ref(),
-        errors,
-    );
+    let custody = read_custody(&index, (&comp, p0), prefix, errors).map(|mut custody| {
+        let day = custody.release_date;
+        custody.release_address = release_address(&index, &from_patient.addresses, pi, day);
+        custody
+    });
     let medications = read_medications(&index, errors);
     let allergies = read_allergies(&index, errors);
     let risks = read_risks(&index, errors);
@@ -246,11 +244,13 @@ fn about_the_patient(index: &Index<'_>, patient: usize, errors: &mut ValidationE
 }
 
 /// What the Patient resource says.
-struct PatientRead {
+struct PatientRead<'a> {
     /// None without a family name or a date of birth.
     patient: Option<crate::clinical::model::Patient>,
     registered_gp: Option<OdsCode>,
-    release_address: Option<Address>,
+    /// Every address as written, each period checked: which one the
+    /// patient will live at depends on the release day.
+    addresses: Vec<FhirAddress<'a>>,
 }
 
 /// Keeps `found` as the patient's identifier of one kind; a second,
@@ -275,27 +275,114 @@ fn one_identifier<T: PartialEq>(
     }
 }
 
-/// Where the patient will live: the first `home` address, else the first
-/// with no use or `temp` (a hostel, approved premises). `old`, `work` and
-/// `billing` addresses are never it (a patient may have only those: then
-/// none is); each address not taken is listed.
-fn release_address<'x, 'a>(
+/// Where the patient will live on `day` (the release day, when known): a
+/// `temp` address whose period covers that day (approved premises, a
+/// hostel arranged for release), else the first `home` address, else the
+/// first with no use or `temp`. An address whose period has ended before
+/// that day, or begins after it, is not where the patient will live, and
+/// `old`, `work` and `billing` addresses never are (a patient may have only
+/// those: then none is); each address not taken is listed.
+fn release_address(
     index: &Index<'_>,
-    addresses: &'x [FhirAddress<'a>],
-    pp: At<'_>,
-) -> Option<(usize, &'x FhirAddress<'a>)> {
-    let usable = |a: &&FhirAddress<'_>| matches!(a.use_.as_deref(), None | Some("home" | "temp"));
+    addresses: &[FhirAddress<'_>],
+    pi: usize,
+    day: Option<Date>,
+) -> Option<Address> {
+    let pp = index.path(pi);
+    let day = day.map(|d| d.to_string());
+    let in_use = |a: &FhirAddress<'_>| match (&day, &a.period) {
+        (Some(day), Some(p)) => period_covers(p, day),
+        _ => true,
+    };
+    let usable = |a: &FhirAddress<'_>| {
+        matches!(a.use_.as_deref(), None | Some("home" | "temp")) && in_use(a)
+    };
+    let arranged = |a: &FhirAddress<'_>| {
+        a.use_.as_deref() == Some("temp") && day.is_some() && a.period.is_some() && in_use(a)
+    };
     let chosen = addresses
         .iter()
-        .position(|a| a.use_.as_deref() == Some("home"))
-        .or_else(|| addresses.iter().position(|a| usable(&a)));
+        .position(arranged)
+        .or_else(|| {
+            addresses
+                .iter()
+                .position(|a| a.use_.as_deref() == Some("home") && in_use(a))
+        })
+        .or_else(|| addresses.iter().position(usable));
     for k in (0..addresses.len()).filter(|k| Some(*k) != chosen) {
         index.note(
             format_args!("{pp}address[{k}]"),
             "not carried: only the address the patient will live at is read",
         );
     }
-    chosen.map(|k| (k, &addresses[k]))
+    let (k, a) = chosen.map(|k| (k, &addresses[k]))?;
+    let mut lines: Vec<String> = a.line.iter().map(|l| l.to_string()).collect();
+    // The text is the address when no street line is given (a postcode
+    // beside it does not make the street).
+    let parts = !lines.is_empty();
+    match (&a.text, parts) {
+        (Some(text), false) => lines.push(text.to_string()),
+        (Some(_), true) => index.note(
+            format_args!("{pp}address[{k}].text"),
+            "not carried: the address as text beside its parts",
+        ),
+        (None, _) => {}
+    }
+    Some(Address {
+        lines,
+        city: owned(a.city.as_ref()),
+        postcode: owned(a.postal_code.as_ref()),
+    })
+}
+
+/// Whether `period` (checked already) includes `day` (`YYYY-MM-DD`), at
+/// each bound's own precision: a period ending `2026-12` covers any day of
+/// December 2026. A time is taken as England's day.
+fn period_covers(period: &Period<'_>, day: &str) -> bool {
+    let bound = |v: Option<&str>| v?.parse().ok().and_then(|w| day_text(&w));
+    let starts = bound(period.start.as_deref()).is_none_or(|s| !later(&s, day));
+    let ends = bound(period.end.as_deref()).is_none_or(|e| !later(day, &e));
+    starts && ends
+}
+
+/// A dateTime as its day (England's, for a time), or its year or month
+/// when it gives no more.
+fn day_text(when: &crate::clinical::model::When) -> Option<String> {
+    let text = when.to_string();
+    if text.contains('T') {
+        when.day_in_england().map(|d| d.to_string())
+    } else {
+        Some(text)
+    }
+}
+
+/// Whether day-text `a` falls after `b`, compared at the coarser of their
+/// precisions (`2026-12` is not after `2026-12-05`, nor before it).
+fn later(a: &str, b: &str) -> bool {
+    let n = a.len().min(b.len());
+    a.get(..n) > b.get(..n)
+}
+
+/// Each address's period must read as dateTimes, start not after end.
+fn check_address_periods(addresses: &[FhirAddress<'_>], pp: At<'_>, errors: &mut ValidationErrors) {
+    type When = crate::clinical::model::When;
+    for (k, a) in addresses.iter().enumerate() {
+        let Some(p) = &a.period else { continue };
+        let at = |end: &str| format!("{pp}address[{k}].period.{end}");
+        let start: Option<When> = parse_with(p.start.as_deref(), at("start"), errors);
+        let end: Option<When> = parse_with(p.end.as_deref(), at("end"), errors);
+        let (Some(start), Some(end)) = (start, end) else {
+            continue;
+        };
+        if let (Some(s), Some(e)) = (day_text(&start), day_text(&end))
+            && later(&s, &e)
+        {
+            errors.add(
+                format!("{pp}address[{k}].period"),
+                "the period must not end before it starts (per-1)",
+            );
+        }
+    }
 }
 
 /// The registered practice: the first `generalPractitioner` that is an
@@ -381,12 +468,12 @@ fn read_identifiers(
 }
 
 /// The Patient the Composition is about; none when it is not a Patient.
-fn read_patient(
+fn read_patient<'a>(
     index: &Index<'_>,
     pi: usize,
-    pv: &str,
+    pv: &'a str,
     errors: &mut ValidationErrors,
-) -> Option<PatientRead> {
+) -> Option<PatientRead<'a>> {
     let pp = index.path(pi);
     let fp: Patient = typed(pv, pp, errors)?;
     let (nhs, prison, crn) = read_identifiers(index, &fp.identifier, pp, errors);
@@ -403,7 +490,7 @@ fn read_patient(
             ),
         );
     }
-    let address = release_address(index, &fp.address, pp);
+    check_address_periods(&fp.address, pp, errors);
     let family_name = required(
         name.and_then(|n| n.family.as_ref()).map(|f| f.to_string()),
         format_args!("{pp}name[0].family"),
@@ -434,26 +521,6 @@ fn read_patient(
         }
     };
     let registered_gp = registered_practice(index, &fp.general_practitioner, pp, errors);
-    let release_address = address.map(|(k, a)| {
-        let mut lines: Vec<String> = a.line.iter().map(|l| l.to_string()).collect();
-        // The text is the address when no street line is given (a
-        // postcode beside it does not make the street).
-        let parts = !lines.is_empty();
-        match (&a.text, parts) {
-            (Some(text), false) => lines.push(text.to_string()),
-            (Some(_), true) => index.note(
-                format_args!("{pp}address[{k}].text"),
-                "not carried: the address as text beside its parts",
-            ),
-            (None, _) => {}
-        }
-        Address {
-            lines,
-            city: owned(a.city.as_ref()),
-            postcode: owned(a.postal_code.as_ref()),
-        }
-    });
-
     let patient = match (family_name, dob) {
         (Some(family_name), Some(date_of_birth)) => Some(crate::clinical::model::Patient {
             nhs_number: nhs,
@@ -471,7 +538,7 @@ fn read_patient(
     Some(PatientRead {
         patient,
         registered_gp,
-        release_address,
+        addresses: fp.address,
     })
 }
 
@@ -480,7 +547,6 @@ fn read_custody(
     index: &Index<'_>,
     (comp, p0): (&Composition<'_>, At<'_>),
     prefix: &str,
-    release_address: Option<&Address>,
     errors: &mut ValidationErrors,
 ) -> Option<Custody> {
     let (ei, ev) = custody_encounter(index, (comp, p0), prefix, errors)?;
@@ -526,7 +592,7 @@ fn read_custody(
         transfer_at,
         transfer_to,
         release_date,
-        release_address: release_address.cloned(),
+        release_address: None,
         no_fixed_abode,
     })
 }
@@ -709,7 +775,16 @@ fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> Strin
     if let Some(text) = &cc.text {
         return text.to_string();
     }
-    let Some(c) = cc.coding.first() else {
+    // The coding the unread walker counts as read: SNOMED CT first, else
+    // the first with a system and a code.
+    let usable = |c: &&Coding<'_>| c.system.is_some() && c.code.is_some();
+    let Some(c) = cc
+        .coding
+        .iter()
+        .find(|c| usable(c) && c.system.as_deref() == Some(SNOMED))
+        .or_else(|| cc.coding.iter().find(usable))
+        .or(cc.coding.first())
+    else {
         return String::new();
     };
     match (&c.display, &c.code) {

@@ -213,6 +213,10 @@ pub struct Address<'a> {
     #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub postal_code: Option<Cow<'a, str>>,
+    /// When the patient lives (or lived) there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub period: Option<Period<'a>>,
 }
 
 /// A document Bundle as written, up to its entries: `render` serialises

@@ -311,6 +311,7 @@ fn add_patient(doc: &mut Doc, s: &ClinicalSummary) -> String {
                 line: a.lines.iter().map(|l| l.as_str().into()).collect(),
                 city: Some(a.city.as_str().into()),
                 postal_code: Some(a.postcode.as_str().into()),
+                period: None,
             })
             .collect(),
         general_practitioner: gp_url.iter().map(|u| Reference::to(u.as_str())).collect(),
