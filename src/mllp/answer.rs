@@ -114,7 +114,9 @@ fn command(header: Option<&MessageHeader>, message: &[u8]) -> Decoded<SubmitComm
     let Some(h) = header else {
         return Err(ValidationErrors::one(
             "MSH",
-            "the message must start with an MSH segment using the delimiters |^~\\&",
+            hl7v2::batch_refusal(message).unwrap_or(
+                "the message must start with an MSH segment using the delimiters |^~\\&",
+            ),
         ));
     };
     let mut v = ValidationErrors::default();

@@ -250,3 +250,34 @@ def test_enhanced_mode_gets_commit_acks_as_msh_15_asks(gateway):
     ack = parsed_ack(reply)
     assert ack.msa.msa_1.to_er7() == "AA"
     assert ack.msa.msa_2.to_er7() == "PY-ENH-4", "no ACK was sent for the NE message"
+
+
+def test_a_segment_or_header_value_the_standard_forbids_gets_the_standards_err(gateway):
+    """HL7 table 0357 codes and ERL locations, judged by hl7apy: a second PID and a
+    missing PV1 are segment sequence errors (100) placed at the segment; an MSH-15
+    outside table 0155 is 103; an archived message (MSH-11.2 A, table 0207) is 202;
+    a six-character MSH-2 is refused at MSH-2; a batch is refused, not read as one message."""
+    base = admission("PY-SEQ-0")
+    pid = next(s for s in base.split("\r") if s.startswith("PID|"))
+    cases = {
+        "PY-SEQ-1": (base.replace(pid, pid + "\r" + pid.replace("Ellis", "Morgan")), "PID^2", "100"),
+        "PY-SEQ-2": ("\r".join(s for s in base.split("\r") if not s.startswith("PV1|")), "PV1^1", "100"),
+        "PY-SEQ-3": (with_ack_types(base, "XX", ""), "MSH^1^15", "103"),
+        "PY-SEQ-4": (base.replace("|PY-SEQ-0|P|", "|PY-SEQ-0|P^A|"), "MSH^1^11^1^2", "202"),
+        "PY-SEQ-5": (base.replace("MSH|^~\\&|", "MSH|^~\\&##|"), "MSH^1^2", "102"),
+    }
+    for control_id, (text, location, code) in cases.items():
+        with gateway.tls_client() as client:
+            ack = parsed_ack(client.send_message(text.replace("PY-SEQ-0", control_id)))
+        assert ack.msa.msa_1.to_er7() in ("AE", "AR", "CE", "CR"), control_id
+        assert ack.msa.msa_2.to_er7() == control_id
+        assert ack.err.err_2.to_er7() == location, control_id
+        assert ack.err.err_3.to_er7().startswith(code + "^"), (control_id, ack.err.err_3.to_er7())
+    batch = f"FHS|^~\\&|OTHERPAS|YP001\rBHS|^~\\&|OTHERPAS|YP001\r{base}\rBTS|1\rFTS|1"
+    with gateway.tls_client() as client:
+        raw = client.send_message(batch).decode().strip("\x0b\x1c\r\n")
+    # Its MSA-2 is empty (nothing names the message), so hl7apy reads it tolerantly.
+    ack = parse_message(raw, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
+    assert ack.msh.msh_9.to_er7() == "ACK^^ACK"
+    assert ack.msa.msa_1.to_er7() in ("AE", "AR")
+    assert "batch" in ack.err.err_8.to_er7(), raw

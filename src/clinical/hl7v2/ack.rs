@@ -87,6 +87,7 @@ impl ErrorCode {
     #[must_use]
     pub fn of_violation(field: &str, description: &str) -> Self {
         let (segment, field_no) = field.split_once('-').unwrap_or((field, ""));
+        let segment = segment.split('(').next().unwrap_or_default();
         let field_no = field_no.split(['.', '[']).next().unwrap_or_default();
         match (segment, field_no) {
             ("MSH", "9") if description.contains("trigger") => ErrorCode::UnsupportedEventCode,
@@ -192,9 +193,11 @@ pub fn ack(
         "2.5.1"
     };
     // MSH-9's third component (the message structure) arrived with v2.3.1.
+    // With no readable trigger, the structure is still named (`ACK^^ACK`).
     let message_type = match (token(&h.trigger, 3), version) {
-        (false, _) => "ACK".to_owned(),
-        (true, "2.1" | "2.2" | "2.3") => format!("ACK^{}", h.trigger),
+        (_, "2.1" | "2.2" | "2.3") if !token(&h.trigger, 3) => "ACK".to_owned(),
+        (_, "2.1" | "2.2" | "2.3") => format!("ACK^{}", h.trigger),
+        (false, _) => "ACK^^ACK".to_owned(),
         (true, _) => format!("ACK^{}^ACK", h.trigger),
     };
     let processing = if matches!(&*h.processing_id, "P" | "T" | "D") {
@@ -297,19 +300,26 @@ fn err_segment(e: &AckError) -> String {
 /// repetition and component when the path names a component; empty for a
 /// path that is not a place in an HL7 message.
 pub(super) fn error_location(field: &str) -> String {
-    let Some((seg, rest)) = field.split_once('-') else {
-        return String::new();
-    };
+    let (seg, rest) = field.split_once('-').unwrap_or((field, ""));
     let (id, seq) = match seg.split_once('(') {
         Some((id, n)) => (id, n.trim_end_matches(')')),
         None => (seg, "1"),
     };
+    let number = |s: &str| !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit());
+    // A whole segment (missing, or one too many) is placed by its id and
+    // sequence alone.
+    if rest.is_empty() {
+        return if super::segment::is_segment_id(id) && number(seq) {
+            format!("{id}^{seq}")
+        } else {
+            String::new()
+        };
+    }
     let (field_no, comp) = rest.split_once('.').unwrap_or((rest, ""));
     let (field_no, rep) = match field_no.split_once('[') {
         Some((f, r)) => (f, Some(r.trim_end_matches(']'))),
         None => (field_no, None),
     };
-    let number = |s: &str| !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit());
     let segment_id = super::segment::is_segment_id(id) && number(seq) && number(field_no);
     if !segment_id || !(comp.is_empty() || number(comp)) || !rep.is_none_or(number) {
         return String::new();
@@ -382,7 +392,7 @@ mod tests {
         // Nothing readable: still an answer, in 2.5.1, from the gateway.
         let bare = ack(None, AckCode::Reject, &[], &at());
         assert_eq!(&fields(&bare, "MSH")[2..4], ["THROUGHCARE", "THROUGHCARE"]);
-        assert_eq!(fields(&bare, "MSH")[8], "ACK");
+        assert_eq!(fields(&bare, "MSH")[8], "ACK^^ACK");
         assert_eq!(fields(&bare, "MSA")[1..], ["AR", ""]);
         // A version that is not one is not echoed.
         assert_eq!(fields(&ack_v(&error, "2.5 beta"), "MSH")[11], "2.5.1");
@@ -463,6 +473,7 @@ mod tests {
         assert_eq!(code("MSH-12", "must be an HL7 v2 version"), 203);
         assert_eq!(code("MSH", "must start with MSH"), 100);
         assert_eq!(code("PID", "required"), 100, "a missing segment");
+        assert_eq!(code("PID(2)", "given more than once"), 100, "a second PID");
         assert_eq!(code("PV1-45", "a release needs the release date"), 101);
         assert_eq!(
             code("MSH-10", "must be at most 128 printable ASCII characters"),

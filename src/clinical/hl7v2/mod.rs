@@ -32,6 +32,7 @@ pub use charset::decoded;
 pub use escape::{escape, unescape};
 pub use header::{MessageHeader, event_of, header};
 pub use read::{Parsed, parse};
+pub use segment::batch_refusal;
 pub use write::render;
 
 /// The coding system of every OBX item this gateway writes and reads.
@@ -70,6 +71,10 @@ mod tests {
         assert_eq!(error_location("OBX(4)-5"), "OBX^4^5");
         assert_eq!(error_location("OBX MED-DOSE"), "");
         assert_eq!(error_location("summary.patient.family_name"), "");
+        assert_eq!(error_location("PID(2)"), "PID^2");
+        assert_eq!(error_location("PV1"), "PV1^1");
+        assert_eq!(error_location("segment 7"), "");
+        assert_eq!(error_location("message"), "");
     }
 
     #[test]

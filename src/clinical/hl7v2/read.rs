@@ -325,6 +325,24 @@ fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationE
             "only production messages (P, HL7 table 0103) are carried",
         ),
     }
+    // HL7 table 0207: an archived (A), restored (R) or initial-load (I)
+    // message is not a current event, and would route an old release as new.
+    if !matches!(&*msh.comp(11, 2), "" | "T") {
+        e.add(
+            "MSH-11.2",
+            "only current processing (empty or T, HL7 table 0207) is carried",
+        );
+    }
+    // HL7 table 0155: an acknowledgement type the sender misspelt would
+    // leave it waiting for an answer it will never get, or not.
+    for (n, name) in [(15, "MSH-15"), (16, "MSH-16")] {
+        if !matches!(&*msh.comp(n, 1), "" | "AL" | "NE" | "ER" | "SU") {
+            e.add(
+                name,
+                "must be one of AL, NE, ER or SU (HL7 table 0155), or empty",
+            );
+        }
+    }
     let version = msh.comp(12, 1);
     if !super::header::VERSIONS.contains(&&*version) {
         e.add(
@@ -512,7 +530,11 @@ fn read_pv1(
         (Some(JourneyEvent::Transfer), Some(prior)) => (Some(prior), location),
         _ => (location, None),
     };
-    if establishment.is_none() {
+    if pv1.is_none() {
+        // ADT A01, A02, A03 and A08 all require PV1: the segment is missing,
+        // not a field of it.
+        e.add("PV1", "required: the custody episode (PV1)");
+    } else if establishment.is_none() {
         e.add("PV1-3.4", "required: the establishment's ODS code");
     }
     let date_at = |field: usize, name: &str, e: &mut ValidationErrors| {

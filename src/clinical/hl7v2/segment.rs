@@ -74,17 +74,32 @@ fn count(text: &str, b: u8) -> usize {
     memchr::memchr_iter(b, text.as_bytes()).count()
 }
 
+/// Why a batch (FHS or BHS first) is refused; `None` for anything else.
+#[must_use]
+pub fn batch_refusal(message: &[u8]) -> Option<&'static str> {
+    (message.starts_with(b"FHS") || message.starts_with(b"BHS"))
+        .then_some("batches (FHS, BHS) are not accepted: send each message in its own MLLP frame")
+}
+
 pub(super) fn split<'a>(
     text: &'a str,
     limits: &Limits,
 ) -> Result<Vec<Segment<'a>>, ValidationErrors> {
+    if let Some(why) = batch_refusal(text.as_bytes()) {
+        return Err(ValidationErrors::one("MSH", why));
+    }
     if !text.starts_with("MSH") {
         return Err(ValidationErrors::one(
             "MSH",
             "the message must start with an MSH segment",
         ));
     }
-    if text.get(3..8) != Some("|^~\\&") {
+    // MSH-2 is four characters, or five with the truncation character `#`
+    // (v2.7 on); anything longer would be read as MSH-3.
+    let after = text.get(8..).unwrap_or_default();
+    let tail = after.strip_prefix('#').unwrap_or(after);
+    if text.get(3..8) != Some("|^~\\&") || !(tail.is_empty() || tail.starts_with(['|', '\r', '\n']))
+    {
         return Err(ValidationErrors::one(
             "MSH-2",
             "only the standard delimiters |^~\\& are accepted",
