@@ -208,7 +208,7 @@ where
     S: Service<http::Request<B>, Response = http::Response<R>>,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
-    R: Send + 'static,
+    R: Default + Send + 'static,
 {
     type Response = http::Response<R>;
     type Error = BoxError;
@@ -237,17 +237,24 @@ where
         let store = self.store.clone();
         if !is_grpc(&req) {
             // Not a gRPC request (gRPC over HTTP/2: `application/grpc`,
-            // optionally `+proto` or `;…`): never executed as one.
-            let answer = super::error::status(
-                Code::InvalidArgument,
-                "not a gRPC request: content-type must be application/grpc".to_owned(),
-                "UNSUPPORTED_MEDIA_TYPE",
-                None,
-                Vec::new(),
-            );
-            let outcome = "refused: InvalidArgument: not a gRPC content-type".to_owned();
+            // optionally `+proto` or `;…`): never executed as one, and
+            // answered in plain HTTP, 415, as the protocol asks, so that an
+            // HTTP client cannot read a gRPC error's 200 as success. A
+            // refusal that cannot be audited is 503.
+            let outcome = "refused: 415: not a gRPC content-type".to_owned();
             return Box::pin(async move {
-                Err(audited(&store, (actor, &action), outcome, answer).await)
+                let status = match record(&store, (actor, &action), outcome).await {
+                    Ok(()) => http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    Err(()) => http::StatusCode::SERVICE_UNAVAILABLE,
+                };
+                tracing::info!(%status, "refused before any handler: not gRPC");
+                let mut response = http::Response::new(R::default());
+                *response.status_mut() = status;
+                response.headers_mut().insert(
+                    http::header::ACCEPT,
+                    http::HeaderValue::from_static("application/grpc"),
+                );
+                Ok(response)
             });
         }
         let fut = self.inner.call(req);
@@ -274,22 +281,33 @@ where
 /// closed).
 async fn audited(
     store: &crate::store::Store,
-    (actor, action): (String, &str),
+    call: (String, &str),
     outcome: String,
     answer: Status,
 ) -> BoxError {
+    if record(store, call, outcome).await.is_err() {
+        return BoxError::from(Status::from(crate::handover::Error::Unrecorded));
+    }
+    tracing::info!(code = ?answer.code(), "refused before any handler");
+    BoxError::from(answer)
+}
+
+/// Audits a refusal made before any handler; `Err` when the audit write
+/// failed (logged), so the caller answers "unavailable" (fail closed).
+async fn record(
+    store: &crate::store::Store,
+    (actor, action): (String, &str),
+    outcome: String,
+) -> Result<(), ()> {
     let event = crate::audit::AuditEvent {
         actor,
         action: static_action(action),
         outcome,
         ..crate::audit::AuditEvent::default()
     };
-    if let Err(e) = store.record(event).await {
-        tracing::error!(error = %e, "a refusal could not be audited; answering UNAVAILABLE");
-        return BoxError::from(Status::from(crate::handover::Error::Unrecorded));
-    }
-    tracing::info!(code = ?answer.code(), "refused before any handler");
-    BoxError::from(answer)
+    store.record(event).await.map_err(|e| {
+        tracing::error!(error = %e, "a refusal could not be audited; answering unavailable");
+    })
 }
 
 /// Whether `req` says it is gRPC: `application/grpc`, `application/grpc+…`

@@ -370,6 +370,18 @@ async fn raw_http2(
     (content_type, encoding): (&str, Option<&str>),
     body: Vec<u8>,
 ) -> (String, String) {
+    let (http, status, message) = raw_http2_answer(gw, (content_type, encoding), body).await;
+    assert_eq!(http, 200, "a gRPC answer is HTTP 200");
+    (status, message)
+}
+
+/// As [`raw_http2`], with the HTTP status: (HTTP status, `grpc-status`,
+/// `grpc-message`), the last two empty when the answer is not gRPC.
+async fn raw_http2_answer(
+    gw: &TestGateway,
+    (content_type, encoding): (&str, Option<&str>),
+    body: Vec<u8>,
+) -> (u16, String, String) {
     let config = tls_client_config(&gw.certs(), "YP001");
     let addr = gw.endpoint.trim_start_matches("https://").to_owned();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -421,9 +433,10 @@ async fn raw_http2(
             String::from_utf8_lossy(&out).into_owned()
         })
     };
+    let http = response.status().as_u16();
     if let Some(status) = header(response.headers(), "grpc-status") {
         let message = header(response.headers(), "grpc-message").unwrap_or_default();
-        return (status, message);
+        return (http, status, message);
     }
     let mut body = response.into_body();
     while let Some(chunk) = body.data().await {
@@ -431,6 +444,7 @@ async fn raw_http2(
     }
     let trailers = body.trailers().await.unwrap().unwrap_or_default();
     (
+        http,
         header(&trailers, "grpc-status").unwrap_or_default(),
         header(&trailers, "grpc-message").unwrap_or_default(),
     )
@@ -444,9 +458,11 @@ fn framed(message: &[u8]) -> Vec<u8> {
     out
 }
 
-/// What is not a well-formed gRPC request is the caller's fault
-/// (INVALID_ARGUMENT), never run as a call, and never INTERNAL (which
-/// tells an integrator to retry and pages operators).
+/// What is not a well-formed gRPC request is the caller's fault, never run
+/// as a call, and never INTERNAL (which tells an integrator to retry and
+/// pages operators): a content-type that is not gRPC is HTTP 415 (gRPC over
+/// HTTP/2: an HTTP client must not read a gRPC error's 200 as success), a
+/// broken gRPC body INVALID_ARGUMENT.
 #[tokio::test]
 async fn a_request_that_is_not_well_formed_grpc_is_invalid_argument_and_never_run() {
     use prost::Message;
@@ -460,14 +476,14 @@ async fn a_request_that_is_not_well_formed_grpc_is_invalid_argument_and_never_ru
     // As gRPC it runs: Track of an unknown message id is NOT_FOUND.
     let (status, _) = raw_http2(&gw, ("application/grpc", None), framed(&track)).await;
     assert_eq!(status, "5");
+    let audited = gw.store.audit_entries().unwrap().len();
     for content_type in ["application/json", "text/plain", "application/grpcx"] {
-        let (status, message) = raw_http2(&gw, (content_type, None), framed(&track)).await;
-        assert_eq!(status, "3", "{content_type}: {message}");
-        assert!(
-            message.contains("content-type"),
-            "{content_type}: {message}"
-        );
+        let (http, status, _) = raw_http2_answer(&gw, (content_type, None), framed(&track)).await;
+        assert_eq!((http, &*status), (415, ""), "{content_type}");
     }
+    let refusals = gw.store.audit_entries().unwrap();
+    assert_eq!(refusals.len(), audited + 3, "each refusal is audited");
+    assert!(refusals.last().unwrap().outcome.contains("415"));
     // A frame that declares more than it holds; a body with no frame at all.
     let mut cut = framed(&track);
     cut.truncate(cut.len() - 3);
