@@ -434,6 +434,8 @@ impl Gateway {
             .await?;
         tracing::info!(ods = %org.ods, kind = org.kind.as_str(), active = org.active, "registry changed");
         self.registry.put(org.clone());
+        // Tasks that act per organisation (the MESH edge) look again.
+        self.store.registry_signal().notify_waiters();
         // A service registered (or enabled, or a prison given a region) may
         // now serve copies held for want of one: routed at once, not at the
         // next periodic pass. The change itself stands either way.

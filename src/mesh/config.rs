@@ -31,8 +31,9 @@ pub struct MeshConfig {
     pub client_key_file: Option<PathBuf>,
     /// CA bundle (PEM) to trust for the MESH server; default the system bundle.
     pub ca_file: Option<PathBuf>,
-    /// How often the inbox is read and sent messages are tracked, ms (a
-    /// new delivery for a MESH-reached organisation wakes the sender at once).
+    /// How often the inbox is read and sent messages are tracked, ms: MESH
+    /// asks for at most once every five minutes, the default (a new
+    /// delivery for a MESH-reached organisation wakes the sender at once).
     pub poll_interval_ms: u64,
     /// One HTTP exchange (connect, send, answer), ms.
     pub timeout_ms: u64,
@@ -45,7 +46,8 @@ pub struct MeshConfig {
     pub retry_backoff_ms: u64,
     /// Longest wait between retries, ms.
     pub max_backoff_ms: u64,
-    /// Most deliveries taken, and inbox messages read, per round.
+    /// Most deliveries taken per organisation at a time, and inbox ids
+    /// listed per page (at least MESH's 10); the inbox is read until empty.
     pub batch: u32,
 }
 
@@ -60,7 +62,7 @@ impl Default for MeshConfig {
             client_cert_file: None,
             client_key_file: None,
             ca_file: None,
-            poll_interval_ms: 60_000,
+            poll_interval_ms: 300_000,
             timeout_ms: 30_000,
             chunk_bytes: 20_000_000,
             lease_seconds: 3_600,

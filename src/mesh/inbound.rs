@@ -87,7 +87,8 @@ fn idempotency_key(msg: &Incoming) -> String {
 impl MeshEdge {
     /// Takes each listed inbox message in turn; stops at the first that
     /// must wait (MESH or the gateway unavailable).
-    pub(super) async fn read_inbox(&self, ids: Vec<String>) -> Result<(), MeshError> {
+    pub(super) async fn read_inbox(&self, ids: Vec<String>) -> Result<usize, MeshError> {
+        let mut acknowledged = 0;
         for id in ids {
             if !super::is_message_id(&id) {
                 tracing::warn!("MESH listed a message id that is not one; skipped");
@@ -142,8 +143,9 @@ impl MeshEdge {
                 }
             }
             self.metrics.mesh_message("in", "acknowledged");
+            acknowledged += 1;
         }
-        Ok(())
+        Ok(acknowledged)
     }
 
     /// Reads the message into a submit and makes it as its sender; the

@@ -19,6 +19,7 @@
 //!   `mesh.lease_seconds`) without MESH quarantines it, for an operator.
 //!   A failure that is one message's is logged and the round goes on.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +62,21 @@ impl Pacing {
 /// once every 24 hours; it is also the first call after a failed round.
 pub const HANDSHAKE_EVERY: Duration = Duration::from_secs(24 * 3_600);
 
+/// A wait on each of `signals`, armed now (a notification from here on is
+/// not missed).
+fn armed(
+    signals: &[Arc<tokio::sync::Notify>],
+) -> Vec<Pin<Box<tokio::sync::futures::Notified<'_>>>> {
+    let mut woken: Vec<_> = signals.iter().map(|n| Box::pin(n.notified())).collect();
+    for n in &mut woken {
+        n.as_mut().enable();
+    }
+    woken
+}
+
+/// Most inbox pages read in one round (each up to `batch` messages).
+const MAX_INBOX_PAGES: usize = 50;
+
 /// A leased delivery MESH could not take yet, retried within its lease.
 struct Held {
     org: Organisation,
@@ -76,6 +92,9 @@ pub struct MeshEdge {
     held: Vec<Held>,
     /// When the last handshake succeeded (none yet, or since a failure).
     handshake_at: Option<tokio::time::Instant>,
+    /// When the inbox was last read and sent messages tracked (none yet,
+    /// or since a failure).
+    inbox_at: Option<tokio::time::Instant>,
 }
 
 fn gateway_error(e: &crate::handover::Error) -> MeshError {
@@ -122,10 +141,13 @@ impl MeshEdge {
             pacing,
             held: Vec::new(),
             handshake_at: None,
+            inbox_at: None,
         }
     }
 
-    /// Rounds until `stop`: each sends, tracks and reads the inbox; a failed
+    /// Rounds until `stop`: each reads the inbox when it is due, tracks,
+    /// and sends; a new delivery for a MESH-reached organisation starts a
+    /// round at once (to send it; the inbox keeps its own pace). A failed
     /// round backs off (doubling, up to the maximum).
     pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut backoff = self.pacing.backoff;
@@ -134,31 +156,77 @@ impl MeshEdge {
             if *stop.borrow() {
                 break;
             }
-            let wait = match self.round().await {
+            // Listening before the round, so a delivery queued during it
+            // still wakes the next one.
+            let registry = self.gateway.store.registry_signal();
+            let mut signals = self.delivery_signals();
+            let mut changed = Box::pin(registry.notified());
+            changed.as_mut().enable();
+            let mut woken = armed(&signals);
+            let (wait, wake) = match self.round().await {
                 Ok(()) => {
                     self.metrics.set_mesh_reachable(true);
                     backoff = self.pacing.backoff;
-                    self.pacing.poll
+                    let since = self.inbox_at.map_or(Duration::ZERO, |at| at.elapsed());
+                    (self.pacing.poll.saturating_sub(since), true)
                 }
                 Err(e) => {
                     self.metrics.set_mesh_reachable(false);
                     self.handshake_at = None;
+                    self.inbox_at = None;
                     tracing::warn!(error = %e, wait_ms = backoff.as_millis() as u64, "MESH round failed; retrying");
                     let wait = backoff;
                     backoff = (backoff * 2).min(self.pacing.max_backoff);
-                    wait
+                    (wait, false)
                 }
             };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => {}
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                let any_delivery = async move {
+                    if woken.is_empty() {
+                        std::future::pending::<()>().await;
+                    } else {
+                        futures_util::future::select_all(woken).await;
+                    }
+                };
+                let registry_changed = tokio::select! {
+                    () = tokio::time::sleep_until(until) => false,
+                    () = any_delivery, if wake => false,
+                    () = &mut changed => true,
+                    _ = stop.changed() => false,
+                };
+                if !registry_changed {
+                    break;
+                }
+                // An organisation reached through MESH now, or no more:
+                // listen to its mailbox from here on.
+                changed = Box::pin(registry.notified());
+                changed.as_mut().enable();
+                signals = self.delivery_signals();
+                woken = armed(&signals);
             }
         }
         tracing::info!("MESH edge stopped");
     }
 
-    /// One round: validate the mailbox when due, retry what MESH could not take, ask MESH it is there
-    /// (the inbox), send what waits, track what was sent, read the inbox.
+    /// The signals of the mailboxes of the organisations reached through
+    /// MESH: a new delivery to one wakes the sender.
+    fn delivery_signals(&self) -> Vec<Arc<tokio::sync::Notify>> {
+        self.gateway
+            .registry
+            .read()
+            .iter()
+            .filter(|o| o.active && o.mesh_mailbox.is_some())
+            .map(|o| self.gateway.store.mailbox_signal(o.ods.as_str()))
+            .collect()
+    }
+
+    /// One round: validate the mailbox when due; list the inbox (which also
+    /// shows MESH is there) and read it until empty; track what was sent;
+    /// then retry what MESH could not take and send what waits. Reading
+    /// comes first so that no send, however stuck, keeps the prisons'
+    /// messages and MESH's reports waiting (MESH asks that the inbox be
+    /// emptied each time it is polled).
     async fn round(&mut self) -> Result<(), MeshError> {
         if self
             .handshake_at
@@ -182,8 +250,18 @@ impl MeshEdge {
         else {
             return Ok(());
         };
-        // Reachability first: nothing is leased while MESH is down.
-        let inbox = self.client.inbox(self.pacing.batch).await?;
+        // MESH asks that its inbox be polled at most every five minutes
+        // (`poll_interval_ms`); a round a new delivery started only sends.
+        if self
+            .inbox_at
+            .is_none_or(|at| at.elapsed() >= self.pacing.poll)
+        {
+            self.read_and_track().await?;
+            self.inbox_at = Some(tokio::time::Instant::now());
+        } else {
+            // Nothing is leased while MESH does not answer.
+            self.client.handshake().await?;
+        }
         self.retry_held().await?;
         let orgs: Vec<Organisation> = self
             .gateway
@@ -196,8 +274,35 @@ impl MeshEdge {
         for org in orgs {
             self.send_waiting(&org).await?;
         }
-        self.track_sent().await?;
-        self.read_inbox(inbox).await
+        Ok(())
+    }
+
+    /// Lists the inbox (which also shows MESH answers: nothing is leased
+    /// while it does not), reads it until it is empty, and tracks what was
+    /// sent.
+    async fn read_and_track(&mut self) -> Result<(), MeshError> {
+        // MESH lists 10 to 5,000 ids at a time.
+        let page = self.pacing.batch.clamp(10, 5_000);
+        let mut inbox = self.client.inbox(page).await?;
+        // A full page means more wait; a page of which nothing could be
+        // taken is left for the next round (no loop on the same messages).
+        for _ in 0..MAX_INBOX_PAGES {
+            let full = inbox.len() >= page as usize;
+            if self.read_inbox(inbox).await? == 0 || !full {
+                break;
+            }
+            inbox = self.client.inbox(page).await?;
+        }
+        self.track_sent().await
+    }
+
+    /// Whether a send's failure that looks like MESH's own (a time-out, a
+    /// 403, a 5xx) is MESH's: MESH is asked (the handshake) whether it
+    /// answers. When it does, the failure was this message's (a large
+    /// upload timing out, a recipient this mailbox may not send to), and
+    /// the round goes on with the others.
+    async fn mesh_failing(&self, e: &MeshError) -> bool {
+        e.is_outage() && self.client.handshake().await.is_err()
     }
 
     async fn retry_held(&mut self) -> Result<(), MeshError> {
@@ -210,7 +315,7 @@ impl MeshEdge {
                 continue;
             }
             if let Err(e) = self.send_one(&h.org, &h.delivery).await {
-                let outage = e.is_outage();
+                let outage = self.mesh_failing(&e).await;
                 self.held.push(h);
                 if outage {
                     self.held.extend(pending);
@@ -248,7 +353,7 @@ impl MeshEdge {
                     org: org.clone(),
                     delivery,
                 });
-                if e.is_outage() {
+                if self.mesh_failing(&e).await {
                     self.held.extend(pending.map(|delivery| Held {
                         org: org.clone(),
                         delivery,

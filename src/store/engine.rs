@@ -524,8 +524,9 @@ impl Store {
         either!(self.mailbox_signal(mailbox))
     }
 
-    /// A notifier woken when an operator changed the registry on another
-    /// node (PostgreSQL); on sled, with one node, it is never woken.
+    /// A notifier woken when an operator changed the registry: on this
+    /// node once the change is visible (`handover`), and on another node
+    /// (PostgreSQL's NOTIFY).
     pub fn registry_signal(&self) -> Arc<Notify> {
         self.mailbox_signal(super::pg::REGISTRY_CHANGED)
     }

@@ -1119,3 +1119,67 @@ async fn mesh_an_acknowledgement_after_quarantine_delivers_and_sends_nothing_twi
     );
     gw.stop().await;
 }
+
+/// MESH asks that its inbox be polled at most every five minutes and
+/// emptied each time: a backlog larger than one page (`batch`, at least
+/// MESH's 10) is read in one round, and a new delivery is sent at once, not at the next poll.
+/// Here the poll is a minute, so anything done within the test's waits was
+/// done by the round that started the gateway, or by a delivery's wake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_reads_a_backlog_in_one_poll_and_sends_a_new_delivery_at_once() {
+    let sandbox = Sandbox::start();
+    let slow = |c: &mut Config| {
+        c.mesh.poll_interval_ms = 60_000;
+        c.mesh.batch = 4;
+    };
+    let gw = gateway_leasing_with(&sandbox, 30, slow).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("mesh-wake-1", 71, &["YG001"], "wake"))
+        .await
+        .unwrap();
+    eventually(
+        15,
+        "the new release sent without waiting for the poll",
+        || async {
+            let d = delivery_of(&gw, "mesh-wake-1").await;
+            (!d.mesh_message_id.is_empty()).then_some(())
+        },
+    )
+    .await;
+    let (dir, config) = gw.stop().await;
+
+    // Twelve admissions wait in the gateway's inbox: two pages of ten.
+    let prison_mb = sandbox.client(PRISON_MB);
+    let mut sent = Vec::new();
+    for i in 0..12u32 {
+        let local_id = format!("mesh-page-{i}");
+        let id = prison_mb
+            .send(&Outgoing {
+                to: GATEWAY_MB,
+                workflow_id: "THROUGHCARE_ADMISSION",
+                subject: "admission",
+                local_id: &local_id,
+                file_name: "adm.json",
+                content_type: "application/fhir+json",
+                body: &admission_fhir(80 + i),
+            })
+            .await
+            .unwrap();
+        sent.push(id);
+    }
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    eventually(20, "the whole backlog read in the first poll", || async {
+        for id in &sent {
+            let status = prison_mb.track(id).await.unwrap().status;
+            if status.as_deref() != Some("acknowledged") {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    gw.stop().await;
+}
