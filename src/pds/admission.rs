@@ -65,7 +65,8 @@ impl PdsLookups {
         };
         let dob = summary.patient.date_of_birth.to_string();
         let today = super::lookup::today(self.gateway.clock.now_ms());
-        let found = match self.client.patient(&nhs, &today).await {
+        let sender = h.sender.parse().ok();
+        let found = match self.client.patient(&nhs, &today, sender.as_ref()).await {
             Ok(found) => found,
             Err(e) => {
                 self.lookup_failed(h.id, None, &h.patient_key, &e).await?;

@@ -69,11 +69,23 @@ impl PdsClient {
     }
 
     /// The patient with NHS number `nhs` (`None`: PDS has none, or it was
-    /// invalidated); `today` is `YYYY-MM-DD`.
+    /// invalidated); `today` is `YYYY-MM-DD`. `for_org` is the ODS code of
+    /// the organisation the lookup serves (the prison that sent the
+    /// summary): PDS asks a client serving several organisations to name
+    /// it in `NHSD-End-User-Organisation-ODS`; without one, the configured
+    /// `end_user_organisation` is sent.
     ///
     /// # Errors
     /// PDS could not be asked or did not answer usefully, after retries.
-    pub async fn patient(&self, nhs: &str, today: &str) -> Result<Option<PdsPatient>, PdsError> {
+    pub async fn patient(
+        &self,
+        nhs: &str,
+        today: &str,
+        for_org: Option<&crate::clinical::OdsCode>,
+    ) -> Result<Option<PdsPatient>, PdsError> {
+        let end_user = for_org
+            .map(crate::clinical::OdsCode::as_str)
+            .or(self.end_user_organisation.as_deref());
         let request_id = uuid::Uuid::new_v4().to_string();
         let mut renewed = false;
         let mut attempt = 0u32;
@@ -82,7 +94,7 @@ impl PdsClient {
             let answer = match self.token().await {
                 Ok(token) => {
                     self.transport
-                        .send(self.get(nhs, &token, &request_id)?)
+                        .send(self.get(nhs, &token, &request_id, end_user)?)
                         .await
                 }
                 Err(e) => Err(e),
@@ -151,6 +163,7 @@ impl PdsClient {
         nhs: &str,
         token: &str,
         request_id: &str,
+        end_user: Option<&str>,
     ) -> Result<http::Request<Full<Bytes>>, PdsError> {
         let uri: http::Uri = format!("{}/Patient/{nhs}", self.base_url)
             .parse()
@@ -160,7 +173,7 @@ impl PdsClient {
             .header(http::header::ACCEPT, "application/fhir+json")
             .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
             .header("X-Request-ID", request_id);
-        if let Some(ods) = &self.end_user_organisation {
+        if let Some(ods) = end_user {
             b = b.header("NHSD-End-User-Organisation-ODS", ods);
         }
         b.body(Full::default())

@@ -25,7 +25,8 @@ pub struct PdsConfig {
     pub private_key_file: Option<PathBuf>,
     /// The key id (`kid`) registered with the public key.
     pub key_id: String,
-    /// Sent as `NHSD-End-User-Organisation-ODS` when set.
+    /// Sent as `NHSD-End-User-Organisation-ODS` for a lookup that serves
+    /// no one organisation; a lookup for a summary names its sender.
     pub end_user_organisation: Option<String>,
     /// CA bundle (PEM) to trust for `https`; default the system bundle.
     pub ca_file: Option<PathBuf>,

@@ -58,6 +58,8 @@ pub struct PdsLookups {
 struct Asked {
     nhs: Option<String>,
     dob: String,
+    /// The organisation that sent the summary (the lookup's end user).
+    sender: Option<crate::clinical::OdsCode>,
 }
 
 impl PdsLookups {
@@ -134,7 +136,11 @@ impl PdsLookups {
             return self.record(&d, decided(PdsStatus::NoNhsNumber)).await;
         };
         let now = self.gateway.clock.now_ms();
-        match self.client.patient(&nhs, &today(now)).await {
+        match self
+            .client
+            .patient(&nhs, &today(now), asked.sender.as_ref())
+            .await
+        {
             Ok(found) => {
                 self.succeeded();
                 self.failing
@@ -169,6 +175,7 @@ impl PdsLookups {
         Ok(Asked {
             nhs: envelope.patient.nhs_number.map(|n| n.as_str().to_owned()),
             dob: envelope.patient.date_of_birth.unwrap_or_default(),
+            sender: handover.sender.parse().ok(),
         })
     }
 

@@ -300,7 +300,8 @@ async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
     );
 
     // The real API's shape: a signed JWT bought a token (the double checked
-    // its claims and signature), and every lookup carried a UUID X-Request-ID.
+    // its claims and signature), and every lookup carried a UUID X-Request-ID
+    // and the organisation it serves.
     let seen = double.seen();
     assert!(seen["token_requests"].as_u64().unwrap() >= 2, "{seen}");
     assert!(seen["refusals"].as_array().unwrap().is_empty(), "{seen}");
@@ -308,6 +309,9 @@ async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
     assert_eq!(lookups.len(), 2, "a failed read and its retry: {seen}");
     for r in &lookups {
         assert!(uuid::Uuid::parse_str(r[2].as_str().unwrap()).is_ok(), "{r}");
+        // A client serving many organisations names the one served: the
+        // prison that sent the release.
+        assert_eq!(r[3], "YP001", "NHSD-End-User-Organisation-ODS: {r}");
     }
     assert_eq!(
         lookups[0][2], lookups[1][2],

@@ -173,18 +173,23 @@ async fn retention_runs_on_postgres_through_the_real_server() {
             .any(|e| e.action == "identity_expire")
     );
     // Removing the oldest entry kept, without moving the cut, is found.
-    // The oldest row the table holds now (a prune pass still finishing could
-    // have moved past the gateway's earlier answer: the delete then removed
-    // nothing, and the chain verified).
-    let first: i64 = sql
-        .query_one("SELECT min(seq) FROM audit", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let deleted = sql
-        .execute("DELETE FROM audit WHERE seq = $1", &[&first])
-        .await
-        .unwrap();
+    // The oldest row the table holds at the delete: a prune pass still
+    // finishing can remove it first (the delete then removes nothing), so
+    // the delete is tried again until that pass is done.
+    let mut deleted = 0;
+    for _ in 0..50 {
+        deleted = sql
+            .execute(
+                "DELETE FROM audit WHERE seq = (SELECT min(seq) FROM audit)",
+                &[],
+            )
+            .await
+            .unwrap();
+        if deleted == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(deleted, 1);
     let (ok, text) = admin_audit_verify(&url, &gw.config.data_dir);
     assert!(!ok, "{text}");

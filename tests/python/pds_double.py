@@ -134,7 +134,7 @@ class State:
         self.delay_ms = 0         # every call waits this long first
         self.throttle = 0         # the next N calls answer 429
         self.flaky = {}           # NHS number -> its next N reads answer 503
-        self.requests = []        # (method, path, X-Request-ID) of every call
+        self.requests = []        # (method, path, X-Request-ID, NHSD-End-User-Organisation-ODS) of every call
         self.token_requests = 0
         self.refusals = []        # why assertions were refused
 
@@ -181,7 +181,8 @@ class Handler(BaseHTTPRequestHandler):
         """Outage, delay and throttling; True when already answered."""
         with self.state.lock:
             self.state.requests.append(
-                (self.command, self.path, self.headers.get("X-Request-ID", "")))
+                (self.command, self.path, self.headers.get("X-Request-ID", ""),
+                 self.headers.get("NHSD-End-User-Organisation-ODS", "")))
             down, delay = self.state.down, self.state.delay_ms
             throttled = self.state.throttle > 0
             if throttled:
