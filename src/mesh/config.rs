@@ -96,6 +96,14 @@ impl MeshConfig {
                 "required: the gateway's MESH mailbox id (letters and digits)",
             ));
         }
+        // MESH's authorisation header names the mailbox in upper case; a
+        // lower-case id is refused by MESH on every call.
+        if self.mailbox.bytes().any(|b| b.is_ascii_lowercase()) {
+            return Err(bad(
+                "mailbox",
+                "must be upper case, as MESH writes mailbox ids (X26ABC1)",
+            ));
+        }
         for (field, path) in [
             ("password_file", &self.password_file),
             ("shared_key_file", &self.shared_key_file),
@@ -174,6 +182,11 @@ mod tests {
             ..on.clone()
         };
         assert_eq!(field(no_mailbox), "mesh.mailbox");
+        let lower = MeshConfig {
+            mailbox: "x26abc1".into(),
+            ..on.clone()
+        };
+        assert_eq!(field(lower), "mesh.mailbox");
         let no_key = MeshConfig {
             shared_key_file: None,
             ..on.clone()

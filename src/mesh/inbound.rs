@@ -137,7 +137,17 @@ impl MeshEdge {
                     message,
                     violations,
                 }) => {
-                    self.refuse(&msg, reason, &message, &violations).await?;
+                    match self.refuse(&msg, reason, &message, &violations).await {
+                        Ok(()) => {}
+                        Err(e) if self.mesh_failing(&e).await => return Err(e),
+                        Err(e) => {
+                            // The sender cannot be told yet (a workflow this
+                            // mailbox may not send on, say): the message
+                            // stays in the inbox, and the rest are read.
+                            super::outbound::message_failed(&e, "reporting a refusal");
+                            continue;
+                        }
+                    }
                     self.client.acknowledge(&id).await?;
                     self.metrics.mesh_message("in", "refused");
                 }

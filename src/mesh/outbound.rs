@@ -297,11 +297,11 @@ impl MeshEdge {
     }
 
     /// Whether a send's failure that looks like MESH's own (a time-out, a
-    /// 403, a 5xx) is MESH's: MESH is asked (the handshake) whether it
+    /// 403, a 5xx) is MESH's (a refusal report's too): MESH is asked (the handshake) whether it
     /// answers. When it does, the failure was this message's (a large
     /// upload timing out, a recipient this mailbox may not send to), and
     /// the round goes on with the others.
-    async fn mesh_failing(&self, e: &MeshError) -> bool {
+    pub(super) async fn mesh_failing(&self, e: &MeshError) -> bool {
         e.is_outage() && self.client.handshake().await.is_err()
     }
 
