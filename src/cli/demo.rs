@@ -156,6 +156,7 @@ fn with_methadone(s: &mut ClinicalSummary) {
             route: "oral".into(),
             frequency: "once daily, supervised".into(),
             supervised: true,
+            as_needed: false,
             opioid_substitution: true,
             last_dose_given: Some(DateTime(last_dose)),
             days_supplied: None,

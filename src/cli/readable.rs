@@ -175,6 +175,9 @@ fn medicines(out: &mut String, medications: &[Medication]) {
         if m.supervised {
             let _ = write!(out, " [supervised]");
         }
+        if m.as_needed {
+            let _ = write!(out, " [as needed]");
+        }
         if let Some(t) = m.last_dose_given {
             let _ = write!(out, ", last dose given {t}");
         }

@@ -402,6 +402,10 @@ pub struct Medication {
     /// Taken under supervision (as opioid substitution often is).
     #[serde(default)]
     pub supervised: bool,
+    /// Taken only when needed (PRN), not on a schedule: a regular dose of
+    /// what the patient takes as needed is a different prescription.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub as_needed: bool,
     /// Opioid substitution therapy (methadone, buprenorphine).
     #[serde(default)]
     pub opioid_substitution: bool,

@@ -52,6 +52,7 @@ pub fn release_summary(
             route: "oral".into(),
             frequency: "four times daily when required".into(),
             supervised: false,
+            as_needed: true,
             opioid_substitution: false,
             last_dose_given: None,
             days_supplied: Some(7),

@@ -269,6 +269,7 @@ fn medications_from(
                     opioid_substitution,
                     last_dose_given,
                     days_supplied,
+                    as_needed,
                 },
             )| {
                 let last_dose_given = opt(
@@ -282,6 +283,7 @@ fn medications_from(
                     route,
                     frequency,
                     supervised,
+                    as_needed,
                     opioid_substitution,
                     last_dose_given,
                     days_supplied,
@@ -661,6 +663,7 @@ pub fn to_wire(x: &ClinicalSummary) -> pb::ClinicalSummary {
                 route: md.route.clone(),
                 frequency: md.frequency.clone(),
                 supervised: md.supervised,
+                as_needed: md.as_needed,
                 opioid_substitution: md.opioid_substitution,
                 last_dose_given: s(md.last_dose_given.as_ref()),
                 days_supplied: md.days_supplied,

@@ -214,6 +214,61 @@ fn a_take_out_prescription_travels_in_every_format() {
     );
 }
 
+/// A medicine taken as needed (PRN) stays as needed in every format: read
+/// as a scheduled dose it would be given when it should not be.
+#[test]
+fn a_medicine_taken_as_needed_stays_as_needed_in_every_format() {
+    let mut s = fixture("01-ost-released-today");
+    s.medications[0].as_needed = true;
+    let doc = fhir_json(&s, JourneyEvent::Release);
+    let text = doc.to_string();
+    assert!(text.contains("\"asNeededBoolean\":true"), "{text}");
+    let back = parse_fhir(&doc).unwrap();
+    assert!(back.medications[0].as_needed);
+    assert!(back.not_read.is_empty(), "{:?}", back.not_read);
+    let hl7 = hl7v2::render(&s, JourneyEvent::Release);
+    let back = hl7v2::parse(&hl7.bytes, &Limits::default())
+        .unwrap()
+        .summary;
+    assert!(back.medications[0].as_needed);
+    assert!(back.not_read.is_empty(), "{:?}", back.not_read);
+    // A scheduled medicine writes nothing about it, and reads as scheduled.
+    s.medications[0].as_needed = false;
+    assert!(
+        !fhir_json(&s, JourneyEvent::Release)
+            .to_string()
+            .contains("asNeeded")
+    );
+    let hl7 = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();
+    assert!(!hl7.contains("PRN"), "{hl7}");
+    // Needed for a reason is as needed; the reason is listed, not dropped.
+    let read = read_after(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        m["dosage"][0]["asNeededCodeableConcept"] = json!({"text": "for pain"});
+    });
+    assert!(read.medications[0].as_needed);
+    assert_listed(&read, "asNeededCodeableConcept");
+    // In HL7 v2 the flag is Y or N; anything else is refused, not read as no.
+    let segments = hl7_release(|segs| {
+        let at = segs
+            .iter()
+            .position(|l| l.contains("|MED-SUPERVISED^"))
+            .unwrap();
+        let mut parts: Vec<String> = segs[at].split('|').map(String::from).collect();
+        parts[3] = parts[3].replace("MED-SUPERVISED^Supervised", "MED-PRN^As needed");
+        parts[5] = "maybe".into();
+        segs.insert(at + 1, parts.join("|"));
+    });
+    let refused = parse_hl7(&segments).unwrap_err();
+    assert!(
+        refused
+            .0
+            .iter()
+            .any(|v| v.field.ends_with("-5") && v.description.contains("Y or N")),
+        "{refused:?}"
+    );
+}
+
 fn hl7_release(edit: impl FnOnce(&mut Vec<String>)) -> Vec<String> {
     let s = fixture("01-ost-released-today");
     let text = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();

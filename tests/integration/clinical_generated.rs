@@ -139,25 +139,28 @@ fn medication() -> impl Strategy<Value = Medication> {
     (
         code(),
         (required_text(), required_text(), required_text()),
-        any::<bool>(),
+        (any::<bool>(), any::<bool>()),
         any::<bool>(),
         proptest::option::of(date_time()),
         proptest::option::of(0u32..400),
     )
         .prop_map(
-            |(code, (dose, route, frequency), supervised, ost, last, days)| Medication {
-                code,
-                dose,
-                route,
-                frequency,
-                supervised,
-                opioid_substitution: ost,
-                last_dose_given: if ost {
-                    last.or(Some(DateTime(time::OffsetDateTime::UNIX_EPOCH)))
-                } else {
-                    last
-                },
-                days_supplied: days,
+            |(code, (dose, route, frequency), (supervised, as_needed), ost, last, days)| {
+                Medication {
+                    code,
+                    dose,
+                    route,
+                    frequency,
+                    supervised,
+                    as_needed,
+                    opioid_substitution: ost,
+                    last_dose_given: if ost {
+                        last.or(Some(DateTime(time::OffsetDateTime::UNIX_EPOCH)))
+                    } else {
+                        last
+                    },
+                    days_supplied: days,
+                }
             },
         )
 }

@@ -748,6 +748,7 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
                 })),
                 frequency: frequency(index, dosage, p),
                 supervised: dosage.is_some_and(|d| supervised(index, d, p)),
+                as_needed: dosage.is_some_and(|d| as_needed(index, d, p)),
                 opioid_substitution: m
                     .category
                     .as_ref()
@@ -798,6 +799,20 @@ fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> Strin
         }
         (None, None) => String::new(),
     }
+}
+
+/// Whether the medicine is taken as needed (PRN): `asNeededBoolean`, or
+/// `asNeededCodeableConcept` (needed for a reason, whose words are listed:
+/// the model carries that it is as needed, not why).
+fn as_needed(index: &Index<'_>, d: &Dosage<'_>, p: At<'_>) -> bool {
+    if d.as_needed_codeable_concept.is_some() {
+        index.note(
+            format_args!("{p}dosage[0].asNeededCodeableConcept"),
+            "carried as 'as needed'; the reason it is needed for is not carried",
+        );
+        return true;
+    }
+    d.as_needed_boolean == Some(true)
 }
 
 /// Whether the dose is taken under supervision (the gateway's own

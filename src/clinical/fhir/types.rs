@@ -470,6 +470,13 @@ pub struct Dosage<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub route: Option<CodeableConcept<'a>>,
+    /// Taken as needed (PRN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_needed_boolean: Option<bool>,
+    /// Taken as needed, for this reason (which implies `as needed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub as_needed_codeable_concept: Option<CodeableConcept<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -170,6 +170,8 @@ const SCHEMAS: [(&str, Schema); 15] = [
                 "dosage.timing",
                 "dosage.timing.code{cc}",
                 "dosage.route{cc}",
+                "dosage.asNeededBoolean",
+                "dosage.asNeededCodeableConcept",
             ],
             first_only: &["dosage"],
             extensions: &[EXT_LAST_DOSE, EXT_DAYS_SUPPLIED],

@@ -61,11 +61,14 @@ fn dosage(m: &Medication) -> Option<Dosage<'_>> {
         },
         timing: text(&m.frequency).map(|code| Timing { code: Some(code) }),
         route: text(&m.route),
+        as_needed_boolean: m.as_needed.then_some(true),
+        as_needed_codeable_concept: None,
     };
     let empty = is_blank(&m.dose)
         && d.additional_instruction.is_empty()
         && d.timing.is_none()
-        && d.route.is_none();
+        && d.route.is_none()
+        && !m.as_needed;
     (!empty).then_some(d)
 }
 

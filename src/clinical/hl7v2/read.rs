@@ -842,6 +842,7 @@ fn read_medication(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Me
         route: g.string("ROUTE").unwrap_or_default(),
         frequency: g.string("FREQ").unwrap_or_default(),
         supervised: g.yes_no("SUPERVISED", e).unwrap_or(false),
+        as_needed: g.yes_no("PRN", e).unwrap_or(false),
         opioid_substitution: g.yes_no("OST", e).unwrap_or(false),
         last_dose_given,
         days_supplied,

@@ -91,6 +91,7 @@ const OBX_ITEMS: [(&str, &[&str]); 13] = [
             "ROUTE",
             "FREQ",
             "SUPERVISED",
+            "PRN",
             "OST",
             "LASTDOSE",
             "DAYS",

@@ -456,6 +456,9 @@ fn push_medications(obx: &mut Obx<'_>, s: &ClinicalSummary) {
             n,
             Value::Raw(yn(m.opioid_substitution)),
         );
+        if m.as_needed {
+            obx.add("ST", "MED", "PRN", "As needed", n, Value::Raw(yn(true)));
+        }
         if let Some(t) = &m.last_dose_given {
             obx.add(
                 "TS",
