@@ -176,23 +176,31 @@ impl Prepared {
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         config.validate()?;
         // The dev PKI first: a development MESH or PDS set-up may name its files.
-        if config.dev_certs && !crate::certs::dev_pki_present(&config.certs_dir) {
-            crate::certs::init_dev_pki(&config.certs_dir)?;
+        if config.dev_certs && crate::certs::ensure_dev_pki(&config.certs_dir)? {
             tracing::warn!(
                 dir = %config.certs_dir.display(),
                 "created DEVELOPMENT certificates and registry; never use them in production"
             );
         }
+        let tls_files = config.tls_files();
+        if !config.dev_certs
+            && std::fs::read(&tls_files.ca).is_ok_and(|pem| crate::certs::is_dev_ca(&pem))
+        {
+            tracing::warn!(
+                ca = %tls_files.ca.display(),
+                "the client CA is a DEVELOPMENT CA whose key sits beside it: anyone who can \
+                 read that key can pose as any organisation; never use it in production"
+            );
+        }
         let pds = crate::pds::client_from_config(&config.pds)?;
         let mesh = crate::mesh::client_from_config(&config.mesh, config.limits.max_document_bytes)?;
         let mut registry = Registry::load(&config.registry_path())?;
-        let tls = ReloadableConfig::load(config.tls_files())?;
+        let tls = ReloadableConfig::load(tls_files.clone())?;
         let secret_path = config
             .patient_key_file
             .clone()
             .unwrap_or_else(|| config.data_dir.join("patient-key"));
         let keyer = PatientKeyer::new(&load_or_create_secret(&secret_path)?);
-        let tls_files = config.tls_files();
         let metrics = Arc::new(Metrics::new(tls_files.cert, tls_files.ca));
         let q = &config.queue;
         let options = StoreOptions {

@@ -33,6 +33,20 @@ pub enum CertsError {
     /// Certificate generation failure.
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
+    /// The directory holds TLS files that are not a whole development PKI:
+    /// they may be real, and are never overwritten.
+    #[error(
+        "{dir} holds {found} but not a whole development PKI; development certificates are \
+         created only where none of its files are, never over real TLS material: name the \
+         real files with tls.ca, tls.cert and tls.key (with dev_certs = false), or choose \
+         an empty certs_dir"
+    )]
+    PartlyPresent {
+        /// The directory.
+        dir: PathBuf,
+        /// The files found, by name.
+        found: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertsError + '_ {
@@ -140,6 +154,9 @@ impl DevPaths {
     }
 }
 
+/// The organisation named by every certificate this module makes.
+const DEV_ORGANISATION: &str = "Throughcare development (not for production)";
+
 /// A certificate authority that can issue certificates and CRLs.
 pub struct CertAuthority {
     issuer: Issuer<'static, KeyPair>,
@@ -167,10 +184,7 @@ impl CertAuthority {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
-        dn.push(
-            DnType::OrganizationName,
-            "Throughcare development (not for production)",
-        );
+        dn.push(DnType::OrganizationName, DEV_ORGANISATION);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -328,20 +342,29 @@ impl CertAuthority {
     }
 }
 
+/// Writes `contents` to `path`. A secret is owner-only from the moment it
+/// exists (created with mode 0600, or narrowed before it is rewritten), so
+/// there is no window in which a private key is readable by others.
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertsError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io(parent))?;
     }
-    fs::write(path, contents).map_err(io(path))?;
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
     if secret {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io(path))?;
+        options.mode(0o600);
+        if path.exists() {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io(path))?;
+        }
     }
-    Ok(())
+    let mut file = options.open(path).map_err(io(path))?;
+    file.write_all(contents.as_bytes()).map_err(io(path))
 }
 
-/// Whether the dev PKI in `dir` is complete.
-pub fn dev_pki_present(dir: &Path) -> bool {
+/// The files of the dev PKI's top level.
+fn dev_files(dir: &Path) -> [PathBuf; 5] {
     let p = DevPaths {
         dir: dir.to_owned(),
     };
@@ -352,8 +375,54 @@ pub fn dev_pki_present(dir: &Path) -> bool {
         p.server_key(),
         p.registry(),
     ]
-    .iter()
-    .all(|f| f.exists())
+}
+
+/// Whether the dev PKI in `dir` is complete.
+pub fn dev_pki_present(dir: &Path) -> bool {
+    dev_files(dir).iter().all(|f| f.exists())
+}
+
+/// Creates the dev PKI in `dir` unless it is there already. A directory
+/// holding only some of its files (real TLS material has no CA key) is
+/// refused, never written over.
+///
+/// # Errors
+/// [`CertsError::PartlyPresent`], or as [`init_dev_pki`].
+pub fn ensure_dev_pki(dir: &Path) -> Result<bool, CertsError> {
+    let files = dev_files(dir);
+    let found: Vec<String> = files
+        .iter()
+        .filter(|f| f.exists())
+        .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    if found.len() == files.len() {
+        return Ok(false);
+    }
+    if !found.is_empty() {
+        return Err(CertsError::PartlyPresent {
+            dir: dir.to_owned(),
+            found: found.join(", "),
+        });
+    }
+    init_dev_pki(dir)?;
+    Ok(true)
+}
+
+/// Whether a CA file's first certificate is one this module made for
+/// development (its organisation says so).
+pub fn is_dev_ca(pem: &[u8]) -> bool {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .any(|der| {
+            x509_parser::parse_x509_certificate(&der).is_ok_and(|(_, cert)| {
+                cert.subject()
+                    .iter_organization()
+                    .filter_map(|o| o.as_str().ok())
+                    .any(|o| o == DEV_ORGANISATION)
+            })
+        })
 }
 
 /// Creates the dev PKI in `dir`: CA, server certificate, one client

@@ -141,3 +141,65 @@ fn a_configured_gateway_never_makes_its_own_certificates_unless_asked() {
     let _ = child.wait();
     assert!(created, "THROUGHCARE_DEV_CERTS=true did not create the PKI");
 }
+
+/// Development certificates are made only where none of their files are: a
+/// certificates directory holding real material (a CA certificate, the
+/// server's certificate and key, a registry, and no CA key) is refused by
+/// name and left byte for byte as it was, never written over by a new CA.
+/// Private keys the gateway writes are owner-only.
+#[test]
+fn development_certificates_never_replace_tls_material_that_is_there() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let made = throughcare::certs::init_dev_pki(&certs).unwrap();
+    for key in [made.ca_key(), made.server_key(), made.client("YP001").1] {
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", key.display());
+    }
+    // What an operator deploys: no CA key beside the CA certificate.
+    std::fs::remove_file(made.ca_key()).unwrap();
+    let before: Vec<Vec<u8>> = [made.ca_cert(), made.server_cert(), made.server_key()]
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--certs-dir")
+        .arg(&certs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut exited = false;
+    for _ in 0..600 {
+        if child.try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        exited,
+        "the gateway started over the TLS material that was there"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ca.pem") && stderr.contains("not a whole development PKI"),
+        "{stderr}"
+    );
+    let after: Vec<Vec<u8>> = [made.ca_cert(), made.server_cert(), made.server_key()]
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    assert_eq!(before, after, "TLS material was written over");
+    assert!(!made.ca_key().exists(), "a new CA key was made");
+}
