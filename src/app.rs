@@ -351,7 +351,7 @@ impl Prepared {
             .map_err(|source| AppError::MllpListen { addr, source })?
             .expect("bound above");
         let transport = crate::mllp::Transport::Tls {
-            config: self.tls.clone(),
+            config: self.tls.clone().without_h2(),
             limits: self.accept_limits(),
         };
         let settings = crate::mllp::Settings {

@@ -59,6 +59,7 @@ fn spawn_housekeeping(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checked = config.generation();
         for n in 1u64.. {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -66,14 +67,23 @@ fn spawn_housekeeping(
             }
             let cfg = config.clone();
             let live = live.clone();
+            // Open connections are checked again when a new configuration is
+            // in force (a listener sharing the files may have loaded it) and
+            // once a minute, so a certificate that expires is cut as well.
             let cut = tokio::task::spawn_blocking(move || {
-                if cfg.reload_if_changed() {
-                    live.recheck(&*cfg.material().verifier)
+                cfg.reload_if_changed();
+                let now = cfg.generation();
+                if now != checked || n % 60 == 0 {
+                    (now, live.recheck(&*cfg.material().verifier))
                 } else {
-                    Vec::new()
+                    (now, Vec::new())
                 }
             })
             .await
+            .map(|(now, cut)| {
+                checked = now;
+                cut
+            })
             .unwrap_or_default();
             for refusal in cut {
                 tracing::info!(reason = %refusal.reason, "open connection closed");

@@ -166,17 +166,21 @@ fn check_crls(
 }
 
 /// A server configuration around `verifier`: TLS 1.3 and 1.2 only, client
-/// certificates mandatory, ALPN `h2`, no session resumption (a resumed
-/// session would skip the client-certificate and CRL checks).
+/// certificates mandatory, ALPN `h2` when `h2` (gRPC; MLLP offers none, so a
+/// client naming its own protocol is not refused), no session resumption (a
+/// resumed session would skip the client-certificate and CRL checks).
 pub(super) fn config_with(
     verifier: Arc<dyn ClientCertVerifier>,
     certified: Arc<CertifiedKey>,
+    h2: bool,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    if h2 {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+    }
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
@@ -189,5 +193,5 @@ pub(super) fn config_with(
 /// Unreadable or invalid files.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let m = load_material(files)?;
-    config_with(m.verifier, m.certified)
+    config_with(m.verifier, m.certified, true)
 }

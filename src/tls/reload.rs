@@ -34,6 +34,12 @@ pub struct ReloadableConfig {
     files: TlsFiles,
     current: Arc<RwLock<Arc<Material>>>,
     seen: Arc<std::sync::Mutex<Fingerprint>>,
+    /// Counts the configurations put in force. Every listener sharing this
+    /// configuration re-checks its own open connections when it moves,
+    /// whichever of them noticed the change.
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether connections speak HTTP/2 (ALPN `h2`): gRPC does, MLLP not.
+    h2: bool,
 }
 
 impl ReloadableConfig {
@@ -49,6 +55,8 @@ impl ReloadableConfig {
             files,
             current: Arc::new(RwLock::new(Arc::new(material))),
             seen: Arc::new(std::sync::Mutex::new(seen)),
+            generation: Arc::default(),
+            h2: true,
         })
     }
 
@@ -60,7 +68,14 @@ impl ReloadableConfig {
         let material = load_material(&self.files)?;
         warn_if_stale(&material);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(material);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(())
+    }
+
+    /// How many configurations have been put in force since loading.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Reloads when any file changed since the last look (modification time,
@@ -104,7 +119,18 @@ impl ReloadableConfig {
             inner: m.verifier.clone(),
             presented: presented.clone(),
         });
-        Ok((config_with(verifier, m.certified.clone())?, presented))
+        Ok((
+            config_with(verifier, m.certified.clone(), self.h2)?,
+            presented,
+        ))
+    }
+
+    /// The same material for a listener that does not speak HTTP/2 (MLLP):
+    /// no ALPN is offered.
+    #[must_use]
+    pub fn without_h2(mut self) -> Self {
+        self.h2 = false;
+        self
     }
 
     /// The files behind this configuration.

@@ -786,3 +786,32 @@ async fn a_shutdown_answers_the_message_in_hand_first() {
         .unwrap();
     assert!(closed(&mut conn).await);
 }
+
+/// MLLP is not HTTP/2: a sender whose TLS client names its own application
+/// protocol (ALPN) is served, not refused for not offering gRPC's `h2`.
+#[tokio::test]
+async fn a_sender_naming_its_own_application_protocol_is_served() {
+    let gw = gateway(|_| {}).await;
+    let (cert, key) = gw.paths().client("YP001");
+    let mut config = (*client_config(&gw.ca_pem(), &read(&cert), &read(&key))).clone();
+    config.alpn_protocols = vec![b"mllp".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gw.mllp_addr.unwrap())
+        .await
+        .unwrap();
+    let mut conn: Conn = Box::new(
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .expect("the handshake completes without h2"),
+    );
+    let ack = exchange(
+        &mut conn,
+        &message("alpn-1", JourneyEvent::Admission, &admission(41)),
+    )
+    .await;
+    assert_eq!(field(&ack, "MSA", 1), "AA", "{ack:?}");
+    gw.stop().await;
+}

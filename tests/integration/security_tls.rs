@@ -358,6 +358,15 @@ async fn an_open_connection_of_a_revoked_client_is_closed_when_the_crl_reloads()
         ..Default::default()
     };
     config.tls.crl = Some(crl.clone());
+    // MLLP too: its listener shares the TLS files, and its connections have
+    // no maximum age, so a revocation must reach them as well.
+    config.mllp.enabled = true;
+    config.mllp.listen = "127.0.0.1:0".parse().unwrap();
+    let held_pki = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(held_pki.path().join("clients")).unwrap();
+    std::fs::copy(paths.ca_cert(), held_pki.path().join("ca.pem")).unwrap();
+    std::fs::write(held_pki.path().join("clients/YG001.pem"), &client.cert_pem).unwrap();
+    std::fs::write(held_pki.path().join("clients/YG001.key"), &client.key_pem).unwrap();
     let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
     let mut held = gw
         .client_with(
@@ -368,6 +377,17 @@ async fn an_open_connection_of_a_revoked_client_is_closed_when_the_crl_reloads()
         .await
         .unwrap();
     held.pull(pull(1)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(gw.mllp_addr.unwrap())
+        .await
+        .unwrap();
+    let mut held_mllp =
+        tokio_rustls::TlsConnector::from(tls_client_config(held_pki.path(), "YG001"))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
     let mut bystander = gw.client("YP001").await;
     bystander.pull(pull(1)).await.unwrap();
     write_atomically(&crl, &ca.crl(std::slice::from_ref(&client.serial)).unwrap());
@@ -384,6 +404,21 @@ async fn an_open_connection_of_a_revoked_client_is_closed_when_the_crl_reloads()
     assert!(
         cut,
         "the revoked client still calls on its old connection after 6 s"
+    );
+    // Its MLLP connection is closed in the same reload, whichever listener
+    // noticed the new list first.
+    let mut buf = [0u8; 64];
+    let mllp_closed = matches!(
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut held_mllp, &mut buf)
+        )
+        .await,
+        Ok(Ok(0) | Err(_))
+    );
+    assert!(
+        mllp_closed,
+        "the revoked client's MLLP connection is still open"
     );
     audited(&gw, "connect", "revoked").await;
     gw.stop().await;
