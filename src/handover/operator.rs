@@ -576,12 +576,25 @@ impl Gateway {
         super::free_text::check_reason("reason", reason, 20, &mut v);
         v.into_result()?;
         let Some(handover) = self.store.handover(handover_id)? else {
-            return Err(Error::Store(match self.store.tombstone(handover_id)? {
+            let error = match self.store.tombstone(handover_id)? {
                 Some(t) => StoreError::Removed {
                     removed_at_ms: t.removed_at_ms,
                 },
                 None => StoreError::UnknownHandover,
-            }));
+            };
+            // An operator asking for clinical content by id is on the trail
+            // under that id, whether or not it is there (probing ids, or
+            // asking for one removed under retention).
+            self.store
+                .record(AuditEvent {
+                    actor,
+                    action: "break_glass_read",
+                    handover_id: Some(handover_id),
+                    outcome: format!("refused: {error}: {}", reason.trim()),
+                    ..AuditEvent::default()
+                })
+                .await?;
+            return Err(Error::Store(error));
         };
         let refusal = handover
             .shredded_at_ms

@@ -66,6 +66,7 @@ impl PdsLookups {
         let dob = summary.patient.date_of_birth.to_string();
         let today = super::lookup::today(self.gateway.clock.now_ms());
         let sender = h.sender.parse().ok();
+        self.requesting(h.id, None, &h.patient_key).await?;
         let found = match self.client.patient(&nhs, &today, sender.as_ref()).await {
             Ok(found) => found,
             Err(e) => {

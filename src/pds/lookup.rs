@@ -136,6 +136,8 @@ impl PdsLookups {
             return self.record(&d, decided(PdsStatus::NoNhsNumber)).await;
         };
         let now = self.gateway.clock.now_ms();
+        self.requesting(d.handover_id, Some(d.id), &d.patient_key)
+            .await?;
         match self
             .client
             .patient(&nhs, &today(now), asked.sender.as_ref())
@@ -205,6 +207,28 @@ impl PdsLookups {
             .await?;
         report(d.id, &decision, was, moved.is_some());
         Ok(())
+    }
+
+    /// The NHS number is about to leave for PDS: that disclosure is audited
+    /// durably first, or the lookup is not made (whatever follows, or if
+    /// the gateway stops before the answer, the trail holds it).
+    pub(super) async fn requesting(
+        &self,
+        handover_id: u64,
+        delivery_id: Option<u64>,
+        patient_key: &str,
+    ) -> Result<(), StoreError> {
+        self.gateway
+            .store
+            .record(AuditEvent {
+                actor: PDS_ACTOR.to_owned(),
+                action: "pds_request",
+                handover_id: Some(handover_id),
+                delivery_id,
+                patient_key: Some(patient_key.to_owned()),
+                outcome: "sent: NHS number asked of PDS".to_owned(),
+            })
+            .await
     }
 
     /// A failed lookup: audited (the record was read), counted by the breaker.

@@ -516,5 +516,25 @@ async fn break_glass_needs_a_reason_and_is_audited_before_content_is_returned() 
     assert_eq!(last.actor, "urn:operator:oncall");
     assert_eq!(last.handover_id, Some(r.handover_id));
     assert!(last.outcome.contains("unreadable summary"));
+    // Asking for a handover that is not there is on the trail under the id
+    // asked for, with the reason given: probing ids leaves a trace.
+    let missing = r.handover_id + 1_000;
+    let err = op
+        .break_glass_read(pb::BreakGlassReadRequest {
+            handover_id: missing,
+            reason: "GP practice reports an unreadable summary; checking content".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let entries = gw.store.audit_entries().unwrap();
+    let probe = entries.last().unwrap();
+    assert_eq!(
+        (probe.action.as_str(), probe.handover_id),
+        ("break_glass_read", Some(missing)),
+        "{probe:?}"
+    );
+    assert!(probe.outcome.starts_with("refused: "), "{probe:?}");
+    assert!(probe.outcome.contains("unreadable summary"), "{probe:?}");
     gw.stop().await;
 }

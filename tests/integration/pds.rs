@@ -292,6 +292,17 @@ async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
         .expect("the automatic claim is audited");
     assert_eq!(claim.actor, "service:pds");
     assert!(claim.outcome.contains("source: PDS"), "{:?}", claim);
+    // The NHS number left for PDS only after that was audited, with the
+    // patient: the request comes before the finding in the trail.
+    let request = audit
+        .iter()
+        .find(|e| e.action == "pds_request" && e.delivery_id == Some(id))
+        .expect("the request to PDS is audited");
+    assert_eq!(
+        request.patient_key.as_deref(),
+        Some(record.patient_key.as_str())
+    );
+    assert!(request.seq < claim.seq, "{request:?} {claim:?}");
     assert!(
         !audit
             .iter()
@@ -678,6 +689,12 @@ async fn an_admission_with_no_gp_notifies_the_practice_pds_names() {
         audit
             .iter()
             .any(|e| e.action == "pds_lookup" && e.outcome.contains("date of birth differs"))
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "pds_request" && e.handover_id == Some(sent.handover_id)),
+        "the admission's request to PDS is audited"
     );
 }
 
