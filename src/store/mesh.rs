@@ -142,12 +142,26 @@ impl Writer {
             records::be(record.delivery_id).to_vec(),
             record,
         );
-        self.audit(staged, mesh_event(actor, record), now);
+        // The patient, so a trail queried by patient shows the MESH send.
+        let patient_key = staged
+            .get_json::<records::DeliveryRecord>(
+                TreeId::Deliveries,
+                &records::be(record.delivery_id),
+            )
+            .ok()
+            .flatten()
+            .map(|d| d.patient_key);
+        self.audit(staged, mesh_event(actor, record, patient_key), now);
     }
 }
 
-/// The audit entry of a MESH record's change (both engines).
-pub(super) fn mesh_event(actor: String, record: &MeshRecord) -> AuditEvent {
+/// The audit entry of a MESH record's change (both engines), with the
+/// delivery's patient when it is known.
+pub(super) fn mesh_event(
+    actor: String,
+    record: &MeshRecord,
+    patient_key: Option<String>,
+) -> AuditEvent {
     let outcome = match (&record.message_id, &record.reason) {
         (_, Some(reason)) => format!("ok: {}", reason),
         (Some(id), None) => format!("ok: MESH message {id}, local id {}", record.local_id),
@@ -158,7 +172,7 @@ pub(super) fn mesh_event(actor: String, record: &MeshRecord) -> AuditEvent {
         action: record.state.action(),
         handover_id: Some(record.handover_id),
         delivery_id: Some(record.delivery_id),
+        patient_key,
         outcome,
-        ..AuditEvent::default()
     }
 }

@@ -832,6 +832,7 @@ pub(crate) fn state_name(state: DeliveryState) -> &'static str {
 pub(crate) fn redrive_event(
     actor: &str,
     delivery_id: u64,
+    found: Option<&DeliveryRecord>,
     outcome: &super::RedriveOutcome,
 ) -> crate::audit::AuditEvent {
     use super::RedriveOutcome;
@@ -839,6 +840,9 @@ pub(crate) fn redrive_event(
         actor: actor.to_owned(),
         action: "redrive",
         delivery_id: Some(delivery_id),
+        // Its handover and patient, so either trail shows the redrive.
+        handover_id: found.map(|d| d.handover_id),
+        patient_key: found.map(|d| d.patient_key.clone()),
         outcome: match outcome {
             RedriveOutcome::Requeued => "ok: requeued".into(),
             RedriveOutcome::NotQuarantined(state) => {
@@ -846,7 +850,6 @@ pub(crate) fn redrive_event(
             }
             RedriveOutcome::Unknown => "refused: no such delivery".into(),
         },
-        ..crate::audit::AuditEvent::default()
     }
 }
 

@@ -1339,7 +1339,10 @@ impl Writer {
         for &id in ids {
             let found: Option<DeliveryRecord> =
                 staged.get_json(TreeId::Deliveries, &records::be(id))?;
-            let outcome = match found {
+            let event = |outcome: &RedriveOutcome| {
+                records::redrive_event(actor, id, found.as_ref(), outcome)
+            };
+            let outcome = match found.clone() {
                 None => RedriveOutcome::Unknown,
                 Some(d) if d.state != DeliveryState::Quarantined => {
                     RedriveOutcome::NotQuarantined(d.state)
@@ -1363,7 +1366,7 @@ impl Writer {
                     RedriveOutcome::Requeued
                 }
             };
-            self.audit(staged, records::redrive_event(actor, id, &outcome), now);
+            self.audit(staged, event(&outcome), now);
             out.push((id, outcome));
         }
         Ok(out)

@@ -486,6 +486,15 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval_on(engine: Eng
     })
     .await
     .unwrap();
+    // The redrive is on the handover's and the patient's trail.
+    let entries = gw.store.audit_entries().unwrap();
+    let redrive = entries
+        .iter()
+        .rev()
+        .find(|e| e.action == "redrive")
+        .unwrap();
+    assert_eq!(redrive.handover_id, Some(d.handover_id), "{redrive:?}");
+    assert!(redrive.patient_key.is_some(), "{redrive:?}");
     pull_and_ack(&mut gp).await;
     assert!(!track_message(&mut prison, "late").await.deliveries[0].overdue);
     gw.stop().await;

@@ -342,6 +342,23 @@ async fn mesh_delivers_a_release_in_chunks_and_marks_it_delivered_on_the_recipie
     )
     .await;
     assert!(inbox(&practice).await.is_empty(), "sent once");
+    // The patient's trail shows where their record went through MESH, not
+    // only the lease: each MESH step is recorded with the patient.
+    let trail = gw
+        .operator()
+        .await
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(41))),
+            reason: "subject access request from the patient".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let actions: Vec<&str> = trail.entries.iter().map(|e| e.action.as_str()).collect();
+    for step in ["mesh_sending", "mesh_sent", "mesh_acknowledged"] {
+        assert!(actions.contains(&step), "{step} not in {actions:?}");
+    }
     gw.stop().await;
 }
 

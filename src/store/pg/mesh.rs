@@ -41,7 +41,16 @@ impl PgStore {
                 )
                 .await
                 .map_err(db)?;
-                audit.push(mesh_event(actor.clone(), &record));
+                // The patient, so a trail queried by patient shows the MESH send.
+                let patient_key: Option<String> = tx
+                    .query_opt(
+                        "SELECT patient_key FROM deliveries WHERE id = $1",
+                        &[&id(record.delivery_id)],
+                    )
+                    .await
+                    .map_err(db)?
+                    .map(|row| row.get(0));
+                audit.push(mesh_event(actor.clone(), &record, patient_key));
                 Ok::<_, StoreError>(Ok(()))
             })
         })

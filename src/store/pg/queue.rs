@@ -959,7 +959,8 @@ async fn redrive(
                 RedriveOutcome::Requeued
             }
         };
-        audit.push(records::redrive_event(actor, did, &outcome));
+        let subject = found.get(&did).and_then(Option::as_ref);
+        audit.push(records::redrive_event(actor, did, subject, &outcome));
         out.push((did, outcome));
     }
     let woken: Vec<String> = woken.into_iter().collect();
