@@ -670,7 +670,7 @@ fn check_delivery_ref(delivery_id: u64, attempt: u32) -> Result<(), Error> {
 fn decode_stored(bytes: &[u8]) -> Result<(PatientRef, ClinicalSummary), Error> {
     let corrupt = |e: String| Error::Store(StoreError::Corrupt(e));
     let envelope = Envelope::decode(bytes).map_err(corrupt)?;
-    let summary: ClinicalSummary =
-        serde_json::from_slice(&envelope.document).map_err(|e| corrupt(e.to_string()))?;
+    let summary: ClinicalSummary = serde_json::from_slice(&envelope.document)
+        .map_err(|e| corrupt(super::envelope::unreadable("stored summary", &e)))?;
     Ok((envelope.patient, summary))
 }

@@ -94,7 +94,7 @@ impl Envelope {
             .split_at_checked(len)
             .ok_or("envelope shorter than its header")?;
         let mut envelope: Envelope =
-            serde_json::from_slice(header).map_err(|e| format!("envelope header: {e}"))?;
+            serde_json::from_slice(header).map_err(|e| unreadable("envelope header", &e))?;
         envelope.document = document.to_vec();
         Ok(envelope)
     }
@@ -139,5 +139,29 @@ mod tests {
     fn an_unknown_version_is_named_not_corrupt() {
         let err = Envelope::decode(&[0xFF, 9, 0, 0, 0, 2, b'{', b'}']).unwrap_err();
         assert!(err.contains("version 9"), "{err}");
+    }
+}
+
+/// Why stored JSON could not be read, by kind and place only: serde's own
+/// message may quote the value it choked on, and a stored summary's values
+/// are patient data (this text is logged and may reach an operator).
+pub fn unreadable(what: &str, e: &serde_json::Error) -> String {
+    format!(
+        "{what} unreadable: {:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    )
+}
+
+#[cfg(test)]
+mod unreadable_tests {
+    #[test]
+    fn the_reason_never_quotes_the_value() {
+        let e = serde_json::from_str::<u32>("\"Smith\"").unwrap_err();
+        assert!(e.to_string().contains("Smith"), "serde quotes it: {e}");
+        let text = super::unreadable("stored summary", &e);
+        assert!(!text.contains("Smith"), "{text}");
+        assert!(text.contains("Data error at line 1"), "{text}");
     }
 }

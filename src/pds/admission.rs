@@ -58,8 +58,9 @@ impl PdsLookups {
     async fn admission(&self, h: &HandoverRecord) -> Result<bool, StoreError> {
         let bytes = self.gateway.store.payload(h).await?;
         let envelope = Envelope::decode(&bytes).map_err(StoreError::Corrupt)?;
-        let summary: ClinicalSummary = serde_json::from_slice(&envelope.document)
-            .map_err(|e| StoreError::Corrupt(format!("stored summary: {e}")))?;
+        let summary: ClinicalSummary = serde_json::from_slice(&envelope.document).map_err(|e| {
+            StoreError::Corrupt(crate::handover::envelope::unreadable("stored summary", &e))
+        })?;
         let Some(nhs) = envelope.patient.nhs_number.map(|n| n.as_str().to_owned()) else {
             return Ok(true);
         };
