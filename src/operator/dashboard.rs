@@ -226,7 +226,38 @@ pub fn routes(dashboard: Dashboard) -> axum::Router {
         .with_state(dashboard)
 }
 
-async fn page(axum::extract::State(dashboard): axum::extract::State<Dashboard>) -> Response {
+/// Whether a request's `Host` names this machine by address or as
+/// `localhost`: a page a browser reached through a DNS name that was
+/// rebound to 127.0.0.1 (a hostile web page reading the dashboard through
+/// the visitor's browser) names the attacker's domain, and is refused.
+fn host_allowed(headers: &axum::http::HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    // `[v6]:port`, `[v6]`, `name:port`, `name`, `v4:port`, `v4`.
+    let name = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) if port.is_empty() || port.starts_with(':') => v6,
+            _ => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+async fn page(
+    axum::extract::State(dashboard): axum::extract::State<Dashboard>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !host_allowed(&headers) {
+        return (
+            StatusCode::FORBIDDEN,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "The dashboard answers only to an address or localhost in Host \
+             (use the IP address, or an SSH tunnel to localhost)\n",
+        )
+            .into_response();
+    }
     let (status, body) = match dashboard.snapshot().await {
         Ok(snapshot) => (StatusCode::OK, render(&snapshot)),
         Err(error) => {

@@ -492,3 +492,52 @@ async fn screenshot(browser: &Path, profile: &Path, url: &str) {
     assert!(bytes.len() > 20_000, "{} bytes", bytes.len());
     println!("screenshot: {}", png.display());
 }
+
+/// The dashboard answers only when `Host` is an address or `localhost`: a
+/// hostile web page whose DNS name was rebound to 127.0.0.1 makes the
+/// visitor's browser send its own name, and is refused, so it cannot read
+/// mailboxes and quarantine reasons through the browser. `/metrics` stays
+/// open to scrapers by any name.
+#[tokio::test]
+async fn the_dashboard_refuses_a_host_name_that_is_not_this_machines() {
+    let gw = TestGateway::start().await;
+    let port = gw.metrics_addr.port();
+    let status = |host: String, path: &'static str| {
+        let addr = gw.metrics_addr;
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw).await.unwrap();
+            String::from_utf8_lossy(&raw)
+                .split(' ')
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "127.0.0.1".to_owned(),
+    ] {
+        assert_eq!(status(host.clone(), "/").await, "200", "{host}");
+    }
+    for host in [
+        format!("rebind.example.com:{port}"),
+        "rebind.example.com".to_owned(),
+        "localhost.example.com".to_owned(),
+        "[::1".to_owned(),
+    ] {
+        assert_eq!(status(host.clone(), "/").await, "403", "{host}");
+        assert_eq!(status(host.clone(), "/dashboard").await, "403", "{host}");
+    }
+    assert_eq!(
+        status("prometheus.internal:9464".into(), "/metrics").await,
+        "200"
+    );
+    gw.stop().await;
+}
