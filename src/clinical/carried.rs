@@ -87,7 +87,7 @@ fn hl7v2(s: &ClinicalSummary, event: JourneyEvent) -> Vec<String> {
         .map(|m| &m.code)
         .chain(s.allergies.iter().map(|a| &a.substance))
         .chain(s.diagnoses.iter().map(|d| &d.code));
-    if codes.any(|code| code.system != SNOMED && code.system != DMD) {
+    if codes.any(|code| code.system != SNOMED && code.system != DMD && !code.is_words_only()) {
         out.push("a code system other than SNOMED CT or dm+d (sent as local, L)".to_owned());
     }
     treatment_sharing(s, &mut out);

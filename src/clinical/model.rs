@@ -294,6 +294,23 @@ pub struct Code {
     pub display: String,
 }
 
+impl Code {
+    /// A diagnosis or allergy the sender recorded in words only, with no
+    /// code: system and code empty, the words in `display`.
+    pub fn words(text: impl Into<String>) -> Self {
+        Self {
+            system: String::new(),
+            code: String::new(),
+            display: text.into(),
+        }
+    }
+
+    /// Whether this is words only (see [`Code::words`]).
+    pub fn is_words_only(&self) -> bool {
+        self.system.is_empty() && self.code.is_empty() && !self.display.trim().is_empty()
+    }
+}
+
 /// SNOMED CT.
 pub const SNOMED: &str = "http://snomed.info/sct";
 /// NHS Dictionary of medicines and devices.

@@ -235,6 +235,13 @@ fn check_text(s: &ClinicalSummary, json: &[u8], e: &mut ValidationErrors) {
                 0
             }
         };
+        // A diagnosis or an allergy may be recorded in words only (a
+        // clinician's "allergic to sticking plasters"): carried as words,
+        // where refusing it would hold up the whole summary. A medicine,
+        // prescription, infection or vaccination needs its code.
+        if WORDS_ALLOWED.contains(&heading) && code.is_words_only() {
+            continue;
+        }
         let token = |t: &str| {
             !t.is_empty()
                 && t.split(' ')
@@ -254,6 +261,9 @@ fn check_text(s: &ClinicalSummary, json: &[u8], e: &mut ValidationErrors) {
         }
     }
 }
+
+/// The headings whose entries may be recorded in words only.
+pub const WORDS_ALLOWED: [&str; 2] = ["diagnoses", "allergies"];
 
 #[cfg(test)]
 mod tests {

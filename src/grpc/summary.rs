@@ -56,6 +56,28 @@ fn code(c: Option<pb::Code>, path: &str, v: &mut Violations) -> Option<m::Code> 
     })
 }
 
+/// As [`code`], for a diagnosis or an allergy, which may be recorded in
+/// words only: `display` with neither system nor code.
+fn code_or_words(c: Option<pb::Code>, path: &str, v: &mut Violations) -> Option<m::Code> {
+    match c {
+        Some(pb::Code {
+            system,
+            code,
+            display,
+        }) if system.is_empty() && code.is_empty() && !display.trim().is_empty() => {
+            Some(m::Code::words(display))
+        }
+        Some(pb::Code { system, code, .. }) if system.is_empty() && code.is_empty() => {
+            v.add(
+                path,
+                "system and code, or the words (display), are required",
+            );
+            None
+        }
+        c => code(c, path, v),
+    }
+}
+
 /// Reads a native summary; violations are reported under `prefix`.
 pub fn from_wire(
     s: pb::ClinicalSummary,
@@ -237,7 +259,7 @@ fn diagnoses_from(
                 },
             )| {
                 let onset = opt(onset, &p(&format!("diagnoses[{i}].onset")), v);
-                code(c, &p(&format!("diagnoses[{i}].code")), v).map(|code| m::Diagnosis {
+                code_or_words(c, &p(&format!("diagnoses[{i}].code")), v).map(|code| m::Diagnosis {
                     code,
                     active,
                     onset,
@@ -319,13 +341,13 @@ fn allergies_from(
                     Some(pb::Severity::Severe) => Some(m::Severity::Severe),
                     _ => None,
                 };
-                code(substance, &p(&format!("allergies[{i}].substance")), v).map(|substance| {
-                    m::Allergy {
+                code_or_words(substance, &p(&format!("allergies[{i}].substance")), v).map(
+                    |substance| m::Allergy {
                         substance,
                         reaction: text(reaction),
                         severity,
-                    }
-                })
+                    },
+                )
             },
         )
         .collect()

@@ -269,6 +269,78 @@ fn a_medicine_taken_as_needed_stays_as_needed_in_every_format() {
     );
 }
 
+/// A diagnosis or an allergy recorded in words only (valid FHIR: a
+/// CodeableConcept may hold only `text`; HL7 CE.2 alone) is carried as
+/// words in every format, where before it refused the whole summary. A
+/// medicine needs its code still, and blank words are no record at all.
+#[test]
+fn a_diagnosis_or_allergy_in_words_only_is_carried_in_every_format() {
+    use throughcare::clinical::model::Code;
+    let read = read_after(&fixture("06-many-medicines-and-allergies"), |doc| {
+        let (_, c) = entry_of(doc, "Condition");
+        c["code"] = json!({"text": "Anxiety since a head injury"});
+        let (_, a) = entry_of(doc, "AllergyIntolerance");
+        a["code"] = json!({"coding": [{"display": "Sticking plasters"}]});
+    });
+    assert_eq!(
+        read.diagnoses[0].code,
+        Code::words("Anxiety since a head injury")
+    );
+    assert_eq!(
+        read.allergies[0].substance,
+        Code::words("Sticking plasters")
+    );
+    // Written back: the words alone, in FHIR, HL7 v2 and the native form.
+    let doc = fhir_json(&read, JourneyEvent::Release);
+    let mut written = doc.clone();
+    let (_, c) = entry_of(&mut written, "Condition");
+    assert_eq!(c["code"], json!({"text": "Anxiety since a head injury"}));
+    assert_eq!(parse_fhir(&doc).unwrap().diagnoses, read.diagnoses);
+    let hl7 = hl7v2::render(&read, JourneyEvent::Release);
+    let text = String::from_utf8(hl7.bytes.clone()).unwrap();
+    assert!(text.contains("|^Anxiety since a head injury|"), "{text}");
+    assert!(
+        !hl7.not_carried.iter().any(|n| n.contains("local")),
+        "{:?}",
+        hl7.not_carried
+    );
+    let back = hl7v2::parse(&hl7.bytes, &Limits::default())
+        .unwrap()
+        .summary;
+    assert_eq!(
+        (back.diagnoses, back.allergies),
+        (read.diagnoses.clone(), read.allergies.clone())
+    );
+    let mut v = throughcare::clinical::ValidationErrors::default();
+    let native = throughcare::grpc::summary::from_wire(
+        throughcare::grpc::summary::to_wire(&read),
+        "summary",
+        &mut v,
+    )
+    .unwrap();
+    assert_eq!(native.diagnoses, read.diagnoses);
+    // A medicine in words only, or a diagnosis with no words, is refused.
+    let s = fixture("06-many-medicines-and-allergies");
+    let refused = refused_at(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        m["medicationCodeableConcept"] = json!({"text": "methadone"});
+    });
+    assert!(
+        refused
+            .iter()
+            .any(|f| f.ends_with("medicationCodeableConcept.coding")),
+        "{refused:?}"
+    );
+    let refused = refused_at(&s, |doc| {
+        let (_, c) = entry_of(doc, "Condition");
+        c["code"] = json!({"text": "  "});
+    });
+    assert!(
+        refused.iter().any(|f| f.ends_with("code.coding")),
+        "{refused:?}"
+    );
+}
+
 fn hl7_release(edit: impl FnOnce(&mut Vec<String>)) -> Vec<String> {
     let s = fixture("01-ost-released-today");
     let text = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();

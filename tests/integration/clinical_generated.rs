@@ -99,6 +99,16 @@ fn code() -> impl Strategy<Value = Code> {
         })
 }
 
+/// A diagnosis's or an allergy's code: mostly coded, sometimes words only.
+fn code_or_words() -> impl Strategy<Value = Code> {
+    prop_oneof![
+        4 => code(),
+        1 => text()
+            .prop_filter("words", |t| !t.trim().is_empty())
+            .prop_map(Code::words),
+    ]
+}
+
 fn nhs_number() -> impl Strategy<Value = NhsNumber> {
     (0u32..1_000_000).prop_filter_map("check digit", |n| {
         let stem = format!("999{n:06}");
@@ -197,7 +207,7 @@ fn prescription() -> impl Strategy<Value = Prescription> {
 fn clinical() -> impl Strategy<Value = (Vec<Diagnosis>, Vec<Allergy>, Vec<RiskFlag>)> {
     (
         proptest::collection::vec(
-            (code(), any::<bool>(), proptest::option::of(when())).prop_map(
+            (code_or_words(), any::<bool>(), proptest::option::of(when())).prop_map(
                 |(code, active, onset)| Diagnosis {
                     code,
                     active,
@@ -208,7 +218,7 @@ fn clinical() -> impl Strategy<Value = (Vec<Diagnosis>, Vec<Allergy>, Vec<RiskFl
         ),
         proptest::collection::vec(
             (
-                code(),
+                code_or_words(),
                 proptest::option::of(text()),
                 proptest::option::of(proptest::sample::select(vec![
                     Severity::Mild,

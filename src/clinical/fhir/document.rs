@@ -2,7 +2,9 @@
 //! the Patient, the custody Encounter, then each heading's resources.
 
 use super::index::{At, Index};
-use super::read::{Parsed, day_of, kind_of, owned, parse_code, parse_with, required, typed};
+use super::read::{
+    Parsed, day_of, kind_of, owned, parse_code, parse_code_or_words, parse_with, required, typed,
+};
 use super::types::Address as FhirAddress;
 use super::types::*;
 use super::{
@@ -866,10 +868,10 @@ fn read_allergies(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Aller
                         "not carried: the reaction's substance beside the allergy's code",
                     );
                 }
-                parse_code(code, format_args!("{p}code"), errors)
+                parse_code_or_words(code, format_args!("{p}code"), errors)
             }
             (None, Some(substance)) => {
-                parse_code(substance, format_args!("{p}reaction[0].substance"), errors)
+                parse_code_or_words(substance, format_args!("{p}reaction[0].substance"), errors)
             }
             (None, None) => {
                 errors.add(
@@ -1036,7 +1038,7 @@ fn read_conditions(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Diag
             format_args!("{p}onsetDateTime"),
             errors,
         );
-        if let Some(code) = parse_code(&c.code, format_args!("{p}code"), errors) {
+        if let Some(code) = parse_code_or_words(&c.code, format_args!("{p}code"), errors) {
             s_diagnoses.push(Diagnosis {
                 code,
                 active,

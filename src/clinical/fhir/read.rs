@@ -363,6 +363,35 @@ pub(super) fn parse_code(
     }
 }
 
+/// As [`parse_code`], for a diagnosis or an allergy, which may be recorded
+/// in words only: with no coding that has a code, the concept's `text` (or
+/// a coding's `display`) is carried as words. A coding with a code but no
+/// system is still refused: its meaning cannot be told.
+pub(super) fn parse_code_or_words(
+    cc: &CodeableConcept,
+    field: impl fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<Code> {
+    if cc.coding.iter().any(|c| c.code.is_some()) {
+        return parse_code(cc, field, errors);
+    }
+    let words = cc
+        .text
+        .as_deref()
+        .or_else(|| cc.coding.iter().find_map(|c| c.display.as_deref()))
+        .filter(|t| !t.trim().is_empty());
+    match words {
+        Some(words) => Some(Code::words(words)),
+        None => {
+            errors.add(
+                format!("{field}.coding"),
+                "a coding with system and code, or the words (text), is required",
+            );
+            None
+        }
+    }
+}
+
 pub(super) fn parse_with<T: std::str::FromStr<Err = E>, E: fmt::Display>(
     v: Option<&str>,
     field: impl fmt::Display,

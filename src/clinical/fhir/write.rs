@@ -73,6 +73,9 @@ fn dosage(m: &Medication) -> Option<Dosage<'_>> {
 }
 
 pub(super) fn code_cc(c: &Code) -> CodeableConcept<'_> {
+    if c.is_words_only() {
+        return CodeableConcept::text(&c.display);
+    }
     CodeableConcept::coded(&c.system, &c.code, &c.display)
 }
 

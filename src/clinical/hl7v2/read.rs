@@ -102,6 +102,16 @@ fn code_from_ce(field: &str) -> Option<Code> {
     })
 }
 
+/// As [`code_from_ce`], for a diagnosis or an allergy, which may be
+/// recorded in words only: CE.2 with neither CE.1 nor CE.3.
+fn code_or_words_from_ce(field: &str) -> Option<Code> {
+    if component(field, 1).is_empty() && component(field, 3).is_empty() {
+        let words = component(field, 2);
+        return (!words.trim().is_empty()).then(|| Code::words(words));
+    }
+    code_from_ce(field)
+}
+
 /// [`str::split_once`] on a string that may be borrowed.
 fn split_once(text: Cow<'_, str>, sep: char) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
     match text {
@@ -150,6 +160,11 @@ impl<'a> Group<'_, 'a, '_> {
 
     fn code(&self) -> Option<Code> {
         self.raw("CODE").and_then(code_from_ce)
+    }
+
+    /// The group's code, or its words (diagnoses and allergies).
+    fn code_or_words(&self) -> Option<Code> {
+        self.raw("CODE").and_then(code_or_words_from_ce)
     }
 
     /// A yes/no field (HL7 table 0136: `Y` or `N`); `None` when absent.
@@ -684,7 +699,7 @@ impl Items {
                     ],
                     e,
                 );
-                match g.code() {
+                match g.code_or_words() {
                     Some(substance) => self.allergies.push(Allergy {
                         substance,
                         reaction: g.string("REACTION"),
@@ -695,7 +710,7 @@ impl Items {
             }
             "DX" => {
                 let active = g.yes_no("ACTIVE", e).unwrap_or(true);
-                match g.code() {
+                match g.code_or_words() {
                     Some(code) => self.diagnoses.push(Diagnosis {
                         code,
                         active,
@@ -892,8 +907,11 @@ fn read_al1(s: &Segment<'_>, notes: &mut Vec<String>, e: &mut ValidationErrors) 
     if severity.is_none() && !matches!(&*severity_code, "" | "U") {
         e.add(s.name(4), "must be SV, MO, MI or U (HL7 table 0128)");
     }
-    let Some(substance) = code_from_ce(s.field(3)) else {
-        e.add(format!("{}.1", s.name(3)), "required: the allergen code");
+    let Some(substance) = code_or_words_from_ce(s.field(3)) else {
+        e.add(
+            format!("{}.1", s.name(3)),
+            "required: the allergen code (or its words in .2)",
+        );
         return None;
     };
     Some(Allergy {
@@ -914,8 +932,11 @@ fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<Diagnosis> {
         e.add(s.name(6), "must be A, W or F (HL7 table 0052)");
     }
     let onset = optional_when(Some(&s.comp(5, 1)), || format!("{}.1", s.name(5)), e);
-    let Some(code) = code_from_ce(s.field(3)) else {
-        e.add(format!("{}.1", s.name(3)), "required: the diagnosis code");
+    let Some(code) = code_or_words_from_ce(s.field(3)) else {
+        e.add(
+            format!("{}.1", s.name(3)),
+            "required: the diagnosis code (or its words in .2)",
+        );
         return None;
     };
     Some(Diagnosis {

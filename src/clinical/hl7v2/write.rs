@@ -64,6 +64,12 @@ fn coding_system(system: &str) -> Option<&'static str> {
 
 /// Appends a coded element: `code^display^system`.
 fn push_ce(out: &mut String, c: &Code) {
+    // Words only: CE.2 alone (HL7 allows the text without an identifier).
+    if c.is_words_only() {
+        out.push('^');
+        push_escaped(out, &c.display);
+        return;
+    }
     push_escaped(out, &c.code);
     out.push('^');
     push_escaped(out, &c.display);
@@ -188,7 +194,7 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
         .chain(s.allergies.iter().map(|a| &a.substance))
         .chain(s.diagnoses.iter().map(|d| &d.code));
     for code in codes {
-        if coding_system(&code.system).is_none() {
+        if coding_system(&code.system).is_none() && !code.is_words_only() {
             not_carried
                 .push("a code system other than SNOMED CT or dm+d (sent as local, L)".into());
             break;
