@@ -129,17 +129,21 @@ fn a_configured_gateway_never_makes_its_own_certificates_unless_asked() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut created = false;
-    for _ in 0..600 {
-        if throughcare::certs::dev_pki_present(&certs) {
-            created = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let created = within_30_s(|| throughcare::certs::dev_pki_present(&certs));
     let _ = child.kill();
     let _ = child.wait();
     assert!(created, "THROUGHCARE_DEV_CERTS=true did not create the PKI");
+}
+
+/// Whether `done` holds within 30 s, asked every 50 ms.
+fn within_30_s(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..600 {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 /// Development certificates are made only where none of their files are: a
@@ -174,14 +178,7 @@ fn development_certificates_never_replace_tls_material_that_is_there() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut exited = false;
-    for _ in 0..600 {
-        if child.try_wait().unwrap().is_some() {
-            exited = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let exited = within_30_s(|| child.try_wait().unwrap().is_some());
     if !exited {
         let _ = child.kill();
     }
