@@ -761,6 +761,33 @@ pub(crate) fn refused_lease_event(
     }
 }
 
+/// What an ack or nack found under its id in another organisation's
+/// mailbox: the caller is answered as for an id that does not exist, but
+/// the trail records the attempt against that delivery and its patient, so
+/// an organisation reaching for another's records is seen.
+pub(crate) fn foreign(found: Option<&DeliveryRecord>, mailbox: &str) -> Option<DeliveryRecord> {
+    found.filter(|d| d.mailbox != mailbox).cloned()
+}
+
+/// The refusal entry of an ack or nack, naming `foreign` when the id was
+/// another organisation's delivery (see [`foreign`]).
+pub(crate) fn refused_lease_audit(
+    action: &'static str,
+    actor: &str,
+    attempt: u32,
+    refusal: (&super::StoreError, &Option<DeliveryRecord>),
+    foreign: Option<DeliveryRecord>,
+) -> crate::audit::AuditEvent {
+    let mut event = refused_lease_event(action, actor, attempt, refusal);
+    if let (None, Some(f)) = (refusal.1, foreign) {
+        event.handover_id = Some(f.handover_id);
+        event.delivery_id = Some(f.id);
+        event.patient_key = Some(f.patient_key);
+        event.outcome = format!("{} (another organisation's delivery)", event.outcome);
+    }
+    event
+}
+
 /// The audit entry of a leased attempt given back unsent (the pull's
 /// answer was full); `d` is the delivery as given back.
 pub(crate) fn returned_unsent_event(

@@ -1044,9 +1044,10 @@ impl Writer {
     ) -> Result<records::LeaseVerdict, StoreError> {
         let found: Option<DeliveryRecord> =
             staged.get_json(TreeId::Deliveries, &records::be(delivery_id))?;
+        let foreign = records::foreign(found.as_ref(), mailbox);
         let verdict = records::lease_verdict(found, mailbox, attempt, now);
         if let Err((e, d)) = &verdict {
-            let event = records::refused_lease_event(action, actor, attempt, (e, d));
+            let event = records::refused_lease_audit(action, actor, attempt, (e, d), foreign);
             self.audit(staged, event, now);
         }
         Ok(verdict)

@@ -538,3 +538,67 @@ async fn break_glass_needs_a_reason_and_is_audited_before_content_is_returned() 
     assert!(probe.outcome.contains("unreadable summary"), "{probe:?}");
     gw.stop().await;
 }
+
+/// An organisation acknowledging another's delivery is answered exactly as
+/// for an id that does not exist (nothing leaks), and the trail records the
+/// attempt against that delivery and its patient, so reaching for another
+/// organisation's records is seen on the patient's trail.
+#[tokio::test]
+async fn acking_another_organisations_delivery_is_not_found_and_on_its_patients_trail() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("probe", 78, &["YG001"], "probe marker"))
+        .await
+        .unwrap();
+    let d = gw
+        .client("YG001")
+        .await
+        .pull(pull(1))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries[0]
+        .clone();
+    let mut other = gw.client("YG002").await;
+    let theirs = other
+        .ack(pb::AckRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+        })
+        .await
+        .unwrap_err();
+    let missing = other
+        .ack(pb::AckRequest {
+            delivery_id: d.delivery_id + 1_000,
+            attempt: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (theirs.code(), theirs.message()),
+        (missing.code(), missing.message()),
+        "another's delivery must read as no delivery"
+    );
+    assert_eq!(theirs.code(), tonic::Code::NotFound);
+    let entries = gw.store.audit_entries().unwrap();
+    let probe = entries
+        .iter()
+        .find(|e| e.action == "ack" && e.actor == "urn:ods:YG002" && e.delivery_id.is_some())
+        .expect("the attempt on another's delivery is recorded against it");
+    assert_eq!(probe.delivery_id, Some(d.delivery_id), "{probe:?}");
+    assert_eq!(probe.handover_id, Some(d.handover_id), "{probe:?}");
+    assert!(probe.patient_key.is_some(), "{probe:?}");
+    assert!(
+        probe.outcome.contains("another organisation's"),
+        "{probe:?}"
+    );
+    // The made-up id names nothing.
+    let made_up = entries
+        .iter()
+        .rev()
+        .find(|e| e.action == "ack" && e.actor == "urn:ods:YG002")
+        .unwrap();
+    assert_eq!(made_up.delivery_id, None, "{made_up:?}");
+    gw.stop().await;
+}

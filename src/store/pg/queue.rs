@@ -529,9 +529,16 @@ async fn leased_for(
     audit: &mut Vec<AuditEvent>,
 ) -> Result<records::LeaseVerdict, StoreError> {
     let found = sql::delivery_for_update(tx, delivery_id).await?;
+    let foreign = records::foreign(found.as_ref(), mailbox);
     let verdict = records::lease_verdict(found, mailbox, attempt, now);
     if let Err((e, d)) = &verdict {
-        audit.push(records::refused_lease_event(action, actor, attempt, (e, d)));
+        audit.push(records::refused_lease_audit(
+            action,
+            actor,
+            attempt,
+            (e, d),
+            foreign,
+        ));
     }
     Ok(verdict)
 }
