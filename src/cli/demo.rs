@@ -140,10 +140,16 @@ fn patient_summary(establishment: &str, gp: Option<&str>) -> ClinicalSummary {
 }
 
 fn with_methadone(s: &mut ClinicalSummary) {
-    let last_dose = time::OffsetDateTime::now_utc()
-        .replace_time(time::macros::time!(08:10))
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    // The morning dose last given: today's at 08:10, or yesterday's before
+    // then (a dose given in the future is refused, and the demo ran only
+    // after 08:05 UTC).
+    let now = time::OffsetDateTime::now_utc();
+    let today = now.replace_time(time::macros::time!(08:10));
+    let last_dose = if today <= now {
+        today
+    } else {
+        today - time::Duration::days(1)
+    };
     s.medications.insert(
         0,
         Medication {
