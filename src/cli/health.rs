@@ -17,7 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 /// `throughcare health`.
 #[derive(Debug, Clone, Args)]
 pub struct HealthArgs {
-    /// Gateway address (the server certificate must name `localhost`).
+    /// Gateway address (the server certificate must name its host).
     #[arg(
         long,
         default_value = "https://localhost:7443",

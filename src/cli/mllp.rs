@@ -50,7 +50,7 @@ pub async fn send(
         .with_context(|| format!("connect to MLLP at {addr}"))?;
     let connector = tokio_rustls::TlsConnector::from(client_config(certs, name)?);
     let mut tls = connector
-        .connect(ServerName::try_from("localhost")?, tcp)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
         .await
         .context("MLLP TLS handshake")?;
     let mut reader = FrameReader::new(1 << 20);

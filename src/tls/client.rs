@@ -14,11 +14,22 @@ pub async fn client_channel(
     key_pem: &[u8],
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let endpoint = Endpoint::from_shared(endpoint.to_owned())?;
+    // The server must hold a certificate for the host the endpoint names
+    // (an address or a name), not for whatever name suits: a certificate of
+    // the same CA issued to another host must not pass for the gateway.
+    let host = endpoint
+        .uri()
+        .host()
+        .unwrap_or("localhost")
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let tls = ClientTlsConfig::new()
-        .domain_name("localhost")
+        .domain_name(host)
         .ca_certificate(Certificate::from_pem(ca_pem))
         .identity(Identity::from_pem(cert_pem, key_pem));
-    Endpoint::from_shared(endpoint.to_owned())?
+    endpoint
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
         .connect()

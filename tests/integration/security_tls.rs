@@ -423,3 +423,46 @@ async fn an_open_connection_of_a_revoked_client_is_closed_when_the_crl_reloads()
     audited(&gw, "connect", "revoked").await;
     gw.stop().await;
 }
+
+/// The built-in client checks the gateway's certificate against the host its
+/// endpoint names: a server certificate the same CA issued to another host
+/// (here `localhost`, while the endpoint names 127.0.0.1) does not pass for
+/// the gateway. Before, every endpoint was checked as `localhost`; every
+/// other test connects to 127.0.0.1 with the dev certificate, which names it.
+#[tokio::test]
+async fn the_client_checks_the_gateways_certificate_against_the_endpoints_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let paths = throughcare::certs::init_dev_pki(&certs).unwrap();
+    let ca = CertAuthority::load(&paths.ca_cert(), &paths.ca_key()).unwrap();
+    let elsewhere = ca.issue_server(&["localhost"]).unwrap();
+    let (cert, key) = (dir.path().join("other.pem"), dir.path().join("other.key"));
+    std::fs::write(&cert, &elsewhere.cert_pem).unwrap();
+    std::fs::write(&key, &elsewhere.key_pem).unwrap();
+    let mut config = throughcare::config::Config {
+        data_dir: dir.path().join("data"),
+        certs_dir: certs.clone(),
+        shutdown_grace_ms: 2_000,
+        metrics: throughcare::config::MetricsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
+        ..Default::default()
+    };
+    config.tls.cert = Some(cert);
+    config.tls.key = Some(key);
+    let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
+    let (client_cert, client_key) = paths.client("YP001");
+    let connected = throughcare::tls::client_channel(
+        &gw.endpoint,
+        &std::fs::read(paths.ca_cert()).unwrap(),
+        &std::fs::read(client_cert).unwrap(),
+        &std::fs::read(client_key).unwrap(),
+    )
+    .await;
+    assert!(
+        connected.is_err(),
+        "a certificate for localhost passed for {}",
+        gw.endpoint
+    );
+    gw.stop().await;
+}
