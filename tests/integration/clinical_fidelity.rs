@@ -1576,6 +1576,42 @@ fn coded_timings_are_carried_and_other_instructions_are_listed() {
     assert_listed(&read, "timing.code.coding[0]");
 }
 
+/// A dose given only as a quantity (`doseAndRate[0].doseQuantity`, as GP
+/// systems send it) is carried as "value unit", where before the dose
+/// arrived empty; beside a dose in words, the quantity is listed, and what
+/// else a dose may hold (a second dose, a rate) is listed too.
+#[test]
+fn a_dose_given_as_a_quantity_is_carried() {
+    let s = fixture("01-ost-released-today");
+    let read = read_after(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        m["dosage"][0].as_object_mut().unwrap().remove("text");
+        m["dosage"][0]["doseAndRate"] = json!([{"doseQuantity": {
+            "value": 60, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"
+        }}]);
+    });
+    assert_eq!(read.medications[0].dose, "60 mg");
+    assert!(
+        !read.not_read.iter().any(|n| n.contains("doseAndRate")),
+        "{:?}",
+        read.not_read
+    );
+    let read = read_after(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        m["dosage"][0]["doseAndRate"] = json!([
+            {"doseQuantity": {"value": 60, "unit": "mg"}, "rateQuantity": {"value": 1, "unit": "mg/h"}},
+            {"doseQuantity": {"value": 30, "unit": "mg"}}
+        ]);
+    });
+    assert_eq!(
+        read.medications[0].dose, s.medications[0].dose,
+        "the words win"
+    );
+    assert_listed(&read, "doseAndRate[0].doseQuantity");
+    assert_listed(&read, "rateQuantity");
+    assert_listed(&read, "doseAndRate[1]");
+}
+
 /// A custody day is England's: a release at 23:30 UTC on a summer evening
 /// is the next day (00:30 BST), in FHIR and in HL7 v2; in winter it is the
 /// same day. A date of birth is kept as written.

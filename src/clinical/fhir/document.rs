@@ -734,7 +734,7 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         if let Some(code) = code {
             s_medications.push(Medication {
                 code,
-                dose: owned(dosage.and_then(|d| d.text.as_ref())),
+                dose: dosage.map(|d| dose(index, d, p)).unwrap_or_default(),
                 route: owned(dosage.and_then(|d| d.route.as_ref()).and_then(|r| {
                     let text = r
                         .text
@@ -800,6 +800,40 @@ fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> Strin
             code.to_string()
         }
         (None, None) => String::new(),
+    }
+}
+
+/// The dose in words: the dosage's `text`, else its first
+/// `doseAndRate.doseQuantity` as value and unit ("60 mg"). Beside a text,
+/// the quantity is listed, not carried (the text is what a clinician wrote).
+fn dose(index: &Index<'_>, d: &Dosage<'_>, p: At<'_>) -> String {
+    let quantity = d
+        .dose_and_rate
+        .first()
+        .and_then(|r| r.dose_quantity.as_ref());
+    if let Some(text) = d.text.as_deref() {
+        if quantity.is_some() {
+            index.note(
+                format_args!("{p}dosage[0].doseAndRate[0].doseQuantity"),
+                "not carried: the dose as a quantity beside the dose in words (text)",
+            );
+        }
+        return text.to_owned();
+    }
+    let Some(q) = quantity else {
+        return String::new();
+    };
+    let unit = q.unit.as_deref().or(q.code.as_deref());
+    match (&q.value, unit) {
+        (Some(v), Some(u)) => format!("{v} {u}"),
+        (Some(v), None) => v.to_string(),
+        (None, _) => {
+            index.note(
+                format_args!("{p}dosage[0].doseAndRate[0].doseQuantity"),
+                "not carried: a dose quantity without a value",
+            );
+            String::new()
+        }
     }
 }
 

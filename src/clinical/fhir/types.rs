@@ -477,6 +477,19 @@ pub struct Dosage<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub as_needed_codeable_concept: Option<CodeableConcept<'a>>,
+    /// The dose as a quantity (read when there is no `text`).
+    #[serde(default, skip_serializing_if = "empty")]
+    #[serde(borrow)]
+    pub dose_and_rate: Vec<DoseAndRate<'a>>,
+}
+
+/// `Dosage.doseAndRate`: the dose as a quantity.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DoseAndRate<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub dose_quantity: Option<Quantity<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

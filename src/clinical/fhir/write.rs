@@ -63,6 +63,7 @@ fn dosage(m: &Medication) -> Option<Dosage<'_>> {
         route: text(&m.route),
         as_needed_boolean: m.as_needed.then_some(true),
         as_needed_codeable_concept: None,
+        dose_and_rate: Vec::new(),
     };
     let empty = is_blank(&m.dose)
         && d.additional_instruction.is_empty()
