@@ -1576,6 +1576,53 @@ fn coded_timings_are_carried_and_other_instructions_are_listed() {
     assert_listed(&read, "timing.code.coding[0]");
 }
 
+/// How often, given only as numbers (`timing.repeat`, as GP systems send
+/// it), is carried in words ("twice a day"); before, the frequency arrived
+/// empty. Beside a coded timing the numbers are listed; numbers that do not
+/// say how often (no unit, a zero) are listed, not guessed at.
+#[test]
+fn a_frequency_given_as_numbers_is_carried_in_words() {
+    let s = fixture("01-ost-released-today");
+    let with_timing = |timing: Value| {
+        read_after(&s, move |doc| {
+            let (_, m) = entry_of(doc, "MedicationStatement");
+            m["dosage"][0]["timing"] = timing.clone();
+        })
+    };
+    for (repeat, words) in [
+        (
+            json!({"frequency": 2, "period": 1, "periodUnit": "d"}),
+            "twice a day",
+        ),
+        (
+            json!({"frequency": 1, "period": 2, "periodUnit": "wk"}),
+            "once every 2 weeks",
+        ),
+        (
+            json!({"frequency": 3, "period": 1, "periodUnit": "d"}),
+            "3 times a day",
+        ),
+    ] {
+        let read = with_timing(json!({ "repeat": repeat }));
+        assert_eq!(read.medications[0].frequency, words, "{repeat}");
+        assert!(read.not_read.is_empty(), "{:?}", read.not_read);
+    }
+    let read = with_timing(json!({
+        "code": {"text": "at night"},
+        "repeat": {"frequency": 1, "period": 1, "periodUnit": "d", "when": ["HS"]}
+    }));
+    assert_eq!(read.medications[0].frequency, "at night");
+    assert_listed(&read, "timing.repeat");
+    for repeat in [
+        json!({"frequency": 1, "period": 1}),
+        json!({"frequency": 0, "period": 1, "periodUnit": "d"}),
+    ] {
+        let read = with_timing(json!({ "repeat": repeat }));
+        assert_eq!(read.medications[0].frequency, "", "{repeat}");
+        assert_listed(&read, "timing.repeat");
+    }
+}
+
 /// A dose given only as a quantity (`doseAndRate[0].doseQuantity`, as GP
 /// systems send it) is carried as "value unit", where before the dose
 /// arrived empty; beside a dose in words, the quantity is listed, and what

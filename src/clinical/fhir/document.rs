@@ -769,12 +769,22 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
 /// its code (a coded-only timing, `QD`, is valid FHIR and must not arrive
 /// as no frequency at all).
 fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> String {
-    let Some(cc) = dosage
-        .and_then(|d| d.timing.as_ref())
-        .and_then(|t| t.code.as_ref())
-    else {
+    let Some(timing) = dosage.and_then(|d| d.timing.as_ref()) else {
         return String::new();
     };
+    let Some(cc) = timing.code.as_ref() else {
+        return timing
+            .repeat
+            .as_ref()
+            .map(|r| repeat_in_words(index, r, p))
+            .unwrap_or_default();
+    };
+    if timing.repeat.is_some() {
+        index.note(
+            format_args!("{p}dosage[0].timing.repeat"),
+            "not carried: how often as numbers beside the timing's code",
+        );
+    }
     if let Some(text) = &cc.text {
         return text.to_string();
     }
@@ -800,6 +810,44 @@ fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> Strin
             code.to_string()
         }
         (None, None) => String::new(),
+    }
+}
+
+/// A timing's `repeat` in words: `frequency` times every `period`
+/// `periodUnit` ("twice a day", "once every 2 weeks"). One without all
+/// three is listed, not guessed at.
+fn repeat_in_words(index: &Index<'_>, r: &TimingRepeat<'_>, p: At<'_>) -> String {
+    let unit = match r.period_unit.as_deref() {
+        Some("s") => Some("second"),
+        Some("min") => Some("minute"),
+        Some("h") => Some("hour"),
+        Some("d") => Some("day"),
+        Some("wk") => Some("week"),
+        Some("mo") => Some("month"),
+        Some("a") => Some("year"),
+        _ => None,
+    };
+    let times = r.frequency.filter(|f| *f > 0);
+    let period = r
+        .period
+        .as_ref()
+        .filter(|p| p.as_f64().is_some_and(|v| v > 0.0));
+    let (Some(times), Some(period), Some(unit)) = (times, period, unit) else {
+        index.note(
+            format_args!("{p}dosage[0].timing.repeat"),
+            "not carried: how often needs frequency, period and a UCUM periodUnit (s, min, h, d, wk, mo, a)",
+        );
+        return String::new();
+    };
+    let times = match times {
+        1 => "once".to_owned(),
+        2 => "twice".to_owned(),
+        n => format!("{n} times"),
+    };
+    if period.as_u64() == Some(1) {
+        format!("{times} a {unit}")
+    } else {
+        format!("{times} every {period} {unit}s")
     }
 }
 

@@ -498,6 +498,23 @@ pub struct Timing<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub code: Option<CodeableConcept<'a>>,
+    /// How often as numbers (read when there is no `code`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub repeat: Option<TimingRepeat<'a>>,
+}
+
+/// `Timing.repeat`: `frequency` times every `period` `periodUnit`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TimingRepeat<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<serde_json::Number>,
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub period_unit: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -59,7 +59,10 @@ fn dosage(m: &Medication) -> Option<Dosage<'_>> {
         } else {
             Vec::new()
         },
-        timing: text(&m.frequency).map(|code| Timing { code: Some(code) }),
+        timing: text(&m.frequency).map(|code| Timing {
+            code: Some(code),
+            repeat: None,
+        }),
         route: text(&m.route),
         as_needed_boolean: m.as_needed.then_some(true),
         as_needed_codeable_concept: None,
