@@ -1657,6 +1657,22 @@ fn a_dose_given_as_a_quantity_is_carried() {
     assert_listed(&read, "doseAndRate[0].doseQuantity");
     assert_listed(&read, "rateQuantity");
     assert_listed(&read, "doseAndRate[1]");
+    // A take-out prescription's instruction given as numbers is carried in
+    // words: the dose and how often.
+    let mut s = s;
+    s.prescriptions.push(naloxone());
+    let read = read_after(&s, |doc| {
+        let (_, r) = entry_of(doc, "MedicationRequest");
+        r["dosageInstruction"] = json!([{
+            "doseAndRate": [{"doseQuantity": {"value": 400, "unit": "micrograms"}}],
+            "timing": {"repeat": {"frequency": 1, "period": 2, "periodUnit": "min"}}
+        }]);
+    });
+    assert_eq!(
+        read.prescriptions[0].dosage.as_deref(),
+        Some("400 micrograms once every 2 minutes")
+    );
+    assert!(read.not_read.is_empty(), "{:?}", read.not_read);
 }
 
 /// A custody day is England's: a release at 23:30 UTC on a summer evening

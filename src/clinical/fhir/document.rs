@@ -734,7 +734,9 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         if let Some(code) = code {
             s_medications.push(Medication {
                 code,
-                dose: dosage.map(|d| dose(index, d, p)).unwrap_or_default(),
+                dose: dosage
+                    .map(|d| dose(index, d, &format!("{p}dosage[0]")))
+                    .unwrap_or_default(),
                 route: owned(dosage.and_then(|d| d.route.as_ref()).and_then(|r| {
                     let text = r
                         .text
@@ -748,7 +750,7 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
                     }
                     text
                 })),
-                frequency: frequency(index, dosage, p),
+                frequency: frequency(index, dosage, &format!("{p}dosage[0]")),
                 supervised: dosage.is_some_and(|d| supervised(index, d, p)),
                 as_needed: dosage.is_some_and(|d| as_needed(index, d, p)),
                 opioid_substitution: m
@@ -768,7 +770,7 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
 /// How often, in words: the timing's text, else its coding's display, else
 /// its code (a coded-only timing, `QD`, is valid FHIR and must not arrive
 /// as no frequency at all).
-fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> String {
+pub(super) fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, at: &str) -> String {
     let Some(timing) = dosage.and_then(|d| d.timing.as_ref()) else {
         return String::new();
     };
@@ -776,12 +778,12 @@ fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> Strin
         return timing
             .repeat
             .as_ref()
-            .map(|r| repeat_in_words(index, r, p))
+            .map(|r| repeat_in_words(index, r, at))
             .unwrap_or_default();
     };
     if timing.repeat.is_some() {
         index.note(
-            format_args!("{p}dosage[0].timing.repeat"),
+            format_args!("{at}.timing.repeat"),
             "not carried: how often as numbers beside the timing's code",
         );
     }
@@ -804,7 +806,7 @@ fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> Strin
         (Some(display), _) => display.to_string(),
         (None, Some(code)) => {
             index.note(
-                format_args!("{p}dosage[0].timing.code"),
+                format_args!("{at}.timing.code"),
                 "carried as its code alone: a coded timing without text or display",
             );
             code.to_string()
@@ -816,7 +818,7 @@ fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, p: At<'_>) -> Strin
 /// A timing's `repeat` in words: `frequency` times every `period`
 /// `periodUnit` ("twice a day", "once every 2 weeks"). One without all
 /// three is listed, not guessed at.
-fn repeat_in_words(index: &Index<'_>, r: &TimingRepeat<'_>, p: At<'_>) -> String {
+fn repeat_in_words(index: &Index<'_>, r: &TimingRepeat<'_>, at: &str) -> String {
     let unit = match r.period_unit.as_deref() {
         Some("s") => Some("second"),
         Some("min") => Some("minute"),
@@ -834,7 +836,7 @@ fn repeat_in_words(index: &Index<'_>, r: &TimingRepeat<'_>, p: At<'_>) -> String
         .filter(|p| p.as_f64().is_some_and(|v| v > 0.0));
     let (Some(times), Some(period), Some(unit)) = (times, period, unit) else {
         index.note(
-            format_args!("{p}dosage[0].timing.repeat"),
+            format_args!("{at}.timing.repeat"),
             "not carried: how often needs frequency, period and a UCUM periodUnit (s, min, h, d, wk, mo, a)",
         );
         return String::new();
@@ -854,7 +856,7 @@ fn repeat_in_words(index: &Index<'_>, r: &TimingRepeat<'_>, p: At<'_>) -> String
 /// The dose in words: the dosage's `text`, else its first
 /// `doseAndRate.doseQuantity` as value and unit ("60 mg"). Beside a text,
 /// the quantity is listed, not carried (the text is what a clinician wrote).
-fn dose(index: &Index<'_>, d: &Dosage<'_>, p: At<'_>) -> String {
+pub(super) fn dose(index: &Index<'_>, d: &Dosage<'_>, at: &str) -> String {
     let quantity = d
         .dose_and_rate
         .first()
@@ -862,7 +864,7 @@ fn dose(index: &Index<'_>, d: &Dosage<'_>, p: At<'_>) -> String {
     if let Some(text) = d.text.as_deref() {
         if quantity.is_some() {
             index.note(
-                format_args!("{p}dosage[0].doseAndRate[0].doseQuantity"),
+                format_args!("{at}.doseAndRate[0].doseQuantity"),
                 "not carried: the dose as a quantity beside the dose in words (text)",
             );
         }
@@ -877,7 +879,7 @@ fn dose(index: &Index<'_>, d: &Dosage<'_>, p: At<'_>) -> String {
         (Some(v), None) => v.to_string(),
         (None, _) => {
             index.note(
-                format_args!("{p}dosage[0].doseAndRate[0].doseQuantity"),
+                format_args!("{at}.doseAndRate[0].doseQuantity"),
                 "not carried: a dose quantity without a value",
             );
             String::new()

@@ -104,13 +104,37 @@ pub(super) fn read(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Pres
             dosage: m
                 .dosage_instruction
                 .first()
-                .and_then(|d| d.text.as_ref())
-                .map(|t| t.to_string()),
+                .and_then(|d| instruction(index, d, &format!("{at}dosageInstruction[0]"))),
             quantity,
             days_supplied,
         });
     }
     out
+}
+
+/// The instruction in words: its `text`, else the dose and how often as
+/// the sender gave them in numbers ("5 mg twice a day"). Beside a text, the
+/// numbers are listed, not carried (the text is what a clinician wrote).
+fn instruction(index: &Index<'_>, d: &Dosage<'_>, at: &str) -> Option<String> {
+    if let Some(text) = d.text.as_deref() {
+        if !d.dose_and_rate.is_empty() {
+            index.note(
+                format_args!("{at}.doseAndRate"),
+                "not carried: the dose as numbers beside the instruction in words (text)",
+            );
+        }
+        if d.timing.is_some() {
+            index.note(
+                format_args!("{at}.timing"),
+                "not carried: the timing beside the instruction in words (text)",
+            );
+        }
+        return Some(text.to_owned());
+    }
+    let dose = super::document::dose(index, d, at);
+    let often = super::document::frequency(index, Some(d), at);
+    let words = format!("{dose} {often}").trim().to_owned();
+    (!words.is_empty()).then_some(words)
 }
 
 fn quantity(q: &Quantity, at: &str, errors: &mut ValidationErrors) -> Option<ModelQuantity> {
