@@ -86,7 +86,9 @@ fn idempotency_key(msg: &Incoming) -> String {
 
 impl MeshEdge {
     /// Takes each listed inbox message in turn; stops at the first that
-    /// must wait (MESH or the gateway unavailable).
+    /// must wait (MESH or the gateway unavailable). Returns how many left
+    /// the inbox (reports and refusals included), so the caller reads on
+    /// while a full page was taken.
     pub(super) async fn read_inbox(&self, ids: Vec<String>) -> Result<usize, MeshError> {
         let mut acknowledged = 0;
         for id in ids {
@@ -98,6 +100,7 @@ impl MeshEdge {
                 Ok(msg) => msg,
                 Err(MeshError::Http(HttpError::TooLarge(limit))) => {
                     self.refuse_unread(&id, limit).await?;
+                    acknowledged += 1;
                     continue;
                 }
                 Err(e) if e.is_outage() => return Err(e),
@@ -114,12 +117,14 @@ impl MeshEdge {
                 tracing::warn!(mesh_message_id = %id, "a refusal report arrived in the gateway's MESH inbox; acknowledged, not answered");
                 self.client.acknowledge(&id).await?;
                 self.metrics.mesh_message("in", "report");
+                acknowledged += 1;
                 continue;
             }
             if msg.message_type.eq_ignore_ascii_case("REPORT") {
                 self.on_report(&msg).await?;
                 self.client.acknowledge(&id).await?;
                 self.metrics.mesh_message("in", "report");
+                acknowledged += 1;
                 continue;
             }
             match self.submit(&msg).await {
