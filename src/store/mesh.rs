@@ -136,22 +136,22 @@ impl Writer {
         actor: String,
         record: &MeshRecord,
         now: i64,
-    ) {
+    ) -> Result<(), StoreError> {
+        // The patient, so a trail queried by patient shows the MESH send
+        // (an unreadable delivery fails the write, as on PostgreSQL).
+        let patient_key = staged
+            .get_json::<records::DeliveryRecord>(
+                TreeId::Deliveries,
+                &records::be(record.delivery_id),
+            )?
+            .map(|d| d.patient_key);
         staged.put_json(
             TreeId::Mesh,
             records::be(record.delivery_id).to_vec(),
             record,
         );
-        // The patient, so a trail queried by patient shows the MESH send.
-        let patient_key = staged
-            .get_json::<records::DeliveryRecord>(
-                TreeId::Deliveries,
-                &records::be(record.delivery_id),
-            )
-            .ok()
-            .flatten()
-            .map(|d| d.patient_key);
         self.audit(staged, mesh_event(actor, record, patient_key), now);
+        Ok(())
     }
 }
 

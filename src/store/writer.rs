@@ -660,8 +660,8 @@ impl Writer {
                 record,
                 reply,
             } => {
-                self.mesh_put(staged, actor, &record, now);
-                Answer::new(reply, Ok(()))
+                let put = self.mesh_put(staged, actor, &record, now);
+                Answer::new(reply, put)
             }
             _ => unreachable!("apply routes only operator jobs here"),
         }
