@@ -1602,6 +1602,10 @@ fn a_frequency_given_as_numbers_is_carried_in_words() {
             json!({"frequency": 3, "period": 1, "periodUnit": "d"}),
             "3 times a day",
         ),
+        (
+            json!({"frequency": 1, "period": 1.0, "periodUnit": "h"}),
+            "once an hour",
+        ),
     ] {
         let read = with_timing(json!({ "repeat": repeat }));
         assert_eq!(read.medications[0].frequency, words, "{repeat}");
@@ -1654,6 +1658,27 @@ fn a_dose_given_as_a_quantity_is_carried() {
         read.medications[0].dose, s.medications[0].dose,
         "the words win"
     );
+    // A bound is not a dose; a code outside UCUM is no unit to print.
+    for (quantity, dose, listed) in [
+        (
+            json!({"value": 10, "comparator": "<", "unit": "mg"}),
+            "",
+            "comparator",
+        ),
+        (
+            json!({"value": 2, "system": "http://snomed.info/sct", "code": "732936001"}),
+            "2",
+            "the unit is not carried",
+        ),
+    ] {
+        let read = read_after(&s, |doc| {
+            let (_, m) = entry_of(doc, "MedicationStatement");
+            m["dosage"][0].as_object_mut().unwrap().remove("text");
+            m["dosage"][0]["doseAndRate"] = json!([{ "doseQuantity": quantity.clone() }]);
+        });
+        assert_eq!(read.medications[0].dose, dose, "{quantity}");
+        assert_listed(&read, listed);
+    }
     assert_listed(&read, "doseAndRate[0].doseQuantity");
     assert_listed(&read, "rateQuantity");
     assert_listed(&read, "doseAndRate[1]");

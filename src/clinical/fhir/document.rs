@@ -846,8 +846,9 @@ fn repeat_in_words(index: &Index<'_>, r: &TimingRepeat<'_>, at: &str) -> String 
         2 => "twice".to_owned(),
         n => format!("{n} times"),
     };
-    if period.as_u64() == Some(1) {
-        format!("{times} a {unit}")
+    if period.as_f64() == Some(1.0) {
+        let article = if unit == "hour" { "an" } else { "a" };
+        format!("{times} {article} {unit}")
     } else {
         format!("{times} every {period} {unit}s")
     }
@@ -873,15 +874,30 @@ pub(super) fn dose(index: &Index<'_>, d: &Dosage<'_>, at: &str) -> String {
     let Some(q) = quantity else {
         return String::new();
     };
-    let unit = q.unit.as_deref().or(q.code.as_deref());
+    let at_q = format_args!("{at}.doseAndRate[0].doseQuantity");
+    if q.comparator.is_some() {
+        // "<10 mg" is not 10 mg: a dose that is a bound is not carried as one.
+        index.note(
+            at_q,
+            "not carried: a dose with a comparator (a bound, not a dose)",
+        );
+        return String::new();
+    }
+    // The unit in words, or a UCUM code (readable as a unit); a code from
+    // another system (SNOMED CT's "tablet" as a number) is no unit to print.
+    let ucum = q.system.as_deref() == Some("http://unitsofmeasure.org");
+    let unit = q.unit.as_deref().or(q.code.as_deref().filter(|_| ucum));
     match (&q.value, unit) {
         (Some(v), Some(u)) => format!("{v} {u}"),
-        (Some(v), None) => v.to_string(),
-        (None, _) => {
+        (Some(v), None) => {
             index.note(
-                format_args!("{at}.doseAndRate[0].doseQuantity"),
-                "not carried: a dose quantity without a value",
+                at_q,
+                "the unit is not carried: no unit text, and no UCUM code",
             );
+            v.to_string()
+        }
+        (None, _) => {
+            index.note(at_q, "not carried: a dose quantity without a value");
             String::new()
         }
     }

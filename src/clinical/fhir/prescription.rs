@@ -38,12 +38,14 @@ pub(super) fn to_fhir<'a>(p: &'a Prescription, subject: &Reference<'a>) -> Medic
             DispenseRequest {
                 quantity: p.quantity.as_ref().map(|q| Quantity {
                     value: q.value.parse().ok(),
+                    comparator: None,
                     unit: Some(q.unit.as_str().into()),
                     system: None,
                     code: None,
                 }),
                 expected_supply_duration: p.days_supplied.map(|d| Quantity {
                     value: Some(d.into()),
+                    comparator: None,
                     unit: Some("days".into()),
                     system: Some(UCUM.into()),
                     code: Some("d".into()),

@@ -565,6 +565,10 @@ pub struct DispenseRequest<'a> {
 pub struct Quantity<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<serde_json::Number>,
+    /// `<`, `<=`, `>=`, `>`: a modifier (a SimpleQuantity has none).
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub comparator: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub unit: Option<Cow<'a, str>>,
