@@ -319,8 +319,47 @@ fn a_diagnosis_or_allergy_in_words_only_is_carried_in_every_format() {
     )
     .unwrap();
     assert_eq!(native.diagnoses, read.diagnoses);
-    // A medicine in words only, or a diagnosis with no words, is refused.
+    // HL7: a CE whose identifier is its alternate (CE.4-6) is that code; a
+    // coding system named for no code leaves the words.
     let s = fixture("06-many-medicines-and-allergies");
+    for (ce, want) in [
+        (
+            "^Asthma^^195967001^Asthma^SCT",
+            Code {
+                system: throughcare::clinical::model::SNOMED.into(),
+                code: "195967001".into(),
+                display: "Asthma".into(),
+            },
+        ),
+        ("^Penicillin^SCT", Code::words("Penicillin")),
+    ] {
+        let text = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();
+        let mut segments: Vec<String> = text
+            .split('\r')
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        let mut fields: Vec<String> = segment(&mut segments, "DG1")
+            .split('|')
+            .map(String::from)
+            .collect();
+        fields[3] = ce.into();
+        *segment(&mut segments, "DG1") = fields.join("|");
+        let read = parse_hl7(&segments).unwrap_or_else(|e| panic!("{ce}: {e:?}"));
+        assert_eq!(read.diagnoses[0].code, want, "{ce}");
+    }
+    // FHIR: an allergy in words beside its reaction's coded substance is
+    // carried by the code (it routes and matches), the words listed.
+    let read = read_after(&s, |doc| {
+        let (_, a) = entry_of(doc, "AllergyIntolerance");
+        a["code"] = json!({"text": "penicillin"});
+        a["reaction"][0]["substance"] = json!({"coding": [{
+            "system": "http://snomed.info/sct", "code": "764146007", "display": "Penicillin"
+        }]});
+    });
+    assert_eq!(read.allergies[0].substance.code, "764146007");
+    assert_listed(&read, "in words beside");
+    // A medicine in words only, or a diagnosis with no words, is refused.
     let refused = refused_at(&s, |doc| {
         let (_, m) = entry_of(doc, "MedicationStatement");
         m["medicationCodeableConcept"] = json!({"text": "methadone"});

@@ -961,6 +961,18 @@ fn read_allergies(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Aller
         };
         let in_reaction = reaction.and_then(|r| r.substance.as_ref());
         let substance = match (&a.code, in_reaction) {
+            // The allergy in words beside a coded substance: the code is
+            // carried, the words listed (a code routes and matches).
+            (Some(code), Some(substance))
+                if !code.coding.iter().any(|c| c.code.is_some())
+                    && substance.coding.iter().any(|c| c.code.is_some()) =>
+            {
+                index.note(
+                    format_args!("{p}code"),
+                    "not carried: the allergy in words beside its reaction's coded substance",
+                );
+                parse_code(substance, format_args!("{p}reaction[0].substance"), errors)
+            }
             (Some(code), other) => {
                 if other.is_some() {
                     index.note(

@@ -85,12 +85,22 @@ pub struct Parsed {
     pub control_id: String,
 }
 
+/// A CE: its identifier (CE.1-3), or with none its alternate (CE.4-6),
+/// which HL7 gives the same standing; the text is the alternate's own, else
+/// CE.2.
 fn code_from_ce(field: &str) -> Option<Code> {
-    let code = component(field, 1);
-    if code.is_empty() {
+    let (first, alternate) = (component(field, 1), component(field, 4));
+    let (code, text, system) = if !first.is_empty() {
+        (first, component(field, 2), component(field, 3))
+    } else if !alternate.is_empty() {
+        let text = Some(component(field, 5))
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| component(field, 2));
+        (alternate, text, component(field, 6))
+    } else {
         return None;
-    }
-    let system = match &*component(field, 3) {
+    };
+    let system = match &*system {
         "SCT" | "SNM" | "SNOMEDCT" => SNOMED.to_owned(),
         "DMD" => DMD.to_owned(),
         other => other.to_owned(),
@@ -98,18 +108,19 @@ fn code_from_ce(field: &str) -> Option<Code> {
     Some(Code {
         system,
         code: code.into_owned(),
-        display: component(field, 2).into_owned(),
+        display: text.into_owned(),
     })
 }
 
 /// As [`code_from_ce`], for a diagnosis or an allergy, which may be
-/// recorded in words only: CE.2 with neither CE.1 nor CE.3.
+/// recorded in words only: CE.2 with no identifier (CE.1 or CE.4); a coding
+/// system named for no code (CE.3) says nothing and is not carried.
 fn code_or_words_from_ce(field: &str) -> Option<Code> {
-    if component(field, 1).is_empty() && component(field, 3).is_empty() {
-        let words = component(field, 2);
-        return (!words.trim().is_empty()).then(|| Code::words(words));
+    if let Some(code) = code_from_ce(field) {
+        return Some(code);
     }
-    code_from_ce(field)
+    let words = component(field, 2);
+    (!words.trim().is_empty()).then(|| Code::words(words))
 }
 
 /// [`str::split_once`] on a string that may be borrowed.
