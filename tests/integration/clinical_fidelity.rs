@@ -333,18 +333,12 @@ fn a_diagnosis_or_allergy_in_words_only_is_carried_in_every_format() {
         ),
         ("^Penicillin^SCT", Code::words("Penicillin")),
     ] {
-        let text = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();
-        let mut segments: Vec<String> = text
-            .split('\r')
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
-        let mut fields: Vec<String> = segment(&mut segments, "DG1")
-            .split('|')
-            .map(String::from)
-            .collect();
-        fields[3] = ce.into();
-        *segment(&mut segments, "DG1") = fields.join("|");
+        let segments = hl7_of(&s, |segs| {
+            let mut fields: Vec<String> =
+                segment(segs, "DG1").split('|').map(String::from).collect();
+            fields[3] = ce.into();
+            *segment(segs, "DG1") = fields.join("|");
+        });
         let read = parse_hl7(&segments).unwrap_or_else(|e| panic!("{ce}: {e:?}"));
         assert_eq!(read.diagnoses[0].code, want, "{ce}");
     }
@@ -381,8 +375,12 @@ fn a_diagnosis_or_allergy_in_words_only_is_carried_in_every_format() {
 }
 
 fn hl7_release(edit: impl FnOnce(&mut Vec<String>)) -> Vec<String> {
-    let s = fixture("01-ost-released-today");
-    let text = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();
+    hl7_of(&fixture("01-ost-released-today"), edit)
+}
+
+/// `s` as an HL7 v2 release, one string per segment, after `edit`.
+fn hl7_of(s: &ClinicalSummary, edit: impl FnOnce(&mut Vec<String>)) -> Vec<String> {
+    let text = String::from_utf8(hl7v2::render(s, JourneyEvent::Release).bytes).unwrap();
     let mut segments: Vec<String> = text
         .split('\r')
         .filter(|l| !l.is_empty())

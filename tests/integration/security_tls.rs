@@ -232,6 +232,19 @@ async fn every_bad_client_is_refused_and_audited() {
     gw.stop().await;
 }
 
+/// A gateway's configuration in `dir` with the certificates in `certs`.
+fn config_in(dir: &std::path::Path, certs: &std::path::Path) -> throughcare::config::Config {
+    throughcare::config::Config {
+        data_dir: dir.join("data"),
+        certs_dir: certs.to_owned(),
+        shutdown_grace_ms: 2_000,
+        metrics: throughcare::config::MetricsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
+        ..Default::default()
+    }
+}
+
 fn write_atomically(path: &std::path::Path, contents: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, contents).unwrap();
@@ -348,15 +361,7 @@ async fn an_open_connection_of_a_revoked_client_is_closed_when_the_crl_reloads()
     let client = ca.issue_client_now("urn:ods:YG001").unwrap();
     let crl = dir.path().join("revoked.pem");
     write_atomically(&crl, &ca.crl(&[]).unwrap());
-    let mut config = throughcare::config::Config {
-        data_dir: dir.path().join("data"),
-        certs_dir: certs.clone(),
-        shutdown_grace_ms: 2_000,
-        metrics: throughcare::config::MetricsConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
-        ..Default::default()
-    };
+    let mut config = config_in(dir.path(), &certs);
     config.tls.crl = Some(crl.clone());
     // MLLP too: its listener shares the TLS files, and its connections have
     // no maximum age, so a revocation must reach them as well.
@@ -439,15 +444,7 @@ async fn the_client_checks_the_gateways_certificate_against_the_endpoints_host()
     let (cert, key) = (dir.path().join("other.pem"), dir.path().join("other.key"));
     std::fs::write(&cert, &elsewhere.cert_pem).unwrap();
     std::fs::write(&key, &elsewhere.key_pem).unwrap();
-    let mut config = throughcare::config::Config {
-        data_dir: dir.path().join("data"),
-        certs_dir: certs.clone(),
-        shutdown_grace_ms: 2_000,
-        metrics: throughcare::config::MetricsConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
-        ..Default::default()
-    };
+    let mut config = config_in(dir.path(), &certs);
     config.tls.cert = Some(cert);
     config.tls.key = Some(key);
     let gw = TestGateway::start_in(dir, config, Arc::new(SystemClock)).await;
