@@ -55,6 +55,21 @@ fn fhir(s: &ClinicalSummary) -> Vec<String> {
     out
 }
 
+/// What HL7 v2 says of a code outside SNOMED CT and dm+d (its CE.3 is `L`).
+pub(crate) const LOCAL_CODE_NOT_CARRIED: &str =
+    "a code system other than SNOMED CT or dm+d (sent as local, L)";
+
+/// Whether a medicine, allergy or diagnosis is coded outside SNOMED CT and
+/// dm+d (words only are no code, and travel as words).
+pub(crate) fn has_local_code(s: &ClinicalSummary) -> bool {
+    s.medications
+        .iter()
+        .map(|m| &m.code)
+        .chain(s.allergies.iter().map(|a| &a.substance))
+        .chain(s.diagnoses.iter().map(|d| &d.code))
+        .any(|code| code.system != SNOMED && code.system != DMD && !code.is_words_only())
+}
+
 /// The treatment-sharing decision, which neither text format carries.
 fn treatment_sharing(s: &ClinicalSummary, out: &mut Vec<String>) {
     if s.consent.treatment_sharing != ConsentDecision::NotRecorded {
@@ -81,14 +96,8 @@ fn hl7v2(s: &ClinicalSummary, event: JourneyEvent) -> Vec<String> {
     if c.transfer_at.is_some() && c.release_date.is_some() {
         out.push(TRANSFER_ENDS_EPISODE.to_owned());
     }
-    let mut codes = s
-        .medications
-        .iter()
-        .map(|m| &m.code)
-        .chain(s.allergies.iter().map(|a| &a.substance))
-        .chain(s.diagnoses.iter().map(|d| &d.code));
-    if codes.any(|code| code.system != SNOMED && code.system != DMD && !code.is_words_only()) {
-        out.push("a code system other than SNOMED CT or dm+d (sent as local, L)".to_owned());
+    if has_local_code(s) {
+        out.push(LOCAL_CODE_NOT_CARRIED.to_owned());
     }
     treatment_sharing(s, &mut out);
     out

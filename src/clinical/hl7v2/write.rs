@@ -187,18 +187,8 @@ pub fn render(s: &ClinicalSummary, event: JourneyEvent) -> Rendered {
             push_al1_dg1(&mut out, s);
         }
     }
-    let codes = s
-        .medications
-        .iter()
-        .map(|m| &m.code)
-        .chain(s.allergies.iter().map(|a| &a.substance))
-        .chain(s.diagnoses.iter().map(|d| &d.code));
-    for code in codes {
-        if coding_system(&code.system).is_none() && !code.is_words_only() {
-            not_carried
-                .push("a code system other than SNOMED CT or dm+d (sent as local, L)".into());
-            break;
-        }
+    if crate::clinical::carried::has_local_code(s) {
+        not_carried.push(crate::clinical::carried::LOCAL_CODE_NOT_CARRIED.into());
     }
     if s.consent.treatment_sharing != ConsentDecision::NotRecorded {
         not_carried.push(crate::clinical::model::TREATMENT_SHARING_NOT_CARRIED.into());
