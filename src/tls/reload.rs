@@ -79,24 +79,22 @@ impl ReloadableConfig {
     }
 
     /// Reloads when any file changed since the last look (modification time,
-    /// length or inode). Returns whether a new configuration is in force.
-    pub fn reload_if_changed(&self) -> bool {
+    /// length or inode). A new configuration in force moves
+    /// [`generation`](Self::generation), which is how every listener sharing
+    /// the files learns of it.
+    pub fn reload_if_changed(&self) {
         let now = fingerprint(&self.files);
         {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             if *seen == now {
-                return false;
+                return;
             }
             *seen = now;
         }
         match self.reload() {
-            Ok(()) => {
-                tracing::info!("TLS files changed: new CA, certificate or CRL in force");
-                true
-            }
+            Ok(()) => tracing::info!("TLS files changed: new CA, certificate or CRL in force"),
             Err(e) => {
                 tracing::error!(error = %e, "TLS files changed but cannot be loaded; the previous configuration stays in force");
-                false
             }
         }
     }
