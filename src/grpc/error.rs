@@ -3,7 +3,9 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::handover::{Error, Kind, describe, scrubbed, withhold_numbers};
+use crate::handover::{
+    Error, Kind, MAX_DESCRIPTION_CHARS, MAX_FIELD_CHARS, cut, describe, scrubbed, withhold_numbers,
+};
 use crate::store::StoreError;
 
 /// The refusals of the gRPC edge are the use cases' refusals.
@@ -64,17 +66,8 @@ pub fn status(
 /// (the message travels twice, in `grpc-message` and in the details), and
 /// would see `RESOURCE_EXHAUSTED` instead of the refusal. The total is in
 /// `ErrorInfo.metadata["violations"]`.
-const MAX_VIOLATIONS: usize = 10;
+const MAX_VIOLATIONS: usize = crate::handover::MAX_DESCRIBED;
 const MAX_IN_MESSAGE: usize = 3;
-const MAX_FIELD_CHARS: usize = 100;
-const MAX_DESCRIPTION_CHARS: usize = 160;
-
-fn cut(s: String, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &s[..at]),
-        None => s,
-    }
-}
 
 /// `INVALID_ARGUMENT` with the first [`MAX_VIOLATIONS`] violations, bounded.
 fn invalid(code: Code, reason: &str, violations: Vec<crate::clinical::Violation>) -> Status {

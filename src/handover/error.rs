@@ -168,17 +168,46 @@ fn scope_words(scope: &str) -> &'static str {
     }
 }
 
-/// `invalid request: field: why; ...`, each violation scrubbed.
+/// At most this many violations are described (the first found), each
+/// field path and description cut to the lengths below: a refusal's
+/// description goes into the log and the audit trail, and a document can
+/// hold as many faults as the message limit allows.
+pub const MAX_DESCRIBED: usize = 10;
+/// The longest field path and description described, in characters.
+pub const MAX_FIELD_CHARS: usize = 100;
+/// See [`MAX_FIELD_CHARS`].
+pub const MAX_DESCRIPTION_CHARS: usize = 160;
+
+/// `s` cut to `max` characters, an ellipsis marking the cut.
+#[must_use]
+pub fn cut(s: String, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s,
+    }
+}
+
+/// `invalid request: field: why; ...`, each violation scrubbed and cut, the
+/// first [`MAX_DESCRIBED`] named and the rest counted.
 #[must_use]
 pub fn describe(violations: &[Violation]) -> String {
     let parts: Vec<String> = violations
         .iter()
+        .take(MAX_DESCRIBED)
         .map(|v| {
             let v = scrubbed(v.clone());
-            format!("{}: {}", v.field, v.description)
+            format!(
+                "{}: {}",
+                cut(v.field, MAX_FIELD_CHARS),
+                cut(v.description, MAX_DESCRIPTION_CHARS)
+            )
         })
         .collect();
-    format!("invalid request: {}", parts.join("; "))
+    let mut text = format!("invalid request: {}", parts.join("; "));
+    if violations.len() > MAX_DESCRIBED {
+        text.push_str(&format!("; and {} more", violations.len() - MAX_DESCRIBED));
+    }
+    text
 }
 
 /// A safety net under every message that leaves the gateway (errors, and so
@@ -220,6 +249,33 @@ pub fn scrubbed(v: Violation) -> Violation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_describes_its_first_violations_cut_and_counts_the_rest() {
+        let mut v = ValidationErrors::default();
+        for i in 0..100_000 {
+            v.add(format!("document.native.medications[{i}].code"), "required");
+        }
+        v.add("x".repeat(500), "y".repeat(500));
+        let text = Error::Invalid(v.0).to_string();
+        assert!(text.len() < 2_000, "{} bytes", text.len());
+        assert!(
+            text.starts_with("invalid request: document.native.medications[0].code: required;")
+        );
+        assert!(text.ends_with("; and 99991 more"), "{text}");
+        let one = describe(&[Violation {
+            field: "f".repeat(500),
+            description: "d".repeat(500),
+        }]);
+        assert_eq!(
+            one,
+            format!(
+                "invalid request: {}…: {}…",
+                "f".repeat(100),
+                "d".repeat(160)
+            )
+        );
+    }
 
     #[test]
     fn reasons_are_upper_snake_case_and_distinct_per_condition() {

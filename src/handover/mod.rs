@@ -41,7 +41,10 @@ pub use deliver::{
     view_from_name, view_name,
 };
 pub use envelope::{Envelope, PatientRef};
-pub use error::{Error, Kind, describe, scrubbed, withhold_numbers};
+pub use error::{
+    Error, Kind, MAX_DESCRIBED, MAX_DESCRIPTION_CHARS, MAX_FIELD_CHARS, cut, describe, scrubbed,
+    withhold_numbers,
+};
 pub use held::ROUTING_ACTOR;
 pub use operator::{
     AuditSubject, AuditTrail, BreakGlassRead, ClaimParkedCommand, DeliveryInfo, MAX_LIST,
