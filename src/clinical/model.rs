@@ -143,9 +143,17 @@ impl When {
         {
             return None;
         }
+        // An offset is `+HHMM` or `-HHMM`, ASCII digits (HL7 v2.5.1
+        // §2A.3.22); anything else, a decoded escape included, is refused.
+        let zone_ok = zone.is_empty()
+            || (zone.len() == 5 && zone.bytes().skip(1).all(|b| b.is_ascii_digit()));
+        if !zone_ok {
+            return None;
+        }
         let d = |r: std::ops::Range<usize>| digits.get(r).unwrap_or("");
         let text = match digits.len() {
-            4 | 6 | 8 if zone.is_empty() => [d(0..4), d(4..6), d(6..8)]
+            // A date keeps no offset: the day is the day the sender wrote.
+            4 | 6 | 8 => [d(0..4), d(4..6), d(6..8)]
                 .iter()
                 .filter(|p| !p.is_empty())
                 .copied()
@@ -956,5 +964,19 @@ mod tests {
         );
         assert_eq!(read("20260724").as_deref(), Some("2026-07-24"));
         assert_eq!(read("202613240810"), None);
+        // A date with an offset is a date (HL7 v2.5.1 §2A.3.22 allows it).
+        assert_eq!(read("19880314+0000").as_deref(), Some("1988-03-14"));
+        // An offset is sign and four ASCII digits; a decoded escape or any
+        // other character there is refused, never cut inside a character.
+        for bad in [
+            "202611240810+1é1",
+            "202611240810+1\u{e9}",
+            "202611240810+01:0",
+            "202611240810+01000",
+            "19880314+1é1",
+            "202611240810+2400",
+        ] {
+            assert_eq!(read(bad), None, "{bad}");
+        }
     }
 }
