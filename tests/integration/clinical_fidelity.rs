@@ -457,6 +457,42 @@ fn dg1_type_follows_table_0052_a_final_diagnosis_is_active() {
     assert!(field.starts_with("DG1") && field.ends_with("-6"), "{err}");
 }
 
+/// HL7 table 0206: DG1-21 `D` deletes the diagnosis. It must not be
+/// carried as an active one; a `DX-ACTIVE` OBX still names its DG1 by
+/// position.
+#[test]
+fn a_dg1_the_sender_deletes_is_left_out_and_the_others_keep_their_status() {
+    let segments = hl7_release(|segs| {
+        segs.retain(|s| !s.starts_with("DG1"));
+        segs.push("DG1|1||F11.2^Opioid dependence^I10||20200101|F".into());
+        segs.push(format!("DG1|2||B24^HIV^I10||20200101|F{}D", "|".repeat(15)));
+        segs.push(format!(
+            "DG1|3||F20.9^Schizophrenia^I10||20200101|F{}X",
+            "|".repeat(15)
+        ));
+        segs.push("OBX|1|ST|DX-ACTIVE^Active^THROUGHCARE|3|N".into());
+    });
+    let read = parse_hl7(&segments).unwrap();
+    let codes: Vec<(&str, bool)> = read
+        .diagnoses
+        .iter()
+        .map(|d| (d.code.code.as_str(), d.active))
+        .collect();
+    assert_eq!(codes, [("F11.2", true), ("F20.9", false)]);
+    assert!(
+        read.not_read
+            .iter()
+            .any(|n| n.contains("-21: a diagnosis the sender deleted")),
+        "{:?}",
+        read.not_read
+    );
+    let segments = hl7_release(|segs| {
+        segs.push(format!("DG1|9||B24^HIV^I10||20200101|F{}Q", "|".repeat(15)));
+    });
+    let err = parse_hl7(&segments).unwrap_err();
+    assert!(err.0.iter().any(|v| v.field.ends_with("-21")), "{err}");
+}
+
 #[test]
 fn pv1_6_is_the_sending_location_only_on_a02_and_null_reads_as_absent() {
     let segments = hl7_release(|segs| {

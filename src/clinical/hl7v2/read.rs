@@ -253,8 +253,20 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     for s in segments.iter().filter(|s| s.id == "AL1") {
         items.allergies.extend(read_al1(s, &mut notes, &mut e));
     }
+    // DG1-21 `D` (HL7 table 0206) deletes the diagnosis: it is read, so
+    // that a `DX-ACTIVE` OBX still finds its DG1 by position, then left out.
+    let mut deleted = Vec::new();
     for s in segments.iter().filter(|s| s.id == "DG1") {
-        items.diagnoses.extend(read_dg1(s, &mut e));
+        if let Some((diagnosis, delete)) = read_dg1(s, &mut e) {
+            if delete {
+                deleted.push(items.diagnoses.len());
+                notes.push(format!(
+                    "{}: a diagnosis the sender deleted is left out of the summary",
+                    s.name(21)
+                ));
+            }
+            items.diagnoses.push(diagnosis);
+        }
     }
     let from_dg1 = items.diagnoses.len();
     let obx = obx_fields(&segments, &mut notes, &mut e);
@@ -264,6 +276,9 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             fields,
         };
         items.read_group(&group, from_dg1, &mut e);
+    }
+    for i in deleted.into_iter().rev() {
+        items.diagnoses.remove(i);
     }
     notes.extend(unread::unread(&segments, header.event));
     let author_org = ods(&msh.comp(4, 1), "MSH-4", &mut e);
@@ -934,14 +949,24 @@ fn read_al1(s: &Segment<'_>, notes: &mut Vec<String>, e: &mut ValidationErrors) 
     })
 }
 
-/// A DG1 segment. DG1-6 follows HL7 table 0052: `A` admitting, `W` working,
-/// `F` final. None of them says a diagnosis is resolved, so every DG1 is an
-/// active diagnosis; a resolved one is marked by a `DX-ACTIVE` OBX whose
-/// sub-ID is the DG1's set ID.
-fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<Diagnosis> {
+/// A DG1 segment, and whether DG1-21 deletes it. DG1-6 follows HL7 table
+/// 0052: `A` admitting, `W` working, `F` final. None of them says a
+/// diagnosis is resolved, so every DG1 is an active diagnosis; a resolved
+/// one is marked by a `DX-ACTIVE` OBX whose sub-ID is the DG1's set ID.
+/// DG1-21 follows table 0206: `A` add, `U` update, `X` no change, `D`
+/// delete.
+fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<(Diagnosis, bool)> {
     if !matches!(&*s.comp(6, 1), "" | "A" | "W" | "F") {
         e.add(s.name(6), "must be A, W or F (HL7 table 0052)");
     }
+    let delete = match &*s.comp(21, 1) {
+        "" | "A" | "U" | "X" => false,
+        "D" => true,
+        _ => {
+            e.add(s.name(21), "must be A, D, U or X (HL7 table 0206)");
+            false
+        }
+    };
     let onset = optional_when(Some(&s.comp(5, 1)), || format!("{}.1", s.name(5)), e);
     let Some(code) = code_or_words_from_ce(s.field(3)) else {
         e.add(
@@ -950,11 +975,14 @@ fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<Diagnosis> {
         );
         return None;
     };
-    Some(Diagnosis {
-        code,
-        active: true,
-        onset,
-    })
+    Some((
+        Diagnosis {
+            code,
+            active: true,
+            onset,
+        },
+        delete,
+    ))
 }
 
 /// One prescription from its `RX` OBX group.

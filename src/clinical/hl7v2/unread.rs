@@ -67,6 +67,7 @@ fn table(id: &str, event: Option<JourneyEvent>) -> Option<Vec<Read>> {
             first(3, &[1, 2, 3]),
             first(5, &[1]),
             first(6, &[]),
+            first(21, &[1]),
         ],
         "OBX" => vec![
             first(1, &[]),
