@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::journey::JourneyEvent;
 
-/// Largest payload chunk, well below sled's blob threshold.
+/// Largest payload chunk. A leaf of several still goes to a sled blob file,
+/// which the durability barrier syncs (`barrier.rs`).
 pub const CHUNK_BYTES: usize = 64 * 1024;
 
 /// The trees, in the order the store opens them.

@@ -119,64 +119,98 @@ pub struct Parsed {
     pub event: Option<JourneyEvent>,
 }
 
-/// A JSON value in which no object names a key twice. JSON parsers differ
-/// on which of two values wins (ours keeps the last, another the first),
-/// so `"status":"active","status":"entered-in-error"` would mean one thing
-/// here and another to the sender: the document is refused instead.
-struct UniqueNames;
+/// A JSON value as FHIR JSON allows it (R4 json.html):
+/// - no object names a key twice: JSON parsers differ on which of two values
+///   wins (ours keeps the last, another the first), so
+///   `"status":"active","status":"entered-in-error"` would mean one thing
+///   here and another to the sender;
+/// - nothing is empty: no `""`, `{}` or `[]`, which a reader would take as
+///   absent and the sender may have meant otherwise;
+/// - `null` only inside an array, where it lines a value up with its
+///   `_name` extension.
+///
+/// A document that breaks these is refused whole.
+#[derive(Clone, Copy)]
+struct FhirJson {
+    in_array: bool,
+}
 
-impl<'de> Deserialize<'de> for UniqueNames {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(UniqueNamesVisitor)
+impl<'de> serde::de::DeserializeSeed<'de> for FhirJson {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-struct UniqueNamesVisitor;
-
-impl<'de> serde::de::Visitor<'de> for UniqueNamesVisitor {
-    type Value = UniqueNames;
+impl<'de> serde::de::Visitor<'de> for FhirJson {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<UniqueNames, E> {
-        Ok(UniqueNames)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_i64<E>(self, _: i64) -> Result<UniqueNames, E> {
-        Ok(UniqueNames)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<UniqueNames, E> {
-        Ok(UniqueNames)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<UniqueNames, E> {
-        Ok(UniqueNames)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_str<E>(self, _: &str) -> Result<UniqueNames, E> {
-        Ok(UniqueNames)
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        if v.is_empty() {
+            return Err(E::custom(
+                "an empty string (FHIR JSON leaves out a value it has not)",
+            ));
+        }
+        Ok(())
     }
-    fn visit_unit<E>(self) -> Result<UniqueNames, E> {
-        Ok(UniqueNames)
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        if self.in_array {
+            return Ok(());
+        }
+        Err(E::custom("null (FHIR JSON leaves out a value it has not)"))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueNames, A::Error> {
-        while seq.next_element::<UniqueNames>()?.is_some() {}
-        Ok(UniqueNames)
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut items = 0usize;
+        while seq
+            .next_element_seed(FhirJson { in_array: true })?
+            .is_some()
+        {
+            items += 1;
+        }
+        if items == 0 {
+            return Err(serde::de::Error::custom(
+                "an empty array (FHIR JSON leaves out a value it has not)",
+            ));
+        }
+        Ok(())
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueNames, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut seen = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
             if seen.contains(&key) {
                 return Err(serde::de::Error::custom(format!(
-                    "an object names `{}` twice",
+                    "an object names `{}` twice (FHIR JSON names each property once)",
                     unread::safe_name(&key)
                 )));
             }
-            map.next_value::<UniqueNames>()?;
+            map.next_value_seed(FhirJson { in_array: false })?;
             seen.insert(key);
         }
-        Ok(UniqueNames)
+        if seen.is_empty() {
+            return Err(serde::de::Error::custom(
+                "an empty object (FHIR JSON leaves out a value it has not)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -223,11 +257,10 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             return Err(errors);
         }
     };
-    if let Err(e) = serde_json::from_str::<UniqueNames>(text) {
-        return Err(ValidationErrors::one(
-            "document",
-            format!("{e}: FHIR JSON names each property of an object once"),
-        ));
+    let mut json = serde_json::Deserializer::from_str(text);
+    if let Err(e) = serde::de::DeserializeSeed::deserialize(FhirJson { in_array: false }, &mut json)
+    {
+        return Err(ValidationErrors::one("document", e.to_string()));
     }
     if bundle.resource_type != "Bundle" {
         return Err(ValidationErrors::one("resourceType", "must be Bundle"));

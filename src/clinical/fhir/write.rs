@@ -492,8 +492,11 @@ fn add_risks(doc: &mut Doc, s: &ClinicalSummary, subject: &Reference<'_>) -> Vec
 /// (a receiver that knows SNOMED CT reads that one).
 fn risk_code(r: &RiskFlag) -> CodeableConcept<'_> {
     let mut cc = CodeableConcept::coded(SYS_RISK, r.kind.code(), r.kind.code());
-    cc.coding
-        .extend(r.code.as_ref().map(|c| code_cc(c).coding.remove(0)));
+    cc.coding.extend(
+        r.code
+            .as_ref()
+            .and_then(|c| code_cc(c).coding.into_iter().next()),
+    );
     cc
 }
 
