@@ -1090,6 +1090,10 @@ fn coded_reactions_and_routes_without_text_are_listed_and_a_flags_text_is_kept()
     flag["code"]["text"] = json!("Ligature attempt 20/11 (invented)");
     if let Some(ext) = flag.get_mut("extension").and_then(Value::as_array_mut) {
         ext.retain(|e| !e["url"].as_str().is_some_and(|u| u.contains("note")));
+        if ext.is_empty() {
+            // FHIR JSON has no empty array: the element goes.
+            flag.as_object_mut().unwrap().remove("extension");
+        }
     }
     let read = parse_fhir(&doc).unwrap();
     assert!(
@@ -1887,4 +1891,54 @@ fn contained_medicines_and_reaction_substances_are_read_and_ambiguous_json_is_re
     assert_eq!(err.0.len(), 1);
     assert_eq!(err.0[0].field, "document");
     assert!(err.0[0].description.contains("`status` twice"), "{err}");
+}
+
+/// FHIR JSON (R4 json.html) has no empty string, object or array, and no
+/// `null` outside an array: a reader would take each as absent, the sender
+/// may have meant otherwise. A risk coded `"system": ""` used to be stored
+/// and then panicked the FHIR renderer at every pull.
+#[test]
+fn empty_values_and_nulls_are_refused_as_fhir_json_forbids() {
+    let s = fixture("01-ost-released-today");
+    let refused = |edit: &dyn Fn(&mut Value)| {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        edit(&mut doc);
+        let err = parse_fhir(&doc).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].field, "document");
+        err.0[0].description.clone()
+    };
+    let why = refused(&|doc| {
+        let (_, flag) = entry_of(doc, "Flag");
+        flag["code"]["coding"] = json!([{"system": "", "code": "", "display": "Risk to staff"}]);
+    });
+    assert!(why.starts_with("an empty string"), "{why}");
+    let why = refused(&|doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["birthDate"] = Value::Null;
+    });
+    assert!(why.starts_with("null"), "{why}");
+    let why = refused(&|doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["address"] = json!([]);
+    });
+    assert!(why.starts_with("an empty array"), "{why}");
+    let why = refused(&|doc| {
+        let (_, patient) = entry_of(doc, "Patient");
+        patient["meta"] = json!({});
+    });
+    assert!(why.starts_with("an empty object"), "{why}");
+    // `null` lines a value up with its `_name` extension inside an array.
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (_, patient) = entry_of(&mut doc, "Patient");
+    let given = patient["name"][0]["given"].as_array_mut().unwrap();
+    given.push(Value::Null);
+    let n = given.len();
+    let mut extensions = vec![Value::Null; n];
+    extensions[n - 1] =
+        json!({"extension": [{"url": "https://example.invalid/x", "valueString": "y"}]});
+    patient["name"][0]["_given"] = Value::Array(extensions);
+    if let Err(err) = parse_fhir(&doc) {
+        assert!(err.0.iter().all(|v| v.field != "document"), "{err}");
+    }
 }
