@@ -96,27 +96,9 @@ async fn workload(gw: &TestGateway, first: u32) -> usize {
     gw.store.audit_entries().unwrap().len()
 }
 
-/// Opens sled in the store copy at `data`. The copy edited just before
-/// may still hold its lock for a moment (its last io thread lets go after
-/// the drop), so a lock is waited for, up to 5 s; any other error names
-/// itself.
-fn open_copy(data: &Path) -> sled::Db {
-    for _ in 0..100 {
-        match sled::open(data.join("sled")) {
-            Err(e) if e.to_string().contains("could not acquire lock") => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            other => {
-                return other.unwrap_or_else(|e| panic!("opening {}: {e}", data.display()));
-            }
-        }
-    }
-    panic!("{} stayed locked for 5 s", data.display())
-}
-
 /// Rewrites the audit tree of the store copy at `data` with `edit`.
 fn edit_audit(data: &Path, edit: impl FnOnce(&sled::Tree, Vec<AuditEntry>)) {
-    let db = open_copy(data);
+    let db = crate::support::open_sled(&data.join("sled"));
     let audit = db.open_tree("audit").unwrap();
     let entries = audit
         .iter()
@@ -427,7 +409,7 @@ fn serve(data: &Path, witness: &Path, certs: &Path) -> (Option<i32>, String) {
 
 /// Rewrites the `meta` tree of the store copy at `data` with `edit`.
 fn edit_meta(data: &Path, edit: impl FnOnce(&sled::Tree)) {
-    let db = open_copy(data);
+    let db = crate::support::open_sled(&data.join("sled"));
     edit(&db.open_tree("meta").unwrap());
     db.flush().unwrap();
 }

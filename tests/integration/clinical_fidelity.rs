@@ -810,6 +810,104 @@ fn resources_that_are_not_current_are_listed_not_carried_as_current() {
     )));
 }
 
+/// FHIR modifiers that turn a request or a dose around: a ServiceRequest
+/// not to do something, or only proposed or planned, is no referral in
+/// place (probation would read "treatment referral in place"); a
+/// subpotent vaccination did not count. Statuses outside their required
+/// bindings are refused; a yes-or-no observation without its boolean is
+/// refused, never read as "no"; a condition no longer active is written
+/// `inactive`, which claims no more than the model knows.
+#[test]
+fn modifiers_on_requests_and_vaccinations_are_honoured_and_bindings_kept() {
+    let s = fixture("01-ost-released-today");
+    for (edit, why) in [
+        (
+            json!({"doNotPerform": true}),
+            "a request not to do this (doNotPerform)",
+        ),
+        (
+            json!({"intent": "proposal"}),
+            "not a referral or appointment in place (intent proposal)",
+        ),
+        (
+            json!({"intent": "plan"}),
+            "not a referral or appointment in place (intent plan)",
+        ),
+    ] {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let (i, resource) = entry_of(&mut doc, "ServiceRequest");
+        for (k, v) in edit.as_object().unwrap() {
+            resource[k] = v.clone();
+        }
+        let read = parse_fhir(&doc).unwrap();
+        assert_eq!(read.follow_ups.len(), s.follow_ups.len() - 1, "{why}");
+        assert!(
+            read.not_read.contains(&format!(
+                "entry[{i}].resource (ServiceRequest): not carried: {why}"
+            )),
+            "{:?}",
+            read.not_read
+        );
+    }
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, resource) = entry_of(&mut doc, "ServiceRequest");
+    resource["intent"] = json!("Order");
+    let err = parse_fhir(&doc).unwrap_err();
+    assert!(
+        err.0
+            .iter()
+            .any(|v| v.field == format!("entry[{i}].resource.intent")),
+        "{err}"
+    );
+
+    let s = fixture("03-hepatitis-c-transfer");
+    assert!(!s.vaccinations.is_empty());
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, resource) = entry_of(&mut doc, "Immunization");
+    resource["isSubpotent"] = json!(true);
+    let read = parse_fhir(&doc).unwrap();
+    assert_eq!(read.vaccinations.len(), s.vaccinations.len() - 1);
+    assert!(read.not_read.contains(&format!(
+        "entry[{i}].resource (Immunization): not carried: a dose that did not count (isSubpotent)"
+    )));
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, resource) = entry_of(&mut doc, "Immunization");
+    resource["status"] = json!("NOT-DONE");
+    let err = parse_fhir(&doc).unwrap_err();
+    assert!(
+        err.0
+            .iter()
+            .any(|v| v.field == format!("entry[{i}].resource.status")),
+        "{err}"
+    );
+
+    let s = fixture("02-active-self-harm");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let entries = doc["entry"].as_array_mut().unwrap();
+    let (i, cpa) = entries
+        .iter_mut()
+        .enumerate()
+        .find(|(_, e)| e["resource"]["code"]["coding"][0]["code"] == "care-programme-approach")
+        .expect("a CPA observation");
+    let cpa = &mut cpa["resource"];
+    cpa.as_object_mut().unwrap().remove("valueBoolean");
+    cpa["valueCodeableConcept"] = json!({"text": "yes"});
+    let err = parse_fhir(&doc).unwrap_err();
+    assert!(
+        err.0
+            .iter()
+            .any(|v| v.field == format!("entry[{i}].resource.valueBoolean")),
+        "{err}"
+    );
+
+    let mut s = fixture("07-refused-probation-consent");
+    s.diagnoses[0].active = false;
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (_, condition) = entry_of(&mut doc, "Condition");
+    assert_eq!(condition["clinicalStatus"]["coding"][0]["code"], "inactive");
+    assert_eq!(parse_fhir(&doc).unwrap().diagnoses, s.diagnoses);
+}
+
 /// A document is one patient's record: a clinical resource whose subject is
 /// another Patient, or nothing in the Bundle, is refused, not filed here.
 #[test]

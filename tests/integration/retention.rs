@@ -789,7 +789,7 @@ async fn deliver_to_yg001(store: &throughcare::store::Store) {
 
 /// No key or value of the identity trees names patient a or c.
 fn nothing_of_a_or_c_in_the_identity_trees(sled_dir: &std::path::Path) {
-    let db = sled::open(sled_dir).unwrap();
+    let db = crate::support::open_sled(sled_dir);
     for tree in ["identities", "patients", "lineage"] {
         for kv in db.open_tree(tree).unwrap().iter() {
             let (k, v) = kv.unwrap();

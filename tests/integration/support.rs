@@ -558,3 +558,20 @@ pub fn tls_client_config(certs: &Path, name: &str) -> Arc<rustls::ClientConfig> 
     config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
 }
+
+/// Opens the sled database in `dir`. A store closed just before may still
+/// hold its lock for a moment (its last io thread lets go after the drop),
+/// so a lock is waited for, up to 5 s; any other error names itself.
+pub fn open_sled(dir: &Path) -> sled::Db {
+    for _ in 0..100 {
+        match sled::open(dir) {
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => {
+                return other.unwrap_or_else(|e| panic!("opening {}: {e}", dir.display()));
+            }
+        }
+    }
+    panic!("{} stayed locked for 5 s", dir.display())
+}

@@ -1209,6 +1209,19 @@ fn read_observations(
             .and_then(|c| c.code.as_deref());
         let local_code = o.code.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref());
         let value_string = || o.value_string.as_ref().map(|v| v.to_string());
+        // A yes-or-no observation without its boolean (a coded value, a
+        // dataAbsentReason) is refused: read as "no" it would say the
+        // patient is not on CPA or not in treatment.
+        let yes_or_no = |errors: &mut ValidationErrors| {
+            if o.value_boolean.is_none() {
+                errors.add(
+                    format!("{p}valueBoolean"),
+                    "required for this observation: true or false (any other value could be \
+                     read as no)",
+                );
+            }
+            o.value_boolean.unwrap_or(false)
+        };
         match (category, local_code) {
             (Some("infectious-disease"), _) => {
                 let treatment_started = o
@@ -1234,7 +1247,7 @@ fn read_observations(
             (_, Some("care-programme-approach")) => {
                 mental_health
                     .get_or_insert_with(MentalHealth::default)
-                    .care_programme_approach = o.value_boolean.unwrap_or(false)
+                    .care_programme_approach = yes_or_no(errors)
             }
             (_, Some("care-coordinator")) => {
                 mental_health
@@ -1244,7 +1257,7 @@ fn read_observations(
             (_, Some("substance-misuse-treatment")) => {
                 substance_misuse
                     .get_or_insert_with(SubstanceMisuse::default)
-                    .in_treatment = o.value_boolean.unwrap_or(false)
+                    .in_treatment = yes_or_no(errors)
             }
             (_, Some("substance-misuse-service")) => {
                 substance_misuse

@@ -650,7 +650,48 @@ fn withdrawn_value(kind: &str, v: &Value) -> Option<String> {
         ("MedicationRequest", _, _) if v.get("doNotPerform") == Some(&Value::Bool(true)) => {
             Some("a request not to give this medicine (doNotPerform)".into())
         }
+        ("ServiceRequest", _, _) if v.get("doNotPerform") == Some(&Value::Bool(true)) => {
+            Some("a request not to do this (doNotPerform)".into())
+        }
+        // A proposal, plan or option authorises no one to act: not a
+        // referral or appointment in place (intent is a modifier).
+        ("ServiceRequest", _, _) => match v.get("intent").and_then(Value::as_str) {
+            Some(i @ ("proposal" | "plan" | "option")) => Some(format!(
+                "not a referral or appointment in place (intent {i})"
+            )),
+            _ => None,
+        },
+        ("Immunization", _, _) if v.get("isSubpotent") == Some(&Value::Bool(true)) => {
+            Some("a dose that did not count (isSubpotent)".into())
+        }
         _ => None,
+    }
+}
+
+/// `ServiceRequest.intent` (request-intent, a required binding).
+const SERVICE_REQUEST_INTENTS: &[&str] = &[
+    "proposal",
+    "plan",
+    "directive",
+    "order",
+    "original-order",
+    "reflex-order",
+    "filler-order",
+    "instance-order",
+    "option",
+];
+
+/// A ServiceRequest's `intent` outside its required binding (it is 1..1).
+fn intent_fault(v: &Value) -> Option<(&'static str, String)> {
+    match v.get("intent") {
+        Some(Value::String(i)) if SERVICE_REQUEST_INTENTS.contains(&i.as_str()) => None,
+        _ => Some((
+            "intent",
+            format!(
+                "must be one of {} (FHIR R4, a required binding)",
+                SERVICE_REQUEST_INTENTS.join(", ")
+            ),
+        )),
     }
 }
 
@@ -745,6 +786,8 @@ fn status_fault(kind: &str, v: &Value) -> Option<(&'static str, String)> {
             )
         }),
         "Flag" => status(&["active", "inactive", "entered-in-error"]),
+        "Immunization" => status(&["completed", "entered-in-error", "not-done"]),
+        "ServiceRequest" => intent_fault(v),
         "Observation" => status(&[
             "registered",
             "preliminary",

@@ -511,7 +511,7 @@ fn add_problems(doc: &mut Doc, s: &ClinicalSummary, subject: &Reference<'_>) -> 
                 clinical_status: Some(if d.active {
                     CodeableConcept::coded(CLINICAL_STATUS, "active", "Active")
                 } else {
-                    CodeableConcept::coded(CLINICAL_STATUS, "resolved", "Resolved")
+                    CodeableConcept::coded(CLINICAL_STATUS, "inactive", "Inactive")
                 }),
                 code: code_cc(&d.code),
                 subject: subject.clone(),
