@@ -948,6 +948,44 @@ fn a_resource_about_someone_else_is_refused_by_its_subject() {
             .any(|v| v.field == format!("entry[{i}].resource.subject.reference")),
         "{refused:?}"
     );
+    // Another patient named by identifier or display alone cannot be
+    // checked; a required subject left out names no one.
+    for (kind, element, value) in [
+        (
+            "MedicationStatement",
+            "subject",
+            Some(json!({"identifier": {
+                "system": "https://fhir.nhs.uk/Id/nhs-number",
+                "value": "9990000026"
+            }})),
+        ),
+        (
+            "AllergyIntolerance",
+            "patient",
+            Some(json!({"display": "Someone Else"})),
+        ),
+        ("Flag", "subject", None),
+    ] {
+        let s = if kind == "AllergyIntolerance" {
+            fixture("06-many-medicines-and-allergies")
+        } else {
+            s.clone()
+        };
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let (i, resource) = entry_of(&mut doc, kind);
+        match value {
+            Some(v) => resource[element] = v,
+            None => {
+                resource.as_object_mut().unwrap().remove(element);
+            }
+        }
+        let refused = parse_fhir(&doc).expect_err(kind);
+        let at = format!("entry[{i}].resource.{element}");
+        assert!(
+            refused.0.iter().any(|v| v.field.starts_with(&at)),
+            "{kind}: {refused:?}"
+        );
+    }
 }
 
 /// Two last doses for one medicine are refused: the wrong one risks a

@@ -232,7 +232,26 @@ fn about_the_patient(index: &Index<'_>, patient: usize, errors: &mut ValidationE
         } else {
             ("subject", about.subject)
         };
-        let Some(reference) = element.1.as_ref().and_then(|r| r.reference.as_deref()) else {
+        let optional = matches!(kind, "Encounter" | "Observation" | "Consent");
+        let reference = match &element.1 {
+            None if optional => continue,
+            None => {
+                errors.add(
+                    format!("{}{}", index.path(i), element.0),
+                    "required (FHIR R4): a reference to the document's Patient",
+                );
+                continue;
+            }
+            Some(r) => r.reference.as_deref(),
+        };
+        // An identifier or a display alone cannot be checked against the
+        // document's patient: it could name anyone.
+        let Some(reference) = reference else {
+            errors.add(
+                format!("{}{}.reference", index.path(i), element.0),
+                "required: a reference to the document's Patient (an identifier or display \
+                 alone cannot be checked against it)",
+            );
             continue;
         };
         if index.position(reference) != Some(patient) {
