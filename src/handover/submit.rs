@@ -181,10 +181,25 @@ impl Gateway {
         }
         let in_request = |e| in_request_paths(e, &cmd.document);
         let checked = self.read_checked(&cmd).map_err(in_request)?;
-        speaks_for_sender(&self.registry, &org, cmd.event, &checked.summary)?;
-        let routes = self
-            .route(&cmd, &checked.summary, &org)
-            .map_err(in_request)?;
+        let routes = speaks_for_sender(&self.registry, &org, cmd.event, &checked.summary)
+            .and_then(|()| self.route(&cmd, &checked.summary, &org).map_err(in_request));
+        // A retry of an accepted submit is answered by the store (the
+        // original receipt, or ALREADY_EXISTS for other content) whatever
+        // the registry says now: a practice disabled since, or a prison
+        // that changed its name, must not turn the retry into a refusal
+        // that tells the sender to resend under a new id.
+        let routes = match routes {
+            Ok(routes) => routes,
+            Err(refusal) => {
+                if !self
+                    .store
+                    .accepted_before(org.ods.as_str(), &cmd.message_id)?
+                {
+                    return Err(refusal);
+                }
+                Vec::new()
+            }
+        };
         let handover = self.new_handover(actor, &org, &cmd, checked, &routes);
         let outcome = self.store.submit(handover).await?;
         tracing::Span::current().record("handover_id", outcome.handover_id);

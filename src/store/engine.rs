@@ -417,6 +417,14 @@ impl Store {
             .collect())
     }
 
+    /// See [`SledStore::accepted_before`].
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn accepted_before(&self, sender: &str, message_id: &str) -> Result<bool, StoreError> {
+        either!(self.accepted_before(sender, message_id))
+    }
+
     /// See [`SledStore::delivery`].
     ///
     /// # Errors

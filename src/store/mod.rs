@@ -1166,6 +1166,17 @@ impl SledStore {
         self.indexed(TreeId::Pending, Some(mailbox), after, limit)
     }
 
+    /// Whether a submit from `sender` under `message_id` was accepted and
+    /// is still held (its idempotency key kept): a retry of it is answered
+    /// by the store, whatever has changed in routing since.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn accepted_before(&self, sender: &str, message_id: &str) -> Result<bool, StoreError> {
+        Ok(self.inner.trees[TreeId::Dedupe as usize]
+            .contains_key(records::dedupe_key(sender, message_id))?)
+    }
+
     /// One delivery's record.
     ///
     /// # Errors

@@ -500,6 +500,64 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval_on(engine: Eng
     gw.stop().await;
 }
 
+/// A retry of an accepted submit gets its receipt even when the registry
+/// has changed since: its GP disabled, routing would now refuse it. Before,
+/// the retry was INVALID_ARGUMENT ("do not retry unchanged"), and a sender
+/// that resent under a new id made a second handover.
+#[tokio::test]
+async fn a_retry_is_answered_by_its_receipt_whatever_the_registry_says_since() {
+    a_retry_is_answered_by_its_receipt_whatever_the_registry_says_since_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_retry_is_answered_by_its_receipt_whatever_the_registry_says_since_on_postgres() {
+    a_retry_is_answered_by_its_receipt_whatever_the_registry_says_since_on(Engine::Postgres).await;
+}
+
+async fn a_retry_is_answered_by_its_receipt_whatever_the_registry_says_since_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let s = summary(31, Some("YG002"), "retry");
+    let request = submit("retry-1", pb::JourneyEvent::Release, &["YG002"], &s);
+    let first = prison.submit(request.clone()).await.unwrap().into_inner();
+    assert!(!first.duplicate);
+    let mut op = gw.operator().await;
+    op.set_organisation_active(pb::SetOrganisationActiveRequest {
+        ods_code: "YG002".into(),
+        active: false,
+    })
+    .await
+    .unwrap();
+    let again = prison.submit(request).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.handover_id, first.handover_id);
+    let ids = |r: &pb::SubmitResponse| -> Vec<u64> {
+        r.deliveries.iter().map(|d| d.delivery_id).collect()
+    };
+    assert_eq!(ids(&again), ids(&first));
+    // Other content under the same id is still a conflict, not a routing
+    // refusal; a new id naming the disabled practice is refused as before.
+    let other = summary(31, Some("YG002"), "retry, edited");
+    let err = prison
+        .submit(submit(
+            "retry-1",
+            pb::JourneyEvent::Release,
+            &["YG002"],
+            &other,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let err = prison
+        .submit(submit("retry-2", pb::JourneyEvent::Release, &["YG002"], &s))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn registry_changes_are_audited_take_effect_at_once_and_survive_a_restart() {
     registry_changes_are_audited_take_effect_at_once_and_survive_a_restart_on(Engine::Sled).await;

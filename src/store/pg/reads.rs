@@ -35,6 +35,26 @@ impl PgStore {
         })
     }
 
+    /// Whether a submit from `sender` under `message_id` was accepted and
+    /// is still held.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub fn accepted_before(&self, sender: &str, message_id: &str) -> Result<bool, StoreError> {
+        let (sender, message_id) = (sender.to_owned(), message_id.to_owned());
+        self.block(move |s| async move {
+            let client = s.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT 1 FROM handovers WHERE sender = $1 AND message_id = $2",
+                    &[&sender, &message_id],
+                )
+                .await
+                .map_err(db)?;
+            Ok(row.is_some())
+        })
+    }
+
     /// One handover's record.
     ///
     /// # Errors
