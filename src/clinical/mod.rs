@@ -64,7 +64,7 @@ mod violation;
 pub use event::{JourneyEvent, OrgKind};
 pub use identifiers::{Crn, IdentifierError, NhsNumber, OdsCode, PrisonNumber};
 pub use model::ClinicalSummary;
-pub use validate::{validate, validate_serialised};
+pub use validate::{MAX_ITEMS, MAX_SUMMARY_JSON, over_long_lists, validate, validate_serialised};
 pub use views::View;
 pub use violation::{ValidationErrors, Violation};
 

@@ -17,6 +17,39 @@ pub fn validate(s: &ClinicalSummary, event: JourneyEvent) -> Result<(), Validati
     )
 }
 
+/// Most entries in one list of a summary (medicines, allergies, ...). A
+/// person's record holds tens; a list beyond this is not a clinical summary,
+/// and rendered for every recipient it would outgrow what a pull can carry
+/// and what an HL7 v2 receiver reads (2,000 segments).
+pub const MAX_ITEMS: usize = 200;
+
+/// Largest summary as stored (its JSON), bytes: twice the largest document.
+/// A compact native document can expand far more than a FHIR one.
+pub const MAX_SUMMARY_JSON: usize = 8 * 1024 * 1024;
+
+/// The lists of a summary over [`MAX_ITEMS`], by name and length.
+#[must_use]
+pub fn over_long_lists(lengths: &[(&'static str, usize)]) -> Vec<(&'static str, usize)> {
+    lengths
+        .iter()
+        .copied()
+        .filter(|(_, n)| *n > MAX_ITEMS)
+        .collect()
+}
+
+fn list_lengths(s: &ClinicalSummary) -> [(&'static str, usize); 8] {
+    [
+        ("diagnoses", s.diagnoses.len()),
+        ("medications", s.medications.len()),
+        ("prescriptions", s.prescriptions.len()),
+        ("allergies", s.allergies.len()),
+        ("risks", s.risks.len()),
+        ("infections", s.infections.len()),
+        ("vaccinations", s.vaccinations.len()),
+        ("follow_ups", s.follow_ups.len()),
+    ]
+}
+
 /// [`validate`], given `json`: `s` as `serde_json::to_vec` writes it (the
 /// caller stores those bytes, so they are written once).
 ///
@@ -28,6 +61,21 @@ pub fn validate_serialised(
     json: &[u8],
 ) -> Result<(), ValidationErrors> {
     let mut e = ValidationErrors::default();
+    for (list, n) in over_long_lists(&list_lengths(s)) {
+        e.add(
+            format!("summary.{list}"),
+            format!("{n} entries; at most {MAX_ITEMS}"),
+        );
+    }
+    if json.len() > MAX_SUMMARY_JSON {
+        e.add(
+            "summary",
+            format!("{} bytes as stored; at most {MAX_SUMMARY_JSON}", json.len()),
+        );
+    }
+    if !e.0.is_empty() {
+        return Err(e);
+    }
     let p = &s.patient;
     if p.nhs_number.is_none() && p.prison_number.is_none() {
         e.add(
@@ -268,6 +316,34 @@ pub const WORDS_ALLOWED: [&str; 2] = ["diagnoses", "allergies"];
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_summary_with_a_list_over_the_limit_or_too_large_is_refused() {
+        let mut s = crate::clinical::synthetic::release_summary(
+            "9990000018".parse().ok(),
+            None,
+            "YP001".parse().unwrap(),
+            None,
+            "m",
+        );
+        let allergy =
+            s.allergies
+                .first()
+                .cloned()
+                .unwrap_or_else(|| crate::clinical::model::Allergy {
+                    substance: crate::clinical::model::Code::words("Peanut"),
+                    reaction: None,
+                    severity: None,
+                });
+        s.allergies = vec![allergy; MAX_ITEMS + 1];
+        let e = validate(&s, JourneyEvent::Release).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e:?}");
+        assert_eq!(e.0[0].field, "summary.allergies");
+        s.allergies.truncate(1);
+        s.patient.family_name = "x".repeat(MAX_SUMMARY_JSON);
+        let e = validate(&s, JourneyEvent::Release).unwrap_err();
+        assert_eq!(e.0[0].field, "summary");
+    }
     use proptest::prelude::*;
 
     fn summary_with(text: &str) -> ClinicalSummary {

@@ -103,6 +103,27 @@ pub fn from_wire(
         prescriptions,
     } = s;
     let p = |f: &str| format!("{prefix}.{f}");
+    // A list over the limit is refused before any entry is read: a compact
+    // native document can hold hundreds of thousands of tiny entries.
+    let over = crate::clinical::over_long_lists(&[
+        ("diagnoses", diagnoses.len()),
+        ("medications", medications.len()),
+        ("prescriptions", prescriptions.len()),
+        ("allergies", allergies.len()),
+        ("risks", risks.len()),
+        ("infections", infections.len()),
+        ("vaccinations", vaccinations.len()),
+        ("follow_ups", follow_ups.len()),
+    ]);
+    if !over.is_empty() {
+        for (list, n) in over {
+            v.add(
+                p(list),
+                format!("{n} entries; at most {}", crate::clinical::MAX_ITEMS),
+            );
+        }
+        return None;
+    }
     let patient = patient_from(patient, prefix, v);
     let custody = custody_from(custody, prefix, v);
     let registered_gp = opt(registered_gp, &p("registered_gp"), v);
@@ -869,6 +890,35 @@ mod tests {
             n += 1;
         }
         assert!(n >= 6);
+    }
+
+    /// A compact native document can hold hundreds of thousands of tiny
+    /// entries: a list over the limit is refused whole, before its entries
+    /// are read, so the refusal costs nothing and names one field.
+    #[test]
+    fn a_list_over_the_limit_is_refused_before_its_entries_are_read() {
+        let summary = crate::clinical::synthetic::release_summary(
+            "9990000018".parse().ok(),
+            None,
+            "YP001".parse().unwrap(),
+            None,
+            "m",
+        );
+        let mut wire = to_wire(&summary);
+        let one = wire.medications[0].clone();
+        wire.medications = vec![one.clone(); crate::clinical::MAX_ITEMS];
+        let mut v = Violations::default();
+        assert!(from_wire(wire.clone(), "document.native", &mut v).is_some());
+        assert!(v.0.is_empty(), "{:?}", v.0);
+        wire.medications = vec![Default::default(); 200_000];
+        wire.allergies = vec![Default::default(); 300];
+        let mut v = Violations::default();
+        assert!(from_wire(wire, "document.native", &mut v).is_none());
+        let fields: Vec<&str> = v.0.iter().map(|x| x.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["document.native.medications", "document.native.allergies"]
+        );
     }
 
     #[test]
