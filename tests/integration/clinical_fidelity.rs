@@ -493,6 +493,76 @@ fn a_dg1_the_sender_deletes_is_left_out_and_the_others_keep_their_status() {
     assert!(err.0.iter().any(|v| v.field.ends_with("-21")), "{err}");
 }
 
+/// HL7 v2.5 §2.5.4: `&` separates subcomponents. FN (PID-5.1), HD (PID-3.4,
+/// PV1-3.4) and SAD (PID-11.1) have them, and the first is the value:
+/// before, `SMITH&&` became the family name `SMITH\T\\T\` downstream, the
+/// prison number went unread and the ODS code in PV1-3.4 was refused.
+/// CR ends a segment; an LF inside a CR-terminated message never starts
+/// one. AL1-2 is not invented on output.
+#[test]
+fn subcomponents_are_read_by_their_first_and_only_cr_ends_a_segment() {
+    let s = fixture("01-ost-released-today");
+    let edit_field = |segs: &mut Vec<String>, id: &str, n: usize, f: &dyn Fn(&str) -> String| {
+        let seg = segment(segs, id);
+        let mut fields: Vec<String> = seg.split('|').map(String::from).collect();
+        fields[n] = f(&fields[n]);
+        *seg = fields.join("|");
+    };
+    let segments = hl7_release(|segs| {
+        edit_field(segs, "PID", 5, &|f| {
+            let mut comps: Vec<String> = f.split('^').map(String::from).collect();
+            comps[0].push_str("&&");
+            comps.join("^")
+        });
+        edit_field(segs, "PID", 3, &|f| {
+            f.replace(
+                "^^^HMPPS^",
+                "^^^HMPPS&2.16.840.1.113883.2.1.3.2.4.18.48&ISO^",
+            )
+        });
+        edit_field(segs, "PV1", 3, &|f| {
+            let mut comps: Vec<String> = f.split('^').map(String::from).collect();
+            comps[3].push_str("&2.16.840.1.113883.2.1.4.3&ISO");
+            comps.join("^")
+        });
+    });
+    assert!(
+        segments.iter().any(|l| l.contains("HMPPS&")),
+        "{segments:?}"
+    );
+    let read = parse_hl7(&segments).unwrap();
+    assert_eq!(read.patient.family_name, s.patient.family_name);
+    assert_eq!(read.patient.prison_number, s.patient.prison_number);
+    assert_eq!(read.custody.establishment, s.custody.establishment);
+
+    // A raw LF inside a note of a CR-terminated message is no segment break.
+    let mut text = hl7_release(|_| {}).join("\r");
+    text.push_str("\rNTE|1||take with food\nAL1|9||^Peanut");
+    match hl7v2::parse(text.as_bytes(), &Limits::default()) {
+        Ok(p) => assert_eq!(p.summary.allergies, s.allergies),
+        Err(e) => assert!(!e.0.is_empty()),
+    }
+    // CRLF and LF-only messages still read.
+    let crlf = hl7_release(|_| {}).join("\r\n");
+    assert_eq!(
+        hl7v2::parse(crlf.as_bytes(), &Limits::default())
+            .unwrap()
+            .summary
+            .allergies,
+        s.allergies
+    );
+    let lf = hl7_release(|_| {}).join("\n");
+    assert!(hl7v2::parse(lf.as_bytes(), &Limits::default()).is_ok());
+
+    let s = fixture("06-many-medicines-and-allergies");
+    let text = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();
+    assert!(
+        text.split('\r')
+            .filter(|l| l.starts_with("AL1|"))
+            .all(|l| l.split('|').nth(2) == Some(""))
+    );
+}
+
 #[test]
 fn pv1_6_is_the_sending_location_only_on_a02_and_null_reads_as_absent() {
     let segments = hl7_release(|segs| {

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use super::escape::unescaped;
-use super::segment::{Segment, component, split};
+use super::segment::{Segment, component, first_subcomponent, split};
 use super::{LOCAL, unread};
 use crate::clinical::JourneyEvent;
 use crate::clinical::identifiers::OdsCode;
@@ -430,7 +430,7 @@ fn read_pid(
     e: &mut ValidationErrors,
 ) -> (Option<Patient>, Option<Address>) {
     let (nhs, prison, crn) = read_identifiers(pid, notes, e);
-    let family_name = pid.comp(5, 1).into_owned();
+    let family_name = pid.sub1(5, 1).into_owned();
     if family_name.is_empty() {
         e.add("PID-5.1", "required: the patient's family name");
     }
@@ -445,7 +445,7 @@ fn read_pid(
     }
     let sex = read_sex(pid, e);
     let release_address = (!pid.field(11).is_empty()).then(|| Address {
-        lines: [pid.comp(11, 1), pid.comp(11, 2)]
+        lines: [pid.sub1(11, 1), pid.comp(11, 2)]
             .into_iter()
             .filter(|l| !l.is_empty())
             .map(Cow::into_owned)
@@ -477,7 +477,7 @@ fn read_identifiers(
     for (r, rep) in pid.reps(3).enumerate() {
         let value = component(rep, 1);
         let field = || format!("PID-3[{}].1", r + 1);
-        match (&*component(rep, 4), &*component(rep, 5)) {
+        match (&*first_subcomponent(rep, 4), &*component(rep, 5)) {
             (_, "NH") => match value.parse::<NhsNumber>() {
                 Ok(n) => one_of_a_kind(&mut nhs, n, field(), e),
                 Err(err) => e.add(field(), err.to_string()),
@@ -561,12 +561,12 @@ fn read_pv1(
     event: Option<JourneyEvent>,
     e: &mut ValidationErrors,
 ) -> Episode {
-    let location = pv1.and_then(|s| ods(&s.comp(3, 4), "PV1-3.4", e));
+    let location = pv1.and_then(|s| ods(&s.sub1(3, 4), "PV1-3.4", e));
     // PV1-6 is the sending location only on a transfer (A02); elsewhere it
     // is listed as not read, never taken for an establishment.
     let prior = pv1
         .filter(|_| event == Some(JourneyEvent::Transfer))
-        .and_then(|s| ods(&s.comp(6, 4), "PV1-6.4", e));
+        .and_then(|s| ods(&s.sub1(6, 4), "PV1-6.4", e));
     let (establishment, transfer_to) = match (event, prior) {
         (Some(JourneyEvent::Transfer), Some(prior)) => (Some(prior), location),
         _ => (location, None),

@@ -44,6 +44,11 @@ impl<'a> Segment<'a> {
     pub(super) fn comp(&self, n: usize, c: usize) -> Cow<'a, str> {
         component(self.field(n), c)
     }
+
+    /// See [`first_subcomponent`].
+    pub(super) fn sub1(&self, n: usize, c: usize) -> Cow<'a, str> {
+        first_subcomponent(self.field(n), c)
+    }
 }
 
 /// Component `c` (from 1) of `field`'s first repetition, unescaped
@@ -54,6 +59,22 @@ impl<'a> Segment<'a> {
 pub(super) fn component(field: &str, c: usize) -> Cow<'_, str> {
     let first = field.split('~').next().unwrap_or_default();
     match first.split('^').nth(c - 1) {
+        Some("\"\"") | None => Cow::Borrowed(""),
+        Some(v) => unescaped(v),
+    }
+}
+
+/// The first subcomponent of component `c` of `field`'s first repetition,
+/// unescaped: for a component whose HL7 type has subcomponents (FN, HD,
+/// SAD), whose first is the value (`SMITH&&`, `HMPPS&2.16.840…&ISO`). The
+/// split comes before unescaping, so `\T\` stays an ampersand.
+pub(super) fn first_subcomponent(field: &str, c: usize) -> Cow<'_, str> {
+    let first = field.split('~').next().unwrap_or_default();
+    match first
+        .split('^')
+        .nth(c - 1)
+        .and_then(|v| v.split('&').next())
+    {
         Some("\"\"") | None => Cow::Borrowed(""),
         Some(v) => unescaped(v),
     }
@@ -108,11 +129,17 @@ pub(super) fn split<'a>(
     let mut errors = ValidationErrors::default();
     let mut segments = Vec::with_capacity(count(text, b'\r') + 1);
     let mut counts: Vec<(&str, usize)> = Vec::new();
-    for (i, raw) in text
-        .split(['\r', '\n'])
-        .filter(|l| !l.is_empty())
-        .enumerate()
-    {
+    // The segment terminator is CR (HL7 v2.5.1 §2.5.1, not negotiable): in
+    // a message with CRs an LF is only the tail of a CRLF, never a segment
+    // break of its own, so a raw LF in a note cannot start a segment. A
+    // message with no CR at all (a file saved with LF line ends) is split
+    // at its LFs.
+    let lines: Box<dyn Iterator<Item = &str>> = if text.contains('\r') {
+        Box::new(text.split('\r').map(|l| l.strip_prefix('\n').unwrap_or(l)))
+    } else {
+        Box::new(text.split('\n'))
+    };
+    for (i, raw) in lines.filter(|l| !l.is_empty()).enumerate() {
         if i >= limits.max_hl7_segments {
             return Err(ValidationErrors::one(
                 "message",

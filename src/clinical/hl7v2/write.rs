@@ -337,7 +337,9 @@ fn push_pv1(out: &mut String, c: &Custody, event: JourneyEvent, not_carried: &mu
 fn push_al1_dg1(out: &mut String, s: &ClinicalSummary) {
     use std::fmt::Write;
     for (i, a) in s.allergies.iter().enumerate() {
-        let _ = write!(out, "AL1|{}|DA|", i + 1);
+        // AL1-2 (allergen type, optional) is left empty: the model does not
+        // keep it, and `DA` (drug) would be wrong for a food or an insect.
+        let _ = write!(out, "AL1|{}||", i + 1);
         push_ce(out, &a.substance);
         out.push('|');
         out.push_str(a.severity.map_or("", severity_code));
