@@ -80,27 +80,32 @@ impl Gateway {
                     ),
                 }
             })?;
+        // Keyed like a claim key, but over the registration date instead of
+        // the date of birth: checkable by whoever holds the key, and never
+        // equal to a real claim key. Recorded with the claim, won or lost.
+        let evidence = registered
+            .and_then(|date| {
+                self.keyer
+                    .claim_keys(
+                        patient.nhs_number.as_ref(),
+                        patient.prison_number.as_ref(),
+                        &format!("registered:{date}"),
+                    )
+                    .into_iter()
+                    .next()
+            })
+            .map_or_else(
+                || "no evidence given".to_owned(),
+                |hash| format!("evidence: registration date (keyed {hash})"),
+            );
         let result = self
-            .claim_patient(&actor, &patient, &dob, org.ods.as_str())
+            .claim_patient(&actor, &patient, &dob, (org.ods.as_str(), &evidence))
             .await;
         if !matches!(result, Err(Error::Store(StoreError::NothingToClaim))) {
             return result; // claimed, or not decided: neither counts as a failure
         }
         let failure = ticket.failed(now);
-        // Keyed like a claim key, but over the registration date instead of
-        // the date of birth: checkable by whoever holds the key, and never
-        // equal to a real claim key.
-        let evidence = registered.and_then(|date| {
-            self.keyer
-                .claim_keys(
-                    patient.nhs_number.as_ref(),
-                    patient.prison_number.as_ref(),
-                    &format!("registered:{date}"),
-                )
-                .into_iter()
-                .next()
-        });
-        self.record_failed_claim(actor, patient_key, &failure, evidence)
+        self.record_failed_claim(actor, patient_key, &failure, &evidence)
             .await?;
         result
     }
@@ -112,7 +117,7 @@ impl Gateway {
         actor: String,
         patient_key: String,
         failure: &Failure,
-        evidence: Option<String>,
+        evidence: &str,
     ) -> Result<(), Error> {
         tracing::info!(
             failures = failure.pair_failures,
@@ -127,10 +132,6 @@ impl Gateway {
                 "ALERT: repeated failed claims (a date of birth may be being guessed); claims locked"
             );
         }
-        let evidence = evidence.map_or_else(
-            || "no evidence given".to_owned(),
-            |hash| format!("evidence: registration date (keyed {hash})"),
-        );
         let locked = if failure.now_locked.is_empty() {
             String::new()
         } else {
@@ -153,22 +154,23 @@ impl Gateway {
         Ok(())
     }
 
-    /// Claims the parked releases of `patient` (born `dob`) for `practice`.
-    /// The failed-claim limit is the caller's business: operators are not
-    /// limited (they claim with a reason), practices are (`claim`).
+    /// Claims the parked releases of `patient` (born `dob`) for `practice`,
+    /// `evidence` in each claim's audit entry. The failed-claim limit is the
+    /// caller's business: operators are not limited (they claim with a
+    /// reason), practices are (`claim`).
     pub(crate) async fn claim_patient(
         &self,
         actor: &str,
         patient: &PatientRef,
         dob: &str,
-        practice: &str,
+        (practice, evidence): (&str, &str),
     ) -> Result<Vec<Claimed>, Error> {
         let keys = self.keyer.claim_keys(
             patient.nhs_number.as_ref(),
             patient.prison_number.as_ref(),
             dob,
         );
-        let claimed = self.store.claim(actor, keys, practice).await?;
+        let claimed = self.store.claim(actor, keys, (practice, evidence)).await?;
         if claimed.is_empty() {
             return Err(Error::Store(StoreError::NothingToClaim));
         }

@@ -323,8 +323,16 @@ impl Gateway {
                 ..AuditEvent::default()
             })
             .await?;
-        self.claim_patient(&actor, &patient, &dob, practice.as_str())
-            .await
+        self.claim_patient(
+            &actor,
+            &patient,
+            &dob,
+            (
+                practice.as_str(),
+                "an operator's claim, its reason recorded before",
+            ),
+        )
+        .await
     }
 
     /// The practice an operator claims for: an active GP practice.

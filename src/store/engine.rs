@@ -261,7 +261,7 @@ impl Store {
         &self,
         actor: &str,
         claim_keys: Vec<String>,
-        to: &str,
+        to: (&str, &str),
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
         either!(self.claim(actor, claim_keys, to).await)
     }

@@ -481,6 +481,7 @@ enum Job {
         actor: String,
         claim_keys: Vec<String>,
         to: String,
+        evidence: String,
         reply: Reply<Vec<DeliveryRecord>>,
     },
     RouteHeld {
@@ -969,7 +970,8 @@ impl SledStore {
     /// Moves every parked release matching one of `claim_keys` to mailbox
     /// `to`, queued; returns what moved (empty when nothing matched, which is
     /// audited as a refusal). Two racing claims cannot both win: the writer
-    /// applies them one after the other.
+    /// applies them one after the other. `evidence` (what the claimant gave,
+    /// keyed, never in clear) goes into each claim's audit entry.
     ///
     /// # Errors
     /// Only store failures.
@@ -977,12 +979,13 @@ impl SledStore {
         &self,
         actor: &str,
         claim_keys: Vec<String>,
-        to: &str,
+        (to, evidence): (&str, &str),
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
         self.ask(|reply| Job::Claim {
             actor: actor.to_owned(),
             claim_keys,
             to: to.to_owned(),
+            evidence: evidence.to_owned(),
             reply,
         })
         .await

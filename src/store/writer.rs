@@ -584,9 +584,10 @@ impl Writer {
                 actor,
                 claim_keys,
                 to,
+                evidence,
                 reply,
             } => {
-                let r = self.claim(staged, &actor, &claim_keys, &to, now);
+                let r = self.claim(staged, &actor, &claim_keys, (&to, &evidence), now);
                 if matches!(&r, Ok(v) if !v.is_empty()) {
                     woken.insert(to);
                 }
@@ -1238,7 +1239,7 @@ impl Writer {
         staged: &mut Staged<'_>,
         actor: &str,
         claim_keys: &[String],
-        to: &str,
+        (to, evidence): (&str, &str),
         now: i64,
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
         let mut claimed = Vec::new();
@@ -1274,7 +1275,7 @@ impl Writer {
                     handover_id: Some(d.handover_id),
                     delivery_id: Some(id),
                     patient_key: Some(d.patient_key.clone()),
-                    outcome: format!("ok: parked release claimed for {to}"),
+                    outcome: format!("ok: parked release claimed for {to}; {evidence}"),
                 },
                 now,
             );

@@ -192,6 +192,31 @@ async fn evidence_is_checked_and_never_echoed() {
         );
         assert!(!err.message().contains(bad), "{err:?}");
     }
+    // A claim that wins records its evidence too, keyed: it is the one an
+    // investigation needs (before, only failed claims recorded it).
+    park(&gw, 43).await;
+    let claimed = practice
+        .claim(claim(43, DOB, Some("2026-01-05")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.claimed.len(), 1);
+    let won: Vec<_> = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "claim" && e.outcome.starts_with("ok"))
+        .collect();
+    assert_eq!(won.len(), 1, "{won:?}");
+    assert!(
+        won[0]
+            .outcome
+            .contains("evidence: registration date (keyed "),
+        "{}",
+        won[0].outcome
+    );
+    assert!(!won[0].outcome.contains("2026-01-05"));
     gw.stop().await;
 }
 

@@ -348,7 +348,7 @@ async fn run(ops: Vec<Op>, postgres: Option<&str>) {
             Op::Claim { person, by_nhs, to } => {
                 let key = format!("claim:{}{person}", if by_nhs { 'n' } else { 'q' });
                 let claimed = store
-                    .claim("urn:ods:X", vec![key], MAILBOXES[to])
+                    .claim("urn:ods:X", vec![key], (MAILBOXES[to], "no evidence given"))
                     .await
                     .unwrap();
                 for d in claimed {

@@ -749,7 +749,11 @@ async fn a_pds_answer_never_undoes_a_claim_nor_stores_a_restricted_practice() {
     // An operator claimed it while PDS was being asked: PDS's answer is dropped.
     let claimed = parked_in(&store, "m1").await;
     let moved = store
-        .claim("urn:operator:oncall", vec!["ck-m1".into()], "YG001")
+        .claim(
+            "urn:operator:oncall",
+            vec!["ck-m1".into()],
+            ("YG001", "no evidence given"),
+        )
         .await
         .unwrap();
     assert_eq!(moved.len(), 1);

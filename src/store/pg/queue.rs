@@ -240,13 +240,13 @@ impl PgStore {
         &self,
         actor: &str,
         claim_keys: Vec<String>,
-        to: &str,
+        (to, evidence): (&str, &str),
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let (actor, to) = (actor.to_owned(), to.to_owned());
+        let (actor, to, evidence) = (actor.to_owned(), to.to_owned(), evidence.to_owned());
         self.run(move |s| async move {
             in_tx!(s, |tx, now, audit| claim(
                 &tx,
-                (&actor, &to),
+                (&actor, &to, &evidence),
                 &claim_keys,
                 now,
                 &mut audit
@@ -847,7 +847,7 @@ async fn track(
 
 async fn claim(
     tx: &Transaction<'_>,
-    (actor, to): (&str, &str),
+    (actor, to, evidence): (&str, &str, &str),
     claim_keys: &[String],
     now: i64,
     audit: &mut Vec<AuditEvent>,
@@ -884,7 +884,7 @@ async fn claim(
             handover_id: Some(d.handover_id),
             delivery_id: Some(d.id),
             patient_key: Some(d.patient_key.clone()),
-            outcome: format!("ok: parked release claimed for {to}"),
+            outcome: format!("ok: parked release claimed for {to}; {evidence}"),
         });
         claimed.push(d);
     }
