@@ -97,7 +97,7 @@ impl Error {
             Error::ShuttingDown | Error::Unrecorded => Kind::Unavailable,
             Error::Store(e) => match e {
                 StoreError::Conflict | StoreError::Retired { .. } => Kind::AlreadyExists,
-                StoreError::IdentityConflict { .. } => Kind::InvalidArgument,
+                StoreError::IdentityConflict { .. } => Kind::FailedPrecondition,
                 StoreError::UnknownDelivery
                 | StoreError::UnknownHandover
                 | StoreError::Removed { .. }

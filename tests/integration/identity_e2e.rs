@@ -416,7 +416,7 @@ async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown_on(en
         ))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(violations(&err), ["patient.prison_number"]);
     assert!(!err.message().contains(PRISON_NUMBER) && !err.message().contains(&nhs(6)));
     assert_eq!(
