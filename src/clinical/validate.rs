@@ -206,10 +206,28 @@ fn may_hold_control(json: &[u8]) -> bool {
             },
             0x7F => return true,
             0xC2 if json.get(i + 1).is_some_and(|b| (0x80..=0x9F).contains(b)) => return true,
+            // U+2028-U+202E and U+2066-U+2069 (see `hidden_format`).
+            0xE2 if matches!(
+                (json.get(i + 1), json.get(i + 2)),
+                (Some(0x80), Some(0xA8..=0xAE)) | (Some(0x81), Some(0xA6..=0xA9))
+            ) =>
+            {
+                return true;
+            }
             _ => i += 1,
         }
     }
     false
+}
+
+/// Characters that change how text reads without showing: the
+/// bidirectional embeddings, overrides and isolates (U+202A-U+202E,
+/// U+2066-U+2069), which can make a dose or a name display as something
+/// other than what is stored, and the line and paragraph separators
+/// (U+2028, U+2029), a line break HL7 and many displays do not treat as
+/// one. The marks a right-to-left name needs (U+200E, U+200F) stay.
+fn hidden_format(c: char) -> bool {
+    matches!(c, '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Text every format can carry: no control characters but tab and line
@@ -221,10 +239,15 @@ fn check_text(s: &ClinicalSummary, json: &[u8], e: &mut ValidationErrors) {
     fn walk(v: &serde_json::Value, path: &str, e: &mut ValidationErrors) {
         match v {
             serde_json::Value::String(t)
-                if t.chars()
-                    .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n')) =>
+                if t.chars().any(|c| {
+                    (c.is_control() && !matches!(c, '\t' | '\r' | '\n')) || hidden_format(c)
+                }) =>
             {
-                e.add(path, "must not contain control characters");
+                e.add(
+                    path,
+                    "must not contain control characters, bidirectional overrides or line \
+                     separators",
+                );
             }
             serde_json::Value::Array(items) => {
                 for (i, x) in items.iter().enumerate() {
@@ -368,7 +391,8 @@ mod tests {
     #[test]
     fn a_control_character_is_named_by_its_field_and_allowed_breaks_pass() {
         for bad in [
-            "\u{0}", "\u{8}", "\u{c}", "\u{1b}", "\u{7f}", "\u{85}", "\u{9f}",
+            "\u{0}", "\u{8}", "\u{c}", "\u{1b}", "\u{7f}", "\u{85}", "\u{9f}", "\u{202e}",
+            "\u{202a}", "\u{2066}", "\u{2069}", "\u{2028}", "\u{2029}",
         ] {
             let s = summary_with(&format!("before{bad}after"));
             let fields = text_violations(&s);
@@ -380,6 +404,9 @@ mod tests {
             "line\nbreak\r\n",
             "quote \" and \\ back\\n",
             "\u{a0}é€",
+            // The marks a right-to-left name needs, and a zero-width joiner.
+            "\u{200f}שרה\u{200e}",
+            "\u{200d}",
         ] {
             assert!(text_violations(&summary_with(fine)).is_empty(), "{fine:?}");
         }
@@ -388,12 +415,12 @@ mod tests {
     proptest! {
         /// The byte scan never calls clean what the field walk would refuse.
         #[test]
-        fn the_byte_scan_misses_no_control_character(text in "\\PC*|[\\x00-\\x{a0}\\\\\"]{0,12}") {
+        fn the_byte_scan_misses_no_control_character(text in "\\PC*|[\\x00-\\x{a0}\\\\\"\\x{2020}-\\x{2070}]{0,12}") {
             let s = summary_with(&text);
             let json = serde_json::to_vec(&s).expect("serialises");
             let refused = text
                 .chars()
-                .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n'));
+                .any(|c| (c.is_control() && !matches!(c, '\t' | '\r' | '\n')) || hidden_format(c));
             prop_assert_eq!(!text_violations(&s).is_empty(), refused);
             if refused {
                 prop_assert!(may_hold_control(&json));
