@@ -24,7 +24,8 @@ const MONTHS_BUT_MAY: &str = "jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|j
 
 /// (what it looks like, pattern), checked in order.
 static SHAPES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
-    let numeric_date = r"\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b";
+    let numeric_date =
+        r"\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b|\b\d{1,2}\s+\d{1,2}\s+(?:19|20)\d{2}\b";
     let day_month = format!(r"(?i)\b\d{{1,2}}(?:st|nd|rd|th)?\s*(?:{MONTHS_BUT_MAY})\b");
     let month_day = format!(r"(?i)\b(?:{MONTHS_BUT_MAY})\.?\s*\d{{1,2}}(?:st|nd|rd|th)?\b");
     let month_year = format!(r"(?i)\b(?:{MONTHS})\.?,?\s*(?:19|20)\d{{2}}\b");
@@ -42,7 +43,7 @@ static SHAPES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
         // a case reference such as `SAR 2026-117` is fine.
         (
             "a long number",
-            r"\d{6}|\b\d{3}[ \-]\d{3}[ \-]\d{4}\b|\b\d{4,5}[ \-]\d{6}\b".to_owned(),
+            r"\d{6}|\b\d(?:[ .\-]?\d){9}\b|\b\d{4,5}[ \-]\d{6}\b".to_owned(),
         ),
         (
             "a prison number",
@@ -50,7 +51,7 @@ static SHAPES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
         ),
         (
             "a postcode",
-            r"\b[A-Z]{1,2}\d[A-Z\d]?\s*\d[A-Z]{2}\b".to_owned(),
+            r"(?i)\b[A-Z]{1,2}\d[A-Z\d]?\s*\d[A-Z]{2}\b".to_owned(),
         ),
         (
             "an e-mail address",
@@ -70,14 +71,14 @@ pub fn looks_like_patient_data(text: &str) -> Option<&'static str> {
         .map(|(what, _)| *what)
 }
 
-/// Checks a free-text reason: `min_chars` to 500 bytes, and nothing that
+/// Checks a free-text reason: `min_chars` characters to 500 bytes, and nothing that
 /// looks like patient data. Violations say what is wrong, never the text.
 pub fn check_reason(field: &str, reason: &str, min_chars: usize, v: &mut Violations) {
     if reason.trim().chars().count() < min_chars.max(1) || reason.len() > 500 {
         v.add(
             field,
             format!(
-                "required: {} to 500 characters saying why (no patient data)",
+                "required: {} characters to 500 bytes saying why (no patient data)",
                 min_chars.max(1)
             ),
         );
@@ -115,6 +116,10 @@ mod tests {
             ("phone 07700900123", "a long number"),
             ("phone 07700 900123", "a long number"),
             ("nhs 943-476-5919", "a long number"),
+            ("nhs 943.476.5919", "a long number"),
+            ("9434 765 919 not ours", "a long number"),
+            ("15 06 1985 mismatch", "a date"),
+            ("lives ls1 4ap", "a postcode"),
         ] {
             assert_eq!(looks_like_patient_data(text), Some(what), "{text}");
         }
