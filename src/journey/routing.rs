@@ -367,34 +367,46 @@ impl Plan<'_> {
     /// substitution therapy, the mental health team for an active care
     /// plan or suicide/self-harm risk; only with consent or a legal basis.
     fn release_treatment(&mut self) {
-        let named_service = self
+        // Every service named gets its copy (a patient may be picked up by
+        // two); none named, the release area's.
+        let named_services: Vec<(usize, OdsCode)> = self
             .named
             .iter()
-            .find(|(_, o)| o.kind == OrgKind::SubstanceMisuseService)
-            .map(|(i, o)| (*i, o.ods.clone()));
+            .filter(|(_, o)| o.kind == OrgKind::SubstanceMisuseService)
+            .map(|(i, o)| (*i, o.ods.clone()))
+            .collect();
         let may_share = self.summary.may_share_with_treatment_services();
         let ost = self.summary.on_opioid_substitution() && may_share;
-        if let (Some((i, _)), false) = (&named_service, ost) {
-            self.violations.add(
-                format!("destinations[{i}]"),
-                "a release goes to a substance misuse service only with opioid substitution \
-                 therapy and the patient's consent or a recorded legal basis",
-            );
+        if !ost {
+            for (i, _) in &named_services {
+                self.violations.add(
+                    format!("destinations[{i}]"),
+                    "a release goes to a substance misuse service only with opioid substitution \
+                     therapy and the patient's consent or a recorded legal basis",
+                );
+            }
         }
         if ost {
-            let recipient = named_service
-                .map(|(_, ods)| Recipient::Org(ods))
-                .unwrap_or_else(|| self.area_service(OrgKind::SubstanceMisuseService));
+            let recipients: Vec<Recipient> = if named_services.is_empty() {
+                vec![self.area_service(OrgKind::SubstanceMisuseService)]
+            } else {
+                named_services
+                    .into_iter()
+                    .map(|(_, ods)| Recipient::Org(ods))
+                    .collect()
+            };
             let due_ms = self
                 .summary
                 .next_ost_dose_due_ms()
                 .unwrap_or_else(|| self.due(self.release_due(), true));
-            self.routes.push(Route {
-                recipient,
-                view: View::SubstanceMisuseService,
-                urgent: true,
-                due_ms,
-            });
+            for recipient in recipients {
+                self.routes.push(Route {
+                    recipient,
+                    view: View::SubstanceMisuseService,
+                    urgent: true,
+                    due_ms,
+                });
+            }
         }
         if may_share && self.summary.needs_mental_health_team() {
             // Urgent only for what the team's view shows (an active suicide
@@ -717,6 +729,23 @@ mod tests {
         assert_eq!(
             treatment(&named),
             [(Recipient::Org(code("YS002")), View::SubstanceMisuseService)]
+        );
+        // Two named services each get a copy (before, the second was
+        // dropped without a word).
+        let both = go(
+            JourneyEvent::Release,
+            &s,
+            sender,
+            &[code("YS002"), code("YS001")],
+            &reg,
+        )
+        .unwrap();
+        assert_eq!(
+            treatment(&both),
+            [
+                (Recipient::Org(code("YS002")), View::SubstanceMisuseService),
+                (Recipient::Org(code("YS001")), View::SubstanceMisuseService)
+            ]
         );
         // YP002 has no region: no area, so no service for it.
         let other = reg.get(&code("YP002")).unwrap();
