@@ -39,7 +39,7 @@ fn text() -> impl Strategy<Value = String> {
     prop_oneof![
         "[A-Za-z][A-Za-z ,.'-]{0,24}",
         proptest::sample::select(HOSTILE.to_vec()).prop_map(String::from),
-        "[^\\p{C}]{1,20}".prop_filter("non-blank", |s| !s.trim().is_empty()),
+        "[^\\p{C}\\p{Zl}\\p{Zp}]{1,20}".prop_filter("non-blank", |s| !s.trim().is_empty()),
     ]
 }
 
