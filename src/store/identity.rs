@@ -292,7 +292,7 @@ impl Writer {
             let mut d = load(staged, id)?;
             if d.event != Some(newer.event)
                 || d.handover_id == newer.handover_id
-                || d.superseded_by.is_some()
+                || d.is_superseded()
                 || sender_of(staged, &d)? != newer.sender
                 || !newer_than(newer.recency(), recency_of(staged, d.handover_id)?)
             {
@@ -402,21 +402,28 @@ impl Writer {
         d.not_before_ms = None;
         d.lease_until_ms = None;
         staged.put_json(TreeId::Deliveries, records::be(d.id).to_vec(), &*d);
-        // Finished, for retention, once its replacement is (now, if it is).
-        if let Some(by) = d.superseded_by {
-            let replacement: Option<DeliveryRecord> =
-                staged.get_json(TreeId::Deliveries, &records::be(by))?;
-            if replacement
-                .is_some_and(|r| r.state == DeliveryState::Delivered || r.finished_at_ms.is_some())
-            {
-                self.delivery_finished(staged, d.clone(), now)?;
-            } else {
-                staged.put(
-                    TreeId::Superseded,
-                    records::superseded_key(by, d.id),
-                    Vec::new(),
-                );
+        // Finished, for retention, once its replacement is (now, if it is,
+        // or if the newer handover goes to no one: nothing will replace it).
+        match d.superseded_by {
+            Some(by) => {
+                let replacement: Option<DeliveryRecord> =
+                    staged.get_json(TreeId::Deliveries, &records::be(by))?;
+                if replacement.is_some_and(|r| {
+                    r.state == DeliveryState::Delivered || r.finished_at_ms.is_some()
+                }) {
+                    self.delivery_finished(staged, d.clone(), now)?;
+                } else {
+                    staged.put(
+                        TreeId::Superseded,
+                        records::superseded_key(by, d.id),
+                        Vec::new(),
+                    );
+                }
             }
+            None if d.superseded_by_handover.is_some() => {
+                self.delivery_finished(staged, d.clone(), now)?;
+            }
+            None => {}
         }
         Ok(())
     }

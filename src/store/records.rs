@@ -504,6 +504,17 @@ pub struct ScheduleFacts<'a> {
     /// The newer delivery that replaced this one.
     #[serde(default)]
     pub superseded_by: Option<u64>,
+    /// The newer handover that replaced this one.
+    #[serde(default)]
+    pub superseded_by_handover: Option<u64>,
+}
+
+impl ScheduleFacts<'_> {
+    /// See [`DeliveryRecord::is_superseded`].
+    #[must_use]
+    pub fn is_superseded(&self) -> bool {
+        self.superseded_by.is_some() || self.superseded_by_handover.is_some()
+    }
 }
 
 /// Who a patient key stands for: the keyed hashes of its identifiers, and
@@ -883,6 +894,14 @@ pub(crate) fn redrive_event(
 
 impl DeliveryRecord {
     /// When it stopped needing its payload, if it has.
+    /// Whether a newer handover replaced this copy: by one of its own
+    /// deliveries (`superseded_by`), or by one that goes to no one (a
+    /// correction routed nowhere), which replaces it all the same.
+    #[must_use]
+    pub fn is_superseded(&self) -> bool {
+        self.superseded_by.is_some() || self.superseded_by_handover.is_some()
+    }
+
     pub(crate) fn finished_at(&self) -> Option<i64> {
         self.finished_at_ms.or(match self.state {
             DeliveryState::Delivered => self.delivered_at_ms,

@@ -1117,7 +1117,7 @@ impl Writer {
             let Ok(mut d) = self.leased_for(staged, "pull", who, delivery_id, attempt, now)? else {
                 continue;
             };
-            if d.superseded_by.is_some() {
+            if d.is_superseded() {
                 // A newer summary came meanwhile: this one is never sent.
                 self.retire(staged, &mut d, now)?;
             } else {
@@ -1154,7 +1154,7 @@ impl Writer {
         };
         let (actor, _) = who;
         let max_attempts = d.max_attempts.unwrap_or(self.options.max_attempts);
-        let state = if d.superseded_by.is_some() {
+        let state = if d.is_superseded() {
             // A newer summary exists: never offered again, nor quarantined.
             self.retire(staged, &mut d, now)?;
             DeliveryState::Superseded
@@ -1718,7 +1718,7 @@ fn live_of_facts(d: &records::ScheduleFacts<'_>) -> Live {
         due_ms: d.due_ms,
         due_reported: d.overdue_at_ms.is_some(),
         max_attempts: d.max_attempts,
-        stale: d.state == DeliveryState::Leased && d.superseded_by.is_some(),
+        stale: d.state == DeliveryState::Leased && d.is_superseded(),
     }
 }
 
@@ -1738,7 +1738,7 @@ pub(super) fn live_of(d: &DeliveryRecord) -> Live {
         due_ms: d.due_ms,
         due_reported: d.overdue_at_ms.is_some(),
         max_attempts: d.max_attempts,
-        stale: d.state == DeliveryState::Leased && d.superseded_by.is_some(),
+        stale: d.state == DeliveryState::Leased && d.is_superseded(),
     }
 }
 

@@ -500,6 +500,52 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval_on(engine: Eng
     gw.stop().await;
 }
 
+/// A correction that goes to no one (the patient has no GP any more)
+/// still replaces the copy it corrects, and that copy is finished for
+/// retention at once: before, it was retired without a replacement and
+/// never finished, so its payload was kept for ever.
+#[tokio::test]
+async fn a_correction_routed_to_no_one_retires_the_old_copy_and_finishes_it() {
+    a_correction_routed_to_no_one_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_correction_routed_to_no_one_retires_the_old_copy_and_finishes_it_on_postgres() {
+    a_correction_routed_to_no_one_on(Engine::Postgres).await;
+}
+
+async fn a_correction_routed_to_no_one_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let first = prison
+        .submit(admission("adm-v1", 33))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.deliveries.len(), 1);
+    let mut corrected = admission("adm-v2", 33);
+    let Some(pb::submit_request::Document::Native(s)) = &mut corrected.document else {
+        unreachable!("admission() is native");
+    };
+    s.registered_gp = String::new();
+    let second = prison.submit(corrected).await.unwrap().into_inner();
+    assert!(second.deliveries.is_empty(), "{second:?}");
+    let old = track_message(&mut prison, "adm-v1").await;
+    assert_eq!(old.deliveries[0].state(), pb::DeliveryState::Superseded);
+    let record = gw
+        .store
+        .delivery(first.deliveries[0].delivery_id)
+        .unwrap()
+        .unwrap();
+    assert!(record.finished_at_ms.is_some(), "{record:?}");
+    // The practice is offered nothing.
+    let mut gp = gw.client("YG001").await;
+    assert!(pull_and_ack(&mut gp).await.is_empty());
+    gw.stop().await;
+}
+
 /// A retry of an accepted submit gets its receipt even when the registry
 /// has changed since: its GP disabled, routing would now refuse it. Before,
 /// the retry was INVALID_ARGUMENT ("do not retry unchanged"), and a sender

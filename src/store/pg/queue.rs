@@ -356,18 +356,22 @@ pub(super) async fn retire(
     d.superseded_at_ms = Some(now);
     d.not_before_ms = None;
     d.lease_until_ms = None;
-    if let Some(by) = d.superseded_by {
-        let replacement = tx
+    // Finished once its replacement is (now, if it is, or if the newer
+    // handover goes to no one: nothing will replace it).
+    let finished = match d.superseded_by {
+        Some(by) => tx
             .query_opt("SELECT record FROM deliveries WHERE id = $1", &[&id(by)])
             .await
             .map_err(db)?
-            .map(|r| r.get::<_, Json<DeliveryRecord>>(0).0);
-        if replacement.is_some_and(|r| r.finished_at().is_some()) {
-            sql::put_delivery(tx, d).await?;
-            return delivery_finished(tx, d.id, now).await;
-        }
+            .map(|r| r.get::<_, Json<DeliveryRecord>>(0).0)
+            .is_some_and(|r| r.finished_at().is_some()),
+        None => d.superseded_by_handover.is_some(),
+    };
+    sql::put_delivery(tx, d).await?;
+    if finished {
+        return delivery_finished(tx, d.id, now).await;
     }
-    sql::put_delivery(tx, d).await
+    Ok(())
 }
 
 /// What a pull asks for.
@@ -625,7 +629,7 @@ async fn nack(
         Err((e, _)) => return Ok(Err(e)),
     };
     let max_attempts = d.max_attempts.unwrap_or(s.options.max_attempts);
-    let state = if d.superseded_by.is_some() {
+    let state = if d.is_superseded() {
         retire(tx, &mut d, now).await?;
         DeliveryState::Superseded
     } else if g.permanent || d.attempt >= max_attempts {
@@ -676,7 +680,7 @@ async fn return_unsent(
         let Ok(mut d) = leased_for(tx, "pull", who, delivery_id, attempt, now, audit).await? else {
             continue;
         };
-        if d.superseded_by.is_some() {
+        if d.is_superseded() {
             // A newer summary came meanwhile: this one is never sent.
             retire(tx, &mut d, now).await?;
         } else {

@@ -41,7 +41,7 @@ pub fn db(e: tokio_postgres::Error) -> StoreError {
 
 /// Writes a delivery record and its columns (insert or replace).
 pub async fn put_delivery(tx: &Transaction<'_>, d: &DeliveryRecord) -> Result<(), StoreError> {
-    let stale = d.state == DeliveryState::Leased && d.superseded_by.is_some();
+    let stale = d.state == DeliveryState::Leased && d.is_superseded();
     let event = d.event.map(|e| e.to_string()).unwrap_or_default();
     tx.execute(
         "INSERT INTO deliveries (id, handover_id, mailbox, patient_key, sender, event, state, \
