@@ -500,6 +500,63 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval_on(engine: Eng
     gw.stop().await;
 }
 
+/// The two copies of each release (GP and probation) acknowledged at the
+/// same time on two connections: every handover is finished once both are,
+/// so retention can remove it. On PostgreSQL each acknowledgement used to
+/// read the other copy as unfinished and neither finished the handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_acknowledged_at_once_finish_their_handover() {
+    copies_acknowledged_at_once_finish_their_handover_on(Engine::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_acknowledged_at_once_finish_their_handover_on_postgres() {
+    copies_acknowledged_at_once_finish_their_handover_on(Engine::Postgres).await;
+}
+
+async fn copies_acknowledged_at_once_finish_their_handover_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let mut handovers = Vec::new();
+    for i in 0..40 {
+        let r = prison
+            .submit(release(&format!("both-{i}"), 300 + i, &["YG001"], "m"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.deliveries.len(), 2, "{r:?}");
+        handovers.push(r.handover_id);
+    }
+    let mut gp = gw.client("YG001").await;
+    let mut probation = gw.client("YPR01").await;
+    let gp_got = gp.pull(pull(50)).await.unwrap().into_inner().deliveries;
+    let probation_got = probation
+        .pull(pull(50))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!((gp_got.len(), probation_got.len()), (40, 40));
+    // One ack of each copy of a handover at once, handover by handover.
+    for (a, b) in gp_got.iter().zip(&probation_got) {
+        let (mut gp, mut probation) = (gp.clone(), probation.clone());
+        let ack = |d: &pb::Delivery| pb::AckRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+        };
+        let (x, y) = tokio::join!(gp.ack(ack(a)), probation.ack(ack(b)));
+        x.unwrap();
+        y.unwrap();
+    }
+    for id in handovers {
+        let h = gw.store.handover(id).unwrap().unwrap();
+        assert!(h.finished_at_ms.is_some(), "handover {id} not finished");
+    }
+    gw.stop().await;
+}
+
 /// A correction that goes to no one (the patient has no GP any more)
 /// still replaces the copy it corrects, and that copy is finished for
 /// retention at once: before, it was retired without a replacement and

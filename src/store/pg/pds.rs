@@ -159,7 +159,7 @@ async fn pds_notify(
     // Locked against a retention pass shredding or removing it meanwhile.
     let Some(mut h) = tx
         .query_opt(
-            "SELECT record FROM handovers WHERE id = $1 FOR UPDATE",
+            "SELECT record FROM handovers WHERE id = $1 FOR NO KEY UPDATE",
             &[&id(notice.handover_id)],
         )
         .await

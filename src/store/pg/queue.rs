@@ -358,12 +358,12 @@ pub(super) async fn retire(
     d.lease_until_ms = None;
     // Finished once its replacement is (now, if it is, or if the newer
     // handover goes to no one: nothing will replace it).
+    // The replacement's row is locked: an ack finishing it at the same
+    // time either commits first (and is read here) or waits for this one
+    // (and then finds this copy among those it replaced).
     let finished = match d.superseded_by {
-        Some(by) => tx
-            .query_opt("SELECT record FROM deliveries WHERE id = $1", &[&id(by)])
-            .await
-            .map_err(db)?
-            .map(|r| r.get::<_, Json<DeliveryRecord>>(0).0)
+        Some(by) => sql::delivery_for_update(tx, by)
+            .await?
             .is_some_and(|r| r.finished_at().is_some()),
         None => d.superseded_by_handover.is_some(),
     };
@@ -726,12 +726,28 @@ async fn delivery_finished(
     Ok(())
 }
 
+/// Finishes handover `handover_id` when all its deliveries are. Its row is
+/// locked first: two transactions finishing its last two copies at once
+/// then take turns, and the second reads its siblings after the first has
+/// committed (READ COMMITTED reads anew per statement). Without the lock
+/// each saw the other's copy unfinished, and the handover never finished.
+/// `NO KEY UPDATE`, not `UPDATE`: writing a delivery takes `KEY SHARE` on
+/// its handover (the foreign key), which `UPDATE` would wait for, and two
+/// such waits deadlock.
 async fn handover_maybe_finished(
     tx: &Transaction<'_>,
     handover_id: u64,
     now: i64,
 ) -> Result<(), StoreError> {
-    let Some(mut h) = sql::handover(tx, handover_id).await? else {
+    let Some(mut h) = tx
+        .query_opt(
+            "SELECT record FROM handovers WHERE id = $1 FOR NO KEY UPDATE",
+            &[&id(handover_id)],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| r.get::<_, Json<HandoverRecord>>(0).0)
+    else {
         return Ok(());
     };
     if h.finished_at_ms.is_some() {
