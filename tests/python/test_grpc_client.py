@@ -120,11 +120,12 @@ def test_field_violations_come_as_google_rpc_bad_request(gateway, pb):
 
 def test_a_refusal_with_many_violations_fits_a_default_grpcio_channel(gateway, pb):
     # A default grpcio channel refuses trailers over 8-16 KiB: a refusal
-    # listing every one of hundreds of violations would reach the caller as
+    # listing every one of many violations would reach the caller as
     # RESOURCE_EXHAUSTED (which clients retry) instead of INVALID_ARGUMENT.
+    # Sixteen destinations (the most a submit may name), each invalid.
     prison = pb.grpc.HandoverServiceStub(gateway.channel("YP001"))
     with pytest.raises(grpc.RpcError) as err:
-        prison.Submit(release(pb, "py-many", to=["not an ods code"] * 300), timeout=10)
+        prison.Submit(release(pb, "py-many", to=["not an ods code"] * 16), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     details = details_of(err.value)
     fields = [v.field for v in details["BadRequest"].field_violations]
@@ -132,6 +133,11 @@ def test_a_refusal_with_many_violations_fits_a_default_grpcio_channel(gateway, p
     assert all(f.startswith("destinations") for f in fields), fields
     assert int(details["ErrorInfo"].metadata["violations"]) > len(fields)
     assert "more" in err.value.details()
+    # More than sixteen is refused whole, before any is read.
+    with pytest.raises(grpc.RpcError) as err:
+        prison.Submit(release(pb, "py-many", to=["not an ods code"] * 300), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert [v.field for v in details_of(err.value)["BadRequest"].field_violations] == ["destinations"]
 
 
 def test_no_client_certificate_is_refused(gateway, pb):
