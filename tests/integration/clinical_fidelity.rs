@@ -1420,6 +1420,50 @@ fn a_medication_reference_is_read_like_a_medication_concept() {
             .any(|v| v.field == format!("entry[{i}].resource.medicationReference.reference")),
         "{refused:?}"
     );
+
+    // A medicine read from a Medication entered in error would be acted
+    // on: refused at the reference.
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, med) = entry_of(&mut doc, "MedicationStatement");
+    let concept = med["medicationCodeableConcept"].take();
+    med.as_object_mut()
+        .unwrap()
+        .remove("medicationCodeableConcept");
+    med["medicationReference"] =
+        json!({"reference": "urn:uuid:3c1f5e9a-7777-4777-8777-000000000008"});
+    doc["entry"].as_array_mut().unwrap().push(json!({
+        "fullUrl": "urn:uuid:3c1f5e9a-7777-4777-8777-000000000008",
+        "resource": {"resourceType": "Medication", "status": "entered-in-error", "code": concept}
+    }));
+    let refused = parse_fhir(&doc).unwrap_err();
+    assert!(
+        refused.0.iter().any(|v| v.field
+            == format!("entry[{i}].resource.medicationReference.reference")
+            && v.description.contains("not current")),
+        "{refused:?}"
+    );
+}
+
+/// The custody episode named by `Composition.encounter` gives the dates
+/// and deadlines: one entered in error or cancelled is refused, not used.
+#[test]
+fn a_custody_encounter_entered_in_error_or_cancelled_is_refused() {
+    let s = fixture("01-ost-released-today");
+    for status in ["entered-in-error", "cancelled"] {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        assert!(doc["entry"][0]["resource"]["encounter"].is_object());
+        let (_, encounter) = entry_of(&mut doc, "Encounter");
+        encounter["status"] = json!(status);
+        let refused = parse_fhir(&doc).unwrap_err();
+        assert!(
+            refused
+                .0
+                .iter()
+                .any(|v| v.field == "entry[0].resource.encounter"
+                    && v.description.contains("not current")),
+            "{status}: {refused:?}"
+        );
+    }
 }
 
 /// A Flag coded the way an EHR codes it (SNOMED CT, or words alone) is a

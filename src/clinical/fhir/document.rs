@@ -649,8 +649,10 @@ fn custody_encounter<'a>(
     errors: &mut ValidationErrors,
 ) -> Option<(usize, &'a str)> {
     if let Some(r) = comp.encounter.as_ref().filter(|r| r.reference.is_some()) {
-        return match index.resolve(r) {
+        let before = errors.0.len();
+        return match index.resolve_current(r, || format!("{p0}encounter"), errors) {
             Some((ei, ev)) if index.kind(ei) == Some("Encounter") => Some((ei, ev)),
+            _ if errors.0.len() > before => None,
             _ => {
                 errors.add(
                     format!("{p0}encounter"),

@@ -164,6 +164,33 @@ impl<'a> Index<'a> {
         Some((i, self.entries[i].resource.get()))
     }
 
+    /// [`Index::resolve`], refusing at `at` a target whose own status says
+    /// it is not current (entered in error, cancelled): a custody episode
+    /// or a medicine read from a withdrawn record would be acted on.
+    pub(super) fn resolve_current(
+        &self,
+        r: &Reference,
+        at: impl FnOnce() -> String,
+        errors: &mut ValidationErrors,
+    ) -> Option<(usize, &'a str)> {
+        let (i, json) = self.resolve(r)?;
+        let kind = self.kind(i)?;
+        match unread::standing(kind, json) {
+            Ok(None) => Some((i, json)),
+            Ok(Some(why)) => {
+                errors.add(
+                    at(),
+                    format!("refers to a {kind} that is not current ({why})"),
+                );
+                None
+            }
+            Err((element, why)) => {
+                errors.add(format!("{}{element}", self.path(i)), why);
+                None
+            }
+        }
+    }
+
     /// How many entries the Bundle has.
     pub(super) fn len(&self) -> usize {
         self.entries.len()

@@ -500,10 +500,18 @@ pub(super) fn medication_code(
     {
         return contained_medication(resource, id, &at, errors);
     }
+    let before = errors.0.len();
     let Some((mi, mv)) = index
-        .resolve(reference)
+        .resolve_current(
+            reference,
+            || format!("{at}medicationReference.reference"),
+            errors,
+        )
         .filter(|(mi, _)| index.kind(*mi) == Some("Medication"))
     else {
+        if errors.0.len() > before {
+            return None;
+        }
         errors.add(
             format!("{at}medicationReference.reference"),
             "must refer to a Medication entry in the Bundle",

@@ -639,7 +639,7 @@ fn withdrawn_value(kind: &str, v: &Value) -> Option<String> {
             Some("no longer active (clinicalStatus)".into())
         }
         ("Immunization", Some("not-done"), _) => Some("not done".into()),
-        ("Observation", Some("cancelled"), _) => Some("cancelled".into()),
+        ("Observation" | "Encounter", Some("cancelled"), _) => Some("cancelled".into()),
         // occurrence[x] as text ("childhood, date unknown") is valid FHIR,
         // but the model dates every vaccination: listed, not refused.
         ("Immunization", _, _)
