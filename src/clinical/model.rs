@@ -23,6 +23,20 @@ const DATE: &[time::format_description::BorrowedFormatItem<'static>] =
 impl FromStr for Date {
     type Err = &'static str;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Exactly YYYY-MM-DD, as FHIR's `date` and ISO 8601 write it: the
+        // parser alone would take a signed year (`+1980-05-14`).
+        let b = s.as_bytes();
+        let shape = b.len() == 10
+            && b.iter().enumerate().all(|(i, c)| {
+                if i == 4 || i == 7 {
+                    *c == b'-'
+                } else {
+                    c.is_ascii_digit()
+                }
+            });
+        if !shape {
+            return Err("must be a calendar date written YYYY-MM-DD");
+        }
         time::Date::parse(s, DATE)
             .map(Date)
             .map_err(|_| "must be a calendar date written YYYY-MM-DD")
@@ -38,6 +52,14 @@ impl fmt::Display for Date {
 impl FromStr for DateTime {
     type Err = &'static str;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // FHIR's dateTime: `T` between date and time and an upper-case `Z`;
+        // RFC 3339 parsers also take a space or a lower-case `t`/`z`.
+        if s.len() < 11 || s.as_bytes()[10] != b'T' || s.contains(['t', 'z']) {
+            return Err("must be a date and time with offset (RFC 3339)");
+        }
+        s[..10]
+            .parse::<Date>()
+            .map_err(|_| "must be a date and time with offset (RFC 3339)")?;
         let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
             .map_err(|_| "must be a date and time with offset (RFC 3339)")?;
         // FHIR's dateTime (and every real zone): offsets from -14:00 to +14:00.
@@ -911,6 +933,33 @@ pub fn dosing_interval_ms(frequency: &str) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// FHIR R4's `date` and `dateTime` shapes: no signed year, `T` and an
+    /// upper-case `Z`; what RFC 3339 parsers also take is refused.
+    #[test]
+    fn dates_and_times_take_fhirs_shape_only() {
+        for bad in [
+            "+1980-05-14",
+            "-2020-01-01",
+            "1980-5-14",
+            "19800514",
+            "1980-05-14 ",
+        ] {
+            assert!(bad.parse::<Date>().is_err(), "{bad}");
+        }
+        assert!("1980-05-14".parse::<Date>().is_ok());
+        for bad in [
+            "2026-07-24 08:10:00Z",
+            "2026-07-24t08:10:00Z",
+            "2026-07-24T08:10:00z",
+            "+2026-07-24T08:10:00Z",
+            "2026-07-24",
+        ] {
+            assert!(bad.parse::<DateTime>().is_err(), "{bad}");
+        }
+        assert!("2026-07-24T08:10:00Z".parse::<DateTime>().is_ok());
+        assert!("2026-07-24T08:10:00.123+01:00".parse::<DateTime>().is_ok());
+    }
 
     #[test]
     fn a_split_or_more_frequent_dose_is_due_sooner_than_a_day() {

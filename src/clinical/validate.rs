@@ -148,6 +148,7 @@ pub fn validate_serialised(
         }
     }
     check_text(s, json, &mut e);
+    check_days_supplied(s, &mut e);
     e.into_result()
 }
 
@@ -188,6 +189,28 @@ fn check_custody_dates(s: &ClinicalSummary, e: &mut ValidationErrors) {
             "summary.custody.release_date",
             "must not be before the reception date",
         );
+    }
+}
+
+/// Days supplied fit FHIR's `integer`, which is 32-bit: a longer supply
+/// could not be written.
+fn check_days_supplied(s: &ClinicalSummary, e: &mut ValidationErrors) {
+    let days = s
+        .medications
+        .iter()
+        .map(|m| m.days_supplied)
+        .enumerate()
+        .map(|(i, d)| (format!("summary.medications[{i}].days_supplied"), d))
+        .chain(s.prescriptions.iter().enumerate().map(|(i, p)| {
+            (
+                format!("summary.prescriptions[{i}].days_supplied"),
+                p.days_supplied,
+            )
+        }));
+    for (field, d) in days {
+        if d.is_some_and(|d| d > i32::MAX as u32) {
+            e.add(field, format!("at most {} days", i32::MAX));
+        }
     }
 }
 
@@ -363,6 +386,10 @@ mod tests {
         assert_eq!(e.0.len(), 1, "{e:?}");
         assert_eq!(e.0[0].field, "summary.allergies");
         s.allergies.truncate(1);
+        s.medications[0].days_supplied = Some(3_000_000_000);
+        let e = validate(&s, JourneyEvent::Release).unwrap_err();
+        assert_eq!(e.0[0].field, "summary.medications[0].days_supplied");
+        s.medications[0].days_supplied = Some(28);
         s.patient.family_name = "x".repeat(MAX_SUMMARY_JSON);
         let e = validate(&s, JourneyEvent::Release).unwrap_err();
         assert_eq!(e.0[0].field, "summary");
