@@ -486,6 +486,20 @@ fn a_dg1_the_sender_deletes_is_left_out_and_the_others_keep_their_status() {
         "{:?}",
         read.not_read
     );
+    // Table 0396: SNM is the older SNOMED; an SCTID-shaped code under it is
+    // read as SNOMED CT, any other keeps its own system.
+    let segments = hl7_release(|segs| {
+        segs.retain(|s| !s.starts_with("DG1"));
+        segs.push("DG1|1||22298006^Myocardial infarction^SNM||20200101|F".into());
+        segs.push("DG1|2||D3-15000^Myocardial infarction^SNM||20200101|F".into());
+    });
+    let read = parse_hl7(&segments).unwrap();
+    let systems: Vec<&str> = read
+        .diagnoses
+        .iter()
+        .map(|d| d.code.system.as_str())
+        .collect();
+    assert_eq!(systems, ["http://snomed.info/sct", "SNM"]);
     let segments = hl7_release(|segs| {
         segs.push(format!("DG1|9||B24^HIV^I10||20200101|F{}Q", "|".repeat(15)));
     });

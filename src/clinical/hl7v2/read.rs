@@ -100,8 +100,13 @@ fn code_from_ce(field: &str) -> Option<Code> {
     } else {
         return None;
     };
+    // HL7 table 0396: `SCT` is SNOMED CT; `SNM` is the older SNOMED (II/3),
+    // read as SNOMED CT only when its code has an SCTID's shape (6 to 18
+    // digits) as senders that mean SNOMED CT write it, never `D3-12345`.
+    let sctid = |c: &str| (6..=18).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_digit());
     let system = match &*system {
-        "SCT" | "SNM" | "SNOMEDCT" => SNOMED.to_owned(),
+        "SCT" | "SNOMEDCT" => SNOMED.to_owned(),
+        "SNM" if sctid(&code) => SNOMED.to_owned(),
         "DMD" => DMD.to_owned(),
         other => other.to_owned(),
     };
