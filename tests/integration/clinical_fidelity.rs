@@ -2157,6 +2157,30 @@ fn contained_medicines_and_reaction_substances_are_read_and_ambiguous_json_is_re
     assert!(err.0[0].description.contains("`status` twice"), "{err}");
 }
 
+/// A document Bundle carries its own identifier and timestamp (R4 bdl-9,
+/// bdl-10): without them it cannot be told from another or dated.
+#[test]
+fn a_document_bundle_without_its_identifier_or_timestamp_is_refused() {
+    let s = fixture("01-ost-released-today");
+    for (key, value) in [
+        ("identifier", None),
+        ("identifier", Some(json!({"system": "urn:ietf:rfc:3986"}))),
+        ("timestamp", None),
+        ("timestamp", Some(json!("2026-11-24"))),
+    ] {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        match value {
+            Some(v) => doc[key] = v,
+            None => {
+                doc.as_object_mut().unwrap().remove(key);
+            }
+        }
+        let err = parse_fhir(&doc).unwrap_err();
+        assert!(err.0.iter().any(|v| v.field == key), "{key}: {err}");
+    }
+    assert!(parse_fhir(&fhir_json(&s, JourneyEvent::Release)).is_ok());
+}
+
 /// FHIR JSON (R4 json.html) has no empty string, object or array, and no
 /// `null` outside an array: a reader would take each as absent, the sender
 /// may have meant otherwise. A risk coded `"system": ""` used to be stored

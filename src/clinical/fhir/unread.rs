@@ -548,6 +548,9 @@ pub(super) fn bundle(json: &str, prefix: &str, errors: &mut ValidationErrors) ->
     let Ok(top) = serde_json::from_str::<BTreeMap<String, &RawValue>>(json) else {
         return notes;
     };
+    if top.get("type").map(|t| t.get()) == Some("\"document\"") {
+        document_identity(&top, prefix, errors);
+    }
     for (key, value) in &top {
         match key.as_str() {
             "resourceType" | "id" | "identifier" | "type" | "timestamp" | "fhir_comments" => {}
@@ -680,6 +683,42 @@ const SERVICE_REQUEST_INTENTS: &[&str] = &[
     "instance-order",
     "option",
 ];
+
+/// A document Bundle's own identity (R4 invariants bdl-9 and bdl-10): an
+/// `identifier` with a system and a value, and a `timestamp`, an instant.
+/// Without them a document cannot be told from another or dated.
+fn document_identity(
+    top: &std::collections::BTreeMap<String, &serde_json::value::RawValue>,
+    prefix: &str,
+    errors: &mut ValidationErrors,
+) {
+    let value = |key: &str| {
+        top.get(key)
+            .and_then(|v| serde_json::from_str::<Value>(v.get()).ok())
+    };
+    let identifier = value("identifier");
+    let identified = identifier.is_some_and(|i| {
+        i.get("system").and_then(Value::as_str).is_some()
+            && i.get("value").and_then(Value::as_str).is_some()
+    });
+    if !identified {
+        errors.add(
+            format!("{prefix}identifier"),
+            "required for a document: a system and a value (bdl-9)",
+        );
+    }
+    let dated = value("timestamp")
+        .as_ref()
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.parse::<crate::clinical::model::DateTime>().is_ok());
+    if !dated {
+        errors.add(
+            format!("{prefix}timestamp"),
+            "required for a document: an instant, date and time with seconds and offset \
+             (bdl-10)",
+        );
+    }
+}
 
 /// A ServiceRequest's `intent` outside its required binding (it is 1..1).
 fn intent_fault(v: &Value) -> Option<(&'static str, String)> {
