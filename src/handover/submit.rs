@@ -171,6 +171,14 @@ impl Gateway {
         cmd: Decoded<SubmitCommand>,
     ) -> Result<SubmitReceipt, Error> {
         let (org, actor) = self.organisation(caller, "submit handovers")?;
+        // Authorised first: an organisation that may send nothing (probation,
+        // a treatment service) learns nothing of the request's faults.
+        if !matches!(org.kind, OrgKind::Prison | OrgKind::GpPractice) {
+            return Err(Error::PermissionDenied(format!(
+                "a {} sends no handovers",
+                org.kind.as_str()
+            )));
+        }
         let cmd = cmd?;
         if org.kind != cmd.event.sender_kind() {
             return Err(Error::PermissionDenied(format!(

@@ -190,6 +190,12 @@ async fn operators_and_wrong_senders_cannot_submit() {
     empty.document = Some(pb::submit_request::Document::Native(Default::default()));
     let err = gp.submit(empty).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Probation, which may send nothing, learns nothing of a malformed
+    // request's faults either.
+    let mut malformed = release("", 1, &["not an ods code"], "x");
+    malformed.event = 0;
+    let err = probation.submit(malformed).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     gw.stop().await;
 }
 
