@@ -568,6 +568,31 @@ fn subcomponents_are_read_by_their_first_and_only_cr_ends_a_segment() {
     let lf = hl7_release(|_| {}).join("\n");
     assert!(hl7v2::parse(lf.as_bytes(), &Limits::default()).is_ok());
 
+    // PID-11.7 BA (table 0190, bad address) is no release address.
+    let segments = hl7_release(|segs| {
+        edit_field(segs, "PID", 11, &|f| {
+            let mut comps: Vec<String> = f.split('^').map(String::from).collect();
+            comps.resize(7, String::new());
+            comps[6] = "BA".into();
+            comps.join("^")
+        });
+    });
+    match parse_hl7(&segments) {
+        Ok(read) => {
+            assert_eq!(read.custody.release_address, None);
+            assert!(
+                read.not_read
+                    .iter()
+                    .any(|n| n.starts_with("PID-11: not carried"))
+            );
+        }
+        Err(e) => assert!(
+            e.0.iter()
+                .any(|v| v.field.contains("address") || v.field.starts_with("PID-11")),
+            "{e}"
+        ),
+    }
+
     let s = fixture("06-many-medicines-and-allergies");
     let text = String::from_utf8(hl7v2::render(&s, JourneyEvent::Release).bytes).unwrap();
     assert!(

@@ -449,7 +449,17 @@ fn read_pid(
         e.add("PID-7", "required: date of birth YYYYMMDD");
     }
     let sex = read_sex(pid, e);
-    let release_address = (!pid.field(11).is_empty()).then(|| Address {
+    // PID-11.7 (HL7 table 0190): a bad address, or one of birth or origin,
+    // is not where the patient goes on release.
+    let address_type = pid.comp(11, 7);
+    let not_a_home = matches!(&*address_type, "BA" | "BDL" | "BR" | "N" | "F");
+    if not_a_home {
+        notes.push(format!(
+            "PID-11: not carried: the address is of type {} (table 0190), not a release address",
+            address_type
+        ));
+    }
+    let release_address = (!pid.field(11).is_empty() && !not_a_home).then(|| Address {
         lines: [pid.sub1(11, 1), pid.comp(11, 2)]
             .into_iter()
             .filter(|l| !l.is_empty())
