@@ -31,10 +31,7 @@ pub fn decoded(bytes: &[u8]) -> Result<Cow<'_, [u8]>, ValidationErrors> {
             )),
         },
         b"8859/1" => Ok(Cow::Owned(
-            bytes
-                .iter()
-                .map(|b| char::from(*b))
-                .collect::<String>()
+            latin_hex_as_utf8(&bytes.iter().map(|b| char::from(*b)).collect::<String>())
                 .into_bytes(),
         )),
         _ => Err(ValidationErrors::one(
@@ -43,6 +40,42 @@ pub fn decoded(bytes: &[u8]) -> Result<Cow<'_, [u8]>, ValidationErrors> {
              (HL7 table 0211)",
         )),
     }
+}
+
+/// `text` (decoded from Latin-1) with each hexadecimal escape (`\XEB\`)
+/// re-expressed in UTF-8 (`\XC3AB\`): HL7 v2 §2.7.3 gives hexadecimal data
+/// in the message's character set, and the parser reads UTF-8.
+fn latin_hex_as_utf8(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("\\X") {
+        out.push_str(&rest[..i]);
+        let body = &rest[i + 2..];
+        let end = body.find('\\');
+        let hex = end.map(|j| &body[..j]).filter(|h| {
+            !h.is_empty() && h.len() % 2 == 0 && h.bytes().all(|b| b.is_ascii_hexdigit())
+        });
+        match (hex, end) {
+            (Some(hex), Some(j)) => {
+                out.push_str("\\X");
+                for k in (0..hex.len()).step_by(2) {
+                    let byte = u8::from_str_radix(&hex[k..k + 2], 16).unwrap_or_default();
+                    let mut buf = [0; 4];
+                    for b in char::from(byte).encode_utf8(&mut buf).bytes() {
+                        out.push_str(&format!("{b:02X}"));
+                    }
+                }
+                out.push('\\');
+                rest = &body[j + 1..];
+            }
+            _ => {
+                out.push_str("\\X");
+                rest = body;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -60,6 +93,15 @@ mod tests {
         latin.extend_from_slice(b"Zo\xEB");
         let text = String::from_utf8(decoded(&latin).unwrap().into_owned()).unwrap();
         assert!(text.ends_with("PID|Zoë"), "{text}");
+        // Hexadecimal data is in the declared set too (HL7 v2 §2.7.3).
+        let mut hex = msh("8859/1");
+        hex.extend_from_slice(b"Zo\\XEB\\|\\X0D0A\\|\\Xnot\\");
+        let text = String::from_utf8(decoded(&hex).unwrap().into_owned()).unwrap();
+        assert!(
+            text.ends_with("PID|Zo\\XC3AB\\|\\X0D0A\\|\\Xnot\\"),
+            "{text}"
+        );
+        assert_eq!(super::super::escape::unescape("Zo\\XC3AB\\"), "Zoë");
         for utf8 in ["", "UNICODE UTF-8"] {
             let m = msh(utf8);
             assert!(matches!(decoded(&m).unwrap(), Cow::Borrowed(_)));
