@@ -1097,6 +1097,41 @@ fn a_resource_about_someone_else_is_refused_by_its_subject() {
     }
 }
 
+/// A relative reference (`Patient/1`) that two entries could satisfy (two
+/// servers' `Patient/1` in one Bundle) is not guessed at: before, the last
+/// one won, which could be another person.
+#[test]
+fn a_relative_reference_two_entries_could_mean_is_refused() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (pi, patient) = entry_of(&mut doc, "Patient");
+    let mut other = patient.clone();
+    other["name"][0]["family"] = json!("Someone-Else");
+    doc["entry"][pi]["fullUrl"] = json!("https://a.example/fhir/Patient/1");
+    doc["entry"].as_array_mut().unwrap().push(json!({
+        "fullUrl": "https://b.example/fhir/Patient/1",
+        "resource": other,
+    }));
+    doc["entry"][0]["resource"]["subject"] = json!({"reference": "Patient/1"});
+    let (_, med) = entry_of(&mut doc, "MedicationStatement");
+    med["subject"] = json!({"reference": "Patient/1"});
+    assert!(parse_fhir(&doc).is_err());
+    // One candidate: read as before.
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (pi, _) = entry_of(&mut doc, "Patient");
+    let url = doc["entry"][pi]["fullUrl"].clone();
+    doc["entry"][pi]["fullUrl"] = json!("https://a.example/fhir/Patient/1");
+    let old = url.as_str().unwrap().to_owned();
+    let text = serde_json::to_string(&doc)
+        .unwrap()
+        .replace(&old, "Patient/1");
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        parse_fhir(&doc).unwrap().patient.family_name,
+        s.patient.family_name
+    );
+}
+
 /// Two last doses for one medicine are refused: the wrong one risks a
 /// double dose on release.
 #[test]

@@ -155,8 +155,9 @@ impl<'a> Index<'a> {
     /// The entry a reference points at, by the Bundle rules: an absolute
     /// reference (`urn:uuid:…`, `https://…/Patient/1`) matches a fullUrl;
     /// a relative one (`Patient/1`, with or without `/_history/n`) matches
-    /// a RESTful fullUrl ending in it, or else the resource of that type
-    /// with that id. The last match wins, as in a Bundle read in order.
+    /// the one RESTful fullUrl ending in it, or else the one resource of
+    /// that type with that id; several (two servers' `Patient/1`) resolve
+    /// to none.
     pub(super) fn resolve(&self, r: &Reference) -> Option<(usize, &'a str)> {
         let url = r.reference.as_deref()?;
         let i = self.find(url)?;
@@ -218,18 +219,33 @@ impl<'a> Index<'a> {
         if url.contains(':') || id.contains('/') || t.is_empty() || id.is_empty() {
             return None;
         }
+        // A relative reference resolves against the referring entry's base
+        // (R4 bundle.html §2.36.4.1). It is read here only when one entry
+        // can be meant: two servers' `Patient/1` in one Bundle may be two
+        // people, so several matches resolve to none (and are refused).
         let tail = format!("/{t}/{id}");
-        if let Some(i) = self.entries.iter().rposition(|e| {
-            let f = full_url(e);
-            f.contains("://") && f.split("/_history/").next().unwrap_or(f).ends_with(&tail)
-        }) {
-            return Some(i);
+        let restful: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| {
+                let f = full_url(&self.entries[i]);
+                f.contains("://") && f.split("/_history/").next().unwrap_or(f).ends_with(&tail)
+            })
+            .collect();
+        match restful.as_slice() {
+            [i] => return Some(*i),
+            [] => {}
+            _ => return None,
         }
-        (0..self.entries.len()).rev().find(|&i| {
-            self.kind(i) == Some(t)
-                && serde_json::from_str::<TypeAndId>(self.entries[i].resource.get())
-                    .is_ok_and(|r| r.id.as_deref() == Some(id) && r.resource_type.is_some())
-        })
+        let by_id: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| {
+                self.kind(i) == Some(t)
+                    && serde_json::from_str::<TypeAndId>(self.entries[i].resource.get())
+                        .is_ok_and(|r| r.id.as_deref() == Some(id) && r.resource_type.is_some())
+            })
+            .collect();
+        match by_id.as_slice() {
+            [i] => Some(*i),
+            _ => None,
+        }
     }
 
     /// The ODS code of the Organization `r` (at `at`) points at: an entry
