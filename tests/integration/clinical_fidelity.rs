@@ -2239,6 +2239,21 @@ fn a_document_bundle_without_its_identifier_or_timestamp_is_refused() {
         assert!(err.0.iter().any(|v| v.field == key), "{key}: {err}");
     }
     assert!(parse_fhir(&fhir_json(&s, JourneyEvent::Release)).is_ok());
+    // Patient.active is a modifier: false says the record may not be valid.
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (pi, patient) = entry_of(&mut doc, "Patient");
+    patient["active"] = json!(false);
+    let err = parse_fhir(&doc).unwrap_err();
+    assert!(
+        err.0
+            .iter()
+            .any(|v| v.field == format!("entry[{pi}].resource.active")),
+        "{err}"
+    );
+    let (_, patient) = entry_of(&mut doc, "Patient");
+    patient["active"] = json!(true);
+    let read = parse_fhir(&doc).unwrap();
+    assert!(read.not_read.is_empty(), "{:?}", read.not_read);
 }
 
 /// FHIR JSON (R4 json.html) has no empty string, object or array, and no

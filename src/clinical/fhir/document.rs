@@ -497,6 +497,15 @@ fn read_patient<'a>(
 ) -> Option<PatientRead<'a>> {
     let pp = index.path(pi);
     let fp: Patient = typed(pv, pp, errors)?;
+    if fp.active == Some(false) {
+        // Patient.active is a modifier (R4): false says the record should
+        // not be treated as valid, a merged or retired duplicate.
+        errors.add(
+            format!("{pp}active"),
+            "the patient's record is marked inactive (it may be a merged or retired \
+             duplicate): send the summary from the record in use",
+        );
+    }
     let (nhs, prison, crn) = read_identifiers(index, &fp.identifier, pp, errors);
     let name = fp.name.first();
     if let Some(u) = name

@@ -321,6 +321,9 @@ pub struct Patient<'a> {
     #[serde(default, skip_serializing_if = "empty")]
     #[serde(borrow)]
     pub general_practitioner: Vec<Reference<'a>>,
+    /// A modifier: `false` says the record may not be valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
 }
 
 /// A Medication a MedicationStatement or MedicationRequest refers to.

@@ -81,6 +81,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
                 "name.given",
                 "gender",
                 "birthDate",
+                "active",
                 "address",
                 "address.use",
                 "address.text",

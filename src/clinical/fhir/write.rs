@@ -325,6 +325,7 @@ fn add_patient(doc: &mut Doc, s: &ClinicalSummary) -> String {
             })
             .collect(),
         general_practitioner: gp_url.iter().map(|u| Reference::to(u.as_str())).collect(),
+        active: None,
     })
 }
 
