@@ -223,7 +223,7 @@ impl When {
 /// time that is not one.
 /// The calendar day in England and Wales at instant `t` (23:30 UTC on a
 /// summer evening is already the next day in BST).
-fn date_in_england(t: time::OffsetDateTime) -> time::Date {
+pub(crate) fn date_in_england(t: time::OffsetDateTime) -> time::Date {
     let fallback = t.to_offset(time::UtcOffset::UTC).date();
     let (Ok(ts), Ok(zone)) = (
         jiff::Timestamp::from_nanosecond(t.unix_timestamp_nanos()),

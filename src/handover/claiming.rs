@@ -238,8 +238,10 @@ fn registration_date(
         v.add(field, "must not be before 1900");
         return None;
     }
+    // Today as England's calendar has it: a registration made at 00:30 BST
+    // is dated the day that is still yesterday in UTC.
     let today = time::OffsetDateTime::from_unix_timestamp(now_ms.div_euclid(1_000))
-        .map(|t| t.date().to_string())
+        .map(|t| crate::clinical::model::date_in_england(t).to_string())
         .unwrap_or_default();
     if date > today {
         v.add(field, "must not be in the future");
@@ -278,5 +280,15 @@ mod tests {
             Some("must be a calendar date written YYYY-MM-DD")
         );
         assert_eq!(fault("2025-11-30"), None);
+        // 23:30 UTC on 30 June is 00:30 BST on 1 July: registered "today".
+        let mut v = ValidationErrors::default();
+        let summer_night = 1_782_862_200_000; // 2026-06-30T23:30:00Z
+        registration_date(
+            Some("2026-07-01".into()),
+            "evidence.registration_date",
+            summer_night,
+            &mut v,
+        );
+        assert!(v.0.is_empty(), "{:?}", v.0);
     }
 }

@@ -313,10 +313,12 @@ fn is_due(d: &DeliveryRecord, now: i64) -> bool {
         .is_none_or(|f| f.next_check_ms.is_some_and(|at| at <= now))
 }
 
-/// The UTC date of `now_ms`, `YYYY-MM-DD`.
+/// The date in England at `now_ms`, `YYYY-MM-DD` (PDS dates a GP
+/// registration by England's calendar: at 00:30 BST it is already the next
+/// day, though not yet in UTC).
 pub(super) fn today(now_ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(now_ms.div_euclid(1_000))
-        .map(|t| t.date().to_string())
+        .map(|t| crate::clinical::model::date_in_england(t).to_string())
         .unwrap_or_default()
 }
 
