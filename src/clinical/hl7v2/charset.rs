@@ -50,29 +50,23 @@ fn latin_hex_as_utf8(text: &str) -> String {
     let mut rest = text;
     while let Some(i) = rest.find("\\X") {
         out.push_str(&rest[..i]);
-        let body = &rest[i + 2..];
-        let end = body.find('\\');
-        let hex = end.map(|j| &body[..j]).filter(|h| {
-            !h.is_empty() && h.len() % 2 == 0 && h.bytes().all(|b| b.is_ascii_hexdigit())
-        });
-        match (hex, end) {
-            (Some(hex), Some(j)) => {
-                out.push_str("\\X");
-                for k in (0..hex.len()).step_by(2) {
-                    let byte = u8::from_str_radix(&hex[k..k + 2], 16).unwrap_or_default();
-                    let mut buf = [0; 4];
-                    for b in char::from(byte).encode_utf8(&mut buf).bytes() {
-                        out.push_str(&format!("{b:02X}"));
-                    }
-                }
-                out.push('\\');
-                rest = &body[j + 1..];
-            }
-            _ => {
-                out.push_str("\\X");
-                rest = body;
+        out.push_str("\\X");
+        let body = &rest[i + 1..];
+        let escape = body
+            .find('\\')
+            .and_then(|j| Some((j, super::escape::hex_bytes(&body[..j])?)));
+        let Some((j, bytes)) = escape else {
+            rest = &body[1..];
+            continue;
+        };
+        for byte in bytes {
+            let mut buf = [0; 4];
+            for b in char::from(byte).encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("{b:02X}"));
             }
         }
+        out.push('\\');
+        rest = &body[j + 1..];
     }
     out.push_str(rest);
     out

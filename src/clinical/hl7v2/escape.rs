@@ -83,18 +83,23 @@ pub(super) fn unescaped(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// The text of a hexadecimal escape's body (`X0D0A`, `XC3A9`): its bytes
-/// as UTF-8, or `None` when it is not one (kept as written).
-fn hex_text(seq: &str) -> Option<String> {
+/// The bytes of a hexadecimal escape's body (`X0D0A`, `XC3A9`), or `None`
+/// when it is not one.
+pub(super) fn hex_bytes(seq: &str) -> Option<Vec<u8>> {
     let digits = seq.strip_prefix('X')?;
     if digits.is_empty() || digits.len() % 2 != 0 {
         return None;
     }
-    let bytes = (0..digits.len())
+    (0..digits.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    String::from_utf8(bytes).ok()
+        .collect()
+}
+
+/// The text of a hexadecimal escape's body: its bytes as UTF-8, or `None`
+/// when it is not one (kept as written).
+fn hex_text(seq: &str) -> Option<String> {
+    String::from_utf8(hex_bytes(seq)?).ok()
 }
 
 #[cfg(test)]
