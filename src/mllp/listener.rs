@@ -302,7 +302,9 @@ async fn session<S>(
             ),
             Ok(Err(FrameError::TooLarge { max, head })) => {
                 let ack = answer::too_large(&head, max, time::OffsetDateTime::now_utc());
-                shared.metrics.mllp_acked("AR");
+                shared
+                    .metrics
+                    .mllp_acked(crate::clinical::hl7v2::AckCode::Error.as_str());
                 let _ =
                     tokio::time::timeout(s.idle_timeout, frame::write(&mut stream, ack.as_bytes()))
                         .await;

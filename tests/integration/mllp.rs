@@ -356,7 +356,7 @@ async fn malformed_and_oversized_frames_are_refused_and_audited() {
     let mut conn = connect(&gw, "YP001").await;
     conn.write_all(b"MSH|^~\\&|no start block\r").await.unwrap();
     assert!(closed(&mut conn).await, "bytes outside a frame close it");
-    // Over the limit: AR naming the control id, then closed, never buffered whole.
+    // Over the limit: AE naming the control id, then closed, never buffered whole.
     let mut conn = connect(&gw, "YP001").await;
     let big = message(
         "big-1",
@@ -388,6 +388,9 @@ async fn malformed_and_oversized_frames_are_refused_and_audited() {
     };
     assert_eq!(reason("malformed_frame"), 1.0);
     assert_eq!(reason("message_too_large"), 1.0);
+    // Counted as the AE it was, not as AR.
+    assert_eq!(metric(&gw, "throughcare_mllp_acks_total{ack=\"AE\"}"), 1.0);
+    assert_eq!(metric(&gw, "throughcare_mllp_acks_total{ack=\"AR\"}"), 0.0);
     let audited = gw.store.audit_entries().unwrap();
     let frames: Vec<_> = audited
         .iter()
