@@ -94,15 +94,20 @@ struct Blobs {
     synced: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
+/// Blob files a barrier must sync, and every name present (which become
+/// the synced set once they are).
+struct Unsynced {
+    new: Vec<std::path::PathBuf>,
+    present: std::collections::HashSet<std::ffi::OsString>,
+}
+
 impl Blobs {
-    /// Syncs each blob file not synced before, and the directory if any
-    /// was new, all at once (each `fdatasync` waits on the disk, not the
-    /// CPU); returns how many files. A file sled removed meanwhile (its page
-    /// rewritten) needs nothing.
-    fn sync_new(&self) -> io::Result<u64> {
+    /// The blob files not synced before; `None` when there are none (the
+    /// usual case: a page over the threshold is rare with small documents).
+    fn unsynced(&self) -> io::Result<Option<Unsynced>> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
         let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
@@ -117,17 +122,25 @@ impl Blobs {
         }
         if new.is_empty() {
             *synced = present;
-            return Ok(0);
+            return Ok(None);
         }
+        Ok(Some(Unsynced { new, present }))
+    }
+
+    /// Syncs `u`'s files and the directory, all at once (each `fdatasync`
+    /// waits on the disk, not the CPU); returns how many files. A file sled
+    /// removed meanwhile (its page rewritten) needs nothing.
+    fn sync(&self, u: Unsynced) -> io::Result<u64> {
         let sync_file = |path: &std::path::PathBuf| match File::open(path) {
             Ok(file) => file.sync_data(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         };
         // At most 16 threads, however many files a large batch made.
-        let per_thread = new.len().div_ceil(16);
+        let per_thread = u.new.len().div_ceil(16);
         std::thread::scope(|scope| {
-            let files: Vec<_> = new
+            let files: Vec<_> = u
+                .new
                 .chunks(per_thread)
                 .map(|chunk| scope.spawn(move || chunk.iter().try_for_each(sync_file)))
                 .collect();
@@ -138,8 +151,8 @@ impl Blobs {
             })?;
             dir
         })?;
-        *synced = present;
-        Ok(new.len() as u64)
+        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) = u.present;
+        Ok(u.new.len() as u64)
     }
 }
 
@@ -178,13 +191,15 @@ impl DurabilityBarrier {
         self.db
             .flush()
             .map_err(|e| io::Error::other(format!("sled flush: {e}")))?;
-        self.sync_blobs()?;
+        if let Some(u) = self.blobs.unsynced()? {
+            self.sync_blobs(u)?;
+        }
         self.log.sync_data()
     }
 
     /// Syncs the blob files sled wrote since the last barrier.
-    fn sync_blobs(&self) -> io::Result<()> {
-        let n = self.blobs.sync_new()?;
+    fn sync_blobs(&self, u: Unsynced) -> io::Result<()> {
+        let n = self.blobs.sync(u)?;
         self.stats.blobs_synced.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
@@ -209,8 +224,12 @@ impl DurabilityBarrier {
                 .db
                 .flush()
                 .map_err(|e| io::Error::other(format!("sled flush: {e}")))
-                .and_then(|_| {
-                    let blobs = scope.spawn(|| self.sync_blobs());
+                .and_then(|_| self.blobs.unsynced())
+                .and_then(|unsynced| {
+                    let Some(u) = unsynced else {
+                        return self.log.sync_data();
+                    };
+                    let blobs = scope.spawn(|| self.sync_blobs(u));
                     let log = self.log.sync_data();
                     let blobs = blobs
                         .join()
