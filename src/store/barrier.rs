@@ -94,17 +94,11 @@ struct Blobs {
     synced: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
-/// Blob files a barrier must sync, and every name present (which become
-/// the synced set once they are).
-struct Unsynced {
-    new: Vec<std::path::PathBuf>,
-    present: std::collections::HashSet<std::ffi::OsString>,
-}
-
 impl Blobs {
-    /// The blob files not synced before; `None` when there are none (the
-    /// usual case: a page over the threshold is rare with small documents).
-    fn unsynced(&self) -> io::Result<Option<Unsynced>> {
+    /// The blob files not synced whole before; `None` when there are none
+    /// (the usual case: a page over the threshold is rare with small
+    /// documents). Names sled has removed are forgotten.
+    fn unsynced(&self) -> io::Result<Option<Vec<std::path::PathBuf>>> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -120,40 +114,64 @@ impl Blobs {
             }
             present.insert(name);
         }
-        if new.is_empty() {
-            *synced = present;
-            return Ok(None);
-        }
-        Ok(Some(Unsynced { new, present }))
+        synced.retain(|name| present.contains(name));
+        Ok((!new.is_empty()).then_some(new))
     }
 
-    /// Syncs `u`'s files and the directory, all at once (each `fdatasync`
-    /// waits on the disk, not the CPU); returns how many files. A file sled
-    /// removed meanwhile (its page rewritten) needs nothing.
-    fn sync(&self, u: Unsynced) -> io::Result<u64> {
-        let sync_file = |path: &std::path::PathBuf| match File::open(path) {
-            Ok(file) => file.sync_data(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
+    /// Syncs `new` and the directory, all at once (each `fdatasync` waits
+    /// on the disk, not the CPU); returns how many files were whole.
+    ///
+    /// The writer may be writing a later batch's blob file while this
+    /// barrier runs, so a file counts as synced only when it was whole
+    /// (sled's own CRC over it matched) before its `fdatasync`; one that
+    /// was not is synced again at the next barrier. A file sled removed
+    /// meanwhile (its page rewritten) needs nothing.
+    fn sync(&self, new: &[std::path::PathBuf]) -> io::Result<u64> {
+        let sync_file = |path: &std::path::PathBuf| -> io::Result<Option<std::ffi::OsString>> {
+            let mut file = match File::open(path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut file, &mut bytes)?;
+            file.sync_data()?;
+            Ok(whole_blob(&bytes)
+                .then(|| path.file_name().map(ToOwned::to_owned))
+                .flatten())
         };
         // At most 16 threads, however many files a large batch made.
-        let per_thread = u.new.len().div_ceil(16);
-        std::thread::scope(|scope| {
-            let files: Vec<_> = u
-                .new
+        let per_thread = new.len().div_ceil(16);
+        let whole = std::thread::scope(|scope| {
+            let files: Vec<_> = new
                 .chunks(per_thread)
-                .map(|chunk| scope.spawn(move || chunk.iter().try_for_each(sync_file)))
+                .map(|chunk| {
+                    scope.spawn(move || chunk.iter().map(sync_file).collect::<io::Result<Vec<_>>>())
+                })
                 .collect();
             let dir = File::open(&self.dir).and_then(|d| d.sync_all());
-            files.into_iter().try_for_each(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("a blob sync panicked")))
-            })?;
-            dir
+            let mut whole = Vec::new();
+            for handle in files {
+                let synced = handle
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a blob sync panicked")))?;
+                whole.extend(synced.into_iter().flatten());
+            }
+            dir.map(|()| whole)
         })?;
-        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) = u.present;
-        Ok(u.new.len() as u64)
+        let n = whole.len() as u64;
+        self.synced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(whole);
+        Ok(n)
     }
+}
+
+/// Whether `bytes` is a whole sled blob: a CRC-32 (little-endian) over the
+/// rest, which sled writes first and fills in last.
+fn whole_blob(bytes: &[u8]) -> bool {
+    bytes.len() > 4 && bytes[..4] == crc32fast::hash(&bytes[4..]).to_le_bytes()
 }
 
 impl DurabilityBarrier {
@@ -191,15 +209,15 @@ impl DurabilityBarrier {
         self.db
             .flush()
             .map_err(|e| io::Error::other(format!("sled flush: {e}")))?;
-        if let Some(u) = self.blobs.unsynced()? {
-            self.sync_blobs(u)?;
+        if let Some(new) = self.blobs.unsynced()? {
+            self.sync_blobs(&new)?;
         }
         self.log.sync_data()
     }
 
     /// Syncs the blob files sled wrote since the last barrier.
-    fn sync_blobs(&self, u: Unsynced) -> io::Result<()> {
-        let n = self.blobs.sync(u)?;
+    fn sync_blobs(&self, new: &[std::path::PathBuf]) -> io::Result<()> {
+        let n = self.blobs.sync(new)?;
         self.stats.blobs_synced.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
@@ -226,10 +244,10 @@ impl DurabilityBarrier {
                 .map_err(|e| io::Error::other(format!("sled flush: {e}")))
                 .and_then(|_| self.blobs.unsynced())
                 .and_then(|unsynced| {
-                    let Some(u) = unsynced else {
+                    let Some(new) = unsynced else {
                         return self.log.sync_data();
                     };
-                    let blobs = scope.spawn(|| self.sync_blobs(u));
+                    let blobs = scope.spawn(move || self.sync_blobs(&new));
                     let log = self.log.sync_data();
                     let blobs = blobs
                         .join()
@@ -281,5 +299,20 @@ mod tests {
         // Nothing new: nothing synced again.
         barrier.sync(&[]).unwrap();
         assert_eq!(stats.blobs_synced.load(Ordering::Relaxed), synced);
+
+        // A file still being written (the writer runs ahead of the syncer)
+        // is synced but not counted, so the next barrier syncs it again.
+        let half = dir.path().join("blobs").join("99999999999");
+        let body = b"\x01a blob's kind and data";
+        std::fs::write(&half, &body[..5]).unwrap();
+        barrier.sync(&[]).unwrap();
+        assert_eq!(stats.blobs_synced.load(Ordering::Relaxed), synced);
+        let mut whole = crc32fast::hash(body).to_le_bytes().to_vec();
+        whole.extend_from_slice(body);
+        std::fs::write(&half, &whole).unwrap();
+        barrier.sync(&[]).unwrap();
+        assert_eq!(stats.blobs_synced.load(Ordering::Relaxed), synced + 1);
+        barrier.sync(&[]).unwrap();
+        assert_eq!(stats.blobs_synced.load(Ordering::Relaxed), synced + 1);
     }
 }
