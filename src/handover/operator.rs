@@ -160,9 +160,14 @@ impl Gateway {
         })
     }
 
-    /// A page of delivery rows (fetched one beyond `size`) as operators see them.
-    fn info_page(
+    /// A page of delivery rows (fetched one beyond `size`) as operators see
+    /// them. Each row shown tells the operator something about a patient
+    /// (a release waiting, what PDS said of them, a delivery that failed),
+    /// so each handover shown is on its patient's audit trail before the
+    /// page is returned, and the page is refused if that fails.
+    async fn info_page(
         &self,
+        actor: String,
         listing: Listing,
         rows: Vec<(Vec<u8>, DeliveryRecord)>,
         size: usize,
@@ -172,7 +177,28 @@ impl Gateway {
             .into_iter()
             .map(|(k, d)| Ok((k, self.info(&d, now)?)))
             .collect::<Result<Vec<_>, Error>>()?;
-        Ok(page_of(listing, rows, size))
+        let page = page_of(listing, rows, size);
+        let action = match listing {
+            Listing::Parked => "list_parked",
+            _ => "list_quarantine",
+        };
+        let shown: std::collections::BTreeMap<u64, &str> = page
+            .items
+            .iter()
+            .map(|i| (i.record.handover_id, i.record.patient_key.as_str()))
+            .collect();
+        futures_util::future::try_join_all(shown.into_iter().map(|(handover, patient)| {
+            self.store.record(AuditEvent {
+                actor: actor.clone(),
+                action,
+                handover_id: Some(handover),
+                patient_key: Some(patient.to_owned()),
+                outcome: "ok: listed".into(),
+                ..AuditEvent::default()
+            })
+        }))
+        .await?;
+        Ok(page)
     }
 
     /// Quarantined deliveries, of one mailbox or all.
@@ -185,7 +211,7 @@ impl Gateway {
         mailbox: Option<String>,
         page: &PageRequest,
     ) -> Result<Page<DeliveryInfo>, Error> {
-        self.operator(caller)?;
+        let actor = self.operator(caller)?;
         let (size, after) = page.read(Listing::Quarantine)?;
         // A cursor of another mailbox's listing is another call's token.
         if let (Some(m), Some(cursor)) = (&mailbox, &after)
@@ -199,7 +225,7 @@ impl Gateway {
         let rows = self
             .store
             .quarantined_page(mailbox.as_deref(), after.as_deref(), size + 1)?;
-        self.info_page(Listing::Quarantine, rows, size)
+        self.info_page(actor, Listing::Quarantine, rows, size).await
     }
 
     /// Deliveries parked in a holding mailbox: releases waiting for a GP
@@ -214,7 +240,7 @@ impl Gateway {
         caller: &Caller,
         page: &PageRequest,
     ) -> Result<Page<DeliveryInfo>, Error> {
-        self.operator(caller)?;
+        let actor = self.operator(caller)?;
         let (size, after) = page.read(Listing::Parked)?;
         // The cursor names the holding mailbox the last page ended in.
         let holding = [
@@ -239,7 +265,7 @@ impl Gateway {
                     .parked_page(mailbox, from, size + 1 - rows.len())?,
             );
         }
-        self.info_page(Listing::Parked, rows, size)
+        self.info_page(actor, Listing::Parked, rows, size).await
     }
 
     /// Submits refused because an identifier was linked to another patient.

@@ -1321,3 +1321,103 @@ async fn a_release_for_a_disabled_practice_waits_parked_on(engine: Engine) {
     assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["gp gone"]);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn listing_parked_and_quarantined_deliveries_is_on_each_patients_trail() {
+    listing_is_on_each_patients_trail_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn listing_parked_and_quarantined_deliveries_is_on_each_patients_trail_on_postgres() {
+    listing_is_on_each_patients_trail_on(Engine::Postgres).await;
+}
+
+/// What a listing shows (a release waiting for a GP, what PDS said of the
+/// patient, a copy the practice refused) is about a patient, so each
+/// handover shown is audited under its patient; the one not shown is not.
+async fn listing_is_on_each_patients_trail_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let parked = prison
+        .submit(submit(
+            "parked",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(21, None, "waiting for a practice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = prison
+        .submit(submit(
+            "refused",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(22, Some("YG001"), "refused by the practice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let untouched = prison
+        .submit(submit(
+            "untouched",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(23, Some("YG002"), "still queued"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut gp = gw.client("YG001").await;
+    let d = gp.pull(pull(1)).await.unwrap().into_inner().deliveries;
+    gp.nack(pb::NackRequest {
+        delivery_id: d[0].delivery_id,
+        attempt: d[0].attempt,
+        permanent: true,
+        reason: "unreadable by the practice system".into(),
+    })
+    .await
+    .unwrap();
+
+    let mut op = gw.operator().await;
+    let listed = op
+        .list_parked(pb::ListParkedRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.deliveries[0].handover_id, parked.handover_id);
+    let q = op
+        .list_quarantine(pb::ListQuarantineRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.deliveries[0].handover_id, refused.handover_id);
+    for (patient, handover, action) in [
+        (21, parked.handover_id, Some("list_parked")),
+        (22, refused.handover_id, Some("list_quarantine")),
+        (23, untouched.handover_id, None),
+    ] {
+        let trail = op
+            .audit_trail(pb::AuditTrailRequest {
+                subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(patient))),
+                reason: "checking who listed this patient".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let listings: Vec<_> = trail
+            .entries
+            .iter()
+            .filter(|e| e.action.starts_with("list_"))
+            .map(|e| (e.action.as_str(), e.handover_id, e.actor.as_str()))
+            .collect();
+        let want: Vec<_> = action
+            .map(|a| (a, handover, "urn:operator:oncall"))
+            .into_iter()
+            .collect();
+        assert_eq!(listings, want, "patient {patient}");
+    }
+}
