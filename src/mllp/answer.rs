@@ -154,6 +154,12 @@ fn command(header: Option<&MessageHeader>, message: &[u8]) -> Decoded<SubmitComm
             "MSH-10",
             "must be at most 128 printable ASCII characters without spaces",
         );
+    } else if scoped_message_id(h).len() > 128 {
+        v.add(
+            "MSH-3",
+            "too long to scope the control id by: the sending application and MSH-10 together \
+             must fit the 128-character message id (MSH-3 written percent-encoded, then `:`)",
+        );
     }
     let text = match std::str::from_utf8(message) {
         Ok(text) => Some(text),
@@ -171,12 +177,31 @@ fn command(header: Option<&MessageHeader>, message: &[u8]) -> Decoded<SubmitComm
     };
     v.into_result()?;
     Ok(SubmitCommand {
-        message_id: id.clone(),
+        message_id: scoped_message_id(h),
         event,
         patient: None,
         destinations: Vec::new(),
         document: IncomingDocument::Hl7v2(text.to_owned()),
     })
+}
+
+/// The submit's message id: MSH-10 is unique only within the sending
+/// application that chose it (MSH-3), and one organisation may run several
+/// (two engines numbering from 1 would otherwise refuse each other's
+/// messages as reused ids). So MSH-3 as written (all its components,
+/// percent-encoded) scopes it: `PAS%5E1.2.3%5EISO:<MSH-10>`; MSH-10 alone
+/// when MSH-3 is empty.
+fn scoped_message_id(h: &MessageHeader) -> String {
+    /// Bytes written as themselves: letters, digits, `-`, `.`, `_`.
+    const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_');
+    if h.sending_application.is_empty() {
+        return h.control_id.clone();
+    }
+    let application = percent_encoding::utf8_percent_encode(&h.sending_application, ENCODED);
+    format!("{application}:{}", h.control_id)
 }
 
 /// Whether a violation is about the message as a whole (its type,
@@ -354,7 +379,26 @@ mod tests {
         let cmd = command(h(ok).as_ref(), ok).unwrap();
         assert_eq!(
             (cmd.message_id.as_str(), cmd.event),
-            ("c1", JourneyEvent::Release)
+            ("A:c1", JourneyEvent::Release)
         );
+    }
+
+    #[test]
+    fn the_control_id_is_scoped_by_the_sending_application_as_written() {
+        let id = |msh3: &str| {
+            let m = format!("MSH|^~\\&|{msh3}|YP001|C|D|20261124080000||ADT^A03|7|P|2.5.1");
+            let h = hl7v2::header(m.as_bytes());
+            command(h.as_ref(), m.as_bytes()).map(|c| c.message_id)
+        };
+        assert_eq!(id("").unwrap(), "7");
+        assert_eq!(id("PAS").unwrap(), "PAS:7");
+        // Every component counts, and no two applications share a scope:
+        // the separators and `:` are encoded, so `A:B` is not `A` + `B:`.
+        assert_eq!(id("PAS^1.2.3^ISO").unwrap(), "PAS%5E1.2.3%5EISO:7");
+        assert_ne!(id("A:B").unwrap(), id("A").unwrap());
+        assert_eq!(id("A:B").unwrap(), "A%3AB:7");
+        assert_eq!(id("ZOË PAS").unwrap(), "ZO%C3%8B%20PAS:7");
+        let long = "P".repeat(127);
+        assert_eq!(id(&long).unwrap_err().0[0].field, "MSH-3");
     }
 }

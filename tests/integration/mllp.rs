@@ -236,13 +236,13 @@ async fn each_adt_event_is_answered_aa_once_durable() {
         assert!(!field(&ack, "MSH", 10).is_empty() && field(&ack, "MSH", 10) != id);
         assert_eq!(field(&ack, "MSH", 12), "2.5.1");
     }
-    // Each is stored, with its control id as the message id, and routed.
+    // Each is stored, with its application and control id as the message id, and routed.
     let mut yp001 = gw.client("YP001").await;
     for id in ["adm-1", "tra-1", "rel-1"] {
-        let t = track_message(&mut yp001, id).await;
+        let t = track_message(&mut yp001, &format!("PAS:{id}")).await;
         assert!(t.handover_id > 0 && !t.deliveries.is_empty(), "{id}");
     }
-    let t = track_message(&mut gw.client("YG001").await, "cs-1").await;
+    let t = track_message(&mut gw.client("YG001").await, "PAS:cs-1").await;
     assert_eq!(t.deliveries[0].destination, "YP001");
     let got = pull_and_ack(&mut gw.client("YP002").await).await;
     assert_eq!(got.len(), 1, "the transfer reached the receiving prison");
@@ -282,6 +282,17 @@ async fn a_repeated_control_id_is_answered_aa_and_stored_once() {
         assert_eq!(errs(&ack)[0][2], "MSH^1^10", "{id}: {ack:?}");
     }
     assert_eq!(gw.store.content_digest().unwrap(), after_first);
+    // A control id is unique only within its sending application (MSH-3):
+    // the prison's second engine numbering from the same start is another
+    // message, accepted, and tracked by its application and control id.
+    let pharmacy = with_field(&other, "MSH", 3, "PHARMACY^1.2.3^ISO");
+    let ack = exchange(&mut again, &pharmacy).await;
+    assert_eq!(field(&ack, "MSA", 1), "AA", "{ack:?}");
+    assert_eq!(field(&ack, "MSA", 2), "dup-1");
+    let mut grpc = gw.client("YP001").await;
+    let first = track_message(&mut grpc, "PAS:dup-1").await;
+    let second = track_message(&mut grpc, "PHARMACY%5E1.2.3%5EISO:dup-1").await;
+    assert_ne!(first.handover_id, second.handover_id);
     // An ACK that echoes UTF-8 (the sending application's name) says so in
     // MSH-18; an ASCII one leaves it empty (ASCII).
     let named = with_field(&m, "MSH", 3, "ZOË-PAS");
@@ -617,12 +628,12 @@ async fn an_aa_is_never_lost_to_a_kill_9() {
     let mut client = throughcare::cli::client::handover(&endpoint, &certs, "YP001")
         .await
         .unwrap();
-    let kept = track_message(&mut client, "k9-1").await;
+    let kept = track_message(&mut client, "PAS:k9-1").await;
     assert!(kept.handover_id > 0, "the acknowledged handover survived");
     // The sender's resend is the same handover, answered AA again.
     assert_eq!(field(&exchange(&mut conn, &m).await, "MSA", 1), "AA");
     assert_eq!(
-        track_message(&mut client, "k9-1").await.handover_id,
+        track_message(&mut client, "PAS:k9-1").await.handover_id,
         kept.handover_id
     );
 }
