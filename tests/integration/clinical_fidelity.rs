@@ -788,6 +788,20 @@ fn bundle_level_elements_and_a_messages_envelope_are_listed() {
         read.not_read,
         ["entry[0].resource (MessageHeader): not read: the message around the document"]
     );
+    // bdl-12: the MessageHeader comes first.
+    let mut swapped = message.clone();
+    swapped["entry"].as_array_mut().unwrap().swap(0, 1);
+    let e = parse_fhir(&swapped).unwrap_err();
+    assert_eq!(e.0[0].field, "entry[0].resource.resourceType", "{e:?}");
+    // A second document (another person's, here) is refused, not passed over.
+    let mut two = message.clone();
+    let mut other = fhir_json(&fixture("03-hepatitis-c-transfer"), JourneyEvent::Transfer);
+    other["id"] = json!("second-document");
+    two["entry"].as_array_mut().unwrap().push(json!({
+        "fullUrl": "urn:uuid:6b1d4e1e-0000-4000-8000-0000000000cc", "resource": other
+    }));
+    let e = parse_fhir(&two).unwrap_err();
+    assert_eq!(e.0[0].field, "entry[2].resource", "{e:?}");
 }
 
 #[test]

@@ -274,6 +274,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             p
         }),
         "message" => {
+            message_envelope(&bundle, &mut errors);
             let inner = bundle
                 .entry
                 .iter()
@@ -320,6 +321,30 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     }
     .filter(|_| errors.0.is_empty())
     .ok_or(errors)
+}
+
+/// A message Bundle's envelope: its first resource is its MessageHeader
+/// (FHIR R4 bdl-12), and it wraps one document, since a second (perhaps
+/// another person's) would be passed over unread.
+fn message_envelope(bundle: &RawBundle<'_>, errors: &mut ValidationErrors) {
+    let first = bundle.entry.first().and_then(|e| kind_of(e.resource));
+    if !bundle.entry.is_empty() && first.as_deref() != Some("MessageHeader") {
+        errors.add(
+            "entry[0].resource.resourceType",
+            "a message Bundle's first resource must be its MessageHeader (FHIR bdl-12)",
+        );
+    }
+    let documents = bundle
+        .entry
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| kind_of(e.resource).as_deref() == Some("Bundle"));
+    for (i, _) in documents.skip(1) {
+        errors.add(
+            format!("entry[{i}].resource"),
+            "a message Bundle wraps one document: this second one would not be read",
+        );
+    }
 }
 
 /// The entries of a message Bundle around the document it wraps (the
