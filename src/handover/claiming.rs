@@ -60,9 +60,16 @@ impl Gateway {
                 "must not be before the date of birth",
             ));
         }
-        let patient_key = self
+        // Counted against the patient the identifier resolves to, so a
+        // guesser who knows both numbers gets no more tries by asking with
+        // one, then the other.
+        let identifier = self
             .keyer
             .key(patient.nhs_number.as_ref(), patient.prison_number.as_ref());
+        let patient_key = (self.store.patient_keys(&identifier)?)
+            .into_iter()
+            .next()
+            .unwrap_or(identifier);
         let ticket = self
             .claims
             .admit_shared(&self.store, &actor, &patient_key, now)?

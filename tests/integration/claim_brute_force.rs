@@ -351,3 +351,53 @@ async fn failed_claims_count_across_nodes_on_postgres() {
     b.stop().await;
     a.stop().await;
 }
+
+/// A guesser who knows both of a patient's numbers gets no more tries by
+/// asking with one, then the other: failures count against the patient
+/// the identifier resolves to.
+#[tokio::test]
+async fn both_numbers_of_one_patient_share_one_count_of_failures() {
+    let gw = TestGateway::start().await;
+    let summary = throughcare::clinical::synthetic::release_summary(
+        nhs(43).parse().ok(),
+        "A4321BC".parse().ok(),
+        "YP001".parse().unwrap(),
+        None,
+        "parked",
+    );
+    let mut prison = gw.client("YP001").await;
+    let r = prison
+        .submit(throughcare::cli::client::native_submit(
+            "park-43",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deliveries[0].destination, "@parked");
+    let by = |nhs_number: String, prison_number: &str, dob: &str| pb::ClaimRequest {
+        patient: Some(pb::PatientRef {
+            nhs_number,
+            prison_number: prison_number.into(),
+            date_of_birth: dob.into(),
+        }),
+        evidence: None,
+    };
+    let mut practice = gw.client("YG001").await;
+    for i in 0..5 {
+        let ask = if i < 3 {
+            by(nhs(43), "", &guess(i))
+        } else {
+            by(String::new(), "A4321BC", &guess(i))
+        };
+        let err = practice.claim(ask).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "try {i}: {err:?}");
+    }
+    for ask in [by(String::new(), "A4321BC", DOB), by(nhs(43), "", DOB)] {
+        let err = practice.claim(ask).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    }
+    gw.stop().await;
+}
