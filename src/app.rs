@@ -183,13 +183,19 @@ impl Prepared {
             );
         }
         let tls_files = config.tls_files();
-        if !config.dev_certs
-            && std::fs::read(&tls_files.ca).is_ok_and(|pem| crate::certs::is_dev_ca(&pem))
-        {
+        let dev_ca = std::fs::read(&tls_files.ca).is_ok_and(|pem| crate::certs::is_dev_ca(&pem));
+        if dev_ca {
+            // At every start, not only the first: a deployment configured
+            // without TLS paths serves on the development PKI.
             tracing::warn!(
                 ca = %tls_files.ca.display(),
                 "the client CA is a DEVELOPMENT CA whose key sits beside it: anyone who can \
-                 read that key can pose as any organisation; never use it in production"
+                 read that key can pose as any organisation or operator; never use it in production"
+            );
+        } else if config.tls.operators.is_none() {
+            tracing::warn!(
+                "tls.operators is unset: every urn:operator certificate the CA issues is an \
+                 operator (break-glass reads included); list the operators this gateway accepts"
             );
         }
         let pds = crate::pds::client_from_config(&config.pds)?;
@@ -251,6 +257,11 @@ impl Prepared {
             shutting_down: shutdown_rx,
             claims,
             registry_changes: tokio::sync::Mutex::default(),
+            operators: config
+                .tls
+                .operators
+                .as_ref()
+                .map(|names| names.iter().cloned().collect()),
         });
         Ok(Self {
             config,

@@ -133,6 +133,10 @@ pub struct TlsConfig {
     pub crl: Option<PathBuf>,
     /// Handshake deadline, ms.
     pub handshake_timeout_ms: Option<u64>,
+    /// The operators the gateway accepts, by the name their certificate
+    /// carries (`urn:operator:<name>`). Unset: every operator certificate
+    /// the CA issues (warned of at start unless on the development PKI).
+    pub operators: Option<Vec<String>>,
 }
 
 /// Queue behaviour.
@@ -787,6 +791,15 @@ impl Config {
             ],
         )?;
         self.mesh.validate(self.queue.max_lease_seconds)?;
+        for (i, name) in self.tls.operators.iter().flatten().enumerate() {
+            if !crate::tls::is_operator_name(name) {
+                return Err(ConfigError::new(
+                    &format!("tls.operators[{i}]"),
+                    "an operator's name as its certificate carries it after `urn:operator:`: \
+                     letters, digits and `-`",
+                ));
+            }
+        }
         if self.tls.handshake_timeout_ms == Some(0) {
             return Err(ConfigError::new(
                 "tls.handshake_timeout_ms",

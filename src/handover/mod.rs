@@ -117,6 +117,8 @@ pub struct Gateway {
     pub claims: ClaimGuard,
     /// Registry changes are made one at a time (store first, then memory).
     pub registry_changes: tokio::sync::Mutex<()>,
+    /// The operators accepted (`tls.operators`); `None`: any the CA issues.
+    pub operators: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Gateway {
@@ -125,7 +127,15 @@ impl Gateway {
         let actor = caller.actor();
         match caller {
             Caller::Unidentified => Err(Error::Unauthenticated("no client certificate".into())),
-            Caller::Operator(_) => Ok((Resolved::Operator, actor)),
+            Caller::Operator(name) => match &self.operators {
+                Some(allowed) if !allowed.contains(name) => {
+                    tracing::warn!(caller = %actor, "certificate for an operator not in tls.operators");
+                    Err(Error::Unauthenticated(format!(
+                        "operator {name} named by the client certificate is not one this gateway accepts"
+                    )))
+                }
+                _ => Ok((Resolved::Operator, actor)),
+            },
             Caller::Organisation(code) => match self.registry.get(code) {
                 Some(org) if !org.active => Err(Error::PermissionDenied(format!(
                     "organisation {code} is disabled in the registry"

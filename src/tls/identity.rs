@@ -59,7 +59,7 @@ pub fn identity_from_cert(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         let identity = if let Some(code) = uri.strip_prefix("urn:ods:") {
             PeerIdentity::Organisation(code.parse().map_err(|_| IdentityError::BadOdsCode)?)
         } else if let Some(name) = uri.strip_prefix("urn:operator:") {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            if !is_operator_name(name) {
                 return Err(IdentityError::NoIdentity);
             }
             PeerIdentity::Operator(name.to_owned())
@@ -71,6 +71,13 @@ pub fn identity_from_cert(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         }
     }
     found.ok_or(IdentityError::NoIdentity)
+}
+
+/// Whether `name` is an operator's name as `urn:operator:<name>` carries
+/// it: letters, digits and `-`.
+#[must_use]
+pub fn is_operator_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 #[cfg(test)]

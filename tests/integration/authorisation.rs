@@ -15,6 +15,9 @@ use throughcare::journey::JourneyEvent;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use std::sync::Arc;
+use throughcare::store::SystemClock;
+
 type Handover = pb::handover_service_client::HandoverServiceClient<Channel>;
 type Operator = pb::operator_service_client::OperatorServiceClient<Channel>;
 
@@ -601,4 +604,58 @@ async fn acking_another_organisations_delivery_is_not_found_and_on_its_patients_
         .unwrap();
     assert_eq!(made_up.delivery_id, None, "{made_up:?}");
     gw.stop().await;
+}
+
+/// `tls.operators` lists the operators a gateway accepts: an operator
+/// certificate the CA issued for anyone else is refused on every operator
+/// call, break-glass included, and the refusal is audited.
+#[tokio::test]
+async fn an_operator_not_listed_in_tls_operators_is_refused() {
+    let listed = TestGateway::start_with(
+        |c| c.tls.operators = Some(vec!["oncall".into()]),
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut op = listed.operator().await;
+    op.list_mailboxes(pb::ListMailboxesRequest::default())
+        .await
+        .unwrap();
+    listed.stop().await;
+
+    let gw = TestGateway::start_with(
+        |c| c.tls.operators = Some(vec!["caldicott-guardian".into()]),
+        Arc::new(SystemClock),
+    )
+    .await;
+    let mut op = gw.operator().await;
+    let err = op
+        .list_mailboxes(pb::ListMailboxesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = op
+        .break_glass_read(pb::BreakGlassReadRequest {
+            handover_id: 1,
+            reason: "clinical incident review requested by the caldicott guardian".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let refused = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.actor == "urn:operator:oncall" && e.outcome.starts_with("refused"))
+        .count();
+    assert_eq!(refused, 2);
+    gw.stop().await;
+}
+
+#[test]
+fn an_operator_name_in_tls_operators_must_be_one_a_certificate_can_carry() {
+    let mut config = throughcare::config::Config::default();
+    config.tls.operators = Some(vec!["oncall".into(), "on call".into()]);
+    let err = config.validate().unwrap_err();
+    assert_eq!(err.field, "tls.operators[1]");
 }

@@ -717,6 +717,7 @@ async fn gated_listener(
         shutting_down: stopping.clone(),
         claims,
         registry_changes: tokio::sync::Mutex::default(),
+        operators: None,
     });
     let metrics = Arc::new(throughcare::operator::metrics::Metrics::new(
         dir.join("none.pem"),
