@@ -136,7 +136,24 @@ pub struct TlsConfig {
     /// The operators the gateway accepts, by the name their certificate
     /// carries (`urn:operator:<name>`). Unset: every operator certificate
     /// the CA issues (warned of at start unless on the development PKI).
+    /// A TOML array, or (as its variable) names separated by commas.
+    #[serde(deserialize_with = "list_or_commas")]
     pub operators: Option<Vec<String>>,
+}
+
+/// A list given as an array, or as one string of comma-separated items (how
+/// an environment variable gives it).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(Option::<Given>::deserialize(d)?.map(|given| match given {
+        Given::List(items) => items,
+        Given::Text(text) => text.split(',').map(|s| s.trim().to_owned()).collect(),
+    }))
 }
 
 /// Queue behaviour.
@@ -1334,6 +1351,20 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.field, "integrity.witness_dir");
+    }
+
+    #[test]
+    fn the_operators_list_is_an_array_or_a_variable_of_names_and_commas() {
+        let config =
+            with_env(&[("THROUGHCARE_TLS_OPERATORS", "oncall, caldicott-guardian")]).unwrap();
+        assert_eq!(
+            config.tls.operators,
+            Some(vec!["oncall".to_owned(), "caldicott-guardian".to_owned()])
+        );
+        let config: Config = toml::from_str("[tls]\noperators = [\"oncall\"]").unwrap();
+        assert_eq!(config.tls.operators, Some(vec!["oncall".to_owned()]));
+        let err = with_env(&[("THROUGHCARE_TLS_OPERATORS", "oncall,,x")]).unwrap_err();
+        assert_eq!(err.field, "tls.operators[1]");
     }
 
     #[test]

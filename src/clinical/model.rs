@@ -876,9 +876,9 @@ impl ClinicalSummary {
 
     /// When the next opioid substitution dose is due, ms since the epoch:
     /// the earliest last dose given of an OST medicine plus its dosing
-    /// interval ([`dosing_interval_ms`]: 24 hours unless the frequency says
-    /// a split or more frequent dose). None when no OST medicine records its
-    /// last dose.
+    /// interval ([`dosing_interval_ms`]: read from its frequency, the
+    /// shortest when the words cannot be read). None when no OST medicine
+    /// records its last dose.
     pub fn next_ost_dose_due_ms(&self) -> Option<i64> {
         self.medications
             .iter()
@@ -892,11 +892,18 @@ impl ClinicalSummary {
 }
 
 /// The time between doses a medicine's frequency states, read from the
-/// words and abbreviations UK prescriptions use: twice daily, `BD`, a split
-/// dose or 12-hourly is 12 hours; three times, `TDS`, `TID` or 8-hourly is
-/// 8; four times, `QDS`, `QID` or 6-hourly is 6; anything else (once daily,
-/// `OD`, unread words) is 24. A misreading can only make the next dose look
-/// sooner, never later.
+/// words and abbreviations UK prescriptions use:
+/// - a number of hours ("every 4 hours", `12-hourly`, `8h`, `q6h`): that,
+///   at most a day;
+/// - four times, `QDS`, `QID` or `4x`: 6 hours;
+/// - three times, `TDS`, `TID` or `3x`: 8;
+/// - twice, `BD`, `BID`, `2x`, a split dose, or morning and night
+///   together: 12;
+/// - once daily, `OD`, daily, `mane`, `nocte`, in the morning or at night
+///   alone: 24;
+/// - anything else (empty, unread words): 6, the shortest, so that a
+///   frequency the gateway cannot read brings the deadline forward and
+///   never puts it after the next dose.
 #[must_use]
 pub fn dosing_interval_ms(frequency: &str) -> i64 {
     const HOUR_MS: i64 = 3_600_000;
@@ -906,27 +913,46 @@ pub fn dosing_interval_ms(frequency: &str) -> i64 {
         .filter(|w| !w.is_empty())
         .collect();
     let has = |w: &str| words.contains(&w);
-    let hourly = |n: &str| {
-        words
-            .windows(2)
-            .any(|p| p[0] == n && matches!(p[1], "hourly" | "hours" | "hour" | "hrs" | "h"))
-            || has(&format!("{n}h"))
-            || has(&format!("{n}hourly"))
+    // "every 4 hours", "12-hourly", "8h", "q6h": that many hours, at most a day.
+    let hours = |w: &str| {
+        let w = w.strip_prefix('q').unwrap_or(w);
+        let digits = w.trim_end_matches(|c: char| !c.is_ascii_digit());
+        matches!(&w[digits.len()..], "h" | "hourly")
+            .then(|| digits.parse::<i64>().ok())
+            .flatten()
     };
-    if has("four") && has("times") || has("qds") || has("qid") || hourly("6") {
+    let stated_hours = words
+        .windows(2)
+        .find(|p| matches!(p[1], "hourly" | "hours" | "hour" | "hrs" | "h"))
+        .and_then(|p| p[0].parse::<i64>().ok())
+        .or_else(|| words.iter().find_map(|w| hours(w)));
+    if let Some(n) = stated_hours.filter(|n| *n > 0) {
+        return n.min(24) * HOUR_MS;
+    }
+    // "four times", "4 times", "4x", "x4".
+    let times = |word: &str, digit: &str| {
+        (has(word) || has(digit)) && has("times")
+            || has(&format!("{digit}x"))
+            || has(&format!("x{digit}"))
+    };
+    let morning = has("mane") || has("morning") || has("om");
+    let night = has("nocte") || has("night") || has("evening") || has("on");
+    if times("four", "4") || has("qds") || has("qid") {
         6 * HOUR_MS
-    } else if has("three") && has("times") || has("tds") || has("tid") || hourly("8") {
+    } else if times("three", "3") || has("tds") || has("tid") {
         8 * HOUR_MS
     } else if has("twice")
-        || has("two") && has("times")
+        || times("two", "2")
         || has("bd")
         || has("bid")
         || has("split")
-        || hourly("12")
+        || morning && night
     {
         12 * HOUR_MS
-    } else {
+    } else if has("once") || has("od") || has("daily") || has("qd") || morning || night {
         24 * HOUR_MS
+    } else {
+        6 * HOUR_MS
     }
 }
 
@@ -964,7 +990,16 @@ mod tests {
     #[test]
     fn a_split_or_more_frequent_dose_is_due_sooner_than_a_day() {
         let h = |f: &str| dosing_interval_ms(f) / 3_600_000;
-        for once in ["once daily", "OD", "daily", "", "in the morning", "mane"] {
+        for once in [
+            "once daily",
+            "OD",
+            "daily",
+            "in the morning",
+            "mane",
+            "nocte",
+            "at night",
+            "every 24 hours",
+        ] {
             assert_eq!(h(once), 24, "{once}");
         }
         for twice in [
@@ -978,10 +1013,34 @@ mod tests {
         ] {
             assert_eq!(h(twice), 12, "{twice}");
         }
-        assert_eq!(h("three times a day"), 8);
-        assert_eq!(h("TDS"), 8);
+        for twice in [
+            "q12h",
+            "2 times a day",
+            "2x daily",
+            "mane and nocte",
+            "morning and evening",
+        ] {
+            assert_eq!(h(twice), 12, "{twice}");
+        }
+        for three in ["three times a day", "TDS", "3 times daily", "q8h"] {
+            assert_eq!(h(three), 8, "{three}");
+        }
         assert_eq!(h("QDS"), 6);
         assert_eq!(h("every 6 hours"), 6);
+        // Structured FHIR timing in words: the hours win over "once".
+        assert_eq!(h("once every 4 hours"), 4);
+        assert_eq!(h("once every 48 hours"), 24);
+        assert_eq!(h("4 times a day"), 6);
+        // What cannot be read is taken as the shortest interval: the copy
+        // is then due early, never after the next dose.
+        for unread in [
+            "",
+            "as directed",
+            "supervised consumption",
+            "alternate days",
+        ] {
+            assert_eq!(h(unread), 6, "{unread}");
+        }
     }
 
     /// HL7 v2.5.1 §2A.3.22: a time without an offset is the sender's local
