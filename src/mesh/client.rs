@@ -98,6 +98,28 @@ struct Sent {
 #[derive(Deserialize)]
 struct Inbox {
     messages: Vec<String>,
+    #[serde(default)]
+    links: InboxLinks,
+}
+
+#[derive(Deserialize, Default)]
+struct InboxLinks {
+    next: Option<String>,
+}
+
+/// The `continue_from` token of an inbox page's `links.next`, as MESH wrote
+/// it (already URL-encoded); none when it holds characters a query value
+/// does not, so nothing MESH sends can change the path asked next.
+fn continue_from(next: &str) -> Option<String> {
+    let query = next.split_once('?')?.1;
+    let token = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("continue_from="))?;
+    (!token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"%-_.=~".contains(&b)))
+    .then(|| token.to_owned())
 }
 
 #[derive(Deserialize)]
@@ -357,15 +379,30 @@ impl MeshClient {
     /// # Errors
     /// Transport failures and MESH's refusals.
     pub async fn inbox(&self, max: u32) -> Result<Vec<String>, MeshError> {
-        let b = self.request(
-            http::Method::GET,
-            &format!("/inbox?max_results={max}"),
-            Bytes::new(),
-        )?;
+        Ok(self.inbox_page(max, None).await?.0)
+    }
+
+    /// One page of the inbox, at most `max` ids, from the start or from
+    /// `after` (the token of the page before); with the token of the next
+    /// page when MESH holds more (its `links.next`).
+    ///
+    /// # Errors
+    /// Transport failures and MESH's refusals.
+    pub async fn inbox_page(
+        &self,
+        max: u32,
+        after: Option<&str>,
+    ) -> Result<(Vec<String>, Option<String>), MeshError> {
+        let path = match after {
+            Some(token) => format!("/inbox?max_results={max}&continue_from={token}"),
+            None => format!("/inbox?max_results={max}"),
+        };
+        let b = self.request(http::Method::GET, &path, Bytes::new())?;
         let answer = expect(self.exchange(b, Bytes::new()).await?, &[200])?;
         let inbox: Inbox = serde_json::from_slice(&answer.body)
             .map_err(|_| MeshError::Invalid("MESH's inbox answer does not read".into()))?;
-        Ok(inbox.messages)
+        let next = inbox.links.next.as_deref().and_then(continue_from);
+        Ok((inbox.messages, next))
     }
 
     /// One inbox message with all its chunks.
@@ -431,5 +468,33 @@ impl MeshClient {
         )?;
         expect(self.exchange(b, Bytes::new()).await?, &[200])?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::continue_from;
+
+    #[test]
+    fn the_next_page_is_asked_for_by_meshs_own_token_and_nothing_else() {
+        let next = "https://mesh/messageexchange/X26ABC1/inbox?max_results=10&continue_from=eyJwayI6ICJNQiJ9%3D%3D";
+        assert_eq!(
+            continue_from(next).as_deref(),
+            Some("eyJwayI6ICJNQiJ9%3D%3D")
+        );
+        assert_eq!(
+            continue_from("/inbox?continue_from=20220228174323123_ACDED1").as_deref(),
+            Some("20220228174323123_ACDED1")
+        );
+        // A token that would change the path or add a parameter is not used.
+        for bad in [
+            "/inbox?continue_from=a/../../outbox",
+            "/inbox?continue_from=a#b",
+            "/inbox?continue_from=",
+            "/inbox?max_results=10",
+            "/inbox",
+        ] {
+            assert_eq!(continue_from(bad), None, "{bad}");
+        }
     }
 }

@@ -84,83 +84,85 @@ fn idempotency_key(msg: &Incoming) -> String {
     }
 }
 
+/// What became of one inbox message.
+enum Taken {
+    /// It left the inbox: submitted, refused (and reported), or a report.
+    Acknowledged,
+    /// It stays in the inbox for a later round.
+    Left,
+}
+
 impl MeshEdge {
-    /// Takes each listed inbox message in turn; stops at the first that
-    /// must wait (MESH or the gateway unavailable). Returns how many left
-    /// the inbox (reports and refusals included), so the caller reads on
-    /// while a full page was taken.
-    pub(super) async fn read_inbox(&self, ids: Vec<String>) -> Result<usize, MeshError> {
-        let mut acknowledged = 0;
+    /// Takes each listed inbox message in turn. A failure that is one
+    /// message's (MESH answers, but not for it) leaves that message in the
+    /// inbox and the rest are read; the round stops only when MESH as a
+    /// whole fails or the gateway cannot decide now.
+    pub(super) async fn read_inbox(&mut self, ids: Vec<String>) -> Result<(), MeshError> {
         for id in ids {
             if !super::is_message_id(&id) {
                 tracing::warn!("MESH listed a message id that is not one; skipped");
                 continue;
             }
-            let msg = match self.client.retrieve(&id).await {
-                Ok(msg) => msg,
-                Err(MeshError::Http(HttpError::TooLarge(limit))) => {
-                    self.refuse_unread(&id, limit).await?;
-                    acknowledged += 1;
-                    continue;
-                }
-                Err(e) if e.is_outage() => return Err(e),
-                Err(e) => {
-                    // Left in the inbox for the next round; the messages
-                    // behind it are read now.
-                    super::outbound::message_failed(&e, "reading an inbox message");
-                    continue;
-                }
-            };
-            if msg.workflow_id.eq_ignore_ascii_case(REFUSAL_WORKFLOW) {
-                // Another gateway's refusal of ours: never refused back (no
-                // ping-pong); what it refused is in its words, for operators.
-                tracing::warn!(mesh_message_id = %id, "a refusal report arrived in the gateway's MESH inbox; acknowledged, not answered");
-                self.client.acknowledge(&id).await?;
-                self.metrics.mesh_message("in", "report");
-                acknowledged += 1;
+            if self.unreportable.contains(&id) {
                 continue;
             }
-            if msg.message_type.eq_ignore_ascii_case("REPORT") {
-                self.on_report(&msg).await?;
-                self.client.acknowledge(&id).await?;
-                self.metrics.mesh_message("in", "report");
-                acknowledged += 1;
-                continue;
+            match self.take(&id).await {
+                Ok(Taken::Acknowledged) => self.metrics.mesh_message("in", "acknowledged"),
+                Ok(Taken::Left) => {}
+                Err(e @ MeshError::Gateway(_)) => return Err(e),
+                Err(e) if self.mesh_failing(&e).await => return Err(e),
+                Err(e) => super::outbound::message_failed(&e, "taking an inbox message"),
             }
-            match self.submit(&msg).await {
-                Ok(handover_id) => {
-                    self.client.acknowledge(&id).await?;
-                    tracing::info!(handover_id, "MESH message submitted and acknowledged");
-                    self.metrics.mesh_message("in", "submitted");
-                }
-                Err(Refusal::Later(e)) => {
-                    self.metrics.mesh_message("in", "error");
-                    return Err(e);
-                }
-                Err(Refusal::Refused {
-                    reason,
-                    message,
-                    violations,
-                }) => {
-                    match self.refuse(&msg, reason, &message, &violations).await {
-                        Ok(()) => {}
-                        Err(e) if self.mesh_failing(&e).await => return Err(e),
-                        Err(e) => {
-                            // The sender cannot be told yet (a workflow this
-                            // mailbox may not send on, say): the message
-                            // stays in the inbox, and the rest are read.
-                            super::outbound::message_failed(&e, "reporting a refusal");
-                            continue;
-                        }
-                    }
-                    self.client.acknowledge(&id).await?;
-                    self.metrics.mesh_message("in", "refused");
-                }
-            }
-            self.metrics.mesh_message("in", "acknowledged");
-            acknowledged += 1;
         }
-        Ok(acknowledged)
+        Ok(())
+    }
+
+    /// Takes one inbox message: submits it, refuses it, or applies a report.
+    async fn take(&mut self, id: &str) -> Result<Taken, MeshError> {
+        let msg = match self.client.retrieve(id).await {
+            Ok(msg) => msg,
+            Err(MeshError::Http(HttpError::TooLarge(limit))) => {
+                return self.refuse_unread(id, limit).await;
+            }
+            Err(e) => return Err(e),
+        };
+        if msg.workflow_id.eq_ignore_ascii_case(REFUSAL_WORKFLOW) {
+            // Another gateway's refusal of ours: never refused back (no
+            // ping-pong); what it refused is in its words, for operators.
+            tracing::warn!(mesh_message_id = %id, "a refusal report arrived in the gateway's MESH inbox; acknowledged, not answered");
+            self.client.acknowledge(id).await?;
+            self.metrics.mesh_message("in", "report");
+            return Ok(Taken::Acknowledged);
+        }
+        if msg.message_type.eq_ignore_ascii_case("REPORT") {
+            self.on_report(&msg).await?;
+            self.client.acknowledge(id).await?;
+            self.metrics.mesh_message("in", "report");
+            return Ok(Taken::Acknowledged);
+        }
+        match self.submit(&msg).await {
+            Ok(handover_id) => {
+                self.client.acknowledge(id).await?;
+                tracing::info!(handover_id, "MESH message submitted and acknowledged");
+                self.metrics.mesh_message("in", "submitted");
+            }
+            Err(Refusal::Later(e)) => {
+                self.metrics.mesh_message("in", "error");
+                return Err(e);
+            }
+            Err(Refusal::Refused {
+                reason,
+                message,
+                violations,
+            }) => {
+                if !self.refuse(&msg, reason, &message, &violations).await? {
+                    return Ok(Taken::Left);
+                }
+                self.client.acknowledge(id).await?;
+                self.metrics.mesh_message("in", "refused");
+            }
+        }
+        Ok(Taken::Acknowledged)
     }
 
     /// Reads the message into a submit and makes it as its sender; the
@@ -257,7 +259,7 @@ impl MeshEdge {
     }
 
     /// Refuses a message too large to read: its headers name the sender.
-    async fn refuse_unread(&self, id: &str, limit: usize) -> Result<(), MeshError> {
+    async fn refuse_unread(&mut self, id: &str, limit: usize) -> Result<Taken, MeshError> {
         let msg = self.client.headers_of(id).await?;
         let why = format!("larger than the {limit} bytes the gateway accepts");
         let sender = self
@@ -280,22 +282,30 @@ impl MeshEdge {
             description: why.clone(),
         }];
         let message = format!("invalid request: content: {why}");
-        self.refuse(&msg, "INVALID_ARGUMENT", &message, &violations)
-            .await?;
+        if !self
+            .refuse(&msg, "INVALID_ARGUMENT", &message, &violations)
+            .await?
+        {
+            return Ok(Taken::Left);
+        }
         self.client.acknowledge(id).await?;
         self.metrics.mesh_message("in", "refused");
-        self.metrics.mesh_message("in", "acknowledged");
-        Ok(())
+        Ok(Taken::Acknowledged)
     }
 
-    /// Sends the refusal report back to the message's sender.
+    /// Sends the refusal report back to the message's sender; false when
+    /// MESH will not take it (the sender's mailbox cannot receive it).
+    /// Such a message is left in the inbox, never acknowledged, since an
+    /// acknowledgement tells its sender it was delivered: when it expires
+    /// unread, MESH reports it undeliverable to its sender. Operators are
+    /// alerted, and this process does not read it again.
     async fn refuse(
-        &self,
+        &mut self,
         msg: &Incoming,
         reason: &'static str,
         message: &str,
         violations: &[Violation],
-    ) -> Result<(), MeshError> {
+    ) -> Result<bool, MeshError> {
         tracing::info!(
             reason,
             violations = violations.len(),
@@ -326,14 +336,19 @@ impl MeshEdge {
             body: body.as_bytes(),
         };
         match self.client.send(&report).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_transient() => Err(e),
+            Ok(_) => Ok(true),
+            Err(e) if e.is_transient() || self.mesh_failing(&e).await => Err(e),
             Err(e) => {
-                // The sender's mailbox cannot take it (not a MESH mailbox
-                // any more): the refusal is audited and logged; nothing else
-                // can reach it.
-                tracing::error!(error = %e, "MESH refused the refusal report; the refusal stands in the audit trail");
-                Ok(())
+                tracing::error!(
+                    alert = "mesh_refusal_unreportable",
+                    mesh_message_id = %msg.message_id,
+                    error = %e,
+                    "ALERT: MESH would not take the refusal report of an inbox message; the \
+                     message is left unacknowledged in the inbox, so its sender is told it was \
+                     not delivered when it expires; the refusal stands in the audit trail"
+                );
+                self.unreportable.insert(msg.message_id.clone());
+                Ok(false)
             }
         }
     }

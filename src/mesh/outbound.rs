@@ -92,6 +92,10 @@ pub struct MeshEdge {
     held: Vec<Held>,
     /// When the last handshake succeeded (none yet, or since a failure).
     handshake_at: Option<tokio::time::Instant>,
+    /// Inbox messages refused whose refusal report MESH would not take:
+    /// left in the inbox (MESH tells their sender they were not
+    /// delivered when they expire), and not read again by this process.
+    pub(super) unreportable: std::collections::HashSet<String>,
     /// When the inbox was last read and sent messages tracked (none yet,
     /// or since a failure).
     inbox_at: Option<tokio::time::Instant>,
@@ -141,6 +145,7 @@ impl MeshEdge {
             pacing,
             held: Vec::new(),
             handshake_at: None,
+            unreportable: std::collections::HashSet::new(),
             inbox_at: None,
         }
     }
@@ -278,20 +283,21 @@ impl MeshEdge {
     }
 
     /// Lists the inbox (which also shows MESH answers: nothing is leased
-    /// while it does not), reads it until it is empty, and tracks what was
-    /// sent.
+    /// while it does not), reads it page by page to its end, and tracks
+    /// what was sent.
     async fn read_and_track(&mut self) -> Result<(), MeshError> {
         // MESH lists 10 to 5,000 ids at a time.
         let page = self.pacing.batch.clamp(10, 5_000);
-        let mut inbox = self.client.inbox(page).await?;
-        // A full page means more wait; a page of which nothing could be
-        // taken is left for the next round (no loop on the same messages).
+        // Page forward by MESH's own token (`links.next`), so messages
+        // that cannot be taken yet at the head never hide those behind.
+        let mut after: Option<String> = None;
         for _ in 0..MAX_INBOX_PAGES {
-            let full = inbox.len() >= page as usize;
-            if self.read_inbox(inbox).await? == 0 || !full {
-                break;
+            let (ids, next) = self.client.inbox_page(page, after.as_deref()).await?;
+            self.read_inbox(ids).await?;
+            match next {
+                Some(token) if after.as_ref() != Some(&token) => after = Some(token),
+                _ => break,
             }
-            inbox = self.client.inbox(page).await?;
         }
         self.track_sent().await
     }
