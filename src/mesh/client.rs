@@ -86,6 +86,8 @@ pub struct Incoming {
     pub status_code: String,
     /// `mex-StatusDescription` of a report.
     pub status_description: String,
+    /// `mex-LinkedMsgId` of a report: the message it is about.
+    pub linked_message_id: String,
     /// The content.
     pub body: Vec<u8>,
 }
@@ -130,6 +132,38 @@ struct TrackedV1 {
     status: Option<String>,
 }
 
+/// How many chunks a message has, from the `Mex-Chunk-Range` (`n:total`)
+/// of its chunk `n`. A whole message (200) may leave it out; a part (206)
+/// must say which part it is, or a message cut short would read as whole.
+fn chunk_total(answer: &Answer, n: usize) -> Result<usize, MeshError> {
+    let range = header(answer, "mex-Chunk-Range");
+    let parsed: Option<(usize, usize)> = range
+        .split_once(':')
+        .and_then(|(at, total)| Some((at.trim().parse().ok()?, total.trim().parse().ok()?)));
+    match parsed {
+        // A whole message may leave the range out; a report (no content)
+        // may say `1:0`.
+        None if range.is_empty() && answer.status == 200 && n == 1 => Ok(1),
+        Some((1, 0)) if answer.status == 200 && n == 1 => Ok(1),
+        Some((at, total)) if at == n && (1..=MAX_CHUNKS).contains(&total) && at <= total => {
+            if answer.status == 206 && total < 2 {
+                Err(MeshError::Invalid(
+                    "MESH answered part of a message that it says has one chunk".into(),
+                ))
+            } else {
+                Ok(total)
+            }
+        }
+        _ => Err(MeshError::Invalid(format!(
+            "MESH's chunk {n} does not say which part of the message it is (Mex-Chunk-Range)"
+        ))),
+    }
+}
+
+/// Most chunks one inbox message is read in (MESH's chunks are 20 MB or
+/// less; a document is far smaller, so this only bounds the loop).
+const MAX_CHUNKS: usize = 10_000;
+
 fn header(answer: &Answer, name: &str) -> String {
     answer
         .headers
@@ -151,6 +185,7 @@ fn incoming(message_id: &str, first: &Answer, body: Vec<u8>) -> Incoming {
         content_encoding: header(first, "Content-Encoding"),
         status_code: header(first, "mex-StatusCode"),
         status_description: header(first, "mex-StatusDescription"),
+        linked_message_id: header(first, "mex-LinkedMsgId"),
         body,
     }
 }
@@ -416,11 +451,7 @@ impl MeshClient {
             Bytes::new(),
         )?;
         let first = expect(self.exchange(b, Bytes::new()).await?, &[200, 206])?;
-        let total: usize = header(&first, "mex-Chunk-Range")
-            .split(':')
-            .nth(1)
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(1);
+        let total = chunk_total(&first, 1)?;
         let mut body = first.body.to_vec();
         if body.len() > self.max_document {
             return Err(crate::https::HttpError::TooLarge(self.max_document).into());
@@ -432,6 +463,11 @@ impl MeshClient {
                 Bytes::new(),
             )?;
             let chunk = expect(self.exchange(b, Bytes::new()).await?, &[200, 206])?;
+            if chunk_total(&chunk, n)? != total {
+                return Err(MeshError::Invalid(format!(
+                    "MESH's chunk {n} of {total} names another count of chunks"
+                )));
+            }
             body.extend_from_slice(&chunk.body);
             if body.len() > self.max_document {
                 return Err(crate::https::HttpError::TooLarge(self.max_document).into());
@@ -473,7 +509,48 @@ impl MeshClient {
 
 #[cfg(test)]
 mod tests {
-    use super::continue_from;
+    use super::{Answer, chunk_total, continue_from};
+
+    fn answer(status: u16, range: Option<&str>) -> Answer {
+        let mut headers = http::HeaderMap::new();
+        if let Some(r) = range {
+            headers.insert("mex-chunk-range", r.parse().unwrap());
+        }
+        Answer {
+            status,
+            retry_after_s: None,
+            headers,
+            body: super::Bytes::new(),
+        }
+    }
+
+    /// A part of a message must say which part it is: a 206 without its
+    /// range, or with a range that is not this chunk's, is not read as a
+    /// whole message (a medication list cut short would parse).
+    #[test]
+    fn a_chunk_must_say_which_part_of_the_message_it_is() {
+        assert_eq!(chunk_total(&answer(200, None), 1).unwrap(), 1);
+        assert_eq!(chunk_total(&answer(200, Some("1:1")), 1).unwrap(), 1);
+        // A report has no content: MESH says `1:0`.
+        assert_eq!(chunk_total(&answer(200, Some("1:0")), 1).unwrap(), 1);
+        assert_eq!(chunk_total(&answer(206, Some("1:3")), 1).unwrap(), 3);
+        assert_eq!(chunk_total(&answer(200, Some("3:3")), 3).unwrap(), 3);
+        for (status, range, n) in [
+            (206, None, 1),
+            (206, Some("1:1"), 1),
+            (206, Some("garbage"), 1),
+            (206, Some("2:3"), 1),
+            (200, None, 2),
+            (200, Some("0:0"), 1),
+            (206, Some("1:0"), 1),
+            (200, Some("4:3"), 4),
+        ] {
+            assert!(
+                chunk_total(&answer(status, range), n).is_err(),
+                "{status} {range:?} {n}"
+            );
+        }
+    }
 
     #[test]
     fn the_next_page_is_asked_for_by_meshs_own_token_and_nothing_else() {

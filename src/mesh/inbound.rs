@@ -370,6 +370,21 @@ impl MeshEdge {
         let Some(record) = record.filter(|r| r.state == MeshState::Sent) else {
             return Ok(());
         };
+        // A report names the message it is about: one about an earlier copy
+        // under the same local id (sent before a crash, say) says nothing
+        // of the copy being tracked now.
+        if !msg.linked_message_id.is_empty()
+            && record
+                .message_id
+                .as_deref()
+                .is_some_and(|sent| !sent.eq_ignore_ascii_case(&msg.linked_message_id))
+        {
+            tracing::info!(
+                delivery_id,
+                "a MESH report about an earlier copy of a delivery; the copy sent since stands"
+            );
+            return Ok(());
+        }
         let reason = format!(
             "MESH non-delivery report (code {}: {})",
             msg.status_code, msg.status_description
@@ -395,6 +410,7 @@ mod tests {
             content_encoding: encoding.into(),
             status_code: String::new(),
             status_description: String::new(),
+            linked_message_id: String::new(),
             body,
         }
     }

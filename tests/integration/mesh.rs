@@ -413,6 +413,23 @@ async fn mesh_error_report_quarantines_the_delivery_with_meshs_reason() {
         (!d.mesh_message_id.is_empty()).then_some(d)
     })
     .await;
+    // A report about an earlier copy under the same local id (MESH's
+    // LinkedMsgId names another message) says nothing of this one.
+    let stale = serde_json::json!({
+        "mailbox_id": GATEWAY_MB,
+        "code": "07",
+        "description": "About an earlier copy",
+        "workflow_id": "THROUGHCARE_RELEASE",
+        "local_id": format!("throughcare-{}", sent.delivery_id),
+        "status": "error",
+        "linked_message_id": "20261101000000000000_EARLIER",
+    });
+    admin_post(
+        &sandbox,
+        "/messageexchange/admin/report",
+        &stale.to_string(),
+    )
+    .await;
     let body = serde_json::json!({
         "mailbox_id": GATEWAY_MB,
         // An error report carries MESH's own words (an NDR's are canned).
@@ -432,6 +449,11 @@ async fn mesh_error_report_quarantines_the_delivery_with_meshs_reason() {
     assert!(
         !d.quarantine_reason.contains("2026-12-04") && d.quarantine_reason.contains("withheld"),
         "{}",
+        d.quarantine_reason
+    );
+    assert!(
+        !d.quarantine_reason.contains("earlier copy"),
+        "quarantined by the report about this copy: {}",
         d.quarantine_reason
     );
     gw.stop().await;
