@@ -94,11 +94,25 @@ impl Gateway {
                     let Some((last, _)) = page.last() else { break };
                     after = Some(last.clone());
                     let full = page.len() == PAGE;
-                    let moves: Vec<(u64, String)> = page
-                        .into_iter()
-                        .filter(|(_, d)| crate::store::records::held_move(d, held).is_some())
-                        .map(|(_, d)| (d.id, held.to_owned()))
-                        .collect();
+                    let mut moves: Vec<(u64, String)> = Vec::new();
+                    for (_, d) in page {
+                        if crate::store::records::held_move(&d, held).is_none() {
+                            continue;
+                        }
+                        if kind != OrgKind::GpPractice && self.named_elsewhere(&d, &mailbox)? {
+                            tracing::warn!(
+                                alert = "treatment_copy_waits_for_disabled_service",
+                                delivery_id = d.id,
+                                service = %mailbox,
+                                "ALERT: a treatment copy the prison sent to a service outside its \
+                                 own area waits for that service, which is disabled; it is not \
+                                 moved to the prison's area (no care relationship there): an \
+                                 operator must re-enable the service or redirect the patient's care"
+                            );
+                            continue;
+                        }
+                        moves.push((d.id, held.to_owned()));
+                    }
                     if !moves.is_empty() {
                         let held_now = self.store.route_held(actor, moves).await?;
                         tracing::warn!(
@@ -114,6 +128,24 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+
+    /// Whether `d`, queued for `service`, went there because its prison
+    /// named a service outside the prison's own region (a patient released
+    /// to another area): the region's service has no care relationship
+    /// with them, so such a copy is never moved there.
+    fn named_elsewhere(&self, d: &DeliveryRecord, service: &str) -> Result<bool, StoreError> {
+        let Some(handover) = self.store.handover(d.handover_id)? else {
+            return Ok(false);
+        };
+        let registry = self.registry.read();
+        let region_of = |code: &str| {
+            code.parse()
+                .ok()
+                .and_then(|c| registry.get(&c))
+                .and_then(|o| o.region.clone())
+        };
+        Ok(region_of(service) != region_of(&handover.sender))
     }
 
     /// (delivery id, service) for each of `held` whose releasing prison's

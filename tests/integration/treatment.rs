@@ -1102,3 +1102,53 @@ async fn a_copy_for_a_disabled_service_goes_to_another_on(engine: Engine) {
     assert_eq!(at.seconds * 1_000 + i64::from(at.nanos) / 1_000_000, due);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_copy_for_a_disabled_service_the_prison_named_in_another_area_waits_for_it() {
+    a_copy_named_in_another_area_waits_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_copy_for_a_disabled_service_the_prison_named_in_another_area_waits_for_it_on_postgres() {
+    a_copy_named_in_another_area_waits_on(Engine::Postgres).await;
+}
+
+/// A northern prison releases a patient to the south and names the south's
+/// service; that service is disabled before it pulls. The copy is not moved
+/// to the north's service, which has no care relationship with the patient
+/// (and would learn of their substitution therapy): it waits for its own
+/// service, and goes there once it is enabled again.
+async fn a_copy_named_in_another_area_waits_on(engine: Engine) {
+    let Some((gw, _clock)) = TestGateway::manual_on(engine, |_| {}).await else {
+        return;
+    };
+    register_services(&gw).await;
+    let mut prison = gw.client("YP001").await;
+    let s = ost_and_care_plan(12, ConsentDecision::Given);
+    let r = prison
+        .submit(release_of("named-south", &s, &["YS002"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        destinations(&r).contains(&"YS002"),
+        "{:?}",
+        destinations(&r)
+    );
+    set_active(&gw, "YS002", false).await;
+    // The north's service, active all along, is not given it.
+    let mut north = client_for(&gw, "YS001").await;
+    assert!(pull_and_ack(&mut north).await.is_empty());
+    let track = track_message(&mut prison, "named-south").await;
+    assert!(
+        track.deliveries.iter().any(|d| d.destination == "YS002"),
+        "{:?}",
+        track.deliveries
+    );
+    set_active(&gw, "YS002", true).await;
+    let mut south = client_for(&gw, "YS002").await;
+    let got = pull_and_ack(&mut south).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].handover_id, r.handover_id);
+    gw.stop().await;
+}
