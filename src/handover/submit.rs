@@ -216,6 +216,9 @@ impl Gateway {
             duplicate = outcome.duplicate,
             "submit accepted"
         );
+        if !outcome.duplicate {
+            alert_held_treatment_copies(outcome.handover_id, &routes);
+        }
         self.receipt(outcome, &routes)
     }
 
@@ -457,6 +460,26 @@ impl Gateway {
             duplicate: outcome.duplicate,
             superseded_on_arrival_by: outcome.superseded_on_arrival_by,
         })
+    }
+}
+
+/// Alerts operators at once to a treatment copy held for want of a
+/// service in the release area: an opioid substitution copy is due before
+/// the next dose, so the deadline alert would come when the dose is
+/// already missed. Ids, kinds and times only.
+fn alert_held_treatment_copies(handover_id: u64, routes: &[Route]) {
+    for r in routes {
+        if let Recipient::Held(kind) = &r.recipient {
+            tracing::warn!(
+                alert = "treatment_copy_held",
+                handover_id,
+                kind = kind.as_str(),
+                urgent = r.urgent,
+                due_ms = Some(r.due_ms).filter(|d| *d != i64::MAX),
+                "ALERT: a treatment copy is held: no active service of its kind serves the \
+                 release area; register or enable one (or name the service) before it is due"
+            );
+        }
     }
 }
 

@@ -233,3 +233,63 @@ fn pull_lines_carry_their_ids(lines: &[Value], submitted: &BTreeSet<u64>) {
     assert_eq!(summaries, 3);
     assert_eq!(&leased, submitted);
 }
+
+/// A release on opioid substitution whose area has no substance misuse
+/// service (the dev registry has none) is held, and operators are alerted
+/// at once, with ids only: the deadline alert would come when the next
+/// dose is already missed.
+#[tokio::test]
+async fn a_held_substitution_copy_is_alerted_at_submit_with_ids_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("gateway.log");
+    let (mut server, mut prison, _gp) = start_logging_gateway(dir.path(), &log_path).await;
+    let mut s = throughcare::clinical::synthetic::release_summary(
+        nhs(9).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        Some("YG001".parse().unwrap()),
+        "log marker",
+    );
+    let m = &mut s.medications[0];
+    m.code.display = "Methadone 1mg/ml oral solution sugar free".into();
+    m.code.code = "3321611000001103".into();
+    m.opioid_substitution = true;
+    m.last_dose_given = Some(
+        (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(2))
+            .to_string()
+            .parse()
+            .unwrap(),
+    );
+    s.consent.treatment_sharing = throughcare::clinical::model::ConsentDecision::Given;
+    let receipt = prison
+        .submit(throughcare::cli::client::native_submit(
+            "log-ost",
+            pb::JourneyEvent::Release,
+            &[],
+            &s,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        receipt
+            .deliveries
+            .iter()
+            .any(|d| d.destination == "@parked-substance-misuse"),
+        "{receipt:?}"
+    );
+    let _ = server.0.0.kill();
+    let _ = server.0.0.wait();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let alert = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["alert"] == "treatment_copy_held")
+        .expect("the held copy is alerted");
+    assert_eq!(handover_id(&alert), Some(receipt.handover_id), "{alert}");
+    assert_eq!(
+        alert["fields"]["kind"], "substance_misuse_service",
+        "{alert}"
+    );
+    assert!(!text.contains(&nhs(9)), "an NHS number in the log");
+}
