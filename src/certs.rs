@@ -271,11 +271,26 @@ impl CertAuthority {
         uri: &str,
         key_usages: Vec<KeyUsagePurpose>,
     ) -> Result<IssuedCert, CertsError> {
+        self.issue_client_for(uri, key_usages, vec![ExtendedKeyUsagePurpose::ClientAuth])
+    }
+
+    /// A certificate for `uri` with these key usages and extended key
+    /// usages (none: the extension left out), valid from yesterday for two
+    /// years: for tests of certificates issued for another purpose.
+    ///
+    /// # Errors
+    /// As for [`CertAuthority::issue_client`].
+    pub fn issue_client_for(
+        &self,
+        uri: &str,
+        key_usages: Vec<KeyUsagePurpose>,
+        extended_key_usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<IssuedCert, CertsError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
         params.distinguished_name.push(DnType::CommonName, uri);
         params.key_usages = key_usages;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = extended_key_usages;
         let now = OffsetDateTime::now_utc();
         self.sign(params, now - Duration::days(1), now + Duration::days(730))
     }

@@ -65,19 +65,24 @@ impl ClientCertVerifier for Remembering {
 }
 pub(super) type Presented = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
 
-/// Whether a client certificate's key may sign the handshake: a key usage
-/// extension, when present, must include digitalSignature (RFC 5280
-/// §4.2.1.3 and §4.2.1.12; RFC 8446 §4.4.2.2). webpki checks the extended
-/// key usage only.
+/// Whether a client certificate is for this: a key usage extension, when
+/// present, must include digitalSignature (RFC 5280 §4.2.1.3 and
+/// §4.2.1.12; RFC 8446 §4.4.2.2), and the extended key usage must be
+/// present and name clientAuth. webpki accepts a certificate without an
+/// extended key usage for any purpose (RFC 5280 allows it); the gateway
+/// does not, so a certificate the CA issued for something else (a server,
+/// a signing key) that happens to carry an identity is no caller.
 fn signs(der: &[u8]) -> bool {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return false;
     };
-    match cert.key_usage() {
+    let key_usage = match cert.key_usage() {
         Ok(Some(ku)) => ku.value.digital_signature(),
         Ok(None) => true,
         Err(_) => false,
-    }
+    };
+    let client_auth = matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth);
+    key_usage && client_auth
 }
 
 /// Whether the gateway's CA issued `der`, whatever its validity period or

@@ -119,6 +119,54 @@ async fn a_client_certificate_whose_key_may_not_sign_is_refused_and_audited() {
     gw.stop().await;
 }
 
+/// A certificate the CA issued without an extended key usage (valid for
+/// any purpose under RFC 5280, and so accepted by webpki) or for servers
+/// only is no caller, whatever identity it carries.
+#[tokio::test]
+async fn a_client_certificate_not_issued_for_client_authentication_is_refused() {
+    let gw = TestGateway::start().await;
+    for (what, extended) in [
+        ("no extended key usage", vec![]),
+        (
+            "server authentication only",
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+        ),
+    ] {
+        let cert = gw
+            .ca()
+            .issue_client_for(
+                "urn:ods:YP001",
+                vec![rcgen::KeyUsagePurpose::DigitalSignature],
+                extended,
+            )
+            .unwrap();
+        assert!(
+            call_with(&gw, Some((&cert.cert_pem, &cert.key_pem)))
+                .await
+                .is_err(),
+            "{what}"
+        );
+    }
+    // Both refusals are audited; the one webpki passes (no extended key
+    // usage) names the identity the CA issued it for.
+    audited(&gw, "connect", "not for client authentication").await;
+    let named = || {
+        gw.store.audit_entries().unwrap().into_iter().any(|e| {
+            e.action == "connect"
+                && e.actor == "urn:ods:YP001"
+                && e.outcome.contains("not for client authentication")
+        })
+    };
+    for _ in 0..100 {
+        if named() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(named());
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn every_bad_client_is_refused_and_audited() {
     let gw = TestGateway::start().await;
