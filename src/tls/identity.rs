@@ -56,9 +56,9 @@ pub fn identity_from_cert(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         let GeneralName::URI(uri) = name else {
             continue;
         };
-        let identity = if let Some(code) = uri.strip_prefix("urn:ods:") {
+        let identity = if let Some(code) = strip_urn(uri, "urn:ods:") {
             PeerIdentity::Organisation(code.parse().map_err(|_| IdentityError::BadOdsCode)?)
-        } else if let Some(name) = uri.strip_prefix("urn:operator:") {
+        } else if let Some(name) = strip_urn(uri, "urn:operator:") {
             if !is_operator_name(name) {
                 return Err(IdentityError::NoIdentity);
             }
@@ -71,6 +71,16 @@ pub fn identity_from_cert(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         }
     }
     found.ok_or(IdentityError::NoIdentity)
+}
+
+/// `uri` after `prefix` (`urn:<namespace>:`), read as RFC 8141 reads a
+/// URN: its scheme and namespace identifier ignore case, so
+/// `URN:ODS:YG002` is an identity too (and beside `urn:ods:YG001`, a
+/// second one: ambiguous).
+fn strip_urn<'a>(uri: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = uri.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &uri[prefix.len()..])
 }
 
 /// Whether `name` is an operator's name as `urn:operator:<name>` carries
@@ -110,6 +120,17 @@ mod tests {
         assert_eq!(
             identity_from_cert(&der(&other.cert_pem)),
             Err(IdentityError::NoIdentity)
+        );
+        // RFC 8141: the scheme and namespace ignore case (the code does not).
+        let upper = ca.issue_client_now("URN:ODS:YG002").unwrap();
+        assert_eq!(
+            identity_from_cert(&der(&upper.cert_pem)),
+            Ok(PeerIdentity::Organisation("YG002".parse().unwrap()))
+        );
+        let lower_code = ca.issue_client_now("urn:ods:yg002").unwrap();
+        assert_eq!(
+            identity_from_cert(&der(&lower_code.cert_pem)),
+            Err(IdentityError::BadOdsCode)
         );
         let bad = ca.issue_client_now("urn:ods:not-a-code").unwrap();
         assert_eq!(
