@@ -262,7 +262,7 @@ async fn page(
         Ok(snapshot) => (StatusCode::OK, render(&snapshot)),
         Err(error) => {
             tracing::warn!(%error, "dashboard unavailable");
-            (StatusCode::SERVICE_UNAVAILABLE, unavailable(&error))
+            (StatusCode::SERVICE_UNAVAILABLE, unavailable())
         }
     };
     (
@@ -279,7 +279,10 @@ async fn page(
         .into_response()
 }
 
-fn unavailable(error: &StoreError) -> Markup {
+/// The page when the figures cannot be read: fixed words only (the
+/// store's error, which can name files, hosts and the database, is in the
+/// gateway's log, not on a page anyone on the network may read).
+fn unavailable() -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -290,7 +293,7 @@ fn unavailable(error: &StoreError) -> Markup {
             }
             body {
                 h1 { "Dashboard unavailable" }
-                p { (error.to_string()) }
+                p { "The gateway could not read its queues just now; the reason is in its log. This page refreshes itself." }
             }
         }
     }
