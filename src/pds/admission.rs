@@ -25,15 +25,14 @@ impl PdsLookups {
         let since = now.saturating_sub(self.gateway.deadlines.admission_ms);
         let store = self.gateway.store.clone();
         let batch = self.pacing.batch;
-        let waiting =
-            tokio::task::spawn_blocking(move || store.unrouted_admissions(since, batch * 4))
+        // Those answered are passed over before the limit, or a window
+        // holding more answered admissions than the limit would hide the
+        // older ones still waiting.
+        let answered = done.clone();
+        let due: Vec<HandoverRecord> =
+            tokio::task::spawn_blocking(move || store.unrouted_admissions(since, &answered, batch))
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("admissions read: {e}")))??;
-        let due: Vec<HandoverRecord> = waiting
-            .into_iter()
-            .filter(|h| !done.contains(&h.id))
-            .take(batch)
-            .collect();
         for h in due {
             if !self.allowed() {
                 break;

@@ -304,9 +304,10 @@ impl Store {
     pub fn unrouted_admissions(
         &self,
         since_ms: i64,
+        skip: &std::collections::HashSet<u64>,
         limit: usize,
     ) -> Result<Vec<HandoverRecord>, StoreError> {
-        either!(self.unrouted_admissions(since_ms, limit))
+        either!(self.unrouted_admissions(since_ms, skip, limit))
     }
 
     /// See [`SledStore::redrive`].

@@ -191,6 +191,7 @@ impl SledStore {
     pub fn unrouted_admissions(
         &self,
         since_ms: i64,
+        skip: &std::collections::HashSet<u64>,
         limit: usize,
     ) -> Result<Vec<HandoverRecord>, StoreError> {
         let mut out = Vec::new();
@@ -204,6 +205,7 @@ impl SledStore {
             if h.event == JourneyEvent::Admission
                 && h.deliveries.is_empty()
                 && h.shredded_at_ms.is_none()
+                && !skip.contains(&h.id)
             {
                 out.push(h);
             }

@@ -15,7 +15,7 @@ use throughcare::grpc::pb;
 use throughcare::pds::PdsConfig;
 use throughcare::store::{PARKED_MAILBOX, SystemClock};
 
-use crate::support::{TestGateway, nhs, pull};
+use crate::support::{Engine, TestGateway, nhs, pull};
 
 const API_KEY: &str = "test-api-key-not-a-secret";
 const KID: &str = "throughcare-test-1";
@@ -1038,4 +1038,49 @@ fn breaker_open(gw: &TestGateway) -> bool {
         .encode()
         .lines()
         .any(|l| l == "throughcare_pds_breaker_open 1")
+}
+
+#[tokio::test]
+async fn admissions_already_answered_never_hide_older_ones_waiting() {
+    admissions_already_answered_never_hide_older_ones_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn admissions_already_answered_never_hide_older_ones_waiting_on_postgres() {
+    admissions_already_answered_never_hide_older_ones_on(Engine::Postgres).await;
+}
+
+/// The lookups ask the store for admissions that went to nobody, passing
+/// over those PDS already answered before the limit: before, the newest
+/// `4 × batch` were read and the answered dropped afterwards, so a day
+/// with more answered admissions than that hid every older one for good.
+async fn admissions_already_answered_never_hide_older_ones_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let mut ids = Vec::new();
+    for i in 0..4u32 {
+        let r = prison
+            .submit(admission(
+                &format!("adm-skip-{i}"),
+                &nhs(60 + i),
+                "1985-06-15",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.deliveries.is_empty());
+        ids.push(r.handover_id);
+    }
+    let answered: std::collections::HashSet<u64> = ids[2..].iter().copied().collect();
+    let waiting: Vec<u64> = gw
+        .store
+        .unrouted_admissions(0, &answered, 2)
+        .unwrap()
+        .iter()
+        .map(|h| h.id)
+        .collect();
+    assert_eq!(waiting, [ids[1], ids[0]]);
+    gw.stop().await;
 }

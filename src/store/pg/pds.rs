@@ -69,17 +69,28 @@ impl PgStore {
     pub fn unrouted_admissions(
         &self,
         since_ms: i64,
+        skip: &std::collections::HashSet<u64>,
         limit: usize,
     ) -> Result<Vec<HandoverRecord>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let skip: Vec<i64> = skip
+            .iter()
+            .filter_map(|id| i64::try_from(*id).ok())
+            .collect();
         self.block(move |s| async move {
             let client = s.client().await?;
             let rows = client
                 .query(
                     "SELECT record FROM handovers WHERE event = $1 AND submitted_at_ms >= $2 \
                      AND jsonb_array_length(record->'deliveries') = 0 \
-                     AND record->>'shredded_at_ms' IS NULL ORDER BY id DESC LIMIT $3",
-                    &[&JourneyEvent::Admission.to_string(), &since_ms, &limit],
+                     AND record->>'shredded_at_ms' IS NULL AND NOT (id = ANY($4)) \
+                     ORDER BY id DESC LIMIT $3",
+                    &[
+                        &JourneyEvent::Admission.to_string(),
+                        &since_ms,
+                        &limit,
+                        &skip,
+                    ],
                 )
                 .await
                 .map_err(db)?;
