@@ -74,13 +74,20 @@ fn decoded(msg: &Incoming, limit: usize) -> Result<std::borrow::Cow<'_, [u8]>, E
     }
 }
 
-/// The sender's idempotency key: its local id when usable, else MESH's id.
+/// The sender's idempotency key: its local id when usable as a message id;
+/// a local id that is not (spaces, over 128 characters, not ASCII) by its
+/// digest, `mesh-local:<SHA-256, 32 hex>`, so that a resend under the same
+/// local id is still the same submit; MESH's id when there is none.
 fn idempotency_key(msg: &Incoming) -> String {
+    use sha2::Digest;
     let local = msg.local_id.trim();
-    if !local.is_empty() && local.len() <= 128 && local.bytes().all(|b| b.is_ascii_graphic()) {
+    if local.is_empty() {
+        format!("mesh:{}", msg.message_id)
+    } else if local.len() <= 128 && local.bytes().all(|b| b.is_ascii_graphic()) {
         local.to_owned()
     } else {
-        format!("mesh:{}", msg.message_id)
+        let digest = sha2::Sha256::digest(local.as_bytes());
+        format!("mesh-local:{}", crate::audit::hex(&digest[..16]))
     }
 }
 
@@ -398,6 +405,28 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+
+    /// A resend under the same local id is the same submit, whatever the
+    /// local id holds: one that cannot be a message id goes by its digest,
+    /// not by MESH's id (which a resend changes).
+    #[test]
+    fn a_resend_under_any_local_id_has_the_same_key() {
+        let with = |local: &str, mesh_id: &str| {
+            let mut m = message("", Vec::new());
+            m.local_id = local.into();
+            m.message_id = mesh_id.into();
+            idempotency_key(&m)
+        };
+        assert_eq!(with("adm-0042", "A"), "adm-0042");
+        assert_eq!(with("", "A"), "mesh:A");
+        for odd in ["admission 42 for ward B", &"x".repeat(200), "admission-é"] {
+            let key = with(odd, "A");
+            assert_eq!(key, with(odd, "B"), "{odd}");
+            assert!(key.starts_with("mesh-local:") && key.len() == 43, "{key}");
+            assert!(crate::grpc::wire::is_message_id(&key), "{key}");
+        }
+        assert_ne!(with("admission 1", "A"), with("admission 2", "A"));
+    }
 
     fn message(encoding: &str, body: Vec<u8>) -> Incoming {
         Incoming {
