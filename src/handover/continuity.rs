@@ -22,7 +22,8 @@
 //! - `mental_health_within_72h`: of the releases with a mental health team
 //!   copy, acknowledged within 72 hours of submission.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 
 use super::deliver::view_name;
 use super::{Caller, Decoded, Error, Gateway};
@@ -193,6 +194,31 @@ fn outcome(h: &HandoverRecord, deliveries: &[DeliveryRecord], now_ms: i64) -> Ou
     }
 }
 
+impl Outcome {
+    /// The outcome of a release and its corrections together: the release
+    /// reached the GP when any summary of it did (the earliest, on time if
+    /// any was), parked as long as the longest, and a service in time if any
+    /// copy was. A correction sent after release day has a GP deadline
+    /// already passed; scored alone, it turned an on-time release late.
+    fn merge(&mut self, other: Outcome) {
+        self.gp_acked_ms = match (self.gp_acked_ms, other.gp_acked_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.gp_on_time |= other.gp_on_time;
+        self.parked_ms = self.parked_ms.max(other.parked_ms);
+        for (mine, theirs) in [
+            (&mut self.ost_on_time, other.ost_on_time),
+            (&mut self.mental_health_on_time, other.mental_health_on_time),
+        ] {
+            *mine = match (*mine, theirs) {
+                (Some(a), Some(b)) => Some(a || b),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+}
+
 /// Whether any of `deliveries` is `ok`; `None` when there are none.
 fn any_of<'d>(
     deliveries: impl Iterator<Item = &'d DeliveryRecord>,
@@ -268,12 +294,22 @@ fn median(values: &mut [i64]) -> Option<i64> {
     })
 }
 
+/// A release and the corrections of it seen so far, counted once.
+struct Chain {
+    sender: String,
+    /// The earliest submission of the chain in the window: the release.
+    submitted_ms: i64,
+    outcome: Outcome,
+}
+
 /// The tallies of one scan, newest release first (so a correction is seen
-/// before the release it corrects, which then does not count).
+/// before the release it corrects, which joins its chain: one release).
 struct Scan {
     window: Window,
     now_ms: i64,
-    corrected: HashSet<u64>,
+    /// A corrected release's id → the newest correction of it.
+    head_of: HashMap<u64, u64>,
+    chains: HashMap<u64, Chain>,
     tallies: BTreeMap<(String, i64), Tally>,
 }
 
@@ -282,33 +318,49 @@ impl Scan {
         Self {
             window,
             now_ms,
-            corrected: HashSet::new(),
+            head_of: HashMap::new(),
+            chains: HashMap::new(),
             tallies: BTreeMap::new(),
         }
     }
 
     /// Counts one release (called newest first).
     fn add(&mut self, h: &HandoverRecord, deliveries: &[DeliveryRecord]) {
-        if let Some(old) = h.supersedes {
-            self.corrected.insert(old);
-        }
         // A summary that arrived after its correction (superseded on
         // arrival) is that correction's release, already counted once.
-        if self.corrected.contains(&h.id)
-            || h.superseded_on_arrival_by.is_some()
-            || h.submitted_at_ms < self.window.from_ms
-        {
+        if h.superseded_on_arrival_by.is_some() || h.submitted_at_ms < self.window.from_ms {
             return;
         }
-        let period = (h.submitted_at_ms - self.window.from_ms) / self.window.period_ms;
-        self.tallies
-            .entry((h.sender.clone(), period))
-            .or_default()
-            .add(&outcome(h, deliveries, self.now_ms), h.submitted_at_ms);
+        let head = self.head_of.remove(&h.id).unwrap_or(h.id);
+        if let Some(old) = h.supersedes {
+            self.head_of.insert(old, head);
+        }
+        let found = outcome(h, deliveries, self.now_ms);
+        match self.chains.entry(head) {
+            Entry::Occupied(mut chain) => {
+                let chain = chain.get_mut();
+                chain.outcome.merge(found);
+                chain.submitted_ms = chain.submitted_ms.min(h.submitted_at_ms);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(Chain {
+                    sender: h.sender.clone(),
+                    submitted_ms: h.submitted_at_ms,
+                    outcome: found,
+                });
+            }
+        }
     }
 
-    fn rows(self) -> Vec<ContinuityRow> {
+    fn rows(mut self) -> Vec<ContinuityRow> {
         let window = self.window;
+        for chain in std::mem::take(&mut self.chains).into_values() {
+            let period = (chain.submitted_ms - window.from_ms) / window.period_ms;
+            self.tallies
+                .entry((chain.sender, period))
+                .or_default()
+                .add(&chain.outcome, chain.submitted_ms);
+        }
         self.tallies
             .into_iter()
             .map(|((prison, period), tally)| {
@@ -423,6 +475,60 @@ mod tests {
             scan.add(h, &[]);
         }
         assert_eq!(scan.rows()[0].releases, Some(5));
+    }
+
+    /// A release the practice acknowledged on time, then corrected after
+    /// release day (whose copy is due at once and acknowledged late): one
+    /// release, on time, reached the GP when the first summary did.
+    #[test]
+    fn a_release_corrected_later_keeps_the_outcome_of_its_first_summary() {
+        let at = |h: i64| 1_000 + h * HOUR_MS;
+        let release = |id: u64, submitted: i64, extra: serde_json::Value| -> HandoverRecord {
+            let mut v = serde_json::json!({
+                "id": id, "sender": "YP001", "message_id": format!("m-{id}"),
+                "event": "RELEASE", "content_hash": "", "payload_hash": "",
+                "payload_len": 0, "patient_key": "p", "submitted_at_ms": submitted,
+                "deliveries": [id * 10]
+            });
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let gp_copy = |id: u64, handover: u64, queued: i64, due: i64, acked: i64| {
+            serde_json::from_value::<DeliveryRecord>(serde_json::json!({
+                "id": id, "handover_id": handover, "mailbox": "YG001", "patient_key": "p",
+                "urgent": false, "state": "delivered", "attempt": 1,
+                "queued_at_ms": queued, "delivered_at_ms": acked, "due_ms": due,
+                "view": view_name(View::Full)
+            }))
+            .unwrap()
+        };
+        let window = ContinuityWindow {
+            from_ms: Some(0),
+            to_ms: Some(7 * DAY_MS),
+            period_ms: Some(7 * DAY_MS),
+        }
+        .resolve(7 * DAY_MS)
+        .unwrap();
+        let mut scan = Scan::new(window, 7 * DAY_MS);
+        // Newest first: the correction two days on, then the original.
+        scan.add(
+            &release(2, at(48), serde_json::json!({ "supersedes": 1 })),
+            &[gp_copy(20, 2, at(48), at(48), at(60))],
+        );
+        scan.add(
+            &release(1, at(0), serde_json::json!({})),
+            &[gp_copy(10, 1, at(0), at(12), at(3))],
+        );
+        let chain = scan
+            .chains
+            .remove(&2)
+            .expect("one chain, headed by the correction");
+        assert!(scan.chains.is_empty());
+        assert!(chain.outcome.gp_on_time);
+        assert_eq!(chain.outcome.gp_acked_ms, Some(at(3)));
+        assert_eq!(chain.submitted_ms, at(0));
     }
 
     #[test]
