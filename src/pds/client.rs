@@ -26,6 +26,35 @@ pub struct PdsClient {
     end_user_organisation: Option<String>,
     max_retries: u32,
     retry_backoff: Duration,
+    /// PDS limits each application's rate (5 a second unless onboarded
+    /// for more); going over it answers 429 and delays every lookup.
+    pacer: Pacer,
+}
+
+/// Requests at least `interval` apart, in the order they asked.
+struct Pacer {
+    next: std::sync::Mutex<tokio::time::Instant>,
+    interval: Duration,
+}
+
+impl Pacer {
+    fn per_second(rate: u32) -> Self {
+        Self {
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+            interval: Duration::from_secs(1) / rate.max(1),
+        }
+    }
+
+    /// Waits for this request's turn.
+    async fn turn(&self) {
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 /// Settings of a client beyond its credentials and transport.
@@ -38,6 +67,8 @@ pub struct ClientSettings {
     pub max_retries: u32,
     /// First back-off between retries.
     pub retry_backoff: Duration,
+    /// Most requests a second (PDS's rate limit for the application).
+    pub requests_per_second: u32,
 }
 
 fn wall_ms() -> i64 {
@@ -65,6 +96,7 @@ impl PdsClient {
             end_user_organisation: settings.end_user_organisation,
             max_retries: settings.max_retries,
             retry_backoff: settings.retry_backoff,
+            pacer: Pacer::per_second(settings.requests_per_second),
         }
     }
 
@@ -93,6 +125,7 @@ impl PdsClient {
             // A token endpoint that is down or throttling is retried like PDS.
             let answer = match self.token().await {
                 Ok(token) => {
+                    self.pacer.turn().await;
                     self.transport
                         .send(self.get(nhs, &token, &request_id, end_user)?)
                         .await
@@ -225,5 +258,38 @@ fn safe_code(code: Option<&str>) -> String {
         }
         Some(_) => "an unrecognised code".into(),
         None => "no OperationOutcome".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Pacer;
+
+    /// Ten lookups asked at once at 5 a second go out 200 ms apart: the
+    /// last no sooner than 1.8 s after the first.
+    #[tokio::test(start_paused = true)]
+    async fn requests_go_no_faster_than_the_rate_limit() {
+        let pacer = Arc::new(Pacer::per_second(5));
+        let start = tokio::time::Instant::now();
+        let mut turns = Vec::new();
+        for _ in 0..10 {
+            let pacer = pacer.clone();
+            turns.push(tokio::spawn(async move {
+                pacer.turn().await;
+                tokio::time::Instant::now()
+            }));
+        }
+        let mut at = Vec::new();
+        for t in turns {
+            at.push(t.await.unwrap() - start);
+        }
+        at.sort();
+        assert_eq!(at[0], Duration::ZERO);
+        for pair in at.windows(2) {
+            assert!(pair[1] - pair[0] >= Duration::from_millis(200), "{at:?}");
+        }
     }
 }

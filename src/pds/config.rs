@@ -49,6 +49,9 @@ pub struct PdsConfig {
     pub breaker_open_ms: u64,
     /// Most lookups in one round.
     pub batch: u32,
+    /// Most requests a second to PDS: the application's rate limit (PDS
+    /// allows 5 unless onboarded for more); requests beyond it wait.
+    pub requests_per_second: u32,
 }
 
 impl Default for PdsConfig {
@@ -71,6 +74,7 @@ impl Default for PdsConfig {
             breaker_failures: 5,
             breaker_open_ms: 60_000,
             batch: 50,
+            requests_per_second: 5,
         }
     }
 }
@@ -115,6 +119,12 @@ impl PdsConfig {
             }
         };
         within("timeout_ms", self.timeout_ms, 100, 120_000)?;
+        within(
+            "requests_per_second",
+            self.requests_per_second.into(),
+            1,
+            10_000,
+        )?;
         within("max_retries", self.max_retries.into(), 0, 10)?;
         within("retry_backoff_ms", self.retry_backoff_ms, 10, 60_000)?;
         within("poll_interval_ms", self.poll_interval_ms, 50, 3_600_000)?;

@@ -145,6 +145,7 @@ pub fn client_from_config(config: &PdsConfig) -> Result<Option<Arc<PdsClient>>, 
             end_user_organisation: config.end_user_organisation.clone(),
             max_retries: config.max_retries,
             retry_backoff: Duration::from_millis(config.retry_backoff_ms),
+            requests_per_second: config.requests_per_second,
         },
     ))))
 }
