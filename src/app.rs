@@ -192,11 +192,19 @@ impl Prepared {
                 "the client CA is a DEVELOPMENT CA whose key sits beside it: anyone who can \
                  read that key can pose as any organisation or operator; never use it in production"
             );
-        } else if config.tls.operators.is_none() {
-            tracing::warn!(
-                "tls.operators is unset: every urn:operator certificate the CA issues is an \
-                 operator (break-glass reads included); list the operators this gateway accepts"
-            );
+        } else {
+            if config.tls.operators.is_none() {
+                tracing::warn!(
+                    "tls.operators is unset: every urn:operator certificate the CA issues is an \
+                     operator (break-glass reads included); list the operators this gateway accepts"
+                );
+            }
+            if tls_files.crl.is_none() {
+                tracing::warn!(
+                    "tls.crl is unset: no certificate is ever refused as revoked; configure the \
+                     CA's CRL so that a lost or compromised certificate can be stopped"
+                );
+            }
         }
         let pds = crate::pds::client_from_config(&config.pds)?;
         let mesh = crate::mesh::client_from_config(&config.mesh, config.limits.max_document_bytes)?;
