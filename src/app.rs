@@ -167,6 +167,35 @@ impl crate::tls::RefusalSink for AuditRefusals {
     }
 }
 
+/// Warns, at every start, of what a deployment trusts that it may not mean
+/// to: the development CA (its key beside it), any operator the CA issues,
+/// no revocation list.
+fn warn_of_trust(config: &Config, tls_files: &crate::tls::TlsFiles) {
+    let dev_ca = std::fs::read(&tls_files.ca).is_ok_and(|pem| crate::certs::is_dev_ca(&pem));
+    if dev_ca {
+        // At every start, not only the first: a deployment configured
+        // without TLS paths serves on the development PKI.
+        tracing::warn!(
+            ca = %tls_files.ca.display(),
+            "the client CA is a DEVELOPMENT CA whose key sits beside it: anyone who can \
+             read that key can pose as any organisation or operator; never use it in production"
+        );
+    } else {
+        if config.tls.operators.is_none() {
+            tracing::warn!(
+                "tls.operators is unset: every urn:operator certificate the CA issues is an \
+                 operator (break-glass reads included); list the operators this gateway accepts"
+            );
+        }
+        if tls_files.crl.is_none() {
+            tracing::warn!(
+                "tls.crl is unset: no certificate is ever refused as revoked; configure the \
+                 CA's CRL so that a lost or compromised certificate can be stopped"
+            );
+        }
+    }
+}
+
 impl Prepared {
     /// Loads everything `config` names, creating the dev PKI when allowed and
     /// absent, and opens the store.
@@ -183,29 +212,7 @@ impl Prepared {
             );
         }
         let tls_files = config.tls_files();
-        let dev_ca = std::fs::read(&tls_files.ca).is_ok_and(|pem| crate::certs::is_dev_ca(&pem));
-        if dev_ca {
-            // At every start, not only the first: a deployment configured
-            // without TLS paths serves on the development PKI.
-            tracing::warn!(
-                ca = %tls_files.ca.display(),
-                "the client CA is a DEVELOPMENT CA whose key sits beside it: anyone who can \
-                 read that key can pose as any organisation or operator; never use it in production"
-            );
-        } else {
-            if config.tls.operators.is_none() {
-                tracing::warn!(
-                    "tls.operators is unset: every urn:operator certificate the CA issues is an \
-                     operator (break-glass reads included); list the operators this gateway accepts"
-                );
-            }
-            if tls_files.crl.is_none() {
-                tracing::warn!(
-                    "tls.crl is unset: no certificate is ever refused as revoked; configure the \
-                     CA's CRL so that a lost or compromised certificate can be stopped"
-                );
-            }
-        }
+        warn_of_trust(&config, &tls_files);
         let pds = crate::pds::client_from_config(&config.pds)?;
         let mesh = crate::mesh::client_from_config(&config.mesh, config.limits.max_document_bytes)?;
         let mut registry = Registry::load(&config.registry_path())?;
