@@ -135,8 +135,11 @@ impl MeshEdge {
         };
         if msg.workflow_id.eq_ignore_ascii_case(REFUSAL_WORKFLOW) {
             // Another gateway's refusal of ours: never refused back (no
-            // ping-pong); what it refused is in its words, for operators.
+            // ping-pong). Its sender acknowledges the message it refused
+            // (so MESH shows it delivered): the refusal is what says it
+            // was not taken, so the delivery it names is quarantined.
             tracing::warn!(mesh_message_id = %id, "a refusal report arrived in the gateway's MESH inbox; acknowledged, not answered");
+            self.on_peer_refusal(&msg).await?;
             self.client.acknowledge(id).await?;
             self.metrics.mesh_message("in", "report");
             return Ok(Taken::Acknowledged);
@@ -358,6 +361,67 @@ impl MeshEdge {
                 Ok(false)
             }
         }
+    }
+
+    /// A peer gateway's refusal of a message we sent it: the delivery it
+    /// names (by our local id and MESH's message id, from the mailbox we
+    /// sent it to) is quarantined with the peer's stable reason, before the
+    /// peer's acknowledgement can make it look delivered. Anything else is
+    /// only logged.
+    async fn on_peer_refusal(&self, msg: &Incoming) -> Result<(), MeshError> {
+        #[derive(serde::Deserialize)]
+        struct PeerRefusal {
+            refused_message_id: String,
+            local_id: String,
+            reason: String,
+        }
+        let Ok(refusal) = serde_json::from_slice::<PeerRefusal>(&msg.body) else {
+            tracing::warn!("a refusal report that does not read as one; logged only");
+            return Ok(());
+        };
+        let Some(delivery_id) = refusal
+            .local_id
+            .strip_prefix("throughcare-")
+            .and_then(|d| d.parse::<u64>().ok())
+        else {
+            return Ok(());
+        };
+        let record = self
+            .gateway
+            .store
+            .mesh_record(delivery_id)
+            .map_err(|e| MeshError::Gateway(e.to_string()))?;
+        let sent_to = |r: &crate::store::MeshRecord| {
+            let registry = self.gateway.registry.read();
+            r.mailbox
+                .parse()
+                .ok()
+                .and_then(|code| registry.get(&code))
+                .and_then(|o| o.mesh_mailbox.clone())
+                .is_some_and(|mb| mb.eq_ignore_ascii_case(&msg.from))
+        };
+        let Some(record) = record.filter(|r| {
+            r.state == MeshState::Sent
+                && r.message_id
+                    .as_deref()
+                    .is_some_and(|m| m.eq_ignore_ascii_case(&refusal.refused_message_id))
+                && sent_to(r)
+        }) else {
+            tracing::info!(
+                delivery_id,
+                "a refusal report about no delivery in flight to its sender; logged only"
+            );
+            return Ok(());
+        };
+        let word: String = refusal
+            .reason
+            .chars()
+            .filter(|c| c.is_ascii_uppercase() || *c == '_')
+            .take(64)
+            .collect();
+        let reason =
+            format!("refused by the recipient's gateway ({word}): see its refusal report in MESH");
+        self.fail_delivery(record, &reason).await
     }
 
     /// A report about a message we sent: quarantine its delivery.

@@ -1222,3 +1222,92 @@ async fn mesh_reads_a_backlog_in_one_poll_and_sends_a_new_delivery_at_once() {
     .await;
     gw.stop().await;
 }
+
+/// The practice's system is another Throughcare gateway, which refuses our
+/// release (a `THROUGHCARE_REFUSAL` message naming it) and then
+/// acknowledges it, as a gateway does. The refusal quarantines the
+/// delivery with the peer's reason; the acknowledgement does not make it
+/// delivered. Before, the refusal was only logged and the delivery showed
+/// DELIVERED. A refusal from another mailbox, or naming another message,
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_a_peer_gateways_refusal_quarantines_the_delivery_it_names() {
+    let sandbox = Sandbox::start();
+    let gw = gateway_with(&sandbox).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("mesh-peer-1", 48, &["YG001"], "peer"))
+        .await
+        .unwrap();
+    let practice = sandbox.client(PRACTICE_MB);
+    let msg = eventually(20, "the release in the practice's MESH inbox", || async {
+        inbox(&practice).await.into_iter().next()
+    })
+    .await;
+    let refusal = |refused: &str, local: &str, reason: &str| {
+        serde_json::json!({
+            "refused_message_id": refused,
+            "local_id": local,
+            "workflow_id": "THROUGHCARE_RELEASE",
+            "reason": reason,
+            "message": "invalid request: entry[0]: the first entry must be a Composition",
+            "field_violations": [],
+        })
+        .to_string()
+    };
+    // The prison's mailbox cannot refuse what was sent to the practice, and
+    // a refusal naming another message is about nothing in flight.
+    let prison_mb = sandbox.client(PRISON_MB);
+    send_refusal(
+        &prison_mb,
+        refusal(&msg.message_id, &msg.local_id, "WRONG_MAILBOX"),
+        "r-wrong-mailbox",
+    )
+    .await;
+    send_refusal(
+        &practice,
+        refusal("20261101000000000000_OTHER", &msg.local_id, "OTHER_MESSAGE"),
+        "r-other",
+    )
+    .await;
+    send_refusal(
+        &practice,
+        refusal(&msg.message_id, &msg.local_id, "INVALID_ARGUMENT"),
+        "r-real",
+    )
+    .await;
+    let d = eventually(30, "QUARANTINED by the peer's refusal", || async {
+        let d = delivery_of(&gw, "mesh-peer-1").await;
+        (d.state() == pb::DeliveryState::Quarantined && d.mesh_state == "FAILED").then_some(d)
+    })
+    .await;
+    assert!(
+        d.quarantine_reason
+            .contains("refused by the recipient's gateway (INVALID_ARGUMENT)"),
+        "{}",
+        d.quarantine_reason
+    );
+    // The peer acknowledges what it refused: still not delivered.
+    practice.acknowledge(&msg.message_id).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = delivery_of(&gw, "mesh-peer-1").await;
+    assert_eq!(d.state(), pb::DeliveryState::Quarantined);
+    gw.stop().await;
+}
+
+/// Sends a `THROUGHCARE_REFUSAL` message with `body` to the gateway's mailbox.
+async fn send_refusal(from: &MeshClient, body: String, local_id: &str) {
+    from.send(&Outgoing {
+        to: GATEWAY_MB,
+        workflow_id: "THROUGHCARE_REFUSAL",
+        subject: "refused",
+        local_id,
+        file_name: "refusal.json",
+        content_type: "application/json",
+        body: body.as_bytes(),
+    })
+    .await
+    .unwrap();
+}
