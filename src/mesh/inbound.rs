@@ -12,7 +12,8 @@
 //! the message in the inbox for the next round.
 //!
 //! A MESH report (a non-delivery report about a message we sent) quarantines
-//! that delivery with MESH's reason.
+//! that delivery with MESH's reason; so does a peer gateway's refusal of a
+//! message we sent it.
 
 use serde_json::json;
 
