@@ -343,6 +343,12 @@ impl MeshClient {
         let answer = expect(self.exchange(b, first).await?, &[200, 202])?;
         let sent: Sent = serde_json::from_slice(&answer.body)
             .map_err(|_| MeshError::Invalid("MESH's send answer has no message_id".into()))?;
+        // It goes into the next chunks' paths and is tracked by later.
+        if !super::is_message_id(&sent.message_id) {
+            return Err(MeshError::Invalid(
+                "MESH's send answer names a message id that is not one".into(),
+            ));
+        }
         for (i, chunk) in chunks.iter().enumerate().skip(1) {
             let n = i + 1;
             let body = Bytes::copy_from_slice(chunk);
