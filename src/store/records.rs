@@ -1029,8 +1029,34 @@ pub(crate) fn claim_match(held: &[String], claimant: &[String]) -> ClaimMatch {
     }
 }
 
+/// Longest wait before a delivery nacked as retryable is offered again.
+pub const MAX_NACK_BACKOFF_MS: i64 = 5 * 60 * 1_000;
+
+/// The wait before a delivery nacked as retryable on `attempt` is offered
+/// again: `base_ms` doubling with each attempt, at most
+/// [`MAX_NACK_BACKOFF_MS`]. Attempts count over the delivery's life (a
+/// redrive keeps them), so without the cap one passing nack after a
+/// redrive or two held a patient's queue, an OST copy's included, for hours.
+#[must_use]
+pub fn nack_backoff_ms(base_ms: i64, attempt: u32) -> i64 {
+    base_ms
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(MAX_NACK_BACKOFF_MS)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_retryable_nack_waits_doubling_but_never_past_five_minutes() {
+        use super::nack_backoff_ms;
+        assert_eq!(nack_backoff_ms(1_000, 1), 1_000);
+        assert_eq!(nack_backoff_ms(1_000, 2), 2_000);
+        assert_eq!(nack_backoff_ms(1_000, 5), 16_000);
+        assert_eq!(nack_backoff_ms(1_000, 12), 300_000);
+        assert_eq!(nack_backoff_ms(1_000, u32::MAX), 300_000);
+        assert_eq!(nack_backoff_ms(i64::MAX, 3), 300_000);
+    }
+
     use super::*;
 
     #[test]

@@ -1167,10 +1167,7 @@ impl Writer {
             self.quarantine(staged, &mut d, why, now);
             DeliveryState::Quarantined
         } else {
-            let backoff = self
-                .options
-                .retry_backoff_ms
-                .saturating_mul(1 << (d.attempt.saturating_sub(1)).min(16));
+            let backoff = records::nack_backoff_ms(self.options.retry_backoff_ms, d.attempt);
             let not_before = now.saturating_add(backoff);
             d.state = DeliveryState::Queued;
             d.lease_until_ms = None;

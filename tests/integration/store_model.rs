@@ -458,7 +458,7 @@ async fn nack_step(store: &Store, model: &mut Model, mailbox: usize, pick: usize
                 d.state = DeliveryState::Quarantined;
             } else {
                 d.state = DeliveryState::Queued;
-                d.not_before = now + BACKOFF_MS * (1 << (d.attempt - 1));
+                d.not_before = now + (BACKOFF_MS * (1 << (d.attempt - 1))).min(5 * 60 * 1_000);
             }
             assert_eq!(result.unwrap(), d.state);
         }

@@ -645,10 +645,7 @@ async fn nack(
         sql::put_delivery(tx, &d).await?;
         DeliveryState::Quarantined
     } else {
-        let backoff = s
-            .options
-            .retry_backoff_ms
-            .saturating_mul(1 << (d.attempt.saturating_sub(1)).min(16));
+        let backoff = crate::store::records::nack_backoff_ms(s.options.retry_backoff_ms, d.attempt);
         d.state = DeliveryState::Queued;
         d.lease_until_ms = None;
         d.not_before_ms = Some(now.saturating_add(backoff));
