@@ -107,6 +107,40 @@ pub struct Tracked {
 /// quarantined for a payload that failed its check.
 const MAX_PULL_ROUNDS: usize = 8;
 
+/// Attempts a pull leased but has not answered yet. Dropped with some left
+/// (the caller's deadline passed or it went away while the pull read and
+/// rendered them), they are given back at once, as unsent: otherwise each
+/// would wait out its lease unseen, spend an attempt, and hold its
+/// patient's later deliveries (urgent ones too) until the lease ran out.
+struct GiveBack {
+    store: crate::store::Store,
+    actor: String,
+    mailbox: String,
+    attempts: Vec<(u64, u32)>,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        if self.attempts.is_empty() {
+            return;
+        }
+        let attempts = std::mem::take(&mut self.attempts);
+        let (store, actor, mailbox) =
+            (self.store.clone(), self.actor.clone(), self.mailbox.clone());
+        tracing::info!(
+            deliveries = attempts.len(),
+            "pull abandoned before its answer; its deliveries are given back"
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.return_unsent(&actor, &mailbox, attempts).await {
+                    tracing::warn!(error = %e, "giving back an abandoned pull's deliveries failed; they wait out their leases");
+                }
+            });
+        }
+    }
+}
+
 impl Gateway {
     /// Leases up to `max_deliveries` of the caller's mailbox, waiting up to
     /// `wait` for work.
@@ -145,6 +179,12 @@ impl Gateway {
         // whole: lease again rather than answer empty while others wait.
         // Each round quarantines at least one, and the rounds are bounded.
         let mut deliveries = Vec::new();
+        let mut unanswered = GiveBack {
+            store: self.store.clone(),
+            actor: actor.clone(),
+            mailbox: mailbox.to_owned(),
+            attempts: Vec::new(),
+        };
         for _ in 0..MAX_PULL_ROUNDS {
             let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
             let leased = self
@@ -153,17 +193,23 @@ impl Gateway {
             if leased.is_empty() {
                 break;
             }
+            unanswered
+                .attempts
+                .extend(leased.iter().map(|l| (l.delivery.id, l.delivery.attempt)));
             let (delivered, failure) = self.deliver_leased(&actor, mailbox, &leased, format).await;
             deliveries.extend(delivered);
             if let Some(e) = failure
                 && deliveries.is_empty()
             {
+                // Each was quarantined or given back as a failed attempt.
+                unanswered.attempts.clear();
                 return Err(e);
             }
             if !deliveries.is_empty() {
                 break;
             }
         }
+        unanswered.attempts.clear();
         let handover_ids: Vec<u64> = deliveries.iter().map(|d| d.handover_id).collect();
         tracing::info!(
             deliveries = deliveries.len(),

@@ -558,6 +558,64 @@ pub struct SledStore {
     inner: Arc<Inner>,
 }
 
+/// A pull the writer is serving. Dropped before its answer came (the
+/// caller's deadline passed or it went away), it still takes the answer,
+/// and gives back at once whatever was leased: otherwise each delivery
+/// would wait out its lease unseen, spend an attempt, and hold its
+/// patient's later deliveries (urgent ones too) until the lease ran out.
+struct PendingPull {
+    rx: Option<oneshot::Receiver<Result<Vec<LeasedDelivery>, StoreError>>>,
+    store: SledStore,
+    actor: String,
+    mailbox: String,
+}
+
+impl PendingPull {
+    async fn answer(mut self) -> Result<Vec<LeasedDelivery>, StoreError> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(StoreError::Unavailable("the pull was answered".into()));
+        };
+        let answer = rx.await;
+        self.rx = None;
+        answer.map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+    }
+}
+
+impl Drop for PendingPull {
+    fn drop(&mut self) {
+        let Some(rx) = self.rx.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.store.clone();
+        let (actor, mailbox) = (
+            std::mem::take(&mut self.actor),
+            std::mem::take(&mut self.mailbox),
+        );
+        runtime.spawn(async move {
+            let Ok(Ok(leased)) = rx.await else {
+                return;
+            };
+            if leased.is_empty() {
+                return;
+            }
+            tracing::info!(
+                deliveries = leased.len(),
+                "pull abandoned before its answer; its deliveries are given back"
+            );
+            let attempts = leased
+                .iter()
+                .map(|l| (l.delivery.id, l.delivery.attempt))
+                .collect();
+            if let Err(e) = store.return_unsent(&actor, &mailbox, attempts).await {
+                tracing::warn!(error = %e, "giving back an abandoned pull's deliveries failed; they wait out their leases");
+            }
+        });
+    }
+}
+
 impl SledStore {
     /// Opens (or creates) the store in `dir`, checks it against its witness
     /// and rebuilds the queue index.
@@ -774,14 +832,26 @@ impl SledStore {
         (max, max_bytes): (usize, Option<u64>),
         lease_ms: i64,
     ) -> Result<Vec<LeasedDelivery>, StoreError> {
-        self.ask(|reply| Job::Pull {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job::Pull {
+                actor: actor.to_owned(),
+                mailbox: mailbox.to_owned(),
+                max,
+                max_bytes,
+                lease_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        PendingPull {
+            rx: Some(rx),
+            store: self.clone(),
             actor: actor.to_owned(),
             mailbox: mailbox.to_owned(),
-            max,
-            max_bytes,
-            lease_ms,
-            reply,
-        })
+        }
+        .answer()
         .await
     }
 

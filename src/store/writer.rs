@@ -502,10 +502,19 @@ impl Writer {
                 max_bytes,
                 lease_ms,
                 reply,
-            } => Answer::new(
-                reply,
-                self.pull(staged, &actor, &mailbox, (max, max_bytes), lease_ms, now),
-            ),
+            } => {
+                // A caller gone (its deadline passed, its connection closed)
+                // is leased nothing: the deliveries would wait out a lease
+                // unseen, each spending an attempt.
+                let r = if reply.is_closed() {
+                    Err(StoreError::Unavailable(
+                        "the caller left before its pull was served".into(),
+                    ))
+                } else {
+                    self.pull(staged, &actor, &mailbox, (max, max_bytes), lease_ms, now)
+                };
+                Answer::new(reply, r)
+            }
             Job::Ack {
                 actor,
                 mailbox,

@@ -326,3 +326,44 @@ async fn pages_walk_a_listing_in_a_stable_order_whatever_changes_between_them() 
     assert_eq!(codes, sorted);
     assert!(codes.len() > 2, "{codes:?}");
 }
+
+/// A pull whose caller leaves before it is answered (its deadline passes,
+/// its connection closes) leaves nothing leased: the writer leases nothing
+/// for a caller already gone, and what was leased but not yet answered is
+/// given back. Before, the delivery waited out its lease unseen, spent an
+/// attempt, and held its patient's later deliveries until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_abandoned_before_its_answer_leaves_nothing_leased() {
+    let layer = Layer::new();
+    let gw = layer.gw();
+    let mut cmd = parked_release(31, "abandoned-pull");
+    let summary = release_summary(
+        nhs(31).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        Some("YG001".parse().unwrap()),
+        "handler test",
+    );
+    cmd.document = IncomingDocument::Native(Box::new(Ok(summary)));
+    let receipt = gw.submit(&org("YP001"), Ok(cmd)).await.unwrap();
+    let delivery = receipt.deliveries[0].delivery_id;
+    assert_eq!(receipt.deliveries[0].destination, "YG001");
+    let gp = org("YG001");
+    // Polled once (the writer has the pull) and dropped before its answer,
+    // as a caller whose deadline passes is; the writer leases regardless.
+    let abandoned = futures_util::FutureExt::now_or_never(gw.pull(&gp, Ok(PullCommand::default())));
+    assert!(abandoned.is_none(), "the pull was answered at once");
+    // Given back unsent: the next pull has it as its first attempt. (Left
+    // leased, it would wait out its lease, and this pull would get nothing.)
+    let got = gw
+        .pull(
+            &gp,
+            Ok(PullCommand {
+                wait: Duration::from_secs(5),
+                ..PullCommand::default()
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!((got[0].delivery_id, got[0].attempt), (delivery, 1));
+}
