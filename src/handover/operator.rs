@@ -494,6 +494,16 @@ impl Gateway {
     }
 }
 
+/// Eight bytes that name an audit query's subject in its page tokens.
+fn trail_scope(handover: Option<u64>, patient: Option<&str>) -> [u8; 8] {
+    use sha2::Digest;
+    let subject = format!("{handover:?}|{patient:?}");
+    let digest = sha2::Sha256::digest(subject.as_bytes());
+    let mut scope = [0u8; 8];
+    scope.copy_from_slice(&digest[..8]);
+    scope
+}
+
 /// The audit trail and the break-glass read: both are themselves accesses
 /// to a patient's record, so both are audited before anything is read.
 impl Gateway {
@@ -544,13 +554,32 @@ impl Gateway {
         .map_err(|e| {
             Error::Store(StoreError::Unavailable(format!("audit reader failed: {e}")))
         })??;
+        // A token holds its trail's subject and the newest entry of its first
+        // page: later pages list no further, or each page's own audit entry
+        // (about this subject) would make one more page for ever.
+        let scope = trail_scope(handover, patient_keys.first().map(String::as_str));
+        let upper = match after.as_deref() {
+            None => entries.last().map_or(0, |e| e.seq),
+            Some(cursor) if cursor.len() == 24 && cursor[..8] == scope => {
+                u64::from_be_bytes(cursor[8..16].try_into().unwrap_or_default())
+            }
+            Some(_) => {
+                return Err(Error::invalid(
+                    "page_token",
+                    "not a token of this trail: it pages another subject's entries",
+                ));
+            }
+        };
         let entries = entries.into_iter().filter(|e| {
-            handover.is_some_and(|h| e.handover_id == Some(h))
-                || e.patient_key
-                    .as_ref()
-                    .is_some_and(|p| patient_keys.contains(p))
+            e.seq <= upper
+                && (handover.is_some_and(|h| e.handover_id == Some(h))
+                    || e.patient_key
+                        .as_ref()
+                        .is_some_and(|p| patient_keys.contains(p)))
         });
-        let key = |e: &AuditEntry| e.seq.to_be_bytes().to_vec();
+        let key = |e: &AuditEntry| {
+            [scope.as_slice(), &upper.to_be_bytes(), &e.seq.to_be_bytes()].concat()
+        };
         let entries = page_sorted(Listing::Audit, entries, key, after.as_deref(), size);
         Ok(AuditTrail {
             entries,

@@ -367,3 +367,74 @@ async fn a_pull_abandoned_before_its_answer_leaves_nothing_leased() {
         .unwrap();
     assert_eq!((got[0].delivery_id, got[0].attempt), (delivery, 1));
 }
+
+/// Paging a patient's trail one entry at a time ends: each page's own
+/// `audit_query` entry (about that patient) is not listed on later pages,
+/// which stop at the newest entry of the first; and a page token of one
+/// subject's trail does not page another's.
+#[tokio::test]
+async fn a_trail_paged_one_entry_at_a_time_ends_and_its_tokens_stay_with_it() {
+    let layer = Layer::new();
+    let gw = layer.gw();
+    for i in 0..3 {
+        gw.submit(&org("YP001"), Ok(parked_release(41, &format!("trail-{i}"))))
+            .await
+            .unwrap();
+    }
+    let op = operator();
+    let subject = || Some(AuditSubject::NhsNumber(nhs(41)));
+    let mut page = PageRequest {
+        size: 1,
+        token: String::new(),
+    };
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        let trail = gw
+            .audit_trail(&op, subject(), "subject access request", &page)
+            .await
+            .unwrap();
+        seen.extend(
+            trail
+                .entries
+                .items
+                .iter()
+                .map(|e| (e.seq, e.action.clone())),
+        );
+        if trail.entries.next_token.is_empty() {
+            break;
+        }
+        page.token = trail.entries.next_token;
+    }
+    // Three submits (each later one superseding) and the first page's
+    // query; the queries of the later pages come after the first's newest.
+    let actions: Vec<&str> = seen.iter().map(|(_, a)| a.as_str()).collect();
+    let count = |what: &str| actions.iter().filter(|a| **a == what).count();
+    assert_eq!((count("submit"), count("audit_query")), (3, 1), "{seen:?}");
+    assert_eq!(actions.last(), Some(&"audit_query"), "{seen:?}");
+
+    let first = gw
+        .audit_trail(
+            &op,
+            subject(),
+            "subject access request",
+            &PageRequest {
+                size: 1,
+                token: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let other = PageRequest {
+        size: 1,
+        token: first.entries.next_token,
+    };
+    let elsewhere = gw
+        .audit_trail(
+            &op,
+            Some(AuditSubject::NhsNumber(nhs(42))),
+            "checking",
+            &other,
+        )
+        .await;
+    assert_eq!(fields(elsewhere), ["page_token"]);
+}
