@@ -521,20 +521,29 @@ impl Writer {
                 delivery_id,
                 attempt,
                 reply,
-            } => Answer::new(
-                reply,
-                self.ack(staged, (&actor, &mailbox), delivery_id, attempt, now)
-                    .and_then(AckOutcome::into_result),
-            ),
+            } => {
+                let r = self
+                    .ack(staged, (&actor, &mailbox), delivery_id, attempt, now)
+                    .and_then(AckOutcome::into_result);
+                // The patient's next delivery may now go (one at a time
+                // per patient): a puller waiting on the mailbox is woken.
+                if r.is_ok() {
+                    woken.insert(mailbox);
+                }
+                Answer::new(reply, r)
+            }
             Job::AckBatch {
                 actor,
                 mailbox,
                 attempts,
                 reply,
-            } => Answer::new(
-                reply,
-                self.ack_batch(staged, (&actor, &mailbox), &attempts, now),
-            ),
+            } => {
+                let r = self.ack_batch(staged, (&actor, &mailbox), &attempts, now);
+                if r.is_ok() {
+                    woken.insert(mailbox);
+                }
+                Answer::new(reply, r)
+            }
             Job::Nack {
                 actor,
                 mailbox,
@@ -553,7 +562,8 @@ impl Writer {
                     &reason,
                     now,
                 );
-                if matches!(r, Ok(DeliveryState::Queued)) {
+                // Requeued, or quarantined (the patient's next may go).
+                if r.is_ok() {
                     woken.insert(mailbox);
                 }
                 Answer::new(reply, r)
