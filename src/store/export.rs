@@ -316,6 +316,11 @@ impl Source {
         let mut finished = Some(i64::MIN);
         for id in &h.deliveries {
             let at = match delivery(*id)? {
+                // Superseded by a correction that went to no one: done.
+                Some(d) if d.is_superseded() && d.superseded_by.is_none() => d
+                    .finished_at()
+                    .or(d.superseded_at_ms)
+                    .or(Some(d.queued_at_ms)),
                 Some(d) if d.state == records::DeliveryState::Superseded => {
                     delivery(d.superseded_by.unwrap_or(0))?
                         .as_ref()

@@ -484,6 +484,11 @@ impl Writer {
                 let d: Option<DeliveryRecord> =
                     staged.get_json(TreeId::Deliveries, &records::be(*did))?;
                 let at = match d {
+                    // Superseded by a correction that went to no one: done.
+                    Some(d) if d.is_superseded() && d.superseded_by.is_none() => d
+                        .finished_at()
+                        .or(d.superseded_at_ms)
+                        .or(Some(d.queued_at_ms)),
                     Some(d) if d.state == DeliveryState::Superseded => {
                         let by = d.superseded_by.unwrap_or(0);
                         let replacement: Option<DeliveryRecord> =
@@ -680,7 +685,10 @@ impl Writer {
                 self.retention.legacy_keys = false;
             }
         }
-        if now.saturating_sub(opened_ms) >= self.options.retention.key_epoch_ms {
+        // An epoch that opened "later" than now (the clock was set back
+        // since) is as good as old: otherwise no epoch would open, and no
+        // shredded key fall out of reach, for as long as the clock was off.
+        if now.saturating_sub(opened_ms) >= self.options.retention.key_epoch_ms || now < opened_ms {
             self.cipher.open_new_epoch(now)?;
         }
         Ok(())

@@ -1028,3 +1028,18 @@ async fn a_lengthened_grace_applies_to_payloads_already_waiting() {
     assert_eq!(pass.shredded, 1, "shredded when the longer grace ends");
     gw.stop().await;
 }
+
+/// A clock set back (it had run ahead) leaves the current key epoch
+/// "opened in the future": a new one opens at the next pass, so shredded
+/// keys still fall out of reach on schedule. Before, no epoch opened for as
+/// long as the clock had been ahead.
+#[tokio::test]
+async fn a_clock_set_back_still_opens_a_new_key_epoch() {
+    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    let first = gw.store.retention().await.unwrap();
+    assert_eq!(first.stats.key_epochs, 1);
+    clock.advance(-10 * DAY_MS);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.stats.key_epochs, 2, "a new epoch, opened now");
+    gw.stop().await;
+}
