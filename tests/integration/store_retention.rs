@@ -380,3 +380,70 @@ async fn a_trail_entirely_past_the_audit_period_still_verifies_after_the_cut() {
     assert_eq!(a.verify_audit_from().unwrap().entries, 3);
     a.close().await.unwrap();
 }
+
+/// A patient known first by NHS number, then by prison number, then by both
+/// (the two keys merged into one): once nothing of theirs is tracked, every
+/// identity record goes, the merged key's included. Before, PostgreSQL
+/// checked the key each handover was filed under (an alias after the
+/// merge, never checked again) and never deleted alias records, so the
+/// identifier hashes stayed for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_patients_identity_records_all_expire_on_postgres() {
+    let Some((gw, clock)) = TestGateway::manual_on(Engine::Postgres, |c| {
+        c.retention.payload_grace_seconds = GRACE_S;
+        c.retention.metadata_seconds = METADATA_S;
+        c.retention.tombstone_seconds = TOMBSTONE_S;
+        c.retention.audit_seconds = Some(METADATA_S);
+        c.retention.interval_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    let url = gw.config.store.postgres_url.clone().unwrap();
+    let sql = db(&url).await;
+    let mut prison = gw.client("YP001").await;
+    for (id, by_nhs, by_prison) in [
+        ("m-1", true, false),
+        ("m-2", false, true),
+        ("m-3", true, true),
+    ] {
+        let s = throughcare::clinical::synthetic::release_summary(
+            by_nhs.then(|| support::nhs(51).parse().unwrap()),
+            by_prison.then(|| "A5151AA".parse().unwrap()),
+            "YP001".parse().unwrap(),
+            Some("YG001".parse().unwrap()),
+            "merge",
+        );
+        prison
+            .submit(throughcare::cli::client::native_submit(
+                id,
+                pb::JourneyEvent::Release,
+                &[],
+                &s,
+            ))
+            .await
+            .unwrap();
+    }
+    let merged = "SELECT count(*) FROM patients WHERE record ? 'merged_into'";
+    assert_eq!(count(&sql, merged).await, 1, "two keys, one patient");
+    for who in ["YG001", "YPR01"] {
+        support::pull_and_ack(&mut gw.client(who).await).await;
+    }
+    clock.advance(i64::try_from(METADATA_S * 3).unwrap() * 1_000);
+    eventually("the tracking data is removed", || async {
+        count(&sql, "SELECT count(*) FROM handovers").await == 0
+    })
+    .await;
+    // A metadata period after the last of it, the patient's identity.
+    clock.advance(i64::try_from(METADATA_S).unwrap() * 1_000 + 1_000);
+    eventually(
+        "every identity record of the patient is removed",
+        || async {
+            count(&sql, "SELECT count(*) FROM patients").await == 0
+                && count(&sql, "SELECT count(*) FROM identities").await == 0
+        },
+    )
+    .await;
+    gw.stop().await;
+}

@@ -335,13 +335,16 @@ async fn remove(
     )
     .await
     .map_err(db)?;
-    if !tracks_anything(tx, &h.patient_key).await? {
+    // The patient the handover's key stands for now: handovers keep the key
+    // they were filed under, which a later merge may have made an alias.
+    let patient = current_key(tx, &h.patient_key).await?;
+    if !tracks_anything(tx, &patient).await? {
         let due = now.saturating_add(s.options.retention.metadata_ms);
         tx.execute(
             "INSERT INTO identity_expiry (patient_key, due_ms) VALUES ($1, $2) \
              ON CONFLICT (patient_key) DO UPDATE \
              SET due_ms = GREATEST(identity_expiry.due_ms, EXCLUDED.due_ms)",
-            &[&h.patient_key, &due],
+            &[&patient, &due],
         )
         .await
         .map_err(db)?;
@@ -359,18 +362,57 @@ async fn remove(
 
 /// Whether a delivery of the patient is live, parked or quarantined, or a
 /// handover their lineage points at is still held.
+/// Whether anything of `patient` (or of a key merged into them, whose
+/// deliveries keep that key) is still tracked.
 async fn tracks_anything(tx: &Transaction<'_>, patient: &str) -> Result<bool, StoreError> {
+    let keys = keys_of(tx, patient).await?;
     let row = tx
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM deliveries WHERE patient_key = $1 \
+            "SELECT EXISTS (SELECT 1 FROM deliveries WHERE patient_key = ANY($1) \
                             AND state IN ('queued', 'leased', 'parked', 'quarantined')) \
              OR EXISTS (SELECT 1 FROM lineage l JOIN handovers h ON h.id = l.handover_id \
-                        WHERE l.patient_key = $1)",
-            &[&patient],
+                        WHERE l.patient_key = ANY($1))",
+            &[&keys],
         )
         .await
         .map_err(db)?;
     Ok(row.get(0))
+}
+
+/// `patient`'s record, when it has one.
+async fn patient_record(
+    tx: &Transaction<'_>,
+    patient: &str,
+) -> Result<Option<PatientRecord>, StoreError> {
+    Ok(tx
+        .query_opt(
+            "SELECT record FROM patients WHERE patient_key = $1",
+            &[&patient],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| r.get::<_, Json<PatientRecord>>(0).0))
+}
+
+/// `patient` and the keys merged into them.
+async fn keys_of(tx: &Transaction<'_>, patient: &str) -> Result<Vec<String>, StoreError> {
+    let aliases = patient_record(tx, patient)
+        .await?
+        .map(|r| r.aliases)
+        .unwrap_or_default();
+    Ok(std::iter::once(patient.to_owned()).chain(aliases).collect())
+}
+
+/// The patient key `key` stands for now (the patient it was merged into).
+async fn current_key(tx: &Transaction<'_>, key: &str) -> Result<String, StoreError> {
+    let mut key = key.to_owned();
+    for _ in 0..16 {
+        match patient_record(tx, &key).await?.and_then(|r| r.merged_into) {
+            Some(next) => key = next,
+            None => break,
+        }
+    }
+    Ok(key)
 }
 
 /// Removes tombstones past their period.
@@ -456,13 +498,16 @@ async fn forget_patient(tx: &Transaction<'_>, patient: &str) -> Result<u64, Stor
     if merged || tracks_anything(tx, patient).await? {
         return Ok(0);
     }
+    // The keys merged into them go too: their records hold identifier
+    // hashes that would otherwise stay for ever.
+    let keys = keys_of(tx, patient).await?;
     let mut removed = 0;
     for query in [
-        "DELETE FROM identities WHERE patient_key = $1",
-        "DELETE FROM patients WHERE patient_key = $1",
-        "DELETE FROM lineage WHERE patient_key = $1",
+        "DELETE FROM identities WHERE patient_key = ANY($1)",
+        "DELETE FROM patients WHERE patient_key = ANY($1)",
+        "DELETE FROM lineage WHERE patient_key = ANY($1)",
     ] {
-        removed += tx.execute(query, &[&patient]).await.map_err(db)?;
+        removed += tx.execute(query, &[&keys]).await.map_err(db)?;
     }
     Ok(removed)
 }
