@@ -222,7 +222,7 @@ impl Prepared {
             .clone()
             .unwrap_or_else(|| config.data_dir.join("patient-key"));
         let keyer = PatientKeyer::new(&load_or_create_secret(&secret_path)?);
-        let metrics = Arc::new(Metrics::new(tls_files.cert, tls_files.ca));
+        let metrics = Arc::new(Metrics::new(tls_files.cert, tls_files.ca).with_crl(tls_files.crl));
         let q = &config.queue;
         let options = StoreOptions {
             max_attempts: q.max_attempts,

@@ -13,7 +13,7 @@
 //! | `nacks_total` | counter | `permanent`, `outcome` |
 //! | `barrier_duration_seconds` | histogram | (`flush` + `fdatasync`s of one group commit) |
 //! | `barrier_commands`, `barrier_submits` | histogram | (messages per barrier) |
-//! | `certificate_expiry_timestamp_seconds` | gauge | `certificate` = `server` or `ca` (its `notAfter`, Unix seconds) |
+//! | `certificate_expiry_timestamp_seconds` | gauge | `certificate` = `server` or `ca` (its `notAfter`, Unix seconds), or `crl` (its `nextUpdate`) |
 //! | `build_info` | gauge (1) | `version`, `commit` |
 //! | `grpc_server_handled_total` | counter | `grpc_service`, `grpc_method`, `grpc_code` (every call on the mutual-TLS listener) |
 //! | `grpc_server_handling_seconds` | histogram | `grpc_service`, `grpc_method` (request in to the call's last frame) |
@@ -1074,13 +1074,31 @@ impl Metrics {
             .set(gauge_i64(s.identity_records_removed));
     }
 
+    /// Also reports the CRL's `nextUpdate` (as `certificate="crl"`), read
+    /// at each scrape like the certificates: a CRL publisher that stops is
+    /// seen before the list in force goes stale.
+    #[must_use]
+    pub fn with_crl(mut self, crl: Option<PathBuf>) -> Self {
+        if let Some(path) = crl {
+            self.certificates.push(("crl", path));
+        }
+        self
+    }
+
     /// Reads the certificates' expiry dates; an unreadable one loses its series.
     fn refresh_certificates(&self) {
         for (name, path) in &self.certificates {
             let labels = CertificateLabels { certificate: name };
+            // The CRL "expires" at its nextUpdate: past it, revocations
+            // published since are not enforced.
+            let read = if *name == "crl" {
+                crate::tls::crl_next_update
+            } else {
+                crate::tls::expiry_timestamp
+            };
             let expiry = std::fs::read(path)
                 .map_err(|e| e.to_string())
-                .and_then(|pem| crate::tls::expiry_timestamp(&pem).map_err(|e| e.to_string()));
+                .and_then(|pem| read(&pem).map_err(|e| e.to_string()));
             match expiry {
                 Ok(expiry) => {
                     self.certificate_expiry.get_or_create(&labels).set(expiry);
@@ -1364,6 +1382,31 @@ mod tests {
         ))));
         assert!(!wants_openmetrics(Some(&accept("*/*"))));
         assert!(!wants_openmetrics(None));
+    }
+
+    /// The CRL in force is watched like the certificates: its nextUpdate
+    /// is exported, so a publisher that stops is seen before it goes stale.
+    #[test]
+    fn the_crls_next_update_is_exported_beside_the_certificates_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::certs::CertAuthority::generate("metrics test").unwrap();
+        let crl = dir.path().join("revoked.pem");
+        std::fs::write(&crl, ca.crl(&[]).unwrap()).unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, ca.cert_pem()).unwrap();
+        let m = Metrics::new(pem.clone(), pem).with_crl(Some(crl));
+        let text = m.encode();
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with(
+                    "throughcare_certificate_expiry_timestamp_seconds{certificate=\"crl\"}",
+                )
+            })
+            .unwrap_or_else(|| panic!("{text}"));
+        let next: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        let in_a_week = time::OffsetDateTime::now_utc().unix_timestamp() + 7 * 86_400;
+        assert!((in_a_week - next).abs() < 120, "{line}");
     }
 
     /// Every series docs/grafana-dashboard.json queries is one the gateway

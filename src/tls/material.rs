@@ -26,6 +26,27 @@ pub fn expiry_timestamp(pem: &[u8]) -> Result<i64, TlsError> {
     Ok(cert.validity().not_after.timestamp())
 }
 
+/// The earliest `nextUpdate` of the CRLs in a PEM file, Unix seconds: when
+/// the list in force goes stale unless a fresh one is published.
+///
+/// # Errors
+/// A file with no CRL, or one that does not parse or names no next update.
+pub fn crl_next_update(pem: &[u8]) -> Result<i64, TlsError> {
+    use x509_parser::prelude::FromDer;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let mut earliest: Option<i64> = None;
+    for der in CertificateRevocationListDer::pem_slice_iter(pem) {
+        let der = der.map_err(|_| TlsError::Invalid("unreadable CRL PEM".into()))?;
+        let (_, crl) = CertificateRevocationList::from_der(&der)
+            .map_err(|_| TlsError::Invalid("unparsable CRL".into()))?;
+        if let Some(t) = crl.next_update() {
+            let t = t.timestamp();
+            earliest = Some(earliest.map_or(t, |e| e.min(t)));
+        }
+    }
+    earliest.ok_or_else(|| TlsError::Invalid("no CRL with a next update".into()))
+}
+
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -36,6 +36,6 @@ pub use admission::AdmissionLimits;
 pub use client::client_channel;
 pub use conn::{ConnInfo, TlsConn};
 pub use identity::{IdentityError, PeerIdentity, identity_from_cert, is_operator_name};
-pub use material::{TlsError, TlsFiles, expiry_timestamp, server_config};
+pub use material::{TlsError, TlsFiles, crl_next_update, expiry_timestamp, server_config};
 pub use refusal::{Refusal, RefusalSink, address_actor};
 pub use reload::ReloadableConfig;
