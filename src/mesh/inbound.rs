@@ -380,18 +380,6 @@ impl MeshEdge {
             tracing::warn!("a refusal report that does not read as one; logged only");
             return Ok(());
         };
-        let Some(delivery_id) = refusal
-            .local_id
-            .strip_prefix("throughcare-")
-            .and_then(|d| d.parse::<u64>().ok())
-        else {
-            return Ok(());
-        };
-        let record = self
-            .gateway
-            .store
-            .mesh_record(delivery_id)
-            .map_err(|e| MeshError::Gateway(e.to_string()))?;
         let sent_to = |r: &crate::store::MeshRecord| {
             let registry = self.gateway.registry.read();
             r.mailbox
@@ -401,15 +389,14 @@ impl MeshEdge {
                 .and_then(|o| o.mesh_mailbox.clone())
                 .is_some_and(|mb| mb.eq_ignore_ascii_case(&msg.from))
         };
-        let Some(record) = record.filter(|r| {
-            r.state == MeshState::Sent
-                && r.message_id
-                    .as_deref()
-                    .is_some_and(|m| m.eq_ignore_ascii_case(&refusal.refused_message_id))
+        let refused = self.in_flight(&refusal.local_id)?.filter(|(_, r)| {
+            r.message_id
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(&refusal.refused_message_id))
                 && sent_to(r)
-        }) else {
+        });
+        let Some((_, record)) = refused else {
             tracing::info!(
-                delivery_id,
                 "a refusal report about no delivery in flight to its sender; logged only"
             );
             return Ok(());
@@ -425,21 +412,31 @@ impl MeshEdge {
         self.fail_delivery(record, &reason).await
     }
 
-    /// A report about a message we sent: quarantine its delivery.
-    async fn on_report(&self, msg: &Incoming) -> Result<(), MeshError> {
-        let Some(delivery_id) = msg
-            .local_id
+    /// The delivery a message we sent is about, by its local id, and its
+    /// MESH record while the message is in flight (sent, not yet answered).
+    fn in_flight(
+        &self,
+        local_id: &str,
+    ) -> Result<Option<(u64, crate::store::MeshRecord)>, MeshError> {
+        let Some(delivery_id) = local_id
             .strip_prefix("throughcare-")
             .and_then(|d| d.parse::<u64>().ok())
         else {
-            return Ok(());
+            return Ok(None);
         };
         let record = self
             .gateway
             .store
             .mesh_record(delivery_id)
             .map_err(|e| MeshError::Gateway(e.to_string()))?;
-        let Some(record) = record.filter(|r| r.state == MeshState::Sent) else {
+        Ok(record
+            .filter(|r| r.state == MeshState::Sent)
+            .map(|r| (delivery_id, r)))
+    }
+
+    /// A report about a message we sent: quarantine its delivery.
+    async fn on_report(&self, msg: &Incoming) -> Result<(), MeshError> {
+        let Some((delivery_id, record)) = self.in_flight(&msg.local_id)? else {
             return Ok(());
         };
         // A report names the message it is about: one about an earlier copy

@@ -89,17 +89,18 @@ fn admin_audit_verify(url: &str, data_dir: &Path) -> (bool, String) {
     )
 }
 
+/// Periods of seconds, and a pass every 100 ms.
+fn short_retention(c: &mut throughcare::config::Config) {
+    c.retention.payload_grace_seconds = GRACE_S;
+    c.retention.metadata_seconds = METADATA_S;
+    c.retention.tombstone_seconds = TOMBSTONE_S;
+    c.retention.audit_seconds = Some(METADATA_S);
+    c.retention.interval_ms = 100;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_runs_on_postgres_through_the_real_server() {
-    let Some((gw, clock)) = TestGateway::manual_on(Engine::Postgres, |c| {
-        c.retention.payload_grace_seconds = GRACE_S;
-        c.retention.metadata_seconds = METADATA_S;
-        c.retention.tombstone_seconds = TOMBSTONE_S;
-        c.retention.audit_seconds = Some(METADATA_S);
-        c.retention.interval_ms = 100;
-    })
-    .await
-    else {
+    let Some((gw, clock)) = TestGateway::manual_on(Engine::Postgres, short_retention).await else {
         return;
     };
     let url = gw.config.store.postgres_url.clone().unwrap();
@@ -389,15 +390,7 @@ async fn a_trail_entirely_past_the_audit_period_still_verifies_after_the_cut() {
 /// identifier hashes stayed for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merged_patients_identity_records_all_expire_on_postgres() {
-    let Some((gw, clock)) = TestGateway::manual_on(Engine::Postgres, |c| {
-        c.retention.payload_grace_seconds = GRACE_S;
-        c.retention.metadata_seconds = METADATA_S;
-        c.retention.tombstone_seconds = TOMBSTONE_S;
-        c.retention.audit_seconds = Some(METADATA_S);
-        c.retention.interval_ms = 100;
-    })
-    .await
-    else {
+    let Some((gw, clock)) = TestGateway::manual_on(Engine::Postgres, short_retention).await else {
         return;
     };
     let url = gw.config.store.postgres_url.clone().unwrap();
