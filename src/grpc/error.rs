@@ -60,6 +60,17 @@ pub fn status(
     Status::with_error_details(code, message, d)
 }
 
+/// `status` with one more `ErrorInfo.metadata` entry.
+fn with_metadata(status: Status, (key, value): (&str, String)) -> Status {
+    let mut details = status.get_error_details();
+    if let Some(info) = details.error_info() {
+        let mut info = info.clone();
+        info.metadata.insert(key.to_owned(), value);
+        details.set_error_info(info.reason, info.domain, info.metadata);
+    }
+    Status::with_error_details(status.code(), status.message(), details)
+}
+
 /// At most this many field violations are answered (the first found), each
 /// field path and description cut to the lengths below, and the message
 /// names the first few: grpc-core clients refuse trailers over 8 to 16 KiB
@@ -122,6 +133,22 @@ impl From<Error> for Status {
                 let wire = FieldViolation::new(violation.field, violation.description);
                 status(code, message, reason, retry, vec![wire])
             }
+            // What a client needs to decide, in a field, not only in words:
+            // the attempt it should ack now, or the state the delivery is in
+            // (as AckBatch's results give them).
+            Error::Store(ref inner @ StoreError::StaleAttempt { current, .. }) => {
+                let meta = ("current_attempt", current.to_string());
+                let message = withhold_numbers(&inner.to_string());
+                with_metadata(status(code, message, reason, retry, Vec::new()), meta)
+            }
+            Error::Store(ref inner @ StoreError::NotLeased(state)) => {
+                let name = super::wire::state_to_wire(state).as_str_name().to_owned();
+                let message = withhold_numbers(&inner.to_string());
+                with_metadata(
+                    status(code, message, reason, retry, Vec::new()),
+                    ("state", name),
+                )
+            }
             Error::Store(ref inner @ (StoreError::Sled(_) | StoreError::Io(_))) => {
                 // Internal detail stays in the log.
                 tracing::error!(error = %inner, "store failure");
@@ -147,6 +174,28 @@ impl From<Error> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A single Ack or Nack refused for its attempt says, in fields, what
+    /// AckBatch's results say: the attempt to use now, or the state.
+    #[test]
+    fn a_refused_ack_names_the_current_attempt_or_the_state_in_error_info() {
+        let stale = Status::from(Error::Store(StoreError::StaleAttempt {
+            given: 1,
+            current: 2,
+        }));
+        let info = stale.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "STALE_ATTEMPT");
+        assert_eq!(info.metadata["current_attempt"], "2");
+        let done = Status::from(Error::Store(StoreError::NotLeased(
+            crate::store::DeliveryState::Quarantined,
+        )));
+        let info = done.get_details_error_info().unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.metadata["state"].as_str()),
+            ("NOT_LEASED", "DELIVERY_STATE_QUARANTINED")
+        );
+        assert_eq!(done.code(), Code::FailedPrecondition);
+    }
 
     /// However many violations a request has, the answer stays well under
     /// grpc-core's 8 KiB soft limit on trailers, lists the first ones and
