@@ -892,7 +892,8 @@ impl ClinicalSummary {
 }
 
 /// The time between doses a medicine's frequency states, read from the
-/// words and abbreviations UK prescriptions use:
+/// words and abbreviations UK prescriptions use; when several readings
+/// match, the shortest:
 /// - a number of hours ("every 4 hours", `12-hourly`, `8h`, `q6h`): that,
 ///   at most a day;
 /// - four times, `QDS`, `QID` or `4x`: 6 hours;
@@ -921,14 +922,16 @@ pub fn dosing_interval_ms(frequency: &str) -> i64 {
             .then(|| digits.parse::<i64>().ok())
             .flatten()
     };
-    let stated_hours = words
+    // Every reading that matches counts, and the shortest wins: "twice
+    // daily, review in 72 hours" is 12, never a day.
+    let mut candidates: Vec<i64> = words
         .windows(2)
-        .find(|p| matches!(p[1], "hourly" | "hours" | "hour" | "hrs" | "h"))
-        .and_then(|p| p[0].parse::<i64>().ok())
-        .or_else(|| words.iter().find_map(|w| hours(w)));
-    if let Some(n) = stated_hours.filter(|n| *n > 0) {
-        return n.min(24) * HOUR_MS;
-    }
+        .filter(|p| matches!(p[1], "hourly" | "hours" | "hour" | "hrs" | "h"))
+        .filter_map(|p| p[0].parse::<i64>().ok())
+        .chain(words.iter().filter_map(|w| hours(w)))
+        .filter(|n| *n > 0)
+        .map(|n| n.min(24))
+        .collect();
     // "four times", "4 times", "4x", "x4".
     let times = |word: &str, digit: &str| {
         (has(word) || has(digit)) && has("times")
@@ -937,23 +940,25 @@ pub fn dosing_interval_ms(frequency: &str) -> i64 {
     };
     let morning = has("mane") || has("morning") || has("om");
     let night = has("nocte") || has("night") || has("evening") || has("on");
-    if times("four", "4") || has("qds") || has("qid") {
-        6 * HOUR_MS
-    } else if times("three", "3") || has("tds") || has("tid") {
-        8 * HOUR_MS
-    } else if has("twice")
-        || times("two", "2")
-        || has("bd")
-        || has("bid")
-        || has("split")
-        || morning && night
-    {
-        12 * HOUR_MS
-    } else if has("once") || has("od") || has("daily") || has("qd") || morning || night {
-        24 * HOUR_MS
-    } else {
-        6 * HOUR_MS
-    }
+    let readings = [
+        (times("four", "4") || has("qds") || has("qid"), 6),
+        (times("three", "3") || has("tds") || has("tid"), 8),
+        (
+            has("twice")
+                || times("two", "2")
+                || has("bd")
+                || has("bid")
+                || has("split")
+                || morning && night,
+            12,
+        ),
+        (
+            has("once") || has("od") || has("daily") || has("qd") || morning || night,
+            24,
+        ),
+    ];
+    candidates.extend(readings.iter().filter(|(read, _)| *read).map(|(_, h)| *h));
+    candidates.into_iter().min().unwrap_or(6) * HOUR_MS
 }
 
 #[cfg(test)]
@@ -1030,6 +1035,10 @@ mod tests {
         // Structured FHIR timing in words: the hours win over "once".
         assert_eq!(h("once every 4 hours"), 4);
         assert_eq!(h("once every 48 hours"), 24);
+        // Every reading counts and the shortest wins: hours said for
+        // something else never lengthen a stated frequency.
+        assert_eq!(h("twice daily, review in 72 hours"), 12);
+        assert_eq!(h("review in 72 hours, QDS"), 6);
         assert_eq!(h("4 times a day"), 6);
         // What cannot be read is taken as the shortest interval: the copy
         // is then due early, never after the next dose.
