@@ -908,26 +908,43 @@ impl ClinicalSummary {
 #[must_use]
 pub fn dosing_interval_ms(frequency: &str) -> i64 {
     const HOUR_MS: i64 = 3_600_000;
-    let text = frequency.to_ascii_lowercase().replace('.', "");
-    let words: Vec<&str> = text
-        .split(|c: char| !c.is_ascii_alphanumeric())
+    let text = frequency.to_ascii_lowercase();
+    // Abbreviations lose their dots (`b.d.` is `bd`); numbers keep theirs
+    // (`1.5 hourly` is not 15).
+    let words: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
+        .map(|w| w.trim_matches('.'))
         .filter(|w| !w.is_empty())
+        .map(|w| {
+            if w.bytes().any(|b| b.is_ascii_digit()) {
+                w.to_owned()
+            } else {
+                w.replace('.', "")
+            }
+        })
         .collect();
-    let has = |w: &str| words.contains(&w);
+    let has = |w: &str| words.iter().any(|x| x == w);
+    // Whole hours, rounded down (a shorter interval, never a longer one).
+    let number = |w: &str| {
+        w.parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n >= 1.0)
+            .map(|n| n.floor() as i64)
+    };
     // "every 4 hours", "12-hourly", "8h", "q6h": that many hours, at most a day.
     let hours = |w: &str| {
         let w = w.strip_prefix('q').unwrap_or(w);
         let digits = w.trim_end_matches(|c: char| !c.is_ascii_digit());
         matches!(&w[digits.len()..], "h" | "hourly")
-            .then(|| digits.parse::<i64>().ok())
+            .then(|| number(digits))
             .flatten()
     };
     // Every reading that matches counts, and the shortest wins: "twice
     // daily, review in 72 hours" is 12, never a day.
     let mut candidates: Vec<i64> = words
         .windows(2)
-        .filter(|p| matches!(p[1], "hourly" | "hours" | "hour" | "hrs" | "h"))
-        .filter_map(|p| p[0].parse::<i64>().ok())
+        .filter(|p| matches!(p[1].as_str(), "hourly" | "hours" | "hour" | "hrs" | "h"))
+        .filter_map(|p| number(&p[0]))
         .chain(words.iter().filter_map(|w| hours(w)))
         .filter(|n| *n > 0)
         .map(|n| n.min(24))
@@ -938,8 +955,9 @@ pub fn dosing_interval_ms(frequency: &str) -> i64 {
             || has(&format!("{digit}x"))
             || has(&format!("x{digit}"))
     };
-    let morning = has("mane") || has("morning") || has("om");
-    let night = has("nocte") || has("night") || has("evening") || has("on");
+    // Not `om`/`on` (omni mane, omni nocte): "on waking" is no frequency.
+    let morning = has("mane") || has("morning");
+    let night = has("nocte") || has("night") || has("evening");
     let readings = [
         (times("four", "4") || has("qds") || has("qid"), 6),
         (times("three", "3") || has("tds") || has("tid"), 8),
@@ -1039,6 +1057,10 @@ mod tests {
         // something else never lengthen a stated frequency.
         assert_eq!(h("twice daily, review in 72 hours"), 12);
         assert_eq!(h("review in 72 hours, QDS"), 6);
+        // A decimal is rounded down, never read without its point.
+        assert_eq!(h("1.5 hourly"), 1);
+        assert_eq!(h("b.d."), 12);
+        assert_eq!(h("on waking"), 6);
         assert_eq!(h("4 times a day"), 6);
         // What cannot be read is taken as the shortest interval: the copy
         // is then due early, never after the next dose.
