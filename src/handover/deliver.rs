@@ -193,9 +193,12 @@ impl Gateway {
             if leased.is_empty() {
                 break;
             }
-            unanswered
-                .attempts
-                .extend(leased.iter().map(|l| (l.delivery.id, l.delivery.attempt)));
+            // This round's only: a round follows only when every delivery
+            // of the last was quarantined or given back as a failed attempt.
+            unanswered.attempts = leased
+                .iter()
+                .map(|l| (l.delivery.id, l.delivery.attempt))
+                .collect();
             let (delivered, failure) = self.deliver_leased(&actor, mailbox, &leased, format).await;
             deliveries.extend(delivered);
             if let Some(e) = failure

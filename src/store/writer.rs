@@ -503,9 +503,9 @@ impl Writer {
                 lease_ms,
                 reply,
             } => {
-                // A caller gone (its deadline passed, its connection closed)
-                // is leased nothing: the deliveries would wait out a lease
-                // unseen, each spending an attempt.
+                // A caller gone whose answer no one took over (the store's
+                // pending pull hands its answer to a task that gives the
+                // leases back) is leased nothing.
                 let r = if reply.is_closed() {
                     Err(StoreError::Unavailable(
                         "the caller left before its pull was served".into(),
