@@ -198,7 +198,10 @@ fn scoped_message_id(h: &MessageHeader) -> String {
         .remove(b'.')
         .remove(b'_');
     if h.sending_application.is_empty() {
-        return h.control_id.clone();
+        // Never shaped like a scoped key: a `:` (or the `%` that encodes
+        // one) in MSH-10 is encoded, so `PAS:7` alone is not MSH-3 `PAS`
+        // with MSH-10 `7`.
+        return h.control_id.replace('%', "%25").replace(':', "%3A");
     }
     let application = percent_encoding::utf8_percent_encode(&h.sending_application, ENCODED);
     format!("{application}:{}", h.control_id)
@@ -398,6 +401,15 @@ mod tests {
         assert_ne!(id("A:B").unwrap(), id("A").unwrap());
         assert_eq!(id("A:B").unwrap(), "A%3AB:7");
         assert_eq!(id("ZOË PAS").unwrap(), "ZO%C3%8B%20PAS:7");
+        // Without MSH-3, a control id never looks like a scoped one.
+        let bare = |control: &str| {
+            let m = format!("MSH|^~\\&||YP001|C|D|20261124080000||ADT^A03|{control}|P|2.5.1");
+            let h = hl7v2::header(m.as_bytes());
+            command(h.as_ref(), m.as_bytes()).unwrap().message_id
+        };
+        assert_eq!(bare("PAS:7"), "PAS%3A7");
+        assert_ne!(bare("PAS:7"), id("PAS").unwrap());
+        assert_ne!(bare("a%3Ab"), bare("a:b"));
         let long = "P".repeat(127);
         assert_eq!(id(&long).unwrap_err().0[0].field, "MSH-3");
     }
