@@ -6,7 +6,7 @@
 //! again after a restart; a lookup that failed is tried again next round.
 //! The identity checks are those of a parked release ([`super::decision`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::clinical::translate::{self, TextFormat};
 use crate::clinical::{ClinicalSummary, View};
@@ -20,15 +20,17 @@ use super::lookup::PdsLookups;
 impl PdsLookups {
     /// Looks up the admissions that went to nobody; `done` holds those
     /// already answered by PDS in this process.
-    pub(super) async fn admissions(&self, done: &mut HashSet<u64>) -> Result<(), StoreError> {
+    pub(super) async fn admissions(&self, done: &mut HashMap<u64, i64>) -> Result<(), StoreError> {
         let now = self.gateway.clock.now_ms();
         let since = now.saturating_sub(self.gateway.deadlines.admission_ms);
+        // Those out of the window are never read again: forgotten.
+        done.retain(|_, submitted| *submitted >= since);
         let store = self.gateway.store.clone();
         let batch = self.pacing.batch;
         // Those answered are passed over before the limit, or a window
         // holding more answered admissions than the limit would hide the
         // older ones still waiting.
-        let answered = done.clone();
+        let answered: HashSet<u64> = done.keys().copied().collect();
         let due: Vec<HandoverRecord> =
             tokio::task::spawn_blocking(move || store.unrouted_admissions(since, &answered, batch))
                 .await
@@ -40,13 +42,13 @@ impl PdsLookups {
             match self.admission(&h).await {
                 Ok(answered) => {
                     if answered {
-                        done.insert(h.id);
+                        done.insert(h.id, h.submitted_at_ms);
                     }
                 }
                 Err(e @ StoreError::Unavailable(_)) => return Err(e),
                 Err(e) => {
                     tracing::error!(handover_id = h.id, error = %e, "PDS lookup of an admission skipped");
-                    done.insert(h.id);
+                    done.insert(h.id, h.submitted_at_ms);
                 }
             }
         }

@@ -66,7 +66,7 @@ impl PdsLookups {
     /// Runs rounds until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let parked = self.gateway.store.mailbox_signal(PARKED_MAILBOX);
-        let mut admissions_done = std::collections::HashSet::new();
+        let mut admissions_done = std::collections::HashMap::new();
         loop {
             let notified = parked.notified();
             tokio::pin!(notified);
