@@ -84,6 +84,8 @@ impl Writer {
         patient: &str,
         now: i64,
     ) -> Result<bool, StoreError> {
+        // A check scheduled under a key merged since is the patient's now.
+        let patient = &current_key(staged, patient)?;
         let record: PatientRecord = staged
             .get_json(TreeId::Patients, patient.as_bytes())?
             .unwrap_or_default();

@@ -455,7 +455,8 @@ async fn expire_identities(
     let mut patients = 0;
     let mut records = 0u64;
     for row in rows {
-        let patient: String = row.get(0);
+        // A check scheduled under a key merged since is the patient's now.
+        let patient = current_key(tx, &row.get::<_, String>(0)).await?;
         let removed = forget_patient(tx, &patient).await?;
         if removed > 0 {
             patients += 1;
