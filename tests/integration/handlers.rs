@@ -438,3 +438,58 @@ async fn a_trail_paged_one_entry_at_a_time_ends_and_its_tokens_stay_with_it() {
         .await;
     assert_eq!(fields(elsewhere), ["page_token"]);
 }
+
+/// The same on both engines at the store's seam: a pull dropped while the
+/// store serves it (the sled writer, or a PostgreSQL transaction, which
+/// runs to its end) gives its leases back, unsent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_pull_dropped_while_served_gives_its_leases_back() {
+    a_store_pull_dropped_while_served_on(super::support::Engine::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_pull_dropped_while_served_gives_its_leases_back_on_postgres() {
+    a_store_pull_dropped_while_served_on(super::support::Engine::Postgres).await;
+}
+
+async fn a_store_pull_dropped_while_served_on(engine: super::support::Engine) {
+    let Some(gw) = super::support::TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let r = prison
+        .submit(super::support::release("dropped-pull", 32, &["YG001"], "m"))
+        .await
+        .unwrap()
+        .into_inner();
+    let delivery = r
+        .deliveries
+        .iter()
+        .find(|d| d.destination == "YG001")
+        .unwrap()
+        .delivery_id;
+    let pull = gw
+        .store
+        .pull_within("urn:ods:YG001", "YG001", (10, None), 60_000);
+    assert!(futures_util::FutureExt::now_or_never(pull).is_none());
+    let mut gp = gw.client("YG001").await;
+    let got = gp
+        .pull(throughcare::grpc::pb::PullRequest {
+            max_deliveries: 10,
+            wait: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    let mine = got
+        .iter()
+        .find(|d| d.delivery_id == delivery)
+        .expect("given back");
+    assert_eq!(mine.attempt, 1);
+    gw.stop().await;
+}

@@ -82,8 +82,11 @@ impl PgStore {
         lease_ms: i64,
     ) -> Result<Vec<LeasedDelivery>, StoreError> {
         let (actor, mailbox) = (actor.to_owned(), mailbox.to_owned());
+        // Held while the caller waits: dropped with it (its deadline passed,
+        // its connection closed), it tells the task, which runs on.
+        let (_waiting, mut caller) = tokio::sync::oneshot::channel::<()>();
         self.run(move |s| async move {
-            in_tx!(s, |tx, now, audit| {
+            let leased: Vec<LeasedDelivery> = in_tx!(s, |tx, now, audit| {
                 let lease = Lease {
                     actor: &actor,
                     mailbox: &mailbox,
@@ -92,7 +95,30 @@ impl PgStore {
                     lease_ms,
                 };
                 pull(&tx, &s, &lease, now, &mut audit).await.map(Ok)
-            })
+            })?;
+            // Leased for a caller already gone: given back at once, unsent,
+            // rather than left to wait out leases no one saw.
+            let gone = matches!(
+                caller.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+            );
+            if gone && !leased.is_empty() {
+                let attempts: Vec<(u64, u32)> = leased
+                    .iter()
+                    .map(|l| (l.delivery.id, l.delivery.attempt))
+                    .collect();
+                tracing::info!(
+                    deliveries = attempts.len(),
+                    "pull abandoned before its answer; its deliveries are given back"
+                );
+                in_tx!(s, |tx, now, audit| {
+                    return_unsent(&tx, (&actor, &mailbox), &attempts, now, &mut audit)
+                        .await
+                        .map(Ok)
+                })?;
+                return Ok(Vec::new());
+            }
+            Ok(leased)
         })
         .await
     }
