@@ -195,10 +195,7 @@ impl Gateway {
             }
             // This round's only: a round follows only when every delivery
             // of the last was quarantined or given back as a failed attempt.
-            unanswered.attempts = leased
-                .iter()
-                .map(|l| (l.delivery.id, l.delivery.attempt))
-                .collect();
+            unanswered.attempts = crate::store::attempts_of(&leased);
             let (delivered, failure) = self.deliver_leased(&actor, mailbox, &leased, format).await;
             deliveries.extend(delivered);
             if let Some(e) = failure

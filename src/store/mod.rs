@@ -409,6 +409,15 @@ pub struct LeasedDelivery {
     pub handover: HandoverRecord,
 }
 
+/// The (delivery id, attempt) of each of `leased`: what a give-back names.
+#[must_use]
+pub fn attempts_of(leased: &[LeasedDelivery]) -> Vec<(u64, u32)> {
+    leased
+        .iter()
+        .map(|l| (l.delivery.id, l.delivery.attempt))
+        .collect()
+}
+
 /// Which handover to track.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrackKey {
@@ -605,10 +614,7 @@ impl Drop for PendingPull {
                 deliveries = leased.len(),
                 "pull abandoned before its answer; its deliveries are given back"
             );
-            let attempts = leased
-                .iter()
-                .map(|l| (l.delivery.id, l.delivery.attempt))
-                .collect();
+            let attempts = attempts_of(&leased);
             if let Err(e) = store.return_unsent(&actor, &mailbox, attempts).await {
                 tracing::warn!(error = %e, "giving back an abandoned pull's deliveries failed; they wait out their leases");
             }

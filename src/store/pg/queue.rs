@@ -103,10 +103,7 @@ impl PgStore {
                 Err(tokio::sync::oneshot::error::TryRecvError::Closed)
             );
             if gone && !leased.is_empty() {
-                let attempts: Vec<(u64, u32)> = leased
-                    .iter()
-                    .map(|l| (l.delivery.id, l.delivery.attempt))
-                    .collect();
+                let attempts = crate::store::attempts_of(&leased);
                 tracing::info!(
                     deliveries = attempts.len(),
                     "pull abandoned before its answer; its deliveries are given back"
