@@ -13,7 +13,9 @@ use tokio::sync::watch;
 
 use crate::audit::PatientKeyer;
 use crate::config::{Config, ConfigError};
-use crate::grpc::limits::{DecodeRefusalLayer, RateLimitLayer, RefusalTally, shed_to_unavailable};
+use crate::grpc::limits::{
+    AroundForHealthLayer, DecodeRefusalLayer, RateLimitLayer, RefusalTally, shed_to_unavailable,
+};
 use crate::grpc::pb::handover_service_server::HandoverServiceServer;
 use crate::grpc::pb::operator_service_server::OperatorServiceServer;
 use crate::grpc::{Gateway, HandoverGrpc, OperatorGrpc};
@@ -842,12 +844,15 @@ impl Prepared {
             ))
             .layer(rate_limit)
             .layer(DecodeRefusalLayer::new(self.gateway.store.clone()))
-            .layer(tower::util::MapErrLayer::new(shed_to_unavailable(
-                tally.clone(),
-            )))
-            .layer(tower::load_shed::LoadShedLayer::new())
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                l.max_in_flight,
+            .layer(AroundForHealthLayer::new(
+                tower::ServiceBuilder::new()
+                    .layer(tower::util::MapErrLayer::new(shed_to_unavailable(
+                        tally.clone(),
+                    )))
+                    .layer(tower::load_shed::LoadShedLayer::new())
+                    .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                        l.max_in_flight,
+                    )),
             ))
             .add_optional_service(handover)
             .add_optional_service(null_handover)

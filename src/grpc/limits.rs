@@ -165,6 +165,77 @@ fn shed(e: BoxError, tally: &RefusalTally) -> BoxError {
     }
 }
 
+/// Health checks (`grpc.health.v1.Health`) go around `L`, the gateway-wide
+/// in-flight limit and its load shedding: a gateway at its limit is busy, not
+/// unhealthy, and a probe that fails then gets a working gateway restarted at
+/// its busiest. Every other call passes through `L`. The per-identity rate
+/// limit and the decode refusals stay in front of both.
+#[derive(Clone)]
+pub struct AroundForHealthLayer<L> {
+    limits: L,
+}
+
+impl<L> AroundForHealthLayer<L> {
+    /// Health checks bypass `limits`.
+    pub fn new(limits: L) -> Self {
+        Self { limits }
+    }
+}
+
+impl<L: Layer<S>, S: Clone> Layer<S> for AroundForHealthLayer<L> {
+    type Service = AroundForHealth<L::Service, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AroundForHealth {
+            limited: self.limits.layer(inner.clone()),
+            direct: inner,
+        }
+    }
+}
+
+/// See [`AroundForHealthLayer`].
+#[derive(Clone)]
+pub struct AroundForHealth<L, S> {
+    limited: L,
+    direct: S,
+}
+
+const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+
+impl<L, S, B, R> Service<http::Request<B>> for AroundForHealth<L, S>
+where
+    L: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    L::Error: Into<BoxError>,
+    L::Future: Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<http::Response<R>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Readiness of the limited path is asked per call (`oneshot`), so a
+        // health check never holds an in-flight permit it does not use.
+        self.direct.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path().starts_with(HEALTH_PATH) {
+            let fut = self.direct.call(req);
+            return Box::pin(async move { fut.await.map_err(Into::into) });
+        }
+        let limited = self.limited.clone();
+        Box::pin(async move {
+            tower::ServiceExt::oneshot(limited, req)
+                .await
+                .map_err(Into::into)
+        })
+    }
+}
+
 /// Turns tonic's answer to an undecodable request (`INTERNAL`, "failed to
 /// decode Protobuf message", e.g. invalid UTF-8 in a string field) into
 /// `INVALID_ARGUMENT` with a field violation, and a message over the size

@@ -107,6 +107,53 @@ async fn beyond_the_in_flight_limit_calls_are_shed_with_unavailable() {
 }
 
 #[tokio::test]
+async fn a_health_check_is_answered_while_calls_are_shed_at_the_in_flight_limit() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let gw = TestGateway::start_with(|c| c.limits.max_in_flight = 2, Arc::new(SystemClock)).await;
+    let long_poll = pb::PullRequest {
+        wait: Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
+        ..pull(1)
+    };
+    let mut waiting = Vec::new();
+    for who in ["YG001", "YG002"] {
+        let mut c = gw.client(who).await;
+        let req = long_poll;
+        waiting.push(tokio::spawn(async move { c.pull(req).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The gateway is full: an ordinary call is shed...
+    let mut third = gw.client("YPR01").await;
+    let err = third.pull(pull(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // ...and a probe, over the same mutual TLS, still hears SERVING.
+    let channel = throughcare::cli::client::channel(&gw.endpoint, &gw.certs(), "operator-oncall")
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "throughcare.v1.HandoverService"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    // The probe took no permit: the long polls still hold both.
+    let err = third.pull(pull(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn an_identity_cannot_hold_more_connections_than_its_limit() {
     let gw = TestGateway::start_with(
         |c| c.limits.max_connections_per_identity = 2,
