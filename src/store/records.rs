@@ -457,6 +457,10 @@ pub struct DeliveryRecord {
     /// release's patient (`store::pds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pds: Option<super::pds::PdsFinding>,
+    /// The attempt last given back by a nack, so that the same nack retried
+    /// (its answer lost) is answered as it was, not refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nacked_attempt: Option<u32>,
 }
 
 impl DeliveryRecord {
@@ -748,8 +752,17 @@ pub(crate) fn lease_verdict(
     }
 }
 
+/// Whether a nack of `attempt` refused by [`lease_verdict`] repeats one
+/// that succeeded: that attempt was given back by a nack and nothing has
+/// leased the delivery since. It is answered with the delivery's state and
+/// changes nothing, as a repeated ack is: a caller whose answer was lost
+/// may retry it safely.
+pub(crate) fn repeated_nack(d: &DeliveryRecord, attempt: u32) -> bool {
+    d.nacked_attempt == Some(attempt) && d.attempt == attempt && d.state != DeliveryState::Leased
+}
+
 /// The audit entry of a refused ack or nack (a repeated ack of a delivered
-/// attempt is recorded as such, not as a refusal).
+/// attempt, or a repeated nack, is recorded as such, not as a refusal).
 pub(crate) fn refused_lease_event(
     action: &'static str,
     actor: &str,
@@ -758,6 +771,7 @@ pub(crate) fn refused_lease_event(
 ) -> crate::audit::AuditEvent {
     let repeat_ack = action == "ack"
         && matches!(d, Some(d) if d.state == DeliveryState::Delivered && d.attempt == attempt);
+    let repeat_nack = action == "nack" && matches!(d, Some(d) if repeated_nack(d, attempt));
     crate::audit::AuditEvent {
         actor: actor.to_owned(),
         action,
@@ -767,6 +781,8 @@ pub(crate) fn refused_lease_event(
         patient_key: d.as_ref().map(|d| d.patient_key.clone()),
         outcome: if repeat_ack {
             "ok: repeated ack of a delivered attempt".into()
+        } else if repeat_nack {
+            "ok: repeated nack of an attempt already given back".into()
         } else {
             format!("refused: {e}")
         },

@@ -1169,8 +1169,10 @@ impl Writer {
     ) -> Result<DeliveryState, StoreError> {
         let mut d = match self.leased_for(staged, "nack", who, delivery_id, attempt, now)? {
             Ok(d) => d,
+            Err((_, Some(d))) if records::repeated_nack(&d, attempt) => return Ok(d.state),
             Err((e, _)) => return Err(e),
         };
+        d.nacked_attempt = Some(attempt);
         let (actor, _) = who;
         let max_attempts = d.max_attempts.unwrap_or(self.options.max_attempts);
         let state = if d.is_superseded() {
@@ -1660,6 +1662,7 @@ pub(super) fn new_delivery(
         max_attempts: None,
         finished_at_ms: None,
         pds: None,
+        nacked_attempt: None,
     }
 }
 

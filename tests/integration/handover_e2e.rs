@@ -414,6 +414,89 @@ async fn an_expired_lease_is_redelivered_and_the_stale_ack_refused_on(engine: En
 }
 
 #[tokio::test]
+async fn a_nack_retried_after_its_answer_was_lost_is_answered_as_the_first() {
+    a_nack_retried_after_its_answer_was_lost_is_answered_as_the_first_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_nack_retried_after_its_answer_was_lost_is_answered_as_the_first_on_postgres() {
+    a_nack_retried_after_its_answer_was_lost_is_answered_as_the_first_on(Engine::Postgres).await;
+}
+
+async fn a_nack_retried_after_its_answer_was_lost_is_answered_as_the_first_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |_| {}).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    for (id, nhs) in [("n-1", 1), ("n-2", 2)] {
+        prison
+            .submit(release(id, nhs, &["YG001"], "nack me"))
+            .await
+            .unwrap();
+    }
+    let mut gp = gw.client("YG001").await;
+    let nack = |d: &pb::Delivery, permanent: bool| pb::NackRequest {
+        delivery_id: d.delivery_id,
+        attempt: d.attempt,
+        permanent,
+        reason: "store full".into(),
+    };
+    let leased = gp.pull(pull(2)).await.unwrap().into_inner().deliveries;
+    let (retry, poison) = (&leased[0], &leased[1]);
+    // Each nack twice, as a client whose first answer was lost would.
+    for (d, permanent, state) in [
+        (retry, false, pb::DeliveryState::Queued),
+        (poison, true, pb::DeliveryState::Quarantined),
+    ] {
+        for _ in 0..2 {
+            let answer = gp.nack(nack(d, permanent)).await.unwrap().into_inner();
+            assert_eq!(answer.state, state as i32, "{d:?}");
+        }
+    }
+    let before = gw.store.audit_entries().unwrap().len();
+    // The repeat changed nothing: the back-off still runs from the first
+    // nack, and the attempt is not spent twice.
+    clock.advance(1_100);
+    let again = gp.pull(pull(2)).await.unwrap().into_inner().deliveries;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(
+        (again[0].delivery_id, again[0].attempt),
+        (retry.delivery_id, 2)
+    );
+    // Once pulled again, the old attempt's nack is stale, not a repeat.
+    let stale = gp.nack(nack(retry, false)).await.unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let entries = gw.store.audit_entries().unwrap();
+    let repeats: Vec<_> = entries[..before]
+        .iter()
+        .filter(|e| e.action == "nack")
+        .map(|e| (e.delivery_id, e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        repeats,
+        vec![
+            (Some(retry.delivery_id), "ok: queued for retry"),
+            (
+                Some(retry.delivery_id),
+                "ok: repeated nack of an attempt already given back"
+            ),
+            (Some(poison.delivery_id), "ok: quarantined"),
+            (
+                Some(poison.delivery_id),
+                "ok: repeated nack of an attempt already given back"
+            ),
+        ]
+    );
+    assert!(
+        entries[before..]
+            .iter()
+            .any(|e| e.action == "nack" && e.outcome.starts_with("refused: ")),
+        "the stale nack is audited as refused"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_poison_delivery_is_quarantined_while_other_patients_flow() {
     a_poison_delivery_is_quarantined_while_other_patients_flow_on(Engine::Sled).await;
 }

@@ -91,6 +91,8 @@ struct MDelivery {
     finished: Option<i64>,
     /// When a pass shredded its payload.
     shredded: Option<i64>,
+    /// The attempt a nack gave back last.
+    nacked: Option<u32>,
 }
 
 #[derive(Default)]
@@ -220,6 +222,13 @@ impl Model {
     fn check(&self, id: u64, attempt: u32, is_ack: bool) -> Result<(), &'static str> {
         let d = &self.deliveries[&id];
         if is_ack && d.state == DeliveryState::Delivered && d.attempt == attempt {
+            return Err("repeat");
+        }
+        if !is_ack
+            && d.nacked == Some(attempt)
+            && d.attempt == attempt
+            && d.state != DeliveryState::Leased
+        {
             return Err("repeat");
         }
         if d.attempt != attempt {
@@ -383,6 +392,7 @@ async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
                     not_before: i64::MIN,
                     finished: None,
                     shredded: None,
+                    nacked: None,
                 },
             );
         }
@@ -454,6 +464,7 @@ async fn nack_step(store: &Store, model: &mut Model, mailbox: usize, pick: usize
         Ok(()) => {
             let now = model.now;
             let d = model.deliveries.get_mut(&id).unwrap();
+            d.nacked = Some(attempt);
             if permanent || d.attempt >= MAX_ATTEMPTS {
                 d.state = DeliveryState::Quarantined;
             } else {
@@ -462,6 +473,8 @@ async fn nack_step(store: &Store, model: &mut Model, mailbox: usize, pick: usize
             }
             assert_eq!(result.unwrap(), d.state);
         }
+        // The same nack retried: answered with the state it left, nothing changed.
+        Err("repeat") => assert_eq!(result.unwrap(), model.deliveries[&id].state),
         Err(name) => assert_eq!(error_name(&result.unwrap_err()), name),
     }
 }

@@ -649,8 +649,10 @@ async fn nack(
 ) -> Step<DeliveryState> {
     let mut d = match leased_for(tx, "nack", g.who, g.delivery_id, g.attempt, now, audit).await? {
         Ok(d) => d,
+        Err((_, Some(d))) if records::repeated_nack(&d, g.attempt) => return Ok(Ok(d.state)),
         Err((e, _)) => return Ok(Err(e)),
     };
+    d.nacked_attempt = Some(g.attempt);
     let max_attempts = d.max_attempts.unwrap_or(s.options.max_attempts);
     let state = if d.is_superseded() {
         retire(tx, &mut d, now).await?;
