@@ -975,6 +975,9 @@ fn report_sweep(outcome: &crate::store::SweepOutcome) {
 
 /// Logs what a retention pass did (counts only). A parked release held past
 /// the metadata period is never removed: it is an alert until claimed.
+/// How far the wall clock may be ahead of retention's before an alert.
+const RETENTION_CLOCK_TOLERANCE_MS: i64 = 60_000;
+
 fn report_retention(outcome: &crate::store::RetentionOutcome, elapsed: Duration) {
     if outcome.shredded + outcome.metadata_removed + outcome.epochs_destroyed > 0 {
         tracing::info!(
@@ -985,6 +988,15 @@ fn report_retention(outcome: &crate::store::RetentionOutcome, elapsed: Duration)
             keys_rewrapped = outcome.keys_rewrapped,
             epochs_destroyed = outcome.epochs_destroyed,
             "retention pass"
+        );
+    }
+    if outcome.clock_behind_ms > RETENTION_CLOCK_TOLERANCE_MS {
+        tracing::error!(
+            alert = "retention_clock_behind_wall",
+            behind_seconds = outcome.clock_behind_ms / 1_000,
+            "the wall clock moved further ahead than the time that passed: retention runs on the \
+             time that passed, so nothing is removed early; check the clock's time source. If the \
+             clock is right now (it had been slow), a restart lets retention catch up"
         );
     }
     if outcome.parked_past_period > 0 {

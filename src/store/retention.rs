@@ -133,6 +133,10 @@ pub struct RetentionOutcome {
     pub parked_past_period: usize,
     /// Work due but left for the next pass (the batch was full).
     pub backlog: bool,
+    /// How far the wall clock was ahead of the time the pass acted on, ms:
+    /// more than a little means the clock was stepped forward while the
+    /// gateway ran (`store::clock::RetentionClock`).
+    pub clock_behind_ms: i64,
     /// What is held after the pass.
     pub stats: RetentionStats,
 }
@@ -387,9 +391,16 @@ impl Writer {
     pub(super) fn retention_pass(
         &mut self,
         staged: &mut Staged<'_>,
-        now: i64,
     ) -> Result<RetentionOutcome, StoreError> {
-        let mut out = RetentionOutcome::default();
+        // Everything the pass does, its audit entries included, is as of
+        // the retention clock: a wall clock stepped forward does not bring
+        // removals forward (`store::clock::RetentionClock`).
+        let time = self.retention_clock.time(&*self.clock);
+        let now = time.now_ms;
+        let mut out = RetentionOutcome {
+            clock_behind_ms: time.behind_wall_ms,
+            ..RetentionOutcome::default()
+        };
         self.turn_epochs_over(staged, now, &mut out)?;
         let batch = self.options.retention.batch.max(1);
         let mut due = Vec::new();

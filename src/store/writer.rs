@@ -235,6 +235,8 @@ pub(super) struct Writer {
     cipher: Arc<super::crypt::PayloadCipher>,
     /// Retention counters.
     retention: retention::Ledger,
+    /// The time retention passes act on.
+    retention_clock: super::clock::RetentionClock,
     /// Why the store stopped taking changes, once it has.
     failed: Option<String>,
     /// Shared counters; `halted` tells health checks the store stopped.
@@ -313,6 +315,7 @@ impl Writer {
         };
         let writer = Self {
             retention: ledger,
+            retention_clock: super::clock::RetentionClock::default(),
             last_handover: meta(&trees, records::META_LAST_HANDOVER)?,
             last_delivery: meta(&trees, records::META_LAST_DELIVERY)?,
             trees,
@@ -655,7 +658,7 @@ impl Writer {
     ) -> Answer {
         match job {
             Job::Sweep(reply) => Answer::new(reply, self.sweep(staged, now)),
-            Job::Retention(reply) => Answer::new(reply, self.retention_pass(staged, now)),
+            Job::Retention(reply) => Answer::new(reply, self.retention_pass(staged)),
             Job::RetentionStats(reply) => Answer::new(reply, self.retention_stats()),
             Job::Record(event, reply) => {
                 self.audit(staged, event, now);

@@ -1043,3 +1043,64 @@ async fn a_clock_set_back_still_opens_a_new_key_epoch() {
     assert_eq!(pass.stats.key_epochs, 2, "a new epoch, opened now");
     gw.stop().await;
 }
+
+/// A wall clock stepped forward while the gateway runs (a wrong time source,
+/// a mistyped date) does not bring retention forward with it: nine years on
+/// by the wall clock, one minute on by the time that passed, nothing is
+/// shredded or removed, audit entries included, and the pass reports how far
+/// the wall clock is ahead. Time that really passes is still followed. Before,
+/// the pass shredded the payload, removed the tracking data and cut the audit
+/// trail at once.
+#[tokio::test]
+async fn a_clock_stepped_forward_removes_nothing_before_its_time() {
+    a_clock_stepped_forward_removes_nothing_before_its_time_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_clock_stepped_forward_removes_nothing_before_its_time_on_postgres() {
+    a_clock_stepped_forward_removes_nothing_before_its_time_on(Engine::Postgres).await;
+}
+
+async fn a_clock_stepped_forward_removes_nothing_before_its_time_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |_| {}).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(release("stepped", 2, &["YG001"], "step marker"))
+        .await
+        .unwrap();
+    assert_eq!(deliver_release(&gw, "YG001").await, 2);
+    let first = gw.store.retention().await.unwrap();
+    assert_eq!(first.shredded, 0);
+    let audit_before = gw.store.audit_entries().unwrap().len();
+
+    clock.step(9 * 366 * DAY_MS);
+    clock.advance(60_000);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(
+        (pass.shredded, pass.metadata_removed, pass.audit_removed),
+        (0, 0, 0),
+        "{pass:?}"
+    );
+    assert!(
+        pass.clock_behind_ms > 9 * 365 * DAY_MS,
+        "the pass says how far the wall clock is ahead: {pass:?}"
+    );
+    assert!(gw.store.audit_entries().unwrap().len() >= audit_before);
+    let tracked = track(&mut prison, "stepped").await.unwrap();
+    assert!(
+        tracked
+            .deliveries
+            .iter()
+            .all(|d| d.state == pb::DeliveryState::Delivered as i32),
+        "{tracked:?}"
+    );
+
+    // The grace period really passing is followed as before.
+    clock.advance(3 * DAY_MS + 1_000);
+    let pass = gw.store.retention().await.unwrap();
+    assert_eq!(pass.shredded, 1, "{pass:?}");
+    assert_eq!(pass.audit_removed, 0, "{pass:?}");
+    gw.stop().await;
+}

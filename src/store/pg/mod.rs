@@ -95,6 +95,8 @@ pub(crate) struct Shared {
     witness: Option<std::path::PathBuf>,
     /// Whether this node records it (a gateway does; tools only check).
     recording: AtomicBool,
+    /// The time this node's retention passes act on.
+    retention_clock: std::sync::Mutex<super::clock::RetentionClock>,
 }
 
 /// The engine's runtime, shut down without blocking when the engine goes
@@ -201,6 +203,7 @@ impl PgStore {
                 closed: AtomicBool::new(false),
                 witness,
                 recording: AtomicBool::new(false),
+                retention_clock: std::sync::Mutex::default(),
             }),
         })
     }
@@ -314,6 +317,15 @@ impl Shared {
 
     fn now(&self) -> i64 {
         self.clock.now_ms()
+    }
+
+    /// The time a retention pass starting now acts on (see
+    /// [`super::clock::RetentionClock`]).
+    fn retention_time(&self) -> super::clock::RetentionTime {
+        self.retention_clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .time(&*self.clock)
     }
 }
 

@@ -30,14 +30,17 @@ pub(super) type Step<T> = Result<Result<T, StoreError>, StoreError>;
 /// failure) is run again from the start, at most three times in all:
 /// nothing of it was committed. `$body` must therefore only borrow.
 macro_rules! in_tx {
-    ($shared:ident, |$tx:ident, $now:ident, $audit:ident| $body:expr) => {{
+    ($shared:ident, |$tx:ident, $now:ident, $audit:ident| $body:expr) => {
+        in_tx!($shared, at $shared.now(), |$tx, $now, $audit| $body)
+    };
+    ($shared:ident, at $at:expr, |$tx:ident, $now:ident, $audit:ident| $body:expr) => {{
         let mut tries = 0;
         loop {
             tries += 1;
             let outcome: Result<_, StoreError> = async {
                 let mut client = $shared.client().await?;
                 let $tx = client.transaction().await.map_err(sql::db)?;
-                let $now = $shared.now();
+                let $now = $at;
                 let mut $audit: Vec<AuditEvent> = Vec::new();
                 let answer = $body?;
                 sql::append_audit(&$tx, &$shared, $audit, $now).await?;

@@ -62,10 +62,16 @@ impl PgStore {
     /// Database failures (a step that failed is rolled back whole).
     pub async fn retention(&self) -> Result<RetentionOutcome, StoreError> {
         self.run(move |s| async move {
-            let mut out = RetentionOutcome::default();
-            pass(&s, &mut out).await?;
-            let now = s.now();
-            out.parked_past_period = parked_past_period(&s, now).await?;
+            // Every step, its audit entries included, is as of this node's
+            // retention clock: a wall clock stepped forward does not bring
+            // removals forward.
+            let time = s.retention_time();
+            let mut out = RetentionOutcome {
+                clock_behind_ms: time.behind_wall_ms,
+                ..RetentionOutcome::default()
+            };
+            pass(&s, time.now_ms, &mut out).await?;
+            out.parked_past_period = parked_past_period(&s, time.now_ms).await?;
             out.stats = stats(&s).await?;
             Ok(out)
         })
@@ -141,8 +147,8 @@ pub(super) async fn tombstone_for(
 /// Runs one step of the pass in its own transaction: `None` when another
 /// node holds the pass.
 macro_rules! step {
-    ($s:ident, $f:ident) => {
-        in_tx!($s, |tx, now, audit| {
+    ($s:ident, $at:ident, $f:ident) => {
+        in_tx!($s, at $at, |tx, now, audit| {
             if pass_lock(&tx).await? {
                 $f(&tx, &$s, now, &mut audit).await.map(|r| r.map(Some))
             } else {
@@ -154,31 +160,31 @@ macro_rules! step {
 
 /// The steps, in the order sled does them; stops when another node holds
 /// the pass.
-async fn pass(s: &Shared, out: &mut RetentionOutcome) -> Result<(), StoreError> {
+async fn pass(s: &Shared, at: i64, out: &mut RetentionOutcome) -> Result<(), StoreError> {
     let batch = s.options.retention.batch.max(1);
-    let Some(n) = step!(s, shred_due)? else {
+    let Some(n) = step!(s, at, shred_due)? else {
         return Ok(());
     };
     out.shredded = n;
     out.backlog |= n == batch;
-    let Some((removed, shredded)) = step!(s, remove_due)? else {
+    let Some((removed, shredded)) = step!(s, at, remove_due)? else {
         return Ok(());
     };
     out.metadata_removed = removed;
     out.shredded += shredded;
     out.backlog |= removed == batch;
-    let Some(n) = step!(s, expire_tombstones)? else {
+    let Some(n) = step!(s, at, expire_tombstones)? else {
         return Ok(());
     };
     out.tombstones_removed = n;
     out.backlog |= n == batch;
-    let Some((patients, conflicts)) = step!(s, expire_identities)? else {
+    let Some((patients, conflicts)) = step!(s, at, expire_identities)? else {
         return Ok(());
     };
     out.identities_removed = patients;
     out.conflicts_removed = conflicts;
     out.backlog |= conflicts == batch;
-    let Some(n) = step!(s, prune_audit)? else {
+    let Some(n) = step!(s, at, prune_audit)? else {
         return Ok(());
     };
     out.audit_removed = n;
