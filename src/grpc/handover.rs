@@ -336,15 +336,16 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
             attempt,
         } = request.into_inner();
         let result = self.gateway.ack(&caller, delivery_id, attempt).await;
+        let repeat = matches!(result, Ok(false));
         let result = answer(
             &self.gateway,
             &caller,
             "ack",
-            result.map(|()| pb::AckResponse {}),
+            result.map(|_| pb::AckResponse {}),
         )
         .await;
         if let Some(m) = &self.metrics {
-            super::metered::ack(m, &result);
+            super::metered::ack(m, repeat, &result);
         }
         result
     }

@@ -79,8 +79,17 @@ pub(super) fn pull(metrics: &Metrics, result: &Result<Response<pb::PullResponse>
     );
 }
 
-pub(super) fn ack(metrics: &Metrics, result: &Result<Response<pb::AckResponse>, Status>) {
-    metrics.acked(outcome(result));
+/// A repeated ack of a delivered attempt counts as a duplicate, as in a batch.
+pub(super) fn ack(
+    metrics: &Metrics,
+    repeat: bool,
+    result: &Result<Response<pb::AckResponse>, Status>,
+) {
+    metrics.acked(if repeat && result.is_ok() {
+        Outcome::DUPLICATE
+    } else {
+        outcome(result)
+    });
 }
 
 /// Each item of a batch counts as one ack; a refused call as one refusal.

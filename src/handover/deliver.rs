@@ -452,20 +452,30 @@ impl Gateway {
         Ok(())
     }
 
-    /// Acknowledges one attempt of a delivery in the caller's mailbox.
+    /// Acknowledges one attempt of a delivery in the caller's mailbox:
+    /// `true` when this ack delivered it, `false` for a repeat (which
+    /// succeeds again).
     ///
     /// # Errors
     /// Refusals (authorisation, a stale attempt, an expired lease, an unknown
     /// delivery) and store failures.
-    pub async fn ack(&self, caller: &Caller, delivery_id: u64, attempt: u32) -> Result<(), Error> {
+    pub async fn ack(
+        &self,
+        caller: &Caller,
+        delivery_id: u64,
+        attempt: u32,
+    ) -> Result<bool, Error> {
         let (org, actor) = self.organisation(caller, "acknowledge deliveries")?;
         check_delivery_ref(delivery_id, attempt)?;
-        self.store
+        let fresh = self
+            .store
             .ack(&actor, org.ods.as_str(), delivery_id, attempt)
             .await?;
         record_delivery(delivery_id, attempt);
-        self.trace_outcome("delivery.acked", delivery_id, attempt);
-        Ok(())
+        if fresh {
+            self.trace_outcome("delivery.acked", delivery_id, attempt);
+        }
+        Ok(fresh)
     }
 
     /// Acknowledges several attempts in the caller's mailbox in one durable

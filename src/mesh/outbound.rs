@@ -612,7 +612,7 @@ impl MeshEdge {
             .ack(&caller, record.delivery_id, record.attempt)
             .await
         {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(_) if self.quarantined(record.delivery_id)? => {
                 // The recipient has it: put it back in the queue, and the
                 // next lease of it is acknowledged without sending again.

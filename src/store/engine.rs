@@ -167,7 +167,7 @@ impl Store {
         mailbox: &str,
         delivery_id: u64,
         attempt: u32,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         either!(self.ack(actor, mailbox, delivery_id, attempt).await)
     }
 

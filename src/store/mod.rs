@@ -369,8 +369,18 @@ impl AckOutcome {
     /// # Errors
     /// The refusal.
     pub fn into_result(self) -> Result<(), StoreError> {
+        self.into_fresh().map(|_| ())
+    }
+
+    /// The answer of a single ack: `true` when this ack delivered it,
+    /// `false` for a repeat (which succeeds again).
+    ///
+    /// # Errors
+    /// The refusal.
+    pub fn into_fresh(self) -> Result<bool, StoreError> {
         match self {
-            AckOutcome::Acknowledged | AckOutcome::AlreadyAcknowledged => Ok(()),
+            AckOutcome::Acknowledged => Ok(true),
+            AckOutcome::AlreadyAcknowledged => Ok(false),
             AckOutcome::Refused(e, _) => Err(e),
         }
     }
@@ -453,7 +463,7 @@ enum Job {
         mailbox: String,
         delivery_id: u64,
         attempt: u32,
-        reply: Reply<()>,
+        reply: Reply<bool>,
     },
     AckBatch {
         actor: String,
@@ -861,8 +871,9 @@ impl SledStore {
         .await
     }
 
-    /// Acknowledges attempt `attempt` of a leased delivery in `mailbox`.
-    /// Repeating the ack of a delivered attempt succeeds again.
+    /// Acknowledges attempt `attempt` of a leased delivery in `mailbox`:
+    /// `true` when this ack delivered it. Repeating the ack of a delivered
+    /// attempt succeeds again, with `false`.
     ///
     /// # Errors
     /// [`StoreError::UnknownDelivery`], [`StoreError::StaleAttempt`],
@@ -873,7 +884,7 @@ impl SledStore {
         mailbox: &str,
         delivery_id: u64,
         attempt: u32,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.ask(|reply| Job::Ack {
             actor: actor.to_owned(),
             mailbox: mailbox.to_owned(),

@@ -527,7 +527,7 @@ impl Writer {
             } => {
                 let r = self
                     .ack(staged, (&actor, &mailbox), delivery_id, attempt, now)
-                    .and_then(AckOutcome::into_result);
+                    .and_then(AckOutcome::into_fresh);
                 // The patient's next delivery may now go (one at a time
                 // per patient): a puller waiting on the mailbox is woken.
                 if r.is_ok() {
@@ -1583,10 +1583,10 @@ fn refuse(job: Job) -> Answer {
     match job {
         Job::Submit(_, _, r) => Answer::submit(r, Err(e())),
         Job::Pull { reply, .. } => Answer::new(reply, Err(e())),
-        Job::Ack { reply, .. }
-        | Job::RegistryPut { reply, .. }
-        | Job::MeshPut { reply, .. }
-        | Job::Record(_, reply) => Answer::new(reply, Err(e())),
+        Job::Ack { reply, .. } => Answer::new(reply, Err(e())),
+        Job::RegistryPut { reply, .. } | Job::MeshPut { reply, .. } | Job::Record(_, reply) => {
+            Answer::new(reply, Err(e()))
+        }
         Job::AckBatch { reply, .. } => Answer::new(reply, Err(e())),
         Job::Nack { reply, .. } => Answer::new(reply, Err(e())),
         Job::ReturnUnsent { reply, .. } => Answer::new(reply, Err(e())),

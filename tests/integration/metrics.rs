@@ -174,6 +174,13 @@ async fn workload(gw: &TestGateway) {
         .await
         .unwrap();
     }
+    // The first ack again, as after a lost answer: a duplicate, not a delivery.
+    gp.ack(pb::AckRequest {
+        delivery_id: pulled[0].delivery_id,
+        attempt: pulled[0].attempt,
+    })
+    .await
+    .unwrap();
     let stale = gp
         .ack(pb::AckRequest {
             delivery_id: pulled[3].delivery_id,
@@ -227,6 +234,10 @@ fn submits_pulls_acks_and_nacks_are_counted(m: &Scrape) {
         f64::from(SUBMITS)
     );
     assert_eq!(m.value("throughcare_acks_total", &[("outcome", "ok")]), 3.0);
+    assert_eq!(
+        m.value("throughcare_acks_total", &[("outcome", "duplicate")]),
+        1.0
+    );
     assert_eq!(
         m.value(
             "throughcare_acks_total",
@@ -287,7 +298,8 @@ fn every_call_is_counted_per_method_and_code(m: &Scrape) {
         1.0
     );
     assert_eq!(m.value(handled, &call(handover, "Pull", "OK")), 4.0);
-    assert_eq!(m.value(handled, &call(handover, "Ack", "OK")), 3.0);
+    // Every call, the repeated ack included.
+    assert_eq!(m.value(handled, &call(handover, "Ack", "OK")), 4.0);
     assert_eq!(
         m.value(handled, &call(handover, "Ack", "FailedPrecondition")),
         1.0

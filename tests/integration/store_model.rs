@@ -435,13 +435,13 @@ async fn ack_step(store: &Store, model: &mut Model, mailbox: usize, pick: usize,
         .await;
     match model.check(id, attempt, true) {
         Ok(()) => {
-            result.unwrap();
+            assert!(result.unwrap(), "a first ack says it delivered");
             let now = model.now;
             let d = model.deliveries.get_mut(&id).unwrap();
             d.state = DeliveryState::Delivered;
             d.finished = Some(now);
         }
-        Err("repeat") => result.unwrap(),
+        Err("repeat") => assert!(!result.unwrap(), "a repeated ack says it was a repeat"),
         Err(name) => assert_eq!(error_name(&result.unwrap_err()), name),
     }
 }

@@ -133,7 +133,7 @@ impl PgStore {
         mailbox: &str,
         delivery_id: u64,
         attempt: u32,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let (actor, mailbox) = (actor.to_owned(), mailbox.to_owned());
         self.run(move |s| async move {
             in_tx!(s, |tx, now, audit| {
@@ -580,10 +580,10 @@ async fn ack(
     attempt: u32,
     now: i64,
     audit: &mut Vec<AuditEvent>,
-) -> Step<()> {
+) -> Step<bool> {
     Ok(ack_one(tx, who, delivery_id, attempt, now, audit)
         .await?
-        .into_result())
+        .into_fresh())
 }
 
 async fn ack_one(
