@@ -116,6 +116,52 @@ mod tests {
     }
 
     #[test]
+    fn an_nhs_number_is_one_the_nhs_assigned() {
+        let s = crate::clinical::synthetic::release_summary(
+            "9990000018".parse().ok(),
+            "A1234BC".parse().ok(),
+            "YP001".parse().unwrap(),
+            None,
+            "x",
+        );
+        let text = String::from_utf8(render(&s, JourneyEvent::Release).bytes).unwrap();
+        assert!(text.contains("9990000018^^^NHS^NH"), "{text}");
+        let with = |pid3: &str| {
+            let edited = text.replace("9990000018^^^NHS^NH", pid3);
+            parse(edited.as_bytes(), &Limits::default()).map(|p| p.summary)
+        };
+        // The NHS named as the authority, by namespace or by OID, with or
+        // without the type; or the type alone, as English senders write it.
+        for pid3 in [
+            "9990000018^^^NHS^NH",
+            "9990000018^^^NHS",
+            "9990000018^^^nhs^NH",
+            "9990000018^^^&2.16.840.1.113883.2.1.4.1&ISO^NH",
+            "9990000018^^^^NH",
+        ] {
+            let read = with(pid3).unwrap_or_else(|e| panic!("{pid3}: {e:?}"));
+            assert_eq!(
+                read.patient.nhs_number.map(|n| n.as_str().to_owned()),
+                Some("9990000018".to_owned()),
+                "{pid3}"
+            );
+        }
+        // Another authority's national health number passes the same check
+        // digit (Scotland's CHI), and is not the patient's NHS number.
+        for pid3 in ["0101901232^^^CHI^NH", "9990000018^^^HSCNI^NH"] {
+            let read = with(pid3).unwrap_or_else(|e| panic!("{pid3}: {e:?}"));
+            assert_eq!(read.patient.nhs_number, None, "{pid3}");
+            assert!(
+                read.not_read
+                    .iter()
+                    .any(|n| n.contains("another authority")),
+                "{pid3}: {:?}",
+                read.not_read
+            );
+        }
+    }
+
+    #[test]
     fn non_standard_delimiters_are_refused() {
         let err = parse(b"MSH#^~\\&#X", &Limits::default()).unwrap_err();
         assert_eq!(err.0[0].field, "MSH-2");

@@ -493,10 +493,19 @@ fn read_identifiers(
         let value = component(rep, 1);
         let field = || format!("PID-3[{}].1", r + 1);
         match (&*first_subcomponent(rep, 4), &*component(rep, 5)) {
-            (_, "NH") => match value.parse::<NhsNumber>() {
+            (_, "" | "NH") if nhs_authority(rep) => match value.parse::<NhsNumber>() {
                 Ok(n) => one_of_a_kind(&mut nhs, n, field(), e),
                 Err(err) => e.add(field(), err.to_string()),
             },
+            // Another authority's national health number (Scotland's CHI,
+            // Northern Ireland's H&C) is not an NHS number, though a CHI
+            // number passes the same check digit: filing it as one could
+            // file the record under someone else.
+            (_, "NH") => notes.push(format!(
+                "PID-3[{}]: a national health number of another authority (CX.4), not an NHS \
+                 number: not read",
+                r + 1
+            )),
             ("HMPPS", _) => match value.parse::<PrisonNumber>() {
                 Ok(n) => one_of_a_kind(&mut prison, n, field(), e),
                 Err(err) => e.add(field(), err.to_string()),
@@ -518,6 +527,23 @@ fn read_identifiers(
         );
     }
     (nhs, prison, crn)
+}
+
+/// The NHS number's OID (NHS Data Dictionary), as CX.4's universal id.
+const NHS_NUMBER_OID: &str = "2.16.840.1.113883.2.1.4.1";
+
+/// Whether CX.4 of PID-3 repetition `rep` leaves the NHS number's authority
+/// unsaid (then CX.5 `NH` alone says it, as English senders write it) or
+/// names the NHS: the namespace `NHS`, or the NHS number's OID.
+fn nhs_authority(rep: &str) -> bool {
+    let hd = rep.split('^').nth(3).unwrap_or_default();
+    let mut parts = hd.split('&');
+    let namespace = parts.next().unwrap_or_default();
+    let universal = parts.next().unwrap_or_default();
+    if namespace.is_empty() && universal.is_empty() {
+        return component(rep, 5) == "NH";
+    }
+    namespace.eq_ignore_ascii_case("NHS") || universal == NHS_NUMBER_OID
 }
 
 /// Keeps `found` as the patient's identifier of one kind; a second,
