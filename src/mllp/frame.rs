@@ -49,6 +49,11 @@ pub enum FrameError {
 pub struct FrameReader {
     buf: Vec<u8>,
     max: usize,
+    /// How much of the frame in `buf` is known to hold no end block, so
+    /// that each read searches only what it added: a frame sent a byte at
+    /// a time would otherwise be scanned whole after every byte (quadratic
+    /// in its size).
+    scanned: usize,
 }
 
 impl FrameReader {
@@ -58,6 +63,7 @@ impl FrameReader {
         Self {
             buf: Vec::new(),
             max,
+            scanned: 0,
         }
     }
 
@@ -90,26 +96,38 @@ impl FrameReader {
     fn take(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         let Some(start) = self.buf.iter().position(|b| !matches!(b, b'\r' | b'\n')) else {
             self.buf.clear();
+            self.scanned = 0;
             return Ok(None);
         };
-        if self.buf[start] != START {
+        if start > 0 {
+            // Line ends between frames: gone, so the frame starts the buffer.
+            self.buf.drain(..start);
+            self.scanned = 0;
+        }
+        if self.buf[0] != START {
             return Err(FrameError::Malformed("data outside a frame"));
         }
-        let body = &self.buf[start + 1..];
-        let Some(end) = memchr::memchr(END, body) else {
+        let body = &self.buf[1..];
+        let from = self.scanned.min(body.len());
+        let Some(end) = memchr::memchr(END, &body[from..]).map(|i| from + i) else {
+            self.scanned = body.len();
             if body.len() > self.max {
-                return Err(self.too_large(start));
+                return Err(self.too_large(0));
             }
             return Ok(None);
         };
         if end > self.max {
-            return Err(self.too_large(start));
+            return Err(self.too_large(0));
         }
         match body.get(end + 1) {
-            None => Ok(None),
+            None => {
+                self.scanned = end;
+                Ok(None)
+            }
             Some(&CR) => {
                 let message = body[..end].to_vec();
-                self.buf.drain(..start + 1 + end + 2);
+                self.buf.drain(..1 + end + 2);
+                self.scanned = 0;
                 Ok(Some(message))
             }
             Some(_) => Err(FrameError::Malformed("end block 0x1C not followed by 0x0D")),
@@ -198,5 +216,69 @@ mod tests {
         exact.extend_from_slice(&[END, CR]);
         assert_eq!(read_all(&exact, 100).await.0.len(), 1);
         assert!(read_all(&exact, 99).await.1.is_some());
+    }
+}
+
+#[cfg(test)]
+/// A frame arriving a byte at a time (what the scan offset is for).
+mod byte_at_a_time {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Gives its bytes one at a time, one per read.
+    struct Trickle(Vec<u8>, usize);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if let Some(&b) = self.0.get(self.1) {
+                buf.put_slice(&[b]);
+                self.1 += 1;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut f = vec![START];
+        f.extend_from_slice(message);
+        f.extend_from_slice(&[END, CR]);
+        f
+    }
+
+    #[tokio::test]
+    async fn frames_sent_a_byte_at_a_time_are_read_whole_and_in_order() {
+        let first = vec![b'a'; 200_000];
+        let second = b"MSH|^~\\&|second".to_vec();
+        let mut bytes = framed(&first);
+        bytes.extend_from_slice(b"\r\n");
+        bytes.extend(framed(&second));
+        bytes.extend(framed(b""));
+        let mut from = Trickle(bytes, 0);
+        let mut reader = FrameReader::new(300_000);
+        assert_eq!(reader.next(&mut from).await.unwrap(), Some(first));
+        assert_eq!(reader.next(&mut from).await.unwrap(), Some(second));
+        assert_eq!(reader.next(&mut from).await.unwrap(), Some(Vec::new()));
+        assert_eq!(reader.next(&mut from).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_end_block_split_from_its_carriage_return_still_ends_the_frame() {
+        let mut bytes = framed(b"one");
+        bytes.extend(framed(b"two"));
+        let mut from = Trickle(bytes, 0);
+        let mut reader = FrameReader::new(16);
+        assert_eq!(reader.next(&mut from).await.unwrap(), Some(b"one".to_vec()));
+        assert_eq!(reader.next(&mut from).await.unwrap(), Some(b"two".to_vec()));
+        let mut long = Trickle(framed(&[b'x'; 17]), 0);
+        let err = FrameReader::new(16).next(&mut long).await.unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { max: 16, .. }),
+            "{err:?}"
+        );
     }
 }
