@@ -34,6 +34,19 @@ pub(super) fn push_escaped(out: &mut String, text: &str) {
     }
 }
 
+/// Writes free text as an FT value: escaped as by [`push_escaped`], with
+/// each line feed as FT's line break `\.br\` (HL7 v2 §2.7.6), which
+/// receivers show as one; a carriage return stays `\X0D\`, so the text
+/// reads back exactly.
+pub(super) fn push_formatted(out: &mut String, text: &str) {
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push_str("\\.br\\");
+        }
+        push_escaped(out, line);
+    }
+}
+
 /// Reverses [`escape`]; an unknown escape is kept as written.
 pub fn unescape(text: &str) -> String {
     unescaped(text).into_owned()

@@ -116,6 +116,47 @@ mod tests {
     }
 
     #[test]
+    fn long_or_multi_line_text_goes_as_ft_and_reads_back_exactly() {
+        use crate::clinical::model::{RiskFlag, RiskKind};
+        let mut s = crate::clinical::synthetic::release_summary(
+            "9990000018".parse().ok(),
+            None,
+            "YP001".parse().unwrap(),
+            None,
+            "x",
+        );
+        let long = format!("Ligature found on landing; {}", "under review. ".repeat(20));
+        let notes = [
+            "Low mood; on watch".to_owned(),
+            "Self-harm on 3 Nov.\nCut arm; dressed.\r\nReviewed daily".to_owned(),
+            long.clone(),
+            "x".repeat(199),
+        ];
+        for note in &notes {
+            s.risks.push(RiskFlag {
+                kind: RiskKind::SelfHarm,
+                active: true,
+                note: Some(note.clone()),
+                code: None,
+            });
+        }
+        let text = String::from_utf8(render(&s, JourneyEvent::Release).bytes).unwrap();
+        let types: Vec<&str> = text
+            .split('\r')
+            .filter(|seg| seg.contains("|RISK-NOTE^"))
+            .map(|seg| seg.split('|').nth(2).unwrap())
+            .collect();
+        // Short single lines stay ST (199 characters is still short).
+        assert_eq!(types, ["ST", "FT", "FT", "ST"], "{text}");
+        assert!(text.contains("Self-harm on 3 Nov.\\.br\\Cut arm; dressed.\\X0D\\\\.br\\Reviewed"));
+        assert!(!text.contains("\\X0A\\"), "{text}");
+        assert!(text.contains(long.trim_end()), "written whole");
+        let back = parse(text.as_bytes(), &Limits::default()).unwrap().summary;
+        let read: Vec<_> = back.risks.iter().filter_map(|r| r.note.clone()).collect();
+        assert_eq!(read, notes);
+    }
+
+    #[test]
     fn an_nhs_number_is_one_the_nhs_assigned() {
         let s = crate::clinical::synthetic::release_summary(
             "9990000018".parse().ok(),

@@ -2,7 +2,7 @@
 //! PV1, AL1/DG1 where the structure has them, and OBX groups for the rest.
 
 use super::LOCAL;
-use super::escape::push_escaped;
+use super::escape::{push_escaped, push_formatted};
 use crate::clinical::JourneyEvent;
 use crate::clinical::Rendered;
 use crate::clinical::model::{
@@ -95,6 +95,9 @@ enum Value<'a> {
     Number(u32),
 }
 
+/// The longest text written as ST (HL7 v2.5.1 §2.A.74: "less than 200").
+const ST_MAX_CHARS: usize = 199;
+
 /// OBX segments, appended to the message as they are added.
 struct Obx<'o> {
     out: &'o mut String,
@@ -113,6 +116,13 @@ impl Obx<'_> {
     ) {
         use std::fmt::Write;
         self.count += 1;
+        // ST holds a short string on one line (HL7 v2 §2.A.74: under 200
+        // characters; line breaks are FT's): a longer or multi-line text,
+        // a risk note say, goes as FT, which receivers neither cut short
+        // nor show with its breaks as escapes.
+        let formatted = matches!(value, Value::Text(v)
+            if value_type == "ST" && (v.contains('\n') || v.chars().count() > ST_MAX_CHARS));
+        let value_type = if formatted { "FT" } else { value_type };
         let out = &mut *self.out;
         let _ = write!(
             out,
@@ -121,6 +131,7 @@ impl Obx<'_> {
         );
         match value {
             Value::Raw(v) => out.push_str(v),
+            Value::Text(v) if formatted => push_formatted(out, v),
             Value::Text(v) => push_escaped(out, v),
             Value::Code(c) => push_ce(out, c),
             Value::Date(d) => push_dt(out, d),
