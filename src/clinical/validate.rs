@@ -190,6 +190,14 @@ fn check_custody_dates(s: &ClinicalSummary, e: &mut ValidationErrors) {
             "must not be before the reception date",
         );
     }
+    if let (Some(reception), Some(transfer)) = (c.reception_date, c.transfer_at)
+        && transfer.0.date() < reception.0
+    {
+        e.add(
+            "summary.custody.transfer_at",
+            "must not be before the reception date",
+        );
+    }
 }
 
 /// Days supplied fit FHIR's `integer`, which is 32-bit: a longer supply
@@ -394,6 +402,24 @@ mod tests {
         let e = validate(&s, JourneyEvent::Release).unwrap_err();
         assert_eq!(e.0[0].field, "summary");
     }
+
+    #[test]
+    fn a_transfer_before_the_reception_is_refused() {
+        let mut s = summary_with("t");
+        s.custody.reception_date = "2026-03-10".parse().ok();
+        s.custody.release_date = None;
+        s.custody.transfer_to = "YP002".parse().ok();
+        s.custody.transfer_at = "2026-03-01T10:00:00+00:00".parse().ok();
+        let mut e = ValidationErrors::default();
+        check_custody_dates(&s, &mut e);
+        let fields: Vec<&str> = e.0.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["summary.custody.transfer_at"]);
+        s.custody.transfer_at = "2026-03-10T10:00:00+00:00".parse().ok();
+        let mut e = ValidationErrors::default();
+        check_custody_dates(&s, &mut e);
+        assert!(e.0.is_empty(), "{e:?}");
+    }
+
     use proptest::prelude::*;
 
     fn summary_with(text: &str) -> ClinicalSummary {

@@ -2319,3 +2319,114 @@ fn empty_values_and_nulls_are_refused_as_fhir_json_forbids() {
         assert!(err.0.iter().all(|v| v.field != "document"), "{err}");
     }
 }
+
+/// Patient.deceased[x] and Patient.link are modifiers (R4): a summary saying
+/// the patient has died, or that its record was replaced by another, is
+/// refused naming the element, never routed as if it did not; a
+/// `deceasedBoolean` of false or a `seealso` link is no reason to refuse.
+#[test]
+fn a_patient_recorded_as_deceased_or_replaced_is_refused() {
+    let s = fixture("01-ost-released-today");
+    let refused_at = |edit: &dyn Fn(&mut Value)| {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let (i, patient) = entry_of(&mut doc, "Patient");
+        edit(patient);
+        let fields: Vec<String> = match parse_fhir(&doc) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.into_iter().map(|v| v.field).collect(),
+        };
+        (i, fields)
+    };
+    let (i, fields) = refused_at(&|p| p["deceasedBoolean"] = json!(true));
+    assert_eq!(fields, [format!("entry[{i}].resource.deceasedBoolean")]);
+    let (i, fields) = refused_at(&|p| p["deceasedDateTime"] = json!("2026-11-20T04:10:00Z"));
+    assert_eq!(fields, [format!("entry[{i}].resource.deceasedDateTime")]);
+    let (i, fields) = refused_at(&|p| {
+        p["link"] = json!([
+            {"other": {"reference": "urn:uuid:4c0f6a2e-2f63-4b53-9d55-3a4f1e8b7c10"}, "type": "seealso"},
+            {"other": {"reference": "urn:uuid:4c0f6a2e-2f63-4b53-9d55-3a4f1e8b7c11"}, "type": "replaced-by"}
+        ]);
+    });
+    assert_eq!(fields, [format!("entry[{i}].resource.link[1].type")]);
+    let (_, fields) = refused_at(&|p| p["deceasedBoolean"] = json!(false));
+    assert!(fields.is_empty(), "{fields:?}");
+}
+
+/// Where a released patient went (Encounter.hospitalization.dischargeDisposition)
+/// is never dropped unsaid: home is a release like any other; a hospital is
+/// listed as not carried; a death is refused, since it is not a release.
+#[test]
+fn a_discharge_other_than_home_is_listed_and_a_death_refused() {
+    let s = fixture("01-ost-released-today");
+    let with = |code: &str| {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let (i, enc) = entry_of(&mut doc, "Encounter");
+        enc["hospitalization"]["dischargeDisposition"] = json!({"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/discharge-disposition",
+            "code": code
+        }]});
+        (i, parse_fhir(&doc))
+    };
+    let (_, home) = with("home");
+    assert!(home.unwrap().not_read.is_empty());
+    let (i, psy) = with("psy");
+    let at = format!("entry[{i}].resource.hospitalization.dischargeDisposition");
+    assert_eq!(
+        psy.unwrap().not_read,
+        [format!(
+            "{at}: not carried: a discharge disposition of psy, not home"
+        )]
+    );
+    let (_, died) = with("exp");
+    let fields: Vec<String> = died.unwrap_err().0.into_iter().map(|v| v.field).collect();
+    assert_eq!(fields, [at]);
+    // UK Core's own codes read the same: 19 is the usual place of residence.
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (_, enc) = entry_of(&mut doc, "Encounter");
+    enc["hospitalization"]["dischargeDisposition"] = json!({"coding": [{
+        "system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-DischargeDestinationEngland",
+        "code": "19"
+    }]});
+    assert!(parse_fhir(&doc).unwrap().not_read.is_empty());
+}
+
+/// The care programme approach, its coordinator, substance misuse treatment
+/// and its service are given once: a second observation saying otherwise is
+/// refused (a later `false` silently undid a CPA of `true`, and the
+/// community mental health team was never told); the same said twice is
+/// taken.
+#[test]
+fn a_second_observation_saying_otherwise_is_refused() {
+    let s = fixture("02-active-self-harm");
+    assert!(
+        s.mental_health
+            .as_ref()
+            .is_some_and(|m| m.care_programme_approach)
+    );
+    let doc = fhir_json(&s, JourneyEvent::Release);
+    let cpa = doc["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e.to_string().contains("care-programme-approach"))
+        .cloned()
+        .expect("the fixture is on CPA");
+    let twice = |value: bool| {
+        let mut doc = doc.clone();
+        let mut again = cpa.clone();
+        again["fullUrl"] = json!("urn:uuid:7d1f0b4e-9a3c-4e2b-8f61-2c5d9e0a1b23");
+        again["resource"]["valueBoolean"] = json!(value);
+        doc["entry"].as_array_mut().unwrap().push(again);
+        parse_fhir(&doc)
+    };
+    let refused = twice(false).unwrap_err();
+    assert!(
+        refused
+            .0
+            .iter()
+            .any(|v| v.description.contains("care-programme-approach")),
+        "{refused:?}"
+    );
+    let same = twice(true).unwrap();
+    assert!(same.mental_health.unwrap().care_programme_approach);
+}

@@ -346,8 +346,8 @@ fn custody(event: JourneyEvent) -> impl Strategy<Value = Custody> {
 }
 
 /// `c` with its dates inside the patient's life and in order (what the
-/// gateway accepts): none before the date of birth, no release before the
-/// reception.
+/// gateway accepts): none before the date of birth, no release or transfer
+/// before the reception.
 fn within_life(mut c: Custody, born: Date) -> Custody {
     let not_before = |d: Option<Date>| d.map(|d| if d.0 < born.0 { born } else { d });
     c.reception_date = not_before(c.reception_date);
@@ -361,6 +361,11 @@ fn within_life(mut c: Custody, born: Date) -> Custody {
         && t.0.date() < born.0
     {
         t.0 = t.0.replace_date(born.0);
+    }
+    if let (Some(reception), Some(t)) = (c.reception_date, &mut c.transfer_at)
+        && t.0.date() < reception.0
+    {
+        t.0 = t.0.replace_date(reception.0);
     }
     c
 }

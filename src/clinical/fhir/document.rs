@@ -9,7 +9,8 @@ use super::types::Address as FhirAddress;
 use super::types::*;
 use super::{
     CLINICAL_STATUS, EXT_DAYS_SUPPLIED, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED, SYS_CRN,
-    SYS_EVENT, SYS_LOCAL, SYS_NHS, SYS_ODS, SYS_PRISON_NUMBER, SYS_RISK, event_code, prescription,
+    SYS_DISCHARGE_DESTINATION_ENGLAND, SYS_DISCHARGE_DISPOSITION, SYS_EVENT, SYS_LOCAL, SYS_NHS,
+    SYS_ODS, SYS_PRISON_NUMBER, SYS_RISK, event_code, prescription,
 };
 use crate::clinical::JourneyEvent;
 use crate::clinical::OdsCode;
@@ -506,6 +507,32 @@ fn read_patient<'a>(
              duplicate): send the summary from the record in use",
         );
     }
+    // deceased[x] and link are modifiers too (R4): a summary that says the
+    // patient has died, or that this record was replaced by another, must
+    // not be routed as if it did not.
+    if fp.deceased_boolean == Some(true) {
+        errors.add(
+            format!("{pp}deceasedBoolean"),
+            "the patient is recorded as deceased: a summary is not routed to the carers of a \
+             person who has died",
+        );
+    }
+    if fp.deceased_date_time.is_some() {
+        errors.add(
+            format!("{pp}deceasedDateTime"),
+            "the patient is recorded as deceased: a summary is not routed to the carers of a \
+             person who has died",
+        );
+    }
+    for (k, link) in fp.link.iter().enumerate() {
+        if matches!(link.type_.as_deref(), Some("replaced-by" | "refer")) {
+            errors.add(
+                format!("{pp}link[{k}].type"),
+                "this patient record is replaced by (or refers to) another: send the summary \
+                 from the record in use",
+            );
+        }
+    }
     let (nhs, prison, crn) = read_identifiers(index, &fp.identifier, pp, errors);
     let name = fp.name.first();
     if let Some(u) = name
@@ -611,11 +638,16 @@ fn read_custody(
             day_of(end, format_args!("{ep}period.end"), index, errors),
         )
     };
-    let no_fixed_abode = hosp
-        .and_then(|h| h.discharge_disposition.as_ref())
+    let disposition = hosp.and_then(|h| h.discharge_disposition.as_ref());
+    let no_fixed_abode = disposition
         .and_then(|d| d.code_in(SYS_LOCAL))
         .and_then(|c| c.code.as_deref())
         == Some("no-fixed-abode");
+    if let Some(d) = disposition
+        && !no_fixed_abode
+    {
+        discharge_disposition(index, d, ep, errors);
+    }
     establishment.map(|establishment| Custody {
         establishment,
         reception_date,
@@ -625,6 +657,45 @@ fn read_custody(
         release_address: None,
         no_fixed_abode,
     })
+}
+
+/// A discharge disposition other than the gateway's own no-fixed-abode: home
+/// is a release as any other; a death is refused, since it is not a release
+/// to anyone's care; any other (a psychiatric or other hospital, a hospice)
+/// is listed as not carried, so the recipient sees that the patient went
+/// somewhere other than home, never silently dropped.
+fn discharge_disposition(
+    index: &Index<'_>,
+    d: &super::types::CodeableConcept<'_>,
+    ep: At<'_>,
+    errors: &mut ValidationErrors,
+) {
+    let at = format_args!("{ep}hospitalization.dischargeDisposition");
+    let hl7 = d
+        .code_in(SYS_DISCHARGE_DISPOSITION)
+        .and_then(|c| c.code.as_deref());
+    // UK Core's codes: 19 the usual place of residence, 79 died.
+    let uk_core = d
+        .code_in(SYS_DISCHARGE_DESTINATION_ENGLAND)
+        .and_then(|c| c.code.as_deref())
+        .map(|code| match code {
+            "19" => "home",
+            "79" => "exp",
+            other => other,
+        });
+    match hl7.or(uk_core) {
+        Some("home") => {}
+        Some("exp") => errors.add(
+            at.to_string(),
+            "the patient died (exp): a death in custody is not a release, and its summary is \
+             not routed to community carers",
+        ),
+        Some(code) if code.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => index.note(
+            at,
+            &format!("not carried: a discharge disposition of {code}, not home"),
+        ),
+        _ => index.note(at, "not carried: a discharge disposition other than home"),
+    }
 }
 
 /// A withdrawn document, or a status composition-status does not define,
@@ -1216,6 +1287,15 @@ fn read_immunizations(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<V
 
 /// Infections, mental health and substance misuse from Observations, by
 /// category and code; any other observation is listed as not carried.
+/// The observations a document gives once: the care programme approach,
+/// its care coordinator, substance misuse treatment and its service.
+const ONE_PER_DOCUMENT: [&str; 4] = [
+    "care-programme-approach",
+    "care-coordinator",
+    "substance-misuse-treatment",
+    "substance-misuse-service",
+];
+
 fn read_observations(
     index: &Index<'_>,
     errors: &mut ValidationErrors,
@@ -1227,6 +1307,9 @@ fn read_observations(
     let mut s_infections = Vec::new();
     let mut mental_health: Option<MentalHealth> = None;
     let mut substance_misuse: Option<SubstanceMisuse> = None;
+    // Each of [`ONE_PER_DOCUMENT`] seen: where first, and its value.
+    let mut given: std::collections::HashMap<&'static str, (String, String)> =
+        std::collections::HashMap::new();
     for (i, v) in index.of_type("Observation") {
         let p = index.path(i);
         let Some(o) = typed::<Observation>(v, p, errors) else {
@@ -1252,6 +1335,32 @@ fn read_observations(
             }
             o.value_boolean.unwrap_or(false)
         };
+        // One of each of these per document: a second saying otherwise
+        // would silently win (a CPA of true undone by a later false, and
+        // the community mental health team never told).
+        if let Some(kind) = ONE_PER_DOCUMENT
+            .into_iter()
+            .find(|k| Some(*k) == local_code)
+        {
+            let value = o
+                .value_boolean
+                .map(|b| b.to_string())
+                .or_else(value_string)
+                .unwrap_or_default();
+            match given.get(kind) {
+                Some((first, v)) if *v != value => errors.add(
+                    format!("{p}code"),
+                    format!(
+                        "a second {kind} observation saying otherwise (the first is {first}): \
+                         which is in force cannot be told"
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    given.insert(kind, (p.to_string(), value));
+                }
+            }
+        }
         match (category, local_code) {
             (Some("infectious-disease"), _) => {
                 let treatment_started = o

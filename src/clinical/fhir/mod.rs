@@ -54,6 +54,12 @@ const EXT_NOTE: &str = "https://throughcare.invalid/fhir/StructureDefinition/not
 const EXT_TREATMENT_STARTED: &str =
     "https://throughcare.invalid/fhir/StructureDefinition/treatment-started";
 const CLINICAL_STATUS: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
+/// Where a patient went at the end of an encounter (R4).
+const SYS_DISCHARGE_DISPOSITION: &str =
+    "http://terminology.hl7.org/CodeSystem/discharge-disposition";
+/// The same in UK Core (NHS Data Dictionary discharge destination).
+const SYS_DISCHARGE_DESTINATION_ENGLAND: &str =
+    "https://fhir.hl7.org.uk/CodeSystem/UKCore-DischargeDestinationEngland";
 const ALLERGY_STATUS: &str = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical";
 
 fn event_code(e: JourneyEvent) -> &'static str {

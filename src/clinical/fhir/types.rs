@@ -324,6 +324,26 @@ pub struct Patient<'a> {
     /// A modifier: `false` says the record may not be valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active: Option<bool>,
+    /// A modifier: the patient has died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deceased_boolean: Option<bool>,
+    /// A modifier: when the patient died.
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub deceased_date_time: Option<Cow<'a, str>>,
+    /// A modifier: other records of the same person.
+    #[serde(default, skip_serializing_if = "empty")]
+    #[serde(borrow)]
+    pub link: Vec<PatientLink<'a>>,
+}
+
+/// `Patient.link`: only its type is read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PatientLink<'a> {
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(rename = "type")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub type_: Option<Cow<'a, str>>,
 }
 
 /// A Medication a MedicationStatement or MedicationRequest refers to.

@@ -82,6 +82,8 @@ const SCHEMAS: [(&str, Schema); 15] = [
                 "gender",
                 "birthDate",
                 "active",
+                "deceasedBoolean",
+                "deceasedDateTime",
                 "address",
                 "address.use",
                 "address.text",

@@ -326,6 +326,9 @@ fn add_patient(doc: &mut Doc, s: &ClinicalSummary) -> String {
             .collect(),
         general_practitioner: gp_url.iter().map(|u| Reference::to(u.as_str())).collect(),
         active: None,
+        deceased_boolean: None,
+        deceased_date_time: None,
+        link: Vec::new(),
     })
 }
 
