@@ -1265,6 +1265,29 @@ fn only_the_probation_consent_decides_and_never_a_conditional_one() {
             "{provision}"
         );
     }
+    // A legal basis counts only while its Consent is in force: one on an
+    // inactive, rejected or draft Consent shares nothing.
+    let basis = |doc: &mut Value, status: &str| {
+        let (_, consent) = entry_of(doc, "Consent");
+        consent["status"] = json!(status);
+        consent["provision"] = json!({"type": "deny"});
+        consent["policyRule"] = json!({"coding": [{
+            "system": "https://throughcare.invalid/fhir/CodeSystem/throughcare",
+            "code": "legal-basis"
+        }], "text": "MAPPA level 2"});
+    };
+    for status in ["active", "proposed"] {
+        let read = with(&|doc| basis(doc, status)).unwrap();
+        assert_eq!(read.consent.legal_basis.as_deref(), Some("MAPPA level 2"));
+        assert!(read.may_share_risk_with_probation(), "{status}");
+    }
+    for status in ["inactive", "rejected", "draft"] {
+        let read = with(&|doc| basis(doc, status)).unwrap();
+        assert_eq!(read.consent.legal_basis, None, "{status}");
+        assert!(!read.may_share_risk_with_probation(), "{status}");
+        assert!(!read.may_share_with_treatment_services(), "{status}");
+        assert_listed(&read, "a legal basis on a Consent that is not in force");
+    }
     // Two Consents about probation could disagree: refused.
     let refused = with(&|doc| {
         let (_, consent) = entry_of(doc, "Consent");

@@ -1481,12 +1481,28 @@ fn read_consent(
             );
             continue;
         }
-        consent.legal_basis = c
+        let legal_basis = c
             .policy_rule
             .as_ref()
             .filter(|r| r.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("legal-basis"))
             .and_then(|r| r.text.as_ref())
             .map(|t| t.to_string());
+        // A legal basis shares without the patient's consent, so only one in
+        // force counts: an active Consent, or a proposed one (no decision
+        // yet, as the gateway writes it). One on an inactive, rejected or
+        // draft Consent has ended or never started.
+        consent.legal_basis = match &*c.status {
+            "active" | "proposed" => legal_basis,
+            _ => {
+                if legal_basis.is_some() {
+                    index.note(
+                        format_args!("{p}policyRule"),
+                        "not read: a legal basis on a Consent that is not in force (its status)",
+                    );
+                }
+                None
+            }
+        };
         consent.probation_sharing = match c.provision.as_ref().map(|p| &*p.type_) {
             Some("deny") => ConsentDecision::Refused,
             // A permission with conditions (a period, nested provisions,
