@@ -79,6 +79,8 @@ pub struct Limits {
     pub max_hl7_segments: usize,
     /// Most fields in one segment, and repetitions in one field.
     pub max_hl7_repetitions: usize,
+    /// Most entries in a FHIR Bundle (each nested message Bundle too).
+    pub max_fhir_entries: usize,
 }
 
 impl Default for Limits {
@@ -88,6 +90,7 @@ impl Default for Limits {
             max_json_depth: 32,
             max_hl7_segments: 2_000,
             max_hl7_repetitions: 100,
+            max_fhir_entries: 2_000,
         }
     }
 }

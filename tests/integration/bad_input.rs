@@ -173,6 +173,16 @@ fn document_cases(s: &ClinicalSummary, native: &pb::submit_request::Document) ->
         t
     };
     let nested = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+    // Each reference is resolved by a scan of the entries, and every array
+    // walked: both are bounded before any entry is read.
+    let many_entries = format!(
+        "{{\"resourceType\":\"Bundle\",\"type\":\"document\",\"entry\":[{}]}}",
+        vec!["{\"resource\":{\"id\":\"x\"}}"; 2_001].join(",")
+    );
+    let long_array = format!(
+        "{{\"resourceType\":\"Bundle\",\"type\":\"document\",\"x\":[{}]}}",
+        vec!["1"; 10_001].join(",")
+    );
     let hl7_cr = hl7(s).replacen(&s.patient.family_name, "Okonkwo\rPryce", 1);
     assert_ne!(hl7_cr, hl7(s), "the family name is in the PID segment");
     let invalid_utf8 = {
@@ -199,6 +209,28 @@ fn document_cases(s: &ClinicalSummary, native: &pb::submit_request::Document) ->
             Input::Typed(Box::new(request(
                 "deep",
                 pb::submit_request::Document::FhirJson(nested),
+            ))),
+            Expect {
+                code: Code::InvalidArgument,
+                field: Some("document"),
+            },
+        ),
+        (
+            "a Bundle of 2,001 entries",
+            Input::Typed(Box::new(request(
+                "many",
+                pb::submit_request::Document::FhirJson(many_entries),
+            ))),
+            Expect {
+                code: Code::InvalidArgument,
+                field: Some("entry"),
+            },
+        ),
+        (
+            "an array of 10,001 items",
+            Input::Typed(Box::new(request(
+                "long",
+                pb::submit_request::Document::FhirJson(long_array),
             ))),
             Expect {
                 code: Code::InvalidArgument,

@@ -119,6 +119,11 @@ pub struct Parsed {
     pub event: Option<JourneyEvent>,
 }
 
+/// The most items one JSON array may hold. The longest list a summary
+/// carries is 200 items; anything far beyond is refused before its values
+/// are walked.
+const MAX_ARRAY_ITEMS: usize = 10_000;
+
 /// A JSON value as FHIR JSON allows it (R4 json.html):
 /// - no object names a key twice: JSON parsers differ on which of two values
 ///   wins (ours keeps the last, another the first), so
@@ -184,6 +189,12 @@ impl<'de> serde::de::Visitor<'de> for FhirJson {
             .is_some()
         {
             items += 1;
+            if items > MAX_ARRAY_ITEMS {
+                return Err(serde::de::Error::custom(format!(
+                    "an array of more than {MAX_ARRAY_ITEMS} items (no element of a summary \
+                     repeats so often)"
+                )));
+            }
         }
         if items == 0 {
             return Err(serde::de::Error::custom(
@@ -214,11 +225,8 @@ impl<'de> serde::de::Visitor<'de> for FhirJson {
     }
 }
 
-/// Parses a FHIR R4 document Bundle (or a message Bundle wrapping one).
-///
-/// # Errors
-/// Every field violation found, with its path.
-pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> {
+/// The document as text, once within the size, encoding and depth limits.
+fn within_limits<'a>(bytes: &'a [u8], limits: &Limits) -> Result<&'a str, ValidationErrors> {
     if bytes.len() > limits.max_document_bytes {
         return Err(ValidationErrors::one(
             "document",
@@ -241,6 +249,15 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             format!("JSON nested deeper than {} levels", limits.max_json_depth),
         ));
     }
+    Ok(text)
+}
+
+/// Parses a FHIR R4 document Bundle (or a message Bundle wrapping one).
+///
+/// # Errors
+/// Every field violation found, with its path.
+pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> {
+    let text = within_limits(bytes, limits)?;
     // One pass reads the Bundle and checks the whole document is JSON; only
     // when it fails do we ask which way (syntax first, then shape).
     let bundle: RawBundle = match serde_json::from_str(text) {
@@ -265,6 +282,14 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     if bundle.resource_type != "Bundle" {
         return Err(ValidationErrors::one("resourceType", "must be Bundle"));
     }
+    // Each reference is resolved by a scan of the entries: their number is
+    // bounded as an HL7 message's segments are, and far above a summary's.
+    if bundle.entry.len() > limits.max_fhir_entries {
+        return Err(ValidationErrors::one(
+            "entry",
+            format!("more than {} entries", limits.max_fhir_entries),
+        ));
+    }
     let mut errors = ValidationErrors::default();
     match &*bundle.type_ {
         "document" => parse_document(&bundle, "", &mut errors).map(|mut p| {
@@ -284,6 +309,13 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 Some((i, e)) => {
                     let prefix = format!("entry[{i}].resource.");
                     match typed::<RawBundle>(e.resource.get(), &prefix, &mut errors) {
+                        Some(doc) if doc.entry.len() > limits.max_fhir_entries => {
+                            errors.add(
+                                format!("{prefix}entry"),
+                                format!("more than {} entries", limits.max_fhir_entries),
+                            );
+                            None
+                        }
                         Some(doc) if doc.type_ == "document" => {
                             parse_document(&doc, &prefix, &mut errors).map(|mut p| {
                                 let mut notes = unread::bundle(text, "", &mut errors);
@@ -599,6 +631,36 @@ fn contained_medication(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_and_arrays_are_bounded_before_any_entry_is_read() {
+        let bundle = |entries: usize| {
+            let entry = r#"{"fullUrl":"urn:uuid:x","resource":{"resourceType":"Flag"}}"#;
+            format!(
+                r#"{{"resourceType":"Bundle","type":"document","entry":[{}]}}"#,
+                vec![entry; entries].join(",")
+            )
+        };
+        let limits = Limits::default();
+        let e = parse(bundle(2_001).as_bytes(), &limits).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e:?}");
+        assert_eq!(
+            (e.0[0].field.as_str(), e.0[0].description.as_str()),
+            ("entry", "more than 2000 entries")
+        );
+        let e = parse(bundle(2_000).as_bytes(), &limits).unwrap_err();
+        assert_ne!(e.0[0].field, "entry", "{e:?}");
+        let long = format!(
+            r#"{{"resourceType":"Bundle","type":"document","x":[{}]}}"#,
+            vec!["1"; 10_001].join(",")
+        );
+        let e = parse(long.as_bytes(), &limits).unwrap_err();
+        assert_eq!(e.0[0].field, "document");
+        assert!(
+            e.0[0].description.contains("more than 10000 items"),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn depth_ignores_brackets_in_strings() {
