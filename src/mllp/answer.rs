@@ -22,8 +22,8 @@ use crate::operator::metrics::Outcome;
 /// What one message was answered.
 #[derive(Debug)]
 pub struct Answer {
-    /// The ACK's text; `None` when the message's MSH-15 asks for none
-    /// (enhanced mode `NE`, or `ER`/`SU` when it does not apply).
+    /// The ACK's text; `None` when the message asks for none (enhanced
+    /// mode: neither MSH-15 nor MSH-16 asks for one of this outcome).
     pub ack: Option<String>,
     /// Its MSA-1.
     pub code: AckCode,
@@ -73,17 +73,21 @@ pub async fn answer(gateway: &Gateway, caller: &Caller, message: &[u8]) -> Answe
     let now = gateway.clock.now_ms();
     let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let ack = hl7v2::ack(
-        header.as_ref(),
-        code,
-        &errors,
-        &crate::clinical::model::DateTime(at),
-    );
-    let wanted = header
+    // No readable MSH: an original-mode answer.
+    let kind = header
         .as_ref()
-        .is_none_or(|h| h.wants_ack(code == AckCode::Accept));
+        .map_or(Some(false), |h| h.acknowledgement(code == AckCode::Accept));
+    let ack = kind.map(|commit| {
+        hl7v2::ack_as(
+            header.as_ref(),
+            code,
+            &errors,
+            &crate::clinical::model::DateTime(at),
+            commit,
+        )
+    });
     Answer {
-        ack: wanted.then_some(ack),
+        ack,
         code,
         event,
         outcome,

@@ -252,6 +252,26 @@ def test_enhanced_mode_gets_commit_acks_as_msh_15_asks(gateway):
     assert ack.msa.msa_2.to_er7() == "PY-ENH-4", "no ACK was sent for the NE message"
 
 
+def test_enhanced_mode_sends_the_application_ack_msh_16_asks_when_msh_15_asks_none(gateway):
+    """HL7 v2 §2.9.3, table 0155: MSH-15 NE with MSH-16 ER asks to hear of errors only, by
+    application acknowledgement; a refused message gets its AE (never silence, which the sender
+    reads as success), an accepted one nothing. MSH-16 AL gets the AA of an accepted one."""
+    with gateway.tls_client() as client:
+        ack = parsed_ack(
+            client.send_message(with_ack_types(admission("PY-APP-1", dob=""), "NE", "ER"))
+        )
+    assert ack.msa.msa_1.to_er7() == "AE", "an application error, not a commit code"
+    assert ack.msa.msa_2.to_er7() == "PY-APP-1"
+    assert ack.err.err_3.to_er7().startswith("101")
+    accepted = with_ack_types(admission("PY-APP-2"), "NE", "ER")
+    reply = send_frames(gateway, accepted.encode(), admission("PY-APP-3").encode())
+    assert parsed_ack(reply).msa.msa_2.to_er7() == "PY-APP-3", "nothing for an accepted ER message"
+    with gateway.tls_client() as client:
+        ack = parsed_ack(client.send_message(with_ack_types(admission("PY-APP-4"), "NE", "AL")))
+    assert ack.msa.msa_1.to_er7() == "AA"
+    assert ack.msa.msa_2.to_er7() == "PY-APP-4"
+
+
 def test_a_segment_or_header_value_the_standard_forbids_gets_the_standards_err(gateway):
     """HL7 table 0357 codes and ERL locations, judged by hl7apy: a second PID and a
     missing PV1 are segment sequence errors (100) placed at the segment; an MSH-15

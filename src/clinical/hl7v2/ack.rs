@@ -167,13 +167,34 @@ fn printable(text: &str) -> String {
 
 /// Builds the ACK answering `inbound` (its MSH as read; `None` when the
 /// message had no readable MSH): MSH, MSA, one ERR per error, each segment
-/// ended by a carriage return, ready for an MLLP frame.
+/// ended by a carriage return, ready for an MLLP frame. In enhanced mode it
+/// is the commit acknowledgement (CA, CE, CR).
 #[must_use]
 pub fn ack(
     inbound: Option<&MessageHeader>,
     code: AckCode,
     errors: &[AckError],
     at: &DateTime,
+) -> String {
+    ack_as(
+        inbound,
+        code,
+        errors,
+        at,
+        inbound.is_some_and(MessageHeader::enhanced),
+    )
+}
+
+/// [`ack`], as a commit acknowledgement (CA, CE, CR) or, with `commit`
+/// false, an application acknowledgement (AA, AE, AR): what enhanced mode
+/// sends as MSH-16 asks when MSH-15 asks for no commit acknowledgement.
+#[must_use]
+pub fn ack_as(
+    inbound: Option<&MessageHeader>,
+    code: AckCode,
+    errors: &[AckError],
+    at: &DateTime,
+    commit: bool,
 ) -> String {
     let blank = MessageHeader::default();
     let h = inbound.unwrap_or(&blank);
@@ -215,13 +236,7 @@ pub fn ack(
             printable(&h.sending_facility),
             ts(at),
         ),
-        msa(
-            code,
-            h.enhanced(),
-            &h.control_id,
-            errors,
-            before_2_5(version),
-        ),
+        msa(code, commit, &h.control_id, errors, before_2_5(version)),
     ];
     if before_2_5(version) {
         // Those versions' ACK holds at most one ERR: its ERR-1 repeats.

@@ -80,6 +80,40 @@ impl MessageHeader {
             _ => true,
         }
     }
+
+    /// Whether MSH-16 asks for an application acknowledgement of
+    /// `accepted` (`AL` always, `ER` only for a refusal, `SU` only for an
+    /// acceptance; `NE` or empty never).
+    #[must_use]
+    pub fn wants_application_ack(&self, accepted: bool) -> bool {
+        match self.application_ack.as_str() {
+            "AL" => true,
+            "ER" => !accepted,
+            "SU" => accepted,
+            _ => false,
+        }
+    }
+
+    /// The one acknowledgement a message of this outcome gets: `Some(true)`
+    /// the commit acknowledgement (enhanced mode, as MSH-15 asks), or else
+    /// `Some(false)` the application acknowledgement (original mode; or
+    /// enhanced mode when MSH-15 asks for no commit acknowledgement of this
+    /// outcome and MSH-16 asks for an application one: the gateway's work
+    /// ends when the message is durable, so both would say the same, and a
+    /// sender asking `NE`/`ER` is told of a refusal rather than left to
+    /// read silence as success); `None` when neither is asked for.
+    #[must_use]
+    pub fn acknowledgement(&self, accepted: bool) -> Option<bool> {
+        if !self.enhanced() {
+            Some(false)
+        } else if self.wants_ack(accepted) {
+            Some(true)
+        } else if self.wants_application_ack(accepted) {
+            Some(false)
+        } else {
+            None
+        }
+    }
 }
 
 /// The journey event of an ADT trigger: A01 admission, A02 transfer, A03

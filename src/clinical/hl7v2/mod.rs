@@ -27,7 +27,7 @@ mod segment;
 mod unread;
 mod write;
 
-pub use ack::{AckCode, AckError, ErrorCode, ack};
+pub use ack::{AckCode, AckError, ErrorCode, ack, ack_as};
 pub use charset::decoded;
 pub use escape::{escape, unescape};
 pub use header::{MessageHeader, event_of, header};
