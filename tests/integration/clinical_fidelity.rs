@@ -2453,3 +2453,55 @@ fn a_second_observation_saying_otherwise_is_refused() {
     let same = twice(true).unwrap();
     assert!(same.mental_health.unwrap().care_programme_approach);
 }
+
+/// An extension the gateway reads is read once, from its one value type: a
+/// risk note given twice, or as `valueMarkdown`, and a last dose given as
+/// `valueInstant` are refused at the extension; before, the second note and
+/// the other types were passed over unsaid (a note lost, a last dose
+/// unknown).
+#[test]
+fn an_extension_read_once_from_its_value_type_is_refused_otherwise() {
+    let s = fixture("02-active-self-harm");
+    let note_url = "https://throughcare.invalid/fhir/StructureDefinition/note";
+    let refused_at = |edit: &dyn Fn(&mut Value) -> String| {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let field = edit(&mut doc);
+        let fields: Vec<String> = match parse_fhir(&doc) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.into_iter().map(|v| v.field).collect(),
+        };
+        assert!(fields.contains(&field), "{field} not in {fields:?}");
+    };
+    refused_at(&|doc| {
+        let (i, flag) = entry_of(doc, "Flag");
+        let ext = flag["extension"]
+            .as_array_mut()
+            .expect("the risk has a note");
+        let mut second = ext[0].clone();
+        second["valueString"] = json!("A second note");
+        ext.push(second);
+        format!("entry[{i}].resource.extension[{}]", ext.len() - 1)
+    });
+    refused_at(&|doc| {
+        let (i, flag) = entry_of(doc, "Flag");
+        flag["extension"] = json!([{"url": note_url, "valueMarkdown": "Ligature risk"}]);
+        format!("entry[{i}].resource.extension[0]")
+    });
+    let s = fixture("06-many-medicines-and-allergies");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (i, med) = entry_of(&mut doc, "MedicationStatement");
+    med["extension"] = json!([{
+        "url": "https://throughcare.invalid/fhir/StructureDefinition/last-dose-given",
+        "valueInstant": "2026-11-23T08:10:00Z"
+    }]);
+    let fields: Vec<String> = parse_fhir(&doc)
+        .unwrap_err()
+        .0
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert!(
+        fields.contains(&format!("entry[{i}].resource.extension[0]")),
+        "{fields:?}"
+    );
+}

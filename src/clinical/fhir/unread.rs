@@ -513,8 +513,43 @@ impl Walk<'_> {
                     "{here}[{i}] ({}): an extension not read by the gateway",
                     safe_url(url)
                 ));
+                continue;
+            }
+            // An extension the gateway reads is read once, from its one
+            // value type: a second one, or its value given as another type
+            // (a note as valueMarkdown, a last dose as valueInstant), would
+            // otherwise be passed over unsaid.
+            if let Some(wanted) = value_type_of(url)
+                && ext.get(wanted).is_none_or(Value::is_null)
+            {
+                self.errors.add(
+                    format!("{here}[{i}]"),
+                    format!("this extension's value is read from {wanted}, which it does not have"),
+                );
+            }
+            // Last dose and days supplied are checked where they are read.
+            if !matches!(url, EXT_LAST_DOSE | EXT_DAYS_SUPPLIED)
+                && items[..i]
+                    .iter()
+                    .any(|earlier| earlier.get("url").and_then(Value::as_str) == Some(url))
+            {
+                self.errors.add(
+                    format!("{here}[{i}]"),
+                    "given more than once: this extension is stated once",
+                );
             }
         }
+    }
+}
+
+/// The value element each extension the gateway reads carries its value in
+/// (days supplied is checked where it is read: a whole number of days).
+fn value_type_of(url: &str) -> Option<&'static str> {
+    match url {
+        EXT_LAST_DOSE => Some("valueDateTime"),
+        EXT_NOTE => Some("valueString"),
+        EXT_TREATMENT_STARTED => Some("valueDate"),
+        _ => None,
     }
 }
 
