@@ -931,6 +931,21 @@ fn resources_that_are_not_current_are_listed_not_carried_as_current() {
     assert!(read.not_read.contains(&format!(
         "entry[{i}].resource (AllergyIntolerance): not carried: no longer active (clinicalStatus)"
     )));
+    // An observation not yet final is carried (written final) and says so.
+    let s = fixture("02-active-self-harm");
+    for status in ["preliminary", "registered", "unknown"] {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let (i, observation) = entry_of(&mut doc, "Observation");
+        observation["status"] = json!(status);
+        let read = parse_fhir(&doc).unwrap();
+        assert_eq!(read.mental_health, s.mental_health, "{status}");
+        assert_eq!(
+            read.not_read,
+            [format!(
+                "entry[{i}].resource.status: not carried: {status} (carried as final)"
+            )]
+        );
+    }
 }
 
 /// FHIR modifiers that turn a request or a dose around: a ServiceRequest

@@ -1296,6 +1296,43 @@ const ONE_PER_DOCUMENT: [&str; 4] = [
     "substance-misuse-service",
 ];
 
+/// One of each of [`ONE_PER_DOCUMENT`] per document: a second saying
+/// otherwise would silently win (a CPA of true undone by a later false, and
+/// the community mental health team never told), so it is refused. `given`
+/// holds where each was first seen and its value.
+fn once_per_document(
+    given: &mut std::collections::HashMap<&'static str, (String, String)>,
+    local_code: Option<&str>,
+    o: &Observation<'_>,
+    p: At<'_>,
+    errors: &mut ValidationErrors,
+) {
+    let Some(kind) = ONE_PER_DOCUMENT
+        .into_iter()
+        .find(|k| Some(*k) == local_code)
+    else {
+        return;
+    };
+    let value = o
+        .value_boolean
+        .map(|b| b.to_string())
+        .or_else(|| o.value_string.as_ref().map(|v| v.to_string()))
+        .unwrap_or_default();
+    match given.get(kind) {
+        Some((first, v)) if *v != value => errors.add(
+            format!("{p}code"),
+            format!(
+                "a second {kind} observation saying otherwise (the first is {first}): which is \
+                 in force cannot be told"
+            ),
+        ),
+        Some(_) => {}
+        None => {
+            given.insert(kind, (p.to_string(), value));
+        }
+    }
+}
+
 fn read_observations(
     index: &Index<'_>,
     errors: &mut ValidationErrors,
@@ -1315,6 +1352,14 @@ fn read_observations(
         let Some(o) = typed::<Observation>(v, p, errors) else {
             continue;
         };
+        // Not yet final: carried (the gateway writes final), and said so, as
+        // a preliminary Composition is.
+        if let status @ ("registered" | "preliminary" | "unknown") = &*o.status {
+            index.note(
+                format_args!("{p}status"),
+                &format!("not carried: {status} (carried as final)"),
+            );
+        }
         let category = o
             .category
             .iter()
@@ -1335,32 +1380,7 @@ fn read_observations(
             }
             o.value_boolean.unwrap_or(false)
         };
-        // One of each of these per document: a second saying otherwise
-        // would silently win (a CPA of true undone by a later false, and
-        // the community mental health team never told).
-        if let Some(kind) = ONE_PER_DOCUMENT
-            .into_iter()
-            .find(|k| Some(*k) == local_code)
-        {
-            let value = o
-                .value_boolean
-                .map(|b| b.to_string())
-                .or_else(value_string)
-                .unwrap_or_default();
-            match given.get(kind) {
-                Some((first, v)) if *v != value => errors.add(
-                    format!("{p}code"),
-                    format!(
-                        "a second {kind} observation saying otherwise (the first is {first}): \
-                         which is in force cannot be told"
-                    ),
-                ),
-                Some(_) => {}
-                None => {
-                    given.insert(kind, (p.to_string(), value));
-                }
-            }
-        }
+        once_per_document(&mut given, local_code, &o, p, errors);
         match (category, local_code) {
             (Some("infectious-disease"), _) => {
                 let treatment_started = o
