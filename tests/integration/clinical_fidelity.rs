@@ -2520,3 +2520,22 @@ fn an_extension_read_once_from_its_value_type_is_refused_otherwise() {
         "{fields:?}"
     );
 }
+
+/// Elements R4 makes optional are optional here too: a Consent without
+/// `patient` or without `provision.type`, and an Observation without
+/// `subject`, are read in the document's patient's context; before, any of
+/// them refused the whole release summary.
+#[test]
+fn elements_r4_makes_optional_do_not_refuse_the_document() {
+    use throughcare::clinical::model::ConsentDecision;
+    let s = fixture("02-active-self-harm");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (_, consent) = entry_of(&mut doc, "Consent");
+    consent.as_object_mut().unwrap().remove("patient");
+    consent["provision"] = json!({"period": {"start": "2026-01-01"}});
+    let (_, observation) = entry_of(&mut doc, "Observation");
+    observation.as_object_mut().unwrap().remove("subject");
+    let read = parse_fhir(&doc).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(read.consent.probation_sharing, ConsentDecision::NotRecorded);
+    assert_eq!(read.mental_health, s.mental_health);
+}

@@ -1523,7 +1523,7 @@ fn read_consent(
                 None
             }
         };
-        consent.probation_sharing = match c.provision.as_ref().map(|p| &*p.type_) {
+        consent.probation_sharing = match c.provision.as_ref().and_then(|p| p.type_.as_deref()) {
             Some("deny") => ConsentDecision::Refused,
             // A permission with conditions (a period, nested provisions,
             // limits by data, actor or class) cannot be honoured as given:

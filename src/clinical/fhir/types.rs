@@ -705,8 +705,10 @@ pub struct Observation<'a> {
     pub category: Vec<CodeableConcept<'a>>,
     #[serde(borrow)]
     pub code: CodeableConcept<'a>,
+    /// 0..1 in R4: without one, the document's patient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
-    pub subject: Reference<'a>,
+    pub subject: Option<Reference<'a>>,
     #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub value_string: Option<Cow<'a, str>>,
@@ -751,8 +753,10 @@ pub struct Consent<'a> {
     pub scope: CodeableConcept<'a>,
     #[serde(borrow)]
     pub category: Vec<CodeableConcept<'a>>,
+    /// 0..1 in R4: without one, the document's patient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
-    pub patient: Reference<'a>,
+    pub patient: Option<Reference<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(borrow)]
     pub policy_rule: Option<CodeableConcept<'a>>,
@@ -764,9 +768,11 @@ pub struct Consent<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Provision<'a> {
+    /// 0..1 in R4: without one, neither a permission nor a refusal.
     #[serde(rename = "type")]
-    #[serde(borrow)]
-    pub type_: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "blank")]
+    #[serde(borrow, deserialize_with = "opt_str")]
+    pub type_: Option<Cow<'a, str>>,
 }
 
 /// A Bundle as read: entries keep their raw JSON (borrowed from the input)

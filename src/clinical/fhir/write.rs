@@ -112,7 +112,7 @@ fn observation<'a>(
         status: "final".into(),
         category: vec![local(category, category)],
         code,
-        subject: subject.clone(),
+        subject: Some(subject.clone()),
         value_string: None,
         value_boolean: None,
     }
@@ -658,7 +658,7 @@ fn add_consent(doc: &mut Doc, s: &ClinicalSummary, subject: &Reference<'_>) -> S
             "Privacy Consent",
         ),
         category: vec![local("probation-sharing", "Sharing with probation")],
-        patient: subject.clone(),
+        patient: Some(subject.clone()),
         policy_rule: Some(match &consent.legal_basis {
             Some(basis) => CodeableConcept {
                 coding: vec![Coding {
@@ -672,10 +672,10 @@ fn add_consent(doc: &mut Doc, s: &ClinicalSummary, subject: &Reference<'_>) -> S
         }),
         provision: match consent.probation_sharing {
             ConsentDecision::Given => Some(Provision {
-                type_: "permit".into(),
+                type_: Some("permit".into()),
             }),
             ConsentDecision::Refused => Some(Provision {
-                type_: "deny".into(),
+                type_: Some("deny".into()),
             }),
             ConsentDecision::NotRecorded => None,
         },
