@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -272,6 +272,9 @@ async fn session<S>(
             () = stopped(&mut shutdown) => return,
             next = tokio::time::timeout(s.idle_timeout, reader.next(&mut stream)) => next,
         };
+        // Whether the AE for a frame over the limit went out: then the
+        // sender's rest is read before closing (see [`linger`]).
+        let mut answered = false;
         let (metric, why) = match next {
             Ok(Ok(Some(message))) => {
                 let started = Instant::now();
@@ -305,9 +308,10 @@ async fn session<S>(
                 shared
                     .metrics
                     .mllp_acked(crate::clinical::hl7v2::AckCode::Error.as_str());
-                let _ =
+                let written =
                     tokio::time::timeout(s.idle_timeout, frame::write(&mut stream, ack.as_bytes()))
                         .await;
+                answered = matches!(written, Ok(Ok(())));
                 (
                     "message_too_large",
                     format!("message over the {max}-byte limit"),
@@ -317,8 +321,35 @@ async fn session<S>(
                 ("malformed_frame", e.to_string())
             }
         };
-        drop(stream);
         shared.refuse(peer, metric, why).await;
+        if answered {
+            linger(&mut stream).await;
+        }
         return;
     }
+}
+
+/// How long, and how much, a refused sender's rest is read after its AE.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 16 << 20;
+
+/// Closes a connection whose sender is still writing (the rest of a frame
+/// over the limit) so that the AE already written reaches it: closing with
+/// its bytes unread would send a TCP reset, on which the peer's stack
+/// discards the AE, and the sender sees only "connection reset" and resends
+/// for ever. So: close our side (TLS close_notify), then read and drop what
+/// still comes, for at most [`LINGER`] and [`LINGER_BYTES`].
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = stream.shutdown().await;
+        let mut sink = vec![0u8; 8192];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
