@@ -157,6 +157,24 @@ mod tests {
     }
 
     #[test]
+    fn an_error_names_the_repetition_the_sender_wrote() {
+        let s = crate::clinical::synthetic::release_summary(
+            "9990000018".parse().ok(),
+            None,
+            "YP001".parse().unwrap(),
+            None,
+            "x",
+        );
+        let text = String::from_utf8(render(&s, JourneyEvent::Release).bytes).unwrap();
+        // An empty first repetition, then an NHS number with a bad check digit.
+        let edited = text.replace("9990000018^^^NHS^NH", "~9990000019^^^NHS^NH");
+        let err = parse(edited.as_bytes(), &Limits::default()).unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|v| v.field.as_str()).collect();
+        assert!(fields.contains(&"PID-3[2].1"), "{fields:?}");
+        assert_eq!(error_location("PID-3[2].1"), "PID^1^3^2^1");
+    }
+
+    #[test]
     fn an_nhs_number_is_one_the_nhs_assigned() {
         let s = crate::clinical::synthetic::release_summary(
             "9990000018".parse().ok(),

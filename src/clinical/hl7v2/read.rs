@@ -489,7 +489,7 @@ fn read_identifiers(
 ) -> (Option<NhsNumber>, Option<PrisonNumber>, Option<Crn>) {
     let (mut nhs, mut prison, mut crn) = (None, None, None);
     let before = e.0.len();
-    for (r, rep) in pid.reps(3).enumerate() {
+    for (r, rep) in pid.reps(3) {
         let value = component(rep, 1);
         let field = || format!("PID-3[{}].1", r + 1);
         match (&*first_subcomponent(rep, 4), &*component(rep, 5)) {

@@ -37,8 +37,14 @@ impl<'a> Segment<'a> {
         }
     }
 
-    pub(super) fn reps(&self, n: usize) -> impl Iterator<Item = &'a str> {
-        self.field(n).split('~').filter(|r| !r.is_empty())
+    /// Field `n`'s non-empty repetitions, each with its place among all
+    /// of them (from 0): an error names the repetition the sender wrote,
+    /// counting empty ones (`~123` is the second).
+    pub(super) fn reps(&self, n: usize) -> impl Iterator<Item = (usize, &'a str)> {
+        self.field(n)
+            .split('~')
+            .enumerate()
+            .filter(|(_, r)| !r.is_empty())
     }
 
     pub(super) fn comp(&self, n: usize, c: usize) -> Cow<'a, str> {
