@@ -479,6 +479,21 @@ fn a_dg1_the_sender_deletes_is_left_out_and_the_others_keep_their_status() {
         .map(|d| (d.code.code.as_str(), d.active))
         .collect();
     assert_eq!(codes, [("F11.2", true), ("F20.9", false)]);
+    // The status goes to the DG1 its set ID names, in whatever order the
+    // DG1s come: sub-ID 1 is the DG1 numbered 1, written second here.
+    let out_of_order = hl7_release(|segs| {
+        segs.retain(|s| !s.starts_with("DG1"));
+        segs.push("DG1|2||B24^HIV^I10||20200101|F".into());
+        segs.push("DG1|1||B18.2^Hepatitis C^I10||20200101|F".into());
+        segs.push("OBX|1|ST|DX-ACTIVE^Active^THROUGHCARE|1|N".into());
+    });
+    let shuffled = parse_hl7(&out_of_order).unwrap();
+    let statuses: Vec<(&str, bool)> = shuffled
+        .diagnoses
+        .iter()
+        .map(|d| (d.code.code.as_str(), d.active))
+        .collect();
+    assert_eq!(statuses, [("B24", true), ("B18.2", false)]);
     assert!(
         read.not_read
             .iter()

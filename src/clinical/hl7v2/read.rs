@@ -271,6 +271,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 ));
             }
             items.diagnoses.push(diagnosis);
+            items.dg1_set_ids.push(s.comp(1, 1).parse().ok());
         }
     }
     let from_dg1 = items.diagnoses.len();
@@ -722,6 +723,8 @@ struct Items {
     consent: Consent,
     author_name: String,
     author_role: String,
+    /// DG1-1 (the set ID) of each diagnosis read from a DG1, in order.
+    dg1_set_ids: Vec<Option<u32>>,
 }
 
 impl Default for Items {
@@ -745,11 +748,23 @@ impl Default for Items {
             },
             author_name: String::new(),
             author_role: String::new(),
+            dg1_set_ids: Vec::new(),
         }
     }
 }
 
 impl Items {
+    /// The diagnosis read from the DG1 whose set ID (DG1-1) is `set_id`;
+    /// by position only for a DG1 without one.
+    fn dg1_of(&mut self, set_id: u32, from_dg1: usize) -> Option<&mut Diagnosis> {
+        let ids = &self.dg1_set_ids[..from_dg1.min(self.dg1_set_ids.len())];
+        let at = ids.iter().position(|id| *id == Some(set_id)).or_else(|| {
+            let i = usize::try_from(set_id).ok()?.checked_sub(1)?;
+            (ids.get(i) == Some(&None)).then_some(i)
+        })?;
+        self.diagnoses.get_mut(at)
+    }
+
     /// One OBX group, by its item; `from_dg1` diagnoses came from DG1
     /// segments (a `DX` group without a code gives one of them its status).
     fn read_group(&mut self, g: &Group<'_, '_, '_>, from_dg1: usize, e: &mut ValidationErrors) {
@@ -784,12 +799,10 @@ impl Items {
                         onset: optional_when(g.text("ONSET").as_deref(), || g.path("ONSET"), e),
                     }),
                     // Without a code, the status of the DG1 with this set ID.
-                    None => {
-                        match self.diagnoses[..from_dg1].get_mut(g.fields[0].sub as usize - 1) {
-                            Some(d) => d.active = active,
-                            None => e.add(g.path("CODE"), "required: the diagnosis code"),
-                        }
-                    }
+                    None => match self.dg1_of(g.fields[0].sub, from_dg1) {
+                        Some(d) => d.active = active,
+                        None => e.add(g.path("CODE"), "required: the diagnosis code"),
+                    },
                 }
             }
             "RISK" => match g.text("KIND").as_deref().and_then(RiskKind::from_code) {
