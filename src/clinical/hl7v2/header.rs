@@ -129,17 +129,22 @@ pub fn event_of(message_type: &str, trigger: &str) -> Option<JourneyEvent> {
     }
 }
 
-/// The MSH of `bytes`, or `None` when they do not start with an MSH segment
-/// (or its line is not UTF-8). A header whose delimiters are not the
+/// The MSH of `bytes`, or `None` when they do not start with an MSH segment.
+/// A line that is not UTF-8 is read byte for byte as ISO 8859-1 (what a
+/// sender declaring `8859/1` writes; a control id is ASCII either way), so
+/// its ACK still names the message in MSA-2. A header whose delimiters are not the
 /// standard `|^~\&` is read by its own MSH-1 and MSH-2 (echoed fields keep
 /// only their first component), with `standard_delimiters` false.
 #[must_use]
 pub fn header(bytes: &[u8]) -> Option<MessageHeader> {
     let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
     let line_end = memchr::memchr2(b'\r', b'\n', bytes).unwrap_or(bytes.len());
-    let line = std::str::from_utf8(&bytes[..line_end]).ok()?;
+    let line: std::borrow::Cow<'_, str> = match std::str::from_utf8(&bytes[..line_end]) {
+        Ok(line) => line.into(),
+        Err(_) => bytes[..line_end].iter().map(|&b| char::from(b)).collect(),
+    };
     let Some(rest) = line.strip_prefix("MSH|^~\\&") else {
-        return other_delimiters(line);
+        return other_delimiters(&line);
     };
     // fields[0] is MSH-2's tail (empty), so MSH-n is fields[n - 2].
     let fields: Vec<&str> = rest.split('|').collect();
@@ -218,6 +223,14 @@ fn other_delimiters(line: &str) -> Option<MessageHeader> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_line_that_is_not_utf_8_still_names_its_message() {
+        let h = header(b"MSH|^~\\&|PAS\xe9|YP001|TC|GW|20261124080000||ADT^A01^ADT_A01|ctl-9|P|2.5.1|||||8859/1\r")
+            .expect("read as ISO 8859-1");
+        assert_eq!(h.control_id, "ctl-9");
+        assert_eq!(h.sending_application, "PAS\u{e9}");
+    }
 
     #[test]
     fn the_header_is_read_without_the_body() {
