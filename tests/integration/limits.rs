@@ -72,13 +72,16 @@ async fn one_identity_over_its_rate_gets_resource_exhausted_with_a_retry_delay()
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn beyond_the_in_flight_limit_calls_are_shed_with_unavailable() {
-    let gw = TestGateway::start_with(|c| c.limits.max_in_flight = 2, Arc::new(SystemClock)).await;
+/// Two long polls of `wait_ms` each, from two identities, in flight once
+/// this returns: a gateway whose `max_in_flight` is 2 is then full.
+async fn fill_in_flight(
+    gw: &TestGateway,
+    wait_ms: i32,
+) -> Vec<tokio::task::JoinHandle<Result<tonic::Response<pb::PullResponse>, tonic::Status>>> {
     let long_poll = pb::PullRequest {
         wait: Some(prost_types::Duration {
-            seconds: 1,
-            nanos: 500000000,
+            seconds: i64::from(wait_ms / 1_000),
+            nanos: (wait_ms % 1_000) * 1_000_000,
         }),
         ..pull(1)
     };
@@ -89,6 +92,13 @@ async fn beyond_the_in_flight_limit_calls_are_shed_with_unavailable() {
         waiting.push(tokio::spawn(async move { c.pull(req).await }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+    waiting
+}
+
+#[tokio::test]
+async fn beyond_the_in_flight_limit_calls_are_shed_with_unavailable() {
+    let gw = TestGateway::start_with(|c| c.limits.max_in_flight = 2, Arc::new(SystemClock)).await;
+    let waiting = fill_in_flight(&gw, 1_500).await;
     let mut third = gw.client("YPR01").await;
     let err = third.pull(pull(1)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -110,20 +120,7 @@ async fn beyond_the_in_flight_limit_calls_are_shed_with_unavailable() {
 async fn a_health_check_is_answered_while_calls_are_shed_at_the_in_flight_limit() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let gw = TestGateway::start_with(|c| c.limits.max_in_flight = 2, Arc::new(SystemClock)).await;
-    let long_poll = pb::PullRequest {
-        wait: Some(prost_types::Duration {
-            seconds: 2,
-            nanos: 0,
-        }),
-        ..pull(1)
-    };
-    let mut waiting = Vec::new();
-    for who in ["YG001", "YG002"] {
-        let mut c = gw.client(who).await;
-        let req = long_poll;
-        waiting.push(tokio::spawn(async move { c.pull(req).await }));
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = fill_in_flight(&gw, 2_000).await;
     // The gateway is full: an ordinary call is shed...
     let mut third = gw.client("YPR01").await;
     let err = third.pull(pull(1)).await.unwrap_err();

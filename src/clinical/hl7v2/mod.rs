@@ -48,6 +48,17 @@ mod tests {
     use crate::clinical::Limits;
     use crate::clinical::model::DateTime;
 
+    /// An invented patient's release summary from YP001, with no GP.
+    fn release() -> crate::clinical::ClinicalSummary {
+        crate::clinical::synthetic::release_summary(
+            "9990000018".parse().ok(),
+            None,
+            "YP001".parse().unwrap(),
+            None,
+            "x",
+        )
+    }
+
     #[test]
     fn timestamps() {
         let t: DateTime = "2026-11-24T08:10:00+01:00".parse().unwrap();
@@ -80,13 +91,7 @@ mod tests {
     #[test]
     fn an_unreadable_date_is_a_violation_not_a_silent_drop() {
         use crate::clinical::model::{Code, Diagnosis, SNOMED};
-        let mut s = crate::clinical::synthetic::release_summary(
-            "9990000018".parse().ok(),
-            None,
-            "YP001".parse().unwrap(),
-            None,
-            "x",
-        );
+        let mut s = release();
         s.diagnoses.push(Diagnosis {
             code: Code {
                 system: SNOMED.into(),
@@ -118,13 +123,7 @@ mod tests {
     #[test]
     fn long_or_multi_line_text_goes_as_ft_and_reads_back_exactly() {
         use crate::clinical::model::{RiskFlag, RiskKind};
-        let mut s = crate::clinical::synthetic::release_summary(
-            "9990000018".parse().ok(),
-            None,
-            "YP001".parse().unwrap(),
-            None,
-            "x",
-        );
+        let mut s = release();
         let long = format!("Ligature found on landing; {}", "under review. ".repeat(20));
         let notes = [
             "Low mood; on watch".to_owned(),
@@ -158,13 +157,7 @@ mod tests {
 
     #[test]
     fn an_error_names_the_repetition_the_sender_wrote() {
-        let s = crate::clinical::synthetic::release_summary(
-            "9990000018".parse().ok(),
-            None,
-            "YP001".parse().unwrap(),
-            None,
-            "x",
-        );
+        let s = release();
         let text = String::from_utf8(render(&s, JourneyEvent::Release).bytes).unwrap();
         // An empty first repetition, then an NHS number with a bad check digit.
         let edited = text.replace("9990000018^^^NHS^NH", "~9990000019^^^NHS^NH");
