@@ -190,6 +190,8 @@ fn check_custody_dates(s: &ClinicalSummary, e: &mut ValidationErrors) {
             "must not be before the reception date",
         );
     }
+    // The transfer's date as its sender wrote it (in its own offset), as
+    // the reception date is written.
     if let (Some(reception), Some(transfer)) = (c.reception_date, c.transfer_at)
         && transfer.0.date() < reception.0
     {
@@ -415,6 +417,12 @@ mod tests {
         let fields: Vec<&str> = e.0.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["summary.custody.transfer_at"]);
         s.custody.transfer_at = "2026-03-10T10:00:00+00:00".parse().ok();
+        let mut e = ValidationErrors::default();
+        check_custody_dates(&s, &mut e);
+        assert!(e.0.is_empty(), "{e:?}");
+        // The date as written: 00:30 BST on the reception day is that day.
+        s.custody.reception_date = "2026-07-10".parse().ok();
+        s.custody.transfer_at = "2026-07-10T00:30:00+01:00".parse().ok();
         let mut e = ValidationErrors::default();
         check_custody_dates(&s, &mut e);
         assert!(e.0.is_empty(), "{e:?}");

@@ -757,12 +757,29 @@ pub(crate) fn lease_verdict(
 /// leased the delivery since. It is answered with the delivery's state and
 /// changes nothing, as a repeated ack is: a caller whose answer was lost
 /// may retry it safely.
-pub(crate) fn repeated_nack(d: &DeliveryRecord, attempt: u32) -> bool {
-    d.nacked_attempt == Some(attempt) && d.attempt == attempt && d.state != DeliveryState::Leased
+pub(crate) fn repeated_nack(d: &DeliveryRecord, attempt: u32, permanent: bool) -> bool {
+    d.nacked_attempt == Some(attempt)
+        && d.attempt == attempt
+        && d.state != DeliveryState::Leased
+        // A permanent nack after a retryable one is no repeat: it asks for
+        // more than was done, and is refused as before.
+        && !(permanent && d.state == DeliveryState::Queued)
+}
+
+/// The audit entry of a repeated nack (see [`repeated_nack`]).
+pub(crate) fn repeated_nack_event(actor: &str, d: &DeliveryRecord) -> crate::audit::AuditEvent {
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action: "nack",
+        handover_id: Some(d.handover_id),
+        delivery_id: Some(d.id),
+        patient_key: Some(d.patient_key.clone()),
+        outcome: "ok: repeated nack of an attempt already given back".into(),
+    }
 }
 
 /// The audit entry of a refused ack or nack (a repeated ack of a delivered
-/// attempt, or a repeated nack, is recorded as such, not as a refusal).
+/// attempt is recorded as such, not as a refusal).
 pub(crate) fn refused_lease_event(
     action: &'static str,
     actor: &str,
@@ -771,7 +788,6 @@ pub(crate) fn refused_lease_event(
 ) -> crate::audit::AuditEvent {
     let repeat_ack = action == "ack"
         && matches!(d, Some(d) if d.state == DeliveryState::Delivered && d.attempt == attempt);
-    let repeat_nack = action == "nack" && matches!(d, Some(d) if repeated_nack(d, attempt));
     crate::audit::AuditEvent {
         actor: actor.to_owned(),
         action,
@@ -781,8 +797,6 @@ pub(crate) fn refused_lease_event(
         patient_key: d.as_ref().map(|d| d.patient_key.clone()),
         outcome: if repeat_ack {
             "ok: repeated ack of a delivered attempt".into()
-        } else if repeat_nack {
-            "ok: repeated nack of an attempt already given back".into()
         } else {
             format!("refused: {e}")
         },

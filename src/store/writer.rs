@@ -1170,9 +1170,17 @@ impl Writer {
         reason: &str,
         now: i64,
     ) -> Result<DeliveryState, StoreError> {
+        // The same nack again (its answer lost): answered as it was.
+        if let Some(d) =
+            staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(delivery_id))?
+            && d.mailbox == who.1
+            && records::repeated_nack(&d, attempt, permanent)
+        {
+            self.audit(staged, records::repeated_nack_event(who.0, &d), now);
+            return Ok(d.state);
+        }
         let mut d = match self.leased_for(staged, "nack", who, delivery_id, attempt, now)? {
             Ok(d) => d,
-            Err((_, Some(d))) if records::repeated_nack(&d, attempt) => return Ok(d.state),
             Err((e, _)) => return Err(e),
         };
         d.nacked_attempt = Some(attempt);

@@ -445,13 +445,13 @@ fn dg1_type_follows_table_0052_a_final_diagnosis_is_active() {
     for code in ["A", "W", "F"] {
         let segments = hl7_release(|segs| {
             segs.push(format!(
-                "DG1|1||F11.2^Opioid dependence^I10||20200101|{code}"
+                "DG1|9||F11.2^Opioid dependence^I10||20200101|{code}"
             ));
         });
         let read = parse_hl7(&segments).unwrap();
         assert!(read.diagnoses.iter().all(|d| d.active), "{code}");
     }
-    let segments = hl7_release(|segs| segs.push("DG1|1||F11.2^x^I10|||R".into()));
+    let segments = hl7_release(|segs| segs.push("DG1|9||F11.2^x^I10|||R".into()));
     let err = parse_hl7(&segments).unwrap_err();
     let field = &err.0[0].field;
     assert!(field.starts_with("DG1") && field.ends_with("-6"), "{err}");
@@ -494,6 +494,19 @@ fn a_dg1_the_sender_deletes_is_left_out_and_the_others_keep_their_status() {
         .map(|d| (d.code.code.as_str(), d.active))
         .collect();
     assert_eq!(statuses, [("B24", true), ("B18.2", false)]);
+    // Two DG1s with one set ID: a status naming it could mean either.
+    let twice = hl7_release(|segs| {
+        segs.retain(|s| !s.starts_with("DG1"));
+        segs.push("DG1|1||B24^HIV^I10||20200101|F".into());
+        segs.push("DG1|1||B18.2^Hepatitis C^I10||20200101|F".into());
+    });
+    let err = parse_hl7(&twice).unwrap_err();
+    assert!(
+        err.0
+            .iter()
+            .any(|v| v.field.starts_with("DG1") && v.field.ends_with("-1")),
+        "{err}"
+    );
     assert!(
         read.not_read
             .iter()
@@ -2403,6 +2416,11 @@ fn a_patient_recorded_as_deceased_or_replaced_is_refused() {
     assert_eq!(fields, [format!("entry[{i}].resource.link[1].type")]);
     let (_, fields) = refused_at(&|p| p["deceasedBoolean"] = json!(false));
     assert!(fields.is_empty(), "{fields:?}");
+    // `refer` says this record is the one in use.
+    let (_, fields) = refused_at(&|p| {
+        p["link"] = json!([{"other": {"reference": "urn:uuid:4c0f6a2e-2f63-4b53-9d55-3a4f1e8b7c12"}, "type": "refer"}]);
+    });
+    assert!(fields.is_empty(), "{fields:?}");
 }
 
 /// Where a released patient went (Encounter.hospitalization.dischargeDisposition)
@@ -2426,21 +2444,27 @@ fn a_discharge_other_than_home_is_listed_and_a_death_refused() {
     let at = format!("entry[{i}].resource.hospitalization.dischargeDisposition");
     assert_eq!(
         psy.unwrap().not_read,
-        [format!(
-            "{at}: not carried: a discharge disposition of psy, not home"
-        )]
+        [format!("{at}: not carried: a discharge disposition of psy")]
     );
     let (_, died) = with("exp");
     let fields: Vec<String> = died.unwrap_err().0.into_iter().map(|v| v.field).collect();
-    assert_eq!(fields, [at]);
-    // UK Core's own codes read the same: 19 is the usual place of residence.
-    let mut doc = fhir_json(&s, JourneyEvent::Release);
-    let (_, enc) = entry_of(&mut doc, "Encounter");
-    enc["hospitalization"]["dischargeDisposition"] = json!({"coding": [{
-        "system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-DischargeDestinationEngland",
-        "code": "19"
-    }]});
-    assert!(parse_fhir(&doc).unwrap().not_read.is_empty());
+    assert_eq!(fields, std::slice::from_ref(&at));
+    // UK Core's own codes: 79 is a death; 19 (the usual place of residence,
+    // no fixed abode included) is listed, never read as plain home.
+    let uk_core = |code: &str| {
+        let mut doc = fhir_json(&s, JourneyEvent::Release);
+        let (_, enc) = entry_of(&mut doc, "Encounter");
+        enc["hospitalization"]["dischargeDisposition"] = json!({"coding": [{
+            "system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-DischargeDestinationEngland",
+            "code": code
+        }]});
+        parse_fhir(&doc)
+    };
+    assert_eq!(
+        uk_core("19").unwrap().not_read,
+        [format!("{at}: not carried: a discharge disposition of 19")]
+    );
+    assert!(uk_core("79").is_err());
 }
 
 /// The care programme approach, its coordinator, substance misuse treatment

@@ -219,7 +219,14 @@ impl Model {
     }
 
     /// The outcome an ack or nack of (id, attempt) must have, by error name.
-    fn check(&self, id: u64, attempt: u32, is_ack: bool) -> Result<(), &'static str> {
+    /// `permanent`: for a nack, whether it asks for quarantine.
+    fn check(
+        &self,
+        id: u64,
+        attempt: u32,
+        is_ack: bool,
+        permanent: bool,
+    ) -> Result<(), &'static str> {
         let d = &self.deliveries[&id];
         if is_ack && d.state == DeliveryState::Delivered && d.attempt == attempt {
             return Err("repeat");
@@ -228,6 +235,7 @@ impl Model {
             && d.nacked == Some(attempt)
             && d.attempt == attempt
             && d.state != DeliveryState::Leased
+            && !(permanent && d.state == DeliveryState::Queued)
         {
             return Err("repeat");
         }
@@ -433,7 +441,7 @@ async fn ack_step(store: &Store, model: &mut Model, mailbox: usize, pick: usize,
     let result = store
         .ack("urn:ods:X", MAILBOXES[mailbox], id, attempt)
         .await;
-    match model.check(id, attempt, true) {
+    match model.check(id, attempt, true, false) {
         Ok(()) => {
             assert!(result.unwrap(), "a first ack says it delivered");
             let now = model.now;
@@ -460,7 +468,7 @@ async fn nack_step(store: &Store, model: &mut Model, mailbox: usize, pick: usize
             "model",
         )
         .await;
-    match model.check(id, attempt, false) {
+    match model.check(id, attempt, false, permanent) {
         Ok(()) => {
             let now = model.now;
             let d = model.deliveries.get_mut(&id).unwrap();

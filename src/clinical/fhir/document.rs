@@ -525,11 +525,13 @@ fn read_patient<'a>(
         );
     }
     for (k, link) in fp.link.iter().enumerate() {
-        if matches!(link.type_.as_deref(), Some("replaced-by" | "refer")) {
+        // `refer` says this record is the one in use; only `replaced-by`
+        // retires it.
+        if link.type_.as_deref() == Some("replaced-by") {
             errors.add(
                 format!("{pp}link[{k}].type"),
-                "this patient record is replaced by (or refers to) another: send the summary \
-                 from the record in use",
+                "this patient record is replaced by another: send the summary from the record \
+                 in use",
             );
         }
     }
@@ -674,15 +676,13 @@ fn discharge_disposition(
     let hl7 = d
         .code_in(SYS_DISCHARGE_DISPOSITION)
         .and_then(|c| c.code.as_deref());
-    // UK Core's codes: 19 the usual place of residence, 79 died.
+    // UK Core's 79 is a death; its 19, the usual place of residence, also
+    // covers no fixed abode, so it is listed like any other, never read as
+    // home (which would lose that the patient may have none).
     let uk_core = d
         .code_in(SYS_DISCHARGE_DESTINATION_ENGLAND)
         .and_then(|c| c.code.as_deref())
-        .map(|code| match code {
-            "19" => "home",
-            "79" => "exp",
-            other => other,
-        });
+        .map(|code| if code == "79" { "exp" } else { code });
     match hl7.or(uk_core) {
         Some("home") => {}
         Some("exp") => errors.add(
@@ -692,7 +692,7 @@ fn discharge_disposition(
         ),
         Some(code) if code.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => index.note(
             at,
-            &format!("not carried: a discharge disposition of {code}, not home"),
+            &format!("not carried: a discharge disposition of {code}"),
         ),
         _ => index.note(at, "not carried: a discharge disposition other than home"),
     }

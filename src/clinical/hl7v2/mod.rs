@@ -189,7 +189,10 @@ mod tests {
             "9990000018^^^NHS",
             "9990000018^^^nhs^NH",
             "9990000018^^^&2.16.840.1.113883.2.1.4.1&ISO^NH",
+            "9990000018^^^2.16.840.1.113883.2.1.4.1^NH",
             "9990000018^^^^NH",
+            // A trust naming itself as the authority still sends the NHS number.
+            "9990000018^^^RX1^NH",
         ] {
             let read = with(pid3).unwrap_or_else(|e| panic!("{pid3}: {e:?}"));
             assert_eq!(

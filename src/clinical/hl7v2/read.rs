@@ -271,7 +271,15 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                 ));
             }
             items.diagnoses.push(diagnosis);
-            items.dg1_set_ids.push(s.comp(1, 1).parse().ok());
+            let set_id: Option<u32> = s.comp(1, 1).parse().ok();
+            if set_id.is_some() && items.dg1_set_ids.contains(&set_id) {
+                // A DX-ACTIVE naming it could mean either diagnosis.
+                e.add(
+                    s.name(1),
+                    "a second DG1 with this set ID: each DG1 has its own",
+                );
+            }
+            items.dg1_set_ids.push(set_id);
         }
     }
     let from_dg1 = items.diagnoses.len();
@@ -533,18 +541,24 @@ fn read_identifiers(
 /// The NHS number's OID (NHS Data Dictionary), as CX.4's universal id.
 const NHS_NUMBER_OID: &str = "2.16.840.1.113883.2.1.4.1";
 
-/// Whether CX.4 of PID-3 repetition `rep` leaves the NHS number's authority
-/// unsaid (then CX.5 `NH` alone says it, as English senders write it) or
-/// names the NHS: the namespace `NHS`, or the NHS number's OID.
+/// Whether PID-3 repetition `rep` holds an NHS number: CX.4 names the NHS
+/// (the namespace `NHS`, or the NHS number's OID as namespace or universal
+/// id), with CX.5 `NH` or none; or CX.5 `NH` under any other authority but
+/// the other UK health numbers, which pass the same check digit (Scotland's
+/// CHI, Northern Ireland's H&C): a trust naming itself there still sends
+/// the patient's NHS number.
 fn nhs_authority(rep: &str) -> bool {
     let hd = rep.split('^').nth(3).unwrap_or_default();
     let mut parts = hd.split('&');
     let namespace = parts.next().unwrap_or_default();
     let universal = parts.next().unwrap_or_default();
-    if namespace.is_empty() && universal.is_empty() {
-        return component(rep, 5) == "NH";
+    if namespace.eq_ignore_ascii_case("NHS") || [namespace, universal].contains(&NHS_NUMBER_OID) {
+        return true;
     }
-    namespace.eq_ignore_ascii_case("NHS") || universal == NHS_NUMBER_OID
+    let other_uk = ["CHI", "H\\T\\C", "HC", "HSC", "HSCNI"]
+        .iter()
+        .any(|n| namespace.eq_ignore_ascii_case(n));
+    component(rep, 5) == "NH" && !other_uk
 }
 
 /// Keeps `found` as the patient's identifier of one kind; a second,

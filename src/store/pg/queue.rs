@@ -650,9 +650,16 @@ async fn nack(
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Step<DeliveryState> {
+    // The same nack again (its answer lost): answered as it was.
+    if let Some(d) = sql::delivery_for_update(tx, g.delivery_id).await?
+        && d.mailbox == g.who.1
+        && records::repeated_nack(&d, g.attempt, g.permanent)
+    {
+        audit.push(records::repeated_nack_event(g.who.0, &d));
+        return Ok(Ok(d.state));
+    }
     let mut d = match leased_for(tx, "nack", g.who, g.delivery_id, g.attempt, now, audit).await? {
         Ok(d) => d,
-        Err((_, Some(d))) if records::repeated_nack(&d, g.attempt) => return Ok(Ok(d.state)),
         Err((e, _)) => return Ok(Err(e)),
     };
     d.nacked_attempt = Some(g.attempt);
