@@ -243,7 +243,7 @@ async fn connection<S>(stream: S, peer: Peer, shared: Arc<Shared>, shutdown: wat
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _slot = match shared.admit(&peer.actor) {
+    let slot = match shared.admit(&peer.actor) {
         Ok(slot) => slot,
         Err((metric, why)) => {
             drop(stream);
@@ -251,17 +251,25 @@ where
             return;
         }
     };
-    session(stream, &peer, &shared, shutdown).await;
+    if let Some(mut refused) = session(stream, &peer, &shared, shutdown).await {
+        // The sender may reconnect at once: its slot is free while the
+        // rest of its refused frame is read.
+        drop(slot);
+        linger(&mut refused).await;
+    }
 }
 
 /// Reads and answers messages until the peer closes, a limit is hit, or
 /// the gateway shuts down (after answering the message in hand).
+/// Returns the stream when it is to be closed with [`linger`] (an AE for a
+/// frame over the limit went out).
 async fn session<S>(
     mut stream: S,
     peer: &Peer,
     shared: &Shared,
     mut shutdown: watch::Receiver<bool>,
-) where
+) -> Option<S>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let s = &shared.settings;
@@ -269,7 +277,7 @@ async fn session<S>(
     loop {
         let next = tokio::select! {
             biased;
-            () = stopped(&mut shutdown) => return,
+            () = stopped(&mut shutdown) => return None,
             next = tokio::time::timeout(s.idle_timeout, reader.next(&mut stream)) => next,
         };
         // Whether the AE for a frame over the limit went out: then the
@@ -294,11 +302,11 @@ async fn session<S>(
                 let written =
                     tokio::time::timeout(s.idle_timeout, frame::write(&mut stream, ack.as_bytes()));
                 if !matches!(written.await, Ok(Ok(()))) {
-                    return;
+                    return None;
                 }
                 continue;
             }
-            Ok(Ok(None) | Err(FrameError::Io(_))) => return,
+            Ok(Ok(None) | Err(FrameError::Io(_))) => return None,
             Err(_) => (
                 "idle_timeout",
                 format!("no whole message within {} ms", s.idle_timeout.as_millis()),
@@ -322,10 +330,7 @@ async fn session<S>(
             }
         };
         shared.refuse(peer, metric, why).await;
-        if answered {
-            linger(&mut stream).await;
-        }
-        return;
+        return answered.then_some(stream);
     }
 }
 

@@ -496,6 +496,39 @@ async fn an_idle_connection_is_closed() {
     gw.stop().await;
 }
 
+/// A sender refused for a frame over the limit may connect again at once:
+/// while the gateway reads the rest of the refused frame (so that its AE is
+/// not lost to a reset), the sender's connection slot is already free.
+#[tokio::test]
+async fn a_sender_refused_for_size_may_reconnect_at_once() {
+    let gw = gateway(|c| {
+        c.mllp.max_message_bytes = 4096;
+        c.mllp.max_connections_per_identity = 1;
+    })
+    .await;
+    let mut conn = connect(&gw, "YP001").await;
+    let big = message(
+        "big-3",
+        JourneyEvent::Release,
+        &summary(9, None, &"x".repeat(8000)),
+    );
+    frame::write(&mut conn, big.as_bytes()).await.ok();
+    let reply = FrameReader::new(1 << 20)
+        .next(&mut conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(field(&String::from_utf8(reply).unwrap(), "MSA", 1), "AE");
+    // The first connection stays open (the gateway lingers on it); a
+    // second one is admitted at once and served.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect(&gw, "YP001").await;
+    let ok = message("after-big", JourneyEvent::Release, &summary(9, None, "x"));
+    assert_eq!(field(&exchange(&mut again, &ok).await, "MSA", 1), "AA");
+    drop(conn);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn connections_are_limited_per_identity_and_in_total() {
     let gw = gateway(|c| {
