@@ -156,6 +156,31 @@ mod tests {
     }
 
     #[test]
+    fn a_value_cut_short_by_the_truncation_character_is_read_and_listed() {
+        let text = String::from_utf8(render(&release(), JourneyEvent::Release).bytes).unwrap();
+        assert!(text.contains("|Example (invented)^Alex|"), "{text}");
+        let cut = text
+            .replacen("MSH|^~\\&|", "MSH|^~\\&#|", 1)
+            .replace("|Example (invented)^Alex|", "|Exam#^Alex|")
+            .replace("|1 g|", "|1 g \\P\\2|");
+        let read = parse(cut.as_bytes(), &Limits::default()).unwrap().summary;
+        assert_eq!(read.patient.family_name, "Exam");
+        assert_eq!(read.patient.given_names, ["Alex"]);
+        assert_eq!(read.medications[0].dose, "1 g #2");
+        assert!(
+            read.not_read
+                .iter()
+                .any(|n| n.starts_with("PID-5: cut short")),
+            "{:?}",
+            read.not_read
+        );
+        // Without the truncation character declared, `#` is data.
+        let plain = text.replace("|Example (invented)^Alex|", "|Exam#^Alex|");
+        let read = parse(plain.as_bytes(), &Limits::default()).unwrap().summary;
+        assert_eq!(read.patient.family_name, "Exam#");
+    }
+
+    #[test]
     fn an_error_names_the_repetition_the_sender_wrote() {
         let s = release();
         let text = String::from_utf8(render(&s, JourneyEvent::Release).bytes).unwrap();

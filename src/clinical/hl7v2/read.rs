@@ -230,8 +230,10 @@ impl<'a> Group<'_, 'a, '_> {
 /// # Errors
 /// Every field violation, with HL7 paths (`PID-3.1`, `OBX(4)-5`).
 pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> {
-    let text = message_text(bytes, limits)?;
-    let segments = split(text.trim_start_matches('\u{feff}'), limits)?;
+    let text = message_text(bytes, limits)?.trim_start_matches('\u{feff}');
+    let (untruncated, truncated) = untruncate(text);
+    let text = untruncated.as_deref().unwrap_or(text);
+    let segments = split(text, limits)?;
     let mut e = ValidationErrors::default();
     // One patient, one event, one visit per message: a second of these
     // would otherwise be ignored unsaid.
@@ -250,7 +252,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         e.add("PID", "required");
         return Err(e);
     };
-    let mut notes = Vec::new();
+    let mut notes = truncated;
     let (patient, release_address) = read_pid(pid, &mut notes, &mut e);
     let registered_gp = find("PD1").and_then(|s| ods(&s.comp(3, 10), "PD1-3.10", &mut e));
     let episode = read_pv1(find("PV1"), header.event, &mut e);
@@ -333,6 +335,47 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
 }
 
 /// The message as text, within the size limit.
+/// HL7 v2.7 §2.5.5.2: a message whose MSH-2 declares the truncation
+/// character `#` ends a value cut short with it. Such a value is read as far
+/// as it goes, without the `#` (before, `FITZWILLIA#` became a family name),
+/// and listed, by field, as not carried in full; the escape `\P\` is a
+/// literal `#`. `None` (and no notes) for a message without it.
+fn untruncate(text: &str) -> (Option<String>, Vec<String>) {
+    let Some(rest) = text.strip_prefix("MSH|^~\\&#") else {
+        return (None, Vec::new());
+    };
+    let mut out = String::with_capacity(text.len());
+    out.push_str("MSH|^~\\&#");
+    let mut notes = Vec::new();
+    let (mut segment, mut field) = ("MSH".to_owned(), 2usize);
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        let ends_value = chars
+            .peek()
+            .is_none_or(|n| matches!(n, '|' | '^' | '&' | '~' | '\r' | '\n'));
+        if c == '#' && ends_value {
+            let note = format!(
+                "{segment}-{field}: cut short by the sender (truncation character), carried as far as it goes"
+            );
+            if notes.last() != Some(&note) {
+                notes.push(note);
+            }
+            continue;
+        }
+        out.push(c);
+        match c {
+            '|' => field += 1,
+            '\r' | '\n' => {
+                let line: String = chars.clone().take(3).collect();
+                segment = line;
+                field = 0;
+            }
+            _ => {}
+        }
+    }
+    (Some(out.replace("\\P\\", "#")), notes)
+}
+
 fn message_text<'b>(bytes: &'b [u8], limits: &Limits) -> Result<&'b str, ValidationErrors> {
     if bytes.len() > limits.max_document_bytes {
         return Err(ValidationErrors::one(
