@@ -174,6 +174,10 @@ mod tests {
             "{:?}",
             read.not_read
         );
+        // A longer MSH-2 is still refused there, never "untruncated".
+        let six = text.replacen("MSH|^~\\&|", "MSH|^~\\&##|", 1);
+        let err = parse(six.as_bytes(), &Limits::default()).unwrap_err();
+        assert_eq!(err.0[0].field, "MSH-2");
         // Without the truncation character declared, `#` is data.
         let plain = text.replace("|Example (invented)^Alex|", "|Exam#^Alex|");
         let read = parse(plain.as_bytes(), &Limits::default()).unwrap().summary;

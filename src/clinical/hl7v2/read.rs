@@ -341,7 +341,11 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
 /// and listed, by field, as not carried in full; the escape `\P\` is a
 /// literal `#`. `None` (and no notes) for a message without it.
 fn untruncate(text: &str) -> (Option<String>, Vec<String>) {
-    let Some(rest) = text.strip_prefix("MSH|^~\\&#") else {
+    // MSH-2 exactly `^~\&#`: a longer one is refused by `split`, untouched.
+    let Some(rest) = text
+        .strip_prefix("MSH|^~\\&#")
+        .filter(|r| r.is_empty() || r.starts_with(['|', '\r', '\n']))
+    else {
         return (None, Vec::new());
     };
     let mut out = String::with_capacity(text.len());
