@@ -102,6 +102,19 @@ async fn closed(conn: &mut Conn) -> bool {
     )
 }
 
+/// Sends release `id` of `patient` padded to about 8 KB (over a 4,096-byte
+/// limit) and reads the answer.
+async fn oversized(conn: &mut Conn, id: &str, patient: u32) -> String {
+    let big = message(
+        id,
+        JourneyEvent::Release,
+        &summary(patient, None, &"x".repeat(8000)),
+    );
+    frame::write(conn, big.as_bytes()).await.ok();
+    let reply = FrameReader::new(1 << 20).next(conn).await.unwrap().unwrap();
+    String::from_utf8(reply).unwrap()
+}
+
 /// Field `n` of the first `segment` of `ack` (HL7 numbering, MSH too).
 fn field(ack: &str, segment: &str, n: usize) -> String {
     let seg = ack
@@ -369,18 +382,7 @@ async fn malformed_and_oversized_frames_are_refused_and_audited() {
     assert!(closed(&mut conn).await, "bytes outside a frame close it");
     // Over the limit: AE naming the control id, then closed, never buffered whole.
     let mut conn = connect(&gw, "YP001").await;
-    let big = message(
-        "big-1",
-        JourneyEvent::Release,
-        &summary(7, None, &"x".repeat(8000)),
-    );
-    frame::write(&mut conn, big.as_bytes()).await.ok();
-    let reply = FrameReader::new(1 << 20)
-        .next(&mut conn)
-        .await
-        .unwrap()
-        .unwrap();
-    let ack = String::from_utf8(reply).unwrap();
+    let ack = oversized(&mut conn, "big-1", 7).await;
     // AE: resending the same message can never succeed (AR means resend).
     assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
     assert_eq!(field(&ack, "MSA", 2), "big-1");
@@ -507,18 +509,10 @@ async fn a_sender_refused_for_size_may_reconnect_at_once() {
     })
     .await;
     let mut conn = connect(&gw, "YP001").await;
-    let big = message(
-        "big-3",
-        JourneyEvent::Release,
-        &summary(9, None, &"x".repeat(8000)),
+    assert_eq!(
+        field(&oversized(&mut conn, "big-3", 9).await, "MSA", 1),
+        "AE"
     );
-    frame::write(&mut conn, big.as_bytes()).await.ok();
-    let reply = FrameReader::new(1 << 20)
-        .next(&mut conn)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(field(&String::from_utf8(reply).unwrap(), "MSA", 1), "AE");
     // The first connection stays open (the gateway lingers on it); a
     // second one is admitted at once and served.
     tokio::time::sleep(Duration::from_millis(200)).await;
