@@ -178,6 +178,15 @@ async fn gateway_leasing_with(
     gw
 }
 
+/// A gateway on `sandbox` that reaches both the practice (YG001) and the
+/// prison (YP001) through their MESH mailboxes.
+async fn prison_and_practice_on_mesh(sandbox: &Sandbox) -> TestGateway {
+    let gw = gateway_with(sandbox).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    gw
+}
+
 /// Registers `ods` (kind, format) as reached through MESH mailbox `mb`.
 async fn reach_through_mesh(gw: &TestGateway, ods: &str, kind: pb::OrganisationKind, mb: &str) {
     gw.operator()
@@ -1047,9 +1056,7 @@ async fn mesh_on_postgres_two_nodes_send_receive_and_refuse_each_message_once() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_one_message_mesh_cannot_answer_for_holds_up_nothing_else() {
     let sandbox = Sandbox::start();
-    let gw = gateway_with(&sandbox).await;
-    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
-    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    let gw = prison_and_practice_on_mesh(&sandbox).await;
     let mut prison = gw.client("YP001").await;
     prison
         .submit(release("mesh-hol-1", 46, &["YG001"], "hol"))
@@ -1233,9 +1240,7 @@ async fn mesh_reads_a_backlog_in_one_poll_and_sends_a_new_delivery_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_a_peer_gateways_refusal_quarantines_the_delivery_it_names() {
     let sandbox = Sandbox::start();
-    let gw = gateway_with(&sandbox).await;
-    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
-    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    let gw = prison_and_practice_on_mesh(&sandbox).await;
     let mut prison = gw.client("YP001").await;
     prison
         .submit(release("mesh-peer-1", 48, &["YG001"], "peer"))
