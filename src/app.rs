@@ -824,7 +824,12 @@ impl Prepared {
 
         let mut tasks = self.spawn_background(trends.clone(), continuity);
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-        tasks.push(spawn_halt_watch(health.clone(), self.gateway.store.clone()));
+        tasks.push(spawn_store_watch(
+            health.clone(),
+            self.gateway.store.clone(),
+            Duration::from_secs(self.config.store.stall_seconds),
+            self.shutdown_tx.subscribe(),
+        ));
         tasks.push(spawn_forget(
             rate_limit.clone(),
             tally.clone(),
@@ -1025,24 +1030,68 @@ const HEALTH_SERVICES: [&str; 3] = [
 ];
 
 async fn set_not_serving(health: &tonic_health::server::HealthReporter) {
+    set_all(health, tonic_health::ServingStatus::NotServing).await;
+}
+
+async fn set_serving(health: &tonic_health::server::HealthReporter) {
+    set_all(health, tonic_health::ServingStatus::Serving).await;
+}
+
+async fn set_all(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
     for name in HEALTH_SERVICES {
-        health
-            .set_service_status(name, tonic_health::ServingStatus::NotServing)
-            .await;
+        health.set_service_status(name, status).await;
     }
 }
 
-/// Watches for the store stopping (a failed durability barrier or commit,
-/// e.g. a full disk): from then on every change is refused until a restart,
-/// so health answers `NOT_SERVING` and a supervisor (the container health
-/// check, an orchestrator) restarts the gateway instead of leaving it stuck.
-fn spawn_halt_watch(
+/// How often the store watch probes the store, and looks at what it found.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// Watches the store for the two ways it stops serving, and tells health:
+/// - it **halted** (a failed durability barrier or commit, e.g. a full
+///   disk): every change is refused until a restart, so health answers
+///   `NOT_SERVING` for good and a supervisor (the container health check,
+///   an orchestrator) restarts the gateway instead of leaving it stuck;
+/// - it **stalled**: no probe ([`Store::probe`]: a call through the writer
+///   and the barrier, or a commit on PostgreSQL) has passed for
+///   `stall_after` (a hung `fdatasync`, a lost synchronous standby, every
+///   database connection stuck). Every call waits on the store and holds
+///   its in-flight permit meanwhile, so health answers `NOT_SERVING` until
+///   a probe passes again, and a load balancer sends callers elsewhere.
+///
+/// It ends when the gateway starts draining (`stop`): draining owns health
+/// from then on.
+fn spawn_store_watch(
     health: tonic_health::server::HealthReporter,
     store: Store,
+    stall_after: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let origin = tokio::time::Instant::now();
+        // When a probe last passed, ms after `origin`.
+        let passed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let _prober = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+            let (store, passed) = (store.clone(), passed.clone());
+            async move {
+                loop {
+                    if store.probe().await.is_ok() {
+                        let at = u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+                        passed.store(at, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(PROBE_EVERY).await;
+                }
+            }
+        }));
+        let mut stalled = false;
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::select! {
+                () = tokio::time::sleep(WATCH_EVERY) => {}
+                _ = stop.changed() => return,
+            }
             if store
                 .stats()
                 .halted
@@ -1054,6 +1103,22 @@ fn spawn_halt_watch(
                 );
                 set_not_serving(&health).await;
                 return;
+            }
+            let since = Duration::from_millis(passed.load(std::sync::atomic::Ordering::Relaxed));
+            let waiting = origin.elapsed().saturating_sub(since);
+            if waiting >= stall_after && !stalled {
+                stalled = true;
+                tracing::error!(
+                    alert = "store_stalled",
+                    waiting_ms = u64::try_from(waiting.as_millis()).unwrap_or(u64::MAX),
+                    "ALERT: nothing has passed the store for {} s (a hung disk sync, a lost synchronous standby, every database connection stuck); calls wait, and health answers NOT_SERVING until one passes",
+                    waiting.as_secs()
+                );
+                set_not_serving(&health).await;
+            } else if waiting < stall_after && stalled && !*stop.borrow() {
+                stalled = false;
+                tracing::warn!("the store passes calls again; health answers SERVING");
+                set_serving(&health).await;
             }
         }
     })

@@ -343,6 +343,12 @@ pub struct StoreConfig {
     /// (`synchronous_standby_names`), so that an OK means the commit is on
     /// two machines. `false` accepts one machine's durability, as on sled.
     pub postgres_require_synchronous_standby: bool,
+    /// Health answers `NOT_SERVING` once the store has passed no probe (a
+    /// call through the writer and the durability barrier, or a commit on
+    /// PostgreSQL) for this long: a hung `fdatasync`, a lost synchronous
+    /// standby, every database connection stuck. `SERVING` again when one
+    /// passes.
+    pub stall_seconds: u64,
 }
 
 impl Default for StoreConfig {
@@ -357,6 +363,7 @@ impl Default for StoreConfig {
             postgres_ca: None,
             postgres_pool_size: 16,
             postgres_require_synchronous_standby: true,
+            stall_seconds: 30,
         }
     }
 }
@@ -795,6 +802,7 @@ impl Config {
             0,
             crate::store::MAX_PIPELINE_DEPTH as u64,
         )?;
+        within("store.stall_seconds", self.store.stall_seconds, 1, 3_600)?;
         self.retention.validate()?;
         self.validate_postgres()?;
         self.validate_integrity()?;

@@ -120,6 +120,14 @@ impl Store {
         }
     }
 
+    /// See [`SledStore::probe`] and [`PgStore::probe`].
+    ///
+    /// # Errors
+    /// As for the engine's `probe`.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        either!(self.probe().await)
+    }
+
     /// See [`SledStore::submit`].
     ///
     /// # Errors

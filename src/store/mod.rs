@@ -516,6 +516,9 @@ enum Job {
         reply: Reply<Vec<(u64, RedriveOutcome)>>,
     },
     Stats(Reply<Vec<MailboxStats>>),
+    /// Nothing: answered, like any call, once every change before it is
+    /// durable (the health check's probe of the whole write path).
+    Probe(Reply<()>),
     RegistryPut {
         actor: String,
         code: String,
@@ -1139,6 +1142,16 @@ impl SledStore {
     /// Only store failures.
     pub async fn mailbox_stats(&self) -> Result<Vec<MailboxStats>, StoreError> {
         self.ask(Job::Stats).await
+    }
+
+    /// Returns once the writer and the durability barrier have passed every
+    /// change handed to the store before it: what a health check waits on
+    /// to tell a store that is stuck (a hung `fdatasync`) from a busy one.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] after a failure (the store is halted).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.ask(Job::Probe).await
     }
 
     /// Records an operator's registry change (`record` is the organisation as

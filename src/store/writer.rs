@@ -483,6 +483,7 @@ impl Writer {
             | Job::Record(..)
             | Job::Redrive { .. }
             | Job::Stats(_)
+            | Job::Probe(_)
             | Job::RegistryPut { .. }
             | Job::MeshPut { .. } => self.apply_operator_job(staged, job, now, woken),
         })
@@ -669,6 +670,7 @@ impl Writer {
                 Answer::new(reply, r)
             }
             Job::Stats(reply) => Answer::new(reply, Ok(self.stats(now))),
+            Job::Probe(reply) => Answer::new(reply, Ok(())),
             Job::RegistryPut {
                 actor,
                 code,
@@ -1607,6 +1609,7 @@ fn refuse(job: Job) -> Answer {
         Job::PdsNotify(_, reply) => Answer::new(reply, Err(e())),
         Job::Redrive { reply, .. } => Answer::new(reply, Err(e())),
         Job::Stats(reply) => Answer::new(reply, Err(e())),
+        Job::Probe(reply) => Answer::new(reply, Err(e())),
         Job::Shutdown(reply) => Answer::new(reply, Ok(())),
     }
 }

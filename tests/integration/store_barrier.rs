@@ -178,6 +178,42 @@ impl BarrierObserver for Gate {
     }
 }
 
+/// The health check's probe waits behind a barrier that does not return (a
+/// hung `fdatasync`), as every call does, and passes once it returns: it is
+/// how health tells a stuck store from a busy one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_waits_for_a_stuck_barrier_and_passes_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate {
+        open: 1,
+        released: std::sync::atomic::AtomicBool::new(false),
+    });
+    let store = open(dir.path(), Some(gate.clone()));
+    store.submit(handover(0)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), store.probe())
+        .await
+        .expect("an idle store passes the probe")
+        .unwrap();
+    let held = {
+        let store = store.clone();
+        tokio::spawn(async move { store.submit(handover(1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), store.probe())
+            .await
+            .is_err(),
+        "the probe passed while a barrier before it had not returned"
+    );
+    gate.released.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(5), store.probe())
+        .await
+        .expect("the probe passes once the barrier returns")
+        .unwrap();
+    held.await.unwrap().unwrap();
+    store.close().await.unwrap();
+}
+
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

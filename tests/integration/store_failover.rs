@@ -191,6 +191,20 @@ impl Pair {
         );
     }
 
+    /// Stops the standby (fast shutdown): with it named synchronous, the
+    /// primary then holds every commit until it is back.
+    fn stop_standby(&self) {
+        cluster(&["stop", self.standby.to_str().unwrap()]);
+    }
+
+    fn start_standby(&self) {
+        cluster(&[
+            "start",
+            self.standby.to_str().unwrap(),
+            &self.ports.1.to_string(),
+        ]);
+    }
+
     fn promote_standby(&self) {
         as_server(
             &self.bin.join("pg_ctl"),
@@ -226,6 +240,11 @@ struct Cluster {
 
 impl Cluster {
     fn node(&self, name: &str) -> Node {
+        self.node_with(name, &[])
+    }
+
+    /// A node with some settings of its own (`THROUGHCARE_*` variables).
+    fn node_with(&self, name: &str, settings: &[(&str, &str)]) -> Node {
         let port = support::free_port();
         let keys = self.dir.join("keys");
         let log = self.dir.join(format!("{name}.log"));
@@ -250,6 +269,7 @@ impl Cluster {
             )
             .env("THROUGHCARE_PATIENT_KEY_FILE", keys.join("patient-key"))
             .env("RUST_LOG", "warn")
+            .envs(settings.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -529,6 +549,71 @@ async fn killing_the_primary_mid_load_loses_nothing_acknowledged() {
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
     );
+}
+
+/// A node whose database cannot commit (its synchronous standby is gone, so
+/// the primary holds every commit) cannot serve. Health answers
+/// `NOT_SERVING` once nothing has passed the store for
+/// `store.stall_seconds`, so a load balancer sends callers elsewhere, while
+/// the submit in flight waits and is not acknowledged. With the standby
+/// back, that submit is acknowledged and health answers `SERVING` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_not_serving_while_the_database_cannot_commit() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    if support::postgres_database("store_failover").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::start(dir.path(), true);
+    let cluster = Cluster {
+        url: pair.url(),
+        dir: dir.path().to_path_buf(),
+        synchronous: true,
+    };
+    let mut node = cluster.node_with("node-a", &[("THROUGHCARE_STORE_STALL_SECONDS", "2")]);
+    node.wait_serving(&cluster.certs()).await;
+    let channel = throughcare::cli::client::channel(&node.endpoint, &cluster.certs(), "YG001")
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut status = async || {
+        health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .status()
+    };
+    assert_eq!(status().await, ServingStatus::Serving);
+
+    pair.stop_standby();
+    let mut c = client(&node.endpoint, &cluster.certs(), "YP002").await;
+    let submit = tokio::spawn(async move { c.submit(release(9_001)).await });
+    let stopped = Instant::now();
+    while status().await != ServingStatus::NotServing {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "health still answers SERVING while nothing can commit"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!submit.is_finished(), "no answer while the commit waits");
+
+    pair.start_standby();
+    let answered = tokio::time::timeout(Duration::from_secs(60), submit)
+        .await
+        .expect("the submit is answered once the standby is back")
+        .unwrap();
+    assert!(answered.is_ok(), "{answered:?}");
+    let back = Instant::now();
+    while status().await != ServingStatus::Serving {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "health never answered SERVING again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    node.assert_running();
 }
 
 fn report(ledger: &Arc<Mutex<Ledger>>, before: usize) {

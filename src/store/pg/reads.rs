@@ -66,6 +66,26 @@ impl PgStore {
         })
     }
 
+    /// Commits a transaction that holds a transaction id and writes
+    /// nothing else: it returns once a connection was free and the commit
+    /// is as durable as a submit's (with a synchronous standby, on both
+    /// machines). What a health check waits on to tell a stuck database
+    /// (a standby gone, a full disk, every connection hung) from a busy one.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.run(move |s| async move {
+            let mut client = s.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            tx.query_one("SELECT txid_current()", &[])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)
+        })
+        .await
+    }
+
     /// Every mailbox with live or quarantined deliveries, at a glance.
     ///
     /// # Errors
