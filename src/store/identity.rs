@@ -568,22 +568,54 @@ fn load(staged: &Staged<'_>, id: u64) -> Result<DeliveryRecord, StoreError> {
 /// How far back a lineage is walked for the recipients it was given.
 const GIVEN_WALK: usize = 32;
 
-/// `h`'s destinations, and its withdrawal notice for each organisation
-/// (not `@parked`) that was given a copy of an earlier handover of its
-/// lineage (leased at least once, or delivered) and is not among them.
+/// A new handover's destinations once its lineage is consulted.
+pub(super) struct Routed {
+    /// Where its copies go, withdrawal notices last.
+    pub destinations: Vec<super::NewDelivery>,
+    /// The destination sent where an earlier claim put the summary it
+    /// corrects, with that claim's delivery and claimant
+    /// ([`records::follows_claim`]).
+    pub followed: Option<Followed>,
+}
+
+/// See [`Routed::followed`].
+pub(crate) struct Followed {
+    pub index: usize,
+    pub earlier: u64,
+    pub claimed_by: String,
+}
+
+impl Followed {
+    /// Marks `record` (the followed destination's new delivery) as claimed
+    /// where the earlier one was; the audit entry that says so.
+    pub(crate) fn apply(&self, record: &mut DeliveryRecord, now: i64) -> AuditEvent {
+        record.claimed_by = Some(self.claimed_by.clone());
+        record.claimed_at_ms = Some(now);
+        records::followed_claim_event("urn:gateway:routing", record, self.earlier)
+    }
+}
+
+/// `h`'s destinations ([`Routed`]): a practice copy that would wait parked
+/// goes to the practice that claimed the summary it corrects; and a
+/// withdrawal notice goes to each organisation (not `@parked`) that was
+/// given a copy of an earlier handover of its lineage (leased at least
+/// once, or delivered) and is not among them.
 pub(super) fn with_withdrawals(
     staged: &Staged<'_>,
     patient_key: &str,
     h: &super::NewHandover,
-) -> Result<Vec<super::NewDelivery>, StoreError> {
-    let mut destinations = h.destinations.clone();
-    let Some(notice) = &h.withdrawal else {
-        return Ok(destinations);
+) -> Result<Routed, StoreError> {
+    let mut routed = Routed {
+        destinations: h.destinations.clone(),
+        followed: None,
     };
     let lineage = records::lineage_key(patient_key, &h.sender, h.event);
     let mut next = staged
         .get(TreeId::Lineage, &lineage)?
         .and_then(|v| records::from_be(&v));
+    // Only the latest earlier practice copy says where the practice is.
+    let mut practice_seen = false;
+    let mut given = Vec::new();
     for _ in 0..GIVEN_WALK {
         let Some(id) = next else { break };
         let Some(older) =
@@ -593,20 +625,39 @@ pub(super) fn with_withdrawals(
         };
         for d in &older.deliveries {
             let d = load(staged, *d)?;
-            let held = d.state == DeliveryState::Delivered || d.attempt > 0;
-            if held
-                && !d.mailbox.starts_with('@')
-                && !destinations.iter().any(|x| x.mailbox == d.mailbox)
-            {
-                destinations.push(super::NewDelivery {
-                    mailbox: d.mailbox,
-                    ..(**notice).clone()
-                });
+            if !practice_seen && d.view == records::FULL_VIEW {
+                practice_seen = true;
+                routed.followed =
+                    records::follows_claim(h.event, &routed.destinations, &d, &h.claim_keys).map(
+                        |index| {
+                            routed.destinations[index].mailbox.clone_from(&d.mailbox);
+                            Followed {
+                                index,
+                                earlier: d.id,
+                                claimed_by: d.claimed_by.clone().unwrap_or_default(),
+                            }
+                        },
+                    );
+            }
+            if d.state == DeliveryState::Delivered || d.attempt > 0 {
+                given.push(d.mailbox);
             }
         }
         next = older.supersedes;
     }
-    Ok(destinations)
+    if let Some(notice) = &h.withdrawal {
+        for mailbox in given {
+            if !mailbox.starts_with('@')
+                && !routed.destinations.iter().any(|x| x.mailbox == mailbox)
+            {
+                routed.destinations.push(super::NewDelivery {
+                    mailbox,
+                    ..(**notice).clone()
+                });
+            }
+        }
+    }
+    Ok(routed)
 }
 
 /// Handover `id`'s place in its lineage (arrival order alone when its

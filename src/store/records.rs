@@ -127,6 +127,9 @@ impl TreeId {
 /// The holding mailbox of parked releases (no ODS code can name it).
 pub const PARKED_MAILBOX: &str = "@parked";
 
+/// The view of a summary given whole (a practice's or a prison's copy).
+pub(crate) const FULL_VIEW: &str = "full";
+
 /// The holding mailbox of substance misuse service copies with no service
 /// for the release area. Its deliveries are parked, but no claim or PDS
 /// lookup touches them: only a corrected release supersedes them.
@@ -985,6 +988,52 @@ pub(crate) fn contradicted_claim_event(
         patient_key: Some(d.patient_key.clone()),
         outcome: format!(
             "refused: one identifier and the date of birth match this parked release, but another identifier given for {to} contradicts it (possible wrong patient)"
+        ),
+    }
+}
+
+/// The destination of a new release that follows an earlier claim: its
+/// copy for the practice would wait in [`PARKED_MAILBOX`] (the prison still
+/// names no practice), while `earlier`, the practice copy of the latest
+/// earlier summary in its lineage, was claimed out of it by a practice and
+/// the new release's claim keys match it as a claim would (identifier and
+/// date of birth). A correction of a claimed release goes to the practice
+/// that claimed it: parking it again would undo the claim, and the
+/// practice would be told the summary it holds no longer applies.
+pub(crate) fn follows_claim(
+    event: crate::journey::JourneyEvent,
+    destinations: &[super::NewDelivery],
+    earlier: &DeliveryRecord,
+    claim_keys: &[String],
+) -> Option<usize> {
+    if event != crate::journey::JourneyEvent::Release
+        || earlier.claimed_by.is_none()
+        || earlier.mailbox.starts_with('@')
+        || claim_match(&earlier.claim_keys, claim_keys) != ClaimMatch::Matches
+    {
+        return None;
+    }
+    destinations
+        .iter()
+        .position(|d| d.mailbox == PARKED_MAILBOX && d.view == FULL_VIEW)
+}
+
+/// The audit entry of a new release's practice copy sent where an earlier
+/// claim put the summary it corrects ([`follows_claim`]).
+pub(crate) fn followed_claim_event(
+    actor: &str,
+    d: &DeliveryRecord,
+    earlier: u64,
+) -> crate::audit::AuditEvent {
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action: "claim",
+        handover_id: Some(d.handover_id),
+        delivery_id: Some(d.id),
+        patient_key: Some(d.patient_key.clone()),
+        outcome: format!(
+            "ok: sent to {}, which claimed delivery {earlier} of the summary this one corrects",
+            d.mailbox
         ),
     }
 }

@@ -802,7 +802,10 @@ impl Writer {
         let patient_key = self.resolve_patient_of(staged, &h, now)?;
         self.last_handover += 1;
         let id = self.last_handover;
-        let destinations = super::identity::with_withdrawals(staged, &patient_key, &h)?;
+        let super::identity::Routed {
+            destinations,
+            followed,
+        } = super::identity::with_withdrawals(staged, &patient_key, &h)?;
         let deliveries: Vec<(String, u64)> = destinations
             .iter()
             .map(|dest| {
@@ -821,14 +824,18 @@ impl Writer {
         };
         let (written_later, supersedes) = self.join_lineage(staged, &newer, h.supersede, now)?;
         self.extend_claim_keys(staged, &patient_key, &h.claim_keys)?;
-        for (dest, (_, did)) in destinations.iter().zip(&deliveries) {
+        for (i, (dest, (_, did))) in destinations.iter().zip(&deliveries).enumerate() {
             let owner = Owner {
                 handover_id: id,
                 sender: &h.sender,
                 event: h.event,
                 patient_key: &patient_key,
             };
-            let record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
+            let mut record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
+            if let Some(f) = followed.as_ref().filter(|f| f.index == i) {
+                let event = f.apply(&mut record, now);
+                self.audit(staged, event, now);
+            }
             staged.put_json(TreeId::Deliveries, records::be(*did).to_vec(), &record);
             staged.put(
                 TreeId::Pending,
@@ -1665,7 +1672,8 @@ pub(super) fn new_delivery(
         // A release's copy for its practice keeps them too: it is parked if
         // the practice is disabled before it pulls (`records::held_move`).
         claim_keys: if parked
-            || (owner.event == crate::journey::JourneyEvent::Release && dest.view == "full")
+            || (owner.event == crate::journey::JourneyEvent::Release
+                && dest.view == records::FULL_VIEW)
         {
             claim_keys.to_vec()
         } else {

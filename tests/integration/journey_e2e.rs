@@ -412,6 +412,102 @@ async fn an_operator_claims_by_prison_number_for_a_practice_on(engine: Engine) {
     gw.stop().await;
 }
 
+/// A correction of a claimed release that still names no practice (the
+/// prison does not know the claim) goes to the practice that claimed it,
+/// whether it has pulled the earlier one or not. It is neither parked again
+/// (which undid the claim, the practice receiving nothing) nor answered
+/// with a withdrawal notice telling the practice not to act on the summary
+/// it holds.
+#[tokio::test]
+async fn a_correction_of_a_claimed_release_goes_to_the_practice_that_claimed_it() {
+    a_correction_of_a_claimed_release_goes_to_the_practice_that_claimed_it_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_correction_of_a_claimed_release_goes_to_the_practice_that_claimed_it_on_postgres() {
+    a_correction_of_a_claimed_release_goes_to_the_practice_that_claimed_it_on(Engine::Postgres)
+        .await;
+}
+
+async fn a_correction_of_a_claimed_release_goes_to_the_practice_that_claimed_it_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    prison
+        .submit(submit("r-1", release, &[], &summary(31, None, "first")))
+        .await
+        .unwrap();
+    let mut op = gw.operator().await;
+    let claim = pb::ClaimParkedRequest {
+        patient: Some(patient_ref(31)),
+        practice: "YG002".into(),
+        reason: "registered at Hillview, confirmed by phone".into(),
+    };
+    assert_eq!(
+        op.claim_parked(claim)
+            .await
+            .unwrap()
+            .into_inner()
+            .claimed
+            .len(),
+        1
+    );
+    // Corrected before the practice pulled: the correction replaces it there.
+    prison
+        .submit(submit("r-2", release, &[], &summary(31, None, "second")))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG002").await;
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["second"]);
+    // Corrected after it pulled: the correction follows, no withdrawal.
+    prison
+        .submit(submit("r-3", release, &[], &summary(31, None, "third")))
+        .await
+        .unwrap();
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["third"]);
+    assert_eq!(got[0].supersedes_handover_id, {
+        let t = track_message(&mut prison, "r-2").await;
+        t.handover_id
+    });
+    let parked = op
+        .list_parked(pb::ListParkedRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert!(parked.is_empty(), "nothing parked again: {parked:?}");
+    let t = track_message(&mut prison, "r-3").await;
+    let practice: Vec<_> = t
+        .deliveries
+        .iter()
+        .filter(|d| d.destination.starts_with("YG") || d.destination.starts_with('@'))
+        .map(|d| (d.destination.as_str(), d.state(), !d.claimed_by.is_empty()))
+        .collect();
+    assert_eq!(practice, [("YG002", pb::DeliveryState::Delivered, true)]);
+    // The practice copy of the latest release decides: one the prison
+    // names for another practice is not followed, and the claimant is told.
+    prison
+        .submit(submit(
+            "r-4",
+            release,
+            &[],
+            &summary(31, Some("YG001"), "fourth"),
+        ))
+        .await
+        .unwrap();
+    let got = pull_and_ack(&mut gp).await;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        [""],
+        "a withdrawal notice"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
     an_overdue_delivery_is_reported_within_one_scan_interval_on(Engine::Sled).await;

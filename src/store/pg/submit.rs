@@ -11,8 +11,9 @@ use super::Shared;
 use super::queue::{Step, retire};
 use super::sql::{self, db, id};
 use crate::audit::{AuditEvent, hex};
+use crate::store::identity::{Followed, Routed};
 use crate::store::records::{
-    IdentityConflict, PARKED_MAILBOX, PatientRecord, Recency, newer_than, replacement_in,
+    self, IdentityConflict, PARKED_MAILBOX, PatientRecord, Recency, newer_than, replacement_in,
     supersede_event, superseded_on_arrival_outcome,
 };
 use crate::store::writer::{Owner, content_hash, new_delivery};
@@ -56,8 +57,9 @@ pub(super) async fn submit(
         }
     };
     let handover_id = last_handover + 1;
-    let destinations = with_withdrawals(tx, &patient_key, h).await?;
-    let deliveries: Vec<(String, u64)> = destinations
+    let routed = with_withdrawals(tx, &patient_key, h).await?;
+    let deliveries: Vec<(String, u64)> = routed
+        .destinations
         .iter()
         .map(|d| {
             last_delivery += 1;
@@ -75,12 +77,6 @@ pub(super) async fn submit(
     };
     let (written_later, supersedes) = join_lineage(tx, &newer, h, now, audit).await?;
     extend_claim_keys(tx, &patient_key, &h.claim_keys).await?;
-    let owner = Owner {
-        handover_id,
-        sender: &h.sender,
-        event: h.event,
-        patient_key: &patient_key,
-    };
     let record = HandoverRecord {
         id: handover_id,
         content_hash: content,
@@ -96,10 +92,8 @@ pub(super) async fn submit(
     };
     // The handover row first: deliveries and payload refer to it.
     sql::put_handover(tx, &record).await?;
-    for (dest, (_, did)) in destinations.iter().zip(&deliveries) {
-        let record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
-        sql::put_delivery(tx, &record).await?;
-    }
+    let owner = (handover_id, patient_key.as_str());
+    put_deliveries(tx, h, owner, (&routed, &deliveries), now, audit).await?;
     if let Some(latest) = &written_later {
         superseded_on_arrival(tx, &newer, latest, now, audit).await?;
     }
@@ -128,17 +122,45 @@ pub(super) async fn submit(
     }))
 }
 
-/// `h`'s destinations, and its withdrawal notice for each organisation that
-/// was given a copy of an earlier handover of its lineage (leased at least
-/// once, or delivered) and is not among them.
+/// Writes a new handover's delivery records.
+async fn put_deliveries(
+    tx: &Transaction<'_>,
+    h: &NewHandover,
+    (handover_id, patient_key): (u64, &str),
+    (routed, deliveries): (&Routed, &[(String, u64)]),
+    now: i64,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let owner = Owner {
+        handover_id,
+        sender: &h.sender,
+        event: h.event,
+        patient_key,
+    };
+    for (i, (dest, (_, did))) in routed.destinations.iter().zip(deliveries).enumerate() {
+        let mut record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
+        if let Some(f) = routed.followed.as_ref().filter(|f| f.index == i) {
+            audit.push(f.apply(&mut record, now));
+        }
+        sql::put_delivery(tx, &record).await?;
+    }
+    Ok(())
+}
+
+/// `h`'s destinations, as the sled engine routes them
+/// (`identity::with_withdrawals`): a practice copy that would wait parked
+/// goes to the practice that claimed the summary it corrects, and a
+/// withdrawal notice goes to each organisation that was given a copy of an
+/// earlier handover of its lineage (leased at least once, or delivered) and
+/// is not among them.
 async fn with_withdrawals(
     tx: &Transaction<'_>,
     patient_key: &str,
     h: &NewHandover,
-) -> Result<Vec<NewDelivery>, StoreError> {
-    let mut destinations = h.destinations.clone();
-    let Some(notice) = &h.withdrawal else {
-        return Ok(destinations);
+) -> Result<Routed, StoreError> {
+    let mut routed = Routed {
+        destinations: h.destinations.clone(),
+        followed: None,
     };
     const WALK: usize = 32;
     let mut next = tx
@@ -149,6 +171,8 @@ async fn with_withdrawals(
         .await
         .map_err(db)?
         .map(|r| sql::un_id(r.get(0)));
+    let mut practice_seen = false;
+    let mut given = Vec::new();
     for _ in 0..WALK {
         let Some(handover) = next else { break };
         let Some(record) = sql::handover(tx, handover).await? else {
@@ -156,24 +180,46 @@ async fn with_withdrawals(
         };
         let rows = tx
             .query(
-                "SELECT DISTINCT mailbox FROM deliveries WHERE handover_id = $1 \
-                 AND (state = 'delivered' OR attempt > 0) AND mailbox NOT LIKE '@%'",
+                "SELECT record FROM deliveries WHERE handover_id = $1 ORDER BY id",
                 &[&id(handover)],
             )
             .await
             .map_err(db)?;
         for r in rows {
-            let mailbox: String = r.get(0);
-            if !destinations.iter().any(|d| d.mailbox == mailbox) {
-                destinations.push(NewDelivery {
+            let d: DeliveryRecord = r.get::<_, Json<DeliveryRecord>>(0).0;
+            if !practice_seen && d.view == records::FULL_VIEW {
+                practice_seen = true;
+                routed.followed =
+                    records::follows_claim(h.event, &routed.destinations, &d, &h.claim_keys).map(
+                        |index| {
+                            routed.destinations[index].mailbox.clone_from(&d.mailbox);
+                            Followed {
+                                index,
+                                earlier: d.id,
+                                claimed_by: d.claimed_by.clone().unwrap_or_default(),
+                            }
+                        },
+                    );
+            }
+            if d.state == DeliveryState::Delivered || d.attempt > 0 {
+                given.push(d.mailbox);
+            }
+        }
+        next = record.supersedes;
+    }
+    if let Some(notice) = &h.withdrawal {
+        for mailbox in given {
+            if !mailbox.starts_with('@')
+                && !routed.destinations.iter().any(|d| d.mailbox == mailbox)
+            {
+                routed.destinations.push(NewDelivery {
                     mailbox,
                     ..(**notice).clone()
                 });
             }
         }
-        next = record.supersedes;
     }
-    Ok(destinations)
+    Ok(routed)
 }
 
 /// Takes the first lock of a submit: submits serialise here, so a dedupe
