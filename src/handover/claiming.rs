@@ -63,13 +63,7 @@ impl Gateway {
         // Counted against the patient the identifier resolves to, so a
         // guesser who knows both numbers gets no more tries by asking with
         // one, then the other.
-        let identifier = self
-            .keyer
-            .key(patient.nhs_number.as_ref(), patient.prison_number.as_ref());
-        let patient_key = (self.store.patient_keys(&identifier)?)
-            .into_iter()
-            .next()
-            .unwrap_or(identifier);
+        let patient_key = self.resolved_patient(&patient)?;
         let ticket = self
             .claims
             .admit_shared(&self.store, &actor, &patient_key, now)?
@@ -159,6 +153,18 @@ impl Gateway {
             })
             .await?;
         Ok(())
+    }
+
+    /// The patient key `patient`'s identifier resolves to (its own keyed
+    /// hash when it was never linked).
+    pub(crate) fn resolved_patient(&self, patient: &PatientRef) -> Result<String, Error> {
+        let identifier = self
+            .keyer
+            .key(patient.nhs_number.as_ref(), patient.prison_number.as_ref());
+        Ok((self.store.patient_keys(&identifier)?)
+            .into_iter()
+            .next()
+            .unwrap_or(identifier))
     }
 
     /// Claims the parked releases of `patient` (born `dob`) for `practice`,

@@ -336,16 +336,20 @@ impl Gateway {
         let Some(practice) = practice else {
             return Err(Error::invalid("practice", "required"));
         };
-        // The operator's reason is on record before anything moves (fail closed).
+        // The operator's reason is on record before anything moves (fail
+        // closed), on the trail of the patient the identifier resolves to
+        // (a prison number's own hash is no patient's once linked). What the
+        // claim then did is audited at each release it moved or refused.
+        let patient_key = self.resolved_patient(&patient)?;
         self.store
             .record(AuditEvent {
                 actor: actor.clone(),
                 action: "claim_parked",
-                patient_key: Some(
-                    self.keyer
-                        .key(patient.nhs_number.as_ref(), patient.prison_number.as_ref()),
+                patient_key: Some(patient_key),
+                outcome: format!(
+                    "requested: operator claim for {practice}: {}",
+                    cmd.reason.trim()
                 ),
-                outcome: format!("ok: operator claim for {practice}: {}", cmd.reason.trim()),
                 ..AuditEvent::default()
             })
             .await?;
@@ -534,13 +538,19 @@ impl Gateway {
             None => Vec::new(),
         };
         // The query is itself an access to the patient's record: audited
-        // first, and refused if that fails (fail closed).
+        // first, on that patient's trail (a query by handover too), and
+        // refused if that fails (fail closed).
+        let queried = match (handover, patient_keys.first()) {
+            (_, Some(key)) => Some(key.clone()),
+            (Some(id), None) => self.store.handover(id)?.map(|h| h.patient_key),
+            (None, None) => None,
+        };
         self.store
             .record(AuditEvent {
                 actor,
                 action: "audit_query",
                 handover_id: handover,
-                patient_key: patient_keys.first().cloned(),
+                patient_key: queried,
                 outcome: format!("ok: {}", reason.trim()),
                 ..AuditEvent::default()
             })

@@ -833,6 +833,31 @@ pub(crate) fn refused_lease_audit(
     event
 }
 
+/// The audit entry of a refused Track: `foreign` is the handover the id
+/// named when it is another sender's, so that an organisation reaching for
+/// another's records shows on that patient's trail (as a refused ack or
+/// nack of another's delivery does).
+pub(crate) fn refused_track_event(
+    actor: &str,
+    handover_id: Option<u64>,
+    error: &super::StoreError,
+    foreign: Option<(u64, String)>,
+) -> crate::audit::AuditEvent {
+    let mut event = crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action: "track",
+        handover_id,
+        outcome: format!("refused: {error}"),
+        ..crate::audit::AuditEvent::default()
+    };
+    if let Some((id, patient_key)) = foreign {
+        event.handover_id = Some(id);
+        event.patient_key = Some(patient_key);
+        event.outcome = format!("{} (another sender's handover)", event.outcome);
+    }
+    event
+}
+
 /// The audit entry of a leased attempt given back unsent (the pull's
 /// answer was full); `d` is the delivery as given back.
 pub(crate) fn returned_unsent_event(

@@ -1548,24 +1548,20 @@ impl Writer {
             Some(id) => staged.get_json(TreeId::Handovers, &records::be(id))?,
             None => None,
         };
-        let Some(handover) = handover.filter(|h| h.sender == sender) else {
+        let (handover, foreign) = match handover {
+            Some(h) if h.sender == sender => (Some(h), None),
+            Some(h) => (None, Some((h.id, h.patient_key))),
+            None => (None, None),
+        };
+        let Some(handover) = handover else {
             let error = match self.tombstone_for(staged, sender, &key)? {
                 Some(t) => StoreError::Removed {
                     removed_at_ms: t.removed_at_ms,
                 },
                 None => StoreError::UnknownHandover,
             };
-            self.audit(
-                staged,
-                AuditEvent {
-                    actor: actor.to_owned(),
-                    action: "track",
-                    handover_id: id,
-                    outcome: format!("refused: {error}"),
-                    ..AuditEvent::default()
-                },
-                now,
-            );
+            let event = records::refused_track_event(actor, id, &error, foreign);
+            self.audit(staged, event, now);
             return Err(error);
         };
         let mut deliveries = Vec::with_capacity(handover.deliveries.len());

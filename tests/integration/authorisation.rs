@@ -606,6 +606,86 @@ async fn acking_another_organisations_delivery_is_not_found_and_on_its_patients_
     gw.stop().await;
 }
 
+/// A sender tracking another sender's handover is answered exactly as for
+/// an id that does not exist, and the trail records the attempt against
+/// that handover and its patient (it recorded neither), on both engines.
+/// An operator's audit query by handover id is itself on that patient's
+/// trail (it was on no patient's).
+#[tokio::test]
+async fn tracking_another_senders_handover_is_on_its_patients_trail() {
+    tracking_another_senders_handover_is_on_its_patients_trail_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn tracking_another_senders_handover_is_on_its_patients_trail_on_postgres() {
+    tracking_another_senders_handover_is_on_its_patients_trail_on(Engine::Postgres).await;
+}
+
+async fn tracking_another_senders_handover_is_on_its_patients_trail_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let id = prison
+        .submit(release("tracked", 79, &["YG001"], "marker"))
+        .await
+        .unwrap()
+        .into_inner()
+        .handover_id;
+    let track = |id: u64| pb::TrackRequest {
+        handover: Some(pb::track_request::Handover::HandoverId(id)),
+    };
+    let mut other = gw.client("YP002").await;
+    let theirs = other.track(track(id)).await.unwrap_err();
+    let missing = other.track(track(id + 1_000)).await.unwrap_err();
+    assert_eq!(
+        (theirs.code(), theirs.message()),
+        (missing.code(), missing.message())
+    );
+    let mut op = gw.operator().await;
+    let trail = op
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(79))),
+            reason: "investigating a probe".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let probe = trail
+        .iter()
+        .find(|e| e.action == "track" && e.actor == "urn:ods:YP002")
+        .expect("the probe is on the patient's trail");
+    assert_eq!(probe.handover_id, id);
+    assert!(probe.outcome.contains("another sender's"), "{probe:?}");
+    // A query by handover id, then by the patient: the first is on the trail.
+    op.audit_trail(pb::AuditTrailRequest {
+        subject: Some(pb::audit_trail_request::Subject::HandoverId(id)),
+        reason: "checking one handover".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let trail = op
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(79))),
+            reason: "who looked".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.action == "audit_query" && e.outcome.contains("checking one handover")),
+        "{trail:?}"
+    );
+    gw.stop().await;
+}
+
 /// `tls.operators` lists the operators a gateway accepts: an operator
 /// certificate the CA issued for anyone else is refused on every operator
 /// call, break-glass included, and the refusal is audited.

@@ -863,16 +863,21 @@ async fn track(
             },
             None => StoreError::UnknownHandover,
         };
-        audit.push(AuditEvent {
-            actor: actor.to_owned(),
-            action: "track",
-            handover_id: match key {
-                TrackKey::HandoverId(hid) => Some(*hid),
-                TrackKey::MessageId(_) => None,
-            },
-            outcome: format!("refused: {error}"),
-            ..AuditEvent::default()
-        });
+        let (named, foreign) = match key {
+            TrackKey::HandoverId(hid) => {
+                let foreign = tx
+                    .query_opt(
+                        "SELECT patient_key FROM handovers WHERE id = $1",
+                        &[&id(*hid)],
+                    )
+                    .await
+                    .map_err(db)?
+                    .map(|r| (*hid, r.get::<_, String>(0)));
+                (Some(*hid), foreign)
+            }
+            TrackKey::MessageId(_) => (None, None),
+        };
+        audit.push(records::refused_track_event(actor, named, &error, foreign));
         return Ok(Err(error));
     };
     let rows = tx
