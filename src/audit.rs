@@ -689,6 +689,25 @@ impl PatientKeyer {
 }
 
 impl PatientKeyer {
+    /// A patient's date of birth (`YYYY-MM-DD`) as a keyed hash, kept on
+    /// the patient's identity record so that a prison number (which has no
+    /// check digit) found again with another date of birth is not taken
+    /// for the same person.
+    pub fn birth_key(&self, date_of_birth: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(format!("born:{date_of_birth}").as_bytes());
+        hex(&mac.finalize().into_bytes()[..16])
+    }
+
+    /// A custody episode (its reception date, `YYYY-MM-DD`) as a keyed
+    /// hash: summaries of one episode correct each other, a later
+    /// episode's do not (`store::NewHandover::episode`).
+    pub fn episode_key(&self, reception_date: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(format!("episode:{reception_date}").as_bytes());
+        hex(&mac.finalize().into_bytes()[..16])
+    }
+
     /// Keys that may claim a parked release: each identifier with the date
     /// of birth, so a claimant must know both. Each key names its kind in
     /// clear (`nhs:` or `prison:` before the digest), so a claim whose other

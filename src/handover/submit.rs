@@ -366,6 +366,10 @@ impl Gateway {
         let patient = crate::store::PatientIds {
             nhs: (from_document.nhs_number.as_ref()).map(|n| self.keyer.key(Some(n), None)),
             prison: (from_document.prison_number.as_ref()).map(|p| self.keyer.key(None, Some(p))),
+            dob: Some(
+                self.keyer
+                    .birth_key(&summary.patient.date_of_birth.to_string()),
+            ),
         };
         let payload = Envelope {
             patient: from_document,
@@ -404,6 +408,10 @@ impl Gateway {
                     .filter(|d| *d != i64::MAX)
                     .min(),
             })),
+            episode: summary
+                .custody
+                .reception_date
+                .map(|d| self.keyer.episode_key(&d.to_string())),
         }
     }
 

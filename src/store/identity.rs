@@ -58,11 +58,14 @@ impl Newer<'_> {
 
 impl Writer {
     /// Resolves `ids` to one patient key, linking and merging identities in
-    /// `staged`. `Ok(Err(field))` when a link would join two different people.
+    /// `staged` when `links` (a prison's submit, [`records::may_link`]).
+    /// `Ok(Err(field))` when the identifiers contradict what is linked
+    /// ([`records::identity_conflict`], [`records::merge_conflict`]).
     pub(super) fn resolve_patient(
         &mut self,
         staged: &mut Staged<'_>,
         ids: &PatientIds,
+        links: bool,
         now: i64,
     ) -> Result<Result<String, &'static str>, StoreError> {
         let Some(first) = ids.first_key() else {
@@ -79,7 +82,7 @@ impl Writer {
             .or_else(|| by_prison.clone())
             .unwrap_or_else(|| first.to_owned());
         let mut record = patient(staged, &key)?;
-        if let Some(field) = conflict(&record, ids) {
+        if let Some(field) = records::identity_conflict(&record, ids) {
             return Ok(Err(field));
         }
         if let (Some(a), Some(b)) = (&by_nhs, &by_prison)
@@ -87,15 +90,27 @@ impl Writer {
             && self.is_known(staged, b)?
         {
             let absorbed = patient(staged, b)?;
-            if absorbed.nhs.is_some() && absorbed.nhs != ids.nhs {
-                return Ok(Err("patient.prison_number"));
+            if let Some(field) = records::merge_conflict(&absorbed, ids) {
+                return Ok(Err(field));
             }
-            self.merge(staged, &mut record, a, b, absorbed, now)?;
-            staged.put_json(TreeId::Patients, key.as_bytes().to_vec(), &record);
+            if links {
+                self.merge(staged, &mut record, a, b, absorbed, now)?;
+                staged.put_json(TreeId::Patients, key.as_bytes().to_vec(), &record);
+            }
         }
-        // Only a submit with both numbers links anything: one identifier on
-        // its own already resolves to itself, so it costs no write.
-        if ids.nhs.is_some() && ids.prison.is_some() && link(staged, &mut record, &key, ids)? {
+        if !links {
+            return Ok(Ok(key));
+        }
+        // A patient found by a prison number alone keeps the date of birth
+        // it came with, which the next one is compared with; with both
+        // numbers the link records it. An NHS number alone writes nothing.
+        let born = record.dob.is_none() && ids.dob.is_some() && ids.prison.is_some();
+        if born {
+            record.dob.clone_from(&ids.dob);
+        }
+        let linked =
+            ids.nhs.is_some() && ids.prison.is_some() && link(staged, &mut record, &key, ids)?;
+        if born || linked {
             staged.put_json(TreeId::Patients, key.as_bytes().to_vec(), &record);
         }
         Ok(Ok(key))
@@ -135,6 +150,7 @@ impl Writer {
         }
         into.nhs = into.nhs.take().or(absorbed.nhs.clone());
         into.prison = into.prison.take().or(absorbed.prison.clone());
+        into.dob = into.dob.take().or(absorbed.dob.clone());
         into.aliases.push(b.to_owned());
         into.aliases.extend(absorbed.aliases.iter().cloned());
         let retired = PatientRecord {
@@ -518,18 +534,6 @@ fn patient(staged: &Staged<'_>, key: &str) -> Result<PatientRecord, StoreError> 
         .unwrap_or_default())
 }
 
-/// The field whose identifier `record` already has with another value.
-fn conflict(record: &PatientRecord, ids: &PatientIds) -> Option<&'static str> {
-    let differs = |linked: &Option<String>, given: &Option<String>| matches!((linked, given), (Some(l), Some(g)) if l != g);
-    if differs(&record.nhs, &ids.nhs) {
-        Some("patient.nhs_number")
-    } else if differs(&record.prison, &ids.prison) {
-        Some("patient.prison_number")
-    } else {
-        None
-    }
-}
-
 /// Links every identifier in `ids` to `key`; whether `record` changed.
 fn link(
     staged: &mut Staged<'_>,
@@ -623,6 +627,10 @@ pub(super) fn with_withdrawals(
         else {
             break;
         };
+        // An earlier custody episode's summaries are not corrected by this one.
+        if !older.in_episode(h.episode.as_ref()) {
+            break;
+        }
         for d in &older.deliveries {
             let d = load(staged, *d)?;
             if !practice_seen && d.view == records::FULL_VIEW {

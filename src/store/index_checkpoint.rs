@@ -344,6 +344,7 @@ mod tests {
             patient: PatientIds {
                 nhs: Some(format!("p{patient}")),
                 prison: None,
+                dob: None,
             },
             claim_keys: Vec::new(),
             requested_destinations: Vec::new(),
@@ -364,6 +365,7 @@ mod tests {
             trace_parent: None,
             authored_at_ms: None,
             withdrawal: None,
+            episode: None,
         }
     }
 

@@ -273,6 +273,12 @@ pub struct NewHandover {
     /// substance misuse service, which must not go on dosing from the old
     /// one). `None`: no such notice.
     pub withdrawal: Option<Box<NewDelivery>>,
+    /// The custody episode it belongs to (a keyed hash of the reception
+    /// date, [`crate::audit::PatientKeyer::episode_key`]): a summary of a
+    /// later episode (a recall, a new reception) is no correction of an
+    /// earlier one, so the earlier one's recipients get no withdrawal
+    /// notice and no claim of it is followed. `None`: not known.
+    pub episode: Option<String>,
 }
 
 /// A patient as a sender identified them: the keyed hash of each identifier
@@ -284,6 +290,8 @@ pub struct PatientIds {
     pub nhs: Option<String>,
     /// Keyed hash of the prison number.
     pub prison: Option<String>,
+    /// Keyed hash of the date of birth ([`crate::audit::PatientKeyer::birth_key`]).
+    pub dob: Option<String>,
 }
 
 impl PatientIds {
@@ -449,7 +457,7 @@ pub struct HandoverStatus {
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Job {
-    Submit(NewHandover, writer::Digests, Reply<SubmitOutcome>),
+    Submit(Box<NewHandover>, writer::Digests, Reply<SubmitOutcome>),
     Pull {
         actor: String,
         mailbox: String,
@@ -818,7 +826,7 @@ impl SledStore {
     pub async fn submit(&self, handover: NewHandover) -> Result<SubmitOutcome, StoreError> {
         // Hashed here, on the caller's task, not on the one writer thread.
         let digests = writer::Digests::of(&handover);
-        self.ask(|reply| Job::Submit(handover, digests, reply))
+        self.ask(|reply| Job::Submit(Box::new(handover), digests, reply))
             .await
     }
 

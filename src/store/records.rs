@@ -286,6 +286,17 @@ pub struct HandoverRecord {
     /// on arrival and never offered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_on_arrival_by: Option<u64>,
+    /// Its custody episode (see `NewHandover::episode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub episode: Option<String>,
+}
+
+impl HandoverRecord {
+    /// Whether this handover may belong to the custody episode `episode`:
+    /// unless both are known and differ.
+    pub(crate) fn in_episode(&self, episode: Option<&String>) -> bool {
+        !matches!((&self.episode, episode), (Some(a), Some(b)) if a != b)
+    }
 }
 
 /// A summary's place in its lineage: when it was written and in which order
@@ -534,12 +545,64 @@ pub struct PatientRecord {
     /// Keyed hash of the prison number linked to this patient.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prison: Option<String>,
+    /// Keyed hash of the date of birth first given with these identifiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dob: Option<String>,
     /// Patient keys merged into this one (their audit entries are this patient's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
     /// Set when this key was merged into another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<String>,
+}
+
+/// The field a submit's identifiers contradict in `record`, the patient
+/// they resolve to: another NHS number or prison number linked to it; or,
+/// when the patient is found through a prison number alone, another date of
+/// birth. A prison number has no check digit: one mistyped is another
+/// prisoner's, and taking it for the same person would file one patient's
+/// summary under another, retire that one's copies and send its recipients
+/// a withdrawal. An NHS number (checked, and the gateway's key) is taken
+/// as it is.
+pub(crate) fn identity_conflict(
+    record: &PatientRecord,
+    ids: &super::PatientIds,
+) -> Option<&'static str> {
+    let differs = |linked: &Option<String>, given: &Option<String>| matches!((linked, given), (Some(l), Some(g)) if l != g);
+    if differs(&record.nhs, &ids.nhs) {
+        Some("patient.nhs_number")
+    } else if differs(&record.prison, &ids.prison) {
+        Some("patient.prison_number")
+    } else if ids.nhs.is_none() && differs(&record.dob, &ids.dob) {
+        Some("patient.date_of_birth")
+    } else {
+        None
+    }
+}
+
+/// The field that forbids merging `absorbed` (the patient a submit's prison
+/// number resolves to) into the patient of its NHS number: another NHS
+/// number, or another date of birth (see [`identity_conflict`]).
+pub(crate) fn merge_conflict(
+    absorbed: &PatientRecord,
+    ids: &super::PatientIds,
+) -> Option<&'static str> {
+    if absorbed.nhs.is_some() && absorbed.nhs != ids.nhs {
+        Some("patient.prison_number")
+    } else if matches!((&absorbed.dob, &ids.dob), (Some(a), Some(g)) if a != g) {
+        Some("patient.date_of_birth")
+    } else {
+        None
+    }
+}
+
+/// Whether a submit of `event` may link its identifiers (and merge the
+/// patients they name): only a prison's, the authority for prison numbers.
+/// Another sender's identifiers are checked against the links, never
+/// stored: a practice naming an invented prison number would otherwise
+/// bind it to the patient, and refuse the prison's own summaries after.
+pub(crate) fn may_link(event: crate::journey::JourneyEvent) -> bool {
+    event.sender_kind() == crate::journey::OrgKind::Prison
 }
 
 /// A submit refused because its identifiers are linked to different people.

@@ -461,7 +461,7 @@ impl Writer {
     ) -> Option<Answer> {
         Some(match job {
             Job::Submit(h, digests, reply) => {
-                let r = self.submit(staged, h, digests, now, woken);
+                let r = self.submit(staged, *h, digests, now, woken);
                 Answer::submit(reply, r)
             }
             Job::Shutdown(reply) => {
@@ -863,6 +863,7 @@ impl Writer {
             trace_parent: h.trace_parent,
             authored_at_ms: h.authored_at_ms,
             superseded_on_arrival_by: written_later.as_ref().map(|w| w.id),
+            episode: h.episode,
         };
         if record.deliveries.is_empty() {
             self.finish_unrouted(staged, &mut record, now);
@@ -900,7 +901,7 @@ impl Writer {
         h: &NewHandover,
         now: i64,
     ) -> Result<String, StoreError> {
-        match self.resolve_patient(staged, &h.patient, now)? {
+        match self.resolve_patient(staged, &h.patient, records::may_link(h.event), now)? {
             Ok(key) => Ok(key),
             Err(field) => {
                 let conflict = IdentityConflict {

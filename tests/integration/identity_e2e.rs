@@ -593,3 +593,180 @@ async fn a_summary_that_a_late_link_makes_newer_names_the_one_it_replaces_on(eng
     assert_eq!(newer[0].supersedes_handover_id, first);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_prison_number_found_again_with_another_date_of_birth_is_refused() {
+    a_prison_number_found_again_with_another_date_of_birth_is_refused_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_prison_number_found_again_with_another_date_of_birth_is_refused_on_postgres() {
+    a_prison_number_found_again_with_another_date_of_birth_is_refused_on(Engine::Postgres).await;
+}
+
+/// A prison number has no check digit: one mistyped is another prisoner's.
+/// A summary whose prison number is known with another date of birth is
+/// refused, naming the date of birth, and changes nothing: before, it was
+/// filed as that other patient, retired that patient's undelivered copies
+/// and (given an NHS number) merged the two for good. The same prison
+/// number with its own date of birth is the same patient, as before.
+async fn a_prison_number_found_again_with_another_date_of_birth_is_refused_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    prison
+        .submit(submit(
+            "x-1",
+            release,
+            &["YG001"],
+            &summary(11, false, Some(PRISON_NUMBER), "x"),
+        ))
+        .await
+        .unwrap();
+    let before = gw.store.content_digest().unwrap();
+    let someone_else = |with_nhs: bool, marker: &str| {
+        let mut s = summary(12, with_nhs, Some(PRISON_NUMBER), marker);
+        s.patient.date_of_birth = "1991-02-03".parse().unwrap();
+        s
+    };
+    for (id, with_nhs) in [("y-1", false), ("y-2", true)] {
+        let err = prison
+            .submit(submit(
+                id,
+                release,
+                &["YG001"],
+                &someone_else(with_nhs, "y"),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{id}: {err:?}");
+        assert_eq!(violations(&err), ["patient.date_of_birth"], "{id}");
+        assert_eq!(
+            gw.store.content_digest().unwrap(),
+            before,
+            "{id}: nothing changed"
+        );
+    }
+    let x = track_message(&mut prison, "x-1").await;
+    assert_eq!(
+        states(&x)[0],
+        ("YG001".to_owned(), pb::DeliveryState::Queued)
+    );
+    // The patient's own correction (same prison number, same date of birth).
+    prison
+        .submit(submit(
+            "x-2",
+            release,
+            &["YG001"],
+            &summary(11, false, Some(PRISON_NUMBER), "x corrected"),
+        ))
+        .await
+        .unwrap();
+    let x = track_message(&mut prison, "x-1").await;
+    assert_eq!(
+        states(&x)[0],
+        ("YG001".to_owned(), pb::DeliveryState::Superseded)
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn only_a_prison_links_a_prison_number_to_a_patient() {
+    only_a_prison_links_a_prison_number_to_a_patient_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn only_a_prison_links_a_prison_number_to_a_patient_on_postgres() {
+    only_a_prison_links_a_prison_number_to_a_patient_on(Engine::Postgres).await;
+}
+
+/// A practice's community summary that names a prison number beside the
+/// NHS number is checked against the links but links nothing: a practice
+/// (or anyone who can send one) naming an invented prison number would
+/// otherwise bind it to the patient and have the prison's own summaries
+/// with the real number refused after.
+async fn only_a_prison_links_a_prison_number_to_a_patient_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut gp = gw.client("YG001").await;
+    let mut s = summary(13, true, Some("Z9999ZZ"), "community");
+    s.author.organisation = "YG001".parse().unwrap();
+    gp.submit(submit("cs-1", pb::JourneyEvent::CommunitySummary, &[], &s))
+        .await
+        .unwrap();
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(submit(
+            "r-1",
+            pb::JourneyEvent::Release,
+            &["YG001"],
+            &summary(13, true, Some(PRISON_NUMBER), "release"),
+        ))
+        .await
+        .expect("the prison's own prison number is not refused");
+    // The prison's link holds, and a practice contradicting it is refused.
+    let mut s = summary(13, true, Some("Z9999ZZ"), "community 2");
+    s.author.organisation = "YG001".parse().unwrap();
+    let err = gp
+        .submit(submit("cs-2", pb::JourneyEvent::CommunitySummary, &[], &s))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), ["patient.prison_number"]);
+    gw.stop().await;
+}
+
+/// An operator's claim by prison number, for a patient whose summary
+/// carried both numbers, puts its recorded reason on that patient's trail
+/// (found by NHS number): it was written under the prison number's own
+/// hash, which is no patient's once linked, so it was on no trail at all.
+#[tokio::test]
+async fn an_operators_claim_by_one_number_is_on_the_patients_trail() {
+    let gw = TestGateway::start().await;
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(submit(
+            "p-1",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(14, true, Some(PRISON_NUMBER), "parked"),
+        ))
+        .await
+        .unwrap();
+    let mut op = gw.operator().await;
+    op.claim_parked(pb::ClaimParkedRequest {
+        patient: Some(pb::PatientRef {
+            nhs_number: String::new(),
+            prison_number: PRISON_NUMBER.into(),
+            date_of_birth: DOB.into(),
+        }),
+        practice: "YG002".into(),
+        reason: "registered at Hillview, confirmed by phone".into(),
+    })
+    .await
+    .unwrap();
+    let trail = op
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(14))),
+            reason: "review of a claim".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let reason = trail
+        .iter()
+        .find(|e| e.action == "claim_parked")
+        .expect("the operator's reason is on the patient's trail");
+    assert!(reason.outcome.starts_with("requested: "), "{reason:?}");
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.action == "claim" && e.outcome.starts_with("ok")),
+        "{trail:?}"
+    );
+    gw.stop().await;
+}

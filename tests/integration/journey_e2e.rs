@@ -508,6 +508,83 @@ async fn a_correction_of_a_claimed_release_goes_to_the_practice_that_claimed_it_
     gw.stop().await;
 }
 
+/// A release from a later custody episode (a recall, a new reception) is
+/// no correction of the earlier episode's: the practice given the earlier
+/// release gets no withdrawal notice (which told it not to act on a summary
+/// that was right for its time, and carried the new episode's custody and
+/// release address to a former carer). Within one episode a correction
+/// that goes elsewhere still withdraws.
+#[tokio::test]
+async fn a_release_from_a_later_custody_episode_withdraws_nothing() {
+    a_release_from_a_later_custody_episode_withdraws_nothing_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_release_from_a_later_custody_episode_withdraws_nothing_on_postgres() {
+    a_release_from_a_later_custody_episode_withdraws_nothing_on(Engine::Postgres).await;
+}
+
+async fn a_release_from_a_later_custody_episode_withdraws_nothing_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    let episode = |reception: &str, gp: &str, marker: &str| {
+        let mut s = summary(32, Some(gp), marker);
+        s.custody.reception_date = Some(reception.parse().unwrap());
+        s
+    };
+    prison
+        .submit(submit(
+            "e1",
+            release,
+            &[],
+            &episode("2026-03-02", "YG001", "first"),
+        ))
+        .await
+        .unwrap();
+    let mut first_gp = gw.client("YG001").await;
+    assert_eq!(pull_and_ack(&mut first_gp).await.len(), 1);
+    // Recalled, received again, released to another practice.
+    prison
+        .submit(submit(
+            "e2",
+            release,
+            &[],
+            &episode("2026-09-01", "YG002", "second"),
+        ))
+        .await
+        .unwrap();
+    let mut second_gp = gw.client("YG002").await;
+    let got = pull_and_ack(&mut second_gp).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["second"]);
+    assert!(
+        pull_and_ack(&mut first_gp).await.is_empty(),
+        "no withdrawal notice across custody episodes"
+    );
+    // The same episode corrected to the first practice: the second is told.
+    prison
+        .submit(submit(
+            "e3",
+            release,
+            &[],
+            &episode("2026-09-01", "YG001", "third"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        pull_and_ack(&mut second_gp)
+            .await
+            .iter()
+            .map(text_of)
+            .collect::<Vec<_>>(),
+        [""],
+        "a withdrawal notice within the episode"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
     an_overdue_delivery_is_reported_within_one_scan_interval_on(Engine::Sled).await;

@@ -198,6 +198,7 @@ async fn submit(store: &Store, world: &mut World, op: (u8, Ids, usize, usize, u8
             patient: PatientIds {
                 nhs: identifiers.iter().find(|i| i.starts_with('n')).cloned(),
                 prison: identifiers.iter().find(|i| i.starts_with('q')).cloned(),
+                dob: None,
             },
             claim_keys: identifiers.iter().map(|i| format!("claim:{i}")).collect(),
             requested_destinations: Vec::new(),
@@ -207,6 +208,7 @@ async fn submit(store: &Store, world: &mut World, op: (u8, Ids, usize, usize, u8
             trace_parent: None,
             authored_at_ms: None,
             withdrawal: None,
+            episode: None,
         })
         .await
         .expect("consistent identifiers are never a conflict");

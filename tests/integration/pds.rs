@@ -710,6 +710,7 @@ async fn parked_in(store: &throughcare::store::Store, message_id: &str) -> u64 {
             patient: PatientIds {
                 nhs: Some(format!("nhs-{message_id}")),
                 prison: None,
+                dob: None,
             },
             claim_keys: vec![format!("ck-{message_id}")],
             requested_destinations: Vec::new(),
@@ -723,6 +724,7 @@ async fn parked_in(store: &throughcare::store::Store, message_id: &str) -> u64 {
             trace_parent: None,
             authored_at_ms: None,
             withdrawal: None,
+            episode: None,
         })
         .await
         .unwrap();

@@ -573,6 +573,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
         patient: PatientIds {
             nhs: Some("p1".into()),
             prison: None,
+            dob: None,
         },
         claim_keys: Vec::new(),
         requested_destinations: vec!["YG001".into()],
@@ -585,6 +586,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
         trace_parent: None,
         authored_at_ms: None,
         withdrawal: None,
+        episode: None,
     };
     store.submit(new("old-1")).await.unwrap();
     let leased = store
@@ -758,6 +760,7 @@ fn identity_handover(
         patient: PatientIds {
             nhs: Some(nhs.into()),
             prison: Some(prison.into()),
+            dob: None,
         },
         claim_keys: vec![format!("claim-{nhs}")],
         requested_destinations: vec![to.into()],
@@ -770,6 +773,7 @@ fn identity_handover(
         trace_parent: None,
         authored_at_ms: None,
         withdrawal: None,
+        episode: None,
     }
 }
 
@@ -827,6 +831,7 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
             patient: PatientIds {
                 nhs: Some("nhs-old".into()),
                 prison: Some("prison-old".into()),
+                dob: None,
             },
             claim_keys: Vec::new(),
             requested_destinations: vec!["YG001".into()],
@@ -839,6 +844,7 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
             trace_parent: None,
             authored_at_ms: None,
             withdrawal: None,
+            episode: None,
         })
         .await
         .unwrap();

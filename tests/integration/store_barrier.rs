@@ -23,6 +23,7 @@ fn handover(i: usize) -> NewHandover {
         patient: PatientIds {
             nhs: Some(format!("p{}", i % 7)),
             prison: None,
+            dob: None,
         },
         claim_keys: Vec::new(),
         destinations: vec![NewDelivery {
@@ -36,6 +37,7 @@ fn handover(i: usize) -> NewHandover {
         trace_parent: None,
         authored_at_ms: None,
         withdrawal: None,
+        episode: None,
     }
 }
 

@@ -351,6 +351,7 @@ async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
             patient: PatientIds {
                 nhs: Some(format!("p{patient}")),
                 prison: None,
+                dob: None,
             },
             claim_keys: Vec::new(),
             destinations: vec![NewDelivery {
@@ -364,6 +365,7 @@ async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
             trace_parent: None,
             authored_at_ms: None,
             withdrawal: None,
+            episode: None,
         })
         .await;
     match model.accepted.get(&msg) {

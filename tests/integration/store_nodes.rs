@@ -57,6 +57,7 @@ fn handover(message: u32, patient: u32, mailbox: &str, due_ms: Option<i64>) -> N
         patient: PatientIds {
             nhs: Some(format!("p{patient}")),
             prison: None,
+            dob: None,
         },
         claim_keys: Vec::new(),
         requested_destinations: vec![mailbox.into()],
@@ -70,6 +71,7 @@ fn handover(message: u32, patient: u32, mailbox: &str, due_ms: Option<i64>) -> N
         trace_parent: None,
         authored_at_ms: None,
         withdrawal: None,
+        episode: None,
     }
 }
 

@@ -286,6 +286,7 @@ fn handover(message: u32) -> NewHandover {
         patient: PatientIds {
             nhs: Some(format!("p{message}")),
             prison: Some(format!("q{message}")),
+            dob: None,
         },
         claim_keys: Vec::new(),
         destinations: vec![NewDelivery {
@@ -298,6 +299,7 @@ fn handover(message: u32) -> NewHandover {
         trace_parent: None,
         authored_at_ms: None,
         withdrawal: None,
+        episode: None,
     }
 }
 

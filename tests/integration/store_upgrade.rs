@@ -28,6 +28,7 @@ fn handover(i: u32) -> NewHandover {
         patient: PatientIds {
             nhs: Some(format!("p{}", i % 9)),
             prison: None,
+            dob: None,
         },
         claim_keys: Vec::new(),
         requested_destinations: Vec::new(),
@@ -45,6 +46,7 @@ fn handover(i: u32) -> NewHandover {
         trace_parent: None,
         authored_at_ms: None,
         withdrawal: None,
+        episode: None,
     }
 }
 

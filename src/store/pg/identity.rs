@@ -43,6 +43,7 @@ pub(super) async fn merge(
     }
     into.nhs = into.nhs.take().or(absorbed.nhs.clone());
     into.prison = into.prison.take().or(absorbed.prison.clone());
+    into.dob = into.dob.take().or(absorbed.dob.clone());
     into.aliases.push(b.to_owned());
     into.aliases.extend(absorbed.aliases.iter().cloned());
     let retired = PatientRecord {

@@ -49,7 +49,8 @@ pub(super) async fn submit(
             removed_at_ms: t.removed_at_ms,
         }));
     }
-    let patient_key = match resolve_patient(tx, &h.patient, now, audit).await? {
+    let links = records::may_link(h.event);
+    let patient_key = match resolve_patient(tx, (&h.patient, links), now, audit).await? {
         Ok(key) => key,
         Err(field) => {
             record_conflict(tx, h, field, now, audit).await?;
@@ -178,6 +179,9 @@ async fn with_withdrawals(
         let Some(record) = sql::handover(tx, handover).await? else {
             break;
         };
+        if !record.in_episode(h.episode.as_ref()) {
+            break;
+        }
         let rows = tx
             .query(
                 "SELECT record FROM deliveries WHERE handover_id = $1 ORDER BY id",
@@ -258,6 +262,7 @@ fn sent_as(h: &NewHandover) -> HandoverRecord {
         trace_parent: h.trace_parent.clone(),
         authored_at_ms: h.authored_at_ms,
         superseded_on_arrival_by: None,
+        episode: h.episode.clone(),
     }
 }
 
@@ -315,7 +320,7 @@ async fn store_payload(
 /// submit is refused as a conflict, for an operator to resolve.
 async fn resolve_patient(
     tx: &Transaction<'_>,
-    ids: &PatientIds,
+    (ids, links): (&PatientIds, bool),
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<Result<String, &'static str>, StoreError> {
@@ -335,7 +340,7 @@ async fn resolve_patient(
         .or_else(|| by_prison.clone())
         .unwrap_or_else(|| first.to_owned());
     let mut record = patient(tx, &key).await?;
-    if let Some(field) = conflict(&record, ids) {
+    if let Some(field) = records::identity_conflict(&record, ids) {
         return Ok(Err(field));
     }
     if let (Some(a), Some(b)) = (&by_nhs, &by_prison)
@@ -343,10 +348,21 @@ async fn resolve_patient(
         && is_known(tx, b).await?
     {
         let absorbed = patient(tx, b).await?;
-        if absorbed.nhs.is_some() && absorbed.nhs != ids.nhs {
-            return Ok(Err("patient.prison_number"));
+        if let Some(field) = records::merge_conflict(&absorbed, ids) {
+            return Ok(Err(field));
         }
-        super::identity::merge(tx, &mut record, (a, b), absorbed, now, audit).await?;
+        if links {
+            super::identity::merge(tx, &mut record, (a, b), absorbed, now, audit).await?;
+        }
+    }
+    if !links {
+        return Ok(Ok(key));
+    }
+    // As on sled (`identity::resolve_patient`): a patient found by a prison
+    // number alone keeps the date of birth it came with; a link records it.
+    let born = record.dob.is_none() && ids.dob.is_some() && ids.prison.is_some();
+    if born {
+        record.dob.clone_from(&ids.dob);
     }
     if ids.nhs.is_some() && ids.prison.is_some() {
         record.nhs.clone_from(&ids.nhs);
@@ -360,6 +376,8 @@ async fn resolve_patient(
             .await
             .map_err(db)?;
         }
+        super::identity::put_patient(tx, &key, &record).await?;
+    } else if born {
         super::identity::put_patient(tx, &key, &record).await?;
     }
     Ok(Ok(key))
@@ -402,18 +420,6 @@ async fn is_known(tx: &Transaction<'_>, key: &str) -> Result<bool, StoreError> {
         .await
         .map_err(db)?;
     Ok(row.get(0))
-}
-
-/// The field whose identifier `record` already has with another value.
-fn conflict(record: &PatientRecord, ids: &PatientIds) -> Option<&'static str> {
-    let differs = |linked: &Option<String>, given: &Option<String>| matches!((linked, given), (Some(l), Some(g)) if l != g);
-    if differs(&record.nhs, &ids.nhs) {
-        Some("patient.nhs_number")
-    } else if differs(&record.prison, &ids.prison) {
-        Some("patient.prison_number")
-    } else {
-        None
-    }
 }
 
 async fn record_conflict(
