@@ -130,6 +130,9 @@ pub const PARKED_MAILBOX: &str = "@parked";
 /// The view of a summary given whole (a practice's or a prison's copy).
 pub(crate) const FULL_VIEW: &str = "full";
 
+/// The view of a withdrawal notice ([`crate::clinical::views::View::Withdrawn`]).
+pub(crate) const WITHDRAWN_VIEW: &str = "withdrawn";
+
 /// The holding mailbox of substance misuse service copies with no service
 /// for the release area. Its deliveries are parked, but no claim or PDS
 /// lookup touches them: only a corrected release supersedes them.
@@ -190,10 +193,18 @@ pub fn route_held_event(actor: &str, d: &DeliveryRecord, to: &str) -> crate::aud
 /// disabled before it pulled goes back to wait (parked): a treatment copy
 /// to its holding mailbox, to be routed on to a service of its area, and a
 /// release to `@parked`, to be claimed by the practice that registers the
-/// patient. Anything else (leased, superseded, already moved) is left alone.
+/// patient. Only the summary itself moves: a withdrawal notice (which
+/// tells that recipient not to act on what it was given) means nothing to
+/// whoever would take it from a holding mailbox, so it stays where it is.
+/// Anything else (leased, superseded, already moved) is left alone.
 pub fn held_move(d: &DeliveryRecord, to: &str) -> Option<DeliveryState> {
     let release = d.event == Some(crate::journey::JourneyEvent::Release);
-    let waits_in = |m: &str| is_held_treatment_mailbox(m) || (m == PARKED_MAILBOX && release);
+    let summary = d.view != WITHDRAWN_VIEW;
+    let waits_in = |m: &str| {
+        summary
+            && (is_held_treatment_mailbox(m)
+                || (m == PARKED_MAILBOX && release && d.view == FULL_VIEW))
+    };
     match d.state {
         DeliveryState::Parked if is_held_treatment_mailbox(&d.mailbox) && !waits_in(to) => {
             Some(DeliveryState::Queued)
@@ -1260,6 +1271,38 @@ mod tests {
             ClaimMatch::Matches
         );
         assert_eq!(claim_lookup_keys(&["nhs:aa".to_owned()]), ["nhs:aa", "aa"]);
+    }
+
+    #[test]
+    fn only_a_summary_waits_in_a_holding_mailbox_never_a_withdrawal_notice() {
+        let queued = |mailbox: &str, view: &str, event: &str| -> DeliveryRecord {
+            serde_json::from_value(serde_json::json!({
+                "id": 7, "handover_id": 3, "mailbox": mailbox, "patient_key": "p",
+                "urgent": false, "state": "queued", "attempt": 0, "queued_at_ms": 0,
+                "view": view, "event": event,
+            }))
+            .unwrap()
+        };
+        let parked = Some(DeliveryState::Parked);
+        // A practice's release, and a service's copy, wait to go elsewhere.
+        let release = queued("YG001", FULL_VIEW, "RELEASE");
+        assert_eq!(held_move(&release, PARKED_MAILBOX), parked);
+        let copy = queued("YS001", "substance_misuse_service", "RELEASE");
+        assert_eq!(held_move(&copy, PARKED_SUBSTANCE_MISUSE_MAILBOX), parked);
+        // Withdrawal notices are for the recipient of the earlier summary only.
+        for (mailbox, to) in [
+            ("YG001", PARKED_MAILBOX),
+            ("YS001", PARKED_SUBSTANCE_MISUSE_MAILBOX),
+            ("YM001", PARKED_MENTAL_HEALTH_MAILBOX),
+        ] {
+            assert_eq!(
+                held_move(&queued(mailbox, WITHDRAWN_VIEW, "RELEASE"), to),
+                None
+            );
+        }
+        // Nor does an admission notice wait to be claimed.
+        let notice = queued("YG001", "admission_notice", "ADMISSION");
+        assert_eq!(held_move(&notice, PARKED_MAILBOX), None);
     }
 
     #[test]

@@ -1496,6 +1496,90 @@ async fn a_release_for_a_disabled_practice_waits_parked_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_withdrawal_notice_for_a_disabled_practice_waits_for_it_and_is_never_parked() {
+    a_withdrawal_notice_for_a_disabled_practice_is_never_parked_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_withdrawal_notice_for_a_disabled_practice_waits_for_it_and_is_never_parked_on_postgres()
+{
+    a_withdrawal_notice_for_a_disabled_practice_is_never_parked_on(Engine::Postgres).await;
+}
+
+/// A practice given a release, then told by a withdrawal notice that a
+/// correction went elsewhere, is disabled before it pulls the notice. The
+/// notice used to be parked like a release: listed for operators as a
+/// release waiting for a GP, there to be claimed or routed by PDS to a
+/// practice that never had the earlier summary. It stays for the practice
+/// it is about, which gets it once enabled again.
+async fn a_withdrawal_notice_for_a_disabled_practice_is_never_parked_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    prison
+        .submit(submit(
+            "wd-1",
+            release,
+            &[],
+            &summary(52, Some("YG001"), "first"),
+        ))
+        .await
+        .unwrap();
+    let mut first = gw.client("YG001").await;
+    assert_eq!(pull_and_ack(&mut first).await.len(), 1);
+    prison
+        .submit(submit(
+            "wd-2",
+            release,
+            &[],
+            &summary(52, Some("YG002"), "second"),
+        ))
+        .await
+        .unwrap();
+    let mut op = gw.operator().await;
+    let active = |active: bool| pb::SetOrganisationActiveRequest {
+        ods_code: "YG001".into(),
+        active,
+    };
+    op.set_organisation_active(active(false)).await.unwrap();
+    let parked = op
+        .list_parked(pb::ListParkedRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert!(
+        parked.is_empty(),
+        "a withdrawal notice is no release waiting for a GP: {parked:?}"
+    );
+    let t = track_message(&mut prison, "wd-2").await;
+    let mut to: Vec<_> = t
+        .deliveries
+        .iter()
+        .filter(|d| d.destination.starts_with("YG") || d.destination.starts_with('@'))
+        .map(|d| (d.destination.as_str(), d.state()))
+        .collect();
+    to.sort_unstable();
+    assert_eq!(
+        to,
+        [
+            ("YG001", pb::DeliveryState::Queued),
+            ("YG002", pb::DeliveryState::Queued)
+        ]
+    );
+    op.set_organisation_active(active(true)).await.unwrap();
+    let got = pull_and_ack(&mut first).await;
+    assert_eq!(
+        got.iter().map(text_of).collect::<Vec<_>>(),
+        [""],
+        "the notice"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn listing_parked_and_quarantined_deliveries_is_on_each_patients_trail() {
     listing_is_on_each_patients_trail_on(Engine::Sled).await;
 }
