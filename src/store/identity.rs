@@ -518,6 +518,27 @@ impl Writer {
     }
 }
 
+/// Whether admission `h`'s patient was released, or admitted again, after
+/// it (a newer release or admission in their lineage, whoever sent it):
+/// its notice, sent now, would tell the practice the patient is in that
+/// prison when they are not, and reach it after the release summary.
+pub(super) fn left_custody_since(
+    staged: &Staged<'_>,
+    h: &records::HandoverRecord,
+) -> Result<bool, StoreError> {
+    let mut prefix = resolve(staged, &h.patient_key)?.into_bytes();
+    prefix.push(0);
+    Ok(staged
+        .scan_prefix(TreeId::Lineage, &prefix)?
+        .iter()
+        .any(|(key, latest)| {
+            matches!(
+                records::lineage_event(key),
+                Some(JourneyEvent::Release | JourneyEvent::Admission)
+            ) && records::from_be(latest).is_some_and(|id| id > h.id)
+        }))
+}
+
 /// The patient an identifier resolves to (itself when never linked).
 fn resolve(staged: &Staged<'_>, identifier: &str) -> Result<String, StoreError> {
     Ok(staged

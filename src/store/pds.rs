@@ -244,6 +244,7 @@ impl Writer {
         if !h.deliveries.is_empty()
             || h.shredded_at_ms.is_some()
             || latest.is_some_and(|l| l != h.id)
+            || super::identity::left_custody_since(staged, &h)?
         {
             return Ok(None);
         }

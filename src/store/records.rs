@@ -642,6 +642,23 @@ pub fn lineage_key(patient_key: &str, sender: &str, event: JourneyEvent) -> Vec<
     key
 }
 
+/// The event of a [`lineage_key`] (after its last separator).
+pub fn lineage_event(key: &[u8]) -> Option<JourneyEvent> {
+    let event = key.rsplit(|b| *b == 0).next()?;
+    JourneyEvent::ALL
+        .into_iter()
+        .find(|e| e.to_string().as_bytes() == event)
+}
+
+/// The prison events that say where a patient is: in custody at the
+/// sender (an admission), at the receiving prison (a transfer), or out
+/// (a release).
+pub const CUSTODY_EVENTS: [JourneyEvent; 3] = [
+    JourneyEvent::Admission,
+    JourneyEvent::Transfer,
+    JourneyEvent::Release,
+];
+
 /// What a `retention` index entry asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RetentionKind {

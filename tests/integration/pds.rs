@@ -1086,3 +1086,65 @@ async fn admissions_already_answered_never_hide_older_ones_on(engine: Engine) {
     assert_eq!(waiting, [ids[1], ids[0]]);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_admission_notice_is_never_sent_once_the_patient_is_released() {
+    an_admission_notice_is_never_sent_once_released_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn an_admission_notice_is_never_sent_once_the_patient_is_released_on_postgres() {
+    an_admission_notice_is_never_sent_once_released_on(Engine::Postgres).await;
+}
+
+/// An admission that named no GP waits for PDS to name the practice. A
+/// patient serving days is released before that answer comes: the notice,
+/// sent then, told the practice its patient was in prison after the
+/// release (and reached it after the release summary). Whoever released
+/// them, and on either engine, no notice goes once a release (or a newer
+/// admission) is known; one for a patient still inside does.
+async fn an_admission_notice_is_never_sent_once_released_on(engine: Engine) {
+    use throughcare::store::{NewDelivery, PdsNotice};
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let admitted = |message_id: &'static str, patient: u32| {
+        let request = admission(message_id, &nhs(patient), "1985-06-15");
+        let mut prison = prison.clone();
+        async move {
+            let r = prison.submit(request).await.unwrap().into_inner();
+            assert!(r.deliveries.is_empty(), "no GP known at submit");
+            r.handover_id
+        }
+    };
+    let released = admitted("adm-then-out", 80).await;
+    let still_inside = admitted("adm-inside", 81).await;
+    prison
+        .submit(release("out-after-3-days", &nhs(80), "1985-06-15"))
+        .await
+        .unwrap();
+    let notice = |handover_id| PdsNotice {
+        handover_id,
+        delivery: NewDelivery {
+            mailbox: "YG002".into(),
+            view: "admission_notice".into(),
+            ..NewDelivery::default()
+        },
+    };
+    assert_eq!(gw.store.pds_notify(notice(released)).await.unwrap(), None);
+    assert!(
+        gw.store
+            .pds_notify(notice(still_inside))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let mut gp = gw.client("YG002").await;
+    let got = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert_eq!(
+        got.iter().map(|d| d.handover_id).collect::<Vec<_>>(),
+        [still_inside]
+    );
+    gw.stop().await;
+}

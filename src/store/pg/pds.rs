@@ -190,6 +190,26 @@ async fn pds_notify(
     if !h.deliveries.is_empty() || h.shredded_at_ms.is_some() || latest.is_some_and(|l| l != h.id) {
         return Ok(Ok(None));
     }
+    // Released, or admitted again, since (`identity::left_custody_since`).
+    let left_custody = tx
+        .query_opt(
+            "SELECT 1 FROM lineage WHERE patient_key = COALESCE(\
+             (SELECT patient_key FROM identities WHERE identifier = $1), $1) \
+             AND event = ANY($2) AND handover_id > $3 LIMIT 1",
+            &[
+                &h.patient_key,
+                &[JourneyEvent::Release, JourneyEvent::Admission]
+                    .map(|e| e.to_string())
+                    .to_vec(),
+                &id(h.id),
+            ],
+        )
+        .await
+        .map_err(db)?
+        .is_some();
+    if left_custody {
+        return Ok(Ok(None));
+    }
     // Waits for this delivery again (retention skips it until it finishes).
     h.finished_at_ms = None;
     let d = notice_delivery(&h, &notice.delivery, sql::un_id(last_delivery) + 1, now);
