@@ -196,7 +196,7 @@ impl Gateway {
         // the registry says now: a practice disabled since, or a prison
         // that changed its name, must not turn the retry into a refusal
         // that tells the sender to resend under a new id.
-        let routes = match routes {
+        let mut routes = match routes {
             Ok(routes) => routes,
             Err(refusal) => {
                 if !self
@@ -208,6 +208,9 @@ impl Gateway {
                 Vec::new()
             }
         };
+        if cmd.event == JourneyEvent::CommunitySummary {
+            self.to_current_prison(&checked.patient, &mut routes)?;
+        }
         let handover = self.new_handover(actor, &org, &cmd, checked, &routes);
         let outcome = self.store.submit(handover).await?;
         tracing::Span::current().record("handover_id", outcome.handover_id);
@@ -324,6 +327,62 @@ impl Gateway {
             }
             Error::from(v)
         })
+    }
+
+    /// A community summary goes to the prison that holds its patient now.
+    /// Its author names the admitting prison, as the admission notice told
+    /// it; a transfer since (or an admission elsewhere) moved the patient,
+    /// and the record follows them: the prison they left no longer cares
+    /// for them. A patient released since, or whom no prison has sent,
+    /// keeps the prison named (`docs/journey.md`).
+    fn to_current_prison(&self, patient: &PatientRef, routes: &mut [Route]) -> Result<(), Error> {
+        let identifiers = [
+            (patient.nhs_number.as_ref()).map(|n| self.keyer.key(Some(n), None)),
+            (patient.prison_number.as_ref()).map(|p| self.keyer.key(None, Some(p))),
+        ];
+        let mut latest: Option<crate::store::HandoverRecord> = None;
+        for identifier in identifiers.iter().flatten() {
+            if let Some(h) = self.store.latest_custody(identifier)?
+                && latest.as_ref().is_none_or(|l| h.id > l.id)
+            {
+                latest = Some(h);
+            }
+        }
+        let now_at = match latest {
+            Some(h) if h.event == JourneyEvent::Admission => Some(h.sender),
+            Some(h) if h.event == JourneyEvent::Transfer => self.received_by(&h)?,
+            _ => None,
+        };
+        let Some(now_at) = now_at.and_then(|c| c.parse::<OdsCode>().ok()) else {
+            return Ok(());
+        };
+        let active_prison = (self.registry.read().get(&now_at))
+            .is_some_and(|o| o.kind == OrgKind::Prison && o.active);
+        if !active_prison {
+            return Ok(());
+        }
+        for route in routes {
+            if let Recipient::Org(named) = &mut route.recipient
+                && *named != now_at
+            {
+                tracing::info!(named = %named, to = %now_at, "community summary sent on to the prison that holds the patient now");
+                *named = now_at.clone();
+            }
+        }
+        Ok(())
+    }
+
+    /// The prison transfer `h` went to: its summary's copy.
+    fn received_by(&self, h: &crate::store::HandoverRecord) -> Result<Option<String>, Error> {
+        for id in &h.deliveries {
+            if let Some(d) = self.store.delivery(*id)?
+                && d.view == view_name(View::Full)
+                && !d.mailbox.starts_with('@')
+            {
+                return Ok(Some(d.mailbox));
+            }
+        }
+        Ok(None)
     }
 
     /// The change the store makes durable: the handover, its deliveries,

@@ -450,6 +450,14 @@ impl Store {
         either!(self.patient_keys(identifier))
     }
 
+    /// See [`SledStore::latest_custody`].
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn latest_custody(&self, identifier: &str) -> Result<Option<HandoverRecord>, StoreError> {
+        either!(self.latest_custody(identifier))
+    }
+
     /// Submits refused for an identity conflict, newest first, at most `limit`.
     ///
     /// # Errors

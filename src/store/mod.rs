@@ -1327,6 +1327,29 @@ impl SledStore {
         Ok(keys)
     }
 
+    /// The newest custody event ([`records::CUSTODY_EVENTS`]) of the
+    /// patient `identifier` resolves to (a keyed hash of one identifier, as
+    /// for [`Self::patient_keys`]): the latest received of each prison's
+    /// latest admission, transfer and release. `None` for a patient no
+    /// prison has sent.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn latest_custody(&self, identifier: &str) -> Result<Option<HandoverRecord>, StoreError> {
+        let mut prefix = self.inner.trees[TreeId::Identities as usize]
+            .get(identifier.as_bytes())?
+            .map_or_else(|| identifier.as_bytes().to_vec(), |k| k.to_vec());
+        prefix.push(0);
+        let mut latest = None;
+        for entry in self.inner.trees[TreeId::Lineage as usize].scan_prefix(&prefix) {
+            let (key, id) = entry?;
+            if records::lineage_event(&key).is_some_and(|e| records::CUSTODY_EVENTS.contains(&e)) {
+                latest = latest.max(records::from_be(&id));
+            }
+        }
+        latest.map_or(Ok(None), |id| self.handover(id))
+    }
+
     /// Submits refused because an identifier was linked to another patient,
     /// newest first, at most `limit`.
     ///

@@ -130,6 +130,92 @@ async fn the_rules_choose_the_recipients_and_check_named_ones_on(engine: Engine)
 }
 
 #[tokio::test]
+async fn a_community_summary_follows_the_patient_to_the_prison_they_were_transferred_to() {
+    a_community_summary_follows_the_patient_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_community_summary_follows_the_patient_to_the_prison_they_were_transferred_to_on_postgres()
+ {
+    a_community_summary_follows_the_patient_on(Engine::Postgres).await;
+}
+
+/// The practice answers an admission notice with its record, naming the
+/// admitting prison (what the notice told it). The patient was moved on
+/// meanwhile: the record went to the prison they left, and the one that
+/// holds them (prescribing, on reception) never had it. It goes where the
+/// patient is now, found by either identifier.
+async fn a_community_summary_follows_the_patient_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let numbered = |mut s: ClinicalSummary| {
+        s.patient.prison_number = Some("A4141AA".parse().unwrap());
+        s
+    };
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(submit(
+            "in",
+            pb::JourneyEvent::Admission,
+            &[],
+            &numbered(summary(41, Some("YG001"), "in")),
+        ))
+        .await
+        .unwrap();
+    prison
+        .submit(submit(
+            "moved",
+            pb::JourneyEvent::Transfer,
+            &[],
+            &numbered(transfer(41, "moved")),
+        ))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG001").await;
+    let community = |message_id: &str, prison_number_only: bool| {
+        let mut s = numbered(summary(41, Some("YG001"), "community record"));
+        s.author.organisation = "YG001".parse().unwrap();
+        if prison_number_only {
+            s.patient.nhs_number = None;
+        }
+        submit(message_id, pb::JourneyEvent::CommunitySummary, &[], &s)
+    };
+    for (message_id, prison_number_only) in [("cs-1", false), ("cs-2", true)] {
+        let r = gp
+            .submit(community(message_id, prison_number_only))
+            .await
+            .unwrap()
+            .into_inner();
+        let to: Vec<_> = r
+            .deliveries
+            .iter()
+            .map(|d| d.destination.as_str())
+            .collect();
+        assert_eq!(to, ["YP002"], "{message_id}");
+    }
+    let mut now_at = gw.client("YP002").await;
+    // One of a patient's deliveries at a time, in order.
+    let mut events = Vec::new();
+    for _ in 0..4 {
+        events.extend(pull_and_ack(&mut now_at).await.iter().map(|d| d.event()));
+    }
+    // The second replaced the first, undelivered (one lineage).
+    assert_eq!(
+        events,
+        [
+            pb::JourneyEvent::Transfer,
+            pb::JourneyEvent::CommunitySummary
+        ]
+    );
+    assert!(
+        pull_and_ack(&mut prison).await.is_empty(),
+        "nothing to the prison they left"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_corrected_transfer_supersedes_the_undelivered_one() {
     a_corrected_transfer_supersedes_the_undelivered_one_on(Engine::Sled).await;
 }

@@ -252,6 +252,32 @@ impl PgStore {
         })
     }
 
+    /// See [`crate::store::SledStore::latest_custody`].
+    ///
+    /// # Errors
+    /// Database failures.
+    pub fn latest_custody(&self, identifier: &str) -> Result<Option<HandoverRecord>, StoreError> {
+        let identifier = identifier.to_owned();
+        let events: Vec<String> = records::CUSTODY_EVENTS
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        self.block(move |s| async move {
+            let client = s.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT h.record FROM lineage l JOIN handovers h ON h.id = l.handover_id \
+                     WHERE l.patient_key = COALESCE(\
+                     (SELECT patient_key FROM identities WHERE identifier = $1), $1) \
+                     AND l.event = ANY($2) ORDER BY l.handover_id DESC LIMIT 1",
+                    &[&identifier, &events],
+                )
+                .await
+                .map_err(db)?;
+            Ok(row.map(|r| r.get::<_, Json<HandoverRecord>>(0).0))
+        })
+    }
+
     /// A page of identity conflicts, newest first, each with its cursor.
     ///
     /// # Errors
