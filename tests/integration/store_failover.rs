@@ -593,7 +593,12 @@ async fn health_answers_not_serving_while_the_database_cannot_commit() {
     while status().await != ServingStatus::NotServing {
         assert!(
             stopped.elapsed() < Duration::from_secs(30),
-            "health still answers SERVING while nothing can commit"
+            "health still answers SERVING while nothing can commit; replication: {:?}; node log:\n{}",
+            pair.sql(
+                pair.ports.0,
+                "SELECT application_name, state, sync_state FROM pg_stat_replication"
+            ),
+            std::fs::read_to_string(&node.log).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

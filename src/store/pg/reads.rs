@@ -66,9 +66,9 @@ impl PgStore {
         })
     }
 
-    /// Commits a transaction that holds a transaction id and writes
-    /// nothing else: it returns once a connection was free and the commit
-    /// is as durable as a submit's (with a synchronous standby, on both
+    /// Commits a transaction that writes a row and removes it (nothing
+    /// committed stays): it returns once a connection was free and the
+    /// commit is as durable as a submit's (with a synchronous standby, on both
     /// machines). What a health check waits on to tell a stuck database
     /// (a standby gone, a full disk, every connection hung) from a busy one.
     ///
@@ -76,9 +76,17 @@ impl PgStore {
     /// Database failures.
     pub async fn probe(&self) -> Result<(), StoreError> {
         self.run(move |s| async move {
+            let now = s.now();
             let mut client = s.client().await?;
             let tx = client.transaction().await.map_err(db)?;
-            tx.query_one("SELECT txid_current()", &[])
+            // A row written and removed: the commit has WAL to wait for. A
+            // transaction id alone (`txid_current()`) commits without
+            // waiting for the standby, so a lost standby went unnoticed
+            // whenever a connection was free (`V4__probe.sql`).
+            tx.execute("INSERT INTO store_probe (at_ms) VALUES ($1)", &[&now])
+                .await
+                .map_err(db)?;
+            tx.execute("DELETE FROM store_probe", &[])
                 .await
                 .map_err(db)?;
             tx.commit().await.map_err(db)
