@@ -130,8 +130,18 @@ impl From<Error> for Status {
                     description: "already linked to a different patient; not merged: an operator must resolve the identity (admin conflicts)".into(),
                 };
                 let message = describe(std::slice::from_ref(&violation));
+                // FAILED_PRECONDITION's own detail (google.rpc.PreconditionFailure,
+                // AIP-193), and the field violation clients read since v1.
+                let failed = tonic_types::PreconditionViolation::new(
+                    reason,
+                    violation.field.clone(),
+                    violation.description.clone(),
+                );
                 let wire = FieldViolation::new(violation.field, violation.description);
-                status(code, message, reason, retry, vec![wire])
+                let mut d =
+                    status(code, message.clone(), reason, retry, vec![wire]).get_error_details();
+                d.set_precondition_failure(vec![failed]);
+                Status::with_error_details(code, message, d)
             }
             // What a client needs to decide, in a field, not only in words:
             // the attempt it should ack now, or the state the delivery is in

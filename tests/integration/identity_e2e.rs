@@ -418,6 +418,20 @@ async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown_on(en
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(violations(&err), ["patient.prison_number"]);
+    // FAILED_PRECONDITION's own detail too (google.rpc.PreconditionFailure).
+    let failed = {
+        use tonic_types::StatusExt;
+        err.get_details_precondition_failure()
+            .expect("PreconditionFailure")
+            .violations
+    };
+    assert_eq!(
+        failed
+            .iter()
+            .map(|v| (v.r#type.as_str(), v.subject.as_str()))
+            .collect::<Vec<_>>(),
+        [("IDENTITY_CONFLICT", "patient.prison_number")]
+    );
     assert!(!err.message().contains(PRISON_NUMBER) && !err.message().contains(&nhs(6)));
     assert_eq!(
         gw.store.content_digest().unwrap(),
