@@ -34,6 +34,9 @@ pub enum Error {
         /// When a claim may be tried again.
         retry_after: Duration,
     },
+    /// The organisation a call acts on is not in the registry.
+    #[error("ods_code: no registered organisation has this ODS code")]
+    UnknownOrganisation,
     /// The gateway is shutting down.
     #[error("the gateway is shutting down")]
     ShuttingDown,
@@ -94,6 +97,7 @@ impl Error {
             Error::Unauthenticated(_) => Kind::Unauthenticated,
             Error::PermissionDenied(_) => Kind::PermissionDenied,
             Error::ClaimsLocked { .. } => Kind::ResourceExhausted,
+            Error::UnknownOrganisation => Kind::NotFound,
             Error::ShuttingDown | Error::Unrecorded => Kind::Unavailable,
             Error::Store(e) => match e {
                 StoreError::Conflict | StoreError::Retired { .. } => Kind::AlreadyExists,
@@ -126,6 +130,7 @@ impl Error {
             Error::Unauthenticated(_) => "UNREGISTERED_CALLER",
             Error::PermissionDenied(_) => "PERMISSION_DENIED",
             Error::ClaimsLocked { .. } => "CLAIMS_LOCKED",
+            Error::UnknownOrganisation => "UNKNOWN_ORGANISATION",
             Error::ShuttingDown => "SHUTTING_DOWN",
             Error::Unrecorded => "AUDIT_UNAVAILABLE",
             Error::Store(e) => match e {

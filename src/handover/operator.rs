@@ -442,7 +442,8 @@ impl Gateway {
     /// Enables or disables an organisation.
     ///
     /// # Errors
-    /// Refusals (non-operators, an unknown code) and store failures.
+    /// Refusals (non-operators, a malformed code), an unknown code
+    /// ([`Error::UnknownOrganisation`]) and store failures.
     pub async fn set_organisation_active(
         &self,
         caller: &Caller,
@@ -455,10 +456,7 @@ impl Gateway {
             .map_err(|e| Error::invalid("ods_code", e.to_string()))?;
         let _one_at_a_time = self.registry_changes.lock().await;
         let Some(mut org) = self.registry.get(&code) else {
-            return Err(Error::invalid(
-                "ods_code",
-                "no registered organisation has this ODS code",
-            ));
+            return Err(Error::UnknownOrganisation);
         };
         org.active = active;
         self.save_locked(&actor, org).await

@@ -145,6 +145,20 @@ async fn the_authorisation_matrix_cell_by_cell() {
     gw.set_organisation_active(&operator(), "YG002", false)
         .await
         .unwrap();
+    // The organisation the call acts on is its resource: one the registry
+    // does not hold is NOT_FOUND, a malformed code INVALID_ARGUMENT.
+    let unknown = gw
+        .set_organisation_active(&operator(), "YG999", false)
+        .await;
+    assert_eq!(
+        unknown.map(|_| ()).unwrap_err().reason(),
+        "UNKNOWN_ORGANISATION"
+    );
+    let malformed = gw.set_organisation_active(&operator(), "", false).await;
+    assert_eq!(
+        malformed.map(|_| ()).unwrap_err().kind(),
+        Kind::InvalidArgument
+    );
     let denied = Some(Kind::PermissionDenied);
     let unauthenticated = Some(Kind::Unauthenticated);
     let expect = |who: &str| -> Vec<Option<Kind>> {
