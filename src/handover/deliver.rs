@@ -14,6 +14,10 @@ use crate::store::{
     AckOutcome, DeliveryRecord, DeliveryState, HandoverRecord, LeasedDelivery, StoreError, TrackKey,
 };
 
+/// Who gives back or quarantines a leased delivery the gateway itself
+/// could not read: the audit trail must not say the recipient refused it.
+pub const DELIVERY_ACTOR: &str = "service:delivery";
+
 /// The most attempts one batch acknowledgement may name.
 pub const MAX_ACK_BATCH: usize = 500;
 
@@ -196,7 +200,7 @@ impl Gateway {
             // This round's only: a round follows only when every delivery
             // of the last was quarantined or given back as a failed attempt.
             unanswered.attempts = crate::store::attempts_of(&leased);
-            let (delivered, failure) = self.deliver_leased(&actor, mailbox, &leased, format).await;
+            let (delivered, failure) = self.deliver_leased(mailbox, &leased, format).await;
             deliveries.extend(delivered);
             if let Some(e) = failure
                 && deliveries.is_empty()
@@ -260,10 +264,10 @@ impl Gateway {
     ///   again after the retry backoff, and quarantined only once its
     ///   attempts run out, like any other.
     ///
+    /// Both are the gateway's doing, audited as [`DELIVERY_ACTOR`].
     /// Returns what was rendered and the first failure of the second kind.
     async fn deliver_leased(
         &self,
-        actor: &str,
         mailbox: &str,
         leased: &[LeasedDelivery],
         format: Format,
@@ -276,7 +280,7 @@ impl Gateway {
             Ok(payloads) => {
                 for (l, payload) in leased.iter().zip(payloads) {
                     match self
-                        .deliver_or_quarantine(actor, mailbox, l, payload, format)
+                        .deliver_or_quarantine(mailbox, l, payload, format)
                         .await
                     {
                         Ok(Some(d)) => delivered.push(d),
@@ -300,7 +304,7 @@ impl Gateway {
             if let Err(e) = self
                 .store
                 .nack(
-                    actor,
+                    DELIVERY_ACTOR,
                     mailbox,
                     l.delivery.id,
                     l.delivery.attempt,
@@ -320,7 +324,6 @@ impl Gateway {
     /// other failure is returned, the delivery left to the caller.
     async fn deliver_or_quarantine(
         &self,
-        actor: &str,
         mailbox: &str,
         l: &LeasedDelivery,
         payload: Result<Vec<u8>, StoreError>,
@@ -345,7 +348,7 @@ impl Gateway {
                 });
                 self.store
                     .nack(
-                        actor,
+                        DELIVERY_ACTOR,
                         mailbox,
                         l.delivery.id,
                         l.delivery.attempt,

@@ -1138,6 +1138,16 @@ async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_
         "{}",
         status.quarantine_reason
     );
+    // The gateway quarantined it, not the practice: the trail says who.
+    let nacks: Vec<_> = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "nack" && e.delivery_id == Some(status.delivery_id))
+        .map(|e| e.actor)
+        .collect();
+    assert_eq!(nacks, ["service:delivery"]);
     gw.stop().await;
 }
 
