@@ -214,7 +214,10 @@ fn line(store: &Store, d: DeliveryRecord, now_ms: i64) -> Result<Line, StoreErro
         quarantined_at_ms: d.quarantined_at_ms,
         due_ms: d.due_ms,
         overdue,
-        pds: d.pds.as_ref().map(crate::store::PdsFinding::reason),
+        // What PDS said, without the practice: this page is neither
+        // authenticated nor audited, and a practice beside a release date
+        // can narrow a person down; `ListParked` names it, audited.
+        pds: d.pds.as_ref().map(|f| f.status.reason(None)),
     })
 }
 
@@ -659,7 +662,7 @@ mod tests {
                 quarantined_at_ms: None,
                 due_ms: Some(NOW - 1),
                 overdue: true,
-                pds: Some("registered at Y12345, not connected".into()),
+                pds: Some("registered at a practice, not connected".into()),
             }],
             trends: Vec::new(),
             mesh: Vec::new(),
@@ -718,7 +721,7 @@ mod tests {
         assert!(html.contains(r#"<td class="num oldest">90s</td>"#));
         assert!(!html.contains("practice system rejected it"));
         assert!(html.contains(r#"<span class="badge alert">OVERDUE</span>"#));
-        assert!(html.contains(r#"<td class="pds">registered at Y12345, not connected</td>"#));
+        assert!(html.contains(r#"<td class="pds">registered at a practice, not connected</td>"#));
         assert!(html.contains(r#"<h2>Quarantine<span class="count">1</span></h2>"#));
         assert!(!html.contains("Showing"));
         // A list cut at the limit says so; the header counts them all.

@@ -433,12 +433,14 @@ async fn an_unverified_identity_stays_parked_and_visible_with_the_reason() {
             .is_empty()
     );
     assert_eq!(parked(&gw).await.deliveries.len(), cases.len());
-    // The dashboard shows the reason too.
+    // The dashboard shows the reason too, but not the practice: it is
+    // neither authenticated nor audited (ListParked, audited, names it).
     let page = dashboard(&gw).await;
     assert!(
-        page.contains("registered at Y12345, not connected"),
+        page.contains("registered at a practice, not connected"),
         "{page}"
     );
+    assert!(!page.contains("Y12345"), "{page}");
 }
 
 async fn dashboard(gw: &TestGateway) -> String {
