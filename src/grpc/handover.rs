@@ -99,7 +99,7 @@ impl HandoverGrpc {
 
 fn caller_org_kind(gateway: &Gateway, caller: &Caller) -> &'static str {
     match caller {
-        Caller::Organisation(code) => gateway
+        Caller::Organisation(code) | Caller::Relayed { org: code, .. } => gateway
             .registry
             .get(code)
             .map_or("unregistered", |o| o.kind.as_str()),

@@ -73,6 +73,15 @@ pub enum Caller {
     Organisation(OdsCode),
     /// A gateway operator, by name (`urn:operator:<name>`).
     Operator(String),
+    /// An organisation reached through an edge of the gateway (MESH): the
+    /// edge pulls, acknowledges and refuses its deliveries for it, with its
+    /// rights, and the trail names both (`service:mesh for urn:ods:<code>`).
+    Relayed {
+        /// The organisation acted for.
+        org: OdsCode,
+        /// The edge acting (`service:mesh`).
+        by: &'static str,
+    },
     /// No identity was presented.
     Unidentified,
 }
@@ -84,6 +93,7 @@ impl Caller {
         match self {
             Caller::Organisation(ods) => format!("urn:ods:{ods}"),
             Caller::Operator(name) => format!("urn:operator:{name}"),
+            Caller::Relayed { org, by } => format!("{by} for urn:ods:{org}"),
             Caller::Unidentified => "unknown".to_owned(),
         }
     }
@@ -136,19 +146,21 @@ impl Gateway {
                 }
                 _ => Ok((Resolved::Operator, actor)),
             },
-            Caller::Organisation(code) => match self.registry.get(code) {
-                Some(org) if !org.active => Err(Error::PermissionDenied(format!(
-                    "organisation {code} is disabled in the registry"
-                ))),
-                Some(org) => Ok((Resolved::Org(org), actor)),
-                None => {
-                    tracing::warn!(caller = %actor, "certificate for an unregistered organisation");
-                    // The code is the CA's word (it issued the certificate), not the caller's.
-                    Err(Error::Unauthenticated(format!(
-                        "organisation {code} named by the client certificate is not registered"
-                    )))
+            Caller::Organisation(code) | Caller::Relayed { org: code, .. } => {
+                match self.registry.get(code) {
+                    Some(org) if !org.active => Err(Error::PermissionDenied(format!(
+                        "organisation {code} is disabled in the registry"
+                    ))),
+                    Some(org) => Ok((Resolved::Org(org), actor)),
+                    None => {
+                        tracing::warn!(caller = %actor, "certificate for an unregistered organisation");
+                        // The code is the CA's word (it issued the certificate), not the caller's.
+                        Err(Error::Unauthenticated(format!(
+                            "organisation {code} named by the client certificate is not registered"
+                        )))
+                    }
                 }
-            },
+            }
         }
     }
 

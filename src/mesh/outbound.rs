@@ -333,9 +333,12 @@ impl MeshEdge {
         Ok(())
     }
 
-    /// Pulls the organisation's deliveries (as it) and sends each.
+    /// Pulls the organisation's deliveries (for it, with its rights) and sends each.
     async fn send_waiting(&mut self, org: &Organisation) -> Result<(), MeshError> {
-        let caller = Caller::Organisation(org.ods.clone());
+        let caller = Caller::Relayed {
+            org: org.ods.clone(),
+            by: super::MESH_ACTOR,
+        };
         let format = match org.format {
             Format::Native => Format::Fhir,
             f => f,
@@ -496,12 +499,13 @@ impl MeshEdge {
             reason = "MESH reported a failure in words withheld here (they looked like patient data); see MESH's tracking of the message".into();
         }
         tracing::warn!(delivery_id = record.delivery_id, reason = %reason, "MESH delivery failed; quarantining");
-        let caller = Caller::Organisation(
-            record
+        let caller = Caller::Relayed {
+            org: record
                 .mailbox
                 .parse()
                 .map_err(|_| MeshError::Gateway("a MESH record names no ODS code".into()))?,
-        );
+            by: super::MESH_ACTOR,
+        };
         let nack = NackCommand {
             delivery_id: record.delivery_id,
             attempt: record.attempt,
@@ -601,12 +605,13 @@ impl MeshEdge {
 
     /// The recipient acknowledged: the delivery is delivered.
     pub(super) async fn acknowledged(&self, mut record: MeshRecord) -> Result<(), MeshError> {
-        let caller = Caller::Organisation(
-            record
+        let caller = Caller::Relayed {
+            org: record
                 .mailbox
                 .parse()
                 .map_err(|_| MeshError::Gateway("a MESH record names no ODS code".into()))?,
-        );
+            by: super::MESH_ACTOR,
+        };
         match self
             .gateway
             .ack(&caller, record.delivery_id, record.attempt)

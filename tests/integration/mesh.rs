@@ -368,6 +368,21 @@ async fn mesh_delivers_a_release_in_chunks_and_marks_it_delivered_on_the_recipie
     for step in ["mesh_sending", "mesh_sent", "mesh_acknowledged"] {
         assert!(actions.contains(&step), "{step} not in {actions:?}");
     }
+    // The gateway's MESH edge pulled and acknowledged for the practice,
+    // which never called: the trail names both, not the practice alone.
+    let by: Vec<(&str, &str)> = trail
+        .entries
+        .iter()
+        .filter(|e| ["pull", "ack"].contains(&e.action.as_str()))
+        .map(|e| (e.action.as_str(), e.actor.as_str()))
+        .collect();
+    assert_eq!(
+        by,
+        [
+            ("pull", "service:mesh for urn:ods:YG001"),
+            ("ack", "service:mesh for urn:ods:YG001")
+        ]
+    );
     gw.stop().await;
 }
 
