@@ -630,17 +630,11 @@ pub(super) fn with_withdrawals(
     patient_key: &str,
     h: &super::NewHandover,
 ) -> Result<Routed, StoreError> {
-    let mut routed = Routed {
-        destinations: h.destinations.clone(),
-        followed: None,
-    };
     let lineage = records::lineage_key(patient_key, &h.sender, h.event);
     let mut next = staged
         .get(TreeId::Lineage, &lineage)?
         .and_then(|v| records::from_be(&v));
-    // Only the latest earlier practice copy says where the practice is.
-    let mut practice_seen = false;
-    let mut given = Vec::new();
+    let mut earlier = EarlierCopies::new(h);
     for _ in 0..GIVEN_WALK {
         let Some(id) = next else { break };
         let Some(older) =
@@ -653,40 +647,80 @@ pub(super) fn with_withdrawals(
             break;
         }
         for d in &older.deliveries {
-            let d = load(staged, *d)?;
-            if !practice_seen && d.view == records::FULL_VIEW {
-                practice_seen = true;
-                routed.followed =
-                    records::follows_claim(h.event, &routed.destinations, &d, &h.claim_keys).map(
-                        |index| {
-                            routed.destinations[index].mailbox.clone_from(&d.mailbox);
-                            Followed {
-                                index,
-                                earlier: d.id,
-                                claimed_by: d.claimed_by.clone().unwrap_or_default(),
-                            }
-                        },
-                    );
-            }
-            if d.state == DeliveryState::Delivered || d.attempt > 0 {
-                given.push(d.mailbox);
-            }
+            earlier.visit(load(staged, *d)?);
         }
         next = older.supersedes;
     }
-    if let Some(notice) = &h.withdrawal {
-        for mailbox in given {
-            if !mailbox.starts_with('@')
-                && !routed.destinations.iter().any(|x| x.mailbox == mailbox)
-            {
-                routed.destinations.push(super::NewDelivery {
-                    mailbox,
-                    ..(**notice).clone()
-                });
-            }
+    Ok(earlier.routed())
+}
+
+/// What the earlier summaries of a new handover's lineage tell it, their
+/// deliveries visited newest handover first (both engines): a practice copy
+/// that would wait parked goes to the practice that claimed the latest
+/// earlier practice copy, and each organisation (not a holding mailbox)
+/// given an earlier copy (leased at least once, or delivered) that the new
+/// one does not go to is sent a withdrawal notice.
+pub(crate) struct EarlierCopies<'a> {
+    h: &'a super::NewHandover,
+    routed: Routed,
+    /// Only the latest earlier practice copy says where the practice is.
+    practice_seen: bool,
+    given: Vec<String>,
+}
+
+impl<'a> EarlierCopies<'a> {
+    /// Nothing visited yet: `h`'s own destinations.
+    pub(crate) fn new(h: &'a super::NewHandover) -> Self {
+        Self {
+            h,
+            routed: Routed {
+                destinations: h.destinations.clone(),
+                followed: None,
+            },
+            practice_seen: false,
+            given: Vec::new(),
         }
     }
-    Ok(routed)
+
+    /// One delivery of an earlier handover.
+    pub(crate) fn visit(&mut self, d: DeliveryRecord) {
+        let (h, routed) = (self.h, &mut self.routed);
+        if !self.practice_seen && d.view == records::FULL_VIEW {
+            self.practice_seen = true;
+            routed.followed =
+                records::follows_claim(h.event, &routed.destinations, &d, &h.claim_keys).map(
+                    |index| {
+                        routed.destinations[index].mailbox.clone_from(&d.mailbox);
+                        Followed {
+                            index,
+                            earlier: d.id,
+                            claimed_by: d.claimed_by.clone().unwrap_or_default(),
+                        }
+                    },
+                );
+        }
+        if d.state == DeliveryState::Delivered || d.attempt > 0 {
+            self.given.push(d.mailbox);
+        }
+    }
+
+    /// The destinations, withdrawal notices last.
+    pub(crate) fn routed(self) -> Routed {
+        let mut routed = self.routed;
+        if let Some(notice) = &self.h.withdrawal {
+            for mailbox in self.given {
+                if !mailbox.starts_with('@')
+                    && !routed.destinations.iter().any(|x| x.mailbox == mailbox)
+                {
+                    routed.destinations.push(super::NewDelivery {
+                        mailbox,
+                        ..(**notice).clone()
+                    });
+                }
+            }
+        }
+        routed
+    }
 }
 
 /// Handover `id`'s place in its lineage (arrival order alone when its

@@ -11,15 +11,15 @@ use super::Shared;
 use super::queue::{Step, retire};
 use super::sql::{self, db, id};
 use crate::audit::{AuditEvent, hex};
-use crate::store::identity::{Followed, Routed};
+use crate::store::identity::{EarlierCopies, Routed};
 use crate::store::records::{
     self, IdentityConflict, PARKED_MAILBOX, PatientRecord, Recency, newer_than, replacement_in,
     supersede_event, superseded_on_arrival_outcome,
 };
 use crate::store::writer::{Owner, content_hash, new_delivery};
 use crate::store::{
-    DeliveryRecord, DeliveryState, HandoverRecord, NewDelivery, NewHandover, PatientIds,
-    StoreError, SubmitOutcome,
+    DeliveryRecord, DeliveryState, HandoverRecord, NewHandover, PatientIds, StoreError,
+    SubmitOutcome,
 };
 
 pub(super) async fn submit(
@@ -159,10 +159,6 @@ async fn with_withdrawals(
     patient_key: &str,
     h: &NewHandover,
 ) -> Result<Routed, StoreError> {
-    let mut routed = Routed {
-        destinations: h.destinations.clone(),
-        followed: None,
-    };
     const WALK: usize = 32;
     let mut next = tx
         .query_opt(
@@ -172,8 +168,7 @@ async fn with_withdrawals(
         .await
         .map_err(db)?
         .map(|r| sql::un_id(r.get(0)));
-    let mut practice_seen = false;
-    let mut given = Vec::new();
+    let mut earlier = EarlierCopies::new(h);
     for _ in 0..WALK {
         let Some(handover) = next else { break };
         let Some(record) = sql::handover(tx, handover).await? else {
@@ -190,40 +185,11 @@ async fn with_withdrawals(
             .await
             .map_err(db)?;
         for r in rows {
-            let d: DeliveryRecord = r.get::<_, Json<DeliveryRecord>>(0).0;
-            if !practice_seen && d.view == records::FULL_VIEW {
-                practice_seen = true;
-                routed.followed =
-                    records::follows_claim(h.event, &routed.destinations, &d, &h.claim_keys).map(
-                        |index| {
-                            routed.destinations[index].mailbox.clone_from(&d.mailbox);
-                            Followed {
-                                index,
-                                earlier: d.id,
-                                claimed_by: d.claimed_by.clone().unwrap_or_default(),
-                            }
-                        },
-                    );
-            }
-            if d.state == DeliveryState::Delivered || d.attempt > 0 {
-                given.push(d.mailbox);
-            }
+            earlier.visit(r.get::<_, Json<DeliveryRecord>>(0).0);
         }
         next = record.supersedes;
     }
-    if let Some(notice) = &h.withdrawal {
-        for mailbox in given {
-            if !mailbox.starts_with('@')
-                && !routed.destinations.iter().any(|d| d.mailbox == mailbox)
-            {
-                routed.destinations.push(NewDelivery {
-                    mailbox,
-                    ..(**notice).clone()
-                });
-            }
-        }
-    }
-    Ok(routed)
+    Ok(earlier.routed())
 }
 
 /// Takes the first lock of a submit: submits serialise here, so a dedupe
