@@ -154,6 +154,23 @@ pub fn retired_event(actor: &str, t: &Tombstone) -> crate::audit::AuditEvent {
     }
 }
 
+/// An audit entry by `actor` about delivery `d` (its handover and patient).
+pub(crate) fn delivery_event(
+    actor: &str,
+    action: &'static str,
+    d: &DeliveryRecord,
+    outcome: impl Into<String>,
+) -> crate::audit::AuditEvent {
+    crate::audit::AuditEvent {
+        actor: actor.to_owned(),
+        action,
+        handover_id: Some(d.handover_id),
+        delivery_id: Some(d.id),
+        patient_key: Some(d.patient_key.clone()),
+        outcome: outcome.into(),
+    }
+}
+
 /// Whether `mailbox` holds treatment service copies waiting for a service
 /// in the release area (routed on when one is registered, never claimed).
 pub fn is_held_treatment_mailbox(mailbox: &str) -> bool {
@@ -177,14 +194,7 @@ pub fn route_held_event(actor: &str, d: &DeliveryRecord, to: &str) -> crate::aud
             d.mailbox
         )
     };
-    crate::audit::AuditEvent {
-        actor: actor.to_owned(),
-        action: "route_held",
-        handover_id: Some(d.handover_id),
-        delivery_id: Some(d.id),
-        patient_key: Some(d.patient_key.clone()),
-        outcome,
-    }
+    delivery_event(actor, "route_held", d, outcome)
 }
 
 /// The state a copy takes when moved to `to`, if the move is one
@@ -346,14 +356,7 @@ pub(crate) fn supersede_event(
     d: &DeliveryRecord,
     outcome: String,
 ) -> crate::audit::AuditEvent {
-    crate::audit::AuditEvent {
-        actor: actor.to_owned(),
-        action: "supersede",
-        handover_id: Some(d.handover_id),
-        delivery_id: Some(d.id),
-        patient_key: Some(d.patient_key.clone()),
-        outcome,
-    }
+    delivery_event(actor, "supersede", d, outcome)
 }
 
 /// The audit outcome of a copy superseded on arrival by handover `latest`.
@@ -862,14 +865,12 @@ pub(crate) fn repeated_nack(d: &DeliveryRecord, attempt: u32, permanent: bool) -
 
 /// The audit entry of a repeated nack (see [`repeated_nack`]).
 pub(crate) fn repeated_nack_event(actor: &str, d: &DeliveryRecord) -> crate::audit::AuditEvent {
-    crate::audit::AuditEvent {
-        actor: actor.to_owned(),
-        action: "nack",
-        handover_id: Some(d.handover_id),
-        delivery_id: Some(d.id),
-        patient_key: Some(d.patient_key.clone()),
-        outcome: "ok: repeated nack of an attempt already given back".into(),
-    }
+    delivery_event(
+        actor,
+        "nack",
+        d,
+        "ok: repeated nack of an attempt already given back",
+    )
 }
 
 /// The audit entry of a refused ack or nack (a repeated ack of a delivered
@@ -956,13 +957,11 @@ pub(crate) fn returned_unsent_event(
     d: &DeliveryRecord,
     attempt: u32,
 ) -> crate::audit::AuditEvent {
-    crate::audit::AuditEvent {
-        actor: actor.to_owned(),
-        action: "pull",
-        handover_id: Some(d.handover_id),
-        delivery_id: Some(d.id),
-        patient_key: Some(d.patient_key.clone()),
-        outcome: if d.state == DeliveryState::Superseded {
+    delivery_event(
+        actor,
+        "pull",
+        d,
+        if d.state == DeliveryState::Superseded {
             format!(
                 "ok: attempt {attempt} returned unsent (the answer was full); superseded meanwhile, retired"
             )
@@ -971,7 +970,7 @@ pub(crate) fn returned_unsent_event(
                 "ok: attempt {attempt} returned unsent (the answer was full); queued, not counted"
             )
         },
-    }
+    )
 }
 
 /// The stored payload bytes one pull may lease (always one delivery).
@@ -1096,16 +1095,14 @@ pub(crate) fn contradicted_claim_event(
         delivery_id = d.id,
         "claim refused at a parked release: one identifier and the date of birth match, another identifier given does not"
     );
-    crate::audit::AuditEvent {
-        actor: actor.to_owned(),
-        action: "claim",
-        handover_id: Some(d.handover_id),
-        delivery_id: Some(d.id),
-        patient_key: Some(d.patient_key.clone()),
-        outcome: format!(
+    delivery_event(
+        actor,
+        "claim",
+        d,
+        format!(
             "refused: one identifier and the date of birth match this parked release, but another identifier given for {to} contradicts it (possible wrong patient)"
         ),
-    }
+    )
 }
 
 /// The destination of a new release that follows an earlier claim: its
@@ -1141,17 +1138,15 @@ pub(crate) fn followed_claim_event(
     d: &DeliveryRecord,
     earlier: u64,
 ) -> crate::audit::AuditEvent {
-    crate::audit::AuditEvent {
-        actor: actor.to_owned(),
-        action: "claim",
-        handover_id: Some(d.handover_id),
-        delivery_id: Some(d.id),
-        patient_key: Some(d.patient_key.clone()),
-        outcome: format!(
+    delivery_event(
+        actor,
+        "claim",
+        d,
+        format!(
             "ok: sent to {}, which claimed delivery {earlier} of the summary this one corrects",
             d.mailbox
         ),
-    }
+    )
 }
 
 /// How a claim answers to a parked release.
