@@ -281,9 +281,11 @@ async fn store_payload(
 }
 
 /// The patient identified by `ids`: an identifier resolves through the
-/// links kept; a submit with both numbers links them. Two patients already
-/// known apart are not merged on PostgreSQL (docs/store-engines.md): the
-/// submit is refused as a conflict, for an operator to resolve.
+/// links kept; a prison's submit with both numbers links them, and two
+/// patients known apart (one by each number) are merged into the NHS
+/// number's, as on sled (`store::identity`). A link that would give one
+/// patient two NHS numbers or two prison numbers (or a prison number
+/// found with another date of birth) is refused as a conflict.
 async fn resolve_patient(
     tx: &Transaction<'_>,
     (ids, links): (&PatientIds, bool),
