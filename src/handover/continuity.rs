@@ -352,6 +352,24 @@ impl Scan {
         }
     }
 
+    /// Sets aside each chain whose first release came before the window
+    /// (`before` says so of an earlier summary the scan never reached: it
+    /// was submitted before the window, or its record is gone with age).
+    /// That release is counted in the period it began, with its own
+    /// outcome; counted here too, as its correction, it was counted twice
+    /// across consecutive reports.
+    fn set_aside_begun_before(
+        &mut self,
+        mut before: impl FnMut(u64) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        for (earlier, head) in std::mem::take(&mut self.head_of) {
+            if before(earlier)? {
+                self.chains.remove(&head);
+            }
+        }
+        Ok(())
+    }
+
     fn rows(mut self) -> Vec<ContinuityRow> {
         let window = self.window;
         for chain in std::mem::take(&mut self.chains).into_values() {
@@ -400,14 +418,18 @@ impl Gateway {
         let store = self.store.clone();
         let rows = tokio::task::spawn_blocking(move || {
             let mut scan = Scan::new(window, now_ms);
-            store
-                .for_each_handover_submitted_between(
-                    JourneyEvent::Release,
-                    window.from_ms,
-                    window.to_ms,
-                    |h, deliveries| scan.add(&h, &deliveries),
-                )
-                .map(|()| scan.rows())
+            store.for_each_handover_submitted_between(
+                JourneyEvent::Release,
+                window.from_ms,
+                window.to_ms,
+                |h, deliveries| scan.add(&h, &deliveries),
+            )?;
+            scan.set_aside_begun_before(|id| {
+                Ok(store
+                    .handover(id)?
+                    .is_none_or(|h| h.submitted_at_ms < window.from_ms))
+            })?;
+            Ok::<_, StoreError>(scan.rows())
         })
         .await
         .map_err(|e| {
@@ -475,6 +497,47 @@ mod tests {
             scan.add(h, &[]);
         }
         assert_eq!(scan.rows()[0].releases, Some(5));
+    }
+
+    /// A correction in the window of a release submitted before it: that
+    /// release is counted in its own period; this window counts neither.
+    /// A correction of one in the window counts once, as before.
+    #[test]
+    fn a_correction_of_a_release_from_before_the_window_is_not_counted_again() {
+        let release = |id: u64, at: i64, supersedes: Option<u64>| -> HandoverRecord {
+            serde_json::from_value(serde_json::json!({
+                "id": id, "sender": "YP001", "message_id": format!("m-{id}"),
+                "event": "RELEASE", "content_hash": "", "payload_hash": "",
+                "payload_len": 0, "patient_key": format!("p-{id}"),
+                "submitted_at_ms": at, "deliveries": [], "supersedes": supersedes
+            }))
+            .unwrap()
+        };
+        let window = ContinuityWindow {
+            from_ms: Some(DAY_MS),
+            to_ms: Some(2 * DAY_MS),
+            period_ms: Some(DAY_MS),
+        }
+        .resolve(2 * DAY_MS)
+        .unwrap();
+        let mut scan = Scan::new(window, 2 * DAY_MS);
+        // Newest first: 12 corrects 3 (the day before); 11 corrects 10;
+        // 9 to 5 stand alone.
+        let mut newest_first = vec![
+            release(12, DAY_MS + 1_200, Some(3)),
+            release(11, DAY_MS + 1_100, Some(10)),
+        ];
+        newest_first.extend(
+            (5..=10)
+                .rev()
+                .map(|id| release(id, DAY_MS + 100 * id as i64, None)),
+        );
+        for h in &newest_first {
+            scan.add(h, &[]);
+        }
+        let before = |id: u64| Ok::<_, StoreError>(id == 3);
+        scan.set_aside_begun_before(before).unwrap();
+        assert_eq!(scan.rows()[0].releases, Some(6), "10 (with 11), and 9 to 5");
     }
 
     /// A release the practice acknowledged on time, then corrected after
