@@ -226,17 +226,14 @@ impl Writer {
         (latest, earlier): (u64, u64),
         now: i64,
     ) -> Result<(), StoreError> {
+        join_chains(staged, latest, earlier)?;
         // Its tracking data may be gone under the retention policy: then it
         // finished long ago, and there is nothing to compare with.
-        let Some(mut handover) =
+        let Some(handover) =
             staged.get_json::<super::HandoverRecord>(TreeId::Handovers, &records::be(latest))?
         else {
             return Ok(());
         };
-        if handover.supersedes.is_none() && earlier != latest {
-            handover.supersedes = Some(earlier);
-            staged.put_json(TreeId::Handovers, records::be(latest).to_vec(), &handover);
-        }
         let mut deliveries = Vec::with_capacity(handover.deliveries.len());
         for id in &handover.deliveries {
             deliveries.push((load(staged, *id)?.mailbox, *id));
@@ -721,6 +718,35 @@ impl<'a> EarlierCopies<'a> {
         }
         routed
     }
+}
+
+/// Two lineages merged: the other's latest summary (`earlier`) and its
+/// chain join the end of `latest`'s chain (`supersedes`), unless already in
+/// it, so that a later correction's walk ([`EarlierCopies`]) reaches the
+/// recipients of both and sends each a withdrawal notice it needs. Only
+/// the latest of the two was linked when it named none: the recipients of
+/// the other patient's summaries were never told (PostgreSQL: the same in
+/// `pg::identity`).
+fn join_chains(staged: &mut Staged<'_>, latest: u64, earlier: u64) -> Result<(), StoreError> {
+    let mut at = latest;
+    for _ in 0..GIVEN_WALK {
+        if at == earlier {
+            return Ok(());
+        }
+        let key = records::be(at);
+        let Some(mut h) = staged.get_json::<super::HandoverRecord>(TreeId::Handovers, &key)? else {
+            return Ok(());
+        };
+        match h.supersedes {
+            Some(next) => at = next,
+            None => {
+                h.supersedes = Some(earlier);
+                staged.put_json(TreeId::Handovers, key.to_vec(), &h);
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Handover `id`'s place in its lineage (arrival order alone when its

@@ -808,3 +808,72 @@ async fn an_operators_claim_by_one_number_is_on_the_patients_trail() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn after_a_merge_a_correction_tells_the_recipients_of_both_patients_summaries() {
+    after_a_merge_a_correction_tells_both_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn after_a_merge_a_correction_tells_the_recipients_of_both_patients_summaries_on_postgres() {
+    after_a_merge_a_correction_tells_both_on(Engine::Postgres).await;
+}
+
+/// One person known as two patients: by prison number (a release to one
+/// practice) and by NHS number (a release and its correction to another).
+/// The submit that carries both merges them. Only the newer summary was
+/// linked to the older one when it named none; here it named its own
+/// correction, so the first practice's summary fell out of the chain and
+/// that practice was never told the release it holds no longer applies.
+async fn after_a_merge_a_correction_tells_both_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let release = pb::JourneyEvent::Release;
+    let s = |with_nhs: bool, with_prison: bool, gp: &str, marker: &str| {
+        throughcare::clinical::synthetic::release_summary(
+            with_nhs.then(|| nhs(71).parse().unwrap()),
+            with_prison.then(|| "A7171AA".parse().unwrap()),
+            "YP001".parse().unwrap(),
+            Some(gp.parse().unwrap()),
+            marker,
+        )
+    };
+    let mut first_gp = gw.client("YG001").await;
+    let mut second_gp = gw.client("YG002").await;
+    prison
+        .submit(submit(
+            "mg-1",
+            release,
+            &[],
+            &s(false, true, "YG001", "first"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(pull_and_ack(&mut first_gp).await.len(), 1);
+    for (id, marker) in [("mg-2", "second"), ("mg-3", "third")] {
+        prison
+            .submit(submit(id, release, &[], &s(true, false, "YG002", marker)))
+            .await
+            .unwrap();
+        assert_eq!(pull_and_ack(&mut second_gp).await.len(), 1, "{id}");
+    }
+    // Both numbers: one patient, whose release goes to the second practice.
+    prison
+        .submit(submit(
+            "mg-4",
+            release,
+            &[],
+            &s(true, true, "YG002", "fourth"),
+        ))
+        .await
+        .unwrap();
+    let told = pull_and_ack(&mut first_gp).await;
+    assert_eq!(
+        told.iter().map(text_of).collect::<Vec<_>>(),
+        [""],
+        "a withdrawal notice for the first practice's summary"
+    );
+    gw.stop().await;
+}

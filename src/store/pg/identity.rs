@@ -16,8 +16,8 @@ use super::sql::{self, db, id};
 use super::submit::{Newer, recency_of, supersede_older};
 use crate::audit::AuditEvent;
 use crate::journey::JourneyEvent;
+use crate::store::StoreError;
 use crate::store::records::{PatientRecord, newer_than};
-use crate::store::{HandoverRecord, StoreError};
 
 /// Who a merge acts as in the audit trail (as on sled).
 const IDENTITY_ACTOR: &str = "urn:gateway:identity";
@@ -141,10 +141,31 @@ async fn move_lineage(
     Ok(())
 }
 
+/// As the sled engine's `identity::join_chains`: `earlier` and its chain
+/// join the end of `latest`'s chain, unless already in it.
+async fn join_chains(tx: &Transaction<'_>, latest: u64, earlier: u64) -> Result<(), StoreError> {
+    let mut at = latest;
+    for _ in 0..32 {
+        if at == earlier {
+            return Ok(());
+        }
+        let Some(mut h) = sql::handover(tx, at).await? else {
+            return Ok(());
+        };
+        match h.supersedes {
+            Some(next) => at = next,
+            None => {
+                h.supersedes = Some(earlier);
+                return sql::put_handover(tx, &h).await;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Retires, within patient `patient_key`, the undelivered copies of
 /// everything handover `latest` supersedes; `earlier` is the other
-/// lineage's latest, which `latest` now names as the handover it supersedes
-/// when it named none.
+/// lineage's latest, which joins the end of `latest`'s chain.
 async fn supersede_before(
     tx: &Transaction<'_>,
     patient_key: &str,
@@ -152,19 +173,11 @@ async fn supersede_before(
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
+    join_chains(tx, latest, earlier).await?;
     // Removed under the retention policy: it finished long ago.
-    let Some(row) = tx
-        .query_opt("SELECT record FROM handovers WHERE id = $1", &[&id(latest)])
-        .await
-        .map_err(db)?
-    else {
+    let Some(handover) = sql::handover(tx, latest).await? else {
         return Ok(());
     };
-    let mut handover: HandoverRecord = row.get::<_, Json<HandoverRecord>>(0).0;
-    if handover.supersedes.is_none() && earlier != latest {
-        handover.supersedes = Some(earlier);
-        sql::put_handover(tx, &handover).await?;
-    }
     let deliveries = sql::deliveries_of_handover(tx, latest).await?;
     let event: JourneyEvent = handover.event;
     let newer = Newer {
