@@ -4,7 +4,7 @@
 //! | event | goes to | view |
 //! |---|---|---|
 //! | `ADMISSION` | the registered GP (`registered_gp`), if on the network | admission notice |
-//! | `COMMUNITY_SUMMARY` | the admitting prison (`custody.establishment`) | full |
+//! | `COMMUNITY_SUMMARY` | the admitting prison (`custody.establishment`); the submit sends it on to the prison that holds the patient now (`handover::submit`, docs/journey.md) | full |
 //! | `TRANSFER` | the receiving prison (`custody.transfer_to`) | full |
 //! | `RELEASE` | each nominated GP (the GP practices the sender names), else the registered GP, else the **parked** mailbox; and the probation region (named by the sender, else the releasing prison's region) | full; probation view |
 //! | `RELEASE` with opioid substitution therapy | the substance misuse service the sender names, else the one of the release area, else **held** | substance misuse service view |
