@@ -1605,6 +1605,74 @@ async fn a_release_for_a_disabled_practice_waits_parked_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_parked_release_past_its_deadline_is_reported_overdue() {
+    a_parked_release_past_its_deadline_is_reported_overdue_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_parked_release_past_its_deadline_is_reported_overdue_on_postgres() {
+    a_parked_release_past_its_deadline_is_reported_overdue_on(Engine::Postgres).await;
+}
+
+/// A release waiting in `@parked` for a practice has the deadline its GP
+/// copy would have had: past it, it is reported overdue like any delivery
+/// (Track, ListMailboxes), so nobody takes "parked" for "in hand".
+async fn a_parked_release_past_its_deadline_is_reported_overdue_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |c| {
+        c.queue.sweep_interval_ms = 50;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(submit(
+            "parked-late",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(62, None, "waiting"),
+        ))
+        .await
+        .unwrap();
+    let parked = |t: &pb::TrackResponse| {
+        t.deliveries
+            .iter()
+            .find(|d| d.destination == "@parked")
+            .cloned()
+            .expect("parked")
+    };
+    let due = parked(&track_message(&mut prison, "parked-late").await)
+        .due_at
+        .expect("a parked release has a deadline");
+    let due_ms = due.seconds * 1_000 + i64::from(due.nanos) / 1_000_000;
+    clock.advance((due_ms - T0 + 1).max(0));
+    let mut reported = None;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let d = parked(&track_message(&mut prison, "parked-late").await);
+        if d.overdue_since.is_some() {
+            reported = Some(d);
+            break;
+        }
+    }
+    let d = reported.expect("overdue reported within the scans");
+    assert!(d.overdue);
+    assert_eq!(d.state(), pb::DeliveryState::Parked);
+    let boxes = gw
+        .operator()
+        .await
+        .list_mailboxes(pb::ListMailboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .mailboxes;
+    let waiting = boxes.iter().find(|m| m.mailbox == "@parked").unwrap();
+    assert_eq!((waiting.depth, waiting.overdue), (1, 1));
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_withdrawal_notice_for_a_disabled_practice_waits_for_it_and_is_never_parked() {
     a_withdrawal_notice_for_a_disabled_practice_is_never_parked_on(Engine::Sled).await;
 }
