@@ -587,8 +587,9 @@ fn load(staged: &Staged<'_>, id: u64) -> Result<DeliveryRecord, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("delivery {id} has no record")))
 }
 
-/// How far back a lineage is walked for the recipients it was given.
-const GIVEN_WALK: usize = 32;
+/// How far back a lineage is walked for the recipients it was given (and
+/// for its end, when two chains join); both engines.
+pub(crate) const GIVEN_WALK: usize = 32;
 
 /// A new handover's destinations once its lineage is consulted.
 pub(super) struct Routed {

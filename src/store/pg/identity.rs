@@ -145,7 +145,7 @@ async fn move_lineage(
 /// join the end of `latest`'s chain, unless already in it.
 async fn join_chains(tx: &Transaction<'_>, latest: u64, earlier: u64) -> Result<(), StoreError> {
     let mut at = latest;
-    for _ in 0..32 {
+    for _ in 0..crate::store::identity::GIVEN_WALK {
         if at == earlier {
             return Ok(());
         }

@@ -11,7 +11,7 @@ use super::Shared;
 use super::queue::{Step, retire};
 use super::sql::{self, db, id};
 use crate::audit::{AuditEvent, hex};
-use crate::store::identity::{EarlierCopies, Routed};
+use crate::store::identity::{EarlierCopies, GIVEN_WALK, Routed};
 use crate::store::records::{
     self, IdentityConflict, PARKED_MAILBOX, PatientRecord, Recency, newer_than, replacement_in,
     supersede_event, superseded_on_arrival_outcome,
@@ -159,7 +159,6 @@ async fn with_withdrawals(
     patient_key: &str,
     h: &NewHandover,
 ) -> Result<Routed, StoreError> {
-    const WALK: usize = 32;
     let mut next = tx
         .query_opt(
             "SELECT handover_id FROM lineage WHERE patient_key = $1 AND sender = $2 AND event = $3",
@@ -169,7 +168,7 @@ async fn with_withdrawals(
         .map_err(db)?
         .map(|r| sql::un_id(r.get(0)));
     let mut earlier = EarlierCopies::new(h);
-    for _ in 0..WALK {
+    for _ in 0..GIVEN_WALK {
         let Some(handover) = next else { break };
         let Some(record) = sql::handover(tx, handover).await? else {
             break;
