@@ -407,15 +407,13 @@ async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown_on(en
         .await
         .unwrap();
     let before = gw.store.content_digest().unwrap();
-    let err = prison
-        .submit(submit(
-            "r-2",
-            release,
-            &["YG001"],
-            &summary(6, true, Some(PRISON_NUMBER), "b"),
-        ))
-        .await
-        .unwrap_err();
+    let conflicting = submit(
+        "r-2",
+        release,
+        &["YG001"],
+        &summary(6, true, Some(PRISON_NUMBER), "b"),
+    );
+    let err = prison.submit(conflicting.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(violations(&err), ["patient.prison_number"]);
     // FAILED_PRECONDITION's own detail too (google.rpc.PreconditionFailure).
@@ -469,15 +467,7 @@ async fn a_prison_number_linked_to_another_nhs_number_is_refused_and_shown_on(en
     // Until an operator can unlink an identifier, the way through is the
     // sender's (docs/journey.md): unchanged it is refused again; without
     // the identifier in conflict, under a new message id, it is accepted.
-    let again = prison
-        .submit(submit(
-            "r-2",
-            release,
-            &["YG001"],
-            &summary(6, true, Some(PRISON_NUMBER), "b"),
-        ))
-        .await
-        .unwrap_err();
+    let again = prison.submit(conflicting).await.unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition);
     let through = prison
         .submit(submit(
