@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `ADMISSION` | the registered GP (`registered_gp`), if on the network | admission notice |
 //! | `COMMUNITY_SUMMARY` | the admitting prison (`custody.establishment`); the submit sends it on to the prison that holds the patient now (`handover::submit`, docs/journey.md) | full |
-//! | `TRANSFER` | the receiving prison (`custody.transfer_to`) | full |
+//! | `TRANSFER` | the receiving prison (`custody.transfer_to`); summaries the sender never pulled for the patient go on with it (`store::records::forwards_to`, docs/journey.md) | full |
 //! | `RELEASE` | each nominated GP (the GP practices the sender names), else the registered GP, else the **parked** mailbox; and the probation region (named by the sender, else the releasing prison's region) | full; probation view |
 //! | `RELEASE` with opioid substitution therapy | the substance misuse service the sender names, else the one of the release area, else **held** | substance misuse service view |
 //! | `RELEASE` with an active mental health care plan or suicide/self-harm risk | the mental health team of the release area, else **held** | mental health team view |

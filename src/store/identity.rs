@@ -596,8 +596,8 @@ pub(super) struct Routed {
     /// Where its copies go, withdrawal notices last.
     pub destinations: Vec<super::NewDelivery>,
     /// The destination sent where an earlier claim put the summary it
-    /// corrects, with that claim's delivery and claimant
-    /// ([`records::follows_claim`]).
+    /// corrects ([`records::follows_claim`]), or where it was sent on with
+    /// the patient ([`records::follows_forward`]).
     pub followed: Option<Followed>,
 }
 
@@ -605,16 +605,34 @@ pub(super) struct Routed {
 pub(crate) struct Followed {
     pub index: usize,
     pub earlier: u64,
-    pub claimed_by: String,
+    pub why: Follow,
+}
+
+/// Why a correction's copy goes where the copy it corrects went.
+pub(crate) enum Follow {
+    /// A practice claimed the earlier copy out of the holding mailbox
+    /// ([`records::follows_claim`]); the claimant.
+    Claim(String),
+    /// The earlier copy was sent on with the patient
+    /// ([`records::follows_forward`]); the prison it was first queued for.
+    Forward(String),
 }
 
 impl Followed {
-    /// Marks `record` (the followed destination's new delivery) as claimed
-    /// where the earlier one was; the audit entry that says so.
+    /// Marks `record` (the followed destination's new delivery) as claimed,
+    /// or sent on, where the earlier one was; the audit entry that says so.
     pub(crate) fn apply(&self, record: &mut DeliveryRecord, now: i64) -> AuditEvent {
-        record.claimed_by = Some(self.claimed_by.clone());
-        record.claimed_at_ms = Some(now);
-        records::followed_claim_event("urn:gateway:routing", record, self.earlier)
+        match &self.why {
+            Follow::Claim(by) => {
+                record.claimed_by = Some(by.clone());
+                record.claimed_at_ms = Some(now);
+                records::followed_claim_event(records::ROUTING_ACTOR, record, self.earlier)
+            }
+            Follow::Forward(from) => {
+                record.forwarded_from = Some(from.clone());
+                records::followed_forward_event(record, self.earlier)
+            }
+        }
     }
 }
 
@@ -655,14 +673,16 @@ pub(super) fn with_withdrawals(
 /// What the earlier summaries of a new handover's lineage tell it, their
 /// deliveries visited newest handover first (both engines): a practice copy
 /// that would wait parked goes to the practice that claimed the latest
-/// earlier practice copy, and each organisation (not a holding mailbox)
+/// earlier practice copy, a prison's copy goes where the latest earlier
+/// one was sent on with the patient, and each organisation (not a holding mailbox)
 /// given an earlier copy (leased at least once, or delivered) that the new
 /// one does not go to is sent a withdrawal notice.
 pub(crate) struct EarlierCopies<'a> {
     h: &'a super::NewHandover,
     routed: Routed,
-    /// Only the latest earlier practice copy says where the practice is.
-    practice_seen: bool,
+    /// Only the latest earlier full copy says where its recipient went (a
+    /// practice's claim, a prison's transfer onward).
+    full_seen: bool,
     given: Vec<String>,
 }
 
@@ -675,7 +695,7 @@ impl<'a> EarlierCopies<'a> {
                 destinations: h.destinations.clone(),
                 followed: None,
             },
-            practice_seen: false,
+            full_seen: false,
             given: Vec::new(),
         }
     }
@@ -683,19 +703,31 @@ impl<'a> EarlierCopies<'a> {
     /// One delivery of an earlier handover.
     pub(crate) fn visit(&mut self, d: DeliveryRecord) {
         let (h, routed) = (self.h, &mut self.routed);
-        if !self.practice_seen && d.view == records::FULL_VIEW {
-            self.practice_seen = true;
-            routed.followed =
-                records::follows_claim(h.event, &routed.destinations, &d, &h.claim_keys).map(
-                    |index| {
-                        routed.destinations[index].mailbox.clone_from(&d.mailbox);
-                        Followed {
-                            index,
-                            earlier: d.id,
-                            claimed_by: d.claimed_by.clone().unwrap_or_default(),
-                        }
-                    },
-                );
+        if !self.full_seen && d.view == records::FULL_VIEW {
+            self.full_seen = true;
+            let claim = records::follows_claim(h.event, &routed.destinations, &d, &h.claim_keys)
+                .map(|index| {
+                    (
+                        index,
+                        Follow::Claim(d.claimed_by.clone().unwrap_or_default()),
+                    )
+                });
+            let forward = || {
+                records::follows_forward(h.event, &routed.destinations, &d).map(|index| {
+                    (
+                        index,
+                        Follow::Forward(d.forwarded_from.clone().unwrap_or_default()),
+                    )
+                })
+            };
+            routed.followed = claim.or_else(forward).map(|(index, why)| {
+                routed.destinations[index].mailbox.clone_from(&d.mailbox);
+                Followed {
+                    index,
+                    earlier: d.id,
+                    why,
+                }
+            });
         }
         if d.state == DeliveryState::Delivered || d.attempt > 0 {
             self.given.push(d.mailbox);

@@ -171,6 +171,97 @@ pub(crate) fn delivery_event(
     }
 }
 
+/// The prison a transfer `event` (with its routed `destinations`) sends
+/// the patient to: its full copy's mailbox. `None` for other events.
+pub(crate) fn transfer_receiver(
+    event: JourneyEvent,
+    destinations: &[super::NewDelivery],
+) -> Option<&str> {
+    (event == JourneyEvent::Transfer).then_some(())?;
+    destinations
+        .iter()
+        .find(|d| d.view == FULL_VIEW && !d.mailbox.starts_with('@'))
+        .map(|d| d.mailbox.as_str())
+}
+
+/// Whether `d`, waiting in the mailbox of a prison that now transfers its
+/// patient to `to`, goes on with them: a summary meant for the prison that
+/// holds the patient (a transfer summary, a GP's community summary), never
+/// handed out (queued, no attempt), not superseded, and not written by
+/// `to` itself. The prison never had it, so its own transfer summary does
+/// not carry it; the one that holds the patient now needs it. A copy
+/// handed out at least once stays: the prison has it (docs/journey.md).
+pub(crate) fn forwards_to(d: &DeliveryRecord, from: &str, to: &str) -> bool {
+    matches!(
+        d.event,
+        Some(JourneyEvent::Transfer | JourneyEvent::CommunitySummary)
+    ) && d.view == FULL_VIEW
+        && d.state == DeliveryState::Queued
+        && d.attempt == 0
+        && !d.is_superseded()
+        && d.mailbox == from
+        && from != to
+        && d.sender.as_deref() != Some(to)
+}
+
+/// The audit entry of `d` sent on from `from` by transfer `handover` (`d`
+/// already names its new mailbox).
+pub(crate) fn forward_event(
+    d: &DeliveryRecord,
+    from: &str,
+    handover: u64,
+) -> crate::audit::AuditEvent {
+    delivery_event(
+        ROUTING_ACTOR,
+        "forward",
+        d,
+        format!(
+            "ok: sent on from {from}, which never pulled it, to {}, where handover {handover} transferred the patient",
+            d.mailbox
+        ),
+    )
+}
+
+/// Which of a correction's `destinations` goes where the summary it
+/// corrects was sent on ([`forwards_to`]): the copy for the prison the
+/// earlier copy was first queued for. The correction names the prison its
+/// author sent the patient to; the patient, and the earlier copy, are
+/// elsewhere now.
+pub(crate) fn follows_forward(
+    event: JourneyEvent,
+    destinations: &[super::NewDelivery],
+    earlier: &DeliveryRecord,
+) -> Option<usize> {
+    let from = earlier.forwarded_from.as_deref()?;
+    if !matches!(
+        event,
+        JourneyEvent::Transfer | JourneyEvent::CommunitySummary
+    ) || earlier.mailbox == from
+    {
+        return None;
+    }
+    destinations
+        .iter()
+        .position(|d| d.view == FULL_VIEW && d.mailbox == from)
+}
+
+/// The audit entry of a correction's copy sent where the copy it corrects
+/// was sent on ([`follows_forward`]).
+pub(crate) fn followed_forward_event(d: &DeliveryRecord, earlier: u64) -> crate::audit::AuditEvent {
+    delivery_event(
+        ROUTING_ACTOR,
+        "forward",
+        d,
+        format!(
+            "ok: sent to {}, where delivery {earlier} of the summary this one corrects was sent on",
+            d.mailbox
+        ),
+    )
+}
+
+/// The actor of what routing decides on its own (the audit trail's word).
+pub(crate) const ROUTING_ACTOR: &str = "urn:gateway:routing";
+
 /// Whether `mailbox` holds treatment service copies waiting for a service
 /// in the release area (routed on when one is registered, never claimed).
 pub fn is_held_treatment_mailbox(mailbox: &str) -> bool {
@@ -489,6 +580,11 @@ pub struct DeliveryRecord {
     /// (its answer lost) is answered as it was, not refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nacked_attempt: Option<u32>,
+    /// The prison it was first queued for, when it was sent on to the
+    /// prison the patient was transferred to before that one pulled it
+    /// ([`forwards_to`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_from: Option<String>,
 }
 
 impl DeliveryRecord {
@@ -1315,6 +1411,42 @@ mod tests {
         // Nor does an admission notice wait to be claimed.
         let notice = queued("YG001", "admission_notice", "ADMISSION");
         assert_eq!(held_move(&notice, PARKED_MAILBOX), None);
+    }
+
+    #[test]
+    fn only_a_prisons_unpulled_summary_goes_on_with_its_patient() {
+        let at_second = |view: &str, event: &str, sender: &str| -> DeliveryRecord {
+            serde_json::from_value(serde_json::json!({
+                "id": 7, "handover_id": 3, "mailbox": "YP002", "patient_key": "p",
+                "urgent": false, "state": "queued", "attempt": 0, "queued_at_ms": 0,
+                "view": view, "event": event, "sender": sender,
+            }))
+            .unwrap()
+        };
+        let transfer = at_second(FULL_VIEW, "TRANSFER", "YP001");
+        let community = at_second(FULL_VIEW, "COMMUNITY_SUMMARY", "YG001");
+        assert!(forwards_to(&transfer, "YP002", "YP003"));
+        assert!(forwards_to(&community, "YP002", "YP003"));
+        // Not back to the prison that wrote it, nor from another mailbox.
+        assert!(!forwards_to(&transfer, "YP002", "YP001"));
+        assert!(!forwards_to(&transfer, "YP004", "YP003"));
+        // Handed out once: the prison has it.
+        let leased_once = DeliveryRecord {
+            attempt: 1,
+            ..transfer.clone()
+        };
+        assert!(!forwards_to(&leased_once, "YP002", "YP003"));
+        let superseded = DeliveryRecord {
+            superseded_by: Some(9),
+            ..transfer.clone()
+        };
+        assert!(!forwards_to(&superseded, "YP002", "YP003"));
+        // A notice is for whoever had the earlier summary; a release is not
+        // a prison's.
+        let notice = at_second(WITHDRAWN_VIEW, "TRANSFER", "YP001");
+        assert!(!forwards_to(&notice, "YP002", "YP003"));
+        let release = at_second(FULL_VIEW, "RELEASE", "YP001");
+        assert!(!forwards_to(&release, "YP002", "YP003"));
     }
 
     #[test]

@@ -845,6 +845,9 @@ impl Writer {
             self.schedule.insert(*did, live_of(&record));
             woken.insert(dest.mailbox.clone());
         }
+        if let Some(to) = records::transfer_receiver(h.event, &destinations) {
+            self.forward(staged, (&h.sender, to), (id, &patient_key), now, woken)?;
+        }
         self.store_payload(staged, id, &h.payload)?;
         let mut record = HandoverRecord {
             id,
@@ -891,6 +894,37 @@ impl Writer {
             duplicate: false,
             superseded_on_arrival_by: written_later.map(|w| w.id),
         })
+    }
+
+    /// Sends on the summaries waiting unpulled for `from`, which transfer
+    /// `handover` moved the patient out of, to `to` ([`records::forwards_to`]).
+    fn forward(
+        &mut self,
+        staged: &mut Staged<'_>,
+        (from, to): (&str, &str),
+        (handover, patient_key): (u64, &str),
+        now: i64,
+        woken: &mut BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        for did in self.schedule.of_patient(from, patient_key) {
+            let key = records::be(did);
+            let Some(mut d) = staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &key)? else {
+                continue;
+            };
+            if !records::forwards_to(&d, from, to) {
+                continue;
+            }
+            staged.del(TreeId::Pending, records::mailbox_key(from, did));
+            self.schedule.remove(did);
+            d.mailbox = to.to_owned();
+            d.forwarded_from.get_or_insert_with(|| from.to_owned());
+            staged.put_json(TreeId::Deliveries, key.to_vec(), &d);
+            staged.put(TreeId::Pending, records::mailbox_key(to, did), Vec::new());
+            self.schedule.insert(did, live_of(&d));
+            self.audit(staged, records::forward_event(&d, from, handover), now);
+            woken.insert(to.to_owned());
+        }
+        Ok(())
     }
 
     /// The patient key `h` is filed under; an identity conflict is recorded
@@ -1682,6 +1716,7 @@ pub(super) fn new_delivery(
         finished_at_ms: None,
         pds: None,
         nacked_attempt: None,
+        forwarded_from: None,
     }
 }
 

@@ -216,6 +216,175 @@ async fn a_community_summary_follows_the_patient_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn summaries_a_prison_never_pulled_go_on_with_the_patient_it_transfers() {
+    summaries_go_on_with_the_patient_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn summaries_a_prison_never_pulled_go_on_with_the_patient_it_transfers_on_postgres() {
+    summaries_go_on_with_the_patient_on(Engine::Postgres).await;
+}
+
+type Client = pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>;
+
+/// A client of prison `ods`, added to the registry by an operator and
+/// given a certificate by the dev CA.
+async fn prison_added(gw: &TestGateway, ods: &str) -> Client {
+    gw.operator()
+        .await
+        .put_organisation(pb::PutOrganisationRequest {
+            organisation: Some(pb::Organisation {
+                ods_code: ods.into(),
+                kind: pb::OrganisationKind::Prison.into(),
+                name: format!("HMP {ods} (invented)"),
+                format: pb::DocumentFormat::Native.into(),
+                region: String::new(),
+                mesh_mailbox: String::new(),
+                active: true,
+            }),
+        })
+        .await
+        .unwrap();
+    let issued = gw.ca().issue_client_now(&format!("urn:ods:{ods}")).unwrap();
+    let (cert, key) = (issued.cert_pem.as_bytes(), issued.key_pem.as_bytes());
+    gw.client_with(&gw.ca_pem(), cert, key).await.unwrap()
+}
+
+/// (NHS number, marker) of what `client` pulls and acknowledges in
+/// `rounds` pulls (one delivery per patient at a time).
+async fn markers_pulled(client: &mut Client, rounds: usize) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    for _ in 0..rounds {
+        for d in pull_and_ack(client).await {
+            let marker = text_of(&d);
+            got.push((d.patient.unwrap_or_default().nhs_number, marker));
+        }
+    }
+    got
+}
+
+/// YP001 corrects the transfer summary it sent YP002 for patient 53, sent
+/// on to YP003: the patient, and the summary it corrects, are there.
+async fn a_correction_follows_where_its_summary_went(
+    first: &mut Client,
+    second: &mut Client,
+    third: &mut Client,
+) {
+    let r = first
+        .submit(submit(
+            "t-53b",
+            pb::JourneyEvent::Transfer,
+            &[],
+            &transfer(53, "corrected at Ashdown"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let to: Vec<_> = r
+        .deliveries
+        .iter()
+        .map(|d| d.destination.as_str())
+        .collect();
+    assert_eq!(to, ["YP003"]);
+    let d = pull_and_ack(third).await;
+    assert_eq!(
+        d.iter().map(text_of).collect::<Vec<_>>(),
+        ["corrected at Ashdown"]
+    );
+    assert!(
+        pull_and_ack(second).await.is_empty(),
+        "no withdrawal to YP002, never given it"
+    );
+}
+
+/// A prison that transfers a patient on before pulling what was sent to it
+/// for them (the previous prison's transfer summary, the GP's record) never
+/// had it: its own transfer summary does not carry it, and the prison that
+/// holds the patient now must get it. What it pulled stays with it; a
+/// correction of a summary sent on follows it.
+async fn summaries_go_on_with_the_patient_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    let t = pb::JourneyEvent::Transfer;
+    let onward = |patient: u32, marker: &str| {
+        let mut s = transfer(patient, marker);
+        written_by(&mut s, "YP002");
+        s.custody.transfer_to = Some("YP003".parse().unwrap());
+        s
+    };
+    let community = |patient: u32| {
+        let mut c = summary(patient, Some("YG001"), "from the GP");
+        c.author.organisation = "YG001".parse().unwrap();
+        c.custody.establishment = "YP002".parse().unwrap();
+        submit(
+            &format!("cs-{patient}"),
+            pb::JourneyEvent::CommunitySummary,
+            &[],
+            &c,
+        )
+    };
+    // Patient 52: YP002 pulled its transfer summary before sending them on.
+    first
+        .submit(submit(
+            "t-52",
+            t,
+            &[],
+            &transfer(52, "pulled at Brackenfield"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(pull_and_ack(&mut second).await.len(), 1);
+    // Patient 53: nothing pulled at YP002 before it sends them on.
+    first
+        .submit(submit("t-53", t, &[], &transfer(53, "from Ashdown")))
+        .await
+        .unwrap();
+    gp.submit(community(53)).await.unwrap();
+    for patient in [52, 53] {
+        second
+            .submit(submit(
+                &format!("on-{patient}"),
+                t,
+                &[],
+                &onward(patient, "from Brackenfield"),
+            ))
+            .await
+            .unwrap();
+    }
+    let got = markers_pulled(&mut third, 5).await;
+    let of = |patient: u32| -> Vec<&str> {
+        got.iter()
+            .filter(|(n, _)| *n == nhs(patient))
+            .map(|(_, m)| m.as_str())
+            .collect()
+    };
+    assert_eq!(
+        of(53),
+        ["from Ashdown", "from the GP", "from Brackenfield"],
+        "in the order sent"
+    );
+    assert_eq!(
+        of(52),
+        ["from Brackenfield"],
+        "what YP002 pulled stays with it"
+    );
+    assert!(
+        pull_and_ack(&mut second).await.is_empty(),
+        "nothing left at YP002"
+    );
+    let trail = gw.store.audit_entries().unwrap();
+    let forwards = trail.iter().filter(|e| e.action == "forward").count();
+    assert_eq!(forwards, 2, "two summaries sent on, each audited");
+    a_correction_follows_where_its_summary_went(&mut first, &mut second, &mut third).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_corrected_transfer_supersedes_the_undelivered_one() {
     a_corrected_transfer_supersedes_the_undelivered_one_on(Engine::Sled).await;
 }
@@ -761,10 +930,7 @@ async fn an_overdue_delivery_is_reported_within_one_scan_interval_on(engine: Eng
 
 /// Pulls (without acknowledging) until `n` deliveries are leased, at most
 /// twenty waiting pulls; in handover order.
-async fn pull_all(
-    client: &mut pb::handover_service_client::HandoverServiceClient<tonic::transport::Channel>,
-    n: usize,
-) -> Vec<pb::Delivery> {
+async fn pull_all(client: &mut Client, n: usize) -> Vec<pb::Delivery> {
     let mut got = Vec::new();
     for _ in 0..20 {
         if got.len() >= n {

@@ -95,6 +95,9 @@ pub(super) async fn submit(
     sql::put_handover(tx, &record).await?;
     let owner = (handover_id, patient_key.as_str());
     put_deliveries(tx, h, owner, (&routed, &deliveries), now, audit).await?;
+    if let Some(to) = records::transfer_receiver(h.event, &routed.destinations) {
+        forward(tx, (&h.sender, to), owner, audit).await?;
+    }
     if let Some(latest) = &written_later {
         superseded_on_arrival(tx, &newer, latest, now, audit).await?;
     }
@@ -144,6 +147,38 @@ async fn put_deliveries(
             audit.push(f.apply(&mut record, now));
         }
         sql::put_delivery(tx, &record).await?;
+    }
+    Ok(())
+}
+
+/// Sends on the summaries waiting unpulled for `from`, which transfer
+/// `handover` moved the patient out of, to `to`, as the sled engine does
+/// (`Writer::forward`, [`records::forwards_to`]). The transfer's own copy
+/// wakes `to`'s pullers.
+async fn forward(
+    tx: &Transaction<'_>,
+    (from, to): (&str, &str),
+    (handover, patient_key): (u64, &str),
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE mailbox = $1 AND patient_key = $2 \
+             AND state = 'queued' AND attempt = 0 AND superseded_by IS NULL \
+             ORDER BY id FOR UPDATE",
+            &[&from, &patient_key],
+        )
+        .await
+        .map_err(db)?;
+    for row in rows {
+        let mut d = row.get::<_, Json<DeliveryRecord>>(0).0;
+        if !records::forwards_to(&d, from, to) {
+            continue;
+        }
+        d.mailbox = to.to_owned();
+        d.forwarded_from.get_or_insert_with(|| from.to_owned());
+        sql::put_delivery(tx, &d).await?;
+        audit.push(records::forward_event(&d, from, handover));
     }
     Ok(())
 }
