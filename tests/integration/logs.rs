@@ -293,3 +293,82 @@ async fn a_held_substitution_copy_is_alerted_at_submit_with_ids_only() {
     );
     assert!(!text.contains(&nhs(9)), "an NHS number in the log");
 }
+
+#[tokio::test]
+async fn a_missed_deadline_is_alerted_once_with_ids_only_parked_releases_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("gateway.log");
+    let (mut server, mut prison, _gp) = start_logging_gateway(dir.path(), &log_path).await;
+    // Released three days ago: due by the end of that day, already missed.
+    let released = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(72))
+        .strftime("%Y-%m-%d")
+        .to_string();
+    let mut receipts = Vec::new();
+    for (patient, gp) in [(11, Some("YG001")), (12, None)] {
+        let mut s = throughcare::clinical::synthetic::release_summary(
+            nhs(patient).parse().ok(),
+            None,
+            "YP001".parse().unwrap(),
+            gp.map(|g| g.parse().unwrap()),
+            "late",
+        );
+        s.custody.release_date = Some(released.parse().unwrap());
+        let r = prison
+            .submit(throughcare::cli::client::native_submit(
+                &format!("late-{patient}"),
+                pb::JourneyEvent::Release,
+                &[],
+                &s,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        receipts.push(r);
+    }
+    let late: BTreeSet<(u64, String)> = receipts
+        .iter()
+        .flat_map(|r| {
+            r.deliveries
+                .iter()
+                .map(|d| (d.delivery_id, d.destination.clone()))
+        })
+        .collect();
+    assert!(late.iter().any(|(_, to)| to == "YG001"), "{late:?}");
+    assert!(late.iter().any(|(_, to)| to == "@parked"), "{late:?}");
+    // The sweep runs every second; a few more of them, so a repeat would show.
+    for _ in 0..100 {
+        if deadline_alerts(&log_path).len() >= late.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let _ = server.0.0.kill();
+    let _ = server.0.0.wait();
+    let alerted = deadline_alerts(&log_path);
+    let once: BTreeSet<(u64, String)> = alerted.iter().cloned().collect();
+    assert_eq!(
+        once, late,
+        "every late delivery alerted, the parked one too"
+    );
+    assert_eq!(alerted.len(), late.len(), "each once: {alerted:?}");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    for patient in [11, 12] {
+        assert!(!text.contains(&nhs(patient)), "an NHS number in the log");
+    }
+}
+
+/// (delivery id, mailbox) of each `deadline_missed` alert in the log.
+fn deadline_alerts(log_path: &std::path::Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(log_path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["alert"] == "deadline_missed")
+        .map(|l| {
+            let id = l["fields"]["delivery_id"].as_u64().unwrap_or_default();
+            let mailbox = l["fields"]["mailbox"].as_str().unwrap_or_default();
+            (id, mailbox.to_owned())
+        })
+        .collect()
+}
