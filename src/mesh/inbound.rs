@@ -217,7 +217,7 @@ impl MeshEdge {
                 ),
             ));
         };
-        let caller = Caller::Organisation(org.ods.clone());
+        let caller = relayed(org.ods.clone());
         let refuse = |e: Error| (caller.clone(), e);
         let Some(event) = super::event_of_workflow(&msg.workflow_id) else {
             return Err(refuse(refused(
@@ -279,7 +279,7 @@ impl MeshEdge {
             .read()
             .by_mesh_mailbox(&msg.from)
             .cloned();
-        let caller = sender.map_or(Caller::Unidentified, |o| Caller::Organisation(o.ods));
+        let caller = sender.map_or(Caller::Unidentified, |o| relayed(o.ods));
         let refusal = Error::invalid("content", why.clone());
         if let Err(e) = self
             .gateway
@@ -459,6 +459,16 @@ impl MeshEdge {
             msg.status_code, msg.status_description
         );
         self.fail_delivery(record, &reason).await
+    }
+}
+
+/// The organisation whose MESH mailbox sent a message, as the MESH edge
+/// acts for it: MESH authenticated the mailbox, the gateway relays its
+/// submit, and the trail names both (`service:mesh for urn:ods:<code>`).
+fn relayed(org: crate::clinical::OdsCode) -> Caller {
+    Caller::Relayed {
+        org,
+        by: super::MESH_ACTOR,
     }
 }
 

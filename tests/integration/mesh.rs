@@ -589,6 +589,15 @@ async fn mesh_submit_from_a_prison_is_acknowledged_after_it_is_durable_and_a_bad
     let t = track_message(&mut prison, "mesh-adm-43").await;
     assert_eq!(t.event(), pb::JourneyEvent::Admission);
     assert_eq!(t.deliveries[0].destination, "YG002");
+    // The trail names who submitted: the MESH edge, for the prison whose
+    // mailbox MESH authenticated (the prison never called the gateway).
+    let submitted = gw.store.audit_entries().unwrap();
+    let actors: Vec<&str> = submitted
+        .iter()
+        .filter(|e| e.action == "submit" && e.handover_id == Some(t.handover_id))
+        .map(|e| e.actor.as_str())
+        .collect();
+    assert_eq!(actors, ["service:mesh for urn:ods:YP001"]);
     // The bad one came back as a refusal report naming the problem, no data.
     let reports = eventually(20, "the refusal report", || async {
         let r = inbox(&prison_mb).await;
@@ -1141,7 +1150,7 @@ async fn mesh_one_message_mesh_cannot_answer_for_holds_up_nothing_else() {
     let audited = gw.store.audit_entries().unwrap();
     assert!(
         audited.iter().any(|e| e.action == "submit"
-            && e.actor == "urn:ods:YP001"
+            && e.actor == "service:mesh for urn:ods:YP001"
             && e.outcome.contains("mex-WorkflowID")),
         "the refused workflow id is audited"
     );
