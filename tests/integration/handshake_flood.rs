@@ -219,19 +219,10 @@ async fn sixty_organisations_behind_one_address_all_connect_at_the_start_of_the_
     let mut identities = Vec::new();
     for i in 0..60 {
         let code = format!("YN{i:03}");
-        op.put_organisation(pb::PutOrganisationRequest {
-            organisation: Some(pb::Organisation {
-                ods_code: code.clone(),
-                kind: pb::OrganisationKind::GpPractice.into(),
-                name: format!("NAT practice {i}"),
-                format: pb::DocumentFormat::Native.into(),
-                region: String::new(),
-                mesh_mailbox: String::new(),
-                active: true,
-            }),
-        })
-        .await
-        .unwrap();
+        let name = format!("NAT practice {i}");
+        op.put_organisation(organisation(&code, pb::OrganisationKind::GpPractice, &name))
+            .await
+            .unwrap();
         identities.push(ca.issue_client_now(&format!("urn:ods:{code}")).unwrap());
     }
     // All at once, from one address (the NAT's: 127.0.0.1).

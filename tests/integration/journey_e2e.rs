@@ -76,12 +76,7 @@ async fn the_rules_choose_the_recipients_and_check_named_ones_on(engine: Engine)
         .await
         .unwrap()
         .into_inner();
-    let to: Vec<_> = r
-        .deliveries
-        .iter()
-        .map(|d| d.destination.as_str())
-        .collect();
-    assert_eq!(to, ["YG002", "YPR01"]);
+    assert_eq!(destinations(&r), ["YG002", "YPR01"]);
     // An admission goes to the registered GP as a notice.
     let r = prison
         .submit(submit(
@@ -230,21 +225,9 @@ type Client = pb::handover_service_client::HandoverServiceClient<tonic::transpor
 /// A client of prison `ods`, added to the registry by an operator and
 /// given a certificate by the dev CA.
 async fn prison_added(gw: &TestGateway, ods: &str) -> Client {
-    gw.operator()
-        .await
-        .put_organisation(pb::PutOrganisationRequest {
-            organisation: Some(pb::Organisation {
-                ods_code: ods.into(),
-                kind: pb::OrganisationKind::Prison.into(),
-                name: format!("HMP {ods} (invented)"),
-                format: pb::DocumentFormat::Native.into(),
-                region: String::new(),
-                mesh_mailbox: String::new(),
-                active: true,
-            }),
-        })
-        .await
-        .unwrap();
+    let name = format!("HMP {ods} (invented)");
+    let prison = organisation(ods, pb::OrganisationKind::Prison, &name);
+    gw.operator().await.put_organisation(prison).await.unwrap();
     let issued = gw.ca().issue_client_now(&format!("urn:ods:{ods}")).unwrap();
     let (cert, key) = (issued.cert_pem.as_bytes(), issued.key_pem.as_bytes());
     gw.client_with(&gw.ca_pem(), cert, key).await.unwrap()
@@ -280,12 +263,7 @@ async fn a_correction_follows_where_its_summary_went(
         .await
         .unwrap()
         .into_inner();
-    let to: Vec<_> = r
-        .deliveries
-        .iter()
-        .map(|d| d.destination.as_str())
-        .collect();
-    assert_eq!(to, ["YP003"]);
+    assert_eq!(destinations(&r), ["YP003"]);
     let d = pull_and_ack(third).await;
     assert_eq!(
         d.iter().map(text_of).collect::<Vec<_>>(),

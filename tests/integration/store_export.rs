@@ -189,17 +189,12 @@ async fn everything(gw: &TestGateway) -> (Vec<Vec<Pulled>>, Vec<u64>, Vec<u64>) 
 /// delivery left on lease (id, attempt).
 async fn fill(gw: &TestGateway) -> (pb::SubmitRequest, pb::SubmitResponse, (u64, u32)) {
     let mut op = gw.operator().await;
-    op.put_organisation(pb::PutOrganisationRequest {
-        organisation: Some(pb::Organisation {
-            ods_code: "YG003".into(),
-            kind: pb::OrganisationKind::GpPractice.into(),
-            name: "Meadow Lane Practice (invented)".into(),
-            format: pb::DocumentFormat::Native.into(),
-            region: String::new(),
-            mesh_mailbox: String::new(),
-            active: true,
-        }),
-    })
+    let practice = "Meadow Lane Practice (invented)";
+    op.put_organisation(organisation(
+        "YG003",
+        pb::OrganisationKind::GpPractice,
+        practice,
+    ))
     .await
     .unwrap();
     let mut prison = gw.client("YP001").await;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use throughcare::grpc::pb;
 use throughcare::store::SystemClock;
 
-use crate::support::{self, TestGateway, release};
+use crate::support::{self, TestGateway, organisation, release};
 
 /// A node on database `url` with the key files in `keys`.
 async fn node(url: &str, keys: &Path) -> TestGateway {
@@ -61,17 +61,11 @@ async fn a_registry_change_on_one_node_reaches_the_other_without_a_restart() {
     );
     a.operator()
         .await
-        .put_organisation(pb::PutOrganisationRequest {
-            organisation: Some(pb::Organisation {
-                ods_code: "YG777".into(),
-                kind: pb::OrganisationKind::GpPractice.into(),
-                name: "A practice added on node A (invented)".into(),
-                format: pb::DocumentFormat::Native.into(),
-                region: String::new(),
-                mesh_mailbox: String::new(),
-                active: true,
-            }),
-        })
+        .put_organisation(organisation(
+            "YG777",
+            pb::OrganisationKind::GpPractice,
+            "A practice added on node A (invented)",
+        ))
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

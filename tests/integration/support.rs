@@ -575,3 +575,31 @@ pub fn open_sled(dir: &Path) -> sled::Db {
     }
     panic!("{} stayed locked for 5 s", dir.display())
 }
+
+/// A new active organisation of `kind` for `PutOrganisation`: native
+/// format, no region, no MESH mailbox.
+pub fn organisation(
+    ods: &str,
+    kind: pb::OrganisationKind,
+    name: &str,
+) -> pb::PutOrganisationRequest {
+    pb::PutOrganisationRequest {
+        organisation: Some(pb::Organisation {
+            ods_code: ods.into(),
+            kind: kind.into(),
+            name: name.into(),
+            format: pb::DocumentFormat::Native.into(),
+            region: String::new(),
+            mesh_mailbox: String::new(),
+            active: true,
+        }),
+    }
+}
+
+/// Where a submit's copies go, in its receipt's order.
+pub fn destinations(r: &pb::SubmitResponse) -> Vec<&str> {
+    r.deliveries
+        .iter()
+        .map(|d| d.destination.as_str())
+        .collect()
+}

@@ -119,13 +119,6 @@ async fn client_for(gw: &TestGateway, code: &str) -> Handover {
     .unwrap()
 }
 
-fn destinations(r: &pb::SubmitResponse) -> Vec<&str> {
-    r.deliveries
-        .iter()
-        .map(|d| d.destination.as_str())
-        .collect()
-}
-
 fn due_ms(r: &pb::SubmitResponse, to: &str) -> i64 {
     let d = r.deliveries.iter().find(|d| d.destination == to).unwrap();
     let t = d.due_at.as_ref().unwrap();
