@@ -311,13 +311,22 @@ async fn handshakes_without_a_certificate_are_summarised_per_address_and_reason(
         "summarised, not one entry per refusal: {} entries",
         entries.len()
     );
-    // At most one entry per address and reason a second.
-    let mut last = std::collections::HashMap::new();
+    // At most one entry per address and reason a second. An entry's time is
+    // when its write was durable, not when its second's tally was taken: a
+    // busy store writer may write one late and the next on time, so the
+    // seconds are counted over the span, not between neighbours.
+    let mut times = std::collections::HashMap::<_, Vec<i64>>::new();
     for e in &entries {
         let reason = e.outcome.split(": ").last().unwrap().to_owned();
-        if let Some(before) = last.insert((e.actor.clone(), reason), e.at_ms) {
-            assert!(e.at_ms - before >= 500, "{entries:#?}");
-        }
+        times
+            .entry((e.actor.clone(), reason))
+            .or_default()
+            .push(e.at_ms);
+    }
+    for at in times.values() {
+        let span_ms = at.iter().max().unwrap() - at.iter().min().unwrap();
+        let seconds = usize::try_from(span_ms / 1_000).unwrap();
+        assert!(at.len() <= seconds + 2, "{entries:#?}");
     }
     assert!(
         entries
