@@ -45,6 +45,8 @@ pub(super) struct Newer<'a> {
     pub authored_at_ms: Option<i64>,
     /// (mailbox, delivery id) of the new handover's deliveries.
     pub deliveries: &'a [(String, u64)],
+    /// Its custody episode, when known.
+    pub episode: Option<&'a String>,
 }
 
 impl Newer<'_> {
@@ -246,8 +248,9 @@ impl Writer {
             handover_id: latest,
             authored_at_ms: handover.authored_at_ms,
             deliveries: &deliveries,
+            episode: handover.episode.as_ref(),
         };
-        self.supersede_older(staged, &newer, now)
+        self.supersede_older(staged, &newer, false, now)
     }
 
     /// Records a refused link for operators and audits it.
@@ -294,11 +297,14 @@ impl Writer {
     }
 
     /// Retires every undelivered copy of older handovers from the same sender
-    /// for the same patient and event (see the module docs).
+    /// for the same patient and event (see the module docs); only those of
+    /// its own custody episode when `own_episode` (a late correction of an
+    /// earlier episode corrects that episode, never a later one's summaries).
     pub(super) fn supersede_older(
         &mut self,
         staged: &mut Staged<'_>,
         newer: &Newer<'_>,
+        own_episode: bool,
         now: i64,
     ) -> Result<(), StoreError> {
         for id in self.deliveries_of(newer.patient_key) {
@@ -308,6 +314,7 @@ impl Writer {
                 || d.is_superseded()
                 || sender_of(staged, &d)? != newer.sender
                 || !newer_than(newer.recency(), recency_of(staged, d.handover_id)?)
+                || (own_episode && !in_episode_of(staged, d.handover_id, newer.episode)?)
             {
                 continue;
             }
@@ -330,11 +337,15 @@ impl Writer {
         Ok(())
     }
 
-    /// Places `newer` in its lineage. Written before the lineage's latest (a
-    /// retry that lost the race with its own correction), it is superseded
-    /// on arrival: that latest is returned first, and nothing else changes.
-    /// Otherwise it becomes the latest (retiring older copies when
-    /// `supersede`), and the handover it supersedes is returned second.
+    /// Places `newer` in its lineage. Written before the lineage's latest of
+    /// its custody episode (a retry that lost the race with its own
+    /// correction), it is superseded on arrival: that latest is returned
+    /// first, and nothing else changes. Otherwise it becomes the latest of
+    /// its episode (retiring older copies when `supersede`), and the handover
+    /// it supersedes is returned second. A late correction of an earlier
+    /// episode than the lineage's latest is spliced in below the later
+    /// episode's summaries: it corrects its own episode only, and the later
+    /// episode stays the lineage's latest.
     pub(super) fn join_lineage(
         &mut self,
         staged: &mut Staged<'_>,
@@ -342,32 +353,50 @@ impl Writer {
         supersede: bool,
         now: i64,
     ) -> Result<(Option<super::HandoverRecord>, Option<u64>), StoreError> {
-        if let Some(latest) = Self::written_later(staged, newer)? {
-            return Ok((Some(latest), None));
+        let Place { at, after } = Self::place(staged, newer)?;
+        if let Some(at) = at
+            .as_ref()
+            .filter(|at| newer_than((*at).into(), newer.recency()))
+        {
+            return Ok((Some(at.clone()), None));
         }
         if supersede {
-            self.supersede_older(staged, newer, now)?;
+            self.supersede_older(staged, newer, after.is_some(), now)?;
         }
-        Ok((None, Self::advance_lineage(staged, newer)?))
+        match (after, at) {
+            (Some(mut after), Some(at)) => {
+                after.supersedes = Some(newer.handover_id);
+                staged.put_json(TreeId::Handovers, records::be(after.id).to_vec(), &after);
+                Ok((None, Some(at.id)))
+            }
+            _ => Ok((None, Self::advance_lineage(staged, newer)?)),
+        }
     }
 
-    /// The lineage's latest handover, when it was written after `newer`
-    /// (which then arrives already superseded). A latest whose tracking data
-    /// went under the retention policy is not compared.
-    pub(super) fn written_later(
-        staged: &Staged<'_>,
-        newer: &Newer<'_>,
-    ) -> Result<Option<super::HandoverRecord>, StoreError> {
+    /// Where `newer` joins its lineage ([`Place`]), walked from the latest.
+    fn place(staged: &Staged<'_>, newer: &Newer<'_>) -> Result<Place, StoreError> {
         let key = records::lineage_key(newer.patient_key, newer.sender, newer.event);
-        let Some(latest) = staged
+        let mut next = staged
             .get(TreeId::Lineage, &key)?
-            .and_then(|v| records::from_be(&v))
-        else {
-            return Ok(None);
-        };
-        let record: Option<super::HandoverRecord> =
-            staged.get_json(TreeId::Handovers, &records::be(latest))?;
-        Ok(record.filter(|r| newer_than(r.into(), newer.recency())))
+            .and_then(|v| records::from_be(&v));
+        let mut after = None;
+        for _ in 0..GIVEN_WALK {
+            let Some(id) = next else { break };
+            let Some(record) =
+                staged.get_json::<super::HandoverRecord>(TreeId::Handovers, &records::be(id))?
+            else {
+                break;
+            };
+            if record.in_episode(newer.episode) {
+                return Ok(Place {
+                    at: Some(record),
+                    after,
+                });
+            }
+            next = record.supersedes;
+            after = Some(record);
+        }
+        Ok(Place::default())
     }
 
     /// Retires the deliveries `(actor, deliveries)` of a submit written
@@ -587,6 +616,17 @@ fn load(staged: &Staged<'_>, id: u64) -> Result<DeliveryRecord, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("delivery {id} has no record")))
 }
 
+/// Where a new handover joins its lineage (both engines): the latest
+/// handover of its own custody episode, and the handover of a later episode
+/// directly above it in the chain, when the new one is a late correction of
+/// an earlier episode. Both `None`: a new episode (or a new lineage), which
+/// becomes the latest.
+#[derive(Default)]
+pub(crate) struct Place {
+    pub at: Option<super::HandoverRecord>,
+    pub after: Option<super::HandoverRecord>,
+}
+
 /// How far back a lineage is walked for the recipients it was given (and
 /// for its end, when two chains join); both engines.
 pub(crate) const GIVEN_WALK: usize = 32;
@@ -658,12 +698,12 @@ pub(super) fn with_withdrawals(
         else {
             break;
         };
-        // An earlier custody episode's summaries are not corrected by this one.
-        if !older.in_episode(h.episode.as_ref()) {
-            break;
-        }
-        for d in &older.deliveries {
-            earlier.visit(load(staged, *d)?);
+        // Another custody episode's summaries are not corrected by this one
+        // (a late correction of an earlier episode walks past a later one's).
+        if older.in_episode(h.episode.as_ref()) {
+            for d in &older.deliveries {
+                earlier.visit(load(staged, *d)?);
+            }
         }
         next = older.supersedes;
     }
@@ -780,6 +820,18 @@ fn join_chains(staged: &mut Staged<'_>, latest: u64, earlier: u64) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Whether handover `id` may be of custody episode `episode` (one removed
+/// under the retention policy is taken as not).
+fn in_episode_of(
+    staged: &Staged<'_>,
+    id: u64,
+    episode: Option<&String>,
+) -> Result<bool, StoreError> {
+    let record: Option<super::HandoverRecord> =
+        staged.get_json(TreeId::Handovers, &records::be(id))?;
+    Ok(record.is_some_and(|r| r.in_episode(episode)))
 }
 
 /// Handover `id`'s place in its lineage (arrival order alone when its

@@ -821,6 +821,7 @@ impl Writer {
             handover_id: id,
             authored_at_ms: h.authored_at_ms,
             deliveries: &deliveries,
+            episode: h.episode.as_ref(),
         };
         let (written_later, supersedes) = self.join_lineage(staged, &newer, h.supersede, now)?;
         self.extend_claim_keys(staged, &patient_key, &h.claim_keys)?;

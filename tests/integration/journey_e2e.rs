@@ -818,6 +818,74 @@ async fn a_release_from_a_later_custody_episode_withdraws_nothing_on(engine: Eng
     gw.stop().await;
 }
 
+/// Patient 33's release `id` (its marker too) of the custody episode
+/// received on `reception`, to practice `gp`.
+async fn episode_release(
+    prison: &mut Client,
+    id: &str,
+    reception: &str,
+    gp: &str,
+) -> pb::SubmitResponse {
+    let mut s = summary(33, Some(gp), id);
+    s.custody.reception_date = Some(reception.parse().unwrap());
+    let r = submit(id, pb::JourneyEvent::Release, &[], &s);
+    prison.submit(r).await.unwrap().into_inner()
+}
+
+/// A correction of an earlier custody episode's release, arriving after a
+/// later episode's release, corrects its own episode: it retired the later
+/// release before the new practice had it (on release day), and became
+/// the lineage's latest, so the later episode's own correction found no
+/// one to withdraw from.
+#[tokio::test]
+async fn a_late_correction_of_an_earlier_episode_leaves_the_later_release_alone() {
+    a_late_correction_of_an_earlier_episode_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_late_correction_of_an_earlier_episode_leaves_the_later_release_alone_on_postgres() {
+    a_late_correction_of_an_earlier_episode_on(Engine::Postgres).await;
+}
+
+async fn a_late_correction_of_an_earlier_episode_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let (mut first_gp, mut second_gp) = (gw.client("YG001").await, gw.client("YG002").await);
+    let (spring, autumn) = ("2026-03-02", "2026-09-01");
+    let e1 = episode_release(&mut prison, "e1", spring, "YG001").await;
+    assert_eq!(pull_and_ack(&mut first_gp).await.len(), 1);
+    let e2 = episode_release(&mut prison, "e2", autumn, "YG002").await;
+    // The spring release corrected after the autumn one was sent.
+    let e1b = episode_release(&mut prison, "e1b", spring, "YG001").await;
+    assert_eq!(destinations(&e1b), ["YG001", "YPR01"]);
+    assert_eq!(e1b.superseded_by_handover_id, 0);
+    let pulled = |got: Vec<pb::Delivery>| got.iter().map(text_of).collect::<Vec<_>>();
+    assert_eq!(pulled(pull_and_ack(&mut second_gp).await), ["e2"]);
+    assert_eq!(pulled(pull_and_ack(&mut first_gp).await), ["e1b"]);
+    let t = track_message(&mut prison, "e1b").await;
+    assert_eq!(t.supersedes_handover_id, e1.handover_id);
+    // The autumn release corrected to the first practice: its practice is
+    // told, the spring one's is not, and nothing is superseded on arrival.
+    let e2b = episode_release(&mut prison, "e2b", autumn, "YG001").await;
+    assert_eq!(e2b.superseded_by_handover_id, 0);
+    assert_eq!(
+        pulled(pull_and_ack(&mut second_gp).await),
+        [""],
+        "a withdrawal notice for the autumn release"
+    );
+    assert_eq!(pulled(pull_and_ack(&mut first_gp).await), ["e2b"]);
+    let t = track_message(&mut prison, "e2b").await;
+    assert_eq!(t.supersedes_handover_id, e2.handover_id);
+    // The spring release corrected again, to the second practice: the
+    // first, given the spring correction, is told.
+    episode_release(&mut prison, "e1c", spring, "YG002").await;
+    assert_eq!(pulled(pull_and_ack(&mut first_gp).await), [""]);
+    assert_eq!(pulled(pull_and_ack(&mut second_gp).await), ["e1c"]);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
     an_overdue_delivery_is_reported_within_one_scan_interval_on(Engine::Sled).await;

@@ -188,6 +188,7 @@ async fn supersede_before(
         handover_id: latest,
         authored_at_ms: handover.authored_at_ms,
         deliveries: &deliveries,
+        episode: handover.episode.as_ref(),
     };
-    supersede_older(tx, &newer, now, audit).await
+    supersede_older(tx, &newer, false, now, audit).await
 }

@@ -11,7 +11,7 @@ use super::Shared;
 use super::queue::{Step, retire};
 use super::sql::{self, db, id};
 use crate::audit::{AuditEvent, hex};
-use crate::store::identity::{EarlierCopies, GIVEN_WALK, Routed};
+use crate::store::identity::{EarlierCopies, GIVEN_WALK, Place, Routed};
 use crate::store::records::{
     self, IdentityConflict, PARKED_MAILBOX, PatientRecord, Recency, newer_than, replacement_in,
     supersede_event, superseded_on_arrival_outcome,
@@ -75,6 +75,7 @@ pub(super) async fn submit(
         handover_id,
         authored_at_ms: h.authored_at_ms,
         deliveries: &deliveries,
+        episode: h.episode.as_ref(),
     };
     let (written_later, supersedes) = join_lineage(tx, &newer, h, now, audit).await?;
     extend_claim_keys(tx, &patient_key, &h.claim_keys).await?;
@@ -208,8 +209,11 @@ async fn with_withdrawals(
         let Some(record) = sql::handover(tx, handover).await? else {
             break;
         };
+        // Another custody episode's summaries are not corrected by this one
+        // (a late correction of an earlier episode walks past a later one's).
         if !record.in_episode(h.episode.as_ref()) {
-            break;
+            next = record.supersedes;
+            continue;
         }
         let rows = tx
             .query(
@@ -461,6 +465,7 @@ pub(super) struct Newer<'a> {
     pub handover_id: u64,
     pub authored_at_ms: Option<i64>,
     pub deliveries: &'a [(String, u64)],
+    pub episode: Option<&'a String>,
 }
 
 impl Newer<'_> {
@@ -489,11 +494,11 @@ pub(super) async fn recency_of(tx: &Transaction<'_>, handover: u64) -> Result<Re
     })
 }
 
-/// Places `newer` in its lineage. Written before the lineage's latest (a
-/// retry that lost the race with its own correction), it is superseded on
-/// arrival: that latest is returned first, and nothing else changes.
-/// Otherwise it becomes the latest (retiring older copies when `h.supersede`),
-/// and the handover it supersedes is returned second.
+/// Places `newer` in its lineage, as the sled engine does
+/// (`Writer::join_lineage`): superseded on arrival by the latest of its
+/// custody episode written after it; else the latest of its episode, and a
+/// late correction of an earlier episode spliced in below the later
+/// episode's summaries, which it does not supersede.
 async fn join_lineage(
     tx: &Transaction<'_>,
     newer: &Newer<'_>,
@@ -501,34 +506,51 @@ async fn join_lineage(
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(Option<HandoverRecord>, Option<u64>), StoreError> {
-    if let Some(latest) = written_later(tx, newer).await? {
-        return Ok((Some(latest), None));
+    let Place { at, after } = place(tx, newer).await?;
+    if let Some(at) = at
+        .as_ref()
+        .filter(|at| newer_than((*at).into(), newer.recency()))
+    {
+        return Ok((Some(at.clone()), None));
     }
     if h.supersede {
-        supersede_older(tx, newer, now, audit).await?;
+        supersede_older(tx, newer, after.is_some(), now, audit).await?;
+    }
+    if let (Some(mut after), Some(at)) = (after, at) {
+        after.supersedes = Some(newer.handover_id);
+        sql::put_handover(tx, &after).await?;
+        return Ok((None, Some(at.id)));
     }
     let supersedes = advance_lineage(tx, newer.patient_key, h, newer.handover_id).await?;
     Ok((None, supersedes))
 }
 
-/// The lineage's latest handover, when it was written after `newer` (which
-/// then arrives already superseded). A latest whose tracking data went under
-/// the retention policy is not compared.
-async fn written_later(
-    tx: &Transaction<'_>,
-    newer: &Newer<'_>,
-) -> Result<Option<HandoverRecord>, StoreError> {
-    let row = tx
+/// Where `newer` joins its lineage ([`Place`]), walked from the latest.
+async fn place(tx: &Transaction<'_>, newer: &Newer<'_>) -> Result<Place, StoreError> {
+    let mut next = tx
         .query_opt(
-            "SELECT h.record FROM lineage l JOIN handovers h ON h.id = l.handover_id \
-             WHERE l.patient_key = $1 AND l.sender = $2 AND l.event = $3",
+            "SELECT handover_id FROM lineage WHERE patient_key = $1 AND sender = $2 AND event = $3",
             &[&newer.patient_key, &newer.sender, &newer.event.to_string()],
         )
         .await
-        .map_err(db)?;
-    Ok(row
-        .map(|r| r.get::<_, Json<HandoverRecord>>(0).0)
-        .filter(|r| newer_than(r.into(), newer.recency())))
+        .map_err(db)?
+        .map(|r| sql::un_id(r.get(0)));
+    let mut after = None;
+    for _ in 0..GIVEN_WALK {
+        let Some(handover) = next else { break };
+        let Some(record) = sql::handover(tx, handover).await? else {
+            break;
+        };
+        if record.in_episode(newer.episode) {
+            return Ok(Place {
+                at: Some(record),
+                after,
+            });
+        }
+        next = record.supersedes;
+        after = Some(record);
+    }
+    Ok(Place::default())
 }
 
 /// Retires the deliveries of `newer`, a submit written before `latest`,
@@ -562,12 +584,14 @@ async fn superseded_on_arrival(
 pub(super) async fn supersede_older(
     tx: &Transaction<'_>,
     newer: &Newer<'_>,
+    own_episode: bool,
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
     let rows = tx
         .query(
-            "SELECT d.record, (h.record->>'authored_at_ms')::bigint FROM deliveries d \
+            "SELECT d.record, (h.record->>'authored_at_ms')::bigint, h.record->>'episode', \
+             h.id IS NOT NULL FROM deliveries d \
              LEFT JOIN handovers h ON h.id = d.handover_id \
              WHERE d.patient_key = $1 AND d.sender = $2 AND d.event = $3 \
              AND d.state IN ('queued', 'leased', 'parked', 'quarantined') \
@@ -587,7 +611,10 @@ pub(super) async fn supersede_older(
             authored_at_ms: row.get(1),
             handover_id: d.handover_id,
         };
-        if !newer_than(newer.recency(), theirs) {
+        let episode: Option<String> = row.get(2);
+        let in_episode = row.get::<_, bool>(3)
+            && !matches!((&episode, newer.episode), (Some(a), Some(b)) if a != b);
+        if !newer_than(newer.recency(), theirs) || (own_episode && !in_episode) {
             continue;
         }
         d.superseded_by = replacement_in(newer.deliveries, &d.mailbox);
