@@ -825,25 +825,19 @@ impl Writer {
         };
         let (written_later, supersedes) = self.join_lineage(staged, &newer, h.supersede, now)?;
         self.extend_claim_keys(staged, &patient_key, &h.claim_keys)?;
+        let owner = Owner {
+            handover_id: id,
+            sender: &h.sender,
+            event: h.event,
+            patient_key: &patient_key,
+        };
         for (i, (dest, (_, did))) in destinations.iter().zip(&deliveries).enumerate() {
-            let owner = Owner {
-                handover_id: id,
-                sender: &h.sender,
-                event: h.event,
-                patient_key: &patient_key,
-            };
             let mut record = new_delivery(&owner, dest, *did, &h.claim_keys, now);
             if let Some(f) = followed.as_ref().filter(|f| f.index == i) {
                 let event = f.apply(&mut record, now);
                 self.audit(staged, event, now);
             }
-            staged.put_json(TreeId::Deliveries, records::be(*did).to_vec(), &record);
-            staged.put(
-                TreeId::Pending,
-                records::mailbox_key(&dest.mailbox, *did),
-                Vec::new(),
-            );
-            self.schedule.insert(*did, live_of(&record));
+            self.enqueue(staged, &record);
             woken.insert(dest.mailbox.clone());
         }
         if let Some(to) = records::transfer_receiver(h.event, &destinations) {
@@ -897,6 +891,14 @@ impl Writer {
         })
     }
 
+    /// Writes live delivery `d` and puts it in its mailbox's order and in
+    /// the schedule.
+    fn enqueue(&mut self, staged: &mut Staged<'_>, d: &DeliveryRecord) {
+        staged.put_json(TreeId::Deliveries, records::be(d.id).to_vec(), d);
+        staged.put(TreeId::Pending, records::mailbox_key(&d.mailbox, d.id), Vec::new());
+        self.schedule.insert(d.id, live_of(d));
+    }
+
     /// Sends on the summaries waiting unpulled for `from`, which transfer
     /// `handover` moved the patient out of, to `to` ([`records::forwards_to`]).
     fn forward(
@@ -919,9 +921,7 @@ impl Writer {
             self.schedule.remove(did);
             d.mailbox = to.to_owned();
             d.forwarded_from.get_or_insert_with(|| from.to_owned());
-            staged.put_json(TreeId::Deliveries, key.to_vec(), &d);
-            staged.put(TreeId::Pending, records::mailbox_key(to, did), Vec::new());
-            self.schedule.insert(did, live_of(&d));
+            self.enqueue(staged, &d);
             self.audit(staged, records::forward_event(&d, from, handover), now);
             woken.insert(to.to_owned());
         }
