@@ -708,6 +708,15 @@ impl PatientKeyer {
         hex(&mac.finalize().into_bytes()[..16])
     }
 
+    /// A custody movement (its event and date, e.g. `TRANSFER:<time>`) as a
+    /// keyed hash: a correction of the same movement keeps it
+    /// (`store::NewHandover::movement`).
+    pub fn movement_key(&self, movement: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(format!("movement:{movement}").as_bytes());
+        hex(&mac.finalize().into_bytes()[..16])
+    }
+
     /// Keys that may claim a parked release: each identifier with the date
     /// of birth, so a claimant must know both. Each key names its kind in
     /// clear (`nhs:` or `prison:` before the digest), so a claim whose other

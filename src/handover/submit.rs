@@ -149,6 +149,18 @@ fn speaks_for_sender(
     )))
 }
 
+/// The date (or time) of the custody movement an `event` reports: a
+/// correction of the movement names the same one, a new movement of the
+/// same kind another (`store::NewHandover::movement`).
+fn movement_of(event: JourneyEvent, custody: &crate::clinical::model::Custody) -> Option<String> {
+    match event {
+        JourneyEvent::Admission => custody.reception_date.map(|d| d.to_string()),
+        JourneyEvent::Transfer => custody.transfer_at.map(|t| t.to_string()),
+        JourneyEvent::Release => custody.release_date.map(|d| d.to_string()),
+        JourneyEvent::CommunitySummary => None,
+    }
+}
+
 /// A document read and checked, with the patient it is about.
 struct Checked {
     summary: ClinicalSummary,
@@ -471,6 +483,8 @@ impl Gateway {
                 .custody
                 .reception_date
                 .map(|d| self.keyer.episode_key(&d.to_string())),
+            movement: movement_of(cmd.event, &summary.custody)
+                .map(|m| self.keyer.movement_key(&format!("{}:{m}", cmd.event))),
         }
     }
 

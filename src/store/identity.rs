@@ -545,7 +545,8 @@ impl Writer {
 }
 
 /// Whether admission `h`'s patient was released, or admitted again, after
-/// it (a newer release or admission in their lineage, whoever sent it):
+/// it (a release or admission first reported after it, whoever sent it;
+/// [`records::HandoverRecord::movement_start`]):
 /// its notice, sent now, would tell the practice the patient is in that
 /// prison when they are not, and reach it after the release summary.
 pub(super) fn left_custody_since(
@@ -554,15 +555,23 @@ pub(super) fn left_custody_since(
 ) -> Result<bool, StoreError> {
     let mut prefix = resolve(staged, &h.patient_key)?.into_bytes();
     prefix.push(0);
-    Ok(staged
-        .scan_prefix(TreeId::Lineage, &prefix)?
-        .iter()
-        .any(|(key, latest)| {
-            matches!(
-                records::lineage_event(key),
-                Some(JourneyEvent::Release | JourneyEvent::Admission)
-            ) && records::from_be(latest).is_some_and(|id| id > h.id)
-        }))
+    let load =
+        |id: u64| staged.get_json::<records::HandoverRecord>(TreeId::Handovers, &records::be(id));
+    for (key, latest) in staged.scan_prefix(TreeId::Lineage, &prefix)? {
+        let moved = matches!(
+            records::lineage_event(&key),
+            Some(JourneyEvent::Release | JourneyEvent::Admission)
+        );
+        let Some(id) = records::from_be(&latest).filter(|id| moved && *id > h.id) else {
+            continue;
+        };
+        // A correction of a movement reported before `h` is no movement since.
+        let Some(head) = load(id)? else { continue };
+        if head.movement_start(load)? > h.id {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The patient an identifier resolves to (itself when never linked).

@@ -366,6 +366,7 @@ mod tests {
             authored_at_ms: None,
             withdrawal: None,
             episode: None,
+            movement: None,
         }
     }
 

@@ -279,6 +279,11 @@ pub struct NewHandover {
     /// earlier one, so the earlier one's recipients get no withdrawal
     /// notice and no claim of it is followed. `None`: not known.
     pub episode: Option<String>,
+    /// The custody movement it reports, as a keyed hash of its event and
+    /// date (an admission's reception date, a transfer's time, a release
+    /// date): a correction of the same movement keeps it, a new movement of
+    /// the same kind (a second transfer) has another. `None`: not known.
+    pub movement: Option<String>,
 }
 
 /// A patient as a sender identified them: the keyed hash of each identifier
@@ -1329,9 +1334,10 @@ impl SledStore {
 
     /// The newest custody event ([`records::CUSTODY_EVENTS`]) of the
     /// patient `identifier` resolves to (a keyed hash of one identifier, as
-    /// for [`Self::patient_keys`]): the latest received of each prison's
-    /// latest admission, transfer and release. `None` for a patient no
-    /// prison has sent.
+    /// for [`Self::patient_keys`]): of each prison's latest admission,
+    /// transfer and release, the one whose movement was first reported last
+    /// ([`HandoverRecord::movement_start`]: a correction of an earlier
+    /// movement is not a move). `None` for a patient no prison has sent.
     ///
     /// # Errors
     /// Store failures.
@@ -1340,14 +1346,28 @@ impl SledStore {
             .get(identifier.as_bytes())?
             .map_or_else(|| identifier.as_bytes().to_vec(), |k| k.to_vec());
         prefix.push(0);
-        let mut latest = None;
+        let mut latest: Option<(u64, HandoverRecord)> = None;
         for entry in self.inner.trees[TreeId::Lineage as usize].scan_prefix(&prefix) {
             let (key, id) = entry?;
-            if records::lineage_event(&key).is_some_and(|e| records::CUSTODY_EVENTS.contains(&e)) {
-                latest = latest.max(records::from_be(&id));
+            if !records::lineage_event(&key).is_some_and(|e| records::CUSTODY_EVENTS.contains(&e)) {
+                continue;
+            }
+            let Some(head) = records::from_be(&id)
+                .map(|id| self.handover(id))
+                .transpose()?
+            else {
+                continue;
+            };
+            let Some(head) = head else { continue };
+            let start = head.movement_start(|id| self.handover(id))?;
+            if latest
+                .as_ref()
+                .is_none_or(|(s, h)| (start, head.id) > (*s, h.id))
+            {
+                latest = Some((start, head));
             }
         }
-        latest.map_or(Ok(None), |id| self.handover(id))
+        Ok(latest.map(|(_, h)| h))
     }
 
     /// Submits refused because an identifier was linked to another patient,

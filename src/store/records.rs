@@ -401,9 +401,44 @@ pub struct HandoverRecord {
     /// Its custody episode (see `NewHandover::episode`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub episode: Option<String>,
+    /// The custody movement it reports (see `NewHandover::movement`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub movement: Option<String>,
 }
 
 impl HandoverRecord {
+    /// The first handover of the custody movement this one reports (as the
+    /// latest of its lineage): walked back through the corrections of the
+    /// same movement (same sender, event, episode and movement), so that
+    /// movements are ordered by when each was first reported, not by their
+    /// latest correction (a corrected admission is no new admission). Both
+    /// engines; `load` reads a handover.
+    pub(crate) fn movement_start(
+        &self,
+        mut load: impl FnMut(u64) -> Result<Option<HandoverRecord>, super::StoreError>,
+    ) -> Result<u64, super::StoreError> {
+        let mut start = self.id;
+        let mut next = self.supersedes;
+        for _ in 0..super::identity::GIVEN_WALK {
+            let Some(id) = next else { break };
+            let Some(older) = load(id)? else { break };
+            if !self.same_movement(&older) {
+                break;
+            }
+            start = older.id;
+            next = older.supersedes;
+        }
+        Ok(start)
+    }
+
+    /// Whether `older` reports the same custody movement as this one.
+    pub(crate) fn same_movement(&self, older: &HandoverRecord) -> bool {
+        older.sender == self.sender
+            && older.event == self.event
+            && older.episode == self.episode
+            && older.movement == self.movement
+    }
+
     /// Whether this handover may belong to the custody episode `episode`:
     /// unless both are known and differ.
     pub(crate) fn in_episode(&self, episode: Option<&String>) -> bool {

@@ -862,6 +862,7 @@ impl Writer {
             authored_at_ms: h.authored_at_ms,
             superseded_on_arrival_by: written_later.as_ref().map(|w| w.id),
             episode: h.episode,
+            movement: h.movement,
         };
         if record.deliveries.is_empty() {
             self.finish_unrouted(staged, &mut record, now);
@@ -895,7 +896,11 @@ impl Writer {
     /// the schedule.
     fn enqueue(&mut self, staged: &mut Staged<'_>, d: &DeliveryRecord) {
         staged.put_json(TreeId::Deliveries, records::be(d.id).to_vec(), d);
-        staged.put(TreeId::Pending, records::mailbox_key(&d.mailbox, d.id), Vec::new());
+        staged.put(
+            TreeId::Pending,
+            records::mailbox_key(&d.mailbox, d.id),
+            Vec::new(),
+        );
         self.schedule.insert(d.id, live_of(d));
     }
 

@@ -211,6 +211,75 @@ async fn a_community_summary_follows_the_patient_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_corrected_custody_event_is_no_move_for_a_community_summary() {
+    a_corrected_custody_event_is_no_move_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_corrected_custody_event_is_no_move_for_a_community_summary_on_postgres() {
+    a_corrected_custody_event_is_no_move_on(Engine::Postgres).await;
+}
+
+/// Where the patient is now is the movement reported last, not the latest
+/// correction: an admission corrected after a transfer, or a first transfer
+/// corrected after the patient came back, sent the GP's record to a prison
+/// the patient had left.
+async fn a_corrected_custody_event_is_no_move_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    let t = pb::JourneyEvent::Transfer;
+    let community = |patient: u32, id: &str| {
+        let mut c = summary(patient, Some("YG001"), id);
+        c.author.organisation = "YG001".parse().unwrap();
+        submit(id, pb::JourneyEvent::CommunitySummary, &[], &c)
+    };
+    // Patient 62: admitted at YP001, moved to YP002, then YP001 corrects
+    // the admission.
+    first.submit(admission("adm-62", 62)).await.unwrap();
+    let moved = submit("t-62", t, &[], &transfer(62, "moved"));
+    first.submit(moved).await.unwrap();
+    first.submit(admission("adm-62b", 62)).await.unwrap();
+    let r = gp
+        .submit(community(62, "cs-62"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        destinations(&r),
+        ["YP002"],
+        "the correction is no re-admission"
+    );
+    // Patient 63: YP001 -> YP002 -> YP001, then YP001 corrects its transfer.
+    first
+        .submit(submit("t-63", t, &[], &transfer(63, "out")))
+        .await
+        .unwrap();
+    let mut back = transfer(63, "back");
+    written_by(&mut back, "YP002");
+    back.custody.transfer_to = Some("YP001".parse().unwrap());
+    back.custody.transfer_at = Some("2030-01-02T09:00:00Z".parse().unwrap());
+    second
+        .submit(submit("t-63-back", t, &[], &back))
+        .await
+        .unwrap();
+    first
+        .submit(submit("t-63b", t, &[], &transfer(63, "out, corrected")))
+        .await
+        .unwrap();
+    let r = gp
+        .submit(community(63, "cs-63"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r), ["YP001"], "back at the first prison");
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn summaries_a_prison_never_pulled_go_on_with_the_patient_it_transfers() {
     summaries_go_on_with_the_patient_on(Engine::Sled).await;
 }

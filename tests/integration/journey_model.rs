@@ -209,6 +209,7 @@ async fn submit(store: &Store, world: &mut World, op: (u8, Ids, usize, usize, u8
             authored_at_ms: None,
             withdrawal: None,
             episode: None,
+            movement: None,
         })
         .await
         .expect("consistent identifiers are never a conflict");

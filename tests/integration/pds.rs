@@ -727,6 +727,7 @@ async fn parked_in(store: &throughcare::store::Store, message_id: &str) -> u64 {
             authored_at_ms: None,
             withdrawal: None,
             episode: None,
+            movement: None,
         })
         .await
         .unwrap();
@@ -1110,7 +1111,8 @@ async fn an_admission_notice_is_never_sent_once_released_on(engine: Engine) {
     let Some(gw) = TestGateway::on(engine).await else {
         return;
     };
-    let mut prison = gw.client("YP001").await;
+    let prison = gw.client("YP001").await;
+    let mut releasing = prison.clone();
     let admitted = |message_id: &'static str, patient: u32| {
         let request = admission(message_id, &nhs(patient), "1985-06-15");
         let mut prison = prison.clone();
@@ -1122,8 +1124,19 @@ async fn an_admission_notice_is_never_sent_once_released_on(engine: Engine) {
     };
     let released = admitted("adm-then-out", 80).await;
     let still_inside = admitted("adm-inside", 81).await;
-    prison
+    releasing
         .submit(release("out-after-3-days", &nhs(80), "1985-06-15"))
+        .await
+        .unwrap();
+    // Patient 82 was released before this admission; the release corrected
+    // since is no release after it.
+    releasing
+        .submit(release("out-before", &nhs(82), "1985-06-15"))
+        .await
+        .unwrap();
+    let back_inside = admitted("adm-back-inside", 82).await;
+    releasing
+        .submit(release("out-before-corrected", &nhs(82), "1985-06-15"))
         .await
         .unwrap();
     let notice = |handover_id| PdsNotice {
@@ -1135,18 +1148,15 @@ async fn an_admission_notice_is_never_sent_once_released_on(engine: Engine) {
         },
     };
     assert_eq!(gw.store.pds_notify(notice(released)).await.unwrap(), None);
-    assert!(
-        gw.store
-            .pds_notify(notice(still_inside))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    for inside in [still_inside, back_inside] {
+        let sent = gw.store.pds_notify(notice(inside)).await.unwrap();
+        assert!(sent.is_some(), "handover {inside}");
+    }
     let mut gp = gw.client("YG002").await;
     let got = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
     assert_eq!(
         got.iter().map(|d| d.handover_id).collect::<Vec<_>>(),
-        [still_inside]
+        [still_inside, back_inside]
     );
     gw.stop().await;
 }

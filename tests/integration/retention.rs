@@ -587,6 +587,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
         authored_at_ms: None,
         withdrawal: None,
         episode: None,
+        movement: None,
     };
     store.submit(new("old-1")).await.unwrap();
     let leased = store
@@ -774,6 +775,7 @@ fn identity_handover(
         authored_at_ms: None,
         withdrawal: None,
         episode: None,
+        movement: None,
     }
 }
 
@@ -845,6 +847,7 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
             authored_at_ms: None,
             withdrawal: None,
             episode: None,
+            movement: None,
         })
         .await
         .unwrap();

@@ -38,6 +38,7 @@ fn handover(i: usize) -> NewHandover {
         authored_at_ms: None,
         withdrawal: None,
         episode: None,
+        movement: None,
     }
 }
 

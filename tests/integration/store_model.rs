@@ -366,6 +366,7 @@ async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
             authored_at_ms: None,
             withdrawal: None,
             episode: None,
+            movement: None,
         })
         .await;
     match model.accepted.get(&msg) {

@@ -72,6 +72,7 @@ fn handover(message: u32, patient: u32, mailbox: &str, due_ms: Option<i64>) -> N
         authored_at_ms: None,
         withdrawal: None,
         episode: None,
+        movement: None,
     }
 }
 

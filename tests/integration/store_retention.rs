@@ -300,6 +300,7 @@ fn handover(message: u32) -> NewHandover {
         authored_at_ms: None,
         withdrawal: None,
         episode: None,
+        movement: None,
     }
 }
 

@@ -47,6 +47,7 @@ fn handover(i: u32) -> NewHandover {
         authored_at_ms: None,
         withdrawal: None,
         episode: None,
+        movement: None,
     }
 }
 

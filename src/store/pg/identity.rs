@@ -192,3 +192,26 @@ async fn supersede_before(
     };
     supersede_older(tx, &newer, false, now, audit).await
 }
+
+/// [`HandoverRecord::movement_start`] on this engine: the first handover
+/// of the custody movement `head` reports, walked back through its
+/// corrections.
+pub(super) async fn movement_start(
+    client: &impl tokio_postgres::GenericClient,
+    head: &crate::store::HandoverRecord,
+) -> Result<u64, StoreError> {
+    let mut start = head.id;
+    let mut next = head.supersedes;
+    for _ in 0..crate::store::identity::GIVEN_WALK {
+        let Some(id) = next else { break };
+        let Some(older) = sql::handover(client, id).await? else {
+            break;
+        };
+        if !head.same_movement(&older) {
+            break;
+        }
+        start = older.id;
+        next = older.supersedes;
+    }
+    Ok(start)
+}

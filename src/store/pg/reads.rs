@@ -272,17 +272,30 @@ impl PgStore {
             .collect();
         self.block(move |s| async move {
             let client = s.client().await?;
-            let row = client
-                .query_opt(
+            let rows = client
+                .query(
                     "SELECT h.record FROM lineage l JOIN handovers h ON h.id = l.handover_id \
                      WHERE l.patient_key = COALESCE(\
                      (SELECT patient_key FROM identities WHERE identifier = $1), $1) \
-                     AND l.event = ANY($2) ORDER BY l.handover_id DESC LIMIT 1",
+                     AND l.event = ANY($2)",
                     &[&identifier, &events],
                 )
                 .await
                 .map_err(db)?;
-            Ok(row.map(|r| r.get::<_, Json<HandoverRecord>>(0).0))
+            // Ordered by when each movement was first reported, as on sled
+            // (`HandoverRecord::movement_start`).
+            let mut latest: Option<(u64, HandoverRecord)> = None;
+            for row in rows {
+                let head = row.get::<_, Json<HandoverRecord>>(0).0;
+                let start = super::identity::movement_start(&**client, &head).await?;
+                if latest
+                    .as_ref()
+                    .is_none_or(|(s, h)| (start, head.id) > (*s, h.id))
+                {
+                    latest = Some((start, head));
+                }
+            }
+            Ok(latest.map(|(_, h)| h))
         })
     }
 

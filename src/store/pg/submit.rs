@@ -267,6 +267,7 @@ fn sent_as(h: &NewHandover) -> HandoverRecord {
         authored_at_ms: h.authored_at_ms,
         superseded_on_arrival_by: None,
         episode: h.episode.clone(),
+        movement: h.movement.clone(),
     }
 }
 
