@@ -15,11 +15,14 @@
 //! are capped.
 //!
 //! Files: `escape` (escape sequences), `segment` (the tokenizer and its caps),
-//! `read` (message to summary), `write` (summary to message), `header` (the
-//! MSH alone), `ack` (the answer to a submission), `unread` (what a message holds that is not read).
+//! `read` (message to summary), `coded` (a CE's code, from whichever of its
+//! two identifiers the heading needs), `write` (summary to message), `header`
+//! (the MSH alone), `ack` (the answer to a submission), `unread` (what a
+//! message holds that is not read).
 
 mod ack;
 mod charset;
+mod coded;
 mod escape;
 mod header;
 mod read;
@@ -243,6 +246,195 @@ mod tests {
                 read.not_read
             );
         }
+    }
+
+    /// `text` with field `n` of its `id` segment (not MSH) set to `value`.
+    fn with_field(text: &str, id: &str, n: usize, value: &str) -> String {
+        let prefix = format!("{id}|");
+        text.split('\r')
+            .map(|seg| {
+                if !seg.starts_with(&prefix) {
+                    return seg.to_owned();
+                }
+                let mut fields: Vec<&str> = seg.split('|').collect();
+                if fields.len() <= n {
+                    fields.resize(n + 1, "");
+                }
+                fields[n] = value;
+                fields.join("|")
+            })
+            .collect::<Vec<_>>()
+            .join("\r")
+    }
+
+    /// The fields of every violation parsing `text` gives (none when read).
+    fn refused_at(text: &str) -> Vec<String> {
+        match parse(text.as_bytes(), &Limits::default()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.into_iter().map(|v| v.field).collect(),
+        }
+    }
+
+    #[test]
+    fn a_patient_recorded_as_dead_is_refused_never_routed_as_a_release() {
+        let text = String::from_utf8(render(&release(), JourneyEvent::Release).bytes).unwrap();
+        // PID-30 (table 0136) `Y`, a death date in PID-29, or a discharge
+        // disposition of expired (table 0112; NHS Data Dictionary 79).
+        for (id, n, value, at) in [
+            ("PID", 30, "Y", "PID-30"),
+            ("PID", 29, "202611240630+0000", "PID-29"),
+            ("PID", 29, "20261124", "PID-29"),
+            ("PV1", 36, "20", "PV1-36"),
+            ("PV1", 36, "41", "PV1-36"),
+            ("PV1", 36, "79", "PV1-36"),
+            ("PV1", 36, "01~20", "PV1-36"),
+        ] {
+            let edited = with_field(&text, id, n, value);
+            let err = parse(edited.as_bytes(), &Limits::default()).unwrap_err();
+            let v = err.0.iter().find(|v| v.field == at).unwrap_or_else(|| {
+                panic!("{id}-{n} {value}: {err:?}");
+            });
+            assert!(
+                v.description.contains("deceased") || v.description.contains("died"),
+                "{v:?}"
+            );
+        }
+        // Outside table 0136 is refused, never read as "no".
+        for value in ["y", "YES", "1", "n"] {
+            let edited = with_field(&text, "PID", 30, value);
+            let err = parse(edited.as_bytes(), &Limits::default()).unwrap_err();
+            assert_eq!(err.0[0].field, "PID-30", "{value}");
+            assert!(err.0[0].description.contains("table 0136"), "{value}");
+        }
+        // Alive: `N`, empty or the explicit null; home; PID-30 is read.
+        for (id, n, value) in [
+            ("PID", 30, "N"),
+            ("PID", 30, ""),
+            ("PID", 30, "\"\""),
+            ("PID", 29, "\"\""),
+            ("PV1", 36, "01"),
+        ] {
+            let edited = with_field(&text, id, n, value);
+            let read = parse(edited.as_bytes(), &Limits::default())
+                .unwrap_or_else(|e| panic!("{id}-{n} {value}: {e:?}"));
+            assert!(
+                !read.summary.not_read.iter().any(|n| n.starts_with(id)),
+                "{:?}",
+                read.summary.not_read
+            );
+        }
+        // Another disposition is carried as a release, and listed; `29` is
+        // the NHS Data Dictionary's temporary place of residence (a hostel).
+        for code in ["04", "29"] {
+            let edited = with_field(&text, "PV1", 36, code);
+            let read = parse(edited.as_bytes(), &Limits::default()).unwrap();
+            let note = format!("PV1-36: not carried: a discharge disposition of {code}");
+            assert!(
+                read.summary.not_read.contains(&note),
+                "{:?}",
+                read.summary.not_read
+            );
+        }
+    }
+
+    #[test]
+    fn evn2_is_read_at_its_own_precision_or_refused_never_replaced_by_msh7() {
+        let s = release();
+        let text = String::from_utf8(render(&s, JourneyEvent::Release).bytes).unwrap();
+        let authored = |evn2: &str| {
+            let edited = with_field(&text, "EVN", 2, evn2);
+            parse(edited.as_bytes(), &Limits::default()).map(|p| p.summary.authored_at)
+        };
+        // Unreadable, or a date alone: refused where written.
+        for evn2 in [
+            "garbage",
+            "20261120",
+            "202611",
+            "2026-11-20T10:00:00Z",
+            "2026112010+01",
+        ] {
+            let err = authored(evn2).unwrap_err();
+            let fields: Vec<&str> = err.0.iter().map(|v| v.field.as_str()).collect();
+            assert_eq!(fields, ["EVN-2"], "{evn2}");
+        }
+        // Every precision from the hour is read, not MSH-7's time.
+        assert_eq!(
+            authored("2026112010").ok(),
+            "2026-11-20T10:00:00Z".parse().ok()
+        );
+        assert_eq!(
+            authored("202611201000+0100").ok(),
+            "2026-11-20T10:00:00+01:00".parse().ok()
+        );
+        // Empty (or the explicit null): MSH-7.
+        assert_eq!(authored("").ok(), Some(s.authored_at));
+        assert_eq!(authored("\"\"").ok(), Some(s.authored_at));
+        // With EVN-2 empty, an unreadable MSH-7 is refused at MSH-7.
+        let msh7 = ts(&s.authored_at);
+        let edited = with_field(&text, "EVN", 2, "").replacen(&msh7, "20261124", 1);
+        assert_eq!(refused_at(&edited), ["MSH-7"]);
+        let edited = with_field(&text, "EVN", 2, "").replacen(&msh7, "", 1);
+        assert_eq!(refused_at(&edited), ["EVN-2"]);
+    }
+
+    #[test]
+    fn a_coded_element_is_read_in_the_terminology_its_heading_needs() {
+        use crate::clinical::model::{Allergy, Code, DMD, Diagnosis, SNOMED};
+        let mut s = release();
+        let code = |system: &str, code: &str, display: &str| Code {
+            system: system.into(),
+            code: code.into(),
+            display: display.into(),
+        };
+        s.diagnoses.push(Diagnosis {
+            code: code(SNOMED, "58214004", "Schizophrenia"),
+            active: true,
+            onset: None,
+        });
+        s.allergies.push(Allergy {
+            substance: code(SNOMED, "764146007", "Penicillin"),
+            reaction: None,
+            severity: None,
+        });
+        let text = String::from_utf8(render(&s, JourneyEvent::Release).bytes).unwrap();
+        // ICD-10, a local code, a practice code first; the national code as
+        // the alternate (CE.4-6), HL7 v2.5.1 §2.A.8.
+        let edited = text
+            .replace(
+                "|58214004^Schizophrenia^SCT|",
+                "|F20.0^Paranoid schizophrenia^I10^58214004^Schizophrenia^SCT|",
+            )
+            .replace(
+                "|764146007^Penicillin^SCT|",
+                "|PEN01^Penicillin^99LOC^764146007^Penicillin^SCT|",
+            )
+            .replace(
+                "|39695411000001103^Paracetamol 500mg tablets^DMD|",
+                "|PARA1^Paracetamol^99PRS^39695411000001103^Paracetamol 500mg tablets^DMD|",
+            );
+        assert_eq!(edited.matches("^SCT|").count(), 2, "{edited}");
+        let read = parse(edited.as_bytes(), &Limits::default())
+            .unwrap()
+            .summary;
+        assert_eq!(read.diagnoses[0].code, s.diagnoses[0].code);
+        assert_eq!(read.allergies[0].substance, s.allergies[0].substance);
+        assert_eq!(read.medications[0].code, s.medications[0].code);
+        assert_eq!(read.medications[0].code.system, DMD);
+        // The code set aside is listed, by path; what was read is not.
+        for at in ["DG1-3.1", "AL1-3.1", "OBX-5.1"] {
+            assert!(
+                read.not_read
+                    .iter()
+                    .any(|n| n.starts_with(&format!("{at}: not carried: another code"))),
+                "{at}: {:?}",
+                read.not_read
+            );
+        }
+        assert!(
+            !read.not_read.iter().any(|n| n.contains("3.4")),
+            "{:?}",
+            read.not_read
+        );
     }
 
     #[test]

@@ -3,16 +3,17 @@
 
 use std::borrow::Cow;
 
+use super::coded::{Terminology, code_from_ce, code_or_words_from_ce};
 use super::escape::unescaped;
 use super::segment::{Segment, component, first_subcomponent, split};
 use super::{LOCAL, unread};
 use crate::clinical::JourneyEvent;
 use crate::clinical::identifiers::OdsCode;
 use crate::clinical::model::{
-    Address, Allergy, Author, ClinicalSummary, Code, Consent, ConsentDecision, Custody, DMD, Date,
+    Address, Allergy, Author, ClinicalSummary, Code, Consent, ConsentDecision, Custody, Date,
     DateTime, Diagnosis, FollowUp, FollowUpKind, Infection, Medication, MentalHealth,
     PRESCRIPTION_INTENTS, PRESCRIPTION_STATUSES, Patient, Prescription, Quantity, RiskFlag,
-    RiskKind, SNOMED, Severity, Sex, SubstanceMisuse, Vaccination, When,
+    RiskKind, Severity, Sex, SubstanceMisuse, Vaccination, When,
 };
 use crate::clinical::violation::ValidationErrors;
 use crate::clinical::{Crn, IdentifierError, Limits, NhsNumber, PrisonNumber};
@@ -64,8 +65,8 @@ fn optional_when(
     when
 }
 
-/// An HL7 `TS`/`DTM` to at least the minute, fractional seconds kept (a
-/// time without an offset is read as UTC).
+/// An HL7 `TS`/`DTM` to at least the hour, fractional seconds kept (a time
+/// without an offset is the sender's local time, read as UK time).
 pub(super) fn parse_ts(s: &str) -> Option<DateTime> {
     let when = When::from_hl7(s)?.to_string();
     if when.len() <= 10 {
@@ -85,49 +86,6 @@ pub struct Parsed {
     pub control_id: String,
 }
 
-/// A CE: its identifier (CE.1-3), or with none its alternate (CE.4-6),
-/// which HL7 gives the same standing; the text is the alternate's own, else
-/// CE.2.
-fn code_from_ce(field: &str) -> Option<Code> {
-    let (first, alternate) = (component(field, 1), component(field, 4));
-    let (code, text, system) = if !first.is_empty() {
-        (first, component(field, 2), component(field, 3))
-    } else if !alternate.is_empty() {
-        let text = Some(component(field, 5))
-            .filter(|t| !t.is_empty())
-            .unwrap_or_else(|| component(field, 2));
-        (alternate, text, component(field, 6))
-    } else {
-        return None;
-    };
-    // HL7 table 0396: `SCT` is SNOMED CT; `SNM` is the older SNOMED (II/3),
-    // read as SNOMED CT only when its code has an SCTID's shape (6 to 18
-    // digits) as senders that mean SNOMED CT write it, never `D3-12345`.
-    let sctid = |c: &str| (6..=18).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_digit());
-    let system = match &*system {
-        "SCT" | "SNOMEDCT" => SNOMED.to_owned(),
-        "SNM" if sctid(&code) => SNOMED.to_owned(),
-        "DMD" => DMD.to_owned(),
-        other => other.to_owned(),
-    };
-    Some(Code {
-        system,
-        code: code.into_owned(),
-        display: text.into_owned(),
-    })
-}
-
-/// As [`code_from_ce`], for a diagnosis or an allergy, which may be
-/// recorded in words only: CE.2 with no identifier (CE.1 or CE.4); a coding
-/// system named for no code (CE.3) says nothing and is not carried.
-fn code_or_words_from_ce(field: &str) -> Option<Code> {
-    if let Some(code) = code_from_ce(field) {
-        return Some(code);
-    }
-    let words = component(field, 2);
-    (!words.trim().is_empty()).then(|| Code::words(words))
-}
-
 /// [`str::split_once`] on a string that may be borrowed.
 fn split_once(text: Cow<'_, str>, sep: char) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
     match text {
@@ -137,6 +95,25 @@ fn split_once(text: Cow<'_, str>, sep: char) -> Option<(Cow<'_, str>, Cow<'_, st
         Cow::Owned(t) => t
             .split_once(sep)
             .map(|(a, b)| (Cow::Owned(a.to_owned()), Cow::Owned(b.to_owned()))),
+    }
+}
+
+/// A yes/no value (HL7 table 0136: `Y` or `N`, exactly); `None` when
+/// absent. Any other value is a violation at `path`, never read as
+/// "no": a lower-case `y` must not switch off what it says.
+fn yes_no(
+    value: Option<&str>,
+    path: impl FnOnce() -> String,
+    e: &mut ValidationErrors,
+) -> Option<bool> {
+    match value {
+        None => None,
+        Some("Y") => Some(true),
+        Some("N") => Some(false),
+        Some(_) => {
+            e.add(path(), "must be Y or N (HL7 table 0136)");
+            None
+        }
     }
 }
 
@@ -174,28 +151,23 @@ impl<'a> Group<'_, 'a, '_> {
         self.text(field).map(Cow::into_owned)
     }
 
-    fn code(&self) -> Option<Code> {
-        self.raw("CODE").and_then(code_from_ce)
+    /// The group's code (`CODE`), in `wanted` when the CE has it.
+    fn code(&self, wanted: Terminology, notes: &mut Vec<String>) -> Option<Code> {
+        let raw = self.raw("CODE")?;
+        code_from_ce(raw, wanted, &self.path("CODE"), notes)
     }
 
     /// The group's code, or its words (diagnoses and allergies).
-    fn code_or_words(&self) -> Option<Code> {
-        self.raw("CODE").and_then(code_or_words_from_ce)
+    fn code_or_words(&self, wanted: Terminology, notes: &mut Vec<String>) -> Option<Code> {
+        let raw = self.raw("CODE")?;
+        code_or_words_from_ce(raw, wanted, &self.path("CODE"), notes)
     }
 
     /// A yes/no field (HL7 table 0136: `Y` or `N`); `None` when absent.
     /// Any other value is a violation, never read as "no": a lower-case `y`
     /// on opioid substitution or an active suicide risk must not switch it off.
     fn yes_no(&self, field: &str, e: &mut ValidationErrors) -> Option<bool> {
-        match self.text(field).as_deref() {
-            None => None,
-            Some("Y") => Some(true),
-            Some("N") => Some(false),
-            Some(_) => {
-                e.add(self.path(field), "must be Y or N (HL7 table 0136)");
-                None
-            }
-        }
+        yes_no(self.text(field).as_deref(), || self.path(field), e)
     }
 
     /// One of `allowed` (the model's word for each), or a violation.
@@ -255,7 +227,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     let mut notes = truncated;
     let (patient, release_address) = read_pid(pid, &mut notes, &mut e);
     let registered_gp = find("PD1").and_then(|s| ods(&s.comp(3, 10), "PD1-3.10", &mut e));
-    let episode = read_pv1(find("PV1"), header.event, &mut e);
+    let episode = read_pv1(find("PV1"), header.event, &mut notes, &mut e);
     let mut items = Items::default();
     for s in segments.iter().filter(|s| s.id == "AL1") {
         items.allergies.extend(read_al1(s, &mut notes, &mut e));
@@ -264,7 +236,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     // that a `DX-ACTIVE` OBX still finds its DG1 by position, then left out.
     let mut deleted = Vec::new();
     for s in segments.iter().filter(|s| s.id == "DG1") {
-        if let Some((diagnosis, delete)) = read_dg1(s, &mut e) {
+        if let Some((diagnosis, delete)) = read_dg1(s, &mut notes, &mut e) {
             if delete {
                 deleted.push(items.diagnoses.len());
                 notes.push(format!(
@@ -291,7 +263,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             item: &fields[0].item,
             fields,
         };
-        items.read_group(&group, from_dg1, &mut e);
+        items.read_group(&group, from_dg1, &mut notes, &mut e);
     }
     for i in deleted.into_iter().rev() {
         items.diagnoses.remove(i);
@@ -453,14 +425,7 @@ fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationE
         );
     }
     let control_id = msh.comp(10, 1).into_owned();
-    let authored_at = parse_ts(&evn.map(|s| s.comp(2, 1)).unwrap_or_default())
-        .or_else(|| parse_ts(&msh.comp(7, 1)));
-    if authored_at.is_none() {
-        e.add(
-            "EVN-2",
-            "required: when the summary was recorded (YYYYMMDDHHMMSS+ZZZZ)",
-        );
-    }
+    let authored_at = authored_at(msh, evn, e);
     // EVN-6 is the transfer time only on an A02; elsewhere it is listed.
     let transfer_at = evn
         .filter(|_| event == Some(JourneyEvent::Transfer))
@@ -483,6 +448,44 @@ fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationE
     }
 }
 
+/// When the summary was recorded: EVN-2, or MSH-7 only when EVN-2 is empty.
+/// It decides which of two summaries supersedes the other, so a value that
+/// is there but unreadable, or only a date (a valid TS, but one that cannot
+/// order two summaries written that day), is a violation where it is
+/// written, never replaced by the other field. Read as every TS is read
+/// ([`parse_ts`]): any precision from the hour.
+fn authored_at(
+    msh: &Segment<'_>,
+    evn: Option<&Segment<'_>>,
+    e: &mut ValidationErrors,
+) -> Option<DateTime> {
+    let evn2 = evn.map(|s| s.comp(2, 1)).unwrap_or_default();
+    let (text, at) = if evn2.is_empty() {
+        (msh.comp(7, 1), "MSH-7")
+    } else {
+        (evn2, "EVN-2")
+    };
+    if text.is_empty() {
+        e.add(
+            "EVN-2",
+            "required: when the summary was recorded (YYYYMMDDHHMMSS+ZZZZ)",
+        );
+        return None;
+    }
+    let time = parse_ts(&text);
+    if time.is_none() {
+        let why = if When::from_hl7(&text).is_some() {
+            "must be a time to at least the hour (YYYYMMDDHH[MM[SS[.SSSS]]][+/-ZZZZ]): a date \
+             alone cannot tell which of two summaries is newer"
+        } else {
+            "must be a time YYYYMMDDHH[MM[SS[.SSSS]]][+/-ZZZZ]: it decides which summary \
+             supersedes which"
+        };
+        e.add(at, why);
+    }
+    time
+}
+
 /// The patient from PID (none without a readable date of birth), and the
 /// release address PID-11 carries.
 fn read_pid(
@@ -491,6 +494,7 @@ fn read_pid(
     e: &mut ValidationErrors,
 ) -> (Option<Patient>, Option<Address>) {
     let (nhs, prison, crn) = read_identifiers(pid, notes, e);
+    refuse_a_death(pid, e);
     let family_name = pid.sub1(5, 1).into_owned();
     if family_name.is_empty() {
         e.add("PID-5.1", "required: the patient's family name");
@@ -534,6 +538,22 @@ fn read_pid(
         sex,
     });
     (patient, release_address)
+}
+
+/// PID-29 and PID-30: a patient recorded as dead is refused, as the FHIR
+/// reader refuses `Patient.deceased[x]`: a summary is not routed to the
+/// carers of a person who has died. PID-30 is HL7 table 0136; a value
+/// outside it is refused, never read as "not dead".
+fn refuse_a_death(pid: &Segment<'_>, e: &mut ValidationErrors) {
+    const DECEASED: &str = "the patient is recorded as deceased: a summary is not routed to \
+                            the carers of a person who has died";
+    if !pid.field(29).is_empty() {
+        e.add("PID-29", DECEASED);
+    }
+    let indicator = Some(pid.field(30)).filter(|v| !v.is_empty()).map(unescaped);
+    if yes_no(indicator.as_deref(), || "PID-30".to_owned(), e) == Some(true) {
+        e.add("PID-30", DECEASED);
+    }
 }
 
 /// PID-3: the NHS number, prison number and CRN; other identifiers are
@@ -662,8 +682,12 @@ struct Episode {
 fn read_pv1(
     pv1: Option<&Segment<'_>>,
     event: Option<JourneyEvent>,
+    notes: &mut Vec<String>,
     e: &mut ValidationErrors,
 ) -> Episode {
+    if let Some(s) = pv1 {
+        discharge_disposition(s, notes, e);
+    }
     let location = pv1.and_then(|s| ods(&s.sub1(3, 4), "PV1-3.4", e));
     // PV1-6 is the sending location only on a transfer (A02); elsewhere it
     // is listed as not read, never taken for an establishment.
@@ -706,6 +730,46 @@ fn read_pv1(
         transfer_to,
         reception_date,
         release_date,
+    }
+}
+
+/// PV1-36 codes that say the patient died: HL7 table 0112's `20` expired,
+/// `21`-`28` expired (as defined locally), `40`-`42` expired at home, in a
+/// facility, place unknown; and the NHS Data Dictionary's discharge
+/// destination `79` (died), which English senders write here, as the FHIR
+/// reader refuses UK Core's `79`. Not `29`: in the NHS Data Dictionary it is
+/// a temporary place of residence (a hostel, approved premises), a common
+/// release destination.
+const EXPIRED: [&str; 13] = [
+    "20", "21", "22", "23", "24", "25", "26", "27", "28", "40", "41", "42", "79",
+];
+
+/// PV1-36, the discharge disposition (HL7 table 0112), as the FHIR reader
+/// reads `dischargeDisposition`: home (`01`) is a release as any other; a
+/// death is refused, since it is not a release to anyone's care; any other
+/// is listed as not carried, so the recipient sees the patient went
+/// somewhere other than home.
+fn discharge_disposition(pv1: &Segment<'_>, notes: &mut Vec<String>, e: &mut ValidationErrors) {
+    // Every repetition: a death must never hide behind a first one.
+    let codes: Vec<Cow<'_, str>> = pv1.reps(36).map(|(_, rep)| component(rep, 1)).collect();
+    if codes.iter().any(|c| EXPIRED.contains(&&**c)) {
+        e.add(
+            "PV1-36",
+            "the patient died (a discharge disposition of expired, table 0112): a death in \
+             custody is not a release, and its summary is not routed to community carers",
+        );
+        return;
+    }
+    match codes.first().map(|c| &**c) {
+        None | Some("" | "01") => {}
+        Some(code) if code.len() <= 8 && code.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+            notes.push(format!(
+                "PV1-36: not carried: a discharge disposition of {code}"
+            ));
+        }
+        Some(_) => {
+            notes.push("PV1-36: not carried: a discharge disposition other than home".into())
+        }
     }
 }
 
@@ -828,32 +892,21 @@ impl Items {
 
     /// One OBX group, by its item; `from_dg1` diagnoses came from DG1
     /// segments (a `DX` group without a code gives one of them its status).
-    fn read_group(&mut self, g: &Group<'_, '_, '_>, from_dg1: usize, e: &mut ValidationErrors) {
+    fn read_group(
+        &mut self,
+        g: &Group<'_, '_, '_>,
+        from_dg1: usize,
+        notes: &mut Vec<String>,
+        e: &mut ValidationErrors,
+    ) {
+        let snomed = Terminology::SnomedCt;
         match g.item {
-            "MED" => self.medications.extend(read_medication(g, e)),
-            "RX" => self.prescriptions.extend(read_prescription(g, e)),
-            "ALG" => {
-                let severity = g.one_of(
-                    "SEV",
-                    &[
-                        ("MI", Severity::Mild),
-                        ("MO", Severity::Moderate),
-                        ("SV", Severity::Severe),
-                    ],
-                    e,
-                );
-                match g.code_or_words() {
-                    Some(substance) => self.allergies.push(Allergy {
-                        substance,
-                        reaction: g.string("REACTION"),
-                        severity,
-                    }),
-                    None => e.add(g.path("CODE"), "required: the allergen code"),
-                }
-            }
+            "MED" => self.medications.extend(read_medication(g, notes, e)),
+            "RX" => self.prescriptions.extend(read_prescription(g, notes, e)),
+            "ALG" => self.allergies.extend(read_allergy(g, notes, e)),
             "DX" => {
                 let active = g.yes_no("ACTIVE", e).unwrap_or(true);
-                match g.code_or_words() {
+                match g.code_or_words(snomed, notes) {
                     Some(code) => self.diagnoses.push(Diagnosis {
                         code,
                         active,
@@ -871,7 +924,7 @@ impl Items {
                     kind,
                     active: g.yes_no("ACTIVE", e).unwrap_or(true),
                     note: g.string("NOTE"),
-                    code: g.code(),
+                    code: g.code(snomed, notes),
                 }),
                 None => e.add(
                     g.path("KIND"),
@@ -890,7 +943,7 @@ impl Items {
                     community_service: g.string("SERVICE"),
                 });
             }
-            "INF" => match g.code() {
+            "INF" => match g.code(snomed, notes) {
                 Some(code) => self.infections.push(Infection {
                     code,
                     status: g.string("STATUS").unwrap_or_default(),
@@ -902,7 +955,10 @@ impl Items {
                 }),
                 None => e.add(g.path("CODE"), "required: the infection code"),
             },
-            "VAC" => match (g.code(), g.text("DATE").and_then(|v| When::from_hl7(&v))) {
+            "VAC" => match (
+                g.code(snomed, notes),
+                g.text("DATE").and_then(|v| When::from_hl7(&v)),
+            ) {
                 (Some(code), Some(date)) => self.vaccinations.push(Vaccination { code, date }),
                 _ => e.add(g.path("CODE"), "a vaccination needs a code and a date"),
             },
@@ -967,8 +1023,12 @@ impl Items {
 }
 
 /// One medicine from its `MED` OBX group.
-fn read_medication(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Medication> {
-    let Some(code) = g.code() else {
+fn read_medication(
+    g: &Group<'_, '_, '_>,
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> Option<Medication> {
+    let Some(code) = g.code(Terminology::Dmd, notes) else {
         e.add(g.path("CODE"), "required: the medicine code");
         return None;
     };
@@ -1002,6 +1062,32 @@ fn read_medication(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Me
         opioid_substitution: g.yes_no("OST", e).unwrap_or(false),
         last_dose_given,
         days_supplied,
+    })
+}
+
+/// One allergy from its `ALG` OBX group.
+fn read_allergy(
+    g: &Group<'_, '_, '_>,
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> Option<Allergy> {
+    let severity = g.one_of(
+        "SEV",
+        &[
+            ("MI", Severity::Mild),
+            ("MO", Severity::Moderate),
+            ("SV", Severity::Severe),
+        ],
+        e,
+    );
+    let Some(substance) = g.code_or_words(Terminology::SnomedCt, notes) else {
+        e.add(g.path("CODE"), "required: the allergen code");
+        return None;
+    };
+    Some(Allergy {
+        substance,
+        reaction: g.string("REACTION"),
+        severity,
     })
 }
 
@@ -1048,7 +1134,8 @@ fn read_al1(s: &Segment<'_>, notes: &mut Vec<String>, e: &mut ValidationErrors) 
     if severity.is_none() && !matches!(&*severity_code, "" | "U") {
         e.add(s.name(4), "must be SV, MO, MI or U (HL7 table 0128)");
     }
-    let Some(substance) = code_or_words_from_ce(s.field(3)) else {
+    let substance = code_or_words_from_ce(s.field(3), Terminology::SnomedCt, &s.name(3), notes);
+    let Some(substance) = substance else {
         e.add(
             format!("{}.1", s.name(3)),
             "required: the allergen code (or its words in .2)",
@@ -1070,7 +1157,11 @@ fn read_al1(s: &Segment<'_>, notes: &mut Vec<String>, e: &mut ValidationErrors) 
 /// one is marked by a `DX-ACTIVE` OBX whose sub-ID is the DG1's set ID.
 /// DG1-21 follows table 0206: `A` add, `U` update, `X` no change, `D`
 /// delete.
-fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<(Diagnosis, bool)> {
+fn read_dg1(
+    s: &Segment<'_>,
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> Option<(Diagnosis, bool)> {
     if !matches!(&*s.comp(6, 1), "" | "A" | "W" | "F") {
         e.add(s.name(6), "must be A, W or F (HL7 table 0052)");
     }
@@ -1083,7 +1174,8 @@ fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<(Diagnosis, boo
         }
     };
     let onset = optional_when(Some(&s.comp(5, 1)), || format!("{}.1", s.name(5)), e);
-    let Some(code) = code_or_words_from_ce(s.field(3)) else {
+    let code = code_or_words_from_ce(s.field(3), Terminology::SnomedCt, &s.name(3), notes);
+    let Some(code) = code else {
         e.add(
             format!("{}.1", s.name(3)),
             "required: the diagnosis code (or its words in .2)",
@@ -1101,8 +1193,12 @@ fn read_dg1(s: &Segment<'_>, e: &mut ValidationErrors) -> Option<(Diagnosis, boo
 }
 
 /// One prescription from its `RX` OBX group.
-fn read_prescription(g: &Group<'_, '_, '_>, e: &mut ValidationErrors) -> Option<Prescription> {
-    let Some(code) = g.code() else {
+fn read_prescription(
+    g: &Group<'_, '_, '_>,
+    notes: &mut Vec<String>,
+    e: &mut ValidationErrors,
+) -> Option<Prescription> {
+    let Some(code) = g.code(Terminology::Dmd, notes) else {
         e.add(g.path("CODE"), "required: the medicine code");
         return None;
     };

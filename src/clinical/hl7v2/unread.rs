@@ -45,6 +45,8 @@ fn table(id: &str, event: Option<JourneyEvent>) -> Option<Vec<Read>> {
             first(7, &[1]),
             first(8, &[]),
             first(11, &[1, 2, 3, 5, 7]),
+            first(29, &[]),
+            first(30, &[]),
         ],
         "PD1" => vec![first(3, &[10])],
         "PV1" => {
@@ -52,19 +54,19 @@ fn table(id: &str, event: Option<JourneyEvent>) -> Option<Vec<Read>> {
             if transfer {
                 f.push(first(6, &[4]));
             }
-            f.extend([first(44, &[1]), first(45, &[1])]);
+            f.extend([first(36, &[1]), first(44, &[1]), first(45, &[1])]);
             f
         }
         "AL1" => vec![
             first(1, &[]),
             first(2, &[1]),
-            first(3, &[1, 2, 3]),
+            first(3, &[1, 2, 3, 4, 5, 6]),
             first(4, &[1]),
             first(5, &[]),
         ],
         "DG1" => vec![
             first(1, &[]),
-            first(3, &[1, 2, 3]),
+            first(3, &[1, 2, 3, 4, 5, 6]),
             first(5, &[1]),
             first(6, &[]),
             first(21, &[1]),
