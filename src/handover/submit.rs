@@ -368,9 +368,11 @@ impl Gateway {
         let Some(now_at) = now_at.and_then(|c| c.parse::<OdsCode>().ok()) else {
             return Ok(());
         };
-        let active_prison = (self.registry.read().get(&now_at))
-            .is_some_and(|o| o.kind == OrgKind::Prison && o.active);
-        if !active_prison {
+        // Disabled or not: the record waits for the prison that holds the
+        // patient (it pulls once enabled again) rather than go to one they
+        // left, which has no care of them.
+        let prison = (self.registry.read().get(&now_at)).is_some_and(|o| o.kind == OrgKind::Prison);
+        if !prison {
             return Ok(());
         }
         for route in routes {

@@ -211,6 +211,62 @@ async fn a_community_summary_follows_the_patient_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_community_summary_waits_for_a_disabled_prison_that_holds_the_patient() {
+    a_community_summary_waits_for_a_disabled_prison_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_community_summary_waits_for_a_disabled_prison_that_holds_the_patient_on_postgres() {
+    a_community_summary_waits_for_a_disabled_prison_on(Engine::Postgres).await;
+}
+
+/// The prison that holds the patient is disabled (a registry error, a
+/// system being replaced) when the GP's record arrives: it waits for that
+/// prison, which pulls it once enabled again; it went to the prison the
+/// patient had left.
+async fn a_community_summary_waits_for_a_disabled_prison_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut first = gw.client("YP001").await;
+    first.submit(admission("adm-64", 64)).await.unwrap();
+    let moved = submit(
+        "t-64",
+        pb::JourneyEvent::Transfer,
+        &[],
+        &transfer(64, "moved"),
+    );
+    first.submit(moved).await.unwrap();
+    let mut second = gw.client("YP002").await;
+    assert_eq!(pull_and_ack(&mut second).await.len(), 1);
+    let mut op = gw.operator().await;
+    let active = |active: bool| pb::SetOrganisationActiveRequest {
+        ods_code: "YP002".into(),
+        active,
+    };
+    op.set_organisation_active(active(false)).await.unwrap();
+    let mut c = summary(64, Some("YG001"), "from the GP");
+    c.author.organisation = "YG001".parse().unwrap();
+    let cs = submit("cs-64", pb::JourneyEvent::CommunitySummary, &[], &c);
+    let r = gw
+        .client("YG001")
+        .await
+        .submit(cs)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r), ["YP002"]);
+    assert!(
+        pull_and_ack(&mut first).await.is_empty(),
+        "not the prison left"
+    );
+    op.set_organisation_active(active(true)).await.unwrap();
+    let got = pull_and_ack(&mut second).await;
+    assert_eq!(got.iter().map(text_of).collect::<Vec<_>>(), ["from the GP"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_corrected_custody_event_is_no_move_for_a_community_summary() {
     a_corrected_custody_event_is_no_move_on(Engine::Sled).await;
 }
