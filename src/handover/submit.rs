@@ -470,16 +470,17 @@ impl Gateway {
             // A recipient of an earlier summary that this one does not go
             // to is told, first in line, that the earlier one no longer
             // applies (nothing clinical: consent may have been withdrawn).
+            // Every notice is due within the urgent deadline of its
+            // submission, whatever the summary holds: a deadline taken from
+            // the summary's routes told a probation service without consent
+            // (or a mental health team, of opioid substitution) what its
+            // view withholds.
             withdrawal: Some(Box::new(NewDelivery {
                 mailbox: String::new(),
                 urgent: true,
                 view: view_name(View::Withdrawn).to_owned(),
                 not_carried: not_carried(summary, Format::Native, View::Withdrawn, cmd.event),
-                due_ms: routes
-                    .iter()
-                    .map(|r| r.due_ms)
-                    .filter(|d| *d != i64::MAX)
-                    .min(),
+                due_ms: Some(self.clock.now_ms().saturating_add(self.deadlines.urgent_ms)),
             })),
             episode: summary
                 .custody

@@ -1012,6 +1012,56 @@ async fn a_late_correction_of_an_earlier_episode_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_withdrawal_notice_is_due_alike_whatever_the_summary_withholds() {
+    a_withdrawal_notice_is_due_alike_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_withdrawal_notice_is_due_alike_whatever_the_summary_withholds_on_postgres() {
+    a_withdrawal_notice_is_due_alike_on(Engine::Postgres).await;
+}
+
+/// A probation service without the patient's consent sees no risks, and
+/// must not learn of one from a deadline: a withdrawal notice's was the
+/// soonest of the correction's routes, so an active suicide risk made the
+/// probation notice due in 4 hours instead of at the end of the release day.
+async fn a_withdrawal_notice_is_due_alike_on(engine: Engine) {
+    let Some((gw, _clock)) = TestGateway::manual_on(engine, |_| {}).await else {
+        return;
+    };
+    let south = organisation("YPR02", pb::OrganisationKind::Probation, "South (invented)");
+    gw.operator().await.put_organisation(south).await.unwrap();
+    let mut prison = gw.client("YP001").await;
+    let mut probation = gw.client("YPR01").await;
+    let mut due = Vec::new();
+    for (patient, at_risk) in [(65, false), (66, true)] {
+        let mut s = summary(patient, Some("YG001"), "release");
+        // Released in five days' time (T0 is 2027-01-15).
+        s.custody.release_date = Some("2027-01-20".parse().unwrap());
+        s.consent.probation_sharing = throughcare::clinical::model::ConsentDecision::Refused;
+        let first = submit(&format!("r-{patient}"), pb::JourneyEvent::Release, &[], &s);
+        prison.submit(first).await.unwrap();
+        assert_eq!(pull_and_ack(&mut probation).await.len(), 1);
+        if at_risk {
+            s.risks.push(RiskFlag {
+                kind: RiskKind::Suicide,
+                active: true,
+                note: None,
+                code: None,
+            });
+        }
+        let id = format!("r-{patient}-south");
+        let moved = submit(&id, pb::JourneyEvent::Release, &["YG001", "YPR02"], &s);
+        prison.submit(moved).await.unwrap();
+        let notice = pull_and_ack(&mut probation).await;
+        assert_eq!(notice.len(), 1, "a withdrawal notice");
+        due.push(notice[0].due_at.clone().unwrap().seconds);
+    }
+    assert_eq!(due, [(T0 + 4 * 3_600_000) / 1_000; 2]);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn an_overdue_delivery_is_reported_within_one_scan_interval() {
     an_overdue_delivery_is_reported_within_one_scan_interval_on(Engine::Sled).await;
 }
