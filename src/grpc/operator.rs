@@ -86,6 +86,7 @@ fn redrive_to_wire(results: Vec<(u64, RedriveOutcome)>) -> pb::RedriveResponse {
                 RedriveOutcome::Requeued => (Wire::Requeued, pb::DeliveryState::Queued),
                 RedriveOutcome::NotQuarantined(s) => (Wire::NotQuarantined, wire::state_to_wire(s)),
                 RedriveOutcome::Unknown => (Wire::UnknownDelivery, pb::DeliveryState::Unspecified),
+                RedriveOutcome::Outdated => (Wire::Outdated, pb::DeliveryState::Quarantined),
             };
             pb::RedriveResult {
                 delivery_id: id,

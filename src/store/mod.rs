@@ -360,6 +360,10 @@ pub enum RedriveOutcome {
     NotQuarantined(DeliveryState),
     /// No such delivery.
     Unknown,
+    /// An admission notice whose patient has been released, or admitted
+    /// again, since: sent now it would tell the practice they are in that
+    /// prison after their release summary. Left quarantined.
+    Outdated,
 }
 
 /// What became of one attempt of a batch acknowledgement, judged as a

@@ -133,6 +133,9 @@ pub(crate) const FULL_VIEW: &str = "full";
 /// The view of a withdrawal notice ([`crate::clinical::views::View::Withdrawn`]).
 pub(crate) const WITHDRAWN_VIEW: &str = "withdrawn";
 
+/// The view of an admission notice (`View::AdmissionNotice`).
+pub(crate) const ADMISSION_NOTICE_VIEW: &str = "admission_notice";
+
 /// The holding mailbox of substance misuse service copies with no service
 /// for the release area. Its deliveries are parked, but no claim or PDS
 /// lookup touches them: only a corrected release supersedes them.
@@ -1167,6 +1170,9 @@ pub(crate) fn redrive_event(
                 format!("ok: nothing to do, it is {}", state_name(*state))
             }
             RedriveOutcome::Unknown => "refused: no such delivery".into(),
+            RedriveOutcome::Outdated => "refused: an admission notice whose patient has been \
+                released or admitted again since; left quarantined"
+                .into(),
         },
     }
 }

@@ -1428,6 +1428,7 @@ impl Writer {
                 Some(d) if d.state != DeliveryState::Quarantined => {
                     RedriveOutcome::NotQuarantined(d.state)
                 }
+                Some(d) if self.outdated_notice(staged, &d)? => RedriveOutcome::Outdated,
                 Some(mut d) => {
                     staged.del(TreeId::Quarantine, records::mailbox_key(&d.mailbox, id));
                     staged.put(
@@ -1451,6 +1452,19 @@ impl Writer {
             out.push((id, outcome));
         }
         Ok(out)
+    }
+
+    /// Whether `d` is an admission notice whose patient has been released,
+    /// or admitted again, since its admission
+    /// ([`super::identity::left_custody_since`]).
+    fn outdated_notice(&self, staged: &Staged<'_>, d: &DeliveryRecord) -> Result<bool, StoreError> {
+        if d.view != records::ADMISSION_NOTICE_VIEW {
+            return Ok(false);
+        }
+        let Some(h) = staged.get_json(TreeId::Handovers, &records::be(d.handover_id))? else {
+            return Ok(false);
+        };
+        super::identity::left_custody_since(staged, &h)
     }
 
     fn stats(&self, now: i64) -> Vec<MailboxStats> {

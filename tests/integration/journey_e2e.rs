@@ -1055,9 +1055,87 @@ async fn a_withdrawal_notice_is_due_alike_on(engine: Engine) {
         prison.submit(moved).await.unwrap();
         let notice = pull_and_ack(&mut probation).await;
         assert_eq!(notice.len(), 1, "a withdrawal notice");
-        due.push(notice[0].due_at.clone().unwrap().seconds);
+        due.push(notice[0].due_at.unwrap().seconds);
     }
     assert_eq!(due, [(T0 + 4 * 3_600_000) / 1_000; 2]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_admission_notice_is_not_redriven_once_the_patient_is_released() {
+    an_admission_notice_is_not_redriven_once_released_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn an_admission_notice_is_not_redriven_once_the_patient_is_released_on_postgres() {
+    an_admission_notice_is_not_redriven_once_released_on(Engine::Postgres).await;
+}
+
+/// A practice refused an admission notice; the patient was released and
+/// the practice had the release summary; an operator then redrives the
+/// notice: it would tell the practice the patient is in prison after the
+/// release. It stays quarantined, and the operator is told why.
+async fn an_admission_notice_is_not_redriven_once_released_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    let mut gp = gw.client("YG001").await;
+    let redrive = |id: u64| pb::RedriveRequest {
+        target: Some(pb::redrive_request::Target::Deliveries(pb::DeliveryIds {
+            ids: vec![id],
+        })),
+    };
+    let mut op = gw.operator().await;
+    let mut refused = Vec::new();
+    for patient in [67, 68] {
+        prison
+            .submit(admission(&format!("adm-{patient}"), patient))
+            .await
+            .unwrap();
+        let d = gp
+            .pull(pull(1))
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries
+            .remove(0);
+        let nack = pb::NackRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+            permanent: true,
+            reason: "cannot file it".into(),
+        };
+        gp.nack(nack).await.unwrap();
+        refused.push(d.delivery_id);
+    }
+    // Patient 67 is released and the practice files the release summary.
+    let out = submit(
+        "rel-67",
+        pb::JourneyEvent::Release,
+        &[],
+        &summary(67, Some("YG001"), "out"),
+    );
+    prison.submit(out).await.unwrap();
+    assert_eq!(
+        pull_and_ack(&mut gp)
+            .await
+            .iter()
+            .map(text_of)
+            .collect::<Vec<_>>(),
+        ["out"]
+    );
+    let r = op.redrive(redrive(refused[0])).await.unwrap().into_inner();
+    assert_eq!(r.results[0].outcome(), pb::RedriveOutcome::Outdated);
+    assert_eq!(r.results[0].state(), pb::DeliveryState::Quarantined);
+    // Patient 68 is still inside: the notice goes again.
+    let r = op.redrive(redrive(refused[1])).await.unwrap().into_inner();
+    assert_eq!(r.results[0].outcome(), pb::RedriveOutcome::Requeued);
+    let again = pull_and_ack(&mut gp).await;
+    assert_eq!(
+        again.iter().map(|d| d.delivery_id).collect::<Vec<_>>(),
+        [refused[1]]
+    );
     gw.stop().await;
 }
 

@@ -215,3 +215,35 @@ pub(super) async fn movement_start(
     }
     Ok(start)
 }
+
+/// Whether admission `h`'s patient was released, or admitted again, after
+/// it: a movement first reported after it, not a correction of an earlier
+/// one (the sled engine's `identity::left_custody_since`).
+pub(super) async fn left_custody_since(
+    tx: &Transaction<'_>,
+    h: &crate::store::HandoverRecord,
+) -> Result<bool, StoreError> {
+    let heads = tx
+        .query(
+            "SELECT h.record FROM lineage l JOIN handovers h ON h.id = l.handover_id \
+             WHERE l.patient_key = COALESCE(\
+             (SELECT patient_key FROM identities WHERE identifier = $1), $1) \
+             AND l.event = ANY($2) AND l.handover_id > $3",
+            &[
+                &h.patient_key,
+                &[JourneyEvent::Release, JourneyEvent::Admission]
+                    .map(|e| e.to_string())
+                    .to_vec(),
+                &id(h.id),
+            ],
+        )
+        .await
+        .map_err(db)?;
+    for row in heads {
+        let head = row.get::<_, Json<crate::store::HandoverRecord>>(0).0;
+        if movement_start(tx, &head).await? > h.id {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

@@ -190,29 +190,9 @@ async fn pds_notify(
     if !h.deliveries.is_empty() || h.shredded_at_ms.is_some() || latest.is_some_and(|l| l != h.id) {
         return Ok(Ok(None));
     }
-    // Released, or admitted again, since (`identity::left_custody_since`):
-    // a movement first reported after it, not a correction of an earlier one.
-    let heads = tx
-        .query(
-            "SELECT h.record FROM lineage l JOIN handovers h ON h.id = l.handover_id \
-             WHERE l.patient_key = COALESCE(\
-             (SELECT patient_key FROM identities WHERE identifier = $1), $1) \
-             AND l.event = ANY($2) AND l.handover_id > $3",
-            &[
-                &h.patient_key,
-                &[JourneyEvent::Release, JourneyEvent::Admission]
-                    .map(|e| e.to_string())
-                    .to_vec(),
-                &id(h.id),
-            ],
-        )
-        .await
-        .map_err(db)?;
-    for row in heads {
-        let head = row.get::<_, Json<HandoverRecord>>(0).0;
-        if super::identity::movement_start(tx, &head).await? > h.id {
-            return Ok(Ok(None));
-        }
+    // Released, or admitted again, since (`identity::left_custody_since`).
+    if super::identity::left_custody_since(tx, &h).await? {
+        return Ok(Ok(None));
     }
     // Waits for this delivery again (retention skips it until it finishes).
     h.finished_at_ms = None;

@@ -987,6 +987,18 @@ async fn route_held(
     Ok(routed)
 }
 
+/// Whether `d` is an admission notice whose patient has been released, or
+/// admitted again, since (as the sled engine's `Writer::outdated_notice`).
+async fn outdated_notice(tx: &Transaction<'_>, d: &DeliveryRecord) -> Result<bool, StoreError> {
+    if d.view != records::ADMISSION_NOTICE_VIEW {
+        return Ok(false);
+    }
+    match sql::handover(tx, d.handover_id).await? {
+        Some(h) => super::identity::left_custody_since(tx, &h).await,
+        None => Ok(false),
+    }
+}
+
 async fn redrive(
     tx: &Transaction<'_>,
     s: &Shared,
@@ -1010,6 +1022,10 @@ async fn redrive(
             Some(d) if d.state != DeliveryState::Quarantined => {
                 found.insert(did, Some(d.clone()));
                 RedriveOutcome::NotQuarantined(d.state)
+            }
+            Some(d) if outdated_notice(tx, &d).await? => {
+                found.insert(did, Some(d));
+                RedriveOutcome::Outdated
             }
             Some(mut d) => {
                 d.state = DeliveryState::Queued;
