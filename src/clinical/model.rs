@@ -895,7 +895,9 @@ impl ClinicalSummary {
 /// words and abbreviations UK prescriptions use; when several readings
 /// match, the shortest:
 /// - a number of hours ("every 4 hours", `12-hourly`, `8h`, `q6h`): that,
-///   at most a day;
+///   at most a day; a range ("every 4 to 6 hours", `q4-6h`): its shortest;
+/// - a number of times ("6 times a day", "1 to 5 times"): a day shared
+///   between them, whole hours rounded down;
 /// - four times, `QDS`, `QID` or `4x`: 6 hours;
 /// - three times, `TDS`, `TID` or `3x`: 8;
 /// - twice, `BD`, `BID`, `2x`, a split dose, or morning and night
@@ -941,14 +943,38 @@ pub fn dosing_interval_ms(frequency: &str) -> i64 {
     };
     // Every reading that matches counts, and the shortest wins: "twice
     // daily, review in 72 hours" is 12, never a day.
-    let mut candidates: Vec<i64> = words
-        .windows(2)
-        .filter(|p| matches!(p[1].as_str(), "hourly" | "hours" | "hour" | "hrs" | "h"))
-        .filter_map(|p| number(&p[0]))
-        .chain(words.iter().filter_map(|w| hours(w)))
-        .filter(|n| *n > 0)
-        .map(|n| n.min(24))
-        .collect();
+    let mut candidates: Vec<i64> = words.iter().filter_map(|w| hours(w)).collect();
+    // The numbers just before an hour, a range's every one: "every 4 to 6
+    // hours", "4-6 hourly" and "q4-6h" are 4, never 6.
+    let hour_word = |w: &str| matches!(w, "hourly" | "hours" | "hour" | "hrs" | "h");
+    for (j, w) in words.iter().enumerate() {
+        if !hour_word(w) && hours(w).is_none() {
+            continue;
+        }
+        for before in words[..j].iter().rev() {
+            let before = before.strip_prefix('q').unwrap_or(before);
+            if matches!(before, "to" | "or") {
+                continue;
+            }
+            match number(before) {
+                Some(n) => candidates.push(n),
+                None => break,
+            }
+        }
+    }
+    // Any count of doses: "6 times a day" is every 4 hours, "5 times" 4.
+    candidates.extend(
+        words
+            .windows(2)
+            .filter(|p| p[1] == "times")
+            .filter_map(|p| p[0].parse::<i64>().ok())
+            .filter(|n| *n >= 1)
+            .map(|n| (24 / n).max(1)),
+    );
+    candidates.retain(|n| *n > 0);
+    for n in &mut candidates {
+        *n = (*n).min(24);
+    }
     // "four times", "4 times", "4x", "x4".
     let times = |word: &str, digit: &str| {
         (has(word) || has(digit)) && has("times")
@@ -1071,6 +1097,33 @@ mod tests {
             "alternate days",
         ] {
             assert_eq!(h(unread), 6, "{unread}");
+        }
+    }
+
+    /// A range of hours is due at its shortest, and any number of doses a
+    /// day shares the day between them: FHIR's `periodMax` and
+    /// `frequencyMax` in words, and the total of concurrent doses, never
+    /// read as the longer interval.
+    #[test]
+    fn a_range_or_any_count_a_day_is_due_at_its_shortest() {
+        let h = |f: &str| dosing_interval_ms(f) / 3_600_000;
+        for (words, hours) in [
+            ("once every 4 to 6 hours", 4),
+            ("every 4-6 hours", 4),
+            ("4-6 hourly", 4),
+            ("q4-6h", 4),
+            ("every 6 or 8 hours", 6),
+            ("1 to 4 times a day", 6),
+            ("5 times a day", 4),
+            ("6 times a day", 4),
+            ("12 times a day", 2),
+            ("twice a day in all", 12),
+            ("up to 3 times a day in all", 8),
+            ("once a day in the morning", 24),
+            ("up to 6 hours apart", 6),
+            ("twice daily, review in 72 hours", 12),
+        ] {
+            assert_eq!(h(words), hours, "{words}");
         }
     }
 

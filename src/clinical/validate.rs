@@ -1,7 +1,7 @@
 //! Clinical completeness: what each journey event needs before it can help
 //! the next carer. Paths are in the canonical model.
 
-use super::model::{ClinicalSummary, RiskKind};
+use super::model::{Address, ClinicalSummary, RiskKind};
 use super::violation::ValidationErrors;
 use crate::clinical::JourneyEvent;
 
@@ -121,11 +121,17 @@ pub fn validate_serialised(
                     "a release needs the release date",
                 );
             }
-            if c.release_address.is_none() && !c.no_fixed_abode {
-                e.add(
+            match &c.release_address {
+                None if !c.no_fixed_abode => e.add(
                     "summary.custody.release_address",
                     "a release needs the release address, or no_fixed_abode",
-                );
+                ),
+                Some(a) if !says_where(a) && !c.no_fixed_abode => e.add(
+                    "summary.custody.release_address",
+                    "has no street line and no postcode, so it does not say where the patient \
+                     will live: a release needs a street line or a postcode, or no_fixed_abode",
+                ),
+                _ => {}
             }
         }
         _ => {}
@@ -150,6 +156,14 @@ pub fn validate_serialised(
     check_text(s, json, &mut e);
     check_days_supplied(s, &mut e);
     e.into_result()
+}
+
+/// Whether an address says where someone lives: a street line or a
+/// postcode that is not blank. A town or a country alone (FHIR
+/// `{"use":"home","country":"GB"}`, an HL7 PID-11 with an empty first
+/// repetition) names no door a carer could knock on.
+fn says_where(a: &Address) -> bool {
+    a.lines.iter().any(|l| !l.trim().is_empty()) || !a.postcode.trim().is_empty()
 }
 
 /// The last year a custody date may fall in: deadlines are computed from
@@ -403,6 +417,66 @@ mod tests {
         s.patient.family_name = "x".repeat(MAX_SUMMARY_JSON);
         let e = validate(&s, JourneyEvent::Release).unwrap_err();
         assert_eq!(e.0[0].field, "summary");
+    }
+
+    /// An address counts only when it says where: a street line or a
+    /// postcode. An empty one (FHIR `{"use":"home","country":"GB"}`, HL7
+    /// PID-11 with an empty first repetition) is no release address, in
+    /// every format.
+    #[test]
+    fn a_release_address_without_a_line_or_a_postcode_is_refused() {
+        use crate::clinical::model::Address;
+        let mut s = summary_with("a");
+        let fields = |s: &ClinicalSummary| match validate(s, JourneyEvent::Release) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.0.into_iter().map(|v| v.field).collect::<Vec<_>>(),
+        };
+        for empty in [
+            Address {
+                lines: Vec::new(),
+                city: String::new(),
+                postcode: String::new(),
+            },
+            Address {
+                lines: vec![" ".into(), String::new()],
+                city: "Northam".into(),
+                postcode: "  ".into(),
+            },
+        ] {
+            s.custody.release_address = Some(empty);
+            assert_eq!(fields(&s), ["summary.custody.release_address"]);
+            // No fixed abode says where the patient will be: nowhere known.
+            s.custody.no_fixed_abode = true;
+            assert_eq!(fields(&s), Vec::<String>::new());
+            s.custody.no_fixed_abode = false;
+        }
+        for enough in [
+            Address {
+                lines: vec!["1 Invented Street".into()],
+                city: String::new(),
+                postcode: String::new(),
+            },
+            Address {
+                lines: Vec::new(),
+                city: String::new(),
+                postcode: "ZZ1 1ZZ".into(),
+            },
+        ] {
+            s.custody.release_address = Some(enough);
+            assert_eq!(fields(&s), Vec::<String>::new());
+        }
+        // Only a release needs one: an admission's empty address is not
+        // where anyone is sent.
+        s.custody.release_address = Some(Address {
+            lines: Vec::new(),
+            city: String::new(),
+            postcode: String::new(),
+        });
+        s.custody.release_date = None;
+        assert_eq!(
+            validate(&s, JourneyEvent::Admission).map_err(|e| e.to_string()),
+            Ok(())
+        );
     }
 
     #[test]

@@ -387,24 +387,105 @@ fn later(a: &str, b: &str) -> bool {
 
 /// Each address's period must read as dateTimes, start not after end.
 fn check_address_periods(addresses: &[FhirAddress<'_>], pp: At<'_>, errors: &mut ValidationErrors) {
-    type When = crate::clinical::model::When;
     for (k, a) in addresses.iter().enumerate() {
-        let Some(p) = &a.period else { continue };
-        let at = |end: &str| format!("{pp}address[{k}].period.{end}");
-        let start: Option<When> = parse_with(p.start.as_deref(), at("start"), errors);
-        let end: Option<When> = parse_with(p.end.as_deref(), at("end"), errors);
-        let (Some(start), Some(end)) = (start, end) else {
-            continue;
-        };
-        if let (Some(s), Some(e)) = (day_text(&start), day_text(&end))
-            && later(&s, &e)
-        {
-            errors.add(
-                format!("{pp}address[{k}].period"),
-                "the period must not end before it starts (per-1)",
-            );
+        if let Some(p) = &a.period {
+            check_period(p, &format!("{pp}address[{k}].period"), errors);
         }
     }
+}
+
+/// A period (at `at`) must read as dateTimes, start not after end.
+fn check_period(p: &Period<'_>, at: &str, errors: &mut ValidationErrors) {
+    type When = crate::clinical::model::When;
+    let start: Option<When> = parse_with(p.start.as_deref(), format_args!("{at}.start"), errors);
+    let end: Option<When> = parse_with(p.end.as_deref(), format_args!("{at}.end"), errors);
+    let (Some(start), Some(end)) = (start, end) else {
+        return;
+    };
+    if let (Some(s), Some(e)) = (day_text(&start), day_text(&end))
+        && later(&s, &e)
+    {
+        errors.add(at, "the period must not end before it starts (per-1)");
+    }
+}
+
+/// The uses of a name that never make it the patient's: HumanName.use is a
+/// modifier (R4), and a nickname, a temporary or anonymous name, an old or
+/// a maiden name is not the name a record is kept under.
+const NOT_THE_NAME: [&str; 5] = ["nickname", "temp", "anonymous", "old", "maiden"];
+
+/// The patient's name as NHS systems mean it: the first `official` name in
+/// use today, else the first `usual`, else the first with no `use`; never
+/// one marked as in [`NOT_THE_NAME`] or whose period has ended (or not
+/// begun). Every other name is listed. With names but none of these, each
+/// is refused at the element that rules it out: read as the patient's, a
+/// nickname or a former name would file the record under a name no other
+/// record has.
+fn name_in_use<'n, 'a>(
+    index: &Index<'_>,
+    names: &'n [HumanName<'a>],
+    pp: At<'_>,
+    errors: &mut ValidationErrors,
+) -> Option<(usize, &'n HumanName<'a>)> {
+    let today = Date(crate::clinical::model::date_in_england(
+        time::OffsetDateTime::now_utc(),
+    ))
+    .to_string();
+    let mut ruled_out: Vec<Option<(&str, String)>> = Vec::with_capacity(names.len());
+    for (k, n) in names.iter().enumerate() {
+        if let Some(p) = &n.period {
+            check_period(p, &format!("{pp}name[{k}].period"), errors);
+        }
+        ruled_out.push(match (n.use_.as_deref(), &n.period) {
+            (Some(u), _) if NOT_THE_NAME.contains(&u) => Some((
+                "use",
+                format!("a name marked {u} is not the patient's name in use"),
+            )),
+            (Some(u), _) if !matches!(u, "official" | "usual") => Some((
+                "use",
+                "not a name use R4 defines (usual, official, temp, nickname, anonymous, old, \
+                 maiden)"
+                    .to_owned(),
+            )),
+            (_, Some(p)) if !period_covers(p, &today) => Some((
+                "period",
+                "this name is not in use today (its period has ended, or not begun)".to_owned(),
+            )),
+            _ => None,
+        });
+    }
+    let rank = |n: &HumanName<'_>| match n.use_.as_deref() {
+        Some("official") => 0,
+        Some("usual") => 1,
+        _ => 2,
+    };
+    let chosen = (0..names.len())
+        .filter(|k| ruled_out[*k].is_none())
+        .min_by_key(|k| (rank(&names[*k]), *k));
+    let Some(chosen) = chosen else {
+        for (k, why) in ruled_out.into_iter().enumerate() {
+            if let Some((element, why)) = why {
+                errors.add(
+                    format!("{pp}name[{k}].{element}"),
+                    format!(
+                        "{why}, and the Patient has no other: send the patient's official (or \
+                         usual) name"
+                    ),
+                );
+            }
+        }
+        return None;
+    };
+    for k in (0..names.len()).filter(|k| *k != chosen) {
+        let why = if chosen == 0 {
+            "only the first repetition is read"
+        } else {
+            "not carried: only the patient's name in use is read (official, else usual, else \
+             one with no use)"
+        };
+        index.note(format_args!("{pp}name[{k}]"), why);
+    }
+    Some((chosen, &names[chosen]))
 }
 
 /// The registered practice: the first `generalPractitioner` that is an
@@ -536,26 +617,19 @@ fn read_patient<'a>(
         }
     }
     let (nhs, prison, crn) = read_identifiers(index, &fp.identifier, pp, errors);
-    let name = fp.name.first();
-    if let Some(u) = name
-        .and_then(|n| n.use_.as_deref())
-        .filter(|u| matches!(*u, "old" | "maiden"))
-    {
-        errors.add(
-            format!("{pp}name[0].use"),
-            format!(
-                "the first name must be the one in use: a name marked {} would be read as the patient's",
-                if u == "old" { "old" } else { "maiden" }
-            ),
-        );
-    }
     check_address_periods(&fp.address, pp, errors);
-    let family_name = required(
-        name.and_then(|n| n.family.as_ref()).map(|f| f.to_string()),
-        format_args!("{pp}name[0].family"),
-        errors,
-        "the patient's family name",
-    );
+    let name = name_in_use(index, &fp.name, pp, errors);
+    // With names but none in use, each was refused at what rules it out.
+    let family_name = match name {
+        None if !fp.name.is_empty() => None,
+        _ => required(
+            name.and_then(|(_, n)| n.family.as_ref())
+                .map(|f| f.to_string()),
+            format_args!("{pp}name[{}].family", name.map_or(0, |(k, _)| k)),
+            errors,
+            "the patient's family name",
+        ),
+    };
     let dob: Option<Date> = required(
         parse_with(
             fp.birth_date.as_deref(),
@@ -587,7 +661,7 @@ fn read_patient<'a>(
             crn,
             family_name,
             given_names: name
-                .map(|n| n.given.iter().map(|g| g.to_string()).collect())
+                .map(|(_, n)| n.given.iter().map(|g| g.to_string()).collect())
                 .unwrap_or_default(),
             date_of_birth,
             sex,
@@ -798,7 +872,6 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
             p,
             errors,
         );
-        let dosage = m.dosage.first();
         let mut last_dose_given = None;
         let mut days_supplied = None;
         for (k, e) in m.extension.iter().enumerate() {
@@ -833,27 +906,14 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
             }
         }
         if let Some(code) = code {
+            let regimen = super::dosage::regimen(index, &m.dosage, &format!("{p}dosage"));
             s_medications.push(Medication {
                 code,
-                dose: dosage
-                    .map(|d| dose(index, d, &format!("{p}dosage[0]")))
-                    .unwrap_or_default(),
-                route: owned(dosage.and_then(|d| d.route.as_ref()).and_then(|r| {
-                    let text = r
-                        .text
-                        .as_ref()
-                        .or_else(|| r.coding.first().and_then(|c| c.display.as_ref()));
-                    if text.is_none() && !r.coding.is_empty() {
-                        index.note(
-                            format_args!("{p}dosage[0].route"),
-                            "not carried: a coded route without text or display",
-                        );
-                    }
-                    text
-                })),
-                frequency: frequency(index, dosage, &format!("{p}dosage[0]")),
-                supervised: dosage.is_some_and(|d| supervised(index, d, p)),
-                as_needed: dosage.is_some_and(|d| as_needed(index, d, p)),
+                dose: regimen.dose,
+                route: regimen.route,
+                frequency: regimen.frequency,
+                supervised: regimen.supervised,
+                as_needed: regimen.as_needed,
                 opioid_substitution: m
                     .category
                     .as_ref()
@@ -866,175 +926,6 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         }
     }
     s_medications
-}
-
-/// How often, in words: the timing's text, else its coding's display, else
-/// its code (a coded-only timing, `QD`, is valid FHIR and must not arrive
-/// as no frequency at all).
-pub(super) fn frequency(index: &Index<'_>, dosage: Option<&Dosage<'_>>, at: &str) -> String {
-    let Some(timing) = dosage.and_then(|d| d.timing.as_ref()) else {
-        return String::new();
-    };
-    let Some(cc) = timing.code.as_ref() else {
-        return timing
-            .repeat
-            .as_ref()
-            .map(|r| repeat_in_words(index, r, at))
-            .unwrap_or_default();
-    };
-    if timing.repeat.is_some() {
-        index.note(
-            format_args!("{at}.timing.repeat"),
-            "not carried: how often as numbers beside the timing's code",
-        );
-    }
-    if let Some(text) = &cc.text {
-        return text.to_string();
-    }
-    // The coding the unread walker counts as read: SNOMED CT first, else
-    // the first with a system and a code.
-    let usable = |c: &&Coding<'_>| c.system.is_some() && c.code.is_some();
-    let Some(c) = cc
-        .coding
-        .iter()
-        .find(|c| usable(c) && c.system.as_deref() == Some(SNOMED))
-        .or_else(|| cc.coding.iter().find(usable))
-        .or(cc.coding.first())
-    else {
-        return String::new();
-    };
-    match (&c.display, &c.code) {
-        (Some(display), _) => display.to_string(),
-        (None, Some(code)) => {
-            index.note(
-                format_args!("{at}.timing.code"),
-                "carried as its code alone: a coded timing without text or display",
-            );
-            code.to_string()
-        }
-        (None, None) => String::new(),
-    }
-}
-
-/// A timing's `repeat` in words: `frequency` times every `period`
-/// `periodUnit` ("twice a day", "once every 2 weeks"). One without all
-/// three is listed, not guessed at.
-fn repeat_in_words(index: &Index<'_>, r: &TimingRepeat<'_>, at: &str) -> String {
-    let unit = match r.period_unit.as_deref() {
-        Some("s") => Some("second"),
-        Some("min") => Some("minute"),
-        Some("h") => Some("hour"),
-        Some("d") => Some("day"),
-        Some("wk") => Some("week"),
-        Some("mo") => Some("month"),
-        Some("a") => Some("year"),
-        _ => None,
-    };
-    let times = r.frequency.filter(|f| *f > 0);
-    let period = r
-        .period
-        .as_ref()
-        .filter(|p| p.as_f64().is_some_and(|v| v > 0.0));
-    let (Some(times), Some(period), Some(unit)) = (times, period, unit) else {
-        index.note(
-            format_args!("{at}.timing.repeat"),
-            "not carried: how often needs frequency, period and a UCUM periodUnit (s, min, h, d, wk, mo, a)",
-        );
-        return String::new();
-    };
-    let times = match times {
-        1 => "once".to_owned(),
-        2 => "twice".to_owned(),
-        n => format!("{n} times"),
-    };
-    if period.as_f64() == Some(1.0) {
-        let article = if unit == "hour" { "an" } else { "a" };
-        format!("{times} {article} {unit}")
-    } else {
-        format!("{times} every {period} {unit}s")
-    }
-}
-
-/// The dose in words: the dosage's `text`, else its first
-/// `doseAndRate.doseQuantity` as value and unit ("60 mg"). Beside a text,
-/// the quantity is listed, not carried (the text is what a clinician wrote).
-pub(super) fn dose(index: &Index<'_>, d: &Dosage<'_>, at: &str) -> String {
-    let quantity = d
-        .dose_and_rate
-        .first()
-        .and_then(|r| r.dose_quantity.as_ref());
-    if let Some(text) = d.text.as_deref() {
-        if quantity.is_some() {
-            index.note(
-                format_args!("{at}.doseAndRate[0].doseQuantity"),
-                "not carried: the dose as a quantity beside the dose in words (text)",
-            );
-        }
-        return text.to_owned();
-    }
-    let Some(q) = quantity else {
-        return String::new();
-    };
-    let at_q = format_args!("{at}.doseAndRate[0].doseQuantity");
-    if q.comparator.is_some() {
-        // "<10 mg" is not 10 mg: a dose that is a bound is not carried as one.
-        index.note(
-            at_q,
-            "not carried: a dose with a comparator (a bound, not a dose)",
-        );
-        return String::new();
-    }
-    // The unit in words, or a UCUM code (readable as a unit); a code from
-    // another system (SNOMED CT's "tablet" as a number) is no unit to print.
-    let ucum = q.system.as_deref() == Some("http://unitsofmeasure.org");
-    let unit = q.unit.as_deref().or(q.code.as_deref().filter(|_| ucum));
-    match (&q.value, unit) {
-        (Some(v), Some(u)) => format!("{v} {u}"),
-        (Some(v), None) => {
-            index.note(
-                at_q,
-                "the unit is not carried: no unit text, and no UCUM code",
-            );
-            v.to_string()
-        }
-        (None, _) => {
-            index.note(at_q, "not carried: a dose quantity without a value");
-            String::new()
-        }
-    }
-}
-
-/// Whether the medicine is taken as needed (PRN): `asNeededBoolean`, or
-/// `asNeededCodeableConcept` (needed for a reason, whose words are listed:
-/// the model carries that it is as needed, not why).
-fn as_needed(index: &Index<'_>, d: &Dosage<'_>, p: At<'_>) -> bool {
-    if d.as_needed_codeable_concept.is_some() {
-        index.note(
-            format_args!("{p}dosage[0].asNeededCodeableConcept"),
-            "carried as 'as needed'; the reason it is needed for is not carried",
-        );
-        return true;
-    }
-    d.as_needed_boolean == Some(true)
-}
-
-/// Whether the dose is taken under supervision (the gateway's own
-/// `supervised` instruction). Every other additional instruction is listed:
-/// the model has no place for it, and it must not vanish unsaid.
-fn supervised(index: &Index<'_>, d: &Dosage<'_>, p: At<'_>) -> bool {
-    let mut supervised = false;
-    for (k, c) in d.additional_instruction.iter().enumerate() {
-        if c.code_in(SYS_LOCAL).and_then(|c| c.code.as_deref()) == Some("supervised") {
-            supervised = true;
-        } else {
-            index.note(
-                format_args!("{p}dosage[0].additionalInstruction[{k}]"),
-                "not carried: an additional instruction the model has no place for (only \
-                 supervised consumption, in the gateway's own code, is read)",
-            );
-        }
-    }
-    supervised
 }
 
 /// Allergies from AllergyIntolerances.
@@ -1578,4 +1469,160 @@ fn read_author(
                 owned(pr.qualification.first().and_then(|q| q.code.text.as_ref())),
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::super::test_doc::{entry_of, read_after, refused};
+
+    /// The Patient's names set to `names`, read.
+    fn with_names(
+        names: Value,
+    ) -> Result<crate::clinical::ClinicalSummary, crate::clinical::ValidationErrors> {
+        read_after(|doc| {
+            let (_, p) = entry_of(doc, "Patient");
+            p["name"] = names;
+        })
+    }
+
+    /// A name with `use` and `family` (given "Daniel"), in use over `period`.
+    fn name(u: Option<&str>, family: Option<&str>, period: Option<Value>) -> Value {
+        let mut n = json!({"given": ["Daniel"]});
+        if let Some(u) = u {
+            n["use"] = json!(u);
+        }
+        if let Some(f) = family {
+            n["family"] = json!(f);
+        }
+        if let Some(p) = period {
+            n["period"] = p;
+        }
+        n
+    }
+
+    /// The patient's name is the one NHS systems keep the record under:
+    /// official, else usual, else one with no use, in use today. A nickname,
+    /// a temporary, anonymous, old or maiden name, or one whose period has
+    /// ended, is never read as it (HumanName.use is a modifier), wherever it
+    /// stands in the list.
+    #[test]
+    fn the_patients_name_is_the_official_one_in_use() {
+        let ended = json!({"end": "2010-01-01"});
+        let not_begun = json!({"start": "2999-01-01"});
+        let current = json!({"start": "2001-05", "end": "2999-12"});
+        for (names, family) in [
+            (
+                vec![
+                    name(Some("nickname"), Some("Smithy"), None),
+                    name(Some("official"), Some("Okonkwo-Pryce"), None),
+                ],
+                "Okonkwo-Pryce",
+            ),
+            (
+                vec![
+                    name(Some("temp"), Some("Temp"), None),
+                    name(Some("anonymous"), Some("Patient"), None),
+                    name(Some("maiden"), Some("Maiden"), None),
+                    name(None, Some("Okonkwo-Pryce"), None),
+                ],
+                "Okonkwo-Pryce",
+            ),
+            (
+                vec![
+                    name(Some("official"), Some("Old"), Some(ended.clone())),
+                    name(Some("official"), Some("Later"), Some(not_begun.clone())),
+                    name(Some("official"), Some("Okonkwo-Pryce"), Some(current)),
+                ],
+                "Okonkwo-Pryce",
+            ),
+            (
+                vec![
+                    name(Some("usual"), None, None),
+                    name(None, Some("Plain"), None),
+                    name(Some("official"), Some("Okonkwo-Pryce"), None),
+                ],
+                "Okonkwo-Pryce",
+            ),
+            (
+                vec![
+                    name(None, Some("Plain"), None),
+                    name(Some("usual"), Some("Usual"), None),
+                ],
+                "Usual",
+            ),
+        ] {
+            let s = with_names(json!(names)).expect("read");
+            assert_eq!(s.patient.family_name, family, "{names:?}");
+            assert!(
+                s.not_read
+                    .iter()
+                    .any(|n| n.contains("name[0]: not carried: only the patient's name in use")),
+                "{:?}",
+                s.not_read
+            );
+        }
+        // The first in use: the others are listed as before.
+        let s = with_names(json!([
+            name(Some("official"), Some("Okonkwo-Pryce"), None),
+            name(Some("nickname"), Some("Smithy"), None),
+        ]))
+        .expect("read");
+        assert_eq!(s.patient.family_name, "Okonkwo-Pryce");
+        assert!(
+            s.not_read
+                .iter()
+                .any(|n| n.ends_with("name[1]: only the first repetition is read")),
+            "{:?}",
+            s.not_read
+        );
+    }
+
+    /// With names but none in use, each is refused at what rules it out:
+    /// read as the patient's, a nickname or a former name would file the
+    /// record under a name no other record has.
+    #[test]
+    fn with_no_name_in_use_each_is_refused_where_it_is_ruled_out() {
+        let ended = json!({"end": "2010-01-01"});
+        let not_begun = json!({"start": "2999-01-01"});
+        // None in use: each refused at what rules it out.
+        for (names, fields) in [
+            (
+                json!([name(Some("nickname"), Some("Smithy"), None)]),
+                vec!["name[0].use"],
+            ),
+            (
+                json!([
+                    name(Some("official"), Some("Old"), Some(ended)),
+                    name(Some("old"), Some("Older"), None),
+                    name(Some("usual"), Some("Later"), Some(not_begun)),
+                ]),
+                vec!["name[0].period", "name[1].use", "name[2].period"],
+            ),
+            (
+                json!([name(Some("official"), None, None)]),
+                vec!["name[0].family"],
+            ),
+        ] {
+            let got = refused(with_names(names.clone()));
+            for field in fields {
+                assert!(
+                    got.iter()
+                        .any(|f| f.ends_with(&format!("resource.{field}"))),
+                    "{names}: {got:?}"
+                );
+            }
+        }
+        // A period that cannot be read is refused where it is.
+        let got = refused(with_names(json!([name(
+            Some("official"),
+            Some("Okonkwo-Pryce"),
+            Some(json!({"end": "someday"}))
+        )])));
+        assert!(
+            got.iter().any(|f| f.ends_with("name[0].period.end")),
+            "{got:?}"
+        );
+    }
 }

@@ -14,10 +14,12 @@
 //! Files: `write` (summary to Bundle), `read` (limits, JSON, the Bundle and
 //! the typed reads), `document` (a document's resources to summary), `types`
 //! (the FHIR structures both sides use), `index` (entries by type and
-//! fullUrl), `prescription`, `uk_core` (profiles and headings), `unread`
+//! fullUrl), `prescription`, `dosage` (a medicine's dosages in words,
+//! several in their order), `uk_core` (profiles and headings), `unread`
 //! (what a Bundle holds that is not read).
 
 mod document;
+mod dosage;
 mod index;
 mod prescription;
 mod read;
@@ -68,5 +70,69 @@ fn event_code(e: JourneyEvent) -> &'static str {
         JourneyEvent::Transfer => "transfer",
         JourneyEvent::Release => "release",
         JourneyEvent::CommunitySummary => "community-summary",
+    }
+}
+
+/// Reading tests' documents: an invented patient's release summary (with a
+/// take-out prescription) as a FHIR document, changed, then read.
+#[cfg(test)]
+mod test_doc {
+    use serde_json::Value;
+
+    use crate::clinical::model::{Code, DMD, Prescription};
+    use crate::clinical::{ClinicalSummary, JourneyEvent, Limits, ValidationErrors};
+
+    /// The summary the document is written from.
+    pub(super) fn summary() -> ClinicalSummary {
+        let mut s = crate::clinical::synthetic::release_summary(
+            "9990001014".parse().ok(),
+            "A1234BC".parse().ok(),
+            "YP001".parse().expect("ODS code"),
+            "YG001".parse().ok(),
+            "Community GP",
+        );
+        s.prescriptions.push(Prescription {
+            code: Code {
+                system: DMD.into(),
+                code: "3378311000001103".into(),
+                display: "Naloxone 1.8mg/0.1ml nasal spray".into(),
+            },
+            status: "active".into(),
+            intent: "order".into(),
+            authored_on: None,
+            dosage: Some("1 spray".into()),
+            quantity: None,
+            days_supplied: None,
+        });
+        s
+    }
+
+    /// The first resource of type `kind` in `doc`, and its entry's index.
+    pub(super) fn entry_of<'v>(doc: &'v mut Value, kind: &str) -> (usize, &'v mut Value) {
+        let entries = doc["entry"].as_array_mut().expect("entries");
+        let i = entries
+            .iter()
+            .position(|e| e["resource"]["resourceType"] == kind)
+            .expect("an entry of that type");
+        (i, &mut entries[i]["resource"])
+    }
+
+    /// [`summary`] as a FHIR document, changed by `edit`, then read.
+    pub(super) fn read_after(
+        edit: impl FnOnce(&mut Value),
+    ) -> Result<ClinicalSummary, ValidationErrors> {
+        let rendered = super::render(&summary(), JourneyEvent::Release);
+        let mut doc: Value = serde_json::from_slice(&rendered.bytes).expect("JSON");
+        edit(&mut doc);
+        let bytes = serde_json::to_vec(&doc).expect("JSON");
+        super::parse(&bytes, &Limits::default()).map(|p| p.summary)
+    }
+
+    /// The fields of the violations `read` refused with.
+    pub(super) fn refused(read: Result<ClinicalSummary, ValidationErrors>) -> Vec<String> {
+        match read {
+            Ok(s) => panic!("read, not refused: {s:?}"),
+            Err(e) => e.0.into_iter().map(|v| v.field).collect(),
+        }
     }
 }

@@ -103,40 +103,16 @@ pub(super) fn read(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Pres
             status: m.status.into_owned(),
             intent: m.intent.into_owned(),
             authored_on,
-            dosage: m
-                .dosage_instruction
-                .first()
-                .and_then(|d| instruction(index, d, &format!("{at}dosageInstruction[0]"))),
+            dosage: super::dosage::instructions(
+                index,
+                &m.dosage_instruction,
+                &format!("{at}dosageInstruction"),
+            ),
             quantity,
             days_supplied,
         });
     }
     out
-}
-
-/// The instruction in words: its `text`, else the dose and how often as
-/// the sender gave them in numbers ("5 mg twice a day"). Beside a text, the
-/// numbers are listed, not carried (the text is what a clinician wrote).
-fn instruction(index: &Index<'_>, d: &Dosage<'_>, at: &str) -> Option<String> {
-    if let Some(text) = d.text.as_deref() {
-        if !d.dose_and_rate.is_empty() {
-            index.note(
-                format_args!("{at}.doseAndRate"),
-                "not carried: the dose as numbers beside the instruction in words (text)",
-            );
-        }
-        if d.timing.is_some() {
-            index.note(
-                format_args!("{at}.timing"),
-                "not carried: the timing beside the instruction in words (text)",
-            );
-        }
-        return Some(text.to_owned());
-    }
-    let dose = super::document::dose(index, d, at);
-    let often = super::document::frequency(index, Some(d), at);
-    let words = format!("{dose} {often}").trim().to_owned();
-    (!words.is_empty()).then_some(words)
 }
 
 fn quantity(q: &Quantity, at: &str, errors: &mut ValidationErrors) -> Option<ModelQuantity> {
@@ -145,16 +121,19 @@ fn quantity(q: &Quantity, at: &str, errors: &mut ValidationErrors) -> Option<Mod
         errors.add(format!("{at}.value"), "must be a decimal without exponent");
         return None;
     }
-    let unit = q
-        .unit
-        .as_ref()
-        .or(q.code.as_ref())
-        .map(|u| u.to_string())
-        .filter(|u| !u.trim().is_empty());
-    match unit {
-        Some(unit) => Some(ModelQuantity { value, unit }),
+    // As for a dose: the unit in words, or a UCUM code; a code from another
+    // system (SNOMED CT's "spray" as a number) is no unit to print.
+    match super::dosage::unit_of(q) {
+        Some(unit) => Some(ModelQuantity {
+            value,
+            unit: unit.to_owned(),
+        }),
         None => {
-            errors.add(format!("{at}.unit"), "required: the unit supplied");
+            errors.add(
+                format!("{at}.unit"),
+                "required: the unit supplied, in words (unit) or as a UCUM code (a code from \
+                 another system is not a unit a reader can print)",
+            );
             None
         }
     }
@@ -170,7 +149,7 @@ fn days(q: &Quantity, at: &str, errors: &mut ValidationErrors) -> Option<u32> {
             return None;
         }
     };
-    match q.value.as_ref().and_then(serde_json::Number::as_u64) {
+    match q.value.as_ref().and_then(whole_number) {
         Some(n) => u32::try_from(n)
             .ok()
             .and_then(|n| n.checked_mul(per))
@@ -181,6 +160,92 @@ fn days(q: &Quantity, at: &str, errors: &mut ValidationErrors) -> Option<u32> {
         None => {
             errors.add(format!("{at}.value"), "must be a whole number");
             None
+        }
+    }
+}
+
+/// A FHIR decimal that is a whole number: `28`, or `28.0` (a decimal with a
+/// zero fraction is the same number). Read from its digits, never through a
+/// float, so no large value rounds to a whole one.
+fn whole_number(n: &serde_json::Number) -> Option<u64> {
+    if let Some(n) = n.as_u64() {
+        return Some(n);
+    }
+    let text = n.to_string();
+    let (int, fraction) = text.split_once('.')?;
+    let zero = !fraction.is_empty() && fraction.bytes().all(|b| b == b'0');
+    (zero && !int.is_empty() && int.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| int.parse().ok())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::super::test_doc::{entry_of, read_after, refused};
+
+    /// The MedicationRequest's `dispenseRequest` set to `dispense`, read.
+    fn with_dispense(
+        dispense: Value,
+    ) -> Result<crate::clinical::ClinicalSummary, crate::clinical::ValidationErrors> {
+        read_after(|doc| {
+            let (_, r) = entry_of(doc, "MedicationRequest");
+            r["dispenseRequest"] = dispense;
+        })
+    }
+
+    /// A supply's unit is one a reader can print: its words, or a UCUM
+    /// code, as for a dose. A SNOMED CT code is a number, not a unit.
+    #[test]
+    fn a_supply_quantity_needs_a_unit_a_reader_can_print() {
+        let fields = refused(with_dispense(json!({"quantity": {
+            "value": 2, "system": "http://snomed.info/sct", "code": "3318611000001103"
+        }})));
+        assert!(
+            fields
+                .iter()
+                .any(|f| f.ends_with("dispenseRequest.quantity.unit")),
+            "{fields:?}"
+        );
+        let s = with_dispense(json!({"quantity": {
+            "value": 10, "system": "http://unitsofmeasure.org", "code": "mL"
+        }}))
+        .expect("read");
+        let q = s.prescriptions[0].quantity.as_ref().expect("quantity");
+        assert_eq!((q.value.as_str(), q.unit.as_str()), ("10", "mL"));
+        let s = with_dispense(json!({"quantity": {
+            "value": 2, "unit": "spray", "system": "http://snomed.info/sct", "code": "3318611000001103"
+        }}))
+        .expect("read");
+        assert_eq!(s.prescriptions[0].quantity.as_ref().unwrap().unit, "spray");
+    }
+
+    /// `28.0` is a FHIR decimal for 28 days; a fraction of a day is not a
+    /// whole number of days.
+    #[test]
+    fn a_supply_duration_with_a_zero_fraction_is_whole_days() {
+        let duration = |value: Value, code: &str| {
+            with_dispense(json!({"expectedSupplyDuration": {
+                "value": value, "unit": code, "system": "http://unitsofmeasure.org", "code": code
+            }}))
+        };
+        for (value, code, days) in [
+            (json!(28.0), "d", 28),
+            (json!(28), "d", 28),
+            (json!(2.0), "wk", 14),
+        ] {
+            let s = duration(value.clone(), code).expect("read");
+            assert_eq!(s.prescriptions[0].days_supplied, Some(days), "{value}");
+        }
+        for value in [json!(28.5), json!(-1.0), json!(1e30)] {
+            let fields = refused(duration(value.clone(), "d"));
+            assert!(
+                fields
+                    .iter()
+                    .any(|f| f.ends_with("expectedSupplyDuration.value")),
+                "{value}: {fields:?}"
+            );
         }
     }
 }

@@ -618,6 +618,22 @@ fn contained_medication(
         return None;
     };
     let cp = format!("{at}contained[{k}].");
+    // As for a Medication entry in the Bundle (`Index::resolve_current`): a
+    // medicine its own record withdraws is not read as the patient's.
+    match unread::standing("Medication", c.get()) {
+        Ok(None) => {}
+        Ok(Some(why)) => {
+            errors.add(
+                format!("{at}medicationReference.reference"),
+                format!("refers to a Medication that is not current ({why})"),
+            );
+            return None;
+        }
+        Err((element, why)) => {
+            errors.add(format!("{cp}{element}"), why);
+            return None;
+        }
+    }
     let medication: Medication<'_> = typed(c.get(), &cp, errors)?;
     match medication.code.as_ref() {
         Some(cc) => parse_code(cc, format_args!("{cp}code"), errors),
@@ -659,6 +675,57 @@ mod tests {
         assert!(
             e.0[0].description.contains("more than 10000 items"),
             "{e:?}"
+        );
+    }
+
+    /// A Medication contained in the statement that its own record
+    /// withdraws (entered in error) is refused, as one in the Bundle is:
+    /// read, it would carry a medicine the prescriber struck out.
+    #[test]
+    fn a_contained_medication_entered_in_error_is_refused_as_an_entry_is() {
+        use super::super::test_doc::{entry_of, read_after, refused};
+        use serde_json::json;
+        let contained = |status: &'static str| {
+            move |doc: &mut serde_json::Value| {
+                let (_, m) = entry_of(doc, "MedicationStatement");
+                let code = m["medicationCodeableConcept"].clone();
+                let m = m.as_object_mut().expect("a resource");
+                m.remove("medicationCodeableConcept");
+                m.insert(
+                    "contained".into(),
+                    json!([{"resourceType": "Medication", "id": "med1", "status": status,
+                            "code": code}]),
+                );
+                m.insert("medicationReference".into(), json!({"reference": "#med1"}));
+            }
+        };
+        let read = read_after(contained("active")).expect("read");
+        assert_eq!(read.medications[0].code.code, "39695411000001103");
+        let fields = refused(read_after(contained("entered-in-error")));
+        assert_eq!(fields.len(), 1, "{fields:?}");
+        assert!(
+            fields[0].ends_with("resource.medicationReference.reference"),
+            "{fields:?}"
+        );
+        // The same medicine as an entry in the Bundle: refused at the same place.
+        let fields = refused(read_after(|doc| {
+            let (_, m) = entry_of(doc, "MedicationStatement");
+            let code = m["medicationCodeableConcept"].clone();
+            m.as_object_mut()
+                .expect("a resource")
+                .remove("medicationCodeableConcept");
+            m["medicationReference"] = json!({"reference": "urn:uuid:med-1"});
+            doc["entry"].as_array_mut().expect("entries").push(json!({
+                "fullUrl": "urn:uuid:med-1",
+                "resource": {"resourceType": "Medication", "status": "entered-in-error",
+                             "code": code}
+            }));
+        }));
+        assert!(
+            fields
+                .iter()
+                .any(|f| f.ends_with("resource.medicationReference.reference")),
+            "{fields:?}"
         );
     }
 

@@ -187,6 +187,10 @@ pub struct HumanName<'a> {
     )]
     #[serde(borrow)]
     pub given: Vec<Cow<'a, str>>,
+    /// When the name was (or is) in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(borrow)]
+    pub period: Option<Period<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -481,6 +485,10 @@ pub struct MedicationStatement<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Dosage<'a> {
+    /// The order dosages apply in: the same number is taken together
+    /// (concurrent), a higher one after (R4 Dosage.sequence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<i64>,
     #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub text: Option<Cow<'a, str>>,
@@ -533,11 +541,25 @@ pub struct Timing<'a> {
 pub struct TimingRepeat<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency: Option<u32>,
+    /// Up to this many times (`frequency` is then the fewest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_max: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub period: Option<serde_json::Number>,
+    /// Up to this long between (`period` is then the shortest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_max: Option<serde_json::Number>,
     #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
     pub period_unit: Option<Cow<'a, str>>,
+    /// Events of the day the dose goes with (`MORN`, `HS`, `ACM`).
+    #[serde(default, skip_serializing_if = "empty")]
+    #[serde(borrow)]
+    pub when: Vec<Cow<'a, str>>,
+    /// Times of day (`08:00:00`).
+    #[serde(default, skip_serializing_if = "empty")]
+    #[serde(borrow)]
+    pub time_of_day: Vec<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

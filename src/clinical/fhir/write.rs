@@ -53,6 +53,7 @@ fn dosage(m: &Medication) -> Option<Dosage<'_>> {
         (!is_blank(t)).then(|| CodeableConcept::text(t))
     }
     let d = Dosage {
+        sequence: None,
         text: Some(m.dose.as_str().into()),
         additional_instruction: if m.supervised {
             vec![local("supervised", "Supervised consumption")]
@@ -296,6 +297,7 @@ fn add_patient(doc: &mut Doc, s: &ClinicalSummary) -> String {
             text: None,
             family: Some(p.family_name.as_str().into()),
             given: p.given_names.iter().map(|g| g.as_str().into()).collect(),
+            period: None,
         })
         .filter(|n| {
             !n.family.as_deref().is_none_or(is_blank) || !n.given.iter().all(|g| is_blank(g))
@@ -700,6 +702,7 @@ fn add_author(doc: &mut Doc, s: &ClinicalSummary) -> (String, String) {
                     text: Some(name.as_str().into()),
                     family: None,
                     given: Vec::new(),
+                    period: None,
                 })
                 .into_iter()
                 .collect(),
