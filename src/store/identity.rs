@@ -387,14 +387,10 @@ impl Writer {
             else {
                 break;
             };
-            if record.in_episode(newer.episode) {
-                return Ok(Place {
-                    at: Some(record),
-                    after,
-                });
+            match Place::step(&mut after, record, newer.episode) {
+                Ok(place) => return Ok(place),
+                Err(older) => next = older,
             }
-            next = record.supersedes;
-            after = Some(record);
         }
         Ok(Place::default())
     }
@@ -634,6 +630,27 @@ fn load(staged: &Staged<'_>, id: u64) -> Result<DeliveryRecord, StoreError> {
 pub(crate) struct Place {
     pub at: Option<super::HandoverRecord>,
     pub after: Option<super::HandoverRecord>,
+}
+
+impl Place {
+    /// One step of the walk from the lineage's latest (both engines):
+    /// `record` is the place when it is of `episode`; otherwise it goes in
+    /// `after` and the walk goes on to the handover it supersedes.
+    pub(crate) fn step(
+        after: &mut Option<super::HandoverRecord>,
+        record: super::HandoverRecord,
+        episode: Option<&String>,
+    ) -> Result<Place, Option<u64>> {
+        if record.in_episode(episode) {
+            return Ok(Place {
+                at: Some(record),
+                after: after.take(),
+            });
+        }
+        let older = record.supersedes;
+        *after = Some(record);
+        Err(older)
+    }
 }
 
 /// How far back a lineage is walked for the recipients it was given (and

@@ -542,14 +542,10 @@ async fn place(tx: &Transaction<'_>, newer: &Newer<'_>) -> Result<Place, StoreEr
         let Some(record) = sql::handover(tx, handover).await? else {
             break;
         };
-        if record.in_episode(newer.episode) {
-            return Ok(Place {
-                at: Some(record),
-                after,
-            });
+        match Place::step(&mut after, record, newer.episode) {
+            Ok(place) => return Ok(place),
+            Err(older) => next = older,
         }
-        next = record.supersedes;
-        after = Some(record);
     }
     Ok(Place::default())
 }
