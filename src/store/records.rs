@@ -189,22 +189,54 @@ pub(crate) fn transfer_receiver(
 
 /// Whether `d`, waiting in the mailbox of a prison that now transfers its
 /// patient to `to`, goes on with them: a summary meant for the prison that
-/// holds the patient (a transfer summary, a GP's community summary), never
-/// handed out (queued, no attempt), not superseded, and not written by
-/// `to` itself. The prison never had it, so its own transfer summary does
-/// not carry it; the one that holds the patient now needs it. A copy
-/// handed out at least once stays: the prison has it (docs/journey.md).
+/// holds the patient (a transfer summary, a GP's community summary), not
+/// acknowledged (queued, or leased and not yet acked), not superseded, and
+/// not written by `to` itself. The prison never confirmed it had it, so its
+/// own transfer summary may not carry it; the one that holds the patient
+/// now needs it. A copy the prison acknowledged stays: the prison has it
+/// (docs/journey.md).
 pub(crate) fn forwards_to(d: &DeliveryRecord, from: &str, to: &str) -> bool {
     matches!(
         d.event,
         Some(JourneyEvent::Transfer | JourneyEvent::CommunitySummary)
     ) && d.view == FULL_VIEW
-        && d.state == DeliveryState::Queued
-        && d.attempt == 0
+        && matches!(d.state, DeliveryState::Queued | DeliveryState::Leased)
         && !d.is_superseded()
         && d.mailbox == from
         && from != to
         && d.sender.as_deref() != Some(to)
+}
+
+/// The prison a transfer's `copies` sent the patient to: the mailbox its
+/// full copy was first queued for (a copy parked for a disabled prison
+/// names none).
+pub(crate) fn receiving_prison<'a>(
+    copies: impl IntoIterator<Item = &'a DeliveryRecord>,
+) -> Option<String> {
+    copies
+        .into_iter()
+        .find(|d| d.event == Some(JourneyEvent::Transfer) && d.view == FULL_VIEW)
+        .map(|d| {
+            d.forwarded_from
+                .clone()
+                .unwrap_or_else(|| d.mailbox.clone())
+        })
+        .filter(|m| !m.starts_with('@'))
+}
+
+/// Moves `d` ([`forwards_to`]) to `to`'s mailbox, queued there afresh: a
+/// lease the prison it leaves holds is revoked (its late ack or nack is
+/// answered as for an id not its own), and `to` has a full
+/// `max_attempts` after the attempts already used.
+pub(crate) fn send_on(d: &mut DeliveryRecord, to: &str, max_attempts: u32) {
+    let from = std::mem::replace(&mut d.mailbox, to.to_owned());
+    d.forwarded_from.get_or_insert(from);
+    d.state = DeliveryState::Queued;
+    d.lease_until_ms = None;
+    d.not_before_ms = None;
+    if d.attempt > 0 {
+        d.max_attempts = Some(d.attempt.saturating_add(max_attempts));
+    }
 }
 
 /// The audit entry of `d` sent on from `from` by transfer `handover` (`d`
@@ -219,7 +251,7 @@ pub(crate) fn forward_event(
         "forward",
         d,
         format!(
-            "ok: sent on from {from}, which never pulled it, to {}, where handover {handover} transferred the patient",
+            "ok: sent on from {from}, which never acknowledged it, to {}, where handover {handover} transferred the patient",
             d.mailbox
         ),
     )
@@ -1455,7 +1487,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_prisons_unpulled_summary_goes_on_with_its_patient() {
+    fn only_a_prisons_unacknowledged_summary_goes_on_with_its_patient() {
         let at_second = |view: &str, event: &str, sender: &str| -> DeliveryRecord {
             serde_json::from_value(serde_json::json!({
                 "id": 7, "handover_id": 3, "mailbox": "YP002", "patient_key": "p",
@@ -1471,12 +1503,25 @@ mod tests {
         // Not back to the prison that wrote it, nor from another mailbox.
         assert!(!forwards_to(&transfer, "YP002", "YP001"));
         assert!(!forwards_to(&transfer, "YP004", "YP003"));
-        // Handed out once: the prison has it.
-        let leased_once = DeliveryRecord {
-            attempt: 1,
-            ..transfer.clone()
-        };
-        assert!(!forwards_to(&leased_once, "YP002", "YP003"));
+        // Handed out and not acknowledged (leased now, or given back): the
+        // prison may never have read it.
+        for state in [DeliveryState::Leased, DeliveryState::Queued] {
+            let handed_out = DeliveryRecord {
+                attempt: 2,
+                state,
+                ..transfer.clone()
+            };
+            assert!(forwards_to(&handed_out, "YP002", "YP003"));
+        }
+        // Acknowledged, or put aside for an operator: it stays.
+        for state in [DeliveryState::Delivered, DeliveryState::Quarantined] {
+            let kept = DeliveryRecord {
+                attempt: 1,
+                state,
+                ..transfer.clone()
+            };
+            assert!(!forwards_to(&kept, "YP002", "YP003"));
+        }
         let superseded = DeliveryRecord {
             superseded_by: Some(9),
             ..transfer.clone()
@@ -1488,6 +1533,26 @@ mod tests {
         assert!(!forwards_to(&notice, "YP002", "YP003"));
         let release = at_second(FULL_VIEW, "RELEASE", "YP001");
         assert!(!forwards_to(&release, "YP002", "YP003"));
+    }
+
+    #[test]
+    fn a_summary_sent_on_is_queued_afresh_with_its_attempts_renewed() {
+        let mut d: DeliveryRecord = serde_json::from_value(serde_json::json!({
+            "id": 7, "handover_id": 3, "mailbox": "YP002", "patient_key": "p",
+            "urgent": false, "state": "leased", "attempt": 3, "queued_at_ms": 0,
+            "lease_until_ms": 50, "not_before_ms": 40,
+            "view": FULL_VIEW, "event": "TRANSFER", "sender": "YP001",
+        }))
+        .unwrap();
+        send_on(&mut d, "YP003", 5);
+        assert_eq!(d.mailbox, "YP003");
+        assert_eq!(d.forwarded_from.as_deref(), Some("YP002"));
+        assert_eq!(d.state, DeliveryState::Queued);
+        assert_eq!((d.lease_until_ms, d.not_before_ms), (None, None));
+        assert_eq!(d.max_attempts, Some(8));
+        // Sent on again: it names the prison it was first queued for.
+        send_on(&mut d, "YP004", 5);
+        assert_eq!(d.forwarded_from.as_deref(), Some("YP002"));
     }
 
     #[test]

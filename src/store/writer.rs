@@ -841,7 +841,9 @@ impl Writer {
             woken.insert(dest.mailbox.clone());
         }
         if let Some(to) = records::transfer_receiver(h.event, &destinations) {
-            self.forward(staged, (&h.sender, to), (id, &patient_key), now, woken)?;
+            let corrected = supersedes.filter(|_| h.supersede);
+            let transfer = (id, patient_key.as_str());
+            self.take_on(staged, (&h.sender, to), corrected, transfer, now, woken)?;
         }
         self.store_payload(staged, id, &h.payload)?;
         let mut record = HandoverRecord {
@@ -904,7 +906,7 @@ impl Writer {
         self.schedule.insert(d.id, live_of(d));
     }
 
-    /// Sends on the summaries waiting unpulled for `from`, which transfer
+    /// Sends on the summaries `from` has not acknowledged, which transfer
     /// `handover` moved the patient out of, to `to` ([`records::forwards_to`]).
     fn forward(
         &mut self,
@@ -924,13 +926,57 @@ impl Writer {
             }
             staged.del(TreeId::Pending, records::mailbox_key(from, did));
             self.schedule.remove(did);
-            d.mailbox = to.to_owned();
-            d.forwarded_from.get_or_insert_with(|| from.to_owned());
+            records::send_on(&mut d, to, self.options.max_attempts);
             self.enqueue(staged, &d);
             self.audit(staged, records::forward_event(&d, from, handover), now);
             woken.insert(to.to_owned());
         }
         Ok(())
+    }
+
+    /// What prison `to` takes on with transfer `handover` from `from`: what
+    /// `from` has not acknowledged, and, for a transfer correcting
+    /// `corrected`, what waits at the prison `corrected` named (the patient
+    /// never arrived there).
+    fn take_on(
+        &mut self,
+        staged: &mut Staged<'_>,
+        (from, to): (&str, &str),
+        corrected: Option<u64>,
+        handover: (u64, &str),
+        now: i64,
+        woken: &mut BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        self.forward(staged, (from, to), handover, now, woken)?;
+        if let Some(named) = self.received_by(staged, corrected)?
+            && named != to
+            && named != from
+        {
+            self.forward(staged, (&named, to), handover, now, woken)?;
+        }
+        Ok(())
+    }
+
+    /// The prison transfer `handover` sent its patient to
+    /// ([`records::receiving_prison`]).
+    fn received_by(
+        &self,
+        staged: &Staged<'_>,
+        handover: Option<u64>,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(record) = handover
+            .map(|id| staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(id)))
+            .transpose()?
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        let mut copies = Vec::with_capacity(record.deliveries.len());
+        for id in &record.deliveries {
+            copies
+                .extend(staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(*id))?);
+        }
+        Ok(records::receiving_prison(&copies))
     }
 
     /// The patient key `h` is filed under; an identity conflict is recorded

@@ -371,6 +371,18 @@ async fn markers_pulled(client: &mut Client, rounds: usize) -> Vec<(String, Stri
     got
 }
 
+/// `client` acks `d`, leased to it before the patient (and `d`) went on.
+async fn a_late_ack_is_not_found(client: &mut Client, d: &pb::Delivery) {
+    let late = client
+        .ack(pb::AckRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+        })
+        .await
+        .expect_err("its lease went with the patient");
+    assert_eq!(late.code(), tonic::Code::NotFound, "{late:?}");
+}
+
 /// YP001 corrects the transfer summary it sent YP002 for patient 53, sent
 /// on to YP003: the patient, and the summary it corrects, are there.
 async fn a_correction_follows_where_its_summary_went(
@@ -400,11 +412,11 @@ async fn a_correction_follows_where_its_summary_went(
     );
 }
 
-/// A prison that transfers a patient on before pulling what was sent to it
-/// for them (the previous prison's transfer summary, the GP's record) never
-/// had it: its own transfer summary does not carry it, and the prison that
-/// holds the patient now must get it. What it pulled stays with it; a
-/// correction of a summary sent on follows it.
+/// A prison that transfers a patient on before acknowledging what was sent
+/// to it for them (the previous prison's transfer summary, the GP's record)
+/// may never have had it: its own transfer summary does not carry it, and
+/// the prison that holds the patient now must get it. What it acknowledged
+/// stays with it; a correction of a summary sent on follows it.
 async fn summaries_go_on_with_the_patient_on(engine: Engine) {
     let Some(gw) = TestGateway::on(engine).await else {
         return;
@@ -442,13 +454,26 @@ async fn summaries_go_on_with_the_patient_on(engine: Engine) {
         .await
         .unwrap();
     assert_eq!(pull_and_ack(&mut second).await.len(), 1);
+    // Patient 54: YP002 pulled its transfer summary and never acknowledged
+    // it (its system stopped): it may never have read it.
+    first
+        .submit(submit(
+            "t-54",
+            t,
+            &[],
+            &transfer(54, "leased at Brackenfield"),
+        ))
+        .await
+        .unwrap();
+    let leased = second.pull(pull(50)).await.unwrap().into_inner().deliveries;
+    assert_eq!(leased.len(), 1);
     // Patient 53: nothing pulled at YP002 before it sends them on.
     first
         .submit(submit("t-53", t, &[], &transfer(53, "from Ashdown")))
         .await
         .unwrap();
     gp.submit(community(53)).await.unwrap();
-    for patient in [52, 53] {
+    for patient in [52, 53, 54] {
         second
             .submit(submit(
                 &format!("on-{patient}"),
@@ -474,16 +499,83 @@ async fn summaries_go_on_with_the_patient_on(engine: Engine) {
     assert_eq!(
         of(52),
         ["from Brackenfield"],
-        "what YP002 pulled stays with it"
+        "what YP002 acknowledged stays with it"
     );
+    assert_eq!(
+        of(54),
+        ["leased at Brackenfield", "from Brackenfield"],
+        "what YP002 leased and never acknowledged goes on"
+    );
+    a_late_ack_is_not_found(&mut second, &leased[0]).await;
     assert!(
         pull_and_ack(&mut second).await.is_empty(),
         "nothing left at YP002"
     );
     let trail = gw.store.audit_entries().unwrap();
     let forwards = trail.iter().filter(|e| e.action == "forward").count();
-    assert_eq!(forwards, 2, "two summaries sent on, each audited");
+    assert_eq!(forwards, 3, "three summaries sent on, each audited");
     a_correction_follows_where_its_summary_went(&mut first, &mut second, &mut third).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_transfer_corrected_to_another_prison_takes_on_what_waited_at_the_first() {
+    corrected_transfer_takes_on_what_waited_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_transfer_corrected_to_another_prison_takes_on_what_waited_at_the_first_on_postgres() {
+    corrected_transfer_takes_on_what_waited_on(Engine::Postgres).await;
+}
+
+/// YP001 sends patient 61 to YP002 by mistake; the GP's record follows them
+/// there, unpulled; YP001 corrects the transfer to YP003. The patient, and
+/// the record, must be at YP003; YP002 never had them.
+async fn corrected_transfer_takes_on_what_waited_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    let t = pb::JourneyEvent::Transfer;
+    first
+        .submit(submit(
+            "t-61",
+            t,
+            &[],
+            &transfer(61, "sent to Brackenfield"),
+        ))
+        .await
+        .unwrap();
+    let mut record = summary(61, Some("YG001"), "from the GP");
+    record.author.organisation = "YG001".parse().unwrap();
+    record.custody.establishment = "YP002".parse().unwrap();
+    let cs = pb::JourneyEvent::CommunitySummary;
+    let r = gp
+        .submit(submit("cs-61", cs, &[], &record))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r), ["YP002"]);
+    let mut corrected = transfer(61, "corrected to Ashdown");
+    corrected.custody.transfer_to = Some("YP003".parse().unwrap());
+    let r = first
+        .submit(submit("t-61b", t, &[], &corrected))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r), ["YP003"]);
+    let got = markers_pulled(&mut third, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["from the GP", "corrected to Ashdown"]);
+    assert!(
+        pull_and_ack(&mut second).await.is_empty(),
+        "nothing waits at YP002, which never held the patient"
+    );
+    let trail = gw.store.audit_entries().unwrap();
+    assert_eq!(trail.iter().filter(|e| e.action == "forward").count(), 1);
     gw.stop().await;
 }
 

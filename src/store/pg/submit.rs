@@ -97,7 +97,8 @@ pub(super) async fn submit(
     let owner = (handover_id, patient_key.as_str());
     put_deliveries(tx, h, owner, (&routed, &deliveries), now, audit).await?;
     if let Some(to) = records::transfer_receiver(h.event, &routed.destinations) {
-        forward(tx, (&h.sender, to), owner, audit).await?;
+        let corrected = supersedes.filter(|_| h.supersede);
+        take_on(tx, s, (&h.sender, to), corrected, owner, audit).await?;
     }
     if let Some(latest) = &written_later {
         superseded_on_arrival(tx, &newer, latest, now, audit).await?;
@@ -152,12 +153,13 @@ async fn put_deliveries(
     Ok(())
 }
 
-/// Sends on the summaries waiting unpulled for `from`, which transfer
+/// Sends on the summaries `from` has not acknowledged, which transfer
 /// `handover` moved the patient out of, to `to`, as the sled engine does
 /// (`Writer::forward`, [`records::forwards_to`]). The transfer's own copy
 /// wakes `to`'s pullers.
 async fn forward(
     tx: &Transaction<'_>,
+    s: &Shared,
     (from, to): (&str, &str),
     (handover, patient_key): (u64, &str),
     audit: &mut Vec<AuditEvent>,
@@ -165,7 +167,7 @@ async fn forward(
     let rows = tx
         .query(
             "SELECT record FROM deliveries WHERE mailbox = $1 AND patient_key = $2 \
-             AND state = 'queued' AND attempt = 0 AND superseded_by IS NULL \
+             AND state IN ('queued', 'leased') AND superseded_by IS NULL \
              ORDER BY id FOR UPDATE",
             &[&from, &patient_key],
         )
@@ -176,12 +178,54 @@ async fn forward(
         if !records::forwards_to(&d, from, to) {
             continue;
         }
-        d.mailbox = to.to_owned();
-        d.forwarded_from.get_or_insert_with(|| from.to_owned());
+        records::send_on(&mut d, to, s.options.max_attempts);
         sql::put_delivery(tx, &d).await?;
         audit.push(records::forward_event(&d, from, handover));
     }
     Ok(())
+}
+
+/// What prison `to` takes on with transfer `handover` from `from`, as the
+/// sled engine does (`Writer::take_on`).
+async fn take_on(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    (from, to): (&str, &str),
+    corrected: Option<u64>,
+    handover: (u64, &str),
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    forward(tx, s, (from, to), handover, audit).await?;
+    if let Some(named) = received_by(tx, corrected).await?
+        && named != to
+        && named != from
+    {
+        forward(tx, s, (&named, to), handover, audit).await?;
+    }
+    Ok(())
+}
+
+/// The prison transfer `handover` sent its patient to
+/// ([`records::receiving_prison`]).
+async fn received_by(
+    tx: &Transaction<'_>,
+    handover: Option<u64>,
+) -> Result<Option<String>, StoreError> {
+    let Some(handover) = handover else {
+        return Ok(None);
+    };
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE handover_id = $1 ORDER BY id",
+            &[&id(handover)],
+        )
+        .await
+        .map_err(db)?;
+    let copies: Vec<DeliveryRecord> = rows
+        .iter()
+        .map(|r| r.get::<_, Json<DeliveryRecord>>(0).0)
+        .collect();
+    Ok(records::receiving_prison(&copies))
 }
 
 /// `h`'s destinations, as the sled engine routes them
