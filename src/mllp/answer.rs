@@ -67,7 +67,11 @@ pub async fn answer(gateway: &Gateway, caller: &Caller, message: &[u8]) -> Answe
                 Ok(()) => e,
                 Err(unrecorded) => unrecorded,
             };
-            (ack_code(&e), ack_errors(&e), refused(e.kind()))
+            (
+                ack_code(&e),
+                ack_errors(&e, hl7v2::authored_at_field(text)),
+                refused(e.kind()),
+            )
         }
     };
     let now = gateway.clock.now_ms();
@@ -235,10 +239,11 @@ fn ack_code(e: &Error) -> AckCode {
 }
 
 /// Where in an ADT message the summary's fields are read from (for the
-/// rules checked on the summary, whose paths are the model's).
-fn hl7_place(model_path: &str) -> Option<&'static str> {
+/// rules checked on the summary, whose paths are the model's); its time
+/// from `authored_at` ([`hl7v2::authored_at_field`]).
+fn hl7_place(model_path: &str, authored_at: &'static str) -> Option<&'static str> {
     Some(match model_path {
-        "summary.authored_at" => "EVN-2",
+        "summary.authored_at" => authored_at,
         "summary.patient.family_name" => "PID-5.1",
         "summary.patient.date_of_birth" => "PID-7",
         "summary.custody.reception_date" => "PV1-44",
@@ -250,8 +255,9 @@ fn hl7_place(model_path: &str) -> Option<&'static str> {
     })
 }
 
-/// The ERR segments of a refusal: never a value from the message.
-fn ack_errors(e: &Error) -> Vec<AckError> {
+/// The ERR segments of a refusal: never a value from the message. The
+/// summary's time was read from `authored_at` (EVN-2 or MSH-7).
+fn ack_errors(e: &Error, authored_at: &'static str) -> Vec<AckError> {
     let reason = e.reason();
     let one = |location: &str, code, message: String| {
         vec![AckError {
@@ -268,7 +274,7 @@ fn ack_errors(e: &Error) -> Vec<AckError> {
             .map(|v| {
                 let mut v = scrubbed(v.clone());
                 // A rule on the summary as read names the HL7 field it came from.
-                if let Some(place) = hl7_place(&v.field) {
+                if let Some(place) = hl7_place(&v.field, authored_at) {
                     v.field = place.to_owned();
                 }
                 AckError::of_violation(&v, reason)
@@ -316,21 +322,21 @@ mod tests {
             "summary.custody.release_date",
             "a release needs the release date",
         );
-        let errs = ack_errors(&e);
+        let errs = ack_errors(&e, "EVN-2");
         assert_eq!(errs[0].location, "PV1^1^45");
         assert_eq!(errs[0].code, ErrorCode::RequiredFieldMissing);
         let e = Error::invalid(
             "summary.custody.transfer_to",
             "a transfer needs the receiving prison",
         );
-        assert_eq!(ack_errors(&e)[0].location, "PV1^1^3^1^4");
+        assert_eq!(ack_errors(&e, "EVN-2")[0].location, "PV1^1^3^1^4");
     }
 
     #[test]
     fn codes_follow_what_the_sender_must_do() {
         let unavailable = Error::Store(StoreError::Unavailable("closed".into()));
         assert_eq!(ack_code(&unavailable), AckCode::Reject);
-        let errs = ack_errors(&unavailable);
+        let errs = ack_errors(&unavailable, "EVN-2");
         assert_eq!(errs[0].code, ErrorCode::ApplicationInternalError);
         assert_eq!(errs[0].reason, "UNAVAILABLE");
         assert!(errs[0].message.contains("resend"), "{}", errs[0].message);
@@ -338,9 +344,9 @@ mod tests {
         assert_eq!(ack_code(&Error::Unrecorded), AckCode::Reject);
         let conflict = Error::Store(StoreError::Conflict);
         assert_eq!(ack_code(&conflict), AckCode::Error);
-        assert_eq!(ack_errors(&conflict)[0].location, "MSH^1^10");
+        assert_eq!(ack_errors(&conflict, "EVN-2")[0].location, "MSH^1^10");
         assert_eq!(
-            ack_errors(&conflict)[0].code,
+            ack_errors(&conflict, "EVN-2")[0].code,
             ErrorCode::DuplicateKeyIdentifier
         );
         assert_eq!(
@@ -354,7 +360,7 @@ mod tests {
         let version = Error::invalid("MSH-12", "must be an HL7 v2 version");
         assert_eq!(ack_code(&version), AckCode::Reject);
         assert_eq!(
-            ack_errors(&version)[0].code,
+            ack_errors(&version, "EVN-2")[0].code,
             ErrorCode::UnsupportedVersionId
         );
         assert_eq!(

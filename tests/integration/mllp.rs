@@ -361,6 +361,16 @@ async fn a_field_error_is_an_ae_naming_the_field_and_stores_nothing() {
     let ack = exchange(&mut conn, &with_field(&good, "MSH", 10, "")).await;
     assert_eq!(field(&ack, "MSA", 1), "AE");
     assert_eq!(errs(&ack)[0][2], "MSH^1^10");
+    // A time in the future is named where the sender wrote it: EVN-2, or
+    // MSH-7 when EVN-2 is empty (the summary's time was read from there).
+    let future = "20991231120000+0000";
+    let ack = exchange(&mut conn, &with_field(&good, "EVN", 2, future)).await;
+    assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
+    assert_eq!(errs(&ack)[0][2], "EVN^1^2", "{ack:?}");
+    let from_msh = with_field(&with_field(&good, "EVN", 2, ""), "MSH", 7, future);
+    let ack = exchange(&mut conn, &from_msh).await;
+    assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
+    assert_eq!(errs(&ack)[0][2], "MSH^1^7", "{ack:?}");
     assert_eq!(gw.store.content_digest().unwrap(), before, "nothing stored");
     // Each refusal is on the audit trail.
     let audited = gw.store.audit_entries().unwrap();
@@ -369,7 +379,7 @@ async fn a_field_error_is_an_ae_naming_the_field_and_stores_nothing() {
             .iter()
             .filter(|e| e.action == "submit" && e.outcome.starts_with("refused"))
             .count()
-            >= 6
+            >= 8
     );
     gw.stop().await;
 }

@@ -34,7 +34,7 @@ pub use ack::{AckCode, AckError, ErrorCode, ack, ack_as};
 pub use charset::decoded;
 pub use escape::{escape, unescape};
 pub use header::{MessageHeader, event_of, header};
-pub use read::{Parsed, parse};
+pub use read::{Parsed, authored_at_field, parse};
 pub use segment::batch_refusal;
 pub use write::render;
 
@@ -366,9 +366,16 @@ mod tests {
             authored("202611201000+0100").ok(),
             "2026-11-20T10:00:00+01:00".parse().ok()
         );
-        // Empty (or the explicit null): MSH-7.
+        // Empty (or the explicit null): MSH-7, and a rule on the time read
+        // is answered there.
         assert_eq!(authored("").ok(), Some(s.authored_at));
         assert_eq!(authored("\"\"").ok(), Some(s.authored_at));
+        for (evn2, place) in [("", "MSH-7"), ("\"\"", "MSH-7"), ("2026112010", "EVN-2")] {
+            let edited = with_field(&text, "EVN", 2, evn2);
+            assert_eq!(authored_at_field(edited.as_bytes()), place, "{evn2}");
+        }
+        let no_evn: Vec<&str> = text.split('\r').filter(|s| !s.starts_with("EVN")).collect();
+        assert_eq!(authored_at_field(no_evn.join("\r").as_bytes()), "MSH-7");
         // With EVN-2 empty, an unreadable MSH-7 is refused at MSH-7.
         let msh7 = ts(&s.authored_at);
         let edited = with_field(&text, "EVN", 2, "").replacen(&msh7, "20261124", 1);

@@ -448,6 +448,29 @@ fn read_header(msh: &Segment<'_>, evn: Option<&Segment<'_>>, e: &mut ValidationE
     }
 }
 
+/// The field the summary's `authored_at` is read from in `text` (see
+/// [`authored_at`]): EVN-2, or MSH-7 when the message has no EVN-2. A rule
+/// on the summary as read (a time in the future) is answered where the
+/// sender wrote the time.
+pub fn authored_at_field(text: &[u8]) -> &'static str {
+    let Ok(text) = std::str::from_utf8(text) else {
+        return "EVN-2";
+    };
+    // Whatever limits the message was refused under, it is read here.
+    let wide = Limits {
+        max_hl7_segments: 1 << 24,
+        max_hl7_repetitions: 1 << 24,
+        ..Limits::default()
+    };
+    let Ok(segments) = split(text.trim_start_matches('\u{feff}'), &wide) else {
+        return "EVN-2";
+    };
+    match segments.iter().find(|s| s.id == "EVN") {
+        Some(evn) if !evn.comp(2, 1).is_empty() => "EVN-2",
+        _ => "MSH-7",
+    }
+}
+
 /// When the summary was recorded: EVN-2, or MSH-7 only when EVN-2 is empty.
 /// It decides which of two summaries supersedes the other, so a value that
 /// is there but unreadable, or only a date (a valid TS, but one that cannot
