@@ -174,48 +174,74 @@ pub(crate) fn delivery_event(
     }
 }
 
-/// The prison a transfer `event` (with its routed `destinations`) sends
-/// the patient to: its full copy's mailbox. `None` for other events.
-pub(crate) fn transfer_receiver(
+/// The patient moving on from prison `from` by `event` (with its routed
+/// `destinations`) to who takes them on: the receiving prison of a
+/// transfer, the GP of a release (its full copy, when not parked or held).
+/// `None` for other events.
+pub(crate) fn moving_on<'a>(
+    from: &'a str,
     event: JourneyEvent,
-    destinations: &[super::NewDelivery],
-) -> Option<&str> {
-    (event == JourneyEvent::Transfer).then_some(())?;
+    destinations: &'a [super::NewDelivery],
+) -> Option<MovingOn<'a>> {
+    matches!(event, JourneyEvent::Transfer | JourneyEvent::Release).then_some(())?;
     destinations
         .iter()
         .find(|d| d.view == FULL_VIEW && !d.mailbox.starts_with('@'))
-        .map(|d| d.mailbox.as_str())
+        .map(|next| MovingOn {
+            from,
+            to: &next.mailbox,
+            event,
+            due_ms: next.due_ms,
+        })
 }
 
-/// Whether `d`, waiting in the mailbox of a prison that now transfers its
-/// patient to `to`, goes on with them: a summary meant for the prison that
-/// holds the patient (a transfer summary, a GP's community summary), not
-/// acknowledged (queued, or leased and not yet acked), not superseded, and
-/// not written by `to` itself. The prison never confirmed it had it, so its
-/// own transfer summary may not carry it; the one that holds the patient
-/// now needs it. A copy the prison acknowledged stays: the prison has it
-/// (docs/journey.md).
-pub(crate) fn forwards_to(d: &DeliveryRecord, from: &str, to: &str) -> bool {
-    matches!(
-        d.event,
-        Some(JourneyEvent::Transfer | JourneyEvent::CommunitySummary)
-    ) && d.view == FULL_VIEW
+/// A prison's patient moving on: from its mailbox `from` to `to`'s, by an
+/// `event` (a transfer or a release) whose copy for `to` is due `due_ms`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MovingOn<'a> {
+    pub from: &'a str,
+    pub to: &'a str,
+    pub event: JourneyEvent,
+    pub due_ms: Option<i64>,
+}
+
+/// Whether `d`, waiting in the mailbox of a prison whose patient now moves
+/// on (`m`), goes with them: a summary meant for the prison that holds the
+/// patient, not acknowledged (queued, or leased and not yet acked), not
+/// superseded, and not written by `m.to` itself. The prison never confirmed
+/// it had it, so its own summary may not carry it. A transfer takes on the
+/// previous prison's transfer summary and the GP's community summary; a
+/// release gives the GP the previous prison's transfer summary (the GP's
+/// own record is theirs already). A copy the prison acknowledged stays: it
+/// has it (docs/journey.md).
+pub(crate) fn forwards_to(d: &DeliveryRecord, m: &MovingOn<'_>) -> bool {
+    let carried = match m.event {
+        JourneyEvent::Transfer => matches!(
+            d.event,
+            Some(JourneyEvent::Transfer | JourneyEvent::CommunitySummary)
+        ),
+        JourneyEvent::Release => d.event == Some(JourneyEvent::Transfer),
+        _ => false,
+    };
+    carried
+        && d.view == FULL_VIEW
         && matches!(d.state, DeliveryState::Queued | DeliveryState::Leased)
         && !d.is_superseded()
-        && d.mailbox == from
-        && from != to
-        && d.sender.as_deref() != Some(to)
+        && d.mailbox == m.from
+        && m.from != m.to
+        && d.sender.as_deref() != Some(m.to)
 }
 
-/// The prison a transfer's `copies` sent the patient to: the mailbox its
-/// full copy was first queued for (a copy parked for a disabled prison
-/// names none).
-pub(crate) fn receiving_prison<'a>(
+/// Who the `event` (a transfer or a release) whose `copies` these are
+/// sent the patient to: the mailbox its full copy was first queued for (a
+/// copy parked or held names none).
+pub(crate) fn first_carer<'a>(
     copies: impl IntoIterator<Item = &'a DeliveryRecord>,
+    event: JourneyEvent,
 ) -> Option<String> {
     copies
         .into_iter()
-        .find(|d| d.event == Some(JourneyEvent::Transfer) && d.view == FULL_VIEW)
+        .find(|d| d.event == Some(event) && d.view == FULL_VIEW)
         .map(|d| {
             d.forwarded_from
                 .clone()
@@ -224,12 +250,13 @@ pub(crate) fn receiving_prison<'a>(
         .filter(|m| !m.starts_with('@'))
 }
 
-/// Moves `d` ([`forwards_to`]) to `to`'s mailbox, queued there afresh: a
+/// Moves `d` ([`forwards_to`]) to `m.to`'s mailbox, queued there afresh: a
 /// lease the prison it leaves holds is revoked (its late ack or nack is
-/// answered as for an id not its own), and `to` has a full
-/// `max_attempts` after the attempts already used.
-pub(crate) fn send_on(d: &mut DeliveryRecord, to: &str, max_attempts: u32) {
-    let from = std::mem::replace(&mut d.mailbox, to.to_owned());
+/// answered as for an id not its own), `m.to` has a full `max_attempts`
+/// after the attempts already used, and it is due no sooner than the copy
+/// that moved it (a deadline passed at the prison is not the new carer's).
+pub(crate) fn send_on(d: &mut DeliveryRecord, m: &MovingOn<'_>, max_attempts: u32) {
+    let from = std::mem::replace(&mut d.mailbox, m.to.to_owned());
     d.forwarded_from.get_or_insert(from);
     d.state = DeliveryState::Queued;
     d.lease_until_ms = None;
@@ -237,10 +264,16 @@ pub(crate) fn send_on(d: &mut DeliveryRecord, to: &str, max_attempts: u32) {
     if d.attempt > 0 {
         d.max_attempts = Some(d.attempt.saturating_add(max_attempts));
     }
+    if let Some(due) = m.due_ms
+        && d.due_ms.is_none_or(|before| before < due)
+    {
+        d.due_ms = Some(due);
+        d.overdue_at_ms = None;
+    }
 }
 
-/// The audit entry of `d` sent on from `from` by transfer `handover` (`d`
-/// already names its new mailbox).
+/// The audit entry of `d` sent on from `from` by transfer or release
+/// `handover` (`d` already names its new mailbox).
 pub(crate) fn forward_event(
     d: &DeliveryRecord,
     from: &str,
@@ -251,7 +284,7 @@ pub(crate) fn forward_event(
         "forward",
         d,
         format!(
-            "ok: sent on from {from}, which never acknowledged it, to {}, where handover {handover} transferred the patient",
+            "ok: sent on from {from}, which never acknowledged it, to {}, to whom handover {handover} sent the patient",
             d.mailbox
         ),
     )
@@ -1496,13 +1529,31 @@ mod tests {
             }))
             .unwrap()
         };
+        let moving = |from, to, event| MovingOn {
+            from,
+            to,
+            event,
+            due_ms: None,
+        };
+        let on = moving("YP002", "YP003", JourneyEvent::Transfer);
         let transfer = at_second(FULL_VIEW, "TRANSFER", "YP001");
         let community = at_second(FULL_VIEW, "COMMUNITY_SUMMARY", "YG001");
-        assert!(forwards_to(&transfer, "YP002", "YP003"));
-        assert!(forwards_to(&community, "YP002", "YP003"));
+        assert!(forwards_to(&transfer, &on));
+        assert!(forwards_to(&community, &on));
         // Not back to the prison that wrote it, nor from another mailbox.
-        assert!(!forwards_to(&transfer, "YP002", "YP001"));
-        assert!(!forwards_to(&transfer, "YP004", "YP003"));
+        let back = moving("YP002", "YP001", JourneyEvent::Transfer);
+        assert!(!forwards_to(&transfer, &back));
+        assert!(!forwards_to(
+            &transfer,
+            &moving("YP004", "YP003", JourneyEvent::Transfer)
+        ));
+        // Released: the GP gets the previous prison's transfer summary, not
+        // its own record back; an admission moves nothing.
+        let released = moving("YP002", "YG002", JourneyEvent::Release);
+        assert!(forwards_to(&transfer, &released));
+        assert!(!forwards_to(&community, &released));
+        let admitted = moving("YP002", "YG002", JourneyEvent::Admission);
+        assert!(!forwards_to(&transfer, &admitted));
         // Handed out and not acknowledged (leased now, or given back): the
         // prison may never have read it.
         for state in [DeliveryState::Leased, DeliveryState::Queued] {
@@ -1511,7 +1562,7 @@ mod tests {
                 state,
                 ..transfer.clone()
             };
-            assert!(forwards_to(&handed_out, "YP002", "YP003"));
+            assert!(forwards_to(&handed_out, &on));
         }
         // Acknowledged, or put aside for an operator: it stays.
         for state in [DeliveryState::Delivered, DeliveryState::Quarantined] {
@@ -1520,39 +1571,50 @@ mod tests {
                 state,
                 ..transfer.clone()
             };
-            assert!(!forwards_to(&kept, "YP002", "YP003"));
+            assert!(!forwards_to(&kept, &on));
         }
         let superseded = DeliveryRecord {
             superseded_by: Some(9),
             ..transfer.clone()
         };
-        assert!(!forwards_to(&superseded, "YP002", "YP003"));
+        assert!(!forwards_to(&superseded, &on));
         // A notice is for whoever had the earlier summary; a release is not
         // a prison's.
         let notice = at_second(WITHDRAWN_VIEW, "TRANSFER", "YP001");
-        assert!(!forwards_to(&notice, "YP002", "YP003"));
+        assert!(!forwards_to(&notice, &on));
         let release = at_second(FULL_VIEW, "RELEASE", "YP001");
-        assert!(!forwards_to(&release, "YP002", "YP003"));
+        assert!(!forwards_to(&release, &on));
     }
 
     #[test]
-    fn a_summary_sent_on_is_queued_afresh_with_its_attempts_renewed() {
+    fn a_summary_sent_on_is_queued_afresh_with_its_attempts_and_deadline_renewed() {
         let mut d: DeliveryRecord = serde_json::from_value(serde_json::json!({
             "id": 7, "handover_id": 3, "mailbox": "YP002", "patient_key": "p",
             "urgent": false, "state": "leased", "attempt": 3, "queued_at_ms": 0,
-            "lease_until_ms": 50, "not_before_ms": 40,
+            "lease_until_ms": 50, "not_before_ms": 40, "due_ms": 100, "overdue_at_ms": 120,
             "view": FULL_VIEW, "event": "TRANSFER", "sender": "YP001",
         }))
         .unwrap();
-        send_on(&mut d, "YP003", 5);
+        let mut m = MovingOn {
+            from: "YP002",
+            to: "YP003",
+            event: JourneyEvent::Transfer,
+            due_ms: Some(500),
+        };
+        send_on(&mut d, &m, 5);
         assert_eq!(d.mailbox, "YP003");
         assert_eq!(d.forwarded_from.as_deref(), Some("YP002"));
         assert_eq!(d.state, DeliveryState::Queued);
         assert_eq!((d.lease_until_ms, d.not_before_ms), (None, None));
         assert_eq!(d.max_attempts, Some(8));
-        // Sent on again: it names the prison it was first queued for.
-        send_on(&mut d, "YP004", 5);
+        // Due when the copy that moved it is, and reported again if missed.
+        assert_eq!((d.due_ms, d.overdue_at_ms), (Some(500), None));
+        // Sent on again: it names the prison it was first queued for, and a
+        // sooner deadline never brings its own forward.
+        (m.from, m.to, m.due_ms) = ("YP003", "YP004", Some(200));
+        send_on(&mut d, &m, 5);
         assert_eq!(d.forwarded_from.as_deref(), Some("YP002"));
+        assert_eq!(d.due_ms, Some(500));
     }
 
     #[test]

@@ -840,10 +840,10 @@ impl Writer {
             self.enqueue(staged, &record);
             woken.insert(dest.mailbox.clone());
         }
-        if let Some(to) = records::transfer_receiver(h.event, &destinations) {
+        if let Some(moving) = records::moving_on(&h.sender, h.event, &destinations) {
             let corrected = supersedes.filter(|_| h.supersede);
-            let transfer = (id, patient_key.as_str());
-            self.take_on(staged, (&h.sender, to), corrected, transfer, now, woken)?;
+            let handover = (id, patient_key.as_str());
+            self.take_on(staged, moving, corrected, handover, now, woken)?;
         }
         self.store_payload(staged, id, &h.payload)?;
         let mut record = HandoverRecord {
@@ -906,63 +906,65 @@ impl Writer {
         self.schedule.insert(d.id, live_of(d));
     }
 
-    /// Sends on the summaries `from` has not acknowledged, which transfer
-    /// `handover` moved the patient out of, to `to` ([`records::forwards_to`]).
+    /// Sends on the summaries `m.from` has not acknowledged, whose patient
+    /// transfer or release `handover` sends to `m.to`
+    /// ([`records::forwards_to`]).
     fn forward(
         &mut self,
         staged: &mut Staged<'_>,
-        (from, to): (&str, &str),
+        m: &records::MovingOn<'_>,
         (handover, patient_key): (u64, &str),
         now: i64,
         woken: &mut BTreeSet<String>,
     ) -> Result<(), StoreError> {
-        for did in self.schedule.of_patient(from, patient_key) {
+        for did in self.schedule.of_patient(m.from, patient_key) {
             let key = records::be(did);
             let Some(mut d) = staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &key)? else {
                 continue;
             };
-            if !records::forwards_to(&d, from, to) {
+            if !records::forwards_to(&d, m) {
                 continue;
             }
-            staged.del(TreeId::Pending, records::mailbox_key(from, did));
+            staged.del(TreeId::Pending, records::mailbox_key(m.from, did));
             self.schedule.remove(did);
-            records::send_on(&mut d, to, self.options.max_attempts);
+            records::send_on(&mut d, m, self.options.max_attempts);
             self.enqueue(staged, &d);
-            self.audit(staged, records::forward_event(&d, from, handover), now);
-            woken.insert(to.to_owned());
+            self.audit(staged, records::forward_event(&d, m.from, handover), now);
+            woken.insert(m.to.to_owned());
         }
         Ok(())
     }
 
-    /// What prison `to` takes on with transfer `handover` from `from`: what
-    /// `from` has not acknowledged, and, for a transfer correcting
-    /// `corrected`, what waits at the prison `corrected` named (the patient
-    /// never arrived there).
+    /// What `m.to` takes on with transfer or release `handover`: what
+    /// `m.from` has not acknowledged, and, for one correcting `corrected`,
+    /// what waits at the carer `corrected` named (the patient never went
+    /// there).
     fn take_on(
         &mut self,
         staged: &mut Staged<'_>,
-        (from, to): (&str, &str),
+        m: records::MovingOn<'_>,
         corrected: Option<u64>,
         handover: (u64, &str),
         now: i64,
         woken: &mut BTreeSet<String>,
     ) -> Result<(), StoreError> {
-        self.forward(staged, (from, to), handover, now, woken)?;
-        if let Some(named) = self.received_by(staged, corrected)?
-            && named != to
-            && named != from
+        self.forward(staged, &m, handover, now, woken)?;
+        if let Some(named) = self.first_carer(staged, corrected, m.event)?
+            && named != m.to
+            && named != m.from
         {
-            self.forward(staged, (&named, to), handover, now, woken)?;
+            let from_named = records::MovingOn { from: &named, ..m };
+            self.forward(staged, &from_named, handover, now, woken)?;
         }
         Ok(())
     }
 
-    /// The prison transfer `handover` sent its patient to
-    /// ([`records::receiving_prison`]).
-    fn received_by(
+    /// Who `event` `handover` sent its patient to ([`records::first_carer`]).
+    fn first_carer(
         &self,
         staged: &Staged<'_>,
         handover: Option<u64>,
+        event: crate::journey::JourneyEvent,
     ) -> Result<Option<String>, StoreError> {
         let Some(record) = handover
             .map(|id| staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(id)))
@@ -976,7 +978,7 @@ impl Writer {
             copies
                 .extend(staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(*id))?);
         }
-        Ok(records::receiving_prison(&copies))
+        Ok(records::first_carer(&copies, event))
     }
 
     /// The patient key `h` is filed under; an identity conflict is recorded

@@ -580,6 +580,69 @@ async fn corrected_transfer_takes_on_what_waited_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_transfer_summary_the_releasing_prison_never_acknowledged_goes_to_the_gp() {
+    transfer_summary_goes_to_the_gp_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_transfer_summary_the_releasing_prison_never_acknowledged_goes_to_the_gp_on_postgres() {
+    transfer_summary_goes_to_the_gp_on(Engine::Postgres).await;
+}
+
+/// YP001 transfers patient 62 to YP002 with their methadone record; YP002
+/// releases them before acknowledging it, so its release summary may not
+/// carry what YP001 knew. The GP gets both, the previous prison's first.
+async fn transfer_summary_goes_to_the_gp_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    first
+        .submit(submit(
+            "t-62",
+            pb::JourneyEvent::Transfer,
+            &[],
+            &transfer(62, "titrated at Ashdown"),
+        ))
+        .await
+        .unwrap();
+    // YP002 pulls it and its system stops before the ack.
+    assert_eq!(
+        second
+            .pull(pull(50))
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries
+            .len(),
+        1
+    );
+    let mut release = summary(62, Some("YG001"), "released from Brackenfield");
+    written_by(&mut release, "YP002");
+    let r = second
+        .submit(submit("r-62", pb::JourneyEvent::Release, &[], &release))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&r).contains(&"YG001"), "{r:?}");
+    let got = markers_pulled(&mut gp, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(
+        markers,
+        ["titrated at Ashdown", "released from Brackenfield"]
+    );
+    assert!(
+        pull_and_ack(&mut second).await.is_empty(),
+        "nothing left at YP002"
+    );
+    let trail = gw.store.audit_entries().unwrap();
+    assert_eq!(trail.iter().filter(|e| e.action == "forward").count(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_corrected_transfer_supersedes_the_undelivered_one() {
     a_corrected_transfer_supersedes_the_undelivered_one_on(Engine::Sled).await;
 }

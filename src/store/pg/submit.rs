@@ -96,9 +96,9 @@ pub(super) async fn submit(
     sql::put_handover(tx, &record).await?;
     let owner = (handover_id, patient_key.as_str());
     put_deliveries(tx, h, owner, (&routed, &deliveries), now, audit).await?;
-    if let Some(to) = records::transfer_receiver(h.event, &routed.destinations) {
+    if let Some(moving) = records::moving_on(&h.sender, h.event, &routed.destinations) {
         let corrected = supersedes.filter(|_| h.supersede);
-        take_on(tx, s, (&h.sender, to), corrected, owner, audit).await?;
+        take_on(tx, s, moving, corrected, owner, audit).await?;
     }
     if let Some(latest) = &written_later {
         superseded_on_arrival(tx, &newer, latest, now, audit).await?;
@@ -153,14 +153,14 @@ async fn put_deliveries(
     Ok(())
 }
 
-/// Sends on the summaries `from` has not acknowledged, which transfer
-/// `handover` moved the patient out of, to `to`, as the sled engine does
-/// (`Writer::forward`, [`records::forwards_to`]). The transfer's own copy
-/// wakes `to`'s pullers.
+/// Sends on the summaries `m.from` has not acknowledged, whose patient
+/// transfer or release `handover` sends to `m.to`, as the sled engine does
+/// (`Writer::forward`, [`records::forwards_to`]). The handover's own copy
+/// wakes `m.to`'s pullers.
 async fn forward(
     tx: &Transaction<'_>,
     s: &Shared,
-    (from, to): (&str, &str),
+    m: &records::MovingOn<'_>,
     (handover, patient_key): (u64, &str),
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
@@ -169,47 +169,48 @@ async fn forward(
             "SELECT record FROM deliveries WHERE mailbox = $1 AND patient_key = $2 \
              AND state IN ('queued', 'leased') AND superseded_by IS NULL \
              ORDER BY id FOR UPDATE",
-            &[&from, &patient_key],
+            &[&m.from, &patient_key],
         )
         .await
         .map_err(db)?;
     for row in rows {
         let mut d = row.get::<_, Json<DeliveryRecord>>(0).0;
-        if !records::forwards_to(&d, from, to) {
+        if !records::forwards_to(&d, m) {
             continue;
         }
-        records::send_on(&mut d, to, s.options.max_attempts);
+        records::send_on(&mut d, m, s.options.max_attempts);
         sql::put_delivery(tx, &d).await?;
-        audit.push(records::forward_event(&d, from, handover));
+        audit.push(records::forward_event(&d, m.from, handover));
     }
     Ok(())
 }
 
-/// What prison `to` takes on with transfer `handover` from `from`, as the
-/// sled engine does (`Writer::take_on`).
+/// What `m.to` takes on with transfer or release `handover`, as the sled
+/// engine does (`Writer::take_on`).
 async fn take_on(
     tx: &Transaction<'_>,
     s: &Shared,
-    (from, to): (&str, &str),
+    m: records::MovingOn<'_>,
     corrected: Option<u64>,
     handover: (u64, &str),
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
-    forward(tx, s, (from, to), handover, audit).await?;
-    if let Some(named) = received_by(tx, corrected).await?
-        && named != to
-        && named != from
+    forward(tx, s, &m, handover, audit).await?;
+    if let Some(named) = first_carer(tx, corrected, m.event).await?
+        && named != m.to
+        && named != m.from
     {
-        forward(tx, s, (&named, to), handover, audit).await?;
+        let from_named = records::MovingOn { from: &named, ..m };
+        forward(tx, s, &from_named, handover, audit).await?;
     }
     Ok(())
 }
 
-/// The prison transfer `handover` sent its patient to
-/// ([`records::receiving_prison`]).
-async fn received_by(
+/// Who `event` `handover` sent its patient to ([`records::first_carer`]).
+async fn first_carer(
     tx: &Transaction<'_>,
     handover: Option<u64>,
+    event: crate::journey::JourneyEvent,
 ) -> Result<Option<String>, StoreError> {
     let Some(handover) = handover else {
         return Ok(None);
@@ -225,7 +226,7 @@ async fn received_by(
         .iter()
         .map(|r| r.get::<_, Json<DeliveryRecord>>(0).0)
         .collect();
-    Ok(records::receiving_prison(&copies))
+    Ok(records::first_carer(&copies, event))
 }
 
 /// `h`'s destinations, as the sled engine routes them
