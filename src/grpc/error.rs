@@ -272,6 +272,7 @@ mod tests {
             scope: "practice",
             window_hours: 24,
             retry_after: std::time::Duration::from_secs(600),
+            patient_key: "p".into(),
         });
         assert_eq!(locked.code(), Code::ResourceExhausted);
         assert_eq!(info(&locked).0, "CLAIMS_LOCKED");

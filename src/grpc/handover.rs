@@ -13,7 +13,7 @@ use super::pb;
 use super::wire::{self, Violations};
 use crate::handover::{
     Caller, ClaimCommand, Claimed, Delivery, Error, Gateway, NackCommand, PullCommand,
-    RenderedDocument, SubmitReceipt,
+    RenderedDocument, Subject, SubmitReceipt,
 };
 use crate::journey::Format;
 use crate::operator::metrics::Metrics;
@@ -115,12 +115,23 @@ pub(super) async fn answer<T>(
     action: &'static str,
     result: Result<T, Error>,
 ) -> Result<Response<T>, Status> {
+    answer_of(gateway, caller, (action, Subject::default()), result).await
+}
+
+/// [`answer`] for a call that named `subject`: its refusal is on that
+/// record's patient's trail ([`Gateway::audit_refusal_of`]).
+pub(super) async fn answer_of<T>(
+    gateway: &Gateway,
+    caller: &Caller,
+    (action, subject): (&'static str, Subject),
+    result: Result<T, Error>,
+) -> Result<Response<T>, Status> {
     match result {
         Ok(r) => Ok(Response::new(r)),
         Err(e) => {
             let kind = caller_org_kind(gateway, caller);
             tracing::info!(caller_kind = kind, code = ?e.kind(), error = %e, "refused");
-            if let Err(unrecorded) = gateway.audit_refusal(caller, action, &e).await {
+            if let Err(unrecorded) = gateway.audit_refusal_of(caller, action, &e, subject).await {
                 return Err(unrecorded.into());
             }
             Err(e.into())
@@ -337,10 +348,10 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
         } = request.into_inner();
         let result = self.gateway.ack(&caller, delivery_id, attempt).await;
         let repeat = matches!(result, Ok(false));
-        let result = answer(
+        let result = answer_of(
             &self.gateway,
             &caller,
-            "ack",
+            ("ack", Subject::delivery(delivery_id)),
             result.map(|_| pb::AckResponse {}),
         )
         .await;
@@ -409,7 +420,8 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
             .map(|s| pb::NackResponse {
                 state: wire::state_to_wire(s).into(),
             });
-        let result = answer(&self.gateway, &caller, "nack", result).await;
+        let subject = Subject::delivery(delivery_id);
+        let result = answer_of(&self.gateway, &caller, ("nack", subject), result).await;
         if let Some(m) = &self.metrics {
             super::metered::nack(m, permanent, &result);
         }
@@ -423,12 +435,16 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
     ) -> Result<Response<pb::TrackResponse>, Status> {
         let caller = traced(&request);
         let key = track_from_wire(request.into_inner());
+        let subject = match &key {
+            Ok(TrackKey::HandoverId(id)) => Subject::handover(*id),
+            _ => Subject::default(),
+        };
         let result = self
             .gateway
             .track(&caller, key)
             .await
             .map(|t| wire::track_to_wire(&t.handover, &t.deliveries, &t.mesh, t.now_ms));
-        answer(&self.gateway, &caller, "track", result).await
+        answer_of(&self.gateway, &caller, ("track", subject), result).await
     }
 
     #[instrument(name = "claim", skip_all)]

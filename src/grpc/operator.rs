@@ -8,10 +8,11 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 use tracing::instrument;
 
-use super::handover::{answer, claimed_to_wire, traced};
+use super::handover::{answer, answer_of, claimed_to_wire, traced};
 use super::pb;
 use super::wire::{self, Violations};
 use crate::clinical::OdsCode;
+use crate::handover::Subject;
 use crate::handover::{
     AuditSubject, ClaimParkedCommand, Continuity, ContinuityRow, ContinuityWindow, DeliveryInfo,
     Gateway, PageRequest, RedriveTarget, RetentionStatus, Share,
@@ -564,7 +565,14 @@ impl pb::operator_service_server::OperatorService for OperatorGrpc {
             patient: Some(wire::patient_to_wire(&r.patient)),
             summary: Some(super::summary::to_wire(&r.summary)),
         });
-        answer(&self.gateway, &caller, "break_glass_read", result).await
+        let subject = Subject::handover(handover_id);
+        answer_of(
+            &self.gateway,
+            &caller,
+            ("break_glass_read", subject),
+            result,
+        )
+        .await
     }
 
     #[instrument(name = "audit_trail", skip_all, fields(caller = Empty))]

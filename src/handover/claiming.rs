@@ -79,6 +79,7 @@ impl Gateway {
                     retry_after: Duration::from_millis(
                         u64::try_from(locked.until_ms.saturating_sub(now)).unwrap_or(0),
                     ),
+                    patient_key: patient_key.clone(),
                 }
             })?;
         // Keyed like a claim key, but over the registration date instead of

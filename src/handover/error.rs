@@ -33,6 +33,9 @@ pub enum Error {
         window_hours: i64,
         /// When a claim may be tried again.
         retry_after: Duration,
+        /// The patient the claim was for (a keyed hash, for the audit
+        /// entry; never shown).
+        patient_key: String,
     },
     /// The organisation a call acts on is not in the registry.
     #[error("ods_code: no registered organisation has this ODS code")]

@@ -201,22 +201,93 @@ impl Gateway {
         action: &'static str,
         e: &Error,
     ) -> Result<(), Error> {
+        self.audit_refusal_of(caller, action, e, Subject::default())
+            .await
+    }
+
+    /// Audits a refusal decided before the store of a call that named
+    /// `subject`: the entry names that handover or delivery and, where it
+    /// is there, its patient, so that reaching for a record one may not see
+    /// (an operator's break-glass read without a reason, an ack by an
+    /// operator's certificate) is on that patient's trail.
+    ///
+    /// # Errors
+    /// As [`Self::audit_refusal`].
+    pub async fn audit_refusal_of(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        e: &Error,
+        subject: Subject,
+    ) -> Result<(), Error> {
         if matches!(e, Error::Store(_)) {
             return Ok(());
         }
-        let event = crate::audit::AuditEvent {
+        let mut event = crate::audit::AuditEvent {
             actor: caller.actor(),
             action,
             // `Kind` names its variants as gRPC names its codes.
             outcome: format!("refused: {:?}: {e}", e.kind()),
             ..crate::audit::AuditEvent::default()
         };
+        self.name_subject(&mut event, subject, e);
         match self.store.record(event).await {
             Ok(()) => Ok(()),
             Err(failure) => {
                 tracing::error!(error = %failure, "a refusal could not be audited; answering UNAVAILABLE");
                 Err(Error::Unrecorded)
             }
+        }
+    }
+
+    /// Names in `event` what the refused call reached for: `subject`'s ids,
+    /// and the patient of the delivery or handover they name (a record not
+    /// there, or not readable now, leaves the ids alone), or the patient a
+    /// locked claim was for.
+    fn name_subject(&self, event: &mut crate::audit::AuditEvent, subject: Subject, e: &Error) {
+        event.handover_id = subject.handover_id.filter(|id| *id != 0);
+        event.delivery_id = subject.delivery_id.filter(|id| *id != 0);
+        if let Error::ClaimsLocked { patient_key, .. } = e {
+            event.patient_key = Some(patient_key.clone());
+        }
+        if let Some(d) = event
+            .delivery_id
+            .and_then(|id| self.store.delivery(id).ok().flatten())
+        {
+            event.handover_id = Some(d.handover_id);
+            event.patient_key = Some(d.patient_key);
+        } else if let Some(h) = event
+            .handover_id
+            .and_then(|id| self.store.handover(id).ok().flatten())
+        {
+            event.patient_key = Some(h.patient_key);
+        }
+    }
+}
+
+/// What a refused call named ([`Gateway::audit_refusal_of`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Subject {
+    /// The handover it named.
+    pub handover_id: Option<u64>,
+    /// The delivery it named.
+    pub delivery_id: Option<u64>,
+}
+
+impl Subject {
+    /// A call naming handover `id`.
+    pub fn handover(id: u64) -> Self {
+        Self {
+            handover_id: Some(id),
+            delivery_id: None,
+        }
+    }
+
+    /// A call naming delivery `id`.
+    pub fn delivery(id: u64) -> Self {
+        Self {
+            handover_id: None,
+            delivery_id: Some(id),
         }
     }
 }

@@ -515,6 +515,11 @@ async fn break_glass_needs_a_reason_and_is_audited_before_content_is_returned() 
             .outcome
             .starts_with("refused: InvalidArgument")
     );
+    // The refusal is on the patient's trail: it names the handover and the
+    // patient the operator reached for, as the read does.
+    assert_eq!(entries[before].handover_id, Some(r.handover_id));
+    assert!(entries[before].patient_key.is_some());
+    assert_eq!(entries[before].patient_key, last.patient_key);
     assert_eq!(last.action, "break_glass_read");
     assert_eq!(last.actor, "urn:operator:oncall");
     assert_eq!(last.handover_id, Some(r.handover_id));
@@ -539,6 +544,23 @@ async fn break_glass_needs_a_reason_and_is_audited_before_content_is_returned() 
     );
     assert!(probe.outcome.starts_with("refused: "), "{probe:?}");
     assert!(probe.outcome.contains("unreadable summary"), "{probe:?}");
+    // An organisation's certificate reaching for it: refused, and on the
+    // patient's trail too.
+    let err = gw
+        .operator_as("YP001")
+        .await
+        .break_glass_read(pb::BreakGlassReadRequest {
+            handover_id: r.handover_id,
+            reason: "GP practice reports an unreadable summary; checking content".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let entries = gw.store.audit_entries().unwrap();
+    let reached = entries.last().unwrap();
+    assert_eq!(reached.actor, "urn:ods:YP001");
+    assert_eq!(reached.handover_id, Some(r.handover_id), "{reached:?}");
+    assert_eq!(reached.patient_key, last.patient_key, "{reached:?}");
     gw.stop().await;
 }
 
@@ -603,6 +625,23 @@ async fn acking_another_organisations_delivery_is_not_found_and_on_its_patients_
         .find(|e| e.action == "ack" && e.actor == "urn:ods:YG002")
         .unwrap();
     assert_eq!(made_up.delivery_id, None, "{made_up:?}");
+    // An operator's certificate is no mailbox: refused before the store,
+    // and still on the patient's trail.
+    let err = gw
+        .client("operator-oncall")
+        .await
+        .ack(pb::AckRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let entries = gw.store.audit_entries().unwrap();
+    let reached = entries.last().unwrap();
+    assert_eq!(reached.actor, "urn:operator:oncall", "{reached:?}");
+    assert_eq!(reached.delivery_id, Some(d.delivery_id), "{reached:?}");
+    assert_eq!(reached.patient_key, probe.patient_key, "{reached:?}");
     gw.stop().await;
 }
 

@@ -95,6 +95,14 @@ async fn guessing_dates_of_birth_locks_the_pair_even_for_the_right_one_across_a_
             .outcome
             .contains("claims now locked: practice_and_patient")
     );
+    // The claim refused while locked is on the same patient's trail: a
+    // guesser who goes on guessing is seen there.
+    let entries = gw.store.audit_entries().unwrap();
+    let refused = entries
+        .iter()
+        .rfind(|e| e.action == "claim" && e.outcome.starts_with("refused: ResourceExhausted"))
+        .expect("the locked claim audited");
+    assert_eq!(refused.patient_key, failures[0].patient_key, "{refused:?}");
     let trail = serde_json::to_string(&gw.store.audit_entries().unwrap()).unwrap();
     for secret in [nhs(41).as_str(), DOB, "2026-01-05", "1970-01-01"] {
         assert!(!trail.contains(secret), "{secret} in the audit trail");
