@@ -961,8 +961,10 @@ fn trend_sample(
 fn report_sweep(outcome: &crate::store::SweepOutcome) {
     if outcome.quarantined > 0 {
         tracing::warn!(
+            alert = "delivery_quarantined",
             quarantined = outcome.quarantined,
-            "deliveries quarantined after their last lease expired"
+            "ALERT: deliveries quarantined after their last lease expired unacknowledged: they \
+             wait for an operator (ListQuarantine, Redrive once the recipient is fixed)"
         );
     }
     for d in &outcome.newly_overdue {

@@ -566,6 +566,18 @@ impl Gateway {
             .await?;
         record_delivery(delivery_id, attempt);
         self.trace_outcome("delivery.nacked", delivery_id, attempt);
+        if state == DeliveryState::Quarantined {
+            // Ids only: the recipient's reason is free text.
+            tracing::warn!(
+                alert = "delivery_quarantined",
+                delivery_id,
+                mailbox = %org.ods,
+                permanent,
+                "ALERT: a delivery was quarantined by its recipient's nack (permanent, or on its \
+                 last attempt): it waits for an operator (ListQuarantine, Redrive once the cause \
+                 is fixed); its sender sees it in Track"
+            );
+        }
         Ok(state)
     }
 

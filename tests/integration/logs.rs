@@ -372,3 +372,53 @@ fn deadline_alerts(log_path: &std::path::Path) -> Vec<(u64, String)> {
         })
         .collect()
 }
+
+/// A recipient's permanent nack quarantines the delivery: an alert line
+/// names the delivery and mailbox, never the patient nor the recipient's
+/// free-text reason.
+#[tokio::test]
+async fn a_quarantine_by_nack_is_alerted_with_ids_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("gateway.log");
+    let (mut server, mut prison, mut gp) = start_logging_gateway(dir.path(), &log_path).await;
+    prison
+        .submit(release("poison", 13, &["YG001"], "unreadable here"))
+        .await
+        .unwrap();
+    let d = gp.pull(pull(1)).await.unwrap().into_inner().deliveries[0].clone();
+    let reason = "our importer rejects this summary";
+    let state = gp
+        .nack(pb::NackRequest {
+            delivery_id: d.delivery_id,
+            attempt: d.attempt,
+            permanent: true,
+            reason: reason.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state;
+    assert_eq!(state, pb::DeliveryState::Quarantined as i32);
+    let alert = |text: &str| {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["fields"]["alert"] == "delivery_quarantined")
+    };
+    for _ in 0..100 {
+        if alert(&std::fs::read_to_string(&log_path).unwrap()).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = server.0.0.kill();
+    let _ = server.0.0.wait();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let line = alert(&text).expect("the quarantine is alerted");
+    assert_eq!(line["fields"]["delivery_id"], d.delivery_id, "{line}");
+    assert_eq!(line["fields"]["mailbox"], "YG001", "{line}");
+    assert!(
+        !line.to_string().contains(reason),
+        "the reason in the alert: {line}"
+    );
+    assert!(!text.contains(&nhs(13)), "an NHS number in the log");
+}
