@@ -240,26 +240,27 @@ impl Gateway {
         }
     }
 
-    /// Names in `event` what the refused call reached for: `subject`'s ids,
-    /// and the patient of the delivery or handover they name (a record not
-    /// there, or not readable now, leaves the ids alone), or the patient a
-    /// locked claim was for.
+    /// Names in `event` what the refused call reached for: the delivery or
+    /// handover `subject` names, with its patient, when it is there (an id
+    /// that names nothing is a caller's value, and is not recorded: it may
+    /// be anything, an NHS number included), or the patient a locked claim
+    /// was for.
     fn name_subject(&self, event: &mut crate::audit::AuditEvent, subject: Subject, e: &Error) {
-        event.handover_id = subject.handover_id.filter(|id| *id != 0);
-        event.delivery_id = subject.delivery_id.filter(|id| *id != 0);
         if let Error::ClaimsLocked { patient_key, .. } = e {
             event.patient_key = Some(patient_key.clone());
         }
-        if let Some(d) = event
+        if let Some(d) = subject
             .delivery_id
             .and_then(|id| self.store.delivery(id).ok().flatten())
         {
+            event.delivery_id = Some(d.id);
             event.handover_id = Some(d.handover_id);
             event.patient_key = Some(d.patient_key);
-        } else if let Some(h) = event
+        } else if let Some(h) = subject
             .handover_id
             .and_then(|id| self.store.handover(id).ok().flatten())
         {
+            event.handover_id = Some(h.id);
             event.patient_key = Some(h.patient_key);
         }
     }
