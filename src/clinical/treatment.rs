@@ -84,6 +84,27 @@ pub const PSYCHOTROPIC_MEDICINES: &[&str] = &[
     "lisdexamfetamine",
 ];
 
+/// Opioid substitution medicines, by name: methadone and buprenorphine and
+/// their UK brands. A buprenorphine patch (for pain: `transdermal`,
+/// BuTrans, Transtec) is not one ([`is_opioid_substitution_medicine`]).
+pub const OPIOID_SUBSTITUTION_MEDICINES: &[&str] = &[
+    "methadone",
+    "physeptone",
+    "metharose",
+    "methadose",
+    "buprenorphine",
+    "subutex",
+    "espranor",
+    "suboxone",
+    "zubsolv",
+    "buvidal",
+    "sublocade",
+];
+
+/// Words that make a medicine named in [`OPIOID_SUBSTITUTION_MEDICINES`]
+/// a pain patch, not opioid substitution.
+const PAIN_PATCHES: &[&str] = &["transdermal", "patch", "butrans", "transtec"];
+
 fn snomed_in(code: &Code, list: &[&str]) -> bool {
     code.system == SNOMED && list.contains(&code.code.as_str())
 }
@@ -111,6 +132,24 @@ pub fn is_psychotropic(m: &Medication) -> bool {
 /// A psychotropic take-away supply.
 pub fn is_psychotropic_prescription(p: &Prescription) -> bool {
     names(&p.code, PSYCHOTROPIC_MEDICINES)
+}
+
+/// A medicine used for opioid substitution therapy, by its name (dm+d
+/// display or text), on any route but through the skin (`route` as
+/// recorded, when it is).
+pub fn is_opioid_substitution_medicine(code: &Code, route: Option<&str>) -> bool {
+    let through_skin = route.is_some_and(|r| {
+        let r = r.to_lowercase();
+        r.contains("transdermal") || r.contains("cutaneous")
+    });
+    names(code, OPIOID_SUBSTITUTION_MEDICINES) && !names(code, PAIN_PATCHES) && !through_skin
+}
+
+/// A take-away supply of an opioid substitution medicine (a bridging or
+/// take-home supply on release): the service that prescribes next must
+/// know what was issued, or a patient is supplied twice.
+pub fn is_ost_prescription(p: &Prescription) -> bool {
+    is_opioid_substitution_medicine(&p.code, None)
 }
 
 /// Naloxone supplied on release (by name: `Naloxone 1.8mg nasal spray`,
@@ -167,5 +206,26 @@ mod tests {
         assert!(!is_naloxone(&p("Paracetamol 500mg tablets")));
         assert!(is_psychotropic_prescription(&p("Olanzapine 10mg tablets")));
         assert!(!is_psychotropic_prescription(&p("Ramipril 5mg capsules")));
+        assert!(is_ost_prescription(&p(
+            "Methadone 1mg/ml oral solution sugar free"
+        )));
+        assert!(is_ost_prescription(&p("Espranor 8mg oral lyophilisates")));
+        assert!(is_ost_prescription(&p(
+            "Buvidal 64mg/0.18ml prolonged-release injection"
+        )));
+        assert!(!is_ost_prescription(&p(
+            "BuTrans 10micrograms/hour transdermal patches"
+        )));
+        assert!(!is_ost_prescription(&p("Naloxone 1.8mg/0.1ml nasal spray")));
+        let oral = code(
+            super::super::model::DMD,
+            "1",
+            "Buprenorphine 8mg sublingual tablets",
+        );
+        assert!(is_opioid_substitution_medicine(&oral, Some("Sublingual")));
+        assert!(!is_opioid_substitution_medicine(
+            &oral,
+            Some("Transdermal route")
+        ));
     }
 }

@@ -75,8 +75,9 @@ pub fn excluded(view: View) -> &'static [&'static str] {
             "allergies, mental_health, infections, vaccinations: \
              the substance misuse service's view excludes them",
             "custody.reception_date: the substance misuse service's view excludes it",
+            "consent.probation_sharing: a treatment service's view excludes probation's",
             "medications: only opioid substitution therapy",
-            "prescriptions: only naloxone",
+            "prescriptions: only naloxone and opioid substitution supplies",
             "diagnoses: only substance-use disorders the gateway recognises by SNOMED CT code",
             "risks: only suicide, self-harm and vulnerability (overdose) risks, without notes",
             "follow_ups: not carried (free text that can name other services); \
@@ -86,6 +87,7 @@ pub fn excluded(view: View) -> &'static [&'static str] {
             "allergies, substance_misuse, infections, vaccinations: \
              the mental health team's view excludes them",
             "custody.reception_date: the mental health team's view excludes it",
+            "consent.probation_sharing: a treatment service's view excludes probation's",
             "diagnoses: only mental disorders the gateway recognises by SNOMED CT code",
             "medications, prescriptions: only psychotropic medicines the gateway recognises by name",
             "risks: only suicide and self-harm, without notes",
@@ -96,6 +98,8 @@ pub fn excluded(view: View) -> &'static [&'static str] {
             "everything clinical: this summary corrects one you were sent \
              (supersedes_handover_id), and nothing in it is for your service; \
              the earlier summary no longer applies: do not act on it",
+            "custody.release_address, custody.no_fixed_abode, custody.reception_date: \
+             a withdrawal notice says who and which custody event, not where the patient lives",
         ],
     }
 }
@@ -117,7 +121,16 @@ pub fn apply(summary: &ClinicalSummary, view: View) -> ClinicalSummary {
         View::Full => summary.clone(),
         View::SubstanceMisuseService => substance_misuse_service(summary),
         View::MentalHealthTeam => mental_health_team(summary),
-        View::Withdrawn => identity_only(summary),
+        View::Withdrawn => {
+            // Who and which custody event, to find the earlier summary by:
+            // not where the patient lives, which the correction may no
+            // longer let this recipient know.
+            let mut notice = identity_only(summary);
+            notice.custody.release_address = None;
+            notice.custody.no_fixed_abode = false;
+            notice.custody.reception_date = None;
+            notice
+        }
         View::AdmissionNotice => ClinicalSummary {
             registered_gp: summary.registered_gp.clone(),
             consent: summary.consent.clone(),
@@ -220,7 +233,9 @@ fn substance_misuse_service(summary: &ClinicalSummary) -> ClinicalSummary {
         registered_gp: summary.registered_gp.clone(),
         diagnoses: kept(&summary.diagnoses, treatment::is_substance_use_diagnosis),
         medications: kept(&summary.medications, |m| m.opioid_substitution),
-        prescriptions: kept(&summary.prescriptions, treatment::is_naloxone),
+        prescriptions: kept(&summary.prescriptions, |p| {
+            treatment::is_naloxone(p) || treatment::is_ost_prescription(p)
+        }),
         allergies: Vec::new(),
         risks: without_notes(kept(&summary.risks, |r| {
             matches!(
@@ -233,7 +248,7 @@ fn substance_misuse_service(summary: &ClinicalSummary) -> ClinicalSummary {
         infections: Vec::new(),
         vaccinations: Vec::new(),
         follow_ups: Vec::new(),
-        consent: summary.consent.clone(),
+        consent: treatment_consent(summary),
         author: summary.author.clone(),
         authored_at: summary.authored_at,
         not_read: Vec::new(),
@@ -263,10 +278,22 @@ fn mental_health_team(summary: &ClinicalSummary) -> ClinicalSummary {
         infections: Vec::new(),
         vaccinations: Vec::new(),
         follow_ups: Vec::new(),
-        consent: summary.consent.clone(),
+        consent: treatment_consent(summary),
         author: summary.author.clone(),
         authored_at: summary.authored_at,
         not_read: Vec::new(),
+    }
+}
+
+/// A treatment service's view of the consent: the decision on sharing with
+/// treatment services and the legal basis (its copy may rest on it), never
+/// what the patient decided for probation (as probation's view says
+/// nothing of treatment services).
+fn treatment_consent(summary: &ClinicalSummary) -> Consent {
+    Consent {
+        probation_sharing: crate::clinical::model::ConsentDecision::NotRecorded,
+        legal_basis: summary.consent.legal_basis.clone(),
+        treatment_sharing: summary.consent.treatment_sharing,
     }
 }
 
@@ -327,7 +354,11 @@ mod tests {
         assert!(v.mental_health.is_none() && v.custody.reception_date.is_none());
         assert_eq!(v.substance_misuse, ost.substance_misuse);
         assert_eq!(v.custody.release_date, s.custody.release_date);
-        assert!(v.prescriptions.iter().all(treatment::is_naloxone));
+        assert!(
+            v.prescriptions
+                .iter()
+                .all(|p| treatment::is_naloxone(p) || treatment::is_ost_prescription(p))
+        );
         // Free text can name what the view withholds (an HIV clinic, an
         // early-intervention-in-psychosis team): none of it travels.
         assert!(!s.follow_ups.is_empty() && v.follow_ups.is_empty());
@@ -354,6 +385,58 @@ mod tests {
                 .iter()
                 .all(|r| matches!(r.kind, RiskKind::Suicide | RiskKind::SelfHarm))
         );
+    }
+
+    #[test]
+    fn a_withdrawal_notice_and_treatment_views_carry_no_more_than_theirs() {
+        use crate::clinical::model::ConsentDecision;
+        let mut s = fixture("01-ost-released-today.json");
+        assert!(s.custody.release_address.is_some());
+        s.custody.no_fixed_abode = true;
+        s.consent.probation_sharing = ConsentDecision::Refused;
+        s.consent.treatment_sharing = ConsentDecision::Given;
+        s.consent.legal_basis = Some("safeguarding".into());
+        let notice = apply(&s, View::Withdrawn);
+        assert_eq!(notice.patient, s.patient);
+        assert_eq!(notice.custody.establishment, s.custody.establishment);
+        assert_eq!(notice.custody.release_date, s.custody.release_date);
+        assert!(notice.custody.release_address.is_none());
+        assert!(!notice.custody.no_fixed_abode && notice.custody.reception_date.is_none());
+        for view in [View::SubstanceMisuseService, View::MentalHealthTeam] {
+            let v = apply(&s, view);
+            assert_eq!(
+                v.consent.probation_sharing,
+                ConsentDecision::NotRecorded,
+                "{view:?}"
+            );
+            assert_eq!(v.consent.treatment_sharing, ConsentDecision::Given);
+            assert_eq!(v.consent.legal_basis, s.consent.legal_basis, "{view:?}");
+        }
+    }
+
+    #[test]
+    fn the_substance_misuse_service_sees_take_out_opioid_substitution() {
+        let mut s = fixture("01-ost-released-today.json");
+        let supply = |display: &str| crate::clinical::model::Prescription {
+            code: crate::clinical::model::Code {
+                system: crate::clinical::model::DMD.into(),
+                code: "1".into(),
+                display: display.into(),
+            },
+            status: "active".into(),
+            intent: "order".into(),
+            authored_on: None,
+            dosage: Some("60 mg once a day".into()),
+            quantity: None,
+            days_supplied: Some(3),
+        };
+        s.prescriptions = vec![
+            supply("Methadone 1mg/ml oral solution sugar free"),
+            supply("Paracetamol 500mg tablets"),
+        ];
+        let v = apply(&s, View::SubstanceMisuseService);
+        let names: Vec<&str> = v.prescriptions.iter().map(|p| &*p.code.display).collect();
+        assert_eq!(names, ["Methadone 1mg/ml oral solution sugar free"]);
     }
 
     #[test]

@@ -326,9 +326,12 @@ impl Plan<'_> {
             });
         }
         for region in self.release_probation() {
-            // Urgency comes from clinical risk: probation may not learn it
-            // without consent or a legal basis.
-            let urgent = self.urgent && self.summary.may_share_risk_with_probation();
+            // Urgent only for what probation's view may show (an active
+            // suicide or self-harm risk, with consent or a legal basis):
+            // urgency from opioid substitution, which the view never
+            // shows, would disclose it by the flag and the deadline.
+            let urgent = self.summary.has_active_suicide_or_self_harm_risk()
+                && self.summary.may_share_risk_with_probation();
             self.routes.push(Route {
                 recipient: Recipient::Org(region),
                 view: View::Probation,
@@ -836,6 +839,38 @@ mod tests {
         // Named, a mental health team is refused: the area decides.
         let err = go(JourneyEvent::Release, &s, sender, &[code("YM001")], &reg).unwrap_err();
         assert_eq!(err.0[0].field, "destinations[0]");
+    }
+
+    /// Probation's view never shows opioid substitution, so its copy is not
+    /// urgent for it, consent to share risks or not; an active suicide risk
+    /// it may see makes it urgent.
+    #[test]
+    fn probations_copy_is_not_urgent_for_opioid_substitution() {
+        let reg = registry();
+        let sender = reg.get(&code("YP001")).unwrap();
+        let mut s = on_ost(Some("2026-11-24T08:10:00Z"), ConsentDecision::Given);
+        s.consent.probation_sharing = ConsentDecision::Given;
+        let probation = |s: &ClinicalSummary| {
+            go(JourneyEvent::Release, s, sender, &[], &reg)
+                .unwrap()
+                .into_iter()
+                .find(|r| r.view == View::Probation)
+                .expect("a release goes to probation")
+        };
+        let copy = probation(&s);
+        assert!(!copy.urgent, "{copy:?}");
+        let end_of_day = crate::uk_time::end_of_day_ms(s.custody.release_date.unwrap().0);
+        assert_eq!(copy.due_ms, end_of_day);
+        s.risks.push(RiskFlag {
+            kind: RiskKind::Suicide,
+            active: true,
+            note: None,
+            code: None,
+        });
+        assert!(probation(&s).urgent);
+        // Without consent or a legal basis, not even that.
+        s.consent.probation_sharing = ConsentDecision::Refused;
+        assert!(!probation(&s).urgent);
     }
 
     /// The team's view leaves out opioid substitution, so its copy is not

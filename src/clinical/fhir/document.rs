@@ -907,6 +907,19 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         }
         if let Some(code) = code {
             let regimen = super::dosage::regimen(index, &m.dosage, &format!("{p}dosage"));
+            // Our category, or the medicine itself: a UK Core sender has no
+            // national code for OST, and methadone read as an ordinary
+            // medicine reached no substance misuse service and no urgency.
+            let opioid_substitution = m
+                .category
+                .as_ref()
+                .and_then(|c| c.code_in(SYS_LOCAL))
+                .and_then(|c| c.code.as_deref())
+                == Some("opioid-substitution")
+                || crate::clinical::treatment::is_opioid_substitution_medicine(
+                    &code,
+                    Some(regimen.route.as_str()),
+                );
             s_medications.push(Medication {
                 code,
                 dose: regimen.dose,
@@ -914,12 +927,7 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
                 frequency: regimen.frequency,
                 supervised: regimen.supervised,
                 as_needed: regimen.as_needed,
-                opioid_substitution: m
-                    .category
-                    .as_ref()
-                    .and_then(|c| c.code_in(SYS_LOCAL))
-                    .and_then(|c| c.code.as_deref())
-                    == Some("opioid-substitution"),
+                opioid_substitution,
                 last_dose_given,
                 days_supplied,
             });
@@ -1485,6 +1493,41 @@ mod tests {
             let (_, p) = entry_of(doc, "Patient");
             p["name"] = names;
         })
+    }
+
+    /// Every MedicationStatement of the document without its category,
+    /// the first one named `display`, read.
+    fn medicines_uncategorised(display: Option<&str>) -> Vec<crate::clinical::model::Medication> {
+        read_after(|doc| {
+            let mut first = true;
+            for e in doc["entry"].as_array_mut().unwrap() {
+                let r = &mut e["resource"];
+                if r["resourceType"] == "MedicationStatement" {
+                    r.as_object_mut().unwrap().remove("category");
+                    if let Some(d) = display.filter(|_| first) {
+                        r["medicationCodeableConcept"]["coding"][0]["display"] = json!(d);
+                        r["medicationCodeableConcept"]["text"] = json!(d);
+                    }
+                    first = false;
+                }
+            }
+        })
+        .unwrap()
+        .medications
+    }
+
+    /// A UK Core sender has no code for opioid substitution: methadone or
+    /// buprenorphine is read as it by name, never a pain patch.
+    #[test]
+    fn opioid_substitution_is_read_from_the_medicine_without_our_category() {
+        let read = medicines_uncategorised(None);
+        assert!(!read.is_empty() && read.iter().all(|m| !m.opioid_substitution));
+        let first_is_ost = |display| medicines_uncategorised(Some(display))[0].opioid_substitution;
+        assert!(first_is_ost("Methadone 1mg/ml oral solution sugar free"));
+        assert!(first_is_ost("Espranor 8mg oral lyophilisates"));
+        assert!(!first_is_ost(
+            "BuTrans 10micrograms/hour transdermal patches"
+        ));
     }
 
     /// A name with `use` and `family` (given "Daniel"), in use over `period`.
