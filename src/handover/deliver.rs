@@ -77,6 +77,8 @@ pub struct Delivery {
     pub due_ms: Option<i64>,
     /// The handover this one supersedes, if any.
     pub supersedes_handover_id: Option<u64>,
+    /// The view it was rendered in.
+    pub view: View,
     /// The document.
     pub document: RenderedDocument,
 }
@@ -401,6 +403,7 @@ impl Gateway {
             not_carried,
             due_ms: d.due_ms,
             supersedes_handover_id: self.supersedes_for(&d.mailbox, &l.handover),
+            view,
             document,
         })
     }

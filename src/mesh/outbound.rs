@@ -106,9 +106,11 @@ fn gateway_error(e: &crate::handover::Error) -> MeshError {
 }
 
 /// The document as MESH carries it: bytes, content type, file extension.
+/// A FHIR document says itself what the gRPC contract says beside it
+/// ([`annotated_fhir`]).
 fn payload(d: &Delivery) -> (Vec<u8>, &'static str, &'static str) {
     match &d.document {
-        RenderedDocument::FhirJson(t) => (t.as_bytes().to_vec(), "application/fhir+json", "json"),
+        RenderedDocument::FhirJson(t) => (annotated_fhir(t, d), "application/fhir+json", "json"),
         RenderedDocument::Hl7v2(t) => (t.as_bytes().to_vec(), "x-application/hl7-v2+er7", "hl7"),
         // Never asked for (a MESH pull names a text format); JSON if it were.
         RenderedDocument::Native(s) => (
@@ -117,6 +119,89 @@ fn payload(d: &Delivery) -> (Vec<u8>, &'static str, &'static str) {
             "json",
         ),
     }
+}
+
+/// The MESH subject: the event and ids, and what a reader must know before
+/// opening it (urgent; a withdrawal notice; the handover it replaces), as
+/// the gRPC contract says it beside the document.
+fn subject_of(d: &Delivery) -> String {
+    let mut subject = if d.view == crate::clinical::View::Withdrawn {
+        format!("Throughcare withdrawal notice ({})", d.event)
+    } else {
+        format!("Throughcare {}", d.event)
+    };
+    subject.push_str(&format!(
+        " handover {} delivery {}",
+        d.handover_id, d.delivery_id
+    ));
+    if let Some(earlier) = d.supersedes_handover_id {
+        subject.push_str(&format!(", replaces handover {earlier}"));
+    }
+    if d.urgent {
+        subject.push_str(", URGENT");
+    }
+    subject
+}
+
+/// The system of a handover id in a Composition's `relatesTo`.
+pub const HANDOVER_ID_SYSTEM: &str = "urn:throughcare:handover-id";
+
+/// `text`, a FHIR document for `d`, carrying in its Composition what a
+/// gRPC recipient reads beside the document and a MESH recipient would
+/// otherwise never see: the handover it replaces (`relatesTo` `replaces`),
+/// a withdrawal notice named as one in its title (else, with no clinical
+/// sections, it reads as a summary with nothing in it), and a section
+/// listing what the format or view does not carry (paths and reasons,
+/// never values). A document that cannot be read as one is sent as it is.
+fn annotated_fhir(text: &str, d: &Delivery) -> Vec<u8> {
+    use serde_json::{Value, json};
+    let Ok(mut doc) = serde_json::from_str::<Value>(text) else {
+        return text.as_bytes().to_vec();
+    };
+    let Some(composition) = doc
+        .pointer_mut("/entry/0/resource")
+        .filter(|r| r["resourceType"] == "Composition")
+    else {
+        return text.as_bytes().to_vec();
+    };
+    if let Some(earlier) = d.supersedes_handover_id {
+        composition["relatesTo"] = json!([{
+            "code": "replaces",
+            "targetIdentifier": {"system": HANDOVER_ID_SYSTEM, "value": earlier.to_string()}
+        }]);
+        if d.view == crate::clinical::View::Withdrawn {
+            composition["title"] = json!(format!(
+                "Withdrawal notice: the summary of handover {earlier} no longer applies to your \
+                 service; do not act on it"
+            ));
+        }
+    }
+    if !d.not_carried.is_empty() {
+        let items: String = d
+            .not_carried
+            .iter()
+            .map(|n| format!("<li>{}</li>", xhtml_escaped(n)))
+            .collect();
+        let section = json!({
+            "title": "Not carried by this format or view",
+            "text": {
+                "status": "generated",
+                "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\"><ul>{items}</ul></div>")
+            }
+        });
+        match composition["section"].as_array_mut() {
+            Some(sections) => sections.push(section),
+            None => composition["section"] = json!([section]),
+        }
+    }
+    serde_json::to_vec(&doc).unwrap_or_else(|_| text.as_bytes().to_vec())
+}
+
+fn xhtml_escaped(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Logs a failure that is one message's, not MESH's: the round goes on.
@@ -443,10 +528,7 @@ impl MeshEdge {
     /// The MESH exchange proper, and what it leaves recorded.
     async fn transmit(&self, d: &Delivery, mut record: MeshRecord) -> Result<(), MeshError> {
         let (body, content_type, ext) = payload(d);
-        let subject = format!(
-            "Throughcare {} handover {} delivery {}",
-            d.event, d.handover_id, d.delivery_id
-        );
+        let subject = subject_of(d);
         let file_name = format!("{}.{ext}", record.local_id);
         let msg = Outgoing {
             to: &record.mesh_mailbox,
@@ -656,5 +738,87 @@ impl MeshEdge {
         self.put(record).await?;
         self.metrics.mesh_message("out", "acknowledged");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clinical::{JourneyEvent, View};
+    use crate::handover::PatientRef;
+
+    fn delivery(view: View, not_carried: Vec<String>, supersedes: Option<u64>) -> Delivery {
+        let summary = crate::clinical::synthetic::release_summary(
+            "9990001014".parse().ok(),
+            None,
+            "YP001".parse().unwrap(),
+            "YG001".parse().ok(),
+            "marker",
+        );
+        let shown = crate::clinical::views::apply(&summary, view);
+        let text =
+            String::from_utf8(crate::clinical::fhir::render(&shown, JourneyEvent::Release).bytes)
+                .unwrap();
+        Delivery {
+            delivery_id: 7,
+            attempt: 1,
+            handover_id: 12,
+            sender: "YP001".into(),
+            event: JourneyEvent::Release,
+            patient: PatientRef {
+                nhs_number: None,
+                prison_number: None,
+                date_of_birth: None,
+            },
+            submitted_at_ms: 0,
+            lease_expires_at_ms: None,
+            urgent: true,
+            not_carried,
+            due_ms: None,
+            supersedes_handover_id: supersedes,
+            view,
+            document: RenderedDocument::FhirJson(text),
+        }
+    }
+
+    fn composition(d: &Delivery) -> serde_json::Value {
+        let (bytes, _, _) = payload(d);
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        doc["entry"][0]["resource"].clone()
+    }
+
+    /// A MESH recipient reads in the document what a gRPC one reads beside
+    /// it: what it replaces, that it is a withdrawal notice, what is not
+    /// carried (escaped, as text).
+    #[test]
+    fn a_fhir_document_over_mesh_says_what_it_replaces_and_does_not_carry() {
+        let notice = delivery(
+            View::Withdrawn,
+            vec!["everything clinical: <do not act> & more".into()],
+            Some(9),
+        );
+        let c = composition(&notice);
+        assert_eq!(c["relatesTo"][0]["code"], "replaces");
+        assert_eq!(c["relatesTo"][0]["targetIdentifier"]["value"], "9");
+        assert!(
+            c["title"]
+                .as_str()
+                .unwrap()
+                .starts_with("Withdrawal notice")
+        );
+        let last = c["section"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(last["title"], "Not carried by this format or view");
+        let div = last["text"]["div"].as_str().unwrap();
+        assert!(div.contains("&lt;do not act&gt; &amp; more"), "{div}");
+        assert!(subject_of(&notice).contains("withdrawal notice"));
+        assert!(subject_of(&notice).contains("replaces handover 9"));
+        assert!(subject_of(&notice).ends_with("URGENT"));
+        // A first summary with nothing left out is sent as written.
+        let plain = delivery(View::Full, Vec::new(), None);
+        let RenderedDocument::FhirJson(text) = &plain.document else {
+            unreachable!()
+        };
+        let written: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(composition(&plain), written["entry"][0]["resource"]);
     }
 }

@@ -133,8 +133,15 @@ def headers(message) -> dict:
 
 def test_a_release_sent_through_mesh_by_a_prison_reaches_the_practice_through_mesh(mesh):
     nhs = json.loads(FIXTURE.read_text())["patient"]["nhs_number"]
+    # A medicine taken as needed, for a reason the model cannot hold: the
+    # gateway lists that reason as not carried to the practice.
+    document = json.loads(release_fhir())
+    statement = next(e["resource"] for e in document["entry"]
+                     if e["resource"]["resourceType"] == "MedicationStatement")
+    statement["dosage"][0]["asNeededCodeableConcept"] = {"text": "for breakthrough pain"}
     with mesh(PRISON_MB) as prison:
-        sent = prison.send_message(GATEWAY_MB, release_fhir(), workflow_id="THROUGHCARE_RELEASE",
+        sent = prison.send_message(GATEWAY_MB, json.dumps(document).encode(),
+                                   workflow_id="THROUGHCARE_RELEASE",
                                    local_id="py-mesh-release-1", subject="release")
         # The gateway acknowledges it in MESH once the submit is durable.
         eventually("the gateway's acknowledgement",
@@ -147,9 +154,20 @@ def test_a_release_sent_through_mesh_by_a_prison_reaches_the_practice_through_me
         assert h["from"] == GATEWAY_MB
         assert h["workflowid"] == "THROUGHCARE_RELEASE"
         assert re.fullmatch(r"throughcare-\d+", h["localid"]), h
-        bundle = json.loads(message.read())
+        body = message.read()
+        bundle = json.loads(body)
         assert bundle["resourceType"] == "Bundle"
         assert nhs in json.dumps(bundle)
+        # What the gRPC contract lists beside the document travels in it over
+        # MESH, as a section of text: still a valid FHIR R4 document.
+        from fhir.resources.R4B.bundle import Bundle
+        Bundle.model_validate_json(body)
+        composition = bundle["entry"][0]["resource"]
+        listed = [s for s in composition["section"]
+                  if s.get("title") == "Not carried by this format or view"]
+        assert len(listed) == 1, [s.get("title") for s in composition["section"]]
+        assert "asNeeded" in listed[0]["text"]["div"], listed[0]
+        assert "breakthrough pain" not in listed[0]["text"]["div"], "a value in the list"
         message.acknowledge()
         assert practice.list_messages() == []
 
