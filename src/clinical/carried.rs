@@ -59,14 +59,19 @@ fn fhir(s: &ClinicalSummary) -> Vec<String> {
 pub(crate) const LOCAL_CODE_NOT_CARRIED: &str =
     "a code system other than SNOMED CT or dm+d (sent as local, L)";
 
-/// Whether a medicine, allergy or diagnosis is coded outside SNOMED CT and
-/// dm+d (words only are no code, and travel as words).
+/// Whether any coded item HL7 v2 writes as a CE (a medicine, supply,
+/// allergy, diagnosis, infection, vaccination or risk) is coded outside
+/// SNOMED CT and dm+d (words only are no code, and travel as words).
 pub(crate) fn has_local_code(s: &ClinicalSummary) -> bool {
     s.medications
         .iter()
         .map(|m| &m.code)
+        .chain(s.prescriptions.iter().map(|p| &p.code))
         .chain(s.allergies.iter().map(|a| &a.substance))
         .chain(s.diagnoses.iter().map(|d| &d.code))
+        .chain(s.infections.iter().map(|i| &i.code))
+        .chain(s.vaccinations.iter().map(|v| &v.code))
+        .chain(s.risks.iter().filter_map(|r| r.code.as_ref()))
         .any(|code| code.system != SNOMED && code.system != DMD && !code.is_words_only())
 }
 
@@ -172,6 +177,31 @@ mod tests {
             }
         }
         assert!(compared >= 7 * 2 * 5 * 4 * 2);
+    }
+
+    /// Every coded item HL7 v2 writes as a CE counts, not only medicines,
+    /// allergies and diagnoses: a supply or risk coded locally went as `L`
+    /// unsaid.
+    #[test]
+    fn a_local_code_anywhere_is_listed_for_hl7() {
+        let (_, base) = fixtures()
+            .into_iter()
+            .find(|(_, s)| !s.prescriptions.is_empty() || !s.risks.is_empty())
+            .expect("a fixture with a supply or a risk");
+        assert!(!has_local_code(&base));
+        let local = crate::clinical::model::Code {
+            system: "http://example.org/local".into(),
+            code: "X1".into(),
+            display: "Local item".into(),
+        };
+        let mut s = base.clone();
+        if let Some(p) = s.prescriptions.first_mut() {
+            p.code = local.clone();
+        } else {
+            s.risks[0].code = Some(local.clone());
+        }
+        let hl7 = not_carried(TextFormat::Hl7v2, &s, View::Full, JourneyEvent::Release);
+        assert!(hl7.iter().any(|n| n == LOCAL_CODE_NOT_CARRIED), "{hl7:?}");
     }
 
     #[test]
