@@ -138,9 +138,11 @@ pub fn is_psychotropic_prescription(p: &Prescription) -> bool {
 /// display or text), on any route but through the skin (`route` as
 /// recorded, when it is).
 pub fn is_opioid_substitution_medicine(code: &Code, route: Option<&str>) -> bool {
+    // Through the skin, not under it: a monthly buprenorphine injection
+    // (Buvidal) is subcutaneous, and is substitution therapy.
     let through_skin = route.is_some_and(|r| {
         let r = r.to_lowercase();
-        r.contains("transdermal") || r.contains("cutaneous")
+        r.contains("transdermal") || r.replace("subcutaneous", "").contains("cutaneous")
     });
     names(code, OPIOID_SUBSTITUTION_MEDICINES) && !names(code, PAIN_PATCHES) && !through_skin
 }
@@ -226,6 +228,15 @@ mod tests {
         assert!(!is_opioid_substitution_medicine(
             &oral,
             Some("Transdermal route")
+        ));
+        let depot = code(
+            super::super::model::DMD,
+            "1",
+            "Buvidal 128mg/0.36ml injection",
+        );
+        assert!(is_opioid_substitution_medicine(
+            &depot,
+            Some("Subcutaneous route")
         ));
     }
 }

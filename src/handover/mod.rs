@@ -230,7 +230,7 @@ impl Gateway {
             outcome: format!("refused: {:?}: {e}", e.kind()),
             ..crate::audit::AuditEvent::default()
         };
-        self.name_subject(&mut event, subject, e);
+        self.name_subject(&mut event, (caller, subject), e);
         match self.store.record(event).await {
             Ok(()) => Ok(()),
             Err(failure) => {
@@ -245,14 +245,28 @@ impl Gateway {
     /// that names nothing is a caller's value, and is not recorded: it may
     /// be anything, an NHS number included), or the patient a locked claim
     /// was for.
-    fn name_subject(&self, event: &mut crate::audit::AuditEvent, subject: Subject, e: &Error) {
+    /// An organisation's refusal naming another's record says so, as the
+    /// store's own refusals do.
+    fn name_subject(
+        &self,
+        event: &mut crate::audit::AuditEvent,
+        (caller, subject): (&Caller, Subject),
+        e: &Error,
+    ) {
         if let Error::ClaimsLocked { patient_key, .. } = e {
             event.patient_key = Some(patient_key.clone());
         }
+        let own = |owner: &str| match caller {
+            Caller::Organisation(ods) | Caller::Relayed { org: ods, .. } => ods.as_str() == owner,
+            _ => true,
+        };
         if let Some(d) = subject
             .delivery_id
             .and_then(|id| self.store.delivery(id).ok().flatten())
         {
+            if !own(&d.mailbox) {
+                event.outcome.push_str(" (another organisation's delivery)");
+            }
             event.delivery_id = Some(d.id);
             event.handover_id = Some(d.handover_id);
             event.patient_key = Some(d.patient_key);
@@ -260,6 +274,9 @@ impl Gateway {
             .handover_id
             .and_then(|id| self.store.handover(id).ok().flatten())
         {
+            if !own(&h.sender) {
+                event.outcome.push_str(" (another sender's handover)");
+            }
             event.handover_id = Some(h.id);
             event.patient_key = Some(h.patient_key);
         }

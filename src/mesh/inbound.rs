@@ -418,8 +418,12 @@ impl MeshEdge {
         &self,
         local_id: &str,
     ) -> Result<Option<(u64, crate::store::MeshRecord)>, MeshError> {
+        // `throughcare-<delivery id>`, or `-<ODS code>` after it for a copy
+        // sent on to another organisation: a report about the message to
+        // the first says nothing of the copy in flight now.
         let Some(delivery_id) = local_id
             .strip_prefix("throughcare-")
+            .and_then(|d| d.split('-').next())
             .and_then(|d| d.parse::<u64>().ok())
         else {
             return Ok(None);
@@ -430,7 +434,7 @@ impl MeshEdge {
             .mesh_record(delivery_id)
             .map_err(|e| MeshError::Gateway(e.to_string()))?;
         Ok(record
-            .filter(|r| r.state == MeshState::Sent)
+            .filter(|r| r.state == MeshState::Sent && r.local_id == local_id)
             .map(|r| (delivery_id, r)))
     }
 

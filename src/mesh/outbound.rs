@@ -468,6 +468,13 @@ impl MeshEdge {
             .map_err(|e| MeshError::Gateway(e.to_string()))?;
         let now = self.gateway.clock.now_ms();
         let mesh_mailbox = org.mesh_mailbox.clone().unwrap_or_default();
+        // Sent on to another organisation since (its patient moved before
+        // the first acknowledged it): what was sent to the first says
+        // nothing of this one, which gets its own message and local id.
+        let moved = previous
+            .as_ref()
+            .is_some_and(|r| r.mailbox != org.ods.as_str());
+        let previous = previous.filter(|_| !moved);
         let mut record = match previous {
             Some(mut r) if r.state == MeshState::Acknowledged => {
                 // The recipient acknowledged it in MESH already (it was
@@ -505,7 +512,11 @@ impl MeshEdge {
                 handover_id: d.handover_id,
                 mailbox: org.ods.as_str().to_owned(),
                 mesh_mailbox: mesh_mailbox.clone(),
-                local_id: local_id(d.delivery_id),
+                local_id: if moved {
+                    format!("{}-{}", local_id(d.delivery_id), org.ods.as_str())
+                } else {
+                    local_id(d.delivery_id)
+                },
                 message_id: None,
                 state: MeshState::Sending,
                 attempt: d.attempt,

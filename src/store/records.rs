@@ -264,7 +264,9 @@ pub(crate) fn send_on(d: &mut DeliveryRecord, m: &MovingOn<'_>, max_attempts: u3
     if d.attempt > 0 {
         d.max_attempts = Some(d.attempt.saturating_add(max_attempts));
     }
-    if let Some(due) = m.due_ms
+    // An urgent copy keeps its own: a routine move must not hide that it is
+    // late (an opioid substitution summary due at the next dose).
+    if let Some(due) = m.due_ms.filter(|_| !d.urgent)
         && d.due_ms.is_none_or(|before| before < due)
     {
         d.due_ms = Some(due);
@@ -1615,6 +1617,15 @@ mod tests {
         send_on(&mut d, &m, 5);
         assert_eq!(d.forwarded_from.as_deref(), Some("YP002"));
         assert_eq!(d.due_ms, Some(500));
+        // An urgent copy keeps its deadline, passed or not.
+        let mut urgent = DeliveryRecord {
+            urgent: true,
+            due_ms: Some(100),
+            ..d.clone()
+        };
+        (m.from, m.to, m.due_ms) = ("YP004", "YP005", Some(900));
+        send_on(&mut urgent, &m, 5);
+        assert_eq!(urgent.due_ms, Some(100));
     }
 
     #[test]

@@ -948,6 +948,16 @@ impl Writer {
         now: i64,
         woken: &mut BTreeSet<String>,
     ) -> Result<(), StoreError> {
+        // Only the movement reported last moves anything: a summary
+        // superseded on arrival, or a late correction of an earlier custody
+        // episode, does not say where the patient is now.
+        let key = records::lineage_key(handover.1, m.from, m.event);
+        let head = staged
+            .get(TreeId::Lineage, &key)?
+            .and_then(|v| records::from_be(&v));
+        if head != Some(handover.0) {
+            return Ok(());
+        }
         self.forward(staged, &m, handover, now, woken)?;
         if let Some(named) = self.first_carer(staged, corrected, m.event)?
             && named != m.to

@@ -625,6 +625,23 @@ async fn acking_another_organisations_delivery_is_not_found_and_on_its_patients_
         .find(|e| e.action == "ack" && e.actor == "urn:ods:YG002")
         .unwrap();
     assert_eq!(made_up.delivery_id, None, "{made_up:?}");
+    // Refused before the store (no attempt 0 is ever leased): on the
+    // patient's trail, saying whose delivery it is.
+    let err = other
+        .ack(pb::AckRequest {
+            delivery_id: d.delivery_id,
+            attempt: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let entries = gw.store.audit_entries().unwrap();
+    let early = entries.last().unwrap();
+    assert_eq!(early.delivery_id, Some(d.delivery_id), "{early:?}");
+    assert!(
+        early.outcome.ends_with("(another organisation's delivery)"),
+        "{early:?}"
+    );
     // An operator's certificate is no mailbox: refused before the store,
     // and still on the patient's trail.
     let err = gw

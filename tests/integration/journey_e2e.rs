@@ -643,6 +643,53 @@ async fn transfer_summary_goes_to_the_gp_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_summary_sent_on_is_due_when_the_transfer_that_moved_it_is() {
+    sent_on_deadline_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_summary_sent_on_is_due_when_the_transfer_that_moved_it_is_on_postgres() {
+    sent_on_deadline_on(Engine::Postgres).await;
+}
+
+/// A transfer summary due at a transfer long past waits unpulled at YP002,
+/// which transfers the patient on to YP003 next year: YP003's copy is due
+/// then, not overdue on arrival (the deadline YP002 missed is not YP003's).
+async fn sent_on_deadline_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let _third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut late = transfer(63, "long ago");
+    late.custody.transfer_at = Some("2026-11-20T09:00:00Z".parse().unwrap());
+    let t = pb::JourneyEvent::Transfer;
+    first.submit(submit("t-63", t, &[], &late)).await.unwrap();
+    let mut onward = transfer(63, "next year");
+    written_by(&mut onward, "YP002");
+    onward.custody.transfer_to = Some("YP003".parse().unwrap());
+    second
+        .submit(submit("on-63", t, &[], &onward))
+        .await
+        .unwrap();
+    let stats = gw
+        .operator()
+        .await
+        .list_mailboxes(pb::ListMailboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let row = stats
+        .mailboxes
+        .iter()
+        .find(|m| m.mailbox == "YP003")
+        .expect("YP003's mailbox");
+    assert_eq!((row.depth, row.overdue), (2, 0), "{row:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_corrected_transfer_supersedes_the_undelivered_one() {
     a_corrected_transfer_supersedes_the_undelivered_one_on(Engine::Sled).await;
 }

@@ -907,19 +907,23 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         }
         if let Some(code) = code {
             let regimen = super::dosage::regimen(index, &m.dosage, &format!("{p}dosage"));
-            // Our category, or the medicine itself: a UK Core sender has no
-            // national code for OST, and methadone read as an ordinary
-            // medicine reached no substance misuse service and no urgency.
+            // Our category, or the medicine itself with its last dose given:
+            // a UK Core sender has no national code for OST, and methadone
+            // read as an ordinary medicine reached no substance misuse
+            // service and no urgency. Without a last dose it stays an
+            // ordinary medicine: OST without one is refused (its next dose
+            // cannot be timed), and a summary refused reaches no one.
             let opioid_substitution = m
                 .category
                 .as_ref()
                 .and_then(|c| c.code_in(SYS_LOCAL))
                 .and_then(|c| c.code.as_deref())
                 == Some("opioid-substitution")
-                || crate::clinical::treatment::is_opioid_substitution_medicine(
-                    &code,
-                    Some(regimen.route.as_str()),
-                );
+                || (last_dose_given.is_some()
+                    && crate::clinical::treatment::is_opioid_substitution_medicine(
+                        &code,
+                        Some(regimen.route.as_str()),
+                    ));
             s_medications.push(Medication {
                 code,
                 dose: regimen.dose,
@@ -1496,8 +1500,12 @@ mod tests {
     }
 
     /// Every MedicationStatement of the document without its category,
-    /// the first one named `display`, read.
-    fn medicines_uncategorised(display: Option<&str>) -> Vec<crate::clinical::model::Medication> {
+    /// the first one named `display`, with a last dose given when
+    /// `last_dose`, read.
+    fn medicines_uncategorised(
+        display: Option<&str>,
+        last_dose: bool,
+    ) -> Vec<crate::clinical::model::Medication> {
         read_after(|doc| {
             let mut first = true;
             for e in doc["entry"].as_array_mut().unwrap() {
@@ -1507,6 +1515,12 @@ mod tests {
                     if let Some(d) = display.filter(|_| first) {
                         r["medicationCodeableConcept"]["coding"][0]["display"] = json!(d);
                         r["medicationCodeableConcept"]["text"] = json!(d);
+                        if last_dose {
+                            r["extension"] = json!([{
+                                "url": super::EXT_LAST_DOSE,
+                                "valueDateTime": "2026-11-24T08:10:00Z"
+                            }]);
+                        }
                     }
                     first = false;
                 }
@@ -1517,16 +1531,27 @@ mod tests {
     }
 
     /// A UK Core sender has no code for opioid substitution: methadone or
-    /// buprenorphine is read as it by name, never a pain patch.
+    /// buprenorphine with its last dose given is read as it by name, never a
+    /// pain patch; without a last dose it stays an ordinary medicine, and
+    /// the summary is not refused.
     #[test]
     fn opioid_substitution_is_read_from_the_medicine_without_our_category() {
-        let read = medicines_uncategorised(None);
+        let read = medicines_uncategorised(None, false);
         assert!(!read.is_empty() && read.iter().all(|m| !m.opioid_substitution));
-        let first_is_ost = |display| medicines_uncategorised(Some(display))[0].opioid_substitution;
-        assert!(first_is_ost("Methadone 1mg/ml oral solution sugar free"));
-        assert!(first_is_ost("Espranor 8mg oral lyophilisates"));
+        let first_is_ost =
+            |display, dose| medicines_uncategorised(Some(display), dose)[0].opioid_substitution;
+        assert!(first_is_ost(
+            "Methadone 1mg/ml oral solution sugar free",
+            true
+        ));
+        assert!(first_is_ost("Espranor 8mg oral lyophilisates", true));
         assert!(!first_is_ost(
-            "BuTrans 10micrograms/hour transdermal patches"
+            "BuTrans 10micrograms/hour transdermal patches",
+            true
+        ));
+        assert!(!first_is_ost(
+            "Methadone 1mg/ml oral solution sugar free",
+            false
         ));
     }
 

@@ -52,7 +52,8 @@ pub async fn put_delivery(tx: &Transaction<'_>, d: &DeliveryRecord) -> Result<()
          patient_key = EXCLUDED.patient_key, state = EXCLUDED.state, attempt = EXCLUDED.attempt, \
          max_attempts = EXCLUDED.max_attempts, lease_until_ms = EXCLUDED.lease_until_ms, \
          not_before_ms = EXCLUDED.not_before_ms, stale = EXCLUDED.stale, \
-         superseded_by = EXCLUDED.superseded_by, overdue_reported = EXCLUDED.overdue_reported, \
+         superseded_by = EXCLUDED.superseded_by, due_ms = EXCLUDED.due_ms, \
+         overdue_reported = EXCLUDED.overdue_reported, \
          record = EXCLUDED.record",
         &[
             &id(d.id),

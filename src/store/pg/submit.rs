@@ -195,6 +195,18 @@ async fn take_on(
     handover: (u64, &str),
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
+    // Only the movement reported last moves anything (`Writer::take_on`).
+    let head = tx
+        .query_opt(
+            "SELECT handover_id FROM lineage WHERE patient_key = $1 AND sender = $2 AND event = $3",
+            &[&handover.1, &m.from, &m.event.to_string()],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| sql::un_id(r.get(0)));
+    if head != Some(handover.0) {
+        return Ok(());
+    }
     forward(tx, s, &m, handover, audit).await?;
     if let Some(named) = first_carer(tx, corrected, m.event).await?
         && named != m.to
