@@ -39,6 +39,24 @@ pub fn db(e: tokio_postgres::Error) -> StoreError {
     db_error(&e)
 }
 
+/// The delivery records of `handover`, in id order.
+pub async fn deliveries_of(
+    tx: &Transaction<'_>,
+    handover: u64,
+) -> Result<Vec<DeliveryRecord>, StoreError> {
+    let rows = tx
+        .query(
+            "SELECT record FROM deliveries WHERE handover_id = $1 ORDER BY id",
+            &[&id(handover)],
+        )
+        .await
+        .map_err(db)?;
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, Json<DeliveryRecord>>(0).0)
+        .collect())
+}
+
 /// Writes a delivery record and its columns (insert or replace).
 pub async fn put_delivery(tx: &Transaction<'_>, d: &DeliveryRecord) -> Result<(), StoreError> {
     let stale = d.state == DeliveryState::Leased && d.is_superseded();

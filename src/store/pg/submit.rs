@@ -227,17 +227,7 @@ async fn first_carer(
     let Some(handover) = handover else {
         return Ok(None);
     };
-    let rows = tx
-        .query(
-            "SELECT record FROM deliveries WHERE handover_id = $1 ORDER BY id",
-            &[&id(handover)],
-        )
-        .await
-        .map_err(db)?;
-    let copies: Vec<DeliveryRecord> = rows
-        .iter()
-        .map(|r| r.get::<_, Json<DeliveryRecord>>(0).0)
-        .collect();
+    let copies = sql::deliveries_of(tx, handover).await?;
     Ok(records::first_carer(&copies, event))
 }
 
@@ -272,15 +262,8 @@ async fn with_withdrawals(
             next = record.supersedes;
             continue;
         }
-        let rows = tx
-            .query(
-                "SELECT record FROM deliveries WHERE handover_id = $1 ORDER BY id",
-                &[&id(handover)],
-            )
-            .await
-            .map_err(db)?;
-        for r in rows {
-            earlier.visit(r.get::<_, Json<DeliveryRecord>>(0).0);
+        for d in sql::deliveries_of(tx, handover).await? {
+            earlier.visit(d);
         }
         next = record.supersedes;
     }
