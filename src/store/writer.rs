@@ -948,6 +948,11 @@ impl Writer {
         now: i64,
         woken: &mut BTreeSet<String>,
     ) -> Result<(), StoreError> {
+        // Nothing waits for the patient at the sender, and no transfer is
+        // corrected (nearly every submit): nothing to look up.
+        if corrected.is_none() && self.schedule.of_patient(m.from, handover.1).is_empty() {
+            return Ok(());
+        }
         // Only the movement reported last moves anything: a summary
         // superseded on arrival, or a late correction of an earlier custody
         // episode, does not say where the patient is now.
