@@ -12,10 +12,9 @@ use super::handover::{answer, answer_of, claimed_to_wire, traced};
 use super::pb;
 use super::wire::{self, Violations};
 use crate::clinical::OdsCode;
-use crate::handover::Subject;
 use crate::handover::{
     AuditSubject, ClaimParkedCommand, Continuity, ContinuityRow, ContinuityWindow, DeliveryInfo,
-    Gateway, PageRequest, RedriveTarget, RetentionStatus, Share,
+    Gateway, PageRequest, RedriveTarget, RetentionStatus, Share, Subject,
 };
 use crate::journey::{Format, OrgKind, Organisation};
 use crate::store::{DeliveryRecord, RedriveOutcome};

@@ -177,17 +177,15 @@ fn annotated_fhir(text: &str, d: &Delivery) -> Vec<u8> {
         }
     }
     if !d.not_carried.is_empty() {
-        let items: String = d
-            .not_carried
-            .iter()
-            .map(|n| format!("<li>{}</li>", xhtml_escaped(n)))
-            .collect();
+        // maud escapes each entry, as the dashboard's text is.
+        let div = maud::html! {
+            div xmlns="http://www.w3.org/1999/xhtml" {
+                ul { @for n in &d.not_carried { li { (n) } } }
+            }
+        };
         let section = json!({
             "title": "Not carried by this format or view",
-            "text": {
-                "status": "generated",
-                "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\"><ul>{items}</ul></div>")
-            }
+            "text": {"status": "generated", "div": div.into_string()}
         });
         match composition["section"].as_array_mut() {
             Some(sections) => sections.push(section),
@@ -195,13 +193,6 @@ fn annotated_fhir(text: &str, d: &Delivery) -> Vec<u8> {
         }
     }
     serde_json::to_vec(&doc).unwrap_or_else(|_| text.as_bytes().to_vec())
-}
-
-fn xhtml_escaped(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// Logs a failure that is one message's, not MESH's: the round goes on.
