@@ -325,6 +325,8 @@ impl Writer {
             },
             now,
         );
+        // Its pullers are woken as the release's (the same mailbox).
+        self.take_on_claimed(staged, &d, now, &mut std::collections::BTreeSet::new())?;
         Ok(Some(d))
     }
 

@@ -195,6 +195,26 @@ pub(crate) fn moving_on<'a>(
         })
 }
 
+/// The patient of parked release `d`, just claimed for a practice (by the
+/// practice, an operator or PDS), moving on from the prison that released
+/// them to that practice, as an unparked release does ([`moving_on`]):
+/// what the prison never acknowledged waited for the GP as long as the
+/// release did. `None` for anything but a release's full copy now queued
+/// outside a holding mailbox.
+pub(crate) fn claimed_moving_on(d: &DeliveryRecord) -> Option<MovingOn<'_>> {
+    let claimed = d.event == Some(JourneyEvent::Release)
+        && d.view == FULL_VIEW
+        && d.state == DeliveryState::Queued
+        && !d.mailbox.starts_with('@');
+    claimed.then_some(())?;
+    d.sender.as_deref().map(|from| MovingOn {
+        from,
+        to: &d.mailbox,
+        event: JourneyEvent::Release,
+        due_ms: d.due_ms,
+    })
+}
+
 /// A prison's patient moving on: from its mailbox `from` to `to`'s, by an
 /// `event` (a transfer or a release) whose copy for `to` is due `due_ms`.
 #[derive(Debug, Clone, Copy)]
@@ -1586,6 +1606,34 @@ mod tests {
         assert!(!forwards_to(&notice, &on));
         let release = at_second(FULL_VIEW, "RELEASE", "YP001");
         assert!(!forwards_to(&release, &on));
+    }
+
+    #[test]
+    fn a_claimed_release_moves_its_patient_on_to_the_practice_that_claimed_it() {
+        let release = |mailbox: &str, state: &str, view: &str, event: &str| -> DeliveryRecord {
+            serde_json::from_value(serde_json::json!({
+                "id": 9, "handover_id": 4, "mailbox": mailbox, "patient_key": "p",
+                "urgent": false, "state": state, "attempt": 0, "queued_at_ms": 0,
+                "due_ms": 500, "view": view, "event": event, "sender": "YP002",
+            }))
+            .unwrap()
+        };
+        let claimed = release("YG002", "queued", FULL_VIEW, "RELEASE");
+        let m = claimed_moving_on(&claimed).expect("a claimed release moves its patient on");
+        assert_eq!((m.from, m.to, m.due_ms), ("YP002", "YG002", Some(500)));
+        assert_eq!(m.event, JourneyEvent::Release);
+        // Still parked, another view, another event, or no sender: nothing.
+        for d in [
+            release(PARKED_MAILBOX, "parked", FULL_VIEW, "RELEASE"),
+            release("YG002", "queued", WITHDRAWN_VIEW, "RELEASE"),
+            release("YG002", "queued", FULL_VIEW, "TRANSFER"),
+            DeliveryRecord {
+                sender: None,
+                ..claimed.clone()
+            },
+        ] {
+            assert!(claimed_moving_on(&d).is_none(), "{d:?}");
+        }
     }
 
     #[test]

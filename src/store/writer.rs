@@ -610,10 +610,7 @@ impl Writer {
                 evidence,
                 reply,
             } => {
-                let r = self.claim(staged, &actor, &claim_keys, (&to, &evidence), now);
-                if matches!(&r, Ok(v) if !v.is_empty()) {
-                    woken.insert(to);
-                }
+                let r = self.claim(staged, &actor, &claim_keys, (&to, &evidence), now, woken);
                 Answer::new(reply, r)
             }
             Job::RouteHeld {
@@ -972,6 +969,21 @@ impl Writer {
             self.forward(staged, &from_named, handover, now, woken)?;
         }
         Ok(())
+    }
+
+    /// What the practice that claimed parked release `d` takes on from the
+    /// prison that released the patient ([`records::claimed_moving_on`]).
+    pub(super) fn take_on_claimed(
+        &mut self,
+        staged: &mut Staged<'_>,
+        d: &DeliveryRecord,
+        now: i64,
+        woken: &mut BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        match records::claimed_moving_on(d) {
+            Some(m) => self.take_on(staged, m, None, (d.handover_id, &d.patient_key), now, woken),
+            None => Ok(()),
+        }
     }
 
     /// Who `event` `handover` sent its patient to ([`records::first_carer`]).
@@ -1383,6 +1395,7 @@ impl Writer {
         claim_keys: &[String],
         (to, evidence): (&str, &str),
         now: i64,
+        woken: &mut BTreeSet<String>,
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
         let mut claimed = Vec::new();
         for id in self.schedule.of_mailbox(records::PARKED_MAILBOX) {
@@ -1421,6 +1434,8 @@ impl Writer {
                 },
                 now,
             );
+            woken.insert(to.to_owned());
+            self.take_on_claimed(staged, &d, now, woken)?;
             claimed.push(d);
         }
         if claimed.is_empty() {

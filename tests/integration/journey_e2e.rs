@@ -641,6 +641,125 @@ async fn transfer_summary_goes_to_the_gp_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_claimed_release_gives_the_gp_what_the_prison_never_acknowledged() {
+    claimed_release_takes_on_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_claimed_release_gives_the_gp_what_the_prison_never_acknowledged_on_postgres() {
+    claimed_release_takes_on_on(Engine::Postgres).await;
+}
+
+/// YP001 transfers patient 64 to YP002, which releases them with no GP
+/// known before pulling it: the release is parked, and what YP002 never
+/// had waits at YP002 meanwhile. The practice that claims the release gets
+/// the previous prison's transfer summary with it, first.
+async fn claimed_release_takes_on_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let t = transfer(64, "titrated at Ashdown");
+    let r = pb::JourneyEvent::Release;
+    first
+        .submit(submit("t-64", pb::JourneyEvent::Transfer, &[], &t))
+        .await
+        .unwrap();
+    let mut release = summary(64, None, "released from Brackenfield");
+    written_by(&mut release, "YP002");
+    let parked = second
+        .submit(submit("r-64", r, &[], &release))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&parked), ["@parked"], "{parked:?}");
+    let mut gp = gw.client("YG002").await;
+    let claimed = gp
+        .claim(pb::ClaimRequest {
+            patient: Some(patient_ref(64)),
+            evidence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .claimed;
+    assert_eq!(claimed.len(), 1);
+    let got = markers_pulled(&mut gp, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(
+        markers,
+        ["titrated at Ashdown", "released from Brackenfield"]
+    );
+    one_sent_on_nothing_left(&gw, &mut second).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_transfer_superseded_on_arrival_sends_nothing_on() {
+    superseded_on_arrival_sends_nothing_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_transfer_superseded_on_arrival_sends_nothing_on_on_postgres() {
+    superseded_on_arrival_sends_nothing_on(Engine::Postgres).await;
+}
+
+/// YP002 transfers patient 66 to YP003 (written 12:00). Its earlier draft,
+/// naming YP004 (written 11:00), arrives after, while YP001's transfer
+/// summary waits unpulled at YP002: the draft is superseded on arrival and
+/// says nothing of where the patient is, so it sends nothing to YP004.
+async fn superseded_on_arrival_sends_nothing_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let _third = prison_added(&gw, "YP003").await;
+    let mut fourth = prison_added(&gw, "YP004").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let t = pb::JourneyEvent::Transfer;
+    let onward = |to: &str, at: &str| {
+        let mut s = transfer(66, &format!("to {to}"));
+        written_by(&mut s, "YP002");
+        s.custody.transfer_to = Some(to.parse().unwrap());
+        s.authored_at = at.parse().unwrap();
+        s
+    };
+    let head = second
+        .submit(submit(
+            "on-66",
+            t,
+            &[],
+            &onward("YP003", "2026-11-24T12:00:00Z"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    first
+        .submit(submit("t-66", t, &[], &transfer(66, "titrated at Ashdown")))
+        .await
+        .unwrap();
+    let draft = second
+        .submit(submit(
+            "draft-66",
+            t,
+            &[],
+            &onward("YP004", "2026-11-24T11:00:00Z"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(draft.superseded_by_handover_id, head.handover_id);
+    assert!(
+        pull_and_ack(&mut fourth).await.is_empty(),
+        "nothing for YP004"
+    );
+    let trail = gw.store.audit_entries().unwrap();
+    assert!(!trail.iter().any(|e| e.action == "forward"), "{trail:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_summary_sent_on_is_due_when_the_transfer_that_moved_it_is() {
     sent_on_deadline_on(Engine::Sled).await;
 }

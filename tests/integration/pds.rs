@@ -254,6 +254,51 @@ async fn arrivals(
     got
 }
 
+/// A release PDS routes gives the practice, as a claim does, the transfer
+/// summary the releasing prison (YP001) never acknowledged: the patient
+/// came from YP002 on methadone titrated there (hazard log H01 #9a).
+#[tokio::test]
+async fn a_release_pds_routes_gives_the_practice_what_the_prison_never_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let double = Double::start(dir.path());
+    let patient = double.scenario("registered");
+    let gw = gateway(&double, |_| {}).await;
+    let mut s = throughcare::clinical::synthetic::release_summary(
+        Some(patient.parse().unwrap()),
+        None,
+        "YP002".parse().unwrap(),
+        None,
+        "titrated at Ashdown",
+    );
+    s.patient.date_of_birth = "1985-06-15".parse().unwrap();
+    s.custody.transfer_to = Some("YP001".parse().unwrap());
+    s.custody.transfer_at = Some("2030-01-01T09:00:00Z".parse().unwrap());
+    s.custody.release_date = None;
+    let transfer =
+        throughcare::cli::client::native_submit("t-pds", pb::JourneyEvent::Transfer, &[], &s);
+    gw.client("YP002").await.submit(transfer).await.unwrap();
+    park(&gw, "pds-routed-2", &patient, "1985-06-15").await;
+
+    let got = arrivals(&gw, "YG002", 2, Duration::from_secs(15)).await;
+    let mut events: Vec<pb::JourneyEvent> = got.iter().map(pb::Delivery::event).collect();
+    events.sort_unstable();
+    assert_eq!(
+        events,
+        [pb::JourneyEvent::Transfer, pb::JourneyEvent::Release],
+        "{got:?}"
+    );
+    let trail = gw.store.audit_entries().unwrap();
+    let forward = trail
+        .iter()
+        .find(|e| e.action == "forward")
+        .expect("the transfer summary went on, audited");
+    assert_eq!(forward.actor, "urn:gateway:routing");
+    let mut prison = gw.client("YP001").await;
+    let left = prison.pull(pull(10)).await.unwrap().into_inner().deliveries;
+    assert!(left.is_empty(), "nothing left at the prison: {left:?}");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
     let dir = tempfile::tempdir().unwrap();

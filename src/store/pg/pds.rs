@@ -38,7 +38,7 @@ impl PgStore {
     ) -> Result<Option<DeliveryRecord>, StoreError> {
         self.run(move |s| async move {
             in_tx!(s, |tx, now, audit| pds_result(
-                &tx, &result, now, &mut audit
+                &tx, &s, &result, now, &mut audit
             )
             .await)
         })
@@ -113,6 +113,7 @@ impl PgStore {
 
 async fn pds_result(
     tx: &Transaction<'_>,
+    s: &super::Shared,
     result: &PdsResult,
     now: i64,
     audit: &mut Vec<AuditEvent>,
@@ -152,6 +153,7 @@ async fn pds_result(
         patient_key: Some(d.patient_key.clone()),
         outcome,
     });
+    super::submit::take_on_claimed(tx, s, &d, audit).await?;
     Ok(Ok(Some(d)))
 }
 

@@ -272,6 +272,7 @@ impl PgStore {
         self.run(move |s| async move {
             in_tx!(s, |tx, now, audit| claim(
                 &tx,
+                &s,
                 (&actor, &to, &evidence),
                 &claim_keys,
                 now,
@@ -904,6 +905,7 @@ async fn track(
 
 async fn claim(
     tx: &Transaction<'_>,
+    s: &Shared,
     (actor, to, evidence): (&str, &str, &str),
     claim_keys: &[String],
     now: i64,
@@ -943,6 +945,7 @@ async fn claim(
             patient_key: Some(d.patient_key.clone()),
             outcome: format!("ok: parked release claimed for {to}; {evidence}"),
         });
+        super::submit::take_on_claimed(tx, s, &d, audit).await?;
         claimed.push(d);
     }
     if claimed.is_empty() {

@@ -185,6 +185,21 @@ async fn forward(
     Ok(())
 }
 
+/// What the practice that claimed parked release `d` takes on from the
+/// prison that released the patient, as the sled engine does
+/// (`Writer::take_on_claimed`).
+pub(super) async fn take_on_claimed(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    d: &DeliveryRecord,
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    match records::claimed_moving_on(d) {
+        Some(m) => take_on(tx, s, m, None, (d.handover_id, &d.patient_key), audit).await,
+        None => Ok(()),
+    }
+}
+
 /// What `m.to` takes on with transfer or release `handover`, as the sled
 /// engine does (`Writer::take_on`).
 async fn take_on(
