@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use super::client::Outgoing;
 use super::{MeshClient, MeshConfig, MeshError};
+use crate::clinical::hl7v2;
 use crate::handover::{Caller, Delivery, Gateway, NackCommand, PullCommand, RenderedDocument};
 use crate::journey::{Format, Organisation};
 use crate::operator::metrics::Metrics;
@@ -106,12 +107,20 @@ fn gateway_error(e: &crate::handover::Error) -> MeshError {
 }
 
 /// The document as MESH carries it: bytes, content type, file extension.
-/// A FHIR document says itself what the gRPC contract says beside it
-/// ([`annotated_fhir`]).
+/// A FHIR document or an HL7 v2 message says itself what the gRPC contract
+/// says beside it ([`annotated_fhir`], [`hl7v2::annotated`]).
 fn payload(d: &Delivery) -> (Vec<u8>, &'static str, &'static str) {
     match &d.document {
         RenderedDocument::FhirJson(t) => (annotated_fhir(t, d), "application/fhir+json", "json"),
-        RenderedDocument::Hl7v2(t) => (t.as_bytes().to_vec(), "x-application/hl7-v2+er7", "hl7"),
+        RenderedDocument::Hl7v2(t) => {
+            let notes = hl7v2::Annotations {
+                replaces: d.supersedes_handover_id,
+                withdrawn: d.view == crate::clinical::View::Withdrawn,
+                not_carried: &d.not_carried,
+            };
+            let message = hl7v2::annotated(t, &notes);
+            (message.into_bytes(), "x-application/hl7-v2+er7", "hl7")
+        }
         // Never asked for (a MESH pull names a text format); JSON if it were.
         RenderedDocument::Native(s) => (
             serde_json::to_vec(s).unwrap_or_default(),

@@ -55,12 +55,23 @@ def eventually(what: str, f, seconds: float = 30):
 
 @pytest.fixture
 def mesh():
-    """The sandbox and a gateway whose [mesh] section points at it."""
+    """The sandbox and a gateway whose [mesh] section points at it; the
+    practice on MESH is YG001 (FHIR)."""
+    yield from sandbox_and_gateway("YG001")
+
+
+@pytest.fixture
+def mesh_hl7():
+    """The same, with YG002 (HL7 v2) the practice on MESH."""
+    yield from sandbox_and_gateway("YG002")
+
+
+def sandbox_and_gateway(practice: str):
     d = Path(tempfile.mkdtemp(prefix="throughcare-mesh-"))
     certs = d / "certs"
     subprocess.run([BIN, "certs", "init", "--dir", str(certs)], check=True, capture_output=True)
     registry = (certs / "registry.toml").read_text()
-    for ods, mb in (("YG001", PRACTICE_MB), ("YP001", PRISON_MB)):
+    for ods, mb in ((practice, PRACTICE_MB), ("YP001", PRISON_MB)):
         registry = registry.replace(f'ods = "{ods}"\n', f'ods = "{ods}"\nmesh_mailbox = "{mb}"\n')
     (certs / "registry.toml").write_text(registry)
     (d / "store").mkdir()
@@ -170,6 +181,40 @@ def test_a_release_sent_through_mesh_by_a_prison_reaches_the_practice_through_me
         assert "breakthrough pain" not in listed[0]["text"]["div"], "a value in the list"
         message.acknowledge()
         assert practice.list_messages() == []
+
+
+def test_an_hl7_practice_on_mesh_reads_what_was_not_carried_in_the_message(mesh_hl7):
+    """Over MESH an HL7 v2 message says in itself, as OBX segments, what the
+    gRPC contract lists beside it; hl7apy still reads it as valid v2.5.1."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    document = json.loads(release_fhir().replace(b"YG001", b"YG002"))
+    statement = next(e["resource"] for e in document["entry"]
+                     if e["resource"]["resourceType"] == "MedicationStatement")
+    statement["dosage"][0]["asNeededCodeableConcept"] = {"text": "for breakthrough pain"}
+    with mesh_hl7(PRISON_MB) as prison:
+        sent = prison.send_message(GATEWAY_MB, json.dumps(document).encode(),
+                                   workflow_id="THROUGHCARE_RELEASE",
+                                   local_id="py-mesh-hl7-1", subject="release")
+        eventually("the gateway's acknowledgement",
+                   lambda: prison.track_message(sent)["status"] == "acknowledged")
+    with mesh_hl7(PRACTICE_MB) as practice:
+        ids = eventually("the practice's delivery", practice.list_messages)
+        assert len(ids) == 1
+        message = practice.retrieve_message(ids[0])
+        body = message.read().decode()
+        assert body.startswith("MSH|"), body[:80]
+        parsed = parse_message(body, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+        assert parsed.validate()
+        # One OBX to an entry, set IDs and sub-IDs in order.
+        listed = [s.split("|") for s in body.split("\r") if "|DOC-NOT-CARRIED^" in s]
+        assert listed, body
+        assert [f[4] for f in listed] == [str(i + 1) for i in range(len(listed))], listed
+        assert all(f[2] in ("ST", "FT") and f[11] == "F" for f in listed), listed
+        assert any("asNeeded" in f[5] for f in listed), listed
+        assert "breakthrough pain" not in body, "a value in the list"
+        message.acknowledge()
 
 
 def test_a_message_the_gateway_cannot_accept_is_refused_back_to_its_sender(mesh):

@@ -21,6 +21,7 @@
 //! message holds that is not read).
 
 mod ack;
+mod annotate;
 mod charset;
 mod coded;
 mod escape;
@@ -31,6 +32,7 @@ mod unread;
 mod write;
 
 pub use ack::{AckCode, AckError, ErrorCode, ack, ack_as};
+pub use annotate::{Annotations, annotated};
 pub use charset::decoded;
 pub use escape::{escape, unescape};
 pub use header::{MessageHeader, event_of, header};

@@ -96,7 +96,7 @@ enum Value<'a> {
 }
 
 /// The longest text written as ST (HL7 v2.5.1 §2.A.74: "less than 200").
-const ST_MAX_CHARS: usize = 199;
+pub(super) const ST_MAX_CHARS: usize = 199;
 
 /// OBX segments, appended to the message as they are added.
 struct Obx<'o> {
