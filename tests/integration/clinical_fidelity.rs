@@ -1741,6 +1741,19 @@ fn assert_listed(read: &ClinicalSummary, words: &str) {
     );
 }
 
+/// Medicine `m`'s dosages as a GP system writes them: the dose in `text`,
+/// without our extension (ours puts the whole instruction in `text` and
+/// the dose alone in the extension).
+fn as_a_gp_system_writes_it(m: &mut Value) {
+    for d in m["dosage"].as_array_mut().unwrap() {
+        let dose = d["extension"][0]["valueString"].as_str().map(str::to_owned);
+        if let Some(dose) = dose {
+            d["text"] = json!(dose);
+        }
+        d.as_object_mut().unwrap().remove("extension");
+    }
+}
+
 fn read_after(s: &ClinicalSummary, edit: impl Fn(&mut Value)) -> ClinicalSummary {
     let mut doc = fhir_json(s, JourneyEvent::Release);
     edit(&mut doc);
@@ -2033,6 +2046,7 @@ fn coded_timings_are_carried_and_other_instructions_are_listed() {
     let s = fixture("01-ost-released-today");
     let read = read_after(&s, |doc| {
         let (_, m) = entry_of(doc, "MedicationStatement");
+        as_a_gp_system_writes_it(m);
         m["dosage"][0]["timing"] = json!({"code": {"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v3-GTSAbbreviation",
             "code": "QD", "display": "daily"
@@ -2048,6 +2062,7 @@ fn coded_timings_are_carried_and_other_instructions_are_listed() {
     // Beside a local coding, the SNOMED CT one is read (and the other listed).
     let read = read_after(&s, |doc| {
         let (_, m) = entry_of(doc, "MedicationStatement");
+        as_a_gp_system_writes_it(m);
         m["dosage"][0]["timing"] = json!({"code": {"coding": [
             {"system": "https://pas.invalid/timing", "code": "X1", "display": "as agreed"},
             {"system": "http://snomed.info/sct", "code": "229797004", "display": "Once daily"}
@@ -2067,6 +2082,7 @@ fn a_frequency_given_as_numbers_is_carried_in_words() {
     let with_timing = |timing: Value| {
         read_after(&s, move |doc| {
             let (_, m) = entry_of(doc, "MedicationStatement");
+            as_a_gp_system_writes_it(m);
             m["dosage"][0]["timing"] = timing.clone();
         })
     };
@@ -2108,6 +2124,66 @@ fn a_frequency_given_as_numbers_is_carried_in_words() {
     }
 }
 
+/// `Dosage.text` is the whole instruction, as R4 means it ("free text
+/// dosage instructions", which a receiver may show alone): a GP system
+/// showing only it showed "60 mg", with no frequency and no word of
+/// supervision. The dose alone travels in our extension and is read back
+/// from it; a text beside it that says something else is listed, not
+/// dropped unsaid.
+#[test]
+fn the_dosage_text_is_the_whole_instruction_and_reads_back_as_its_parts() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (_, m) = entry_of(&mut doc, "MedicationStatement");
+    let dosage = &m["dosage"][0];
+    assert_eq!(
+        dosage["text"], "60 mg once daily, oral, supervised consumption",
+        "{dosage}"
+    );
+    assert_eq!(dosage["extension"][0]["valueString"], "60 mg", "{dosage}");
+    assert_eq!(dosage["timing"]["code"]["text"], "once daily");
+    let read = parse_fhir(&doc).unwrap();
+    assert_eq!(read.medications, s.medications);
+    assert!(read.not_read.is_empty(), "{:?}", read.not_read);
+    // Taken as needed, said in the words once.
+    let mut prn = s.clone();
+    prn.medications[0].as_needed = true;
+    prn.medications[0].supervised = false;
+    let mut doc = fhir_json(&prn, JourneyEvent::Release);
+    let (_, m) = entry_of(&mut doc, "MedicationStatement");
+    assert_eq!(m["dosage"][0]["text"], "60 mg once daily, oral, as needed");
+    assert_eq!(parse_fhir(&doc).unwrap().medications, prn.medications);
+    // Words beside our dose that say more than its parts are listed.
+    let read = read_after(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        m["dosage"][0]["text"] = json!("60 mg once daily, oral, supervised; not on Sundays");
+    });
+    assert_eq!(read.medications[0].dose, "60 mg");
+    assert_listed(&read, "dosage[0].text: not carried");
+    // A second dose extension is refused, as any extension given twice.
+    let fields = refused_at(&s, |doc| {
+        let (_, m) = entry_of(doc, "MedicationStatement");
+        let ext = m["dosage"][0]["extension"][0].clone();
+        m["dosage"][0]["extension"]
+            .as_array_mut()
+            .unwrap()
+            .push(ext);
+    });
+    assert!(
+        fields.iter().any(|f| f.contains("dosage[0].extension[1]")),
+        "{fields:?}"
+    );
+    // With no dose, no text (it would be read back as the dose).
+    let mut no_dose = s.clone();
+    no_dose.medications[0].dose.clear();
+    no_dose.medications[0].opioid_substitution = false;
+    no_dose.medications[0].last_dose_given = None;
+    let mut doc = fhir_json(&no_dose, JourneyEvent::Release);
+    let (_, m) = entry_of(&mut doc, "MedicationStatement");
+    assert!(m["dosage"][0].get("text").is_none(), "{}", m["dosage"][0]);
+    assert_eq!(parse_fhir(&doc).unwrap().medications, no_dose.medications);
+}
+
 /// A dose given only as a quantity (`doseAndRate[0].doseQuantity`, as GP
 /// systems send it) is carried as "value unit", where before the dose
 /// arrived empty; beside a dose in words, the quantity is listed, and what
@@ -2117,6 +2193,7 @@ fn a_dose_given_as_a_quantity_is_carried() {
     let s = fixture("01-ost-released-today");
     let read = read_after(&s, |doc| {
         let (_, m) = entry_of(doc, "MedicationStatement");
+        as_a_gp_system_writes_it(m);
         m["dosage"][0].as_object_mut().unwrap().remove("text");
         m["dosage"][0]["doseAndRate"] = json!([{"doseQuantity": {
             "value": 60, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"
@@ -2130,6 +2207,7 @@ fn a_dose_given_as_a_quantity_is_carried() {
     );
     let read = read_after(&s, |doc| {
         let (_, m) = entry_of(doc, "MedicationStatement");
+        as_a_gp_system_writes_it(m);
         m["dosage"][0]["doseAndRate"] = json!([
             {"doseQuantity": {"value": 60, "unit": "mg"}, "rateQuantity": {"value": 1, "unit": "mg/h"}},
             {"doseQuantity": {"value": 30, "unit": "mg"}}
@@ -2154,6 +2232,7 @@ fn a_dose_given_as_a_quantity_is_carried() {
     ] {
         let read = read_after(&s, |doc| {
             let (_, m) = entry_of(doc, "MedicationStatement");
+            as_a_gp_system_writes_it(m);
             m["dosage"][0].as_object_mut().unwrap().remove("text");
             m["dosage"][0]["doseAndRate"] = json!([{ "doseQuantity": quantity.clone() }]);
         });

@@ -261,7 +261,11 @@ def check_every_format(docs: dict, want: dict):
     m = native.medications[0]
     assert (m.code.code, m.code.display, m.dose, m.route, m.frequency) == want["med"]
     ms = res["MedicationStatement"][0]
-    assert ms["dosage"][0]["text"] == dose and ms["dosage"][0]["route"]["text"] == route
+    # Dosage.text is the whole instruction (R4: a receiver may show nothing
+    # else), the parts beside it.
+    dosage = ms["dosage"][0]
+    assert dosage["text"] == f"{dose} {freq}, {route}", dosage
+    assert dosage["route"]["text"] == route and dosage["timing"]["code"]["text"] == freq
     assert f"MED-DOSE^Dose^THROUGHCARE|1|{dose}|" in hl7 and f"MED-FREQ^Frequency^THROUGHCARE|1|{freq}|" in hl7
     # Prescription.
     rcode, _, status, intent, qty, unit, days = want["rx"]

@@ -19,9 +19,9 @@
 
 use serde_json::Number;
 
-use super::SYS_LOCAL;
 use super::index::Index;
 use super::types::{Coding, Dosage, TimingRepeat};
+use super::{EXT_DOSE, SYS_LOCAL};
 use crate::clinical::model::{SNOMED, dosing_interval_ms};
 
 /// What a MedicationStatement's dosages say, as the model holds it.
@@ -148,19 +148,89 @@ fn instruction(index: &Index<'_>, d: &Dosage<'_>, at: &str) -> String {
     words
 }
 
-/// One dosage of a MedicationStatement.
+/// One dosage of a MedicationStatement. Beside our dose extension the
+/// `text` is the whole instruction, made of the parts read here
+/// ([`instruction_in_words`]); a text that says something else is listed.
 fn one(index: &Index<'_>, d: &Dosage<'_>, at: &str) -> One {
-    let dose = dose(index, d, at);
+    let ours = d
+        .extension
+        .iter()
+        .find(|e| e.url == EXT_DOSE)
+        .and_then(|e| e.value_string.as_deref());
+    let dose = match ours {
+        Some(words) => {
+            if !d.dose_and_rate.is_empty() {
+                index.note(
+                    format_args!("{at}.doseAndRate"),
+                    "not carried: the dose as numbers beside the dose in words (extension)",
+                );
+            }
+            words.to_owned()
+        }
+        None => dose(index, d, at),
+    };
     let often = frequency(index, d, at);
     let per_day = per_day(d, &joined(&[&dose, &often], " "));
-    One {
+    let one = One {
         route: route(index, d, at),
         supervised: supervised(index, d, at),
         as_needed: as_needed(index, d, at),
         dose,
         often,
         per_day,
+    };
+    if ours.is_some()
+        && let Some(text) = d.text.as_deref()
+        && text.trim() != one.instruction()
+    {
+        index.note(
+            format_args!("{at}.text"),
+            "not carried: an instruction in words other than the dose, route and timing carried",
+        );
     }
+    one
+}
+
+impl One {
+    fn instruction(&self) -> String {
+        instruction_in_words(
+            &self.dose,
+            &self.often,
+            &self.route,
+            self.supervised,
+            self.as_needed,
+        )
+    }
+}
+
+/// A medicine's whole instruction in words, as R4 means `Dosage.text` (a
+/// receiver may show nothing else): "60 mg once a day, oral, supervised
+/// consumption". The writer puts it in `text` and the dose alone in our
+/// extension; the reader checks a text beside that extension against it.
+pub(super) fn instruction_in_words(
+    dose: &str,
+    frequency: &str,
+    route: &str,
+    supervised: bool,
+    as_needed: bool,
+) -> String {
+    let mut words = joined(&[dose, frequency], " ");
+    let mut add = |part: &str| {
+        if !part.trim().is_empty() {
+            if !words.is_empty() {
+                words.push_str(", ");
+            }
+            words.push_str(part.trim());
+        }
+    };
+    add(route);
+    if supervised {
+        add("supervised consumption");
+    }
+    if as_needed && !says_as_needed(dose) && !says_as_needed(frequency) {
+        add("as needed");
+    }
+    words
 }
 
 /// The dosages in the order they apply: groups taken together, in

@@ -52,6 +52,9 @@ pub const SYS_LOCAL: &str = "https://throughcare.invalid/fhir/CodeSystem/through
 const EXT_LAST_DOSE: &str = "https://throughcare.invalid/fhir/StructureDefinition/last-dose-given";
 const EXT_DAYS_SUPPLIED: &str =
     "https://throughcare.invalid/fhir/StructureDefinition/days-supplied";
+/// On a `Dosage`: the dose alone in words, beside a `text` that holds the
+/// whole instruction (docs/clinical-formats.md).
+const EXT_DOSE: &str = "https://throughcare.invalid/fhir/StructureDefinition/dose";
 const EXT_NOTE: &str = "https://throughcare.invalid/fhir/StructureDefinition/note";
 const EXT_TREATMENT_STARTED: &str =
     "https://throughcare.invalid/fhir/StructureDefinition/treatment-started";

@@ -485,6 +485,11 @@ pub struct MedicationStatement<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Dosage<'a> {
+    /// Ours: the dose alone in words, when `text` holds the whole
+    /// instruction (dose, how often, route, flags), as R4 means `text`.
+    #[serde(default, skip_serializing_if = "empty")]
+    #[serde(borrow)]
+    pub extension: Vec<Extension<'a>>,
     /// The order dosages apply in: the same number is taken together
     /// (concurrent), a higher one after (R4 Dosage.sequence).
     #[serde(default, skip_serializing_if = "Option::is_none")]

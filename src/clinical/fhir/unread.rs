@@ -19,7 +19,10 @@ use std::fmt;
 
 use serde_json::Value;
 
-use super::{EXT_DAYS_SUPPLIED, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED};
+use super::{EXT_DAYS_SUPPLIED, EXT_DOSE, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED};
+
+/// Extension URLs read on an element below the resource, by its path.
+const ELEMENT_EXTENSIONS: [(&str, &str); 1] = [("dosage", EXT_DOSE)];
 use crate::clinical::violation::ValidationErrors;
 
 /// The elements of one resource type the parser reads.
@@ -478,7 +481,7 @@ impl Walk<'_> {
                     "implicit rules the gateway does not understand: FHIR requires refusing \
                      the resource",
                 ),
-                "extension" => self.extensions(value, schema_path.is_empty(), &here),
+                "extension" => self.extensions(value, schema_path, &here),
                 _ if self.schema.knows(&path) => self.value(value, &path, &here),
                 _ => self.notes.push(format!("{here}: not read by the gateway")),
             }
@@ -508,14 +511,18 @@ impl Walk<'_> {
         }
     }
 
-    fn extensions(&mut self, value: &Value, on_resource: bool, here: &str) {
+    fn extensions(&mut self, value: &Value, on: &str, here: &str) {
         let Value::Array(items) = value else {
             self.notes.push(format!("{here}: not read by the gateway"));
             return;
         };
         for (i, ext) in items.iter().enumerate() {
             let url = ext.get("url").and_then(Value::as_str).unwrap_or("");
-            let read = on_resource && self.schema.extensions.contains(&url);
+            let read = if on.is_empty() {
+                self.schema.extensions.contains(&url)
+            } else {
+                ELEMENT_EXTENSIONS.contains(&(on, url))
+            };
             if let Some(Value::Array(inner)) = ext.get("modifierExtension")
                 && !inner.is_empty()
             {
@@ -564,7 +571,7 @@ impl Walk<'_> {
 fn value_type_of(url: &str) -> Option<&'static str> {
     match url {
         EXT_LAST_DOSE => Some("valueDateTime"),
-        EXT_NOTE => Some("valueString"),
+        EXT_NOTE | EXT_DOSE => Some("valueString"),
         EXT_TREATMENT_STARTED => Some("valueDate"),
         _ => None,
     }

@@ -5,9 +5,9 @@ use serde::Serialize;
 
 use super::types::*;
 use super::{
-    ALLERGY_STATUS, CLINICAL_STATUS, EXT_DAYS_SUPPLIED, EXT_LAST_DOSE, EXT_NOTE,
+    ALLERGY_STATUS, CLINICAL_STATUS, EXT_DAYS_SUPPLIED, EXT_DOSE, EXT_LAST_DOSE, EXT_NOTE,
     EXT_TREATMENT_STARTED, SYS_CRN, SYS_EVENT, SYS_LOCAL, SYS_NHS, SYS_ODS, SYS_PRISON_NUMBER,
-    SYS_RISK, event_code, prescription, uk_core,
+    SYS_RISK, dosage, event_code, prescription, uk_core,
 };
 use crate::clinical::JourneyEvent;
 use crate::clinical::Rendered;
@@ -52,9 +52,25 @@ fn dosage(m: &Medication) -> Option<Dosage<'_>> {
     fn text(t: &str) -> Option<CodeableConcept<'_>> {
         (!is_blank(t)).then(|| CodeableConcept::text(t))
     }
+    // The whole instruction in `text`, as R4 means it (a receiver may show
+    // nothing else), the dose alone in our extension; with no dose, the
+    // parts alone (a text would be read back as the dose).
+    let words =
+        dosage::instruction_in_words(&m.dose, &m.frequency, &m.route, m.supervised, m.as_needed);
+    let instruction = (!is_blank(&m.dose)).then_some(words);
+    let dose_alone = instruction.as_deref().is_some_and(|t| t != m.dose.trim());
     let d = Dosage {
+        extension: if dose_alone {
+            vec![Extension {
+                url: EXT_DOSE.into(),
+                value_string: Some(m.dose.as_str().into()),
+                ..Extension::default()
+            }]
+        } else {
+            Vec::new()
+        },
         sequence: None,
-        text: Some(m.dose.as_str().into()),
+        text: instruction.map(Into::into),
         additional_instruction: if m.supervised {
             vec![local("supervised", "Supervised consumption")]
         } else {
