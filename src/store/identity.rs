@@ -549,15 +549,23 @@ pub(super) fn left_custody_since(
     staged: &Staged<'_>,
     h: &records::HandoverRecord,
 ) -> Result<bool, StoreError> {
+    moved_since(staged, h, &[JourneyEvent::Release, JourneyEvent::Admission])
+}
+
+/// Whether `h`'s patient had a movement of one of `events` first reported
+/// after `h`, whoever sent it (a correction of an earlier movement is no
+/// movement since).
+pub(super) fn moved_since(
+    staged: &Staged<'_>,
+    h: &records::HandoverRecord,
+    events: &[JourneyEvent],
+) -> Result<bool, StoreError> {
     let mut prefix = resolve(staged, &h.patient_key)?.into_bytes();
     prefix.push(0);
     let load =
         |id: u64| staged.get_json::<records::HandoverRecord>(TreeId::Handovers, &records::be(id));
     for (key, latest) in staged.scan_prefix(TreeId::Lineage, &prefix)? {
-        let moved = matches!(
-            records::lineage_event(&key),
-            Some(JourneyEvent::Release | JourneyEvent::Admission)
-        );
+        let moved = records::lineage_event(&key).is_some_and(|e| events.contains(&e));
         let Some(id) = records::from_be(&latest).filter(|id| moved && *id > h.id) else {
             continue;
         };

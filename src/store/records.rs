@@ -192,6 +192,7 @@ pub(crate) fn moving_on<'a>(
             to: &next.mailbox,
             event,
             due_ms: next.due_ms,
+            before: None,
         })
 }
 
@@ -199,8 +200,10 @@ pub(crate) fn moving_on<'a>(
 /// practice, an operator or PDS), moving on from the prison that released
 /// them to that practice, as an unparked release does ([`moving_on`]):
 /// what the prison never acknowledged waited for the GP as long as the
-/// release did. `None` for anything but a release's full copy now queued
-/// outside a holding mailbox.
+/// release did. Only what reached the prison before the release moves (a
+/// claim may come weeks later, after a recall brought the patient back:
+/// what the new custody sent there is the prison's). `None` for anything
+/// but a release's full copy now queued outside a holding mailbox.
 pub(crate) fn claimed_moving_on(d: &DeliveryRecord) -> Option<MovingOn<'_>> {
     let claimed = d.event == Some(JourneyEvent::Release)
         && d.view == FULL_VIEW
@@ -212,6 +215,7 @@ pub(crate) fn claimed_moving_on(d: &DeliveryRecord) -> Option<MovingOn<'_>> {
         to: &d.mailbox,
         event: JourneyEvent::Release,
         due_ms: d.due_ms,
+        before: Some(d.handover_id),
     })
 }
 
@@ -223,6 +227,9 @@ pub(crate) struct MovingOn<'a> {
     pub to: &'a str,
     pub event: JourneyEvent,
     pub due_ms: Option<i64>,
+    /// Only copies of handovers submitted before this one move (a claimed
+    /// release's: [`claimed_moving_on`]).
+    pub before: Option<u64>,
 }
 
 /// Whether `d`, waiting in the mailbox of a prison whose patient now moves
@@ -244,6 +251,7 @@ pub(crate) fn forwards_to(d: &DeliveryRecord, m: &MovingOn<'_>) -> bool {
         _ => false,
     };
     carried
+        && m.before.is_none_or(|b| d.handover_id < b)
         && d.view == FULL_VIEW
         && matches!(d.state, DeliveryState::Queued | DeliveryState::Leased)
         && !d.is_superseded()
@@ -1556,6 +1564,7 @@ mod tests {
             to,
             event,
             due_ms: None,
+            before: None,
         };
         let on = moving("YP002", "YP003", JourneyEvent::Transfer);
         let transfer = at_second(FULL_VIEW, "TRANSFER", "YP001");
@@ -1622,6 +1631,18 @@ mod tests {
         let m = claimed_moving_on(&claimed).expect("a claimed release moves its patient on");
         assert_eq!((m.from, m.to, m.due_ms), ("YP002", "YG002", Some(500)));
         assert_eq!(m.event, JourneyEvent::Release);
+        // Only what reached the prison before the release (handover 4):
+        // what a later custody sent there stays with the prison.
+        let waiting = |handover_id: u64| -> DeliveryRecord {
+            serde_json::from_value(serde_json::json!({
+                "id": 12, "handover_id": handover_id, "mailbox": "YP002", "patient_key": "p",
+                "urgent": false, "state": "queued", "attempt": 0, "queued_at_ms": 0,
+                "view": FULL_VIEW, "event": "TRANSFER", "sender": "YP001",
+            }))
+            .unwrap()
+        };
+        assert!(forwards_to(&waiting(3), &m));
+        assert!(!forwards_to(&waiting(5), &m));
         // Still parked, another view, another event, or no sender: nothing.
         for d in [
             release(PARKED_MAILBOX, "parked", FULL_VIEW, "RELEASE"),
@@ -1650,6 +1671,7 @@ mod tests {
             to: "YP003",
             event: JourneyEvent::Transfer,
             due_ms: Some(500),
+            before: None,
         };
         send_on(&mut d, &m, 5);
         assert_eq!(d.mailbox, "YP003");

@@ -972,7 +972,10 @@ impl Writer {
     }
 
     /// What the practice that claimed parked release `d` takes on from the
-    /// prison that released the patient ([`records::claimed_moving_on`]).
+    /// prison that released the patient ([`records::claimed_moving_on`]):
+    /// nothing once a custody movement of the patient was reported since
+    /// the release (a recall brought them back: the prison holding them
+    /// keeps what waits for them).
     pub(super) fn take_on_claimed(
         &mut self,
         staged: &mut Staged<'_>,
@@ -980,10 +983,18 @@ impl Writer {
         now: i64,
         woken: &mut BTreeSet<String>,
     ) -> Result<(), StoreError> {
-        match records::claimed_moving_on(d) {
-            Some(m) => self.take_on(staged, m, None, (d.handover_id, &d.patient_key), now, woken),
-            None => Ok(()),
+        let Some(m) = records::claimed_moving_on(d) else {
+            return Ok(());
+        };
+        let release =
+            staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(d.handover_id))?;
+        let Some(release) = release else {
+            return Ok(());
+        };
+        if super::identity::moved_since(staged, &release, &records::CUSTODY_EVENTS)? {
+            return Ok(());
         }
+        self.take_on(staged, m, None, (d.handover_id, &d.patient_key), now, woken)
     }
 
     /// Who `event` `handover` sent its patient to ([`records::first_carer`]).

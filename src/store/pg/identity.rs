@@ -223,19 +223,24 @@ pub(super) async fn left_custody_since(
     tx: &Transaction<'_>,
     h: &crate::store::HandoverRecord,
 ) -> Result<bool, StoreError> {
+    moved_since(tx, h, &[JourneyEvent::Release, JourneyEvent::Admission]).await
+}
+
+/// Whether `h`'s patient had a movement of one of `events` first reported
+/// after `h` (the sled engine's `identity::moved_since`).
+pub(super) async fn moved_since(
+    tx: &Transaction<'_>,
+    h: &crate::store::HandoverRecord,
+    events: &[JourneyEvent],
+) -> Result<bool, StoreError> {
+    let events: Vec<String> = events.iter().map(ToString::to_string).collect();
     let heads = tx
         .query(
             "SELECT h.record FROM lineage l JOIN handovers h ON h.id = l.handover_id \
              WHERE l.patient_key = COALESCE(\
              (SELECT patient_key FROM identities WHERE identifier = $1), $1) \
              AND l.event = ANY($2) AND l.handover_id > $3",
-            &[
-                &h.patient_key,
-                &[JourneyEvent::Release, JourneyEvent::Admission]
-                    .map(|e| e.to_string())
-                    .to_vec(),
-                &id(h.id),
-            ],
+            &[&h.patient_key, &events, &id(h.id)],
         )
         .await
         .map_err(db)?;

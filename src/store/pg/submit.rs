@@ -187,17 +187,27 @@ async fn forward(
 
 /// What the practice that claimed parked release `d` takes on from the
 /// prison that released the patient, as the sled engine does
-/// (`Writer::take_on_claimed`).
+/// (`Writer::take_on_claimed`): nothing once a custody movement of the
+/// patient was reported since the release. The caller holds the
+/// `counters` lock, as a submit does, so that the rows locked here (older
+/// than the release's) cannot wait on a submit that holds them and waits
+/// for the release's.
 pub(super) async fn take_on_claimed(
     tx: &Transaction<'_>,
     s: &Shared,
     d: &DeliveryRecord,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
-    match records::claimed_moving_on(d) {
-        Some(m) => take_on(tx, s, m, None, (d.handover_id, &d.patient_key), audit).await,
-        None => Ok(()),
+    let Some(m) = records::claimed_moving_on(d) else {
+        return Ok(());
+    };
+    let Some(release) = sql::handover(tx, d.handover_id).await? else {
+        return Ok(());
+    };
+    if super::identity::moved_since(tx, &release, &records::CUSTODY_EVENTS).await? {
+        return Ok(());
     }
+    take_on(tx, s, m, None, (d.handover_id, &d.patient_key), audit).await
 }
 
 /// What `m.to` takes on with transfer or release `handover`, as the sled
