@@ -149,45 +149,59 @@ fn instruction(index: &Index<'_>, d: &Dosage<'_>, at: &str) -> String {
 }
 
 /// One dosage of a MedicationStatement. Beside our dose extension the
-/// `text` is the whole instruction, made of the parts read here
-/// ([`instruction_in_words`]); a text that says something else is listed.
+/// `text` is the whole instruction made of the parts read here
+/// ([`instruction_in_words`]), and the dose is the extension's. A text that
+/// says otherwise (edited by a clinician in a system that kept the
+/// extension) wins: it is carried as the dose, as any sender's text is,
+/// and the extension is listed; a blank extension is none.
 fn one(index: &Index<'_>, d: &Dosage<'_>, at: &str) -> One {
     let ours = d
         .extension
         .iter()
         .find(|e| e.url == EXT_DOSE)
-        .and_then(|e| e.value_string.as_deref());
-    let dose = match ours {
-        Some(words) => {
-            if !d.dose_and_rate.is_empty() {
-                index.note(
-                    format_args!("{at}.doseAndRate"),
-                    "not carried: the dose as numbers beside the dose in words (extension)",
-                );
-            }
-            words.to_owned()
-        }
-        None => dose(index, d, at),
+        .and_then(|e| e.value_string.as_deref())
+        .filter(|w| !w.trim().is_empty());
+    let Some(words) = ours else {
+        let dose = dose(index, d, at);
+        let often = frequency(index, d, at);
+        let per_day = per_day(d, &joined(&[&dose, &often], " "));
+        return One {
+            route: route(index, d, at),
+            supervised: supervised(index, d, at),
+            as_needed: as_needed(index, d, at),
+            dose,
+            often,
+            per_day,
+        };
     };
-    let often = frequency(index, d, at);
-    let per_day = per_day(d, &joined(&[&dose, &often], " "));
-    let one = One {
+    let mut one = One {
+        often: frequency(index, d, at),
         route: route(index, d, at),
         supervised: supervised(index, d, at),
         as_needed: as_needed(index, d, at),
-        dose,
-        often,
-        per_day,
+        dose: words.to_owned(),
+        per_day: (1, false),
     };
-    if ours.is_some()
-        && let Some(text) = d.text.as_deref()
-        && text.trim() != one.instruction()
-    {
+    let agrees = d
+        .text
+        .as_deref()
+        .is_none_or(|t| t.trim() == one.instruction());
+    if agrees {
+        if !d.dose_and_rate.is_empty() {
+            index.note(
+                format_args!("{at}.doseAndRate"),
+                "not carried: the dose as numbers beside the dose in words (extension)",
+            );
+        }
+    } else {
         index.note(
-            format_args!("{at}.text"),
-            "not carried: an instruction in words other than the dose, route and timing carried",
+            format_args!("{at}.extension"),
+            "not carried: a dose beside an instruction in words (text) that says otherwise; the \
+             words are carried as the dose",
         );
+        one.dose = dose(index, d, at);
     }
+    one.per_day = per_day(d, &joined(&[&one.dose, &one.often], " "));
     one
 }
 
@@ -214,7 +228,12 @@ pub(super) fn instruction_in_words(
     supervised: bool,
     as_needed: bool,
 ) -> String {
-    let mut words = joined(&[dose, frequency], " ");
+    // A dose that already says how often ("60 mg once daily") says it once.
+    let said = !frequency.trim().is_empty()
+        && dose
+            .to_lowercase()
+            .contains(&frequency.trim().to_lowercase());
+    let mut words = joined(&[dose, if said { "" } else { frequency }], " ");
     let mut add = |part: &str| {
         if !part.trim().is_empty() {
             if !words.is_empty() {
