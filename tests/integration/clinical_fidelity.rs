@@ -2153,13 +2153,38 @@ fn the_dosage_text_is_the_whole_instruction_and_reads_back_as_its_parts() {
     let (_, m) = entry_of(&mut doc, "MedicationStatement");
     assert_eq!(m["dosage"][0]["text"], "60 mg once daily, oral, as needed");
     assert_eq!(parse_fhir(&doc).unwrap().medications, prn.medications);
-    // Words beside our dose that say more than its parts are listed.
+    // Words beside our dose that say otherwise (a clinician edited them in
+    // a system that kept the extension) win: carried as the dose, as any
+    // sender's text is, and the extension listed. A blank extension is none.
+    for text in [
+        "30 mg once daily, oral, supervised consumption",
+        "60 mg once daily, oral, supervised; not on Sundays",
+    ] {
+        let read = read_after(&s, |doc| {
+            let (_, m) = entry_of(doc, "MedicationStatement");
+            m["dosage"][0]["text"] = json!(text);
+        });
+        assert_eq!(read.medications[0].dose, text);
+        assert_listed(&read, "dosage[0].extension: not carried");
+    }
     let read = read_after(&s, |doc| {
         let (_, m) = entry_of(doc, "MedicationStatement");
-        m["dosage"][0]["text"] = json!("60 mg once daily, oral, supervised; not on Sundays");
+        m["dosage"][0]["extension"][0]["valueString"] = json!(" ");
     });
-    assert_eq!(read.medications[0].dose, "60 mg");
-    assert_listed(&read, "dosage[0].text: not carried");
+    assert_eq!(
+        read.medications[0].dose,
+        "60 mg once daily, oral, supervised consumption"
+    );
+    // A dose that already says how often says it once in the words.
+    let mut said = s.clone();
+    said.medications[0].dose = "60 mg once daily".into();
+    let mut doc = fhir_json(&said, JourneyEvent::Release);
+    let (_, m) = entry_of(&mut doc, "MedicationStatement");
+    assert_eq!(
+        m["dosage"][0]["text"],
+        "60 mg once daily, oral, supervised consumption"
+    );
+    assert_eq!(parse_fhir(&doc).unwrap().medications, said.medications);
     // A second dose extension is refused, as any extension given twice.
     let fields = refused_at(&s, |doc| {
         let (_, m) = entry_of(doc, "MedicationStatement");

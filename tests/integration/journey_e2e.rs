@@ -696,6 +696,68 @@ async fn claimed_release_takes_on_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_release_claimed_after_a_recall_leaves_what_waits_with_the_prison() {
+    claimed_after_a_recall_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_release_claimed_after_a_recall_leaves_what_waits_with_the_prison_on_postgres() {
+    claimed_after_a_recall_on(Engine::Postgres).await;
+}
+
+/// YP002 releases patient 69 with no GP known, before pulling YP001's
+/// transfer summary; the release is parked. The patient is recalled and
+/// admitted to YP002 again, and YP001 sends another summary there. A
+/// practice claiming the old release then gets the release alone: the
+/// prison holding the patient keeps what waits for them.
+async fn claimed_after_a_recall_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let t = pb::JourneyEvent::Transfer;
+    first
+        .submit(submit("t-69", t, &[], &transfer(69, "titrated at Ashdown")))
+        .await
+        .unwrap();
+    let mut release = summary(69, None, "released from Brackenfield");
+    written_by(&mut release, "YP002");
+    let parked = second
+        .submit(submit("r-69", pb::JourneyEvent::Release, &[], &release))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&parked), ["@parked"], "{parked:?}");
+    second
+        .submit(sent_by(admission("recall-69", 69), "YP002"))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG002").await;
+    let claimed = gp
+        .claim(pb::ClaimRequest {
+            patient: Some(patient_ref(69)),
+            evidence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .claimed;
+    assert_eq!(claimed.len(), 1);
+    let got: Vec<String> = pull_and_ack(&mut gp).await.iter().map(text_of).collect();
+    assert_eq!(got, ["released from Brackenfield"]);
+    let kept: Vec<String> = pull_and_ack(&mut second)
+        .await
+        .iter()
+        .map(text_of)
+        .collect();
+    assert_eq!(kept, ["titrated at Ashdown"]);
+    let trail = gw.store.audit_entries().unwrap();
+    assert!(!trail.iter().any(|e| e.action == "forward"), "{trail:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_transfer_superseded_on_arrival_sends_nothing_on() {
     superseded_on_arrival_sends_nothing_on(Engine::Sled).await;
 }
@@ -756,6 +818,80 @@ async fn superseded_on_arrival_sends_nothing_on(engine: Engine) {
     );
     let trail = gw.store.audit_entries().unwrap();
     assert!(!trail.iter().any(|e| e.action == "forward"), "{trail:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_transfer_summary_that_arrives_after_the_patient_moved_on_follows_them() {
+    arrives_after_the_patient_moved_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_transfer_summary_that_arrives_after_the_patient_moved_on_follows_them_on_postgres() {
+    arrives_after_the_patient_moved_on(Engine::Postgres).await;
+}
+
+/// YP002 transfers patient 67 on to YP003 at 12:00; YP001's summary of
+/// the transfer that brought them to YP002 at 09:00 reaches the gateway
+/// only after (a retry after an outage): it goes to YP003, where the
+/// patient is, not to wait at YP002 for someone it no longer holds. For
+/// patient 68, YP002's onward transfer was of an earlier stay (January):
+/// YP001's summary goes to YP002 as named.
+async fn arrives_after_the_patient_moved_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let t = pb::JourneyEvent::Transfer;
+    let at = |s: &mut ClinicalSummary, when: &str| {
+        s.custody.transfer_at = Some(when.parse().unwrap());
+        s.authored_at = when.parse().unwrap();
+    };
+    for (patient, onward_at) in [(67, "2026-11-24T12:00:00Z"), (68, "2026-01-10T12:00:00Z")] {
+        let mut onward = transfer(patient, "to YP003");
+        written_by(&mut onward, "YP002");
+        onward.custody.transfer_to = Some("YP003".parse().unwrap());
+        at(&mut onward, onward_at);
+        if patient == 68 {
+            onward.custody.reception_date = Some("2025-12-01".parse().unwrap());
+        }
+        let id = format!("on-{patient}");
+        second.submit(submit(&id, t, &[], &onward)).await.unwrap();
+    }
+    let mut late = transfer(67, "titrated at Ashdown");
+    at(&mut late, "2026-11-24T09:00:00Z");
+    let r = first
+        .submit(submit("t-67", t, &[], &late))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&r).contains(&"YP003"), "{r:?}");
+    assert!(!destinations(&r).contains(&"YP002"), "{r:?}");
+    let mut named = transfer(68, "named at Ashdown");
+    at(&mut named, "2026-11-24T09:00:00Z");
+    let r = first
+        .submit(submit("t-68", t, &[], &named))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&r).contains(&"YP002"), "{r:?}");
+
+    // One patient's copies are handed out in order: three rounds.
+    let mut at_third: Vec<String> = markers_pulled(&mut third, 3)
+        .await
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    at_third.sort();
+    assert_eq!(at_third, ["titrated at Ashdown", "to YP003", "to YP003"]);
+    let at_second: Vec<String> = pull_and_ack(&mut second)
+        .await
+        .iter()
+        .map(text_of)
+        .collect();
+    assert_eq!(at_second, ["named at Ashdown"]);
     gw.stop().await;
 }
 
