@@ -220,15 +220,8 @@ impl Gateway {
                 Vec::new()
             }
         };
-        match cmd.event {
-            JourneyEvent::CommunitySummary => {
-                self.to_current_prison(&checked.patient, &mut routes)?;
-            }
-            JourneyEvent::Transfer => {
-                let about = (&checked.patient, &checked.summary);
-                self.after_the_patient(&org.ods, about, &mut routes)?;
-            }
-            _ => {}
+        if cmd.event == JourneyEvent::CommunitySummary {
+            self.to_current_prison(&checked.patient, &mut routes)?;
         }
         let handover = self.new_handover(actor, &org, &cmd, checked, &routes);
         let outcome = self.store.submit(handover).await?;
@@ -355,73 +348,6 @@ impl Gateway {
     /// for them. A patient released since, or whom no prison has sent,
     /// keeps the prison named (`docs/journey.md`).
     fn to_current_prison(&self, patient: &PatientRef, routes: &mut [Route]) -> Result<(), Error> {
-        let Some((_, now_at)) = self.where_now(patient)? else {
-            return Ok(());
-        };
-        for route in routes {
-            if let Recipient::Org(named) = &mut route.recipient
-                && *named != now_at
-            {
-                tracing::info!(named = %named, to = %now_at, "community summary sent on to the prison that holds the patient now");
-                *named = now_at.clone();
-            }
-        }
-        Ok(())
-    }
-
-    /// A transfer summary that reaches the gateway after another prison
-    /// reported moving its patient on since the transfer (`moved_at_ms`)
-    /// goes to the prison that holds them now, not the one it names: that
-    /// one transferred them on (or another admitted them), and what waits
-    /// there for a patient it no longer holds is never sent after them. A
-    /// late summary, or a retry after an outage, is the usual case. Only
-    /// the receiving prison's copy moves; a movement reported by the sender
-    /// itself (its own correction) or before the transfer moves nothing.
-    fn after_the_patient(
-        &self,
-        sender: &OdsCode,
-        (patient, summary): (&PatientRef, &ClinicalSummary),
-        routes: &mut [Route],
-    ) -> Result<(), Error> {
-        let Some(named) = summary.custody.transfer_to.as_ref() else {
-            return Ok(());
-        };
-        let moved_at = summary
-            .custody
-            .transfer_at
-            .as_ref()
-            .unwrap_or(&summary.authored_at)
-            .unix_ms();
-        let Some((latest, now_at)) = self.where_now(patient)? else {
-            return Ok(());
-        };
-        let since = latest.sender != sender.as_str()
-            && latest.authored_at_ms.is_some_and(|at| at > moved_at);
-        if !since || now_at == *named {
-            return Ok(());
-        }
-        for route in routes {
-            if route.view == View::Full
-                && let Recipient::Org(to) = &mut route.recipient
-                && to == named
-            {
-                tracing::info!(named = %named, to = %now_at, handover_id = latest.id, "transfer summary sent on to the prison that holds the patient now");
-                *to = now_at.clone();
-            }
-        }
-        Ok(())
-    }
-
-    /// The patient's newest custody movement and the registered prison it
-    /// left them at (an admission's prison, a transfer's receiving prison);
-    /// `None` when released since, never sent, or at no registered prison.
-    /// Disabled or not: the record waits for the prison that holds the
-    /// patient (it pulls once enabled again) rather than go to one they
-    /// left, which has no care of them.
-    fn where_now(
-        &self,
-        patient: &PatientRef,
-    ) -> Result<Option<(crate::store::HandoverRecord, OdsCode)>, Error> {
         let identifiers = [
             (patient.nhs_number.as_ref()).map(|n| self.keyer.key(Some(n), None)),
             (patient.prison_number.as_ref()).map(|p| self.keyer.key(None, Some(p))),
@@ -434,19 +360,30 @@ impl Gateway {
                 latest = Some(h);
             }
         }
-        let Some(latest) = latest else {
-            return Ok(None);
-        };
-        let now_at = match latest.event {
-            JourneyEvent::Admission => Some(latest.sender.clone()),
-            JourneyEvent::Transfer => self.received_by(&latest)?,
+        let now_at = match latest {
+            Some(h) if h.event == JourneyEvent::Admission => Some(h.sender),
+            Some(h) if h.event == JourneyEvent::Transfer => self.received_by(&h)?,
             _ => None,
         };
         let Some(now_at) = now_at.and_then(|c| c.parse::<OdsCode>().ok()) else {
-            return Ok(None);
+            return Ok(());
         };
+        // Disabled or not: the record waits for the prison that holds the
+        // patient (it pulls once enabled again) rather than go to one they
+        // left, which has no care of them.
         let prison = (self.registry.read().get(&now_at)).is_some_and(|o| o.kind == OrgKind::Prison);
-        Ok(prison.then_some((latest, now_at)))
+        if !prison {
+            return Ok(());
+        }
+        for route in routes {
+            if let Recipient::Org(named) = &mut route.recipient
+                && *named != now_at
+            {
+                tracing::info!(named = %named, to = %now_at, "community summary sent on to the prison that holds the patient now");
+                *named = now_at.clone();
+            }
+        }
+        Ok(())
     }
 
     /// The prison transfer `h` went to: its summary's copy.
