@@ -444,6 +444,11 @@ fn safe_url(url: &str) -> &str {
     if ok { url } else { "(no readable url)" }
 }
 
+/// Whether `v` can hold elements to walk (an object, or an array of them).
+fn holds_elements(v: &Value) -> bool {
+    matches!(v, Value::Object(_) | Value::Array(_))
+}
+
 /// An object that holds nothing but comments (`"_status": {"fhir_comments": …}`).
 fn only_comments(v: &Value) -> bool {
     v.as_object()
@@ -460,30 +465,40 @@ struct Walk<'w> {
 
 impl Walk<'_> {
     fn object(&mut self, map: &serde_json::Map<String, Value>, schema_path: &str, at: &str) {
+        // Paths are formatted only for what is reported or walked into: a
+        // known value that holds no element (nearly every one) costs none.
+        let mut path = String::with_capacity(schema_path.len() + 32);
         for (key, value) in map {
-            let here = format!("{at}{}", safe_name(key));
-            let path = if schema_path.is_empty() {
-                key.clone()
-            } else {
-                format!("{schema_path}.{key}")
-            };
+            let here = || format!("{at}{}", safe_name(key));
+            path.clear();
+            if !schema_path.is_empty() {
+                path.push_str(schema_path);
+                path.push('.');
+            }
+            path.push_str(key);
             match key.as_str() {
                 // Comments, as FHIR JSON writes XML comments: not content.
                 "fhir_comments" => {}
                 _ if only_comments(value) => {}
                 "modifierExtension" => self.errors.add(
-                    here,
+                    here(),
                     "a modifier extension the gateway does not understand: FHIR requires \
                      refusing the resource",
                 ),
                 "implicitRules" => self.errors.add(
-                    here,
+                    here(),
                     "implicit rules the gateway does not understand: FHIR requires refusing \
                      the resource",
                 ),
-                "extension" => self.extensions(value, schema_path, &here),
-                _ if self.schema.knows(&path) => self.value(value, &path, &here),
-                _ => self.notes.push(format!("{here}: not read by the gateway")),
+                "extension" => self.extensions(value, schema_path, &here()),
+                _ if self.schema.knows(&path) => {
+                    if holds_elements(value) {
+                        self.value(value, &path, &here());
+                    }
+                }
+                _ => self
+                    .notes
+                    .push(format!("{}: not read by the gateway", here())),
             }
         }
     }
@@ -498,12 +513,11 @@ impl Walk<'_> {
                     0
                 };
                 for (i, item) in items.iter().enumerate() {
-                    let at = format!("{here}[{i}]");
                     if i != read && self.schema.first_only(path) {
                         self.notes
-                            .push(format!("{at}: only the first repetition is read"));
-                    } else {
-                        self.value(item, path, &at);
+                            .push(format!("{here}[{i}]: only the first repetition is read"));
+                    } else if holds_elements(item) {
+                        self.value(item, path, &format!("{here}[{i}]"));
                     }
                 }
             }
