@@ -142,21 +142,26 @@ def headers(message) -> dict:
     return {k.lower().removeprefix("mex-"): v for k, v in message.mex_headers()}
 
 
-def test_a_release_sent_through_mesh_by_a_prison_reaches_the_practice_through_mesh(mesh):
-    nhs = json.loads(FIXTURE.read_text())["patient"]["nhs_number"]
-    # A medicine taken as needed, for a reason the model cannot hold: the
-    # gateway lists that reason as not carried to the practice.
-    document = json.loads(release_fhir())
+def prison_sends_release(mesh, practice: str, local_id: str) -> None:
+    """The prison sends the fixture's release for `practice` through MESH,
+    with a medicine taken as needed for a reason the model cannot hold (the
+    gateway lists that reason as not carried), and waits for the gateway's
+    acknowledgement, which comes once the submit is durable."""
+    document = json.loads(release_fhir().replace(b"YG001", practice.encode()))
     statement = next(e["resource"] for e in document["entry"]
                      if e["resource"]["resourceType"] == "MedicationStatement")
     statement["dosage"][0]["asNeededCodeableConcept"] = {"text": "for breakthrough pain"}
     with mesh(PRISON_MB) as prison:
         sent = prison.send_message(GATEWAY_MB, json.dumps(document).encode(),
                                    workflow_id="THROUGHCARE_RELEASE",
-                                   local_id="py-mesh-release-1", subject="release")
-        # The gateway acknowledges it in MESH once the submit is durable.
+                                   local_id=local_id, subject="release")
         eventually("the gateway's acknowledgement",
                    lambda: prison.track_message(sent)["status"] == "acknowledged")
+
+
+def test_a_release_sent_through_mesh_by_a_prison_reaches_the_practice_through_mesh(mesh):
+    nhs = json.loads(FIXTURE.read_text())["patient"]["nhs_number"]
+    prison_sends_release(mesh, "YG001", "py-mesh-release-1")
     with mesh(PRACTICE_MB) as practice:
         ids = eventually("the practice's delivery", practice.list_messages)
         assert len(ids) == 1
@@ -189,16 +194,7 @@ def test_an_hl7_practice_on_mesh_reads_what_was_not_carried_in_the_message(mesh_
     from hl7apy.consts import VALIDATION_LEVEL
     from hl7apy.parser import parse_message
 
-    document = json.loads(release_fhir().replace(b"YG001", b"YG002"))
-    statement = next(e["resource"] for e in document["entry"]
-                     if e["resource"]["resourceType"] == "MedicationStatement")
-    statement["dosage"][0]["asNeededCodeableConcept"] = {"text": "for breakthrough pain"}
-    with mesh_hl7(PRISON_MB) as prison:
-        sent = prison.send_message(GATEWAY_MB, json.dumps(document).encode(),
-                                   workflow_id="THROUGHCARE_RELEASE",
-                                   local_id="py-mesh-hl7-1", subject="release")
-        eventually("the gateway's acknowledgement",
-                   lambda: prison.track_message(sent)["status"] == "acknowledged")
+    prison_sends_release(mesh_hl7, "YG002", "py-mesh-hl7-1")
     with mesh_hl7(PRACTICE_MB) as practice:
         ids = eventually("the practice's delivery", practice.list_messages)
         assert len(ids) == 1
