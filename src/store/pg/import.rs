@@ -104,9 +104,7 @@ async fn import_all(
     let mut client = s.client().await?;
     let tx = client.transaction().await.map_err(db)?;
     // The locks every node's writes take: held until the commit.
-    tx.execute("SELECT 1 FROM counters FOR UPDATE", &[])
-        .await
-        .map_err(db)?;
+    sql::lock_counters(&tx).await?;
     tx.execute("SELECT 1 FROM audit_head FOR UPDATE", &[])
         .await
         .map_err(db)?;

@@ -121,9 +121,7 @@ async fn pds_result(
     // The first lock, as for a submit and a claim: a release routed to a
     // practice may send on older copies (`submit::take_on_claimed`).
     if result.route_to.is_some() {
-        tx.query_one("SELECT last_delivery FROM counters FOR UPDATE", &[])
-            .await
-            .map_err(db)?;
+        sql::lock_counters(tx).await?;
     }
     let Some(mut d) = sql::delivery_for_update(tx, result.delivery_id).await? else {
         return Ok(Ok(None));

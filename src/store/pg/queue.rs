@@ -913,9 +913,7 @@ async fn claim(
 ) -> Result<Vec<DeliveryRecord>, StoreError> {
     // The first lock, as for a submit: a claim may send on older copies
     // (`submit::take_on_claimed`), locked after the parked ones.
-    tx.query_one("SELECT last_delivery FROM counters FOR UPDATE", &[])
-        .await
-        .map_err(db)?;
+    sql::lock_counters(tx).await?;
     // Locked in id order; a racing claim waits here and then finds them gone.
     let rows = tx
         .query(

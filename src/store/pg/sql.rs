@@ -177,6 +177,17 @@ pub async fn deliveries_of_handover(
         .collect())
 }
 
+/// Takes the `counters` row lock, every submit's first lock: a
+/// transaction that may lock older delivery rows after newer ones (a claim
+/// sending on what a prison never acknowledged) takes it first, so it
+/// cannot deadlock with a submit.
+pub async fn lock_counters(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute("SELECT 1 FROM counters FOR UPDATE", &[])
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
 /// Tells every node's listener that `mailboxes` may have something new
 /// (delivered on commit, and only then).
 pub async fn notify(tx: &Transaction<'_>, mailboxes: &[String]) -> Result<(), StoreError> {
