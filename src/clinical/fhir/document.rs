@@ -26,12 +26,14 @@ use crate::clinical::violation::ValidationErrors;
 /// the Patient and custody Encounter it rests on, then each heading.
 pub(super) fn parse_document(
     bundle: &RawBundle<'_>,
+    tree: &super::tree::Value<'_>,
     prefix: &str,
     errors: &mut ValidationErrors,
 ) -> Option<Parsed> {
     let index = Index::new(
         &bundle.entry,
         bundle.entry.iter().map(|e| kind_of(e.resource)).collect(),
+        super::tree::resources(tree).collect(),
         prefix,
     );
     let first_type = index.kind(0);
@@ -170,10 +172,10 @@ fn unique_full_urls(bundle: &RawBundle<'_>, prefix: &str, errors: &mut Validatio
 /// allergy or diagnosis is carried as recorded, and a Condition in
 /// remission as inactive.
 fn qualifier_notes(index: &Index<'_>, i: usize) {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(index.json(i)) else {
+    let Some(v) = index.tree(i) else {
         return;
     };
-    let codes = |element: &str| super::unread::codes_of(&v, element);
+    let codes = |element: &str| super::unread::codes_of(v, element);
     let p = index.path(i);
     if let Some(q) = codes("verificationStatus")
         .into_iter()
@@ -1431,7 +1433,7 @@ fn read_consent(
             // A permission with conditions (a period, nested provisions,
             // limits by data, actor or class) cannot be honoured as given:
             // the gateway shares whole headings. It is not read as given.
-            Some("permit") if c.status == "active" && !conditional(index.json(i)) => {
+            Some("permit") if c.status == "active" && !conditional(index, i) => {
                 ConsentDecision::Given
             }
             Some("permit") if c.status == "active" => {
@@ -1449,13 +1451,14 @@ fn read_consent(
 }
 
 /// Whether a Consent's `provision` holds anything beyond its `type`.
-fn conditional(json: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(json)
-        .ok()
-        .and_then(|v| v.get("provision").and_then(|p| p.as_object()).cloned())
+fn conditional(index: &Index<'_>, i: usize) -> bool {
+    index
+        .tree(i)
+        .and_then(|v| v.get("provision"))
+        .and_then(|p| p.as_object())
         .is_some_and(|p| {
             p.keys()
-                .any(|k| !matches!(k.as_str(), "type" | "id" | "fhir_comments"))
+                .any(|k| !matches!(k, "type" | "id" | "fhir_comments"))
         })
 }
 

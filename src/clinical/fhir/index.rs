@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::SYS_ODS;
 use super::read::{ods_of, parse_with, typed};
+use super::tree::Value;
 use super::types::{Organization, RawEntry, Reference};
 use super::unread;
 use crate::clinical::identifiers::OdsCode;
@@ -43,6 +44,9 @@ pub(super) struct Index<'a> {
     entries: &'a [RawEntry<'a>],
     kinds: Vec<Option<Cow<'a, str>>>,
     prefix: &'a str,
+    /// Each entry's resource as a tree (read with the whole document): what
+    /// the unread walk and the status checks look at.
+    trees: Vec<Option<&'a Value<'a>>>,
     /// Entries read (or deliberately set aside, with a note).
     used: RefCell<Vec<bool>>,
     /// What was not read, by path.
@@ -55,10 +59,13 @@ impl<'a> Index<'a> {
     pub(super) fn new(
         entries: &'a [RawEntry<'a>],
         kinds: Vec<Option<Cow<'a, str>>>,
+        trees: Vec<Option<&'a Value<'a>>>,
         prefix: &'a str,
     ) -> Self {
+        debug_assert_eq!(entries.len(), trees.len());
         Self {
             used: RefCell::new(vec![false; entries.len()]),
+            trees,
             entries,
             kinds,
             prefix,
@@ -79,8 +86,8 @@ impl<'a> Index<'a> {
         }
         let kind = self.kind(i).unwrap_or("");
         match unread::schema(kind) {
-            Some(schema) => unread::walk(
-                self.entries[i].resource.get(),
+            Some(schema) => unread::walk_tree(
+                self.tree(i).unwrap_or(&Value::Null),
                 schema,
                 self.path(i),
                 &mut self.notes.borrow_mut(),
@@ -113,7 +120,7 @@ impl<'a> Index<'a> {
             .filter(move |(_, k)| k.as_deref() == Some(t))
             .filter_map(move |(i, _)| {
                 let json = self.entries[i].resource.get();
-                match unread::standing(t, json) {
+                match self.standing(t, i) {
                     Err((element, why)) => {
                         self.used.borrow_mut()[i] = true;
                         self.refused
@@ -176,7 +183,7 @@ impl<'a> Index<'a> {
     ) -> Option<(usize, &'a str)> {
         let (i, json) = self.resolve(r)?;
         let kind = self.kind(i)?;
-        match unread::standing(kind, json) {
+        match self.standing(kind, i) {
             Ok(None) => Some((i, json)),
             Ok(Some(why)) => {
                 errors.add(
@@ -190,6 +197,17 @@ impl<'a> Index<'a> {
                 None
             }
         }
+    }
+
+    /// Entry `i`'s resource as a tree.
+    pub(super) fn tree(&self, i: usize) -> Option<&'a Value<'a>> {
+        self.trees.get(i).copied().flatten()
+    }
+
+    /// What entry `i`'s own status says (see [`unread::standing`]).
+    fn standing(&self, kind: &str, i: usize) -> Result<Option<String>, (&'static str, String)> {
+        self.tree(i)
+            .map_or(Ok(None), |v| unread::standing_of(kind, v))
     }
 
     /// How many entries the Bundle has.

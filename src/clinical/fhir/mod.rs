@@ -23,6 +23,7 @@ mod dosage;
 mod index;
 mod prescription;
 mod read;
+mod tree;
 mod types;
 mod uk_core;
 mod unread;

@@ -9,6 +9,7 @@ use serde_json::value::RawValue;
 
 use super::document::parse_document;
 use super::index::{Index, TypeAndId};
+use super::tree::{self, Value};
 use super::types::*;
 use super::{SYS_ODS, unread};
 use crate::clinical::JourneyEvent;
@@ -134,94 +135,122 @@ const MAX_ARRAY_ITEMS: usize = 10_000;
 /// - `null` only inside an array, where it lines a value up with its
 ///   `_name` extension.
 ///
-/// A document that breaks these is refused whole.
+/// A document that breaks these is refused whole. What passes is kept as a
+/// tree borrowing from the document, which the unread walk and the status
+/// checks look at (the typed reader reads each resource's text).
 #[derive(Clone, Copy)]
 struct FhirJson {
     in_array: bool,
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for FhirJson {
-    type Value = ();
+    type Value = Value<'de>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
+fn not_empty<'de, E: serde::de::Error>(v: Cow<'de, str>) -> Result<Value<'de>, E> {
+    if v.is_empty() {
+        return Err(E::custom(
+            "an empty string (FHIR JSON leaves out a value it has not)",
+        ));
+    }
+    Ok(Value::String(v))
+}
+
 impl<'de> serde::de::Visitor<'de> for FhirJson {
-    type Value = ();
+    type Value = Value<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
+    fn visit_bool<E>(self, v: bool) -> Result<Value<'de>, E> {
+        Ok(Value::Bool(v))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
+    fn visit_i64<E>(self, _: i64) -> Result<Value<'de>, E> {
+        Ok(Value::Number)
     }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
+    fn visit_u64<E>(self, _: u64) -> Result<Value<'de>, E> {
+        Ok(Value::Number)
     }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
+    fn visit_f64<E>(self, _: f64) -> Result<Value<'de>, E> {
+        Ok(Value::Number)
     }
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
-        if v.is_empty() {
-            return Err(E::custom(
-                "an empty string (FHIR JSON leaves out a value it has not)",
-            ));
-        }
-        Ok(())
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Value<'de>, E> {
+        not_empty(Cow::Borrowed(v))
     }
-    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value<'de>, E> {
+        not_empty(Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value<'de>, E> {
+        not_empty(Cow::Owned(v))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value<'de>, E> {
         if self.in_array {
-            return Ok(());
+            return Ok(Value::Null);
         }
         Err(E::custom("null (FHIR JSON leaves out a value it has not)"))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut items = 0usize;
-        while seq
-            .next_element_seed(FhirJson { in_array: true })?
-            .is_some()
-        {
-            items += 1;
-            if items > MAX_ARRAY_ITEMS {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value<'de>, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(FhirJson { in_array: true })? {
+            if items.len() == MAX_ARRAY_ITEMS {
                 return Err(serde::de::Error::custom(format!(
                     "an array of more than {MAX_ARRAY_ITEMS} items (no element of a summary \
                      repeats so often)"
                 )));
             }
+            items.push(item);
         }
-        if items == 0 {
+        if items.is_empty() {
             return Err(serde::de::Error::custom(
                 "an empty array (FHIR JSON leaves out a value it has not)",
             ));
         }
-        Ok(())
+        Ok(Value::Array(items))
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = std::collections::HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if seen.contains(&key) {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value<'de>, A::Error> {
+        // Keys borrowed from the document; a FHIR object has a handful, so
+        // they are compared in a list, and hashed only past a few dozen.
+        let mut members: Vec<(Cow<'de, str>, Value<'de>)> = Vec::new();
+        let mut many: Option<std::collections::HashSet<Cow<'de, str>>> = None;
+        while let Some(key) = map.next_key_seed(tree::Key)? {
+            let twice = match &many {
+                Some(set) => set.contains(&key),
+                None => members.iter().any(|(k, _)| *k == key),
+            };
+            if twice {
                 return Err(serde::de::Error::custom(format!(
                     "an object names `{}` twice (FHIR JSON names each property once)",
                     unread::safe_name(&key)
                 )));
             }
-            map.next_value_seed(FhirJson { in_array: false })?;
-            seen.insert(key);
+            let value = map.next_value_seed(FhirJson { in_array: false })?;
+            match &mut many {
+                Some(set) => {
+                    set.insert(key.clone());
+                }
+                None if members.len() >= 32 => {
+                    let mut set: std::collections::HashSet<_> =
+                        members.iter().map(|(k, _)| k.clone()).collect();
+                    set.insert(key.clone());
+                    many = Some(set);
+                }
+                None => {}
+            }
+            members.push((key, value));
         }
-        if seen.is_empty() {
+        if members.is_empty() {
             return Err(serde::de::Error::custom(
                 "an empty object (FHIR JSON leaves out a value it has not)",
             ));
         }
-        Ok(())
+        Ok(Value::Object(tree::Map(members)))
     }
 }
 
@@ -275,10 +304,11 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
         }
     };
     let mut json = serde_json::Deserializer::from_str(text);
-    if let Err(e) = serde::de::DeserializeSeed::deserialize(FhirJson { in_array: false }, &mut json)
-    {
-        return Err(ValidationErrors::one("document", e.to_string()));
-    }
+    let whole =
+        match serde::de::DeserializeSeed::deserialize(FhirJson { in_array: false }, &mut json) {
+            Ok(whole) => whole,
+            Err(e) => return Err(ValidationErrors::one("document", e.to_string())),
+        };
     if bundle.resource_type != "Bundle" {
         return Err(ValidationErrors::one("resourceType", "must be Bundle"));
     }
@@ -292,8 +322,8 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
     }
     let mut errors = ValidationErrors::default();
     match &*bundle.type_ {
-        "document" => parse_document(&bundle, "", &mut errors).map(|mut p| {
-            let mut notes = unread::bundle(text, "", &mut errors);
+        "document" => parse_document(&bundle, &whole, "", &mut errors).map(|mut p| {
+            let mut notes = unread::bundle(&whole, "", &mut errors);
             notes.append(&mut p.summary.not_read);
             p.summary.not_read = notes;
             p
@@ -317,13 +347,13 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                             None
                         }
                         Some(doc) if doc.type_ == "document" => {
-                            parse_document(&doc, &prefix, &mut errors).map(|mut p| {
-                                let mut notes = unread::bundle(text, "", &mut errors);
-                                notes.extend(unread::bundle(
-                                    e.resource.get(),
-                                    &prefix,
-                                    &mut errors,
-                                ));
+                            let inner = tree::resources(&whole)
+                                .nth(i)
+                                .flatten()
+                                .unwrap_or(&Value::Null);
+                            parse_document(&doc, inner, &prefix, &mut errors).map(|mut p| {
+                                let mut notes = unread::bundle(&whole, "", &mut errors);
+                                notes.extend(unread::bundle(inner, &prefix, &mut errors));
                                 notes.extend(message_entries(&bundle, i));
                                 notes.append(&mut p.summary.not_read);
                                 p.summary.not_read = notes;
@@ -647,6 +677,35 @@ fn contained_medication(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The duplicate check compares keys in a list up to 32 and hashes
+    /// them beyond: both find a repeat, written plainly or escaped.
+    #[test]
+    fn a_key_named_twice_is_refused_however_many_keys_and_however_written() {
+        let limits = Limits::default();
+        let doc = |keys: usize, repeat: &str| {
+            let mut json = String::from(
+                r#"{"resourceType":"Bundle","type":"document","entry":[{"resource":{"resourceType":"Composition"}}]"#,
+            );
+            for k in 0..keys {
+                json.push_str(&format!(r#","k{k}":"v""#));
+            }
+            json.push_str(repeat);
+            json.push('}');
+            json
+        };
+        for keys in [3, 31, 32, 33, 40] {
+            for repeat in [r#","k1":"w""#, r#","\u006b1":"w""#] {
+                let err = parse(doc(keys, repeat).as_bytes(), &limits).unwrap_err();
+                assert_eq!(err.0.len(), 1, "{keys}: {err}");
+                assert_eq!(err.0[0].field, "document");
+                assert!(err.0[0].description.contains("`k1` twice"), "{keys}: {err}");
+            }
+            // Distinct keys alone are no reason to refuse the JSON.
+            let err = parse(doc(keys, "").as_bytes(), &limits).unwrap_err();
+            assert!(err.0.iter().all(|v| v.field != "document"), "{keys}: {err}");
+        }
+    }
 
     #[test]
     fn entries_and_arrays_are_bounded_before_any_entry_is_read() {

@@ -16,8 +16,9 @@
 //! `custodian{org}` a Reference to an Organization, by entry or ODS code.
 
 use std::fmt;
+use std::sync::OnceLock;
 
-use serde_json::Value;
+use super::tree::{Map, Value};
 
 use super::{EXT_DAYS_SUPPLIED, EXT_DOSE, EXT_LAST_DOSE, EXT_NOTE, EXT_TREATMENT_STARTED};
 
@@ -32,6 +33,14 @@ pub(super) struct Schema {
     first_only: &'static [&'static str],
     /// Extension URLs read (on the resource itself).
     extensions: &'static [&'static str],
+    /// `known` and `first_only` spelt out path by path, sorted, on first use.
+    expanded: OnceLock<Expanded>,
+}
+
+/// A schema's paths, each as the walk compares it.
+struct Expanded {
+    known: Vec<String>,
+    first_only: Vec<String>,
 }
 
 /// Every resource: its type, its id (references are resolved and re-minted)
@@ -39,13 +48,14 @@ pub(super) struct Schema {
 const COMMON: [&str; 4] = ["resourceType", "id", "meta", "meta.profile"];
 
 /// The resource types the gateway reads, each with its schema.
-const SCHEMAS: [(&str, Schema); 15] = [
+static SCHEMAS: [(&str, Schema); 15] = [
     (
         "Medication",
         Schema {
             known: &["code{cc}"],
             first_only: &[],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -69,6 +79,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &["author"],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -105,6 +116,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             // Names are weighed one by one; the parser lists those not read.
             first_only: &[],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -113,6 +125,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             known: &["identifier", "identifier.system", "identifier.value"],
             first_only: &[],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -127,6 +140,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &["name", "qualification"],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -146,6 +160,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &[],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -160,6 +175,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &[],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -201,6 +217,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &["dosage.doseAndRate"],
             extensions: &[EXT_LAST_DOSE, EXT_DAYS_SUPPLIED],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -250,6 +267,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &["dosageInstruction.doseAndRate"],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -267,6 +285,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &["reaction", "reaction.manifestation"],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -275,6 +294,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             known: &["status", "code{cc*}", "subject{ref}"],
             first_only: &[],
             extensions: &[EXT_NOTE],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -288,6 +308,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &[],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -303,6 +324,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &[],
             extensions: &[EXT_TREATMENT_STARTED],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -318,6 +340,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &[],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
     (
@@ -334,6 +357,7 @@ const SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &[],
             extensions: &[],
+            expanded: OnceLock::new(),
         },
     ),
 ];
@@ -371,31 +395,50 @@ fn datatype_parts(suffix: &str) -> &'static [&'static str] {
 }
 
 impl Schema {
-    fn knows(&self, path: &str) -> bool {
-        COMMON.contains(&path)
-            || self.known.iter().any(|k| match k.split_once('{') {
-                None => *k == path,
-                Some((base, suffix)) => {
-                    path == base
-                        || path
-                            .strip_prefix(base)
-                            .and_then(|rest| rest.strip_prefix('.'))
-                            .is_some_and(|rest| {
-                                datatype_parts(suffix.trim_end_matches('}')).contains(&rest)
-                            })
+    /// The paths the walk asks about, spelt out once: a walk asks for every
+    /// member of every resource, so each question is one binary search.
+    fn expanded(&self) -> &Expanded {
+        self.expanded.get_or_init(|| {
+            let mut known: Vec<String> = COMMON.iter().map(|&k| k.to_owned()).collect();
+            let mut first_only: Vec<String> =
+                self.first_only.iter().map(|&k| k.to_owned()).collect();
+            for k in self.known {
+                match k.split_once('{') {
+                    None => known.push((*k).to_owned()),
+                    Some((base, suffix)) => {
+                        let suffix = suffix.trim_end_matches('}');
+                        known.push(base.to_owned());
+                        known.extend(
+                            datatype_parts(suffix)
+                                .iter()
+                                .map(|part| format!("{base}.{part}")),
+                        );
+                        if suffix == "cc" {
+                            first_only.push(format!("{base}.coding"));
+                        }
+                    }
                 }
-            })
+            }
+            known.sort_unstable();
+            known.dedup();
+            first_only.sort_unstable();
+            first_only.dedup();
+            Expanded { known, first_only }
+        })
+    }
+
+    fn knows(&self, path: &str) -> bool {
+        let known = &self.expanded().known;
+        known.binary_search_by(|k| k.as_str().cmp(path)).is_ok()
     }
 
     /// Only the first repetition is read: the first of every
     /// `first_only` element and of every CodeableConcept's `coding`.
     fn first_only(&self, path: &str) -> bool {
-        self.first_only.contains(&path)
-            || path.strip_suffix(".coding").is_some_and(|base| {
-                self.known
-                    .iter()
-                    .any(|k| k.strip_suffix("{cc}") == Some(base))
-            })
+        let first_only = &self.expanded().first_only;
+        first_only
+            .binary_search_by(|k| k.as_str().cmp(path))
+            .is_ok()
     }
 }
 
@@ -403,8 +446,8 @@ impl Schema {
 /// SNOMED CT or dm+d (as `parse_code` chooses), else the first in the
 /// gateway's own systems (as `code_in` finds them), else the first with a
 /// system and a code.
-fn coding_read(codings: &[Value]) -> usize {
-    fn system(c: &Value) -> &str {
+fn coding_read(codings: &[Value<'_>]) -> usize {
+    fn system<'v>(c: &'v Value<'_>) -> &'v str {
         c.get("system").and_then(Value::as_str).unwrap_or("")
     }
     let usable = |c: &&Value| !system(c).is_empty() && c.get("code").is_some();
@@ -445,14 +488,43 @@ fn safe_url(url: &str) -> &str {
 }
 
 /// Whether `v` can hold elements to walk (an object, or an array of them).
-fn holds_elements(v: &Value) -> bool {
+fn holds_elements(v: &Value<'_>) -> bool {
     matches!(v, Value::Object(_) | Value::Array(_))
 }
 
 /// An object that holds nothing but comments (`"_status": {"fhir_comments": …}`).
-fn only_comments(v: &Value) -> bool {
+fn only_comments(v: &Value<'_>) -> bool {
     v.as_object()
         .is_some_and(|o| !o.is_empty() && o.keys().all(|k| k == "fhir_comments"))
+}
+
+/// Where the walk is, as a path for a note or an error (`entry[3].resource.
+/// code.coding[1]`): kept as a chain of steps and formatted only for what is
+/// reported, nearly nothing of a resource.
+#[derive(Clone, Copy)]
+enum Here<'s> {
+    /// The resource itself: its own path, ending in `.`.
+    Resource(&'s dyn fmt::Display),
+    /// A member of the object at the parent.
+    Member(&'s Here<'s>, &'s str),
+    /// An item of the array at the parent.
+    Item(&'s Here<'s>, usize),
+}
+
+impl fmt::Display for Here<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Resource(at) => at.fmt(f),
+            Self::Member(parent, key) => {
+                parent.fmt(f)?;
+                if !matches!(parent, Self::Resource(_)) {
+                    f.write_str(".")?;
+                }
+                f.write_str(safe_name(key))
+            }
+            Self::Item(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
 }
 
 /// One walk over one resource: notes for what is not read, violations for
@@ -464,48 +536,44 @@ struct Walk<'w> {
 }
 
 impl Walk<'_> {
-    fn object(&mut self, map: &serde_json::Map<String, Value>, schema_path: &str, at: &str) {
-        // Paths are formatted only for what is reported or walked into: a
-        // known value that holds no element (nearly every one) costs none.
+    fn object(&mut self, map: &Map<'_>, schema_path: &str, at: &Here<'_>) {
         let mut path = String::with_capacity(schema_path.len() + 32);
-        for (key, value) in map {
-            let here = || format!("{at}{}", safe_name(key));
+        for (key, value) in map.iter() {
+            let here = Here::Member(at, key);
             path.clear();
             if !schema_path.is_empty() {
                 path.push_str(schema_path);
                 path.push('.');
             }
             path.push_str(key);
-            match key.as_str() {
+            match key {
                 // Comments, as FHIR JSON writes XML comments: not content.
                 "fhir_comments" => {}
                 _ if only_comments(value) => {}
                 "modifierExtension" => self.errors.add(
-                    here(),
+                    here.to_string(),
                     "a modifier extension the gateway does not understand: FHIR requires \
                      refusing the resource",
                 ),
                 "implicitRules" => self.errors.add(
-                    here(),
+                    here.to_string(),
                     "implicit rules the gateway does not understand: FHIR requires refusing \
                      the resource",
                 ),
-                "extension" => self.extensions(value, schema_path, &here()),
+                "extension" => self.extensions(value, schema_path, &here),
                 _ if self.schema.knows(&path) => {
                     if holds_elements(value) {
-                        self.value(value, &path, &here());
+                        self.value(value, &path, &here);
                     }
                 }
-                _ => self
-                    .notes
-                    .push(format!("{}: not read by the gateway", here())),
+                _ => self.notes.push(format!("{here}: not read by the gateway")),
             }
         }
     }
 
-    fn value(&mut self, value: &Value, path: &str, here: &str) {
+    fn value(&mut self, value: &Value<'_>, path: &str, here: &Here<'_>) {
         match value {
-            Value::Object(map) => self.object(map, path, &format!("{here}.")),
+            Value::Object(map) => self.object(map, path, here),
             Value::Array(items) => {
                 let read = if path.ends_with(".coding") {
                     coding_read(items)
@@ -513,11 +581,12 @@ impl Walk<'_> {
                     0
                 };
                 for (i, item) in items.iter().enumerate() {
+                    let at = Here::Item(here, i);
                     if i != read && self.schema.first_only(path) {
                         self.notes
-                            .push(format!("{here}[{i}]: only the first repetition is read"));
+                            .push(format!("{at}: only the first repetition is read"));
                     } else if holds_elements(item) {
-                        self.value(item, path, &format!("{here}[{i}]"));
+                        self.value(item, path, &at);
                     }
                 }
             }
@@ -525,12 +594,13 @@ impl Walk<'_> {
         }
     }
 
-    fn extensions(&mut self, value: &Value, on: &str, here: &str) {
+    fn extensions(&mut self, value: &Value<'_>, on: &str, here: &Here<'_>) {
         let Value::Array(items) = value else {
             self.notes.push(format!("{here}: not read by the gateway"));
             return;
         };
         for (i, ext) in items.iter().enumerate() {
+            let at = Here::Item(here, i);
             let url = ext.get("url").and_then(Value::as_str).unwrap_or("");
             let read = if on.is_empty() {
                 self.schema.extensions.contains(&url)
@@ -541,14 +611,14 @@ impl Walk<'_> {
                 && !inner.is_empty()
             {
                 self.errors.add(
-                    format!("{here}[{i}].modifierExtension"),
+                    format!("{at}.modifierExtension"),
                     "a modifier extension the gateway does not understand",
                 );
             }
             if !read {
                 // The URL names a definition, never patient data.
                 self.notes.push(format!(
-                    "{here}[{i}] ({}): an extension not read by the gateway",
+                    "{at} ({}): an extension not read by the gateway",
                     safe_url(url)
                 ));
                 continue;
@@ -561,7 +631,7 @@ impl Walk<'_> {
                 && ext.get(wanted).is_none_or(Value::is_null)
             {
                 self.errors.add(
-                    format!("{here}[{i}]"),
+                    at.to_string(),
                     format!("this extension's value is read from {wanted}, which it does not have"),
                 );
             }
@@ -572,7 +642,7 @@ impl Walk<'_> {
                     .any(|earlier| earlier.get("url").and_then(Value::as_str) == Some(url))
             {
                 self.errors.add(
-                    format!("{here}[{i}]"),
+                    at.to_string(),
                     "given more than once: this extension is stated once",
                 );
             }
@@ -593,6 +663,7 @@ fn value_type_of(url: &str) -> Option<&'static str> {
 
 /// Lists under `at` what `json`, a resource of a type with `schema`, holds
 /// beyond what the parser reads.
+#[cfg(test)]
 pub(super) fn walk(
     json: &str,
     schema: &Schema,
@@ -600,35 +671,51 @@ pub(super) fn walk(
     notes: &mut Vec<String>,
     errors: &mut ValidationErrors,
 ) {
-    let Ok(Value::Object(map)) = serde_json::from_str::<Value>(json) else {
+    if let Some(resource) = Value::parse(json) {
+        walk_tree(&resource, schema, at, notes, errors);
+    }
+}
+
+/// [`walk`] over a resource already read.
+pub(super) fn walk_tree(
+    resource: &Value<'_>,
+    schema: &Schema,
+    at: impl fmt::Display,
+    notes: &mut Vec<String>,
+    errors: &mut ValidationErrors,
+) {
+    let Some(map) = resource.as_object() else {
         return;
     };
-    let at = at.to_string();
     Walk {
         schema,
         notes,
         errors,
     }
-    .object(&map, "", &at);
+    .object(map, "", &Here::Resource(&at));
 }
 
 /// What a Bundle (`json`, under `prefix`) holds around its entries' resources
 /// beyond its structure: `signature`, `link`, `entry.search`,
 /// `entry.request`, `meta` other than profiles. Its identifier and
 /// timestamp are the document's own and re-minted for every delivery.
-pub(super) fn bundle(json: &str, prefix: &str, errors: &mut ValidationErrors) -> Vec<String> {
-    use serde::de::IgnoredAny;
-    use serde_json::value::RawValue;
-    use std::collections::BTreeMap;
+pub(super) fn bundle(
+    whole: &Value<'_>,
+    prefix: &str,
+    errors: &mut ValidationErrors,
+) -> Vec<String> {
     let mut notes = Vec::new();
-    let Ok(top) = serde_json::from_str::<BTreeMap<String, &RawValue>>(json) else {
+    let Some(top) = whole.as_object() else {
         return notes;
     };
-    if top.get("type").map(|t| t.get()) == Some("\"document\"") {
-        document_identity(&top, prefix, errors);
+    if top.get("type").and_then(Value::as_str) == Some("document") {
+        document_identity(top, prefix, errors);
     }
-    for (key, value) in &top {
-        match key.as_str() {
+    // Listed in the order of their names, wherever the sender put them.
+    let mut keys: Vec<(&str, &Value<'_>)> = top.iter().collect();
+    keys.sort_unstable_by_key(|(k, _)| *k);
+    for (key, value) in keys {
+        match key {
             "resourceType" | "id" | "identifier" | "type" | "timestamp" | "fhir_comments" => {}
             "implicitRules" => errors.add(
                 format!("{prefix}implicitRules"),
@@ -636,11 +723,13 @@ pub(super) fn bundle(json: &str, prefix: &str, errors: &mut ValidationErrors) ->
                  resource",
             ),
             "meta" => {
-                if let Ok(Value::Object(meta)) = serde_json::from_str::<Value>(value.get()) {
-                    for k in meta
+                if let Some(meta) = value.as_object() {
+                    let mut keys: Vec<&str> = meta
                         .keys()
-                        .filter(|k| !matches!(k.as_str(), "profile" | "fhir_comments"))
-                    {
+                        .filter(|k| !matches!(*k, "profile" | "fhir_comments"))
+                        .collect();
+                    keys.sort_unstable();
+                    for k in keys {
                         notes.push(format!(
                             "{prefix}meta.{}: not read by the gateway",
                             safe_name(k)
@@ -649,12 +738,16 @@ pub(super) fn bundle(json: &str, prefix: &str, errors: &mut ValidationErrors) ->
                 }
             }
             "entry" => {
-                let entries: Vec<BTreeMap<String, IgnoredAny>> =
-                    serde_json::from_str(value.get()).unwrap_or_default();
+                let entries = value.as_array().unwrap_or_default();
                 for (i, e) in entries.iter().enumerate() {
-                    for k in e
-                        .keys()
-                        .filter(|k| !matches!(k.as_str(), "fullUrl" | "resource" | "fhir_comments"))
+                    let mut keys: Vec<&str> = e
+                        .as_object()
+                        .map(|e| e.keys().collect())
+                        .unwrap_or_default();
+                    keys.sort_unstable();
+                    for k in keys
+                        .into_iter()
+                        .filter(|k| !matches!(*k, "fullUrl" | "resource" | "fhir_comments"))
                     {
                         if k == "modifierExtension" {
                             errors.add(
@@ -689,7 +782,7 @@ pub(super) fn bundle(json: &str, prefix: &str, errors: &mut ValidationErrors) ->
 /// status for these, so they are set aside and listed rather than carried as
 /// current; a methadone prescription stopped in custody must not reach the
 /// GP as an active one.
-fn withdrawn_value(kind: &str, v: &Value) -> Option<String> {
+fn withdrawn_value(kind: &str, v: &Value<'_>) -> Option<String> {
     let status = v.get("status").and_then(Value::as_str);
     if status == Some("entered-in-error") {
         return Some("entered in error".into());
@@ -763,17 +856,8 @@ const SERVICE_REQUEST_INTENTS: &[&str] = &[
 /// A document Bundle's own identity (R4 invariants bdl-9 and bdl-10): an
 /// `identifier` with a system and a value, and a `timestamp`, an instant.
 /// Without them a document cannot be told from another or dated.
-fn document_identity(
-    top: &std::collections::BTreeMap<String, &serde_json::value::RawValue>,
-    prefix: &str,
-    errors: &mut ValidationErrors,
-) {
-    let value = |key: &str| {
-        top.get(key)
-            .and_then(|v| serde_json::from_str::<Value>(v.get()).ok())
-    };
-    let identifier = value("identifier");
-    let identified = identifier.is_some_and(|i| {
+fn document_identity(top: &Map<'_>, prefix: &str, errors: &mut ValidationErrors) {
+    let identified = top.get("identifier").is_some_and(|i| {
         i.get("system").and_then(Value::as_str).is_some()
             && i.get("value").and_then(Value::as_str).is_some()
     });
@@ -783,8 +867,8 @@ fn document_identity(
             "required for a document: a system and a value (bdl-9)",
         );
     }
-    let dated = value("timestamp")
-        .as_ref()
+    let dated = top
+        .get("timestamp")
         .and_then(Value::as_str)
         .is_some_and(|t| t.parse::<crate::clinical::model::DateTime>().is_ok());
     if !dated {
@@ -797,9 +881,9 @@ fn document_identity(
 }
 
 /// A ServiceRequest's `intent` outside its required binding (it is 1..1).
-fn intent_fault(v: &Value) -> Option<(&'static str, String)> {
+fn intent_fault(v: &Value<'_>) -> Option<(&'static str, String)> {
     match v.get("intent") {
-        Some(Value::String(i)) if SERVICE_REQUEST_INTENTS.contains(&i.as_str()) => None,
+        Some(Value::String(i)) if SERVICE_REQUEST_INTENTS.contains(&i.as_ref()) => None,
         _ => Some((
             "intent",
             format!(
@@ -814,7 +898,7 @@ fn intent_fault(v: &Value) -> Option<(&'static str, String)> {
 /// for it, with why: the element's path below the resource and the reason.
 /// Read as anything, it could turn a resolved problem into an active one
 /// or an entered-in-error risk into a live one, so the document is refused.
-fn status_fault(kind: &str, v: &Value) -> Option<(&'static str, String)> {
+fn status_fault(kind: &str, v: &Value<'_>) -> Option<(&'static str, String)> {
     const CONDITION_VERIFICATION: &str =
         "http://terminology.hl7.org/CodeSystem/condition-ver-status";
     const ALLERGY_VERIFICATION: &str =
@@ -841,7 +925,7 @@ fn status_fault(kind: &str, v: &Value) -> Option<(&'static str, String)> {
         })
     };
     let status = |allowed: &[&str]| match v.get("status") {
-        Some(Value::String(s)) if allowed.contains(&s.as_str()) => None,
+        Some(Value::String(s)) if allowed.contains(&s.as_ref()) => None,
         _ => Some((
             "status",
             format!("must be one of {} (FHIR R4)", allowed.join(", ")),
@@ -922,17 +1006,25 @@ fn status_fault(kind: &str, v: &Value) -> Option<(&'static str, String)> {
 /// `Ok(Some(why))` a resource that is not current clinical content (set
 /// aside and listed), `Ok(None)` a current one.
 pub(super) fn standing(kind: &str, json: &str) -> Result<Option<String>, (&'static str, String)> {
-    let Ok(v) = serde_json::from_str::<Value>(json) else {
-        return Ok(None);
-    };
-    match status_fault(kind, &v) {
+    match Value::parse(json) {
+        Some(v) => standing_of(kind, &v),
+        None => Ok(None),
+    }
+}
+
+/// [`standing`] of a resource already read.
+pub(super) fn standing_of(
+    kind: &str,
+    v: &Value<'_>,
+) -> Result<Option<String>, (&'static str, String)> {
+    match status_fault(kind, v) {
         Some(fault) => Err(fault),
-        None => Ok(withdrawn_value(kind, &v)),
+        None => Ok(withdrawn_value(kind, v)),
     }
 }
 
 /// The codes of a resource's CodeableConcept `element` (every coding).
-pub(super) fn codes_of(resource: &Value, element: &str) -> Vec<String> {
+pub(super) fn codes_of(resource: &Value<'_>, element: &str) -> Vec<String> {
     resource
         .get(element)
         .and_then(|c| c.get("coding"))
@@ -962,7 +1054,7 @@ mod tests {
     use super::*;
 
     fn withdrawn(kind: &str, json: &str) -> Option<String> {
-        withdrawn_value(kind, &serde_json::from_str(json).unwrap())
+        withdrawn_value(kind, &Value::parse(json).unwrap())
     }
 
     fn unread(kind: &str, json: &str) -> (Vec<String>, ValidationErrors) {
