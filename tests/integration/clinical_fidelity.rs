@@ -1216,6 +1216,105 @@ fn a_last_dose_given_twice_is_refused() {
     );
 }
 
+/// A UK Core sender records a dose given as a MedicationAdministration, not
+/// in our extension: methadone with its administrations is opioid
+/// substitution with the latest completed one as its last dose given (so it
+/// reaches the substance misuse service in time); the others are listed.
+#[test]
+fn an_ost_medicines_last_dose_is_read_from_its_latest_administration() {
+    let s = fixture("01-ost-released-today");
+    let mut doc = fhir_json(&s, JourneyEvent::Release);
+    let (_, med) = entry_of(&mut doc, "MedicationStatement");
+    let statement = med.as_object_mut().unwrap();
+    statement.remove("extension");
+    statement.remove("category");
+    let subject = statement["subject"].clone();
+    let methadone = statement["medicationCodeableConcept"].clone();
+    assert!(methadone.is_object(), "{statement:?}");
+    let other = json!({"coding": [{"system": "http://snomed.info/sct", "code": "322236009",
+                                   "display": "Paracetamol 500mg tablets"}]});
+    let given = |status: &str, medicine: &Value, at: &str| {
+        json!({"fullUrl": format!("urn:uuid:{}", uuid_for(at, status)),
+               "resource": {"resourceType": "MedicationAdministration", "status": status,
+                            "medicationCodeableConcept": medicine, "subject": subject,
+                            "effectiveDateTime": at}})
+    };
+    let entries = doc["entry"].as_array_mut().unwrap();
+    let first = entries.len();
+    entries.push(given("completed", &methadone, "2026-11-23T08:05:00Z"));
+    entries.push(given("completed", &methadone, "2026-11-24T08:10:00Z"));
+    entries.push(given("not-done", &methadone, "2026-11-24T20:00:00Z"));
+    entries.push(given("completed", &other, "2026-11-24T12:00:00Z"));
+    let read = parse_fhir(&doc).unwrap();
+    let m = &read.medications[0];
+    assert!(m.opioid_substitution, "{m:?}");
+    assert_eq!(
+        m.last_dose_given.map(|t| t.to_string()).as_deref(),
+        Some("2026-11-24T08:10:00Z")
+    );
+    let listed = |k: usize| {
+        read.not_read
+            .iter()
+            .any(|n| n.starts_with(&format!("entry[{k}].resource (MedicationAdministration)")))
+    };
+    assert!(listed(first) && !listed(first + 1), "{:?}", read.not_read);
+    assert!(
+        listed(first + 2) && listed(first + 3),
+        "{:?}",
+        read.not_read
+    );
+
+    // One without its time is listed, not a reason to refuse; one about
+    // another patient refuses the document, as any clinical resource does.
+    let mut untimed = doc.clone();
+    let entries = untimed["entry"].as_array_mut().unwrap();
+    entries[first + 1]["resource"]
+        .as_object_mut()
+        .unwrap()
+        .remove("effectiveDateTime");
+    let read = parse_fhir(&untimed).unwrap();
+    assert_eq!(
+        read.medications[0]
+            .last_dose_given
+            .map(|t| t.to_string())
+            .as_deref(),
+        Some("2026-11-23T08:05:00Z")
+    );
+    let mut elsewhere = doc.clone();
+    elsewhere["entry"][first + 1]["resource"]["subject"] =
+        json!({"reference": "urn:uuid:99999999-9999-4999-8999-999999999999"});
+    let err = parse_fhir(&elsewhere).unwrap_err();
+    assert!(
+        err.0.iter().any(|v| v
+            .field
+            .starts_with(&format!("entry[{}].resource.subject", first + 1))),
+        "{err}"
+    );
+
+    // Without an administration of it, methadone stays an ordinary medicine.
+    doc["entry"].as_array_mut().unwrap().drain(first..first + 3);
+    let read = parse_fhir(&doc).unwrap();
+    assert!(!read.medications[0].opioid_substitution);
+    assert!(read.medications[0].last_dose_given.is_none());
+}
+
+/// A fixed, distinct UUID for a test entry.
+fn uuid_for(at: &str, status: &str) -> String {
+    let digits: String = format!("{at}{status}")
+        .bytes()
+        .map(|b| format!("{:x}", b % 16))
+        .collect();
+    let d = format!("{digits:0<32}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &d[0..8],
+        &d[8..12],
+        &d[12..16],
+        &d[16..20],
+        &d[20..32]
+    )
+}
+
 /// A field's later repetitions never run into its first: a second name in
 /// PID-5 or a second reaction in AL1-5 does not become part of the first.
 #[test]

@@ -204,3 +204,38 @@ def test_our_parser_reads_a_bundle_built_by_fhir_resources(tmp_path):
     assert summary["patient"]["family_name"] == "Marsh"
     assert summary["custody"]["establishment"] == "YP001"
     assert summary["custody"]["release_date"] == "2026-11-24"
+
+
+def test_a_uk_core_dose_given_times_an_ost_medicine(tmp_path):
+    """A UK Core sender records methadone's last dose as a MedicationAdministration
+    (built and validated here by fhir.resources), not in our extension: the gateway
+    reads the medicine as opioid substitution with that dose as its last dose given."""
+    from fhir.resources.R4B.bundle import BundleEntry
+    from fhir.resources.R4B.medicationadministration import MedicationAdministration
+
+    fixture = ROOT / "tests" / "fixtures" / "patients" / "01-ost-released-today.json"
+    doc = json.loads(convert(fixture, "model-json", "fhir", event="release").stdout)
+    statement = next(
+        e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "MedicationStatement"
+    )
+    statement.pop("extension", None)
+    statement.pop("category", None)
+    given = MedicationAdministration(
+        status="completed",
+        medicationCodeableConcept=statement["medicationCodeableConcept"],
+        subject=statement["subject"],
+        effectiveDateTime="2026-11-24T07:45:00+00:00",
+    )
+    entry = BundleEntry(fullUrl="urn:uuid:6f1d7e0a-3c2b-4e1f-9a8b-0c1d2e3f4a5b", resource=given)
+    doc["entry"].append(json.loads(entry.model_dump_json()))
+    Bundle.model_validate(doc)
+    src = _write(tmp_path, "uk-core.json", json.dumps(doc))
+    summary = json.loads(convert(src, "fhir", "model-json", event="release").stdout)
+    [methadone] = summary["medications"]
+    assert methadone["opioid_substitution"] is True
+    assert methadone["last_dose_given"] == "2026-11-24T07:45:00Z"
+    # Without it, the same medicine is an ordinary one.
+    doc["entry"].pop()
+    src = _write(tmp_path, "uk-core-no-dose.json", json.dumps(doc))
+    summary = json.loads(convert(src, "fhir", "model-json", event="release").stdout)
+    assert summary["medications"][0]["opioid_substitution"] is False

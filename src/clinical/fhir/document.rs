@@ -195,10 +195,11 @@ fn qualifier_notes(index: &Index<'_>, i: usize) {
 }
 
 /// The resource types whose `subject` or `patient` says whose record they are.
-const ABOUT_A_PATIENT: [&str; 10] = [
+const ABOUT_A_PATIENT: [&str; 11] = [
     "Encounter",
     "Condition",
     "MedicationStatement",
+    "MedicationAdministration",
     "MedicationRequest",
     "AllergyIntolerance",
     "Flag",
@@ -858,6 +859,7 @@ fn sections_resolve(index: &Index<'_>, sections: &[Section<'_>], at: &str) {
 
 /// Medicines from MedicationStatements.
 fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Medication> {
+    let mut doses = doses_given(index);
     let mut s_medications = Vec::new();
     for (i, v) in index.of_type("MedicationStatement") {
         let p = index.path(i);
@@ -909,6 +911,9 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         }
         if let Some(code) = code {
             let regimen = super::dosage::regimen(index, &m.dosage, &format!("{p}dosage"));
+            if last_dose_given.is_none() {
+                last_dose_given = latest_dose(&mut doses, &code, &regimen.route);
+            }
             // Our category, or the medicine itself with its last dose given:
             // a UK Core sender has no national code for OST, and methadone
             // read as an ordinary medicine reached no substance misuse
@@ -939,7 +944,101 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
             });
         }
     }
+    for dose in doses.iter().filter(|d| !d.carried) {
+        index.note(
+            format_args!(
+                "{}entry[{}].resource (MedicationAdministration)",
+                index.prefix(),
+                dose.entry
+            ),
+            "not carried: a dose given; only the last dose of an opioid substitution medicine is \
+             carried, as its last dose given",
+        );
+    }
     s_medications
+}
+
+/// Without our extension, the last dose of an opioid substitution medicine
+/// is the latest administration of it the Bundle records (as a UK Core
+/// sender records a dose given); that administration is then carried.
+fn latest_dose(doses: &mut [DoseGiven], code: &Code, route: &str) -> Option<DateTime> {
+    if !crate::clinical::treatment::is_opioid_substitution_medicine(code, Some(route)) {
+        return None;
+    }
+    let latest = doses
+        .iter_mut()
+        .filter(|d| d.code.system == code.system && d.code.code == code.code)
+        .max_by_key(|d| d.at)?;
+    latest.carried = true;
+    Some(latest.at)
+}
+
+/// A dose the Bundle records as given (a completed MedicationAdministration).
+struct DoseGiven {
+    entry: usize,
+    code: Code,
+    at: DateTime,
+    /// Carried as an opioid substitution medicine's last dose given.
+    carried: bool,
+}
+
+/// The doses the Bundle records as given. An administration that is not a
+/// completed dose with its medicine and time is listed, never read, and
+/// never refuses the document: it is read only to time the next dose.
+fn doses_given(index: &Index<'_>) -> Vec<DoseGiven> {
+    let mut doses = Vec::new();
+    for (i, v) in index.of_type("MedicationAdministration") {
+        let p = index.path(i);
+        let at = format_args!(
+            "{}entry[{i}].resource (MedicationAdministration)",
+            index.prefix()
+        );
+        // Read apart: a fault here is listed, not a reason to refuse.
+        let mut faults = ValidationErrors::default();
+        let Some(a) = typed::<MedicationAdministration>(v, p, &mut faults) else {
+            index.note(at, "not carried: not readable as a dose given");
+            continue;
+        };
+        if a.status != "completed" {
+            index.note(
+                at,
+                &format!(
+                    "not carried: not a dose given (status {})",
+                    super::unread::safe_name(&a.status)
+                ),
+            );
+            continue;
+        }
+        let code = super::read::medication_code(
+            index,
+            (
+                a.medication_codeable_concept.as_ref(),
+                a.medication_reference.as_ref(),
+            ),
+            v,
+            p,
+            &mut faults,
+        );
+        let when = a
+            .effective_date_time
+            .as_deref()
+            .or_else(|| a.effective_period.as_ref().and_then(|e| e.end.as_deref()))
+            .and_then(|t| t.parse::<DateTime>().ok());
+        match (code, when) {
+            (Some(code), Some(at)) if faults.0.is_empty() => doses.push(DoseGiven {
+                entry: i,
+                code,
+                at,
+                carried: false,
+            }),
+            _ => index.note(
+                at,
+                "not carried: a dose given needs its medicine and the date and time it was \
+                 given (effectiveDateTime, with seconds and offset)",
+            ),
+        }
+    }
+    doses
 }
 
 /// Allergies from AllergyIntolerances.

@@ -254,6 +254,45 @@ impl<'de> serde::de::Visitor<'de> for FhirJson {
     }
 }
 
+/// Where the document has something other than a JSON object in place of
+/// a resource or a Bundle entry (the Bundle itself, each entry, each entry's
+/// resource, each contained resource, and so on in a Bundle it holds). A
+/// typed read would take an array there field by field, in order, while the
+/// checks that look for elements by name (the unread walk, the status
+/// checks) would find none, and a modifier would pass unseen.
+fn not_an_object(resource: &Value<'_>, at: &str) -> Option<(String, &'static str)> {
+    const RESOURCE: &str = "must be a JSON object: a FHIR resource is one";
+    let Some(r) = resource.as_object() else {
+        let field = at.strip_suffix('.').unwrap_or("document");
+        return Some((field.to_owned(), RESOURCE));
+    };
+    if let Some(contained) = r.get("contained").and_then(Value::as_array) {
+        for (i, c) in contained.iter().enumerate() {
+            if let Some(fault) = not_an_object(c, &format!("{at}contained[{i}].")) {
+                return Some(fault);
+            }
+        }
+    }
+    if r.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return None;
+    }
+    let entries = r.get("entry").and_then(Value::as_array).unwrap_or_default();
+    for (i, e) in entries.iter().enumerate() {
+        if e.as_object().is_none() {
+            return Some((
+                format!("{at}entry[{i}]"),
+                "must be a JSON object: a Bundle entry is one",
+            ));
+        }
+        if let Some(resource) = e.get("resource")
+            && let Some(fault) = not_an_object(resource, &format!("{at}entry[{i}].resource."))
+        {
+            return Some(fault);
+        }
+    }
+    None
+}
+
 /// The document as text, once within the size, encoding and depth limits.
 fn within_limits<'a>(bytes: &'a [u8], limits: &Limits) -> Result<&'a str, ValidationErrors> {
     if bytes.len() > limits.max_document_bytes {
@@ -309,6 +348,9 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             Ok(whole) => whole,
             Err(e) => return Err(ValidationErrors::one("document", e.to_string())),
         };
+    if let Some((field, why)) = not_an_object(&whole, "") {
+        return Err(ValidationErrors::one(field, why));
+    }
     if bundle.resource_type != "Bundle" {
         return Err(ValidationErrors::one("resourceType", "must be Bundle"));
     }
@@ -677,6 +719,53 @@ fn contained_medication(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resource, an entry or the Bundle itself written as a JSON array
+    /// is refused: serde reads a struct from an array field by field, so the
+    /// typed read took it while the checks that look for elements by name
+    /// saw nothing (a Condition with a modifier extension was carried).
+    #[test]
+    fn an_array_in_place_of_a_resource_or_entry_is_refused_where_it_is() {
+        let limits = Limits::default();
+        let composition = r#"{"resourceType":"Composition","status":"final"}"#;
+        for (json, field) in [
+            (
+                format!(r#"["Bundle","document",[{{"resource":{composition}}}]]"#),
+                "document".to_owned(),
+            ),
+            (
+                format!(
+                    r#"{{"resourceType":"Bundle","type":"document","entry":[{{"resource":{composition}}},["urn:uuid:x",{composition}]]}}"#
+                ),
+                "entry[1]".to_owned(),
+            ),
+            (
+                r#"{"resourceType":"Bundle","type":"document","entry":[{"resource":["Composition","final"]}]}"#
+                    .to_owned(),
+                "entry[0].resource".to_owned(),
+            ),
+            (
+                format!(
+                    r#"{{"resourceType":"Bundle","type":"document","entry":[{{"resource":{composition}}},{{"resource":{{"resourceType":"MedicationStatement","contained":[["Medication","m"]]}}}}]}}"#
+                ),
+                "entry[1].resource.contained[0]".to_owned(),
+            ),
+            (
+                format!(
+                    r#"{{"resourceType":"Bundle","type":"message","entry":[{{"resource":{{"resourceType":"Bundle","type":"document","entry":[["urn:uuid:x",{composition}]]}}}}]}}"#
+                ),
+                "entry[0].resource.entry[0]".to_owned(),
+            ),
+        ] {
+            let err = parse(json.as_bytes(), &limits).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{json}: {err}");
+            assert_eq!(err.0[0].field, field, "{json}: {err}");
+            assert!(
+                err.0[0].description.starts_with("must be a JSON object"),
+                "{err}"
+            );
+        }
+    }
 
     /// The duplicate check compares keys in a list up to 32 and hashes
     /// them beyond: both find a repeat, written plainly or escaped.

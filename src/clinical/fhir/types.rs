@@ -482,6 +482,23 @@ pub struct MedicationStatement<'a> {
     pub dosage: Vec<Dosage<'a>>,
 }
 
+/// A dose given (read only, for the last dose of an opioid substitution
+/// medicine when the sender has not our extension for it).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MedicationAdministration<'a> {
+    #[serde(borrow)]
+    pub status: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub medication_codeable_concept: Option<CodeableConcept<'a>>,
+    #[serde(default, borrow)]
+    pub medication_reference: Option<Reference<'a>>,
+    #[serde(default, borrow, deserialize_with = "opt_str")]
+    pub effective_date_time: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub effective_period: Option<Period<'a>>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Dosage<'a> {

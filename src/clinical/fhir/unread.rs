@@ -48,7 +48,7 @@ struct Expanded {
 const COMMON: [&str; 4] = ["resourceType", "id", "meta", "meta.profile"];
 
 /// The resource types the gateway reads, each with its schema.
-static SCHEMAS: [(&str, Schema); 15] = [
+static SCHEMAS: [(&str, Schema); 16] = [
     (
         "Medication",
         Schema {
@@ -217,6 +217,27 @@ static SCHEMAS: [(&str, Schema); 15] = [
             ],
             first_only: &["dosage.doseAndRate"],
             extensions: &[EXT_LAST_DOSE, EXT_DAYS_SUPPLIED],
+            expanded: OnceLock::new(),
+        },
+    ),
+    (
+        "MedicationAdministration",
+        Schema {
+            known: &[
+                "status",
+                "medicationCodeableConcept{cc}",
+                "medicationReference{ref}",
+                "contained",
+                "contained.resourceType",
+                "contained.id",
+                "contained.code{cc}",
+                "subject{ref}",
+                "effectiveDateTime",
+                "effectivePeriod",
+                "effectivePeriod.end",
+            ],
+            first_only: &[],
+            extensions: &[],
             expanded: OnceLock::new(),
         },
     ),
@@ -724,12 +745,11 @@ pub(super) fn bundle(
             ),
             "meta" => {
                 if let Some(meta) = value.as_object() {
-                    let mut keys: Vec<&str> = meta
+                    // Within `meta`, in the order written.
+                    for k in meta
                         .keys()
                         .filter(|k| !matches!(*k, "profile" | "fhir_comments"))
-                        .collect();
-                    keys.sort_unstable();
-                    for k in keys {
+                    {
                         notes.push(format!(
                             "{prefix}meta.{}: not read by the gateway",
                             safe_name(k)
@@ -1102,6 +1122,30 @@ mod tests {
         assert_eq!(
             notes,
             ["r.extension[1] (https://example.org/other): an extension not read by the gateway"]
+        );
+    }
+
+    /// The Bundle's own elements: its top level and entries by name, `meta`
+    /// in the order written.
+    #[test]
+    fn a_bundles_own_unread_elements_are_listed() {
+        let doc = r#"{"signature":{"type":[{"code":"x"}]},"resourceType":"Bundle","type":"collection",
+            "meta":{"versionId":"1","profile":["p"],"lastUpdated":"2024-01-01T00:00:00Z"},
+            "entry":[{"search":{"mode":"match"},"resource":{"resourceType":"Patient"},"request":{"method":"GET"}}],
+            "link":[{"relation":"self"}]}"#;
+        let mut errors = ValidationErrors::default();
+        let notes = bundle(&Value::parse(doc).unwrap(), "", &mut errors);
+        assert!(errors.0.is_empty(), "{errors}");
+        assert_eq!(
+            notes,
+            [
+                "entry[0].request: not read by the gateway",
+                "entry[0].search: not read by the gateway",
+                "link: not read by the gateway",
+                "meta.versionId: not read by the gateway",
+                "meta.lastUpdated: not read by the gateway",
+                "signature: not read by the gateway",
+            ]
         );
     }
 
