@@ -200,12 +200,12 @@ async fn handshake(tcp: TcpStream, remote: SocketAddr, slot: admission::Admitted
         () = slot.evicted.cancelled() => Err(None),
         outcome = authenticate(tcp, remote, &s.config, &s.limits, (&s.open, &s.live)) => outcome,
     };
-    if slot.evicted.is_cancelled() {
-        return; // counted as evicted, once
-    }
     // The slot is free (and a refused connection closed) before anything
-    // else, so slow audits cannot hold handshakes up.
-    drop(slot);
+    // else, so slow audits cannot hold handshakes up. A slot a newcomer
+    // took first was counted as evicted, once: its outcome is not.
+    if !slot.release() {
+        return;
+    }
     match outcome {
         Ok(conn) => {
             let _ = s.tx.send(Ok(conn)).await;

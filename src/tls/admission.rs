@@ -204,6 +204,19 @@ pub struct Admitted {
     pub evicted: CancellationToken,
 }
 
+impl Admitted {
+    /// Gives the slot back now; false when a newcomer evicted it first.
+    /// The table decides under its lock, so a handshake that ends as it is
+    /// evicted is counted once: as evicted, or by its own outcome.
+    pub fn release(self) -> bool {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.id)
+            .is_some()
+    }
+}
+
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.table
@@ -331,6 +344,14 @@ mod tests {
         assert_eq!(evicted, [ip("10.0.0.1")]);
         // The flooder cannot win slots back from lighter sources.
         assert_eq!(a.admit(ip("10.0.0.1")).err(), Some(NotAdmitted::Full));
+        // An evicted handshake that ends anyway is not counted again; one
+        // that was not evicted gives its slot back.
+        let mut held = held.into_iter();
+        let (evicted_first, _) = held.next().unwrap();
+        assert!(!evicted_first.release(), "counted as evicted already");
+        let (kept, _) = held.nth(5).unwrap();
+        assert!(!kept.evicted.is_cancelled());
+        assert!(kept.release());
     }
 
     #[test]

@@ -1218,15 +1218,86 @@ fn a_last_dose_given_twice_is_refused() {
 
 /// A UK Core sender records a dose given as a MedicationAdministration, not
 /// in our extension: methadone with its administrations is opioid
-/// substitution with the latest completed one as its last dose given (so it
-/// reaches the substance misuse service in time); the others are listed.
+/// substitution with the latest completed oral one given before the summary
+/// was written as its last dose given (so it reaches the substance misuse
+/// service in time); the others are listed, and never refuse the document.
 #[test]
 fn an_ost_medicines_last_dose_is_read_from_its_latest_administration() {
+    let (mut doc, first, _) = ost_with_administrations();
+    let read = parse_fhir(&doc).unwrap();
+    let m = &read.medications[0];
+    assert!(m.opioid_substitution, "{m:?}");
+    assert_eq!(
+        m.last_dose_given.map(|t| t.to_string()).as_deref(),
+        Some("2026-11-24T07:30:00Z")
+    );
+    let note = |k: usize| {
+        let at = format!("entry[{k}].resource (MedicationAdministration): ");
+        read.not_read
+            .iter()
+            .find_map(|n| n.strip_prefix(&at))
+            .map(str::to_owned)
+    };
+    assert_eq!(note(first + 1), None, "{:?}", read.not_read);
+    for k in [first, first + 3, first + 5] {
+        assert!(note(k).is_some_and(|n| n.starts_with("not carried: a dose given;")));
+    }
+    assert_eq!(
+        note(first + 2).as_deref(),
+        Some("not carried: not a dose given (status not-done)")
+    );
+    assert_eq!(
+        note(first + 4).as_deref(),
+        Some("not carried: given after the summary was written")
+    );
+
+    // One without its time, or whose subject cannot be read, is listed,
+    // not used; one about another patient refuses the document, as any
+    // clinical resource does.
+    for edit in [
+        |r: &mut Value| {
+            r.as_object_mut().unwrap().remove("effectiveDateTime");
+        },
+        |r: &mut Value| r["subject"] = json!("Patient/1"),
+    ] {
+        let mut listed = doc.clone();
+        edit(&mut listed["entry"][first + 1]["resource"]);
+        let read = parse_fhir(&listed).unwrap();
+        assert_eq!(
+            read.medications[0]
+                .last_dose_given
+                .map(|t| t.to_string())
+                .as_deref(),
+            Some("2026-11-23T08:05:00Z")
+        );
+    }
+    let mut elsewhere = doc.clone();
+    elsewhere["entry"][first + 1]["resource"]["subject"] =
+        json!({"reference": "urn:uuid:99999999-9999-4999-8999-999999999999"});
+    let err = parse_fhir(&elsewhere).unwrap_err();
+    assert!(
+        err.0.iter().any(|v| v
+            .field
+            .starts_with(&format!("entry[{}].resource.subject", first + 1))),
+        "{err}"
+    );
+
+    // Without an administration of it, methadone stays an ordinary medicine.
+    doc["entry"].as_array_mut().unwrap().drain(first..);
+    let read = parse_fhir(&doc).unwrap();
+    assert!(!read.medications[0].opioid_substitution);
+    assert!(read.medications[0].last_dose_given.is_none());
+}
+
+/// The OST fixture (written 2026-11-24T07:45:00Z) as a UK Core sender
+/// writes it: its methadone without our category or extensions (returned),
+/// with six administrations from entry `first` on.
+fn ost_with_administrations() -> (Value, usize, Value) {
     let s = fixture("01-ost-released-today");
     let mut doc = fhir_json(&s, JourneyEvent::Release);
     let (_, med) = entry_of(&mut doc, "MedicationStatement");
     let statement = med.as_object_mut().unwrap();
-    statement.remove("extension");
+    let stated = statement.remove("extension").unwrap();
     statement.remove("category");
     let subject = statement["subject"].clone();
     let methadone = statement["medicationCodeableConcept"].clone();
@@ -1242,60 +1313,48 @@ fn an_ost_medicines_last_dose_is_read_from_its_latest_administration() {
     let entries = doc["entry"].as_array_mut().unwrap();
     let first = entries.len();
     entries.push(given("completed", &methadone, "2026-11-23T08:05:00Z"));
+    entries.push(given("completed", &methadone, "2026-11-24T07:30:00+00:00"));
+    entries.push(given("not-done", &methadone, "2026-11-24T07:40:00Z"));
+    entries.push(given("completed", &other, "2026-11-24T07:35:00Z"));
     entries.push(given("completed", &methadone, "2026-11-24T08:10:00Z"));
-    entries.push(given("not-done", &methadone, "2026-11-24T20:00:00Z"));
-    entries.push(given("completed", &other, "2026-11-24T12:00:00Z"));
-    let read = parse_fhir(&doc).unwrap();
-    let m = &read.medications[0];
-    assert!(m.opioid_substitution, "{m:?}");
-    assert_eq!(
-        m.last_dose_given.map(|t| t.to_string()).as_deref(),
-        Some("2026-11-24T08:10:00Z")
-    );
-    let listed = |k: usize| {
-        read.not_read
-            .iter()
-            .any(|n| n.starts_with(&format!("entry[{k}].resource (MedicationAdministration)")))
-    };
-    assert!(listed(first) && !listed(first + 1), "{:?}", read.not_read);
-    assert!(
-        listed(first + 2) && listed(first + 3),
-        "{:?}",
-        read.not_read
-    );
+    let mut patch = given("completed", &methadone, "2026-11-24T07:42:00Z");
+    patch["resource"]["dosage"] = json!({"route": {"text": "transdermal"}});
+    entries.push(patch);
+    (doc, first, stated)
+}
 
-    // One without its time is listed, not a reason to refuse; one about
-    // another patient refuses the document, as any clinical resource does.
-    let mut untimed = doc.clone();
-    let entries = untimed["entry"].as_array_mut().unwrap();
-    entries[first + 1]["resource"]
-        .as_object_mut()
-        .unwrap()
-        .remove("effectiveDateTime");
-    let read = parse_fhir(&untimed).unwrap();
-    assert_eq!(
-        read.medications[0]
-            .last_dose_given
-            .map(|t| t.to_string())
-            .as_deref(),
-        Some("2026-11-23T08:05:00Z")
-    );
-    let mut elsewhere = doc.clone();
-    elsewhere["entry"][first + 1]["resource"]["subject"] =
-        json!({"reference": "urn:uuid:99999999-9999-4999-8999-999999999999"});
-    let err = parse_fhir(&elsewhere).unwrap_err();
+/// Beside our extension, a dose given after the one it states refuses the
+/// document there: which was the last cannot be told.
+#[test]
+fn a_dose_given_after_the_last_dose_stated_is_refused() {
+    let (doc, first, stated) = ost_with_administrations();
+    let mut both = doc.clone();
+    let mut stated = stated;
+    for e in stated.as_array_mut().unwrap() {
+        if e["url"].as_str().is_some_and(|u| u.contains("last-dose")) {
+            e["valueDateTime"] = json!("2026-11-23T09:00:00Z");
+        }
+    }
+    entry_of(&mut both, "MedicationStatement").1["extension"] = stated.clone();
+    // A dose it states after every administration is no conflict.
+    let mut consistent = doc.clone();
+    entry_of(&mut consistent, "MedicationStatement").1["extension"] = {
+        let mut later = stated;
+        for e in later.as_array_mut().unwrap() {
+            if e["url"].as_str().is_some_and(|u| u.contains("last-dose")) {
+                e["valueDateTime"] = json!("2026-11-24T07:44:00Z");
+            }
+        }
+        later
+    };
+    assert!(parse_fhir(&consistent).is_ok());
+    let err = parse_fhir(&both).unwrap_err();
     assert!(
-        err.0.iter().any(|v| v
-            .field
-            .starts_with(&format!("entry[{}].resource.subject", first + 1))),
+        err.0
+            .iter()
+            .any(|v| v.field == format!("entry[{}].resource.effectiveDateTime", first + 1)),
         "{err}"
     );
-
-    // Without an administration of it, methadone stays an ordinary medicine.
-    doc["entry"].as_array_mut().unwrap().drain(first..first + 3);
-    let read = parse_fhir(&doc).unwrap();
-    assert!(!read.medications[0].opioid_substitution);
-    assert!(read.medications[0].last_dose_given.is_none());
 }
 
 /// A fixed, distinct UUID for a test entry.

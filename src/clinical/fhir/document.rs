@@ -70,7 +70,7 @@ pub(super) fn parse_document(
         custody.release_address = release_address(&index, &from_patient.addresses, pi, day);
         custody
     });
-    let medications = read_medications(&index, errors);
+    let medications = read_medications(&index, comp.date.parse().ok(), errors);
     let allergies = read_allergies(&index, errors);
     let risks = read_risks(&index, errors);
     let diagnoses = read_conditions(&index, errors);
@@ -858,8 +858,12 @@ fn sections_resolve(index: &Index<'_>, sections: &[Section<'_>], at: &str) {
 }
 
 /// Medicines from MedicationStatements.
-fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Medication> {
-    let mut doses = doses_given(index);
+fn read_medications(
+    index: &Index<'_>,
+    written: Option<DateTime>,
+    errors: &mut ValidationErrors,
+) -> Vec<Medication> {
+    let mut doses = doses_given(index, written);
     let mut s_medications = Vec::new();
     for (i, v) in index.of_type("MedicationStatement") {
         let p = index.path(i);
@@ -911,9 +915,12 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
         }
         if let Some(code) = code {
             let regimen = super::dosage::regimen(index, &m.dosage, &format!("{p}dosage"));
-            if last_dose_given.is_none() {
-                last_dose_given = latest_dose(&mut doses, &code, &regimen.route);
-            }
+            last_dose_given = last_dose(
+                &mut doses,
+                (&code, &regimen.route),
+                last_dose_given,
+                (index, errors),
+            );
             // Our category, or the medicine itself with its last dose given:
             // a UK Core sender has no national code for OST, and methadone
             // read as an ordinary medicine reached no substance misuse
@@ -958,34 +965,72 @@ fn read_medications(index: &Index<'_>, errors: &mut ValidationErrors) -> Vec<Med
     s_medications
 }
 
+/// A dose the Bundle records as given (a completed MedicationAdministration).
+struct DoseGiven {
+    entry: usize,
+    code: Code,
+    /// The route it was given by, in words, when stated.
+    route: Option<String>,
+    at: DateTime,
+    /// The element `at` was read from.
+    element: &'static str,
+    /// Carried as an opioid substitution medicine's last dose given.
+    carried: bool,
+}
+
+impl DoseGiven {
+    /// A dose of opioid substitution `code`, by a route that is one.
+    fn of_substitution(&self, code: &Code) -> bool {
+        self.code.system == code.system
+            && self.code.code == code.code
+            && crate::clinical::treatment::is_opioid_substitution_medicine(
+                &self.code,
+                self.route.as_deref(),
+            )
+    }
+}
+
 /// Without our extension, the last dose of an opioid substitution medicine
 /// is the latest administration of it the Bundle records (as a UK Core
-/// sender records a dose given); that administration is then carried.
-fn latest_dose(doses: &mut [DoseGiven], code: &Code, route: &str) -> Option<DateTime> {
+/// sender records a dose given); that administration is then carried. With
+/// the extension, an administration after the last dose it states refuses
+/// the document: which dose was the last cannot be told, and the wrong one
+/// risks a double dose.
+fn last_dose(
+    doses: &mut [DoseGiven],
+    (code, route): (&Code, &str),
+    stated: Option<DateTime>,
+    (index, errors): (&Index<'_>, &mut ValidationErrors),
+) -> Option<DateTime> {
     if !crate::clinical::treatment::is_opioid_substitution_medicine(code, Some(route)) {
-        return None;
+        return stated;
+    }
+    if let Some(stated) = stated {
+        for later in doses
+            .iter()
+            .filter(|d| d.of_substitution(code) && d.at > stated)
+        {
+            errors.add(
+                format!("{}{}", index.path(later.entry), later.element),
+                "a dose given after the last dose the medicine states (its last-dose-given \
+                 extension): which was the last cannot be told",
+            );
+        }
+        return Some(stated);
     }
     let latest = doses
         .iter_mut()
-        .filter(|d| d.code.system == code.system && d.code.code == code.code)
+        .filter(|d| d.of_substitution(code))
         .max_by_key(|d| d.at)?;
     latest.carried = true;
     Some(latest.at)
 }
 
-/// A dose the Bundle records as given (a completed MedicationAdministration).
-struct DoseGiven {
-    entry: usize,
-    code: Code,
-    at: DateTime,
-    /// Carried as an opioid substitution medicine's last dose given.
-    carried: bool,
-}
-
-/// The doses the Bundle records as given. An administration that is not a
-/// completed dose with its medicine and time is listed, never read, and
-/// never refuses the document: it is read only to time the next dose.
-fn doses_given(index: &Index<'_>) -> Vec<DoseGiven> {
+/// The doses the Bundle records as given before the summary was `written`.
+/// An administration that is not a completed dose with its medicine and
+/// time is listed, never read, and never refuses the document: it is read
+/// only to time the next dose.
+fn doses_given(index: &Index<'_>, written: Option<DateTime>) -> Vec<DoseGiven> {
     let mut doses = Vec::new();
     for (i, v) in index.of_type("MedicationAdministration") {
         let p = index.path(i);
@@ -1004,7 +1049,7 @@ fn doses_given(index: &Index<'_>) -> Vec<DoseGiven> {
                 at,
                 &format!(
                     "not carried: not a dose given (status {})",
-                    super::unread::safe_name(&a.status)
+                    super::unread::safe_word(&a.status)
                 ),
             );
             continue;
@@ -1019,22 +1064,33 @@ fn doses_given(index: &Index<'_>) -> Vec<DoseGiven> {
             p,
             &mut faults,
         );
-        let when = a
-            .effective_date_time
-            .as_deref()
-            .or_else(|| a.effective_period.as_ref().and_then(|e| e.end.as_deref()))
-            .and_then(|t| t.parse::<DateTime>().ok());
+        let (text, element) = match (a.effective_date_time.as_deref(), &a.effective_period) {
+            (Some(t), _) => (Some(t), "effectiveDateTime"),
+            (None, Some(period)) => (period.end.as_deref(), "effectivePeriod.end"),
+            (None, None) => (None, "effectiveDateTime"),
+        };
+        let when = text.and_then(|t| t.parse::<DateTime>().ok());
+        let route = a.dosage.and_then(|d| d.route).and_then(|r| {
+            r.text
+                .or_else(|| r.coding.into_iter().find_map(|c| c.display))
+                .map(std::borrow::Cow::into_owned)
+        });
         match (code, when) {
-            (Some(code), Some(at)) if faults.0.is_empty() => doses.push(DoseGiven {
+            (Some(_), Some(when)) if written.is_some_and(|w| when > w) => {
+                index.note(at, "not carried: given after the summary was written")
+            }
+            (Some(code), Some(when)) if faults.0.is_empty() => doses.push(DoseGiven {
                 entry: i,
                 code,
-                at,
+                route,
+                at: when,
+                element,
                 carried: false,
             }),
             _ => index.note(
                 at,
                 "not carried: a dose given needs its medicine and the date and time it was \
-                 given (effectiveDateTime, with seconds and offset)",
+                 given (effectiveDateTime or effectivePeriod.end, with seconds and offset)",
             ),
         }
     }

@@ -493,10 +493,28 @@ pub struct MedicationAdministration<'a> {
     pub medication_codeable_concept: Option<CodeableConcept<'a>>,
     #[serde(default, borrow)]
     pub medication_reference: Option<Reference<'a>>,
+    /// Read so that a dose whose subject cannot be read is never taken for
+    /// this patient's (whose it is, is checked with every resource's).
+    #[expect(
+        dead_code,
+        reason = "read for its shape; about_the_patient checks whose it is"
+    )]
+    #[serde(borrow)]
+    pub subject: Reference<'a>,
     #[serde(default, borrow, deserialize_with = "opt_str")]
     pub effective_date_time: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     pub effective_period: Option<Period<'a>>,
+    #[serde(default, borrow)]
+    pub dosage: Option<AdministrationDosage<'a>>,
+}
+
+/// Of a dose given, only its route is read: a patch is not a dose of
+/// substitution therapy.
+#[derive(Debug, Deserialize)]
+pub struct AdministrationDosage<'a> {
+    #[serde(default, borrow)]
+    pub route: Option<CodeableConcept<'a>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

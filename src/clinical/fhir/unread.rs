@@ -235,6 +235,8 @@ static SCHEMAS: [(&str, Schema); 16] = [
                 "effectiveDateTime",
                 "effectivePeriod",
                 "effectivePeriod.end",
+                "dosage",
+                "dosage.route{cc}",
             ],
             first_only: &[],
             extensions: &[],
@@ -1058,7 +1060,7 @@ pub(super) fn codes_of(resource: &Value<'_>, element: &str) -> Vec<String> {
 
 /// A status code for a note: FHIR codes are short lower-case words; anything
 /// else (never patient data, but never quoted either) is named generically.
-fn safe_word(code: &str) -> &str {
+pub(super) fn safe_word(code: &str) -> &str {
     if !code.is_empty()
         && code.len() <= 32
         && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
