@@ -3,7 +3,7 @@
 
 use super::index::{At, Index};
 use super::read::{
-    Parsed, day_of, kind_of, owned, parse_code, parse_code_or_words, parse_with, required, typed,
+    Parsed, day_of, owned, parse_code, parse_code_or_words, parse_with, required, typed,
 };
 use super::types::Address as FhirAddress;
 use super::types::*;
@@ -25,17 +25,12 @@ use crate::clinical::violation::ValidationErrors;
 /// Reads the document Bundle's resources into the summary: the Composition,
 /// the Patient and custody Encounter it rests on, then each heading.
 pub(super) fn parse_document(
-    bundle: &RawBundle<'_>,
+    bundle: &BundleShape<'_>,
     tree: &super::tree::Value<'_>,
     prefix: &str,
     errors: &mut ValidationErrors,
 ) -> Option<Parsed> {
-    let index = Index::new(
-        &bundle.entry,
-        bundle.entry.iter().map(|e| kind_of(e.resource)).collect(),
-        super::tree::resources(tree).collect(),
-        prefix,
-    );
+    let index = Index::new(&bundle.entry, tree, prefix);
     let first_type = index.kind(0);
     if first_type != Some("Composition") {
         errors.add(
@@ -46,7 +41,7 @@ pub(super) fn parse_document(
     }
     let p0 = index.path(0);
     index.touch(0);
-    let comp: Composition = typed(bundle.entry[0].resource.get(), p0, errors)?;
+    let comp: Composition = typed(index.tree(0), p0, errors)?;
     let event = comp
         .event
         .iter()
@@ -138,7 +133,7 @@ fn the_patient<'a>(
     index: &Index<'a>,
     comp: &Composition<'_>,
     errors: &mut ValidationErrors,
-) -> Option<(usize, &'a str)> {
+) -> Option<(usize, &'a super::tree::Value<'a>)> {
     let found = index
         .resolve(&comp.subject)
         .filter(|(pi, _)| index.kind(*pi) == Some("Patient"));
@@ -153,7 +148,7 @@ fn the_patient<'a>(
 
 /// Refuses a Bundle whose entries share a `fullUrl` (FHIR R4 `bdl-7`): a
 /// reference to it could resolve to either, and the wrong one would be read.
-fn unique_full_urls(bundle: &RawBundle<'_>, prefix: &str, errors: &mut ValidationErrors) {
+fn unique_full_urls(bundle: &BundleShape<'_>, prefix: &str, errors: &mut ValidationErrors) {
     let mut seen = std::collections::HashSet::new();
     for (j, e) in bundle.entry.iter().enumerate() {
         if let Some(url) = e.full_url.as_deref().filter(|u| !u.is_empty())
@@ -172,9 +167,7 @@ fn unique_full_urls(bundle: &RawBundle<'_>, prefix: &str, errors: &mut Validatio
 /// allergy or diagnosis is carried as recorded, and a Condition in
 /// remission as inactive.
 fn qualifier_notes(index: &Index<'_>, i: usize) {
-    let Some(v) = index.tree(i) else {
-        return;
-    };
+    let v = index.tree(i);
     let codes = |element: &str| super::unread::codes_of(v, element);
     let p = index.path(i);
     if let Some(q) = codes("verificationStatus")
@@ -227,7 +220,7 @@ fn about_the_patient(index: &Index<'_>, patient: usize, errors: &mut ValidationE
         let Some(kind) = index.kind(i).filter(|k| ABOUT_A_PATIENT.contains(k)) else {
             continue;
         };
-        let Ok(about) = serde_json::from_str::<Subject<'_>>(index.json(i)) else {
+        let Ok(about) = <Subject<'_> as serde::Deserialize>::deserialize(index.tree(i)) else {
             continue; // refused with its own path when it is read
         };
         let element = if kind == "AllergyIntolerance" || kind == "Immunization" || kind == "Consent"
@@ -577,7 +570,7 @@ fn read_identifiers(
 fn read_patient<'a>(
     index: &Index<'_>,
     pi: usize,
-    pv: &'a str,
+    pv: &'a super::tree::Value<'a>,
     errors: &mut ValidationErrors,
 ) -> Option<PatientRead<'a>> {
     let pp = index.path(pi);
@@ -804,7 +797,7 @@ fn custody_encounter<'a>(
     (comp, p0): (&Composition<'_>, At<'_>),
     prefix: &str,
     errors: &mut ValidationErrors,
-) -> Option<(usize, &'a str)> {
+) -> Option<(usize, &'a super::tree::Value<'a>)> {
     if let Some(r) = comp.encounter.as_ref().filter(|r| r.reference.is_some()) {
         let before = errors.0.len();
         return match index.resolve_current(r, || format!("{p0}encounter"), errors) {
@@ -1609,7 +1602,7 @@ fn read_consent(
 fn conditional(index: &Index<'_>, i: usize) -> bool {
     index
         .tree(i)
-        .and_then(|v| v.get("provision"))
+        .get("provision")
         .and_then(|p| p.as_object())
         .is_some_and(|p| {
             p.keys()

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::SYS_ODS;
 use super::read::{ods_of, parse_with, typed};
 use super::tree::Value;
-use super::types::{Organization, RawEntry, Reference};
+use super::types::{EntryShape, Organization, Reference};
 use super::unread;
 use crate::clinical::identifiers::OdsCode;
 use crate::clinical::violation::ValidationErrors;
@@ -41,12 +41,12 @@ pub(super) struct TypeAndId<'a> {
 }
 
 pub(super) struct Index<'a> {
-    entries: &'a [RawEntry<'a>],
-    kinds: Vec<Option<Cow<'a, str>>>,
+    entries: &'a [EntryShape<'a>],
+    kinds: Vec<Option<&'a str>>,
     prefix: &'a str,
     /// Each entry's resource as a tree (read with the whole document): what
-    /// the unread walk and the status checks look at.
-    trees: Vec<Option<&'a Value<'a>>>,
+    /// the typed reads, the unread walk and the status checks look at.
+    trees: Vec<&'a Value<'a>>,
     /// Entries read (or deliberately set aside, with a note).
     used: RefCell<Vec<bool>>,
     /// What was not read, by path.
@@ -56,13 +56,15 @@ pub(super) struct Index<'a> {
 }
 
 impl<'a> Index<'a> {
-    pub(super) fn new(
-        entries: &'a [RawEntry<'a>],
-        kinds: Vec<Option<Cow<'a, str>>>,
-        trees: Vec<Option<&'a Value<'a>>>,
-        prefix: &'a str,
-    ) -> Self {
-        debug_assert_eq!(entries.len(), trees.len());
+    /// The entries of the Bundle `bundle` (read as `shape`), under `prefix`.
+    pub(super) fn new(shape: &'a [EntryShape<'a>], bundle: &'a Value<'a>, prefix: &'a str) -> Self {
+        static NONE: Value<'static> = Value::Null;
+        let trees: Vec<&'a Value<'a>> = super::tree::resources(bundle)
+            .map(|r| r.unwrap_or(&NONE))
+            .collect();
+        debug_assert_eq!(shape.len(), trees.len());
+        let kinds = trees.iter().map(|r| super::read::kind_of(r)).collect();
+        let entries = shape;
         Self {
             used: RefCell::new(vec![false; entries.len()]),
             trees,
@@ -87,7 +89,7 @@ impl<'a> Index<'a> {
         let kind = self.kind(i).unwrap_or("");
         match unread::schema(kind) {
             Some(schema) => unread::walk_tree(
-                self.tree(i).unwrap_or(&Value::Null),
+                self.tree(i),
                 schema,
                 self.path(i),
                 &mut self.notes.borrow_mut(),
@@ -113,13 +115,16 @@ impl<'a> Index<'a> {
     /// A resource its own status withdraws (entered in error, refuted, not
     /// done) is set aside with a note; one whose status is not a code FHIR
     /// defines for it is refused.
-    pub(super) fn of_type(&self, t: &'static str) -> impl Iterator<Item = (usize, &'a str)> + '_ {
+    pub(super) fn of_type(
+        &self,
+        t: &'static str,
+    ) -> impl Iterator<Item = (usize, &'a Value<'a>)> + '_ {
         self.kinds
             .iter()
             .enumerate()
-            .filter(move |(_, k)| k.as_deref() == Some(t))
+            .filter(move |(_, k)| **k == Some(t))
             .filter_map(move |(i, _)| {
-                let json = self.entries[i].resource.get();
+                let resource = self.tree(i);
                 match self.standing(t, i) {
                     Err((element, why)) => {
                         self.used.borrow_mut()[i] = true;
@@ -139,7 +144,7 @@ impl<'a> Index<'a> {
                     Ok(None) => {}
                 }
                 self.touch(i);
-                Some((i, json))
+                Some((i, resource))
             })
     }
 
@@ -148,8 +153,8 @@ impl<'a> Index<'a> {
         self.prefix
     }
 
-    pub(super) fn kind(&self, i: usize) -> Option<&str> {
-        self.kinds.get(i).and_then(|k| k.as_deref())
+    pub(super) fn kind(&self, i: usize) -> Option<&'a str> {
+        self.kinds.get(i).copied().flatten()
     }
 
     pub(super) fn path(&self, i: usize) -> At<'a> {
@@ -165,11 +170,11 @@ impl<'a> Index<'a> {
     /// the one RESTful fullUrl ending in it, or else the one resource of
     /// that type with that id; several (two servers' `Patient/1`) resolve
     /// to none.
-    pub(super) fn resolve(&self, r: &Reference) -> Option<(usize, &'a str)> {
+    pub(super) fn resolve(&self, r: &Reference) -> Option<(usize, &'a Value<'a>)> {
         let url = r.reference.as_deref()?;
         let i = self.find(url)?;
         self.touch(i);
-        Some((i, self.entries[i].resource.get()))
+        Some((i, self.tree(i)))
     }
 
     /// [`Index::resolve`], refusing at `at` a target whose own status says
@@ -180,11 +185,11 @@ impl<'a> Index<'a> {
         r: &Reference,
         at: impl FnOnce() -> String,
         errors: &mut ValidationErrors,
-    ) -> Option<(usize, &'a str)> {
-        let (i, json) = self.resolve(r)?;
+    ) -> Option<(usize, &'a Value<'a>)> {
+        let (i, resource) = self.resolve(r)?;
         let kind = self.kind(i)?;
         match self.standing(kind, i) {
-            Ok(None) => Some((i, json)),
+            Ok(None) => Some((i, resource)),
             Ok(Some(why)) => {
                 errors.add(
                     at(),
@@ -199,25 +204,19 @@ impl<'a> Index<'a> {
         }
     }
 
-    /// Entry `i`'s resource as a tree.
-    pub(super) fn tree(&self, i: usize) -> Option<&'a Value<'a>> {
-        self.trees.get(i).copied().flatten()
+    /// Entry `i`'s resource.
+    pub(super) fn tree(&self, i: usize) -> &'a Value<'a> {
+        self.trees[i]
     }
 
-    /// What entry `i`'s own status says (see [`unread::standing`]).
+    /// What entry `i`'s own status says (see [`unread::standing_of`]).
     fn standing(&self, kind: &str, i: usize) -> Result<Option<String>, (&'static str, String)> {
-        self.tree(i)
-            .map_or(Ok(None), |v| unread::standing_of(kind, v))
+        unread::standing_of(kind, self.tree(i))
     }
 
     /// How many entries the Bundle has.
     pub(super) fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    /// The resource of entry `i`, as written.
-    pub(super) fn json(&self, i: usize) -> &'a str {
-        self.entries[i].resource.get()
     }
 
     /// The entry `url` refers to, by the Bundle's rules, without marking it read.
@@ -226,7 +225,7 @@ impl<'a> Index<'a> {
     }
 
     fn find(&self, url: &str) -> Option<usize> {
-        fn full_url<'e>(e: &'e RawEntry<'_>) -> &'e str {
+        fn full_url<'e>(e: &'e EntryShape<'_>) -> &'e str {
             e.full_url.as_deref().unwrap_or("")
         }
         if let Some(i) = self.entries.iter().rposition(|e| full_url(e) == url) {
@@ -256,7 +255,7 @@ impl<'a> Index<'a> {
         let by_id: Vec<usize> = (0..self.entries.len())
             .filter(|&i| {
                 self.kind(i) == Some(t)
-                    && serde_json::from_str::<TypeAndId>(self.entries[i].resource.get())
+                    && TypeAndId::deserialize(self.tree(i))
                         .is_ok_and(|r| r.id.as_deref() == Some(id) && r.resource_type.is_some())
             })
             .collect();
@@ -328,7 +327,7 @@ impl<'a> Index<'a> {
             if used {
                 continue;
             }
-            let kind = unread::safe_name(self.kinds[i].as_deref().unwrap_or(""));
+            let kind = unread::safe_name(self.kinds[i].unwrap_or(""));
             let why = if unread::schema(kind).is_some() {
                 "not read: beyond the one of its type the gateway reads, and referred to by \
                  nothing it reads"

@@ -5,7 +5,6 @@ use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::document::parse_document;
 use super::index::{Index, TypeAndId};
@@ -54,34 +53,60 @@ pub(super) fn json_depth(bytes: &[u8]) -> usize {
     max
 }
 
-/// Parses into `T`, reporting the failing path under `prefix`.
-///
-/// Plain serde_json first: a valid resource costs one pass and borrows its
-/// strings from the input. Only a resource that fails is read again with
-/// path tracking, which yields the same result and names the failing field.
-pub(super) fn typed<'a, T: Deserialize<'a>>(
-    json: &'a str,
-    prefix: impl fmt::Display,
-    errors: &mut ValidationErrors,
-) -> Option<T> {
-    match serde_json::from_str(json) {
-        Ok(t) => Some(t),
-        Err(_) => {
-            report_typed::<T>(json, &prefix.to_string(), errors);
-            None
-        }
+/// What a typed read reads: a document's text, or its tree (which reads
+/// the same, see [`tree`]).
+pub(super) trait Source<'a>: Copy {
+    fn read<T: Deserialize<'a>>(self) -> Option<T>;
+    fn report<T: Deserialize<'a>>(self, prefix: &str, errors: &mut ValidationErrors);
+}
+
+impl<'a> Source<'a> for &'a str {
+    fn read<T: Deserialize<'a>>(self) -> Option<T> {
+        serde_json::from_str(self).ok()
+    }
+    fn report<T: Deserialize<'a>>(self, prefix: &str, errors: &mut ValidationErrors) {
+        report_typed::<T, _>(
+            &mut serde_json::Deserializer::from_str(self),
+            prefix,
+            errors,
+        );
     }
 }
 
-/// Reads `json` as `T` again, tracking the path, and records why it fails.
+impl<'a> Source<'a> for &'a Value<'a> {
+    fn read<T: Deserialize<'a>>(self) -> Option<T> {
+        T::deserialize(self).ok()
+    }
+    fn report<T: Deserialize<'a>>(self, prefix: &str, errors: &mut ValidationErrors) {
+        report_typed::<T, _>(self, prefix, errors);
+    }
+}
+
+/// Parses into `T`, reporting the failing path under `prefix`.
+///
+/// Plain serde first: a valid resource costs one pass and borrows its
+/// strings from the input. Only a resource that fails is read again with
+/// path tracking, which yields the same result and names the failing field.
+pub(super) fn typed<'a, T: Deserialize<'a>>(
+    from: impl Source<'a>,
+    prefix: impl fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<T> {
+    let read = from.read();
+    if read.is_none() {
+        from.report::<T>(&prefix.to_string(), errors);
+    }
+    read
+}
+
+/// Reads `T` again, tracking the path, and records why it fails.
 #[cold]
-pub(super) fn report_typed<'a, T: Deserialize<'a>>(
-    json: &'a str,
+fn report_typed<'a, T: Deserialize<'a>, D: serde::Deserializer<'a>>(
+    de: D,
     prefix: &str,
     errors: &mut ValidationErrors,
 ) {
-    let mut de = serde_json::Deserializer::from_str(json);
-    let e = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+    let e = match serde_path_to_error::deserialize::<_, T>(de) {
         Ok(_) => {
             // Only trailing characters after a valid value get here.
             errors.add(prefix.trim_end_matches('.'), "unreadable value");
@@ -170,14 +195,14 @@ impl<'de> serde::de::Visitor<'de> for FhirJson {
     fn visit_bool<E>(self, v: bool) -> Result<Value<'de>, E> {
         Ok(Value::Bool(v))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Value<'de>, E> {
-        Ok(Value::Number)
+    fn visit_i64<E>(self, v: i64) -> Result<Value<'de>, E> {
+        Ok(Value::Number(tree::Number::int(v)))
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Value<'de>, E> {
-        Ok(Value::Number)
+    fn visit_u64<E>(self, v: u64) -> Result<Value<'de>, E> {
+        Ok(Value::Number(tree::Number::PosInt(v)))
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Value<'de>, E> {
-        Ok(Value::Number)
+    fn visit_f64<E>(self, v: f64) -> Result<Value<'de>, E> {
+        Ok(Value::Number(tree::Number::Float(v)))
     }
     fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Value<'de>, E> {
         not_empty(Cow::Borrowed(v))
@@ -326,28 +351,33 @@ fn within_limits<'a>(bytes: &'a [u8], limits: &Limits) -> Result<&'a str, Valida
 /// Every field violation found, with its path.
 pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> {
     let text = within_limits(bytes, limits)?;
-    // One pass reads the Bundle and checks the whole document is JSON; only
-    // when it fails do we ask which way (syntax first, then shape).
-    let bundle: RawBundle = match serde_json::from_str(text) {
-        Ok(bundle) => bundle,
-        Err(_) => {
-            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
-                return Err(ValidationErrors::one(
-                    "document",
-                    format!("not valid JSON (line {}, column {})", e.line(), e.column()),
-                ));
-            }
-            let mut errors = ValidationErrors::default();
-            report_typed::<RawBundle>(text, "", &mut errors);
-            return Err(errors);
-        }
-    };
+    // One pass reads the whole document into a tree, checking the FHIR JSON
+    // rules; only when it fails do we ask which way (syntax, then the
+    // Bundle's shape, then the rule broken).
     let mut json = serde_json::Deserializer::from_str(text);
     let whole =
-        match serde::de::DeserializeSeed::deserialize(FhirJson { in_array: false }, &mut json) {
+        match serde::de::DeserializeSeed::deserialize(FhirJson { in_array: false }, &mut json)
+            .and_then(|whole| json.end().map(|()| whole))
+        {
             Ok(whole) => whole,
-            Err(e) => return Err(ValidationErrors::one("document", e.to_string())),
+            Err(rule) => {
+                if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                    return Err(ValidationErrors::one(
+                        "document",
+                        format!("not valid JSON (line {}, column {})", e.line(), e.column()),
+                    ));
+                }
+                let mut errors = ValidationErrors::default();
+                if typed::<BundleShape>(text, "", &mut errors).is_none() {
+                    return Err(errors);
+                }
+                return Err(ValidationErrors::one("document", rule.to_string()));
+            }
         };
+    let mut errors = ValidationErrors::default();
+    let Some(bundle) = typed::<BundleShape>(&whole, "", &mut errors) else {
+        return Err(errors);
+    };
     if let Some((field, why)) = not_an_object(&whole, "") {
         return Err(ValidationErrors::one(field, why));
     }
@@ -362,7 +392,6 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             format!("more than {} entries", limits.max_fhir_entries),
         ));
     }
-    let mut errors = ValidationErrors::default();
     match &*bundle.type_ {
         "document" => parse_document(&bundle, &whole, "", &mut errors).map(|mut p| {
             let mut notes = unread::bundle(&whole, "", &mut errors);
@@ -371,16 +400,14 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
             p
         }),
         "message" => {
-            message_envelope(&bundle, &mut errors);
-            let inner = bundle
-                .entry
-                .iter()
+            message_envelope(&whole, &mut errors);
+            let inner = tree::resources(&whole)
                 .enumerate()
-                .find(|(_, e)| kind_of(e.resource).as_deref() == Some("Bundle"));
+                .find_map(|(i, r)| r.filter(|r| kind_of(r) == Some("Bundle")).map(|r| (i, r)));
             match inner {
-                Some((i, e)) => {
+                Some((i, inner)) => {
                     let prefix = format!("entry[{i}].resource.");
-                    match typed::<RawBundle>(e.resource.get(), &prefix, &mut errors) {
+                    match typed::<BundleShape>(inner, &prefix, &mut errors) {
                         Some(doc) if doc.entry.len() > limits.max_fhir_entries => {
                             errors.add(
                                 format!("{prefix}entry"),
@@ -389,14 +416,10 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
                             None
                         }
                         Some(doc) if doc.type_ == "document" => {
-                            let inner = tree::resources(&whole)
-                                .nth(i)
-                                .flatten()
-                                .unwrap_or(&Value::Null);
                             parse_document(&doc, inner, &prefix, &mut errors).map(|mut p| {
                                 let mut notes = unread::bundle(&whole, "", &mut errors);
                                 notes.extend(unread::bundle(inner, &prefix, &mut errors));
-                                notes.extend(message_entries(&bundle, i));
+                                notes.extend(message_entries(&whole, i));
                                 notes.append(&mut p.summary.not_read);
                                 p.summary.not_read = notes;
                                 p
@@ -430,19 +453,19 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Parsed, ValidationErrors> 
 /// A message Bundle's envelope: its first resource is its MessageHeader
 /// (FHIR R4 bdl-12), and it wraps one document, since a second (perhaps
 /// another person's) would be passed over unread.
-fn message_envelope(bundle: &RawBundle<'_>, errors: &mut ValidationErrors) {
-    let first = bundle.entry.first().and_then(|e| kind_of(e.resource));
-    if !bundle.entry.is_empty() && first.as_deref() != Some("MessageHeader") {
+fn message_envelope(bundle: &Value<'_>, errors: &mut ValidationErrors) {
+    let kinds = || tree::resources(bundle).map(|r| r.and_then(kind_of));
+    if let Some(first) = kinds().next()
+        && first != Some("MessageHeader")
+    {
         errors.add(
             "entry[0].resource.resourceType",
             "a message Bundle's first resource must be its MessageHeader (FHIR bdl-12)",
         );
     }
-    let documents = bundle
-        .entry
-        .iter()
+    let documents = kinds()
         .enumerate()
-        .filter(|(_, e)| kind_of(e.resource).as_deref() == Some("Bundle"));
+        .filter(|(_, kind)| *kind == Some("Bundle"));
     for (i, _) in documents.skip(1) {
         errors.add(
             format!("entry[{i}].resource"),
@@ -453,34 +476,22 @@ fn message_envelope(bundle: &RawBundle<'_>, errors: &mut ValidationErrors) {
 
 /// The entries of a message Bundle around the document it wraps (the
 /// MessageHeader and the like): transport, listed as not read.
-fn message_entries(bundle: &RawBundle<'_>, document: usize) -> Vec<String> {
-    bundle
-        .entry
-        .iter()
+fn message_entries(bundle: &Value<'_>, document: usize) -> Vec<String> {
+    tree::resources(bundle)
         .enumerate()
         .filter(|(k, _)| *k != document)
-        .map(|(k, e)| {
-            let kind = kind_of(e.resource);
+        .map(|(k, r)| {
             format!(
                 "entry[{k}].resource ({}): not read: the message around the document",
-                unread::safe_name(kind.as_deref().unwrap_or(""))
+                unread::safe_name(r.and_then(kind_of).unwrap_or(""))
             )
         })
         .collect()
 }
 
-/// A resource's type. Looks first where every Bundle we write (and most
-/// senders) put it, `{"resourceType":"…"`, and reads the resource only when
-/// it is elsewhere or escaped.
-pub(super) fn kind_of(raw: &RawValue) -> Option<Cow<'_, str>> {
-    let json = raw.get();
-    if let Some(rest) = json.strip_prefix("{\"resourceType\":\"")
-        && let Some(end) = rest.find(['"', '\\'])
-        && rest.as_bytes()[end] == b'"'
-    {
-        return Some(Cow::Borrowed(&rest[..end]));
-    }
-    serde_json::from_str::<Kind>(json).ok()?.resource_type
+/// A resource's type: its `resourceType`, when that is a string.
+pub(super) fn kind_of<'t>(resource: &'t Value<'_>) -> Option<&'t str> {
+    resource.get("resourceType").and_then(Value::as_str)
 }
 
 pub(super) fn ods_of<'o>(o: &'o Organization<'_>) -> Option<&'o str> {
@@ -608,7 +619,7 @@ pub(super) fn day_of(
 pub(super) fn medication_code(
     index: &Index<'_>,
     (concept, reference): (Option<&CodeableConcept<'_>>, Option<&Reference<'_>>),
-    resource: &str,
+    resource: &Value<'_>,
     at: impl fmt::Display,
     errors: &mut ValidationErrors,
 ) -> Option<Code> {
@@ -660,25 +671,24 @@ pub(super) fn medication_code(
 
 /// The code of the Medication with `id` contained in `resource`.
 fn contained_medication(
-    resource: &str,
+    resource: &Value<'_>,
     id: &str,
     at: &dyn fmt::Display,
     errors: &mut ValidationErrors,
 ) -> Option<Code> {
-    #[derive(Deserialize)]
-    struct Holder<'a> {
-        #[serde(borrow, default)]
-        contained: Vec<&'a RawValue>,
-    }
-    let Ok(holder) = serde_json::from_str::<Holder<'_>>(resource) else {
-        errors.add(
-            format!("{at}contained"),
-            "must be a list of resources (the medicine named #id is read from it)",
-        );
-        return None;
+    let contained = match resource.get("contained") {
+        None => &[][..],
+        Some(Value::Array(items)) => items.as_slice(),
+        Some(_) => {
+            errors.add(
+                format!("{at}contained"),
+                "must be a list of resources (the medicine named #id is read from it)",
+            );
+            return None;
+        }
     };
-    let found = holder.contained.iter().enumerate().find(|(_, c)| {
-        serde_json::from_str::<TypeAndId>(c.get()).is_ok_and(|r| {
+    let found = contained.iter().enumerate().find(|(_, c)| {
+        TypeAndId::deserialize(*c).is_ok_and(|r| {
             r.resource_type.as_deref() == Some("Medication") && r.id.as_deref() == Some(id)
         })
     });
@@ -692,7 +702,7 @@ fn contained_medication(
     let cp = format!("{at}contained[{k}].");
     // As for a Medication entry in the Bundle (`Index::resolve_current`): a
     // medicine its own record withdraws is not read as the patient's.
-    match unread::standing("Medication", c.get()) {
+    match unread::standing_of("Medication", c) {
         Ok(None) => {}
         Ok(Some(why)) => {
             errors.add(
@@ -706,7 +716,7 @@ fn contained_medication(
             return None;
         }
     }
-    let medication: Medication<'_> = typed(c.get(), &cp, errors)?;
+    let medication: Medication<'_> = typed(c, &cp, errors)?;
     match medication.code.as_ref() {
         Some(cc) => parse_code(cc, format_args!("{cp}code"), errors),
         None => {
@@ -875,6 +885,139 @@ mod tests {
                 .any(|f| f.ends_with("resource.medicationReference.reference")),
             "{fields:?}"
         );
+    }
+
+    /// Reads `text` (one resource, or the Bundle) as `T` from the text and
+    /// from its tree: the same value, or the same refusal.
+    fn reads_alike<'a, T: Deserialize<'a> + fmt::Debug>(text: &'a str, tree: &'a Value<'a>) {
+        let (mut by_text, mut by_tree) = (ValidationErrors::default(), ValidationErrors::default());
+        let a = typed::<T>(text, "r.", &mut by_text);
+        let b = typed::<T>(tree, "r.", &mut by_tree);
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "{text}");
+        assert_eq!(by_text, by_tree, "{text}");
+    }
+
+    fn reads_alike_as(kind: &str, text: &str) {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let Ok(tree) =
+            serde::de::DeserializeSeed::deserialize(FhirJson { in_array: false }, &mut de)
+        else {
+            return; // not FHIR JSON: refused before any typed read
+        };
+        match kind {
+            "Bundle" => reads_alike::<BundleShape>(text, &tree),
+            "Composition" => reads_alike::<Composition>(text, &tree),
+            "Patient" => reads_alike::<Patient>(text, &tree),
+            "Encounter" => reads_alike::<Encounter>(text, &tree),
+            "Organization" => reads_alike::<Organization>(text, &tree),
+            "Practitioner" => reads_alike::<Practitioner>(text, &tree),
+            "Medication" => reads_alike::<Medication>(text, &tree),
+            "MedicationStatement" => reads_alike::<MedicationStatement>(text, &tree),
+            "MedicationAdministration" => reads_alike::<MedicationAdministration>(text, &tree),
+            "MedicationRequest" => reads_alike::<MedicationRequest>(text, &tree),
+            "AllergyIntolerance" => reads_alike::<AllergyIntolerance>(text, &tree),
+            "Flag" => reads_alike::<Flag>(text, &tree),
+            "Condition" => reads_alike::<Condition>(text, &tree),
+            "Immunization" => reads_alike::<Immunization>(text, &tree),
+            "Observation" => reads_alike::<Observation>(text, &tree),
+            "ServiceRequest" => reads_alike::<ServiceRequest>(text, &tree),
+            "Consent" => reads_alike::<Consent>(text, &tree),
+            other => panic!("no typed read listed for {other}"),
+        }
+    }
+
+    /// Every place in `v` a value sits (object members and array items).
+    fn places(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let here = format!("{at}/{k}");
+                    out.push(here.clone());
+                    places(v, &here, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    let here = format!("{at}/{i}");
+                    out.push(here.clone());
+                    places(v, &here, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The test document and the patient fixtures as FHIR, one entry of
+    /// each resource type each holds, and a dose given.
+    fn every_kind_of_resource() -> Vec<serde_json::Value> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/patients");
+        let mut summaries = vec![super::super::test_doc::summary()];
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                summaries.push(serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap());
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for s in &summaries {
+            let rendered = super::super::render(s, JourneyEvent::Release);
+            let doc: serde_json::Value = serde_json::from_slice(&rendered.bytes).unwrap();
+            if out.is_empty() {
+                out.push(doc.clone());
+            }
+            for entry in doc["entry"].as_array().unwrap() {
+                let kind = entry["resource"]["resourceType"].as_str().unwrap();
+                if seen.insert(kind.to_owned()) {
+                    out.push(entry["resource"].clone());
+                }
+            }
+        }
+        out.push(serde_json::json!({
+            "resourceType": "MedicationAdministration", "status": "completed",
+            "medicationCodeableConcept": {"coding": [{"system": "https://dmd.nhs.uk", "code": "1"}]},
+            "subject": {"reference": "urn:uuid:p"},
+            "effectivePeriod": {"start": "2026-11-24T08:00:00Z"},
+            "dosage": {"route": {"text": "oral"}, "dose": {"value": 60.5, "unit": "mg"}}
+        }));
+        out
+    }
+
+    /// The typed reads take each resource from the document's tree: a
+    /// Bundle and every kind of resource the renderer writes (and a dose
+    /// given), as written and with each of its values replaced by one of
+    /// every JSON kind, read the same from the tree as from the text,
+    /// refusals and paths included.
+    #[test]
+    fn a_typed_read_of_the_tree_is_a_typed_read_of_the_text() {
+        use serde_json::json;
+        let resources = every_kind_of_resource();
+        let replacements = [
+            json!(5),
+            json!(-3),
+            json!(1.5),
+            json!("x"),
+            json!("with \"escapes\""),
+            json!(true),
+            json!(["x"]),
+            json!({"a": "b"}),
+        ];
+        let mut kinds = std::collections::BTreeSet::new();
+        for resource in &resources {
+            let kind = resource["resourceType"].as_str().unwrap();
+            kinds.insert(kind.to_owned());
+            reads_alike_as(kind, &resource.to_string());
+            let mut at = Vec::new();
+            places(resource, "", &mut at);
+            for place in at.iter().filter(|p| *p != "/resourceType") {
+                for r in &replacements {
+                    let mut changed = resource.clone();
+                    *changed.pointer_mut(place).unwrap() = r.clone();
+                    reads_alike_as(kind, &changed.to_string());
+                }
+            }
+        }
+        assert!(kinds.len() >= 16, "{kinds:?}");
     }
 
     #[test]

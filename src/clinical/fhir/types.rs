@@ -837,32 +837,26 @@ pub struct Provision<'a> {
     pub type_: Option<Cow<'a, str>>,
 }
 
-/// A Bundle as read: entries keep their raw JSON (borrowed from the input)
-/// until their type is known.
+/// A Bundle's shape as read: its type, and each entry's `fullUrl` and
+/// that it has a resource (each resource is read from the document's tree
+/// where it is used).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct RawBundle<'a> {
+pub struct BundleShape<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
     #[serde(rename = "type", borrow)]
     pub type_: Cow<'a, str>,
     #[serde(default, borrow)]
-    pub entry: Vec<RawEntry<'a>>,
+    pub entry: Vec<EntryShape<'a>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct RawEntry<'a> {
+pub struct EntryShape<'a> {
     #[serde(default, borrow, deserialize_with = "opt_str")]
     pub full_url: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub resource: &'a serde_json::value::RawValue,
-}
-
-/// Only a resource's type.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Kind<'a> {
-    #[serde(default, borrow)]
-    pub resource_type: Option<Cow<'a, str>>,
+    /// Required: an entry without a resource is refused.
+    #[serde(rename = "resource")]
+    pub _resource: serde::de::IgnoredAny,
 }

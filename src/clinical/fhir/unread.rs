@@ -1023,18 +1023,10 @@ fn status_fault(kind: &str, v: &Value<'_>) -> Option<(&'static str, String)> {
     }
 }
 
-/// What a resource's own status says, from one read of it: `Err` a status
-/// outside its binding (the element and why: the document is refused),
-/// `Ok(Some(why))` a resource that is not current clinical content (set
-/// aside and listed), `Ok(None)` a current one.
-pub(super) fn standing(kind: &str, json: &str) -> Result<Option<String>, (&'static str, String)> {
-    match Value::parse(json) {
-        Some(v) => standing_of(kind, &v),
-        None => Ok(None),
-    }
-}
-
-/// [`standing`] of a resource already read.
+/// What a resource's own status says: `Err` a status outside its binding
+/// (the element and why: the document is refused), `Ok(Some(why))` a
+/// resource that is not current clinical content (set aside and listed),
+/// `Ok(None)` a current one.
 pub(super) fn standing_of(
     kind: &str,
     v: &Value<'_>,
