@@ -1323,6 +1323,40 @@ fn ost_with_administrations() -> (Value, usize, Value) {
     (doc, first, stated)
 }
 
+/// A dose given is matched to its medicine by any coding both write: a
+/// sender listing SNOMED CT first on its administrations and dm+d first on
+/// the statement (each read by its first national coding) still times the
+/// methadone; matched on the coding each carries, it was read as an
+/// ordinary medicine and reached no substance misuse service.
+#[test]
+fn a_dose_given_is_matched_to_its_medicine_by_any_coding_both_write() {
+    let (mut doc, first, _) = ost_with_administrations();
+    let (_, med) = entry_of(&mut doc, "MedicationStatement");
+    let dmd = med["medicationCodeableConcept"]["coding"][0].clone();
+    let snomed = json!({"system": "http://snomed.info/sct", "code": "387286002",
+                        "display": "Methadone"});
+    let methadone = med["medicationCodeableConcept"].clone();
+    med["medicationCodeableConcept"]["coding"] = json!([dmd.clone(), snomed.clone()]);
+    let entries = doc["entry"].as_array_mut().unwrap();
+    let mut reordered = 0;
+    for e in &mut entries[first..] {
+        if e["resource"]["medicationCodeableConcept"] == methadone {
+            e["resource"]["medicationCodeableConcept"]["coding"] =
+                json!([snomed.clone(), dmd.clone()]);
+            reordered += 1;
+        }
+    }
+    assert_eq!(reordered, 5);
+    let read = parse_fhir(&doc).unwrap();
+    let m = &read.medications[0];
+    assert!(m.opioid_substitution, "{m:?}");
+    assert_eq!(m.code.code, dmd["code"].as_str().unwrap());
+    assert_eq!(
+        m.last_dose_given.map(|t| t.to_string()).as_deref(),
+        Some("2026-11-24T07:30:00Z")
+    );
+}
+
 /// Beside our extension, a dose given after the one it states refuses the
 /// document there: which was the last cannot be told.
 #[test]

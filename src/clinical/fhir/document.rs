@@ -863,7 +863,7 @@ fn read_medications(
         let Some(m) = typed::<MedicationStatement>(v, p, errors) else {
             continue;
         };
-        let code = super::read::medication_code(
+        let coded = super::read::medication_codes(
             index,
             (
                 m.medication_codeable_concept.as_ref(),
@@ -906,14 +906,15 @@ fn read_medications(
                 _ => {}
             }
         }
-        if let Some(code) = code {
+        if let Some(coded) = coded {
             let regimen = super::dosage::regimen(index, &m.dosage, &format!("{p}dosage"));
             last_dose_given = last_dose(
                 &mut doses,
-                (&code, &regimen.route),
+                (&coded, &regimen.route),
                 last_dose_given,
                 (index, errors),
             );
+            let code = coded.code;
             // Our category, or the medicine itself with its last dose given:
             // a UK Core sender has no national code for OST, and methadone
             // read as an ordinary medicine reached no substance misuse
@@ -962,6 +963,8 @@ fn read_medications(
 struct DoseGiven {
     entry: usize,
     code: Code,
+    /// Every coding its medicine is written with (system, code).
+    codings: Vec<(String, String)>,
     /// The route it was given by, in words, when stated.
     route: Option<String>,
     at: DateTime,
@@ -972,10 +975,10 @@ struct DoseGiven {
 }
 
 impl DoseGiven {
-    /// A dose of opioid substitution `code`, by a route that is one.
-    fn of_substitution(&self, code: &Code) -> bool {
-        self.code.system == code.system
-            && self.code.code == code.code
+    /// A dose of opioid substitution medicine `medicine` (matched by any
+    /// coding both write), by a route that is one.
+    fn of_substitution(&self, medicine: &super::read::Coded) -> bool {
+        medicine.same_medicine(&self.codings)
             && crate::clinical::treatment::is_opioid_substitution_medicine(
                 &self.code,
                 self.route.as_deref(),
@@ -991,17 +994,17 @@ impl DoseGiven {
 /// risks a double dose.
 fn last_dose(
     doses: &mut [DoseGiven],
-    (code, route): (&Code, &str),
+    (medicine, route): (&super::read::Coded, &str),
     stated: Option<DateTime>,
     (index, errors): (&Index<'_>, &mut ValidationErrors),
 ) -> Option<DateTime> {
-    if !crate::clinical::treatment::is_opioid_substitution_medicine(code, Some(route)) {
+    if !crate::clinical::treatment::is_opioid_substitution_medicine(&medicine.code, Some(route)) {
         return stated;
     }
     if let Some(stated) = stated {
         for later in doses
             .iter()
-            .filter(|d| d.of_substitution(code) && d.at > stated)
+            .filter(|d| d.of_substitution(medicine) && d.at > stated)
         {
             errors.add(
                 format!("{}{}", index.path(later.entry), later.element),
@@ -1013,7 +1016,7 @@ fn last_dose(
     }
     let latest = doses
         .iter_mut()
-        .filter(|d| d.of_substitution(code))
+        .filter(|d| d.of_substitution(medicine))
         .max_by_key(|d| d.at)?;
     latest.carried = true;
     Some(latest.at)
@@ -1047,7 +1050,7 @@ fn doses_given(index: &Index<'_>, written: Option<DateTime>) -> Vec<DoseGiven> {
             );
             continue;
         }
-        let code = super::read::medication_code(
+        let coded = super::read::medication_codes(
             index,
             (
                 a.medication_codeable_concept.as_ref(),
@@ -1068,13 +1071,14 @@ fn doses_given(index: &Index<'_>, written: Option<DateTime>) -> Vec<DoseGiven> {
                 .or_else(|| r.coding.into_iter().find_map(|c| c.display))
                 .map(std::borrow::Cow::into_owned)
         });
-        match (code, when) {
+        match (coded, when) {
             (Some(_), Some(when)) if written.is_some_and(|w| when > w) => {
                 index.note(at, "not carried: given after the summary was written")
             }
-            (Some(code), Some(when)) if faults.0.is_empty() => doses.push(DoseGiven {
+            (Some(coded), Some(when)) if faults.0.is_empty() => doses.push(DoseGiven {
                 entry: i,
-                code,
+                code: coded.code,
+                codings: coded.codings,
                 route,
                 at: when,
                 element,

