@@ -239,3 +239,37 @@ def test_a_uk_core_dose_given_times_an_ost_medicine(tmp_path):
     src = _write(tmp_path, "uk-core-no-dose.json", json.dumps(doc))
     summary = json.loads(convert(src, "fhir", "model-json", event="release").stdout)
     assert summary["medications"][0]["opioid_substitution"] is False
+
+
+def test_a_dose_given_coded_the_other_way_round_still_times_the_ost_medicine(tmp_path):
+    """The statement lists dm+d first and SNOMED CT second; the administration
+    (built and validated by fhir.resources) lists SNOMED CT first: the gateway
+    matches them by the coding both write, not by the first each lists."""
+    from fhir.resources.R4B.bundle import BundleEntry
+    from fhir.resources.R4B.medicationadministration import MedicationAdministration
+
+    fixture = ROOT / "tests" / "fixtures" / "patients" / "01-ost-released-today.json"
+    doc = json.loads(convert(fixture, "model-json", "fhir", event="release").stdout)
+    statement = next(
+        e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "MedicationStatement"
+    )
+    statement.pop("extension", None)
+    statement.pop("category", None)
+    [dmd] = statement["medicationCodeableConcept"]["coding"]
+    snomed = {"system": "http://snomed.info/sct", "code": "387286002", "display": "Methadone"}
+    statement["medicationCodeableConcept"]["coding"] = [dmd, snomed]
+    given = MedicationAdministration(
+        status="completed",
+        medicationCodeableConcept={"coding": [snomed, dmd]},
+        subject=statement["subject"],
+        effectiveDateTime="2026-11-24T07:45:00+00:00",
+    )
+    entry = BundleEntry(fullUrl="urn:uuid:0b8e2f4c-5d6a-4b7c-8e9f-1a2b3c4d5e6f", resource=given)
+    doc["entry"].append(json.loads(entry.model_dump_json()))
+    Bundle.model_validate(doc)
+    src = _write(tmp_path, "uk-core-reordered.json", json.dumps(doc))
+    summary = json.loads(convert(src, "fhir", "model-json", event="release").stdout)
+    [methadone] = summary["medications"]
+    assert methadone["code"]["code"] == dmd["code"]
+    assert methadone["opioid_substitution"] is True
+    assert methadone["last_dose_given"] == "2026-11-24T07:45:00Z"
