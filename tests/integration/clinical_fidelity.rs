@@ -1357,6 +1357,41 @@ fn a_dose_given_is_matched_to_its_medicine_by_any_coding_both_write() {
     );
 }
 
+/// Two products of one substance share its SNOMED CT code but not their
+/// dm+d codes: a dose of one (a daily tablet) is never taken as the last
+/// dose of the other (a monthly depot), whose next dose it would put weeks
+/// late. Found by review: matched on any shared coding, it was.
+#[test]
+fn a_dose_of_another_product_of_the_same_substance_is_not_its_last_dose() {
+    let (mut doc, first, _) = ost_with_administrations();
+    let (_, med) = entry_of(&mut doc, "MedicationStatement");
+    let dmd = med["medicationCodeableConcept"]["coding"][0].clone();
+    let substance = json!({"system": "http://snomed.info/sct", "code": "387286002",
+                           "display": "Methadone"});
+    let methadone = med["medicationCodeableConcept"].clone();
+    med["medicationCodeableConcept"]["coding"] = json!([dmd.clone(), substance.clone()]);
+    let tablets = json!({"system": "https://dmd.nhs.uk", "code": "39072511000001103",
+                         "display": "Methadone 5mg tablets"});
+    for e in &mut doc["entry"].as_array_mut().unwrap()[first..] {
+        if e["resource"]["medicationCodeableConcept"] == methadone {
+            e["resource"]["medicationCodeableConcept"]["coding"] =
+                json!([substance.clone(), tablets.clone()]);
+        }
+    }
+    let read = parse_fhir(&doc).unwrap();
+    let m = &read.medications[0];
+    assert_eq!(m.last_dose_given, None, "{m:?}");
+    assert!(!m.opioid_substitution, "{m:?}");
+    assert!(
+        read.not_read.iter().any(|n| n.starts_with(&format!(
+            "entry[{}].resource (MedicationAdministration): not carried: a dose given;",
+            first + 1
+        ))),
+        "{:?}",
+        read.not_read
+    );
+}
+
 /// Beside our extension, a dose given after the one it states refuses the
 /// document there: which was the last cannot be told.
 #[test]

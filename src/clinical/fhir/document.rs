@@ -975,8 +975,9 @@ struct DoseGiven {
 }
 
 impl DoseGiven {
-    /// A dose of opioid substitution medicine `medicine` (matched by any
-    /// coding both write), by a route that is one.
+    /// A dose of opioid substitution medicine `medicine` (matched by the
+    /// codings both write: [`super::read::Coded::same_medicine`]), by a
+    /// route that is one.
     fn of_substitution(&self, medicine: &super::read::Coded) -> bool {
         medicine.same_medicine(&self.codings)
             && crate::clinical::treatment::is_opioid_substitution_medicine(

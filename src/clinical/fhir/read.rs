@@ -632,7 +632,8 @@ pub(super) fn medication_code(
 
 /// A medicine as coded: the code carried ([`parse_code`]'s choice) and
 /// every coding written (system and code), by which two resources about
-/// the same medicine are matched whichever coding each lists first.
+/// the same medicine are matched whichever coding each lists first
+/// ([`Coded::same_medicine`]).
 pub(super) struct Coded {
     pub(super) code: Code,
     pub(super) codings: Vec<(String, String)>,
@@ -648,19 +649,44 @@ impl Coded {
         let codings = cc
             .coding
             .iter()
-            .filter_map(|c| {
-                Some((
-                    c.system.as_deref()?.to_owned(),
-                    c.code.as_deref()?.to_owned(),
-                ))
-            })
+            .filter_map(|c| Some((c.system.as_deref()?, c.code.as_deref()?)))
+            .filter(|(system, code)| !is_blank(system) && !is_blank(code))
+            .map(|(system, code)| (system.trim().to_owned(), code.trim().to_owned()))
             .collect();
         Some(Self { code, codings })
     }
 
-    /// Whether `other` names this medicine by any coding both write.
+    /// Whether `other` names this medicine. A dm+d code names one product:
+    /// when both write one, they must share one (two buprenorphine products,
+    /// a daily tablet and a monthly depot, share the substance's SNOMED CT
+    /// code, and one's dose is not the other's). Otherwise every system both
+    /// write must hold a code they share, and they must share one.
     pub(super) fn same_medicine(&self, other: &[(String, String)]) -> bool {
-        self.codings.iter().any(|c| other.contains(c))
+        let codes = |codings: &'_ [(String, String)], system: &str| -> Vec<String> {
+            codings
+                .iter()
+                .filter(|(s, _)| s == system)
+                .map(|(_, c)| c.clone())
+                .collect()
+        };
+        let shares = |system: &str| {
+            let theirs = codes(other, system);
+            codes(&self.codings, system)
+                .iter()
+                .any(|c| theirs.contains(c))
+        };
+        let writes =
+            |codings: &[(String, String)], system: &str| codings.iter().any(|(s, _)| s == system);
+        if writes(&self.codings, DMD) && writes(other, DMD) {
+            return shares(DMD);
+        }
+        let both: Vec<&str> = self
+            .codings
+            .iter()
+            .map(|(s, _)| s.as_str())
+            .filter(|s| writes(other, s))
+            .collect();
+        !both.is_empty() && both.iter().all(|s| shares(s))
     }
 }
 
