@@ -1323,30 +1323,38 @@ fn ost_with_administrations() -> (Value, usize, Value) {
     (doc, first, stated)
 }
 
-/// A dose given is matched to its medicine by any coding both write: a
+/// [`ost_with_administrations`] with the statement coded by its dm+d code
+/// and then methadone's SNOMED CT substance code, and every methadone
+/// administration coded `administration(dm+d, substance)`; returns the
+/// document, the first administration's entry, the dm+d coding, and how
+/// many administrations were recoded.
+fn recoded_ost(administration: impl Fn(&Value, &Value) -> Value) -> (Value, usize, Value, usize) {
+    let (mut doc, first, _) = ost_with_administrations();
+    let (_, med) = entry_of(&mut doc, "MedicationStatement");
+    let dmd = med["medicationCodeableConcept"]["coding"][0].clone();
+    let substance = json!({"system": "http://snomed.info/sct", "code": "387286002",
+                           "display": "Methadone"});
+    let methadone = med["medicationCodeableConcept"].clone();
+    med["medicationCodeableConcept"]["coding"] = json!([dmd.clone(), substance.clone()]);
+    let mut recoded = 0;
+    for e in &mut doc["entry"].as_array_mut().unwrap()[first..] {
+        if e["resource"]["medicationCodeableConcept"] == methadone {
+            e["resource"]["medicationCodeableConcept"]["coding"] = administration(&dmd, &substance);
+            recoded += 1;
+        }
+    }
+    (doc, first, dmd, recoded)
+}
+
+/// A dose given is matched to its medicine by the codings both write: a
 /// sender listing SNOMED CT first on its administrations and dm+d first on
 /// the statement (each read by its first national coding) still times the
 /// methadone; matched on the coding each carries, it was read as an
 /// ordinary medicine and reached no substance misuse service.
 #[test]
 fn a_dose_given_is_matched_to_its_medicine_by_any_coding_both_write() {
-    let (mut doc, first, _) = ost_with_administrations();
-    let (_, med) = entry_of(&mut doc, "MedicationStatement");
-    let dmd = med["medicationCodeableConcept"]["coding"][0].clone();
-    let snomed = json!({"system": "http://snomed.info/sct", "code": "387286002",
-                        "display": "Methadone"});
-    let methadone = med["medicationCodeableConcept"].clone();
-    med["medicationCodeableConcept"]["coding"] = json!([dmd.clone(), snomed.clone()]);
-    let entries = doc["entry"].as_array_mut().unwrap();
-    let mut reordered = 0;
-    for e in &mut entries[first..] {
-        if e["resource"]["medicationCodeableConcept"] == methadone {
-            e["resource"]["medicationCodeableConcept"]["coding"] =
-                json!([snomed.clone(), dmd.clone()]);
-            reordered += 1;
-        }
-    }
-    assert_eq!(reordered, 5);
+    let (doc, _, dmd, recoded) = recoded_ost(|dmd, substance| json!([substance, dmd]));
+    assert_eq!(recoded, 5);
     let read = parse_fhir(&doc).unwrap();
     let m = &read.medications[0];
     assert!(m.opioid_substitution, "{m:?}");
@@ -1363,21 +1371,10 @@ fn a_dose_given_is_matched_to_its_medicine_by_any_coding_both_write() {
 /// late. Found by review: matched on any shared coding, it was.
 #[test]
 fn a_dose_of_another_product_of_the_same_substance_is_not_its_last_dose() {
-    let (mut doc, first, _) = ost_with_administrations();
-    let (_, med) = entry_of(&mut doc, "MedicationStatement");
-    let dmd = med["medicationCodeableConcept"]["coding"][0].clone();
-    let substance = json!({"system": "http://snomed.info/sct", "code": "387286002",
-                           "display": "Methadone"});
-    let methadone = med["medicationCodeableConcept"].clone();
-    med["medicationCodeableConcept"]["coding"] = json!([dmd.clone(), substance.clone()]);
     let tablets = json!({"system": "https://dmd.nhs.uk", "code": "39072511000001103",
                          "display": "Methadone 5mg tablets"});
-    for e in &mut doc["entry"].as_array_mut().unwrap()[first..] {
-        if e["resource"]["medicationCodeableConcept"] == methadone {
-            e["resource"]["medicationCodeableConcept"]["coding"] =
-                json!([substance.clone(), tablets.clone()]);
-        }
-    }
+    let (doc, first, _, recoded) = recoded_ost(|_, substance| json!([substance, tablets]));
+    assert_eq!(recoded, 5);
     let read = parse_fhir(&doc).unwrap();
     let m = &read.medications[0];
     assert_eq!(m.last_dose_given, None, "{m:?}");

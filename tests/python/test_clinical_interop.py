@@ -206,13 +206,10 @@ def test_our_parser_reads_a_bundle_built_by_fhir_resources(tmp_path):
     assert summary["custody"]["release_date"] == "2026-11-24"
 
 
-def test_a_uk_core_dose_given_times_an_ost_medicine(tmp_path):
-    """A UK Core sender records methadone's last dose as a MedicationAdministration
-    (built and validated here by fhir.resources), not in our extension: the gateway
-    reads the medicine as opioid substitution with that dose as its last dose given."""
-    from fhir.resources.R4B.bundle import BundleEntry
-    from fhir.resources.R4B.medicationadministration import MedicationAdministration
-
+def _ost_without_our_extension():
+    """Fixture 01 as a FHIR document whose methadone carries neither our
+    last-dose extension nor our category (as a UK Core sender writes it),
+    and its MedicationStatement."""
     fixture = ROOT / "tests" / "fixtures" / "patients" / "01-ost-released-today.json"
     doc = json.loads(convert(fixture, "model-json", "fhir", event="release").stdout)
     statement = next(
@@ -220,6 +217,17 @@ def test_a_uk_core_dose_given_times_an_ost_medicine(tmp_path):
     )
     statement.pop("extension", None)
     statement.pop("category", None)
+    return doc, statement
+
+
+def test_a_uk_core_dose_given_times_an_ost_medicine(tmp_path):
+    """A UK Core sender records methadone's last dose as a MedicationAdministration
+    (built and validated here by fhir.resources), not in our extension: the gateway
+    reads the medicine as opioid substitution with that dose as its last dose given."""
+    from fhir.resources.R4B.bundle import BundleEntry
+    from fhir.resources.R4B.medicationadministration import MedicationAdministration
+
+    doc, statement = _ost_without_our_extension()
     given = MedicationAdministration(
         status="completed",
         medicationCodeableConcept=statement["medicationCodeableConcept"],
@@ -248,13 +256,7 @@ def test_a_dose_given_coded_the_other_way_round_still_times_the_ost_medicine(tmp
     from fhir.resources.R4B.bundle import BundleEntry
     from fhir.resources.R4B.medicationadministration import MedicationAdministration
 
-    fixture = ROOT / "tests" / "fixtures" / "patients" / "01-ost-released-today.json"
-    doc = json.loads(convert(fixture, "model-json", "fhir", event="release").stdout)
-    statement = next(
-        e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "MedicationStatement"
-    )
-    statement.pop("extension", None)
-    statement.pop("category", None)
+    doc, statement = _ost_without_our_extension()
     [dmd] = statement["medicationCodeableConcept"]["coding"]
     snomed = {"system": "http://snomed.info/sct", "code": "387286002", "display": "Methadone"}
     statement["medicationCodeableConcept"]["coding"] = [dmd, snomed]
