@@ -4,6 +4,7 @@ validation). And their output fed to our parsers."""
 
 import json
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -220,25 +221,32 @@ def _ost_without_our_extension():
     return doc, statement
 
 
+def _read_with_a_dose_given(tmp_path, doc, statement, concept, name):
+    """Adds to `doc` a dose of `concept` given at 07:45 (a MedicationAdministration
+    built and validated by fhir.resources), and returns the gateway's reading."""
+    from fhir.resources.R4B.bundle import BundleEntry
+    from fhir.resources.R4B.medicationadministration import MedicationAdministration
+
+    given = MedicationAdministration(
+        status="completed",
+        medicationCodeableConcept=concept,
+        subject=statement["subject"],
+        effectiveDateTime="2026-11-24T07:45:00+00:00",
+    )
+    url = f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, name)}"
+    doc["entry"].append(json.loads(BundleEntry(fullUrl=url, resource=given).model_dump_json()))
+    Bundle.model_validate(doc)
+    src = _write(tmp_path, name, json.dumps(doc))
+    return json.loads(convert(src, "fhir", "model-json", event="release").stdout)
+
+
 def test_a_uk_core_dose_given_times_an_ost_medicine(tmp_path):
     """A UK Core sender records methadone's last dose as a MedicationAdministration
     (built and validated here by fhir.resources), not in our extension: the gateway
     reads the medicine as opioid substitution with that dose as its last dose given."""
-    from fhir.resources.R4B.bundle import BundleEntry
-    from fhir.resources.R4B.medicationadministration import MedicationAdministration
-
     doc, statement = _ost_without_our_extension()
-    given = MedicationAdministration(
-        status="completed",
-        medicationCodeableConcept=statement["medicationCodeableConcept"],
-        subject=statement["subject"],
-        effectiveDateTime="2026-11-24T07:45:00+00:00",
-    )
-    entry = BundleEntry(fullUrl="urn:uuid:6f1d7e0a-3c2b-4e1f-9a8b-0c1d2e3f4a5b", resource=given)
-    doc["entry"].append(json.loads(entry.model_dump_json()))
-    Bundle.model_validate(doc)
-    src = _write(tmp_path, "uk-core.json", json.dumps(doc))
-    summary = json.loads(convert(src, "fhir", "model-json", event="release").stdout)
+    concept = statement["medicationCodeableConcept"]
+    summary = _read_with_a_dose_given(tmp_path, doc, statement, concept, "uk-core.json")
     [methadone] = summary["medications"]
     assert methadone["opioid_substitution"] is True
     assert methadone["last_dose_given"] == "2026-11-24T07:45:00Z"
@@ -253,24 +261,12 @@ def test_a_dose_given_coded_the_other_way_round_still_times_the_ost_medicine(tmp
     """The statement lists dm+d first and SNOMED CT second; the administration
     (built and validated by fhir.resources) lists SNOMED CT first: the gateway
     matches them by the coding both write, not by the first each lists."""
-    from fhir.resources.R4B.bundle import BundleEntry
-    from fhir.resources.R4B.medicationadministration import MedicationAdministration
-
     doc, statement = _ost_without_our_extension()
     [dmd] = statement["medicationCodeableConcept"]["coding"]
     snomed = {"system": "http://snomed.info/sct", "code": "387286002", "display": "Methadone"}
     statement["medicationCodeableConcept"]["coding"] = [dmd, snomed]
-    given = MedicationAdministration(
-        status="completed",
-        medicationCodeableConcept={"coding": [snomed, dmd]},
-        subject=statement["subject"],
-        effectiveDateTime="2026-11-24T07:45:00+00:00",
-    )
-    entry = BundleEntry(fullUrl="urn:uuid:0b8e2f4c-5d6a-4b7c-8e9f-1a2b3c4d5e6f", resource=given)
-    doc["entry"].append(json.loads(entry.model_dump_json()))
-    Bundle.model_validate(doc)
-    src = _write(tmp_path, "uk-core-reordered.json", json.dumps(doc))
-    summary = json.loads(convert(src, "fhir", "model-json", event="release").stdout)
+    concept = {"coding": [snomed, dmd]}
+    summary = _read_with_a_dose_given(tmp_path, doc, statement, concept, "uk-core-reordered.json")
     [methadone] = summary["medications"]
     assert methadone["code"]["code"] == dmd["code"]
     assert methadone["opioid_substitution"] is True
