@@ -1164,7 +1164,7 @@ async fn a_delivery_whose_handover_record_is_gone_is_quarantined_and_the_store_g
     drop(prison);
     let (dir, config) = gw.stop().await;
     {
-        let db = sled::open(config.data_dir.join("sled")).unwrap();
+        let db = support::open_sled(&config.data_dir.join("sled"));
         let handovers = db.open_tree("handovers").unwrap();
         assert!(handovers.remove(ids[1].to_be_bytes()).unwrap().is_some());
         db.flush().unwrap();
@@ -1225,7 +1225,7 @@ async fn a_payload_that_fails_its_check_is_quarantined_and_the_rest_of_its_pull_
 
 /// Flips the last byte of a stopped sled store's sealed payload of `handover`.
 fn flip_a_payload_byte(config: &throughcare::config::Config, handover: u64) {
-    let db = sled::open(config.data_dir.join("sled")).unwrap();
+    let db = support::open_sled(&config.data_dir.join("sled"));
     let payloads = db.open_tree("payloads").unwrap();
     let (key, chunk) = payloads
         .scan_prefix(handover.to_be_bytes())

@@ -306,7 +306,7 @@ async fn removing_a_wrapped_data_key_destroys_the_payload() {
     let (dir, config) = gw.stop().await;
     // Remove handover 1's wrapped key with sled directly.
     {
-        let db = sled::open(config.data_dir.join("sled")).unwrap();
+        let db = support::open_sled(&config.data_dir.join("sled"));
         let keys = db.open_tree("data_keys").unwrap();
         assert!(keys.remove(1u64.to_be_bytes()).unwrap().is_some());
         db.flush().unwrap();

@@ -299,7 +299,7 @@ async fn a_store_from_before_the_key_is_upgraded_by_an_explicit_decision() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     {
-        let db = sled::open(data.join("sled")).unwrap();
+        let db = crate::support::open_sled(&data.join("sled"));
         let audit = db.open_tree("audit").unwrap();
         let mut chain = AuditChain::resume(None, None);
         for i in 0..3 {

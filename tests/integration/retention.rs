@@ -93,7 +93,7 @@ fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 /// What sled holds for handover `id`, read with sled directly (gateway stopped):
 /// (wrapped data key, sealed payload).
 fn stored_secrets(data: &Path, id: u64) -> (Vec<u8>, Vec<u8>) {
-    let db = sled::open(data.join("sled")).unwrap();
+    let db = support::open_sled(&data.join("sled"));
     let key = db
         .open_tree("data_keys")
         .unwrap()
@@ -604,7 +604,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
     drop(store);
     // Make it look like a store from before retention.
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = support::open_sled(&dir.path().join("sled"));
         db.open_tree("retention").unwrap().clear().unwrap();
         db.open_tree("superseded").unwrap().clear().unwrap();
         db.open_tree("meta")
@@ -865,7 +865,7 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
     drop(store);
     // As an older gateway would have left it: no identity check scheduled.
     {
-        let db = sled::open(data.join("sled")).unwrap();
+        let db = support::open_sled(&data.join("sled"));
         let index = db.open_tree("retention").unwrap();
         for key in index.iter().keys() {
             let key = key.unwrap();

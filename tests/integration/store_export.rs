@@ -898,7 +898,7 @@ async fn an_export_finishes_sleds_one_off_retention_looks() {
     let data = sled.config.data_dir.clone();
     let (_kept_dir, _) = sled.stop().await;
     let (finished, orphan) = {
-        let db = sled::open(data.join("sled")).unwrap();
+        let db = crate::support::open_sled(&data.join("sled"));
         let handovers = db.open_tree("handovers").unwrap();
         let mut finished = std::collections::BTreeMap::new();
         for kv in handovers.iter() {

@@ -62,7 +62,7 @@ fn as_the_previous_gateway_left_it(data: &Path) {
     );
     std::fs::remove_file(index).unwrap();
     {
-        let db = sled::open(data.join("sled")).unwrap();
+        let db = crate::support::open_sled(&data.join("sled"));
         let meta = db.open_tree("meta").unwrap();
         assert!(meta.remove("queue_index_nonce").unwrap().is_some());
         db.flush().unwrap();
