@@ -962,9 +962,7 @@ fn read_medications(
 /// A dose the Bundle records as given (a completed MedicationAdministration).
 struct DoseGiven {
     entry: usize,
-    code: Code,
-    /// Every coding its medicine is written with (system, code).
-    codings: Vec<(String, String)>,
+    medicine: super::read::Coded,
     /// The route it was given by, in words, when stated.
     route: Option<String>,
     at: DateTime,
@@ -979,9 +977,9 @@ impl DoseGiven {
     /// codings both write: [`super::read::Coded::same_medicine`]), by a
     /// route that is one.
     fn of_substitution(&self, medicine: &super::read::Coded) -> bool {
-        medicine.same_medicine(&self.codings)
+        medicine.same_medicine(&self.medicine)
             && crate::clinical::treatment::is_opioid_substitution_medicine(
-                &self.code,
+                &self.medicine.code,
                 self.route.as_deref(),
             )
     }
@@ -1076,10 +1074,9 @@ fn doses_given(index: &Index<'_>, written: Option<DateTime>) -> Vec<DoseGiven> {
             (Some(_), Some(when)) if written.is_some_and(|w| when > w) => {
                 index.note(at, "not carried: given after the summary was written")
             }
-            (Some(coded), Some(when)) if faults.0.is_empty() => doses.push(DoseGiven {
+            (Some(medicine), Some(when)) if faults.0.is_empty() => doses.push(DoseGiven {
                 entry: i,
-                code: coded.code,
-                codings: coded.codings,
+                medicine,
                 route,
                 at: when,
                 element,

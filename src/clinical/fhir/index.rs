@@ -68,11 +68,10 @@ impl<'a> Index<'a> {
             .map(|r| r.unwrap_or(&NONE))
             .collect();
         let kinds = trees.iter().map(|r| super::read::kind_of(r)).collect();
-        let entries = shape;
         Self {
-            used: RefCell::new(vec![false; entries.len()]),
+            used: RefCell::new(vec![false; n]),
             trees,
-            entries,
+            entries: shape,
             kinds,
             prefix,
             notes: RefCell::default(),

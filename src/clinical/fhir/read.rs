@@ -636,7 +636,7 @@ pub(super) fn medication_code(
 /// ([`Coded::same_medicine`]).
 pub(super) struct Coded {
     pub(super) code: Code,
-    pub(super) codings: Vec<(String, String)>,
+    codings: Vec<(String, String)>,
 }
 
 impl Coded {
@@ -661,7 +661,8 @@ impl Coded {
     /// a daily tablet and a monthly depot, share the substance's SNOMED CT
     /// code, and one's dose is not the other's). Otherwise every system both
     /// write must hold a code they share, and they must share one.
-    pub(super) fn same_medicine(&self, other: &[(String, String)]) -> bool {
+    pub(super) fn same_medicine(&self, other: &Self) -> bool {
+        let other = other.codings.as_slice();
         let codes = |codings: &'_ [(String, String)], system: &str| -> Vec<String> {
             codings
                 .iter()
