@@ -663,31 +663,23 @@ impl Coded {
     /// write must hold a code they share, and they must share one.
     pub(super) fn same_medicine(&self, other: &Self) -> bool {
         let other = other.codings.as_slice();
-        let codes = |codings: &'_ [(String, String)], system: &str| -> Vec<String> {
-            codings
-                .iter()
-                .filter(|(s, _)| s == system)
-                .map(|(_, c)| c.clone())
-                .collect()
-        };
-        let shares = |system: &str| {
-            let theirs = codes(other, system);
-            codes(&self.codings, system)
-                .iter()
-                .any(|c| theirs.contains(c))
-        };
         let writes =
             |codings: &[(String, String)], system: &str| codings.iter().any(|(s, _)| s == system);
+        let shares = |system: &str| {
+            self.codings
+                .iter()
+                .any(|c| c.0 == system && other.contains(c))
+        };
         if writes(&self.codings, DMD) && writes(other, DMD) {
             return shares(DMD);
         }
-        let both: Vec<&str> = self
+        let mut both = self
             .codings
             .iter()
             .map(|(s, _)| s.as_str())
             .filter(|s| writes(other, s))
-            .collect();
-        !both.is_empty() && both.iter().all(|s| shares(s))
+            .peekable();
+        both.peek().is_some() && both.all(shares)
     }
 }
 
