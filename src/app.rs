@@ -254,12 +254,11 @@ impl Prepared {
             registry.put(org);
         }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let claims = crate::handover::ClaimGuard::load(
-            &store,
+        // Rebuilt from the audit trail once serving (`spawn_claims_restore`).
+        let claims = crate::handover::ClaimGuard::deferred(
             config.limits.claim_limits(),
             Some(metrics.clone()),
-            clock.now_ms(),
-        )?;
+        );
         let gateway = Arc::new(Gateway {
             store,
             registry: crate::journey::SharedRegistry::new(registry),
@@ -667,6 +666,7 @@ impl Prepared {
         continuity: Arc<crate::operator::continuity::LatestContinuity>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![
+            self.spawn_claims_restore(),
             self.spawn_sweeper(trends),
             self.spawn_retention(),
             self.spawn_continuity(continuity),
@@ -679,6 +679,19 @@ impl Prepared {
         tasks.extend(self.spawn_pds());
         tasks.extend(self.spawn_mesh());
         tasks
+    }
+
+    /// Rebuilds the failed-claim counters from the audit trail beside
+    /// serving (a claim that comes first rebuilds them itself:
+    /// `ClaimGuard::deferred`).
+    fn spawn_claims_restore(&self) -> tokio::task::JoinHandle<()> {
+        let gateway = self.gateway.clone();
+        tokio::task::spawn_blocking(move || {
+            let now = gateway.clock.now_ms();
+            if let Err(e) = gateway.claims.restore(&gateway.store, now) {
+                tracing::error!(error = %e, "failed claims could not be read back from the audit trail; the first claim tries again");
+            }
+        })
     }
 
     /// Reads the registry again when another node changed it (PostgreSQL:

@@ -358,6 +358,8 @@ async fn serve_config(config: Config, null_handover: bool) -> ExitCode {
     // gateway without its final barrier.)
     let stop = shutdown_signal();
     let listen = config.listen;
+    let sled = (config.store.engine == throughcare::store::EngineKind::Sled)
+        .then(|| (config.data_dir.clone(), config.store.cache_bytes));
     let prepared = match throughcare::app::Prepared::with_system_clock(config) {
         Ok(p) if null_handover => p.with_null_handover(),
         Ok(p) => p,
@@ -372,9 +374,34 @@ async fn serve_config(config: Config, null_handover: bool) -> ExitCode {
             });
         }
     };
-    match prepared.serve(listener, stop).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => failed(e),
+    if let Err(e) = prepared.serve(listener, stop).await {
+        return failed(e);
+    }
+    if let Some((data_dir, cache_bytes)) = sled {
+        leave_sled_snapshot(data_dir, cache_bytes).await;
+    }
+    ExitCode::SUCCESS
+}
+
+/// After a clean close, has sled write the snapshot the next start reads
+/// (`store::leave_sled_snapshot`). A failure costs the next start time, not
+/// data, so it is a warning and the exit stays a success.
+async fn leave_sled_snapshot(data_dir: std::path::PathBuf, cache_bytes: u64) {
+    let wait = std::time::Duration::from_secs(2);
+    match tokio::task::spawn_blocking(move || {
+        throughcare::store::leave_sled_snapshot(&data_dir, cache_bytes, wait)
+    })
+    .await
+    {
+        Ok(Ok(took)) => tracing::info!(
+            took_ms = took.as_millis(),
+            "sled wrote a snapshot for the next start"
+        ),
+        Ok(Err(e)) => tracing::warn!(
+            error = %e,
+            "sled could not write a snapshot at close: the next start reads its whole log"
+        ),
+        Err(e) => tracing::warn!(error = %e, "the snapshot at close did not finish"),
     }
 }
 
