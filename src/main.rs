@@ -374,18 +374,23 @@ async fn serve_config(config: Config, null_handover: bool) -> ExitCode {
             });
         }
     };
+    // Whether the store stopped taking changes (a failed barrier): its
+    // close had no final barrier, and its disk is not to be written again.
+    let store_stats = prepared.store().stats().clone();
     if let Err(e) = prepared.serve(listener, stop).await {
         return failed(e);
     }
-    if let Some((data_dir, cache_bytes)) = sled {
+    let halted = store_stats.halted.load(std::sync::atomic::Ordering::SeqCst);
+    if let Some((data_dir, cache_bytes)) = sled.filter(|_| !halted) {
         leave_sled_snapshot(data_dir, cache_bytes).await;
     }
     ExitCode::SUCCESS
 }
 
-/// After a clean close, has sled write the snapshot the next start reads
-/// (`store::leave_sled_snapshot`). A failure costs the next start time, not
-/// data, so it is a warning and the exit stays a success.
+/// After a clean close (a final barrier), has sled write the snapshot the
+/// next start reads (`store::leave_sled_snapshot`). A failure costs the
+/// next start time, not data, so it is a warning and the exit stays a
+/// success.
 async fn leave_sled_snapshot(data_dir: std::path::PathBuf, cache_bytes: u64) {
     let wait = std::time::Duration::from_secs(2);
     match tokio::task::spawn_blocking(move || {

@@ -527,7 +527,7 @@ pub fn verify_audit(
             )));
         }
     }
-    let db = sled::Config::new().path(dir.join("sled")).open()?;
+    let db = super::open_sled_offline(&dir.join("sled"))?;
     let tree = db.open_tree(TreeId::Audit.name())?;
     let cut = audit_cut(&db.open_tree(TreeId::Meta.name())?)?;
     let values = tree.iter().values().collect::<Result<Vec<_>, _>>()?;
@@ -561,7 +561,7 @@ pub fn verify_audit(
 /// # Errors
 /// Sled errors (e.g. the gateway still runs); undecodable entries.
 pub fn audit_entries(dir: &Path) -> Result<Vec<AuditEntry>, StoreError> {
-    let db = sled::Config::new().path(dir.join("sled")).open()?;
+    let db = super::open_sled_offline(&dir.join("sled"))?;
     db.open_tree(TreeId::Audit.name())?
         .iter()
         .values()

@@ -1654,13 +1654,67 @@ fn damaged(sled_dir: &Path, e: sled::Error) -> StoreError {
     }
 }
 
+/// sled opened by an offline tool (its default cache, no wait for a lock):
+/// a store whose last snapshot was cut short opens, as for the gateway.
+///
+/// # Errors
+/// As [`sled::Config::open`] (the lock held: the gateway runs).
+pub(crate) fn open_sled_offline(sled_dir: &Path) -> Result<sled::Db, sled::Error> {
+    clear_torn_snapshot(sled_dir)?;
+    sled::Config::new().path(sled_dir).open()
+}
+
+/// Removes the file a sled snapshot write left when it was cut short
+/// (`snap.<lsn>.generating`), when no process holds the store.
+///
+/// sled 0.34 takes the newest `snap.*` file as its snapshot, this one
+/// included, so a torn one made the store look damaged (exit 65: restore
+/// from a backup) when nothing was lost: the snapshot before it and the
+/// log are whole (sled issue 1527). sled writes a snapshot at every open,
+/// and [`leave_sled_snapshot`] at every clean stop, so a kill or a full
+/// disk at either moment leaves one. Only done under sled's own lock (an
+/// exclusive `flock` of `db`), so the file of a process opening the store
+/// at this moment is never taken from it.
+fn clear_torn_snapshot(sled_dir: &Path) -> std::io::Result<()> {
+    let db = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(sled_dir.join("db"))
+    {
+        Ok(db) => db,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if db.try_lock().is_err() {
+        // Held: sled's open says so, or waits for it.
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(sled_dir)? {
+        let path = entry?.path();
+        let torn = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating"));
+        if torn {
+            tracing::warn!(
+                file = %path.display(),
+                "removing a sled snapshot whose writing was cut short (the one before it and the log are whole)"
+            );
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// Opens the sled store of a gateway that has just closed it, and closes it
 /// again, so that sled writes a snapshot of its page table: the next start
 /// then reads the log from this point only, instead of every segment written
 /// since the last start (with 200,000 queued, 93–148 ms against 592–1,067 ms
 /// here; docs/benchmarks.md). sled 0.34 writes its snapshot only while it
 /// opens, so this is the one way to leave it one. Killed half way, the store
-/// is as the close left it: sled writes its snapshot aside and renames it.
+/// is as the close left it: sled writes its snapshot aside and renames it,
+/// and a file left aside is removed at the next open
+/// ([`clear_torn_snapshot`]).
 ///
 /// Returns how long it took.
 ///
@@ -1693,6 +1747,7 @@ fn open_sled_within(
 ) -> Result<sled::Db, sled::Error> {
     let deadline = std::time::Instant::now() + wait;
     loop {
+        clear_torn_snapshot(dir)?;
         match sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
