@@ -101,6 +101,8 @@ pub struct ClaimGuard {
     metrics: Option<Arc<Metrics>>,
     /// Whether the counters hold the audit trail's failures yet.
     restored: AtomicBool,
+    /// Held while they are rebuilt ([`Self::restore`]).
+    restoring: Mutex<()>,
 }
 
 impl ClaimGuard {
@@ -133,16 +135,23 @@ impl ClaimGuard {
             counters: Mutex::default(),
             metrics,
             restored: AtomicBool::new(false),
+            restoring: Mutex::new(()),
         }
     }
 
     /// Rebuilds the counters from the failures the audit trail holds for
-    /// the window ending at `now_ms`, unless done already. Two callers at
-    /// once both read; each counter keeps the longer, so that is harmless.
+    /// the window ending at `now_ms`, unless done already. Done once: a
+    /// caller that comes while it runs waits for it. (Two rebuilds at once
+    /// could let the later one, read before a failure was counted, replace
+    /// that failure's counter with a longer list that lacks it.)
     ///
     /// # Errors
     /// Store failures (the counters stay marked as not rebuilt).
     pub fn restore(&self, store: &Store, now_ms: i64) -> Result<(), StoreError> {
+        if self.restored.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
         if self.restored.load(Ordering::Acquire) {
             return Ok(());
         }
