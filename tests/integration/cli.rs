@@ -45,15 +45,7 @@ fn serve_command(dir: &Path, port: u16, env: &[(&str, &str)]) -> Command {
 
 /// `serve` expected to stop by itself (refusing to start): its output.
 fn serve_to_the_end(dir: &Path, port: u16) -> Output {
-    Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--certs-dir")
-        .arg(dir.join("certs"))
-        .output()
-        .unwrap()
+    serve_command(dir, port, &[]).output().unwrap()
 }
 
 fn submit(dir: &Path, port: u16, message_id: &str) -> Output {
@@ -188,11 +180,7 @@ fn a_snapshot_cut_short_does_not_stop_the_store_opening() {
     assert!(!torn.exists(), "the torn snapshot is removed");
 
     std::fs::write(&torn, b"cut short").unwrap();
-    let out = Command::new(BIN)
-        .args(["admin", "audit", "verify", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
+    let out = crate::support::audit_verify(&dir.path().join("data"));
     assert!(
         out.status.success(),
         "{}",

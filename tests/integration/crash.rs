@@ -434,11 +434,7 @@ async fn acknowledged_submits_survive_kill_9() {
     );
     no_submit_lost_none_after_its_ack(&ledger.lock().unwrap(), &delivered_without_answer);
 
-    let out = Command::new(BIN)
-        .args(["admin", "audit", "verify", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
+    let out = support::audit_verify(&dir.path().join("data"));
     assert!(
         out.status.success(),
         "{}",
@@ -510,11 +506,7 @@ async fn a_retention_cut_survives_kill_9() {
             .unwrap();
     }
     server.stop();
-    let out = Command::new(BIN)
-        .args(["admin", "audit", "verify", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
+    let out = support::audit_verify(&dir.path().join("data"));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("from entry"),

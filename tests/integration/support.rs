@@ -559,6 +559,16 @@ pub fn tls_client_config(certs: &Path, name: &str) -> Arc<rustls::ClientConfig> 
     Arc::new(config)
 }
 
+/// `throughcare admin audit verify --data-dir DATA_DIR` of a stopped store:
+/// its output.
+pub fn audit_verify(data_dir: &Path) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["admin", "audit", "verify", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap()
+}
+
 /// Opens the sled database in `dir`. A store closed just before may still
 /// hold its lock for a moment (its last io thread lets go after the drop),
 /// so a lock is waited for, up to 5 s; any other error names itself.
