@@ -211,6 +211,13 @@ impl Syncer {
             tracing::error!(reason = %why, "store refuses further changes until restarted");
             *failed = Some(why.to_owned());
         }
+        // As the writer's own failure does: health, the close's log and
+        // the stop's sled snapshot (skipped on a failed disk) read it. A
+        // barrier that fails after the writer has stopped (the final one)
+        // is only seen here.
+        self.stats
+            .halted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn answer(&mut self, applied: Applied, failure: Option<&str>) {
