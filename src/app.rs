@@ -640,11 +640,17 @@ impl Prepared {
         let mut stop = self.shutdown_tx.subscribe();
         tokio::spawn(async move {
             loop {
+                let began = std::time::Instant::now();
                 match gateway
                     .continuity_report(crate::operator::continuity::window())
                     .await
                 {
                     Ok(c) => {
+                        tracing::info!(
+                            rows = c.rows.len(),
+                            elapsed_ms = began.elapsed().as_millis() as u64,
+                            "continuity indicators computed"
+                        );
                         metrics.set_continuity(&c);
                         latest.set(c);
                     }

@@ -29,7 +29,7 @@ use super::deliver::view_name;
 use super::{Caller, Decoded, Error, Gateway};
 use crate::clinical::{ValidationErrors, View};
 use crate::journey::JourneyEvent;
-use crate::store::{DeliveryRecord, DeliveryState, HandoverRecord, PARKED_MAILBOX, StoreError};
+use crate::store::{CopyFacts, DeliveryState, PARKED_MAILBOX, ReleaseFacts, StoreError};
 
 /// Counts from 1 to this minus one are suppressed.
 pub const SMALL_NUMBER: u64 = 5;
@@ -163,20 +163,20 @@ struct Outcome {
     mental_health_on_time: Option<bool>,
 }
 
-fn acked(d: &DeliveryRecord) -> Option<i64> {
+fn acked(d: &CopyFacts) -> Option<i64> {
     (d.state == DeliveryState::Delivered)
         .then_some(d.delivered_at_ms)
         .flatten()
 }
 
-fn on_time(d: &DeliveryRecord) -> bool {
+fn on_time(d: &CopyFacts) -> bool {
     acked(d).is_some_and(|at| d.due_ms.is_none_or(|due| at <= due))
 }
 
-fn outcome(h: &HandoverRecord, deliveries: &[DeliveryRecord], now_ms: i64) -> Outcome {
+fn outcome(h: &ReleaseFacts, deliveries: &[CopyFacts], now_ms: i64) -> Outcome {
     let of_view = |view: View| deliveries.iter().filter(move |d| d.view == view_name(view));
     let gp = || of_view(View::Full);
-    let parked_ms = |d: &DeliveryRecord| match d.claimed_at_ms {
+    let parked_ms = |d: &CopyFacts| match d.claimed_at_ms {
         Some(claimed) => claimed - d.queued_at_ms,
         None if d.mailbox == PARKED_MAILBOX && d.state == DeliveryState::Parked => {
             now_ms - d.queued_at_ms
@@ -184,7 +184,7 @@ fn outcome(h: &HandoverRecord, deliveries: &[DeliveryRecord], now_ms: i64) -> Ou
         None => 0,
     };
     let within_72h =
-        |d: &DeliveryRecord| acked(d).is_some_and(|at| at - h.submitted_at_ms <= 72 * HOUR_MS);
+        |d: &CopyFacts| acked(d).is_some_and(|at| at - h.submitted_at_ms <= 72 * HOUR_MS);
     Outcome {
         gp_acked_ms: gp().filter_map(acked).min(),
         gp_on_time: gp().any(on_time),
@@ -221,8 +221,8 @@ impl Outcome {
 
 /// Whether any of `deliveries` is `ok`; `None` when there are none.
 fn any_of<'d>(
-    deliveries: impl Iterator<Item = &'d DeliveryRecord>,
-    ok: impl Fn(&DeliveryRecord) -> bool,
+    deliveries: impl Iterator<Item = &'d CopyFacts>,
+    ok: impl Fn(&CopyFacts) -> bool,
 ) -> Option<bool> {
     let mut seen = None;
     for d in deliveries {
@@ -325,7 +325,7 @@ impl Scan {
     }
 
     /// Counts one release (called newest first).
-    fn add(&mut self, h: &HandoverRecord, deliveries: &[DeliveryRecord]) {
+    fn add(&mut self, h: &ReleaseFacts, deliveries: &[CopyFacts]) {
         // A summary that arrived after its correction (superseded on
         // arrival) is that correction's release, already counted once.
         if h.superseded_on_arrival_by.is_some() || h.submitted_at_ms < self.window.from_ms {
@@ -422,7 +422,7 @@ impl Gateway {
                 JourneyEvent::Release,
                 window.from_ms,
                 window.to_ms,
-                |h, deliveries| scan.add(&h, &deliveries),
+                |h, deliveries| scan.add(h, deliveries),
             )?;
             scan.set_aside_begun_before(|id| {
                 Ok(store
@@ -464,7 +464,7 @@ mod tests {
     /// arrived after its correction (superseded on arrival): five count.
     #[test]
     fn a_correction_counts_once_whichever_came_first() {
-        let release = |id: u64, extra: serde_json::Value| -> HandoverRecord {
+        let release = |id: u64, extra: serde_json::Value| -> ReleaseFacts {
             let mut v = serde_json::json!({
                 "id": id, "sender": "YP001", "message_id": format!("m-{id}"),
                 "event": "RELEASE", "content_hash": "", "payload_hash": "",
@@ -504,7 +504,7 @@ mod tests {
     /// A correction of one in the window counts once, as before.
     #[test]
     fn a_correction_of_a_release_from_before_the_window_is_not_counted_again() {
-        let release = |id: u64, at: i64, supersedes: Option<u64>| -> HandoverRecord {
+        let release = |id: u64, at: i64, supersedes: Option<u64>| -> ReleaseFacts {
             serde_json::from_value(serde_json::json!({
                 "id": id, "sender": "YP001", "message_id": format!("m-{id}"),
                 "event": "RELEASE", "content_hash": "", "payload_hash": "",
@@ -546,7 +546,7 @@ mod tests {
     #[test]
     fn a_release_corrected_later_keeps_the_outcome_of_its_first_summary() {
         let at = |h: i64| 1_000 + h * HOUR_MS;
-        let release = |id: u64, submitted: i64, extra: serde_json::Value| -> HandoverRecord {
+        let release = |id: u64, submitted: i64, extra: serde_json::Value| -> ReleaseFacts {
             let mut v = serde_json::json!({
                 "id": id, "sender": "YP001", "message_id": format!("m-{id}"),
                 "event": "RELEASE", "content_hash": "", "payload_hash": "",
@@ -559,7 +559,7 @@ mod tests {
             serde_json::from_value(v).unwrap()
         };
         let gp_copy = |id: u64, handover: u64, queued: i64, due: i64, acked: i64| {
-            serde_json::from_value::<DeliveryRecord>(serde_json::json!({
+            serde_json::from_value::<CopyFacts>(serde_json::json!({
                 "id": id, "handover_id": handover, "mailbox": "YG001", "patient_key": "p",
                 "urgent": false, "state": "delivered", "attempt": 1,
                 "queued_at_ms": queued, "delivered_at_ms": acked, "due_ms": due,

@@ -499,7 +499,7 @@ impl Store {
         event: JourneyEvent,
         from_ms: i64,
         to_ms: i64,
-        visit: impl FnMut(HandoverRecord, Vec<DeliveryRecord>),
+        visit: impl FnMut(&super::ReleaseFacts, &[super::CopyFacts]),
     ) -> Result<(), StoreError> {
         either!(self.for_each_handover_submitted_between(event, from_ms, to_ms, visit))
     }

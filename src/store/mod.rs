@@ -54,8 +54,9 @@ pub use integrity::{AuditVerification, Rollback, WitnessPaths};
 pub use mesh::{MeshRecord, MeshState};
 pub use pds::{PDS_ACTOR, PdsFinding, PdsNotice, PdsResult, PdsStatus};
 pub use records::{
-    DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX,
-    PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX, Tombstone, is_parked_mailbox,
+    CopyFacts, DeliveryRecord, DeliveryState, HandoverRecord, IdentityConflict, PARKED_MAILBOX,
+    PARKED_MENTAL_HEALTH_MAILBOX, PARKED_SUBSTANCE_MISUSE_MAILBOX, ReleaseFacts, Tombstone,
+    is_parked_mailbox,
 };
 pub use syncer::{MAX_PIPELINE_DEPTH, PIPELINE_DEPTH, witness_lag};
 pub use writer::retention::{RetentionOutcome, RetentionPolicy, RetentionStats};
@@ -1428,11 +1429,11 @@ impl SledStore {
             .transpose()
     }
 
-    /// Calls `visit` with each handover of `event` submitted in
-    /// `[from_ms, to_ms)` whose tracking metadata is still held, and its
-    /// delivery records (metadata only, never a payload), newest first, one
-    /// at a time: memory does not grow with the window. A scan of the
-    /// handovers tree, so call it off the runtime.
+    /// Calls `visit` with what the continuity indicators read of each
+    /// handover of `event` submitted in `[from_ms, to_ms)` whose tracking
+    /// metadata is still held, and of its deliveries (metadata only, never a
+    /// payload), newest first, one at a time: memory does not grow with the
+    /// window. A scan of the handovers tree, so call it off the runtime.
     ///
     /// # Errors
     /// Store failures; an undecodable record.
@@ -1441,21 +1442,27 @@ impl SledStore {
         event: JourneyEvent,
         from_ms: i64,
         to_ms: i64,
-        mut visit: impl FnMut(HandoverRecord, Vec<DeliveryRecord>),
+        mut visit: impl FnMut(&ReleaseFacts, &[CopyFacts]),
     ) -> Result<(), StoreError> {
+        let deliveries = &self.inner.trees[TreeId::Deliveries as usize];
+        let mut copies = Vec::new();
         for entry in self.inner.trees[TreeId::Handovers as usize].iter().rev() {
             let (_, raw) = entry?;
-            let h: HandoverRecord = serde_json::from_slice(&raw)
+            let h: ReleaseFacts = serde_json::from_slice(&raw)
                 .map_err(|e| StoreError::Corrupt(format!("handover record: {e}")))?;
             if h.event != event || h.submitted_at_ms < from_ms || h.submitted_at_ms >= to_ms {
                 continue;
             }
-            let deliveries = h
-                .deliveries
-                .iter()
-                .filter_map(|id| self.delivery(*id).transpose())
-                .collect::<Result<Vec<_>, _>>()?;
-            visit(h, deliveries);
+            copies.clear();
+            for id in &h.deliveries {
+                if let Some(raw) = deliveries.get(records::be(*id))? {
+                    copies.push(
+                        serde_json::from_slice(&raw)
+                            .map_err(|e| StoreError::Corrupt(format!("delivery {id}: {e}")))?,
+                    );
+                }
+            }
+            visit(&h, &copies);
         }
         Ok(())
     }

@@ -730,6 +730,82 @@ impl DeliveryRecord {
     }
 }
 
+/// What the continuity indicators read of a handover
+/// (`for_each_handover_submitted_between`), decoded from a stored
+/// [`HandoverRecord`] without the rest (hashes, keys, trace context): the
+/// pass reads every handover held, most of them to skip.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ReleaseFacts {
+    /// Handover id.
+    pub id: u64,
+    /// Sending organisation.
+    pub sender: String,
+    /// Journey event.
+    pub event: JourneyEvent,
+    /// When accepted.
+    pub submitted_at_ms: i64,
+    /// Its deliveries.
+    pub deliveries: Vec<u64>,
+    /// The handover it supersedes.
+    #[serde(default)]
+    pub supersedes: Option<u64>,
+    /// The newer handover already held when this one arrived.
+    #[serde(default)]
+    pub superseded_on_arrival_by: Option<u64>,
+}
+
+impl From<&HandoverRecord> for ReleaseFacts {
+    fn from(h: &HandoverRecord) -> Self {
+        Self {
+            id: h.id,
+            sender: h.sender.clone(),
+            event: h.event,
+            submitted_at_ms: h.submitted_at_ms,
+            deliveries: h.deliveries.clone(),
+            supersedes: h.supersedes,
+            superseded_on_arrival_by: h.superseded_on_arrival_by,
+        }
+    }
+}
+
+/// What the continuity indicators read of a delivery, decoded from a
+/// stored [`DeliveryRecord`] without the rest (claim keys, reasons, PDS
+/// findings).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CopyFacts {
+    /// Receiving mailbox.
+    pub mailbox: String,
+    /// Current state.
+    pub state: DeliveryState,
+    /// When queued.
+    pub queued_at_ms: i64,
+    /// When acknowledged.
+    pub delivered_at_ms: Option<i64>,
+    /// The view it carries.
+    #[serde(default)]
+    pub view: String,
+    /// Deadline.
+    #[serde(default)]
+    pub due_ms: Option<i64>,
+    /// When claimed out of a holding mailbox.
+    #[serde(default)]
+    pub claimed_at_ms: Option<i64>,
+}
+
+impl From<&DeliveryRecord> for CopyFacts {
+    fn from(d: &DeliveryRecord) -> Self {
+        Self {
+            mailbox: d.mailbox.clone(),
+            state: d.state,
+            queued_at_ms: d.queued_at_ms,
+            delivered_at_ms: d.delivered_at_ms,
+            view: d.view.clone(),
+            due_ms: d.due_ms,
+            claimed_at_ms: d.claimed_at_ms,
+        }
+    }
+}
+
 /// What the queue index ([`super::schedule`]) needs of a live delivery,
 /// read from a stored [`DeliveryRecord`] at start-up without decoding (or
 /// allocating) the rest: the record's other fields are skipped.
@@ -1696,6 +1772,49 @@ mod tests {
         (m.from, m.to, m.due_ms) = ("YP004", "YP005", Some(900));
         send_on(&mut urgent, &m, 5);
         assert_eq!(urgent.due_ms, Some(100));
+    }
+
+    /// The continuity pass decodes only some fields of the stored records:
+    /// from a record with every field set, it reads what the full record says.
+    #[test]
+    fn the_continuity_facts_read_from_a_stored_record_are_the_records_own() {
+        let handover: HandoverRecord = serde_json::from_value(serde_json::json!({
+            "id": 12, "sender": "YP001", "message_id": "m-12", "event": "RELEASE",
+            "content_hash": "c", "payload_hash": "p", "payload_len": 9,
+            "patient_key": "k", "submitted_at_ms": 1_000, "deliveries": [30, 31],
+            "supersedes": 11, "finished_at_ms": 2_000, "shredded_at_ms": 3_000,
+            "trace_parent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "authored_at_ms": 900, "superseded_on_arrival_by": 13,
+            "episode": "e", "movement": "mv",
+        }))
+        .unwrap();
+        let stored = serde_json::to_vec(&handover).unwrap();
+        let read: ReleaseFacts = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(read, ReleaseFacts::from(&handover));
+        assert_eq!(
+            (read.supersedes, read.superseded_on_arrival_by),
+            (Some(11), Some(13))
+        );
+        let delivery: DeliveryRecord = serde_json::from_value(serde_json::json!({
+            "id": 30, "handover_id": 12, "mailbox": "YG001", "patient_key": "k",
+            "urgent": true, "state": "delivered", "attempt": 2,
+            "lease_until_ms": 1_500, "not_before_ms": 1_100, "queued_at_ms": 1_000,
+            "last_leased_at_ms": 1_400, "delivered_at_ms": 1_600,
+            "quarantined_at_ms": null, "reason": "r", "view": FULL_VIEW,
+            "not_carried": ["x"], "event": "RELEASE", "due_ms": 5_000,
+            "overdue_at_ms": 5_001, "superseded_by": 40, "superseded_by_handover": 14,
+            "sender": "YP001", "superseded_at_ms": 1_700, "claim_keys": ["ck"],
+            "claimed_by": "YG001", "claimed_at_ms": 1_200, "max_attempts": 9,
+            "finished_at_ms": 1_800, "nacked_attempt": 1, "forwarded_from": "YP002",
+        }))
+        .unwrap();
+        let stored = serde_json::to_vec(&delivery).unwrap();
+        let read: CopyFacts = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(read, CopyFacts::from(&delivery));
+        assert_eq!(
+            (read.delivered_at_ms, read.due_ms, read.claimed_at_ms),
+            (Some(1_600), Some(5_000), Some(1_200))
+        );
     }
 
     #[test]

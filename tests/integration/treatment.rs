@@ -442,7 +442,18 @@ const DAY: i64 = 24 * HOUR;
 
 #[tokio::test]
 async fn continuity_indicators_match_a_scripted_day() {
-    let (gw, clock) = TestGateway::start_manual(|_| {}).await;
+    continuity_indicators_match_a_scripted_day_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn continuity_indicators_match_a_scripted_day_on_postgres() {
+    continuity_indicators_match_a_scripted_day_on(Engine::Postgres).await;
+}
+
+async fn continuity_indicators_match_a_scripted_day_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |_| {}).await else {
+        return;
+    };
     register_services(&gw).await;
     let mut log = scripted_releases(&gw).await;
     let mut gp = scripted_deliveries(&gw, &clock, &mut log).await;

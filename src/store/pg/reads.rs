@@ -11,7 +11,9 @@ use super::sql::{self, LIVE, db, id};
 use crate::audit::{AuditEntry, hex};
 use crate::journey::JourneyEvent;
 use crate::store::records::{self, IdentityConflict, PatientRecord};
-use crate::store::{DeliveryRecord, HandoverRecord, MailboxStats, StoreError};
+use crate::store::{
+    CopyFacts, DeliveryRecord, HandoverRecord, MailboxStats, ReleaseFacts, StoreError,
+};
 
 /// Handovers read per page by the continuity scan.
 const SCAN_PAGE: i64 = 200;
@@ -330,8 +332,9 @@ impl PgStore {
         })
     }
 
-    /// Calls `visit` with each handover of `event` submitted in
-    /// `[from_ms, to_ms)` and its deliveries, newest first, a page at a time.
+    /// Calls `visit` with what the continuity indicators read of each
+    /// handover of `event` submitted in `[from_ms, to_ms)` and of its
+    /// deliveries, newest first, a page at a time.
     ///
     /// # Errors
     /// Database failures.
@@ -340,7 +343,7 @@ impl PgStore {
         event: JourneyEvent,
         from_ms: i64,
         to_ms: i64,
-        mut visit: impl FnMut(HandoverRecord, Vec<DeliveryRecord>),
+        mut visit: impl FnMut(&ReleaseFacts, &[CopyFacts]),
     ) -> Result<(), StoreError> {
         let mut before = i64::MAX;
         loop {
@@ -362,8 +365,8 @@ impl PgStore {
                     .map(|r| {
                         (
                             r.get::<_, i64>(0),
-                            r.get::<_, Json<HandoverRecord>>(1).0,
-                            r.get::<_, Json<Vec<DeliveryRecord>>>(2).0,
+                            r.get::<_, Json<ReleaseFacts>>(1).0,
+                            r.get::<_, Json<Vec<CopyFacts>>>(2).0,
                         )
                     })
                     .collect::<Vec<_>>())
@@ -373,7 +376,7 @@ impl PgStore {
             };
             before = last;
             for (_, h, deliveries) in page {
-                visit(h, deliveries);
+                visit(&h, &deliveries);
             }
         }
     }
