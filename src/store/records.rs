@@ -242,6 +242,16 @@ pub(crate) struct MovingOn<'a> {
 /// own record is theirs already). A copy the prison acknowledged stays: it
 /// has it (docs/journey.md).
 pub(crate) fn forwards_to(d: &DeliveryRecord, m: &MovingOn<'_>) -> bool {
+    m.before.is_none_or(|b| d.handover_id < b)
+        && matches!(d.state, DeliveryState::Queued | DeliveryState::Leased)
+        && goes_with(d, m)
+}
+
+/// Whether `d` is a summary that goes with the patient moving on (`m`)
+/// from the carer it was queued for, whatever its state: the kind the
+/// movement carries ([`forwards_to`]), a full copy, not superseded, not
+/// written by `m.to`.
+fn goes_with(d: &DeliveryRecord, m: &MovingOn<'_>) -> bool {
     let carried = match m.event {
         JourneyEvent::Transfer => matches!(
             d.event,
@@ -251,13 +261,91 @@ pub(crate) fn forwards_to(d: &DeliveryRecord, m: &MovingOn<'_>) -> bool {
         _ => false,
     };
     carried
-        && m.before.is_none_or(|b| d.handover_id < b)
         && d.view == FULL_VIEW
-        && matches!(d.state, DeliveryState::Queued | DeliveryState::Leased)
         && !d.is_superseded()
         && d.mailbox == m.from
         && m.from != m.to
         && d.sender.as_deref() != Some(m.to)
+}
+
+/// Whether `d`, acknowledged by the carer (`m.from`) a transfer or release
+/// first named, `mistaken` (its id and when it was submitted), is sent
+/// again to `m.to`, where the correction of that transfer or release says
+/// the patient went: the patient never arrived at `m.from`, so the carer
+/// that has them never had it. Only what reached `m.from` because of the
+/// mistake: a summary submitted after it, or one sent on with it (and
+/// acknowledged since). What `m.from` had of an earlier stay is its own.
+pub(crate) fn resends_to(d: &DeliveryRecord, m: &MovingOn<'_>, mistaken: (u64, i64)) -> bool {
+    let (mistaken_id, mistaken_at) = mistaken;
+    d.state == DeliveryState::Delivered
+        && (d.handover_id > mistaken_id
+            || (d.forwarded_from.is_some()
+                && d.delivered_at_ms.is_some_and(|at| at >= mistaken_at)))
+        && goes_with(d, m)
+}
+
+/// A new copy, delivery `id`, of `d` ([`resends_to`]) for `m.to`, queued
+/// afresh as a copy sent on is ([`send_on`]): its attempts from nought,
+/// due no sooner than the copy that moved it.
+pub(crate) fn resent_copy(
+    d: &DeliveryRecord,
+    m: &MovingOn<'_>,
+    id: u64,
+    now: i64,
+) -> DeliveryRecord {
+    let mut copy = DeliveryRecord {
+        id,
+        handover_id: d.handover_id,
+        mailbox: d.mailbox.clone(),
+        patient_key: d.patient_key.clone(),
+        urgent: d.urgent,
+        state: DeliveryState::Queued,
+        attempt: 0,
+        lease_until_ms: None,
+        not_before_ms: None,
+        queued_at_ms: now,
+        last_leased_at_ms: None,
+        delivered_at_ms: None,
+        quarantined_at_ms: None,
+        reason: None,
+        view: d.view.clone(),
+        not_carried: d.not_carried.clone(),
+        event: d.event,
+        due_ms: d.due_ms,
+        overdue_at_ms: None,
+        superseded_by: None,
+        superseded_by_handover: None,
+        sender: d.sender.clone(),
+        superseded_at_ms: None,
+        claim_keys: d.claim_keys.clone(),
+        claimed_by: None,
+        claimed_at_ms: None,
+        max_attempts: None,
+        finished_at_ms: None,
+        pds: None,
+        nacked_attempt: None,
+        forwarded_from: d.forwarded_from.clone(),
+    };
+    send_on(&mut copy, m, 0);
+    copy
+}
+
+/// The audit entry of `copy` ([`resent_copy`]) sent again to the carer
+/// correction `handover` names, from `from`, which acknowledged it.
+pub(crate) fn resend_event(
+    copy: &DeliveryRecord,
+    from: &str,
+    handover: u64,
+) -> crate::audit::AuditEvent {
+    delivery_event(
+        ROUTING_ACTOR,
+        "forward",
+        copy,
+        format!(
+            "ok: sent again to {}, to whom correction {handover} sent the patient: {from}, named by mistake, acknowledged it",
+            copy.mailbox
+        ),
+    )
 }
 
 /// Who the `event` (a transfer or a release) whose `copies` these are
@@ -276,6 +364,24 @@ pub(crate) fn first_carer<'a>(
                 .unwrap_or_else(|| d.mailbox.clone())
         })
         .filter(|m| !m.starts_with('@'))
+}
+
+/// The carer a transfer or release first sent its patient to
+/// ([`first_carer`]), and that handover (its id, when it was submitted):
+/// what a correction of it to another carer takes from ([`resends_to`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FirstNamed {
+    pub carer: String,
+    pub mistaken: (u64, i64),
+}
+
+impl FirstNamed {
+    pub(crate) fn of(carer: String, handover: &HandoverRecord) -> Self {
+        Self {
+            carer,
+            mistaken: (handover.id, handover.submitted_at_ms),
+        }
+    }
 }
 
 /// Moves `d` ([`forwards_to`]) to `m.to`'s mailbox, queued there afresh: a
@@ -1691,6 +1797,103 @@ mod tests {
         assert!(!forwards_to(&notice, &on));
         let release = at_second(FULL_VIEW, "RELEASE", "YP001");
         assert!(!forwards_to(&release, &on));
+    }
+
+    /// What a wrongly named carer acknowledged goes again to the one the
+    /// correction names: what reached it because of the mistake (sent after
+    /// it, or sent on with it), never what it had of an earlier stay.
+    #[test]
+    fn only_what_a_mistake_brought_is_sent_again_to_the_carer_corrected_to() {
+        let acked = |handover: u64, event: &str, extra: serde_json::Value| -> DeliveryRecord {
+            let mut v = serde_json::json!({
+                "id": 7, "handover_id": handover, "mailbox": "YP002", "patient_key": "p",
+                "urgent": false, "state": "delivered", "attempt": 1, "queued_at_ms": 0,
+                "delivered_at_ms": 500, "view": FULL_VIEW, "event": event, "sender": "YG001",
+            });
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let to_third = MovingOn {
+            from: "YP002",
+            to: "YP003",
+            event: JourneyEvent::Transfer,
+            due_ms: Some(9_000),
+            before: None,
+        };
+        // Transfer 10, submitted at 400, named YP002 by mistake.
+        let mistaken = (10, 400);
+        let since = acked(11, "COMMUNITY_SUMMARY", serde_json::json!({}));
+        assert!(resends_to(&since, &to_third, mistaken));
+        let copy = resent_copy(&since, &to_third, 99, 1_000);
+        assert_eq!(
+            (copy.id, copy.handover_id, copy.mailbox.as_str()),
+            (99, 11, "YP003")
+        );
+        assert_eq!(
+            (copy.state, copy.attempt, copy.delivered_at_ms),
+            (DeliveryState::Queued, 0, None)
+        );
+        assert_eq!(copy.forwarded_from.as_deref(), Some("YP002"));
+        assert_eq!((copy.queued_at_ms, copy.due_ms), (1_000, Some(9_000)));
+        // Sent on to YP002 with the mistaken transfer, acknowledged there.
+        let carried = serde_json::json!({ "forwarded_from": "YP001" });
+        assert!(resends_to(
+            &acked(5, "TRANSFER", carried.clone()),
+            &to_third,
+            mistaken
+        ));
+        // An earlier stay's record, whether sent on then or not: its own.
+        let mut before = carried;
+        before["delivered_at_ms"] = serde_json::json!(300);
+        assert!(!resends_to(
+            &acked(5, "TRANSFER", before),
+            &to_third,
+            mistaken
+        ));
+        assert!(!resends_to(
+            &acked(5, "COMMUNITY_SUMMARY", serde_json::json!({})),
+            &to_third,
+            mistaken
+        ));
+        // Not acknowledged (it moves instead), superseded, written by the
+        // carer it would go to, or not a summary a transfer carries.
+        for extra in [
+            serde_json::json!({ "state": "queued", "delivered_at_ms": null }),
+            serde_json::json!({ "superseded_by": 12 }),
+            serde_json::json!({ "sender": "YP003" }),
+            serde_json::json!({ "view": "probation" }),
+        ] {
+            assert!(
+                !resends_to(
+                    &acked(11, "COMMUNITY_SUMMARY", extra.clone()),
+                    &to_third,
+                    mistaken
+                ),
+                "{extra}"
+            );
+        }
+        assert!(!resends_to(
+            &acked(11, "ADMISSION", serde_json::json!({})),
+            &to_third,
+            mistaken
+        ));
+        // A release corrected to another GP: the transfer summary only.
+        let to_gp = MovingOn {
+            to: "YG002",
+            event: JourneyEvent::Release,
+            ..to_third
+        };
+        let mut at_gp = acked(11, "TRANSFER", serde_json::json!({ "sender": "YP001" }));
+        at_gp.mailbox = "YG009".into();
+        let from_gp = MovingOn {
+            from: "YG009",
+            ..to_gp
+        };
+        assert!(resends_to(&at_gp, &from_gp, mistaken));
+        at_gp.event = Some(JourneyEvent::CommunitySummary);
+        assert!(!resends_to(&at_gp, &from_gp, mistaken));
     }
 
     #[test]

@@ -962,11 +962,81 @@ impl Writer {
         }
         self.forward(staged, &m, handover, now, woken)?;
         if let Some(named) = self.first_carer(staged, corrected, m.event)?
-            && named != m.to
-            && named != m.from
+            && named.carer != m.to
+            && named.carer != m.from
         {
-            let from_named = records::MovingOn { from: &named, ..m };
+            let from_named = records::MovingOn {
+                from: &named.carer,
+                ..m
+            };
             self.forward(staged, &from_named, handover, now, woken)?;
+            self.resend(staged, &from_named, named.mistaken, handover, now, woken)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `m.to` a new copy of each summary `m.from` acknowledged for the
+    /// patient because transfer or release `mistaken` named it by mistake
+    /// ([`records::resends_to`]), the latest of each lineage, unless `m.to`
+    /// has a copy already. Its handover waits for the copy again.
+    fn resend(
+        &mut self,
+        staged: &mut Staged<'_>,
+        m: &records::MovingOn<'_>,
+        mistaken: (u64, i64),
+        (handover, patient_key): (u64, &str),
+        now: i64,
+        woken: &mut BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        let mut prefix = patient_key.as_bytes().to_vec();
+        prefix.push(0);
+        let mut latest: Vec<u64> = staged
+            .scan_prefix(TreeId::Lineage, &prefix)?
+            .iter()
+            .filter_map(|(_, v)| records::from_be(v))
+            .filter(|id| *id != handover)
+            .collect();
+        // Oldest first, as the PostgreSQL engine: the new copies queue in
+        // the order the summaries were submitted.
+        latest.sort_unstable();
+        latest.dedup();
+        for id in latest {
+            let key = records::be(id);
+            let Some(mut h) = staged.get_json::<HandoverRecord>(TreeId::Handovers, &key)? else {
+                continue;
+            };
+            let mut copies = Vec::with_capacity(h.deliveries.len());
+            for did in &h.deliveries {
+                copies.extend(
+                    staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(*did))?,
+                );
+            }
+            if copies
+                .iter()
+                .any(|d| d.mailbox == m.to && !d.is_superseded())
+            {
+                continue;
+            }
+            let Some(acked) = copies.iter().find(|d| records::resends_to(d, m, mistaken)) else {
+                continue;
+            };
+            if h.shredded_at_ms.is_some() {
+                tracing::warn!(
+                    alert = "resend_payload_removed",
+                    handover = h.id,
+                    to = m.to,
+                    "a summary the wrongly named carer acknowledged cannot be sent again: its payload was removed under the retention policy"
+                );
+                continue;
+            }
+            self.last_delivery += 1;
+            let copy = records::resent_copy(acked, m, self.last_delivery, now);
+            Self::reopen(&mut h);
+            h.deliveries.push(copy.id);
+            staged.put_json(TreeId::Handovers, key.to_vec(), &h);
+            self.enqueue(staged, &copy);
+            self.audit(staged, records::resend_event(&copy, m.from, handover), now);
+            woken.insert(m.to.to_owned());
         }
         Ok(())
     }
@@ -997,13 +1067,14 @@ impl Writer {
         self.take_on(staged, m, None, (d.handover_id, &d.patient_key), now, woken)
     }
 
-    /// Who `event` `handover` sent its patient to ([`records::first_carer`]).
+    /// Who `event` `handover` sent its patient to ([`records::first_carer`]),
+    /// with the handover's id and when it was submitted.
     fn first_carer(
         &self,
         staged: &Staged<'_>,
         handover: Option<u64>,
         event: crate::journey::JourneyEvent,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<records::FirstNamed>, StoreError> {
         let Some(record) = handover
             .map(|id| staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(id)))
             .transpose()?
@@ -1016,7 +1087,8 @@ impl Writer {
             copies
                 .extend(staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(*id))?);
         }
-        Ok(records::first_carer(&copies, event))
+        Ok(records::first_carer(&copies, event)
+            .map(|carer| records::FirstNamed::of(carer, &record)))
     }
 
     /// The patient key `h` is filed under; an identity conflict is recorded

@@ -574,6 +574,92 @@ async fn corrected_transfer_takes_on_what_waited_on(engine: Engine) {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn a_transfer_corrected_to_another_prison_gives_it_what_the_first_acknowledged() {
+    corrected_transfer_resends_what_was_acknowledged_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_transfer_corrected_to_another_prison_gives_it_what_the_first_acknowledged_on_postgres() {
+    corrected_transfer_resends_what_was_acknowledged_on(Engine::Postgres).await;
+}
+
+/// YP001 sends patient 63 to YP002 by mistake; the GP's record follows them
+/// there, and YP002 pulls and acknowledges both; YP001 corrects the transfer
+/// to YP003. YP003, where the patient is, must get the GP's record too: a
+/// new copy of it, since YP002 keeps what it acknowledged. A record YP002
+/// acknowledged before the mistaken transfer is not sent.
+async fn corrected_transfer_resends_what_was_acknowledged_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    let t = pb::JourneyEvent::Transfer;
+    let cs = pb::JourneyEvent::CommunitySummary;
+    // An earlier stay at YP002: the GP's record then, acknowledged there.
+    let mut earlier = summary(63, Some("YG002"), "from the other GP, an earlier stay");
+    earlier.author.organisation = "YG002".parse().unwrap();
+    earlier.custody.establishment = "YP002".parse().unwrap();
+    let mut other_gp = gw.client("YG002").await;
+    other_gp
+        .submit(submit("cs-63-old", cs, &[], &earlier))
+        .await
+        .unwrap();
+    assert_eq!(markers_pulled(&mut second, 1).await.len(), 1);
+    first
+        .submit(submit(
+            "t-63",
+            t,
+            &[],
+            &transfer(63, "sent to Brackenfield"),
+        ))
+        .await
+        .unwrap();
+    let mut record = summary(63, Some("YG001"), "from the GP");
+    record.author.organisation = "YG001".parse().unwrap();
+    record.custody.establishment = "YP002".parse().unwrap();
+    let r = gp
+        .submit(submit("cs-63", cs, &[], &record))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r), ["YP002"]);
+    let got = markers_pulled(&mut second, 2).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["sent to Brackenfield", "from the GP"]);
+    let mut corrected = transfer(63, "corrected to Ashdown");
+    corrected.custody.transfer_to = Some("YP003".parse().unwrap());
+    let r = first
+        .submit(submit("t-63b", t, &[], &corrected))
+        .await
+        .unwrap()
+        .into_inner();
+    // YP002, which had the mistaken transfer, is told it is withdrawn.
+    assert_eq!(destinations(&r), ["YP003", "YP002"]);
+    let got = markers_pulled(&mut third, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["corrected to Ashdown", "from the GP"]);
+    let trail = gw.store.audit_entries().unwrap();
+    let sent: Vec<_> = trail.iter().filter(|e| e.action == "forward").collect();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(
+        sent[0].outcome.contains("sent again to YP003"),
+        "{:?}",
+        sent[0].outcome
+    );
+    // Sent once: a second correction to the same prison sends nothing more.
+    let mut again = transfer(63, "corrected again, still Ashdown");
+    again.custody.transfer_to = Some("YP003".parse().unwrap());
+    first.submit(submit("t-63c", t, &[], &again)).await.unwrap();
+    let got = markers_pulled(&mut third, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["corrected again, still Ashdown"]);
+    gw.stop().await;
+}
+
 /// Nothing waits at `left` (the prison the patient never reached, or left),
 /// and one summary was sent on, audited.
 async fn one_sent_on_nothing_left(gw: &TestGateway, left: &mut Client) {

@@ -98,7 +98,8 @@ pub(super) async fn submit(
     put_deliveries(tx, h, owner, (&routed, &deliveries), now, audit).await?;
     if let Some(moving) = records::moving_on(&h.sender, h.event, &routed.destinations) {
         let corrected = supersedes.filter(|_| h.supersede);
-        take_on(tx, s, moving, corrected, owner, audit).await?;
+        let next = (&mut last_delivery, now);
+        take_on_and_resend(tx, s, (moving, corrected), owner, next, audit).await?;
     }
     if let Some(latest) = &written_later {
         superseded_on_arrival(tx, &newer, latest, now, audit).await?;
@@ -207,11 +208,34 @@ pub(super) async fn take_on_claimed(
     if super::identity::moved_since(tx, &release, &records::CUSTODY_EVENTS).await? {
         return Ok(());
     }
-    take_on(tx, s, m, None, (d.handover_id, &d.patient_key), audit).await
+    take_on(tx, s, m, None, (d.handover_id, &d.patient_key), audit).await?;
+    Ok(())
+}
+
+/// [`take_on`], then, for a correction to another carer, [`resend`].
+async fn take_on_and_resend(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    (m, corrected): (records::MovingOn<'_>, Option<u64>),
+    handover: (u64, &str),
+    next: (&mut u64, i64),
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    if let Some(named) = take_on(tx, s, m, corrected, handover, audit).await? {
+        let from_named = records::MovingOn {
+            from: &named.carer,
+            ..m
+        };
+        resend(tx, &from_named, named.mistaken, handover, next, audit).await?;
+    }
+    Ok(())
 }
 
 /// What `m.to` takes on with transfer or release `handover`, as the sled
-/// engine does (`Writer::take_on`).
+/// engine does (`Writer::take_on`). For a correction that names another
+/// carer than the handover it corrects: that carer and the corrected
+/// handover (id, submitted), for [`resend`] (which needs the submit's
+/// delivery counter).
 async fn take_on(
     tx: &Transaction<'_>,
     s: &Shared,
@@ -219,7 +243,7 @@ async fn take_on(
     corrected: Option<u64>,
     handover: (u64, &str),
     audit: &mut Vec<AuditEvent>,
-) -> Result<(), StoreError> {
+) -> Result<Option<records::FirstNamed>, StoreError> {
     // Only the movement reported last moves anything (`Writer::take_on`).
     let head = tx
         .query_opt(
@@ -230,30 +254,105 @@ async fn take_on(
         .map_err(db)?
         .map(|r| sql::un_id(r.get(0)));
     if head != Some(handover.0) {
-        return Ok(());
+        return Ok(None);
     }
     forward(tx, s, &m, handover, audit).await?;
     if let Some(named) = first_carer(tx, corrected, m.event).await?
-        && named != m.to
-        && named != m.from
+        && named.carer != m.to
+        && named.carer != m.from
     {
-        let from_named = records::MovingOn { from: &named, ..m };
+        let from_named = records::MovingOn {
+            from: &named.carer,
+            ..m
+        };
         forward(tx, s, &from_named, handover, audit).await?;
+        return Ok(Some(named));
     }
-    Ok(())
+    Ok(None)
 }
 
-/// Who `event` `handover` sent its patient to ([`records::first_carer`]).
+/// Who `event` `handover` sent its patient to ([`records::first_carer`]),
+/// with the handover's id and when it was submitted.
 async fn first_carer(
     tx: &Transaction<'_>,
     handover: Option<u64>,
     event: crate::journey::JourneyEvent,
-) -> Result<Option<String>, StoreError> {
+) -> Result<Option<records::FirstNamed>, StoreError> {
     let Some(handover) = handover else {
         return Ok(None);
     };
+    let Some(record) = sql::handover(tx, handover).await? else {
+        return Ok(None);
+    };
     let copies = sql::deliveries_of(tx, handover).await?;
-    Ok(records::first_carer(&copies, event))
+    Ok(records::first_carer(&copies, event).map(|carer| records::FirstNamed::of(carer, &record)))
+}
+
+/// Sends `m.to` a new copy of each summary `m.from` acknowledged for the
+/// patient because transfer or release `mistaken` named it by mistake, as
+/// the sled engine does (`Writer::resend`, [`records::resends_to`]): the
+/// latest of each lineage, oldest first, unless `m.to` has a copy already.
+/// Its handover waits for the copy again. The submit holds the `counters`
+/// lock; the new ids come from its `last_delivery`.
+async fn resend(
+    tx: &Transaction<'_>,
+    m: &records::MovingOn<'_>,
+    mistaken: (u64, i64),
+    (handover, patient_key): (u64, &str),
+    (last_delivery, now): (&mut u64, i64),
+    audit: &mut Vec<AuditEvent>,
+) -> Result<(), StoreError> {
+    let latest = tx
+        .query(
+            "SELECT DISTINCT handover_id FROM lineage WHERE patient_key = $1 \
+             AND handover_id <> $2 ORDER BY handover_id",
+            &[&patient_key, &id(handover)],
+        )
+        .await
+        .map_err(db)?;
+    for row in latest {
+        let hid = sql::un_id(row.get(0));
+        // Locked against a retention pass shredding or removing it meanwhile.
+        let Some(mut h) = tx
+            .query_opt(
+                "SELECT record FROM handovers WHERE id = $1 FOR NO KEY UPDATE",
+                &[&id(hid)],
+            )
+            .await
+            .map_err(db)?
+            .map(|r| r.get::<_, Json<HandoverRecord>>(0).0)
+        else {
+            continue;
+        };
+        let copies = sql::deliveries_of(tx, hid).await?;
+        if copies
+            .iter()
+            .any(|d| d.mailbox == m.to && !d.is_superseded())
+        {
+            continue;
+        }
+        let Some(acked) = copies.iter().find(|d| records::resends_to(d, m, mistaken)) else {
+            continue;
+        };
+        if h.shredded_at_ms.is_some() {
+            tracing::warn!(
+                alert = "resend_payload_removed",
+                handover = h.id,
+                to = m.to,
+                "a summary the wrongly named carer acknowledged cannot be sent again: its payload was removed under the retention policy"
+            );
+            continue;
+        }
+        *last_delivery += 1;
+        let copy = records::resent_copy(acked, m, *last_delivery, now);
+        // Waits for this copy again (retention skips it until it finishes).
+        h.finished_at_ms = None;
+        h.deliveries.push(copy.id);
+        sql::put_handover(tx, &h).await?;
+        sql::put_delivery(tx, &copy).await?;
+        audit.push(records::resend_event(&copy, m.from, handover));
+    }
+    Ok(())
 }
 
 /// `h`'s destinations, as the sled engine routes them
