@@ -1164,9 +1164,11 @@ pub async fn soak(opts: &BenchOptions) -> anyhow::Result<SoakReport> {
     })
 }
 
-/// Entries and live bytes of each tree of the (stopped) store at `sled_dir`.
+/// Entries and live bytes of each tree of the (stopped) store at `sled_dir`,
+/// opened as the offline tools open it (a snapshot a kill cut short is
+/// cleared first: `store::open_sled_offline`).
 fn tree_sizes(sled_dir: &Path) -> anyhow::Result<Vec<(String, u64, u64)>> {
-    let db = sled::open(sled_dir)?;
+    let db = crate::store::open_sled_offline(sled_dir)?;
     let mut out = Vec::new();
     for name in db.tree_names() {
         let tree = db.open_tree(&name)?;
