@@ -660,6 +660,64 @@ async fn corrected_transfer_resends_what_was_acknowledged_on(engine: Engine) {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn a_release_corrected_to_another_gp_gives_it_the_transfer_summary_the_first_acknowledged() {
+    corrected_release_resends_what_was_acknowledged_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_release_corrected_to_another_gp_gives_it_the_transfer_summary_the_first_acknowledged_on_postgres()
+ {
+    corrected_release_resends_what_was_acknowledged_on(Engine::Postgres).await;
+}
+
+/// YP002 releases patient 64, who came from YP001 with a methadone record
+/// it never acknowledged, naming the wrong GP: that practice gets both and
+/// acknowledges them. The corrected release names YG002, which must get
+/// the previous prison's transfer summary too.
+async fn corrected_release_resends_what_was_acknowledged_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut wrong_gp = gw.client("YG001").await;
+    let mut right_gp = gw.client("YG002").await;
+    let release = pb::JourneyEvent::Release;
+    first
+        .submit(submit(
+            "t-64",
+            pb::JourneyEvent::Transfer,
+            &[],
+            &transfer(64, "titrated at Ashdown"),
+        ))
+        .await
+        .unwrap();
+    let mut mistaken = summary(64, Some("YG001"), "released, the wrong GP");
+    written_by(&mut mistaken, "YP002");
+    let r = second
+        .submit(submit("r-64", release, &[], &mistaken))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&r).contains(&"YG001"), "{r:?}");
+    let got = markers_pulled(&mut wrong_gp, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["titrated at Ashdown", "released, the wrong GP"]);
+    let mut corrected = summary(64, Some("YG002"), "released, the right GP");
+    written_by(&mut corrected, "YP002");
+    let r = second
+        .submit(submit("r-64b", release, &[], &corrected))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&r).contains(&"YG002"), "{r:?}");
+    let got = markers_pulled(&mut right_gp, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["released, the right GP", "titrated at Ashdown"]);
+    gw.stop().await;
+}
+
 /// Nothing waits at `left` (the prison the patient never reached, or left),
 /// and one summary was sent on, audited.
 async fn one_sent_on_nothing_left(gw: &TestGateway, left: &mut Client) {
