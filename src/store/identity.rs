@@ -549,16 +549,23 @@ pub(super) fn left_custody_since(
     staged: &Staged<'_>,
     h: &records::HandoverRecord,
 ) -> Result<bool, StoreError> {
-    moved_since(staged, h, &[JourneyEvent::Release, JourneyEvent::Admission])
+    moved_since(
+        staged,
+        h,
+        &[JourneyEvent::Release, JourneyEvent::Admission],
+        None,
+    )
 }
 
 /// Whether `h`'s patient had a movement of one of `events` first reported
 /// after `h`, whoever sent it (a correction of an earlier movement is no
-/// movement since).
+/// movement since), other than handover `besides` (a correction being
+/// submitted, which may move the movement it corrects).
 pub(super) fn moved_since(
     staged: &Staged<'_>,
     h: &records::HandoverRecord,
     events: &[JourneyEvent],
+    besides: Option<u64>,
 ) -> Result<bool, StoreError> {
     let mut prefix = resolve(staged, &h.patient_key)?.into_bytes();
     prefix.push(0);
@@ -566,7 +573,9 @@ pub(super) fn moved_since(
         |id: u64| staged.get_json::<records::HandoverRecord>(TreeId::Handovers, &records::be(id));
     for (key, latest) in staged.scan_prefix(TreeId::Lineage, &prefix)? {
         let moved = records::lineage_event(&key).is_some_and(|e| events.contains(&e));
-        let Some(id) = records::from_be(&latest).filter(|id| moved && *id > h.id) else {
+        let Some(id) =
+            records::from_be(&latest).filter(|id| moved && *id > h.id && Some(*id) != besides)
+        else {
             continue;
         };
         // A correction of a movement reported before `h` is no movement since.
@@ -755,8 +764,10 @@ pub(crate) struct EarlierCopies<'a> {
     h: &'a super::NewHandover,
     routed: Routed,
     /// Only the latest earlier full copy says where its recipient went (a
-    /// practice's claim, a prison's transfer onward).
-    full_seen: bool,
+    /// practice's claim, a prison's transfer onward): the newest copy of
+    /// the newest handover that has one (a copy sent again to the carer a
+    /// correction named comes after the one the mistaken carer kept).
+    full_of: Option<u64>,
     given: Vec<String>,
 }
 
@@ -769,7 +780,7 @@ impl<'a> EarlierCopies<'a> {
                 destinations: h.destinations.clone(),
                 followed: None,
             },
-            full_seen: false,
+            full_of: None,
             given: Vec::new(),
         }
     }
@@ -777,8 +788,10 @@ impl<'a> EarlierCopies<'a> {
     /// One delivery of an earlier handover.
     pub(crate) fn visit(&mut self, d: DeliveryRecord) {
         let (h, routed) = (self.h, &mut self.routed);
-        if !self.full_seen && d.view == records::FULL_VIEW {
-            self.full_seen = true;
+        if d.view == records::FULL_VIEW && self.full_of.is_none_or(|of| of == d.handover_id) {
+            // A later copy of the same handover decides instead.
+            self.full_of = Some(d.handover_id);
+            routed.destinations.clone_from(&h.destinations);
             let claim = records::follows_claim(h.event, &routed.destinations, &d, &h.claim_keys)
                 .map(|index| {
                     (

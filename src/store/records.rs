@@ -273,31 +273,39 @@ fn goes_with(d: &DeliveryRecord, m: &MovingOn<'_>) -> bool {
 /// again to `m.to`, where the correction of that transfer or release says
 /// the patient went: the patient never arrived at `m.from`, so the carer
 /// that has them never had it. Only what reached `m.from` because of the
-/// mistake: a summary submitted after it, or one sent on with it (and
-/// acknowledged since). What `m.from` had of an earlier stay is its own.
+/// mistake: a summary submitted after it, or one sent on with it. What
+/// `m.from` had of an earlier stay is its own. A copy sent on before
+/// [`DeliveryRecord::forwarded_by`] was recorded counts as sent on with the
+/// mistake when it was acknowledged after it was submitted.
 pub(crate) fn resends_to(d: &DeliveryRecord, m: &MovingOn<'_>, mistaken: (u64, i64)) -> bool {
     let (mistaken_id, mistaken_at) = mistaken;
+    let sent_with_it = match d.forwarded_by {
+        Some(by) => by == mistaken_id,
+        None => d.forwarded_from.is_some() && d.delivered_at_ms.is_some_and(|at| at >= mistaken_at),
+    };
     d.state == DeliveryState::Delivered
-        && (d.handover_id > mistaken_id
-            || (d.forwarded_from.is_some()
-                && d.delivered_at_ms.is_some_and(|at| at >= mistaken_at)))
+        && (d.handover_id > mistaken_id || sent_with_it)
         && goes_with(d, m)
 }
 
-/// A new copy, delivery `id`, of `d` ([`resends_to`]) for `m.to`, queued
-/// afresh as a copy sent on is ([`send_on`]): its attempts from nought,
-/// due no sooner than the copy that moved it.
+/// A new copy, delivery `id`, of `d` ([`resends_to`]) for `m.to`, sent by
+/// correction `by` of patient `patient_key` (the key the patient is filed
+/// under now: an acknowledged copy keeps the key of its day, which a merge
+/// since may have retired), queued afresh as a copy sent on is
+/// ([`send_on`]): its attempts from nought, due no sooner than the copy
+/// that moved it.
 pub(crate) fn resent_copy(
     d: &DeliveryRecord,
     m: &MovingOn<'_>,
-    id: u64,
+    (id, by): (u64, u64),
+    patient_key: &str,
     now: i64,
 ) -> DeliveryRecord {
     let mut copy = DeliveryRecord {
         id,
         handover_id: d.handover_id,
         mailbox: d.mailbox.clone(),
-        patient_key: d.patient_key.clone(),
+        patient_key: patient_key.to_owned(),
         urgent: d.urgent,
         state: DeliveryState::Queued,
         attempt: 0,
@@ -325,8 +333,9 @@ pub(crate) fn resent_copy(
         pds: None,
         nacked_attempt: None,
         forwarded_from: d.forwarded_from.clone(),
+        forwarded_by: None,
     };
-    send_on(&mut copy, m, 0);
+    send_on(&mut copy, m, by, 0);
     copy
 }
 
@@ -384,14 +393,16 @@ impl FirstNamed {
     }
 }
 
-/// Moves `d` ([`forwards_to`]) to `m.to`'s mailbox, queued there afresh: a
+/// Moves `d` ([`forwards_to`]) to `m.to`'s mailbox with transfer or release
+/// `by`, queued there afresh: a
 /// lease the prison it leaves holds is revoked (its late ack or nack is
 /// answered as for an id not its own), `m.to` has a full `max_attempts`
 /// after the attempts already used, and it is due no sooner than the copy
 /// that moved it (a deadline passed at the prison is not the new carer's).
-pub(crate) fn send_on(d: &mut DeliveryRecord, m: &MovingOn<'_>, max_attempts: u32) {
+pub(crate) fn send_on(d: &mut DeliveryRecord, m: &MovingOn<'_>, by: u64, max_attempts: u32) {
     let from = std::mem::replace(&mut d.mailbox, m.to.to_owned());
     d.forwarded_from.get_or_insert(from);
+    d.forwarded_by = Some(by);
     d.state = DeliveryState::Queued;
     d.lease_until_ms = None;
     d.not_before_ms = None;
@@ -824,6 +835,11 @@ pub struct DeliveryRecord {
     /// ([`forwards_to`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarded_from: Option<String>,
+    /// The transfer or release that last sent it on ([`send_on`]): what a
+    /// correction of that handover to another carer sends again
+    /// ([`resends_to`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_by: Option<u64>,
 }
 
 impl DeliveryRecord {
@@ -1826,7 +1842,7 @@ mod tests {
         let mistaken = (10, 400);
         let since = acked(11, "COMMUNITY_SUMMARY", serde_json::json!({}));
         assert!(resends_to(&since, &to_third, mistaken));
-        let copy = resent_copy(&since, &to_third, 99, 1_000);
+        let copy = resent_copy(&since, &to_third, (99, 13), "p-now", 1_000);
         assert_eq!(
             (copy.id, copy.handover_id, copy.mailbox.as_str()),
             (99, 11, "YP003")
@@ -1836,11 +1852,27 @@ mod tests {
             (DeliveryState::Queued, 0, None)
         );
         assert_eq!(copy.forwarded_from.as_deref(), Some("YP002"));
+        assert_eq!(
+            (copy.forwarded_by, copy.patient_key.as_str()),
+            (Some(13), "p-now")
+        );
         assert_eq!((copy.queued_at_ms, copy.due_ms), (1_000, Some(9_000)));
         // Sent on to YP002 with the mistaken transfer, acknowledged there.
         let carried = serde_json::json!({ "forwarded_from": "YP001" });
         assert!(resends_to(
             &acked(5, "TRANSFER", carried.clone()),
+            &to_third,
+            mistaken
+        ));
+        // Recorded as sent on by the mistaken transfer, or by another one.
+        let by = |id: u64| serde_json::json!({ "forwarded_from": "YP001", "forwarded_by": id });
+        assert!(resends_to(
+            &acked(5, "TRANSFER", by(10)),
+            &to_third,
+            mistaken
+        ));
+        assert!(!resends_to(
+            &acked(5, "TRANSFER", by(4)),
             &to_third,
             mistaken
         ));
@@ -1952,7 +1984,7 @@ mod tests {
             due_ms: Some(500),
             before: None,
         };
-        send_on(&mut d, &m, 5);
+        send_on(&mut d, &m, 20, 5);
         assert_eq!(d.mailbox, "YP003");
         assert_eq!(d.forwarded_from.as_deref(), Some("YP002"));
         assert_eq!(d.state, DeliveryState::Queued);
@@ -1963,7 +1995,7 @@ mod tests {
         // Sent on again: it names the prison it was first queued for, and a
         // sooner deadline never brings its own forward.
         (m.from, m.to, m.due_ms) = ("YP003", "YP004", Some(200));
-        send_on(&mut d, &m, 5);
+        send_on(&mut d, &m, 20, 5);
         assert_eq!(d.forwarded_from.as_deref(), Some("YP002"));
         assert_eq!(d.due_ms, Some(500));
         // An urgent copy keeps its deadline, passed or not.
@@ -1973,7 +2005,7 @@ mod tests {
             ..d.clone()
         };
         (m.from, m.to, m.due_ms) = ("YP004", "YP005", Some(900));
-        send_on(&mut urgent, &m, 5);
+        send_on(&mut urgent, &m, 20, 5);
         assert_eq!(urgent.due_ms, Some(100));
     }
 

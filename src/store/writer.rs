@@ -924,7 +924,7 @@ impl Writer {
             }
             staged.del(TreeId::Pending, records::mailbox_key(m.from, did));
             self.schedule.remove(did);
-            records::send_on(&mut d, m, self.options.max_attempts);
+            records::send_on(&mut d, m, handover, self.options.max_attempts);
             self.enqueue(staged, &d);
             self.audit(staged, records::forward_event(&d, m.from, handover), now);
             woken.insert(m.to.to_owned());
@@ -961,7 +961,7 @@ impl Writer {
             return Ok(());
         }
         self.forward(staged, &m, handover, now, woken)?;
-        if let Some(named) = self.first_carer(staged, corrected, m.event)?
+        if let Some(named) = self.mistaken_carer(staged, corrected, m.event, handover.0)?
             && named.carer != m.to
             && named.carer != m.from
         {
@@ -1030,7 +1030,8 @@ impl Writer {
                 continue;
             }
             self.last_delivery += 1;
-            let copy = records::resent_copy(acked, m, self.last_delivery, now);
+            let ids = (self.last_delivery, handover);
+            let copy = records::resent_copy(acked, m, ids, patient_key, now);
             Self::reopen(&mut h);
             h.deliveries.push(copy.id);
             staged.put_json(TreeId::Handovers, key.to_vec(), &h);
@@ -1061,19 +1062,24 @@ impl Writer {
         let Some(release) = release else {
             return Ok(());
         };
-        if super::identity::moved_since(staged, &release, &records::CUSTODY_EVENTS)? {
+        if super::identity::moved_since(staged, &release, &records::CUSTODY_EVENTS, None)? {
             return Ok(());
         }
         self.take_on(staged, m, None, (d.handover_id, &d.patient_key), now, woken)
     }
 
-    /// Who `event` `handover` sent its patient to ([`records::first_carer`]),
-    /// with the handover's id and when it was submitted.
-    fn first_carer(
+    /// What `correction` takes from: who `event` `handover`, which it
+    /// corrects, sent the patient to ([`records::first_carer`]), with that
+    /// handover's id and when it was submitted. `None` once a custody
+    /// movement of the patient was reported since (other than `correction`):
+    /// the patient is elsewhere now, and what waits at that carer, or was
+    /// sent there since, is for the carer who holds them.
+    fn mistaken_carer(
         &self,
         staged: &Staged<'_>,
         handover: Option<u64>,
         event: crate::journey::JourneyEvent,
+        correction: u64,
     ) -> Result<Option<records::FirstNamed>, StoreError> {
         let Some(record) = handover
             .map(|id| staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(id)))
@@ -1082,6 +1088,10 @@ impl Writer {
         else {
             return Ok(None);
         };
+        let events = &records::CUSTODY_EVENTS;
+        if super::identity::moved_since(staged, &record, events, Some(correction))? {
+            return Ok(None);
+        }
         let mut copies = Vec::with_capacity(record.deliveries.len());
         for id in &record.deliveries {
             copies
@@ -1898,6 +1908,7 @@ pub(super) fn new_delivery(
         pds: None,
         nacked_attempt: None,
         forwarded_from: None,
+        forwarded_by: None,
     }
 }
 

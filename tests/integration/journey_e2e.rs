@@ -718,6 +718,153 @@ async fn corrected_release_resends_what_was_acknowledged_on(engine: Engine) {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn a_correction_of_a_summary_sent_again_goes_where_the_patient_is() {
+    correction_of_a_resent_summary_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_correction_of_a_summary_sent_again_goes_where_the_patient_is_on_postgres() {
+    correction_of_a_resent_summary_on(Engine::Postgres).await;
+}
+
+/// YP001's transfer summary for patient 65 waits unpulled at YP002, which
+/// transfers the patient to YP003 by mistake: it goes on there and YP003
+/// acknowledges it. YP002 corrects the transfer to YP004, which gets it
+/// again. YP001 then corrects its summary: the correction goes to YP004,
+/// where the patient is, not to YP003, which kept the first copy.
+async fn correction_of_a_resent_summary_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut fourth = prison_added(&gw, "YP004").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let t = pb::JourneyEvent::Transfer;
+    first
+        .submit(submit("t-65", t, &[], &transfer(65, "from Ashdown")))
+        .await
+        .unwrap();
+    let onward = |marker: &str, to: &str| {
+        let mut s = transfer(65, marker);
+        written_by(&mut s, "YP002");
+        s.custody.transfer_to = Some(to.parse().unwrap());
+        s.custody.transfer_at = Some("2030-02-01T09:00:00Z".parse().unwrap());
+        s
+    };
+    second
+        .submit(submit(
+            "t-65-on",
+            t,
+            &[],
+            &onward("to Brackenfield", "YP003"),
+        ))
+        .await
+        .unwrap();
+    let got = markers_pulled(&mut third, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["from Ashdown", "to Brackenfield"]);
+    second
+        .submit(submit(
+            "t-65-on-b",
+            t,
+            &[],
+            &onward("to Corrib, corrected", "YP004"),
+        ))
+        .await
+        .unwrap();
+    let got = markers_pulled(&mut fourth, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["to Corrib, corrected", "from Ashdown"]);
+    let r = first
+        .submit(submit(
+            "t-65b",
+            t,
+            &[],
+            &transfer(65, "from Ashdown, corrected"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r)[0], "YP004", "{r:?}");
+    let got = markers_pulled(&mut fourth, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["from Ashdown, corrected"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_correction_sends_nothing_to_a_prison_the_patient_has_left() {
+    late_correction_after_a_move_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_late_correction_sends_nothing_to_a_prison_the_patient_has_left_on_postgres() {
+    late_correction_after_a_move_on(Engine::Postgres).await;
+}
+
+/// YP001 sends patient 66 to YP002 by mistake; they were at YP003, which
+/// later transfers them to YP002 for real; the GP's record follows them
+/// there and is acknowledged. YP001's correction to YP003, weeks late, must
+/// not send YP003 the GP's record: the patient has left it.
+async fn late_correction_after_a_move_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    let t = pb::JourneyEvent::Transfer;
+    first
+        .submit(submit(
+            "t-66",
+            t,
+            &[],
+            &transfer(66, "sent to Brackenfield"),
+        ))
+        .await
+        .unwrap();
+    let mut real = transfer(66, "from Ashdown, for real");
+    written_by(&mut real, "YP003");
+    real.custody.transfer_at = Some("2030-03-01T09:00:00Z".parse().unwrap());
+    third
+        .submit(submit("t-66-real", t, &[], &real))
+        .await
+        .unwrap();
+    let mut record = summary(66, Some("YG001"), "from the GP");
+    record.author.organisation = "YG001".parse().unwrap();
+    record.custody.establishment = "YP002".parse().unwrap();
+    let cs = pb::JourneyEvent::CommunitySummary;
+    gp.submit(submit("cs-66", cs, &[], &record)).await.unwrap();
+    let got = markers_pulled(&mut second, 4).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(
+        markers,
+        [
+            "sent to Brackenfield",
+            "from Ashdown, for real",
+            "from the GP"
+        ]
+    );
+    let mut corrected = transfer(66, "corrected to Ashdown");
+    corrected.custody.transfer_to = Some("YP003".parse().unwrap());
+    first
+        .submit(submit("t-66b", t, &[], &corrected))
+        .await
+        .unwrap();
+    let got = markers_pulled(&mut third, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["corrected to Ashdown"]);
+    let trail = gw.store.audit_entries().unwrap();
+    assert!(
+        !trail.iter().any(|e| e.action == "forward"),
+        "nothing sent on"
+    );
+    gw.stop().await;
+}
+
 /// Nothing waits at `left` (the prison the patient never reached, or left),
 /// and one summary was sent on, audited.
 async fn one_sent_on_nothing_left(gw: &TestGateway, left: &mut Client) {

@@ -223,15 +223,23 @@ pub(super) async fn left_custody_since(
     tx: &Transaction<'_>,
     h: &crate::store::HandoverRecord,
 ) -> Result<bool, StoreError> {
-    moved_since(tx, h, &[JourneyEvent::Release, JourneyEvent::Admission]).await
+    moved_since(
+        tx,
+        h,
+        &[JourneyEvent::Release, JourneyEvent::Admission],
+        None,
+    )
+    .await
 }
 
 /// Whether `h`'s patient had a movement of one of `events` first reported
-/// after `h` (the sled engine's `identity::moved_since`).
+/// after `h`, other than handover `besides` (the sled engine's
+/// `identity::moved_since`).
 pub(super) async fn moved_since(
     tx: &Transaction<'_>,
     h: &crate::store::HandoverRecord,
     events: &[JourneyEvent],
+    besides: Option<u64>,
 ) -> Result<bool, StoreError> {
     let events: Vec<String> = events.iter().map(ToString::to_string).collect();
     let heads = tx
@@ -239,8 +247,8 @@ pub(super) async fn moved_since(
             "SELECT h.record FROM lineage l JOIN handovers h ON h.id = l.handover_id \
              WHERE l.patient_key = COALESCE(\
              (SELECT patient_key FROM identities WHERE identifier = $1), $1) \
-             AND l.event = ANY($2) AND l.handover_id > $3",
-            &[&h.patient_key, &events, &id(h.id)],
+             AND l.event = ANY($2) AND l.handover_id > $3 AND l.handover_id <> $4",
+            &[&h.patient_key, &events, &id(h.id), &besides.map_or(0, id)],
         )
         .await
         .map_err(db)?;

@@ -179,7 +179,7 @@ async fn forward(
         if !records::forwards_to(&d, m) {
             continue;
         }
-        records::send_on(&mut d, m, s.options.max_attempts);
+        records::send_on(&mut d, m, handover, s.options.max_attempts);
         sql::put_delivery(tx, &d).await?;
         audit.push(records::forward_event(&d, m.from, handover));
     }
@@ -205,7 +205,7 @@ pub(super) async fn take_on_claimed(
     let Some(release) = sql::handover(tx, d.handover_id).await? else {
         return Ok(());
     };
-    if super::identity::moved_since(tx, &release, &records::CUSTODY_EVENTS).await? {
+    if super::identity::moved_since(tx, &release, &records::CUSTODY_EVENTS, None).await? {
         return Ok(());
     }
     take_on(tx, s, m, None, (d.handover_id, &d.patient_key), audit).await?;
@@ -257,7 +257,7 @@ async fn take_on(
         return Ok(None);
     }
     forward(tx, s, &m, handover, audit).await?;
-    if let Some(named) = first_carer(tx, corrected, m.event).await?
+    if let Some(named) = mistaken_carer(tx, corrected, m.event, handover.0).await?
         && named.carer != m.to
         && named.carer != m.from
     {
@@ -271,12 +271,14 @@ async fn take_on(
     Ok(None)
 }
 
-/// Who `event` `handover` sent its patient to ([`records::first_carer`]),
-/// with the handover's id and when it was submitted.
-async fn first_carer(
+/// What `correction` takes from, as the sled engine says
+/// (`Writer::mistaken_carer`): who `event` `handover` sent the patient to,
+/// unless a custody movement was reported since.
+async fn mistaken_carer(
     tx: &Transaction<'_>,
     handover: Option<u64>,
     event: crate::journey::JourneyEvent,
+    correction: u64,
 ) -> Result<Option<records::FirstNamed>, StoreError> {
     let Some(handover) = handover else {
         return Ok(None);
@@ -284,6 +286,10 @@ async fn first_carer(
     let Some(record) = sql::handover(tx, handover).await? else {
         return Ok(None);
     };
+    let events = &records::CUSTODY_EVENTS;
+    if super::identity::moved_since(tx, &record, events, Some(correction)).await? {
+        return Ok(None);
+    }
     let copies = sql::deliveries_of(tx, handover).await?;
     Ok(records::first_carer(&copies, event).map(|carer| records::FirstNamed::of(carer, &record)))
 }
@@ -344,7 +350,8 @@ async fn resend(
             continue;
         }
         *last_delivery += 1;
-        let copy = records::resent_copy(acked, m, *last_delivery, now);
+        let ids = (*last_delivery, handover);
+        let copy = records::resent_copy(acked, m, ids, patient_key, now);
         // Waits for this copy again (retention skips it until it finishes).
         h.finished_at_ms = None;
         h.deliveries.push(copy.id);
