@@ -697,8 +697,9 @@ pub(crate) enum Follow {
     /// ([`records::follows_claim`]); the claimant.
     Claim(String),
     /// The earlier copy was sent on with the patient
-    /// ([`records::follows_forward`]); the prison it was first queued for.
-    Forward(String),
+    /// ([`records::follows_forward`]); the prison it was first queued for,
+    /// and the handover that sent it on.
+    Forward(String, Option<u64>),
 }
 
 impl Followed {
@@ -711,8 +712,9 @@ impl Followed {
                 record.claimed_at_ms = Some(now);
                 records::followed_claim_event(records::ROUTING_ACTOR, record, self.earlier)
             }
-            Follow::Forward(from) => {
+            Follow::Forward(from, by) => {
                 record.forwarded_from = Some(from.clone());
+                record.forwarded_by = *by;
                 records::followed_forward_event(record, self.earlier)
             }
         }
@@ -764,9 +766,10 @@ pub(crate) struct EarlierCopies<'a> {
     h: &'a super::NewHandover,
     routed: Routed,
     /// Only the latest earlier full copy says where its recipient went (a
-    /// practice's claim, a prison's transfer onward): the newest copy of
-    /// the newest handover that has one (a copy sent again to the carer a
-    /// correction named comes after the one the mistaken carer kept).
+    /// practice's claim, a prison's transfer onward): a copy of the newest
+    /// handover that has one, the newest of its copies that was claimed or
+    /// sent on (a copy sent again to the carer a correction named comes
+    /// after the one the mistaken carer kept).
     full_of: Option<u64>,
     given: Vec<String>,
 }
@@ -789,32 +792,33 @@ impl<'a> EarlierCopies<'a> {
     pub(crate) fn visit(&mut self, d: DeliveryRecord) {
         let (h, routed) = (self.h, &mut self.routed);
         if d.view == records::FULL_VIEW && self.full_of.is_none_or(|of| of == d.handover_id) {
-            // A later copy of the same handover decides instead.
             self.full_of = Some(d.handover_id);
-            routed.destinations.clone_from(&h.destinations);
-            let claim = records::follows_claim(h.event, &routed.destinations, &d, &h.claim_keys)
-                .map(|index| {
+            // Judged against the new handover's own destinations: a later
+            // copy of the same handover that was claimed or sent on decides
+            // instead of an earlier one; one that was neither changes nothing.
+            let destinations = &h.destinations;
+            let claim =
+                records::follows_claim(h.event, destinations, &d, &h.claim_keys).map(|index| {
                     (
                         index,
                         Follow::Claim(d.claimed_by.clone().unwrap_or_default()),
                     )
                 });
             let forward = || {
-                records::follows_forward(h.event, &routed.destinations, &d).map(|index| {
-                    (
-                        index,
-                        Follow::Forward(d.forwarded_from.clone().unwrap_or_default()),
-                    )
+                records::follows_forward(h.event, destinations, &d).map(|index| {
+                    let from = d.forwarded_from.clone().unwrap_or_default();
+                    (index, Follow::Forward(from, d.forwarded_by))
                 })
             };
-            routed.followed = claim.or_else(forward).map(|(index, why)| {
+            if let Some((index, why)) = claim.or_else(forward) {
+                routed.destinations.clone_from(destinations);
                 routed.destinations[index].mailbox.clone_from(&d.mailbox);
-                Followed {
+                routed.followed = Some(Followed {
                     index,
                     earlier: d.id,
                     why,
-                }
-            });
+                });
+            }
         }
         if d.state == DeliveryState::Delivered || d.attempt > 0 {
             self.given.push(d.mailbox);

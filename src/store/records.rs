@@ -269,22 +269,26 @@ fn goes_with(d: &DeliveryRecord, m: &MovingOn<'_>) -> bool {
 }
 
 /// Whether `d`, acknowledged by the carer (`m.from`) a transfer or release
-/// first named, `mistaken` (its id and when it was submitted), is sent
-/// again to `m.to`, where the correction of that transfer or release says
+/// first named ([`Mistaken`]: it and its corrections that kept that
+/// carer), is sent again to `m.to`, where the correction of that transfer or release says
 /// the patient went: the patient never arrived at `m.from`, so the carer
 /// that has them never had it. Only what reached `m.from` because of the
 /// mistake: a summary submitted after it, or one sent on with it. What
 /// `m.from` had of an earlier stay is its own. A copy sent on before
 /// [`DeliveryRecord::forwarded_by`] was recorded counts as sent on with the
 /// mistake when it was acknowledged after it was submitted.
-pub(crate) fn resends_to(d: &DeliveryRecord, m: &MovingOn<'_>, mistaken: (u64, i64)) -> bool {
-    let (mistaken_id, mistaken_at) = mistaken;
+pub(crate) fn resends_to(d: &DeliveryRecord, m: &MovingOn<'_>, mistaken: &Mistaken) -> bool {
+    let Some(first) = mistaken.ids.first() else {
+        return false;
+    };
     let sent_with_it = match d.forwarded_by {
-        Some(by) => by == mistaken_id,
-        None => d.forwarded_from.is_some() && d.delivered_at_ms.is_some_and(|at| at >= mistaken_at),
+        Some(by) => mistaken.ids.contains(&by),
+        None => {
+            d.forwarded_from.is_some() && d.delivered_at_ms.is_some_and(|at| at >= mistaken.at_ms)
+        }
     };
     d.state == DeliveryState::Delivered
-        && (d.handover_id > mistaken_id || sent_with_it)
+        && (d.handover_id > *first || sent_with_it)
         && goes_with(d, m)
 }
 
@@ -376,21 +380,37 @@ pub(crate) fn first_carer<'a>(
 }
 
 /// The carer a transfer or release first sent its patient to
-/// ([`first_carer`]), and that handover (its id, when it was submitted):
-/// what a correction of it to another carer takes from ([`resends_to`]).
+/// ([`first_carer`]), and the handovers that named it: what a correction
+/// to another carer takes from ([`resends_to`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FirstNamed {
     pub carer: String,
-    pub mistaken: (u64, i64),
+    pub mistaken: Mistaken,
 }
 
-impl FirstNamed {
-    pub(crate) fn of(carer: String, handover: &HandoverRecord) -> Self {
-        Self {
-            carer,
-            mistaken: (handover.id, handover.submitted_at_ms),
-        }
-    }
+/// Whether `older`, which `newer` corrects, named the same carer
+/// (`older_carer`, `carer`) in the same lineage and custody episode: a
+/// correction of content only, still to the carer named by mistake.
+pub(crate) fn kept_carer(
+    newer: &HandoverRecord,
+    older: &HandoverRecord,
+    older_carer: Option<&str>,
+    carer: &str,
+) -> bool {
+    older.sender == newer.sender
+        && older.event == newer.event
+        && older.episode == newer.episode
+        && older_carer == Some(carer)
+}
+
+/// A transfer or release that named a carer by mistake, and the
+/// corrections of it that kept that carer (a content-only correction).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mistaken {
+    /// Their ids, oldest first (never empty).
+    pub ids: Vec<u64>,
+    /// When the first was submitted.
+    pub at_ms: i64,
 }
 
 /// Moves `d` ([`forwards_to`]) to `m.to`'s mailbox with transfer or release
@@ -1839,9 +1859,12 @@ mod tests {
             before: None,
         };
         // Transfer 10, submitted at 400, named YP002 by mistake.
-        let mistaken = (10, 400);
+        let mistaken = Mistaken {
+            ids: vec![10],
+            at_ms: 400,
+        };
         let since = acked(11, "COMMUNITY_SUMMARY", serde_json::json!({}));
-        assert!(resends_to(&since, &to_third, mistaken));
+        assert!(resends_to(&since, &to_third, &mistaken));
         let copy = resent_copy(&since, &to_third, (99, 13), "p-now", 1_000);
         assert_eq!(
             (copy.id, copy.handover_id, copy.mailbox.as_str()),
@@ -1862,32 +1885,38 @@ mod tests {
         assert!(resends_to(
             &acked(5, "TRANSFER", carried.clone()),
             &to_third,
-            mistaken
+            &mistaken
         ));
         // Recorded as sent on by the mistaken transfer, or by another one.
         let by = |id: u64| serde_json::json!({ "forwarded_from": "YP001", "forwarded_by": id });
         assert!(resends_to(
             &acked(5, "TRANSFER", by(10)),
             &to_third,
-            mistaken
+            &mistaken
         ));
         assert!(!resends_to(
             &acked(5, "TRANSFER", by(4)),
             &to_third,
-            mistaken
+            &mistaken
         ));
+        // Or by a correction of it that kept YP002 (a content-only one).
+        let kept = Mistaken {
+            ids: vec![10, 12],
+            at_ms: 400,
+        };
+        assert!(resends_to(&acked(5, "TRANSFER", by(12)), &to_third, &kept));
         // An earlier stay's record, whether sent on then or not: its own.
         let mut before = carried;
         before["delivered_at_ms"] = serde_json::json!(300);
         assert!(!resends_to(
             &acked(5, "TRANSFER", before),
             &to_third,
-            mistaken
+            &mistaken
         ));
         assert!(!resends_to(
             &acked(5, "COMMUNITY_SUMMARY", serde_json::json!({})),
             &to_third,
-            mistaken
+            &mistaken
         ));
         // Not acknowledged (it moves instead), superseded, written by the
         // carer it would go to, or not a summary a transfer carries.
@@ -1901,7 +1930,7 @@ mod tests {
                 !resends_to(
                     &acked(11, "COMMUNITY_SUMMARY", extra.clone()),
                     &to_third,
-                    mistaken
+                    &mistaken
                 ),
                 "{extra}"
             );
@@ -1909,23 +1938,34 @@ mod tests {
         assert!(!resends_to(
             &acked(11, "ADMISSION", serde_json::json!({})),
             &to_third,
-            mistaken
+            &mistaken
         ));
-        // A release corrected to another GP: the transfer summary only.
-        let to_gp = MovingOn {
-            to: "YG002",
-            event: JourneyEvent::Release,
-            ..to_third
+    }
+
+    /// A release corrected to another GP: the previous prison's transfer
+    /// summary the first GP acknowledged goes again, the GP's own record not.
+    #[test]
+    fn a_release_corrected_to_another_gp_sends_again_only_a_transfer_summary() {
+        let mistaken = Mistaken {
+            ids: vec![10],
+            at_ms: 400,
         };
-        let mut at_gp = acked(11, "TRANSFER", serde_json::json!({ "sender": "YP001" }));
-        at_gp.mailbox = "YG009".into();
+        let mut at_gp: DeliveryRecord = serde_json::from_value(serde_json::json!({
+            "id": 7, "handover_id": 11, "mailbox": "YG009", "patient_key": "p",
+            "urgent": false, "state": "delivered", "attempt": 1, "queued_at_ms": 0,
+            "delivered_at_ms": 500, "view": FULL_VIEW, "event": "TRANSFER", "sender": "YP001",
+        }))
+        .unwrap();
         let from_gp = MovingOn {
             from: "YG009",
-            ..to_gp
+            to: "YG002",
+            event: JourneyEvent::Release,
+            due_ms: None,
+            before: None,
         };
-        assert!(resends_to(&at_gp, &from_gp, mistaken));
+        assert!(resends_to(&at_gp, &from_gp, &mistaken));
         at_gp.event = Some(JourneyEvent::CommunitySummary);
-        assert!(!resends_to(&at_gp, &from_gp, mistaken));
+        assert!(!resends_to(&at_gp, &from_gp, &mistaken));
     }
 
     #[test]

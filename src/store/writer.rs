@@ -970,7 +970,7 @@ impl Writer {
                 ..m
             };
             self.forward(staged, &from_named, handover, now, woken)?;
-            self.resend(staged, &from_named, named.mistaken, handover, now, woken)?;
+            self.resend(staged, &from_named, &named.mistaken, handover, now, woken)?;
         }
         Ok(())
     }
@@ -983,7 +983,7 @@ impl Writer {
         &mut self,
         staged: &mut Staged<'_>,
         m: &records::MovingOn<'_>,
-        mistaken: (u64, i64),
+        mistaken: &records::Mistaken,
         (handover, patient_key): (u64, &str),
         now: i64,
         woken: &mut BTreeSet<String>,
@@ -1070,10 +1070,11 @@ impl Writer {
 
     /// What `correction` takes from: who `event` `handover`, which it
     /// corrects, sent the patient to ([`records::first_carer`]), with that
-    /// handover's id and when it was submitted. `None` once a custody
-    /// movement of the patient was reported since (other than `correction`):
-    /// the patient is elsewhere now, and what waits at that carer, or was
-    /// sent there since, is for the carer who holds them.
+    /// handover and the earlier ones it corrects that named the same carer
+    /// ([`records::Mistaken`]). `None` once a custody movement of the
+    /// patient was reported since the first of them (other than
+    /// `correction`): the patient's place is then that movement's, and what
+    /// waits at that carer, or was sent there since, is left where it is.
     fn mistaken_carer(
         &self,
         staged: &Staged<'_>,
@@ -1081,24 +1082,43 @@ impl Writer {
         event: crate::journey::JourneyEvent,
         correction: u64,
     ) -> Result<Option<records::FirstNamed>, StoreError> {
-        let Some(record) = handover
-            .map(|id| staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(id)))
-            .transpose()?
-            .flatten()
-        else {
+        let load = |id: u64| staged.get_json::<HandoverRecord>(TreeId::Handovers, &records::be(id));
+        let carer_of = |h: &HandoverRecord| -> Result<Option<String>, StoreError> {
+            let mut copies = Vec::with_capacity(h.deliveries.len());
+            for id in &h.deliveries {
+                copies.extend(
+                    staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(*id))?,
+                );
+            }
+            Ok(records::first_carer(&copies, event))
+        };
+        let Some(mut first) = handover.map(load).transpose()?.flatten() else {
             return Ok(None);
         };
+        let Some(carer) = carer_of(&first)? else {
+            return Ok(None);
+        };
+        let mut ids = vec![first.id];
+        for _ in 0..super::identity::GIVEN_WALK {
+            let Some(older) = first.supersedes.map(load).transpose()?.flatten() else {
+                break;
+            };
+            if !records::kept_carer(&first, &older, carer_of(&older)?.as_deref(), &carer) {
+                break;
+            }
+            ids.push(older.id);
+            first = older;
+        }
         let events = &records::CUSTODY_EVENTS;
-        if super::identity::moved_since(staged, &record, events, Some(correction))? {
+        if super::identity::moved_since(staged, &first, events, Some(correction))? {
             return Ok(None);
         }
-        let mut copies = Vec::with_capacity(record.deliveries.len());
-        for id in &record.deliveries {
-            copies
-                .extend(staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(*id))?);
-        }
-        Ok(records::first_carer(&copies, event)
-            .map(|carer| records::FirstNamed::of(carer, &record)))
+        ids.reverse();
+        let mistaken = records::Mistaken {
+            ids,
+            at_ms: first.submitted_at_ms,
+        };
+        Ok(Some(records::FirstNamed { carer, mistaken }))
     }
 
     /// The patient key `h` is filed under; an identity conflict is recorded

@@ -865,6 +865,68 @@ async fn late_correction_after_a_move_on(engine: Engine) {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn a_release_corrected_twice_gives_the_right_gp_what_the_wrong_one_acknowledged() {
+    release_corrected_twice_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_release_corrected_twice_gives_the_right_gp_what_the_wrong_one_acknowledged_on_postgres()
+{
+    release_corrected_twice_on(Engine::Postgres).await;
+}
+
+/// As [`corrected_release_resends_what_was_acknowledged_on`], but YP002
+/// first corrects the release's content only, still to the wrong GP: the
+/// transfer summary went there with the first release, and still goes to
+/// the right GP when the second correction names them.
+async fn release_corrected_twice_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut wrong_gp = gw.client("YG001").await;
+    let mut right_gp = gw.client("YG002").await;
+    let release = pb::JourneyEvent::Release;
+    first
+        .submit(submit(
+            "t-67",
+            pb::JourneyEvent::Transfer,
+            &[],
+            &transfer(67, "titrated at Ashdown"),
+        ))
+        .await
+        .unwrap();
+    let released = |gp: &str, marker: &str| {
+        let mut s = summary(67, Some(gp), marker);
+        written_by(&mut s, "YP002");
+        s
+    };
+    for (id, marker) in [("r-67", "released"), ("r-67b", "released, dose added")] {
+        second
+            .submit(submit(id, release, &[], &released("YG001", marker)))
+            .await
+            .unwrap();
+    }
+    let got = markers_pulled(&mut wrong_gp, 4).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["titrated at Ashdown", "released, dose added"]);
+    second
+        .submit(submit(
+            "r-67c",
+            release,
+            &[],
+            &released("YG002", "released, the right GP"),
+        ))
+        .await
+        .unwrap();
+    let got = markers_pulled(&mut right_gp, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["released, the right GP", "titrated at Ashdown"]);
+    gw.stop().await;
+}
+
 /// Nothing waits at `left` (the prison the patient never reached, or left),
 /// and one summary was sent on, audited.
 async fn one_sent_on_nothing_left(gw: &TestGateway, left: &mut Client) {

@@ -226,7 +226,7 @@ async fn take_on_and_resend(
             from: &named.carer,
             ..m
         };
-        resend(tx, &from_named, named.mistaken, handover, next, audit).await?;
+        resend(tx, &from_named, &named.mistaken, handover, next, audit).await?;
     }
     Ok(())
 }
@@ -273,7 +273,8 @@ async fn take_on(
 
 /// What `correction` takes from, as the sled engine says
 /// (`Writer::mistaken_carer`): who `event` `handover` sent the patient to,
-/// unless a custody movement was reported since.
+/// with it and the earlier ones it corrects that named the same carer,
+/// unless a custody movement was reported since the first of them.
 async fn mistaken_carer(
     tx: &Transaction<'_>,
     handover: Option<u64>,
@@ -283,15 +284,39 @@ async fn mistaken_carer(
     let Some(handover) = handover else {
         return Ok(None);
     };
-    let Some(record) = sql::handover(tx, handover).await? else {
+    let Some(mut first) = sql::handover(tx, handover).await? else {
         return Ok(None);
     };
+    let copies = sql::deliveries_of(tx, first.id).await?;
+    let Some(carer) = records::first_carer(&copies, event) else {
+        return Ok(None);
+    };
+    let mut ids = vec![first.id];
+    for _ in 0..GIVEN_WALK {
+        let Some(older_id) = first.supersedes else {
+            break;
+        };
+        let Some(older) = sql::handover(tx, older_id).await? else {
+            break;
+        };
+        let copies = sql::deliveries_of(tx, older.id).await?;
+        let older_carer = records::first_carer(&copies, event);
+        if !records::kept_carer(&first, &older, older_carer.as_deref(), &carer) {
+            break;
+        }
+        ids.push(older.id);
+        first = older;
+    }
     let events = &records::CUSTODY_EVENTS;
-    if super::identity::moved_since(tx, &record, events, Some(correction)).await? {
+    if super::identity::moved_since(tx, &first, events, Some(correction)).await? {
         return Ok(None);
     }
-    let copies = sql::deliveries_of(tx, handover).await?;
-    Ok(records::first_carer(&copies, event).map(|carer| records::FirstNamed::of(carer, &record)))
+    ids.reverse();
+    let mistaken = records::Mistaken {
+        ids,
+        at_ms: first.submitted_at_ms,
+    };
+    Ok(Some(records::FirstNamed { carer, mistaken }))
 }
 
 /// Sends `m.to` a new copy of each summary `m.from` acknowledged for the
@@ -303,7 +328,7 @@ async fn mistaken_carer(
 async fn resend(
     tx: &Transaction<'_>,
     m: &records::MovingOn<'_>,
-    mistaken: (u64, i64),
+    mistaken: &records::Mistaken,
     (handover, patient_key): (u64, &str),
     (last_delivery, now): (&mut u64, i64),
     audit: &mut Vec<AuditEvent>,
