@@ -927,6 +927,69 @@ async fn release_corrected_twice_on(engine: Engine) {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn a_summary_whose_payload_is_gone_is_not_sent_again() {
+    payload_gone_is_not_sent_again_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_summary_whose_payload_is_gone_is_not_sent_again_on_postgres() {
+    payload_gone_is_not_sent_again_on(Engine::Postgres).await;
+}
+
+/// As [`corrected_transfer_resends_what_was_acknowledged_on`], but the
+/// correction comes after the retention policy removed the GP record's
+/// payload: nothing can be sent again, and nothing is half done (its
+/// handover stays finished with its one copy; nothing is audited as sent).
+async fn payload_gone_is_not_sent_again_on(engine: Engine) {
+    let Some((gw, clock)) = TestGateway::manual_on(engine, |_| {}).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    let t = pb::JourneyEvent::Transfer;
+    first
+        .submit(submit(
+            "t-68",
+            t,
+            &[],
+            &transfer(68, "sent to Brackenfield"),
+        ))
+        .await
+        .unwrap();
+    let mut record = summary(68, Some("YG001"), "from the GP");
+    record.author.organisation = "YG001".parse().unwrap();
+    record.custody.establishment = "YP002".parse().unwrap();
+    let cs = pb::JourneyEvent::CommunitySummary;
+    let r = gp
+        .submit(submit("cs-68", cs, &[], &record))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(markers_pulled(&mut second, 2).await.len(), 2);
+    clock.advance(4 * 86_400_000);
+    assert!(gw.store.retention().await.unwrap().shredded >= 1);
+    let held = gw.store.handover(r.handover_id).unwrap().unwrap();
+    assert!(held.shredded_at_ms.is_some(), "{held:?}");
+    let mut corrected = transfer(68, "corrected to Ashdown");
+    corrected.custody.transfer_to = Some("YP003".parse().unwrap());
+    first
+        .submit(submit("t-68b", t, &[], &corrected))
+        .await
+        .unwrap();
+    let got = markers_pulled(&mut third, 2).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["corrected to Ashdown"]);
+    let after = gw.store.handover(r.handover_id).unwrap().unwrap();
+    assert_eq!(after.deliveries, held.deliveries);
+    assert_eq!(after.finished_at_ms, held.finished_at_ms);
+    let trail = gw.store.audit_entries().unwrap();
+    assert!(!trail.iter().any(|e| e.action == "forward"), "nothing sent");
+    gw.stop().await;
+}
+
 /// Nothing waits at `left` (the prison the patient never reached, or left),
 /// and one summary was sent on, audited.
 async fn one_sent_on_nothing_left(gw: &TestGateway, left: &mut Client) {
