@@ -292,6 +292,22 @@ pub(crate) fn resends_to(d: &DeliveryRecord, m: &MovingOn<'_>, mistaken: &Mistak
         && goes_with(d, m)
 }
 
+/// Which of `copies` (one handover's deliveries) goes again to `m.to`
+/// ([`resends_to`]): none when `m.to` has a copy already.
+pub(crate) fn copy_to_resend<'a>(
+    copies: &'a [DeliveryRecord],
+    m: &MovingOn<'_>,
+    mistaken: &Mistaken,
+) -> Option<&'a DeliveryRecord> {
+    if copies
+        .iter()
+        .any(|d| d.mailbox == m.to && !d.is_superseded())
+    {
+        return None;
+    }
+    copies.iter().find(|d| resends_to(d, m, mistaken))
+}
+
 /// A new copy, delivery `id`, of `d` ([`resends_to`]) for `m.to`, sent by
 /// correction `by` of patient `patient_key` (the key the patient is filed
 /// under now: an acknowledged copy keeps the key of its day, which a merge

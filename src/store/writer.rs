@@ -1011,13 +1011,7 @@ impl Writer {
                     staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(*did))?,
                 );
             }
-            if copies
-                .iter()
-                .any(|d| d.mailbox == m.to && !d.is_superseded())
-            {
-                continue;
-            }
-            let Some(acked) = copies.iter().find(|d| records::resends_to(d, m, mistaken)) else {
+            let Some(acked) = records::copy_to_resend(&copies, m, mistaken) else {
                 continue;
             };
             if h.shredded_at_ms.is_some() {

@@ -34,6 +34,14 @@ fn submit(
     throughcare::cli::client::native_submit(id, event, to, s)
 }
 
+/// The GP YG001's record of `patient`, for the prison it names.
+fn gp_record(patient: u32, prison: &str) -> ClinicalSummary {
+    let mut record = summary(patient, Some("YG001"), "from the GP");
+    record.author.organisation = "YG001".parse().unwrap();
+    record.custody.establishment = prison.parse().unwrap();
+    record
+}
+
 fn transfer(patient: u32, marker: &str) -> ClinicalSummary {
     let mut s = summary(patient, Some("YG001"), marker);
     s.custody.transfer_to = Some("YP002".parse().unwrap());
@@ -549,9 +557,7 @@ async fn corrected_transfer_takes_on_what_waited_on(engine: Engine) {
         ))
         .await
         .unwrap();
-    let mut record = summary(61, Some("YG001"), "from the GP");
-    record.author.organisation = "YG001".parse().unwrap();
-    record.custody.establishment = "YP002".parse().unwrap();
+    let record = gp_record(61, "YP002");
     let cs = pb::JourneyEvent::CommunitySummary;
     let r = gp
         .submit(submit("cs-61", cs, &[], &record))
@@ -618,9 +624,7 @@ async fn corrected_transfer_resends_what_was_acknowledged_on(engine: Engine) {
         ))
         .await
         .unwrap();
-    let mut record = summary(63, Some("YG001"), "from the GP");
-    record.author.organisation = "YG001".parse().unwrap();
-    record.custody.establishment = "YP002".parse().unwrap();
+    let record = gp_record(63, "YP002");
     let r = gp
         .submit(submit("cs-63", cs, &[], &record))
         .await
@@ -833,9 +837,7 @@ async fn late_correction_after_a_move_on(engine: Engine) {
         .submit(submit("t-66-real", t, &[], &real))
         .await
         .unwrap();
-    let mut record = summary(66, Some("YG001"), "from the GP");
-    record.author.organisation = "YG001".parse().unwrap();
-    record.custody.establishment = "YP002".parse().unwrap();
+    let record = gp_record(66, "YP002");
     let cs = pb::JourneyEvent::CommunitySummary;
     gp.submit(submit("cs-66", cs, &[], &record)).await.unwrap();
     let got = markers_pulled(&mut second, 4).await;
@@ -959,9 +961,7 @@ async fn payload_gone_is_not_sent_again_on(engine: Engine) {
         ))
         .await
         .unwrap();
-    let mut record = summary(68, Some("YG001"), "from the GP");
-    record.author.organisation = "YG001".parse().unwrap();
-    record.custody.establishment = "YP002".parse().unwrap();
+    let record = gp_record(68, "YP002");
     let cs = pb::JourneyEvent::CommunitySummary;
     let r = gp
         .submit(submit("cs-68", cs, &[], &record))

@@ -356,13 +356,7 @@ async fn resend(
             continue;
         };
         let copies = sql::deliveries_of(tx, hid).await?;
-        if copies
-            .iter()
-            .any(|d| d.mailbox == m.to && !d.is_superseded())
-        {
-            continue;
-        }
-        let Some(acked) = copies.iter().find(|d| records::resends_to(d, m, mistaken)) else {
+        let Some(acked) = records::copy_to_resend(&copies, m, mistaken) else {
             continue;
         };
         if h.shredded_at_ms.is_some() {
