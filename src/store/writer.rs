@@ -838,7 +838,7 @@ impl Writer {
             woken.insert(dest.mailbox.clone());
         }
         if let Some(moving) = records::moving_on(&h.sender, h.event, &destinations) {
-            let corrected = supersedes.filter(|_| h.supersede);
+            let corrected = records::Correction::of(&h, supersedes);
             let handover = (id, patient_key.as_str());
             self.take_on(staged, moving, corrected, handover, now, woken)?;
         }
@@ -940,7 +940,7 @@ impl Writer {
         &mut self,
         staged: &mut Staged<'_>,
         m: records::MovingOn<'_>,
-        corrected: Option<u64>,
+        corrected: Option<records::Correction<'_>>,
         handover: (u64, &str),
         now: i64,
         woken: &mut BTreeSet<String>,
@@ -1062,8 +1062,9 @@ impl Writer {
         self.take_on(staged, m, None, (d.handover_id, &d.patient_key), now, woken)
     }
 
-    /// What `correction` takes from: who `event` `handover`, which it
-    /// corrects, sent the patient to ([`records::first_carer`]), with that
+    /// What `correction` takes from: who the `event` it supersedes
+    /// (`corrected`, when it reports the same movement: a correction, not a
+    /// new transfer) sent the patient to ([`records::first_carer`]), with that
     /// handover and the earlier ones it corrects that named the same carer
     /// ([`records::Mistaken`]). `None` once a custody movement of the
     /// patient was reported since the first of them (other than
@@ -1072,7 +1073,7 @@ impl Writer {
     fn mistaken_carer(
         &self,
         staged: &Staged<'_>,
-        handover: Option<u64>,
+        corrected: Option<records::Correction<'_>>,
         event: crate::journey::JourneyEvent,
         correction: u64,
     ) -> Result<Option<records::FirstNamed>, StoreError> {
@@ -1086,7 +1087,10 @@ impl Writer {
             }
             Ok(records::first_carer(&copies, event))
         };
-        let Some(mut first) = handover.map(load).transpose()?.flatten() else {
+        let Some(c) = corrected else {
+            return Ok(None);
+        };
+        let Some(mut first) = load(c.of)?.filter(|h| c.corrects(h)) else {
             return Ok(None);
         };
         let Some(carer) = carer_of(&first)? else {

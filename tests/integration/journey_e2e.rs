@@ -990,6 +990,73 @@ async fn payload_gone_is_not_sent_again_on(engine: Engine) {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn an_earlier_real_transfer_to_the_same_prison_is_not_part_of_the_mistake() {
+    earlier_real_transfer_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn an_earlier_real_transfer_to_the_same_prison_is_not_part_of_the_mistake_on_postgres() {
+    earlier_real_transfer_on(Engine::Postgres).await;
+}
+
+/// Patient 69 really went from YP001 to YP002 in January and back in
+/// February. In June YP001 sends them to YP002 by mistake; the GP's record
+/// follows them there and is acknowledged. The correction to YP003 sends it
+/// on: the January stay and its return are not the mistake.
+async fn earlier_real_transfer_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    let t = pb::JourneyEvent::Transfer;
+    let at = |marker: &str, when: &str, to: &str| {
+        let mut s = transfer(69, marker);
+        s.custody.transfer_at = Some(when.parse().unwrap());
+        s.custody.transfer_to = Some(to.parse().unwrap());
+        s
+    };
+    let january = at("January, for real", "2030-01-10T09:00:00Z", "YP002");
+    first
+        .submit(submit("t-69-jan", t, &[], &january))
+        .await
+        .unwrap();
+    assert_eq!(markers_pulled(&mut second, 1).await.len(), 1);
+    let mut back = at("February, back", "2030-02-10T09:00:00Z", "YP001");
+    written_by(&mut back, "YP002");
+    second
+        .submit(submit("t-69-feb", t, &[], &back))
+        .await
+        .unwrap();
+    assert_eq!(markers_pulled(&mut first, 1).await.len(), 1);
+    let june = "2030-06-10T09:00:00Z";
+    let mistaken = at("June, to Brackenfield", june, "YP002");
+    first
+        .submit(submit("t-69-jun", t, &[], &mistaken))
+        .await
+        .unwrap();
+    let cs = pb::JourneyEvent::CommunitySummary;
+    let r = gp
+        .submit(submit("cs-69", cs, &[], &gp_record(69, "YP002")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destinations(&r), ["YP002"]);
+    assert_eq!(markers_pulled(&mut second, 2).await.len(), 2);
+    let corrected = at("June, corrected to Ashdown", june, "YP003");
+    first
+        .submit(submit("t-69-jun-b", t, &[], &corrected))
+        .await
+        .unwrap();
+    let got = markers_pulled(&mut third, 3).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(markers, ["June, corrected to Ashdown", "from the GP"]);
+    gw.stop().await;
+}
+
 /// Nothing waits at `left` (the prison the patient never reached, or left),
 /// and one summary was sent on, audited.
 async fn one_sent_on_nothing_left(gw: &TestGateway, left: &mut Client) {
