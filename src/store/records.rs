@@ -405,46 +405,24 @@ pub(crate) struct FirstNamed {
 }
 
 /// Whether `older`, which `newer` corrects, reports the same custody
-/// movement (known, not assumed: [`HandoverRecord::same_movement`]) to the
-/// same carer (`older_carer`, `carer`): a correction of content only, still
-/// to the carer named by mistake. An earlier, real movement to that carer
-/// is not part of the mistake.
+/// movement to the same carer (`older_carer`, `carer`): a correction of
+/// content only, still to the carer named by mistake. An earlier, real
+/// movement to that carer (another transfer time or release date, or
+/// another custody episode, where both are known) is not part of the
+/// mistake.
 pub(crate) fn kept_carer(
     newer: &HandoverRecord,
     older: &HandoverRecord,
     older_carer: Option<&str>,
     carer: &str,
 ) -> bool {
-    older.movement.is_some() && newer.same_movement(older) && older_carer == Some(carer)
-}
-
-/// A transfer or release being submitted that supersedes handover `of`,
-/// with the custody episode and movement it reports: a correction of `of`
-/// only when it reports the same movement ([`Correction::corrects`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Correction<'a> {
-    pub of: u64,
-    pub episode: Option<&'a String>,
-    pub movement: Option<&'a String>,
-}
-
-impl<'a> Correction<'a> {
-    /// New handover `h`, superseding the head of its lineage `supersedes`
-    /// (`None` when it supersedes nothing or was submitted not to).
-    pub(crate) fn of(h: &'a super::NewHandover, supersedes: Option<u64>) -> Option<Self> {
-        supersedes.filter(|_| h.supersede).map(|of| Self {
-            of,
-            episode: h.episode.as_ref(),
-            movement: h.movement.as_ref(),
-        })
-    }
-
-    /// Whether `older` (the handover it supersedes) reports the movement
-    /// this one does: a new transfer by the same prison is not a correction
-    /// of its last one, and takes nothing from the carer that one named.
-    pub(crate) fn corrects(&self, older: &HandoverRecord) -> bool {
-        older.episode.as_ref() == self.episode && older.movement.as_ref() == self.movement
-    }
+    let same_or_unknown =
+        |a: Option<&String>, b: Option<&String>| a.is_none() || b.is_none() || a == b;
+    older.sender == newer.sender
+        && older.event == newer.event
+        && same_or_unknown(older.episode.as_ref(), newer.episode.as_ref())
+        && same_or_unknown(older.movement.as_ref(), newer.movement.as_ref())
+        && older_carer == Some(carer)
 }
 
 /// A transfer or release that named a carer by mistake, and the

@@ -838,7 +838,7 @@ impl Writer {
             woken.insert(dest.mailbox.clone());
         }
         if let Some(moving) = records::moving_on(&h.sender, h.event, &destinations) {
-            let corrected = records::Correction::of(&h, supersedes);
+            let corrected = supersedes.filter(|_| h.supersede);
             let handover = (id, patient_key.as_str());
             self.take_on(staged, moving, corrected, handover, now, woken)?;
         }
@@ -940,7 +940,7 @@ impl Writer {
         &mut self,
         staged: &mut Staged<'_>,
         m: records::MovingOn<'_>,
-        corrected: Option<records::Correction<'_>>,
+        corrected: Option<u64>,
         handover: (u64, &str),
         now: i64,
         woken: &mut BTreeSet<String>,
@@ -1063,8 +1063,7 @@ impl Writer {
     }
 
     /// What `correction` takes from: who the `event` it supersedes
-    /// (`corrected`, when it reports the same movement: a correction, not a
-    /// new transfer) sent the patient to ([`records::first_carer`]), with that
+    /// (`corrected`) sent the patient to ([`records::first_carer`]), with that
     /// handover and the earlier ones it corrects that named the same carer
     /// ([`records::Mistaken`]). `None` once a custody movement of the
     /// patient was reported since the first of them (other than
@@ -1073,7 +1072,7 @@ impl Writer {
     fn mistaken_carer(
         &self,
         staged: &Staged<'_>,
-        corrected: Option<records::Correction<'_>>,
+        corrected: Option<u64>,
         event: crate::journey::JourneyEvent,
         correction: u64,
     ) -> Result<Option<records::FirstNamed>, StoreError> {
@@ -1087,10 +1086,7 @@ impl Writer {
             }
             Ok(records::first_carer(&copies, event))
         };
-        let Some(c) = corrected else {
-            return Ok(None);
-        };
-        let Some(mut first) = load(c.of)?.filter(|h| c.corrects(h)) else {
+        let Some(mut first) = corrected.map(load).transpose()?.flatten() else {
             return Ok(None);
         };
         let Some(carer) = carer_of(&first)? else {

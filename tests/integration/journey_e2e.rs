@@ -1057,6 +1057,72 @@ async fn earlier_real_transfer_on(engine: Engine) {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn a_transfer_corrected_in_prison_and_time_still_gives_the_right_prison_everything() {
+    corrected_in_prison_and_time_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_transfer_corrected_in_prison_and_time_still_gives_the_right_prison_everything_on_postgres()
+ {
+    corrected_in_prison_and_time_on(Engine::Postgres).await;
+}
+
+/// YP001 sends patient 70 to YP002 by mistake, at the wrong time too. One
+/// GP's record follows them there and is acknowledged; another's waits
+/// unpulled. The correction names YP003 and another transfer time: YP003
+/// still gets both records.
+async fn corrected_in_prison_and_time_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    let mut other_gp = gw.client("YG002").await;
+    let t = pb::JourneyEvent::Transfer;
+    let cs = pb::JourneyEvent::CommunitySummary;
+    first
+        .submit(submit(
+            "t-70",
+            t,
+            &[],
+            &transfer(70, "sent to Brackenfield"),
+        ))
+        .await
+        .unwrap();
+    gp.submit(submit("cs-70", cs, &[], &gp_record(70, "YP002")))
+        .await
+        .unwrap();
+    assert_eq!(markers_pulled(&mut second, 2).await.len(), 2);
+    let mut other = summary(70, Some("YG002"), "from the other GP");
+    other.author.organisation = "YG002".parse().unwrap();
+    other.custody.establishment = "YP002".parse().unwrap();
+    other_gp
+        .submit(submit("cs-70-other", cs, &[], &other))
+        .await
+        .unwrap();
+    let mut corrected = transfer(70, "corrected to Ashdown, at noon");
+    corrected.custody.transfer_to = Some("YP003".parse().unwrap());
+    corrected.custody.transfer_at = Some("2030-01-01T12:00:00Z".parse().unwrap());
+    first
+        .submit(submit("t-70b", t, &[], &corrected))
+        .await
+        .unwrap();
+    let got = markers_pulled(&mut third, 4).await;
+    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(
+        markers,
+        [
+            "from the other GP",
+            "corrected to Ashdown, at noon",
+            "from the GP"
+        ]
+    );
+    gw.stop().await;
+}
+
 /// Nothing waits at `left` (the prison the patient never reached, or left),
 /// and one summary was sent on, audited.
 async fn one_sent_on_nothing_left(gw: &TestGateway, left: &mut Client) {

@@ -97,7 +97,7 @@ pub(super) async fn submit(
     let owner = (handover_id, patient_key.as_str());
     put_deliveries(tx, h, owner, (&routed, &deliveries), now, audit).await?;
     if let Some(moving) = records::moving_on(&h.sender, h.event, &routed.destinations) {
-        let corrected = records::Correction::of(h, supersedes);
+        let corrected = supersedes.filter(|_| h.supersede);
         let next = (&mut last_delivery, now);
         take_on_and_resend(tx, s, (moving, corrected), owner, next, audit).await?;
     }
@@ -216,7 +216,7 @@ pub(super) async fn take_on_claimed(
 async fn take_on_and_resend(
     tx: &Transaction<'_>,
     s: &Shared,
-    (m, corrected): (records::MovingOn<'_>, Option<records::Correction<'_>>),
+    (m, corrected): (records::MovingOn<'_>, Option<u64>),
     handover: (u64, &str),
     next: (&mut u64, i64),
     audit: &mut Vec<AuditEvent>,
@@ -240,7 +240,7 @@ async fn take_on(
     tx: &Transaction<'_>,
     s: &Shared,
     m: records::MovingOn<'_>,
-    corrected: Option<records::Correction<'_>>,
+    corrected: Option<u64>,
     handover: (u64, &str),
     audit: &mut Vec<AuditEvent>,
 ) -> Result<Option<records::FirstNamed>, StoreError> {
@@ -272,20 +272,20 @@ async fn take_on(
 }
 
 /// What `correction` takes from, as the sled engine says
-/// (`Writer::mistaken_carer`): who the `event` it corrects (`corrected`,
-/// the same movement) sent the patient to, with the earlier ones it
-/// corrects that named the same carer,
+/// (`Writer::mistaken_carer`): who the `event` it corrects (`corrected`)
+/// sent the patient to, with the earlier ones it corrects that named the
+/// same carer,
 /// unless a custody movement was reported since the first of them.
 async fn mistaken_carer(
     tx: &Transaction<'_>,
-    corrected: Option<records::Correction<'_>>,
+    corrected: Option<u64>,
     event: crate::journey::JourneyEvent,
     correction: u64,
 ) -> Result<Option<records::FirstNamed>, StoreError> {
-    let Some(c) = corrected else {
+    let Some(corrected) = corrected else {
         return Ok(None);
     };
-    let Some(mut first) = sql::handover(tx, c.of).await?.filter(|h| c.corrects(h)) else {
+    let Some(mut first) = sql::handover(tx, corrected).await? else {
         return Ok(None);
     };
     let copies = sql::deliveries_of(tx, first.id).await?;
