@@ -379,6 +379,13 @@ async fn markers_pulled(client: &mut Client, rounds: usize) -> Vec<(String, Stri
     got
 }
 
+/// The markers alone of what `client` pulls and acknowledges in `rounds`
+/// pulls ([`markers_pulled`]).
+async fn markers_of(client: &mut Client, rounds: usize) -> Vec<String> {
+    let got = markers_pulled(client, rounds).await;
+    got.into_iter().map(|(_, m)| m).collect()
+}
+
 /// `client` acks `d`, leased to it before the patient (and `d`) went on.
 async fn a_late_ack_is_not_found(client: &mut Client, d: &pb::Delivery) {
     let late = client
@@ -573,8 +580,7 @@ async fn corrected_transfer_takes_on_what_waited_on(engine: Engine) {
         .unwrap()
         .into_inner();
     assert_eq!(destinations(&r), ["YP003"]);
-    let got = markers_pulled(&mut third, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut third, 3).await;
     assert_eq!(markers, ["from the GP", "corrected to Ashdown"]);
     one_sent_on_nothing_left(&gw, &mut second).await;
     gw.stop().await;
@@ -631,8 +637,7 @@ async fn corrected_transfer_resends_what_was_acknowledged_on(engine: Engine) {
         .unwrap()
         .into_inner();
     assert_eq!(destinations(&r), ["YP002"]);
-    let got = markers_pulled(&mut second, 2).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut second, 2).await;
     assert_eq!(markers, ["sent to Brackenfield", "from the GP"]);
     let mut corrected = transfer(63, "corrected to Ashdown");
     corrected.custody.transfer_to = Some("YP003".parse().unwrap());
@@ -643,8 +648,7 @@ async fn corrected_transfer_resends_what_was_acknowledged_on(engine: Engine) {
         .into_inner();
     // YP002, which had the mistaken transfer, is told it is withdrawn.
     assert_eq!(destinations(&r), ["YP003", "YP002"]);
-    let got = markers_pulled(&mut third, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut third, 3).await;
     assert_eq!(markers, ["corrected to Ashdown", "from the GP"]);
     let trail = gw.store.audit_entries().unwrap();
     let sent: Vec<_> = trail.iter().filter(|e| e.action == "forward").collect();
@@ -658,8 +662,7 @@ async fn corrected_transfer_resends_what_was_acknowledged_on(engine: Engine) {
     let mut again = transfer(63, "corrected again, still Ashdown");
     again.custody.transfer_to = Some("YP003".parse().unwrap());
     first.submit(submit("t-63c", t, &[], &again)).await.unwrap();
-    let got = markers_pulled(&mut third, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut third, 3).await;
     assert_eq!(markers, ["corrected again, still Ashdown"]);
     gw.stop().await;
 }
@@ -705,8 +708,7 @@ async fn corrected_release_resends_what_was_acknowledged_on(engine: Engine) {
         .unwrap()
         .into_inner();
     assert!(destinations(&r).contains(&"YG001"), "{r:?}");
-    let got = markers_pulled(&mut wrong_gp, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut wrong_gp, 3).await;
     assert_eq!(markers, ["titrated at Ashdown", "released, the wrong GP"]);
     let mut corrected = summary(64, Some("YG002"), "released, the right GP");
     written_by(&mut corrected, "YP002");
@@ -716,8 +718,7 @@ async fn corrected_release_resends_what_was_acknowledged_on(engine: Engine) {
         .unwrap()
         .into_inner();
     assert!(destinations(&r).contains(&"YG002"), "{r:?}");
-    let got = markers_pulled(&mut right_gp, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut right_gp, 3).await;
     assert_eq!(markers, ["released, the right GP", "titrated at Ashdown"]);
     gw.stop().await;
 }
@@ -766,8 +767,7 @@ async fn correction_of_a_resent_summary_on(engine: Engine) {
         ))
         .await
         .unwrap();
-    let got = markers_pulled(&mut third, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut third, 3).await;
     assert_eq!(markers, ["from Ashdown", "to Brackenfield"]);
     second
         .submit(submit(
@@ -778,8 +778,7 @@ async fn correction_of_a_resent_summary_on(engine: Engine) {
         ))
         .await
         .unwrap();
-    let got = markers_pulled(&mut fourth, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut fourth, 3).await;
     assert_eq!(markers, ["to Corrib, corrected", "from Ashdown"]);
     let r = first
         .submit(submit(
@@ -792,8 +791,7 @@ async fn correction_of_a_resent_summary_on(engine: Engine) {
         .unwrap()
         .into_inner();
     assert_eq!(destinations(&r)[0], "YP004", "{r:?}");
-    let got = markers_pulled(&mut fourth, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut fourth, 3).await;
     assert_eq!(markers, ["from Ashdown, corrected"]);
     gw.stop().await;
 }
@@ -840,8 +838,7 @@ async fn late_correction_after_a_move_on(engine: Engine) {
     let record = gp_record(66, "YP002");
     let cs = pb::JourneyEvent::CommunitySummary;
     gp.submit(submit("cs-66", cs, &[], &record)).await.unwrap();
-    let got = markers_pulled(&mut second, 4).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut second, 4).await;
     assert_eq!(
         markers,
         [
@@ -856,8 +853,7 @@ async fn late_correction_after_a_move_on(engine: Engine) {
         .submit(submit("t-66b", t, &[], &corrected))
         .await
         .unwrap();
-    let got = markers_pulled(&mut third, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut third, 3).await;
     assert_eq!(markers, ["corrected to Ashdown"]);
     let trail = gw.store.audit_entries().unwrap();
     assert!(
@@ -911,8 +907,7 @@ async fn release_corrected_twice_on(engine: Engine) {
             .await
             .unwrap();
     }
-    let got = markers_pulled(&mut wrong_gp, 4).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut wrong_gp, 4).await;
     assert_eq!(markers, ["titrated at Ashdown", "released, dose added"]);
     second
         .submit(submit(
@@ -923,8 +918,7 @@ async fn release_corrected_twice_on(engine: Engine) {
         ))
         .await
         .unwrap();
-    let got = markers_pulled(&mut right_gp, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut right_gp, 3).await;
     assert_eq!(markers, ["released, the right GP", "titrated at Ashdown"]);
     gw.stop().await;
 }
@@ -979,8 +973,7 @@ async fn payload_gone_is_not_sent_again_on(engine: Engine) {
         .submit(submit("t-68b", t, &[], &corrected))
         .await
         .unwrap();
-    let got = markers_pulled(&mut third, 2).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut third, 2).await;
     assert_eq!(markers, ["corrected to Ashdown"]);
     let after = gw.store.handover(r.handover_id).unwrap().unwrap();
     assert_eq!(after.deliveries, held.deliveries);
@@ -1051,8 +1044,7 @@ async fn earlier_real_transfer_on(engine: Engine) {
         .submit(submit("t-69-jun-b", t, &[], &corrected))
         .await
         .unwrap();
-    let got = markers_pulled(&mut third, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut third, 3).await;
     assert_eq!(markers, ["June, corrected to Ashdown", "from the GP"]);
     gw.stop().await;
 }
@@ -1110,8 +1102,7 @@ async fn corrected_in_prison_and_time_on(engine: Engine) {
         .submit(submit("t-70b", t, &[], &corrected))
         .await
         .unwrap();
-    let got = markers_pulled(&mut third, 4).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut third, 4).await;
     assert_eq!(
         markers,
         [
@@ -1179,8 +1170,7 @@ async fn transfer_summary_goes_to_the_gp_on(engine: Engine) {
         .unwrap()
         .into_inner();
     assert!(destinations(&r).contains(&"YG001"), "{r:?}");
-    let got = markers_pulled(&mut gp, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut gp, 3).await;
     assert_eq!(
         markers,
         ["titrated at Ashdown", "released from Brackenfield"]
@@ -1234,8 +1224,7 @@ async fn claimed_release_takes_on_on(engine: Engine) {
         .into_inner()
         .claimed;
     assert_eq!(claimed.len(), 1);
-    let got = markers_pulled(&mut gp, 3).await;
-    let markers: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let markers = markers_of(&mut gp, 3).await;
     assert_eq!(
         markers,
         ["titrated at Ashdown", "released from Brackenfield"]
