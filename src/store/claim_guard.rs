@@ -59,7 +59,8 @@ impl SledStore {
 ///
 /// An audit trail is mostly other actions, and at start the claim guard
 /// reads a day of it (215–234 ms with 100,000 submits in the day, about a
-/// third of it decoding each entry; the rest is sled reading them). So an entry laid out as the writer lays it out
+/// third of it decoding each entry; the rest is sled reading them). So an
+/// entry laid out as the writer lays it out
 /// (`{"seq":N,"at_ms":M,` first, compact) is read from its bytes: its time
 /// from that prefix, and whether it names the action by a search for
 /// `field`. A false "may be" (another field holding the same text) is

@@ -233,9 +233,9 @@ async fn take_on_and_resend(
 
 /// What `m.to` takes on with transfer or release `handover`, as the sled
 /// engine does (`Writer::take_on`). For a correction that names another
-/// carer than the handover it corrects: that carer and the corrected
-/// handover (id, submitted), for [`resend`] (which needs the submit's
-/// delivery counter).
+/// carer than the handover it corrects: that carer and the handovers that
+/// named it ([`records::FirstNamed`]), for [`resend`] (which needs the
+/// submit's delivery counter).
 async fn take_on(
     tx: &Transaction<'_>,
     s: &Shared,
@@ -274,8 +274,7 @@ async fn take_on(
 /// What `correction` takes from, as the sled engine says
 /// (`Writer::mistaken_carer`): who the `event` it corrects (`corrected`)
 /// sent the patient to, with the earlier ones it corrects that named the
-/// same carer,
-/// unless a custody movement was reported since the first of them.
+/// same carer, unless a custody movement was reported since the first.
 async fn mistaken_carer(
     tx: &Transaction<'_>,
     corrected: Option<u64>,
