@@ -151,11 +151,16 @@ fn speaks_for_sender(
 
 /// The date (or time) of the custody movement an `event` reports: a
 /// correction of the movement names the same one, a new movement of the
-/// same kind another (`store::NewHandover::movement`).
+/// same kind another (`store::NewHandover::movement`). A time is the
+/// instant, written in UTC: the same moment written with another offset
+/// (`+01:00` in summer, `Z`, or an HL7 v2 time without one, read as UK
+/// local time) is the same movement.
 fn movement_of(event: JourneyEvent, custody: &crate::clinical::model::Custody) -> Option<String> {
     match event {
         JourneyEvent::Admission => custody.reception_date.map(|d| d.to_string()),
-        JourneyEvent::Transfer => custody.transfer_at.map(|t| t.to_string()),
+        JourneyEvent::Transfer => custody.transfer_at.map(|t| {
+            crate::clinical::model::DateTime(t.0.to_offset(time::UtcOffset::UTC)).to_string()
+        }),
         JourneyEvent::Release => custody.release_date.map(|d| d.to_string()),
         JourneyEvent::CommunitySummary => None,
     }

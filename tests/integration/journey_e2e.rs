@@ -340,6 +340,36 @@ async fn a_corrected_custody_event_is_no_move_on(engine: Engine) {
         .unwrap()
         .into_inner();
     assert_eq!(destinations(&r), ["YP001"], "back at the first prison");
+    // Patient 64: the same, but the correction writes the transfer's time
+    // with another offset: the same moment is the same movement.
+    first
+        .submit(submit("t-64", t, &[], &transfer(64, "out")))
+        .await
+        .unwrap();
+    let mut back = transfer(64, "back");
+    written_by(&mut back, "YP002");
+    back.custody.transfer_to = Some("YP001".parse().unwrap());
+    back.custody.transfer_at = Some("2030-01-02T09:00:00Z".parse().unwrap());
+    second
+        .submit(submit("t-64-back", t, &[], &back))
+        .await
+        .unwrap();
+    let mut corrected = transfer(64, "out, corrected");
+    corrected.custody.transfer_at = Some("2030-01-01T10:00:00+01:00".parse().unwrap());
+    first
+        .submit(submit("t-64b", t, &[], &corrected))
+        .await
+        .unwrap();
+    let r = gp
+        .submit(community(64, "cs-64"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        destinations(&r),
+        ["YP001"],
+        "09:00Z and 10:00+01:00 are one transfer"
+    );
     gw.stop().await;
 }
 
