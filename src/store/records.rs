@@ -479,6 +479,39 @@ pub(crate) fn forward_event(
     )
 }
 
+/// The copy of `d`'s summary (one of its handover's `copies`) that `to`
+/// holds already, other than `d` and not superseded: `d`, moving on to
+/// `to`, is retired in its favour, not sent there again. A copy sent again
+/// to the carer a correction named ([`resent_copy`]) and moved back by a
+/// later correction to the carer that kept the first reached it twice.
+pub(crate) fn held_by<'a>(
+    copies: &'a [DeliveryRecord],
+    d: &DeliveryRecord,
+    to: &str,
+) -> Option<&'a DeliveryRecord> {
+    copies
+        .iter()
+        .find(|c| c.id != d.id && c.mailbox == to && !c.is_superseded())
+}
+
+/// The audit entry of `d`, not sent on from `from` to `to`, which holds
+/// copy `held` of it ([`held_by`]), by transfer or release `handover`.
+pub(crate) fn held_event(
+    d: &DeliveryRecord,
+    (from, to): (&str, &str),
+    held: u64,
+    handover: u64,
+) -> crate::audit::AuditEvent {
+    delivery_event(
+        ROUTING_ACTOR,
+        "forward",
+        d,
+        format!(
+            "ok: not sent on from {from} to {to}, to whom handover {handover} sent the patient: it holds this summary already (delivery {held}); retired"
+        ),
+    )
+}
+
 /// Which of a correction's `destinations` goes where the summary it
 /// corrects was sent on ([`forwards_to`]): the copy for the prison the
 /// earlier copy was first queued for. The correction names the prison its

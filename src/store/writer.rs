@@ -922,6 +922,13 @@ impl Writer {
             if !records::forwards_to(&d, m) {
                 continue;
             }
+            if let Some(held) = self.held_by(staged, &d, m.to)? {
+                let event = records::held_event(&d, (m.from, m.to), held, handover);
+                d.superseded_by = Some(held);
+                self.retire(staged, &mut d, now)?;
+                self.audit(staged, event, now);
+                continue;
+            }
             staged.del(TreeId::Pending, records::mailbox_key(m.from, did));
             self.schedule.remove(did);
             records::send_on(&mut d, m, handover, self.options.max_attempts);
@@ -930,6 +937,25 @@ impl Writer {
             woken.insert(m.to.to_owned());
         }
         Ok(())
+    }
+
+    /// The copy of `d`'s summary that `to` holds already ([`records::held_by`]).
+    fn held_by(
+        &self,
+        staged: &Staged<'_>,
+        d: &DeliveryRecord,
+        to: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = records::be(d.handover_id);
+        let Some(h) = staged.get_json::<HandoverRecord>(TreeId::Handovers, &key)? else {
+            return Ok(None);
+        };
+        let mut copies = Vec::with_capacity(h.deliveries.len());
+        for id in h.deliveries.iter().filter(|id| **id != d.id) {
+            copies
+                .extend(staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(*id))?);
+        }
+        Ok(records::held_by(&copies, d, to).map(|c| c.id))
     }
 
     /// What `m.to` takes on with transfer or release `handover`: what

@@ -698,6 +698,64 @@ async fn corrected_transfer_resends_what_was_acknowledged_on(engine: Engine) {
 }
 
 #[tokio::test]
+async fn a_copy_sent_again_and_moved_back_does_not_reach_the_first_prison_twice() {
+    sent_again_and_moved_back_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_copy_sent_again_and_moved_back_does_not_reach_the_first_prison_twice_on_postgres() {
+    sent_again_and_moved_back_on(Engine::Postgres).await;
+}
+
+/// YP001 sends patient 65 to YP002, which acknowledges the GP's record;
+/// a correction names YP003, which is sent a new copy; a second correction
+/// names YP002 again. The copy waiting at YP003 is not moved back: YP002
+/// holds that record already.
+async fn sent_again_and_moved_back_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut third = prison_added(&gw, "YP003").await;
+    let mut first = gw.client("YP001").await;
+    let mut second = gw.client("YP002").await;
+    let mut gp = gw.client("YG001").await;
+    let t = pb::JourneyEvent::Transfer;
+    let cs = pb::JourneyEvent::CommunitySummary;
+    first
+        .submit(submit(
+            "t-65",
+            t,
+            &[],
+            &transfer(65, "sent to Brackenfield"),
+        ))
+        .await
+        .unwrap();
+    let record = gp_record(65, "YP002");
+    gp.submit(submit("cs-65", cs, &[], &record)).await.unwrap();
+    let markers = markers_of(&mut second, 2).await;
+    assert_eq!(markers, ["sent to Brackenfield", "from the GP"]);
+    let mut corrected = transfer(65, "corrected to Ashdown");
+    corrected.custody.transfer_to = Some("YP003".parse().unwrap());
+    first
+        .submit(submit("t-65b", t, &[], &corrected))
+        .await
+        .unwrap();
+    let back = transfer(65, "Brackenfield after all");
+    first.submit(submit("t-65c", t, &[], &back)).await.unwrap();
+    let markers = markers_of(&mut second, 3).await;
+    assert_eq!(markers, ["Brackenfield after all"], "the GP's record once");
+    let markers = markers_of(&mut third, 3).await;
+    assert!(!markers.iter().any(|m| m == "from the GP"), "{markers:?}");
+    let trail = gw.store.audit_entries().unwrap();
+    let held: Vec<_> = trail
+        .iter()
+        .filter(|e| e.action == "forward" && e.outcome.contains("holds this summary already"))
+        .collect();
+    assert_eq!(held.len(), 1, "{trail:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_release_corrected_to_another_gp_gives_it_the_transfer_summary_the_first_acknowledged() {
     corrected_release_resends_what_was_acknowledged_on(Engine::Sled).await;
 }

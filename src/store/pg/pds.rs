@@ -158,7 +158,7 @@ async fn pds_result(
         patient_key: Some(d.patient_key.clone()),
         outcome,
     });
-    super::submit::take_on_claimed(tx, s, &d, audit).await?;
+    super::submit::take_on_claimed(tx, s, &d, now, audit).await?;
     Ok(Ok(Some(d)))
 }
 

@@ -948,7 +948,7 @@ async fn claim(
             patient_key: Some(d.patient_key.clone()),
             outcome: format!("ok: parked release claimed for {to}; {evidence}"),
         });
-        super::submit::take_on_claimed(tx, s, &d, audit).await?;
+        super::submit::take_on_claimed(tx, s, &d, now, audit).await?;
         claimed.push(d);
     }
     if claimed.is_empty() {

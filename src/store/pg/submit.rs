@@ -163,6 +163,7 @@ async fn forward(
     s: &Shared,
     m: &records::MovingOn<'_>,
     (handover, patient_key): (u64, &str),
+    now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
     let rows = tx
@@ -177,6 +178,13 @@ async fn forward(
     for row in rows {
         let mut d = row.get::<_, Json<DeliveryRecord>>(0).0;
         if !records::forwards_to(&d, m) {
+            continue;
+        }
+        let copies = sql::deliveries_of(tx, d.handover_id).await?;
+        if let Some(held) = records::held_by(&copies, &d, m.to).map(|c| c.id) {
+            audit.push(records::held_event(&d, (m.from, m.to), held, handover));
+            d.superseded_by = Some(held);
+            super::queue::retire(tx, &mut d, now).await?;
             continue;
         }
         records::send_on(&mut d, m, handover, s.options.max_attempts);
@@ -197,6 +205,7 @@ pub(super) async fn take_on_claimed(
     tx: &Transaction<'_>,
     s: &Shared,
     d: &DeliveryRecord,
+    now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
     let Some(m) = records::claimed_moving_on(d) else {
@@ -208,7 +217,7 @@ pub(super) async fn take_on_claimed(
     if super::identity::moved_since(tx, &release, &records::CUSTODY_EVENTS, None).await? {
         return Ok(());
     }
-    take_on(tx, s, m, None, (d.handover_id, &d.patient_key), audit).await?;
+    take_on(tx, s, m, None, (d.handover_id, &d.patient_key), now, audit).await?;
     Ok(())
 }
 
@@ -221,7 +230,7 @@ async fn take_on_and_resend(
     next: (&mut u64, i64),
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
-    if let Some(named) = take_on(tx, s, m, corrected, handover, audit).await? {
+    if let Some(named) = take_on(tx, s, m, corrected, handover, next.1, audit).await? {
         let from_named = records::MovingOn {
             from: &named.carer,
             ..m
@@ -242,6 +251,7 @@ async fn take_on(
     m: records::MovingOn<'_>,
     corrected: Option<u64>,
     handover: (u64, &str),
+    now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<Option<records::FirstNamed>, StoreError> {
     // Only the movement reported last moves anything (`Writer::take_on`).
@@ -256,7 +266,7 @@ async fn take_on(
     if head != Some(handover.0) {
         return Ok(None);
     }
-    forward(tx, s, &m, handover, audit).await?;
+    forward(tx, s, &m, handover, now, audit).await?;
     if let Some(named) = mistaken_carer(tx, corrected, m.event, handover.0).await?
         && named.carer != m.to
         && named.carer != m.from
@@ -265,7 +275,7 @@ async fn take_on(
             from: &named.carer,
             ..m
         };
-        forward(tx, s, &from_named, handover, audit).await?;
+        forward(tx, s, &from_named, handover, now, audit).await?;
         return Ok(Some(named));
     }
     Ok(None)
