@@ -61,7 +61,8 @@ impl Newer<'_> {
 impl Writer {
     /// Resolves `ids` to one patient key, linking and merging identities in
     /// `staged` when `links` (a prison's submit, [`records::may_link`]).
-    /// `Ok(Err(field))` when the identifiers contradict what is linked
+    /// `Ok(Err((field, key)))` when the identifiers contradict what is linked
+    /// (`key`: the patient they resolved to, whose trail the refusal is on)
     /// ([`records::identity_conflict`], [`records::merge_conflict`]).
     pub(super) fn resolve_patient(
         &mut self,
@@ -69,7 +70,7 @@ impl Writer {
         ids: &PatientIds,
         links: bool,
         now: i64,
-    ) -> Result<Result<String, &'static str>, StoreError> {
+    ) -> Result<Result<String, (&'static str, String)>, StoreError> {
         let Some(first) = ids.first_key() else {
             return Ok(Ok("unidentified".to_owned()));
         };
@@ -85,7 +86,7 @@ impl Writer {
             .unwrap_or_else(|| first.to_owned());
         let mut record = patient(staged, &key)?;
         if let Some(field) = records::identity_conflict(&record, ids) {
-            return Ok(Err(field));
+            return Ok(Err((field, key)));
         }
         if let (Some(a), Some(b)) = (&by_nhs, &by_prison)
             && a != b
@@ -93,7 +94,7 @@ impl Writer {
         {
             let absorbed = patient(staged, b)?;
             if let Some(field) = records::merge_conflict(&absorbed, ids) {
-                return Ok(Err(field));
+                return Ok(Err((field, key)));
             }
             if links {
                 self.merge(staged, &mut record, a, b, absorbed, now)?;
@@ -259,7 +260,7 @@ impl Writer {
         staged: &mut Staged<'_>,
         conflict: IdentityConflict,
         actor: &str,
-        handover_id: Option<u64>,
+        (handover_id, patient_key): (Option<u64>, Option<String>),
     ) {
         let entry = self.audit(
             staged,
@@ -267,6 +268,7 @@ impl Writer {
                 actor: actor.to_owned(),
                 action: "submit",
                 handover_id,
+                patient_key,
                 outcome: format!(
                     "refused: identity conflict on {}: linked to a different patient",
                     conflict.field

@@ -1151,14 +1151,14 @@ impl Writer {
     ) -> Result<String, StoreError> {
         match self.resolve_patient(staged, &h.patient, records::may_link(h.event), now)? {
             Ok(key) => Ok(key),
-            Err(field) => {
+            Err((field, key)) => {
                 let conflict = IdentityConflict {
                     at_ms: now,
                     sender: h.sender.clone(),
                     message_id: h.message_id.clone(),
                     field: field.to_owned(),
                 };
-                self.record_conflict(staged, conflict, &h.actor, None);
+                self.record_conflict(staged, conflict, &h.actor, (None, Some(key)));
                 Err(StoreError::IdentityConflict { field })
             }
         }

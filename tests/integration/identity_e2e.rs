@@ -743,6 +743,35 @@ async fn only_a_prison_links_a_prison_number_to_a_patient_on(engine: Engine) {
         .await
         .unwrap_err();
     assert_eq!(violations(&err), ["patient.prison_number"]);
+    // The refusal is on the patient's trail.
+    let trail = gw
+        .operator()
+        .await
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(13))),
+            reason: "review of a refused summary".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        trail.iter().any(|e| e.actor.ends_with("YG001")
+            && e.outcome
+                .starts_with("refused: identity conflict on patient.prison_number")),
+        "{trail:?}"
+    );
+    // A practice names its patient by NHS number: a prison number and a
+    // date of birth alone would let it learn which go together.
+    let mut s = summary(13, false, Some(PRISON_NUMBER), "community 3");
+    s.author.organisation = "YG001".parse().unwrap();
+    let err = gp
+        .submit(submit("cs-3", pb::JourneyEvent::CommunitySummary, &[], &s))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(violations(&err), ["document.native.patient.nhs_number"]);
     gw.stop().await;
 }
 

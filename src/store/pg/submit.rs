@@ -52,8 +52,8 @@ pub(super) async fn submit(
     let links = records::may_link(h.event);
     let patient_key = match resolve_patient(tx, (&h.patient, links), now, audit).await? {
         Ok(key) => key,
-        Err(field) => {
-            record_conflict(tx, h, field, now, audit).await?;
+        Err((field, key)) => {
+            record_conflict(tx, h, (field, key), now, audit).await?;
             return Ok(Err(StoreError::IdentityConflict { field }));
         }
     };
@@ -530,7 +530,7 @@ async fn resolve_patient(
     (ids, links): (&PatientIds, bool),
     now: i64,
     audit: &mut Vec<AuditEvent>,
-) -> Result<Result<String, &'static str>, StoreError> {
+) -> Result<Result<String, (&'static str, String)>, StoreError> {
     let Some(first) = ids.first_key() else {
         return Ok(Ok("unidentified".to_owned()));
     };
@@ -548,7 +548,7 @@ async fn resolve_patient(
         .unwrap_or_else(|| first.to_owned());
     let mut record = patient(tx, &key).await?;
     if let Some(field) = records::identity_conflict(&record, ids) {
-        return Ok(Err(field));
+        return Ok(Err((field, key)));
     }
     if let (Some(a), Some(b)) = (&by_nhs, &by_prison)
         && a != b
@@ -556,7 +556,7 @@ async fn resolve_patient(
     {
         let absorbed = patient(tx, b).await?;
         if let Some(field) = records::merge_conflict(&absorbed, ids) {
-            return Ok(Err(field));
+            return Ok(Err((field, key)));
         }
         if links {
             super::identity::merge(tx, &mut record, (a, b), absorbed, now, audit).await?;
@@ -632,7 +632,7 @@ async fn is_known(tx: &Transaction<'_>, key: &str) -> Result<bool, StoreError> {
 async fn record_conflict(
     tx: &Transaction<'_>,
     h: &NewHandover,
-    field: &'static str,
+    (field, patient_key): (&'static str, String),
     now: i64,
     audit: &mut Vec<AuditEvent>,
 ) -> Result<(), StoreError> {
@@ -651,6 +651,7 @@ async fn record_conflict(
     audit.push(AuditEvent {
         actor: h.actor.clone(),
         action: "submit",
+        patient_key: Some(patient_key),
         outcome: format!("refused: identity conflict on {field}: linked to a different patient"),
         ..AuditEvent::default()
     });
