@@ -76,7 +76,22 @@ pub fn validate_serialised(
     if !e.0.is_empty() {
         return Err(e);
     }
-    check_patient(s, event, &mut e);
+    let p = &s.patient;
+    if p.nhs_number.is_none() && p.prison_number.is_none() {
+        e.add(
+            "summary.patient",
+            "an NHS number or a prison number is required",
+        );
+    }
+    if !p.date_of_birth.is_plausible_birth_date() {
+        e.add(
+            "summary.patient.date_of_birth",
+            "must not be before 1900 or in the future",
+        );
+    }
+    if p.family_name.trim().is_empty() {
+        e.add("summary.patient.family_name", "required");
+    }
     let c = &s.custody;
     match event {
         JourneyEvent::Admission if c.reception_date.is_none() => {
@@ -141,37 +156,6 @@ pub fn validate_serialised(
     check_text(s, json, &mut e);
     check_days_supplied(s, &mut e);
     e.into_result()
-}
-
-/// Who the summary is about: named by an identifier, born plausibly,
-/// with a family name.
-fn check_patient(s: &ClinicalSummary, event: JourneyEvent, e: &mut ValidationErrors) {
-    let p = &s.patient;
-    if p.nhs_number.is_none() && p.prison_number.is_none() {
-        e.add(
-            "summary.patient",
-            "an NHS number or a prison number is required",
-        );
-    } else if event == JourneyEvent::CommunitySummary && p.nhs_number.is_none() {
-        // A practice registers its patients by NHS number. A prison number
-        // and a date of birth alone are a prison's way to name a patient,
-        // and what a parked release is claimed with: a practice's summary
-        // refused or taken by them would tell it which date of birth goes
-        // with a prison number.
-        e.add(
-            "summary.patient.nhs_number",
-            "a community summary needs the patient's NHS number",
-        );
-    }
-    if !p.date_of_birth.is_plausible_birth_date() {
-        e.add(
-            "summary.patient.date_of_birth",
-            "must not be before 1900 or in the future",
-        );
-    }
-    if p.family_name.trim().is_empty() {
-        e.add("summary.patient.family_name", "required");
-    }
 }
 
 /// Whether an address says where someone lives: a street line or a

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::claim_guard::{FAILURE_ACTION, Failure};
+use super::claim_guard::{FAILURE_ACTION, Failure, Locked};
 use super::envelope::PatientRef;
 use super::{Caller, Decoded, Error, Gateway};
 use crate::clinical::ValidationErrors;
@@ -67,21 +67,7 @@ impl Gateway {
         let ticket = self
             .claims
             .admit_shared(&self.store, &actor, &patient_key, now)?
-            .map_err(|locked| {
-                tracing::warn!(
-                    alert = "claims_locked",
-                    scope = locked.scope,
-                    "claim refused: the failed-claim limit is reached"
-                );
-                Error::ClaimsLocked {
-                    scope: locked.scope,
-                    window_hours: self.claims.window_hours(),
-                    retry_after: Duration::from_millis(
-                        u64::try_from(locked.until_ms.saturating_sub(now)).unwrap_or(0),
-                    ),
-                    patient_key: patient_key.clone(),
-                }
-            })?;
+            .map_err(|locked| self.claims_locked(&locked, &patient_key, now))?;
         // Keyed like a claim key, but over the registration date instead of
         // the date of birth: checkable by whoever holds the key, and never
         // equal to a real claim key. Recorded with the claim, won or lost.
@@ -107,19 +93,38 @@ impl Gateway {
             return result; // claimed, or not decided: neither counts as a failure
         }
         let failure = ticket.failed(now);
-        self.record_failed_claim(actor, patient_key, &failure, &evidence)
+        let what = ("no parked release matches", evidence.as_str());
+        self.record_failed_claim(actor, patient_key, &failure, what)
             .await?;
         result
     }
 
+    /// The refusal of a claim (or of a practice's date of birth check,
+    /// `submit`) while a failed-claim counter of `patient_key` is full.
+    pub(super) fn claims_locked(&self, locked: &Locked, patient_key: &str, now: i64) -> Error {
+        tracing::warn!(
+            alert = "claims_locked",
+            scope = locked.scope,
+            "claim refused: the failed-claim limit is reached"
+        );
+        Error::ClaimsLocked {
+            scope: locked.scope,
+            window_hours: self.claims.window_hours(),
+            retry_after: Duration::from_millis(
+                u64::try_from(locked.until_ms.saturating_sub(now)).unwrap_or(0),
+            ),
+            patient_key: patient_key.to_owned(),
+        }
+    }
+
     /// Audits one failed claim (fail closed) and raises the alert when it
-    /// locked a counter.
-    async fn record_failed_claim(
+    /// locked a counter. `what`: what failed, and what the entry adds.
+    pub(super) async fn record_failed_claim(
         &self,
         actor: String,
         patient_key: String,
         failure: &Failure,
-        evidence: &str,
+        (refusal, detail): (&str, &str),
     ) -> Result<(), Error> {
         tracing::info!(
             failures = failure.pair_failures,
@@ -145,7 +150,7 @@ impl Gateway {
                 action: FAILURE_ACTION,
                 patient_key: Some(patient_key),
                 outcome: format!(
-                    "refused: no parked release matches; failed claim {} of {} for this patient from this practice within {} h; {evidence}{locked}",
+                    "refused: {refusal}; failed claim {} of {} for this patient from this practice within {} h; {detail}{locked}",
                     failure.pair_failures,
                     failure.pair_limit,
                     self.claims.window_hours(),

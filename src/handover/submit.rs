@@ -1,6 +1,7 @@
 //! Submit: read the document, check it against the event and the patient
 //! named, route it, and store it durably with its deliveries.
 
+use super::claim_guard::Ticket;
 use super::deliver::{not_carried, view_name};
 use super::envelope::{Envelope, PatientRef};
 use super::{Caller, Decoded, Error, Gateway};
@@ -10,7 +11,7 @@ use crate::journey::{Format, JourneyEvent, OrgKind, Organisation, Recipient, Rou
 use crate::store::records::DocumentFormat;
 use crate::store::{
     NewDelivery, NewHandover, PARKED_MAILBOX, PARKED_MENTAL_HEALTH_MAILBOX,
-    PARKED_SUBSTANCE_MISUSE_MAILBOX, SubmitOutcome,
+    PARKED_SUBSTANCE_MISUSE_MAILBOX, StoreError, SubmitOutcome,
 };
 
 /// A refusal's field paths as the request names them. A native document
@@ -228,8 +229,23 @@ impl Gateway {
         if cmd.event == JourneyEvent::CommunitySummary {
             self.to_current_prison(&checked.patient, &mut routes)?;
         }
-        let handover = self.new_handover(actor, &org, &cmd, checked, &routes);
-        let outcome = self.store.submit(handover).await?;
+        let guessing = self.date_of_birth_check(&org, &actor, &checked.patient)?;
+        let handover = self.new_handover(actor.clone(), &org, &cmd, checked, &routes);
+        let outcome = match (self.store.submit(handover).await, guessing) {
+            (Err(StoreError::IdentityConflict { field }), Some((ticket, patient_key, now)))
+                if field == "patient.date_of_birth" =>
+            {
+                let failure = ticket.failed(now);
+                let what = (
+                    "a date of birth its prison number did not come with",
+                    "submit",
+                );
+                self.record_failed_claim(actor, patient_key, &failure, what)
+                    .await?;
+                return Err(StoreError::IdentityConflict { field }.into());
+            }
+            (outcome, _) => outcome?,
+        };
         tracing::Span::current().record("handover_id", outcome.handover_id);
         tracing::info!(
             deliveries = outcome.deliveries.len(),
@@ -240,6 +256,34 @@ impl Gateway {
             alert_held_treatment_copies(outcome.handover_id, &routes);
         }
         self.receipt(outcome, &routes)
+    }
+
+    /// A practice's summary that names its patient by prison number alone
+    /// is checked against the date of birth that number came with, as a
+    /// claim is: each mismatch counts as a failed claim, and a full counter
+    /// refuses it (`CLAIMS_LOCKED`) before the store is asked. Unlimited, it
+    /// told the practice which date of birth goes with a prison number,
+    /// which is what opens a parked release (`claim_guard`). `None` for
+    /// any other summary.
+    fn date_of_birth_check(
+        &self,
+        org: &Organisation,
+        actor: &str,
+        patient: &PatientRef,
+    ) -> Result<Option<(Ticket<'_>, String, i64)>, Error> {
+        if org.kind != OrgKind::GpPractice
+            || patient.nhs_number.is_some()
+            || patient.prison_number.is_none()
+        {
+            return Ok(None);
+        }
+        let patient_key = self.resolved_patient(patient)?;
+        let now = self.clock.now_ms();
+        let ticket = self
+            .claims
+            .admit_shared(&self.store, actor, &patient_key, now)?
+            .map_err(|locked| self.claims_locked(&locked, &patient_key, now))?;
+        Ok(Some((ticket, patient_key, now)))
     }
 
     /// Reads the document into the canonical summary, with the event it states.

@@ -762,16 +762,6 @@ async fn only_a_prison_links_a_prison_number_to_a_patient_on(engine: Engine) {
                 .starts_with("refused: identity conflict on patient.prison_number")),
         "{trail:?}"
     );
-    // A practice names its patient by NHS number: a prison number and a
-    // date of birth alone would let it learn which go together.
-    let mut s = summary(13, false, Some(PRISON_NUMBER), "community 3");
-    s.author.organisation = "YG001".parse().unwrap();
-    let err = gp
-        .submit(submit("cs-3", pb::JourneyEvent::CommunitySummary, &[], &s))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert_eq!(violations(&err), ["document.native.patient.nhs_number"]);
     gw.stop().await;
 }
 
@@ -894,5 +884,80 @@ async fn after_a_merge_a_correction_tells_both_on(engine: Engine) {
         [""],
         "a withdrawal notice for the first practice's summary"
     );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_practice_guessing_a_date_of_birth_by_summary_is_counted_as_a_claim() {
+    guessing_by_summary_is_counted_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_practice_guessing_a_date_of_birth_by_summary_is_counted_as_a_claim_on_postgres() {
+    guessing_by_summary_is_counted_on(Engine::Postgres).await;
+}
+
+/// A practice's community summary naming its patient by prison number
+/// alone is refused when the date of birth is not the one the number came
+/// with. Each such refusal counts as a failed claim: the fifth locks the
+/// practice out for that patient, by summary and by claim, so that it
+/// cannot learn the date of birth that opens the patient's parked release.
+async fn guessing_by_summary_is_counted_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let mut prison = gw.client("YP001").await;
+    prison
+        .submit(submit(
+            "r-1",
+            pb::JourneyEvent::Release,
+            &[],
+            &summary(21, false, Some(PRISON_NUMBER), "parked"),
+        ))
+        .await
+        .unwrap();
+    let mut gp = gw.client("YG002").await;
+    let guess = |n: u32, dob: &str| {
+        let mut s = summary(21, false, Some(PRISON_NUMBER), "community");
+        s.author.organisation = "YG002".parse().unwrap();
+        s.patient.date_of_birth = dob.parse().unwrap();
+        submit(
+            &format!("cs-{n}"),
+            pb::JourneyEvent::CommunitySummary,
+            &[],
+            &s,
+        )
+    };
+    for n in 1..=5 {
+        let err = gp
+            .submit(guess(n, &format!("1970-01-0{n}")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert_eq!(violations(&err), ["patient.date_of_birth"]);
+    }
+    // Locked: the right date of birth is refused too, and stores nothing.
+    let err = gp.submit(guess(6, DOB)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let err = gp
+        .claim(pb::ClaimRequest {
+            patient: Some(pb::PatientRef {
+                nhs_number: String::new(),
+                prison_number: PRISON_NUMBER.into(),
+                date_of_birth: DOB.into(),
+            }),
+            evidence: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let failures = gw
+        .store
+        .audit_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "claim_failure")
+        .count();
+    assert_eq!(failures, 5);
     gw.stop().await;
 }
