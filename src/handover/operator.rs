@@ -506,6 +506,10 @@ fn trail_scope(handover: Option<u64>, patient: Option<&str>) -> [u8; 8] {
     scope
 }
 
+/// Audit actions that read every record the store holds (no patient of
+/// their own): on the trail of every patient held then.
+const WHOLE_STORE_READS: &[&str] = &["store_export"];
+
 /// The audit trail and the break-glass read: both are themselves accesses
 /// to a patient's record, so both are audited before anything is read.
 impl Gateway {
@@ -578,13 +582,23 @@ impl Gateway {
                 ));
             }
         };
-        let entries = entries.into_iter().filter(|e| {
-            e.seq <= upper
-                && (handover.is_some_and(|h| e.handover_id == Some(h))
-                    || e.patient_key
-                        .as_ref()
-                        .is_some_and(|p| patient_keys.contains(p)))
-        });
+        let own = |e: &AuditEntry| {
+            handover.is_some_and(|h| e.handover_id == Some(h))
+                || e.patient_key
+                    .as_ref()
+                    .is_some_and(|p| patient_keys.contains(p))
+        };
+        // A read of the whole store (an export file) read this record too,
+        // once it was held.
+        let first_own = entries.iter().find(|e| own(e)).map(|e| e.seq);
+        let whole_store = |e: &AuditEntry| {
+            WHOLE_STORE_READS.contains(&e.action.as_str())
+                && e.patient_key.is_none()
+                && first_own.is_some_and(|first| e.seq > first)
+        };
+        let entries = entries
+            .into_iter()
+            .filter(|e| e.seq <= upper && (own(e) || whole_store(e)));
         let key = |e: &AuditEntry| {
             [scope.as_slice(), &upper.to_be_bytes(), &e.seq.to_be_bytes()].concat()
         };

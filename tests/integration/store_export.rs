@@ -600,6 +600,23 @@ async fn an_export_reads_a_stopped_sled_store_only_and_keeps_payloads_sealed() {
     let mut prison = sled.client("YP001").await;
     let t = track_message(&mut prison, "r-1").await;
     assert_eq!(t.deliveries[0].state(), pb::DeliveryState::Queued);
+    // The export read every patient's record: it is on each one's trail.
+    let trail = sled
+        .operator()
+        .await
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(1))),
+            reason: "who has read this record".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        trail.iter().any(|e| e.action == "store_export"),
+        "{trail:?}"
+    );
     sled.stop().await;
 }
 
