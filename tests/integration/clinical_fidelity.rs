@@ -1026,6 +1026,33 @@ fn modifiers_on_requests_and_vaccinations_are_honoured_and_bindings_kept() {
         "{err}"
     );
 
+    // Every status the reader acts on is a required binding: a code outside
+    // it refuses the document. "Active" read as not current dropped the
+    // methadone statement (and the release's urgency) with only a note.
+    for kind in [
+        "MedicationStatement",
+        "ServiceRequest",
+        "Consent",
+        "Encounter",
+    ] {
+        for status in [json!("Active"), json!("bogus"), json!(null)] {
+            let mut doc = fhir_json(&s, JourneyEvent::Release);
+            let (i, resource) = entry_of(&mut doc, kind);
+            if status.is_null() {
+                resource.as_object_mut().unwrap().remove("status");
+            } else {
+                resource["status"] = status.clone();
+            }
+            let err = parse_fhir(&doc).expect_err(&format!("{kind} status {status}"));
+            assert!(
+                err.0
+                    .iter()
+                    .any(|v| v.field == format!("entry[{i}].resource.status")),
+                "{kind} {status}: {err}"
+            );
+        }
+    }
+
     let s = fixture("03-hepatitis-c-transfer");
     assert!(!s.vaccinations.is_empty());
     let mut doc = fhir_json(&s, JourneyEvent::Release);
