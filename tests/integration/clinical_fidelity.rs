@@ -984,6 +984,37 @@ fn resources_that_are_not_current_are_listed_not_carried_as_current() {
 /// refused, never read as "no"; a condition no longer active is written
 /// `inactive`, which claims no more than the model knows.
 #[test]
+fn a_status_outside_its_required_binding_refuses_the_document() {
+    let s = fixture("01-ost-released-today");
+    // Every status the reader acts on is a required binding: a code outside
+    // it refuses the document. "Active" read as not current dropped the
+    // methadone statement (and the release's urgency) with only a note.
+    for kind in [
+        "MedicationStatement",
+        "ServiceRequest",
+        "Consent",
+        "Encounter",
+    ] {
+        for status in [json!("Active"), json!("bogus"), json!(null)] {
+            let mut doc = fhir_json(&s, JourneyEvent::Release);
+            let (i, resource) = entry_of(&mut doc, kind);
+            if status.is_null() {
+                resource.as_object_mut().unwrap().remove("status");
+            } else {
+                resource["status"] = status.clone();
+            }
+            let err = parse_fhir(&doc).expect_err(&format!("{kind} status {status}"));
+            assert!(
+                err.0
+                    .iter()
+                    .any(|v| v.field == format!("entry[{i}].resource.status")),
+                "{kind} {status}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn modifiers_on_requests_and_vaccinations_are_honoured_and_bindings_kept() {
     let s = fixture("01-ost-released-today");
     for (edit, why) in [
@@ -1025,33 +1056,6 @@ fn modifiers_on_requests_and_vaccinations_are_honoured_and_bindings_kept() {
             .any(|v| v.field == format!("entry[{i}].resource.intent")),
         "{err}"
     );
-
-    // Every status the reader acts on is a required binding: a code outside
-    // it refuses the document. "Active" read as not current dropped the
-    // methadone statement (and the release's urgency) with only a note.
-    for kind in [
-        "MedicationStatement",
-        "ServiceRequest",
-        "Consent",
-        "Encounter",
-    ] {
-        for status in [json!("Active"), json!("bogus"), json!(null)] {
-            let mut doc = fhir_json(&s, JourneyEvent::Release);
-            let (i, resource) = entry_of(&mut doc, kind);
-            if status.is_null() {
-                resource.as_object_mut().unwrap().remove("status");
-            } else {
-                resource["status"] = status.clone();
-            }
-            let err = parse_fhir(&doc).expect_err(&format!("{kind} status {status}"));
-            assert!(
-                err.0
-                    .iter()
-                    .any(|v| v.field == format!("entry[{i}].resource.status")),
-                "{kind} {status}: {err}"
-            );
-        }
-    }
 
     let s = fixture("03-hepatitis-c-transfer");
     assert!(!s.vaccinations.is_empty());

@@ -916,6 +916,94 @@ fn intent_fault(v: &Value<'_>) -> Option<(&'static str, String)> {
     }
 }
 
+/// The codes of each status the reader acts on: every one a required
+/// binding in FHIR R4 (`Medication.status` is optional; the others must be
+/// there).
+const REQUIRED_STATUS: &[(&str, &[&str])] = &[
+    ("Flag", &["active", "inactive", "entered-in-error"]),
+    (
+        "Immunization",
+        &["completed", "entered-in-error", "not-done"],
+    ),
+    (
+        "Observation",
+        &[
+            "registered",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        ],
+    ),
+    (
+        "ServiceRequest",
+        &[
+            "draft",
+            "active",
+            "on-hold",
+            "revoked",
+            "completed",
+            "entered-in-error",
+            "unknown",
+        ],
+    ),
+    (
+        "MedicationStatement",
+        &[
+            "active",
+            "completed",
+            "entered-in-error",
+            "intended",
+            "stopped",
+            "on-hold",
+            "unknown",
+            "not-taken",
+        ],
+    ),
+    (
+        "MedicationRequest",
+        &[
+            "active",
+            "on-hold",
+            "cancelled",
+            "completed",
+            "entered-in-error",
+            "stopped",
+            "draft",
+            "unknown",
+        ],
+    ),
+    ("Medication", &["active", "inactive", "entered-in-error"]),
+    (
+        "Consent",
+        &[
+            "draft",
+            "proposed",
+            "active",
+            "rejected",
+            "inactive",
+            "entered-in-error",
+        ],
+    ),
+    (
+        "Encounter",
+        &[
+            "planned",
+            "arrived",
+            "triaged",
+            "in-progress",
+            "onleave",
+            "finished",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        ],
+    ),
+];
+
 /// A status element (a required binding) that holds no code FHIR defines
 /// for it, with why: the element's path below the resource and the reason.
 /// Read as anything, it could turn a resolved problem into an active one
@@ -946,12 +1034,15 @@ fn status_fault(kind: &str, v: &Value<'_>) -> Option<(&'static str, String)> {
             )
         })
     };
-    let status = |allowed: &[&str]| match v.get("status") {
-        Some(Value::String(s)) if allowed.contains(&s.as_ref()) => None,
-        _ => Some((
-            "status",
-            format!("must be one of {} (FHIR R4)", allowed.join(", ")),
-        )),
+    let status = || {
+        let (_, allowed) = REQUIRED_STATUS.iter().find(|(k, _)| *k == kind)?;
+        match v.get("status") {
+            Some(Value::String(s)) if allowed.contains(&s.as_ref()) => None,
+            _ => Some((
+                "status",
+                format!("must be one of {} (FHIR R4)", allowed.join(", ")),
+            )),
+        }
     };
     match kind {
         "Condition" => coded(
@@ -1006,71 +1097,9 @@ fn status_fault(kind: &str, v: &Value<'_>) -> Option<(&'static str, String)> {
                 &["unconfirmed", "confirmed", "refuted", "entered-in-error"],
             )
         }),
-        "Flag" => status(&["active", "inactive", "entered-in-error"]),
-        "Immunization" => status(&["completed", "entered-in-error", "not-done"]),
-        "ServiceRequest" => status(&[
-            "draft",
-            "active",
-            "on-hold",
-            "revoked",
-            "completed",
-            "entered-in-error",
-            "unknown",
-        ])
-        .or_else(|| intent_fault(v)),
-        "MedicationStatement" => status(&[
-            "active",
-            "completed",
-            "entered-in-error",
-            "intended",
-            "stopped",
-            "on-hold",
-            "unknown",
-            "not-taken",
-        ]),
-        "MedicationRequest" => status(&[
-            "active",
-            "on-hold",
-            "cancelled",
-            "completed",
-            "entered-in-error",
-            "stopped",
-            "draft",
-            "unknown",
-        ]),
-        "Medication" if v.get("status").is_some() => {
-            status(&["active", "inactive", "entered-in-error"])
-        }
-        "Consent" => status(&[
-            "draft",
-            "proposed",
-            "active",
-            "rejected",
-            "inactive",
-            "entered-in-error",
-        ]),
-        "Encounter" => status(&[
-            "planned",
-            "arrived",
-            "triaged",
-            "in-progress",
-            "onleave",
-            "finished",
-            "cancelled",
-            "entered-in-error",
-            "unknown",
-        ]),
-        "Observation" => status(&[
-            "registered",
-            "preliminary",
-            "final",
-            "amended",
-            "corrected",
-            "cancelled",
-            "entered-in-error",
-            "unknown",
-        ]),
-        _ => None,
+        "ServiceRequest" => status().or_else(|| intent_fault(v)),
+        "Medication" if v.get("status").is_none() => None,
+        _ => status(),
     }
 }
 
