@@ -216,11 +216,6 @@ impl When {
     }
 }
 
-/// The UTC offset England and Wales keep at a wall-clock time, as `+01:00`
-/// or `+00:00` (Europe/London, as the gateway shows times; read here from the
-/// same bundled tz database itself). A time the spring change skips reads as
-/// after it, one the autumn change repeats as the first (BST); `None` for a
-/// time that is not one.
 /// The calendar day in England and Wales at instant `t` (23:30 UTC on a
 /// summer evening is already the next day in BST).
 pub(crate) fn date_in_england(t: time::OffsetDateTime) -> time::Date {
@@ -245,13 +240,24 @@ pub(crate) fn date_in_england(t: time::OffsetDateTime) -> time::Date {
         .unwrap_or(fallback)
 }
 
+/// The UTC offset England and Wales keep at a wall-clock time, as `+01:00`
+/// or `+00:00` (Europe/London, as the gateway shows times; read here from the
+/// same bundled tz database itself). A time the spring change skips reads as
+/// after it, one the autumn change repeats as the first (BST); `None` for a
+/// time that is not one.
 fn offset_in_england(y: i16, mo: i8, d: i8, h: i8, mi: i8, s: i8) -> Option<String> {
+    use jiff::tz::AmbiguousOffset;
     let zone = jiff::tz::TimeZone::get("Europe/London").ok()?;
-    let zoned = jiff::civil::DateTime::new(y, mo, d, h, mi, s, 0)
-        .ok()?
-        .to_zoned(zone)
-        .ok()?;
-    let secs = zoned.offset().seconds();
+    let civil = jiff::civil::DateTime::new(y, mo, d, h, mi, s, 0).ok()?;
+    // The offset in force before a change, with the clock time as written:
+    // in a gap (01:30 on the spring day) that is the instant an hour after
+    // the change began (01:30Z, 02:30 BST), in a fold the first (BST).
+    let offset = match zone.to_ambiguous_zoned(civil).offset() {
+        AmbiguousOffset::Unambiguous { offset }
+        | AmbiguousOffset::Gap { before: offset, .. }
+        | AmbiguousOffset::Fold { before: offset, .. } => offset,
+    };
+    let secs = offset.seconds();
     let sign = if secs < 0 { '-' } else { '+' };
     let secs = secs.unsigned_abs();
     Some(format!("{sign}{:02}:{:02}", secs / 3600, secs % 3600 / 60))
@@ -1148,6 +1154,12 @@ mod tests {
         assert_eq!(
             read("20261025013000").as_deref(),
             Some("2026-10-25T01:30:00+01:00")
+        );
+        // The spring change skips 01:00-02:00: 01:30 reads as after it
+        // (02:30 BST, 01:30 UTC), not as half an hour before the change.
+        assert_eq!(
+            read("20260329013000").as_deref(),
+            Some("2026-03-29T01:30:00Z")
         );
         // An offset given is kept; a date stays a date.
         assert_eq!(
