@@ -747,6 +747,35 @@ fn one_date_of_birth_rule_for_every_document() {
 }
 
 #[test]
+fn an_obx_value_is_its_first_repetition_and_component() {
+    // HL7 v2.5.1 §2.5.3: an unescaped `~` separates repetitions and `^`
+    // components; an ST value has none. Both were read into the dose.
+    for (value, dose, note) in [
+        (
+            "2 puffs~10 puffs",
+            "2 puffs",
+            "-5[2]: only the first repetition is read",
+        ),
+        ("60 mg^x", "60 mg", "-5.2: not read by the gateway"),
+        ("60 mg\\S\\x", "60 mg^x", ""),
+    ] {
+        let segments = hl7_release(|segs| {
+            let obx = segs.iter_mut().find(|s| s.contains("MED-DOSE")).unwrap();
+            let mut fields: Vec<String> = obx.split('|').map(String::from).collect();
+            fields[5] = value.into();
+            *obx = fields.join("|");
+        });
+        let read = parse_hl7(&segments).unwrap();
+        assert_eq!(read.medications[0].dose, dose, "{value}");
+        let noted = read
+            .not_read
+            .iter()
+            .any(|n| n.starts_with("OBX") && n.ends_with(note));
+        assert_eq!(noted, !note.is_empty(), "{value}: {:?}", read.not_read);
+    }
+}
+
+#[test]
 fn hl7_tables_0001_0085_0127_0128_are_read_by_meaning() {
     let segments = hl7_release(|segs| {
         let obx = segs.iter_mut().find(|s| s.contains("MED-DOSE")).unwrap();

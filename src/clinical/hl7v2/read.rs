@@ -143,8 +143,10 @@ impl<'a> Group<'_, 'a, '_> {
             .map(|f| f.value)
     }
 
+    /// The value of `field` (not a coded one): its first component, as
+    /// ST, NM, DTM and TX have none (a `^` there is a separator).
     fn text(&self, field: &str) -> Option<Cow<'a, str>> {
-        self.raw(field).map(unescaped)
+        self.raw(field).map(|raw| component(raw, 1))
     }
 
     fn string(&self, field: &str) -> Option<String> {
@@ -834,7 +836,8 @@ fn obx_fields<'a, 's>(
             item,
             sub,
             field,
-            value: s.field(5),
+            // The first repetition: the others are listed, not read.
+            value: s.field(5).split('~').next().unwrap_or_default(),
             segment: s,
         });
     }

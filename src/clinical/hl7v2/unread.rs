@@ -163,6 +163,17 @@ pub(super) fn unread(segments: &[Segment<'_>], event: Option<JourneyEvent>) -> V
             }
             match table.iter().find(|r| r.field == n) {
                 None => notes.push(format!("{}: not read by the gateway", s.name(n))),
+                Some(read) if s.id == "OBX" && n == 5 => {
+                    // A coded value (CE) is read to its sixth component,
+                    // any other (ST, NM, DTM) has one.
+                    let coded = s.comp(3, 1).ends_with("-CODE");
+                    let components: &[usize] = if coded { &[1, 2, 3, 4, 5, 6] } else { &[1] };
+                    let read = Read {
+                        components,
+                        ..*read
+                    };
+                    fields_unread(s, n, field, &read, &mut notes);
+                }
                 Some(read) => fields_unread(s, n, field, read, &mut notes),
             }
         }
