@@ -776,6 +776,54 @@ fn an_obx_value_is_its_first_repetition_and_component() {
 }
 
 #[test]
+fn an_hl7_date_that_is_no_day_is_a_data_type_error_where_it_is() {
+    use throughcare::clinical::hl7v2::ErrorCode;
+    let code_of = |segments: &[String]| {
+        let err = parse_hl7(segments).unwrap_err();
+        let v = &err.0[0];
+        (
+            v.field.clone(),
+            ErrorCode::of_violation(&v.field, &v.description),
+        )
+    };
+    // Present but no day the calendar has: 102 (HL7 table 0357), not 101.
+    let segments = hl7_release(|segs| {
+        let pid = segment(segs, "PID");
+        let mut fields: Vec<String> = pid.split('|').map(String::from).collect();
+        fields[7] = "20230229".into();
+        *pid = fields.join("|");
+    });
+    assert_eq!(code_of(&segments), ("PID-7".into(), ErrorCode::DataType));
+    let segments = hl7_release(|segs| {
+        let pid = segment(segs, "PID");
+        let mut fields: Vec<String> = pid.split('|').map(String::from).collect();
+        fields[7] = String::new();
+        *pid = fields.join("|");
+    });
+    assert_eq!(
+        code_of(&segments),
+        ("PID-7".into(), ErrorCode::RequiredFieldMissing)
+    );
+    // A vaccination's date: the error is at its own OBX, not the code's.
+    let s = fixture("03-hepatitis-c-transfer");
+    let segments = hl7_of(&s, |segs| {
+        let obx = segs.iter_mut().find(|s| s.contains("VAC-DATE")).unwrap();
+        let mut fields: Vec<String> = obx.split('|').map(String::from).collect();
+        fields[5] = "20230229".into();
+        *obx = fields.join("|");
+    });
+    let at = segments
+        .iter()
+        .filter(|s| s.starts_with("OBX"))
+        .position(|s| s.contains("VAC-DATE"))
+        .unwrap();
+    assert_eq!(
+        code_of(&segments),
+        (format!("OBX({})-5", at + 1), ErrorCode::DataType)
+    );
+}
+
+#[test]
 fn hl7_tables_0001_0085_0127_0128_are_read_by_meaning() {
     let segments = hl7_release(|segs| {
         let obx = segs.iter_mut().find(|s| s.contains("MED-DOSE")).unwrap();

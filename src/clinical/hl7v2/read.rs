@@ -529,9 +529,16 @@ fn read_pid(
         .filter(|g| !g.is_empty())
         .map(Cow::into_owned)
         .collect();
-    let dob = parse_dt(&pid.comp(7, 1));
-    if dob.is_none() {
+    let written = pid.comp(7, 1);
+    let dob = parse_dt(&written);
+    if written.is_empty() {
         e.add("PID-7", "required: date of birth YYYYMMDD");
+    } else if dob.is_none() {
+        // Present but no date (HL7 table 0357: 102, a data type error).
+        e.add(
+            "PID-7",
+            "must be a date of birth written YYYYMMDD, a day the calendar has",
+        );
     }
     let sex = read_sex(pid, e);
     // PID-11.7 (HL7 table 0190): a bad address, or one of birth or origin,
@@ -981,13 +988,23 @@ impl Items {
                 }),
                 None => e.add(g.path("CODE"), "required: the infection code"),
             },
-            "VAC" => match (
-                g.code(snomed, notes),
-                g.text("DATE").and_then(|v| When::from_hl7(&v)),
-            ) {
-                (Some(code), Some(date)) => self.vaccinations.push(Vaccination { code, date }),
-                _ => e.add(g.path("CODE"), "a vaccination needs a code and a date"),
-            },
+            "VAC" => {
+                let code = g.code(snomed, notes);
+                if code.is_none() {
+                    e.add(g.path("CODE"), "required: the vaccination's code");
+                }
+                let written = g.text("DATE").filter(|v| !v.is_empty());
+                if written.is_none() {
+                    e.add(
+                        g.path("DATE"),
+                        "required: the date the vaccination was given",
+                    );
+                }
+                let date = optional_when(written.as_deref(), || g.path("DATE"), e);
+                if let (Some(code), Some(date)) = (code, date) {
+                    self.vaccinations.push(Vaccination { code, date });
+                }
+            }
             "FU" => self.follow_ups.push(read_follow_up(g, e)),
             "CUSTODY" => self.no_fixed_abode = g.yes_no("NFA", e).unwrap_or(false),
             "CONSENT" => {
