@@ -34,7 +34,9 @@ impl FromStr for Date {
                     c.is_ascii_digit()
                 }
             });
-        if !shape {
+        // FHIR's date has no year 0000 (nor has the calendar: 1 BC is
+        // followed by AD 1).
+        if !shape || s.starts_with("0000") {
             return Err("must be a calendar date written YYYY-MM-DD");
         }
         time::Date::parse(s, DATE)
@@ -1025,8 +1027,13 @@ mod tests {
             "1980-5-14",
             "19800514",
             "1980-05-14 ",
+            "0000-01-01",
         ] {
             assert!(bad.parse::<Date>().is_err(), "{bad}");
+            assert!(bad.parse::<When>().is_err(), "{bad}");
+        }
+        for bad in ["0000", "0000-01"] {
+            assert!(bad.parse::<When>().is_err(), "{bad}");
         }
         assert!("1980-05-14".parse::<Date>().is_ok());
         for bad in [
@@ -1035,6 +1042,7 @@ mod tests {
             "2026-07-24T08:10:00z",
             "+2026-07-24T08:10:00Z",
             "2026-07-24",
+            "0000-07-24T08:10:00Z",
         ] {
             assert!(bad.parse::<DateTime>().is_err(), "{bad}");
         }
