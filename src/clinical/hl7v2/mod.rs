@@ -170,6 +170,13 @@ mod tests {
             .replace("|1 g|", "|1 g \\P\\2|");
         let read = parse(cut.as_bytes(), &Limits::default()).unwrap().summary;
         assert_eq!(read.patient.family_name, "Exam");
+        // An escaped backslash beside a `P` is no `\P\`.
+        let escaped = cut.replace("|Exam#^Alex|", "|Mar\\E\\P\\E\\sh^Alex|");
+        let unescaped = parse(escaped.as_bytes(), &Limits::default())
+            .unwrap()
+            .summary;
+        assert_eq!(unescaped.patient.family_name, "Mar\\P\\sh");
+        assert_eq!(unescaped.medications[0].dose, "1 g #2");
         assert_eq!(read.patient.given_names, ["Alex"]);
         assert_eq!(read.medications[0].dose, "1 g #2");
         assert!(
