@@ -480,18 +480,27 @@ pub(crate) fn forward_event(
 }
 
 /// The copy of `d`'s summary (one of its handover's `copies`) that `to`
-/// holds already, other than `d` and not superseded: `d`, moving on to
-/// `to`, is retired in its favour, not sent there again. A copy sent again
-/// to the carer a correction named ([`resent_copy`]) and moved back by a
-/// later correction to the carer that kept the first reached it twice.
+/// holds already or will: another full copy there, acknowledged or on its
+/// way (queued or leased), not superseded. `d`, moving on to `to`, is
+/// retired in its favour, not sent there again. A copy sent again to the
+/// carer a correction named ([`resent_copy`]) and moved back by a later
+/// correction to the carer that kept the first reached it twice. A
+/// withdrawal notice, or a copy quarantined there, holds no summary.
 pub(crate) fn held_by<'a>(
     copies: &'a [DeliveryRecord],
     d: &DeliveryRecord,
     to: &str,
 ) -> Option<&'a DeliveryRecord> {
-    copies
-        .iter()
-        .find(|c| c.id != d.id && c.mailbox == to && !c.is_superseded())
+    copies.iter().find(|c| {
+        c.id != d.id
+            && c.mailbox == to
+            && c.view == FULL_VIEW
+            && !c.is_superseded()
+            && matches!(
+                c.state,
+                DeliveryState::Delivered | DeliveryState::Queued | DeliveryState::Leased
+            )
+    })
 }
 
 /// The audit entry of `d`, not sent on from `from` to `to`, which holds
@@ -1893,6 +1902,28 @@ mod tests {
     /// What a wrongly named carer acknowledged goes again to the one the
     /// correction names: what reached it because of the mistake (sent after
     /// it, or sent on with it), never what it had of an earlier stay.
+    #[test]
+    fn a_copy_moving_on_is_held_only_by_a_summary_the_carer_has_or_will_have() {
+        let copy = |id: u64, mailbox: &str, state: &str, view: &str| -> DeliveryRecord {
+            serde_json::from_value(serde_json::json!({
+                "id": id, "handover_id": 5, "mailbox": mailbox, "patient_key": "p",
+                "urgent": false, "state": state, "attempt": 1, "queued_at_ms": 0,
+                "view": view, "event": "TRANSFER", "sender": "YP001",
+            }))
+            .unwrap()
+        };
+        let moving = copy(1, "YP003", "queued", FULL_VIEW);
+        let held = |other: DeliveryRecord| {
+            held_by(&[moving.clone(), other], &moving, "YP002").map(|c| c.id)
+        };
+        assert_eq!(held(copy(2, "YP002", "delivered", FULL_VIEW)), Some(2));
+        assert_eq!(held(copy(2, "YP002", "leased", FULL_VIEW)), Some(2));
+        // A withdrawal notice, a copy quarantined there, one elsewhere: none.
+        assert_eq!(held(copy(2, "YP002", "queued", WITHDRAWN_VIEW)), None);
+        assert_eq!(held(copy(2, "YP002", "quarantined", FULL_VIEW)), None);
+        assert_eq!(held(copy(2, "YP004", "delivered", FULL_VIEW)), None);
+    }
+
     #[test]
     fn only_what_a_mistake_brought_is_sent_again_to_the_carer_corrected_to() {
         let acked = |handover: u64, event: &str, extra: serde_json::Value| -> DeliveryRecord {
