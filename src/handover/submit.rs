@@ -229,18 +229,19 @@ impl Gateway {
         if cmd.event == JourneyEvent::CommunitySummary {
             self.to_current_prison(&checked.patient, &mut routes)?;
         }
-        let guessing = self.date_of_birth_check(&org, &actor, &checked.patient)?;
-        let handover = self.new_handover(actor.clone(), &org, &cmd, checked, &routes);
+        let guessing = self.date_of_birth_check(&org, &cmd.message_id, &checked.patient)?;
+        let handover = self.new_handover(actor, &org, &cmd, checked, &routes);
         let outcome = match (self.store.submit(handover).await, guessing) {
-            (Err(StoreError::IdentityConflict { field }), Some((ticket, patient_key, now)))
-                if field == "patient.date_of_birth" =>
-            {
-                let failure = ticket.failed(now);
+            (
+                Err(StoreError::IdentityConflict { field }),
+                Some((ticket, practice, patient_key)),
+            ) if field == "patient.date_of_birth" => {
+                let failure = ticket.failed(self.clock.now_ms());
                 let what = (
                     "a date of birth its prison number did not come with",
                     "submit",
                 );
-                self.record_failed_claim(actor, patient_key, &failure, what)
+                self.record_failed_claim(practice, patient_key, &failure, what)
                     .await?;
                 return Err(StoreError::IdentityConflict { field }.into());
             }
@@ -263,27 +264,34 @@ impl Gateway {
     /// claim is: each mismatch counts as a failed claim, and a full counter
     /// refuses it (`CLAIMS_LOCKED`) before the store is asked. Unlimited, it
     /// told the practice which date of birth goes with a prison number,
-    /// which is what opens a parked release (`claim_guard`). `None` for
-    /// any other summary.
+    /// which is what opens a parked release (`claim_guard`). Counted
+    /// against the practice as its claims are (`urn:ods:…`, whether the
+    /// summary came over gRPC or MESH); a retry of a summary accepted
+    /// before is answered as it was. `None` for any other summary, else
+    /// the ticket, the practice and the patient.
     fn date_of_birth_check(
         &self,
         org: &Organisation,
-        actor: &str,
+        message_id: &str,
         patient: &PatientRef,
-    ) -> Result<Option<(Ticket<'_>, String, i64)>, Error> {
+    ) -> Result<Option<(Ticket<'_>, String, String)>, Error> {
         if org.kind != OrgKind::GpPractice
             || patient.nhs_number.is_some()
             || patient.prison_number.is_none()
         {
             return Ok(None);
         }
+        let practice = Caller::Organisation(org.ods.clone()).actor();
         let patient_key = self.resolved_patient(patient)?;
         let now = self.clock.now_ms();
-        let ticket = self
+        match self
             .claims
-            .admit_shared(&self.store, actor, &patient_key, now)?
-            .map_err(|locked| self.claims_locked(&locked, &patient_key, now))?;
-        Ok(Some((ticket, patient_key, now)))
+            .admit_shared(&self.store, &practice, &patient_key, now)?
+        {
+            Ok(ticket) => Ok(Some((ticket, practice, patient_key))),
+            Err(_) if self.store.accepted_before(org.ods.as_str(), message_id)? => Ok(None),
+            Err(locked) => Err(self.claims_locked(&locked, &patient_key, now)),
+        }
     }
 
     /// Reads the document into the canonical summary, with the event it states.

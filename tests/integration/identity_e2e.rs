@@ -928,6 +928,8 @@ async fn guessing_by_summary_is_counted_on(engine: Engine) {
             &s,
         )
     };
+    // A summary with the right date of birth is taken, and not counted.
+    gp.submit(guess(0, DOB)).await.unwrap();
     for n in 1..=5 {
         let err = gp
             .submit(guess(n, &format!("1970-01-0{n}")))
@@ -939,6 +941,9 @@ async fn guessing_by_summary_is_counted_on(engine: Engine) {
     // Locked: the right date of birth is refused too, and stores nothing.
     let err = gp.submit(guess(6, DOB)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // A retry of the summary taken before is answered as it was.
+    let again = gp.submit(guess(0, DOB)).await.unwrap().into_inner();
+    assert!(again.duplicate);
     let err = gp
         .claim(pb::ClaimRequest {
             patient: Some(pb::PatientRef {
