@@ -589,8 +589,12 @@ impl Gateway {
                     .is_some_and(|p| patient_keys.contains(p))
         };
         // A read of the whole store (an export file) read this record too,
-        // once it was held.
-        let first_own = entries.iter().find(|e| own(e)).map(|e| e.seq);
+        // once a handover of it was held (an entry of the patient's that
+        // names one: not a query, a failed claim or this call's own entry).
+        let first_own = entries
+            .iter()
+            .find(|e| own(e) && e.handover_id.is_some())
+            .map(|e| e.seq);
         let whole_store = |e: &AuditEntry| {
             WHOLE_STORE_READS.contains(&e.action.as_str())
                 && e.patient_key.is_none()

@@ -557,6 +557,8 @@ async fn an_export_reads_a_stopped_sled_store_only_and_keeps_payloads_sealed() {
     let work = tempfile::tempdir().unwrap();
     let (sled, key_dir) = keyed_sled(work.path()).await;
     submit_one(&sled, "sealed marker").await;
+    let never_held = trail_of(&sled, 77).await;
+    assert!(!never_held.is_empty(), "the query is on its own trail");
     let data = sled.config.data_dir.clone();
     let file = work.path().join("store.export");
     let file_arg = file.to_str().unwrap();
@@ -600,24 +602,34 @@ async fn an_export_reads_a_stopped_sled_store_only_and_keeps_payloads_sealed() {
     let mut prison = sled.client("YP001").await;
     let t = track_message(&mut prison, "r-1").await;
     assert_eq!(t.deliveries[0].state(), pb::DeliveryState::Queued);
-    // The export read every patient's record: it is on each one's trail.
-    let trail = sled
-        .operator()
+    // The export read every patient's record: it is on each one's trail,
+    // not on that of a patient the store never held (queried before).
+    let trail = trail_of(&sled, 1).await;
+    assert!(
+        trail.iter().any(|e| e.action == "store_export"),
+        "{trail:?}"
+    );
+    let trail = trail_of(&sled, 77).await;
+    assert!(
+        trail.iter().all(|e| e.action != "store_export"),
+        "{trail:?}"
+    );
+    sled.stop().await;
+}
+
+/// Patient `n`'s audit trail, as an operator asks for it.
+async fn trail_of(gw: &TestGateway, n: u32) -> Vec<pb::AuditEntry> {
+    gw.operator()
         .await
         .audit_trail(pb::AuditTrailRequest {
-            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(1))),
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(n))),
             reason: "who has read this record".into(),
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner()
-        .entries;
-    assert!(
-        trail.iter().any(|e| e.action == "store_export"),
-        "{trail:?}"
-    );
-    sled.stop().await;
+        .entries
 }
 
 /// The state a sled gateway's retention pass, MESH edge and PDS lookups
