@@ -2807,6 +2807,14 @@ fn empty_values_and_nulls_are_refused_as_fhir_json_forbids() {
         patient["meta"] = json!({});
     });
     assert!(why.starts_with("an empty object"), "{why}");
+    // A choice element once, with one type (R4 json.html); a reader would
+    // take either of two.
+    let why = refused(&|doc| {
+        let (_, condition) = entry_of(doc, "Condition");
+        condition["onsetString"] = json!("in his twenties");
+        condition["onsetDateTime"] = json!("2014-06-01");
+    });
+    assert!(why.contains("`onset[x]` twice"), "{why}");
     // `null` lines a value up with its `_name` extension inside an array.
     let mut doc = fhir_json(&s, JourneyEvent::Release);
     let (_, patient) = entry_of(&mut doc, "Patient");

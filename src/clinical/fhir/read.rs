@@ -279,8 +279,100 @@ impl<'de> serde::de::Visitor<'de> for FhirJson {
                 "an empty object (FHIR JSON leaves out a value it has not)",
             ));
         }
+        if let Some(base) = choice_twice(members.iter().map(|(k, _)| k.as_ref())) {
+            return Err(serde::de::Error::custom(format!(
+                "an object gives `{base}[x]` twice, as two types (FHIR JSON gives a choice \
+                 element once)"
+            )));
+        }
         Ok(Value::Object(tree::Map(members)))
     }
+}
+
+/// The choice elements (`[x]`) of the resources the gateway reads, and the
+/// types of FHIR R4 a choice may take, as their JSON names end.
+const CHOICES: &[&str] = &[
+    "value",
+    "onset",
+    "abatement",
+    "effective",
+    "occurrence",
+    "deceased",
+    "multipleBirth",
+    "medication",
+    "asNeeded",
+    "bounds",
+    "dose",
+    "rate",
+    "reported",
+    "performed",
+    "timing",
+    "target",
+    "allowed",
+    "serviced",
+];
+const CHOICE_TYPES: &[&str] = &[
+    "Base64Binary",
+    "Boolean",
+    "Canonical",
+    "Code",
+    "Date",
+    "DateTime",
+    "Decimal",
+    "Id",
+    "Instant",
+    "Integer",
+    "Markdown",
+    "Oid",
+    "PositiveInt",
+    "String",
+    "Time",
+    "UnsignedInt",
+    "Uri",
+    "Url",
+    "Uuid",
+    "Address",
+    "Age",
+    "Annotation",
+    "Attachment",
+    "CodeableConcept",
+    "Coding",
+    "ContactPoint",
+    "Count",
+    "Distance",
+    "Duration",
+    "HumanName",
+    "Identifier",
+    "Money",
+    "Period",
+    "Quantity",
+    "Range",
+    "Ratio",
+    "Reference",
+    "SampledData",
+    "Signature",
+    "Timing",
+    "Dosage",
+];
+
+/// The choice element an object's `keys` give twice (`onsetString` beside
+/// `onsetDateTime`): FHIR JSON names a choice once, with its one type, and
+/// a reader would take either.
+fn choice_twice<'k>(keys: impl Iterator<Item = &'k str>) -> Option<&'static str> {
+    let mut seen: Vec<&'static str> = Vec::new();
+    for key in keys {
+        let Some(base) = CHOICES.iter().copied().find(|b| {
+            key.strip_prefix(b)
+                .is_some_and(|t| CHOICE_TYPES.contains(&t))
+        }) else {
+            continue;
+        };
+        if seen.contains(&base) {
+            return Some(base);
+        }
+        seen.push(base);
+    }
+    None
 }
 
 /// Where the document has something other than a JSON object in place of
