@@ -965,16 +965,7 @@ const REQUIRED_STATUS: &[(&str, &[&str])] = &[
     ),
     (
         "MedicationRequest",
-        &[
-            "active",
-            "on-hold",
-            "cancelled",
-            "completed",
-            "entered-in-error",
-            "stopped",
-            "draft",
-            "unknown",
-        ],
+        &crate::clinical::model::PRESCRIPTION_STATUSES,
     ),
     ("Medication", &["active", "inactive", "entered-in-error"]),
     (
