@@ -545,6 +545,11 @@ impl Gateway {
                 .map(|d| self.keyer.episode_key(&d.to_string())),
             movement: movement_of(cmd.event, &summary.custody)
                 .map(|m| self.keyer.movement_key(&format!("{}:{m}", cmd.event))),
+            movement_as_written: (cmd.event == JourneyEvent::Transfer)
+                .then_some(summary.custody.transfer_at)
+                .flatten()
+                .filter(|t| !t.0.offset().is_utc())
+                .map(|t| self.keyer.movement_key(&format!("{}:{t}", cmd.event))),
         }
     }
 

@@ -367,6 +367,7 @@ mod tests {
             withdrawal: None,
             episode: None,
             movement: None,
+            movement_as_written: None,
         }
     }
 

@@ -285,6 +285,11 @@ pub struct NewHandover {
     /// date): a correction of the same movement keeps it, a new movement of
     /// the same kind (a second transfer) has another. `None`: not known.
     pub movement: Option<String>,
+    /// The key of a transfer's time as written, when its offset was not
+    /// UTC: keys stored before they were taken of the instant in UTC
+    /// (2026-12-03) were taken of this, so a correction of such a transfer
+    /// still finds it the same movement. `None` otherwise.
+    pub movement_as_written: Option<String>,
 }
 
 /// A patient as a sender identified them: the keyed hash of each identifier

@@ -421,7 +421,9 @@ pub(crate) fn kept_carer(
     older.sender == newer.sender
         && older.event == newer.event
         && same_or_unknown(older.episode.as_ref(), newer.episode.as_ref())
-        && same_or_unknown(older.movement.as_ref(), newer.movement.as_ref())
+        && (older.movement.is_none()
+            || newer.movement.is_none()
+            || newer.reports_movement_of(older))
         && older_carer == Some(carer)
 }
 
@@ -703,6 +705,9 @@ pub struct HandoverRecord {
     /// The custody movement it reports (see `NewHandover::movement`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub movement: Option<String>,
+    /// See `NewHandover::movement_as_written`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub movement_as_written: Option<String>,
 }
 
 impl HandoverRecord {
@@ -730,12 +735,22 @@ impl HandoverRecord {
         Ok(start)
     }
 
+    /// Whether `other`'s movement key is this one's: the same key, or, for
+    /// a handover stored before keys were taken of the instant in UTC, the
+    /// key of the time as the other wrote it.
+    pub(crate) fn reports_movement_of(&self, other: &HandoverRecord) -> bool {
+        let written = |h: &HandoverRecord| h.movement_as_written.clone().or(h.movement.clone());
+        self.movement == other.movement
+            || (self.movement_as_written.is_some() && self.movement_as_written == other.movement)
+            || (other.movement_as_written.is_some() && written(other) == self.movement)
+    }
+
     /// Whether `older` reports the same custody movement as this one.
     pub(crate) fn same_movement(&self, older: &HandoverRecord) -> bool {
         older.sender == self.sender
             && older.event == self.event
             && older.episode == self.episode
-            && older.movement == self.movement
+            && self.reports_movement_of(older)
     }
 
     /// Whether this handover may belong to the custody episode `episode`:
@@ -2133,6 +2148,37 @@ mod tests {
         (m.from, m.to, m.due_ms) = ("YP004", "YP005", Some(900));
         send_on(&mut urgent, &m, 20, 5);
         assert_eq!(urgent.due_ms, Some(100));
+    }
+
+    /// A transfer's movement is keyed by its instant in UTC; one stored
+    /// before that was keyed by its time as written, which a correction
+    /// written with the same offset still matches.
+    #[test]
+    fn a_movement_stored_before_utc_keys_is_still_the_same_movement() {
+        let transfer = |id: u64, movement: &str, written: Option<&str>| -> HandoverRecord {
+            let mut v = serde_json::json!({
+                "id": id, "sender": "YP001", "message_id": format!("m-{id}"),
+                "event": "TRANSFER", "content_hash": "c", "payload_hash": "p",
+                "payload_len": 9, "patient_key": "k", "submitted_at_ms": 1_000,
+                "deliveries": [], "movement": movement,
+            });
+            if let Some(w) = written {
+                v["movement_as_written"] = serde_json::json!(w);
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        // Stored before: the key of 10:00+01:00 as written.
+        let old = transfer(1, "k-written", None);
+        // Its correction now: the key of 09:00Z, and of 10:00+01:00 as written.
+        let correction = transfer(2, "k-utc", Some("k-written"));
+        assert!(correction.same_movement(&old));
+        assert!(kept_carer(&correction, &old, Some("YP002"), "YP002"));
+        // Now both keyed by the instant: the offset written does not matter.
+        let z = transfer(3, "k-utc", None);
+        assert!(z.same_movement(&correction) && correction.same_movement(&z));
+        // Another time is another movement.
+        let other = transfer(4, "k-other", Some("k-other-written"));
+        assert!(!other.same_movement(&old) && !other.same_movement(&correction));
     }
 
     /// The continuity pass decodes only some fields of the stored records:

@@ -862,6 +862,7 @@ impl Writer {
             superseded_on_arrival_by: written_later.as_ref().map(|w| w.id),
             episode: h.episode,
             movement: h.movement,
+            movement_as_written: h.movement_as_written,
         };
         if record.deliveries.is_empty() {
             self.finish_unrouted(staged, &mut record, now);

@@ -210,6 +210,7 @@ async fn submit(store: &Store, world: &mut World, op: (u8, Ids, usize, usize, u8
             withdrawal: None,
             episode: None,
             movement: None,
+            movement_as_written: None,
         })
         .await
         .expect("consistent identifiers are never a conflict");

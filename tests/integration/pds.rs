@@ -773,6 +773,7 @@ async fn parked_in(store: &throughcare::store::Store, message_id: &str) -> u64 {
             withdrawal: None,
             episode: None,
             movement: None,
+            movement_as_written: None,
         })
         .await
         .unwrap();

@@ -588,6 +588,7 @@ async fn handovers_stored_before_retention_are_found_and_scheduled() {
         withdrawal: None,
         episode: None,
         movement: None,
+        movement_as_written: None,
     };
     store.submit(new("old-1")).await.unwrap();
     let leased = store
@@ -776,6 +777,7 @@ fn identity_handover(
         withdrawal: None,
         episode: None,
         movement: None,
+        movement_as_written: None,
     }
 }
 
@@ -848,6 +850,7 @@ async fn identity_records_left_by_an_older_retention_are_found_and_expire() {
             withdrawal: None,
             episode: None,
             movement: None,
+            movement_as_written: None,
         })
         .await
         .unwrap();

@@ -39,6 +39,7 @@ fn handover(i: usize) -> NewHandover {
         withdrawal: None,
         episode: None,
         movement: None,
+        movement_as_written: None,
     }
 }
 

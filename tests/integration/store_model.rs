@@ -367,6 +367,7 @@ async fn submit_step(store: &Store, model: &mut Model, msg: u8, tamper: bool) {
             withdrawal: None,
             episode: None,
             movement: None,
+            movement_as_written: None,
         })
         .await;
     match model.accepted.get(&msg) {

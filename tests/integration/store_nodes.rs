@@ -73,6 +73,7 @@ fn handover(message: u32, patient: u32, mailbox: &str, due_ms: Option<i64>) -> N
         withdrawal: None,
         episode: None,
         movement: None,
+        movement_as_written: None,
     }
 }
 

@@ -320,6 +320,7 @@ fn handover(message: u32) -> NewHandover {
         withdrawal: None,
         episode: None,
         movement: None,
+        movement_as_written: None,
     }
 }
 

@@ -48,6 +48,7 @@ fn handover(i: u32) -> NewHandover {
         withdrawal: None,
         episode: None,
         movement: None,
+        movement_as_written: None,
     }
 }
 

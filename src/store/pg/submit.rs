@@ -468,6 +468,7 @@ fn sent_as(h: &NewHandover) -> HandoverRecord {
         superseded_on_arrival_by: None,
         episode: h.episode.clone(),
         movement: h.movement.clone(),
+        movement_as_written: h.movement_as_written.clone(),
     }
 }
 
