@@ -299,10 +299,7 @@ pub(crate) fn copy_to_resend<'a>(
     m: &MovingOn<'_>,
     mistaken: &Mistaken,
 ) -> Option<&'a DeliveryRecord> {
-    if copies
-        .iter()
-        .any(|d| d.mailbox == m.to && !d.is_superseded())
-    {
+    if copies.iter().any(|c| holds(c, m.to)) {
         return None;
     }
     copies.iter().find(|d| resends_to(d, m, mistaken))
@@ -493,16 +490,20 @@ pub(crate) fn held_by<'a>(
     d: &DeliveryRecord,
     to: &str,
 ) -> Option<&'a DeliveryRecord> {
-    copies.iter().find(|c| {
-        c.id != d.id
-            && c.mailbox == to
-            && c.view == FULL_VIEW
-            && !c.is_superseded()
-            && matches!(
-                c.state,
-                DeliveryState::Delivered | DeliveryState::Queued | DeliveryState::Leased
-            )
-    })
+    copies.iter().find(|c| c.id != d.id && holds(c, to))
+}
+
+/// Whether copy `c` gives carer `to` its summary: a full copy there,
+/// acknowledged or on its way (queued or leased), not superseded. A
+/// withdrawal notice, or a copy quarantined there, does not.
+fn holds(c: &DeliveryRecord, to: &str) -> bool {
+    c.mailbox == to
+        && c.view == FULL_VIEW
+        && !c.is_superseded()
+        && matches!(
+            c.state,
+            DeliveryState::Delivered | DeliveryState::Queued | DeliveryState::Leased
+        )
 }
 
 /// The audit entry of `d`, not sent on from `from` to `to`, which holds
@@ -1939,19 +1940,56 @@ mod tests {
         assert_eq!(held(copy(2, "YP004", "delivered", FULL_VIEW)), None);
     }
 
+    /// Delivery 7 of `handover` (`event`), acknowledged by YP002, with
+    /// `extra` fields set.
+    fn acked_copy(handover: u64, event: &str, extra: serde_json::Value) -> DeliveryRecord {
+        let mut v = serde_json::json!({
+            "id": 7, "handover_id": handover, "mailbox": "YP002", "patient_key": "p",
+            "urgent": false, "state": "delivered", "attempt": 1, "queued_at_ms": 0,
+            "delivered_at_ms": 500, "view": FULL_VIEW, "event": event, "sender": "YG001",
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_withdrawal_notice_or_a_quarantined_copy_is_no_summary_held() {
+        let to_third = MovingOn {
+            from: "YP002",
+            to: "YP003",
+            event: JourneyEvent::Transfer,
+            due_ms: Some(9_000),
+            before: None,
+        };
+        let mistaken = Mistaken {
+            ids: vec![10],
+            at_ms: 400,
+        };
+        let since = acked_copy(11, "COMMUNITY_SUMMARY", serde_json::json!({}));
+        // The carer corrected to holds only a withdrawal notice of it, or a
+        // copy quarantined there: that is no summary, so it is sent.
+        for (view, state) in [(WITHDRAWN_VIEW, "delivered"), (FULL_VIEW, "quarantined")] {
+            let there = acked_copy(
+                11,
+                "COMMUNITY_SUMMARY",
+                serde_json::json!({ "id": 8, "mailbox": "YP003", "view": view, "state": state }),
+            );
+            let copies = [since.clone(), there];
+            let chosen = copy_to_resend(&copies, &to_third, &mistaken).map(|c| c.id);
+            assert_eq!(chosen, Some(7), "{view} {state}");
+        }
+        let there = acked_copy(
+            11,
+            "COMMUNITY_SUMMARY",
+            serde_json::json!({ "id": 8, "mailbox": "YP003" }),
+        );
+        assert!(copy_to_resend(&[since.clone(), there], &to_third, &mistaken).is_none());
+    }
+
     #[test]
     fn only_what_a_mistake_brought_is_sent_again_to_the_carer_corrected_to() {
-        let acked = |handover: u64, event: &str, extra: serde_json::Value| -> DeliveryRecord {
-            let mut v = serde_json::json!({
-                "id": 7, "handover_id": handover, "mailbox": "YP002", "patient_key": "p",
-                "urgent": false, "state": "delivered", "attempt": 1, "queued_at_ms": 0,
-                "delivered_at_ms": 500, "view": FULL_VIEW, "event": event, "sender": "YG001",
-            });
-            for (k, x) in extra.as_object().unwrap() {
-                v[k] = x.clone();
-            }
-            serde_json::from_value(v).unwrap()
-        };
         let to_third = MovingOn {
             from: "YP002",
             to: "YP003",
@@ -1964,7 +2002,7 @@ mod tests {
             ids: vec![10],
             at_ms: 400,
         };
-        let since = acked(11, "COMMUNITY_SUMMARY", serde_json::json!({}));
+        let since = acked_copy(11, "COMMUNITY_SUMMARY", serde_json::json!({}));
         assert!(resends_to(&since, &to_third, &mistaken));
         let copy = resent_copy(&since, &to_third, (99, 13), "p-now", 1_000);
         assert_eq!(
@@ -1984,19 +2022,19 @@ mod tests {
         // Sent on to YP002 with the mistaken transfer, acknowledged there.
         let carried = serde_json::json!({ "forwarded_from": "YP001" });
         assert!(resends_to(
-            &acked(5, "TRANSFER", carried.clone()),
+            &acked_copy(5, "TRANSFER", carried.clone()),
             &to_third,
             &mistaken
         ));
         // Recorded as sent on by the mistaken transfer, or by another one.
         let by = |id: u64| serde_json::json!({ "forwarded_from": "YP001", "forwarded_by": id });
         assert!(resends_to(
-            &acked(5, "TRANSFER", by(10)),
+            &acked_copy(5, "TRANSFER", by(10)),
             &to_third,
             &mistaken
         ));
         assert!(!resends_to(
-            &acked(5, "TRANSFER", by(4)),
+            &acked_copy(5, "TRANSFER", by(4)),
             &to_third,
             &mistaken
         ));
@@ -2005,17 +2043,21 @@ mod tests {
             ids: vec![10, 12],
             at_ms: 400,
         };
-        assert!(resends_to(&acked(5, "TRANSFER", by(12)), &to_third, &kept));
+        assert!(resends_to(
+            &acked_copy(5, "TRANSFER", by(12)),
+            &to_third,
+            &kept
+        ));
         // An earlier stay's record, whether sent on then or not: its own.
         let mut before = carried;
         before["delivered_at_ms"] = serde_json::json!(300);
         assert!(!resends_to(
-            &acked(5, "TRANSFER", before),
+            &acked_copy(5, "TRANSFER", before),
             &to_third,
             &mistaken
         ));
         assert!(!resends_to(
-            &acked(5, "COMMUNITY_SUMMARY", serde_json::json!({})),
+            &acked_copy(5, "COMMUNITY_SUMMARY", serde_json::json!({})),
             &to_third,
             &mistaken
         ));
@@ -2029,7 +2071,7 @@ mod tests {
         ] {
             assert!(
                 !resends_to(
-                    &acked(11, "COMMUNITY_SUMMARY", extra.clone()),
+                    &acked_copy(11, "COMMUNITY_SUMMARY", extra.clone()),
                     &to_third,
                     &mistaken
                 ),
@@ -2037,7 +2079,7 @@ mod tests {
             );
         }
         assert!(!resends_to(
-            &acked(11, "ADMISSION", serde_json::json!({})),
+            &acked_copy(11, "ADMISSION", serde_json::json!({})),
             &to_third,
             &mistaken
         ));
