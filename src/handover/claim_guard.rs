@@ -83,6 +83,10 @@ fn scopes(practice: &str, patient: &str) -> [Scope; 3] {
 struct Counters {
     failures: HashMap<Scope, VecDeque<i64>>,
     in_flight: HashMap<Scope, u32>,
+    /// Summaries counted as failed claims (practice, message id), and
+    /// when: a sender repeating one (a MESH message polled again, a retry)
+    /// tries nothing new.
+    counted: HashMap<(String, String), i64>,
 }
 
 /// Claims refused for now: which counter is full and until when.
@@ -260,6 +264,7 @@ impl ClaimGuard {
             }
         }
         c.failures.retain(|_, f| !f.is_empty());
+        c.counted.retain(|_, at| *at >= since);
         let scopes = scopes(practice, patient);
         for scope in &scopes {
             let limit = self.limit(scope) as usize;
@@ -320,6 +325,14 @@ impl Ticket<'_> {
             }
         }
         Some((scopes, c))
+    }
+
+    /// Whether the practice's summary `message_id` was counted as a failed
+    /// claim already in the window (its repeat is not counted again); marks
+    /// it counted now if not.
+    pub fn counted_before(&self, practice: &str, message_id: &str, now_ms: i64) -> bool {
+        let key = (practice.to_owned(), message_id.to_owned());
+        self.guard.lock().counted.insert(key, now_ms).is_some()
     }
 
     /// The claim matched nothing: counts it.

@@ -235,7 +235,9 @@ impl Gateway {
             (
                 Err(StoreError::IdentityConflict { field }),
                 Some((ticket, practice, patient_key)),
-            ) if field == "patient.date_of_birth" => {
+            ) if field == "patient.date_of_birth"
+                && !ticket.counted_before(&practice, &cmd.message_id, self.clock.now_ms()) =>
+            {
                 let failure = ticket.failed(self.clock.now_ms());
                 let what = (
                     "a date of birth its prison number did not come with",

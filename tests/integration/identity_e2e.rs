@@ -937,6 +937,14 @@ async fn guessing_by_summary_is_counted_on(engine: Engine) {
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         assert_eq!(violations(&err), ["patient.date_of_birth"]);
+        // The same summary again (a retry, a MESH message polled again) is
+        // refused again but tries nothing new: not counted.
+        if n == 1 {
+            for _ in 0..3 {
+                let err = gp.submit(guess(1, "1970-01-01")).await.unwrap_err();
+                assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+            }
+        }
     }
     // Locked: the right date of birth is refused too, and stores nothing.
     let err = gp.submit(guess(6, DOB)).await.unwrap_err();
