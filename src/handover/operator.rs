@@ -589,11 +589,16 @@ impl Gateway {
                     .is_some_and(|p| patient_keys.contains(p))
         };
         // A read of the whole store (an export file) read this record too,
-        // once a handover of it was held (an entry of the patient's that
-        // names one: not a query, a failed claim or this call's own entry).
+        // once a handover of it was held: from its accepted submit (not a
+        // query, a failed claim or this call's own entry).
         let first_own = entries
             .iter()
-            .find(|e| own(e) && e.handover_id.is_some())
+            .find(|e| {
+                own(e)
+                    && e.handover_id.is_some()
+                    && e.action == "submit"
+                    && e.outcome.starts_with("ok")
+            })
             .map(|e| e.seq);
         let whole_store = |e: &AuditEntry| {
             WHOLE_STORE_READS.contains(&e.action.as_str())
