@@ -1954,8 +1954,9 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    #[test]
-    fn a_withdrawal_notice_or_a_quarantined_copy_is_no_summary_held() {
+    /// Transfer 10, submitted at 400, named YP002 by mistake; its
+    /// correction sends the patient on to YP003.
+    fn mistaken_transfer() -> (MovingOn<'static>, Mistaken) {
         let to_third = MovingOn {
             from: "YP002",
             to: "YP003",
@@ -1967,6 +1968,12 @@ mod tests {
             ids: vec![10],
             at_ms: 400,
         };
+        (to_third, mistaken)
+    }
+
+    #[test]
+    fn a_withdrawal_notice_or_a_quarantined_copy_is_no_summary_held() {
+        let (to_third, mistaken) = mistaken_transfer();
         let since = acked_copy(11, "COMMUNITY_SUMMARY", serde_json::json!({}));
         // The carer corrected to holds only a withdrawal notice of it, or a
         // copy quarantined there: that is no summary, so it is sent.
@@ -1990,18 +1997,7 @@ mod tests {
 
     #[test]
     fn only_what_a_mistake_brought_is_sent_again_to_the_carer_corrected_to() {
-        let to_third = MovingOn {
-            from: "YP002",
-            to: "YP003",
-            event: JourneyEvent::Transfer,
-            due_ms: Some(9_000),
-            before: None,
-        };
-        // Transfer 10, submitted at 400, named YP002 by mistake.
-        let mistaken = Mistaken {
-            ids: vec![10],
-            at_ms: 400,
-        };
+        let (to_third, mistaken) = mistaken_transfer();
         let since = acked_copy(11, "COMMUNITY_SUMMARY", serde_json::json!({}));
         assert!(resends_to(&since, &to_third, &mistaken));
         let copy = resent_copy(&since, &to_third, (99, 13), "p-now", 1_000);
