@@ -310,6 +310,11 @@ const CHOICES: &[&str] = &[
     "target",
     "allowed",
     "serviced",
+    "source",
+    "quantity",
+    "item",
+    "doseNumber",
+    "seriesDoses",
 ];
 const CHOICE_TYPES: &[&str] = &[
     "Base64Binary",
