@@ -313,10 +313,48 @@ macro_rules! serde_via_display {
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
+                s.parse()
+                    .or_else(|e| <$t>::stored_in_year_zero(&s).ok_or(e))
+                    .map_err(serde::de::Error::custom)
             }
         }
     )*};
+}
+
+/// Year 0000 is refused on the way in (FHIR's date has none), but a
+/// summary stored before that rule still reads back, as it was written:
+/// only the store's own JSON is read with serde (what a sender writes is
+/// read with [`FromStr`]).
+trait YearZero: Sized {
+    fn stored_in_year_zero(s: &str) -> Option<Self>;
+}
+
+/// `s` with year 0000 written 0001, for the shape check alone.
+fn year_one(s: &str) -> Option<String> {
+    s.strip_prefix("0000").map(|rest| format!("0001{rest}"))
+}
+
+impl YearZero for Date {
+    fn stored_in_year_zero(s: &str) -> Option<Self> {
+        year_one(s)?.parse::<Date>().ok()?;
+        time::Date::parse(s, DATE).ok().map(Date)
+    }
+}
+
+impl YearZero for DateTime {
+    fn stored_in_year_zero(s: &str) -> Option<Self> {
+        year_one(s)?.parse::<DateTime>().ok()?;
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(DateTime)
+    }
+}
+
+impl YearZero for When {
+    fn stored_in_year_zero(s: &str) -> Option<Self> {
+        year_one(s)?.parse::<When>().ok()?;
+        Some(When(s.to_owned()))
+    }
 }
 serde_via_display!(Date, DateTime, When);
 
@@ -1035,6 +1073,14 @@ mod tests {
         for bad in ["0000", "0000-01"] {
             assert!(bad.parse::<When>().is_err(), "{bad}");
         }
+        // Stored before year 0000 was refused, it still reads back as it was.
+        let stored: Date = serde_json::from_str("\"0000-01-01\"").unwrap();
+        assert_eq!(stored.to_string(), "0000-01-01");
+        let stored: When = serde_json::from_str("\"0000-05\"").unwrap();
+        assert_eq!(stored.to_string(), "0000-05");
+        let stored: DateTime = serde_json::from_str("\"0000-07-24T08:10:00Z\"").unwrap();
+        assert_eq!(stored.0.year(), 0);
+        assert!(serde_json::from_str::<Date>("\"0000-13-01\"").is_err());
         assert!("1980-05-14".parse::<Date>().is_ok());
         for bad in [
             "2026-07-24 08:10:00Z",
