@@ -401,6 +401,19 @@ pub(crate) struct FirstNamed {
     pub mistaken: Mistaken,
 }
 
+/// Logs that correction `correction` found no record of the transfer or
+/// release it corrects (`corrected`: retention removed its metadata), so
+/// nothing acknowledged at the carer that one named can be sent on: an
+/// operator must ask whether the carer corrected to needs it.
+pub(crate) fn corrected_handover_removed(corrected: u64, correction: u64) {
+    tracing::warn!(
+        alert = "corrected_handover_removed",
+        corrected,
+        correction,
+        "a correction cannot tell which carer the transfer or release it corrects named, nor send on what that carer acknowledged: its record was removed under the retention policy"
+    );
+}
+
 /// Whether `older`, which `newer` corrects, reports the same custody
 /// movement to the same carer (`older_carer`, `carer`): a correction of
 /// content only, still to the carer named by mistake. An earlier, real

@@ -1113,7 +1113,11 @@ impl Writer {
             }
             Ok(records::first_carer(&copies, event))
         };
-        let Some(mut first) = corrected.map(load).transpose()?.flatten() else {
+        let Some(corrected) = corrected else {
+            return Ok(None);
+        };
+        let Some(mut first) = load(corrected)? else {
+            records::corrected_handover_removed(corrected, correction);
             return Ok(None);
         };
         let Some(carer) = carer_of(&first)? else {

@@ -295,6 +295,7 @@ async fn mistaken_carer(
         return Ok(None);
     };
     let Some(mut first) = sql::handover(tx, corrected).await? else {
+        records::corrected_handover_removed(corrected, correction);
         return Ok(None);
     };
     let copies = sql::deliveries_of(tx, first.id).await?;
