@@ -952,7 +952,7 @@ impl Writer {
             return Ok(None);
         };
         let mut copies = Vec::with_capacity(h.deliveries.len());
-        for id in h.deliveries.iter().filter(|id| **id != d.id) {
+        for id in &h.deliveries {
             copies
                 .extend(staged.get_json::<DeliveryRecord>(TreeId::Deliveries, &records::be(*id))?);
         }
