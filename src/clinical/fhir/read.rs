@@ -285,8 +285,39 @@ impl<'de> serde::de::Visitor<'de> for FhirJson {
                  element once)"
             )));
         }
+        if let Some(name) = null_without_extension(&members) {
+            return Err(serde::de::Error::custom(format!(
+                "`{}` holds a null with no extension beside it in `_{0}` (FHIR JSON writes \
+                 null in an array only to line a value up with its extension)",
+                unread::safe_name(name)
+            )));
+        }
         Ok(Value::Object(tree::Map(members)))
     }
+}
+
+/// The first member of an object whose array holds a `null` that its
+/// `_name` array does not fill with an extension at the same place
+/// (R4 json.html, "Repeating Primitives").
+fn null_without_extension<'m>(members: &'m [(Cow<'_, str>, Value<'_>)]) -> Option<&'m str> {
+    members.iter().find_map(|(name, value)| {
+        let items = value.as_array()?;
+        if name.starts_with('_') || !items.iter().any(Value::is_null) {
+            return None;
+        }
+        let extended = members
+            .iter()
+            .find(|(k, _)| k.strip_prefix('_') == Some(name.as_ref()))
+            .and_then(|(_, v)| v.as_array());
+        let lined_up = extended.is_some_and(|ext| {
+            ext.len() == items.len()
+                && items
+                    .iter()
+                    .zip(ext)
+                    .all(|(item, ext)| !item.is_null() || !ext.is_null())
+        });
+        (!lined_up).then_some(name.as_ref())
+    })
 }
 
 /// The choice elements (`[x]`) of the resources the gateway reads, and the

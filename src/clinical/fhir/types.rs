@@ -17,6 +17,17 @@ fn opt_str<'de: 'a, 'a, D: serde::Deserializer<'de>>(
     Ok(Option::<Str<'a>>::deserialize(d)?.map(|s| s.0))
 }
 
+/// Deserialises a repeating string, leaving out the `null`s FHIR JSON
+/// writes where an item has only its `_name` extension (R4 json.html,
+/// "Repeating Primitives"); the reader checks each one has it.
+fn lined_up<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Cow<'a, str>>, D::Error> {
+    Ok(Vec::<Option<Str<'a>>>::deserialize(d)?
+        .into_iter()
+        .flatten()
+        .map(|s| s.0)
+        .collect())
+}
+
 /// Skip empty vectors when serialising.
 fn empty<T>(v: &[T]) -> bool {
     v.is_empty()
@@ -185,7 +196,7 @@ pub struct HumanName<'a> {
         skip_serializing_if = "all_blank",
         serialize_with = "non_blank"
     )]
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "lined_up")]
     pub given: Vec<Cow<'a, str>>,
     /// When the name was (or is) in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,7 +220,7 @@ pub struct Address<'a> {
         skip_serializing_if = "all_blank",
         serialize_with = "non_blank"
     )]
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "lined_up")]
     pub line: Vec<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "blank")]
     #[serde(borrow, deserialize_with = "opt_str")]
@@ -594,11 +605,11 @@ pub struct TimingRepeat<'a> {
     pub period_unit: Option<Cow<'a, str>>,
     /// Events of the day the dose goes with (`MORN`, `HS`, `ACM`).
     #[serde(default, skip_serializing_if = "empty")]
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "lined_up")]
     pub when: Vec<Cow<'a, str>>,
     /// Times of day (`08:00:00`).
     #[serde(default, skip_serializing_if = "empty")]
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "lined_up")]
     pub time_of_day: Vec<Cow<'a, str>>,
 }
 
