@@ -209,7 +209,7 @@ fn expect(answer: Answer, wanted: &[u16]) -> Result<Answer, MeshError> {
         .filter(|c| !c.is_control())
         .take(200)
         .collect();
-    Err(MeshError::Status(answer.status, said))
+    Err(MeshError::Status(answer.status, said, answer.retry_after_s))
 }
 
 /// `mex-ClientVersion`: this gateway and its version.

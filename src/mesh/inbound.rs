@@ -20,7 +20,7 @@ use serde_json::json;
 use super::client::{Incoming, Outgoing};
 use super::outbound::MeshEdge;
 use super::{MeshError, REFUSAL_WORKFLOW};
-use crate::clinical::Violation;
+use crate::clinical::{Violation, hl7v2};
 use crate::handover::{
     Caller, Error, IncomingDocument, Kind, SubmitCommand, scrubbed, withhold_numbers,
 };
@@ -226,6 +226,19 @@ impl MeshEdge {
             )));
         };
         let body = decoded(msg, self.client.max_document()).map_err(refuse)?;
+        // An HL7 v2 message is read in the character set its MSH-18
+        // declares (Latin-1 to UTF-8, hexadecimal escapes included), as
+        // over MLLP; a set the gateway does not read is refused at MSH-18.
+        let unmarked = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&body);
+        let message = unmarked.trim_ascii_start();
+        let body = if message.starts_with(b"MSH") {
+            match hl7v2::decoded(message) {
+                Ok(text) => std::borrow::Cow::Owned(text.into_owned()),
+                Err(e) => return Err(refuse(Error::from(e))),
+            }
+        } else {
+            body
+        };
         let Ok(text) = std::str::from_utf8(&body) else {
             return Err(refuse(refused("content", "not UTF-8 text")));
         };

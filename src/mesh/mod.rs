@@ -85,9 +85,10 @@ pub enum MeshError {
     /// The transport failed (time-out, no connection).
     #[error("MESH {0}")]
     Http(#[from] HttpError),
-    /// MESH answered with an HTTP status it uses for a refusal or a fault.
+    /// MESH answered with an HTTP status it uses for a refusal or a fault,
+    /// and how long it asked the client to wait (`Retry-After`, seconds).
     #[error("MESH answered HTTP {0}: {1}")]
-    Status(u16, String),
+    Status(u16, String, Option<u64>),
     /// The answer could not be read, or a request not built.
     #[error("MESH answer unusable: {0}")]
     Invalid(String),
@@ -96,7 +97,32 @@ pub enum MeshError {
     Gateway(String),
 }
 
+/// The longest `Retry-After` honoured: a larger one (or a mistaken one)
+/// must not stop deliveries for days.
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(3_600);
+
 impl MeshError {
+    /// Whether MESH asked this client to send less (429): the round stops
+    /// and waits, whatever the handshake says, rather than sending the
+    /// next message into the same limit.
+    #[must_use]
+    pub fn is_rate_limit(&self) -> bool {
+        matches!(self, MeshError::Status(429, ..))
+    }
+
+    /// How long to wait after a failed round whose back-off is `backoff`:
+    /// at least what MESH asked for (`Retry-After`, at most
+    /// [`MAX_RETRY_AFTER`]).
+    #[must_use]
+    pub fn wait_after(&self, backoff: std::time::Duration) -> std::time::Duration {
+        match self {
+            MeshError::Status(_, _, Some(s)) => {
+                backoff.max(std::time::Duration::from_secs(*s).min(MAX_RETRY_AFTER))
+            }
+            _ => backoff,
+        }
+    }
+
     /// Whether MESH (or the gateway) is failing as a whole, so the round
     /// stops and backs off; otherwise the failure is this message's, and
     /// the round goes on with the others (one bad message must not hold
@@ -107,7 +133,7 @@ impl MeshError {
         match self {
             MeshError::Http(HttpError::TooLarge(_)) | MeshError::Invalid(_) => false,
             MeshError::Http(_) | MeshError::Gateway(_) => true,
-            MeshError::Status(s, _) => matches!(*s, 401 | 403 | 408 | 429 | 502 | 503 | 504),
+            MeshError::Status(s, ..) => matches!(*s, 401 | 403 | 408 | 429 | 502 | 503 | 504),
         }
     }
 
@@ -120,7 +146,7 @@ impl MeshError {
             MeshError::Http(_) | MeshError::Gateway(_) | MeshError::Invalid(_) => true,
             // 401/403: our credentials or clock are wrong, not the message:
             // every message would fail alike, so wait for an operator.
-            MeshError::Status(s, _) => matches!(*s, 401 | 403 | 408 | 429) || *s >= 500,
+            MeshError::Status(s, ..) => matches!(*s, 401 | 403 | 408 | 429) || *s >= 500,
         }
     }
 }
@@ -234,6 +260,25 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 429 or 503 with `Retry-After` waits at least that long (at most an
+    /// hour); the back-off alone was one second, doubling, so the inbox was
+    /// listed again and every sent message tracked within seconds.
+    #[test]
+    fn a_failed_round_waits_as_long_as_mesh_asked() {
+        use std::time::Duration;
+        let second = Duration::from_secs(1);
+        let busy = MeshError::Status(429, "slow down".into(), Some(120));
+        assert_eq!(busy.wait_after(second), Duration::from_secs(120));
+        assert!(busy.is_rate_limit() && busy.is_outage());
+        let down = MeshError::Status(503, String::new(), Some(86_400 * 3));
+        assert_eq!(down.wait_after(second), MAX_RETRY_AFTER);
+        assert!(!down.is_rate_limit());
+        let plain = MeshError::Status(503, String::new(), None);
+        assert_eq!(plain.wait_after(second), second);
+        let short = MeshError::Status(429, String::new(), Some(0));
+        assert_eq!(short.wait_after(second), second);
+    }
 
     #[test]
     fn workflow_ids_name_their_event_and_nothing_else() {

@@ -263,9 +263,12 @@ impl MeshEdge {
                 Err(e) => {
                     self.metrics.set_mesh_reachable(false);
                     self.handshake_at = None;
-                    self.inbox_at = None;
-                    tracing::warn!(error = %e, wait_ms = backoff.as_millis() as u64, "MESH round failed; retrying");
-                    let wait = backoff;
+                    // The inbox read when it was due is not read again
+                    // sooner for a failure after it (MESH asks for at most
+                    // one poll every five minutes); one that failed is
+                    // still due.
+                    let wait = e.wait_after(backoff);
+                    tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "MESH round failed; retrying");
                     backoff = (backoff * 2).min(self.pacing.max_backoff);
                     (wait, false)
                 }
@@ -367,10 +370,19 @@ impl MeshEdge {
         Ok(())
     }
 
-    /// Lists the inbox (which also shows MESH answers: nothing is leased
-    /// while it does not), reads it page by page to its end, and tracks
-    /// what was sent.
+    /// Tracks what was sent, lists the inbox (which also shows MESH
+    /// answers: nothing is leased while it does not) and reads it page by
+    /// page to its end, then applies the acknowledgements tracked.
+    ///
+    /// A peer gateway sends its refusal report before it acknowledges the
+    /// message refused, so a message tracked as acknowledged has its
+    /// refusal, if any, in the inbox read after: it quarantines the
+    /// delivery first, and the acknowledgement then finds it no longer in
+    /// flight. Read the other way round, a refusal arriving after the
+    /// inbox was listed lost to an acknowledgement tracked just after, and
+    /// the refused summary showed DELIVERED.
     async fn read_and_track(&mut self) -> Result<(), MeshError> {
+        let acknowledged = self.track_sent().await?;
         // MESH lists 10 to 5,000 ids at a time.
         let page = self.pacing.batch.clamp(10, 5_000);
         // Page forward by MESH's own token (`links.next`), so messages
@@ -384,7 +396,21 @@ impl MeshEdge {
                 _ => break,
             }
         }
-        self.track_sent().await
+        for tracked in acknowledged {
+            let now = self
+                .gateway
+                .store
+                .mesh_record(tracked.delivery_id)
+                .map_err(|e| MeshError::Gateway(e.to_string()))?;
+            if let Some(record) = now.filter(|r| {
+                r.state == MeshState::Sent
+                    && r.local_id == tracked.local_id
+                    && r.message_id == tracked.message_id
+            }) {
+                self.acknowledged(record).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether a send's failure that looks like MESH's own (a time-out, a
@@ -393,7 +419,7 @@ impl MeshEdge {
     /// upload timing out, a recipient this mailbox may not send to), and
     /// the round goes on with the others.
     pub(super) async fn mesh_failing(&self, e: &MeshError) -> bool {
-        e.is_outage() && self.client.handshake().await.is_err()
+        e.is_rate_limit() || (e.is_outage() && self.client.handshake().await.is_err())
     }
 
     async fn retry_held(&mut self) -> Result<(), MeshError> {
@@ -403,6 +429,14 @@ impl MeshEdge {
         while let Some(h) = pending.next() {
             // A lease that ran out: the queue offers the delivery again.
             if h.delivery.lease_expires_at_ms.is_some_and(|t| t <= now) {
+                continue;
+            }
+            if !self.still_owed(&h, now)? {
+                tracing::info!(
+                    delivery_id = h.delivery.delivery_id,
+                    "a held delivery changed in the store while MESH could not take it \
+                     (superseded, moved on or given back): not sent"
+                );
                 continue;
             }
             if let Err(e) = self.send_one(&h.org, &h.delivery).await {
@@ -416,6 +450,29 @@ impl MeshEdge {
             }
         }
         Ok(())
+    }
+
+    /// Whether the store still leases `h`'s delivery to its organisation,
+    /// under the attempt it was pulled with, and has not superseded it. A
+    /// correction, a withdrawal or the patient's transfer may have changed
+    /// it while MESH could not take it: the copy held here is then out of
+    /// date, and the queue decides what the organisation is owed.
+    fn still_owed(&self, h: &Held, now: i64) -> Result<bool, MeshError> {
+        let found = self
+            .gateway
+            .store
+            .delivery(h.delivery.delivery_id)
+            .map_err(|e| MeshError::Gateway(e.to_string()))?;
+        Ok(found.is_some_and(|d| {
+            d.superseded_by.is_none()
+                && crate::store::records::lease_verdict(
+                    Some(d),
+                    h.org.ods.as_str(),
+                    h.delivery.attempt,
+                    now,
+                )
+                .is_ok()
+        }))
     }
 
     /// Pulls the organisation's deliveries (for it, with its rights) and sends each.
@@ -651,7 +708,8 @@ impl MeshEdge {
     }
 
     /// Asks MESH about every sent message; acks or quarantines its delivery.
-    async fn track_sent(&self) -> Result<(), MeshError> {
+    async fn track_sent(&self) -> Result<Vec<MeshRecord>, MeshError> {
+        let mut acknowledged = Vec::new();
         let sent: Vec<MeshRecord> = self
             .gateway
             .store
@@ -667,7 +725,7 @@ impl MeshEdge {
             let t = match self.client.track(&id).await {
                 Ok(t) => t,
                 Err(e) if e.is_outage() => return Err(e),
-                Err(MeshError::Status(404, _)) => {
+                Err(MeshError::Status(404, ..)) => {
                     let reason = "MESH no longer knows the message it accepted (tracking answered 404): redrive to send it again";
                     self.fail_delivery(record, reason).await?;
                     continue;
@@ -679,7 +737,7 @@ impl MeshEdge {
             };
             let status = t.status.unwrap_or_default().to_ascii_lowercase();
             match status.as_str() {
-                "acknowledged" => self.acknowledged(record).await?,
+                "acknowledged" => acknowledged.push(record),
                 "undeliverable" | "error" => {
                     let code = t.status_code.unwrap_or_default();
                     let words = t.status_description.unwrap_or_default();
@@ -693,7 +751,7 @@ impl MeshEdge {
                 _ => {}
             }
         }
-        Ok(())
+        Ok(acknowledged)
     }
 
     /// The recipient acknowledged: the delivery is delivered.

@@ -16,7 +16,7 @@ use throughcare::mesh::client::{Incoming, Outgoing};
 use throughcare::mesh::{MeshClient, MeshConfig};
 use throughcare::store::SystemClock;
 
-use crate::support::{TestGateway, free_port, nhs, release, track_message};
+use crate::support::{TestGateway, free_port, nhs, pull_and_ack, release, track_message};
 
 /// The sandbox's canned mailboxes: the gateway's, a practice's, a prison's.
 const GATEWAY_MB: &str = "X26ABC1";
@@ -1339,4 +1339,215 @@ async fn send_refusal(from: &MeshClient, body: String, local_id: &str) {
     })
     .await
     .unwrap();
+}
+
+/// `summary` rendered as an HL7 v2 release whose MSH-18 is `charset`, with
+/// every `Q` of the family name written as Latin-1's one byte for `Ë`, and
+/// `NoJl` (a given name) as `No\XEB\l`, Latin-1's `ë` as hexadecimal data.
+fn latin_release(summary: &throughcare::clinical::ClinicalSummary, charset: &str) -> Vec<u8> {
+    let rendered =
+        throughcare::clinical::hl7v2::render(summary, throughcare::journey::JourneyEvent::Release);
+    let text = String::from_utf8(rendered.bytes).unwrap();
+    let (msh, rest) = text.split_once('\r').unwrap();
+    let mut fields: Vec<String> = msh.split('|').map(str::to_owned).collect();
+    fields.resize(fields.len().max(18), String::new());
+    fields[17] = charset.into();
+    let text = format!("{}\r{rest}", fields.join("|"));
+    let family = summary.patient.family_name.as_str();
+    let (before, after) = text.split_once(family).unwrap();
+    let mut bytes = before.as_bytes().to_vec();
+    bytes.extend(family.bytes().map(|b| if b == b'Q' { 0xCB } else { b }));
+    let (before, after) = after.split_once("NoJl").unwrap();
+    bytes.extend_from_slice(before.as_bytes());
+    bytes.extend_from_slice(b"No\\XEB\\l");
+    bytes.extend_from_slice(after.as_bytes());
+    bytes
+}
+
+/// An HL7 v2 message through MESH is read in the character set its MSH-18
+/// declares, as over MLLP: a Latin-1 name arrives as written (it was
+/// refused as "not UTF-8 text"), a hexadecimal escape in Latin-1 is the
+/// character it names (it was kept as `\XEB\`), and a set the gateway does
+/// not read is refused back naming MSH-18.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_reads_an_hl7_message_in_the_character_set_its_msh_18_declares() {
+    let sandbox = Sandbox::start();
+    let gw = gateway_with(&sandbox).await;
+    reach_through_mesh(&gw, "YP001", pb::OrganisationKind::Prison, PRISON_MB).await;
+    let prison_mb = sandbox.client(PRISON_MB);
+    let mut summary = throughcare::clinical::synthetic::release_summary(
+        nhs(48).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        Some("YG002".parse().unwrap()),
+        "latin",
+    );
+    summary.patient.family_name = "ZOQ".into();
+    summary.patient.given_names = vec!["NoJl".into()];
+    let mut sent = Vec::new();
+    for (local_id, charset) in [("mesh-latin-1", "8859/1"), ("mesh-latin-15", "8859/15")] {
+        let id = prison_mb
+            .send(&Outgoing {
+                to: GATEWAY_MB,
+                workflow_id: "THROUGHCARE_RELEASE",
+                subject: "release",
+                local_id,
+                file_name: "rel.hl7",
+                content_type: "application/hl7-v2",
+                body: &latin_release(&summary, charset),
+            })
+            .await
+            .unwrap();
+        sent.push(id);
+    }
+    eventually(20, "both acknowledged by the gateway", || async {
+        for id in &sent {
+            let s = prison_mb
+                .track(id)
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            if s != "acknowledged" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let mut practice = gw.client("YG002").await;
+    let got = pull_and_ack(&mut practice).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let Some(pb::delivery::Document::Native(s)) = &got[0].document else {
+        panic!("{:?}", got[0].document);
+    };
+    let patient = s.patient.as_ref().unwrap();
+    assert_eq!(patient.family_name, "ZOË");
+    assert_eq!(patient.given_names, ["Noël"]);
+    let reports = eventually(20, "the refusal report", || async {
+        let r = inbox(&prison_mb).await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    let body: serde_json::Value = serde_json::from_slice(&reports[0].body).unwrap();
+    assert_eq!(body["local_id"], "mesh-latin-15", "{body}");
+    assert!(body.to_string().contains("MSH-18"), "{body}");
+    gw.stop().await;
+}
+
+/// A release of patient `patient` to YG001 written at `authored`, with 200
+/// follow-ups: large enough to go to MESH in many chunks, so MESH can go
+/// down while it is being uploaded.
+fn long_release(message_id: &str, patient: u32, marker: &str, authored: &str) -> pb::SubmitRequest {
+    let mut s = throughcare::clinical::synthetic::release_summary(
+        nhs(patient).parse().ok(),
+        None,
+        "YP001".parse().unwrap(),
+        Some("YG001".parse().unwrap()),
+        marker,
+    );
+    let first = s.follow_ups[0].clone();
+    s.follow_ups = (0..200)
+        .map(|i| {
+            let mut f = first.clone();
+            f.service = format!("{marker} community service number {i} of the release plan");
+            f
+        })
+        .collect();
+    s.authored_at = authored.parse().unwrap();
+    pb::SubmitRequest {
+        message_id: message_id.into(),
+        event: pb::JourneyEvent::Release.into(),
+        patient: Some(pb::PatientRef {
+            nhs_number: nhs(patient),
+            prison_number: String::new(),
+            date_of_birth: "1985-06-15".into(),
+        }),
+        destinations: vec!["YG001".into()],
+        document: Some(pb::submit_request::Document::Native(
+            throughcare::grpc::summary::to_wire(&s),
+        )),
+    }
+}
+
+/// MESH goes down while a release is being uploaded; the edge holds it to
+/// retry within its lease. A correction arrives meanwhile. When MESH is
+/// back, only the correction is sent: the held copy, superseded while
+/// held, is not sent after it (it was, and the practice filed the old
+/// summary as the newest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_sends_no_held_copy_that_was_superseded_while_mesh_was_down() {
+    let mut sandbox = Sandbox::start();
+    let gw = gateway_with(&sandbox).await;
+    reach_through_mesh(&gw, "YG001", pb::OrganisationKind::GpPractice, PRACTICE_MB).await;
+    let mut prison = gw.client("YP001").await;
+    let first = prison
+        .submit(long_release(
+            "mesh-held-1",
+            49,
+            "first",
+            "2026-11-24T08:00:00Z",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries[0]
+        .delivery_id;
+    // Down once its upload has begun (its `sending` record is durable
+    // before the first chunk goes).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let record = gw.store.mesh_record(first).unwrap();
+        if record.is_some_and(|r| r.state == throughcare::store::MeshState::Sending) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the upload never began");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    sandbox.stop();
+    eventually(20, "the round failed", || async {
+        gw.metrics
+            .encode()
+            .contains("throughcare_mesh_reachable 0")
+            .then_some(())
+    })
+    .await;
+    let state = gw.store.mesh_record(first).unwrap().unwrap().state;
+    assert_eq!(
+        state,
+        throughcare::store::MeshState::Sending,
+        "sent whole before MESH went down"
+    );
+    let second = prison
+        .submit(long_release(
+            "mesh-held-2",
+            49,
+            "corrected",
+            "2026-11-24T09:00:00Z",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries[0]
+        .delivery_id;
+    assert_ne!(
+        gw.store.delivery(first).unwrap().unwrap().superseded_by,
+        None
+    );
+    sandbox.run();
+    let practice = sandbox.client(PRACTICE_MB);
+    let got = eventually(60, "the correction in the practice's inbox", || async {
+        let got = inbox(&practice).await;
+        got.iter()
+            .any(|m| m.local_id == format!("throughcare-{second}"))
+            .then_some(got)
+    })
+    .await;
+    assert!(
+        got.iter()
+            .all(|m| m.local_id != format!("throughcare-{first}")),
+        "the superseded copy was sent: {:?}",
+        got.iter().map(|m| &m.local_id).collect::<Vec<_>>()
+    );
+    gw.stop().await;
 }

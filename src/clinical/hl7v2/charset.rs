@@ -45,28 +45,47 @@ pub fn decoded(bytes: &[u8]) -> Result<Cow<'_, [u8]>, ValidationErrors> {
 /// `text` (decoded from Latin-1) with each hexadecimal escape (`\XEB\`)
 /// re-expressed in UTF-8 (`\XC3AB\`): HL7 v2 §2.7.3 gives hexadecimal data
 /// in the message's character set, and the parser reads UTF-8.
+///
+/// Escapes are read as the parser reads them, from one escape character to
+/// the next within a component; an escaped escape character (`\E\`) then
+/// `XEB\E\` is text, not hexadecimal data, and is left as written. The scan
+/// starts after MSH-2, which holds the escape character itself.
 fn latin_hex_as_utf8(text: &str) -> String {
+    let msh_2_end = text
+        .find('|')
+        .and_then(|p| text[p + 1..].find('|').map(|q| p + 1 + q))
+        .unwrap_or(0);
+    let (head, mut rest) = text.split_at(msh_2_end);
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("\\X") {
+    out.push_str(head);
+    while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        out.push_str("\\X");
-        let body = &rest[i + 1..];
-        let escape = body
-            .find('\\')
-            .and_then(|j| Some((j, super::escape::hex_bytes(&body[..j])?)));
-        let Some((j, bytes)) = escape else {
-            rest = &body[1..];
+        let after = &rest[i + 1..];
+        let end = after
+            .find(['\\', '|', '^', '&', '~', '\r', '\n'])
+            .filter(|&j| after.as_bytes()[j] == b'\\');
+        let Some(j) = end else {
+            // A lone escape character: the parser keeps it as written.
+            out.push('\\');
+            rest = after;
             continue;
         };
-        for byte in bytes {
-            let mut buf = [0; 4];
-            for b in char::from(byte).encode_utf8(&mut buf).bytes() {
-                out.push_str(&format!("{b:02X}"));
+        let body = &after[..j];
+        out.push('\\');
+        match super::escape::hex_bytes(body) {
+            Some(bytes) => {
+                out.push('X');
+                for byte in bytes {
+                    let mut buf = [0; 4];
+                    for b in char::from(byte).encode_utf8(&mut buf).bytes() {
+                        out.push_str(&format!("{b:02X}"));
+                    }
+                }
             }
+            None => out.push_str(body),
         }
         out.push('\\');
-        rest = &body[j + 1..];
+        rest = &after[j + 1..];
     }
     out.push_str(rest);
     out
@@ -96,6 +115,16 @@ mod tests {
             "{text}"
         );
         assert_eq!(super::super::escape::unescape("Zo\\XC3AB\\"), "Zoë");
+        // An escaped escape character before `XEB\` is text: left as written
+        // (it was read as hexadecimal data, and the text changed).
+        let mut text = msh("8859/1");
+        text.extend_from_slice(b"No\\E\\XEB\\E\\l|\\H\\Bold\\N\\|a\\b");
+        let text = String::from_utf8(decoded(&text).unwrap().into_owned()).unwrap();
+        assert!(
+            text.ends_with("PID|No\\E\\XEB\\E\\l|\\H\\Bold\\N\\|a\\b"),
+            "{text}"
+        );
+        assert!(text.starts_with("MSH|^~\\&|"), "{text}");
         for utf8 in ["", "UNICODE UTF-8"] {
             let m = msh(utf8);
             assert!(matches!(decoded(&m).unwrap(), Cow::Borrowed(_)));
