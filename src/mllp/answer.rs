@@ -285,7 +285,17 @@ fn ack_errors(e: &Error, authored_at: &'static str) -> Vec<AckError> {
             ErrorCode::DuplicateKeyIdentifier,
             "this message control id was used before for a different message; nothing was stored (send it with a new control id)".into(),
         ),
-        (_, "IDENTITY_CONFLICT") => one("PID^1^3", ErrorCode::DataType, e.to_string()),
+        (Error::Store(crate::store::StoreError::IdentityConflict { field }), _) => one(
+            // The identifiers are in PID-3; a date of birth that does not
+            // match the one a prison number came with, in PID-7.
+            if field.ends_with("date_of_birth") {
+                "PID^1^7"
+            } else {
+                "PID^1^3"
+            },
+            ErrorCode::DataType,
+            e.to_string(),
+        ),
         _ if ack_code(e) == AckCode::Reject => one(
             "",
             ErrorCode::ApplicationInternalError,

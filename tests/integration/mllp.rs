@@ -316,6 +316,38 @@ async fn a_repeated_control_id_is_answered_aa_and_stored_once() {
     gw.stop().await;
 }
 
+/// A prison number has no check digit: a message naming one known with
+/// another date of birth is refused, and the ERR names PID-7 (the date of
+/// birth the store could not match), not PID-3, as gRPC names the field.
+#[tokio::test]
+async fn an_identity_conflict_names_the_field_that_conflicts() {
+    let gw = gateway(|_| {}).await;
+    let mut conn = connect(&gw, "YP001").await;
+    let with_prison_number = |dob: &str| {
+        let mut s = throughcare::clinical::synthetic::release_summary(
+            None,
+            Some("A1234BC".parse().unwrap()),
+            "YP001".parse().unwrap(),
+            Some("YG001".parse().unwrap()),
+            "idc",
+        );
+        s.patient.date_of_birth = dob.parse().unwrap();
+        s
+    };
+    let first = with_prison_number("1985-06-15");
+    let ack = exchange(&mut conn, &message("idc-1", JourneyEvent::Release, &first)).await;
+    assert_eq!(field(&ack, "MSA", 1), "AA", "{ack:?}");
+    let before = gw.store.content_digest().unwrap();
+    let other = with_prison_number("1991-02-03");
+    let ack = exchange(&mut conn, &message("idc-2", JourneyEvent::Release, &other)).await;
+    assert_eq!(field(&ack, "MSA", 1), "AE", "{ack:?}");
+    let e = errs(&ack);
+    assert_eq!(e.len(), 1, "{ack:?}");
+    assert_eq!(e[0][2], "PID^1^7", "{ack:?}");
+    assert_eq!(gw.store.content_digest().unwrap(), before);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_field_error_is_an_ae_naming_the_field_and_stores_nothing() {
     let gw = gateway(|_| {}).await;
