@@ -719,9 +719,31 @@ async fn redrive(
     ids: Vec<u64>,
     mailbox: Option<String>,
 ) -> anyhow::Result<Rows> {
+    let by_mailbox = mailbox.is_some();
     let target = redrive_target(ids, mailbox)?;
-    let r = op.redrive(pb::RedriveRequest { target }).await?;
-    Ok(redrive_rows(r.into_inner()))
+    let mut all = pb::RedriveResponse::default();
+    // One call redrives at most MAX_LIST of a mailbox's deliveries (the
+    // contract says so): "every one" asks again until a call redrives
+    // fewer, or none (bounded: a mailbox holds far fewer than this).
+    for _ in 0..10_000 {
+        let r = op
+            .redrive(pb::RedriveRequest {
+                target: target.clone(),
+            })
+            .await?
+            .into_inner();
+        let requeued = r
+            .results
+            .iter()
+            .filter(|x| x.outcome() == pb::RedriveOutcome::Requeued)
+            .count();
+        let full = r.results.len() >= crate::handover::MAX_LIST;
+        all.results.extend(r.results);
+        if !by_mailbox || !full || requeued == 0 {
+            break;
+        }
+    }
+    Ok(redrive_rows(all))
 }
 
 async fn put_organisation(
@@ -1137,12 +1159,14 @@ async fn accept_rollback_postgres(
             })
             .await?;
         let pg_store = store.postgres().expect("a PostgreSQL store");
+        let from = pg_store.ids_beyond_the_lost().await?;
         pg_store.record_witness_to(path.clone()).await?;
         crate::outln!(
             "accepted: the database's trail ends at entry {}, this node's witness had seen {seen_text}; \
-             the witness {} now records the new head. Ask senders to resend what they sent after the backup was taken.",
+             the witness {} now records the new head; new ids start at {}. Ask senders to resend what they sent after the backup was taken.",
             verified.last + 1,
-            path.display()
+            path.display(),
+            from + 1
         )?;
         anyhow::Ok(())
     }
@@ -1264,6 +1288,11 @@ async fn accept_rollback(store: &StoreArgs, reason: &str, json: bool) -> anyhow:
             }))
             .as_str()
             .unwrap_or("?")
+        )?;
+    }
+    if let Some(from) = rollback.ids_from {
+        crate::outln!(
+            "new handover and delivery ids start at {from}: none handed out before the restore is handed out again"
         )?;
     }
     crate::outln!(

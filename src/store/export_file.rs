@@ -239,8 +239,12 @@ pub fn un_b64(text: &str) -> Result<Vec<u8>, StoreError> {
 }
 
 /// Writes an export file line by line, hashing as it goes.
+///
+/// A writer dropped before [`ExportWriter::finish`] (an export that failed
+/// part-way) removes its partial file: it holds payloads with their keys
+/// wrapped under the master key, which key-epoch shredding cannot reach.
 pub struct ExportWriter {
-    out: BufWriter<std::fs::File>,
+    out: Option<BufWriter<std::fs::File>>,
     hasher: Sha256,
     partial: PathBuf,
     dest: PathBuf,
@@ -272,7 +276,7 @@ impl ExportWriter {
                 std::io::Error::new(e.kind(), format!("creating {}: {e}", partial.display()))
             })?;
         Ok(Self {
-            out: BufWriter::new(file),
+            out: Some(BufWriter::new(file)),
             hasher: Sha256::new(),
             partial,
             dest: dest.to_path_buf(),
@@ -288,7 +292,11 @@ impl ExportWriter {
             .map_err(|e| StoreError::Corrupt(format!("export line: {e}")))?;
         bytes.push(b'\n');
         self.hasher.update(&bytes);
-        self.out.write_all(&bytes)?;
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| StoreError::Unavailable("the export file is closed".into()))?;
+        out.write_all(&bytes)?;
         Ok(())
     }
 
@@ -304,13 +312,32 @@ impl ExportWriter {
             signature: key.sign_labelled(SIGNATURE_LABEL, &digest),
         };
         self.line(&end)?;
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        let out = self
+            .out
+            .take()
+            .ok_or_else(|| StoreError::Unavailable("the export file is closed".into()))?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         std::fs::rename(&self.partial, &self.dest)?;
         if let Some(parent) = self.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::File::open(parent)?.sync_all()?;
         }
         Ok(hex(&digest))
+    }
+}
+
+impl Drop for ExportWriter {
+    fn drop(&mut self) {
+        // Still open: not finished (a finished one is renamed first).
+        if self.out.take().is_some()
+            && let Err(e) = std::fs::remove_file(&self.partial)
+        {
+            tracing::warn!(
+                path = %self.partial.display(),
+                error = %e,
+                "a failed export's partial file could not be removed: delete it"
+            );
+        }
     }
 }
 
@@ -483,6 +510,26 @@ mod tests {
         })
         .unwrap();
         w.finish(key).unwrap();
+    }
+
+    /// An export that fails part-way leaves no file behind: the partial one
+    /// holds payloads with their keys wrapped under the master key.
+    #[test]
+    fn an_export_that_fails_part_way_leaves_no_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.export");
+        let mut w = ExportWriter::create(&path).unwrap();
+        w.line(&Line::Header(header())).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A finished one keeps its file, and only it.
+        write(&path, &AuditKey::from_secret(&[1; 32]));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["store.export"]);
     }
 
     #[test]

@@ -404,6 +404,10 @@ pub struct Rollback {
     pub missing: Vec<Acknowledged>,
     /// The oldest journal record (how far back the list can reach), ms.
     pub journal_from_ms: Option<i64>,
+    /// The first handover and delivery id from here on, when the counters
+    /// moved to a new range (ids the lost batches handed out are not
+    /// handed out again).
+    pub ids_from: Option<u64>,
 }
 
 impl Rollback {
@@ -442,6 +446,16 @@ pub(super) fn rebase(paths: &WitnessPaths, trees: &[sled::Tree]) -> Result<Rollb
             ..a.clone()
         })
         .collect();
+    let behind = record
+        .head
+        .as_ref()
+        .is_none_or(|h| h.checkpoint.commit_seq > found.commit_seq);
+    let ids_from = if behind || !lost.is_empty() {
+        let journaled = record.journal.iter().map(|(_, a)| a.handover_id).max();
+        Some(ids_beyond_the_lost(trees, journaled.unwrap_or(0))? + 1)
+    } else {
+        None
+    };
     high_water::create(&paths.file, &key, found.checkpoint(now_ms()), &kept)?;
     Ok(Rollback {
         witness_signed: record
@@ -453,7 +467,36 @@ pub(super) fn rebase(paths: &WitnessPaths, trees: &[sled::Tree]) -> Result<Rollb
         store_audit_seq: found.audit_seq,
         missing: lost,
         journal_from_ms: record.journal.first().map(|(_, a)| a.at_ms),
+        ids_from,
     })
+}
+
+/// Ids go on after a rollback from the next of these ranges above every id
+/// the store or the witness knows (docs/store.md, "Restoring a backup").
+pub const ID_RANGE: u64 = 1 << 40;
+
+/// The first id of the range after `highest`'s.
+#[must_use]
+pub fn next_id_range(highest: u64) -> u64 {
+    (highest / ID_RANGE)
+        .saturating_add(1)
+        .saturating_mul(ID_RANGE)
+}
+
+/// Moves the handover and delivery counters past every id the lost batches
+/// may have handed out: a recipient may hold a delivery id from them (a
+/// pull, an ack to retry), a sender a receipt, MESH a local id; handing the
+/// same id to another patient's summary would let that ack or receipt act
+/// on it.
+fn ids_beyond_the_lost(trees: &[sled::Tree], journaled: u64) -> Result<u64, StoreError> {
+    let handover = meta(trees, records::META_LAST_HANDOVER)?;
+    let delivery = meta(trees, records::META_LAST_DELIVERY)?;
+    let from = next_id_range(handover.max(delivery).max(journaled));
+    let tree = &trees[TreeId::Meta as usize];
+    tree.insert(records::META_LAST_HANDOVER, records::be(from).to_vec())?;
+    tree.insert(records::META_LAST_DELIVERY, records::be(from).to_vec())?;
+    tree.flush()?;
+    Ok(from)
 }
 
 /// The latest signed checkpoint in the witness (readable while the gateway

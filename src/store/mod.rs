@@ -698,7 +698,7 @@ impl SledStore {
             .map(|a| a.handover_id.to_string())
             .collect();
         let outcome = format!(
-            "ok: witness re-based from {} to {} committed batches; {} acknowledged handovers missing{}{}; reason: {reason}",
+            "ok: witness re-based from {} to {} committed batches; {} acknowledged handovers missing{}{}{}; reason: {reason}",
             rollback
                 .witness
                 .as_ref()
@@ -715,6 +715,9 @@ impl SledStore {
             } else {
                 ""
             },
+            rollback
+                .ids_from
+                .map_or_else(String::new, |from| format!("; new ids from {from}")),
         );
         let recorded = store
             .record(crate::audit::AuditEvent {

@@ -205,10 +205,19 @@ fn a_restored_backup_is_refused_until_an_operator_accepts_the_loss() {
     assert!(!text.contains("before-backup"), "{text}");
     assert!(!text.contains("9990000018"), "{text}");
 
+    // Ids go on from a new range: the lost handovers' ids (which their
+    // senders hold as receipts, and their deliveries' ids, which a
+    // recipient may have pulled) are not handed out again.
+    assert!(
+        text.contains("new handover and delivery ids start at 1099511627777"),
+        "{text}"
+    );
     // Now it starts, and the senders can resend.
     let server = serve(dir.path(), port);
-    submit(dir.path(), port, "after-1");
+    let resent = handover_id(&submit(dir.path(), port, "after-1"));
     stop(server);
+    assert!(!lost.contains(&resent), "{resent} handed out twice");
+    assert_eq!(resent, "1099511627777");
     let (ok, list) = admin(dir.path(), &["audit", "list"]);
     assert!(ok, "{list}");
     let entry = list

@@ -574,5 +574,75 @@ async fn a_node_refuses_a_database_set_back_behind_its_witness_until_accepted() 
         "{}",
         decision.outcome
     );
+    // Ids go on from a new range: none handed out before the restore (a
+    // recipient may hold its delivery id, a sender its receipt) again.
+    let next = a.submit(handover(4, 4, "YG001", None)).await.unwrap();
+    assert_eq!(next.handover_id, (1 << 40) + 1);
+    assert!(next.deliveries.iter().all(|(_, d)| *d > 1 << 40));
     a.close().await.unwrap();
+}
+
+/// The entry a node's witness saw may be missing only behind a retention
+/// cut signed by the audit key: one written by anyone with database access
+/// but without the key (its signature forged) is no reason, and the node
+/// refuses to open, as it refuses a database set back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_an_entry_it_saw_removed_behind_a_forged_cut() {
+    let Some(url) = support::postgres_database("store_nodes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000_000));
+    let a = open_witnessed(&url, dir.path(), clock.clone()).unwrap();
+    for m in 0..3 {
+        a.submit(handover(m, m, "YG001", None)).await.unwrap();
+    }
+    // The witness has seen the last entry.
+    a.postgres().unwrap().record_witness().await.unwrap();
+    a.close().await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let seen: i64 = client
+        .query_one("SELECT max(seq) FROM audit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // A later row stays (the trail still reaches past what was seen); the
+    // entry seen goes, behind a cut whose signature is not the key's.
+    client
+        .execute(
+            "INSERT INTO audit (seq, at_ms, action, entry) SELECT seq + 1, at_ms, action, entry FROM audit WHERE seq = $1",
+            &[&seen],
+        )
+        .await
+        .unwrap();
+    client
+        .execute("DELETE FROM audit WHERE seq <= $1", &[&seen])
+        .await
+        .unwrap();
+    let cut = serde_json::json!({
+        "first_kept": seen + 1,
+        "prev_hash": "0".repeat(64),
+        "before_ms": 2_000_000,
+        "at_ms": 2_000_000,
+        "keyed_from": 1,
+        "signature": "0".repeat(128),
+    });
+    client
+        .execute(
+            "UPDATE retention_state SET audit_cut = $1",
+            &[&tokio_postgres::types::Json(cut)],
+        )
+        .await
+        .unwrap();
+    let err = open_witnessed(&url, dir.path(), clock)
+        .err()
+        .expect("a node refuses an entry it saw removed behind a forged cut");
+    assert!(
+        matches!(err, throughcare::store::StoreError::Witness(_))
+            && err.to_string().contains("missing from the database"),
+        "{err}"
+    );
 }

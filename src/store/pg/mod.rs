@@ -287,6 +287,39 @@ impl PgStore {
         .await
     }
 
+    /// Moves the handover and delivery counters to the next id range
+    /// ([`super::integrity::next_id_range`]) after a rollback `admin store
+    /// accept-rollback` accepts: ids handed out after the backup was taken
+    /// may be held by recipients and senders, and are not handed out again.
+    /// Returns the first id of the new range.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn ids_beyond_the_lost(&self) -> Result<u64, StoreError> {
+        self.run(move |s| async move {
+            let mut client = s.client().await?;
+            let tx = client.transaction().await.map_err(sql::db)?;
+            let row = tx
+                .query_one(
+                    "SELECT last_handover, last_delivery FROM counters FOR UPDATE",
+                    &[],
+                )
+                .await
+                .map_err(sql::db)?;
+            let highest = sql::un_id(row.get(0)).max(sql::un_id(row.get(1)));
+            let from = super::integrity::next_id_range(highest);
+            tx.execute(
+                "UPDATE counters SET last_handover = $1, last_delivery = $1",
+                &[&sql::id(from)],
+            )
+            .await
+            .map_err(sql::db)?;
+            tx.commit().await.map_err(sql::db)?;
+            Ok(from)
+        })
+        .await
+    }
+
     /// Stops taking calls and closes the pool, recording the witness first
     /// when this node records it (best effort: with the database away the
     /// last periodic record stands). Idempotent.

@@ -115,9 +115,10 @@ pub(super) async fn check(
                 )))
             }
         }
-        // Removed behind a signed retention cut: gone on purpose.
+        // Removed behind a retention cut signed by the audit key: gone on
+        // purpose (an unsigned or forged cut is no reason).
         None => match super::retention::audit_cut(client).await? {
-            Some(cut) if cut.cut.first_kept > head.audit_seq => Ok(()),
+            Some(cut) if cut.cut.first_kept > head.audit_seq && cut.verifies(key) => Ok(()),
             _ => Err(refused(format!(
                 "audit entry {seq} this node saw is missing from the database (witness {})",
                 path.display()
