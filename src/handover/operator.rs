@@ -508,7 +508,25 @@ fn trail_scope(handover: Option<u64>, patient: Option<&str>) -> [u8; 8] {
 
 /// Audit actions that read every record the store holds (no patient of
 /// their own): on the trail of every patient held then.
-const WHOLE_STORE_READS: &[&str] = &["store_export"];
+/// An export opens every payload to check it; so does an import into
+/// PostgreSQL, whose entry follows the imported trail.
+const WHOLE_STORE_READS: &[&str] = &["store_export", "store_import"];
+
+impl Gateway {
+    /// The patient handover `id` was about, as its audit trail names it.
+    async fn patient_on_trail_of(&self, id: u64) -> Result<Option<String>, Error> {
+        let store = self.store.clone();
+        let entries = tokio::task::spawn_blocking(move || store.audit_entries())
+            .await
+            .map_err(|e| {
+                Error::Store(StoreError::Unavailable(format!("audit reader failed: {e}")))
+            })??;
+        Ok(entries
+            .into_iter()
+            .find(|e| e.handover_id == Some(id) && e.patient_key.is_some())
+            .and_then(|e| e.patient_key))
+    }
+}
 
 /// The audit trail and the break-glass read: both are themselves accesses
 /// to a patient's record, so both are audited before anything is read.
@@ -544,7 +562,12 @@ impl Gateway {
         // refused if that fails (fail closed).
         let queried = match (handover, patient_keys.first()) {
             (_, Some(key)) => Some(key.clone()),
-            (Some(id), None) => self.store.handover(id)?.map(|h| h.patient_key),
+            (Some(id), None) => match self.store.handover(id)?.map(|h| h.patient_key) {
+                Some(key) => Some(key),
+                // Removed under retention (its trail is kept longer): the
+                // trail still names its patient.
+                None => self.patient_on_trail_of(id).await?,
+            },
             (None, None) => None,
         };
         self.store
@@ -602,6 +625,7 @@ impl Gateway {
             .map(|e| e.seq);
         let whole_store = |e: &AuditEntry| {
             WHOLE_STORE_READS.contains(&e.action.as_str())
+                && e.outcome.starts_with("ok")
                 && e.patient_key.is_none()
                 && first_own.is_some_and(|first| e.seq > first)
         };

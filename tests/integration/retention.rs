@@ -341,6 +341,7 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         );
     }
     gw.store.verify_audit().unwrap();
+    a_query_by_handover_id_is_on_the_patients_trail(&gw, receipt.handover_id).await;
     // After the tombstone period Track answers as for an unknown handover.
     clock.advance(365 * DAY_MS);
     assert_eq!(gw.store.retention().await.unwrap().tombstones_removed, 1);
@@ -357,6 +358,36 @@ async fn tracking_data_goes_after_the_metadata_period_and_track_says_why() {
         .into_inner();
     assert_ne!(again.handover_id, receipt.handover_id);
     gw.stop().await;
+}
+
+/// An operator's query of a trail by handover id is on the patient's
+/// trail, though the handover record that named the patient is gone.
+async fn a_query_by_handover_id_is_on_the_patients_trail(gw: &TestGateway, handover_id: u64) {
+    let mut op = gw.operator().await;
+    op.audit_trail(pb::AuditTrailRequest {
+        subject: Some(pb::audit_trail_request::Subject::HandoverId(handover_id)),
+        reason: "a complaint about one handover".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let trail = op
+        .audit_trail(pb::AuditTrailRequest {
+            subject: Some(pb::audit_trail_request::Subject::NhsNumber(nhs(2))),
+            reason: "who looked".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.action == "audit_query"
+                && e.outcome.contains("a complaint about one handover")),
+        "{trail:?}"
+    );
 }
 
 /// While the tombstone is held, the message id is not accepted again: its
