@@ -56,7 +56,7 @@ impl HandoverGrpc {
     /// A pull's answer of at most `max_bytes` encoded (always the first
     /// delivery): the deliveries after the first that does not fit are
     /// given back unsent, first in line for the next pull.
-    async fn within_answer(
+    fn within_answer(
         &self,
         caller: &Caller,
         deliveries: Vec<Delivery>,
@@ -87,11 +87,18 @@ impl HandoverGrpc {
                 bytes = size,
                 "pull answer full: the rest given back unsent"
             );
-            // Not given back, they wait out their lease and count, as an
-            // answer that failed whole did before: still send what fits.
-            if let Err(e) = self.gateway.return_unsent(caller, unsent).await {
-                tracing::error!(error = %e, "giving back a pull's unsent deliveries failed");
-            }
+            // Given back on a task of its own, not awaited here: between
+            // the pull's leases and its answer there is then no wait a
+            // caller giving up could end, leaving the deliveries in the
+            // answer leased, unsent, until their leases ran out. Not given
+            // back, they wait out their lease and count, as an answer that
+            // failed whole did before: still send what fits.
+            let (gateway, caller) = (self.gateway.clone(), caller.clone());
+            tokio::spawn(async move {
+                if let Err(e) = gateway.return_unsent(&caller, unsent).await {
+                    tracing::error!(error = %e, "giving back a pull's unsent deliveries failed");
+                }
+            });
         }
         answer
     }
@@ -140,6 +147,26 @@ pub(super) async fn answer_of<T>(
 }
 
 /// Names the caller in the call's span.
+/// Runs `call` on a task of its own and waits for it: a caller that gives
+/// up (its deadline passes, it resets the stream) drops this wait, not the
+/// call. A claim that matched nothing, or a practice's date of birth the
+/// store refused, is then counted as a failed claim whether or not anyone
+/// waits for the answer; a cancelled call counted nothing, and with its
+/// outcome read elsewhere (a Pull, a Track) dates of birth could be guessed
+/// without limit.
+async fn to_the_end<T: Send + 'static>(
+    call: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    use tracing::Instrument;
+    tokio::spawn(call.in_current_span())
+        .await
+        .unwrap_or_else(|e| {
+            Err(Error::Store(StoreError::Unavailable(format!(
+                "the call's task failed: {e}"
+            ))))
+        })
+}
+
 pub(super) fn traced<T>(req: &Request<T>) -> Caller {
     let caller = caller_of(req);
     if caller != Caller::Unidentified {
@@ -302,7 +329,10 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
         let caller = traced(&request);
         let cmd =
             wire::submit_from_wire(request.into_inner(), self.gateway.limits.max_document_bytes);
-        let result = self.gateway.submit(&caller, cmd).await.map(receipt_to_wire);
+        let (gateway, by) = (self.gateway.clone(), caller.clone());
+        let result = to_the_end(async move { gateway.submit(&by, cmd).await })
+            .await
+            .map(receipt_to_wire);
         let result = answer(&self.gateway, &caller, "submit", result).await;
         if let Some(m) = &self.metrics {
             super::metered::submit(m, labels, started, &result);
@@ -326,7 +356,7 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
             ..c
         });
         let result = match self.gateway.pull(&caller, cmd).await {
-            Ok(d) => Ok(self.within_answer(&caller, d, max_bytes).await),
+            Ok(d) => Ok(self.within_answer(&caller, d, max_bytes)),
             Err(e) => Err(e),
         };
         let result = answer(&self.gateway, &caller, "pull", result).await;
@@ -459,9 +489,8 @@ impl pb::handover_service_server::HandoverService for HandoverGrpc {
             registration_date: evidence
                 .map(|pb::ClaimEvidence { registration_date }| registration_date),
         };
-        let result = self
-            .gateway
-            .claim(&caller, cmd)
+        let (gateway, by) = (self.gateway.clone(), caller.clone());
+        let result = to_the_end(async move { gateway.claim(&by, cmd).await })
             .await
             .map(|c| pb::ClaimResponse {
                 claimed: claimed_to_wire(c),

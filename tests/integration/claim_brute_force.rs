@@ -409,3 +409,74 @@ async fn both_numbers_of_one_patient_share_one_count_of_failures() {
     }
     gw.stop().await;
 }
+
+/// A claim whose caller gives up before the answer (its deadline passes, it
+/// resets the stream) still counts when it matched nothing: five given up
+/// lock the pair, and the right date of birth is then refused. A claim
+/// given up counted nothing, while the store still applied it, so with the
+/// outcome read by a Pull dates of birth could be guessed without limit
+/// (found by an API review). Each claim here is given up at its first wait
+/// (the store's answer), by calling the service directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_given_up_before_its_answer_still_counts() {
+    use throughcare::grpc::pb::handover_service_server::HandoverService;
+    use throughcare::handover::{ClaimGuard, ClaimLimits, Gateway};
+    use throughcare::journey::{Registry, SharedRegistry};
+    use throughcare::store::Clock;
+    use throughcare::tls::{ConnInfo, PeerIdentity};
+    let gw = TestGateway::start().await;
+    park(&gw, 43).await;
+    // A second gateway over the same store, its handover service called
+    // without a transport, as tonic calls it.
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let config = throughcare::config::Config::default();
+    let (_stop, stopping) = tokio::sync::watch::channel(false);
+    let claims = ClaimGuard::load(&gw.store, ClaimLimits::default(), None, clock.now_ms()).unwrap();
+    let gateway = Arc::new(Gateway {
+        store: gw.store.clone(),
+        registry: SharedRegistry::new(
+            Registry::new(throughcare::certs::dev_organisations()).unwrap(),
+        ),
+        deadlines: config.deadlines.to_deadlines(),
+        clock,
+        keyer: throughcare::audit::PatientKeyer::new(&[7u8; 32]),
+        queue: config.queue.clone(),
+        limits: throughcare::clinical::Limits::default(),
+        shutting_down: stopping,
+        claims,
+        registry_changes: tokio::sync::Mutex::default(),
+        operators: None,
+    });
+    let service = throughcare::grpc::HandoverGrpc::new(gateway);
+    let as_practice = |dob: &str| {
+        let mut request = tonic::Request::new(claim(43, dob, None));
+        request.extensions_mut().insert(ConnInfo {
+            identity: PeerIdentity::Organisation("YG002".parse().unwrap()),
+            remote: "127.0.0.1:1".parse().unwrap(),
+        });
+        request
+    };
+    for i in 0..5 {
+        let given_up =
+            tokio::time::timeout(Duration::ZERO, service.claim(as_practice(&guess(i)))).await;
+        assert!(given_up.is_err(), "answered at once: {given_up:?}");
+    }
+    let failures = || {
+        gw.store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == "claim_failure")
+            .count()
+    };
+    for _ in 0..200 {
+        if failures() == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(failures(), 5, "each claim given up is counted");
+    let err = service.claim(as_practice(DOB)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    gw.stop().await;
+}
