@@ -37,7 +37,7 @@ pub fn over_long_lists(lengths: &[(&'static str, usize)]) -> Vec<(&'static str, 
         .collect()
 }
 
-fn list_lengths(s: &ClinicalSummary) -> [(&'static str, usize); 8] {
+fn list_lengths(s: &ClinicalSummary) -> [(&'static str, usize); 10] {
     [
         ("diagnoses", s.diagnoses.len()),
         ("medications", s.medications.len()),
@@ -47,6 +47,14 @@ fn list_lengths(s: &ClinicalSummary) -> [(&'static str, usize); 8] {
         ("infections", s.infections.len()),
         ("vaccinations", s.vaccinations.len()),
         ("follow_ups", s.follow_ups.len()),
+        ("patient.given_names", s.patient.given_names.len()),
+        (
+            "custody.release_address.lines",
+            s.custody
+                .release_address
+                .as_ref()
+                .map_or(0, |a| a.lines.len()),
+        ),
     ]
 }
 

@@ -114,6 +114,17 @@ pub fn from_wire(
         ("infections", infections.len()),
         ("vaccinations", vaccinations.len()),
         ("follow_ups", follow_ups.len()),
+        (
+            "patient.given_names",
+            patient.as_ref().map_or(0, |p| p.given_names.len()),
+        ),
+        (
+            "custody.release_address.lines",
+            custody
+                .as_ref()
+                .and_then(|c| c.release_address.as_ref())
+                .map_or(0, |a| a.lines.len()),
+        ),
     ]);
     if !over.is_empty() {
         for (list, n) in over {

@@ -1542,6 +1542,27 @@ async fn a_list_heavy_summary_is_refused_at_submit_and_one_at_the_limit_delivere
     let err = prison.submit(request).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(violations(&err), ["document.native.medications"]);
+    // The patient's given names and the release address's lines too: a
+    // million empty names (two bytes each) were taken and stored, as FHIR
+    // refuses them (found by an API review).
+    let mut request = release_with_medicines("long-names", 702, 1);
+    if let Some(pb::submit_request::Document::Native(s)) = &mut request.document {
+        s.patient.as_mut().unwrap().given_names = vec![String::new(); 1_000_000];
+        let custody = s.custody.get_or_insert_with(Default::default);
+        custody
+            .release_address
+            .get_or_insert_with(Default::default)
+            .lines = vec!["1 Any Street".into(); 201];
+    }
+    let err = prison.submit(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        violations(&err),
+        [
+            "document.native.patient.given_names",
+            "document.native.custody.release_address.lines"
+        ]
+    );
     let request = release_with_medicines("at-the-limit", 701, throughcare::clinical::MAX_ITEMS);
     prison.submit(request).await.unwrap();
     let mut gp = gw.client("YG001").await;
