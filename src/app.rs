@@ -831,7 +831,7 @@ impl Prepared {
             Arc::new(AuditRefusals(self.gateway.store.clone())),
         );
         let tally = RefusalTally::default();
-        let rate_limit = RateLimitLayer::new(l.requests_per_second, l.request_burst, tally.clone());
+        let rate_limit = RateLimitLayer::of(&l, tally.clone());
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let (handover, null_handover) = self.handover_services();
 

@@ -53,23 +53,89 @@ impl RefusalTally {
     }
 }
 
-/// A token bucket per identity.
+/// Calls in flight per identity, and how many one identity may have.
+#[derive(Clone)]
+struct InFlight {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<PeerIdentity, usize>>>,
+    per_identity: usize,
+}
+
+/// One call's place in [`InFlight`], given back when its answer ends.
+struct InFlightCall {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<PeerIdentity, usize>>>,
+    identity: PeerIdentity,
+}
+
+impl InFlight {
+    /// A place for one more call of `identity`, if it has one left.
+    fn enter(&self, identity: &PeerIdentity) -> Option<InFlightCall> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(identity.clone()).or_default();
+        if *n >= self.per_identity {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightCall {
+            counts: self.counts.clone(),
+            identity: identity.clone(),
+        })
+    }
+}
+
+impl Drop for InFlightCall {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.identity) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// A token bucket per identity, and a share of the gateway's in-flight
+/// limit per identity: one certificate holding long polls open (each holds
+/// its place while it waits) cannot take every place and shed everyone
+/// else's calls.
 #[derive(Clone)]
 pub struct RateLimitLayer {
     limiter: Arc<DefaultKeyedRateLimiter<PeerIdentity>>,
+    in_flight: InFlight,
     tally: RefusalTally,
 }
 
 impl RateLimitLayer {
-    /// `per_second` sustained calls per identity, `burst` at once.
-    pub fn new(per_second: u32, burst: u32, tally: RefusalTally) -> Self {
+    /// `per_second` sustained calls per identity, `burst` at once, and at
+    /// most `in_flight_per_identity` in flight at once.
+    pub fn new(
+        per_second: u32,
+        burst: u32,
+        in_flight_per_identity: usize,
+        tally: RefusalTally,
+    ) -> Self {
         let one = NonZeroU32::MIN;
         let quota = Quota::per_second(NonZeroU32::new(per_second).unwrap_or(one))
             .allow_burst(NonZeroU32::new(burst).unwrap_or(one));
         Self {
             limiter: Arc::new(RateLimiter::keyed(quota)),
+            in_flight: InFlight {
+                counts: Arc::default(),
+                per_identity: in_flight_per_identity.max(1),
+            },
             tally,
         }
+    }
+
+    /// As `limits` says: its rate and burst, and a quarter of the
+    /// gateway's in-flight limit per certificate (docs/edge-limits.md).
+    pub fn of(limits: &crate::config::LimitsConfig, tally: RefusalTally) -> Self {
+        Self::new(
+            limits.requests_per_second,
+            limits.request_burst,
+            limits.max_in_flight / 4,
+            tally,
+        )
     }
 
     /// Forgets identities whose buckets are full again (bounded memory).
@@ -86,6 +152,7 @@ impl<S> Layer<S> for RateLimitLayer {
         RateLimit {
             inner,
             limiter: self.limiter.clone(),
+            in_flight: self.in_flight.clone(),
             tally: self.tally.clone(),
         }
     }
@@ -96,6 +163,7 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     limiter: Arc<DefaultKeyedRateLimiter<PeerIdentity>>,
+    in_flight: InFlight,
     tally: RefusalTally,
 }
 
@@ -138,8 +206,41 @@ where
             );
             return Box::pin(async move { Err(BoxError::from(status)) });
         }
+        let place = match req.extensions().get::<ConnInfo>() {
+            Some(info) => match self.in_flight.enter(&info.identity) {
+                Some(place) => Some(place),
+                None => {
+                    self.tally.add(
+                        info.identity.to_string(),
+                        "over the per-identity share of calls in flight",
+                    );
+                    tracing::warn!(
+                        caller = %info.identity,
+                        limit = self.in_flight.per_identity,
+                        "call refused: too many calls in flight for this certificate"
+                    );
+                    let status = super::error::status(
+                        Code::ResourceExhausted,
+                        format!(
+                            "this certificate has {} calls in flight, its share of the gateway's; \
+                             retry after one ends",
+                            self.in_flight.per_identity
+                        ),
+                        "TOO_MANY_IN_FLIGHT",
+                        Some(std::time::Duration::from_secs(1)),
+                        Vec::new(),
+                    );
+                    return Box::pin(async move { Err(BoxError::from(status)) });
+                }
+            },
+            None => None,
+        };
         let fut = self.inner.call(req);
-        Box::pin(async move { fut.await.map_err(Into::into) })
+        Box::pin(async move {
+            let answer = fut.await.map_err(Into::into);
+            drop(place);
+            answer
+        })
     }
 }
 

@@ -116,6 +116,45 @@ async fn beyond_the_in_flight_limit_calls_are_shed_with_unavailable() {
     gw.stop().await;
 }
 
+/// One certificate may hold a quarter of the gateway's in-flight limit: its
+/// long polls (each holding its place while it waits) beyond that are
+/// refused as its own excess (RESOURCE_EXHAUSTED, retry after one ends),
+/// and another organisation's calls are still served. One certificate
+/// holding every place shed everyone else's calls (found by an API review).
+#[tokio::test]
+async fn one_certificate_holds_at_most_its_share_of_the_calls_in_flight() {
+    let gw = TestGateway::start_with(|c| c.limits.max_in_flight = 8, Arc::new(SystemClock)).await;
+    let long_poll = pb::PullRequest {
+        wait: Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
+        ..pull(1)
+    };
+    let greedy = gw.client("YG001").await;
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let mut c = greedy.clone();
+        let req = long_poll;
+        waiting.push(tokio::spawn(async move { c.pull(req).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = greedy.clone().pull(pull(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        err.get_details_error_info().map(|i| i.reason),
+        Some("TOO_MANY_IN_FLIGHT".to_owned())
+    );
+    let mut other = gw.client("YG002").await;
+    other.pull(pull(1)).await.unwrap();
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    // Its places are back once the long polls ended.
+    greedy.clone().pull(pull(1)).await.unwrap();
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_health_check_is_answered_while_calls_are_shed_at_the_in_flight_limit() {
     use tonic_health::pb::health_check_response::ServingStatus;
