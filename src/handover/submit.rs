@@ -492,7 +492,11 @@ impl Gateway {
         };
         let destinations = routes
             .iter()
-            .map(|r| self.new_delivery(r, summary, cmd.event))
+            .map(|r| {
+                let mut d = self.new_delivery(r, summary, cmd.event);
+                d.may_follow = self.may_follow(org, r, summary, cmd);
+                d
+            })
             .collect();
         // Each identifier's keyed hash on its own: the store links them.
         let patient = crate::store::PatientIds {
@@ -540,6 +544,7 @@ impl Gateway {
                 view: view_name(View::Withdrawn).to_owned(),
                 not_carried: not_carried(summary, Format::Native, View::Withdrawn, cmd.event),
                 due_ms: Some(self.clock.now_ms().saturating_add(self.deadlines.urgent_ms)),
+                may_follow: Vec::new(),
             })),
             episode: summary
                 .custody
@@ -553,6 +558,41 @@ impl Gateway {
                 .filter(|t| !t.0.offset().is_utc())
                 .map(|t| self.keyer.movement_key(&format!("{}:{t}", cmd.event))),
         }
+    }
+
+    /// For a treatment copy the area rule routed (the sender named no
+    /// service of its kind), the active services of its kind in the
+    /// sender's area it may go to instead, with what each one's format
+    /// does not carry: a correction's copy goes to the one given the
+    /// earlier copy (the store decides, from the deliveries it holds).
+    fn may_follow(
+        &self,
+        sender: &Organisation,
+        r: &Route,
+        summary: &ClinicalSummary,
+        cmd: &SubmitCommand,
+    ) -> Vec<(String, Vec<String>)> {
+        let kind = match r.view {
+            View::SubstanceMisuseService => OrgKind::SubstanceMisuseService,
+            View::MentalHealthTeam => OrgKind::MentalHealthTeam,
+            _ => return Vec::new(),
+        };
+        let registry = self.registry.read();
+        let named = |ods: &OdsCode| cmd.destinations.contains(ods);
+        if matches!(&r.recipient, Recipient::Org(code) if named(code)) {
+            return Vec::new();
+        }
+        let Some(region) = sender.region.as_deref() else {
+            return Vec::new();
+        };
+        registry
+            .iter()
+            .filter(|o| o.active && o.kind == kind && o.region.as_deref() == Some(region))
+            .map(|o| {
+                let not_carried = not_carried(summary, o.format, r.view, cmd.event);
+                (o.ods.as_str().to_owned(), not_carried)
+            })
+            .collect()
     }
 
     fn new_delivery(
@@ -581,6 +621,7 @@ impl Gateway {
             view: view_name(r.view).to_owned(),
             not_carried: not_carried(summary, format, r.view, event),
             due_ms: Some(r.due_ms).filter(|d| *d != i64::MAX),
+            may_follow: Vec::new(),
         }
     }
 

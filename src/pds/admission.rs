@@ -158,6 +158,7 @@ impl PdsLookups {
             view: "admission_notice".into(),
             not_carried,
             due_ms: Some(route.due_ms).filter(|d| *d != i64::MAX),
+            may_follow: Vec::new(),
         })
     }
 }

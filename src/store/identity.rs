@@ -774,6 +774,9 @@ pub(crate) struct EarlierCopies<'a> {
     /// after the one the mistaken carer kept).
     full_of: Option<u64>,
     given: Vec<String>,
+    /// Per view, the service given its newest earlier copy (see
+    /// [`super::NewDelivery::may_follow`]).
+    cared_by: Vec<(String, String)>,
 }
 
 impl<'a> EarlierCopies<'a> {
@@ -787,6 +790,7 @@ impl<'a> EarlierCopies<'a> {
             },
             full_of: None,
             given: Vec::new(),
+            cared_by: Vec::new(),
         }
     }
 
@@ -823,13 +827,32 @@ impl<'a> EarlierCopies<'a> {
             }
         }
         if d.state == DeliveryState::Delivered || d.attempt > 0 {
+            if d.view != records::FULL_VIEW && !self.cared_by.iter().any(|(v, _)| *v == d.view) {
+                self.cared_by.push((d.view.clone(), d.mailbox.clone()));
+            }
             self.given.push(d.mailbox);
         }
     }
 
-    /// The destinations, withdrawal notices last.
+    /// The destinations, withdrawal notices last. A treatment copy the area
+    /// rule routed goes to the service of its kind given the newest earlier
+    /// copy, while that service is active in the area: the area rule (the
+    /// first service by ODS code) may pick another since (one disabled and
+    /// enabled again, one registered), which never had the patient, while
+    /// the service caring for them was sent a withdrawal notice.
     pub(crate) fn routed(self) -> Routed {
         let mut routed = self.routed;
+        for (view, mailbox) in &self.cared_by {
+            for dest in &mut routed.destinations {
+                if dest.view != *view || dest.mailbox == *mailbox {
+                    continue;
+                }
+                if let Some((_, not_carried)) = dest.may_follow.iter().find(|(m, _)| m == mailbox) {
+                    dest.mailbox.clone_from(mailbox);
+                    dest.not_carried.clone_from(not_carried);
+                }
+            }
+        }
         if let Some(notice) = &self.h.withdrawal {
             for mailbox in self.given {
                 if !mailbox.starts_with('@')

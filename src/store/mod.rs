@@ -327,6 +327,11 @@ pub struct NewDelivery {
     pub not_carried: Vec<String>,
     /// When it must have been delivered, ms since the epoch.
     pub due_ms: Option<i64>,
+    /// A treatment copy the area rule routed (not one the sender named):
+    /// the other active services of its kind in the release area, each
+    /// with what its format does not carry. A correction's copy goes to
+    /// the one of them given the earlier copy (`identity::EarlierCopies`).
+    pub may_follow: Vec<(String, Vec<String>)>,
 }
 
 /// What a sweep found.

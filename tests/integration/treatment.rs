@@ -1166,3 +1166,64 @@ async fn a_copy_named_in_another_area_waits_on(engine: Engine) {
     assert_eq!(got[0].handover_id, r.handover_id);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_correction_goes_to_the_service_given_the_earlier_copy() {
+    a_correction_goes_to_the_service_given_the_earlier_copy_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_correction_goes_to_the_service_given_the_earlier_copy_on_postgres() {
+    a_correction_goes_to_the_service_given_the_earlier_copy_on(Engine::Postgres).await;
+}
+
+/// The area rule picks the first active service of a kind by ODS code. A
+/// service registered in the area after the release was dosing the patient
+/// (or one disabled and enabled again) must not take the correction: it
+/// goes to the service given the earlier copy, which is not told to stop.
+/// Before, the new service got the corrected dose with no care relationship
+/// and the dosing service a withdrawal notice (found by a views review).
+/// A service the sender names is not followed.
+async fn a_correction_goes_to_the_service_given_the_earlier_copy_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    let sms = pb::OrganisationKind::SubstanceMisuseService;
+    put_service(&gw, "YS003", sms, "north", true).await;
+    let mut prison = gw.client("YP001").await;
+    let s = dosed_two_hours_ago(ost_and_care_plan(8, ConsentDecision::Given));
+    let first = released(&mut prison, "follow-1", &s).await;
+    assert!(destinations(&first).contains(&"YS003"), "{first:?}");
+    let mut dosing = client_for(&gw, "YS003").await;
+    assert_eq!(pull_ack(&mut dosing, 10).await, 1);
+    // A service that sorts first is registered for the area.
+    put_service(&gw, "YS001", sms, "north", true).await;
+    let mut corrected = s.clone();
+    corrected.medications[0].dose = "30 mg".into();
+    corrected.authored_at =
+        throughcare::clinical::model::DateTime(s.authored_at.0 + time::Duration::hours(1));
+    let second = released(&mut prison, "follow-2", &corrected).await;
+    let to = destinations(&second);
+    assert!(to.contains(&"YS003") && !to.contains(&"YS001"), "{to:?}");
+    let got = pull_and_ack(&mut dosing).await;
+    assert_eq!(got.len(), 1, "one copy, the correction: {got:?}");
+    assert_eq!(native(&got[0]).medications[0].dose, "30 mg");
+    assert_eq!(
+        got[0].supersedes_handover_id, first.handover_id,
+        "{:?}",
+        got[0]
+    );
+    let mut newcomer = client_for(&gw, "YS001").await;
+    assert!(pull_and_ack(&mut newcomer).await.is_empty());
+    // Named by the sender, a service is not followed.
+    let mut named = corrected.clone();
+    named.authored_at =
+        throughcare::clinical::model::DateTime(corrected.authored_at.0 + time::Duration::hours(1));
+    let third = prison
+        .submit(release_of("follow-3", &named, &["YG001", "YS001"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destinations(&third).contains(&"YS001"), "{third:?}");
+    gw.stop().await;
+}
