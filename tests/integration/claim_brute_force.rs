@@ -420,33 +420,13 @@ async fn both_numbers_of_one_patient_share_one_count_of_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_given_up_before_its_answer_still_counts() {
     use throughcare::grpc::pb::handover_service_server::HandoverService;
-    use throughcare::handover::{ClaimGuard, ClaimLimits, Gateway};
-    use throughcare::journey::{Registry, SharedRegistry};
-    use throughcare::store::Clock;
     use throughcare::tls::{ConnInfo, PeerIdentity};
     let gw = TestGateway::start().await;
     park(&gw, 43).await;
     // A second gateway over the same store, its handover service called
     // without a transport, as tonic calls it.
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let config = throughcare::config::Config::default();
     let (_stop, stopping) = tokio::sync::watch::channel(false);
-    let claims = ClaimGuard::load(&gw.store, ClaimLimits::default(), None, clock.now_ms()).unwrap();
-    let gateway = Arc::new(Gateway {
-        store: gw.store.clone(),
-        registry: SharedRegistry::new(
-            Registry::new(throughcare::certs::dev_organisations()).unwrap(),
-        ),
-        deadlines: config.deadlines.to_deadlines(),
-        clock,
-        keyer: throughcare::audit::PatientKeyer::new(&[7u8; 32]),
-        queue: config.queue.clone(),
-        limits: throughcare::clinical::Limits::default(),
-        shutting_down: stopping,
-        claims,
-        registry_changes: tokio::sync::Mutex::default(),
-        operators: None,
-    });
+    let gateway = gateway_over(gw.store.clone(), Arc::new(SystemClock), stopping);
     let service = throughcare::grpc::HandoverGrpc::new(gateway);
     let as_practice = |dob: &str| {
         let mut request = tonic::Request::new(claim(43, dob, None));

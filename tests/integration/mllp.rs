@@ -757,8 +757,6 @@ async fn gated_listener(
     tokio::sync::watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
 ) {
-    use throughcare::handover::{ClaimGuard, ClaimLimits, Gateway};
-    use throughcare::journey::{Registry, SharedRegistry};
     use throughcare::store::{Clock, Store, StoreOptions};
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = Store::open(
@@ -771,23 +769,7 @@ async fn gated_listener(
     )
     .unwrap();
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    let config = Config::default();
-    let claims = ClaimGuard::load(&store, ClaimLimits::default(), None, clock.now_ms()).unwrap();
-    let gateway = Arc::new(Gateway {
-        store,
-        registry: SharedRegistry::new(
-            Registry::new(throughcare::certs::dev_organisations()).unwrap(),
-        ),
-        deadlines: config.deadlines.to_deadlines(),
-        clock,
-        keyer: throughcare::audit::PatientKeyer::new(&[7u8; 32]),
-        queue: config.queue.clone(),
-        limits: throughcare::clinical::Limits::default(),
-        shutting_down: stopping.clone(),
-        claims,
-        registry_changes: tokio::sync::Mutex::default(),
-        operators: None,
-    });
+    let gateway = crate::support::gateway_over(store, clock, stopping.clone());
     let metrics = Arc::new(throughcare::operator::metrics::Metrics::new(
         dir.join("none.pem"),
         dir.join("none.pem"),

@@ -613,3 +613,32 @@ pub fn destinations(r: &pb::SubmitResponse) -> Vec<&str> {
         .map(|d| d.destination.as_str())
         .collect()
 }
+
+/// A gateway over `store` with the dev organisations and default settings,
+/// for calling its services or edges without the server; `stopping` says
+/// when it shuts down.
+pub fn gateway_over(
+    store: Store,
+    clock: Arc<dyn Clock>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Arc<throughcare::handover::Gateway> {
+    use throughcare::handover::{ClaimGuard, ClaimLimits, Gateway};
+    use throughcare::journey::{Registry, SharedRegistry};
+    let config = Config::default();
+    let claims = ClaimGuard::load(&store, ClaimLimits::default(), None, clock.now_ms()).unwrap();
+    Arc::new(Gateway {
+        store,
+        registry: SharedRegistry::new(
+            Registry::new(throughcare::certs::dev_organisations()).unwrap(),
+        ),
+        deadlines: config.deadlines.to_deadlines(),
+        clock,
+        keyer: throughcare::audit::PatientKeyer::new(&[7u8; 32]),
+        queue: config.queue.clone(),
+        limits: throughcare::clinical::Limits::default(),
+        shutting_down: stopping,
+        claims,
+        registry_changes: tokio::sync::Mutex::default(),
+        operators: None,
+    })
+}
