@@ -777,7 +777,12 @@ pub(crate) struct EarlierCopies<'a> {
     /// Per view, the service given its newest earlier copy (see
     /// [`super::NewDelivery::may_follow`]).
     cared_by: Vec<(String, String)>,
+    /// Recipients whose newest copy given was visited.
+    decided: Vec<String>,
 }
+
+/// A withdrawal notice's view (`handover::deliver::view_name`).
+const WITHDRAWN_VIEW: &str = "withdrawn";
 
 impl<'a> EarlierCopies<'a> {
     /// Nothing visited yet: `h`'s own destinations.
@@ -791,6 +796,7 @@ impl<'a> EarlierCopies<'a> {
             full_of: None,
             given: Vec::new(),
             cared_by: Vec::new(),
+            decided: Vec::new(),
         }
     }
 
@@ -830,7 +836,15 @@ impl<'a> EarlierCopies<'a> {
             if d.view != records::FULL_VIEW && !self.cared_by.iter().any(|(v, _)| *v == d.view) {
                 self.cared_by.push((d.view.clone(), d.mailbox.clone()));
             }
-            self.given.push(d.mailbox);
+            // The newest copy a recipient was given decides: a withdrawal
+            // notice means it was told already, and needs no other for each
+            // later correction (each one carried the newer custody details).
+            if !self.decided.contains(&d.mailbox) {
+                self.decided.push(d.mailbox.clone());
+                if d.view != WITHDRAWN_VIEW {
+                    self.given.push(d.mailbox);
+                }
+            }
         }
     }
 

@@ -1227,3 +1227,62 @@ async fn a_correction_goes_to_the_service_given_the_earlier_copy_on(engine: Engi
     assert!(destinations(&third).contains(&"YS001"), "{third:?}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_service_told_once_is_not_told_again_at_each_later_correction() {
+    a_service_told_once_is_not_told_again_at_each_later_correction_on(Engine::Sled).await;
+}
+
+#[tokio::test]
+async fn a_service_told_once_is_not_told_again_at_each_later_correction_on_postgres() {
+    a_service_told_once_is_not_told_again_at_each_later_correction_on(Engine::Postgres).await;
+}
+
+/// A service given a release, then a withdrawal notice when the patient
+/// withdrew consent, is not sent another notice by each later correction
+/// that still does not go to it: each one carried the newer custody details
+/// (a new release date) to a service whose part had ended (views review).
+/// Given the summary again, it is told again when a later one leaves it.
+async fn a_service_told_once_is_not_told_again_at_each_later_correction_on(engine: Engine) {
+    let Some(gw) = TestGateway::on(engine).await else {
+        return;
+    };
+    put_service(
+        &gw,
+        "YS003",
+        pb::OrganisationKind::SubstanceMisuseService,
+        "north",
+        true,
+    )
+    .await;
+    let mut prison = gw.client("YP001").await;
+    let mut s = dosed_two_hours_ago(ost_and_care_plan(9, ConsentDecision::Given));
+    let mut service = client_for(&gw, "YS003").await;
+    let next = |s: &mut ClinicalSummary, consent| {
+        s.consent.treatment_sharing = consent;
+        s.authored_at =
+            throughcare::clinical::model::DateTime(s.authored_at.0 + time::Duration::hours(1));
+        s.clone()
+    };
+    released(&mut prison, "told-1", &s).await;
+    assert_eq!(pull_ack(&mut service, 10).await, 1);
+    let withdrawn = next(&mut s, ConsentDecision::Refused);
+    let r = released(&mut prison, "told-2", &withdrawn).await;
+    assert!(destinations(&r).contains(&"YS003"), "the notice: {r:?}");
+    assert_eq!(pull_ack(&mut service, 10).await, 1);
+    let later = next(&mut s, ConsentDecision::Refused);
+    let r = released(&mut prison, "told-3", &later).await;
+    assert!(!destinations(&r).contains(&"YS003"), "told twice: {r:?}");
+    assert_eq!(pull_ack(&mut service, 10).await, 0);
+    // Given it again, then left again: told again.
+    let again = next(&mut s, ConsentDecision::Given);
+    released(&mut prison, "told-4", &again).await;
+    assert_eq!(pull_ack(&mut service, 10).await, 1);
+    let left = next(&mut s, ConsentDecision::Refused);
+    let r = released(&mut prison, "told-5", &left).await;
+    assert!(
+        destinations(&r).contains(&"YS003"),
+        "the second notice: {r:?}"
+    );
+    gw.stop().await;
+}
