@@ -128,13 +128,19 @@ pub fn submit_from_wire(
     } else if !is_message_id(&message_id) {
         v.add("message_id", MESSAGE_ID_RULE);
     }
-    let event = event_from_wire(event);
-    if event.is_none() {
-        v.add(
-            "event",
-            "required: one of ADMISSION, TRANSFER, RELEASE, COMMUNITY_SUMMARY",
-        );
+    let known = event_from_wire(event);
+    if known.is_none() {
+        let why = if pb::JourneyEvent::try_from(event).is_ok() {
+            "required: one of ADMISSION, TRANSFER, RELEASE, COMMUNITY_SUMMARY".to_owned()
+        } else {
+            format!(
+                "unknown value {event}: not one this contract defines (ADMISSION, TRANSFER, \
+                 RELEASE, COMMUNITY_SUMMARY)"
+            )
+        };
+        v.add("event", why);
     }
+    let event = known;
     let patient = patient_from_wire(patient, "patient", &mut v);
     // A longer list is refused whole, before any entry is read: reading
     // (and comparing) every entry of a list as long as the message allows
@@ -257,6 +263,14 @@ pub fn duration_from_wire(
     let prost_types::Duration { seconds, nanos } = d?;
     if !(-999_999_999..=999_999_999).contains(&nanos) {
         v.add(field, "nanos must be -999,999,999 to 999,999,999");
+        return None;
+    }
+    // google.protobuf.Duration spans about 10,000 years either way.
+    if !(-315_576_000_000..=315_576_000_000).contains(&seconds) {
+        v.add(
+            field,
+            "seconds must be -315,576,000,000 to 315,576,000,000 (google.protobuf.Duration)",
+        );
         return None;
     }
     match (u64::try_from(seconds), u32::try_from(nanos)) {
@@ -449,6 +463,24 @@ mod tests {
             .into_iter()
             .map(|v| v.field)
             .collect()
+    }
+
+    /// An event missing is "required"; one this contract does not define
+    /// is named as unknown (proto3 enums are open: any number arrives).
+    #[test]
+    fn an_unknown_event_is_named_as_unknown_not_missing() {
+        let why = |event: i32| {
+            let req = pb::SubmitRequest {
+                event,
+                ..request()
+            };
+            let v = submit_from_wire(req, 1 << 20).unwrap_err().0;
+            assert_eq!(v.len(), 1, "{v:?}");
+            assert_eq!(v[0].field, "event");
+            v[0].description.clone()
+        };
+        assert!(why(0).starts_with("required"), "{}", why(0));
+        assert!(why(99).starts_with("unknown value 99"), "{}", why(99));
     }
 
     #[test]

@@ -1602,8 +1602,22 @@ async fn a_fractional_lease_and_timestamps_out_of_range_are_refused_by_field() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(violations(&status), ["lease"]);
+    // A wait past what google.protobuf.Duration allows (about 10,000
+    // years) is refused by name; it was read as the longest wait.
+    let status = gp
+        .pull(pb::PullRequest {
+            wait: Some(prost_types::Duration {
+                seconds: 1_000_000_000_000_000,
+                nanos: 0,
+            }),
+            ..pull(10)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violations(&status), ["wait"]);
     let got = gp.pull(pull(10)).await.unwrap().into_inner().deliveries;
-    assert_eq!(got[0].attempt, 1, "the refused pull leased nothing");
+    assert_eq!(got[0].attempt, 1, "the refused pulls leased nothing");
     let mut operator = gw.operator().await;
     for (from, to) in [
         (
