@@ -451,6 +451,57 @@ pub fn records(path: &Path) -> Result<impl Iterator<Item = Result<Line, StoreErr
         }))
 }
 
+/// [`records`], hashing the lines as [`check`] does: when the file no longer
+/// has the digest `sha256` (hex) it was checked with (it was replaced or
+/// changed between the check and the import), the last item is an error,
+/// so an import in one transaction writes nothing of it.
+///
+/// # Errors
+/// The file cannot be opened.
+pub fn records_checked(
+    path: &Path,
+    sha256: &str,
+) -> Result<impl Iterator<Item = Result<Line, StoreError>>, StoreError> {
+    let file = std::fs::File::open(path)?;
+    let mut lines = split_lines(BufReader::new(file));
+    let mut hasher = Some(Sha256::new());
+    let expected = sha256.to_owned();
+    let changed = || {
+        StoreError::Corrupt(
+            "the export file changed after it was checked (its digest differs): nothing imported"
+                .into(),
+        )
+    };
+    Ok(std::iter::from_fn(move || {
+        loop {
+            let raw = match lines.next() {
+                Some(Ok(raw)) => raw,
+                Some(Err(e)) => {
+                    hasher = None;
+                    return Some(Err(e.into()));
+                }
+                // The end, without an end line: compare what was read.
+                None => {
+                    let digest = hex(&hasher.take()?.finalize());
+                    return (digest != expected).then(|| Err(changed()));
+                }
+            };
+            hasher.as_ref()?;
+            let line = parse(&raw);
+            if let Ok(Line::End { .. }) = line {
+                let digest = hex(&hasher.take()?.finalize());
+                return (digest != expected).then(|| Err(changed()));
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.update(&raw);
+            }
+            if !matches!(line, Ok(Line::Header(_) | Line::Summary { .. })) {
+                return Some(line);
+            }
+        }
+    }))
+}
+
 /// Lines with their `\n` (the bytes the digest covers).
 fn split_lines(mut reader: impl BufRead) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
     std::iter::from_fn(move || {
@@ -530,6 +581,28 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["store.export"]);
+    }
+
+    /// The import reads the file again after checking it: read with the
+    /// digest it was checked with, a file changed since ends in an error
+    /// (it was imported as it then was).
+    #[test]
+    fn a_file_changed_after_its_check_ends_its_records_in_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_secret(&[1; 32]);
+        let path = dir.path().join("store.export");
+        write(&path, &key);
+        let sha = check(&path, &key).unwrap().sha256;
+        let read: Vec<_> = records_checked(&path, &sha).unwrap().collect();
+        assert_eq!(read.len(), 1, "{read:?}");
+        assert!(read[0].is_ok());
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("\"seq\\\":1", "\"seq\\\":2")).unwrap();
+        let read: Vec<_> = records_checked(&path, &sha).unwrap().collect();
+        assert_eq!(read.len(), 2, "{read:?}");
+        assert!(read[0].is_ok());
+        let last = read[1].as_ref().unwrap_err().to_string();
+        assert!(last.contains("changed after it was checked"), "{last}");
     }
 
     #[test]

@@ -109,7 +109,7 @@ async fn import_all(
         .await
         .map_err(db)?;
     refuse_unless_empty(&*tx).await?;
-    let written = write_records(&tx, s, path).await?;
+    let written = write_records(&tx, s, path, &checked.sha256).await?;
     let bad = |why: String| MoveError::File {
         path: path.to_path_buf(),
         why,
@@ -238,12 +238,17 @@ async fn refuse_unless_empty(tx: &impl tokio_postgres::GenericClient) -> Result<
 
 /// Streams the file's records into the transaction (read on a thread of
 /// its own); returns how many of each were written.
-async fn write_records(tx: &Transaction<'_>, s: &Shared, path: &Path) -> Result<Counts, MoveError> {
+async fn write_records(
+    tx: &Transaction<'_>,
+    s: &Shared,
+    path: &Path,
+    sha256: &str,
+) -> Result<Counts, MoveError> {
     let (send, mut lines) = tokio::sync::mpsc::channel::<Result<Line, StoreError>>(256);
-    let file: PathBuf = path.to_path_buf();
+    let (file, sha256): (PathBuf, String) = (path.to_path_buf(), sha256.to_owned());
     std::thread::Builder::new()
         .name("store-import-reader".into())
-        .spawn(move || match export_file::records(&file) {
+        .spawn(move || match export_file::records_checked(&file, &sha256) {
             Ok(records) => {
                 for line in records {
                     if send.blocking_send(line).is_err() {
