@@ -156,7 +156,10 @@ impl PdsClient {
                     status: 400, body, ..
                 }) => {
                     return match patient::outcome_code(&body).as_deref() {
-                        Some("INVALID_RESOURCE_ID") => Err(PdsError::Status(400)),
+                        // PDS refuses the number itself (it passed our
+                        // check digit): no patient PDS holds, recorded as
+                        // such for operators, not retried at once forever.
+                        Some("INVALID_RESOURCE_ID") => Ok(None),
                         other => Err(PdsError::Platform(400, safe_code(other))),
                     };
                 }

@@ -386,12 +386,18 @@ async fn a_parked_release_reaches_the_practice_pds_names_with_no_claim() {
     );
 }
 
-#[tokio::test]
-async fn an_unverified_identity_stays_parked_and_visible_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let double = Double::start(dir.path());
-    let gw = gateway(&double, |_| {}).await;
-    let cases = [
+/// Releases whose identity PDS does not confirm: (message id, NHS number,
+/// date of birth, finding, practice named).
+fn unverified_cases(
+    double: &Double,
+) -> [(
+    &'static str,
+    String,
+    &'static str,
+    &'static str,
+    &'static str,
+); 7] {
+    [
         (
             "pds-dob",
             double.scenario("registered"),
@@ -434,7 +440,24 @@ async fn an_unverified_identity_stays_parked_and_visible_with_the_reason() {
             "NOT_FOUND",
             "",
         ),
-    ];
+        // PDS refuses the number itself (400 INVALID_RESOURCE_ID): it was
+        // looked up again and again, with no finding an operator could see.
+        (
+            "pds-refused",
+            double.scenario("refused_id"),
+            "1985-06-15",
+            "NOT_FOUND",
+            "",
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn an_unverified_identity_stays_parked_and_visible_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let double = Double::start(dir.path());
+    let gw = gateway(&double, |_| {}).await;
+    let cases = unverified_cases(&double);
     let mut ids = Vec::new();
     for (message_id, nhs, dob, _, _) in &cases {
         ids.push(park(&gw, message_id, nhs, dob).await);

@@ -84,6 +84,7 @@ INVALIDATED = first_valid(999100701)      # 404 INVALIDATED_RESOURCE
 SLOW = first_valid(999100801)             # answers after 5 s
 THROTTLED = first_valid(999100901)        # always 429
 UNREADABLE = first_valid(999101001)       # 200 with a body that is not a Patient (a fault)
+REFUSED_ID = first_valid(999101101)       # 400 INVALID_RESOURCE_ID: PDS refuses the number itself
 
 
 def patient(nhs, birth_date="1985-06-15", practice=None, deceased=None, security="U"):
@@ -291,7 +292,7 @@ class Handler(BaseHTTPRequestHandler):
                                           "Invalid value - 'X-Request-ID' in header"), headers=mirror)
         if self.common():
             return
-        if not valid_nhs_number(nhs):
+        if not valid_nhs_number(nhs) or nhs == REFUSED_ID:
             return self.send(400, outcome("value", "INVALID_RESOURCE_ID", "Resource Id is invalid"),
                              headers=mirror)
         if nhs == THROTTLED:
@@ -362,7 +363,8 @@ def main():
                       "no_practice": NO_PRACTICE, "old_number": OLD_NUMBER,
                       "new_number": NEW_NUMBER, "deceased": DECEASED,
                       "restricted": RESTRICTED, "invalidated": INVALIDATED,
-                      "slow": SLOW, "throttled": THROTTLED, "unreadable": UNREADABLE},
+                      "slow": SLOW, "throttled": THROTTLED, "unreadable": UNREADABLE,
+                      "refused_id": REFUSED_ID},
     }), flush=True)
     try:
         server.serve_forever()
