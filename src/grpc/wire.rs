@@ -470,10 +470,7 @@ mod tests {
     #[test]
     fn an_unknown_event_is_named_as_unknown_not_missing() {
         let why = |event: i32| {
-            let req = pb::SubmitRequest {
-                event,
-                ..request()
-            };
+            let req = pb::SubmitRequest { event, ..request() };
             let v = submit_from_wire(req, 1 << 20).unwrap_err().0;
             assert_eq!(v.len(), 1, "{v:?}");
             assert_eq!(v[0].field, "event");
