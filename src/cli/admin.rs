@@ -1122,10 +1122,11 @@ async fn accept_rollback_postgres(
     reason: &str,
 ) -> anyhow::Result<()> {
     let path = config.witness_dir().join(crate::store::pg::witness::FILE);
-    let seen = std::fs::read(&path)
+    let witness = std::fs::read(&path)
         .ok()
-        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
-        .and_then(|v| v["audit_seq"].as_u64());
+        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok());
+    let seen = witness.as_ref().and_then(|v| v["audit_seq"].as_u64());
+    let seen_id = witness.as_ref().and_then(|v| v["last_id"].as_u64());
     // Opened without the witness check (that is what is being decided),
     // and without waiting for a standby a restore may not have yet.
     let options = crate::store::StoreOptions {
@@ -1147,19 +1148,20 @@ async fn accept_rollback_postgres(
             .verify_audit_from()
             .context("the database's audit chain does NOT verify: not a rollback to accept")?;
         let seen_text = seen.map_or_else(|| "no readable witness".to_owned(), |s| format!("entry {s}"));
+        let pg_store = store.postgres().expect("a PostgreSQL store");
+        let from = pg_store.ids_beyond_the_lost(seen_id.unwrap_or(0)).await?;
         store
             .record(crate::audit::AuditEvent {
                 actor: local_actor(),
                 action: "accept_rollback",
                 outcome: format!(
-                    "ok: went on from entry {} of the database's trail (this node's witness had seen {seen_text}): {reason}",
-                    verified.last
+                    "ok: went on from entry {} of the database's trail (this node's witness had seen {seen_text}); new ids from {}: {reason}",
+                    verified.last,
+                    from + 1
                 ),
                 ..crate::audit::AuditEvent::default()
             })
             .await?;
-        let pg_store = store.postgres().expect("a PostgreSQL store");
-        let from = pg_store.ids_beyond_the_lost().await?;
         pg_store.record_witness_to(path.clone()).await?;
         crate::outln!(
             "accepted: the database's trail ends at entry {}, this node's witness had seen {seen_text}; \

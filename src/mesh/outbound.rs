@@ -464,7 +464,7 @@ impl MeshEdge {
             .delivery(h.delivery.delivery_id)
             .map_err(|e| MeshError::Gateway(e.to_string()))?;
         Ok(found.is_some_and(|d| {
-            d.superseded_by.is_none()
+            !d.is_superseded()
                 && crate::store::records::lease_verdict(
                     Some(d),
                     h.org.ods.as_str(),

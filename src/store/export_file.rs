@@ -316,9 +316,16 @@ impl ExportWriter {
             .out
             .take()
             .ok_or_else(|| StoreError::Unavailable("the export file is closed".into()))?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&self.partial, &self.dest)?;
+        let named = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all())
+            .and_then(|()| std::fs::rename(&self.partial, &self.dest));
+        if let Err(e) = named {
+            // Not finished: the partial file goes, as when dropped unfinished.
+            let _ = std::fs::remove_file(&self.partial);
+            return Err(e.into());
+        }
         if let Some(parent) = self.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::File::open(parent)?.sync_all()?;
         }

@@ -837,11 +837,16 @@ impl<'a> EarlierCopies<'a> {
                 self.cared_by.push((d.view.clone(), d.mailbox.clone()));
             }
             // The newest copy a recipient was given decides: a withdrawal
-            // notice means it was told already, and needs no other for each
-            // later correction (each one carried the newer custody details).
-            if !self.decided.contains(&d.mailbox) {
+            // notice it acknowledged means it was told already, and needs
+            // no other for each later correction (each one carried the
+            // newer custody details). A notice only leased (its ack lost,
+            // MESH down, then superseded) or quarantined told nothing: an
+            // older copy decides, and a new notice goes.
+            let notice = d.view == WITHDRAWN_VIEW;
+            let told = notice && d.state == DeliveryState::Delivered;
+            if (told || !notice) && !self.decided.contains(&d.mailbox) {
                 self.decided.push(d.mailbox.clone());
-                if d.view != WITHDRAWN_VIEW {
+                if !told {
                     self.given.push(d.mailbox);
                 }
             }

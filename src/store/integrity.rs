@@ -493,6 +493,19 @@ fn ids_beyond_the_lost(trees: &[sled::Tree], journaled: u64) -> Result<u64, Stor
     let delivery = meta(trees, records::META_LAST_DELIVERY)?;
     let from = next_id_range(handover.max(delivery).max(journaled));
     let tree = &trees[TreeId::Meta as usize];
+    // Counted as skipped (the payloads-held figure counts ids), and a store
+    // from before retention keeps its backfill to the ids it handed out.
+    let skipped = meta(trees, super::writer::retention::META_IDS_SKIPPED)?;
+    let skipped = skipped.saturating_add(from - handover);
+    tree.insert(
+        super::writer::retention::META_IDS_SKIPPED,
+        records::be(skipped).to_vec(),
+    )?;
+    if tree.get(super::writer::retention::META_BACKFILL)?.is_none() {
+        let mut cursor = records::be(1).to_vec();
+        cursor.extend_from_slice(&records::be(handover));
+        tree.insert(super::writer::retention::META_BACKFILL, cursor)?;
+    }
     tree.insert(records::META_LAST_HANDOVER, records::be(from).to_vec())?;
     tree.insert(records::META_LAST_DELIVERY, records::be(from).to_vec())?;
     tree.flush()?;

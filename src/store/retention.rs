@@ -153,8 +153,12 @@ pub(super) struct Ledger {
     legacy_keys: bool,
     /// Handovers from before retention still to look at: (next id, last id).
     backfill: (u64, u64),
+    /// Handover ids never handed out: each rollback's jump to a new range.
+    ids_skipped: u64,
 }
 
+/// Meta key of the handover ids a rollback skipped (`integrity::rebase`).
+pub(in crate::store) const META_IDS_SKIPPED: &[u8] = b"ids_skipped";
 /// Meta key of the count of payloads shredded.
 pub(in crate::store) const META_SHREDDED: &[u8] = b"retention_shredded";
 /// Meta key of the count of handovers whose tracking metadata was removed.
@@ -191,6 +195,7 @@ impl Ledger {
         ledger.shredded = counter(META_SHREDDED)?;
         ledger.removed = counter(META_REMOVED)?;
         ledger.identity_removed = counter(META_IDENTITY_REMOVED)?;
+        ledger.ids_skipped = counter(META_IDS_SKIPPED)?;
         ledger.backfill = match meta.get(META_BACKFILL)? {
             Some(v) if v.len() == 16 => (
                 records::from_be(&v[..8]).unwrap_or(1),
@@ -769,7 +774,10 @@ impl Writer {
         let first_kept = audit_cut.as_ref().map_or(1, |c| c.cut.first_kept);
         let (audit_head, _) = self.chain.head();
         Ok(RetentionStats {
-            payloads_held: self.last_handover.saturating_sub(payloads_shredded),
+            payloads_held: self
+                .last_handover
+                .saturating_sub(self.retention.ids_skipped)
+                .saturating_sub(payloads_shredded),
             payloads_in_grace: self.retention.count(RetentionKind::Payload),
             payloads_shredded,
             metadata_expiring: self.retention.count(RetentionKind::Metadata),

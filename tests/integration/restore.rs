@@ -215,6 +215,24 @@ fn a_restored_backup_is_refused_until_an_operator_accepts_the_loss() {
     // Now it starts, and the senders can resend.
     let server = serve(dir.path(), port);
     let resent = handover_id(&submit(dir.path(), port, "after-1"));
+    // The ids skipped are no payloads: the store holds the backup's one
+    // and the resent one.
+    let out = Command::new(BIN)
+        .args(["admin", "retention", "--json", "--server"])
+        .arg(format!("https://localhost:{port}"))
+        .arg("--certs-dir")
+        .arg(dir.path().join("certs"))
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let held = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["what"] == "payloads held")
+        .unwrap_or_else(|| panic!("{rows}"));
+    assert_eq!(held["count"], 2, "{rows}");
     stop(server);
     assert!(!lost.contains(&resent), "{resent} handed out twice");
     assert_eq!(resent, "1099511627777");

@@ -540,28 +540,7 @@ async fn a_node_refuses_a_database_set_back_behind_its_witness_until_accepted() 
             && err.to_string().contains("older backup"),
         "{err}"
     );
-    let out = std::process::Command::new(support::BIN)
-        .args(["admin", "store", "accept-rollback", "--reason"])
-        .arg("restored from backup, ticket 123")
-        .env("THROUGHCARE_STORE_ENGINE", "postgres")
-        .env("THROUGHCARE_STORE_POSTGRES_URL", &url)
-        .env("THROUGHCARE_DATA_DIR", dir.path().join("data"))
-        .env("THROUGHCARE_MASTER_KEY_FILE", dir.path().join("master-key"))
-        .env(
-            "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
-            dir.path().join("audit-key"),
-        )
-        .env(
-            "THROUGHCARE_INTEGRITY_WITNESS_DIR",
-            dir.path().join("witness"),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    accept_rollback(&url, dir.path(), "restored from backup, ticket 123");
     let a = open_witnessed(&url, dir.path(), clock).unwrap();
     let decision = a
         .audit_entries()
@@ -579,6 +558,66 @@ async fn a_node_refuses_a_database_set_back_behind_its_witness_until_accepted() 
     let next = a.submit(handover(4, 4, "YG001", None)).await.unwrap();
     assert_eq!(next.handover_id, (1 << 40) + 1);
     assert!(next.deliveries.iter().all(|(_, d)| *d > 1 << 40));
+    a.close().await.unwrap();
+    a_second_older_restore_goes_on_from_the_range_after(&url, dir.path()).await;
+}
+
+/// `admin store accept-rollback` on the PostgreSQL engine, as the node in
+/// `dir` would run it.
+fn accept_rollback(url: &str, dir: &Path, reason: &str) {
+    let out = std::process::Command::new(support::BIN)
+        .args(["admin", "store", "accept-rollback", "--reason", reason])
+        .env("THROUGHCARE_STORE_ENGINE", "postgres")
+        .env("THROUGHCARE_STORE_POSTGRES_URL", url)
+        .env("THROUGHCARE_DATA_DIR", dir.join("data"))
+        .env("THROUGHCARE_MASTER_KEY_FILE", dir.join("master-key"))
+        .env(
+            "THROUGHCARE_INTEGRITY_AUDIT_KEY_FILE",
+            dir.join("audit-key"),
+        )
+        .env("THROUGHCARE_INTEGRITY_WITNESS_DIR", dir.join("witness"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The backup from before the first rollback restored again (its counters
+/// below the new range): ids go on from the range after the one the
+/// witness saw handed out, not from the same range again.
+async fn a_second_older_restore_goes_on_from_the_range_after(url: &str, dir: &Path) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let accepted: i64 = client
+        .query_one(
+            "SELECT min(seq) FROM audit WHERE action = 'accept_rollback'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute("DELETE FROM audit WHERE seq >= $1", &[&accepted])
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE counters SET last_handover = 3, last_delivery = 3",
+            &[],
+        )
+        .await
+        .unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(2_000_000));
+    assert!(open_witnessed(url, dir, clock.clone()).is_err());
+    accept_rollback(url, dir, "restored the older backup again, ticket 124");
+    let a = open_witnessed(url, dir, clock).unwrap();
+    let next = a.submit(handover(5, 5, "YG001", None)).await.unwrap();
+    assert_eq!(next.handover_id, (2 << 40) + 1);
     a.close().await.unwrap();
 }
 

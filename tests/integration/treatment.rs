@@ -1284,5 +1284,12 @@ async fn a_service_told_once_is_not_told_again_at_each_later_correction_on(engin
         destinations(&r).contains(&"YS003"),
         "the second notice: {r:?}"
     );
+    // A notice only leased (its ack lost) told nothing: the next
+    // correction sends another.
+    let leased = service.pull(pull(10)).await.unwrap().into_inner();
+    assert_eq!(leased.deliveries.len(), 1);
+    let still_left = next(&mut s, ConsentDecision::Refused);
+    let r = released(&mut prison, "told-6", &still_left).await;
+    assert!(destinations(&r).contains(&"YS003"), "told again: {r:?}");
     gw.stop().await;
 }

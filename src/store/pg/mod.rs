@@ -288,14 +288,15 @@ impl PgStore {
     }
 
     /// Moves the handover and delivery counters to the next id range
-    /// ([`super::integrity::next_id_range`]) after a rollback `admin store
-    /// accept-rollback` accepts: ids handed out after the backup was taken
-    /// may be held by recipients and senders, and are not handed out again.
-    /// Returns the first id of the new range.
+    /// ([`super::integrity::next_id_range`]) above them and `witnessed` (the
+    /// highest id this node's witness saw handed out) after a rollback
+    /// `admin store accept-rollback` accepts: ids handed out after the
+    /// backup was taken may be held by recipients and senders, and are not
+    /// handed out again. Returns the first id of the new range.
     ///
     /// # Errors
     /// Database failures.
-    pub async fn ids_beyond_the_lost(&self) -> Result<u64, StoreError> {
+    pub async fn ids_beyond_the_lost(&self, witnessed: u64) -> Result<u64, StoreError> {
         self.run(move |s| async move {
             let mut client = s.client().await?;
             let tx = client.transaction().await.map_err(sql::db)?;
@@ -306,7 +307,9 @@ impl PgStore {
                 )
                 .await
                 .map_err(sql::db)?;
-            let highest = sql::un_id(row.get(0)).max(sql::un_id(row.get(1)));
+            let highest = sql::un_id(row.get(0))
+                .max(sql::un_id(row.get(1)))
+                .max(witnessed);
             let from = super::integrity::next_id_range(highest);
             tx.execute(
                 "UPDATE counters SET last_handover = $1, last_delivery = $1",

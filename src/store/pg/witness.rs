@@ -37,6 +37,11 @@ struct Head {
     audit_hash: String,
     at_ms: i64,
     signature: String,
+    /// The highest handover or delivery id handed out when recorded (not
+    /// signed: it only moves ids further on after a rollback, so that a
+    /// second restore of an older backup does not hand out ids again).
+    #[serde(default)]
+    last_id: u64,
 }
 
 fn signed_bytes(seq: u64, hash: &str, at_ms: i64) -> Vec<u8> {
@@ -150,11 +155,16 @@ pub(super) async fn record(
         None => (0, GENESIS.to_owned()),
     };
     let signature = key.sign_labelled(LABEL, &signed_bytes(audit_seq, &audit_hash, now_ms));
+    let counters = client
+        .query_one("SELECT last_handover, last_delivery FROM counters", &[])
+        .await
+        .map_err(db)?;
     let head = Head {
         audit_seq,
         audit_hash,
         at_ms: now_ms,
         signature,
+        last_id: super::sql::un_id(counters.get(0)).max(super::sql::un_id(counters.get(1))),
     };
     let bytes = serde_json::to_vec(&head).expect("the witness serialises");
     let path = path.to_owned();
