@@ -300,20 +300,24 @@ impl<'de> serde::de::Visitor<'de> for FhirJson {
 /// `_name` array does not fill with an extension at the same place
 /// (R4 json.html, "Repeating Primitives").
 fn null_without_extension<'m>(members: &'m [(Cow<'_, str>, Value<'_>)]) -> Option<&'m str> {
-    members.iter().find_map(|(name, value)| {
+    let has_null = |(name, value): &&(Cow<'_, str>, Value<'_>)| {
+        !name.starts_with('_') && value.as_array().is_some_and(|a| a.iter().any(Value::is_null))
+    };
+    if !members.iter().any(|m| has_null(&m)) {
+        return None;
+    }
+    // The `_name` arrays once, by name: an object may hold many members.
+    let extensions: std::collections::HashMap<&str, &[Value<'_>]> = members
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix('_')?, v.as_array()?)))
+        .collect();
+    members.iter().filter(has_null).find_map(|(name, value)| {
         let items = value.as_array()?;
-        if name.starts_with('_') || !items.iter().any(Value::is_null) {
-            return None;
-        }
-        let extended = members
-            .iter()
-            .find(|(k, _)| k.strip_prefix('_') == Some(name.as_ref()))
-            .and_then(|(_, v)| v.as_array());
-        let lined_up = extended.is_some_and(|ext| {
+        let lined_up = extensions.get(name.as_ref()).is_some_and(|ext| {
             ext.len() == items.len()
                 && items
                     .iter()
-                    .zip(ext)
+                    .zip(ext.iter())
                     .all(|(item, ext)| !item.is_null() || !ext.is_null())
         });
         (!lined_up).then_some(name.as_ref())
