@@ -301,7 +301,10 @@ impl<'de> serde::de::Visitor<'de> for FhirJson {
 /// (R4 json.html, "Repeating Primitives").
 fn null_without_extension<'m>(members: &'m [(Cow<'_, str>, Value<'_>)]) -> Option<&'m str> {
     let has_null = |(name, value): &&(Cow<'_, str>, Value<'_>)| {
-        !name.starts_with('_') && value.as_array().is_some_and(|a| a.iter().any(Value::is_null))
+        !name.starts_with('_')
+            && value
+                .as_array()
+                .is_some_and(|a| a.iter().any(Value::is_null))
     };
     if !members.iter().any(|m| has_null(&m)) {
         return None;
