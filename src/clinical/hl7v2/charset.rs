@@ -55,40 +55,23 @@ fn latin_hex_as_utf8(text: &str) -> String {
         .find('|')
         .and_then(|p| text[p + 1..].find('|').map(|q| p + 1 + q))
         .unwrap_or(0);
-    let (head, mut rest) = text.split_at(msh_2_end);
-    let mut out = String::with_capacity(text.len());
-    out.push_str(head);
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        let end = after
-            .find(['\\', '|', '^', '&', '~', '\r', '\n'])
-            .filter(|&j| after.as_bytes()[j] == b'\\');
-        let Some(j) = end else {
-            // A lone escape character: the parser keeps it as written.
-            out.push('\\');
-            rest = after;
-            continue;
+    let (head, rest) = text.split_at(msh_2_end);
+    let ends = ['|', '^', '&', '~', '\r', '\n'];
+    let body = super::escape::rewrite_escapes(rest, &ends, |seq, out| {
+        let Some(bytes) = super::escape::hex_bytes(seq) else {
+            super::escape::push_as_written(out, seq);
+            return;
         };
-        let body = &after[..j];
-        out.push('\\');
-        match super::escape::hex_bytes(body) {
-            Some(bytes) => {
-                out.push('X');
-                for byte in bytes {
-                    let mut buf = [0; 4];
-                    for b in char::from(byte).encode_utf8(&mut buf).bytes() {
-                        out.push_str(&format!("{b:02X}"));
-                    }
-                }
+        out.push_str("\\X");
+        for byte in bytes {
+            let mut buf = [0; 4];
+            for b in char::from(byte).encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("{b:02X}"));
             }
-            None => out.push_str(body),
         }
         out.push('\\');
-        rest = &after[j + 1..];
-    }
-    out.push_str(rest);
-    out
+    });
+    format!("{head}{body}")
 }
 
 #[cfg(test)]

@@ -57,33 +57,48 @@ pub(super) fn unescaped(text: &str) -> Cow<'_, str> {
     if !text.as_bytes().contains(&b'\\') {
         return Cow::Borrowed(text);
     }
+    Cow::Owned(rewrite_escapes(text, &[], |seq, out| match seq {
+        "F" => out.push('|'),
+        "S" => out.push('^'),
+        "T" => out.push('&'),
+        "R" => out.push('~'),
+        "E" => out.push('\\'),
+        // Formatting (HL7 v2 §2.7): a line break, and the highlighting the
+        // model has no place for.
+        ".br" => out.push('\n'),
+        "H" | "N" => {}
+        hex => match hex_text(hex) {
+            Some(text) => out.push_str(&text),
+            None => push_as_written(out, hex),
+        },
+    }))
+}
+
+/// `text` with each escape sequence (from one escape character to the
+/// next, never past one of `ends`) given to `each` with the output, which
+/// receives the rest as written; an escape character with no end is kept
+/// as written. The one scan the readers share: unescaping, v2.7's `\P\`,
+/// and Latin-1 hexadecimal data.
+pub(super) fn rewrite_escapes(
+    text: &str,
+    ends: &[char],
+    mut each: impl FnMut(&str, &mut String),
+) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
         let after = &rest[i + 1..];
-        match after.find('\\') {
+        let end = if ends.is_empty() {
+            after.find('\\')
+        } else {
+            after
+                .find(|c| c == '\\' || ends.contains(&c))
+                .filter(|&j| after.as_bytes()[j] == b'\\')
+        };
+        match end {
             Some(j) => {
-                let seq = &after[..j];
-                match seq {
-                    "F" => out.push('|'),
-                    "S" => out.push('^'),
-                    "T" => out.push('&'),
-                    "R" => out.push('~'),
-                    "E" => out.push('\\'),
-                    // Formatting (HL7 v2 §2.7): a line break, and the
-                    // highlighting the model has no place for.
-                    ".br" => out.push('\n'),
-                    "H" | "N" => {}
-                    hex if hex_text(hex).is_some() => {
-                        out.push_str(&hex_text(hex).unwrap_or_default());
-                    }
-                    other => {
-                        out.push('\\');
-                        out.push_str(other);
-                        out.push('\\');
-                    }
-                }
+                each(&after[..j], &mut out);
                 rest = &after[j + 1..];
             }
             None => {
@@ -93,7 +108,14 @@ pub(super) fn unescaped(text: &str) -> Cow<'_, str> {
         }
     }
     out.push_str(rest);
-    Cow::Owned(out)
+    out
+}
+
+/// An escape sequence kept as written.
+pub(super) fn push_as_written(out: &mut String, seq: &str) {
+    out.push('\\');
+    out.push_str(seq);
+    out.push('\\');
 }
 
 /// The bytes of a hexadecimal escape's body (`X0D0A`, `XC3A9`), or `None`

@@ -359,32 +359,11 @@ fn untruncate(text: &str) -> (Option<String>, Vec<String>) {
 /// `\E\P\E\` (an escaped backslash, `P`, another) there is none. Every
 /// other escape is kept as it is, for the unescaping of its value.
 fn literal_hashes(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        // An escape ends within its value: never past a field or segment.
-        match after.find(['\\', '|', '\r', '\n']) {
-            Some(j) if after[j..].starts_with('\\') => {
-                match &after[..j] {
-                    "P" => out.push('#'),
-                    seq => {
-                        out.push('\\');
-                        out.push_str(seq);
-                        out.push('\\');
-                    }
-                }
-                rest = &after[j + 1..];
-            }
-            _ => {
-                out.push('\\');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    // An escape ends within its value: never past a field or segment.
+    super::escape::rewrite_escapes(text, &['|', '\r', '\n'], |seq, out| match seq {
+        "P" => out.push('#'),
+        seq => super::escape::push_as_written(out, seq),
+    })
 }
 
 fn message_text<'b>(bytes: &'b [u8], limits: &Limits) -> Result<&'b str, ValidationErrors> {
