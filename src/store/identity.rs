@@ -781,9 +781,6 @@ pub(crate) struct EarlierCopies<'a> {
     decided: Vec<String>,
 }
 
-/// A withdrawal notice's view (`handover::deliver::view_name`).
-const WITHDRAWN_VIEW: &str = "withdrawn";
-
 impl<'a> EarlierCopies<'a> {
     /// Nothing visited yet: `h`'s own destinations.
     pub(crate) fn new(h: &'a super::NewHandover) -> Self {
@@ -842,7 +839,7 @@ impl<'a> EarlierCopies<'a> {
             // newer custody details). A notice only leased (its ack lost,
             // MESH down, then superseded) or quarantined told nothing: an
             // older copy decides, and a new notice goes.
-            let notice = d.view == WITHDRAWN_VIEW;
+            let notice = d.view == records::WITHDRAWN_VIEW;
             let told = notice && d.state == DeliveryState::Delivered;
             if (told || !notice) && !self.decided.contains(&d.mailbox) {
                 self.decided.push(d.mailbox.clone());
